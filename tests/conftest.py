@@ -1,0 +1,38 @@
+"""Test-wide setup: the Triton interpreter on machines without CUDA, the gpu marker, tiny models."""
+
+from __future__ import annotations
+
+import os
+
+# The interpreter must be chosen before triton is first imported anywhere.
+if os.environ.get("BEZOAR_TEST_CUDA", "") != "1":
+    try:
+        import torch
+
+        _has_cuda = torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        _has_cuda = False
+    if not _has_cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
