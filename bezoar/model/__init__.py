@@ -1,0 +1,1 @@
+"""bezoar.model: the OpenLLaMA (Llama) forward pass, checkpoints, tokenizer, decoding."""
