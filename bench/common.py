@@ -1,0 +1,151 @@
+"""Shared plumbing for bench/ scripts: arguments, timing, device facts, result files.
+
+Every bench script takes the same flags:
+  --smoke          run the same code path at tiny shapes on CPU, print, write nothing
+  --only NAME      run one case in isolation (friendly to ncu / nsys)
+  --iters N        with --only: run it N times plainly (no do_bench), for a profiler to attach
+  --profile DIR    write a torch.profiler trace of the measured cases into DIR
+  --out DIR        where results JSON goes (default bench/results)
+GPU timings use ``triton.testing.do_bench`` (median over repeats after warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU; check the code path, write nothing")
+    p.add_argument("--only", metavar="NAME", help="run only the case with this name")
+    p.add_argument("--iters", type=int, default=0, help="with --only: run the case N times without do_bench")
+    p.add_argument("--profile", metavar="DIR", help="write a torch.profiler trace into DIR")
+    p.add_argument("--out", metavar="DIR", default=str(RESULTS_DIR), help="folder for the results JSON")
+    return p
+
+
+def setup_smoke(args) -> None:
+    """In smoke mode kernels run in the Triton interpreter on CPU; must run before triton imports."""
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+        commit = out.stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def device_info() -> dict:
+    import torch
+
+    info = {"torch": torch.__version__, "python": platform.python_version(), "host": platform.node()}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(device=props.name, device_memory_gib=round(props.total_memory / 2**30, 1),
+                    cuda=torch.version.cuda, sm_count=props.multi_processor_count)
+    else:
+        info["device"] = "cpu"
+    try:
+        import bitsandbytes
+
+        info["bitsandbytes"] = bitsandbytes.__version__
+    except Exception:
+        info["bitsandbytes"] = None
+    return info
+
+
+def bench_ms(fn, smoke: bool = False, warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds of ``fn()``: do_bench on CUDA, a short wall-clock median in smoke mode."""
+    if smoke:
+        fn()
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return sorted(times)[len(times) // 2]
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def run_plain(fn, iters: int) -> None:
+    """Run ``fn`` ``iters`` times with no timing machinery (for ncu/nsys attached from outside)."""
+    import torch
+
+    for _ in range(iters):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def maybe_profile(directory: str | None):
+    if not directory:
+        yield None
+        return
+    import torch.profiler as tp
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    acts = [tp.ProfilerActivity.CPU]
+    import torch
+
+    if torch.cuda.is_available():
+        acts.append(tp.ProfilerActivity.CUDA)
+    with tp.profile(activities=acts, record_shapes=True,
+                    on_trace_ready=tp.tensorboard_trace_handler(directory)) as prof:
+        yield prof
+    print(f"profiler trace written under {directory}")
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_results(name: str, rows: list[dict], args, extra: dict | None = None) -> Path | None:
+    """Write bench/results/<name>-<device>-<date>.json (skipped in smoke mode)."""
+    if args.smoke:
+        return None
+    info = device_info()
+    device = info.get("device", "cpu").replace(" ", "_").replace("/", "_")
+    date = _dt.date.today().isoformat()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}-{device}-{date}.json"
+    payload = {"bench": name, "date": date, "commit": git_commit(), "argv": sys.argv, **info,
+               **(extra or {}), "rows": rows}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"results written to {path}")
+    return path
