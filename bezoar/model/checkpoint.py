@@ -1,0 +1,327 @@
+"""Hugging Face checkpoint folders in and out: safetensors (single or sharded), tensor by tensor.
+
+``load`` builds the model on the meta device and fills it one tensor at a time from memory-mapped
+safetensors, so it never holds two copies of the weights; with ``quant="nf4"`` each linear layer of
+the decoder blocks is quantized as it arrives. ``save`` writes sharded safetensors, config.json and
+the tokenizer files, into a temporary folder that is renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ConfigError, LlamaConfig
+from .llama import LlamaForCausalLM
+from .tokenizer import TOKENIZER_FILES
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Keys some checkpoints carry that the forward pass recomputes instead.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder bezoar cannot load: the message names the file and the key."""
+
+
+def _dtype_from_name(name: str | None) -> torch.dtype | None:
+    if not name:
+        return None
+    name = str(name).replace("torch.", "")
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+             "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "half": torch.float16,
+             "float": torch.float32}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; use float32, bfloat16 or float16")
+    return table[name]
+
+
+def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
+    """The safetensors files of a checkpoint folder, checked to exist."""
+    index = folder / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' object): {e}") from None
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not (folder / name).exists():
+                keys = [k for k, v in weight_map.items() if v == name]
+                raise CheckpointError(f"{index}: shard {name!r} is missing from {folder} "
+                                      f"(it holds {len(keys)} tensors, e.g. {keys[0]!r})")
+        return [folder / name for name in files]
+    if (folder / SINGLE_FILE).exists():
+        return [folder / SINGLE_FILE]
+    shards = sorted(folder.glob("model-*.safetensors"))
+    if shards:
+        raise CheckpointError(f"{folder}: has sharded safetensors but no {INDEX_FILE}")
+    pickles = [folder / n for n in PICKLE_FILES if (folder / n).exists()] + sorted(folder.glob("pytorch_model-*.bin"))
+    if pickles:
+        if allow_pickle:
+            return sorted(p for p in pickles if p.suffix == ".bin")
+        raise CheckpointError(
+            f"{pickles[0]}: pickled PyTorch weights; bezoar reads safetensors only, because unpickling can run "
+            "code. Convert the folder to safetensors, or pass allow_pickle=True to read it with "
+            "torch.load(weights_only=True)."
+        )
+    raise CheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} (no weights found)")
+
+
+def _iter_tensors(path: Path):
+    """Yield (key, loader) for every tensor in one weight file; loader() reads that tensor only."""
+    if path.suffix == ".bin":
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        for key, t in state.items():
+            yield key, (lambda t=t: t)
+        return
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({e})") from None
+    with handle as f:
+        for key in f.keys():
+            yield key, (lambda key=key: f.get_tensor(key))
+
+
+def _set_param(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    parent_name, _, name = key.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    parent._parameters[name] = nn.Parameter(value, requires_grad=False)
+
+
+def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)
+
+
+def is_prequantized(config: LlamaConfig) -> bool:
+    q = config.extra.get("quantization_config") or {}
+    return q.get("quant_method") == "bitsandbytes" and bool(q.get("load_in_4bit") or q.get("_load_in_4bit"))
+
+
+def load(path, quant: str | None = None, adapter=None, device=None, dtype=None, allow_pickle: bool = False):
+    """Load a Hugging Face Llama checkpoint folder into bezoar's model.
+
+    - ``quant``: None (dense) or ``"nf4"`` (each decoder-block linear quantized as it streams in;
+      embeddings, norms and lm_head stay dense). A folder that already holds a bitsandbytes-4bit
+      checkpoint loads as NF4 whatever ``quant`` says.
+    - ``adapter``: a PEFT-format LoRA adapter folder to attach (trainable weights stay as saved).
+    - ``device``: default CUDA when present, else CPU. ``dtype``: default the config's ``torch_dtype``
+      for CUDA (bfloat16 for NF4) and float32 on CPU.
+    Every parameter comes back frozen (``requires_grad=False``); LoRA weights are the trainable part.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder (expected a Hugging Face model folder)")
+    config = LlamaConfig.from_file(folder)
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    prequant = is_prequantized(config)
+    if quant not in (None, "nf4"):
+        raise ValueError(f"quant={quant!r}: expected None or 'nf4'")
+    if prequant:
+        quant = "nf4"
+    if isinstance(dtype, str):
+        dtype = _dtype_from_name(dtype)
+    if dtype is None:
+        if quant == "nf4":
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        elif device.type == "cuda":
+            dtype = _dtype_from_name(config.torch_dtype) or torch.bfloat16
+        else:
+            dtype = torch.float32
+
+    files = weight_files(folder, allow_pickle=allow_pickle)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, dtype=dtype)
+    expected = {k: p for k, p in model.named_parameters(remove_duplicate=False)}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    quantized_modules = {
+        f"model.layers.{i}.{part}.{name}"
+        for i in range(config.num_hidden_layers)
+        for part, names in (("self_attn", QUANTIZED_LINEARS[:4]), ("mlp", QUANTIZED_LINEARS[4:]))
+        for name in names
+    } if quant == "nf4" else set()
+    pending_bnb: dict[str, dict[str, torch.Tensor]] = {}
+    seen: dict[str, Path] = {}
+    unexpected: list[str] = []
+
+    for file in files:
+        for key, read in _iter_tensors(file):
+            if key.endswith(IGNORED_SUFFIXES):
+                continue
+            if key in seen:
+                raise CheckpointError(f"{file}: key {key!r} appears again (first in {seen[key].name})")
+            module_name = key.partition(".weight")[0]
+            if prequant and module_name in quantized_modules:
+                seen[key] = file
+                pending_bnb.setdefault(module_name, {})[key] = read()
+                continue
+            if key not in expected:
+                if config.tie_word_embeddings and key == "lm_head.weight":
+                    continue  # a tied head saved anyway: the embedding is the one used
+                unexpected.append(key)
+                continue
+            seen[key] = file
+            tensor = read()
+            want = tuple(expected[key].shape)
+            if tuple(tensor.shape) != want:
+                raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, the config "
+                                      f"({folder / 'config.json'}) implies {want}")
+            if not tensor.is_floating_point():
+                raise CheckpointError(f"{file}: tensor {key!r} has dtype {tensor.dtype}; expected floating point")
+            if key.endswith(".weight") and key[: -len(".weight")] in quantized_modules:
+                from .nf4 import NF4Linear
+
+                w = tensor.to(device=device)
+                _replace_module(model, key[: -len(".weight")], NF4Linear.from_float(w, compute_dtype=dtype))
+                del w
+            else:
+                _set_param(model, key, tensor.to(device=device, dtype=dtype))
+            del tensor
+
+    if pending_bnb:
+        from .nf4 import NF4Linear
+
+        for module_name, tensors in pending_bnb.items():
+            source = ", ".join(sorted({seen[k].name for k in tensors}))
+            module = NF4Linear.from_bnb_tensors(tensors, module_name, source=source, compute_dtype=dtype)
+            _replace_module(model, module_name, module.to(device))
+            seen[f"{module_name}.weight"] = seen[next(iter(tensors))]
+    missing = [k for k in expected if k not in seen]
+    if missing:
+        where = folder / INDEX_FILE if (folder / INDEX_FILE).exists() else files[0]
+        raise CheckpointError(f"{where}: {len(missing)} tensor(s) missing, e.g. {missing[0]!r}")
+    if unexpected:
+        raise CheckpointError(f"{files[0].parent}: {len(unexpected)} tensor(s) that a Llama model does not have, "
+                              f"e.g. {unexpected[0]!r} (is config.json the right one for these weights?)")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.source_path = folder
+    model.eval()
+    if adapter is not None:
+        from .lora import load_adapter
+
+        load_adapter(model, adapter)
+    return model
+
+
+# ---- save -------------------------------------------------------------------------------------
+
+
+def _parse_size(size) -> int:
+    if isinstance(size, int):
+        return size
+    s = str(size).strip().upper()
+    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+def dense_state_dict(model) -> dict[str, torch.Tensor]:
+    """The base-model tensors under their Hugging Face keys (LoRA weights excluded; NF4 layers in
+    transformers' bitsandbytes-4bit serialization)."""
+    out: dict[str, torch.Tensor] = {}
+    tied = model.config.tie_word_embeddings
+    for name, module in model.named_modules():
+        if ".lora_" in f".{name}" or name.rpartition(".")[2].startswith("lora_"):
+            continue
+        if hasattr(module, "bnb_tensors"):
+            out.update(module.bnb_tensors(name))
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            key = f"{name}.{pname}" if name else pname
+            if tied and key == "lm_head.weight":
+                continue
+            if pname.startswith("lora_"):
+                continue
+            out[key] = p.detach()
+    return out
+
+
+def save(model, path, tokenizer_from=None, max_shard_size="2GB", dtype=None, overwrite: bool = False) -> Path:
+    """Write ``model`` as a Hugging Face checkpoint folder that transformers loads.
+
+    Shards above ``max_shard_size`` get an index file. The tokenizer files are copied from
+    ``tokenizer_from`` (a folder) or from the folder the model was loaded from.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{path}: exists and is not empty (pass overwrite=True to replace it)")
+    if isinstance(dtype, str):
+        dtype = _dtype_from_name(dtype)
+    tmp = path.with_name(path.name + f".partial-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+
+    tensors = dense_state_dict(model)
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        t = t.detach().to("cpu").contiguous()
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(tmp / SINGLE_FILE), metadata=metadata)
+    else:
+        weight_map = {}
+        total = 0
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(tmp / name), metadata=metadata)
+            for key, t in shard.items():
+                weight_map[key] = name
+                total += t.numel() * t.element_size()
+        (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+    hf = model.config.to_hf_dict()
+    float_dtypes = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    out_dtype = dtype or (float_dtypes[0] if float_dtypes else torch.float32)
+    hf["torch_dtype"] = str(out_dtype).replace("torch.", "")
+    quant_cfg = getattr(model, "quantization_config", None)
+    nf4_modules = [m for m in model.modules() if hasattr(m, "bnb_tensors")]
+    if nf4_modules:
+        hf["quantization_config"] = nf4_modules[0].quantization_config()
+    elif quant_cfg:
+        hf["quantization_config"] = quant_cfg
+    (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+    source = Path(tokenizer_from) if tokenizer_from is not None else getattr(model, "source_path", None)
+    if source is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(source) / name).exists():
+                shutil.copy2(Path(source) / name, tmp / name)
+
+    if path.exists():
+        old = path.with_name(path.name + f".old-{os.getpid()}")
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(path)
+    return path

@@ -1,0 +1,237 @@
+"""The OpenLLaMA (Llama architecture) forward pass.
+
+Module and parameter names equal the Hugging Face checkpoint keys
+(``model.layers.0.self_attn.q_proj.weight``), so a state dict moves between the two unchanged.
+Reads top to bottom: norm, rotary embedding, attention, MLP, decoder layer, the model, the LM head.
+
+Shapes: B batch, T new tokens, S keys (cache + new), C hidden, H heads, D head_dim, V vocab.
+Per-head tensors are kept as (B, T, H, D), the linear output viewed without a copy; the
+attention function transposes only where SDPA wants (B, H, T, D).
+"""
+
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import LlamaConfig
+
+
+# ---- elementwise pieces (Hugging Face numerics) ----------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles, (B, T, D/2) in fp32, HF's default RoPE frequencies."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim))
+    angles = position_ids.float()[..., None] * inv_freq  # (B, T, D/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotate q (B, T, Hq, D) and k (B, T, Hk, D) by the half-split (rotate_half) convention."""
+
+    def rotate(x):
+        c = torch.cat((cos, cos), dim=-1).unsqueeze(2).to(x.dtype)  # (B, T, 1, D)
+        s = torch.cat((sin, sin), dim=-1).unsqueeze(2).to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * c + torch.cat((-x2, x1), dim=-1) * s
+
+    return rotate(q), rotate(k)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def sdpa_attention(q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """q (B, T, Hq, D), k/v (B, S, Hk, D) -> (B, T, Hq, D) through SDPA; mask (B, 1, T, S) bool."""
+    n_rep = q.shape[2] // k.shape[2]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+    return out.transpose(1, 2)
+
+
+def build_attention_mask(
+    query_pos: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    doc_ids: torch.Tensor | None,
+    num_keys: int,
+) -> torch.Tensor:
+    """Boolean (B, 1, T, S) mask: key j is visible to query i when j <= i (in the row's slot order),
+    the key is a real token, and both are in the same document. Each query always sees itself, so a
+    padding query has one key and no row of the softmax is empty.
+
+    ``query_pos`` (T,) holds each new token's slot index among the S keys.
+    """
+    key_idx = torch.arange(num_keys, device=query_pos.device)
+    allowed = key_idx[None, :] <= query_pos[:, None]  # (T, S)
+    allowed = allowed[None, None]  # (1, 1, T, S)
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, None, :].bool()
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+    diagonal = key_idx[None, :] == query_pos[:, None]
+    return allowed | diagonal[None, None]
+
+
+# ---- modules -----------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype=None, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+        self.eps = eps
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+    def extra_repr(self):
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int, dtype=None, device=None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        c, d = config.hidden_size, config.head_dim
+        kw = dict(bias=False, dtype=dtype, device=device)
+        self.q_proj = nn.Linear(c, self.n_heads * d, **kw)
+        self.k_proj = nn.Linear(c, self.n_kv_heads * d, **kw)
+        self.v_proj = nn.Linear(c, self.n_kv_heads * d, **kw)
+        self.o_proj = nn.Linear(self.n_heads * d, c, **kw)
+
+    def forward(self, x, cos, sin, ctx: "ForwardContext"):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, k, cos, sin)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer_idx, k, v)  # (B, S, Hk, D)
+        out = sdpa_attention(q, k, v, ctx.mask, causal=ctx.causal)
+        return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig, dtype=None, device=None):
+        super().__init__()
+        kw = dict(bias=False, dtype=dtype, device=device)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, **kw)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, **kw)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, **kw)
+
+    def forward(self, x):
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int, dtype=None, device=None):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx, dtype=dtype, device=device)
+        self.mlp = MLP(config, dtype=dtype, device=device)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
+
+    def forward(self, x, cos, sin, ctx):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class ForwardContext:
+    """What every layer of one forward call shares: the mask and the KV cache."""
+
+    __slots__ = ("mask", "cache", "causal")
+
+    def __init__(self, mask, cache, causal):
+        self.mask = mask  # (B, 1, T, S) bool, or None
+        self.cache = cache
+        self.causal = causal  # with mask None: causal (prefill) or every key visible (one-token decode)
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: LlamaConfig, dtype=None, device=None):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype=dtype, device=device)
+                                    for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
+
+
+class LlamaForCausalLM(nn.Module):
+    """``model(input_ids, position_ids=None, attention_mask=None, doc_ids=None, cache=None)`` -> logits (B, T, V).
+
+    - ``position_ids`` (B, T): rotary positions; default 0.. for each row, or derived from
+      ``attention_mask`` (cumsum - 1) so a left-padded row sees the positions of its unpadded self.
+    - ``attention_mask`` (B, S) with 1 for real tokens and 0 for padding, over cached + new tokens.
+    - ``doc_ids`` (B, T): packed rows; a token attends only within its document.
+    - ``cache``: a ``KVCache`` (bezoar.model.decode) that is read and extended.
+    """
+
+    def __init__(self, config: LlamaConfig, dtype=None, device=None):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, dtype=dtype, device=device)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def hidden_states(self, input_ids, position_ids=None, attention_mask=None, doc_ids=None, cache=None):
+        """The final-normed hidden states (B, T, C), before the LM head."""
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        S = past + T
+        if attention_mask is not None and attention_mask.shape != (B, S):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)} "
+                             "(it covers cached and new tokens)")
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, S, device=input_ids.device).expand(B, T)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+
+        key_valid = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
+        if key_valid is None and doc_ids is None and (past == 0 or T == 1):
+            # Plain causal (a prefill), or one new token that may see every cached key.
+            ctx = ForwardContext(None, cache, causal=past == 0)
+        else:
+            query_pos = torch.arange(past, S, device=input_ids.device)
+            ctx = ForwardContext(build_attention_mask(query_pos, key_valid, doc_ids, S), cache, causal=False)
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, ctx, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, ctx)
+        if cache is not None:
+            cache.advance(T)
+        return self.model.norm(x)
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, doc_ids=None, cache=None):
+        h = self.hidden_states(input_ids, position_ids, attention_mask, doc_ids, cache)
+        return self.lm_head(h)

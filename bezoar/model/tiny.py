@@ -1,0 +1,122 @@
+"""Tiny Llama checkpoints for tests and the demo: real HF-format folders, built in seconds.
+
+A sentencepiece tokenizer is trained on ``bezoar/assets/tokenizer_corpus.txt`` (text the project
+ships) and weights are drawn from a seeded generator, so a (preset, seed) pair always gives the
+same bytes. Folders are cached under ``$BEZOAR_CACHE`` (default ``~/.cache/bezoar``) by a hash of
+everything that goes into them, and written to a temporary folder that is renamed into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .config import PRESETS, LlamaConfig
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+CORPUS = ASSETS / "tokenizer_corpus.txt"
+BUILDER_VERSION = "1"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("BEZOAR_CACHE") or Path.home() / ".cache" / "bezoar")
+
+
+def train_tokenizer(out_dir: Path, vocab_size: int, corpus: Path = CORPUS) -> Path:
+    """Train a Llama-style BPE sentencepiece model (byte fallback, <unk>=0 <s>=1 </s>=2)."""
+    import sentencepiece as spm
+
+    prefix = out_dir / "tokenizer"
+    spm.SentencePieceTrainer.Train(
+        input=str(corpus),
+        model_prefix=str(prefix),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        add_dummy_prefix=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    (out_dir / "tokenizer.vocab").unlink(missing_ok=True)
+    return prefix.with_suffix(".model")
+
+
+def write_tokenizer_config(out_dir: Path, max_length: int) -> None:
+    cfg = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
+        "add_bos_token": True, "add_eos_token": False,
+        "model_max_length": max_length,
+        "legacy": False,
+        "clean_up_tokenization_spaces": False,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=2) + "\n")
+
+
+def random_model(config: LlamaConfig, seed: int, dtype=torch.float32):
+    """A model with HF-style random init (normal std 0.02), norms perturbed around 1 so tests see them."""
+    from .llama import LlamaForCausalLM
+
+    g = torch.Generator().manual_seed(seed)
+    model = LlamaForCausalLM(config, dtype=dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def build_tiny_model(preset: str = "tiny", seed: int = 0, out_dir: str | Path | None = None,
+                     max_shard_size: str | int = "2GB", **overrides) -> Path:
+    """Build (or reuse from the cache) a tiny HF-format Llama checkpoint and return its folder."""
+    from .checkpoint import save
+
+    if preset not in PRESETS:
+        raise KeyError(f"unknown tiny-model preset {preset!r}; known: {', '.join(PRESETS)}")
+    config = LlamaConfig(**{**PRESETS[preset], **overrides})
+    recipe = json.dumps({"config": dataclasses.asdict(config), "seed": seed, "shard": str(max_shard_size),
+                         "version": BUILDER_VERSION,
+                         "corpus": hashlib.sha256(CORPUS.read_bytes()).hexdigest()}, sort_keys=True)
+    digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
+    folder = Path(out_dir) if out_dir is not None else cache_root() / "tiny" / f"{preset}-s{seed}-{digest}"
+    if (folder / "config.json").exists() and (folder / ".bezoar-tiny").exists():
+        return folder
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    work = folder.with_name(folder.name + f".build-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    train_tokenizer(work, config.vocab_size)
+    write_tokenizer_config(work, config.max_position_embeddings)
+    model = random_model(config, seed)
+    save(model, work / "model", tokenizer_from=work, max_shard_size=max_shard_size)
+    for f in (work / "model").iterdir():
+        f.rename(work / f.name)
+    (work / "model").rmdir()
+    (work / ".bezoar-tiny").write_text(recipe + "\n")
+    try:
+        work.rename(folder)
+    except OSError:
+        # Another process finished the same folder first (or out_dir exists): keep theirs if complete.
+        if (folder / ".bezoar-tiny").exists():
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            work.rename(folder)
+    return folder
