@@ -232,6 +232,9 @@ class LlamaForCausalLM(nn.Module):
             cache.advance(T)
         return self.model.norm(x)
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, doc_ids=None, cache=None):
+    def forward(self, input_ids, position_ids=None, attention_mask=None, doc_ids=None, cache=None,
+                return_hidden: bool = False):
+        """Logits (B, T, V); with ``return_hidden`` the final hidden states (B, T, C) instead, for losses
+        that fuse the LM head with the cross-entropy."""
         h = self.hidden_states(input_ids, position_ids, attention_mask, doc_ids, cache)
-        return self.lm_head(h)
+        return h if return_hidden else self.lm_head(h)

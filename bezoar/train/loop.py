@@ -428,6 +428,8 @@ class Trainer:
                 self.log(f"resumed from {ckpts[-1][1]} (step {self.step} of {self.total_steps})")
             else:
                 self.log(f"--resume: no checkpoint under {self.out / 'checkpoints'}; starting from step 0")
+                if self.rank0 and (self.out / "metrics.jsonl").exists():
+                    (self.out / "metrics.jsonl").unlink()
         elif self.rank0 and (self.out / "metrics.jsonl").exists():
             (self.out / "metrics.jsonl").unlink()
         previous = self._install_signals()
