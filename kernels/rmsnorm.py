@@ -63,25 +63,28 @@ if triton is not None:
         # strides (rows; the last dim is contiguous)
         stride_x, stride_res, stride_y, stride_s,
         # sizes and numerics
-        n_cols, eps,
+        n_rows, n_cols, eps,
         HAS_RESIDUAL: tl.constexpr,
+        BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
+        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         cols = tl.arange(0, BLOCK_C)
-        mask = cols < n_cols
-        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        row_ok = rows < n_rows
+        mask = row_ok[:, None] & (cols < n_cols)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
         if HAS_RESIDUAL:
-            r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0)
+            r = tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :], mask=mask, other=0.0)
             # the sum is rounded to the input dtype, exactly like ``x + residual`` in torch
             x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
-            tl.store(s_ptr + row * stride_s + cols, x, mask=mask)
+            tl.store(s_ptr + rows[:, None] * stride_s + cols[None, :], x, mask=mask)
         xf = x.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
-        tl.store(rstd_ptr + row, rstd)
-        xhat = (xf * rstd).to(x.dtype).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * stride_y + cols, (w * xhat).to(y_ptr.dtype.element_ty), mask=mask)
+        rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / n_cols + eps)
+        tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+        xhat = (xf * rstd[:, None]).to(x.dtype).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        y = w[None, :] * xhat
+        tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _rms_norm_bwd_kernel(
@@ -93,31 +96,35 @@ if triton is not None:
         n_rows, n_cols, rows_per_program,
         HAS_DS_IN: tl.constexpr,
         COMPUTE_DW: tl.constexpr,
+        BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
+        """Each program walks rows_per_program rows, BLOCK_R at a time, and sums its dweight row."""
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_C)
-        mask = cols < n_cols
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        col_ok = cols < n_cols
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         dw_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        row_start = pid * rows_per_program
-        for i in range(0, rows_per_program):
-            row = (row_start + i).to(tl.int64)
-            if row < n_rows:
-                dy = tl.load(dy_ptr + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-                s = tl.load(s_ptr + row * stride_s + cols, mask=mask, other=0.0).to(tl.float32)
-                rstd = tl.load(rstd_ptr + row)
-                xhat = s * rstd
-                g = dy * w
-                ds = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / n_cols))
-                if HAS_DS_IN:
-                    ds += tl.load(ds_in_ptr + row * stride_ds_in + cols, mask=mask, other=0.0).to(tl.float32)
-                tl.store(dx_ptr + row * stride_dx + cols, ds.to(dx_ptr.dtype.element_ty), mask=mask)
-                if COMPUTE_DW:
-                    # the forward multiplied the weight by xhat rounded to the input dtype
-                    dw_acc += dy * xhat.to(s_ptr.dtype.element_ty).to(tl.float32)
+        first_row = pid * rows_per_program
+        end_row = tl.minimum(first_row + rows_per_program, n_rows)
+        for start in range(first_row, end_row, BLOCK_R):
+            rows = (start + tl.arange(0, BLOCK_R)).to(tl.int64)
+            mask = (rows < end_row)[:, None] & col_ok[None, :]
+            dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            s = tl.load(s_ptr + rows[:, None] * stride_s + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(rstd_ptr + rows, mask=rows < end_row, other=0.0)
+            xhat = s * rstd[:, None]
+            g = dy * w[None, :]
+            ds = rstd[:, None] * (g - xhat * (tl.sum(g * xhat, axis=1) / n_cols)[:, None])
+            if HAS_DS_IN:
+                ds += tl.load(ds_in_ptr + rows[:, None] * stride_ds_in + cols[None, :], mask=mask,
+                              other=0.0).to(tl.float32)
+            tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], ds.to(dx_ptr.dtype.element_ty), mask=mask)
+            if COMPUTE_DW:
+                # the forward multiplied the weight by xhat rounded to the input dtype
+                dw_acc += tl.sum(dy * xhat.to(s_ptr.dtype.element_ty).to(tl.float32), axis=0)
         if COMPUTE_DW:
-            tl.store(dw_partial_ptr + pid * n_cols + cols, dw_acc, mask=mask)
+            tl.store(dw_partial_ptr + pid * n_cols + cols, dw_acc, mask=col_ok)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -133,6 +140,11 @@ def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
 
 def _num_warps(block_c: int) -> int:
     return 4 if block_c <= 1024 else 8 if block_c <= 4096 else 16
+
+
+def _block_rows(block_c: int, n_rows: int) -> int:
+    """Rows per tile: one for wide rows (C = 3200), several for narrow ones (about 4K elements)."""
+    return max(1, min(4096 // block_c, triton.next_power_of_2(max(n_rows, 1))))
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> None:
@@ -157,12 +169,13 @@ def _forward(x, residual, weight, eps):
     else:
         r2, s = x2, x2
     block_c = triton.next_power_of_2(n_cols)
+    block_r = _block_rows(block_c, n_rows)
     if n_rows > 0:
-        _rms_norm_fwd_kernel[(n_rows,)](
+        _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
             x2, r2, weight, y, s, rstd,
             x2.stride(0), r2.stride(0), y.stride(0), s.stride(0),
-            n_cols, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK_C=block_c, num_warps=_num_warps(block_c),
+            n_rows, n_cols, eps,
+            HAS_RESIDUAL=residual is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_num_warps(block_c),
         )
     return y, s, rstd
 
@@ -173,20 +186,21 @@ def _backward(dy, ds_in, s, weight, rstd, compute_dw: bool, dx_dtype: torch.dtyp
     dy2 = _rows(dy, n_cols)
     ds2 = _rows(ds_in, n_cols) if ds_in is not None else dy2
     dx = torch.empty((n_rows, n_cols), device=s.device, dtype=dx_dtype)
+    block_c = triton.next_power_of_2(n_cols)
+    block_r = _block_rows(block_c, n_rows)
     if s.is_cuda:
         programs = torch.cuda.get_device_properties(s.device).multi_processor_count * 4
     else:
-        programs = 4
-    programs = max(1, min(programs, n_rows))
+        programs = 2
+    programs = max(1, min(programs, triton.cdiv(n_rows, block_r)))
     rows_per_program = triton.cdiv(n_rows, programs) if n_rows else 0
     dw_partial = torch.empty((programs, n_cols) if compute_dw else (1,), device=s.device, dtype=torch.float32)
-    block_c = triton.next_power_of_2(n_cols)
     if n_rows > 0:
         _rms_norm_bwd_kernel[(programs,)](
             dy2, s, weight, rstd, ds2, dx, dw_partial,
             dy2.stride(0), s.stride(0), ds2.stride(0), dx.stride(0),
             n_rows, n_cols, rows_per_program,
-            HAS_DS_IN=ds_in is not None, COMPUTE_DW=compute_dw, BLOCK_C=block_c,
+            HAS_DS_IN=ds_in is not None, COMPUTE_DW=compute_dw, BLOCK_R=block_r, BLOCK_C=block_c,
             num_warps=_num_warps(block_c),
         )
     dw = None

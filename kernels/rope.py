@@ -10,8 +10,10 @@ and the half tables cos, sin (B, T, D/2) in fp32,
 orthogonal, so the backward is the same kernel with the angle negated (``INVERSE``).
 
 Layouts: q (B, T, Hq, D), k (B, T, Hk, D), each the output of a linear layer viewed per head
-(the last dim contiguous; other strides free, so slices of a fused qkv output work). One
-program handles one token: it reads that token's cos/sin once and rotates every q and k head.
+(the last dim contiguous; other strides free, so slices of a fused qkv output work). The
+launch sees q and k as (B*T*H, D) rows: the first programs take blocks of q's rows, the
+rest blocks of k's, and each row fetches its token's cos/sin (shared by the heads of a
+token, so those reads mostly hit the cache).
 """
 
 from __future__ import annotations
@@ -73,34 +75,39 @@ def apply_rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
 if triton is not None:
 
     @triton.jit
-    def _rotate_heads(
-        x_ptr, out_ptr, cos, sin,
-        b, t, n_heads, half,
+    def _rotate_rows(
+        x_ptr, out_ptr, cos_ptr, sin_ptr,
+        row_start, n_rows, seq_len, n_heads, half,
         stride_xb, stride_xt, stride_xh,
         stride_ob, stride_ot, stride_oh,
+        stride_cb, stride_ct,
         INVERSE: tl.constexpr,
-        BLOCK_H: tl.constexpr,
+        BLOCK_R: tl.constexpr,
         BLOCK_HALF: tl.constexpr,
     ):
-        heads = tl.arange(0, BLOCK_H)
+        """Rotate BLOCK_R (token, head) rows of one tensor; row r is head r % H of token r // H."""
+        rows = (row_start + tl.arange(0, BLOCK_R)).to(tl.int64)
         cols = tl.arange(0, BLOCK_HALF)
-        x_base = x_ptr + b * stride_xb + t * stride_xt
-        o_base = out_ptr + b * stride_ob + t * stride_ot
-        for h0 in range(0, n_heads, BLOCK_H):
-            h = h0 + heads
-            mask = (h[:, None] < n_heads) & (cols[None, :] < half)
-            x_offs = h[:, None] * stride_xh + cols[None, :]
-            o_offs = h[:, None] * stride_oh + cols[None, :]
-            x1 = tl.load(x_base + x_offs, mask=mask, other=0.0).to(tl.float32)
-            x2 = tl.load(x_base + x_offs + half, mask=mask, other=0.0).to(tl.float32)
-            if INVERSE:
-                y1 = x1 * cos + x2 * sin
-                y2 = x2 * cos - x1 * sin
-            else:
-                y1 = x1 * cos - x2 * sin
-                y2 = x2 * cos + x1 * sin
-            tl.store(o_base + o_offs, y1.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.store(o_base + o_offs + half, y2.to(out_ptr.dtype.element_ty), mask=mask)
+        h = rows % n_heads
+        token = rows // n_heads
+        t = token % seq_len
+        b = token // seq_len
+        mask = (rows < n_rows)[:, None] & (cols < half)[None, :]
+        x_offs = (b * stride_xb + t * stride_xt + h * stride_xh)[:, None] + cols[None, :]
+        o_offs = (b * stride_ob + t * stride_ot + h * stride_oh)[:, None] + cols[None, :]
+        c_offs = (b * stride_cb + t * stride_ct)[:, None] + cols[None, :]
+        cos = tl.load(cos_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
+        x1 = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + x_offs + half, mask=mask, other=0.0).to(tl.float32)
+        if INVERSE:
+            y1 = x1 * cos + x2 * sin
+            y2 = x2 * cos - x1 * sin
+        else:
+            y1 = x1 * cos - x2 * sin
+            y2 = x2 * cos + x1 * sin
+        tl.store(out_ptr + o_offs, y1.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + o_offs + half, y2.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _rope_kernel(
@@ -115,26 +122,23 @@ if triton is not None:
         # strides of cos/sin (B, T; the last dim is contiguous)
         stride_cb, stride_ct,
         # sizes
-        seq_len, n_q_heads, n_k_heads, half,
+        seq_len, n_q_rows, n_k_rows, n_q_heads, n_k_heads, half, n_q_programs,
         INVERSE: tl.constexpr,
-        BLOCK_H: tl.constexpr,
+        BLOCK_R: tl.constexpr,
         BLOCK_HALF: tl.constexpr,
     ):
-        token = tl.program_id(0)
-        b = (token // seq_len).to(tl.int64)
-        t = (token % seq_len).to(tl.int64)
-        cols = tl.arange(0, BLOCK_HALF)
-        cmask = cols < half
-        cos = tl.load(cos_ptr + b * stride_cb + t * stride_ct + cols, mask=cmask, other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + b * stride_cb + t * stride_ct + cols, mask=cmask, other=0.0).to(tl.float32)
-        cos = cos[None, :]
-        sin = sin[None, :]
-        _rotate_heads(q_ptr, q_out_ptr, cos, sin, b, t, n_q_heads, half,
-                      stride_qb, stride_qt, stride_qh, stride_qob, stride_qot, stride_qoh,
-                      INVERSE, BLOCK_H, BLOCK_HALF)
-        _rotate_heads(k_ptr, k_out_ptr, cos, sin, b, t, n_k_heads, half,
-                      stride_kb, stride_kt, stride_kh, stride_kob, stride_kot, stride_koh,
-                      INVERSE, BLOCK_H, BLOCK_HALF)
+        """The first n_q_programs programs rotate rows of q, the rest rows of k: one launch for both."""
+        pid = tl.program_id(0)
+        if pid < n_q_programs:
+            _rotate_rows(q_ptr, q_out_ptr, cos_ptr, sin_ptr,
+                         pid * BLOCK_R, n_q_rows, seq_len, n_q_heads, half,
+                         stride_qb, stride_qt, stride_qh, stride_qob, stride_qot, stride_qoh,
+                         stride_cb, stride_ct, INVERSE, BLOCK_R, BLOCK_HALF)
+        else:
+            _rotate_rows(k_ptr, k_out_ptr, cos_ptr, sin_ptr,
+                         (pid - n_q_programs) * BLOCK_R, n_k_rows, seq_len, n_k_heads, half,
+                         stride_kb, stride_kt, stride_kh, stride_kob, stride_kot, stride_koh,
+                         stride_cb, stride_ct, INVERSE, BLOCK_R, BLOCK_HALF)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -172,17 +176,21 @@ def _rope_launch(q, k, cos, sin, inverse: bool):
     k_out = torch.empty((B, T, Hk, D), device=k.device, dtype=k.dtype)
     half = D // 2
     block_half = triton.next_power_of_2(half)
-    block_h = max(1, min(triton.next_power_of_2(max(Hq, Hk)), max(1, 4096 // block_half)))
-    if B * T > 0:
-        _rope_kernel[(B * T,)](
+    n_q_rows, n_k_rows = B * T * Hq, B * T * Hk
+    # about 4K elements of each half per program
+    block_r = min(max(1, 4096 // block_half), triton.next_power_of_2(max(n_q_rows, 1)))
+    n_q_programs = triton.cdiv(n_q_rows, block_r)
+    n_programs = n_q_programs + triton.cdiv(n_k_rows, block_r)
+    if n_programs > 0:
+        _rope_kernel[(n_programs,)](
             q, k, cos, sin, q_out, k_out,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             q_out.stride(0), q_out.stride(1), q_out.stride(2),
             k_out.stride(0), k_out.stride(1), k_out.stride(2),
             cos.stride(0), cos.stride(1),
-            T, Hq, Hk, half,
-            INVERSE=inverse, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=4,
+            T, n_q_rows, n_k_rows, Hq, Hk, half, n_q_programs,
+            INVERSE=inverse, BLOCK_R=block_r, BLOCK_HALF=block_half, num_warps=4,
         )
     return q_out, k_out
 

@@ -36,38 +36,37 @@ if triton is not None:
     def _swiglu_fwd_kernel(
         gate_ptr, up_ptr, out_ptr,
         stride_gate, stride_up, stride_out,
-        n_cols,
-        BLOCK: tl.constexpr,
+        n_rows, n_cols,
+        BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        g = tl.load(gate_ptr + row * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(up_ptr + row * stride_up + cols, mask=mask, other=0.0).to(tl.float32)
+        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
+        cols = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C))[None, :]
+        mask = (rows < n_rows) & (cols < n_cols)
+        g = tl.load(gate_ptr + rows * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(up_ptr + rows * stride_up + cols, mask=mask, other=0.0).to(tl.float32)
         out = g * tl.sigmoid(g) * u
-        tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + rows * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _swiglu_bwd_kernel(
         dout_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr,
         stride_dout, stride_gate, stride_up, stride_dgate, stride_dup,
-        n_cols,
-        BLOCK: tl.constexpr,
+        n_rows, n_cols,
+        BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        do = tl.load(dout_ptr + row * stride_dout + cols, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(gate_ptr + row * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(up_ptr + row * stride_up + cols, mask=mask, other=0.0).to(tl.float32)
+        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
+        cols = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C))[None, :]
+        mask = (rows < n_rows) & (cols < n_cols)
+        do = tl.load(dout_ptr + rows * stride_dout + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(gate_ptr + rows * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(up_ptr + rows * stride_up + cols, mask=mask, other=0.0).to(tl.float32)
         sig = tl.sigmoid(g)
         silu = g * sig
         dgate = do * u * sig * (1.0 + g * (1.0 - sig))
-        tl.store(dgate_ptr + row * stride_dgate + cols, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
-        tl.store(dup_ptr + row * stride_dup + cols, (do * silu).to(dup_ptr.dtype.element_ty), mask=mask)
-
-
-_BLOCK = 1024
+        tl.store(dgate_ptr + rows * stride_dgate + cols, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
+        tl.store(dup_ptr + rows * stride_dup + cols, (do * silu).to(dup_ptr.dtype.element_ty), mask=mask)
 
 
 def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
@@ -79,8 +78,11 @@ def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _grid(n_rows: int, n_cols: int):
-    return (n_rows, triton.cdiv(n_cols, _BLOCK))
+def _launch_shape(n_rows: int, n_cols: int):
+    """(grid, BLOCK_R, BLOCK_C): tiles of about 4K elements, at most 1024 columns wide."""
+    block_c = min(1024, triton.next_power_of_2(n_cols))
+    block_r = min(max(1, 4096 // block_c), triton.next_power_of_2(n_rows))
+    return (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_c)), block_r, block_c
 
 
 class SwiGLUFunction(torch.autograd.Function):
@@ -90,8 +92,10 @@ class SwiGLUFunction(torch.autograd.Function):
         g2, u2 = _rows(gate, n_cols), _rows(up, n_cols)
         out = torch.empty(g2.shape, device=gate.device, dtype=gate.dtype)
         if out.numel():
-            _swiglu_fwd_kernel[_grid(out.shape[0], n_cols)](
-                g2, u2, out, g2.stride(0), u2.stride(0), out.stride(0), n_cols, BLOCK=_BLOCK, num_warps=4,
+            grid, block_r, block_c = _launch_shape(out.shape[0], n_cols)
+            _swiglu_fwd_kernel[grid](
+                g2, u2, out, g2.stride(0), u2.stride(0), out.stride(0), out.shape[0], n_cols,
+                BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
             )
         ctx.save_for_backward(g2, u2)
         ctx.shape = gate.shape
@@ -105,10 +109,11 @@ class SwiGLUFunction(torch.autograd.Function):
         dgate = torch.empty(g2.shape, device=g2.device, dtype=g2.dtype)
         dup = torch.empty(u2.shape, device=u2.device, dtype=u2.dtype)
         if dgate.numel():
-            _swiglu_bwd_kernel[_grid(g2.shape[0], n_cols)](
+            grid, block_r, block_c = _launch_shape(g2.shape[0], n_cols)
+            _swiglu_bwd_kernel[grid](
                 do2, g2, u2, dgate, dup,
                 do2.stride(0), g2.stride(0), u2.stride(0), dgate.stride(0), dup.stride(0),
-                n_cols, BLOCK=_BLOCK, num_warps=4,
+                g2.shape[0], n_cols, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
             )
         return dgate.view(ctx.shape), dup.view(ctx.shape)
 

@@ -10,7 +10,7 @@ from bezoar_kernels.rmsnorm import rms_norm, rms_norm_add, rms_norm_add_referenc
 from tests.kernels.layer_checks import check_against_reference, check_bf16_against_fp32, leaves
 from tests.utils import assert_close
 
-SHAPES = [(37, 61), (2, 17, 100), (1, 64)]
+SHAPES = [(37, 61), (2, 17, 100), (1, 64), (9, 2, 1030)]  # the last: several row tiles per program
 EPS = 1e-6
 
 
