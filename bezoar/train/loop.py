@@ -485,6 +485,8 @@ class Trainer:
         ev = self.evaluate()
         if ev:
             self._write_metrics({"step": self.step, **ev})
+        if self.loop.save_every and not (list_checkpoints(self.out) and list_checkpoints(self.out)[-1][0] == self.step):
+            self.save_checkpoint()  # the end state too, so a later run can extend max_steps and --resume
         final = self.out / "adapter"
         if self.rank0:
             save_adapter(_unwrap(self.model), final, self.base_model_name)
