@@ -268,9 +268,11 @@ if triton is not None:
 # ----------------------------------------------------------------------------- launchers
 
 
-def _check(x: torch.Tensor, weight: NF4Weight, inner: int, what: str) -> None:
+def _check(x: torch.Tensor, weight: NF4Weight, dim: int, what: str) -> None:
+    """x's last dim must be weight.shape[dim] (1 for x, 0 for dy)."""
     if len(weight.shape) != 2:
         raise ValueError(f"nf4_matmul: weight must be 2-D (out, in), got shape {weight.shape}")
+    inner = weight.shape[dim]
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"nf4_matmul: {what} must be float16/bfloat16/float32, got {x.dtype}")
     if x.shape[-1] != inner:
@@ -304,7 +306,7 @@ def _sum_splits(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def nf4_fused_forward(x: torch.Tensor, weight: NF4Weight, config: FusedConfig | None = None) -> torch.Tensor:
     """x (M, K) @ dequant(W).T -> (M, N) in x's dtype, with the fused Triton kernel."""
-    _check(x, weight, weight.shape[1], "x")
+    _check(x, weight, 1, "x")
     m, k = x.shape
     n = weight.shape[0]
     meta = _meta(weight, k, x.dtype)
@@ -332,7 +334,7 @@ def nf4_fused_forward(x: torch.Tensor, weight: NF4Weight, config: FusedConfig | 
 
 def nf4_fused_backward(dy: torch.Tensor, weight: NF4Weight, config: FusedConfig | None = None) -> torch.Tensor:
     """dy (M, N) @ dequant(W) -> (M, K) in dy's dtype, with the fused Triton kernel."""
-    _check(dy, weight, weight.shape[0], "dy")
+    _check(dy, weight, 0, "dy")
     m, n = dy.shape
     k = weight.shape[1]
     meta = _meta(weight, k, dy.dtype)
@@ -379,13 +381,13 @@ def dequant_buffer(weight: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
 
 def nf4_dequant_forward(x: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
     """x (M, K) @ W.T through the dequant buffer and torch.matmul (cuBLAS on CUDA)."""
-    _check(x, weight, weight.shape[1], "x")
+    _check(x, weight, 1, "x")
     return torch.matmul(x, dequant_buffer(weight, x.dtype).t())
 
 
 def nf4_dequant_backward(dy: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
     """dy (M, N) @ W through the dequant buffer and torch.matmul."""
-    _check(dy, weight, weight.shape[0], "dy")
+    _check(dy, weight, 0, "dy")
     return torch.matmul(dy, dequant_buffer(weight, dy.dtype))
 
 
@@ -436,13 +438,13 @@ class NF4MatmulFunction(torch.autograd.Function):
 
 def nf4_matmul_triton(x: torch.Tensor, weight: NF4Weight, path: str | None = None) -> torch.Tensor:
     """``x @ dequant(W).T`` with the Triton kernels; x (..., K) -> (..., N) in x's dtype."""
-    _check(x, weight, weight.shape[1], "x")
+    _check(x, weight, 1, "x")
     return NF4MatmulFunction.apply(x, weight, path or "auto")
 
 
 def nf4_matmul_reference(x: torch.Tensor, weight: NF4Weight, path: str | None = None) -> torch.Tensor:
     """Torch reference: ``F.linear(x, dequantize(W, x.dtype))``; ``path`` is checked and otherwise unused."""
-    _check(x, weight, weight.shape[1], "x")
+    _check(x, weight, 1, "x")
     resolve_path(path, 0)
     return torch.nn.functional.linear(x, dequantize_nf4_reference(weight, x.dtype))
 

@@ -103,6 +103,24 @@ class NF4Linear(torch.nn.Module):
         """W (out_features, in_features) in the compute dtype."""
         return dequantize_nf4(self.nf4_weight, self.compute_dtype)
 
+    def quantization_config(self) -> dict:
+        """The ``quantization_config`` of config.json that makes transformers read these tensors."""
+        return {
+            "quant_method": "bitsandbytes",
+            "load_in_4bit": True,
+            "load_in_8bit": False,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": self.double_quant,
+            "bnb_4bit_compute_dtype": _DTYPE_NAMES.get(self.compute_dtype, "float32"),
+            "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_enable_fp32_cpu_offload": False,
+            "llm_int8_has_fp16_weight": False,
+            "llm_int8_skip_modules": None,
+            "llm_int8_threshold": 6.0,
+            "_load_in_4bit": True,
+            "_load_in_8bit": False,
+        }
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, blocksize={self.blocksize}, "
                 f"double_quant={self.double_quant}, compute_dtype={self.compute_dtype}")
