@@ -238,6 +238,7 @@ def dense_state_dict(model) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         if ".lora_" in f".{name}" or name.rpartition(".")[2].startswith("lora_"):
             continue
+        name = name.replace(".base_layer", "")  # a LoRA-wrapped layer saves its base under the HF key
         if hasattr(module, "bnb_tensors"):
             out.update(module.bnb_tensors(name))
             continue
