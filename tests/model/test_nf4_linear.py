@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -233,3 +235,53 @@ def test_loads_transformers_tensors_and_matches_linear4bit(transformers_nf4):
         assert torch.equal(layer.dequantize(), expected_w)
         with torch.no_grad():
             assert_close(layer(x), module(x), *TOLERANCES[torch.float32], name=f"{name} forward")
+
+
+# ----------------------------------------------------------------------------- python -m bezoar.quantize
+
+
+def _quantized_checkpoint_matches(transformers, folder, dense_folder, blocksize, double_quant):
+    from bezoar.model import load
+
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "bitsandbytes" and config["bnb_4bit_use_double_quant"] is double_quant
+    ours = load(folder, device="cpu")  # a bitsandbytes-4bit folder loads as NF4 whatever quant says
+    q_proj = ours.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, NF4Linear) and q_proj.blocksize == blocksize and q_proj.double_quant is double_quant
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", dtype=torch.float32)
+    assert isinstance(theirs.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
+    ids = torch.randint(3, ours.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        want = ours(ids)
+        # Same NF4 bytes on both sides and fp32 compute: only summation order differs.
+        assert_close(theirs(ids).logits, want, atol=1e-4, rtol=0, name="transformers + bitsandbytes logits")
+        if blocksize == 64 and double_quant:  # quantize-on-load uses the defaults
+            on_load = load(dense_folder, quant="nf4", device="cpu")
+            assert_close(on_load(ids), want, atol=0, rtol=0, name="quantized on load")
+
+
+def test_quantize_cli_checkpoint_loads_in_transformers(tiny_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "nf4"
+    cmd = [sys.executable, "-m", "bezoar.quantize", "--model", str(tiny_dir), "--out", str(out),
+           "--compute-dtype", "float32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _quantized_checkpoint_matches(transformers, out, tiny_dir, 64, True)
+
+
+def test_quantize_options_and_errors(tiny_dir, tmp_path, capsys):
+    from bezoar.quantize import main
+
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "nf4-128"
+    assert main(["--model", str(tiny_dir), "--out", str(out), "--blocksize", "128", "--no-double-quant",
+                 "--compute-dtype", "float32"]) == 0
+    _quantized_checkpoint_matches(transformers, out, tiny_dir, 128, False)
+    assert main(["--model", str(out), "--out", str(tmp_path / "again")]) == 2
+    assert "already bitsandbytes 4-bit" in capsys.readouterr().err
+    assert main(["--model", str(tiny_dir), "--out", str(out)]) == 2  # exists, no --overwrite
+    assert "not empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--no-double-quant" in capsys.readouterr().out
