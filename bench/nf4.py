@@ -24,7 +24,6 @@ empty with a note when it does not import. Usage::
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -129,7 +128,7 @@ def main() -> int:
             add(f"bwd/nf4_dequant/{tag}/M={m}", lambda dy=dy, q=q: mm.nf4_dequant_backward(dy, q),
                 kind="bwd", peer="nf4_dequant", **key)
             add(f"bwd/nf4_auto/{tag}/M={m}",
-                lambda dy=dy, q=q: mm._backward_2d(dy, q, "auto"), kind="bwd", peer="nf4_auto", **key)
+                lambda dy=dy, q=q: mm.nf4_matmul_backward(dy, q, "auto"), kind="bwd", peer="nf4_auto", **key)
             if bq is not None:
                 packed, state = bq
                 add(f"fwd/bnb_dequant_linear/{tag}/M={m}",

@@ -154,6 +154,9 @@ class NF4Weight:
         nested = (self.nested_absmax is not None, self.nested_code is not None, self.offset is not None)
         if any(nested) and not all(nested):
             raise ValueError("NF4Weight: nested_absmax, nested_code and offset come together or not at all")
+        if any(t.device != self.packed.device for t in self.tensors()):
+            raise ValueError("NF4Weight: all tensors must be on one device, got "
+                             + ", ".join(str(t.device) for t in self.tensors()))
         if self.packed.dtype != torch.uint8 or self.packed.dim() != 1:
             raise ValueError(f"NF4Weight.packed must be 1-D uint8, got {self.packed.dtype} {tuple(self.packed.shape)}")
         if self.packed.numel() != (self.numel + 1) // 2:
@@ -369,11 +372,12 @@ if triton is not None:
         tl.store(out_ptr + element, values.to(out_ptr.dtype.element_ty), mask=element < n_elements)
 
 
-def _blocks_per_prog(n_blocks: int) -> int:
+def _blocks_per_prog(n_blocks: int, blocksize: int) -> int:
     # The interpreter runs programs one by one in Python: few, wide programs keep tests fast.
     if dispatch.interpreting():
         return max(16, min(256, triton.next_power_of_2(n_blocks)))
-    return 32
+    # On the GPU about 4096 values per program (8 KB of bf16 written by 128 threads: 16-byte stores).
+    return max(1, 4096 // blocksize)
 
 
 def quantize_nf4_triton(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
@@ -386,7 +390,7 @@ def quantize_nf4_triton(weight: torch.Tensor, blocksize: int = 64, double_quant:
     n_blocks = -(-n // blocksize)
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=flat.device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=flat.device)
-    per_prog = _blocks_per_prog(n_blocks)
+    per_prog = _blocks_per_prog(n_blocks, blocksize)
     grid = (triton.cdiv(n_blocks, per_prog),)
     _nf4_quantize_kernel[grid](
         flat, packed, absmax, nf4_midpoints(flat.device), n, n_blocks,
@@ -404,7 +408,7 @@ def dequantize_nf4_triton(weight: NF4Weight, dtype: torch.dtype | None = None,
         out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     elif out.dtype != dtype or out.numel() != n or not out.is_contiguous() or out.device != weight.device:
         raise ValueError(f"dequantize_nf4: out must be contiguous {dtype} with {n} values on {weight.device}")
-    per_prog = _blocks_per_prog(weight.num_blocks)
+    per_prog = _blocks_per_prog(weight.num_blocks, weight.blocksize)
     grid = (triton.cdiv(weight.num_blocks, per_prog),)
     dq = weight.double_quant
     _nf4_dequantize_kernel[grid](

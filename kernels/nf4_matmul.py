@@ -391,13 +391,15 @@ def nf4_dequant_backward(dy: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
     return torch.matmul(dy, dequant_buffer(weight, dy.dtype))
 
 
-def _forward_2d(x: torch.Tensor, weight: NF4Weight, path: str) -> torch.Tensor:
+def nf4_matmul_forward(x: torch.Tensor, weight: NF4Weight, path: str | None = None) -> torch.Tensor:
+    """2-D forward (no autograd) on the path M picks: x (M, K) -> (M, N)."""
     if resolve_path(path, x.shape[0]) == "fused":
         return nf4_fused_forward(x, weight)
     return nf4_dequant_forward(x, weight)
 
 
-def _backward_2d(dy: torch.Tensor, weight: NF4Weight, path: str) -> torch.Tensor:
+def nf4_matmul_backward(dy: torch.Tensor, weight: NF4Weight, path: str | None = None) -> torch.Tensor:
+    """2-D input gradient (no autograd) on the path M picks: dy (M, N) -> (M, K)."""
     if resolve_path(path, dy.shape[0]) == "fused":
         return nf4_fused_backward(dy, weight)
     return nf4_dequant_backward(dy, weight)
@@ -419,7 +421,7 @@ class NF4MatmulFunction(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])
         if x2d.shape[0] == 0:
             return x.new_empty(*lead, weight.shape[0])
-        return _forward_2d(x2d, weight, path).reshape(*lead, weight.shape[0])
+        return nf4_matmul_forward(x2d, weight, path).reshape(*lead, weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -430,7 +432,7 @@ class NF4MatmulFunction(torch.autograd.Function):
         dy2d = dy.reshape(-1, dy.shape[-1])
         if dy2d.shape[0] == 0:
             return dy.new_zeros(*lead, weight.shape[1]), None, None
-        return _backward_2d(dy2d, weight, ctx.path).reshape(*lead, weight.shape[1]), None, None
+        return nf4_matmul_backward(dy2d, weight, ctx.path).reshape(*lead, weight.shape[1]), None, None
 
 
 # ----------------------------------------------------------------------------- public entry points

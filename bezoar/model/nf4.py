@@ -58,6 +58,7 @@ class NF4Linear(torch.nn.Module):
         self.weight_dtype = weight.dtype  # the dtype before quantization, recorded in the quant state
         self.compute_dtype = compute_dtype
         self.offset = weight.offset
+        self._nf4_cache: NF4Weight | None = None
         self.register_buffer("packed", weight.packed)
         self.register_buffer("absmax", weight.absmax)
         self.register_buffer("nested_absmax", weight.nested_absmax)
@@ -88,8 +89,15 @@ class NF4Linear(torch.nn.Module):
 
     @property
     def nf4_weight(self) -> NF4Weight:
-        return NF4Weight(self.packed, self.absmax, (self.out_features, self.in_features), self.weight_dtype,
-                         self.blocksize, self.nested_absmax, self.nested_code, self.offset)
+        """The buffers as an NF4Weight (built once, rebuilt after .to() or load_state_dict)."""
+        cached = self._nf4_cache
+        if (cached is None or cached.packed is not self.packed or cached.absmax is not self.absmax
+                or cached.nested_absmax is not self.nested_absmax or cached.nested_code is not self.nested_code
+                or cached.offset != self.offset or cached.blocksize != self.blocksize):
+            cached = NF4Weight(self.packed, self.absmax, (self.out_features, self.in_features), self.weight_dtype,
+                               self.blocksize, self.nested_absmax, self.nested_code, self.offset)
+            self._nf4_cache = cached
+        return cached
 
     @property
     def double_quant(self) -> bool:

@@ -13,7 +13,6 @@ bnb = pytest.importorskip("bitsandbytes")
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
 from bezoar.model.nf4 import QUANT_STATE_SUFFIX, NF4Linear  # noqa: E402
-from bezoar_kernels import nf4  # noqa: E402
 from bezoar_kernels.dispatch import backend  # noqa: E402
 from tests.utils import TOLERANCES, assert_close  # noqa: E402
 
