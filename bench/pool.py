@@ -241,7 +241,7 @@ def cases(smoke: bool) -> dict:
     big, sdk, loop_n = (100, 20, 50) if smoke else (20000, 2000, 5000)
     rate_n = 60 if smoke else 3000
     return {
-        "pool-null-provider": dict(kind="null", n=10 * big, concurrency=128),
+        "pool-null-provider": dict(kind="null", n=50000 if not smoke else 1000, concurrency=128),
         "pool-compat": dict(kind="pool", provider="compat", n=big, concurrency=128),
         "pool-openai-sdk": dict(kind="pool", provider="openai", n=sdk, concurrency=64),
         "pool-anthropic-sdk": dict(kind="pool", provider="anthropic", n=sdk, concurrency=64),

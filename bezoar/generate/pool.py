@@ -28,8 +28,9 @@ What a call goes through (``submit``):
    body) it waits Retry-After / retry-after-ms when given, else an exponential back-off with
    jitter (base * 2**n, halved at random, at most ``backoff_max_s``), and tries again, up to
    ``max_attempts``. A 429 also pauses the endpoint for everyone, and its retries queue up one
-   per Retry-After (at most 1 s apart), so a burst that was refused does not come back as a burst. A request error (400, 422, ...) ends it at once. Either way the Result is
-   appended to the store before ``submit`` returns.
+   per Retry-After (at most 1 s apart), so a burst that was refused does not come back as a
+   burst. A request error (400, 422, ...) ends it at once. Either way the Result is appended to
+   the store before ``submit`` returns.
 5. Fatal errors (bad key, unknown model, exhausted quota, every endpoint unreachable) stop the
    whole pool: every ``submit``/``map``/``run`` raises :class:`PoolError` with one clear message.
    Answers already received are stored; nothing is recorded for the requests cut short.
@@ -430,8 +431,17 @@ class Pool:
     async def _submit(self, request: Request, key: str, model: str) -> Result:
         shared = self._inflight.get(key)
         if shared is not None:
+            try:
+                result = await asyncio.shield(shared)
+            except asyncio.CancelledError:
+                if not shared.cancelled():
+                    raise  # this task was cancelled
+                # The task that owned the call was cancelled: this one takes over, if still wanted.
+                if key in self.store:
+                    self.stats.cached += 1
+                    return Result.from_record(self.store.get(key))
+                return await self._submit(request, key, model)
             self.stats.shared += 1
-            result = await asyncio.shield(shared)
             return dataclasses.replace(result, cached=True, attempts=0)
         future = asyncio.get_running_loop().create_future()
         self._inflight[key] = future

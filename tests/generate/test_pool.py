@@ -275,3 +275,22 @@ def test_misuse_is_reported_clearly(fake_server):
 
     with pytest.raises(RuntimeError, match="async with"):
         run(outside())
+
+
+def test_a_cancelled_owner_hands_its_call_over(fake_server):
+    server = fake_server(latency=0.2)
+    request = chat_requests(1)[0]
+
+    async def main():
+        async with Pool(Endpoint("compat", server.openai_url), fast_limits(timeout_s=5), None, model="m") as pool:
+            owner = asyncio.ensure_future(pool.submit(request))
+            await asyncio.sleep(0.05)
+            sharer = asyncio.ensure_future(pool.submit(request))
+            await asyncio.sleep(0.05)
+            owner.cancel()
+            result = await sharer
+            return owner, result
+
+    owner, result = run(main())
+    assert owner.cancelled() and result.ok and result.response == "echo: q0"
+    assert server.stats()["requests"] == 2  # the owner's call was abandoned; the sharer made its own
