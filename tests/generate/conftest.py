@@ -11,7 +11,7 @@ from bezoar.generate.request import Request
 from tests.generate.fake_server import FakeLLMServer
 
 # Short timeouts and back-offs so fault tests finish in seconds.
-FAST = dict(timeout_s=0.5, backoff_base_s=0.01, backoff_max_s=0.05)
+FAST = dict(timeout_s=2.0, backoff_base_s=0.01, backoff_max_s=0.05)
 
 
 def fast_limits(**overrides) -> Limits:

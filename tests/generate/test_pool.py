@@ -40,7 +40,7 @@ def test_2000_requests_with_10pct_faults_of_every_kind(fake_server, tmp_path):
     requests = chat_requests(2000)
     t0 = time.monotonic()
     results, stats = run(run_pool(Endpoint("compat", server.openai_url), requests, out,
-                                  limits=fast_limits(concurrency=64, timeout_s=0.5)))
+                                  limits=fast_limits(concurrency=64, timeout_s=1.0)))
     elapsed = time.monotonic() - t0
     server_stats = server.stats()
     # every kind of fault was injected
@@ -51,9 +51,13 @@ def test_2000_requests_with_10pct_faults_of_every_kind(fake_server, tmp_path):
     assert len(lines) == 2000 and sorted(r["id"] for r in lines) == list(range(2000))
     assert all(r["ok"] and r["response"] == f"echo: q{r['id']}" for r in lines)
     assert [r.response for r in results] == [f"echo: q{i}" for i in range(2000)]
-    # no answer was paid for twice, and the retries match the faults
-    assert server_stats["answered"] == 2000 and server_stats["answered_twice"] == 0
-    assert stats.calls == server_stats["requests"] and stats.retries == server_stats["requests"] - 2000
+    # An answer is paid for twice only when the client stopped waiting for it (a timeout: an
+    # injected hang, or a server slowed down by a loaded machine) and asked again.
+    timeouts = stats.errors.get("timeout", 0)
+    assert timeouts >= server_stats["outcomes"]["fault_hang"]
+    assert server_stats["answered_twice"] <= timeouts - server_stats["outcomes"]["fault_hang"]
+    assert 2000 <= server_stats["answered"] <= 2000 + timeouts - server_stats["outcomes"]["fault_hang"]
+    assert stats.retries == stats.calls - 2000 and server_stats["requests"] <= stats.calls
     assert elapsed < 60
 
 
@@ -62,7 +66,7 @@ def test_faults_through_the_official_sdks(fake_server, api_keys, tmp_path, name)
     server = fake_server(fault_rate=0.10, retry_after_s=0.01, seed=2)
     url = server.url if name == "anthropic" else server.openai_url
     results, _ = run(run_pool(Endpoint(name, url), chat_requests(150), tmp_path / "o.jsonl",
-                              limits=fast_limits(concurrency=16)))
+                              limits=fast_limits(concurrency=16, timeout_s=1.0)))
     assert all(r.ok for r in results) and [r.response for r in results] == [f"echo: q{i}" for i in range(150)]
     assert len(records(tmp_path / "o.jsonl")) == 150
     assert sum(server.stats()["outcomes"].get("fault_" + k, 0) for k in FAULT_KINDS) > 0
