@@ -84,6 +84,13 @@ class MemoryStore:
     def __len__(self) -> int:
         return len(self._records)
 
+    def keys(self):
+        return self._records.keys()
+
+    def failed(self, key: str) -> bool:
+        record = self._records.get(key)
+        return record is not None and record.get("error") is not None
+
     def get(self, key: str) -> dict | None:
         return self._records.get(key)
 
@@ -122,6 +129,7 @@ class JSONLStore:
     def open(self) -> StoreReport:
         if self._file is not None:
             return self.report
+        self._offsets, self._failed, self.report = {}, set(), StoreReport()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._file = open(self.path, "ab")

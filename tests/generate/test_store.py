@@ -41,9 +41,26 @@ def test_append_get_and_reopen(tmp_path):
     assert [r["key"] for r in lines(path)] == ["a", "b", "c"]
 
 
-@pytest.mark.parametrize("store_factory", [MemoryStore, lambda p=None: JSONLStore(p)])
-def test_a_key_is_never_written_twice(tmp_path, store_factory):
-    store = store_factory(tmp_path / "o.jsonl") if store_factory is not MemoryStore else MemoryStore()
+def test_reopening_the_same_store_object(tmp_path):
+    store = JSONLStore(tmp_path / "o.jsonl")
+    store.open()
+    store.append(ok_record("a"))
+    store.close()
+    report = store.open()
+    assert report.records == 1 and report.duplicate_lines == 0 and "a" in store
+    store.close()
+
+
+def test_memory_store_queries():
+    store = MemoryStore()
+    store.append(ok_record("a"))
+    store.append(failed_record("b"))
+    assert sorted(store.keys()) == ["a", "b"] and store.failed("b") and not store.failed("a")
+
+
+@pytest.mark.parametrize("kind", ["memory", "jsonl"])
+def test_a_key_is_never_written_twice(tmp_path, kind):
+    store = MemoryStore() if kind == "memory" else JSONLStore(tmp_path / "o.jsonl")
     store.open()
     store.append(ok_record("a"))
     with pytest.raises(StoreError, match="already stored"):
