@@ -48,6 +48,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 PROMPTS = ASSETS / "prompts"
 SAMPLES = ASSETS / "samples"
 
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".txt")
 TRUNCATED = ("length", "max_tokens")  # finish reasons that mean the reply was cut off
 
 
@@ -132,7 +133,7 @@ def read_records(source: str | os.PathLike, *, what: str, split: str = "train",
     path = Path(source)
     if path.is_file() and path.suffix.lower() == ".jsonl":
         return _read_jsonl(path, what, limit)
-    if not path.exists() and (str(source).startswith(("/", ".", "~")) or path.suffix):
+    if not path.exists() and (str(source).startswith(("/", ".", "~")) or path.suffix.lower() in DATA_SUFFIXES):
         raise GenerateError(f"{what} {source}: file not found")
     from bezoar.data.load import DataError, load_records  # heavier: imports the data package
 

@@ -231,3 +231,37 @@ def test_read_topics(tmp_path):
 @pytest.mark.parametrize("a,b", list(itertools.combinations(["x y z", "x z y", "z"], 2)))
 def test_rouge_is_symmetric(a, b):
     assert rouge_l(a.split(), b.split()) == rouge_l(b.split(), a.split())
+
+
+# ---------------------------------------------------------------------- commands on the shipped samples
+@pytest.mark.parametrize("command", ["lamini", "evol", "orca", "filter"])
+def test_command_help(command, capsys):
+    from bezoar.generate.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0 and "usage" in capsys.readouterr().out
+
+
+def test_shipped_samples_through_every_scheme_and_the_filter(fake_server, tmp_path):
+    """The demo path of scripts/openbezoar.sh: shipped samples, a scripted teacher and judge, SFT-ready files."""
+    from bezoar.data import DataConfig, read_examples
+    from bezoar.generate.schemes import SAMPLES
+    from tests.generate.demo_teacher import demo_teacher
+    from tests.generate.schemes_helpers import read_jsonl, run
+
+    server = fake_server(reply=demo_teacher)
+    url = server.openai_url
+    data = tmp_path / "data"
+    assert run("lamini", SAMPLES / "lamini_seeds.jsonl", "--topics", SAMPLES / "topics.txt", "--example-guided", "2",
+               "--topic-guided", "2", "--per-request", "8", "--out", data / "lamini", url=url) == 0
+    assert run("evol", SAMPLES / "dolly_seeds.jsonl", "--epochs", "2", "--out", data / "evol", url=url) == 0
+    assert run("orca", SAMPLES / "flan_queries.jsonl", "--cap-per-task", "2", "--out", data / "orca", url=url) == 0
+    for scheme, fmt, at_least in (("lamini", "lamini", 15), ("evol", "evol", 10), ("orca", "orca", 10)):
+        raw = read_jsonl(data / scheme / "raw.jsonl")
+        assert len(raw) >= at_least, (scheme, len(raw))
+        assert run("filter", data / scheme / "raw.jsonl", "--out", data / scheme, url=url) == 0
+        kept = read_jsonl(data / scheme / "filtered.jsonl")
+        assert 0 < len(kept) < len(raw) and all(r["judge_score"] >= 7 for r in kept)
+        examples, _ = read_examples(DataConfig(path=str(data / scheme / "filtered.jsonl"), format=fmt))
+        assert len(examples) == len(kept)
