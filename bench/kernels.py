@@ -7,6 +7,8 @@ Kernels and peers (bf16, 8K and 32K tokens; rows of 2048 for attention):
   attention_causal                     Triton flash vs SDPA is_causal (flash/cuDNN)    TFLOP/s
   attention_packed                     Triton flash vs FlexAttention (compiled, with a
                                        document block mask) vs SDPA with a dense mask   TFLOP/s on the useful pairs
+  attention_packed_mask                what each packed path derives once per step from
+                                       doc_ids: Triton's document bounds, Flex's BlockMask  ms
 
 Modes: ``fwd`` is an inference forward (no_grad); ``fwdbwd`` is a training forward plus the
 backward to every input that a LoRA step needs (norm and lm_head weights frozen).
@@ -252,6 +254,12 @@ def build_cases(shapes: Shapes, device: str, dtype, smoke: bool) -> list[Case]:
                 ("flex", lambda q, k, v, docs=docs: attn.flex_attention_packed(q, k, v, docs, compiled=not smoke)),
                 ("sdpa_mask", lambda q, k, v, docs=docs: attn.attention_reference(q, k, v, docs)),
             ]
+            if mode == "fwd":
+                # once per step (cached per doc_ids tensor): the masks' own cost, apart from the layers
+                mask_ops = [("triton", lambda docs=docs: attn.document_bounds(docs)),
+                            ("flex", lambda docs=docs: attn.flex_document_block_mask(docs, compiled=not smoke))]
+                for provider, op in mask_ops:
+                    add("attention_packed_mask", mode, provider, N, lambda op=op: op)
             for provider, op in packed_ops:
                 if provider == "flex" and mode == "fwdbwd" and device == "cpu":
                     continue  # FlexAttention has no backward on CPU

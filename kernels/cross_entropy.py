@@ -126,6 +126,8 @@ def _check(hidden, weight, labels, reduction):
             f"linear_cross_entropy: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} "
             "must be (..., C) and (V, C)"
         )
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}")
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(
             f"linear_cross_entropy: labels {tuple(labels.shape)} must match hidden's leading dims "

@@ -86,6 +86,28 @@ def test_ids_that_reappear_later_in_the_row():
                             [q, k, v], NAMES, torch.float32)
 
 
+def test_bounds_are_derived_once_per_doc_ids_tensor(monkeypatch):
+    """Every layer passes the same doc_ids: bounds are computed once, and again after any change."""
+    import bezoar_kernels.attention as attn
+
+    calls = []
+    real = attn.document_bounds
+    monkeypatch.setattr(attn, "document_bounds", lambda d: calls.append(1) or real(d))
+    q, k, v = (t.detach() for t in _qkv(1, 20, 2, 2, 16, torch.float32))
+    docs = doc_ids_from_lengths([[7, 13]], 20)
+    with backend("triton"):
+        first = attention(q, k, v, docs)
+        attention(q, k, v, docs)
+        assert len(calls) == 1
+        docs[0, 7:] = 0  # in place: one document now
+        merged = attention(q, k, v, docs)
+        assert len(calls) == 2
+        fresh = attention(q, k, v, doc_ids_from_lengths([[7, 13]], 20))
+        assert len(calls) == 3
+    assert_close(merged, attention_reference(q, k, v, docs), 1e-5, 1e-5, "after in-place change")
+    assert_close(fresh, first, 0, 0, "new tensor")
+
+
 def test_document_bounds():
     docs = torch.tensor([[3, 3, 1, 1, 1, -1, -1], [0, 5, 0, 5, 7, 0, 5]], dtype=torch.int32)
     first, last = document_bounds(docs)
@@ -137,6 +159,18 @@ def test_bad_inputs_raise_clear_errors():
         attention(q, k, v, torch.zeros(1, 8, dtype=torch.int32))
     with pytest.raises(ValueError, match="doc_ids"):
         attention(q, k, v, torch.zeros(1, 9))
+
+
+def test_packed_backend_switch(monkeypatch):
+    from bezoar_kernels.attention import packed_backend
+
+    monkeypatch.delenv("BEZOAR_PACKED_ATTENTION", raising=False)
+    assert packed_backend() == "triton"
+    monkeypatch.setenv("BEZOAR_PACKED_ATTENTION", "Flex")
+    assert packed_backend() == "flex"
+    monkeypatch.setenv("BEZOAR_PACKED_ATTENTION", "cudnn")
+    with pytest.raises(ValueError, match="BEZOAR_PACKED_ATTENTION"):
+        packed_backend()
 
 
 @pytest.mark.gpu
