@@ -152,42 +152,26 @@ _doc_cache = _PerDocIdsCache()
 # ----------------------------------------------------------------------------- kernels
 
 
-def _fwd_configs():
+# GPU configs: (BLOCK_M, BLOCK_N, num_warps, num_stages) for head dims up to 128, chosen so that
+# most compile for sm_90 without register spills (checked with tests/kernels/compile_for_sm90.py).
+_FWD_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)]
+_BWD_DKDV_CONFIGS = [(32, 64, 8, 2), (64, 64, 8, 3), (32, 128, 8, 2), (32, 32, 4, 2)]
+_BWD_DQ_CONFIGS = [(128, 64, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)]
+
+
+def _configs(gpu: list, interpreter: tuple):
+    """Autotuning candidates on a GPU; one small config under the interpreter (tests on CPU)."""
     if triton is None:
         return []
     if interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
-    ]
-
-
-def _bwd_dkdv_configs():
-    if triton is None:
-        return []
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 3)]
-    ]
-
-
-def _bwd_dq_configs():
-    if triton is None:
-        return []
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)]
-    ]
+        bm, bn = interpreter
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in gpu]
 
 
 if triton is not None:
 
-    @triton.autotune(configs=_fwd_configs(), key=["seq_bucket", "BLOCK_D", "HAS_DOCS"])
+    @triton.autotune(configs=_configs(_FWD_CONFIGS, (32, 16)), key=["seq_bucket", "BLOCK_D", "HAS_DOCS"])
     @triton.jit
     def _attn_fwd_kernel(
         # pointers
@@ -286,7 +270,7 @@ if triton is not None:
                      mask=mask, other=0.0).to(tl.float32)
         tl.store(delta_ptr + pid_bh.to(tl.int64) * seq_len + offs_m, tl.sum(o * do, axis=1), mask=offs_m < seq_len)
 
-    @triton.autotune(configs=_bwd_dkdv_configs(), key=["seq_bucket", "BLOCK_D", "HAS_DOCS"])
+    @triton.autotune(configs=_configs(_BWD_DKDV_CONFIGS, (16, 32)), key=["seq_bucket", "BLOCK_D", "HAS_DOCS"])
     @triton.jit
     def _attn_bwd_dkdv_kernel(
         # pointers
@@ -361,7 +345,7 @@ if triton is not None:
         tl.store(dk_base + out_offs, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
         tl.store(dv_base + out_offs, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
-    @triton.autotune(configs=_bwd_dq_configs(), key=["seq_bucket", "BLOCK_D", "HAS_DOCS"])
+    @triton.autotune(configs=_configs(_BWD_DQ_CONFIGS, (32, 16)), key=["seq_bucket", "BLOCK_D", "HAS_DOCS"])
     @triton.jit
     def _attn_bwd_dq_kernel(
         # pointers
