@@ -36,3 +36,19 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_dir():
+    """A tiny HF-format Llama folder (hidden 64, 2 layers, 4 heads of 16, vocab 512)."""
+    from bezoar.model.tiny import build_tiny_model
+
+    return build_tiny_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_odd_dir():
+    """A tiny Llama with head_dim 10 (not a power of two), GQA 6:3 and a tied LM head."""
+    from bezoar.model.tiny import build_tiny_model
+
+    return build_tiny_model("tiny-odd")

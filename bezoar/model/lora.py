@@ -1,0 +1,295 @@
+"""LoRA adapters: the trainable part of QLoRA, saved and loaded in PEFT's format, merged for export.
+
+``y = base(x) + s * B(A(dropout(x)))`` with A (r, in) drawn Kaiming-uniform and B (out, r) zero at
+the start, s = alpha / r (or alpha / sqrt(r) with rsLoRA). The base is a dense ``nn.Linear`` or an
+``NF4Linear``; it stays frozen. ``adapters_disabled(model)`` switches every adapter off without
+touching a weight (the DPO reference pass).
+
+PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
+``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+class AdapterError(ValueError):
+    """An adapter that does not fit the model: the message names the file and the key."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+    rslora: bool = False
+
+    def __post_init__(self):
+        if self.r <= 0:
+            raise ValueError(f"lora r must be positive, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout}")
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets:
+            raise ValueError(f"lora targets {unknown or self.targets!r}: choose from {', '.join(TARGETS)}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+class LoRALinear(nn.Module):
+    """A frozen base linear plus a low-rank update. The base keeps its own name under ``base_layer``
+    (PEFT's name), which checkpoint saving folds back into the Hugging Face key."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float, rslora: bool = False):
+        super().__init__()
+        self.base_layer = base
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.r = r
+        self.alpha = alpha
+        self.rslora = rslora
+        self.scaling = alpha / (math.sqrt(r) if rslora else r)
+        self.dropout_p = dropout
+        device = _module_device(base)
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, dtype=torch.float32, device=device)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, dtype=torch.float32, device=device)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.enabled = True
+
+    def forward(self, x):
+        y = self.base_layer(x)
+        if not self.enabled:
+            return y
+        h = F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x
+        a = self.lora_A.weight
+        update = F.linear(F.linear(h.to(a.dtype), a), self.lora_B.weight) * self.scaling
+        return y + update.to(y.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        """The dense base weight with this adapter added, in the base's dtype (fp32 arithmetic)."""
+        base = self.base_layer
+        if not isinstance(base, nn.Linear):
+            raise AdapterError("merging into an NF4 base is not supported: load the dense (bf16/fp32) base "
+                               "model and merge there")
+        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        return (base.weight.float() + delta).to(base.weight.dtype)
+
+    def extra_repr(self):
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout_p}"
+
+
+def _module_device(module: nn.Module):
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return None
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def apply_lora(model: nn.Module, config: LoraConfig) -> dict[str, LoRALinear]:
+    """Wrap every target linear of the decoder blocks; freeze everything else. Returns the adapters."""
+    if lora_modules(model):
+        raise AdapterError("the model already has LoRA adapters")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    added = {}
+    for name, module in list(model.named_modules()):
+        leaf = name.rpartition(".")[2]
+        if leaf in config.targets and ".layers." in f".{name}":
+            parent = model.get_submodule(name.rpartition(".")[0])
+            wrapped = LoRALinear(module, config.r, config.alpha, config.dropout, config.rslora)
+            setattr(parent, leaf, wrapped)
+            added[name] = wrapped
+    if not added:
+        raise AdapterError(f"no module matches lora targets {config.targets}")
+    model.lora_config = config
+    return added
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in lora_modules(model).values() for p in (m.lora_A.weight, m.lora_B.weight)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run the enclosed forward passes on the base model alone (no weight is copied or changed)."""
+    modules = list(lora_modules(model).values())
+    previous = [m.enabled for m in modules]
+    for m in modules:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, was in zip(modules, previous):
+            m.enabled = was
+
+
+# ---- PEFT format ------------------------------------------------------------------------------
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, m in lora_modules(model).items():
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().to("cpu").contiguous()
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().to("cpu").contiguous()
+    return out
+
+
+def save_adapter(model: nn.Module, folder, base_model_name_or_path: str | None = None) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors (PEFT's names), atomically."""
+    from safetensors.torch import save_file
+
+    modules = lora_modules(model)
+    if not modules:
+        raise AdapterError("the model has no LoRA adapters to save")
+    first = next(iter(modules.values()))
+    targets = sorted({name.rpartition(".")[2] for name in modules})
+    if base_model_name_or_path is None:
+        src = getattr(model, "source_path", None)
+        base_model_name_or_path = str(src) if src is not None else None
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": first.r,
+        "lora_alpha": first.alpha,
+        "lora_dropout": first.dropout_p,
+        "target_modules": targets,
+        "use_rslora": first.rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": False,
+        "revision": None,
+    }
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + f".partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(adapter_state_dict(model), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    if folder.exists():
+        old = folder.with_name(folder.name + f".old-{os.getpid()}")
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(folder)
+    return folder
+
+
+def read_adapter_config(folder: Path) -> LoraConfig:
+    path = folder / ADAPTER_CONFIG
+    if not path.exists():
+        raise AdapterError(f"{folder}: no {ADAPTER_CONFIG} (not a PEFT adapter folder)")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{path}: key 'peft_type' is {cfg.get('peft_type')!r}; only LORA adapters load")
+    for key, ok in (("use_dora", False), ("fan_in_fan_out", False)):
+        if bool(cfg.get(key)) != ok:
+            raise AdapterError(f"{path}: key {key!r} is {cfg.get(key)!r}; bezoar supports {ok} only")
+    if cfg.get("bias", "none") != "none":
+        raise AdapterError(f"{path}: key 'bias' is {cfg.get('bias')!r}; bezoar supports 'none' only")
+    for key in ("modules_to_save", "layers_to_transform", "rank_pattern", "alpha_pattern"):
+        if cfg.get(key):
+            raise AdapterError(f"{path}: key {key!r} is set ({cfg[key]!r}); bezoar does not support it")
+    targets = cfg.get("target_modules")
+    if isinstance(targets, str):  # PEFT allows a regular expression over module paths
+        pattern = re.compile(targets)
+        targets = [t for t in TARGETS if pattern.fullmatch(f"model.layers.0.self_attn.{t}")
+                   or pattern.fullmatch(f"model.layers.0.mlp.{t}")]
+    unknown = [t for t in targets or [] if t not in TARGETS]
+    if not targets or unknown:
+        raise AdapterError(f"{path}: key 'target_modules' is {cfg.get('target_modules')!r}; bezoar adapts "
+                           f"{', '.join(TARGETS)}")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
+            raise AdapterError(f"{path}: key {key!r} must be a positive number, got {cfg.get(key)!r}")
+    return LoraConfig(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout") or 0.0),
+                      targets=list(targets), rslora=bool(cfg.get("use_rslora", False)))
+
+
+def load_adapter(model: nn.Module, folder, trainable: bool = False) -> LoraConfig:
+    """Attach a PEFT LoRA adapter to ``model`` (which must not have one yet); check every key and shape."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    config = read_adapter_config(folder)
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.exists():
+        if (folder / "adapter_model.bin").exists():
+            raise AdapterError(f"{folder / 'adapter_model.bin'}: pickled adapter weights; bezoar reads "
+                               f"{ADAPTER_WEIGHTS} only")
+        raise AdapterError(f"{folder}: no {ADAPTER_WEIGHTS}")
+    modules = apply_lora(model, config)
+    expected = {}
+    for name, m in modules.items():
+        expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight
+        expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight
+    seen = set()
+    with safe_open(str(weights), framework="pt", device="cpu") as f:
+        for key in f.keys():
+            # PEFT writes adapter names out of the keys, but accept "...lora_A.default.weight" too.
+            canonical = re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", key)
+            if canonical not in expected:
+                raise AdapterError(f"{weights}: key {key!r} does not fit this model (targets "
+                                   f"{config.targets}; expected keys like {next(iter(expected))!r})")
+            t = f.get_tensor(key)
+            p = expected[canonical]
+            if tuple(t.shape) != tuple(p.shape):
+                raise AdapterError(f"{weights}: key {key!r} has shape {tuple(t.shape)}, the model needs "
+                                   f"{tuple(p.shape)} (r={config.r} in {folder / ADAPTER_CONFIG})")
+            with torch.no_grad():
+                p.copy_(t.to(p.dtype))
+            seen.add(canonical)
+    missing = [k for k in expected if k not in seen]
+    if missing:
+        raise AdapterError(f"{weights}: {len(missing)} adapter tensor(s) missing, e.g. {missing[0]!r}")
+    for p in lora_parameters(model):
+        p.requires_grad_(trainable)
+    model.adapter_path = folder
+    return config
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its dense base weight and drop the adapters (in place)."""
+    for name, m in lora_modules(model).items():
+        base = m.base_layer
+        merged = m.merged_weight()
+        base.weight = nn.Parameter(merged, requires_grad=False)
+        parent = model.get_submodule(name.rpartition(".")[0])
+        setattr(parent, name.rpartition(".")[2], base)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model

@@ -1,0 +1,520 @@
+"""The training loop SFT and DPO share.
+
+A stage object says what one batch costs (``loss``: a sum over the batch's units and the metric
+sums) and how many units it holds (``units``: loss tokens for SFT, pairs for DPO). The loop does the
+rest: AdamW over the trainable parameters only, warmup + cosine/linear schedule, gradient
+accumulation normalised by the units of the whole optimizer step (so packing or splitting a batch
+never changes the loss), clipping, bf16 autocast on GPU (fp16 with dynamic loss scaling where bf16 is
+missing), progress with tokens/s and ETA, ``metrics.jsonl``, periodic eval, atomic checkpoints with
+everything needed to continue bit for bit, resume, SIGINT/SIGTERM, and a stop on a non-finite loss.
+
+Run directory::
+
+    config.toml          the resolved config (written by the caller)
+    metrics.jsonl        one JSON object per logged step (and per eval)
+    checkpoints/step-N/  adapter/ + trainer_state.pt, renamed into place when complete
+    adapter/             the final adapter (PEFT format)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+
+from bezoar.model.lora import lora_modules, save_adapter
+
+CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite loss, broken checkpoint); the message says what to do."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int | None = None  # None: warmup_ratio of the total steps
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0  # the schedule decays to lr * min_lr_ratio
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+
+
+@dataclass
+class LoopConfig:
+    epochs: float = 1.0
+    max_steps: int = 0  # 0: run the epochs; > 0: stop after this many optimizer steps
+    grad_accum: int = 1  # micro-batches per optimizer step
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPUs that have it, else fp16; fp32 on CPU
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0  # optimizer steps between evals (0: only at the end when there is eval data)
+    eval_max_batches: int = 0  # 0: the whole eval set
+    save_every: int = 0  # optimizer steps between checkpoints (0: none before the end)
+    keep_last: int = 2  # checkpoints kept (older ones are deleted)
+    profile: bool = False  # trace a few steps with torch.profiler into <out>/profile
+    profile_steps: int = 3
+    progress: bool = True
+
+
+class Stage(Protocol):
+    def units(self, batch) -> float: ...
+    def tokens(self, batch) -> int: ...
+    def loss(self, model, batch) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+class Batches(Protocol):
+    def __iter__(self): ...
+    def __len__(self) -> int: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def lr_lambda(optim: OptimConfig, total_steps: int):
+    warmup = optim.warmup_steps if optim.warmup_steps is not None else int(round(optim.warmup_ratio * total_steps))
+    floor = optim.min_lr_ratio
+
+    def f(step: int) -> float:  # step = optimizer steps done so far
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if optim.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if optim.schedule == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, use a loss scaler)."""
+    if device.type != "cuda":
+        if name in ("bf16", "fp16"):
+            return (torch.bfloat16 if name == "bf16" else torch.float16), False
+        return None, False
+    if name == "auto":
+        name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if name == "bf16":
+        return torch.bfloat16, False
+    if name == "fp16":
+        return torch.float16, True
+    return None, False
+
+
+def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m and (p / "trainer_state.pt").exists():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+class Trainer:
+    """Runs one stage: ``Trainer(...).fit()``; ``resume=True`` continues from the newest checkpoint."""
+
+    def __init__(self, model, stage: Stage, batches: Batches, loop: LoopConfig, optim: OptimConfig, out: Path,
+                 eval_batches: Batches | None = None, resume: bool = False, dist=None, log=print,
+                 base_model_name: str | None = None):
+        self.model = model
+        self.stage = stage
+        self.batches = batches
+        self.eval_batches = eval_batches
+        self.loop = loop
+        self.optim_cfg = optim
+        self.out = Path(out)
+        self.resume = resume
+        self.dist = dist  # bezoar.train.distributed.Dist or None
+        self.log = log
+        self.base_model_name = base_model_name
+        self.rank0 = dist is None or dist.rank == 0
+        self.device = next(p.device for p in model.parameters())
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise TrainingError("the model has no trainable parameters (apply LoRA first)")
+        decay = [p for p in self.params if p.ndim >= 2]
+        no_decay = [p for p in self.params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": optim.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                                           **({"fused": True} if fused else {"foreach": False}))
+        micro_per_epoch = len(batches)
+        if micro_per_epoch == 0:
+            raise TrainingError("the training data gives no batch (is the dataset empty?)")
+        steps_per_epoch = max(1, micro_per_epoch // loop.grad_accum)
+        self.total_steps = loop.max_steps if loop.max_steps > 0 else max(1, int(math.ceil(loop.epochs * steps_per_epoch)))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim, self.total_steps))
+        self.autocast_dtype, use_scaler = resolve_precision(loop.precision, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.step = 0
+        self.tokens_seen = 0
+        self._stop_signal = None
+        self._iter = None
+        self._epoch = 0
+
+    # ---- batches --------------------------------------------------------------------------------
+
+    def _next_micro_batches(self) -> list:
+        group = []
+        while len(group) < self.loop.grad_accum:
+            if self._iter is None:
+                self._iter = iter(self.batches)
+            try:
+                group.append(next(self._iter))
+            except StopIteration:
+                self._iter = None
+                self._epoch += 1
+        return group
+
+    # ---- one optimizer step ----------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self, group: list) -> dict[str, float]:
+        self.model.train()
+        units = sum(float(self.stage.units(b)) for b in group)
+        tokens = sum(int(self.stage.tokens(b)) for b in group)
+        if self.dist is not None:
+            units, tokens = self.dist.all_reduce_sum([units, float(tokens)])
+            tokens = int(tokens)
+        if units <= 0:
+            raise TrainingError(f"step {self.step + 1}: the batch has nothing to learn from (no loss tokens)")
+        total_loss = 0.0
+        sums: dict[str, float] = {}
+        for i, batch in enumerate(group):
+            sync = self.dist.no_sync(self.model) if self.dist is not None and i < len(group) - 1 else contextlib.nullcontext()
+            with sync:
+                with self._autocast():
+                    loss_sum, metrics = self.stage.loss(self.model, batch)
+                loss = loss_sum.float() / units
+                if not torch.isfinite(loss):
+                    raise TrainingError(self._nan_message(i))
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            total_loss += float(loss.detach())
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        if self.dist is not None:
+            values = self.dist.all_reduce_sum([total_loss] + [sums[k] for k in sorted(sums)])
+            total_loss = values[0]
+            sums = dict(zip(sorted(sums), values[1:]))
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.optim_cfg.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.optim_cfg.max_grad_norm))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            if not math.isfinite(grad_norm):
+                raise TrainingError(self._nan_message(None, what="gradient norm"))
+            self.optimizer.step()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += tokens
+        out = {"loss": total_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+        out.update({k: v / units for k, v in sums.items()})
+        return out
+
+    def _nan_message(self, micro: int | None, what: str = "loss") -> str:
+        ckpts = list_checkpoints(self.out)
+        last = f"the last good checkpoint is {ckpts[-1][1]} (resume with --resume)" if ckpts else "no checkpoint was written yet"
+        where = f" in micro-batch {micro}" if micro is not None else ""
+        return (f"non-finite {what} at step {self.step + 1}{where}; the run stops here and writes nothing more; "
+                f"{last}. Lower the learning rate, check the data, or use bf16/fp32.")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float] | None:
+        if self.eval_batches is None:
+            return None
+        self.model.eval()
+        total, units, sums = 0.0, 0.0, {}
+        for i, batch in enumerate(self.eval_batches):
+            if self.loop.eval_max_batches and i >= self.loop.eval_max_batches:
+                break
+            with self._autocast():
+                loss_sum, metrics = self.stage.loss(self.model, batch)
+            total += float(loss_sum)
+            units += float(self.stage.units(batch))
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        if self.dist is not None:
+            keys = sorted(sums)
+            values = self.dist.all_reduce_sum([total, units] + [sums[k] for k in keys])
+            total, units = values[0], values[1]
+            sums = dict(zip(keys, values[2:]))
+        if units == 0:
+            return None
+        out = {"eval_loss": total / units}
+        out.update({f"eval_{k}": v / units for k, v in sums.items()})
+        return out
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "epoch": self._epoch,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": rng_state(),
+            "data": self.batches.state_dict(),
+            "total_steps": self.total_steps,
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        if self.dist is not None:
+            # Every rank's data position goes into the checkpoint; rank 0 writes it.
+            states = self.dist.gather_objects(self.batches.state_dict())
+        if not self.rank0:
+            self.dist.barrier()
+            return None
+        root = self.out / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step-{self.step}"
+        tmp = root / f".tmp-step-{self.step}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_adapter(_unwrap(self.model), tmp / "adapter", self.base_model_name)
+        state = self._state()
+        if self.dist is not None:
+            state["data_per_rank"] = states
+        torch.save(state, tmp / "trainer_state.pt")
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        for _, old in list_checkpoints(self.out)[: -self.loop.keep_last] if self.loop.keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        if self.dist is not None:
+            self.dist.barrier()
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        from bezoar.model.lora import PEFT_PREFIX
+
+        weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+        modules = lora_modules(_unwrap(self.model))
+        with torch.no_grad():
+            for name, m in modules.items():
+                for part in ("lora_A", "lora_B"):
+                    key = f"{PEFT_PREFIX}{name}.{part}.weight"
+                    if key not in weights:
+                        raise TrainingError(f"{path}: checkpoint adapter lacks {key!r}: it does not belong to this config")
+                    getattr(m, part).weight.copy_(weights[key])
+        try:
+            state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise TrainingError(f"{path / 'trainer_state.pt'}: cannot be read ({e})") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = state["step"]
+        self.tokens_seen = state["tokens_seen"]
+        self._epoch = state.get("epoch", 0)
+        data_state = state["data"]
+        if self.dist is not None and "data_per_rank" in state:
+            data_state = state["data_per_rank"][self.dist.rank]
+        self.batches.load_state_dict(data_state)
+        set_rng_state(state["rng"])
+
+    def _trim_metrics(self) -> None:
+        """After a resume, drop metric lines logged past the checkpoint (they will be logged again)."""
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line from a crash
+            if rec.get("step", 0) <= self.step:
+                kept.append(line)
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(x + "\n" for x in kept))
+        os.replace(tmp, path)
+
+    # ---- the run --------------------------------------------------------------------------------
+
+    def _install_signals(self):
+        previous = {}
+
+        def handler(signum, frame):
+            self._stop_signal = signum
+            self.log(f"\nbezoar.train: got {signal.Signals(signum).name}; finishing this step and writing a checkpoint")
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
+        return previous
+
+    def _write_metrics(self, record: dict) -> None:
+        if not self.rank0:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def fit(self) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        seed_everything(self.loop.seed)
+        if self.resume:
+            ckpts = list_checkpoints(self.out)
+            if ckpts:
+                self.load_checkpoint(ckpts[-1][1])
+                if self.rank0:
+                    self._trim_metrics()
+                self.log(f"resumed from {ckpts[-1][1]} (step {self.step} of {self.total_steps})")
+            else:
+                self.log(f"--resume: no checkpoint under {self.out / 'checkpoints'}; starting from step 0")
+                if self.rank0 and (self.out / "metrics.jsonl").exists():
+                    (self.out / "metrics.jsonl").unlink()
+        elif self.rank0 and (self.out / "metrics.jsonl").exists():
+            (self.out / "metrics.jsonl").unlink()
+        previous = self._install_signals()
+        profiler = self._profiler()
+        bar = None
+        if self.rank0 and self.loop.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc=self.out.name, unit="step", dynamic_ncols=True,
+                       file=sys.stderr)
+        started = time.perf_counter()
+        tokens_at_start = self.tokens_seen
+        try:
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                group = self._next_micro_batches()
+                record = self.train_step(group)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                record.update(step=self.step, epoch=round(self._epoch_progress(), 4), tokens_per_s=record["tokens"] / dt,
+                              elapsed_s=round(time.perf_counter() - started, 3))
+                if self.device.type == "cuda":
+                    record["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                if self.step % max(1, self.loop.log_every) == 0 or self.step == self.total_steps:
+                    self._write_metrics(record)
+                if bar is not None:
+                    rate = (self.tokens_seen - tokens_at_start) / max(1e-9, time.perf_counter() - started)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{rate:,.0f}", lr=f"{record['lr']:.2e}")
+                    bar.update(1)
+                if profiler is not None:
+                    profiler.step()
+                    if self.step >= self.loop.profile_steps + 2:
+                        profiler.stop()
+                        profiler = None
+                if self.loop.eval_every and self.step % self.loop.eval_every == 0 and self.step < self.total_steps:
+                    ev = self.evaluate()
+                    if ev:
+                        self._write_metrics({"step": self.step, **ev})
+                if self._stop_signal is not None:
+                    path = self.save_checkpoint()
+                    self.log(f"stopped at step {self.step}; checkpoint {path}; continue with --resume")
+                    raise SystemExit(128 + int(self._stop_signal))
+                if self.loop.save_every and self.step % self.loop.save_every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+            if profiler is not None:
+                profiler.stop()
+            for sig, h in previous.items():
+                signal.signal(sig, h)
+        ev = self.evaluate()
+        if ev:
+            self._write_metrics({"step": self.step, **ev})
+        if self.loop.save_every and not (list_checkpoints(self.out) and list_checkpoints(self.out)[-1][0] == self.step):
+            self.save_checkpoint()  # the end state too, so a later run can extend max_steps and --resume
+        final = self.out / "adapter"
+        if self.rank0:
+            save_adapter(_unwrap(self.model), final, self.base_model_name)
+        if self.dist is not None:
+            self.dist.barrier()
+        return final
+
+    def _epoch_progress(self) -> float:
+        return self.step * self.loop.grad_accum / max(1, len(self.batches))
+
+    def _profiler(self):
+        if not self.loop.profile or not self.rank0:
+            return None
+        import torch.profiler as tp
+
+        acts = [tp.ProfilerActivity.CPU] + ([tp.ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        prof = tp.profile(activities=acts, schedule=tp.schedule(wait=1, warmup=1, active=self.loop.profile_steps),
+                          on_trace_ready=tp.tensorboard_trace_handler(str(self.out / "profile")), record_shapes=True)
+        prof.start()
+        return prof
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())

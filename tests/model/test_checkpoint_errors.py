@@ -1,0 +1,115 @@
+"""Broken checkpoint folders fail with one message that names the file and the key."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bezoar.model import CheckpointError, ConfigError, load, save
+
+
+@pytest.fixture
+def sharded(tiny_dir, tmp_path):
+    return save(load(tiny_dir), tmp_path / "sharded", max_shard_size=20_000)
+
+
+def test_missing_shard_names_index_and_shard(sharded):
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    victim = sorted(set(index["weight_map"].values()))[1]
+    (sharded / victim).unlink()
+    with pytest.raises(CheckpointError) as e:
+        load(sharded)
+    assert "model.safetensors.index.json" in str(e.value) and victim in str(e.value)
+
+
+def test_wrong_shape_names_file_and_key(tiny_dir, tmp_path):
+    folder = tmp_path / "bad"
+    shutil.copytree(tiny_dir, folder)
+    tensors = load_file(folder / "model.safetensors")
+    key = "model.layers.1.mlp.up_proj.weight"
+    tensors[key] = tensors[key][:-1].clone()
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        load(folder)
+    msg = str(e.value)
+    assert "model.safetensors" in msg and key in msg and "shape" in msg
+
+
+def test_missing_tensor_named(tiny_dir, tmp_path):
+    folder = tmp_path / "missing"
+    shutil.copytree(tiny_dir, folder)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.norm.weight"]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match="model.norm.weight"):
+        load(folder)
+
+
+def test_unexpected_tensor_named(tiny_dir, tmp_path):
+    folder = tmp_path / "extra"
+    shutil.copytree(tiny_dir, folder)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"q_proj\.bias"):
+        load(folder)
+
+
+def test_not_llama_config(tiny_dir, tmp_path):
+    folder = tmp_path / "gpt2"
+    shutil.copytree(tiny_dir, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"], cfg["architectures"] = "gpt2", ["GPT2LMHeadModel"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError) as e:
+        load(folder)
+    assert "config.json" in str(e.value) and "model_type" in str(e.value)
+
+
+def test_config_missing_key_and_bad_json(tiny_dir, tmp_path):
+    folder = tmp_path / "cfg"
+    shutil.copytree(tiny_dir, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    del cfg["hidden_size"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="hidden_size"):
+        load(folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="config.json"):
+        load(folder)
+
+
+def test_pickle_refused_unless_opted_in(tiny_dir, tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(tiny_dir / "config.json", folder / "config.json")
+    torch.save(load_file(tiny_dir / "model.safetensors"), folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin"):
+        load(folder)
+    model = load(folder, allow_pickle=True)
+    ids = torch.randint(3, 500, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids), load(tiny_dir)(ids))
+
+
+def test_no_weights_and_not_a_folder(tmp_path, tiny_dir):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    shutil.copy(tiny_dir / "config.json", folder / "config.json")
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load(folder)
+    with pytest.raises(CheckpointError, match="not a folder"):
+        load(tmp_path / "nowhere")
+
+
+def test_save_refuses_to_clobber(tiny_dir, tmp_path):
+    model = load(tiny_dir)
+    out = save(model, tmp_path / "out")
+    with pytest.raises(FileExistsError):
+        save(model, out)
+    save(model, out, overwrite=True)
+    assert not list(tmp_path.glob("out.*")), "temporary folders must not be left behind"

@@ -1,0 +1,134 @@
+"""LoRA adapters: PEFT reads ours, we read PEFT's, merges equal base + adapter, misfits are named."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bezoar.model import load
+from bezoar.model.lora import (AdapterError, LoraConfig, adapters_disabled, apply_lora, lora_modules,
+                               lora_parameters, save_adapter)
+from tests.utils import assert_close
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def randomize_adapters(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def hf(folder):
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("targets,rslora", [(["q_proj", "k_proj", "v_proj"], False), (ALL, True)])
+def test_our_adapter_in_peft(tiny_odd_dir, tmp_path, targets, rslora):
+    model = load(tiny_odd_dir)
+    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.05, targets=targets, rslora=rslora))
+    randomize_adapters(model)
+    out = save_adapter(model, tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(hf(tiny_odd_dir), out).eval()
+    ids = torch.randint(3, 500, (2, 15))
+    model.eval()
+    with torch.no_grad():
+        assert_close(model(ids), theirs(ids).logits, atol=1e-4, rtol=0, name="logits with adapter")
+        with adapters_disabled(model):
+            with theirs.disable_adapter():
+                assert_close(model(ids), theirs(ids).logits, atol=1e-4, rtol=0, name="adapters off")
+
+
+def test_peft_adapter_in_bezoar(tiny_dir, tmp_path):
+    base = hf(tiny_dir)
+    cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
+                          task_type="CAUSAL_LM")
+    theirs = peft.get_peft_model(base, cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_" in n:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load(tiny_dir, adapter=tmp_path / "peft")
+    assert sorted({n.rpartition(".")[2] for n in lora_modules(ours)}) == ["down_proj", "q_proj", "v_proj"]
+    ids = torch.randint(3, 500, (2, 11))
+    theirs.eval()
+    with torch.no_grad():
+        assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=0, name="PEFT adapter in bezoar")
+
+
+def test_merge_cli_equals_base_plus_adapter(tiny_dir, tmp_path):
+    model = load(tiny_dir)
+    apply_lora(model, LoraConfig(r=4, alpha=4, dropout=0.0, targets=ALL))
+    randomize_adapters(model, seed=2)
+    adapter = save_adapter(model, tmp_path / "a1")
+    out = tmp_path / "merged"
+    run = subprocess.run([sys.executable, "-m", "bezoar.merge", "--model", str(tiny_dir), "--adapter", str(adapter),
+                          "--out", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    ids = torch.randint(3, 500, (2, 12))
+    model.eval()
+    with torch.no_grad():
+        want = model(ids)
+        assert_close(hf(out)(ids).logits, want, atol=1e-4, rtol=0, name="transformers on merged")
+        assert_close(load(out)(ids), want, atol=1e-4, rtol=0, name="bezoar on merged")
+    # Stage two: an adapter trained on the merged model merges on top of it.
+    stage2 = load(out)
+    apply_lora(stage2, LoraConfig(r=2, alpha=4, dropout=0.0, targets=["q_proj"]))
+    randomize_adapters(stage2, seed=3)
+    a2 = save_adapter(stage2, tmp_path / "a2")
+    from bezoar.merge import merge
+
+    final = merge(out, a2, tmp_path / "merged2")
+    with torch.no_grad():
+        assert_close(load(final)(ids), stage2.eval()(ids), atol=1e-4, rtol=0, name="two-stage merge")
+
+
+def test_defaults_and_init(tiny_dir):
+    model = load(tiny_dir)
+    added = apply_lora(model, LoraConfig())
+    assert sorted({n.rpartition(".")[2] for n in added}) == ["k_proj", "q_proj", "v_proj"]
+    m = next(iter(added.values()))
+    assert m.r == 16 and m.scaling == 1.0 and m.dropout_p == 0.05
+    assert torch.count_nonzero(m.lora_B.weight) == 0 and torch.count_nonzero(m.lora_A.weight) > 0
+    bound = 1 / m.in_features ** 0.5  # kaiming_uniform(a=sqrt(5)) on (r, in)
+    assert m.lora_A.weight.abs().max() <= bound
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert LoraConfig(r=16, alpha=16, rslora=True).scaling == 4.0
+
+
+def write_adapter(model, tmp_path, **config_changes):
+    out = save_adapter(model, tmp_path / "bad")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg.update(config_changes)
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def test_misfit_adapters_are_named(tiny_dir, tiny_odd_dir, tmp_path):
+    donor = load(tiny_dir)
+    apply_lora(donor, LoraConfig(r=4, targets=["q_proj", "v_proj"]))
+    wrong_rank = write_adapter(donor, tmp_path, r=8)
+    with pytest.raises(AdapterError, match=r"r=8"):
+        load(tiny_dir, adapter=wrong_rank)
+    wrong_targets = write_adapter(donor, tmp_path, target_modules=["q_proj"])
+    with pytest.raises(AdapterError, match="v_proj"):
+        load(tiny_dir, adapter=wrong_targets)
+    good = write_adapter(donor, tmp_path)
+    with pytest.raises(AdapterError, match="shape"):
+        load(tiny_odd_dir, adapter=good)  # hidden 60 vs 64
+    bogus = write_adapter(donor, tmp_path, target_modules=["lm_head"])
+    with pytest.raises(AdapterError, match="target_modules"):
+        load(tiny_dir, adapter=bogus)
+    with pytest.raises(AdapterError, match="no adapter_config.json"):
+        load(tiny_dir, adapter=tmp_path)
