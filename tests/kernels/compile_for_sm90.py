@@ -76,7 +76,7 @@ def kernel_specs(all_configs: bool):
     specs.append(("swiglu_bwd", swiglu._swiglu_bwd_kernel, {}, dict(BLOCK_R=4, BLOCK_C=1024), 4, 3))
     specs.append(("cross_entropy_rows", cross_entropy._ce_rows_kernel,
                   {"labels_ptr": "i64", "scale_ptr": f32, "loss_ptr": f32, "lse_ptr": f32},
-                  dict(COMPUTE_GRAD=True, BLOCK_V=4096), 8, 3))
+                  dict(COMPUTE_GRAD=True, BLOCK_R=1, BLOCK_V=4096), 8, 3))
     attn_ptrs = {"lse_ptr": f32, "delta_ptr": f32, "doc_ptr": "i32", "first_ptr": "i32", "last_ptr": "i32"}
     specs.append(("attn_bwd_delta", attention._attn_bwd_delta_kernel, attn_ptrs, dict(BLOCK_M=64, BLOCK_D=128), 4, 3))
     for name, tuner in (("attn_fwd", attention._attn_fwd_kernel), ("attn_bwd_dkdv", attention._attn_bwd_dkdv_kernel),
