@@ -157,21 +157,30 @@ _doc_cache = _PerDocIdsCache()
 _FWD_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)]
 _BWD_DKDV_CONFIGS = [(32, 64, 8, 2), (64, 64, 8, 3), (32, 128, 8, 2), (32, 32, 4, 2)]
 _BWD_DQ_CONFIGS = [(128, 64, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)]
+# (BLOCK_M, BLOCK_N) under the interpreter (CPU tests), where the cost is per operation, not
+# per element: big tiles are fastest. Tests of the block-skipping logic set smaller ones.
+INTERPRETER_BLOCKS = {"fwd": (128, 128), "dkdv": (128, 128), "dq": (128, 128)}
 
 
-def _configs(gpu: list, interpreter: tuple):
-    """Autotuning candidates on a GPU; one small config under the interpreter (tests on CPU)."""
+def _configs(gpu: list):
     if triton is None:
         return []
-    if interpreting():
-        bm, bn = interpreter
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in gpu]
+
+
+def _launch(kernel, grid, which: str, *args, **kwargs):
+    """Autotuned launch on a GPU; under the interpreter one launch with INTERPRETER_BLOCKS[which]."""
+    if interpreting():
+        bm, bn = INTERPRETER_BLOCKS[which]
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn}
+        kernel.fn[grid(meta)](*args, **kwargs, **meta, num_warps=4)
+    else:
+        kernel[grid](*args, **kwargs)
 
 
 if triton is not None:
 
-    @triton.autotune(configs=_configs(_FWD_CONFIGS, (32, 16)), key=["seq_bucket", "BLOCK_D", "HAS_DOCS"])
+    @triton.autotune(configs=_configs(_FWD_CONFIGS), key=["seq_bucket", "BLOCK_D", "HAS_DOCS"])
     @triton.jit
     def _attn_fwd_kernel(
         # pointers
@@ -270,7 +279,7 @@ if triton is not None:
                      mask=mask, other=0.0).to(tl.float32)
         tl.store(delta_ptr + pid_bh.to(tl.int64) * seq_len + offs_m, tl.sum(o * do, axis=1), mask=offs_m < seq_len)
 
-    @triton.autotune(configs=_configs(_BWD_DKDV_CONFIGS, (16, 32)), key=["seq_bucket", "BLOCK_D", "HAS_DOCS"])
+    @triton.autotune(configs=_configs(_BWD_DKDV_CONFIGS), key=["seq_bucket", "BLOCK_D", "HAS_DOCS"])
     @triton.jit
     def _attn_bwd_dkdv_kernel(
         # pointers
@@ -345,7 +354,7 @@ if triton is not None:
         tl.store(dk_base + out_offs, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
         tl.store(dv_base + out_offs, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
-    @triton.autotune(configs=_configs(_BWD_DQ_CONFIGS, (32, 16)), key=["seq_bucket", "BLOCK_D", "HAS_DOCS"])
+    @triton.autotune(configs=_configs(_BWD_DQ_CONFIGS), key=["seq_bucket", "BLOCK_D", "HAS_DOCS"])
     @triton.jit
     def _attn_bwd_dq_kernel(
         # pointers
@@ -443,7 +452,7 @@ def _flash_forward(q, k, v, doc_ids, first, scale):
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)
 
-    _attn_fwd_kernel[grid](
+    _launch(_attn_fwd_kernel, grid, "fwd",
         q, k, v, o, lse, docs, firsts,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -467,7 +476,7 @@ def _flash_backward(do, q, k, v, o, lse, doc_ids, first, last, scale):
     lasts = last if has_docs else lse
 
     delta = torch.empty_like(lse)
-    delta_block = 32 if interpreting() else 64
+    delta_block = 64
     _attn_bwd_delta_kernel[(triton.cdiv(T, delta_block), B * Hq)](
         o, do, delta,
         o.stride(0), o.stride(1), o.stride(2),
@@ -482,7 +491,7 @@ def _flash_backward(do, q, k, v, o, lse, doc_ids, first, last, scale):
     def grid_kv(meta):
         return (triton.cdiv(T, meta["BLOCK_N"]), B * Hk)
 
-    _attn_bwd_dkdv_kernel[grid_kv](
+    _launch(_attn_bwd_dkdv_kernel, grid_kv, "dkdv",
         q, k, v, do, lse, delta, docs, lasts, dk, dv,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -496,7 +505,7 @@ def _flash_backward(do, q, k, v, o, lse, doc_ids, first, last, scale):
     def grid_q(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)
 
-    _attn_bwd_dq_kernel[grid_q](
+    _launch(_attn_bwd_dq_kernel, grid_q, "dq",
         q, k, v, do, lse, delta, docs, firsts, dq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),

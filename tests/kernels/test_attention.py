@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bezoar_kernels.attention import (
+    INTERPRETER_BLOCKS,
     attention,
     attention_reference,
     document_bounds,
@@ -21,6 +22,15 @@ from tests.kernels.layer_checks import check_against_reference, check_bf16_again
 from tests.utils import assert_close
 
 NAMES = ["out", "dq", "dk", "dv"]
+DEFAULT_INTERPRETER_BLOCKS = dict(INTERPRETER_BLOCKS)
+
+
+@pytest.fixture(autouse=True)
+def small_interpreter_blocks(monkeypatch):
+    """Blocks of 16 and 32 so that rows of 37 or 48 span several query and key blocks."""
+    import bezoar_kernels.attention as attn
+
+    monkeypatch.setattr(attn, "INTERPRETER_BLOCKS", {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)})
 
 
 def doc_ids_from_lengths(lengths_per_row, T, pad_id=-1):
@@ -47,7 +57,7 @@ CASES = [
     pytest.param(2, 37, 3, 3, 100, [[10, 1, 20], [37]], id="d100-uneven-docs-pad"),
     pytest.param(1, 37, 4, 2, 64, None, id="gqa-causal"),
     pytest.param(1, 37, 4, 2, 64, [[5, 12, 1, 19]], id="gqa-docs"),
-    pytest.param(1, 48, 2, 1, 16, [[1] * 7 + [26, 1, 1]], id="many-length-1"),  # a doc ends at 32
+    pytest.param(1, 48, 2, 1, 16, [[1] * 7 + [26, 1, 1]], id="many-length-1"),  # a doc ends at 32, a block edge
 ]
 
 
@@ -58,6 +68,17 @@ def test_flash_attention_matches_reference(B, T, Hq, Hk, D, lengths, dtype):
     docs = doc_ids_from_lengths(lengths, T) if lengths else None
     check_against_reference(lambda q, k, v: attention(q, k, v, docs), lambda q, k, v: attention_reference(q, k, v, docs),
                             [q, k, v], NAMES, dtype)
+
+
+def test_default_interpreter_blocks(monkeypatch):
+    """The blocks the interpreter uses outside these tests (the training tests on CPU)."""
+    import bezoar_kernels.attention as attn
+
+    monkeypatch.setattr(attn, "INTERPRETER_BLOCKS", DEFAULT_INTERPRETER_BLOCKS)
+    q, k, v = _qkv(2, 130, 6, 3, 10, torch.float32)
+    docs = doc_ids_from_lengths([[40, 1, 70, 19], [100]], 130)
+    check_against_reference(lambda q, k, v: attention(q, k, v, docs), lambda q, k, v: attention_reference(q, k, v, docs),
+                            [q, k, v], NAMES, torch.float32)
 
 
 def test_views_of_a_fused_qkv_and_custom_scale():
