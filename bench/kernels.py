@@ -23,11 +23,13 @@ printed at the end names the faster one per token count.
   python bench/kernels.py                      # everything, results JSON + table
   python bench/kernels.py --only 'attention_packed.fwdbwd.*'
   python bench/kernels.py --only attention_packed.fwdbwd.triton.32k --iters 20   # for ncu / nsys
+  python bench/kernels.py --tokens 8192        # one token count
   python bench/kernels.py --smoke              # tiny shapes on CPU (Triton interpreter), no results
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 import sys
@@ -274,7 +276,7 @@ def build_cases(shapes: Shapes, device: str, dtype, smoke: bool) -> list[Case]:
 # ----------------------------------------------------------------------------- measuring
 
 
-def measure(case: Case, smoke: bool) -> dict:
+def measure(case: Case, smoke: bool, profiling: bool = False) -> dict:
     import torch
 
     row = {"name": case.name, "kernel": case.kernel, "mode": case.mode, "provider": case.provider,
@@ -295,7 +297,8 @@ def measure(case: Case, smoke: bool) -> dict:
         fn()
         torch.cuda.synchronize()
         row["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        ms = common.bench_ms(fn)
+        # under the profiler fewer repeats keep the trace readable
+        ms = common.bench_ms(fn, warmup=5, rep=20) if profiling else common.bench_ms(fn)
     row["ms"] = ms
     if case.bytes_moved:
         row["gbps"] = case.bytes_moved / (ms * 1e-3) / 1e9
@@ -332,6 +335,7 @@ def packed_attention_choice(rows: list[dict]) -> dict:
 
 def main(argv=None) -> int:
     p = common.parser("Layer kernels (RMSNorm, RoPE, SwiGLU, linear+CE, attention) against their peers")
+    p.add_argument("--tokens", metavar="N[,N]", help="token counts to run (default 8192,32768; multiples of 2048)")
     args = p.parse_args(argv)
     common.setup_smoke(args)
 
@@ -343,6 +347,14 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             p.error("needs a CUDA GPU (use --smoke for the CPU code path check)")
         shapes, device, dtype = FULL, "cuda", torch.bfloat16
+    if args.tokens:
+        try:
+            counts = tuple(int(t) for t in args.tokens.split(","))
+        except ValueError:
+            p.error(f"--tokens {args.tokens!r}: expected comma-separated integers")
+        if any(n <= 0 or n % shapes.seq_len for n in counts):
+            p.error(f"--tokens {args.tokens!r}: each count must be a positive multiple of {shapes.seq_len}")
+        shapes = dataclasses.replace(shapes, token_counts=counts)
     torch.manual_seed(0)
 
     cases = build_cases(shapes, device, dtype, args.smoke)
@@ -365,7 +377,7 @@ def main(argv=None) -> int:
     with common.maybe_profile(args.profile):
         for case in cases:
             try:
-                rows.append(measure(case, args.smoke))
+                rows.append(measure(case, args.smoke, profiling=bool(args.profile)))
             except Exception as exc:  # an OOM or a peer that does not compile: report it, go on
                 if args.smoke:
                     raise
