@@ -52,6 +52,11 @@ def _qkv(B, T, Hq, Hk, D, dtype, device="cpu"):
     return leaves(q, k, v)
 
 
+def _compare(q, k, v, docs, dtype):
+    check_against_reference(lambda q, k, v: attention(q, k, v, docs),
+                            lambda q, k, v: attention_reference(q, k, v, docs), [q, k, v], NAMES, dtype)
+
+
 # (B, T, Hq, Hk, D, document lengths per row or None)
 CASES = [
     pytest.param(2, 37, 3, 3, 100, [[10, 1, 20], [37]], id="d100-uneven-docs-pad"),
@@ -66,8 +71,7 @@ CASES = [
 def test_flash_attention_matches_reference(B, T, Hq, Hk, D, lengths, dtype):
     q, k, v = _qkv(B, T, Hq, Hk, D, dtype)
     docs = doc_ids_from_lengths(lengths, T) if lengths else None
-    check_against_reference(lambda q, k, v: attention(q, k, v, docs), lambda q, k, v: attention_reference(q, k, v, docs),
-                            [q, k, v], NAMES, dtype)
+    _compare(q, k, v, docs, dtype)
 
 
 def test_default_interpreter_blocks(monkeypatch):
@@ -77,8 +81,7 @@ def test_default_interpreter_blocks(monkeypatch):
     monkeypatch.setattr(attn, "INTERPRETER_BLOCKS", DEFAULT_INTERPRETER_BLOCKS)
     q, k, v = _qkv(2, 130, 6, 3, 10, torch.float32)
     docs = doc_ids_from_lengths([[40, 1, 70, 19], [100]], 130)
-    check_against_reference(lambda q, k, v: attention(q, k, v, docs), lambda q, k, v: attention_reference(q, k, v, docs),
-                            [q, k, v], NAMES, torch.float32)
+    _compare(q, k, v, docs, torch.float32)
 
 
 def test_views_of_a_fused_qkv_and_custom_scale():
@@ -103,8 +106,7 @@ def test_ids_that_reappear_later_in_the_row():
     T = 37
     docs = torch.tensor([[0] * 9 + [1] * 10 + [0] * 8 + [2] * 10], dtype=torch.int32)
     q, k, v = _qkv(1, T, 2, 2, 32, torch.float32)
-    check_against_reference(lambda q, k, v: attention(q, k, v, docs), lambda q, k, v: attention_reference(q, k, v, docs),
-                            [q, k, v], NAMES, torch.float32)
+    _compare(q, k, v, docs, torch.float32)
 
 
 def test_bounds_are_derived_once_per_doc_ids_tensor(monkeypatch):
