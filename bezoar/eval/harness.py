@@ -315,7 +315,7 @@ PRESETS: dict[str, list[TaskPlan]] = {
         TaskPlan("truthfulqa_mc2", 0, "acc"),
         TaskPlan("mmlu", 5, "acc"),
         TaskPlan("winogrande", 5, "acc"),
-        TaskPlan("gsm8k", 5, "exact_match"),
+        TaskPlan("gsm8k", 5, "exact_match,strict-match"),
     ],
 }
 
@@ -345,11 +345,13 @@ def describe_plan(plan: list[TaskPlan]) -> str:
 
 
 def _metric_value(task_results: dict, metric: str) -> tuple[float | None, float | None, str | None]:
-    """(value, stderr, filter) of ``metric`` in one task's lm-eval results (``"acc,none"`` keys)."""
+    """(value, stderr, filter) of ``metric`` in one task's lm-eval results (``"acc,none"`` keys);
+    ``metric`` may name the filter too (``"exact_match,strict-match"``), else the first one wins."""
+    want_name, _, want_filter = metric.partition(",")
     for key, value in task_results.items():
         name, _, filt = key.partition(",")
-        if name == metric and isinstance(value, (int, float)):
-            stderr = task_results.get(f"{metric}_stderr,{filt}")
+        if name == want_name and (not want_filter or filt == want_filter) and isinstance(value, (int, float)):
+            stderr = task_results.get(f"{name}_stderr,{filt}")
             return float(value), (float(stderr) if isinstance(stderr, (int, float)) else None), filt
     return None, None, None
 
@@ -369,12 +371,13 @@ def results_table(results: dict, plan: list[TaskPlan] | None = None) -> str:
         p = planned.get(task)
         metrics = [p.metric] if p is not None and p.metric else sorted(
             {k.partition(",")[0] for k, v in task_results.items()
-             if isinstance(v, (int, float)) and "_stderr" not in k and k != "alias"})
+             if "," in k and isinstance(v, (int, float)) and "_stderr" not in k})
         for metric in metrics:
             value, stderr, filt = _metric_value(task_results, metric)
             if value is None:
                 continue
-            label = metric if filt in (None, "", "none") else f"{metric} ({filt})"
+            name = metric.partition(",")[0]
+            label = name if filt in (None, "", "none") else f"{name} ({filt})"
             err = "" if stderr is None or (isinstance(stderr, float) and math.isnan(stderr)) else f"{stderr:.4f}"
             lines.append(f"| {task} | {shots.get(task, '')} | {label} | {value:.4f} | {err} |")
             if p is not None and p.metric:
@@ -385,13 +388,16 @@ def results_table(results: dict, plan: list[TaskPlan] | None = None) -> str:
 
 
 def run_plan(lm, plan: list[TaskPlan], limit: float | None = None, include_path: str | None = None,
-             log_samples: bool = False, bootstrap_iters: int = 100000, gen_kwargs: str | None = None) -> dict:
+             include_defaults: bool = True, log_samples: bool = False, bootstrap_iters: int = 100000,
+             gen_kwargs: str | None = None) -> dict:
     """Evaluate ``lm`` on every task of the plan (one ``simple_evaluate`` per few-shot count) and
-    merge lm-eval's result dicts."""
+    merge lm-eval's result dicts. ``include_defaults=False`` indexes only ``include_path``'s tasks."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    if not include_defaults and not include_path:
+        raise ValueError("only --include-path tasks were asked for, but no --include-path was given")
+    manager = TaskManager(include_path=include_path, include_defaults=include_defaults)
     merged: dict[str, Any] = {"results": {}, "n-shot": {}, "configs": {}, "versions": {}, "samples": {}}
     by_shots: dict[int | None, list[str]] = {}
     for p in plan:
