@@ -17,39 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from bezoar_kernels.attention import attention
+from bezoar_kernels.rmsnorm import rms_norm, rms_norm_add
+from bezoar_kernels.rope import apply_rope, rope_cos_sin
+from bezoar_kernels.swiglu import swiglu
+
 from .config import LlamaConfig
 
 
-# ---- elementwise pieces (Hugging Face numerics) ----------------------------------------------------
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles, (B, T, D/2) in fp32, HF's default RoPE frequencies."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim))
-    angles = position_ids.float()[..., None] * inv_freq  # (B, T, D/2)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Rotate q (B, T, Hq, D) and k (B, T, Hk, D) by the half-split (rotate_half) convention."""
-
-    def rotate(x):
-        c = torch.cat((cos, cos), dim=-1).unsqueeze(2).to(x.dtype)  # (B, T, 1, D)
-        s = torch.cat((sin, sin), dim=-1).unsqueeze(2).to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * c + torch.cat((-x2, x1), dim=-1) * s
-
-    return rotate(q), rotate(k)
-
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
+# ---- attention with a mask (padding, KV cache) ------------------------------------------------------
 
 
 def sdpa_attention(q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
@@ -122,9 +98,12 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, k, cos, sin)
-        if ctx.cache is not None:
-            k, v = ctx.cache.update(self.layer_idx, k, v)  # (B, S, Hk, D)
-        out = sdpa_attention(q, k, v, ctx.mask, causal=ctx.causal)
+        if ctx.cache is None and ctx.mask is None:
+            out = attention(q, k, v, ctx.doc_ids)  # training and scoring: the kernel path
+        else:
+            if ctx.cache is not None:
+                k, v = ctx.cache.update(self.layer_idx, k, v)  # (B, S, Hk, D)
+            out = sdpa_attention(q, k, v, ctx.mask, causal=ctx.causal)
         return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -148,20 +127,29 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
 
-    def forward(self, x, cos, sin, ctx):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, ctx):
+        """Takes the previous layer's output ``x`` and the residual stream before it; returns the same
+        pair for the next layer, so each residual add is fused into the norm that follows it."""
+        if residual is None:
+            residual = x
+            h = rms_norm(x, self.input_layernorm.weight, self.input_layernorm.eps)
+        else:
+            h, residual = rms_norm_add(x, residual, self.input_layernorm.weight, self.input_layernorm.eps)
+        a = self.self_attn(h, cos, sin, ctx)
+        h, residual = rms_norm_add(a, residual, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
+        return self.mlp(h), residual
 
 
 class ForwardContext:
     """What every layer of one forward call shares: the mask and the KV cache."""
 
-    __slots__ = ("mask", "cache", "causal")
+    __slots__ = ("mask", "cache", "causal", "doc_ids")
 
-    def __init__(self, mask, cache, causal):
+    def __init__(self, mask, cache, causal, doc_ids=None):
         self.mask = mask  # (B, 1, T, S) bool, or None
         self.cache = cache
         self.causal = causal  # with mask None: causal (prefill) or every key visible (one-token decode)
+        self.doc_ids = doc_ids  # (B, T) for the kernel path (no mask, no cache)
 
 
 class LlamaModel(nn.Module):
@@ -213,25 +201,33 @@ class LlamaForCausalLM(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             else:
                 position_ids = torch.arange(past, S, device=input_ids.device).expand(B, T)
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)  # (B, T, D/2) fp32
 
         key_valid = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
-        if key_valid is None and doc_ids is None and (past == 0 or T == 1):
-            # Plain causal (a prefill), or one new token that may see every cached key.
+        if cache is None and key_valid is None:
+            # Training and scoring: causal within documents, through the attention kernel.
+            ctx = ForwardContext(None, None, causal=True, doc_ids=doc_ids)
+        elif key_valid is None and doc_ids is None and (past == 0 or T == 1):
+            # A prefill into the cache, or one new token that may see every cached key.
             ctx = ForwardContext(None, cache, causal=past == 0)
         else:
             query_pos = torch.arange(past, S, device=input_ids.device)
             ctx = ForwardContext(build_attention_mask(query_pos, key_valid, doc_ids, S), cache, causal=False)
         x = self.model.embed_tokens(input_ids)
+        residual = None
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, ctx, use_reentrant=False)
+                x, residual = checkpoint(layer, x, residual, cos, sin, ctx, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, ctx)
+                x, residual = layer(x, residual, cos, sin, ctx)
         if cache is not None:
             cache.advance(T)
-        return self.model.norm(x)
+        h, _ = rms_norm_add(x, residual, self.model.norm.weight, self.model.norm.eps)
+        return h
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, doc_ids=None, cache=None):
+    def forward(self, input_ids, position_ids=None, attention_mask=None, doc_ids=None, cache=None,
+                return_hidden: bool = False):
+        """Logits (B, T, V); with ``return_hidden`` the final hidden states (B, T, C) instead, for losses
+        that fuse the LM head with the cross-entropy."""
         h = self.hidden_states(input_ids, position_ids, attention_mask, doc_ids, cache)
-        return self.lm_head(h)
+        return h if return_hidden else self.lm_head(h)

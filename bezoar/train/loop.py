@@ -428,6 +428,8 @@ class Trainer:
                 self.log(f"resumed from {ckpts[-1][1]} (step {self.step} of {self.total_steps})")
             else:
                 self.log(f"--resume: no checkpoint under {self.out / 'checkpoints'}; starting from step 0")
+                if self.rank0 and (self.out / "metrics.jsonl").exists():
+                    (self.out / "metrics.jsonl").unlink()
         elif self.rank0 and (self.out / "metrics.jsonl").exists():
             (self.out / "metrics.jsonl").unlink()
         previous = self._install_signals()
@@ -483,6 +485,8 @@ class Trainer:
         ev = self.evaluate()
         if ev:
             self._write_metrics({"step": self.step, **ev})
+        if self.loop.save_every and not (list_checkpoints(self.out) and list_checkpoints(self.out)[-1][0] == self.step):
+            self.save_checkpoint()  # the end state too, so a later run can extend max_steps and --resume
         final = self.out / "adapter"
         if self.rank0:
             save_adapter(_unwrap(self.model), final, self.base_model_name)

@@ -1,0 +1,419 @@
+"""Configs as nested dataclasses, read from TOML with dotted ``key=value`` overrides.
+
+The mechanism is generic: a caller (the trainer, a recipe) defines its own dataclasses and
+calls ``load_config(RootConfig, "stage.toml", ["optim.lr=2e-4", "data.path=x.jsonl"])``.
+
+- Field types are checked: ``int``, ``float`` (an int is accepted and widened), ``bool``,
+  ``str``, ``Optional[...]`` / ``X | None``, ``Literal[...]``, ``list[X]``, ``tuple[X, ...]``,
+  ``dict[str, X]``, unions of those, and nested dataclasses (TOML tables).
+- An unknown key, a wrong type or a missing required key raises ``ConfigError`` naming the
+  dotted key and where it came from (``file:line`` for keys in a file, or the override text).
+- An override's value is parsed as a TOML value (``lr=2e-4`` is a float, ``tags=["a","b"]`` a
+  list, ``fields={instruction="q"}`` a table); what does not parse is kept as a bare string
+  (``out=runs/x``).
+- ``dump_toml(obj)`` writes the resolved config so that ``load_config`` reads it back equal.
+  TOML has no null: a field holding ``None`` is written as a comment and must default to None.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import json
+import math
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Literal, Union
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+__all__ = ["ConfigError", "load_config", "from_dict", "to_dict", "dump_toml", "parse_override", "set_dotted"]
+
+
+class ConfigError(ValueError):
+    """A config the user wrote cannot be used; the message names the key and its source."""
+
+
+_MISSING = object()
+
+
+# ---- where keys come from (file lines, override texts) ----------------------------------------------
+
+
+_KEY_PART = r'(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|\'[^\']*\')'
+_KEY_RE = re.compile(rf"^\s*({_KEY_PART}(?:\s*\.\s*{_KEY_PART})*)\s*=")
+_TABLE_RE = re.compile(rf"^\s*\[\[?\s*({_KEY_PART}(?:\s*\.\s*{_KEY_PART})*)\s*\]\]?")
+
+
+def _split_key(text: str) -> list[str]:
+    parts = re.findall(_KEY_PART, text)
+    return [p[1:-1] if p[:1] in "\"'" else p for p in parts]
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Map dotted key -> 1-based line of its definition (tables and ``key =`` lines).
+
+    A cheap scan, not a parser: keys inside multi-line strings or inline tables may be missed,
+    and then a message falls back to the line of the nearest enclosing key that was found.
+    """
+    lines: dict[str, int] = {}
+    table: list[str] = []
+    in_multiline = None
+    for n, line in enumerate(text.splitlines(), start=1):
+        if in_multiline:
+            if line.count(in_multiline) % 2 == 1:
+                in_multiline = None
+            continue
+        m = _TABLE_RE.match(line)
+        if m:
+            table = _split_key(m.group(1))
+            lines.setdefault(".".join(table), n)
+            continue
+        m = _KEY_RE.match(line)
+        if m:
+            path = ".".join(table + _split_key(m.group(1)))
+            lines.setdefault(path, n)
+            rest = line[m.end():]
+            for quote in ('"""', "'''"):
+                if rest.count(quote) % 2 == 1:
+                    in_multiline = quote
+    return lines
+
+
+class _Sources:
+    """Says where a dotted key was set: an override, a file line, or just the file."""
+
+    def __init__(self, file: str | None = None, text: str | None = None):
+        self.file = file
+        self.lines = _key_lines(text) if text is not None else {}
+        self.overrides: dict[str, str] = {}
+
+    def describe(self, path: str) -> str:
+        probe = path
+        while probe:
+            if probe in self.overrides:
+                return f"command-line override {self.overrides[probe]!r}"
+            probe = probe.rpartition(".")[0]
+        for key, text in self.overrides.items():  # an override that made this key a table
+            if key.startswith(path + "."):
+                return f"command-line override {text!r}"
+        if self.file is None:
+            return "config"
+        probe = path
+        while probe:
+            if probe in self.lines:
+                return f"{self.file}:{self.lines[probe]}"
+            probe = probe.rpartition(".")[0]
+        return self.file
+
+
+# ---- overrides ------------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"a.b=value"`` -> ``("a.b", value)``; the value is TOML if it parses, else the bare string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE (e.g. optim.lr=2e-4)")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", key):
+        raise ConfigError(f"override {text!r}: {key!r} is not a dotted key (letters, digits, _ and - between dots)")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def set_dotted(d: dict, key: str, value: Any, origin: str = "override") -> None:
+    """Set ``d["a"]["b"] = value`` for key ``"a.b"``, creating tables on the way."""
+    parts = key.split(".")
+    node = d
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{origin}: key {'.'.join(parts[: i + 1])!r} is a value, not a table, "
+                              f"so {key!r} cannot be set")
+        node = child
+    node[parts[-1]] = value
+
+
+# ---- type checking ---------------------------------------------------------------------------------
+
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "none"
+    if dataclasses.is_dataclass(tp):
+        return f"table ({tp.__name__})"
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _describe_value(value) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, float) else repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _is_union(tp) -> bool:
+    origin = typing.get_origin(tp)
+    return origin is Union or (hasattr(types, "UnionType") and origin is getattr(types, "UnionType"))
+
+
+def _convert(tp, value, path: str, sources: _Sources):
+    """Return ``value`` checked (and, for int -> float and tables -> dataclasses, converted) as ``tp``."""
+    where = sources.describe(path)
+
+    def wrong(expected: str | None = None):
+        raise ConfigError(f"{where}: key {path!r} must be {expected or _type_name(tp)}, got {_describe_value(value)}")
+
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            wrong()
+        return _build(tp, value, path, sources)
+    if _is_union(tp):
+        options = typing.get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            wrong()
+        errors = []
+        # Try the exact-type options first so that `int | str` keeps 3 an int, `float | str` widens 3.
+        ordered = sorted((o for o in options if o is not type(None)),
+                         key=lambda o: 0 if (isinstance(o, type) and type(value) is o) else 1)
+        for option in ordered:
+            try:
+                return _convert(option, value, path, sources)
+            except ConfigError as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        wrong(" or ".join(_type_name(o) for o in options))
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed and any(type(value) is type(a) for a in allowed if a == value):
+            return value
+        wrong("one of " + ", ".join(repr(a) for a in allowed))
+    if origin in (list, tuple, collections.abc.Sequence) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            wrong()
+        args = typing.get_args(tp)
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                wrong(f"a list of {len(args)} items")
+            items = [_convert(a, v, f"{path}[{i}]", sources) for i, (a, v) in enumerate(zip(args, value))]
+        else:
+            item_tp = args[0] if args else Any
+            items = [_convert(item_tp, v, f"{path}[{i}]", sources) for i, v in enumerate(value)]
+        return tuple(items) if (origin is tuple or tp is tuple) else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            wrong("a table")
+        args = typing.get_args(tp)
+        value_tp = args[1] if len(args) == 2 else Any
+        return {str(k): _convert(value_tp, v, f"{path}.{k}", sources) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        wrong("true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        wrong("an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        wrong("a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        wrong("a string")
+    if tp is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+        wrong("a path string")
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{where}: key {path!r} has a type the config loader does not handle: {_type_name(tp)}")
+
+
+def _build(cls, data: dict, prefix: str, sources: _Sources):
+    try:
+        hints = typing.get_type_hints(cls)
+    except NameError as e:
+        raise TypeError(f"{cls.__name__}: its annotations cannot be resolved ({e}); "
+                        "define config dataclasses at module level") from None
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            path = f"{prefix}.{key}" if prefix else key
+            known = ", ".join(sorted(fields)) or "(none)"
+            raise ConfigError(f"{sources.describe(path)}: unknown key {path!r}; "
+                              f"{'table ' + repr(prefix) if prefix else 'the top level'} takes: {known}")
+    kwargs = {}
+    for name, f in fields.items():
+        path = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], path, sources)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if dataclasses.is_dataclass(hints[name]):
+                kwargs[name] = _build(hints[name], {}, path, sources)
+            else:
+                where = sources.describe(prefix) if prefix else (sources.file or "config")
+                raise ConfigError(f"{where}: required key {path!r} is missing")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # a __post_init__ check of the caller's dataclass
+        where = sources.describe(prefix) if prefix else (sources.file or "config")
+        raise ConfigError(f"{where}: {'table ' + repr(prefix) + ': ' if prefix else ''}{e}") from None
+
+
+# ---- public API -------------------------------------------------------------------------------------
+
+
+def from_dict(cls, data: dict, source: str | None = None, overrides: Iterable[str] = ()):
+    """Build dataclass ``cls`` from a nested dict (a parsed TOML document) plus override texts."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    sources = _Sources(file=source)
+    return _from_dict(cls, dict(data), sources, overrides)
+
+
+def _from_dict(cls, data: dict, sources: _Sources, overrides: Iterable[str]):
+    data = _deep_copy(data)
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(data, key, value, origin=f"override {text!r}")
+        sources.overrides[key] = text
+    return _build(cls, data, "", sources)
+
+
+def load_config(cls, path: str | Path | None = None, overrides: Iterable[str] = ()):
+    """Read TOML file ``path`` (or nothing: defaults only) into ``cls`` and apply ``overrides``."""
+    if path is None:
+        return _from_dict(cls, {}, _Sources(), overrides)
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    return _from_dict(cls, data, _Sources(file=str(path), text=text), overrides)
+
+
+def _deep_copy(d):
+    if isinstance(d, dict):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deep_copy(v) for v in d]
+    return d
+
+
+def _plain(v):
+    """Dataclasses -> dicts, tuples -> lists, paths -> strings, recursively."""
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def to_dict(obj) -> dict:
+    """A dataclass instance as plain nested dicts/lists/scalars (tuples become lists, paths strings)."""
+    return _plain(obj)
+
+
+# ---- TOML writer ----------------------------------------------------------------------------------
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
+
+
+def _toml_value(v, path: str) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        # JSON string escapes (\" \\ \n \t \uXXXX) are all valid in a TOML basic string.
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, (list, tuple)):
+        if any(x is None for x in v):
+            raise ConfigError(f"key {path!r}: TOML cannot hold None inside a list")
+        return "[" + ", ".join(_toml_value(x, f"{path}[{i}]") for i, x in enumerate(v)) + "]"
+    if isinstance(v, dict):
+        items = [f"{_toml_key(k)} = {_toml_value(x, f'{path}.{k}')}" for k, x in v.items() if x is not None]
+        return "{" + ", ".join(items) + "}"
+    raise ConfigError(f"key {path!r}: cannot write a {type(v).__name__} to TOML")
+
+
+def dump_toml(obj, header: str | None = None) -> str:
+    """The resolved config as TOML text that ``load_config(type(obj), ...)`` reads back equal."""
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        raise TypeError("dump_toml takes a dataclass instance")
+    out: list[str] = []
+    if header:
+        out.extend(f"# {line}" if line else "#" for line in header.splitlines())
+        out.append("")
+
+    def is_table(v) -> bool:
+        return (dataclasses.is_dataclass(v) and not isinstance(v, type)) or (
+            isinstance(v, dict) and any(isinstance(x, dict) for x in v.values()))
+
+    def write_table(node, prefix: list[str]):
+        if dataclasses.is_dataclass(node):
+            items = [(f.name, getattr(node, f.name), f) for f in dataclasses.fields(node) if f.init]
+        else:
+            items = [(k, v, None) for k, v in node.items()]
+        scalars = [(k, v, f) for k, v, f in items if not is_table(v)]
+        tables = [(k, v) for k, v, f in items if is_table(v)]
+        if prefix:
+            if out and out[-1] != "":
+                out.append("")
+            out.append("[" + ".".join(_toml_key(p) for p in prefix) + "]")
+        for key, value, f in scalars:
+            path = ".".join(prefix + [key])
+            if value is None:
+                if f is not None and f.default is not None and f.default is not dataclasses.MISSING:
+                    raise ConfigError(f"key {path!r} is None but defaults to {f.default!r}: "
+                                      "TOML has no null, so it could not be read back; default it to None")
+                out.append(f"# {_toml_key(key)} is unset (None)")
+                continue
+            out.append(f"{_toml_key(key)} = {_toml_value(_plain(value), path)}")
+        for key, value in tables:
+            write_table(value, prefix + [key])
+
+    write_table(obj, [])
+    return "\n".join(out).rstrip() + "\n"
+

@@ -1,0 +1,194 @@
+"""Read datasets of records (dicts) from JSONL, JSON, Parquet and Hugging Face ``datasets``.
+
+``load_records(source)`` takes:
+
+- a ``.jsonl`` file (one JSON object a line; blank lines skipped);
+- a ``.json`` file: a list of objects, ``{"data": [...]}``, or JSON lines under a .json name;
+- a ``.parquet`` file;
+- a folder written by ``datasets`` (``save_to_disk``), or a folder of data files that
+  ``datasets.load_dataset`` can read;
+- a hub name (``owner/name``) when the Hugging Face hub is reachable or the dataset is cached.
+
+Every record remembers where it came from (``file:line`` for JSONL, ``file: record i`` otherwise)
+so that later errors (a missing field, a bad transcript) can name it. ``limit`` keeps the first N
+records in file order (e.g. the recipe's first 100K HH-RLHF examples); ``shuffle_seed`` then
+shuffles them with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["DataError", "Record", "load_records"]
+
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
+
+
+class DataError(ValueError):
+    """Data the user gave cannot be used; the message names the file and line (or record)."""
+
+
+@dataclass
+class Record:
+    data: dict
+    origin: str  # "file.jsonl:12", "file.parquet: row 3", ...
+
+
+def load_records(source: str | os.PathLike, split: str = "train", limit: int | None = None,
+                 shuffle_seed: int | None = None) -> list[Record]:
+    """All records of ``source`` (see the module docstring), first ``limit`` ones, optionally shuffled."""
+    if limit is not None and limit <= 0:
+        raise DataError(f"{source}: limit must be a positive number of records, got {limit}")
+    path = Path(source)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            records = _read_jsonl(path, limit)
+        elif suffix == ".json":
+            records = _read_json(path, limit)
+        elif suffix == ".parquet":
+            records = _read_parquet(path, limit)
+        else:
+            raise DataError(f"{path}: unknown data file type {suffix!r}; expected .jsonl, .json or .parquet "
+                            "(or a datasets folder)")
+    elif path.is_dir():
+        records = _read_datasets_folder(path, split, limit)
+    elif path.suffix.lower() in DATA_FILE_SUFFIXES or str(source).startswith(("/", ".", "~")):
+        raise DataError(f"{source}: file not found")
+    else:
+        records = _read_hub(str(source), split, limit)
+    if not records:
+        raise DataError(f"{source}: the dataset is empty (no records)")
+    if shuffle_seed is not None:
+        order = np.random.default_rng(shuffle_seed).permutation(len(records))
+        records = [records[i] for i in order]
+    return records
+
+
+# ---- files --------------------------------------------------------------------------------------------
+
+
+def _object_or_error(value, origin: str) -> dict:
+    if not isinstance(value, dict):
+        raise DataError(f"{origin}: expected a JSON object (a record with fields), got {type(value).__name__}")
+    return value
+
+
+def _read_jsonl(path: Path, limit: int | None) -> list[Record]:
+    records = []
+    with path.open("r", encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            origin = f"{path}:{n}"
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{origin}: not valid JSON ({e.msg} at column {e.colno})") from None
+            records.append(Record(_object_or_error(value, origin), origin))
+            if limit is not None and len(records) >= limit:
+                break
+    return records
+
+
+def _read_json(path: Path, limit: int | None) -> list[Record]:
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        return []
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # JSON lines under a .json name (common on the hub)
+            return _read_jsonl(path, limit)
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(value, dict):
+        if "data" not in value or not isinstance(value["data"], list):
+            raise DataError(f"{path}: a JSON object file needs a 'data' list of records; its keys are "
+                            f"{', '.join(repr(k) for k in list(value)[:12])}")
+        value = value["data"]
+    if not isinstance(value, list):
+        raise DataError(f"{path}: expected a list of records or {{\"data\": [...]}}, got {type(value).__name__}")
+    if limit is not None:
+        value = value[:limit]
+    return [Record(_object_or_error(v, f"{path}: record {i}"), f"{path}: record {i}") for i, v in enumerate(value)]
+
+
+def _read_parquet(path: Path, limit: int | None) -> list[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError with its own wording
+        raise DataError(f"{path}: cannot be read as Parquet ({e})") from None
+    if limit is not None:
+        table = table.slice(0, limit)
+    return [Record(row, f"{path}: row {i}") for i, row in enumerate(table.to_pylist())]
+
+
+# ---- datasets -------------------------------------------------------------------------------------------
+
+
+def _rows(dataset, name: str, limit: int | None) -> list[Record]:
+    n = len(dataset)
+    if limit is not None:
+        n = min(n, limit)
+        dataset = dataset.select(range(n))
+    return [Record(dict(row), f"{name}: row {i}") for i, row in enumerate(dataset)]
+
+
+def _pick_split(dataset, name: str, split: str):
+    import datasets
+
+    if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        if split not in dataset:
+            raise DataError(f"{name}: no split {split!r}; it has {', '.join(dataset)}")
+        return dataset[split]
+    return dataset
+
+
+def _read_datasets_folder(path: Path, split: str, limit: int | None) -> list[Record]:
+    import datasets
+
+    name = f"{path} [{split}]"
+    if any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        try:
+            dataset = datasets.load_from_disk(str(path))
+        except Exception as e:
+            raise DataError(f"{path}: cannot be read as a saved `datasets` folder ({type(e).__name__}: {e})") from None
+        return _rows(_pick_split(dataset, str(path), split), name, limit)
+    files = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_FILE_SUFFIXES]
+    if not files:
+        raise DataError(f"{path}: folder holds no data files (.jsonl/.json/.parquet/.csv/.arrow) "
+                        "and is not a saved `datasets` folder")
+    if len(files) == 1 and files[0].suffix.lower() in (".jsonl", ".json", ".parquet"):
+        return load_records(files[0], limit=limit)
+    try:
+        dataset = datasets.load_dataset(str(path), split=split)
+    except Exception as e:
+        raise DataError(f"{path}: `datasets` could not read this folder ({type(e).__name__}: {e})") from None
+    return _rows(dataset, name, limit)
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _read_hub(name: str, split: str, limit: int | None) -> list[Record]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as e:
+        if _offline():
+            raise DataError(f"{name}: not a local file or folder, and it is not in the datasets cache while "
+                            "the Hugging Face hub is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); "
+                            "download it when online or give a local path") from None
+        raise DataError(f"{name}: not a local file or folder, and loading it from the Hugging Face hub "
+                        f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    return _rows(dataset, f"{name} [{split}]", limit)

@@ -1,0 +1,83 @@
+"""python -m bezoar.train: run a training stage, a recipe of stages, or (no argument) the demo.
+
+    python -m bezoar.train                                   the demo: tiny model, SFT then DPO, CPU
+    python -m bezoar.train CONFIG.toml [key=value ...]       one stage from a config (--resume to continue)
+    python -m bezoar.train --recipe openbezoar --out RUN     every stage of a recipe, in order
+    python -m bezoar.train --recipe openbezoar --out RUN --dry-run   the plan, and what is done already
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m bezoar.train",
+        description="Train with bezoar: one stage from a TOML config, a recipe of stages, or the demo.",
+        epilog="Examples:\n  python -m bezoar.train\n  python -m bezoar.train bezoar/recipes/demo/sft.toml "
+               "out=runs/x train.max_steps=50\n  python -m bezoar.train --recipe openbezoar --out runs/ob --dry-run",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="stage config (TOML); omit it to run the demo or a --recipe")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=1e-4 out=runs/x")
+    p.add_argument("--resume", action="store_true", help="continue the run in `out` from its newest checkpoint")
+    p.add_argument("--recipe", metavar="NAME|DIR", help="run a recipe (shipped: demo, openbezoar) instead of one stage")
+    p.add_argument("--out", metavar="DIR", help="run root for --recipe and the demo (default runs/<recipe>)")
+    p.add_argument("--dry-run", action="store_true", help="with --recipe: print the plan and what is done, run nothing")
+    args = p.parse_args(argv)
+    # `python -m bezoar.train key=value` (no config) is an override list for the demo.
+    if args.config and "=" in args.config and not args.config.endswith(".toml"):
+        args.overrides.insert(0, args.config)
+        args.config = None
+    return p, args
+
+
+def main(argv=None) -> int:
+    p, args = parse(sys.argv[1:] if argv is None else argv)
+    from bezoar.config import ConfigError
+    from bezoar.data import DataError
+    from bezoar.model import CheckpointError, ConfigError as ModelConfigError, TokenizerError
+    from bezoar.model.lora import AdapterError
+
+    from .loop import TrainingError
+
+    expected = (ConfigError, DataError, CheckpointError, ModelConfigError, TokenizerError, AdapterError, TrainingError,
+                FileExistsError)
+    try:
+        if args.config:
+            if args.recipe:
+                p.error("give a stage config or --recipe, not both")
+            from bezoar.config import load_config
+
+            from .config import StageConfig
+            from .run import run_stage
+
+            cfg = load_config(StageConfig, args.config, args.overrides)
+            out = run_stage(cfg, resume=args.resume)
+            print(f"run directory: {Path(out).resolve()}")
+            return 0
+        from .recipe import describe_plan, load_recipe, run_recipe
+
+        name = args.recipe or "demo"
+        root = Path(args.out or f"runs/{Path(name).name}")
+        if args.dry_run:
+            recipe = load_recipe(name)
+            print(f"recipe {recipe.folder.name}: {recipe.description}\nrun root: {root.resolve()}")
+            for s in describe_plan(recipe, root, args.overrides):
+                print(f"  {s['name']:<12} {s['stage']:<4} {s['status']:<22} model={s['model']}  data={s['data']}  "
+                      f"out={s['out']}{'  (+merged)' if s['merge'] else ''}")
+            return 0
+        if args.resume:
+            print("note: recipes always continue unfinished stages; --resume is implied")
+        run_recipe(name, root, args.overrides)
+        print(f"run root: {root.resolve()}")
+        return 0
+    except expected as e:
+        print(f"bezoar.train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The config of one training stage: what a stage TOML file may hold.
+
+    stage = "sft"                 # or "dpo"
+    out = "runs/my-stage"         # the run directory
+    [model]  path, quant, dtype, device, kernels, gradient_checkpointing
+    [lora]   r, alpha, dropout, targets, rslora
+    [data]   see bezoar.data.DataConfig
+    [optim]  lr, schedule, warmup, clipping (bezoar.train.loop.OptimConfig)
+    [train]  batch_size, grad_accum, epochs / max_steps, precision, logging, eval, checkpoints
+    [dpo]    beta, loss, label_smoothing, precompute_ref (DPO stages)
+
+Loaded with ``bezoar.config.load_config(StageConfig, path, ["optim.lr=1e-4", ...])``: unknown keys
+and wrong types are errors that name the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from bezoar.data import DataConfig
+from bezoar.model.lora import LoraConfig
+
+from .loop import LoopConfig, OptimConfig
+
+
+@dataclass
+class ModelSection:
+    path: str = "tiny:demo"  # a Hugging Face folder, or tiny:<preset> to build a tiny random model
+    quant: Literal["nf4", "none"] = "nf4"  # QLoRA: NF4 base weights
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    device: str = "auto"  # auto: cuda when present, else cpu
+    kernels: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton on CUDA, torch reference elsewhere
+    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward pass
+    name: str | None = None  # base_model_name_or_path written into adapter_config.json
+
+
+@dataclass
+class TrainSection(LoopConfig):
+    batch_size: int = 8  # rows of max_seq_len per micro-batch (the global micro-batch, across all ranks)
+
+
+@dataclass
+class DPOSection:
+    beta: float = 0.1
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    label_smoothing: float = 0.0  # sigmoid (conservative DPO) and robust only
+    precompute_ref: bool = False  # one pass first; reference log-probs cached on disk and reused
+    ref_cache_dir: str | None = None  # default: <out>/ref_cache
+
+
+@dataclass
+class StageConfig:
+    stage: Literal["sft", "dpo"] = "sft"
+    out: str = "runs/stage"
+    eval_path: str = ""  # optional held-out data, read with the same [data] settings
+    merge: bool = False  # after training, write <out>/merged: the base with the adapter folded in
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    dpo: DPOSection = field(default_factory=DPOSection)

@@ -1,0 +1,200 @@
+"""One stage from its config to its run directory: model, adapters, data, loop, adapter, merge."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from bezoar.config import ConfigError, dump_toml, to_dict
+from bezoar.data import build_documents, make_loader
+from bezoar.data.packing import batch_to
+from bezoar.model import Tokenizer, load
+from bezoar.model.lora import apply_lora
+from bezoar_kernels.dispatch import backend
+
+from .config import StageConfig
+from .loop import Trainer, TrainingError, list_checkpoints
+
+SUMMARY = "summary.json"  # written last: its presence means the stage is complete
+
+
+class DeviceBatches:
+    """A BatchLoader whose batches arrive on the training device; state and length pass through."""
+
+    def __init__(self, loader, device):
+        self.loader = loader
+        self.device = device
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield batch_to(batch, self.device)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state):
+        self.loader.load_state_dict(state)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
+def resolve_model_path(path: str) -> Path:
+    if path.startswith("tiny:"):
+        from bezoar.model.tiny import build_tiny_model
+
+        return build_tiny_model(path.split(":", 1)[1])
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"model.path {path!r}: no such folder (a Hugging Face model folder, or tiny:<preset>)")
+    return folder
+
+
+def package_path(path: str) -> str:
+    """``bezoar:assets/x.jsonl`` -> that file inside the installed package; other paths unchanged."""
+    if path.startswith("bezoar:"):
+        return str(Path(__file__).resolve().parent.parent / path.split(":", 1)[1])
+    return path
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def is_complete(out: Path) -> bool:
+    return (Path(out) / SUMMARY).exists()
+
+
+def build_model(cfg: StageConfig, device: torch.device):
+    path = resolve_model_path(cfg.model.path)
+    dtype = None if cfg.model.dtype == "auto" else cfg.model.dtype
+    model = load(path, quant=None if cfg.model.quant == "none" else "nf4", device=device, dtype=dtype)
+    apply_lora(model, cfg.lora)
+    model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    return model, path
+
+
+def check_run_dir(out: Path, cfg: StageConfig, resume: bool) -> None:
+    """Refuse to write over a finished or started run unless resuming it with the same config."""
+    written = out / "config.toml"
+    if not resume:
+        if is_complete(out) or list_checkpoints(out) or (out / "adapter").exists():
+            raise ConfigError(f"{out}: holds a training run already; pass --resume to continue it, or choose "
+                              "another out=")
+        return
+    if written.exists():
+        from bezoar.config import load_config
+
+        before = to_dict(load_config(StageConfig, written))
+        now = to_dict(cfg)
+        changed = [k for k in _flatten(now) if _flatten(before).get(k) != _flatten(now)[k]
+                   and not k.startswith(("train.progress", "train.log_every", "train.save_every",
+                                         "train.keep_last", "train.max_steps", "train.epochs", "train.eval_every"))]
+        if changed:
+            raise ConfigError(f"{written}: --resume with a different config ({', '.join(changed[:5])}); "
+                              "resume with the config the run started with")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and all(isinstance(x, (dict, int, float, str, bool, list, type(None))) for x in v.values()) \
+                and k not in ("fields",):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None) -> Path:
+    out = Path(cfg.out)
+    rank0 = dist is None or dist.rank == 0
+    cfg.data.path = package_path(cfg.data.path)
+    cfg.eval_path = package_path(cfg.eval_path)
+    if is_complete(out):
+        log(f"{out}: complete already ({SUMMARY} present); nothing to do")
+        return out
+    check_run_dir(out, cfg, resume)
+    device = dist.device if dist is not None else resolve_device(cfg.model.device)
+    torch.manual_seed(cfg.train.seed)
+    with backend(cfg.model.kernels):
+        model, base_path = build_model(cfg, device)
+        tokenizer = Tokenizer(base_path)
+        docs, stats = build_documents(cfg.data, tokenizer)
+        world, rank = (dist.world_size, dist.rank) if dist is not None else (1, 0)
+        loader = make_loader(docs, cfg.data, tokenizer, cfg.train.batch_size, seed=cfg.train.seed,
+                             world_size=world, rank=rank)
+        eval_loader = None
+        if cfg.eval_path:
+            from dataclasses import replace
+
+            eval_docs, _ = build_documents(replace(cfg.data, path=cfg.eval_path, limit=None), tokenizer)
+            eval_loader = DeviceBatches(make_loader(eval_docs, cfg.data, tokenizer, cfg.train.batch_size,
+                                                    seed=cfg.train.seed, world_size=world, rank=rank, shuffle=False), device)
+        if rank0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.toml").write_text(dump_toml(cfg, header=f"resolved config of {out} ({time.strftime('%Y-%m-%d %H:%M:%S')})"))
+            data_info = {"encode": stats.as_dict(), "loader": loader.stats(), "packing_efficiency": loader.efficiency}
+            (out / "data.json").write_text(json.dumps(data_info, indent=2) + "\n")
+            log(f"data: {stats.summary()}; {len(loader)} batches/epoch of {cfg.train.batch_size} rows x "
+                f"{cfg.data.max_seq_len}; packing efficiency {loader.efficiency:.1%}")
+        if cfg.stage == "sft":
+            from .sft import SFTStage
+
+            stage = SFTStage()
+        else:
+            from .dpo import DPOStage
+
+            stage = DPOStage(cfg.dpo, out=out, model=model, docs=docs, data_cfg=cfg.data, batch_size=cfg.train.batch_size,
+                             device=device, dist=dist, log=log)
+        train_model = dist.wrap(model) if dist is not None else model
+        trainer = Trainer(train_model, stage, DeviceBatches(loader, device), cfg.train, cfg.optim, out,
+                          eval_batches=eval_loader, resume=resume, dist=dist, log=log,
+                          base_model_name=cfg.model.name or str(base_path))
+        if hasattr(stage, "prepare"):
+            stage.prepare(trainer)
+        started = time.time()
+        adapter = trainer.fit()
+    summary = {"stage": cfg.stage, "steps": trainer.step, "tokens": trainer.tokens_seen,
+               "seconds": round(time.time() - started, 2), "adapter": str(adapter), "base_model": str(base_path)}
+    if cfg.merge and rank0:
+        from bezoar.merge import merge
+
+        merged = merge(base_path, adapter, out / "merged", device=str(device) if device.type == "cuda" else "cpu",
+                       overwrite=True)
+        summary["merged"] = str(merged)
+    if rank0:
+        last = _last_metrics(out)
+        summary["final"] = last
+        tmp = out / (SUMMARY + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, out / SUMMARY)
+        log(f"{cfg.stage} stage done in {summary['seconds']:.0f}s: adapter {adapter}"
+            + (f", merged model {summary['merged']}" if "merged" in summary else ""))
+    if dist is not None:
+        dist.barrier()
+    return out
+
+
+def _last_metrics(out: Path) -> dict:
+    path = out / "metrics.jsonl"
+    last = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "loss" in rec:
+                last = rec
+    return last

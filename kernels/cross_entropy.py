@@ -1,0 +1,304 @@
+"""Fused linear + cross-entropy and per-token log-probs that never hold all (N, V) logits.
+
+For hidden states h (N, C), the output embedding W (V, C) and labels y (N,):
+
+    z_i     = h_i @ W.T                       (one chunk of tokens at a time, in h.dtype)
+    lse_i   = log sum_v exp(z_iv)             (fp32, online over blocks of V)
+    loss_i  = lse_i - z_i[y_i]                (0 where y_i == ignore_index)
+    dz_i    = (softmax(z_i) - onehot(y_i)) * scale_i
+    dh_i    = dz_i @ W,   dW += dz_i.T @ h_i
+
+The Triton kernel does the fp32 softmax math of one chunk and writes dz over the logits
+buffer in place, so beside the inputs and the gradients only one (chunk, V) buffer exists.
+
+- ``linear_cross_entropy``: the loss is a scalar, so its gradients are computed during the
+  forward (scale = 1, or 1/n_valid for ``mean``) and the backward only multiplies them by
+  the incoming scalar: two GEMMs of the logits size in total instead of three.
+- ``linear_token_logprobs``: log p(y_i) = -loss_i per token with an arbitrary per-token
+  upstream gradient g (DPO sums them per sequence). With W frozen (the LoRA case) the
+  forward stores d logp_i / d h_i (N, C) and the backward scales its rows by g; when W
+  needs a gradient, the backward recomputes the chunks with scale_i = -g_i instead, since
+  dW cannot be formed before g is known.
+
+The references are plain ``F.linear`` then ``cross_entropy`` / ``log_softmax`` in fp32, the
+arithmetic of Hugging Face's causal-LM loss (logits in the activation dtype, upcast to fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+REDUCTIONS = ("sum", "mean")
+# The logits of one chunk take at most this many bytes (with V = 32000 in bf16: 4096 tokens).
+CHUNK_LOGITS_BYTES = 256 * 2**20
+# Widest block of the vocabulary one kernel step reads (tests lower it to exercise the loop).
+MAX_BLOCK_V = 4096
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def linear_cross_entropy_reference(hidden, weight, labels, ignore_index: int = -100, reduction: str = "sum"):
+    """``F.linear`` then fp32 ``F.cross_entropy``; ``mean`` divides by the non-ignored count (0 -> 0)."""
+    _check(hidden, weight, labels, reduction)
+    logits = F.linear(hidden.reshape(-1, hidden.shape[-1]), weight).float()
+    flat = labels.reshape(-1)
+    loss = F.cross_entropy(logits, flat, ignore_index=ignore_index, reduction="sum")
+    if reduction == "mean":
+        loss = loss / (flat != ignore_index).sum().clamp(min=1)
+    return loss
+
+
+def linear_token_logprobs_reference(hidden, weight, labels, ignore_index: int = -100):
+    """log p(label) per token from fp32 ``log_softmax`` of ``F.linear``; 0 at ignored positions."""
+    _check(hidden, weight, labels, "sum")
+    logits = F.linear(hidden.reshape(-1, hidden.shape[-1]), weight).float()
+    flat = labels.reshape(-1)
+    valid = flat != ignore_index
+    picked = logits.log_softmax(-1).gather(-1, torch.where(valid, flat, 0)[:, None]).squeeze(-1)
+    return torch.where(valid, picked, torch.zeros_like(picked)).view(labels.shape)
+
+
+# ----------------------------------------------------------------------------- kernel
+
+if triton is not None:
+
+    @triton.jit
+    def _ce_rows_kernel(
+        # pointers
+        logits_ptr, labels_ptr, scale_ptr, loss_ptr, lse_ptr,
+        # strides
+        stride_logits, stride_scale,
+        # sizes and switches
+        n_vocab, ignore_index,
+        COMPUTE_GRAD: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
+        """One row of logits: loss and logsumexp; with COMPUTE_GRAD, dz over the logits in place."""
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride_logits
+        label = tl.load(labels_ptr + row)
+        valid = label != ignore_index
+        cols = tl.arange(0, BLOCK_V)
+
+        # pass 1: running max and sum of exponentials over blocks of the vocabulary
+        m = tl.max(tl.full((BLOCK_V,), float("-inf"), tl.float32), axis=0)
+        acc = tl.sum(tl.zeros((BLOCK_V,), tl.float32), axis=0)
+        for v0 in range(0, n_vocab, BLOCK_V):
+            x = tl.load(base + v0 + cols, mask=v0 + cols < n_vocab, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            m = m_new
+        lse = m + tl.log(acc)
+        z_label = tl.load(base + label, mask=valid, other=0.0).to(tl.float32)
+        tl.store(loss_ptr + row, tl.where(valid, lse - z_label, 0.0))
+        tl.store(lse_ptr + row, lse)
+
+        if COMPUTE_GRAD:
+            scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
+            scale = tl.where(valid, scale, 0.0)
+            for v0 in range(0, n_vocab, BLOCK_V):
+                idx = v0 + cols
+                vmask = idx < n_vocab
+                x = tl.load(base + idx, mask=vmask, other=0.0).to(tl.float32)
+                p = tl.exp(x - lse)
+                dz = (p - tl.where(idx == label, 1.0, 0.0)) * scale
+                tl.store(base + idx, dz.to(logits_ptr.dtype.element_ty), mask=vmask)
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+def _check(hidden, weight, labels, reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"linear_cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"linear_cross_entropy: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} "
+            "must be (..., C) and (V, C)"
+        )
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"linear_cross_entropy: labels {tuple(labels.shape)} must match hidden's leading dims "
+            f"{tuple(hidden.shape[:-1])}"
+        )
+    if labels.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"linear_cross_entropy: labels must be int32/int64, got {labels.dtype}")
+
+
+def _check_label_range(labels: torch.Tensor, n_vocab: int, ignore_index: int) -> None:
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= n_vocab))
+    if bool(bad.any()):
+        first = labels[bad][0].item()
+        raise ValueError(
+            f"linear_cross_entropy: label {first} is outside the vocabulary [0, {n_vocab}) "
+            f"and is not ignore_index ({ignore_index})"
+        )
+
+
+def chunk_tokens_for(n_tokens: int, n_vocab: int, element_size: int) -> int:
+    """Tokens per chunk: the logits of a chunk fit CHUNK_LOGITS_BYTES; a multiple of 128 when large."""
+    tokens = max(1, CHUNK_LOGITS_BYTES // max(1, n_vocab * element_size))
+    if tokens >= 128:
+        tokens -= tokens % 128
+    return max(1, min(tokens, n_tokens))
+
+
+def _chunked_pass(hidden, weight, labels, ignore_index, scale, want_dh, want_dw, chunk_tokens):
+    """Run every chunk once: per-token loss and lse (fp32), and dh / dW (fp32) when asked.
+
+    ``scale`` is a 1-element or (N,) fp32 tensor: the factor each token's dz is multiplied by.
+    """
+    n_tokens, _ = hidden.shape
+    n_vocab = weight.shape[0]
+    device = hidden.device
+    loss = torch.empty(n_tokens, device=device, dtype=torch.float32)
+    lse = torch.empty(n_tokens, device=device, dtype=torch.float32)
+    dh = torch.empty_like(hidden) if want_dh else None
+    dw = torch.zeros(weight.shape, device=device, dtype=torch.float32) if want_dw else None
+    compute_grad = want_dh or want_dw
+    chunk = chunk_tokens or chunk_tokens_for(n_tokens, n_vocab, hidden.element_size())
+    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(n_vocab))
+    stride_scale = 0 if scale.numel() == 1 else scale.stride(0)
+    for start in range(0, n_tokens, chunk):
+        end = min(start + chunk, n_tokens)
+        h = hidden[start:end]
+        logits = F.linear(h, weight)  # (n, V) in the activation dtype; becomes dz in place
+        _ce_rows_kernel[(end - start,)](
+            logits, labels[start:end], scale[start:end] if stride_scale else scale, loss[start:end], lse[start:end],
+            logits.stride(0), stride_scale,
+            n_vocab, ignore_index,
+            COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
+        )
+        if want_dh:
+            torch.mm(logits, weight, out=dh[start:end])
+        if want_dw:
+            dw += torch.mm(logits.t(), h)
+    return loss, lse, dh, dw
+
+
+def _flatten(hidden, labels):
+    hidden2 = hidden.reshape(-1, hidden.shape[-1])
+    if not hidden2.is_contiguous():
+        hidden2 = hidden2.contiguous()
+    return hidden2, labels.reshape(-1).contiguous()
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk_tokens):
+        h2, y = _flatten(hidden, labels)
+        want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n_valid = (y != ignore_index).sum()
+        if reduction == "mean":
+            scale = n_valid.clamp(min=1).to(torch.float32).reciprocal().reshape(1)
+        else:
+            scale = torch.ones(1, device=hidden.device, dtype=torch.float32)
+        loss, _, dh, dw = _chunked_pass(h2, weight, y, ignore_index, scale, want_dh, want_dw, chunk_tokens)
+        ctx.save_for_backward(dh, dw)
+        ctx.hidden_shape = hidden.shape
+        ctx.weight_dtype = weight.dtype
+        return loss.sum() * scale[0]
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dh, dw = ctx.saved_tensors
+        grad_hidden = grad_weight = None
+        if dh is not None:
+            grad_hidden = (dh * grad_loss).to(dh.dtype).view(ctx.hidden_shape)
+        if dw is not None:
+            grad_weight = (dw * grad_loss).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+class LinearTokenLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk_tokens):
+        h2, y = _flatten(hidden, labels)
+        want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.recompute = want_dw
+        ctx.ignore_index, ctx.chunk_tokens = ignore_index, chunk_tokens
+        ctx.hidden_shape, ctx.weight_dtype = hidden.shape, weight.dtype
+        minus_one = torch.full((1,), -1.0, device=hidden.device, dtype=torch.float32)
+        if want_dw:
+            loss, _, _, _ = _chunked_pass(h2, weight, y, ignore_index, minus_one, False, False, chunk_tokens)
+            ctx.save_for_backward(h2, weight, y)
+        else:
+            # dlogp_i/dh_i is complete once the forward is done: keep it and scale in backward
+            loss, _, dh, _ = _chunked_pass(h2, weight, y, ignore_index, minus_one, want_dh, False, chunk_tokens)
+            ctx.save_for_backward(dh)
+        return (-loss).view(labels.shape)
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        g = grad_logp.reshape(-1).to(torch.float32)
+        if ctx.recompute:
+            h2, weight, y = ctx.saved_tensors
+            want_dh = ctx.needs_input_grad[0]
+            _, _, dh, dw = _chunked_pass(h2, weight, y, ctx.ignore_index, -g.contiguous(), want_dh, True,
+                                         ctx.chunk_tokens)
+            grad_hidden = dh.view(ctx.hidden_shape) if dh is not None else None
+            return grad_hidden, dw.to(ctx.weight_dtype), None, None, None
+        (dh,) = ctx.saved_tensors
+        grad_hidden = None
+        if dh is not None:
+            grad_hidden = (dh * g[:, None]).to(dh.dtype).view(ctx.hidden_shape)
+        return grad_hidden, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- public ops
+
+
+def _needs_graph(hidden, weight) -> bool:
+    return torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+
+
+def linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100, reduction: str = "sum",
+                         chunk_tokens: int | None = None) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T`` against ``labels`` as an fp32 scalar.
+
+    hidden (N, C) (or (..., C) with labels (...)), weight (V, C), labels int; ``sum`` or
+    ``mean`` over non-ignored tokens (0 of them gives 0). Triton on CUDA: logits exist one
+    chunk of ``chunk_tokens`` rows at a time (default: chosen from V, see chunk_tokens_for).
+    """
+    _check(hidden, weight, labels, reduction)
+    if not use_triton(hidden, weight, labels):
+        return linear_cross_entropy_reference(hidden, weight, labels, ignore_index, reduction)
+    _check_label_range(labels, weight.shape[0], ignore_index)
+    if _needs_graph(hidden, weight):
+        return LinearCrossEntropyFunction.apply(hidden, weight, labels, ignore_index, reduction, chunk_tokens)
+    h2, y = _flatten(hidden, labels)
+    one = torch.ones(1, device=hidden.device, dtype=torch.float32)
+    loss, _, _, _ = _chunked_pass(h2, weight, y, ignore_index, one, False, False, chunk_tokens)
+    total = loss.sum()
+    if reduction == "mean":
+        total = total / (y != ignore_index).sum().clamp(min=1)
+    return total
+
+
+def linear_token_logprobs(hidden, weight, labels, ignore_index: int = -100,
+                          chunk_tokens: int | None = None) -> torch.Tensor:
+    """log p(label) per token (fp32, shape of labels; 0 where ignored) from ``hidden @ weight.T``.
+
+    Differentiable w.r.t. hidden and, if it requires grad, weight, for any per-token upstream
+    gradient. Never holds more than one (chunk, V) block of logits.
+    """
+    _check(hidden, weight, labels, "sum")
+    if not use_triton(hidden, weight, labels):
+        return linear_token_logprobs_reference(hidden, weight, labels, ignore_index)
+    _check_label_range(labels, weight.shape[0], ignore_index)
+    if _needs_graph(hidden, weight):
+        return LinearTokenLogprobsFunction.apply(hidden, weight, labels, ignore_index, chunk_tokens)
+    h2, y = _flatten(hidden, labels)
+    minus_one = torch.full((1,), -1.0, device=hidden.device, dtype=torch.float32)
+    loss, _, _, _ = _chunked_pass(h2, weight, y, ignore_index, minus_one, False, False, chunk_tokens)
+    return (-loss).view(labels.shape)

@@ -1,0 +1,103 @@
+"""RMSNorm and fused residual-add RMSNorm: Triton (interpreter on CPU) against the HF-numerics reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bezoar_kernels.dispatch import backend
+from bezoar_kernels.rmsnorm import rms_norm, rms_norm_add, rms_norm_add_reference, rms_norm_reference
+from tests.kernels.layer_checks import check_against_reference, check_bf16_against_fp32, leaves
+from tests.utils import assert_close
+
+SHAPES = [(37, 61), (2, 17, 100), (1, 64), (9, 2, 1030)]  # the last: several row tiles per program
+EPS = 1e-6
+
+
+def _inputs(shape, dtype, weight_grad, device="cpu"):
+    x = torch.randn(shape, dtype=torch.float32) * 2.0
+    residual = torch.randn(shape, dtype=torch.float32)
+    weight = torch.rand(shape[-1]) + 0.5
+    x, residual = leaves(x.to(device, dtype), residual.to(device, dtype))
+    (weight,) = leaves(weight.to(device, dtype), requires_grad=weight_grad)
+    return x, residual, weight
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_rms_norm_matches_reference(shape, dtype, weight_grad):
+    x, _, w = _inputs(shape, dtype, weight_grad)
+    names = ["y", "dx"] + (["dweight"] if weight_grad else [])
+    rows = x.numel() // shape[-1]
+    check_against_reference(
+        lambda x, w: rms_norm(x, w, EPS), lambda x, w: rms_norm_reference(x, w, EPS), [x, w], names, dtype,
+        rows={"dweight": rows},
+    )
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_rms_norm_add_matches_reference(shape, dtype, weight_grad):
+    x, r, w = _inputs(shape, dtype, weight_grad)
+    names = ["y", "s", "dx", "dresidual"] + (["dweight"] if weight_grad else [])
+    rows = x.numel() // shape[-1]
+    check_against_reference(
+        lambda x, r, w: rms_norm_add(x, r, w, EPS), lambda x, r, w: rms_norm_add_reference(x, r, w, EPS),
+        [x, r, w], names, dtype, rows={"dweight": rows},
+    )
+
+
+def test_rms_norm_add_when_only_y_is_used():
+    """The residual output unused: its incoming gradient is zero and both inputs get the norm's grad."""
+    x, r, w = _inputs((37, 61), torch.float32, True)
+    with backend("triton"):
+        y, _ = rms_norm_add(x, r, w, EPS)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, r, w], g)
+    y_ref, _ = rms_norm_add_reference(x, r, w, EPS)
+    want = torch.autograd.grad(y_ref, [x, r, w], g)
+    for a, e, name in zip(got, want, ["dx", "dresidual", "dweight"]):
+        assert_close(a, e, 1e-5, 1e-5, name)
+
+
+def test_reference_is_transformers_rmsnorm():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    for dtype in (torch.float32, torch.float16):
+        module = LlamaRMSNorm(61, eps=1e-5).to(dtype)
+        with torch.no_grad():
+            module.weight.copy_(torch.rand(61) + 0.5)
+        x = torch.randn(3, 7, 61).to(dtype)
+        assert torch.equal(rms_norm_reference(x, module.weight, 1e-5), module(x))
+
+
+def test_cpu_auto_backend_is_the_reference():
+    x, r, w = _inputs((5, 61), torch.float32, True)
+    with backend("auto"):
+        assert torch.equal(rms_norm(x, w, EPS), rms_norm_reference(x, w, EPS))
+        y, s = rms_norm_add(x, r, w, EPS)
+    y_ref, s_ref = rms_norm_add_reference(x, r, w, EPS)
+    assert torch.equal(y, y_ref) and torch.equal(s, s_ref)
+
+
+def test_bad_shapes_raise_clear_errors():
+    x = torch.randn(4, 61)
+    with pytest.raises(ValueError, match="weight shape"):
+        rms_norm(x, torch.ones(60), EPS)
+    with pytest.raises(ValueError, match="residual"):
+        rms_norm_add(x, torch.randn(4, 60), torch.ones(61), EPS)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4096, 3200), (2, 37, 61)])
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_bf16_gpu_within_twice_reference_error(shape, weight_grad):
+    x, r, w = _inputs(shape, torch.bfloat16, weight_grad, device="cuda")
+    extra = ["dweight"] if weight_grad else []
+    check_bf16_against_fp32(lambda x, w: rms_norm(x, w, EPS), lambda x, w: rms_norm_reference(x, w, EPS),
+                            [x, w], ["y", "dx"] + extra)
+    check_bf16_against_fp32(lambda x, r, w: rms_norm_add(x, r, w, EPS),
+                            lambda x, r, w: rms_norm_add_reference(x, r, w, EPS),
+                            [x, r, w], ["y", "s", "dx", "dresidual"] + extra)
