@@ -410,7 +410,10 @@ class Server:
     """The aiohttp application around an Engine."""
 
     def __init__(self, model, tokenizer, name: str, max_batch_size: int = 32, batch_window_s: float = 0.005,
-                 api_key: str | None = None):
+                 api_key: str | None = None, template=None):
+        from bezoar.data.formats import PromptTemplate
+
+        self.template = template or PromptTemplate()
         self.tokenizer = tokenizer
         self.name = name
         self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, batch_window_s=batch_window_s)
@@ -598,7 +601,7 @@ class Server:
         if "messages" not in body:
             raise ApiError("you must provide a messages parameter", "messages")
         try:
-            prompt = chat_prompt(body["messages"])
+            prompt = chat_prompt(body["messages"], self.template)
         except ChatError as e:
             raise ApiError(str(e), e.param) from None
         ids = self.tokenizer.encode(prompt, bos=True)
@@ -714,13 +717,16 @@ class Server:
 
 def build_server(model_dir: str, adapter: str | None = None, quant: str | None = None, dtype: str | None = None,
                  device: str | None = None, name: str | None = None, max_batch_size: int = 32,
-                 batch_window_ms: float = 5.0) -> Server:
+                 batch_window_ms: float = 5.0, system: str | None = None) -> Server:
+    from bezoar.data.formats import PromptTemplate
     from bezoar.model import Tokenizer, load
 
     model = load(model_dir, quant=quant, adapter=adapter, device=device, dtype=dtype)
     tokenizer = Tokenizer(model_dir)
+    template = PromptTemplate() if system is None else PromptTemplate(system=system)
     return Server(model, tokenizer, name or Path(model_dir).resolve().name, max_batch_size=max_batch_size,
-                  batch_window_s=batch_window_ms / 1000, api_key=os.environ.get(API_KEY_ENV) or None)
+                  batch_window_s=batch_window_ms / 1000, api_key=os.environ.get(API_KEY_ENV) or None,
+                  template=template)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -789,6 +795,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--dtype", help="compute dtype (float32, bfloat16, float16); default by device")
     g.add_argument("--device", help="cuda, cuda:1, cpu ... (default: cuda when present)")
     g.add_argument("--name", help="model name clients use (default: the folder's name)")
+    g.add_argument("--system", help="the chat template's default system line (default: the OpenBezoar one; "
+                   "'' drops the System section)")
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=int, default=8000)
@@ -801,7 +809,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--max-batch-size must be at least 1")
     try:
         server = build_server(args.model, args.adapter, args.quant, args.dtype, args.device, args.name,
-                              args.max_batch_size, args.batch_window_ms)
+                              args.max_batch_size, args.batch_window_ms, args.system)
     except (ValueError, OSError) as e:
         print(f"bezoar.serve: {e}", file=sys.stderr)
         return 2

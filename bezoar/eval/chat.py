@@ -20,29 +20,7 @@ replace the template's default system line.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-# The template until bezoar.data.formats (the training side's copy) is on main; the same layout.
-DEFAULT_SYSTEM = (
-    "Below is an instruction that describes a task, optionally paired with an input that provides "
-    "further context following that instruction. Write a response that appropriately completes the request."
-)
-
-
-@dataclass
-class PromptTemplate:
-    system: str = DEFAULT_SYSTEM
-
-    def render(self, instruction: str, system: str | None = None) -> str:
-        system_text = system.strip() if system and system.strip() else self.system.strip()
-        head = f"### System:\n{system_text}\n\n" if system_text else ""
-        return f"{head}### Instruction:\n{instruction.strip()}\n\n### Response:\n"
-
-
-def hh_instruction(turns: list[tuple[str, str]]) -> str:
-    if len(turns) == 1 and turns[0][0] == "human":
-        return turns[0][1]
-    return "\n\n".join(f"{'Human' if role == 'human' else 'Assistant'}: {text}" for role, text in turns)
+from bezoar.data.formats import PromptTemplate, hh_instruction
 
 #: Text at which a chat answer ends even if the model does not emit EOS: the start of a new
 #: template section means the model has begun to write the next turn itself.
