@@ -174,7 +174,7 @@ class Engine:
     """Runs jobs on the model in one worker thread, batching the jobs that wait together."""
 
     def __init__(self, model, tokenizer, max_batch_size: int = 32, batch_window_s: float = 0.005):
-        self.model = model
+        self.model = model.eval()  # LoRA dropout off, whatever mode the model came in
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_s

@@ -235,6 +235,7 @@ def generate_answers(model, tokenizer, questions: list[Question], model_id: str,
     if not todo:
         return done
     log.info("mt-bench: answering %d questions (%d already answered)", len(todo), len(done))
+    model.eval()  # LoRA dropout off
     context = model.config.max_position_embeddings
     # Batches of one temperature; per batch, turn 1 for all, then turn 2 for all.
     by_temperature: dict[float, list[Question]] = {}

@@ -224,3 +224,30 @@ def test_same_metrics_as_hf_and_as_local_completions_on_bezoar_serve(tiny_dir, t
                             assert x[1] == y[1] == z[1]
                             x, y, z = x[0], y[0], z[0]
                         assert y == pytest.approx(x, rel=1e-5) and z == pytest.approx(x, rel=1e-5)
+
+
+def test_adapter_and_nf4_model_args_reach_the_model(tiny_dir, tmp_path):
+    """``adapter=`` and ``quant=nf4`` load what bezoar.model.load loads with them."""
+    from bezoar.model import load
+    from bezoar.model.lora import LoraConfig, apply_lora, lora_modules, save_adapter
+
+    model = load(tiny_dir)
+    apply_lora(model, LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for module in lora_modules(model).values():
+            module.lora_B.weight.copy_(0.05 * torch.randn(module.lora_B.weight.shape, generator=g))
+    adapter = save_adapter(model, tmp_path / "adapter")
+    pair = [("Q: Who builds the book? A:", " Alice does, on Tuesday.")]
+    scores = {}
+    for name, args in [("base", ""), ("adapter", f",adapter={adapter}"), ("nf4", ",quant=nf4"),
+                       ("nf4+adapter", f",quant=nf4,adapter={adapter}")]:
+        lm = harness.BezoarLM.create_from_arg_string(f"pretrained={tiny_dir}{args}")
+        scores[name] = lm.loglikelihood(instances("loglikelihood", pair), disable_tqdm=True)[0][0]
+        quant = "nf4" if "nf4" in name else None
+        # .eval(): load(adapter=...) leaves the new LoRA layers in training mode (dropout on)
+        reference = load(tiny_dir, quant=quant, adapter=adapter if "adapter" in name else None).eval()
+        ids = lm.tok_encode(pair[0][0] + pair[0][1])
+        start = len(lm.tok_encode(pair[0][0]))
+        assert scores[name] == pytest.approx(reference_logprob(reference, ids, start)[0], rel=1e-5), name
+    assert len({round(v, 3) for v in scores.values()}) == 4, scores  # each argument changes the model
