@@ -209,6 +209,16 @@ def read_answers(path: Path) -> dict[Any, Answer]:
     return out
 
 
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a last line that has no newline (a write interrupted midway) so appends start clean."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 def _append_jsonl(path: Path, records: list[dict]) -> None:
     with path.open("a", encoding="utf-8") as f:
         for r in records:
@@ -230,6 +240,7 @@ def generate_answers(model, tokenizer, questions: list[Question], model_id: str,
     from bezoar.eval.chat import CHAT_STOP, chat_prompt
     from bezoar.model import generate
 
+    _drop_torn_tail(answers_path)
     done = read_answers(answers_path)
     todo = [q for q in questions if q.question_id not in done]
     if not todo:
