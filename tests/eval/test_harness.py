@@ -251,3 +251,63 @@ def test_adapter_and_nf4_model_args_reach_the_model(tiny_dir, tmp_path):
         start = len(lm.tok_encode(pair[0][0]))
         assert scores[name] == pytest.approx(reference_logprob(reference, ids, start)[0], rel=1e-5), name
     assert len({round(v, 3) for v in scores.values()}) == 4, scores  # each argument changes the model
+
+
+# ---- plans, the table, the command line ---------------------------------------------------------
+
+
+def test_openllm_preset_plan_and_dry_run(capsys):
+    from bezoar.eval.__main__ import main
+
+    plan = harness.make_plan(None, "openllm", None)
+    assert [(p.task, p.num_fewshot) for p in plan] == [("arc_challenge", 25), ("hellaswag", 10), ("truthfulqa_mc2", 0),
+                                                       ("mmlu", 5), ("winogrande", 5), ("gsm8k", 5)]
+    assert [p.num_fewshot for p in harness.make_plan(None, "openllm", 0)] == [0] * 6
+    assert [(p.task, p.num_fewshot) for p in harness.make_plan(["a", "b"], None, 3)] == [("a", 3), ("b", 3)]
+    with pytest.raises(ValueError, match="unknown preset"):
+        harness.make_plan(None, "helm", None)
+    assert main(["harness", "--preset", "openllm", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "| arc_challenge | 25 | acc_norm |" in out and "| gsm8k | 5 | exact_match,strict-match |" in out
+    assert main(["harness", "--preset", "openllm", "--tasks", "x", "--dry-run"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_results_table_headline_metrics_and_average():
+    plan = harness.make_plan(None, "openllm", None)
+    results = {
+        "results": {
+            "arc_challenge": {"acc,none": 0.40, "acc_stderr,none": 0.01, "acc_norm,none": 0.44, "acc_norm_stderr,none": 0.02},
+            "hellaswag": {"acc,none": 0.50, "acc_norm,none": 0.70},
+            "truthfulqa_mc2": {"acc,none": 0.36},
+            "mmlu": {"acc,none": 0.26, "acc_stderr,none": 0.004},
+            "mmlu_anatomy": {"acc,none": 0.99},
+            "winogrande": {"acc,none": 0.64},
+            "gsm8k": {"exact_match,flexible-extract": 0.09, "exact_match,strict-match": 0.05},
+        },
+        "n-shot": {"arc_challenge": 25, "hellaswag": 10, "truthfulqa_mc2": 0, "winogrande": 5, "gsm8k": 5},
+    }
+    table = harness.results_table(results, plan)
+    assert "| arc_challenge | 25 | acc_norm | 0.4400 | 0.0200 |" in table
+    assert "| gsm8k | 5 | exact_match (strict-match) | 0.0500 |" in table
+    assert "mmlu_anatomy" not in table
+    assert f"| {sum([0.44, 0.70, 0.36, 0.26, 0.64, 0.05]) / 6:.4f} |" in table
+    assert "6 of 6 tasks" in table
+
+
+def test_harness_command_line_on_local_tasks(tiny_dir, tmp_path, capsys):
+    from bezoar.eval.__main__ import main
+
+    folder = tmp_path / "tasks"
+    write_tasks(folder)
+    out = tmp_path / "res" / "results.json"
+    code = main(["harness", "--model", str(tiny_dir), "--tasks", "bezoar_mc,bezoar_ppl", "--include-path",
+                 str(folder), "--no-builtin-tasks", "--limit", "2", "--max-length", str(MAX_LENGTH),
+                 "--batch-size", "auto", "--output", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| bezoar_mc | 1 | acc |" in printed and "| bezoar_ppl | 0 | word_perplexity |" in printed
+    saved = json.loads(out.read_text())
+    assert saved["results"]["bezoar_mc"]["acc,none"] in (0.0, 0.5, 1.0) and "samples" not in saved
+    assert main(["harness", "--tasks", "bezoar_mc", "--include-path", str(folder), "--no-builtin-tasks"]) == 2
+    assert "--model DIR is required" in capsys.readouterr().err
