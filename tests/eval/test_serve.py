@@ -134,6 +134,18 @@ def test_concurrent_clients_are_batched_and_answered_exactly(served, tiny_model,
     assert engine.largest_batch > 1
 
 
+def test_a_client_that_leaves_mid_stream_does_not_hurt_the_server(served, client):
+    body = json.dumps({"model": "tiny", "prompt": "The red fox", "max_tokens": 200, "temperature": 0,
+                       "stream": True}).encode()
+    req = urllib.request.Request(served.url + "/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=60) as r:
+        first = r.readline()
+    assert first.startswith(b"data: ")
+    r = client.completions.create(model="tiny", prompt="The red fox", max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
 def test_sampling_is_seeded(client):
     kwargs = dict(model="tiny", prompt="The small cat", max_tokens=8, temperature=1.0, seed=11)
     a = client.completions.create(**kwargs).choices[0].text
@@ -210,13 +222,13 @@ def test_command_line_help_and_bad_folder(capsys):
 
 
 def test_command_line_serves(tiny_dir):
-    """``python -m bezoar.serve`` in its own process, on a free port."""
+    """``python -m bezoar.serve`` in its own process, on a free port, with the model quantized to NF4."""
     from bezoar.serve import free_port
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "BEZOAR_SERVE_API_KEY"}
     proc = subprocess.Popen([sys.executable, "-m", "bezoar.serve", "--model", str(tiny_dir), "--port", str(port),
-                             "--name", "tiny-cli", "--device", "cpu"], stdout=subprocess.PIPE,
+                             "--name", "tiny-cli", "--device", "cpu", "--quant", "nf4"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     try:
         deadline = time.time() + 120
