@@ -5,6 +5,8 @@
     python -m bezoar.eval harness --preset openllm --dry-run              # print the plan only
     python -m bezoar.eval mt-bench --model DIR --questions question.jsonl --out runs/mt \\
         --judge-model gpt-4o --judge-provider openai
+    python -m bezoar.eval lm-eval --model bezoar --model_args pretrained=DIR,quant=nf4 --tasks arc_easy
+        (lm-eval's own command line, with the bezoar model registered: every lm_eval flag works)
 """
 
 from __future__ import annotations
@@ -152,13 +154,32 @@ def run_mt_bench(args) -> int:
     return 0
 
 
+def run_lm_eval(argv: list[str]) -> int:
+    """lm-eval's command line after registering the ``bezoar`` model (lm_eval alone does not know it)."""
+    import bezoar.eval.harness  # noqa: F401  (registers "bezoar")
+    from lm_eval.__main__ import cli_evaluate
+
+    saved = sys.argv
+    sys.argv = ["lm-eval", *argv]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "lm-eval":
+        return run_lm_eval(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bezoar.eval", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _harness_parser(sub)
     _mt_bench_parser(sub)
+    sub.add_parser("lm-eval", help="lm-eval's own command line with the 'bezoar' model registered",
+                   add_help=False)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -105,6 +105,10 @@ class BezoarLM(TemplateLM):
                              "max_gen_toks, add_bos_token, seed")
         from bezoar.model import Tokenizer, load
 
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's command line asks for cuda:0 unless told otherwise; run where we can.
+            log.warning("device=%s asked for, but CUDA is not available: running on the CPU", device)
+            device = "cpu"
         if model is None:
             if not pretrained:
                 raise ValueError("bezoar model_args: pretrained=DIR (a checkpoint folder) is required")

@@ -311,3 +311,23 @@ def test_harness_command_line_on_local_tasks(tiny_dir, tmp_path, capsys):
     assert saved["results"]["bezoar_mc"]["acc,none"] in (0.0, 0.5, 1.0) and "samples" not in saved
     assert main(["harness", "--tasks", "bezoar_mc", "--include-path", str(folder), "--no-builtin-tasks"]) == 2
     assert "--model DIR is required" in capsys.readouterr().err
+
+
+def test_lm_eval_passthrough_registers_bezoar(monkeypatch):
+    import lm_eval.__main__ as lm_eval_main
+    from lm_eval.api.registry import get_model
+
+    from bezoar.eval.__main__ import main
+
+    seen = {}
+
+    def fake_cli():
+        import sys
+
+        seen["argv"] = list(sys.argv)
+        seen["model"] = get_model("bezoar")
+
+    monkeypatch.setattr(lm_eval_main, "cli_evaluate", fake_cli)
+    assert main(["lm-eval", "run", "--model", "bezoar", "--tasks", "x"]) == 0
+    assert seen["argv"] == ["lm-eval", "run", "--model", "bezoar", "--tasks", "x"]
+    assert seen["model"] is harness.BezoarLM
