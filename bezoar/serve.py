@@ -22,6 +22,13 @@ set of sampling settings). The model runs in one worker thread so the event loop
 Bad requests get OpenAI-style errors: status 400 (404 for an unknown model or route) with
 ``{"error": {"message", "type", "param", "code"}}``.
 
+lm-eval through the server: ``--model local-completions --model_args model=NAME,base_url=
+http://127.0.0.1:8000/v1/completions,tokenizer=DIR,tokenizer_backend=huggingface,add_bos_token=True,
+max_length=L+2`` gives the numbers ``--model bezoar`` gives with ``max_length=L`` (local-completions
+keeps one token of its max_length for the answer and one more in its rolling windows). For
+perplexity tasks pass ``add_bos_token=False``: with it true, local-completions (like lm-eval's
+``hf`` model) reads BOS twice at the start of a text and scores the second one.
+
 The server binds 127.0.0.1 unless ``--host`` says otherwise. When the environment variable
 ``BEZOAR_SERVE_API_KEY`` is set, every request must carry ``Authorization: Bearer <that key>``.
 """
