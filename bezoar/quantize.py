@@ -7,7 +7,8 @@ config.json); embeddings, norms and lm_head stay dense in the checkpoint's dtype
 the ones bitsandbytes would write, so ``AutoModelForCausalLM.from_pretrained(out)`` (with
 bitsandbytes installed) and ``bezoar.model.load(out)`` both read it.
 
-The dense model is loaded whole (in the dtype it is stored in), then quantized layer by layer.
+Each layer is quantized as it streams in from the dense checkpoint (``load(quant="nf4")``), so peak
+memory stays near the size of the quantized model plus one layer.
 """
 
 from __future__ import annotations
@@ -23,24 +24,14 @@ def quantize(model_dir, out_dir, blocksize: int = 64, double_quant: bool = True,
              compute_dtype: str = "bfloat16", device: str | None = None, overwrite: bool = False) -> Path:
     """Quantize ``model_dir`` into ``out_dir``; returns the output folder."""
     from bezoar.model import CheckpointError, LlamaConfig, load, save
-    from bezoar.model.checkpoint import QUANTIZED_LINEARS, is_prequantized
-    from bezoar.model.nf4 import NF4Linear
+    from bezoar.model.checkpoint import is_prequantized
 
     config = LlamaConfig.from_file(model_dir)
     if is_prequantized(config):
         raise CheckpointError(f"{Path(model_dir) / 'config.json'}: quantization_config says this checkpoint is "
                               "already bitsandbytes 4-bit")
-    compute = getattr(torch, compute_dtype)
-    model = load(model_dir, device=device or "cpu", dtype=config.torch_dtype or "float32")
-    for layer in model.model.layers:
-        for part in (layer.self_attn, layer.mlp):
-            for name in QUANTIZED_LINEARS:
-                dense = getattr(part, name, None)
-                if dense is None:
-                    continue
-                setattr(part, name, NF4Linear.from_float(dense.weight.detach(), blocksize=blocksize,
-                                                         double_quant=double_quant, compute_dtype=compute))
-                del dense
+    model = load(model_dir, quant="nf4", device=device or "cpu", dtype=config.torch_dtype or "float32",
+                 nf4_blocksize=blocksize, nf4_double_quant=double_quant, nf4_compute_dtype=compute_dtype)
     return save(model, out_dir, tokenizer_from=model_dir, overwrite=overwrite)
 
 
