@@ -105,6 +105,18 @@ class BezoarLM(TemplateLM):
                              "max_gen_toks, add_bos_token, seed")
         from bezoar.model import Tokenizer, load
 
+        # Check the cheap arguments before the model loads.
+        if batch_size is None or str(batch_size).startswith("auto"):
+            self.batch_size = None  # rows bounded by max_batch_tokens only
+        else:
+            self.batch_size = _as_int("batch_size", batch_size)
+        if max_batch_size is not None and self.batch_size is None:
+            self.batch_size = _as_int("max_batch_size", max_batch_size)
+        self.max_batch_tokens = _as_int("max_batch_tokens", max_batch_tokens)
+        self._max_gen_toks = _as_int("max_gen_toks", max_gen_toks)
+        self.add_bos_token = _as_bool("add_bos_token", add_bos_token)
+        self.seed = _as_int("seed", seed, minimum=0)
+
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
             # lm-eval's command line asks for cuda:0 unless told otherwise; run where we can.
             log.warning("device=%s asked for, but CUDA is not available: running on the CPU", device)
@@ -125,20 +137,10 @@ class BezoarLM(TemplateLM):
         self.pretrained = str(pretrained or getattr(model, "source_path", "") or "")
         self._device = model.device
 
-        if batch_size is None or str(batch_size).startswith("auto"):
-            self.batch_size = None  # rows bounded by max_batch_tokens only
-        else:
-            self.batch_size = _as_int("batch_size", batch_size)
-        if max_batch_size is not None and self.batch_size is None:
-            self.batch_size = _as_int("max_batch_size", max_batch_size)
-        self.max_batch_tokens = _as_int("max_batch_tokens", max_batch_tokens)
         context = model.config.max_position_embeddings
         self._max_length = _as_int("max_length", max_length) if max_length not in (None, "") else context
         if self._max_length > context:
             raise ValueError(f"model_args max_length={self._max_length} exceeds the model's context of {context}")
-        self._max_gen_toks = _as_int("max_gen_toks", max_gen_toks)
-        self.add_bos_token = _as_bool("add_bos_token", add_bos_token)
-        self.seed = _as_int("seed", seed, minimum=0)
 
     # ---- what lm-eval asks of a model -------------------------------------------------------
 

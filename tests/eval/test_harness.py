@@ -10,7 +10,6 @@ import pytest
 import torch
 
 lm_eval = pytest.importorskip("lm_eval")
-pytest.importorskip("tenacity", reason="lm-eval's API models (local-completions) need tenacity")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
@@ -189,6 +188,12 @@ def test_same_metrics_as_hf_and_as_local_completions_on_bezoar_serve(tiny_dir, t
     # BOS as a token of the text. bezoar never does that; the perplexity task is compared with
     # add_bos_token=False, where the text is conditioned on the one BOS prefix in all three.
     runs = [(["bezoar_mc", "bezoar_gen"], True), (["bezoar_ppl"], False)]
+    try:  # lm-eval's API models (local-completions) need tenacity, which lm-eval installs only with [api]
+        import tenacity  # noqa: F401
+
+        with_api = True
+    except ImportError:
+        with_api = False
     for tasks, bos in runs:
         ours = _evaluate(make_lm(tiny_model, tiny_tokenizer, max_length=MAX_LENGTH, batch_size=4, add_bos_token=bos),
                          None, tasks, manager)
@@ -199,7 +204,7 @@ def test_same_metrics_as_hf_and_as_local_completions_on_bezoar_serve(tiny_dir, t
         api = _evaluate("local-completions",
                         f"model=tiny,base_url={served.url}/v1/completions,tokenizer={tiny_dir},"
                         f"tokenizer_backend=huggingface,max_length={MAX_LENGTH + 2},add_bos_token={bos},"
-                        "batch_size=4,max_retries=1", tasks, manager)
+                        "batch_size=4,max_retries=1", tasks, manager) if with_api else ours
         m_ours, m_hf, m_api = _metrics(ours), _metrics(hf), _metrics(api)
         assert m_ours.keys() == m_hf.keys() == m_api.keys() and m_ours
         for key, value in m_ours.items():
@@ -224,6 +229,8 @@ def test_same_metrics_as_hf_and_as_local_completions_on_bezoar_serve(tiny_dir, t
                             assert x[1] == y[1] == z[1]
                             x, y, z = x[0], y[0], z[0]
                         assert y == pytest.approx(x, rel=1e-5) and z == pytest.approx(x, rel=1e-5)
+    if not with_api:
+        pytest.skip("bezoar == hf checked; the local-completions half needs the tenacity package")
 
 
 def test_adapter_and_nf4_model_args_reach_the_model(tiny_dir, tmp_path):
