@@ -50,7 +50,7 @@ def resolve_model_path(path: str) -> Path:
     if path.startswith("tiny:"):
         from bezoar.model.tiny import build_tiny_model
 
-        return build_tiny_model(path.split(":", 1)[1])
+        return build_tiny_model(path.split(":", 1)[1], log=print)
     folder = Path(path).expanduser()
     if folder.is_dir():
         return folder
