@@ -11,25 +11,195 @@ A recipe is a folder with ``recipe.toml``::
 Every stage writes to ``<root>/<name>``; a stage whose ``summary.json`` exists is skipped, and one
 that stopped half way resumes from its newest checkpoint, so rerunning a recipe continues where it
 stopped. Overrides ``key=value`` apply to every stage; ``<stage>.key=value`` to that stage only.
+
+Two more tables describe the steps around training, run by ``python -m bezoar.pipeline`` (the
+trainer itself ignores them): ``[generate]`` (the teacher and judge endpoints, the filter, and
+one table per generation scheme: ``lamini``, ``evol``, ``orca``) and ``[evaluate]`` (which
+stages' merged models to evaluate, ``harness`` and ``mt_bench``). Their keys are the fields of
+:class:`GenerateSection` and :class:`EvaluateSection` below; unknown keys and wrong types are
+errors naming the key and its line. Overrides ``generate.KEY=VALUE`` and ``evaluate.KEY=VALUE``
+set them from the command line. In their paths, ``{root}`` is the run root and ``bezoar:x`` a
+file inside the installed package.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 from bezoar.config import ConfigError, load_config, parse_override
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 from .config import StageConfig
 from .loop import list_checkpoints
 from .run import is_complete
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+#: Top-level tables of recipe.toml that belong to the pipeline, not to the training stages.
+PIPELINE_TABLES = ("generate", "evaluate")
+SCHEMES = ("lamini", "orca", "evol")  # generation schemes, in the order the pipeline runs them
+
+
+# ---- [generate] and [evaluate]: the pipeline's steps around training ------------------------------
+
+
+@dataclass
+class EndpointSection:
+    """One LLM reached through the client pool: ``provider`` openai / anthropic (their SDKs, their
+    public APIs unless ``base_url``) or compat (any OpenAI-compatible server at ``base_url``)."""
+
+    provider: Literal["openai", "anthropic", "compat"] = "openai"
+    model: str = ""
+    base_url: str | list[str] = ""  # "" = the provider's public API; a list spreads requests over servers
+    api_key_env: str = ""  # variable holding the key; "" = OPENAI_API_KEY / ANTHROPIC_API_KEY
+    concurrency: int = 64  # requests in flight
+    rpm: float | None = None  # requests per minute (absent: no limit)
+    tpm: float | None = None  # tokens (in + out) per minute (absent: no limit)
+    timeout: float = 600.0  # seconds per attempt
+    max_attempts: int = 8
+    price: list[float] = field(default_factory=list)  # [input, output] USD per million tokens: shows the cost
+
+    def __post_init__(self):
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if self.price and len(self.price) != 2:
+            raise ValueError(f"price takes two numbers, [input, output] USD per million tokens, got {self.price}")
+
+    @property
+    def urls(self) -> list[str]:
+        urls = [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
+        return [u for u in urls if u]
+
+
+@dataclass
+class SchemeCommon:
+    enabled: bool = True
+    seed: int = 0  # seed of every random choice of the scheme
+    temperature: float | None = None  # absent: the command's default
+    max_tokens: int | None = None  # per teacher answer; absent: the command's default
+
+
+@dataclass
+class LaminiSection(SchemeCommon):
+    seeds: str = ""  # seed examples with 'instruction': a file or a datasets name
+    split: str = "train"
+    topics: str = ""  # topic list (one per line); "" = example-guided requests only
+    example_guided: int = 10  # list requests showing seed examples
+    topic_guided: int | None = None  # list requests naming topics (absent: 10 with topics, else 0)
+    examples: int = 3  # seed examples per request
+    topics_per_prompt: int = 3
+    per_request: int = 20  # instructions asked for per request
+    similarity: float = 0.7  # ROUGE-L F1 at or above which an instruction is a near-duplicate
+    templates: dict[str, str] = field(default_factory=dict)  # lamini_examples / lamini_topics -> your own file
+
+
+@dataclass
+class EvolSection(SchemeCommon):
+    seeds: str = ""  # dolly-15k-format seeds: a file or a datasets name
+    split: str = "train"
+    epochs: int = 4  # rounds of evolution
+    limit: int | None = None  # the first N seeds only
+    templates: dict[str, str] = field(default_factory=dict)  # evol_depth / evol_breadth / evol_equal -> your file
+
+
+@dataclass
+class OrcaSection(SchemeCommon):
+    queries: str = ""  # FLAN queries (question, sub_collection, task): a file or a datasets name
+    split: str = "train"
+    cap_per_task: int | None = None  # at most N queries per task
+    caps: dict[str, int] = field(default_factory=dict)  # per sub-collection, e.g. {niv2 = 300}
+    system_messages: str = ""  # your own 16 system messages (JSON list); "" = the shipped ones
+
+
+@dataclass
+class FilterSection:
+    threshold: float = 7.0  # keep records the judge scores at or above this (1-10)
+    max_tokens: int | None = None  # per judge reply; absent: the command's default
+    template: str = ""  # your own judge prompt file; "" = the shipped one
+
+    def __post_init__(self):
+        if not 1.0 <= self.threshold <= 10.0:
+            raise ValueError(f"threshold must be between 1 and 10, got {self.threshold:g}")
+
+
+@dataclass
+class GenerateSection:
+    teacher: EndpointSection = field(default_factory=EndpointSection)
+    judge: EndpointSection = field(default_factory=EndpointSection)
+    filter: FilterSection = field(default_factory=FilterSection)
+    lamini: LaminiSection | None = None
+    orca: OrcaSection | None = None
+    evol: EvolSection | None = None
+
+    def schemes(self) -> list[tuple[str, SchemeCommon]]:
+        """(name, table) of every enabled scheme, in the order they run."""
+        out = []
+        for name in SCHEMES:
+            table = getattr(self, name)
+            if table is not None and table.enabled:
+                out.append((name, table))
+        return out
+
+
+@dataclass
+class EvalModelSection:
+    quant: Literal["none", "nf4"] = "none"  # nf4: quantize the merged model on load
+    dtype: str = ""  # "" = by device (bf16 on GPU, fp32 on CPU)
+    device: str = ""  # "" = cuda when present
+
+
+@dataclass
+class HarnessSection(EvalModelSection):
+    enabled: bool = True
+    preset: str = ""  # "openllm": the Open LLM Leaderboard v1 tasks and shots
+    tasks: list[str] = field(default_factory=list)  # lm-eval task names (instead of a preset)
+    num_fewshot: int | None = None  # overrides the preset's counts
+    limit: float | None = None  # examples per task (a fraction when < 1)
+    include_path: str = ""  # folder of task YAML files; {here} in them is that folder
+    builtin_tasks: bool = True  # false: index only include_path's tasks (faster start)
+    batch_size: int | str = 8  # rows per forward, or "auto"
+    max_batch_tokens: int = 16384
+    max_length: int | None = None
+    gen_kwargs: str = ""  # k=v,k=v for generate_until tasks
+
+    def __post_init__(self):
+        if bool(self.preset) == bool(self.tasks) and self.enabled:
+            raise ValueError("give either preset or tasks")
+
+
+@dataclass
+class MTBenchSection(EvalModelSection):
+    enabled: bool = True
+    questions: str = ""  # FastChat question.jsonl, or a datasets name
+    split: str = "train"
+    reference: str = ""  # reference answers file; "" = the questions' own 'reference' field
+    judge_prompts: str = ""  # FastChat judge_prompts.jsonl; "" = bezoar's
+    max_new_tokens: int = 1024
+    batch_size: int = 8
+    seed: int = 0
+    judge: EndpointSection = field(default_factory=EndpointSection)
+
+
+@dataclass
+class EvaluateSection:
+    stages: list[str] = field(default_factory=list)  # whose merged models to evaluate; [] = the last stage
+    harness: HarnessSection | None = None
+    mt_bench: MTBenchSection | None = None
+
+
+@dataclass
+class RecipeFile:
+    """What recipe.toml may hold (stages are checked by hand for clearer messages)."""
+
+    description: str = ""
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    generate: GenerateSection | None = None
+    evaluate: EvaluateSection | None = None
+
+
+# ---- the recipe ------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -44,6 +214,21 @@ class Recipe:
     folder: Path
     description: str
     stages: list[RecipeStage]
+    generate: GenerateSection | None = None
+    evaluate: EvaluateSection | None = None
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def path(self) -> Path:
+        return self.folder / "recipe.toml"
+
+    def eval_stages(self) -> list[str]:
+        if self.evaluate is None:
+            return []
+        return list(self.evaluate.stages) or [self.stages[-1].name]
 
 
 def find_recipe(name_or_dir: str) -> Path:
@@ -56,24 +241,34 @@ def find_recipe(name_or_dir: str) -> Path:
     raise ConfigError(f"recipe {name_or_dir!r}: not a folder with recipe.toml, nor a shipped recipe ({', '.join(known)})")
 
 
-def load_recipe(name_or_dir: str) -> Recipe:
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(recipe-level overrides: generate.* and evaluate.*, stage overrides: the rest)."""
+    tables, stages = [], []
+    for text in overrides:
+        key, _ = parse_override(text)
+        (tables if key.split(".", 1)[0] in PIPELINE_TABLES else stages).append(text)
+    return tables, stages
+
+
+def load_recipe(name_or_dir: str, overrides: list[str] = ()) -> Recipe:
+    """Read and check recipe.toml; ``overrides`` (``generate.*``, ``evaluate.*``) set its tables."""
     folder = find_recipe(name_or_dir)
     path = folder / "recipe.toml"
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    unknown = set(data) - {"description", "stages", "generate", "evaluate"}
-    if unknown:
-        raise ConfigError(f"{path}: unknown key {sorted(unknown)[0]!r}")
+    tables, _ = split_overrides(list(overrides))
+    data = load_config(RecipeFile, path, tables)
     stages, names = [], set()
-    for i, entry in enumerate(data.get("stages", [])):
+    for i, entry in enumerate(data.stages):
         where = f"{path}: stages[{i}]"
         extra = set(entry) - {"name", "config", "start_from"}
         if extra:
             raise ConfigError(f"{where}: unknown key {sorted(extra)[0]!r}")
         if "name" not in entry or "config" not in entry:
             raise ConfigError(f"{where}: needs 'name' and 'config'")
+        for key in ("name", "config", "start_from"):
+            if key in entry and not isinstance(entry[key], str):
+                raise ConfigError(f"{where}: {key!r} must be a string, got {entry[key]!r}")
+        if entry["name"] in PIPELINE_TABLES:
+            raise ConfigError(f"{where}: a stage may not be named {entry['name']!r} (the name of a recipe table)")
         start = entry.get("start_from")
         if start is not None and start not in names:
             raise ConfigError(f"{where}: start_from {start!r} is not an earlier stage")
@@ -86,11 +281,20 @@ def load_recipe(name_or_dir: str) -> Recipe:
         stages.append(RecipeStage(entry["name"], cfg_path, start))
     if not stages:
         raise ConfigError(f"{path}: no [[stages]]")
-    return Recipe(folder, data.get("description", ""), stages)
+    if data.evaluate is not None:
+        for name in data.evaluate.stages:
+            if name not in names:
+                raise ConfigError(f"{path}: evaluate.stages names {name!r}, which is not a stage of this recipe "
+                                  f"({', '.join(s.name for s in stages)})")
+        judge = data.evaluate.mt_bench.judge if data.evaluate.mt_bench is not None else None
+        if judge is not None and len(judge.urls) > 1:
+            raise ConfigError(f"{path}: evaluate.mt_bench.judge.base_url: MT-Bench judging takes one URL")
+    return Recipe(folder, data.description, stages, data.generate, data.evaluate)
 
 
 def stage_configs(recipe: Recipe, root: Path, overrides: list[str]) -> list[tuple[RecipeStage, StageConfig]]:
     names = {s.name for s in recipe.stages}
+    _, overrides = split_overrides(list(overrides))  # generate.* / evaluate.* are the pipeline's
     out = []
     for stage in recipe.stages:
         mine = []
@@ -132,7 +336,7 @@ def describe_plan(recipe: Recipe, root: Path, overrides: list[str]) -> list[dict
 def run_recipe(name_or_dir: str, root, overrides: list[str], log=print, dist=None) -> Path:
     from .run import run_stage
 
-    recipe = load_recipe(name_or_dir)
+    recipe = load_recipe(name_or_dir, overrides)
     root = Path(root)
     configs = stage_configs(recipe, root, overrides)
     for stage, cfg in configs:

@@ -1,0 +1,632 @@
+"""python -m bezoar.pipeline: a whole recipe end to end: generate, filter, train, evaluate, report.
+
+    python -m bezoar.pipeline --recipe openbezoar --out RUN [key=value ...]      run (or continue) it
+    python -m bezoar.pipeline --recipe openbezoar --out RUN --dry-run            the steps, and what is left
+    python -m bezoar.pipeline --recipe openbezoar --out RUN --report-only        rewrite RUN/report.md only
+
+The recipe (``bezoar/recipes/<name>/recipe.toml``, see :mod:`bezoar.train.recipe`) gives the
+training stages and the ``[generate]`` / ``[evaluate]`` tables. The steps, in order, each in its own
+folder under the run root:
+
+    generate:<scheme>   RUN/data/<scheme>/raw.jsonl         python -m bezoar.generate lamini|orca|evol
+    filter:<scheme>     RUN/data/<scheme>/filtered.jsonl    python -m bezoar.generate filter (the LLM judge)
+    train:<stage>       RUN/<stage>/ (adapter, merged)      the recipe's stages, as python -m bezoar.train --recipe
+    harness:<stage>     RUN/eval/<stage>/harness/           python -m bezoar.eval harness
+    mt-bench:<stage>    RUN/eval/<stage>/mt_bench/          python -m bezoar.eval mt-bench
+    report              RUN/report.md, RUN/report/*.png     rewritten at the end of every run
+
+A training stage is complete when its ``summary.json`` exists; every other step when its marker
+``<kind>.step.json`` exists, written after the command succeeded, with the settings it ran with.
+A complete step is skipped; an unfinished one is run again and continues from what it stored (the
+client pool's stores for generation, filtering and judging, the newest checkpoint for training, the
+answers file for MT-Bench), so rerunning the same command after a crash or a kill finishes the run.
+A complete step whose settings have changed since is an error (remove its marker to redo it).
+
+Overrides: ``generate.KEY=VALUE`` and ``evaluate.KEY=VALUE`` set the recipe's tables (e.g.
+``generate.teacher.base_url=http://gpu1:8000/v1``); any other ``KEY=VALUE`` goes to every training
+stage and ``<stage>.KEY=VALUE`` to one, as with ``python -m bezoar.train --recipe``.
+
+Commands run in this process, one after another, so a kill stops everything at once. API keys are
+read from the environment by the client pool (OPENAI_API_KEY, ANTHROPIC_API_KEY or the variable an
+endpoint's ``api_key_env`` names); before anything runs, the variables the remaining steps need
+are checked to be set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from bezoar.config import ConfigError, to_dict
+from bezoar.train.recipe import (EndpointSection, Recipe, load_recipe, split_overrides, stage_configs)
+
+PACKAGE = Path(__file__).resolve().parent
+DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".txt")
+
+
+class PipelineError(RuntimeError):
+    """A step failed or cannot start; the message says which and what to do."""
+
+
+@dataclass
+class Step:
+    name: str  # "generate:lamini", "train:orca", ...
+    kind: str  # generate | filter | train | harness | mt-bench
+    target: str  # the scheme or the stage
+    out: Path  # the step's folder
+    inputs: list[str]
+    status: str = "to run"  # "done", "to run", or "resume ..." (something is stored already)
+    settings: dict = field(default_factory=dict)  # what the marker records and a rerun compares
+    changed: list[str] = field(default_factory=list)  # settings that differ from the complete step's marker
+    data: str = ""  # train steps: the resolved data path
+    run: Callable[[], None] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status == "done"
+
+    @property
+    def marker(self) -> Path:
+        return self.out / f"{self.kind}.step.json"
+
+
+# ---- paths -------------------------------------------------------------------------------------
+
+
+def resolve_path(text: str, root: Path) -> str:
+    """``{root}`` -> the run root; ``bezoar:x`` -> x inside the installed package; else unchanged."""
+    text = text.replace("{root}", str(root))
+    if text.startswith("bezoar:"):
+        return str(PACKAGE / text.split(":", 1)[1])
+    return text
+
+
+def looks_local(text: str) -> bool:
+    """A file path rather than a ``datasets`` hub name (the rule bezoar.generate applies)."""
+    path = Path(text)
+    return path.exists() or text.startswith(("/", ".", "~")) or path.suffix.lower() in DATA_SUFFIXES
+
+
+def relative(path: Path | str, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+# ---- command lines -----------------------------------------------------------------------------
+
+
+def pool_args(endpoint: EndpointSection, progress: bool) -> list[str]:
+    args = ["--provider", endpoint.provider, "--model", endpoint.model, "--concurrency", str(endpoint.concurrency),
+            "--timeout", f"{endpoint.timeout:g}", "--max-attempts", str(endpoint.max_attempts)]
+    for url in endpoint.urls:
+        args += ["--base-url", url]
+    if endpoint.api_key_env:
+        args += ["--api-key-env", endpoint.api_key_env]
+    if endpoint.rpm is not None:
+        args += ["--rpm", f"{endpoint.rpm:g}"]
+    if endpoint.tpm is not None:
+        args += ["--tpm", f"{endpoint.tpm:g}"]
+    if endpoint.price:
+        args += ["--price", f"{endpoint.price[0]:g}", f"{endpoint.price[1]:g}"]
+    if not progress:
+        args.append("--no-progress")
+    return args
+
+
+def _sampling_args(table) -> list[str]:
+    args = ["--seed", str(table.seed)]
+    if table.temperature is not None:
+        args += ["--temperature", f"{table.temperature:g}"]
+    if table.max_tokens is not None:
+        args += ["--max-tokens", str(table.max_tokens)]
+    return args
+
+
+def _template_args(templates: dict[str, str], root: Path) -> list[str]:
+    args = []
+    for name, path in templates.items():
+        args += ["--template", f"{name}={resolve_path(path, root)}"]
+    return args
+
+
+def scheme_inputs(scheme: str, table, root: Path) -> list[str]:
+    if scheme == "lamini":
+        return [x for x in (table.seeds, table.topics) if x]
+    if scheme == "evol":
+        return [table.seeds]
+    return [x for x in (table.queries, table.system_messages) if x]
+
+
+def generate_argv(scheme: str, table, teacher: EndpointSection, out: Path, root: Path, progress: bool) -> list[str]:
+    if scheme == "lamini":
+        args = ["lamini", resolve_path(table.seeds, root), "--split", table.split,
+                "--example-guided", str(table.example_guided), "--examples", str(table.examples),
+                "--topics-per-prompt", str(table.topics_per_prompt), "--per-request", str(table.per_request),
+                "--similarity", f"{table.similarity:g}"]
+        if table.topics:
+            args += ["--topics", resolve_path(table.topics, root)]
+        if table.topic_guided is not None:
+            args += ["--topic-guided", str(table.topic_guided)]
+        args += _template_args(table.templates, root)
+    elif scheme == "evol":
+        args = ["evol", resolve_path(table.seeds, root), "--split", table.split, "--epochs", str(table.epochs)]
+        if table.limit is not None:
+            args += ["--limit", str(table.limit)]
+        args += _template_args(table.templates, root)
+    else:
+        args = ["orca", resolve_path(table.queries, root), "--split", table.split]
+        if table.cap_per_task is not None:
+            args += ["--cap-per-task", str(table.cap_per_task)]
+        for sub, cap in table.caps.items():
+            args += ["--cap", f"{sub}={cap}"]
+        if table.system_messages:
+            args += ["--system-messages", resolve_path(table.system_messages, root)]
+    return args + ["--out", str(out)] + _sampling_args(table) + pool_args(teacher, progress)
+
+
+def filter_argv(gen, out: Path, root: Path, progress: bool) -> list[str]:
+    args = ["filter", str(out / "raw.jsonl"), "--out", str(out), "--threshold", f"{gen.filter.threshold:g}"]
+    if gen.filter.max_tokens is not None:
+        args += ["--max-tokens", str(gen.filter.max_tokens)]
+    if gen.filter.template:
+        args += ["--template", resolve_path(gen.filter.template, root)]
+    return args + pool_args(gen.judge, progress)
+
+
+def _model_args(section, model: dict) -> list[str]:
+    args = ["--model", model["model"]]
+    if model.get("adapter"):
+        args += ["--adapter", model["adapter"]]
+    if section.quant != "none":
+        args += ["--quant", section.quant]
+    if section.dtype:
+        args += ["--dtype", section.dtype]
+    if section.device:
+        args += ["--device", section.device]
+    return args
+
+
+def harness_argv(section, model: dict, out: Path, tasks_dir: Path | None) -> list[str]:
+    args = ["harness"] + _model_args(section, model)
+    if section.preset:
+        args += ["--preset", section.preset]
+    if section.tasks:
+        args += ["--tasks", ",".join(section.tasks)]
+    if section.num_fewshot is not None:
+        args += ["--num-fewshot", str(section.num_fewshot)]
+    if section.limit is not None:
+        args += ["--limit", f"{section.limit:g}"]
+    if tasks_dir is not None:
+        args += ["--include-path", str(tasks_dir)]
+    if not section.builtin_tasks:
+        args.append("--no-builtin-tasks")
+    args += ["--batch-size", str(section.batch_size), "--max-batch-tokens", str(section.max_batch_tokens)]
+    if section.max_length is not None:
+        args += ["--max-length", str(section.max_length)]
+    if section.gen_kwargs:
+        args += ["--gen-kwargs", section.gen_kwargs]
+    return args + ["--output", str(out / "results.json")]
+
+
+def mt_bench_argv(section, model: dict, model_id: str, out: Path, root: Path) -> list[str]:
+    judge = section.judge
+    args = ["mt-bench"] + _model_args(section, model) + [
+        "--model-id", model_id, "--questions", resolve_path(section.questions, root), "--split", section.split,
+        "--out", str(out), "--max-new-tokens", str(section.max_new_tokens), "--batch-size", str(section.batch_size),
+        "--seed", str(section.seed), "--judge-model", judge.model, "--judge-provider", judge.provider,
+        "--concurrency", str(judge.concurrency)]
+    if section.reference:
+        args += ["--reference", resolve_path(section.reference, root)]
+    if section.judge_prompts:
+        args += ["--judge-prompts", resolve_path(section.judge_prompts, root)]
+    if judge.urls:
+        args += ["--judge-base-url", judge.urls[0]]
+    if judge.api_key_env:
+        args += ["--judge-api-key-env", judge.api_key_env]
+    if judge.rpm is not None:
+        args += ["--rpm", f"{judge.rpm:g}"]
+    if judge.tpm is not None:
+        args += ["--tpm", f"{judge.tpm:g}"]
+    return args
+
+
+# ---- the plan ----------------------------------------------------------------------------------
+
+
+def _endpoint_identity(endpoint: EndpointSection) -> dict:
+    """What of an endpoint changes the answers (where and how fast it is reached does not)."""
+    return {"provider": endpoint.provider, "model": endpoint.model}
+
+
+def _plain(section, drop=("enabled",)) -> dict:
+    d = to_dict(section)
+    for key in drop:
+        d.pop(key, None)
+    return d
+
+
+def _marker_status(step: Step) -> None:
+    """Set ``status`` (and ``changed``) of a marker-completed step from what is on disk."""
+    if step.marker.exists():
+        try:
+            recorded = json.loads(step.marker.read_text()).get("settings", {})
+        except (OSError, ValueError):
+            recorded = None
+        if recorded is None:
+            step.status = "to run"  # an unreadable marker: the step is run again
+            return
+        step.status = "done"
+        flat_now, flat_then = _flatten(step.settings), _flatten(recorded)
+        step.changed = [f"{k}: {flat_then.get(k)!r} -> {flat_now.get(k)!r}"
+                        for k in sorted(set(flat_now) | set(flat_then)) if flat_now.get(k) != flat_then.get(k)]
+        return
+    if step.kind in ("generate", "filter"):
+        # The scheme's stores and the filter's share work/: judge.jsonl is the filter's.
+        stores = [p for p in step.out.glob("work/*.jsonl") if (p.name == "judge.jsonl") == (step.kind == "filter")]
+        stored = sum(_count_lines(p) for p in stores)
+        if stored:
+            step.status = f"resume ({stored} answers stored)"
+    elif step.kind == "mt-bench":
+        answers = step.out / "answers.jsonl"
+        judged = step.out / "judge_store.jsonl"
+        if answers.exists() or judged.exists():
+            n = _count_lines(answers) if answers.exists() else 0
+            j = _count_lines(judged) if judged.exists() else 0
+            step.status = f"resume ({n} questions answered, {j} judgments stored)"
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def plan(recipe: Recipe, root: Path, overrides: list[str], progress: bool = False, log=print) -> list[Step]:
+    """Every step of the recipe with its status on disk (nothing is run)."""
+    root = Path(root)
+    _, stage_overrides = split_overrides(list(overrides))
+    steps: list[Step] = []
+    gen = recipe.generate
+    if gen is not None:
+        for scheme, table in gen.schemes():
+            out = root / "data" / scheme
+            step = Step(f"generate:{scheme}", "generate", scheme, out, scheme_inputs(scheme, table, root),
+                        settings={scheme: _plain(table), "teacher": _endpoint_identity(gen.teacher)})
+            step.run = _generate_runner(scheme, table, gen.teacher, out, root, progress)
+            steps.append(step)
+            step = Step(f"filter:{scheme}", "filter", scheme, out, [relative(out / "raw.jsonl", root)],
+                        settings={"filter": _plain(gen.filter), "judge": _endpoint_identity(gen.judge)})
+            step.run = _filter_runner(gen, out, root, progress)
+            steps.append(step)
+    eval_stages = set(recipe.eval_stages())
+    for stage, cfg in stage_configs(recipe, root, stage_overrides):
+        if stage.name in eval_stages:
+            cfg.merge = True  # evaluation reads the merged model
+        out = Path(cfg.out)
+        start = f"{stage.start_from} (merged)" if stage.start_from else cfg.model.path
+        step = Step(f"train:{stage.name}", "train", stage.name, out, [start, relative(cfg.data.path, root)],
+                    data=cfg.data.path)
+        step.run = _train_runner(cfg, log)
+        steps.append(step)
+    evaluate = recipe.evaluate
+    for name in recipe.eval_stages():
+        base = root / "eval" / name
+        if evaluate.harness is not None and evaluate.harness.enabled:
+            out = base / "harness"
+            step = Step(f"harness:{name}", "harness", name, out, [f"{name} (merged)"],
+                        settings={"harness": _plain(evaluate.harness)})
+            step.run = _harness_runner(evaluate.harness, root, name, out)
+            steps.append(step)
+        if evaluate.mt_bench is not None and evaluate.mt_bench.enabled:
+            out = base / "mt_bench"
+            section = evaluate.mt_bench
+            settings = _plain(section, drop=("enabled", "judge"))
+            settings["judge"] = _endpoint_identity(section.judge)
+            step = Step(f"mt-bench:{name}", "mt-bench", name, out, [f"{name} (merged)", section.questions],
+                        settings={"mt_bench": settings})
+            step.run = _mt_bench_runner(section, root, f"{recipe.name}-{name}", name, out)
+            steps.append(step)
+    from bezoar.train.loop import list_checkpoints
+    from bezoar.train.run import is_complete
+
+    for step in steps:
+        if step.kind == "train":
+            if is_complete(step.out):
+                step.status = "done"
+            elif list_checkpoints(step.out):
+                step.status = f"resume from step {list_checkpoints(step.out)[-1][0]}"
+        else:
+            _marker_status(step)
+    return steps
+
+
+# ---- running each kind of step -----------------------------------------------------------------
+
+
+def _call(module_main, argv: list[str], step: str) -> None:
+    code = module_main(argv)
+    if code == 130:
+        raise PipelineError(f"{step}: interrupted; rerun the same command to continue")
+    if code:
+        raise PipelineError(f"{step}: the command stopped with exit status {code} (its message is above); fix the "
+                            "cause and rerun the same command to continue")
+
+
+def _generate_runner(scheme, table, teacher, out, root, progress):
+    def run():
+        from bezoar.generate.__main__ import main as generate_main
+
+        _call(generate_main, generate_argv(scheme, table, teacher, out, root, progress), f"generate:{scheme}")
+    return run
+
+
+def _filter_runner(gen, out, root, progress):
+    def run():
+        from bezoar.generate.__main__ import main as generate_main
+
+        _call(generate_main, filter_argv(gen, out, root, progress), f"filter:{out.name}")
+    return run
+
+
+def _train_runner(cfg, log):
+    def run():
+        from bezoar.train.run import run_stage
+
+        run_stage(cfg, resume=True, log=log)
+    return run
+
+
+def eval_model(root: Path, stage: str) -> dict:
+    """The model a stage produced: its merged folder, else its adapter on the base it trained on."""
+    merged = root / stage / "merged"
+    if (merged / "config.json").exists():
+        return {"model": str(merged)}
+    summary = root / stage / "summary.json"
+    if summary.exists():
+        info = json.loads(summary.read_text())
+        if info.get("base_model") and info.get("adapter"):
+            return {"model": info["base_model"], "adapter": info["adapter"]}
+    raise PipelineError(f"stage {stage}: neither {merged} nor a finished adapter to evaluate; run its training first")
+
+
+def render_tasks(include_path: str, root: Path, dest: Path) -> Path:
+    """Copy the task YAML files of ``include_path`` to ``dest`` with ``{here}`` replaced by that folder, so
+    task files can name their data files relative to themselves."""
+    source = Path(resolve_path(include_path, root))
+    if not source.is_dir():
+        raise ConfigError(f"evaluate.harness.include_path: {source} is not a folder")
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.glob("*.yaml")):
+        text = path.read_text(encoding="utf-8").replace("{here}", str(source.resolve()))
+        (dest / path.name).write_text(text, encoding="utf-8")
+    return dest
+
+
+def _harness_runner(section, root, stage, out):
+    def run():
+        from bezoar.eval.__main__ import main as eval_main
+
+        tasks = render_tasks(section.include_path, root, out / "tasks") if section.include_path else None
+        _call(eval_main, harness_argv(section, eval_model(root, stage), out, tasks), f"harness:{stage}")
+    return run
+
+
+def _mt_bench_runner(section, root, model_id, stage, out):
+    def run():
+        from bezoar.eval.__main__ import main as eval_main
+
+        _call(eval_main, mt_bench_argv(section, eval_model(root, stage), model_id, out, root), f"mt-bench:{stage}")
+    return run
+
+
+def write_marker(step: Step, seconds: float) -> None:
+    step.out.mkdir(parents=True, exist_ok=True)
+    record = {"step": step.name, "settings": step.settings, "seconds": round(seconds, 2),
+              "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    tmp = step.marker.with_name(step.marker.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, step.marker)
+
+
+# ---- checks before anything runs ----------------------------------------------------------------
+
+
+def preflight(recipe: Recipe, root: Path, steps: list[Step]) -> None:
+    """Stop early, with one message, on what would otherwise fail hours into a run."""
+    changed = [s for s in steps if s.done and s.changed]
+    if changed:
+        s = changed[0]
+        raise PipelineError(f"step {s.name} is complete but the recipe's settings for it changed since "
+                            f"({'; '.join(s.changed[:4])}). Remove {s.marker} to run it again (stored answers are "
+                            "reused; steps after it that are complete are not redone), or use another --out.")
+    left = [s for s in steps if not s.done]
+    gen = recipe.generate
+    needs_key: dict[str, str] = {}
+    for s in left:
+        if s.kind == "generate":
+            table = getattr(gen, s.target)
+            for label, value in _scheme_paths(s.target, table):
+                path = resolve_path(value, root)
+                if looks_local(path) and not Path(path).expanduser().exists():
+                    raise ConfigError(f"{recipe.path}: generate.{s.target}.{label}: {path} not found")
+            if not gen.teacher.model:
+                raise ConfigError(f"{recipe.path}: generate.teacher.model is not set")
+            needs_key.update(_key_needed(gen.teacher, "generate.teacher"))
+        elif s.kind == "filter":
+            if not gen.judge.model:
+                raise ConfigError(f"{recipe.path}: generate.judge.model is not set")
+            needs_key.update(_key_needed(gen.judge, "generate.judge"))
+        elif s.kind == "harness" and recipe.evaluate.harness.include_path:
+            folder = Path(resolve_path(recipe.evaluate.harness.include_path, root))
+            if not folder.is_dir():
+                raise ConfigError(f"{recipe.path}: evaluate.harness.include_path: {folder} is not a folder")
+        elif s.kind == "mt-bench":
+            section = recipe.evaluate.mt_bench
+            if not section.questions:
+                raise ConfigError(f"{recipe.path}: evaluate.mt_bench.questions is not set")
+            path = resolve_path(section.questions, root)
+            if looks_local(path) and not Path(path).expanduser().exists():
+                raise ConfigError(f"{recipe.path}: evaluate.mt_bench.questions: {path} not found")
+            if not section.judge.model:
+                raise ConfigError(f"{recipe.path}: evaluate.mt_bench.judge.model is not set")
+            needs_key.update(_key_needed(section.judge, "evaluate.mt_bench.judge"))
+    made = {(s.out / "filtered.jsonl").resolve() for s in steps if s.kind == "filter"}
+    inside = root.resolve()
+    for s in left:
+        if s.kind == "train" and Path(s.data).is_absolute():
+            path = Path(s.data).resolve()
+            if inside in path.parents and path not in made and not path.exists():
+                raise ConfigError(f"stage {s.target} reads {path}, which does not exist and which no generation "
+                                  "step of this recipe writes (is its [generate.<scheme>] table missing or disabled?)")
+    missing = {var: who for var, who in needs_key.items() if not os.environ.get(var)}
+    if missing:
+        var, who = next(iter(missing.items()))
+        raise ConfigError(f"{who} needs an API key in the environment variable {var}, which is not set "
+                          f"(set it, or name another variable with {who}.api_key_env)")
+
+
+def _scheme_paths(scheme: str, table) -> list[tuple[str, str]]:
+    if scheme == "lamini":
+        pairs = [("seeds", table.seeds), ("topics", table.topics)]
+    elif scheme == "evol":
+        pairs = [("seeds", table.seeds)]
+    else:
+        pairs = [("queries", table.queries), ("system_messages", table.system_messages)]
+    pairs += [(f"templates.{k}", v) for k, v in getattr(table, "templates", {}).items()]
+    for label, value in pairs:
+        if label in ("seeds", "queries") and not value:
+            raise ConfigError(f"generate.{scheme}.{label} is not set")
+    return [(label, value) for label, value in pairs if value]
+
+
+def _key_needed(endpoint: EndpointSection, where: str) -> dict[str, str]:
+    if endpoint.provider == "compat":
+        return {endpoint.api_key_env: where} if endpoint.api_key_env else {}
+    return {endpoint.api_key_env or DEFAULT_KEY_ENV[endpoint.provider]: where}
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+
+def describe(steps: list[Step], root: Path) -> str:
+    lines = []
+    for s in steps:
+        status = s.status + (" (settings changed since: remove the marker to redo)" if s.changed else "")
+        lines.append(f"  {s.name:<20} {status:<38} -> {relative(s.out, root)}")
+        lines.append(f"  {'':<20} from {', '.join(s.inputs)}")
+    left = [s for s in steps if not s.done]
+    if left:
+        lines.append("steps left: " + ", ".join(s.name + ("" if s.status == "to run" else f" ({s.status})")
+                                                for s in left) + "; then the report")
+    else:
+        lines.append("steps left: none (every step is complete; a run only rewrites the report)")
+    return "\n".join(lines)
+
+
+def run_pipeline(recipe_name: str, root, overrides: list[str], log=print, progress: bool | None = None) -> Path:
+    """Run every step that is not complete, in order, then write the report. Returns the run root."""
+    from bezoar.report import write_report
+
+    root = Path(root)
+    recipe = load_recipe(recipe_name, overrides)
+    progress = sys.stderr.isatty() if progress is None else progress
+    steps = plan(recipe, root, overrides, progress=progress, log=log)
+    preflight(recipe, root, steps)
+    root.mkdir(parents=True, exist_ok=True)
+    log(f"recipe {recipe.name} -> {root.resolve()}")
+    try:
+        for step in steps:
+            if step.done:
+                log(f"[{step.name}] done already ({relative(step.out, root)})")
+                continue
+            log(f"[{step.name}] {step.status} -> {relative(step.out, root)}")
+            started = time.time()
+            step.run()
+            if step.kind != "train":
+                write_marker(step, time.time() - started)
+            step.status = "done"
+    finally:
+        try:
+            report = write_report(recipe, root, plan(recipe, root, overrides, log=log))
+            log(f"report: {report}")
+        except Exception as e:  # the report must never hide why a step stopped
+            log(f"report: could not be written ({type(e).__name__}: {e})")
+    return root
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m bezoar.pipeline",
+        description="Run a recipe end to end: synthetic data (generate, judge filter), the training stages, "
+                    "evaluation (lm-eval harness, MT-Bench) and a report. Rerun the same command to continue.",
+        epilog="Examples:\n  python -m bezoar.pipeline --recipe openbezoar_tiny --out runs/tiny\n"
+               "  python -m bezoar.pipeline --recipe openbezoar --out runs/ob --dry-run\n"
+               "  python -m bezoar.pipeline --recipe openbezoar --out runs/ob generate.teacher.base_url=http://gpu1:8000/v1",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="generate.* / evaluate.* set the recipe's tables; other keys go to the training stages "
+                        "(<stage>.key=value to one stage)")
+    p.add_argument("--recipe", default="openbezoar", metavar="NAME|DIR",
+                   help="a shipped recipe (openbezoar, openbezoar_tiny) or a folder with recipe.toml "
+                        "(default openbezoar)")
+    p.add_argument("--out", metavar="DIR", help="the run root (default runs/<recipe>)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--dry-run", action="store_true", help="print every step, its inputs and outputs and whether it "
+                                                          "is done, to run or to resume; run nothing")
+    g.add_argument("--report-only", action="store_true", help="rewrite RUN/report.md from what is on disk")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars of the generation commands (default: when stderr is a terminal)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    from bezoar.data import DataError
+    from bezoar.generate.request import GenerateError
+    from bezoar.model import CheckpointError, ConfigError as ModelConfigError, TokenizerError
+    from bezoar.model.lora import AdapterError
+    from bezoar.train.loop import TrainingError
+
+    expected = (ConfigError, DataError, CheckpointError, ModelConfigError, TokenizerError, AdapterError, TrainingError,
+                GenerateError, PipelineError, FileExistsError)
+    root = Path(args.out or f"runs/{Path(args.recipe).name}")
+    try:
+        if args.dry_run or args.report_only:
+            recipe = load_recipe(args.recipe, args.overrides)
+            steps = plan(recipe, root, args.overrides)
+            if args.report_only:
+                from bezoar.report import write_report
+
+                print(f"report: {write_report(recipe, root, steps)}")
+                return 0
+            print(f"recipe {recipe.name}: {recipe.description}\nrun root: {root.resolve()}")
+            print(describe(steps, root))
+            return 0
+        run_pipeline(args.recipe, root, args.overrides, progress=args.progress)
+        print(f"run root: {root.resolve()}\nreport: {(root / 'report.md').resolve()}")
+        return 0
+    except expected as e:
+        print(f"bezoar.pipeline: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""The report of a pipeline run: ``RUN/report.md``, with its figures in ``RUN/report/``.
+
+Written by ``python -m bezoar.pipeline`` at the end of every run (and by ``--report-only``) from
+the files the steps left on disk, so it shows whatever part of the run exists:
+
+- Steps: each step of the recipe, its status and its folder.
+- Synthetic data: per scheme, the inputs read, the records the teacher's answers made, and what the
+  judge filter did with them (judged, kept, below the threshold, failed), with the score histogram
+  and the scheme's own counters (duplicates, eliminated evolutions, capped queries ...).
+- Training: per stage, the data (examples, tokens, packing efficiency), the steps and tokens trained,
+  first and final loss and the last eval loss; for DPO stages the final rewards/accuracies, margins and
+  rewards; and one PNG per stage of its curves from ``metrics.jsonl`` (loss and eval loss; for DPO also
+  rewards/accuracies and margins).
+- Evaluation: per evaluated stage, the lm-eval harness table and the MT-Bench table and chart.
+- Timings: wall time per step (kept out of the tables: tables hold only what the run computed, so two
+  runs that computed the same things, one of them killed and resumed, have the same tables).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+REPORT = "report.md"
+FIGURES = "report"
+
+DPO_KEYS = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    """(training records, eval records) of a metrics.jsonl; unreadable lines (a torn tail) are skipped."""
+    train, evals = [], []
+    if not path.exists():
+        return train, evals
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(rec, dict):
+            continue
+        if "loss" in rec:
+            train.append(rec)
+        elif "eval_loss" in rec:
+            evals.append(rec)
+    return train, evals
+
+
+def _num(value, digits: int = 4) -> str:
+    if isinstance(value, bool) or value is None:
+        return "-"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _pct(value) -> str:
+    return "-" if not isinstance(value, (int, float)) else f"{100 * value:.1f}%"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+# ---- sections ----------------------------------------------------------------------------------
+
+
+def steps_section(steps, root: Path) -> list[str]:
+    rows = [[s.name, s.status, _rel(s.out, root)] for s in steps]
+    return ["## Steps", ""] + _table(["step", "status", "output"], rows) + [""]
+
+
+INPUT_COUNT = {"lamini": lambda s: s.get("seeds"), "evol": lambda s: s.get("counts", {}).get("seeds"),
+               "orca": lambda s: s.get("counts", {}).get("queries")}
+
+
+def data_section(steps, root: Path) -> list[str]:
+    schemes = [s for s in steps if s.kind == "generate"]
+    if not schemes:
+        return []
+    rows, details = [], []
+    for s in schemes:
+        gen = _read_json(s.out / f"{s.target}-summary.json") or {}
+        filt = _read_json(s.out / "filter-summary.json") or {}
+        kept, judged = filt.get("kept"), filt.get("records")
+        share = kept / judged if isinstance(kept, int) and judged else None
+        rows.append([s.target, _num(INPUT_COUNT[s.target](gen)), _num(gen.get("counts", {}).get("records")),
+                     _num(judged), _num(kept), _num(filt.get("below_threshold")), _num(filt.get("failures")),
+                     _pct(share), _num(filt.get("threshold"), 1)])
+        counts = {k: v for k, v in gen.get("counts", {}).items() if k != "records"}
+        if counts:
+            details.append(f"- {s.target}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        scores = filt.get("scores")
+        if scores:
+            details.append(f"- {s.target} judge scores: " + ", ".join(f"{k}: {v}" for k, v in scores.items()))
+    out = ["## Synthetic data", "", "Inputs read, records the teacher's answers made, and the judge filter "
+           "(records scoring at least the threshold are kept; judge failures are neither kept nor counted "
+           "below).", ""]
+    out += _table(["scheme", "inputs", "generated", "judged", "kept", "below threshold", "judge failures", "kept %",
+                   "threshold"], rows)
+    return out + [""] + details + [""]
+
+
+def training_section(steps, root: Path, figures: Path) -> list[str]:
+    stages = [s for s in steps if s.kind == "train"]
+    if not stages:
+        return []
+    rows, dpo_rows, images = [], [], []
+    for s in stages:
+        data = _read_json(s.out / "data.json") or {}
+        encode = data.get("encode", {})
+        summary = _read_json(s.out / "summary.json") or {}
+        train, evals = read_metrics(s.out / "metrics.jsonl")
+        final = summary.get("final") or (train[-1] if train else {})
+        kind = summary.get("stage") or _stage_kind(s.out)
+        rows.append([s.target, kind or "-", s.inputs[0], s.inputs[1], _num(encode.get("examples")),
+                     _num(encode.get("tokens")), _pct(data.get("packing_efficiency")),
+                     _num(summary.get("steps", final.get("step"))), _num(summary.get("tokens")),
+                     _num(train[0]["loss"] if train else None), _num(final.get("loss")),
+                     _num(evals[-1]["eval_loss"] if evals else None)])
+        if kind == "dpo" or any(k in final for k in DPO_KEYS):
+            last_eval = evals[-1] if evals else {}
+            dpo_rows.append([s.target] + [_num(final.get(k)) for k in DPO_KEYS]
+                            + [_num(last_eval.get("rewards/accuracies"))])
+        if train:
+            image = plot_curves(s.target, train, evals, figures / f"{s.target}.png")
+            images.append(f"![{s.target}]({_rel(image, root)})")
+    out = ["## Training", "", "Per stage: the data it read, what it trained, and its loss (first and last logged "
+           "training step; eval loss at the last evaluation).", ""]
+    out += _table(["stage", "kind", "starts from", "data", "examples", "tokens", "packing", "steps", "tokens trained",
+                   "first loss", "final loss", "eval loss"], rows)
+    if dpo_rows:
+        out += ["", "DPO, at the last logged step:", ""]
+        out += _table(["stage"] + list(DPO_KEYS) + ["eval rewards/accuracies"], dpo_rows)
+    return out + [""] + images + [""]
+
+
+def _stage_kind(out: Path) -> str | None:
+    config = out / "config.toml"
+    if not config.exists():
+        return None
+    for line in config.read_text(encoding="utf-8").splitlines():
+        if line.startswith("stage ="):
+            return line.split("=", 1)[1].strip().strip('"')
+    return None
+
+
+def plot_curves(name: str, train: list[dict], evals: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dpo = any(k in train[-1] for k in DPO_KEYS)
+    fig, axes = plt.subplots(1, 2 if dpo else 1, figsize=(10 if dpo else 5.5, 3.6), squeeze=False)
+    ax = axes[0][0]
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="loss", color="#4c72b0", lw=1.2)
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss", color="#dd8452",
+                ms=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{name}: loss", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    if dpo:
+        ax = axes[0][1]
+        steps = [r["step"] for r in train]
+        ax.plot(steps, [r.get("rewards/accuracies") for r in train], label="rewards/accuracies", color="#55a868")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("step")
+        ax.set_ylabel("accuracy")
+        twin = ax.twinx()
+        twin.plot(steps, [r.get("rewards/margins") for r in train], label="rewards/margins", color="#c44e52")
+        twin.set_ylabel("margin")
+        ax.set_title(f"{name}: preference", fontsize=10)
+        lines = ax.get_lines() + twin.get_lines()
+        ax.legend(lines, [x.get_label() for x in lines], fontsize=8, loc="lower right")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def evaluation_section(recipe, steps, root: Path) -> list[str]:
+    evals = [s for s in steps if s.kind in ("harness", "mt-bench")]
+    if not evals:
+        return []
+    out = ["## Evaluation", ""]
+    for stage in dict.fromkeys(s.target for s in evals):
+        out += [f"### {stage}", ""]
+        for s in (x for x in evals if x.target == stage):
+            if s.kind == "harness":
+                out += harness_tables(recipe, s)
+            else:
+                out += mt_bench_tables(s, root)
+    return out
+
+
+def harness_tables(recipe, step) -> list[str]:
+    results = _read_json(step.out / "results.json")
+    if results is None:
+        return [f"lm-eval harness: not run yet ({step.status}).", ""]
+    from bezoar.eval import harness
+
+    section = recipe.evaluate.harness
+    plan = harness.make_plan(list(section.tasks) or None, section.preset or None, section.num_fewshot)
+    return ["lm-eval harness:", "", harness.results_table(results, plan if section.preset else None), ""]
+
+
+def mt_bench_tables(step, root: Path) -> list[str]:
+    table = step.out / "results.md"
+    if not table.exists():
+        return [f"MT-Bench: not run yet ({step.status}).", ""]
+    text = table.read_text(encoding="utf-8").strip().splitlines()
+    text = [("#### " + line.lstrip("#").strip()) if line.startswith("#") else line for line in text]
+    out = text + [""]
+    chart = step.out / "categories.png"
+    if chart.exists():
+        out += [f"![MT-Bench {step.target}]({_rel(chart, root)})", ""]
+    return out
+
+
+def timings_section(steps) -> list[str]:
+    lines = []
+    for s in steps:
+        record = _read_json(s.out / "summary.json") if s.kind == "train" else _read_json(s.marker)
+        if record and isinstance(record.get("seconds"), (int, float)):
+            note = " (the last session, when resumed)" if s.kind == "train" else ""
+            lines.append(f"- {s.name}: {record['seconds']:.1f} s{note}")
+    return ["## Timings", ""] + lines + [""] if lines else []
+
+
+# ---- the report ----------------------------------------------------------------------------------
+
+
+def write_report(recipe, root, steps) -> Path:
+    """Write ``root/report.md`` (atomically) and its figures; returns the report's path."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    figures = root / FIGURES
+    lines = [f"# Run report: {recipe.name}", "", recipe.description, "",
+             f"Run root `{root.resolve()}`; written {time.strftime('%Y-%m-%d %H:%M:%S')} by "
+             f"`python -m bezoar.pipeline --recipe {recipe.name}`.", ""]
+    lines += steps_section(steps, root)
+    lines += data_section(steps, root)
+    lines += training_section(steps, root, figures)
+    lines += evaluation_section(recipe, steps, root)
+    lines += timings_section(steps)
+    path = root / REPORT
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
