@@ -110,7 +110,8 @@ def is_prequantized(config: LlamaConfig) -> bool:
     return q.get("quant_method") == "bitsandbytes" and bool(q.get("load_in_4bit") or q.get("_load_in_4bit"))
 
 
-def load(path, quant: str | None = None, adapter=None, device=None, dtype=None, allow_pickle: bool = False):
+def load(path, quant: str | None = None, adapter=None, device=None, dtype=None, allow_pickle: bool = False,
+         nf4_blocksize: int = 64, nf4_double_quant: bool = True, nf4_compute_dtype=None):
     """Load a Hugging Face Llama checkpoint folder into bezoar's model.
 
     - ``quant``: None (dense) or ``"nf4"`` (each decoder-block linear quantized as it streams in;
@@ -119,6 +120,8 @@ def load(path, quant: str | None = None, adapter=None, device=None, dtype=None, 
     - ``adapter``: a PEFT-format LoRA adapter folder to attach (trainable weights stay as saved).
     - ``device``: default CUDA when present, else CPU. ``dtype``: default the config's ``torch_dtype``
       for CUDA (bfloat16 for NF4) and float32 on CPU.
+    - ``nf4_blocksize`` (64 or 128), ``nf4_double_quant``, ``nf4_compute_dtype`` (default ``dtype``): how
+      ``quant="nf4"`` quantizes a dense checkpoint.
     Every parameter comes back frozen (``requires_grad=False``); LoRA weights are the trainable part.
     """
     folder = Path(path)
@@ -141,6 +144,7 @@ def load(path, quant: str | None = None, adapter=None, device=None, dtype=None, 
         else:
             dtype = torch.float32
 
+    compute_dtype = _dtype_from_name(nf4_compute_dtype) if isinstance(nf4_compute_dtype, str) else (nf4_compute_dtype or dtype)
     files = weight_files(folder, allow_pickle=allow_pickle)
     with torch.device("meta"):
         model = LlamaForCausalLM(config, dtype=dtype)
@@ -185,7 +189,8 @@ def load(path, quant: str | None = None, adapter=None, device=None, dtype=None, 
                 from .nf4 import NF4Linear
 
                 w = tensor.to(device=device)
-                _replace_module(model, key[: -len(".weight")], NF4Linear.from_float(w, compute_dtype=dtype))
+                _replace_module(model, key[: -len(".weight")], NF4Linear.from_float(
+                    w, blocksize=nf4_blocksize, double_quant=nf4_double_quant, compute_dtype=compute_dtype))
                 del w
             else:
                 _set_param(model, key, tensor.to(device=device, dtype=dtype))
@@ -196,7 +201,7 @@ def load(path, quant: str | None = None, adapter=None, device=None, dtype=None, 
 
         for module_name, tensors in pending_bnb.items():
             source = ", ".join(sorted({seen[k].name for k in tensors}))
-            module = NF4Linear.from_bnb_tensors(tensors, module_name, source=source, compute_dtype=dtype)
+            module = NF4Linear.from_bnb_tensors(tensors, module_name, source=source, compute_dtype=compute_dtype)
             _replace_module(model, module_name, module.to(device))
             seen[f"{module_name}.weight"] = seen[next(iter(tensors))]
     missing = [k for k in expected if k not in seen]

@@ -106,6 +106,8 @@ def stage_configs(recipe: Recipe, root: Path, overrides: list[str]) -> list[tupl
         if stage.start_from:
             forced.append(f"model.path={root / stage.start_from / 'merged'}")
         cfg = load_config(StageConfig, stage.config, mine + forced)
+        cfg.data.path = cfg.data.path.replace("{root}", str(root))
+        cfg.eval_path = cfg.eval_path.replace("{root}", str(root))
         if any(s.start_from == stage.name for s in recipe.stages):
             cfg.merge = True  # a later stage starts from this one's merged model
         out.append((stage, cfg))

@@ -52,9 +52,22 @@ def resolve_model_path(path: str) -> Path:
 
         return build_tiny_model(path.split(":", 1)[1])
     folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise ConfigError(f"model.path {path!r}: no such folder (a Hugging Face model folder, or tiny:<preset>)")
-    return folder
+    if folder.is_dir():
+        return folder
+    if path.count("/") == 1 and not path.startswith((".", "/", "~")):
+        return download_model(path)
+    raise ConfigError(f"model.path {path!r}: no such folder (a Hugging Face model folder, a hub name, or tiny:<preset>)")
+
+
+def download_model(repo_id: str) -> Path:
+    """Fetch a hub model's safetensors, config and tokenizer into the Hugging Face cache (online only)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]))
+    except Exception as e:
+        raise ConfigError(f"model.path {repo_id!r}: not a local folder, and fetching it from the Hugging Face hub "
+                          f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def package_path(path: str) -> str:

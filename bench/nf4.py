@@ -1,0 +1,305 @@
+"""NF4 kernels against cuBLAS and bitsandbytes on OpenLLaMA 3B shapes.
+
+Measures, side by side in one run (bf16, CUDA):
+
+* dequantize: bezoar's Triton kernel in GB/s (packed bytes + scales read, bf16 written),
+  as a fraction of the measured device-to-device copy bandwidth (bytes read + written);
+* forward ``x @ W.T`` for W (N, K) in {3200x3200, 8640x3200, 3200x8640} and
+  M in {1, 4, 16, 64, 256, 1024, 4096, 16384}:
+  cuBLAS on the pre-dequantized bf16 weight, bezoar fused, bezoar dequant+cuBLAS, bezoar auto
+  (what dispatch picks), bitsandbytes ``dequantize_4bit`` + ``F.linear``, and
+  ``bnb.matmul_4bit`` without grad (its fused gemv/gemm path);
+* backward ``dx = dy @ W``: cuBLAS, bezoar fused, bezoar dequant+cuBLAS, bezoar auto, and
+  bitsandbytes' own backward (``dequantize_4bit`` + matmul, as in MatMul4Bit.backward);
+* the crossover M where dequant+cuBLAS starts beating the fused kernel, per shape and direction;
+* with ``--sweep``: fused-kernel tile configs at M <= 64, best against the default heuristic.
+
+Then it checks the targets of issue 3 and prints which were met. bitsandbytes columns are left
+empty with a note when it does not import. Usage::
+
+    python bench/nf4.py                 # full run on the GPU, writes bench/results/nf4-<device>-<date>.json
+    python bench/nf4.py --smoke         # tiny shapes on CPU (Triton interpreter), writes nothing
+    python bench/nf4.py --only fwd/nf4_fused/3200x8640/M=1 --iters 200   # one case, for ncu/nsys
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+SHAPES = [(3200, 3200), (8640, 3200), (3200, 8640)]  # (N, K) = (out_features, in_features)
+MS = [1, 4, 16, 64, 256, 1024, 4096, 16384]
+SMOKE_SHAPES = [(96, 128)]
+SMOKE_MS = [1, 40]  # either side of FUSED_MAX_M
+COPY_BYTES = 1 << 30
+
+
+def parse_args():
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--sweep", action="store_true", help="also sweep fused tile configs at M <= 64")
+    p.add_argument("--shapes", default=None, help="comma list NxK to restrict the shapes, e.g. 3200x8640")
+    p.add_argument("--ms", default=None, help="comma list of M values to restrict the sweep")
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    common.setup_smoke(args)
+    import torch
+
+    from bezoar_kernels import nf4, nf4_matmul as mm
+    from bezoar_kernels.dispatch import backend
+
+    cuda = torch.cuda.is_available() and not args.smoke
+    if not cuda and not args.smoke:
+        print("bench/nf4.py needs a CUDA GPU (use --smoke to check the code path on CPU)", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32  # the interpreter's bf16 dot is wrong; smoke uses fp32
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    ms = SMOKE_MS if args.smoke else MS
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    if args.ms:
+        ms = [int(v) for v in args.ms.split(",")]
+
+    bnb, bnbf, bnb_note = None, None, None
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional
+
+        bnb, bnbf = bitsandbytes, bitsandbytes.functional
+    except Exception as exc:  # the GPU box may not have it
+        bnb_note = f"bitsandbytes columns skipped: it does not import ({type(exc).__name__}: {exc})"
+        print(bnb_note)
+
+    def bench(fn):
+        return common.bench_ms(fn, smoke=args.smoke)
+
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * scale).to(dtype)
+
+    # ---- the cases -------------------------------------------------------------------------
+    cases: dict[str, object] = {}  # name -> zero-argument callable
+    meta: dict[str, dict] = {}
+
+    def add(name, fn, **info):
+        cases[name] = fn
+        meta[name] = info
+
+    weights = {}
+    for n, k in shapes:
+        w = randn(n, k, scale=0.02)
+        with backend("triton"):
+            q = nf4.quantize_nf4(w, 64, True)
+        w_dq = nf4.dequantize_nf4_reference(q, dtype)
+        bq = None
+        if bnb is not None:
+            packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+            bq = (packed, state)
+        weights[(n, k)] = (q, w_dq, bq)
+        del w
+        tag = f"{n}x{k}"
+        buf = torch.empty(n * k, dtype=dtype, device=device)
+        add(f"dequant/nf4_triton/{tag}", lambda q=q, buf=buf: nf4.dequantize_nf4_triton(q, dtype, out=buf),
+            kind="dequant", shape=tag, bytes=q.nbytes() + n * k * buf.element_size())
+        if bq is not None:
+            add(f"dequant/bnb/{tag}", lambda bq=bq: bnbf.dequantize_4bit(bq[0], bq[1]).to(dtype),
+                kind="dequant", shape=tag, bytes=q.nbytes() + n * k * buf.element_size())
+        for m in ms:
+            x = randn(m, k)
+            dy = randn(m, n)
+            key = dict(shape=tag, m=m)
+            add(f"fwd/cublas/{tag}/M={m}", lambda x=x, w=w_dq: torch.matmul(x, w.t()), kind="fwd", peer="cublas", **key)
+            add(f"fwd/nf4_fused/{tag}/M={m}", lambda x=x, q=q: mm.nf4_fused_forward(x, q),
+                kind="fwd", peer="nf4_fused", **key)
+            add(f"fwd/nf4_dequant/{tag}/M={m}", lambda x=x, q=q: mm.nf4_dequant_forward(x, q),
+                kind="fwd", peer="nf4_dequant", **key)
+            add(f"fwd/nf4_auto/{tag}/M={m}", lambda x=x, q=q: mm.nf4_matmul_triton(x, q),
+                kind="fwd", peer="nf4_auto", **key)
+            add(f"bwd/cublas/{tag}/M={m}", lambda dy=dy, w=w_dq: torch.matmul(dy, w), kind="bwd", peer="cublas", **key)
+            add(f"bwd/nf4_fused/{tag}/M={m}", lambda dy=dy, q=q: mm.nf4_fused_backward(dy, q),
+                kind="bwd", peer="nf4_fused", **key)
+            add(f"bwd/nf4_dequant/{tag}/M={m}", lambda dy=dy, q=q: mm.nf4_dequant_backward(dy, q),
+                kind="bwd", peer="nf4_dequant", **key)
+            add(f"bwd/nf4_auto/{tag}/M={m}",
+                lambda dy=dy, q=q: mm.nf4_matmul_backward(dy, q, "auto"), kind="bwd", peer="nf4_auto", **key)
+            if bq is not None:
+                packed, state = bq
+                add(f"fwd/bnb_dequant_linear/{tag}/M={m}",
+                    lambda x=x, bq=bq: torch.nn.functional.linear(x, bnbf.dequantize_4bit(bq[0], bq[1]).to(dtype)),
+                    kind="fwd", peer="bnb_dequant_linear", **key)
+
+                def bnb_fused(x=x, packed=packed, state=state):
+                    with torch.no_grad():
+                        return bnb.matmul_4bit(x, packed.t(), quant_state=state)
+
+                add(f"fwd/bnb_matmul_4bit/{tag}/M={m}", bnb_fused, kind="fwd", peer="bnb_matmul_4bit", **key)
+                add(f"bwd/bnb/{tag}/M={m}",
+                    lambda dy=dy, bq=bq: torch.matmul(dy, bnbf.dequantize_4bit(bq[0], bq[1]).to(dtype)),
+                    kind="bwd", peer="bnb", **key)
+
+    copy_src = torch.randint(0, 255, ((COPY_BYTES if cuda else 1 << 20),), dtype=torch.uint8, device=device)
+    copy_dst = torch.empty_like(copy_src)
+    add("copy/device_to_device", lambda: copy_dst.copy_(copy_src), kind="copy", bytes=2 * copy_src.numel())
+
+    if args.only:
+        if args.only not in cases:
+            print(f"--only {args.only!r}: no such case; cases are:\n  " + "\n  ".join(cases), file=sys.stderr)
+            return 2
+        with backend("triton"), common.maybe_profile(args.profile):
+            if args.iters:
+                common.run_plain(cases[args.only], args.iters)
+                print(f"ran {args.only} {args.iters} times")
+            else:
+                print(f"{args.only}: {bench(cases[args.only]):.4f} ms")
+        return 0
+
+    # ---- measure ---------------------------------------------------------------------------
+    times: dict[str, float] = {}
+    with backend("triton"), common.maybe_profile(args.profile):
+        for name, fn in cases.items():
+            try:
+                times[name] = bench(fn)
+            except Exception as exc:  # one failing peer must not hide the others' numbers
+                print(f"{name}: failed ({type(exc).__name__}: {exc})")
+        sweep_rows = sweep_fused(args, shapes, ms, weights, randn, bench, mm, backend) if args.sweep else []
+
+    # ---- tables ----------------------------------------------------------------------------
+    copy_ms = times["copy/device_to_device"]
+    copy_gbs = meta["copy/device_to_device"]["bytes"] / copy_ms / 1e6
+    rows, dequant_rows = [], []
+    for n, k in shapes:
+        tag = f"{n}x{k}"
+        for impl in ("nf4_triton", "bnb"):
+            name = f"dequant/{impl}/{tag}"
+            if name in times:
+                gbs = meta[name]["bytes"] / times[name] / 1e6
+                dequant_rows.append({"shape": tag, "impl": impl, "ms": times[name], "GB/s": gbs,
+                                     "of_copy_bw": gbs / copy_gbs})
+    peers = {"fwd": ["cublas", "nf4_fused", "nf4_dequant", "nf4_auto", "bnb_dequant_linear", "bnb_matmul_4bit"],
+             "bwd": ["cublas", "nf4_fused", "nf4_dequant", "nf4_auto", "bnb"]}
+    for kind in ("fwd", "bwd"):
+        for n, k in shapes:
+            tag = f"{n}x{k}"
+            for m in ms:
+                row = {"dir": kind, "shape": tag, "M": m}
+                for peer in peers[kind]:
+                    row[peer] = times.get(f"{kind}/{peer}/{tag}/M={m}")
+                cub, auto = row["cublas"], row["nf4_auto"]
+                best_nf4 = min((v for v in (row["nf4_fused"], row["nf4_dequant"]) if v is not None), default=None)
+                row["auto/cublas"] = auto / cub if auto and cub else None
+                row["best_nf4/cublas"] = best_nf4 / cub if best_nf4 and cub else None
+                bnb_times = [row.get(p) for p in ("bnb_dequant_linear", "bnb_matmul_4bit", "bnb") if row.get(p)]
+                row["bnb_best/auto"] = min(bnb_times) / auto if bnb_times and auto else None
+                rows.append(row)
+
+    crossover = {}
+    for kind in ("fwd", "bwd"):
+        for n, k in shapes:
+            tag = f"{n}x{k}"
+            faster = [r["M"] for r in rows if r["dir"] == kind and r["shape"] == tag
+                      and r["nf4_dequant"] is not None and r["nf4_fused"] is not None
+                      and r["nf4_dequant"] < r["nf4_fused"]]
+            crossover[f"{kind}/{tag}"] = min(faster) if faster else None
+
+    print(f"\ndevice-to-device copy: {copy_gbs:.1f} GB/s (read + written)\n")
+    print(common.markdown_table(dequant_rows, ["shape", "impl", "ms", "GB/s", "of_copy_bw"]))
+    for kind in ("fwd", "bwd"):
+        print(f"\n{kind} (ms; ratios < 1 mean bezoar is faster)\n")
+        print(common.markdown_table([r for r in rows if r["dir"] == kind],
+                                    ["shape", "M"] + peers[kind] + ["auto/cublas", "best_nf4/cublas", "bnb_best/auto"]))
+    print("\ncrossover M (smallest measured M where dequant+cuBLAS beats the fused kernel; "
+          f"FUSED_MAX_M is now {mm.fused_max_m()}):")
+    for key, m in crossover.items():
+        print(f"  {key}: {m if m is not None else 'none in range'}")
+    if sweep_rows:
+        print("\nfused config sweep (best per case vs the default heuristic)\n")
+        print(common.markdown_table(sweep_rows, ["dir", "shape", "M", "default_ms", "best_ms", "best_config"]))
+
+    targets = check_targets(rows, dequant_rows, ms)
+    if args.smoke:  # interpreter timings say nothing about the GPU
+        targets = [dict(t, status="smoke, not evaluated") for t in targets]
+    print("\ntargets (issue 3):")
+    for t in targets:
+        print(f"  [{t['status']}] {t['target']}: {t['detail']}")
+    if bnb_note:
+        print(f"\nnote: {bnb_note}")
+
+    common.write_results("nf4", rows + dequant_rows, args, extra={
+        "dtype": str(dtype), "copy_GBps": copy_gbs, "crossover_M": crossover, "fused_max_m": mm.fused_max_m(),
+        "targets": targets, "sweep": sweep_rows, "bnb_note": bnb_note,
+    })
+    return 0
+
+
+def sweep_fused(args, shapes, ms, weights, randn, bench, mm, backend):
+    """Time a grid of fused-kernel configs at small M; report the best next to the default."""
+    import itertools
+
+    out = []
+    small = [m for m in ms if m <= 64]
+    if args.smoke:
+        shapes, small = shapes[:1], small[:1]
+    for (n, k), m in itertools.product(shapes, small):
+        q = weights[(n, k)][0]
+        x, dy = randn(m, k), randn(m, n)
+        block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+        grid = [mm.FusedConfig(block_m, bn, split, warps, stages)
+                for bn, split, warps, stages in itertools.product((32, 64, 128), (1, 2, 4, 8, 16), (4, 8), (2, 3, 4))]
+        if args.smoke:
+            grid = grid[:1]
+        for kind in ("fwd", "bwd"):
+            def run(cfg, kind=kind):
+                return mm.nf4_fused_forward(x, q, cfg) if kind == "fwd" else mm.nf4_fused_backward(dy, q, cfg)
+
+            default = bench(lambda: run(None))
+            best, best_cfg = float("inf"), None
+            for cfg in grid:
+                try:
+                    t = bench(lambda cfg=cfg: run(cfg))
+                except Exception:  # a config the device cannot fit (shared memory) is skipped
+                    continue
+                if t < best:
+                    best, best_cfg = t, cfg
+            out.append({"dir": kind, "shape": f"{n}x{k}", "M": m, "default_ms": default, "best_ms": best,
+                        "best_config": str(best_cfg)})
+    return out
+
+
+def check_targets(rows, dequant_rows, ms) -> list[dict]:
+    """The performance targets of issue 3, each met / missed / not measured, with the figures."""
+    out = []
+
+    def verdict(name, ok, detail):
+        out.append({"target": name, "status": "not measured" if ok is None else ("met" if ok else "missed"),
+                    "detail": detail})
+
+    nf4_dq = [r for r in dequant_rows if r["impl"] == "nf4_triton"]
+    verdict("dequantize >= 85% of device-to-device copy bandwidth",
+            all(r["of_copy_bw"] >= 0.85 for r in nf4_dq) if nf4_dq else None,
+            ", ".join(f"{r['shape']}: {r['of_copy_bw']:.0%}" for r in nf4_dq))
+    for kind in ("fwd", "bwd"):
+        big = [r for r in rows if r["dir"] == kind and r["M"] >= 4096 and r["auto/cublas"]]
+        verdict(f"{kind} M >= 4096: NF4 <= 1.05x cuBLAS on the dequantized weight",
+                all(r["auto/cublas"] <= 1.05 for r in big) if big else None,
+                ", ".join(f"{r['shape']} M={r['M']}: {r['auto/cublas']:.3f}x" for r in big))
+    small = [r for r in rows if r["dir"] == "fwd" and r["M"] <= 16 and r["auto/cublas"]]
+    verdict("fwd M <= 16: >= 2.5x faster than cuBLAS bf16",
+            all(1 / r["auto/cublas"] >= 2.5 for r in small) if small else None,
+            ", ".join(f"{r['shape']} M={r['M']}: {1 / r['auto/cublas']:.2f}x" for r in small))
+    with_bnb = [r for r in small if r["bnb_best/auto"] is not None]
+    verdict("fwd M <= 16: faster than bitsandbytes' fastest path",
+            all(r["bnb_best/auto"] > 1 for r in with_bnb) if with_bnb else None,
+            ", ".join(f"{r['shape']} M={r['M']}: bnb/bezoar {r['bnb_best/auto']:.2f}" for r in with_bnb)
+            or "bitsandbytes not measured")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,439 @@
+"""NF4: the 4-bit NormalFloat weight format of QLoRA, byte-compatible with bitsandbytes.
+
+Format (what bitsandbytes 0.50 writes for ``quantize_4bit(quant_type="nf4",
+compress_statistics=True)``, and what transformers serializes):
+
+* the tensor is flattened and cut into blocks of ``blocksize`` values (64 or 128); the last
+  block may be partial. ``absmax[b] = max |w|`` over block ``b``;
+* each value is scaled into [-1, 1] (``w * (1 / absmax)``; the partial last block divides,
+  ``w / absmax``) and replaced by the index of the nearest of the 16 NF4 code values
+  (``NF4_CODE``: quantiles of N(0, 1), sorted, with an exact 0). "Nearest" is decided by the
+  midpoints between neighbouring codes; a value exactly on a midpoint takes the lower code;
+* two indices share a byte, the first in the high nibble; an odd count is padded with the
+  index of 0.0 (7);
+* double quantization (``double_quant=True``): ``offset = mean(absmax)``, and
+  ``absmax - offset`` is quantized again with 8-bit blockwise quantization over blocks of 256
+  against the signed dynamic map (``dynamic_code()``), giving uint8 ``absmax``, fp32
+  ``nested_absmax`` (one per 256 blocks) and the scalar ``offset``. The 8-bit rounding is
+  bitsandbytes' CPU rounding: the scaled value ``v`` indexes a 65536-entry table at
+  ``int(((v + 1) * 0.5) * 65535 + 0.5)`` whose entries are the nearest code of each grid
+  point. (bitsandbytes' CUDA kernel rounds a few of those values to the other neighbour; both
+  decode with the same formula, so either is a valid file.)
+
+Dequantization: ``absmax = nested_code[absmax_q] * nested_absmax[b // 256] + offset`` and
+``w = NF4_CODE[nibble] * absmax`` in fp32, rounded once to the output dtype.
+
+Layers: the Triton kernels (quantize 4-bit, dequantize), their launchers, and torch
+references with the same signatures (the CPU path and the test oracle). The 8-bit
+quantization of absmax (a tensor 64x smaller than the weight) runs in torch on every device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import torch
+
+from bezoar_kernels import dispatch
+
+try:  # triton is optional: the torch reference needs none of it
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+
+# The 16 NF4 code values as float32 (QLoRA, appendix E; the values bitsandbytes hard-codes).
+NF4_CODE = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+NF4_ZERO_INDEX = 7
+NESTED_BLOCKSIZE = 256
+SUPPORTED_BLOCKSIZES = (64, 128)
+_LUT_SIZE = 65536
+
+
+# ----------------------------------------------------------------------------- code tables
+
+
+@functools.lru_cache(maxsize=None)
+def _nf4_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    code = torch.tensor(NF4_CODE, dtype=torch.float32)
+    midpoints = (code[:-1] + code[1:]) / 2  # fp32, as the rounding decisions are made in fp32
+    return code.to(device), midpoints.to(device)
+
+
+def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16 NF4 values (fp32) on ``device``; shared, do not modify."""
+    return _nf4_tables(torch.device(device))[0]
+
+
+def nf4_midpoints(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 15 fp32 decision boundaries between neighbouring NF4 values."""
+    return _nf4_tables(torch.device(device))[1]
+
+
+def _build_dynamic_code() -> torch.Tensor:
+    """The signed 8-bit dynamic map (Dettmers 2015) bitsandbytes uses for double quantization.
+
+    Seven decades 10^-6 .. 10^0; decade i holds 2^i values, the midpoints of an even split of
+    [0.1, 1] into 2^i steps, scaled by 10^(i-6), with both signs; plus 0 and 1: 2*127 + 2 = 256
+    values, sorted. Built with the same fp32 steps as bitsandbytes so the values agree bit for bit.
+    """
+    values = [0.0, 1.0]
+    for decade in range(7):
+        edges = torch.linspace(0.1, 1.0, 2**decade + 1, dtype=torch.float32)
+        mids = (edges[:-1] + edges[1:]) / 2.0
+        scale = 10.0 ** (decade - 6)
+        values += (scale * mids).tolist()
+        values += (-scale * mids).tolist()
+    values.sort()
+    return torch.tensor(values, dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    code = _build_dynamic_code()
+    # Grid point j stands for 2j/65535 - 1; its entry is the index of the nearest code (ties low).
+    grid = torch.arange(_LUT_SIZE, dtype=torch.float32) / (_LUT_SIZE - 1) * 2.0 - 1.0
+    lut = torch.bucketize(grid, (code[:-1] + code[1:]) / 2).to(torch.uint8)
+    return code.to(device), lut.to(device)
+
+
+def dynamic_code(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 256-value signed dynamic map (fp32) on ``device``; shared, do not modify."""
+    return _dynamic_tables(torch.device(device))[0]
+
+
+# ----------------------------------------------------------------------------- the weight
+
+
+@dataclasses.dataclass
+class NF4Weight:
+    """A tensor quantized to NF4, in bitsandbytes' layout.
+
+    packed:        uint8 (ceil(numel / 2),), two 4-bit indices per byte, first in the high nibble
+    absmax:        uint8 (num_blocks,) with double quantization, else fp32 (num_blocks,)
+    shape, dtype:  the original tensor's shape and dtype
+    blocksize:     values per absmax block (64 or 128)
+    nested_absmax: fp32 (ceil(num_blocks / 256),) scales of the 8-bit absmax (double quant only)
+    nested_code:   fp32 (256,) the 8-bit code the absmax indices point into (double quant only)
+    offset:        mean of the fp32 absmax, subtracted before the 8-bit quantization (double quant)
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    blocksize: int = 64
+    nested_absmax: torch.Tensor | None = None
+    nested_code: torch.Tensor | None = None
+    offset: float | None = None
+
+    def __post_init__(self):
+        self.shape = tuple(int(s) for s in self.shape)
+        if self.blocksize not in SUPPORTED_BLOCKSIZES:
+            raise ValueError(f"NF4 blocksize {self.blocksize}: supported are {SUPPORTED_BLOCKSIZES}")
+        nested = (self.nested_absmax is not None, self.nested_code is not None, self.offset is not None)
+        if any(nested) and not all(nested):
+            raise ValueError("NF4Weight: nested_absmax, nested_code and offset come together or not at all")
+        if any(t.device != self.packed.device for t in self.tensors()):
+            raise ValueError("NF4Weight: all tensors must be on one device, got "
+                             + ", ".join(str(t.device) for t in self.tensors()))
+        if self.packed.dtype != torch.uint8 or self.packed.dim() != 1:
+            raise ValueError(f"NF4Weight.packed must be 1-D uint8, got {self.packed.dtype} {tuple(self.packed.shape)}")
+        if self.packed.numel() != (self.numel + 1) // 2:
+            raise ValueError(f"NF4Weight.packed has {self.packed.numel()} bytes, shape {self.shape} needs "
+                             f"{(self.numel + 1) // 2}")
+        want = torch.uint8 if self.double_quant else torch.float32
+        if self.absmax.dtype != want or self.absmax.shape != (self.num_blocks,):
+            raise ValueError(f"NF4Weight.absmax must be {want} ({self.num_blocks},), got "
+                             f"{self.absmax.dtype} {tuple(self.absmax.shape)}")
+        if self.double_quant:
+            n_nested = -(-self.num_blocks // NESTED_BLOCKSIZE)
+            if self.nested_absmax.dtype != torch.float32 or self.nested_absmax.shape != (n_nested,):
+                raise ValueError(f"NF4Weight.nested_absmax must be float32 ({n_nested},), got "
+                                 f"{self.nested_absmax.dtype} {tuple(self.nested_absmax.shape)}")
+            if self.nested_code.dtype != torch.float32 or self.nested_code.shape != (256,):
+                raise ValueError(f"NF4Weight.nested_code must be float32 (256,), got "
+                                 f"{self.nested_code.dtype} {tuple(self.nested_code.shape)}")
+            self.offset = float(self.offset)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.numel // self.blocksize)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.packed, self.absmax, self.nested_absmax, self.nested_code) if t is not None]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def to(self, device: torch.device | str) -> NF4Weight:
+        move = (lambda t: None if t is None else t.to(device))  # noqa: E731
+        return dataclasses.replace(self, packed=move(self.packed), absmax=move(self.absmax),
+                                   nested_absmax=move(self.nested_absmax), nested_code=move(self.nested_code))
+
+
+def _check_quantize_args(weight: torch.Tensor, blocksize: int) -> None:
+    if blocksize not in SUPPORTED_BLOCKSIZES:
+        raise ValueError(f"NF4 blocksize {blocksize}: supported are {SUPPORTED_BLOCKSIZES}")
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"NF4 quantization takes float32/float16/bfloat16, got {weight.dtype}")
+    if weight.numel() == 0:
+        raise ValueError("NF4 quantization of an empty tensor")
+
+
+# ----------------------------------------------------------------------------- 8-bit absmax (torch, every device)
+
+
+def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Double quantization of fp32 absmax: returns (uint8 indices, nested_absmax, nested_code, offset)."""
+    code, lut = _dynamic_tables(absmax.device)
+    offset = absmax.mean()
+    centred = absmax - offset
+    n = centred.numel()
+    n_blocks = -(-n // NESTED_BLOCKSIZE)
+    padded = torch.nn.functional.pad(centred, (0, n_blocks * NESTED_BLOCKSIZE - n)).view(n_blocks, NESTED_BLOCKSIZE)
+    scale = padded.abs().amax(dim=1)
+    inverse = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / scale)  # keeps an all-zero block finite
+    scaled = (padded * inverse[:, None]).clamp(-1.0, 1.0)
+    # Same fp32 steps as bitsandbytes' CPU quantizer, one rounding per step (no fused multiply-add).
+    grid_index = ((((scaled + 1.0) * 0.5) * float(_LUT_SIZE - 1)) + 0.5).to(torch.int64)
+    indices = lut[grid_index]
+    indices = torch.where(scale[:, None] == 0, torch.zeros_like(indices), indices)  # an all-zero block: index 0
+    return indices.reshape(-1)[:n].contiguous(), scale, code.clone(), float(offset)
+
+
+def decode_absmax(weight: NF4Weight) -> torch.Tensor:
+    """The fp32 absmax per block (decodes the 8-bit double quantization when present)."""
+    if not weight.double_quant:
+        return weight.absmax
+    block = torch.arange(weight.num_blocks, device=weight.device) // NESTED_BLOCKSIZE
+    absmax = weight.nested_code[weight.absmax.long()] * weight.nested_absmax[block]
+    return absmax + torch.tensor(weight.offset, dtype=torch.float32, device=weight.device)
+
+
+def _finish(packed: torch.Tensor, absmax: torch.Tensor, weight: torch.Tensor, blocksize: int,
+            double_quant: bool) -> NF4Weight:
+    if not double_quant:
+        return NF4Weight(packed, absmax, tuple(weight.shape), weight.dtype, blocksize)
+    q, nested_absmax, nested_code, offset = quantize_absmax(absmax)
+    return NF4Weight(packed, q, tuple(weight.shape), weight.dtype, blocksize, nested_absmax, nested_code, offset)
+
+
+# ----------------------------------------------------------------------------- torch reference
+
+
+def quantize_nf4_reference(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
+    """Quantize ``weight`` (any shape) to NF4 in torch; bitsandbytes' bytes exactly."""
+    _check_quantize_args(weight, blocksize)
+    flat = weight.detach().reshape(-1).float()
+    n = flat.numel()
+    full = n - n % blocksize
+    body = flat[:full].view(-1, blocksize)
+    absmax = body.abs().amax(dim=1)
+    scaled = (body * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1.0, 1.0).reshape(-1)
+    if full < n:  # the partial last block divides by its (clamped) absmax, and stores it clamped
+        tail_max = flat[full:].abs().amax().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_max[None]])
+        scaled = torch.cat([scaled, (flat[full:] / tail_max).clamp(-1.0, 1.0)])
+    index = torch.bucketize(scaled, nf4_midpoints(weight.device)).to(torch.uint8)
+    if n % 2:
+        index = torch.cat([index, index.new_full((1,), NF4_ZERO_INDEX)])
+    packed = (index[0::2] << 4) | index[1::2]
+    return _finish(packed, absmax, weight, blocksize, double_quant)
+
+
+def dequantize_nf4_reference(weight: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dequantize in torch: ``NF4_CODE[nibble] * absmax`` in fp32, rounded once to ``dtype``."""
+    dtype = dtype or weight.dtype
+    n, bs = weight.numel, weight.blocksize
+    index = torch.stack([weight.packed >> 4, weight.packed & 15], dim=1).reshape(-1)[:n]
+    values = nf4_code(weight.device)[index.int()]
+    absmax = decode_absmax(weight)
+    full = n - n % bs
+    out = torch.empty(n, dtype=dtype, device=weight.device)
+    out[:full] = (values[:full].view(-1, bs) * absmax[: full // bs, None]).view(-1)
+    if full < n:
+        out[full:] = values[full:] * absmax[-1]
+    return out.reshape(weight.shape)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _nf4_quantize_kernel(
+        # pointers
+        w_ptr, packed_ptr, absmax_ptr, midpoints_ptr,
+        # sizes
+        n_elements, n_blocks,
+        # meta
+        BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROG: tl.constexpr,
+    ):
+        """One program quantizes BLOCKS_PER_PROG absmax blocks: rows = blocks, columns = byte pairs."""
+        HALF: tl.constexpr = BLOCKSIZE // 2
+        rows = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROG + tl.arange(0, BLOCKS_PER_PROG)
+        pairs = tl.arange(0, HALF)
+        first = rows[:, None] * BLOCKSIZE + 2 * pairs[None, :]  # element index of the high nibble
+        row_ok = rows < n_blocks
+        w_hi = tl.load(w_ptr + first, mask=row_ok[:, None] & (first < n_elements), other=0.0).to(tl.float32)
+        w_lo = tl.load(w_ptr + first + 1, mask=row_ok[:, None] & (first + 1 < n_elements), other=0.0).to(tl.float32)
+
+        absmax = tl.maximum(tl.max(tl.abs(w_hi), axis=1), tl.max(tl.abs(w_lo), axis=1))
+        safe = tl.maximum(absmax, 1e-38)
+        # bitsandbytes multiplies full blocks by 1/absmax but divides the partial last block.
+        is_tail = (rows == n_blocks - 1) & (n_elements % BLOCKSIZE != 0)
+        inverse = tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)
+        tail = is_tail[:, None]
+        s_hi = tl.where(tail, tl.math.div_rn(w_hi, safe[:, None]), w_hi * inverse[:, None])
+        s_lo = tl.where(tail, tl.math.div_rn(w_lo, safe[:, None]), w_lo * inverse[:, None])
+        s_hi = tl.minimum(tl.maximum(s_hi, -1.0), 1.0)
+        s_lo = tl.minimum(tl.maximum(s_lo, -1.0), 1.0)
+
+        # nearest code = number of midpoints strictly below the value
+        q_hi = tl.zeros(s_hi.shape, dtype=tl.int32)
+        q_lo = tl.zeros(s_lo.shape, dtype=tl.int32)
+        for i in tl.static_range(15):
+            mid = tl.load(midpoints_ptr + i)
+            q_hi += (s_hi > mid).to(tl.int32)
+            q_lo += (s_lo > mid).to(tl.int32)
+        byte = ((q_hi << 4) | q_lo).to(tl.uint8)
+        byte_index = rows[:, None] * HALF + pairs[None, :]
+        tl.store(packed_ptr + byte_index, byte, mask=row_ok[:, None] & (first < n_elements))
+        tl.store(absmax_ptr + rows, tl.where(is_tail, safe, absmax), mask=row_ok)
+
+    @triton.jit
+    def _nf4_block_absmax(
+        block, mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+        DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
+    ):
+        """fp32 absmax of NF4 blocks ``block`` (any shape); decodes the 8-bit double quantization."""
+        if DOUBLE_QUANT:
+            q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+            code = tl.load(nested_code_ptr + q, mask=mask, other=0.0)
+            scale = tl.load(nested_absmax_ptr + block // NESTED, mask=mask, other=0.0)
+            return code * scale + offset
+        else:
+            return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+    @triton.jit
+    def _nf4_dequantize_kernel(
+        # pointers
+        packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, out_ptr,
+        # sizes and scalars
+        n_elements, n_blocks, offset,
+        # meta
+        BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROG: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
+    ):
+        """One program dequantizes BLOCKS_PER_PROG blocks: reads bytes contiguously, writes values contiguously."""
+        HALF: tl.constexpr = BLOCKSIZE // 2
+        rows = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROG + tl.arange(0, BLOCKS_PER_PROG)
+        row_ok = rows < n_blocks
+        byte_index = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
+        byte = tl.load(packed_ptr + byte_index, mask=row_ok[:, None] & (2 * byte_index < n_elements), other=0)
+        absmax = _nf4_block_absmax(rows, row_ok, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                                   DOUBLE_QUANT, NESTED)
+        hi = tl.load(code_ptr + (byte >> 4).to(tl.int32)) * absmax[:, None]
+        lo = tl.load(code_ptr + (byte & 15).to(tl.int32)) * absmax[:, None]
+        values = tl.reshape(tl.join(hi, lo), (BLOCKS_PER_PROG, BLOCKSIZE))  # high nibble first
+        element = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+        tl.store(out_ptr + element, values.to(out_ptr.dtype.element_ty), mask=element < n_elements)
+
+
+def _blocks_per_prog(n_blocks: int, blocksize: int) -> int:
+    # The interpreter runs programs one by one in Python: few, wide programs keep tests fast.
+    if dispatch.interpreting():
+        return max(16, min(256, triton.next_power_of_2(n_blocks)))
+    # On the GPU about 4096 values per program (8 KB of bf16 written by 128 threads: 16-byte stores).
+    return max(1, 4096 // blocksize)
+
+
+def quantize_nf4_triton(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
+    """Quantize with the Triton kernel (4-bit part); the 8-bit absmax part runs in torch."""
+    _check_quantize_args(weight, blocksize)
+    flat = weight.detach().reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    n = flat.numel()
+    n_blocks = -(-n // blocksize)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=flat.device)
+    absmax = torch.empty(n_blocks, dtype=torch.float32, device=flat.device)
+    per_prog = _blocks_per_prog(n_blocks, blocksize)
+    grid = (triton.cdiv(n_blocks, per_prog),)
+    _nf4_quantize_kernel[grid](
+        flat, packed, absmax, nf4_midpoints(flat.device), n, n_blocks,
+        BLOCKSIZE=blocksize, BLOCKS_PER_PROG=per_prog, num_warps=4, enable_fp_fusion=False,
+    )
+    return _finish(packed, absmax, weight, blocksize, double_quant)
+
+
+def dequantize_nf4_triton(weight: NF4Weight, dtype: torch.dtype | None = None,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantize with the Triton kernel into ``out`` (any contiguous tensor of numel values) or a new tensor."""
+    dtype = dtype or weight.dtype
+    n = weight.numel
+    if out is None:
+        out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    elif out.dtype != dtype or out.numel() != n or not out.is_contiguous() or out.device != weight.device:
+        raise ValueError(f"dequantize_nf4: out must be contiguous {dtype} with {n} values on {weight.device}")
+    per_prog = _blocks_per_prog(weight.num_blocks, weight.blocksize)
+    grid = (triton.cdiv(weight.num_blocks, per_prog),)
+    dq = weight.double_quant
+    _nf4_dequantize_kernel[grid](
+        weight.packed, weight.absmax,
+        weight.nested_absmax if dq else weight.absmax, weight.nested_code if dq else weight.absmax,
+        nf4_code(weight.device), out,
+        n, weight.num_blocks, weight.offset if dq else 0.0,
+        BLOCKSIZE=weight.blocksize, BLOCKS_PER_PROG=per_prog, DOUBLE_QUANT=dq, NESTED=NESTED_BLOCKSIZE,
+        num_warps=4, enable_fp_fusion=False,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- public entry points
+
+
+def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
+    """Quantize ``weight`` to NF4 on its own device (Triton on CUDA, torch elsewhere)."""
+    if dispatch.use_triton(weight):
+        return quantize_nf4_triton(weight, blocksize, double_quant)
+    return quantize_nf4_reference(weight, blocksize, double_quant)
+
+
+def dequantize_nf4(weight: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dequantized tensor, shape ``weight.shape``, in ``dtype`` (default: the original dtype)."""
+    if dispatch.use_triton(weight.packed):
+        return dequantize_nf4_triton(weight, dtype)
+    return dequantize_nf4_reference(weight, dtype)

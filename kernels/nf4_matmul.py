@@ -1,0 +1,458 @@
+"""``y = x @ dequant(W).T`` and its input gradient for a frozen NF4 weight W (N, K).
+
+Forward ``y = x @ W.T`` (M, N); backward ``dx = dy @ W`` (M, K). W is frozen: no dW. Two
+paths, chosen by M (rows of x after flattening leading dims):
+
+* ``fused`` (small M: decoding, evaluation, generation): one kernel streams the packed bytes,
+  decodes a tile of W in registers inside the K loop and feeds tensor cores; it reads 0.5 byte
+  per weight instead of 2, which is what a memory-bound small-M matmul is limited by. Small
+  grids are split along the reduction (``FusedConfig.split``) into fp32 partial sums that a
+  second tiny kernel adds up (deterministic, no atomics).
+* ``dequant`` (large M: training): the Triton dequantize kernel writes W in the compute dtype
+  into one buffer per (device, dtype) that every layer reuses, then cuBLAS multiplies. At large
+  M the matmul is compute-bound and cuBLAS is hard to beat; the dequantization costs one pass
+  over W per call. The backward dequantizes again (the buffer belongs to the next layer by then).
+
+``FUSED_MAX_M`` (env ``BEZOAR_NF4_FUSED_MAX_M``) is the largest M that takes the fused path;
+bench/nf4.py measures the crossover on the GPU.
+
+How the fused kernel decodes: K is processed in chunks. When K is a multiple of the NF4
+blocksize (the real model shapes), a chunk is one absmax block per row: the row's chunk is
+``blocksize / 2`` whole bytes and one scale. The high nibbles are the even columns and the low
+nibbles the odd ones, so instead of interleaving them the kernel multiplies them against the
+even and odd columns of x (a reduction does not care about the order of its terms). Other K
+(odd sizes in tests, or blocks that straddle rows) take the general variant of the same
+kernel, which finds byte, nibble and block per element.
+
+The dequantized tile is rounded to x's dtype before the dot, exactly like the reference
+``F.linear(x, dequantize_nf4(W, x.dtype))``, so the two differ only in summation order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import torch
+
+from bezoar_kernels import dispatch
+from bezoar_kernels.nf4 import (
+    NESTED_BLOCKSIZE,
+    NF4Weight,
+    dequantize_nf4_reference,
+    dequantize_nf4_triton,
+    nf4_code,
+)
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+
+FUSED_MAX_M = 16  # largest M for the fused path by default; set from GPU measurement (bench/nf4.py)
+PATHS = ("auto", "fused", "dequant")
+_GENERAL_CHUNK = 64  # K chunk of the general (unaligned) variant
+
+
+def fused_max_m() -> int:
+    """The M threshold: ``BEZOAR_NF4_FUSED_MAX_M`` if set, else ``FUSED_MAX_M``."""
+    raw = os.environ.get("BEZOAR_NF4_FUSED_MAX_M", "").strip()
+    if not raw:
+        return FUSED_MAX_M
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"BEZOAR_NF4_FUSED_MAX_M={raw!r}: expected an integer") from None
+
+
+def resolve_path(path: str | None, m: int) -> str:
+    path = path or "auto"
+    if path not in PATHS:
+        raise ValueError(f"nf4_matmul path {path!r}: expected one of {', '.join(PATHS)}")
+    if path == "auto":
+        return "fused" if m <= fused_max_m() else "dequant"
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedConfig:
+    """Tile sizes of the fused kernels. ``split``: forward splits K, backward splits N."""
+
+    block_m: int
+    block_n: int
+    split: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_fused_config(kind: str, m: int, n: int, k: int, chunk: int, device: torch.device) -> FusedConfig:
+    """Tiles for the fused ``kind`` ("forward" | "backward") kernel on an (m, k) x (n, k) problem.
+
+    Small M is memory-bound: enough programs to keep every SM streaming (about four per SM),
+    splitting the reduction when the output tiles alone are too few. Large M is compute-bound:
+    big tiles, no split.
+    """
+    sm = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 4
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    big = m > 64
+    if kind == "forward":
+        block_n = 128 if big else 64
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        steps = triton.cdiv(k, chunk)
+    elif kind == "backward":
+        block_n = 64
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(k, chunk)
+        steps = triton.cdiv(n, block_n)
+    else:
+        raise ValueError(f"fused config kind {kind!r}")
+    split = 1 if big else max(1, min(steps // 2, triton.cdiv(4 * sm, tiles)))
+    return FusedConfig(block_m, block_n, split, num_warps=8 if big else 4, num_stages=3)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+if triton is not None:
+    from bezoar_kernels.nf4 import _nf4_block_absmax
+
+    @triton.jit
+    def _nf4_gather(
+        flat, mask, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset,
+        BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
+    ):
+        """fp32 values of W at flat indices ``flat`` (0 where masked): byte, nibble and block per element."""
+        byte = tl.load(packed_ptr + flat // 2, mask=mask, other=0)
+        shift = (1 - flat % 2) * 4  # even flat index: high nibble
+        nibble = (byte.to(tl.int32) >> shift.to(tl.int32)) & 15
+        absmax = _nf4_block_absmax(flat // BLOCKSIZE, mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                                   DOUBLE_QUANT, NESTED)
+        return tl.where(mask, tl.load(code_ptr + nibble) * absmax, 0.0)
+
+    @triton.jit
+    def _nf4_weight_halves(
+        packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset,
+        rows, k_start, N, K,
+        BLOCKSIZE: tl.constexpr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr,
+        DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
+    ):
+        """W[rows, k_start + 2j] and W[rows, k_start + 2j + 1] for j < CHUNK/2: two fp32 tiles, 0 outside W."""
+        HALF: tl.constexpr = CHUNK // 2
+        j = tl.arange(0, HALF)
+        row_ok = rows < N
+        if ALIGNED:
+            # CHUNK == BLOCKSIZE divides K: this chunk of a row is one block of whole bytes.
+            byte = tl.load(packed_ptr + rows[:, None] * (K // 2) + (k_start // 2 + j)[None, :],
+                           mask=row_ok[:, None], other=0)
+            absmax = _nf4_block_absmax(rows * (K // BLOCKSIZE) + k_start // BLOCKSIZE, row_ok, absmax_ptr,
+                                       nested_absmax_ptr, nested_code_ptr, offset, DOUBLE_QUANT, NESTED)
+            absmax = tl.where(row_ok, absmax, 0.0)[:, None]
+            w_hi = tl.load(code_ptr + (byte >> 4).to(tl.int32)) * absmax
+            w_lo = tl.load(code_ptr + (byte & 15).to(tl.int32)) * absmax
+        else:
+            k_even = k_start + 2 * j
+            flat = rows[:, None] * K + k_even[None, :]
+            ok_hi = row_ok[:, None] & (k_even < K)[None, :]
+            ok_lo = row_ok[:, None] & (k_even + 1 < K)[None, :]
+            w_hi = _nf4_gather(flat, ok_hi, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr,
+                               offset, BLOCKSIZE, DOUBLE_QUANT, NESTED)
+            w_lo = _nf4_gather(flat + 1, ok_lo, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr,
+                               offset, BLOCKSIZE, DOUBLE_QUANT, NESTED)
+        return w_hi, w_lo
+
+    @triton.jit
+    def _nf4_matmul_fwd_kernel(
+        # pointers
+        x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, out_ptr,
+        # sizes and scalars
+        M, N, K, offset, chunks_per_split,
+        # strides
+        stride_xm, stride_xk, stride_os, stride_om, stride_on,
+        # meta
+        BLOCKSIZE: tl.constexpr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+        NESTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """out[split, m, n] = sum over this split's K chunks of x[m, k] * W[n, k]."""
+        HALF: tl.constexpr = CHUNK // 2
+        pid = tl.program_id(0)
+        pid_split = tl.program_id(1)
+        n_tiles = tl.cdiv(N, BLOCK_N)
+        pid_m = pid // n_tiles
+        pid_n = pid % n_tiles
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        m_ok = offs_m < M
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+        j = tl.arange(0, HALF)
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        chunk_begin = pid_split * chunks_per_split
+        chunk_end = tl.minimum(chunk_begin + chunks_per_split, tl.cdiv(K, CHUNK))
+        for chunk in range(chunk_begin, chunk_end):
+            k_start = chunk * CHUNK
+            w_hi, w_lo = _nf4_weight_halves(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr,
+                                            offset, offs_n, k_start, N, K, BLOCKSIZE, CHUNK, ALIGNED, DOUBLE_QUANT,
+                                            NESTED)
+            k_even = (k_start + 2 * j).to(tl.int64)
+            x_hi = tl.load(x_rows + k_even[None, :] * stride_xk, mask=m_ok[:, None] & (k_even < K)[None, :], other=0.0)
+            x_lo = tl.load(x_rows + (k_even + 1)[None, :] * stride_xk, mask=m_ok[:, None] & (k_even + 1 < K)[None, :],
+                           other=0.0)
+            acc = tl.dot(x_hi, tl.trans(w_hi.to(x_hi.dtype)), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(x_lo, tl.trans(w_lo.to(x_lo.dtype)), acc, input_precision=DOT_PRECISION)
+
+        out = out_ptr + pid_split * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_n < N)[None, :])
+
+    @triton.jit
+    def _nf4_matmul_bwd_kernel(
+        # pointers
+        dy_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, dx_ptr,
+        # sizes and scalars
+        M, N, K, offset, rows_per_split,
+        # strides
+        stride_dym, stride_dyn, stride_ds, stride_dxm, stride_dxk,
+        # meta
+        BLOCKSIZE: tl.constexpr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+        NESTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """dx[split, m, k] = sum over this split's rows n of dy[m, n] * W[n, k], one K chunk per program."""
+        HALF: tl.constexpr = CHUNK // 2
+        pid = tl.program_id(0)
+        pid_split = tl.program_id(1)
+        n_chunks = tl.cdiv(K, CHUNK)
+        pid_m = pid // n_chunks
+        k_start = (pid % n_chunks) * CHUNK
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym
+
+        acc_hi = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+        acc_lo = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+        row_begin = pid_split * rows_per_split
+        row_end = tl.minimum(row_begin + rows_per_split, N)
+        for n_start in range(row_begin, row_end, BLOCK_N):
+            offs_n = (n_start + tl.arange(0, BLOCK_N)).to(tl.int64)
+            w_hi, w_lo = _nf4_weight_halves(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr,
+                                            offset, offs_n, k_start, N, K, BLOCKSIZE, CHUNK, ALIGNED, DOUBLE_QUANT,
+                                            NESTED)
+            dy = tl.load(dy_rows + offs_n[None, :] * stride_dyn, mask=m_ok[:, None] & (offs_n < row_end)[None, :],
+                         other=0.0)
+            acc_hi = tl.dot(dy, w_hi.to(dy.dtype), acc_hi, input_precision=DOT_PRECISION)
+            acc_lo = tl.dot(dy, w_lo.to(dy.dtype), acc_lo, input_precision=DOT_PRECISION)
+
+        k_even = (k_start + 2 * tl.arange(0, HALF)).to(tl.int64)
+        dx = dx_ptr + pid_split * stride_ds + offs_m.to(tl.int64)[:, None] * stride_dxm
+        tl.store(dx + k_even[None, :] * stride_dxk, acc_hi.to(dx_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & (k_even < K)[None, :])
+        tl.store(dx + (k_even + 1)[None, :] * stride_dxk, acc_lo.to(dx_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & (k_even + 1 < K)[None, :])
+
+    @triton.jit
+    def _sum_splits_kernel(parts_ptr, out_ptr, n_elements, splits, BLOCK: tl.constexpr):
+        """out[i] = sum over s of parts[s, i] (fp32), cast to out's dtype."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_elements
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in range(0, splits):
+            acc += tl.load(parts_ptr + s * n_elements + offs, mask=mask, other=0.0)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _check(x: torch.Tensor, weight: NF4Weight, dim: int, what: str) -> None:
+    """x's last dim must be weight.shape[dim] (1 for x, 0 for dy)."""
+    if len(weight.shape) != 2:
+        raise ValueError(f"nf4_matmul: weight must be 2-D (out, in), got shape {weight.shape}")
+    inner = weight.shape[dim]
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"nf4_matmul: {what} must be float16/bfloat16/float32, got {x.dtype}")
+    if x.shape[-1] != inner:
+        raise ValueError(f"nf4_matmul: {what} has last dim {x.shape[-1]}, weight {weight.shape} needs {inner}")
+    if x.device != weight.device:
+        raise ValueError(f"nf4_matmul: {what} on {x.device}, weight on {weight.device}")
+
+
+def _weight_args(weight: NF4Weight) -> tuple:
+    dq = weight.double_quant
+    return (weight.packed, weight.absmax,
+            weight.nested_absmax if dq else weight.absmax, weight.nested_code if dq else weight.absmax,
+            nf4_code(weight.device))
+
+
+def _meta(weight: NF4Weight, k: int, x_dtype: torch.dtype) -> dict:
+    aligned = k % weight.blocksize == 0
+    return dict(BLOCKSIZE=weight.blocksize, CHUNK=weight.blocksize if aligned else _GENERAL_CHUNK, ALIGNED=aligned,
+                DOUBLE_QUANT=weight.double_quant, NESTED=NESTED_BLOCKSIZE,
+                DOT_PRECISION="ieee" if x_dtype == torch.float32 else "tf32")
+
+
+def _sum_splits(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(parts.shape[1:], dtype=dtype, device=parts.device)
+    n = out.numel()
+    block = 1024
+    _sum_splits_kernel[(triton.cdiv(n, block),)](parts, out, n, parts.shape[0], BLOCK=block, num_warps=4,
+                                                 enable_fp_fusion=False)
+    return out
+
+
+def nf4_fused_forward(x: torch.Tensor, weight: NF4Weight, config: FusedConfig | None = None) -> torch.Tensor:
+    """x (M, K) @ dequant(W).T -> (M, N) in x's dtype, with the fused Triton kernel."""
+    _check(x, weight, 1, "x")
+    m, k = x.shape
+    n = weight.shape[0]
+    meta = _meta(weight, k, x.dtype)
+    chunk = meta["CHUNK"]
+    cfg = config or default_fused_config("forward", m, n, k, chunk, x.device)
+    n_chunks = triton.cdiv(k, chunk)
+    per_split = triton.cdiv(n_chunks, max(1, min(cfg.split, n_chunks)))
+    split = triton.cdiv(n_chunks, per_split)
+    if split == 1:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        stride_split = 0
+    else:
+        out = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+        stride_split = out.stride(0)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+    _nf4_matmul_fwd_kernel[grid](
+        x, *_weight_args(weight), out,
+        m, n, k, weight.offset if weight.double_quant else 0.0, per_split,
+        x.stride(0), x.stride(1), stride_split, out.stride(-2), out.stride(-1),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        enable_fp_fusion=False, **meta,
+    )
+    return out if split == 1 else _sum_splits(out, x.dtype)
+
+
+def nf4_fused_backward(dy: torch.Tensor, weight: NF4Weight, config: FusedConfig | None = None) -> torch.Tensor:
+    """dy (M, N) @ dequant(W) -> (M, K) in dy's dtype, with the fused Triton kernel."""
+    _check(dy, weight, 0, "dy")
+    m, n = dy.shape
+    k = weight.shape[1]
+    meta = _meta(weight, k, dy.dtype)
+    chunk = meta["CHUNK"]
+    cfg = config or default_fused_config("backward", m, n, k, chunk, dy.device)
+    n_steps = triton.cdiv(n, cfg.block_n)
+    rows_per_split = triton.cdiv(n_steps, max(1, min(cfg.split, n_steps))) * cfg.block_n
+    split = triton.cdiv(n, rows_per_split)
+    if split == 1:
+        dx = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
+        stride_split = 0
+    else:
+        dx = torch.empty((split, m, k), dtype=torch.float32, device=dy.device)
+        stride_split = dx.stride(0)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(k, chunk), split)
+    _nf4_matmul_bwd_kernel[grid](
+        dy, *_weight_args(weight), dx,
+        m, n, k, weight.offset if weight.double_quant else 0.0, rows_per_split,
+        dy.stride(0), dy.stride(1), stride_split, dx.stride(-2), dx.stride(-1),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        enable_fp_fusion=False, **meta,
+    )
+    return dx if split == 1 else _sum_splits(dx, dy.dtype)
+
+
+_dequant_buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def dequant_buffer(weight: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """W dequantized by the Triton kernel into the shared per-(device, dtype) buffer.
+
+    The result is a view that the next call overwrites: use it at once, on the current stream.
+    The buffer grows to the largest weight seen and is kept (one layer's worth of memory).
+    """
+    key = (weight.device, dtype)
+    buf = _dequant_buffers.get(key)
+    if buf is None or buf.numel() < weight.numel:
+        _dequant_buffers.pop(key, None)
+        buf = torch.empty(weight.numel, dtype=dtype, device=weight.device)
+        _dequant_buffers[key] = buf
+    view = buf[: weight.numel].view(weight.shape)
+    return dequantize_nf4_triton(weight, dtype, out=view)
+
+
+def nf4_dequant_forward(x: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
+    """x (M, K) @ W.T through the dequant buffer and torch.matmul (cuBLAS on CUDA)."""
+    _check(x, weight, 1, "x")
+    return torch.matmul(x, dequant_buffer(weight, x.dtype).t())
+
+
+def nf4_dequant_backward(dy: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
+    """dy (M, N) @ W through the dequant buffer and torch.matmul."""
+    _check(dy, weight, 0, "dy")
+    return torch.matmul(dy, dequant_buffer(weight, dy.dtype))
+
+
+def nf4_matmul_forward(x: torch.Tensor, weight: NF4Weight, path: str | None = None) -> torch.Tensor:
+    """2-D forward (no autograd) on the path M picks: x (M, K) -> (M, N)."""
+    if resolve_path(path, x.shape[0]) == "fused":
+        return nf4_fused_forward(x, weight)
+    return nf4_dequant_forward(x, weight)
+
+
+def nf4_matmul_backward(dy: torch.Tensor, weight: NF4Weight, path: str | None = None) -> torch.Tensor:
+    """2-D input gradient (no autograd) on the path M picks: dy (M, N) -> (M, K)."""
+    if resolve_path(path, dy.shape[0]) == "fused":
+        return nf4_fused_backward(dy, weight)
+    return nf4_dequant_backward(dy, weight)
+
+
+class NF4MatmulFunction(torch.autograd.Function):
+    """y = x @ dequant(W).T with dx = dy @ dequant(W); W is frozen (no gradient).
+
+    The NF4Weight rides on ctx as a plain object: its tensors are constants of the graph
+    (buffers that never require grad), so nothing needs save_for_backward, and W is never
+    kept dequantized between forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: NF4Weight, path: str) -> torch.Tensor:
+        ctx.weight = weight
+        ctx.path = path
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, x.shape[-1])
+        if x2d.shape[0] == 0:
+            return x.new_empty(*lead, weight.shape[0])
+        return nf4_matmul_forward(x2d, weight, path).reshape(*lead, weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        weight = ctx.weight
+        lead = dy.shape[:-1]
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        if dy2d.shape[0] == 0:
+            return dy.new_zeros(*lead, weight.shape[1]), None, None
+        return nf4_matmul_backward(dy2d, weight, ctx.path).reshape(*lead, weight.shape[1]), None, None
+
+
+# ----------------------------------------------------------------------------- public entry points
+
+
+def nf4_matmul_triton(x: torch.Tensor, weight: NF4Weight, path: str | None = None) -> torch.Tensor:
+    """``x @ dequant(W).T`` with the Triton kernels; x (..., K) -> (..., N) in x's dtype."""
+    _check(x, weight, 1, "x")
+    return NF4MatmulFunction.apply(x, weight, path or "auto")
+
+
+def nf4_matmul_reference(x: torch.Tensor, weight: NF4Weight, path: str | None = None) -> torch.Tensor:
+    """Torch reference: ``F.linear(x, dequantize(W, x.dtype))``; ``path`` is checked and otherwise unused."""
+    _check(x, weight, 1, "x")
+    resolve_path(path, 0)
+    return torch.nn.functional.linear(x, dequantize_nf4_reference(weight, x.dtype))
+
+
+def nf4_matmul(x: torch.Tensor, weight: NF4Weight, path: str | None = None) -> torch.Tensor:
+    """``x @ dequant(W).T`` (forward) with ``dx = dy @ dequant(W)`` (backward); Triton or torch by dispatch."""
+    if dispatch.use_triton(x, weight.packed):
+        return nf4_matmul_triton(x, weight, path)
+    return nf4_matmul_reference(x, weight, path)

@@ -1,0 +1,198 @@
+"""NF4 quantize/dequantize: bitsandbytes' bytes exactly (CPU oracle), Triton (interpreter) == reference."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+bnbf = pytest.importorskip("bitsandbytes.functional")
+
+from bezoar_kernels import nf4  # noqa: E402
+from bezoar_kernels.dispatch import backend  # noqa: E402
+from tests.utils import assert_close  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _bnb_without_torch_compile(monkeypatch):
+    # bitsandbytes' CPU dequantize of odd shapes runs a torch.compile'd function, which recompiles
+    # per shape (seconds each); the oracle is the same function run eagerly.
+    ops = importlib.import_module("bitsandbytes.backends.default.ops")
+    fn = ops._dequantize_4bit_compute
+    monkeypatch.setattr(ops, "_dequantize_4bit_compute", getattr(fn, "__wrapped__", fn))
+
+
+def _bnb_quantize(w: torch.Tensor, blocksize: int, double_quant: bool):
+    packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4")
+    return packed, state
+
+
+def _assert_same_bytes(q: nf4.NF4Weight, packed: torch.Tensor, state) -> None:
+    assert q.packed.shape == (packed.numel(),)
+    assert torch.equal(q.packed, packed.reshape(-1)), "packed bytes differ from bitsandbytes"
+    assert torch.equal(q.absmax, state.absmax), "absmax differs from bitsandbytes"
+    assert q.double_quant == state.nested
+    if state.nested:
+        assert q.offset == state.offset.item(), "double-quant offset differs"
+        assert torch.equal(q.nested_absmax, state.state2.absmax), "nested absmax differs"
+        assert torch.equal(q.nested_code, state.state2.code), "nested code differs"
+        assert state.state2.blocksize == nf4.NESTED_BLOCKSIZE
+
+
+def _weight(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * 0.02
+    # a few outliers, as real weights have, so absmax varies a lot between blocks
+    flat = w.view(-1)
+    idx = torch.randint(0, flat.numel(), (max(1, flat.numel() // 997),), generator=g)
+    flat[idx] *= 25
+    return w.to(dtype)
+
+
+def test_code_tables_match_bitsandbytes():
+    assert torch.equal(nf4.nf4_code(), bnbf.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(nf4.dynamic_code(), bnbf.create_dynamic_map(signed=True))
+
+
+# (shape, input dtype, blocksize, double quant): odd sizes, partial last blocks, odd element counts,
+# and counts whose number of absmax blocks is not a multiple of 256.
+CASES = [
+    ((37, 61), torch.float32, 64, True),
+    ((37, 61), torch.bfloat16, 128, True),
+    ((64, 64), torch.float16, 64, False),
+    ((1, 1), torch.float32, 64, True),
+    ((129,), torch.bfloat16, 128, False),
+    ((300, 77), torch.float16, 128, True),
+    ((257, 64 * 3), torch.float32, 64, True),  # 771 blocks: a partial nested block
+    ((100, 3), torch.float32, 64, False),
+]
+
+
+@pytest.mark.parametrize("shape,dtype,blocksize,double_quant", CASES)
+def test_quantize_reference_matches_bitsandbytes(shape, dtype, blocksize, double_quant):
+    w = _weight(shape, dtype)
+    packed, state = _bnb_quantize(w, blocksize, double_quant)
+    q = nf4.quantize_nf4_reference(w, blocksize, double_quant)
+    _assert_same_bytes(q, packed, state)
+    assert q.shape == tuple(shape) and q.dtype == dtype and q.blocksize == blocksize
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,dtype,blocksize,double_quant", CASES)
+def test_dequantize_reference_matches_bitsandbytes(shape, dtype, blocksize, double_quant, out_dtype):
+    w = _weight(shape, dtype)
+    packed, state = _bnb_quantize(w, blocksize, double_quant)
+    state.dtype = out_dtype
+    expected = bnbf.dequantize_4bit(packed, state, quant_type="nf4")
+    q = nf4.quantize_nf4_reference(w, blocksize, double_quant)
+    got = nf4.dequantize_nf4_reference(q, out_dtype)
+    assert got.dtype == out_dtype and got.shape == tuple(shape)
+    assert torch.equal(got, expected), f"max diff {(got.double() - expected.double()).abs().max()}"
+
+
+def test_openllama_sized_weight_matches_bitsandbytes():
+    """A 3200x8640-like weight (27.6M values) with an odd count: 432085 blocks (not a multiple of 256),
+    the last one partial with an odd number of values."""
+    w = _weight((3201, 8639), torch.float32, seed=1)
+    packed, state = _bnb_quantize(w, 64, True)
+    q = nf4.quantize_nf4_reference(w, 64, True)
+    assert q.num_blocks % 256 != 0 and q.numel % 64 % 2 == 1
+    _assert_same_bytes(q, packed, state)
+    state.dtype = torch.bfloat16
+    assert torch.equal(nf4.dequantize_nf4_reference(q, torch.bfloat16), bnbf.dequantize_4bit(packed, state))
+
+
+def test_zero_and_constant_blocks_match_bitsandbytes():
+    w = _weight((20, 64), torch.float32)
+    w[3] = 0.0  # an all-zero block
+    w[7] = 0.01  # a constant block
+    w[19, 40:] = 0.0
+    for blocksize, double_quant in [(64, True), (64, False), (128, True)]:
+        packed, state = _bnb_quantize(w, blocksize, double_quant)
+        q = nf4.quantize_nf4_reference(w, blocksize, double_quant)
+        _assert_same_bytes(q, packed, state)
+        assert torch.equal(nf4.dequantize_nf4_reference(q), bnbf.dequantize_4bit(packed, state))
+    # every absmax equal: the centred absmax is all zero, and so is a whole nested block
+    packed, state = _bnb_quantize(torch.ones(4, 64), 64, True)
+    _assert_same_bytes(nf4.quantize_nf4_reference(torch.ones(4, 64), 64, True), packed, state)
+
+
+def test_nibble_order_and_rounding():
+    # one block: values exactly on NF4 codes and on midpoints between them
+    code = nf4.nf4_code()
+    mids = nf4.nf4_midpoints()
+    w = torch.cat([code, mids, torch.zeros(64 - 31)])
+    q = nf4.quantize_nf4_reference(w, 64, False)
+    index = torch.stack([q.packed >> 4, q.packed & 15], 1).reshape(-1)
+    assert index[:16].tolist() == list(range(16)), "codes map to themselves; first value in the high nibble"
+    assert index[16:31].tolist() == list(range(15)), "a value on a midpoint takes the lower code"
+    assert index[31:].tolist() == [7] * 33
+
+
+@pytest.mark.parametrize("shape,dtype,blocksize,double_quant", CASES)
+def test_quantize_triton_matches_reference(shape, dtype, blocksize, double_quant):
+    w = _weight(shape, dtype)
+    expected = nf4.quantize_nf4_reference(w, blocksize, double_quant)
+    with backend("triton"):
+        got = nf4.quantize_nf4(w, blocksize, double_quant)
+    assert torch.equal(got.packed, expected.packed)
+    assert torch.equal(got.absmax, expected.absmax)
+    if double_quant:
+        assert got.offset == expected.offset
+        assert torch.equal(got.nested_absmax, expected.nested_absmax)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,dtype,blocksize,double_quant", CASES)
+def test_dequantize_triton_matches_reference(shape, dtype, blocksize, double_quant, out_dtype):
+    q = nf4.quantize_nf4_reference(_weight(shape, dtype), blocksize, double_quant)
+    expected = nf4.dequantize_nf4_reference(q, out_dtype)
+    with backend("triton"):
+        got = nf4.dequantize_nf4(q, out_dtype)
+    assert got.dtype == out_dtype and got.shape == expected.shape
+    if out_dtype == torch.bfloat16 and not got.is_cuda:
+        # The interpreter rounds fp32 -> bf16 toward zero (the GPU rounds to nearest even): 1 ulp.
+        assert_close(got, expected, atol=0.0, rtol=2.0**-7, name="bf16 dequant (interpreter)")
+    else:
+        assert torch.equal(got, expected), f"max diff {(got.double() - expected.double()).abs().max()}"
+
+
+def test_dequantize_into_out_buffer_and_bad_out():
+    q = nf4.quantize_nf4_reference(_weight((37, 61), torch.float32), 64, True)
+    out = torch.empty(37 * 61 + 5)[: 37 * 61]
+    with backend("triton"):
+        nf4.dequantize_nf4_triton(q, torch.float32, out=out)
+        with pytest.raises(ValueError, match="out must be contiguous"):
+            nf4.dequantize_nf4_triton(q, torch.float16, out=out)
+    assert torch.equal(out.view(37, 61), nf4.dequantize_nf4_reference(q))
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="blocksize 32"):
+        nf4.quantize_nf4(torch.randn(8, 8), blocksize=32)
+    with pytest.raises(ValueError, match="float32/float16/bfloat16"):
+        nf4.quantize_nf4(torch.ones(8, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="empty"):
+        nf4.quantize_nf4(torch.empty(0, 8))
+    q = nf4.quantize_nf4_reference(torch.randn(8, 8), 64, True)
+    with pytest.raises(ValueError, match="packed has"):
+        nf4.NF4Weight(q.packed[:-1], q.absmax, q.shape, q.dtype, 64, q.nested_absmax, q.nested_code, q.offset)
+    with pytest.raises(ValueError, match="come together"):
+        nf4.NF4Weight(q.packed, q.absmax, q.shape, q.dtype, 64, q.nested_absmax, None, q.offset)
+    with pytest.raises(ValueError, match="absmax must be"):
+        nf4.NF4Weight(q.packed, q.absmax.float(), q.shape, q.dtype, 64, q.nested_absmax, q.nested_code, q.offset)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape,blocksize", [((3200, 8640), 64), ((37, 61), 128), ((8640, 3200), 128)])
+def test_triton_on_gpu_matches_reference_bitwise(shape, blocksize, dtype):
+    w = _weight(shape, dtype).cuda()
+    expected = nf4.quantize_nf4_reference(w, blocksize, True)
+    with backend("triton"):
+        got = nf4.quantize_nf4(w, blocksize, True)
+        deq = nf4.dequantize_nf4(got, dtype)
+    assert torch.equal(got.packed, expected.packed)
+    assert torch.equal(got.absmax, expected.absmax)
+    assert torch.equal(deq, nf4.dequantize_nf4_reference(expected, dtype))

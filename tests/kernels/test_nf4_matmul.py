@@ -1,0 +1,164 @@
+"""NF4 matmul: Triton (interpreter on CPU) forward and backward against the torch reference."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bezoar_kernels import nf4, nf4_matmul as mm
+from bezoar_kernels.dispatch import backend
+from tests.utils import TOLERANCES, assert_close
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _weight(n, k, blocksize=64, double_quant=True, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    return nf4.quantize_nf4_reference(w.to(device), blocksize, double_quant)
+
+
+def _inputs(shape, dtype, seed=1, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+
+
+def _run(fn, x, weight, dy, path):
+    x = x.clone().requires_grad_(True)
+    y = fn(x, weight, path)
+    y.backward(dy)
+    return y.detach(), x.grad
+
+
+# (M, N, K, blocksize, double_quant): odd M/N/K, M = 1, K not a multiple of the blocksize (general
+# variant) and K a multiple of it (aligned variant), both blocksizes, with and without double quant.
+SHAPES = [
+    (1, 37, 61, 64, True),
+    (17, 61, 128, 64, True),
+    (1, 50, 256, 128, False),
+    (5, 70, 130, 128, True),
+    (64, 33, 200, 64, False),
+    (19, 16, 64, 64, True),
+]
+
+
+@pytest.mark.parametrize("path", ["fused", "dequant"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,n,k,blocksize,double_quant", SHAPES)
+def test_forward_backward_match_reference(m, n, k, blocksize, double_quant, dtype, path):
+    weight = _weight(n, k, blocksize, double_quant)
+    x = _inputs((m, k), dtype)
+    dy = _inputs((m, n), dtype, seed=2)
+    y_ref, dx_ref = _run(mm.nf4_matmul_reference, x, weight, dy, path)
+    with backend("triton"):
+        y, dx = _run(mm.nf4_matmul, x, weight, dy, path)
+    atol, rtol = TOLERANCES[dtype]
+    assert y.dtype == dtype and dx.dtype == dtype
+    assert_close(y, y_ref, atol, rtol, name=f"forward {path}")
+    assert_close(dx, dx_ref, atol, rtol, name=f"backward {path}")
+
+
+@pytest.mark.parametrize("split", [2, 3, 7])
+@pytest.mark.parametrize("k,blocksize", [(320, 64), (200, 128)])
+def test_split_reduction_matches_reference(split, k, blocksize):
+    """Forward split over K and backward split over N, summed by the second kernel."""
+    n, m = 150, 3
+    weight = _weight(n, k, blocksize)
+    x = _inputs((m, k), torch.float32)
+    dy = _inputs((m, n), torch.float32, seed=2)
+    w = nf4.dequantize_nf4_reference(weight, torch.float32)
+    config = mm.FusedConfig(block_m=16, block_n=32, split=split)
+    with backend("triton"):
+        y = mm.nf4_fused_forward(x, weight, config)
+        dx = mm.nf4_fused_backward(dy, weight, config)
+    assert_close(y, x @ w.t(), 1e-5, 1e-5, name="split forward")
+    assert_close(dx, dy @ w, 1e-5, 1e-5, name="split backward")
+
+
+def test_leading_dims_strides_and_empty():
+    weight = _weight(40, 96)
+    x = _inputs((2, 3, 5, 96), torch.float16)
+    x_t = _inputs((96, 6), torch.float16).t()  # non-contiguous rows
+    with backend("triton"):
+        y = mm.nf4_matmul(x, weight)
+        y_t = mm.nf4_matmul(x_t, weight)
+        empty = mm.nf4_matmul(x[:, :0], weight)
+    atol, rtol = TOLERANCES[torch.float16]
+    assert y.shape == (2, 3, 5, 40)
+    assert_close(y, mm.nf4_matmul_reference(x, weight), atol, rtol, name="batched")
+    assert_close(y_t, mm.nf4_matmul_reference(x_t, weight), atol, rtol, name="strided")
+    assert empty.shape == (2, 0, 5, 40)
+
+
+def test_no_grad_to_weight_and_grad_only_when_needed():
+    weight = _weight(24, 64)
+    x = _inputs((4, 64), torch.float32)
+    with backend("triton"):
+        y = mm.nf4_matmul(x, weight)  # x does not require grad
+    assert not y.requires_grad
+    assert not any(t.requires_grad for t in weight.tensors())
+
+
+def test_path_choice_and_threshold_override(monkeypatch):
+    monkeypatch.delenv("BEZOAR_NF4_FUSED_MAX_M", raising=False)
+    assert mm.resolve_path(None, mm.FUSED_MAX_M) == "fused"
+    assert mm.resolve_path("auto", mm.FUSED_MAX_M + 1) == "dequant"
+    assert mm.resolve_path("dequant", 1) == "dequant"
+    monkeypatch.setenv("BEZOAR_NF4_FUSED_MAX_M", "4096")
+    assert mm.resolve_path(None, 4096) == "fused"
+    monkeypatch.setenv("BEZOAR_NF4_FUSED_MAX_M", "lots")
+    with pytest.raises(ValueError, match="BEZOAR_NF4_FUSED_MAX_M"):
+        mm.resolve_path(None, 1)
+    with pytest.raises(ValueError, match="path 'cublas'"):
+        mm.resolve_path("cublas", 1)
+
+
+def test_dequant_buffer_is_reused():
+    small, big = _weight(8, 64), _weight(32, 64, seed=3)
+    with backend("triton"):
+        a = mm.dequant_buffer(big, torch.float32)
+        ptr = a.data_ptr()
+        b = mm.dequant_buffer(small, torch.float32)
+    assert b.data_ptr() == ptr and b.shape == (8, 64)
+    assert torch.equal(b, nf4.dequantize_nf4_reference(small, torch.float32))
+
+
+def test_bad_inputs_raise():
+    weight = _weight(8, 64)
+    with pytest.raises(ValueError, match="last dim 63"):
+        mm.nf4_matmul(torch.randn(2, 63), weight)
+    with pytest.raises(ValueError, match="float16/bfloat16/float32"):
+        mm.nf4_matmul(torch.randn(2, 64).double(), weight)
+    flat = nf4.quantize_nf4_reference(torch.randn(128), 64)
+    with pytest.raises(ValueError, match="2-D"):
+        mm.nf4_matmul(torch.randn(2, 128), flat)
+
+
+def test_bench_smoke():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "nf4.py"), "--smoke", "--sweep"], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| shape" in proc.stdout and "crossover" in proc.stdout and "config sweep" in proc.stdout
+    assert not list((ROOT / "bench" / "results").glob("nf4-cpu-*.json")), "smoke mode must not write results"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["fused", "dequant"])
+@pytest.mark.parametrize("m", [1, 16, 333])
+@pytest.mark.parametrize("n,k", [(3200, 3200), (8640, 3200), (3200, 8640), (61, 130)])
+def test_bf16_on_gpu_matches_reference(m, n, k, path):
+    weight = _weight(n, k, device="cuda")
+    x = _inputs((m, k), torch.bfloat16, device="cuda")
+    dy = _inputs((m, n), torch.bfloat16, seed=2, device="cuda")
+    w = nf4.dequantize_nf4_reference(weight, torch.bfloat16).float()
+    with backend("triton"):
+        y, dx = _run(mm.nf4_matmul, x, weight, dy, path)
+    # vs an fp32 product of the same bf16 operands: only summation order and the final rounding differ
+    assert_close(y, (x.float() @ w.t()).to(torch.bfloat16), 2e-2, 2e-2, name="bf16 forward")
+    assert_close(dx, (dy.float() @ w).to(torch.bfloat16), 2e-2, 2e-2, name="bf16 backward")
