@@ -249,7 +249,7 @@ class DPOStage:
         """With ``precompute_ref``: load or build the cache, and attach ``ref_logps`` to every training batch."""
         if not self.cfg.precompute_ref:
             return
-        model = getattr(trainer.model, "module", trainer.model)
+        model = self.model if self.model is not None else getattr(trainer.model, "module", trainer.model)
         folder = Path(self.cfg.ref_cache_dir) if self.cfg.ref_cache_dir else self.out / "ref_cache"
         self.cache = ReferenceCache(folder, self.docs, self.data_cfg, model, autocast_dtype=trainer.autocast_dtype,
                                     log=self.log)
@@ -336,7 +336,7 @@ class DocumentIndex:
 def reference_weights_digest(model) -> str:
     """blake2b of everything the reference pass computes with: the model config and every parameter and
     buffer outside the LoRA adapters, as the bytes in memory (so it covers the checkpoint's tensors, the
-    NF4 quantization of them and the compute dtype), plus each module's NF4 ``offset`` (a float)."""
+    NF4 quantization of them and the compute dtype), plus NF4's scalars (``offset``, ``blocksize``)."""
     h = hashlib.blake2b(digest_size=16)
     config = getattr(model, "config", None)
     if dataclasses.is_dataclass(config):
@@ -345,9 +345,10 @@ def reference_weights_digest(model) -> str:
     for module_name, module in model.named_modules():
         if "lora_" in module_name:
             continue
-        offset = getattr(module, "offset", None)
-        if isinstance(offset, (int, float)):
-            h.update(f"{module_name}.offset={float(offset)!r}".encode())
+        for attr in ("offset", "blocksize"):  # NF4Linear's scalars beside its buffers
+            value = getattr(module, attr, None)
+            if isinstance(value, (int, float)):
+                h.update(f"{module_name}.{attr}={value!r}".encode())
         tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
         for name, t in tensors:
             if t is None or id(t) in seen:

@@ -48,10 +48,11 @@ def one_batch(docs, cfg, tokenizer, rows: int) -> dict:
     return loader.batch(0, 0)
 
 
-def policy(folder: Path, seed: int = 1, targets=("q_proj", "v_proj", "down_proj"), r: int = 4) -> torch.nn.Module:
+def policy(folder: Path, seed: int = 1, targets=("q_proj", "v_proj", "down_proj"), r: int = 4,
+           quant: str | None = None) -> torch.nn.Module:
     """The tiny model with LoRA adapters whose B is non-zero, so the policy differs from the reference;
     A and B come from ``seed`` alone (two calls give equal models)."""
-    model = load(folder, device="cpu")
+    model = load(folder, device="cpu", quant=quant)
     apply_lora(model, LoraConfig(r=r, alpha=2 * r, dropout=0.0, targets=list(targets)))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -77,14 +77,16 @@ def test_preference_loss_formulas(kind, eps):
     assert_close(rew_r, 0.3 * (pr - rr), 1e-12, 1e-12, "rejected rewards")
 
 
-def test_reference_logps_equal_model_without_adapter(tiny_dir, tokenizer, pairs, reference_model):
+@pytest.mark.parametrize("quant", [None, "nf4"])
+def test_reference_logps_equal_model_without_adapter(tiny_dir, tokenizer, pairs, reference_model, quant):
     docs, cfg = pairs
-    model = policy(tiny_dir)
+    model = policy(tiny_dir, quant=quant)
     batch = one_batch(docs, cfg, tokenizer, rows=8)
     got = DPOStage().reference_logps(model, batch)
     table = batch["doc_table"]
     order = [int(i) for i in _doc_indices(docs, table)]
-    want = direct_sequence_logps(reference_model, docs, order)
+    bare = reference_model if quant is None else load(tiny_dir, device="cpu", quant=quant)  # no adapter at all
+    want = direct_sequence_logps(bare, docs, order)
     assert_close(got, want.detach(), 1e-5, 1e-5, "reference log-probs")
     assert not got.requires_grad
     # and the adapters are back on afterwards: the policy differs from the reference

@@ -170,3 +170,14 @@ def test_lookup_refuses_batches_of_other_data(tiny_dir, tokenizer, data, tmp_pat
     foreign = make_loader(other_docs, other_cfg, tokenizer, batch_size=4, shuffle=False).batch(0, 0)
     with pytest.raises(ValueError, match="not in the reference cache"):
         trainer.batches.lookup(foreign["doc_table"])
+
+
+def test_weights_digest_covers_the_nf4_base(tiny_dir):
+    nf4_a, nf4_b = policy(tiny_dir, quant="nf4"), policy(tiny_dir, quant="nf4", seed=5)
+    dense = policy(tiny_dir)
+    assert reference_weights_digest(nf4_a) == reference_weights_digest(nf4_b)  # same base, other adapters
+    assert reference_weights_digest(nf4_a) != reference_weights_digest(dense)
+    packed = next(b for n, b in nf4_a.named_buffers() if n.endswith("packed"))
+    with torch.no_grad():
+        packed[0] ^= 1  # one NF4 code of one weight
+    assert reference_weights_digest(nf4_a) != reference_weights_digest(nf4_b)
