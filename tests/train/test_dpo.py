@@ -12,8 +12,10 @@ from bezoar.train.config import DPOSection, StageConfig
 from bezoar.train.dpo import DPOStage, preference_loss, response_logprobs, sequence_logprobs
 from bezoar_kernels.cross_entropy import linear_token_logprobs_reference
 from tests.train.dpo_helpers import (direct_dpo, direct_sequence_logps, documents, lora_grads, one_batch, policy,
-                                     textbook_loss, write_pairs, zero_grads)
+                                     single_thread, textbook_loss, write_pairs, zero_grads)
 from tests.utils import assert_close
+
+assert single_thread  # an autouse fixture: every test here runs torch on one thread
 
 LOSS_CASES = [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.2)]
 

@@ -13,8 +13,10 @@ from bezoar.model import Tokenizer
 from bezoar.model.lora import lora_modules
 from bezoar.train.config import DPOSection
 from bezoar.train.dpo import DPOStage, ReferenceCache, reference_weights_digest
-from tests.train.dpo_helpers import documents, policy, write_pairs
+from tests.train.dpo_helpers import single_thread, documents, policy, write_pairs
 from tests.utils import assert_close
+
+assert single_thread  # an autouse fixture: every test here runs torch on one thread
 
 
 @pytest.fixture(scope="module")

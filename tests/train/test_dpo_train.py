@@ -16,7 +16,9 @@ from bezoar.train.config import DPOSection, StageConfig
 from bezoar.train.dpo import METRICS, DPOStage
 from bezoar.train.loop import LoopConfig, OptimConfig, Trainer
 from bezoar.train.run import SUMMARY, run_stage
-from tests.train.dpo_helpers import documents, write_pairs
+from tests.train.dpo_helpers import single_thread, documents, write_pairs
+
+assert single_thread  # an autouse fixture: every test here runs torch on one thread
 
 
 def read_metrics(out: Path) -> list[dict]:
