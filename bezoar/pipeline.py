@@ -105,6 +105,8 @@ def relative(path: Path | str, root: Path) -> str:
 
 
 def pool_args(endpoint: EndpointSection, progress: bool) -> list[str]:
+    """The client-pool flags of an endpoint. (Generation and filter steps also pass --retry-failed: a step is
+    only run while unfinished, and then the requests its store holds as failures get another chance.)"""
     args = ["--provider", endpoint.provider, "--model", endpoint.model, "--concurrency", str(endpoint.concurrency),
             "--timeout", f"{endpoint.timeout:g}", "--max-attempts", str(endpoint.max_attempts)]
     for url in endpoint.urls:
@@ -138,7 +140,7 @@ def _template_args(templates: dict[str, str], root: Path) -> list[str]:
     return args
 
 
-def scheme_inputs(scheme: str, table, root: Path) -> list[str]:
+def scheme_inputs(scheme: str, table) -> list[str]:
     if scheme == "lamini":
         return [x for x in (table.seeds, table.topics) if x]
     if scheme == "evol":
@@ -170,7 +172,7 @@ def generate_argv(scheme: str, table, teacher: EndpointSection, out: Path, root:
             args += ["--cap", f"{sub}={cap}"]
         if table.system_messages:
             args += ["--system-messages", resolve_path(table.system_messages, root)]
-    return args + ["--out", str(out)] + _sampling_args(table) + pool_args(teacher, progress)
+    return args + ["--out", str(out)] + _sampling_args(table) + pool_args(teacher, progress) + ["--retry-failed"]
 
 
 def filter_argv(gen, out: Path, root: Path, progress: bool) -> list[str]:
@@ -179,7 +181,7 @@ def filter_argv(gen, out: Path, root: Path, progress: bool) -> list[str]:
         args += ["--max-tokens", str(gen.filter.max_tokens)]
     if gen.filter.template:
         args += ["--template", resolve_path(gen.filter.template, root)]
-    return args + pool_args(gen.judge, progress)
+    return args + pool_args(gen.judge, progress) + ["--retry-failed"]
 
 
 def _model_args(section, model: dict) -> list[str]:
@@ -308,7 +310,7 @@ def plan(recipe: Recipe, root: Path, overrides: list[str], progress: bool = Fals
     if gen is not None:
         for scheme, table in gen.schemes():
             out = root / "data" / scheme
-            step = Step(f"generate:{scheme}", "generate", scheme, out, scheme_inputs(scheme, table, root),
+            step = Step(f"generate:{scheme}", "generate", scheme, out, scheme_inputs(scheme, table),
                         settings={scheme: _plain(table), "teacher": _endpoint_identity(gen.teacher)})
             step.run = _generate_runner(scheme, table, gen.teacher, out, root, progress)
             steps.append(step)
@@ -434,6 +436,10 @@ def _mt_bench_runner(section, root, model_id, stage, out):
         from bezoar.eval.__main__ import main as eval_main
 
         _call(eval_main, mt_bench_argv(section, eval_model(root, stage), model_id, out, root), f"mt-bench:{stage}")
+        results = json.loads((out / "results.json").read_text())
+        if results.get("failed"):
+            raise PipelineError(f"mt-bench:{stage}: {results['failed']} judge calls failed (see "
+                                f"{out / 'judgments.jsonl'}); rerun the same command to send them again")
     return run
 
 
@@ -551,6 +557,7 @@ def run_pipeline(recipe_name: str, root, overrides: list[str], log=print, progre
     steps = plan(recipe, root, overrides, progress=progress, log=log)
     preflight(recipe, root, steps)
     root.mkdir(parents=True, exist_ok=True)
+    lock = _lock(root)
     log(f"recipe {recipe.name} -> {root.resolve()}")
     try:
         for step in steps:
@@ -569,7 +576,32 @@ def run_pipeline(recipe_name: str, root, overrides: list[str], log=print, progre
             log(f"report: {report}")
         except Exception as e:  # the report must never hide why a step stopped
             log(f"report: could not be written ({type(e).__name__}: {e})")
+        if lock is not None:
+            lock.close()
     return root
+
+
+def _lock(root: Path):
+    """Hold an exclusive advisory lock on RUN/pipeline.lock while running (the OS drops it when the process
+    dies, however it dies), so that two pipelines never write one run root."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    handle = open(root / "pipeline.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise PipelineError(f"{root}: another pipeline is running on this run root (pid {holder}); wait for it or "
+                            "stop it first") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def parse(argv):
@@ -579,7 +611,8 @@ def parse(argv):
                     "evaluation (lm-eval harness, MT-Bench) and a report. Rerun the same command to continue.",
         epilog="Examples:\n  python -m bezoar.pipeline --recipe openbezoar_tiny --out runs/tiny\n"
                "  python -m bezoar.pipeline --recipe openbezoar --out runs/ob --dry-run\n"
-               "  python -m bezoar.pipeline --recipe openbezoar --out runs/ob generate.teacher.base_url=http://gpu1:8000/v1",
+               "  python -m bezoar.pipeline --recipe openbezoar --out runs/ob \\\n"
+               "      generate.teacher.base_url=http://gpu1:8000/v1",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="generate.* / evaluate.* set the recipe's tables; other keys go to the training stages "
@@ -592,7 +625,7 @@ def parse(argv):
     g.add_argument("--dry-run", action="store_true", help="print every step, its inputs and outputs and whether it "
                                                           "is done, to run or to resume; run nothing")
     g.add_argument("--report-only", action="store_true", help="rewrite RUN/report.md from what is on disk")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars of the generation commands (default: when stderr is a terminal)")
     return p.parse_args(argv)
 

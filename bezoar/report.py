@@ -248,9 +248,11 @@ def timings_section(steps) -> list[str]:
     for s in steps:
         record = _read_json(s.out / "summary.json") if s.kind == "train" else _read_json(s.marker)
         if record and isinstance(record.get("seconds"), (int, float)):
-            note = " (the last session, when resumed)" if s.kind == "train" else ""
-            lines.append(f"- {s.name}: {record['seconds']:.1f} s{note}")
-    return ["## Timings", ""] + lines + [""] if lines else []
+            lines.append(f"- {s.name}: {record['seconds']:.1f} s")
+    if not lines:
+        return []
+    return ["## Timings", "", "Wall time of each step's last session (a training stage: its training loop, "
+            "the session that finished it).", ""] + lines + [""]
 
 
 # ---- the report ----------------------------------------------------------------------------------

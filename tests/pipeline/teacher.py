@@ -25,9 +25,17 @@ from tests.generate.fake_server import FakeLLMServer
 RATING_PROMPT = "[[rating]]"
 
 
+def _all_text(call) -> str:
+    parts = [call.system or "", call.prompt or ""]
+    for message in call.messages:
+        content = message.get("content")
+        parts.append(content if isinstance(content, str) else json.dumps(content))
+    return "\n".join(parts)
+
+
 def pipeline_teacher(call) -> str:
-    text = call.last_user_text
-    if RATING_PROMPT in text:
+    text = _all_text(call)
+    if RATING_PROMPT in text:  # MT-Bench: in the user text (turn 1) or the system prompt (turn 2)
         digest = int(hashlib.sha256(text.encode("utf-8")).hexdigest(), 16)
         rating = 3 + digest % 7
         tone = "on topic and clear" if rating >= 6 else "short and partly off topic"

@@ -1,0 +1,192 @@
+"""The whole pipeline on the tiny recipe: scripted teacher and judges, shipped samples, local harness tasks.
+
+One uninterrupted run (A) and one run (B) SIGKILLed in the middle of a training stage, looked at
+with --dry-run, then rerun: B must finish with the same adapters and merged weights (bitwise) and the
+same report tables as A. Each pipeline runs as its own process (the kill must be a real one) on one
+torch thread, talking to the scripted server this test process serves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.pipeline.teacher import start
+
+REPO = Path(__file__).resolve().parents[2]
+SCHEMES = ("lamini", "orca", "evol")
+STAGES = ("lamini", "orca", "evol", "hh_sft", "dpo")
+STEPS = [f"{kind}:{s}" for s in SCHEMES for kind in ("generate", "filter")] + [f"train:{s}" for s in STAGES] + [
+    "harness:dpo", "mt-bench:dpo"]
+
+
+@pytest.fixture(scope="module")
+def teacher_url():
+    server = start(port=0)
+    yield server.openai_url
+    server.stop()
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    # One thread: the same reduction order in every run (bitwise comparisons) and no oversubscription.
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _command(root: Path, url: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "bezoar.pipeline", "--recipe", "openbezoar_tiny", "--out", str(root),
+            f"generate.teacher.base_url={url}", f"generate.judge.base_url={url}",
+            f"evaluate.mt_bench.judge.base_url={url}", *extra]
+
+
+def _run(root: Path, url: str, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    done = subprocess.run(_command(root, url, *extra), cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, f"pipeline failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return done
+
+
+def _steps_left(dry_run_output: str) -> list[str]:
+    line = [x for x in dry_run_output.splitlines() if x.startswith("steps left:")]
+    assert len(line) == 1, dry_run_output
+    text = line[0][len("steps left:"):].split(";")[0].strip()
+    if text.startswith("none"):
+        return []
+    return [re.sub(r" \(.*\)$", "", item.strip()) for item in re.split(r",\s*(?![^()]*\))", text)]
+
+
+def _tables(report: Path) -> list[str]:
+    return [line for line in report.read_text().splitlines() if line.startswith("|")]
+
+
+def _weights(root: Path) -> dict[str, bytes]:
+    files = {}
+    for stage in STAGES:
+        for path in sorted([root / stage / "adapter" / "adapter_model.safetensors"]
+                           + list((root / stage / "merged").glob("*.safetensors"))):
+            files[str(path.relative_to(root))] = path.read_bytes()
+    return files
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, teacher_url):
+    """Run A: the whole tiny pipeline, uninterrupted."""
+    root = tmp_path_factory.mktemp("pipeline") / "A"
+    started = time.time()
+    done = _run(root, teacher_url)
+    return root, done, time.time() - started
+
+
+@pytest.mark.slow
+def test_every_step_writes_its_outputs_and_the_report(finished_run, teacher_url):
+    root, done, seconds = finished_run
+    for scheme in SCHEMES:
+        folder = root / "data" / scheme
+        for name in ("raw.jsonl", "filtered.jsonl", "judged.jsonl", "filter-summary.json", f"{scheme}-summary.json",
+                     "generate.step.json", "filter.step.json"):
+            assert (folder / name).exists(), folder / name
+        summary = json.loads((folder / "filter-summary.json").read_text())
+        kept = (folder / "filtered.jsonl").read_text().splitlines()
+        assert summary["kept"] == len(kept) > 0 and summary["below_threshold"] > 0
+        assert all(json.loads(line)["judge_score"] >= 7 for line in kept)
+    for stage in STAGES:
+        assert (root / stage / "summary.json").exists() and (root / stage / "merged" / "config.json").exists()
+        assert (root / "report" / f"{stage}.png").stat().st_size > 0
+    dpo = json.loads((root / "dpo" / "summary.json").read_text())
+    assert dpo["stage"] == "dpo" and "rewards/accuracies" in dpo["final"]
+    harness = json.loads((root / "eval/dpo/harness/results.json").read_text())
+    assert set(harness["results"]) == {"tiny_mc", "tiny_gen", "tiny_ppl"}
+    mt = json.loads((root / "eval/dpo/mt_bench/results.json").read_text())
+    assert mt["counted"] == 16 and mt["unparseable"] == 0 and mt["failed"] == 0 and mt["overall"] is not None
+    assert (root / "eval/dpo/mt_bench/categories.png").exists()
+
+    report = (root / "report.md").read_text()
+    for heading in ("## Steps", "## Synthetic data", "## Training", "## Evaluation", "## Timings"):
+        assert heading in report
+    for step in STEPS:
+        assert f"| {step} | done |" in report
+    assert "| tiny_mc | 1 | acc |" in report and "#### MT-Bench: openbezoar_tiny-dpo" in report
+    assert "rewards/accuracies" in report and "![dpo](report/dpo.png)" in report
+    kept = json.loads((root / "data/orca/filter-summary.json").read_text())["kept"]
+    assert re.search(rf"\| orca \| 16 \| \d+ \| \d+ \| {kept} \|", report)
+    print(f"uninterrupted tiny pipeline: {seconds:.1f} s wall")
+
+    dry = _run(root, teacher_url, "--dry-run")
+    assert _steps_left(dry.stdout) == []
+    assert all(f"{step} " in dry.stdout for step in STEPS)
+
+
+@pytest.mark.slow
+def test_killed_mid_stage_and_rerun_ends_like_an_uninterrupted_run(finished_run, teacher_url, tmp_path):
+    reference, _, _ = finished_run
+    root = tmp_path / "B"
+    target = root / "orca"
+    process = subprocess.Popen(_command(root, teacher_url), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not list(target.glob("checkpoints/step-*/trainer_state.pt")):
+            assert process.poll() is None, f"pipeline ended before the kill:\n{process.stderr.read()[-3000:]}"
+            assert time.time() < deadline, "no checkpoint of the orca stage within 300 s"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+    assert not (target / "summary.json").exists(), "the kill came after the orca stage finished"
+
+    # --dry-run on the half-finished root lists exactly the steps left: orca (to resume) and all after it.
+    dry = _run(root, teacher_url, "--dry-run")
+    left = _steps_left(dry.stdout)
+    assert left == STEPS[STEPS.index("train:orca"):], dry.stdout
+    assert re.search(r"train:orca \(resume from step \d+\)", dry.stdout), dry.stdout
+
+    rerun = _run(root, teacher_url)
+    log = rerun.stdout + rerun.stderr
+    assert "[generate:lamini] done already" in log and "[train:lamini] done already" in log
+    assert re.search(r"resumed from .*orca/checkpoints/step-\d+", log), log[-3000:]
+
+    mine, theirs = _weights(root), _weights(reference)
+    assert sorted(mine) == sorted(theirs) and len(mine) == 2 * len(STAGES)
+    different = [name for name in mine if mine[name] != theirs[name]]
+    assert not different, f"weights differ from the uninterrupted run: {different}"
+    assert _tables(root / "report.md") == _tables(reference / "report.md")
+    for name in ("eval/dpo/harness/results.json", "eval/dpo/mt_bench/results.json"):
+        a, b = json.loads((root / name).read_text()), json.loads((reference / name).read_text())
+        if "results" in a:  # lm-eval's results also carry timings and paths; compare the metrics
+            a, b = a["results"], b["results"]
+            for task in list(a.values()) + list(b.values()):
+                task.pop("alias", None)
+        assert a == b, name
+
+
+def test_report_only_rewrites_the_report(finished_run, teacher_url):
+    root, _, _ = finished_run
+    before = _tables(root / "report.md")
+    (root / "report.md").unlink()
+    _run(root, teacher_url, "--report-only")
+    assert _tables(root / "report.md") == before
+
+
+def test_script_wrapper_help_and_dry_run(tmp_path):
+    env = _env()
+    env["PYTHON"] = sys.executable
+    done = subprocess.run(["bash", str(REPO / "scripts/openbezoar.sh"), "--tiny", "--out", str(tmp_path / "t"),
+                           "--dry-run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _steps_left(done.stdout) == STEPS
+    done = subprocess.run([sys.executable, "-m", "bezoar.pipeline", "--help"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "--dry-run" in done.stdout and "--report-only" in done.stdout

@@ -1,0 +1,255 @@
+"""The [generate] / [evaluate] recipe tables, the command lines the pipeline builds, its plan and pre-flight checks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bezoar.config import ConfigError
+from bezoar.pipeline import (PipelineError, describe, filter_argv, generate_argv, harness_argv, mt_bench_argv, plan,
+                             preflight, render_tasks, write_marker)
+from bezoar.train.recipe import RECIPES, load_recipe, stage_configs
+
+TINY = RECIPES / "openbezoar_tiny"
+
+
+def _copy_recipe(tmp_path: Path, name: str = "openbezoar_tiny") -> Path:
+    folder = tmp_path / "recipe"
+    shutil.copytree(RECIPES / name, folder)
+    return folder
+
+
+def _edit(folder: Path, old: str, new: str) -> None:
+    path = folder / "recipe.toml"
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new))
+
+
+# ---- parsing and validation --------------------------------------------------------------------
+
+
+def test_shipped_recipes_parse():
+    ob = load_recipe("openbezoar")
+    assert [s.name for s in ob.stages] == ["lamini", "orca", "evol", "hh_sft", "dpo"]
+    assert ob.generate.teacher.model == "h2oai/h2ogpt-gm-oasst1-en-2048-falcon-40b-v2"
+    assert ob.generate.judge.model == "gpt-4" and ob.evaluate.mt_bench.judge.model == "claude-2.1"
+    assert [name for name, _ in ob.generate.schemes()] == ["lamini", "orca", "evol"]
+    assert ob.eval_stages() == ["dpo"] and ob.evaluate.harness.preset == "openllm"
+    tiny = load_recipe("openbezoar_tiny")
+    assert [s.name for s in tiny.stages] == [s.name for s in ob.stages]
+    assert tiny.generate.teacher.provider == "compat" and tiny.evaluate.harness.include_path
+
+
+@pytest.mark.parametrize("old, new, key", [
+    ("[generate.lamini]\n", "[generate.lamini]\nseedz = 1\n", "generate.lamini.seedz"),
+    ("[generate.teacher]\n", "[generate.teacher]\nbase_urls = 'x'\n", "generate.teacher.base_urls"),
+    ("[evaluate.harness]\n", "[evaluate.harness]\nshots = 3\n", "evaluate.harness.shots"),
+    ("[generate.filter]\n", "[generate.bogus]\nx = 1\n[generate.filter]\n", "generate.bogus"),
+    ("[generate.teacher]\n", "[pipeline]\nx = 1\n[generate.teacher]\n", "pipeline"),
+])
+def test_unknown_key_is_named_with_its_line(tmp_path, old, new, key):
+    folder = _copy_recipe(tmp_path)
+    _edit(folder, old, new)
+    with pytest.raises(ConfigError) as e:
+        load_recipe(str(folder))
+    assert f"unknown key {key!r}" in str(e.value)
+    assert "recipe.toml:" in str(e.value)  # file:line
+
+
+@pytest.mark.parametrize("old, new, key", [
+    ("threshold = 7\n", "threshold = \"high\"\n", "generate.filter.threshold"),
+    ("per_request = 6\n", "per_request = 6.5\n", "generate.lamini.per_request"),
+    ("provider = \"compat\"\nmodel = \"demo-teacher\"", "provider = \"local\"\nmodel = \"demo-teacher\"",
+     "generate.teacher.provider"),
+])
+def test_wrong_type_is_named(tmp_path, old, new, key):
+    folder = _copy_recipe(tmp_path)
+    _edit(folder, old, new)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_recipe(str(folder))
+
+
+def test_values_are_checked(tmp_path):
+    folder = _copy_recipe(tmp_path)
+    _edit(folder, "threshold = 7\n", "threshold = 11\n")
+    with pytest.raises(ConfigError, match="between 1 and 10"):
+        load_recipe(str(folder))
+
+
+def test_stage_named_like_a_table_and_unknown_eval_stage(tmp_path):
+    folder = _copy_recipe(tmp_path)
+    _edit(folder, 'name = "hh_sft"\nconfig', 'name = "evaluate"\nconfig')
+    with pytest.raises(ConfigError, match="may not be named 'evaluate'"):
+        load_recipe(str(folder))
+    folder = _copy_recipe(tmp_path / "b")
+    _edit(folder, "[evaluate.harness]\n", "[evaluate]\nstages = [\"sft\"]\n\n[evaluate.harness]\n")
+    with pytest.raises(ConfigError, match="evaluate.stages names 'sft'"):
+        load_recipe(str(folder))
+
+
+def test_overrides_reach_tables_and_stages_apart():
+    overrides = ["generate.filter.threshold=9", "evaluate.mt_bench.max_new_tokens=5", "optim.lr=0.5",
+                 "orca.train.batch_size=3"]
+    recipe = load_recipe("openbezoar_tiny", overrides)
+    assert recipe.generate.filter.threshold == 9.0 and recipe.evaluate.mt_bench.max_new_tokens == 5
+    configs = dict((s.name, c) for s, c in stage_configs(recipe, Path("/r"), overrides))
+    assert all(c.optim.lr == 0.5 for c in configs.values())
+    assert configs["orca"].train.batch_size == 3 and configs["evol"].train.batch_size == 2
+    with pytest.raises(ConfigError, match="unknown key 'generate.filter.cutoff'"):
+        load_recipe("openbezoar_tiny", ["generate.filter.cutoff=3"])
+
+
+# ---- the command lines match the real parsers ------------------------------------------------------
+
+
+def _generate_parser():
+    from bezoar.generate.__main__ import build_parser
+
+    return build_parser()
+
+
+def _eval_parser():
+    from bezoar.eval.__main__ import _harness_parser, _mt_bench_parser
+
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="command")
+    _harness_parser(sub)
+    _mt_bench_parser(sub)
+    return p
+
+
+def test_generate_and_filter_argv_parse(tmp_path):
+    overrides = ["generate.lamini.templates={lamini_examples=\"mine.txt\"}", "generate.lamini.temperature=0.9",
+                 "generate.evol.limit=3", "generate.orca.caps={niv2=4,t0=2}", "generate.orca.cap_per_task=7",
+                 "generate.teacher.rpm=600", "generate.teacher.base_url=[\"http://a:1/v1\",\"http://b:2/v1\"]",
+                 "generate.teacher.price=[0.5,1.5]", "generate.judge.api_key_env=MY_JUDGE_KEY",
+                 "generate.filter.template=judge.txt", "generate.filter.max_tokens=99"]
+    recipe = load_recipe("openbezoar_tiny", overrides)
+    gen = recipe.generate
+    parser = _generate_parser()
+    root = tmp_path / "run"
+    args = parser.parse_args(generate_argv("lamini", gen.lamini, gen.teacher, root / "data/lamini", root, False))
+    assert args.command == "lamini" and args.per_request == 6 and args.topic_guided == 2
+    assert args.template == ["lamini_examples=mine.txt"] and args.temperature == 0.9 and args.no_progress
+    assert args.seeds.endswith("assets/samples/lamini_seeds.jsonl") and Path(args.seeds).exists()
+    assert args.base_url == ["http://a:1/v1", "http://b:2/v1"] and args.rpm == 600 and args.price == [0.5, 1.5]
+    args = parser.parse_args(generate_argv("evol", gen.evol, gen.teacher, root / "data/evol", root, True))
+    assert args.command == "evol" and args.epochs == 2 and args.limit == 3 and not args.no_progress
+    args = parser.parse_args(generate_argv("orca", gen.orca, gen.teacher, root / "data/orca", root, False))
+    assert args.command == "orca" and sorted(args.cap) == ["niv2=4", "t0=2"] and args.cap_per_task == 7
+    args = parser.parse_args(filter_argv(gen, root / "data/orca", root, False))
+    assert args.command == "filter" and args.threshold == 7.0 and args.input == str(root / "data/orca/raw.jsonl")
+    assert args.api_key_env == "MY_JUDGE_KEY" and args.template == ["judge.txt"] and args.max_tokens == 99
+    assert args.retry_failed  # an unfinished step resends what its store holds as failures
+
+
+def test_eval_argv_parse(tmp_path):
+    recipe = load_recipe("openbezoar", ["evaluate.harness.limit=0.5", "evaluate.mt_bench.reference=ref.jsonl",
+                                        "evaluate.mt_bench.judge.rpm=50", "evaluate.mt_bench.quant=nf4"])
+    parser = _eval_parser()
+    model = {"model": "/m", "adapter": "/a"}
+    args = parser.parse_args(harness_argv(recipe.evaluate.harness, model, tmp_path, tmp_path / "tasks"))
+    assert args.preset == "openllm" and args.batch_size == "auto" and args.limit == 0.5 and args.adapter == "/a"
+    assert args.output == str(tmp_path / "results.json") and args.include_path == str(tmp_path / "tasks")
+    args = parser.parse_args(mt_bench_argv(recipe.evaluate.mt_bench, {"model": "/m"}, "ob-dpo", tmp_path, tmp_path))
+    assert args.judge_provider == "anthropic" and args.judge_model == "claude-2.1" and args.rpm == 50
+    assert args.questions == "HuggingFaceH4/mt_bench_prompts" and args.quant == "nf4" and args.model_id == "ob-dpo"
+    assert args.reference == "ref.jsonl"
+
+
+def test_render_tasks_fills_in_the_folder(tmp_path):
+    dest = render_tasks("bezoar:recipes/openbezoar_tiny/tasks", tmp_path, tmp_path / "tasks")
+    text = (dest / "tiny_mc.yaml").read_text()
+    assert "{here}" not in text and str((TINY / "tasks").resolve()) + "/mc_test.jsonl" in text
+    assert sorted(p.name for p in dest.glob("*.yaml")) == ["tiny_gen.yaml", "tiny_mc.yaml", "tiny_ppl.yaml"]
+
+
+# ---- plan, markers, pre-flight ----------------------------------------------------------------------
+
+
+def test_plan_of_a_fresh_root_and_a_partial_one(tmp_path):
+    recipe = load_recipe("openbezoar_tiny")
+    root = tmp_path / "run"
+    steps = plan(recipe, root, [])
+    names = [s.name for s in steps]
+    assert names == ["generate:lamini", "filter:lamini", "generate:orca", "filter:orca", "generate:evol",
+                     "filter:evol", "train:lamini", "train:orca", "train:evol", "train:hh_sft", "train:dpo",
+                     "harness:dpo", "mt-bench:dpo"]
+    assert all(s.status == "to run" for s in steps)
+    # Fake progress: lamini generated and filtered, orca's generation half done, lamini trained, orca at a checkpoint.
+    for s in steps[:2]:
+        write_marker(s, 1.0)
+    (root / "data/orca/work").mkdir(parents=True)
+    (root / "data/orca/work/responses.jsonl").write_text('{"key": 1}\n{"key": 2}\n')
+    (root / "lamini").mkdir()
+    (root / "lamini/summary.json").write_text("{}")
+    (root / "orca/checkpoints/step-4").mkdir(parents=True)
+    (root / "orca/checkpoints/step-4/trainer_state.pt").write_bytes(b"")
+    steps = plan(recipe, root, [])
+    status = {s.name: s.status for s in steps}
+    assert status["generate:lamini"] == status["filter:lamini"] == status["train:lamini"] == "done"
+    assert status["generate:orca"] == "resume (2 answers stored)" and status["filter:orca"] == "to run"
+    assert status["train:orca"] == "resume from step 4"
+    left = describe(steps, root).splitlines()[-1]
+    assert left.startswith("steps left: generate:orca (resume (2 answers stored)), filter:orca, generate:evol")
+    assert "train:lamini" not in left and "train:orca (resume from step 4)" in left
+
+
+def test_changed_settings_of_a_done_step_stop_the_run(tmp_path):
+    root = tmp_path / "run"
+    steps = plan(load_recipe("openbezoar_tiny"), root, [])
+    write_marker(steps[1], 1.0)  # filter:lamini, threshold 7
+    recipe = load_recipe("openbezoar_tiny", ["generate.filter.threshold=8"])
+    steps = plan(recipe, root, [])
+    assert steps[1].done and steps[1].changed == ["filter.threshold: 7.0 -> 8.0"]
+    with pytest.raises(PipelineError, match=r"filter:lamini is complete .*filter\.threshold: 7\.0 -> 8\.0.*Remove"):
+        preflight(recipe, root, steps)
+    # Where the endpoints are reached does not matter: a new teacher URL keeps the step done and unchanged.
+    recipe = load_recipe("openbezoar_tiny", ["generate.judge.base_url=http://other:1/v1"])
+    assert not plan(recipe, root, [])[1].changed
+
+
+def test_preflight_names_missing_inputs_and_keys(tmp_path, monkeypatch):
+    recipe = load_recipe("openbezoar")
+    root = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"generate\.lamini\.topics: .*inputs/topics\.txt not found"):
+        preflight(recipe, root, plan(recipe, root, []))
+    (root / "inputs").mkdir(parents=True)
+    (root / "inputs/topics.txt").write_text("gardening\n")
+    (root / "inputs/flan.jsonl").write_text(json.dumps({"question": "q", "sub_collection": "cot"}) + "\n")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "set")
+    with pytest.raises(ConfigError, match=r"generate\.judge needs an API key .*OPENAI_API_KEY"):
+        preflight(recipe, root, plan(recipe, root, []))
+    monkeypatch.setenv("OPENAI_API_KEY", "set")
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    with pytest.raises(ConfigError, match=r"evaluate\.mt_bench\.judge needs an API key .*ANTHROPIC_API_KEY"):
+        preflight(recipe, root, plan(recipe, root, []))
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "set")
+    preflight(recipe, root, plan(recipe, root, []))
+
+
+def test_preflight_stage_data_that_nothing_writes(tmp_path):
+    recipe = load_recipe("openbezoar_tiny", ["generate.orca.enabled=false"])
+    with pytest.raises(ConfigError, match=r"stage orca reads .*data/orca/filtered\.jsonl, which does not exist"):
+        preflight(recipe, tmp_path, plan(recipe, tmp_path, []))
+
+
+def test_one_pipeline_per_run_root(tmp_path):
+    from bezoar.pipeline import _lock, run_pipeline
+
+    root = tmp_path / "run"
+    root.mkdir()
+    held = _lock(root)
+    try:
+        with pytest.raises(PipelineError, match=rf"another pipeline is running on this run root \(pid {os.getpid()}\)"):
+            run_pipeline("openbezoar_tiny", root, [], log=lambda *a: None)
+        assert not (root / "report.md").exists() and not (root / "data").exists()  # nothing ran
+    finally:
+        held.close()
