@@ -98,10 +98,12 @@ def data_section(steps, root: Path) -> list[str]:
     schemes = [s for s in steps if s.kind == "generate"]
     if not schemes:
         return []
-    rows, details = [], []
+    rows, details, models = [], [], {}
     for s in schemes:
         gen = _read_json(s.out / f"{s.target}-summary.json") or {}
         filt = _read_json(s.out / "filter-summary.json") or {}
+        models.setdefault("teacher", []).append(gen.get("teacher"))
+        models.setdefault("judge", []).append(filt.get("judge"))
         kept, judged = filt.get("kept"), filt.get("records")
         share = kept / judged if isinstance(kept, int) and judged else None
         rows.append([s.target, _num(INPUT_COUNT[s.target](gen)), _num(gen.get("counts", {}).get("records")),
@@ -118,6 +120,10 @@ def data_section(steps, root: Path) -> list[str]:
            "below).", ""]
     out += _table(["scheme", "inputs", "generated", "judged", "kept", "below threshold", "judge failures", "kept %",
                    "threshold"], rows)
+    names = [f"{role}: {', '.join(dict.fromkeys(m for m in found if m))}" for role, found in models.items()
+             if any(found)]
+    if names:
+        details.insert(0, "- " + "; ".join(names))
     return out + [""] + details + [""]
 
 
