@@ -1,0 +1,278 @@
+"""Activation checkpointing per decoder layer: ``off``, ``full`` or ``cheap``.
+
+A decoder layer's backward needs the tensors its forward saved. Three ways to pay for them:
+
+* ``off``: keep every saved tensor (fastest; memory grows with tokens x layers x ~9 hidden widths).
+* ``full``: keep only the layer's inputs and run the whole layer forward again in the backward
+  (``torch.utils.checkpoint``, non-reentrant): the smallest memory, one extra forward (about +50%
+  of the step's matmul FLOPs for a frozen base, whose backward is the input gradient alone).
+* ``cheap``: keep the layer's inputs plus the *outputs* of its expensive calls - the linear layers
+  (NF4 base, LoRA, or dense) and the attention core - and in the backward recompute only what lies
+  between them: RMSNorm, RoPE, SwiGLU, views. No matmul and no attention runs twice.
+
+How ``cheap`` works (our own, not torch's selective-checkpoint policy, which decides per aten op and
+cannot see Triton kernels: a Triton attention or fused NF4+LoRA kernel would be re-run). The model
+marks its expensive calls with :func:`saved_call`. During the layer's forward a frame is active:
+
+* tensors saved by the cheap code between the calls are dropped; each becomes a slot number;
+* inside an expensive call, its saved tensors get their own hooks: a tensor that is (a view of)
+  one of the call's tensor arguments is dropped and remembered as "argument i, this view"; any
+  other saved tensor (its output, a log-sum-exp, LoRA's rank-r intermediate) is kept;
+* the call's outputs are kept in the frame.
+
+The first time the backward asks for a dropped tensor, the layer forward runs again with the same
+autocast, kernel backend and RNG state; each expensive call now returns its kept outputs without
+computing anything (and records the arguments it was given, which the dropped argument views are
+cut from), while the cheap code recomputes its tensors, which fill the slots in the order the
+forward saved them. Because the expensive calls save nothing into the slot sequence, forward and
+recompute count the same slots.
+
+Memory per layer and token, OpenLLaMA 3B (C = 3200, F = 8640), in elements: ``full`` keeps 2C (the
+layer inputs), ``cheap`` about 8C + 2F (inputs, q, k, v, attention output, o_proj output, gate,
+up), ``off`` about 9C + 3F. ``cheap`` is for when memory allows; ``full`` for the smallest steps.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from bezoar_kernels import dispatch
+
+MODES = ("off", "full", "cheap")
+
+_local = threading.local()
+
+
+def resolve_mode(value: Any, source: str = "gradient_checkpointing") -> str:
+    """``"off" | "full" | "cheap"``; ``True`` / ``False`` are accepted as ``"full"`` / ``"off"``."""
+    if isinstance(value, bool):
+        return "full" if value else "off"
+    if value in MODES:
+        return value
+    raise ValueError(f"{source} is {value!r}: expected one of {', '.join(repr(m) for m in MODES)} "
+                     "(or true / false for 'full' / 'off')")
+
+
+def saved_call(fn: Callable, *args):
+    """``fn(*args)``, marked as an expensive call whose outputs ``cheap`` checkpointing keeps.
+
+    Outside a ``cheap`` layer forward this is a plain call.
+    """
+    frame = getattr(_local, "frame", None)
+    if frame is None:
+        return fn(*args)
+    return frame.call(fn, args)
+
+
+def checkpoint_layer(layer: Callable, mode: str, *args):
+    """``layer(*args)`` with activation checkpointing ``mode`` (see the module docstring)."""
+    if mode == "off":
+        return layer(*args)
+    kernels = dispatch.current_backend()  # thread-local: the backward may run on another thread
+
+    def run(*a):
+        with dispatch.backend(kernels):
+            return layer(*a)
+
+    if mode == "full":
+        return checkpoint(run, *args, use_reentrant=False)
+    if mode == "cheap":
+        return _CheapFrame(run, args).forward()
+    raise ValueError(resolve_mode(mode))
+
+
+# ---- the cheap frame ----------------------------------------------------------------------------
+
+
+class CheckpointError(RuntimeError):
+    """The recomputation did not retrace the forward (control flow or shapes changed between them)."""
+
+
+class _Slot:
+    """A saved tensor of the cheap code: recomputed, found by its position in the save order."""
+
+    __slots__ = ("frame", "index")
+
+    def __init__(self, frame, index):
+        self.frame, self.index = frame, index
+
+
+class _ArgView:
+    """A saved tensor that is a view of an expensive call's argument: cut again from the recomputed one."""
+
+    __slots__ = ("frame", "call", "arg", "size", "stride", "offset")
+
+    def __init__(self, frame, call, arg, size, stride, offset):
+        self.frame, self.call, self.arg = frame, call, arg
+        self.size, self.stride, self.offset = size, stride, offset
+
+
+class _Kept:
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+def _storage_key(t: torch.Tensor):
+    storage = t.untyped_storage()
+    return (t.device, storage.data_ptr()) if storage.nbytes() else None
+
+
+def _detached(value):
+    """Tensors detached (keeping requires_grad), other values as they are; recurses into tuples/lists."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().requires_grad_(value.requires_grad)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detached(v) for v in value)
+    return value
+
+
+class _CheapFrame:
+    def __init__(self, fn: Callable, args: tuple):
+        self.fn = fn
+        self.args = args  # the layer inputs: kept (the previous layer's outputs; alive anyway)
+        self.outputs: list = []  # per expensive call, its outputs
+        self.call_args: list[dict[int, torch.Tensor]] = []  # per call, the recomputed arguments needed
+        self.needed_args: list[dict[int, tuple]] = []  # per call: argument -> its (shape, stride) in the forward
+        self.slots: dict[int, torch.Tensor] = {}  # recomputed tensors not yet handed to the backward
+        self.num_slots = 0
+        self.num_calls = 0
+        self.recomputing = False
+        self.device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+        self.autocast = {dev: (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+                         for dev in {"cpu", self.device.type}}
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+
+    # -- forward --
+
+    def forward(self):
+        previous = getattr(_local, "frame", None)
+        _local.frame = self
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack_cheap, self._unpack):
+                return self.fn(*self.args)
+        finally:
+            _local.frame = previous
+
+    def _pack_cheap(self, tensor):
+        if self.recomputing:
+            index = self.num_slots
+            self.num_slots += 1
+            if index in self.slots:  # None placeholder: this position is wanted
+                self.slots[index] = tensor
+            return index
+        index = self.num_slots
+        self.num_slots += 1
+        self.slots[index] = None
+        return _Slot(self, index)
+
+    def call(self, fn: Callable, args: tuple):
+        index = self.num_calls
+        self.num_calls += 1
+        if self.recomputing:
+            if index >= len(self.outputs):
+                raise CheckpointError("cheap checkpointing: the recomputation made more expensive calls than "
+                                      "the forward did")
+            for i, geometry in self.needed_args[index].items():
+                if (tuple(args[i].shape), tuple(args[i].stride())) != geometry:
+                    raise CheckpointError(
+                        f"cheap checkpointing: argument {i} of expensive call {index} has shape/stride "
+                        f"{(tuple(args[i].shape), tuple(args[i].stride()))} in the recomputation, "
+                        f"{geometry} in the forward")
+                self.call_args[index][i] = args[i]
+            return _detached(self.outputs[index])
+        keys = {}
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                key = _storage_key(a)
+                if key is not None:
+                    keys.setdefault(key, i)
+        self.needed_args.append({})
+        self.call_args.append({})
+
+        def pack(tensor):
+            key = _storage_key(tensor)
+            i = keys.get(key) if key is not None else None
+            if i is not None and tensor.dtype == args[i].dtype:
+                arg = args[i]
+                self.needed_args[index][i] = (tuple(arg.shape), tuple(arg.stride()))
+                return _ArgView(self, index, i, tuple(tensor.shape), tuple(tensor.stride()),
+                                tensor.storage_offset() - arg.storage_offset())
+            return _Kept(tensor)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
+            out = fn(*args)
+        self.outputs.append(out)
+        return out
+
+    # -- backward --
+
+    def _unpack(self, handle):
+        if isinstance(handle, _Kept):
+            return handle.tensor
+        if isinstance(handle, _Slot):
+            tensor = self.slots.get(handle.index)
+            if tensor is None:
+                self._recompute()
+                tensor = self.slots.get(handle.index)
+            self.slots[handle.index] = None  # handed over: the frame no longer holds it
+            return tensor
+        # _ArgView
+        held = self.call_args[handle.call]
+        if handle.arg not in held:
+            self._recompute()
+            held = self.call_args[handle.call]
+        arg = held[handle.arg]
+        return arg.as_strided(handle.size, handle.stride, arg.storage_offset() + handle.offset)
+
+    def _recompute(self):
+        self.recomputing = True
+        self.num_slots = 0
+        self.num_calls = 0
+        for i in list(self.slots):
+            self.slots[i] = None
+        for i in range(len(self.call_args)):
+            self.call_args[i] = {}
+        wanted = len(self.slots)
+        previous = getattr(_local, "frame", None)
+        _local.frame = self
+        devices = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
+            if self.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices), torch.enable_grad():
+                torch.set_rng_state(self.cpu_rng)
+                if self.cuda_rng is not None:
+                    torch.cuda.set_rng_state(self.cuda_rng, self.device)
+                with torch.autograd.graph.saved_tensors_hooks(self._pack_cheap, lambda index: None):
+                    with _autocast(self.autocast):
+                        self.fn(*_detached(self.args))
+        finally:
+            _local.frame = previous
+            self.recomputing = False
+        if self.num_slots != wanted or self.num_calls != len(self.outputs):
+            raise CheckpointError(
+                f"cheap checkpointing: the recomputation saved {self.num_slots} tensors in "
+                f"{self.num_calls} expensive calls, the forward {wanted} in {len(self.outputs)}: the layer "
+                "must run the same way twice (same control flow, kernel backend and shapes)")
+
+
+class _autocast:
+    """Re-enter the autocast state (per device type) the forward ran under."""
+
+    def __init__(self, state: dict):
+        self.contexts = [torch.autocast(dev, dtype=dtype, enabled=enabled) for dev, (enabled, dtype) in state.items()]
+
+    def __enter__(self):
+        for c in self.contexts:
+            c.__enter__()
+
+    def __exit__(self, *exc):
+        for c in reversed(self.contexts):
+            c.__exit__(*exc)
+        return False

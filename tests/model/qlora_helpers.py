@@ -1,0 +1,50 @@
+"""In-memory QLoRA models and packed batches for the checkpointing and kernel-path training tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from bezoar.data import BatchLoader, DocumentSetBuilder
+from bezoar.model.config import LlamaConfig
+from bezoar.model.lora import LoraConfig, apply_lora
+from bezoar.model.nf4 import NF4Linear
+from bezoar.model.tiny import random_model
+from bezoar_kernels.dispatch import backend
+
+LINEARS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+
+
+def qlora_model(config: LlamaConfig, seed: int = 0, targets=("q_proj", "k_proj", "v_proj"), r: int = 4,
+                dropout: float = 0.0, lora_b_std: float = 0.05, dtype=torch.float32):
+    """A random Llama whose decoder linears are NF4 (quantized by the torch reference, so every backend
+    starts from the same bytes) with LoRA adapters; B drawn non-zero so the adapters matter at step 0."""
+    model = random_model(config, seed, dtype=dtype)
+    with backend("torch"):
+        for layer in model.model.layers:
+            for part, names in LINEARS.items():
+                parent = getattr(layer, part)
+                for name in names:
+                    dense = getattr(parent, name)
+                    setattr(parent, name, NF4Linear.from_float(dense.weight.data, compute_dtype=dtype))
+    apply_lora(model, LoraConfig(r=r, alpha=2.0 * r, dropout=dropout, targets=list(targets)))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(lora_b_std * torch.randn(p.shape, generator=g))
+    return model
+
+
+def packed_loader(vocab: int, row_len: int, rows_per_batch: int, num_docs: int, seed: int = 0,
+                  min_len: int = 5, max_len: int = 13) -> BatchLoader:
+    """Documents packed several to a row, loss on the second half of each. A document counts up from a
+    random start (token t + 1 follows t), so a model can learn it and its loss falls."""
+    rng = np.random.default_rng(seed)
+    builder = DocumentSetBuilder()
+    for i in range(num_docs):
+        n = int(rng.integers(min_len, max_len + 1))
+        start = int(rng.integers(3, vocab))
+        ids = 3 + (start - 3 + np.arange(n)) % (vocab - 3)
+        builder.add_item([(ids.tolist(), n // 2)], example=i)
+    return BatchLoader(builder.build(), row_len, rows_per_batch, shuffle=True, seed=seed)
