@@ -27,9 +27,14 @@ cut from), while the cheap code recomputes its tensors, which fill the slots in 
 forward saved them. Because the expensive calls save nothing into the slot sequence, forward and
 recompute count the same slots.
 
-Memory per layer and token, OpenLLaMA 3B (C = 3200, F = 8640), in elements: ``full`` keeps 2C (the
-layer inputs), ``cheap`` about 8C + 2F (inputs, q, k, v, attention output, o_proj output, gate,
-up), ``off`` about 9C + 3F. ``cheap`` is for when memory allows; ``full`` for the smallest steps.
+Memory per layer and token (C hidden, F intermediate; in the GPU path, where an NF4 linear saves
+nothing and attention keeps its output and log-sum-exp): ``full`` keeps 2C (the layer inputs).
+``cheap`` keeps about 7C + 2F (inputs, q, k, v, attention output, o_proj output, gate, up). ``off``
+keeps what the backward of each op asks for: with LoRA on every linear about 8C + 3F plus the casts
+the adapters make, so ``cheap`` saves about C + F; with LoRA on q/k/v only about 7C + 2F, the same as
+``cheap`` (the NF4 layers save nothing, and the linear outputs are what off keeps anyway). So
+``cheap`` buys a little memory for little time when every linear is adapted; ``full`` is the mode
+that makes long steps fit (tests/model/test_checkpointing.py measures all three).
 """
 
 from __future__ import annotations
@@ -187,23 +192,26 @@ class _CheapFrame:
                         f"{geometry} in the forward")
                 self.call_args[index][i] = args[i]
             return _detached(self.outputs[index])
+        # storage -> (argument index, dtype, storage offset). The pack hook must not hold the arguments
+        # themselves: autograd keeps every hook alive with the tensors it packed.
         keys = {}
         for i, a in enumerate(args):
             if isinstance(a, torch.Tensor):
                 key = _storage_key(a)
-                if key is not None:
-                    keys.setdefault(key, i)
+                if key is not None and key not in keys:
+                    keys[key] = (i, a.dtype, a.storage_offset(), tuple(a.shape), tuple(a.stride()))
         self.needed_args.append({})
         self.call_args.append({})
+        needed = self.needed_args[index]
 
         def pack(tensor):
             key = _storage_key(tensor)
-            i = keys.get(key) if key is not None else None
-            if i is not None and tensor.dtype == args[i].dtype:
-                arg = args[i]
-                self.needed_args[index][i] = (tuple(arg.shape), tuple(arg.stride()))
+            found = keys.get(key) if key is not None else None
+            if found is not None and tensor.dtype == found[1]:
+                i, _, offset, shape, stride = found
+                needed[i] = (shape, stride)
                 return _ArgView(self, index, i, tuple(tensor.shape), tuple(tensor.stride()),
-                                tensor.storage_offset() - arg.storage_offset())
+                                tensor.storage_offset() - offset)
             return _Kept(tensor)
 
         with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from bezoar.data import BatchLoader, DocumentSetBuilder
 from bezoar.model.config import LlamaConfig
@@ -48,3 +53,33 @@ def packed_loader(vocab: int, row_len: int, rows_per_batch: int, num_docs: int, 
         ids = 3 + (start - 3 + np.arange(n)) % (vocab - 3)
         builder.add_item([(ids.tolist(), n // 2)], example=i)
     return BatchLoader(builder.build(), row_len, rows_per_batch, shuffle=True, seed=seed)
+
+
+class StorageTracker(TorchDispatchMode):
+    """Counts the bytes of the storages that ops create inside the ``with`` block and that are still
+    alive when asked: after a forward, what the autograd graph holds for the backward (plus outputs).
+
+    Storages that existed before (weights, buffers, caches) are left out by ``live_bytes(exclude=...)``.
+    Relies on torch keeping one Python object per storage while the storage lives (it does since 2.0).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.refs: list[weakref.ref] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                self.refs.append(weakref.ref(t.untyped_storage()))
+        return out
+
+    def live_bytes(self, exclude=()) -> int:
+        gc.collect()
+        skip = {t.untyped_storage().data_ptr() for t in exclude}
+        alive = {}
+        for ref in self.refs:
+            storage = ref()
+            if storage is not None and storage.data_ptr() not in skip:
+                alive[storage.data_ptr()] = storage.nbytes()
+        return sum(alive.values())
