@@ -128,20 +128,46 @@ def _storage_key(t: torch.Tensor):
     return (t.device, storage.data_ptr()) if storage.nbytes() else None
 
 
-def _detached(value):
-    """Tensors detached (keeping requires_grad), other values as they are; recurses into tuples/lists."""
+class _Frozen:
+    """A tensor's values without its autograd history, and whether it required grad.
+
+    The frame keeps tensors only this way: a frame is referenced by the hooks of the graph's saved
+    tensors, so a frame holding a tensor with a ``grad_fn`` would close a reference cycle through the
+    C++ graph that Python's collector cannot see, and a graph never run backward would leak."""
+
+    __slots__ = ("tensor", "requires_grad")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor.detach()
+        self.requires_grad = tensor.requires_grad
+
+    def thaw(self) -> torch.Tensor:
+        return self.tensor.detach().requires_grad_(self.requires_grad)
+
+
+def _freeze(value):
+    """Tensors (also inside tuples and lists) as ``_Frozen``; other values as they are."""
     if isinstance(value, torch.Tensor):
-        return value.detach().requires_grad_(value.requires_grad)
+        return _Frozen(value)
     if isinstance(value, (tuple, list)):
-        return type(value)(_detached(v) for v in value)
+        return type(value)(_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value):
+    """Fresh leaf tensors (same storage, same requires_grad) for what ``_freeze`` kept."""
+    if isinstance(value, _Frozen):
+        return value.thaw()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_thaw(v) for v in value)
     return value
 
 
 class _CheapFrame:
     def __init__(self, fn: Callable, args: tuple):
         self.fn = fn
-        self.args = args  # the layer inputs: kept (the previous layer's outputs; alive anyway)
-        self.outputs: list = []  # per expensive call, its outputs
+        self.args = args  # the layer inputs; frozen once the forward has run
+        self.outputs: list = []  # per expensive call, its outputs (frozen)
         self.call_args: list[dict[int, torch.Tensor]] = []  # per call, the recomputed arguments needed
         self.needed_args: list[dict[int, tuple]] = []  # per call: argument -> its (shape, stride) in the forward
         self.slots: dict[int, torch.Tensor] = {}  # recomputed tensors not yet handed to the backward
@@ -164,13 +190,14 @@ class _CheapFrame:
                 return self.fn(*self.args)
         finally:
             _local.frame = previous
+            self.args = _freeze(self.args)  # kept: the previous layer's outputs, alive anyway
 
     def _pack_cheap(self, tensor):
         if self.recomputing:
             index = self.num_slots
             self.num_slots += 1
             if index in self.slots:  # None placeholder: this position is wanted
-                self.slots[index] = tensor
+                self.slots[index] = tensor.detach()  # no history: the recomputed graph must die now
             return index
         index = self.num_slots
         self.num_slots += 1
@@ -190,8 +217,8 @@ class _CheapFrame:
                         f"cheap checkpointing: argument {i} of expensive call {index} has shape/stride "
                         f"{(tuple(args[i].shape), tuple(args[i].stride()))} in the recomputation, "
                         f"{geometry} in the forward")
-                self.call_args[index][i] = args[i]
-            return _detached(self.outputs[index])
+                self.call_args[index][i] = args[i].detach()
+            return _thaw(self.outputs[index])
         # storage -> (argument index, dtype, storage offset). The pack hook must not hold the arguments
         # themselves: autograd keeps every hook alive with the tensors it packed.
         keys = {}
@@ -212,11 +239,11 @@ class _CheapFrame:
                 needed[i] = (shape, stride)
                 return _ArgView(self, index, i, tuple(tensor.shape), tuple(tensor.stride()),
                                 tensor.storage_offset() - offset)
-            return _Kept(tensor)
+            return _Kept(tensor.detach())
 
         with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
             out = fn(*args)
-        self.outputs.append(out)
+        self.outputs.append(_freeze(out))
         return out
 
     # -- backward --
@@ -259,7 +286,7 @@ class _CheapFrame:
                     torch.cuda.set_rng_state(self.cuda_rng, self.device)
                 with torch.autograd.graph.saved_tensors_hooks(self._pack_cheap, lambda index: None):
                     with _autocast(self.autocast):
-                        self.fn(*_detached(self.args))
+                        self.fn(*_thaw(self.args))
         finally:
             _local.frame = previous
             self.recomputing = False

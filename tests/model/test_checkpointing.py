@@ -239,3 +239,39 @@ def test_stage_config_switch(tmp_path):
     path.write_text('[model]\ngradient_checkpointing = "sometimes"\n')
     with pytest.raises(ConfigError, match=r"stage.toml:2: key 'model.gradient_checkpointing'"):
         load_config(StageConfig, path)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nothing_outlives_the_backward(mode):
+    """Once the backward is done, no tensor made by the forward, the recomputation or the frames is alive
+    (only the gradients): the checkpoint frames and their hooks hold nothing past their layer."""
+    model = qlora_model(preset("tiny"), seed=0, targets=ALL)
+    ids, pos, doc_ids = packed_inputs(model.config.vocab_size, rows=1, length=24, doc_len=8)
+    model.gradient_checkpointing = mode
+    model.train()
+    model.zero_grad(set_to_none=True)
+    tracker = StorageTracker()
+    with backend("torch"), tracker:
+        loss = model(ids, position_ids=pos, doc_ids=doc_ids).float().logsumexp(-1).mean()
+        loss.backward()
+    del loss
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads
+    inputs = [ids, pos, doc_ids]  # views of them were recorded too
+    assert tracker.live_bytes(list(model.parameters()) + list(model.buffers()) + grads + inputs) == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_forward_never_run_backward_frees_everything(mode):
+    """A training forward whose loss is dropped without a backward (a NaN stop, an exception) must not
+    leak: no frame may close a reference cycle through the autograd graph."""
+    model = qlora_model(preset("tiny"), seed=0, targets=ALL)
+    ids, pos, doc_ids = packed_inputs(model.config.vocab_size, rows=1, length=24, doc_len=8)
+    model.gradient_checkpointing = mode
+    model.train()
+    tracker = StorageTracker()
+    with backend("torch"), tracker:
+        loss = model(ids, position_ids=pos, doc_ids=doc_ids).float().logsumexp(-1).mean()
+    assert tracker.live_bytes(list(model.parameters()) + list(model.buffers()) + [ids, pos, doc_ids]) > 0
+    del loss
+    assert tracker.live_bytes(list(model.parameters()) + list(model.buffers()) + [ids, pos, doc_ids]) == 0
