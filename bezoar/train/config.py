@@ -49,11 +49,23 @@ class TrainSection(LoopConfig):
 
 @dataclass
 class DPOSection:
-    beta: float = 0.1
+    """The preference loss (formulas and papers in bezoar.train.dpo) and where the reference comes from."""
+
+    beta: float = 0.1  # strength of the pull towards the reference (IPO: its tau)
     loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
-    label_smoothing: float = 0.0  # sigmoid (conservative DPO) and robust only
+    label_smoothing: float = 0.0  # assumed rate of flipped labels: sigmoid (cDPO) in [0, 1), robust in [0, 0.5)
     precompute_ref: bool = False  # one pass first; reference log-probs cached on disk and reused
     ref_cache_dir: str | None = None  # default: <out>/ref_cache
+
+    def __post_init__(self):
+        if not self.beta > 0:
+            raise ValueError(f"dpo.beta must be positive, got {self.beta}")
+        if self.loss in ("ipo", "hinge") and self.label_smoothing != 0:
+            raise ValueError(f"dpo.label_smoothing applies to the sigmoid and robust losses, not {self.loss!r}")
+        top = 0.5 if self.loss == "robust" else 1.0
+        if not 0 <= self.label_smoothing < top:
+            raise ValueError(f"dpo.label_smoothing must be in [0, {top}) for the {self.loss} loss, "
+                             f"got {self.label_smoothing}")
 
 
 @dataclass

@@ -25,7 +25,7 @@ COMMON = ["model.path=tiny:tiny", "model.quant=nf4", "train.progress=false", "da
 
 def torchrun(out, *extra, nproc=2, wait=True):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",
            "-m", "bezoar.train", str(CONFIG), f"out={out}", *COMMON, *extra]
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
