@@ -42,10 +42,11 @@ def test_smoke_runs_every_case_and_writes_nothing(tmp_path):
     out = run_script("--smoke", "--lora", "qkv", "--tokens", "64", "--out", tmp_path / "results")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for case in ("sft/bezoar-full/qkv/64", "sft/bezoar-cheap/qkv/64", "sft/bezoar-off/qkv/64", "sft/hf/qkv/64",
-                 "dpo/hf/qkv/64"):
+                 "dpo/bezoar-full/qkv/64", "dpo/bezoar-off/qkv/64", "dpo/hf/qkv/64"):
         assert f"| {case} |" in out.stdout, case
     assert ": failed (" not in out.stdout and "out of memory" not in out.stdout
-    assert "speedup_vs_hf" in out.stdout and "targets (issues 10 and 6)" in out.stdout
+    assert "speedup_vs_hf" in out.stdout and "dpo_over_sft" in out.stdout
+    assert "targets (issues 10 and 6)" in out.stdout
     assert not (tmp_path / "results").exists()
 
 
