@@ -170,7 +170,6 @@ def is_linear_key(key: str) -> bool:
 def build_bezoar(config, seed, device, dtype):
     """bezoar's model with NF4 decoder linears, built on the meta device and filled one tensor at a time
     (each linear quantized on the device as it is drawn): the dense model never exists whole."""
-    import torch
     from torch import nn
 
     from bezoar.model.llama import LlamaForCausalLM
@@ -759,7 +758,8 @@ def check_targets(rows, comparisons) -> list[dict]:
     dpo_mem = [c for c in dpo if c["memory_ratio"] is not None]
     verdict("DPO peak memory <= 1.2x the SFT step's (bezoar)",
             all(c["memory_ratio"] <= 1.2 for c in dpo_mem) if dpo_mem else None,
-            ", ".join(f"{c['impl']} {c['lora']} {tokens_label(c['tokens'])}: {c['memory_ratio']:.2f}x" for c in dpo_mem))
+            ", ".join(f"{c['impl']} {c['lora']} {tokens_label(c['tokens'])}: {c['memory_ratio']:.2f}x"
+                      for c in dpo_mem))
     return out
 
 
