@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -123,45 +124,63 @@ def document_bounds(doc_ids: torch.Tensor):
     return first.to(torch.int32).contiguous(), last.to(torch.int32).contiguous()
 
 
+class _PerDocIdsCache:
+    """Remembers what was derived from one doc_ids tensor (bounds, a block mask).
+
+    A model calls attention once per layer with the same doc_ids tensor: derive once per
+    step, not once per layer. Entries are keyed by the tensor object itself (a weak
+    reference, checked by identity) and its version counter, so neither a new tensor at a
+    recycled address nor an in-place edit can hit a stale entry.
+    """
+
+    def __init__(self):
+        self._ref = None
+        self._version = None
+        self._values = {}
+
+    def get(self, doc_ids: torch.Tensor, what: str, make):
+        if self._ref is None or self._ref() is not doc_ids or self._version != doc_ids._version:
+            self._ref, self._version, self._values = weakref.ref(doc_ids), doc_ids._version, {}
+        if what not in self._values:
+            self._values[what] = make()
+        return self._values[what]
+
+
+_doc_cache = _PerDocIdsCache()
+
+
 # ----------------------------------------------------------------------------- kernels
 
 
-def _fwd_configs():
+# GPU configs: (BLOCK_M, BLOCK_N, num_warps, num_stages) for head dims up to 128, chosen so that
+# most compile for sm_90 without register spills (checked with tests/kernels/compile_for_sm90.py).
+_FWD_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)]
+_BWD_DKDV_CONFIGS = [(32, 64, 8, 2), (64, 64, 8, 3), (32, 128, 8, 2), (32, 32, 4, 2)]
+_BWD_DQ_CONFIGS = [(128, 64, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)]
+# (BLOCK_M, BLOCK_N) under the interpreter (CPU tests), where the cost is per operation, not
+# per element: big tiles are fastest. Tests of the block-skipping logic set smaller ones.
+INTERPRETER_BLOCKS = {"fwd": (128, 128), "dkdv": (128, 128), "dq": (128, 128)}
+
+
+def _configs(gpu: list):
     if triton is None:
         return []
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in gpu]
+
+
+def _launch(kernel, grid, which: str, *args, **kwargs):
+    """Autotuned launch on a GPU; under the interpreter one launch with INTERPRETER_BLOCKS[which]."""
     if interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
-    ]
-
-
-def _bwd_dkdv_configs():
-    if triton is None:
-        return []
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 3)]
-    ]
-
-
-def _bwd_dq_configs():
-    if triton is None:
-        return []
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)]
-    ]
+        bm, bn = INTERPRETER_BLOCKS[which]
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn}
+        kernel.fn[grid(meta)](*args, **kwargs, **meta, num_warps=4)
+    else:
+        kernel[grid](*args, **kwargs)
 
 
 if triton is not None:
 
-    @triton.autotune(configs=_fwd_configs(), key=["seq_len", "BLOCK_D", "HAS_DOCS"])
+    @triton.autotune(configs=_configs(_FWD_CONFIGS), key=["seq_bucket", "BLOCK_D", "HAS_DOCS"])
     @triton.jit
     def _attn_fwd_kernel(
         # pointers
@@ -171,8 +190,8 @@ if triton is not None:
         stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh,
         stride_ob, stride_ot, stride_oh,
-        # sizes and numerics
-        seq_len, n_q_heads, group, head_dim, qk_scale,
+        # sizes and numerics (seq_bucket: next power of two of seq_len, the autotuning key)
+        seq_len, seq_bucket, n_q_heads, group, head_dim, qk_scale,
         HAS_DOCS: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -260,7 +279,7 @@ if triton is not None:
                      mask=mask, other=0.0).to(tl.float32)
         tl.store(delta_ptr + pid_bh.to(tl.int64) * seq_len + offs_m, tl.sum(o * do, axis=1), mask=offs_m < seq_len)
 
-    @triton.autotune(configs=_bwd_dkdv_configs(), key=["seq_len", "BLOCK_D", "HAS_DOCS"])
+    @triton.autotune(configs=_configs(_BWD_DKDV_CONFIGS), key=["seq_bucket", "BLOCK_D", "HAS_DOCS"])
     @triton.jit
     def _attn_bwd_dkdv_kernel(
         # pointers
@@ -271,8 +290,8 @@ if triton is not None:
         stride_vb, stride_vt, stride_vh,
         stride_dob, stride_dot, stride_doh,
         stride_dkb, stride_dkt, stride_dkh,
-        # sizes and numerics
-        seq_len, n_q_heads, n_k_heads, group, head_dim, qk_scale, sm_scale,
+        # sizes and numerics (seq_bucket: next power of two of seq_len, the autotuning key)
+        seq_len, seq_bucket, n_q_heads, n_k_heads, group, head_dim, qk_scale, sm_scale,
         HAS_DOCS: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -335,7 +354,7 @@ if triton is not None:
         tl.store(dk_base + out_offs, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
         tl.store(dv_base + out_offs, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
-    @triton.autotune(configs=_bwd_dq_configs(), key=["seq_len", "BLOCK_D", "HAS_DOCS"])
+    @triton.autotune(configs=_configs(_BWD_DQ_CONFIGS), key=["seq_bucket", "BLOCK_D", "HAS_DOCS"])
     @triton.jit
     def _attn_bwd_dq_kernel(
         # pointers
@@ -346,8 +365,8 @@ if triton is not None:
         stride_vb, stride_vt, stride_vh,
         stride_dob, stride_dot, stride_doh,
         stride_dqb, stride_dqt, stride_dqh,
-        # sizes and numerics
-        seq_len, n_q_heads, group, head_dim, qk_scale, sm_scale,
+        # sizes and numerics (seq_bucket: next power of two of seq_len, the autotuning key)
+        seq_len, seq_bucket, n_q_heads, group, head_dim, qk_scale, sm_scale,
         HAS_DOCS: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -433,13 +452,13 @@ def _flash_forward(q, k, v, doc_ids, first, scale):
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)
 
-    _attn_fwd_kernel[grid](
+    _launch(_attn_fwd_kernel, grid, "fwd",
         q, k, v, o, lse, docs, firsts,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
-        T, Hq, Hq // Hk, D, scale * _LOG2E,
+        T, triton.next_power_of_2(T), Hq, Hq // Hk, D, scale * _LOG2E,
         HAS_DOCS=has_docs, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=_block_d(D),
     )
     return o, lse
@@ -457,7 +476,7 @@ def _flash_backward(do, q, k, v, o, lse, doc_ids, first, last, scale):
     lasts = last if has_docs else lse
 
     delta = torch.empty_like(lse)
-    delta_block = 32 if interpreting() else 64
+    delta_block = 64
     _attn_bwd_delta_kernel[(triton.cdiv(T, delta_block), B * Hq)](
         o, do, delta,
         o.stride(0), o.stride(1), o.stride(2),
@@ -472,28 +491,28 @@ def _flash_backward(do, q, k, v, o, lse, doc_ids, first, last, scale):
     def grid_kv(meta):
         return (triton.cdiv(T, meta["BLOCK_N"]), B * Hk)
 
-    _attn_bwd_dkdv_kernel[grid_kv](
+    _launch(_attn_bwd_dkdv_kernel, grid_kv, "dkdv",
         q, k, v, do, lse, delta, docs, lasts, dk, dv,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
-        T, Hq, Hk, Hq // Hk, D, scale * _LOG2E, scale,
+        T, triton.next_power_of_2(T), Hq, Hk, Hq // Hk, D, scale * _LOG2E, scale,
         HAS_DOCS=has_docs, DOT_PRECISION=precision, BLOCK_D=block_d,
     )
 
     def grid_q(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)
 
-    _attn_bwd_dq_kernel[grid_q](
+    _launch(_attn_bwd_dq_kernel, grid_q, "dq",
         q, k, v, do, lse, delta, docs, firsts, dq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        T, Hq, Hq // Hk, D, scale * _LOG2E, scale,
+        T, triton.next_power_of_2(T), Hq, Hq // Hk, D, scale * _LOG2E, scale,
         HAS_DOCS=has_docs, DOT_PRECISION=precision, BLOCK_D=block_d,
     )
     return dq, dk, dv
@@ -505,8 +524,8 @@ class FlashAttentionFunction(torch.autograd.Function):
         q, k, v = _head_dim_contiguous(q), _head_dim_contiguous(k), _head_dim_contiguous(v)
         first = last = None
         if doc_ids is not None:
-            doc_ids = doc_ids.to(torch.int32).contiguous()
-            first, last = document_bounds(doc_ids)
+            doc_ids, first, last = _doc_cache.get(doc_ids, "bounds", lambda: (
+                doc_ids.to(torch.int32).contiguous(), *document_bounds(doc_ids)))
         o, lse = _flash_forward(q, k, v, doc_ids, first, scale)
         ctx.save_for_backward(q, k, v, o, lse, doc_ids, first, last)
         ctx.scale = scale
@@ -531,11 +550,24 @@ def flash_attention(q, k, v, doc_ids=None, scale=None):
 _flex_compiled = None
 
 
+def flex_document_block_mask(doc_ids: torch.Tensor, compiled: bool):
+    """FlexAttention BlockMask for causal attention within documents of doc_ids (B, T)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, T = doc_ids.shape
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+
+    return create_block_mask(mask_mod, B, None, T, T, device=doc_ids.device, _compile=compiled)
+
+
 def flex_attention_packed(q, k, v, doc_ids=None, scale=None, compiled: bool | None = None):
     """FlexAttention with a causal (and document) block mask; compiled on CUDA.
 
-    The block mask is built per call from doc_ids (that cost is part of a packed step).
-    FlexAttention has no backward on CPU: there it serves forward-only checks.
+    The block mask is built once per doc_ids tensor and reused by later calls with the same
+    tensor (every layer of a step). FlexAttention has no backward on CPU: there it serves
+    forward-only checks.
     """
     global _flex_compiled
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -545,19 +577,11 @@ def flex_attention_packed(q, k, v, doc_ids=None, scale=None, compiled: bool | No
     if compiled is None:
         compiled = q.is_cuda
     if doc_ids is not None:
-        docs = doc_ids
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return (q_idx >= kv_idx) & (docs[b, q_idx] == docs[b, kv_idx])
-
-        mask_batch = B
+        block_mask = _doc_cache.get(doc_ids, f"flex_block_mask_{compiled}",
+                                    lambda: flex_document_block_mask(doc_ids, compiled))
     else:
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return q_idx >= kv_idx
-
-        mask_batch = None
-    block_mask = create_block_mask(mask_mod, mask_batch, None, T, T, device=q.device)
+        block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, T, T,
+                                       device=q.device, _compile=compiled)
     fn = flex_attention
     if compiled:
         if _flex_compiled is None:

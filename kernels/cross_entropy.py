@@ -79,40 +79,50 @@ if triton is not None:
         # strides
         stride_logits, stride_scale,
         # sizes and switches
-        n_vocab, ignore_index,
+        n_rows, n_vocab, ignore_index,
         COMPUTE_GRAD: tl.constexpr,
+        BLOCK_R: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
-        """One row of logits: loss and logsumexp; with COMPUTE_GRAD, dz over the logits in place."""
-        row = tl.program_id(0).to(tl.int64)
-        base = logits_ptr + row * stride_logits
-        label = tl.load(labels_ptr + row)
-        valid = label != ignore_index
+        """BLOCK_R rows of logits: loss and logsumexp; with COMPUTE_GRAD, dz over the logits in place.
+
+        BLOCK_R is 1 for a real vocabulary (one row per program, BLOCK_V-wide steps over it)
+        and larger only when a whole row fits one block (small test vocabularies).
+        """
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < n_rows
+        base = logits_ptr + rows.to(tl.int64) * stride_logits  # (BLOCK_R,) row pointers
+        label = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
+        valid = (label != ignore_index) & row_ok
         cols = tl.arange(0, BLOCK_V)
 
         # pass 1: running max and sum of exponentials over blocks of the vocabulary
-        m = tl.max(tl.full((BLOCK_V,), float("-inf"), tl.float32), axis=0)
-        acc = tl.sum(tl.zeros((BLOCK_V,), tl.float32), axis=0)
+        m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+        acc = tl.zeros((BLOCK_R,), tl.float32)
         for v0 in range(0, n_vocab, BLOCK_V):
-            x = tl.load(base + v0 + cols, mask=v0 + cols < n_vocab, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            idx = v0 + cols
+            in_vocab = idx < n_vocab
+            x = tl.load(base[:, None] + idx[None, :], mask=row_ok[:, None] & in_vocab[None, :], other=0.0)
+            x = tl.where(in_vocab[None, :], x.to(tl.float32), float("-inf"))
+            m_new = tl.maximum(m, tl.max(x, axis=1))
+            acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
             m = m_new
         lse = m + tl.log(acc)
         z_label = tl.load(base + label, mask=valid, other=0.0).to(tl.float32)
-        tl.store(loss_ptr + row, tl.where(valid, lse - z_label, 0.0))
-        tl.store(lse_ptr + row, lse)
+        tl.store(loss_ptr + rows, tl.where(valid, lse - z_label, 0.0), mask=row_ok)
+        tl.store(lse_ptr + rows, lse, mask=row_ok)
 
         if COMPUTE_GRAD:
-            scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
+            scale = tl.load(scale_ptr + rows * stride_scale, mask=row_ok, other=0.0).to(tl.float32)
             scale = tl.where(valid, scale, 0.0)
             for v0 in range(0, n_vocab, BLOCK_V):
                 idx = v0 + cols
-                vmask = idx < n_vocab
-                x = tl.load(base + idx, mask=vmask, other=0.0).to(tl.float32)
-                p = tl.exp(x - lse)
-                dz = (p - tl.where(idx == label, 1.0, 0.0)) * scale
-                tl.store(base + idx, dz.to(logits_ptr.dtype.element_ty), mask=vmask)
+                mask = row_ok[:, None] & (idx < n_vocab)[None, :]
+                ptrs = base[:, None] + idx[None, :]
+                x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+                p = tl.exp(x - lse[:, None])
+                dz = (p - tl.where(idx[None, :] == label[:, None], 1.0, 0.0)) * scale[:, None]
+                tl.store(ptrs, dz.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -126,6 +136,8 @@ def _check(hidden, weight, labels, reduction):
             f"linear_cross_entropy: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} "
             "must be (..., C) and (V, C)"
         )
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}")
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(
             f"linear_cross_entropy: labels {tuple(labels.shape)} must match hidden's leading dims "
@@ -154,7 +166,7 @@ def chunk_tokens_for(n_tokens: int, n_vocab: int, element_size: int) -> int:
 
 
 def _chunked_pass(hidden, weight, labels, ignore_index, scale, want_dh, want_dw, chunk_tokens):
-    """Run every chunk once: per-token loss and lse (fp32), and dh / dW (fp32) when asked.
+    """Run every chunk once: per-token loss and lse (fp32), and dh (hidden's dtype) / dW (fp32) when asked.
 
     ``scale`` is a 1-element or (N,) fp32 tensor: the factor each token's dz is multiplied by.
     """
@@ -168,16 +180,18 @@ def _chunked_pass(hidden, weight, labels, ignore_index, scale, want_dh, want_dw,
     compute_grad = want_dh or want_dw
     chunk = chunk_tokens or chunk_tokens_for(n_tokens, n_vocab, hidden.element_size())
     block_v = min(MAX_BLOCK_V, triton.next_power_of_2(n_vocab))
+    block_r = max(1, min(MAX_BLOCK_V // block_v, triton.next_power_of_2(chunk)))
     stride_scale = 0 if scale.numel() == 1 else scale.stride(0)
     for start in range(0, n_tokens, chunk):
         end = min(start + chunk, n_tokens)
         h = hidden[start:end]
         logits = F.linear(h, weight)  # (n, V) in the activation dtype; becomes dz in place
-        _ce_rows_kernel[(end - start,)](
+        _ce_rows_kernel[(triton.cdiv(end - start, block_r),)](
             logits, labels[start:end], scale[start:end] if stride_scale else scale, loss[start:end], lse[start:end],
             logits.stride(0), stride_scale,
-            n_vocab, ignore_index,
-            COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
+            end - start, n_vocab, ignore_index,
+            COMPUTE_GRAD=compute_grad, BLOCK_R=block_r, BLOCK_V=block_v,
+            num_warps=8 if block_r * block_v >= 2048 else 4,
         )
         if want_dh:
             torch.mm(logits, weight, out=dh[start:end])

@@ -121,7 +121,7 @@ FIELD_PRESETS: dict[str, FieldMap] = {
     "instruction": FieldMap(),
     "lamini": FieldMap(instruction=["instruction"], input=[], response=["response"], system=[]),
     "evol": FieldMap(instruction=["instruction"], input=[], response=["output"], system=[]),
-    "orca": FieldMap(instruction=["question"], input=[], response=["response"], system=["system_prompt", "system"]),
+    "orca": FieldMap(instruction=["question", "instruction"], input=[], response=["response"], system=["system_prompt", "system"]),
     "alpaca": FieldMap(instruction=["instruction"], input=["input"], response=["output"], system=[]),
 }
 

@@ -219,6 +219,7 @@ def load(path, quant: str | None = None, adapter=None, device=None, dtype=None, 
         from .lora import load_adapter
 
         load_adapter(model, adapter)
+        model.eval()  # the adapter's new modules start in training mode (dropout on)
     return model
 
 

@@ -21,7 +21,10 @@ from .config import PRESETS, LlamaConfig
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 CORPUS = ASSETS / "tokenizer_corpus.txt"
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
+# Presets that get a short full-parameter pretraining on the corpus, so that fine-tuning starts from a
+# model that has seen text (as QLoRA does) rather than from noise: preset -> optimizer steps.
+PRETRAIN_STEPS = {"demo": 60}
 
 
 def cache_root() -> Path:
@@ -82,15 +85,49 @@ def random_model(config: LlamaConfig, seed: int, dtype=torch.float32):
     return model
 
 
+def pretrain(model, tokenizer_dir: Path, steps: int, seed: int, seq_len: int = 128, rows: int = 16,
+             lr: float = 3e-3, log=None) -> list[float]:
+    """Next-token training of every parameter on the corpus (rows of ``seq_len`` tokens); returns losses."""
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer_dir)
+    lines = CORPUS.read_text().split("\n")
+    ids = torch.tensor([t for ids in tok.encode_many(lines, bos=True) for t in ids])
+    n = (len(ids) // seq_len) * seq_len
+    chunks = ids[:n].view(-1, seq_len)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.1, 1 - s / steps))
+    model.train()
+    losses = []
+    for step in range(steps):
+        batch = chunks[torch.randint(len(chunks), (rows,), generator=g)]
+        logits = model(batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if log is not None and (step + 1) % 20 == 0:
+            log(f"pretraining the tiny model: step {step + 1}/{steps}, loss {loss.item():.3f}")
+    model.eval()
+    return losses
+
+
 def build_tiny_model(preset: str = "tiny", seed: int = 0, out_dir: str | Path | None = None,
-                     max_shard_size: str | int = "2GB", **overrides) -> Path:
+                     max_shard_size: str | int = "2GB", pretrain_steps: int | None = None, log=None,
+                     **overrides) -> Path:
     """Build (or reuse from the cache) a tiny HF-format Llama checkpoint and return its folder."""
     from .checkpoint import save
 
     if preset not in PRESETS:
         raise KeyError(f"unknown tiny-model preset {preset!r}; known: {', '.join(PRESETS)}")
     config = LlamaConfig(**{**PRESETS[preset], **overrides})
+    steps = PRETRAIN_STEPS.get(preset, 0) if pretrain_steps is None else pretrain_steps
     recipe = json.dumps({"config": dataclasses.asdict(config), "seed": seed, "shard": str(max_shard_size),
+                         "pretrain_steps": steps,
                          "version": BUILDER_VERSION,
                          "corpus": hashlib.sha256(CORPUS.read_bytes()).hexdigest()}, sort_keys=True)
     digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
@@ -105,6 +142,12 @@ def build_tiny_model(preset: str = "tiny", seed: int = 0, out_dir: str | Path | 
     train_tokenizer(work, config.vocab_size)
     write_tokenizer_config(work, config.max_position_embeddings)
     model = random_model(config, seed)
+    if steps:
+        if log is not None:
+            log(f"building the tiny {preset!r} model: {steps} pretraining steps on the shipped corpus (once; cached)")
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            pretrain(model, work, steps, seed, log=log)
     save(model, work / "model", tokenizer_from=work, max_shard_size=max_shard_size)
     for f in (work / "model").iterdir():
         f.rename(work / f.name)

@@ -45,7 +45,15 @@ def main(argv=None) -> int:
 
     expected = (ConfigError, DataError, CheckpointError, ModelConfigError, TokenizerError, AdapterError, TrainingError,
                 FileExistsError)
+    from .distributed import Dist, launched_by_torchrun
+
+    dist = None
+    log = print
     try:
+        if launched_by_torchrun():
+            dist = Dist()
+            if dist.rank != 0:
+                log = _quiet
         if args.config:
             if args.recipe:
                 p.error("give a stage config or --recipe, not both")
@@ -55,8 +63,8 @@ def main(argv=None) -> int:
             from .run import run_stage
 
             cfg = load_config(StageConfig, args.config, args.overrides)
-            out = run_stage(cfg, resume=args.resume)
-            print(f"run directory: {Path(out).resolve()}")
+            out = run_stage(cfg, resume=args.resume, log=log, dist=dist)
+            log(f"run directory: {Path(out).resolve()}")
             return 0
         from .recipe import describe_plan, load_recipe, run_recipe
 
@@ -71,12 +79,20 @@ def main(argv=None) -> int:
             return 0
         if args.resume:
             print("note: recipes always continue unfinished stages; --resume is implied")
-        run_recipe(name, root, args.overrides)
-        print(f"run root: {root.resolve()}")
+        run_recipe(name, root, args.overrides, log=log, dist=dist)
+        log(f"run root: {root.resolve()}")
         return 0
     except expected as e:
-        print(f"bezoar.train: error: {e}", file=sys.stderr)
+        rank = f" (rank {dist.rank})" if dist is not None else ""
+        print(f"bezoar.train: error{rank}: {e}", file=sys.stderr)
         return 2
+    finally:
+        if dist is not None:
+            dist.close()
+
+
+def _quiet(*args, **kwargs):
+    pass
 
 
 if __name__ == "__main__":

@@ -233,14 +233,16 @@ class Trainer:
             with sync:
                 with self._autocast():
                     loss_sum, metrics = self.stage.loss(self.model, batch)
-                loss = loss_sum.float() / units
+                # DDP averages gradients over ranks; scaling by the world size turns that average back
+                # into the sum, so the step equals one process on the whole global batch.
+                loss = loss_sum.float() / units * (self.dist.world_size if self.dist is not None else 1)
                 if not torch.isfinite(loss):
                     raise TrainingError(self._nan_message(i))
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
                 else:
                     loss.backward()
-            total_loss += float(loss.detach())
+            total_loss += float(loss_sum.detach()) / units
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         if self.dist is not None:
@@ -318,9 +320,9 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path | None:
-        if self.dist is not None:
-            # Every rank's data position goes into the checkpoint; rank 0 writes it.
-            states = self.dist.gather_objects(self.batches.state_dict())
+        # The loader's state is the global data position, the same on every rank: rank 0 writes it,
+        # with every rank's RNG state (dropout masks differ per rank).
+        rng_per_rank = self.dist.gather_objects(rng_state()) if self.dist is not None else None
         if not self.rank0:
             self.dist.barrier()
             return None
@@ -332,8 +334,8 @@ class Trainer:
         tmp.mkdir()
         save_adapter(_unwrap(self.model), tmp / "adapter", self.base_model_name)
         state = self._state()
-        if self.dist is not None:
-            state["data_per_rank"] = states
+        if rng_per_rank is not None:
+            state["rng_per_rank"] = rng_per_rank
         torch.save(state, tmp / "trainer_state.pt")
         _fsync_tree(tmp)
         if final.exists():
@@ -370,11 +372,18 @@ class Trainer:
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
         self._epoch = state.get("epoch", 0)
-        data_state = state["data"]
-        if self.dist is not None and "data_per_rank" in state:
-            data_state = state["data_per_rank"][self.dist.rank]
-        self.batches.load_state_dict(data_state)
-        set_rng_state(state["rng"])
+        self.batches.load_state_dict(state["data"])
+        if self.dist is not None:
+            ranks = state.get("rng_per_rank")
+            if not ranks or len(ranks) != self.dist.world_size:
+                raise TrainingError(f"{path}: written by a run with {len(ranks) if ranks else 1} process(es); resume it "
+                                    f"with the same number (this run has {self.dist.world_size})")
+            set_rng_state(ranks[self.dist.rank])
+        else:
+            if state.get("rng_per_rank") and len(state["rng_per_rank"]) > 1:
+                raise TrainingError(f"{path}: written by a run with {len(state['rng_per_rank'])} processes; resume it "
+                                    "under torchrun with the same number")
+            set_rng_state(state["rng"])
 
     def _trim_metrics(self) -> None:
         """After a resume, drop metric lines logged past the checkpoint (they will be logged again)."""
@@ -418,7 +427,7 @@ class Trainer:
 
     def fit(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
-        seed_everything(self.loop.seed)
+        seed_everything(self.loop.seed + (self.dist.rank if self.dist is not None else 0))
         if self.resume:
             ckpts = list_checkpoints(self.out)
             if ckpts:

@@ -50,7 +50,7 @@ def resolve_model_path(path: str) -> Path:
     if path.startswith("tiny:"):
         from bezoar.model.tiny import build_tiny_model
 
-        return build_tiny_model(path.split(":", 1)[1])
+        return build_tiny_model(path.split(":", 1)[1], log=print)
     folder = Path(path).expanduser()
     if folder.is_dir():
         return folder
@@ -87,8 +87,12 @@ def is_complete(out: Path) -> bool:
     return (Path(out) / SUMMARY).exists()
 
 
-def build_model(cfg: StageConfig, device: torch.device):
+def build_model(cfg: StageConfig, device: torch.device, dist=None):
+    if dist is not None and dist.rank != 0:
+        dist.barrier()  # rank 0 builds or downloads the model first; the others then read it
     path = resolve_model_path(cfg.model.path)
+    if dist is not None and dist.rank == 0:
+        dist.barrier()
     dtype = None if cfg.model.dtype == "auto" else cfg.model.dtype
     model = load(path, quant=None if cfg.model.quant == "none" else "nf4", device=device, dtype=dtype)
     apply_lora(model, cfg.lora)
@@ -137,11 +141,11 @@ def run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None) -> P
     if is_complete(out):
         log(f"{out}: complete already ({SUMMARY} present); nothing to do")
         return out
-    check_run_dir(out, cfg, resume)
+    check_run_dir(out, cfg, resume)  # every rank: an error must stop them all, not leave some waiting
     device = dist.device if dist is not None else resolve_device(cfg.model.device)
     torch.manual_seed(cfg.train.seed)
     with backend(cfg.model.kernels):
-        model, base_path = build_model(cfg, device)
+        model, base_path = build_model(cfg, device, dist)
         tokenizer = Tokenizer(base_path)
         docs, stats = build_documents(cfg.data, tokenizer)
         world, rank = (dist.world_size, dist.rank) if dist is not None else (1, 0)
@@ -156,11 +160,15 @@ def run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None) -> P
                                                     seed=cfg.train.seed, world_size=world, rank=rank, shuffle=False), device)
         if rank0:
             out.mkdir(parents=True, exist_ok=True)
+            if dist is not None:
+                data_note = f"; {dist.world_size} processes ({dist.backend}), each {cfg.train.batch_size // dist.world_size} rows"
+            else:
+                data_note = ""
             (out / "config.toml").write_text(dump_toml(cfg, header=f"resolved config of {out} ({time.strftime('%Y-%m-%d %H:%M:%S')})"))
             data_info = {"encode": stats.as_dict(), "loader": loader.stats(), "packing_efficiency": loader.efficiency}
             (out / "data.json").write_text(json.dumps(data_info, indent=2) + "\n")
             log(f"data: {stats.summary()}; {len(loader)} batches/epoch of {cfg.train.batch_size} rows x "
-                f"{cfg.data.max_seq_len}; packing efficiency {loader.efficiency:.1%}")
+                f"{cfg.data.max_seq_len}; packing efficiency {loader.efficiency:.1%}{data_note}")
         if cfg.stage == "sft":
             from .sft import SFTStage
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bezoar_kernels.attention import (
+    INTERPRETER_BLOCKS,
     attention,
     attention_reference,
     document_bounds,
@@ -21,6 +22,15 @@ from tests.kernels.layer_checks import check_against_reference, check_bf16_again
 from tests.utils import assert_close
 
 NAMES = ["out", "dq", "dk", "dv"]
+DEFAULT_INTERPRETER_BLOCKS = dict(INTERPRETER_BLOCKS)
+
+
+@pytest.fixture(autouse=True)
+def small_interpreter_blocks(monkeypatch):
+    """Blocks of 16 and 32 so that rows of 37 or 48 span several query and key blocks."""
+    import bezoar_kernels.attention as attn
+
+    monkeypatch.setattr(attn, "INTERPRETER_BLOCKS", {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)})
 
 
 def doc_ids_from_lengths(lengths_per_row, T, pad_id=-1):
@@ -42,12 +52,17 @@ def _qkv(B, T, Hq, Hk, D, dtype, device="cpu"):
     return leaves(q, k, v)
 
 
+def _compare(q, k, v, docs, dtype):
+    check_against_reference(lambda q, k, v: attention(q, k, v, docs),
+                            lambda q, k, v: attention_reference(q, k, v, docs), [q, k, v], NAMES, dtype)
+
+
 # (B, T, Hq, Hk, D, document lengths per row or None)
 CASES = [
     pytest.param(2, 37, 3, 3, 100, [[10, 1, 20], [37]], id="d100-uneven-docs-pad"),
     pytest.param(1, 37, 4, 2, 64, None, id="gqa-causal"),
     pytest.param(1, 37, 4, 2, 64, [[5, 12, 1, 19]], id="gqa-docs"),
-    pytest.param(1, 48, 2, 1, 16, [[1] * 7 + [26, 1, 1]], id="many-length-1"),  # a doc ends at 32
+    pytest.param(1, 48, 2, 1, 16, [[1] * 7 + [26, 1, 1]], id="many-length-1"),  # a doc ends at 32, a block edge
 ]
 
 
@@ -56,8 +71,17 @@ CASES = [
 def test_flash_attention_matches_reference(B, T, Hq, Hk, D, lengths, dtype):
     q, k, v = _qkv(B, T, Hq, Hk, D, dtype)
     docs = doc_ids_from_lengths(lengths, T) if lengths else None
-    check_against_reference(lambda q, k, v: attention(q, k, v, docs), lambda q, k, v: attention_reference(q, k, v, docs),
-                            [q, k, v], NAMES, dtype)
+    _compare(q, k, v, docs, dtype)
+
+
+def test_default_interpreter_blocks(monkeypatch):
+    """The blocks the interpreter uses outside these tests (the training tests on CPU)."""
+    import bezoar_kernels.attention as attn
+
+    monkeypatch.setattr(attn, "INTERPRETER_BLOCKS", DEFAULT_INTERPRETER_BLOCKS)
+    q, k, v = _qkv(2, 130, 6, 3, 10, torch.float32)
+    docs = doc_ids_from_lengths([[40, 1, 70, 19], [100]], 130)
+    _compare(q, k, v, docs, torch.float32)
 
 
 def test_views_of_a_fused_qkv_and_custom_scale():
@@ -82,8 +106,29 @@ def test_ids_that_reappear_later_in_the_row():
     T = 37
     docs = torch.tensor([[0] * 9 + [1] * 10 + [0] * 8 + [2] * 10], dtype=torch.int32)
     q, k, v = _qkv(1, T, 2, 2, 32, torch.float32)
-    check_against_reference(lambda q, k, v: attention(q, k, v, docs), lambda q, k, v: attention_reference(q, k, v, docs),
-                            [q, k, v], NAMES, torch.float32)
+    _compare(q, k, v, docs, torch.float32)
+
+
+def test_bounds_are_derived_once_per_doc_ids_tensor(monkeypatch):
+    """Every layer passes the same doc_ids: bounds are computed once, and again after any change."""
+    import bezoar_kernels.attention as attn
+
+    calls = []
+    real = attn.document_bounds
+    monkeypatch.setattr(attn, "document_bounds", lambda d: calls.append(1) or real(d))
+    q, k, v = (t.detach() for t in _qkv(1, 20, 2, 2, 16, torch.float32))
+    docs = doc_ids_from_lengths([[7, 13]], 20)
+    with backend("triton"):
+        first = attention(q, k, v, docs)
+        attention(q, k, v, docs)
+        assert len(calls) == 1
+        docs[0, 7:] = 0  # in place: one document now
+        merged = attention(q, k, v, docs)
+        assert len(calls) == 2
+        fresh = attention(q, k, v, doc_ids_from_lengths([[7, 13]], 20))
+        assert len(calls) == 3
+    assert_close(merged, attention_reference(q, k, v, docs), 1e-5, 1e-5, "after in-place change")
+    assert_close(fresh, first, 0, 0, "new tensor")
 
 
 def test_document_bounds():
@@ -137,6 +182,18 @@ def test_bad_inputs_raise_clear_errors():
         attention(q, k, v, torch.zeros(1, 8, dtype=torch.int32))
     with pytest.raises(ValueError, match="doc_ids"):
         attention(q, k, v, torch.zeros(1, 9))
+
+
+def test_packed_backend_switch(monkeypatch):
+    from bezoar_kernels.attention import packed_backend
+
+    monkeypatch.delenv("BEZOAR_PACKED_ATTENTION", raising=False)
+    assert packed_backend() == "triton"
+    monkeypatch.setenv("BEZOAR_PACKED_ATTENTION", "Flex")
+    assert packed_backend() == "flex"
+    monkeypatch.setenv("BEZOAR_PACKED_ATTENTION", "cudnn")
+    with pytest.raises(ValueError, match="BEZOAR_PACKED_ATTENTION"):
+        packed_backend()
 
 
 @pytest.mark.gpu

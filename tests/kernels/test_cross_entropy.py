@@ -30,7 +30,7 @@ def _inputs(N, C, V, dtype, weight_grad, device="cpu", ignore_every=5):
 
 @pytest.fixture
 def small_vocab_blocks(monkeypatch):
-    """Vocabulary blocks of 64 so that V = 103 / 257 takes several steps of the online softmax."""
+    """Vocabulary blocks of 64 so that V = 257 takes several steps of the online softmax."""
     monkeypatch.setattr(ce, "MAX_BLOCK_V", 64)
 
 
@@ -38,7 +38,7 @@ def small_vocab_blocks(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("weight_grad", [False, True])
-def test_linear_cross_entropy_matches_reference(shape, dtype, reduction, weight_grad, small_vocab_blocks):
+def test_linear_cross_entropy_matches_reference(shape, dtype, reduction, weight_grad):
     hidden, weight, labels = _inputs(*shape, dtype, weight_grad)
     names = ["loss", "dhidden"] + (["dweight"] if weight_grad else [])
     n = shape[0]
@@ -52,7 +52,7 @@ def test_linear_cross_entropy_matches_reference(shape, dtype, reduction, weight_
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("weight_grad", [False, True])
-def test_linear_token_logprobs_matches_reference(shape, dtype, weight_grad, small_vocab_blocks):
+def test_linear_token_logprobs_matches_reference(shape, dtype, weight_grad):
     """Per-token upstream gradients are random: the backward must not assume a scalar loss."""
     hidden, weight, labels = _inputs(*shape, dtype, weight_grad)
     names = ["logprobs", "dhidden"] + (["dweight"] if weight_grad else [])
@@ -63,6 +63,22 @@ def test_linear_token_logprobs_matches_reference(shape, dtype, weight_grad, smal
     )
     assert logp.dtype == torch.float32
     assert torch.all(logp[labels == IGNORE] == 0) and torch.all(logp[labels != IGNORE] < 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_vocabulary_in_several_blocks(dtype, small_vocab_blocks):
+    """One row per program, the online logsumexp carried across blocks of the vocabulary."""
+    hidden, weight, labels = _inputs(17, 100, 257, dtype, True)
+    check_against_reference(
+        lambda h, w: ce.linear_cross_entropy(h, w, labels, IGNORE, "mean", chunk_tokens=8),
+        lambda h, w: ce.linear_cross_entropy_reference(h, w, labels, IGNORE, "mean"),
+        [hidden, weight], ["loss", "dhidden", "dweight"], dtype, rows={"loss": 17, "dweight": 17},
+    )
+    check_against_reference(
+        lambda h, w: ce.linear_token_logprobs(h, w, labels, IGNORE, chunk_tokens=8),
+        lambda h, w: ce.linear_token_logprobs_reference(h, w, labels, IGNORE),
+        [hidden, weight], ["logprobs", "dhidden", "dweight"], dtype, rows={"dweight": 17},
+    )
 
 
 def test_default_chunking_and_block_size():
@@ -103,7 +119,8 @@ def test_no_grad_forward_equals_reference():
         logp = ce.linear_token_logprobs(hidden, weight, labels, IGNORE, chunk_tokens=16)
     assert not loss.requires_grad and not logp.requires_grad
     with torch.no_grad():
-        assert_close(loss, ce.linear_cross_entropy_reference(hidden, weight, labels, IGNORE, "mean"), 1e-5, 1e-5, "loss")
+        want = ce.linear_cross_entropy_reference(hidden, weight, labels, IGNORE, "mean")
+        assert_close(loss, want, 1e-5, 1e-5, "loss")
         assert_close(logp, ce.linear_token_logprobs_reference(hidden, weight, labels, IGNORE), 1e-5, 1e-5, "logp")
 
 

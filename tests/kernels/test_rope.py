@@ -80,7 +80,8 @@ def test_rope_on_views_of_a_fused_qkv_output():
         k = t[..., Hq * D: (Hq + Hk) * D].view(B, T, Hk, D)
         return q, k
 
-    check_against_reference(lambda t: apply_rope(*split(t), cos, sin), lambda t: apply_rope_reference(*split(t), cos, sin),
+    check_against_reference(lambda t: apply_rope(*split(t), cos, sin),
+                            lambda t: apply_rope_reference(*split(t), cos, sin),
                             [qkv], ["q_out", "k_out", "dqkv"], torch.float32)
 
 

@@ -132,3 +132,14 @@ def test_misfit_adapters_are_named(tiny_dir, tiny_odd_dir, tmp_path):
         load(tiny_dir, adapter=bogus)
     with pytest.raises(AdapterError, match="no adapter_config.json"):
         load(tiny_dir, adapter=tmp_path)
+
+
+def test_loaded_adapter_is_deterministic(tiny_dir, tmp_path):
+    model = load(tiny_dir)
+    apply_lora(model, LoraConfig(r=4, dropout=0.5))
+    randomize_adapters(model)
+    out = save_adapter(model, tmp_path / "a")
+    again = load(tiny_dir, adapter=out)
+    ids = torch.randint(3, 500, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(again(ids), again(ids)), "a loaded adapter must not apply dropout"

@@ -1,0 +1,200 @@
+"""Decode speed of bezoar's NF4 model against transformers + bitsandbytes 4-bit ``generate``.
+
+OpenLLaMA 3B shapes (``bezoar.model.config.preset("open_llama_3b_v2")``) with random weights:
+one checkpoint is written once (bf16 safetensors in a temporary folder, or ``--model DIR`` to
+use a real one) and loaded by both sides as NF4 with double quantization and bf16 compute:
+
+* bezoar: ``bezoar.model.load(quant="nf4")`` + ``generate_ids`` (KV cache, greedy);
+* peer: ``transformers`` ``from_pretrained(quantization_config=BitsAndBytesConfig(nf4, double
+  quant))`` + ``generate(do_sample=False)`` with ``min_new_tokens`` so both always decode the
+  same number of tokens (EOS cannot end a row early).
+
+For each batch size (default 1 and 32) it times, with ``triton.testing.do_bench`` (median after
+warm-up), a prefill (one forward over the prompts) and a full generation (prefill + N decode
+steps), and reports decode tokens/s = batch * N / (generation - prefill), end-to-end tokens/s,
+and bezoar's speed-up over the peer (the issue's target: >= 2x at batch 1). The peer is
+skipped, with a note in the results, when transformers or bitsandbytes does not import.
+
+    python bench/generate.py                       # GPU: writes bench/results/generate-<device>-<date>.json
+    python bench/generate.py --smoke               # tiny model on CPU, same code path, writes nothing
+    python bench/generate.py --only bezoar/b1 --iters 3   # one case, for nsys / ncu
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--model", metavar="DIR", help="a real checkpoint folder instead of random 3B weights")
+    p.add_argument("--batches", default="1,32", help="comma-separated batch sizes (default 1,32)")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per row (default 128)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per row (default 128)")
+    p.add_argument("--no-peer", action="store_true", help="skip transformers + bitsandbytes")
+    p.add_argument("--keep", metavar="DIR", help="write the random checkpoint here and keep it")
+    return p.parse_args(argv)
+
+
+def write_random_checkpoint(preset: str, folder: Path, device, dtype, seed: int = 0, **overrides) -> Path:
+    """Random Llama weights (normal, std 0.02; norms 1) saved as a Hugging Face folder."""
+    import torch
+
+    from bezoar.model import LlamaForCausalLM, preset as model_preset, save
+
+    config = model_preset(preset, **overrides)
+    model = LlamaForCausalLM(config, dtype=dtype, device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    path = save(model, folder, dtype=dtype, overwrite=True)
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return path
+
+
+def load_peer(folder: Path, device, dtype):
+    """transformers' Llama with bitsandbytes NF4 (double quant, ``dtype`` compute), or a note why not."""
+    try:
+        import bitsandbytes  # noqa: F401
+        import transformers
+    except Exception as exc:  # the GPU machine may lack bitsandbytes
+        return None, f"transformers + bitsandbytes peer skipped: {type(exc).__name__}: {exc}"
+    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(folder), quantization_config=quant, dtype=dtype, device_map={"": str(device)})
+    except Exception as exc:  # e.g. bitsandbytes without a backend for this device
+        return None, f"transformers + bitsandbytes peer skipped: loading failed: {type(exc).__name__}: {exc}"
+    return model.eval(), None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    common.setup_smoke(args)
+    import torch
+
+    from bezoar.model import KVCache, generate_ids, load
+
+    cuda = torch.cuda.is_available() and not args.smoke
+    if not cuda and not args.smoke:
+        print("bench/generate.py needs a CUDA GPU (use --smoke to check the code path on CPU)", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    batches = [int(b) for b in args.batches.split(",")]
+    prompt_len, new_tokens = args.prompt_len, args.new_tokens
+    if args.smoke:
+        batches, prompt_len, new_tokens = [1, 2], 8, 4
+
+    workdir = None
+    if args.model:
+        folder = Path(args.model)
+    else:
+        workdir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bezoar-bench-generate-"))
+        preset = "tiny" if args.smoke else "open_llama_3b_v2"
+        print(f"writing a random {preset} checkpoint to {workdir} ...", flush=True)
+        folder = write_random_checkpoint(preset, workdir / "model", device, dtype)
+
+    try:
+        ours = load(folder, quant="nf4", device=device, dtype=dtype).eval()
+        config = ours.config
+        peer, peer_note = (None, "peer skipped (--no-peer)") if args.no_peer else load_peer(folder, device, dtype)
+        if peer_note:
+            print(peer_note)
+
+        gen = torch.Generator().manual_seed(0)
+        prompts = {b: torch.randint(3, config.vocab_size, (b, prompt_len), generator=gen).to(device) for b in batches}
+
+        def bezoar_generate(ids):
+            return generate_ids(ours, ids, torch.ones_like(ids), max_new_tokens=new_tokens, eos_id=None)
+
+        def bezoar_prefill(ids):
+            cache = KVCache(config, ids.shape[0], ids.shape[1] + new_tokens, ours.dtype, device)
+            with torch.no_grad():
+                return ours(ids, cache=cache)[:, -1]
+
+        def peer_generate(ids):
+            with torch.no_grad():
+                return peer.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                     min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+        def peer_prefill(ids):
+            with torch.no_grad():
+                return peer(input_ids=ids, use_cache=True).logits[:, -1]
+
+        cases = {}
+        for b in batches:
+            ids = prompts[b]
+            cases[f"bezoar/b{b}"] = ("bezoar", b, lambda ids=ids: bezoar_generate(ids), lambda ids=ids: bezoar_prefill(ids))
+            if peer is not None:
+                cases[f"transformers-bnb/b{b}"] = ("transformers-bnb", b, lambda ids=ids: peer_generate(ids),
+                                                   lambda ids=ids: peer_prefill(ids))
+        if args.only:
+            if args.only not in cases:
+                print(f"--only {args.only!r}: no such case; cases: {', '.join(cases)}", file=sys.stderr)
+                return 2
+            cases = {args.only: cases[args.only]}
+            if args.iters:
+                common.run_plain(cases[args.only][2], args.iters)
+                print(f"ran {args.only} {args.iters} times")
+                return 0
+
+        # Both sides must decode: check bezoar's greedy tokens against the peer's where it runs.
+        if peer is not None:
+            ids = prompts[batches[0]]
+            a = torch.tensor(bezoar_generate(ids)[0], device=device)
+            b_ = peer_generate(ids)[:, ids.shape[1]:]
+            agree = float((a[:, :8] == b_[:, :8]).float().mean())
+            print(f"greedy agreement with the peer over the first 8 tokens: {agree:.2f}")
+
+        rows = []
+        with common.maybe_profile(args.profile):
+            for name, (impl, b, run_generate, run_prefill) in cases.items():
+                prefill_ms = common.bench_ms(run_prefill, smoke=args.smoke)
+                generate_ms = common.bench_ms(run_generate, smoke=args.smoke, warmup=1, rep=1)
+                decode_ms = generate_ms - prefill_ms  # not positive only in noisy CPU smoke timings
+                ok = decode_ms > 0
+                rows.append({"case": name, "impl": impl, "batch": b, "prompt_len": prompt_len,
+                             "new_tokens": new_tokens, "prefill_ms": prefill_ms, "generate_ms": generate_ms,
+                             "decode_tok_s": b * new_tokens / decode_ms * 1e3 if ok else None,
+                             "e2e_tok_s": b * new_tokens / generate_ms * 1e3,
+                             "ms_per_step": decode_ms / new_tokens if ok else None})
+                print(f"{name}: {rows[-1]['e2e_tok_s']:.1f} end-to-end tok/s", flush=True)
+
+        for b in batches:
+            mine = next((r for r in rows if r["impl"] == "bezoar" and r["batch"] == b), None)
+            theirs = next((r for r in rows if r["impl"] == "transformers-bnb" and r["batch"] == b), None)
+            if mine and theirs and mine["decode_tok_s"] and theirs["decode_tok_s"]:
+                mine["speedup_vs_peer"] = mine["decode_tok_s"] / theirs["decode_tok_s"]
+        print(common.markdown_table(rows, ["case", "batch", "prefill_ms", "generate_ms", "decode_tok_s", "e2e_tok_s",
+                                           "ms_per_step", "speedup_vs_peer"]))
+        b1 = next((r for r in rows if r["impl"] == "bezoar" and r["batch"] == 1 and "speedup_vs_peer" in r), None)
+        if b1 is not None and not args.smoke:  # CPU smoke timings say nothing about the target
+            verdict = "met" if b1["speedup_vs_peer"] >= 2.0 else "NOT met"
+            print(f"target >= 2x the peer's decode tokens/s at batch 1: {verdict} ({b1['speedup_vs_peer']:.2f}x)")
+        common.write_results("generate", rows, args, extra={
+            "model": str(args.model or "random open_llama_3b_v2"), "dtype": str(dtype), "peer_note": peer_note,
+            "quant": "nf4, blocksize 64, double quant"})
+    finally:
+        if workdir is not None and not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

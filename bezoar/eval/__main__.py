@@ -1,0 +1,204 @@
+"""python -m bezoar.eval: lm-evaluation-harness tasks and MT-Bench for a bezoar checkpoint.
+
+    python -m bezoar.eval harness --model DIR --preset openllm            # Open LLM Leaderboard v1
+    python -m bezoar.eval harness --model DIR --tasks hellaswag,arc_easy --num-fewshot 0 --limit 100
+    python -m bezoar.eval harness --preset openllm --dry-run              # print the plan only
+    python -m bezoar.eval mt-bench --model DIR --questions question.jsonl --out runs/mt \\
+        --judge-model gpt-4o --judge-provider openai
+    python -m bezoar.eval lm-eval --model bezoar --model_args pretrained=DIR,quant=nf4 --tasks arc_easy
+        (lm-eval's own command line, with the bezoar model registered: every lm_eval flag works)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _harness_parser(sub) -> None:
+    p = sub.add_parser("harness", help="lm-evaluation-harness tasks with the 'bezoar' model",
+                       description="Run lm-evaluation-harness tasks on a bezoar checkpoint and print the table.")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", metavar="DIR", help="Hugging Face Llama checkpoint folder")
+    g.add_argument("--adapter", metavar="DIR", help="PEFT-format LoRA adapter folder")
+    g.add_argument("--quant", choices=["nf4"], help="quantize the decoder's linear layers to NF4 on load")
+    g.add_argument("--dtype", help="float32, bfloat16 or float16 (default by device)")
+    g.add_argument("--device", help="cuda, cpu ... (default: cuda when present)")
+    g.add_argument("--batch-size", default="8", help="rows per forward, or 'auto' (bounded by --max-batch-tokens)")
+    g.add_argument("--max-batch-tokens", type=int, default=16384, help="padded tokens per forward with 'auto'")
+    g.add_argument("--max-length", type=int, help="context for scoring (default: the model's)")
+    g.add_argument("--model-args", default="", help="extra bezoar model_args as k=v,k=v (lm-eval syntax)")
+    g = p.add_argument_group("tasks")
+    g.add_argument("--preset", choices=["openllm"], help="openllm: arc_challenge 25, hellaswag 10, "
+                   "truthfulqa_mc2 0, mmlu 5, winogrande 5, gsm8k 5 (shots)")
+    g.add_argument("--tasks", help="comma-separated lm-eval task names")
+    g.add_argument("--num-fewshot", type=int, help="few-shot examples (overrides the preset's counts)")
+    g.add_argument("--limit", type=float, help="examples per task (a fraction when < 1); for quick checks")
+    g.add_argument("--include-path", help="folder with extra task YAML files")
+    g.add_argument("--no-builtin-tasks", action="store_true",
+                   help="index only --include-path's tasks (skips lm-eval's own thousands: faster start)")
+    g.add_argument("--gen-kwargs", help="generation kwargs for generate_until tasks, k=v,k=v")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", metavar="FILE", help="write lm-eval's results (JSON) here")
+    g.add_argument("--log-samples", action="store_true", help="keep per-example outputs in --output")
+    g.add_argument("--dry-run", action="store_true", help="print the task plan and stop (loads nothing)")
+
+
+def _mt_bench_parser(sub) -> None:
+    p = sub.add_parser("mt-bench", help="MT-Bench: two-turn answers, judged by an LLM through the client pool",
+                       description="Answer MT-Bench questions with a bezoar model and grade them with an LLM judge. "
+                                   "Rerunning with the same --out resumes: answered questions and judged turns are kept.")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", metavar="DIR", help="checkpoint folder (not needed with --answers)")
+    g.add_argument("--adapter", metavar="DIR", help="PEFT-format LoRA adapter folder")
+    g.add_argument("--quant", choices=["nf4"], help="quantize to NF4 on load")
+    g.add_argument("--dtype", help="float32, bfloat16 or float16")
+    g.add_argument("--device", help="cuda, cpu ...")
+    g.add_argument("--model-id", help="name in the answer and judgment files (default: the folder's name)")
+    g.add_argument("--max-new-tokens", type=int, default=1024, help="per answer turn (default 1024)")
+    g.add_argument("--batch-size", type=int, default=8, help="questions answered together")
+    g.add_argument("--seed", type=int, default=0, help="for the sampled categories")
+    g = p.add_argument_group("questions and answers")
+    g.add_argument("--questions", required=True, help="FastChat question.jsonl, or a dataset name")
+    g.add_argument("--split", default="train", help="dataset split when --questions is a dataset name")
+    g.add_argument("--reference", metavar="FILE", help="reference answers (FastChat model-answer format); "
+                   "default: the questions' own 'reference' field")
+    g.add_argument("--answers", metavar="FILE", help="judge these answers instead of generating (model-answer format)")
+    g.add_argument("--out", required=True, metavar="DIR", help="answers, judge store, judgments, table and chart")
+    g = p.add_argument_group("judge")
+    g.add_argument("--judge-model", help="e.g. gpt-4o or claude-sonnet-4-5 (required unless --skip-judge)")
+    g.add_argument("--judge-provider", default="openai", choices=["openai", "anthropic", "compat"],
+                   help="compat: any OpenAI-compatible server at --judge-base-url")
+    g.add_argument("--judge-base-url", help="API base URL (e.g. http://host:8000/v1)")
+    g.add_argument("--judge-api-key-env", help="environment variable holding the judge's API key "
+                   "(default OPENAI_API_KEY / ANTHROPIC_API_KEY)")
+    g.add_argument("--judge-prompts", metavar="FILE", help="FastChat judge_prompts.jsonl (default: bezoar's)")
+    g.add_argument("--concurrency", type=int, default=16, help="judge calls in flight")
+    g.add_argument("--rpm", type=float, help="judge requests per minute")
+    g.add_argument("--tpm", type=float, help="judge tokens per minute")
+    g.add_argument("--skip-judge", action="store_true", help="only generate the answers")
+
+
+def run_harness(args) -> int:
+    from bezoar.eval import harness
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    plan = harness.make_plan(tasks, args.preset, args.num_fewshot)
+    if args.dry_run:
+        print(harness.describe_plan(plan))
+        return 0
+    if not args.model:
+        raise ValueError("--model DIR is required (only --dry-run runs without one)")
+    from lm_eval.utils import simple_parse_args_string
+
+    extra = simple_parse_args_string(args.model_args)
+    lm = harness.BezoarLM(pretrained=args.model, adapter=args.adapter, quant=args.quant, dtype=args.dtype,
+                          device=args.device, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
+                          max_length=args.max_length, **extra)
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    results = harness.run_plan(lm, plan, limit=limit, include_path=args.include_path,
+                               include_defaults=not args.no_builtin_tasks, log_samples=args.log_samples,
+                               gen_kwargs=args.gen_kwargs)
+    print(harness.results_table(results, plan if args.preset else None))
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not args.log_samples:
+            results.pop("samples", None)
+        out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(f"results written to {out}")
+    return 0
+
+
+def run_mt_bench(args) -> int:
+    from bezoar.eval import mt_bench as mt
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    questions = mt.load_questions(args.questions, split=args.split)
+    references = mt.load_reference_answers(args.reference) if args.reference else None
+    if not args.skip_judge and not args.judge_model:
+        raise ValueError("--judge-model is required (or pass --skip-judge to only generate answers)")
+    if args.answers:
+        answers = mt.read_answers(Path(args.answers))
+        if not answers:
+            raise ValueError(f"{args.answers}: no answers")
+        model_id = args.model_id or next(iter(answers.values())).model_id
+    else:
+        if not args.model:
+            raise ValueError("--model DIR is required unless --answers FILE is given")
+        from bezoar.model import Tokenizer, load
+
+        model_id = args.model_id or Path(args.model).resolve().name
+        answers_path = out / "answers.jsonl"
+        pending = [q for q in questions if q.question_id not in mt.read_answers(answers_path)]
+        if pending:
+            model = load(args.model, quant=args.quant, adapter=args.adapter, device=args.device, dtype=args.dtype)
+            tokenizer = Tokenizer(args.model)
+            mt.generate_answers(model, tokenizer, questions, model_id, answers_path,
+                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
+        answers = mt.read_answers(answers_path)
+        print(f"answers: {answers_path} ({len(answers)} questions)")
+    if args.skip_judge:
+        return 0
+    config = mt.JudgeConfig(model=args.judge_model, provider=args.judge_provider, base_url=args.judge_base_url,
+                            api_key_env=args.judge_api_key_env, concurrency=args.concurrency, rpm=args.rpm,
+                            tpm=args.tpm)
+    summary, _ = mt.run_judging(questions, answers, config, out, model_id, judge_prompts=args.judge_prompts,
+                                references=references, progress=sys.stderr.isatty())
+    print(mt.summary_table(summary, model_id, config.model))
+    print(f"\njudgments, results.md, results.json and categories.png written to {out}")
+    return 0
+
+
+def run_lm_eval(argv: list[str]) -> int:
+    """lm-eval's command line after registering the ``bezoar`` model (lm_eval alone does not know it)."""
+    import bezoar.eval.harness  # noqa: F401  (registers "bezoar")
+    from lm_eval.__main__ import cli_evaluate
+
+    saved = sys.argv
+    sys.argv = ["lm-eval", *argv]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "lm-eval":
+        return run_lm_eval(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m bezoar.eval", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _harness_parser(sub)
+    _mt_bench_parser(sub)
+    sub.add_parser("lm-eval", help="lm-eval's own command line with the 'bezoar' model registered",
+                   add_help=False)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run_harness(args) if args.command == "harness" else run_mt_bench(args)
+    except _user_errors() as e:  # bad path, option, file or key: one line, no traceback
+        print(f"bezoar.eval {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (ValueError, OSError)
+    try:
+        from bezoar.generate.request import GenerateError  # the judge's pool: bad key, unknown model ...
+
+        errors += (GenerateError,)
+    except ImportError:
+        pass
+    return errors
+
+
+if __name__ == "__main__":
+    sys.exit(main())

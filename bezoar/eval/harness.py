@@ -1,0 +1,419 @@
+"""bezoar as an lm-evaluation-harness model, and the Open LLM Leaderboard (v1) preset.
+
+Importing this module registers the model under the name ``bezoar``::
+
+    import bezoar.eval.harness  # noqa: F401  (registers "bezoar")
+    lm_eval.simple_evaluate(model="bezoar", model_args="pretrained=DIR,adapter=DIR,quant=nf4", tasks=[...])
+
+or from the shell: ``python -m bezoar.eval harness --model DIR --tasks hellaswag`` /
+``--preset openllm``.
+
+The three request types, all on bezoar's own forward pass and KV-cache decoding:
+
+- ``loglikelihood(context, continuation)``: ``log P(continuation | context)`` and whether greedy
+  decoding would produce exactly the continuation. Context and continuation are tokenized together
+  and split after the context's tokens (lm-eval's ``TemplateLM`` rule); the model reads
+  ``(context + continuation)[:-1]`` (the last ``max_length`` tokens of it) and the continuation's
+  tokens are scored at their positions. Requests with equal model input (multiple choice with
+  one-token answers) share one row; rows run longest first, ``batch_size`` to a forward.
+- ``loglikelihood_rolling(text)``: the log-likelihood of a whole text for perplexity, cut into
+  windows of ``max_length`` tokens with lm-eval's rolling-window helpers (every token predicted
+  once, the first from BOS); all windows of all texts are batched together.
+- ``generate_until(context, gen_kwargs)``: decoding until a stop string, EOS or ``max_gen_toks``,
+  greedy unless the task asks for sampling (``temperature``, ``top_p``); requests are grouped by
+  their generation settings, sorted by length and decoded in left-padded batches.
+
+model_args: ``pretrained`` (checkpoint folder), ``adapter`` (PEFT LoRA folder), ``quant``
+(``nf4``), ``dtype``, ``device``, ``batch_size`` (an integer, or ``auto``: rows up to
+``max_batch_tokens`` padded tokens), ``max_length`` (default: the model's context),
+``max_gen_toks`` (default 256), ``add_bos_token`` (default true, as Llama was trained),
+``seed`` (for sampling).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+
+from bezoar.eval.decoding import StopStrings, cut_at_stop, left_pad
+from bezoar.eval.scoring import iter_logprobs, target_logprobs
+
+log = logging.getLogger("bezoar.eval")
+
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def _as_bool(name: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in TRUE_WORDS:
+        return True
+    if text in FALSE_WORDS:
+        return False
+    raise ValueError(f"model_args {name}={value!r}: expected true or false")
+
+
+def _as_int(name: str, value, minimum: int = 1) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"model_args {name}={value!r}: expected an integer") from None
+    if number < minimum:
+        raise ValueError(f"model_args {name}={value!r}: must be at least {minimum}")
+    return number
+
+
+@register_model("bezoar")
+class BezoarLM(TemplateLM):
+    """An lm-eval ``LM`` over a bezoar model (dense or NF4, with or without a LoRA adapter)."""
+
+    backend = "causal"
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        adapter: str | None = None,
+        quant: str | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+        batch_size: int | str | None = 8,
+        max_batch_size: int | None = None,
+        max_batch_tokens: int | str = 16384,
+        max_length: int | str | None = None,
+        max_gen_toks: int | str = 256,
+        add_bos_token: bool | str = True,
+        seed: int | str = 1234,
+        model=None,
+        tokenizer=None,
+        **unknown: Any,
+    ) -> None:
+        super().__init__()
+        if unknown:
+            raise ValueError(f"bezoar model_args: unknown key(s) {', '.join(sorted(unknown))}; known: pretrained, "
+                             "adapter, quant, dtype, device, batch_size, max_batch_tokens, max_length, "
+                             "max_gen_toks, add_bos_token, seed")
+        from bezoar.model import Tokenizer, load
+
+        # Check the cheap arguments before the model loads.
+        if batch_size is None or str(batch_size).startswith("auto"):
+            self.batch_size = None  # rows bounded by max_batch_tokens only
+        else:
+            self.batch_size = _as_int("batch_size", batch_size)
+        if max_batch_size is not None and self.batch_size is None:
+            self.batch_size = _as_int("max_batch_size", max_batch_size)
+        self.max_batch_tokens = _as_int("max_batch_tokens", max_batch_tokens)
+        self._max_gen_toks = _as_int("max_gen_toks", max_gen_toks)
+        self.add_bos_token = _as_bool("add_bos_token", add_bos_token)
+        self.seed = _as_int("seed", seed, minimum=0)
+
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's command line asks for cuda:0 unless told otherwise; run where we can.
+            log.warning("device=%s asked for, but CUDA is not available: running on the CPU", device)
+            device = "cpu"
+        if model is None:
+            if not pretrained:
+                raise ValueError("bezoar model_args: pretrained=DIR (a checkpoint folder) is required")
+            if quant in ("", "none", "None"):
+                quant = None
+            model = load(pretrained, quant=quant, adapter=adapter or None, device=device or None, dtype=dtype or None)
+        if tokenizer is None:
+            source = pretrained or getattr(model, "source_path", None)
+            if source is None:
+                raise ValueError("BezoarLM(model=...) needs tokenizer=... or a model loaded from a folder")
+            tokenizer = Tokenizer(source)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.pretrained = str(pretrained or getattr(model, "source_path", "") or "")
+        self._device = model.device
+
+        context = model.config.max_position_embeddings
+        self._max_length = _as_int("max_length", max_length) if max_length not in (None, "") else context
+        if self._max_length > context:
+            raise ValueError(f"model_args max_length={self._max_length} exceeds the model's context of {context}")
+
+    # ---- what lm-eval asks of a model -------------------------------------------------------
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        """What an empty context (and the first rolling window) is conditioned on: BOS."""
+        bos = self.tokenizer.bos_id
+        return bos if bos is not None and bos >= 0 else self.tokenizer.eos_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.tokenizer.model_file)
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        bos = self.add_bos_token if add_special_tokens is None else add_special_tokens
+        return self.tokenizer.encode(string, bos=bos)
+
+    def tok_decode(self, tokens) -> str:
+        return self.tokenizer.decode(tokens)
+
+    def get_model_info(self) -> dict:
+        cfg = self.model.config
+        return {"model": "bezoar", "pretrained": self.pretrained, "dtype": str(self.model.dtype),
+                "num_parameters": sum(p.numel() for p in self.model.parameters()),
+                "hidden_size": cfg.hidden_size, "num_layers": cfg.num_hidden_layers}
+
+    # ---- loglikelihood ----------------------------------------------------------------------
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """requests: ((context, continuation) or None, context ids, continuation ids)."""
+        rows: dict[tuple[int, ...], int] = {}  # model input -> row index
+        inputs: list[list[int]] = []
+        queries: list[tuple[int, list[int]]] = []  # (row, continuation ids), in request order
+        for _, context_ids, continuation_ids in requests:
+            if not continuation_ids:
+                raise ValueError("loglikelihood: a continuation encodes to no tokens")
+            if len(continuation_ids) > self.max_length:
+                raise ValueError(f"loglikelihood: a continuation of {len(continuation_ids)} tokens is longer than "
+                                 f"max_length={self.max_length}")
+            # Too long: drop tokens from the left of the context (the continuation always fits).
+            whole = (list(context_ids) + list(continuation_ids))[-(self.max_length + 1):]
+            key = tuple(whole[:-1])
+            row = rows.get(key)
+            if row is None:
+                row = rows[key] = len(inputs)
+                inputs.append(whole[:-1])
+            queries.append((row, list(continuation_ids)))
+        # Each row is scored from the earliest position any of its requests needs.
+        starts = [len(x) for x in inputs]
+        for row, scored in queries:
+            starts[row] = min(starts[row], len(inputs[row]) - len(scored))
+        by_row: dict[int, list[int]] = {}
+        for q, (row, _) in enumerate(queries):
+            by_row.setdefault(row, []).append(q)
+        results: list[tuple[float, bool] | None] = [None] * len(queries)
+        for scored_row in iter_logprobs(self.model, inputs, starts, self.tokenizer.pad_id,
+                                        batch_size=self.batch_size, max_batch_tokens=self.max_batch_tokens):
+            for q in by_row[scored_row.index]:
+                chosen, greedy = target_logprobs(scored_row, queries[q][1])
+                results[q] = (float(chosen.sum()), bool(greedy.all()))
+                request_text = requests[q][0]
+                if request_text is not None:
+                    self.cache_hook.add_partial("loglikelihood", request_text, results[q])
+        return results  # type: ignore[return-value]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        windows: list[tuple[None, list[int], list[int]]] = []
+        owner: list[int] = []
+        for n, (text,) in enumerate(req.args for req in requests):
+            pairs = lm_utils.get_rolling_token_windows(
+                token_list=self.tok_encode(text, add_special_tokens=False),
+                prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length,
+                context_len=1,
+            )
+            for context_ids, continuation_ids in map(lm_utils.make_disjoint_window, pairs):
+                windows.append((None, context_ids, continuation_ids))
+                owner.append(n)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=True)
+        totals = [0.0] * len(requests)
+        for n, (logprob, _) in zip(owner, scores):
+            totals[n] += logprob
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    # ---- generation -------------------------------------------------------------------------
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from bezoar.model import generate_ids
+
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+        out: list[str | None] = [None] * len(requests)
+        eos_text = self.tokenizer.sp.IdToPiece(self.eot_token_id)
+        for members in groups.values():
+            settings = GenerationSettings.from_gen_kwargs(requests[members[0]].args[1], self.max_gen_toks, eos_text)
+            room = self.max_length - settings.max_gen_toks
+            if room <= 0:
+                raise ValueError(f"generate_until: max_gen_toks={settings.max_gen_toks} leaves no room for a "
+                                 f"context in max_length={self.max_length}")
+            encoded = {i: self.tok_encode(requests[i].args[0])[-room:] for i in members}
+            members = sorted(members, key=lambda i: -len(encoded[i]))
+            step = self.batch_size or max(1, self.max_batch_tokens // max(1, len(encoded[members[0]]) + settings.max_gen_toks))
+            generator = torch.Generator(device=self.model.device).manual_seed(self.seed)
+            for a in range(0, len(members), step):
+                batch = members[a: a + step]
+                ids, mask = left_pad([encoded[i] for i in batch], self.tokenizer.pad_id)
+                new_ids, _ = generate_ids(
+                    self.model, ids, mask, max_new_tokens=settings.max_gen_toks,
+                    temperature=settings.temperature, top_p=settings.top_p, eos_id=self.eot_token_id,
+                    generator=generator, should_stop=StopStrings(self.tokenizer, settings.stop))
+                for i, new in zip(batch, new_ids):
+                    text = cut_at_stop(self.tokenizer.decode(new), settings.stop)
+                    out[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        return out  # type: ignore[return-value]
+
+
+# ---- generation settings ----------------------------------------------------------------------
+
+
+@dataclass
+class GenerationSettings:
+    max_gen_toks: int
+    temperature: float
+    top_p: float
+    stop: list[str]
+
+    @classmethod
+    def from_gen_kwargs(cls, gen_kwargs: dict, default_max: int, eos_text: str | None) -> "GenerationSettings":
+        """lm-eval's generation kwargs (``until``, ``max_gen_toks`` and its aliases, ``do_sample``,
+        ``temperature``, ``top_p``) as bezoar decoding settings."""
+        kwargs = dict(normalize_gen_kwargs(gen_kwargs, default_max))
+        stop = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
+        max_gen_toks = int(kwargs.pop("max_gen_toks"))
+        do_sample = bool(kwargs.pop("do_sample", False))
+        temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
+        top_p = float(kwargs.pop("top_p", 1.0) or 1.0)
+        if do_sample and temperature <= 0:
+            temperature = 1.0  # sampling without a temperature means the plain distribution
+        if not do_sample:
+            temperature = 0.0
+        ignored = sorted(k for k in kwargs if k not in ("max_length",))
+        if ignored:
+            log.warning("generate_until: ignoring generation kwargs bezoar does not implement: %s", ", ".join(ignored))
+        return cls(max_gen_toks=max_gen_toks, temperature=temperature, top_p=top_p, stop=[s for s in stop if s])
+
+
+# ---- task plans and the results table --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    task: str
+    num_fewshot: int | None
+    metric: str | None = None  # the headline metric (for the average); None: every metric is shown
+
+
+#: Open LLM Leaderboard v1: task, few-shot count, the metric the leaderboard averaged.
+PRESETS: dict[str, list[TaskPlan]] = {
+    "openllm": [
+        TaskPlan("arc_challenge", 25, "acc_norm"),
+        TaskPlan("hellaswag", 10, "acc_norm"),
+        TaskPlan("truthfulqa_mc2", 0, "acc"),
+        TaskPlan("mmlu", 5, "acc"),
+        TaskPlan("winogrande", 5, "acc"),
+        TaskPlan("gsm8k", 5, "exact_match,strict-match"),
+    ],
+}
+
+
+def make_plan(tasks: list[str] | None, preset: str | None, num_fewshot: int | None) -> list[TaskPlan]:
+    """The (task, few-shot) list to run: a preset's, or the named tasks with one few-shot count."""
+    if preset:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        if tasks:
+            raise ValueError("give either --preset or --tasks, not both")
+        plan = PRESETS[preset]
+        if num_fewshot is not None:
+            plan = [TaskPlan(p.task, num_fewshot, p.metric) for p in plan]
+        return plan
+    if not tasks:
+        raise ValueError("nothing to run: give --tasks NAME[,NAME...] or --preset openllm")
+    return [TaskPlan(t, num_fewshot) for t in tasks]
+
+
+def describe_plan(plan: list[TaskPlan]) -> str:
+    lines = ["| task | n-shot | headline metric |", "|---|---|---|"]
+    for p in plan:
+        shots = "task default" if p.num_fewshot is None else str(p.num_fewshot)
+        lines.append(f"| {p.task} | {shots} | {p.metric or 'all'} |")
+    return "\n".join(lines)
+
+
+def _metric_value(task_results: dict, metric: str) -> tuple[float | None, float | None, str | None]:
+    """(value, stderr, filter) of ``metric`` in one task's lm-eval results (``"acc,none"`` keys);
+    ``metric`` may name the filter too (``"exact_match,strict-match"``), else the first one wins."""
+    want_name, _, want_filter = metric.partition(",")
+    for key, value in task_results.items():
+        name, _, filt = key.partition(",")
+        if name == want_name and (not want_filter or filt == want_filter) and isinstance(value, (int, float)):
+            stderr = task_results.get(f"{name}_stderr,{filt}")
+            return float(value), (float(stderr) if isinstance(stderr, (int, float)) else None), filt
+    return None, None, None
+
+
+def results_table(results: dict, plan: list[TaskPlan] | None = None) -> str:
+    """A markdown table of lm-eval's ``results["results"]``; with a preset plan, its headline
+    metrics and their average (the leaderboard's score)."""
+    per_task = results.get("results", {})
+    shots = results.get("n-shot", {})
+    lines = ["| task | n-shot | metric | value | stderr |", "|---|---|---|---|---|"]
+    headline = []
+    planned = {p.task: p for p in plan or []}
+    # With a plan, only its tasks (a group such as mmlu shows its aggregate, not its 57 members).
+    names = [p.task for p in plan if p.task in per_task] if plan else list(per_task)
+    for task in names:
+        task_results = per_task[task]
+        p = planned.get(task)
+        metrics = [p.metric] if p is not None and p.metric else sorted(
+            {k.partition(",")[0] for k, v in task_results.items()
+             if "," in k and isinstance(v, (int, float)) and "_stderr" not in k})
+        for metric in metrics:
+            value, stderr, filt = _metric_value(task_results, metric)
+            if value is None:
+                continue
+            name = metric.partition(",")[0]
+            label = name if filt in (None, "", "none") else f"{name} ({filt})"
+            err = "" if stderr is None or (isinstance(stderr, float) and math.isnan(stderr)) else f"{stderr:.4f}"
+            lines.append(f"| {task} | {shots.get(task, '')} | {label} | {value:.4f} | {err} |")
+            if p is not None and p.metric:
+                headline.append(value)
+    if plan and any(p.metric for p in plan) and headline:
+        lines.append(f"| **average** | | {len(headline)} of {len(plan)} tasks | {sum(headline) / len(headline):.4f} | |")
+    return "\n".join(lines)
+
+
+def run_plan(lm, plan: list[TaskPlan], limit: float | None = None, include_path: str | None = None,
+             include_defaults: bool = True, log_samples: bool = False, bootstrap_iters: int = 100000,
+             gen_kwargs: str | None = None) -> dict:
+    """Evaluate ``lm`` on every task of the plan (one ``simple_evaluate`` per few-shot count) and
+    merge lm-eval's result dicts. ``include_defaults=False`` indexes only ``include_path``'s tasks."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    if not include_defaults and not include_path:
+        raise ValueError("only --include-path tasks were asked for, but no --include-path was given")
+    manager = TaskManager(include_path=include_path, include_defaults=include_defaults)
+    merged: dict[str, Any] = {"results": {}, "n-shot": {}, "configs": {}, "versions": {}, "samples": {}}
+    by_shots: dict[int | None, list[str]] = {}
+    for p in plan:
+        by_shots.setdefault(p.num_fewshot, []).append(p.task)
+    for shots, tasks in by_shots.items():
+        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=shots, limit=limit, task_manager=manager,
+                                      log_samples=log_samples, bootstrap_iters=bootstrap_iters, gen_kwargs=gen_kwargs)
+        if out is None:
+            continue
+        for key in ("results", "n-shot", "configs", "versions", "samples"):
+            merged[key].update(out.get(key) or {})
+        merged.setdefault("groups", {}).update(out.get("groups") or {})
+    return merged

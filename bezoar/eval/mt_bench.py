@@ -1,0 +1,515 @@
+"""MT-Bench: two-turn answers from a bezoar model, graded one answer at a time by an LLM judge.
+
+    python -m bezoar.eval mt-bench --model DIR --questions question.jsonl --out DIR \\
+        --judge-model gpt-4o --judge-provider openai
+
+The steps, each resumable:
+
+1. Questions: a FastChat-format ``question.jsonl`` (``question_id``, ``category``, ``turns`` and,
+   for some, ``reference``) or a dataset name (``datasets.load_dataset``; columns ``prompt`` /
+   ``turns``, ``category``, ``reference``, ``prompt_id`` / ``question_id``). The project does not
+   ship the benchmark's questions; ``bezoar/assets/mt_bench/sample_questions.jsonl`` holds eight
+   questions in the same format for tests and demos.
+2. Answers: both turns for every question, the second seeing the first answer, rendered with the
+   OpenBezoar chat template (``bezoar.eval.chat``). Temperature by category: writing and roleplay
+   0.7, stem and humanities 0.1, the rest greedy; at most 1024 new tokens. Written to
+   ``answers.jsonl`` in FastChat's model-answer format, one line per finished question; a rerun
+   keeps the questions already there.
+3. Judging: single-answer grading. Turn 1 is judged with ``single-v1`` (``single-math-v1`` with
+   the reference answer for math, reasoning and coding), turn 2 with the ``-multi-turn`` prompts,
+   which show the whole conversation. Prompts come from a FastChat ``judge_prompts.jsonl``
+   (``--judge-prompts``; default ``bezoar/assets/mt_bench/judge_prompts.jsonl``, written for this
+   project). Every judge call goes through the client pool (``bezoar.generate.pool``) and its
+   durable store ``judge_store.jsonl``: a rerun sends only what is not answered yet.
+4. Scores: the first ``[[x]]`` in a judgment, else the first ``[x]``; a judgment with neither (or a
+   value outside 1-10) scores -1 and is left out of every average. ``judgments.jsonl`` (FastChat's
+   single-judgment format plus ``category``), ``results.md`` (per turn, per category, overall),
+   ``results.json`` and ``categories.png`` (mean score per category).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("bezoar.eval")
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "mt_bench"
+DEFAULT_JUDGE_PROMPTS = ASSETS / "judge_prompts.jsonl"
+SAMPLE_QUESTIONS = ASSETS / "sample_questions.jsonl"
+
+#: Categories whose answers are judged against a reference answer.
+NEED_REFERENCE = ("math", "reasoning", "coding")
+#: Sampling temperature by category (FastChat's MT-Bench settings); other categories are greedy.
+CATEGORY_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "stem": 0.1, "humanities": 0.1}
+MAX_NEW_TOKENS = 1024
+
+RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
+RATING_FALLBACK = re.compile(r"\[(\d+\.?\d*)\]")
+
+
+class MTBenchError(ValueError):
+    """Bad input (questions, answers, judge prompts): the message names the file and line."""
+
+
+# ---- questions, answers, judge prompts -------------------------------------------------------
+
+
+@dataclass
+class Question:
+    question_id: Any
+    category: str
+    turns: list[str]
+    reference: list[str] | None = None
+
+
+@dataclass
+class Answer:
+    question_id: Any
+    model_id: str
+    turns: list[str]
+    answer_id: str = field(default_factory=lambda: uuid.uuid4().hex[:22])
+    tstamp: float = field(default_factory=time.time)
+
+    def to_record(self) -> dict:
+        return {"question_id": self.question_id, "answer_id": self.answer_id, "model_id": self.model_id,
+                "choices": [{"index": 0, "turns": self.turns}], "tstamp": self.tstamp}
+
+
+@dataclass
+class JudgePrompt:
+    name: str
+    system_prompt: str
+    prompt_template: str
+    output_format: str = "[[rating]]"
+    type: str = "single"
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    if not path.exists():
+        raise MTBenchError(f"{path}: no such file")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MTBenchError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise MTBenchError(f"{path}:{line_no}: expected a JSON object")
+            rows.append((line_no, row))
+    return rows
+
+
+def _question_from(row: dict, where: str) -> Question:
+    qid = row.get("question_id", row.get("prompt_id"))
+    turns = row.get("turns", row.get("prompt"))
+    category = row.get("category")
+    if qid is None:
+        raise MTBenchError(f"{where}: no question_id")
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+        raise MTBenchError(f"{where}: 'turns' must be a non-empty list of strings")
+    if len(turns) > 2:
+        raise MTBenchError(f"{where}: MT-Bench questions have one or two turns, this one has {len(turns)}")
+    if not isinstance(category, str) or not category:
+        raise MTBenchError(f"{where}: no category")
+    reference = row.get("reference")
+    if reference in (None, [], ""):
+        reference = None
+    elif isinstance(reference, str):
+        reference = [reference]
+    elif not isinstance(reference, list) or not all(isinstance(r, str) for r in reference):
+        raise MTBenchError(f"{where}: 'reference' must be a list of strings")
+    return Question(qid, category, list(turns), reference)
+
+
+def load_questions(source: str | Path, split: str = "train") -> list[Question]:
+    """Questions from a FastChat ``question.jsonl`` path, or from a dataset name."""
+    path = Path(source)
+    if path.exists() or str(source).endswith((".jsonl", ".json")):
+        questions = [_question_from(row, f"{path}:{line}") for line, row in _read_jsonl(path)]
+    else:
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(str(source), split=split)
+        except Exception as e:  # hub/network errors come in many types; one clear line for the user
+            raise MTBenchError(f"questions {source!r}: not a file, and loading it as a dataset failed: {e}") from None
+        questions = [_question_from(dict(row), f"{source}[{i}]") for i, row in enumerate(ds)]
+    seen = set()
+    for q in questions:
+        if q.question_id in seen:
+            raise MTBenchError(f"{source}: question_id {q.question_id!r} appears twice")
+        seen.add(q.question_id)
+    if not questions:
+        raise MTBenchError(f"{source}: no questions")
+    return questions
+
+
+def load_reference_answers(path: str | Path) -> dict[Any, list[str]]:
+    """Reference answers in FastChat's model-answer format (``choices[0].turns``), by question id."""
+    path = Path(path)
+    out = {}
+    for line, row in _read_jsonl(path):
+        try:
+            out[row["question_id"]] = list(row["choices"][0]["turns"])
+        except (KeyError, IndexError, TypeError):
+            raise MTBenchError(f"{path}:{line}: expected question_id and choices[0].turns") from None
+    return out
+
+
+def load_judge_prompts(path: str | Path | None = None) -> dict[str, JudgePrompt]:
+    path = Path(path) if path is not None else DEFAULT_JUDGE_PROMPTS
+    prompts = {}
+    for line, row in _read_jsonl(path):
+        try:
+            prompt = JudgePrompt(name=row["name"], system_prompt=row.get("system_prompt", ""),
+                                 prompt_template=row["prompt_template"],
+                                 output_format=row.get("output_format", "[[rating]]"), type=row.get("type", "single"))
+        except KeyError as e:
+            raise MTBenchError(f"{path}:{line}: judge prompt without {e.args[0]!r}") from None
+        prompts[prompt.name] = prompt
+    for name in ("single-v1", "single-v1-multi-turn", "single-math-v1", "single-math-v1-multi-turn"):
+        if name not in prompts:
+            raise MTBenchError(f"{path}: no judge prompt named {name!r}")
+        if prompts[name].output_format != "[[rating]]":
+            raise MTBenchError(f"{path}: judge prompt {name!r} has output_format "
+                               f"{prompts[name].output_format!r}; bezoar parses '[[rating]]'")
+    return prompts
+
+
+def read_answers(path: Path) -> dict[Any, Answer]:
+    """Answers already in ``path`` (FastChat model-answer lines); a torn last line is ignored."""
+    if not path.exists():
+        return {}
+    out = {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            answer = Answer(row["question_id"], row["model_id"], list(row["choices"][0]["turns"]),
+                            row.get("answer_id", ""), row.get("tstamp", 0.0))
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+            if line_no == len(lines):
+                log.warning("%s: ignoring an incomplete last line (an interrupted run)", path)
+                continue
+            raise MTBenchError(f"{path}:{line_no}: not a model-answer record") from None
+        out[answer.question_id] = answer
+    return out
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a last line that has no newline (a write interrupted midway) so appends start clean."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def _append_jsonl(path: Path, records: list[dict]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---- answer generation ------------------------------------------------------------------------
+
+
+def category_temperature(category: str) -> float:
+    return CATEGORY_TEMPERATURE.get(category, 0.0)
+
+
+def generate_answers(model, tokenizer, questions: list[Question], model_id: str, answers_path: Path,
+                     max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 8, seed: int = 0) -> dict[Any, Answer]:
+    """Answer every question not yet in ``answers_path`` (both turns) and append the answers there."""
+    from bezoar.eval.chat import CHAT_STOP, chat_prompt
+    from bezoar.model import generate
+
+    _drop_torn_tail(answers_path)
+    done = read_answers(answers_path)
+    todo = [q for q in questions if q.question_id not in done]
+    if not todo:
+        return done
+    log.info("mt-bench: answering %d questions (%d already answered)", len(todo), len(done))
+    model.eval()  # LoRA dropout off
+    context = model.config.max_position_embeddings
+    # Batches of one temperature; per batch, turn 1 for all, then turn 2 for all.
+    by_temperature: dict[float, list[Question]] = {}
+    for q in todo:
+        by_temperature.setdefault(category_temperature(q.category), []).append(q)
+    for temperature, group in sorted(by_temperature.items()):
+        for a in range(0, len(group), batch_size):
+            batch = group[a: a + batch_size]
+            conversations: list[list[dict]] = [[] for _ in batch]
+            answers: list[list[str]] = [[] for _ in batch]
+            for turn in range(max(len(q.turns) for q in batch)):
+                rows = [i for i, q in enumerate(batch) if turn < len(q.turns)]
+                prompts = []
+                for i in rows:
+                    conversations[i].append({"role": "user", "content": batch[i].turns[turn]})
+                    prompts.append(chat_prompt(conversations[i]))
+                longest = max(len(tokenizer.encode(p, bos=True)) for p in prompts)
+                budget = min(max_new_tokens, context - longest)
+                if budget < 1:
+                    raise MTBenchError(f"question {batch[rows[0]].question_id!r} turn {turn + 1}: the prompt fills "
+                                       f"the model's context of {context} tokens")
+                outputs = generate(model, tokenizer, prompts, max_new_tokens=budget, temperature=temperature,
+                                   stop=list(CHAT_STOP), seed=None if temperature <= 0 else seed + turn + a)
+                for i, out in zip(rows, outputs):
+                    text = out.text.strip()
+                    answers[i].append(text)
+                    conversations[i].append({"role": "assistant", "content": text})
+            new = [Answer(q.question_id, model_id, turns) for q, turns in zip(batch, answers)]
+            _append_jsonl(answers_path, [n.to_record() for n in new])
+            done.update((n.question_id, n) for n in new)
+    return done
+
+
+# ---- judging ---------------------------------------------------------------------------------
+
+
+@dataclass
+class JudgeConfig:
+    """The judge model and how to reach it (through the client pool)."""
+
+    model: str
+    provider: str = "openai"  # openai | anthropic | compat (any OpenAI-compatible server)
+    base_url: str | None = None
+    api_key_env: str | None = None
+    concurrency: int = 16
+    rpm: float | None = None
+    tpm: float | None = None
+    max_tokens: int = 2048
+    temperature: float = 0.0
+
+
+@dataclass
+class JudgeTask:
+    """One judge call: one answer turn of one question."""
+
+    question_id: Any
+    category: str
+    turn: int  # 1 or 2
+    prompt_name: str
+    system: str
+    user_prompt: str
+
+
+def judge_tasks(questions: list[Question], answers: dict[Any, Answer], prompts: dict[str, JudgePrompt],
+                references: dict[Any, list[str]] | None = None, source: str = "judge prompts") -> list[JudgeTask]:
+    """Build the judge prompts for every answered turn. Reference answers come from ``references``
+    (a reference-answer file) or else from the question's own ``reference`` field."""
+    references = references or {}
+    tasks, missing_ref = [], []
+    for q in questions:
+        answer = answers.get(q.question_id)
+        if answer is None:
+            continue
+        ref = references.get(q.question_id) or q.reference
+        math_like = q.category in NEED_REFERENCE
+        if math_like and not ref:
+            missing_ref.append(q.question_id)
+            math_like = False
+        for turn in range(1, min(len(q.turns), len(answer.turns)) + 1):
+            name = ("single-math-v1" if math_like else "single-v1") + ("-multi-turn" if turn == 2 else "")
+            prompt = prompts[name]
+            fields = {"question": q.turns[0], "answer": answer.turns[0], "question_1": q.turns[0],
+                      "answer_1": answer.turns[0]}
+            if turn == 2:
+                fields.update(question_2=q.turns[1], answer_2=answer.turns[1])
+            if math_like:
+                fields.update(ref_answer_1=ref[0], ref_answer_2=ref[1] if len(ref) > 1 else "")
+            try:
+                user_prompt = prompt.prompt_template.format(**fields)
+            except (KeyError, IndexError, ValueError) as e:
+                raise MTBenchError(f"{source}: judge prompt {name!r} has a placeholder bezoar cannot fill: {e}") from None
+            tasks.append(JudgeTask(q.question_id, q.category, turn, name, prompt.system_prompt, user_prompt))
+    if missing_ref:
+        log.warning("mt-bench: no reference answer for %d %s question(s) (%s); judged without one",
+                    len(missing_ref), "/".join(NEED_REFERENCE), ", ".join(map(str, missing_ref[:10])))
+    return tasks
+
+
+def judge_requests(tasks: list[JudgeTask], config: JudgeConfig) -> list:
+    """The pool requests for the judge tasks; a request's id names the question and turn, so the
+    store recognises it on a rerun (and a changed prompt or answer is a new request)."""
+    from bezoar.generate.pool import Request
+
+    return [Request(messages=[{"role": "user", "content": t.user_prompt}], system=t.system or None,
+                    model=config.model, max_tokens=config.max_tokens, temperature=config.temperature,
+                    id=f"mt-bench/{t.question_id}/turn-{t.turn}/{t.prompt_name}",
+                    meta={"question_id": t.question_id, "turn": t.turn})
+            for t in tasks]
+
+
+def call_judge(requests: list, config: JudgeConfig, store_path: Path, progress: bool = False) -> list:
+    """Send the judge requests through the client pool; results come back in request order.
+    Requests already answered in the store are not sent again; failed ones are retried."""
+    from bezoar.generate.pool import Endpoint, Limits, run_sync
+
+    endpoint = Endpoint(config.provider, config.base_url, api_key_env=config.api_key_env)
+    limits = Limits(concurrency=config.concurrency, rpm=config.rpm, tpm=config.tpm)
+    return run_sync(requests, endpoint, limits, str(store_path), model=config.model, progress=progress,
+                    retry_failed=True)
+
+
+def parse_rating(judgment: str | None) -> float:
+    """The first ``[[x]]`` in the judgment, else the first ``[x]``; -1 when there is none or the
+    value is outside 1-10."""
+    if not judgment:
+        return -1.0
+    match = RATING.search(judgment) or RATING_FALLBACK.search(judgment)
+    if match is None:
+        return -1.0
+    value = float(match.group(1))
+    return value if 1.0 <= value <= 10.0 else -1.0
+
+
+@dataclass
+class Judgment:
+    question_id: Any
+    model: str
+    judge: list[str]  # [judge model, prompt name]
+    user_prompt: str
+    judgment: str
+    score: float
+    turn: int
+    category: str
+    error: str | None = None
+    tstamp: float = field(default_factory=time.time)
+
+    def to_record(self) -> dict:
+        record = asdict(self)
+        if record["error"] is None:
+            record.pop("error")
+        return record
+
+
+def judgments_from(tasks: list[JudgeTask], results: list, model_id: str, judge_model: str) -> list[Judgment]:
+    out = []
+    for task, result in zip(tasks, results):
+        ok = result.error is None
+        text = result.response if ok else ""
+        out.append(Judgment(task.question_id, model_id, [judge_model, task.prompt_name], task.user_prompt,
+                            text or "", parse_rating(text) if ok else -1.0, task.turn, task.category,
+                            error=None if ok else result.error))
+    return out
+
+
+# ---- results -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    overall: float | None
+    per_turn: dict[int, float | None]
+    per_category: dict[str, float | None]
+    per_category_turn: dict[str, dict[int, float | None]]
+    counted: int
+    unparseable: int
+    failed: int
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def summarize(judgments: list[Judgment]) -> Summary:
+    """Averages over the judgments with a score (score -1: unparseable or failed, left out)."""
+    valid = [j for j in judgments if j.score >= 0]
+    turns = sorted({j.turn for j in judgments})
+    categories = list(dict.fromkeys(j.category for j in judgments))
+    return Summary(
+        overall=_mean([j.score for j in valid]),
+        per_turn={t: _mean([j.score for j in valid if j.turn == t]) for t in turns},
+        per_category={c: _mean([j.score for j in valid if j.category == c]) for c in categories},
+        per_category_turn={c: {t: _mean([j.score for j in valid if j.category == c and j.turn == t]) for t in turns}
+                           for c in categories},
+        counted=len(valid),
+        unparseable=sum(1 for j in judgments if j.score < 0 and j.error is None),
+        failed=sum(1 for j in judgments if j.error is not None),
+    )
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def summary_table(summary: Summary, model_id: str, judge_model: str) -> str:
+    turns = sorted(summary.per_turn)
+    lines = [f"## MT-Bench: {model_id} (judge: {judge_model})", "",
+             "| category | " + " | ".join(f"turn {t}" for t in turns) + " | average |",
+             "|---|" + "---|" * (len(turns) + 1)]
+    for category, mean in summary.per_category.items():
+        cells = [_fmt(summary.per_category_turn[category][t]) for t in turns]
+        lines.append(f"| {category} | " + " | ".join(cells) + f" | {_fmt(mean)} |")
+    lines.append("| **all** | " + " | ".join(_fmt(summary.per_turn[t]) for t in turns)
+                 + f" | **{_fmt(summary.overall)}** |")
+    lines += ["", f"{summary.counted} judgments counted; {summary.unparseable} without a rating (-1) and "
+                  f"{summary.failed} failed calls left out."]
+    return "\n".join(lines)
+
+
+def category_chart(summary: Summary, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary.per_category)
+    values = [summary.per_category[n] or 0.0 for n in names]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(names) + 1.5), 3.6))
+    bars = ax.bar(names, values, color="#4c72b0")
+    for bar, n in zip(bars, names):
+        label = _fmt(summary.per_category[n])
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, 10)
+    ax.set_ylabel("mean score (1-10)")
+    ax.set_title(title, fontsize=10)
+    ax.tick_params(axis="x", labelrotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_results(out_dir: Path, judgments: list[Judgment], model_id: str, judge_model: str) -> Summary:
+    summary = summarize(judgments)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "judgments.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(j.to_record(), ensure_ascii=False) + "\n" for j in judgments), encoding="utf-8")
+    tmp.replace(out_dir / "judgments.jsonl")
+    table = summary_table(summary, model_id, judge_model)
+    (out_dir / "results.md").write_text(table + "\n", encoding="utf-8")
+    payload = {"model_id": model_id, "judge": judge_model, **asdict(summary)}
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    category_chart(summary, out_dir / "categories.png", f"MT-Bench {model_id} (judge {judge_model})")
+    return summary
+
+
+def run_judging(questions: list[Question], answers: dict[Any, Answer], config: JudgeConfig, out_dir: Path,
+                model_id: str, judge_prompts: str | Path | None = None, references: dict | None = None,
+                progress: bool = False) -> tuple[Summary, list[Judgment]]:
+    """Judge every answered turn (through the pool, resumable) and write the result files."""
+    prompts = load_judge_prompts(judge_prompts)
+    tasks = judge_tasks(questions, answers, prompts, references, source=str(judge_prompts or DEFAULT_JUDGE_PROMPTS))
+    if not tasks:
+        raise MTBenchError("nothing to judge: no question has an answer")
+    results = call_judge(judge_requests(tasks, config), config, out_dir / "judge_store.jsonl", progress=progress)
+    judgments = judgments_from(tasks, results, model_id, config.model)
+    return write_results(out_dir, judgments, model_id, config.model), judgments

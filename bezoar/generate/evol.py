@@ -1,0 +1,220 @@
+"""``python -m bezoar.generate evol``: Evol-Instruct (Xu et al., 2023, "WizardLM") from seed instructions.
+
+Seeds are databricks-dolly-15k records (``instruction``, ``context``, ``response``, ``category``);
+a seed's context, when present, is part of the text that evolves (instruction, blank line,
+context). Each seed starts a lineage. Every epoch, for each lineage's current instruction:
+
+1. ``epoch-E-evolve``: one evolution, drawn from ``(seed, epoch, lineage)``, uniformly among six:
+   the five in-depth operations (add constraints, deepen, concretize, increase reasoning steps,
+   complicate the input; ``evol_depth`` template) and in-breadth (a new, rarer instruction in the
+   same domain; ``evol_breadth`` template).
+2. Elimination, as WizardLM states it; an evolution fails when
+   - the evolved instruction is empty, or leaks the rewriting prompt's words (the templates'
+     ``#...#`` markers, and phrases such as "rewritten instruction" or "given prompt");
+   - it adds no information: the same words as before, or the teacher judges the two
+     instructions the SAME (``epoch-E-equal`` step, ``evol_equal`` template; an unclear verdict
+     counts as failure);
+   - its response (``epoch-E-respond`` step) is a short refusal (an apology or "I cannot" in
+     fewer than 80 words), has only punctuation and stop words, failed, or was cut off at
+     max_tokens.
+3. A surviving evolution becomes a record and the lineage's current instruction; after a
+   failure the lineage keeps its previous instruction for the next epoch.
+
+Output (``OUT``): ``raw.jsonl``, one record per surviving evolution, in (epoch, lineage) order::
+
+    {"instruction", "output", "evolution_strategy": "in-depth" | "in-breadth",
+     "in-depth-evolving_operation": "add_constraints" | ... | null, "epoch": E, "category", "teacher"}
+
+(``data.format = "evol"`` reads it as is), ``dropped.jsonl`` with every failed evolution and its
+reason, and ``evol-summary.json``. Rerunning the same command reuses every stored answer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from bezoar.generate.request import GenerateError
+from bezoar.generate.schemes import (add_scheme_arguments, chat, check_out_dir, check_sampling, excerpt,
+                                     load_templates, normalized, only_stop_words, read_records, rng_for, run_step,
+                                     say, short_refusal, text_field, truncated, write_json, write_jsonl)
+
+TEMPLATES = ("evol_depth", "evol_breadth", "evol_equal")
+OUTPUTS = ("raw.jsonl", "dropped.jsonl", "evol-summary.json")
+
+#: In-depth operations: the one sentence that fills ``{operation}`` in the evol_depth template.
+DEPTH_OPERATIONS = {
+    "add_constraints": "Add one more constraint or requirement that the answer must satisfy.",
+    "deepen": "If the instruction touches on a subject, ask for a deeper and broader treatment of it.",
+    "concretize": "Replace a general idea in the instruction with a more specific, concrete one.",
+    "increase_reasoning_steps": "If the instruction can be solved with a few simple steps, rewrite it so that "
+                                "it explicitly calls for reasoning over several steps.",
+    "complicate_input": "Give the instruction a richer input to work on: add data in a structured form such as a "
+                        "table, a list of records, a snippet of code or a formula, and make the task depend on it.",
+}
+STRATEGIES = [("in-depth", op) for op in DEPTH_OPERATIONS] + [("in-breadth", None)]
+
+#: Phrases that only a confused rewrite would contain: WizardLM's own markers and their variants.
+LEAK_PHRASES = ("given prompt", "rewritten prompt", "created prompt", "given instruction", "rewritten instruction",
+                "original instruction", "new instruction", "#rewritten", "#created", "#given", "#new", "#original")
+
+_NEGATIVE = re.compile(r"\b(different|not\s+the\s+same|not\s+equal|unequal|not\s+identical|distinct)\b")
+_POSITIVE = re.compile(r"\b(same|equal|identical|equivalent)\b")
+
+
+def equality_verdict(reply: str) -> str | None:
+    """"different", "same", or None when the reply says neither clearly."""
+    text = " ".join(reply.lower().split())
+    if _NEGATIVE.search(text):
+        return "different"
+    if _POSITIVE.search(text):
+        return "same"
+    return None
+
+
+def leaked_phrase(instruction: str, markers: list[str]) -> str | None:
+    """The first rewriting-prompt phrase found in ``instruction`` (case-insensitive), or None."""
+    text = " ".join(instruction.lower().split())
+    for marker in markers:
+        if f"#{marker.lower()}#" in text or marker.lower() in text:
+            return marker
+    for phrase in LEAK_PHRASES:
+        if phrase in text:
+            return phrase
+    return None
+
+
+def add_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evol", help="Evol-Instruct: evolve seed instructions over epochs, eliminate failures, answer them",
+        description="In-depth and in-breadth evolution of seed instructions (dolly-15k format) over N epochs, "
+                    "with WizardLM's elimination rules. Writes OUT/raw.jsonl (fields instruction, output, "
+                    "evolution_strategy, in-depth-evolving_operation, epoch, category, teacher). "
+                    "Rerun the same command to resume.")
+    p.add_argument("seeds", help="seed instructions: JSONL (or any format bezoar.data reads, or a datasets name) "
+                                 "with instruction, and optionally context, response, category")
+    p.add_argument("--split", default="train", help="split, when SEEDS is a datasets name (default train)")
+    g = p.add_argument_group("evol")
+    g.add_argument("--epochs", type=int, default=4, help="rounds of evolution (default 4, as in WizardLM)")
+    g.add_argument("--limit", type=int, metavar="N", help="use the first N seeds only")
+    add_scheme_arguments(p, TEMPLATES, temperature=0.7, max_tokens=1024)
+    p.set_defaults(func=run_evol)
+
+
+def _seed_text(instruction: str, context: str | None) -> str:
+    instruction = instruction.strip()
+    if context and context.strip():
+        return f"{instruction}\n\n{context.strip()}"
+    return instruction
+
+
+def run_evol(args) -> int:
+    check_sampling(args)
+    if args.epochs < 1:
+        raise GenerateError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.limit is not None and args.limit < 1:
+        raise GenerateError(f"--limit must be at least 1, got {args.limit}")
+    templates = load_templates(TEMPLATES, args.template)
+    markers = sorted({m for name in ("evol_depth", "evol_breadth") for m in templates[name].markers()})
+    seeds = []
+    for origin, record in read_records(args.seeds, what="seed file", split=args.split, limit=args.limit):
+        instruction = text_field(record, origin, ("instruction",), required=True, what="seed")
+        context = text_field(record, origin, ("context", "input"), required=False, what="seed")
+        text_field(record, origin, ("response", "output"), required=False, what="seed")  # type check only
+        category = text_field(record, origin, ("category",), required=False, what="seed")
+        seeds.append((_seed_text(instruction, context), category))
+    out = check_out_dir(args.out, [args.seeds], OUTPUTS)
+
+    current = [text for text, _ in seeds]
+    records: list[dict] = []
+    dropped: list[dict] = []
+    counts: Counter = Counter(seeds=len(seeds))
+
+    def drop(epoch, lineage, strategy, operation, reason, instruction=None, **extra):
+        counts[f"dropped: {reason}"] += 1
+        entry = {"epoch": epoch, "lineage": lineage, "evolution_strategy": strategy,
+                 "in-depth-evolving_operation": operation, "reason": reason, "instruction": instruction,
+                 "previous": current[lineage]}
+        entry.update({k: v for k, v in extra.items() if v is not None})
+        dropped.append(entry)
+
+    for epoch in range(1, args.epochs + 1):
+        # ---- evolve
+        plans, requests = [], []
+        for lineage, text in enumerate(current):
+            strategy, operation = rng_for(args.seed, "evol", epoch, lineage).choice(STRATEGIES)
+            if strategy == "in-depth":
+                prompt = templates["evol_depth"].render(operation=DEPTH_OPERATIONS[operation], instruction=text)
+            else:
+                prompt = templates["evol_breadth"].render(instruction=text)
+            plans.append((lineage, strategy, operation))
+            requests.append(chat(prompt, temperature=args.temperature, max_tokens=args.max_tokens,
+                                 id=f"evol:{epoch}:{lineage}", step=f"epoch-{epoch}-evolve"))
+        results = run_step(args, out, f"epoch-{epoch}-evolve", requests)
+        evolved = []  # (lineage, strategy, operation, instruction)
+        for (lineage, strategy, operation), result in zip(plans, results):
+            text = (result.response or "").strip()
+            if not result.ok:
+                drop(epoch, lineage, strategy, operation, "evolution request failed", error=result.error)
+            elif not text:
+                drop(epoch, lineage, strategy, operation, "empty evolution")
+            elif truncated(result):
+                drop(epoch, lineage, strategy, operation, "evolution cut off at max_tokens", excerpt(text))
+            elif (leak := leaked_phrase(text, markers)) is not None:
+                drop(epoch, lineage, strategy, operation, "leaks the rewriting prompt", text, leaked=leak)
+            elif normalized(text) == normalized(current[lineage]):
+                drop(epoch, lineage, strategy, operation, "no information gain", text, verdict="unchanged")
+            else:
+                evolved.append((lineage, strategy, operation, text))
+
+        # ---- equality check (is anything new?)
+        requests = [chat(templates["evol_equal"].render(first=current[lineage], second=text), temperature=0.0,
+                         max_tokens=16, id="evol:equal", step=f"epoch-{epoch}-equal")
+                    for lineage, _, _, text in evolved]
+        results = run_step(args, out, f"epoch-{epoch}-equal", requests)
+        informative = []
+        for (lineage, strategy, operation, text), result in zip(evolved, results):
+            verdict = equality_verdict(result.response or "") if result.ok else None
+            if not result.ok:
+                drop(epoch, lineage, strategy, operation, "equality check failed", text, error=result.error)
+            elif verdict == "same":
+                drop(epoch, lineage, strategy, operation, "no information gain", text, verdict=excerpt(result.response))
+            elif verdict is None:
+                drop(epoch, lineage, strategy, operation, "equality check unclear", text,
+                     verdict=excerpt(result.response))
+            else:
+                informative.append((lineage, strategy, operation, text))
+
+        # ---- respond
+        requests = [chat(text, temperature=args.temperature, max_tokens=args.max_tokens, id="evol:respond",
+                         step=f"epoch-{epoch}-respond") for _, _, _, text in informative]
+        results = run_step(args, out, f"epoch-{epoch}-respond", requests)
+        for (lineage, strategy, operation, text), result in zip(informative, results):
+            response = (result.response or "").strip()
+            reason = None
+            if not result.ok:
+                reason = "response request failed"
+            elif truncated(result):
+                reason = "response cut off at max_tokens"
+            elif short_refusal(response):
+                reason = "response is a short refusal"
+            elif only_stop_words(response):
+                reason = "response has only punctuation and stop words"
+            if reason is not None:
+                drop(epoch, lineage, strategy, operation, reason, text, response=excerpt(result.response),
+                     error=result.error)
+                continue
+            records.append({"instruction": text, "output": response, "evolution_strategy": strategy,
+                            "in-depth-evolving_operation": operation, "epoch": epoch,
+                            "category": seeds[lineage][1], "teacher": result.model or args.model})
+            current[lineage] = text
+        counts[f"epoch {epoch} records"] = sum(1 for r in records if r["epoch"] == epoch)
+
+    counts["records"] = len(records)
+    write_jsonl(out / "raw.jsonl", records)
+    write_jsonl(out / "dropped.jsonl", dropped)
+    write_json(out / "evol-summary.json", {"command": "evol", "epochs": args.epochs, "teacher": args.model,
+                                           "counts": dict(sorted(counts.items()))})
+    say(f"evol: {len(records)} records in {out / 'raw.jsonl'} from {len(seeds)} seeds over {args.epochs} epochs "
+        f"({len(dropped)} evolutions eliminated; reasons in dropped.jsonl)")
+    return 0

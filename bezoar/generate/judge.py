@@ -1,0 +1,145 @@
+"""``python -m bezoar.generate filter``: an LLM judge scores records; those at or above a threshold are kept.
+
+OpenBezoar used GPT-4 as a stand-in for human review of its synthetic data. The judge reads
+each record's system message (if any), instruction (plus input, if any) and response, and rates
+them on one rubric, helpfulness, correctness and instruction following, as a whole number
+from 1 to 10 with a short reason (template ``judge``). The reply must contain::
+
+    Reason: <text>
+    Score: <1-10>
+
+Parsing is lenient about form (any order, ``**Score:** 8``, ``8/10``, an unlabelled reason) and
+strict about meaning: no score, several different scores, or a score outside 1-10 make the
+reply unparseable. An unparseable reply, or a judge request that failed, is a recorded
+failure: the record goes to ``judge-failures.jsonl`` with the error and the judge's reply, is
+counted, and is in neither output below. Rerun with ``--retry-failed`` to ask again for the
+requests that failed; a reply that was received but could not be parsed stays what it was
+(its answer is stored), so change the template or the judge to get a different one.
+
+Outputs (``OUT``), written at the end, atomically:
+
+- ``judged.jsonl``: every scored record, its fields unchanged plus ``judge_score``,
+  ``judge_reason`` and ``judge_model``;
+- ``filtered.jsonl``: the records with ``judge_score >= --threshold``, same fields (the SFT
+  loader ignores the judge fields);
+- ``judge-failures.jsonl`` and ``filter-summary.json`` (counts and the score histogram).
+
+Records are read with the field names of the SFT loader's presets: instruction | question |
+prompt, input | context, response | output | answer, system_prompt | system. Judge requests are
+keyed by their content (temperature 0), so identical records are judged once and a grown input
+file only costs its new records.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from bezoar.generate.request import GenerateError
+from bezoar.generate.schemes import (add_scheme_arguments, chat, check_out_dir, check_sampling, load_templates,
+                                     read_records, run_step, say, text_field, write_json, write_jsonl)
+
+TEMPLATES = ("judge",)
+OUTPUTS = ("judged.jsonl", "filtered.jsonl", "judge-failures.jsonl", "filter-summary.json")
+INSTRUCTION_FIELDS = ("instruction", "question", "prompt")
+INPUT_FIELDS = ("input", "context")
+RESPONSE_FIELDS = ("response", "output", "answer")
+SYSTEM_FIELDS = ("system_prompt", "system")
+
+_SCORE = re.compile(r"\bscore\s*(?:\(1\s*-\s*10\)\s*)?[:=]\s*(-?\d+(?:\.\d+)?)(?:\s*(?:/|out\s+of)\s*10)?", re.I)
+_REASON = re.compile(r"\b(?:reason|reasoning|explanation|rationale)\s*:\s*", re.I)
+
+
+class JudgeParseError(ValueError):
+    pass
+
+
+def parse_judgement(reply: str) -> tuple[float | int, str]:
+    """(score, reason) from a judge reply; JudgeParseError says why it cannot be read."""
+    text = reply.replace("**", "").replace("__", "")
+    scores = [float(m.group(1)) for m in _SCORE.finditer(text)]
+    if not scores:
+        raise JudgeParseError("no 'Score: N' in the reply")
+    if len(set(scores)) > 1:
+        raise JudgeParseError(f"several different scores in the reply: {', '.join(f'{s:g}' for s in scores)}")
+    score = scores[0]
+    if not 1 <= score <= 10:
+        raise JudgeParseError(f"score {score:g} is outside 1-10")
+    label = _REASON.search(text)
+    if label is not None:
+        reason = _SCORE.split(text[label.end():])[0]
+    else:
+        reason = _SCORE.sub("", text)
+    reason = " ".join(reason.split()).strip(" -:")
+    if not reason:
+        raise JudgeParseError("the reply gives a score but no reason")
+    return (int(score) if score.is_integer() else score), reason
+
+
+def add_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "filter", help="LLM judge: score records 1-10, keep those at or above a threshold",
+        description="Score each record (helpfulness, correctness, instruction following) with a judge LLM and "
+                    "keep those scoring at least --threshold. Writes OUT/judged.jsonl (all scored), "
+                    "OUT/filtered.jsonl (kept), OUT/judge-failures.jsonl. Rerun the same command to resume.")
+    p.add_argument("input", help="records to judge: JSONL (e.g. OUT/raw.jsonl of lamini / evol / orca) or any "
+                                 "format bezoar.data reads")
+    p.add_argument("--threshold", type=float, default=7.0,
+                   help="keep records whose score is at least this (1-10; default 7)")
+    p.add_argument("--split", default="train", help="split, when INPUT is a datasets name (default train)")
+    add_scheme_arguments(p, TEMPLATES, temperature=0.0, max_tokens=256)
+    p.set_defaults(func=run_filter)
+
+
+def run_filter(args) -> int:
+    check_sampling(args)
+    if not 1.0 <= args.threshold <= 10.0:
+        raise GenerateError(f"--threshold must be between 1 and 10, got {args.threshold:g}")
+    template = load_templates(TEMPLATES, args.template)["judge"]
+    items = []  # (record, prompt)
+    for origin, record in read_records(args.input, what="input file", split=args.split):
+        instruction = text_field(record, origin, INSTRUCTION_FIELDS, required=True, what="record")
+        extra = text_field(record, origin, INPUT_FIELDS, required=False, what="record")
+        response = text_field(record, origin, RESPONSE_FIELDS, required=True, what="record", nonempty=False)
+        system = text_field(record, origin, SYSTEM_FIELDS, required=False, what="record")
+        if extra and extra.strip():
+            instruction = f"{instruction.strip()}\n\n{extra.strip()}"
+        prompt = template.render(system=system.strip() if system and system.strip() else "(none)",
+                                 instruction=instruction.strip(), response=response.strip())
+        items.append((origin, record, prompt))
+    out = check_out_dir(args.out, [args.input], OUTPUTS)
+
+    requests = [chat(prompt, temperature=args.temperature, max_tokens=args.max_tokens, id="judge", step="judge")
+                for _, _, prompt in items]
+    results = run_step(args, out, "judge", requests)
+    judged, kept, failures = [], [], []
+    histogram: Counter = Counter()
+    for (origin, record, _), result in zip(items, results):
+        if not result.ok:
+            failures.append({**record, "judge_error": f"judge request failed: {result.error}", "judge_reply": None,
+                             "judge_model": result.model or args.model, "input_origin": origin})
+            continue
+        try:
+            score, reason = parse_judgement(result.response or "")
+        except JudgeParseError as e:
+            failures.append({**record, "judge_error": f"unparseable judge reply: {e}", "judge_reply": result.response,
+                             "judge_model": result.model or args.model, "input_origin": origin})
+            continue
+        histogram[score] += 1
+        scored = {**record, "judge_score": score, "judge_reason": reason, "judge_model": result.model or args.model}
+        judged.append(scored)
+        if score >= args.threshold:
+            kept.append(scored)
+
+    write_jsonl(out / "judged.jsonl", judged)
+    write_jsonl(out / "filtered.jsonl", kept)
+    write_jsonl(out / "judge-failures.jsonl", failures)
+    summary = {"command": "filter", "input": str(args.input), "judge": args.model, "threshold": args.threshold,
+               "records": len(items), "scored": len(judged), "kept": len(kept),
+               "below_threshold": len(judged) - len(kept), "failures": len(failures),
+               "scores": {f"{k:g}": v for k, v in sorted(histogram.items())}}
+    write_json(out / "filter-summary.json", summary)
+    say(f"filter: {len(items)} records: {len(kept)} kept (score >= {args.threshold:g}) in {out / 'filtered.jsonl'}, "
+        f"{len(judged) - len(kept)} below, {len(failures)} judge failures"
+        + (f" (listed in {out / 'judge-failures.jsonl'})" if failures else ""))
+    return 0

@@ -1,0 +1,585 @@
+"""Asyncio client pool: many LLM API calls at the provider's rate limit, fault-tolerant, never twice.
+
+Use::
+
+    from bezoar.generate.pool import Pool, Limits, Endpoint, Request
+
+    endpoints = [Endpoint("compat", "http://gpu1:8000/v1"), Endpoint("compat", "http://gpu2:8000/v1")]
+    async with Pool(endpoints, Limits(concurrency=128, rpm=6000), "out.jsonl", model="teacher") as pool:
+        results = await pool.run(requests)          # list of Result, in input order
+        async for result in pool.map(requests):     # or: streamed, in completion order
+            ...
+        result = await pool.submit(request)         # or: one call, from any number of tasks
+
+    results = run_sync(requests, endpoints, Limits(rpm=500), "out.jsonl", model="gpt-4o-mini")
+
+What a call goes through (``submit``):
+
+1. key = ``request.key(model)``. A key in the store returns the stored Result (``cached``), no
+   call. A key already in flight shares that call's Result. So one key costs at most one call.
+2. A concurrency slot (``Limits.concurrency``), then the rate buckets: requests per minute and
+   tokens per minute (token buckets holding ``burst_s`` seconds of rate, full at start). Tokens are
+   estimated before the call (prompt characters / 4 + max_tokens) and corrected by the usage the
+   answer reports.
+3. An endpoint serving the model: the one with the fewest outstanding requests among those not
+   cooling down (after a 429 / Retry-After) and not down (after ``down_after`` connection
+   failures in a row; retried after 1, 2, 4 ... 30 s).
+4. The call. On a retryable error (429, 408, 409, 5xx, timeout, dropped connection, malformed
+   body) it waits Retry-After / retry-after-ms when given, else an exponential back-off with
+   jitter (base * 2**n, halved at random, at most ``backoff_max_s``), and tries again, up to
+   ``max_attempts``. A 429 also pauses the endpoint for everyone, and its retries queue up one
+   per Retry-After (at most 1 s apart), so a burst that was refused does not come back as a
+   burst. A request error (400, 422, ...) ends it at once. Either way the Result is appended to
+   the store before ``submit`` returns.
+5. Fatal errors (bad key, unknown model, exhausted quota, every endpoint unreachable) stop the
+   whole pool: every ``submit``/``map``/``run`` raises :class:`PoolError` with one clear message.
+   Answers already received are stored; nothing is recorded for the requests cut short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import AsyncIterable, AsyncIterator, Iterable, Sequence
+
+from bezoar.generate.progress import Progress
+from bezoar.generate.providers import FATAL, REQUEST, Endpoint, ProviderError, make_provider
+from bezoar.generate.request import GenerateError, Request, Result, Usage, estimate_tokens
+from bezoar.generate.store import JSONLStore, open_store
+
+log = logging.getLogger("bezoar.generate")
+
+__all__ = ["Pool", "Limits", "Endpoint", "Request", "Result", "Usage", "PoolError", "PoolStats", "run_sync"]
+
+
+class PoolError(GenerateError):
+    """The pool stopped: nothing more can succeed (bad key, unknown model, unreachable endpoints)."""
+
+
+@dataclass
+class Limits:
+    """How hard the pool may push.
+
+    concurrency: requests in flight at once (over all endpoints)
+    rpm, tpm: requests and tokens (input + output) per minute over all endpoints; None = no limit
+    burst_s: seconds of rpm/tpm the buckets hold; kept below a second so that arrival jitter at
+        the provider stays inside its own bucket
+    timeout_s: per attempt
+    max_attempts: per request, the first included
+    backoff_base_s, backoff_max_s: exponential back-off when the provider gives no Retry-After
+    default_output_tokens: what a request without max_tokens is charged in the tpm bucket up front
+    down_after: connection failures in a row after which an endpoint that has answered before is
+        taken out of rotation (one that never answered: after the first)
+    outage_s: how long every endpoint may be down before the pool gives up (if none answered
+        yet in this run, it gives up at once: that is a wrong URL, not an outage)
+    """
+
+    concurrency: int = 64
+    rpm: float | None = None
+    tpm: float | None = None
+    burst_s: float = 0.5
+    timeout_s: float = 600.0
+    max_attempts: int = 8
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+    default_output_tokens: int = 512
+    down_after: int = 3
+    outage_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "concurrency": self.concurrency >= 1, "burst_s": self.burst_s > 0, "timeout_s": self.timeout_s > 0,
+            "max_attempts": self.max_attempts >= 1, "backoff_base_s": self.backoff_base_s >= 0,
+            "backoff_max_s": self.backoff_max_s >= 0, "default_output_tokens": self.default_output_tokens >= 0,
+            "down_after": self.down_after >= 1, "outage_s": self.outage_s >= 0,
+            "rpm": self.rpm is None or self.rpm > 0, "tpm": self.tpm is None or self.tpm > 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise GenerateError(f"invalid limits: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")
+
+
+class TokenBucket:
+    """``per_minute`` tokens a minute, holding at most ``burst_s`` seconds' worth (at least 1).
+
+    The level may go negative: a charge larger than the bucket waits for a full bucket and then
+    leaves a debt, so the long-run rate holds for any size of charge."""
+
+    def __init__(self, per_minute: float, burst_s: float):
+        self.rate = per_minute / 60.0
+        self.capacity = max(1.0, self.rate * burst_s)
+        self.level = self.capacity
+        self.stamp = time.monotonic()
+
+    def wait_s(self, cost: float, now: float) -> float:
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+        need = min(cost, self.capacity)
+        return 0.0 if self.level >= need else (need - self.level) / self.rate
+
+    def take(self, cost: float) -> None:
+        self.level -= cost
+
+    def credit(self, amount: float) -> None:
+        self.level = min(self.capacity, self.level + amount)
+
+
+class RateLimiter:
+    """Requests-per-minute and tokens-per-minute buckets behind one FIFO lock (one waiter sleeps
+    at a time, so waiting costs one timer, not one per waiting request)."""
+
+    def __init__(self, rpm: float | None, tpm: float | None, burst_s: float):
+        self.requests = TokenBucket(rpm, burst_s) if rpm else None
+        self.tokens = TokenBucket(tpm, burst_s) if tpm else None
+        self.active = self.requests is not None or self.tokens is not None
+        self._lock = asyncio.Lock()
+
+    async def acquire(self, tokens: float) -> None:
+        if self.requests is None and self.tokens is None:
+            return
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                wait = max(self.requests.wait_s(1.0, now) if self.requests else 0.0,
+                           self.tokens.wait_s(tokens, now) if self.tokens else 0.0)
+                if wait <= 0.0:
+                    break
+                await asyncio.sleep(wait)
+            if self.requests:
+                self.requests.take(1.0)
+            if self.tokens:
+                self.tokens.take(tokens)
+
+    def settle(self, estimated: float, actual: float) -> None:
+        """Correct the tokens bucket once the answer tells the real usage."""
+        if self.tokens is not None:
+            self.tokens.credit(estimated - actual)
+
+
+class _EndpointState:
+    """One endpoint's provider and health, as the picker sees it."""
+
+    def __init__(self, endpoint: Endpoint, provider, limits: Limits):
+        self.endpoint, self.provider, self.label = endpoint, provider, endpoint.label
+        self.limits = limits
+        self.outstanding = 0
+        self.cooldown_until = 0.0  # after a 429 / Retry-After: nobody sends here before this
+        self.retry_slot = 0.0  # the last slot handed to a rate-limited retry
+        self.spacing = 0.0  # between retry slots, in the current episode of 429s
+        self.down_until = 0.0  # taken out of rotation after connection failures
+        self.down_since: float | None = None
+        self.connect_failures = 0
+        self.probe_s = 1.0
+        self.ever_answered = False
+        self.last_error = ""
+
+    @property
+    def ready_at(self) -> float:
+        return max(self.cooldown_until, self.down_until)
+
+    def answered(self) -> None:
+        self.ever_answered = True
+        if self.connect_failures or self.down_since is not None:
+            if self.down_since is not None:
+                log.info("%s is back", self.label)
+            self.connect_failures, self.probe_s, self.down_until, self.down_since = 0, 1.0, 0.0, None
+
+    def rate_limited(self, wait_s: float) -> float:
+        """A 429 told us to wait ``wait_s``: pause the endpoint for everyone that long, and give this
+        request a retry slot. Slots are spaced by the longest wait asked for since the queue was
+        last empty (at most 1 s), so a burst of requests refused together comes back one by one at
+        about the rate the provider refills, not as one burst."""
+        now = time.monotonic()
+        if self.retry_slot < now:  # the queue has drained: a new episode of 429s
+            self.spacing = 0.0
+        # The longest wait asked for in an episode is the best guess of the refill interval.
+        self.spacing = max(self.spacing, min(wait_s, 1.0))
+        self.retry_slot = max(now + wait_s, self.retry_slot + self.spacing)
+        self.cooldown_until = max(self.cooldown_until, now + wait_s)
+        return self.retry_slot - now
+
+    def connect_failed(self, message: str) -> None:
+        """A connection could not be made. An endpoint that has answered before is taken out of
+        rotation after ``down_after`` of these in a row; one that never answered, at the first
+        (that is most likely a wrong URL or a server not started)."""
+        self.connect_failures += 1
+        self.last_error = message
+        if self.connect_failures >= (self.limits.down_after if self.ever_answered else 1):
+            now = time.monotonic()
+            if self.down_since is None:
+                self.down_since = now
+                if self.ever_answered:
+                    log.warning("%s taken out of rotation: %s", self.label, message)
+            self.down_until = now + self.probe_s
+            self.probe_s = min(self.probe_s * 2.0, 30.0)
+
+
+@dataclass
+class PoolStats:
+    """Counters for progress and the summary (this run only)."""
+
+    total: int | None = None  # requests expected, when known
+    done: int = 0  # answered in this run
+    failed: int = 0  # ended as a recorded failure in this run
+    cached: int = 0  # found in the store, not sent
+    shared: int = 0  # duplicates of a request in flight, not sent
+    inflight: int = 0
+    calls: int = 0  # attempts sent
+    retries: int = 0
+    rate_limited: int = 0  # 429 answers seen
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost: float = 0.0
+    errors: Counter = field(default_factory=Counter)  # retryable and final errors by kind
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def finished(self) -> int:
+        return self.done + self.failed + self.cached + self.shared
+
+
+class Pool:
+    """Sends Requests to endpoints within Limits, records Results in a store. See the module doc.
+
+    endpoints: one Endpoint or several (spread by least outstanding requests, with failover)
+    limits: Limits (default: 64 concurrent, no rate limits)
+    store: a path (JSONL store, resumable), a store object, or None (in memory: dedup only)
+    model: the model for requests that name none
+    progress: print a progress line to stderr while running, and a summary at the end
+    prices: model -> (USD per million input tokens, USD per million output tokens), for the cost
+    retry_failed: with a path as store: send again the requests recorded as failures
+    provider_factory: ``(endpoint, connections) -> provider`` (default: providers.make_provider);
+        a provider has ``async open()``, ``async close()`` and ``async send(request, model,
+        timeout) -> Reply`` raising ProviderError. For tests and measurements without HTTP.
+    """
+
+    def __init__(self, endpoints: Endpoint | Sequence[Endpoint], limits: Limits | None = None, store=None, *,
+                 model: str | None = None, progress: bool = False, prices: dict | None = None,
+                 retry_failed: bool = False, provider_factory=None):
+        self.endpoints = [endpoints] if isinstance(endpoints, Endpoint) else list(endpoints)
+        if not self.endpoints:
+            raise GenerateError("the pool needs at least one endpoint")
+        self.limits = limits or Limits()
+        if isinstance(store, (str, os.PathLike)):
+            store = JSONLStore(store, retry_failed=retry_failed)
+        elif retry_failed:
+            raise GenerateError("retry_failed needs the store as a path (or pass JSONLStore(path, retry_failed=True))")
+        self.store = open_store(store)
+        self.model = model
+        self.prices = dict(prices or {})
+        self._provider_factory = provider_factory or make_provider
+        self.stats = PoolStats()
+        self._progress = Progress(self.stats) if progress else None
+        self._progress_task: asyncio.Task | None = None
+        self._states: list[_EndpointState] = []
+        self._routes: dict[str, list[_EndpointState]] = {}
+        self._inflight: dict[str, asyncio.Future] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._slots: asyncio.Semaphore | None = None
+        self._limiter: RateLimiter | None = None
+        self._fatal: str | None = None
+        self._open = False
+
+    def __repr__(self) -> str:
+        return f"Pool({[e.label for e in self.endpoints]}, {self.limits}, store={self.store!r})"
+
+    # ------------------------------------------------------------------ lifecycle
+    async def __aenter__(self) -> "Pool":
+        self._slots = asyncio.Semaphore(self.limits.concurrency)
+        self._limiter = RateLimiter(self.limits.rpm, self.limits.tpm, self.limits.burst_s)
+        self.store.open()
+        try:
+            for endpoint in self.endpoints:
+                provider = self._provider_factory(endpoint, connections=self.limits.concurrency)
+                await provider.open()
+                self._states.append(_EndpointState(endpoint, provider, self.limits))
+        except BaseException:
+            await self._close_providers()
+            self.store.close()
+            raise
+        self.stats.started = time.monotonic()
+        if self._progress is not None:
+            self._progress_task = asyncio.ensure_future(self._progress.run())
+        self._open = True
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        self._open = False
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._progress_task is not None:
+            self._progress_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._progress_task
+            # A run stopped before anything finished gets no summary: its error says it all.
+            self._progress.finish(summary=not (exc_type is not None and self.stats.finished == 0))
+        await self._close_providers()
+        self.store.close()
+
+    async def _close_providers(self) -> None:
+        for state in self._states:
+            with contextlib.suppress(Exception):
+                await state.provider.close()
+        self._states.clear()
+        self._routes.clear()
+
+    # ------------------------------------------------------------------ public API
+    async def submit(self, request: Request) -> Result:
+        """Send one request (or reuse its stored / in-flight result) and return its Result."""
+        model, key = self._model_and_key(request)
+        if key in self.store:
+            self.stats.cached += 1
+            return Result.from_record(self.store.get(key))
+        return await self._submit(request, key, model)
+
+    async def map(self, requests: Iterable[Request] | AsyncIterable[Request], *,
+                  include_cached: bool = True) -> AsyncIterator[Result]:
+        """Results as they finish (completion order). Reads ``requests`` lazily, keeping about
+        2 x concurrency of them in progress, so any number of requests runs in bounded memory.
+        With ``include_cached=False`` stored and shared results are counted but not yielded."""
+        async for _, result in self._imap(requests, include_cached):
+            yield result
+
+    async def run(self, requests: Iterable[Request] | AsyncIterable[Request]) -> list[Result]:
+        """All Results, in the order of ``requests``."""
+        if not hasattr(requests, "__len__"):
+            requests = list(requests) if not hasattr(requests, "__aiter__") else [r async for r in requests]
+        results: list[Result | None] = [None] * len(requests)
+        async for index, result in self._imap(requests, True):
+            results[index] = result
+        return results  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ internals
+    def _check_open(self) -> None:
+        if not self._open:
+            raise RuntimeError("use the pool inside 'async with Pool(...) as pool:'")
+        if self._fatal is not None:
+            raise PoolError(self._fatal)
+
+    def _model_and_key(self, request: Request) -> tuple[str, str]:
+        self._check_open()
+        model = request.model or self.model
+        if not model:
+            raise GenerateError("the request names no model and the pool has no default model")
+        if model not in self._routes:
+            route = [s for s in self._states if s.endpoint.serves(model)]
+            if not route:
+                raise GenerateError(f"no endpoint serves model {model!r} "
+                                    f"(endpoints: {', '.join(s.label for s in self._states)})")
+            self._routes[model] = route
+        return model, request.key(model)
+
+    async def _imap(self, requests, include_cached: bool) -> AsyncIterator[tuple[int, Result]]:
+        loop = asyncio.get_running_loop()
+        window = max(16, 2 * self.limits.concurrency)
+        finished: asyncio.Queue = asyncio.Queue()
+        pending: set[asyncio.Task] = set()
+        if hasattr(requests, "__len__"):
+            self.stats.total = (self.stats.total or 0) + len(requests)
+        if hasattr(requests, "__aiter__"):
+            source, is_async = requests.__aiter__(), True
+        else:
+            source, is_async = iter(requests), False
+        index, exhausted = 0, False
+        positions: dict[asyncio.Task, int] = {}
+        try:
+            while True:
+                while not exhausted and len(pending) < window:
+                    try:
+                        request = await source.__anext__() if is_async else next(source)
+                    except (StopIteration, StopAsyncIteration):
+                        exhausted = True
+                        break
+                    model, key = self._model_and_key(request)
+                    i, index = index, index + 1
+                    if key in self.store:  # fast path: no task for a stored key
+                        self.stats.cached += 1
+                        if include_cached:
+                            yield i, Result.from_record(self.store.get(key))
+                        continue
+                    task = loop.create_task(self._submit(request, key, model))
+                    positions[task] = i
+                    pending.add(task)
+                    self._tasks.add(task)
+                    task.add_done_callback(finished.put_nowait)
+                if not pending:
+                    break
+                task = await finished.get()
+                pending.discard(task)
+                self._tasks.discard(task)
+                i = positions.pop(task)
+                result = task.result()  # a PoolError propagates from here
+                if result.cached and not include_cached:
+                    continue
+                yield i, result
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+            self._tasks.difference_update(pending)
+
+    async def _submit(self, request: Request, key: str, model: str) -> Result:
+        shared = self._inflight.get(key)
+        if shared is not None:
+            try:
+                result = await asyncio.shield(shared)
+            except asyncio.CancelledError:
+                if not shared.cancelled():
+                    raise  # this task was cancelled
+                # The task that owned the call was cancelled: this one takes over, if still wanted.
+                if key in self.store:
+                    self.stats.cached += 1
+                    return Result.from_record(self.store.get(key))
+                return await self._submit(request, key, model)
+            self.stats.shared += 1
+            return dataclasses.replace(result, cached=True, attempts=0)
+        future = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            result = await self._execute(request, key, model)
+            self.store.append(result.to_record())
+            self._count(result)
+            future.set_result(result)
+            return result
+        except BaseException as e:
+            if isinstance(e, asyncio.CancelledError):
+                future.cancel()
+            else:
+                future.set_exception(e)
+                future.exception()  # mark retrieved: sharers, if any, get it themselves
+            raise
+        finally:
+            del self._inflight[key]
+
+    def _count(self, result: Result) -> None:
+        stats = self.stats
+        if not result.ok:
+            stats.failed += 1
+            stats.errors["final:" + (result.error_type or "error")] += 1
+            return
+        stats.done += 1
+        if result.usage is not None:
+            stats.tokens_in += result.usage.input_tokens
+            stats.tokens_out += result.usage.output_tokens
+            price = self.prices.get(result.model)
+            if price is not None:
+                stats.cost += (result.usage.input_tokens * price[0] + result.usage.output_tokens * price[1]) / 1e6
+
+    def _abort(self, message: str) -> PoolError:
+        if self._fatal is None:
+            self._fatal = message
+        return PoolError(self._fatal)
+
+    def _pick_now(self, model: str) -> _EndpointState | None:
+        """The ready endpoint with the fewest outstanding requests, or None if none is ready."""
+        now = time.monotonic()
+        best = None
+        for state in self._routes[model]:
+            if state.ready_at <= now and (best is None or state.outstanding < best.outstanding):
+                best = state
+        return best
+
+    async def _pick(self, model: str) -> _EndpointState:
+        """Wait for a ready endpoint; stop the pool if they are all down for good."""
+        states = self._routes[model]
+        while True:
+            best = self._pick_now(model)
+            if best is not None:
+                return best
+            now = time.monotonic()
+            down = [s for s in states if s.down_until > now]
+            if len(down) == len(states):
+                reasons = "; ".join(f"{s.label}: {s.last_error}" for s in states)
+                if not any(s.ever_answered for s in states):
+                    raise self._abort(f"cannot reach any endpoint for model {model!r} ({reasons})")
+                if now - min(s.down_since for s in states) > self.limits.outage_s:
+                    raise self._abort(f"every endpoint for model {model!r} has been unreachable for more than "
+                                      f"{self.limits.outage_s:g} s ({reasons})")
+            await asyncio.sleep(max(0.001, min(s.ready_at for s in states) - now))
+            if self._fatal is not None:
+                raise PoolError(self._fatal)
+
+    def _backoff_s(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return retry_after * (1.0 + 0.1 * random.random())
+        ceiling = min(self.limits.backoff_max_s, self.limits.backoff_base_s * 2.0 ** (attempt - 1))
+        return ceiling * (0.5 + 0.5 * random.random())
+
+    async def _execute(self, request: Request, key: str, model: str) -> Result:
+        limits, stats = self.limits, self.stats
+        estimate = 0
+        if self._limiter.tokens is not None:
+            estimate = estimate_tokens(request.prompt_text()) + (request.max_tokens or limits.default_output_tokens)
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            async with self._slots:
+                if self._fatal is not None:
+                    raise PoolError(self._fatal)
+                if self._limiter.active:
+                    await self._limiter.acquire(estimate)
+                state = self._pick_now(model) or await self._pick(model)
+                state.outstanding += 1
+                stats.inflight += 1
+                stats.calls += 1
+                try:
+                    reply = await state.provider.send(request, model, limits.timeout_s)
+                    error = None
+                except ProviderError as e:
+                    error = e
+                finally:
+                    state.outstanding -= 1
+                    stats.inflight -= 1
+            if error is None:
+                state.answered()
+                usage = Usage(reply.input_tokens or 0, reply.output_tokens or 0)
+                if reply.input_tokens is not None or reply.output_tokens is not None:
+                    self._limiter.settle(estimate, usage.input_tokens + usage.output_tokens)
+                return Result(key, request.id, response=reply.text, usage=usage, attempts=attempt,
+                              latency_s=time.monotonic() - started, model=model, endpoint=state.label,
+                              finish_reason=reply.finish_reason, meta=request.meta)
+            stats.errors[error.reason] += 1
+            if error.kind == FATAL:
+                raise self._abort(error.message)
+            if error.kind == REQUEST:
+                return Result(key, request.id, error=error.message, error_type="request", attempts=attempt,
+                              latency_s=time.monotonic() - started, model=model, endpoint=state.label,
+                              meta=request.meta)
+            if error.connect:
+                state.connect_failed(error.message)
+            if error.rate_limited:
+                stats.rate_limited += 1
+            if attempt >= limits.max_attempts:
+                return Result(key, request.id, error=f"gave up after {attempt} attempts; last: {error.message}",
+                              error_type="retries", attempts=attempt, latency_s=time.monotonic() - started,
+                              model=model, endpoint=state.label, meta=request.meta)
+            delay = self._backoff_s(attempt, error.retry_after)
+            if error.rate_limited:
+                delay = state.rate_limited(delay)
+            elif error.retry_after is not None:  # e.g. 503 with Retry-After: the server asked everyone
+                state.cooldown_until = max(state.cooldown_until, time.monotonic() + delay)
+            stats.retries += 1
+            log.debug("retry %d of %s in %.2f s: %s", attempt, key, delay, error.message)
+            await asyncio.sleep(delay)
+
+
+def run_sync(requests: Iterable[Request], endpoints: Endpoint | Sequence[Endpoint], limits: Limits | None = None,
+             store=None, **pool_kwargs) -> list[Result]:
+    """Blocking convenience for scripts: run ``requests`` through a Pool and return their Results."""
+
+    async def main() -> list[Result]:
+        async with Pool(endpoints, limits, store, **pool_kwargs) as pool:
+            return await pool.run(requests)
+
+    return asyncio.run(main())

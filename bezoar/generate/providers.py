@@ -1,0 +1,458 @@
+"""Providers: how one endpoint sends a Request, and what its errors mean for the pool.
+
+Three providers, chosen by ``Endpoint.provider``:
+
+- ``openai``: the official ``openai`` async client (``AsyncOpenAI(max_retries=0)``), chat and
+  completions. For OpenAI proper, or any server when SDK behaviour is wanted.
+- ``anthropic``: the official ``anthropic`` async client (``AsyncAnthropic(max_retries=0)``),
+  messages API (chat only).
+- ``compat``: any OpenAI-compatible server (vLLM, TGI, bezoar.serve, OpenAI itself) over a lean
+  aiohttp transport, chat and completions. The SDKs spend several milliseconds of CPU per call
+  (measured here: about 250 requests/s at most on one core, while aiohttp does over 3,000/s):
+  fine against a rate-limited API, a bottleneck against local inference servers.
+
+Retries are the pool's, never the SDK's. Every provider failure is raised as a
+:class:`ProviderError` of one of three kinds:
+
+- ``retry``: 429 (with Retry-After / retry-after-ms honoured), 408, 409, 5xx and 529, timeouts,
+  dropped connections, malformed response bodies;
+- ``request``: a 4xx that says this request cannot succeed (400, 413, 422, ...): recorded as
+  this request's failure, with the provider's message;
+- ``fatal``: nothing can succeed (401/403 bad key, 404 unknown model or wrong URL, 429 with
+  ``insufficient_quota``): the pool stops with one message.
+
+API keys come from environment variables only (:func:`read_api_key`); every key read is
+remembered and scrubbed from every error message (:func:`redact`), so a provider echoing the key
+back cannot put it in a log or a store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import os
+import time
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from bezoar.generate.request import GenerateError, Request
+
+PROVIDERS = ("openai", "anthropic", "compat")
+DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY", "compat": "OPENAI_API_KEY"}
+RETRY, REQUEST, FATAL = "retry", "request", "fatal"
+
+_SECRETS: set[str] = set()
+_MIN_FRAGMENT = 8  # runs of this many key characters or more are scrubbed from messages
+
+
+def redact(text: str) -> str:
+    """``text`` with every known API key, and every run of 8+ of its characters, replaced by ***."""
+    for secret in _SECRETS:
+        if secret in text:
+            text = text.replace(secret, "***")
+        if len(secret) >= _MIN_FRAGMENT:
+            for i in range(len(secret) - _MIN_FRAGMENT + 1):
+                window = secret[i:i + _MIN_FRAGMENT]
+                if window in text:
+                    text = text.replace(window, "***")
+    return text
+
+
+@dataclass
+class Endpoint:
+    """Where requests go. Several Endpoints for one model are spread by least outstanding requests.
+
+    provider: "openai" | "anthropic" | "compat" (see the module doc)
+    base_url: e.g. "http://gpu1:8000/v1"; None means the provider's public API
+    api_key_env: name of the environment variable with the key (default OPENAI_API_KEY or
+        ANTHROPIC_API_KEY; for "compat" the key is optional and sent only when the variable is set)
+    models: the models this endpoint serves; None means any
+    name: a label for progress and records (default: provider and host)
+    """
+
+    provider: str = "compat"
+    base_url: str | None = None
+    api_key_env: str | None = None
+    models: tuple[str, ...] | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.provider not in PROVIDERS:
+            raise GenerateError(f"unknown provider {self.provider!r}; choose one of {', '.join(PROVIDERS)}")
+        if self.provider == "compat" and not self.base_url:
+            raise GenerateError("the compat provider needs a base URL (e.g. http://localhost:8000/v1)")
+        if self.base_url is not None:
+            parts = urllib.parse.urlsplit(self.base_url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise GenerateError(f"base URL {_safe_url(self.base_url)!r} is not an http(s) URL")
+        if self.models is not None:
+            self.models = tuple(self.models)
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        return f"{self.provider}:{_safe_url(self.base_url) if self.base_url else 'default'}"
+
+    def serves(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+def _safe_url(url: str) -> str:
+    """The URL without user:password and query string (either may hold a credential)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def read_api_key(endpoint: Endpoint) -> str | None:
+    """The endpoint's key from the environment (never from a file or an argument)."""
+    env = endpoint.api_key_env or DEFAULT_KEY_ENV[endpoint.provider]
+    key = os.environ.get(env, "").strip()
+    if not key:
+        if endpoint.provider == "compat" and endpoint.api_key_env is None:
+            return None  # local servers usually need no key
+        raise GenerateError(f"no API key for {endpoint.label}: environment variable {env} is not set"
+                            + ("" if endpoint.api_key_env else " (or name another one with --api-key-env)"))
+    _SECRETS.add(key)
+    return key
+
+
+class Reply(NamedTuple):
+    text: str
+    input_tokens: int | None
+    output_tokens: int | None
+    finish_reason: str | None
+
+
+class ProviderError(Exception):
+    """A failed call, classified for the pool (kind: "retry" | "request" | "fatal")."""
+
+    def __init__(self, message: str, kind: str, *, status: int | None = None, retry_after: float | None = None,
+                 connect: bool = False, rate_limited: bool = False, reason: str | None = None):
+        super().__init__(redact(message))
+        self.message = redact(message)
+        self.kind = kind
+        # A short tag for counters: "HTTP 429", "timeout", "connect", "connection", "malformed", ...
+        self.reason = reason or (f"HTTP {status}" if status else "connect" if connect else "error")
+        self.status = status
+        self.retry_after = retry_after
+        self.connect = connect  # could not reach the endpoint at all
+        self.rate_limited = rate_limited
+
+
+def parse_retry_after(headers: Any) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` (preferred) or ``retry-after`` (seconds or HTTP date)."""
+    if headers is None:
+        return None
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return min(max(float(value) / 1000.0, 0.0), 3600.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value:
+        try:
+            return min(max(float(value), 0.0), 3600.0)
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+                return min(max(when.timestamp() - time.time(), 0.0), 3600.0)
+            except (TypeError, ValueError, IndexError, OverflowError):
+                return None
+    return None
+
+
+def _error_fields(body: Any) -> tuple[str | None, str | None, str | None]:
+    """(message, type, code) from an OpenAI- or Anthropic-style error body (outer or inner dict)."""
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        body = body["error"]
+    if not isinstance(body, dict):
+        return None, None, None
+    message, etype, code = body.get("message"), body.get("type"), body.get("code")
+    return (str(message) if message is not None else None, str(etype) if etype is not None else None,
+            str(code) if code is not None else None)
+
+
+def status_error(status: int, body: Any, text: str, headers: Any, label: str, model: str) -> ProviderError:
+    """Classify an HTTP error answer (see the module doc)."""
+    message, etype, code = _error_fields(body)
+    detail = message or (text.strip()[:300] if text else "") or f"HTTP {status}"
+    if status == 429:
+        if "insufficient_quota" in (etype, code):
+            return ProviderError(f"{label}: quota exhausted (HTTP 429): {detail}", FATAL, status=status)
+        return ProviderError(f"rate limited (HTTP 429): {detail}", RETRY, status=status,
+                             retry_after=parse_retry_after(headers), rate_limited=True)
+    if status in (408, 409, 425) or status >= 500:
+        return ProviderError(f"HTTP {status}: {detail}", RETRY, status=status, retry_after=parse_retry_after(headers))
+    if status == 401:
+        return ProviderError(f"{label} rejected the API key (HTTP 401): {detail}", FATAL, status=status)
+    if status == 403:
+        return ProviderError(f"{label} refused access (HTTP 403): {detail}", FATAL, status=status)
+    if status == 404:
+        return ProviderError(f"{label} answered 404 for model {model!r} (unknown model or wrong base URL): {detail}",
+                             FATAL, status=status)
+    return ProviderError(f"HTTP {status}: {detail}", REQUEST, status=status)
+
+
+def _chat_messages(request: Request) -> list:
+    if request.system is None:
+        return list(request.messages)
+    return [{"role": "system", "content": request.system}, *request.messages]
+
+
+def _openai_params(request: Request) -> dict:
+    params = {}
+    if request.max_tokens is not None:
+        params["max_tokens"] = request.max_tokens
+    if request.temperature is not None:
+        params["temperature"] = request.temperature
+    if request.top_p is not None:
+        params["top_p"] = request.top_p
+    if request.stop is not None:
+        params["stop"] = request.stop
+    return params
+
+
+def _openai_reply(payload: Any, kind: str) -> Reply:
+    """Text and usage from an OpenAI chat / completion JSON body (raises KeyError etc. if malformed)."""
+    choice = payload["choices"][0]
+    text = choice["message"]["content"] if kind == "chat" else choice["text"]
+    if text is None:
+        text = ""
+    if not isinstance(text, str):
+        raise TypeError(f"answer text is {type(text).__name__}, not a string")
+    usage = payload.get("usage") or {}
+    return Reply(text, usage.get("prompt_tokens"), usage.get("completion_tokens"), choice.get("finish_reason"))
+
+
+def _proxy_configured() -> bool:
+    """Whether proxy variables or a .netrc are present. aiohttp's trust_env looks them up on every
+    request through a worker thread (two thread hops a call): only worth paying when they exist."""
+    names = ("http_proxy", "https_proxy", "all_proxy")
+    if any(os.environ.get(n) or os.environ.get(n.upper()) for n in names):
+        return True
+    netrc = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    return os.path.exists(netrc)
+
+
+class CompatProvider:
+    """OpenAI-compatible HTTP API over one aiohttp session (connection pool of ``connections``)."""
+
+    def __init__(self, endpoint: Endpoint, api_key: str | None, connections: int):
+        self.endpoint, self.label = endpoint, endpoint.label
+        self._api_key = api_key
+        self._connections = connections
+        base = endpoint.base_url.rstrip("/")
+        self._urls = {"chat": base + "/chat/completions", "completion": base + "/completions"}
+        self._session = None
+        self._timeouts: dict[float, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"CompatProvider({self.label!r})"
+
+    async def open(self) -> None:
+        import aiohttp
+
+        self._aiohttp = aiohttp
+        headers = {"Content-Type": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = "Bearer " + self._api_key
+        connector = aiohttp.TCPConnector(limit=self._connections, limit_per_host=0, ttl_dns_cache=300,
+                                         keepalive_timeout=30)
+        self._session = aiohttp.ClientSession(connector=connector, headers=headers, trust_env=_proxy_configured())
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def send(self, request: Request, model: str, timeout: float) -> Reply:
+        aiohttp = self._aiohttp
+        body: dict = {"model": model}
+        if request.kind == "chat":
+            body["messages"] = _chat_messages(request)
+        else:
+            body["prompt"] = request.prompt
+        body.update(_openai_params(request))
+        client_timeout = self._timeouts.get(timeout)
+        if client_timeout is None:
+            client_timeout = self._timeouts[timeout] = aiohttp.ClientTimeout(total=timeout)
+        try:
+            async with self._session.post(self._urls[request.kind], data=json.dumps(body).encode(),
+                                          timeout=client_timeout) as response:
+                raw = await response.read()
+                status, headers = response.status, response.headers
+        except (asyncio.TimeoutError, TimeoutError):
+            raise ProviderError(f"no answer from {self.label} within {timeout:g} s", RETRY, reason="timeout") from None
+        except aiohttp.ClientConnectorError as e:
+            raise ProviderError(f"cannot connect: {_os_reason(e)}", RETRY, connect=True) from None
+        except aiohttp.ClientError as e:
+            raise ProviderError(f"connection to {self.label} failed: {type(e).__name__}: {e}", RETRY,
+                                reason="connection") from None
+        if status >= 400:
+            text = raw.decode("utf-8", "replace")
+            try:
+                parsed = json.loads(text)
+            except ValueError:
+                parsed = None
+            raise status_error(status, parsed, text, headers, self.label, model)
+        try:
+            return _openai_reply(json.loads(raw), request.kind)
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise ProviderError(f"malformed answer from {self.label}: {type(e).__name__}: {e}", RETRY,
+                                reason="malformed") from None
+
+
+def _os_reason(e: BaseException) -> str:
+    """The operating system's words for a connection failure ("Connection refused", ...), found
+    along the exception chain; else the exception's own text."""
+    seen = e
+    for _ in range(8):
+        if seen is None:
+            break
+        for candidate in (seen, getattr(seen, "os_error", None)):
+            if isinstance(candidate, OSError) and candidate.errno:
+                # errno > 0: the OS's text; DNS failures (socket.gaierror) carry their own
+                return os.strerror(candidate.errno) if candidate.errno > 0 else str(candidate.strerror)
+        seen = seen.__cause__ or seen.__context__
+    return f"{type(e).__name__}: {e}"
+
+
+def _sdk_connection_error(e: BaseException, label: str) -> ProviderError:
+    cause = e.__cause__ or e.__context__
+    if type(cause).__name__ in ("ConnectError", "ConnectTimeout"):
+        return ProviderError(f"cannot connect: {_os_reason(cause)}", RETRY, connect=True)
+    reason = f"{type(cause).__name__}: {cause}" if cause is not None else str(e)
+    return ProviderError(f"connection to {label} failed: {reason}", RETRY, reason="connection")
+
+
+class OpenAISDKProvider:
+    """The official ``openai`` async client, with its own retries off."""
+
+    def __init__(self, endpoint: Endpoint, api_key: str | None, connections: int):
+        self.endpoint, self.label = endpoint, endpoint.label
+        self._api_key = api_key
+        self._client = None
+
+    def __repr__(self) -> str:
+        return f"OpenAISDKProvider({self.label!r})"
+
+    async def open(self) -> None:
+        import openai
+
+        self._openai = openai
+        self._client = openai.AsyncOpenAI(api_key=self._api_key or "none", base_url=self.endpoint.base_url,
+                                          max_retries=0)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def send(self, request: Request, model: str, timeout: float) -> Reply:
+        openai = self._openai
+        params = _openai_params(request)
+        try:
+            if request.kind == "chat":
+                response = await self._client.chat.completions.create(
+                    model=model, messages=_chat_messages(request), timeout=timeout, **params)
+                choice = response.choices[0]
+                text = choice.message.content
+            else:
+                response = await self._client.completions.create(model=model, prompt=request.prompt,
+                                                                 timeout=timeout, **params)
+                choice = response.choices[0]
+                text = choice.text
+        except openai.APITimeoutError:
+            raise ProviderError(f"no answer from {self.label} within {timeout:g} s", RETRY, reason="timeout") from None
+        except openai.APIConnectionError as e:
+            raise _sdk_connection_error(e, self.label) from None
+        except openai.APIStatusError as e:
+            raise status_error(e.status_code, e.body, "", e.response.headers, self.label, model) from None
+        except (ValueError, IndexError, AttributeError) as e:  # body not JSON / not the expected shape
+            raise ProviderError(f"malformed answer from {self.label}: {type(e).__name__}: {e}", RETRY,
+                                reason="malformed") from None
+        usage = response.usage
+        return Reply(text or "", getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None),
+                     choice.finish_reason)
+
+
+class AnthropicSDKProvider:
+    """The official ``anthropic`` async client (messages API), with its own retries off.
+
+    System messages inside ``messages`` are moved into Anthropic's ``system`` field; a request
+    without ``max_tokens`` gets ``default_max_tokens`` (the API requires one)."""
+
+    default_max_tokens = 1024
+
+    def __init__(self, endpoint: Endpoint, api_key: str | None, connections: int):
+        self.endpoint, self.label = endpoint, endpoint.label
+        self._api_key = api_key
+        self._client = None
+
+    def __repr__(self) -> str:
+        return f"AnthropicSDKProvider({self.label!r})"
+
+    async def open(self) -> None:
+        import anthropic
+
+        self._anthropic = anthropic
+        self._client = anthropic.AsyncAnthropic(api_key=self._api_key, base_url=self.endpoint.base_url,
+                                                max_retries=0)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def send(self, request: Request, model: str, timeout: float) -> Reply:
+        anthropic = self._anthropic
+        if request.kind != "chat":
+            raise ProviderError("the anthropic provider has no text-completion endpoint", REQUEST,
+                                reason="unsupported")
+        systems = [request.system] if request.system else []
+        messages = []
+        for message in request.messages:
+            if message["role"] in ("system", "developer"):
+                systems.append(message["content"])
+            else:
+                messages.append(message)
+        params: dict = {"max_tokens": request.max_tokens or self.default_max_tokens}
+        if systems:
+            params["system"] = "\n\n".join(systems)
+        if request.stop is not None:
+            params["stop_sequences"] = request.stop
+        # Sampling parameters go in extra_body: recent SDK releases dropped them from the
+        # signature of messages.create, while the API still takes them.
+        sampling = {name: getattr(request, name) for name in ("temperature", "top_p")
+                    if getattr(request, name) is not None}
+        if sampling:
+            params["extra_body"] = sampling
+        try:
+            response = await self._client.messages.create(model=model, messages=messages, timeout=timeout, **params)
+        except anthropic.APITimeoutError:
+            raise ProviderError(f"no answer from {self.label} within {timeout:g} s", RETRY, reason="timeout") from None
+        except anthropic.APIConnectionError as e:
+            raise _sdk_connection_error(e, self.label) from None
+        except anthropic.APIStatusError as e:
+            raise status_error(e.status_code, e.body, "", e.response.headers, self.label, model) from None
+        except (ValueError, IndexError, AttributeError) as e:
+            raise ProviderError(f"malformed answer from {self.label}: {type(e).__name__}: {e}", RETRY,
+                                reason="malformed") from None
+        text = "".join(getattr(block, "text", "") for block in response.content if block.type == "text")
+        usage = response.usage
+        return Reply(text, getattr(usage, "input_tokens", None), getattr(usage, "output_tokens", None),
+                     response.stop_reason)
+
+
+def make_provider(endpoint: Endpoint, connections: int):
+    """The provider object for an endpoint (reads its key from the environment now)."""
+    api_key = read_api_key(endpoint)
+    cls = {"openai": OpenAISDKProvider, "anthropic": AnthropicSDKProvider, "compat": CompatProvider}[endpoint.provider]
+    return cls(endpoint, api_key, connections)

@@ -1,0 +1,582 @@
+"""What the data-generation schemes (lamini, evol, orca, filter) share.
+
+- Prompt templates: text files with ``{name}`` placeholders, shipped under ``bezoar/assets/prompts``
+  and replaceable with ``--template NAME=FILE``. Only the placeholders a template declares are
+  filled in, so any other braces in a template (JSON examples, code) stay as written.
+- Reading seeds: JSONL files are read here (errors name the file and line); other sources
+  (.json, .parquet, ``datasets`` folders, hub names) go through ``bezoar.data.load``.
+- Parsing the numbered or bulleted list a teacher returns (:func:`parse_list`).
+- Near-duplicates (:class:`NearDuplicates`): the self-instruct rule. Two texts are near-duplicates
+  when the ROUGE-L F1 of their word sequences is at least a threshold (0.7):
+
+      tokens = lowercase runs of letters/digits (NFKC-normalized text)
+      F1 = 2 * LCS(a, b) / (len(a) + len(b))
+
+  Texts with the same token sequence are exact duplicates. Candidates are found without
+  comparing every pair: F1 >= t needs a shared multiset of at least t * len / (2 - t) tokens
+  with any partner, so each text is indexed by the rarest ``len - ceil(t * len / (2 - t)) + 1``
+  of its tokens (prefix filtering) and only texts sharing one of those are compared exactly.
+- Running one step of a scheme through the client pool with its own store (:func:`run_step`):
+  every step's requests are derived deterministically from the seed, the inputs and the results
+  of earlier steps, so a rerun finds every finished request in the step's store and continues.
+- Writing outputs atomically (:func:`write_jsonl`, :func:`write_json`): final files appear
+  whole at the end of a run or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import re
+import sys
+import textwrap
+import unicodedata
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from bezoar.generate.cli import add_pool_arguments, pool_from_args
+from bezoar.generate.progress import run_summary
+from bezoar.generate.request import GenerateError, Request, Result
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+PROMPTS = ASSETS / "prompts"
+SAMPLES = ASSETS / "samples"
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".txt")
+TRUNCATED = ("length", "max_tokens")  # finish reasons that mean the reply was cut off
+
+
+# ---------------------------------------------------------------------- templates
+#: Template name -> the placeholders it must contain. The shipped file is PROMPTS/<name>.txt.
+TEMPLATE_FIELDS: dict[str, tuple[str, ...]] = {
+    "lamini_examples": ("count", "examples"),
+    "lamini_topics": ("count", "examples", "topics"),
+    "evol_depth": ("operation", "instruction"),
+    "evol_breadth": ("instruction",),
+    "evol_equal": ("first", "second"),
+    "judge": ("system", "instruction", "response"),
+}
+_PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
+_MARKER_WORDS = re.compile(r"#([A-Za-z][A-Za-z ]{1,40}[A-Za-z])#")
+
+
+@dataclass(frozen=True)
+class Template:
+    """A prompt template: ``text`` with ``{field}`` placeholders, read from ``source``."""
+
+    name: str
+    text: str
+    source: str
+
+    def render(self, **values: str) -> str:
+        """The text with each declared placeholder replaced (other braces are left alone)."""
+        fields = TEMPLATE_FIELDS[self.name]
+        missing = [f for f in fields if f not in values]
+        if missing:
+            raise ValueError(f"template {self.name}: no value for {', '.join(missing)}")
+        return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]) if m.group(1) in fields else m.group(0), self.text)
+
+    def markers(self) -> list[str]:
+        """The ``#Some Words#`` markers the template uses to label its parts."""
+        return sorted(set(_MARKER_WORDS.findall(self.text)))
+
+
+def load_template(name: str, path: str | os.PathLike | None = None) -> Template:
+    """The template ``name``: the shipped one, or the user's file at ``path`` (checked for its placeholders)."""
+    if name not in TEMPLATE_FIELDS:
+        raise GenerateError(f"unknown template {name!r}; known: {', '.join(TEMPLATE_FIELDS)}")
+    file = Path(path) if path is not None else PROMPTS / f"{name}.txt"
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as e:
+        raise GenerateError(f"cannot read template {file}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise GenerateError(f"template {file} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    present = set(_PLACEHOLDER.findall(text))
+    missing = [f for f in TEMPLATE_FIELDS[name] if f not in present]
+    if missing:
+        raise GenerateError(f"template {file} ({name}) lacks the placeholder(s) "
+                            f"{', '.join('{' + f + '}' for f in missing)}; it needs "
+                            f"{', '.join('{' + f + '}' for f in TEMPLATE_FIELDS[name])}")
+    return Template(name, text, str(file))
+
+
+def load_templates(names: Sequence[str], overrides: Sequence[str] | None) -> dict[str, Template]:
+    """The templates a command uses, with ``--template NAME=FILE`` overrides (a bare FILE when the
+    command has one template)."""
+    paths: dict[str, str] = {}
+    for item in overrides or ():
+        name, sep, path = item.partition("=")
+        if not sep:
+            if len(names) != 1:
+                raise GenerateError(f"--template {item!r}: this command has several templates; give NAME=FILE "
+                                    f"with NAME one of {', '.join(names)}")
+            name, path = names[0], item
+        if name not in names:
+            raise GenerateError(f"--template {item!r}: unknown template {name!r} for this command; "
+                                f"it uses {', '.join(names)}")
+        paths[name] = path
+    return {name: load_template(name, paths.get(name)) for name in names}
+
+
+# ---------------------------------------------------------------------- reading seeds
+def read_records(source: str | os.PathLike, *, what: str, split: str = "train",
+                 limit: int | None = None) -> list[tuple[str, dict]]:
+    """``(origin, record)`` pairs from a JSONL file (origin ``"FILE line N"``) or any source
+    ``bezoar.data.load`` reads. ``what`` names the input in error messages ("seed file")."""
+    path = Path(source)
+    if path.is_file() and path.suffix.lower() == ".jsonl":
+        return _read_jsonl(path, what, limit)
+    if not path.exists() and (str(source).startswith(("/", ".", "~")) or path.suffix.lower() in DATA_SUFFIXES):
+        raise GenerateError(f"{what} {source}: file not found")
+    from bezoar.data.load import DataError, load_records  # heavier: imports the data package
+
+    try:
+        records = load_records(source, split=split, limit=limit)
+    except DataError as e:
+        raise GenerateError(f"{what} {e}") from None
+    return [(r.origin, r.data) for r in records]
+
+
+def _read_jsonl(path: Path, what: str, limit: int | None) -> list[tuple[str, dict]]:
+    out: list[tuple[str, dict]] = []
+    try:
+        handle = open(path, encoding="utf-8")
+    except OSError as e:
+        raise GenerateError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    with handle:
+        try:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                origin = f"{path} line {number}"
+                try:
+                    value = json.loads(line)
+                except ValueError as e:
+                    raise GenerateError(f"{origin}: not valid JSON ({e})") from None
+                if not isinstance(value, dict):
+                    raise GenerateError(f"{origin}: expected a JSON object, got {type(value).__name__}")
+                out.append((origin, value))
+                if limit is not None and len(out) >= limit:
+                    break
+        except UnicodeDecodeError as e:
+            raise GenerateError(f"{what} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not out:
+        raise GenerateError(f"{what} {path} holds no records")
+    return out
+
+
+def text_field(record: dict, origin: str, names: Sequence[str], *, required: bool, what: str,
+               nonempty: bool = True) -> str | None:
+    """The first of ``names`` present in ``record`` as a string (None if none and not required)."""
+    for name in names:
+        value = record.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise GenerateError(f"{origin}: field {name!r} must be a string, got {type(value).__name__}")
+        if required and nonempty and not value.strip():
+            raise GenerateError(f"{origin}: field {name!r} is empty")
+        return value
+    if required:
+        keys = ", ".join(repr(k) for k in list(record)[:12]) or "(none)"
+        raise GenerateError(f"{origin}: {what} has no {' / '.join(repr(n) for n in names)} field; its keys are {keys}")
+    return None
+
+
+def read_topics(source: str | os.PathLike) -> list[str]:
+    """Topics, one per line of a text file (blank lines and ``#`` comments skipped), or the ``topic``
+    field of records in any other format. Repeated topics are kept once, in first-seen order."""
+    path = Path(source)
+    topics: list[str] = []
+    if path.is_file() and path.suffix.lower() in (".txt", ".list", ""):
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise GenerateError(f"cannot read topic file {path}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise GenerateError(f"topic file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        for number, line in enumerate(lines, start=1):
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            if len(text) > 200:
+                raise GenerateError(f"{path} line {number}: a topic is a short phrase; this line has {len(text)} "
+                                    "characters (one topic per line)")
+            topics.append(text)
+    else:
+        for origin, record in read_records(source, what="topic file"):
+            topics.append(text_field(record, origin, ("topic",), required=True, what="topic record").strip())
+    topics = list(dict.fromkeys(topics))
+    if not topics:
+        raise GenerateError(f"topic file {source} holds no topics")
+    return topics
+
+
+# ---------------------------------------------------------------------- parsing teacher lists
+_NUMBERED = re.compile(r"^\s*(?:\(\d{1,3}\)|<\d{1,3}>|\[\d{1,3}\]|\d{1,3}\s*[.):]"
+                       r"|(?:instruction|task|question|prompt)\s*#?\s*\d{1,3}\s*[.):-])\s*", re.I)
+_BULLET = re.compile(r"^\s*([-*\u2022+])\s+")
+_LABEL = re.compile(r"^(?:instruction|task|prompt|question)\s*:\s*", re.I)
+_QUOTES = (('"', '"'), ("'", "'"), ("\u201c", "\u201d"), ("`", "`"), ("**", "**"))
+
+
+@dataclass
+class ParsedList:
+    """Items of a teacher's list reply. ``malformed``: the reply had no list markers at all;
+    ``empty``: items that were blank once marker, label and quotes were removed; ``cut``: the last
+    item was dropped because the reply was cut off at max_tokens."""
+
+    items: list[str]
+    malformed: bool = False
+    empty: int = 0
+    cut: bool = False
+
+
+def _clean_item(text: str) -> str:
+    text = text.strip()
+    text = _LABEL.sub("", text).strip()
+    changed = True
+    while changed and len(text) >= 2:
+        changed = False
+        for left, right in _QUOTES:
+            if text.startswith(left) and text.endswith(right) and len(text) >= len(left) + len(right):
+                text = text[len(left):len(text) - len(right)].strip()
+                changed = True
+    return text
+
+
+def parse_list(reply: str, *, truncated: bool = False) -> ParsedList:
+    """The items of a numbered (``1.``, ``1)``, ``(1)``, ``<1>``, ``[1]``, ``Instruction 1:``) or
+    bulleted (``-``, ``*``, ``•``) list.
+
+    The first marker decides the style; after that only markers of that style start items, so a
+    numbered list may hold bullets inside its items. A line without a marker continues the current
+    item. Text before the first marker (a preamble) and paragraphs after the last item (an
+    epilogue, after a blank line) are dropped. A reply cut off at max_tokens loses its last item.
+    A reply with no marker at all is malformed and yields nothing."""
+    lines = reply.replace("\r\n", "\n").split("\n")
+    style = None
+    for line in lines:
+        if _NUMBERED.match(line):
+            style = _NUMBERED
+            break
+        if _BULLET.match(line):
+            style = _BULLET
+            break
+    if style is None:
+        return ParsedList([], malformed=True)
+    bullet = style.match(next(line for line in lines if style.match(line))).group(1) if style is _BULLET else None
+
+    def starts_item(line: str) -> re.Match | None:
+        m = style.match(line)
+        if m is None or (bullet is not None and m.group(1) != bullet):
+            return None
+        return m
+
+    items: list[list[str]] = []
+    pending: list[str] = []  # lines after a blank line: kept only if another item follows
+    for line in lines:
+        m = starts_item(line)
+        if m is not None:
+            if items and pending:
+                items[-1].extend(pending)
+            pending = []
+            items.append([line[m.end():]])
+        elif not items:
+            continue  # preamble
+        elif not line.strip():
+            pending.append("")
+        elif pending:
+            pending.append(line)
+        else:
+            items[-1].append(line)
+    parsed = ParsedList([])
+    if truncated and items:
+        items.pop()
+        parsed.cut = True
+    for first, *rest in items:
+        text = _clean_item("\n".join([first.strip(), textwrap.dedent("\n".join(rest))]).strip())
+        if not any(ch.isalnum() for ch in text):
+            parsed.empty += 1
+            continue
+        parsed.items.append(text)
+    return parsed
+
+
+# ---------------------------------------------------------------------- near-duplicates
+_WORD = re.compile(r"\w+")
+
+
+def word_tokens(text: str) -> list[str]:
+    """Lowercase word tokens of NFKC-normalized text (what the duplicate rules compare)."""
+    return [t for t in _WORD.findall(unicodedata.normalize("NFKC", text).lower()) if t != "_"]
+
+
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence of two token sequences.
+
+    Bit-parallel (Allison and Dix, 1986; Hyyrö, 2004): bit j of V is 0 where row i of the classic
+    DP table steps up at column j; one token of ``a`` updates all of V with a few big-int
+    operations, ``V' = ((V + U) | (V - U))`` with ``U = V & match(token)``, and the LCS is the
+    number of zero bits in V (of len(b) bits)."""
+    if not a or not b:
+        return 0
+    width = len(b)
+    full = (1 << width) - 1
+    match: dict[str, int] = {}
+    for j, token in enumerate(b):
+        match[token] = match.get(token, 0) | (1 << j)
+    v = full
+    for token in a:
+        bits = match.get(token)
+        if bits is None:
+            continue
+        u = v & bits
+        v = ((v + u) | (v - u)) & full
+    return width - bin(v).count("1")
+
+
+def rouge_l(a: Sequence[str], b: Sequence[str]) -> float:
+    """ROUGE-L F1 of two token sequences: 2 * LCS / (len(a) + len(b))."""
+    if not a or not b:
+        return 0.0
+    return 2.0 * lcs_length(a, b) / (len(a) + len(b))
+
+
+@dataclass
+class DuplicateVerdict:
+    status: str  # "kept" | "duplicate" | "near-duplicate" | "empty"
+    similar_to: str | None = None
+    similarity: float | None = None
+
+
+class NearDuplicates:
+    """Greedy near-duplicate removal over a batch (see the module doc for the rule).
+
+    ``check(texts, references)`` walks ``texts`` in order; a text is dropped when it duplicates a
+    reference or an earlier kept text, otherwise it is kept and later texts are compared with it.
+    References (e.g. the seed examples shown to the teacher) are never returned, only compared."""
+
+    def __init__(self, threshold: float = 0.7):
+        if not 0.0 < threshold <= 1.0:
+            raise GenerateError(f"similarity threshold must be in (0, 1], got {threshold}")
+        self.threshold = threshold
+
+    def _overlap_needed(self, n: int) -> int:
+        t = self.threshold
+        return max(1, math.ceil(t * n / (2.0 - t) - 1e-9))
+
+    def check(self, texts: Sequence[str], references: Iterable[str] = ()) -> list[DuplicateVerdict]:
+        references = list(references)
+        token_lists = [word_tokens(t) for t in references] + [word_tokens(t) for t in texts]
+        # Elements are (token, occurrence) so that multiset overlap is set overlap.
+        elements: list[frozenset] = []
+        for tokens in token_lists:
+            seen: Counter = Counter()
+            items = []
+            for tok in tokens:
+                seen[tok] += 1
+                items.append((tok, seen[tok]))
+            elements.append(frozenset(items))
+        frequency: Counter = Counter(e for items in elements for e in items)
+        rank = {e: i for i, e in enumerate(sorted(frequency, key=lambda e: (frequency[e], e)))}
+        ratio = self.threshold / (2.0 - self.threshold)  # the shortest partner a text can match
+        half_t = self.threshold / 2.0
+        lengths = [len(tokens) for tokens in token_lists]
+
+        index: dict[int, list[int]] = defaultdict(list)  # element rank -> kept text ids
+        kept_text: dict[int, str] = {}
+        exact: dict[tuple[str, ...], int] = {}
+        verdicts: list[DuplicateVerdict] = []
+        n_ref = len(references)
+        for i, tokens in enumerate(token_lists):
+            text = references[i] if i < n_ref else texts[i - n_ref]
+            is_ref = i < n_ref
+            if not tokens:
+                if not is_ref:
+                    verdicts.append(DuplicateVerdict("empty"))
+                continue
+            key = tuple(tokens)
+            ordered = sorted(rank[e] for e in elements[i])
+            prefix = ordered[:len(tokens) - self._overlap_needed(len(tokens)) + 1]
+            if not is_ref:  # references are all kept: every one of them is compared with
+                if key in exact:
+                    verdicts.append(DuplicateVerdict("duplicate", kept_text[exact[key]], 1.0))
+                    continue
+                best: tuple[float, int] | None = None
+                n = len(tokens)
+                shortest, longest = ratio * n - 1e-9, n / ratio + 1e-9  # partner lengths that can reach t
+                mine = elements[i]
+                survivors = []
+                for j in {j for r in prefix for j in index.get(r, ())}:
+                    m = lengths[j]
+                    # LCS <= multiset overlap: most candidates share too few tokens to need an LCS.
+                    if shortest <= m <= longest and len(mine & elements[j]) >= half_t * (n + m) - 1e-9:
+                        survivors.append(j)
+                for j in sorted(survivors):
+                    score = rouge_l(tokens, token_lists[j])
+                    if score >= self.threshold and (best is None or score > best[0]):
+                        best = (score, j)
+                if best is not None:
+                    verdicts.append(DuplicateVerdict("near-duplicate", kept_text[best[1]], round(best[0], 4)))
+                    continue
+            exact.setdefault(key, i)
+            kept_text[i] = text
+            for r in prefix:
+                index[r].append(i)
+            if not is_ref:
+                verdicts.append(DuplicateVerdict("kept"))
+        return verdicts
+
+
+# ---------------------------------------------------------------------- response checks
+#: Common English function words: a response made only of these (and punctuation) says nothing.
+STOP_WORDS = frozenset("""
+a about above after again against all am an and any are as at be because been before being below between
+both but by can could did do does doing down during each few for from further had has have having he her
+here hers herself him himself his how i if in into is it its itself just me more most my myself no nor not
+now of off on once only or other our ours ourselves out over own same she should so some such than that the
+their theirs them themselves then there these they this those through to too under until up very was we
+were what when where which while who whom why will with would you your yours yourself yourselves ok okay yes
+""".split())
+
+REFUSAL_PHRASES = ("sorry", "i cannot", "i can't", "i can not", "i am unable", "i'm unable", "as an ai")
+
+
+def only_stop_words(text: str) -> bool:
+    """True when ``text`` has no word outside STOP_WORDS (punctuation and blanks only count as none)."""
+    return all(token in STOP_WORDS for token in word_tokens(text))
+
+
+def short_refusal(text: str, max_words: int = 80) -> bool:
+    """A refusal: fewer than ``max_words`` words and an apology or inability phrase (WizardLM's rule
+    was "contains 'sorry' and is shorter than 80 words"; the phrase list widens it a little)."""
+    lowered = " ".join(text.lower().replace("\u2019", "'").split())
+    return len(lowered.split()) < max_words and any(p in lowered for p in REFUSAL_PHRASES)
+
+
+def normalized(text: str) -> str:
+    return " ".join(word_tokens(text))
+
+
+# ---------------------------------------------------------------------- determinism
+def rng_for(seed: int, *parts) -> random.Random:
+    """A random generator that depends only on the seed and ``parts`` (e.g. step name and index),
+    the same in every process and run (string seeds are hashed with SHA-512 by ``random``)."""
+    return random.Random(":".join(str(p) for p in (seed, *parts)))
+
+
+# ---------------------------------------------------------------------- steps and outputs
+def add_scheme_arguments(parser: argparse.ArgumentParser, templates: Sequence[str], *,
+                         temperature: float = 0.7, max_tokens: int = 1024) -> None:
+    """Flags every scheme shares: output folder, seed, sampling, templates; then the pool flags."""
+    g = parser.add_argument_group("output and sampling")
+    g.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder: final files, and work/ with one resumable store per step")
+    g.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    g.add_argument("--temperature", type=float, default=temperature,
+                   help=f"sampling temperature of the teacher's generations (default {temperature})")
+    g.add_argument("--max-tokens", type=int, default=max_tokens,
+                   help=f"max tokens per teacher answer (default {max_tokens})")
+    if templates:
+        g.add_argument("--template", action="append", metavar="NAME=FILE",
+                       help=f"use your own prompt template file (templates: {', '.join(templates)}; "
+                            f"the shipped ones are in {PROMPTS}); repeatable")
+    add_pool_arguments(parser)
+
+
+def check_sampling(args) -> None:
+    if args.max_tokens < 1:
+        raise GenerateError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if not 0.0 <= args.temperature <= 2.0:
+        raise GenerateError(f"--temperature must be in [0, 2], got {args.temperature}")
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_step(args, out: Path, step: str, requests: list[Request]) -> list[Result]:
+    """Run one step's requests through a pool storing into ``out/work/<step>.jsonl``; Results in
+    request order (stored ones are read back, not sent again)."""
+    store = Path(out) / "work" / f"{step}.jsonl"
+    if not requests:
+        return []
+    say(f"step {step}: {len(requests)} requests (store {store})")
+    pool = pool_from_args(args, store)
+
+    async def main() -> list[Result]:
+        async with pool:
+            return await pool.run(requests)
+
+    results = asyncio.run(main())
+    if args.no_progress:
+        say(run_summary(pool.stats))
+    return results
+
+
+def chat(text: str, *, system: str | None = None, temperature: float | None = None, max_tokens: int | None = None,
+         id=None, step: str) -> Request:
+    """A one-turn chat request; ``step`` goes into the stored record's meta (not part of the key)."""
+    return Request(messages=[{"role": "user", "content": text}], system=system or None, temperature=temperature,
+                   max_tokens=max_tokens, id=id, meta={"step": step})
+
+
+def truncated(result: Result) -> bool:
+    return result.finish_reason in TRUNCATED
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
+    """Write records as JSONL atomically (a temporary file renamed over ``path``); returns the count."""
+    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
+    _atomic_write(Path(path), "".join(lines).encode("utf-8"))
+    return len(lines)
+
+
+def write_json(path: str | os.PathLike, value) -> None:
+    _atomic_write(Path(path), (json.dumps(value, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
+
+
+def check_out_dir(out: str | os.PathLike, inputs: Sequence, outputs: Sequence[str]) -> Path:
+    """The output folder, refused when it is a file or when an input file is one of the outputs."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise GenerateError(f"--out {out} exists and is not a folder")
+    targets = {(out / name).resolve() for name in outputs}
+    for source in inputs:
+        if source is not None and Path(source).exists() and Path(source).resolve() in targets:
+            raise GenerateError(f"input {source} is one of the files the command writes in {out}; "
+                                "choose another --out")
+    return out
+
+
+def excerpt(text: str | None, limit: int = 300) -> str | None:
+    if text is None or len(text) <= limit:
+        return text
+    return text[:limit] + "..."
+
+
+__all__ = [
+    "TEMPLATE_FIELDS", "Template", "load_template", "load_templates", "read_records", "text_field", "read_topics",
+    "ParsedList", "parse_list", "word_tokens", "lcs_length", "rouge_l", "NearDuplicates", "DuplicateVerdict",
+    "STOP_WORDS", "only_stop_words", "short_refusal", "normalized", "rng_for", "add_scheme_arguments",
+    "check_sampling", "run_step", "chat", "truncated", "write_jsonl", "write_json", "check_out_dir", "say",
+    "excerpt", "PROMPTS", "SAMPLES",
+]

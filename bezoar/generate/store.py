@@ -1,0 +1,332 @@
+"""Durable result store: one JSONL record per request key, appended as results arrive.
+
+File format: one JSON object per line (:meth:`bezoar.generate.request.Result.to_record`), with
+``"key"`` first and ``"ok"`` telling a success (``response``, ``usage``) from a final failure
+(``error``, ``error_type``). The rules:
+
+- A key is written at most once, ever: ``append`` refuses a key already in the file, and the pool
+  never sends a key that is in the store (or already in flight).
+- Each record is written with one ``write`` of the whole line and flushed to the OS at once, so a
+  crash or SIGKILL of the process loses nothing written; only the requests in flight are lost.
+  fsync policy (what survives a power cut or kernel crash): ``"interval"`` (default): a
+  background thread fsyncs once a second when something was written, and close fsyncs, so a
+  power cut loses at most the last second and the event loop never waits on the disk;
+  ``"always"`` fsyncs every record in ``append``; ``"never"`` leaves it to the OS.
+- Opening an existing file indexes its keys (key -> byte offset, read back on demand by ``get``).
+  A torn last line (no final newline: the writer died mid-line) is cut off, its bytes kept in
+  ``<file>.torn-<UTC time>`` and a warning given; the rest of the file is used as is. Any other
+  line that is not a record is an error naming the line: that is damage, not a crash artefact.
+- Recorded failures count as done: a rerun does not retry them (a 400 stays a 400). With
+  ``retry_failed=True`` they are moved out of the file into ``<file>.failed-<UTC time>.jsonl``
+  (the file is rewritten atomically without them) and their requests are sent again.
+- An exclusive advisory lock (flock) keeps a second process from writing the same file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bezoar.generate.request import GenerateError
+
+try:  # advisory locking is POSIX-only; elsewhere the store runs unlocked
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+log = logging.getLogger("bezoar.generate")
+FSYNC_POLICIES = ("interval", "always", "never")
+
+
+class StoreError(GenerateError):
+    pass
+
+
+@dataclass
+class StoreReport:
+    """What opening a store found."""
+
+    records: int = 0
+    failed: int = 0
+    torn_bytes: int = 0
+    torn_copy: str | None = None
+    duplicate_lines: int = 0
+    moved_failures: int = 0
+    failures_copy: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _stamp() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+class MemoryStore:
+    """The store interface without a file: dedupes within one process, forgets at exit."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, dict] = {}
+        self.report = StoreReport()
+
+    def open(self) -> StoreReport:
+        return self.report
+
+    def close(self) -> None:
+        pass
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def keys(self):
+        return self._records.keys()
+
+    def failed(self, key: str) -> bool:
+        record = self._records.get(key)
+        return record is not None and record.get("error") is not None
+
+    def get(self, key: str) -> dict | None:
+        return self._records.get(key)
+
+    def append(self, record: dict) -> None:
+        key = record["key"]
+        if key in self._records:
+            raise StoreError(f"key {key} is already stored")
+        self._records[key] = record
+
+
+class JSONLStore:
+    """Append-only JSONL store on disk (see the module doc)."""
+
+    def __init__(self, path: str | os.PathLike, *, fsync: str = "interval", retry_failed: bool = False,
+                 fsync_interval_s: float = 1.0):
+        if fsync not in FSYNC_POLICIES:
+            raise StoreError(f"fsync policy must be one of {FSYNC_POLICIES}, got {fsync!r}")
+        self.path = Path(path)
+        self.fsync = fsync
+        self.fsync_interval_s = fsync_interval_s
+        self.retry_failed = retry_failed
+        self._offsets: dict[str, int] = {}
+        self._failed: set[str] = set()
+        self._file = None
+        self._reader = None
+        self._size = 0
+        self._dirty = False
+        self._syncer: threading.Thread | None = None
+        self._stop_syncer = threading.Event()
+        self.report = StoreReport()
+
+    def __repr__(self) -> str:
+        return f"JSONLStore({str(self.path)!r}, records={len(self._offsets)})"
+
+    # ------------------------------------------------------------------ open / close
+    def open(self) -> StoreReport:
+        if self._file is not None:
+            return self.report
+        self._offsets, self._failed, self.report = {}, set(), StoreReport()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._file = open(self.path, "ab")
+        except OSError as e:
+            raise StoreError(f"cannot open {self.path} for writing: {e.strerror or e}") from None
+        if fcntl is not None:
+            try:
+                fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self._file.close()
+                self._file = None
+                raise StoreError(f"{self.path} is being written by another process") from None
+        try:
+            self._repair_tail()
+            self._index()
+            if self.retry_failed and self._failed:
+                self._move_failures()
+        except BaseException:
+            self.close()
+            raise
+        self._reader = open(self.path, "rb")
+        if self.fsync == "interval":
+            self._stop_syncer.clear()
+            self._syncer = threading.Thread(target=self._sync_every_interval, name="store-fsync", daemon=True)
+            self._syncer.start()
+        for message in self.report.warnings:
+            log.warning(message)
+        return self.report
+
+    def _sync_every_interval(self) -> None:
+        while not self._stop_syncer.wait(self.fsync_interval_s):
+            if self._dirty:
+                self._dirty = False  # cleared first: a write landing during the fsync sets it again
+                try:
+                    os.fsync(self._file.fileno())
+                except (OSError, ValueError, AttributeError):  # closed under us: close() syncs
+                    return
+
+    def close(self) -> None:
+        if self._syncer is not None:
+            self._stop_syncer.set()
+            self._syncer.join()
+            self._syncer = None
+        if self._file is not None:
+            self._file.flush()
+            if self.fsync != "never" and self._dirty:
+                os.fsync(self._file.fileno())
+                self._dirty = False
+            self._file.close()  # also releases the flock
+            self._file = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def __enter__(self) -> "JSONLStore":
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _repair_tail(self) -> None:
+        size = os.path.getsize(self.path)
+        if size == 0:
+            return
+        keep = self._last_newline(size) + 1
+        if keep == size:
+            return
+        with open(self.path, "rb") as f:
+            f.seek(keep)
+            torn = f.read()
+        copy = self.path.with_name(f"{self.path.name}.torn-{_stamp()}")
+        copy.write_bytes(torn)
+        os.truncate(self.path, keep)
+        self.report.torn_bytes, self.report.torn_copy = len(torn), str(copy)
+        self.report.warnings.append(
+            f"{self.path}: the last line was torn ({len(torn)} bytes without a newline, left by a crash); "
+            f"cut it off and kept its bytes in {copy.name}")
+
+    def _last_newline(self, size: int) -> int:
+        """Offset of the file's last newline, or -1 (read backwards in blocks: lines can be long)."""
+        with open(self.path, "rb") as f:
+            end = size
+            while end > 0:
+                start = max(0, end - 65536)
+                f.seek(start)
+                cut = f.read(end - start).rfind(b"\n")
+                if cut >= 0:
+                    return start + cut
+                end = start
+        return -1
+
+    def _index(self) -> None:
+        offset = 0
+        with open(self.path, "rb") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():  # a blank line (hand-edited file): nothing to index
+                    offset += len(line)
+                    continue
+                try:
+                    record = json.loads(line)
+                    key = record["key"]
+                    if not isinstance(key, str):
+                        raise TypeError("key is not a string")
+                except (ValueError, KeyError, TypeError) as e:
+                    raise StoreError(
+                        f"{self.path} line {number} is not a result record ({type(e).__name__}: {e}); the file is "
+                        "damaged beyond a torn last line: fix or remove that line, then rerun") from None
+                if key in self._offsets:
+                    self.report.duplicate_lines += 1
+                else:
+                    self._offsets[key] = offset
+                    if record.get("error") is not None or record.get("ok") is False:
+                        self._failed.add(key)
+                offset += len(line)
+        self._size = offset
+        self.report.records, self.report.failed = len(self._offsets), len(self._failed)
+        if self.report.duplicate_lines:
+            self.report.warnings.append(
+                f"{self.path}: {self.report.duplicate_lines} lines repeat a key seen earlier in the file; "
+                "the first line of each key is used")
+
+    def _move_failures(self) -> None:
+        """Rewrite the file without the failure records (atomically), keeping them in a side file."""
+        copy = self.path.with_name(f"{self.path.name}.failed-{_stamp()}.jsonl")
+        tmp = self.path.with_name(self.path.name + ".rewrite")
+        seen: set[str] = set()
+        with open(self.path, "rb") as src, open(tmp, "wb") as kept, open(copy, "wb") as moved:
+            for line in src:
+                if not line.strip():
+                    continue
+                key = json.loads(line)["key"]
+                if key in seen:
+                    continue  # drop repeated keys while rewriting anyway
+                seen.add(key)
+                (moved if key in self._failed else kept).write(line)
+            kept.flush()
+            os.fsync(kept.fileno())
+        # The lock is on the old inode: take it on the new file before it replaces the old one.
+        new_file = open(tmp, "ab")
+        if fcntl is not None:
+            fcntl.flock(new_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.replace(tmp, self.path)
+        self._file.close()
+        self._file = new_file
+        self.report.moved_failures, self.report.failures_copy = len(self._failed), str(copy)
+        self.report.warnings.append(
+            f"{self.path}: moved {len(self._failed)} recorded failures to {copy.name}; they will be retried")
+        self._offsets.clear()
+        self._failed.clear()
+        self._index()
+
+    # ------------------------------------------------------------------ queries and writes
+    def __contains__(self, key: str) -> bool:
+        return key in self._offsets
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def keys(self):
+        return self._offsets.keys()
+
+    def failed(self, key: str) -> bool:
+        return key in self._failed
+
+    def get(self, key: str) -> dict | None:
+        """The stored record for ``key`` (read back from the file), or None."""
+        offset = self._offsets.get(key)
+        if offset is None:
+            return None
+        self._reader.seek(offset)
+        return json.loads(self._reader.readline())
+
+    def append(self, record: dict) -> None:
+        """Write one record (whole line, flushed; fsync per the policy). Refuses a stored key."""
+        if self._file is None:
+            raise StoreError(f"store {self.path} is not open")
+        key = record["key"]
+        if key in self._offsets:
+            raise StoreError(f"key {key} is already stored in {self.path}")
+        line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+        self._file.write(line)
+        self._file.flush()
+        self._offsets[key] = self._size
+        self._size += len(line)
+        if record.get("error") is not None:
+            self._failed.add(key)
+        if self.fsync == "always":
+            os.fsync(self._file.fileno())
+        else:
+            self._dirty = True
+
+
+def open_store(store) -> "JSONLStore | MemoryStore":
+    """A store object from a path, a store, or None (memory only)."""
+    if store is None:
+        return MemoryStore()
+    if isinstance(store, (str, os.PathLike)):
+        return JSONLStore(store)
+    return store

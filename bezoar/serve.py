@@ -1,0 +1,829 @@
+"""An OpenAI-compatible HTTP server for a bezoar checkpoint (aiohttp).
+
+    python -m bezoar.serve --model DIR [--adapter DIR] [--quant nf4] [--host 127.0.0.1] [--port 8000]
+
+Routes:
+
+- ``GET /v1/models``: the one model served, under ``--name`` (default: the folder's name).
+- ``POST /v1/completions``: ``prompt`` as a string, a list of strings, a list of token ids or a
+  list of token-id lists; ``max_tokens``, ``temperature``, ``top_p``, ``n``, ``stop``, ``seed``,
+  ``stream``, ``echo`` and ``logprobs`` (top-k, 0-20) - what lm-eval's ``local-completions``
+  model needs for loglikelihood (``echo`` + ``logprobs`` + ``max_tokens=1``) and generation.
+  A text prompt gets BOS in front; a token prompt is used exactly as given.
+- ``POST /v1/chat/completions``: ``messages`` rendered with the OpenBezoar prompt template
+  (``bezoar.eval.chat``), the answer stops at EOS or at a new template section; ``logprobs`` /
+  ``top_logprobs``, ``stream``.
+- ``GET /health``.
+
+Requests that arrive together are decoded together: a scheduler collects every request waiting
+when the model becomes free (after a short ``--batch-window-ms``), runs one-token scoring
+requests as one batch of forwards, and generation requests in left-padded batches (one batch per
+set of sampling settings). The model runs in one worker thread so the event loop keeps serving.
+Bad requests get OpenAI-style errors: status 400 (404 for an unknown model or route) with
+``{"error": {"message", "type", "param", "code"}}``.
+
+lm-eval through the server: ``--model local-completions --model_args model=NAME,base_url=
+http://127.0.0.1:8000/v1/completions,tokenizer=DIR,tokenizer_backend=huggingface,add_bos_token=True,
+max_length=L+2`` gives the numbers ``--model bezoar`` gives with ``max_length=L`` (local-completions
+keeps one token of its max_length for the answer and one more in its rolling windows). For
+perplexity tasks pass ``add_bos_token=False``: with it true, local-completions (like lm-eval's
+``hf`` model) reads BOS twice at the start of a text and scores the second one.
+
+The server binds 127.0.0.1 unless ``--host`` says otherwise. When the environment variable
+``BEZOAR_SERVE_API_KEY`` is set, every request must carry ``Authorization: Bearer <that key>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from aiohttp import web
+
+from bezoar.eval.chat import CHAT_STOP, ChatError, chat_prompt
+from bezoar.eval.decoding import StopStrings, cut_at_stop, left_pad
+from bezoar.eval.scoring import iter_logprobs
+
+log = logging.getLogger("bezoar.serve")
+
+API_KEY_ENV = "BEZOAR_SERVE_API_KEY"
+MAX_LOGPROBS = 20
+MAX_N = 16
+MAX_STOP = 16
+
+
+class ApiError(Exception):
+    """A request the server refuses; becomes an OpenAI-style error body."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 type: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.status, self.type, self.code = message, param, status, type, code
+
+    def response(self) -> web.Response:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return web.json_response(body, status=self.status)
+
+
+# ---- request validation ----------------------------------------------------------------------
+
+COMPLETION_KEYS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream",
+                   "stream_options", "echo", "logprobs", "user", "presence_penalty", "frequency_penalty",
+                   "best_of", "logit_bias", "suffix"}
+CHAT_KEYS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop",
+             "seed", "stream", "stream_options", "logprobs", "top_logprobs", "user", "presence_penalty",
+             "frequency_penalty", "logit_bias", "response_format", "store", "metadata"}
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ApiError(f"{name} must be a number, got {value!r}", name)
+    if value > high or value < low or (low_open and value == low):
+        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise ApiError(f"{name} must be in {bound}, got {value}", name)
+    return float(value)
+
+
+def _integer(body: dict, name: str, default: int | None, low: int, high: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(f"{name} must be an integer, got {value!r}", name)
+    if value < low or (high is not None and value > high):
+        raise ApiError(f"{name} must be between {low} and {high if high is not None else 'the context size'}, got {value}", name)
+    return value
+
+
+def _boolean(body: dict, name: str, default: bool = False) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ApiError(f"{name} must be true or false, got {value!r}", name)
+    return value
+
+
+def _stop(body: dict) -> list[str]:
+    value = body.get("stop")
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise ApiError("stop must be a string or a list of strings", "stop")
+    if len(value) > MAX_STOP:
+        raise ApiError(f"stop takes at most {MAX_STOP} strings, got {len(value)}", "stop")
+    return [s for s in value if s]
+
+
+def _common(body: dict, allowed: set[str]) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise ApiError(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
+    for name in ("presence_penalty", "frequency_penalty"):
+        if body.get(name) not in (None, 0, 0.0):
+            raise ApiError(f"{name} is not supported by bezoar.serve (only 0)", name)
+    if body.get("logit_bias"):
+        raise ApiError("logit_bias is not supported by bezoar.serve", "logit_bias")
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
+        raise ApiError("stream_options may only hold include_usage", "stream_options")
+
+
+# ---- jobs and the scheduler ------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One sequence to complete (one choice of one request)."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # top-k alternatives to report per token; None: no logprobs
+    echo: bool = False  # report the prompt's tokens (and their logprobs) too
+    index: int = 0
+    stream: Any = None  # an asyncio.Queue receiving (index, text delta, finish reason or None)
+    # filled in by the engine
+    new_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
+    text: str = ""
+    token_logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
+    cancelled: bool = False
+    future: Any = None
+    sent: int = 0  # characters of text already streamed
+    stop_hit: bool = False
+
+
+class Engine:
+    """Runs jobs on the model in one worker thread, batching the jobs that wait together."""
+
+    def __init__(self, model, tokenizer, max_batch_size: int = 32, batch_window_s: float = 0.005):
+        self.model = model.eval()  # LoRA dropout off, whatever mode the model came in
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.batch_window_s = batch_window_s
+        self.context = model.config.max_position_embeddings
+        self.queue: asyncio.Queue | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="bezoar-model")
+        self.task: asyncio.Task | None = None
+        self.generator = torch.Generator(device=model.device).manual_seed(0)
+        self.batches = 0  # how many model batches ran (for tests and logs)
+        self.largest_batch = 0
+
+    async def start(self, app=None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue = asyncio.Queue()
+        self.task = asyncio.create_task(self._schedule())
+
+    async def stop(self, app=None) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+        self.executor.shutdown(wait=True)
+
+    async def run(self, jobs: list[Job]) -> list[Job]:
+        for job in jobs:
+            job.future = self.loop.create_future()
+            self.queue.put_nowait(job)
+        try:
+            return list(await asyncio.gather(*(job.future for job in jobs)))
+        except asyncio.CancelledError:  # the client went away: let the engine drop these rows
+            for job in jobs:
+                job.cancelled = True
+            raise
+
+    async def _schedule(self) -> None:
+        while True:
+            jobs = [await self.queue.get()]
+            if self.batch_window_s > 0:
+                await asyncio.sleep(self.batch_window_s)
+            while not self.queue.empty() and len(jobs) < self.max_batch_size:
+                jobs.append(self.queue.get_nowait())
+            jobs = [j for j in jobs if not j.cancelled]
+            if not jobs:
+                continue
+            try:
+                await self.loop.run_in_executor(self.executor, self._run_batch, jobs)
+            except Exception as e:  # a model failure fails these requests, not the server
+                log.exception("batch of %d jobs failed", len(jobs))
+                for job in jobs:
+                    if job.stream is not None:
+                        job.stream.put_nowait((job.index, "", "error"))
+                    if not job.future.done():
+                        job.future.set_exception(e)
+                continue
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_result(job)
+
+    # -- in the worker thread --
+
+    def _emit(self, job: Job, final: bool) -> None:
+        """Push the text that is safe to show to a streaming client."""
+        if job.stream is None:
+            return
+        text = job.text
+        if not final:
+            # Hold back a tail that may still turn into a stop string or complete a UTF-8 character.
+            hold = 0
+            for s in job.stop:
+                for k in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:k]):
+                        hold = max(hold, k)
+                        break
+            if text.endswith("\ufffd"):
+                hold = max(hold, len(text) - len(text.rstrip("\ufffd")))
+            text = text[: len(text) - hold]
+        delta = text[job.sent:] if len(text) > job.sent else ""
+        if delta or final:
+            job.sent += len(delta)
+            reason = job.finish_reason if final else None
+            self.loop.call_soon_threadsafe(job.stream.put_nowait, (job.index, delta, reason))
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, len(jobs))
+        one_step = [j for j in jobs if j.max_tokens <= 1 and j.stream is None]
+        groups: dict[tuple, list[Job]] = {}
+        for job in jobs:
+            if job.max_tokens <= 1 and job.stream is None:
+                continue
+            key = (0.0, 1.0, None) if job.temperature <= 0 else (job.temperature, job.top_p, job.seed)
+            groups.setdefault(key, []).append(job)
+        if one_step:
+            self._run_one_step(one_step)
+        for (temperature, top_p, seed), members in groups.items():
+            self._run_generation(members, temperature, top_p, seed)
+        for job in jobs:
+            self._emit(job, final=True)
+
+    def _sampler(self, seed: int | None):
+        if seed is None:
+            return self.generator
+        return torch.Generator(device=self.model.device).manual_seed(seed)
+
+    def _finish_text(self, job: Job) -> None:
+        text = self.tokenizer.decode(job.new_ids)
+        cut = cut_at_stop(text, job.stop)
+        if len(cut) < len(text):
+            job.stop_hit = True
+        job.text = cut
+
+    def _run_one_step(self, jobs: list[Job]) -> None:
+        """Jobs of at most one new token: one forward over each prompt gives the prompt's logprobs
+        (for echo) and the next token's distribution at once."""
+        from bezoar.model.decode import sample_next
+
+        starts = [0 if j.echo else len(j.prompt_ids) - 1 for j in jobs]
+        eos = self.tokenizer.eos_id
+        for row in iter_logprobs(self.model, [j.prompt_ids for j in jobs], starts, self.tokenizer.pad_id,
+                                 batch_size=self.max_batch_size):
+            job = jobs[row.index]
+            lp = row.logprobs  # (positions, V)
+            if job.logprobs is not None and job.echo:
+                self._record_logprobs(job, lp[:-1], job.prompt_ids[1:], first_is_none=True)
+            if job.max_tokens == 0:
+                job.finish_reason = "length"
+                continue
+            nxt = int(sample_next(lp[-1:], job.temperature, job.top_p, self._sampler(job.seed))[0])
+            if nxt == eos:
+                job.finish_reason = "stop"
+                continue
+            job.new_ids = [nxt]
+            if job.logprobs is not None:
+                self._record_logprobs(job, lp[-1:], [nxt])
+            self._finish_text(job)
+            job.finish_reason = "stop" if job.stop_hit else "length"
+
+    def _run_generation(self, jobs: list[Job], temperature: float, top_p: float, seed: int | None) -> None:
+        from bezoar.model import generate_ids
+
+        stops = [StopStrings(self.tokenizer, j.stop) for j in jobs]
+
+        def on_token(row: int, new_ids: list[int]) -> bool:
+            job = jobs[row]
+            if job.cancelled:
+                return True
+            if stops[row](row, new_ids):
+                job.stop_hit = True
+                return True
+            if job.stream is not None:
+                job.new_ids = new_ids
+                job.text = self.tokenizer.decode(new_ids)
+                self._emit(job, final=False)
+            return len(new_ids) >= job.max_tokens
+
+        ids, mask = left_pad([j.prompt_ids for j in jobs], self.tokenizer.pad_id)
+        longest = max(j.max_tokens for j in jobs)
+        new_ids, reasons = generate_ids(self.model, ids, mask, max_new_tokens=longest, temperature=temperature,
+                                        top_p=top_p, eos_id=self.tokenizer.eos_id, generator=self._sampler(seed),
+                                        should_stop=on_token)
+        for job, new, reason in zip(jobs, new_ids, reasons):
+            job.new_ids = list(new)
+            self._finish_text(job)
+            if job.stop_hit or (reason == "stop" and len(new) < job.max_tokens):
+                job.finish_reason = "stop"
+            else:
+                job.finish_reason = "length"
+        wanted = [j for j in jobs if j.logprobs is not None and not j.cancelled and (j.new_ids or j.echo)]
+        if wanted:
+            self._score(wanted)
+
+    def _score(self, jobs: list[Job]) -> None:
+        """Logprobs of the prompt (echo) and new tokens: one teacher-forced forward per sequence."""
+        seqs = [j.prompt_ids + j.new_ids for j in jobs]
+        inputs, starts, keep = [], [], []
+        for i, (job, seq) in enumerate(zip(jobs, seqs)):
+            start = 0 if job.echo else len(job.prompt_ids) - 1
+            if len(seq) - 1 > start:
+                inputs.append(seq[:-1])
+                starts.append(start)
+                keep.append(i)
+            elif job.echo:
+                job.token_logprobs, job.top_logprobs = [None], [None]
+        for row in iter_logprobs(self.model, inputs, starts, self.tokenizer.pad_id, batch_size=self.max_batch_size):
+            job, seq = jobs[keep[row.index]], seqs[keep[row.index]]
+            self._record_logprobs(job, row.logprobs, seq[starts[row.index] + 1:], first_is_none=job.echo)
+
+    def _record_logprobs(self, job: Job, lp: torch.Tensor, targets: list[int], first_is_none: bool = False) -> None:
+        if first_is_none:
+            job.token_logprobs.append(None)
+            job.top_logprobs.append(None)
+        if not targets:
+            return
+        t = torch.as_tensor(targets, dtype=torch.long, device=lp.device)
+        chosen = lp.gather(1, t[:, None]).squeeze(1).tolist()
+        job.token_logprobs.extend(chosen)
+        k = job.logprobs or 0
+        if k > 0:
+            values, indices = lp.topk(k, dim=-1)
+            for v_row, i_row in zip(values.tolist(), indices.tolist()):
+                job.top_logprobs.append(list(zip(i_row, v_row)))
+        else:
+            job.top_logprobs.extend([] for _ in targets)
+
+
+# ---- the HTTP layer -------------------------------------------------------------------------
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """What one token reads as on its own: sentencepiece's word marker as a space, a byte-fallback
+    piece as its character (or ``bytes:\\xNN`` when it is part of a multi-byte character)."""
+    sp = tokenizer.sp
+    piece = sp.IdToPiece(token_id)
+    if sp.IsByte(token_id):
+        value = int(piece[3:5], 16)
+        return chr(value) if value < 0x80 else f"bytes:\\x{value:02x}"
+    if sp.IsControl(token_id) or sp.IsUnknown(token_id):
+        return piece
+    return piece.replace("\u2581", " ")
+
+
+def token_bytes(tokenizer, token_id: int) -> list[int]:
+    sp = tokenizer.sp
+    if sp.IsByte(token_id):
+        return [int(sp.IdToPiece(token_id)[3:5], 16)]
+    return list(token_text(tokenizer, token_id).encode("utf-8"))
+
+
+class Server:
+    """The aiohttp application around an Engine."""
+
+    def __init__(self, model, tokenizer, name: str, max_batch_size: int = 32, batch_window_s: float = 0.005,
+                 api_key: str | None = None, template=None):
+        from bezoar.data.formats import PromptTemplate
+
+        self.template = template or PromptTemplate()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, batch_window_s=batch_window_s)
+        self.api_key = api_key
+        self.created = int(time.time())
+        self.vocab = tokenizer.vocab_size
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors], client_max_size=64 * 2**20)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{name}", self.model_info)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.on_startup.append(self.engine.start)
+        app.on_cleanup.append(self.engine.stop)
+        return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler):
+        try:
+            if self.api_key is not None and request.path != "/health":
+                if request.headers.get("Authorization", "") != f"Bearer {self.api_key}":
+                    raise ApiError("Incorrect API key provided.", status=401, type="authentication_error",
+                                   code="invalid_api_key")
+            return await handler(request)
+        except ApiError as e:
+            return e.response()
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            kind = "not_found_error" if e.status == 404 else "invalid_request_error"
+            return ApiError(f"{request.method} {request.path}: {e.reason}", status=e.status, type=kind).response()
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("error while serving %s %s", request.method, request.path)
+            return ApiError("The server had an error while processing your request.", status=500,
+                            type="server_error").response()
+
+    async def _body(self, request: web.Request) -> dict:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(f"The request body is not valid JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise ApiError("The request body must be a JSON object")
+        model = body.get("model")
+        if model is None:
+            raise ApiError("you must provide a model parameter", "model")
+        if model != self.name:
+            raise ApiError(f"The model '{model}' does not exist; this server serves '{self.name}'", "model",
+                           status=404, code="model_not_found")
+        return body
+
+    async def health(self, request):
+        return web.json_response({"status": "ok", "model": self.name})
+
+    def _model_card(self) -> dict:
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "bezoar",
+                "max_model_len": self.engine.context}
+
+    async def models(self, request):
+        return web.json_response({"object": "list", "data": [self._model_card()]})
+
+    async def model_info(self, request):
+        if request.match_info["name"] != self.name:
+            raise ApiError(f"The model '{request.match_info['name']}' does not exist", "model", status=404,
+                           code="model_not_found")
+        return web.json_response(self._model_card())
+
+    # -- prompts --
+
+    def _prompts(self, prompt) -> list[list[int]]:
+        """``prompt`` in any of its four OpenAI shapes as token-id lists (text gets BOS)."""
+        if isinstance(prompt, str):
+            return [self.tokenizer.encode(prompt, bos=True)]
+        if isinstance(prompt, list) and prompt:
+            if all(isinstance(p, str) for p in prompt):
+                return [self.tokenizer.encode(p, bos=True) for p in prompt]
+            if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                return [self._check_ids(prompt, "prompt")]
+            if all(isinstance(p, list) for p in prompt):
+                out = []
+                for i, p in enumerate(prompt):
+                    if not p or not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+                        raise ApiError(f"prompt[{i}] must be a non-empty list of token ids", "prompt")
+                    out.append(self._check_ids(p, f"prompt[{i}]"))
+                return out
+        raise ApiError("prompt must be a string, a list of strings, a list of token ids or a list of "
+                       "token-id lists (none of them empty)", "prompt")
+
+    def _check_ids(self, ids: list[int], where: str) -> list[int]:
+        bad = [t for t in ids if not 0 <= t < self.vocab]
+        if bad:
+            raise ApiError(f"{where}: token id {bad[0]} is outside the vocabulary (0..{self.vocab - 1})", "prompt")
+        return list(ids)
+
+    def _check_length(self, prompt_ids: list[int], max_tokens: int, param: str) -> None:
+        total = len(prompt_ids) + max_tokens
+        if total > self.engine.context:
+            raise ApiError(f"This model's maximum context length is {self.engine.context} tokens. However, you "
+                           f"requested {total} tokens ({len(prompt_ids)} in the prompt, {max_tokens} for the "
+                           "completion). Please reduce the prompt or the completion length.", param,
+                           code="context_length_exceeded")
+
+    # -- /v1/completions --
+
+    async def completions(self, request: web.Request):
+        body = await self._body(request)
+        _common(body, COMPLETION_KEYS)
+        if body.get("suffix"):
+            raise ApiError("suffix is not supported by bezoar.serve", "suffix")
+        if "prompt" not in body:
+            raise ApiError("you must provide a prompt parameter", "prompt")
+        prompts = self._prompts(body["prompt"])
+        echo = _boolean(body, "echo")
+        max_tokens = _integer(body, "max_tokens", 16, 0 if echo else 1)
+        temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+        top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
+        n = _integer(body, "n", 1, 1, MAX_N)
+        best_of = _integer(body, "best_of", n, 1, MAX_N)
+        if best_of != n:
+            raise ApiError("best_of other than n is not supported by bezoar.serve", "best_of")
+        seed = _integer(body, "seed", None, -(2**63), 2**63 - 1)
+        logprobs = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
+        stream = _boolean(body, "stream")
+        if stream and logprobs is not None:
+            raise ApiError("logprobs with stream is not supported by bezoar.serve", "logprobs")
+        stop = _stop(body)
+        for ids in prompts:
+            self._check_length(ids, max_tokens, "max_tokens")
+        queue = asyncio.Queue() if stream else None
+        jobs = [Job(prompt_ids=ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                    stop=stop, logprobs=logprobs, echo=echo, index=p * n + c, stream=queue)
+                for p, ids in enumerate(prompts) for c in range(n)]
+        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if stream:
+            return await self._stream(request, jobs, rid, created, chat=False,
+                                      include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
+        await self.engine.run(jobs)
+        choices = []
+        for job in jobs:
+            text = job.text
+            if echo:
+                text = self.tokenizer.decode(job.prompt_ids) + text
+            choices.append({"index": job.index, "text": text, "finish_reason": job.finish_reason,
+                            "logprobs": self._completion_logprobs(job) if logprobs is not None else None})
+        return web.json_response({"id": rid, "object": "text_completion", "created": created, "model": self.name,
+                                  "choices": choices, "usage": self._usage(jobs)})
+
+    def _completion_logprobs(self, job: Job) -> dict:
+        ids = (job.prompt_ids if job.echo else []) + job.new_ids
+        tokens = [token_text(self.tokenizer, t) for t in ids]
+        offsets, at = [], 0 if job.echo else len(self.tokenizer.decode(job.prompt_ids))
+        for tok in tokens:
+            offsets.append(at)
+            at += len(tok)
+        top = []
+        for alternatives in job.top_logprobs:
+            if alternatives is None:
+                top.append(None)
+            else:
+                d: dict[str, float] = {}
+                for tid, value in alternatives:
+                    d.setdefault(token_text(self.tokenizer, tid), value)
+                top.append(d)
+        return {"tokens": tokens, "token_logprobs": job.token_logprobs[: len(ids)], "top_logprobs": top[: len(ids)],
+                "text_offset": offsets}
+
+    def _usage(self, jobs: list[Job]) -> dict:
+        seen, prompt_tokens = set(), 0
+        for job in jobs:
+            if id(job.prompt_ids) not in seen:
+                seen.add(id(job.prompt_ids))
+                prompt_tokens += len(job.prompt_ids)
+        completion = sum(len(j.new_ids) for j in jobs)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+    # -- /v1/chat/completions --
+
+    async def chat_completions(self, request: web.Request):
+        body = await self._body(request)
+        _common(body, CHAT_KEYS)
+        if "messages" not in body:
+            raise ApiError("you must provide a messages parameter", "messages")
+        try:
+            prompt = chat_prompt(body["messages"], self.template)
+        except ChatError as e:
+            raise ApiError(str(e), e.param) from None
+        ids = self.tokenizer.encode(prompt, bos=True)
+        fmt = body.get("response_format")
+        if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+            raise ApiError("response_format: only {'type': 'text'} is supported by bezoar.serve", "response_format")
+        room = self.engine.context - len(ids)
+        name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = _integer(body, name, None, 1)
+        if max_tokens is None:
+            if room < 1:
+                self._check_length(ids, 1, "messages")
+            max_tokens = room
+        self._check_length(ids, max_tokens, name)
+        temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+        top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
+        n = _integer(body, "n", 1, 1, MAX_N)
+        seed = _integer(body, "seed", None, -(2**63), 2**63 - 1)
+        want_logprobs = _boolean(body, "logprobs")
+        top = _integer(body, "top_logprobs", None, 0, MAX_LOGPROBS)
+        if top is not None and not want_logprobs:
+            raise ApiError("top_logprobs needs logprobs set to true", "top_logprobs")
+        stream = _boolean(body, "stream")
+        if stream and want_logprobs:
+            raise ApiError("logprobs with stream is not supported by bezoar.serve", "logprobs")
+        stop = _stop(body) + list(CHAT_STOP)
+        queue = asyncio.Queue() if stream else None
+        jobs = [Job(prompt_ids=ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                    stop=stop, logprobs=(top or 0) if want_logprobs else None, index=c, stream=queue)
+                for c in range(n)]
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if stream:
+            return await self._stream(request, jobs, rid, created, chat=True,
+                                      include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
+        await self.engine.run(jobs)
+        choices = []
+        for job in jobs:
+            choice = {"index": job.index, "message": {"role": "assistant", "content": job.text},
+                      "finish_reason": job.finish_reason, "logprobs": None}
+            if want_logprobs:
+                choice["logprobs"] = {"content": self._chat_logprobs(job)}
+            choices.append(choice)
+        return web.json_response({"id": rid, "object": "chat.completion", "created": created, "model": self.name,
+                                  "choices": choices, "usage": self._usage(jobs)})
+
+    def _chat_logprobs(self, job: Job) -> list[dict]:
+        out = []
+        for tid, value, alternatives in zip(job.new_ids, job.token_logprobs, job.top_logprobs):
+            out.append({"token": token_text(self.tokenizer, tid), "logprob": value,
+                        "bytes": token_bytes(self.tokenizer, tid),
+                        "top_logprobs": [{"token": token_text(self.tokenizer, a), "logprob": v,
+                                          "bytes": token_bytes(self.tokenizer, a)} for a, v in alternatives or []]})
+        return out
+
+    # -- streaming (server-sent events) --
+
+    async def _stream(self, request, jobs: list[Job], rid: str, created: int, chat: bool, include_usage: bool):
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        async def send(choices: list[dict], usage: dict | None = None) -> None:
+            chunk = {"id": rid, "object": kind, "created": created, "model": self.name, "choices": choices}
+            if include_usage:
+                chunk["usage"] = usage
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
+        queue = jobs[0].stream
+        runner = asyncio.create_task(self.engine.run(jobs))
+        try:
+            if chat:
+                await send([{"index": j.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None} for j in jobs])
+            else:
+                for job in jobs:
+                    if job.echo:
+                        await send([{"index": job.index, "text": self.tokenizer.decode(job.prompt_ids),
+                                     "logprobs": None, "finish_reason": None}])
+            open_jobs = len(jobs)
+            while open_jobs:
+                index, delta, reason = await queue.get()
+                if reason == "error":
+                    break
+                if reason is not None:
+                    open_jobs -= 1
+                if chat:
+                    choice = {"index": index, "delta": {"content": delta} if delta else {}, "logprobs": None,
+                              "finish_reason": reason}
+                else:
+                    choice = {"index": index, "text": delta, "logprobs": None, "finish_reason": reason}
+                await send([choice])
+            try:
+                await runner
+            except Exception:  # the headers are out: report the failure as the stream's last event
+                error = {"error": {"message": "The server had an error while processing your request.",
+                                   "type": "server_error", "param": None, "code": None}}
+                await response.write(f"data: {json.dumps(error)}\n\n".encode())
+            else:
+                if include_usage:
+                    await send([], self._usage(jobs))
+                await response.write(b"data: [DONE]\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            for job in jobs:
+                job.cancelled = True
+            runner.cancel()
+            raise
+        await response.write_eof()
+        return response
+
+
+# ---- running it ----------------------------------------------------------------------------
+
+
+def build_server(model_dir: str, adapter: str | None = None, quant: str | None = None, dtype: str | None = None,
+                 device: str | None = None, name: str | None = None, max_batch_size: int = 32,
+                 batch_window_ms: float = 5.0, system: str | None = None) -> Server:
+    from bezoar.data.formats import PromptTemplate
+    from bezoar.model import Tokenizer, load
+
+    model = load(model_dir, quant=quant, adapter=adapter, device=device, dtype=dtype)
+    tokenizer = Tokenizer(model_dir)
+    template = PromptTemplate() if system is None else PromptTemplate(system=system)
+    return Server(model, tokenizer, name or Path(model_dir).resolve().name, max_batch_size=max_batch_size,
+                  batch_window_s=batch_window_ms / 1000, api_key=os.environ.get(API_KEY_ENV) or None,
+                  template=template)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class BackgroundServer:
+    """Serve a ``Server`` from a background thread (tests, notebooks)::
+
+        with BackgroundServer(Server(model, tokenizer, "tiny")) as bg:
+            client = openai.OpenAI(base_url=bg.url + "/v1", api_key="none")
+    """
+
+    def __init__(self, server: Server, host: str = "127.0.0.1", port: int | None = None):
+        self.server = server
+        self.host = host
+        self.port = port or free_port(host)
+        self.url = f"http://{host}:{self.port}"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._runner: web.AppRunner | None = None
+
+    def __enter__(self) -> "BackgroundServer":
+        self._thread = threading.Thread(target=self._main, name="bezoar-serve", daemon=True)
+        self._thread.start()
+        self._ready.wait(60)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._loop is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(60)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(60)
+
+    def _main(self) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._loop = loop
+        try:
+            self._runner = web.AppRunner(self.server.app(), access_log=None)
+            loop.run_until_complete(self._runner.setup())
+            loop.run_until_complete(web.TCPSite(self._runner, self.host, self.port).start())
+        except BaseException as e:  # report to the thread that waits in __enter__
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        loop.run_forever()
+        loop.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bezoar.serve", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, metavar="DIR", help="Hugging Face Llama checkpoint folder")
+    g.add_argument("--adapter", metavar="DIR", help="PEFT-format LoRA adapter folder to apply")
+    g.add_argument("--quant", choices=["nf4"], help="quantize the decoder's linear layers to NF4 on load")
+    g.add_argument("--dtype", help="compute dtype (float32, bfloat16, float16); default by device")
+    g.add_argument("--device", help="cuda, cuda:1, cpu ... (default: cuda when present)")
+    g.add_argument("--name", help="model name clients use (default: the folder's name)")
+    g.add_argument("--system", help="the chat template's default system line (default: the OpenBezoar one; "
+                   "'' drops the System section)")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--max-batch-size", type=int, default=32, help="most sequences decoded together")
+    g.add_argument("--batch-window-ms", type=float, default=5.0,
+                   help="how long the scheduler waits for more requests before it starts a batch")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.max_batch_size < 1:
+        p.error("--max-batch-size must be at least 1")
+    try:
+        server = build_server(args.model, args.adapter, args.quant, args.dtype, args.device, args.name,
+                              args.max_batch_size, args.batch_window_ms, args.system)
+    except (ValueError, OSError) as e:
+        print(f"bezoar.serve: {e}", file=sys.stderr)
+        return 2
+    log.info("serving %s as %r on http://%s:%d/v1", args.model, server.name, args.host, args.port)
+    web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""bench/generate.py runs its whole code path (bezoar NF4 and the transformers + bitsandbytes peer)
+in --smoke mode on CPU, writes nothing, and honours --only / --iters."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow  # two model loads and a few CPU decodes: about 20 s, more on a busy machine
+def test_bench_generate_smoke(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "generate.py"), "--smoke", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "| bezoar/b1 | 1 |" in out.stdout and "| bezoar/b2 | 2 |" in out.stdout
+    if "peer skipped" not in out.stdout:
+        assert "| transformers-bnb/b1 | 1 |" in out.stdout
+        assert "greedy agreement with the peer over the first 8 tokens: 1.00" in out.stdout
+    assert not list(tmp_path.glob("*.json")), "smoke mode must not write results"
+
+
+def test_bench_generate_only_and_iters(capsys):
+    spec = importlib.util.spec_from_file_location("bench_generate", ROOT / "bench" / "generate.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--smoke", "--no-peer", "--only", "bezoar/b2", "--iters", "2"]) == 0
+    assert "ran bezoar/b2 2 times" in capsys.readouterr().out
+    assert bench.main(["--smoke", "--no-peer", "--only", "nope"]) == 2
+    assert "no such case" in capsys.readouterr().err

@@ -1,0 +1,340 @@
+"""The ``bezoar`` lm-eval model: request-level exactness, batching, and the acceptance check that it
+gives the same metrics as lm-eval's ``hf`` model and as ``local-completions`` against bezoar.serve."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+lm_eval = pytest.importorskip("lm_eval")
+
+from lm_eval.api.instance import Instance  # noqa: E402
+
+from bezoar.eval import harness  # noqa: E402  (registers "bezoar")
+from tests.eval.local_tasks import GEN_PROMPTS, write_tasks  # noqa: E402
+
+MAX_LENGTH = 64  # small, so the perplexity texts span several rolling windows
+
+
+def make_lm(tiny_model, tiny_tokenizer, **kwargs):
+    return harness.BezoarLM(model=tiny_model, tokenizer=tiny_tokenizer, **kwargs)
+
+
+def instances(kind, args_list):
+    return [Instance(request_type=kind, doc={}, arguments=args, idx=i) for i, args in enumerate(args_list)]
+
+
+def reference_logprob(model, ids: list[int], start: int) -> tuple[float, bool]:
+    """Sum of log P(ids[j] | ids[:j]) for j >= start, from one plain forward, and the greedy flag."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids[:-1]]))[0].float().log_softmax(-1)
+    targets = torch.tensor(ids[start:])
+    lp = logits[start - 1:].gather(1, targets[:, None]).squeeze(1)
+    return float(lp.sum()), bool((logits[start - 1:].argmax(-1) == targets).all())
+
+
+PAIRS = [
+    ("Question: What color is the small cat?\nAnswer:", " red"),
+    ("Question: What color is the small cat?\nAnswer:", " the golden one"),
+    ("Question: What color is the small cat?\nAnswer:", " blue"),
+    ("The bright eagle watches the", " green mountain near the window."),
+    ("What is 7 plus 45? The answer is ", "52"),  # trailing space moves to the continuation
+    ("", "Health is a happy subject."),  # empty context: conditioned on BOS
+]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, "auto"])
+def test_loglikelihood_matches_a_plain_forward(tiny_model, tiny_tokenizer, batch_size):
+    lm = make_lm(tiny_model, tiny_tokenizer, batch_size=batch_size, max_batch_tokens=100)
+    got = lm.loglikelihood(instances("loglikelihood", PAIRS), disable_tqdm=True)
+    for (context, continuation), (logprob, greedy) in zip(PAIRS, got):
+        if context:
+            ctx = context.rstrip()
+            ids = tiny_tokenizer.encode(ctx + context[len(ctx):] + continuation, bos=True)
+            start = len(tiny_tokenizer.encode(ctx, bos=True))
+        else:
+            ids = [tiny_tokenizer.bos_id] + tiny_tokenizer.encode(continuation)
+            start = 1
+        want, want_greedy = reference_logprob(tiny_model, ids, start)
+        assert math.isclose(logprob, want, rel_tol=1e-5, abs_tol=1e-4), (context, continuation, logprob, want)
+        assert greedy == want_greedy
+
+
+def test_greedy_flag_is_true_for_the_greedy_continuation(tiny_model, tiny_tokenizer):
+    from bezoar.model import generate_ids
+
+    context = "Q: Who builds the book? A:"
+    ids = tiny_tokenizer.encode(context, bos=True)
+    new, _ = generate_ids(tiny_model, torch.tensor([ids]), max_new_tokens=4, eos_id=None)
+    lm = make_lm(tiny_model, tiny_tokenizer)
+    # Call the token-level entry so the continuation is exactly the greedy tokens.
+    (logprob, greedy), = lm._loglikelihood_tokens([(None, ids, new[0])])
+    assert greedy is True
+    altered = new[0][:-1] + [(new[0][-1] + 1) % tiny_tokenizer.vocab_size]
+    (_, greedy2), = lm._loglikelihood_tokens([(None, ids, altered)])
+    assert greedy2 is False
+    assert logprob == pytest.approx(reference_logprob(tiny_model, ids + new[0], len(ids))[0], rel=1e-5)
+
+
+def test_loglikelihood_truncates_long_contexts_from_the_left(tiny_model, tiny_tokenizer):
+    lm = make_lm(tiny_model, tiny_tokenizer, max_length=16)
+    context = "Write a short poem about a golden cat. The golden cat sleeps, the small chair keeps"
+    (logprob, _), = lm.loglikelihood(instances("loglikelihood", [(context, ", the night is deep.")]), disable_tqdm=True)
+    ids = tiny_tokenizer.encode(context + ", the night is deep.", bos=True)
+    n_cont = len(ids) - len(tiny_tokenizer.encode(context, bos=True))
+    kept = ids[-17:]  # max_length + 1 tokens: the model reads 16 of them
+    assert logprob == pytest.approx(reference_logprob(tiny_model, kept, len(kept) - n_cont)[0], rel=1e-5)
+
+
+def test_rolling_windows_cover_every_token_once(tiny_model, tiny_tokenizer):
+    text = ("1. Emma reads a large road.\n2. The lion is silver.\n3. We talk about mathematics every day.\n"
+            "1. Bob describes a new chair.")
+    tokens = tiny_tokenizer.encode(text)
+    whole = make_lm(tiny_model, tiny_tokenizer).loglikelihood_rolling(instances("loglikelihood_rolling", [(text,)]))
+    # With the full context the rolling value is one forward over BOS + text.
+    assert whole[0] == pytest.approx(reference_logprob(tiny_model, [tiny_tokenizer.bos_id] + tokens, 1)[0], rel=1e-5)
+    # With windows of 8 tokens: each window scores its own tokens with the tokens before them as context.
+    small = make_lm(tiny_model, tiny_tokenizer, max_length=8, batch_size=2)
+    got = small.loglikelihood_rolling(instances("loglikelihood_rolling", [(text,), ("Health is a happy subject.",)]))
+    padded = [tiny_tokenizer.bos_id] + tokens
+    want = 0.0
+    for end in range(1, len(padded), 8):
+        stop = min(end + 8, len(padded))
+        window = padded[max(0, stop - 9): stop]
+        want += reference_logprob(tiny_model, window, len(window) - (stop - end))[0]
+    assert got[0] == pytest.approx(want, rel=1e-5)
+    assert got[0] != pytest.approx(whole[0], rel=1e-3), "the short windows must lose context"
+
+
+def test_generate_until_matches_bezoar_generate(tiny_model, tiny_tokenizer):
+    from bezoar.model import generate
+
+    lm = make_lm(tiny_model, tiny_tokenizer, batch_size=2)
+    free = generate(tiny_model, tiny_tokenizer, GEN_PROMPTS, max_new_tokens=10)
+    stop = free[1].text[2:4]
+    requests = [(p, {"until": [stop], "max_gen_toks": 10, "do_sample": False}) for p in GEN_PROMPTS]
+    requests.append((GEN_PROMPTS[0], {"until": ["\n\n"], "max_gen_toks": 3}))
+    got = lm.generate_until(instances("generate_until", requests))
+    for text, g in zip(got, free):
+        assert text == (g.text[: g.text.find(stop)] if stop in g.text else g.text)
+    assert stop not in got[1] and len(got[1]) < len(free[1].text)
+    assert got[-1] == generate(tiny_model, tiny_tokenizer, GEN_PROMPTS[0], max_new_tokens=3, stop=["\n\n"])[0].text
+
+
+def test_generate_until_sampling_is_seeded(tiny_model, tiny_tokenizer):
+    requests = [(p, {"until": ["\n"], "max_gen_toks": 8, "do_sample": True, "temperature": 1.0}) for p in GEN_PROMPTS]
+    a = make_lm(tiny_model, tiny_tokenizer, seed=7).generate_until(instances("generate_until", requests))
+    b = make_lm(tiny_model, tiny_tokenizer, seed=7).generate_until(instances("generate_until", requests))
+    greedy = make_lm(tiny_model, tiny_tokenizer).generate_until(
+        instances("generate_until", [(p, {"until": ["\n"], "max_gen_toks": 8}) for p in GEN_PROMPTS]))
+    assert a == b
+    assert a != greedy
+
+
+def test_model_args_errors(tiny_dir):
+    with pytest.raises(ValueError, match="unknown key.*bogus"):
+        harness.BezoarLM.create_from_arg_string(f"pretrained={tiny_dir},bogus=1")
+    with pytest.raises(ValueError, match="pretrained=DIR"):
+        harness.BezoarLM.create_from_arg_string("batch_size=2")
+    with pytest.raises(ValueError, match="max_length=4096 exceeds"):
+        harness.BezoarLM.create_from_arg_string(f"pretrained={tiny_dir},max_length=4096")
+    with pytest.raises(ValueError, match="add_bos_token='maybe'"):
+        harness.BezoarLM.create_from_arg_string(f"pretrained={tiny_dir},add_bos_token=maybe")
+    lm = harness.BezoarLM.create_from_arg_string(f"pretrained={tiny_dir},batch_size=3,max_length=128",
+                                                 {"batch_size": None, "device": "cpu"})
+    assert (lm.batch_size, lm.max_length, lm.add_bos_token) == (3, 128, True)
+
+
+# ---- the acceptance check: three backends, one set of numbers --------------------------------
+
+
+def _evaluate(model, model_args, tasks, manager, **kwargs):
+    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, task_manager=manager,
+                                   bootstrap_iters=0, log_samples=True, **kwargs)
+
+
+def _metrics(out):
+    return {(task, key): value for task, res in out["results"].items() for key, value in res.items()
+            if "," in key and "_stderr" not in key}
+
+
+def _responses(out):
+    return {task: [s["resps"] for s in samples] for task, samples in out["samples"].items()}
+
+
+@pytest.mark.slow  # about 25 s on 2 cores: nine lm-eval runs over three backends
+def test_same_metrics_as_hf_and_as_local_completions_on_bezoar_serve(tiny_dir, tiny_model, tiny_tokenizer, served,
+                                                                     tmp_path):
+    from lm_eval.tasks import TaskManager
+
+    folder = tmp_path / "tasks"
+    write_tasks(folder)
+    bezoar_lm = make_lm(tiny_model, tiny_tokenizer, max_length=MAX_LENGTH, batch_size=4)
+    # Make two of the generation targets what the model answers, so exact_match is neither 0 nor 1.
+    # (Only answers without U+FFFD: see the decoding note below.)
+    first = _evaluate(bezoar_lm, None, ["bezoar_gen"], TaskManager(include_path=str(folder), include_defaults=False))
+    answers = [r[0][0] for r in _responses(first)["bezoar_gen"]]
+    clean = [i for i, a in enumerate(answers) if "\ufffd" not in a][:2]
+    assert len(clean) == 2, answers
+    write_tasks(folder, [answers[i] if i in clean else "no" for i in range(len(answers))])
+    # include_defaults=False: indexing lm-eval's thousands of built-in tasks costs 20 s on CI.
+    manager = TaskManager(include_path=str(folder), include_defaults=False)
+
+    # lm-eval's hf and local-completions models encode a perplexity text with add_special_tokens,
+    # so with add_bos_token=True their first rolling window reads BOS twice and scores the second
+    # BOS as a token of the text. bezoar never does that; the perplexity task is compared with
+    # add_bos_token=False, where the text is conditioned on the one BOS prefix in all three.
+    runs = [(["bezoar_mc", "bezoar_gen"], True), (["bezoar_ppl"], False)]
+    try:  # lm-eval's API models (local-completions) need tenacity, which lm-eval installs only with [api]
+        import tenacity  # noqa: F401
+
+        with_api = True
+    except ImportError:
+        with_api = False
+    for tasks, bos in runs:
+        ours = _evaluate(make_lm(tiny_model, tiny_tokenizer, max_length=MAX_LENGTH, batch_size=4, add_bos_token=bos),
+                         None, tasks, manager)
+        hf = _evaluate("hf", f"pretrained={tiny_dir},dtype=float32,max_length={MAX_LENGTH},add_bos_token={bos}",
+                       tasks, manager, batch_size=4, device="cpu")
+        # local-completions keeps one token of max_length for the answer and one more in its rolling
+        # windows: MAX_LENGTH + 2 gives it the same windows and truncation as the other two.
+        api = _evaluate("local-completions",
+                        f"model=tiny,base_url={served.url}/v1/completions,tokenizer={tiny_dir},"
+                        f"tokenizer_backend=huggingface,max_length={MAX_LENGTH + 2},add_bos_token={bos},"
+                        "batch_size=4,max_retries=1", tasks, manager) if with_api else ours
+        m_ours, m_hf, m_api = _metrics(ours), _metrics(hf), _metrics(api)
+        assert m_ours.keys() == m_hf.keys() == m_api.keys() and m_ours
+        for key, value in m_ours.items():
+            assert m_hf[key] == pytest.approx(value, rel=1e-5), (key, value, m_hf[key])
+            assert m_api[key] == pytest.approx(value, rel=1e-5), (key, value, m_api[key])
+        if "bezoar_gen" in tasks:
+            assert m_ours[("bezoar_gen", "exact_match,none")] == pytest.approx(0.4)
+            assert m_ours[("bezoar_mc", "acc,none")] not in (0.0, 1.0)
+        r_ours, r_hf, r_api = _responses(ours), _responses(hf), _responses(api)
+        for task in tasks:
+            for a, b, c in zip(r_ours[task], r_hf[task], r_api[task]):
+                if task == "bezoar_gen":
+                    assert a == c  # bezoar.serve decodes exactly as the bezoar model does
+                    # transformers decodes a run of byte-fallback tokens that is not valid UTF-8
+                    # differently from sentencepiece; compare with hf where no such run occurs.
+                    if "\ufffd" not in a[0][0] + b[0][0]:
+                        assert a == b
+                else:  # one [(logprob, is_greedy)] per choice, or [logprob] for a rolling text
+                    for x, y, z in zip(a, b, c):
+                        (x,), (y,), (z,) = x, y, z
+                        if isinstance(x, tuple):
+                            assert x[1] == y[1] == z[1]
+                            x, y, z = x[0], y[0], z[0]
+                        assert y == pytest.approx(x, rel=1e-5) and z == pytest.approx(x, rel=1e-5)
+    if not with_api:
+        pytest.skip("bezoar == hf checked; the local-completions half needs the tenacity package")
+
+
+def test_adapter_and_nf4_model_args_reach_the_model(tiny_dir, tmp_path):
+    """``adapter=`` and ``quant=nf4`` load what bezoar.model.load loads with them."""
+    from bezoar.model import load
+    from bezoar.model.lora import LoraConfig, apply_lora, lora_modules, save_adapter
+
+    model = load(tiny_dir)
+    apply_lora(model, LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for module in lora_modules(model).values():
+            module.lora_B.weight.copy_(0.05 * torch.randn(module.lora_B.weight.shape, generator=g))
+    adapter = save_adapter(model, tmp_path / "adapter")
+    pair = [("Q: Who builds the book? A:", " Alice does, on Tuesday.")]
+    scores = {}
+    for name, args in [("base", ""), ("adapter", f",adapter={adapter}"), ("nf4", ",quant=nf4"),
+                       ("nf4+adapter", f",quant=nf4,adapter={adapter}")]:
+        lm = harness.BezoarLM.create_from_arg_string(f"pretrained={tiny_dir}{args}")
+        scores[name] = lm.loglikelihood(instances("loglikelihood", pair), disable_tqdm=True)[0][0]
+        quant = "nf4" if "nf4" in name else None
+        # .eval(): load(adapter=...) leaves the new LoRA layers in training mode (dropout on)
+        reference = load(tiny_dir, quant=quant, adapter=adapter if "adapter" in name else None).eval()
+        ids = lm.tok_encode(pair[0][0] + pair[0][1])
+        start = len(lm.tok_encode(pair[0][0]))
+        assert scores[name] == pytest.approx(reference_logprob(reference, ids, start)[0], rel=1e-5), name
+    assert len({round(v, 3) for v in scores.values()}) == 4, scores  # each argument changes the model
+
+
+# ---- plans, the table, the command line ---------------------------------------------------------
+
+
+def test_openllm_preset_plan_and_dry_run(capsys):
+    from bezoar.eval.__main__ import main
+
+    plan = harness.make_plan(None, "openllm", None)
+    assert [(p.task, p.num_fewshot) for p in plan] == [("arc_challenge", 25), ("hellaswag", 10), ("truthfulqa_mc2", 0),
+                                                       ("mmlu", 5), ("winogrande", 5), ("gsm8k", 5)]
+    assert [p.num_fewshot for p in harness.make_plan(None, "openllm", 0)] == [0] * 6
+    assert [(p.task, p.num_fewshot) for p in harness.make_plan(["a", "b"], None, 3)] == [("a", 3), ("b", 3)]
+    with pytest.raises(ValueError, match="unknown preset"):
+        harness.make_plan(None, "helm", None)
+    assert main(["harness", "--preset", "openllm", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "| arc_challenge | 25 | acc_norm |" in out and "| gsm8k | 5 | exact_match,strict-match |" in out
+    assert main(["harness", "--preset", "openllm", "--tasks", "x", "--dry-run"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_results_table_headline_metrics_and_average():
+    plan = harness.make_plan(None, "openllm", None)
+    results = {
+        "results": {
+            "arc_challenge": {"acc,none": 0.40, "acc_stderr,none": 0.01, "acc_norm,none": 0.44, "acc_norm_stderr,none": 0.02},
+            "hellaswag": {"acc,none": 0.50, "acc_norm,none": 0.70},
+            "truthfulqa_mc2": {"acc,none": 0.36},
+            "mmlu": {"acc,none": 0.26, "acc_stderr,none": 0.004},
+            "mmlu_anatomy": {"acc,none": 0.99},
+            "winogrande": {"acc,none": 0.64},
+            "gsm8k": {"exact_match,flexible-extract": 0.09, "exact_match,strict-match": 0.05},
+        },
+        "n-shot": {"arc_challenge": 25, "hellaswag": 10, "truthfulqa_mc2": 0, "winogrande": 5, "gsm8k": 5},
+    }
+    table = harness.results_table(results, plan)
+    assert "| arc_challenge | 25 | acc_norm | 0.4400 | 0.0200 |" in table
+    assert "| gsm8k | 5 | exact_match (strict-match) | 0.0500 |" in table
+    assert "mmlu_anatomy" not in table
+    assert f"| {sum([0.44, 0.70, 0.36, 0.26, 0.64, 0.05]) / 6:.4f} |" in table
+    assert "6 of 6 tasks" in table
+
+
+def test_harness_command_line_on_local_tasks(tiny_dir, tmp_path, capsys):
+    from bezoar.eval.__main__ import main
+
+    folder = tmp_path / "tasks"
+    write_tasks(folder)
+    out = tmp_path / "res" / "results.json"
+    code = main(["harness", "--model", str(tiny_dir), "--tasks", "bezoar_mc,bezoar_ppl", "--include-path",
+                 str(folder), "--no-builtin-tasks", "--limit", "2", "--max-length", str(MAX_LENGTH),
+                 "--batch-size", "auto", "--output", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| bezoar_mc | 1 | acc |" in printed and "| bezoar_ppl | 0 | word_perplexity |" in printed
+    saved = json.loads(out.read_text())
+    assert saved["results"]["bezoar_mc"]["acc,none"] in (0.0, 0.5, 1.0) and "samples" not in saved
+    assert main(["harness", "--tasks", "bezoar_mc", "--include-path", str(folder), "--no-builtin-tasks"]) == 2
+    assert "--model DIR is required" in capsys.readouterr().err
+
+
+def test_lm_eval_passthrough_registers_bezoar(monkeypatch):
+    import lm_eval.__main__ as lm_eval_main
+    from lm_eval.api.registry import get_model
+
+    from bezoar.eval.__main__ import main
+
+    seen = {}
+
+    def fake_cli():
+        import sys
+
+        seen["argv"] = list(sys.argv)
+        seen["model"] = get_model("bezoar")
+
+    monkeypatch.setattr(lm_eval_main, "cli_evaluate", fake_cli)
+    assert main(["lm-eval", "run", "--model", "bezoar", "--tasks", "x"]) == 0
+    assert seen["argv"] == ["lm-eval", "run", "--model", "bezoar", "--tasks", "x"]
+    assert seen["model"] is harness.BezoarLM

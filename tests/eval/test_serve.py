@@ -1,0 +1,248 @@
+"""bezoar.serve: the openai SDK against it (models, completions, chat, streaming), exactness of
+echo/logprobs, batching of concurrent clients, OpenAI-style errors, and the command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+
+from bezoar.eval.chat import chat_prompt  # noqa: E402
+from bezoar.model import generate  # noqa: E402
+
+
+@pytest.fixture()
+def client(served):
+    return openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def post(url: str, body, raw: bytes | None = None) -> tuple[int, dict]:
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_models_and_greedy_completion_match_bezoar_generate(client, tiny_model, tiny_tokenizer):
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    prompt = "The bright eagle watches the"
+    want = generate(tiny_model, tiny_tokenizer, prompt, max_new_tokens=12)[0]
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+    assert r.choices[0].text == want.text
+    assert r.choices[0].finish_reason == ("stop" if want.finish_reason == "stop" else "length")
+    assert r.usage.prompt_tokens == len(tiny_tokenizer.encode(prompt, bos=True))
+    assert r.usage.completion_tokens == len(want.token_ids)
+
+
+def test_stop_strings_n_and_token_prompts(client, tiny_model, tiny_tokenizer):
+    prompt = "Q: Who builds the book? A:"
+    free = generate(tiny_model, tiny_tokenizer, prompt, max_new_tokens=16)[0].text
+    stop = free[4:6]
+    r = client.completions.create(model="tiny", prompt=[prompt, "Health is"], max_tokens=16, temperature=0,
+                                  stop=[stop], n=2)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text == r.choices[1].text == free[: free.find(stop)]
+    assert r.choices[0].finish_reason == "stop"
+    ids = tiny_tokenizer.encode(prompt, bos=True)
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=16, temperature=0, stop=[stop])
+    assert by_ids.choices[0].text == r.choices[0].text
+
+
+def test_echo_logprobs_are_the_models_token_logprobs(client, tiny_model, tiny_tokenizer):
+    prompt = "What is 7 plus 45? The answer is"
+    ids = tiny_tokenizer.encode(prompt, bos=True)
+    for max_tokens in (0, 1, 3):
+        r = client.completions.create(model="tiny", prompt=[ids], max_tokens=max_tokens, temperature=0,
+                                      logprobs=2, echo=True)
+        lp = r.choices[0].logprobs
+        assert len(lp.tokens) == len(ids) + max_tokens
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        with torch.no_grad():
+            new_ids = generate(tiny_model, tiny_tokenizer, prompt, max_new_tokens=max_tokens)[0].token_ids if max_tokens else []
+            full = ids + new_ids
+            ref = tiny_model(torch.tensor([full[:-1]]))[0].float().log_softmax(-1)
+        want = ref.gather(1, torch.tensor(full[1:])[:, None]).squeeze(1).tolist()
+        assert lp.token_logprobs[1:] == pytest.approx(want, rel=1e-5, abs=1e-5)
+        for pos, top in enumerate(lp.top_logprobs[1:]):
+            assert len(top) == 2 and max(top.values()) == pytest.approx(float(ref[pos].max()), abs=1e-5)
+        # lm-eval's is_greedy rule: a token is greedy when its logprob is the top one
+        greedy = [t == max(top.values()) for t, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:])]
+        assert greedy == (ref.argmax(-1) == torch.tensor(full[1:])).tolist()
+        assert r.choices[0].text.startswith(prompt)
+
+
+def test_chat_uses_the_template_and_streams_the_same_text(client, tiny_model, tiny_tokenizer):
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a red thing."}]
+    text = chat_prompt(messages)
+    assert text.startswith("### System:\nAnswer briefly.\n\n### Instruction:\nName a red thing.")
+    want = generate(tiny_model, tiny_tokenizer, text, max_new_tokens=10,
+                    stop=["### Instruction:", "### System:", "### Response:"])[0]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == want.text
+    assert r.usage.prompt_tokens == len(tiny_tokenizer.encode(text, bos=True))
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == want.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    stream = client.completions.create(model="tiny", prompt="The red fox", max_tokens=10, temperature=0, stream=True)
+    pieces = [c.choices[0].text for c in stream]
+    assert "".join(pieces) == generate(tiny_model, tiny_tokenizer, "The red fox", max_new_tokens=10)[0].text
+    assert len(pieces) > 2
+
+
+def test_chat_logprobs(client):
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                       temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert 1 <= len(content) <= 4
+    for item in content:
+        assert len(item.top_logprobs) == 3
+        assert item.logprob == pytest.approx(item.top_logprobs[0].logprob)  # greedy: the chosen token is the top one
+
+
+def test_concurrent_clients_are_batched_and_answered_exactly(served, tiny_model, tiny_tokenizer):
+    prompts = ["The bright eagle", "What is 74 plus 5?", "Q: Who finds the road? A:", "1. Emma reads",
+               "Write a short poem about a brown dog.", "Health is a happy subject."]
+    want = [generate(tiny_model, tiny_tokenizer, p, max_new_tokens=8)[0].text for p in prompts]
+    engine = served.server.engine
+    batches_before = engine.batches
+
+    async def ask_all():
+        async with openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0) as c:
+            calls = [c.completions.create(model="tiny", prompt=p, max_tokens=8, temperature=0) for p in prompts]
+            return await asyncio.gather(*calls)
+
+    results = asyncio.run(ask_all())
+    assert [r.choices[0].text for r in results] == want
+    assert engine.batches - batches_before < len(prompts), "concurrent requests should share model batches"
+    assert engine.largest_batch > 1
+
+
+def test_a_client_that_leaves_mid_stream_does_not_hurt_the_server(served, client):
+    body = json.dumps({"model": "tiny", "prompt": "The red fox", "max_tokens": 200, "temperature": 0,
+                       "stream": True}).encode()
+    req = urllib.request.Request(served.url + "/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=60) as r:
+        first = r.readline()
+    assert first.startswith(b"data: ")
+    r = client.completions.create(model="tiny", prompt="The red fox", max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_sampling_is_seeded(client):
+    kwargs = dict(model="tiny", prompt="The small cat", max_tokens=8, temperature=1.0, seed=11)
+    a = client.completions.create(**kwargs).choices[0].text
+    b = client.completions.create(**kwargs).choices[0].text
+    assert a == b
+
+
+BAD = [
+    ("/v1/completions", {"model": "tiny"}, "prompt", "provide a prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": 5}, "temperature", "temperature must be in"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 0}, "max_tokens", "max_tokens must be"),
+    ("/v1/completions", {"model": "tiny", "prompt": [1, 99999]}, "prompt", "outside the vocabulary"),
+    ("/v1/completions", {"model": "tiny", "prompt": []}, "prompt", "prompt must be"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 600}, "max_tokens", "maximum context length"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "best_of": 3}, "best_of", "best_of"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "frobnicate": 1}, "frobnicate", "Unrecognized request argument"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "stream": True, "logprobs": 1}, "logprobs", "stream"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": [1]}, "stop", "stop must be"),
+    ("/v1/completions", {"prompt": "x"}, "model", "provide a model"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": []}, "messages", "non-empty list"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "a"},
+                                                            {"role": "assistant", "content": "b"}]},
+     "messages", "last message"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "a"}]},
+     "messages[0].role", "not supported"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "a"}], "top_logprobs": 2},
+     "top_logprobs", "needs logprobs"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "a"}], "n": 0}, "n", "n must be"),
+]
+
+
+@pytest.mark.parametrize("path,body,param,message", BAD, ids=[f"{b[2]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_requests_get_openai_style_400(served, path, body, param, message):
+    status, reply = post(served.url + path, body)
+    assert status == 400, reply
+    error = reply["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert message in error["message"]
+
+
+def test_other_errors(served, client):
+    status, reply = post(served.url + "/v1/completions", None, raw=b"{not json")
+    assert status == 400 and "not valid JSON" in reply["error"]["message"]
+    status, reply = post(served.url + "/v1/completions", {"model": "gpt-9", "prompt": "x"})
+    assert status == 404 and reply["error"]["code"] == "model_not_found"
+    status, reply = post(served.url + "/v1/embeddings", {"model": "tiny", "input": "x"})
+    assert status == 404 and "error" in reply
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="x", top_p=0)
+    assert e.value.body["param"] == "top_p"
+
+
+def test_api_key_is_checked_when_set(tiny_model, tiny_tokenizer):
+    from bezoar.serve import BackgroundServer, Server
+
+    with BackgroundServer(Server(tiny_model, tiny_tokenizer, "tiny", api_key="sekrit")) as bg:
+        good = openai.OpenAI(base_url=bg.url + "/v1", api_key="sekrit", max_retries=0)
+        assert [m.id for m in good.models.list()] == ["tiny"]
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=bg.url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_command_line_help_and_bad_folder(capsys):
+    from bezoar.serve import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "--quant" in out and "127.0.0.1" in out
+    assert main(["--model", "/no/such/folder"]) == 2
+    err = capsys.readouterr().err
+    assert "/no/such/folder" in err and "Traceback" not in err
+
+
+def test_command_line_serves(tiny_dir):
+    """``python -m bezoar.serve`` in its own process, on a free port, with the model quantized to NF4."""
+    from bezoar.serve import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "BEZOAR_SERVE_API_KEY"}
+    proc = subprocess.Popen([sys.executable, "-m", "bezoar.serve", "--model", str(tiny_dir), "--port", str(port),
+                             "--name", "tiny-cli", "--device", "cpu", "--quant", "nf4"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    assert json.loads(r.read())["model"] == "tiny-cli"
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                if proc.poll() is not None or time.time() > deadline:
+                    raise AssertionError(f"server did not come up: {proc.stdout.read()}")
+                time.sleep(0.3)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        assert c.completions.create(model="tiny-cli", prompt="The cat", max_tokens=3, temperature=0).choices[0].text
+    finally:
+        proc.terminate()
+        proc.wait(30)

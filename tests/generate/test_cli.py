@@ -1,0 +1,189 @@
+"""``python -m bezoar.generate requests``: resume, SIGKILL + rerun, one clear message per user error."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bezoar.generate.__main__ import main
+from tests.generate.conftest import closed_port_url
+from tests.generate.fake_server import Fault
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_input(path: Path, n: int, start: int = 0) -> Path:
+    with open(path, "a", encoding="utf-8") as f:
+        for i in range(start, start + n):
+            if i % 3 == 2:
+                line = {"id": f"r{i}", "prompt": f"p{i}", "max_tokens": 5}
+            else:
+                line = {"id": f"r{i}", "messages": [{"role": "user", "content": f"q{i}"}], "meta": {"i": i}}
+                if i % 3 == 1:
+                    line["system"] = "short answers"
+            f.write(json.dumps(line) + "\n")
+    return path
+
+
+def expected_response(rid: str) -> str:
+    i = int(rid[1:])
+    return f"echo: p{i}" if i % 3 == 2 else f"echo: q{i}"
+
+
+def read_out(path: Path) -> list[dict]:
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def cli_args(inp, out, url, *extra):
+    return ["requests", str(inp), "--out", str(out), "--provider", "compat", "--base-url", url, "--model", "m",
+            "--no-progress", *extra]
+
+
+def run_cli(args, env=None, timeout=120) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "bezoar.generate", *args], capture_output=True, text=True,
+                          env=full_env, cwd=REPO, timeout=timeout)
+
+
+def test_requests_then_resume(fake_server, tmp_path):
+    server = fake_server()
+    inp, out = write_input(tmp_path / "in.jsonl", 30), tmp_path / "out.jsonl"
+    done = run_cli(cli_args(inp, out, server.openai_url))
+    assert done.returncode == 0, done.stderr
+    lines = read_out(out)
+    assert sorted(r["id"] for r in lines) == sorted(f"r{i}" for i in range(30))
+    assert all(r["ok"] and r["response"] == expected_response(r["id"]) for r in lines)
+    assert all(r["usage"]["input_tokens"] > 0 for r in lines)
+    assert {r["id"]: r.get("meta") for r in lines}["r3"] == {"i": 3}
+    assert "finished 30 requests" in done.stderr
+    before = out.read_bytes()
+    server.reset_counters()
+    again = run_cli(cli_args(inp, out, server.openai_url))
+    assert again.returncode == 0 and server.stats()["requests"] == 0 and out.read_bytes() == before
+    write_input(inp, 5, start=30)
+    more = run_cli(cli_args(inp, out, server.openai_url))
+    assert more.returncode == 0 and server.stats()["requests"] == 5 and len(read_out(out)) == 35
+
+
+def test_sigkill_midway_then_rerun(fake_server, tmp_path):
+    n, concurrency = 400, 8
+    server = fake_server(latency=0.05)
+    inp, out = write_input(tmp_path / "in.jsonl", n), tmp_path / "out.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "bezoar.generate",
+                             *cli_args(inp, out, server.openai_url, "--concurrency", str(concurrency))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if out.exists() and out.read_bytes().count(b"\n") >= n // 4:
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    written = out.read_bytes().count(b"\n")
+    assert n // 4 <= written < n, "the run was not stopped midway"
+    with open(out, "ab") as f:  # as if the kill had hit in the middle of a write
+        f.write(b'{"key":"0123abcd","id":"r999","ok":tr')
+
+    rerun = run_cli(cli_args(inp, out, server.openai_url, "--concurrency", str(concurrency)))
+    assert rerun.returncode == 0, rerun.stderr
+    assert "torn" in rerun.stderr
+    lines = read_out(out)
+    ids = [r["id"] for r in lines]
+    assert len(ids) == len(set(ids)) == n and len({r["key"] for r in lines}) == n
+    assert all(r["response"] == expected_response(r["id"]) for r in lines)
+    sent_twice = server.stats()["duplicates"]
+    assert sent_twice <= concurrency, f"{sent_twice} requests were sent twice; at most {concurrency} were in flight"
+    assert len(list(tmp_path.glob("out.jsonl.torn-*"))) == 1
+
+
+SECRET = "sk-live-DO-NOT-LEAK-1234567890abcdef"
+
+
+@pytest.mark.parametrize("case", ["bad_key", "bad_key_sdk", "unknown_model", "unreachable"])
+def test_user_errors_end_with_one_clear_message(fake_server, tmp_path, case):
+    server = fake_server(api_key="right-key", models=["m"])
+    inp, out = write_input(tmp_path / "in.jsonl", 40), tmp_path / "out.jsonl"
+    env = {"OPENAI_API_KEY": SECRET if case.startswith("bad_key") else "right-key"}
+    args = cli_args(inp, out, closed_port_url() if case == "unreachable" else server.openai_url)
+    if case == "unknown_model":
+        args[args.index("--model") + 1] = "no-such-model"
+    if case == "bad_key_sdk":
+        args[args.index("--provider") + 1] = "openai"
+    done = run_cli(args, env=env)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ")
+    assert done.stderr.count("error: ") == 1
+    expected = {"bad_key": "rejected the API key", "bad_key_sdk": "rejected the API key",
+                "unknown_model": "'no-such-model'", "unreachable": "Connection refused"}[case]
+    assert expected in last
+    assert "DO-NOT-LEAK" not in done.stderr + done.stdout + out.read_text()
+
+
+def test_key_never_reaches_output_or_logs(fake_server, tmp_path):
+    server = fake_server(api_key=SECRET, fault_rate=0.3, fault_kinds=("500", "429"), retry_after_s=0.01)
+    inp, out = write_input(tmp_path / "in.jsonl", 20), tmp_path / "out.jsonl"
+    done = run_cli(["-v", *cli_args(inp, out, server.openai_url, "--api-key-env", "BEZOAR_TEST_KEY")],
+                   env={"BEZOAR_TEST_KEY": SECRET})
+    assert done.returncode == 0, done.stderr
+    assert "retry" in done.stderr  # -v logged every retry ...
+    assert "DO-NOT-LEAK" not in done.stderr + done.stdout + out.read_text()  # ... and never the key
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"id": 1, "messages": [{"role": "user", "content": "x"}]}\n{"id": 2, "messages": \n', "line 2: not valid JSON"),
+    ('{"messages": [{"role": "user", "content": "x"}]}\n', "line 1: 'id' is required"),
+    ('{"id": 1, "prompt": "x", "messages": []}\n', "line 1: give either 'messages'"),
+    ('{"id": 1, "prompt": "x", "temprature": 1}\n', "line 1: unknown field(s) 'temprature'"),
+    ('{"id": 1, "messages": [{"role": "user"}]}\n', "line 1: message 0 must be an object with 'role' and 'content'"),
+    ('{"id": 1, "prompt": "x"}\n{"id": 1, "prompt": "y"}\n', "line 2: id 1 was already used on line 1"),
+    ('[1, 2]\n', "line 1: expected a JSON object"),
+])
+def test_bad_input_names_the_line(tmp_path, capsys, content, message):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(content)
+    rc = main(cli_args(inp, tmp_path / "out.jsonl", "http://127.0.0.1:9/v1"))
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{inp} {message}" in err, err
+    assert not (tmp_path / "out.jsonl").exists()  # validated before anything is opened or sent
+
+
+def test_identical_lines_are_one_request(fake_server, tmp_path, capsys):
+    server = fake_server()
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": 1, "prompt": "x"}\n' * 3 + '\n{"id": 2, "prompt": "y"}\n')
+    assert main(cli_args(inp, tmp_path / "out.jsonl", server.openai_url)) == 0
+    assert server.stats()["requests"] == 2 and len(read_out(tmp_path / "out.jsonl")) == 2
+    assert "2 lines repeat an earlier line" in capsys.readouterr().err
+
+
+def test_failures_exit_1_then_retry_failed(fake_server, tmp_path, capsys):
+    broken = fake_server(reply=lambda call: Fault("400", message="nope") if call.last_user_text == "q0" else "ok")
+    inp, out = write_input(tmp_path / "in.jsonl", 6), tmp_path / "out.jsonl"
+    assert main(cli_args(inp, out, broken.openai_url)) == 1
+    assert "--retry-failed" in capsys.readouterr().err
+    fixed = fake_server()
+    assert main(cli_args(inp, out, fixed.openai_url)) == 1 and fixed.stats()["requests"] == 0
+    assert main(cli_args(inp, out, fixed.openai_url, "--retry-failed")) == 0 and fixed.stats()["requests"] == 1
+    lines = read_out(out)
+    assert len(lines) == 6 and all(r["ok"] for r in lines)
+
+
+def test_help_and_no_command(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0 and "requests" in capsys.readouterr().out
+    assert main([]) == 2
+
+
+def test_missing_input_file(tmp_path, capsys):
+    rc = main(cli_args(tmp_path / "nope.jsonl", tmp_path / "out.jsonl", "http://127.0.0.1:9/v1"))
+    assert rc == 2 and "cannot read" in capsys.readouterr().err

@@ -1,0 +1,180 @@
+"""``python -m bezoar.generate evol`` against the fake server: every elimination rule, lineages, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bezoar.generate.evol import DEPTH_OPERATIONS, STRATEGIES, equality_verdict, leaked_phrase
+from bezoar.generate.schemes import rng_for
+from tests.generate.fake_server import Fault
+from tests.generate.schemes_helpers import CallLog, between, read_jsonl, run, store_keys_unique, write_jsonl
+
+SEEDS = [
+    {"instruction": "Alpha: name a planet.", "context": "", "response": "Mars.", "category": "open_qa"},
+    {"instruction": "Beta: name a colour.", "context": "", "response": "Red.", "category": "open_qa"},
+    {"instruction": "Bravo: name a metal.", "context": "", "response": "Iron.", "category": "open_qa"},
+    {"instruction": "Charlie: name a tree.", "context": "", "response": "Oak.", "category": "open_qa"},
+    {"instruction": "Delta: name a river.", "context": "", "response": "Nile.", "category": "open_qa"},
+    {"instruction": "Echo: name a poison.", "context": "", "response": "Arsenic.", "category": "open_qa"},
+    {"instruction": "Foxtrot: name a dance.", "context": "", "response": "Waltz.", "category": "open_qa"},
+    {"instruction": "Golf: name a sport.", "context": "", "response": "Golf.", "category": "open_qa"},
+    {"instruction": "Hotel: name a city.", "context": "", "response": "Lima.", "category": "open_qa"},
+    {"instruction": "India: summarise the passage.", "context": "The passage is about tea.", "response": "Tea.",
+     "category": "summarization"},
+    {"instruction": "Juliet: name a play.", "category": "open_qa"},
+]
+
+
+def original_of(prompt: str) -> str:
+    return between(prompt, "#Original Instruction#\n", "\n\nReply with")
+
+
+def evolve(text: str):
+    name = text.split(":")[0]
+    if name in ("Alpha", "India"):  # good evolutions, every epoch
+        return f"{text} Step {text.count('Step') + 1}."
+    return {
+        "Beta": "#Rewritten Instruction#\nBeta: name a colour of the rainbow.",
+        "Bravo": "Following the original instruction, name a metal that rusts.",
+        "Charlie": "charlie -- Name a tree!",  # the same words: nothing new
+        "Delta": "Delta: name a long river.", "Echo": "Echo: name a poison used in history.",
+        "Foxtrot": "Foxtrot: name a dance from Austria.", "Golf": "   ", "Hotel": "Hotel: name a city in Peru.",
+        "Juliet": Fault("400", message="evolve refused (injected)"),
+    }[name]
+
+
+def equality(first: str, second: str) -> str:
+    return {"Delta": "SAME.", "Hotel": "Hmm, hard to say."}.get(second.split(":")[0], "DIFFERENT")
+
+
+def respond(text: str) -> str:
+    return {"Echo": "I'm sorry, but I can't help with that.", "Foxtrot": "It is, of the!"}.get(
+        text.split(":")[0], f"Answer about {text.split(':')[0]}: a full and useful reply.")
+
+
+def teacher(call):
+    text = call.last_user_text
+    if "#Original Instruction#" in text:
+        return evolve(original_of(text))
+    if "SAME or DIFFERENT" in text:
+        return equality(between(text, "First instruction:\n", "\n\nSecond instruction:"),
+                        between(text, "Second instruction:\n", "\n\nAnswer with"))
+    return respond(text)
+
+
+def test_elimination_rules_and_lineages(fake_server, tmp_path):
+    log = CallLog(teacher)
+    server = fake_server(reply=log)
+    seeds = write_jsonl(tmp_path / "dolly.jsonl", SEEDS)
+    out = tmp_path / "out"
+    assert run("evol", seeds, "--epochs", "2", "--out", out, url=server.openai_url) == 0
+
+    records = read_jsonl(out / "raw.jsonl")
+    india = "India: summarise the passage.\n\nThe passage is about tea."
+    assert [(r["epoch"], r["instruction"]) for r in records] == [
+        (1, "Alpha: name a planet. Step 1."), (1, india + " Step 1."),
+        (2, "Alpha: name a planet. Step 1. Step 2."), (2, india + " Step 1. Step 2."),
+    ]
+    for r in records:
+        assert set(r) == {"instruction", "output", "evolution_strategy", "in-depth-evolving_operation", "epoch",
+                          "category", "teacher"}
+        lineage = 0 if r["instruction"].startswith("Alpha") else 9
+        strategy, operation = rng_for(0, "evol", r["epoch"], lineage).choice(STRATEGIES)
+        assert (r["evolution_strategy"], r["in-depth-evolving_operation"]) == (strategy, operation)
+        assert r["category"] == SEEDS[lineage]["category"] and r["teacher"] == "teacher"
+        assert r["output"] == f"Answer about {r['instruction'].split(':')[0]}: a full and useful reply."
+        # The prompt that produced it was the right operation's, on the lineage's previous instruction.
+        previous = r["instruction"].rsplit(" Step", 1)[0]
+        prompt = next(c.last_user_text for c in log.calls if "#Original Instruction#" in c.last_user_text
+                      and original_of(c.last_user_text) == previous)
+        if strategy == "in-depth":
+            assert DEPTH_OPERATIONS[operation] in prompt
+        else:
+            assert "brand-new instruction" in prompt
+
+    dropped = read_jsonl(out / "dropped.jsonl")
+    reasons = {(d["epoch"], d["previous"].split(":")[0]): d["reason"] for d in dropped}
+    expected = {
+        "Beta": "leaks the rewriting prompt", "Bravo": "leaks the rewriting prompt",
+        "Charlie": "no information gain", "Delta": "no information gain", "Echo": "response is a short refusal",
+        "Foxtrot": "response has only punctuation and stop words", "Golf": "empty evolution",
+        "Hotel": "equality check unclear", "Juliet": "evolution request failed",
+    }
+    assert reasons == {(epoch, name): reason for epoch in (1, 2) for name, reason in expected.items()}
+    for d in dropped:  # a failed lineage keeps its seed instruction for the next epoch
+        seed = next(s for s in SEEDS if s["instruction"].startswith(d["previous"].split(":")[0]))
+        assert d["previous"] == seed["instruction"]
+    assert next(d for d in dropped if d["reason"] == "evolution request failed")["error"].count("evolve refused")
+    assert {d["leaked"] for d in dropped if "leaked" in d} == {"rewritten instruction", "Original Instruction"}
+
+    counts = json.loads((out / "evol-summary.json").read_text())["counts"]
+    assert counts["records"] == 4 and counts["epoch 1 records"] == 2 and counts["dropped: no information gain"] == 4
+    # Leaks, empties, unchanged texts and failures are caught before asking anything more.
+    equality_calls = [c for c in log.calls if "SAME or DIFFERENT" in c.last_user_text]
+    assert len(equality_calls) == 2 * 6  # Alpha, Delta, Echo, Foxtrot, Hotel, India per epoch
+    assert all(c.body.get("temperature") == 0.0 for c in equality_calls)
+
+    from bezoar.data import DataConfig, read_examples
+
+    examples, _ = read_examples(DataConfig(path=str(out / "raw.jsonl"), format="evol"))
+    assert [e.response for e in examples] == [r["output"] for r in records]
+
+    before = (out / "raw.jsonl").read_bytes()
+    server.reset_counters()
+    assert run("evol", seeds, "--epochs", "2", "--out", out, url=server.openai_url) == 0
+    assert server.stats()["requests"] == 0 and (out / "raw.jsonl").read_bytes() == before
+    store_keys_unique(out)
+    assert sorted(p.name for p in (out / "work").iterdir()) == sorted(
+        f"epoch-{e}-{s}.jsonl" for e in (1, 2) for s in ("evolve", "equal", "respond"))
+
+
+def test_more_epochs_extend_the_same_run(fake_server, tmp_path):
+    """Epochs are built on stored answers: 3 epochs after 2 only asks for the third."""
+    server = fake_server(reply=teacher)
+    seeds = write_jsonl(tmp_path / "dolly.jsonl", SEEDS[:1])
+    out = tmp_path / "out"
+    assert run("evol", seeds, "--epochs", "2", "--out", out, url=server.openai_url) == 0
+    server.reset_counters()
+    assert run("evol", seeds, "--epochs", "3", "--out", out, url=server.openai_url) == 0
+    assert server.stats()["requests"] == 3  # evolve, equal, respond of epoch 3
+    assert [r["epoch"] for r in read_jsonl(out / "raw.jsonl")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("reply,verdict", [("SAME", "same"), ("Different.", "different"), ("Equal", "same"),
+                                           ("Not Equal", "different"), ("They are not the same.", "different"),
+                                           ("I am not sure", None), ("", None)])
+def test_equality_verdict(reply, verdict):
+    assert equality_verdict(reply) == verdict
+
+
+@pytest.mark.parametrize("text,leak", [
+    ("#Rewritten Prompt#: do x", "rewritten prompt"), ("#Created Task# x", "#created"),
+    ("Using the given prompt, do x", "given prompt"),
+    ("Write a NEW INSTRUCTION for x", "new instruction"), ("#My Marker# do x", "My Marker"),
+    ("Explain recursion with an example.", None),
+])
+def test_leaked_phrase(text, leak):
+    assert leaked_phrase(text, ["My Marker"]) == leak
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"context": "c"}, "line 2: seed has no 'instruction' field"),
+    ({"instruction": "a", "context": ["c"]}, "line 2: field 'context' must be a string, got list"),
+    ({"instruction": "a", "category": 7}, "line 2: field 'category' must be a string, got int"),
+])
+def test_malformed_seed_file_names_file_and_line(tmp_path, capsys, record, message):
+    seeds = write_jsonl(tmp_path / "dolly.jsonl", [SEEDS[0], record])
+    assert run("evol", seeds, "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert f"error: {seeds} {message}" in err and "Traceback" not in err
+
+
+def test_evolve_request_failures_stop_nothing(fake_server, tmp_path):
+    server = fake_server(reply=lambda call: Fault("400"))
+    seeds = write_jsonl(tmp_path / "dolly.jsonl", SEEDS[:3])
+    out = tmp_path / "out"
+    assert run("evol", seeds, "--epochs", "1", "--out", out, url=server.openai_url) == 0
+    assert read_jsonl(out / "raw.jsonl") == []
+    assert [d["reason"] for d in read_jsonl(out / "dropped.jsonl")] == ["evolution request failed"] * 3

@@ -1,0 +1,300 @@
+"""The pool end to end against fake servers: faults, dedup, resume, failover, fatal errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+
+import pytest
+
+from bezoar.generate.pool import Pool, PoolError, run_sync
+from bezoar.generate.providers import Endpoint
+from bezoar.generate.request import GenerateError, Request
+from tests.generate.conftest import chat_requests, closed_port_url, fast_limits
+from tests.generate.fake_server import FAULT_KINDS, Fault
+
+
+def records(path) -> list[dict]:
+    out = [json.loads(line) for line in open(path, encoding="utf-8")]
+    keys = [r["key"] for r in out]
+    assert len(keys) == len(set(keys)), "a key was written twice"
+    return out
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def run_pool(endpoints, requests, store=None, **kw):
+    limits = kw.pop("limits", None) or fast_limits()
+    async with Pool(endpoints, limits, store, model=kw.pop("model", "m"), **kw) as pool:
+        return await pool.run(requests), pool.stats
+
+
+def test_2000_requests_with_10pct_faults_of_every_kind(fake_server, tmp_path):
+    server = fake_server(fault_rate=0.10, fault_kinds=FAULT_KINDS + ("529",), retry_after_s=0.01, seed=1)
+    out = tmp_path / "out.jsonl"
+    requests = chat_requests(2000)
+    t0 = time.monotonic()
+    results, stats = run(run_pool(Endpoint("compat", server.openai_url), requests, out,
+                                  limits=fast_limits(concurrency=64, timeout_s=1.0)))
+    elapsed = time.monotonic() - t0
+    server_stats = server.stats()
+    # every kind of fault was injected
+    for kind in FAULT_KINDS + ("529",):
+        assert server_stats["outcomes"].get("fault_" + kind, 0) > 0, kind
+    # every request ends exactly once, with its own answer
+    lines = records(out)
+    assert len(lines) == 2000 and sorted(r["id"] for r in lines) == list(range(2000))
+    assert all(r["ok"] and r["response"] == f"echo: q{r['id']}" for r in lines)
+    assert [r.response for r in results] == [f"echo: q{i}" for i in range(2000)]
+    # An answer is paid for twice only when the client stopped waiting for it (a timeout: an
+    # injected hang, or a server slowed down by a loaded machine) and asked again.
+    timeouts = stats.errors.get("timeout", 0)
+    assert timeouts >= server_stats["outcomes"]["fault_hang"]
+    assert server_stats["answered_twice"] <= timeouts - server_stats["outcomes"]["fault_hang"]
+    assert 2000 <= server_stats["answered"] <= 2000 + timeouts - server_stats["outcomes"]["fault_hang"]
+    assert stats.retries == stats.calls - 2000 and server_stats["requests"] <= stats.calls
+    assert elapsed < 60
+
+
+@pytest.mark.parametrize("name", ["openai", "anthropic"])
+def test_faults_through_the_official_sdks(fake_server, api_keys, tmp_path, name):
+    server = fake_server(fault_rate=0.10, retry_after_s=0.01, seed=2)
+    url = server.url if name == "anthropic" else server.openai_url
+    results, _ = run(run_pool(Endpoint(name, url), chat_requests(150), tmp_path / "o.jsonl",
+                              limits=fast_limits(concurrency=16, timeout_s=1.0)))
+    assert all(r.ok for r in results) and [r.response for r in results] == [f"echo: q{i}" for i in range(150)]
+    assert len(records(tmp_path / "o.jsonl")) == 150
+    assert sum(server.stats()["outcomes"].get("fault_" + k, 0) for k in FAULT_KINDS) > 0
+
+
+def test_duplicates_in_one_run_make_one_call(fake_server, tmp_path):
+    server = fake_server(latency=0.05)
+    base = chat_requests(10)
+    requests = base + base[:5] + base[2:4]  # repeats while the originals are in flight
+    results, stats = run(run_pool(Endpoint("compat", server.openai_url), requests, tmp_path / "o.jsonl"))
+    assert [r.response for r in results] == [f"echo: q{i}" for i in [*range(10), *range(5), 2, 3]]
+    assert server.stats()["requests"] == 10 and server.stats()["duplicates"] == 0
+    assert stats.shared == 7 and len(records(tmp_path / "o.jsonl")) == 10
+    assert sum(not r.cached for r in results) == 10
+
+
+def test_rerun_skips_what_is_stored(fake_server, tmp_path):
+    server = fake_server()
+    out = tmp_path / "o.jsonl"
+    run(run_pool(Endpoint("compat", server.openai_url), chat_requests(50), out))
+    server.reset_counters()
+    results, stats = run(run_pool(Endpoint("compat", server.openai_url), chat_requests(60), out))
+    assert server.stats()["requests"] == 10 and stats.cached == 50 and stats.done == 10
+    assert [r.response for r in results] == [f"echo: q{i}" for i in range(60)]
+    assert [r.cached for r in results] == [True] * 50 + [False] * 10
+    assert len(records(out)) == 60
+
+
+def test_spread_over_endpoints_and_failover(fake_server, tmp_path):
+    a, b = fake_server(latency=0.01), fake_server(latency=0.01)
+    endpoints = [Endpoint("compat", a.openai_url), Endpoint("compat", b.openai_url),
+                 Endpoint("compat", closed_port_url())]
+
+    async def main():
+        async with Pool(endpoints, fast_limits(concurrency=16), tmp_path / "o.jsonl", model="m") as pool:
+            first = await pool.run(chat_requests(200))
+            spread = (a.stats()["requests"], b.stats()["requests"])
+            a.stop()  # one server dies; its keep-alive connections break
+            second = await pool.run(chat_requests(100, prefix="later"))
+            return first, second, spread
+
+    first, second, spread = run(main())
+    assert all(r.ok for r in first + second)
+    assert min(spread) >= 60, spread  # least outstanding spreads the load over the live two
+    assert b.stats()["requests"] >= spread[1] + 100
+    assert len(records(tmp_path / "o.jsonl")) == 300
+
+
+def test_unreachable_endpoint_stops_with_one_clear_message(tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(PoolError, match="cannot reach any endpoint.*Connection refused") as info:
+        run(run_pool(Endpoint("compat", closed_port_url()), chat_requests(100), tmp_path / "o.jsonl"))
+    assert time.monotonic() - t0 < 5
+    assert "\n" not in str(info.value)
+    assert records(tmp_path / "o.jsonl") == []  # nothing recorded: the requests were not at fault
+
+
+def test_bad_key_stops_the_pool_and_never_leaks(fake_server, tmp_path, monkeypatch, caplog):
+    secret = "sk-proj-VERY-SECRET-abcdefghijklmnop"
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    server = fake_server(api_key="the-right-one", latency=0.01)
+    with caplog.at_level(logging.DEBUG), pytest.raises(PoolError, match="rejected the API key") as info:
+        run(run_pool(Endpoint("openai", server.openai_url), chat_requests(50), tmp_path / "o.jsonl"))
+    assert "SECRET" not in str(info.value) and "SECRET" not in caplog.text
+    assert "SECRET" not in (tmp_path / "o.jsonl").read_text()
+    assert server.stats()["requests"] <= fast_limits().concurrency  # stopped at the first wave
+
+
+def test_unknown_model_stops_the_pool(fake_server, tmp_path):
+    server = fake_server(models=["served"])
+    with pytest.raises(PoolError, match="'missing'.*unknown model"):
+        run(run_pool(Endpoint("compat", server.openai_url), chat_requests(20), tmp_path / "o.jsonl",
+                     model="missing"))
+
+
+def test_request_errors_are_recorded_and_not_retried(fake_server, tmp_path):
+    def reply(call):
+        n = int(call.last_user_text[1:])
+        return Fault("400", message=f"prompt {n} is too long") if n % 5 == 0 else "fine"
+
+    server = fake_server(reply=reply)
+    results, stats = run(run_pool(Endpoint("compat", server.openai_url), chat_requests(30), tmp_path / "o.jsonl"))
+    failed = [r for r in results if not r.ok]
+    assert [r.id for r in failed] == list(range(0, 30, 5))
+    assert all(r.error_type == "request" and r.attempts == 1 and "too long" in r.error for r in failed)
+    assert server.stats()["requests"] == 30 and stats.failed == 6 and stats.done == 24
+    stored = {r["id"]: r for r in records(tmp_path / "o.jsonl")}
+    assert stored[5]["ok"] is False and "prompt 5 is too long" in stored[5]["error"]
+
+
+def test_exhausted_retries_are_recorded(fake_server, tmp_path):
+    server = fake_server(reply=lambda call: Fault("500") if call.last_user_text == "q3" else "fine")
+    results, _ = run(run_pool(Endpoint("compat", server.openai_url), chat_requests(8), tmp_path / "o.jsonl",
+                              limits=fast_limits(max_attempts=3)))
+    assert [r.ok for r in results] == [True, True, True, False, True, True, True, True]
+    assert results[3].error_type == "retries" and results[3].attempts == 3 and "HTTP 500" in results[3].error
+
+
+def test_retry_failed_sends_failures_again(fake_server, tmp_path):
+    out = tmp_path / "o.jsonl"
+    broken = fake_server(reply=lambda call: Fault("400") if call.last_user_text in ("q1", "q2") else "fine")
+    run(run_pool(Endpoint("compat", broken.openai_url), chat_requests(5), out))
+    fixed = fake_server()
+    results, _ = run(run_pool(Endpoint("compat", fixed.openai_url), chat_requests(5), out))
+    assert fixed.stats()["requests"] == 0 and not results[1].ok  # failures count as done by default
+    results, _ = run(run_pool(Endpoint("compat", fixed.openai_url), chat_requests(5), str(out), retry_failed=True))
+    assert fixed.stats()["requests"] == 2 and all(r.ok for r in results)
+    assert sorted(r["id"] for r in records(out)) == [0, 1, 2, 3, 4]
+
+
+def test_retry_after_pauses_everyone(fake_server, tmp_path):
+    arrivals = []
+    server = fake_server(reply=lambda call: (arrivals.append(time.monotonic()), "fine")[1])
+    server.script(Fault("429", retry_after=0.3))
+    results, stats = run(run_pool(Endpoint("compat", server.openai_url), chat_requests(5), None,
+                                  limits=fast_limits(concurrency=1)))
+    assert all(r.ok for r in results) and stats.rate_limited == 1
+    first_429 = server.stats()["first_request_at"]
+    assert min(arrivals) - first_429 >= 0.29  # nobody was sent before Retry-After ran out
+
+
+def test_map_reads_requests_lazily(fake_server):
+    server = fake_server()
+    pulled = 0
+
+    def endless():
+        nonlocal pulled
+        while True:
+            pulled += 1
+            yield Request(messages=[{"role": "user", "content": f"x{pulled}"}])
+
+    async def main():
+        async with Pool(Endpoint("compat", server.openai_url), fast_limits(concurrency=4), None, model="m") as pool:
+            seen = []
+            async with contextlib.aclosing(pool.map(endless())) as results:
+                async for result in results:
+                    seen.append(result)
+                    if len(seen) == 40:
+                        break
+            return seen
+
+    seen = run(main())
+    assert len(seen) == 40 and all(r.ok for r in seen)
+    assert pulled <= 40 + 16 + 1  # a window of max(16, 2 x concurrency) ahead, no more
+
+
+def test_submit_from_many_tasks_and_async_input(fake_server):
+    server = fake_server(latency=0.01)
+
+    async def requests():
+        for r in chat_requests(30):
+            yield r
+
+    async def main():
+        async with Pool(Endpoint("compat", server.openai_url), fast_limits(concurrency=8), None, model="m") as pool:
+            single = await asyncio.gather(*(pool.submit(r) for r in chat_requests(20) + chat_requests(20)))
+            streamed = [r async for r in pool.map(requests())]
+            return single, streamed
+
+    single, streamed = run(main())
+    assert [r.response for r in single] == [f"echo: q{i}" for i in range(20)] * 2
+    assert sorted(r.response for r in streamed) == sorted(f"echo: q{i}" for i in range(30))
+    assert server.stats()["requests"] == 30  # the memory store dedups too
+
+
+def test_fatal_error_reaches_every_submitter(fake_server):
+    server = fake_server(latency=0.02)
+    server.script(*(["fine"] * 3), Fault("401"))
+
+    async def main():
+        async with Pool(Endpoint("compat", server.openai_url), fast_limits(concurrency=2), None, model="m") as pool:
+            outcomes = await asyncio.gather(*(pool.submit(r) for r in chat_requests(40)), return_exceptions=True)
+            with pytest.raises(PoolError):
+                await pool.submit(Request(messages=[{"role": "user", "content": "after"}]))
+            return outcomes
+
+    outcomes = run(main())
+    errors = [o for o in outcomes if isinstance(o, BaseException)]
+    assert errors and all(isinstance(e, PoolError) for e in errors)
+    assert server.stats()["requests"] <= 6  # stopped right away, not 40 calls
+
+
+def test_run_sync_and_usage_and_cost(fake_server, tmp_path):
+    server = fake_server()
+    results = run_sync(chat_requests(3), Endpoint("compat", server.openai_url), fast_limits(), tmp_path / "o.jsonl",
+                       model="m", prices={"m": (1.0, 2.0)})
+    assert [r.response for r in results] == ["echo: q0", "echo: q1", "echo: q2"]
+    assert results[0].usage.input_tokens > 0 and results[0].usage.output_tokens == 2
+
+
+def test_misuse_is_reported_clearly(fake_server):
+    server = fake_server()
+
+    async def no_model():
+        async with Pool(Endpoint("compat", server.openai_url), fast_limits()) as pool:
+            await pool.submit(chat_requests(1)[0])
+
+    with pytest.raises(GenerateError, match="no model"):
+        run(no_model())
+
+    async def unserved():
+        async with Pool(Endpoint("compat", server.openai_url, models=("a",)), fast_limits(), model="b") as pool:
+            await pool.submit(chat_requests(1)[0])
+
+    with pytest.raises(GenerateError, match="no endpoint serves model 'b'"):
+        run(unserved())
+
+    async def outside():
+        await Pool(Endpoint("compat", server.openai_url), model="m").submit(chat_requests(1)[0])
+
+    with pytest.raises(RuntimeError, match="async with"):
+        run(outside())
+
+
+def test_a_cancelled_owner_hands_its_call_over(fake_server):
+    server = fake_server(latency=0.2)
+    request = chat_requests(1)[0]
+
+    async def main():
+        async with Pool(Endpoint("compat", server.openai_url), fast_limits(timeout_s=5), None, model="m") as pool:
+            owner = asyncio.ensure_future(pool.submit(request))
+            await asyncio.sleep(0.05)
+            sharer = asyncio.ensure_future(pool.submit(request))
+            await asyncio.sleep(0.05)
+            owner.cancel()
+            result = await sharer
+            return owner, result
+
+    owner, result = run(main())
+    assert owner.cancelled() and result.ok and result.response == "echo: q0"
+    assert server.stats()["requests"] == 2  # the owner's call was abandoned; the sharer made its own

@@ -1,0 +1,219 @@
+"""Providers against the fake server through the real SDKs and the aiohttp transport."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+
+import pytest
+
+from bezoar.generate import providers as P
+from bezoar.generate.providers import Endpoint, ProviderError, make_provider, parse_retry_after, redact, status_error
+from bezoar.generate.request import GenerateError, Request
+from tests.generate.conftest import closed_port_url
+from tests.generate.fake_server import Fault
+
+PROVIDER_NAMES = ("compat", "openai", "anthropic")
+
+
+def base_url(name: str, server) -> str:
+    return server.url if name == "anthropic" else server.openai_url
+
+
+async def _send(name: str, url: str, request: Request, timeout: float = 5.0, model: str = "m"):
+    provider = make_provider(Endpoint(name, url), connections=4)
+    await provider.open()
+    try:
+        return await provider.send(request, model, timeout)
+    finally:
+        await provider.close()
+
+
+def send(name, server_or_url, request, **kw):
+    url = server_or_url if isinstance(server_or_url, str) else base_url(name, server_or_url)
+    return asyncio.run(_send(name, url, request, **kw))
+
+
+@pytest.mark.parametrize("name", PROVIDER_NAMES)
+def test_chat_round_trip(fake_server, api_keys, name):
+    calls = []
+    server = fake_server(reply=lambda call: (calls.append(call), "four")[1])
+    request = Request(messages=[{"role": "user", "content": "two plus two?"}], system="answer in words",
+                      max_tokens=7, temperature=0.3, top_p=0.9, stop=["\n"])
+    reply = send(name, server, request)
+    assert reply.text == "four" and reply.output_tokens == 1 and reply.input_tokens > 0
+    body = calls[0].body
+    assert body["model"] == "m" and body["max_tokens"] == 7 and body["temperature"] == 0.3 and body["top_p"] == 0.9
+    if name == "anthropic":
+        assert body["system"] == "answer in words" and body["stop_sequences"] == ["\n"]
+        assert body["messages"] == [{"role": "user", "content": "two plus two?"}]
+    else:
+        assert body["stop"] == ["\n"]
+        assert body["messages"] == [{"role": "system", "content": "answer in words"},
+                                    {"role": "user", "content": "two plus two?"}]
+
+
+def test_anthropic_moves_system_messages_and_defaults_max_tokens(fake_server, api_keys):
+    calls = []
+    server = fake_server(reply=lambda call: (calls.append(call), "ok")[1])
+    request = Request(messages=[{"role": "system", "content": "rules"}, {"role": "user", "content": "hi"}])
+    send("anthropic", server, request)
+    assert calls[0].body["system"] == "rules" and calls[0].body["max_tokens"] == 1024
+    assert calls[0].body["messages"] == [{"role": "user", "content": "hi"}]
+    assert "temperature" not in calls[0].body  # unset parameters are not sent
+
+
+@pytest.mark.parametrize("name", ("compat", "openai"))
+def test_completion_round_trip(fake_server, api_keys, name):
+    server = fake_server()
+    reply = send(name, server, Request(kind="completion", prompt="Once upon", max_tokens=3))
+    assert reply.text == "echo: Once upon" and reply.finish_reason == "stop"
+
+
+def test_anthropic_has_no_completions(fake_server, api_keys):
+    with pytest.raises(ProviderError) as info:
+        send("anthropic", fake_server(), Request(kind="completion", prompt="x"))
+    assert info.value.kind == P.REQUEST
+
+
+# fault -> (kind, rate_limited, retry_after, connect)
+FAULTS = {
+    "429": (P.RETRY, True, 0.25, False),
+    "429ms": (P.RETRY, True, 0.25, False),
+    "500": (P.RETRY, False, None, False),
+    "529": (P.RETRY, False, None, False),
+    "malformed": (P.RETRY, False, None, False),
+    "drop": (P.RETRY, False, None, False),
+    "400": (P.REQUEST, False, None, False),
+    "422": (P.REQUEST, False, None, False),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+@pytest.mark.parametrize("name", PROVIDER_NAMES)
+def test_faults_are_classified(fake_server, api_keys, name, fault):
+    server = fake_server(retry_after_s=0.25)
+    server.script(Fault(fault, message="you sent something odd"))
+    with pytest.raises(ProviderError) as info:
+        send(name, server, Request(messages=[{"role": "user", "content": "x"}]))
+    kind, rate_limited, retry_after, connect = FAULTS[fault]
+    e = info.value
+    assert (e.kind, e.rate_limited, e.connect) == (kind, rate_limited, connect), e.message
+    assert e.retry_after == (pytest.approx(retry_after) if retry_after else None)
+    if kind == P.REQUEST:
+        assert "you sent something odd" in e.message  # the provider's own words, passed on
+
+
+@pytest.mark.parametrize("name", PROVIDER_NAMES)
+def test_hang_times_out(fake_server, api_keys, name):
+    server = fake_server()
+    server.script(Fault("hang"))
+    t0 = time.monotonic()
+    with pytest.raises(ProviderError) as info:
+        send(name, server, Request(messages=[{"role": "user", "content": "x"}]), timeout=0.3)
+    assert info.value.kind == P.RETRY and info.value.reason == "timeout"
+    assert time.monotonic() - t0 < 3
+
+
+@pytest.mark.parametrize("name", PROVIDER_NAMES)
+def test_connection_refused_is_a_connect_error(api_keys, name):
+    url = closed_port_url()
+    url = url.removesuffix("/v1") if name == "anthropic" else url
+    with pytest.raises(ProviderError) as info:
+        send(name, url, Request(messages=[{"role": "user", "content": "x"}]), timeout=2)
+    assert info.value.kind == P.RETRY and info.value.connect, info.value.message
+
+
+@pytest.mark.parametrize("name", PROVIDER_NAMES)
+def test_bad_key_is_fatal_and_redacted(fake_server, monkeypatch, name):
+    secret = "sk-live-THIS-IS-A-SECRET-0123456789"
+    monkeypatch.setenv("MY_KEY", secret)
+    server = fake_server(api_key="the-right-key")  # its 401 message echoes the key it got
+    provider = make_provider(Endpoint(name, base_url(name, server), api_key_env="MY_KEY"), connections=2)
+
+    async def go():
+        await provider.open()
+        try:
+            return await provider.send(Request(messages=[{"role": "user", "content": "x"}]), "m", 5)
+        finally:
+            await provider.close()
+
+    with pytest.raises(ProviderError) as info:
+        asyncio.run(go())
+    e = info.value
+    assert e.kind == P.FATAL and e.status == 401 and "rejected the API key" in e.message
+    assert "SECRET" not in e.message and secret not in str(e) and secret not in repr(provider)
+
+
+@pytest.mark.parametrize("name", PROVIDER_NAMES)
+def test_unknown_model_is_fatal(fake_server, api_keys, name):
+    server = fake_server(models=["real-model"])
+    with pytest.raises(ProviderError) as info:
+        send(name, server, Request(messages=[{"role": "user", "content": "x"}]), model="no-such-model")
+    assert info.value.kind == P.FATAL and "no-such-model" in info.value.message
+
+
+def test_compat_sends_no_key_unless_asked(fake_server, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    server = fake_server(api_key="k")
+    with pytest.raises(ProviderError, match="401"):
+        send("compat", server, Request(messages=[{"role": "user", "content": "x"}]))
+    monkeypatch.setenv("LOCAL_KEY", "k")
+    provider = make_provider(Endpoint("compat", server.openai_url, api_key_env="LOCAL_KEY"), connections=1)
+
+    async def go():
+        await provider.open()
+        try:
+            return await provider.send(Request(messages=[{"role": "user", "content": "y"}]), "m", 5)
+        finally:
+            await provider.close()
+
+    assert asyncio.run(go()).text == "echo: y"
+
+
+def test_missing_key_names_the_variable(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(GenerateError, match="OPENAI_API_KEY is not set"):
+        make_provider(Endpoint("openai"), connections=1)
+    with pytest.raises(GenerateError, match="NOPE_KEY is not set"):
+        make_provider(Endpoint("anthropic", api_key_env="NOPE_KEY"), connections=1)
+
+
+def test_endpoint_validation_and_label():
+    with pytest.raises(GenerateError, match="unknown provider"):
+        Endpoint("gemini", "http://x")
+    with pytest.raises(GenerateError, match="needs a base URL"):
+        Endpoint("compat")
+    with pytest.raises(GenerateError, match="not an http"):
+        Endpoint("compat", "localhost:8000")
+    label = Endpoint("compat", "http://user:pw@host:8000/v1?key=abc").label
+    assert label == "compat:http://host:8000/v1"  # no credentials in labels (they go into records)
+
+
+@pytest.mark.parametrize("status,body,kind", [
+    (401, {"error": {"message": "bad key"}}, P.FATAL), (403, None, P.FATAL), (404, None, P.FATAL),
+    (429, {"error": {"message": "You exceeded your quota", "type": "insufficient_quota"}}, P.FATAL),
+    (429, {"message": "slow down"}, P.RETRY), (408, None, P.RETRY), (409, None, P.RETRY), (503, None, P.RETRY),
+    (400, {"type": "error", "error": {"type": "invalid_request_error", "message": "too long"}}, P.REQUEST),
+    (413, None, P.REQUEST),
+])
+def test_status_classification(status, body, kind):
+    assert status_error(status, body, "raw text", {}, "ep", "m").kind == kind
+
+
+def test_parse_retry_after():
+    assert parse_retry_after({"retry-after-ms": "1500", "retry-after": "9"}) == 1.5
+    assert parse_retry_after({"retry-after": "2"}) == 2.0
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 < parse_retry_after({"retry-after": when}) <= 31
+    assert parse_retry_after({"retry-after": "soon"}) is None and parse_retry_after({}) is None
+    assert parse_retry_after({"retry-after": "99999"}) == 3600.0
+
+
+def test_redact_removes_keys_and_long_fragments(monkeypatch):
+    monkeypatch.setattr(P, "_SECRETS", {"sk-abcdefghijklmnopqrstuvwxyz"})
+    assert redact("key sk-abcdefghijklmnopqrstuvwxyz!") == "key ***!"
+    out = redact("Incorrect API key provided: sk-abcdefg*****tuvwxyz and abcdefghijklm")
+    assert "abcdefg" not in out and "hijklm" not in out
+    assert redact("nothing here") == "nothing here"

@@ -1,0 +1,267 @@
+"""Shared scheme helpers: list parsing, ROUGE-L near-duplicates, templates, seed and topic readers."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from bezoar.generate.request import GenerateError
+from bezoar.generate.schemes import (TEMPLATE_FIELDS, NearDuplicates, lcs_length, load_template, load_templates,
+                                     only_stop_words, parse_list, read_records, read_topics, rng_for, rouge_l,
+                                     short_refusal, word_tokens)
+
+
+# ---------------------------------------------------------------------- parse_list
+def test_numbered_list_with_preamble_epilogue_and_continuations():
+    reply = ("Sure! Here are the tasks you asked for:\n\n"
+             "1. Describe how a rainbow forms.\n"
+             "2) \"Write a limerick about a cat.\"\n"
+             "3. Summarize the text in one sentence:\n"
+             "   The river flooded twice this spring.\n"
+             "   - it rained a lot\n"
+             "4.\n"
+             "5. Instruction: Name a prime number.\n"
+             "\n"
+             "Let me know if you need more!")
+    parsed = parse_list(reply)
+    assert parsed.items == ["Describe how a rainbow forms.", "Write a limerick about a cat.",
+                            "Summarize the text in one sentence:\nThe river flooded twice this spring.\n- it rained a lot",
+                            "Name a prime number."]
+    assert parsed.empty == 1 and not parsed.malformed and not parsed.cut
+
+
+@pytest.mark.parametrize("reply,items", [
+    ("(1) one thing\n(2) two things", ["one thing", "two things"]),
+    ("<1> first task <2> not split inline\n<2> second", ["first task <2> not split inline", "second"]),
+    ("[1] alpha\n[2] beta", ["alpha", "beta"]),
+    ("Instruction 1: alpha\nInstruction 2: beta", ["alpha", "beta"]),
+    ("- alpha\n- beta\n  * inner\n- gamma", ["alpha", "beta\n* inner", "gamma"]),
+    ("* alpha\n- part of alpha\n* beta", ["alpha\n- part of alpha", "beta"]),
+    ("1. alpha\n\nmore about alpha\n\n2. beta\n\nbye", ["alpha\n\nmore about alpha", "beta"]),
+    ("1. `code task`\n2. **bold task**\n3. \u201cquoted\u201d", ["code task", "bold task", "quoted"]),
+])
+def test_list_styles(reply, items):
+    assert parse_list(reply).items == items
+
+
+def test_malformed_and_truncated_lists():
+    assert parse_list("I cannot think of any tasks.").malformed
+    assert parse_list("").malformed and parse_list("").items == []
+    cut = parse_list("1. alpha\n2. beta\n3. gam", truncated=True)
+    assert cut.items == ["alpha", "beta"] and cut.cut
+    assert parse_list("1. ...\n2. ?!\n3. ok").items == ["ok"] and parse_list("1. ...\n2. ?!\n3. ok").empty == 2
+
+
+# ---------------------------------------------------------------------- near-duplicates
+def _lcs_table(a, b):
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def test_bit_parallel_lcs_equals_the_table():
+    rng = random.Random(0)
+    for _ in range(3000):
+        a = [rng.choice("abcdef") for _ in range(rng.randint(0, 70))]
+        b = [rng.choice("abcdef") for _ in range(rng.randint(0, 70))]
+        assert lcs_length(a, b) == _lcs_table(a, b), (a, b)
+
+
+def test_rouge_l_values():
+    a, b = word_tokens("Explain why the sky looks red at sunset."), word_tokens("Explain why the sky looks so red at sunset")
+    assert lcs_length(a, b) == 8
+    assert rouge_l(a, b) == pytest.approx(16 / 17)
+    assert rouge_l(a, a) == 1.0 and rouge_l(a, []) == 0.0
+    assert lcs_length("a b c d".split(), "b d a c".split()) == 2
+
+
+def _greedy_bruteforce(texts, refs, threshold):
+    kept_tokens = [word_tokens(r) for r in refs if word_tokens(r)]
+    out = []
+    for text in texts:
+        tokens = word_tokens(text)
+        if not tokens:
+            out.append("empty")
+        elif any(tokens == k for k in kept_tokens):
+            out.append("duplicate")
+        elif any(rouge_l(tokens, k) >= threshold for k in kept_tokens):
+            out.append("near-duplicate")
+        else:
+            kept_tokens.append(tokens)
+            out.append("kept")
+    return out
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.7, 0.9])
+@pytest.mark.parametrize("trial", range(3))
+def test_prefix_filtered_dedup_equals_all_pairs(threshold, trial):
+    """The candidate index must never miss a pair the all-pairs rule would catch."""
+    rng = random.Random(f"{threshold}:{trial}")
+    vocab = [f"w{i}" for i in range(14)] + ["the", "a", "of"] * 3
+    base = [" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 12))) for _ in range(60)]
+    texts = []
+    for text in base:  # near variants: drop, swap or add a word
+        words = text.split()
+        texts.append(text)
+        variant = list(words)
+        op = rng.randrange(3)
+        if op == 0 and len(variant) > 1:
+            variant.pop(rng.randrange(len(variant)))
+        elif op == 1:
+            variant.insert(rng.randrange(len(variant) + 1), rng.choice(vocab))
+        else:
+            rng.shuffle(variant)
+        texts.append(" ".join(variant))
+    texts.append("!!")
+    refs = texts[:5]
+    verdicts = NearDuplicates(threshold).check(texts[5:], refs)
+    assert [v.status for v in verdicts] == _greedy_bruteforce(texts[5:], refs, threshold)
+    assert {v.status for v in verdicts} >= {"kept", "near-duplicate", "duplicate", "empty"}
+
+
+def test_near_duplicate_verdicts_name_the_match():
+    verdicts = NearDuplicates(0.7).check(
+        ["Describe how a rainbow forms.", "Please describe how a rainbow forms.", "DESCRIBE how a rainbow forms!",
+         "Explain why the sky looks so red at sunset.", "Write a haiku about snow."],
+        references=["Explain why the sky looks red at sunset."])
+    assert [v.status for v in verdicts] == ["kept", "near-duplicate", "duplicate", "near-duplicate", "kept"]
+    assert verdicts[1].similar_to == "Describe how a rainbow forms." and verdicts[1].similarity == pytest.approx(10 / 11,
+                                                                                                             abs=1e-4)
+    assert verdicts[3].similar_to == "Explain why the sky looks red at sunset."
+    with pytest.raises(GenerateError):
+        NearDuplicates(0.0)
+
+
+# ---------------------------------------------------------------------- response checks, rng
+@pytest.mark.parametrize("text,refusal", [
+    ("I'm sorry, but I cannot help with that request.", True),
+    ("I can\u2019t do that.", True),
+    ("As an AI, I have no opinion.", True),
+    ("Sorry " + "word " * 90, False),  # long answers that apologise once are answers
+    ("Paris is the capital of France.", False),
+])
+def test_short_refusal(text, refusal):
+    assert short_refusal(text) is refusal
+
+
+@pytest.mark.parametrize("text,only", [("", True), ("...!?", True), ("It is, of the.", True), ("Yes, it is!", True),
+                                       ("It is blue.", False), ("42", False)])
+def test_only_stop_words(text, only):
+    assert only_stop_words(text) is only
+
+
+def test_rng_for_is_stable():
+    assert rng_for(3, "evol", 1, 7).random() == rng_for(3, "evol", 1, 7).random()
+    assert rng_for(3, "evol", 1, 7).random() != rng_for(3, "evol", 1, 8).random()
+    # The same draw in every process and Python version that hashes str seeds with SHA-512.
+    assert rng_for(0, "x").randrange(10**6) == random.Random("0:x").randrange(10**6)
+
+
+# ---------------------------------------------------------------------- templates
+@pytest.mark.parametrize("name", list(TEMPLATE_FIELDS))
+def test_shipped_templates_have_their_placeholders(name):
+    template = load_template(name)
+    values = {field: f"<{field.upper()}>" for field in TEMPLATE_FIELDS[name]}
+    text = template.render(**values)
+    assert all(v in text for v in values.values()) and "{" not in text
+
+
+def test_user_template_checks_and_renders_only_its_fields(tmp_path):
+    good = tmp_path / "mine.txt"
+    good.write_text('Rate {response} for {instruction} ({system}); reply as {"score": N}.')
+    assert load_templates(["judge"], [str(good)])["judge"].render(system="s", instruction="i", response="r") == \
+        'Rate r for i (s); reply as {"score": N}.'
+    bad = tmp_path / "bad.txt"
+    bad.write_text("Rate {response}.")
+    with pytest.raises(GenerateError, match=r"bad.txt \(judge\) lacks the placeholder\(s\) \{system\}, \{instruction\}"):
+        load_templates(["judge"], [str(bad)])
+    with pytest.raises(GenerateError, match="unknown template 'nope'"):
+        load_templates(["evol_depth", "evol_breadth"], [f"nope={good}"])
+    with pytest.raises(GenerateError, match="give NAME=FILE"):
+        load_templates(["evol_depth", "evol_breadth"], [str(good)])
+    with pytest.raises(GenerateError, match="cannot read template"):
+        load_templates(["judge"], [str(tmp_path / "missing.txt")])
+    assert load_template("evol_depth").markers() == ["Original Instruction"]
+
+
+# ---------------------------------------------------------------------- readers
+def test_read_records_names_file_and_line(tmp_path):
+    path = tmp_path / "seeds.jsonl"
+    path.write_text('{"instruction": "a"}\n\n["not", "an", "object"]\n')
+    with pytest.raises(GenerateError, match=rf"{path} line 3: expected a JSON object"):
+        read_records(path, what="seed file")
+    path.write_text('{"instruction": "a"}\n{"instruction": \n')
+    with pytest.raises(GenerateError, match=rf"{path} line 2: not valid JSON"):
+        read_records(path, what="seed file")
+    path.write_text("\n\n")
+    with pytest.raises(GenerateError, match="holds no records"):
+        read_records(path, what="seed file")
+    with pytest.raises(GenerateError, match="file not found"):
+        read_records(tmp_path / "nope.jsonl", what="seed file")
+
+
+def test_read_records_other_formats_go_through_the_data_loader(tmp_path):
+    path = tmp_path / "seeds.json"
+    path.write_text('[{"instruction": "a"}, {"instruction": "b"}]')
+    assert [r["instruction"] for _, r in read_records(path, what="seed file")] == ["a", "b"]
+    path.write_text('[{"instruction": "a"}, 3]')
+    with pytest.raises(GenerateError, match="record 1"):
+        read_records(path, what="seed file")
+
+
+def test_read_topics(tmp_path):
+    path = tmp_path / "topics.txt"
+    path.write_text("# comment\nVolcanoes\n\n  Sleep  \nVolcanoes\n")
+    assert read_topics(path) == ["Volcanoes", "Sleep"]
+    path.write_text("Volcanoes\n" + "x" * 300 + "\n")
+    with pytest.raises(GenerateError, match=rf"{path} line 2: a topic is a short phrase"):
+        read_topics(path)
+    jsonl = tmp_path / "topics.jsonl"
+    jsonl.write_text('{"topic": "Rivers"}\n{"name": "Lakes"}\n')
+    with pytest.raises(GenerateError, match=rf"{jsonl} line 2: topic record has no 'topic' field"):
+        read_topics(jsonl)
+
+
+@pytest.mark.parametrize("a,b", list(itertools.combinations(["x y z", "x z y", "z"], 2)))
+def test_rouge_is_symmetric(a, b):
+    assert rouge_l(a.split(), b.split()) == rouge_l(b.split(), a.split())
+
+
+# ---------------------------------------------------------------------- commands on the shipped samples
+@pytest.mark.parametrize("command", ["lamini", "evol", "orca", "filter"])
+def test_command_help(command, capsys):
+    from bezoar.generate.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0 and "usage" in capsys.readouterr().out
+
+
+def test_shipped_samples_through_every_scheme_and_the_filter(fake_server, tmp_path):
+    """The demo path of scripts/openbezoar.sh: shipped samples, a scripted teacher and judge, SFT-ready files."""
+    from bezoar.data import DataConfig, read_examples
+    from bezoar.generate.schemes import SAMPLES
+    from tests.generate.demo_teacher import demo_teacher
+    from tests.generate.schemes_helpers import read_jsonl, run
+
+    server = fake_server(reply=demo_teacher)
+    url = server.openai_url
+    data = tmp_path / "data"
+    assert run("lamini", SAMPLES / "lamini_seeds.jsonl", "--topics", SAMPLES / "topics.txt", "--example-guided", "2",
+               "--topic-guided", "2", "--per-request", "8", "--out", data / "lamini", url=url) == 0
+    assert run("evol", SAMPLES / "dolly_seeds.jsonl", "--epochs", "2", "--out", data / "evol", url=url) == 0
+    assert run("orca", SAMPLES / "flan_queries.jsonl", "--cap-per-task", "2", "--out", data / "orca", url=url) == 0
+    for scheme, fmt, at_least in (("lamini", "lamini", 15), ("evol", "evol", 10), ("orca", "orca", 10)):
+        raw = read_jsonl(data / scheme / "raw.jsonl")
+        assert len(raw) >= at_least, (scheme, len(raw))
+        assert run("filter", data / scheme / "raw.jsonl", "--out", data / scheme, url=url) == 0
+        kept = read_jsonl(data / scheme / "filtered.jsonl")
+        assert 0 < len(kept) < len(raw) and all(r["judge_score"] >= 7 for r in kept)
+        examples, _ = read_examples(DataConfig(path=str(data / scheme / "filtered.jsonl"), format=fmt))
+        assert len(examples) == len(kept)

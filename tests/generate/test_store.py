@@ -1,0 +1,177 @@
+"""The JSONL store: append once, resume, torn-line repair, failures, locking, fsync policy."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import pytest
+
+from bezoar.generate.request import Result, Usage
+from bezoar.generate.store import JSONLStore, MemoryStore, StoreError
+
+
+def ok_record(key: str, text: str = "hi") -> dict:
+    return Result(key, id=key, response=text, usage=Usage(3, 1), attempts=1, latency_s=0.01).to_record()
+
+
+def failed_record(key: str) -> dict:
+    return Result(key, id=key, error="HTTP 400: bad", error_type="request", attempts=1).to_record()
+
+
+def lines(path) -> list[dict]:
+    return [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+
+
+def test_append_get_and_reopen(tmp_path):
+    path = tmp_path / "out.jsonl"
+    with JSONLStore(path) as store:
+        store.append(ok_record("a", "first é"))
+        store.append(failed_record("b"))
+        assert "a" in store and "b" in store and "c" not in store and len(store) == 2
+        assert store.get("a")["response"] == "first é" and store.get("c") is None
+        assert store.failed("b") and not store.failed("a")
+    with JSONLStore(path) as store:
+        assert store.report.records == 2 and store.report.failed == 1
+        assert store.get("b")["error"] == "HTTP 400: bad"
+        store.append(ok_record("c"))
+        assert store.get("c")["key"] == "c" and store.get("a")["response"] == "first é"
+    assert [r["key"] for r in lines(path)] == ["a", "b", "c"]
+
+
+def test_reopening_the_same_store_object(tmp_path):
+    store = JSONLStore(tmp_path / "o.jsonl")
+    store.open()
+    store.append(ok_record("a"))
+    store.close()
+    report = store.open()
+    assert report.records == 1 and report.duplicate_lines == 0 and "a" in store
+    store.close()
+
+
+def test_memory_store_queries():
+    store = MemoryStore()
+    store.append(ok_record("a"))
+    store.append(failed_record("b"))
+    assert sorted(store.keys()) == ["a", "b"] and store.failed("b") and not store.failed("a")
+
+
+@pytest.mark.parametrize("kind", ["memory", "jsonl"])
+def test_a_key_is_never_written_twice(tmp_path, kind):
+    store = MemoryStore() if kind == "memory" else JSONLStore(tmp_path / "o.jsonl")
+    store.open()
+    store.append(ok_record("a"))
+    with pytest.raises(StoreError, match="already stored"):
+        store.append(ok_record("a", "again"))
+    store.close()
+
+
+def test_torn_last_line_is_cut_kept_aside_and_warned(tmp_path, caplog):
+    path = tmp_path / "out.jsonl"
+    with JSONLStore(path) as store:
+        store.append(ok_record("a"))
+        store.append(ok_record("b"))
+    torn = b'{"key":"c","id":"c","ok":tr'
+    with open(path, "ab") as f:
+        f.write(torn)
+    with caplog.at_level(logging.WARNING, logger="bezoar.generate"):
+        store = JSONLStore(path)
+        report = store.open()
+    assert report.torn_bytes == len(torn) and "torn" in caplog.text
+    assert open(report.torn_copy, "rb").read() == torn
+    assert "c" not in store and len(store) == 2
+    store.append(ok_record("c"))
+    store.close()
+    assert [r["key"] for r in lines(path)] == ["a", "b", "c"]
+    assert open(path, "rb").read().endswith(b"\n")
+
+
+def test_a_file_of_one_torn_line(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b'{"key": "x", "ok": tr')
+    with JSONLStore(path) as store:
+        assert len(store) == 0 and store.report.torn_bytes == 21
+    assert path.read_bytes() == b""
+
+
+def test_a_damaged_middle_line_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_text(json.dumps(ok_record("a")) + "\nnot json at all\n" + json.dumps(ok_record("b")) + "\n")
+    with pytest.raises(StoreError, match=r"out.jsonl line 2 is not a result record"):
+        JSONLStore(path).open()
+    path.write_text(json.dumps({"no": "key"}) + "\n")
+    with pytest.raises(StoreError, match="line 1"):
+        JSONLStore(path).open()
+
+
+def test_repeated_keys_in_a_file_use_the_first(tmp_path, caplog):
+    path = tmp_path / "out.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in (ok_record("a", "one"), ok_record("a", "two"))) + "\n\n")
+    with caplog.at_level(logging.WARNING, logger="bezoar.generate"), JSONLStore(path) as store:
+        assert store.report.duplicate_lines == 1 and store.get("a")["response"] == "one"
+    assert "repeat a key" in caplog.text
+
+
+def test_retry_failed_moves_failures_aside(tmp_path):
+    path = tmp_path / "out.jsonl"
+    with JSONLStore(path) as store:
+        for r in (ok_record("a"), failed_record("b"), ok_record("c"), failed_record("d")):
+            store.append(r)
+    with JSONLStore(path, retry_failed=True) as store:
+        assert store.report.moved_failures == 2
+        assert "b" not in store and "d" not in store and store.get("c")["response"] == "hi"
+        store.append(ok_record("b", "now fine"))
+    assert [r["key"] for r in lines(path)] == ["a", "c", "b"]
+    assert [r["key"] for r in lines(store.report.failures_copy)] == ["b", "d"]
+    with JSONLStore(path) as store:  # without the flag, failures stay failures
+        assert store.report.failed == 0
+
+
+def test_a_second_writer_is_refused(tmp_path):
+    path = tmp_path / "out.jsonl"
+    with JSONLStore(path):
+        with pytest.raises(StoreError, match="another process"):
+            JSONLStore(path).open()
+    with JSONLStore(path):  # released on close
+        pass
+
+
+@pytest.mark.parametrize("policy,expected", [("always", 5), ("never", 0), ("interval", 1)])
+def test_fsync_policy(tmp_path, monkeypatch, policy, expected):
+    calls = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd)))
+    store = JSONLStore(tmp_path / "o.jsonl", fsync=policy, fsync_interval_s=3600)
+    store.open()
+    for i in range(5):
+        store.append(ok_record(str(i)))
+    store.close()
+    # interval: nothing within the hour but the one at close; never: none at all
+    assert len(calls) == expected
+
+
+def test_interval_fsync_runs_in_the_background(tmp_path, monkeypatch):
+    calls = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd)))
+    store = JSONLStore(tmp_path / "o.jsonl", fsync="interval", fsync_interval_s=0.02)
+    store.open()
+    store.append(ok_record("a"))
+    deadline = time.monotonic() + 5
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(calls) == 1
+    time.sleep(0.1)
+    assert len(calls) == 1  # nothing new written: no more fsyncs
+    store.append(ok_record("b"))
+    store.close()
+    assert len(calls) == 2  # one more, by the thread or by close, for the second record
+
+
+def test_unwritable_path_is_one_clear_error(tmp_path):
+    target = tmp_path / "dir"
+    target.mkdir()
+    with pytest.raises(StoreError, match="cannot open"):
+        JSONLStore(target).open()
