@@ -23,6 +23,7 @@ from bezoar_kernels.rope import apply_rope, rope_cos_sin
 from bezoar_kernels.swiglu import swiglu
 
 from .config import LlamaConfig
+from .lora import fused_qkv
 
 
 # ---- attention with a mask (padding, KV cache) ------------------------------------------------------
@@ -94,9 +95,12 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, ctx: "ForwardContext"):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        # q, k, v in one call (one read of x) when the three are LoRA or NF4 layers of one kind
+        qkv = fused_qkv(self.q_proj, self.k_proj, self.v_proj, x)
+        q, k, v = qkv if qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, k, cos, sin)
         if ctx.cache is None and ctx.mask is None:
             out = attention(q, k, v, ctx.doc_ids)  # training and scoring: the kernel path
