@@ -21,10 +21,10 @@ marks its expensive calls with :func:`saved_call`. During the layer's forward a 
 * the call's outputs are kept in the frame.
 
 The first time the backward asks for a dropped tensor, the layer forward runs again with the same
-autocast, kernel backend and RNG state; each expensive call now returns its kept outputs without
-computing anything (and records the arguments it was given, which the dropped argument views are
-cut from), while the cheap code recomputes its tensors, which fill the slots in the order the
-forward saved them. Because the expensive calls save nothing into the slot sequence, forward and
+autocast, kernel backend and RNG state. Each expensive call now returns its kept outputs without
+computing anything, leaves the RNG where the forward's call left it (the LoRA calls draw dropout
+seeds), and records the arguments it was given, which the dropped argument views are cut from;
+the cheap code recomputes its tensors, which fill the slots in the order the forward saved them. Because the expensive calls save nothing into the slot sequence, forward and
 recompute count the same slots.
 
 Memory per layer and token (C hidden, F intermediate; in the GPU path, where an NF4 linear saves
@@ -177,8 +177,17 @@ class _CheapFrame:
         self.device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
         self.autocast = {dev: (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
                          for dev in {"cpu", self.device.type}}
-        self.cpu_rng = torch.get_rng_state()
-        self.cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        self.rng = self._rng_state()  # at the start of the layer
+        self.rng_after: list = []  # after each expensive call (which may draw, e.g. dropout seeds)
+
+    def _rng_state(self):
+        return torch.get_rng_state(), (torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+
+    def _set_rng_state(self, state) -> None:
+        cpu, cuda = state
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, self.device)
 
     # -- forward --
 
@@ -218,6 +227,7 @@ class _CheapFrame:
                         f"{(tuple(args[i].shape), tuple(args[i].stride()))} in the recomputation, "
                         f"{geometry} in the forward")
                 self.call_args[index][i] = args[i].detach()
+            self._set_rng_state(self.rng_after[index])  # as if the call had drawn its random numbers again
             return _thaw(self.outputs[index])
         # storage -> (argument index, dtype, storage offset). The pack hook must not hold the arguments
         # themselves: autograd keeps every hook alive with the tensors it packed.
@@ -244,6 +254,7 @@ class _CheapFrame:
         with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
             out = fn(*args)
         self.outputs.append(_freeze(out))
+        self.rng_after.append(self._rng_state())
         return out
 
     # -- backward --
@@ -281,9 +292,7 @@ class _CheapFrame:
             if self.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices), torch.enable_grad():
-                torch.set_rng_state(self.cpu_rng)
-                if self.cuda_rng is not None:
-                    torch.cuda.set_rng_state(self.cuda_rng, self.device)
+                self._set_rng_state(self.rng)
                 with torch.autograd.graph.saved_tensors_hooks(self._pack_cheap, lambda index: None):
                     with _autocast(self.autocast):
                         self.fn(*_thaw(self.args))

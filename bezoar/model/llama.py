@@ -23,6 +23,7 @@ from bezoar_kernels.swiglu import swiglu
 
 from .checkpointing import checkpoint_layer, resolve_mode, saved_call
 from .config import LlamaConfig
+from .lora import fused_qkv
 
 
 # ---- attention with a mask (padding, KV cache) ------------------------------------------------------
@@ -95,9 +96,14 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, ctx: "ForwardContext"):
         # saved_call marks the calls whose outputs "cheap" checkpointing keeps (bezoar.model.checkpointing)
         B, T, _ = x.shape
-        q = saved_call(self.q_proj, x).view(B, T, self.n_heads, self.head_dim)
-        k = saved_call(self.k_proj, x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = saved_call(self.v_proj, x).view(B, T, self.n_kv_heads, self.head_dim)
+        # q, k, v in one call (one read of x) when the three are LoRA or NF4 layers of one kind
+        qkv = saved_call(fused_qkv, self.q_proj, self.k_proj, self.v_proj, x)
+        if qkv is None:
+            qkv = (saved_call(self.q_proj, x), saved_call(self.k_proj, x), saved_call(self.v_proj, x))
+        q, k, v = qkv
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, k, cos, sin)
         if ctx.cache is None and ctx.mask is None:
             out = saved_call(attention, q, k, v, ctx.doc_ids)  # training and scoring: the kernel path
