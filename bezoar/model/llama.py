@@ -15,14 +15,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from bezoar_kernels.attention import attention
 from bezoar_kernels.rmsnorm import rms_norm, rms_norm_add
 from bezoar_kernels.rope import apply_rope, rope_cos_sin
 from bezoar_kernels.swiglu import swiglu
 
+from .checkpointing import checkpoint_layer, resolve_mode, saved_call
 from .config import LlamaConfig
+from .lora import fused_qkv
 
 
 # ---- attention with a mask (padding, KV cache) ------------------------------------------------------
@@ -93,18 +94,24 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * d, c, **kw)
 
     def forward(self, x, cos, sin, ctx: "ForwardContext"):
+        # saved_call marks the calls whose outputs "cheap" checkpointing keeps (bezoar.model.checkpointing)
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        # q, k, v in one call (one read of x) when the three are LoRA or NF4 layers of one kind
+        qkv = saved_call(fused_qkv, self.q_proj, self.k_proj, self.v_proj, x)
+        if qkv is None:
+            qkv = (saved_call(self.q_proj, x), saved_call(self.k_proj, x), saved_call(self.v_proj, x))
+        q, k, v = qkv
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, k, cos, sin)
         if ctx.cache is None and ctx.mask is None:
-            out = attention(q, k, v, ctx.doc_ids)  # training and scoring: the kernel path
+            out = saved_call(attention, q, k, v, ctx.doc_ids)  # training and scoring: the kernel path
         else:
             if ctx.cache is not None:
                 k, v = ctx.cache.update(self.layer_idx, k, v)  # (B, S, Hk, D)
-            out = sdpa_attention(q, k, v, ctx.mask, causal=ctx.causal)
-        return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))
+            out = saved_call(sdpa_attention, q, k, v, ctx.mask, ctx.causal)
+        return saved_call(self.o_proj, out.reshape(B, T, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -116,7 +123,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, **kw)
 
     def forward(self, x):
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return saved_call(self.down_proj, swiglu(saved_call(self.gate_proj, x), saved_call(self.up_proj, x)))
 
 
 class DecoderLayer(nn.Module):
@@ -178,7 +185,18 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing = "off"
+
+    @property
+    def gradient_checkpointing(self) -> str:
+        """Activation checkpointing per decoder layer while training: ``"off"``, ``"full"`` (recompute
+        each layer) or ``"cheap"`` (keep the linear and attention outputs, recompute norms, RoPE and
+        SwiGLU); see bezoar.model.checkpointing. Setting True / False means "full" / "off"."""
+        return self._gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value) -> None:
+        self._gradient_checkpointing = resolve_mode(value)
 
     @property
     def device(self) -> torch.device:
@@ -215,11 +233,9 @@ class LlamaForCausalLM(nn.Module):
             ctx = ForwardContext(build_attention_mask(query_pos, key_valid, doc_ids, S), cache, causal=False)
         x = self.model.embed_tokens(input_ids)
         residual = None
+        mode = self.gradient_checkpointing if self.training and torch.is_grad_enabled() else "off"
         for layer in self.model.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, residual = checkpoint(layer, x, residual, cos, sin, ctx, use_reentrant=False)
-            else:
-                x, residual = layer(x, residual, cos, sin, ctx)
+            x, residual = checkpoint_layer(layer, mode, x, residual, cos, sin, ctx)
         if cache is not None:
             cache.advance(T)
         h, _ = rms_norm_add(x, residual, self.model.norm.weight, self.model.norm.eps)

@@ -5,6 +5,11 @@ the start, s = alpha / r (or alpha / sqrt(r) with rsLoRA). The base is a dense `
 ``NF4Linear``; it stays frozen. ``adapters_disabled(model)`` switches every adapter off without
 touching a weight (the DPO reference pass).
 
+The forward runs ``bezoar_kernels.lora`` (base product and LoRA path fused, Triton on CUDA, PEFT's
+arithmetic elsewhere); ``fused_qkv`` runs an attention block's q/k/v projections as one call.
+Dropout masks come from a seed drawn from torch's generator per call, so a run is reproducible
+and resumes bit for bit when torch's RNG state is restored.
+
 PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
 ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight``.
 """
@@ -23,6 +28,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from bezoar_kernels.lora import Adapter, draw_seed, lora_linear, lora_qkv
+
+from .nf4 import NF4Linear
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -78,13 +87,30 @@ class LoRALinear(nn.Module):
         self.enabled = True
 
     def forward(self, x):
-        y = self.base_layer(x)
         if not self.enabled:
-            return y
-        h = F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x
-        a = self.lora_A.weight
-        update = F.linear(F.linear(h.to(a.dtype), a), self.lora_B.weight) * self.scaling
-        return y + update.to(y.dtype)
+            return self.base_layer(x)
+        base = self.base_layer
+        weight = base_weight(base)
+        if weight is None:  # a base the kernels do not know: PEFT's formula around it
+            y = base(x)
+            h = F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x
+            a = self.lora_A.weight
+            update = F.linear(F.linear(h.to(a.dtype), a), self.lora_B.weight) * self.scaling
+            return y + update.to(y.dtype)
+        dtype, out_dtype = compute_dtypes(base, x)
+        seed = draw_seed()[0] if self.dropout_active else 0
+        y = lora_linear(x.to(dtype), weight, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout_p,
+                        self.training, seed)
+        if getattr(base, "bias", None) is not None:
+            y = y + base.bias.to(y.dtype)
+        return y.to(out_dtype)
+
+    @property
+    def dropout_active(self) -> bool:
+        return self.training and self.dropout_p > 0
+
+    def adapter(self) -> Adapter:
+        return Adapter(self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     def merged_weight(self) -> torch.Tensor:
         """The dense base weight with this adapter added, in the base's dtype (fp32 arithmetic)."""
@@ -97,6 +123,65 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout_p}"
+
+
+def base_weight(base: nn.Module):
+    """The frozen weight the kernels take: an NF4Weight, a dense tensor, or None for other modules."""
+    if isinstance(base, NF4Linear):
+        return base.nf4_weight
+    if isinstance(base, nn.Linear):
+        return base.weight
+    return None
+
+
+def compute_dtypes(base: nn.Module, x: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """(compute dtype, output dtype) of a projection through ``base``, as the base alone would have.
+
+    NF4Linear computes in its compute dtype and returns x's dtype. nn.Linear computes in the autocast
+    dtype under autocast (its output dtype too), else in its weight's dtype.
+    """
+    if isinstance(base, NF4Linear):
+        return base.compute_dtype, x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return dtype, dtype
+    return base.weight.dtype, base.weight.dtype
+
+
+def fused_qkv(q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module, x: torch.Tensor):
+    """(q, k, v) from one fused call when the three projections allow it, else None.
+
+    Fusable: three LoRALinear with the same rank, dropout and on/off state over bases of one kind
+    (all NF4Linear with one blocksize, double quant and compute dtype, or all bias-free nn.Linear of
+    one dtype), or three NF4Linear without adapters. Outputs equal the three modules called one by one.
+    """
+    mods = (q_proj, k_proj, v_proj)
+    if all(isinstance(m, LoRALinear) for m in mods):
+        if len({(m.enabled, m.r, m.dropout_p, m.training) for m in mods}) != 1:
+            return None
+        bases = [m.base_layer for m in mods]
+        adapters = [m.adapter() for m in mods] if mods[0].enabled else None
+    elif all(isinstance(m, NF4Linear) for m in mods):
+        bases, adapters = list(mods), None
+    else:
+        return None
+    if all(isinstance(b, NF4Linear) for b in bases):
+        weights = [b.nf4_weight for b in bases]
+        if len({(w.blocksize, w.double_quant, b.compute_dtype) for w, b in zip(weights, bases)}) != 1:
+            return None
+    elif all(type(b) is nn.Linear and b.bias is None for b in bases):
+        weights = [b.weight for b in bases]
+        if len({w.dtype for w in weights}) != 1:
+            return None
+    else:
+        return None
+    dtype, out_dtype = compute_dtypes(bases[0], x)
+    dropout = adapters is not None and mods[0].dropout_active
+    seeds = draw_seed(3) if dropout else (0, 0, 0)
+    p = mods[0].dropout_p if adapters is not None else 0.0
+    training = bool(adapters is not None and mods[0].training)
+    outputs = lora_qkv(x.to(dtype), weights, adapters, p, training, seeds)
+    return tuple(o.to(out_dtype) for o in outputs)
 
 
 def _module_device(module: nn.Module):

@@ -31,8 +31,15 @@ class ModelSection:
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     device: str = "auto"  # auto: cuda when present, else cpu
     kernels: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton on CUDA, torch reference elsewhere
-    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward pass
+    # activation checkpointing per decoder layer (bezoar.model.checkpointing): "off"; "full" (keep each
+    # layer's inputs, recompute the layer); "cheap" (also keep the linear and attention outputs, recompute
+    # only norms, RoPE and SwiGLU). true / false are read as "full" / "off".
+    gradient_checkpointing: Literal["off", "full", "cheap"] | bool = "off"
     name: str | None = None  # base_model_name_or_path written into adapter_config.json
+
+    def __post_init__(self):
+        if isinstance(self.gradient_checkpointing, bool):
+            self.gradient_checkpointing = "full" if self.gradient_checkpointing else "off"
 
 
 @dataclass

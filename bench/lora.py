@@ -1,0 +1,325 @@
+"""NF4 + LoRA forward+backward against NF4 alone, PEFT-style separate matmuls and bitsandbytes + PEFT.
+
+Measures, side by side in one run (bf16, CUDA), on OpenLLaMA 3B shapes W (N, K) in
+{3200x3200 (q/k/v/o), 8640x3200 (gate/up), 3200x8640 (down)}, M in {4096, 16384}, r in {16, 64},
+dropout 0.05 (the OpenBezoar setting), the time of one forward + backward (dx, and dA, dB where
+there is an adapter; ``torch.autograd.grad``, so nothing accumulates):
+
+* ``nf4_only``: bezoar's NF4 matmul alone (what dispatch picks: dequant + cuBLAS at these M);
+* ``lora_auto`` / ``lora_dequant`` / ``lora_cublas``: bezoar's fused NF4 + LoRA op on the path
+  "auto" picks and on each large-M path;
+* ``peft_style``: bezoar's NF4 matmul plus PEFT's LoRA arithmetic as separate torch ops
+  (``F.dropout``, two ``F.linear``, scale, add): the ~1.3x the issue quotes;
+* ``bnb_peft``: bitsandbytes ``matmul_4bit`` as the base plus the same PEFT arithmetic (what
+  PEFT's bnb ``Linear4bit`` LoRA layer runs), and ``bnb_only``; empty when bitsandbytes does not
+  import (it is not installed on the measuring GPU box);
+* q/k/v (3200x3200 x3): ``qkv_nf4_only`` (three NF4 matmuls), ``qkv_lora_fused`` (``lora_qkv``)
+  and ``qkv_lora_separate`` (three ``lora_linear`` calls).
+
+Ratios are over ``nf4_only`` (``qkv_nf4_only`` for q/k/v); the target of issue 4 is
+``lora_auto / nf4_only <= 1.10`` at every shape, M and r. ``--sweep`` also times a grid of tile
+configs for the Triton GEMM of the dequant path. Usage::
+
+    python bench/lora.py                  # full run on the GPU, writes bench/results/lora-<device>-<date>.json
+    python bench/lora.py --smoke          # tiny shapes on CPU (Triton interpreter), writes nothing
+    python bench/lora.py --only lora_auto/3200x3200/M=16384/r=16 --iters 50   # one case, for ncu/nsys
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+SHAPES = [(3200, 3200), (8640, 3200), (3200, 8640)]  # (N, K) = (out_features, in_features)
+MS = [4096, 16384]
+RANKS = [16, 64]
+SMOKE_SHAPES = [(64, 128)]
+SMOKE_MS = [24]
+SMOKE_RANKS = [8]
+LORA_PEERS = ["lora_auto", "lora_dequant", "lora_cublas", "peft_style", "bnb_peft"]
+QKV_PEERS = ["qkv_lora_fused", "qkv_lora_separate"]
+
+
+def parse_args():
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--sweep", action="store_true", help="also sweep tile configs of the dequant path's Triton GEMM")
+    p.add_argument("--shapes", default=None, help="comma list NxK to restrict the shapes, e.g. 3200x8640")
+    p.add_argument("--ms", default=None, help="comma list of M values")
+    p.add_argument("--ranks", default=None, help="comma list of LoRA ranks")
+    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout probability (default 0.05)")
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    common.setup_smoke(args)
+    import torch
+    import torch.nn.functional as F
+
+    from bezoar_kernels import lora as L
+    from bezoar_kernels import nf4
+    from bezoar_kernels import nf4_matmul as mm
+    from bezoar_kernels.dispatch import backend
+
+    cuda = torch.cuda.is_available() and not args.smoke
+    if not cuda and not args.smoke:
+        print("bench/lora.py needs a CUDA GPU (use --smoke to check the code path on CPU)", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32  # the interpreter's bf16 dot is wrong; smoke uses fp32
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    ms = SMOKE_MS if args.smoke else MS
+    ranks = SMOKE_RANKS if args.smoke else RANKS
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    if args.ms:
+        ms = [int(v) for v in args.ms.split(",")]
+    if args.ranks:
+        ranks = [int(v) for v in args.ranks.split(",")]
+    p_drop = args.dropout
+
+    bnb, bnb_note = None, None
+    try:
+        import bitsandbytes
+
+        bnb = bitsandbytes
+    except Exception as exc:  # the GPU box may not have it
+        bnb_note = f"bitsandbytes columns skipped: it does not import ({type(exc).__name__}: {exc})"
+        print(bnb_note)
+
+    def bench(fn):
+        return common.bench_ms(fn, smoke=args.smoke)
+
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape, scale=1.0, dt=None):
+        return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * scale).to(dt or dtype)
+
+    def fwd_bwd(forward, inputs, dy):
+        """One forward + backward: grads of ``inputs`` under upstream ``dy`` (a tensor or a tuple)."""
+        def run():
+            outputs = forward()
+            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            dys = dy if isinstance(dy, tuple) else (dy,)
+            return torch.autograd.grad(outputs, inputs, dys)
+        return run
+
+    # ---- the cases -------------------------------------------------------------------------
+    cases: dict[str, object] = {}
+    meta: dict[str, dict] = {}
+
+    def add(name, fn, **info):
+        cases[name] = fn
+        meta[name] = info
+
+    sweep_inputs = []
+    for n, k in shapes:
+        w = randn(n, k, scale=0.02)
+        with backend("triton"):
+            q = nf4.quantize_nf4(w, 64, True)
+        bq = None
+        if bnb is not None:
+            bq = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        del w
+        tag = f"{n}x{k}"
+        for m in ms:
+            x = randn(m, k).requires_grad_(True)
+            dy = randn(m, n)
+            key = dict(shape=tag, M=m)
+            add(f"nf4_only/{tag}/M={m}", fwd_bwd(lambda x=x, q=q: mm.nf4_matmul_triton(x, q), [x], dy),
+                peer="nf4_only", r=None, **key)
+            if bq is not None:
+                add(f"bnb_only/{tag}/M={m}",
+                    fwd_bwd(lambda x=x, bq=bq: bnb.matmul_4bit(x, bq[0].t(), quant_state=bq[1]), [x], dy),
+                    peer="bnb_only", r=None, **key)
+            for r in ranks:
+                a = randn(r, k, scale=1 / k ** 0.5, dt=torch.float32).requires_grad_(True)
+                b = randn(n, r, scale=0.02, dt=torch.float32).requires_grad_(True)
+                s = 16 / r
+                rkey = dict(key, r=r)
+                for path in ("auto", "dequant", "cublas"):
+                    add(f"lora_{path}/{tag}/M={m}/r={r}",
+                        fwd_bwd(lambda x=x, q=q, a=a, b=b, s=s, path=path:
+                                L.lora_linear_triton(x, q, a, b, s, p_drop, True, 1234, path), [x, a, b], dy),
+                        peer=f"lora_{path}", **rkey)
+
+                def peft_style(x=x, q=q, a=a, b=b, s=s):
+                    y = mm.nf4_matmul_triton(x, q)
+                    h = F.dropout(x, p_drop, True)
+                    return y + (F.linear(F.linear(h, a.to(x.dtype)), b.to(x.dtype)) * s)
+
+                add(f"peft_style/{tag}/M={m}/r={r}", fwd_bwd(peft_style, [x, a, b], dy), peer="peft_style", **rkey)
+                if bq is not None:
+                    def bnb_peft(x=x, bq=bq, a=a, b=b, s=s):
+                        y = bnb.matmul_4bit(x, bq[0].t(), quant_state=bq[1])
+                        h = F.dropout(x, p_drop, True)
+                        return y + (F.linear(F.linear(h, a.to(x.dtype)), b.to(x.dtype)) * s)
+
+                    add(f"bnb_peft/{tag}/M={m}/r={r}", fwd_bwd(bnb_peft, [x, a, b], dy), peer="bnb_peft", **rkey)
+                if args.sweep and r == ranks[0]:
+                    sweep_inputs.append((tag, m, r, x, q, a, b, s, dy))
+
+    # q/k/v of one attention block: three 3200x3200 (smoke: the smoke shape) projections of one x
+    qn, qk = (3200, 3200) if not args.smoke else shapes[0]
+    with backend("triton"):
+        qkv_w = [nf4.quantize_nf4(randn(qn, qk, scale=0.02), 64, True) for _ in range(3)]
+    for m in ms:
+        x = randn(m, qk).requires_grad_(True)
+        dys = tuple(randn(m, qn) for _ in range(3))
+        key = dict(shape=f"qkv {qn}x{qk}", M=m)
+        add(f"qkv_nf4_only/M={m}", fwd_bwd(lambda x=x: tuple(mm.nf4_matmul_triton(x, w) for w in qkv_w), [x], dys),
+            peer="qkv_nf4_only", r=None, **key)
+        for r in ranks:
+            ads = [L.Adapter(randn(r, qk, scale=1 / qk ** 0.5, dt=torch.float32).requires_grad_(True),
+                             randn(qn, r, scale=0.02, dt=torch.float32).requires_grad_(True), 16 / r) for _ in range(3)]
+            params = [x] + [t for ad in ads for t in (ad.lora_a, ad.lora_b)]
+            add(f"qkv_lora_fused/M={m}/r={r}",
+                fwd_bwd(lambda x=x, ads=ads: L.lora_qkv_triton(x, qkv_w, ads, p_drop, True, (1, 2, 3)), params, dys),
+                peer="qkv_lora_fused", **dict(key, r=r))
+            add(f"qkv_lora_separate/M={m}/r={r}",
+                fwd_bwd(lambda x=x, ads=ads: tuple(
+                    L.lora_linear_triton(x, w, ad.lora_a, ad.lora_b, ad.scaling, p_drop, True, j)
+                    for j, (w, ad) in enumerate(zip(qkv_w, ads))), params, dys),
+                peer="qkv_lora_separate", **dict(key, r=r))
+
+    if args.only:
+        if args.only not in cases:
+            print(f"--only {args.only!r}: no such case; cases are:\n  " + "\n  ".join(cases), file=sys.stderr)
+            return 2
+        with backend("triton"), common.maybe_profile(args.profile):
+            if args.iters:
+                common.run_plain(cases[args.only], args.iters)
+                print(f"ran {args.only} {args.iters} times")
+            else:
+                print(f"{args.only}: {bench(cases[args.only]):.4f} ms")
+        return 0
+
+    # ---- measure ---------------------------------------------------------------------------
+    times: dict[str, float] = {}
+    with backend("triton"), common.maybe_profile(args.profile):
+        for name, fn in cases.items():
+            try:
+                times[name] = bench(fn)
+            except Exception as exc:  # one failing peer must not hide the others' numbers
+                print(f"{name}: failed ({type(exc).__name__}: {exc})")
+        sweep_rows = sweep(args, sweep_inputs, bench, L, torch) if sweep_inputs else []
+
+    # ---- tables ----------------------------------------------------------------------------
+    rows = []
+    for n, k in shapes:
+        tag = f"{n}x{k}"
+        for m in ms:
+            base = times.get(f"nf4_only/{tag}/M={m}")
+            bnb_base = times.get(f"bnb_only/{tag}/M={m}")
+            for r in ranks:
+                row = {"shape": tag, "M": m, "r": r, "nf4_only": base, "bnb_only": bnb_base}
+                for peer in LORA_PEERS:
+                    t = times.get(f"{peer}/{tag}/M={m}/r={r}")
+                    row[peer] = t
+                    row[f"{peer}/nf4_only"] = t / base if t and base else None
+                rows.append(row)
+    qkv_rows = []
+    for m in ms:
+        base = times.get(f"qkv_nf4_only/M={m}")
+        for r in ranks:
+            row = {"shape": f"qkv {qn}x{qk}", "M": m, "r": r, "qkv_nf4_only": base}
+            for peer in QKV_PEERS:
+                t = times.get(f"{peer}/M={m}/r={r}")
+                row[peer] = t
+                row[f"{peer}/nf4_only"] = t / base if t and base else None
+            qkv_rows.append(row)
+
+    print(f"\nforward + backward, ms (dtype {dtype}, dropout {p_drop}); ratios over NF4 alone\n")
+    print(common.markdown_table(rows, ["shape", "M", "r", "nf4_only", "bnb_only"] + LORA_PEERS
+                                + [f"{p}/nf4_only" for p in LORA_PEERS]))
+    print("\nq/k/v of one block, forward + backward, ms\n")
+    print(common.markdown_table(qkv_rows, ["shape", "M", "r", "qkv_nf4_only"] + QKV_PEERS
+                                + [f"{p}/nf4_only" for p in QKV_PEERS]))
+    if sweep_rows:
+        print("\ndequant-path GEMM tile sweep (best per case vs the default heuristic)\n")
+        print(common.markdown_table(sweep_rows, ["dir", "shape", "M", "r", "default_ms", "best_ms", "best_config"]))
+
+    targets = check_targets(rows, qkv_rows)
+    if args.smoke:  # interpreter timings say nothing about the GPU
+        targets = [dict(t, status="smoke, not evaluated") for t in targets]
+    print("\ntargets (issue 4):")
+    for t in targets:
+        print(f"  [{t['status']}] {t['target']}: {t['detail']}")
+    if bnb_note:
+        print(f"\nnote: {bnb_note}")
+
+    common.write_results("lora", rows + qkv_rows, args, extra={
+        "dtype": str(dtype), "dropout": p_drop, "large_m_path": L.large_m_path(), "fused_max_m": mm.fused_max_m(),
+        "targets": targets, "sweep": sweep_rows, "bnb_note": bnb_note,
+    })
+    return 0
+
+
+def sweep(args, inputs, bench, L, torch):
+    """Time tile configs of the dequant path's Triton GEMM (forward and backward separately)."""
+    import itertools
+
+    grid = [L.GemmConfig(bm, bn, bk, 1, 8, warps, stages)
+            for bm, bn, bk, warps, stages in itertools.product((64, 128), (64, 128, 256), (32, 64, 128), (4, 8), (3, 4))
+            if bm * bn <= 128 * 256]
+    if args.smoke:
+        grid, inputs = grid[:1], inputs[:1]
+    out = []
+    for tag, m, r, x, q, a, b, s, dy in inputs:
+        xd = x.detach()
+        for kind in ("fwd", "bwd"):
+            def run(cfg, kind=kind):
+                if kind == "fwd":
+                    with torch.no_grad():
+                        return L.lora_linear_triton(xd, q, a, b, s, 0.05, True, 1, "dequant", fwd_config=cfg)
+                y = L.lora_linear_triton(x, q, a, b, s, 0.05, True, 1, "dequant", bwd_config=cfg)
+                return torch.autograd.grad(y, [x, a, b], dy)
+
+            default = bench(lambda: run(None))
+            best, best_cfg = float("inf"), None
+            for cfg in grid:
+                try:
+                    t = bench(lambda cfg=cfg: run(cfg))
+                except Exception:  # a config the device cannot fit (shared memory) is skipped
+                    continue
+                if t < best:
+                    best, best_cfg = t, cfg
+            out.append({"dir": kind, "shape": tag, "M": m, "r": r, "default_ms": default, "best_ms": best,
+                        "best_config": str(best_cfg)})
+    return out
+
+
+def check_targets(rows, qkv_rows) -> list[dict]:
+    """Issue 4's target (lora_auto <= 1.10x NF4 alone) and the comparisons it asks for, with the figures."""
+    out = []
+
+    def verdict(name, ok, detail):
+        out.append({"target": name, "status": "not measured" if ok is None else ("met" if ok else "missed"),
+                    "detail": detail})
+
+    measured = [r for r in rows if r["lora_auto/nf4_only"]]
+    verdict("NF4+LoRA fwd+bwd <= 1.10x NF4 alone (M 4096/16384, r 16/64)",
+            all(r["lora_auto/nf4_only"] <= 1.10 for r in measured) if measured else None,
+            ", ".join(f"{r['shape']} M={r['M']} r={r['r']}: {r['lora_auto/nf4_only']:.3f}x" for r in measured))
+    peft = [r for r in rows if r["peft_style/nf4_only"]]
+    verdict("faster than PEFT-style separate LoRA matmuls on the same NF4 base",
+            all(r["lora_auto"] < r["peft_style"] for r in peft if r["lora_auto"]) if peft else None,
+            ", ".join(f"{r['shape']} M={r['M']} r={r['r']}: peft {r['peft_style/nf4_only']:.3f}x" for r in peft))
+    bnb = [r for r in rows if r["bnb_peft"] and r["lora_auto"]]
+    verdict("faster than bitsandbytes + PEFT",
+            all(r["lora_auto"] < r["bnb_peft"] for r in bnb) if bnb else None,
+            ", ".join(f"{r['shape']} M={r['M']} r={r['r']}: bnb+peft/bezoar {r['bnb_peft'] / r['lora_auto']:.2f}"
+                      for r in bnb) or "bitsandbytes not measured")
+    qkv = [r for r in qkv_rows if r["qkv_lora_fused"] and r["qkv_lora_separate"]]
+    verdict("fused q/k/v faster than three separate LoRA calls",
+            all(r["qkv_lora_fused"] < r["qkv_lora_separate"] for r in qkv) if qkv else None,
+            ", ".join(f"M={r['M']} r={r['r']}: fused {r['qkv_lora_fused/nf4_only']:.3f}x, separate "
+                      f"{r['qkv_lora_separate/nf4_only']:.3f}x" for r in qkv))
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1184 @@
+"""Fused LoRA linear: ``y = x @ W.T + s * (dropout(x) @ A.T) @ B.T`` on a frozen NF4 or dense base.
+
+Shapes: x (M, K) after flattening leading dims, W (N, K) frozen (an ``NF4Weight`` or a dense
+bf16/fp16/fp32 tensor), A (r, K), B (N, r), s the LoRA scaling. Gradients: dx, dA, dB (no dW).
+
+Forward, in two launches::
+
+    xa = dropout(x) @ A.T                         (M, r)   "down":  reads x once, writes M*r
+    y  = x @ W.T + s * xa @ B.T                   (M, N)   base GEMM whose epilogue adds the LoRA term
+
+The LoRA term costs the base GEMM 2*M*N*r extra FLOPs in its epilogue (r/K of the base: 0.5% at
+r=16, K=3200) and reads xa (M x r) and a B tile (r x BLOCK_N) per output tile. Nothing of size
+(M, N) is written besides y, and dropout(x) is never materialized: the mask is a counter-based
+hash of (seed, row, column), recomputed wherever it is needed (down, dx, dA) and never stored.
+
+Backward, with g = s * dy @ B (M, r)::
+
+    g  = s * dy @ B                               "g":     reads dy once
+    dB = s * dy.T @ xa                            "dB":    reads dy once more, fp32 partial sums over row splits
+    dx = dy @ W + (g @ A) * mask / (1 - p)        base GEMM (dy @ W) whose epilogue adds the masked LoRA term
+    dA = g.T @ dropout(x)                         "dA":    reads x once, fp32 partial sums over row splits
+
+Why this split (OpenLLaMA 3B q_proj, M = 16384, N = K = 3200, bf16, H100): the base GEMM is
+2*M*N*K = 336 GFLOP (about 0.45 ms); one pass over an (M, K) activation is 105 MB (about
+0.04 ms). Computing xa inside the base GEMM would redo x @ A.T for every column tile (r/BLOCK_N
+more tensor-core work: 12% at r=16, 50% at r=64), more than the one extra pass the "down" launch
+costs. The same holds for g inside the dx GEMM. g and dB both reduce dy, over different axes;
+one pass computing both must keep fp32 partials of one of them ((N/BLOCK_N) * M * r, as large
+as dy itself at r=64), so they are two lean passes instead. The LoRA path thus adds four
+activation passes (x for down, dy twice, x for dA), about 10% of the base GEMMs' time at these
+shapes, and no (M, N) intermediate. PEFT's separate ops make many more: the dropout output and
+its mask, the lora_B output, its scaled copy and the sum are each written and read again, and
+their gradients likewise in the backward.
+
+The base GEMM runs on one of three paths (``path``, chosen by M when "auto"):
+
+* ``fused``: one Triton kernel decodes NF4 tiles inside the K loop (0.5 byte per weight read),
+  for small M where the product is memory-bound (decoding, evaluation); a dense W is read as is.
+  Small grids split the reduction into fp32 partials (split 0 carries the LoRA term).
+* ``dequant``: the Triton dequantize kernel writes W into a reused buffer, then the Triton
+  dense GEMM with the LoRA epilogue runs on it (large M, training).
+* ``cublas``: W dequantized into the buffer, the base product by cuBLAS, then the same kernel
+  adds the LoRA term in place over y (and over dx): one extra read and write of y and of dx.
+  It trades the fused epilogue for cuBLAS's GEMM; bench/lora.py measures both.
+
+Fused q/k/v (``lora_qkv``): three projections in each launch. The down and dA launches read a
+tile of x once from DRAM for the three (the three programs of one tile run side by side and
+share it through L2), the forward GEMM walks the column tiles of q, k and v over the same rows
+of x (grouped launch order keeps x in L2), and the dx GEMM sums the three products in one
+accumulator, so dx is written once. Each projection has its own dropout mask (its own seed), as
+PEFT's three dropout modules would. q, k, v come back as column slices of one (M, Nq+Nk+Nv)
+buffer; the rotary and attention kernels take such strided views as they are.
+
+Dropout: element (m, k) of x is kept when ``hash(hash(seed ^ m) ^ k) >> 8 >= round(p * 2**24)``,
+with ``hash`` a 32-bit integer mixer (xor-shift / multiply rounds), computed in uint32 by the
+kernels and in int64 (masked to 32 bits) by ``lora_dropout_mask``, so the torch reference
+reproduces the kernels' mask bit for bit. Kept elements are scaled by 1 / (1 - p).
+
+Precision: the compute dtype is x's dtype. A and B (fp32 master weights) are cast to it, as
+autocast does for PEFT; products accumulate in fp32; xa and g are rounded to the compute dtype
+(as the reference's matmul outputs are); dA and dB accumulate in fp32 and come back in the dtype
+of A and B. The reference (``lora_linear_reference``) is PEFT's arithmetic: separate matmuls,
+the dropout mask applied to x, autograd for the backward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from bezoar_kernels import dispatch
+from bezoar_kernels.nf4 import NESTED_BLOCKSIZE, NF4Weight, dequantize_nf4_reference, dequantize_nf4_triton, nf4_code
+from bezoar_kernels.nf4_matmul import fused_max_m
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+
+PATHS = ("auto", "fused", "dequant", "cublas")
+LARGE_M_PATH = "dequant"  # what "auto" takes above the fused threshold; env BEZOAR_LORA_LARGE_M_PATH
+MAX_KERNEL_RANK = 256  # larger ranks run the torch reference (register tiles of r columns)
+_GENERAL_CHUNK = 64  # K chunk of the NF4 decode when K is not a multiple of the blocksize
+_DROP_BITS = 24  # the mask compares the top 24 bits of the hash with p * 2**24
+
+_BASE_NF4, _BASE_DENSE, _BASE_IN_OUT = 0, 1, 2  # the GEMM kernels' BASE switch
+
+
+# ----------------------------------------------------------------------------- dropout mask (torch)
+
+_MASK32 = 0xFFFFFFFF
+_MIX_MUL1 = 0x7FEB352D
+_MIX_MUL2 = 0x846CA68B
+
+
+def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
+    """(h * c) mod 2**32 for int64 h in [0, 2**32), without overflowing int64."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (h * lo + (((h * hi) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """The 32-bit mixer of the kernels, on int64 tensors holding uint32 values."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, _MIX_MUL1)
+    h = h ^ (h >> 15)
+    h = _mul32(h, _MIX_MUL2)
+    return h ^ (h >> 16)
+
+
+def dropout_threshold(p: float) -> int:
+    """An element is dropped when the top 24 bits of its hash are below this."""
+    return int(round(p * (1 << _DROP_BITS)))
+
+
+def seed31(seed: int) -> int:
+    """The 31 bits of a seed the mask uses (the kernels take it as an int32)."""
+    return int(seed) & 0x7FFFFFFF
+
+
+def lora_dropout_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
+    """The kernels' dropout mask for an (rows, cols) input: fp32, 0 or 1 / (1 - p), from (seed, row, col)."""
+    m = torch.arange(rows, dtype=torch.int64, device=device)
+    k = torch.arange(cols, dtype=torch.int64, device=device)
+    row_hash = _mix32(m ^ seed31(seed))
+    h = _mix32(row_hash[:, None] ^ k[None, :])
+    keep = (h >> (32 - _DROP_BITS)) >= dropout_threshold(p)
+    return keep.to(torch.float32) * (1.0 / (1.0 - p))
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """One LoRA pair: A (r, in), B (out, r) and the scaling s (alpha / r, or alpha / sqrt(r))."""
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scaling: float
+
+
+def _check(x: torch.Tensor, weights: Sequence, adapters: Sequence[Adapter] | None, dropout_p: float,
+           what: str) -> None:
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"{what}: x must be float16/bfloat16/float32, got {x.dtype}")
+    k = x.shape[-1]
+    dense = [isinstance(w, torch.Tensor) for w in weights]
+    if any(dense) and not all(dense):
+        raise ValueError(f"{what}: weights must be all NF4Weight or all dense tensors")
+    for i, w in enumerate(weights):
+        if not isinstance(w, (torch.Tensor, NF4Weight)):
+            raise ValueError(f"{what}: weight {i} is a {type(w).__name__}; expected an NF4Weight or a tensor")
+        shape = tuple(w.shape)
+        if len(shape) != 2 or shape[1] != k:
+            raise ValueError(f"{what}: weight {i} has shape {shape}, x's last dim {k} needs (out, {k})")
+        if w.device != x.device:
+            raise ValueError(f"{what}: x on {x.device}, weight {i} on {w.device}")
+        if isinstance(w, torch.Tensor):
+            if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                raise ValueError(f"{what}: dense weight {i} must be float16/bfloat16/float32, got {w.dtype}")
+            if w.requires_grad and torch.is_grad_enabled():
+                raise ValueError(f"{what}: the base weight is frozen here (no dW); weight {i} requires grad")
+    nf4 = [w for w in weights if isinstance(w, NF4Weight)]
+    if nf4 and len({(w.blocksize, w.double_quant) for w in nf4}) > 1:
+        raise ValueError(f"{what}: NF4 weights must share blocksize and double quantization")
+    if adapters is None:
+        return
+    if len(adapters) != len(weights):
+        raise ValueError(f"{what}: {len(weights)} weights but {len(adapters)} adapters")
+    ranks = set()
+    for i, ad in enumerate(adapters):
+        a, b = ad.lora_a, ad.lora_b
+        n = weights[i].shape[0]
+        if a.dim() != 2 or a.shape[1] != k:
+            raise ValueError(f"{what}: lora_A {i} has shape {tuple(a.shape)}, expected (r, {k})")
+        if b.dim() != 2 or b.shape != (n, a.shape[0]):
+            raise ValueError(f"{what}: lora_B {i} has shape {tuple(b.shape)}, expected ({n}, {a.shape[0]})")
+        if a.device != x.device or b.device != x.device:
+            raise ValueError(f"{what}: LoRA weights {i} on {a.device}/{b.device}, x on {x.device}")
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise ValueError(f"{what}: LoRA weights {i} must be floating point")
+        ranks.add(a.shape[0])
+    if len(ranks) > 1:
+        raise ValueError(f"{what}: the fused projections need one rank, got {sorted(ranks)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{what}: dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def large_m_path() -> str:
+    """The path "auto" takes above the fused threshold: ``BEZOAR_LORA_LARGE_M_PATH`` or ``LARGE_M_PATH``."""
+    raw = os.environ.get("BEZOAR_LORA_LARGE_M_PATH", "").strip().lower()
+    if not raw:
+        return LARGE_M_PATH
+    if raw not in PATHS[1:]:
+        raise ValueError(f"BEZOAR_LORA_LARGE_M_PATH={raw!r}: expected one of {', '.join(PATHS[1:])}")
+    return raw
+
+
+def resolve_path(path: str | None, m: int, has_lora: bool = True) -> str:
+    """The concrete path for M rows: "fused", "dequant" or "cublas"."""
+    path = path or "auto"
+    if path not in PATHS:
+        raise ValueError(f"lora path {path!r}: expected one of {', '.join(PATHS)}")
+    if path != "auto":
+        return path
+    if m <= fused_max_m():
+        return "fused"
+    # Without an adapter there is no epilogue to fuse: the base product is cuBLAS's to do.
+    return large_m_path() if has_lora else "cublas"
+
+
+# ----------------------------------------------------------------------------- torch reference
+
+
+def _dense_or_dequantized(weight, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(weight, NF4Weight):
+        return dequantize_nf4_reference(weight, dtype)
+    return weight.detach().to(dtype)
+
+
+def _projections_reference(x, weights, adapters, dropout_p, training, seeds):
+    outputs = []
+    dtype = x.dtype
+    k = x.shape[-1]
+    for i, w in enumerate(weights):
+        y = F.linear(x, _dense_or_dequantized(w, dtype))
+        if adapters is not None:
+            ad = adapters[i]
+            h = x
+            if training and dropout_p > 0:
+                mask = lora_dropout_mask(seeds[i], x.numel() // k, k, dropout_p, x.device)
+                h = (x.float() * mask.view(x.shape)).to(dtype)
+            update = F.linear(F.linear(h, ad.lora_a.to(dtype)), ad.lora_b.to(dtype)) * ad.scaling
+            y = y + update
+        outputs.append(y)
+    return tuple(outputs)
+
+
+def lora_linear_reference(x: torch.Tensor, weight, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                          dropout_p: float = 0.0, training: bool = False, seed: int = 0,
+                          path: str | None = None) -> torch.Tensor:
+    """Torch reference of ``lora_linear`` (PEFT's arithmetic; the mask from ``lora_dropout_mask``)."""
+    adapters = [Adapter(lora_a, lora_b, float(scaling))]
+    _check(x, [weight], adapters, dropout_p, "lora_linear")
+    resolve_path(path, 0)
+    return _projections_reference(x, [weight], adapters, dropout_p, training, [seed])[0]
+
+
+def lora_qkv_reference(x: torch.Tensor, weights: Sequence, adapters: Sequence[Adapter] | None = None,
+                       dropout_p: float = 0.0, training: bool = False, seeds: Sequence[int] = (0, 0, 0),
+                       path: str | None = None) -> tuple[torch.Tensor, ...]:
+    """Torch reference of ``lora_qkv``: each projection on its own, with its own seed."""
+    _check_qkv_args(x, weights, adapters, dropout_p, seeds)
+    resolve_path(path, 0)
+    return _projections_reference(x, weights, adapters, dropout_p, training, seeds)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+if triton is not None:
+    from bezoar_kernels.nf4_matmul import _nf4_weight_halves
+
+    @triton.jit
+    def _pick3(j, a, b, c):
+        """a, b or c for projection j (a select on scalars or pointers; static when j is constexpr)."""
+        if j == 0:
+            out = a
+        elif j == 1:
+            out = b
+        else:
+            out = c
+        return out
+
+    @triton.jit
+    def _mix32_tl(h):
+        h ^= h >> 16
+        h *= 0x7FEB352D
+        h ^= h >> 15
+        h *= 0x846CA68B
+        h ^= h >> 16
+        return h
+
+    @triton.jit
+    def _dropout_scale(rows, cols, seed, threshold, keep_scale):
+        """fp32 (rows x cols): keep_scale where the hash of (seed, row, col) keeps the element, 0 elsewhere."""
+        row_hash = _mix32_tl(rows.to(tl.uint32) ^ seed.to(tl.uint32))
+        h = _mix32_tl(row_hash[:, None] ^ cols.to(tl.uint32)[None, :])
+        keep = (h >> 8).to(tl.int32) >= threshold
+        return tl.where(keep, keep_scale, 0.0)
+
+    @triton.jit
+    def _lora_down_kernel(
+        # pointers: x (M, K), A stacked (P, R, K), xa (P, M, R)
+        x_ptr, a_ptr, xa_ptr,
+        # sizes and scalars
+        M, K, R, seed0, seed1, seed2, threshold, keep_scale,
+        # strides
+        stride_xm, stride_xk,
+        # meta
+        P: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """xa[j, m, :] = dropout_j(x[m, :]) @ A[j].T; one program per (row block, projection j)."""
+        pid = tl.program_id(0)
+        j = pid % P  # the P programs of one row block are neighbours: x comes from DRAM once
+        offs_m = (pid // P) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_r = tl.arange(0, R_PAD)
+        m_ok = offs_m < M
+        r_ok = offs_r < R
+        seed = _pick3(j, seed0, seed1, seed2)
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+        a_rows = a_ptr + (j * R + offs_r).to(tl.int64)[:, None] * K
+        acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            if DROPOUT:
+                scale = _dropout_scale(offs_m, offs_k, seed, threshold, keep_scale)
+                x = (x.to(tl.float32) * scale).to(x_ptr.dtype.element_ty)
+            a = tl.load(a_rows + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(a), acc, input_precision=DOT_PRECISION)
+        out = xa_ptr + (j * M + offs_m).to(tl.int64)[:, None] * R + offs_r[None, :]
+        tl.store(out, acc.to(xa_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
+
+    @triton.jit
+    def _lora_fwd_kernel(
+        # pointers: x (M, K), xa (P, M, R), B concatenated (Ncat, R), y (split, M, Ncat), the NF4 code
+        x_ptr, xa_ptr, b_ptr, y_ptr, code_ptr,
+        # per projection j: the weight (NF4 packed bytes, absmax, nested absmax, nested code; dense: 4x W)
+        w0_ptr, absmax0_ptr, nested_absmax0_ptr, nested_code0_ptr,
+        w1_ptr, absmax1_ptr, nested_absmax1_ptr, nested_code1_ptr,
+        w2_ptr, absmax2_ptr, nested_absmax2_ptr, nested_code2_ptr,
+        # sizes and scalars
+        M, K, R, N0, N1, N2, offset0, offset1, offset2, scaling0, scaling1, scaling2, steps_per_split,
+        # strides
+        stride_xm, stride_xk, stride_ys, stride_ym,
+        # meta
+        BASE: tl.constexpr, HAS_LORA: tl.constexpr, R_PAD: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        BLOCKSIZE: tl.constexpr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+        NESTED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """y[:, n_off_j + n] = x @ W_j[n].T + s_j * xa[j] @ B_j[n].T for one (row block, column tile).
+
+        BASE: 0 decodes NF4 tiles in the K loop, 1 reads a dense W, 2 takes the base product already
+        in y (cuBLAS) and only adds the LoRA term. Column tiles never straddle projections.
+        """
+        pid = tl.program_id(0)
+        pid_split = tl.program_id(1)
+        t0 = tl.cdiv(N0, BLOCK_N)
+        t1 = tl.cdiv(N1, BLOCK_N)
+        n_tiles = t0 + t1 + tl.cdiv(N2, BLOCK_N)
+        # grouped order: GROUP_M row blocks walk the column tiles together (x and W stay in L2)
+        per_group = GROUP_M * n_tiles
+        first_m = (pid // per_group) * GROUP_M
+        group_size = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_size
+        pid_n = (pid % per_group) // group_size
+        j = (pid_n >= t0).to(tl.int32) + (pid_n >= t0 + t1).to(tl.int32)
+        tile = pid_n - _pick3(j, 0, t0, t0 + t1)
+        N = _pick3(j, N0, N1, N2)
+        n_off = _pick3(j, 0, N0, N0 + N1)
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+        y_tile = y_ptr + pid_split * stride_ys + offs_m.to(tl.int64)[:, None] * stride_ym + (n_off + offs_n)[None, :]
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if BASE == 0:
+            w_ptr = _pick3(j, w0_ptr, w1_ptr, w2_ptr)
+            absmax_ptr = _pick3(j, absmax0_ptr, absmax1_ptr, absmax2_ptr)
+            nested_absmax_ptr = _pick3(j, nested_absmax0_ptr, nested_absmax1_ptr, nested_absmax2_ptr)
+            nested_code_ptr = _pick3(j, nested_code0_ptr, nested_code1_ptr, nested_code2_ptr)
+            offset = _pick3(j, offset0, offset1, offset2)
+            HALF: tl.constexpr = CHUNK // 2
+            half = tl.arange(0, HALF)
+            chunk_begin = pid_split * steps_per_split
+            chunk_end = tl.minimum(chunk_begin + steps_per_split, tl.cdiv(K, CHUNK))
+            for chunk in range(chunk_begin, chunk_end):
+                k_start = chunk * CHUNK
+                w_hi, w_lo = _nf4_weight_halves(w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr,
+                                                offset, offs_n, k_start, N, K, BLOCKSIZE, CHUNK, ALIGNED,
+                                                DOUBLE_QUANT, NESTED)
+                k_even = (k_start + 2 * half).to(tl.int64)
+                x_hi = tl.load(x_rows + k_even[None, :] * stride_xk, mask=m_ok[:, None] & (k_even < K)[None, :],
+                               other=0.0)
+                x_lo = tl.load(x_rows + (k_even + 1)[None, :] * stride_xk,
+                               mask=m_ok[:, None] & (k_even + 1 < K)[None, :], other=0.0)
+                acc = tl.dot(x_hi, tl.trans(w_hi.to(x_hi.dtype)), acc, input_precision=DOT_PRECISION)
+                acc = tl.dot(x_lo, tl.trans(w_lo.to(x_lo.dtype)), acc, input_precision=DOT_PRECISION)
+        elif BASE == 1:
+            w_rows = _pick3(j, w0_ptr, w1_ptr, w2_ptr) + offs_n[:, None] * K
+            k_begin = pid_split * steps_per_split * BLOCK_K
+            k_end = tl.minimum(k_begin + steps_per_split * BLOCK_K, K)
+            for k0 in range(k_begin, k_end, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < K
+                x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.load(y_tile, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+
+        if HAS_LORA:
+            # the LoRA term, once: split 0 carries it when the reduction is split
+            offs_r = tl.arange(0, R_PAD)
+            r_ok = offs_r < R
+            xa = tl.load(xa_ptr + (j * M + offs_m).to(tl.int64)[:, None] * R + offs_r[None, :],
+                         mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            b = tl.load(b_ptr + (n_off + offs_n)[:, None] * R + offs_r[None, :], mask=n_ok[:, None] & r_ok[None, :],
+                        other=0.0)
+            scaling = tl.where(pid_split == 0, _pick3(j, scaling0, scaling1, scaling2), 0.0)
+            acc += scaling * tl.dot(xa, tl.trans(b), input_precision=DOT_PRECISION)
+        tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _lora_dx_epilogue(acc, g_ptr, a_ptr, offs_m, m_ok, cols, M, K, R, seed, threshold, keep_scale,
+                          j: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """acc + (g[j] @ A[j][:, cols]) * dropout scale of (seed, row, col): projection j's LoRA part of dx."""
+        offs_r = tl.arange(0, R_PAD)
+        r_ok = offs_r < R
+        g = tl.load(g_ptr + (j * M + offs_m).to(tl.int64)[:, None] * R + offs_r[None, :],
+                    mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        a = tl.load(a_ptr + (j * R + offs_r).to(tl.int64)[:, None] * K + cols[None, :],
+                    mask=r_ok[:, None] & (cols < K)[None, :], other=0.0)
+        lora = tl.dot(g, a, input_precision=DOT_PRECISION)
+        if DROPOUT:
+            lora = lora * _dropout_scale(offs_m, cols, seed, threshold, keep_scale)
+        return acc + lora
+
+    @triton.jit
+    def _lora_bwd_kernel(
+        # pointers: dy_j (M, N_j), g (P, M, R), A stacked (P, R, K), dx (split, M, K), the NF4 code
+        dy0_ptr, dy1_ptr, dy2_ptr, g_ptr, a_ptr, dx_ptr, code_ptr,
+        # per projection j: the weight, as in the forward kernel
+        w0_ptr, absmax0_ptr, nested_absmax0_ptr, nested_code0_ptr,
+        w1_ptr, absmax1_ptr, nested_absmax1_ptr, nested_code1_ptr,
+        w2_ptr, absmax2_ptr, nested_absmax2_ptr, nested_code2_ptr,
+        # sizes and scalars
+        M, K, R, N0, N1, N2, offset0, offset1, offset2, seed0, seed1, seed2, threshold, keep_scale, rows_per_split,
+        # strides
+        stride_dy0, stride_dy1, stride_dy2, stride_dxs, stride_dxm,
+        # meta
+        P: tl.constexpr, BASE: tl.constexpr, HAS_LORA: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        BLOCKSIZE: tl.constexpr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+        NESTED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """dx[m, cols] = sum_j dy_j @ W_j[:, cols] + sum_j (g[j] @ A[j][:, cols]) * mask_j, one tile per program.
+
+        The reduction runs over the concatenated rows of W_0..W_{P-1}; a split takes rows
+        [split * rows_per_split, ...). BASE as in the forward kernel (2: dx holds cuBLAS's dy @ W).
+        With NF4 a tile's columns are one K chunk, as two halves: even columns (high nibbles) and odd.
+        """
+        pid = tl.program_id(0)
+        pid_split = tl.program_id(1)
+        WIDTH: tl.constexpr = CHUNK if BASE == 0 else BLOCK_K
+        k_tiles = tl.cdiv(K, WIDTH)
+        per_group = GROUP_M * k_tiles
+        first_m = (pid // per_group) * GROUP_M
+        group_size = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_size
+        k_start = ((pid % per_group) // group_size) * WIDTH
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        row_begin = pid_split * rows_per_split
+        row_end = row_begin + rows_per_split
+        dx_rows = dx_ptr + pid_split * stride_dxs + offs_m.to(tl.int64)[:, None] * stride_dxm
+
+        if BASE == 0:
+            HALF: tl.constexpr = CHUNK // 2
+            cols_hi = (k_start + 2 * tl.arange(0, HALF)).to(tl.int64)
+            cols_lo = cols_hi + 1
+            acc_hi = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+            acc_lo = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+            for j in tl.static_range(P):
+                dy_ptr = _pick3(j, dy0_ptr, dy1_ptr, dy2_ptr)
+                stride_dy = _pick3(j, stride_dy0, stride_dy1, stride_dy2)
+                N = _pick3(j, N0, N1, N2)
+                n_off = _pick3(j, 0, N0, N0 + N1)
+                lo = tl.maximum(row_begin - n_off, 0)
+                hi = tl.minimum(row_end - n_off, N)
+                dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dy
+                for n_start in range(lo, hi, BLOCK_N):
+                    offs_n = (n_start + tl.arange(0, BLOCK_N)).to(tl.int64)
+                    w_hi, w_lo = _nf4_weight_halves(
+                        _pick3(j, w0_ptr, w1_ptr, w2_ptr), _pick3(j, absmax0_ptr, absmax1_ptr, absmax2_ptr),
+                        _pick3(j, nested_absmax0_ptr, nested_absmax1_ptr, nested_absmax2_ptr),
+                        _pick3(j, nested_code0_ptr, nested_code1_ptr, nested_code2_ptr), code_ptr,
+                        _pick3(j, offset0, offset1, offset2), offs_n, k_start, N, K, BLOCKSIZE, CHUNK, ALIGNED,
+                        DOUBLE_QUANT, NESTED)
+                    dy = tl.load(dy_rows + offs_n[None, :], mask=m_ok[:, None] & (offs_n < hi)[None, :], other=0.0)
+                    acc_hi = tl.dot(dy, w_hi.to(dy.dtype), acc_hi, input_precision=DOT_PRECISION)
+                    acc_lo = tl.dot(dy, w_lo.to(dy.dtype), acc_lo, input_precision=DOT_PRECISION)
+            if HAS_LORA:
+                if pid_split == 0:
+                    for j in tl.static_range(P):
+                        seed = _pick3(j, seed0, seed1, seed2)
+                        acc_hi = _lora_dx_epilogue(acc_hi, g_ptr, a_ptr, offs_m, m_ok, cols_hi, M, K, R, seed,
+                                                   threshold, keep_scale, j, DROPOUT, R_PAD, DOT_PRECISION)
+                        acc_lo = _lora_dx_epilogue(acc_lo, g_ptr, a_ptr, offs_m, m_ok, cols_lo, M, K, R, seed,
+                                                   threshold, keep_scale, j, DROPOUT, R_PAD, DOT_PRECISION)
+            tl.store(dx_rows + cols_hi[None, :], acc_hi.to(dx_ptr.dtype.element_ty),
+                     mask=m_ok[:, None] & (cols_hi < K)[None, :])
+            tl.store(dx_rows + cols_lo[None, :], acc_lo.to(dx_ptr.dtype.element_ty),
+                     mask=m_ok[:, None] & (cols_lo < K)[None, :])
+        else:
+            cols = (k_start + tl.arange(0, BLOCK_K)).to(tl.int64)
+            c_ok = cols < K
+            if BASE == 1:
+                acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+                for j in tl.static_range(P):
+                    dy_ptr = _pick3(j, dy0_ptr, dy1_ptr, dy2_ptr)
+                    stride_dy = _pick3(j, stride_dy0, stride_dy1, stride_dy2)
+                    N = _pick3(j, N0, N1, N2)
+                    n_off = _pick3(j, 0, N0, N0 + N1)
+                    lo = tl.maximum(row_begin - n_off, 0)
+                    hi = tl.minimum(row_end - n_off, N)
+                    dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dy
+                    w_ptr = _pick3(j, w0_ptr, w1_ptr, w2_ptr)
+                    for n_start in range(lo, hi, BLOCK_N):
+                        offs_n = (n_start + tl.arange(0, BLOCK_N)).to(tl.int64)
+                        n_ok = offs_n < hi
+                        dy = tl.load(dy_rows + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+                        w = tl.load(w_ptr + offs_n[:, None] * K + cols[None, :], mask=n_ok[:, None] & c_ok[None, :],
+                                    other=0.0)
+                        acc = tl.dot(dy, w.to(dy.dtype), acc, input_precision=DOT_PRECISION)
+            else:
+                acc = tl.load(dx_rows + cols[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+            if HAS_LORA:
+                if pid_split == 0:
+                    for j in tl.static_range(P):
+                        seed = _pick3(j, seed0, seed1, seed2)
+                        acc = _lora_dx_epilogue(acc, g_ptr, a_ptr, offs_m, m_ok, cols, M, K, R, seed, threshold,
+                                                keep_scale, j, DROPOUT, R_PAD, DOT_PRECISION)
+            tl.store(dx_rows + cols[None, :], acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+
+    @triton.jit
+    def _lora_g_kernel(
+        # pointers: dy_j (M, N_j), B concatenated (Ncat, R), g (P, M, R)
+        dy0_ptr, dy1_ptr, dy2_ptr, b_ptr, g_ptr,
+        # sizes and scalars
+        M, R, N0, N1, N2, scaling0, scaling1, scaling2,
+        # strides (rows of dy_j; the last dim is contiguous)
+        stride_dy0, stride_dy1, stride_dy2,
+        # meta
+        P: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        """g[j, m, :] = s_j * dy_j[m, :] @ B_j; one program per (row block, projection), whole rows of dy."""
+        pid = tl.program_id(0)
+        j = pid % P
+        offs_m = (pid // P) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_r = tl.arange(0, R_PAD)
+        m_ok = offs_m < M
+        r_ok = offs_r < R
+        N = _pick3(j, N0, N1, N2)
+        n_off = _pick3(j, 0, N0, N0 + N1)
+        dy_rows = _pick3(j, dy0_ptr, dy1_ptr, dy2_ptr) + offs_m.to(tl.int64)[:, None] * _pick3(
+            j, stride_dy0, stride_dy1, stride_dy2)
+        acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+            n_ok = offs_n < N
+            dy = tl.load(dy_rows + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            b = tl.load(b_ptr + (n_off + offs_n)[:, None] * R + offs_r[None, :], mask=n_ok[:, None] & r_ok[None, :],
+                        other=0.0)
+            acc = tl.dot(dy, b, acc, input_precision=DOT_PRECISION)
+        acc = acc * _pick3(j, scaling0, scaling1, scaling2)
+        tl.store(g_ptr + (j * M + offs_m).to(tl.int64)[:, None] * R + offs_r[None, :], acc.to(g_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & r_ok[None, :])
+
+    @triton.jit
+    def _lora_db_kernel(
+        # pointers: dy_j (M, N_j), xa (P, M, R), partial dB (split, Ncat, R) fp32
+        dy0_ptr, dy1_ptr, dy2_ptr, xa_ptr, db_ptr,
+        # sizes and scalars
+        M, R, N0, N1, N2, scaling0, scaling1, scaling2, rows_per_split,
+        # strides
+        stride_dy0, stride_dy1, stride_dy2, stride_dbs,
+        # meta
+        R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """db[split, n_off_j + n, :] = s_j * sum over the split's rows m of dy_j[m, n] * xa[j, m, :]."""
+        pid = tl.program_id(0)
+        pid_split = tl.program_id(1)
+        t0 = tl.cdiv(N0, BLOCK_N)
+        t1 = tl.cdiv(N1, BLOCK_N)
+        j = (pid >= t0).to(tl.int32) + (pid >= t0 + t1).to(tl.int32)
+        tile = pid - _pick3(j, 0, t0, t0 + t1)
+        N = _pick3(j, N0, N1, N2)
+        n_off = _pick3(j, 0, N0, N0 + N1)
+        dy_ptr = _pick3(j, dy0_ptr, dy1_ptr, dy2_ptr)
+        stride_dy = _pick3(j, stride_dy0, stride_dy1, stride_dy2)
+        offs_n = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        offs_r = tl.arange(0, R_PAD)
+        n_ok = offs_n < N
+        r_ok = offs_r < R
+        m_begin = pid_split * rows_per_split
+        m_end = tl.minimum(m_begin + rows_per_split, M)
+        acc = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+        for m0 in range(m_begin, m_end, BLOCK_M):
+            offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+            m_ok = offs_m < m_end
+            dy = tl.load(dy_ptr + offs_m[:, None] * stride_dy + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
+                         other=0.0)
+            xa = tl.load(xa_ptr + (j * M + offs_m)[:, None] * R + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :],
+                         other=0.0)
+            acc = tl.dot(tl.trans(dy), xa, acc, input_precision=DOT_PRECISION)
+        acc = acc * _pick3(j, scaling0, scaling1, scaling2)
+        tl.store(db_ptr + pid_split * stride_dbs + (n_off + offs_n)[:, None] * R + offs_r[None, :], acc,
+                 mask=n_ok[:, None] & r_ok[None, :])
+
+    @triton.jit
+    def _lora_da_kernel(
+        # pointers: x (M, K), g (P, M, R), partial dA (split, P, R, K) fp32
+        x_ptr, g_ptr, da_ptr,
+        # sizes and scalars
+        M, K, R, seed0, seed1, seed2, threshold, keep_scale, rows_per_split,
+        # strides
+        stride_xm, stride_xk, stride_das,
+        # meta
+        P: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        """da[split, j, :, k] = sum over the split's rows m of g[j, m, :] * dropout_j(x)[m, k]."""
+        pid = tl.program_id(0)
+        pid_split = tl.program_id(1)
+        j = pid % P  # neighbours share the x tile through L2
+        offs_k = ((pid // P) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+        offs_r = tl.arange(0, R_PAD)
+        k_ok = offs_k < K
+        r_ok = offs_r < R
+        seed = _pick3(j, seed0, seed1, seed2)
+        m_begin = pid_split * rows_per_split
+        m_end = tl.minimum(m_begin + rows_per_split, M)
+        acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+        for m0 in range(m_begin, m_end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < m_end
+            x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            if DROPOUT:
+                scale = _dropout_scale(offs_m, offs_k, seed, threshold, keep_scale)
+                x = (x.to(tl.float32) * scale).to(x_ptr.dtype.element_ty)
+            g = tl.load(g_ptr + (j * M + offs_m).to(tl.int64)[:, None] * R + offs_r[None, :],
+                        mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            acc = tl.dot(tl.trans(g), x, acc, input_precision=DOT_PRECISION)
+        out = da_ptr + pid_split * stride_das + (j * R + offs_r).to(tl.int64)[:, None] * K + offs_k[None, :]
+        tl.store(out, acc, mask=r_ok[:, None] & k_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- launch configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    """Tiles of the base-GEMM kernels. ``split`` cuts the reduction (forward: K, backward: N) into
+    fp32 partials; ``block_k`` is the K step of the dense forward and the K tile of the dense backward."""
+
+    block_m: int
+    block_n: int
+    block_k: int = 64
+    split: int = 1
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _programs_wanted(device: torch.device) -> int:
+    """About four programs per SM keep a memory-bound launch streaming; few in the interpreter."""
+    if device.type != "cuda":
+        return 8
+    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def default_gemm_config(kind: str, base: int, m: int, n: int, k: int, chunk: int, device: torch.device) -> GemmConfig:
+    """Tiles for the ``kind`` ("forward" | "backward") GEMM on (m, k) x (n, k) with the given BASE.
+
+    Small M is memory-bound on W: enough programs to keep the SMs streaming, splitting the
+    reduction when the output tiles alone are too few. Large M is compute-bound: big tiles,
+    8 warps, no split. BASE 2 (epilogue only) is a plain pass over y or dx.
+    """
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    big = m > 64
+    if base == _BASE_IN_OUT:
+        return GemmConfig(min(block_m, 64), 128 if kind == "forward" else 64, 64, 1, 8, 4, 1)
+    if kind == "forward":
+        block_n = 128 if big else 64
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        block_k = 64
+        steps = triton.cdiv(k, chunk if base == _BASE_NF4 else block_k)
+    elif kind == "backward":
+        block_n = 64
+        block_k = 128 if big else 64
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(k, chunk if base == _BASE_NF4 else block_k)
+        steps = triton.cdiv(n, block_n)
+    else:
+        raise ValueError(f"gemm config kind {kind!r}")
+    split = 1 if big else max(1, min(steps // 2, triton.cdiv(_programs_wanted(device), tiles)))
+    return GemmConfig(block_m, block_n, block_k, split, 8, 8 if big else 4, 4 if big else 3)
+
+
+def _skinny_blocks(m: int, r_pad: int) -> tuple[int, int]:
+    """(rows, columns) per step of the rank-r launches (down, g, dB, dA): r_pad x columns fp32 stay small."""
+    rows = 16 if m <= 16 else 32 if m <= 32 else 64
+    cols = 256 if r_pad <= 16 and m <= 16 else 128 if r_pad <= 32 else 64 if r_pad <= 64 else 32
+    return rows, cols
+
+
+def _row_splits(m: int, block_m: int, tiles: int, device: torch.device, splits: int | None) -> int:
+    """How many row ranges the dB/dA reductions use: enough programs, never an empty range."""
+    blocks = triton.cdiv(m, block_m)
+    if splits is None:
+        splits = triton.cdiv(_programs_wanted(device), max(1, tiles))
+    return max(1, min(splits, blocks))
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything about one call that is not a tensor autograd tracks."""
+
+    weights: tuple  # NF4Weight or dense tensor per projection, each (N_j, K)
+    scalings: tuple[float, ...]  # per projection; empty without adapters
+    seeds: tuple[int, ...]
+    dropout_p: float  # 0 when not training
+    path: str
+    fwd_config: GemmConfig | None = None
+    bwd_config: GemmConfig | None = None
+    splits: int | None = None  # row splits of the dB/dA reductions (None: by device)
+
+    @property
+    def projections(self) -> int:
+        return len(self.weights)
+
+    @property
+    def has_lora(self) -> bool:
+        return bool(self.scalings)
+
+    @property
+    def dropout(self) -> bool:
+        return self.dropout_p > 0
+
+    @property
+    def nf4(self) -> bool:
+        return isinstance(self.weights[0], NF4Weight)
+
+    @property
+    def out_features(self) -> tuple[int, ...]:
+        return tuple(w.shape[0] for w in self.weights)
+
+
+def _three(values: Sequence, fill) -> list:
+    return list(values) + [fill] * (3 - len(values))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _r_pad(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _dropout_args(plan: _Plan) -> tuple:
+    p = plan.dropout_p
+    return (dropout_threshold(p), 1.0 / (1.0 - p)) if p > 0 else (0, 1.0)
+
+
+def _nf4_meta(plan: _Plan, k: int) -> dict:
+    if not plan.nf4:
+        return dict(BLOCKSIZE=64, CHUNK=_GENERAL_CHUNK, ALIGNED=False, DOUBLE_QUANT=False, NESTED=NESTED_BLOCKSIZE)
+    w = plan.weights[0]
+    aligned = k % w.blocksize == 0
+    return dict(BLOCKSIZE=w.blocksize, CHUNK=w.blocksize if aligned else _GENERAL_CHUNK, ALIGNED=aligned,
+                DOUBLE_QUANT=w.double_quant, NESTED=NESTED_BLOCKSIZE)
+
+
+def _weight_args(weights: Sequence) -> tuple[list, list[float]]:
+    """Four pointers per projection (padded to three projections) and the double-quant offsets."""
+    ptrs, offsets = [], []
+    for w in _three(weights, weights[0]):
+        if isinstance(w, NF4Weight):
+            dq = w.double_quant
+            ptrs += [w.packed, w.absmax, w.nested_absmax if dq else w.absmax, w.nested_code if dq else w.absmax]
+            offsets.append(w.offset if dq else 0.0)
+        else:
+            ptrs += [w, w, w, w]
+            offsets.append(0.0)
+    return ptrs, offsets
+
+
+_dequant_buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def dequantized(weights: Sequence[NF4Weight], dtype: torch.dtype) -> torch.Tensor:
+    """The NF4 weights dequantized back to back into one reused per-(device, dtype) buffer.
+
+    Returns the (sum N_j, K) block (weight j in its rows n_off_j .. n_off_j + N_j), so cuBLAS can
+    multiply all of them at once. The next call overwrites it: use it at once, on the current
+    stream. The buffer grows to the largest request and is kept.
+    """
+    device = weights[0].device
+    total = sum(w.numel for w in weights)
+    key = (device, dtype)
+    buf = _dequant_buffers.get(key)
+    if buf is None or buf.numel() < total:
+        _dequant_buffers.pop(key, None)
+        buf = torch.empty(total, dtype=dtype, device=device)
+        _dequant_buffers[key] = buf
+    start = 0
+    for w in weights:
+        dequantize_nf4_triton(w, dtype, out=buf[start: start + w.numel])
+        start += w.numel
+    return buf[:total].view(-1, weights[0].shape[1])
+
+
+def _split_rows(block: torch.Tensor, ns: Sequence[int]) -> list[torch.Tensor]:
+    return list(torch.split(block, list(ns), dim=0))
+
+
+def _base_weights(plan: _Plan, dtype: torch.dtype) -> tuple[int, list[torch.Tensor], torch.Tensor | None]:
+    """(BASE switch, per-projection weights for the kernel, the stacked (sum N_j, K) matrix for cuBLAS)."""
+    path = plan.path
+    if plan.nf4:
+        if path == "fused":
+            return _BASE_NF4, list(plan.weights), None
+        block = dequantized(plan.weights, dtype)
+        return (_BASE_IN_OUT if path == "cublas" else _BASE_DENSE), _split_rows(block, plan.out_features), block
+    dense = [w.detach().contiguous() for w in plan.weights]
+    if path == "cublas":
+        cast = [w.to(dtype) for w in dense]
+        return _BASE_IN_OUT, cast, cast[0] if len(cast) == 1 else torch.cat(cast)
+    return _BASE_DENSE, dense, None
+
+
+def _lora_down(x: torch.Tensor, a: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """xa (P, M, R) in x's dtype."""
+    m, k = x.shape
+    p, r, _ = a.shape
+    xa = torch.empty((p, m, r), dtype=x.dtype, device=x.device)
+    r_pad = _r_pad(r)
+    block_m, block_k = _skinny_blocks(m, r_pad)
+    threshold, keep_scale = _dropout_args(plan)
+    _lora_down_kernel[(triton.cdiv(m, block_m) * p,)](
+        x, a, xa, m, k, r, *_three(plan.seeds, 0), threshold, keep_scale, x.stride(0), x.stride(1),
+        P=p, DROPOUT=plan.dropout, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k,
+        DOT_PRECISION=_dot_precision(x.dtype), num_warps=4,
+    )
+    return xa
+
+
+def _gemm_forward(x: torch.Tensor, plan: _Plan, xa: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
+    """y (M, Ncat) = [x @ W_j.T + s_j * xa_j @ B_j.T]_j in x's dtype."""
+    m, k = x.shape
+    ns = plan.out_features
+    n_total = sum(ns)
+    dtype = x.dtype
+    base, weights, stacked = _base_weights(plan, dtype)
+    if base == _BASE_IN_OUT:
+        y = torch.matmul(x, stacked.t())
+        if not plan.has_lora:
+            return y
+    meta = _nf4_meta(plan, k)
+    chunk = meta["CHUNK"]
+    cfg = plan.fwd_config or default_gemm_config("forward", base, m, n_total, k, chunk, x.device)
+    steps = triton.cdiv(k, chunk if base == _BASE_NF4 else cfg.block_k)
+    split = 1 if base == _BASE_IN_OUT else max(1, min(cfg.split, steps))
+    per_split = triton.cdiv(steps, split)
+    split = triton.cdiv(steps, per_split)
+    if base != _BASE_IN_OUT:
+        shape = (m, n_total) if split == 1 else (split, m, n_total)
+        y = torch.empty(shape, dtype=dtype if split == 1 else torch.float32, device=x.device)
+    ptrs, offsets = _weight_args(weights)
+    r = b.shape[1] if b is not None else 1
+    n_tiles = sum(triton.cdiv(n, cfg.block_n) for n in ns)
+    grid = (triton.cdiv(m, cfg.block_m) * n_tiles, split)
+    _lora_fwd_kernel[grid](
+        x, xa if xa is not None else x, b if b is not None else x, y, nf4_code(x.device), *ptrs,
+        m, k, r, *_three(ns, 0), *offsets, *_three(plan.scalings, 0.0), per_split,
+        x.stride(0), x.stride(1), y.stride(0) if split > 1 else 0, y.stride(-2),
+        BASE=base, HAS_LORA=plan.has_lora, R_PAD=_r_pad(r), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, DOT_PRECISION=_dot_precision(dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
+    )
+    return y if split == 1 else y.sum(0).to(dtype)
+
+
+def _gemm_backward(dys: list[torch.Tensor], plan: _Plan, g: torch.Tensor | None, a: torch.Tensor | None,
+                   k: int) -> torch.Tensor:
+    """dx (M, K) = sum_j dy_j @ W_j + sum_j (g_j @ A_j) * mask_j in dy's dtype."""
+    m = dys[0].shape[0]
+    ns = plan.out_features
+    n_total = sum(ns)
+    dtype = dys[0].dtype
+    device = dys[0].device
+    base, weights, _ = _base_weights(plan, dtype)
+    if base == _BASE_IN_OUT:
+        dx = torch.matmul(dys[0], weights[0])
+        for dy, w in zip(dys[1:], weights[1:]):
+            dx.addmm_(dy, w)
+        if not plan.has_lora:
+            return dx
+    meta = _nf4_meta(plan, k)
+    chunk = meta["CHUNK"]
+    cfg = plan.bwd_config or default_gemm_config("backward", base, m, n_total, k, chunk, device)
+    width = chunk if base == _BASE_NF4 else cfg.block_k
+    steps = triton.cdiv(n_total, cfg.block_n)
+    split = 1 if base == _BASE_IN_OUT else max(1, min(cfg.split, steps))
+    rows_per_split = triton.cdiv(steps, split) * cfg.block_n
+    split = triton.cdiv(n_total, rows_per_split)
+    if base != _BASE_IN_OUT:
+        shape = (m, k) if split == 1 else (split, m, k)
+        dx = torch.empty(shape, dtype=dtype if split == 1 else torch.float32, device=device)
+    ptrs, offsets = _weight_args(weights)
+    r = a.shape[1] if a is not None else 1
+    threshold, keep_scale = _dropout_args(plan)
+    dy3 = _three(dys, dys[0])
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(k, width), split)
+    _lora_bwd_kernel[grid](
+        *dy3, g if g is not None else dys[0], a if a is not None else dys[0], dx, nf4_code(device), *ptrs,
+        m, k, r, *_three(ns, 0), *offsets, *_three(plan.seeds, 0), threshold, keep_scale, rows_per_split,
+        *(dy.stride(0) for dy in dy3), dx.stride(0) if split > 1 else 0, dx.stride(-2),
+        P=plan.projections, BASE=base, HAS_LORA=plan.has_lora, DROPOUT=plan.dropout, R_PAD=_r_pad(r),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        DOT_PRECISION=_dot_precision(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
+    )
+    return dx if split == 1 else dx.sum(0).to(dtype)
+
+
+def _lora_g(dys: list[torch.Tensor], b: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """g (P, M, R) = s_j * dy_j @ B_j in dy's dtype."""
+    m = dys[0].shape[0]
+    r = b.shape[1]
+    p = plan.projections
+    g = torch.empty((p, m, r), dtype=dys[0].dtype, device=b.device)
+    r_pad = _r_pad(r)
+    block_m, block_n = _skinny_blocks(m, r_pad)
+    dy3 = _three(dys, dys[0])
+    _lora_g_kernel[(triton.cdiv(m, block_m) * p,)](
+        *dy3, b, g, m, r, *_three(plan.out_features, 0), *_three(plan.scalings, 0.0), *(dy.stride(0) for dy in dy3),
+        P=p, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(b.dtype), num_warps=4,
+    )
+    return g
+
+
+def _lora_db(dys: list[torch.Tensor], xa: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """dB (Ncat, R) fp32 = s_j * dy_j.T @ xa_j, summed over row splits."""
+    m = dys[0].shape[0]
+    r = xa.shape[2]
+    ns = plan.out_features
+    r_pad = _r_pad(r)
+    block_m, block_n = _skinny_blocks(m, r_pad)
+    block_m = max(block_m, 32)
+    tiles = sum(triton.cdiv(n, block_n) for n in ns)
+    split = _row_splits(m, block_m, tiles, xa.device, plan.splits)
+    rows_per_split = triton.cdiv(triton.cdiv(m, block_m), split) * block_m
+    split = triton.cdiv(m, rows_per_split)
+    parts = torch.empty((split, sum(ns), r), dtype=torch.float32, device=xa.device)
+    dy3 = _three(dys, dys[0])
+    _lora_db_kernel[(tiles, split)](
+        *dy3, xa, parts, m, r, *_three(ns, 0), *_three(plan.scalings, 0.0), rows_per_split,
+        *(dy.stride(0) for dy in dy3), parts.stride(0),
+        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(xa.dtype), num_warps=4,
+    )
+    return parts[0] if split == 1 else parts.sum(0)
+
+
+def _lora_da(x: torch.Tensor, g: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """dA (P, R, K) fp32 = g_j.T @ dropout_j(x), summed over row splits."""
+    m, k = x.shape
+    p, _, r = g.shape
+    r_pad = _r_pad(r)
+    block_m, block_k = _skinny_blocks(m, r_pad)
+    block_m = max(block_m, 32)
+    tiles = triton.cdiv(k, block_k) * p
+    split = _row_splits(m, block_m, tiles, x.device, plan.splits)
+    rows_per_split = triton.cdiv(triton.cdiv(m, block_m), split) * block_m
+    split = triton.cdiv(m, rows_per_split)
+    parts = torch.empty((split, p, r, k), dtype=torch.float32, device=x.device)
+    threshold, keep_scale = _dropout_args(plan)
+    _lora_da_kernel[(tiles, split)](
+        x, g, parts, m, k, r, *_three(plan.seeds, 0), threshold, keep_scale, rows_per_split,
+        x.stride(0), x.stride(1), parts.stride(0),
+        P=p, DROPOUT=plan.dropout, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k,
+        DOT_PRECISION=_dot_precision(x.dtype), num_warps=4,
+    )
+    return parts[0] if split == 1 else parts.sum(0)
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """(rows, n) view with a contiguous last dim; copies only when no such view exists."""
+    t = t.reshape(-1, n)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class LoRAFunction(torch.autograd.Function):
+    """P = 1 or 3 projections of one x: ``y_j = x @ W_j.T + s_j * dropout_j(x) @ A_j.T @ B_j.T``.
+
+    ``forward(ctx, x, plan, *lora)`` with ``lora = (A_0, B_0, A_1, B_1, ...)`` (empty without
+    adapters) returns the P outputs, column slices of one (M, sum N_j) buffer. The frozen base
+    weights ride in ``plan`` (constants of the graph, as in ``NF4MatmulFunction``); x, xa and the
+    compute-dtype A and B are saved. The dropout mask is recomputed from the seeds in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, plan: _Plan, *lora: torch.Tensor):
+        k = x.shape[-1]
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, k)
+        m = x2d.shape[0]
+        ns = plan.out_features
+        dtype = x.dtype
+        ctx.plan = plan
+        ctx.lead = lead
+        ctx.lora_dtypes = [t.dtype for t in lora]
+        a = b = xa = None
+        if plan.has_lora:
+            a = torch.stack([t.detach().to(dtype) for t in lora[0::2]]).contiguous()  # (P, R, K)
+            b = torch.cat([t.detach().to(dtype) for t in lora[1::2]]).contiguous()  # (Ncat, R)
+        if m == 0:
+            y = x2d.new_empty((0, sum(ns)))
+        else:
+            if plan.has_lora:
+                xa = _lora_down(x2d, a, plan)
+            y = _gemm_forward(x2d, plan, xa, b)
+        ctx.save_for_backward(x2d, xa, a, b)
+        outputs, start = [], 0
+        for n in ns:
+            outputs.append(y[:, start: start + n].view(*lead, n))
+            start += n
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *dys: torch.Tensor):
+        plan = ctx.plan
+        x2d, xa, a, b = ctx.saved_tensors
+        m, k = x2d.shape
+        need_x = ctx.needs_input_grad[0]
+        need_lora = ctx.needs_input_grad[2:]
+        dx = None
+        grads = [None] * len(need_lora)
+        if m == 0:
+            if need_x:
+                dx = x2d.new_zeros(ctx.lead + (k,))
+            for i, t in enumerate(need_lora):
+                if t:
+                    shape = a.shape[1:] if i % 2 == 0 else (plan.out_features[i // 2], a.shape[1])
+                    grads[i] = torch.zeros(shape, dtype=ctx.lora_dtypes[i], device=x2d.device)
+            return (dx, None, *grads)
+        dys = [_rows(dy, n) for dy, n in zip(dys, plan.out_features)]
+        g = _lora_g(dys, b, plan) if plan.has_lora else None
+        if need_x:
+            dx = _gemm_backward(dys, plan, g, a, k).view(*ctx.lead, k)
+        if plan.has_lora and any(need_lora[0::2]):
+            da = _lora_da(x2d, g, plan)
+            for j in range(plan.projections):
+                if need_lora[2 * j]:
+                    grads[2 * j] = da[j].to(ctx.lora_dtypes[2 * j])
+        if plan.has_lora and any(need_lora[1::2]):
+            db = _lora_db(dys, xa, plan)
+            start = 0
+            for j, n in enumerate(plan.out_features):
+                if need_lora[2 * j + 1]:
+                    grads[2 * j + 1] = db[start: start + n].to(ctx.lora_dtypes[2 * j + 1])
+                start += n
+        return (dx, None, *grads)
+
+
+# ----------------------------------------------------------------------------- public entry points
+
+
+def _kernel_rank_ok(adapters) -> bool:
+    return adapters is None or adapters[0].lora_a.shape[0] <= MAX_KERNEL_RANK
+
+
+def _apply(x, weights, adapters, dropout_p, training, seeds, path, fwd_config=None, bwd_config=None, splits=None):
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    plan = _Plan(
+        weights=tuple(weights),
+        scalings=tuple(float(ad.scaling) for ad in adapters) if adapters is not None else (),
+        seeds=tuple(seed31(s) for s in seeds),
+        dropout_p=float(dropout_p) if (training and adapters is not None) else 0.0,
+        path=resolve_path(path, m, adapters is not None),
+        fwd_config=fwd_config, bwd_config=bwd_config, splits=splits,
+    )
+    lora = [t for ad in adapters for t in (ad.lora_a, ad.lora_b)] if adapters is not None else []
+    return LoRAFunction.apply(x, plan, *lora)
+
+
+def lora_linear_triton(x: torch.Tensor, weight, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                       dropout_p: float = 0.0, training: bool = False, seed: int = 0, path: str | None = None,
+                       fwd_config: GemmConfig | None = None, bwd_config: GemmConfig | None = None,
+                       splits: int | None = None) -> torch.Tensor:
+    """``lora_linear`` with the Triton kernels; the configs override the tile heuristics (bench, tests)."""
+    adapters = [Adapter(lora_a, lora_b, float(scaling))]
+    _check(x, [weight], adapters, dropout_p, "lora_linear")
+    return _apply(x, [weight], adapters, dropout_p, training, [seed], path, fwd_config, bwd_config, splits)[0]
+
+
+def lora_linear(x: torch.Tensor, weight, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                dropout_p: float = 0.0, training: bool = False, seed: int = 0, path: str | None = None) -> torch.Tensor:
+    """``x @ W.T + scaling * (dropout(x) @ A.T) @ B.T``; x (..., K) -> (..., N) in x's dtype.
+
+    ``weight``: an ``NF4Weight`` or a dense (N, K) tensor, frozen. ``lora_a`` (r, K), ``lora_b``
+    (N, r): any float dtype (fp32 masters), computed in x's dtype, gradients in their own dtype.
+    Dropout with probability ``dropout_p`` applies when ``training``; its mask is a function of
+    ``seed`` and the element's (row, column) in x viewed as (M, K). ``path``: "auto" (by M),
+    "fused", "dequant" or "cublas" (see the module docstring). Triton or torch by dispatch.
+    """
+    tensors = [x] + ([weight.packed] if isinstance(weight, NF4Weight) else [weight])
+    if dispatch.use_triton(*tensors) and lora_a.shape[0] <= MAX_KERNEL_RANK:  # larger ranks: the reference
+        return lora_linear_triton(x, weight, lora_a, lora_b, scaling, dropout_p, training, seed, path)
+    return lora_linear_reference(x, weight, lora_a, lora_b, scaling, dropout_p, training, seed, path)
+
+
+def _check_qkv_args(x, weights, adapters, dropout_p, seeds):
+    if len(weights) != 3:
+        raise ValueError(f"lora_qkv: expected three weights (q, k, v), got {len(weights)}")
+    if adapters is not None and len(adapters) != 3:
+        raise ValueError(f"lora_qkv: expected three adapters (q, k, v) or None, got {len(adapters)}")
+    if len(seeds) != 3:
+        raise ValueError(f"lora_qkv: expected three seeds, got {len(seeds)}")
+    _check(x, weights, adapters, dropout_p, "lora_qkv")
+
+
+def lora_qkv_triton(x: torch.Tensor, weights: Sequence, adapters: Sequence[Adapter] | None = None,
+                    dropout_p: float = 0.0, training: bool = False, seeds: Sequence[int] = (0, 0, 0),
+                    path: str | None = None, fwd_config: GemmConfig | None = None,
+                    bwd_config: GemmConfig | None = None, splits: int | None = None) -> tuple[torch.Tensor, ...]:
+    """``lora_qkv`` with the Triton kernels."""
+    _check_qkv_args(x, weights, adapters, dropout_p, seeds)
+    return _apply(x, weights, adapters, dropout_p, training, seeds, path, fwd_config, bwd_config, splits)
+
+
+def lora_qkv(x: torch.Tensor, weights: Sequence, adapters: Sequence[Adapter] | None = None, dropout_p: float = 0.0,
+             training: bool = False, seeds: Sequence[int] = (0, 0, 0),
+             path: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v = the three projections of one x, each ``x @ W_j.T (+ s_j * dropout_j(x) @ A_j.T @ B_j.T)``.
+
+    ``weights``: three NF4Weights (one blocksize and double-quant setting) or three dense tensors,
+    with one K. ``adapters``: three ``Adapter``s of one rank, or None for the base projections
+    alone. ``seeds``: one per projection (independent masks). Returns (..., N_j) tensors, column
+    slices of one buffer. Triton or torch by dispatch.
+    """
+    first = weights[0] if weights else None
+    tensors = [x] + ([first.packed] if isinstance(first, NF4Weight) else [first] if first is not None else [])
+    if dispatch.use_triton(*tensors) and _kernel_rank_ok(adapters):
+        return lora_qkv_triton(x, weights, adapters, dropout_p, training, seeds, path)
+    return lora_qkv_reference(x, weights, adapters, dropout_p, training, seeds, path)
+
+
+def draw_seed(count: int = 1) -> list[int]:
+    """``count`` dropout seeds from torch's (CPU) generator: reproducible under torch.manual_seed,
+    restored with torch's RNG state on resume and by activation checkpointing's recompute, and
+    drawn on the host (no device sync)."""
+    return [int(v) for v in torch.randint(0, 2**31 - 1, (count,)).tolist()]
+
+
+__all__ = [
+    "Adapter", "GemmConfig", "LoRAFunction", "PATHS", "default_gemm_config", "dequantized", "draw_seed",
+    "dropout_threshold", "large_m_path", "lora_dropout_mask", "lora_linear", "lora_linear_reference",
+    "lora_linear_triton", "lora_qkv", "lora_qkv_reference", "lora_qkv_triton", "resolve_path",
+]

@@ -1,0 +1,85 @@
+# shellcheck shell=bash
+# Shared by scripts/gpu_bench.sh and scripts/gpu_check.sh (sourced, not run): set up the project on a
+# lent GPU machine, which has torch, triton, transformers and peft but reaches no package registry.
+#
+# - wheels carried in .whl/ (scripts/fetch_gpu_wheels.sh puts bitsandbytes there) are installed into
+#   /tmp/site and put on PYTHONPATH;
+# - the project is installed editable without build isolation; if that fails (an old setuptools), a
+#   folder of links that maps the import names (bezoar, bezoar_kernels -> kernels/) goes on PYTHONPATH.
+#
+# The caller sets DRY_RUN=1 to print the commands instead of running them.
+
+PYTHON=${PYTHON:-python3}
+DRY_RUN=${DRY_RUN:-0}
+SITE_DIR=${SITE_DIR:-/tmp/site}
+LINK_DIR=${LINK_DIR:-/tmp/bezoar-import-path}
+
+log() {
+  printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"
+}
+
+# Print a command as it would be typed; run it unless this is a dry run.
+run() {
+  printf '+'
+  printf ' %q' "$@"
+  printf '\n'
+  if [ "$DRY_RUN" = 1 ]; then
+    return 0
+  fi
+  "$@"
+}
+
+prepend_pythonpath() {
+  export PYTHONPATH="$1${PYTHONPATH:+:$PYTHONPATH}"
+  log "PYTHONPATH=$PYTHONPATH"
+}
+
+install_wheels() {
+  local wheels=()
+  if [ -d .whl ]; then
+    for w in .whl/*.whl; do
+      [ -e "$w" ] && wheels+=("$w")
+    done
+  fi
+  if [ "${#wheels[@]}" -eq 0 ]; then
+    log "no wheels in .whl/ (run scripts/fetch_gpu_wheels.sh here and carry .whl): the bitsandbytes peers will be skipped"
+    return 0
+  fi
+  run "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$SITE_DIR" "${wheels[@]}"
+  prepend_pythonpath "$SITE_DIR"
+}
+
+install_project() {
+  if run "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e .; then
+    return 0
+  fi
+  log "editable install failed; putting links to bezoar/ and kernels/ (as bezoar_kernels) on PYTHONPATH"
+  run mkdir -p "$LINK_DIR"
+  run ln -sfn "$PWD/bezoar" "$LINK_DIR/bezoar"
+  run ln -sfn "$PWD/kernels" "$LINK_DIR/bezoar_kernels"
+  prepend_pythonpath "$LINK_DIR"
+}
+
+show_versions() {
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    run nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  fi
+  run "$PYTHON" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__, "cuda", torch.cuda.is_available())' || true
+  run "$PYTHON" - <<'PY' || true
+import importlib
+for name in ("transformers", "peft", "bitsandbytes", "lm_eval", "openai", "anthropic", "bezoar", "bezoar_kernels"):
+    try:
+        module = importlib.import_module(name)
+        print(f"  {name} {getattr(module, '__version__', 'ok')}")
+    except Exception as exc:
+        print(f"  {name} missing ({type(exc).__name__})")
+PY
+}
+
+# Seconds left of a budget that started at $1 (epoch seconds) and lasts $2 seconds.
+seconds_left() {
+  local now
+  now=$(date +%s)
+  echo $(($2 - (now - $1)))
+}

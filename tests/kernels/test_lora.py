@@ -1,0 +1,428 @@
+"""Fused NF4/dense + LoRA kernels: Triton (interpreter on CPU) against the torch reference, forward and backward."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bezoar_kernels import lora as L
+from bezoar_kernels import nf4
+from bezoar_kernels.dispatch import backend
+from tests.utils import TOLERANCES, assert_close
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _base(n, k, kind, dtype, blocksize=64, double_quant=True, seed=0, device="cpu"):
+    w = torch.randn(n, k, generator=_gen(seed)) * 0.05
+    if kind == "nf4":
+        return nf4.quantize_nf4_reference(w.to(device), blocksize, double_quant)
+    return w.to(device=device, dtype=dtype)
+
+
+def _adapter(n, k, r, seed, scaling=0.75, device="cpu"):
+    g = _gen(seed)
+    a = (torch.randn(r, k, generator=g) * 0.1).to(device)
+    b = (torch.randn(n, r, generator=g) * 0.1).to(device)
+    return L.Adapter(a, b, scaling)
+
+
+def _leaf_adapters(adapters):
+    return [L.Adapter(a.lora_a.clone().requires_grad_(True), a.lora_b.clone().requires_grad_(True), a.scaling)
+            for a in adapters]
+
+
+def _run(fn, x, adapters, dys):
+    """Outputs and grads (x, then A_j, B_j per projection) of ``fn(x, adapters)`` under upstream ``dys``."""
+    x = x.clone().requires_grad_(True)
+    adapters = _leaf_adapters(adapters)
+    outputs = fn(x, adapters)
+    torch.autograd.backward(outputs, dys)
+    grads = [x.grad] + [t.grad for ad in adapters for t in (ad.lora_a, ad.lora_b)]
+    return [o.detach() for o in outputs], grads
+
+
+def _compare(got, want, dtype, what, k, m):
+    """Outputs and dx in the dtype's tolerance; dA/dB (sums over M rows, fp32 accumulation in the kernel,
+    compute-dtype arithmetic in the reference) with atol grown like sqrt(rows)."""
+    atol, rtol = TOLERANCES[dtype]
+    (out_g, grad_g), (out_w, grad_w) = got, want
+    for i, (a, b) in enumerate(zip(out_g, out_w)):
+        assert a.dtype == b.dtype
+        assert_close(a, b, atol, rtol, name=f"{what} y[{i}]")
+    assert_close(grad_g[0], grad_w[0], atol, rtol, name=f"{what} dx")
+    scale = max(1.0, m ** 0.5)
+    for i, (a, b) in enumerate(zip(grad_g[1:], grad_w[1:])):
+        assert a.dtype == b.dtype == torch.float32
+        assert_close(a, b, atol * scale, rtol, name=f"{what} d{'AB'[i % 2]}[{i // 2}]")
+
+
+# (M, N, K, r, blocksize, double_quant): M = 1, odd M/N/K, K a multiple of the NF4 blocksize (aligned
+# decode) and not (general decode), both blocksizes, with and without double quant, r in {1, 8, 16}.
+SHAPES = [
+    (1, 37, 61, 1, 64, True),
+    (17, 61, 128, 8, 64, True),
+    (64, 33, 200, 16, 128, False),
+    (19, 70, 256, 16, 128, True),
+]
+
+
+@pytest.mark.parametrize("path", ["fused", "dequant", "cublas"])
+@pytest.mark.parametrize("kind", ["nf4", "dense"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,n,k,r,blocksize,double_quant", SHAPES)
+def test_lora_linear_matches_reference(m, n, k, r, blocksize, double_quant, dtype, kind, path):
+    dropout = 0.1 if (m + r) % 2 else 0.0  # half the shapes with dropout on, half off
+    weight = _base(n, k, kind, dtype, blocksize, double_quant)
+    adapter = _adapter(n, k, r, seed=1)
+    x = torch.randn(m, k, generator=_gen(2)).to(dtype)
+    dy = torch.randn(m, n, generator=_gen(3)).to(dtype)
+
+    def fn(xx, ads):
+        return (L.lora_linear(xx, weight, ads[0].lora_a, ads[0].lora_b, ads[0].scaling, dropout, True, 1234, path),)
+
+    want = _run(fn, x, [adapter], [dy])
+    with backend("triton"):
+        got = _run(fn, x, [adapter], [dy])
+    _compare(got, want, dtype, f"{kind}/{path}", k, m)
+
+
+@pytest.mark.parametrize("path", ["fused", "dequant", "cublas"])
+@pytest.mark.parametrize("kind,dtype", [("nf4", torch.float32), ("dense", torch.float16), ("nf4", torch.float16)])
+def test_qkv_matches_reference(kind, dtype, path):
+    """GQA-like q/k/v (Nq != Nk = Nv), odd K, three independent dropout masks."""
+    m, k, r = 21, 96, 8
+    ns = (48, 24, 24) if kind == "nf4" else (40, 17, 17)
+    weights = [_base(n, k, kind, dtype, seed=j) for j, n in enumerate(ns)]
+    adapters = [_adapter(n, k, r, seed=10 + j, scaling=0.5 + j) for j, n in enumerate(ns)]
+    x = torch.randn(3, 7, k, generator=_gen(2)).to(dtype)
+    dys = [torch.randn(3, 7, n, generator=_gen(3 + j)).to(dtype) for j, n in enumerate(ns)]
+    seeds = (11, 12, 13)
+
+    def fn(xx, ads):
+        return L.lora_qkv(xx, weights, ads, 0.2, True, seeds, path)
+
+    want = _run(fn, x, adapters, dys)
+    with backend("triton"):
+        got = _run(fn, x, adapters, dys)
+    _compare(got, want, dtype, f"qkv {kind}/{path}", k, m)
+    # the three masks differ: y_j computed alone with the seed of projection j gives the same outputs
+    with backend("triton"):
+        alone = [L.lora_linear(x, weights[j], adapters[j].lora_a, adapters[j].lora_b, adapters[j].scaling, 0.2, True,
+                               seeds[j], path) for j in range(3)]
+    for j in range(3):
+        assert_close(got[0][j], alone[j].detach(), *TOLERANCES[dtype], name=f"qkv output {j} vs alone")
+
+
+@pytest.mark.parametrize("path", ["fused", "cublas"])
+def test_qkv_without_adapters_is_the_base(path):
+    k = 128
+    weights = [_base(n, k, "nf4", torch.float32, seed=j) for j, n in enumerate((64, 32, 32))]
+    x = torch.randn(5, k, generator=_gen(2))
+    with backend("triton"):
+        q, kk, v = L.lora_qkv(x, weights, None, 0.5, True, (1, 2, 3), path)
+    for out, w in zip((q, kk, v), weights):
+        assert_close(out, x @ nf4.dequantize_nf4_reference(w, torch.float32).t(), 1e-5, 1e-5, name="base only")
+
+
+@pytest.mark.parametrize("kind", ["nf4", "dense"])
+def test_split_reductions_match_reference(kind):
+    """Forward split over K, backward split over N, dA/dB split over rows, all summed in fp32."""
+    m, n, k, r = 20, 70, 192, 8
+    weight = _base(n, k, kind, torch.float32)
+    adapter = _adapter(n, k, r, seed=1)
+    x = torch.randn(m, k, generator=_gen(2))
+    dy = torch.randn(m, n, generator=_gen(3))
+    cfg = L.GemmConfig(block_m=16, block_n=32, block_k=32, split=3)
+
+    def ref(xx, ads):
+        return (L.lora_linear_reference(xx, weight, ads[0].lora_a, ads[0].lora_b, 0.75, 0.3, True, 7),)
+
+    def tri(xx, ads):
+        return (L.lora_linear_triton(xx, weight, ads[0].lora_a, ads[0].lora_b, 0.75, 0.3, True, 7, "fused",
+                                     fwd_config=cfg, bwd_config=cfg, splits=3),)
+
+    want = _run(ref, x, [adapter], [dy])
+    with backend("triton"):
+        got = _run(tri, x, [adapter], [dy])
+    _compare(got, want, torch.float32, "split", k, m)
+
+
+def test_kernel_mask_is_the_reference_mask():
+    """The down kernel with A = selected unit rows returns dropout(x) at those columns: bit-equal masks."""
+    m, k, p, seed = 37, 61, 0.3, 987654321
+    x = torch.randn(m, k, generator=_gen(0)) + 3.0  # no zeros: a zero output means a dropped element
+    a = torch.eye(k)[:16]  # xa[:, i] = dropout(x)[:, i]
+    plan = L._Plan(weights=(torch.zeros(1, k),), scalings=(1.0,), seeds=(L.seed31(seed),), dropout_p=p, path="fused")
+    with backend("triton"):
+        xa = L._lora_down(x, a[None].contiguous(), plan)[0]
+    mask = L.lora_dropout_mask(seed, m, k, p)[:, :16]
+    assert torch.equal(xa == 0, mask == 0)
+    assert_close(xa, x[:, :16] * mask, 1e-6, 1e-6, name="dropped x")
+
+
+def test_dropout_mask_statistics_and_seeds():
+    p = 0.05
+    mask = L.lora_dropout_mask(3, 512, 800, p)
+    dropped = (mask == 0).float().mean().item()
+    n = mask.numel()
+    assert abs(dropped - p) < 5 * (p * (1 - p) / n) ** 0.5, dropped
+    assert torch.allclose(mask[mask != 0], torch.tensor(1 / (1 - p)))
+    # no row or column pattern: rows differ, columns differ, and per-row rates are binomial
+    assert not torch.equal(mask[0], mask[1]) and not torch.equal(mask[:, 0], mask[:, 1])
+    assert torch.equal(mask, L.lora_dropout_mask(3, 512, 800, p))
+    other = L.lora_dropout_mask(4, 512, 800, p)
+    both = ((mask == 0) & (other == 0)).float().mean().item()
+    assert abs(both - p * p) < 5 * (p * p / n) ** 0.5  # independent across seeds
+    assert torch.equal(L.lora_dropout_mask(3, 512, 800, 0.0), torch.ones(512, 800))
+
+
+def test_same_seed_same_output_other_seed_differs():
+    k, n, r = 64, 40, 4
+    weight = _base(n, k, "nf4", torch.float32)
+    ad = _adapter(n, k, r, seed=1)
+    x = torch.randn(9, k, generator=_gen(2))
+    with backend("triton"):
+        y1 = L.lora_linear(x, weight, ad.lora_a, ad.lora_b, 1.0, 0.5, True, seed=5)
+        y2 = L.lora_linear(x, weight, ad.lora_a, ad.lora_b, 1.0, 0.5, True, seed=5)
+        y3 = L.lora_linear(x, weight, ad.lora_a, ad.lora_b, 1.0, 0.5, True, seed=6)
+        y_eval = L.lora_linear(x, weight, ad.lora_a, ad.lora_b, 1.0, 0.5, False, seed=5)
+    assert torch.equal(y1, y2)
+    assert not torch.allclose(y1, y3)
+    assert_close(y_eval, L.lora_linear_reference(x, weight, ad.lora_a, ad.lora_b, 1.0), 1e-5, 1e-5, name="eval")
+
+
+def test_leading_dims_strides_empty_and_needed_grads():
+    k, n, r = 64, 24, 4
+    weight = _base(n, k, "nf4", torch.float16)
+    ad = _adapter(n, k, r, seed=1)
+    x = torch.randn(2, 3, 5, k, generator=_gen(2)).half()
+    x_t = torch.randn(k, 6, generator=_gen(3)).half().t()  # rows not contiguous
+    atol, rtol = TOLERANCES[torch.float16]
+    with backend("triton"):
+        y = L.lora_linear(x, weight, ad.lora_a, ad.lora_b, 2.0)
+        y_t = L.lora_linear(x_t, weight, ad.lora_a, ad.lora_b, 2.0)
+        empty = L.lora_linear(x[:, :0], weight, ad.lora_a, ad.lora_b, 2.0)
+    assert y.shape == (2, 3, 5, n) and empty.shape == (2, 0, 5, n)
+    assert_close(y, L.lora_linear_reference(x, weight, ad.lora_a, ad.lora_b, 2.0), atol, rtol, name="batched")
+    assert_close(y_t, L.lora_linear_reference(x_t, weight, ad.lora_a, ad.lora_b, 2.0), atol, rtol, name="strided")
+    assert not y.requires_grad  # nothing required grad
+
+    # frozen adapter, x requiring grad: dx only; trainable adapter, x frozen: dA and dB only
+    a, b = ad.lora_a.clone(), ad.lora_b.clone().requires_grad_(True)
+    xg = x.clone().requires_grad_(True)
+    with backend("triton"):
+        L.lora_linear(xg, weight, a, b, 2.0).sum().backward()
+        assert xg.grad is not None and xg.grad.shape == x.shape and b.grad is not None and a.grad is None
+        a2 = ad.lora_a.clone().requires_grad_(True)
+        L.lora_linear(x[:, :0], weight, a2, ad.lora_b, 2.0).sum().backward()
+    assert torch.equal(a2.grad, torch.zeros_like(a2))
+
+
+def test_bad_inputs_raise():
+    k, n, r = 64, 8, 4
+    weight = _base(n, k, "nf4", torch.float32)
+    ad = _adapter(n, k, r, seed=1)
+    x = torch.randn(2, k)
+    with pytest.raises(ValueError, match="weight 0 has shape"):
+        L.lora_linear(torch.randn(2, 63), weight, ad.lora_a, ad.lora_b, 1.0)
+    with pytest.raises(ValueError, match="lora_B 0 has shape"):
+        L.lora_linear(x, weight, ad.lora_a, ad.lora_b[:, :2], 1.0)
+    with pytest.raises(ValueError, match="dropout_p"):
+        L.lora_linear(x, weight, ad.lora_a, ad.lora_b, 1.0, dropout_p=1.0)
+    with pytest.raises(ValueError, match="path 'tiled'"):
+        L.lora_linear(x, weight, ad.lora_a, ad.lora_b, 1.0, path="tiled")
+    with pytest.raises(ValueError, match="frozen"):
+        L.lora_linear(x, torch.randn(n, k, requires_grad=True), ad.lora_a, ad.lora_b, 1.0)
+    with pytest.raises(ValueError, match="float16/bfloat16/float32"):
+        L.lora_linear(x.double(), weight, ad.lora_a, ad.lora_b, 1.0)
+    ws = [weight, _base(n, k, "nf4", torch.float32, seed=2), _base(n, k, "nf4", torch.float32, seed=3)]
+    mixed = [ad, _adapter(n, k, r, seed=2), _adapter(n, k, r + 1, seed=3)]
+    with pytest.raises(ValueError, match="one rank"):
+        L.lora_qkv(x, ws, mixed)
+    with pytest.raises(ValueError, match="all NF4Weight or all dense"):
+        L.lora_qkv(x, [weight, torch.randn(n, k), torch.randn(n, k)])
+    with pytest.raises(ValueError, match="three seeds"):
+        L.lora_qkv(x, ws, None, seeds=(1, 2))
+
+
+def test_path_choice_and_override(monkeypatch):
+    monkeypatch.delenv("BEZOAR_LORA_LARGE_M_PATH", raising=False)
+    monkeypatch.delenv("BEZOAR_NF4_FUSED_MAX_M", raising=False)
+    from bezoar_kernels.nf4_matmul import FUSED_MAX_M
+
+    assert L.resolve_path(None, FUSED_MAX_M) == "fused"
+    assert L.resolve_path("auto", FUSED_MAX_M + 1) == L.LARGE_M_PATH
+    assert L.resolve_path("auto", 10**6, has_lora=False) == "cublas"
+    monkeypatch.setenv("BEZOAR_LORA_LARGE_M_PATH", "cublas")
+    assert L.resolve_path(None, 10**6) == "cublas"
+    monkeypatch.setenv("BEZOAR_LORA_LARGE_M_PATH", "fast")
+    with pytest.raises(ValueError, match="BEZOAR_LORA_LARGE_M_PATH"):
+        L.resolve_path(None, 10**6)
+
+
+def test_dequantized_block_is_reused_and_stacked():
+    ws = [_base(n, 64, "nf4", torch.float32, seed=n) for n in (8, 16, 8)]
+    with backend("triton"):
+        block = L.dequantized(ws, torch.float32)
+        ptr = block.data_ptr()
+        again = L.dequantized(ws[:1], torch.float32)
+    assert block.shape == (32, 64) and again.data_ptr() == ptr
+    want = torch.cat([nf4.dequantize_nf4_reference(w, torch.float32) for w in ws])
+    assert torch.equal(L.dequantized(ws, torch.float32), want)
+
+
+# ----------------------------------------------------------------------------- model level
+
+
+def _tiny_lora_model(tiny_dir, quant, dropout):
+    from bezoar.model import load
+    from bezoar.model.lora import LoraConfig, apply_lora, lora_parameters
+
+    # fp32 compute: the interpreter's bf16 dot is wrong
+    model = load(tiny_dir, quant=quant, device="cpu", dtype=torch.float32, nf4_compute_dtype=torch.float32)
+    apply_lora(model, LoraConfig(r=8, alpha=16, dropout=dropout,
+                                 targets=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]))
+    with torch.no_grad():
+        for i, p in enumerate(lora_parameters(model)):
+            p.copy_(0.05 * torch.randn(p.shape, generator=_gen(i)))
+    return model
+
+
+@pytest.mark.parametrize("quant", ["nf4"])
+def test_tiny_model_triton_equals_torch(tiny_dir, quant):
+    """Train-mode forward (dropout on) and backward of a LoRA model: same logits and LoRA grads on both
+    backends, given the same torch seed; q/k/v go through the fused qkv op."""
+    from bezoar.model.lora import lora_modules
+
+    model = _tiny_lora_model(tiny_dir, quant, dropout=0.1)
+    model.train()
+    ids = torch.randint(3, 500, (2, 9), generator=_gen(5))
+    results = {}
+    for name in ("torch", "triton"):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(42)
+        with backend(name):
+            logits = model(ids)
+            (logits.float().square().mean()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results[name] = (logits.detach(), grads)
+    (lt, gt), (lr, gr) = results["triton"], results["torch"]
+    assert_close(lt, lr, 1e-4, 1e-4, name="logits triton vs torch")
+    assert gt.keys() == gr.keys() and len(gt) == 2 * len(lora_modules(model))
+    for n in gt:
+        assert_close(gt[n], gr[n], 1e-4, 1e-3, name=f"grad {n}")
+    # dropout was on: another seed gives other logits
+    torch.manual_seed(43)
+    with backend("torch"):
+        assert not torch.allclose(model(ids), lr)
+
+
+def test_qkv_fusion_equals_one_by_one(tiny_dir):
+    """Attention's fused q/k/v call equals the three LoRALinear modules called one by one (eval mode)."""
+    from bezoar.model.lora import fused_qkv
+
+    model = _tiny_lora_model(tiny_dir, "nf4", dropout=0.1).eval()
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(2, 5, model.config.hidden_size, generator=_gen(1))
+    with backend("torch"):
+        fused = fused_qkv(attn.q_proj, attn.k_proj, attn.v_proj, x)
+        single = (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+    assert fused is not None
+    for a, b in zip(fused, single):
+        assert torch.equal(a, b)
+    attn.k_proj.enabled = False  # mixed on/off: not fusable, the modules run one by one
+    assert fused_qkv(attn.q_proj, attn.k_proj, attn.v_proj, x) is None
+
+
+def test_dropout_seed_follows_torch_rng(tiny_dir):
+    """Same torch RNG state, same masks (resume and activation checkpointing rely on it)."""
+    from bezoar.model.lora import lora_modules
+
+    model = _tiny_lora_model(tiny_dir, None, dropout=0.3).train()
+    layer = next(iter(lora_modules(model).values()))
+    x = torch.randn(4, layer.in_features, generator=_gen(1))
+    state = torch.get_rng_state()
+    y1 = layer(x)
+    torch.set_rng_state(state)
+    y2 = layer(x)
+    y3 = layer(x)
+    assert torch.equal(y1, y2) and not torch.equal(y2, y3)
+
+
+# ----------------------------------------------------------------------------- bench smoke
+
+
+def test_bench_smoke():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "lora.py"), "--smoke", "--sweep"], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| shape" in proc.stdout and "targets" in proc.stdout and "tile sweep" in proc.stdout
+    assert not list((ROOT / "bench" / "results").glob("lora-cpu-*.json")), "smoke mode must not write results"
+
+
+# ----------------------------------------------------------------------------- GPU (bf16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["fused", "dequant", "cublas"])
+@pytest.mark.parametrize("m", [1, 16, 333])
+@pytest.mark.parametrize("n,k,r", [(3200, 3200, 16), (8640, 3200, 64), (61, 130, 8)])
+def test_bf16_on_gpu_matches_fp32_product(m, n, k, r, path):
+    """bf16 kernel vs the same arithmetic in fp32 from the same bf16 operands (dropout on)."""
+    dev = "cuda"
+    weight = _base(n, k, "nf4", torch.bfloat16, device=dev)
+    ad = _adapter(n, k, r, seed=1, device=dev)
+    x = torch.randn(m, k, generator=_gen(2)).to(dev, torch.bfloat16)
+    dy = torch.randn(m, n, generator=_gen(3)).to(dev, torch.bfloat16)
+
+    def fn(xx, ads):
+        return (L.lora_linear(xx, weight, ads[0].lora_a, ads[0].lora_b, ads[0].scaling, 0.05, True, 99, path),)
+
+    with backend("triton"):
+        (y,), grads = _run(fn, x, [ad], [dy])
+    # fp32 oracle on the bf16 operands (the reference's own bf16 rounding would dominate the comparison)
+    w = nf4.dequantize_nf4_reference(weight, torch.bfloat16).float()
+    mask = L.lora_dropout_mask(99, m, k, 0.05, dev)
+    h = (x.float() * mask).bfloat16().float()
+    a, b = ad.lora_a.bfloat16().float(), ad.lora_b.bfloat16().float()
+    xa = (h @ a.t()).bfloat16().float()
+    want_y = x.float() @ w.t() + ad.scaling * xa @ b.t()
+    g = (ad.scaling * dy.float() @ b).bfloat16().float()
+    want_dx = dy.float() @ w + (g @ a) * mask
+    assert_close(y.float(), want_y, 3e-2, 2e-2, name="bf16 y")
+    assert_close(grads[0].float(), want_dx, 3e-2, 2e-2, name="bf16 dx")
+    assert_close(grads[1], g.t() @ h, 5e-2 * max(1, m ** 0.5), 2e-2, name="bf16 dA")
+    assert_close(grads[2], ad.scaling * dy.float().t() @ xa, 5e-2 * max(1, m ** 0.5), 2e-2, name="bf16 dB")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["fused", "dequant", "cublas"])
+def test_bf16_qkv_on_gpu(path):
+    dev = "cuda"
+    k, ns, r = 3200, (3200, 3200, 3200), 16
+    weights = [_base(n, k, "nf4", torch.bfloat16, seed=j, device=dev) for j, n in enumerate(ns)]
+    adapters = [_adapter(n, k, r, seed=10 + j, device=dev) for j, n in enumerate(ns)]
+    x = torch.randn(2, 150, k, generator=_gen(2)).to(dev, torch.bfloat16)
+    dys = [torch.randn(2, 150, n, generator=_gen(3 + j)).to(dev, torch.bfloat16) for j, n in enumerate(ns)]
+
+    def fn(xx, ads):
+        return L.lora_qkv(xx, weights, ads, 0.05, True, (1, 2, 3), path)
+
+    with backend("triton"):
+        got = _run(fn, x, adapters, dys)
+    with backend("torch"):
+        want = _run(fn, x, adapters, dys)
+    for a, b in zip(got[0], want[0]):
+        assert_close(a.float(), b.float(), 5e-2, 3e-2, name="bf16 qkv y")
+    assert_close(got[1][0].float(), want[1][0].float(), 5e-2, 3e-2, name="bf16 qkv dx")

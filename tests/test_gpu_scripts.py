@@ -1,0 +1,75 @@
+"""The GPU scripts (scripts/gpu_bench.sh, gpu_check.sh, fetch_gpu_wheels.sh) cannot run here; their dry
+runs can: they must parse, name every bench that exists with a time limit inside the 9-minute call,
+and print the commands they would run. shellcheck runs too where it is installed."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ["gpu_bench.sh", "gpu_check.sh", "fetch_gpu_wheels.sh", "gpu_env.sh"]
+
+
+def dry_run(script, *args):
+    out = subprocess.run(["bash", str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    return out
+
+
+def test_gpu_bench_dry_run_lists_every_bench_within_the_call_limit():
+    out = dry_run("gpu_bench.sh", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "pip install -q --no-deps --no-build-isolation -e ." in text
+    limits = [int(m) for m in re.findall(r"timeout --signal=INT --kill-after=15 (\d+) python3 bench/", text)]
+    ran = re.findall(r"python3 (bench/\w+\.py)", text)
+    present = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "bench").glob("*.py")
+                     if p.stem in ("step", "kernels", "nf4", "lora", "generate"))
+    assert sorted(ran) == present, (ran, present)
+    assert ran[0] == "bench/step.py" and re.search(r"bench/step.py --budget \d+", text)
+    # every bench stops by the budget (plus the grace before a kill), and that fits a 9-minute call
+    budget = int(re.search(r"budget (\d+)s", text).group(1))
+    assert max(limits) <= budget and budget + 15 + 20 < 9 * 60, (budget, limits)
+    assert "would copy bench/results" in text
+
+
+def test_gpu_bench_only_and_bad_arguments():
+    out = dry_run("gpu_bench.sh", "--dry-run", "--only", "step", "--budget", "400")
+    assert out.returncode == 0
+    assert re.findall(r"python3 (bench/\w+\.py)", out.stdout) == ["bench/step.py"]
+    assert "timeout --signal=INT --kill-after=15 400 python3 bench/step.py --budget 310" in out.stdout
+    bad = dry_run("gpu_bench.sh", "--frobnicate")
+    assert bad.returncode == 2 and "unknown argument" in bad.stderr
+    bad = dry_run("gpu_bench.sh", "--dry-run", "--budget", "soon")
+    assert bad.returncode == 2 and "not a number" in bad.stderr
+
+
+def test_gpu_check_dry_run_runs_gpu_tests_then_the_rest():
+    out = dry_run("gpu_check.sh", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    first = out.stdout.index("pytest -q -p no:cacheprovider -m gpu")
+    second = out.stdout.index("TRITON_INTERPRET=1")
+    assert first < second and "-m not\\ gpu" in out.stdout[second:]
+
+
+def test_fetch_wheels_dry_run_names_the_wheel_for_the_gpu_machine():
+    existed = (ROOT / ".whl").exists()
+    out = dry_run("fetch_gpu_wheels.sh", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    cmd = out.stdout
+    for part in ("pip download", "--no-deps", "--only-binary=:all:", "--python-version 3.12",
+                 "manylinux_2_24_x86_64", "-d .whl", "bitsandbytes==0.50.2"):
+        assert part in cmd, part
+    assert (ROOT / ".whl").exists() == existed, "a dry run downloads nothing"
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+def test_shellcheck_clean():
+    out = subprocess.run(["shellcheck", "-x", *(f"scripts/{s}" for s in SCRIPTS)], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert out.returncode == 0, out.stdout
