@@ -194,7 +194,6 @@ class Trainer:
         self.tokens_seen = 0
         self._stop_signal = None
         self._iter = None
-        self._epoch = 0
 
     # ---- batches --------------------------------------------------------------------------------
 
@@ -206,8 +205,7 @@ class Trainer:
             try:
                 group.append(next(self._iter))
             except StopIteration:
-                self._iter = None
-                self._epoch += 1
+                self._iter = None  # the loader moves to its next epoch on the next iter()
         return group
 
     # ---- one optimizer step ----------------------------------------------------------------------
@@ -310,7 +308,6 @@ class Trainer:
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
-            "epoch": self._epoch,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -371,7 +368,6 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
-        self._epoch = state.get("epoch", 0)
         self.batches.load_state_dict(state["data"])
         if self.dist is not None:
             ranks = state.get("rng_per_rank")

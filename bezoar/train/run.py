@@ -111,11 +111,11 @@ def check_run_dir(out: Path, cfg: StageConfig, resume: bool) -> None:
     if written.exists():
         from bezoar.config import load_config
 
-        before = to_dict(load_config(StageConfig, written))
-        now = to_dict(cfg)
-        changed = [k for k in _flatten(now) if _flatten(before).get(k) != _flatten(now)[k]
-                   and not k.startswith(("train.progress", "train.log_every", "train.save_every",
-                                         "train.keep_last", "train.max_steps", "train.epochs", "train.eval_every"))]
+        before = _flatten(to_dict(load_config(StageConfig, written)))
+        now = _flatten(to_dict(cfg))
+        free = ("train.progress", "train.log_every", "train.save_every", "train.keep_last", "train.max_steps",
+                "train.epochs", "train.eval_every")  # what a resumed run may change
+        changed = [k for k in now if before.get(k) != now[k] and not k.startswith(free)]
         if changed:
             raise ConfigError(f"{written}: --resume with a different config ({', '.join(changed[:5])}); "
                               "resume with the config the run started with")
@@ -125,8 +125,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and all(isinstance(x, (dict, int, float, str, bool, list, type(None))) for x in v.values()) \
-                and k not in ("fields",):
+        if isinstance(v, dict) and v and k != "fields":
             out.update(_flatten(v, key + "."))
         else:
             out[key] = v
