@@ -24,7 +24,7 @@ CORPUS = ASSETS / "tokenizer_corpus.txt"
 BUILDER_VERSION = "2"
 # Presets that get a short full-parameter pretraining on the corpus, so that fine-tuning starts from a
 # model that has seen text (as QLoRA does) rather than from noise: preset -> optimizer steps.
-PRETRAIN_STEPS = {"demo": 60}
+PRETRAIN_STEPS = {"demo": 200}
 
 
 def cache_root() -> Path:
@@ -110,7 +110,7 @@ def pretrain(model, tokenizer_dir: Path, steps: int, seed: int, seq_len: int = 1
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-        if log is not None and (step + 1) % 20 == 0:
+        if log is not None and (step + 1) % 50 == 0:
             log(f"pretraining the tiny model: step {step + 1}/{steps}, loss {loss.item():.3f}")
     model.eval()
     return losses
