@@ -21,7 +21,7 @@ from .config import PRESETS, LlamaConfig
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 CORPUS = ASSETS / "tokenizer_corpus.txt"
-BUILDER_VERSION = "2"
+BUILDER_VERSION = "3"
 # Presets that get a short full-parameter pretraining on the corpus, so that fine-tuning starts from a
 # model that has seen text (as QLoRA does) rather than from noise: preset -> optimizer steps.
 PRETRAIN_STEPS = {"demo": 200}
@@ -35,10 +35,14 @@ def train_tokenizer(out_dir: Path, vocab_size: int, corpus: Path = CORPUS) -> Pa
     """Train a Llama-style BPE sentencepiece model (byte fallback, <unk>=0 <s>=1 </s>=2)."""
     import sentencepiece as spm
 
-    prefix = out_dir / "tokenizer"
+    import io
+
+    # Train from an iterator into memory, so no file path ends up inside the model's trainer spec and
+    # the same corpus always gives the same bytes.
+    model = io.BytesIO()
     spm.SentencePieceTrainer.Train(
-        input=str(corpus),
-        model_prefix=str(prefix),
+        sentence_iterator=iter(corpus.read_text(encoding="utf-8").splitlines()),
+        model_writer=model,
         vocab_size=vocab_size,
         model_type="bpe",
         byte_fallback=True,
@@ -52,8 +56,9 @@ def train_tokenizer(out_dir: Path, vocab_size: int, corpus: Path = CORPUS) -> Pa
         num_threads=1,
         minloglevel=2,
     )
-    (out_dir / "tokenizer.vocab").unlink(missing_ok=True)
-    return prefix.with_suffix(".model")
+    path = out_dir / "tokenizer.model"
+    path.write_bytes(model.getvalue())
+    return path
 
 
 def write_tokenizer_config(out_dir: Path, max_length: int) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import warnings
 
 import torch
 import torch.distributed as torch_dist
@@ -41,7 +42,11 @@ class Dist:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.local_rank] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False, find_unused_parameters=False)
+        with warnings.catch_warnings():
+            # torch >= 2.13 renames broadcast_buffers; the old name keeps the frozen NF4 buffers from being
+            # broadcast at init as well (they are equal on every rank), which the new one does not yet allow.
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+            return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False, find_unused_parameters=False)
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device if self.backend == "nccl" else "cpu")
