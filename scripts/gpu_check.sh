@@ -8,7 +8,7 @@
 #
 #   scripts/gpu_check.sh                 # on the GPU machine (bench/README.md has the device call)
 #   scripts/gpu_check.sh --dry-run       # print what would run, run nothing (works anywhere)
-#   scripts/gpu_check.sh --gpu-only      # pass 1 only
+#   scripts/gpu_check.sh --gpu-only      # pass 1 only (GPU_TEST_LIMIT=SECONDS bounds it; default 240)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -67,7 +67,8 @@ fi
 
 status=0
 log "pass 1: GPU tests"
-run timeout --signal=INT --kill-after=15 240 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu "${ignores[@]}" \
+run timeout --signal=INT --kill-after=15 "${GPU_TEST_LIMIT:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu \
+  "${parallel[@]}" -rfE --durations=10 "${ignores[@]}" \
   || status=$?
 if [ "$GPU_ONLY" = 0 ]; then
   log "pass 2: the rest of the suite with CUDA visible"
