@@ -74,6 +74,7 @@ import torch
 import torch.nn.functional as F
 
 from bezoar_kernels import dispatch
+from bezoar_kernels.launch import launch_fitting
 from bezoar_kernels.nf4 import NESTED_BLOCKSIZE, NF4Weight, dequantize_nf4_reference, dequantize_nf4_triton, nf4_code
 from bezoar_kernels.nf4_matmul import fused_max_m
 
@@ -895,14 +896,15 @@ def _gemm_forward(x: torch.Tensor, plan: _Plan, xa: torch.Tensor | None, b: torc
     r = b.shape[1] if b is not None else 1
     n_tiles = sum(triton.cdiv(n, cfg.block_n) for n in ns)
     grid = (triton.cdiv(m, cfg.block_m) * n_tiles, split)
-    _lora_fwd_kernel[grid](
+    launch_fitting(_lora_fwd_kernel, grid, (
         x, xa if xa is not None else x, b if b is not None else x, y, nf4_code(x.device), *ptrs,
         m, k, r, *_three(ns, 0), *offsets, *_three(plan.scalings, 0.0), per_split,
         x.stride(0), x.stride(1), y.stride(0) if split > 1 else 0, y.stride(-2),
+    ), dict(
         BASE=base, HAS_LORA=plan.has_lora, R_PAD=_r_pad(r), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, DOT_PRECISION=_dot_precision(dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
-    )
+    ))
     return y if split == 1 else y.sum(0).to(dtype)
 
 
@@ -937,14 +939,15 @@ def _gemm_backward(dys: list[torch.Tensor], plan: _Plan, g: torch.Tensor | None,
     threshold, keep_scale = _dropout_args(plan)
     dy3 = _three(dys, dys[0])
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(k, width), split)
-    _lora_bwd_kernel[grid](
+    launch_fitting(_lora_bwd_kernel, grid, (
         *dy3, g if g is not None else dys[0], a if a is not None else dys[0], dx, nf4_code(device), *ptrs,
         m, k, r, *_three(ns, 0), *offsets, *_three(plan.seeds, 0), threshold, keep_scale, rows_per_split,
         *(dy.stride(0) for dy in dy3), dx.stride(0) if split > 1 else 0, dx.stride(-2),
+    ), dict(
         P=plan.projections, BASE=base, HAS_LORA=plan.has_lora, DROPOUT=plan.dropout, R_PAD=_r_pad(r),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         DOT_PRECISION=_dot_precision(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
-    )
+    ))
     return dx if split == 1 else dx.sum(0).to(dtype)
 
 

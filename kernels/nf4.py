@@ -312,7 +312,8 @@ if triton is not None:
         w_lo = tl.load(w_ptr + first + 1, mask=row_ok[:, None] & (first + 1 < n_elements), other=0.0).to(tl.float32)
 
         absmax = tl.maximum(tl.max(tl.abs(w_hi), axis=1), tl.max(tl.abs(w_lo), axis=1))
-        safe = tl.maximum(absmax, 1e-38)
+        # a typed floor: triton 3.6 reads the bare literal 1e-38 (below FLT_MIN) as fp64
+        safe = tl.maximum(absmax, tl.full(absmax.shape, 1e-38, tl.float32))
         # bitsandbytes multiplies full blocks by 1/absmax but divides the partial last block.
         is_tail = (rows == n_blocks - 1) & (n_elements % BLOCKSIZE != 0)
         inverse = tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)

@@ -37,6 +37,7 @@ import os
 import torch
 
 from bezoar_kernels import dispatch
+from bezoar_kernels.launch import launch_fitting
 from bezoar_kernels.nf4 import (
     NESTED_BLOCKSIZE,
     NF4Weight,
@@ -322,13 +323,14 @@ def nf4_fused_forward(x: torch.Tensor, weight: NF4Weight, config: FusedConfig | 
         out = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
         stride_split = out.stride(0)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
-    _nf4_matmul_fwd_kernel[grid](
+    launch_fitting(_nf4_matmul_fwd_kernel, grid, (
         x, *_weight_args(weight), out,
         m, n, k, weight.offset if weight.double_quant else 0.0, per_split,
         x.stride(0), x.stride(1), stride_split, out.stride(-2), out.stride(-1),
+    ), dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         enable_fp_fusion=False, **meta,
-    )
+    ))
     return out if split == 1 else _sum_splits(out, x.dtype)
 
 
@@ -350,13 +352,14 @@ def nf4_fused_backward(dy: torch.Tensor, weight: NF4Weight, config: FusedConfig 
         dx = torch.empty((split, m, k), dtype=torch.float32, device=dy.device)
         stride_split = dx.stride(0)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(k, chunk), split)
-    _nf4_matmul_bwd_kernel[grid](
+    launch_fitting(_nf4_matmul_bwd_kernel, grid, (
         dy, *_weight_args(weight), dx,
         m, n, k, weight.offset if weight.double_quant else 0.0, rows_per_split,
         dy.stride(0), dy.stride(1), stride_split, dx.stride(-2), dx.stride(-1),
+    ), dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         enable_fp_fusion=False, **meta,
-    )
+    ))
     return dx if split == 1 else _sum_splits(dx, dy.dtype)
 
 

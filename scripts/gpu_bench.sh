@@ -96,7 +96,7 @@ for entry in "${BENCHES[@]}"; do
     STATUS[$name]=$([ "$DRY_RUN" = 1 ] && echo "would run" || echo "ok")
   else
     code=$?
-    STATUS[$name]="exit $code$([ "$code" = 124 ] && echo ' (time limit)')"
+    STATUS[$name]="exit $code$([ "$code" = 124 ] && echo ' (time limit)' || true)"
   fi
 done
 

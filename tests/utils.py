@@ -12,15 +12,22 @@ TOLERANCES = {
 }
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, name: str = "tensor"):
-    """Like torch.testing.assert_close, but reports max/mean abs error and the worst index."""
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol, rtol: float, name: str = "tensor"):
+    """Like torch.testing.assert_close, but reports max/mean abs error and the worst index.
+
+    ``atol`` is a number or a tensor of per-element bounds (see ``bf16_sum_bound``)."""
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a = actual.detach().double().cpu()
     e = expected.detach().double().cpu()
     if a.numel() == 0:
         return
+    if isinstance(atol, torch.Tensor):
+        atol_t = atol.detach().double().cpu().expand_as(a)
+        atol = f"per element, {atol_t.min().item():.3g} .. {atol_t.max().item():.3g}"
+    else:
+        atol_t = atol
     diff = (a - e).abs()
-    bad = diff > atol + rtol * e.abs()
+    bad = diff > atol_t + rtol * e.abs()
     bad |= torch.isnan(a) != torch.isnan(e)
     if bad.any():
         worst = int(diff.nan_to_num(float("inf")).argmax())
@@ -30,6 +37,16 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
             f"max |diff| {diff.max().item():.3e} at {idx} (got {a[idx].item():.6g}, want {e[idx].item():.6g}); "
             f"mean |diff| {diff.mean().item():.3e}"
         )
+
+
+def bf16_sum_bound(*terms: torch.Tensor, roundings: int = 4, floor: float = 1e-2) -> torch.Tensor:
+    """Per-element error bound of a bf16 result made by adding ``terms`` (given exactly, in fp32).
+
+    Each bf16 rounding of a partial result errs by at most 2**-8 of its magnitude, and a partial is
+    at most sum |term|: the bound is ``roundings * 2**-8 * sum |term| + floor``. Against the result's
+    own magnitude it can be large where the terms cancel, which is exactly where bf16 loses digits."""
+    magnitude = sum(t.detach().float().abs() for t in terms)
+    return roundings * 2.0**-8 * magnitude + floor
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:

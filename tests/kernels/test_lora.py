@@ -13,7 +13,7 @@ import torch
 from bezoar_kernels import lora as L
 from bezoar_kernels import nf4
 from bezoar_kernels.dispatch import backend
-from tests.utils import TOLERANCES, assert_close
+from tests.utils import TOLERANCES, assert_close, bf16_sum_bound
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -399,9 +399,13 @@ def test_bf16_on_gpu_matches_fp32_product(m, n, k, r, path):
     xa = (h @ a.t()).bfloat16().float()
     want_y = x.float() @ w.t() + ad.scaling * xa @ b.t()
     g = (ad.scaling * dy.float() @ b).bfloat16().float()
-    want_dx = dy.float() @ w + (g @ a) * mask
+    base_dx, lora_dx = dy.float() @ w, (g @ a) * mask
+    want_dx = base_dx + lora_dx
     assert_close(y.float(), want_y, 3e-2, 2e-2, name="bf16 y")
-    assert_close(grads[0].float(), want_dx, 3e-2, 2e-2, name="bf16 dx")
+    # dx adds two products that each round to bf16 (the cublas path rounds dy @ W before adding the
+    # LoRA term), so its error scales with the terms, not with their sum (measured on an H100: 0.14
+    # at |dx| 36.9, and 6 of 1M elements beyond 3e-2 + 2e-2 |dx| where the terms cancel)
+    assert_close(grads[0].float(), want_dx, bf16_sum_bound(base_dx, lora_dx, roundings=3), 0.0, name="bf16 dx")
     assert_close(grads[1], g.t() @ h, 5e-2 * max(1, m ** 0.5), 2e-2, name="bf16 dA")
     assert_close(grads[2], ad.scaling * dy.float().t() @ xa, 5e-2 * max(1, m ** 0.5), 2e-2, name="bf16 dB")
 
@@ -425,4 +429,14 @@ def test_bf16_qkv_on_gpu(path):
         want = _run(fn, x, adapters, dys)
     for a, b in zip(got[0], want[0]):
         assert_close(a.float(), b.float(), 5e-2, 3e-2, name="bf16 qkv y")
-    assert_close(got[1][0].float(), want[1][0].float(), 5e-2, 3e-2, name="bf16 qkv dx")
+    # dx sums three projections: the torch path rounds each dy_j @ W_j (and each LoRA term) to bf16
+    # and accumulates them in bf16, the kernel once at the end, so the gap scales with the terms
+    # (an H100 measured 0.25 at |dx| 17, 200 of 960K elements beyond 5e-2 + 3e-2 |dx|)
+    terms = []
+    for w_j, ad, dy in zip(weights, adapters, dys):
+        w = nf4.dequantize_nf4_reference(w_j, torch.bfloat16).float()
+        terms.append(dy.float() @ w)
+        g = ad.scaling * dy.float() @ ad.lora_b.float()
+        terms.append((g.abs() @ ad.lora_a.float().abs()) / (1 - 0.05))  # the LoRA term's largest size
+    assert_close(got[1][0].float(), want[1][0].float(), bf16_sum_bound(*terms, roundings=6), 0.0,
+                 name="bf16 qkv dx")
