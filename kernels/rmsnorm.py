@@ -150,10 +150,8 @@ def _block_rows(block_c: int, n_rows: int) -> int:
 def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> None:
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match hidden size {x.shape[-1]}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(
-            f"rms_norm_add: residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}"
-        )
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"rms_norm_add: residual {tuple(residual.shape)} must match x {tuple(x.shape)}")
 
 
 def _forward(x, residual, weight, eps):
@@ -253,8 +251,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rms_norm_add(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-    """``(rms_norm(x + residual), x + residual)`` in one pass over the inputs; Triton on CUDA."""
+    """``(rms_norm(x + residual), x + residual)`` in one pass over the inputs; Triton on CUDA.
+
+    x and residual may differ in dtype: under autocast a sublayer of an fp32 model returns bf16 while
+    the residual stream stays fp32. The sum is then taken in the wider dtype, as ``x + residual`` does.
+    """
     _check(x, weight, residual)
+    if x.dtype != residual.dtype:
+        wide = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(wide), residual.to(wide)
     if use_triton(x, residual, weight):
         return RMSNormAddFunction.apply(x, residual, weight, float(eps))
     return rms_norm_add_reference(x, residual, weight, eps)
