@@ -399,13 +399,15 @@ def test_bf16_on_gpu_matches_fp32_product(m, n, k, r, path):
     xa = (h @ a.t()).bfloat16().float()
     want_y = x.float() @ w.t() + ad.scaling * xa @ b.t()
     g = (ad.scaling * dy.float() @ b).bfloat16().float()
-    base_dx, lora_dx = dy.float() @ w, (g @ a) * mask
-    want_dx = base_dx + lora_dx
+    base_dx = dy.float() @ w
+    want_dx = base_dx + (g @ a) * mask
     assert_close(y.float(), want_y, 3e-2, 2e-2, name="bf16 y")
     # dx adds two products that each round to bf16 (the cublas path rounds dy @ W before adding the
     # LoRA term), so its error scales with the terms, not with their sum (measured on an H100: 0.14
-    # at |dx| 36.9, and 6 of 1M elements beyond 3e-2 + 2e-2 |dx| where the terms cancel)
-    assert_close(grads[0].float(), want_dx, bf16_sum_bound(base_dx, lora_dx, roundings=3), 0.0, name="bf16 dx")
+    # at |dx| 36.9, and 6 of 1M elements beyond 3e-2 + 2e-2 |dx| where the terms cancel). g itself
+    # is bf16 and may round the other way from the oracle's g, an error that scales with |g| @ |A|.
+    lora_size = (g.abs() @ a.abs()) * mask
+    assert_close(grads[0].float(), want_dx, bf16_sum_bound(base_dx, lora_size, roundings=3), 0.0, name="bf16 dx")
     assert_close(grads[1], g.t() @ h, 5e-2 * max(1, m ** 0.5), 2e-2, name="bf16 dA")
     assert_close(grads[2], ad.scaling * dy.float().t() @ xa, 5e-2 * max(1, m ** 0.5), 2e-2, name="bf16 dB")
 
