@@ -14,7 +14,8 @@ paths, chosen by M (rows of x after flattening leading dims):
   over W per call. The backward dequantizes again (the buffer belongs to the next layer by then).
 
 ``FUSED_MAX_M`` (env ``BEZOAR_NF4_FUSED_MAX_M``) is the largest M that takes the fused path;
-bench/nf4.py measures the crossover on the GPU.
+bench/nf4.py measures the crossover on the GPU. On the H100 it was measured on, the fused kernel
+lost at every M (5 to 11 times slower than dequant + cuBLAS at M <= 16), so the default is 0.
 
 How the fused kernel decodes: K is processed in chunks. When K is a multiple of the NF4
 blocksize (the real model shapes), a chunk is one absmax block per row: the row's chunk is
@@ -53,7 +54,11 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-FUSED_MAX_M = 16  # largest M for the fused path by default; set from GPU measurement (bench/nf4.py)
+# Largest M for the fused path by default. bench/nf4.py on an H100 (2026-11-26, torch 2.11, triton 3.6,
+# bench/results/nf4-NVIDIA_H100_80GB_HBM3-2026-11-26.json) found dequant + cuBLAS faster at every M it
+# measured, M = 1 included (3200x3200: 0.025 ms against 0.127 ms fused), so auto never takes the fused
+# kernel until it is made faster; BEZOAR_NF4_FUSED_MAX_M turns it back on.
+FUSED_MAX_M = 0
 PATHS = ("auto", "fused", "dequant")
 _GENERAL_CHUNK = 64  # K chunk of the general (unaligned) variant
 

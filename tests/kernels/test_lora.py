@@ -260,8 +260,12 @@ def test_path_choice_and_override(monkeypatch):
     monkeypatch.delenv("BEZOAR_NF4_FUSED_MAX_M", raising=False)
     from bezoar_kernels.nf4_matmul import FUSED_MAX_M
 
-    assert L.resolve_path(None, FUSED_MAX_M) == "fused"
     assert L.resolve_path("auto", FUSED_MAX_M + 1) == L.LARGE_M_PATH
+    assert L.resolve_path(None, 1) == ("fused" if FUSED_MAX_M >= 1 else L.LARGE_M_PATH)
+    monkeypatch.setenv("BEZOAR_NF4_FUSED_MAX_M", "16")
+    assert L.resolve_path(None, 16) == "fused"
+    assert L.resolve_path(None, 17) == L.LARGE_M_PATH
+    monkeypatch.delenv("BEZOAR_NF4_FUSED_MAX_M")
     assert L.resolve_path("auto", 10**6, has_lora=False) == "cublas"
     monkeypatch.setenv("BEZOAR_LORA_LARGE_M_PATH", "cublas")
     assert L.resolve_path(None, 10**6) == "cublas"

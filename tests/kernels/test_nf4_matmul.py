@@ -106,11 +106,12 @@ def test_no_grad_to_weight_and_grad_only_when_needed():
 
 def test_path_choice_and_threshold_override(monkeypatch):
     monkeypatch.delenv("BEZOAR_NF4_FUSED_MAX_M", raising=False)
-    assert mm.resolve_path(None, mm.FUSED_MAX_M) == "fused"
-    assert mm.resolve_path("auto", mm.FUSED_MAX_M + 1) == "dequant"
+    assert mm.resolve_path(None, mm.FUSED_MAX_M + 1) == "dequant"
+    assert mm.resolve_path("auto", 1) == ("fused" if mm.FUSED_MAX_M >= 1 else "dequant")
     assert mm.resolve_path("dequant", 1) == "dequant"
     monkeypatch.setenv("BEZOAR_NF4_FUSED_MAX_M", "4096")
     assert mm.resolve_path(None, 4096) == "fused"
+    assert mm.resolve_path(None, 4097) == "dequant"
     monkeypatch.setenv("BEZOAR_NF4_FUSED_MAX_M", "lots")
     with pytest.raises(ValueError, match="BEZOAR_NF4_FUSED_MAX_M"):
         mm.resolve_path(None, 1)
