@@ -463,7 +463,8 @@ class Impl:
         self.model = None
         self.lora = None
         self.resident = 0  # bytes the model occupies (measured at build)
-        self.before_lora = 0
+        self.before_lora = 0  # bytes allocated (by everything) just before the adapters were added
+        self.others_at_lora = None  # of those, the other implementations' footprint (set by main)
         self.optimizer = None
         self.params = None
 
@@ -490,6 +491,7 @@ class Impl:
             if self.cuda:
                 torch.cuda.empty_cache()
         self.before_lora = allocated(self.cuda) or 0
+        self.others_at_lora = None
         r, targets = self.setup.lora_r, LORA_TARGETS[lora]
         if self.kind == "bezoar":
             from bezoar.model.lora import LoraConfig, apply_lora, lora_parameters
@@ -599,6 +601,13 @@ def main() -> int:
 
     impl_objs = {"bezoar": Impl("bezoar", config, setup, device, dtype, cuda),
                  "hf": Impl("hf", config, setup, device, dtype, cuda)}
+    # What each implementation keeps allocated between its cases (model, adapters, optimizer state,
+    # kernel buffers), so one's memory figures do not count the other's model: both stay resident
+    # while both have cases left (the first H100 run counted hf's 2.02 GiB in bezoar's adapters).
+    footprint = {name: 0 for name in impl_objs}
+
+    def others(kind: str) -> int:
+        return sum(v for k, v in footprint.items() if k != kind)
     started = time.perf_counter()
     skipped = []
     profile_ctx = common.maybe_profile(args.profile) if args.profile else contextlib.nullcontext()
@@ -612,6 +621,8 @@ def main() -> int:
             batch = batch_for(case.workload, case.tokens)
             try:
                 impl.ensure(case.lora)
+                if impl.others_at_lora is None:
+                    impl.others_at_lora = others(kind)
                 if kind == "bezoar":
                     impl.model.gradient_checkpointing = case.impl.split("-", 1)[1]
                     step = bezoar_step(impl.model, case.workload, batch, impl.optimizer, impl.params, autocast)
@@ -636,7 +647,8 @@ def main() -> int:
                     tokens, pairs = n_rows * row_len, n_rows * row_len * (row_len + 1) // 2
                 else:  # the same packed rows: real tokens, causal pairs within documents
                     tokens, pairs = int(batch["num_tokens"]), attention_pairs(batch)
-                case.result = summarize(case, times, tokens, pairs, config, peak_tflops, impl, base, cuda)
+                case.result = summarize(case, times, tokens, pairs, config, peak_tflops, impl, base, cuda,
+                                        others_growth=others(kind) - impl.others_at_lora)
                 print(f"{case.name}: {case.result['ms']:.1f} ms, {case.result['tokens_per_s']:,.0f} tok/s, "
                       f"MFU {fmt_pct(case.result.get('mfu'))}, peak {fmt_gib(case.result.get('peak_gib'))}",
                       flush=True)
@@ -655,10 +667,12 @@ def main() -> int:
                 gc.collect()
                 if cuda:
                     torch.cuda.empty_cache()
+                    footprint[kind] = (allocated(cuda) or 0) - others(kind)
             later = {("bezoar" if c.impl.startswith("bezoar") else "hf") for c in cases[cases.index(case) + 1:]}
             for name, obj in impl_objs.items():
                 if obj.model is not None and name not in later:
                     obj.release()  # no case left for it: give its memory back
+                    footprint[name] = 0
     if args.only and args.iters:
         return 0
     if skipped:
@@ -681,7 +695,9 @@ def main() -> int:
     return 0
 
 
-def summarize(case, times, tokens, pairs, config, peak_tflops, impl, base, cuda) -> dict:
+def summarize(case, times, tokens, pairs, config, peak_tflops, impl, base, cuda, others_growth: int = 0) -> dict:
+    """The case's figures; ``others_growth``: what the other implementation added to the allocated
+    bytes since this one's adapters went on (its model built in between), not this one's."""
     import torch
 
     ms = statistics.median(times)
@@ -691,7 +707,7 @@ def summarize(case, times, tokens, pairs, config, peak_tflops, impl, base, cuda)
            "mfu": flops / (ms * 1e-3) / (peak_tflops * 1e12) if peak_tflops else None}
     if cuda:
         transient = torch.cuda.max_memory_allocated() - base
-        adapters = base - impl.before_lora
+        adapters = base - impl.before_lora - others_growth
         out.update(peak_gib=(impl.resident + adapters + transient) / 2**30, model_gib=impl.resident / 2**30,
                    adapters_and_optimizer_gib=adapters / 2**30, step_transient_gib=transient / 2**30)
     return out
