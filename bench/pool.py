@@ -5,8 +5,11 @@ has one of the machine's cores to itself. Cases:
 
   pool-null-provider the Pool (JSONL store on) with a provider that answers at once, no HTTP:
                      the pool's own CPU per request
-  pool-compat        the Pool with the aiohttp transport, zero server latency, JSONL store on:
-                     requests/s end to end (target >= 2,000/s on a 2-core machine)
+  pool-compat        the Pool with the compat provider (its lean HTTP/1.1 client), zero server
+                     latency, JSONL store on: requests/s end to end (target >= 2,000/s on a
+                     2-core machine)
+  pool-compat-aiohttp the same with the compat provider forced onto aiohttp (what it uses when a
+                     proxy is set; its only transport before the lean client)
   pool-openai-sdk    the same through the official openai SDK provider
   pool-anthropic-sdk the same through the official anthropic SDK provider
   raw-aiohttp        no pool: a semaphore and one aiohttp session: the transport's ceiling
@@ -50,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bezoar.generate.pool import Limits, Pool  # noqa: E402
-from bezoar.generate.providers import Endpoint, Reply  # noqa: E402
+from bezoar.generate.providers import CompatProvider, Endpoint, Reply, read_api_key  # noqa: E402
 from bezoar.generate.request import Request  # noqa: E402
 
 KEY = "sk-bench-not-a-real-key"
@@ -134,11 +137,16 @@ def make_requests(n: int, tag: str) -> list[Request]:
 
 # ---------------------------------------------------------------------- cases
 async def pool_case(provider: str, server: ServerProcess, n: int, concurrency: int, store_dir: str,
-                    rpm: float | None = None, warmup: int = 200) -> dict:
+                    rpm: float | None = None, warmup: int = 200, transport: str | None = None) -> dict:
     url = server.url if provider == "anthropic" else server.openai_url
     limits = Limits(concurrency=concurrency, rpm=rpm, timeout_s=60)
     store = os.path.join(store_dir, f"{provider}-{time.time_ns()}.jsonl")
-    async with Pool(Endpoint(provider, url, api_key_env="BENCH_POOL_KEY"), limits, store, model="m") as pool:
+    factory = None
+    if transport is not None:  # the compat provider on a chosen transport
+        def factory(endpoint: Endpoint, connections: int) -> CompatProvider:
+            return CompatProvider(endpoint, read_api_key(endpoint), connections, transport=transport)
+    async with Pool(Endpoint(provider, url, api_key_env="BENCH_POOL_KEY"), limits, store, model="m",
+                    provider_factory=factory) as pool:
         if warmup:
             await pool.run(make_requests(warmup, "warm"))
         with Timed(server) as timed:
@@ -243,6 +251,7 @@ def cases(smoke: bool) -> dict:
     return {
         "pool-null-provider": dict(kind="null", n=50000 if not smoke else 1000, concurrency=128),
         "pool-compat": dict(kind="pool", provider="compat", n=big, concurrency=128),
+        "pool-compat-aiohttp": dict(kind="pool", provider="compat", transport="aiohttp", n=big, concurrency=128),
         "pool-openai-sdk": dict(kind="pool", provider="openai", n=sdk, concurrency=64),
         "pool-anthropic-sdk": dict(kind="pool", provider="anthropic", n=sdk, concurrency=64),
         "raw-aiohttp": dict(kind="raw", n=big, concurrency=128),
@@ -260,7 +269,8 @@ def run_case(name: str, spec: dict, store_dir: str, server: ServerProcess | None
     if spec["kind"] == "null":
         return {"case": name, **asyncio.run(null_provider_case(spec["n"], spec["concurrency"], store_dir))}
     if spec["kind"] == "pool":
-        coro = pool_case(spec["provider"], server, spec["n"], spec["concurrency"], store_dir, warmup=warmup)
+        coro = pool_case(spec["provider"], server, spec["n"], spec["concurrency"], store_dir, warmup=warmup,
+                         transport=spec.get("transport"))
     elif spec["kind"] == "raw":
         coro = raw_aiohttp_case(server, spec["n"], spec["concurrency"], warmup=warmup)
     else:

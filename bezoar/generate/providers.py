@@ -6,10 +6,11 @@ Three providers, chosen by ``Endpoint.provider``:
   completions. For OpenAI proper, or any server when SDK behaviour is wanted.
 - ``anthropic``: the official ``anthropic`` async client (``AsyncAnthropic(max_retries=0)``),
   messages API (chat only).
-- ``compat``: any OpenAI-compatible server (vLLM, TGI, bezoar.serve, OpenAI itself) over a lean
-  aiohttp transport, chat and completions. The SDKs spend several milliseconds of CPU per call
-  (measured here: about 250 requests/s at most on one core, while aiohttp does over 3,000/s):
-  fine against a rate-limited API, a bottleneck against local inference servers.
+- ``compat``: any OpenAI-compatible server (vLLM, TGI, bezoar.serve, OpenAI itself) over the
+  lean keep-alive HTTP/1.1 client of ``bezoar.generate.http`` (aiohttp when a proxy is set),
+  chat and completions. The SDKs spend 3 to 5 ms of CPU per call, aiohttp about 0.45 ms, the
+  lean client much less (bench/pool.py): the SDKs are fine against a rate-limited API, a
+  bottleneck against local inference servers.
 
 Retries are the pool's, never the SDK's. Every provider failure is raised as a
 :class:`ProviderError` of one of three kinds:
@@ -29,14 +30,18 @@ back cannot put it in a log or a store.
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import json
+import netrc
 import os
 import time
 import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from bezoar.generate.http import HTTPClient, HTTPConnectError, HTTPConnectionError, HTTPTimeout
 from bezoar.generate.request import GenerateError, Request
 
 PROVIDERS = ("openai", "anthropic", "compat")
@@ -231,70 +236,127 @@ def _openai_reply(payload: Any, kind: str) -> Reply:
     return Reply(text, usage.get("prompt_tokens"), usage.get("completion_tokens"), choice.get("finish_reason"))
 
 
-def _proxy_configured() -> bool:
-    """Whether proxy variables or a .netrc are present. aiohttp's trust_env looks them up on every
-    request through a worker thread (two thread hops a call): only worth paying when they exist."""
-    names = ("http_proxy", "https_proxy", "all_proxy")
-    if any(os.environ.get(n) or os.environ.get(n.upper()) for n in names):
-        return True
-    netrc = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
-    return os.path.exists(netrc)
+def proxy_for(url: str) -> str | None:
+    """The proxy the environment (http_proxy, https_proxy, all_proxy, no_proxy) names for ``url``."""
+    proxies = urllib.request.getproxies_environment()
+    parts = urllib.parse.urlsplit(url)
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass_environment(parts.hostname or "", proxies):
+        return None
+    return proxy
+
+
+def _basic_auth(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+
+
+def _url_or_netrc_auth(url: str) -> str | None:
+    """An Authorization value from credentials in the URL, else from ~/.netrc (or $NETRC) for its
+    host, else None. Read once per provider, not per request."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is not None:
+        return _basic_auth(urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or ""))
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    if not parts.hostname or not os.path.exists(path):
+        return None
+    try:
+        entry = netrc.netrc(path).authenticators(parts.hostname)
+    except (OSError, netrc.NetrcParseError):
+        return None  # an unreadable .netrc is not this request's business
+    if entry is None:
+        return None
+    login, _, password = entry
+    return _basic_auth(login or "", password or "")
 
 
 class CompatProvider:
-    """OpenAI-compatible HTTP API over one aiohttp session (connection pool of ``connections``)."""
+    """OpenAI-compatible HTTP API over the lean keep-alive client in ``bezoar.generate.http``
+    (at most ``connections`` connections), or over aiohttp when a proxy variable applies to the
+    endpoint (the lean client speaks only directly to the server).
 
-    def __init__(self, endpoint: Endpoint, api_key: str | None, connections: int):
+    transport: "auto" (as just said), "lean" or "aiohttp" (to force one, e.g. in tests); None reads
+    the environment variable BEZOAR_COMPAT_TRANSPORT (default "auto"), so a user can fall back to
+    aiohttp without code changes
+    """
+
+    TRANSPORTS = ("auto", "lean", "aiohttp")
+
+    def __init__(self, endpoint: Endpoint, api_key: str | None, connections: int, transport: str | None = None):
+        if transport is None:
+            transport = os.environ.get("BEZOAR_COMPAT_TRANSPORT", "").strip() or "auto"
+            if transport not in self.TRANSPORTS:
+                raise GenerateError(f"BEZOAR_COMPAT_TRANSPORT={transport!r}: choose one of "
+                                    f"{', '.join(self.TRANSPORTS)}")
+        if transport not in self.TRANSPORTS:
+            raise GenerateError(f"unknown compat transport {transport!r}; choose one of {', '.join(self.TRANSPORTS)}")
         self.endpoint, self.label = endpoint, endpoint.label
         self._api_key = api_key
         self._connections = connections
+        self._transport = transport
         base = endpoint.base_url.rstrip("/")
+        self._paths = {"chat": "/chat/completions", "completion": "/completions"}
         self._urls = {"chat": base + "/chat/completions", "completion": base + "/completions"}
+        self._http: HTTPClient | None = None
         self._session = None
         self._timeouts: dict[float, Any] = {}
 
     def __repr__(self) -> str:
         return f"CompatProvider({self.label!r})"
 
-    async def open(self) -> None:
-        import aiohttp
+    @property
+    def transport(self) -> str | None:
+        """"lean" or "aiohttp" once open, else None."""
+        return "lean" if self._http is not None else "aiohttp" if self._session is not None else None
 
-        self._aiohttp = aiohttp
-        headers = {"Content-Type": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = "Bearer " + self._api_key
-        connector = aiohttp.TCPConnector(limit=self._connections, limit_per_host=0, ttl_dns_cache=300,
-                                         keepalive_timeout=30)
-        self._session = aiohttp.ClientSession(connector=connector, headers=headers, trust_env=_proxy_configured())
+    async def open(self) -> None:
+        url = self.endpoint.base_url
+        use_aiohttp = self._transport == "aiohttp" or (self._transport == "auto" and proxy_for(url) is not None)
+        if use_aiohttp:
+            import aiohttp
+
+            self._aiohttp = aiohttp
+            headers = {"Content-Type": "application/json"}
+            if self._api_key:
+                headers["Authorization"] = "Bearer " + self._api_key
+            connector = aiohttp.TCPConnector(limit=self._connections, limit_per_host=0, ttl_dns_cache=300,
+                                             keepalive_timeout=30)
+            self._session = aiohttp.ClientSession(connector=connector, headers=headers, trust_env=True)
+            return
+        authorization = "Bearer " + self._api_key if self._api_key else _url_or_netrc_auth(url)
+        try:
+            self._http = HTTPClient(url, headers={"Authorization": authorization} if authorization else None,
+                                    connections=self._connections)
+        except ValueError as e:  # a key with a line break in it; the message names the header only
+            raise GenerateError(f"{self.label}: {e}") from None
 
     async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
         if self._session is not None:
             await self._session.close()
             self._session = None
 
     async def send(self, request: Request, model: str, timeout: float) -> Reply:
-        aiohttp = self._aiohttp
         body: dict = {"model": model}
         if request.kind == "chat":
             body["messages"] = _chat_messages(request)
         else:
             body["prompt"] = request.prompt
         body.update(_openai_params(request))
-        client_timeout = self._timeouts.get(timeout)
-        if client_timeout is None:
-            client_timeout = self._timeouts[timeout] = aiohttp.ClientTimeout(total=timeout)
-        try:
-            async with self._session.post(self._urls[request.kind], data=json.dumps(body).encode(),
-                                          timeout=client_timeout) as response:
-                raw = await response.read()
-                status, headers = response.status, response.headers
-        except (asyncio.TimeoutError, TimeoutError):
-            raise ProviderError(f"no answer from {self.label} within {timeout:g} s", RETRY, reason="timeout") from None
-        except aiohttp.ClientConnectorError as e:
-            raise ProviderError(f"cannot connect: {_os_reason(e)}", RETRY, connect=True) from None
-        except aiohttp.ClientError as e:
-            raise ProviderError(f"connection to {self.label} failed: {type(e).__name__}: {e}", RETRY,
-                                reason="connection") from None
+        data = json.dumps(body).encode()
+        if self._http is not None:
+            try:
+                status, headers, raw = await self._http.post(self._paths[request.kind], data, timeout)
+            except HTTPTimeout:
+                raise ProviderError(f"no answer from {self.label} within {timeout:g} s", RETRY,
+                                    reason="timeout") from None
+            except HTTPConnectError as e:
+                raise ProviderError(f"cannot connect: {e}", RETRY, connect=True) from None
+            except HTTPConnectionError as e:
+                raise ProviderError(f"connection to {self.label} failed: {e}", RETRY, reason="connection") from None
+        else:
+            status, headers, raw = await self._post_aiohttp(request.kind, data, timeout)
         if status >= 400:
             text = raw.decode("utf-8", "replace")
             try:
@@ -307,6 +369,22 @@ class CompatProvider:
         except (ValueError, KeyError, IndexError, TypeError) as e:
             raise ProviderError(f"malformed answer from {self.label}: {type(e).__name__}: {e}", RETRY,
                                 reason="malformed") from None
+
+    async def _post_aiohttp(self, kind: str, data: bytes, timeout: float) -> tuple[int, Any, bytes]:
+        aiohttp = self._aiohttp
+        client_timeout = self._timeouts.get(timeout)
+        if client_timeout is None:
+            client_timeout = self._timeouts[timeout] = aiohttp.ClientTimeout(total=timeout)
+        try:
+            async with self._session.post(self._urls[kind], data=data, timeout=client_timeout) as response:
+                return response.status, response.headers, await response.read()
+        except (asyncio.TimeoutError, TimeoutError):
+            raise ProviderError(f"no answer from {self.label} within {timeout:g} s", RETRY, reason="timeout") from None
+        except aiohttp.ClientConnectorError as e:
+            raise ProviderError(f"cannot connect: {_os_reason(e)}", RETRY, connect=True) from None
+        except aiohttp.ClientError as e:
+            raise ProviderError(f"connection to {self.label} failed: {type(e).__name__}: {e}", RETRY,
+                                reason="connection") from None
 
 
 def _os_reason(e: BaseException) -> str:

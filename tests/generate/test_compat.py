@@ -1,0 +1,158 @@
+"""The compat provider over its two transports: the lean client and aiohttp classify every fault
+alike; the transport is chosen by the proxy environment; credentials reach the server, never a message."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bezoar.generate import providers as P
+from bezoar.generate.providers import CompatProvider, Endpoint, ProviderError, proxy_for, read_api_key
+from bezoar.generate.request import GenerateError, Request
+from tests.generate.conftest import closed_port_url
+from tests.generate.fake_server import Fault
+from tests.generate.test_http import RawServer, length_answer
+
+QUESTION = Request(messages=[{"role": "user", "content": "x"}])
+
+
+async def _send(transport: str, url: str, request: Request = QUESTION, *, model: str = "m", timeout: float = 5.0,
+                key_env: str | None = None):
+    endpoint = Endpoint("compat", url, api_key_env=key_env)
+    provider = CompatProvider(endpoint, read_api_key(endpoint), connections=4, transport=transport)
+    await provider.open()
+    try:
+        assert provider.transport == transport
+        return await provider.send(request, model, timeout)
+    finally:
+        await provider.close()
+
+
+def outcome(transport: str, url: str, **kw) -> tuple:
+    """What the pool sees of one call: the reply text, or the error's classification."""
+    try:
+        return ("ok", asyncio.run(_send(transport, url, **kw)).text)
+    except ProviderError as e:
+        return (e.kind, e.reason, e.status, e.rate_limited, e.connect, e.retry_after)
+
+
+SCRIPTS = {
+    "ok": [], "429": [Fault("429")], "429ms": [Fault("429ms")], "500": [Fault("500")], "529": [Fault("529")],
+    "malformed": [Fault("malformed")], "drop": [Fault("drop")], "400": [Fault("400")], "422": [Fault("422")],
+    "413": [Fault("413")], "hang": [Fault("hang")],
+}
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_transports_classify_alike(fake_server, monkeypatch, script):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    results = {}
+    for transport in ("lean", "aiohttp"):
+        server = fake_server(retry_after_s=0.25)
+        server.script(*SCRIPTS[script])
+        results[transport] = outcome(transport, server.openai_url, timeout=0.5)
+    assert results["lean"] == results["aiohttp"], results
+    expected_kind = {"ok": "ok", "400": P.REQUEST, "422": P.REQUEST, "413": P.REQUEST}.get(script, P.RETRY)
+    assert results["lean"][0] == expected_kind
+
+
+def test_transports_alike_on_refused_bad_key_unknown_model(fake_server, monkeypatch):
+    monkeypatch.setenv("MY_KEY", "sk-wrong-key-0123456789")
+    strict = fake_server(api_key="sk-right", models=["real"])
+    cases = {"refused": dict(url=closed_port_url()), "bad key": dict(url=strict.openai_url, key_env="MY_KEY"),
+             "unknown model": dict(url=fake_server(models=["real"]).openai_url, model="nope")}
+    for name, kw in cases.items():
+        lean, slow = outcome("lean", **kw), outcome("aiohttp", **kw)
+        assert lean == slow, (name, lean, slow)
+    assert outcome("lean", **cases["refused"])[:1] == (P.RETRY,) and outcome("lean", **cases["refused"])[4]
+    assert outcome("lean", **cases["bad key"])[0] == P.FATAL
+
+
+def test_bad_key_message_never_holds_the_key(fake_server, monkeypatch):
+    secret = "sk-live-LEAN-SECRET-0123456789"
+    monkeypatch.setenv("MY_KEY", secret)
+    server = fake_server(api_key="sk-right")  # echoes the key it got in its 401 message
+    with pytest.raises(ProviderError) as info:
+        asyncio.run(_send("lean", server.openai_url, key_env="MY_KEY"))
+    assert info.value.status == 401 and "SECRET" not in str(info.value) and "rejected the API key" in str(info.value)
+
+
+def test_key_with_a_line_break_is_refused_without_showing_it(monkeypatch):
+    monkeypatch.setenv("MY_KEY", "sk-one\nX-Injected: yes")
+    endpoint = Endpoint("compat", "http://127.0.0.1:9/v1", api_key_env="MY_KEY")
+    provider = CompatProvider(endpoint, read_api_key(endpoint), connections=1)
+    with pytest.raises(GenerateError, match="Authorization") as info:
+        asyncio.run(provider.open())
+    assert "sk-one" not in str(info.value) and "Injected" not in str(info.value)
+
+
+@pytest.mark.parametrize("env,url,expected", [
+    ({}, "http://gpu1:8000/v1", None),
+    ({"http_proxy": "http://proxy:3128"}, "http://gpu1:8000/v1", "http://proxy:3128"),
+    ({"HTTPS_PROXY": "http://proxy:3128"}, "http://gpu1:8000/v1", None),
+    ({"HTTPS_PROXY": "http://proxy:3128"}, "https://api.openai.com/v1", "http://proxy:3128"),
+    ({"http_proxy": "http://proxy:3128", "no_proxy": "localhost,gpu1"}, "http://gpu1:8000/v1", None),
+    ({"all_proxy": "http://proxy:3128"}, "http://gpu1:8000/v1", "http://proxy:3128"),
+])
+def test_proxy_for(monkeypatch, env, url, expected):
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert proxy_for(url) == expected
+
+
+def test_auto_transport_follows_the_proxy_environment(monkeypatch):
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+    async def chosen() -> str:
+        provider = CompatProvider(Endpoint("compat", "http://gpu1:8000/v1"), None, connections=1)
+        await provider.open()
+        try:
+            return provider.transport
+        finally:
+            await provider.close()
+
+    monkeypatch.delenv("BEZOAR_COMPAT_TRANSPORT", raising=False)
+    assert asyncio.run(chosen()) == "lean"
+    monkeypatch.setenv("BEZOAR_COMPAT_TRANSPORT", "aiohttp")  # the user's way back to aiohttp
+    assert asyncio.run(chosen()) == "aiohttp"
+    monkeypatch.setenv("BEZOAR_COMPAT_TRANSPORT", "fastest")
+    with pytest.raises(GenerateError, match="BEZOAR_COMPAT_TRANSPORT='fastest'"):
+        CompatProvider(Endpoint("compat", "http://gpu1:8000/v1"), None, connections=1)
+    monkeypatch.delenv("BEZOAR_COMPAT_TRANSPORT")
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy:3128")
+    assert asyncio.run(chosen()) == "aiohttp"
+    with pytest.raises(GenerateError, match="unknown compat transport"):
+        CompatProvider(Endpoint("compat", "http://gpu1:8000/v1"), None, connections=1, transport="curl")
+
+
+def _authorization_sent(url: str, key_env: str | None = None) -> str | None:
+    async def go():
+        async with RawServer([[length_answer(b'{"choices": [{"message": {"content": "ok"}}]}')]]) as server:
+            await _send("lean", url.replace("PORT", str(server.port)), key_env=key_env)
+            head = server.requests[0][0].decode()
+        for line in head.split("\r\n"):
+            if line.lower().startswith("authorization:"):
+                return line.split(":", 1)[1].strip()
+        return None
+
+    return asyncio.run(go())
+
+
+def test_credentials_from_key_url_or_netrc(monkeypatch, tmp_path):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login ann password s3cret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(tmp_path / "absent"))
+    assert _authorization_sent("http://127.0.0.1:PORT/v1") is None
+    assert _authorization_sent("http://bob:pa%20ss@127.0.0.1:PORT/v1") == "Basic Ym9iOnBhIHNz"  # bob:pa ss
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert _authorization_sent("http://127.0.0.1:PORT/v1") == "Basic YW5uOnMzY3JldA=="  # ann:s3cret
+    monkeypatch.setenv("LOCAL_KEY", "sk-local-key")
+    assert _authorization_sent("http://127.0.0.1:PORT/v1", key_env="LOCAL_KEY") == "Bearer sk-local-key"
