@@ -2,25 +2,41 @@
 
 from __future__ import annotations
 
+# (kernel, argument dtypes, meta-parameters) -> the pipeline stages that fitted, for the launches that
+# had to shrink. Empty on a GPU where every kernel fits, and then a launch computes no key at all.
 _STAGES_THAT_FIT: dict[tuple, int] = {}
+
+
+def _key(kernel, args: tuple, kwargs: dict) -> tuple:
+    return (getattr(getattr(kernel, "fn", kernel), "__name__", repr(kernel)),
+            tuple(str(a.dtype) for a in args if hasattr(a, "dtype")),
+            tuple(sorted((k, v) for k, v in kwargs.items()
+                         if k != "num_stages" and isinstance(v, (bool, int, float, str)))))
+
+
+def _out_of_shared_memory(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfResources"  # triton.runtime.errors' (its module moved between releases)
 
 
 def launch_fitting(kernel, grid, args: tuple, kwargs: dict) -> None:
     """``kernel[grid](*args, **kwargs)``, retried with fewer pipeline stages while the compiled kernel
     asks for more shared memory than the GPU has (an unaligned NF4 K on an H100 wanted 312 KB with 4
-    stages; a consumer GPU has about 100 KB). What fitted is remembered per kernel and meta-parameters."""
+    stages; a consumer GPU has about 100 KB). What fitted is remembered per kernel, argument dtypes
+    and meta-parameters, so later launches start there."""
+    key = None
+    if _STAGES_THAT_FIT:
+        key = _key(kernel, args, kwargs)
+        if key in _STAGES_THAT_FIT:
+            kwargs = dict(kwargs, num_stages=min(kwargs["num_stages"], _STAGES_THAT_FIT[key]))
     stages = kwargs["num_stages"]
-    key = (getattr(getattr(kernel, "fn", kernel), "__name__", repr(kernel)),
-           tuple(str(a.dtype) for a in args if hasattr(a, "dtype")),
-           tuple(sorted((k, v) for k, v in kwargs.items() if isinstance(v, (bool, int, float, str)))))
-    stages = min(stages, _STAGES_THAT_FIT.get(key, stages))
     while True:
         try:
             kernel[grid](*args, **dict(kwargs, num_stages=stages))
-        except Exception as exc:  # triton.runtime.errors.OutOfResources (its module moved between releases)
-            if type(exc).__name__ != "OutOfResources" or stages <= 1:
+        except Exception as exc:
+            if not _out_of_shared_memory(exc) or stages <= 1:
                 raise
             stages -= 1
             continue
-        _STAGES_THAT_FIT[key] = stages
+        if stages != kwargs["num_stages"]:  # it had to shrink: later launches start here
+            _STAGES_THAT_FIT[key if key is not None else _key(kernel, args, kwargs)] = stages
         return

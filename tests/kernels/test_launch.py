@@ -74,3 +74,12 @@ def test_other_errors_are_not_retried():
     with pytest.raises(ValueError, match="bad argument"):
         launch.launch_fitting(kernel, (1,), (), dict(num_stages=3))
     assert kernel.tries == [3]
+
+
+def test_no_key_is_computed_while_every_launch_fits(monkeypatch):
+    calls = []
+    monkeypatch.setattr(launch, "_key", lambda *a: calls.append(a) or ("k",))
+    kernel = FakeKernel("k_fast", fits=8)
+    for _ in range(3):
+        launch.launch_fitting(kernel, (1,), (), dict(num_stages=3))
+    assert calls == [] and launch._STAGES_THAT_FIT == {}
