@@ -295,7 +295,7 @@ class CompatProvider:
         self._transport = transport
         base = endpoint.base_url.rstrip("/")
         self._paths = {"chat": "/chat/completions", "completion": "/completions"}
-        self._urls = {"chat": base + "/chat/completions", "completion": base + "/completions"}
+        self._urls = {kind: base + path for kind, path in self._paths.items()}  # for aiohttp
         self._http: HTTPClient | None = None
         self._session = None
         self._timeouts: dict[float, Any] = {}
@@ -349,8 +349,7 @@ class CompatProvider:
             try:
                 status, headers, raw = await self._http.post(self._paths[request.kind], data, timeout)
             except HTTPTimeout:
-                raise ProviderError(f"no answer from {self.label} within {timeout:g} s", RETRY,
-                                    reason="timeout") from None
+                raise _timeout_error(self.label, timeout) from None
             except HTTPConnectError as e:
                 raise ProviderError(f"cannot connect: {e}", RETRY, connect=True) from None
             except HTTPConnectionError as e:
@@ -379,7 +378,7 @@ class CompatProvider:
             async with self._session.post(self._urls[kind], data=data, timeout=client_timeout) as response:
                 return response.status, response.headers, await response.read()
         except (asyncio.TimeoutError, TimeoutError):
-            raise ProviderError(f"no answer from {self.label} within {timeout:g} s", RETRY, reason="timeout") from None
+            raise _timeout_error(self.label, timeout) from None
         except aiohttp.ClientConnectorError as e:
             raise ProviderError(f"cannot connect: {_os_reason(e)}", RETRY, connect=True) from None
         except aiohttp.ClientError as e:
@@ -400,6 +399,10 @@ def _os_reason(e: BaseException) -> str:
                 return os.strerror(candidate.errno) if candidate.errno > 0 else str(candidate.strerror)
         seen = seen.__cause__ or seen.__context__
     return f"{type(e).__name__}: {e}"
+
+
+def _timeout_error(label: str, timeout: float) -> ProviderError:
+    return ProviderError(f"no answer from {label} within {timeout:g} s", RETRY, reason="timeout")
 
 
 def _sdk_connection_error(e: BaseException, label: str) -> ProviderError:
@@ -448,7 +451,7 @@ class OpenAISDKProvider:
                 choice = response.choices[0]
                 text = choice.text
         except openai.APITimeoutError:
-            raise ProviderError(f"no answer from {self.label} within {timeout:g} s", RETRY, reason="timeout") from None
+            raise _timeout_error(self.label, timeout) from None
         except openai.APIConnectionError as e:
             raise _sdk_connection_error(e, self.label) from None
         except openai.APIStatusError as e:
@@ -515,7 +518,7 @@ class AnthropicSDKProvider:
         try:
             response = await self._client.messages.create(model=model, messages=messages, timeout=timeout, **params)
         except anthropic.APITimeoutError:
-            raise ProviderError(f"no answer from {self.label} within {timeout:g} s", RETRY, reason="timeout") from None
+            raise _timeout_error(self.label, timeout) from None
         except anthropic.APIConnectionError as e:
             raise _sdk_connection_error(e, self.label) from None
         except anthropic.APIStatusError as e:
