@@ -254,23 +254,43 @@ def _finish(packed: torch.Tensor, absmax: torch.Tensor, weight: torch.Tensor, bl
 # ----------------------------------------------------------------------------- torch reference
 
 
-def quantize_nf4_reference(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
-    """Quantize ``weight`` (any shape) to NF4 in torch; bitsandbytes' bytes exactly."""
-    _check_quantize_args(weight, blocksize)
-    flat = weight.detach().reshape(-1).float()
-    n = flat.numel()
-    full = n - n % blocksize
-    body = flat[:full].view(-1, blocksize)
-    absmax = body.abs().amax(dim=1)
-    scaled = (body * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1.0, 1.0).reshape(-1)
-    if full < n:  # the partial last block divides by its (clamped) absmax, and stores it clamped
-        tail_max = flat[full:].abs().amax().clamp(min=1e-38)
+_QUANTIZE_CHUNK = 1 << 20  # elements per step of the torch quantizer: bounds its temporaries to a few MB
+
+
+def _quantize_span(values: torch.Tensor, blocksize: int, midpoints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NF4 indices (uint8, one per element) and fp32 absmax for consecutive blocks of ``values`` (fp32, 1-D);
+    a shorter last block divides by its own absmax. Division uses absmax clamped at 1e-38; whole blocks
+    store it unclamped (an all-zero block keeps 0) and the partial block stores it clamped, as bitsandbytes."""
+    full = values.numel() - values.numel() % blocksize
+    absmax = values[:full].view(-1, blocksize).abs().amax(dim=1)
+    scaled = torch.empty_like(values)
+    scaled[:full] = (values[:full].view(-1, blocksize) * (1.0 / absmax.clamp(min=1e-38))[:, None]).view(-1)
+    if full < values.numel():  # the partial block divides by its absmax (not times an inverse), as bitsandbytes
+        tail_max = values[full:].abs().amax().clamp(min=1e-38)
         absmax = torch.cat([absmax, tail_max[None]])
-        scaled = torch.cat([scaled, (flat[full:] / tail_max).clamp(-1.0, 1.0)])
-    index = torch.bucketize(scaled, nf4_midpoints(weight.device)).to(torch.uint8)
-    if n % 2:
-        index = torch.cat([index, index.new_full((1,), NF4_ZERO_INDEX)])
-    packed = (index[0::2] << 4) | index[1::2]
+        scaled[full:] = values[full:] / tail_max
+    scaled.clamp_(-1.0, 1.0)
+    return torch.bucketize(scaled, midpoints, out_int32=True).to(torch.uint8), absmax
+
+
+def quantize_nf4_reference(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
+    """Quantize ``weight`` (any shape) to NF4 in torch; bitsandbytes' bytes exactly.
+
+    Works through the weight in chunks of whole blocks, so the temporaries stay a few MB whatever the
+    weight's size (quantize-on-load of a 3B model holds one layer plus these, not five copies of a layer)."""
+    _check_quantize_args(weight, blocksize)
+    flat = weight.detach().reshape(-1)
+    n = flat.numel()
+    midpoints = nf4_midpoints(weight.device)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=weight.device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=weight.device)
+    step = max(1, _QUANTIZE_CHUNK // blocksize) * blocksize  # whole blocks, an even count of elements
+    for start in range(0, n, step):
+        index, chunk_absmax = _quantize_span(flat[start:start + step].float(), blocksize, midpoints)
+        absmax[start // blocksize:start // blocksize + chunk_absmax.numel()] = chunk_absmax
+        if index.numel() % 2:  # only the last chunk can be odd: pad with the index of 0.0
+            index = torch.cat([index, index.new_full((1,), NF4_ZERO_INDEX)])
+        packed[start // 2:start // 2 + index.numel() // 2] = (index[0::2] << 4) | index[1::2]
     return _finish(packed, absmax, weight, blocksize, double_quant)
 
 

@@ -78,6 +78,16 @@ def test_quantize_reference_matches_bitsandbytes(shape, dtype, blocksize, double
     assert q.shape == tuple(shape) and q.dtype == dtype and q.blocksize == blocksize
 
 
+@pytest.mark.parametrize("shape,blocksize", [((37, 61), 64), ((301, 77), 128), ((4097,), 64)])
+def test_quantize_reference_in_small_chunks_matches_bitsandbytes(monkeypatch, shape, blocksize):
+    # The torch quantizer works in chunks of whole blocks; chunks of 2-3 blocks put chunk edges
+    # everywhere, the partial last block and an odd element count in the last chunk.
+    monkeypatch.setattr(nf4, "_QUANTIZE_CHUNK", 2 * blocksize + 1)
+    w = _weight(shape, torch.float32, seed=3)
+    packed, state = _bnb_quantize(w, blocksize, True)
+    _assert_same_bytes(nf4.quantize_nf4_reference(w, blocksize, True), packed, state)
+
+
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape,dtype,blocksize,double_quant", CASES)
 def test_dequantize_reference_matches_bitsandbytes(shape, dtype, blocksize, double_quant, out_dtype):

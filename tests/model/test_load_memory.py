@@ -60,5 +60,8 @@ def test_nf4_load_peak_is_quantized_size_plus_a_layer(tmp_path):
     # (A dense fp32 load of an fp32 file keeps the weights in the file's read-only mapping, so its
     # anonymous memory says little; the dense size is what NF4 must stay well below.)
     layer_mib = (4 * 1024 * 1024 + 3 * 1024 * 2816) * 4 / 2**20  # one decoder layer, dense fp32
-    assert nf4["peak_mib"] < nf4["model_mib"] + layer_mib + 48, (nf4, dense)
+    # Besides the quantized model and one dense layer: the quantizer's chunk temporaries (about 12 MiB)
+    # and what the load itself touches. Measured here: +21 MiB over model + layer (it was +45 before the
+    # quantizer worked in chunks, and CI then crossed a +48 bound).
+    assert nf4["peak_mib"] < nf4["model_mib"] + layer_mib + 32, (nf4, dense)
     assert nf4["peak_mib"] < 0.45 * dense["model_mib"], (nf4, dense)
