@@ -6,12 +6,13 @@ Measures, side by side in one run (bf16, CUDA):
   as a fraction of the measured device-to-device copy bandwidth (bytes read + written);
 * forward ``x @ W.T`` for W (N, K) in {3200x3200, 8640x3200, 3200x8640} and
   M in {1, 4, 16, 64, 256, 1024, 4096, 16384}:
-  cuBLAS on the pre-dequantized bf16 weight, bezoar fused, bezoar dequant+cuBLAS, bezoar auto
-  (what dispatch picks), bitsandbytes ``dequantize_4bit`` + ``F.linear``, and
+  cuBLAS on the pre-dequantized bf16 weight, bezoar gemv (M <= 8), bezoar fused, bezoar
+  dequant+cuBLAS, bezoar auto (what dispatch picks), bitsandbytes ``dequantize_4bit`` + ``F.linear``, and
   ``bnb.matmul_4bit`` without grad (its fused gemv/gemm path);
 * backward ``dx = dy @ W``: cuBLAS, bezoar fused, bezoar dequant+cuBLAS, bezoar auto, and
   bitsandbytes' own backward (``dequantize_4bit`` + matmul, as in MatMul4Bit.backward);
-* the crossover M where dequant+cuBLAS starts beating the fused kernel, per shape and direction;
+* the crossover M where dequant+cuBLAS starts beating the fused kernel, per shape and direction,
+  and the M range where the gemv kernel is the fastest NF4 path (what GEMV_MAX_M should be);
 * with ``--sweep``: fused-kernel tile configs at M <= 64, best against the default heuristic.
 
 Then it checks the targets of issue 3 and prints which were met. bitsandbytes columns are left
@@ -116,6 +117,9 @@ def main() -> int:
             dy = randn(m, n)
             key = dict(shape=tag, m=m)
             add(f"fwd/cublas/{tag}/M={m}", lambda x=x, w=w_dq: torch.matmul(x, w.t()), kind="fwd", peer="cublas", **key)
+            if mm.gemv_supported(m, q):
+                add(f"fwd/nf4_gemv/{tag}/M={m}", lambda x=x, q=q: mm.nf4_gemv_forward(x, q),
+                    kind="fwd", peer="nf4_gemv", **key)
             add(f"fwd/nf4_fused/{tag}/M={m}", lambda x=x, q=q: mm.nf4_fused_forward(x, q),
                 kind="fwd", peer="nf4_fused", **key)
             add(f"fwd/nf4_dequant/{tag}/M={m}", lambda x=x, q=q: mm.nf4_dequant_forward(x, q),
@@ -182,7 +186,8 @@ def main() -> int:
                 gbs = meta[name]["bytes"] / times[name] / 1e6
                 dequant_rows.append({"shape": tag, "impl": impl, "ms": times[name], "GB/s": gbs,
                                      "of_copy_bw": gbs / copy_gbs})
-    peers = {"fwd": ["cublas", "nf4_fused", "nf4_dequant", "nf4_auto", "bnb_dequant_linear", "bnb_matmul_4bit"],
+    peers = {"fwd": ["cublas", "nf4_gemv", "nf4_fused", "nf4_dequant", "nf4_auto", "bnb_dequant_linear",
+                     "bnb_matmul_4bit"],
              "bwd": ["cublas", "nf4_fused", "nf4_dequant", "nf4_auto", "bnb"]}
     for kind in ("fwd", "bwd"):
         for n, k in shapes:
@@ -192,7 +197,8 @@ def main() -> int:
                 for peer in peers[kind]:
                     row[peer] = times.get(f"{kind}/{peer}/{tag}/M={m}")
                 cub, auto = row["cublas"], row["nf4_auto"]
-                best_nf4 = min((v for v in (row["nf4_fused"], row["nf4_dequant"]) if v is not None), default=None)
+                best_nf4 = min((v for v in (row.get("nf4_gemv"), row["nf4_fused"], row["nf4_dequant"]) if v is not None),
+                               default=None)
                 row["auto/cublas"] = auto / cub if auto and cub else None
                 row["best_nf4/cublas"] = best_nf4 / cub if best_nf4 and cub else None
                 bnb_times = [row.get(p) for p in ("bnb_dequant_linear", "bnb_matmul_4bit", "bnb") if row.get(p)]
@@ -207,6 +213,14 @@ def main() -> int:
                       and r["nf4_dequant"] is not None and r["nf4_fused"] is not None
                       and r["nf4_dequant"] < r["nf4_fused"]]
             crossover[f"{kind}/{tag}"] = min(faster) if faster else None
+    # GEMV_MAX_M: the largest measured M up to which gemv is the fastest NF4 forward on every shape
+    gemv_max = 0
+    for m in sorted(ms):
+        fwd = [r for r in rows if r["dir"] == "fwd" and r["M"] == m]
+        if not fwd or any(r.get("nf4_gemv") is None or r["nf4_gemv"] > min(
+                v for v in (r["nf4_fused"], r["nf4_dequant"], r["nf4_gemv"]) if v is not None) for r in fwd):
+            break
+        gemv_max = m
 
     print(f"\ndevice-to-device copy: {copy_gbs:.1f} GB/s (read + written)\n")
     print(common.markdown_table(dequant_rows, ["shape", "impl", "ms", "GB/s", "of_copy_bw"]))
@@ -218,6 +232,8 @@ def main() -> int:
           f"FUSED_MAX_M is now {mm.fused_max_m()}):")
     for key, m in crossover.items():
         print(f"  {key}: {m if m is not None else 'none in range'}")
+    print(f"gemv is the fastest NF4 forward on every shape up to M = {gemv_max} "
+          f"(GEMV_MAX_M is now {mm.gemv_max_m()}; the kernel takes M <= {mm.GEMV_MAX_ROWS})")
     if sweep_rows:
         print("\nfused config sweep (best per case vs the default heuristic)\n")
         print(common.markdown_table(sweep_rows, ["dir", "shape", "M", "default_ms", "best_ms", "best_config"]))
@@ -233,7 +249,7 @@ def main() -> int:
 
     common.write_results("nf4", rows + dequant_rows, args, extra={
         "dtype": str(dtype), "copy_GBps": copy_gbs, "crossover_M": crossover, "fused_max_m": mm.fused_max_m(),
-        "targets": targets, "sweep": sweep_rows, "bnb_note": bnb_note,
+        "gemv_fastest_up_to_M": gemv_max, "gemv_max_m": mm.gemv_max_m(), "targets": targets, "sweep": sweep_rows, "bnb_note": bnb_note,
     })
     return 0
 

@@ -1,21 +1,27 @@
 """``y = x @ dequant(W).T`` and its input gradient for a frozen NF4 weight W (N, K).
 
-Forward ``y = x @ W.T`` (M, N); backward ``dx = dy @ W`` (M, K). W is frozen: no dW. Two
+Forward ``y = x @ W.T`` (M, N); backward ``dx = dy @ W`` (M, K). W is frozen: no dW. Three
 paths, chosen by M (rows of x after flattening leading dims):
 
-* ``fused`` (small M: decoding, evaluation, generation): one kernel streams the packed bytes,
-  decodes a tile of W in registers inside the K loop and feeds tensor cores; it reads 0.5 byte
-  per weight instead of 2, which is what a memory-bound small-M matmul is limited by. Small
-  grids are split along the reduction (``FusedConfig.split``) into fp32 partial sums that a
-  second tiny kernel adds up (deterministic, no atomics).
+* ``gemv`` (M <= 8, forward only: decoding at batch 1 to 8): the packed bytes are read as 32-bit
+  words, 8 values each, one absmax block of a tile of rows per step; every nibble position's code
+  value times x goes into an fp32 partial per word (plain FMAs, no matrix units, no shared memory,
+  no reduction until the end) and the block's scale multiplies the partial once. K is split into
+  ranges of blocks when the row tiles alone are too few programs (fp32 partials, then a sum).
+* ``fused`` (small M): one kernel streams the packed bytes, decodes a tile of W inside the K loop
+  and feeds tensor cores. Small grids are split along the reduction (``FusedConfig.split``) into
+  fp32 partial sums that a second tiny kernel adds up (deterministic, no atomics).
 * ``dequant`` (large M: training): the Triton dequantize kernel writes W in the compute dtype
   into one buffer per (device, dtype) that every layer reuses, then cuBLAS multiplies. At large
   M the matmul is compute-bound and cuBLAS is hard to beat; the dequantization costs one pass
   over W per call. The backward dequantizes again (the buffer belongs to the next layer by then).
 
-``FUSED_MAX_M`` (env ``BEZOAR_NF4_FUSED_MAX_M``) is the largest M that takes the fused path;
-bench/nf4.py measures the crossover on the GPU. On the H100 it was measured on, the fused kernel
-lost at every M (5 to 11 times slower than dequant + cuBLAS at M <= 16), so the default is 0.
+``GEMV_MAX_M`` and ``FUSED_MAX_M`` (env ``BEZOAR_NF4_GEMV_MAX_M``, ``BEZOAR_NF4_FUSED_MAX_M``) are
+the largest M that ``auto`` sends to those kernels; bench/nf4.py measures the crossover on the GPU.
+On the H100 it was measured on, the fused kernel lost at every M (5 to 11 times slower than dequant
++ cuBLAS at M <= 16). Its compiled loop explains it: the code-table gathers of every element went
+through cp.async into shared memory, with layout conversions for the tensor-core operands. So the
+fused default is 0, and the gemv kernel was written instead; its default is 0 until it is timed.
 
 How the fused kernel decodes: K is processed in chunks. When K is a multiple of the NF4
 blocksize (the real model shapes), a chunk is one absmax block per row: the row's chunk is
@@ -59,26 +65,45 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
 # measured, M = 1 included (3200x3200: 0.025 ms against 0.127 ms fused), so auto never takes the fused
 # kernel until it is made faster; BEZOAR_NF4_FUSED_MAX_M turns it back on.
 FUSED_MAX_M = 0
-PATHS = ("auto", "fused", "dequant")
+# Largest M for the gemv kernel by default (M <= GEMV_MAX_ROWS, K a multiple of the blocksize). It is
+# 0 until bench/nf4.py has timed the kernel on a GPU: written after the fused kernel lost everywhere, its
+# compiled sm_90 loop (read off the SASS on a CPU machine) is about 300 instructions per 1024 weights
+# per warp with no shared memory or barriers, which predicts about 9 us for 3200x8640 at M = 1 against
+# 31 us for cuBLAS bf16; BEZOAR_NF4_GEMV_MAX_M turns it on until measured.
+GEMV_MAX_M = 0
+PATHS = ("auto", "fused", "dequant", "gemv")
 _GENERAL_CHUNK = 64  # K chunk of the general (unaligned) variant
 
 
-def fused_max_m() -> int:
-    """The M threshold: ``BEZOAR_NF4_FUSED_MAX_M`` if set, else ``FUSED_MAX_M``."""
-    raw = os.environ.get("BEZOAR_NF4_FUSED_MAX_M", "").strip()
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return FUSED_MAX_M
+        return default
     try:
         return int(raw)
     except ValueError:
-        raise ValueError(f"BEZOAR_NF4_FUSED_MAX_M={raw!r}: expected an integer") from None
+        raise ValueError(f"{name}={raw!r}: expected an integer") from None
 
 
-def resolve_path(path: str | None, m: int) -> str:
+def fused_max_m() -> int:
+    """The M threshold of the fused kernel: ``BEZOAR_NF4_FUSED_MAX_M`` if set, else ``FUSED_MAX_M``."""
+    return _env_int("BEZOAR_NF4_FUSED_MAX_M", FUSED_MAX_M)
+
+
+def gemv_max_m() -> int:
+    """The M threshold of the gemv kernel: ``BEZOAR_NF4_GEMV_MAX_M`` if set, else ``GEMV_MAX_M``."""
+    return _env_int("BEZOAR_NF4_GEMV_MAX_M", GEMV_MAX_M)
+
+
+def resolve_path(path: str | None, m: int, weight: NF4Weight | None = None) -> str:
+    """The forward path for M rows: an explicit one as given; ``auto`` takes gemv for M <= gemv_max_m()
+    (where the weight fits it), then fused for M <= fused_max_m(), else dequant."""
     path = path or "auto"
     if path not in PATHS:
         raise ValueError(f"nf4_matmul path {path!r}: expected one of {', '.join(PATHS)}")
     if path == "auto":
+        if m <= gemv_max_m() and (weight is None or gemv_supported(m, weight)):
+            return "gemv"
         return "fused" if m <= fused_max_m() else "dequant"
     return path
 
@@ -261,6 +286,61 @@ if triton is not None:
                  mask=m_ok[:, None] & (k_even + 1 < K)[None, :])
 
     @triton.jit
+    def _nf4_gemv_kernel(
+        # pointers: x (M, K); W's packed bytes viewed as int32 words (N, K / 8)
+        x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, out_ptr,
+        # sizes and scalars
+        M, N, K, offset, blocks_per_split,
+        # strides (x's last dim and out's are contiguous)
+        stride_xm, stride_os, stride_om,
+        # meta
+        BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        """out[split, m, n] = sum over this split's NF4 blocks of x[m, k] * W[n, k], for M <= BLOCK_M (small).
+
+        One step is one absmax block of BLOCK_N rows: BLOCKSIZE / 8 words per row (each word holds 8
+        consecutive values, byte i = values 2i (high nibble) and 2i + 1), one scale per row. No matrix
+        units and no reductions in the loop: the code values of the 8 nibble positions times x go into
+        an fp32 partial sum per word, which is scaled once per block into a (BLOCK_M, BLOCK_N, words)
+        accumulator that is summed at the end. W is never rounded to x's dtype, so the result differs
+        from ``F.linear(x, dequantize(W, x.dtype))`` by that rounding (it is the more exact of the two).
+        """
+        WORDS: tl.constexpr = BLOCKSIZE // 8
+        pid_n = tl.program_id(0)
+        pid_split = tl.program_id(1)
+        # Every tile is 3-D, (rows of x, rows of W, words), so the products broadcast in registers.
+        offs_m = tl.arange(0, BLOCK_M)[:, None, None]
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :, None]
+        offs_w = tl.arange(0, WORDS)[None, None, :]
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+        blocks_per_row = K // BLOCKSIZE
+        b_begin = pid_split * blocks_per_split
+        b_end = tl.minimum(b_begin + blocks_per_split, blocks_per_row)
+        word_rows = words_ptr + offs_n.to(tl.int64) * (K // 8) + offs_w
+        x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm + 8 * offs_w
+        acc = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
+        words = tl.load(word_rows + b_begin * WORDS, mask=n_ok, other=0)  # every split has a block
+        for b in range(b_begin, b_end):
+            # the next block's words are in flight while this one is decoded (the last step reloads its own)
+            following = tl.load(word_rows + tl.minimum(b + 1, b_end - 1) * WORDS, mask=n_ok, other=0)
+            part = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
+            for e in tl.static_range(8):
+                code = tl.load(code_ptr + ((words >> (8 * (e // 2) + 4 * (1 - e % 2))) & 15))
+                xe = tl.load(x_rows + (b * BLOCKSIZE + e), mask=m_ok, other=0.0).to(tl.float32)
+                part += xe * code
+            scale = _nf4_block_absmax(offs_n * blocks_per_row + b, n_ok, absmax_ptr, nested_absmax_ptr,
+                                      nested_code_ptr, offset, DOUBLE_QUANT, NESTED)
+            acc += part * scale
+            words = following
+        y = tl.sum(acc, axis=2)
+        out_m = tl.arange(0, BLOCK_M)[:, None]
+        out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        out = out_ptr + pid_split * stride_os + out_m.to(tl.int64) * stride_om + out_n
+        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=(out_m < M) & (out_n < N))
+
+    @triton.jit
     def _sum_splits_kernel(parts_ptr, out_ptr, n_elements, splits, BLOCK: tl.constexpr):
         """out[i] = sum over s of parts[s, i] (fp32), cast to out's dtype."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -368,6 +448,62 @@ def nf4_fused_backward(dy: torch.Tensor, weight: NF4Weight, config: FusedConfig 
     return dx if split == 1 else _sum_splits(dx, dy.dtype)
 
 
+GEMV_MAX_ROWS = 8  # the gemv kernel's accumulator holds every row of x: it takes M <= this
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvConfig:
+    """Tiles of the gemv kernel: rows of W per program and how many ranges of NF4 blocks K is cut into."""
+
+    block_n: int = 64
+    split: int | None = None  # None: enough programs for about four per SM
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+def gemv_supported(m: int, weight: NF4Weight) -> bool:
+    """The gemv kernel needs M <= GEMV_MAX_ROWS, K a multiple of the blocksize and word-aligned bytes."""
+    return (0 < m <= GEMV_MAX_ROWS and len(weight.shape) == 2 and weight.shape[1] % weight.blocksize == 0
+            and weight.packed.data_ptr() % 4 == 0)
+
+
+def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | None = None) -> torch.Tensor:
+    """x (M, K) @ dequant(W).T -> (M, N) for small M with the gemv kernel (see ``gemv_supported``)."""
+    _check(x, weight, 1, "x")
+    m, k = x.shape
+    n = weight.shape[0]
+    if not gemv_supported(m, weight):
+        raise ValueError(f"nf4 gemv: needs 1 <= M <= {GEMV_MAX_ROWS} and K a multiple of the blocksize "
+                         f"{weight.blocksize}, got M={m}, weight {weight.shape}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    cfg = config or GemvConfig()
+    blocks = k // weight.blocksize
+    tiles = triton.cdiv(n, cfg.block_n)
+    split = cfg.split
+    if split is None:
+        sm = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
+            if x.device.type == "cuda" else 2
+        split = triton.cdiv(4 * sm, tiles)
+    per_split = triton.cdiv(blocks, max(1, min(split, blocks)))
+    split = triton.cdiv(blocks, per_split)
+    if split == 1:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    dq = weight.double_quant
+    _nf4_gemv_kernel[(tiles, split)](
+        x, weight.packed.view(torch.int32), weight.absmax, weight.nested_absmax if dq else weight.absmax,
+        weight.nested_code if dq else weight.absmax, nf4_code(x.device), out,
+        m, n, k, weight.offset if dq else 0.0, per_split,
+        x.stride(0), out.stride(0) if split > 1 else 0, out.stride(-2),
+        BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=dq, NESTED=NESTED_BLOCKSIZE,
+        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return out if split == 1 else _sum_splits(out, x.dtype)
+
+
 _dequant_buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
@@ -400,14 +536,21 @@ def nf4_dequant_backward(dy: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
 
 
 def nf4_matmul_forward(x: torch.Tensor, weight: NF4Weight, path: str | None = None) -> torch.Tensor:
-    """2-D forward (no autograd) on the path M picks: x (M, K) -> (M, N)."""
-    if resolve_path(path, x.shape[0]) == "fused":
+    """2-D forward (no autograd) on the path M picks: x (M, K) -> (M, N).
+
+    An explicit ``gemv`` on a shape the gemv kernel does not take (M > GEMV_MAX_ROWS, K not a multiple
+    of the blocksize) runs dequant instead."""
+    chosen = resolve_path(path, x.shape[0], weight)
+    if chosen == "gemv" and gemv_supported(x.shape[0], weight):
+        return nf4_gemv_forward(x, weight)
+    if chosen == "fused":
         return nf4_fused_forward(x, weight)
     return nf4_dequant_forward(x, weight)
 
 
 def nf4_matmul_backward(dy: torch.Tensor, weight: NF4Weight, path: str | None = None) -> torch.Tensor:
-    """2-D input gradient (no autograd) on the path M picks: dy (M, N) -> (M, K)."""
+    """2-D input gradient (no autograd) on the path M picks: dy (M, N) -> (M, K). The gemv kernel has
+    no backward (W's rows are the reduction there): gemv's backward is dequant."""
     if resolve_path(path, dy.shape[0]) == "fused":
         return nf4_fused_backward(dy, weight)
     return nf4_dequant_backward(dy, weight)

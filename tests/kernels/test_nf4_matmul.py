@@ -80,6 +80,66 @@ def test_split_reduction_matches_reference(split, k, blocksize):
     assert_close(dx, dy @ w, 1e-5, 1e-5, name="split backward")
 
 
+# (M, N, K, blocksize, double_quant) for the gemv kernel: K a multiple of the blocksize, M <= 8.
+GEMV_SHAPES = [
+    (1, 37, 128, 64, True),
+    (3, 70, 384, 128, False),
+    (8, 16, 64, 64, True),
+    (5, 130, 640, 64, True),
+]
+
+
+@pytest.mark.parametrize("split", [None, 1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,n,k,blocksize,double_quant", GEMV_SHAPES)
+def test_gemv_matches_exact_product(m, n, k, blocksize, double_quant, dtype, split):
+    """The gemv kernel never rounds W to x's dtype: it equals x @ W (fp32 dequant) rounded once."""
+    weight = _weight(n, k, blocksize, double_quant, seed=m)
+    x = _inputs((m, k), dtype, seed=n)
+    exact = (x.double() @ nf4.dequantize_nf4_reference(weight, torch.float32).double().t()).to(dtype)
+    with backend("triton"):
+        y = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(block_n=32, split=split))
+    atol, rtol = TOLERANCES[dtype]
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert_close(y, exact, atol, rtol, name=f"gemv split={split}")
+
+
+def test_gemv_path_in_autograd_and_fallbacks(monkeypatch):
+    """path="gemv": gemv forward, dequant backward; shapes gemv cannot take run dequant; auto takes gemv
+    only up to BEZOAR_NF4_GEMV_MAX_M."""
+    weight = _weight(48, 192)
+    x = _inputs((2, 3, 192), torch.float32)  # M = 6 after flattening
+    dy = _inputs((2, 3, 48), torch.float32, seed=2)
+    y_ref, dx_ref = _run(mm.nf4_matmul_reference, x, weight, dy, None)
+    calls = []
+    monkeypatch.setattr(mm, "nf4_gemv_forward", lambda *a, _f=mm.nf4_gemv_forward: calls.append(1) or _f(*a))
+    with backend("triton"):
+        y, dx = _run(mm.nf4_matmul, x, weight, dy, "gemv")
+        assert calls == [1]
+        y9 = mm.nf4_matmul(_inputs((9, 192), torch.float32), weight, "gemv")  # M = 9: dequant
+        odd = _weight(20, 100)  # K not a multiple of 64: dequant
+        y_odd = mm.nf4_matmul(_inputs((1, 100), torch.float32), odd, "gemv")
+    assert calls == [1]
+    assert_close(y, y_ref, 1e-5, 1e-5, name="gemv forward")
+    assert_close(dx, dx_ref, 1e-5, 1e-5, name="gemv backward (dequant)")
+    assert_close(y9, mm.nf4_matmul_reference(_inputs((9, 192), torch.float32), weight), 1e-5, 1e-5, name="M=9")
+    assert_close(y_odd, mm.nf4_matmul_reference(_inputs((1, 100), torch.float32), odd), 1e-5, 1e-5, name="odd K")
+    assert not mm.gemv_supported(9, weight) and not mm.gemv_supported(1, odd) and mm.gemv_supported(8, weight)
+    with pytest.raises(ValueError, match="M <= 8 and K a multiple"):
+        mm.nf4_gemv_forward(_inputs((1, 100), torch.float32), odd)
+
+    monkeypatch.delenv("BEZOAR_NF4_FUSED_MAX_M", raising=False)
+    monkeypatch.setenv("BEZOAR_NF4_GEMV_MAX_M", "4")
+    assert mm.resolve_path(None, 4, weight) == "gemv"
+    assert mm.resolve_path(None, 5, weight) == ("fused" if mm.FUSED_MAX_M >= 5 else "dequant")
+    assert mm.resolve_path(None, 1, odd) == ("fused" if mm.FUSED_MAX_M >= 1 else "dequant")
+    monkeypatch.setenv("BEZOAR_NF4_GEMV_MAX_M", "0")
+    assert mm.resolve_path(None, 1, weight) != "gemv"
+    monkeypatch.setenv("BEZOAR_NF4_GEMV_MAX_M", "x")
+    with pytest.raises(ValueError, match="BEZOAR_NF4_GEMV_MAX_M"):
+        mm.resolve_path(None, 1, weight)
+
+
 def test_leading_dims_strides_and_empty():
     weight = _weight(40, 96)
     x = _inputs((2, 3, 5, 96), torch.float16)
@@ -106,6 +166,7 @@ def test_no_grad_to_weight_and_grad_only_when_needed():
 
 def test_path_choice_and_threshold_override(monkeypatch):
     monkeypatch.delenv("BEZOAR_NF4_FUSED_MAX_M", raising=False)
+    monkeypatch.delenv("BEZOAR_NF4_GEMV_MAX_M", raising=False)
     assert mm.resolve_path(None, mm.FUSED_MAX_M + 1) == "dequant"
     assert mm.resolve_path("auto", 1) == ("fused" if mm.FUSED_MAX_M >= 1 else "dequant")
     assert mm.resolve_path("dequant", 1) == "dequant"
@@ -150,8 +211,8 @@ def test_bench_smoke():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["fused", "dequant"])
-@pytest.mark.parametrize("m", [1, 16, 333])
+@pytest.mark.parametrize("path", ["fused", "dequant", "gemv"])
+@pytest.mark.parametrize("m", [1, 4, 16, 333])
 @pytest.mark.parametrize("n,k", [(3200, 3200), (8640, 3200), (3200, 8640), (61, 130)])
 def test_bf16_on_gpu_matches_reference(m, n, k, path):
     weight = _weight(n, k, device="cuda")
@@ -161,5 +222,10 @@ def test_bf16_on_gpu_matches_reference(m, n, k, path):
     with backend("triton"):
         y, dx = _run(mm.nf4_matmul, x, weight, dy, path)
     # vs an fp32 product of the same bf16 operands: only summation order and the final rounding differ
-    assert_close(y, (x.float() @ w.t()).to(torch.bfloat16), 2e-2, 2e-2, name="bf16 forward")
+    # (gemv, which takes M <= 8, does not round W to bf16 first: against the fp32 dequant for it)
+    if path == "gemv" and m <= mm.GEMV_MAX_ROWS:
+        w_fwd = nf4.dequantize_nf4_reference(weight, torch.float32)
+    else:
+        w_fwd = w
+    assert_close(y, (x.float() @ w_fwd.t()).to(torch.bfloat16), 2e-2, 2e-2, name="bf16 forward")
     assert_close(dx, (dy.float() @ w).to(torch.bfloat16), 2e-2, 2e-2, name="bf16 backward")
