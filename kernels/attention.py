@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import interpreting, use_triton
+from .launch import cdiv, next_power_of_2
 
 try:
     import triton
@@ -437,7 +438,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def _flash_forward(q, k, v, doc_ids, first, scale):
@@ -450,7 +451,7 @@ def _flash_forward(q, k, v, doc_ids, first, scale):
     firsts = first if has_docs else lse
 
     def grid(meta):
-        return (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)
+        return (cdiv(T, meta["BLOCK_M"]), B * Hq)
 
     _launch(_attn_fwd_kernel, grid, "fwd",
         q, k, v, o, lse, docs, firsts,
@@ -458,7 +459,7 @@ def _flash_forward(q, k, v, doc_ids, first, scale):
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
-        T, triton.next_power_of_2(T), Hq, Hq // Hk, D, scale * _LOG2E,
+        T, next_power_of_2(T), Hq, Hq // Hk, D, scale * _LOG2E,
         HAS_DOCS=has_docs, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=_block_d(D),
     )
     return o, lse
@@ -477,7 +478,7 @@ def _flash_backward(do, q, k, v, o, lse, doc_ids, first, last, scale):
 
     delta = torch.empty_like(lse)
     delta_block = 64
-    _attn_bwd_delta_kernel[(triton.cdiv(T, delta_block), B * Hq)](
+    _attn_bwd_delta_kernel[(cdiv(T, delta_block), B * Hq)](
         o, do, delta,
         o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
@@ -489,7 +490,7 @@ def _flash_backward(do, q, k, v, o, lse, doc_ids, first, last, scale):
     dv = torch.empty((B, T, Hk, D), device=v.device, dtype=v.dtype)
 
     def grid_kv(meta):
-        return (triton.cdiv(T, meta["BLOCK_N"]), B * Hk)
+        return (cdiv(T, meta["BLOCK_N"]), B * Hk)
 
     _launch(_attn_bwd_dkdv_kernel, grid_kv, "dkdv",
         q, k, v, do, lse, delta, docs, lasts, dk, dv,
@@ -498,12 +499,12 @@ def _flash_backward(do, q, k, v, o, lse, doc_ids, first, last, scale):
         v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
-        T, triton.next_power_of_2(T), Hq, Hk, Hq // Hk, D, scale * _LOG2E, scale,
+        T, next_power_of_2(T), Hq, Hk, Hq // Hk, D, scale * _LOG2E, scale,
         HAS_DOCS=has_docs, DOT_PRECISION=precision, BLOCK_D=block_d,
     )
 
     def grid_q(meta):
-        return (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)
+        return (cdiv(T, meta["BLOCK_M"]), B * Hq)
 
     _launch(_attn_bwd_dq_kernel, grid_q, "dq",
         q, k, v, do, lse, delta, docs, firsts, dq,
@@ -512,7 +513,7 @@ def _flash_backward(do, q, k, v, o, lse, doc_ids, first, last, scale):
         v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        T, triton.next_power_of_2(T), Hq, Hq // Hk, D, scale * _LOG2E, scale,
+        T, next_power_of_2(T), Hq, Hq // Hk, D, scale * _LOG2E, scale,
         HAS_DOCS=has_docs, DOT_PRECISION=precision, BLOCK_D=block_d,
     )
     return dq, dk, dv

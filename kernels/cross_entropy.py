@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import use_triton
+from .launch import cdiv, next_power_of_2
 
 try:
     import triton
@@ -179,14 +180,14 @@ def _chunked_pass(hidden, weight, labels, ignore_index, scale, want_dh, want_dw,
     dw = torch.zeros(weight.shape, device=device, dtype=torch.float32) if want_dw else None
     compute_grad = want_dh or want_dw
     chunk = chunk_tokens or chunk_tokens_for(n_tokens, n_vocab, hidden.element_size())
-    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(n_vocab))
-    block_r = max(1, min(MAX_BLOCK_V // block_v, triton.next_power_of_2(chunk)))
+    block_v = min(MAX_BLOCK_V, next_power_of_2(n_vocab))
+    block_r = max(1, min(MAX_BLOCK_V // block_v, next_power_of_2(chunk)))
     stride_scale = 0 if scale.numel() == 1 else scale.stride(0)
     for start in range(0, n_tokens, chunk):
         end = min(start + chunk, n_tokens)
         h = hidden[start:end]
         logits = F.linear(h, weight)  # (n, V) in the activation dtype; becomes dz in place
-        _ce_rows_kernel[(triton.cdiv(end - start, block_r),)](
+        _ce_rows_kernel[(cdiv(end - start, block_r),)](
             logits, labels[start:end], scale[start:end] if stride_scale else scale, loss[start:end], lse[start:end],
             logits.stride(0), stride_scale,
             end - start, n_vocab, ignore_index,

@@ -74,7 +74,7 @@ import torch
 import torch.nn.functional as F
 
 from bezoar_kernels import dispatch
-from bezoar_kernels.launch import launch_fitting
+from bezoar_kernels.launch import cdiv, next_power_of_2, launch_fitting
 from bezoar_kernels.nf4 import NESTED_BLOCKSIZE, NF4Weight, dequantize_nf4_reference, dequantize_nf4_triton, nf4_code
 from bezoar_kernels.nf4_matmul import fused_max_m
 
@@ -705,17 +705,17 @@ def default_gemm_config(kind: str, base: int, m: int, n: int, k: int, chunk: int
         return GemmConfig(min(block_m, 64), 128 if kind == "forward" else 64, 64, 1, 8, 4, 1)
     if kind == "forward":
         block_n = 128 if big else 64
-        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        tiles = cdiv(m, block_m) * cdiv(n, block_n)
         block_k = 64
-        steps = triton.cdiv(k, chunk if base == _BASE_NF4 else block_k)
+        steps = cdiv(k, chunk if base == _BASE_NF4 else block_k)
     elif kind == "backward":
         block_n = 64
         block_k = 128 if big else 64
-        tiles = triton.cdiv(m, block_m) * triton.cdiv(k, chunk if base == _BASE_NF4 else block_k)
-        steps = triton.cdiv(n, block_n)
+        tiles = cdiv(m, block_m) * cdiv(k, chunk if base == _BASE_NF4 else block_k)
+        steps = cdiv(n, block_n)
     else:
         raise ValueError(f"gemm config kind {kind!r}")
-    split = 1 if big else max(1, min(steps // 2, triton.cdiv(_programs_wanted(device), tiles)))
+    split = 1 if big else max(1, min(steps // 2, cdiv(_programs_wanted(device), tiles)))
     return GemmConfig(block_m, block_n, block_k, split, 8, 8 if big else 4, 4 if big else 3)
 
 
@@ -728,9 +728,9 @@ def _skinny_blocks(m: int, r_pad: int) -> tuple[int, int]:
 
 def _row_splits(m: int, block_m: int, tiles: int, device: torch.device, splits: int | None) -> int:
     """How many row ranges the dB/dA reductions use: enough programs, never an empty range."""
-    blocks = triton.cdiv(m, block_m)
+    blocks = cdiv(m, block_m)
     if splits is None:
-        splits = triton.cdiv(_programs_wanted(device), max(1, tiles))
+        splits = cdiv(_programs_wanted(device), max(1, tiles))
     return max(1, min(splits, blocks))
 
 
@@ -780,7 +780,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _r_pad(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
+    return max(16, next_power_of_2(r))
 
 
 def _dropout_args(plan: _Plan) -> tuple:
@@ -863,7 +863,7 @@ def _lora_down(x: torch.Tensor, a: torch.Tensor, plan: _Plan) -> torch.Tensor:
     r_pad = _r_pad(r)
     block_m, block_k = _skinny_blocks(m, r_pad)
     threshold, keep_scale = _dropout_args(plan)
-    _lora_down_kernel[(triton.cdiv(m, block_m) * p,)](
+    _lora_down_kernel[(cdiv(m, block_m) * p,)](
         x, a, xa, m, k, r, *_three(plan.seeds, 0), threshold, keep_scale, x.stride(0), x.stride(1),
         P=p, DROPOUT=plan.dropout, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k,
         DOT_PRECISION=_dot_precision(x.dtype), num_warps=4,
@@ -885,17 +885,17 @@ def _gemm_forward(x: torch.Tensor, plan: _Plan, xa: torch.Tensor | None, b: torc
     meta = _nf4_meta(plan, k)
     chunk = meta["CHUNK"]
     cfg = plan.fwd_config or default_gemm_config("forward", base, m, n_total, k, chunk, x.device)
-    steps = triton.cdiv(k, chunk if base == _BASE_NF4 else cfg.block_k)
+    steps = cdiv(k, chunk if base == _BASE_NF4 else cfg.block_k)
     split = 1 if base == _BASE_IN_OUT else max(1, min(cfg.split, steps))
-    per_split = triton.cdiv(steps, split)
-    split = triton.cdiv(steps, per_split)
+    per_split = cdiv(steps, split)
+    split = cdiv(steps, per_split)
     if base != _BASE_IN_OUT:
         shape = (m, n_total) if split == 1 else (split, m, n_total)
         y = torch.empty(shape, dtype=dtype if split == 1 else torch.float32, device=x.device)
     ptrs, offsets = _weight_args(weights)
     r = b.shape[1] if b is not None else 1
-    n_tiles = sum(triton.cdiv(n, cfg.block_n) for n in ns)
-    grid = (triton.cdiv(m, cfg.block_m) * n_tiles, split)
+    n_tiles = sum(cdiv(n, cfg.block_n) for n in ns)
+    grid = (cdiv(m, cfg.block_m) * n_tiles, split)
     launch_fitting(_lora_fwd_kernel, grid, (
         x, xa if xa is not None else x, b if b is not None else x, y, nf4_code(x.device), *ptrs,
         m, k, r, *_three(ns, 0), *offsets, *_three(plan.scalings, 0.0), per_split,
@@ -927,10 +927,10 @@ def _gemm_backward(dys: list[torch.Tensor], plan: _Plan, g: torch.Tensor | None,
     chunk = meta["CHUNK"]
     cfg = plan.bwd_config or default_gemm_config("backward", base, m, n_total, k, chunk, device)
     width = chunk if base == _BASE_NF4 else cfg.block_k
-    steps = triton.cdiv(n_total, cfg.block_n)
+    steps = cdiv(n_total, cfg.block_n)
     split = 1 if base == _BASE_IN_OUT else max(1, min(cfg.split, steps))
-    rows_per_split = triton.cdiv(steps, split) * cfg.block_n
-    split = triton.cdiv(n_total, rows_per_split)
+    rows_per_split = cdiv(steps, split) * cfg.block_n
+    split = cdiv(n_total, rows_per_split)
     if base != _BASE_IN_OUT:
         shape = (m, k) if split == 1 else (split, m, k)
         dx = torch.empty(shape, dtype=dtype if split == 1 else torch.float32, device=device)
@@ -938,7 +938,7 @@ def _gemm_backward(dys: list[torch.Tensor], plan: _Plan, g: torch.Tensor | None,
     r = a.shape[1] if a is not None else 1
     threshold, keep_scale = _dropout_args(plan)
     dy3 = _three(dys, dys[0])
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(k, width), split)
+    grid = (cdiv(m, cfg.block_m) * cdiv(k, width), split)
     launch_fitting(_lora_bwd_kernel, grid, (
         *dy3, g if g is not None else dys[0], a if a is not None else dys[0], dx, nf4_code(device), *ptrs,
         m, k, r, *_three(ns, 0), *offsets, *_three(plan.seeds, 0), threshold, keep_scale, rows_per_split,
@@ -960,7 +960,7 @@ def _lora_g(dys: list[torch.Tensor], b: torch.Tensor, plan: _Plan) -> torch.Tens
     r_pad = _r_pad(r)
     block_m, block_n = _skinny_blocks(m, r_pad)
     dy3 = _three(dys, dys[0])
-    _lora_g_kernel[(triton.cdiv(m, block_m) * p,)](
+    _lora_g_kernel[(cdiv(m, block_m) * p,)](
         *dy3, b, g, m, r, *_three(plan.out_features, 0), *_three(plan.scalings, 0.0), *(dy.stride(0) for dy in dy3),
         P=p, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(b.dtype), num_warps=4,
     )
@@ -975,10 +975,10 @@ def _lora_db(dys: list[torch.Tensor], xa: torch.Tensor, plan: _Plan) -> torch.Te
     r_pad = _r_pad(r)
     block_m, block_n = _skinny_blocks(m, r_pad)
     block_m = max(block_m, 32)
-    tiles = sum(triton.cdiv(n, block_n) for n in ns)
+    tiles = sum(cdiv(n, block_n) for n in ns)
     split = _row_splits(m, block_m, tiles, xa.device, plan.splits)
-    rows_per_split = triton.cdiv(triton.cdiv(m, block_m), split) * block_m
-    split = triton.cdiv(m, rows_per_split)
+    rows_per_split = cdiv(cdiv(m, block_m), split) * block_m
+    split = cdiv(m, rows_per_split)
     parts = torch.empty((split, sum(ns), r), dtype=torch.float32, device=xa.device)
     dy3 = _three(dys, dys[0])
     _lora_db_kernel[(tiles, split)](
@@ -996,10 +996,10 @@ def _lora_da(x: torch.Tensor, g: torch.Tensor, plan: _Plan) -> torch.Tensor:
     r_pad = _r_pad(r)
     block_m, block_k = _skinny_blocks(m, r_pad)
     block_m = max(block_m, 32)
-    tiles = triton.cdiv(k, block_k) * p
+    tiles = cdiv(k, block_k) * p
     split = _row_splits(m, block_m, tiles, x.device, plan.splits)
-    rows_per_split = triton.cdiv(triton.cdiv(m, block_m), split) * block_m
-    split = triton.cdiv(m, rows_per_split)
+    rows_per_split = cdiv(cdiv(m, block_m), split) * block_m
+    split = cdiv(m, rows_per_split)
     parts = torch.empty((split, p, r, k), dtype=torch.float32, device=x.device)
     threshold, keep_scale = _dropout_args(plan)
     _lora_da_kernel[(tiles, split)](

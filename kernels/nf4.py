@@ -37,6 +37,7 @@ import math
 import torch
 
 from bezoar_kernels import dispatch
+from bezoar_kernels.launch import cdiv, next_power_of_2
 
 try:  # triton is optional: the torch reference needs none of it
     import triton
@@ -396,7 +397,7 @@ if triton is not None:
 def _blocks_per_prog(n_blocks: int, blocksize: int) -> int:
     # The interpreter runs programs one by one in Python: few, wide programs keep tests fast.
     if dispatch.interpreting():
-        return max(16, min(256, triton.next_power_of_2(n_blocks)))
+        return max(16, min(256, next_power_of_2(n_blocks)))
     # On the GPU about 4096 values per program (8 KB of bf16 written by 128 threads: 16-byte stores).
     return max(1, 4096 // blocksize)
 
@@ -412,7 +413,7 @@ def quantize_nf4_triton(weight: torch.Tensor, blocksize: int = 64, double_quant:
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=flat.device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=flat.device)
     per_prog = _blocks_per_prog(n_blocks, blocksize)
-    grid = (triton.cdiv(n_blocks, per_prog),)
+    grid = (cdiv(n_blocks, per_prog),)
     _nf4_quantize_kernel[grid](
         flat, packed, absmax, nf4_midpoints(flat.device), n, n_blocks,
         BLOCKSIZE=blocksize, BLOCKS_PER_PROG=per_prog, num_warps=4, enable_fp_fusion=False,
@@ -430,7 +431,7 @@ def dequantize_nf4_triton(weight: NF4Weight, dtype: torch.dtype | None = None,
     elif out.dtype != dtype or out.numel() != n or not out.is_contiguous() or out.device != weight.device:
         raise ValueError(f"dequantize_nf4: out must be contiguous {dtype} with {n} values on {weight.device}")
     per_prog = _blocks_per_prog(weight.num_blocks, weight.blocksize)
-    grid = (triton.cdiv(weight.num_blocks, per_prog),)
+    grid = (cdiv(weight.num_blocks, per_prog),)
     dq = weight.double_quant
     _nf4_dequantize_kernel[grid](
         weight.packed, weight.absmax,

@@ -44,7 +44,7 @@ import os
 import torch
 
 from bezoar_kernels import dispatch
-from bezoar_kernels.launch import launch_fitting
+from bezoar_kernels.launch import cdiv, next_power_of_2, launch_fitting
 from bezoar_kernels.nf4 import (
     NESTED_BLOCKSIZE,
     NF4Weight,
@@ -137,15 +137,15 @@ def default_fused_config(kind: str, m: int, n: int, k: int, chunk: int, device: 
     big = m > 64
     if kind == "forward":
         block_n = 128 if big else 64
-        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-        steps = triton.cdiv(k, chunk)
+        tiles = cdiv(m, block_m) * cdiv(n, block_n)
+        steps = cdiv(k, chunk)
     elif kind == "backward":
         block_n = 64
-        tiles = triton.cdiv(m, block_m) * triton.cdiv(k, chunk)
-        steps = triton.cdiv(n, block_n)
+        tiles = cdiv(m, block_m) * cdiv(k, chunk)
+        steps = cdiv(n, block_n)
     else:
         raise ValueError(f"fused config kind {kind!r}")
-    split = 1 if big else max(1, min(steps // 2, triton.cdiv(4 * sm, tiles)))
+    split = 1 if big else max(1, min(steps // 2, cdiv(4 * sm, tiles)))
     return FusedConfig(block_m, block_n, split, num_warps=8 if big else 4, num_stages=3)
 
 
@@ -385,7 +385,7 @@ def _sum_splits(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(parts.shape[1:], dtype=dtype, device=parts.device)
     n = out.numel()
     block = 1024
-    _sum_splits_kernel[(triton.cdiv(n, block),)](parts, out, n, parts.shape[0], BLOCK=block, num_warps=4,
+    _sum_splits_kernel[(cdiv(n, block),)](parts, out, n, parts.shape[0], BLOCK=block, num_warps=4,
                                                  enable_fp_fusion=False)
     return out
 
@@ -398,16 +398,16 @@ def nf4_fused_forward(x: torch.Tensor, weight: NF4Weight, config: FusedConfig | 
     meta = _meta(weight, k, x.dtype)
     chunk = meta["CHUNK"]
     cfg = config or default_fused_config("forward", m, n, k, chunk, x.device)
-    n_chunks = triton.cdiv(k, chunk)
-    per_split = triton.cdiv(n_chunks, max(1, min(cfg.split, n_chunks)))
-    split = triton.cdiv(n_chunks, per_split)
+    n_chunks = cdiv(k, chunk)
+    per_split = cdiv(n_chunks, max(1, min(cfg.split, n_chunks)))
+    split = cdiv(n_chunks, per_split)
     if split == 1:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
         stride_split = 0
     else:
         out = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
         stride_split = out.stride(0)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+    grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), split)
     launch_fitting(_nf4_matmul_fwd_kernel, grid, (
         x, *_weight_args(weight), out,
         m, n, k, weight.offset if weight.double_quant else 0.0, per_split,
@@ -427,16 +427,16 @@ def nf4_fused_backward(dy: torch.Tensor, weight: NF4Weight, config: FusedConfig 
     meta = _meta(weight, k, dy.dtype)
     chunk = meta["CHUNK"]
     cfg = config or default_fused_config("backward", m, n, k, chunk, dy.device)
-    n_steps = triton.cdiv(n, cfg.block_n)
-    rows_per_split = triton.cdiv(n_steps, max(1, min(cfg.split, n_steps))) * cfg.block_n
-    split = triton.cdiv(n, rows_per_split)
+    n_steps = cdiv(n, cfg.block_n)
+    rows_per_split = cdiv(n_steps, max(1, min(cfg.split, n_steps))) * cfg.block_n
+    split = cdiv(n, rows_per_split)
     if split == 1:
         dx = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
         stride_split = 0
     else:
         dx = torch.empty((split, m, k), dtype=torch.float32, device=dy.device)
         stride_split = dx.stride(0)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(k, chunk), split)
+    grid = (cdiv(m, cfg.block_m) * cdiv(k, chunk), split)
     launch_fitting(_nf4_matmul_bwd_kernel, grid, (
         dy, *_weight_args(weight), dx,
         m, n, k, weight.offset if weight.double_quant else 0.0, rows_per_split,
@@ -479,14 +479,14 @@ def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | No
         x = x.contiguous()
     cfg = config or GemvConfig()
     blocks = k // weight.blocksize
-    tiles = triton.cdiv(n, cfg.block_n)
+    tiles = cdiv(n, cfg.block_n)
     split = cfg.split
     if split is None:
         sm = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
             if x.device.type == "cuda" else 2
-        split = triton.cdiv(4 * sm, tiles)
-    per_split = triton.cdiv(blocks, max(1, min(split, blocks)))
-    split = triton.cdiv(blocks, per_split)
+        split = cdiv(4 * sm, tiles)
+    per_split = cdiv(blocks, max(1, min(split, blocks)))
+    split = cdiv(blocks, per_split)
     if split == 1:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     else:
@@ -498,7 +498,7 @@ def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | No
         m, n, k, weight.offset if dq else 0.0, per_split,
         x.stride(0), out.stride(0) if split > 1 else 0, out.stride(-2),
         BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=dq, NESTED=NESTED_BLOCKSIZE,
-        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+        BLOCK_M=next_power_of_2(m), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     return out if split == 1 else _sum_splits(out, x.dtype)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import use_triton
+from .launch import cdiv, next_power_of_2
 
 try:
     import triton
@@ -144,7 +145,7 @@ def _num_warps(block_c: int) -> int:
 
 def _block_rows(block_c: int, n_rows: int) -> int:
     """Rows per tile: one for wide rows (C = 3200), several for narrow ones (about 4K elements)."""
-    return max(1, min(4096 // block_c, triton.next_power_of_2(max(n_rows, 1))))
+    return max(1, min(4096 // block_c, next_power_of_2(max(n_rows, 1))))
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> None:
@@ -166,10 +167,10 @@ def _forward(x, residual, weight, eps):
         s = torch.empty((n_rows, n_cols), device=x.device, dtype=x.dtype)
     else:
         r2, s = x2, x2
-    block_c = triton.next_power_of_2(n_cols)
+    block_c = next_power_of_2(n_cols)
     block_r = _block_rows(block_c, n_rows)
     if n_rows > 0:
-        _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
+        _rms_norm_fwd_kernel[(cdiv(n_rows, block_r),)](
             x2, r2, weight, y, s, rstd,
             x2.stride(0), r2.stride(0), y.stride(0), s.stride(0),
             n_rows, n_cols, eps,
@@ -184,14 +185,14 @@ def _backward(dy, ds_in, s, weight, rstd, compute_dw: bool, dx_dtype: torch.dtyp
     dy2 = _rows(dy, n_cols)
     ds2 = _rows(ds_in, n_cols) if ds_in is not None else dy2
     dx = torch.empty((n_rows, n_cols), device=s.device, dtype=dx_dtype)
-    block_c = triton.next_power_of_2(n_cols)
+    block_c = next_power_of_2(n_cols)
     block_r = _block_rows(block_c, n_rows)
     if s.is_cuda:
         programs = torch.cuda.get_device_properties(s.device).multi_processor_count * 4
     else:
         programs = 2
-    programs = max(1, min(programs, triton.cdiv(n_rows, block_r)))
-    rows_per_program = triton.cdiv(n_rows, programs) if n_rows else 0
+    programs = max(1, min(programs, cdiv(n_rows, block_r)))
+    rows_per_program = cdiv(n_rows, programs) if n_rows else 0
     dw_partial = torch.empty((programs, n_cols) if compute_dw else (1,), device=s.device, dtype=torch.float32)
     if n_rows > 0:
         _rms_norm_bwd_kernel[(programs,)](

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import use_triton
+from .launch import cdiv, next_power_of_2
 
 try:
     import triton
@@ -175,13 +176,13 @@ def _rope_launch(q, k, cos, sin, inverse: bool):
     q_out = torch.empty((B, T, Hq, D), device=q.device, dtype=q.dtype)
     k_out = torch.empty((B, T, Hk, D), device=k.device, dtype=k.dtype)
     half = D // 2
-    block_half = triton.next_power_of_2(half)
+    block_half = next_power_of_2(half)
     n_q_rows, n_k_rows = B * T * Hq, B * T * Hk
     # 2K elements of each half per program over 8 warps: 80 registers on sm_90, no spills
     # (4K over 4 warps spilled: every load and store here has a 2-D tensor of 64-bit pointers)
-    block_r = min(max(1, 2048 // block_half), triton.next_power_of_2(max(n_q_rows, 1)))
-    n_q_programs = triton.cdiv(n_q_rows, block_r)
-    n_programs = n_q_programs + triton.cdiv(n_k_rows, block_r)
+    block_r = min(max(1, 2048 // block_half), next_power_of_2(max(n_q_rows, 1)))
+    n_q_programs = cdiv(n_q_rows, block_r)
+    n_programs = n_q_programs + cdiv(n_k_rows, block_r)
     if n_programs > 0:
         _rope_kernel[(n_programs,)](
             q, k, cos, sin, q_out, k_out,

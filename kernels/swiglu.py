@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import use_triton
+from .launch import cdiv, next_power_of_2
 
 try:
     import triton
@@ -80,9 +81,9 @@ def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
 
 def _launch_shape(n_rows: int, n_cols: int):
     """(grid, BLOCK_R, BLOCK_C): tiles of about 4K elements, at most 1024 columns wide."""
-    block_c = min(1024, triton.next_power_of_2(n_cols))
-    block_r = min(max(1, 4096 // block_c), triton.next_power_of_2(n_rows))
-    return (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_c)), block_r, block_c
+    block_c = min(1024, next_power_of_2(n_cols))
+    block_r = min(max(1, 4096 // block_c), next_power_of_2(n_rows))
+    return (cdiv(n_rows, block_r), cdiv(n_cols, block_c)), block_r, block_c
 
 
 class SwiGLUFunction(torch.autograd.Function):

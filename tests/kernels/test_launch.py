@@ -83,3 +83,16 @@ def test_no_key_is_computed_while_every_launch_fits(monkeypatch):
     for _ in range(3):
         launch.launch_fitting(kernel, (1,), (), dict(num_stages=3))
     assert calls == [] and launch._STAGES_THAT_FIT == {}
+
+
+def test_host_cdiv_and_next_power_of_2_match_triton():
+    import triton
+
+    from bezoar_kernels.launch import cdiv, next_power_of_2
+
+    for a in (0, 1, 2, 63, 64, 65, 3200, 8640, 16385):
+        for b in (1, 2, 16, 64, 128):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
+    for n in (1, 2, 3, 15, 16, 17, 1000, 4096, 4097):
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+    assert next_power_of_2(0) == 1
