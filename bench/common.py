@@ -93,6 +93,33 @@ def bench_ms(fn, smoke: bool = False, warmup: int = 25, rep: int = 100) -> float
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def graph_ms(fn, warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds of one replay of ``fn`` captured in a CUDA graph.
+
+    Eager timing of a short op counts the host's launch gaps (Python, argument binding, autograd)
+    when they are longer than the GPU work; a graph replay has no host work, so this is the GPU time
+    the op costs inside a model whose host runs ahead. ``fn`` runs three times on a side stream first
+    (compiles, caches, allocator), then once under capture.
+    """
+    import torch
+    import triton.testing
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+        return float(triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median"))
+    finally:
+        del graph
+        torch.cuda.synchronize()
+
+
 def run_plain(fn, iters: int) -> None:
     """Run ``fn`` ``iters`` times with no timing machinery (for ncu/nsys attached from outside)."""
     import torch
