@@ -4,7 +4,9 @@ OpenLLaMA 3B shapes (``bezoar.model.config.preset("open_llama_3b_v2")``) with ra
 one checkpoint is written once (bf16 safetensors in a temporary folder, or ``--model DIR`` to
 use a real one) and loaded by both sides as NF4 with double quantization and bf16 compute:
 
-* bezoar: ``bezoar.model.load(quant="nf4")`` + ``generate_ids`` (KV cache, greedy);
+* bezoar: ``bezoar.model.load(quant="nf4")`` + ``generate_ids`` (KV cache, greedy), with the NF4
+  paths ``auto`` picks, and for batches of at most 8 once more as ``bezoar-gemv`` with the gemv
+  kernel on for the decode steps (``BEZOAR_NF4_GEMV_MAX_M=8``) while it is off by default;
 * peer: ``transformers`` ``from_pretrained(quantization_config=BitsAndBytesConfig(nf4, double
   quant))`` + ``generate(do_sample=False)`` with ``min_new_tokens`` so both always decode the
   same number of tokens (EOS cannot end a row early).
@@ -22,7 +24,9 @@ skipped, with a note in the results, when transformers or bitsandbytes does not 
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import shutil
 import sys
 import tempfile
@@ -89,6 +93,7 @@ def main(argv=None) -> int:
     import torch
 
     from bezoar.model import KVCache, generate_ids, load
+    from bezoar_kernels import nf4_matmul as mm
 
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:
@@ -137,10 +142,31 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 return peer(input_ids=ids, use_cache=True).logits[:, -1]
 
+        @contextlib.contextmanager
+        def gemv_on():
+            old = os.environ.get("BEZOAR_NF4_GEMV_MAX_M")
+            os.environ["BEZOAR_NF4_GEMV_MAX_M"] = str(mm.GEMV_MAX_ROWS)
+            try:
+                yield
+            finally:
+                if old is None:
+                    os.environ.pop("BEZOAR_NF4_GEMV_MAX_M", None)
+                else:
+                    os.environ["BEZOAR_NF4_GEMV_MAX_M"] = old
+
+        def with_gemv(fn):
+            def run():
+                with gemv_on():
+                    return fn()
+            return run
+
         cases = {}
         for b in batches:
             ids = prompts[b]
             cases[f"bezoar/b{b}"] = ("bezoar", b, lambda ids=ids: bezoar_generate(ids), lambda ids=ids: bezoar_prefill(ids))
+            if b <= mm.GEMV_MAX_ROWS and mm.gemv_max_m() < b:
+                cases[f"bezoar-gemv/b{b}"] = ("bezoar-gemv", b, with_gemv(lambda ids=ids: bezoar_generate(ids)),
+                                              with_gemv(lambda ids=ids: bezoar_prefill(ids)))
             if peer is not None:
                 cases[f"transformers-bnb/b{b}"] = ("transformers-bnb", b, lambda ids=ids: peer_generate(ids),
                                                    lambda ids=ids: peer_prefill(ids))
@@ -161,6 +187,10 @@ def main(argv=None) -> int:
             b_ = peer_generate(ids)[:, ids.shape[1]:]
             agree = float((a[:, :8] == b_[:, :8]).float().mean())
             print(f"greedy agreement with the peer over the first 8 tokens: {agree:.2f}")
+            if f"bezoar-gemv/b{batches[0]}" in cases:
+                with gemv_on():
+                    g = torch.tensor(bezoar_generate(ids)[0], device=device)
+                print(f"... with the gemv kernel: {float((g[:, :8] == b_[:, :8]).float().mean()):.2f}")
 
         rows = []
         with common.maybe_profile(args.profile):
@@ -177,10 +207,10 @@ def main(argv=None) -> int:
                 print(f"{name}: {rows[-1]['e2e_tok_s']:.1f} end-to-end tok/s", flush=True)
 
         for b in batches:
-            mine = next((r for r in rows if r["impl"] == "bezoar" and r["batch"] == b), None)
             theirs = next((r for r in rows if r["impl"] == "transformers-bnb" and r["batch"] == b), None)
-            if mine and theirs and mine["decode_tok_s"] and theirs["decode_tok_s"]:
-                mine["speedup_vs_peer"] = mine["decode_tok_s"] / theirs["decode_tok_s"]
+            for mine in (r for r in rows if r["impl"].startswith("bezoar") and r["batch"] == b):
+                if theirs and mine["decode_tok_s"] and theirs["decode_tok_s"]:
+                    mine["speedup_vs_peer"] = mine["decode_tok_s"] / theirs["decode_tok_s"]
         print(common.markdown_table(rows, ["case", "batch", "prefill_ms", "generate_ms", "decode_tok_s", "e2e_tok_s",
                                            "ms_per_step", "speedup_vs_peer"]))
         b1 = next((r for r in rows if r["impl"] == "bezoar" and r["batch"] == 1 and "speedup_vs_peer" in r), None)
