@@ -726,6 +726,17 @@ def _skinny_blocks(m: int, r_pad: int) -> tuple[int, int]:
     return rows, cols
 
 
+def _row_block(m: int, r_pad: int, projections: int, device: torch.device) -> tuple[int, int]:
+    """(rows, columns) for the launches with one program per row block (down, g): ``_skinny_blocks``'
+    rows, halved down to 16 while there would be fewer programs than about two per SM. At M = 4096 and
+    one projection, 64-row blocks made 64 programs, so half of an H100's 132 SMs had none (arithmetic
+    from the grid, not a timing: bench/lora.py's graph-replay figures are what tell)."""
+    rows, cols = _skinny_blocks(m, r_pad)
+    while rows > 16 and cdiv(m, rows) * projections < _programs_wanted(device) // 2:
+        rows //= 2
+    return rows, cols
+
+
 def _row_splits(m: int, block_m: int, tiles: int, device: torch.device, splits: int | None) -> int:
     """How many row ranges the dB/dA reductions use: enough programs, never an empty range."""
     blocks = cdiv(m, block_m)
@@ -861,7 +872,7 @@ def _lora_down(x: torch.Tensor, a: torch.Tensor, plan: _Plan) -> torch.Tensor:
     p, r, _ = a.shape
     xa = torch.empty((p, m, r), dtype=x.dtype, device=x.device)
     r_pad = _r_pad(r)
-    block_m, block_k = _skinny_blocks(m, r_pad)
+    block_m, block_k = _row_block(m, r_pad, p, x.device)
     threshold, keep_scale = _dropout_args(plan)
     _lora_down_kernel[(cdiv(m, block_m) * p,)](
         x, a, xa, m, k, r, *_three(plan.seeds, 0), threshold, keep_scale, x.stride(0), x.stride(1),
@@ -958,7 +969,7 @@ def _lora_g(dys: list[torch.Tensor], b: torch.Tensor, plan: _Plan) -> torch.Tens
     p = plan.projections
     g = torch.empty((p, m, r), dtype=dys[0].dtype, device=b.device)
     r_pad = _r_pad(r)
-    block_m, block_n = _skinny_blocks(m, r_pad)
+    block_m, block_n = _row_block(m, r_pad, p, b.device)
     dy3 = _three(dys, dys[0])
     _lora_g_kernel[(cdiv(m, block_m) * p,)](
         *dy3, b, g, m, r, *_three(plan.out_features, 0), *_three(plan.scalings, 0.0), *(dy.stride(0) for dy in dy3),

@@ -157,6 +157,32 @@ def test_split_reductions_match_reference(kind):
     _compare(got, want, torch.float32, "split", k, m)
 
 
+def test_row_blocks_shrink_to_fill_the_gpu_and_stay_exact(monkeypatch):
+    """down and g launches: 64-row blocks halve (to 16) while there would be under ~2 programs per SM."""
+    monkeypatch.setattr(L, "_programs_wanted", lambda device: 4 * 132)  # an H100's 132 SMs
+    cpu = torch.device("cpu")
+    assert L._row_block(4096, 16, 1, cpu)[0] == 16  # 64 programs of 64 rows -> 256 of 16
+    assert L._row_block(4096, 16, 3, cpu)[0] == 32  # q/k/v: 3 x 128 programs
+    assert L._row_block(16384, 16, 1, cpu)[0] == 32
+    assert L._row_block(65536, 16, 1, cpu)[0] == 64
+    assert L._row_block(8, 16, 1, cpu)[0] == 16
+    # and the shrunken blocks compute the same thing (M = 100 -> 16-row blocks here)
+    m, n, k, r = 100, 40, 128, 8
+    weight = _base(n, k, "nf4", torch.float32)
+    adapter = _adapter(n, k, r, seed=1)
+    x = torch.randn(m, k, generator=_gen(2))
+    dy = torch.randn(m, n, generator=_gen(3))
+    assert L._row_block(m, L._r_pad(r), 1, cpu)[0] == 16
+
+    def fn(xx, ads):
+        return (L.lora_linear(xx, weight, ads[0].lora_a, ads[0].lora_b, 0.75, 0.2, True, 9, "dequant"),)
+
+    want = _run(fn, x, [adapter], [dy])
+    with backend("triton"):
+        got = _run(fn, x, [adapter], [dy])
+    _compare(got, want, torch.float32, "small row blocks", k, m)
+
+
 def test_kernel_mask_is_the_reference_mask():
     """The down kernel with A = selected unit rows returns dropout(x) at those columns: bit-equal masks."""
     m, k, p, seed = 37, 61, 0.3, 987654321
