@@ -499,7 +499,7 @@ def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | No
         x.stride(0), out.stride(0) if split > 1 else 0, out.stride(-2),
         BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=dq, NESTED=NESTED_BLOCKSIZE,
         BLOCK_M=next_power_of_2(m), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        num_stages=cfg.num_stages, enable_fp_fusion=True,  # x * code + partial as one FMA
     )
     return out if split == 1 else _sum_splits(out, x.dtype)
 

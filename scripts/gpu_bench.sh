@@ -46,7 +46,7 @@ BENCHES=(
   "kernels 90"
   "nf4 80"
   "generate 120 --batches 1"
-  "lora 60"
+  "lora 90"
 )
 
 OUT_DIR=${OUT:-/tmp/bezoar-gpu-out}  # $OUT is set on the device machine

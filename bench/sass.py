@@ -1,0 +1,159 @@
+"""Compile a bezoar Triton kernel for an NVIDIA target on any machine (no GPU needed) and report it.
+
+Prints registers, spills (stack), shared memory, the count of each memory / matrix / barrier
+instruction in the SASS, and the instructions in the main loop, which say more about a kernel than a
+timing does when no GPU is at hand: scalar loads where vector loads were meant, gathers that the
+pipeliner turned into cp.async round trips, layout conversions (shared stores, loads, barriers) inside
+the loop, register spills. Uses triton's bundled ptxas and nvdisasm.
+
+    python bench/sass.py --list
+    python bench/sass.py nf4_gemv --meta BLOCK_M=1 --meta BLOCK_N=64
+    python bench/sass.py lora_down --meta DROPOUT=true --arch 90 --dump /tmp/lora_down.sass
+
+Integer arguments are compiled as a launch would see them: divisible by 16 (sizes and row strides of
+the OpenLLaMA shapes) and the unit strides as the constant 1 (triton specializes both at launch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# name: (module, kernel, argument types (others: i32 divisible by 16), constants, num_warps, num_stages)
+PRESETS = {
+    "nf4_gemv": ("bezoar_kernels.nf4_matmul", "_nf4_gemv_kernel",
+                 {"x_ptr": "*bf16", "words_ptr": "*i32", "absmax_ptr": "*u8", "nested_absmax_ptr": "*fp32",
+                  "nested_code_ptr": "*fp32", "code_ptr": "*fp32", "out_ptr": "*fp32", "offset": "fp32",
+                  "M": "i32:any", "blocks_per_split": "i32:any"},
+                 {"BLOCKSIZE": 64, "DOUBLE_QUANT": True, "NESTED": 256, "BLOCK_M": 1, "BLOCK_N": 64}, 4, 1),
+    "nf4_fused_fwd": ("bezoar_kernels.nf4_matmul", "_nf4_matmul_fwd_kernel",
+                      {"x_ptr": "*bf16", "packed_ptr": "*u8", "absmax_ptr": "*u8", "nested_absmax_ptr": "*fp32",
+                       "nested_code_ptr": "*fp32", "code_ptr": "*fp32", "out_ptr": "*fp32", "offset": "fp32",
+                       "M": "i32:any", "chunks_per_split": "i32:any"},
+                      {"stride_xk": 1, "stride_on": 1, "BLOCKSIZE": 64, "CHUNK": 64, "ALIGNED": True,
+                       "DOUBLE_QUANT": True, "NESTED": 256, "BLOCK_M": 16, "BLOCK_N": 64, "DOT_PRECISION": "tf32"},
+                      4, 3),
+    "lora_down": ("bezoar_kernels.lora", "_lora_down_kernel",
+                  {"x_ptr": "*bf16", "a_ptr": "*bf16", "xa_ptr": "*bf16", "keep_scale": "fp32",
+                   "seed0": "i32:any", "seed1": "i32:any", "seed2": "i32:any", "threshold": "i32:any", "R": "i32:any"},
+                  {"stride_xk": 1, "P": 1, "DROPOUT": True, "R_PAD": 16, "BLOCK_M": 64, "BLOCK_K": 128,
+                   "DOT_PRECISION": "tf32"}, 4, 3),
+    "lora_da": ("bezoar_kernels.lora", "_lora_da_kernel",
+                {"x_ptr": "*bf16", "g_ptr": "*bf16", "da_ptr": "*fp32", "keep_scale": "fp32",
+                 "seed0": "i32:any", "seed1": "i32:any", "seed2": "i32:any", "threshold": "i32:any", "R": "i32:any",
+                 "rows_per_split": "i32:any"},
+                {"stride_xk": 1, "P": 1, "DROPOUT": True, "R_PAD": 16, "BLOCK_M": 64, "BLOCK_K": 128,
+                 "DOT_PRECISION": "tf32"}, 4, 3),
+}
+COUNTED = re.compile(r"\b(LDGSTS|LDG|STG|LDSM|STSM|LDS|STS|HGMMA|HMMA|SHFL|BAR)(\.[A-Z0-9.]+)?")
+OPCODE = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)")
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def compile_kernel(preset: str, meta: dict, warps: int | None, stages: int | None, arch: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module, name, types, constants, default_warps, default_stages = PRESETS[preset]
+    fn = getattr(importlib.import_module(module), name)
+    constants = dict(constants, **meta)
+    signature, attrs = {}, {}
+    for i, arg in enumerate(fn.arg_names):
+        if arg in constants:
+            signature[arg] = "constexpr"
+            continue
+        kind = types.get(arg, "i32")
+        signature[arg] = kind.split(":")[0]
+        if kind.startswith("*") or kind == "i32":  # pointers aligned, sizes and strides divisible by 16
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn, signature, constexprs=constants, attrs=attrs)
+    options = dict(num_warps=warps or default_warps, num_stages=stages or default_stages, enable_fp_fusion=True)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options), options
+
+
+def analyse(kernel, dump: str | None = None) -> dict:
+    """{"usage": cuobjdump's resource line, "counts": memory/matrix/barrier instructions of the whole
+    kernel, "loop": opcode counts of the main loop (the longest backward branch)}."""
+    bin_dir = Path(importlib.import_module("triton").__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        usage = subprocess.run([str(bin_dir / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([str(bin_dir / "nvdisasm"), "-c", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+    if dump:
+        Path(dump).write_text(sass)
+    text = sass.splitlines()
+    labels = {line.strip().rstrip(":"): i for i, line in enumerate(text) if re.match(r"^\.L_x_\d+:$", line.strip())}
+    best = None
+    for i, line in enumerate(text):
+        m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", line)
+        if m and m.group(1) in labels and labels[m.group(1)] < i:
+            span = (labels[m.group(1)], i)
+            if best is None or span[1] - span[0] > best[1] - best[0]:
+                best = span
+    loop = collections.Counter()
+    if best:
+        loop = collections.Counter(m.group(1) for line in text[best[0]:best[1] + 1] if (m := OPCODE.match(line)))
+    return {"usage": " ".join(line.strip() for line in usage.splitlines() if "REG:" in line),
+            "counts": collections.Counter(m.group(0) for m in COUNTED.finditer(sass)), "loop": loop}
+
+
+def report(info: dict) -> str:
+    lines = [info["usage"], "whole kernel: " + ", ".join(f"{n} {k}" for k, n in sorted(info["counts"].items()))]
+    if info["loop"]:
+        lines.append(f"main loop: {sum(info['loop'].values())} instructions: "
+                     + ", ".join(f"{k} {n}" for k, n in info["loop"].most_common(14)))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    os.environ.pop("TRITON_INTERPRET", None)  # compiling needs the real JIT, not the interpreter
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("preset", nargs="?", choices=sorted(PRESETS))
+    p.add_argument("--list", action="store_true", help="list the presets and their constants")
+    p.add_argument("--meta", action="append", default=[], metavar="NAME=VALUE", help="override a constant")
+    p.add_argument("--warps", type=int)
+    p.add_argument("--stages", type=int)
+    p.add_argument("--arch", type=int, default=90, help="compute capability, 90 = H100/H200 (default)")
+    p.add_argument("--dump", metavar="FILE", help="write the whole SASS here")
+    p.add_argument("--json", action="store_true", help="print the analysis as one JSON object")
+    args = p.parse_args(argv)
+    if args.list or not args.preset:
+        for name, (module, kernel, _, constants, warps, stages) in PRESETS.items():
+            print(f"{name}: {module}.{kernel} warps={warps} stages={stages} {constants}")
+        return 0
+    meta = {}
+    for item in args.meta:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--meta {item!r}: expected NAME=VALUE")
+        meta[key] = _value(value)
+    kernel, options = compile_kernel(args.preset, meta, args.warps, args.stages, args.arch)
+    info = analyse(kernel, args.dump)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"{args.preset} sm_{args.arch} {options} {meta or ''}")
+    print(report(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
