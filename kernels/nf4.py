@@ -375,23 +375,33 @@ if triton is not None:
         # pointers
         packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, out_ptr,
         # sizes and scalars
-        n_elements, n_blocks, offset,
+        n_elements, n_bytes, n_blocks, offset,
         # meta
         BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROG: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
+        EVEN: tl.constexpr,
     ):
-        """One program dequantizes BLOCKS_PER_PROG blocks: reads bytes contiguously, writes values contiguously."""
+        """One program dequantizes BLOCKS_PER_PROG blocks: reads bytes contiguously, writes values contiguously.
+
+        EVEN (whole programs of whole blocks, as the model's shapes are): no masks, so the compiler can
+        use 16-byte loads and stores; a mask that varies inside a vector splits it into scalar accesses."""
         HALF: tl.constexpr = BLOCKSIZE // 2
         rows = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROG + tl.arange(0, BLOCKS_PER_PROG)
         row_ok = rows < n_blocks
         byte_index = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
-        byte = tl.load(packed_ptr + byte_index, mask=row_ok[:, None] & (2 * byte_index < n_elements), other=0)
+        element = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+        if EVEN:
+            byte = tl.load(packed_ptr + byte_index)
+        else:
+            byte = tl.load(packed_ptr + byte_index, mask=byte_index < n_bytes, other=0)
         absmax = _nf4_block_absmax(rows, row_ok, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                                    DOUBLE_QUANT, NESTED)
         hi = tl.load(code_ptr + (byte >> 4).to(tl.int32)) * absmax[:, None]
         lo = tl.load(code_ptr + (byte & 15).to(tl.int32)) * absmax[:, None]
-        values = tl.reshape(tl.join(hi, lo), (BLOCKS_PER_PROG, BLOCKSIZE))  # high nibble first
-        element = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-        tl.store(out_ptr + element, values.to(out_ptr.dtype.element_ty), mask=element < n_elements)
+        values = tl.reshape(tl.join(hi, lo), (BLOCKS_PER_PROG, BLOCKSIZE)).to(out_ptr.dtype.element_ty)
+        if EVEN:
+            tl.store(out_ptr + element, values)
+        else:
+            tl.store(out_ptr + element, values, mask=element < n_elements)
 
 
 def _blocks_per_prog(n_blocks: int, blocksize: int) -> int:
@@ -437,8 +447,9 @@ def dequantize_nf4_triton(weight: NF4Weight, dtype: torch.dtype | None = None,
         weight.packed, weight.absmax,
         weight.nested_absmax if dq else weight.absmax, weight.nested_code if dq else weight.absmax,
         nf4_code(weight.device), out,
-        n, weight.num_blocks, weight.offset if dq else 0.0,
+        n, weight.packed.numel(), weight.num_blocks, weight.offset if dq else 0.0,
         BLOCKSIZE=weight.blocksize, BLOCKS_PER_PROG=per_prog, DOUBLE_QUANT=dq, NESTED=NESTED_BLOCKSIZE,
+        EVEN=n == weight.num_blocks * weight.blocksize and weight.num_blocks % per_prog == 0,
         num_warps=4, enable_fp_fusion=False,
     )
     return out
