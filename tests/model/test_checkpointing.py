@@ -128,13 +128,15 @@ def test_cheap_runs_no_linear_or_attention_twice(monkeypatch):
     import bezoar.model.llama as llama
 
     norms = {"n": 0}
-    real_norm = llama.rms_norm_add
 
-    def norm(*a, **k):
-        norms["n"] += 1
-        return real_norm(*a, **k)
+    def counted(real):
+        def norm(*a, **k):
+            norms["n"] += 1
+            return real(*a, **k)
+        return norm
 
-    monkeypatch.setattr(llama, "rms_norm_add", norm)
+    monkeypatch.setattr(llama, "rms_norm_add", counted(llama.rms_norm_add))
+    monkeypatch.setattr(llama, "rms_norm", counted(llama.rms_norm))
     seen = {}
     for mode in MODES:
         model.gradient_checkpointing = mode
@@ -149,8 +151,8 @@ def test_cheap_runs_no_linear_or_attention_twice(monkeypatch):
                 loss.backward()
         seen[mode] = {"forward": forward.count, "backward": backward.count, "norms": norms["n"]}
     layers = model.config.num_hidden_layers
-    inner_norms = 2 * layers - 1  # fused residual + norm calls inside the layers (the first layer's first
-    # norm has no residual yet); the final norm sits outside them
+    inner_norms = 2 * layers  # two norms per layer (with or without the residual add); the final norm
+    # sits outside the layers and runs once
     assert seen["cheap"]["backward"] == seen["off"]["backward"], seen
     assert seen["full"]["backward"] > seen["off"]["backward"] + layers, seen  # the layers' products again
     assert seen["off"]["norms"] == inner_norms + 1, seen
@@ -199,7 +201,9 @@ def test_memory_held_for_backward_is_ordered(kernels):
     c, f = config.hidden_size, config.intermediate_size
     in_widths = {mode: round(held[mode] / width / c, 2) for mode in MODES}  # hidden widths per token and layer
     assert held["off"] > held["cheap"] > held["full"], in_widths
-    assert in_widths["full"] <= 3.0, in_widths  # the layer inputs, cos/sin tables, the final norm's input
+    # one hidden width per layer (the sum its first norm takes, where the pair x, residual was kept
+    # before: this 2-layer model then held 2.16 widths, now 1.66), cos/sin tables, the final norm's input
+    assert in_widths["full"] <= (1.8 if config.num_hidden_layers > 1 else 3.0), in_widths
     kept_outputs = 3 * c + c + c + 2 * f  # q, k, v, attention, o_proj, gate, up
     assert held["cheap"] - held["full"] >= kept_outputs * width * 0.9, in_widths
     assert held["off"] - held["cheap"] >= c * width, in_widths
