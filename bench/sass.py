@@ -11,7 +11,9 @@ the loop, register spills. Uses triton's bundled ptxas and nvdisasm.
     python bench/sass.py lora_down --meta DROPOUT=true --arch 90 --dump /tmp/lora_down.sass
 
 Integer arguments are compiled as a launch would see them: divisible by 16 (sizes and row strides of
-the OpenLLaMA shapes) and the unit strides as the constant 1 (triton specializes both at launch).
+the OpenLLaMA shapes, a LoRA rank of 16 or 64, split sizes in whole tiles) and the unit strides as the
+constant 1 (triton specializes both at launch); the presets mark the ones that are not (M, seeds).
+Leaving a size unmarked that is divisible in practice makes loads look scalar that are not.
 """
 
 from __future__ import annotations
@@ -46,15 +48,31 @@ PRESETS = {
                       {"stride_xk": 1, "stride_on": 1, "BLOCKSIZE": 64, "CHUNK": 64, "ALIGNED": True,
                        "DOUBLE_QUANT": True, "NESTED": 256, "BLOCK_M": 16, "BLOCK_N": 64, "DOT_PRECISION": "tf32"},
                       4, 3),
+    "lora_bwd": ("bezoar_kernels.lora", "_lora_bwd_kernel",
+                 {**{f"{n}{j}_ptr": "*bf16" for n in ("w", "absmax", "nested_absmax", "nested_code") for j in range(3)},
+                  "dy0_ptr": "*bf16", "dy1_ptr": "*bf16", "dy2_ptr": "*bf16", "g_ptr": "*bf16", "a_ptr": "*bf16",
+                  "dx_ptr": "*bf16", "code_ptr": "*fp32", "offset0": "fp32", "offset1": "fp32", "offset2": "fp32",
+                  "keep_scale": "fp32", "seed0": "i32:any", "seed1": "i32:any", "seed2": "i32:any",
+                  "threshold": "i32:any"},
+                 {"stride_dxs": 0, "P": 1, "BASE": 1, "HAS_LORA": True, "DROPOUT": True, "R_PAD": 16, "BLOCK_M": 128,
+                  "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "BLOCKSIZE": 64, "CHUNK": 64, "ALIGNED": True,
+                  "DOUBLE_QUANT": False, "NESTED": 256, "DOT_PRECISION": "tf32"}, 8, 4),
+    "lora_fwd": ("bezoar_kernels.lora", "_lora_fwd_kernel",
+                 {**{f"{n}{j}_ptr": "*bf16" for n in ("w", "absmax", "nested_absmax", "nested_code") for j in range(3)},
+                  "x_ptr": "*bf16", "xa_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "code_ptr": "*fp32",
+                  "offset0": "fp32", "offset1": "fp32", "offset2": "fp32", "scaling0": "fp32", "scaling1": "fp32",
+                  "scaling2": "fp32", "steps_per_split": "i32:any"},
+                 {"stride_xk": 1, "stride_ys": 0, "BASE": 1, "HAS_LORA": True, "R_PAD": 16, "BLOCK_M": 128,
+                  "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "BLOCKSIZE": 64, "CHUNK": 64, "ALIGNED": True,
+                  "DOUBLE_QUANT": False, "NESTED": 256, "DOT_PRECISION": "tf32"}, 8, 4),
     "lora_down": ("bezoar_kernels.lora", "_lora_down_kernel",
                   {"x_ptr": "*bf16", "a_ptr": "*bf16", "xa_ptr": "*bf16", "keep_scale": "fp32",
-                   "seed0": "i32:any", "seed1": "i32:any", "seed2": "i32:any", "threshold": "i32:any", "R": "i32:any"},
+                   "seed0": "i32:any", "seed1": "i32:any", "seed2": "i32:any", "threshold": "i32:any"},
                   {"stride_xk": 1, "P": 1, "DROPOUT": True, "R_PAD": 16, "BLOCK_M": 64, "BLOCK_K": 128,
                    "DOT_PRECISION": "tf32"}, 4, 3),
     "lora_da": ("bezoar_kernels.lora", "_lora_da_kernel",
                 {"x_ptr": "*bf16", "g_ptr": "*bf16", "da_ptr": "*fp32", "keep_scale": "fp32",
-                 "seed0": "i32:any", "seed1": "i32:any", "seed2": "i32:any", "threshold": "i32:any", "R": "i32:any",
-                 "rows_per_split": "i32:any"},
+                 "seed0": "i32:any", "seed1": "i32:any", "seed2": "i32:any", "threshold": "i32:any"},
                 {"stride_xk": 1, "P": 1, "DROPOUT": True, "R_PAD": 16, "BLOCK_M": 64, "BLOCK_K": 128,
                  "DOT_PRECISION": "tf32"}, 4, 3),
 }
