@@ -5,7 +5,8 @@
 #
 #   scripts/gpu_bench.sh                 # on the GPU machine (bench/README.md has the device call)
 #   scripts/gpu_bench.sh --dry-run       # print what would run, run nothing (works anywhere)
-#   scripts/gpu_bench.sh --only step     # one bench (comma list: --only nf4,step)
+#   scripts/gpu_bench.sh --only step     # one bench, with all of the budget
+#   scripts/gpu_bench.sh --only nf4,step # several, in that order, each within its own limit
 #   scripts/gpu_bench.sh --budget 300    # seconds for everything (default 500: the call stays under 9 minutes)
 set -euo pipefail
 
@@ -66,14 +67,29 @@ install_project
 show_versions
 
 declare -A STATUS=()
-NAMES=()
-for entry in "${BENCHES[@]}"; do
+ORDER=("${BENCHES[@]}")
+ASKED=0
+if [ -n "$ONLY" ]; then  # the benches asked for, in the order asked
+  ORDER=()
+  IFS=',' read -r -a WANTED <<<"$ONLY"
+  for want in "${WANTED[@]}"; do
+    found=""
+    for entry in "${BENCHES[@]}"; do
+      [ "${entry%% *}" = "$want" ] && found=$entry
+    done
+    if [ -z "$found" ]; then
+      log "--only: no bench named '$want' (benches: $(printf '%s ' "${BENCHES[@]%% *}"))"
+      exit 2
+    fi
+    ORDER+=("$found")
+  done
+  ASKED=${#ORDER[@]}
+  for entry in "${BENCHES[@]}"; do
+    [[ ",$ONLY," == *",${entry%% *},"* ]] || STATUS[${entry%% *}]="not asked for"
+  done
+fi
+for entry in "${ORDER[@]}"; do
   read -r name limit extra <<<"$entry"
-  NAMES+=("$name")
-  if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then
-    STATUS[$name]="not asked for"
-    continue
-  fi
   script="bench/$name.py"
   if [ ! -f "$script" ]; then
     log "$script: not in this checkout, skipped"
@@ -86,7 +102,7 @@ for entry in "${BENCHES[@]}"; do
     STATUS[$name]="skipped (budget)"
     continue
   fi
-  if [ -n "$ONLY" ] || [ "$left" -lt "$limit" ]; then
+  if [ "$ASKED" = 1 ] || [ "$left" -lt "$limit" ]; then  # one bench asked for: all of the budget
     limit=$left
   fi
   extra=${extra//@BUDGET@/$((limit > 100 ? limit - 90 : 10))}
@@ -101,8 +117,9 @@ for entry in "${BENCHES[@]}"; do
 done
 
 log "summary"
-for name in "${NAMES[@]}"; do
-  printf '  %-9s %s\n' "$name" "${STATUS[$name]}"
+for entry in "${BENCHES[@]}"; do
+  name=${entry%% *}
+  [ -n "${STATUS[$name]:-}" ] && printf '  %-9s %s\n' "$name" "${STATUS[$name]}"
 done
 
 if [ "$DRY_RUN" = 1 ]; then
