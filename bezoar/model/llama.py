@@ -235,10 +235,12 @@ class LlamaForCausalLM(nn.Module):
         residual = None
         mode = self.gradient_checkpointing if self.training and torch.is_grad_enabled() else "off"
         for layer in self.model.layers:
-            if mode != "off" and residual is not None:
+            if mode == "full" and residual is not None:
                 # A checkpointed layer keeps its inputs until the backward: one tensor, the sum its first
                 # norm takes, instead of the pair (its norm then has no residual to add). That halves what
                 # full checkpointing holds (26 x 8K tokens x 3200 x 2 bytes = 1.4 GB at 3B) for one add.
+                # (cheap gains nothing from it: x is the previous layer's down_proj output, which that
+                # layer's frame keeps anyway.)
                 x, residual = x + residual, None
             x, residual = checkpoint_layer(layer, mode, x, residual, cos, sin, ctx)
         if cache is not None:
