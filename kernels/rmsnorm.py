@@ -240,6 +240,27 @@ class RMSNormAddFunction(torch.autograd.Function):
         return dx, dx, dw, None
 
 
+class RMSNormKeepFunction(torch.autograd.Function):
+    """``(rms_norm(x), x)``: the second output carries x on as the residual stream. Its gradient joins
+    the norm's in the backward kernel (one rounding, as in RMSNormAddFunction), where autograd would
+    round the norm's input gradient to x's dtype first and add the two in that dtype."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, s, rstd = _forward(x, None, weight, eps)
+        ctx.save_for_backward(s, weight, rstd)
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        return y.view(*x.shape[:-1], y.shape[-1]), x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dy, ds):
+        s, weight, rstd = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros(ctx.x_shape, dtype=ctx.x_dtype, device=s.device)
+        dx, dw = _backward(dy, ds, s, weight, rstd, ctx.needs_input_grad[1], ctx.x_dtype)
+        return dx.view(ctx.x_shape), dw, None
+
+
 # ----------------------------------------------------------------------------- public ops
 
 
@@ -249,6 +270,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if use_triton(x, weight):
         return RMSNormFunction.apply(x, weight, float(eps))
     return rms_norm_reference(x, weight, eps)
+
+
+def rms_norm_keep(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    """``(rms_norm(x), x)`` for a layer whose input is also its residual stream; Triton on CUDA, where the
+    backward adds the residual's gradient to the norm's in fp32 before one rounding, exactly as
+    ``rms_norm_add``'s does (so a model gets the same gradients whether the add came before or inside)."""
+    _check(x, weight)
+    if use_triton(x, weight):
+        return RMSNormKeepFunction.apply(x, weight, float(eps))
+    return rms_norm_reference(x, weight, eps), x
 
 
 def rms_norm_add(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):

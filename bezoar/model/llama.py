@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bezoar_kernels.attention import attention
-from bezoar_kernels.rmsnorm import rms_norm, rms_norm_add
+from bezoar_kernels.rmsnorm import rms_norm, rms_norm_add, rms_norm_keep
 from bezoar_kernels.rope import apply_rope, rope_cos_sin
 from bezoar_kernels.swiglu import swiglu
 
@@ -137,9 +137,8 @@ class DecoderLayer(nn.Module):
     def forward(self, x, residual, cos, sin, ctx):
         """Takes the previous layer's output ``x`` and the residual stream before it; returns the same
         pair for the next layer, so each residual add is fused into the norm that follows it."""
-        if residual is None:
-            residual = x
-            h = rms_norm(x, self.input_layernorm.weight, self.input_layernorm.eps)
+        if residual is None:  # the first layer, or the sum was taken in front (full checkpointing)
+            h, residual = rms_norm_keep(x, self.input_layernorm.weight, self.input_layernorm.eps)
         else:
             h, residual = rms_norm_add(x, residual, self.input_layernorm.weight, self.input_layernorm.eps)
         a = self.self_attn(h, cos, sin, ctx)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bezoar_kernels.dispatch import backend
-from bezoar_kernels.rmsnorm import rms_norm, rms_norm_add, rms_norm_add_reference, rms_norm_reference
+from bezoar_kernels.rmsnorm import rms_norm, rms_norm_add, rms_norm_add_reference, rms_norm_keep, rms_norm_reference
 from tests.kernels.layer_checks import check_against_reference, check_bf16_against_fp32, leaves
 from tests.utils import assert_close
 
@@ -47,6 +47,30 @@ def test_rms_norm_add_matches_reference(shape, dtype, weight_grad):
         lambda x, r, w: rms_norm_add(x, r, w, EPS), lambda x, r, w: rms_norm_add_reference(x, r, w, EPS),
         [x, r, w], names, dtype, rows={"dweight": rows},
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rms_norm_keep_is_rms_norm_add_of_a_zero_residual(dtype):
+    """``rms_norm_keep(x)`` = ``(rms_norm(x), x)``, with the gradients of both outputs summed in fp32 and
+    rounded once: bit for bit what ``rms_norm_add(x, 0)`` gives x."""
+    x, r, w = _inputs((9, 2, 1030), dtype, True)
+    zeros = torch.zeros_like(x)
+    with backend("triton"):
+        y, kept = rms_norm_keep(x, w, EPS)
+        y_add, s_add = rms_norm_add(x, zeros, w, EPS)
+    assert torch.equal(y, y_add) and torch.equal(kept, x)
+    gy, gs = torch.randn_like(y), torch.randn_like(x)
+    got = torch.autograd.grad((y, kept), [x, w], (gy, gs))
+    want = torch.autograd.grad((y_add, s_add), [x, w], (gy, gs))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with backend("torch"):  # the reference: the same values, the gradients summed by autograd
+        y_ref, kept_ref = rms_norm_keep(x, w, EPS)
+    assert kept_ref is x and torch.equal(y_ref, rms_norm_reference(x, w, EPS))
+    only_y = torch.autograd.grad(rms_norm_keep(x, w, EPS)[0], [x], gy)[0]
+    with backend("triton"):
+        only_y_triton = torch.autograd.grad(rms_norm_keep(x, w, EPS)[0], [x], gy)[0]
+    atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else (2e-3, 2e-3)
+    assert_close(only_y_triton, only_y, atol, rtol, "dx with the kept output unused")
 
 
 def test_rms_norm_add_when_only_y_is_used():
