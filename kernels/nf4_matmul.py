@@ -455,16 +455,26 @@ GEMV_MAX_ROWS = 8  # the gemv kernel's accumulator holds every row of x: it take
 class GemvConfig:
     """Tiles of the gemv kernel: rows of W per program and how many ranges of NF4 blocks K is cut into."""
 
-    block_n: int = 64
+    block_n: int | None = None  # None: by rows of x and blocksize (gemv_block_n)
     split: int | None = None  # None: enough programs for about four per SM
     num_warps: int = 4
     num_stages: int = 1
 
 
+def gemv_block_n(block_m: int, blocksize: int) -> int:
+    """Rows of W per gemv program: the two fp32 accumulators hold block_m x block_n x blocksize / 8
+    values, so the tile narrows as x's rows or the blocksize grow. From the sm_90 compile
+    (bench/sass.py): 64 rows spill at 8 rows of x with blocksize 128 (255 registers, 480 bytes of
+    stack); 32 rows at 8 x 64 use 182 registers instead of 254."""
+    words = block_m * blocksize // 8
+    return 64 if words <= 32 else 32 if words <= 64 else 16
+
+
 def gemv_supported(m: int, weight: NF4Weight) -> bool:
-    """The gemv kernel needs M <= GEMV_MAX_ROWS, K a multiple of the blocksize and word-aligned bytes."""
+    """The gemv kernel needs M <= GEMV_MAX_ROWS, K a multiple of the blocksize and the packed bytes
+    contiguous and word-aligned (it reads them as 32-bit words)."""
     return (0 < m <= GEMV_MAX_ROWS and len(weight.shape) == 2 and weight.shape[1] % weight.blocksize == 0
-            and weight.packed.data_ptr() % 4 == 0)
+            and weight.packed.is_contiguous() and weight.packed.data_ptr() % 4 == 0)
 
 
 def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | None = None) -> torch.Tensor:
@@ -478,8 +488,10 @@ def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | No
     if x.stride(1) != 1:
         x = x.contiguous()
     cfg = config or GemvConfig()
+    block_m = next_power_of_2(m)
+    block_n = cfg.block_n or gemv_block_n(block_m, weight.blocksize)
     blocks = k // weight.blocksize
-    tiles = cdiv(n, cfg.block_n)
+    tiles = cdiv(n, block_n)
     split = cfg.split
     if split is None:
         sm = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
@@ -498,7 +510,7 @@ def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | No
         m, n, k, weight.offset if dq else 0.0, per_split,
         x.stride(0), out.stride(0) if split > 1 else 0, out.stride(-2),
         BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=dq, NESTED=NESTED_BLOCKSIZE,
-        BLOCK_M=next_power_of_2(m), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, enable_fp_fusion=True,  # x * code + partial as one FMA
     )
     return out if split == 1 else _sum_splits(out, x.dtype)
@@ -567,12 +579,14 @@ class NF4MatmulFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: NF4Weight, path: str) -> torch.Tensor:
         ctx.weight = weight
-        ctx.path = path
         lead = x.shape[:-1]
         x2d = x.reshape(-1, x.shape[-1])
+        # the backward takes the forward's path (gemv has no backward: dequant), chosen once here
+        chosen = resolve_path(path, x2d.shape[0], weight)
+        ctx.path = "dequant" if chosen == "gemv" else chosen
         if x2d.shape[0] == 0:
             return x.new_empty(*lead, weight.shape[0])
-        return nf4_matmul_forward(x2d, weight, path).reshape(*lead, weight.shape[0])
+        return nf4_matmul_forward(x2d, weight, chosen).reshape(*lead, weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):

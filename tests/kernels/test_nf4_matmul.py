@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -125,6 +126,8 @@ def test_gemv_path_in_autograd_and_fallbacks(monkeypatch):
     assert_close(y9, mm.nf4_matmul_reference(_inputs((9, 192), torch.float32), weight), 1e-5, 1e-5, name="M=9")
     assert_close(y_odd, mm.nf4_matmul_reference(_inputs((1, 100), torch.float32), odd), 1e-5, 1e-5, name="odd K")
     assert not mm.gemv_supported(9, weight) and not mm.gemv_supported(1, odd) and mm.gemv_supported(8, weight)
+    strided = dataclasses.replace(weight, packed=torch.stack([weight.packed, weight.packed], 1)[:, 0])
+    assert not strided.packed.is_contiguous() and not mm.gemv_supported(1, strided)
     with pytest.raises(ValueError, match="M <= 8 and K a multiple"):
         mm.nf4_gemv_forward(_inputs((1, 100), torch.float32), odd)
 
@@ -229,3 +232,20 @@ def test_bf16_on_gpu_matches_reference(m, n, k, path):
         w_fwd = w
     assert_close(y, (x.float() @ w_fwd.t()).to(torch.bfloat16), 2e-2, 2e-2, name="bf16 forward")
     assert_close(dx, (dy.float() @ w).to(torch.bfloat16), 2e-2, 2e-2, name="bf16 backward")
+
+
+def test_backward_takes_the_forward_path(monkeypatch):
+    """auto chooses once, in the forward: with both thresholds up and a weight gemv cannot take (K not a
+    multiple of the blocksize), forward and backward are both fused; with gemv, the backward is dequant."""
+    monkeypatch.setenv("BEZOAR_NF4_GEMV_MAX_M", "8")
+    monkeypatch.setenv("BEZOAR_NF4_FUSED_MAX_M", "8")
+    calls = []
+    for name in ("nf4_fused_forward", "nf4_fused_backward", "nf4_dequant_backward", "nf4_gemv_forward"):
+        real = getattr(mm, name)
+        monkeypatch.setattr(mm, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    odd, even = _weight(20, 100), _weight(20, 128)
+    with backend("triton"):
+        for weight, k in ((odd, 100), (even, 128)):
+            x = _inputs((2, k), torch.float32).requires_grad_(True)
+            mm.nf4_matmul(x, weight).sum().backward()
+    assert calls == ["nf4_fused_forward", "nf4_fused_backward", "nf4_gemv_forward", "nf4_dequant_backward"]

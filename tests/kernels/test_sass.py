@@ -45,6 +45,17 @@ def test_gemv_loop_has_no_shared_memory_round_trips(block_m):
     assert loop.get("FFMA", 0) >= 32 * block_m  # the products are fused multiply-adds
 
 
+@pytest.mark.parametrize("block_m,blocksize", [(8, 64), (8, 128), (4, 128)])
+def test_gemv_tiles_the_launcher_picks_do_not_spill(block_m, blocksize):
+    from bezoar_kernels.nf4_matmul import gemv_block_n
+
+    block_n = gemv_block_n(block_m, blocksize)
+    info = json.loads(_sass("nf4_gemv", "--meta", f"BLOCK_M={block_m}", "--meta", f"BLOCKSIZE={blocksize}",
+                            "--meta", f"BLOCK_N={block_n}", "--json"))
+    assert "STACK:0" in info["usage"], (block_n, info["usage"])  # 64 rows at 8 x 128 spilled 480 bytes
+    assert info["loop"].get("STL", 0) == 0 and info["loop"].get("LDL", 0) == 0, info["loop"]
+
+
 def test_cli_lists_and_reports():
     out = _sass("nf4_gemv", "--meta", "BLOCK_N=32")
     assert "REG:" in out and "main loop:" in out
