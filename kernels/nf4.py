@@ -160,6 +160,8 @@ class NF4Weight:
                              + ", ".join(str(t.device) for t in self.tensors()))
         if self.packed.dtype != torch.uint8 or self.packed.dim() != 1:
             raise ValueError(f"NF4Weight.packed must be 1-D uint8, got {self.packed.dtype} {tuple(self.packed.shape)}")
+        if not self.packed.is_contiguous():  # every kernel indexes the bytes flat
+            raise ValueError(f"NF4Weight.packed must be contiguous, got stride {self.packed.stride()}")
         if self.packed.numel() != (self.numel + 1) // 2:
             raise ValueError(f"NF4Weight.packed has {self.packed.numel()} bytes, shape {self.shape} needs "
                              f"{(self.numel + 1) // 2}")

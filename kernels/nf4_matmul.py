@@ -472,9 +472,9 @@ def gemv_block_n(block_m: int, blocksize: int) -> int:
 
 def gemv_supported(m: int, weight: NF4Weight) -> bool:
     """The gemv kernel needs M <= GEMV_MAX_ROWS, K a multiple of the blocksize and the packed bytes
-    contiguous and word-aligned (it reads them as 32-bit words)."""
+    word-aligned (it reads them as 32-bit words; NF4Weight keeps them contiguous)."""
     return (0 < m <= GEMV_MAX_ROWS and len(weight.shape) == 2 and weight.shape[1] % weight.blocksize == 0
-            and weight.packed.is_contiguous() and weight.packed.data_ptr() % 4 == 0)
+            and weight.packed.data_ptr() % 4 == 0)
 
 
 def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | None = None) -> torch.Tensor:
@@ -483,8 +483,9 @@ def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | No
     m, k = x.shape
     n = weight.shape[0]
     if not gemv_supported(m, weight):
-        raise ValueError(f"nf4 gemv: needs 1 <= M <= {GEMV_MAX_ROWS} and K a multiple of the blocksize "
-                         f"{weight.blocksize}, got M={m}, weight {weight.shape}")
+        raise ValueError(f"nf4 gemv: needs 1 <= M <= {GEMV_MAX_ROWS}, K a multiple of the blocksize "
+                         f"{weight.blocksize} and packed bytes aligned to 4, got M={m}, weight {weight.shape}, "
+                         f"bytes at {weight.packed.data_ptr() % 4} mod 4")
     if x.stride(1) != 1:
         x = x.contiguous()
     cfg = config or GemvConfig()

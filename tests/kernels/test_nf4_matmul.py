@@ -126,9 +126,13 @@ def test_gemv_path_in_autograd_and_fallbacks(monkeypatch):
     assert_close(y9, mm.nf4_matmul_reference(_inputs((9, 192), torch.float32), weight), 1e-5, 1e-5, name="M=9")
     assert_close(y_odd, mm.nf4_matmul_reference(_inputs((1, 100), torch.float32), odd), 1e-5, 1e-5, name="odd K")
     assert not mm.gemv_supported(9, weight) and not mm.gemv_supported(1, odd) and mm.gemv_supported(8, weight)
-    strided = dataclasses.replace(weight, packed=torch.stack([weight.packed, weight.packed], 1)[:, 0])
-    assert not strided.packed.is_contiguous() and not mm.gemv_supported(1, strided)
-    with pytest.raises(ValueError, match="M <= 8 and K a multiple"):
+    with pytest.raises(ValueError, match="packed must be contiguous"):  # every kernel reads the bytes flat
+        dataclasses.replace(weight, packed=torch.stack([weight.packed, weight.packed], 1)[:, 0])
+    shifted = dataclasses.replace(weight, packed=torch.cat([weight.packed.new_zeros(1), weight.packed])[1:])
+    assert shifted.packed.data_ptr() % 4 == 1 and not mm.gemv_supported(1, shifted)
+    with pytest.raises(ValueError, match="aligned to 4"):
+        mm.nf4_gemv_forward(_inputs((1, 192), torch.float32), shifted)
+    with pytest.raises(ValueError, match="M <= 8, K a multiple"):
         mm.nf4_gemv_forward(_inputs((1, 100), torch.float32), odd)
 
     monkeypatch.delenv("BEZOAR_NF4_FUSED_MAX_M", raising=False)

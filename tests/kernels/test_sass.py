@@ -64,7 +64,7 @@ def test_cli_lists_and_reports():
 
 
 @pytest.mark.parametrize("even", ["true", "false"])
-def test_dequantize_uses_16_byte_loads_and_stores(even):
+def test_dequantize_uses_wide_loads_and_stores(even):
     """The H100 figures had dequantize at 61-78% of copy bandwidth; its compiled code then read the packed
     bytes one at a time (16 scalar byte loads per thread where one 16-byte load does: the mask
     ``2 * byte_index < n_elements`` hid the bytes' contiguity from the compiler)."""
