@@ -10,11 +10,13 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cd "$HERE/.."
+# shellcheck source=SCRIPTDIR/gpu_env.sh
+source "$HERE/gpu_env.sh"
 
 DRY_RUN=0
 case "${1:-}" in
   --dry-run) DRY_RUN=1 ;;
-  -h|--help) sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) print_help "${BASH_SOURCE[0]}"; exit 0 ;;
   '') ;;
   *) echo "scripts/fetch_gpu_wheels.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
 esac
@@ -29,12 +31,6 @@ for platform in "${PLATFORMS[@]}"; do
 done
 cmd+=(-d .whl "${WHEELS[@]}")
 
-printf '+'
-printf ' %q' "${cmd[@]}"
-printf '\n'
-if [ "$DRY_RUN" = 1 ]; then
-  exit 0
-fi
-mkdir -p .whl
-"${cmd[@]}"
-ls -l .whl
+[ "$DRY_RUN" = 1 ] || mkdir -p .whl
+run "${cmd[@]}"  # (gpu_env.sh: prints the command, runs it unless DRY_RUN=1)
+[ "$DRY_RUN" = 1 ] || ls -l .whl

@@ -16,10 +16,6 @@ cd "$ROOT"
 # shellcheck source=SCRIPTDIR/gpu_env.sh
 source "$HERE/gpu_env.sh"
 
-usage() {
-  sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
-}
-
 DRY_RUN=0
 ONLY=""
 BUDGET=500
@@ -28,7 +24,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY_RUN=1 ;;
     --only) ONLY=${2:?--only needs a bench name}; shift ;;
     --budget) BUDGET=${2:?--budget needs seconds}; shift ;;
-    -h|--help) usage; exit 0 ;;
+    -h|--help) print_help "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "scripts/gpu_bench.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift

@@ -14,6 +14,11 @@ DRY_RUN=${DRY_RUN:-0}
 SITE_DIR=${SITE_DIR:-/tmp/site}
 LINK_DIR=${LINK_DIR:-/tmp/bezoar-import-path}
 
+# Print a script's help: its comment block after the first line, up to the first line of code.
+print_help() {
+  awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$1"
+}
+
 log() {
   printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"
 }
