@@ -33,20 +33,33 @@ except ImportError:  # pragma: no cover
 # ----------------------------------------------------------------------------- tables
 
 
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, device=None):
+def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """``1 / theta ** (arange(0, D, 2) / D)`` in fp32, computed on the CPU as transformers does (it
+    builds the table at init, before moving the model) and then moved to ``device``."""
+    if head_dim % 2:
+        raise ValueError(f"rope_cos_sin: head_dim must be even, got {head_dim}")
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    return inv_freq if device is None else inv_freq.to(device)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, device=None,
+                 inv_freq: torch.Tensor | None = None):
     """Half cos/sin tables (B, T, head_dim // 2) in fp32 for the given positions.
 
-    Same arithmetic as transformers' default rope: ``inv_freq = 1 / theta ** (arange(0, D, 2) / D)``
-    computed in fp32 on the CPU (HF builds it at init, before moving the model), then
-    ``freqs = position * inv_freq`` in fp32 on the target device. HF's full-width cos is
-    ``cat(cos, cos)``.
+    Same arithmetic as transformers' default rope: ``freqs = position * inv_freq`` in fp32 on the
+    target device, with ``inv_freq`` from ``rope_inv_freq``. HF's full-width cos is ``cat(cos, cos)``.
+    Passing ``inv_freq`` already on the device (a CUDA-graph decode step does) makes the call free
+    of host-to-device copies.
     """
     if head_dim % 2:
         raise ValueError(f"rope_cos_sin: head_dim must be even, got {head_dim}")
     if position_ids.dim() != 2:
         raise ValueError(f"rope_cos_sin: position_ids must be (B, T), got shape {tuple(position_ids.shape)}")
     device = position_ids.device if device is None else torch.device(device)
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    if inv_freq is None:
+        inv_freq = rope_inv_freq(head_dim, theta)
+    elif inv_freq.shape != (head_dim // 2,):
+        raise ValueError(f"rope_cos_sin: inv_freq has shape {tuple(inv_freq.shape)}, expected ({head_dim // 2},)")
     freqs = position_ids.to(device)[..., None].float() * inv_freq.to(device=device, dtype=torch.float)
     return freqs.cos(), freqs.sin()
 

@@ -1,16 +1,36 @@
 """Decoding with a KV cache: greedy and temperature/top-p sampling, batched with left padding.
 
 ``generate`` takes text and returns text; ``generate_ids`` is the token-level core that the
-evaluation harness and the server also use.
+evaluation harness and the server also use. Three ways to run the decode steps (``decode=``, or
+the environment variable ``BEZOAR_DECODE``):
+
+* ``eager``: the plain forward with a growing ``KVCache``, one call per token.
+* ``static``: ``LlamaForCausalLM.decode_step`` on a ``StaticKVCache``. Every step has the same
+  shapes (the keys are padded to a multiple of ``KEY_BUCKET`` and masked) and the position lives
+  on the device, so the host never waits for the GPU inside a step.
+* ``graph``: ``static`` with each step shape captured once in a CUDA graph and replayed: one
+  launch per token in place of several hundred kernel launches, which at batch 1 is most of the
+  time an eager decode step takes on a 3B model.
+* ``auto`` (the default): ``graph`` on a CUDA model in eval mode, else ``eager``.
+
+In ``static`` and ``graph`` the host reads each step's tokens one step late (through a pinned
+buffer and an event), so the GPU already runs the next step while the host checks stop strings.
+A ``Decoder`` keeps the cache and the graphs between calls; ``generate_ids`` without one builds
+a fresh one per call.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from .config import LlamaConfig
+
+DECODE_MODES = ("auto", "eager", "static", "graph")
+KEY_BUCKET = 256  # static steps attend over the cache's first multiple of this many slots
 
 
 class KVCache:
@@ -36,6 +56,40 @@ class KVCache:
         self.length += n
 
 
+class StaticKVCache(KVCache):
+    """A ``KVCache`` whose decode steps are graph-safe.
+
+    The prefill fills it like a ``KVCache`` (``stepping`` False). Decode steps (``stepping`` True)
+    write their keys and values at the device-side index ``slot`` and return the first ``num_keys``
+    slots. ``key_valid`` (B, max_len) marks the real tokens, and ``decode_step`` builds the mask from it.
+    """
+
+    def __init__(self, config: LlamaConfig, batch: int, max_len: int, dtype: torch.dtype, device):
+        super().__init__(config, batch, max_len, dtype, device)
+        # Steps attend over slots not written yet (masked): they must hold finite numbers, since a masked
+        # key still enters the softmax-times-values product with weight 0, and 0 * NaN is NaN.
+        self.k.zero_()
+        self.v.zero_()
+        self.batch = batch
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.num_keys = max_len
+        self.stepping = False
+
+    def reset(self) -> None:
+        self.length = 0
+        self.stepping = False
+        self.num_keys = self.max_len
+        self.key_valid.zero_()
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if not self.stepping:
+            return super().update(layer, k, v)
+        self.k[layer].index_copy_(1, self.slot, k)
+        self.v[layer].index_copy_(1, self.slot, v)
+        return self.k[layer, :, :self.num_keys], self.v[layer, :, :self.num_keys]
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
     """Pick one token per row from logits (B, V): argmax when temperature is 0, else nucleus sampling."""
     if temperature <= 0:
@@ -57,6 +111,265 @@ class Generation:
     prompt_tokens: int
 
 
+def resolve_decode_mode(mode: str | None, model) -> str:
+    """``eager``, ``static`` or ``graph`` for ``mode`` (``auto`` / None: ``BEZOAR_DECODE`` if set, else
+    ``graph`` on a CUDA model in eval mode and ``eager`` otherwise)."""
+    if mode in (None, "auto"):
+        mode = os.environ.get("BEZOAR_DECODE", "").strip().lower() or "auto"
+        where = "BEZOAR_DECODE"
+    else:
+        where = "decode"
+    if mode not in DECODE_MODES:
+        raise ValueError(f"{where}={mode!r}: choose one of {', '.join(DECODE_MODES)}")
+    cuda = model.device.type == "cuda" and torch.cuda.is_available()
+    if mode == "auto":
+        return "graph" if cuda and not model.training else "eager"
+    if mode == "graph" and not cuda:
+        raise ValueError(f"{where}=graph needs a model on a CUDA device (this one is on {model.device})")
+    if mode == "graph" and model.training:
+        raise ValueError(f"{where}=graph needs the model in eval mode: a graph would replay one dropout mask")
+    return mode
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class _Rows:
+    """Per-row bookkeeping on the host: new tokens, finish reasons, which rows still run."""
+
+    def __init__(self, batch: int, max_new_tokens: int, eos_id, should_stop):
+        self.new_ids: list[list[int]] = [[] for _ in range(batch)]
+        self.reasons = ["length"] * batch
+        self.active = [True] * batch
+        self.max_new_tokens = max_new_tokens
+        self.eos_id = eos_id
+        self.should_stop = should_stop
+
+    def take(self, tokens: list[int]) -> bool:
+        """Record one token per row; False once every row has stopped or the longest is full."""
+        for row, tok in enumerate(tokens):
+            if not self.active[row]:
+                continue
+            if self.eos_id is not None and tok == self.eos_id:
+                self.active[row] = False
+                self.reasons[row] = "stop"
+                continue
+            self.new_ids[row].append(tok)
+            if self.should_stop is not None and self.should_stop(row, self.new_ids[row]):
+                self.active[row] = False
+                self.reasons[row] = "stop"
+        return any(self.active) and max(map(len, self.new_ids)) < self.max_new_tokens
+
+
+class _TokenQueue:
+    """Tokens (B,) copied to the host without waiting: pinned buffers and events on CUDA, so the host
+    reads step i while the GPU runs step i + 1. At most two are in flight."""
+
+    def __init__(self, batch: int, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pending: list = []
+        if self.cuda:
+            self.buffers = [torch.empty(batch, dtype=torch.long, pin_memory=True) for _ in range(2)]
+            self.events = [torch.cuda.Event() for _ in range(2)]
+            self.turn = 0
+
+    def push(self, tokens: torch.Tensor) -> None:
+        tokens = tokens.reshape(-1)
+        if not self.cuda:
+            self.pending.append(tokens.tolist())
+            return
+        if len(self.pending) >= 2:
+            raise RuntimeError("_TokenQueue: pop before a third push")
+        buf, event = self.buffers[self.turn], self.events[self.turn]
+        buf.copy_(tokens, non_blocking=True)
+        event.record()
+        self.pending.append((buf, event))
+        self.turn ^= 1
+
+    def pop(self) -> list[int]:
+        item = self.pending.pop(0)
+        if not self.cuda:
+            return item
+        buf, event = item
+        event.synchronize()
+        return buf.tolist()
+
+
+class _DecodeState:
+    """What static decode steps of one batch size share: the cache, the step's inputs, the graphs."""
+
+    def __init__(self, model, batch: int, capacity: int):
+        from bezoar_kernels.rope import rope_inv_freq
+
+        device = model.device
+        self.batch, self.capacity = batch, capacity
+        self.cache = StaticKVCache(model.config, batch, capacity, model.dtype, device)
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.inv_freq = rope_inv_freq(model.config.head_dim, model.config.rope_theta, device)
+        self.graphs: dict[tuple[int, bool], tuple] = {}  # (num_keys, greedy) -> (CUDAGraph, logits)
+        self.pool = None
+        self.fingerprint = None
+
+
+def _fingerprint(model) -> tuple:
+    """What a captured step depends on besides tensor contents: the module tree, the tensors' storage,
+    LoRA switches and scalings, train/eval and autocast, and the kernels' BEZOAR_* path settings. A
+    change drops the graphs, so an adapter switched off, a new adapter or reloaded weights are used."""
+    modules = tuple((name, id(m), m.training, getattr(m, "enabled", None), getattr(m, "scaling", None),
+                     getattr(m, "compute_dtype", None)) for name, m in model.named_modules())
+    tensors = tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in model.parameters())
+    buffers = tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in model.buffers())
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("BEZOAR_")))
+    autocast = torch.is_autocast_enabled("cuda") if torch.cuda.is_available() else False
+    return modules, tensors, buffers, env, autocast
+
+
+class Decoder:
+    """Generation for one model that keeps its static KV cache and CUDA graphs between calls.
+
+    Hold one where the same model generates again and again (the server, the harness, a bench):
+    the first call at a batch size captures a graph per step shape, later calls replay them. The
+    cache is kept for the last batch size used, rounded up to ``KEY_BUCKET`` slots, until
+    ``release()``. Graphs are captured again whenever the model's modules, weights, adapter
+    switches or ``BEZOAR_*`` settings change between calls.
+    """
+
+    def __init__(self, model, decode: str | None = "auto", bucket: int = KEY_BUCKET):
+        if bucket <= 0:
+            raise ValueError(f"bucket must be positive, got {bucket}")
+        self.model = model
+        self.decode = decode
+        self.bucket = bucket
+        self._state: _DecodeState | None = None
+        self._graphs_failed = False
+
+    def release(self) -> None:
+        """Free the cache and the graphs (the next call builds them again)."""
+        self._state = None
+
+    @torch.no_grad()
+    def generate_ids(self, input_ids, attention_mask=None, max_new_tokens: int = 128, temperature: float = 0.0,
+                     top_p: float = 1.0, eos_id: int | None = None, generator: torch.Generator | None = None,
+                     should_stop=None) -> tuple[list[list[int]], list[str]]:
+        """As ``bezoar.model.generate_ids``."""
+        model = self.model
+        mode = resolve_decode_mode(self.decode, model)
+        if mode == "graph" and self._graphs_failed:
+            mode = "static"
+        input_ids = input_ids.to(model.device)
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(model.device).long()
+        rows = _Rows(B, max_new_tokens, eos_id, should_stop)
+        if max_new_tokens <= 0:
+            return rows.new_ids, rows.reasons
+        if mode == "eager":
+            return _generate_eager(model, input_ids, attention_mask, rows, temperature, top_p, generator)
+        return self._generate_static(input_ids, attention_mask, rows, temperature, top_p, generator,
+                                     graphs=mode == "graph")
+
+    def _state_for(self, batch: int, needed: int) -> _DecodeState:
+        st = self._state
+        if st is None or st.batch != batch or st.capacity < needed:
+            self._state = None  # free the old cache before allocating the new one
+            st = self._state = _DecodeState(self.model, batch, _round_up(needed, self.bucket))
+        return st
+
+    def _generate_static(self, input_ids, attention_mask, rows: _Rows, temperature, top_p, generator, graphs):
+        model = self.model
+        B, T = input_ids.shape
+        max_new = rows.max_new_tokens
+        st = self._state_for(B, T + max_new)
+        if graphs:
+            fingerprint = _fingerprint(model)
+            if fingerprint != st.fingerprint:
+                st.graphs.clear()
+                st.fingerprint = fingerprint
+        cache = st.cache
+        cache.reset()
+        logits = model(input_ids, attention_mask=attention_mask, cache=cache)[:, -1]
+        cache.key_valid[:, :T] = attention_mask.bool()
+        cache.slot.fill_(T)
+        st.positions.copy_(attention_mask.sum(1, keepdim=True))  # the next token's rotary position
+        cache.stepping = True
+        greedy = temperature <= 0
+        queue = _TokenQueue(B, model.device)
+        st.tokens.copy_(sample_next(logits, temperature, top_p, generator)[:, None])
+        queue.push(st.tokens)
+        produced = 1
+        try:
+            while True:
+                if produced < max_new:  # the step that feeds token `produced` and yields the next one
+                    cache.num_keys = min(st.capacity, _round_up(T + produced, self.bucket))
+                    logits = self._step(st, greedy, graphs)
+                    if not greedy:
+                        st.tokens.copy_(sample_next(logits, temperature, top_p, generator)[:, None])
+                    queue.push(st.tokens)
+                    produced += 1
+                if not rows.take(queue.pop()):
+                    break
+        finally:
+            cache.stepping = False
+        return rows.new_ids, rows.reasons
+
+    def _body(self, st: _DecodeState, greedy: bool) -> torch.Tensor:
+        logits = self.model.decode_step(st.tokens, st.positions, st.cache, st.inv_freq)
+        st.cache.slot.add_(1)
+        st.positions.add_(1)
+        if greedy:
+            st.tokens.copy_(logits.argmax(-1, keepdim=True))
+        return logits
+
+    def _step(self, st: _DecodeState, greedy: bool, graphs: bool) -> torch.Tensor:
+        """Run one decode step: a graph replay when one is captured for this shape, else eagerly (and
+        then, in graph mode, capture one: the eager run has compiled and tuned every kernel)."""
+        key = (st.cache.num_keys, greedy)
+        if graphs and not self._graphs_failed and key in st.graphs:
+            graph, logits = st.graphs[key]
+            graph.replay()
+            return logits
+        if not graphs or self._graphs_failed:
+            return self._body(st, greedy)
+        # Warm up on a side stream (lazy initialisations must not land in the capture), as a real step.
+        current = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            logits = self._body(st, greedy)
+        current.wait_stream(side)
+        try:
+            if st.pool is None:
+                st.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=st.pool, capture_error_mode="thread_local"):
+                captured = self._body(st, greedy)
+            st.graphs[key] = (graph, captured)
+        except Exception as exc:  # decoding goes on without graphs; the tokens are the same
+            self._graphs_failed = True
+            st.graphs.clear()
+            warnings.warn(f"CUDA graph capture of the decode step failed ({type(exc).__name__}: {exc}); "
+                          "decoding without graphs from here on", RuntimeWarning, stacklevel=3)
+        return logits
+
+
+def _generate_eager(model, input_ids, attention_mask, rows: _Rows, temperature, top_p, generator):
+    B, T = input_ids.shape
+    device = input_ids.device
+    cache = KVCache(model.config, B, T + rows.max_new_tokens, model.dtype, device)
+    logits = model(input_ids, attention_mask=attention_mask, cache=cache)[:, -1]
+    ones = torch.ones(B, 1, dtype=attention_mask.dtype, device=device)
+    while True:
+        nxt = sample_next(logits, temperature, top_p, generator)
+        if not rows.take(nxt.tolist()):
+            break
+        attention_mask = torch.cat([attention_mask, ones], 1)
+        logits = model(nxt[:, None], attention_mask=attention_mask, cache=cache)[:, -1]
+    return rows.new_ids, rows.reasons
+
+
 @torch.no_grad()
 def generate_ids(
     model,
@@ -68,39 +381,21 @@ def generate_ids(
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
     should_stop=None,
+    decode: str | None = "auto",
+    decoder: Decoder | None = None,
 ) -> tuple[list[list[int]], list[str]]:
     """Generate for a left-padded batch (B, T). Returns new token ids per row and finish reasons.
 
     ``should_stop(row, new_ids) -> bool`` lets the caller end a row early (stop strings).
+    ``decode`` picks how the steps run (module docstring); ``decoder`` reuses a ``Decoder``'s cache
+    and graphs (its own ``decode`` setting then applies).
     """
-    model_device = model.device
-    input_ids = input_ids.to(model_device)
-    B, T = input_ids.shape
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    attention_mask = attention_mask.to(model_device).long()
-    cache = KVCache(model.config, B, T + max_new_tokens, model.dtype, model_device)
-    new_ids: list[list[int]] = [[] for _ in range(B)]
-    reasons = ["length"] * B
-    active = torch.ones(B, dtype=torch.bool, device=model_device)
-    logits = model(input_ids, attention_mask=attention_mask, cache=cache)[:, -1]
-    for _ in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_p, generator)
-        for row in torch.nonzero(active).flatten().tolist():
-            tok = int(nxt[row])
-            if eos_id is not None and tok == eos_id:
-                active[row] = False
-                reasons[row] = "stop"
-                continue
-            new_ids[row].append(tok)
-            if should_stop is not None and should_stop(row, new_ids[row]):
-                active[row] = False
-                reasons[row] = "stop"
-        if not bool(active.any()) or len(max(new_ids, key=len)) >= max_new_tokens:
-            break
-        attention_mask = torch.cat([attention_mask, torch.ones(B, 1, dtype=attention_mask.dtype, device=model_device)], 1)
-        logits = model(nxt[:, None], attention_mask=attention_mask, cache=cache)[:, -1]
-    return new_ids, reasons
+    if decoder is None:
+        decoder = Decoder(model, decode)
+    elif decoder.model is not model:
+        raise ValueError("generate_ids: the decoder belongs to another model")
+    return decoder.generate_ids(input_ids, attention_mask, max_new_tokens, temperature, top_p, eos_id, generator,
+                                should_stop)
 
 
 def generate(

@@ -230,9 +230,15 @@ class LlamaForCausalLM(nn.Module):
         else:
             query_pos = torch.arange(past, S, device=input_ids.device)
             ctx = ForwardContext(build_attention_mask(query_pos, key_valid, doc_ids, S), cache, causal=False)
-        x = self.model.embed_tokens(input_ids)
-        residual = None
         mode = self.gradient_checkpointing if self.training and torch.is_grad_enabled() else "off"
+        h = self._layers(self.model.embed_tokens(input_ids), cos, sin, ctx, mode)
+        if cache is not None:
+            cache.advance(T)
+        return h
+
+    def _layers(self, x, cos, sin, ctx, mode: str = "off"):
+        """The decoder layers and the final norm over embeddings ``x``."""
+        residual = None
         for layer in self.model.layers:
             if mode == "full" and residual is not None:
                 # A checkpointed layer keeps its inputs until the backward: one tensor, the sum its first
@@ -242,10 +248,24 @@ class LlamaForCausalLM(nn.Module):
                 # layer's frame keeps anyway.)
                 x, residual = x + residual, None
             x, residual = checkpoint_layer(layer, mode, x, residual, cos, sin, ctx)
-        if cache is not None:
-            cache.advance(T)
         h, _ = rms_norm_add(x, residual, self.model.norm.weight, self.model.norm.eps)
         return h
+
+    def decode_step(self, input_ids, position_ids, cache, inv_freq=None):
+        """Logits (B, V) of one new token per row written into a ``StaticKVCache`` (bezoar.model.decode).
+
+        The token goes to the cache's device-side ``slot`` and attends over the cache's first
+        ``num_keys`` slots where ``key_valid`` is set. Every shape is fixed by the cache and nothing is
+        read back to the host, so the call can be captured in a CUDA graph; pass ``inv_freq``
+        (``rope_inv_freq`` on the model's device) to keep host-to-device copies out of it too.
+        ``slot`` is not advanced here: the caller owns the step's bookkeeping.
+        """
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, inv_freq=inv_freq)
+        cache.key_valid.index_fill_(1, cache.slot, True)  # the new token sees itself
+        mask = cache.key_valid[:, None, None, :cache.num_keys]  # (B, 1, 1, S)
+        ctx = ForwardContext(mask, cache, causal=False)
+        h = self._layers(self.model.embed_tokens(input_ids), cos, sin, ctx)
+        return self.lm_head(h[:, -1])
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, doc_ids=None, cache=None,
                 return_hidden: bool = False):

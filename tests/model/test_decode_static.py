@@ -1,0 +1,247 @@
+"""Static decode steps (one shape per step, the position on the device) and their CUDA graphs give the
+tokens of the eager decode loop."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from bezoar.model import Tokenizer, generate_ids, load
+from bezoar.model.decode import (KEY_BUCKET, Decoder, StaticKVCache, _fingerprint, _TokenQueue,
+                                 resolve_decode_mode)
+from bezoar.model.lora import LoraConfig, adapters_disabled, apply_lora
+from bezoar_kernels.rope import rope_inv_freq
+
+PROMPTS = ["The small cat reads the", "What is 12 plus 7? The answer is", "Q:"]
+
+
+def _batch(folder):
+    tok = Tokenizer(folder)
+    return tok.batch(PROMPTS, bos=True, padding_side="left")
+
+
+def _eager(model, ids, mask, **kw):
+    return generate_ids(model, ids, mask, decode="eager", **kw)
+
+
+@pytest.mark.parametrize("which", ["tiny", "tiny-odd"])
+@pytest.mark.parametrize("bucket", [4, KEY_BUCKET])
+def test_static_greedy_equals_eager(which, bucket, tiny_dir, tiny_odd_dir):
+    folder = tiny_dir if which == "tiny" else tiny_odd_dir
+    model = load(folder).eval()
+    ids, mask = _batch(folder)
+    assert int(mask.sum()) < mask.numel(), "the batch must have left padding"
+    want = _eager(model, ids, mask, max_new_tokens=14)
+    got = Decoder(model, "static", bucket=bucket).generate_ids(ids, mask, max_new_tokens=14)
+    assert got == want
+    assert all(len(row) == 14 for row in got[0]) and got[1] == ["length"] * 3
+
+
+def test_static_sampling_equals_eager_with_the_same_seed(tiny_dir):
+    model = load(tiny_dir).eval()
+    ids, mask = _batch(tiny_dir)
+    want = _eager(model, ids, mask, max_new_tokens=12, temperature=1.0, top_p=0.9,
+                  generator=torch.Generator().manual_seed(5))
+    got = generate_ids(model, ids, mask, max_new_tokens=12, temperature=1.0, top_p=0.9,
+                       generator=torch.Generator().manual_seed(5), decode="static")
+    assert got == want
+    greedy = _eager(model, ids, mask, max_new_tokens=12)
+    assert got[0] != greedy[0], "sampling at temperature 1 should leave the greedy path"
+
+
+def test_static_stops_rows_like_eager(tiny_dir):
+    """EOS and should_stop end rows at the same token, although the host reads tokens one step late."""
+    model = load(tiny_dir).eval()
+    ids, mask = _batch(tiny_dir)
+    free, _ = _eager(model, ids, mask, max_new_tokens=10)
+    eos = free[0][4]  # row 0 stops at its fifth token; the others whenever they meet it
+
+    def runs(decode):
+        seen = []
+
+        def stop(row, new):
+            seen.append((row, list(new)))
+            return row == 2 and len(new) == 3
+
+        out = generate_ids(model, ids, mask, max_new_tokens=10, eos_id=eos, should_stop=stop, decode=decode)
+        return out, seen
+
+    (want, want_reasons), want_seen = runs("eager")
+    (got, got_reasons), got_seen = runs("static")
+    assert got == want and got_reasons == want_reasons and got_seen == want_seen
+    assert got_reasons[0] == "stop" and len(got[0]) == free[0].index(eos)
+    assert got_reasons[2] == "stop" and len(got[2]) == 3
+
+
+def test_decode_step_logits_equal_the_forward(tiny_odd_dir):
+    """Step by step: decode_step's logits over the padded, masked cache equal a full forward's."""
+    model = load(tiny_odd_dir).eval()
+    ids, mask = _batch(tiny_odd_dir)
+    B, T = ids.shape
+    cache = StaticKVCache(model.config, B, T + 8, model.dtype, model.device)
+    inv_freq = rope_inv_freq(model.config.head_dim, model.config.rope_theta)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, cache=cache)[:, -1]
+        cache.key_valid[:, :T] = mask.bool()
+        cache.slot.fill_(T)
+        cache.stepping = True
+        positions = mask.sum(1, keepdim=True)
+        seq, full_mask = ids, mask
+        for step in range(5):
+            nxt = logits.argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+            full_mask = torch.cat([full_mask, torch.ones_like(nxt)], 1)
+            cache.num_keys = T + 8 if step % 2 else T + step + 1  # padded to the end, or exactly the keys
+            logits = model.decode_step(nxt, positions, cache, inv_freq)
+            cache.slot += 1
+            positions += 1
+            want = model(seq, attention_mask=full_mask)[:, -1]
+            torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_qlora_static_equals_eager():
+    """NF4 layers with LoRA adapters through the Triton kernels (interpreter on CPU), adapters on and off."""
+    from bezoar.model.config import LlamaConfig
+
+    from .qlora_helpers import qlora_model
+
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = qlora_model(config, targets=("q_proj", "k_proj", "v_proj", "down_proj")).eval()
+    ids = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    dec = Decoder(model, "static", bucket=4)
+    on = dec.generate_ids(ids, mask, max_new_tokens=6)
+    assert on == _eager(model, ids, mask, max_new_tokens=6)
+    with adapters_disabled(model):
+        off = dec.generate_ids(ids, mask, max_new_tokens=6)
+        assert off == _eager(model, ids, mask, max_new_tokens=6)
+    assert off != on, "the adapters must change the tokens for this check to mean anything"
+
+
+def test_decoder_keeps_its_cache_for_a_batch_size(tiny_dir):
+    model = load(tiny_dir).eval()
+    ids, mask = _batch(tiny_dir)
+    dec = Decoder(model, "static", bucket=16)
+    first = dec.generate_ids(ids, mask, max_new_tokens=4)
+    state = dec._state
+    T = ids.shape[1]
+    assert state.capacity == -(-(T + 4) // 16) * 16
+    assert dec.generate_ids(ids, mask, max_new_tokens=4) == first and dec._state is state
+    dec.generate_ids(ids[:1], mask[:1], max_new_tokens=4)
+    assert dec._state is not state and dec._state.batch == 1
+    small = dec._state
+    dec.generate_ids(ids[:1], mask[:1], max_new_tokens=state.capacity - T - 2)
+    assert dec._state is small, "a call that fits reuses the cache"
+    dec.generate_ids(ids[:1], mask[:1], max_new_tokens=state.capacity)
+    assert dec._state is not small and dec._state.capacity == -(-(T + state.capacity) // 16) * 16
+    dec.release()
+    assert dec._state is None
+    with pytest.raises(ValueError, match="another model"):
+        generate_ids(load(tiny_dir), ids, mask, decoder=dec)
+
+
+def test_zero_new_tokens(tiny_dir):
+    model = load(tiny_dir).eval()
+    ids, mask = _batch(tiny_dir)
+    for decode in ("eager", "static"):
+        assert generate_ids(model, ids, mask, max_new_tokens=0, decode=decode) == ([[], [], []], ["length"] * 3)
+
+
+def test_decode_mode_resolution(tiny_dir, monkeypatch):
+    model = load(tiny_dir).eval()
+    monkeypatch.delenv("BEZOAR_DECODE", raising=False)
+    assert resolve_decode_mode("auto", model) == "eager"  # a CPU model
+    assert resolve_decode_mode("static", model) == "static"
+    with pytest.raises(ValueError, match="decode=graph needs a model on a CUDA device"):
+        resolve_decode_mode("graph", model)
+    with pytest.raises(ValueError, match="decode='fast'"):
+        resolve_decode_mode("fast", model)
+    monkeypatch.setenv("BEZOAR_DECODE", "static")
+    assert resolve_decode_mode(None, model) == "static"
+    assert resolve_decode_mode("eager", model) == "eager"  # an explicit choice wins over the environment
+    monkeypatch.setenv("BEZOAR_DECODE", "turbo")
+    with pytest.raises(ValueError, match="BEZOAR_DECODE='turbo'"):
+        resolve_decode_mode("auto", model)
+    with pytest.raises(ValueError, match="bucket"):
+        Decoder(model, bucket=0)
+
+
+def test_fingerprint_sees_adapter_switches_weights_and_settings(tiny_dir, monkeypatch):
+    model = load(tiny_dir).eval()
+    apply_lora(model, LoraConfig(r=2, targets=["q_proj", "v_proj"]))
+    base = _fingerprint(model)
+    assert _fingerprint(model) == base
+    with adapters_disabled(model):
+        assert _fingerprint(model) != base
+    assert _fingerprint(model) == base
+    monkeypatch.setenv("BEZOAR_NF4_GEMV_MAX_M", "8")
+    assert _fingerprint(model) != base
+    monkeypatch.delenv("BEZOAR_NF4_GEMV_MAX_M")
+    layer = model.model.layers[0].mlp.up_proj
+    layer.weight = torch.nn.Parameter(layer.weight.detach().clone())
+    assert _fingerprint(model) != base
+    model.train()
+    assert _fingerprint(model) != _fingerprint(model.eval())
+
+
+def test_token_queue_on_cpu_is_first_in_first_out():
+    q = _TokenQueue(2, torch.device("cpu"))
+    q.push(torch.tensor([[1], [2]]))
+    q.push(torch.tensor([3, 4]))
+    assert q.pop() == [1, 2] and q.pop() == [3, 4]
+
+
+# ---- on a GPU: the captured graphs ----------------------------------------------------------------
+
+
+def _cuda_model(folder, dtype):
+    return load(folder, device="cuda", dtype=dtype).eval()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("which", ["tiny", "tiny-odd"])
+def test_graph_equals_eager_on_gpu(which, tiny_dir, tiny_odd_dir):
+    folder = tiny_dir if which == "tiny" else tiny_odd_dir
+    model = _cuda_model(folder, torch.float32)
+    ids, mask = _batch(folder)
+    assert resolve_decode_mode("auto", model) == "graph"
+    dec = Decoder(model, "graph", bucket=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture warns and falls back: that must not happen here
+        for _ in range(2):  # the second call replays the graphs the first captured
+            got = dec.generate_ids(ids, mask, max_new_tokens=20)
+            assert got == _eager(model, ids, mask, max_new_tokens=20)
+        assert len(dec._state.graphs) >= 2, "20 steps over buckets of 8 keys take several graphs"
+        g = dec.generate_ids(ids, mask, max_new_tokens=20, temperature=1.0, top_p=0.9,
+                             generator=torch.Generator("cuda").manual_seed(2))
+        want = _eager(model, ids, mask, max_new_tokens=20, temperature=1.0, top_p=0.9,
+                      generator=torch.Generator("cuda").manual_seed(2))
+    assert g == want
+
+
+@pytest.mark.gpu
+def test_graph_equals_static_bitwise_in_bf16_with_nf4_and_lora():
+    """A replay runs the very kernels of the eager static step, so bf16 tokens agree exactly; switching
+    the adapters off between calls must recapture, not replay the adapters' graph."""
+    from bezoar.model.config import LlamaConfig
+
+    from .qlora_helpers import qlora_model
+
+    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = qlora_model(config, dtype=torch.bfloat16).to("cuda").eval()
+    ids = torch.randint(3, 256, (4, 9), generator=torch.Generator().manual_seed(1)).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    graph, static = Decoder(model, "graph", bucket=16), Decoder(model, "static", bucket=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        on = graph.generate_ids(ids, mask, max_new_tokens=24)
+        assert on == static.generate_ids(ids, mask, max_new_tokens=24)
+        with adapters_disabled(model):
+            off = graph.generate_ids(ids, mask, max_new_tokens=24)
+            assert off == static.generate_ids(ids, mask, max_new_tokens=24)
+    assert off != on
