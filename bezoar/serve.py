@@ -180,8 +180,13 @@ class Job:
 class Engine:
     """Runs jobs on the model in one worker thread, batching the jobs that wait together."""
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 32, batch_window_s: float = 0.005):
+    def __init__(self, model, tokenizer, max_batch_size: int = 32, batch_window_s: float = 0.005,
+                 decode: str = "auto"):
+        from bezoar.model.decode import Decoder, resolve_decode_mode
+
         self.model = model.eval()  # LoRA dropout off, whatever mode the model came in
+        resolve_decode_mode(decode, self.model)  # a bad setting fails at start-up
+        self.decoder = Decoder(self.model, decode)  # cache and CUDA graphs kept between batches
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_s
@@ -344,7 +349,7 @@ class Engine:
         longest = max(j.max_tokens for j in jobs)
         new_ids, reasons = generate_ids(self.model, ids, mask, max_new_tokens=longest, temperature=temperature,
                                         top_p=top_p, eos_id=self.tokenizer.eos_id, generator=self._sampler(seed),
-                                        should_stop=on_token)
+                                        should_stop=on_token, decoder=self.decoder)
         for job, new, reason in zip(jobs, new_ids, reasons):
             job.new_ids = list(new)
             self._finish_text(job)
@@ -417,13 +422,14 @@ class Server:
     """The aiohttp application around an Engine."""
 
     def __init__(self, model, tokenizer, name: str, max_batch_size: int = 32, batch_window_s: float = 0.005,
-                 api_key: str | None = None, template=None):
+                 api_key: str | None = None, template=None, decode: str = "auto"):
         from bezoar.data.formats import PromptTemplate
 
         self.template = template or PromptTemplate()
         self.tokenizer = tokenizer
         self.name = name
-        self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, batch_window_s=batch_window_s)
+        self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, batch_window_s=batch_window_s,
+                             decode=decode)
         self.api_key = api_key
         self.created = int(time.time())
         self.vocab = tokenizer.vocab_size
@@ -724,7 +730,7 @@ class Server:
 
 def build_server(model_dir: str, adapter: str | None = None, quant: str | None = None, dtype: str | None = None,
                  device: str | None = None, name: str | None = None, max_batch_size: int = 32,
-                 batch_window_ms: float = 5.0, system: str | None = None) -> Server:
+                 batch_window_ms: float = 5.0, system: str | None = None, decode: str = "auto") -> Server:
     from bezoar.data.formats import PromptTemplate
     from bezoar.model import Tokenizer, load
 
@@ -733,7 +739,7 @@ def build_server(model_dir: str, adapter: str | None = None, quant: str | None =
     template = PromptTemplate() if system is None else PromptTemplate(system=system)
     return Server(model, tokenizer, name or Path(model_dir).resolve().name, max_batch_size=max_batch_size,
                   batch_window_s=batch_window_ms / 1000, api_key=os.environ.get(API_KEY_ENV) or None,
-                  template=template)
+                  template=template, decode=decode)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -810,13 +816,15 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--max-batch-size", type=int, default=32, help="most sequences decoded together")
     g.add_argument("--batch-window-ms", type=float, default=5.0,
                    help="how long the scheduler waits for more requests before it starts a batch")
+    g.add_argument("--decode", choices=["auto", "eager", "static", "graph"], default="auto",
+                   help="how decode steps run (default auto: CUDA graphs on a GPU, eager on the CPU)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.max_batch_size < 1:
         p.error("--max-batch-size must be at least 1")
     try:
         server = build_server(args.model, args.adapter, args.quant, args.dtype, args.device, args.name,
-                              args.max_batch_size, args.batch_window_ms, args.system)
+                              args.max_batch_size, args.batch_window_ms, args.system, args.decode)
     except (ValueError, OSError) as e:
         print(f"bezoar.serve: {e}", file=sys.stderr)
         return 2

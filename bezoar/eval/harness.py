@@ -27,7 +27,8 @@ model_args: ``pretrained`` (checkpoint folder), ``adapter`` (PEFT LoRA folder), 
 (``nf4``), ``dtype``, ``device``, ``batch_size`` (an integer, or ``auto``: rows up to
 ``max_batch_tokens`` padded tokens), ``max_length`` (default: the model's context),
 ``max_gen_toks`` (default 256), ``add_bos_token`` (default true, as Llama was trained),
-``seed`` (for sampling).
+``seed`` (for sampling), ``decode`` (``auto``, ``eager``, ``static`` or ``graph``: how decode steps
+run, see ``bezoar.model.decode``; ``auto`` replays CUDA graphs on a GPU).
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class BezoarLM(TemplateLM):
         max_gen_toks: int | str = 256,
         add_bos_token: bool | str = True,
         seed: int | str = 1234,
+        decode: str = "auto",
         model=None,
         tokenizer=None,
         **unknown: Any,
@@ -102,7 +104,7 @@ class BezoarLM(TemplateLM):
         if unknown:
             raise ValueError(f"bezoar model_args: unknown key(s) {', '.join(sorted(unknown))}; known: pretrained, "
                              "adapter, quant, dtype, device, batch_size, max_batch_tokens, max_length, "
-                             "max_gen_toks, add_bos_token, seed")
+                             "max_gen_toks, add_bos_token, seed, decode")
         from bezoar.model import Tokenizer, load
 
         # Check the cheap arguments before the model loads.
@@ -134,6 +136,10 @@ class BezoarLM(TemplateLM):
             tokenizer = Tokenizer(source)
         self.model = model.eval()
         self.tokenizer = tokenizer
+        from bezoar.model.decode import resolve_decode_mode
+
+        resolve_decode_mode(decode, self.model)  # a bad value fails here, before any request runs
+        self.decode = decode
         self.pretrained = str(pretrained or getattr(model, "source_path", "") or "")
         self._device = model.device
 
@@ -243,6 +249,9 @@ class BezoarLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         from bezoar.model import generate_ids
+        from bezoar.model.decode import Decoder
+
+        decoder = Decoder(self.model, self.decode)  # its cache and graphs serve every batch of one size
 
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
@@ -265,7 +274,7 @@ class BezoarLM(TemplateLM):
                 new_ids, _ = generate_ids(
                     self.model, ids, mask, max_new_tokens=settings.max_gen_toks,
                     temperature=settings.temperature, top_p=settings.top_p, eos_id=self.eot_token_id,
-                    generator=generator, should_stop=StopStrings(self.tokenizer, settings.stop))
+                    generator=generator, should_stop=StopStrings(self.tokenizer, settings.stop), decoder=decoder)
                 for i, new in zip(batch, new_ids):
                     text = cut_at_stop(self.tokenizer.decode(new), settings.stop)
                     out[i] = text

@@ -239,6 +239,7 @@ def generate_answers(model, tokenizer, questions: list[Question], model_id: str,
     """Answer every question not yet in ``answers_path`` (both turns) and append the answers there."""
     from bezoar.eval.chat import CHAT_STOP, chat_prompt
     from bezoar.model import generate
+    from bezoar.model.decode import Decoder
 
     _drop_torn_tail(answers_path)
     done = read_answers(answers_path)
@@ -247,6 +248,7 @@ def generate_answers(model, tokenizer, questions: list[Question], model_id: str,
         return done
     log.info("mt-bench: answering %d questions (%d already answered)", len(todo), len(done))
     model.eval()  # LoRA dropout off
+    decoder = Decoder(model)  # one KV cache and one set of CUDA graphs for every batch of one size
     context = model.config.max_position_embeddings
     # Batches of one temperature; per batch, turn 1 for all, then turn 2 for all.
     by_temperature: dict[float, list[Question]] = {}
@@ -269,7 +271,8 @@ def generate_answers(model, tokenizer, questions: list[Question], model_id: str,
                     raise MTBenchError(f"question {batch[rows[0]].question_id!r} turn {turn + 1}: the prompt fills "
                                        f"the model's context of {context} tokens")
                 outputs = generate(model, tokenizer, prompts, max_new_tokens=budget, temperature=temperature,
-                                   stop=list(CHAT_STOP), seed=None if temperature <= 0 else seed + turn + a)
+                                   stop=list(CHAT_STOP), seed=None if temperature <= 0 else seed + turn + a,
+                                   decoder=decoder)
                 for i, out in zip(rows, outputs):
                     text = out.text.strip()
                     answers[i].append(text)

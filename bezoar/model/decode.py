@@ -409,8 +409,11 @@ def generate(
     seed: int | None = None,
     add_bos: bool = True,
     max_prompt_tokens: int | None = None,
+    decode: str | None = "auto",
+    decoder: Decoder | None = None,
 ) -> list[Generation]:
-    """Complete each prompt; text is cut before the first stop string (which is not returned)."""
+    """Complete each prompt; text is cut before the first stop string (which is not returned).
+    ``decode`` / ``decoder`` as for ``generate_ids``."""
     if isinstance(prompts, str):
         prompts = [prompts]
     stop = [s for s in (stop or []) if s]
@@ -432,7 +435,8 @@ def generate(
         return any(s in text for s in stop)
 
     out_ids, reasons = generate_ids(model, ids, mask, max_new_tokens, temperature, top_p,
-                                    eos_id=tokenizer.eos_id, generator=generator, should_stop=should_stop)
+                                    eos_id=tokenizer.eos_id, generator=generator, should_stop=should_stop,
+                                    decode=decode, decoder=decoder)
     results = []
     for row, new in enumerate(out_ids):
         text = tokenizer.decode(new)

@@ -21,7 +21,9 @@ def test_bench_generate_smoke(tmp_path):
                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "| bezoar/b1 | 1 |" in out.stdout and "| bezoar/b2 | 2 |" in out.stdout
+    assert "| bezoar-eager/b1 | 1 |" in out.stdout
     if "peer skipped" not in out.stdout:
+        assert "eager loop against its default decode over all 4 tokens: 1.00" in out.stdout
         assert "| transformers-bnb/b1 | 1 |" in out.stdout
         assert "greedy agreement with the peer over the first 8 tokens: 1.00" in out.stdout
     assert not list(tmp_path.glob("*.json")), "smoke mode must not write results"

@@ -143,6 +143,10 @@ def test_model_args_errors(tiny_dir):
         harness.BezoarLM.create_from_arg_string(f"pretrained={tiny_dir},max_length=4096")
     with pytest.raises(ValueError, match="add_bos_token='maybe'"):
         harness.BezoarLM.create_from_arg_string(f"pretrained={tiny_dir},add_bos_token=maybe")
+    with pytest.raises(ValueError, match="decode='fast'"):
+        harness.BezoarLM.create_from_arg_string(f"pretrained={tiny_dir},decode=fast")
+    with pytest.raises(ValueError, match="decode=graph needs a model on a CUDA device"):
+        harness.BezoarLM.create_from_arg_string(f"pretrained={tiny_dir},decode=graph,device=cpu")
     lm = harness.BezoarLM.create_from_arg_string(f"pretrained={tiny_dir},batch_size=3,max_length=128",
                                                  {"batch_size": None, "device": "cpu"})
     assert (lm.batch_size, lm.max_length, lm.add_bos_token) == (3, 128, True)

@@ -208,6 +208,21 @@ def test_api_key_is_checked_when_set(tiny_model, tiny_tokenizer):
             openai.OpenAI(base_url=bg.url + "/v1", api_key="wrong", max_retries=0).models.list()
 
 
+def test_static_decode_serves_the_eager_tokens(tiny_model, tiny_tokenizer):
+    """The server's Decoder (kept between batches) gives the tokens of the eager loop."""
+    from bezoar.serve import BackgroundServer, Server
+
+    texts = {}
+    for decode in ("eager", "static"):
+        with BackgroundServer(Server(tiny_model, tiny_tokenizer, "tiny", decode=decode)) as bg:
+            client = openai.OpenAI(base_url=bg.url + "/v1", api_key="x", max_retries=0)
+            texts[decode] = [client.completions.create(model="tiny", prompt=p, max_tokens=9, temperature=0).choices[0].text
+                             for p in ("The small cat", "Q: what is 2+2?", "The small cat")]
+    assert texts["static"] == texts["eager"] and texts["eager"][0] == texts["eager"][2]
+    with pytest.raises(ValueError, match="decode='fast'"):
+        Server(tiny_model, tiny_tokenizer, "tiny", decode="fast")
+
+
 def test_command_line_help_and_bad_folder(capsys):
     from bezoar.serve import main
 
