@@ -13,14 +13,15 @@ the environment variable ``BEZOAR_DECODE``):
   time an eager decode step takes on a 3B model.
 * ``auto`` (the default): ``graph`` on a CUDA model in eval mode, else ``eager``.
 
-In ``static`` and ``graph`` the host reads each step's tokens one step late (through a pinned
-buffer and an event), so the GPU already runs the next step while the host checks stop strings.
-A ``Decoder`` keeps the cache and the graphs between calls; ``generate_ids`` without one builds
-a fresh one per call.
+In ``static`` and ``graph`` greedy decoding reads each step's tokens one step late (through a
+pinned buffer and an event), so the GPU already runs the next step while the host checks stop
+strings. A ``Decoder`` keeps the cache and the graphs between calls; ``generate_ids`` without one
+builds a fresh one per call (and under ``auto`` captures only for 32 new tokens or more).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -208,22 +209,54 @@ class _DecodeState:
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.inv_freq = rope_inv_freq(model.config.head_dim, model.config.rope_theta, device)
+        self.dtype, self.device = model.dtype, device
         self.graphs: dict[tuple[int, bool], tuple] = {}  # (num_keys, greedy) -> (CUDAGraph, logits)
         self.pool = None
+        self.side_stream = None  # where warm-up steps run before a capture (one per state)
+        self.scratch: list[torch.Tensor] = []  # kernel buffers the graphs write into
         self.fingerprint = None
 
 
+_MODULE_SETTINGS = ("training", "enabled", "scaling", "dropout_p", "compute_dtype", "offset", "blocksize", "r")
+
+
 def _fingerprint(model) -> tuple:
-    """What a captured step depends on besides tensor contents: the module tree, the tensors' storage,
-    LoRA switches and scalings, train/eval and autocast, and the kernels' BEZOAR_* path settings. A
-    change drops the graphs, so an adapter switched off, a new adapter or reloaded weights are used."""
-    modules = tuple((name, id(m), m.training, getattr(m, "enabled", None), getattr(m, "scaling", None),
-                     getattr(m, "compute_dtype", None)) for name, m in model.named_modules())
-    tensors = tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in model.parameters())
-    buffers = tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in model.buffers())
-    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("BEZOAR_")))
-    autocast = torch.is_autocast_enabled("cuda") if torch.cuda.is_available() else False
-    return modules, tensors, buffers, env, autocast
+    """What a captured step depends on besides tensor contents. A change drops the graphs, so an adapter
+    switched off, a new adapter, reloaded weights or another kernel setting is used, not replayed stale:
+
+    * the module tree, and per module its Python-side settings (train/eval, LoRA switch, scaling,
+      dropout, NF4 compute dtype, offset and blocksize) and the storage of its parameters and buffers;
+    * the kernel backend (``bezoar_kernels.dispatch``), the NF4 / LoRA path constants and every
+      ``BEZOAR_*`` environment variable, and SDPA's enabled backends.
+
+    Read from each module's ``__dict__`` (``getattr`` on an ``nn.Module`` is slow for missing names).
+    """
+    from bezoar_kernels import dispatch
+    from bezoar_kernels import lora as lora_kernels
+    from bezoar_kernels import nf4_matmul
+
+    parts = []
+    for name, m in model.named_modules():
+        d = m.__dict__
+        parts.append((name, id(m), tuple(d.get(k) for k in _MODULE_SETTINGS)))
+        for group in (d["_parameters"], d["_buffers"]):
+            for key, t in group.items():
+                parts.append((key, None) if t is None else (key, t.data_ptr(), t.shape, t.dtype))
+    settings = (dispatch.current_backend(), nf4_matmul.FUSED_MAX_M, nf4_matmul.GEMV_MAX_M,
+                lora_kernels.LARGE_M_PATH, lora_kernels.MAX_KERNEL_RANK,
+                tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("BEZOAR_"))))
+    sdpa = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+            torch.backends.cuda.math_sdp_enabled())
+    return tuple(parts), settings, sdpa
+
+
+def _kernel_scratch() -> list[torch.Tensor]:
+    """The kernels' shared scratch buffers (NF4 and LoRA dequantization). A captured graph writes into
+    the ones that existed at capture, so its state keeps them alive even if the kernels replace them."""
+    from bezoar_kernels import lora as lora_kernels
+    from bezoar_kernels import nf4_matmul
+
+    return [*nf4_matmul._dequant_buffers.values(), *lora_kernels._dequant_buffers.values()]
 
 
 class Decoder:
@@ -233,21 +266,43 @@ class Decoder:
     the first call at a batch size captures a graph per step shape, later calls replay them. The
     cache is kept for the last batch size used, rounded up to ``KEY_BUCKET`` slots, until
     ``release()``. Graphs are captured again whenever the model's modules, weights, adapter
-    switches or ``BEZOAR_*`` settings change between calls.
+    switches or kernel settings change between calls (``_fingerprint``).
+
+    ``pad_batch``: decode a batch of B rows as the next power of two (the extra rows repeat the last
+    prompt and are dropped), so a server whose batches vary in size reuses a few caches' graphs
+    instead of capturing for every size. ``graph_min_tokens``: under ``auto``, calls asking for fewer
+    new tokens run static steps without capturing (a capture costs about one step plus a device
+    synchronisation, worth it only when it is replayed enough).
     """
 
-    def __init__(self, model, decode: str | None = "auto", bucket: int = KEY_BUCKET):
+    def __init__(self, model, decode: str | None = "auto", bucket: int = KEY_BUCKET, pad_batch: bool = False,
+                 graph_min_tokens: int = 0):
         if bucket <= 0:
             raise ValueError(f"bucket must be positive, got {bucket}")
         self.model = model
         self.decode = decode
         self.bucket = bucket
+        self.pad_batch = pad_batch
+        self.graph_min_tokens = graph_min_tokens
         self._state: _DecodeState | None = None
-        self._graphs_failed = False
+        self._graphs_failed = False  # a capture raised once: this decoder runs static steps from then on
 
     def release(self) -> None:
         """Free the cache and the graphs (the next call builds them again)."""
         self._state = None
+
+    def resolve(self, max_new_tokens: int) -> str:
+        """The mode a call for ``max_new_tokens`` runs in: ``eager``, ``static`` or ``graph``."""
+        model = self.model
+        mode = resolve_decode_mode(self.decode, model)
+        if mode == "graph":
+            explicit = self.decode == "graph" or os.environ.get("BEZOAR_DECODE", "").strip().lower() == "graph"
+            if self._graphs_failed or (not explicit and max_new_tokens < self.graph_min_tokens):
+                mode = "static"
+            elif torch.is_autocast_enabled("cuda"):
+                # autocast's weight-cast cache is freed when its context ends: a graph would read freed memory
+                mode = "static"
+        return mode
 
     @torch.no_grad()
     def generate_ids(self, input_ids, attention_mask=None, max_new_tokens: int = 128, temperature: float = 0.0,
@@ -255,32 +310,38 @@ class Decoder:
                      should_stop=None) -> tuple[list[list[int]], list[str]]:
         """As ``bezoar.model.generate_ids``."""
         model = self.model
-        mode = resolve_decode_mode(self.decode, model)
-        if mode == "graph" and self._graphs_failed:
-            mode = "static"
+        mode = self.resolve(max_new_tokens)
         input_ids = input_ids.to(model.device)
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(model.device).long()
         rows = _Rows(B, max_new_tokens, eos_id, should_stop)
-        if max_new_tokens <= 0:
+        if max_new_tokens <= 0 or B == 0:
             return rows.new_ids, rows.reasons
         if mode == "eager":
             return _generate_eager(model, input_ids, attention_mask, rows, temperature, top_p, generator)
-        return self._generate_static(input_ids, attention_mask, rows, temperature, top_p, generator,
-                                     graphs=mode == "graph")
+        if self.pad_batch and B & (B - 1):
+            extra = (1 << B.bit_length()) - B
+            input_ids = torch.cat([input_ids, input_ids[-1:].expand(extra, T)])
+            attention_mask = torch.cat([attention_mask, attention_mask[-1:].expand(extra, T)])
+        device = torch.cuda.device(model.device) if model.device.type == "cuda" else contextlib.nullcontext()
+        with device:  # events, streams and the pinned copies on the model's device
+            return self._generate_static(input_ids, attention_mask, rows, temperature, top_p, generator,
+                                         graphs=mode == "graph")
 
     def _state_for(self, batch: int, needed: int) -> _DecodeState:
-        st = self._state
-        if st is None or st.batch != batch or st.capacity < needed:
-            self._state = None  # free the old cache before allocating the new one
-            st = self._state = _DecodeState(self.model, batch, _round_up(needed, self.bucket))
+        st, model = self._state, self.model
+        if (st is None or st.batch != batch or st.capacity < needed or st.dtype != model.dtype
+                or st.device != model.device):
+            st = self._state = None  # the old cache and graphs go before the new cache is allocated
+            st = self._state = _DecodeState(model, batch, _round_up(needed, self.bucket))
         return st
 
     def _generate_static(self, input_ids, attention_mask, rows: _Rows, temperature, top_p, generator, graphs):
         model = self.model
-        B, T = input_ids.shape
+        B, T = input_ids.shape  # B may exceed len(rows.new_ids): padded rows are decoded and dropped
+        real = len(rows.new_ids)
         max_new = rows.max_new_tokens
         st = self._state_for(B, T + max_new)
         if graphs:
@@ -296,12 +357,17 @@ class Decoder:
         st.positions.copy_(attention_mask.sum(1, keepdim=True))  # the next token's rotary position
         cache.stepping = True
         greedy = temperature <= 0
+        # Greedy steps run one ahead of the host. Sampled ones do not: a step the host did not need would
+        # draw from the caller's generator, and its later draws would differ from the eager loop's.
+        ahead = greedy
         queue = _TokenQueue(B, model.device)
         st.tokens.copy_(sample_next(logits, temperature, top_p, generator)[:, None])
         queue.push(st.tokens)
         produced = 1
         try:
             while True:
+                if not ahead and not rows.take(queue.pop()[:real]):
+                    break
                 if produced < max_new:  # the step that feeds token `produced` and yields the next one
                     cache.num_keys = min(st.capacity, _round_up(T + produced, self.bucket))
                     logits = self._step(st, greedy, graphs)
@@ -309,7 +375,7 @@ class Decoder:
                         st.tokens.copy_(sample_next(logits, temperature, top_p, generator)[:, None])
                     queue.push(st.tokens)
                     produced += 1
-                if not rows.take(queue.pop()):
+                if ahead and not rows.take(queue.pop()[:real]):
                     break
         finally:
             cache.stepping = False
@@ -327,19 +393,21 @@ class Decoder:
         """Run one decode step: a graph replay when one is captured for this shape, else eagerly (and
         then, in graph mode, capture one: the eager run has compiled and tuned every kernel)."""
         key = (st.cache.num_keys, greedy)
-        if graphs and not self._graphs_failed and key in st.graphs:
+        graphs = graphs and not self._graphs_failed
+        if graphs and key in st.graphs:
             graph, logits = st.graphs[key]
             graph.replay()
             return logits
-        if not graphs or self._graphs_failed:
+        if not graphs:
             return self._body(st, greedy)
         # Warm up on a side stream (lazy initialisations must not land in the capture), as a real step.
         current = torch.cuda.current_stream()
-        side = torch.cuda.Stream()
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
+        if st.side_stream is None:
+            st.side_stream = torch.cuda.Stream()
+        st.side_stream.wait_stream(current)
+        with torch.cuda.stream(st.side_stream):
             logits = self._body(st, greedy)
-        current.wait_stream(side)
+        current.wait_stream(st.side_stream)
         try:
             if st.pool is None:
                 st.pool = torch.cuda.graph_pool_handle()
@@ -347,11 +415,12 @@ class Decoder:
             with torch.cuda.graph(graph, pool=st.pool, capture_error_mode="thread_local"):
                 captured = self._body(st, greedy)
             st.graphs[key] = (graph, captured)
+            st.scratch = _kernel_scratch()
         except Exception as exc:  # decoding goes on without graphs; the tokens are the same
             self._graphs_failed = True
             st.graphs.clear()
             warnings.warn(f"CUDA graph capture of the decode step failed ({type(exc).__name__}: {exc}); "
-                          "decoding without graphs from here on", RuntimeWarning, stacklevel=3)
+                          "this decoder runs without graphs from here on", RuntimeWarning, stacklevel=3)
         return logits
 
 
@@ -390,8 +459,8 @@ def generate_ids(
     ``decode`` picks how the steps run (module docstring); ``decoder`` reuses a ``Decoder``'s cache
     and graphs (its own ``decode`` setting then applies).
     """
-    if decoder is None:
-        decoder = Decoder(model, decode)
+    if decoder is None:  # one call: capture only when enough steps replay the graphs
+        decoder = Decoder(model, decode, graph_min_tokens=32)
     elif decoder.model is not model:
         raise ValueError("generate_ids: the decoder belongs to another model")
     return decoder.generate_ids(input_ids, attention_mask, max_new_tokens, temperature, top_p, eos_id, generator,

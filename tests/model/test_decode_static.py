@@ -104,6 +104,8 @@ def test_decode_step_logits_equal_the_forward(tiny_odd_dir):
 def test_qlora_static_equals_eager():
     """NF4 layers with LoRA adapters through the Triton kernels (interpreter on CPU), adapters on and off."""
     from bezoar.model.config import LlamaConfig
+    from bezoar_kernels import lora as lora_kernels
+    from bezoar_kernels.dispatch import backend
 
     from .qlora_helpers import qlora_model
 
@@ -113,12 +115,33 @@ def test_qlora_static_equals_eager():
     ids = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(1))
     mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
     dec = Decoder(model, "static", bucket=4)
-    on = dec.generate_ids(ids, mask, max_new_tokens=6)
-    assert on == _eager(model, ids, mask, max_new_tokens=6)
-    with adapters_disabled(model):
-        off = dec.generate_ids(ids, mask, max_new_tokens=6)
-        assert off == _eager(model, ids, mask, max_new_tokens=6)
+    calls = []
+    real = lora_kernels.lora_qkv_triton
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    with backend("triton"), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lora_kernels, "lora_qkv_triton", counting)
+        on = dec.generate_ids(ids, mask, max_new_tokens=6)
+        assert calls, "the fused q/k/v kernel must have run"
+        assert on == _eager(model, ids, mask, max_new_tokens=6)
+        with adapters_disabled(model):
+            off = dec.generate_ids(ids, mask, max_new_tokens=6)
+            assert off == _eager(model, ids, mask, max_new_tokens=6)
     assert off != on, "the adapters must change the tokens for this check to mean anything"
+
+
+def test_padded_batch_gives_each_row_its_own_tokens(tiny_odd_dir):
+    model = load(tiny_odd_dir).eval()
+    ids, mask = _batch(tiny_odd_dir)  # 3 rows, decoded as 4
+    dec = Decoder(model, "static", bucket=8, pad_batch=True)
+    got = dec.generate_ids(ids, mask, max_new_tokens=9, eos_id=None)
+    assert dec._state.batch == 4 and len(got[0]) == 3
+    assert got == _eager(model, ids, mask, max_new_tokens=9)
+    assert dec.generate_ids(ids[:2], mask[:2], max_new_tokens=9)[0] == got[0][:2]
+    assert dec._state.batch == 2
 
 
 def test_decoder_keeps_its_cache_for_a_batch_size(tiny_dir):
@@ -201,6 +224,11 @@ def _cuda_model(folder, dtype):
     return load(folder, device="cuda", dtype=dtype).eval()
 
 
+def _no_capture_failure(record):
+    failed = [str(w.message) for w in record if "CUDA graph capture" in str(w.message)]
+    assert not failed, failed
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("which", ["tiny", "tiny-odd"])
 def test_graph_equals_eager_on_gpu(which, tiny_dir, tiny_odd_dir):
@@ -209,17 +237,35 @@ def test_graph_equals_eager_on_gpu(which, tiny_dir, tiny_odd_dir):
     ids, mask = _batch(folder)
     assert resolve_decode_mode("auto", model) == "graph"
     dec = Decoder(model, "graph", bucket=8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a failed capture warns and falls back: that must not happen here
-        for _ in range(2):  # the second call replays the graphs the first captured
-            got = dec.generate_ids(ids, mask, max_new_tokens=20)
-            assert got == _eager(model, ids, mask, max_new_tokens=20)
-        assert len(dec._state.graphs) >= 2, "20 steps over buckets of 8 keys take several graphs"
-        g = dec.generate_ids(ids, mask, max_new_tokens=20, temperature=1.0, top_p=0.9,
-                             generator=torch.Generator("cuda").manual_seed(2))
-        want = _eager(model, ids, mask, max_new_tokens=20, temperature=1.0, top_p=0.9,
-                      generator=torch.Generator("cuda").manual_seed(2))
-    assert g == want
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        want = _eager(model, ids, mask, max_new_tokens=20)
+        assert dec.generate_ids(ids, mask, max_new_tokens=20) == want
+        graphs = {k: g for k, (g, _) in dec._state.graphs.items()}
+        assert len(graphs) >= 2, "20 steps over buckets of 8 keys take several graphs"
+        assert dec.generate_ids(ids, mask, max_new_tokens=20) == want
+        assert {k: g for k, (g, _) in dec._state.graphs.items()} == graphs, "the second call must replay"
+        # sampling and greedy interleaved, twice: each replays its own graphs
+        for _ in range(2):
+            got = dec.generate_ids(ids, mask, max_new_tokens=20, temperature=1.0, top_p=0.9,
+                                   generator=torch.Generator("cuda").manual_seed(2))
+            assert got == _eager(model, ids, mask, max_new_tokens=20, temperature=1.0, top_p=0.9,
+                                 generator=torch.Generator("cuda").manual_seed(2))
+            assert dec.generate_ids(ids, mask, max_new_tokens=20) == want
+        # a shorter prompt starts in another bucket; another batch size takes a new cache
+        short, short_mask = ids[:, -3:], mask[:, -3:]
+        assert dec.generate_ids(short, short_mask, max_new_tokens=12) == _eager(model, short, short_mask,
+                                                                               max_new_tokens=12)
+        assert dec.generate_ids(ids[1:], mask[1:], max_new_tokens=12) == _eager(model, ids[1:], mask[1:],
+                                                                               max_new_tokens=12)
+        assert dec._state.batch == 2
+    _no_capture_failure(record)
+    # one-off calls capture only when enough steps replay; autocast never captures
+    assert Decoder(model, "auto", graph_min_tokens=32).resolve(8) == "static"
+    assert Decoder(model, "auto", graph_min_tokens=32).resolve(32) == "graph"
+    assert Decoder(model, "graph", graph_min_tokens=32).resolve(8) == "graph"
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert Decoder(model).resolve(64) == "static"
 
 
 @pytest.mark.gpu
@@ -237,11 +283,14 @@ def test_graph_equals_static_bitwise_in_bf16_with_nf4_and_lora():
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     graph, static = Decoder(model, "graph", bucket=16), Decoder(model, "static", bucket=16)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         on = graph.generate_ids(ids, mask, max_new_tokens=24)
         assert on == static.generate_ids(ids, mask, max_new_tokens=24)
         with adapters_disabled(model):
             off = graph.generate_ids(ids, mask, max_new_tokens=24)
             assert off == static.generate_ids(ids, mask, max_new_tokens=24)
+        assert graph.generate_ids(ids, mask, max_new_tokens=24) == on
+    _no_capture_failure(record)
+    assert graph._state.graphs, "graphs were captured"
     assert off != on
