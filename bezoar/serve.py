@@ -186,9 +186,9 @@ class Engine:
 
         self.model = model.eval()  # LoRA dropout off, whatever mode the model came in
         resolve_decode_mode(decode, self.model)  # a bad setting fails at start-up
-        # cache and CUDA graphs kept between batches; batch sizes rounded up to powers of two so a few
-        # sizes' graphs serve every batch
-        self.decoder = Decoder(self.model, decode, pad_batch=True)
+        # cache and CUDA graphs kept between batches; batch sizes rounded up to powers of two (at most
+        # max_batch_size rows) so a few sizes' graphs serve every batch
+        self.decoder = Decoder(self.model, decode, pad_batch=max_batch_size)
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_s

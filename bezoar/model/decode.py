@@ -37,10 +37,15 @@ KEY_BUCKET = 256  # static steps attend over the cache's first multiple of this 
 class KVCache:
     """Preallocated keys and values for every layer, (L, B, max_len, Hk, D), filled left to right."""
 
-    def __init__(self, config: LlamaConfig, batch: int, max_len: int, dtype: torch.dtype, device):
+    def __init__(self, config: LlamaConfig, batch: int, max_len: int, dtype: torch.dtype, device, storage=None):
         shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        if storage is not None:  # (k, v) views of that shape, each layer's block contiguous
+            self.k, self.v = storage
+            if tuple(self.k.shape) != shape or tuple(self.v.shape) != shape:
+                raise ValueError(f"KVCache storage has shape {tuple(self.k.shape)}, expected {shape}")
+        else:
+            self.k = torch.empty(shape, dtype=dtype, device=device)
+            self.v = torch.empty(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.length = 0
 
@@ -65,12 +70,14 @@ class StaticKVCache(KVCache):
     slots. ``key_valid`` (B, max_len) marks the real tokens, and ``decode_step`` builds the mask from it.
     """
 
-    def __init__(self, config: LlamaConfig, batch: int, max_len: int, dtype: torch.dtype, device):
-        super().__init__(config, batch, max_len, dtype, device)
+    def __init__(self, config: LlamaConfig, batch: int, max_len: int, dtype: torch.dtype, device, storage=None):
+        super().__init__(config, batch, max_len, dtype, device, storage)
         # Steps attend over slots not written yet (masked): they must hold finite numbers, since a masked
-        # key still enters the softmax-times-values product with weight 0, and 0 * NaN is NaN.
-        self.k.zero_()
-        self.v.zero_()
+        # key still enters the softmax-times-values product with weight 0, and 0 * NaN is NaN. (Given
+        # storage is the owner's to clear.)
+        if storage is None:
+            self.k.zero_()
+            self.v.zero_()
         self.batch = batch
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
@@ -198,14 +205,17 @@ class _TokenQueue:
 
 
 class _DecodeState:
-    """What static decode steps of one batch size share: the cache, the step's inputs, the graphs."""
+    """What static decode steps of one batch size share: the cache (a view of the decoder's storage),
+    the step's inputs, the graphs."""
 
-    def __init__(self, model, batch: int, capacity: int):
+    def __init__(self, model, batch: int, storage: tuple[torch.Tensor, torch.Tensor]):
         from bezoar_kernels.rope import rope_inv_freq
 
         device = model.device
+        capacity = storage[0].shape[2]
         self.batch, self.capacity = batch, capacity
-        self.cache = StaticKVCache(model.config, batch, capacity, model.dtype, device)
+        view = (storage[0][:, :batch], storage[1][:, :batch])
+        self.cache = StaticKVCache(model.config, batch, capacity, model.dtype, device, storage=view)
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.inv_freq = rope_inv_freq(model.config.head_dim, model.config.rope_theta, device)
@@ -263,19 +273,22 @@ class Decoder:
     """Generation for one model that keeps its static KV cache and CUDA graphs between calls.
 
     Hold one where the same model generates again and again (the server, the harness, a bench):
-    the first call at a batch size captures a graph per step shape, later calls replay them. The
-    cache is kept for the last batch size used, rounded up to ``KEY_BUCKET`` slots, until
-    ``release()``. Graphs are captured again whenever the model's modules, weights, adapter
-    switches or kernel settings change between calls (``_fingerprint``).
+    the first call at a batch size captures a graph per step shape, later calls replay them. One
+    key/value storage, sized for the call that needed it (rows x slots, the slots rounded up to
+    ``KEY_BUCKET``), serves every batch size that fits in it: each size's cache is a view of its
+    first rows, with its own graphs. A call that does not fit replaces the storage (and drops every
+    size's graphs), so the memory held is at most what one call needed, until ``release()``. Graphs
+    are captured again whenever the model's modules, weights, adapter switches or kernel settings
+    change between calls (``_fingerprint``).
 
-    ``pad_batch``: decode a batch of B rows as the next power of two (the extra rows repeat the last
-    prompt and are dropped), so a server whose batches vary in size reuses a few caches' graphs
-    instead of capturing for every size. ``graph_min_tokens``: under ``auto``, calls asking for fewer
-    new tokens run static steps without capturing (a capture costs about one step plus a device
-    synchronisation, worth it only when it is replayed enough).
+    ``pad_batch`` (0: off): decode a batch of B rows as the next power of two, at most ``pad_batch``
+    rows (the extra rows repeat the last prompt and its tokens, and are dropped), so a server whose
+    batches vary in size keeps graphs for a few sizes instead of one per size. ``graph_min_tokens``:
+    under ``auto``, calls asking for fewer new tokens run static steps without capturing (a capture
+    costs about one step plus a device synchronisation, worth it only when it is replayed enough).
     """
 
-    def __init__(self, model, decode: str | None = "auto", bucket: int = KEY_BUCKET, pad_batch: bool = False,
+    def __init__(self, model, decode: str | None = "auto", bucket: int = KEY_BUCKET, pad_batch: int = 0,
                  graph_min_tokens: int = 0):
         if bucket <= 0:
             raise ValueError(f"bucket must be positive, got {bucket}")
@@ -284,12 +297,14 @@ class Decoder:
         self.bucket = bucket
         self.pad_batch = pad_batch
         self.graph_min_tokens = graph_min_tokens
-        self._state: _DecodeState | None = None
+        self._storage: tuple[torch.Tensor, torch.Tensor] | None = None  # (k, v): (L, rows, slots, Hk, D)
+        self._states: dict[int, _DecodeState] = {}  # batch size -> its view of the storage and its graphs
         self._graphs_failed = False  # a capture raised once: this decoder runs static steps from then on
 
     def release(self) -> None:
         """Free the cache and the graphs (the next call builds them again)."""
-        self._state = None
+        self._states.clear()
+        self._storage = None
 
     def resolve(self, max_new_tokens: int) -> str:
         """The mode a call for ``max_new_tokens`` runs in: ``eager``, ``static`` or ``graph``."""
@@ -321,21 +336,28 @@ class Decoder:
             return rows.new_ids, rows.reasons
         if mode == "eager":
             return _generate_eager(model, input_ids, attention_mask, rows, temperature, top_p, generator)
-        if self.pad_batch and B & (B - 1):
-            extra = (1 << B.bit_length()) - B
-            input_ids = torch.cat([input_ids, input_ids[-1:].expand(extra, T)])
-            attention_mask = torch.cat([attention_mask, attention_mask[-1:].expand(extra, T)])
+        padded = min(1 << (B - 1).bit_length(), max(B, self.pad_batch)) if self.pad_batch else B
+        if padded > B:
+            input_ids = torch.cat([input_ids, input_ids[-1:].expand(padded - B, T)])
+            attention_mask = torch.cat([attention_mask, attention_mask[-1:].expand(padded - B, T)])
         device = torch.cuda.device(model.device) if model.device.type == "cuda" else contextlib.nullcontext()
         with device:  # events, streams and the pinned copies on the model's device
             return self._generate_static(input_ids, attention_mask, rows, temperature, top_p, generator,
                                          graphs=mode == "graph")
 
     def _state_for(self, batch: int, needed: int) -> _DecodeState:
-        st, model = self._state, self.model
-        if (st is None or st.batch != batch or st.capacity < needed or st.dtype != model.dtype
-                or st.device != model.device):
-            st = self._state = None  # the old cache and graphs go before the new cache is allocated
-            st = self._state = _DecodeState(model, batch, _round_up(needed, self.bucket))
+        model, storage = self.model, self._storage
+        if (storage is None or storage[0].shape[1] < batch or storage[0].shape[2] < needed
+                or storage[0].dtype != model.dtype or storage[0].device != model.device):
+            self.release()  # the old storage and graphs go before the new storage is allocated
+            c = model.config
+            shape = (c.num_hidden_layers, batch, _round_up(needed, self.bucket), c.num_key_value_heads, c.head_dim)
+            # zeros: steps attend over masked slots not written yet, which must hold finite numbers
+            self._storage = (torch.zeros(shape, dtype=model.dtype, device=model.device),
+                             torch.zeros(shape, dtype=model.dtype, device=model.device))
+        st = self._states.get(batch)
+        if st is None:
+            st = self._states[batch] = _DecodeState(model, batch, self._storage)
         return st
 
     def _generate_static(self, input_ids, attention_mask, rows: _Rows, temperature, top_p, generator, graphs):
@@ -361,7 +383,14 @@ class Decoder:
         # draw from the caller's generator, and its later draws would differ from the eager loop's.
         ahead = greedy
         queue = _TokenQueue(B, model.device)
-        st.tokens.copy_(sample_next(logits, temperature, top_p, generator)[:, None])
+
+        def draw(logits):  # only the real rows draw from the generator; padded rows copy the last one
+            nxt = sample_next(logits[:real], temperature, top_p, generator)
+            if B > real:
+                nxt = torch.cat([nxt, nxt[-1:].expand(B - real)])
+            st.tokens.copy_(nxt[:, None])
+
+        draw(logits)
         queue.push(st.tokens)
         produced = 1
         try:
@@ -372,7 +401,7 @@ class Decoder:
                     cache.num_keys = min(st.capacity, _round_up(T + produced, self.bucket))
                     logits = self._step(st, greedy, graphs)
                     if not greedy:
-                        st.tokens.copy_(sample_next(logits, temperature, top_p, generator)[:, None])
+                        draw(logits)
                     queue.push(st.tokens)
                     produced += 1
                 if ahead and not rows.take(queue.pop()[:real]):

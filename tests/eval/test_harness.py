@@ -134,6 +134,18 @@ def test_generate_until_sampling_is_seeded(tiny_model, tiny_tokenizer):
     assert a != greedy
 
 
+def test_generate_until_static_decode_equals_eager(tiny_model, tiny_tokenizer):
+    """decode=static shares every line with the GPU's graphs but capture: same texts as the eager loop,
+    greedy and sampled, over batches of mixed lengths."""
+    requests = [(p, {"until": ["\n\n"], "max_gen_toks": 9}) for p in GEN_PROMPTS]
+    requests += [(p, {"until": ["\n"], "max_gen_toks": 7, "do_sample": True, "temperature": 1.0})
+                 for p in GEN_PROMPTS[::-1]]
+    texts = {decode: make_lm(tiny_model, tiny_tokenizer, batch_size=2, seed=5, decode=decode).generate_until(
+        instances("generate_until", requests)) for decode in ("eager", "static")}
+    assert texts["static"] == texts["eager"]
+    assert any(texts["eager"])
+
+
 def test_model_args_errors(tiny_dir):
     with pytest.raises(ValueError, match="unknown key.*bogus"):
         harness.BezoarLM.create_from_arg_string(f"pretrained={tiny_dir},bogus=1")

@@ -209,16 +209,24 @@ def test_api_key_is_checked_when_set(tiny_model, tiny_tokenizer):
 
 
 def test_static_decode_serves_the_eager_tokens(tiny_model, tiny_tokenizer):
-    """The server's Decoder (kept between batches) gives the tokens of the eager loop."""
+    """The server's Decoder (kept between batches, 3 prompts padded to 4 rows) gives the eager loop's
+    completions, greedy and seeded sampling alike."""
     from bezoar.serve import BackgroundServer, Server
 
+    prompts = ["The small cat", "Q: what is 2+2?", "Once upon a"]
     texts = {}
     for decode in ("eager", "static"):
         with BackgroundServer(Server(tiny_model, tiny_tokenizer, "tiny", decode=decode)) as bg:
             client = openai.OpenAI(base_url=bg.url + "/v1", api_key="x", max_retries=0)
-            texts[decode] = [client.completions.create(model="tiny", prompt=p, max_tokens=9, temperature=0).choices[0].text
-                             for p in ("The small cat", "Q: what is 2+2?", "The small cat")]
-    assert texts["static"] == texts["eager"] and texts["eager"][0] == texts["eager"][2]
+            greedy = client.completions.create(model="tiny", prompt=prompts, max_tokens=9, temperature=0)
+            sampled = client.completions.create(model="tiny", prompt=prompts[0], max_tokens=9, temperature=1.0,
+                                                n=3, seed=11)
+            single = client.completions.create(model="tiny", prompt=prompts[1], max_tokens=9, temperature=0)
+            texts[decode] = ([c.text for c in greedy.choices], [c.text for c in sampled.choices],
+                             single.choices[0].text)
+    assert texts["static"] == texts["eager"]
+    assert texts["eager"][2] == texts["eager"][0][1], "alone or in a batch, a prompt gets the same greedy text"
+    assert len(set(texts["eager"][1])) > 1, "three samples should not all agree"
     with pytest.raises(ValueError, match="decode='fast'"):
         Server(tiny_model, tiny_tokenizer, "tiny", decode="fast")
 

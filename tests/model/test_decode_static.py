@@ -133,37 +133,70 @@ def test_qlora_static_equals_eager():
     assert off != on, "the adapters must change the tokens for this check to mean anything"
 
 
-def test_padded_batch_gives_each_row_its_own_tokens(tiny_odd_dir):
+@pytest.mark.parametrize("sampling", [False, True])
+def test_padded_batch_gives_each_row_its_own_tokens(sampling, tiny_odd_dir):
+    """3 rows decoded as 4: the real rows' tokens, and (sampling) the generator's draws, equal eager's."""
     model = load(tiny_odd_dir).eval()
-    ids, mask = _batch(tiny_odd_dir)  # 3 rows, decoded as 4
-    dec = Decoder(model, "static", bucket=8, pad_batch=True)
-    got = dec.generate_ids(ids, mask, max_new_tokens=9, eos_id=None)
-    assert dec._state.batch == 4 and len(got[0]) == 3
-    assert got == _eager(model, ids, mask, max_new_tokens=9)
-    assert dec.generate_ids(ids[:2], mask[:2], max_new_tokens=9)[0] == got[0][:2]
-    assert dec._state.batch == 2
+    ids, mask = _batch(tiny_odd_dir)
+    kw = dict(max_new_tokens=9, temperature=1.0, top_p=0.9) if sampling else dict(max_new_tokens=9)
+
+    def gen(seed=3):
+        return torch.Generator().manual_seed(seed)
+
+    dec = Decoder(model, "static", bucket=8, pad_batch=32)
+    g_static, g_eager = gen(), gen()
+    got = dec.generate_ids(ids, mask, generator=g_static, **kw)
+    assert set(dec._states) == {4} and len(got[0]) == 3
+    assert got == _eager(model, ids, mask, generator=g_eager, **kw)
+    assert torch.equal(g_static.get_state(), g_eager.get_state()), "the same draws, no more"
+    two = dec.generate_ids(ids[:2], mask[:2], generator=gen(), **kw)
+    assert two == _eager(model, ids[:2], mask[:2], generator=gen(), **kw)
+    assert set(dec._states) == {2, 4}, "sizes that fit the storage keep their own state"
+    capped = Decoder(model, "static", pad_batch=3)  # 3 rows stay 3: the padding never passes pad_batch
+    capped.generate_ids(ids, mask, max_new_tokens=2)
+    assert set(capped._states) == {3}
 
 
-def test_decoder_keeps_its_cache_for_a_batch_size(tiny_dir):
+def test_decoder_shares_one_storage_between_batch_sizes(tiny_dir):
     model = load(tiny_dir).eval()
     ids, mask = _batch(tiny_dir)
+    T = ids.shape[1]
     dec = Decoder(model, "static", bucket=16)
     first = dec.generate_ids(ids, mask, max_new_tokens=4)
-    state = dec._state
-    T = ids.shape[1]
-    assert state.capacity == -(-(T + 4) // 16) * 16
-    assert dec.generate_ids(ids, mask, max_new_tokens=4) == first and dec._state is state
-    dec.generate_ids(ids[:1], mask[:1], max_new_tokens=4)
-    assert dec._state is not state and dec._state.batch == 1
-    small = dec._state
-    dec.generate_ids(ids[:1], mask[:1], max_new_tokens=state.capacity - T - 2)
-    assert dec._state is small, "a call that fits reuses the cache"
-    dec.generate_ids(ids[:1], mask[:1], max_new_tokens=state.capacity)
-    assert dec._state is not small and dec._state.capacity == -(-(T + state.capacity) // 16) * 16
+    storage, state = dec._storage, dec._states[3]
+    assert storage[0].shape[1:3] == (3, -(-(T + 4) // 16) * 16)
+    assert dec.generate_ids(ids, mask, max_new_tokens=4) == first and dec._states[3] is state
+    one = dec.generate_ids(ids[:1], mask[:1], max_new_tokens=4)
+    assert dec._storage is storage and set(dec._states) == {1, 3}, "a smaller batch uses the same storage"
+    assert dec._states[1].cache.k.data_ptr() == storage[0].data_ptr()
+    assert dec.generate_ids(ids, mask, max_new_tokens=4) == first, "batch 1 left batch 3's rows usable"
+    assert one[0][0] == first[0][0]
+    capacity = storage[0].shape[2]
+    dec.generate_ids(ids[:1], mask[:1], max_new_tokens=capacity)  # does not fit: new storage, old states go
+    assert dec._storage is not storage and set(dec._states) == {1}
+    assert dec._storage[0].shape[1:3] == (1, -(-(T + capacity) // 16) * 16)
     dec.release()
-    assert dec._state is None
+    assert dec._storage is None and not dec._states
     with pytest.raises(ValueError, match="another model"):
         generate_ids(load(tiny_dir), ids, mask, decoder=dec)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+@pytest.mark.parametrize("sampling", [False, True])
+def test_short_generations_and_rows_that_end_at_once(steps, sampling, tiny_dir):
+    model = load(tiny_dir).eval()
+    ids, mask = _batch(tiny_dir)
+    kw = dict(temperature=1.0, top_p=0.9) if sampling else {}
+    first = _eager(model, ids, mask, max_new_tokens=1, generator=torch.Generator().manual_seed(1), **kw)[0]
+    for eos in (None, first[0][0]):  # with eos = row 0's first token, at least that row ends at once
+        want = _eager(model, ids, mask, max_new_tokens=steps, eos_id=eos,
+                      generator=torch.Generator().manual_seed(1), **kw)
+        got = generate_ids(model, ids, mask, max_new_tokens=steps, eos_id=eos, decode="static",
+                           generator=torch.Generator().manual_seed(1), **kw)
+        assert got == want
+    one = ids[:1], mask[:1]
+    greedy_first = _eager(model, *one, max_new_tokens=1)[0][0][0]
+    assert generate_ids(model, *one, max_new_tokens=steps, eos_id=greedy_first, decode="static") == ([[]], ["stop"])
 
 
 def test_zero_new_tokens(tiny_dir):
@@ -241,10 +274,10 @@ def test_graph_equals_eager_on_gpu(which, tiny_dir, tiny_odd_dir):
         warnings.simplefilter("always")
         want = _eager(model, ids, mask, max_new_tokens=20)
         assert dec.generate_ids(ids, mask, max_new_tokens=20) == want
-        graphs = {k: g for k, (g, _) in dec._state.graphs.items()}
+        graphs = {k: g for k, (g, _) in dec._states[3].graphs.items()}
         assert len(graphs) >= 2, "20 steps over buckets of 8 keys take several graphs"
         assert dec.generate_ids(ids, mask, max_new_tokens=20) == want
-        assert {k: g for k, (g, _) in dec._state.graphs.items()} == graphs, "the second call must replay"
+        assert {k: g for k, (g, _) in dec._states[3].graphs.items()} == graphs, "the second call must replay"
         # sampling and greedy interleaved, twice: each replays its own graphs
         for _ in range(2):
             got = dec.generate_ids(ids, mask, max_new_tokens=20, temperature=1.0, top_p=0.9,
@@ -258,7 +291,7 @@ def test_graph_equals_eager_on_gpu(which, tiny_dir, tiny_odd_dir):
                                                                                max_new_tokens=12)
         assert dec.generate_ids(ids[1:], mask[1:], max_new_tokens=12) == _eager(model, ids[1:], mask[1:],
                                                                                max_new_tokens=12)
-        assert dec._state.batch == 2
+        assert set(dec._states) == {2, 3}
     _no_capture_failure(record)
     # one-off calls capture only when enough steps replay; autocast never captures
     assert Decoder(model, "auto", graph_min_tokens=32).resolve(8) == "static"
@@ -292,5 +325,5 @@ def test_graph_equals_static_bitwise_in_bf16_with_nf4_and_lora():
             assert off == static.generate_ids(ids, mask, max_new_tokens=24)
         assert graph.generate_ids(ids, mask, max_new_tokens=24) == on
     _no_capture_failure(record)
-    assert graph._state.graphs, "graphs were captured"
+    assert graph._states[4].graphs, "graphs were captured"
     assert off != on
