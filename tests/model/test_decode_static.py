@@ -327,3 +327,20 @@ def test_graph_equals_static_bitwise_in_bf16_with_nf4_and_lora():
     _no_capture_failure(record)
     assert graph._states[4].graphs, "graphs were captured"
     assert off != on
+
+
+@pytest.mark.gpu
+def test_a_failed_capture_falls_back_to_static_steps(tiny_dir, monkeypatch):
+    model = _cuda_model(tiny_dir, torch.float32)
+    ids, mask = _batch(tiny_dir)
+    want = _eager(model, ids, mask, max_new_tokens=10)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("capture refused (test)")
+
+    monkeypatch.setattr(torch.cuda, "graph", broken)
+    dec = Decoder(model, "graph", bucket=8)
+    with pytest.warns(RuntimeWarning, match="capture refused"):
+        assert dec.generate_ids(ids, mask, max_new_tokens=10) == want
+    assert dec.resolve(10) == "static" and not any(st.graphs for st in dec._states.values())
+    assert dec.generate_ids(ids, mask, max_new_tokens=10) == want
