@@ -132,7 +132,10 @@ def main(argv=None) -> int:
         decoders = {}  # one per case: its cache and graphs live across the timed calls
 
         def bezoar_generate(ids, decode="auto", case="bezoar"):
-            decoder = decoders.setdefault((case, ids.shape[0]), Decoder(ours, decode))
+            key = (case, ids.shape[0])
+            if key not in decoders:
+                decoders[key] = Decoder(ours, decode)
+            decoder = decoders[key]
             return generate_ids(ours, ids, torch.ones_like(ids), max_new_tokens=new_tokens, eos_id=None,
                                 decoder=decoder)
 

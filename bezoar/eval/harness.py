@@ -251,7 +251,7 @@ class BezoarLM(TemplateLM):
         from bezoar.model import generate_ids
         from bezoar.model.decode import Decoder
 
-        decoder = Decoder(self.model, self.decode)  # its cache and graphs serve every batch of one size
+        decoder = Decoder(self.model, self.decode)  # its cache and graphs serve every batch below
 
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):

@@ -248,7 +248,7 @@ def generate_answers(model, tokenizer, questions: list[Question], model_id: str,
         return done
     log.info("mt-bench: answering %d questions (%d already answered)", len(todo), len(done))
     model.eval()  # LoRA dropout off
-    decoder = Decoder(model)  # one KV cache and one set of CUDA graphs for every batch of one size
+    decoder = Decoder(model)  # one KV cache, and CUDA graphs per batch size, for every batch below
     context = model.config.max_position_embeddings
     # Batches of one temperature; per batch, turn 1 for all, then turn 2 for all.
     by_temperature: dict[float, list[Question]] = {}
