@@ -37,7 +37,7 @@ def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
     """``1 / theta ** (arange(0, D, 2) / D)`` in fp32, computed on the CPU as transformers does (it
     builds the table at init, before moving the model) and then moved to ``device``."""
     if head_dim % 2:
-        raise ValueError(f"rope_cos_sin: head_dim must be even, got {head_dim}")
+        raise ValueError(f"rope_inv_freq: head_dim must be even, got {head_dim}")
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
     return inv_freq if device is None else inv_freq.to(device)
 
