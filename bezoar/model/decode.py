@@ -78,7 +78,6 @@ class StaticKVCache(KVCache):
         if storage is None:
             self.k.zero_()
             self.v.zero_()
-        self.batch = batch
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.num_keys = max_len
@@ -213,13 +212,11 @@ class _DecodeState:
 
         device = model.device
         capacity = storage[0].shape[2]
-        self.batch, self.capacity = batch, capacity
         view = (storage[0][:, :batch], storage[1][:, :batch])
         self.cache = StaticKVCache(model.config, batch, capacity, model.dtype, device, storage=view)
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.inv_freq = rope_inv_freq(model.config.head_dim, model.config.rope_theta, device)
-        self.dtype, self.device = model.dtype, device
         self.graphs: dict[tuple[int, bool], tuple] = {}  # (num_keys, greedy) -> (CUDAGraph, logits)
         self.pool = None
         self.side_stream = None  # where warm-up steps run before a capture (one per state)
@@ -398,7 +395,7 @@ class Decoder:
                 if not ahead and not rows.take(queue.pop()[:real]):
                     break
                 if produced < max_new:  # the step that feeds token `produced` and yields the next one
-                    cache.num_keys = min(st.capacity, _round_up(T + produced, self.bucket))
+                    cache.num_keys = min(cache.max_len, _round_up(T + produced, self.bucket))
                     logits = self._step(st, greedy, graphs)
                     if not greedy:
                         draw(logits)
