@@ -26,6 +26,8 @@ arithmetic of Hugging Face's causal-LM loss (logits in the activation dtype, upc
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -277,6 +279,21 @@ def _needs_graph(hidden, weight) -> bool:
     return torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
 
 
+def _autocast_operands(hidden, weight):
+    """The operands as autocast would hand them to ``F.linear``, and whether autocast is on.
+
+    The chunked pass writes into buffers of the operands' dtype (``torch.mm(..., out=)``), so
+    under autocast it must see both operands in the autocast dtype already; the casts happen
+    here, outside the autograd Function, so gradients flow back to the original dtypes.
+    """
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight, False
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = [t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t for t in (hidden, weight)]
+    return cast[0], cast[1], True
+
+
 def linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100, reduction: str = "sum",
                          chunk_tokens: int | None = None) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T`` against ``labels`` as an fp32 scalar.
@@ -285,10 +302,16 @@ def linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100, reduc
     ``mean`` over non-ignored tokens (0 of them gives 0). Triton on CUDA: logits exist one
     chunk of ``chunk_tokens`` rows at a time (default: chosen from V, see chunk_tokens_for).
     """
-    _check(hidden, weight, labels, reduction)
-    if not use_triton(hidden, weight, labels):
+    if not use_triton(hidden, weight, labels):  # the reference checks its inputs
         return linear_cross_entropy_reference(hidden, weight, labels, ignore_index, reduction)
+    hidden, weight, autocasting = _autocast_operands(hidden, weight)
+    _check(hidden, weight, labels, reduction)
     _check_label_range(labels, weight.shape[0], ignore_index)
+    with torch.autocast(hidden.device.type, enabled=False) if autocasting else contextlib.nullcontext():
+        return _linear_cross_entropy_triton(hidden, weight, labels, ignore_index, reduction, chunk_tokens)
+
+
+def _linear_cross_entropy_triton(hidden, weight, labels, ignore_index, reduction, chunk_tokens):
     if _needs_graph(hidden, weight):
         return LinearCrossEntropyFunction.apply(hidden, weight, labels, ignore_index, reduction, chunk_tokens)
     h2, y = _flatten(hidden, labels)
@@ -307,10 +330,16 @@ def linear_token_logprobs(hidden, weight, labels, ignore_index: int = -100,
     Differentiable w.r.t. hidden and, if it requires grad, weight, for any per-token upstream
     gradient. Never holds more than one (chunk, V) block of logits.
     """
-    _check(hidden, weight, labels, "sum")
-    if not use_triton(hidden, weight, labels):
+    if not use_triton(hidden, weight, labels):  # the reference checks its inputs
         return linear_token_logprobs_reference(hidden, weight, labels, ignore_index)
+    hidden, weight, autocasting = _autocast_operands(hidden, weight)
+    _check(hidden, weight, labels, "sum")
     _check_label_range(labels, weight.shape[0], ignore_index)
+    with torch.autocast(hidden.device.type, enabled=False) if autocasting else contextlib.nullcontext():
+        return _linear_token_logprobs_triton(hidden, weight, labels, ignore_index, chunk_tokens)
+
+
+def _linear_token_logprobs_triton(hidden, weight, labels, ignore_index, chunk_tokens):
     if _needs_graph(hidden, weight):
         return LinearTokenLogprobsFunction.apply(hidden, weight, labels, ignore_index, chunk_tokens)
     h2, y = _flatten(hidden, labels)

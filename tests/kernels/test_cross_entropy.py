@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import types
 
 import pytest
@@ -122,6 +123,36 @@ def test_no_grad_forward_equals_reference():
         want = ce.linear_cross_entropy_reference(hidden, weight, labels, IGNORE, "mean")
         assert_close(loss, want, 1e-5, 1e-5, "loss")
         assert_close(logp, ce.linear_token_logprobs_reference(hidden, weight, labels, IGNORE), 1e-5, 1e-5, "logp")
+
+
+@pytest.mark.parametrize("op", ["cross_entropy", "token_logprobs"])
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_fp32_operands_under_autocast_match_the_autocast_reference(op, weight_grad):
+    """An fp32 model trained under autocast (the GPU DPO test found this): the Triton path runs the
+    logits in the autocast dtype, as F.linear would, and hands fp32 gradients back to fp32 leaves."""
+    hidden, weight, labels = _inputs(37, 61, 103, torch.float32, weight_grad)
+    upstream = torch.randn(37)
+    if op == "cross_entropy":
+        def run(fn, h, w):
+            return fn(h, w, labels, IGNORE, "mean")
+        fused, reference = functools.partial(ce.linear_cross_entropy, chunk_tokens=16), ce.linear_cross_entropy_reference
+    else:
+        def run(fn, h, w):
+            return (fn(h, w, labels, IGNORE) * upstream).sum()
+        fused, reference = functools.partial(ce.linear_token_logprobs, chunk_tokens=16), ce.linear_token_logprobs_reference
+    wrt = [hidden, weight] if weight_grad else [hidden]
+    results = {}
+    for name, fn in (("fused", fused), ("reference", reference)):
+        with backend("triton"), torch.autocast("cpu", dtype=torch.float16):
+            out = run(fn, hidden, weight)
+        results[name] = (out, *torch.autograd.grad(out, wrt))
+    assert all(g.dtype == torch.float32 for g in results["fused"][1:])
+    for what, got, want in zip(["value", "dhidden", "dweight"], results["fused"], results["reference"]):
+        assert_close(got, want, 2e-3, 1e-2, what)
+    # and it really ran in half precision: the fp32 result differs by more than fp16 rounding allows for
+    with backend("triton"):
+        exact = run(fused, hidden, weight)
+    assert (exact - results["fused"][0]).abs().item() > 1e-6
 
 
 def test_logits_never_exceed_one_chunk(monkeypatch):
