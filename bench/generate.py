@@ -23,6 +23,12 @@ skipped, with a note in the results, when transformers or bitsandbytes does not 
     python bench/generate.py                       # GPU: writes bench/results/generate-<device>-<date>.json
     python bench/generate.py --smoke               # tiny model on CPU, same code path, writes nothing
     python bench/generate.py --only bezoar/b1 --iters 3   # one case, for nsys / ncu
+    python bench/generate.py --breakdown 32        # where a decode step's GPU time goes, per kernel
+
+``--breakdown N`` times nothing against the peer: it builds random 3B NF4 weights in memory (no
+checkpoint written), decodes N tokens at batch 1 with static steps (the same kernels a graph replays)
+under ``torch.profiler``, once with the default NF4 paths and once with the gemv kernel, and prints
+the kernels by GPU time per step.
 """
 
 from __future__ import annotations
@@ -47,7 +53,83 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per row (default 128)")
     p.add_argument("--no-peer", action="store_true", help="skip transformers + bitsandbytes")
     p.add_argument("--keep", metavar="DIR", help="write the random checkpoint here and keep it")
+    p.add_argument("--breakdown", type=int, default=0, metavar="N",
+                   help="only profile N static decode steps at batch 1 and print GPU time per kernel (see above)")
     return p.parse_args(argv)
+
+
+@contextlib.contextmanager
+def gemv_on():
+    """The gemv kernel on for every M it takes, whatever GEMV_MAX_M says."""
+    from bezoar_kernels import nf4_matmul as mm
+
+    old = os.environ.get("BEZOAR_NF4_GEMV_MAX_M")
+    os.environ["BEZOAR_NF4_GEMV_MAX_M"] = str(mm.GEMV_MAX_ROWS)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("BEZOAR_NF4_GEMV_MAX_M", None)
+        else:
+            os.environ["BEZOAR_NF4_GEMV_MAX_M"] = old
+
+
+def breakdown(args, device, dtype) -> int:
+    """Profile ``args.breakdown`` static decode steps at batch 1; print the kernels by time per step."""
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import step as step_bench
+    from bezoar.model import generate_ids
+    from bezoar.model.config import preset
+    from bezoar.model.decode import Decoder
+
+    cuda = device.type == "cuda"
+    steps = args.breakdown
+    config = preset("tiny" if args.smoke else "open_llama_3b_v2")
+    t0 = time.perf_counter()
+    model = step_bench.build_bezoar(config, 0, device, dtype).eval()
+    print(f"built random {config.num_hidden_layers}-layer NF4 weights in {time.perf_counter() - t0:.1f}s")
+    ids = torch.randint(3, config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    for label, ctx in (("default NF4 paths", contextlib.nullcontext), ("gemv kernel", gemv_on)):
+        with ctx():
+            decoder = Decoder(model, "static")
+
+            def run():
+                out = generate_ids(model, ids, torch.ones_like(ids), max_new_tokens=steps, eos_id=None,
+                                   decoder=decoder)
+                if cuda:
+                    torch.cuda.synchronize()
+                return out
+
+            run()  # compiles and tunes outside the profile
+            t0 = time.perf_counter()
+            run()
+            wall_ms = (time.perf_counter() - t0) * 1e3
+            with profile(activities=activities) as prof:
+                run()
+        rows, total = [], 0.0
+        for evt in prof.key_averages():
+            if cuda:
+                us = getattr(evt, "self_device_time_total", None)
+                us = us if us is not None else evt.self_cuda_time_total
+            else:
+                us = evt.self_cpu_time_total
+            if us <= 0 or (cuda and evt.device_type != torch.autograd.DeviceType.CUDA):
+                continue
+            total += us
+            rows.append({"kernel": evt.key[:90], "calls_per_step": evt.count / steps, "us_per_step": us / steps})
+        rows.sort(key=lambda r: -r["us_per_step"])
+        for r in rows:
+            r["share"] = r["us_per_step"] * steps / total if total else None
+        where = "GPU" if cuda else "CPU (smoke: operator self time)"
+        print(f"\n{label}: {steps} static steps at batch 1 (plus an 8-token prefill): {wall_ms / steps:.3f} ms "
+              f"per step wall clock, {total / steps / 1e3:.3f} ms per step of {where} time\n")
+        print(common.markdown_table(rows[:15], ["kernel", "calls_per_step", "us_per_step", "share"]))
+    return 0
 
 
 def write_random_checkpoint(preset: str, folder: Path, device, dtype, seed: int = 0, **overrides) -> Path:
@@ -105,6 +187,8 @@ def main(argv=None) -> int:
         return 2
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
+    if args.breakdown:
+        return breakdown(args, device, dtype)
     batches = [int(b) for b in args.batches.split(",")]
     prompt_len, new_tokens = args.prompt_len, args.new_tokens
     if args.smoke:
@@ -153,18 +237,6 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 return peer(input_ids=ids, use_cache=True).logits[:, -1]
 
-        @contextlib.contextmanager
-        def gemv_on():
-            old = os.environ.get("BEZOAR_NF4_GEMV_MAX_M")
-            os.environ["BEZOAR_NF4_GEMV_MAX_M"] = str(mm.GEMV_MAX_ROWS)
-            try:
-                yield
-            finally:
-                if old is None:
-                    os.environ.pop("BEZOAR_NF4_GEMV_MAX_M", None)
-                else:
-                    os.environ["BEZOAR_NF4_GEMV_MAX_M"] = old
-
         def with_gemv(fn):
             def run():
                 with gemv_on():
@@ -207,7 +279,8 @@ def main(argv=None) -> int:
             if f"bezoar-gemv/b{batches[0]}" in cases:
                 with gemv_on():
                     g = torch.tensor(bezoar_generate(ids, case="gemv")[0], device=device)
-                print(f"... with the gemv kernel: {float((g[:, :8] == b_[:, :8]).float().mean()):.2f}")
+                print(f"... with the gemv kernel, against the peer over the first 8 tokens: "
+                      f"{float((g[:, :8] == b_[:, :8]).float().mean()):.2f}")
 
         rows = []
         with common.maybe_profile(args.profile):

@@ -43,6 +43,9 @@ def parse_args():
     p.add_argument("--sweep", action="store_true", help="also sweep fused tile configs at M <= 64")
     p.add_argument("--shapes", default=None, help="comma list NxK to restrict the shapes, e.g. 3200x8640")
     p.add_argument("--ms", default=None, help="comma list of M values to restrict the sweep")
+    p.add_argument("--timing", choices=("eager", "graph"), default="eager",
+                   help="eager: do_bench of each call, host launch gaps included; graph: each case captured in "
+                        "a CUDA graph and its replay timed (GPU time only, as inside a graph-replayed decode step)")
     return p.parse_args()
 
 
@@ -77,8 +80,10 @@ def main() -> int:
         bnb_note = f"bitsandbytes columns skipped: it does not import ({type(exc).__name__}: {exc})"
         print(bnb_note)
 
+    graph_timing = args.timing == "graph" and not args.smoke
+
     def bench(fn):
-        return common.bench_ms(fn, smoke=args.smoke)
+        return common.graph_ms(fn) if graph_timing else common.bench_ms(fn, smoke=args.smoke)
 
     gen = torch.Generator(device=device).manual_seed(0)
 
@@ -222,6 +227,10 @@ def main() -> int:
             break
         gemv_max = m
 
+    timing = "graph" if graph_timing else "eager"
+    print(f"\ntiming: {timing}" + (" (CUDA-graph replay: GPU time only)" if graph_timing else
+                                 " (do_bench per call: host launch gaps included)")
+          + (" (graph timing needs a GPU)" if args.timing == "graph" and not graph_timing else ""))
     print(f"\ndevice-to-device copy: {copy_gbs:.1f} GB/s (read + written)\n")
     print(common.markdown_table(dequant_rows, ["shape", "impl", "ms", "GB/s", "of_copy_bw"]))
     for kind in ("fwd", "bwd"):
@@ -241,14 +250,14 @@ def main() -> int:
     targets = check_targets(rows, dequant_rows, ms)
     if args.smoke:  # interpreter timings say nothing about the GPU
         targets = [dict(t, status="smoke, not evaluated") for t in targets]
-    print("\ntargets (issue 3):")
+    print(f"\ntargets (issue 3, {timing} timing):")
     for t in targets:
         print(f"  [{t['status']}] {t['target']}: {t['detail']}")
     if bnb_note:
         print(f"\nnote: {bnb_note}")
 
-    common.write_results("nf4", rows + dequant_rows, args, extra={
-        "dtype": str(dtype), "copy_GBps": copy_gbs, "crossover_M": crossover, "fused_max_m": mm.fused_max_m(),
+    common.write_results("nf4" if timing == "eager" else "nf4-graph", rows + dequant_rows, args, extra={
+        "dtype": str(dtype), "timing": timing, "copy_GBps": copy_gbs, "crossover_M": crossover, "fused_max_m": mm.fused_max_m(),
         "gemv_fastest_up_to_M": gemv_max, "gemv_max_m": mm.gemv_max_m(), "targets": targets, "sweep": sweep_rows, "bnb_note": bnb_note,
     })
     return 0

@@ -37,3 +37,16 @@ def test_bench_generate_only_and_iters(capsys):
     assert "ran bezoar/b2 2 times" in capsys.readouterr().out
     assert bench.main(["--smoke", "--no-peer", "--only", "nope"]) == 2
     assert "no such case" in capsys.readouterr().err
+
+
+def test_bench_generate_breakdown_smoke(capsys):
+    """--breakdown profiles static decode steps with and without gemv and tables the top operators."""
+    spec = importlib.util.spec_from_file_location("bench_generate", ROOT / "bench" / "generate.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--smoke", "--breakdown", "2"]) == 0
+    out = capsys.readouterr().out
+    for label in ("default NF4 paths", "gemv kernel"):
+        assert f"{label}: 2 static steps at batch 1" in out
+    assert out.count("| kernel | calls_per_step | us_per_step | share |") == 2
+    assert "BEZOAR_NF4_GEMV_MAX_M" not in os.environ  # gemv_on restored the environment
