@@ -86,7 +86,11 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
     tl = None
 
 PATHS = ("auto", "fused", "dequant", "cublas")
-LARGE_M_PATH = "dequant"  # what "auto" takes above the fused threshold; env BEZOAR_LORA_LARGE_M_PATH
+# What "auto" takes above the fused threshold; env BEZOAR_LORA_LARGE_M_PATH. bench/lora.py on an H200
+# (2026-11-26, bench/results/lora-NVIDIA_H200-2026-11-26.json), forward + backward as CUDA-graph replays
+# (GPU time): cuBLAS for the base product plus the LoRA epilogue pass took 1.18-1.55x NF4 alone on all 12
+# cases (3B shapes, M 4096/16384, r 16/64), the Triton dense GEMM with the fused epilogue 1.55-1.99x.
+LARGE_M_PATH = "cublas"
 MAX_KERNEL_RANK = 256  # larger ranks run the torch reference (register tiles of r columns)
 _GENERAL_CHUNK = 64  # K chunk of the NF4 decode when K is not a multiple of the blocksize
 _DROP_BITS = 24  # the mask compares the top 24 bits of the hash with p * 2**24

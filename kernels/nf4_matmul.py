@@ -65,12 +65,12 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
 # measured, M = 1 included (3200x3200: 0.025 ms against 0.127 ms fused), so auto never takes the fused
 # kernel until it is made faster; BEZOAR_NF4_FUSED_MAX_M turns it back on.
 FUSED_MAX_M = 0
-# Largest M for the gemv kernel by default (M <= GEMV_MAX_ROWS, K a multiple of the blocksize). It is
-# 0 until bench/nf4.py has timed the kernel on a GPU: written after the fused kernel lost everywhere, its
-# compiled sm_90 loop (read off the SASS on a CPU machine) is about 300 instructions per 1024 weights
-# per warp with no shared memory or barriers, which predicts about 9 us for 3200x8640 at M = 1 against
-# 31 us for cuBLAS bf16; BEZOAR_NF4_GEMV_MAX_M turns it on until measured.
-GEMV_MAX_M = 0
+# Largest M for the gemv kernel by default (M <= GEMV_MAX_ROWS, K a multiple of the blocksize). Measured
+# on an H200 (2026-11-26, torch 2.11, triton 3.6; bench/results/nf4-NVIDIA_H200-2026-11-26.json and
+# nf4-graph-*): gemv is the fastest NF4 forward at M = 1 on all three 3B shapes, eager and as a graph
+# replay (8640x3200: 38.7 us against 41.8 us for dequant + cuBLAS), and slower from M = 4 (66.5 us);
+# a 3B decode step at batch 1 fell from 6.44 to 5.83 ms with it (generate-NVIDIA_H200-2026-11-26.json).
+GEMV_MAX_M = 1
 PATHS = ("auto", "fused", "dequant", "gemv")
 _GENERAL_CHUNK = 64  # K chunk of the general (unaligned) variant
 

@@ -174,15 +174,16 @@ def test_no_grad_to_weight_and_grad_only_when_needed():
 def test_path_choice_and_threshold_override(monkeypatch):
     monkeypatch.delenv("BEZOAR_NF4_FUSED_MAX_M", raising=False)
     monkeypatch.delenv("BEZOAR_NF4_GEMV_MAX_M", raising=False)
-    assert mm.resolve_path(None, mm.FUSED_MAX_M + 1) == "dequant"
-    assert mm.resolve_path("auto", 1) == ("fused" if mm.FUSED_MAX_M >= 1 else "dequant")
+    assert mm.resolve_path(None, max(mm.FUSED_MAX_M, mm.GEMV_MAX_M) + 1) == "dequant"
+    assert mm.GEMV_MAX_M == 1  # measured on an H200: gemv is the fastest forward at M = 1 only
+    assert mm.resolve_path("auto", 1) == "gemv" and mm.resolve_path("auto", 2) == "dequant"
     assert mm.resolve_path("dequant", 1) == "dequant"
     monkeypatch.setenv("BEZOAR_NF4_FUSED_MAX_M", "4096")
     assert mm.resolve_path(None, 4096) == "fused"
     assert mm.resolve_path(None, 4097) == "dequant"
     monkeypatch.setenv("BEZOAR_NF4_FUSED_MAX_M", "lots")
     with pytest.raises(ValueError, match="BEZOAR_NF4_FUSED_MAX_M"):
-        mm.resolve_path(None, 1)
+        mm.resolve_path(None, 2)  # M = 1 goes to gemv before the fused threshold is read
     with pytest.raises(ValueError, match="path 'cublas'"):
         mm.resolve_path("cublas", 1)
 
