@@ -93,13 +93,17 @@ def bench_ms(fn, smoke: bool = False, warmup: int = 25, rep: int = 100) -> float
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
-def graph_ms(fn, warmup: int = 25, rep: int = 100) -> float:
-    """Median milliseconds of one replay of ``fn`` captured in a CUDA graph.
+def graph_ms(fn, warmup: int = 25, rep: int = 100, calls: int = 1) -> float:
+    """Median milliseconds of one call of ``fn`` captured in a CUDA graph: a replay of ``calls`` calls
+    in a row, divided by ``calls``.
 
     Eager timing of a short op counts the host's launch gaps (Python, argument binding, autograd)
     when they are longer than the GPU work; a graph replay has no host work, so this is the GPU time
-    the op costs inside a model whose host runs ahead. ``fn`` runs three times on a side stream first
-    (compiles, caches, allocator), then once under capture.
+    the op costs inside a model whose host runs ahead. One replay still pays the graph's own launch
+    latency (several microseconds, as long as a small kernel): ``calls`` > 1 spreads it, as inside a
+    decode step's graph. A ``fn`` that cycles through several copies of its inputs keeps the repeated
+    calls from reading them out of L2. ``fn`` runs three times on a side stream first (compiles,
+    caches, allocator), then ``calls`` times under capture.
     """
     import torch
     import triton.testing
@@ -113,8 +117,9 @@ def graph_ms(fn, warmup: int = 25, rep: int = 100) -> float:
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph):
-            fn()
-        return float(triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median"))
+            for _ in range(calls):
+                fn()
+        return float(triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median")) / calls
     finally:
         del graph
         torch.cuda.synchronize()

@@ -13,7 +13,12 @@ Measures, side by side in one run (bf16, CUDA):
   bitsandbytes' own backward (``dequantize_4bit`` + matmul, as in MatMul4Bit.backward);
 * the crossover M where dequant+cuBLAS starts beating the fused kernel, per shape and direction,
   and the M range where the gemv kernel is the fastest NF4 path (what GEMV_MAX_M should be);
-* with ``--sweep``: fused-kernel tile configs at M <= 64, best against the default heuristic.
+* with ``--sweep``: fused-kernel tile configs at M <= 64, best against the default heuristic;
+  with ``--sweep-gemv`` likewise for the gemv kernel at M = 1, 4, 8.
+
+``--timing graph`` times every case as CUDA-graph replays of 20 calls in a row (2 above M = 256),
+divided by 20: GPU time only, the graph's launch latency spread as inside a decode step. Every case
+cycles through 8 copies of its weights, so back-to-back calls do not find them in L2.
 
 Then it checks the targets of issue 3 and prints which were met. bitsandbytes columns are left
 empty with a note when it does not import. Usage::
@@ -25,6 +30,7 @@ empty with a note when it does not import. Usage::
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -36,11 +42,15 @@ MS = [1, 4, 16, 64, 256, 1024, 4096, 16384]
 SMOKE_SHAPES = [(96, 128)]
 SMOKE_MS = [1, 40]  # either side of FUSED_MAX_M
 COPY_BYTES = 1 << 30
+WEIGHT_COPIES = 8  # per shape, cycled through by every case: 8 x 14 MB of NF4 (8640x3200) is twice the L2
+GRAPH_CALLS = 20  # calls per graph replay with --timing graph (M <= 256)
 
 
 def parse_args():
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--sweep", action="store_true", help="also sweep fused tile configs at M <= 64")
+    p.add_argument("--sweep-gemv", action="store_true",
+                   help="also sweep gemv configs (rows per program, K splits, warps) at M = 1, 4, 8")
     p.add_argument("--shapes", default=None, help="comma list NxK to restrict the shapes, e.g. 3200x8640")
     p.add_argument("--ms", default=None, help="comma list of M values to restrict the sweep")
     p.add_argument("--timing", choices=("eager", "graph"), default="eager",
@@ -82,8 +92,10 @@ def main() -> int:
 
     graph_timing = args.timing == "graph" and not args.smoke
 
-    def bench(fn):
-        return common.graph_ms(fn) if graph_timing else common.bench_ms(fn, smoke=args.smoke)
+    def bench(fn, m=None):
+        if graph_timing:  # small products: many calls per replay, so the graph's launch latency is spread
+            return common.graph_ms(fn, calls=GRAPH_CALLS if m is None or m <= 256 else 2)
+        return common.bench_ms(fn, smoke=args.smoke)
 
     gen = torch.Generator(device=device).manual_seed(0)
 
@@ -98,59 +110,67 @@ def main() -> int:
         cases[name] = fn
         meta[name] = info
 
+    def cycle(items):
+        """A zero-argument callable returning the next of ``items``, round and round."""
+        it = itertools.cycle(items)
+        return lambda: next(it)
+
     weights = {}
+    copies = 1 if args.smoke else WEIGHT_COPIES
     for n, k in shapes:
-        w = randn(n, k, scale=0.02)
-        with backend("triton"):
-            q = nf4.quantize_nf4(w, 64, True)
-        w_dq = nf4.dequantize_nf4_reference(q, dtype)
-        bq = None
-        if bnb is not None:
-            packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-            bq = (packed, state)
+        qs, w_dqs, bqs = [], [], []
+        for _ in range(copies):  # each case cycles through the copies: repeated calls miss L2 as in a model
+            w = randn(n, k, scale=0.02)
+            with backend("triton"):
+                qs.append(nf4.quantize_nf4(w, 64, True))
+            w_dqs.append(nf4.dequantize_nf4_reference(qs[-1], dtype))
+            if bnb is not None:
+                bqs.append(bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
+            del w
+        q, w_dq, bq = qs[0], w_dqs[0], (bqs[0] if bqs else None)
         weights[(n, k)] = (q, w_dq, bq)
-        del w
+        next_q, next_w, next_bq = cycle(qs), cycle(w_dqs), cycle(bqs) if bqs else None
         tag = f"{n}x{k}"
         buf = torch.empty(n * k, dtype=dtype, device=device)
-        add(f"dequant/nf4_triton/{tag}", lambda q=q, buf=buf: nf4.dequantize_nf4_triton(q, dtype, out=buf),
+        add(f"dequant/nf4_triton/{tag}", lambda nq=next_q, buf=buf: nf4.dequantize_nf4_triton(nq(), dtype, out=buf),
             kind="dequant", shape=tag, bytes=q.nbytes() + n * k * buf.element_size())
         if bq is not None:
-            add(f"dequant/bnb/{tag}", lambda bq=bq: bnbf.dequantize_4bit(bq[0], bq[1]).to(dtype),
+            add(f"dequant/bnb/{tag}", lambda nb=next_bq: bnbf.dequantize_4bit(*nb()).to(dtype),
                 kind="dequant", shape=tag, bytes=q.nbytes() + n * k * buf.element_size())
         for m in ms:
             x = randn(m, k)
             dy = randn(m, n)
             key = dict(shape=tag, m=m)
-            add(f"fwd/cublas/{tag}/M={m}", lambda x=x, w=w_dq: torch.matmul(x, w.t()), kind="fwd", peer="cublas", **key)
+            add(f"fwd/cublas/{tag}/M={m}", lambda x=x, nw=next_w: torch.matmul(x, nw().t()), kind="fwd", peer="cublas", **key)
             if mm.gemv_supported(m, q):
-                add(f"fwd/nf4_gemv/{tag}/M={m}", lambda x=x, q=q: mm.nf4_gemv_forward(x, q),
+                add(f"fwd/nf4_gemv/{tag}/M={m}", lambda x=x, nq=next_q: mm.nf4_gemv_forward(x, nq()),
                     kind="fwd", peer="nf4_gemv", **key)
-            add(f"fwd/nf4_fused/{tag}/M={m}", lambda x=x, q=q: mm.nf4_fused_forward(x, q),
+            add(f"fwd/nf4_fused/{tag}/M={m}", lambda x=x, nq=next_q: mm.nf4_fused_forward(x, nq()),
                 kind="fwd", peer="nf4_fused", **key)
-            add(f"fwd/nf4_dequant/{tag}/M={m}", lambda x=x, q=q: mm.nf4_dequant_forward(x, q),
+            add(f"fwd/nf4_dequant/{tag}/M={m}", lambda x=x, nq=next_q: mm.nf4_dequant_forward(x, nq()),
                 kind="fwd", peer="nf4_dequant", **key)
-            add(f"fwd/nf4_auto/{tag}/M={m}", lambda x=x, q=q: mm.nf4_matmul_triton(x, q),
+            add(f"fwd/nf4_auto/{tag}/M={m}", lambda x=x, nq=next_q: mm.nf4_matmul_triton(x, nq()),
                 kind="fwd", peer="nf4_auto", **key)
-            add(f"bwd/cublas/{tag}/M={m}", lambda dy=dy, w=w_dq: torch.matmul(dy, w), kind="bwd", peer="cublas", **key)
-            add(f"bwd/nf4_fused/{tag}/M={m}", lambda dy=dy, q=q: mm.nf4_fused_backward(dy, q),
+            add(f"bwd/cublas/{tag}/M={m}", lambda dy=dy, nw=next_w: torch.matmul(dy, nw()), kind="bwd", peer="cublas", **key)
+            add(f"bwd/nf4_fused/{tag}/M={m}", lambda dy=dy, nq=next_q: mm.nf4_fused_backward(dy, nq()),
                 kind="bwd", peer="nf4_fused", **key)
-            add(f"bwd/nf4_dequant/{tag}/M={m}", lambda dy=dy, q=q: mm.nf4_dequant_backward(dy, q),
+            add(f"bwd/nf4_dequant/{tag}/M={m}", lambda dy=dy, nq=next_q: mm.nf4_dequant_backward(dy, nq()),
                 kind="bwd", peer="nf4_dequant", **key)
             add(f"bwd/nf4_auto/{tag}/M={m}",
-                lambda dy=dy, q=q: mm.nf4_matmul_backward(dy, q, "auto"), kind="bwd", peer="nf4_auto", **key)
+                lambda dy=dy, nq=next_q: mm.nf4_matmul_backward(dy, nq(), "auto"), kind="bwd", peer="nf4_auto", **key)
             if bq is not None:
-                packed, state = bq
                 add(f"fwd/bnb_dequant_linear/{tag}/M={m}",
-                    lambda x=x, bq=bq: torch.nn.functional.linear(x, bnbf.dequantize_4bit(bq[0], bq[1]).to(dtype)),
+                    lambda x=x, nb=next_bq: torch.nn.functional.linear(x, bnbf.dequantize_4bit(*nb()).to(dtype)),
                     kind="fwd", peer="bnb_dequant_linear", **key)
 
-                def bnb_fused(x=x, packed=packed, state=state):
+                def bnb_fused(x=x, nb=next_bq):
+                    packed, state = nb()
                     with torch.no_grad():
                         return bnb.matmul_4bit(x, packed.t(), quant_state=state)
 
                 add(f"fwd/bnb_matmul_4bit/{tag}/M={m}", bnb_fused, kind="fwd", peer="bnb_matmul_4bit", **key)
                 add(f"bwd/bnb/{tag}/M={m}",
-                    lambda dy=dy, bq=bq: torch.matmul(dy, bnbf.dequantize_4bit(bq[0], bq[1]).to(dtype)),
+                    lambda dy=dy, nb=next_bq: torch.matmul(dy, bnbf.dequantize_4bit(*nb()).to(dtype)),
                     kind="bwd", peer="bnb", **key)
 
     copy_src = torch.randint(0, 255, ((COPY_BYTES if cuda else 1 << 20),), dtype=torch.uint8, device=device)
@@ -174,10 +194,11 @@ def main() -> int:
     with backend("triton"), common.maybe_profile(args.profile):
         for name, fn in cases.items():
             try:
-                times[name] = bench(fn)
+                times[name] = bench(fn, meta[name].get("m"))
             except Exception as exc:  # one failing peer must not hide the others' numbers
                 print(f"{name}: failed ({type(exc).__name__}: {exc})")
         sweep_rows = sweep_fused(args, shapes, ms, weights, randn, bench, mm, backend) if args.sweep else []
+        gemv_rows = sweep_gemv(args, shapes, weights, randn, bench, mm) if args.sweep_gemv else []
 
     # ---- tables ----------------------------------------------------------------------------
     copy_ms = times["copy/device_to_device"]
@@ -247,6 +268,10 @@ def main() -> int:
         print("\nfused config sweep (best per case vs the default heuristic)\n")
         print(common.markdown_table(sweep_rows, ["dir", "shape", "M", "default_ms", "best_ms", "best_config"]))
 
+    if gemv_rows:
+        print("\ngemv config sweep (best per case vs the default heuristic)\n")
+        print(common.markdown_table(gemv_rows, ["shape", "M", "default_ms", "best_ms", "best_config"]))
+
     targets = check_targets(rows, dequant_rows, ms)
     if args.smoke:  # interpreter timings say nothing about the GPU
         targets = [dict(t, status="smoke, not evaluated") for t in targets]
@@ -258,7 +283,7 @@ def main() -> int:
 
     common.write_results("nf4" if timing == "eager" else "nf4-graph", rows + dequant_rows, args, extra={
         "dtype": str(dtype), "timing": timing, "copy_GBps": copy_gbs, "crossover_M": crossover, "fused_max_m": mm.fused_max_m(),
-        "gemv_fastest_up_to_M": gemv_max, "gemv_max_m": mm.gemv_max_m(), "targets": targets, "sweep": sweep_rows, "bnb_note": bnb_note,
+        "gemv_fastest_up_to_M": gemv_max, "gemv_max_m": mm.gemv_max_m(), "targets": targets, "sweep": sweep_rows, "sweep_gemv": gemv_rows, "bnb_note": bnb_note,
     })
     return 0
 
@@ -294,6 +319,30 @@ def sweep_fused(args, shapes, ms, weights, randn, bench, mm, backend):
                     best, best_cfg = t, cfg
             out.append({"dir": kind, "shape": f"{n}x{k}", "M": m, "default_ms": default, "best_ms": best,
                         "best_config": str(best_cfg)})
+    return out
+
+
+def sweep_gemv(args, shapes, weights, randn, bench, mm):
+    """Time a grid of gemv configs at M = 1, 4, 8; report the best next to the default heuristic."""
+    out = []
+    small = [1] if args.smoke else [1, 4, 8]
+    grid = [mm.GemvConfig(block_n, split, warps, 1)
+            for block_n, split, warps in itertools.product((16, 32, 64), (None, 1, 4, 16), (2, 4, 8))]
+    if args.smoke:
+        shapes, grid = shapes[:1], grid[:2]
+    for (n, k), m in itertools.product(shapes, small):
+        q = weights[(n, k)][0]
+        x = randn(m, k)
+        default = bench(lambda: mm.nf4_gemv_forward(x, q), m)
+        best, best_cfg = float("inf"), None
+        for cfg in grid:
+            try:
+                t = bench(lambda cfg=cfg: mm.nf4_gemv_forward(x, q, cfg), m)
+            except Exception:  # a config the device cannot compile or fit is skipped
+                continue
+            if t < best:
+                best, best_cfg = t, cfg
+        out.append({"shape": f"{n}x{k}", "M": m, "default_ms": default, "best_ms": best, "best_config": str(best_cfg)})
     return out
 
 
