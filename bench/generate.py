@@ -74,6 +74,12 @@ def gemv_on():
             os.environ["BEZOAR_NF4_GEMV_MAX_M"] = old
 
 
+def same_prefix(a, b) -> int:
+    """How many leading tokens two (1, T) token tensors share."""
+    differ = (a[0] != b[0]).nonzero()
+    return int(differ[0, 0]) if differ.numel() else int(a.shape[1])
+
+
 def breakdown(args, device, dtype) -> int:
     """Profile ``args.breakdown`` static decode steps at batch 1; print the kernels by time per step."""
     import time
@@ -274,8 +280,11 @@ def main(argv=None) -> int:
             agree = float((a[:, :8] == b_[:, :8]).float().mean())
             print(f"greedy agreement with the peer over the first 8 tokens: {agree:.2f}")
             e = torch.tensor(bezoar_generate(ids, "eager", "eager")[0], device=device)
-            print(f"... bezoar's eager loop against its default decode over all {new_tokens} tokens: "
-                  f"{float((e == a).float().mean()):.2f}")
+            # Random weights give nearly flat logits, so rounding differences (another attention kernel,
+            # padded keys) flip near-ties and the sequences part; after that they share nothing. The
+            # length of the common prefix says more than the share of equal tokens.
+            print(f"... bezoar's eager loop against its default decode: the first {same_prefix(e, a)} of "
+                  f"{new_tokens} tokens are the same")
             if f"bezoar-gemv/b{batches[0]}" in cases:
                 with gemv_on():
                     g = torch.tensor(bezoar_generate(ids, case="gemv")[0], device=device)
