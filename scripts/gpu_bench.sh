@@ -42,7 +42,7 @@ BENCHES=(
   "step 200 --budget @BUDGET@"
   "kernels 90"
   "nf4 80"
-  "generate 120 --batches 1"
+  "generate 180 --batches 1"
   "lora 90"
 )
 
