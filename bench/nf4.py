@@ -14,7 +14,8 @@ Measures, side by side in one run (bf16, CUDA):
 * the crossover M where dequant+cuBLAS starts beating the fused kernel, per shape and direction,
   and the M range where the gemv kernel is the fastest NF4 path (what GEMV_MAX_M should be);
 * with ``--sweep``: fused-kernel tile configs at M <= 64, best against the default heuristic;
-  with ``--sweep-gemv`` likewise for the gemv kernel at M = 1, 4, 8.
+  with ``--sweep-gemv`` likewise for the gemv kernel at M = 1, 4, 8, and with ``--sweep-dequant``
+  for the dequantize launch (blocks per program, warps).
 
 ``--timing graph`` times every case as CUDA-graph replays of 20 calls in a row (2 above M = 256),
 divided by 20: GPU time only, the graph's launch latency spread as inside a decode step. Every case
@@ -49,6 +50,8 @@ GRAPH_CALLS = 20  # calls per graph replay with --timing graph (M <= 256)
 def parse_args():
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--sweep", action="store_true", help="also sweep fused tile configs at M <= 64")
+    p.add_argument("--sweep-dequant", action="store_true",
+                   help="also sweep the dequantize launch (blocks per program, warps) on each shape")
     p.add_argument("--sweep-gemv", action="store_true",
                    help="also sweep gemv configs (rows per program, K splits, warps) at M = 1, 4, 8")
     p.add_argument("--shapes", default=None, help="comma list NxK to restrict the shapes, e.g. 3200x8640")
@@ -199,6 +202,7 @@ def main() -> int:
                 print(f"{name}: failed ({type(exc).__name__}: {exc})")
         sweep_rows = sweep_fused(args, shapes, ms, weights, randn, bench, mm, backend) if args.sweep else []
         gemv_rows = sweep_gemv(args, shapes, weights, randn, bench, mm) if args.sweep_gemv else []
+        dequant_sweep = sweep_dequant(args, shapes, weights, bench, nf4, dtype) if args.sweep_dequant else []
 
     # ---- tables ----------------------------------------------------------------------------
     copy_ms = times["copy/device_to_device"]
@@ -268,6 +272,10 @@ def main() -> int:
         print("\nfused config sweep (best per case vs the default heuristic)\n")
         print(common.markdown_table(sweep_rows, ["dir", "shape", "M", "default_ms", "best_ms", "best_config"]))
 
+    if dequant_sweep:
+        print("\ndequantize launch sweep (best per shape vs the default)\n")
+        print(common.markdown_table(dequant_sweep, ["shape", "default_ms", "best_ms", "best_blocks_per_prog",
+                                                    "best_num_warps"]))
     if gemv_rows:
         print("\ngemv config sweep (best per case vs the default heuristic)\n")
         print(common.markdown_table(gemv_rows, ["shape", "M", "default_ms", "best_ms", "best_config"]))
@@ -283,7 +291,8 @@ def main() -> int:
 
     common.write_results("nf4" if timing == "eager" else "nf4-graph", rows + dequant_rows, args, extra={
         "dtype": str(dtype), "timing": timing, "copy_GBps": copy_gbs, "crossover_M": crossover, "fused_max_m": mm.fused_max_m(),
-        "gemv_fastest_up_to_M": gemv_max, "gemv_max_m": mm.gemv_max_m(), "targets": targets, "sweep": sweep_rows, "sweep_gemv": gemv_rows, "bnb_note": bnb_note,
+        "gemv_fastest_up_to_M": gemv_max, "gemv_max_m": mm.gemv_max_m(), "targets": targets, "sweep": sweep_rows, "sweep_gemv": gemv_rows, "sweep_dequant": dequant_sweep,
+        "bnb_note": bnb_note,
     })
     return 0
 
@@ -319,6 +328,30 @@ def sweep_fused(args, shapes, ms, weights, randn, bench, mm, backend):
                     best, best_cfg = t, cfg
             out.append({"dir": kind, "shape": f"{n}x{k}", "M": m, "default_ms": default, "best_ms": best,
                         "best_config": str(best_cfg)})
+    return out
+
+
+def sweep_dequant(args, shapes, weights, bench, nf4, dtype):
+    """Time the dequantize kernel with several launches per shape; report the best next to the default."""
+    out = []
+    grid = list(itertools.product((8, 16, 32, 64, 128, 256), (2, 4, 8)))
+    if args.smoke:
+        shapes, grid = shapes[:1], grid[:2]
+    for n, k in shapes:
+        q = weights[(n, k)][0]
+        buf = q.packed.new_empty(q.numel, dtype=dtype)
+        default = bench(lambda: nf4.dequantize_nf4_triton(q, dtype, out=buf))
+        best, best_cfg = float("inf"), (None, None)
+        for per_prog, warps in grid:
+            try:
+                t = bench(lambda: nf4.dequantize_nf4_triton(q, dtype, out=buf, blocks_per_prog=per_prog,
+                                                            num_warps=warps))
+            except Exception:  # a launch the device cannot compile is skipped
+                continue
+            if t < best:
+                best, best_cfg = t, (per_prog, warps)
+        out.append({"shape": f"{n}x{k}", "default_ms": default, "best_ms": best,
+                    "best_blocks_per_prog": best_cfg[0], "best_num_warps": best_cfg[1]})
     return out
 
 

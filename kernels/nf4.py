@@ -434,15 +434,21 @@ def quantize_nf4_triton(weight: torch.Tensor, blocksize: int = 64, double_quant:
 
 
 def dequantize_nf4_triton(weight: NF4Weight, dtype: torch.dtype | None = None,
-                          out: torch.Tensor | None = None) -> torch.Tensor:
-    """Dequantize with the Triton kernel into ``out`` (any contiguous tensor of numel values) or a new tensor."""
+                          out: torch.Tensor | None = None, blocks_per_prog: int | None = None,
+                          num_warps: int = 4) -> torch.Tensor:
+    """Dequantize with the Triton kernel into ``out`` (any contiguous tensor of numel values) or a new tensor.
+
+    ``blocks_per_prog`` (a power of two; default by device, see ``_blocks_per_prog``) and ``num_warps``
+    set the launch; bench/nf4.py --sweep-dequant times the alternatives."""
+    if blocks_per_prog is not None and (blocks_per_prog < 1 or blocks_per_prog & (blocks_per_prog - 1)):
+        raise ValueError(f"dequantize_nf4: blocks_per_prog must be a power of two, got {blocks_per_prog}")
     dtype = dtype or weight.dtype
     n = weight.numel
     if out is None:
         out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     elif out.dtype != dtype or out.numel() != n or not out.is_contiguous() or out.device != weight.device:
         raise ValueError(f"dequantize_nf4: out must be contiguous {dtype} with {n} values on {weight.device}")
-    per_prog = _blocks_per_prog(weight.num_blocks, weight.blocksize)
+    per_prog = blocks_per_prog or _blocks_per_prog(weight.num_blocks, weight.blocksize)
     grid = (cdiv(weight.num_blocks, per_prog),)
     dq = weight.double_quant
     _nf4_dequantize_kernel[grid](
@@ -452,7 +458,7 @@ def dequantize_nf4_triton(weight: NF4Weight, dtype: torch.dtype | None = None,
         n, weight.packed.numel(), weight.num_blocks, weight.offset if dq else 0.0,
         BLOCKSIZE=weight.blocksize, BLOCKS_PER_PROG=per_prog, DOUBLE_QUANT=dq, NESTED=NESTED_BLOCKSIZE,
         EVEN=n == weight.num_blocks * weight.blocksize and weight.num_blocks % per_prog == 0,
-        num_warps=4, enable_fp_fusion=False,
+        num_warps=num_warps, enable_fp_fusion=False,
     )
     return out
 

@@ -178,6 +178,17 @@ def test_dequantize_into_out_buffer_and_bad_out():
     assert torch.equal(out.view(37, 61), nf4.dequantize_nf4_reference(q))
 
 
+@pytest.mark.parametrize("blocks_per_prog,num_warps", [(1, 1), (2, 2), (8, 4), (64, 8)])
+def test_dequantize_launch_overrides(blocks_per_prog, num_warps):
+    """bench/nf4.py's dequantize sweep: every launch gives the same values, ragged last program included."""
+    q = nf4.quantize_nf4_reference(_weight((37, 61), torch.float32), 64, True)  # 36 blocks, the last one partial
+    with backend("triton"):
+        got = nf4.dequantize_nf4_triton(q, torch.float32, blocks_per_prog=blocks_per_prog, num_warps=num_warps)
+        with pytest.raises(ValueError, match="power of two"):
+            nf4.dequantize_nf4_triton(q, torch.float32, blocks_per_prog=3)
+    assert torch.equal(got, nf4.dequantize_nf4_reference(q))
+
+
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="blocksize 32"):
         nf4.quantize_nf4(torch.randn(8, 8), blocksize=32)

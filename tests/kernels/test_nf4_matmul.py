@@ -211,13 +211,14 @@ def test_bad_inputs_raise():
 
 def test_bench_smoke():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "nf4.py"), "--smoke", "--sweep", "--sweep-gemv",
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "nf4.py"), "--smoke", "--sweep", "--sweep-gemv", "--sweep-dequant",
                            "--timing", "graph"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "timing: eager (do_bench per call: host launch gaps included) (graph timing needs a GPU)" in proc.stdout
     assert "| shape" in proc.stdout and "crossover" in proc.stdout and "fused config sweep" in proc.stdout
     assert "gemv config sweep" in proc.stdout and "GemvConfig(" in proc.stdout
+    assert "dequantize launch sweep" in proc.stdout
     assert not list((ROOT / "bench" / "results").glob("nf4-cpu-*.json")), "smoke mode must not write results"
 
 
