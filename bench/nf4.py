@@ -95,10 +95,12 @@ def main() -> int:
 
     graph_timing = args.timing == "graph" and not args.smoke
 
-    def bench(fn, m=None):
+    def bench(fn, m=None, quick=False):
+        """Milliseconds per call; ``quick`` (the sweeps) measures for 20 ms instead of 100."""
+        warmup, rep = (5, 20) if quick else (25, 100)
         if graph_timing:  # small products: many calls per replay, so the graph's launch latency is spread
-            return common.graph_ms(fn, calls=GRAPH_CALLS if m is None or m <= 256 else 2)
-        return common.bench_ms(fn, smoke=args.smoke)
+            return common.graph_ms(fn, warmup, rep, calls=GRAPH_CALLS if m is None or m <= 256 else 2)
+        return common.bench_ms(fn, smoke=args.smoke, warmup=warmup, rep=rep)
 
     gen = torch.Generator(device=device).manual_seed(0)
 
@@ -131,8 +133,8 @@ def main() -> int:
                 bqs.append(bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
             del w
         q, w_dq, bq = qs[0], w_dqs[0], (bqs[0] if bqs else None)
-        weights[(n, k)] = (q, w_dq, bq)
         next_q, next_w, next_bq = cycle(qs), cycle(w_dqs), cycle(bqs) if bqs else None
+        weights[(n, k)] = (q, w_dq, bq, next_q)
         tag = f"{n}x{k}"
         buf = torch.empty(n * k, dtype=dtype, device=device)
         add(f"dequant/nf4_triton/{tag}", lambda nq=next_q, buf=buf: nf4.dequantize_nf4_triton(nq(), dtype, out=buf),
@@ -338,14 +340,14 @@ def sweep_dequant(args, shapes, weights, bench, nf4, dtype):
     if args.smoke:
         shapes, grid = shapes[:1], grid[:2]
     for n, k in shapes:
-        q = weights[(n, k)][0]
+        q, next_q = weights[(n, k)][0], weights[(n, k)][3]
         buf = q.packed.new_empty(q.numel, dtype=dtype)
-        default = bench(lambda: nf4.dequantize_nf4_triton(q, dtype, out=buf))
+        default = bench(lambda: nf4.dequantize_nf4_triton(next_q(), dtype, out=buf), quick=True)
         best, best_cfg = float("inf"), (None, None)
         for per_prog, warps in grid:
             try:
-                t = bench(lambda: nf4.dequantize_nf4_triton(q, dtype, out=buf, blocks_per_prog=per_prog,
-                                                            num_warps=warps))
+                t = bench(lambda: nf4.dequantize_nf4_triton(next_q(), dtype, out=buf, blocks_per_prog=per_prog,
+                                                            num_warps=warps), quick=True)
             except Exception:  # a launch the device cannot compile is skipped
                 continue
             if t < best:
@@ -364,13 +366,13 @@ def sweep_gemv(args, shapes, weights, randn, bench, mm):
     if args.smoke:
         shapes, grid = shapes[:1], grid[:2]
     for (n, k), m in itertools.product(shapes, small):
-        q = weights[(n, k)][0]
+        next_q = weights[(n, k)][3]  # cycles through the copies: no L2 reuse between calls
         x = randn(m, k)
-        default = bench(lambda: mm.nf4_gemv_forward(x, q), m)
+        default = bench(lambda: mm.nf4_gemv_forward(x, next_q()), m, quick=True)
         best, best_cfg = float("inf"), None
         for cfg in grid:
             try:
-                t = bench(lambda cfg=cfg: mm.nf4_gemv_forward(x, q, cfg), m)
+                t = bench(lambda cfg=cfg: mm.nf4_gemv_forward(x, next_q(), cfg), m, quick=True)
             except Exception:  # a config the device cannot compile or fit is skipped
                 continue
             if t < best:
