@@ -27,8 +27,8 @@ skipped, with a note in the results, when transformers or bitsandbytes does not 
 
 ``--breakdown N`` times nothing against the peer: it builds random 3B NF4 weights in memory (no
 checkpoint written), decodes N tokens at batch 1 with static steps (the same kernels a graph replays)
-under ``torch.profiler``, once with the default NF4 paths and once with the gemv kernel, and prints
-the kernels by GPU time per step.
+under ``torch.profiler``, once with the gemv kernel off (dequantize + cuBLAS) and once with it on, and
+prints the kernels by GPU time per step (the 8-token prefill is one of the N forwards counted).
 """
 
 from __future__ import annotations
@@ -59,12 +59,10 @@ def parse_args(argv=None):
 
 
 @contextlib.contextmanager
-def gemv_on():
-    """The gemv kernel on for every M it takes, whatever GEMV_MAX_M says."""
-    from bezoar_kernels import nf4_matmul as mm
-
+def gemv_max_m(value: int):
+    """BEZOAR_NF4_GEMV_MAX_M set to ``value`` for the block, restored after."""
     old = os.environ.get("BEZOAR_NF4_GEMV_MAX_M")
-    os.environ["BEZOAR_NF4_GEMV_MAX_M"] = str(mm.GEMV_MAX_ROWS)
+    os.environ["BEZOAR_NF4_GEMV_MAX_M"] = str(value)
     try:
         yield
     finally:
@@ -72,6 +70,18 @@ def gemv_on():
             os.environ.pop("BEZOAR_NF4_GEMV_MAX_M", None)
         else:
             os.environ["BEZOAR_NF4_GEMV_MAX_M"] = old
+
+
+def gemv_on():
+    """The gemv kernel on for every M it takes, whatever GEMV_MAX_M says."""
+    from bezoar_kernels import nf4_matmul as mm
+
+    return gemv_max_m(mm.GEMV_MAX_ROWS)
+
+
+def gemv_off():
+    """The gemv kernel off: every M dequantizes and multiplies with cuBLAS."""
+    return gemv_max_m(0)
 
 
 def same_prefix(a, b) -> int:
@@ -100,7 +110,7 @@ def breakdown(args, device, dtype) -> int:
     print(f"built random {config.num_hidden_layers}-layer NF4 weights in {time.perf_counter() - t0:.1f}s")
     ids = torch.randint(3, config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    for label, ctx in (("default NF4 paths", contextlib.nullcontext), ("gemv kernel", gemv_on)):
+    for label, ctx in (("dequant + cuBLAS", gemv_off), ("gemv kernel", gemv_on)):
         with ctx():
             decoder = Decoder(model, "static")
 
@@ -132,7 +142,7 @@ def breakdown(args, device, dtype) -> int:
         for r in rows:
             r["share"] = r["us_per_step"] * steps / total if total else None
         where = "GPU" if cuda else "CPU (smoke: operator self time)"
-        print(f"\n{label}: {steps} static steps at batch 1 (plus an 8-token prefill): {wall_ms / steps:.3f} ms "
+        print(f"\n{label}: {steps} forwards at batch 1 (an 8-token prefill, then static steps): {wall_ms / steps:.3f} ms "
               f"per step wall clock, {total / steps / 1e3:.3f} ms per step of {where} time\n")
         print(common.markdown_table(rows[:15], ["kernel", "calls_per_step", "us_per_step", "share"]))
     return 0

@@ -17,9 +17,9 @@ Measures, side by side in one run (bf16, CUDA):
   with ``--sweep-gemv`` likewise for the gemv kernel at M = 1, 4, 8, and with ``--sweep-dequant``
   for the dequantize launch (blocks per program, warps).
 
-``--timing graph`` times every case as CUDA-graph replays of 20 calls in a row (2 above M = 256),
-divided by 20: GPU time only, the graph's launch latency spread as inside a decode step. Every case
-cycles through 8 copies of its weights, so back-to-back calls do not find them in L2.
+``--timing graph`` times every case as CUDA-graph replays of 8 calls in a row (2 above M = 256),
+divided by the calls: GPU time only, the graph's launch latency spread as inside a decode step. Every
+case cycles through 8 copies of its weights, so the calls of one replay do not find them in L2.
 
 Then it checks the targets of issue 3 and prints which were met. bitsandbytes columns are left
 empty with a note when it does not import. Usage::
@@ -43,8 +43,9 @@ MS = [1, 4, 16, 64, 256, 1024, 4096, 16384]
 SMOKE_SHAPES = [(96, 128)]
 SMOKE_MS = [1, 40]  # either side of FUSED_MAX_M
 COPY_BYTES = 1 << 30
-WEIGHT_COPIES = 8  # per shape, cycled through by every case: 8 x 14 MB of NF4 (8640x3200) is twice the L2
-GRAPH_CALLS = 20  # calls per graph replay with --timing graph (M <= 256)
+WEIGHT_COPIES = 8  # per shape, cycled through by every case, so back-to-back calls find no weight in L2
+GRAPH_CALLS = WEIGHT_COPIES  # calls per graph replay with --timing graph (M <= 256): each reads its own copy,
+# and do_bench clears L2 between replays
 
 
 def parse_args():
@@ -202,9 +203,6 @@ def main() -> int:
                 times[name] = bench(fn, meta[name].get("m"))
             except Exception as exc:  # one failing peer must not hide the others' numbers
                 print(f"{name}: failed ({type(exc).__name__}: {exc})")
-        sweep_rows = sweep_fused(args, shapes, ms, weights, randn, bench, mm, backend) if args.sweep else []
-        gemv_rows = sweep_gemv(args, shapes, weights, randn, bench, mm) if args.sweep_gemv else []
-        dequant_sweep = sweep_dequant(args, shapes, weights, bench, nf4, dtype) if args.sweep_dequant else []
 
     # ---- tables ----------------------------------------------------------------------------
     copy_ms = times["copy/device_to_device"]
@@ -270,18 +268,6 @@ def main() -> int:
         print(f"  {key}: {m if m is not None else 'none in range'}")
     print(f"gemv is the fastest NF4 forward on every shape up to M = {gemv_max} "
           f"(GEMV_MAX_M is now {mm.gemv_max_m()}; the kernel takes M <= {mm.GEMV_MAX_ROWS})")
-    if sweep_rows:
-        print("\nfused config sweep (best per case vs the default heuristic)\n")
-        print(common.markdown_table(sweep_rows, ["dir", "shape", "M", "default_ms", "best_ms", "best_config"]))
-
-    if dequant_sweep:
-        print("\ndequantize launch sweep (best per shape vs the default)\n")
-        print(common.markdown_table(dequant_sweep, ["shape", "default_ms", "best_ms", "best_blocks_per_prog",
-                                                    "best_num_warps"]))
-    if gemv_rows:
-        print("\ngemv config sweep (best per case vs the default heuristic)\n")
-        print(common.markdown_table(gemv_rows, ["shape", "M", "default_ms", "best_ms", "best_config"]))
-
     targets = check_targets(rows, dequant_rows, ms)
     if args.smoke:  # interpreter timings say nothing about the GPU
         targets = [dict(t, status="smoke, not evaluated") for t in targets]
@@ -291,15 +277,36 @@ def main() -> int:
     if bnb_note:
         print(f"\nnote: {bnb_note}")
 
-    common.write_results("nf4" if timing == "eager" else "nf4-graph", rows + dequant_rows, args, extra={
-        "dtype": str(dtype), "timing": timing, "copy_GBps": copy_gbs, "crossover_M": crossover, "fused_max_m": mm.fused_max_m(),
-        "gemv_fastest_up_to_M": gemv_max, "gemv_max_m": mm.gemv_max_m(), "targets": targets, "sweep": sweep_rows, "sweep_gemv": gemv_rows, "sweep_dequant": dequant_sweep,
-        "bnb_note": bnb_note,
-    })
+    extra = {
+        "dtype": str(dtype), "timing": timing, "graph_calls": GRAPH_CALLS if graph_timing else None,
+        "weight_copies": copies, "copy_GBps": copy_gbs, "crossover_M": crossover, "fused_max_m": mm.fused_max_m(),
+        "gemv_fastest_up_to_M": gemv_max, "gemv_max_m": mm.gemv_max_m(), "targets": targets, "bnb_note": bnb_note,
+    }
+    name = "nf4" if timing == "eager" else "nf4-graph"
+    # The main tables are written before the sweeps start, so a run stopped by its time limit keeps them.
+    common.write_results(name, rows + dequant_rows, args, extra=extra)
+    if not (args.sweep or args.sweep_gemv or args.sweep_dequant):
+        return 0
+
+    with backend("triton"):
+        if args.sweep:
+            extra["sweep"] = sweep_fused(args, shapes, ms, weights, randn, bench, mm)
+            print("\nfused config sweep (best per case vs the default heuristic)\n")
+            print(common.markdown_table(extra["sweep"], ["dir", "shape", "M", "default_ms", "best_ms", "best_config"]))
+        if args.sweep_dequant:
+            extra["sweep_dequant"] = sweep_dequant(args, shapes, weights, bench, nf4, dtype)
+            print("\ndequantize launch sweep (best per shape vs the default)\n")
+            print(common.markdown_table(extra["sweep_dequant"], ["shape", "default_ms", "best_ms",
+                                                                 "best_blocks_per_prog", "best_num_warps"]))
+        if args.sweep_gemv:
+            extra["sweep_gemv"] = sweep_gemv(args, shapes, weights, randn, bench, mm)
+            print("\ngemv config sweep (best per case vs the default heuristic)\n")
+            print(common.markdown_table(extra["sweep_gemv"], ["shape", "M", "default_ms", "best_ms", "best_config"]))
+    common.write_results(name, rows + dequant_rows, args, extra=extra)
     return 0
 
 
-def sweep_fused(args, shapes, ms, weights, randn, bench, mm, backend):
+def sweep_fused(args, shapes, ms, weights, randn, bench, mm):
     """Time a grid of fused-kernel configs at small M; report the best next to the default."""
     import itertools
 
@@ -308,7 +315,7 @@ def sweep_fused(args, shapes, ms, weights, randn, bench, mm, backend):
     if args.smoke:
         shapes, small = shapes[:1], small[:1]
     for (n, k), m in itertools.product(shapes, small):
-        q = weights[(n, k)][0]
+        next_q = weights[(n, k)][3]  # cycles through the copies: no L2 reuse between calls
         x, dy = randn(m, k), randn(m, n)
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
         grid = [mm.FusedConfig(block_m, bn, split, warps, stages)
@@ -317,13 +324,14 @@ def sweep_fused(args, shapes, ms, weights, randn, bench, mm, backend):
             grid = grid[:1]
         for kind in ("fwd", "bwd"):
             def run(cfg, kind=kind):
+                q = next_q()
                 return mm.nf4_fused_forward(x, q, cfg) if kind == "fwd" else mm.nf4_fused_backward(dy, q, cfg)
 
-            default = bench(lambda: run(None))
+            default = bench(lambda: run(None), m, quick=True)
             best, best_cfg = float("inf"), None
             for cfg in grid:
                 try:
-                    t = bench(lambda cfg=cfg: run(cfg))
+                    t = bench(lambda cfg=cfg: run(cfg), m, quick=True)
                 except Exception:  # a config the device cannot fit (shared memory) is skipped
                     continue
                 if t < best:

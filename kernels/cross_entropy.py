@@ -290,7 +290,8 @@ def _autocast_operands(hidden, weight):
     if not torch.is_autocast_enabled(device_type):
         return hidden, weight, False
     dtype = torch.get_autocast_dtype(device_type)
-    cast = [t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t for t in (hidden, weight)]
+    castable = (torch.float32, torch.float16, torch.bfloat16)  # autocast leaves float64 alone
+    cast = [t.to(dtype) if t.dtype in castable and t.dtype != dtype else t for t in (hidden, weight)]
     return cast[0], cast[1], True
 
 
@@ -302,9 +303,9 @@ def linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100, reduc
     ``mean`` over non-ignored tokens (0 of them gives 0). Triton on CUDA: logits exist one
     chunk of ``chunk_tokens`` rows at a time (default: chosen from V, see chunk_tokens_for).
     """
+    hidden, weight, autocasting = _autocast_operands(hidden, weight)
     if not use_triton(hidden, weight, labels):  # the reference checks its inputs
         return linear_cross_entropy_reference(hidden, weight, labels, ignore_index, reduction)
-    hidden, weight, autocasting = _autocast_operands(hidden, weight)
     _check(hidden, weight, labels, reduction)
     _check_label_range(labels, weight.shape[0], ignore_index)
     with torch.autocast(hidden.device.type, enabled=False) if autocasting else contextlib.nullcontext():
@@ -330,9 +331,9 @@ def linear_token_logprobs(hidden, weight, labels, ignore_index: int = -100,
     Differentiable w.r.t. hidden and, if it requires grad, weight, for any per-token upstream
     gradient. Never holds more than one (chunk, V) block of logits.
     """
+    hidden, weight, autocasting = _autocast_operands(hidden, weight)
     if not use_triton(hidden, weight, labels):  # the reference checks its inputs
         return linear_token_logprobs_reference(hidden, weight, labels, ignore_index)
-    hidden, weight, autocasting = _autocast_operands(hidden, weight)
     _check(hidden, weight, labels, "sum")
     _check_label_range(labels, weight.shape[0], ignore_index)
     with torch.autocast(hidden.device.type, enabled=False) if autocasting else contextlib.nullcontext():

@@ -38,10 +38,11 @@ The base GEMM runs on one of three paths (``path``, chosen by M when "auto"):
   for small M where the product is memory-bound (decoding, evaluation); a dense W is read as is.
   Small grids split the reduction into fp32 partials (split 0 carries the LoRA term).
 * ``dequant``: the Triton dequantize kernel writes W into a reused buffer, then the Triton
-  dense GEMM with the LoRA epilogue runs on it (large M, training).
-* ``cublas``: W dequantized into the buffer, the base product by cuBLAS, then the same kernel
-  adds the LoRA term in place over y (and over dx): one extra read and write of y and of dx.
-  It trades the fused epilogue for cuBLAS's GEMM; bench/lora.py measures both.
+  dense GEMM with the LoRA epilogue runs on it.
+* ``cublas`` (what "auto" takes for large M, training): W dequantized into the buffer, the base
+  product by cuBLAS, then the same kernel adds the LoRA term in place over y (and over dx): one
+  extra read and write of y and of dx. It trades the fused epilogue for cuBLAS's GEMM, and on an
+  H200 cuBLAS's GEMM won by more than the extra pass costs (``LARGE_M_PATH`` gives the figures).
 
 Fused q/k/v (``lora_qkv``): three projections in each launch. The down and dA launches read a
 tile of x once from DRAM for the three (the three programs of one tile run side by side and

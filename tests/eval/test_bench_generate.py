@@ -46,7 +46,7 @@ def test_bench_generate_breakdown_smoke(capsys):
     spec.loader.exec_module(bench)
     assert bench.main(["--smoke", "--breakdown", "2"]) == 0
     out = capsys.readouterr().out
-    for label in ("default NF4 paths", "gemv kernel"):
-        assert f"{label}: 2 static steps at batch 1" in out
+    for label in ("dequant + cuBLAS", "gemv kernel"):
+        assert f"{label}: 2 forwards at batch 1" in out
     assert out.count("| kernel | calls_per_step | us_per_step | share |") == 2
     assert "BEZOAR_NF4_GEMV_MAX_M" not in os.environ  # gemv_on restored the environment

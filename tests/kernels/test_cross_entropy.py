@@ -149,6 +149,12 @@ def test_fp32_operands_under_autocast_match_the_autocast_reference(op, weight_gr
     assert all(g.dtype == torch.float32 for g in results["fused"][1:])
     for what, got, want in zip(["value", "dhidden", "dweight"], results["fused"], results["reference"]):
         assert_close(got, want, 2e-3, 1e-2, what)
+    # the torch backend takes the same mixed operands (F.linear under autocast would)
+    with backend("torch"), torch.autocast("cpu", dtype=torch.float16):
+        assert_close(run(fused, hidden.half(), weight), results["reference"][0], 2e-3, 1e-2, "torch backend")
+    with torch.autocast("cpu", dtype=torch.float16):  # as autocast itself, float64 is left alone
+        h64, w64, on = ce._autocast_operands(hidden.double(), weight.double())
+    assert on and h64.dtype == w64.dtype == torch.float64
     # and it really ran in half precision: the fp32 result differs by more than fp16 rounding allows for
     with backend("triton"):
         exact = run(fused, hidden, weight)
