@@ -113,7 +113,9 @@ def test_hang_times_out(fake_server, api_keys, name):
     with pytest.raises(ProviderError) as info:
         send(name, server, Request(messages=[{"role": "user", "content": "x"}]), timeout=0.3)
     assert info.value.kind == P.RETRY and info.value.reason == "timeout"
-    assert time.monotonic() - t0 < 3
+    # The server would hang for an hour: finishing at all within 30 s proves the 0.3 s timeout fired.
+    # A tighter bound measured the SDK's client start-up on a loaded 2-core CI machine (3.4 s once).
+    assert time.monotonic() - t0 < 30
 
 
 @pytest.mark.parametrize("name", PROVIDER_NAMES)
