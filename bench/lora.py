@@ -6,15 +6,16 @@ dropout 0.05 (the OpenBezoar setting), the time of one forward + backward (dx, a
 there is an adapter; ``torch.autograd.grad``, so nothing accumulates):
 
 * ``nf4_only``: bezoar's NF4 matmul alone (what dispatch picks: dequant + cuBLAS at these M);
-* ``lora_auto`` / ``lora_dequant`` / ``lora_cublas``: bezoar's fused NF4 + LoRA op on the path
-  "auto" picks and on each large-M path;
+* ``lora_auto`` / ``lora_dequant`` / ``lora_cublas`` / ``lora_concat``: bezoar's fused NF4 + LoRA
+  op on the path "auto" picks and on each large-M path;
 * ``peft_style``: bezoar's NF4 matmul plus PEFT's LoRA arithmetic as separate torch ops
   (``F.dropout``, two ``F.linear``, scale, add): the ~1.3x the issue quotes;
 * ``bnb_peft``: bitsandbytes ``matmul_4bit`` as the base plus the same PEFT arithmetic (what
   PEFT's bnb ``Linear4bit`` LoRA layer runs), and ``bnb_only``; empty when bitsandbytes does not
   import (it is not installed on the measuring GPU box);
-* q/k/v (3200x3200 x3): ``qkv_nf4_only`` (three NF4 matmuls), ``qkv_lora_fused`` (``lora_qkv``)
-  and ``qkv_lora_separate`` (three ``lora_linear`` calls).
+* q/k/v (3200x3200 x3): ``qkv_nf4_only`` (three NF4 matmuls), ``qkv_lora_fused`` (``lora_qkv``
+  on the path "auto" picks), ``qkv_lora_concat`` (``lora_qkv`` on the concat path) and
+  ``qkv_lora_separate`` (three ``lora_linear`` calls).
 
 Ratios are over ``nf4_only`` (``qkv_nf4_only`` for q/k/v); the target of issue 4 is
 ``lora_auto / nf4_only <= 1.10`` at every shape, M and r. ``--sweep`` also times a grid of tile
@@ -39,8 +40,8 @@ RANKS = [16, 64]
 SMOKE_SHAPES = [(64, 128)]
 SMOKE_MS = [24]
 SMOKE_RANKS = [8]
-LORA_PEERS = ["lora_auto", "lora_dequant", "lora_cublas", "peft_style", "bnb_peft"]
-QKV_PEERS = ["qkv_lora_fused", "qkv_lora_separate"]
+LORA_PEERS = ["lora_auto", "lora_dequant", "lora_cublas", "lora_concat", "peft_style", "bnb_peft"]
+QKV_PEERS = ["qkv_lora_fused", "qkv_lora_concat", "qkv_lora_separate"]
 
 
 def parse_args():
@@ -142,7 +143,7 @@ def main() -> int:
                 b = randn(n, r, scale=0.02, dt=torch.float32).requires_grad_(True)
                 s = 16 / r
                 rkey = dict(key, r=r)
-                for path in ("auto", "dequant", "cublas"):
+                for path in ("auto", "dequant", "cublas", "concat"):
                     add(f"lora_{path}/{tag}/M={m}/r={r}",
                         fwd_bwd(lambda x=x, q=q, a=a, b=b, s=s, path=path:
                                 L.lora_linear_triton(x, q, a, b, s, p_drop, True, 1234, path), [x, a, b], dy),
@@ -181,6 +182,10 @@ def main() -> int:
             add(f"qkv_lora_fused/M={m}/r={r}",
                 fwd_bwd(lambda x=x, ads=ads: L.lora_qkv_triton(x, qkv_w, ads, p_drop, True, (1, 2, 3)), params, dys),
                 peer="qkv_lora_fused", **dict(key, r=r))
+            add(f"qkv_lora_concat/M={m}/r={r}",
+                fwd_bwd(lambda x=x, ads=ads: L.lora_qkv_triton(x, qkv_w, ads, p_drop, True, (1, 2, 3), "concat"),
+                        params, dys),
+                peer="qkv_lora_concat", **dict(key, r=r))
             add(f"qkv_lora_separate/M={m}/r={r}",
                 fwd_bwd(lambda x=x, ads=ads: tuple(
                     L.lora_linear_triton(x, w, ad.lora_a, ad.lora_b, ad.scaling, p_drop, True, j)

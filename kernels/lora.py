@@ -39,6 +39,13 @@ The base GEMM runs on one of three paths (``path``, chosen by M when "auto"):
   Small grids split the reduction into fp32 partials (split 0 carries the LoRA term).
 * ``dequant``: the Triton dequantize kernel writes W into a reused buffer, then the Triton
   dense GEMM with the LoRA epilogue runs on it.
+* ``concat`` (forward; its backward is ``cublas``'s): the LoRA term rides in the base GEMM's
+  reduction. W_j is dequantized into the first K columns of a wider (Ncat, K + P * r8) buffer whose
+  column block j holds s_j * B_j for projection j's rows and zeros elsewhere (r8: r rounded up to 8),
+  and x into the first K columns of an (M, K + P * r8) copy that holds xa_j in block j. One cuBLAS GEMM
+  then gives every y_j = x @ W_j.T + s_j * xa_j @ B_j.T with no pass over y: the cost moves from a
+  read and write of y (M x Ncat) to a write of x (M x K), which pays when Ncat > K / 2 (q/k/v fused,
+  gate and up; not down). Needs K a multiple of the blocksize for NF4 (the strided dequantize).
 * ``cublas`` (what "auto" takes for large M, training): W dequantized into the buffer, the base
   product by cuBLAS, then the same kernel adds the LoRA term in place over y (and over dx): one
   extra read and write of y and of dx. It trades the fused epilogue for cuBLAS's GEMM, and on an
@@ -86,7 +93,7 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-PATHS = ("auto", "fused", "dequant", "cublas")
+PATHS = ("auto", "fused", "dequant", "cublas", "concat")
 # What "auto" takes above the fused threshold; env BEZOAR_LORA_LARGE_M_PATH. bench/lora.py on an H200
 # (2026-11-26, bench/results/lora-NVIDIA_H200-2026-11-26.json), forward + backward as CUDA-graph replays
 # (GPU time): cuBLAS for the base product plus the LoRA epilogue pass took 1.18-1.55x NF4 alone on all 12
@@ -211,7 +218,7 @@ def large_m_path() -> str:
 
 
 def resolve_path(path: str | None, m: int, has_lora: bool = True) -> str:
-    """The concrete path for M rows: "fused", "dequant" or "cublas"."""
+    """The concrete path for M rows: "fused", "dequant", "cublas" or "concat"."""
     path = path or "auto"
     if path not in PATHS:
         raise ValueError(f"lora path {path!r}: expected one of {', '.join(PATHS)}")
@@ -863,12 +870,64 @@ def _base_weights(plan: _Plan, dtype: torch.dtype) -> tuple[int, list[torch.Tens
         if path == "fused":
             return _BASE_NF4, list(plan.weights), None
         block = dequantized(plan.weights, dtype)
-        return (_BASE_IN_OUT if path == "cublas" else _BASE_DENSE), _split_rows(block, plan.out_features), block
+        return (_BASE_IN_OUT if path in ("cublas", "concat") else _BASE_DENSE), _split_rows(block, plan.out_features), block
     dense = [w.detach().contiguous() for w in plan.weights]
-    if path == "cublas":
+    if path in ("cublas", "concat"):  # concat's backward, and its forward where it cannot run, are cublas's
         cast = [w.to(dtype) for w in dense]
         return _BASE_IN_OUT, cast, cast[0] if len(cast) == 1 else torch.cat(cast)
     return _BASE_DENSE, dense, None
+
+
+def _concat_ok(plan: _Plan, k: int) -> bool:
+    """Whether the ``concat`` forward can run: adapters, and an NF4 K the strided dequantize takes."""
+    return plan.has_lora and (not plan.nf4 or k % plan.weights[0].blocksize == 0)
+
+
+def _concat_width(r: int) -> int:
+    """Columns per projection's LoRA block: r rounded up to 8 (16-byte rows for bf16 and cuBLAS)."""
+    return -(-r // 8) * 8
+
+
+def _concat_weights(plan: _Plan, b: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """The (Ncat, K + P * r8) matrix [W_j | 0 .. s_j B_j .. 0] stacked over j, in the reused buffer."""
+    ns = plan.out_features
+    p, r = plan.projections, b.shape[1]
+    width = _concat_width(r)
+    kc = k + p * width
+    n_total = sum(ns)
+    key = (b.device, dtype)
+    buf = _dequant_buffers.get(key)
+    if buf is None or buf.numel() < n_total * kc:
+        _dequant_buffers.pop(key, None)
+        buf = torch.empty(n_total * kc, dtype=dtype, device=b.device)
+        _dequant_buffers[key] = buf
+    wide = buf[: n_total * kc].view(n_total, kc)
+    wide[:, k:].zero_()
+    start = 0
+    for j, (w, n) in enumerate(zip(plan.weights, ns)):
+        rows = slice(start, start + n)
+        if plan.nf4:
+            dequantize_nf4_triton(w, dtype, out=wide[rows, :k])
+        else:
+            wide[rows, :k].copy_(w.detach())
+        lo = k + j * width
+        wide[rows, lo: lo + r].copy_(b[rows].float() * plan.scalings[j])  # never in place: b is saved
+        start += n
+    return wide
+
+
+def _concat_forward(x: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """y (M, Ncat) = [x | xa_0 | xa_1 | ...] @ [W_j | .. s_j B_j ..].T: one cuBLAS GEMM, no pass over y."""
+    m, k = x.shape
+    p, _, r = xa.shape
+    width = _concat_width(r)
+    wide_x = torch.empty((m, k + p * width), dtype=x.dtype, device=x.device)
+    wide_x[:, :k].copy_(x)
+    if width != r:
+        wide_x[:, k:].zero_()
+    for j in range(p):
+        wide_x[:, k + j * width: k + j * width + r].copy_(xa[j])
+    return torch.matmul(wide_x, _concat_weights(plan, b, k, x.dtype).t())
 
 
 def _lora_down(x: torch.Tensor, a: torch.Tensor, plan: _Plan) -> torch.Tensor:
@@ -893,6 +952,8 @@ def _gemm_forward(x: torch.Tensor, plan: _Plan, xa: torch.Tensor | None, b: torc
     ns = plan.out_features
     n_total = sum(ns)
     dtype = x.dtype
+    if plan.path == "concat" and _concat_ok(plan, k):
+        return _concat_forward(x, xa, b, plan)
     base, weights, stacked = _base_weights(plan, dtype)
     if base == _BASE_IN_OUT:
         y = torch.matmul(x, stacked.t())
@@ -1145,7 +1206,7 @@ def lora_linear(x: torch.Tensor, weight, lora_a: torch.Tensor, lora_b: torch.Ten
     (N, r): any float dtype (fp32 masters), computed in x's dtype, gradients in their own dtype.
     Dropout with probability ``dropout_p`` applies when ``training``; its mask is a function of
     ``seed`` and the element's (row, column) in x viewed as (M, K). ``path``: "auto" (by M),
-    "fused", "dequant" or "cublas" (see the module docstring). Triton or torch by dispatch.
+    "fused", "dequant", "cublas" or "concat" (see the module docstring). Triton or torch by dispatch.
     """
     tensors = [x] + ([weight.packed] if isinstance(weight, NF4Weight) else [weight])
     if dispatch.use_triton(*tensors) and lora_a.shape[0] <= MAX_KERNEL_RANK:  # larger ranks: the reference

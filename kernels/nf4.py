@@ -377,20 +377,26 @@ if triton is not None:
         # pointers
         packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, out_ptr,
         # sizes and scalars
-        n_elements, n_bytes, n_blocks, offset,
+        n_elements, n_bytes, n_blocks, offset, row_blocks, out_row_stride,
         # meta
         BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROG: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
-        EVEN: tl.constexpr,
+        EVEN: tl.constexpr, STRIDED: tl.constexpr,
     ):
         """One program dequantizes BLOCKS_PER_PROG blocks: reads bytes contiguously, writes values contiguously.
 
         EVEN (whole programs of whole blocks, as the model's shapes are): no masks, so the compiler can
-        use 16-byte loads and stores; a mask that varies inside a vector splits it into scalar accesses."""
+        use 16-byte loads and stores; a mask that varies inside a vector splits it into scalar accesses.
+        STRIDED: W's rows of ``row_blocks`` whole blocks go ``out_row_stride`` values apart in out (a
+        wider buffer with other columns beside W); each block still lands contiguously."""
         HALF: tl.constexpr = BLOCKSIZE // 2
         rows = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROG + tl.arange(0, BLOCKS_PER_PROG)
         row_ok = rows < n_blocks
         byte_index = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
-        element = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+        if STRIDED:
+            start = (rows // row_blocks) * out_row_stride + (rows % row_blocks) * BLOCKSIZE
+            element = start[:, None] + tl.arange(0, BLOCKSIZE)[None, :]
+        else:
+            element = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
         if EVEN:
             byte = tl.load(packed_ptr + byte_index)
         else:
@@ -402,6 +408,8 @@ if triton is not None:
         values = tl.reshape(tl.join(hi, lo), (BLOCKS_PER_PROG, BLOCKSIZE)).to(out_ptr.dtype.element_ty)
         if EVEN:
             tl.store(out_ptr + element, values)
+        elif STRIDED:  # whole blocks (K is a multiple of the blocksize): only the last program's rows can run over
+            tl.store(out_ptr + element, values, mask=row_ok[:, None])
         else:
             tl.store(out_ptr + element, values, mask=element < n_elements)
 
@@ -436,18 +444,30 @@ def quantize_nf4_triton(weight: torch.Tensor, blocksize: int = 64, double_quant:
 def dequantize_nf4_triton(weight: NF4Weight, dtype: torch.dtype | None = None,
                           out: torch.Tensor | None = None, blocks_per_prog: int | None = None,
                           num_warps: int = 4) -> torch.Tensor:
-    """Dequantize with the Triton kernel into ``out`` (any contiguous tensor of numel values) or a new tensor.
+    """Dequantize with the Triton kernel into ``out`` or a new tensor.
 
+    ``out``: any contiguous tensor of numel values, or a 2-D (N, K) view with unit column stride and
+    any row stride (W's columns inside a wider buffer) when K is a multiple of the blocksize.
     ``blocks_per_prog`` (a power of two; default by device, see ``_blocks_per_prog``) and ``num_warps``
     set the launch; bench/nf4.py --sweep-dequant times the alternatives."""
     if blocks_per_prog is not None and (blocks_per_prog < 1 or blocks_per_prog & (blocks_per_prog - 1)):
         raise ValueError(f"dequantize_nf4: blocks_per_prog must be a power of two, got {blocks_per_prog}")
     dtype = dtype or weight.dtype
     n = weight.numel
+    strided = False
     if out is None:
         out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
-    elif out.dtype != dtype or out.numel() != n or not out.is_contiguous() or out.device != weight.device:
-        raise ValueError(f"dequantize_nf4: out must be contiguous {dtype} with {n} values on {weight.device}")
+    elif out.dtype != dtype or out.numel() != n or out.device != weight.device:
+        raise ValueError(f"dequantize_nf4: out must be {dtype} with {n} values on {weight.device}")
+    elif not out.is_contiguous():
+        rows, cols = (weight.shape[0], weight.shape[1]) if len(weight.shape) == 2 else (0, 0)
+        if (out.dim() != 2 or tuple(out.shape) != (rows, cols) or out.stride(1) != 1
+                or cols % weight.blocksize != 0):
+            raise ValueError(
+                f"dequantize_nf4: out must be contiguous, or a ({rows}, {cols}) view with unit column stride "
+                f"and K a multiple of the blocksize {weight.blocksize}; got shape {tuple(out.shape)} "
+                f"strides {out.stride()}")
+        strided = True
     per_prog = blocks_per_prog or _blocks_per_prog(weight.num_blocks, weight.blocksize)
     grid = (cdiv(weight.num_blocks, per_prog),)
     dq = weight.double_quant
@@ -456,8 +476,9 @@ def dequantize_nf4_triton(weight: NF4Weight, dtype: torch.dtype | None = None,
         weight.nested_absmax if dq else weight.absmax, weight.nested_code if dq else weight.absmax,
         nf4_code(weight.device), out,
         n, weight.packed.numel(), weight.num_blocks, weight.offset if dq else 0.0,
+        weight.shape[-1] // weight.blocksize if strided else 1, out.stride(0) if strided else 0,
         BLOCKSIZE=weight.blocksize, BLOCKS_PER_PROG=per_prog, DOUBLE_QUANT=dq, NESTED=NESTED_BLOCKSIZE,
-        EVEN=n == weight.num_blocks * weight.blocksize and weight.num_blocks % per_prog == 0,
+        EVEN=n == weight.num_blocks * weight.blocksize and weight.num_blocks % per_prog == 0, STRIDED=strided,
         num_warps=num_warps, enable_fp_fusion=False,
     )
     return out

@@ -43,7 +43,7 @@ BENCHES=(
   "kernels 90"
   "nf4 80"
   "generate 180 --batches 1"
-  "lora 90"
+  "lora 120"
 )
 
 OUT_DIR=${OUT:-/tmp/bezoar-gpu-out}  # $OUT is set on the device machine

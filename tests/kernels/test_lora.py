@@ -76,7 +76,7 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("path", ["fused", "dequant", "cublas"])
+@pytest.mark.parametrize("path", ["fused", "dequant", "cublas", "concat"])
 @pytest.mark.parametrize("kind", ["nf4", "dense"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("m,n,k,r,blocksize,double_quant", SHAPES)
@@ -96,7 +96,7 @@ def test_lora_linear_matches_reference(m, n, k, r, blocksize, double_quant, dtyp
     _compare(got, want, dtype, f"{kind}/{path}", k, m)
 
 
-@pytest.mark.parametrize("path", ["fused", "dequant", "cublas"])
+@pytest.mark.parametrize("path", ["fused", "dequant", "cublas", "concat"])
 @pytest.mark.parametrize("kind,dtype", [("nf4", torch.float32), ("dense", torch.float16), ("nf4", torch.float16)])
 def test_qkv_matches_reference(kind, dtype, path):
     """GQA-like q/k/v (Nq != Nk = Nv), odd K, three independent dropout masks."""
@@ -123,7 +123,7 @@ def test_qkv_matches_reference(kind, dtype, path):
         assert_close(got[0][j], alone[j].detach(), *TOLERANCES[dtype], name=f"qkv output {j} vs alone")
 
 
-@pytest.mark.parametrize("path", ["fused", "cublas"])
+@pytest.mark.parametrize("path", ["fused", "cublas", "concat"])
 def test_qkv_without_adapters_is_the_base(path):
     k = 128
     weights = [_base(n, k, "nf4", torch.float32, seed=j) for j, n in enumerate((64, 32, 32))]
@@ -132,6 +132,51 @@ def test_qkv_without_adapters_is_the_base(path):
         q, kk, v = L.lora_qkv(x, weights, None, 0.5, True, (1, 2, 3), path)
     for out, w in zip((q, kk, v), weights):
         assert_close(out, x @ nf4.dequantize_nf4_reference(w, torch.float32).t(), 1e-5, 1e-5, name="base only")
+
+
+@pytest.mark.parametrize("kind,dtype", [("nf4", torch.float32), ("nf4", torch.float16), ("dense", torch.float16)])
+@pytest.mark.parametrize("projections,r", [(1, 8), (3, 5)])
+def test_concat_forward_runs_and_matches_reference(monkeypatch, kind, dtype, projections, r):
+    """The concat path really takes the one-GEMM forward (r = 5 pads each LoRA block to 8 columns) and
+    equals the reference forward and backward; the shared buffer's extra columns are rewritten each call."""
+    m, k = 23, 128
+    ns = (40, 24, 24)[:projections]
+    weights = [_base(n, k, kind, dtype, seed=j) for j, n in enumerate(ns)]
+    adapters = [_adapter(n, k, r, seed=20 + j, scaling=0.5 + j) for j, n in enumerate(ns)]
+    x = torch.randn(m, k, generator=_gen(2)).to(dtype)
+    dys = [torch.randn(m, n, generator=_gen(3 + j)).to(dtype) for j, n in enumerate(ns)]
+    calls = []
+    monkeypatch.setattr(L, "_concat_forward", lambda *a, _f=L._concat_forward: calls.append(1) or _f(*a))
+
+    def fn(xx, ads):
+        if projections == 3:
+            return L.lora_qkv(xx, weights, ads, 0.1, True, (4, 5, 6), "concat")
+        return (L.lora_linear(xx, weights[0], ads[0].lora_a, ads[0].lora_b, ads[0].scaling, 0.1, True, 4, "concat"),)
+
+    want = _run(fn, x, adapters, dys)
+    with backend("triton"):
+        L._dequant_buffers.clear()
+        got = _run(fn, x, adapters, dys)
+        again = _run(fn, x, adapters, dys)  # the reused buffer: stale columns would show here
+    assert len(calls) == 2
+    _compare(got, want, dtype, f"concat {kind} P={projections}", k, m)
+    for a, b in zip(got[0], again[0]):
+        assert torch.equal(a, b)
+
+
+def test_concat_falls_back_where_it_cannot_run(monkeypatch):
+    """NF4 with K not a multiple of the blocksize (the strided dequantize needs whole blocks per row)
+    runs cublas's forward."""
+    calls = []
+    monkeypatch.setattr(L, "_concat_forward", lambda *a: calls.append(1))
+    weight = _base(24, 96, "nf4", torch.float32)  # blocksize 64
+    ad = _adapter(24, 96, 4, seed=1)
+    x = torch.randn(5, 96, generator=_gen(2))
+    with backend("triton"):
+        y = L.lora_linear(x, weight, ad.lora_a, ad.lora_b, ad.scaling, 0.0, False, 0, "concat")
+    want = L.lora_linear_reference(x, weight, ad.lora_a, ad.lora_b, ad.scaling, 0.0, False, 0)
+    assert not calls
+    assert_close(y, want, 1e-5, 1e-5, name="fallback forward")
 
 
 @pytest.mark.parametrize("kind", ["nf4", "dense"])
@@ -406,7 +451,7 @@ def test_bench_smoke():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["fused", "dequant", "cublas"])
+@pytest.mark.parametrize("path", ["fused", "dequant", "cublas", "concat"])
 @pytest.mark.parametrize("m", [1, 16, 333])
 @pytest.mark.parametrize("n,k,r", [(3200, 3200, 16), (8640, 3200, 64), (61, 130, 8)])
 def test_bf16_on_gpu_matches_fp32_product(m, n, k, r, path):
@@ -444,7 +489,7 @@ def test_bf16_on_gpu_matches_fp32_product(m, n, k, r, path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["fused", "dequant", "cublas"])
+@pytest.mark.parametrize("path", ["fused", "dequant", "cublas", "concat"])
 def test_bf16_qkv_on_gpu(path):
     dev = "cuda"
     k, ns, r = 3200, (3200, 3200, 3200), 16

@@ -173,9 +173,23 @@ def test_dequantize_into_out_buffer_and_bad_out():
     out = torch.empty(37 * 61 + 5)[: 37 * 61]
     with backend("triton"):
         nf4.dequantize_nf4_triton(q, torch.float32, out=out)
-        with pytest.raises(ValueError, match="out must be contiguous"):
+        with pytest.raises(ValueError, match="out must be torch.float16"):
             nf4.dequantize_nf4_triton(q, torch.float16, out=out)
+        with pytest.raises(ValueError, match="K a multiple of the blocksize"):  # 61 columns: blocks straddle rows
+            nf4.dequantize_nf4_triton(q, torch.float32, out=torch.empty(37, 70)[:, :61])
     assert torch.equal(out.view(37, 61), nf4.dequantize_nf4_reference(q))
+
+
+@pytest.mark.parametrize("blocksize,blocks_per_prog", [(64, None), (128, None), (64, 4), (64, 64)])
+def test_dequantize_into_columns_of_a_wider_buffer(blocksize, blocks_per_prog):
+    """W's columns inside an (N, K + extra) buffer: the values land there, the other columns are untouched."""
+    q = nf4.quantize_nf4_reference(_weight((19, 256), torch.float32), blocksize, True)  # 19 rows: ragged programs
+    wide = torch.full((19, 256 + 24), 7.0)
+    with backend("triton"):
+        got = nf4.dequantize_nf4_triton(q, torch.float32, out=wide[:, :256], blocks_per_prog=blocks_per_prog)
+    assert got.data_ptr() == wide.data_ptr()
+    assert torch.equal(wide[:, :256], nf4.dequantize_nf4_reference(q))
+    assert torch.all(wide[:, 256:] == 7.0)
 
 
 @pytest.mark.parametrize("blocks_per_prog,num_warps", [(1, 1), (2, 2), (8, 4), (64, 8)])
