@@ -311,17 +311,21 @@ if triton is not None:
 
     @triton.jit
     def _lora_down_kernel(
-        # pointers: x (M, K), A stacked (P, R, K), xa (P, M, R)
-        x_ptr, a_ptr, xa_ptr,
+        # pointers: x (M, K), A stacked (P, R, K), xa (P, M, R), wide (M, K + P * WIDTH) for the concat path
+        x_ptr, a_ptr, xa_ptr, wide_ptr,
         # sizes and scalars
         M, K, R, seed0, seed1, seed2, threshold, keep_scale,
         # strides
-        stride_xm, stride_xk,
+        stride_xm, stride_xk, stride_wm,
         # meta
         P: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr, WIDTH: tl.constexpr,
     ):
-        """xa[j, m, :] = dropout_j(x[m, :]) @ A[j].T; one program per (row block, projection j)."""
+        """xa[j, m, :] = dropout_j(x[m, :]) @ A[j].T; one program per (row block, projection j).
+
+        WIDE (the concat path): also write [x | xa_0 | xa_1 | ...] into ``wide``, x (without dropout)
+        by the j = 0 programs as their tiles go by, and xa_j into column block j of WIDTH columns (the
+        columns past R get zeros)."""
         pid = tl.program_id(0)
         j = pid % P  # the P programs of one row block are neighbours: x comes from DRAM once
         offs_m = (pid // P) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -336,6 +340,10 @@ if triton is not None:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
             x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            if WIDE:
+                if j == 0:
+                    tl.store(wide_ptr + offs_m.to(tl.int64)[:, None] * stride_wm + offs_k[None, :], x,
+                             mask=m_ok[:, None] & k_ok[None, :])
             if DROPOUT:
                 scale = _dropout_scale(offs_m, offs_k, seed, threshold, keep_scale)
                 x = (x.to(tl.float32) * scale).to(x_ptr.dtype.element_ty)
@@ -343,6 +351,10 @@ if triton is not None:
             acc = tl.dot(x, tl.trans(a), acc, input_precision=DOT_PRECISION)
         out = xa_ptr + (j * M + offs_m).to(tl.int64)[:, None] * R + offs_r[None, :]
         tl.store(out, acc.to(xa_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
+        if WIDE:  # acc is 0 past R (A's rows there load as 0), which fills the block's padding
+            cols = K + j * WIDTH + offs_r
+            tl.store(wide_ptr + offs_m.to(tl.int64)[:, None] * stride_wm + cols[None, :],
+                     acc.to(wide_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_r < WIDTH)[None, :])
 
     @triton.jit
     def _lora_fwd_kernel(
@@ -916,22 +928,14 @@ def _concat_weights(plan: _Plan, b: torch.Tensor, k: int, dtype: torch.dtype) ->
     return wide
 
 
-def _concat_forward(x: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """y (M, Ncat) = [x | xa_0 | xa_1 | ...] @ [W_j | .. s_j B_j ..].T: one cuBLAS GEMM, no pass over y."""
-    m, k = x.shape
-    p, _, r = xa.shape
-    width = _concat_width(r)
-    wide_x = torch.empty((m, k + p * width), dtype=x.dtype, device=x.device)
-    wide_x[:, :k].copy_(x)
-    if width != r:
-        wide_x[:, k:].zero_()
-    for j in range(p):
-        wide_x[:, k + j * width: k + j * width + r].copy_(xa[j])
-    return torch.matmul(wide_x, _concat_weights(plan, b, k, x.dtype).t())
+def _concat_forward(wide_x: torch.Tensor, b: torch.Tensor, plan: _Plan, k: int) -> torch.Tensor:
+    """y (M, Ncat) = [x | xa_0 | xa_1 | ...] @ [W_j | .. s_j B_j ..].T: one cuBLAS GEMM, no pass over y.
+    ``wide_x`` is what ``_lora_down`` wrote."""
+    return torch.matmul(wide_x, _concat_weights(plan, b, k, wide_x.dtype).t())
 
 
-def _lora_down(x: torch.Tensor, a: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """xa (P, M, R) in x's dtype."""
+def _lora_down(x: torch.Tensor, a: torch.Tensor, plan: _Plan, wide: torch.Tensor | None = None) -> torch.Tensor:
+    """xa (P, M, R) in x's dtype; with ``wide`` (M, K + P * r8) also [x | xa_0 | ...] written there."""
     m, k = x.shape
     p, r, _ = a.shape
     xa = torch.empty((p, m, r), dtype=x.dtype, device=x.device)
@@ -939,9 +943,10 @@ def _lora_down(x: torch.Tensor, a: torch.Tensor, plan: _Plan) -> torch.Tensor:
     block_m, block_k = _row_block(m, r_pad, p, x.device)
     threshold, keep_scale = _dropout_args(plan)
     _lora_down_kernel[(cdiv(m, block_m) * p,)](
-        x, a, xa, m, k, r, *_three(plan.seeds, 0), threshold, keep_scale, x.stride(0), x.stride(1),
+        x, a, xa, wide if wide is not None else xa, m, k, r, *_three(plan.seeds, 0), threshold, keep_scale,
+        x.stride(0), x.stride(1), wide.stride(0) if wide is not None else 0,
         P=p, DROPOUT=plan.dropout, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k,
-        DOT_PRECISION=_dot_precision(x.dtype), num_warps=4,
+        DOT_PRECISION=_dot_precision(x.dtype), WIDE=wide is not None, WIDTH=_concat_width(r), num_warps=4,
     )
     return xa
 
@@ -952,8 +957,6 @@ def _gemm_forward(x: torch.Tensor, plan: _Plan, xa: torch.Tensor | None, b: torc
     ns = plan.out_features
     n_total = sum(ns)
     dtype = x.dtype
-    if plan.path == "concat" and _concat_ok(plan, k):
-        return _concat_forward(x, xa, b, plan)
     base, weights, stacked = _base_weights(plan, dtype)
     if base == _BASE_IN_OUT:
         y = torch.matmul(x, stacked.t())
@@ -1120,6 +1123,10 @@ class LoRAFunction(torch.autograd.Function):
             b = torch.cat([t.detach().to(dtype) for t in lora[1::2]]).contiguous()  # (Ncat, R)
         if m == 0:
             y = x2d.new_empty((0, sum(ns)))
+        elif plan.path == "concat" and _concat_ok(plan, k):
+            wide = torch.empty((m, k + plan.projections * _concat_width(a.shape[1])), dtype=dtype, device=x.device)
+            xa = _lora_down(x2d, a, plan, wide)
+            y = _concat_forward(wide, b, plan, k)
         else:
             if plan.has_lora:
                 xa = _lora_down(x2d, a, plan)

@@ -164,6 +164,26 @@ def test_concat_forward_runs_and_matches_reference(monkeypatch, kind, dtype, pro
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_down_kernel_writes_the_wide_operand(dropout):
+    """[x | xa_0 | xa_1 | xa_2] with each xa block padded to 8 columns by zeros: every column written
+    (the buffer starts as NaN), x without dropout, xa equal to what the kernel returns."""
+    m, k, r, p = 37, 96, 5, 3
+    x = torch.randn(m, k, generator=_gen(1))
+    a = torch.randn(p, r, k, generator=_gen(2)) * 0.1
+    plan = L._Plan(weights=tuple(torch.zeros(8, k) for _ in range(p)), scalings=(1.0,) * p, seeds=(7, 8, 9),
+                   dropout_p=dropout, path="concat")
+    wide = torch.full((m, k + p * 8), float("nan"))
+    with backend("triton"):
+        xa = L._lora_down(x, a, plan, wide)
+    assert torch.equal(wide[:, :k], x)
+    for j in range(p):
+        block = wide[:, k + 8 * j: k + 8 * (j + 1)]
+        assert torch.equal(block[:, :r], xa[j]) and torch.all(block[:, r:] == 0)
+    mask = L.lora_dropout_mask(7, m, k, dropout, "cpu") if dropout else torch.ones(m, k)
+    assert_close(xa[0], (x * mask) @ a[0].t(), 1e-5, 1e-5, name="xa_0")
+
+
 def test_concat_falls_back_where_it_cannot_run(monkeypatch):
     """NF4 with K not a multiple of the blocksize (the strided dequantize needs whole blocks per row)
     runs cublas's forward."""
