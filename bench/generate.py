@@ -8,8 +8,9 @@ use a real one) and loaded by both sides as NF4 with double quantization and bf1
   ``Decoder`` per case, so the CUDA graphs captured in the first (untimed) calls are replayed after:
   ``bezoar`` with the default decode (``auto``: CUDA graphs) and the NF4 paths ``auto`` picks,
   ``bezoar-eager`` with the eager loop (one forward call per token, as before graphs), and for
-  batches of at most 8 ``bezoar-gemv``: graphs with the gemv kernel on for the decode steps
-  (``BEZOAR_NF4_GEMV_MAX_M=8``) while it is off by default;
+  batches of at most 8 above ``GEMV_MAX_M`` ``bezoar-gemv``: graphs with the gemv kernel on for
+  the decode steps (``BEZOAR_NF4_GEMV_MAX_M=8``), and ``bezoar-attn``: graphs with the Triton
+  decode-attention kernel (``BEZOAR_DECODE_ATTENTION=triton``), off by default until timed;
 * peer: ``transformers`` ``from_pretrained(quantization_config=BitsAndBytesConfig(nf4, double
   quant))`` + ``generate(do_sample=False)`` with ``min_new_tokens`` so both always decode the
   same number of tokens (EOS cannot end a row early).
@@ -27,8 +28,9 @@ skipped, with a note in the results, when transformers or bitsandbytes does not 
 
 ``--breakdown N`` times nothing against the peer: it builds random 3B NF4 weights in memory (no
 checkpoint written), decodes N tokens at batch 1 with static steps (the same kernels a graph replays)
-under ``torch.profiler``, once with the gemv kernel off (dequantize + cuBLAS) and once with it on, and
-prints the kernels by GPU time per step (the 8-token prefill is one of the N forwards counted).
+under ``torch.profiler``: with the gemv kernel off (dequantize + cuBLAS), with it on, and with the
+Triton decode-attention kernel, and prints the kernels by GPU time per step (the 8-token prefill
+is one of the N forwards counted).
 """
 
 from __future__ import annotations
@@ -59,17 +61,28 @@ def parse_args(argv=None):
 
 
 @contextlib.contextmanager
-def gemv_max_m(value: int):
-    """BEZOAR_NF4_GEMV_MAX_M set to ``value`` for the block, restored after."""
-    old = os.environ.get("BEZOAR_NF4_GEMV_MAX_M")
-    os.environ["BEZOAR_NF4_GEMV_MAX_M"] = str(value)
+def environ(**values):
+    """The given environment variables set for the block, restored after."""
+    old = {name: os.environ.get(name) for name in values}
+    os.environ.update({name: str(value) for name, value in values.items()})
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("BEZOAR_NF4_GEMV_MAX_M", None)
-        else:
-            os.environ["BEZOAR_NF4_GEMV_MAX_M"] = old
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def gemv_max_m(value: int):
+    """BEZOAR_NF4_GEMV_MAX_M set to ``value`` for the block, restored after."""
+    return environ(BEZOAR_NF4_GEMV_MAX_M=value)
+
+
+def decode_attention_on():
+    """The Triton decode-attention kernel for one-token steps (BEZOAR_DECODE_ATTENTION=triton)."""
+    return environ(BEZOAR_DECODE_ATTENTION="triton")
 
 
 def gemv_on():
@@ -110,7 +123,9 @@ def breakdown(args, device, dtype) -> int:
     print(f"built random {config.num_hidden_layers}-layer NF4 weights in {time.perf_counter() - t0:.1f}s")
     ids = torch.randint(3, config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    for label, ctx in (("dequant + cuBLAS", gemv_off), ("gemv kernel", gemv_on)):
+    modes = (("dequant + cuBLAS", gemv_off), ("gemv kernel", gemv_on),
+             ("Triton decode attention", decode_attention_on))  # the last with the default NF4 paths
+    for label, ctx in modes:
         with ctx():
             decoder = Decoder(model, "static")
 
@@ -259,6 +274,12 @@ def main(argv=None) -> int:
                     return fn()
             return run
 
+        def with_attention(fn):
+            def run():
+                with decode_attention_on():
+                    return fn()
+            return run
+
         cases = {}
         for b in batches:
             ids = prompts[b]
@@ -269,6 +290,9 @@ def main(argv=None) -> int:
                 cases[f"bezoar-gemv/b{b}"] = ("bezoar-gemv", b,
                                               with_gemv(lambda ids=ids: bezoar_generate(ids, case="gemv")),
                                               with_gemv(lambda ids=ids: bezoar_prefill(ids)))
+            cases[f"bezoar-attn/b{b}"] = ("bezoar-attn", b,
+                                          with_attention(lambda ids=ids: bezoar_generate(ids, case="attn")),
+                                          with_attention(lambda ids=ids: bezoar_prefill(ids)))
             if peer is not None:
                 cases[f"transformers-bnb/b{b}"] = ("transformers-bnb", b, lambda ids=ids: peer_generate(ids),
                                                    lambda ids=ids: peer_prefill(ids))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bezoar_kernels.attention import attention
+from bezoar_kernels.decode_attention import decode_attention, enabled as decode_attention_enabled
 from bezoar_kernels.rmsnorm import rms_norm, rms_norm_add, rms_norm_keep
 from bezoar_kernels.rope import apply_rope, rope_cos_sin
 from bezoar_kernels.swiglu import swiglu
@@ -110,7 +111,10 @@ class Attention(nn.Module):
         else:
             if ctx.cache is not None:
                 k, v = ctx.cache.update(self.layer_idx, k, v)  # (B, S, Hk, D)
-            out = saved_call(sdpa_attention, q, k, v, ctx.mask, ctx.causal)
+            if T == 1 and decode_attention_enabled(q):  # one new token per row: BEZOAR_DECODE_ATTENTION=triton
+                out = decode_attention(q, k, v, ctx.mask)
+            else:
+                out = saved_call(sdpa_attention, q, k, v, ctx.mask, ctx.causal)
         return saved_call(self.o_proj, out.reshape(B, T, self.n_heads * self.head_dim))
 
 

@@ -21,7 +21,7 @@ def test_bench_generate_smoke(tmp_path):
                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "| bezoar/b1 | 1 |" in out.stdout and "| bezoar/b2 | 2 |" in out.stdout
-    assert "| bezoar-eager/b1 | 1 |" in out.stdout
+    assert "| bezoar-eager/b1 | 1 |" in out.stdout and "| bezoar-attn/b1 | 1 |" in out.stdout
     if "peer skipped" not in out.stdout:
         assert "eager loop against its default decode: the first 4 of 4 tokens are the same" in out.stdout
         assert "| transformers-bnb/b1 | 1 |" in out.stdout
@@ -46,7 +46,8 @@ def test_bench_generate_breakdown_smoke(capsys):
     spec.loader.exec_module(bench)
     assert bench.main(["--smoke", "--breakdown", "2"]) == 0
     out = capsys.readouterr().out
-    for label in ("dequant + cuBLAS", "gemv kernel"):
+    for label in ("dequant + cuBLAS", "gemv kernel", "Triton decode attention"):
         assert f"{label}: 2 forwards at batch 1" in out
-    assert out.count("| kernel | calls_per_step | us_per_step | share |") == 2
-    assert "BEZOAR_NF4_GEMV_MAX_M" not in os.environ  # gemv_on restored the environment
+    assert out.count("| kernel | calls_per_step | us_per_step | share |") == 3
+    assert "BEZOAR_NF4_GEMV_MAX_M" not in os.environ  # the modes restored the environment
+    assert "BEZOAR_DECODE_ATTENTION" not in os.environ

@@ -39,6 +39,27 @@ def test_static_greedy_equals_eager(which, bucket, tiny_dir, tiny_odd_dir):
     assert all(len(row) == 14 for row in got[0]) and got[1] == ["length"] * 3
 
 
+def test_triton_decode_attention_gives_the_same_tokens(tiny_odd_dir, monkeypatch):
+    """BEZOAR_DECODE_ATTENTION=triton: the eager loop and static steps (left padding, GQA, head_dim 10)
+    run the decode kernel for every one-token step and give SDPA's tokens."""
+    import bezoar.model.llama as llama
+
+    model = load(tiny_odd_dir).eval()
+    ids, mask = _batch(tiny_odd_dir)
+    want = _eager(model, ids, mask, max_new_tokens=6)
+    calls = []
+    monkeypatch.setattr(llama, "decode_attention", lambda *a, _f=llama.decode_attention: calls.append(1) or _f(*a))
+    monkeypatch.setenv("BEZOAR_DECODE_ATTENTION", "triton")
+    from bezoar_kernels.dispatch import backend
+
+    with backend("triton"):
+        assert _eager(model, ids, mask, max_new_tokens=6) == want
+        eager_calls = len(calls)
+        assert Decoder(model, "static", bucket=4).generate_ids(ids, mask, max_new_tokens=6) == want
+    layers = model.config.num_hidden_layers
+    assert eager_calls == 5 * layers and len(calls) == 10 * layers  # the prefill is not a one-token step
+
+
 def test_static_sampling_equals_eager_with_the_same_seed(tiny_dir):
     model = load(tiny_dir).eval()
     ids, mask = _batch(tiny_dir)

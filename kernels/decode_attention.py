@@ -1,0 +1,161 @@
+"""Attention of one new token per row over a KV cache: the decode step's attention.
+
+q (B, 1, Hq, D), k and v (B, S, Hk, D) (any strides: the cache's views), an optional key mask
+(B, 1, 1, S) bool (True: the key is visible), Hq % Hk == 0 (query head h reads key/value head
+h // (Hq // Hk)). Output (B, 1, Hq, D) in q's dtype::
+
+    o = softmax(scale * q k^T, masked) v
+
+One program per (row, query head) walks the keys in blocks with an online softmax in fp32: K and
+V are read once, in their own dtype, and nothing of size S is written. Why not SDPA: with
+OpenLLaMA 3B's head_dim of 100 (not a multiple of 8) SDPA has no fused kernel for bf16 and runs
+its math path, which casts the cached K and V to fp32 and launches a handful of kernels per layer
+(bench/generate.py --breakdown shows them). No matrix units: a decode query is a single row, so
+the products are elementwise multiplies and row sums, which also keeps the kernel exact to
+compile on every Triton version.
+
+``decode_attention`` takes the Triton kernel on CUDA (or when the backend is forced to
+"triton"), the SDPA reference otherwise. The model uses it only when ``BEZOAR_DECODE_ATTENTION``
+is ``triton`` (see ``enabled``): it is off by default until a GPU run times it against SDPA.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from bezoar_kernels import dispatch
+from bezoar_kernels.launch import next_power_of_2
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+
+CHOICES = ("sdpa", "triton")
+DEFAULT = "sdpa"  # until timed on a GPU
+
+
+def choice() -> str:
+    """``BEZOAR_DECODE_ATTENTION`` (sdpa | triton), default ``DEFAULT``."""
+    raw = os.environ.get("BEZOAR_DECODE_ATTENTION", "").strip().lower() or DEFAULT
+    if raw not in CHOICES:
+        raise ValueError(f"BEZOAR_DECODE_ATTENTION={raw!r}: expected one of {', '.join(CHOICES)}")
+    return raw
+
+
+def enabled(q: torch.Tensor) -> bool:
+    """Whether the model's one-token attention should call ``decode_attention``."""
+    return q.shape[1] == 1 and choice() == "triton" and dispatch.use_triton(q)
+
+
+def _check(q, k, v, mask):
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"decode_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be "
+                         "(B, 1, Hq, D) and two equal (B, S, Hk, D)")
+    b, t, hq, d = q.shape
+    if t != 1 or k.shape[0] != b or k.shape[3] != d or hq % k.shape[2] != 0:
+        raise ValueError(f"decode_attention: q {tuple(q.shape)} needs one token per row, k/v {tuple(k.shape)} the "
+                         "same batch and head dim and a number of heads that divides q's")
+    if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (b, 1, 1, k.shape[1])):
+        raise ValueError(f"decode_attention: mask must be bool ({b}, 1, 1, {k.shape[1]}), "
+                         f"got {mask.dtype} {tuple(mask.shape)}")
+
+
+def decode_attention_reference(q, k, v, mask=None, scale=None):
+    """SDPA with the mask (and GQA by repeating the key/value heads): the oracle."""
+    _check(q, k, v, mask)
+    n_rep = q.shape[2] // k.shape[2]
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if n_rep > 1:
+        kt = kt.repeat_interleave(n_rep, dim=1)
+        vt = vt.repeat_interleave(n_rep, dim=1)
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_attn_kernel(
+        q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr,
+        S, HQ, D, N_REP, scale,
+        stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        stride_mb, stride_ob, stride_oh,
+        HAS_MASK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """o[b, 0, h, :] for one (b, h): an online softmax over key blocks of BLOCK_S, fp32 throughout."""
+        pid = tl.program_id(0)
+        b = pid // HQ
+        h = pid % HQ
+        kvh = h // N_REP
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh * stride_kh
+        v_base = v_ptr + b.to(tl.int64) * stride_vb + kvh * stride_vh
+        m_i = tl.full((1,), -float("inf"), tl.float32)
+        l_i = tl.zeros((1,), tl.float32)
+        acc = tl.zeros((BLOCK_D,), tl.float32)
+        for s0 in range(0, S, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            visible = offs_s < S
+            if HAS_MASK:
+                visible = visible & (tl.load(mask_ptr + b.to(tl.int64) * stride_mb + offs_s, mask=offs_s < S,
+                                             other=0) != 0)
+            tile = visible[:, None] & d_ok[None, :]
+            kk = tl.load(k_base + offs_s.to(tl.int64)[:, None] * stride_ks + offs_d[None, :], mask=tile,
+                         other=0.0).to(tl.float32)
+            scores = tl.where(visible, tl.sum(kk * q[None, :], axis=1) * scale, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+            # a block with no visible key leaves m at -inf: keep the exponents finite until one is seen
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.where(visible, tl.exp(scores - m_safe), 0.0)
+            vv = tl.load(v_base + offs_s.to(tl.int64)[:, None] * stride_vs + offs_d[None, :], mask=tile,
+                         other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(p[:, None] * vv, axis=0)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            m_i = m_new
+        # a row whose keys are all masked gets zeros (SDPA gives NaN there; decoding never has one)
+        out = acc / tl.where(l_i > 0, l_i, 1.0)
+        tl.store(o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty),
+                 mask=d_ok)
+
+
+def decode_attention_triton(q, k, v, mask=None, scale=None):
+    """The Triton kernel (see the module docstring); inputs as ``decode_attention``."""
+    _check(q, k, v, mask)
+    b, _, hq, d = q.shape
+    s, hk = k.shape[1], k.shape[2]
+    if q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
+        raise ValueError("decode_attention: q, k and v need a contiguous head dim")
+    out = torch.empty((b, 1, hq, d), dtype=q.dtype, device=q.device)
+    if mask is not None and mask.stride(3) != 1:
+        mask = mask.contiguous()
+    block_d = max(16, next_power_of_2(d))
+    block_s = 16 if dispatch.interpreting() else max(16, min(64, 8192 // block_d))
+    _decode_attn_kernel[(b * hq,)](
+        q, k, v, mask if mask is not None else q, out,
+        s, hq, d, hq // hk, float(scale if scale is not None else 1.0 / math.sqrt(d)),
+        q.stride(0), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        mask.stride(0) if mask is not None else 0, out.stride(0), out.stride(2),
+        HAS_MASK=mask is not None, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
+    )
+    return out
+
+
+def decode_attention(q, k, v, mask=None, scale=None):
+    """One query token per row over k/v, masked by ``mask`` (B, 1, 1, S) bool; Triton or SDPA by dispatch."""
+    if dispatch.use_triton(q, k, v):
+        return decode_attention_triton(q, k, v, mask, scale)
+    return decode_attention_reference(q, k, v, mask, scale)
+
+
+__all__ = ["CHOICES", "DEFAULT", "choice", "decode_attention", "decode_attention_reference",
+           "decode_attention_triton", "enabled"]
