@@ -12,7 +12,9 @@ OpenLLaMA 3B's head_dim of 100 (not a multiple of 8) SDPA has no fused kernel fo
 its math path, which casts the cached K and V to fp32 and launches a handful of kernels per layer
 (bench/generate.py --breakdown shows them). No matrix units: a decode query is a single row, so
 the products are elementwise multiplies and row sums, which also keeps the kernel exact to
-compile on every Triton version.
+compile on every Triton version. There is no backward (decoding needs none) and no split over the
+keys: at batch 1 that is one program per head, which long contexts may want split (flash-decoding)
+once timings show it.
 
 ``decode_attention`` takes the Triton kernel on CUDA (or when the backend is forced to
 "triton"), the SDPA reference otherwise. The model uses it only when ``BEZOAR_DECODE_ATTENTION``
@@ -50,8 +52,10 @@ def choice() -> str:
 
 
 def enabled(q: torch.Tensor) -> bool:
-    """Whether the model's one-token attention should call ``decode_attention``."""
-    return q.shape[1] == 1 and choice() == "triton" and dispatch.use_triton(q)
+    """Whether the model's one-token attention should call ``decode_attention``: it has no backward, so
+    never when q needs a gradient."""
+    return (q.shape[1] == 1 and not (torch.is_grad_enabled() and q.requires_grad) and choice() == "triton"
+            and dispatch.use_triton(q))
 
 
 def _check(q, k, v, mask):

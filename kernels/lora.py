@@ -40,12 +40,13 @@ The base GEMM runs on one of three paths (``path``, chosen by M when "auto"):
 * ``dequant``: the Triton dequantize kernel writes W into a reused buffer, then the Triton
   dense GEMM with the LoRA epilogue runs on it.
 * ``concat`` (forward; its backward is ``cublas``'s): the LoRA term rides in the base GEMM's
-  reduction. W_j is dequantized into the first K columns of a wider (Ncat, K + P * r8) buffer whose
-  column block j holds s_j * B_j for projection j's rows and zeros elsewhere (r8: r rounded up to 8),
-  and x into the first K columns of an (M, K + P * r8) copy that holds xa_j in block j. One cuBLAS GEMM
+  reduction. W_j is dequantized into the first K columns of a wider (Ncat, K + P * r16) buffer whose
+  column block j holds s_j * B_j for projection j's rows and zeros elsewhere (r16: r rounded up to
+  16), and x into the first K columns of an (M, K + P * r16) copy that holds xa_j in block j. One cuBLAS GEMM
   then gives every y_j = x @ W_j.T + s_j * xa_j @ B_j.T with no pass over y: the cost moves from a
   read and write of y (M x Ncat) to a write of x (M x K), which pays when Ncat > K / 2 (q/k/v fused,
   gate and up; not down). Needs K a multiple of the blocksize for NF4 (the strided dequantize).
+
 * ``cublas`` (what "auto" takes for large M, training): W dequantized into the buffer, the base
   product by cuBLAS, then the same kernel adds the LoRA term in place over y (and over dx): one
   extra read and write of y and of dx. It trades the fused epilogue for cuBLAS's GEMM, and on an
@@ -896,12 +897,15 @@ def _concat_ok(plan: _Plan, k: int) -> bool:
 
 
 def _concat_width(r: int) -> int:
-    """Columns per projection's LoRA block: r rounded up to 8 (16-byte rows for bf16 and cuBLAS)."""
-    return -(-r // 8) * 8
+    """Columns per projection's LoRA block: r rounded up to 16. With K a multiple of 16 (the NF4 case),
+    the wide rows then stay a multiple of 16 values apart, which Triton needs to see to keep its
+    16-byte stores in the strided dequantize and the down kernel's copy of x (sm_90 SASS: 4 STG.128
+    against 32 STG.U16 per 64 bf16 values), and which suits cuBLAS."""
+    return -(-r // 16) * 16
 
 
 def _concat_weights(plan: _Plan, b: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """The (Ncat, K + P * r8) matrix [W_j | 0 .. s_j B_j .. 0] stacked over j, in the reused buffer."""
+    """The (Ncat, K + P * r16) matrix [W_j | 0 .. s_j B_j .. 0] stacked over j, in the reused buffer."""
     ns = plan.out_features
     p, r = plan.projections, b.shape[1]
     width = _concat_width(r)
@@ -928,14 +932,21 @@ def _concat_weights(plan: _Plan, b: torch.Tensor, k: int, dtype: torch.dtype) ->
     return wide
 
 
+def _no_autocast(t: torch.Tensor):
+    """Autocast off for the block: the cuBLAS products run in the compute dtype the Triton paths use,
+    so every path returns the same dtype under autocast."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def _concat_forward(wide_x: torch.Tensor, b: torch.Tensor, plan: _Plan, k: int) -> torch.Tensor:
     """y (M, Ncat) = [x | xa_0 | xa_1 | ...] @ [W_j | .. s_j B_j ..].T: one cuBLAS GEMM, no pass over y.
     ``wide_x`` is what ``_lora_down`` wrote."""
-    return torch.matmul(wide_x, _concat_weights(plan, b, k, wide_x.dtype).t())
+    with _no_autocast(wide_x):
+        return torch.matmul(wide_x, _concat_weights(plan, b, k, wide_x.dtype).t())
 
 
 def _lora_down(x: torch.Tensor, a: torch.Tensor, plan: _Plan, wide: torch.Tensor | None = None) -> torch.Tensor:
-    """xa (P, M, R) in x's dtype; with ``wide`` (M, K + P * r8) also [x | xa_0 | ...] written there."""
+    """xa (P, M, R) in x's dtype; with ``wide`` (M, K + P * r16) also [x | xa_0 | ...] written there."""
     m, k = x.shape
     p, r, _ = a.shape
     xa = torch.empty((p, m, r), dtype=x.dtype, device=x.device)
@@ -959,7 +970,8 @@ def _gemm_forward(x: torch.Tensor, plan: _Plan, xa: torch.Tensor | None, b: torc
     dtype = x.dtype
     base, weights, stacked = _base_weights(plan, dtype)
     if base == _BASE_IN_OUT:
-        y = torch.matmul(x, stacked.t())
+        with _no_autocast(x):
+            y = torch.matmul(x, stacked.t())
         if not plan.has_lora:
             return y
     meta = _nf4_meta(plan, k)
@@ -998,9 +1010,10 @@ def _gemm_backward(dys: list[torch.Tensor], plan: _Plan, g: torch.Tensor | None,
     device = dys[0].device
     base, weights, _ = _base_weights(plan, dtype)
     if base == _BASE_IN_OUT:
-        dx = torch.matmul(dys[0], weights[0])
-        for dy, w in zip(dys[1:], weights[1:]):
-            dx.addmm_(dy, w)
+        with _no_autocast(dys[0]):
+            dx = torch.matmul(dys[0], weights[0])
+            for dy, w in zip(dys[1:], weights[1:]):
+                dx.addmm_(dy, w)
         if not plan.has_lora:
             return dx
     meta = _nf4_meta(plan, k)

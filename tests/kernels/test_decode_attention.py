@@ -68,6 +68,10 @@ def test_bad_inputs_and_choice(monkeypatch):
         assert da.enabled(q) and not da.enabled(torch.cat([q, q], 1))
     with backend("torch"):
         assert not da.enabled(q)
+    with backend("triton"):  # no backward: a query that needs a gradient stays on SDPA
+        assert not da.enabled(q.clone().requires_grad_(True))
+        with torch.no_grad():
+            assert da.enabled(q.clone().requires_grad_(True))
     monkeypatch.setenv("BEZOAR_DECODE_ATTENTION", "flash")
     with pytest.raises(ValueError, match="BEZOAR_DECODE_ATTENTION"):
         da.choice()

@@ -166,22 +166,40 @@ def test_concat_forward_runs_and_matches_reference(monkeypatch, kind, dtype, pro
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_down_kernel_writes_the_wide_operand(dropout):
-    """[x | xa_0 | xa_1 | xa_2] with each xa block padded to 8 columns by zeros: every column written
+    """[x | xa_0 | xa_1 | xa_2] with each xa block padded to 16 columns by zeros: every column written
     (the buffer starts as NaN), x without dropout, xa equal to what the kernel returns."""
     m, k, r, p = 37, 96, 5, 3
+    width = L._concat_width(r)
+    assert width == 16 and L._concat_width(16) == 16 and L._concat_width(17) == 32
     x = torch.randn(m, k, generator=_gen(1))
     a = torch.randn(p, r, k, generator=_gen(2)) * 0.1
     plan = L._Plan(weights=tuple(torch.zeros(8, k) for _ in range(p)), scalings=(1.0,) * p, seeds=(7, 8, 9),
                    dropout_p=dropout, path="concat")
-    wide = torch.full((m, k + p * 8), float("nan"))
+    wide = torch.full((m, k + p * width), float("nan"))
     with backend("triton"):
         xa = L._lora_down(x, a, plan, wide)
     assert torch.equal(wide[:, :k], x)
     for j in range(p):
-        block = wide[:, k + 8 * j: k + 8 * (j + 1)]
+        block = wide[:, k + width * j: k + width * (j + 1)]
         assert torch.equal(block[:, :r], xa[j]) and torch.all(block[:, r:] == 0)
     mask = L.lora_dropout_mask(7, m, k, dropout, "cpu") if dropout else torch.ones(m, k)
     assert_close(xa[0], (x * mask) @ a[0].t(), 1e-5, 1e-5, name="xa_0")
+
+
+@pytest.mark.parametrize("path", ["dequant", "cublas", "concat"])
+def test_autocast_does_not_change_the_output_dtype(path):
+    """Under autocast the cuBLAS products run in the compute dtype (x's), as the Triton paths do:
+    every path returns x's dtype and the same values as without autocast."""
+    weight = _base(40, 128, "nf4", torch.float32)
+    ad = _adapter(40, 128, 16, seed=1)
+    x = torch.randn(9, 128, generator=_gen(2), requires_grad=True)
+    with backend("triton"):
+        plain = L.lora_linear(x, weight, ad.lora_a, ad.lora_b, ad.scaling, 0.0, False, 0, path)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cast = L.lora_linear(x, weight, ad.lora_a, ad.lora_b, ad.scaling, 0.0, False, 0, path)
+            (dx,) = torch.autograd.grad(cast.sum(), [x])
+    assert cast.dtype == dx.dtype == torch.float32
+    assert_close(cast, plain, 1e-5, 1e-5, name=f"{path} under autocast")
 
 
 def test_concat_falls_back_where_it_cannot_run(monkeypatch):
