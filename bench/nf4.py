@@ -370,7 +370,7 @@ def sweep_gemv(args, shapes, weights, randn, bench, mm):
     out = []
     small = [1] if args.smoke else [1, 4, 8]
     grid = [mm.GemvConfig(block_n, split, warps, 1)
-            for block_n, split, warps in itertools.product((16, 32, 64), (None, 1, 4, 16), (2, 4, 8))]
+            for block_n, split, warps in itertools.product((16, 32, 64, 128, 256), (None, 1, 4, 16), (2, 4, 8))]
     if args.smoke:
         shapes, grid = shapes[:1], grid[:2]
     for (n, k), m in itertools.product(shapes, small):
