@@ -66,17 +66,22 @@ def document_mask(doc_ids: torch.Tensor | None, seq_len: int, device) -> torch.T
     return (same & causal)[:, None]
 
 
-def attention_reference(q, k, v, doc_ids=None, scale=None):
-    """SDPA on (B, H, T, D) views with k/v heads repeated as in HF's ``repeat_kv``; (B, T, Hq, D) out."""
-    _check(q, k, v, doc_ids)
+def sdpa_heads(q, k, v, mask=None, scale=None, is_causal: bool = False):
+    """SDPA for q (B, T, Hq, D) and k/v (B, S, Hk, D): (B, H, T, D) views, k/v heads repeated as in
+    HF's ``repeat_kv`` when Hq > Hk; (B, T, Hq, D) out. ``mask`` (B, 1, T, S) bool or None."""
     n_rep = q.shape[2] // k.shape[2]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if n_rep > 1:
         kt = kt.repeat_interleave(n_rep, dim=1)
         vt = vt.repeat_interleave(n_rep, dim=1)
-    mask = document_mask(doc_ids, q.shape[1], q.device)
-    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, is_causal=is_causal)
     return out.transpose(1, 2)
+
+
+def attention_reference(q, k, v, doc_ids=None, scale=None):
+    """SDPA with the document mask (``sdpa_heads``); (B, T, Hq, D) out."""
+    _check(q, k, v, doc_ids)
+    return sdpa_heads(q, k, v, document_mask(doc_ids, q.shape[1], q.device), scale)
 
 
 def _check(q, k, v, doc_ids):

@@ -29,9 +29,9 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 
 from bezoar_kernels import dispatch
+from bezoar_kernels.attention import sdpa_heads
 from bezoar_kernels.launch import next_power_of_2
 
 try:
@@ -77,13 +77,7 @@ def _check(q, k, v, mask):
 def decode_attention_reference(q, k, v, mask=None, scale=None):
     """SDPA with the mask (and GQA by repeating the key/value heads): the oracle."""
     _check(q, k, v, mask)
-    n_rep = q.shape[2] // k.shape[2]
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if n_rep > 1:
-        kt = kt.repeat_interleave(n_rep, dim=1)
-        vt = vt.repeat_interleave(n_rep, dim=1)
-    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
-    return out.transpose(1, 2)
+    return sdpa_heads(q, k, v, mask, scale)
 
 
 if triton is not None:

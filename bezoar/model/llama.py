@@ -13,10 +13,9 @@ from __future__ import annotations
 
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from bezoar_kernels.attention import attention
+from bezoar_kernels.attention import attention, sdpa_heads
 from bezoar_kernels.decode_attention import decode_attention, enabled as decode_attention_enabled
 from bezoar_kernels.rmsnorm import rms_norm, rms_norm_add, rms_norm_keep
 from bezoar_kernels.rope import apply_rope, rope_cos_sin
@@ -32,13 +31,7 @@ from .lora import fused_qkv
 
 def sdpa_attention(q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
     """q (B, T, Hq, D), k/v (B, S, Hk, D) -> (B, T, Hq, D) through SDPA; mask (B, 1, T, S) bool."""
-    n_rep = q.shape[2] // k.shape[2]
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if n_rep > 1:
-        k = k.repeat_interleave(n_rep, dim=1)
-        v = v.repeat_interleave(n_rep, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
-    return out.transpose(1, 2)
+    return sdpa_heads(q, k, v, mask, is_causal=causal and mask is None)
 
 
 def build_attention_mask(
