@@ -268,15 +268,10 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 return peer(input_ids=ids, use_cache=True).logits[:, -1]
 
-        def with_gemv(fn):
+        def under(setting, fn):
+            """``fn`` run with ``setting()`` (an environment context) around each call."""
             def run():
-                with gemv_on():
-                    return fn()
-            return run
-
-        def with_attention(fn):
-            def run():
-                with decode_attention_on():
+                with setting():
                     return fn()
             return run
 
@@ -288,11 +283,11 @@ def main(argv=None) -> int:
                                            lambda ids=ids: bezoar_prefill(ids))
             if b <= mm.GEMV_MAX_ROWS and mm.gemv_max_m() < b:
                 cases[f"bezoar-gemv/b{b}"] = ("bezoar-gemv", b,
-                                              with_gemv(lambda ids=ids: bezoar_generate(ids, case="gemv")),
-                                              with_gemv(lambda ids=ids: bezoar_prefill(ids)))
+                                              under(gemv_on, lambda ids=ids: bezoar_generate(ids, case="gemv")),
+                                              under(gemv_on, lambda ids=ids: bezoar_prefill(ids)))
             cases[f"bezoar-attn/b{b}"] = ("bezoar-attn", b,
-                                          with_attention(lambda ids=ids: bezoar_generate(ids, case="attn")),
-                                          with_attention(lambda ids=ids: bezoar_prefill(ids)))
+                                          under(decode_attention_on, lambda ids=ids: bezoar_generate(ids, case="attn")),
+                                          under(decode_attention_on, lambda ids=ids: bezoar_prefill(ids)))
             if peer is not None:
                 cases[f"transformers-bnb/b{b}"] = ("transformers-bnb", b, lambda ids=ids: peer_generate(ids),
                                                    lambda ids=ids: peer_prefill(ids))

@@ -133,9 +133,9 @@ def main() -> int:
             if bnb is not None:
                 bqs.append(bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
             del w
-        q, w_dq, bq = qs[0], w_dqs[0], (bqs[0] if bqs else None)
+        q, bq = qs[0], (bqs[0] if bqs else None)
         next_q, next_w, next_bq = cycle(qs), cycle(w_dqs), cycle(bqs) if bqs else None
-        weights[(n, k)] = (q, w_dq, bq, next_q)
+        weights[(n, k)] = next_q  # the sweeps cycle through the copies too
         tag = f"{n}x{k}"
         buf = torch.empty(n * k, dtype=dtype, device=device)
         add(f"dequant/nf4_triton/{tag}", lambda nq=next_q, buf=buf: nf4.dequantize_nf4_triton(nq(), dtype, out=buf),
@@ -306,16 +306,28 @@ def main() -> int:
     return 0
 
 
+def fastest(time_config, grid):
+    """(best milliseconds, its config) of ``time_config(cfg)`` over ``grid``; configs that fail to
+    compile or fit on the device are skipped."""
+    best, best_cfg = float("inf"), None
+    for cfg in grid:
+        try:
+            t = time_config(cfg)
+        except Exception:  # e.g. more shared memory or registers than the device has
+            continue
+        if t < best:
+            best, best_cfg = t, cfg
+    return best, best_cfg
+
+
 def sweep_fused(args, shapes, ms, weights, randn, bench, mm):
     """Time a grid of fused-kernel configs at small M; report the best next to the default."""
-    import itertools
-
     out = []
     small = [m for m in ms if m <= 64]
     if args.smoke:
         shapes, small = shapes[:1], small[:1]
     for (n, k), m in itertools.product(shapes, small):
-        next_q = weights[(n, k)][3]  # cycles through the copies: no L2 reuse between calls
+        next_q = weights[(n, k)]  # cycles through the copies: no L2 reuse between calls
         x, dy = randn(m, k), randn(m, n)
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
         grid = [mm.FusedConfig(block_m, bn, split, warps, stages)
@@ -328,14 +340,7 @@ def sweep_fused(args, shapes, ms, weights, randn, bench, mm):
                 return mm.nf4_fused_forward(x, q, cfg) if kind == "fwd" else mm.nf4_fused_backward(dy, q, cfg)
 
             default = bench(lambda: run(None), m, quick=True)
-            best, best_cfg = float("inf"), None
-            for cfg in grid:
-                try:
-                    t = bench(lambda cfg=cfg: run(cfg), m, quick=True)
-                except Exception:  # a config the device cannot fit (shared memory) is skipped
-                    continue
-                if t < best:
-                    best, best_cfg = t, cfg
+            best, best_cfg = fastest(lambda cfg: bench(lambda: run(cfg), m, quick=True), grid)
             out.append({"dir": kind, "shape": f"{n}x{k}", "M": m, "default_ms": default, "best_ms": best,
                         "best_config": str(best_cfg)})
     return out
@@ -348,18 +353,13 @@ def sweep_dequant(args, shapes, weights, bench, nf4, dtype):
     if args.smoke:
         shapes, grid = shapes[:1], grid[:2]
     for n, k in shapes:
-        q, next_q = weights[(n, k)][0], weights[(n, k)][3]
+        next_q = weights[(n, k)]
+        q = next_q()
         buf = q.packed.new_empty(q.numel, dtype=dtype)
         default = bench(lambda: nf4.dequantize_nf4_triton(next_q(), dtype, out=buf), quick=True)
-        best, best_cfg = float("inf"), (None, None)
-        for per_prog, warps in grid:
-            try:
-                t = bench(lambda: nf4.dequantize_nf4_triton(next_q(), dtype, out=buf, blocks_per_prog=per_prog,
-                                                            num_warps=warps), quick=True)
-            except Exception:  # a launch the device cannot compile is skipped
-                continue
-            if t < best:
-                best, best_cfg = t, (per_prog, warps)
+        best, best_cfg = fastest(lambda cfg: bench(lambda: nf4.dequantize_nf4_triton(
+            next_q(), dtype, out=buf, blocks_per_prog=cfg[0], num_warps=cfg[1]), quick=True), grid)
+        best_cfg = best_cfg or (None, None)
         out.append({"shape": f"{n}x{k}", "default_ms": default, "best_ms": best,
                     "best_blocks_per_prog": best_cfg[0], "best_num_warps": best_cfg[1]})
     return out
@@ -374,17 +374,10 @@ def sweep_gemv(args, shapes, weights, randn, bench, mm):
     if args.smoke:
         shapes, grid = shapes[:1], grid[:2]
     for (n, k), m in itertools.product(shapes, small):
-        next_q = weights[(n, k)][3]  # cycles through the copies: no L2 reuse between calls
+        next_q = weights[(n, k)]  # cycles through the copies: no L2 reuse between calls
         x = randn(m, k)
         default = bench(lambda: mm.nf4_gemv_forward(x, next_q()), m, quick=True)
-        best, best_cfg = float("inf"), None
-        for cfg in grid:
-            try:
-                t = bench(lambda cfg=cfg: mm.nf4_gemv_forward(x, next_q(), cfg), m, quick=True)
-            except Exception:  # a config the device cannot compile or fit is skipped
-                continue
-            if t < best:
-                best, best_cfg = t, cfg
+        best, best_cfg = fastest(lambda cfg: bench(lambda: mm.nf4_gemv_forward(x, next_q(), cfg), m, quick=True), grid)
         out.append({"shape": f"{n}x{k}", "M": m, "default_ms": default, "best_ms": best, "best_config": str(best_cfg)})
     return out
 

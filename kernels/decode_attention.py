@@ -24,7 +24,6 @@ is ``triton`` (see ``enabled``): it is off by default until a GPU run times it a
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -32,7 +31,7 @@ import torch
 
 from bezoar_kernels import dispatch
 from bezoar_kernels.attention import sdpa_heads
-from bezoar_kernels.launch import next_power_of_2
+from bezoar_kernels.launch import cdiv, next_power_of_2, sm_count
 
 try:
     import triton
@@ -173,13 +172,7 @@ def _splits_for(batch_heads: int, keys: int, device: torch.device) -> int:
     """Splits of the keys: enough programs for about two per SM, at least KEYS_PER_SPLIT keys each."""
     if device.type != "cuda":
         return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return max(1, min(-(-2 * sms // batch_heads), -(-keys // KEYS_PER_SPLIT)))
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return max(1, min(cdiv(2 * sm_count(device), batch_heads), cdiv(keys, KEYS_PER_SPLIT)))
 
 
 def decode_attention_triton(q, k, v, mask=None, scale=None, splits: int | None = None):
@@ -197,8 +190,8 @@ def decode_attention_triton(q, k, v, mask=None, scale=None, splits: int | None =
     block_d = max(16, next_power_of_2(d))
     block_s = 16 if dispatch.interpreting() else max(16, min(64, 8192 // block_d))
     splits = max(1, min(splits or _splits_for(b * hq, s, q.device), s))
-    per_split = -(-s // splits)
-    splits = -(-s // per_split)  # no empty range
+    per_split = cdiv(s, splits)
+    splits = cdiv(s, per_split)  # no empty range
     part = stats = out
     if splits > 1:
         part = torch.empty((b * hq, splits, block_d), dtype=torch.float32, device=q.device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 # (kernel, argument dtypes, meta-parameters) -> the pipeline stages that fitted, for the launches that
 # had to shrink. Empty on a GPU where every kernel fits, and then a launch computes no key at all.
 _STAGES_THAT_FIT: dict[tuple, int] = {}
@@ -51,3 +53,18 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of 2 >= n (1 for n <= 1); host-side, for the same reason as ``cdiv``."""
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(index: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device (its index None: the current one); looked up once."""
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _sm_count_of(index)

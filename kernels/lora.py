@@ -32,7 +32,7 @@ shapes, and no (M, N) intermediate. PEFT's separate ops make many more: the drop
 its mask, the lora_B output, its scaled copy and the sum are each written and read again, and
 their gradients likewise in the backward.
 
-The base GEMM runs on one of three paths (``path``, chosen by M when "auto"):
+The base GEMM runs on one of four paths (``path``, chosen by M when "auto"):
 
 * ``fused``: one Triton kernel decodes NF4 tiles inside the K loop (0.5 byte per weight read),
   for small M where the product is memory-bound (decoding, evaluation); a dense W is read as is.
@@ -46,7 +46,6 @@ The base GEMM runs on one of three paths (``path``, chosen by M when "auto"):
   then gives every y_j = x @ W_j.T + s_j * xa_j @ B_j.T with no pass over y: the cost moves from a
   read and write of y (M x Ncat) to a write of x (M x K), which pays when Ncat > K / 2 (q/k/v fused,
   gate and up; not down). Needs K a multiple of the blocksize for NF4 (the strided dequantize).
-
 * ``cublas`` (what "auto" takes for large M, training): W dequantized into the buffer, the base
   product by cuBLAS, then the same kernel adds the LoRA term in place over y (and over dx): one
   extra read and write of y and of dx. It trades the fused epilogue for cuBLAS's GEMM, and on an
@@ -75,7 +74,6 @@ the dropout mask applied to x, autograd for the backward.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from collections.abc import Sequence
 
@@ -83,7 +81,7 @@ import torch
 import torch.nn.functional as F
 
 from bezoar_kernels import dispatch
-from bezoar_kernels.launch import cdiv, next_power_of_2, launch_fitting
+from bezoar_kernels.launch import cdiv, launch_fitting, next_power_of_2, sm_count
 from bezoar_kernels.nf4 import NESTED_BLOCKSIZE, NF4Weight, dequantize_nf4_reference, dequantize_nf4_triton, nf4_code
 from bezoar_kernels.nf4_matmul import fused_max_m
 
@@ -705,16 +703,11 @@ class GemmConfig:
     num_stages: int = 3
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _programs_wanted(device: torch.device) -> int:
     """About four programs per SM keep a memory-bound launch streaming; few in the interpreter."""
     if device.type != "cuda":
         return 8
-    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4 * sm_count(device)
 
 
 def default_gemm_config(kind: str, base: int, m: int, n: int, k: int, chunk: int, device: torch.device) -> GemmConfig:
@@ -850,6 +843,17 @@ def _weight_args(weights: Sequence) -> tuple[list, list[float]]:
 _dequant_buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
+def _shared_buffer(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """The reused per-(device, dtype) buffer, grown to at least ``numel`` values (flat)."""
+    key = (device, dtype)
+    buf = _dequant_buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        _dequant_buffers.pop(key, None)
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        _dequant_buffers[key] = buf
+    return buf
+
+
 def dequantized(weights: Sequence[NF4Weight], dtype: torch.dtype) -> torch.Tensor:
     """The NF4 weights dequantized back to back into one reused per-(device, dtype) buffer.
 
@@ -857,14 +861,8 @@ def dequantized(weights: Sequence[NF4Weight], dtype: torch.dtype) -> torch.Tenso
     multiply all of them at once. The next call overwrites it: use it at once, on the current
     stream. The buffer grows to the largest request and is kept.
     """
-    device = weights[0].device
     total = sum(w.numel for w in weights)
-    key = (device, dtype)
-    buf = _dequant_buffers.get(key)
-    if buf is None or buf.numel() < total:
-        _dequant_buffers.pop(key, None)
-        buf = torch.empty(total, dtype=dtype, device=device)
-        _dequant_buffers[key] = buf
+    buf = _shared_buffer(weights[0].device, dtype, total)
     start = 0
     for w in weights:
         dequantize_nf4_triton(w, dtype, out=buf[start: start + w.numel])
@@ -911,13 +909,7 @@ def _concat_weights(plan: _Plan, b: torch.Tensor, k: int, dtype: torch.dtype) ->
     width = _concat_width(r)
     kc = k + p * width
     n_total = sum(ns)
-    key = (b.device, dtype)
-    buf = _dequant_buffers.get(key)
-    if buf is None or buf.numel() < n_total * kc:
-        _dequant_buffers.pop(key, None)
-        buf = torch.empty(n_total * kc, dtype=dtype, device=b.device)
-        _dequant_buffers[key] = buf
-    wide = buf[: n_total * kc].view(n_total, kc)
+    wide = _shared_buffer(b.device, dtype, n_total * kc)[: n_total * kc].view(n_total, kc)
     wide[:, k:].zero_()
     start = 0
     for j, (w, n) in enumerate(zip(plan.weights, ns)):

@@ -38,13 +38,12 @@ The dequantized tile is rounded to x's dtype before the dot, exactly like the re
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 
 import torch
 
 from bezoar_kernels import dispatch
-from bezoar_kernels.launch import cdiv, next_power_of_2, launch_fitting
+from bezoar_kernels.launch import cdiv, launch_fitting, next_power_of_2, sm_count
 from bezoar_kernels.nf4 import (
     NESTED_BLOCKSIZE,
     NF4Weight,
@@ -119,11 +118,6 @@ class FusedConfig:
     num_stages: int = 3
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def default_fused_config(kind: str, m: int, n: int, k: int, chunk: int, device: torch.device) -> FusedConfig:
     """Tiles for the fused ``kind`` ("forward" | "backward") kernel on an (m, k) x (n, k) problem.
 
@@ -131,8 +125,7 @@ def default_fused_config(kind: str, m: int, n: int, k: int, chunk: int, device: 
     splitting the reduction when the output tiles alone are too few. Large M is compute-bound:
     big tiles, no split.
     """
-    sm = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 4
+    sm = sm_count(device) if device.type == "cuda" else 4
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     big = m > 64
     if kind == "forward":
@@ -495,8 +488,7 @@ def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | No
     tiles = cdiv(n, block_n)
     split = cfg.split
     if split is None:
-        sm = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
-            if x.device.type == "cuda" else 2
+        sm = sm_count(x.device) if x.device.type == "cuda" else 2
         split = cdiv(4 * sm, tiles)
     per_split = cdiv(blocks, max(1, min(split, blocks)))
     split = cdiv(blocks, per_split)
