@@ -39,13 +39,15 @@ The base GEMM runs on one of four paths (``path``, chosen by M when "auto"):
   Small grids split the reduction into fp32 partials (split 0 carries the LoRA term).
 * ``dequant``: the Triton dequantize kernel writes W into a reused buffer, then the Triton
   dense GEMM with the LoRA epilogue runs on it.
-* ``concat`` (forward; its backward is ``cublas``'s): the LoRA term rides in the base GEMM's
-  reduction. W_j is dequantized into the first K columns of a wider (Ncat, K + P * r16) buffer whose
+* ``concat``: the LoRA term rides in the base GEMM's reduction. W_j is dequantized into the first K columns of a wider (Ncat, K + P * r16) buffer whose
   column block j holds s_j * B_j for projection j's rows and zeros elsewhere (r16: r rounded up to
   16), and x into the first K columns of an (M, K + P * r16) copy that holds xa_j in block j. One cuBLAS GEMM
   then gives every y_j = x @ W_j.T + s_j * xa_j @ B_j.T with no pass over y: the cost moves from a
   read and write of y (M x Ncat) to a write of x (M x K), which pays when Ncat > K / 2 (q/k/v fused,
-  gate and up; not down). Needs K a multiple of the blocksize for NF4 (the strided dequantize).
+  gate and up; not down). The backward multiplies dy by the same wide matrix: sum_j dy_j @ [W_j |
+  .. s_j B_j ..] holds dy @ W in its first K columns and g_j = s_j * dy_j @ B_j in column block j, so
+  the pass over dy for g is not made; the dx epilogue reads the base product from there and writes a
+  contiguous dx. Needs K a multiple of the blocksize for NF4 (the strided dequantize).
 * ``cublas`` (what "auto" takes for large M, training): W dequantized into the buffer, the base
   product by cuBLAS, then the same kernel adds the LoRA term in place over y (and over dx): one
   extra read and write of y and of dx. It trades the fused epilogue for cuBLAS's GEMM, and on an
@@ -450,12 +452,15 @@ if triton is not None:
         tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _lora_dx_epilogue(acc, g_ptr, a_ptr, offs_m, m_ok, cols, M, K, R, seed, threshold, keep_scale,
-                          j: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        """acc + (g[j] @ A[j][:, cols]) * dropout scale of (seed, row, col): projection j's LoRA part of dx."""
+    def _lora_dx_epilogue(acc, g_ptr, a_ptr, offs_m, m_ok, cols, K, R, stride_gp, stride_gm, seed, threshold,
+                          keep_scale, j: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr):
+        """acc + (g[j] @ A[j][:, cols]) * dropout scale of (seed, row, col): projection j's LoRA part of dx.
+        g[j][m, r] is at g_ptr + j * stride_gp + m * stride_gm + r (a (P, M, R) tensor, or the g columns
+        of the concat path's wide dx)."""
         offs_r = tl.arange(0, R_PAD)
         r_ok = offs_r < R
-        g = tl.load(g_ptr + (j * M + offs_m).to(tl.int64)[:, None] * R + offs_r[None, :],
+        g = tl.load(g_ptr + j * stride_gp + offs_m.to(tl.int64)[:, None] * stride_gm + offs_r[None, :],
                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         a = tl.load(a_ptr + (j * R + offs_r).to(tl.int64)[:, None] * K + cols[None, :],
                     mask=r_ok[:, None] & (cols < K)[None, :], other=0.0)
@@ -466,8 +471,9 @@ if triton is not None:
 
     @triton.jit
     def _lora_bwd_kernel(
-        # pointers: dy_j (M, N_j), g (P, M, R), A stacked (P, R, K), dx (split, M, K), the NF4 code
-        dy0_ptr, dy1_ptr, dy2_ptr, g_ptr, a_ptr, dx_ptr, code_ptr,
+        # pointers: dy_j (M, N_j), g (P, M, R) strided, A stacked (P, R, K), dx (split, M, K), dx_in (M, K)
+        # (BASE 2: the base product, read there; it may be dx itself), the NF4 code
+        dy0_ptr, dy1_ptr, dy2_ptr, g_ptr, a_ptr, dx_ptr, dx_in_ptr, code_ptr,
         # per projection j: the weight, as in the forward kernel
         w0_ptr, absmax0_ptr, nested_absmax0_ptr, nested_code0_ptr,
         w1_ptr, absmax1_ptr, nested_absmax1_ptr, nested_code1_ptr,
@@ -475,7 +481,7 @@ if triton is not None:
         # sizes and scalars
         M, K, R, N0, N1, N2, offset0, offset1, offset2, seed0, seed1, seed2, threshold, keep_scale, rows_per_split,
         # strides
-        stride_dy0, stride_dy1, stride_dy2, stride_dxs, stride_dxm,
+        stride_dy0, stride_dy1, stride_dy2, stride_gp, stride_gm, stride_dxs, stride_dxm, stride_dx_in,
         # meta
         P: tl.constexpr, BASE: tl.constexpr, HAS_LORA: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -485,7 +491,7 @@ if triton is not None:
         """dx[m, cols] = sum_j dy_j @ W_j[:, cols] + sum_j (g[j] @ A[j][:, cols]) * mask_j, one tile per program.
 
         The reduction runs over the concatenated rows of W_0..W_{P-1}; a split takes rows
-        [split * rows_per_split, ...). BASE as in the forward kernel (2: dx holds cuBLAS's dy @ W).
+        [split * rows_per_split, ...). BASE as in the forward kernel (2: dx_in holds cuBLAS's dy @ W).
         With NF4 a tile's columns are one K chunk, as two halves: even columns (high nibbles) and odd.
         """
         pid = tl.program_id(0)
@@ -532,10 +538,12 @@ if triton is not None:
                 if pid_split == 0:
                     for j in tl.static_range(P):
                         seed = _pick3(j, seed0, seed1, seed2)
-                        acc_hi = _lora_dx_epilogue(acc_hi, g_ptr, a_ptr, offs_m, m_ok, cols_hi, M, K, R, seed,
-                                                   threshold, keep_scale, j, DROPOUT, R_PAD, DOT_PRECISION)
-                        acc_lo = _lora_dx_epilogue(acc_lo, g_ptr, a_ptr, offs_m, m_ok, cols_lo, M, K, R, seed,
-                                                   threshold, keep_scale, j, DROPOUT, R_PAD, DOT_PRECISION)
+                        acc_hi = _lora_dx_epilogue(acc_hi, g_ptr, a_ptr, offs_m, m_ok, cols_hi, K, R, stride_gp,
+                                                   stride_gm, seed, threshold, keep_scale, j, DROPOUT, R_PAD,
+                                                   DOT_PRECISION)
+                        acc_lo = _lora_dx_epilogue(acc_lo, g_ptr, a_ptr, offs_m, m_ok, cols_lo, K, R, stride_gp,
+                                                   stride_gm, seed, threshold, keep_scale, j, DROPOUT, R_PAD,
+                                                   DOT_PRECISION)
             tl.store(dx_rows + cols_hi[None, :], acc_hi.to(dx_ptr.dtype.element_ty),
                      mask=m_ok[:, None] & (cols_hi < K)[None, :])
             tl.store(dx_rows + cols_lo[None, :], acc_lo.to(dx_ptr.dtype.element_ty),
@@ -562,13 +570,14 @@ if triton is not None:
                                     other=0.0)
                         acc = tl.dot(dy, w.to(dy.dtype), acc, input_precision=DOT_PRECISION)
             else:
-                acc = tl.load(dx_rows + cols[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+                acc = tl.load(dx_in_ptr + offs_m.to(tl.int64)[:, None] * stride_dx_in + cols[None, :],
+                              mask=m_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
             if HAS_LORA:
                 if pid_split == 0:
                     for j in tl.static_range(P):
                         seed = _pick3(j, seed0, seed1, seed2)
-                        acc = _lora_dx_epilogue(acc, g_ptr, a_ptr, offs_m, m_ok, cols, M, K, R, seed, threshold,
-                                                keep_scale, j, DROPOUT, R_PAD, DOT_PRECISION)
+                        acc = _lora_dx_epilogue(acc, g_ptr, a_ptr, offs_m, m_ok, cols, K, R, stride_gp, stride_gm,
+                                                seed, threshold, keep_scale, j, DROPOUT, R_PAD, DOT_PRECISION)
             tl.store(dx_rows + cols[None, :], acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
     @triton.jit
@@ -649,12 +658,12 @@ if triton is not None:
 
     @triton.jit
     def _lora_da_kernel(
-        # pointers: x (M, K), g (P, M, R), partial dA (split, P, R, K) fp32
+        # pointers: x (M, K), g (P, M, R) strided, partial dA (split, P, R, K) fp32
         x_ptr, g_ptr, da_ptr,
         # sizes and scalars
         M, K, R, seed0, seed1, seed2, threshold, keep_scale, rows_per_split,
         # strides
-        stride_xm, stride_xk, stride_das,
+        stride_xm, stride_xk, stride_gp, stride_gm, stride_das,
         # meta
         P: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
@@ -679,7 +688,7 @@ if triton is not None:
             if DROPOUT:
                 scale = _dropout_scale(offs_m, offs_k, seed, threshold, keep_scale)
                 x = (x.to(tl.float32) * scale).to(x_ptr.dtype.element_ty)
-            g = tl.load(g_ptr + (j * M + offs_m).to(tl.int64)[:, None] * R + offs_r[None, :],
+            g = tl.load(g_ptr + j * stride_gp + offs_m.to(tl.int64)[:, None] * stride_gm + offs_r[None, :],
                         mask=m_ok[:, None] & r_ok[None, :], other=0.0)
             acc = tl.dot(tl.trans(g), x, acc, input_precision=DOT_PRECISION)
         out = da_ptr + pid_split * stride_das + (j * R + offs_r).to(tl.int64)[:, None] * K + offs_k[None, :]
@@ -937,6 +946,26 @@ def _concat_forward(wide_x: torch.Tensor, b: torch.Tensor, plan: _Plan, k: int) 
         return torch.matmul(wide_x, _concat_weights(plan, b, k, wide_x.dtype).t())
 
 
+def _concat_backward(dys: list[torch.Tensor], b: torch.Tensor, plan: _Plan, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_j dy_j @ W_j as a strided (M, K) view, g (P, M, R) as a strided view) from one wide product.
+
+    sum_j dy_j @ [W_j | .. s_j B_j ..] (M, K + P * r16) holds the base dx in its first K columns and
+    g_j = s_j * dy_j @ B_j in column block j (rows of projection i != j are zero there): the pass over
+    dy that computes g on the other paths is not made."""
+    m = dys[0].shape[0]
+    r = b.shape[1]
+    width = _concat_width(r)
+    wide_w = _concat_weights(plan, b, k, dys[0].dtype)
+    with _no_autocast(dys[0]):
+        start = 0
+        for j, (dy, n) in enumerate(zip(dys, plan.out_features)):
+            rows = wide_w[start: start + n]
+            wide = torch.matmul(dy, rows) if j == 0 else wide.addmm_(dy, rows)
+            start += n
+    g = wide.as_strided((plan.projections, m, r), (width, wide.stride(0), 1), wide.storage_offset() + k)
+    return wide[:, :k], g
+
+
 def _lora_down(x: torch.Tensor, a: torch.Tensor, plan: _Plan, wide: torch.Tensor | None = None) -> torch.Tensor:
     """xa (P, M, R) in x's dtype; with ``wide`` (M, K + P * r16) also [x | xa_0 | ...] written there."""
     m, k = x.shape
@@ -993,21 +1022,32 @@ def _gemm_forward(x: torch.Tensor, plan: _Plan, xa: torch.Tensor | None, b: torc
 
 
 def _gemm_backward(dys: list[torch.Tensor], plan: _Plan, g: torch.Tensor | None, a: torch.Tensor | None,
-                   k: int) -> torch.Tensor:
-    """dx (M, K) = sum_j dy_j @ W_j + sum_j (g_j @ A_j) * mask_j in dy's dtype."""
+                   k: int, base_dx: torch.Tensor | None = None) -> torch.Tensor:
+    """dx (M, K) = sum_j dy_j @ W_j + sum_j (g_j @ A_j) * mask_j in dy's dtype.
+
+    ``base_dx``: sum_j dy_j @ W_j already computed (the concat path's wide product, a strided (M, K)
+    view); the LoRA term is added to it as it is copied into a new contiguous dx."""
     m = dys[0].shape[0]
     ns = plan.out_features
     n_total = sum(ns)
     dtype = dys[0].dtype
     device = dys[0].device
-    base, weights, _ = _base_weights(plan, dtype)
-    if base == _BASE_IN_OUT:
+    dx_in = None
+    if base_dx is not None:
+        base, weights = _BASE_IN_OUT, [base_dx] * plan.projections  # the weights are not read
+        dx = torch.empty((m, k), dtype=dtype, device=device)
+        dx_in = base_dx
+    else:
+        base, weights, _ = _base_weights(plan, dtype)
+    if base == _BASE_IN_OUT and base_dx is None:
         with _no_autocast(dys[0]):
             dx = torch.matmul(dys[0], weights[0])
             for dy, w in zip(dys[1:], weights[1:]):
                 dx.addmm_(dy, w)
         if not plan.has_lora:
             return dx
+    if dx_in is None:
+        dx_in = dx if base == _BASE_IN_OUT else dys[0]
     meta = _nf4_meta(plan, k)
     chunk = meta["CHUNK"]
     cfg = plan.bwd_config or default_gemm_config("backward", base, m, n_total, k, chunk, device)
@@ -1025,9 +1065,10 @@ def _gemm_backward(dys: list[torch.Tensor], plan: _Plan, g: torch.Tensor | None,
     dy3 = _three(dys, dys[0])
     grid = (cdiv(m, cfg.block_m) * cdiv(k, width), split)
     launch_fitting(_lora_bwd_kernel, grid, (
-        *dy3, g if g is not None else dys[0], a if a is not None else dys[0], dx, nf4_code(device), *ptrs,
+        *dy3, g if g is not None else dys[0], a if a is not None else dys[0], dx, dx_in, nf4_code(device), *ptrs,
         m, k, r, *_three(ns, 0), *offsets, *_three(plan.seeds, 0), threshold, keep_scale, rows_per_split,
-        *(dy.stride(0) for dy in dy3), dx.stride(0) if split > 1 else 0, dx.stride(-2),
+        *(dy.stride(0) for dy in dy3), g.stride(0) if g is not None else 0, g.stride(1) if g is not None else 0,
+        dx.stride(0) if split > 1 else 0, dx.stride(-2), dx_in.stride(0),
     ), dict(
         P=plan.projections, BASE=base, HAS_LORA=plan.has_lora, DROPOUT=plan.dropout, R_PAD=_r_pad(r),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
@@ -1089,7 +1130,7 @@ def _lora_da(x: torch.Tensor, g: torch.Tensor, plan: _Plan) -> torch.Tensor:
     threshold, keep_scale = _dropout_args(plan)
     _lora_da_kernel[(tiles, split)](
         x, g, parts, m, k, r, *_three(plan.seeds, 0), threshold, keep_scale, rows_per_split,
-        x.stride(0), x.stride(1), parts.stride(0),
+        x.stride(0), x.stride(1), g.stride(0), g.stride(1), parts.stride(0),
         P=p, DROPOUT=plan.dropout, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k,
         DOT_PRECISION=_dot_precision(x.dtype), num_warps=4,
     )
@@ -1161,9 +1202,13 @@ class LoRAFunction(torch.autograd.Function):
                     grads[i] = torch.zeros(shape, dtype=ctx.lora_dtypes[i], device=x2d.device)
             return (dx, None, *grads)
         dys = [_rows(dy, n) for dy, n in zip(dys, plan.out_features)]
-        g = _lora_g(dys, b, plan) if plan.has_lora else None
-        if need_x:
-            dx = _gemm_backward(dys, plan, g, a, k).view(*ctx.lead, k)
+        if need_x and plan.path == "concat" and _concat_ok(plan, k):
+            base_dx, g = _concat_backward(dys, b, plan, k)
+            dx = _gemm_backward(dys, plan, g, a, k, base_dx).view(*ctx.lead, k)
+        else:
+            g = _lora_g(dys, b, plan) if plan.has_lora else None
+            if need_x:
+                dx = _gemm_backward(dys, plan, g, a, k).view(*ctx.lead, k)
         if plan.has_lora and any(need_lora[0::2]):
             da = _lora_da(x2d, g, plan)
             for j in range(plan.projections):

@@ -137,16 +137,19 @@ def test_qkv_without_adapters_is_the_base(path):
 @pytest.mark.parametrize("kind,dtype", [("nf4", torch.float32), ("nf4", torch.float16), ("dense", torch.float16)])
 @pytest.mark.parametrize("projections,r", [(1, 8), (3, 5)])
 def test_concat_forward_runs_and_matches_reference(monkeypatch, kind, dtype, projections, r):
-    """The concat path really takes the one-GEMM forward (r = 5 pads each LoRA block to 8 columns) and
-    equals the reference forward and backward; the shared buffer's extra columns are rewritten each call."""
+    """The concat path really takes the one-GEMM forward and backward (r = 5 pads each LoRA block to 16
+    columns; the backward reads g from the wide product, so the g kernel never runs) and equals the
+    reference forward and backward; the shared buffer's extra columns are rewritten each call."""
     m, k = 23, 128
     ns = (40, 24, 24)[:projections]
     weights = [_base(n, k, kind, dtype, seed=j) for j, n in enumerate(ns)]
     adapters = [_adapter(n, k, r, seed=20 + j, scaling=0.5 + j) for j, n in enumerate(ns)]
     x = torch.randn(m, k, generator=_gen(2)).to(dtype)
     dys = [torch.randn(m, n, generator=_gen(3 + j)).to(dtype) for j, n in enumerate(ns)]
-    calls = []
+    calls, back, g_kernel = [], [], []
     monkeypatch.setattr(L, "_concat_forward", lambda *a, _f=L._concat_forward: calls.append(1) or _f(*a))
+    monkeypatch.setattr(L, "_concat_backward", lambda *a, _f=L._concat_backward: back.append(1) or _f(*a))
+    monkeypatch.setattr(L, "_lora_g", lambda *a, _f=L._lora_g: g_kernel.append(1) or _f(*a))
 
     def fn(xx, ads):
         if projections == 3:
@@ -158,7 +161,7 @@ def test_concat_forward_runs_and_matches_reference(monkeypatch, kind, dtype, pro
         L._dequant_buffers.clear()
         got = _run(fn, x, adapters, dys)
         again = _run(fn, x, adapters, dys)  # the reused buffer: stale columns would show here
-    assert len(calls) == 2
+    assert len(calls) == 2 and len(back) == 2 and not g_kernel
     _compare(got, want, dtype, f"concat {kind} P={projections}", k, m)
     for a, b in zip(got[0], again[0]):
         assert torch.equal(a, b)
@@ -200,6 +203,26 @@ def test_autocast_does_not_change_the_output_dtype(path):
             (dx,) = torch.autograd.grad(cast.sum(), [x])
     assert cast.dtype == dx.dtype == torch.float32
     assert_close(cast, plain, 1e-5, 1e-5, name=f"{path} under autocast")
+
+
+def test_concat_backward_without_dx_uses_the_g_kernel(monkeypatch):
+    """When x needs no gradient (the first layer of a frozen base) the wide backward product would be
+    computed for g alone: the g kernel runs instead, and dA, dB still equal the reference's."""
+    back = []
+    monkeypatch.setattr(L, "_concat_backward", lambda *a: back.append(1))
+    m, n, k, r = 9, 40, 128, 8
+    weight = _base(n, k, "nf4", torch.float32)
+    ad = _leaf_adapters([_adapter(n, k, r, seed=1)])[0]
+    x = torch.randn(m, k, generator=_gen(2))
+    dy = torch.randn(m, n, generator=_gen(3))
+    with backend("triton"):
+        y = L.lora_linear(x, weight, ad.lora_a, ad.lora_b, ad.scaling, 0.2, True, 5, "concat")
+        da, db = torch.autograd.grad(y, [ad.lora_a, ad.lora_b], dy)
+    want = L.lora_linear_reference(x, weight, ad.lora_a, ad.lora_b, ad.scaling, 0.2, True, 5)
+    wa, wb = torch.autograd.grad(want, [ad.lora_a, ad.lora_b], dy)
+    assert not back
+    assert_close(da, wa, 1e-4, 1e-4, name="dA")
+    assert_close(db, wb, 1e-4, 1e-4, name="dB")
 
 
 def test_concat_falls_back_where_it_cannot_run(monkeypatch):
