@@ -20,6 +20,10 @@ Backward, with g = s * dy @ B (M, r)::
     dx = dy @ W + (g @ A) * mask / (1 - p)        base GEMM (dy @ W) whose epilogue adds the masked LoRA term
     dA = g.T @ dropout(x)                         "dA":    reads x once, fp32 partial sums over row splits
 
+On the paths whose base product is cuBLAS's (``cublas``, ``concat``) the dx epilogue and dA are one
+launch ("dx_da"): it reads the base product, x and g once per tile and computes each element's
+dropout mask once for both.
+
 Why this split (OpenLLaMA 3B q_proj, M = 16384, N = K = 3200, bf16, H100): the base GEMM is
 2*M*N*K = 336 GFLOP (about 0.45 ms); one pass over an (M, K) activation is 105 MB (about
 0.04 ms). Computing xa inside the base GEMM would redo x @ A.T for every column tile (r/BLOCK_N
@@ -61,15 +65,22 @@ accumulator, so dx is written once. Each projection has its own dropout mask (it
 PEFT's three dropout modules would. q, k, v come back as column slices of one (M, Nq+Nk+Nv)
 buffer; the rotary and attention kernels take such strided views as they are.
 
-Dropout: element (m, k) of x is kept when ``hash(hash(seed ^ m) ^ k) >> 8 >= round(p * 2**24)``,
-with ``hash`` a 32-bit integer mixer (xor-shift / multiply rounds), computed in uint32 by the
-kernels and in int64 (masked to 32 bits) by ``lora_dropout_mask``, so the torch reference
-reproduces the kernels' mask bit for bit. Kept elements are scaled by 1 / (1 - p).
+Dropout: columns k = 2i and 2i + 1 of row m share one 32-bit hash h = hash(hash(seed ^ m) ^ i);
+element (m, 2i) is kept when the high 16 bits of h are >= round(p * 2**16), element (m, 2i + 1)
+when the low 16 bits are. ``hash`` is a 32-bit integer mixer (xor-shift / multiply rounds),
+computed in uint32 by the kernels and in int64 (masked to 32 bits) by ``lora_dropout_mask``, so
+the torch reference reproduces the kernels' mask bit for bit. Kept elements are scaled by
+1 / (1 - p). One hash per two elements because the mask, not the memory traffic, bounds the
+launches that apply it: in the sm_90 SASS of the dA launch (bench/sass.py lora_da) the main loop
+had ~19 instructions per element with a hash per element and x * scale in fp32, ~12 with a hash per
+pair and a select of x, against ~3 without dropout; at ~12 its integer work is still about as long
+as its loads at HBM speed (an estimate from the counts and the SM issue rate, not a timing). 16 bits resolve p to 1/65536 (0.05 becomes 0.050003).
 
 Precision: the compute dtype is x's dtype. A and B (fp32 master weights) are cast to it, as
 autocast does for PEFT; products accumulate in fp32; xa and g are rounded to the compute dtype
 (as the reference's matmul outputs are); dA and dB accumulate in fp32 and come back in the dtype
-of A and B. The reference (``lora_linear_reference``) is PEFT's arithmetic: separate matmuls,
+of A and B. dropout(x) is never rounded: the kernels multiply the kept elements of x and scale the
+fp32 product by 1 / (1 - p) once, where the reference rounds x * mask to the dtype per element. The reference (``lora_linear_reference``) is PEFT's arithmetic: separate matmuls,
 the dropout mask applied to x, autograd for the backward.
 """
 
@@ -102,7 +113,7 @@ PATHS = ("auto", "fused", "dequant", "cublas", "concat")
 LARGE_M_PATH = "cublas"
 MAX_KERNEL_RANK = 256  # larger ranks run the torch reference (register tiles of r columns)
 _GENERAL_CHUNK = 64  # K chunk of the NF4 decode when K is not a multiple of the blocksize
-_DROP_BITS = 24  # the mask compares the top 24 bits of the hash with p * 2**24
+_DROP_BITS = 16  # each element's 16 bits of its pair's hash are compared with p * 2**16
 
 _BASE_NF4, _BASE_DENSE, _BASE_IN_OUT = 0, 1, 2  # the GEMM kernels' BASE switch
 
@@ -130,7 +141,7 @@ def _mix32(h: torch.Tensor) -> torch.Tensor:
 
 
 def dropout_threshold(p: float) -> int:
-    """An element is dropped when the top 24 bits of its hash are below this."""
+    """An element is dropped when its 16 bits of the pair hash are below this."""
     return int(round(p * (1 << _DROP_BITS)))
 
 
@@ -144,8 +155,9 @@ def lora_dropout_mask(seed: int, rows: int, cols: int, p: float, device=None) ->
     m = torch.arange(rows, dtype=torch.int64, device=device)
     k = torch.arange(cols, dtype=torch.int64, device=device)
     row_hash = _mix32(m ^ seed31(seed))
-    h = _mix32(row_hash[:, None] ^ k[None, :])
-    keep = (h >> (32 - _DROP_BITS)) >= dropout_threshold(p)
+    h = _mix32(row_hash[:, None] ^ (k >> 1)[None, :])
+    bits = torch.where((k & 1)[None, :] == 0, h >> _DROP_BITS, h & ((1 << _DROP_BITS) - 1))
+    keep = bits >= dropout_threshold(p)
     return keep.to(torch.float32) * (1.0 / (1.0 - p))
 
 
@@ -303,12 +315,26 @@ if triton is not None:
         return h
 
     @triton.jit
-    def _dropout_scale(rows, cols, seed, threshold, keep_scale):
-        """fp32 (rows x cols): keep_scale where the hash of (seed, row, col) keeps the element, 0 elsewhere."""
+    def _dropout_keep_cols(rows, cols, seed, threshold):
+        """int1 (rows x cols) for any column vector: where the mask keeps the element. Hashes every
+        element's pair, so it costs twice ``_dropout_keep``'s per element."""
         row_hash = _mix32_tl(rows.to(tl.uint32) ^ seed.to(tl.uint32))
-        h = _mix32_tl(row_hash[:, None] ^ cols.to(tl.uint32)[None, :])
-        keep = (h >> 8).to(tl.int32) >= threshold
-        return tl.where(keep, keep_scale, 0.0)
+        h = _mix32_tl(row_hash[:, None] ^ (cols >> 1).to(tl.uint32)[None, :])
+        bits = tl.where((cols & 1)[None, :] == 0, h >> 16, h & 0xFFFF)
+        return bits.to(tl.int32) >= threshold
+
+    @triton.jit
+    def _dropout_keep(rows, col0, seed, threshold, BLOCK: tl.constexpr):
+        """int1 (rows x BLOCK) for columns col0 .. col0 + BLOCK - 1 (col0 even): where the mask keeps
+        the element; one hash per column pair. Callers select x (or a product) in its own dtype and
+        apply the 1 / (1 - p) scale once to an fp32 result, which keeps the per-element work to the
+        hash and a select."""
+        row_hash = _mix32_tl(rows.to(tl.uint32) ^ seed.to(tl.uint32))
+        pairs = (col0 // 2 + tl.arange(0, BLOCK // 2)).to(tl.uint32)
+        h = _mix32_tl(row_hash[:, None] ^ pairs[None, :])
+        even = (h >> 16).to(tl.int32) >= threshold
+        odd = (h & 0xFFFF).to(tl.int32) >= threshold
+        return tl.reshape(tl.join(even, odd), (rows.shape[0], BLOCK))
 
     @triton.jit
     def _lora_down_kernel(
@@ -346,10 +372,11 @@ if triton is not None:
                     tl.store(wide_ptr + offs_m.to(tl.int64)[:, None] * stride_wm + offs_k[None, :], x,
                              mask=m_ok[:, None] & k_ok[None, :])
             if DROPOUT:
-                scale = _dropout_scale(offs_m, offs_k, seed, threshold, keep_scale)
-                x = (x.to(tl.float32) * scale).to(x_ptr.dtype.element_ty)
+                x = tl.where(_dropout_keep(offs_m, k0, seed, threshold, BLOCK_K), x, 0.0)
             a = tl.load(a_rows + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
             acc = tl.dot(x, tl.trans(a), acc, input_precision=DOT_PRECISION)
+        if DROPOUT:
+            acc = acc * keep_scale
         out = xa_ptr + (j * M + offs_m).to(tl.int64)[:, None] * R + offs_r[None, :]
         tl.store(out, acc.to(xa_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
         if WIDE:  # acc is 0 past R (A's rows there load as 0), which fills the block's padding
@@ -466,14 +493,13 @@ if triton is not None:
                     mask=r_ok[:, None] & (cols < K)[None, :], other=0.0)
         lora = tl.dot(g, a, input_precision=DOT_PRECISION)
         if DROPOUT:
-            lora = lora * _dropout_scale(offs_m, cols, seed, threshold, keep_scale)
+            lora = tl.where(_dropout_keep_cols(offs_m, cols, seed, threshold), lora * keep_scale, 0.0)
         return acc + lora
 
     @triton.jit
     def _lora_bwd_kernel(
-        # pointers: dy_j (M, N_j), g (P, M, R) strided, A stacked (P, R, K), dx (split, M, K), dx_in (M, K)
-        # (BASE 2: the base product, read there; it may be dx itself), the NF4 code
-        dy0_ptr, dy1_ptr, dy2_ptr, g_ptr, a_ptr, dx_ptr, dx_in_ptr, code_ptr,
+        # pointers: dy_j (M, N_j), g (P, M, R) strided, A stacked (P, R, K), dx (split, M, K), the NF4 code
+        dy0_ptr, dy1_ptr, dy2_ptr, g_ptr, a_ptr, dx_ptr, code_ptr,
         # per projection j: the weight, as in the forward kernel
         w0_ptr, absmax0_ptr, nested_absmax0_ptr, nested_code0_ptr,
         w1_ptr, absmax1_ptr, nested_absmax1_ptr, nested_code1_ptr,
@@ -481,7 +507,7 @@ if triton is not None:
         # sizes and scalars
         M, K, R, N0, N1, N2, offset0, offset1, offset2, seed0, seed1, seed2, threshold, keep_scale, rows_per_split,
         # strides
-        stride_dy0, stride_dy1, stride_dy2, stride_gp, stride_gm, stride_dxs, stride_dxm, stride_dx_in,
+        stride_dy0, stride_dy1, stride_dy2, stride_gp, stride_gm, stride_dxs, stride_dxm,
         # meta
         P: tl.constexpr, BASE: tl.constexpr, HAS_LORA: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -491,7 +517,8 @@ if triton is not None:
         """dx[m, cols] = sum_j dy_j @ W_j[:, cols] + sum_j (g[j] @ A[j][:, cols]) * mask_j, one tile per program.
 
         The reduction runs over the concatenated rows of W_0..W_{P-1}; a split takes rows
-        [split * rows_per_split, ...). BASE as in the forward kernel (2: dx_in holds cuBLAS's dy @ W).
+        [split * rows_per_split, ...). BASE 0 decodes NF4 tiles, 1 reads a dense W (the cuBLAS paths
+        add their LoRA term in ``_lora_dx_da_kernel``).
         With NF4 a tile's columns are one K chunk, as two halves: even columns (high nibbles) and odd.
         """
         pid = tl.program_id(0)
@@ -551,27 +578,23 @@ if triton is not None:
         else:
             cols = (k_start + tl.arange(0, BLOCK_K)).to(tl.int64)
             c_ok = cols < K
-            if BASE == 1:
-                acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-                for j in tl.static_range(P):
-                    dy_ptr = _pick3(j, dy0_ptr, dy1_ptr, dy2_ptr)
-                    stride_dy = _pick3(j, stride_dy0, stride_dy1, stride_dy2)
-                    N = _pick3(j, N0, N1, N2)
-                    n_off = _pick3(j, 0, N0, N0 + N1)
-                    lo = tl.maximum(row_begin - n_off, 0)
-                    hi = tl.minimum(row_end - n_off, N)
-                    dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dy
-                    w_ptr = _pick3(j, w0_ptr, w1_ptr, w2_ptr)
-                    for n_start in range(lo, hi, BLOCK_N):
-                        offs_n = (n_start + tl.arange(0, BLOCK_N)).to(tl.int64)
-                        n_ok = offs_n < hi
-                        dy = tl.load(dy_rows + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-                        w = tl.load(w_ptr + offs_n[:, None] * K + cols[None, :], mask=n_ok[:, None] & c_ok[None, :],
-                                    other=0.0)
-                        acc = tl.dot(dy, w.to(dy.dtype), acc, input_precision=DOT_PRECISION)
-            else:
-                acc = tl.load(dx_in_ptr + offs_m.to(tl.int64)[:, None] * stride_dx_in + cols[None, :],
-                              mask=m_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+            acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            for j in tl.static_range(P):
+                dy_ptr = _pick3(j, dy0_ptr, dy1_ptr, dy2_ptr)
+                stride_dy = _pick3(j, stride_dy0, stride_dy1, stride_dy2)
+                N = _pick3(j, N0, N1, N2)
+                n_off = _pick3(j, 0, N0, N0 + N1)
+                lo = tl.maximum(row_begin - n_off, 0)
+                hi = tl.minimum(row_end - n_off, N)
+                dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dy
+                w_ptr = _pick3(j, w0_ptr, w1_ptr, w2_ptr)
+                for n_start in range(lo, hi, BLOCK_N):
+                    offs_n = (n_start + tl.arange(0, BLOCK_N)).to(tl.int64)
+                    n_ok = offs_n < hi
+                    dy = tl.load(dy_rows + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+                    w = tl.load(w_ptr + offs_n[:, None] * K + cols[None, :], mask=n_ok[:, None] & c_ok[None, :],
+                                other=0.0)
+                    acc = tl.dot(dy, w.to(dy.dtype), acc, input_precision=DOT_PRECISION)
             if HAS_LORA:
                 if pid_split == 0:
                     for j in tl.static_range(P):
@@ -686,13 +709,91 @@ if triton is not None:
             x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             if DROPOUT:
-                scale = _dropout_scale(offs_m, offs_k, seed, threshold, keep_scale)
-                x = (x.to(tl.float32) * scale).to(x_ptr.dtype.element_ty)
+                x = tl.where(_dropout_keep(offs_m, (pid // P) * BLOCK_K, seed, threshold, BLOCK_K), x, 0.0)
             g = tl.load(g_ptr + j * stride_gp + offs_m.to(tl.int64)[:, None] * stride_gm + offs_r[None, :],
                         mask=m_ok[:, None] & r_ok[None, :], other=0.0)
             acc = tl.dot(tl.trans(g), x, acc, input_precision=DOT_PRECISION)
+        if DROPOUT:
+            acc = acc * keep_scale
         out = da_ptr + pid_split * stride_das + (j * R + offs_r).to(tl.int64)[:, None] * K + offs_k[None, :]
         tl.store(out, acc, mask=r_ok[:, None] & k_ok[None, :])
+
+
+    @triton.jit
+    def _lora_dx_da_kernel(
+        # pointers: dx_in (M, K) the base product dy @ W (may be dx itself), dx (M, K), x (M, K),
+        # g (P, M, R) strided, A stacked (P, R, K), partial dA (split, P, R, K) fp32
+        dx_in_ptr, dx_ptr, x_ptr, g_ptr, a_ptr, da_ptr,
+        # sizes and scalars
+        M, K, R, seed0, seed1, seed2, threshold, keep_scale, rows_per_split,
+        # strides
+        stride_dx_in, stride_dxm, stride_xm, stride_xk, stride_gp, stride_gm, stride_das,
+        # meta
+        P: tl.constexpr, DROPOUT: tl.constexpr, NEED_DA: tl.constexpr, R_PAD: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """The backward's LoRA pass over (M, K), for the paths whose base product comes from cuBLAS:
+
+            dx[m, k]       = dx_in[m, k] + sum_j (g_j @ A_j)[m, k] * mask_j[m, k]
+            da[split, j]  += g_j[rows].T @ (x * mask_j)[rows, k-tile]        (NEED_DA)
+
+        One program per (column tile, row range): the two share each element's dropout mask, which
+        costs more than the loads (a 32-bit hash per two elements and projection; the dx epilogue and
+        the dA reduction as two launches computed it twice), and g_j is read once."""
+        pid_k = tl.program_id(0)
+        pid_split = tl.program_id(1)
+        offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+        offs_r = tl.arange(0, R_PAD)
+        k_ok = offs_k < K
+        r_ok = offs_r < R
+        m_begin = pid_split * rows_per_split
+        m_end = tl.minimum(m_begin + rows_per_split, M)
+        da0 = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+        da1 = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+        da2 = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+        for m0 in range(m_begin, m_end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < m_end
+            rows = offs_m.to(tl.int64)[:, None]
+            tile_ok = m_ok[:, None] & k_ok[None, :]
+            acc = tl.load(dx_in_ptr + rows * stride_dx_in + offs_k[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+            if NEED_DA:
+                x = tl.load(x_ptr + rows * stride_xm + offs_k[None, :] * stride_xk, mask=tile_ok, other=0.0)
+            for j in tl.static_range(P):
+                g = tl.load(g_ptr + j * stride_gp + rows * stride_gm + offs_r[None, :],
+                            mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+                a = tl.load(a_ptr + (j * R + offs_r).to(tl.int64)[:, None] * K + offs_k[None, :],
+                            mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+                lora = tl.dot(g, a, input_precision=DOT_PRECISION)
+                if DROPOUT:
+                    keep = _dropout_keep(offs_m, pid_k * BLOCK_K, _pick3(j, seed0, seed1, seed2), threshold, BLOCK_K)
+                    acc += tl.where(keep, lora, 0.0) * keep_scale
+                else:
+                    acc += lora
+                if NEED_DA:
+                    if DROPOUT:
+                        xd = tl.where(keep, x, 0.0)
+                    else:
+                        xd = x
+                    if j == 0:
+                        da0 = tl.dot(tl.trans(g), xd, da0, input_precision=DOT_PRECISION)
+                    elif j == 1:
+                        da1 = tl.dot(tl.trans(g), xd, da1, input_precision=DOT_PRECISION)
+                    else:
+                        da2 = tl.dot(tl.trans(g), xd, da2, input_precision=DOT_PRECISION)
+            tl.store(dx_ptr + rows * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty), mask=tile_ok)
+        if NEED_DA:
+            if DROPOUT:
+                da0 = da0 * keep_scale
+                da1 = da1 * keep_scale
+                da2 = da2 * keep_scale
+            out = da_ptr + pid_split * stride_das + offs_r.to(tl.int64)[:, None] * K + offs_k[None, :]
+            da_ok = r_ok[:, None] & k_ok[None, :]
+            tl.store(out, da0, mask=da_ok)
+            if P > 1:
+                tl.store(out + R * K, da1, mask=da_ok)
+            if P > 2:
+                tl.store(out + 2 * R * K, da2, mask=da_ok)
 
 
 # ----------------------------------------------------------------------------- launch configuration
@@ -1021,54 +1122,50 @@ def _gemm_forward(x: torch.Tensor, plan: _Plan, xa: torch.Tensor | None, b: torc
     return y if split == 1 else y.sum(0).to(dtype)
 
 
-def _gemm_backward(dys: list[torch.Tensor], plan: _Plan, g: torch.Tensor | None, a: torch.Tensor | None,
-                   k: int, base_dx: torch.Tensor | None = None) -> torch.Tensor:
-    """dx (M, K) = sum_j dy_j @ W_j + sum_j (g_j @ A_j) * mask_j in dy's dtype.
+def _base_product(dys: list[torch.Tensor], plan: _Plan, weights: list[torch.Tensor]) -> torch.Tensor:
+    """sum_j dy_j @ W_j by cuBLAS, in dy's dtype."""
+    with _no_autocast(dys[0]):
+        dx = torch.matmul(dys[0], weights[0])
+        for dy, w in zip(dys[1:], weights[1:]):
+            dx.addmm_(dy, w)
+    return dx
 
-    ``base_dx``: sum_j dy_j @ W_j already computed (the concat path's wide product, a strided (M, K)
-    view); the LoRA term is added to it as it is copied into a new contiguous dx."""
+
+def _gemm_backward(dys: list[torch.Tensor], plan: _Plan, g: torch.Tensor | None, a: torch.Tensor | None,
+                   k: int) -> torch.Tensor:
+    """dx (M, K) = sum_j dy_j @ W_j + sum_j (g_j @ A_j) * mask_j in dy's dtype, on the Triton GEMM
+    (``fused``, ``dequant``), or by cuBLAS where the path has no LoRA term to add (the LoRA paths on
+    cuBLAS go through ``_lora_dx_da``)."""
     m = dys[0].shape[0]
     ns = plan.out_features
     n_total = sum(ns)
     dtype = dys[0].dtype
     device = dys[0].device
-    dx_in = None
-    if base_dx is not None:
-        base, weights = _BASE_IN_OUT, [base_dx] * plan.projections  # the weights are not read
-        dx = torch.empty((m, k), dtype=dtype, device=device)
-        dx_in = base_dx
-    else:
-        base, weights, _ = _base_weights(plan, dtype)
-    if base == _BASE_IN_OUT and base_dx is None:
-        with _no_autocast(dys[0]):
-            dx = torch.matmul(dys[0], weights[0])
-            for dy, w in zip(dys[1:], weights[1:]):
-                dx.addmm_(dy, w)
-        if not plan.has_lora:
-            return dx
-    if dx_in is None:
-        dx_in = dx if base == _BASE_IN_OUT else dys[0]
+    base, weights, _ = _base_weights(plan, dtype)
+    if base == _BASE_IN_OUT:
+        if plan.has_lora:
+            raise AssertionError("the LoRA term of a cuBLAS path is added by _lora_dx_da")
+        return _base_product(dys, plan, weights)
     meta = _nf4_meta(plan, k)
     chunk = meta["CHUNK"]
     cfg = plan.bwd_config or default_gemm_config("backward", base, m, n_total, k, chunk, device)
     width = chunk if base == _BASE_NF4 else cfg.block_k
     steps = cdiv(n_total, cfg.block_n)
-    split = 1 if base == _BASE_IN_OUT else max(1, min(cfg.split, steps))
+    split = max(1, min(cfg.split, steps))
     rows_per_split = cdiv(steps, split) * cfg.block_n
     split = cdiv(n_total, rows_per_split)
-    if base != _BASE_IN_OUT:
-        shape = (m, k) if split == 1 else (split, m, k)
-        dx = torch.empty(shape, dtype=dtype if split == 1 else torch.float32, device=device)
+    shape = (m, k) if split == 1 else (split, m, k)
+    dx = torch.empty(shape, dtype=dtype if split == 1 else torch.float32, device=device)
     ptrs, offsets = _weight_args(weights)
     r = a.shape[1] if a is not None else 1
     threshold, keep_scale = _dropout_args(plan)
     dy3 = _three(dys, dys[0])
     grid = (cdiv(m, cfg.block_m) * cdiv(k, width), split)
     launch_fitting(_lora_bwd_kernel, grid, (
-        *dy3, g if g is not None else dys[0], a if a is not None else dys[0], dx, dx_in, nf4_code(device), *ptrs,
+        *dy3, g if g is not None else dys[0], a if a is not None else dys[0], dx, nf4_code(device), *ptrs,
         m, k, r, *_three(ns, 0), *offsets, *_three(plan.seeds, 0), threshold, keep_scale, rows_per_split,
         *(dy.stride(0) for dy in dy3), g.stride(0) if g is not None else 0, g.stride(1) if g is not None else 0,
-        dx.stride(0) if split > 1 else 0, dx.stride(-2), dx_in.stride(0),
+        dx.stride(0) if split > 1 else 0, dx.stride(-2),
     ), dict(
         P=plan.projections, BASE=base, HAS_LORA=plan.has_lora, DROPOUT=plan.dropout, R_PAD=_r_pad(r),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
@@ -1137,6 +1234,33 @@ def _lora_da(x: torch.Tensor, g: torch.Tensor, plan: _Plan) -> torch.Tensor:
     return parts[0] if split == 1 else parts.sum(0)
 
 
+def _lora_dx_da(dx_in: torch.Tensor, x: torch.Tensor, g: torch.Tensor, a: torch.Tensor, plan: _Plan,
+                need_da: bool, dx: torch.Tensor) -> torch.Tensor | None:
+    """dx = dx_in + sum_j (g_j @ A_j) * mask_j written into ``dx`` (which may be dx_in), and dA (P, R, K)
+    fp32 summed over row splits when ``need_da`` (else None): one pass for both (``_lora_dx_da_kernel``)."""
+    m, k = x.shape
+    p, r, _ = a.shape
+    r_pad = _r_pad(r)
+    block_m, block_k = _skinny_blocks(m, r_pad)
+    block_m = max(block_m, 32)
+    tiles = cdiv(k, block_k)
+    split = _row_splits(m, block_m, tiles, x.device, plan.splits)
+    rows_per_split = cdiv(cdiv(m, block_m), split) * block_m
+    split = cdiv(m, rows_per_split)
+    parts = torch.empty((split, p, r, k), dtype=torch.float32, device=x.device) if need_da else None
+    threshold, keep_scale = _dropout_args(plan)
+    _lora_dx_da_kernel[(tiles, split)](
+        dx_in, dx, x, g, a, parts if need_da else dx, m, k, r, *_three(plan.seeds, 0), threshold, keep_scale,
+        rows_per_split, dx_in.stride(0), dx.stride(0), x.stride(0), x.stride(1), g.stride(0), g.stride(1),
+        parts.stride(0) if need_da else 0,
+        P=p, DROPOUT=plan.dropout, NEED_DA=need_da, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k,
+        DOT_PRECISION=_dot_precision(x.dtype), num_warps=8 if p > 1 else 4,
+    )
+    if not need_da:
+        return None
+    return parts[0] if split == 1 else parts.sum(0)
+
+
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     """(rows, n) view with a contiguous last dim; copies only when no such view exists."""
     t = t.reshape(-1, n)
@@ -1202,15 +1326,25 @@ class LoRAFunction(torch.autograd.Function):
                     grads[i] = torch.zeros(shape, dtype=ctx.lora_dtypes[i], device=x2d.device)
             return (dx, None, *grads)
         dys = [_rows(dy, n) for dy, n in zip(dys, plan.out_features)]
-        if need_x and plan.path == "concat" and _concat_ok(plan, k):
-            base_dx, g = _concat_backward(dys, b, plan, k)
-            dx = _gemm_backward(dys, plan, g, a, k, base_dx).view(*ctx.lead, k)
+        need_da = plan.has_lora and any(need_lora[0::2])
+        da = None
+        if need_x and plan.has_lora and plan.path in ("cublas", "concat"):
+            # the base product from cuBLAS, then one pass adds the LoRA term to dx and reduces dA
+            if plan.path == "concat" and _concat_ok(plan, k):
+                base_dx, g = _concat_backward(dys, b, plan, k)  # g from the wide product's extra columns
+                dx2d = torch.empty((m, k), dtype=base_dx.dtype, device=base_dx.device)
+            else:
+                g = _lora_g(dys, b, plan)
+                base_dx = dx2d = _base_product(dys, plan, _base_weights(plan, dys[0].dtype)[1])
+            da = _lora_dx_da(base_dx, x2d, g, a, plan, need_da, dx2d)
+            dx = dx2d.view(*ctx.lead, k)
         else:
             g = _lora_g(dys, b, plan) if plan.has_lora else None
             if need_x:
                 dx = _gemm_backward(dys, plan, g, a, k).view(*ctx.lead, k)
-        if plan.has_lora and any(need_lora[0::2]):
-            da = _lora_da(x2d, g, plan)
+        if need_da:
+            if da is None:
+                da = _lora_da(x2d, g, plan)
             for j in range(plan.projections):
                 if need_lora[2 * j]:
                     grads[2 * j] = da[j].to(ctx.lora_dtypes[2 * j])
