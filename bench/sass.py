@@ -83,7 +83,7 @@ PRESETS = {
                    {"dx_in_ptr": "*bf16", "dx_ptr": "*bf16", "x_ptr": "*bf16", "g_ptr": "*bf16", "a_ptr": "*bf16",
                     "da_ptr": "*fp32", "keep_scale": "fp32", "seed0": "i32:any", "seed1": "i32:any",
                     "seed2": "i32:any", "threshold": "i32:any"},
-                   {"stride_xk": 1, "P": 1, "DROPOUT": True, "NEED_DA": True, "R_PAD": 16, "BLOCK_M": 64,
+                   {"stride_xk": 1, "P": 1, "DROPOUT": True, "NEED_DA": True, "R_PAD": 16, "BLOCK_M": 32,
                     "BLOCK_K": 128, "DOT_PRECISION": "tf32"}, 4, 3),
     "lora_da": ("bezoar_kernels.lora", "_lora_da_kernel",
                 {"x_ptr": "*bf16", "g_ptr": "*bf16", "da_ptr": "*fp32", "keep_scale": "fp32",

@@ -767,14 +767,20 @@ if triton is not None:
                 lora = tl.dot(g, a, input_precision=DOT_PRECISION)
                 if DROPOUT:
                     keep = _dropout_keep(offs_m, pid_k * BLOCK_K, _pick3(j, seed0, seed1, seed2), threshold, BLOCK_K)
-                    acc += tl.where(keep, lora, 0.0) * keep_scale
+                    if NEED_DA:
+                        # one select over [x | lora]: with a select for each, the compiler computes the
+                        # mask twice, in the x tile's layout and in the product's (sm_90 SASS: 40 mixer
+                        # multiplies for 16 column pairs per thread, 20 this way)
+                        x_kept, lora = tl.split(tl.where(keep[:, :, None], tl.join(x.to(tl.float32), lora), 0.0))
+                        xd = x_kept.to(x_ptr.dtype.element_ty)
+                        acc += lora * keep_scale
+                    else:
+                        acc += tl.where(keep, lora, 0.0) * keep_scale
                 else:
                     acc += lora
-                if NEED_DA:
-                    if DROPOUT:
-                        xd = tl.where(keep, x, 0.0)
-                    else:
+                    if NEED_DA:
                         xd = x
+                if NEED_DA:
                     if j == 0:
                         da0 = tl.dot(tl.trans(g), xd, da0, input_precision=DOT_PRECISION)
                     elif j == 1:
@@ -1241,8 +1247,10 @@ def _lora_dx_da(dx_in: torch.Tensor, x: torch.Tensor, g: torch.Tensor, a: torch.
     m, k = x.shape
     p, r, _ = a.shape
     r_pad = _r_pad(r)
-    block_m, block_k = _skinny_blocks(m, r_pad)
-    block_m = max(block_m, 32)
+    # 32-row steps: at 64 the sm_90 build spills (48-528 bytes of stack for r 16 and 64, P 1 and 3);
+    # at 32 none does, and each element's mask is hashed once (bench/sass.py lora_dx_da)
+    block_k = _skinny_blocks(m, r_pad)[1]
+    block_m = 32
     tiles = cdiv(k, block_k)
     split = _row_splits(m, block_m, tiles, x.device, plan.splits)
     rows_per_split = cdiv(cdiv(m, block_m), split) * block_m
