@@ -154,6 +154,48 @@ def maybe_profile(directory: str | None):
     print(f"profiler trace written under {directory}")
 
 
+def kernel_rows(prof, per: int) -> tuple[list[dict], float]:
+    """The kernels of a finished ``torch.profiler`` run, by self time per ``per`` (e.g. calls or
+    steps), largest first: rows of kernel, calls_per, us_per, share; and the total us per ``per``.
+    GPU kernels where CUDA was profiled, else the CPU operators' self time."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    rows, total = [], 0.0
+    for evt in prof.key_averages():
+        if cuda:
+            us = getattr(evt, "self_device_time_total", None)
+            us = us if us is not None else evt.self_cuda_time_total
+        else:
+            us = evt.self_cpu_time_total
+        if us <= 0 or (cuda and evt.device_type != torch.autograd.DeviceType.CUDA):
+            continue
+        total += us
+        rows.append({"kernel": evt.key[:90], "calls_per": evt.count / per, "us_per": us / per})
+    rows.sort(key=lambda r: -r["us_per"])
+    for r in rows:
+        r["share"] = r["us_per"] * per / total if total else None
+    return rows, total / per
+
+
+def profile_kernels(fn, calls: int) -> tuple[list[dict], float]:
+    """``kernel_rows`` of ``calls`` runs of ``fn`` (run once before, outside the profile)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    return kernel_rows(prof, calls)
+
+
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     def fmt(v):
         if isinstance(v, float):

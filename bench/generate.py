@@ -142,24 +142,11 @@ def breakdown(args, device, dtype) -> int:
             wall_ms = (time.perf_counter() - t0) * 1e3
             with profile(activities=activities) as prof:
                 run()
-        rows, total = [], 0.0
-        for evt in prof.key_averages():
-            if cuda:
-                us = getattr(evt, "self_device_time_total", None)
-                us = us if us is not None else evt.self_cuda_time_total
-            else:
-                us = evt.self_cpu_time_total
-            if us <= 0 or (cuda and evt.device_type != torch.autograd.DeviceType.CUDA):
-                continue
-            total += us
-            rows.append({"kernel": evt.key[:90], "calls_per_step": evt.count / steps, "us_per_step": us / steps})
-        rows.sort(key=lambda r: -r["us_per_step"])
-        for r in rows:
-            r["share"] = r["us_per_step"] * steps / total if total else None
+        rows, total = common.kernel_rows(prof, steps)
         where = "GPU" if cuda else "CPU (smoke: operator self time)"
         print(f"\n{label}: {steps} forwards at batch 1 (an 8-token prefill, then static steps): {wall_ms / steps:.3f} ms "
-              f"per step wall clock, {total / steps / 1e3:.3f} ms per step of {where} time\n")
-        print(common.markdown_table(rows[:15], ["kernel", "calls_per_step", "us_per_step", "share"]))
+              f"per step wall clock, {total / 1e3:.3f} ms per step of {where} time\n")
+        print(common.markdown_table(rows[:15], ["kernel", "calls_per", "us_per", "share"]))
     return 0
 
 

@@ -24,6 +24,12 @@ configs for the Triton GEMM of the dequant path. Usage::
     python bench/lora.py                  # full run on the GPU, writes bench/results/lora-<device>-<date>.json
     python bench/lora.py --smoke          # tiny shapes on CPU (Triton interpreter), writes nothing
     python bench/lora.py --only lora_auto/3200x3200/M=16384/r=16 --iters 50   # one case, for ncu/nsys
+    python bench/lora.py --breakdown nf4_only/3200x3200/M=16384,lora_cublas/3200x3200/M=16384/r=16
+                                          # GPU time per kernel of one forward + backward, per case
+
+``--breakdown`` (comma list of cases, or ``default``: NF4 alone and the cublas and concat paths at
+3200x3200 and 8640x3200, M = 16384, r = 16) runs each case 20 times under ``torch.profiler`` and
+prints its kernels by GPU time per call: where the time over NF4 alone goes, launch by launch.
 """
 
 from __future__ import annotations
@@ -51,9 +57,35 @@ def parse_args():
     p.add_argument("--ms", default=None, help="comma list of M values")
     p.add_argument("--ranks", default=None, help="comma list of LoRA ranks")
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout probability (default 0.05)")
+    p.add_argument("--breakdown", default=None, metavar="CASES",
+                   help="comma list of cases (or 'default') to profile per kernel instead of timing")
     p.add_argument("--no-graphs", action="store_true",
                    help="skip the CUDA-graph replay timings (GPU time without host launch gaps)")
     return p.parse_args()
+
+
+BREAKDOWN_DEFAULT = [f"{case}/{shape}/M=16384{rank}" for shape in ("3200x3200", "8640x3200")
+                     for case, rank in (("nf4_only", ""), ("lora_cublas", "/r=16"), ("lora_concat", "/r=16"))]
+BREAKDOWN_CALLS = 20
+
+
+def breakdown(args, cases: dict, backend) -> int:
+    """Per case: its kernels by GPU time per forward + backward (CPU operator time in smoke mode)."""
+    names = BREAKDOWN_DEFAULT if args.breakdown == "default" else args.breakdown.split(",")
+    if args.smoke and args.breakdown == "default":
+        names = [n for n in cases if n.startswith(("nf4_only/", "lora_cublas/", "lora_concat/"))]
+    missing = [n for n in names if n not in cases]
+    if missing:
+        print(f"--breakdown: no case {missing}; cases are:\n  " + "\n  ".join(cases), file=sys.stderr)
+        return 2
+    calls = 2 if args.smoke else BREAKDOWN_CALLS
+    for name in names:
+        with backend("triton"):
+            rows, total = common.profile_kernels(cases[name], calls)
+        where = "CPU operator time (smoke)" if args.smoke else "GPU kernel time"
+        print(f"\n{name}: {total:.1f} us of {where} per forward + backward ({calls} calls profiled)\n")
+        print(common.markdown_table(rows[:16], ["kernel", "calls_per", "us_per", "share"]))
+    return 0
 
 
 def main() -> int:
@@ -191,6 +223,9 @@ def main() -> int:
                     L.lora_linear_triton(x, w, ad.lora_a, ad.lora_b, ad.scaling, p_drop, True, j)
                     for j, (w, ad) in enumerate(zip(qkv_w, ads))), params, dys),
                 peer="qkv_lora_separate", **dict(key, r=r))
+
+    if args.breakdown:
+        return breakdown(args, cases, backend)
 
     if args.only:
         if args.only not in cases:

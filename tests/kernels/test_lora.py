@@ -558,6 +558,20 @@ def test_bench_smoke():
     assert not list((ROOT / "bench" / "results").glob("lora-cpu-*.json")), "smoke mode must not write results"
 
 
+def test_bench_breakdown_smoke():
+    """--breakdown default profiles NF4 alone and the cublas and concat paths, one table each."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "lora.py"), "--smoke", "--breakdown", "default"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("| kernel | calls_per | us_per | share |") == 3
+    for case in ("nf4_only/", "lora_cublas/", "lora_concat/"):
+        assert f"\n{case}" in proc.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "lora.py"), "--smoke", "--breakdown", "nope"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert bad.returncode == 2 and "no case ['nope']" in bad.stderr
+
+
 # ----------------------------------------------------------------------------- GPU (bf16)
 
 
