@@ -1018,25 +1018,35 @@ def _concat_width(r: int) -> int:
     return -(-r // 16) * 16
 
 
-def _concat_weights(plan: _Plan, b: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """The (Ncat, K + P * r16) matrix [W_j | 0 .. s_j B_j .. 0] stacked over j, in the reused buffer."""
+def _concat_lora_block(plan: _Plan, b: torch.Tensor) -> torch.Tensor:
+    """The (Ncat, P * r16) LoRA columns of the wide matrix: s_j * B_j in projection j's rows of column
+    block j, zeros elsewhere, in b's dtype. Built once in the forward and saved for the backward,
+    which then fills the wide matrix with one copy (the forward: P + 2 small launches)."""
     ns = plan.out_features
-    p, r = plan.projections, b.shape[1]
+    r = b.shape[1]
     width = _concat_width(r)
-    kc = k + p * width
-    n_total = sum(ns)
-    wide = _shared_buffer(b.device, dtype, n_total * kc)[: n_total * kc].view(n_total, kc)
-    wide[:, k:].zero_()
+    block = torch.zeros((sum(ns), plan.projections * width), dtype=b.dtype, device=b.device)
     start = 0
-    for j, (w, n) in enumerate(zip(plan.weights, ns)):
-        rows = slice(start, start + n)
-        if plan.nf4:
-            dequantize_nf4_triton(w, dtype, out=wide[rows, :k])
-        else:
-            wide[rows, :k].copy_(w.detach())
-        lo = k + j * width
-        wide[rows, lo: lo + r].copy_(b[rows].float() * plan.scalings[j])  # never in place: b is saved
+    for j, n in enumerate(ns):
+        torch.mul(b[start: start + n], plan.scalings[j], out=block[start: start + n, j * width: j * width + r])
         start += n
+    return block
+
+
+def _concat_weights(plan: _Plan, block: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """The (Ncat, K + P * r16) matrix [W_j | 0 .. s_j B_j .. 0] stacked over j, in the reused buffer:
+    W_j dequantized into the first K columns, ``block`` (``_concat_lora_block``) copied beside them."""
+    n_total, extra = block.shape
+    kc = k + extra
+    wide = _shared_buffer(block.device, dtype, n_total * kc)[: n_total * kc].view(n_total, kc)
+    start = 0
+    for w, n in zip(plan.weights, plan.out_features):
+        if plan.nf4:
+            dequantize_nf4_triton(w, dtype, out=wide[start: start + n, :k])
+        else:
+            wide[start: start + n, :k].copy_(w.detach())
+        start += n
+    wide[:, k:].copy_(block)
     return wide
 
 
@@ -1046,23 +1056,23 @@ def _no_autocast(t: torch.Tensor):
     return torch.autocast(t.device.type, enabled=False)
 
 
-def _concat_forward(wide_x: torch.Tensor, b: torch.Tensor, plan: _Plan, k: int) -> torch.Tensor:
+def _concat_forward(wide_x: torch.Tensor, block: torch.Tensor, plan: _Plan, k: int) -> torch.Tensor:
     """y (M, Ncat) = [x | xa_0 | xa_1 | ...] @ [W_j | .. s_j B_j ..].T: one cuBLAS GEMM, no pass over y.
-    ``wide_x`` is what ``_lora_down`` wrote."""
+    ``wide_x`` is what ``_lora_down`` wrote, ``block`` the LoRA columns (``_concat_lora_block``)."""
     with _no_autocast(wide_x):
-        return torch.matmul(wide_x, _concat_weights(plan, b, k, wide_x.dtype).t())
+        return torch.matmul(wide_x, _concat_weights(plan, block, k, wide_x.dtype).t())
 
 
-def _concat_backward(dys: list[torch.Tensor], b: torch.Tensor, plan: _Plan, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _concat_backward(dys: list[torch.Tensor], block: torch.Tensor, plan: _Plan, k: int,
+                     r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum_j dy_j @ W_j as a strided (M, K) view, g (P, M, R) as a strided view) from one wide product.
 
     sum_j dy_j @ [W_j | .. s_j B_j ..] (M, K + P * r16) holds the base dx in its first K columns and
     g_j = s_j * dy_j @ B_j in column block j (rows of projection i != j are zero there): the pass over
     dy that computes g on the other paths is not made."""
     m = dys[0].shape[0]
-    r = b.shape[1]
     width = _concat_width(r)
-    wide_w = _concat_weights(plan, b, k, dys[0].dtype)
+    wide_w = _concat_weights(plan, block, k, dys[0].dtype)
     with _no_autocast(dys[0]):
         start = 0
         for j, (dy, n) in enumerate(zip(dys, plan.out_features)):
@@ -1295,7 +1305,7 @@ class LoRAFunction(torch.autograd.Function):
         ctx.plan = plan
         ctx.lead = lead
         ctx.lora_dtypes = [t.dtype for t in lora]
-        a = b = xa = None
+        a = b = xa = block = None
         if plan.has_lora:
             a = torch.stack([t.detach().to(dtype) for t in lora[0::2]]).contiguous()  # (P, R, K)
             b = torch.cat([t.detach().to(dtype) for t in lora[1::2]]).contiguous()  # (Ncat, R)
@@ -1304,12 +1314,13 @@ class LoRAFunction(torch.autograd.Function):
         elif plan.path == "concat" and _concat_ok(plan, k):
             wide = torch.empty((m, k + plan.projections * _concat_width(a.shape[1])), dtype=dtype, device=x.device)
             xa = _lora_down(x2d, a, plan, wide)
-            y = _concat_forward(wide, b, plan, k)
+            block = _concat_lora_block(plan, b)
+            y = _concat_forward(wide, block, plan, k)
         else:
             if plan.has_lora:
                 xa = _lora_down(x2d, a, plan)
             y = _gemm_forward(x2d, plan, xa, b)
-        ctx.save_for_backward(x2d, xa, a, b)
+        ctx.save_for_backward(x2d, xa, a, b, block)
         outputs, start = [], 0
         for n in ns:
             outputs.append(y[:, start: start + n].view(*lead, n))
@@ -1319,7 +1330,7 @@ class LoRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *dys: torch.Tensor):
         plan = ctx.plan
-        x2d, xa, a, b = ctx.saved_tensors
+        x2d, xa, a, b, block = ctx.saved_tensors
         m, k = x2d.shape
         need_x = ctx.needs_input_grad[0]
         need_lora = ctx.needs_input_grad[2:]
@@ -1338,8 +1349,8 @@ class LoRAFunction(torch.autograd.Function):
         da = None
         if need_x and plan.has_lora and plan.path in ("cublas", "concat"):
             # the base product from cuBLAS, then one pass adds the LoRA term to dx and reduces dA
-            if plan.path == "concat" and _concat_ok(plan, k):
-                base_dx, g = _concat_backward(dys, b, plan, k)  # g from the wide product's extra columns
+            if block is not None:  # the concat forward ran
+                base_dx, g = _concat_backward(dys, block, plan, k, a.shape[1])  # g from the wide product
                 dx2d = torch.empty((m, k), dtype=base_dx.dtype, device=base_dx.device)
             else:
                 g = _lora_g(dys, b, plan)
