@@ -315,25 +315,20 @@ if triton is not None:
         return h
 
     @triton.jit
-    def _dropout_keep_cols(rows, cols, seed, threshold):
-        """int1 (rows x cols) for any column vector: where the mask keeps the element. Hashes every
-        element's pair, so it costs twice ``_dropout_keep``'s per element."""
+    def _dropout_keep_halves(rows, pair0, seed, threshold, PAIRS: tl.constexpr):
+        """int1 (rows x PAIRS) twice: whether the mask keeps columns 2i and 2i + 1 for the column pairs
+        i = pair0 .. pair0 + PAIRS - 1 (one 32-bit hash per pair: its high and low 16 bits)."""
         row_hash = _mix32_tl(rows.to(tl.uint32) ^ seed.to(tl.uint32))
-        h = _mix32_tl(row_hash[:, None] ^ (cols >> 1).to(tl.uint32)[None, :])
-        bits = tl.where((cols & 1)[None, :] == 0, h >> 16, h & 0xFFFF)
-        return bits.to(tl.int32) >= threshold
+        pairs = (pair0 + tl.arange(0, PAIRS)).to(tl.uint32)
+        h = _mix32_tl(row_hash[:, None] ^ pairs[None, :])
+        return (h >> 16).to(tl.int32) >= threshold, (h & 0xFFFF).to(tl.int32) >= threshold
 
     @triton.jit
     def _dropout_keep(rows, col0, seed, threshold, BLOCK: tl.constexpr):
         """int1 (rows x BLOCK) for columns col0 .. col0 + BLOCK - 1 (col0 even): where the mask keeps
-        the element; one hash per column pair. Callers select x (or a product) in its own dtype and
-        apply the 1 / (1 - p) scale once to an fp32 result, which keeps the per-element work to the
-        hash and a select."""
-        row_hash = _mix32_tl(rows.to(tl.uint32) ^ seed.to(tl.uint32))
-        pairs = (col0 // 2 + tl.arange(0, BLOCK // 2)).to(tl.uint32)
-        h = _mix32_tl(row_hash[:, None] ^ pairs[None, :])
-        even = (h >> 16).to(tl.int32) >= threshold
-        odd = (h & 0xFFFF).to(tl.int32) >= threshold
+        the element. Callers select x (or a product) in its own dtype and apply the 1 / (1 - p) scale
+        once to an fp32 result, which keeps the per-element work to the hash and a select."""
+        even, odd = _dropout_keep_halves(rows, col0 // 2, seed, threshold, BLOCK // 2)
         return tl.reshape(tl.join(even, odd), (rows.shape[0], BLOCK))
 
     @triton.jit
@@ -479,12 +474,11 @@ if triton is not None:
         tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _lora_dx_epilogue(acc, g_ptr, a_ptr, offs_m, m_ok, cols, K, R, stride_gp, stride_gm, seed, threshold,
-                          keep_scale, j: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr):
-        """acc + (g[j] @ A[j][:, cols]) * dropout scale of (seed, row, col): projection j's LoRA part of dx.
-        g[j][m, r] is at g_ptr + j * stride_gp + m * stride_gm + r (a (P, M, R) tensor, or the g columns
-        of the concat path's wide dx)."""
+    def _lora_dx_epilogue(acc, g_ptr, a_ptr, offs_m, m_ok, cols, K, R, stride_gp, stride_gm, keep, keep_scale,
+                          j: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """acc + (g[j] @ A[j][:, cols]) masked by ``keep`` (rows x cols; unused without DROPOUT) and scaled
+        by keep_scale: projection j's LoRA part of dx. g[j][m, r] is at g_ptr + j * stride_gp + m *
+        stride_gm + r."""
         offs_r = tl.arange(0, R_PAD)
         r_ok = offs_r < R
         g = tl.load(g_ptr + j * stride_gp + offs_m.to(tl.int64)[:, None] * stride_gm + offs_r[None, :],
@@ -493,7 +487,7 @@ if triton is not None:
                     mask=r_ok[:, None] & (cols < K)[None, :], other=0.0)
         lora = tl.dot(g, a, input_precision=DOT_PRECISION)
         if DROPOUT:
-            lora = tl.where(_dropout_keep_cols(offs_m, cols, seed, threshold), lora * keep_scale, 0.0)
+            lora = tl.where(keep, lora * keep_scale, 0.0)
         return acc + lora
 
     @triton.jit
@@ -564,13 +558,15 @@ if triton is not None:
             if HAS_LORA:
                 if pid_split == 0:
                     for j in tl.static_range(P):
-                        seed = _pick3(j, seed0, seed1, seed2)
+                        keep_hi = m_ok  # placeholders, unread without dropout
+                        keep_lo = m_ok
+                        if DROPOUT:  # the even and odd columns of a pair share one hash
+                            keep_hi, keep_lo = _dropout_keep_halves(offs_m, k_start // 2, _pick3(j, seed0, seed1, seed2),
+                                                                    threshold, HALF)
                         acc_hi = _lora_dx_epilogue(acc_hi, g_ptr, a_ptr, offs_m, m_ok, cols_hi, K, R, stride_gp,
-                                                   stride_gm, seed, threshold, keep_scale, j, DROPOUT, R_PAD,
-                                                   DOT_PRECISION)
+                                                   stride_gm, keep_hi, keep_scale, j, DROPOUT, R_PAD, DOT_PRECISION)
                         acc_lo = _lora_dx_epilogue(acc_lo, g_ptr, a_ptr, offs_m, m_ok, cols_lo, K, R, stride_gp,
-                                                   stride_gm, seed, threshold, keep_scale, j, DROPOUT, R_PAD,
-                                                   DOT_PRECISION)
+                                                   stride_gm, keep_lo, keep_scale, j, DROPOUT, R_PAD, DOT_PRECISION)
             tl.store(dx_rows + cols_hi[None, :], acc_hi.to(dx_ptr.dtype.element_ty),
                      mask=m_ok[:, None] & (cols_hi < K)[None, :])
             tl.store(dx_rows + cols_lo[None, :], acc_lo.to(dx_ptr.dtype.element_ty),
@@ -598,9 +594,11 @@ if triton is not None:
             if HAS_LORA:
                 if pid_split == 0:
                     for j in tl.static_range(P):
-                        seed = _pick3(j, seed0, seed1, seed2)
+                        keep = m_ok  # a placeholder, unread without dropout
+                        if DROPOUT:
+                            keep = _dropout_keep(offs_m, k_start, _pick3(j, seed0, seed1, seed2), threshold, BLOCK_K)
                         acc = _lora_dx_epilogue(acc, g_ptr, a_ptr, offs_m, m_ok, cols, K, R, stride_gp, stride_gm,
-                                                seed, threshold, keep_scale, j, DROPOUT, R_PAD, DOT_PRECISION)
+                                                keep, keep_scale, j, DROPOUT, R_PAD, DOT_PRECISION)
             tl.store(dx_rows + cols[None, :], acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
     @triton.jit
