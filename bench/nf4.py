@@ -54,7 +54,7 @@ def parse_args():
     p.add_argument("--sweep-dequant", action="store_true",
                    help="also sweep the dequantize launch (blocks per program, warps) on each shape")
     p.add_argument("--sweep-gemv", action="store_true",
-                   help="also sweep gemv configs (rows per program, K splits, warps) at M = 1, 4, 8")
+                   help="also sweep gemv configs (rows and NF4 blocks per program, warps) at M = 1, 4, 8")
     p.add_argument("--shapes", default=None, help="comma list NxK to restrict the shapes, e.g. 3200x8640")
     p.add_argument("--ms", default=None, help="comma list of M values to restrict the sweep")
     p.add_argument("--timing", choices=("eager", "graph"), default="eager",
@@ -380,12 +380,18 @@ def sweep_gemv(args, shapes, weights, randn, bench, mm):
     """Time a grid of gemv configs at M = 1, 4, 8; report the best next to the default heuristic."""
     out = []
     small = [1] if args.smoke else [1, 4, 8]
-    grid = [mm.GemvConfig(block_n, split, warps, 1)
-            for block_n, split, warps in itertools.product((16, 32, 64, 128, 256), (None, 1, 4, 16), (2, 4, 8))]
     if args.smoke:
-        shapes, grid = shapes[:1], grid[:2]
+        shapes = shapes[:1]
     for (n, k), m in itertools.product(shapes, small):
         next_q = weights[(n, k)]  # cycles through the copies: no L2 reuse between calls
+        words = next_q().blocksize // 8
+        # tiles up to twice the default's accumulator (beyond, the sm_90 build spills); each distinct
+        # tile is a compile, so the grid stays small
+        grid = [mm.GemvConfig(block_n, blocks, warps, 1)
+                for block_n, blocks, warps in itertools.product((16, 32, 64, 128), (2, 4, 8, 16), (4, 8))
+                if m * block_n * blocks * words <= 2 * mm._GEMV_TILE_VALUES]
+        if args.smoke:
+            grid = grid[:2]
         x = randn(m, k)
         default = bench(lambda: mm.nf4_gemv_forward(x, next_q()), m, quick=True)
         best, best_cfg = fastest(lambda cfg: bench(lambda: mm.nf4_gemv_forward(x, next_q(), cfg), m, quick=True), grid)

@@ -86,6 +86,21 @@ def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
     return _nf4_tables(torch.device(device))[0]
 
 
+@functools.lru_cache(maxsize=None)
+def _nf4_byte_table(device: torch.device) -> torch.Tensor:
+    code = torch.tensor(NF4_CODE, dtype=torch.float32)
+    bits = code.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    byte = torch.arange(256)
+    return (bits[byte >> 4] | (bits[byte & 15] << 32)).to(device)
+
+
+def nf4_byte_table(device: torch.device | str = "cpu") -> torch.Tensor:
+    """256 int64 entries, one per packed byte: the fp32 bits of the byte's first value (high nibble)
+    in the low 32 bits and of its second value (low nibble) in the high 32 bits, so one 8-byte load
+    decodes both; shared, do not modify."""
+    return _nf4_byte_table(torch.device(device))
+
+
 def nf4_midpoints(device: torch.device | str = "cpu") -> torch.Tensor:
     """The 15 fp32 decision boundaries between neighbouring NF4 values."""
     return _nf4_tables(torch.device(device))[1]

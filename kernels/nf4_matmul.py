@@ -3,11 +3,12 @@
 Forward ``y = x @ W.T`` (M, N); backward ``dx = dy @ W`` (M, K). W is frozen: no dW. Three
 paths, chosen by M (rows of x after flattening leading dims):
 
-* ``gemv`` (M <= 8, forward only: decoding at batch 1 to 8): the packed bytes are read as 32-bit
-  words, 8 values each, one absmax block of a tile of rows per step; every nibble position's code
-  value times x goes into an fp32 partial per word (plain FMAs, no matrix units, no shared memory,
-  no reduction until the end) and the block's scale multiplies the partial once. K is split into
-  ranges of blocks when the row tiles alone are too few programs (fp32 partials, then a sum).
+* ``gemv`` (M <= 8, forward only: decoding at batch 1 to 8): each program loads its whole tile at
+  once (a few rows of W by a range of absmax blocks, as 32-bit words of 8 values, and their scales)
+  and has no loop, because at batch 1 the product is bound by memory latency more than bandwidth.
+  A byte table gives both values of a packed byte in one load; the values times x go into an fp32
+  partial per word (plain FMAs, no matrix units), scaled by the word's block scale and summed. K's
+  ranges of blocks give fp32 partials that a second small kernel adds.
 * ``fused`` (small M): one kernel streams the packed bytes, decodes a tile of W inside the K loop
   and feeds tensor cores. Small grids are split along the reduction (``FusedConfig.split``) into
   fp32 partial sums that a second tiny kernel adds up (deterministic, no atomics).
@@ -49,6 +50,7 @@ from bezoar_kernels.nf4 import (
     NF4Weight,
     dequantize_nf4_reference,
     dequantize_nf4_triton,
+    nf4_byte_table,
     nf4_code,
 )
 
@@ -69,6 +71,9 @@ FUSED_MAX_M = 0
 # nf4-graph-*): gemv is the fastest NF4 forward at M = 1 on all three 3B shapes, eager and as a graph
 # replay (8640x3200: 38.7 us against 41.8 us for dequant + cuBLAS), and slower from M = 4 (66.5 us);
 # a 3B decode step at batch 1 fell from 6.44 to 5.83 ms with it (generate-NVIDIA_H200-2026-11-26.json).
+# Those figures are the first gemv kernel's (a loop over blocks, ~0.5 TB/s); the one-tile kernel that
+# replaced it has fewer instructions per weight in its sm_90 build and no loop, and awaits its timing
+# (bench/nf4.py --timing graph --sweep-gemv), which also says whether M = 2..8 should take it.
 GEMV_MAX_M = 1
 PATHS = ("auto", "fused", "dequant", "gemv")
 _GENERAL_CHUNK = 64  # K chunk of the general (unaligned) variant
@@ -280,54 +285,55 @@ if triton is not None:
 
     @triton.jit
     def _nf4_gemv_kernel(
-        # pointers: x (M, K); W's packed bytes viewed as int32 words (N, K / 8)
-        x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, out_ptr,
+        # pointers: x (M, K); W's packed bytes viewed as int32 words (N, K / 8); the byte table
+        # (nf4_byte_table: both values of a byte in one int64)
+        x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, byte_table_ptr, out_ptr,
         # sizes and scalars
-        M, N, K, offset, blocks_per_split,
+        M, N, K, offset,
         # strides (x's last dim and out's are contiguous)
         stride_xm, stride_os, stride_om,
         # meta
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
     ):
-        """out[split, m, n] = sum over this split's NF4 blocks of x[m, k] * W[n, k], for M <= BLOCK_M (small).
+        """out[split, m, n] = sum over NF4 blocks split * BLOCKS .. + BLOCKS of x[m, k] * W[n, k], M <= BLOCK_M.
 
-        One step is one absmax block of BLOCK_N rows: BLOCKSIZE / 8 words per row (each word holds 8
-        consecutive values, byte i = values 2i (high nibble) and 2i + 1), one scale per row. No matrix
-        units and no reductions in the loop: the code values of the 8 nibble positions times x go into
-        an fp32 partial sum per word, which is scaled once per block into a (BLOCK_M, BLOCK_N, words)
-        accumulator that is summed at the end. W is never rounded to x's dtype, so the result differs
-        from ``F.linear(x, dequantize(W, x.dtype))`` by that rounding (it is the more exact of the two).
+        No loop: a program loads its whole tile at once, BLOCK_N rows of W by BLOCKS absmax blocks
+        (each row's part is BLOCKS * BLOCKSIZE / 2 contiguous bytes, read as 32-bit words of 8 values:
+        byte i holds values 2i (high nibble) and 2i + 1), with every block's scale, so all its DRAM
+        reads are in flight together and the double-quant chain (absmax byte, its code, the nested
+        scale) is waited for once, not once per block. At batch 1 this kernel is bound by latency, not
+        bandwidth: the first version stepped through the blocks one at a time and reached ~0.5 TB/s
+        on an H200. Each byte of a word is decoded by one 8-byte load from the 2 KB byte table (both
+        its values; a 16-entry table took a gather per value, and the address arithmetic of the
+        gathers was most of the kernel's instructions); the values times x go into an fp32 partial
+        per word (plain FMAs, no matrix units, no shared memory); each word's block scale multiplies
+        it before the sum over the words. W is never rounded to x's dtype, so the result differs from
+        ``F.linear(x, dequantize(W, x.dtype))`` by that rounding (it is the more exact of the two).
         """
         WORDS: tl.constexpr = BLOCKSIZE // 8
+        SPAN: tl.constexpr = BLOCKS * WORDS  # words per row of the tile
         pid_n = tl.program_id(0)
         pid_split = tl.program_id(1)
         # Every tile is 3-D, (rows of x, rows of W, words), so the products broadcast in registers.
         offs_m = tl.arange(0, BLOCK_M)[:, None, None]
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :, None]
-        offs_w = tl.arange(0, WORDS)[None, None, :]
+        word = pid_split * SPAN + tl.arange(0, SPAN)[None, None, :]  # word index within a row of W
         m_ok = offs_m < M
-        n_ok = offs_n < N
-        blocks_per_row = K // BLOCKSIZE
-        b_begin = pid_split * blocks_per_split
-        b_end = tl.minimum(b_begin + blocks_per_split, blocks_per_row)
-        word_rows = words_ptr + offs_n.to(tl.int64) * (K // 8) + offs_w
-        x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm + 8 * offs_w
-        acc = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
-        words = tl.load(word_rows + b_begin * WORDS, mask=n_ok, other=0)  # every split has a block
-        for b in range(b_begin, b_end):
-            # the next block's words are in flight while this one is decoded (the last step reloads its own)
-            following = tl.load(word_rows + tl.minimum(b + 1, b_end - 1) * WORDS, mask=n_ok, other=0)
-            part = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
-            for e in tl.static_range(8):
-                code = tl.load(code_ptr + ((words >> (8 * (e // 2) + 4 * (1 - e % 2))) & 15))
-                xe = tl.load(x_rows + (b * BLOCKSIZE + e), mask=m_ok, other=0.0).to(tl.float32)
-                part += xe * code
-            scale = _nf4_block_absmax(offs_n * blocks_per_row + b, n_ok, absmax_ptr, nested_absmax_ptr,
-                                      nested_code_ptr, offset, DOUBLE_QUANT, NESTED)
-            acc += part * scale
-            words = following
-        y = tl.sum(acc, axis=2)
+        w_ok = (offs_n < N) & (word < K // 8)
+        words = tl.load(words_ptr + offs_n.to(tl.int64) * (K // 8) + word, mask=w_ok, other=0)
+        scale = _nf4_block_absmax(offs_n * (K // BLOCKSIZE) + word // WORDS, w_ok, absmax_ptr, nested_absmax_ptr,
+                                  nested_code_ptr, offset, DOUBLE_QUANT, NESTED)
+        x_words = x_ptr + offs_m.to(tl.int64) * stride_xm + 8 * word
+        x_ok = m_ok & (word < K // 8)
+        acc = tl.zeros((BLOCK_M, BLOCK_N, SPAN), dtype=tl.float32)
+        for i in tl.static_range(4):
+            both = tl.load(byte_table_ptr + ((words >> (8 * i)) & 255))
+            first = (both & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+            second = (both >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+            acc += tl.load(x_words + 2 * i, mask=x_ok, other=0.0).to(tl.float32) * first
+            acc += tl.load(x_words + 2 * i + 1, mask=x_ok, other=0.0).to(tl.float32) * second
+        y = tl.sum(acc * scale, axis=2)
         out_m = tl.arange(0, BLOCK_M)[:, None]
         out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
         out = out_ptr + pid_split * stride_os + out_m.to(tl.int64) * stride_om + out_n
@@ -446,21 +452,27 @@ GEMV_MAX_ROWS = 8  # the gemv kernel's accumulator holds every row of x: it take
 
 @dataclasses.dataclass(frozen=True)
 class GemvConfig:
-    """Tiles of the gemv kernel: rows of W per program and how many ranges of NF4 blocks K is cut into."""
+    """Tiles of the gemv kernel: rows of W and NF4 blocks along K per program (both powers of two;
+    None: by rows of x and blocksize, ``gemv_tile``). K is cut into ranges of ``blocks`` blocks, each
+    range's fp32 partials summed by a second kernel when there is more than one."""
 
-    block_n: int | None = None  # None: by rows of x and blocksize (gemv_block_n)
-    split: int | None = None  # None: enough programs for about four per SM
+    block_n: int | None = None
+    blocks: int | None = None
     num_warps: int = 4
     num_stages: int = 1
 
 
-def gemv_block_n(block_m: int, blocksize: int) -> int:
-    """Rows of W per gemv program: the two fp32 accumulators hold block_m x block_n x blocksize / 8
-    values, so the tile narrows as x's rows or the blocksize grow. From the sm_90 compile
-    (bench/sass.py): 64 rows spill at 8 rows of x with blocksize 128 (255 registers, 480 bytes of
-    stack); 32 rows at 8 x 64 use 182 registers instead of 254."""
-    words = block_m * blocksize // 8
-    return 64 if words <= 32 else 32 if words <= 64 else 16
+_GEMV_TILE_VALUES = 4096  # fp32 accumulator values per program: 32 per thread at 4 warps
+
+
+def gemv_tile(block_m: int, blocksize: int, blocks_per_row: int) -> tuple[int, int]:
+    """(rows of W, NF4 blocks) per gemv program: a (block_m, rows, words) fp32 accumulator of about
+    _GEMV_TILE_VALUES values, 64 words (256 bytes) of each row at batch 1 and 2, 32 from 3 rows of x."""
+    words = blocksize // 8
+    span = 64 if block_m <= 2 else 32
+    blocks = max(1, min(span // words, next_power_of_2(blocks_per_row)))
+    block_n = max(16, min(128, _GEMV_TILE_VALUES // (block_m * blocks * words)))
+    return block_n, blocks
 
 
 def gemv_supported(m: int, weight: NF4Weight) -> bool:
@@ -483,15 +495,13 @@ def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | No
         x = x.contiguous()
     cfg = config or GemvConfig()
     block_m = next_power_of_2(m)
-    block_n = cfg.block_n or gemv_block_n(block_m, weight.blocksize)
-    blocks = k // weight.blocksize
+    blocks_per_row = k // weight.blocksize
+    block_n, blocks = gemv_tile(block_m, weight.blocksize, blocks_per_row)
+    block_n, blocks = cfg.block_n or block_n, cfg.blocks or blocks
+    if blocks & (blocks - 1) or block_n & (block_n - 1):
+        raise ValueError(f"nf4 gemv: block_n and blocks must be powers of two, got {block_n}, {blocks}")
     tiles = cdiv(n, block_n)
-    split = cfg.split
-    if split is None:
-        sm = sm_count(x.device) if x.device.type == "cuda" else 2
-        split = cdiv(4 * sm, tiles)
-    per_split = cdiv(blocks, max(1, min(split, blocks)))
-    split = cdiv(blocks, per_split)
+    split = cdiv(blocks_per_row, blocks)
     if split == 1:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     else:
@@ -499,11 +509,11 @@ def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | No
     dq = weight.double_quant
     _nf4_gemv_kernel[(tiles, split)](
         x, weight.packed.view(torch.int32), weight.absmax, weight.nested_absmax if dq else weight.absmax,
-        weight.nested_code if dq else weight.absmax, nf4_code(x.device), out,
-        m, n, k, weight.offset if dq else 0.0, per_split,
+        weight.nested_code if dq else weight.absmax, nf4_byte_table(x.device), out,
+        m, n, k, weight.offset if dq else 0.0,
         x.stride(0), out.stride(0) if split > 1 else 0, out.stride(-2),
         BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=dq, NESTED=NESTED_BLOCKSIZE,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=cfg.num_warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS=blocks, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, enable_fp_fusion=True,  # x * code + partial as one FMA
     )
     return out if split == 1 else _sum_splits(out, x.dtype)

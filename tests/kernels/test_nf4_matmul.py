@@ -90,19 +90,29 @@ GEMV_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("split", [None, 1, 3])
+@pytest.mark.parametrize("blocks", [None, 1, 2, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("m,n,k,blocksize,double_quant", GEMV_SHAPES)
-def test_gemv_matches_exact_product(m, n, k, blocksize, double_quant, dtype, split):
-    """The gemv kernel never rounds W to x's dtype: it equals x @ W (fp32 dequant) rounded once."""
+def test_gemv_matches_exact_product(m, n, k, blocksize, double_quant, dtype, blocks):
+    """The gemv kernel never rounds W to x's dtype: it equals x @ W (fp32 dequant) rounded once. Blocks
+    per program: the default, one (a range per block, summed), two (the last range partly past K with
+    5 blocks per row) and more than a row has (one masked range)."""
     weight = _weight(n, k, blocksize, double_quant, seed=m)
     x = _inputs((m, k), dtype, seed=n)
     exact = (x.double() @ nf4.dequantize_nf4_reference(weight, torch.float32).double().t()).to(dtype)
     with backend("triton"):
-        y = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(block_n=32, split=split))
+        y = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(block_n=32, blocks=blocks))
     atol, rtol = TOLERANCES[dtype]
     assert y.dtype == dtype and y.shape == (m, n)
-    assert_close(y, exact, atol, rtol, name=f"gemv split={split}")
+    assert_close(y, exact, atol, rtol, name=f"gemv blocks={blocks}")
+
+
+def test_gemv_tile_choice_and_config_check():
+    assert mm.gemv_tile(1, 64, 50) == (64, 8) and mm.gemv_tile(8, 128, 135) == (16, 2)
+    assert mm.gemv_tile(1, 64, 2) == (128, 2)  # a short row: the tile stops at the row's blocks
+    weight = _weight(16, 128, 64, True, seed=0)
+    with pytest.raises(ValueError, match="powers of two"):
+        mm.nf4_gemv_forward(_inputs((1, 128), torch.float32), weight, mm.GemvConfig(blocks=3))
 
 
 def test_gemv_path_in_autograd_and_fallbacks(monkeypatch):
