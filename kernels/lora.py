@@ -36,7 +36,12 @@ shapes, and no (M, N) intermediate. PEFT's separate ops make many more: the drop
 its mask, the lora_B output, its scaled copy and the sum are each written and read again, and
 their gradients likewise in the backward.
 
-The base GEMM runs on one of four paths (``path``, chosen by M when "auto"):
+The base GEMM runs on one of five paths (``path``, chosen by M when "auto"):
+
+* ``gemv`` (inference at M up to the NF4 gemv threshold: decoding with an adapter): the NF4 gemv
+  kernel writes each x @ W_j.T into y, then the down launch and the epilogue launch add the LoRA
+  term in place; no W is dequantized. Forward only, without dropout: "auto" takes it only when
+  nothing needs a gradient and the weights are NF4 that the gemv kernel takes, else the next rule.
 
 * ``fused``: one Triton kernel decodes NF4 tiles inside the K loop (0.5 byte per weight read),
   for small M where the product is memory-bound (decoding, evaluation); a dense W is read as is.
@@ -96,7 +101,7 @@ import torch.nn.functional as F
 from bezoar_kernels import dispatch
 from bezoar_kernels.launch import cdiv, launch_fitting, next_power_of_2, sm_count
 from bezoar_kernels.nf4 import NESTED_BLOCKSIZE, NF4Weight, dequantize_nf4_reference, dequantize_nf4_triton, nf4_code
-from bezoar_kernels.nf4_matmul import fused_max_m
+from bezoar_kernels.nf4_matmul import fused_max_m, gemv_max_m, gemv_supported, nf4_gemv_forward
 
 try:
     import triton
@@ -105,7 +110,7 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-PATHS = ("auto", "fused", "dequant", "cublas", "concat")
+PATHS = ("auto", "fused", "dequant", "cublas", "concat", "gemv")
 # What "auto" takes above the fused threshold; env BEZOAR_LORA_LARGE_M_PATH. bench/lora.py on an H200
 # (2026-11-26, bench/results/lora-NVIDIA_H200-2026-11-26.json), forward + backward as CUDA-graph replays
 # (GPU time): cuBLAS for the base product plus the LoRA epilogue pass took 1.18-1.55x NF4 alone on all 12
@@ -225,18 +230,22 @@ def large_m_path() -> str:
     raw = os.environ.get("BEZOAR_LORA_LARGE_M_PATH", "").strip().lower()
     if not raw:
         return LARGE_M_PATH
-    if raw not in PATHS[1:]:
-        raise ValueError(f"BEZOAR_LORA_LARGE_M_PATH={raw!r}: expected one of {', '.join(PATHS[1:])}")
+    allowed = [p for p in PATHS if p not in ("auto", "gemv")]
+    if raw not in allowed:
+        raise ValueError(f"BEZOAR_LORA_LARGE_M_PATH={raw!r}: expected one of {', '.join(allowed)}")
     return raw
 
 
 def resolve_path(path: str | None, m: int, has_lora: bool = True) -> str:
-    """The concrete path for M rows: "fused", "dequant", "cublas" or "concat"."""
+    """The concrete path for M rows: "fused", "dequant", "cublas", "concat" or "gemv" ("gemv" up to
+    the NF4 gemv threshold; ``_apply`` falls back from it where the weights or autograd do not allow it)."""
     path = path or "auto"
     if path not in PATHS:
         raise ValueError(f"lora path {path!r}: expected one of {', '.join(PATHS)}")
     if path != "auto":
         return path
+    if 0 < m <= gemv_max_m():
+        return "gemv"
     if m <= fused_max_m():
         return "fused"
     # Without an adapter there is no epilogue to fuse: the base product is cuBLAS's to do.
@@ -1098,14 +1107,19 @@ def _lora_down(x: torch.Tensor, a: torch.Tensor, plan: _Plan, wide: torch.Tensor
     return xa
 
 
-def _gemm_forward(x: torch.Tensor, plan: _Plan, xa: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
-    """y (M, Ncat) = [x @ W_j.T + s_j * xa_j @ B_j.T]_j in x's dtype."""
+def _gemm_forward(x: torch.Tensor, plan: _Plan, xa: torch.Tensor | None, b: torch.Tensor | None,
+                  base_y: torch.Tensor | None = None) -> torch.Tensor:
+    """y (M, Ncat) = [x @ W_j.T + s_j * xa_j @ B_j.T]_j in x's dtype; with ``base_y`` (the products
+    x @ W_j.T already there, e.g. from the gemv kernel) only the LoRA term is added to it, in place."""
     m, k = x.shape
     ns = plan.out_features
     n_total = sum(ns)
     dtype = x.dtype
-    base, weights, stacked = _base_weights(plan, dtype)
-    if base == _BASE_IN_OUT:
+    if base_y is not None:
+        base, weights, y = _BASE_IN_OUT, [base_y] * plan.projections, base_y  # the weights are not read
+    else:
+        base, weights, stacked = _base_weights(plan, dtype)
+    if base == _BASE_IN_OUT and base_y is None:
         with _no_autocast(x):
             y = torch.matmul(x, stacked.t())
         if not plan.has_lora:
@@ -1309,6 +1323,15 @@ class LoRAFunction(torch.autograd.Function):
             b = torch.cat([t.detach().to(dtype) for t in lora[1::2]]).contiguous()  # (Ncat, R)
         if m == 0:
             y = x2d.new_empty((0, sum(ns)))
+        elif plan.path == "gemv":  # inference at small M: ``_apply`` checked the weights and autograd
+            y = torch.empty((m, sum(ns)), dtype=dtype, device=x.device)
+            start = 0
+            for w, n in zip(plan.weights, ns):
+                nf4_gemv_forward(x2d.contiguous(), w, out=y[:, start: start + n])
+                start += n
+            if plan.has_lora:
+                xa = _lora_down(x2d, a, plan)
+                y = _gemm_forward(x2d, plan, xa, b, base_y=y)
         elif plan.path == "concat" and _concat_ok(plan, k):
             wide = torch.empty((m, k + plan.projections * _concat_width(a.shape[1])), dtype=dtype, device=x.device)
             xa = _lora_down(x2d, a, plan, wide)
@@ -1382,14 +1405,30 @@ def _kernel_rank_ok(adapters) -> bool:
     return adapters is None or adapters[0].lora_a.shape[0] <= MAX_KERNEL_RANK
 
 
+def _gemv_ok(x, weights, adapters, dropout_p) -> bool:
+    """The gemv path is forward-only and unmasked: NF4 weights it takes, no dropout, no gradient."""
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(
+        t.requires_grad for ad in (adapters or ()) for t in (ad.lora_a, ad.lora_b)))
+    return (not needs_grad and dropout_p == 0 and all(isinstance(w, NF4Weight) and gemv_supported(m, w)
+                                                         for w in weights))
+
+
 def _apply(x, weights, adapters, dropout_p, training, seeds, path, fwd_config=None, bwd_config=None, splits=None):
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    dropout_p = float(dropout_p) if (training and adapters is not None) else 0.0
+    resolved = resolve_path(path, m, adapters is not None)
+    if resolved == "gemv" and not _gemv_ok(x, weights, adapters, dropout_p):
+        if path == "gemv":
+            raise ValueError("lora path 'gemv' needs NF4 weights the gemv kernel takes (M <= 8, K a multiple "
+                             "of the blocksize), no dropout and no gradient")
+        resolved = "fused" if m <= fused_max_m() else (large_m_path() if adapters is not None else "cublas")
     plan = _Plan(
         weights=tuple(weights),
         scalings=tuple(float(ad.scaling) for ad in adapters) if adapters is not None else (),
         seeds=tuple(seed31(s) for s in seeds),
-        dropout_p=float(dropout_p) if (training and adapters is not None) else 0.0,
-        path=resolve_path(path, m, adapters is not None),
+        dropout_p=dropout_p,
+        path=resolved,
         fwd_config=fwd_config, bwd_config=bwd_config, splits=splits,
     )
     lora = [t for ad in adapters for t in (ad.lora_a, ad.lora_b)] if adapters is not None else []

@@ -340,14 +340,15 @@ if triton is not None:
         tl.store(out, y.to(out_ptr.dtype.element_ty), mask=(out_m < M) & (out_n < N))
 
     @triton.jit
-    def _sum_splits_kernel(parts_ptr, out_ptr, n_elements, splits, BLOCK: tl.constexpr):
-        """out[i] = sum over s of parts[s, i] (fp32), cast to out's dtype."""
+    def _sum_splits_kernel(parts_ptr, out_ptr, n_elements, splits, cols, stride_out, BLOCK: tl.constexpr):
+        """out[i // cols, i % cols] = sum over s of parts[s, i] (fp32, parts (splits, rows, cols)
+        contiguous), cast to out's dtype; out's rows go ``stride_out`` apart."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_elements
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for s in range(0, splits):
             acc += tl.load(parts_ptr + s * n_elements + offs, mask=mask, other=0.0)
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + (offs // cols) * stride_out + offs % cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -380,12 +381,15 @@ def _meta(weight: NF4Weight, k: int, x_dtype: torch.dtype) -> dict:
                 DOT_PRECISION="ieee" if x_dtype == torch.float32 else "tf32")
 
 
-def _sum_splits(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    out = torch.empty(parts.shape[1:], dtype=dtype, device=parts.device)
+def _sum_splits(parts: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The sum of fp32 partials (splits, rows, cols) into ``out`` (rows, cols; unit column stride) or a
+    new tensor."""
+    if out is None:
+        out = torch.empty(parts.shape[1:], dtype=dtype, device=parts.device)
     n = out.numel()
     block = 1024
-    _sum_splits_kernel[(cdiv(n, block),)](parts, out, n, parts.shape[0], BLOCK=block, num_warps=4,
-                                                 enable_fp_fusion=False)
+    _sum_splits_kernel[(cdiv(n, block),)](parts, out, n, parts.shape[0], parts.shape[-1], out.stride(0), BLOCK=block,
+                                          num_warps=4, enable_fp_fusion=False)
     return out
 
 
@@ -482,8 +486,11 @@ def gemv_supported(m: int, weight: NF4Weight) -> bool:
             and weight.packed.data_ptr() % 4 == 0)
 
 
-def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | None = None) -> torch.Tensor:
-    """x (M, K) @ dequant(W).T -> (M, N) for small M with the gemv kernel (see ``gemv_supported``)."""
+def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) @ dequant(W).T -> (M, N) for small M with the gemv kernel (see ``gemv_supported``),
+    into ``out`` when given (an (M, N) tensor of x's dtype with unit column stride: a column slice of a
+    wider buffer is fine)."""
     _check(x, weight, 1, "x")
     m, k = x.shape
     n = weight.shape[0]
@@ -502,8 +509,12 @@ def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | No
         raise ValueError(f"nf4 gemv: block_n and blocks must be powers of two, got {block_n}, {blocks}")
     tiles = cdiv(n, block_n)
     split = cdiv(blocks_per_row, blocks)
+    if out is not None and (tuple(out.shape) != (m, n) or out.dtype != x.dtype or out.stride(-1) != 1):
+        raise ValueError(f"nf4 gemv: out must be ({m}, {n}) {x.dtype} with unit column stride, got "
+                         f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    final = out
     if split == 1:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        out = final if final is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
     else:
         out = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     dq = weight.double_quant
@@ -516,7 +527,7 @@ def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | No
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS=blocks, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, enable_fp_fusion=True,  # x * code + partial as one FMA
     )
-    return out if split == 1 else _sum_splits(out, x.dtype)
+    return out if split == 1 else _sum_splits(out, x.dtype, final)
 
 
 _dequant_buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}

@@ -12,6 +12,7 @@ import torch
 
 from bezoar_kernels import lora as L
 from bezoar_kernels import nf4
+from bezoar_kernels.nf4_matmul import nf4_gemv_forward as nf4_gemv
 from bezoar_kernels.dispatch import backend
 from tests.utils import TOLERANCES, assert_close, bf16_sum_bound
 
@@ -442,8 +443,9 @@ def test_path_choice_and_override(monkeypatch):
     monkeypatch.delenv("BEZOAR_NF4_FUSED_MAX_M", raising=False)
     from bezoar_kernels.nf4_matmul import FUSED_MAX_M
 
-    assert L.resolve_path("auto", FUSED_MAX_M + 1) == L.LARGE_M_PATH
-    assert L.resolve_path(None, 1) == ("fused" if FUSED_MAX_M >= 1 else L.LARGE_M_PATH)
+    assert L.resolve_path("auto", FUSED_MAX_M + 2) == L.LARGE_M_PATH
+    assert L.resolve_path(None, 1) == "gemv"  # up to the NF4 gemv threshold (GEMV_MAX_M = 1)
+    assert L.resolve_path(None, 2) == ("fused" if FUSED_MAX_M >= 2 else L.LARGE_M_PATH)
     monkeypatch.setenv("BEZOAR_NF4_FUSED_MAX_M", "16")
     assert L.resolve_path(None, 16) == "fused"
     assert L.resolve_path(None, 17) == L.LARGE_M_PATH
@@ -452,9 +454,53 @@ def test_path_choice_and_override(monkeypatch):
     assert L.LARGE_M_PATH == "cublas"  # the faster of the two on an H200 (kernels/lora.py says the figures)
     monkeypatch.setenv("BEZOAR_LORA_LARGE_M_PATH", "dequant")
     assert L.resolve_path(None, 10**6) == "dequant"
-    monkeypatch.setenv("BEZOAR_LORA_LARGE_M_PATH", "fast")
-    with pytest.raises(ValueError, match="BEZOAR_LORA_LARGE_M_PATH"):
-        L.resolve_path(None, 10**6)
+    for bad in ("fast", "gemv"):  # gemv is no large-M path
+        monkeypatch.setenv("BEZOAR_LORA_LARGE_M_PATH", bad)
+        with pytest.raises(ValueError, match="BEZOAR_LORA_LARGE_M_PATH"):
+            L.resolve_path(None, 10**6)
+
+
+@pytest.mark.parametrize("projections", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gemv_path_for_inference(monkeypatch, projections, dtype):
+    """At M = 1 without gradients (decoding with an adapter) auto takes the NF4 gemv kernel for the
+    base products and adds the LoRA term in place: it equals the reference; training with dropout,
+    or a gradient, takes the large-M path, and an explicit "gemv" there is an error."""
+    monkeypatch.delenv("BEZOAR_NF4_GEMV_MAX_M", raising=False)
+    calls = []
+    monkeypatch.setattr(L, "nf4_gemv_forward", lambda *a, **kw: calls.append(1) or nf4_gemv(*a, **kw))
+    k, ns = 192, (48, 24, 24)[:projections]
+    weights = [_base(n, k, "nf4", dtype, seed=j) for j, n in enumerate(ns)]
+    adapters = [_adapter(n, k, 8, seed=40 + j, scaling=0.5 + j) for j, n in enumerate(ns)]
+    x = torch.randn(1, 1, k, generator=_gen(2)).to(dtype)
+
+    def run(xx, training, p=0.1, path=None):
+        if projections == 3:
+            return L.lora_qkv(xx, weights, adapters, p, training, (4, 5, 6), path)
+        ad = adapters[0]
+        return (L.lora_linear(xx, weights[0], ad.lora_a, ad.lora_b, ad.scaling, p, training, 4, path),)
+
+    want = [L.lora_linear_reference(x, w, ad.lora_a, ad.lora_b, ad.scaling, 0.0, False, 0)
+            for w, ad in zip(weights, adapters)]
+    with backend("triton"), torch.no_grad():
+        got = run(x, training=False)
+        assert len(calls) == projections
+        got_p0 = run(x, training=True, p=0.0)  # dropout 0 in training mode: no mask either
+        assert len(calls) == 2 * projections
+        run(x, training=True)  # dropout on: the mask needs the large-M path
+        assert len(calls) == 2 * projections
+    atol, rtol = TOLERANCES[dtype]
+    for g, g0, w in zip(got, got_p0, want):
+        assert g.dtype == dtype and g.shape == w.shape
+        # the gemv kernel does not round W to the dtype first: the reference's own rounding shows
+        assert_close(g, w, 2 * atol, 4 * rtol, name="gemv + LoRA")
+        assert torch.equal(g, g0)
+    with backend("triton"):
+        xg = x.clone().requires_grad_(True)
+        run(xg, training=False)  # a gradient: not the gemv path
+        assert len(calls) == 2 * projections
+        with pytest.raises(ValueError, match="gemv"):
+            run(xg, training=False, path="gemv")
 
 
 def test_dequantized_block_is_reused_and_stacked():
@@ -611,6 +657,25 @@ def test_bf16_on_gpu_matches_fp32_product(m, n, k, r, path):
     assert_close(grads[0].float(), want_dx, bf16_sum_bound(base_dx, lora_size, roundings=3), 0.0, name="bf16 dx")
     assert_close(grads[1], g.t() @ h, 5e-2 * max(1, m ** 0.5), 2e-2, name="bf16 dA")
     assert_close(grads[2], ad.scaling * dy.float().t() @ xa, 5e-2 * max(1, m ** 0.5), 2e-2, name="bf16 dB")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 8])
+def test_bf16_gemv_lora_on_gpu(m):
+    """The inference path at small M (gemv base products + the LoRA term in place) against fp32."""
+    dev = "cuda"
+    k, ns, r = 3200, (3200, 1000, 1000), 16
+    weights = [_base(n, k, "nf4", torch.bfloat16, seed=j, device=dev) for j, n in enumerate(ns)]
+    adapters = [_adapter(n, k, r, seed=10 + j, device=dev) for j, n in enumerate(ns)]
+    x = torch.randn(m, k, generator=_gen(2)).to(dev, torch.bfloat16)
+    with backend("triton"), torch.no_grad():
+        got = L.lora_qkv(x, weights, adapters, 0.05, False, (1, 2, 3), "gemv")
+    for y, w_j, ad in zip(got, weights, adapters):
+        w = nf4.dequantize_nf4_reference(w_j, torch.float32)
+        a, b = ad.lora_a.bfloat16().float(), ad.lora_b.bfloat16().float()
+        xa = (x.float() @ a.t()).bfloat16().float()
+        want = x.float() @ w.t() + ad.scaling * xa @ b.t()
+        assert_close(y.float(), want, 3e-2, 2e-2, name=f"gemv + LoRA M={m}")
 
 
 @pytest.mark.gpu
