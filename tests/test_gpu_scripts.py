@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["gpu_bench.sh", "gpu_check.sh", "fetch_gpu_wheels.sh", "gpu_env.sh"]
+SCRIPTS = ["gpu_bench.sh", "gpu_check.sh", "gpu_next.sh", "fetch_gpu_wheels.sh", "gpu_env.sh"]
 
 
 def dry_run(script, *args):
@@ -63,6 +63,21 @@ def test_gpu_check_dry_run_runs_gpu_tests_then_the_rest():
     first = out.stdout.index("pytest -q -p no:cacheprovider -m gpu")
     second = out.stdout.index("TRITON_INTERPRET=1")
     assert first < second and "-m not\\ gpu" in out.stdout[second:]
+
+
+def test_gpu_next_dry_run_fits_one_call_and_names_what_it_checks():
+    out = dry_run("gpu_next.sh", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    limits = [int(m) for m in re.findall(r"timeout --signal=INT --kill-after=10 (\d+) ", text)]
+    parts = re.findall(r"part (\w+) \(limit", text)
+    assert parts == ["tests", "lora", "lora_breakdown", "nf4_graph", "decode_breakdown"], parts
+    assert len(limits) == len(parts) and sum(limits) + 10 * len(parts) <= 600, limits  # one device call
+    for piece in ("scripts/gpu_check.sh --gpu-only", "scripts/gpu_bench.sh --only lora", "--breakdown default",
+                  "--timing graph", "--sweep-gemv", "generate.py --breakdown"):
+        assert piece in text, piece
+    bad = dry_run("gpu_next.sh", "--frobnicate")
+    assert bad.returncode == 2 and "unknown argument" in bad.stderr
 
 
 def test_fetch_wheels_dry_run_names_the_wheel_for_the_gpu_machine():

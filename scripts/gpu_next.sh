@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# What the next GPU session runs first, in one device call of under 9 minutes: the checks of what was
+# built since the last GPU run and has only run on the CPU (bench/README.md, "The next GPU session's
+# first call", says what and why). Each part runs under its own time limit and a failing part does
+# not stop the rest; logs and the results JSON land in $OUT.
+#
+#   1. the GPU tests (scripts/gpu_check.sh --gpu-only, GPU_TEST_LIMIT seconds, default 120);
+#   2. bench/lora.py through scripts/gpu_bench.sh (cublas against concat, both with the one-pass
+#      dx + dA launch and the pair-hashed dropout mask);
+#   3. bench/lora.py --breakdown default: GPU time per kernel of NF4 alone, cublas and concat;
+#   4. bench/nf4.py --timing graph with the gemv and dequantize sweeps (the one-tile gemv kernel);
+#   5. bench/generate.py --breakdown 16: a decode step per kernel, gemv off and on.
+#
+#   scripts/gpu_next.sh              # on the GPU machine: run(command="bash scripts/gpu_next.sh", carry=[".whl"])
+#   scripts/gpu_next.sh --dry-run    # print what would run, run nothing (works anywhere)
+set -uo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+cd "$ROOT"
+# shellcheck source=SCRIPTDIR/gpu_env.sh
+source "$HERE/gpu_env.sh"
+
+DRY_RUN=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY_RUN=1 ;;
+    -h|--help) print_help "${BASH_SOURCE[0]}"; exit 0 ;;
+    *) echo "scripts/gpu_next.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+export DRY_RUN PYTHONUNBUFFERED=1
+OUT_DIR=${OUT:-/tmp/bezoar-gpu-out}
+[ "$DRY_RUN" = 1 ] || mkdir -p "$OUT_DIR"
+
+# name, seconds, command: the command's output goes to $OUT/<name>.log
+part() {
+  local name=$1 limit=$2
+  shift 2
+  log "part $name (limit ${limit}s)"
+  if [ "$DRY_RUN" = 1 ]; then
+    run timeout --signal=INT --kill-after=10 "$limit" "$@"
+    return 0
+  fi
+  timeout --signal=INT --kill-after=10 "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
+  log "part $name: exit $?"
+}
+
+part tests 170 env GPU_TEST_LIMIT="${GPU_TEST_LIMIT:-120}" bash scripts/gpu_check.sh --gpu-only
+part lora 140 bash scripts/gpu_bench.sh --only lora --budget 130
+# the two scripts above installed the project and the wheels; the parts below use that install
+[ -d "$SITE_DIR" ] && prepend_pythonpath "$SITE_DIR"
+part lora_breakdown 50 "$PYTHON" bench/lora.py --breakdown default
+part nf4_graph 130 "$PYTHON" bench/nf4.py --timing graph --ms 1,4,16,4096 --sweep-gemv --sweep-dequant
+part decode_breakdown 60 "$PYTHON" bench/generate.py --breakdown 16
+if [ "$DRY_RUN" = 1 ]; then
+  log "would copy bench/results/nf4-graph-*.json to $OUT_DIR"
+else
+  cp bench/results/nf4-graph-*.json "$OUT_DIR"/ 2>/dev/null || log "no nf4 graph results to copy"
+fi
