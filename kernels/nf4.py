@@ -389,37 +389,60 @@ if triton is not None:
 
     @triton.jit
     def _nf4_dequantize_kernel(
-        # pointers
-        packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, out_ptr,
+        # pointers: out is W's dtype, or int32 words of two 16-bit values with PACKED
+        packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, byte_table_ptr, out_ptr,
         # sizes and scalars
         n_elements, n_bytes, n_blocks, offset, row_blocks, out_row_stride,
         # meta
         BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROG: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
-        EVEN: tl.constexpr, STRIDED: tl.constexpr,
+        EVEN: tl.constexpr, STRIDED: tl.constexpr, PACKED: tl.constexpr, PACKED_BF16: tl.constexpr,
     ):
         """One program dequantizes BLOCKS_PER_PROG blocks: reads bytes contiguously, writes values contiguously.
 
+        Each byte is decoded by one 8-byte load from the byte table (both of its values; a gather per
+        value before, with twice the address arithmetic).
         EVEN (whole programs of whole blocks, as the model's shapes are): no masks, so the compiler can
         use 16-byte loads and stores; a mask that varies inside a vector splits it into scalar accesses.
         STRIDED: W's rows of ``row_blocks`` whole blocks go ``out_row_stride`` values apart in out (a
-        wider buffer with other columns beside W); each block still lands contiguously."""
+        wider buffer with other columns beside W); each block still lands contiguously.
+        PACKED (16-bit W with whole blocks): a byte's two values, rounded to bf16 (PACKED_BF16) or fp16,
+        are stored as one 32-bit word, so the tile keeps the bytes' layout; interleaving two tiles of values (join
+        and reshape) cost a round trip through shared memory with barriers in the sm_90 build."""
         HALF: tl.constexpr = BLOCKSIZE // 2
         rows = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROG + tl.arange(0, BLOCKS_PER_PROG)
         row_ok = rows < n_blocks
         byte_index = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
-        if STRIDED:
-            start = (rows // row_blocks) * out_row_stride + (rows % row_blocks) * BLOCKSIZE
-            element = start[:, None] + tl.arange(0, BLOCKSIZE)[None, :]
-        else:
-            element = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
         if EVEN:
             byte = tl.load(packed_ptr + byte_index)
         else:
             byte = tl.load(packed_ptr + byte_index, mask=byte_index < n_bytes, other=0)
         absmax = _nf4_block_absmax(rows, row_ok, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                                    DOUBLE_QUANT, NESTED)
-        hi = tl.load(code_ptr + (byte >> 4).to(tl.int32)) * absmax[:, None]
-        lo = tl.load(code_ptr + (byte & 15).to(tl.int32)) * absmax[:, None]
+        both = tl.load(byte_table_ptr + byte.to(tl.int32))
+        hi = (both & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * absmax[:, None]
+        lo = (both >> 32).to(tl.uint32).to(tl.float32, bitcast=True) * absmax[:, None]
+        if PACKED:
+            if PACKED_BF16:
+                hi16 = hi.to(tl.bfloat16)
+                lo16 = lo.to(tl.bfloat16)
+            else:
+                hi16 = hi.to(tl.float16)
+                lo16 = lo.to(tl.float16)
+            first = hi16.to(tl.uint16, bitcast=True).to(tl.uint32)
+            second = lo16.to(tl.uint16, bitcast=True).to(tl.uint32)
+            word = (first | (second << 16)).to(tl.int32, bitcast=True)  # the first value at the lower address
+            if STRIDED:
+                start = (rows // row_blocks) * (out_row_stride // 2) + (rows % row_blocks) * HALF
+                pair = start[:, None] + tl.arange(0, HALF)[None, :]
+                tl.store(out_ptr + pair, word, mask=row_ok[:, None])
+            else:
+                tl.store(out_ptr + byte_index, word)
+            return
+        if STRIDED:
+            start = (rows // row_blocks) * out_row_stride + (rows % row_blocks) * BLOCKSIZE
+            element = start[:, None] + tl.arange(0, BLOCKSIZE)[None, :]
+        else:
+            element = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
         values = tl.reshape(tl.join(hi, lo), (BLOCKS_PER_PROG, BLOCKSIZE)).to(out_ptr.dtype.element_ty)
         if EVEN:
             tl.store(out_ptr + element, values)
@@ -427,6 +450,21 @@ if triton is not None:
             tl.store(out_ptr + element, values, mask=row_ok[:, None])
         else:
             tl.store(out_ptr + element, values, mask=element < n_elements)
+
+
+def _packed_ok(out: torch.Tensor, even: bool, strided: bool) -> bool:
+    """Whether the dequantize kernel stores two 16-bit values per 32-bit word into ``out``: whole blocks
+    (an EVEN launch, or strided rows of whole blocks), out's first value at an even offset and, strided,
+    an even row stride."""
+    return (out.dtype in (torch.bfloat16, torch.float16) and (even or strided) and out.storage_offset() % 2 == 0
+            and (not strided or out.stride(0) % 2 == 0))
+
+
+def _int32_words(out: torch.Tensor) -> torch.Tensor:
+    """An int32 tensor starting at ``out``'s first value (its offset is even): the kernel only takes
+    its address and computes every word's offset itself."""
+    words = torch.empty(0, dtype=torch.int32, device=out.device)
+    return words.set_(out.untyped_storage(), out.storage_offset() // 2, (1,), (1,))
 
 
 def _blocks_per_prog(n_blocks: int, blocksize: int) -> int:
@@ -486,14 +524,16 @@ def dequantize_nf4_triton(weight: NF4Weight, dtype: torch.dtype | None = None,
     per_prog = blocks_per_prog or _blocks_per_prog(weight.num_blocks, weight.blocksize)
     grid = (cdiv(weight.num_blocks, per_prog),)
     dq = weight.double_quant
+    even = n == weight.num_blocks * weight.blocksize and weight.num_blocks % per_prog == 0
+    packed = _packed_ok(out, even, strided)
     _nf4_dequantize_kernel[grid](
         weight.packed, weight.absmax,
         weight.nested_absmax if dq else weight.absmax, weight.nested_code if dq else weight.absmax,
-        nf4_code(weight.device), out,
+        nf4_byte_table(weight.device), _int32_words(out) if packed else out,
         n, weight.packed.numel(), weight.num_blocks, weight.offset if dq else 0.0,
         weight.shape[-1] // weight.blocksize if strided else 1, out.stride(0) if strided else 0,
         BLOCKSIZE=weight.blocksize, BLOCKS_PER_PROG=per_prog, DOUBLE_QUANT=dq, NESTED=NESTED_BLOCKSIZE,
-        EVEN=n == weight.num_blocks * weight.blocksize and weight.num_blocks % per_prog == 0, STRIDED=strided,
+        EVEN=even, STRIDED=strided, PACKED=packed, PACKED_BF16=dtype == torch.bfloat16,
         num_warps=num_warps, enable_fp_fusion=False,
     )
     return out

@@ -192,6 +192,31 @@ def test_dequantize_into_columns_of_a_wider_buffer(blocksize, blocks_per_prog):
     assert torch.all(wide[:, 256:] == 7.0)
 
 
+@pytest.mark.parametrize("where", ["contiguous", "columns", "odd_offset", "odd_stride"])
+def test_dequantize_two_values_per_word(where):
+    """fp16 W with whole blocks goes out two values per 32-bit word (contiguous, and into the columns of
+    a wider buffer with an even row stride); an odd element offset or row stride takes the other store.
+    Every case equals the reference, and the values around W are untouched."""
+    q = nf4.quantize_nf4_reference(_weight((16, 256), torch.float32), 64, True)  # 64 blocks: EVEN launches
+    want = nf4.dequantize_nf4_reference(q, torch.float16)
+    extra = {"contiguous": 0, "columns": 24, "odd_offset": 0, "odd_stride": 23}[where]
+    buf = torch.full((16 * (256 + extra) + 1,), 7.0, dtype=torch.float16)
+    start = 1 if where == "odd_offset" else 0
+    if extra:
+        out = buf[start: start + 16 * (256 + extra)].view(16, 256 + extra)[:, :256]
+    else:
+        out = buf[start: start + 16 * 256].view(16, 256)
+    even = where in ("contiguous", "odd_offset")
+    assert nf4._packed_ok(out, even, not even) == (where in ("contiguous", "columns"))
+    with backend("triton"):
+        got = nf4.dequantize_nf4_triton(q, torch.float16, out=out, blocks_per_prog=16)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(out, want)
+    outside = torch.ones_like(buf, dtype=torch.bool)
+    outside[start: start + 16 * (256 + extra)].view(16, 256 + extra)[:, :256] = False
+    assert torch.all(buf[outside] == 7.0)
+
+
 @pytest.mark.parametrize("blocks_per_prog,num_warps", [(1, 1), (2, 2), (8, 4), (64, 8)])
 def test_dequantize_launch_overrides(blocks_per_prog, num_warps):
     """bench/nf4.py's dequantize sweep: every launch gives the same values, ragged last program included."""
