@@ -7,7 +7,9 @@ there is an adapter; ``torch.autograd.grad``, so nothing accumulates):
 
 * ``nf4_only``: bezoar's NF4 matmul alone (what dispatch picks: dequant + cuBLAS at these M);
 * ``lora_auto`` / ``lora_dequant`` / ``lora_cublas`` / ``lora_concat``: bezoar's fused NF4 + LoRA
-  op on the path "auto" picks and on each large-M path;
+  op on the path "auto" picks and on each large-M path; with ``--dropout 0`` also ``lora_merged``
+  (the LoRA term folded into the weight, which "auto" then takes), written to
+  ``lora-no-dropout-<device>-<date>.json``;
 * ``peft_style``: bezoar's NF4 matmul plus PEFT's LoRA arithmetic as separate torch ops
   (``F.dropout``, two ``F.linear``, scale, add): the ~1.3x the issue quotes;
 * ``bnb_peft``: bitsandbytes ``matmul_4bit`` as the base plus the same PEFT arithmetic (what
@@ -46,7 +48,7 @@ RANKS = [16, 64]
 SMOKE_SHAPES = [(64, 128)]
 SMOKE_MS = [24]
 SMOKE_RANKS = [8]
-LORA_PEERS = ["lora_auto", "lora_dequant", "lora_cublas", "lora_concat", "peft_style", "bnb_peft"]
+LORA_PEERS = ["lora_auto", "lora_dequant", "lora_cublas", "lora_concat", "lora_merged", "peft_style", "bnb_peft"]
 QKV_PEERS = ["qkv_lora_fused", "qkv_lora_concat", "qkv_lora_separate"]
 
 
@@ -175,7 +177,7 @@ def main() -> int:
                 b = randn(n, r, scale=0.02, dt=torch.float32).requires_grad_(True)
                 s = 16 / r
                 rkey = dict(key, r=r)
-                for path in ("auto", "dequant", "cublas", "concat"):
+                for path in ("auto", "dequant", "cublas", "concat") + (("merged",) if p_drop == 0 else ()):
                     add(f"lora_{path}/{tag}/M={m}/r={r}",
                         fwd_bwd(lambda x=x, q=q, a=a, b=b, s=s, path=path:
                                 L.lora_linear_triton(x, q, a, b, s, p_drop, True, 1234, path), [x, a, b], dy),
@@ -313,7 +315,8 @@ def main() -> int:
     if bnb_note:
         print(f"\nnote: {bnb_note}")
 
-    common.write_results("lora", rows + qkv_rows, args, extra={
+    # without dropout ("auto" is then the merged path) the results go to their own file
+    common.write_results("lora" if p_drop > 0 else "lora-no-dropout", rows + qkv_rows, args, extra={
         "dtype": str(dtype), "dropout": p_drop, "large_m_path": L.large_m_path(), "fused_max_m": mm.fused_max_m(),
         "targets": targets, "sweep": sweep_rows, "bnb_note": bnb_note,
         "graph_rows": graph_rows + graph_qkv_rows,

@@ -36,7 +36,17 @@ shapes, and no (M, N) intermediate. PEFT's separate ops make many more: the drop
 its mask, the lora_B output, its scaled copy and the sum are each written and read again, and
 their gradients likewise in the backward.
 
-The base GEMM runs on one of five paths (``path``, chosen by M when "auto"):
+The base GEMM runs on one of six paths (``path``, chosen by M when "auto"):
+
+* ``merged`` (no dropout: evaluation, or training with dropout 0; NF4 W with K a multiple of the
+  blocksize): without a mask, x @ W.T + s * (x @ A.T) @ B.T = x @ (W + s * B @ A).T, and likewise
+  dy @ W + s * (dy @ B) @ A = dy @ (W + s * B @ A). One kernel writes the merged weight while it
+  dequantizes W (the rank-r product per tile on tensor cores, fp32, rounded once), and both GEMMs
+  are cuBLAS's with nothing after them: no pass over y or dx at all. g, dA and dB are the usual
+  launches, each only where a gradient needs it (the down launch runs only for dB). "auto" takes it
+  whenever it can: it does strictly less work than ``cublas``. The merged weight rounds W + s * B @ A
+  to the dtype once, the error the dequantized W already has, where the other paths round the
+  LoRA term on its own.
 
 * ``gemv`` (inference at M up to the NF4 gemv threshold: decoding with an adapter): the NF4 gemv
   kernel writes each x @ W_j.T into y, then the down launch and the epilogue launch add the LoRA
@@ -100,7 +110,15 @@ import torch.nn.functional as F
 
 from bezoar_kernels import dispatch
 from bezoar_kernels.launch import cdiv, launch_fitting, next_power_of_2, sm_count
-from bezoar_kernels.nf4 import NESTED_BLOCKSIZE, NF4Weight, dequantize_nf4_reference, dequantize_nf4_triton, nf4_code
+from bezoar_kernels.nf4 import (
+    NESTED_BLOCKSIZE,
+    NF4Weight,
+    dequantize_nf4_reference,
+    _int32_words,
+    dequantize_nf4_triton,
+    nf4_byte_table,
+    nf4_code,
+)
 from bezoar_kernels.nf4_matmul import fused_max_m, gemv_max_m, gemv_supported, nf4_gemv_forward
 
 try:
@@ -110,7 +128,7 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-PATHS = ("auto", "fused", "dequant", "cublas", "concat", "gemv")
+PATHS = ("auto", "fused", "dequant", "cublas", "concat", "gemv", "merged")
 # What "auto" takes above the fused threshold; env BEZOAR_LORA_LARGE_M_PATH. bench/lora.py on an H200
 # (2026-11-26, bench/results/lora-NVIDIA_H200-2026-11-26.json), forward + backward as CUDA-graph replays
 # (GPU time): cuBLAS for the base product plus the LoRA epilogue pass took 1.18-1.55x NF4 alone on all 12
@@ -230,7 +248,7 @@ def large_m_path() -> str:
     raw = os.environ.get("BEZOAR_LORA_LARGE_M_PATH", "").strip().lower()
     if not raw:
         return LARGE_M_PATH
-    allowed = [p for p in PATHS if p not in ("auto", "gemv")]
+    allowed = [p for p in PATHS if p not in ("auto", "gemv", "merged")]
     if raw not in allowed:
         raise ValueError(f"BEZOAR_LORA_LARGE_M_PATH={raw!r}: expected one of {', '.join(allowed)}")
     return raw
@@ -301,6 +319,7 @@ def lora_qkv_reference(x: torch.Tensor, weights: Sequence, adapters: Sequence[Ad
 # ----------------------------------------------------------------------------- Triton kernels
 
 if triton is not None:
+    from bezoar_kernels.nf4 import _nf4_block_absmax
     from bezoar_kernels.nf4_matmul import _nf4_weight_halves
 
     @triton.jit
@@ -809,6 +828,61 @@ if triton is not None:
                 tl.store(out + 2 * R * K, da2, mask=da_ok)
 
 
+    @triton.jit
+    def _nf4_merge_kernel(
+        # pointers: W's NF4 parts, the byte table, B (N, R) and A (R, K) in the compute dtype, out (N, K)
+        # rows ``stride_out`` apart (int32 words of two 16-bit values with PACKED)
+        packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, byte_table_ptr, b_ptr, a_ptr, out_ptr,
+        # sizes and scalars
+        N, K, R, offset, scaling, stride_out,
+        # meta
+        BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr, R_PAD: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PACKED: tl.constexpr, PACKED_BF16: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        """out[n, k] = dequant(W)[n, k] + scaling * (B @ A)[n, k] for one (BLOCK_N, BLOCK_K) tile, in fp32
+        and rounded once to out's dtype: the merged weight of the ``merged`` path, made in the pass that
+        dequantizes W. K is a multiple of the blocksize and of BLOCK_K's half: byte column j of the
+        tile holds columns 2j (high nibble) and 2j + 1 (low nibble), as in the packed bytes."""
+        HALF: tl.constexpr = BLOCK_K // 2
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        j = tl.arange(0, HALF)
+        k_even = tl.program_id(1) * BLOCK_K + 2 * j
+        row_ok = rows < N
+        ok = row_ok[:, None] & (k_even < K)[None, :]
+        byte = tl.load(packed_ptr + rows.to(tl.int64)[:, None] * (K // 2) + (k_even // 2)[None, :], mask=ok, other=0)
+        absmax = _nf4_block_absmax(rows.to(tl.int64)[:, None] * (K // BLOCKSIZE) + (k_even // BLOCKSIZE)[None, :],
+                                   ok, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, DOUBLE_QUANT, NESTED)
+        both = tl.load(byte_table_ptr + byte.to(tl.int32))
+        w_hi = (both & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * absmax
+        w_lo = (both >> 32).to(tl.uint32).to(tl.float32, bitcast=True) * absmax
+        offs_r = tl.arange(0, R_PAD)
+        r_ok = offs_r < R
+        b = tl.load(b_ptr + rows.to(tl.int64)[:, None] * R + offs_r[None, :], mask=row_ok[:, None] & r_ok[None, :],
+                    other=0.0)
+        a_rows = a_ptr + offs_r.to(tl.int64)[:, None] * K
+        a_ok = r_ok[:, None] & (k_even < K)[None, :]
+        a_hi = tl.load(a_rows + k_even[None, :], mask=a_ok, other=0.0)
+        a_lo = tl.load(a_rows + (k_even + 1)[None, :], mask=a_ok, other=0.0)
+        w_hi += scaling * tl.dot(b, a_hi, input_precision=DOT_PRECISION)
+        w_lo += scaling * tl.dot(b, a_lo, input_precision=DOT_PRECISION)
+        if PACKED:
+            if PACKED_BF16:
+                hi16 = w_hi.to(tl.bfloat16)
+                lo16 = w_lo.to(tl.bfloat16)
+            else:
+                hi16 = w_hi.to(tl.float16)
+                lo16 = w_lo.to(tl.float16)
+            word = (hi16.to(tl.uint16, bitcast=True).to(tl.uint32)
+                    | (lo16.to(tl.uint16, bitcast=True).to(tl.uint32) << 16)).to(tl.int32, bitcast=True)
+            tl.store(out_ptr + rows.to(tl.int64)[:, None] * (stride_out // 2) + (k_even // 2)[None, :], word, mask=ok)
+        else:
+            cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+            values = tl.reshape(tl.join(w_hi, w_lo), (BLOCK_N, BLOCK_K)).to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :], values,
+                     mask=row_ok[:, None] & (cols < K)[None, :])
+
+
 # ----------------------------------------------------------------------------- launch configuration
 
 
@@ -1055,6 +1129,40 @@ def _concat_weights(plan: _Plan, block: torch.Tensor, k: int, dtype: torch.dtype
         start += n
     wide[:, k:].copy_(block)
     return wide
+
+
+def _merge_ok(weights, adapters, k: int) -> bool:
+    """Whether the ``merged`` path can run: NF4 weights with K a multiple of the blocksize, adapters."""
+    return (adapters is not None and all(isinstance(w, NF4Weight) for w in weights)
+            and k % weights[0].blocksize == 0 and adapters[0].lora_a.shape[0] <= MAX_KERNEL_RANK)
+
+
+_MERGE_BLOCK_N, _MERGE_BLOCK_K = 64, 128
+
+
+def merged_weights(plan: _Plan, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The (Ncat, K) stack of W_j + s_j * B_j @ A_j, each made in the pass that dequantizes W_j, in the
+    reused per-(device, dtype) buffer (the next call overwrites it: use it at once)."""
+    ns = plan.out_features
+    k = a.shape[2]
+    r = a.shape[1]
+    n_total = sum(ns)
+    out = _shared_buffer(a.device, dtype, n_total * k)[: n_total * k].view(n_total, k)
+    packed = dtype in (torch.bfloat16, torch.float16) and k % 2 == 0
+    start = 0
+    for j, (w, n) in enumerate(zip(plan.weights, ns)):
+        rows = out[start: start + n]
+        dq = w.double_quant
+        _nf4_merge_kernel[(cdiv(n, _MERGE_BLOCK_N), cdiv(k, _MERGE_BLOCK_K))](
+            w.packed, w.absmax, w.nested_absmax if dq else w.absmax, w.nested_code if dq else w.absmax,
+            nf4_byte_table(a.device), b[start: start + n], a[j], _int32_words(rows) if packed else rows,
+            n, k, r, w.offset if dq else 0.0, plan.scalings[j], k,
+            BLOCKSIZE=w.blocksize, DOUBLE_QUANT=dq, NESTED=NESTED_BLOCKSIZE, R_PAD=_r_pad(r),
+            BLOCK_N=_MERGE_BLOCK_N, BLOCK_K=_MERGE_BLOCK_K, PACKED=packed, PACKED_BF16=dtype == torch.bfloat16,
+            DOT_PRECISION=_dot_precision(dtype), num_warps=4,
+        )
+        start += n
+    return out
 
 
 def _no_autocast(t: torch.Tensor):
@@ -1332,6 +1440,11 @@ class LoRAFunction(torch.autograd.Function):
             if plan.has_lora:
                 xa = _lora_down(x2d, a, plan)
                 y = _gemm_forward(x2d, plan, xa, b, base_y=y)
+        elif plan.path == "merged":  # no dropout: y = x @ (W + s B A).T, one GEMM with no LoRA pass over y
+            with _no_autocast(x2d):
+                y = torch.matmul(x2d, merged_weights(plan, a, b, dtype).t())
+            if any(ctx.needs_input_grad[3::2]):  # dB needs xa
+                xa = _lora_down(x2d, a, plan)
         elif plan.path == "concat" and _concat_ok(plan, k):
             wide = torch.empty((m, k + plan.projections * _concat_width(a.shape[1])), dtype=dtype, device=x.device)
             xa = _lora_down(x2d, a, plan, wide)
@@ -1368,7 +1481,13 @@ class LoRAFunction(torch.autograd.Function):
         dys = [_rows(dy, n) for dy, n in zip(dys, plan.out_features)]
         need_da = plan.has_lora and any(need_lora[0::2])
         da = None
-        if need_x and plan.has_lora and plan.path in ("cublas", "concat"):
+        if plan.path == "merged":
+            # dx = dy @ (W + s B A): the LoRA part of dx rides in the GEMM, no pass over dx
+            g = _lora_g(dys, b, plan) if need_da else None
+            if need_x:
+                merged = merged_weights(plan, a, b, dys[0].dtype)
+                dx = _base_product(dys, plan, _split_rows(merged, plan.out_features)).view(*ctx.lead, k)
+        elif need_x and plan.has_lora and plan.path in ("cublas", "concat"):
             # the base product from cuBLAS, then one pass adds the LoRA term to dx and reduces dA
             if block is not None:  # the concat forward ran
                 base_dx, g = _concat_backward(dys, block, plan, k, a.shape[1])  # g from the wide product
@@ -1423,6 +1542,12 @@ def _apply(x, weights, adapters, dropout_p, training, seeds, path, fwd_config=No
             raise ValueError("lora path 'gemv' needs NF4 weights the gemv kernel takes (M <= 8, K a multiple "
                              "of the blocksize), no dropout and no gradient")
         resolved = "fused" if m <= fused_max_m() else (large_m_path() if adapters is not None else "cublas")
+    merge_ok = dropout_p == 0 and _merge_ok(weights, adapters, x.shape[-1])
+    if resolved == "merged" and not merge_ok:
+        raise ValueError("lora path 'merged' needs NF4 weights with K a multiple of the blocksize, an adapter "
+                         "and no dropout")
+    if (path or "auto") == "auto" and merge_ok and resolved in ("cublas", "concat", "dequant"):
+        resolved = "merged"  # without a mask the LoRA term folds into the weight: strictly less work
     plan = _Plan(
         weights=tuple(weights),
         scalings=tuple(float(ad.scaling) for ad in adapters) if adapters is not None else (),

@@ -8,6 +8,7 @@
 #   2. bench/lora.py through scripts/gpu_bench.sh (cublas against concat, both with the one-pass
 #      dx + dA launch and the pair-hashed dropout mask);
 #   3. bench/lora.py --breakdown default: GPU time per kernel of NF4 alone, cublas and concat;
+#      bench/lora.py --dropout 0 on two shapes: the merged path (the LoRA term folded into W);
 #   4. bench/nf4.py --timing graph with the gemv and dequantize sweeps (the one-tile gemv kernel);
 #   5. bench/generate.py --breakdown 16: a decode step per kernel, gemv off and on.
 #
@@ -47,15 +48,17 @@ part() {
   log "part $name: exit $?"
 }
 
-part tests 170 env GPU_TEST_LIMIT="${GPU_TEST_LIMIT:-120}" bash scripts/gpu_check.sh --gpu-only
+part tests 160 env GPU_TEST_LIMIT="${GPU_TEST_LIMIT:-120}" bash scripts/gpu_check.sh --gpu-only
 part lora 140 bash scripts/gpu_bench.sh --only lora --budget 130
 # the two scripts above installed the project and the wheels; the parts below use that install
 [ -d "$SITE_DIR" ] && prepend_pythonpath "$SITE_DIR"
-part lora_breakdown 50 "$PYTHON" bench/lora.py --breakdown default
-part nf4_graph 130 "$PYTHON" bench/nf4.py --timing graph --ms 1,4,16,4096 --sweep-gemv --sweep-dequant
-part decode_breakdown 60 "$PYTHON" bench/generate.py --breakdown 16
+part lora_breakdown 40 "$PYTHON" bench/lora.py --breakdown default
+part lora_no_dropout 40 "$PYTHON" bench/lora.py --dropout 0 --ms 16384 --ranks 16 --shapes 3200x3200,8640x3200
+part nf4_graph 110 "$PYTHON" bench/nf4.py --timing graph --ms 1,4,16,4096 --sweep-gemv --sweep-dequant
+part decode_breakdown 50 "$PYTHON" bench/generate.py --breakdown 16
 if [ "$DRY_RUN" = 1 ]; then
-  log "would copy bench/results/nf4-graph-*.json to $OUT_DIR"
+  log "would copy bench/results/{nf4-graph,lora-no-dropout}-*.json to $OUT_DIR"
 else
-  cp bench/results/nf4-graph-*.json "$OUT_DIR"/ 2>/dev/null || log "no nf4 graph results to copy"
+  cp bench/results/nf4-graph-*.json bench/results/lora-no-dropout-*.json "$OUT_DIR"/ 2>/dev/null \
+    || log "some results to copy are missing"
 fi

@@ -71,7 +71,7 @@ def test_gpu_next_dry_run_fits_one_call_and_names_what_it_checks():
     text = out.stdout
     limits = [int(m) for m in re.findall(r"timeout --signal=INT --kill-after=10 (\d+) ", text)]
     parts = re.findall(r"part (\w+) \(limit", text)
-    assert parts == ["tests", "lora", "lora_breakdown", "nf4_graph", "decode_breakdown"], parts
+    assert parts == ["tests", "lora", "lora_breakdown", "lora_no_dropout", "nf4_graph", "decode_breakdown"], parts
     assert len(limits) == len(parts) and sum(limits) + 10 * len(parts) <= 600, limits  # one device call
     for piece in ("scripts/gpu_check.sh --gpu-only", "scripts/gpu_bench.sh --only lora", "--breakdown default",
                   "--timing graph", "--sweep-gemv", "generate.py --breakdown"):

@@ -210,6 +210,87 @@ def test_autocast_does_not_change_the_output_dtype(path):
     assert_close(cast, plain, 1e-5, 1e-5, name=f"{path} under autocast")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,k,r,blocksize,double_quant", [(40, 192, 8, 64, True), (70, 256, 5, 128, False),
+                                                         (64, 128, 16, 64, True)])
+def test_merged_weights_are_w_plus_scaled_ba(dtype, n, k, r, blocksize, double_quant):
+    """The merge kernel: dequant(W) + s * B @ A in fp32, rounded once (fp16: two values per 32-bit store)."""
+    weights = [_base(n, k, "nf4", dtype, blocksize, double_quant, seed=j) for j in range(2)]
+    adapters = [_adapter(n, k, r, seed=50 + j, scaling=0.5 + j) for j in range(2)]
+    plan = L._Plan(weights=tuple(weights), scalings=(0.5, 1.5), seeds=(0, 0), dropout_p=0.0, path="merged")
+    a = torch.stack([ad.lora_a.to(dtype) for ad in adapters])
+    b = torch.cat([ad.lora_b.to(dtype) for ad in adapters])
+    with backend("triton"):
+        L._dequant_buffers.clear()
+        got = L.merged_weights(plan, a, b, dtype).clone()
+    for j, (w, ad) in enumerate(zip(weights, adapters)):
+        exact = (nf4.dequantize_nf4_reference(w, torch.float32)
+                 + ad.scaling * ad.lora_b.to(dtype).float() @ ad.lora_a.to(dtype).float())
+        rows = got[j * n: (j + 1) * n]
+        atol, rtol = TOLERANCES[dtype]
+        assert rows.dtype == dtype
+        assert_close(rows, exact.to(dtype), atol, rtol, name=f"merged W_{j}")
+
+
+@pytest.mark.parametrize("projections", [1, 3])
+@pytest.mark.parametrize("frozen", ["none", "a", "b"])
+def test_merged_path_matches_reference(monkeypatch, projections, frozen):
+    """Without dropout, auto folds the LoRA term into the weight: forward and backward equal the
+    reference; xa is only computed when some B needs its gradient, g only when some A does."""
+    downs, gs = [], []
+    monkeypatch.setattr(L, "_lora_down", lambda *a, _f=L._lora_down: downs.append(1) or _f(*a))
+    monkeypatch.setattr(L, "_lora_g", lambda *a, _f=L._lora_g: gs.append(1) or _f(*a))
+    monkeypatch.setattr(L, "LARGE_M_PATH", "cublas")
+    m, k, r = 37, 128, 8
+    ns = (48, 16, 16)[:projections]
+    weights = [_base(n, k, "nf4", torch.float32, seed=j) for j, n in enumerate(ns)]
+    adapters = [_adapter(n, k, r, seed=60 + j, scaling=0.5 + j) for j, n in enumerate(ns)]
+    x = torch.randn(m, k, generator=_gen(2))
+    dys = [torch.randn(m, n, generator=_gen(3 + j)) for j, n in enumerate(ns)]
+
+    def run(backend_name, training, p):
+        xx = x.clone().requires_grad_(True)
+        ads = _leaf_adapters(adapters)
+        for ad in ads:
+            if frozen == "a":
+                ad.lora_a.requires_grad_(False)
+            if frozen == "b":
+                ad.lora_b.requires_grad_(False)
+        with backend(backend_name):
+            if projections == 3:
+                outs = L.lora_qkv(xx, weights, ads, p, training, (1, 2, 3))
+            else:
+                ad = ads[0]
+                outs = (L.lora_linear(xx, weights[0], ad.lora_a, ad.lora_b, ad.scaling, p, training, 1),)
+        torch.autograd.backward(outs, dys)
+        return [o.detach() for o in outs], [xx.grad] + [t.grad for ad in ads for t in (ad.lora_a, ad.lora_b)]
+
+    assert L.resolve_path(None, m) == "cublas"
+    want = run("torch", True, 0.0)
+    got = run("triton", True, 0.0)
+    assert len(downs) == (0 if frozen == "b" else 1) and len(gs) == (0 if frozen == "a" else 1)
+    for a_, b_ in zip(got[0], want[0]):
+        assert_close(a_, b_, 1e-4, 1e-4, name="merged y")
+    assert_close(got[1][0], want[1][0], 1e-4, 1e-4, name="merged dx")
+    for i, (a_, b_) in enumerate(zip(got[1][1:], want[1][1:])):
+        if a_ is None or b_ is None:
+            assert a_ is None and b_ is None
+        else:
+            assert_close(a_, b_, 1e-4 * m ** 0.5, 1e-4, name=f"merged d{'AB'[i % 2]}[{i // 2}]")
+    merges = []
+    monkeypatch.setattr(L, "merged_weights", lambda *a, _f=L.merged_weights: merges.append(1) or _f(*a))
+    run("triton", True, 0.1)  # dropout on: a mask, no merging
+    assert not merges
+    with backend("triton"):
+        ad = adapters[0]
+        with pytest.raises(ValueError, match="merged"):
+            L.lora_linear(x, weights[0], ad.lora_a, ad.lora_b, ad.scaling, 0.1, True, 1, "merged")
+        dense = _base(ns[0], k, "dense", torch.float32)
+        y = L.lora_linear(x, dense, ad.lora_a, ad.lora_b, ad.scaling, 0.0, False, 1)  # dense: not merged
+    assert not merges
+    assert_close(y, L.lora_linear_reference(x, dense, ad.lora_a, ad.lora_b, ad.scaling, 0.0, False, 1), 1e-4, 1e-4)
+
+
 def test_concat_backward_without_dx_uses_the_g_kernel(monkeypatch):
     """When x needs no gradient (the first layer of a frozen base) the wide backward product would be
     computed for g alone: the g kernel runs instead, and dA, dB still equal the reference's."""
@@ -657,6 +738,35 @@ def test_bf16_on_gpu_matches_fp32_product(m, n, k, r, path):
     assert_close(grads[0].float(), want_dx, bf16_sum_bound(base_dx, lora_size, roundings=3), 0.0, name="bf16 dx")
     assert_close(grads[1], g.t() @ h, 5e-2 * max(1, m ** 0.5), 2e-2, name="bf16 dA")
     assert_close(grads[2], ad.scaling * dy.float().t() @ xa, 5e-2 * max(1, m ** 0.5), 2e-2, name="bf16 dB")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,r", [(3200, 3200, 16), (8640, 3200, 64), (3200, 8640, 16)])
+def test_bf16_merged_on_gpu_matches_fp32_product(n, k, r):
+    """The merged path (no dropout) in bf16 against fp32 arithmetic on the same operands."""
+    dev, m = "cuda", 333
+    weight = _base(n, k, "nf4", torch.bfloat16, device=dev)
+    ad = _adapter(n, k, r, seed=1, device=dev)
+    x = torch.randn(m, k, generator=_gen(2)).to(dev, torch.bfloat16)
+    dy = torch.randn(m, n, generator=_gen(3)).to(dev, torch.bfloat16)
+
+    def fn(xx, ads):
+        return (L.lora_linear(xx, weight, ads[0].lora_a, ads[0].lora_b, ads[0].scaling, 0.0, True, 0, "merged"),)
+
+    with backend("triton"):
+        (y,), grads = _run(fn, x, [ad], [dy])
+    w = nf4.dequantize_nf4_reference(weight, torch.float32)
+    a, b = ad.lora_a.bfloat16().float(), ad.lora_b.bfloat16().float()
+    merged = w + ad.scaling * b @ a
+    # the merged weight is rounded to bf16 once: its error scales with |W| + |s B A|, summed over K
+    y_bound = bf16_sum_bound((x.float().abs() @ merged.abs().t()), roundings=2)
+    assert_close(y.float(), x.float() @ merged.t(), y_bound, 0.0, name="bf16 merged y")
+    dx_bound = bf16_sum_bound(dy.float().abs() @ merged.abs(), roundings=2)
+    assert_close(grads[0].float(), dy.float() @ merged, dx_bound, 0.0, name="bf16 merged dx")
+    g = (ad.scaling * dy.float() @ b).bfloat16().float()
+    xa = (x.float() @ a.t()).bfloat16().float()
+    assert_close(grads[1], g.t() @ x.float(), 5e-2 * m ** 0.5, 2e-2, name="bf16 merged dA")
+    assert_close(grads[2], ad.scaling * dy.float().t() @ xa, 5e-2 * m ** 0.5, 2e-2, name="bf16 merged dB")
 
 
 @pytest.mark.gpu
