@@ -840,10 +840,11 @@ if triton is not None:
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PACKED: tl.constexpr, PACKED_BF16: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):
-        """out[n, k] = dequant(W)[n, k] + scaling * (B @ A)[n, k] for one (BLOCK_N, BLOCK_K) tile, in fp32
-        and rounded once to out's dtype: the merged weight of the ``merged`` path, made in the pass that
-        dequantizes W. K is a multiple of the blocksize and of BLOCK_K's half: byte column j of the
-        tile holds columns 2j (high nibble) and 2j + 1 (low nibble), as in the packed bytes."""
+        """out[n, k] = dequant(W)[n, k] + scaling * (B @ A)[n, k] for BLOCK_N rows by one NF4 block of
+        columns (BLOCK_K = BLOCKSIZE, so each row's scale is one value), in fp32 and rounded once to
+        out's dtype: the merged weight of the ``merged`` path, made in the pass that dequantizes W.
+        K is a multiple of the blocksize: byte column j of the tile holds columns 2j (high nibble) and
+        2j + 1 (low nibble), as in the packed bytes."""
         HALF: tl.constexpr = BLOCK_K // 2
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         j = tl.arange(0, HALF)
@@ -851,8 +852,8 @@ if triton is not None:
         row_ok = rows < N
         ok = row_ok[:, None] & (k_even < K)[None, :]
         byte = tl.load(packed_ptr + rows.to(tl.int64)[:, None] * (K // 2) + (k_even // 2)[None, :], mask=ok, other=0)
-        absmax = _nf4_block_absmax(rows.to(tl.int64)[:, None] * (K // BLOCKSIZE) + (k_even // BLOCKSIZE)[None, :],
-                                   ok, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, DOUBLE_QUANT, NESTED)
+        absmax = _nf4_block_absmax(rows.to(tl.int64) * (K // BLOCKSIZE) + tl.program_id(1), row_ok, absmax_ptr,
+                                   nested_absmax_ptr, nested_code_ptr, offset, DOUBLE_QUANT, NESTED)[:, None]
         both = tl.load(byte_table_ptr + byte.to(tl.int32))
         w_hi = (both & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * absmax
         w_lo = (both >> 32).to(tl.uint32).to(tl.float32, bitcast=True) * absmax
@@ -1137,7 +1138,7 @@ def _merge_ok(weights, adapters, k: int) -> bool:
             and k % weights[0].blocksize == 0 and adapters[0].lora_a.shape[0] <= MAX_KERNEL_RANK)
 
 
-_MERGE_BLOCK_N, _MERGE_BLOCK_K = 64, 128
+_MERGE_BLOCK_N = 64
 
 
 def merged_weights(plan: _Plan, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -1153,12 +1154,12 @@ def merged_weights(plan: _Plan, a: torch.Tensor, b: torch.Tensor, dtype: torch.d
     for j, (w, n) in enumerate(zip(plan.weights, ns)):
         rows = out[start: start + n]
         dq = w.double_quant
-        _nf4_merge_kernel[(cdiv(n, _MERGE_BLOCK_N), cdiv(k, _MERGE_BLOCK_K))](
+        _nf4_merge_kernel[(cdiv(n, _MERGE_BLOCK_N), k // w.blocksize)](
             w.packed, w.absmax, w.nested_absmax if dq else w.absmax, w.nested_code if dq else w.absmax,
             nf4_byte_table(a.device), b[start: start + n], a[j], _int32_words(rows) if packed else rows,
             n, k, r, w.offset if dq else 0.0, plan.scalings[j], k,
             BLOCKSIZE=w.blocksize, DOUBLE_QUANT=dq, NESTED=NESTED_BLOCKSIZE, R_PAD=_r_pad(r),
-            BLOCK_N=_MERGE_BLOCK_N, BLOCK_K=_MERGE_BLOCK_K, PACKED=packed, PACKED_BF16=dtype == torch.bfloat16,
+            BLOCK_N=_MERGE_BLOCK_N, BLOCK_K=w.blocksize, PACKED=packed, PACKED_BF16=dtype == torch.bfloat16,
             DOT_PRECISION=_dot_precision(dtype), num_warps=4,
         )
         start += n
