@@ -42,7 +42,10 @@ def test_gpu_bench_only_and_bad_arguments():
     out = dry_run("gpu_bench.sh", "--dry-run", "--only", "step", "--budget", "400")
     assert out.returncode == 0
     assert re.findall(r"python3 (bench/\w+\.py)", out.stdout) == ["bench/step.py"]
-    assert "timeout --signal=INT --kill-after=15 400 python3 bench/step.py --budget 310" in out.stdout
+    # the limit is what is left of the budget when the bench starts: 400 s, less a second or two where
+    # installing (a dry run here) took that long on a loaded machine; step.py gets it less 90 s
+    limit, inner = map(int, re.search(r"kill-after=15 (\d+) python3 bench/step.py --budget (\d+)", out.stdout).groups())
+    assert 395 <= limit <= 400 and inner == limit - 90, (limit, inner)
     several = dry_run("gpu_bench.sh", "--dry-run", "--only", "lora,nf4", "--budget", "400")
     assert several.returncode == 0, several.stderr
     # in the order asked, each within its own limit (lora 120 s, nf4 80 s), not the whole budget each
