@@ -53,7 +53,7 @@ PRESETS = {
     "lora_bwd": ("bezoar_kernels.lora", "_lora_bwd_kernel",
                  {**{f"{n}{j}_ptr": "*bf16" for n in ("w", "absmax", "nested_absmax", "nested_code") for j in range(3)},
                   "dy0_ptr": "*bf16", "dy1_ptr": "*bf16", "dy2_ptr": "*bf16", "g_ptr": "*bf16", "a_ptr": "*bf16",
-                  "dx_ptr": "*bf16", "dx_in_ptr": "*bf16", "code_ptr": "*fp32", "offset0": "fp32", "offset1": "fp32", "offset2": "fp32",
+                  "dx_ptr": "*bf16", "code_ptr": "*fp32", "offset0": "fp32", "offset1": "fp32", "offset2": "fp32",
                   "keep_scale": "fp32", "seed0": "i32:any", "seed1": "i32:any", "seed2": "i32:any",
                   "threshold": "i32:any"},
                  {"stride_dxs": 0, "P": 1, "BASE": 1, "HAS_LORA": True, "DROPOUT": True, "R_PAD": 16, "BLOCK_M": 128,

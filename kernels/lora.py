@@ -66,10 +66,12 @@ The base GEMM runs on one of six paths (``path``, chosen by M when "auto"):
   gate and up; not down). The backward multiplies dy by the same wide matrix: sum_j dy_j @ [W_j |
   .. s_j B_j ..] holds dy @ W in its first K columns and g_j = s_j * dy_j @ B_j in column block j, so
   the pass over dy for g is not made; the dx epilogue reads the base product from there and writes a
-  contiguous dx. Needs K a multiple of the blocksize for NF4 (the strided dequantize).
-* ``cublas`` (what "auto" takes for large M, training): W dequantized into the buffer, the base
-  product by cuBLAS, then the same kernel adds the LoRA term in place over y (and over dx): one
-  extra read and write of y and of dx. It trades the fused epilogue for cuBLAS's GEMM, and on an
+  contiguous dx (the wide product and dx are both alive for that pass: one activation of (M, K)
+  more than ``cublas``, which works in place). Needs K a multiple of the blocksize for NF4 (the
+  strided dequantize).
+* ``cublas`` (what "auto" takes for large M with dropout): W dequantized into the buffer, the base
+  product by cuBLAS, then the forward kernel adds the LoRA term in place over y and the backward's
+  "dx_da" launch adds it over dx while it reduces dA: one extra read and write of y and of dx. It trades the fused epilogue for cuBLAS's GEMM, and on an
   H200 cuBLAS's GEMM won by more than the extra pass costs (``LARGE_M_PATH`` gives the figures).
 
 Fused q/k/v (``lora_qkv``): three projections in each launch. The down and dA launches read a
@@ -86,9 +88,9 @@ when the low 16 bits are. ``hash`` is a 32-bit integer mixer (xor-shift / multip
 computed in uint32 by the kernels and in int64 (masked to 32 bits) by ``lora_dropout_mask``, so
 the torch reference reproduces the kernels' mask bit for bit. Kept elements are scaled by
 1 / (1 - p). One hash per two elements because the mask, not the memory traffic, bounds the
-launches that apply it: in the sm_90 SASS of the dA launch (bench/sass.py lora_da) the main loop
-had ~19 instructions per element with a hash per element and x * scale in fp32, ~12 with a hash per
-pair and a select of x, against ~3 without dropout; at ~12 its integer work is still about as long
+launches that apply it: in the sm_90 SASS of the dA launch (bench/sass.py lora_da, triton 3.9) the
+main loop had ~19 instructions per element with a hash per element and x * scale in fp32, ~12 with a
+hash per pair and a select of x (~15 with triton 3.6), against ~3 without dropout; at ~12 its integer work is still about as long
 as its loads at HBM speed (an estimate from the counts and the SM issue rate, not a timing). 16 bits resolve p to 1/65536 (0.05 becomes 0.050003).
 
 Precision: the compute dtype is x's dtype. A and B (fp32 master weights) are cast to it, as
@@ -795,8 +797,8 @@ if triton is not None:
                     keep = _dropout_keep(offs_m, pid_k * BLOCK_K, _pick3(j, seed0, seed1, seed2), threshold, BLOCK_K)
                     if NEED_DA:
                         # one select over [x | lora]: with a select for each, the compiler computes the
-                        # mask twice, in the x tile's layout and in the product's (sm_90 SASS: 40 mixer
-                        # multiplies for 16 column pairs per thread, 20 this way)
+                        # mask twice, in the x tile's layout and in the product's (sm_90 SASS, triton
+                        # 3.9: 40 mixer multiplies for 16 column pairs per thread, 20 this way)
                         x_kept, lora = tl.split(tl.where(keep[:, :, None], tl.join(x.to(tl.float32), lora), 0.0))
                         xd = x_kept.to(x_ptr.dtype.element_ty)
                         acc += lora * keep_scale
@@ -913,12 +915,12 @@ def default_gemm_config(kind: str, base: int, m: int, n: int, k: int, chunk: int
 
     Small M is memory-bound on W: enough programs to keep the SMs streaming, splitting the
     reduction when the output tiles alone are too few. Large M is compute-bound: big tiles,
-    8 warps, no split. BASE 2 (epilogue only) is a plain pass over y or dx.
+    8 warps, no split. BASE 2 (the forward epilogue only, the cuBLAS paths) is a plain pass over y.
     """
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     big = m > 64
     if base == _BASE_IN_OUT:
-        return GemmConfig(min(block_m, 64), 128 if kind == "forward" else 64, 64, 1, 8, 4, 1)
+        return GemmConfig(min(block_m, 64), 128, 64, 1, 8, 4, 1)
     if kind == "forward":
         block_n = 128 if big else 64
         tiles = cdiv(m, block_m) * cdiv(n, block_n)
@@ -1378,9 +1380,10 @@ def _lora_dx_da(dx_in: torch.Tensor, x: torch.Tensor, g: torch.Tensor, a: torch.
     m, k = x.shape
     p, r, _ = a.shape
     r_pad = _r_pad(r)
-    # 32-row steps: at 64 the sm_90 build spills (48-528 bytes of stack for r 16 and 64, P 1 and 3);
-    # at 32 none does, and each element's mask is hashed once (bench/sass.py lora_dx_da)
-    block_k = _skinny_blocks(m, r_pad)[1]
+    # 32-row steps by at most 128 columns: at 64 rows the sm_90 build (triton 3.9) spills 48-528 bytes
+    # of stack for r 16 and 64, P 1 and 3, as do 256 columns (the small-M width of the other launches);
+    # these do not, and each element's mask is hashed once (bench/sass.py lora_dx_da)
+    block_k = min(128, _skinny_blocks(m, r_pad)[1])
     block_m = 32
     tiles = cdiv(k, block_k)
     split = _row_splits(m, block_m, tiles, x.device, plan.splits)
@@ -1411,8 +1414,9 @@ class LoRAFunction(torch.autograd.Function):
 
     ``forward(ctx, x, plan, *lora)`` with ``lora = (A_0, B_0, A_1, B_1, ...)`` (empty without
     adapters) returns the P outputs, column slices of one (M, sum N_j) buffer. The frozen base
-    weights ride in ``plan`` (constants of the graph, as in ``NF4MatmulFunction``); x, xa and the
-    compute-dtype A and B are saved. The dropout mask is recomputed from the seeds in backward.
+    weights ride in ``plan`` (constants of the graph, as in ``NF4MatmulFunction``); x, xa, the
+    compute-dtype A and B, and on the concat path its LoRA block are saved. The dropout mask is
+    recomputed from the seeds in backward.
     """
 
     @staticmethod
@@ -1434,9 +1438,10 @@ class LoRAFunction(torch.autograd.Function):
             y = x2d.new_empty((0, sum(ns)))
         elif plan.path == "gemv":  # inference at small M: ``_apply`` checked the weights and autograd
             y = torch.empty((m, sum(ns)), dtype=dtype, device=x.device)
+            xc = x2d.contiguous()
             start = 0
             for w, n in zip(plan.weights, ns):
-                nf4_gemv_forward(x2d.contiguous(), w, out=y[:, start: start + n])
+                nf4_gemv_forward(xc, w, out=y[:, start: start + n])
                 start += n
             if plan.has_lora:
                 xa = _lora_down(x2d, a, plan)
@@ -1578,8 +1583,9 @@ def lora_linear(x: torch.Tensor, weight, lora_a: torch.Tensor, lora_b: torch.Ten
     ``weight``: an ``NF4Weight`` or a dense (N, K) tensor, frozen. ``lora_a`` (r, K), ``lora_b``
     (N, r): any float dtype (fp32 masters), computed in x's dtype, gradients in their own dtype.
     Dropout with probability ``dropout_p`` applies when ``training``; its mask is a function of
-    ``seed`` and the element's (row, column) in x viewed as (M, K). ``path``: "auto" (by M),
-    "fused", "dequant", "cublas" or "concat" (see the module docstring). Triton or torch by dispatch.
+    ``seed`` and the element's (row, column) in x viewed as (M, K). ``path``: "auto" (by M, dropout
+    and autograd), "fused", "dequant", "cublas", "concat", "gemv" or "merged" (see the module
+    docstring). Triton or torch by dispatch.
     """
     tensors = [x] + ([weight.packed] if isinstance(weight, NF4Weight) else [weight])
     if dispatch.use_triton(*tensors) and lora_a.shape[0] <= MAX_KERNEL_RANK:  # larger ranks: the reference

@@ -466,7 +466,11 @@ class GemvConfig:
     num_stages: int = 1
 
 
-_GEMV_TILE_VALUES = 4096  # fp32 accumulator values per program: 32 per thread at 4 warps
+# fp32 accumulator values per program: 16 per thread at 4 warps. Twice that (64 rows by 8 blocks at
+# M = 1) built without spills on triton 3.9 but spilled 120 bytes on 3.6 (the GPU machine's), whose
+# build also loads x once per weight rather than once per word column (bench/sass.py nf4_gemv: ~12
+# instructions per weight on 3.6, ~6.5 on 3.9, at this size).
+_GEMV_TILE_VALUES = 2048
 
 
 def gemv_tile(block_m: int, blocksize: int, blocks_per_row: int) -> tuple[int, int]:

@@ -48,17 +48,23 @@ part() {
   log "part $name: exit $?"
 }
 
+# copy what a part wrote under bench/results to $OUT at once: a call cut short keeps what finished
+keep() {
+  if [ "$DRY_RUN" = 1 ]; then
+    log "would copy bench/results/$1 to $OUT_DIR"
+  else
+    # shellcheck disable=SC2086  # $1 is a glob
+    cp bench/results/$1 "$OUT_DIR"/ 2>/dev/null || log "no bench/results/$1 to copy"
+  fi
+}
+
 part tests 160 env GPU_TEST_LIMIT="${GPU_TEST_LIMIT:-120}" bash scripts/gpu_check.sh --gpu-only
 part lora 140 bash scripts/gpu_bench.sh --only lora --budget 130
 # the two scripts above installed the project and the wheels; the parts below use that install
 [ -d "$SITE_DIR" ] && prepend_pythonpath "$SITE_DIR"
 part lora_breakdown 40 "$PYTHON" bench/lora.py --breakdown default
-part lora_no_dropout 40 "$PYTHON" bench/lora.py --dropout 0 --ms 16384 --ranks 16 --shapes 3200x3200,8640x3200
-part nf4_graph 110 "$PYTHON" bench/nf4.py --timing graph --ms 1,4,16,4096 --sweep-gemv --sweep-dequant
-part decode_breakdown 50 "$PYTHON" bench/generate.py --breakdown 16
-if [ "$DRY_RUN" = 1 ]; then
-  log "would copy bench/results/{nf4-graph,lora-no-dropout}-*.json to $OUT_DIR"
-else
-  cp bench/results/nf4-graph-*.json bench/results/lora-no-dropout-*.json "$OUT_DIR"/ 2>/dev/null \
-    || log "some results to copy are missing"
-fi
+part lora_no_dropout 35 "$PYTHON" bench/lora.py --dropout 0 --ms 16384 --ranks 16 --shapes 3200x3200,8640x3200
+keep "lora-no-dropout-*.json"
+part nf4_graph 105 "$PYTHON" bench/nf4.py --timing graph --ms 1,4,16,4096 --sweep-gemv --sweep-dequant
+keep "nf4-graph-*.json"
+part decode_breakdown 45 "$PYTHON" bench/generate.py --breakdown 16

@@ -27,7 +27,7 @@ from bezoar_kernels import nf4  # noqa: E402
 from bezoar_kernels.dispatch import backend  # noqa: E402
 
 KERNELS = ("_lora_down_kernel", "_lora_fwd_kernel", "_lora_bwd_kernel", "_lora_g_kernel", "_lora_db_kernel",
-           "_lora_da_kernel")
+           "_lora_da_kernel", "_lora_dx_da_kernel", "_nf4_merge_kernel")
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8",
          torch.int32: "i32", torch.int64: "i64"}
 TARGET = GPUTarget("cuda", 90, 32)
@@ -78,7 +78,7 @@ class Recorder:
         return launch
 
 
-def run_case(dtype, m, size, r, nf4_base, qkv, path):
+def run_case(dtype, m, size, r, nf4_base, qkv, path, dropout=0.05):
     g = torch.Generator().manual_seed(0)
     ns = [size, size // 2 + 3, size // 2 + 3] if qkv else [size]
     weights = [torch.randn(n, size, generator=g) * 0.05 for n in ns]
@@ -87,7 +87,7 @@ def run_case(dtype, m, size, r, nf4_base, qkv, path):
                 for n in ns] if r else None
     x = torch.randn(m, size).to(dtype).requires_grad_(True)
     with backend("triton"):
-        outputs = L._apply(x, weights, adapters, 0.05, True, [1, 2, 3][:len(ns)], path)
+        outputs = L._apply(x, weights, adapters, dropout, True, [1, 2, 3][:len(ns)], path)
     sum(o.float().sum() for o in outputs).backward()
 
 
@@ -99,12 +99,15 @@ def main() -> int:
     L.dequantize_nf4_triton = lambda w, dtype, out=None: out.copy_(
         nf4.dequantize_nf4_reference(w, dtype).reshape(out.shape))
     start = time.time()
-    for path in ("fused", "dequant", "cublas"):
+    for path in ("fused", "dequant", "cublas", "concat"):
         for qkv in (False, True):
             for nf4_base in (True, False):
                 for m in (1, 4096):  # small-M and large-M tiles; large M at a small size (torch runs on CPU)
                     for r in (16, 64, 0):
                         run_case(torch.bfloat16, m, 3200 if m == 1 else 256, r, nf4_base, qkv, path)
+    for qkv in (False, True):  # the merged path: NF4 with adapters and no dropout
+        for r in (16, 64):
+            run_case(torch.bfloat16, 4096, 256, r, True, qkv, "merged", dropout=0.0)
     run_case(torch.float32, 17, 130, 8, True, True, "fused")  # unaligned K: the general NF4 decode
     shared = [s for s in seen.values() if s is not None]
     print(f"{len(seen)} variants compiled for sm_90 in {time.time() - start:.0f}s, {len(failures)} failed; "

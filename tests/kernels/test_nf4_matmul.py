@@ -95,8 +95,8 @@ GEMV_SHAPES = [
 @pytest.mark.parametrize("m,n,k,blocksize,double_quant", GEMV_SHAPES)
 def test_gemv_matches_exact_product(m, n, k, blocksize, double_quant, dtype, blocks):
     """The gemv kernel never rounds W to x's dtype: it equals x @ W (fp32 dequant) rounded once. Blocks
-    per program: the default, one (a range per block, summed), two (the last range partly past K with
-    5 blocks per row) and more than a row has (one masked range)."""
+    per program: the default, one (a range per block, summed), two (the last range partly past K where
+    a row has 3 blocks) and more than a row has (one masked range)."""
     weight = _weight(n, k, blocksize, double_quant, seed=m)
     x = _inputs((m, k), dtype, seed=n)
     exact = (x.double() @ nf4.dequantize_nf4_reference(weight, torch.float32).double().t()).to(dtype)
@@ -107,8 +107,27 @@ def test_gemv_matches_exact_product(m, n, k, blocksize, double_quant, dtype, blo
     assert_close(y, exact, atol, rtol, name=f"gemv blocks={blocks}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gemv_into_columns_of_a_wider_buffer(dtype):
+    """out= a column slice of a wider buffer, with the K ranges summed into it (10 blocks, 2 per range),
+    and the other columns untouched; a wrong out is refused."""
+    weight = _weight(24, 640, 64, True, seed=3)
+    x = _inputs((3, 640), dtype, seed=4)
+    wide = torch.full((3, 40), 5.0, dtype=dtype)
+    with backend("triton"):
+        got = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(block_n=16, blocks=2), out=wide[:, 8:32])
+        with pytest.raises(ValueError, match="out must be"):
+            mm.nf4_gemv_forward(x, weight, out=torch.empty(3, 24, dtype=dtype).t().contiguous().t())
+        with pytest.raises(ValueError, match="out must be"):
+            mm.nf4_gemv_forward(x, weight, out=torch.empty(3, 23, dtype=dtype))
+    exact = (x.double() @ nf4.dequantize_nf4_reference(weight, torch.float32).double().t()).to(dtype)
+    assert got.data_ptr() == wide[:, 8:32].data_ptr()
+    assert_close(wide[:, 8:32], exact, *TOLERANCES[dtype], name="gemv into columns")
+    assert torch.all(wide[:, :8] == 5.0) and torch.all(wide[:, 32:] == 5.0)
+
+
 def test_gemv_tile_choice_and_config_check():
-    assert mm.gemv_tile(1, 64, 50) == (64, 8) and mm.gemv_tile(8, 128, 135) == (16, 2)
+    assert mm.gemv_tile(1, 64, 50) == (32, 8) and mm.gemv_tile(8, 128, 135) == (16, 2)
     assert mm.gemv_tile(1, 64, 2) == (128, 2)  # a short row: the tile stops at the row's blocks
     weight = _weight(16, 128, 64, True, seed=0)
     with pytest.raises(ValueError, match="powers of two"):
