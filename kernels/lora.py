@@ -321,7 +321,7 @@ def lora_qkv_reference(x: torch.Tensor, weights: Sequence, adapters: Sequence[Ad
 # ----------------------------------------------------------------------------- Triton kernels
 
 if triton is not None:
-    from bezoar_kernels.nf4 import _nf4_block_absmax
+    from bezoar_kernels.nf4 import _nf4_block_absmax, _nf4_byte_values, _pack16
     from bezoar_kernels.nf4_matmul import _nf4_weight_halves
 
     @triton.jit
@@ -856,9 +856,9 @@ if triton is not None:
         byte = tl.load(packed_ptr + rows.to(tl.int64)[:, None] * (K // 2) + (k_even // 2)[None, :], mask=ok, other=0)
         absmax = _nf4_block_absmax(rows.to(tl.int64) * (K // BLOCKSIZE) + tl.program_id(1), row_ok, absmax_ptr,
                                    nested_absmax_ptr, nested_code_ptr, offset, DOUBLE_QUANT, NESTED)[:, None]
-        both = tl.load(byte_table_ptr + byte.to(tl.int32))
-        w_hi = (both & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * absmax
-        w_lo = (both >> 32).to(tl.uint32).to(tl.float32, bitcast=True) * absmax
+        w_hi, w_lo = _nf4_byte_values(tl.load(byte_table_ptr + byte.to(tl.int32)))
+        w_hi = w_hi * absmax
+        w_lo = w_lo * absmax
         offs_r = tl.arange(0, R_PAD)
         r_ok = offs_r < R
         b = tl.load(b_ptr + rows.to(tl.int64)[:, None] * R + offs_r[None, :], mask=row_ok[:, None] & r_ok[None, :],
@@ -870,15 +870,8 @@ if triton is not None:
         w_hi += scaling * tl.dot(b, a_hi, input_precision=DOT_PRECISION)
         w_lo += scaling * tl.dot(b, a_lo, input_precision=DOT_PRECISION)
         if PACKED:
-            if PACKED_BF16:
-                hi16 = w_hi.to(tl.bfloat16)
-                lo16 = w_lo.to(tl.bfloat16)
-            else:
-                hi16 = w_hi.to(tl.float16)
-                lo16 = w_lo.to(tl.float16)
-            word = (hi16.to(tl.uint16, bitcast=True).to(tl.uint32)
-                    | (lo16.to(tl.uint16, bitcast=True).to(tl.uint32) << 16)).to(tl.int32, bitcast=True)
-            tl.store(out_ptr + rows.to(tl.int64)[:, None] * (stride_out // 2) + (k_even // 2)[None, :], word, mask=ok)
+            tl.store(out_ptr + rows.to(tl.int64)[:, None] * (stride_out // 2) + (k_even // 2)[None, :],
+                     _pack16(w_hi, w_lo, PACKED_BF16), mask=ok)
         else:
             cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
             values = tl.reshape(tl.join(w_hi, w_lo), (BLOCK_N, BLOCK_K)).to(out_ptr.dtype.element_ty)

@@ -388,6 +388,26 @@ if triton is not None:
             return tl.load(absmax_ptr + block, mask=mask, other=0.0)
 
     @triton.jit
+    def _nf4_byte_values(entry):
+        """The fp32 values of a packed byte (first: high nibble, second: low) from its byte-table entry."""
+        first = (entry & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+        second = (entry >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+        return first, second
+
+    @triton.jit
+    def _pack16(first, second, BF16: tl.constexpr):
+        """int32 words holding ``first`` and ``second`` rounded to bf16 (BF16) or fp16, the first value in
+        the low half (the lower address)."""
+        if BF16:
+            lo = first.to(tl.bfloat16)
+            hi = second.to(tl.bfloat16)
+        else:
+            lo = first.to(tl.float16)
+            hi = second.to(tl.float16)
+        word = lo.to(tl.uint16, bitcast=True).to(tl.uint32) | (hi.to(tl.uint16, bitcast=True).to(tl.uint32) << 16)
+        return word.to(tl.int32, bitcast=True)
+
+    @triton.jit
     def _nf4_dequantize_kernel(
         # pointers: out is W's dtype, or int32 words of two 16-bit values with PACKED
         packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, byte_table_ptr, out_ptr,
@@ -418,19 +438,11 @@ if triton is not None:
             byte = tl.load(packed_ptr + byte_index, mask=byte_index < n_bytes, other=0)
         absmax = _nf4_block_absmax(rows, row_ok, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                                    DOUBLE_QUANT, NESTED)
-        both = tl.load(byte_table_ptr + byte.to(tl.int32))
-        hi = (both & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * absmax[:, None]
-        lo = (both >> 32).to(tl.uint32).to(tl.float32, bitcast=True) * absmax[:, None]
+        hi, lo = _nf4_byte_values(tl.load(byte_table_ptr + byte.to(tl.int32)))
+        hi = hi * absmax[:, None]
+        lo = lo * absmax[:, None]
         if PACKED:
-            if PACKED_BF16:
-                hi16 = hi.to(tl.bfloat16)
-                lo16 = lo.to(tl.bfloat16)
-            else:
-                hi16 = hi.to(tl.float16)
-                lo16 = lo.to(tl.float16)
-            first = hi16.to(tl.uint16, bitcast=True).to(tl.uint32)
-            second = lo16.to(tl.uint16, bitcast=True).to(tl.uint32)
-            word = (first | (second << 16)).to(tl.int32, bitcast=True)  # the first value at the lower address
+            word = _pack16(hi, lo, PACKED_BF16)
             if STRIDED:
                 start = (rows // row_blocks) * (out_row_stride // 2) + (rows % row_blocks) * HALF
                 pair = start[:, None] + tl.arange(0, HALF)[None, :]

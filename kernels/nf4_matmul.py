@@ -150,7 +150,7 @@ def default_fused_config(kind: str, m: int, n: int, k: int, chunk: int, device: 
 # ----------------------------------------------------------------------------- Triton kernels
 
 if triton is not None:
-    from bezoar_kernels.nf4 import _nf4_block_absmax
+    from bezoar_kernels.nf4 import _nf4_block_absmax, _nf4_byte_values
 
     @triton.jit
     def _nf4_gather(
@@ -328,9 +328,7 @@ if triton is not None:
         x_ok = m_ok & (word < K // 8)
         acc = tl.zeros((BLOCK_M, BLOCK_N, SPAN), dtype=tl.float32)
         for i in tl.static_range(4):
-            both = tl.load(byte_table_ptr + ((words >> (8 * i)) & 255))
-            first = (both & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
-            second = (both >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+            first, second = _nf4_byte_values(tl.load(byte_table_ptr + ((words >> (8 * i)) & 255)))
             acc += tl.load(x_words + 2 * i, mask=x_ok, other=0.0).to(tl.float32) * first
             acc += tl.load(x_words + 2 * i + 1, mask=x_ok, other=0.0).to(tl.float32) * second
         y = tl.sum(acc * scale, axis=2)
