@@ -33,9 +33,10 @@ from pathlib import Path
 PRESETS = {
     "nf4_gemv": ("bezoar_kernels.nf4_matmul", "_nf4_gemv_kernel",
                  {"x_ptr": "*bf16", "words_ptr": "*i32", "absmax_ptr": "*u8", "nested_absmax_ptr": "*fp32",
-                  "nested_code_ptr": "*fp32", "byte_table_ptr": "*i64", "out_ptr": "*fp32", "offset": "fp32",
-                  "M": "i32:any"},
-                 {"BLOCKSIZE": 64, "DOUBLE_QUANT": True, "NESTED": 256, "BLOCK_M": 1, "BLOCK_N": 32, "BLOCKS": 8},
+                  "nested_code_ptr": "*fp32", "byte_table_ptr": "*i64", "out_ptr": "*fp32", "final_ptr": "*bf16",
+                  "counts_ptr": "*i32", "offset": "fp32", "M": "i32:any"},
+                 {"BLOCKSIZE": 64, "DOUBLE_QUANT": True, "NESTED": 256, "BLOCK_M": 1, "BLOCK_N": 32, "BLOCKS": 8,
+                  "SPLIT": True},
                  4, 1),
     "nf4_dequant": ("bezoar_kernels.nf4", "_nf4_dequantize_kernel",
                     {"packed_ptr": "*u8", "absmax_ptr": "*u8", "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32",

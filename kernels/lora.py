@@ -42,9 +42,14 @@ The base GEMM runs on one of six paths (``path``, chosen by M when "auto"):
   blocksize): without a mask, x @ W.T + s * (x @ A.T) @ B.T = x @ (W + s * B @ A).T, and likewise
   dy @ W + s * (dy @ B) @ A = dy @ (W + s * B @ A). One kernel writes the merged weight while it
   dequantizes W (the rank-r product per tile on tensor cores, fp32, rounded once), and both GEMMs
-  are cuBLAS's with nothing after them: no pass over y or dx at all. g, dA and dB are the usual
-  launches, each only where a gradient needs it (the down launch runs only for dB). "auto" takes it
-  whenever it can: it does strictly less work than ``cublas``. The merged weight rounds W + s * B @ A
+  are cuBLAS's with nothing after them: no pass over y or dx at all. xa and g come out of those
+  GEMMs too: in the forward A_j's rows sit below W' (x @ A_j.T = xa without a mask, P * r16 more
+  output columns), in the backward s_j B_j's columns beside it (dy @ [W' | s B] holds g after column
+  K, as on ``concat``). What is left over the base is dA (a pass over x) and dB (a pass over dy):
+  1 + N/K activation passes, against 4 + 4 N/K on ``cublas``. The xa columns are copied out (M x P r,
+  small) so that saving xa does not keep y's storage alive; dx comes back as a strided view of the
+  wide product (the model's kernels take row strides). "auto" takes it whenever it can: it does
+  strictly less work than ``cublas``. The merged weight rounds W + s * B @ A
   to the dtype once, the error the dequantized W already has, where the other paths round the
   LoRA term on its own.
 
@@ -1136,29 +1141,55 @@ def _merge_ok(weights, adapters, k: int) -> bool:
 _MERGE_BLOCK_N = 64
 
 
-def merged_weights(plan: _Plan, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def merged_weights(plan: _Plan, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype,
+                   extra: str | None = None) -> torch.Tensor:
     """The (Ncat, K) stack of W_j + s_j * B_j @ A_j, each made in the pass that dequantizes W_j, in the
-    reused per-(device, dtype) buffer (the next call overwrites it: use it at once)."""
+    reused per-(device, dtype) buffer (the next call overwrites it: use it at once).
+
+    ``extra="rows"`` appends A_0, A_1, ... as P * r16 more rows (r padded to 16 with zero rows): x @ out.T
+    then holds y and, in the columns after Ncat, x @ A_j.T (the forward's xa without dropout), so no
+    pass over x computes xa. ``extra="cols"`` makes it (Ncat, K + P * r16), [W'_j | .. s_j B_j ..] as on
+    the concat path: dy @ out holds dx and, after column K, g_j = s_j * dy_j @ B_j, so no pass over dy
+    computes g. ``_lora_columns`` reads either block out of the product."""
     ns = plan.out_features
-    k = a.shape[2]
-    r = a.shape[1]
+    p, r, k = a.shape
     n_total = sum(ns)
-    out = _shared_buffer(a.device, dtype, n_total * k)[: n_total * k].view(n_total, k)
+    width = _concat_width(r)
+    rows_out = n_total + (p * width if extra == "rows" else 0)
+    cols_out = k + (p * width if extra == "cols" else 0)
+    out = _shared_buffer(a.device, dtype, rows_out * cols_out)[: rows_out * cols_out].view(rows_out, cols_out)
     packed = dtype in (torch.bfloat16, torch.float16) and k % 2 == 0
     start = 0
     for j, (w, n) in enumerate(zip(plan.weights, ns)):
-        rows = out[start: start + n]
+        rows = out[start: start + n, :k]
         dq = w.double_quant
         _nf4_merge_kernel[(cdiv(n, _MERGE_BLOCK_N), k // w.blocksize)](
             w.packed, w.absmax, w.nested_absmax if dq else w.absmax, w.nested_code if dq else w.absmax,
             nf4_byte_table(a.device), b[start: start + n], a[j], _int32_words(rows) if packed else rows,
-            n, k, r, w.offset if dq else 0.0, plan.scalings[j], k,
+            n, k, r, w.offset if dq else 0.0, plan.scalings[j], cols_out,
             BLOCKSIZE=w.blocksize, DOUBLE_QUANT=dq, NESTED=NESTED_BLOCKSIZE, R_PAD=_r_pad(r),
             BLOCK_N=_MERGE_BLOCK_N, BLOCK_K=w.blocksize, PACKED=packed, PACKED_BF16=dtype == torch.bfloat16,
             DOT_PRECISION=_dot_precision(dtype), num_warps=4,
         )
         start += n
+    if extra == "rows":
+        a_rows = out[n_total:].view(p, width, k)
+        if width != r:
+            a_rows[:, r:].zero_()
+        a_rows[:, :r].copy_(a)
+    elif extra == "cols":
+        out[:, k:].copy_(_concat_lora_block(plan, b))
+    elif extra is not None:
+        raise ValueError(f"extra must be None, 'rows' or 'cols', not {extra!r}")
     return out
+
+
+def _lora_columns(wide: torch.Tensor, start: int, projections: int, r: int) -> torch.Tensor:
+    """The (P, M, R) strided view of the LoRA column blocks (``_concat_width(r)`` columns each, from
+    column ``start``) of a wide product: g after the concat / merged backward GEMM, xa after the
+    merged forward GEMM."""
+    return wide.as_strided((projections, wide.shape[0], r), (_concat_width(r), wide.stride(0), 1),
+                           wide.storage_offset() + start)
 
 
 def _no_autocast(t: torch.Tensor):
@@ -1181,17 +1212,9 @@ def _concat_backward(dys: list[torch.Tensor], block: torch.Tensor, plan: _Plan, 
     sum_j dy_j @ [W_j | .. s_j B_j ..] (M, K + P * r16) holds the base dx in its first K columns and
     g_j = s_j * dy_j @ B_j in column block j (rows of projection i != j are zero there): the pass over
     dy that computes g on the other paths is not made."""
-    m = dys[0].shape[0]
-    width = _concat_width(r)
     wide_w = _concat_weights(plan, block, k, dys[0].dtype)
-    with _no_autocast(dys[0]):
-        start = 0
-        for j, (dy, n) in enumerate(zip(dys, plan.out_features)):
-            rows = wide_w[start: start + n]
-            wide = torch.matmul(dy, rows) if j == 0 else wide.addmm_(dy, rows)
-            start += n
-    g = wide.as_strided((plan.projections, m, r), (width, wide.stride(0), 1), wide.storage_offset() + k)
-    return wide[:, :k], g
+    wide = _base_product(dys, plan, _split_rows(wide_w, plan.out_features))
+    return wide[:, :k], _lora_columns(wide, k, plan.projections, r)
 
 
 def _lora_down(x: torch.Tensor, a: torch.Tensor, plan: _Plan, wide: torch.Tensor | None = None) -> torch.Tensor:
@@ -1439,11 +1462,15 @@ class LoRAFunction(torch.autograd.Function):
             if plan.has_lora:
                 xa = _lora_down(x2d, a, plan)
                 y = _gemm_forward(x2d, plan, xa, b, base_y=y)
-        elif plan.path == "merged":  # no dropout: y = x @ (W + s B A).T, one GEMM with no LoRA pass over y
+        elif plan.path == "merged":
+            # no dropout: y = x @ (W + s B A).T, one GEMM with no LoRA pass over y; where dB needs xa, the
+            # A rows below W' give it from the same GEMM (no pass over x), copied out (P * r columns) so
+            # that saving it does not keep y's storage alive until the backward
+            need_xa = any(ctx.needs_input_grad[3::2])
             with _no_autocast(x2d):
-                y = torch.matmul(x2d, merged_weights(plan, a, b, dtype).t())
-            if any(ctx.needs_input_grad[3::2]):  # dB needs xa
-                xa = _lora_down(x2d, a, plan)
+                y = torch.matmul(x2d, merged_weights(plan, a, b, dtype, "rows" if need_xa else None).t())
+            if need_xa:
+                xa = _lora_columns(y, sum(ns), plan.projections, a.shape[1]).contiguous()
         elif plan.path == "concat" and _concat_ok(plan, k):
             wide = torch.empty((m, k + plan.projections * _concat_width(a.shape[1])), dtype=dtype, device=x.device)
             xa = _lora_down(x2d, a, plan, wide)
@@ -1481,11 +1508,17 @@ class LoRAFunction(torch.autograd.Function):
         need_da = plan.has_lora and any(need_lora[0::2])
         da = None
         if plan.path == "merged":
-            # dx = dy @ (W + s B A): the LoRA part of dx rides in the GEMM, no pass over dx
-            g = _lora_g(dys, b, plan) if need_da else None
+            # dx = dy @ (W + s B A): the LoRA part of dx rides in the GEMM, no pass over dx; where dA needs
+            # g, the s B columns beside W' give it from the same GEMM (no pass over dy)
+            g = None
             if need_x:
-                merged = merged_weights(plan, a, b, dys[0].dtype)
-                dx = _base_product(dys, plan, _split_rows(merged, plan.out_features)).view(*ctx.lead, k)
+                merged = merged_weights(plan, a, b, dys[0].dtype, "cols" if need_da else None)
+                wide = _base_product(dys, plan, _split_rows(merged, plan.out_features))
+                if need_da:
+                    g = _lora_columns(wide, k, plan.projections, a.shape[1])
+                dx = wide[:, :k].view(*ctx.lead, k)
+            elif need_da:
+                g = _lora_g(dys, b, plan)
         elif need_x and plan.has_lora and plan.path in ("cublas", "concat"):
             # the base product from cuBLAS, then one pass adds the LoRA term to dx and reduces dA
             if block is not None:  # the concat forward ran

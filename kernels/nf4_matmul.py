@@ -8,7 +8,9 @@ paths, chosen by M (rows of x after flattening leading dims):
   and has no loop, because at batch 1 the product is bound by memory latency more than bandwidth.
   A byte table gives both values of a packed byte in one load; the values times x go into an fp32
   partial per word (plain FMAs, no matrix units), scaled by the word's block scale and summed. K's
-  ranges of blocks give fp32 partials that a second small kernel adds.
+  ranges of blocks give fp32 partials; the last program of a row tile to finish adds them up (an
+  arrival count per tile, as in a split-K semaphore), so a decode step's ~180 gemv calls are not
+  followed by as many summing launches.
 * ``fused`` (small M): one kernel streams the packed bytes, decodes a tile of W inside the K loop
   and feeds tensor cores. Small grids are split along the reduction (``FusedConfig.split``) into
   fp32 partial sums that a second tiny kernel adds up (deterministic, no atomics).
@@ -288,15 +290,23 @@ if triton is not None:
         # pointers: x (M, K); W's packed bytes viewed as int32 words (N, K / 8); the byte table
         # (nf4_byte_table: both values of a byte in one int64)
         x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, byte_table_ptr, out_ptr,
+        # with SPLIT: the (M, N) result and one int32 arrival count per row tile (zero between launches)
+        final_ptr, counts_ptr,
         # sizes and scalars
         M, N, K, offset,
-        # strides (x's last dim and out's are contiguous)
-        stride_xm, stride_os, stride_om,
+        # strides (x's last dim, out's and final's are contiguous)
+        stride_xm, stride_os, stride_om, stride_fm,
         # meta
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, SPLIT: tl.constexpr,
     ):
         """out[split, m, n] = sum over NF4 blocks split * BLOCKS .. + BLOCKS of x[m, k] * W[n, k], M <= BLOCK_M.
+
+        With SPLIT (more than one K range), out holds fp32 partials and the last program of each row
+        tile to finish adds them up into final, in split order (the same sum whichever program is
+        last), so no second launch sums them. Arrival is counted as a CUTLASS split-K semaphore does it:
+        the partial is stored, the program's threads meet at a barrier, and one acquire-release atomic
+        increments the tile's count, which the last program sets back to zero for the next launch.
 
         No loop: a program loads its whole tile at once, BLOCK_N rows of W by BLOCKS absmax blocks
         (each row's part is BLOCKS * BLOCKSIZE / 2 contiguous bytes, read as 32-bit words of 8 values:
@@ -334,8 +344,19 @@ if triton is not None:
         y = tl.sum(acc * scale, axis=2)
         out_m = tl.arange(0, BLOCK_M)[:, None]
         out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        out = out_ptr + pid_split * stride_os + out_m.to(tl.int64) * stride_om + out_n
-        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=(out_m < M) & (out_n < N))
+        out_ok = (out_m < M) & (out_n < N)
+        parts = out_ptr + out_m.to(tl.int64) * stride_om + out_n
+        tl.store(parts + pid_split * stride_os, y.to(out_ptr.dtype.element_ty), mask=out_ok)
+        if SPLIT:
+            tl.debug_barrier()  # every thread's part of the partial is stored before the count
+            arrived = tl.atomic_add(counts_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == tl.num_programs(1) - 1:  # the others' partials are visible: sum them in order
+                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for s in range(0, tl.num_programs(1)):
+                    total += tl.load(parts + s * stride_os, mask=out_ok, other=0.0, cache_modifier=".cg")
+                tl.store(final_ptr + out_m.to(tl.int64) * stride_fm + out_n,
+                         total.to(final_ptr.dtype.element_ty), mask=out_ok)
+                tl.atomic_xchg(counts_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
     @triton.jit
     def _sum_splits_kernel(parts_ptr, out_ptr, n_elements, splits, cols, stride_out, BLOCK: tl.constexpr):
@@ -455,13 +476,15 @@ GEMV_MAX_ROWS = 8  # the gemv kernel's accumulator holds every row of x: it take
 @dataclasses.dataclass(frozen=True)
 class GemvConfig:
     """Tiles of the gemv kernel: rows of W and NF4 blocks along K per program (both powers of two;
-    None: by rows of x and blocksize, ``gemv_tile``). K is cut into ranges of ``blocks`` blocks, each
-    range's fp32 partials summed by a second kernel when there is more than one."""
+    None: by rows of x and blocksize, ``gemv_tile``). K is cut into ranges of ``blocks`` blocks; with
+    more than one, each range writes fp32 partials that the row tile's last program sums (or, with
+    ``reduce_in_kernel=False``, a second kernel)."""
 
     block_n: int | None = None
     blocks: int | None = None
     num_warps: int = 4
     num_stages: int = 1
+    reduce_in_kernel: bool = True  # False: the fp32 partials are summed by a second launch
 
 
 # fp32 accumulator values per program: 16 per thread at 4 warps. Twice that (64 rows by 8 blocks at
@@ -514,22 +537,42 @@ def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | No
     if out is not None and (tuple(out.shape) != (m, n) or out.dtype != x.dtype or out.stride(-1) != 1):
         raise ValueError(f"nf4 gemv: out must be ({m}, {n}) {x.dtype} with unit column stride, got "
                          f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
-    final = out
-    if split == 1:
-        out = final if final is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
-    else:
-        out = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    final = out if out is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
+    counts = _gemv_counts(x.device, tiles) if split > 1 and cfg.reduce_in_kernel else None
+    parts = final if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     dq = weight.double_quant
     _nf4_gemv_kernel[(tiles, split)](
         x, weight.packed.view(torch.int32), weight.absmax, weight.nested_absmax if dq else weight.absmax,
-        weight.nested_code if dq else weight.absmax, nf4_byte_table(x.device), out,
+        weight.nested_code if dq else weight.absmax, nf4_byte_table(x.device), parts,
+        final, counts if counts is not None else final,
         m, n, k, weight.offset if dq else 0.0,
-        x.stride(0), out.stride(0) if split > 1 else 0, out.stride(-2),
+        x.stride(0), parts.stride(0) if split > 1 else 0, parts.stride(-2), final.stride(0),
         BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=dq, NESTED=NESTED_BLOCKSIZE,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS=blocks, num_warps=cfg.num_warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS=blocks, SPLIT=counts is not None, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, enable_fp_fusion=True,  # x * code + partial as one FMA
     )
-    return out if split == 1 else _sum_splits(out, x.dtype, final)
+    if split > 1 and counts is None:
+        _sum_splits(parts, x.dtype, final)
+    return final
+
+
+# Arrival counts of the gemv kernel's in-kernel split sum, one int32 per row tile, per device. Every
+# launch leaves them at zero. Kernels on one device run one at a time here (bezoar launches on one
+# stream), so one array per device serves them all; more row tiles than this take the second launch.
+_GEMV_COUNTS = 1 << 16
+_gemv_count_buffers: dict[torch.device, torch.Tensor] = {}
+
+
+def _gemv_counts(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """The device's arrival counts, or None (sum the splits in a second launch) when there are more
+    tiles than counts, or when the array would first be made inside a CUDA graph capture (its zeroing
+    would only run at replay; the eager calls before a capture make it)."""
+    buf = _gemv_count_buffers.get(device)
+    if buf is None:
+        if tiles > _GEMV_COUNTS or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return None
+        buf = _gemv_count_buffers[device] = torch.zeros(_GEMV_COUNTS, dtype=torch.int32, device=device)
+    return buf if tiles <= _GEMV_COUNTS else None
 
 
 _dequant_buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}

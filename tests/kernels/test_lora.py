@@ -213,8 +213,11 @@ def test_autocast_does_not_change_the_output_dtype(path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("n,k,r,blocksize,double_quant", [(40, 192, 8, 64, True), (70, 256, 5, 128, False),
                                                          (64, 128, 16, 64, True)])
-def test_merged_weights_are_w_plus_scaled_ba(dtype, n, k, r, blocksize, double_quant):
-    """The merge kernel: dequant(W) + s * B @ A in fp32, rounded once (fp16: two values per 32-bit store)."""
+@pytest.mark.parametrize("extra", [None, "rows", "cols"])
+def test_merged_weights_are_w_plus_scaled_ba(dtype, n, k, r, blocksize, double_quant, extra):
+    """The merge kernel: dequant(W) + s * B @ A in fp32, rounded once (fp16: two values per 32-bit store);
+    with ``extra``, A_j as rows below (zero rows pad r to 16) or s_j B_j as columns beside, in the layout
+    the concat path uses."""
     weights = [_base(n, k, "nf4", dtype, blocksize, double_quant, seed=j) for j in range(2)]
     adapters = [_adapter(n, k, r, seed=50 + j, scaling=0.5 + j) for j in range(2)]
     plan = L._Plan(weights=tuple(weights), scalings=(0.5, 1.5), seeds=(0, 0), dropout_p=0.0, path="merged")
@@ -222,7 +225,18 @@ def test_merged_weights_are_w_plus_scaled_ba(dtype, n, k, r, blocksize, double_q
     b = torch.cat([ad.lora_b.to(dtype) for ad in adapters])
     with backend("triton"):
         L._dequant_buffers.clear()
-        got = L.merged_weights(plan, a, b, dtype).clone()
+        got = L.merged_weights(plan, a, b, dtype, extra).clone()
+    width = -(-r // 16) * 16
+    if extra == "rows":
+        assert got.shape == (2 * n + 2 * width, k)
+        a_rows = got[2 * n:].view(2, width, k)
+        assert torch.equal(a_rows[:, :r], a) and not a_rows[:, r:].any()
+    elif extra == "cols":
+        assert got.shape == (2 * n, k + 2 * width)
+        assert torch.equal(got[:, k:], L._concat_lora_block(plan, b))
+        got = got[:, :k]
+    else:
+        assert got.shape == (2 * n, k)
     for j, (w, ad) in enumerate(zip(weights, adapters)):
         exact = (nf4.dequantize_nf4_reference(w, torch.float32)
                  + ad.scaling * ad.lora_b.to(dtype).float() @ ad.lora_a.to(dtype).float())
@@ -233,11 +247,15 @@ def test_merged_weights_are_w_plus_scaled_ba(dtype, n, k, r, blocksize, double_q
 
 
 @pytest.mark.parametrize("projections", [1, 3])
-@pytest.mark.parametrize("frozen", ["none", "a", "b"])
+@pytest.mark.parametrize("frozen", ["none", "a", "b", "x"])
 def test_merged_path_matches_reference(monkeypatch, projections, frozen):
     """Without dropout, auto folds the LoRA term into the weight: forward and backward equal the
-    reference; xa is only computed when some B needs its gradient, g only when some A does."""
-    downs, gs = [], []
+    reference. xa comes out of the forward GEMM (A's rows under W') and g out of the dx GEMM (s B's
+    columns beside W'), so neither the down nor the g kernel runs; g needs its own pass over dy only
+    when x needs no gradient (no dx GEMM), and the extra rows / columns are only there when some B / A
+    needs its gradient."""
+    downs, gs, extras = [], [], []
+    monkeypatch.setattr(L, "merged_weights", lambda *a, _f=L.merged_weights: extras.append(a[4:]) or _f(*a))
     monkeypatch.setattr(L, "_lora_down", lambda *a, _f=L._lora_down: downs.append(1) or _f(*a))
     monkeypatch.setattr(L, "_lora_g", lambda *a, _f=L._lora_g: gs.append(1) or _f(*a))
     monkeypatch.setattr(L, "LARGE_M_PATH", "cublas")
@@ -249,7 +267,7 @@ def test_merged_path_matches_reference(monkeypatch, projections, frozen):
     dys = [torch.randn(m, n, generator=_gen(3 + j)) for j, n in enumerate(ns)]
 
     def run(backend_name, training, p):
-        xx = x.clone().requires_grad_(True)
+        xx = x.clone().requires_grad_(frozen != "x")
         ads = _leaf_adapters(adapters)
         for ad in ads:
             if frozen == "a":
@@ -268,26 +286,30 @@ def test_merged_path_matches_reference(monkeypatch, projections, frozen):
     assert L.resolve_path(None, m) == "cublas"
     want = run("torch", True, 0.0)
     got = run("triton", True, 0.0)
-    assert len(downs) == (0 if frozen == "b" else 1) and len(gs) == (0 if frozen == "a" else 1)
+    assert not downs and len(gs) == (1 if frozen == "x" else 0)
+    assert extras == [("rows" if frozen != "b" else None,)] + ([("cols" if frozen != "a" else None,)]
+                                                              if frozen != "x" else [])
     for a_, b_ in zip(got[0], want[0]):
         assert_close(a_, b_, 1e-4, 1e-4, name="merged y")
-    assert_close(got[1][0], want[1][0], 1e-4, 1e-4, name="merged dx")
+    if frozen == "x":
+        assert got[1][0] is None and want[1][0] is None
+    else:
+        assert_close(got[1][0], want[1][0], 1e-4, 1e-4, name="merged dx")
     for i, (a_, b_) in enumerate(zip(got[1][1:], want[1][1:])):
         if a_ is None or b_ is None:
             assert a_ is None and b_ is None
         else:
             assert_close(a_, b_, 1e-4 * m ** 0.5, 1e-4, name=f"merged d{'AB'[i % 2]}[{i // 2}]")
-    merges = []
-    monkeypatch.setattr(L, "merged_weights", lambda *a, _f=L.merged_weights: merges.append(1) or _f(*a))
+    extras.clear()
     run("triton", True, 0.1)  # dropout on: a mask, no merging
-    assert not merges
+    assert not extras
     with backend("triton"):
         ad = adapters[0]
         with pytest.raises(ValueError, match="merged"):
             L.lora_linear(x, weights[0], ad.lora_a, ad.lora_b, ad.scaling, 0.1, True, 1, "merged")
         dense = _base(ns[0], k, "dense", torch.float32)
         y = L.lora_linear(x, dense, ad.lora_a, ad.lora_b, ad.scaling, 0.0, False, 1)  # dense: not merged
-    assert not merges
+    assert not extras
     assert_close(y, L.lora_linear_reference(x, dense, ad.lora_a, ad.lora_b, ad.scaling, 0.0, False, 1), 1e-4, 1e-4)
 
 

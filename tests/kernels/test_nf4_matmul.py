@@ -126,6 +126,37 @@ def test_gemv_into_columns_of_a_wider_buffer(dtype):
     assert torch.all(wide[:, :8] == 5.0) and torch.all(wide[:, 32:] == 5.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gemv_split_sum_in_kernel(monkeypatch, dtype):
+    """Several K ranges: the last program of each row tile sums the fp32 partials in split order, so the
+    result is the second launch's bit for bit; every arrival count is back at zero afterwards (the next
+    call reuses them), into a column slice too; with more row tiles than counts, the second launch
+    sums them."""
+    weight = _weight(70, 640, 64, True, seed=5)  # 10 blocks per row: 5 ranges of 2, 5 row tiles of 16
+    x = _inputs((3, 640), dtype, seed=6)
+    sums = []
+    monkeypatch.setattr(mm, "_sum_splits", lambda *a, _f=mm._sum_splits: sums.append(1) or _f(*a))
+    cfg = mm.GemvConfig(block_n=16, blocks=2)
+    with backend("triton"):
+        mm._gemv_count_buffers.clear()
+        second = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(block_n=16, blocks=2, reduce_in_kernel=False))
+        assert sums == [1] and not mm._gemv_count_buffers
+        first = mm.nf4_gemv_forward(x, weight, cfg)
+        again = mm.nf4_gemv_forward(x, weight, cfg)
+        wide = torch.zeros((3, 90), dtype=dtype)
+        mm.nf4_gemv_forward(x, weight, cfg, out=wide[:, 10:80])
+        counts = mm._gemv_count_buffers[x.device]
+        assert sums == [1] and counts.dtype == torch.int32 and not counts.any()
+        monkeypatch.setattr(mm, "_GEMV_COUNTS", 4)
+        mm._gemv_count_buffers.clear()
+        fallback = mm.nf4_gemv_forward(x, weight, cfg)
+        assert sums == [1, 1] and not mm._gemv_count_buffers
+    assert torch.equal(first, second) and torch.equal(again, second) and torch.equal(fallback, second)
+    assert torch.equal(wide[:, 10:80], second) and not wide[:, :10].any() and not wide[:, 80:].any()
+    exact = (x.double() @ nf4.dequantize_nf4_reference(weight, torch.float32).double().t()).to(dtype)
+    assert_close(first, exact, *TOLERANCES[dtype], name="gemv split sum")
+
+
 def test_gemv_tile_choice_and_config_check():
     assert mm.gemv_tile(1, 64, 50) == (32, 8) and mm.gemv_tile(8, 128, 135) == (16, 2)
     assert mm.gemv_tile(1, 64, 2) == (128, 2)  # a short row: the tile stops at the row's blocks
@@ -270,6 +301,39 @@ def test_bf16_on_gpu_matches_reference(m, n, k, path):
         w_fwd = w
     assert_close(y, (x.float() @ w_fwd.t()).to(torch.bfloat16), 2e-2, 2e-2, name="bf16 forward")
     assert_close(dx, (dy.float() @ w).to(torch.bfloat16), 2e-2, 2e-2, name="bf16 backward")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("n,k", [(3200, 8640), (8640, 3200)])
+def test_gemv_split_sum_on_gpu_is_exact_and_repeatable(m, n, k):
+    """The in-kernel split sum on real concurrency: hundreds of row tiles with 7 to 34 ranges each, run
+    50 times eagerly and 20 times as a CUDA-graph replay of 4 calls, always bit for bit the two-launch
+    sum (the same fp32 additions in the same order), with every arrival count back at zero."""
+    weight = _weight(n, k, device="cuda")
+    x = _inputs((m, k), torch.bfloat16, device="cuda")
+    cfg = mm.GemvConfig(blocks=4 if m == 1 else 2)
+    with backend("triton"):
+        want = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(blocks=cfg.blocks, reduce_in_kernel=False))
+        for _ in range(50):
+            assert torch.equal(mm.nf4_gemv_forward(x, weight, cfg), want)
+        outs = torch.empty((4, m, n), dtype=torch.bfloat16, device="cuda")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for i in range(4):  # warm-up outside the capture
+                mm.nf4_gemv_forward(x, weight, cfg, out=outs[i])
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(4):
+                mm.nf4_gemv_forward(x, weight, cfg, out=outs[i])
+        for _ in range(20):
+            outs.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            assert all(torch.equal(outs[i], want) for i in range(4))
+    assert not mm._gemv_count_buffers[x.device].any()
 
 
 def test_backward_takes_the_forward_path(monkeypatch):

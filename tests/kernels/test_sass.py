@@ -50,8 +50,8 @@ def test_gemv_tiles_load_everything_first_and_do_not_spill(block_m, blocksize, t
     block_n, blocks = gemv_tile(block_m, blocksize, 50)
     dump = tmp_path / "gemv.sass"
     info = json.loads(_sass("nf4_gemv", "--meta", f"BLOCK_M={block_m}", "--meta", f"BLOCKSIZE={blocksize}",
-                            "--meta", f"BLOCK_N={block_n}", "--meta", f"BLOCKS={blocks}", "--json", "--dump",
-                            str(dump)))
+                            "--meta", f"BLOCK_N={block_n}", "--meta", f"BLOCKS={blocks}", "--meta", "SPLIT=false",
+                            "--json", "--dump", str(dump)))
     assert "STACK:0" in info["usage"], (block_n, blocks, info["usage"])
     assert sum(info["loop"].values()) <= 1, info["loop"]  # no main loop (the end-of-kernel BRA only)
     for op in ("LDGSTS", "HMMA", "HGMMA", "STL", "LDL"):
@@ -67,6 +67,27 @@ def test_gemv_tiles_load_everything_first_and_do_not_spill(block_m, blocksize, t
     assert len(ops) / (weights_per_thread * block_m) < 8, (len(ops), weights_per_thread)
     assert ops.count("LDG.E.64") >= weights_per_thread / 2  # one table load per byte
     assert ops.count("FFMA") >= weights_per_thread * block_m  # the products are fused multiply-adds
+
+
+def test_gemv_split_sum_is_a_fenced_semaphore(tmp_path):
+    """With K cut into ranges, the last program of a row tile sums the partials (no second launch). The
+    build must follow the split-K semaphore order: the partial stored, a CTA barrier, then one thread's
+    GPU-scope fence and atomic add; the acquire invalidates L1, and the partials are read back with
+    L1-bypassing loads (STRONG.GPU) in a short loop; the count is reset by an exchange."""
+    dump = tmp_path / "gemv_split.sass"
+    info = json.loads(_sass("nf4_gemv", "--meta", "SPLIT=true", "--json", "--dump", str(dump)))
+    assert "STACK:0" in info["usage"], info["usage"]
+    ops = _instructions(dump)
+    add = ops.index("ATOMG.E.ADD.STRONG.GPU")
+    assert ops.count("ATOMG.E.ADD.STRONG.GPU") == 1 and "ATOMG.E.EXCH.STRONG.GPU" in ops[add:]
+    fence = max(i for i, op in enumerate(ops[:add]) if op.startswith("MEMBAR"))
+    assert ops[fence] == "MEMBAR.ALL.GPU"
+    last_partial_store = max(i for i, op in enumerate(ops[:add]) if op.startswith("STG"))
+    assert any(op.startswith("BAR.SYNC") for op in ops[last_partial_store:fence])
+    assert "CCTL.IVALL" in ops[add: add + 3]
+    read_back = [op for op in ops[add:] if op.startswith("LDG")]
+    assert read_back and all(op.endswith("STRONG.GPU") for op in read_back), read_back
+    assert 0 < sum(info["loop"].values()) <= 40, info["loop"]  # the sum over the splits, nothing else
 
 
 def test_cli_lists_and_reports():
