@@ -101,6 +101,24 @@ def nf4_byte_table(device: torch.device | str = "cpu") -> torch.Tensor:
     return _nf4_byte_table(torch.device(device))
 
 
+@functools.lru_cache(maxsize=None)
+def _nf4_pair_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    bits = torch.tensor(NF4_CODE, dtype=torch.float32).to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+    byte = torch.arange(256)
+    word = bits[byte >> 4] | (bits[byte & 15] << 16)
+    return torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32).to(device)
+
+
+def nf4_pair_table(device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """256 int32 entries, one per packed byte: the byte's two NF4 code values (unscaled) rounded to
+    ``dtype`` (bf16 or fp16), the first (high nibble) in the low 16 bits: one 4-byte load gives both
+    values as tensor-core operands, to be scaled by the block's absmax after the product; shared, do
+    not modify."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"nf4_pair_table: dtype must be bfloat16 or float16, got {dtype}")
+    return _nf4_pair_table(torch.device(device), dtype)
+
+
 def nf4_midpoints(device: torch.device | str = "cpu") -> torch.Tensor:
     """The 15 fp32 decision boundaries between neighbouring NF4 values."""
     return _nf4_tables(torch.device(device))[1]

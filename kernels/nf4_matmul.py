@@ -11,9 +11,13 @@ paths, chosen by M (rows of x after flattening leading dims):
   ranges of blocks give fp32 partials; the last program of a row tile to finish adds them up (an
   arrival count per tile, as in a split-K semaphore), so a decode step's ~180 gemv calls are not
   followed by as many summing launches.
-* ``fused`` (small M): one kernel streams the packed bytes, decodes a tile of W inside the K loop
-  and feeds tensor cores. Small grids are split along the reduction (``FusedConfig.split``) into
-  fp32 partial sums that a second tiny kernel adds up (deterministic, no atomics).
+* ``fused`` (small M): one kernel streams the packed bytes and feeds tensor cores inside the K loop.
+  Where K is a multiple of the blocksize the forward does not dequantize: a 1 KB table gives each
+  packed byte's two code values in x's dtype with one load, the dot runs on the codes, and each
+  row's block scale multiplies the chunk's product (sm_90: ~6 instructions per weight, ~13 with a
+  code gather per value and a multiply per weight). Small grids are split along the reduction
+  (``FusedConfig.split``) into fp32 partials; in the forward the last split of each tile adds them
+  up in split order (deterministic; an arrival count per tile), in the backward a second launch.
 * ``dequant`` (large M: training): the Triton dequantize kernel writes W in the compute dtype
   into one buffer per (device, dtype) that every layer reuses, then cuBLAS multiplies. At large
   M the matmul is compute-bound and cuBLAS is hard to beat; the dequantization costs one pass
@@ -34,8 +38,12 @@ even and odd columns of x (a reduction does not care about the order of its term
 (odd sizes in tests, or blocks that straddle rows) take the general variant of the same
 kernel, which finds byte, nibble and block per element.
 
-The dequantized tile is rounded to x's dtype before the dot, exactly like the reference
-``F.linear(x, dequantize_nf4(W, x.dtype))``, so the two differ only in summation order.
+Rounding: the general variant rounds the dequantized tile to x's dtype before the dot, as the
+reference ``F.linear(x, dequantize_nf4(W, x.dtype))`` does, so the two differ only in summation
+order. The aligned forward rounds the code values instead (for bf16 a relative error of at most
+2^-9 per weight, the bound of the reference's rounding of code * absmax) and applies the fp32 block
+scale to the fp32 product, so it differs from the reference by one rounding per weight of the same
+size; for fp32 x nothing is rounded.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ from bezoar_kernels.nf4 import (
     dequantize_nf4_triton,
     nf4_byte_table,
     nf4_code,
+    nf4_pair_table,
 )
 
 try:
@@ -123,6 +132,7 @@ class FusedConfig:
     split: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    reduce_in_kernel: bool = True  # forward: the last split of a tile sums the partials (False: a 2nd launch)
 
 
 def default_fused_config(kind: str, m: int, n: int, k: int, chunk: int, device: torch.device) -> FusedConfig:
@@ -136,7 +146,9 @@ def default_fused_config(kind: str, m: int, n: int, k: int, chunk: int, device: 
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     big = m > 64
     if kind == "forward":
-        block_n = 128 if big else 64
+        # 128 rows of W per program at every M: in the sm_90 build of the aligned loop (4 warps, 3
+        # stages) that is ~6.3 instructions per weight against ~10 at 64 rows (bench/sass.py nf4_fused_fwd)
+        block_n = 128
         tiles = cdiv(m, block_m) * cdiv(n, block_n)
         steps = cdiv(k, chunk)
     elif kind == "backward":
@@ -146,6 +158,9 @@ def default_fused_config(kind: str, m: int, n: int, k: int, chunk: int, device: 
     else:
         raise ValueError(f"fused config kind {kind!r}")
     split = 1 if big else max(1, min(steps // 2, cdiv(4 * sm, tiles)))
+    if kind == "forward" and not big:
+        # the fp32 partials (written, then read by the last split) stay within half of W's NF4 bytes
+        split = max(1, min(split, k // (32 * m)))
     return FusedConfig(block_m, block_n, split, num_warps=8 if big else 4, num_stages=3)
 
 
@@ -153,6 +168,24 @@ def default_fused_config(kind: str, m: int, n: int, k: int, chunk: int, device: 
 
 if triton is not None:
     from bezoar_kernels.nf4 import _nf4_block_absmax, _nf4_byte_values
+
+    @triton.jit
+    def _last_split_sums(parts, stride_split, final, mask, counts_ptr, tile, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+        """After this program stored its fp32 partial at ``parts`` (pointers of its tile in split 0 plus
+        this split's offset already applied by the caller), count it in; the last of the tile's
+        ``num_programs(1)`` programs adds every split's partial in split order (the same sum whichever
+        program is last) into ``final`` and sets the count back to zero for the next launch. The order
+        is a split-K semaphore's: the stores, a barrier of the program's threads, then one thread's
+        acquire-release atomic (a GPU-scope fence before it); the partials are read back past L1."""
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counts_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == tl.num_programs(1) - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(0, tl.num_programs(1)):
+                total += tl.load(parts + s * stride_split, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(final, total.to(final.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(counts_ptr + tile, 0, sem="relaxed", scope="gpu")
 
     @triton.jit
     def _nf4_gather(
@@ -200,17 +233,25 @@ if triton is not None:
 
     @triton.jit
     def _nf4_matmul_fwd_kernel(
-        # pointers
-        x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, out_ptr,
+        # pointers; ``table_ptr``: with ALIGNED, nf4_pair_table (16-bit x) or nf4_byte_table (fp32 x)
+        x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, table_ptr, out_ptr,
+        # with SPLIT: the (M, N) result (unit column stride) and one int32 arrival count per output tile
+        final_ptr, counts_ptr,
         # sizes and scalars
         M, N, K, offset, chunks_per_split,
         # strides
-        stride_xm, stride_xk, stride_os, stride_om, stride_on,
+        stride_xm, stride_xk, stride_os, stride_om, stride_on, stride_fm,
         # meta
         BLOCKSIZE: tl.constexpr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
         NESTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        SPLIT: tl.constexpr,
     ):
-        """out[split, m, n] = sum over this split's K chunks of x[m, k] * W[n, k]."""
+        """out[split, m, n] = sum over this split's K chunks of x[m, k] * W[n, k].
+
+        With ALIGNED (a chunk is one absmax block of each row) the tile of W is not dequantized: one
+        table load per packed byte gives its two code values as dot operands (in x's dtype for 16-bit
+        x: the codes rounded, not code * absmax), and each row's block scale multiplies the chunk's
+        (BLOCK_M, BLOCK_N) product, BLOCK_M multiplies per row instead of one per weight."""
         HALF: tl.constexpr = CHUNK // 2
         pid = tl.program_id(0)
         pid_split = tl.program_id(1)
@@ -226,20 +267,40 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         chunk_begin = pid_split * chunks_per_split
         chunk_end = tl.minimum(chunk_begin + chunks_per_split, tl.cdiv(K, CHUNK))
+        n_ok = offs_n < N
         for chunk in range(chunk_begin, chunk_end):
             k_start = chunk * CHUNK
-            w_hi, w_lo = _nf4_weight_halves(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr,
-                                            offset, offs_n, k_start, N, K, BLOCKSIZE, CHUNK, ALIGNED, DOUBLE_QUANT,
-                                            NESTED)
             k_even = (k_start + 2 * j).to(tl.int64)
             x_hi = tl.load(x_rows + k_even[None, :] * stride_xk, mask=m_ok[:, None] & (k_even < K)[None, :], other=0.0)
             x_lo = tl.load(x_rows + (k_even + 1)[None, :] * stride_xk, mask=m_ok[:, None] & (k_even + 1 < K)[None, :],
                            other=0.0)
-            acc = tl.dot(x_hi, tl.trans(w_hi.to(x_hi.dtype)), acc, input_precision=DOT_PRECISION)
-            acc = tl.dot(x_lo, tl.trans(w_lo.to(x_lo.dtype)), acc, input_precision=DOT_PRECISION)
+            if ALIGNED:
+                byte = tl.load(packed_ptr + offs_n[:, None] * (K // 2) + (k_start // 2 + j)[None, :],
+                               mask=n_ok[:, None], other=0)
+                scale = _nf4_block_absmax(offs_n * (K // BLOCKSIZE) + k_start // BLOCKSIZE, n_ok, absmax_ptr,
+                                          nested_absmax_ptr, nested_code_ptr, offset, DOUBLE_QUANT, NESTED)
+                if x_ptr.dtype.element_ty == tl.float32:
+                    c_hi, c_lo = _nf4_byte_values(tl.load(table_ptr + byte.to(tl.int32)))
+                else:
+                    pair = tl.load(table_ptr + byte.to(tl.int32))
+                    c_hi = pair.to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)
+                    c_lo = (pair >> 16).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)
+                part = tl.dot(x_hi, tl.trans(c_hi), input_precision=DOT_PRECISION)
+                part = tl.dot(x_lo, tl.trans(c_lo), part, input_precision=DOT_PRECISION)
+                acc += part * tl.where(n_ok, scale, 0.0)[None, :]
+            else:
+                w_hi, w_lo = _nf4_weight_halves(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr,
+                                                offset, offs_n, k_start, N, K, BLOCKSIZE, CHUNK, ALIGNED,
+                                                DOUBLE_QUANT, NESTED)
+                acc = tl.dot(x_hi, tl.trans(w_hi.to(x_hi.dtype)), acc, input_precision=DOT_PRECISION)
+                acc = tl.dot(x_lo, tl.trans(w_lo.to(x_lo.dtype)), acc, input_precision=DOT_PRECISION)
 
-        out = out_ptr + pid_split * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_n < N)[None, :])
+        out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+        out_ok = m_ok[:, None] & n_ok[None, :]
+        tl.store(out + pid_split * stride_os, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+        if SPLIT:  # the last split of this tile sums the partials into final: no second launch
+            _last_split_sums(out, stride_os, final_ptr + offs_m.to(tl.int64)[:, None] * stride_fm + offs_n[None, :],
+                             out_ok, counts_ptr, pid, BLOCK_M, BLOCK_N)
 
     @triton.jit
     def _nf4_matmul_bwd_kernel(
@@ -303,10 +364,7 @@ if triton is not None:
         """out[split, m, n] = sum over NF4 blocks split * BLOCKS .. + BLOCKS of x[m, k] * W[n, k], M <= BLOCK_M.
 
         With SPLIT (more than one K range), out holds fp32 partials and the last program of each row
-        tile to finish adds them up into final, in split order (the same sum whichever program is
-        last), so no second launch sums them. Arrival is counted as a CUTLASS split-K semaphore does it:
-        the partial is stored, the program's threads meet at a barrier, and one acquire-release atomic
-        increments the tile's count, which the last program sets back to zero for the next launch.
+        tile to finish adds them up into final (``_last_split_sums``), so no second launch sums them.
 
         No loop: a program loads its whole tile at once, BLOCK_N rows of W by BLOCKS absmax blocks
         (each row's part is BLOCKS * BLOCKSIZE / 2 contiguous bytes, read as 32-bit words of 8 values:
@@ -348,15 +406,8 @@ if triton is not None:
         parts = out_ptr + out_m.to(tl.int64) * stride_om + out_n
         tl.store(parts + pid_split * stride_os, y.to(out_ptr.dtype.element_ty), mask=out_ok)
         if SPLIT:
-            tl.debug_barrier()  # every thread's part of the partial is stored before the count
-            arrived = tl.atomic_add(counts_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            if arrived == tl.num_programs(1) - 1:  # the others' partials are visible: sum them in order
-                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for s in range(0, tl.num_programs(1)):
-                    total += tl.load(parts + s * stride_os, mask=out_ok, other=0.0, cache_modifier=".cg")
-                tl.store(final_ptr + out_m.to(tl.int64) * stride_fm + out_n,
-                         total.to(final_ptr.dtype.element_ty), mask=out_ok)
-                tl.atomic_xchg(counts_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+            _last_split_sums(parts, stride_os, final_ptr + out_m.to(tl.int64) * stride_fm + out_n, out_ok, counts_ptr,
+                             pid_n, BLOCK_M, BLOCK_N)
 
     @triton.jit
     def _sum_splits_kernel(parts_ptr, out_ptr, n_elements, splits, cols, stride_out, BLOCK: tl.constexpr):
@@ -423,22 +474,22 @@ def nf4_fused_forward(x: torch.Tensor, weight: NF4Weight, config: FusedConfig | 
     n_chunks = cdiv(k, chunk)
     per_split = cdiv(n_chunks, max(1, min(cfg.split, n_chunks)))
     split = cdiv(n_chunks, per_split)
-    if split == 1:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-        stride_split = 0
-    else:
-        out = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-        stride_split = out.stride(0)
-    grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), split)
-    launch_fitting(_nf4_matmul_fwd_kernel, grid, (
-        x, *_weight_args(weight), out,
+    final = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
+    counts = _gemv_counts(x.device, tiles) if split > 1 and cfg.reduce_in_kernel else None
+    out = final if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    table = nf4_byte_table(x.device) if x.dtype == torch.float32 else nf4_pair_table(x.device, x.dtype)
+    launch_fitting(_nf4_matmul_fwd_kernel, (tiles, split), (
+        x, *_weight_args(weight), table, out, final, counts if counts is not None else final,
         m, n, k, weight.offset if weight.double_quant else 0.0, per_split,
-        x.stride(0), x.stride(1), stride_split, out.stride(-2), out.stride(-1),
+        x.stride(0), x.stride(1), out.stride(0) if split > 1 else 0, out.stride(-2), out.stride(-1), final.stride(0),
     ), dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        enable_fp_fusion=False, **meta,
+        enable_fp_fusion=False, SPLIT=counts is not None, **meta,
     ))
-    return out if split == 1 else _sum_splits(out, x.dtype)
+    if split > 1 and counts is None:
+        _sum_splits(out, x.dtype, final)
+    return final
 
 
 def nf4_fused_backward(dy: torch.Tensor, weight: NF4Weight, config: FusedConfig | None = None) -> torch.Tensor:

@@ -55,6 +55,24 @@ def test_code_tables_match_bitsandbytes():
     assert torch.equal(nf4.dynamic_code(), bnbf.create_dynamic_map(signed=True))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pair_and_byte_tables_decode_every_byte(dtype):
+    """Entry b of the byte table holds the fp32 codes of b's high and low nibble (first value low);
+    entry b of the pair table holds them rounded to ``dtype``, first value in the low 16 bits."""
+    code = nf4.nf4_code()
+    byte = torch.arange(256)
+    table = nf4.nf4_byte_table()
+    first = (table & 0xFFFFFFFF).to(torch.int32).view(torch.float32)  # wraps to the same 32 bits
+    second = (table >> 32).to(torch.int32).view(torch.float32)
+    assert torch.equal(first, code[byte >> 4]) and torch.equal(second, code[byte & 15])
+    pair = nf4.nf4_pair_table(dtype=dtype)
+    assert pair.dtype == torch.int32 and pair.shape == (256,)
+    halves = pair.view(torch.int16).view(dtype).view(256, 2)  # little-endian: the low half first
+    assert torch.equal(halves[:, 0], code[byte >> 4].to(dtype)) and torch.equal(halves[:, 1], code[byte & 15].to(dtype))
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        nf4.nf4_pair_table(dtype=torch.float32)
+
+
 # (shape, input dtype, blocksize, double quant): odd sizes, partial last blocks, odd element counts,
 # and counts whose number of absmax blocks is not a multiple of 256.
 CASES = [

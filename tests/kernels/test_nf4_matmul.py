@@ -64,10 +64,40 @@ def test_forward_backward_match_reference(m, n, k, blocksize, double_quant, dtyp
     assert_close(dx, dx_ref, atol, rtol, name=f"backward {path}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("k,blocksize", [(320, 64), (200, 128)])
+def test_fused_forward_split_sum_in_kernel(monkeypatch, dtype, k, blocksize):
+    """The fused forward split over K: the last split of each output tile sums the fp32 partials, bit
+    for bit what the second launch gives, and leaves every arrival count at zero."""
+    weight = _weight(150, k, blocksize)
+    x = _inputs((21, k), dtype)  # two row tiles of 16 by five of 32: ten tiles
+    sums = []
+    monkeypatch.setattr(mm, "_sum_splits", lambda *a, _f=mm._sum_splits: sums.append(1) or _f(*a))
+    with backend("triton"):
+        second = mm.nf4_fused_forward(x, weight, mm.FusedConfig(16, 32, split=3, reduce_in_kernel=False))
+        assert sums == [1]
+        first = mm.nf4_fused_forward(x, weight, mm.FusedConfig(16, 32, split=3))
+        again = mm.nf4_fused_forward(x, weight, mm.FusedConfig(16, 32, split=3))
+    assert sums == [1] and not mm._gemv_count_buffers[x.device].any()
+    assert torch.equal(first, second) and torch.equal(again, second)
+    assert_close(first, mm.nf4_matmul_reference(x, weight), *TOLERANCES[dtype], name="fused split sum")
+
+
+def test_fused_forward_default_tiles(monkeypatch):
+    """128 rows of W per program (fewer instructions per weight in the sm_90 loop); at small M the K
+    split fills 132 SMs four times over but keeps its fp32 partials within half of W's NF4 bytes."""
+    monkeypatch.setattr(mm, "sm_count", lambda device: 132)
+    gpu = torch.device("cuda")  # only its type is read
+    small = mm.default_fused_config("forward", 16, 3200, 3200, 64, gpu)
+    assert small.block_n == 128 and small.block_m == 16 and small.split == 3200 // (32 * 16)
+    assert mm.default_fused_config("forward", 1, 3200, 3200, 64, gpu).split == 22  # cdiv(4 * 132, 25 tiles)
+    assert mm.default_fused_config("forward", 4096, 3200, 3200, 64, gpu).split == 1
+
+
 @pytest.mark.parametrize("split", [2, 3, 7])
 @pytest.mark.parametrize("k,blocksize", [(320, 64), (200, 128)])
 def test_split_reduction_matches_reference(split, k, blocksize):
-    """Forward split over K and backward split over N, summed by the second kernel."""
+    """Forward split over K (summed in the kernel) and backward split over N (summed by a second kernel)."""
     n, m = 150, 3
     weight = _weight(n, k, blocksize)
     x = _inputs((m, k), torch.float32)
@@ -304,30 +334,43 @@ def test_bf16_on_gpu_matches_reference(m, n, k, path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("kernel,m", [("gemv", 1), ("gemv", 8), ("fused", 1), ("fused", 16)])
 @pytest.mark.parametrize("n,k", [(3200, 8640), (8640, 3200)])
-def test_gemv_split_sum_on_gpu_is_exact_and_repeatable(m, n, k):
-    """The in-kernel split sum on real concurrency: hundreds of row tiles with 7 to 34 ranges each, run
-    50 times eagerly and 20 times as a CUDA-graph replay of 4 calls, always bit for bit the two-launch
-    sum (the same fp32 additions in the same order), with every arrival count back at zero."""
+def test_split_sum_on_gpu_is_exact_and_repeatable(kernel, m, n, k):
+    """The in-kernel split sums of the gemv and fused forwards on real concurrency: hundreds of tiles
+    with several K ranges each, run 50 times eagerly and 20 times as a CUDA-graph replay of 4 calls,
+    always bit for bit the two-launch sum (the same fp32 additions in the same order), with every
+    arrival count back at zero."""
     weight = _weight(n, k, device="cuda")
     x = _inputs((m, k), torch.bfloat16, device="cuda")
-    cfg = mm.GemvConfig(blocks=4 if m == 1 else 2)
+    if kernel == "gemv":
+        blocks = 4 if m == 1 else 2
+        cfg, two_launch = mm.GemvConfig(blocks=blocks), mm.GemvConfig(blocks=blocks, reduce_in_kernel=False)
+
+        def call(c, out):
+            return mm.nf4_gemv_forward(x, weight, c, out=out)
+    else:
+        cfg = mm.default_fused_config("forward", m, n, k, weight.blocksize, x.device)
+        assert cfg.split > 1
+        two_launch = dataclasses.replace(cfg, reduce_in_kernel=False)
+
+        def call(c, out):
+            return out.copy_(mm.nf4_fused_forward(x, weight, c))
     with backend("triton"):
-        want = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(blocks=cfg.blocks, reduce_in_kernel=False))
+        want = call(two_launch, torch.empty((m, n), dtype=torch.bfloat16, device="cuda"))
         for _ in range(50):
-            assert torch.equal(mm.nf4_gemv_forward(x, weight, cfg), want)
+            assert torch.equal(call(cfg, torch.empty_like(want)), want)
         outs = torch.empty((4, m, n), dtype=torch.bfloat16, device="cuda")
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for i in range(4):  # warm-up outside the capture
-                mm.nf4_gemv_forward(x, weight, cfg, out=outs[i])
+                call(cfg, outs[i])
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             for i in range(4):
-                mm.nf4_gemv_forward(x, weight, cfg, out=outs[i])
+                call(cfg, outs[i])
         for _ in range(20):
             outs.zero_()
             graph.replay()
