@@ -976,6 +976,7 @@ class _Plan:
     fwd_config: GemmConfig | None = None
     bwd_config: GemmConfig | None = None
     splits: int | None = None  # row splits of the dB/dA reductions (None: by device)
+    grad_enabled: bool = True  # grad mode at the call (forward itself always runs without it)
 
     @property
     def projections(self) -> int:
@@ -1465,12 +1466,13 @@ class LoRAFunction(torch.autograd.Function):
         elif plan.path == "merged":
             # no dropout: y = x @ (W + s B A).T, one GEMM with no LoRA pass over y; where dB needs xa, the
             # A rows below W' give it from the same GEMM (no pass over x), copied out (P * r columns) so
-            # that saving it does not keep y's storage alive until the backward
-            need_xa = any(ctx.needs_input_grad[3::2])
+            # that saving it does not keep y's storage alive until the backward. needs_input_grad is set
+            # under no_grad too (B requires grad): the grad mode of the call decides
+            need_xa = plan.grad_enabled and any(ctx.needs_input_grad[3::2])
             with _no_autocast(x2d):
                 y = torch.matmul(x2d, merged_weights(plan, a, b, dtype, "rows" if need_xa else None).t())
             if need_xa:
-                xa = _lora_columns(y, sum(ns), plan.projections, a.shape[1]).contiguous()
+                xa = _lora_columns(y, sum(ns), plan.projections, a.shape[1]).clone(memory_format=torch.contiguous_format)
         elif plan.path == "concat" and _concat_ok(plan, k):
             wide = torch.empty((m, k + plan.projections * _concat_width(a.shape[1])), dtype=dtype, device=x.device)
             xa = _lora_down(x2d, a, plan, wide)
@@ -1586,7 +1588,7 @@ def _apply(x, weights, adapters, dropout_p, training, seeds, path, fwd_config=No
         seeds=tuple(seed31(s) for s in seeds),
         dropout_p=dropout_p,
         path=resolved,
-        fwd_config=fwd_config, bwd_config=bwd_config, splits=splits,
+        fwd_config=fwd_config, bwd_config=bwd_config, splits=splits, grad_enabled=torch.is_grad_enabled(),
     )
     lora = [t for ad in adapters for t in (ad.lora_a, ad.lora_b)] if adapters is not None else []
     return LoRAFunction.apply(x, plan, *lora)

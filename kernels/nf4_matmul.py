@@ -40,10 +40,10 @@ kernel, which finds byte, nibble and block per element.
 
 Rounding: the general variant rounds the dequantized tile to x's dtype before the dot, as the
 reference ``F.linear(x, dequantize_nf4(W, x.dtype))`` does, so the two differ only in summation
-order. The aligned forward rounds the code values instead (for bf16 a relative error of at most
-2^-9 per weight, the bound of the reference's rounding of code * absmax) and applies the fp32 block
-scale to the fp32 product, so it differs from the reference by one rounding per weight of the same
-size; for fp32 x nothing is rounded.
+order. The aligned forward rounds the 16 code values instead and applies the fp32 block scale to the
+fp32 product: in bf16 the codes are off by up to 0.31% (fp16: 0.033%), within the 2^-8 bound of the
+reference's own rounding of code * absmax, but the same for every weight with that code rather than
+varying with the scale. For fp32 x nothing is rounded.
 """
 
 from __future__ import annotations
@@ -135,7 +135,8 @@ class FusedConfig:
     reduce_in_kernel: bool = True  # forward: the last split of a tile sums the partials (False: a 2nd launch)
 
 
-def default_fused_config(kind: str, m: int, n: int, k: int, chunk: int, device: torch.device) -> FusedConfig:
+def default_fused_config(kind: str, m: int, n: int, k: int, chunk: int, device: torch.device,
+                         aligned: bool = True) -> FusedConfig:
     """Tiles for the fused ``kind`` ("forward" | "backward") kernel on an (m, k) x (n, k) problem.
 
     Small M is memory-bound: enough programs to keep every SM streaming (about four per SM),
@@ -146,9 +147,11 @@ def default_fused_config(kind: str, m: int, n: int, k: int, chunk: int, device: 
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     big = m > 64
     if kind == "forward":
-        # 128 rows of W per program at every M: in the sm_90 build of the aligned loop (4 warps, 3
-        # stages) that is ~6.3 instructions per weight against ~10 at 64 rows (bench/sass.py nf4_fused_fwd)
-        block_n = 128
+        # 128 rows of W per program where the aligned loop's tile allows it: in its sm_90 build (4 warps,
+        # 3 stages, M <= 16) that is ~6.2 instructions per weight against ~10.7 at 64 rows (bench/sass.py
+        # nf4_fused_fwd); beyond BLOCK_M * CHUNK = 2048 (32 rows of x at blocksize 128, 64 at 64) and in
+        # the unaligned variant, 128 rows spill (48-1360 bytes, triton 3.6 and 3.9)
+        block_n = 128 if big or (aligned and block_m * chunk <= 2048) else 64
         tiles = cdiv(m, block_m) * cdiv(n, block_n)
         steps = cdiv(k, chunk)
     elif kind == "backward":
@@ -172,8 +175,8 @@ if triton is not None:
     @triton.jit
     def _last_split_sums(parts, stride_split, final, mask, counts_ptr, tile, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr):
-        """After this program stored its fp32 partial at ``parts`` (pointers of its tile in split 0 plus
-        this split's offset already applied by the caller), count it in; the last of the tile's
+        """``parts``: the tile's pointers in split 0 (the caller stored this split's fp32 partial at
+        ``parts + program_id(1) * stride_split``). Count this program in; the last of the tile's
         ``num_programs(1)`` programs adds every split's partial in split order (the same sum whichever
         program is last) into ``final`` and sets the count back to zero for the next launch. The order
         is a split-K semaphore's: the stores, a barrier of the program's threads, then one thread's
@@ -470,7 +473,7 @@ def nf4_fused_forward(x: torch.Tensor, weight: NF4Weight, config: FusedConfig | 
     n = weight.shape[0]
     meta = _meta(weight, k, x.dtype)
     chunk = meta["CHUNK"]
-    cfg = config or default_fused_config("forward", m, n, k, chunk, x.device)
+    cfg = config or default_fused_config("forward", m, n, k, chunk, x.device, meta["ALIGNED"])
     n_chunks = cdiv(k, chunk)
     per_split = cdiv(n_chunks, max(1, min(cfg.split, n_chunks)))
     split = cdiv(n_chunks, per_split)
@@ -607,9 +610,12 @@ def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | No
     return final
 
 
-# Arrival counts of the gemv kernel's in-kernel split sum, one int32 per row tile, per device. Every
-# launch leaves them at zero. Kernels on one device run one at a time here (bezoar launches on one
-# stream), so one array per device serves them all; more row tiles than this take the second launch.
+# Arrival counts of the in-kernel split sums (gemv: one int32 per row tile; fused forward: per output
+# tile), per device. Every launch leaves them at zero. One array per device serves every launch because
+# bezoar runs them on one stream, one at a time (side streams only with wait_stream, as CUDA-graph
+# warm-up does). Two such launches overlapping on one device could leave a count non-zero, and every
+# later launch touching that tile would then sum too early: do not call these kernels from concurrent
+# streams. More tiles than this take the second launch.
 _GEMV_COUNTS = 1 << 16
 _gemv_count_buffers: dict[torch.device, torch.Tensor] = {}
 

@@ -313,6 +313,21 @@ def test_merged_path_matches_reference(monkeypatch, projections, frozen):
     assert_close(y, L.lora_linear_reference(x, dense, ad.lora_a, ad.lora_b, ad.scaling, 0.0, False, 1), 1e-4, 1e-4)
 
 
+def test_merged_path_under_no_grad_is_plain(monkeypatch):
+    """Evaluating with trainable adapters under no_grad: no A rows under W' (nothing needs xa), so y is
+    the plain contiguous product."""
+    extras = []
+    monkeypatch.setattr(L, "merged_weights", lambda *a, _f=L.merged_weights: extras.append(a[4:]) or _f(*a))
+    weight = _base(40, 128, "nf4", torch.float32)
+    (ad,) = _leaf_adapters([_adapter(40, 128, 8, seed=1)])
+    x = torch.randn(9, 128, generator=_gen(2))
+    with backend("triton"), torch.no_grad():
+        y = L.lora_linear(x, weight, ad.lora_a, ad.lora_b, ad.scaling, 0.0, True, 0)
+    assert extras == [(None,)] and y.is_contiguous()
+    want = L.lora_linear_reference(x, weight, ad.lora_a.detach(), ad.lora_b.detach(), ad.scaling, 0.0, True, 0)
+    assert_close(y, want, 1e-4, 1e-4, name="merged y under no_grad")
+
+
 def test_concat_backward_without_dx_uses_the_g_kernel(monkeypatch):
     """When x needs no gradient (the first layer of a frozen base) the wide backward product would be
     computed for g alone: the g kernel runs instead, and dA, dB still equal the reference's."""

@@ -84,14 +84,20 @@ def test_fused_forward_split_sum_in_kernel(monkeypatch, dtype, k, blocksize):
 
 
 def test_fused_forward_default_tiles(monkeypatch):
-    """128 rows of W per program (fewer instructions per weight in the sm_90 loop); at small M the K
-    split fills 132 SMs four times over but keeps its fp32 partials within half of W's NF4 bytes."""
+    """128 rows of W per program where the aligned tile allows (fewer instructions per weight in the
+    sm_90 loop); at small M the K split fills 132 SMs four times over but keeps its fp32 partials
+    within half of W's NF4 bytes."""
     monkeypatch.setattr(mm, "sm_count", lambda device: 132)
     gpu = torch.device("cuda")  # only its type is read
     small = mm.default_fused_config("forward", 16, 3200, 3200, 64, gpu)
     assert small.block_n == 128 and small.block_m == 16 and small.split == 3200 // (32 * 16)
     assert mm.default_fused_config("forward", 1, 3200, 3200, 64, gpu).split == 22  # cdiv(4 * 132, 25 tiles)
     assert mm.default_fused_config("forward", 4096, 3200, 3200, 64, gpu).split == 1
+    # where 128 rows spill in the sm_90 build: 64 rows of x, blocksize 128 from 32 rows, unaligned K
+    assert mm.default_fused_config("forward", 64, 3200, 3200, 64, gpu).block_n == 64
+    assert mm.default_fused_config("forward", 16, 3200, 3200, 128, gpu).block_n == 128
+    assert mm.default_fused_config("forward", 32, 3200, 3200, 128, gpu).block_n == 64
+    assert mm.default_fused_config("forward", 16, 3200, 3201, 64, gpu, aligned=False).block_n == 64
 
 
 @pytest.mark.parametrize("split", [2, 3, 7])

@@ -64,7 +64,9 @@ def test_gemv_tiles_load_everything_first_and_do_not_spill(block_m, blocksize, t
     # for a 64 x 8-block tile at M = 1, 1552 with the table). Per weight and row of x, with triton 3.9:
     # 6.5 at M = 1, 5.6 at M = 4, 4.1 at M = 8; the bound catches a regression, not noise
     weights_per_thread = block_n * blocks * blocksize / 128
-    assert len(ops) / (weights_per_thread * block_m) < 8, (len(ops), weights_per_thread)
+    # triton 3.6 (the GPU machine's) loads x once per weight: ~12 per weight at M = 1
+    bound = 8 if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9) else 13
+    assert len(ops) / (weights_per_thread * block_m) < bound, (len(ops), weights_per_thread)
     assert ops.count("LDG.E.64") >= weights_per_thread / 2  # one table load per byte
     assert ops.count("FFMA") >= weights_per_thread * block_m  # the products are fused multiply-adds
 
