@@ -395,13 +395,29 @@ if triton is not None:
         words = tl.load(words_ptr + offs_n.to(tl.int64) * (K // 8) + word, mask=w_ok, other=0)
         scale = _nf4_block_absmax(offs_n * (K // BLOCKSIZE) + word // WORDS, w_ok, absmax_ptr, nested_absmax_ptr,
                                   nested_code_ptr, offset, DOUBLE_QUANT, NESTED)
-        x_words = x_ptr + offs_m.to(tl.int64) * stride_xm + 8 * word
-        x_ok = m_ok & (word < K // 8)
+        # x's 8 * SPAN columns of the range in one contiguous load, then split by value position within
+        # the word: e_i[m, w] = x[m, 8 w + 2 i], o_i = the column after it. Eight strided loads, one per
+        # position, were scalar 16-bit loads per weight in triton 3.6's build: the split cut the sm_90
+        # build by a quarter there (M = 1: 11.9 to 8.9 instructions per weight at 32 x 8 blocks; M = 4:
+        # 9.4 to 7.3 on 3.9) and is no worse on 3.9
+        cols = pid_split * (8 * SPAN) + tl.arange(0, 8 * SPAN)
+        rows_m = tl.arange(0, BLOCK_M)
+        x = tl.load(x_ptr + rows_m.to(tl.int64)[:, None] * stride_xm + cols[None, :],
+                    mask=(rows_m < M)[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
+        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, SPAN, 4, 2)))  # columns 8w + 2i, 8w + 2i + 1
+        e01, e23 = tl.split(tl.permute(tl.reshape(x_even, (BLOCK_M, SPAN, 2, 2)), (0, 1, 3, 2)))
+        o01, o23 = tl.split(tl.permute(tl.reshape(x_odd, (BLOCK_M, SPAN, 2, 2)), (0, 1, 3, 2)))
+        e0, e1 = tl.split(e01)
+        e2, e3 = tl.split(e23)
+        o0, o1 = tl.split(o01)
+        o2, o3 = tl.split(o23)
         acc = tl.zeros((BLOCK_M, BLOCK_N, SPAN), dtype=tl.float32)
         for i in tl.static_range(4):
             first, second = _nf4_byte_values(tl.load(byte_table_ptr + ((words >> (8 * i)) & 255)))
-            acc += tl.load(x_words + 2 * i, mask=x_ok, other=0.0).to(tl.float32) * first
-            acc += tl.load(x_words + 2 * i + 1, mask=x_ok, other=0.0).to(tl.float32) * second
+            xe = e0 if i == 0 else e1 if i == 1 else e2 if i == 2 else e3
+            xo = o0 if i == 0 else o1 if i == 1 else o2 if i == 2 else o3
+            acc += xe[:, None, :] * first
+            acc += xo[:, None, :] * second
         y = tl.sum(acc * scale, axis=2)
         out_m = tl.arange(0, BLOCK_M)[:, None]
         out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
@@ -541,11 +557,17 @@ class GemvConfig:
     reduce_in_kernel: bool = True  # False: the fp32 partials are summed by a second launch
 
 
-# fp32 accumulator values per program: 16 per thread at 4 warps. Twice that (64 rows by 8 blocks at
-# M = 1) built without spills on triton 3.9 but spilled 120 bytes on 3.6 (the GPU machine's), whose
-# build also loads x once per weight rather than once per word column (bench/sass.py nf4_gemv: ~12
-# instructions per weight on 3.6, ~6.5 on 3.9, at this size).
-_GEMV_TILE_VALUES = 2048
+def _triton_version() -> tuple[int, int]:
+    if triton is None:
+        return (0, 0)
+    return tuple(int(v) for v in triton.__version__.split(".")[:2])
+
+
+# fp32 accumulator values per program: 16 per thread at 4 warps on triton >= 3.9, 8 on older ones. The
+# sm_90 builds (bench/sass.py nf4_gemv, M = 1, blocksize 64), per weight: 32 rows by 8 blocks is 6.4
+# instructions on triton 3.9 and 8.9 on 3.6, but 3.6 (the GPU machine's) needs 255 registers and 8 bytes
+# of stack for it; 16 rows is 7.3 on 3.9 and 10.4 on 3.6 with 95 registers. 64 rows spilled on 3.6.
+_GEMV_TILE_VALUES = 2048 if _triton_version() >= (3, 9) else 1024
 
 
 def gemv_tile(block_m: int, blocksize: int, blocks_per_row: int) -> tuple[int, int]:

@@ -64,8 +64,8 @@ def test_gemv_tiles_load_everything_first_and_do_not_spill(block_m, blocksize, t
     # for a 64 x 8-block tile at M = 1, 1552 with the table). Per weight and row of x, with triton 3.9:
     # 6.5 at M = 1, 5.6 at M = 4, 4.1 at M = 8; the bound catches a regression, not noise
     weights_per_thread = block_n * blocks * blocksize / 128
-    # triton 3.6 (the GPU machine's) loads x once per weight: ~12 per weight at M = 1
-    bound = 8 if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9) else 13
+    # triton 3.6 (the GPU machine's) builds a smaller tile (16 rows at M = 1) into ~10.4 per weight
+    bound = 8 if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9) else 11
     assert len(ops) / (weights_per_thread * block_m) < bound, (len(ops), weights_per_thread)
     assert ops.count("LDG.E.64") >= weights_per_thread / 2  # one table load per byte
     assert ops.count("FFMA") >= weights_per_thread * block_m  # the products are fused multiply-adds
@@ -76,8 +76,12 @@ def test_gemv_split_sum_is_a_fenced_semaphore(tmp_path):
     build must follow the split-K semaphore order: the partial stored, a CTA barrier, then one thread's
     GPU-scope fence and atomic add; the acquire invalidates L1, and the partials are read back with
     L1-bypassing loads (STRONG.GPU) in a short loop; the count is reset by an exchange."""
+    from bezoar_kernels.nf4_matmul import gemv_tile
+
+    block_n, blocks = gemv_tile(1, 64, 50)
     dump = tmp_path / "gemv_split.sass"
-    info = json.loads(_sass("nf4_gemv", "--meta", "SPLIT=true", "--json", "--dump", str(dump)))
+    info = json.loads(_sass("nf4_gemv", "--meta", "SPLIT=true", "--meta", f"BLOCK_N={block_n}", "--meta",
+                            f"BLOCKS={blocks}", "--json", "--dump", str(dump)))
     assert "STACK:0" in info["usage"], info["usage"]
     ops = _instructions(dump)
     add = ops.index("ATOMG.E.ADD.STRONG.GPU")
