@@ -387,10 +387,8 @@ if triton is not None:
         pid_n = tl.program_id(0)
         pid_split = tl.program_id(1)
         # Every tile is 3-D, (rows of x, rows of W, words), so the products broadcast in registers.
-        offs_m = tl.arange(0, BLOCK_M)[:, None, None]
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :, None]
         word = pid_split * SPAN + tl.arange(0, SPAN)[None, None, :]  # word index within a row of W
-        m_ok = offs_m < M
         w_ok = (offs_n < N) & (word < K // 8)
         words = tl.load(words_ptr + offs_n.to(tl.int64) * (K // 8) + word, mask=w_ok, other=0)
         scale = _nf4_block_absmax(offs_n * (K // BLOCKSIZE) + word // WORDS, w_ok, absmax_ptr, nested_absmax_ptr,
