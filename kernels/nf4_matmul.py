@@ -481,6 +481,28 @@ def _sum_splits(parts: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | Non
     return out
 
 
+# Arrival counts of the in-kernel split sums (gemv: one int32 per row tile; fused forward: per output
+# tile), per device. Every launch leaves them at zero. One array per device serves every launch because
+# bezoar runs them on one stream, one at a time (side streams only with wait_stream, as CUDA-graph
+# warm-up does). Two such launches overlapping on one device could leave a count non-zero, and every
+# later launch touching that tile would then sum too early: do not call these kernels from concurrent
+# streams. More tiles than this take the second launch.
+_SPLIT_COUNTS = 1 << 16
+_split_count_buffers: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counts(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """The device's arrival counts, or None (sum the splits in a second launch) when there are more
+    tiles than counts, or when the array would first be made inside a CUDA graph capture (its zeroing
+    would only run at replay; the eager calls before a capture make it)."""
+    buf = _split_count_buffers.get(device)
+    if buf is None:
+        if tiles > _SPLIT_COUNTS or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return None
+        buf = _split_count_buffers[device] = torch.zeros(_SPLIT_COUNTS, dtype=torch.int32, device=device)
+    return buf if tiles <= _SPLIT_COUNTS else None
+
+
 def nf4_fused_forward(x: torch.Tensor, weight: NF4Weight, config: FusedConfig | None = None) -> torch.Tensor:
     """x (M, K) @ dequant(W).T -> (M, N) in x's dtype, with the fused Triton kernel."""
     _check(x, weight, 1, "x")
@@ -494,7 +516,7 @@ def nf4_fused_forward(x: torch.Tensor, weight: NF4Weight, config: FusedConfig | 
     split = cdiv(n_chunks, per_split)
     final = torch.empty((m, n), dtype=x.dtype, device=x.device)
     tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
-    counts = _gemv_counts(x.device, tiles) if split > 1 and cfg.reduce_in_kernel else None
+    counts = _split_counts(x.device, tiles) if split > 1 and cfg.reduce_in_kernel else None
     out = final if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     table = nf4_byte_table(x.device) if x.dtype == torch.float32 else nf4_pair_table(x.device, x.dtype)
     launch_fitting(_nf4_matmul_fwd_kernel, (tiles, split), (
@@ -613,7 +635,7 @@ def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | No
         raise ValueError(f"nf4 gemv: out must be ({m}, {n}) {x.dtype} with unit column stride, got "
                          f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
     final = out if out is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
-    counts = _gemv_counts(x.device, tiles) if split > 1 and cfg.reduce_in_kernel else None
+    counts = _split_counts(x.device, tiles) if split > 1 and cfg.reduce_in_kernel else None
     parts = final if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     dq = weight.double_quant
     _nf4_gemv_kernel[(tiles, split)](
@@ -630,27 +652,6 @@ def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | No
         _sum_splits(parts, x.dtype, final)
     return final
 
-
-# Arrival counts of the in-kernel split sums (gemv: one int32 per row tile; fused forward: per output
-# tile), per device. Every launch leaves them at zero. One array per device serves every launch because
-# bezoar runs them on one stream, one at a time (side streams only with wait_stream, as CUDA-graph
-# warm-up does). Two such launches overlapping on one device could leave a count non-zero, and every
-# later launch touching that tile would then sum too early: do not call these kernels from concurrent
-# streams. More tiles than this take the second launch.
-_GEMV_COUNTS = 1 << 16
-_gemv_count_buffers: dict[torch.device, torch.Tensor] = {}
-
-
-def _gemv_counts(device: torch.device, tiles: int) -> torch.Tensor | None:
-    """The device's arrival counts, or None (sum the splits in a second launch) when there are more
-    tiles than counts, or when the array would first be made inside a CUDA graph capture (its zeroing
-    would only run at replay; the eager calls before a capture make it)."""
-    buf = _gemv_count_buffers.get(device)
-    if buf is None:
-        if tiles > _GEMV_COUNTS or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            return None
-        buf = _gemv_count_buffers[device] = torch.zeros(_GEMV_COUNTS, dtype=torch.int32, device=device)
-    return buf if tiles <= _GEMV_COUNTS else None
 
 
 _dequant_buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}

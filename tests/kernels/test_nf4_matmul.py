@@ -78,7 +78,7 @@ def test_fused_forward_split_sum_in_kernel(monkeypatch, dtype, k, blocksize):
         assert sums == [1]
         first = mm.nf4_fused_forward(x, weight, mm.FusedConfig(16, 32, split=3))
         again = mm.nf4_fused_forward(x, weight, mm.FusedConfig(16, 32, split=3))
-    assert sums == [1] and not mm._gemv_count_buffers[x.device].any()
+    assert sums == [1] and not mm._split_count_buffers[x.device].any()
     assert torch.equal(first, second) and torch.equal(again, second)
     assert_close(first, mm.nf4_matmul_reference(x, weight), *TOLERANCES[dtype], name="fused split sum")
 
@@ -174,19 +174,19 @@ def test_gemv_split_sum_in_kernel(monkeypatch, dtype):
     monkeypatch.setattr(mm, "_sum_splits", lambda *a, _f=mm._sum_splits: sums.append(1) or _f(*a))
     cfg = mm.GemvConfig(block_n=16, blocks=2)
     with backend("triton"):
-        mm._gemv_count_buffers.clear()
+        mm._split_count_buffers.clear()
         second = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(block_n=16, blocks=2, reduce_in_kernel=False))
-        assert sums == [1] and not mm._gemv_count_buffers
+        assert sums == [1] and not mm._split_count_buffers
         first = mm.nf4_gemv_forward(x, weight, cfg)
         again = mm.nf4_gemv_forward(x, weight, cfg)
         wide = torch.zeros((3, 90), dtype=dtype)
         mm.nf4_gemv_forward(x, weight, cfg, out=wide[:, 10:80])
-        counts = mm._gemv_count_buffers[x.device]
+        counts = mm._split_count_buffers[x.device]
         assert sums == [1] and counts.dtype == torch.int32 and not counts.any()
-        monkeypatch.setattr(mm, "_GEMV_COUNTS", 4)
-        mm._gemv_count_buffers.clear()
+        monkeypatch.setattr(mm, "_SPLIT_COUNTS", 4)
+        mm._split_count_buffers.clear()
         fallback = mm.nf4_gemv_forward(x, weight, cfg)
-        assert sums == [1, 1] and not mm._gemv_count_buffers
+        assert sums == [1, 1] and not mm._split_count_buffers
     assert torch.equal(first, second) and torch.equal(again, second) and torch.equal(fallback, second)
     assert torch.equal(wide[:, 10:80], second) and not wide[:, :10].any() and not wide[:, 80:].any()
     exact = (x.double() @ nf4.dequantize_nf4_reference(weight, torch.float32).double().t()).to(dtype)
@@ -384,7 +384,7 @@ def test_split_sum_on_gpu_is_exact_and_repeatable(kernel, m, n, k):
             graph.replay()
             torch.cuda.synchronize()
             assert all(torch.equal(outs[i], want) for i in range(4))
-    assert not mm._gemv_count_buffers[x.device].any()
+    assert not mm._split_count_buffers[x.device].any()
 
 
 def test_backward_takes_the_forward_path(monkeypatch):
