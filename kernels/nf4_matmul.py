@@ -653,7 +653,6 @@ def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | No
     return final
 
 
-
 _dequant_buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
