@@ -1,0 +1,436 @@
+"""RMSNorm and the LoRA projections that read its output, as one computation (training with dropout).
+
+In a Llama block the q/k/v projections (and gate/up) read the output of an RMSNorm. With LoRA
+dropout on, a LoRA linear on its own cannot avoid the passes over activations that the mask
+forces (``kernels/lora.py``: on the ``concat`` path, a read of x for the masked down product, a
+copy of x into the wide GEMM operand, a read and a write of dx for the masked term of the input
+gradient, a read of x for dA, and dy for dB). The norm already holds each row of x in its own
+pass, so this module hands those passes to it:
+
+Forward (``_norm_lora_fwd_kernel``, one program per 16 rows)::
+
+    s  = x + residual                            (stored; the next residual)     as rms_norm_add
+    h  = w * cast(s * rsqrt(mean(s^2) + eps))    written into [h | xa_0 | ...]   the concat operand
+    xa_j = dropout_j(h) @ A_j.T                  from h in registers, its mask hashed once
+
+then one cuBLAS GEMM of [h | xa] by [W_j | s_j B_j] gives every y_j with the LoRA term, as on the
+``concat`` path. Nothing reads h back for the LoRA down product and nothing copies it.
+
+Backward::
+
+    [dh_base | g] = sum_j dy_j @ [W_j | .. s_j B_j ..]         one cuBLAS GEMM (g comes out of it)
+    dB_j = s_j dy_j.T @ xa_j                                    a pass over dy (kernels/lora.py)
+    dA_j = g_j.T @ dropout_j(h)                                 a pass over h (kernels/lora.py)
+    ds   = rmsnorm_backward(dh_base + sum_j (g_j @ A_j) * mask_j)   (``_norm_lora_bwd_kernel``)
+
+The masked LoRA term of dh is added inside the norm's backward, which reads dh_base anyway, so
+dh is never written and read back on its own. What is left over the frozen NF4 base and the norm
+is dA (a pass over h) and dB (N/K passes over dy), against about 6 + N/K passes for RMSNorm then
+the ``concat`` LoRA linear. Numerics are those of ``rms_norm_add`` followed by ``lora_qkv`` on the
+``concat`` path: h, xa, g and dh are rounded to the dtype where those calls round them.
+
+The norm weight is frozen here (QLoRA trains only the adapters; ``norm_lora_ok`` says when the
+fused call applies, and the model falls back to the separate calls otherwise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from bezoar_kernels import dispatch
+from bezoar_kernels.launch import cdiv
+from bezoar_kernels.lora import (
+    MAX_KERNEL_RANK,
+    Adapter,
+    _check,
+    _concat_backward,
+    _concat_forward,
+    _concat_lora_block,
+    _concat_width,
+    _dot_precision,
+    _dropout_args,
+    _lora_da,
+    _lora_db,
+    _Plan,
+    _projections_reference,
+    _r_pad,
+    _rows,
+    _three,
+    seed31,
+)
+from bezoar_kernels.nf4 import NF4Weight
+from bezoar_kernels.rmsnorm import rms_norm_add_reference, rms_norm_reference
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def rms_norm_lora_reference(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                            weights: Sequence, adapters: Sequence[Adapter], dropout_p: float, training: bool,
+                            seeds: Sequence[int]):
+    """``rms_norm_add`` (or ``rms_norm`` with x carried on, without a residual) then each projection with
+    PEFT's arithmetic: returns ``(outputs, s)``."""
+    if residual is not None:
+        h, s = rms_norm_add_reference(x, residual, norm_weight, eps)
+    else:
+        h, s = rms_norm_reference(x, norm_weight, eps), x
+    return _projections_reference(h, weights, adapters, dropout_p, training, seeds), s
+
+
+# ----------------------------------------------------------------------------- kernels
+
+if triton is not None:
+    from bezoar_kernels.lora import _dropout_keep, _pick3
+
+    @triton.jit
+    def _norm_lora_fwd_kernel(
+        # pointers: x, residual (M, K), the norm weight (K), s (M, K; with a residual), rstd (M) fp32,
+        # A stacked (P, R, K), xa (P, M, R), wide (M, K + P * WIDTH): [h | xa_0 | xa_1 | ...]
+        x_ptr, res_ptr, nw_ptr, s_ptr, rstd_ptr, a_ptr, xa_ptr, wide_ptr,
+        # sizes and scalars
+        M, K, R, eps, seed0, seed1, seed2, threshold, keep_scale,
+        # row strides (the last dims are contiguous)
+        stride_x, stride_res, stride_s, stride_w,
+        # meta
+        P: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, WIDTH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """One program per BLOCK_M rows: the sum of squares over K, then h chunk by chunk into ``wide``
+        and each projection's masked h @ A_j.T accumulated on tensor cores from the same registers."""
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        rows = offs_m.to(tl.int64)[:, None]
+        sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            ok = m_ok[:, None] & (offs_k < K)[None, :]
+            v = tl.load(x_ptr + rows * stride_x + offs_k[None, :], mask=ok, other=0.0)
+            if HAS_RESIDUAL:
+                r = tl.load(res_ptr + rows * stride_res + offs_k[None, :], mask=ok, other=0.0)
+                # rounded to the input dtype, exactly like ``x + residual`` in torch
+                v = (v.to(tl.float32) + r.to(tl.float32)).to(v.dtype)
+                tl.store(s_ptr + rows * stride_s + offs_k[None, :], v, mask=ok)
+            vf = v.to(tl.float32)
+            sq += tl.sum(vf * vf, axis=1)
+        rstd = tl.rsqrt(sq / K + eps)
+        tl.store(rstd_ptr + offs_m, rstd, mask=m_ok)
+        if HAS_RESIDUAL:
+            # the second pass reads s back: this program's own stores, made visible to its other threads
+            tl.debug_barrier()
+            src_ptr = s_ptr
+            stride_src = stride_s
+        else:
+            src_ptr = x_ptr
+            stride_src = stride_x
+        offs_r = tl.arange(0, R_PAD)
+        r_ok = offs_r < R
+        acc0 = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            ok = m_ok[:, None] & k_ok[None, :]
+            v = tl.load(src_ptr + rows * stride_src + offs_k[None, :], mask=ok, other=0.0)
+            # Hugging Face's order: normalize in fp32, round to the input dtype, then scale by the weight
+            vhat = (v.to(tl.float32) * rstd[:, None]).to(v.dtype).to(tl.float32)
+            w = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            h = (w[None, :] * vhat).to(wide_ptr.dtype.element_ty)
+            tl.store(wide_ptr + rows * stride_w + offs_k[None, :], h, mask=ok)
+            for j in tl.static_range(P):
+                hj = h
+                if DROPOUT:
+                    hj = tl.where(_dropout_keep(offs_m, k0, _pick3(j, seed0, seed1, seed2), threshold, BLOCK_K),
+                                  h, 0.0)
+                a = tl.load(a_ptr + (j * R + offs_r).to(tl.int64)[:, None] * K + offs_k[None, :],
+                            mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+                if j == 0:
+                    acc0 = tl.dot(hj, tl.trans(a), acc0, input_precision=DOT_PRECISION)
+                elif j == 1:
+                    acc1 = tl.dot(hj, tl.trans(a), acc1, input_precision=DOT_PRECISION)
+                else:
+                    acc2 = tl.dot(hj, tl.trans(a), acc2, input_precision=DOT_PRECISION)
+        for j in tl.static_range(P):
+            if j == 0:
+                acc = acc0
+            elif j == 1:
+                acc = acc1
+            else:
+                acc = acc2
+            if DROPOUT:
+                acc = acc * keep_scale
+            out = acc.to(xa_ptr.dtype.element_ty)
+            tl.store(xa_ptr + (j * M + offs_m).to(tl.int64)[:, None] * R + offs_r[None, :], out,
+                     mask=m_ok[:, None] & r_ok[None, :])
+            # acc is 0 past R (A's rows there load as 0): that fills the block's padding columns
+            cols = K + j * WIDTH + offs_r
+            tl.store(wide_ptr + rows * stride_w + cols[None, :], out, mask=m_ok[:, None] & (offs_r < WIDTH)[None, :])
+
+    @triton.jit
+    def _norm_lora_bwd_kernel(
+        # pointers: dh_base (M, K) strided, g (P, M, R) strided, A stacked (P, R, K), s (M, K), the norm
+        # weight (K), rstd (M), the incoming gradient of s (M, K), ds (M, K, also the scratch for dh)
+        dhb_ptr, g_ptr, a_ptr, s_ptr, nw_ptr, rstd_ptr, ds_in_ptr, ds_ptr,
+        # sizes and scalars
+        M, K, R, seed0, seed1, seed2, threshold, keep_scale,
+        # strides
+        stride_dhb, stride_gp, stride_gm, stride_s, stride_ds_in, stride_ds,
+        # meta
+        P: tl.constexpr, HAS_DS_IN: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """One program per BLOCK_M rows. First pass: dh = dh_base + sum_j (g_j @ A_j) * mask_j, rounded to
+        the dtype as the separate LoRA call stores it, kept in ``ds`` as scratch, and each row's
+        sum(dh * w * shat). Second pass: ds = rstd * (dh * w - shat * mean(dh * w * shat)) (+ ds_in)."""
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        rows = offs_m.to(tl.int64)[:, None]
+        offs_r = tl.arange(0, R_PAD)
+        r_ok = offs_r < R
+        rstd = tl.load(rstd_ptr + offs_m, mask=m_ok, other=0.0)
+        g_ok = m_ok[:, None] & r_ok[None, :]
+        g0 = tl.load(g_ptr + rows * stride_gm + offs_r[None, :], mask=g_ok, other=0.0)
+        g1 = g0
+        g2 = g0
+        if P > 1:
+            g1 = tl.load(g_ptr + stride_gp + rows * stride_gm + offs_r[None, :], mask=g_ok, other=0.0)
+        if P > 2:
+            g2 = tl.load(g_ptr + 2 * stride_gp + rows * stride_gm + offs_r[None, :], mask=g_ok, other=0.0)
+        dot_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            ok = m_ok[:, None] & k_ok[None, :]
+            dh = tl.load(dhb_ptr + rows * stride_dhb + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
+            for j in tl.static_range(P):
+                a = tl.load(a_ptr + (j * R + offs_r).to(tl.int64)[:, None] * K + offs_k[None, :],
+                            mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+                lora = tl.dot(_pick3(j, g0, g1, g2), a, input_precision=DOT_PRECISION)
+                if DROPOUT:
+                    keep = _dropout_keep(offs_m, k0, _pick3(j, seed0, seed1, seed2), threshold, BLOCK_K)
+                    dh += tl.where(keep, lora, 0.0) * keep_scale
+                else:
+                    dh += lora
+            dh = dh.to(ds_ptr.dtype.element_ty)
+            tl.store(ds_ptr + rows * stride_ds + offs_k[None, :], dh, mask=ok)
+            s = tl.load(s_ptr + rows * stride_s + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
+            w = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            dot_sum += tl.sum(dh.to(tl.float32) * w[None, :] * (s * rstd[:, None]), axis=1)
+        mean = dot_sum / K
+        # the second pass reads dh back: this program's own stores, made visible to its other threads
+        tl.debug_barrier()
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            ok = m_ok[:, None] & k_ok[None, :]
+            dh = tl.load(ds_ptr + rows * stride_ds + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
+            s = tl.load(s_ptr + rows * stride_s + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
+            w = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            ds = rstd[:, None] * (dh * w[None, :] - (s * rstd[:, None]) * mean[:, None])
+            if HAS_DS_IN:
+                ds += tl.load(ds_in_ptr + rows * stride_ds_in + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
+            tl.store(ds_ptr + rows * stride_ds + offs_k[None, :], ds.to(ds_ptr.dtype.element_ty), mask=ok)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+_BLOCK_M = 16  # rows per program: tl.dot's smallest M; at M = 16384 that is 1024 programs
+
+
+def _block_k(r_pad: int) -> int:
+    """Columns per step: the (BLOCK_M, r_pad) fp32 accumulators (three of them) and the A tiles stay small."""
+    return 128 if r_pad <= 32 else 64 if r_pad <= 64 else 32
+
+
+def _norm_lora_forward(x2d, res2d, norm_weight, eps, a, plan: _Plan):
+    """(s, rstd, xa, wide): the norm and the masked down products in one pass (``_norm_lora_fwd_kernel``)."""
+    m, k = x2d.shape
+    p, r, _ = a.shape
+    dtype = x2d.dtype
+    width = _concat_width(r)
+    wide = torch.empty((m, k + p * width), dtype=dtype, device=x2d.device)
+    xa = torch.empty((p, m, r), dtype=dtype, device=x2d.device)
+    rstd = torch.empty((m,), dtype=torch.float32, device=x2d.device)
+    s = torch.empty_like(x2d) if res2d is not None else x2d
+    r_pad = _r_pad(r)
+    threshold, keep_scale = _dropout_args(plan)
+    _norm_lora_fwd_kernel[(cdiv(m, _BLOCK_M),)](
+        x2d, res2d if res2d is not None else x2d, norm_weight, s, rstd, a, xa, wide,
+        m, k, r, eps, *_three(plan.seeds, 0), threshold, keep_scale,
+        x2d.stride(0), res2d.stride(0) if res2d is not None else 0, s.stride(0), wide.stride(0),
+        P=p, HAS_RESIDUAL=res2d is not None, DROPOUT=plan.dropout, R_PAD=r_pad, BLOCK_M=_BLOCK_M,
+        BLOCK_K=_block_k(r_pad), WIDTH=width, DOT_PRECISION=_dot_precision(dtype), num_warps=4,
+    )
+    return s, rstd, xa, wide
+
+
+def _norm_lora_backward(dh_base, g, a, s, norm_weight, rstd, ds_in, plan: _Plan) -> torch.Tensor:
+    """ds (M, K): the norm's input gradient with the masked LoRA term of dh added on the way in."""
+    m, k = s.shape
+    p, r, _ = a.shape
+    ds = torch.empty((m, k), dtype=s.dtype, device=s.device)
+    r_pad = _r_pad(r)
+    threshold, keep_scale = _dropout_args(plan)
+    _norm_lora_bwd_kernel[(cdiv(m, _BLOCK_M),)](
+        dh_base, g, a, s, norm_weight, rstd, ds_in if ds_in is not None else s, ds,
+        m, k, r, *_three(plan.seeds, 0), threshold, keep_scale,
+        dh_base.stride(0), g.stride(0), g.stride(1), s.stride(0), ds_in.stride(0) if ds_in is not None else 0,
+        ds.stride(0),
+        P=p, HAS_DS_IN=ds_in is not None, DROPOUT=plan.dropout, R_PAD=r_pad, BLOCK_M=_BLOCK_M,
+        BLOCK_K=_block_k(r_pad), DOT_PRECISION=_dot_precision(s.dtype), num_warps=4,
+    )
+    return ds
+
+
+class NormLoRAFunction(torch.autograd.Function):
+    """``forward(ctx, x, residual, norm_weight, eps, plan, *lora)`` -> ``(y_0, .., y_{P-1}, s)``.
+
+    ``residual`` None: s is x itself (the first layer, or a residual sum taken in front), returned as a
+    view so the residual stream's gradient joins the norm's in the backward kernel, as in
+    ``rms_norm_keep``. ``lora = (A_0, B_0, ...)``; the frozen base weights ride in ``plan`` (path
+    ``concat``). Saved: s, rstd, the wide operand [h | xa] (h for dA), xa, A, B and the LoRA block."""
+
+    @staticmethod
+    def forward(ctx, x, residual, norm_weight, eps, plan: _Plan, *lora):
+        k = x.shape[-1]
+        lead = x.shape[:-1]
+        x2d = _rows(x, k)
+        res2d = _rows(residual, k) if residual is not None else None
+        dtype = x.dtype
+        a = torch.stack([t.detach().to(dtype) for t in lora[0::2]]).contiguous()  # (P, R, K)
+        b = torch.cat([t.detach().to(dtype) for t in lora[1::2]]).contiguous()  # (Ncat, R)
+        nw = norm_weight.detach().contiguous()
+        s, rstd, xa, wide = _norm_lora_forward(x2d, res2d, nw, float(eps), a, plan)
+        block = _concat_lora_block(plan, b)
+        y = _concat_forward(wide, block, plan, k)
+        ctx.plan, ctx.lead, ctx.k = plan, lead, k
+        ctx.has_residual = residual is not None
+        ctx.lora_dtypes = [t.dtype for t in lora]
+        ctx.save_for_backward(s, rstd, nw, wide, xa, a, block)
+        outputs, start = [], 0
+        for n in plan.out_features:
+            outputs.append(y[:, start: start + n].view(*lead, n))
+            start += n
+        s_out = s.view(x.shape) if residual is not None else x.view_as(x)
+        return (*outputs, s_out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        plan, k = ctx.plan, ctx.k
+        s, rstd, nw, wide, xa, a, block = ctx.saved_tensors
+        dys = [_rows(dy, n) for dy, n in zip(grads[:-1], plan.out_features)]
+        ds_in = grads[-1]
+        ds_in = _rows(ds_in, k) if ds_in is not None else None
+        need_x = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        need_lora = ctx.needs_input_grad[5:]
+        r = a.shape[1]
+        dh_base, g = _concat_backward(dys, block, plan, k, r)
+        dx = None
+        if need_x:
+            dx = _norm_lora_backward(dh_base, g, a, s, nw, rstd, ds_in, plan).view(*ctx.lead, k)
+        out = [None] * len(need_lora)
+        if any(need_lora[0::2]):
+            da = _lora_da(wide[:, :k], g, plan)
+            for j in range(plan.projections):
+                if need_lora[2 * j]:
+                    out[2 * j] = da[j].to(ctx.lora_dtypes[2 * j])
+        if any(need_lora[1::2]):
+            db = _lora_db(dys, xa, plan)
+            start = 0
+            for j, n in enumerate(plan.out_features):
+                if need_lora[2 * j + 1]:
+                    out[2 * j + 1] = db[start: start + n].to(ctx.lora_dtypes[2 * j + 1])
+                start += n
+        dres = dx if ctx.has_residual and ctx.needs_input_grad[1] else None
+        return (dx if ctx.needs_input_grad[0] else None, dres, None, None, None, *out)
+
+
+# ----------------------------------------------------------------------------- public entry points
+
+
+def norm_lora_ok(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, weights: Sequence,
+                 adapters: Sequence[Adapter] | None, dropout_p: float, training: bool) -> bool:
+    """Whether ``rms_norm_lora`` runs the fused kernels for these arguments: Triton for the tensors,
+    adapters with dropout in training (without a mask the ``merged`` LoRA path does less), at most three
+    projections of one rank the kernels take, NF4 weights with K a multiple of the blocksize (the
+    strided dequantize of the wide matrix) or dense ones, one floating dtype for x, the residual, the
+    norm weight and dense weights, a frozen norm weight, and no autocast (whose dtype rules the separate
+    calls follow)."""
+    if adapters is None or not training or not dropout_p > 0 or not 1 <= len(weights) <= 3:
+        return False
+    if len(adapters) != len(weights) or adapters[0].lora_a.shape[0] > MAX_KERNEL_RANK:
+        return False
+    dtype = x.dtype
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32) or norm_weight.dtype != dtype:
+        return False
+    if residual is not None and (residual.dtype != dtype or residual.shape != x.shape):
+        return False
+    if norm_weight.requires_grad and torch.is_grad_enabled():
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return False
+    k = x.shape[-1]
+    if all(isinstance(w, NF4Weight) for w in weights):
+        if k % weights[0].blocksize:
+            return False
+    elif not all(isinstance(w, torch.Tensor) and w.dtype == dtype for w in weights):
+        return False
+    if x.numel() == 0:
+        return False
+    first = weights[0]
+    tensors = [x, norm_weight, first.packed if isinstance(first, NF4Weight) else first]
+    return dispatch.use_triton(*tensors)
+
+
+def _check_norm_args(x, residual, norm_weight, weights, adapters, dropout_p, seeds) -> None:
+    what = "rms_norm_lora"
+    if adapters is None:
+        raise ValueError(f"{what}: needs adapters (without them call rms_norm_add and the base projections)")
+    if not 1 <= len(weights) <= 3:
+        raise ValueError(f"{what}: one to three projections, got {len(weights)}")
+    if len(seeds) != len(weights):
+        raise ValueError(f"{what}: {len(weights)} projections but {len(seeds)} seeds")
+    if norm_weight.dim() != 1 or norm_weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"{what}: norm weight shape {tuple(norm_weight.shape)} does not match hidden size "
+                         f"{x.shape[-1]}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"{what}: residual {tuple(residual.shape)} must match x {tuple(x.shape)}")
+    _check(x, weights, adapters, dropout_p, what)
+
+
+def rms_norm_lora(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                  weights: Sequence, adapters: Sequence[Adapter], dropout_p: float, training: bool,
+                  seeds: Sequence[int]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """``(outputs, s)``: RMSNorm of ``s = x + residual`` (of x, carried on as s, without a residual) and
+    the LoRA projections of the normed rows, ``y_j = h @ W_j.T + s_j * dropout_j(h) @ A_j.T @ B_j.T``.
+
+    Equal to ``rms_norm_add`` (or ``rms_norm_keep``) followed by ``lora_qkv`` / ``lora_linear`` with
+    the same seeds (the same masks). Runs the fused kernels where ``norm_lora_ok`` allows, the torch
+    reference otherwise. Outputs are column slices of one buffer, as ``lora_qkv``'s are."""
+    _check_norm_args(x, residual, norm_weight, weights, adapters, dropout_p, seeds)
+    if not norm_lora_ok(x, residual, norm_weight, weights, adapters, dropout_p, training):
+        return rms_norm_lora_reference(x, residual, norm_weight, eps, weights, adapters, dropout_p, training,
+                                       seeds)
+    plan = _Plan(
+        weights=tuple(weights),
+        scalings=tuple(float(ad.scaling) for ad in adapters),
+        seeds=tuple(seed31(s) for s in seeds),
+        dropout_p=float(dropout_p),
+        path="concat",
+        grad_enabled=torch.is_grad_enabled(),
+    )
+    lora = [t for ad in adapters for t in (ad.lora_a, ad.lora_b)]
+    *outputs, s = NormLoRAFunction.apply(x, residual, norm_weight, float(eps), plan, *lora)
+    return tuple(outputs), s
+
+
+__all__ = ["NormLoRAFunction", "norm_lora_ok", "rms_norm_lora", "rms_norm_lora_reference"]

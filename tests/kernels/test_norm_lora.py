@@ -1,0 +1,235 @@
+"""RMSNorm fused with the LoRA projections that read it (kernels/norm_lora.py): Triton (the interpreter
+on CPU) against the torch reference and against the separate Triton calls, forward and backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bezoar_kernels import lora as L
+from bezoar_kernels import nf4
+from bezoar_kernels import norm_lora as NL
+from bezoar_kernels.dispatch import backend
+from bezoar_kernels.rmsnorm import rms_norm_add, rms_norm_keep
+from tests.utils import TOLERANCES, assert_close
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _weights(ns, k, kind, dtype, blocksize=64):
+    out = []
+    for j, n in enumerate(ns):
+        w = torch.randn(n, k, generator=_gen(10 + j)) * 0.05
+        out.append(nf4.quantize_nf4_reference(w, blocksize, True) if kind == "nf4" else w.to(dtype))
+    return out
+
+
+def _adapters(ns, k, r, dtype=torch.float32):
+    ads = []
+    for j, n in enumerate(ns):
+        g = _gen(20 + j)
+        a = (torch.randn(r, k, generator=g) * 0.1).to(dtype)
+        b = (torch.randn(n, r, generator=g) * 0.1).to(dtype)
+        ads.append(L.Adapter(a, b, 0.5 + 0.25 * j))
+    return ads
+
+
+def _inputs(m, k, dtype, residual):
+    x = torch.randn(m, k, generator=_gen(1)).to(dtype)
+    res = torch.randn(m, k, generator=_gen(2)).to(dtype) if residual else None
+    nw = (1 + 0.1 * torch.randn(k, generator=_gen(3))).to(dtype)
+    return x, res, nw
+
+
+def _run(fn, x, res, nw, adapters, dys, ds):
+    """Outputs, s, and grads (x, residual, then A_j, B_j) of ``fn`` under upstream dys and ds."""
+    x = x.clone().requires_grad_(True)
+    res = res.clone().requires_grad_(True) if res is not None else None
+    ads = [L.Adapter(a.lora_a.clone().requires_grad_(True), a.lora_b.clone().requires_grad_(True), a.scaling)
+           for a in adapters]
+    outs, s = fn(x, res, nw, ads)
+    torch.autograd.backward(list(outs) + [s], list(dys) + [ds])
+    grads = [x.grad, res.grad if res is not None else None] + [t.grad for a in ads for t in (a.lora_a, a.lora_b)]
+    return [o.detach() for o in outs], s.detach(), grads
+
+
+def _fused(weights, p, seeds, training=True):
+    def fn(x, res, nw, ads):
+        with backend("triton"):
+            return NL.rms_norm_lora(x, res, nw, 1e-6, weights, ads, p, training, seeds)
+    return fn
+
+
+def _separate(weights, p, seeds, name, path="concat"):
+    """rms_norm_add / rms_norm_keep, then the LoRA projections, each its own call."""
+    def fn(x, res, nw, ads):
+        with backend(name):
+            if res is not None:
+                h, s = rms_norm_add(x, res, nw, 1e-6)
+            else:
+                h, s = rms_norm_keep(x, nw, 1e-6)
+            if len(weights) == 3:
+                outs = (L.lora_qkv_triton(h, weights, ads, p, True, seeds, path) if name == "triton"
+                        else L.lora_qkv_reference(h, weights, ads, p, True, seeds))
+            else:
+                outs = tuple((L.lora_linear_triton(h, w, a.lora_a, a.lora_b, a.scaling, p, True, sd, path)
+                              if name == "triton" else
+                              L.lora_linear_reference(h, w, a.lora_a, a.lora_b, a.scaling, p, True, sd))
+                             for w, a, sd in zip(weights, ads, seeds))
+        return outs, s
+    return fn
+
+
+CASES = [
+    # kind, dtype, projections' N, K, r, M, residual
+    ("nf4", torch.float32, (48, 16, 16), 128, 8, 37, True),
+    ("nf4", torch.float32, (40,), 192, 16, 20, False),
+    ("nf4", torch.float16, (48, 16, 16), 128, 5, 33, True),
+    ("dense", torch.float16, (24, 40), 100, 16, 17, True),
+    ("dense", torch.float32, (30, 30, 30), 72, 3, 1, False),
+]
+
+
+@pytest.mark.parametrize("kind,dtype,ns,k,r,m,residual", CASES)
+@pytest.mark.parametrize("p", [0.3])
+def test_fused_norm_lora_matches_reference_and_separate_calls(monkeypatch, kind, dtype, ns, k, r, m, residual, p):
+    """Outputs, s, dx, d(residual), dA and dB of the fused call equal the torch reference (PEFT's
+    arithmetic after HF's RMSNorm) within the dtype's tolerance, and the separate Triton calls (norm, then
+    the concat LoRA path), in fp32 more tightly; the fused kernels are the ones that ran."""
+    ran = []
+    monkeypatch.setattr(NL, "_norm_lora_forward", lambda *a, _f=NL._norm_lora_forward: ran.append("f") or _f(*a))
+    monkeypatch.setattr(NL, "_norm_lora_backward", lambda *a, _f=NL._norm_lora_backward: ran.append("b") or _f(*a))
+    weights = _weights(ns, k, kind, dtype)
+    adapters = _adapters(ns, k, r)
+    x, res, nw = _inputs(m, k, dtype, residual)
+    dys = [torch.randn(m, n, generator=_gen(40 + j)).to(dtype) for j, n in enumerate(ns)]
+    ds = torch.randn(m, k, generator=_gen(50)).to(dtype)
+    seeds = [7, 8, 9][: len(ns)]
+    got = _run(_fused(weights, p, seeds), x, res, nw, adapters, dys, ds)
+    assert ran == ["f", "b"]
+    want = _run(_separate(weights, p, seeds, "torch"), x, res, nw, adapters, dys, ds)
+    near = _run(_separate(weights, p, seeds, "triton"), x, res, nw, adapters, dys, ds)
+    atol, rtol = TOLERANCES[dtype]
+    # against the separate Triton calls: as tight in fp32; in fp16 a rounding of dh may land one ulp apart
+    near_scale = 0.25 if dtype == torch.float32 else 1.0
+    for other, scale, what in ((want, 1.0, "reference"), (near, near_scale, "separate triton")):
+        for i, (a, b) in enumerate(zip(got[0], other[0])):
+            assert a.dtype == b.dtype == dtype and a.shape == b.shape
+            assert_close(a, b, atol * scale, rtol * scale, name=f"{what} y[{i}]")
+        assert_close(got[1], other[1], 0, 0, name=f"{what} s")
+        assert_close(got[2][0], other[2][0], atol * scale, rtol * scale, name=f"{what} dx")
+        if residual:
+            assert_close(got[2][1], other[2][1], atol * scale, rtol * scale, name=f"{what} dres")
+        else:
+            assert got[2][1] is None and other[2][1] is None
+        for i, (a, b) in enumerate(zip(got[2][2:], other[2][2:])):
+            assert a.dtype == b.dtype == torch.float32
+            bound = atol * max(1.0, m ** 0.5) + rtol * b.abs().max().item()
+            assert_close(a, b, bound * scale, rtol * scale, name=f"{what} d{'AB'[i % 2]}[{i // 2}]")
+
+
+def test_masks_are_the_lora_masks():
+    """The fused forward's xa is dropout_j(h) @ A_j.T with lora_dropout_mask's mask for seed j: a
+    different seed on one projection changes that projection's output only."""
+    ns, k, r, m = (16, 16, 16), 128, 4, 19
+    weights = _weights(ns, k, "nf4", torch.float32)
+    adapters = _adapters(ns, k, r)
+    x, res, nw = _inputs(m, k, torch.float32, True)
+    with backend("triton"):
+        a, _ = NL.rms_norm_lora(x, res, nw, 1e-6, weights, adapters, 0.5, True, (1, 2, 3))
+        b, _ = NL.rms_norm_lora(x, res, nw, 1e-6, weights, adapters, 0.5, True, (1, 5, 3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+    assert not torch.allclose(a[1], b[1])
+
+
+def test_only_needed_grads_and_frozen_parts():
+    """A frozen: no dA launch result; x frozen with a residual that needs grad: d(residual) only."""
+    ns, k, r, m = (32,), 128, 8, 21
+    weights = _weights(ns, k, "nf4", torch.float32)
+    (ad,) = _adapters(ns, k, r)
+    x, res, nw = _inputs(m, k, torch.float32, True)
+    res = res.requires_grad_(True)
+    b = ad.lora_b.clone().requires_grad_(True)
+    with backend("triton"):
+        (y,), s = NL.rms_norm_lora(x, res, nw, 1e-6, weights, [L.Adapter(ad.lora_a, b, ad.scaling)], 0.2, True, [4])
+    (y.sum() + s.sum()).backward()
+    assert x.grad is None and res.grad is not None and b.grad is not None
+    with backend("torch"):
+        res2 = res.detach().clone().requires_grad_(True)
+        b2 = ad.lora_b.clone().requires_grad_(True)
+        (y2,), s2 = NL.rms_norm_lora(x, res2, nw, 1e-6, weights, [L.Adapter(ad.lora_a, b2, ad.scaling)], 0.2,
+                                     True, [4])
+        (y2.sum() + s2.sum()).backward()
+    assert_close(res.grad, res2.grad, 1e-5, 1e-5, name="dres")
+    assert_close(b.grad, b2.grad, 1e-4, 1e-5, name="dB")
+
+
+def test_falls_back_where_the_fused_kernels_do_not_apply(monkeypatch):
+    """No dropout, eval, a norm weight that trains, autocast, an NF4 K off the blocksize: the reference
+    runs (and gives the same as the separate calls)."""
+    ran = []
+    monkeypatch.setattr(NL, "_norm_lora_forward", lambda *a, _f=NL._norm_lora_forward: ran.append(1) or _f(*a))
+    ns, k, r, m = (16,), 128, 4, 9
+    weights = _weights(ns, k, "nf4", torch.float32)
+    adapters = _adapters(ns, k, r)
+    x, res, nw = _inputs(m, k, torch.float32, True)
+    with backend("triton"):
+        assert NL.norm_lora_ok(x, res, nw, weights, adapters, 0.1, True)
+        assert not NL.norm_lora_ok(x, res, nw, weights, adapters, 0.0, True)
+        assert not NL.norm_lora_ok(x, res, nw, weights, adapters, 0.1, False)
+        assert not NL.norm_lora_ok(x, res, nw.clone().requires_grad_(True), weights, adapters, 0.1, True)
+        assert not NL.norm_lora_ok(x, res, nw.half(), weights, adapters, 0.1, True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not NL.norm_lora_ok(x, res, nw, weights, adapters, 0.1, True)
+        odd = _weights(ns, 96, "nf4", torch.float32)
+        x96, res96, nw96 = _inputs(m, 96, torch.float32, True)
+        assert not NL.norm_lora_ok(x96, res96, nw96, odd, _adapters(ns, 96, r), 0.1, True)
+        (y,), s = NL.rms_norm_lora(x, res, nw, 1e-6, weights, adapters, 0.0, True, [3])
+    assert ran == []
+    with backend("torch"):
+        (y2,), s2 = NL.rms_norm_lora_reference(x, res, nw, 1e-6, weights, adapters, 0.0, True, [3])
+    assert torch.equal(y, y2) and torch.equal(s, s2)
+
+
+def test_bad_inputs_raise():
+    ns, k, r, m = (16,), 128, 4, 5
+    weights = _weights(ns, k, "nf4", torch.float32)
+    adapters = _adapters(ns, k, r)
+    x, res, nw = _inputs(m, k, torch.float32, True)
+    with pytest.raises(ValueError, match="norm weight shape"):
+        NL.rms_norm_lora(x, res, nw[:-1], 1e-6, weights, adapters, 0.1, True, [1])
+    with pytest.raises(ValueError, match="residual"):
+        NL.rms_norm_lora(x, res[:-1], nw, 1e-6, weights, adapters, 0.1, True, [1])
+    with pytest.raises(ValueError, match="seeds"):
+        NL.rms_norm_lora(x, res, nw, 1e-6, weights, adapters, 0.1, True, [1, 2])
+    with pytest.raises(ValueError, match="needs adapters"):
+        NL.rms_norm_lora(x, res, nw, 1e-6, weights, None, 0.1, True, [1])
+    with pytest.raises(ValueError, match="lora_A 0 has shape"):
+        NL.rms_norm_lora(x, res, nw, 1e-6, weights, _adapters(ns, 64, r), 0.1, True, [1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("residual", [True, False])
+def test_fused_norm_lora_on_gpu_matches_separate_calls(residual):
+    """3B q/k/v shapes in bf16 on CUDA (the real barrier between the kernels' two passes): equal to the
+    separate Triton calls within bf16 rounding."""
+    dev = "cuda"
+    ns, k, r, m = (3200, 3200, 3200), 3200, 16, 4096
+    weights = [nf4.quantize_nf4(torch.randn(n, k, device=dev) * 0.02, 64, True) for n in ns]
+    adapters = [L.Adapter(torch.randn(r, k, device=dev) * 0.02, torch.randn(n, r, device=dev) * 0.02, 1.0)
+                for n in ns]
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    res = torch.randn(m, k, device=dev, dtype=torch.bfloat16) if residual else None
+    nw = (1 + 0.1 * torch.randn(k, device=dev)).to(torch.bfloat16)
+    dys = [torch.randn(m, n, device=dev, dtype=torch.bfloat16) for n in ns]
+    ds = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    got = _run(_fused(weights, 0.05, (1, 2, 3)), x, res, nw, adapters, dys, ds)
+    want = _run(_separate(weights, 0.05, (1, 2, 3), "triton"), x, res, nw, adapters, dys, ds)
+    for i, (a, b) in enumerate(zip(got[0], want[0])):
+        assert_close(a.float(), b.float(), 2e-2, 2e-2, name=f"y[{i}]")
+    assert torch.equal(got[1], want[1])
+    assert_close(got[2][0].float(), want[2][0].float(), 2e-2, 2e-2, name="dx")
+    for i, (a, b) in enumerate(zip(got[2][2:], want[2][2:])):
+        assert_close(a, b, 1e-2 * b.abs().max().item(), 1e-2, name=f"d{'AB'[i % 2]}[{i // 2}]")
