@@ -17,11 +17,23 @@ there is an adapter; ``torch.autograd.grad``, so nothing accumulates):
   import (it is not installed on the measuring GPU box);
 * q/k/v (3200x3200 x3): ``qkv_nf4_only`` (three NF4 matmuls), ``qkv_lora_fused`` (``lora_qkv``
   on the path "auto" picks), ``qkv_lora_concat`` (``lora_qkv`` on the concat path) and
-  ``qkv_lora_separate`` (three ``lora_linear`` calls).
+  ``qkv_lora_separate`` (three ``lora_linear`` calls);
+* norm + projections (only with dropout > 0, which is what the fusion is for): the RMSNorm that
+  feeds the projections timed with them, since ``rms_norm_lora`` moves the LoRA's passes over the
+  activations into the norm. x and residual (M, 3200) in, the norm weight frozen; gradients of x,
+  residual and the adapters, under random upstream gradients of every output and of s.
+  q/k/v (3200x3200 x3): ``norm_qkv_nf4_only`` (``rms_norm_add`` then the three NF4 matmuls),
+  ``norm_qkv_lora_separate`` (``rms_norm_add`` then ``lora_qkv``, path "auto") and
+  ``norm_qkv_lora_fused`` (``rms_norm_lora``); gate/up (8640x3200 x2, when that shape is in the
+  run): ``norm_gateup_nf4_only``, ``norm_gateup_lora_separate`` (two ``lora_linear`` calls) and
+  ``norm_gateup_lora_fused``. These are measured first (M = 16384, r = 16 at the front).
 
-Ratios are over ``nf4_only`` (``qkv_nf4_only`` for q/k/v); the target of issue 4 is
-``lora_auto / nf4_only <= 1.10`` at every shape, M and r. ``--sweep`` also times a grid of tile
-configs for the Triton GEMM of the dequant path. Usage::
+Ratios are over ``nf4_only`` (``qkv_nf4_only`` for q/k/v, ``norm_<group>_nf4_only`` for the norm
+groups); the target of issue 4 is ``lora_auto / nf4_only <= 1.10`` at every shape, M and r, and is
+also reported for the fused norm cases (norm + LoRA projections over norm + NF4 projections).
+``--budget SECONDS`` (or a SIGINT, which ``timeout --signal=INT`` sends) stops starting cases; the
+tables and the JSON then hold what was measured and list the rest as skipped. ``--sweep`` also
+times a grid of tile configs for the Triton GEMM of the dequant path. Usage::
 
     python bench/lora.py                  # full run on the GPU, writes bench/results/lora-<device>-<date>.json
     python bench/lora.py --smoke          # tiny shapes on CPU (Triton interpreter), writes nothing
@@ -30,13 +42,16 @@ configs for the Triton GEMM of the dequant path. Usage::
                                           # GPU time per kernel of one forward + backward, per case
 
 ``--breakdown`` (comma list of cases, or ``default``: NF4 alone and the cublas and concat paths at
-3200x3200 and 8640x3200, M = 16384, r = 16) runs each case 20 times under ``torch.profiler`` and
-prints its kernels by GPU time per call: where the time over NF4 alone goes, launch by launch.
+3200x3200 and 8640x3200, and norm + q/k/v with NF4 alone and fused, M = 16384, r = 16) runs each
+case 20 times under ``torch.profiler`` and prints its kernels by GPU time per call: where the time
+over NF4 alone goes, launch by launch.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,6 +65,12 @@ SMOKE_MS = [24]
 SMOKE_RANKS = [8]
 LORA_PEERS = ["lora_auto", "lora_dequant", "lora_cublas", "lora_concat", "lora_merged", "peft_style", "bnb_peft"]
 QKV_PEERS = ["qkv_lora_fused", "qkv_lora_concat", "qkv_lora_separate"]
+# norm + projections: group -> ((N, K) of each projection, how many), and at smoke size (K a multiple
+# of the NF4 blocksize 64, which the fused path needs)
+NORM_GROUPS = {"qkv": ((3200, 3200), 3), "gateup": ((8640, 3200), 2)}
+SMOKE_NORM_SHAPES = {"qkv": (64, 128), "gateup": (96, 128)}
+NORM_PEERS = ["lora_separate", "lora_fused"]
+NORM_EPS = 1e-6  # OpenLLaMA's rms_norm_eps
 
 
 def parse_args():
@@ -63,11 +84,14 @@ def parse_args():
                    help="comma list of cases (or 'default') to profile per kernel instead of timing")
     p.add_argument("--no-graphs", action="store_true",
                    help="skip the CUDA-graph replay timings (GPU time without host launch gaps)")
+    p.add_argument("--budget", type=float, default=0.0,
+                   help="seconds after which no new case starts (0: no limit); skipped cases are listed")
     return p.parse_args()
 
 
 BREAKDOWN_DEFAULT = [f"{case}/{shape}/M=16384{rank}" for shape in ("3200x3200", "8640x3200")
                      for case, rank in (("nf4_only", ""), ("lora_cublas", "/r=16"), ("lora_concat", "/r=16"))]
+BREAKDOWN_DEFAULT += ["norm_qkv_nf4_only/M=16384", "norm_qkv_lora_fused/M=16384/r=16"]
 BREAKDOWN_CALLS = 20
 
 
@@ -75,7 +99,8 @@ def breakdown(args, cases: dict, backend) -> int:
     """Per case: its kernels by GPU time per forward + backward (CPU operator time in smoke mode)."""
     names = BREAKDOWN_DEFAULT if args.breakdown == "default" else args.breakdown.split(",")
     if args.smoke and args.breakdown == "default":
-        names = [n for n in cases if n.startswith(("nf4_only/", "lora_cublas/", "lora_concat/"))]
+        names = [n for n in cases if n.startswith(("nf4_only/", "lora_cublas/", "lora_concat/",
+                                                   "norm_qkv_nf4_only/", "norm_qkv_lora_fused/"))]
     missing = [n for n in names if n not in cases]
     if missing:
         print(f"--breakdown: no case {missing}; cases are:\n  " + "\n  ".join(cases), file=sys.stderr)
@@ -99,7 +124,9 @@ def main() -> int:
     from bezoar_kernels import lora as L
     from bezoar_kernels import nf4
     from bezoar_kernels import nf4_matmul as mm
+    from bezoar_kernels import norm_lora as NL
     from bezoar_kernels.dispatch import backend
+    from bezoar_kernels.rmsnorm import rms_norm_add
 
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:
@@ -226,6 +253,61 @@ def main() -> int:
                     for j, (w, ad) in enumerate(zip(qkv_w, ads))), params, dys),
                 peer="qkv_lora_separate", **dict(key, r=r))
 
+    # RMSNorm + the projections that read it: q/k/v and gate/up (gate/up when 8640x3200 is in the run)
+    norm_notes = []
+    norm_groups = {}
+    if p_drop <= 0:
+        norm_notes.append("norm + projections cases skipped: the fused norm + LoRA path is for dropout > 0")
+    else:
+        for group, (shape, count) in NORM_GROUPS.items():
+            if group == "gateup" and not args.smoke and shape not in shapes:
+                continue
+            norm_groups[group] = (SMOKE_NORM_SHAPES[group] if args.smoke else shape), count
+    for group, ((gn, gk), count) in norm_groups.items():
+        label = f"norm+{'q/k/v' if group == 'qkv' else 'gate/up'} {gn}x{gk}"
+        with backend("triton"):
+            gw = [nf4.quantize_nf4(randn(gn, gk, scale=0.02), 64, True) for _ in range(count)]
+        nw = (1 + 0.1 * torch.randn(gk, generator=gen, device=device, dtype=torch.float32)).to(dtype)
+        seeds = tuple(range(1, count + 1))
+        for m in ms:
+            x = randn(m, gk).requires_grad_(True)
+            res = randn(m, gk).requires_grad_(True)
+            dys = tuple(randn(m, gn) for _ in range(count)) + (randn(m, gk),)  # the outputs', then s's
+            key = dict(shape=label, M=m)
+
+            def norm_nf4(x=x, res=res, gw=gw, nw=nw):
+                h, s = rms_norm_add(x, res, nw, NORM_EPS)
+                return (*(mm.nf4_matmul_triton(h, w) for w in gw), s)
+
+            add(f"norm_{group}_nf4_only/M={m}", fwd_bwd(norm_nf4, [x, res], dys),
+                peer=f"norm_{group}_nf4_only", r=None, **key)
+            for r in ranks:
+                ads = [L.Adapter(randn(r, gk, scale=1 / gk ** 0.5, dt=torch.float32).requires_grad_(True),
+                                 randn(gn, r, scale=0.02, dt=torch.float32).requires_grad_(True), 16 / r)
+                       for _ in range(count)]
+                params = [x, res] + [t for ad in ads for t in (ad.lora_a, ad.lora_b)]
+
+                def norm_separate(x=x, res=res, gw=gw, nw=nw, ads=ads, seeds=seeds):
+                    h, s = rms_norm_add(x, res, nw, NORM_EPS)
+                    if len(gw) == 3:
+                        return (*L.lora_qkv_triton(h, gw, ads, p_drop, True, seeds), s)
+                    return (*(L.lora_linear_triton(h, w, ad.lora_a, ad.lora_b, ad.scaling, p_drop, True, sd)
+                              for w, ad, sd in zip(gw, ads, seeds)), s)
+
+                def norm_fused(x=x, res=res, gw=gw, nw=nw, ads=ads, seeds=seeds):
+                    outputs, s = NL.rms_norm_lora(x, res, nw, NORM_EPS, gw, ads, p_drop, True, seeds)
+                    return (*outputs, s)
+
+                add(f"norm_{group}_lora_separate/M={m}/r={r}", fwd_bwd(norm_separate, params, dys),
+                    peer=f"norm_{group}_lora_separate", **dict(key, r=r))
+                with backend("triton"):
+                    fused_ok = NL.norm_lora_ok(x, res, nw, gw, ads, p_drop, True)
+                if fused_ok:
+                    add(f"norm_{group}_lora_fused/M={m}/r={r}", fwd_bwd(norm_fused, params, dys),
+                        peer=f"norm_{group}_lora_fused", **dict(key, r=r))
+                else:  # it would time the torch reference, not the kernels
+                    norm_notes.append(f"norm_{group}_lora_fused/M={m}/r={r} skipped: norm_lora_ok is false")
+
     if args.breakdown:
         return breakdown(args, cases, backend)
 
@@ -245,8 +327,21 @@ def main() -> int:
     times: dict[str, float] = {}
     graph_times: dict[str, float] = {}
     graphs = cuda and not args.no_graphs
+    skipped: list[str] = []
+    started = time.perf_counter()
+    stop = []  # a SIGINT (timeout --signal=INT) stops starting cases; the measured ones are still written
+
+    def on_sigint(signum, frame):
+        stop.append("SIGINT")
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second one interrupts at once
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     with backend("triton"), common.maybe_profile(args.profile):
-        for name, fn in cases.items():
+        for name in measure_order(cases, meta, ms, ranks):
+            fn = cases[name]
+            if stop or (args.budget and time.perf_counter() - started > args.budget):
+                skipped.append(name)
+                continue
             try:
                 times[name] = bench(fn)
             except Exception as exc:  # one failing peer must not hide the others' numbers
@@ -257,7 +352,12 @@ def main() -> int:
                     graph_times[name] = common.graph_ms(fn)
                 except Exception as exc:  # e.g. a peer that cannot be captured
                     print(f"{name}: no graph timing ({type(exc).__name__}: {exc})")
-        sweep_rows = sweep(args, sweep_inputs, bench, L, torch) if sweep_inputs else []
+        sweep_rows = sweep(args, sweep_inputs, bench, L, torch) if sweep_inputs and not skipped else []
+    signal.signal(signal.SIGINT, previous)
+    skip_note = None
+    if skipped:
+        why = "SIGINT (time limit)" if stop else f"--budget {args.budget:g}s reached"
+        skip_note = f"{why}: {len(skipped)} case(s) not measured: {', '.join(skipped)}"
 
     # ---- tables ----------------------------------------------------------------------------
     def tables(times):
@@ -284,29 +384,49 @@ def main() -> int:
                     row[peer] = t
                     row[f"{peer}/nf4_only"] = t / base if t and base else None
                 qkv_rows.append(row)
-        return rows, qkv_rows
+        norm_rows = []
+        for group, ((gn, gk), _) in norm_groups.items():
+            for m in ms:
+                base_name = f"norm_{group}_nf4_only"
+                base = times.get(f"{base_name}/M={m}")
+                for r in ranks:
+                    row = {"shape": meta[f"{base_name}/M={m}"]["shape"], "group": group, "M": m, "r": r,
+                           base_name: base}
+                    for peer in NORM_PEERS:
+                        t = times.get(f"norm_{group}_{peer}/M={m}/r={r}")
+                        row[f"norm_{group}_{peer}"] = t
+                        row[f"norm_{group}_{peer}/nf4_only"] = t / base if t and base else None
+                    norm_rows.append(row)
+        return rows, qkv_rows, norm_rows
 
-    rows, qkv_rows = tables(times)
-    graph_rows, graph_qkv_rows = tables(graph_times) if graph_times else ([], [])
+    rows, qkv_rows, norm_rows = tables(times)
+    graph_rows, graph_qkv_rows, graph_norm_rows = tables(graph_times) if graph_times else ([], [], [])
 
-    def show(rows, qkv_rows, how):
+    def show(rows, qkv_rows, norm_rows, how):
         print(f"\nforward + backward, ms, {how} (dtype {dtype}, dropout {p_drop}); ratios over NF4 alone\n")
         print(common.markdown_table(rows, ["shape", "M", "r", "nf4_only", "bnb_only"] + LORA_PEERS
                                     + [f"{p}/nf4_only" for p in LORA_PEERS]))
         print(f"\nq/k/v of one block, forward + backward, ms, {how}\n")
         print(common.markdown_table(qkv_rows, ["shape", "M", "r", "qkv_nf4_only"] + QKV_PEERS
                                     + [f"{p}/nf4_only" for p in QKV_PEERS]))
+        for group in norm_groups:
+            peers = [f"norm_{group}_{p}" for p in NORM_PEERS]
+            print(f"\nRMSNorm + {'q/k/v' if group == 'qkv' else 'gate/up'} projections (rms_norm_add then the "
+                  f"projections, or rms_norm_lora), forward + backward, ms, {how}; ratios over norm + NF4 alone\n")
+            print(common.markdown_table([r for r in norm_rows if r["group"] == group],
+                                        ["shape", "M", "r", f"norm_{group}_nf4_only"] + peers
+                                        + [f"{p}/nf4_only" for p in peers]))
 
-    show(rows, qkv_rows, "eager (host launch gaps included)")
+    show(rows, qkv_rows, norm_rows, "eager (host launch gaps included)")
     if graph_rows:
-        show(graph_rows, graph_qkv_rows, "CUDA-graph replay (GPU time only)")
+        show(graph_rows, graph_qkv_rows, graph_norm_rows, "CUDA-graph replay (GPU time only)")
     if sweep_rows:
         print("\ndequant-path GEMM tile sweep (best per case vs the default heuristic)\n")
         print(common.markdown_table(sweep_rows, ["dir", "shape", "M", "r", "default_ms", "best_ms", "best_config"]))
 
-    targets = check_targets(rows, qkv_rows, "eager")
+    targets = check_targets(rows, qkv_rows, "eager", norm_rows)
     if graph_rows:
-        targets += check_targets(graph_rows, graph_qkv_rows, "graph replay")
+        targets += check_targets(graph_rows, graph_qkv_rows, "graph replay", graph_norm_rows)
     if args.smoke:  # interpreter timings say nothing about the GPU
         targets = [dict(t, status="smoke, not evaluated") for t in targets]
     print("\ntargets (issue 4):")
@@ -314,14 +434,31 @@ def main() -> int:
         print(f"  [{t['status']}] {t['target']}: {t['detail']}")
     if bnb_note:
         print(f"\nnote: {bnb_note}")
+    for note in norm_notes:
+        print(f"note: {note}")
+    if skip_note:
+        print(f"\nnote: {skip_note}")
 
     # without dropout ("auto" is then the merged path) the results go to their own file
-    common.write_results("lora" if p_drop > 0 else "lora-no-dropout", rows + qkv_rows, args, extra={
+    common.write_results("lora" if p_drop > 0 else "lora-no-dropout", rows + qkv_rows + norm_rows, args, extra={
         "dtype": str(dtype), "dropout": p_drop, "large_m_path": L.large_m_path(), "fused_max_m": mm.fused_max_m(),
-        "targets": targets, "sweep": sweep_rows, "bnb_note": bnb_note,
-        "graph_rows": graph_rows + graph_qkv_rows,
+        "targets": targets, "sweep": sweep_rows, "bnb_note": bnb_note, "norm_notes": norm_notes,
+        "skipped": skipped, "skip_note": skip_note,
+        "graph_rows": graph_rows + graph_qkv_rows + graph_norm_rows,
     })
     return 0
+
+
+def measure_order(cases: dict, meta: dict, ms: list[int], ranks: list[int]) -> list[str]:
+    """The cases in the order they are timed: the norm + projections groups first (the newest figures,
+    at the front of a run that a time limit may cut short), their largest M at the first rank ahead of
+    the rest (q/k/v before gate/up; NF4 alone, fused, then separate), then every other case in the order
+    it was added."""
+    norm = [n for n in cases if n.startswith("norm_")]
+    top_m, top_r = max(ms), ranks[0]
+    norm.sort(key=lambda n: (not (meta[n]["M"] == top_m and meta[n]["r"] in (None, top_r)), "_gateup_" in n,
+                             "_lora_separate/" in n))
+    return norm + [n for n in cases if not n.startswith("norm_")]
 
 
 def sweep(args, inputs, bench, L, torch):
@@ -358,9 +495,10 @@ def sweep(args, inputs, bench, L, torch):
     return out
 
 
-def check_targets(rows, qkv_rows, how: str) -> list[dict]:
+def check_targets(rows, qkv_rows, how: str, norm_rows=()) -> list[dict]:
     """Issue 4's target (lora_auto <= 1.10x NF4 alone) and the comparisons it asks for, with the figures,
-    on one set of timings (``how``: eager or graph replay)."""
+    on one set of timings (``how``: eager or graph replay); for the norm + projections groups the same
+    1.10x, of norm + fused LoRA projections over norm + NF4 projections."""
     out = []
 
     def verdict(name, ok, detail):
@@ -385,6 +523,22 @@ def check_targets(rows, qkv_rows, how: str) -> list[dict]:
             all(r["qkv_lora_fused"] < r["qkv_lora_separate"] for r in qkv) if qkv else None,
             ", ".join(f"M={r['M']} r={r['r']}: fused {r['qkv_lora_fused/nf4_only']:.3f}x, separate "
                       f"{r['qkv_lora_separate/nf4_only']:.3f}x" for r in qkv))
+    for group, what in (("qkv", "q/k/v"), ("gateup", "gate/up")):
+        rs = [r for r in norm_rows if r["group"] == group]
+        if not rs:
+            continue
+        fused, separate = f"norm_{group}_lora_fused", f"norm_{group}_lora_separate"
+        measured = [r for r in rs if r[f"{fused}/nf4_only"]]
+        verdict(f"norm + {what} LoRA projections, fused (rms_norm_lora), fwd+bwd <= 1.10x norm + NF4 {what} "
+                f"projections alone",
+                all(r[f"{fused}/nf4_only"] <= 1.10 for r in measured) if measured else None,
+                ", ".join(f"M={r['M']} r={r['r']}: fused {r[f'{fused}/nf4_only']:.3f}x"
+                          + (f", separate {r[f'{separate}/nf4_only']:.3f}x" if r[f"{separate}/nf4_only"] else "")
+                          for r in measured))
+        both = [r for r in rs if r[fused] and r[separate]]
+        verdict(f"norm + {what}: fused norm + LoRA faster than rms_norm_add then the separate LoRA calls",
+                all(r[fused] < r[separate] for r in both) if both else None,
+                ", ".join(f"M={r['M']} r={r['r']}: separate/fused {r[separate] / r[fused]:.2f}" for r in both))
     return out
 
 

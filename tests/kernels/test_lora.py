@@ -719,17 +719,28 @@ def test_bench_smoke():
                           text=True, env=env, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| shape" in proc.stdout and "targets" in proc.stdout and "tile sweep" in proc.stdout
+    # norm + projections: rms_norm_add then NF4 alone / the separate LoRA calls, and rms_norm_lora, with ratios
+    for group in ("qkv", "gateup"):
+        for case in ("nf4_only", "lora_separate", "lora_fused"):
+            assert f" norm_{group}_{case} |" in proc.stdout, case
+        assert f"norm_{group}_lora_fused/nf4_only" in proc.stdout
+    timed = [line for line in proc.stdout.splitlines() if line.startswith(("| norm+q/k/v ", "| norm+gate/up "))]
+    assert len(timed) == 2 and all("|  |" not in line for line in timed), timed  # every case timed
+    assert "norm + q/k/v LoRA projections, fused (rms_norm_lora), fwd+bwd <= 1.10x norm + NF4" in proc.stdout
+    assert "norm + gate/up LoRA projections, fused" in proc.stdout
+    assert "skipped: norm_lora_ok is false" not in proc.stdout and "not measured:" not in proc.stdout
     assert not list((ROOT / "bench" / "results").glob("lora-cpu-*.json")), "smoke mode must not write results"
 
 
 def test_bench_breakdown_smoke():
-    """--breakdown default profiles NF4 alone and the cublas and concat paths, one table each."""
+    """--breakdown default profiles NF4 alone and the cublas and concat paths, and norm + q/k/v with NF4
+    alone and fused, one table each."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "lora.py"), "--smoke", "--breakdown", "default"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("| kernel | calls_per | us_per | share |") == 3
-    for case in ("nf4_only/", "lora_cublas/", "lora_concat/"):
+    assert proc.stdout.count("| kernel | calls_per | us_per | share |") == 5
+    for case in ("nf4_only/", "lora_cublas/", "lora_concat/", "norm_qkv_nf4_only/", "norm_qkv_lora_fused/"):
         assert f"\n{case}" in proc.stdout
     bad = subprocess.run([sys.executable, str(ROOT / "bench" / "lora.py"), "--smoke", "--breakdown", "nope"],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
