@@ -100,6 +100,20 @@ PRESETS = {
                  "seed0": "i32:any", "seed1": "i32:any", "seed2": "i32:any", "threshold": "i32:any"},
                 {"stride_xk": 1, "P": 1, "DROPOUT": True, "R_PAD": 16, "BLOCK_M": 64, "BLOCK_K": 128,
                  "DOT_PRECISION": "tf32"}, 4, 3),
+    "norm_lora_fwd": ("bezoar_kernels.norm_lora", "_norm_lora_fwd_kernel",
+                      {"x_ptr": "*bf16", "res_ptr": "*bf16", "nw_ptr": "*bf16", "s_ptr": "*bf16", "rstd_ptr": "*fp32",
+                       "a_ptr": "*bf16", "xa_ptr": "*bf16", "wide_ptr": "*bf16", "eps": "fp32", "keep_scale": "fp32",
+                       "M": "i32:any", "seed0": "i32:any", "seed1": "i32:any", "seed2": "i32:any",
+                       "threshold": "i32:any"},
+                      {"P": 3, "HAS_RESIDUAL": True, "DROPOUT": True, "R_PAD": 16, "BLOCK_M": 16, "BLOCK_K": 128,
+                       "WIDTH": 16, "DOT_PRECISION": "tf32"}, 4, 3),
+    "norm_lora_bwd": ("bezoar_kernels.norm_lora", "_norm_lora_bwd_kernel",
+                      {"dhb_ptr": "*bf16", "g_ptr": "*bf16", "a_ptr": "*bf16", "s_ptr": "*bf16", "nw_ptr": "*bf16",
+                       "rstd_ptr": "*fp32", "ds_in_ptr": "*bf16", "ds_ptr": "*bf16", "keep_scale": "fp32",
+                       "M": "i32:any", "seed0": "i32:any", "seed1": "i32:any", "seed2": "i32:any",
+                       "threshold": "i32:any"},
+                      {"P": 3, "HAS_DS_IN": True, "DROPOUT": True, "R_PAD": 16, "BLOCK_M": 16, "BLOCK_K": 128,
+                       "DOT_PRECISION": "tf32"}, 4, 3),
 }
 COUNTED = re.compile(r"\b(LDGSTS|LDG|STG|LDSM|STSM|LDS|STS|HGMMA|HMMA|SHFL|BAR)(\.[A-Z0-9.]+)?")
 OPCODE = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)")

@@ -79,6 +79,11 @@ The base GEMM runs on one of six paths (``path``, chosen by M when "auto"):
   "dx_da" launch adds it over dx while it reduces dA: one extra read and write of y and of dx. It trades the fused epilogue for cuBLAS's GEMM, and on an
   H200 cuBLAS's GEMM won by more than the extra pass costs (``LARGE_M_PATH`` gives the figures).
 
+Where x is an RMSNorm's output (q/k/v, gate/up) and dropout is on, ``bezoar_kernels.norm_lora`` runs
+the norm and these projections as one computation on the ``concat`` layout: the masked down
+product and the wide operand come out of the norm's pass, and the masked dx term goes into the
+norm's backward, leaving dA and dB as the passes over activations that LoRA adds.
+
 Fused q/k/v (``lora_qkv``): three projections in each launch. The down and dA launches read a
 tile of x once from DRAM for the three (the three programs of one tile run side by side and
 share it through L2), the forward GEMM walks the column tiles of q, k and v over the same rows

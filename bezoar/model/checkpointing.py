@@ -76,6 +76,11 @@ def saved_call(fn: Callable, *args):
     return frame.call(fn, args)
 
 
+def in_cheap_frame() -> bool:
+    """Whether a ``cheap`` layer forward (or its recompute) is running on this thread."""
+    return getattr(_local, "frame", None) is not None
+
+
 def checkpoint_layer(layer: Callable, mode: str, *args):
     """``layer(*args)`` with activation checkpointing ``mode`` (see the module docstring)."""
     if mode == "off":

@@ -23,7 +23,7 @@ from bezoar_kernels.swiglu import swiglu
 
 from .checkpointing import checkpoint_layer, resolve_mode, saved_call
 from .config import LlamaConfig
-from .lora import fused_qkv
+from .lora import fused_norm_projections, fused_qkv
 
 
 # ---- attention with a mask (padding, KV cache) ------------------------------------------------------
@@ -87,14 +87,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c, self.n_kv_heads * d, **kw)
         self.o_proj = nn.Linear(self.n_heads * d, c, **kw)
 
-    def forward(self, x, cos, sin, ctx: "ForwardContext"):
+    def forward(self, x, cos, sin, ctx: "ForwardContext", qkv=None):
+        """``qkv``: the three projections of x already made (with the norm in front of them,
+        ``DecoderLayer``); x is then not read."""
         # saved_call marks the calls whose outputs "cheap" checkpointing keeps (bezoar.model.checkpointing)
-        B, T, _ = x.shape
-        # q, k, v in one call (one read of x) when the three are LoRA or NF4 layers of one kind
-        qkv = saved_call(fused_qkv, self.q_proj, self.k_proj, self.v_proj, x)
         if qkv is None:
-            qkv = (saved_call(self.q_proj, x), saved_call(self.k_proj, x), saved_call(self.v_proj, x))
+            # q, k, v in one call (one read of x) when the three are LoRA or NF4 layers of one kind
+            qkv = saved_call(fused_qkv, self.q_proj, self.k_proj, self.v_proj, x)
+            if qkv is None:
+                qkv = (saved_call(self.q_proj, x), saved_call(self.k_proj, x), saved_call(self.v_proj, x))
         q, k, v = qkv
+        B, T, _ = q.shape
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
@@ -119,8 +122,10 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, **kw)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, **kw)
 
-    def forward(self, x):
-        return saved_call(self.down_proj, swiglu(saved_call(self.gate_proj, x), saved_call(self.up_proj, x)))
+    def forward(self, x, gate_up=None):
+        """``gate_up``: the gate and up projections of x already made (``DecoderLayer``); x is then not read."""
+        gate, up = gate_up if gate_up is not None else (saved_call(self.gate_proj, x), saved_call(self.up_proj, x))
+        return saved_call(self.down_proj, swiglu(gate, up))
 
 
 class DecoderLayer(nn.Module):
@@ -134,13 +139,27 @@ class DecoderLayer(nn.Module):
     def forward(self, x, residual, cos, sin, ctx):
         """Takes the previous layer's output ``x`` and the residual stream before it; returns the same
         pair for the next layer, so each residual add is fused into the norm that follows it."""
-        if residual is None:  # the first layer, or the sum was taken in front (full checkpointing)
-            h, residual = rms_norm_keep(x, self.input_layernorm.weight, self.input_layernorm.eps)
+        attn, mlp = self.self_attn, self.mlp
+        # training with LoRA dropout: each norm and the projections that read it run as one computation
+        # (the masked LoRA passes ride in the norm's; bezoar_kernels.norm_lora), where they allow it
+        fused = fused_norm_projections(self.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj), x, residual,
+                                       seeds_together=True)
+        if fused is not None:
+            qkv, residual = fused
+            a = attn(None, cos, sin, ctx, qkv=qkv)
         else:
-            h, residual = rms_norm_add(x, residual, self.input_layernorm.weight, self.input_layernorm.eps)
-        a = self.self_attn(h, cos, sin, ctx)
+            if residual is None:  # the first layer, or the sum was taken in front (full checkpointing)
+                h, residual = rms_norm_keep(x, self.input_layernorm.weight, self.input_layernorm.eps)
+            else:
+                h, residual = rms_norm_add(x, residual, self.input_layernorm.weight, self.input_layernorm.eps)
+            a = attn(h, cos, sin, ctx)
+        fused = fused_norm_projections(self.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj), a, residual,
+                                       seeds_together=False)
+        if fused is not None:
+            gate_up, residual = fused
+            return mlp(None, gate_up), residual
         h, residual = rms_norm_add(a, residual, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
-        return self.mlp(h), residual
+        return mlp(h), residual
 
 
 class ForwardContext:

@@ -6,7 +6,9 @@ the start, s = alpha / r (or alpha / sqrt(r) with rsLoRA). The base is a dense `
 touching a weight (the DPO reference pass).
 
 The forward runs ``bezoar_kernels.lora`` (base product and LoRA path fused, Triton on CUDA, PEFT's
-arithmetic elsewhere); ``fused_qkv`` runs an attention block's q/k/v projections as one call.
+arithmetic elsewhere); ``fused_qkv`` runs an attention block's q/k/v projections as one call, and
+``fused_norm_projections`` runs them (or gate/up) together with the RMSNorm in front of them while
+training with dropout (``bezoar_kernels.norm_lora``).
 Dropout masks come from a seed drawn from torch's generator per call, so a run is reproducible
 and resumes bit for bit when torch's RNG state is restored.
 
@@ -30,6 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bezoar_kernels.lora import Adapter, draw_seed, lora_linear, lora_qkv
+from bezoar_kernels.norm_lora import norm_lora_ok, rms_norm_lora
+
+from .checkpointing import in_cheap_frame
 
 from .nf4 import NF4Linear
 
@@ -148,14 +153,11 @@ def compute_dtypes(base: nn.Module, x: torch.Tensor) -> tuple[torch.dtype, torch
     return base.weight.dtype, base.weight.dtype
 
 
-def fused_qkv(q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module, x: torch.Tensor):
-    """(q, k, v) from one fused call when the three projections allow it, else None.
-
-    Fusable: three LoRALinear with the same rank, dropout and on/off state over bases of one kind
-    (all NF4Linear with one blocksize, double quant and compute dtype, or all bias-free nn.Linear of
-    one dtype), or three NF4Linear without adapters. Outputs equal the three modules called one by one.
-    """
-    mods = (q_proj, k_proj, v_proj)
+def _fusable(mods) -> tuple[list, list | None, list] | None:
+    """(base weights, adapters or None, base modules) when the projections of one input can run as one
+    call: LoRALinear with the same rank, dropout and on/off state over bases of one kind (all NF4Linear
+    with one blocksize, double quant and compute dtype, or all bias-free nn.Linear of one dtype), or
+    NF4Linear without adapters; None otherwise."""
     if all(isinstance(m, LoRALinear) for m in mods):
         if len({(m.enabled, m.r, m.dropout_p, m.training) for m in mods}) != 1:
             return None
@@ -175,6 +177,17 @@ def fused_qkv(q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module, x: torch.
             return None
     else:
         return None
+    return weights, adapters, bases
+
+
+def fused_qkv(q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module, x: torch.Tensor):
+    """(q, k, v) from one fused call when the three projections allow it (``_fusable``), else None.
+    Outputs equal the three modules called one by one."""
+    mods = (q_proj, k_proj, v_proj)
+    parts = _fusable(mods)
+    if parts is None:
+        return None
+    weights, adapters, bases = parts
     dtype, out_dtype = compute_dtypes(bases[0], x)
     dropout = adapters is not None and mods[0].dropout_active
     seeds = draw_seed(3) if dropout else (0, 0, 0)
@@ -182,6 +195,33 @@ def fused_qkv(q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module, x: torch.
     training = bool(adapters is not None and mods[0].training)
     outputs = lora_qkv(x.to(dtype), weights, adapters, p, training, seeds)
     return tuple(o.to(out_dtype) for o in outputs)
+
+
+def fused_norm_projections(norm: nn.Module, mods, x: torch.Tensor, residual: torch.Tensor | None,
+                           seeds_together: bool):
+    """``((y_j, ...), s)`` from ``rms_norm_lora``: the norm (of x + residual, or of x carried on as s) and
+    the LoRA projections that read its output, in one computation, when they allow it; else None, and
+    the caller runs the norm and the projections as separate calls.
+
+    It applies to enabled LoRALinear projections (``_fusable``) training with dropout, computing in x's
+    dtype, where ``norm_lora_ok`` takes the tensors, and not inside a ``cheap`` checkpointed layer
+    (which keeps the outputs of its expensive calls: here that would keep s, which it recomputes
+    otherwise). The dropout seeds are drawn as the separate calls draw them: three at once for
+    ``fused_qkv`` (``seeds_together``), one per module for LoRALinear.forward, so either way of running
+    a layer gives the same masks from the same torch RNG state."""
+    if in_cheap_frame() or not all(isinstance(m, LoRALinear) and m.enabled and m.dropout_active for m in mods):
+        return None
+    parts = _fusable(mods)
+    if parts is None:
+        return None
+    weights, adapters, bases = parts
+    dtype, out_dtype = compute_dtypes(bases[0], x)
+    p = mods[0].dropout_p
+    if dtype != x.dtype or out_dtype != x.dtype or not norm_lora_ok(x, residual, norm.weight, weights, adapters, p,
+                                                                    True):
+        return None
+    seeds = draw_seed(len(mods)) if seeds_together else [draw_seed()[0] for _ in mods]
+    return rms_norm_lora(x, residual, norm.weight, norm.eps, weights, adapters, p, True, seeds)
 
 
 def _module_device(module: nn.Module):

@@ -233,3 +233,56 @@ def test_fused_norm_lora_on_gpu_matches_separate_calls(residual):
     assert_close(got[2][0].float(), want[2][0].float(), 2e-2, 2e-2, name="dx")
     for i, (a, b) in enumerate(zip(got[2][2:], want[2][2:])):
         assert_close(a, b, 1e-2 * b.abs().max().item(), 1e-2, name=f"d{'AB'[i % 2]}[{i // 2}]")
+
+
+def _tiny_model(tiny_dir, targets):
+    from bezoar.model import load
+    from bezoar.model.lora import LoraConfig, apply_lora, lora_parameters
+
+    # fp32 compute: the interpreter's bf16 dot is wrong
+    model = load(tiny_dir, quant="nf4", device="cpu", dtype=torch.float32, nf4_compute_dtype=torch.float32)
+    apply_lora(model, LoraConfig(r=8, alpha=16, dropout=0.1, targets=targets))
+    with torch.no_grad():
+        for i, p in enumerate(lora_parameters(model)):
+            p.copy_(0.05 * torch.randn(p.shape, generator=_gen(i)))
+    return model.train()
+
+
+@pytest.mark.parametrize("targets,per_layer", [(["q_proj", "k_proj", "v_proj"], 1),
+                                               (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"], 2)])
+def test_model_runs_the_fused_norm_and_equals_the_reference(monkeypatch, tiny_dir, targets, per_layer):
+    """A LoRA model training with dropout runs each norm and the projections that read it as one call
+    (q/k/v; gate/up when adapted) on the Triton backend, and its logits and LoRA grads equal the torch
+    backend's (the separate reference calls), given the same torch seed: the same masks either way.
+    With ``full`` checkpointing the recompute runs the fused call again; ``cheap`` uses the separate calls."""
+    ran = []
+    monkeypatch.setattr(NL, "_norm_lora_forward", lambda *a, _f=NL._norm_lora_forward: ran.append(1) or _f(*a))
+    model = _tiny_model(tiny_dir, targets)
+    layers = model.config.num_hidden_layers
+    ids = torch.randint(3, 500, (2, 9), generator=_gen(5))
+
+    def step(name, mode="off"):
+        model.gradient_checkpointing = mode
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(42)
+        with backend(name):
+            logits = model(ids)
+            logits.float().square().mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    want = step("torch")
+    assert ran == []
+    for mode, calls in (("off", 1), ("full", 2), ("cheap", 0)):
+        ran.clear()
+        got = step("triton", mode)
+        assert len(ran) == calls * per_layer * layers, mode
+        assert_close(got[0], want[0], 1e-4, 1e-4, name=f"{mode} logits")
+        assert got[1].keys() == want[1].keys()
+        for n in want[1]:
+            assert_close(got[1][n], want[1][n], 1e-4, 1e-3, name=f"{mode} grad {n}")
+    model.eval()  # no dropout: the merged / separate paths
+    ran.clear()
+    with backend("triton"), torch.no_grad():
+        model(ids)
+    assert ran == []

@@ -115,3 +115,18 @@ def test_dequantize_uses_wide_loads_and_stores(even):
     assert counts.get("LDG.E.U8", 0) <= 1, counts  # only the one absmax byte of double quantization
     assert counts.get("STG.E.128", 0) >= 1, counts
     assert not any(k.startswith("STG") and k not in ("STG.E.128", "STG.E.64") for k in counts), counts
+
+
+@pytest.mark.parametrize("kernel", ["norm_lora_fwd", "norm_lora_bwd"])
+@pytest.mark.parametrize("p,r_pad,block_k", [(3, 16, 128), (1, 16, 128), (3, 64, 64)])
+def test_norm_lora_kernels_do_not_spill_and_meet_between_passes(kernel, p, r_pad, block_k):
+    """The fused RMSNorm + LoRA kernels at the launcher's tiles (16 rows; 128 columns for r <= 32, 64 up to
+    r = 64): no spills, 16-byte stores of h / ds, and a CTA barrier between the two passes over a row
+    block (the second pass reads what the first stored: s in the forward, dh in the backward)."""
+    info = json.loads(_sass(kernel, "--meta", f"P={p}", "--meta", f"R_PAD={r_pad}", "--meta", f"BLOCK_K={block_k}",
+                            "--json"))
+    assert "STACK:0" in info["usage"], info["usage"]
+    counts = info["counts"]
+    assert counts.get("STG.E.128", 0) >= 1, counts
+    assert any(k.startswith("BAR.SYNC") for k in counts), counts
+    assert counts.get("HMMA.16816.F32.BF16", 0) >= p, counts  # the rank-r products on tensor cores
