@@ -43,7 +43,7 @@ BENCHES=(
   "kernels 90"
   "nf4 80"
   "generate 180 --batches 1"
-  "lora 120"
+  "lora 120 --budget @SOON@"
 )
 
 OUT_DIR=${OUT:-/tmp/bezoar-gpu-out}  # $OUT is set on the device machine
@@ -101,7 +101,9 @@ for entry in "${ORDER[@]}"; do
   if [ "$ASKED" = 1 ] || [ "$left" -lt "$limit" ]; then  # one bench asked for: all of the budget
     limit=$left
   fi
+  # step needs ~90 s after its last case starts (its memory and DPO comparisons); lora only a case's worth
   extra=${extra//@BUDGET@/$((limit > 100 ? limit - 90 : 10))}
+  extra=${extra//@SOON@/$((limit > 35 ? limit - 25 : 10))}
   log "$script (limit ${limit}s)"
   # shellcheck disable=SC2086  # $extra holds separate arguments
   if run timeout --signal=INT --kill-after=15 "$limit" "$PYTHON" "$script" $extra; then

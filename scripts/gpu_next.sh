@@ -5,9 +5,11 @@
 # not stop the rest; logs and the results JSON land in $OUT.
 #
 #   1. the GPU tests (scripts/gpu_check.sh --gpu-only, GPU_TEST_LIMIT seconds, default 120);
-#   2. bench/lora.py through scripts/gpu_bench.sh (cublas against concat, both with the one-pass
-#      dx + dA launch and the pair-hashed dropout mask);
-#   3. bench/lora.py --breakdown default: GPU time per kernel of NF4 alone, cublas and concat;
+#   2. bench/lora.py through scripts/gpu_bench.sh: first RMSNorm + q/k/v (and gate/up) with the fused
+#      rms_norm_lora against the norm and the separate LoRA calls, then cublas against concat, both
+#      with the one-pass dx + dA launch and the pair-hashed dropout mask;
+#   3. bench/lora.py --breakdown default: GPU time per kernel of NF4 alone, cublas, concat and the
+#      fused norm + q/k/v;
 #      bench/lora.py --dropout 0 on two shapes: the merged path (the LoRA term folded into W);
 #   4. bench/nf4.py --timing graph with the gemv and dequantize sweeps (the one-tile gemv kernel);
 #   5. bench/generate.py --breakdown 16: a decode step per kernel, gemv off and on.
