@@ -26,11 +26,15 @@ there is an adapter; ``torch.autograd.grad``, so nothing accumulates):
   ``norm_qkv_lora_separate`` (``rms_norm_add`` then ``lora_qkv``, path "auto") and
   ``norm_qkv_lora_fused`` (``rms_norm_lora``); gate/up (8640x3200 x2, when that shape is in the
   run): ``norm_gateup_nf4_only``, ``norm_gateup_lora_separate`` (two ``lora_linear`` calls) and
-  ``norm_gateup_lora_fused``. These are measured first (M = 16384, r = 16 at the front).
+  ``norm_gateup_lora_fused``. SwiGLU + down (3200x8640, when that shape is in the run): gate and up
+  (M, 8640) in, ``swiglu_down_nf4_only`` (``swiglu`` then the NF4 matmul), ``swiglu_down_lora_separate``
+  (``swiglu`` then ``lora_linear``, path "auto") and ``swiglu_down_lora_fused`` (``swiglu_lora``).
+  These groups are measured first (M = 16384, r = 16 at the front).
 
-Ratios are over ``nf4_only`` (``qkv_nf4_only`` for q/k/v, ``norm_<group>_nf4_only`` for the norm
-groups); the target of issue 4 is ``lora_auto / nf4_only <= 1.10`` at every shape, M and r, and is
-also reported for the fused norm cases (norm + LoRA projections over norm + NF4 projections).
+Ratios are over ``nf4_only`` (``qkv_nf4_only`` for q/k/v, ``<group>_nf4_only`` for the norm and
+SwiGLU groups); the target of issue 4 is ``lora_auto / nf4_only <= 1.10`` at every shape, M and r,
+and is also reported for the fused groups (producer + LoRA projections over producer + NF4
+projections).
 ``--budget SECONDS`` (or a SIGINT, which ``timeout --signal=INT`` sends) stops starting cases; the
 tables and the JSON then hold what was measured and list the rest as skipped. ``--sweep`` also
 times a grid of tile configs for the Triton GEMM of the dequant path. Usage::
@@ -67,8 +71,15 @@ LORA_PEERS = ["lora_auto", "lora_dequant", "lora_cublas", "lora_concat", "lora_m
 QKV_PEERS = ["qkv_lora_fused", "qkv_lora_concat", "qkv_lora_separate"]
 # norm + projections: group -> ((N, K) of each projection, how many), and at smoke size (K a multiple
 # of the NF4 blocksize 64, which the fused path needs)
-NORM_GROUPS = {"qkv": ((3200, 3200), 3), "gateup": ((8640, 3200), 2)}
-SMOKE_NORM_SHAPES = {"qkv": (64, 128), "gateup": (96, 128)}
+# and the SwiGLU + down_proj group (``swiglu_down``: the LoRA input is act = silu(gate) * up, (M, 8640))
+NORM_GROUPS = {"norm_qkv": ((3200, 3200), 3), "norm_gateup": ((8640, 3200), 2), "swiglu_down": ((3200, 8640), 1)}
+SMOKE_NORM_SHAPES = {"norm_qkv": (64, 128), "norm_gateup": (96, 128), "swiglu_down": (64, 192)}
+GROUP_LABELS = {"norm_qkv": ("norm+q/k/v", "RMSNorm + q/k/v projections (rms_norm_add then the projections, or "
+                             "rms_norm_lora)"),
+                "norm_gateup": ("norm+gate/up", "RMSNorm + gate/up projections (rms_norm_add then the projections, "
+                                "or rms_norm_lora)"),
+                "swiglu_down": ("swiglu+down", "SwiGLU + down projection (swiglu then the projection, or "
+                                "swiglu_lora)")}
 NORM_PEERS = ["lora_separate", "lora_fused"]
 NORM_EPS = 1e-6  # OpenLLaMA's rms_norm_eps
 
@@ -92,6 +103,7 @@ def parse_args():
 BREAKDOWN_DEFAULT = [f"{case}/{shape}/M=16384{rank}" for shape in ("3200x3200", "8640x3200")
                      for case, rank in (("nf4_only", ""), ("lora_cublas", "/r=16"), ("lora_concat", "/r=16"))]
 BREAKDOWN_DEFAULT += ["norm_qkv_nf4_only/M=16384", "norm_qkv_lora_fused/M=16384/r=16"]
+GROUP_PREFIXES = tuple(f"{g}_" for g in NORM_GROUPS)
 BREAKDOWN_CALLS = 20
 
 
@@ -125,6 +137,7 @@ def main() -> int:
     from bezoar_kernels import nf4
     from bezoar_kernels import nf4_matmul as mm
     from bezoar_kernels import norm_lora as NL
+    from bezoar_kernels import swiglu_lora as SL
     from bezoar_kernels.dispatch import backend
     from bezoar_kernels.rmsnorm import rms_norm_add
 
@@ -260,11 +273,15 @@ def main() -> int:
         norm_notes.append("norm + projections cases skipped: the fused norm + LoRA path is for dropout > 0")
     else:
         for group, (shape, count) in NORM_GROUPS.items():
-            if group == "gateup" and not args.smoke and shape not in shapes:
+            if group != "norm_qkv" and not args.smoke and shape not in shapes:
                 continue
             norm_groups[group] = (SMOKE_NORM_SHAPES[group] if args.smoke else shape), count
     for group, ((gn, gk), count) in norm_groups.items():
-        label = f"norm+{'q/k/v' if group == 'qkv' else 'gate/up'} {gn}x{gk}"
+        label = f"{GROUP_LABELS[group][0]} {gn}x{gk}"
+        if group == "swiglu_down":
+            add_swiglu_cases(add, group, label, gn, gk, ms, ranks, randn, fwd_bwd, p_drop, norm_notes, nf4, mm, L, SL,
+                             backend, torch)
+            continue
         with backend("triton"):
             gw = [nf4.quantize_nf4(randn(gn, gk, scale=0.02), 64, True) for _ in range(count)]
         nw = (1 + 0.1 * torch.randn(gk, generator=gen, device=device, dtype=torch.float32)).to(dtype)
@@ -279,8 +296,8 @@ def main() -> int:
                 h, s = rms_norm_add(x, res, nw, NORM_EPS)
                 return (*(mm.nf4_matmul_triton(h, w) for w in gw), s)
 
-            add(f"norm_{group}_nf4_only/M={m}", fwd_bwd(norm_nf4, [x, res], dys),
-                peer=f"norm_{group}_nf4_only", r=None, **key)
+            add(f"{group}_nf4_only/M={m}", fwd_bwd(norm_nf4, [x, res], dys),
+                peer=f"{group}_nf4_only", r=None, **key)
             for r in ranks:
                 ads = [L.Adapter(randn(r, gk, scale=1 / gk ** 0.5, dt=torch.float32).requires_grad_(True),
                                  randn(gn, r, scale=0.02, dt=torch.float32).requires_grad_(True), 16 / r)
@@ -298,15 +315,15 @@ def main() -> int:
                     outputs, s = NL.rms_norm_lora(x, res, nw, NORM_EPS, gw, ads, p_drop, True, seeds)
                     return (*outputs, s)
 
-                add(f"norm_{group}_lora_separate/M={m}/r={r}", fwd_bwd(norm_separate, params, dys),
-                    peer=f"norm_{group}_lora_separate", **dict(key, r=r))
+                add(f"{group}_lora_separate/M={m}/r={r}", fwd_bwd(norm_separate, params, dys),
+                    peer=f"{group}_lora_separate", **dict(key, r=r))
                 with backend("triton"):
                     fused_ok = NL.norm_lora_ok(x, res, nw, gw, ads, p_drop, True)
                 if fused_ok:
-                    add(f"norm_{group}_lora_fused/M={m}/r={r}", fwd_bwd(norm_fused, params, dys),
-                        peer=f"norm_{group}_lora_fused", **dict(key, r=r))
+                    add(f"{group}_lora_fused/M={m}/r={r}", fwd_bwd(norm_fused, params, dys),
+                        peer=f"{group}_lora_fused", **dict(key, r=r))
                 else:  # it would time the torch reference, not the kernels
-                    norm_notes.append(f"norm_{group}_lora_fused/M={m}/r={r} skipped: norm_lora_ok is false")
+                    norm_notes.append(f"{group}_lora_fused/M={m}/r={r} skipped: norm_lora_ok is false")
 
     if args.breakdown:
         return breakdown(args, cases, backend)
@@ -387,15 +404,15 @@ def main() -> int:
         norm_rows = []
         for group, ((gn, gk), _) in norm_groups.items():
             for m in ms:
-                base_name = f"norm_{group}_nf4_only"
+                base_name = f"{group}_nf4_only"
                 base = times.get(f"{base_name}/M={m}")
                 for r in ranks:
                     row = {"shape": meta[f"{base_name}/M={m}"]["shape"], "group": group, "M": m, "r": r,
                            base_name: base}
                     for peer in NORM_PEERS:
-                        t = times.get(f"norm_{group}_{peer}/M={m}/r={r}")
-                        row[f"norm_{group}_{peer}"] = t
-                        row[f"norm_{group}_{peer}/nf4_only"] = t / base if t and base else None
+                        t = times.get(f"{group}_{peer}/M={m}/r={r}")
+                        row[f"{group}_{peer}"] = t
+                        row[f"{group}_{peer}/nf4_only"] = t / base if t and base else None
                     norm_rows.append(row)
         return rows, qkv_rows, norm_rows
 
@@ -410,11 +427,11 @@ def main() -> int:
         print(common.markdown_table(qkv_rows, ["shape", "M", "r", "qkv_nf4_only"] + QKV_PEERS
                                     + [f"{p}/nf4_only" for p in QKV_PEERS]))
         for group in norm_groups:
-            peers = [f"norm_{group}_{p}" for p in NORM_PEERS]
-            print(f"\nRMSNorm + {'q/k/v' if group == 'qkv' else 'gate/up'} projections (rms_norm_add then the "
-                  f"projections, or rms_norm_lora), forward + backward, ms, {how}; ratios over norm + NF4 alone\n")
+            peers = [f"{group}_{p}" for p in NORM_PEERS]
+            print(f"\n{GROUP_LABELS[group][1]}, forward + backward, ms, {how}; ratios over the same with NF4 "
+                  "alone\n")
             print(common.markdown_table([r for r in norm_rows if r["group"] == group],
-                                        ["shape", "M", "r", f"norm_{group}_nf4_only"] + peers
+                                        ["shape", "M", "r", f"{group}_nf4_only"] + peers
                                         + [f"{p}/nf4_only" for p in peers]))
 
     show(rows, qkv_rows, norm_rows, "eager (host launch gaps included)")
@@ -449,16 +466,54 @@ def main() -> int:
     return 0
 
 
+def add_swiglu_cases(add, group, label, n, f, ms, ranks, randn, fwd_bwd, p_drop, notes, nf4, mm, L, SL, backend,
+                     torch):
+    """SwiGLU + down_proj: gate and up (M, F) in, W (N, F) in NF4; ``swiglu`` then the NF4 matmul, then the
+    separate LoRA call (path "auto"), against ``swiglu_lora``; gradients of gate, up and the adapter."""
+    from bezoar_kernels.swiglu import swiglu
+
+    with backend("triton"):
+        w = nf4.quantize_nf4(randn(n, f, scale=0.02), 64, True)
+    for m in ms:
+        gate = randn(m, f).requires_grad_(True)
+        up = randn(m, f).requires_grad_(True)
+        dy = (randn(m, n),)
+        key = dict(shape=label, M=m)
+        add(f"{group}_nf4_only/M={m}", fwd_bwd(lambda g=gate, u=up: (mm.nf4_matmul_triton(swiglu(g, u), w),),
+                                                 [gate, up], dy),
+            peer=f"{group}_nf4_only", r=None, **key)
+        for r in ranks:
+            a = randn(r, f, scale=1 / f ** 0.5, dt=torch.float32).requires_grad_(True)
+            b = randn(n, r, scale=0.02, dt=torch.float32).requires_grad_(True)
+            params = [gate, up, a, b]
+
+            def separate(g=gate, u=up, a=a, b=b, r=r):
+                return (L.lora_linear_triton(swiglu(g, u), w, a, b, 16 / r, p_drop, True, 1),)
+
+            def fused(g=gate, u=up, a=a, b=b, r=r):
+                return (SL.swiglu_lora(g, u, w, a, b, 16 / r, p_drop, True, 1),)
+
+            add(f"{group}_lora_separate/M={m}/r={r}", fwd_bwd(separate, params, dy),
+                peer=f"{group}_lora_separate", **dict(key, r=r))
+            with backend("triton"):
+                ok = SL.swiglu_lora_ok(gate, up, w, L.Adapter(a, b, 16 / r), p_drop, True)
+            if ok:
+                add(f"{group}_lora_fused/M={m}/r={r}", fwd_bwd(fused, params, dy),
+                    peer=f"{group}_lora_fused", **dict(key, r=r))
+            else:  # it would time the torch reference, not the kernels
+                notes.append(f"{group}_lora_fused/M={m}/r={r} skipped: swiglu_lora_ok is false")
+
+
 def measure_order(cases: dict, meta: dict, ms: list[int], ranks: list[int]) -> list[str]:
     """The cases in the order they are timed: the norm + projections groups first (the newest figures,
     at the front of a run that a time limit may cut short), their largest M at the first rank ahead of
     the rest (q/k/v before gate/up; NF4 alone, fused, then separate), then every other case in the order
     it was added."""
-    norm = [n for n in cases if n.startswith("norm_")]
+    norm = [n for n in cases if n.startswith(GROUP_PREFIXES)]
     top_m, top_r = max(ms), ranks[0]
-    norm.sort(key=lambda n: (not (meta[n]["M"] == top_m and meta[n]["r"] in (None, top_r)), "_gateup_" in n,
-                             "_lora_separate/" in n))
-    return norm + [n for n in cases if not n.startswith("norm_")]
+    norm.sort(key=lambda n: (not (meta[n]["M"] == top_m and meta[n]["r"] in (None, top_r)),
+                             [n.startswith(g) for g in GROUP_PREFIXES].index(True), "_lora_separate/" in n))
+    return norm + [n for n in cases if not n.startswith(GROUP_PREFIXES)]
 
 
 def sweep(args, inputs, bench, L, torch):
@@ -523,20 +578,22 @@ def check_targets(rows, qkv_rows, how: str, norm_rows=()) -> list[dict]:
             all(r["qkv_lora_fused"] < r["qkv_lora_separate"] for r in qkv) if qkv else None,
             ", ".join(f"M={r['M']} r={r['r']}: fused {r['qkv_lora_fused/nf4_only']:.3f}x, separate "
                       f"{r['qkv_lora_separate/nf4_only']:.3f}x" for r in qkv))
-    for group, what in (("qkv", "q/k/v"), ("gateup", "gate/up")):
+    for group, (producer, what, op) in (("norm_qkv", ("norm", "q/k/v", "rms_norm_lora")),
+                                        ("norm_gateup", ("norm", "gate/up", "rms_norm_lora")),
+                                        ("swiglu_down", ("swiglu", "down", "swiglu_lora"))):
         rs = [r for r in norm_rows if r["group"] == group]
         if not rs:
             continue
-        fused, separate = f"norm_{group}_lora_fused", f"norm_{group}_lora_separate"
+        fused, separate = f"{group}_lora_fused", f"{group}_lora_separate"
         measured = [r for r in rs if r[f"{fused}/nf4_only"]]
-        verdict(f"norm + {what} LoRA projections, fused (rms_norm_lora), fwd+bwd <= 1.10x norm + NF4 {what} "
+        verdict(f"{producer} + {what} LoRA projections, fused ({op}), fwd+bwd <= 1.10x {producer} + NF4 {what} "
                 f"projections alone",
                 all(r[f"{fused}/nf4_only"] <= 1.10 for r in measured) if measured else None,
                 ", ".join(f"M={r['M']} r={r['r']}: fused {r[f'{fused}/nf4_only']:.3f}x"
                           + (f", separate {r[f'{separate}/nf4_only']:.3f}x" if r[f"{separate}/nf4_only"] else "")
                           for r in measured))
         both = [r for r in rs if r[fused] and r[separate]]
-        verdict(f"norm + {what}: fused norm + LoRA faster than rms_norm_add then the separate LoRA calls",
+        verdict(f"{producer} + {what}: fused {producer} + LoRA faster than {producer} then the separate LoRA calls",
                 all(r[fused] < r[separate] for r in both) if both else None,
                 ", ".join(f"M={r['M']} r={r['r']}: separate/fused {r[separate] / r[fused]:.2f}" for r in both))
     return out

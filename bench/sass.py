@@ -114,6 +114,17 @@ PRESETS = {
                        "threshold": "i32:any"},
                       {"P": 3, "HAS_DS_IN": True, "DROPOUT": True, "R_PAD": 16, "BLOCK_M": 16, "BLOCK_K": 128,
                        "DOT_PRECISION": "tf32"}, 4, 3),
+    "swiglu_lora_fwd": ("bezoar_kernels.swiglu_lora", "_swiglu_lora_fwd_kernel",
+                        {"gate_ptr": "*bf16", "up_ptr": "*bf16", "a_ptr": "*bf16", "xa_ptr": "*bf16",
+                         "wide_ptr": "*bf16", "keep_scale": "fp32", "M": "i32:any", "seed": "i32:any",
+                         "threshold": "i32:any"},
+                        {"DROPOUT": True, "R_PAD": 16, "BLOCK_M": 16, "BLOCK_K": 128, "WIDTH": 16,
+                         "DOT_PRECISION": "tf32"}, 4, 3),
+    "swiglu_lora_bwd": ("bezoar_kernels.swiglu_lora", "_swiglu_lora_bwd_kernel",
+                        {"dab_ptr": "*bf16", "g_ptr": "*bf16", "a_ptr": "*bf16", "gate_ptr": "*bf16", "up_ptr": "*bf16",
+                         "dgate_ptr": "*bf16", "dup_ptr": "*bf16", "keep_scale": "fp32", "M": "i32:any",
+                         "seed": "i32:any", "threshold": "i32:any"},
+                        {"DROPOUT": True, "R_PAD": 16, "BLOCK_M": 16, "BLOCK_K": 128, "DOT_PRECISION": "tf32"}, 4, 3),
 }
 COUNTED = re.compile(r"\b(LDGSTS|LDG|STG|LDSM|STSM|LDS|STS|HGMMA|HMMA|SHFL|BAR)(\.[A-Z0-9.]+)?")
 OPCODE = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)")

@@ -83,6 +83,7 @@ Where x is an RMSNorm's output (q/k/v, gate/up) and dropout is on, ``bezoar_kern
 the norm and these projections as one computation on the ``concat`` layout: the masked down
 product and the wide operand come out of the norm's pass, and the masked dx term goes into the
 norm's backward, leaving dA and dB as the passes over activations that LoRA adds.
+``bezoar_kernels.swiglu_lora`` does the same for down_proj, whose x is SwiGLU's output.
 
 Fused q/k/v (``lora_qkv``): three projections in each launch. The down and dA launches read a
 tile of x once from DRAM for the three (the three programs of one tile run side by side and

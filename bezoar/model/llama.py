@@ -23,7 +23,7 @@ from bezoar_kernels.swiglu import swiglu
 
 from .checkpointing import checkpoint_layer, resolve_mode, saved_call
 from .config import LlamaConfig
-from .lora import fused_norm_projections, fused_qkv
+from .lora import fused_norm_projections, fused_qkv, fused_swiglu_projection
 
 
 # ---- attention with a mask (padding, KV cache) ------------------------------------------------------
@@ -125,6 +125,10 @@ class MLP(nn.Module):
     def forward(self, x, gate_up=None):
         """``gate_up``: the gate and up projections of x already made (``DecoderLayer``); x is then not read."""
         gate, up = gate_up if gate_up is not None else (saved_call(self.gate_proj, x), saved_call(self.up_proj, x))
+        # training with LoRA dropout on down_proj: the SwiGLU and the projection as one computation
+        y = fused_swiglu_projection(self.down_proj, gate, up)
+        if y is not None:
+            return y
         return saved_call(self.down_proj, swiglu(gate, up))
 
 

@@ -8,7 +8,8 @@ touching a weight (the DPO reference pass).
 The forward runs ``bezoar_kernels.lora`` (base product and LoRA path fused, Triton on CUDA, PEFT's
 arithmetic elsewhere); ``fused_qkv`` runs an attention block's q/k/v projections as one call, and
 ``fused_norm_projections`` runs them (or gate/up) together with the RMSNorm in front of them while
-training with dropout (``bezoar_kernels.norm_lora``).
+training with dropout (``bezoar_kernels.norm_lora``), and ``fused_swiglu_projection`` the SwiGLU with
+down_proj (``bezoar_kernels.swiglu_lora``).
 Dropout masks come from a seed drawn from torch's generator per call, so a run is reproducible
 and resumes bit for bit when torch's RNG state is restored.
 
@@ -33,6 +34,7 @@ from torch import nn
 
 from bezoar_kernels.lora import Adapter, draw_seed, lora_linear, lora_qkv
 from bezoar_kernels.norm_lora import norm_lora_ok, rms_norm_lora
+from bezoar_kernels.swiglu_lora import swiglu_lora, swiglu_lora_ok
 
 from .checkpointing import in_cheap_frame
 
@@ -222,6 +224,25 @@ def fused_norm_projections(norm: nn.Module, mods, x: torch.Tensor, residual: tor
         return None
     seeds = draw_seed(len(mods)) if seeds_together else [draw_seed()[0] for _ in mods]
     return rms_norm_lora(x, residual, norm.weight, norm.eps, weights, adapters, p, True, seeds)
+
+
+def fused_swiglu_projection(down_proj: nn.Module, gate: torch.Tensor, up: torch.Tensor):
+    """``down_proj(silu(gate) * up)`` from one ``swiglu_lora`` call (the SwiGLU and the masked LoRA passes
+    over its output in one computation) when down_proj is an enabled LoRALinear training with dropout
+    over a bias-free base of gate's dtype that the kernels take, outside a ``cheap`` checkpointed layer;
+    else None. The seed is drawn as LoRALinear.forward draws it."""
+    if in_cheap_frame() or not (isinstance(down_proj, LoRALinear) and down_proj.enabled and down_proj.dropout_active):
+        return None
+    parts = _fusable((down_proj,))
+    if parts is None:
+        return None
+    (weight,), (adapter,), (base,) = parts
+    dtype, out_dtype = compute_dtypes(base, gate)
+    p = down_proj.dropout_p
+    if dtype != gate.dtype or out_dtype != gate.dtype or not swiglu_lora_ok(gate, up, weight, adapter, p, True):
+        return None
+    seed = draw_seed()[0]
+    return swiglu_lora(gate, up, weight, adapter.lora_a, adapter.lora_b, adapter.scaling, p, True, seed)
 
 
 def _module_device(module: nn.Module):

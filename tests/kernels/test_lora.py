@@ -720,15 +720,18 @@ def test_bench_smoke():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| shape" in proc.stdout and "targets" in proc.stdout and "tile sweep" in proc.stdout
     # norm + projections: rms_norm_add then NF4 alone / the separate LoRA calls, and rms_norm_lora, with ratios
-    for group in ("qkv", "gateup"):
+    # and swiglu then the NF4 down projection / the separate LoRA call, against swiglu_lora
+    for group in ("norm_qkv", "norm_gateup", "swiglu_down"):
         for case in ("nf4_only", "lora_separate", "lora_fused"):
-            assert f" norm_{group}_{case} |" in proc.stdout, case
-        assert f"norm_{group}_lora_fused/nf4_only" in proc.stdout
-    timed = [line for line in proc.stdout.splitlines() if line.startswith(("| norm+q/k/v ", "| norm+gate/up "))]
-    assert len(timed) == 2 and all("|  |" not in line for line in timed), timed  # every case timed
+            assert f" {group}_{case} |" in proc.stdout, case
+        assert f"{group}_lora_fused/nf4_only" in proc.stdout
+    timed = [line for line in proc.stdout.splitlines()
+             if line.startswith(("| norm+q/k/v ", "| norm+gate/up ", "| swiglu+down "))]
+    assert len(timed) == 3 and all("|  |" not in line for line in timed), timed  # every case timed
     assert "norm + q/k/v LoRA projections, fused (rms_norm_lora), fwd+bwd <= 1.10x norm + NF4" in proc.stdout
     assert "norm + gate/up LoRA projections, fused" in proc.stdout
-    assert "skipped: norm_lora_ok is false" not in proc.stdout and "not measured:" not in proc.stdout
+    assert "swiglu + down LoRA projections, fused (swiglu_lora)" in proc.stdout
+    assert "_ok is false" not in proc.stdout and "not measured:" not in proc.stdout
     assert not list((ROOT / "bench" / "results").glob("lora-cpu-*.json")), "smoke mode must not write results"
 
 

@@ -235,6 +235,15 @@ def test_fused_norm_lora_on_gpu_matches_separate_calls(residual):
         assert_close(a, b, 1e-2 * b.abs().max().item(), 1e-2, name=f"d{'AB'[i % 2]}[{i // 2}]")
 
 
+@pytest.fixture(scope="module")
+def tiny192_dir():
+    """The tiny Llama with an intermediate size of 192 (the preset's 176 is not a multiple of the NF4
+    blocksize, which the fused SwiGLU + down_proj path needs)."""
+    from bezoar.model.tiny import build_tiny_model
+
+    return build_tiny_model("tiny", intermediate_size=192)
+
+
 def _tiny_model(tiny_dir, targets):
     from bezoar.model import load
     from bezoar.model.lora import LoraConfig, apply_lora, lora_parameters
@@ -248,17 +257,25 @@ def _tiny_model(tiny_dir, targets):
     return model.train()
 
 
-@pytest.mark.parametrize("targets,per_layer", [(["q_proj", "k_proj", "v_proj"], 1),
-                                               (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                 "down_proj"], 2)])
-def test_model_runs_the_fused_norm_and_equals_the_reference(monkeypatch, tiny_dir, targets, per_layer):
+@pytest.mark.parametrize("targets,per_layer,swiglu_per_layer", [
+    (["q_proj", "k_proj", "v_proj"], 1, 0),
+    (["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], 1, 1),
+    (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 2, 1),
+])
+def test_model_runs_the_fused_norm_and_equals_the_reference(monkeypatch, tiny192_dir, targets, per_layer,
+                                                            swiglu_per_layer):
     """A LoRA model training with dropout runs each norm and the projections that read it as one call
-    (q/k/v; gate/up when adapted) on the Triton backend, and its logits and LoRA grads equal the torch
-    backend's (the separate reference calls), given the same torch seed: the same masks either way.
-    With ``full`` checkpointing the recompute runs the fused call again; ``cheap`` uses the separate calls."""
-    ran = []
+    (q/k/v; gate/up when adapted), and the SwiGLU with an adapted down_proj, on the Triton backend; its
+    logits and LoRA grads equal the torch backend's (the separate reference calls), given the same torch
+    seed: the same masks either way. With ``full`` checkpointing the recompute runs the fused calls
+    again; ``cheap`` uses the separate calls."""
+    from bezoar_kernels import swiglu_lora as SL
+
+    ran, ran_swiglu = [], []
     monkeypatch.setattr(NL, "_norm_lora_forward", lambda *a, _f=NL._norm_lora_forward: ran.append(1) or _f(*a))
-    model = _tiny_model(tiny_dir, targets)
+    monkeypatch.setattr(SL, "_swiglu_lora_forward",
+                        lambda *a, _f=SL._swiglu_lora_forward: ran_swiglu.append(1) or _f(*a))
+    model = _tiny_model(tiny192_dir, targets)
     layers = model.config.num_hidden_layers
     ids = torch.randint(3, 500, (2, 9), generator=_gen(5))
 
@@ -272,11 +289,13 @@ def test_model_runs_the_fused_norm_and_equals_the_reference(monkeypatch, tiny_di
         return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     want = step("torch")
-    assert ran == []
+    assert ran == [] and ran_swiglu == []
     for mode, calls in (("off", 1), ("full", 2), ("cheap", 0)):
         ran.clear()
+        ran_swiglu.clear()
         got = step("triton", mode)
         assert len(ran) == calls * per_layer * layers, mode
+        assert len(ran_swiglu) == calls * swiglu_per_layer * layers, mode
         assert_close(got[0], want[0], 1e-4, 1e-4, name=f"{mode} logits")
         assert got[1].keys() == want[1].keys()
         for n in want[1]:
@@ -285,4 +304,4 @@ def test_model_runs_the_fused_norm_and_equals_the_reference(monkeypatch, tiny_di
     ran.clear()
     with backend("triton"), torch.no_grad():
         model(ids)
-    assert ran == []
+    assert ran == [] and ran_swiglu == []

@@ -130,3 +130,15 @@ def test_norm_lora_kernels_do_not_spill_and_meet_between_passes(kernel, p, r_pad
     assert counts.get("STG.E.128", 0) >= 1, counts
     assert any(k.startswith("BAR.SYNC") for k in counts), counts
     assert counts.get("HMMA.16816.F32.BF16", 0) >= p, counts  # the rank-r products on tensor cores
+
+
+@pytest.mark.parametrize("kernel", ["swiglu_lora_fwd", "swiglu_lora_bwd"])
+@pytest.mark.parametrize("r_pad,block_k", [(16, 128), (64, 64)])
+def test_swiglu_lora_kernels_do_not_spill(kernel, r_pad, block_k):
+    """The fused SwiGLU + down_proj LoRA kernels at the launcher's tiles: no spills, 16-byte stores of
+    act / dgate / dup, the rank-r product on tensor cores."""
+    info = json.loads(_sass(kernel, "--meta", f"R_PAD={r_pad}", "--meta", f"BLOCK_K={block_k}", "--json"))
+    assert "STACK:0" in info["usage"], info["usage"]
+    counts = info["counts"]
+    assert counts.get("STG.E.128", 0) >= 1, counts
+    assert any(k.startswith(("HMMA", "HGMMA")) for k in counts), counts

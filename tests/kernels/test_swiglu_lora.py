@@ -1,0 +1,130 @@
+"""SwiGLU fused with the LoRA down projection (kernels/swiglu_lora.py): Triton (the interpreter on CPU)
+against the torch reference and against swiglu then the separate concat LoRA call, forward and backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bezoar_kernels import lora as L
+from bezoar_kernels import nf4
+from bezoar_kernels import swiglu_lora as SL
+from bezoar_kernels.dispatch import backend
+from bezoar_kernels.swiglu import swiglu
+from tests.utils import TOLERANCES, assert_close
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _case(n, f, r, m, kind, dtype):
+    w = torch.randn(n, f, generator=_gen(1)) * 0.05
+    weight = nf4.quantize_nf4_reference(w, 64, True) if kind == "nf4" else w.to(dtype)
+    a = torch.randn(r, f, generator=_gen(2)) * 0.1
+    b = torch.randn(n, r, generator=_gen(3)) * 0.1
+    gate = (torch.randn(m, f, generator=_gen(4)) * 2).to(dtype)
+    up = torch.randn(m, f, generator=_gen(5)).to(dtype)
+    dy = torch.randn(m, n, generator=_gen(6)).to(dtype)
+    return weight, a, b, gate, up, dy
+
+
+def _run(fn, gate, up, a, b, dy):
+    gate = gate.clone().requires_grad_(True)
+    up = up.clone().requires_grad_(True)
+    a = a.clone().requires_grad_(True)
+    b = b.clone().requires_grad_(True)
+    y = fn(gate, up, a, b)
+    y.backward(dy)
+    return y.detach(), [gate.grad, up.grad, a.grad, b.grad]
+
+
+CASES = [
+    # kind, dtype, N, F, r, M
+    ("nf4", torch.float32, 40, 192, 8, 37),
+    ("nf4", torch.float16, 24, 128, 16, 20),
+    ("dense", torch.float16, 30, 100, 5, 17),
+    ("dense", torch.float32, 16, 72, 33, 1),
+]
+
+
+@pytest.mark.parametrize("kind,dtype,n,f,r,m", CASES)
+def test_fused_swiglu_lora_matches_reference_and_separate_calls(monkeypatch, kind, dtype, n, f, r, m):
+    """y, dgate, dup, dA and dB of the fused call equal the torch reference (HF's SwiGLU, PEFT's LoRA)
+    within the dtype's tolerance and the separate Triton calls (swiglu, then the concat LoRA path), in fp32
+    more tightly; the fused kernels are the ones that ran. F off BLOCK_K, r off 16 (33: R_PAD 64), M = 1."""
+    ran = []
+    monkeypatch.setattr(SL, "_swiglu_lora_forward", lambda *a, _f=SL._swiglu_lora_forward: ran.append("f") or _f(*a))
+    monkeypatch.setattr(SL, "_swiglu_lora_backward",
+                        lambda *a, _f=SL._swiglu_lora_backward: ran.append("b") or _f(*a))
+    weight, a, b, gate, up, dy = _case(n, f, r, m, kind, dtype)
+    p, seed, s = 0.3, 11, 0.75
+
+    def fused(g, u, a, b):
+        with backend("triton"):
+            return SL.swiglu_lora(g, u, weight, a, b, s, p, True, seed)
+
+    def separate(name):
+        def fn(g, u, a, b):
+            with backend(name):
+                act = swiglu(g, u)
+                if name == "triton":
+                    return L.lora_linear_triton(act, weight, a, b, s, p, True, seed, "concat")
+                return L.lora_linear_reference(act, weight, a, b, s, p, True, seed)
+        return fn
+
+    got = _run(fused, gate, up, a, b, dy)
+    assert ran == ["f", "b"]
+    atol, rtol = TOLERANCES[dtype]
+    near_scale = 0.25 if dtype == torch.float32 else 1.0
+    for want, scale, what in ((_run(separate("torch"), gate, up, a, b, dy), 1.0, "reference"),
+                              (_run(separate("triton"), gate, up, a, b, dy), near_scale, "separate triton")):
+        assert got[0].dtype == want[0].dtype == dtype
+        assert_close(got[0], want[0], atol * scale, rtol * scale, name=f"{what} y")
+        for i, name in enumerate(("dgate", "dup")):
+            assert_close(got[1][i], want[1][i], atol * scale, rtol * scale, name=f"{what} {name}")
+        for i, name in ((2, "dA"), (3, "dB")):
+            bound = atol * max(1.0, m ** 0.5) + rtol * want[1][i].abs().max().item()
+            assert_close(got[1][i], want[1][i], bound * scale, rtol * scale, name=f"{what} {name}")
+
+
+def test_falls_back_and_checks_inputs(monkeypatch):
+    ran = []
+    monkeypatch.setattr(SL, "_swiglu_lora_forward", lambda *a, _f=SL._swiglu_lora_forward: ran.append(1) or _f(*a))
+    weight, a, b, gate, up, dy = _case(16, 128, 4, 9, "nf4", torch.float32)
+    ad = L.Adapter(a, b, 1.0)
+    with backend("triton"):
+        assert SL.swiglu_lora_ok(gate, up, weight, ad, 0.1, True)
+        assert not SL.swiglu_lora_ok(gate, up, weight, ad, 0.0, True)
+        assert not SL.swiglu_lora_ok(gate, up, weight, ad, 0.1, False)
+        assert not SL.swiglu_lora_ok(gate, up.half(), weight, ad, 0.1, True)
+        y = SL.swiglu_lora(gate, up, weight, a, b, 1.0, 0.0, True, 3)
+    assert ran == []
+    with backend("torch"):
+        want = SL.swiglu_lora_reference(gate, up, weight, ad, 0.0, True, 3)
+    assert torch.equal(y, want)
+    with pytest.raises(ValueError, match="must match"):
+        SL.swiglu_lora(gate, up[:, :64], weight, a, b, 1.0, 0.1, True, 3)
+    with pytest.raises(ValueError, match="lora_A 0 has shape"):
+        SL.swiglu_lora(gate, up, weight, a[:, :64], b, 1.0, 0.1, True, 3)
+
+
+@pytest.mark.gpu
+def test_fused_swiglu_lora_on_gpu_matches_separate_calls():
+    """3B down_proj shapes in bf16 on CUDA: equal to swiglu then the separate concat LoRA call."""
+    dev = "cuda"
+    n, f, r, m = 3200, 8640, 16, 4096
+    weight = nf4.quantize_nf4(torch.randn(n, f, device=dev) * 0.02, 64, True)
+    a0 = torch.randn(r, f, device=dev) * 0.02
+    b0 = torch.randn(n, r, device=dev) * 0.02
+    gate = torch.randn(m, f, device=dev, dtype=torch.bfloat16)
+    up = torch.randn(m, f, device=dev, dtype=torch.bfloat16)
+    dy = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
+    got = _run(lambda g, u, a, b: SL.swiglu_lora(g, u, weight, a, b, 1.0, 0.05, True, 5), gate, up, a0, b0, dy)
+    want = _run(lambda g, u, a, b: L.lora_linear_triton(swiglu(g, u), weight, a, b, 1.0, 0.05, True, 5, "concat"),
+                gate, up, a0, b0, dy)
+    assert_close(got[0].float(), want[0].float(), 2e-2, 2e-2, name="y")
+    for i, name in enumerate(("dgate", "dup")):
+        assert_close(got[1][i].float(), want[1][i].float(), 2e-2, 2e-2, name=name)
+    for i, name in ((2, "dA"), (3, "dB")):
+        assert_close(got[1][i], want[1][i], 1e-2 * want[1][i].abs().max().item(), 1e-2, name=name)
