@@ -23,7 +23,8 @@ there is an adapter; ``torch.autograd.grad``, so nothing accumulates):
   activations into the norm. x and residual (M, 3200) in, the norm weight frozen; gradients of x,
   residual and the adapters, under random upstream gradients of every output and of s.
   q/k/v (3200x3200 x3): ``norm_qkv_nf4_only`` (``rms_norm_add`` then the three NF4 matmuls),
-  ``norm_qkv_lora_separate`` (``rms_norm_add`` then ``lora_qkv``, path "auto") and
+  ``norm_qkv_lora_separate`` (``rms_norm_add`` then ``lora_qkv``, path "auto"; ``*_lora_concat`` the
+  same on the concat path, the fused call's layout, at the largest M and first rank only) and
   ``norm_qkv_lora_fused`` (``rms_norm_lora``); gate/up (8640x3200 x2, when that shape is in the
   run): ``norm_gateup_nf4_only``, ``norm_gateup_lora_separate`` (two ``lora_linear`` calls) and
   ``norm_gateup_lora_fused``. SwiGLU + down (3200x8640, when that shape is in the run): gate and up
@@ -80,7 +81,7 @@ GROUP_LABELS = {"norm_qkv": ("norm+q/k/v", "RMSNorm + q/k/v projections (rms_nor
                                 "or rms_norm_lora)"),
                 "swiglu_down": ("swiglu+down", "SwiGLU + down projection (swiglu then the projection, or "
                                 "swiglu_lora)")}
-NORM_PEERS = ["lora_separate", "lora_fused"]
+NORM_PEERS = ["lora_separate", "lora_concat", "lora_fused"]  # concat: at the largest M and first rank only
 NORM_EPS = 1e-6  # OpenLLaMA's rms_norm_eps
 
 
@@ -127,7 +128,18 @@ def breakdown(args, cases: dict, backend) -> int:
     return 0
 
 
+STARTED = time.perf_counter()
+stop: list[str] = []  # a SIGINT (timeout --signal=INT) stops starting cases; the measured ones are still written
+
+
+def on_sigint(signum, frame):
+    stop.append("SIGINT")
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a second one interrupts at once
+
+
 def main() -> int:
+    # installed before the cases are built: a SIGINT while compiling or quantizing only stops the timing early
+    signal.signal(signal.SIGINT, on_sigint)
     args = parse_args()
     common.setup_smoke(args)
     import torch
@@ -317,6 +329,17 @@ def main() -> int:
 
                 add(f"{group}_lora_separate/M={m}/r={r}", fwd_bwd(norm_separate, params, dys),
                     peer=f"{group}_lora_separate", **dict(key, r=r))
+                if m == max(ms) and r == ranks[0]:  # the separate calls on the concat path: the fused one's layout
+
+                    def norm_concat(x=x, res=res, gw=gw, nw=nw, ads=ads, seeds=seeds):
+                        h, s = rms_norm_add(x, res, nw, NORM_EPS)
+                        if len(gw) == 3:
+                            return (*L.lora_qkv_triton(h, gw, ads, p_drop, True, seeds, "concat"), s)
+                        return (*(L.lora_linear_triton(h, w, ad.lora_a, ad.lora_b, ad.scaling, p_drop, True, sd,
+                                                       "concat") for w, ad, sd in zip(gw, ads, seeds)), s)
+
+                    add(f"{group}_lora_concat/M={m}/r={r}", fwd_bwd(norm_concat, params, dys),
+                        peer=f"{group}_lora_concat", **dict(key, r=r))
                 with backend("triton"):
                     fused_ok = NL.norm_lora_ok(x, res, nw, gw, ads, p_drop, True)
                 if fused_ok:
@@ -345,13 +368,7 @@ def main() -> int:
     graph_times: dict[str, float] = {}
     graphs = cuda and not args.no_graphs
     skipped: list[str] = []
-    started = time.perf_counter()
-    stop = []  # a SIGINT (timeout --signal=INT) stops starting cases; the measured ones are still written
-
-    def on_sigint(signum, frame):
-        stop.append("SIGINT")
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second one interrupts at once
-
+    started = STARTED  # --budget counts from the process's start, as the time limit around it does
     previous = signal.signal(signal.SIGINT, on_sigint)
     with backend("triton"), common.maybe_profile(args.profile):
         for name in measure_order(cases, meta, ms, ranks):
@@ -495,6 +512,12 @@ def add_swiglu_cases(add, group, label, n, f, ms, ranks, randn, fwd_bwd, p_drop,
 
             add(f"{group}_lora_separate/M={m}/r={r}", fwd_bwd(separate, params, dy),
                 peer=f"{group}_lora_separate", **dict(key, r=r))
+            if m == max(ms) and r == ranks[0]:  # the separate call on the concat path: the fused one's layout
+                add(f"{group}_lora_concat/M={m}/r={r}",
+                    fwd_bwd(lambda g=gate, u=up, a=a, b=b, r=r: (
+                        L.lora_linear_triton(swiglu(g, u), w, a, b, 16 / r, p_drop, True, 1, "concat"),),
+                        params, dy),
+                    peer=f"{group}_lora_concat", **dict(key, r=r))
             with backend("triton"):
                 ok = SL.swiglu_lora_ok(gate, up, w, L.Adapter(a, b, 16 / r), p_drop, True)
             if ok:
@@ -512,7 +535,8 @@ def measure_order(cases: dict, meta: dict, ms: list[int], ranks: list[int]) -> l
     norm = [n for n in cases if n.startswith(GROUP_PREFIXES)]
     top_m, top_r = max(ms), ranks[0]
     norm.sort(key=lambda n: (not (meta[n]["M"] == top_m and meta[n]["r"] in (None, top_r)),
-                             [n.startswith(g) for g in GROUP_PREFIXES].index(True), "_lora_separate/" in n))
+                             [n.startswith(g) for g in GROUP_PREFIXES].index(True),
+                             "_lora_separate/" in n or "_lora_concat/" in n))
     return norm + [n for n in cases if not n.startswith(GROUP_PREFIXES)]
 
 

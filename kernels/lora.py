@@ -81,9 +81,10 @@ The base GEMM runs on one of six paths (``path``, chosen by M when "auto"):
 
 Where x is an RMSNorm's output (q/k/v, gate/up) and dropout is on, ``bezoar_kernels.norm_lora`` runs
 the norm and these projections as one computation on the ``concat`` layout: the masked down
-product and the wide operand come out of the norm's pass, and the masked dx term goes into the
-norm's backward, leaving dA and dB as the passes over activations that LoRA adds.
-``bezoar_kernels.swiglu_lora`` does the same for down_proj, whose x is SwiGLU's output.
+product and the wide operand come out of the norm's kernel, and the masked dx term goes into the
+norm's backward (what that saves depends on L2: its module docstring counts it).
+``bezoar_kernels.swiglu_lora`` does the same for down_proj, whose x is SwiGLU's output; there each
+kernel is one pass, and only dA and dB are left over SwiGLU + the NF4 projection.
 
 Fused q/k/v (``lora_qkv``): three projections in each launch. The down and dA launches read a
 tile of x once from DRAM for the three (the three programs of one tile run side by side and

@@ -1,33 +1,38 @@
 """RMSNorm and the LoRA projections that read its output, as one computation (training with dropout).
 
-In a Llama block the q/k/v projections (and gate/up) read the output of an RMSNorm. With LoRA
-dropout on, a LoRA linear on its own cannot avoid the passes over activations that the mask
-forces (``kernels/lora.py``: on the ``concat`` path, a read of x for the masked down product, a
-copy of x into the wide GEMM operand, a read and a write of dx for the masked term of the input
-gradient, a read of x for dA, and dy for dB). The norm already holds each row of x in its own
-pass, so this module hands those passes to it:
+In a Llama block the q/k/v projections (and gate/up) read the output h of an RMSNorm. With LoRA
+dropout on, a LoRA linear on its own pays passes over activations that the mask forces: on the
+``concat`` path (kernels/lora.py) a read of h for the masked down product and a copy of h into the
+wide GEMM operand in the forward; a read of the base dh, a read of h and a write of dh (the masked
+term and dA in one launch) in the backward; dy for dB. This module gives the norm those jobs:
 
-Forward (``_norm_lora_fwd_kernel``, one program per 16 rows)::
+Forward (``_norm_lora_fwd_kernel``, one program per 16 rows, two passes over them)::
 
-    s  = x + residual                            (stored; the next residual)     as rms_norm_add
-    h  = w * cast(s * rsqrt(mean(s^2) + eps))    written into [h | xa_0 | ...]   the concat operand
-    xa_j = dropout_j(h) @ A_j.T                  from h in registers, its mask hashed once
+    pass 1:  s = x + residual (stored; the next residual), sum of squares   as rms_norm_add
+    pass 2:  h = w * cast(s * rsqrt(mean(s^2) + eps)) into [h | xa_0 | ...]   the concat operand
+             xa_j = dropout_j(h) @ A_j.T from h in registers, the mask hashed once
 
-then one cuBLAS GEMM of [h | xa] by [W_j | s_j B_j] gives every y_j with the LoRA term, as on the
-``concat`` path. Nothing reads h back for the LoRA down product and nothing copies it.
+then one cuBLAS GEMM of [h | xa] by [W_j | s_j B_j] gives every y_j with the LoRA term.
 
 Backward::
 
-    [dh_base | g] = sum_j dy_j @ [W_j | .. s_j B_j ..]         one cuBLAS GEMM (g comes out of it)
-    dB_j = s_j dy_j.T @ xa_j                                    a pass over dy (kernels/lora.py)
-    dA_j = g_j.T @ dropout_j(h)                                 a pass over h (kernels/lora.py)
-    ds   = rmsnorm_backward(dh_base + sum_j (g_j @ A_j) * mask_j)   (``_norm_lora_bwd_kernel``)
+    [dh_base | g] = sum_j dy_j @ [W_j | .. s_j B_j ..]          one cuBLAS GEMM (g comes out of it)
+    dB_j = s_j dy_j.T @ xa_j                                     a pass over dy (kernels/lora.py)
+    dA_j = g_j.T @ dropout_j(h)                                  a pass over h (kernels/lora.py)
+    ds   = rmsnorm_backward(dh_base + sum_j (g_j @ A_j) * mask_j)    (``_norm_lora_bwd_kernel``: pass 1
+           makes dh, stores it in ds's buffer and sums dh * w * shat per row; pass 2 reads dh back)
 
-The masked LoRA term of dh is added inside the norm's backward, which reads dh_base anyway, so
-dh is never written and read back on its own. What is left over the frozen NF4 base and the norm
-is dA (a pass over h) and dB (N/K passes over dy), against about 6 + N/K passes for RMSNorm then
-the ``concat`` LoRA linear. Numerics are those of ``rms_norm_add`` followed by ``lora_qkv`` on the
-``concat`` path: h, xa, g and dh are rounded to the dtype where those calls round them.
+What this saves depends on L2. The norm cannot finish a row before it has seen all of it, and 16
+rows (tl.dot's smallest tile) of K = 3200 do not fit in registers, so each program reads its rows
+twice: s in the forward, s and the dh it stored in the backward. Those re-reads are the program's
+own 100-200 KB from moments before; the kernels mark them evict_last and the streamed inputs
+evict_first. Counted in passes over an (M, K) activation beyond RMSNorm + the NF4 projections:
+fused 1 (forward: s again) + 3 (backward: dh stored and read, s again) + 1 (dA) + N/K (dB) when the
+re-reads miss L2, 1 + N/K when they hit; the separate ``concat`` calls 2 + 3 + N/K either way. So
+the fusion is worth at most 4 passes, and nothing when L2 does not keep the rows: the bench
+(``bench/lora.py``'s ``norm_*`` cases, with the separate calls on ``concat`` beside it) decides.
+Numerics are those of ``rms_norm_add`` followed by ``lora_qkv`` on the ``concat`` path, except that
+the sum of squares is added up chunk by chunk (h may differ in the last place).
 
 The norm weight is frozen here (QLoRA trains only the adapters; ``norm_lora_ok`` says when the
 fused call applies, and the model falls back to the separate calls otherwise).
@@ -53,6 +58,7 @@ from bezoar_kernels.lora import (
     _dropout_args,
     _lora_da,
     _lora_db,
+    _lora_g,
     _Plan,
     _projections_reference,
     _r_pad,
@@ -113,12 +119,18 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             ok = m_ok[:, None] & (offs_k < K)[None, :]
-            v = tl.load(x_ptr + rows * stride_x + offs_k[None, :], mask=ok, other=0.0)
-            if HAS_RESIDUAL:
-                r = tl.load(res_ptr + rows * stride_res + offs_k[None, :], mask=ok, other=0.0)
+            if HAS_RESIDUAL:  # x and the residual are read once: they may leave L2 first
+                v = tl.load(x_ptr + rows * stride_x + offs_k[None, :], mask=ok, other=0.0,
+                            eviction_policy="evict_first")
+                r = tl.load(res_ptr + rows * stride_res + offs_k[None, :], mask=ok, other=0.0,
+                            eviction_policy="evict_first")
                 # rounded to the input dtype, exactly like ``x + residual`` in torch
                 v = (v.to(tl.float32) + r.to(tl.float32)).to(v.dtype)
-                tl.store(s_ptr + rows * stride_s + offs_k[None, :], v, mask=ok)
+                # s is read again in the second pass: kept in L2 if it can be
+                tl.store(s_ptr + rows * stride_s + offs_k[None, :], v, mask=ok, eviction_policy="evict_last")
+            else:  # x itself is read again in the second pass
+                v = tl.load(x_ptr + rows * stride_x + offs_k[None, :], mask=ok, other=0.0,
+                            eviction_policy="evict_last")
             vf = v.to(tl.float32)
             sq += tl.sum(vf * vf, axis=1)
         rstd = tl.rsqrt(sq / K + eps)
@@ -140,7 +152,8 @@ if triton is not None:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
             ok = m_ok[:, None] & k_ok[None, :]
-            v = tl.load(src_ptr + rows * stride_src + offs_k[None, :], mask=ok, other=0.0)
+            v = tl.load(src_ptr + rows * stride_src + offs_k[None, :], mask=ok, other=0.0,
+                        eviction_policy="evict_first")
             # Hugging Face's order: normalize in fp32, round to the input dtype, then scale by the weight
             vhat = (v.to(tl.float32) * rstd[:, None]).to(v.dtype).to(tl.float32)
             w = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
@@ -210,7 +223,8 @@ if triton is not None:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
             ok = m_ok[:, None] & k_ok[None, :]
-            dh = tl.load(dhb_ptr + rows * stride_dhb + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
+            dh = tl.load(dhb_ptr + rows * stride_dhb + offs_k[None, :], mask=ok, other=0.0,
+                         eviction_policy="evict_first").to(tl.float32)
             for j in tl.static_range(P):
                 a = tl.load(a_ptr + (j * R + offs_r).to(tl.int64)[:, None] * K + offs_k[None, :],
                             mask=r_ok[:, None] & k_ok[None, :], other=0.0)
@@ -221,8 +235,10 @@ if triton is not None:
                 else:
                     dh += lora
             dh = dh.to(ds_ptr.dtype.element_ty)
-            tl.store(ds_ptr + rows * stride_ds + offs_k[None, :], dh, mask=ok)
-            s = tl.load(s_ptr + rows * stride_s + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
+            # dh and s are read again in the second pass: kept in L2 if they can be
+            tl.store(ds_ptr + rows * stride_ds + offs_k[None, :], dh, mask=ok, eviction_policy="evict_last")
+            s = tl.load(s_ptr + rows * stride_s + offs_k[None, :], mask=ok, other=0.0,
+                        eviction_policy="evict_last").to(tl.float32)
             w = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
             dot_sum += tl.sum(dh.to(tl.float32) * w[None, :] * (s * rstd[:, None]), axis=1)
         mean = dot_sum / K
@@ -232,12 +248,15 @@ if triton is not None:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
             ok = m_ok[:, None] & k_ok[None, :]
-            dh = tl.load(ds_ptr + rows * stride_ds + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
-            s = tl.load(s_ptr + rows * stride_s + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
+            dh = tl.load(ds_ptr + rows * stride_ds + offs_k[None, :], mask=ok, other=0.0,
+                         eviction_policy="evict_first").to(tl.float32)
+            s = tl.load(s_ptr + rows * stride_s + offs_k[None, :], mask=ok, other=0.0,
+                        eviction_policy="evict_first").to(tl.float32)
             w = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
             ds = rstd[:, None] * (dh * w[None, :] - (s * rstd[:, None]) * mean[:, None])
             if HAS_DS_IN:
-                ds += tl.load(ds_in_ptr + rows * stride_ds_in + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
+                ds += tl.load(ds_in_ptr + rows * stride_ds_in + offs_k[None, :], mask=ok, other=0.0,
+                              eviction_policy="evict_first").to(tl.float32)
             tl.store(ds_ptr + rows * stride_ds + offs_k[None, :], ds.to(ds_ptr.dtype.element_ty), mask=ok)
 
 
@@ -301,6 +320,7 @@ class NormLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, norm_weight, eps, plan: _Plan, *lora):
+        ctx.set_materialize_grads(False)  # an output the loss does not use gets None, not zeros
         k = x.shape[-1]
         lead = x.shape[:-1]
         x2d = _rows(x, k)
@@ -315,7 +335,7 @@ class NormLoRAFunction(torch.autograd.Function):
         ctx.plan, ctx.lead, ctx.k = plan, lead, k
         ctx.has_residual = residual is not None
         ctx.lora_dtypes = [t.dtype for t in lora]
-        ctx.save_for_backward(s, rstd, nw, wide, xa, a, block)
+        ctx.save_for_backward(s, rstd, nw, wide, xa, a, b, block)
         outputs, start = [], 0
         for n in plan.out_features:
             outputs.append(y[:, start: start + n].view(*lead, n))
@@ -326,30 +346,39 @@ class NormLoRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         plan, k = ctx.plan, ctx.k
-        s, rstd, nw, wide, xa, a, block = ctx.saved_tensors
-        dys = [_rows(dy, n) for dy, n in zip(grads[:-1], plan.out_features)]
-        ds_in = grads[-1]
-        ds_in = _rows(ds_in, k) if ds_in is not None else None
+        s, rstd, nw, wide, xa, a, b, block = ctx.saved_tensors
+        ds_in = _rows(grads[-1], k) if grads[-1] is not None else None
         need_x = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         need_lora = ctx.needs_input_grad[5:]
-        r = a.shape[1]
-        dh_base, g = _concat_backward(dys, block, plan, k, r)
-        dx = None
-        if need_x:
-            dx = _norm_lora_backward(dh_base, g, a, s, nw, rstd, ds_in, plan).view(*ctx.lead, k)
+        used = [dy is not None for dy in grads[:-1]]
         out = [None] * len(need_lora)
-        if any(need_lora[0::2]):
-            da = _lora_da(wide[:, :k], g, plan)
-            for j in range(plan.projections):
-                if need_lora[2 * j]:
-                    out[2 * j] = da[j].to(ctx.lora_dtypes[2 * j])
-        if any(need_lora[1::2]):
-            db = _lora_db(dys, xa, plan)
-            start = 0
-            for j, n in enumerate(plan.out_features):
-                if need_lora[2 * j + 1]:
-                    out[2 * j + 1] = db[start: start + n].to(ctx.lora_dtypes[2 * j + 1])
-                start += n
+        dx = None
+        if not any(used):  # only s reached the loss: its gradient passes through the add
+            dx = ds_in.view(*ctx.lead, k) if ds_in is not None and need_x else None
+        else:
+            dys = [_rows(dy, n) if dy is not None else s.new_zeros((s.shape[0], n))
+                   for dy, n in zip(grads[:-1], plan.out_features)]
+            r = a.shape[1]
+            need_da = any(need_lora[2 * j] and used[j] for j in range(plan.projections))
+            g = None
+            if need_x:
+                # dh_base and g from one wide GEMM; the norm's backward adds the masked LoRA term of dh
+                dh_base, g = _concat_backward(dys, block, plan, k, r)
+                dx = _norm_lora_backward(dh_base, g, a, s, nw, rstd, ds_in, plan).view(*ctx.lead, k)
+            elif need_da:  # no input gradient: g alone, one pass over dy, not the wide GEMM
+                g = _lora_g(dys, b, plan)
+            if need_da:
+                da = _lora_da(wide[:, :k], g, plan)
+                for j in range(plan.projections):
+                    if need_lora[2 * j] and used[j]:
+                        out[2 * j] = da[j].to(ctx.lora_dtypes[2 * j])
+            if any(need_lora[2 * j + 1] and used[j] for j in range(plan.projections)):
+                db = _lora_db(dys, xa, plan)
+                start = 0
+                for j, n in enumerate(plan.out_features):
+                    if need_lora[2 * j + 1] and used[j]:
+                        out[2 * j + 1] = db[start: start + n].to(ctx.lora_dtypes[2 * j + 1])
+                    start += n
         dres = dx if ctx.has_residual and ctx.needs_input_grad[1] else None
         return (dx if ctx.needs_input_grad[0] else None, dres, None, None, None, *out)
 
@@ -404,6 +433,9 @@ def _check_norm_args(x, residual, norm_weight, weights, adapters, dropout_p, see
                          f"{x.shape[-1]}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"{what}: residual {tuple(residual.shape)} must match x {tuple(x.shape)}")
+    for name, t in (("residual", residual), ("norm weight", norm_weight)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{what}: x on {x.device}, {name} on {t.device}")
     _check(x, weights, adapters, dropout_p, what)
 
 

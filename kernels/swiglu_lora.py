@@ -42,6 +42,7 @@ from bezoar_kernels.lora import (
     _dropout_args,
     _lora_da,
     _lora_db,
+    _lora_g,
     _Plan,
     _projections_reference,
     _r_pad,
@@ -188,8 +189,8 @@ def _swiglu_lora_backward(dact_base, g, a, g2, u2, plan: _Plan):
 
 class SwiGLULoRAFunction(torch.autograd.Function):
     """``forward(ctx, gate, up, plan, lora_a, lora_b)`` -> y (..., N). The frozen base weight rides in
-    ``plan`` (path ``concat``). Saved: gate, up, the wide operand [act | xa] (act for dA), xa, A and the
-    LoRA block."""
+    ``plan`` (path ``concat``). Saved: gate, up, the wide operand [act | xa] (act for dA), xa, A, B and
+    the LoRA block."""
 
     @staticmethod
     def forward(ctx, gate, up, plan: _Plan, lora_a, lora_b):
@@ -204,20 +205,22 @@ class SwiGLULoRAFunction(torch.autograd.Function):
         y = _concat_forward(wide, block, plan, f)
         ctx.plan, ctx.lead, ctx.f = plan, lead, f
         ctx.lora_dtypes = (lora_a.dtype, lora_b.dtype)
-        ctx.save_for_backward(g2, u2, wide, xa, a, block)
+        ctx.save_for_backward(g2, u2, wide, xa, a, b, block)
         return y.view(*lead, y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
         plan, f = ctx.plan, ctx.f
-        g2, u2, wide, xa, a, block = ctx.saved_tensors
+        g2, u2, wide, xa, a, b, block = ctx.saved_tensors
         dys = [_rows(dy, plan.out_features[0])]
-        dact_base, g = _concat_backward(dys, block, plan, f, a.shape[1])
         dgate = dup = da = db = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            dact_base, g = _concat_backward(dys, block, plan, f, a.shape[1])  # g from the wide GEMM
             dgate, dup = _swiglu_lora_backward(dact_base, g, a, g2, u2, plan)
             dgate = dgate.view(*ctx.lead, f) if ctx.needs_input_grad[0] else None
             dup = dup.view(*ctx.lead, f) if ctx.needs_input_grad[1] else None
+        elif ctx.needs_input_grad[3]:  # no input gradient: g alone, one pass over dy, not the wide GEMM
+            g = _lora_g(dys, b, plan)
         if ctx.needs_input_grad[3]:
             da = _lora_da(wide[:, :f], g, plan)[0].to(ctx.lora_dtypes[0])
         if ctx.needs_input_grad[4]:

@@ -166,6 +166,44 @@ def test_only_needed_grads_and_frozen_parts():
     assert_close(b.grad, b2.grad, 1e-4, 1e-5, name="dB")
 
 
+def test_frozen_inputs_skip_the_wide_gemm_and_unused_outputs_get_no_grads(monkeypatch):
+    """x and residual frozen (the first layer's input is the frozen embedding): g from one pass over dy,
+    not the wide dx GEMM, and dA / dB as with it. An output the loss does not use leaves its projection's
+    A and B without a gradient (None, as separate calls would), and s alone passes its gradient through."""
+    wide_gemm = []
+    monkeypatch.setattr(NL, "_concat_backward", lambda *a, _f=NL._concat_backward: wide_gemm.append(1) or _f(*a))
+    ns, k, r, m = (32, 16, 16), 128, 8, 21
+    weights = _weights(ns, k, "nf4", torch.float32)
+    adapters = _adapters(ns, k, r)
+    x, res, nw = _inputs(m, k, torch.float32, True)
+
+    def grads(name, use=(0, 1, 2), x_grad=False):
+        xx = x.clone().requires_grad_(x_grad)
+        rr = res.clone().requires_grad_(x_grad)
+        ads = [L.Adapter(a.lora_a.clone().requires_grad_(True), a.lora_b.clone().requires_grad_(True), a.scaling)
+               for a in adapters]
+        with backend(name):
+            outs, s = NL.rms_norm_lora(xx, rr, nw, 1e-6, weights, ads, 0.25, True, (4, 5, 6))
+        loss = sum((outs[j] * (j + 1)).sum() for j in use) + (s.square().sum() if x_grad else 0)
+        loss.backward()
+        return [xx.grad, rr.grad] + [t.grad for a in ads for t in (a.lora_a, a.lora_b)]
+
+    got, want = grads("triton"), grads("torch")
+    assert wide_gemm == [] and got[0] is None and got[1] is None
+    for i, (a, b) in enumerate(zip(got[2:], want[2:])):
+        assert_close(a, b, 1e-4, 1e-4, name=f"d{'AB'[i % 2]}[{i // 2}]")
+    got, want = grads("triton", use=(0, 2), x_grad=True), grads("torch", use=(0, 2), x_grad=True)
+    assert wide_gemm == [1]
+    assert got[4] is None and got[5] is None  # k's output unused
+    for i, (a, b) in enumerate(zip(got, want)):
+        if b is None:
+            assert a is None, i
+        else:
+            assert_close(a, b, 1e-4, 1e-4, name=f"grad {i}")
+    got = grads("triton", use=(), x_grad=True)
+    assert all(t is None for t in got[2:]) and torch.allclose(got[0], 2 * (x + res))
+
+
 def test_falls_back_where_the_fused_kernels_do_not_apply(monkeypatch):
     """No dropout, eval, a norm weight that trains, autocast, an NF4 K off the blocksize: the reference
     runs (and gives the same as the separate calls)."""
@@ -231,6 +269,8 @@ def test_fused_norm_lora_on_gpu_matches_separate_calls(residual):
         assert_close(a.float(), b.float(), 2e-2, 2e-2, name=f"y[{i}]")
     assert torch.equal(got[1], want[1])
     assert_close(got[2][0].float(), want[2][0].float(), 2e-2, 2e-2, name="dx")
+    if residual:
+        assert_close(got[2][1].float(), want[2][1].float(), 2e-2, 2e-2, name="dres")
     for i, (a, b) in enumerate(zip(got[2][2:], want[2][2:])):
         assert_close(a, b, 1e-2 * b.abs().max().item(), 1e-2, name=f"d{'AB'[i % 2]}[{i // 2}]")
 

@@ -119,17 +119,26 @@ def test_dequantize_uses_wide_loads_and_stores(even):
 
 @pytest.mark.parametrize("kernel", ["norm_lora_fwd", "norm_lora_bwd"])
 @pytest.mark.parametrize("p,r_pad,block_k", [(3, 16, 128), (1, 16, 128), (3, 64, 64)])
-def test_norm_lora_kernels_do_not_spill_and_meet_between_passes(kernel, p, r_pad, block_k):
+def test_norm_lora_kernels_do_not_spill_and_meet_between_passes(kernel, p, r_pad, block_k, tmp_path):
     """The fused RMSNorm + LoRA kernels at the launcher's tiles (16 rows; 128 columns for r <= 32, 64 up to
-    r = 64): no spills, 16-byte stores of h / ds, and a CTA barrier between the two passes over a row
-    block (the second pass reads what the first stored: s in the forward, dh in the backward)."""
+    r = 64): no spills, 16-byte stores, the rank-r products on tensor cores, and a CTA barrier between the
+    first pass's stores (s in the forward, dh in the backward: the only stores marked evict_last) and the
+    second pass's first global load of them (the forward's cp.async of s, the backward's evict_first load
+    of dh): the second pass reads what other threads of the program stored."""
+    dump = tmp_path / f"{kernel}.sass"
     info = json.loads(_sass(kernel, "--meta", f"P={p}", "--meta", f"R_PAD={r_pad}", "--meta", f"BLOCK_K={block_k}",
-                            "--json"))
+                            "--json", "--dump", str(dump)))
     assert "STACK:0" in info["usage"], info["usage"]
     counts = info["counts"]
-    assert counts.get("STG.E.128", 0) >= 1, counts
-    assert any(k.startswith("BAR.SYNC") for k in counts), counts
-    assert counts.get("HMMA.16816.F32.BF16", 0) >= p, counts  # the rank-r products on tensor cores
+    assert counts.get("STG.E.128", 0) + counts.get("STG.E.EL.128", 0) >= 1, counts
+    assert counts.get("HMMA.16816.F32.BF16", 0) >= p, counts
+    ops = _instructions(dump)
+    kept = [i for i, op in enumerate(ops) if op.startswith("STG") and ".EL" in op]
+    assert kept, "the first pass's stores lost their evict_last hint"
+    second = "LDGSTS" if kernel == "norm_lora_fwd" else "LDG.E.EF"
+    first_load = min(i for i, op in enumerate(ops) if i > kept[-1] and op.startswith(second))
+    last_store = max(i for i, op in enumerate(ops[:first_load]) if op.startswith("STG"))
+    assert any(op.startswith("BAR.SYNC") for op in ops[last_store:first_load]), (last_store, first_load)
 
 
 @pytest.mark.parametrize("kernel", ["swiglu_lora_fwd", "swiglu_lora_bwd"])
