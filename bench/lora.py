@@ -348,6 +348,10 @@ def main() -> int:
                 else:  # it would time the torch reference, not the kernels
                     norm_notes.append(f"{group}_lora_fused/M={m}/r={r} skipped: norm_lora_ok is false")
 
+    # past this point only the measuring loop looks at ``stop``: elsewhere a SIGINT interrupts at once
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if stop:
+        raise KeyboardInterrupt
     if args.breakdown:
         return breakdown(args, cases, backend)
 

@@ -341,6 +341,8 @@ class NormLoRAFunction(torch.autograd.Function):
             outputs.append(y[:, start: start + n].view(*lead, n))
             start += n
         s_out = s.view(x.shape) if residual is not None else x.view_as(x)
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            ctx.mark_non_differentiable(s_out)  # as the separate calls' s: no gradient to carry
         return (*outputs, s_out)
 
     @staticmethod

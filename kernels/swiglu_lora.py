@@ -148,7 +148,7 @@ if triton is not None:
             sig = tl.sigmoid(g)
             dgate = d * u * sig * (1.0 + g * (1.0 - sig))
             tl.store(dgate_ptr + rows * stride_dgate + offs_k[None, :], dgate.to(dgate_ptr.dtype.element_ty), mask=ok)
-            tl.store(dup_ptr + rows * stride_dup + offs_k[None, :], (d * g * sig).to(dup_ptr.dtype.element_ty), mask=ok)
+            tl.store(dup_ptr + rows * stride_dup + offs_k[None, :], (d * (g * sig)).to(dup_ptr.dtype.element_ty), mask=ok)
 
 
 def _swiglu_lora_forward(g2, u2, a, plan: _Plan):

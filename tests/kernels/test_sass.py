@@ -118,7 +118,7 @@ def test_dequantize_uses_wide_loads_and_stores(even):
 
 
 @pytest.mark.parametrize("kernel", ["norm_lora_fwd", "norm_lora_bwd"])
-@pytest.mark.parametrize("p,r_pad,block_k", [(3, 16, 128), (1, 16, 128), (3, 64, 64)])
+@pytest.mark.parametrize("p,r_pad,block_k", [(3, 16, 128), (1, 16, 128), (3, 32, 128), (3, 64, 64), (1, 128, 32)])
 def test_norm_lora_kernels_do_not_spill_and_meet_between_passes(kernel, p, r_pad, block_k, tmp_path):
     """The fused RMSNorm + LoRA kernels at the launcher's tiles (16 rows; 128 columns for r <= 32, 64 up to
     r = 64): no spills, 16-byte stores, the rank-r products on tensor cores, and a CTA barrier between the
@@ -126,11 +126,14 @@ def test_norm_lora_kernels_do_not_spill_and_meet_between_passes(kernel, p, r_pad
     second pass's first global load of them (the forward's cp.async of s, the backward's evict_first load
     of dh): the second pass reads what other threads of the program stored."""
     dump = tmp_path / f"{kernel}.sass"
+    width = ["--meta", f"WIDTH={r_pad}"] if kernel == "norm_lora_fwd" else []  # the wide blocks as launched
     info = json.loads(_sass(kernel, "--meta", f"P={p}", "--meta", f"R_PAD={r_pad}", "--meta", f"BLOCK_K={block_k}",
-                            "--json", "--dump", str(dump)))
+                            *width, "--json", "--dump", str(dump)))
     assert "STACK:0" in info["usage"], info["usage"]
     counts = info["counts"]
-    assert counts.get("STG.E.128", 0) + counts.get("STG.E.EL.128", 0) >= 1, counts
+    # 16-byte stores; 8-byte ones at 32 columns (16 x 32 values over 128 threads: four per thread)
+    wide = ("STG.E.128", "STG.E.EL.128") + (("STG.E.64", "STG.E.EL.64") if block_k == 32 else ())
+    assert sum(counts.get(op, 0) for op in wide) >= 1, counts
     assert counts.get("HMMA.16816.F32.BF16", 0) >= p, counts
     ops = _instructions(dump)
     kept = [i for i, op in enumerate(ops) if op.startswith("STG") and ".EL" in op]
@@ -142,12 +145,14 @@ def test_norm_lora_kernels_do_not_spill_and_meet_between_passes(kernel, p, r_pad
 
 
 @pytest.mark.parametrize("kernel", ["swiglu_lora_fwd", "swiglu_lora_bwd"])
-@pytest.mark.parametrize("r_pad,block_k", [(16, 128), (64, 64)])
+@pytest.mark.parametrize("r_pad,block_k", [(16, 128), (32, 128), (64, 64), (128, 32)])
 def test_swiglu_lora_kernels_do_not_spill(kernel, r_pad, block_k):
     """The fused SwiGLU + down_proj LoRA kernels at the launcher's tiles: no spills, 16-byte stores of
     act / dgate / dup, the rank-r product on tensor cores."""
-    info = json.loads(_sass(kernel, "--meta", f"R_PAD={r_pad}", "--meta", f"BLOCK_K={block_k}", "--json"))
+    width = ["--meta", f"WIDTH={r_pad}"] if kernel == "swiglu_lora_fwd" else []  # the wide block as launched
+    info = json.loads(_sass(kernel, "--meta", f"R_PAD={r_pad}", "--meta", f"BLOCK_K={block_k}", *width, "--json"))
     assert "STACK:0" in info["usage"], info["usage"]
     counts = info["counts"]
-    assert counts.get("STG.E.128", 0) >= 1, counts
+    # 16-byte stores; 8-byte ones at 32 columns (16 x 32 values over 128 threads: four per thread)
+    assert counts.get("STG.E.128", 0) + (counts.get("STG.E.64", 0) if block_k == 32 else 0) >= 1, counts
     assert any(k.startswith(("HMMA", "HGMMA")) for k in counts), counts

@@ -88,6 +88,42 @@ def test_fused_swiglu_lora_matches_reference_and_separate_calls(monkeypatch, kin
             assert_close(got[1][i], want[1][i], bound * scale, rtol * scale, name=f"{what} {name}")
 
 
+@pytest.mark.parametrize("frozen", ["gate_up", "a", "b", "up"])
+def test_strided_inputs_leading_dims_and_frozen_parts(monkeypatch, frozen):
+    """gate and up as column slices of one (B, T, 2F) buffer (what the fused gate/up call returns), with
+    parts frozen: gate and up frozen (g from one pass over dy, not the wide dx GEMM), A or B frozen, or
+    up alone. Gradients equal swiglu then the separate concat LoRA call, and None where nothing trains."""
+    wide_gemm = []
+    monkeypatch.setattr(SL, "_concat_backward", lambda *a, _f=SL._concat_backward: wide_gemm.append(1) or _f(*a))
+    n, f, r = 24, 128, 17
+    weight, a0, b0, _, _, _ = _case(n, f, r, 1, "nf4", torch.float32)
+    both = torch.randn(2, 7, 2 * f, generator=_gen(8))
+    dy = torch.randn(2, 7, n, generator=_gen(9))
+
+    def run(fused):
+        buf = both.clone().requires_grad_(frozen != "gate_up")
+        gate, up = buf[..., :f], buf[..., f:]
+        if frozen == "up":
+            up = up.detach()
+        a = a0.clone().requires_grad_(frozen != "a")
+        b = b0.clone().requires_grad_(frozen != "b")
+        with backend("triton"):
+            y = (SL.swiglu_lora(gate, up, weight, a, b, 0.5, 0.2, True, 4) if fused else
+                 L.lora_linear_triton(swiglu(gate, up), weight, a, b, 0.5, 0.2, True, 4, "concat"))
+        y.backward(dy)
+        return y.detach(), [buf.grad, a.grad, b.grad]
+
+    got = run(True)
+    assert wide_gemm == ([] if frozen == "gate_up" else [1])
+    want = run(False)
+    assert_close(got[0], want[0], 1e-5, 1e-5, name="y")
+    for i, (x, w) in enumerate(zip(got[1], want[1])):
+        if w is None:
+            assert x is None, i
+        else:
+            assert_close(x, w, 1e-4, 1e-5, name=f"grad {i}")
+
+
 def test_falls_back_and_checks_inputs(monkeypatch):
     ran = []
     monkeypatch.setattr(SL, "_swiglu_lora_forward", lambda *a, _f=SL._swiglu_lora_forward: ran.append(1) or _f(*a))
