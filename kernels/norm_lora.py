@@ -6,7 +6,7 @@ dropout on, a LoRA linear on its own pays passes over activations that the mask 
 wide GEMM operand in the forward; a read of the base dh, a read of h and a write of dh (the masked
 term and dA in one launch) in the backward; dy for dB. This module gives the norm those jobs:
 
-Forward (``_norm_lora_fwd_kernel``, one program per 16 rows, two passes over them)::
+Forward (``_norm_lora_fwd_kernel``, 16 rows at a time, two passes over them)::
 
     pass 1:  s = x + residual (stored; the next residual), sum of squares   as rms_norm_add
     pass 2:  h = w * cast(s * rsqrt(mean(s^2) + eps)) into [h | xa_0 | ...]   the concat operand
@@ -26,8 +26,9 @@ What this saves depends on L2. The norm cannot finish a row before it has seen a
 rows (tl.dot's smallest tile) of K = 3200 do not fit in registers, so each program reads its rows
 twice: s in the forward, s and the dh it stored in the backward. Those re-reads are the program's
 own 100-200 KB from moments before; the kernels mark them evict_last and the streamed inputs
-evict_first. Counted in passes over an (M, K) activation beyond RMSNorm + the NF4 projections:
-fused 1 (forward: s again) + 3 (backward: dh stored and read, s again) + 1 (dA) + N/K (dB) when the
+evict_first, and run as a persistent grid of one or two programs per SM (``_programs``) so that
+what all programs will read again stays near half of an H100's L2. Counted in passes over an
+(M, K) activation beyond RMSNorm + the NF4 projections: fused 1 (forward: s again) + 3 (backward: dh stored and read, s again) + 1 (dA) + N/K (dB) when the
 re-reads miss L2, 1 + N/K when they hit; the separate ``concat`` calls 2 + 3 + N/K either way. So
 the fusion is worth at most 4 passes, and nothing when L2 does not keep the rows: the bench
 (``bench/lora.py``'s ``norm_*`` cases, with the separate calls on ``concat`` beside it) decides.
@@ -40,12 +41,13 @@ fused call applies, and the model falls back to the separate calls otherwise).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
 
 from bezoar_kernels import dispatch
-from bezoar_kernels.launch import cdiv
+from bezoar_kernels.launch import cdiv, sm_count
 from bezoar_kernels.lora import (
     MAX_KERNEL_RANK,
     Adapter,
@@ -110,83 +112,86 @@ if triton is not None:
         P: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, WIDTH: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
-        """One program per BLOCK_M rows: the sum of squares over K, then h chunk by chunk into ``wide``
-        and each projection's masked h @ A_j.T accumulated on tensor cores from the same registers."""
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < M
-        rows = offs_m.to(tl.int64)[:, None]
-        sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            ok = m_ok[:, None] & (offs_k < K)[None, :]
-            if HAS_RESIDUAL:  # x and the residual are read once: they may leave L2 first
-                v = tl.load(x_ptr + rows * stride_x + offs_k[None, :], mask=ok, other=0.0,
-                            eviction_policy="evict_first")
-                r = tl.load(res_ptr + rows * stride_res + offs_k[None, :], mask=ok, other=0.0,
-                            eviction_policy="evict_first")
-                # rounded to the input dtype, exactly like ``x + residual`` in torch
-                v = (v.to(tl.float32) + r.to(tl.float32)).to(v.dtype)
-                # s is read again in the second pass: kept in L2 if it can be
-                tl.store(s_ptr + rows * stride_s + offs_k[None, :], v, mask=ok, eviction_policy="evict_last")
-            else:  # x itself is read again in the second pass
-                v = tl.load(x_ptr + rows * stride_x + offs_k[None, :], mask=ok, other=0.0,
-                            eviction_policy="evict_last")
-            vf = v.to(tl.float32)
-            sq += tl.sum(vf * vf, axis=1)
-        rstd = tl.rsqrt(sq / K + eps)
-        tl.store(rstd_ptr + offs_m, rstd, mask=m_ok)
-        if HAS_RESIDUAL:
-            # the second pass reads s back: this program's own stores, made visible to its other threads
-            tl.debug_barrier()
-            src_ptr = s_ptr
-            stride_src = stride_s
-        else:
-            src_ptr = x_ptr
-            stride_src = stride_x
-        offs_r = tl.arange(0, R_PAD)
-        r_ok = offs_r < R
-        acc0 = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-        acc1 = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-        acc2 = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K
-            ok = m_ok[:, None] & k_ok[None, :]
-            v = tl.load(src_ptr + rows * stride_src + offs_k[None, :], mask=ok, other=0.0,
-                        eviction_policy="evict_first")
-            # Hugging Face's order: normalize in fp32, round to the input dtype, then scale by the weight
-            vhat = (v.to(tl.float32) * rstd[:, None]).to(v.dtype).to(tl.float32)
-            w = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            h = (w[None, :] * vhat).to(wide_ptr.dtype.element_ty)
-            tl.store(wide_ptr + rows * stride_w + offs_k[None, :], h, mask=ok)
-            for j in tl.static_range(P):
-                hj = h
-                if DROPOUT:
-                    hj = tl.where(_dropout_keep(offs_m, k0, _pick3(j, seed0, seed1, seed2), threshold, BLOCK_K),
-                                  h, 0.0)
-                a = tl.load(a_ptr + (j * R + offs_r).to(tl.int64)[:, None] * K + offs_k[None, :],
-                            mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-                if j == 0:
-                    acc0 = tl.dot(hj, tl.trans(a), acc0, input_precision=DOT_PRECISION)
-                elif j == 1:
-                    acc1 = tl.dot(hj, tl.trans(a), acc1, input_precision=DOT_PRECISION)
-                else:
-                    acc2 = tl.dot(hj, tl.trans(a), acc2, input_precision=DOT_PRECISION)
-        for j in tl.static_range(P):
-            if j == 0:
-                acc = acc0
-            elif j == 1:
-                acc = acc1
+        """BLOCK_M rows at a time: the sum of squares over K, then h chunk by chunk into ``wide`` and each
+        projection's masked h @ A_j.T accumulated on tensor cores from the same registers."""
+        # persistent over row blocks: a grid of fewer programs than blocks keeps the rows each
+        # program reads twice (100-200 KB) within L2 across all of them (``_programs``)
+        for blk in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+            offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < M
+            rows = offs_m.to(tl.int64)[:, None]
+            sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                ok = m_ok[:, None] & (offs_k < K)[None, :]
+                if HAS_RESIDUAL:  # x and the residual are read once: they may leave L2 first
+                    v = tl.load(x_ptr + rows * stride_x + offs_k[None, :], mask=ok, other=0.0,
+                                eviction_policy="evict_first")
+                    r = tl.load(res_ptr + rows * stride_res + offs_k[None, :], mask=ok, other=0.0,
+                                eviction_policy="evict_first")
+                    # rounded to the input dtype, exactly like ``x + residual`` in torch
+                    v = (v.to(tl.float32) + r.to(tl.float32)).to(v.dtype)
+                    # s is read again in the second pass: kept in L2 if it can be
+                    tl.store(s_ptr + rows * stride_s + offs_k[None, :], v, mask=ok, eviction_policy="evict_last")
+                else:  # x itself is read again in the second pass
+                    v = tl.load(x_ptr + rows * stride_x + offs_k[None, :], mask=ok, other=0.0,
+                                eviction_policy="evict_last")
+                vf = v.to(tl.float32)
+                sq += tl.sum(vf * vf, axis=1)
+            rstd = tl.rsqrt(sq / K + eps)
+            tl.store(rstd_ptr + offs_m, rstd, mask=m_ok)
+            if HAS_RESIDUAL:
+                # the second pass reads s back: this program's own stores, made visible to its other threads
+                tl.debug_barrier()
+                src_ptr = s_ptr
+                stride_src = stride_s
             else:
-                acc = acc2
-            if DROPOUT:
-                acc = acc * keep_scale
-            out = acc.to(xa_ptr.dtype.element_ty)
-            tl.store(xa_ptr + (j * M + offs_m).to(tl.int64)[:, None] * R + offs_r[None, :], out,
-                     mask=m_ok[:, None] & r_ok[None, :])
-            # acc is 0 past R (A's rows there load as 0): that fills the block's padding columns
-            cols = K + j * WIDTH + offs_r
-            tl.store(wide_ptr + rows * stride_w + cols[None, :], out, mask=m_ok[:, None] & (offs_r < WIDTH)[None, :])
+                src_ptr = x_ptr
+                stride_src = stride_x
+            offs_r = tl.arange(0, R_PAD)
+            r_ok = offs_r < R
+            acc0 = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+            acc1 = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+            acc2 = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < K
+                ok = m_ok[:, None] & k_ok[None, :]
+                v = tl.load(src_ptr + rows * stride_src + offs_k[None, :], mask=ok, other=0.0,
+                            eviction_policy="evict_first")
+                # Hugging Face's order: normalize in fp32, round to the input dtype, then scale by the weight
+                vhat = (v.to(tl.float32) * rstd[:, None]).to(v.dtype).to(tl.float32)
+                w = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+                h = (w[None, :] * vhat).to(wide_ptr.dtype.element_ty)
+                tl.store(wide_ptr + rows * stride_w + offs_k[None, :], h, mask=ok)
+                for j in tl.static_range(P):
+                    hj = h
+                    if DROPOUT:
+                        hj = tl.where(_dropout_keep(offs_m, k0, _pick3(j, seed0, seed1, seed2), threshold, BLOCK_K),
+                                      h, 0.0)
+                    a = tl.load(a_ptr + (j * R + offs_r).to(tl.int64)[:, None] * K + offs_k[None, :],
+                                mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+                    if j == 0:
+                        acc0 = tl.dot(hj, tl.trans(a), acc0, input_precision=DOT_PRECISION)
+                    elif j == 1:
+                        acc1 = tl.dot(hj, tl.trans(a), acc1, input_precision=DOT_PRECISION)
+                    else:
+                        acc2 = tl.dot(hj, tl.trans(a), acc2, input_precision=DOT_PRECISION)
+            for j in tl.static_range(P):
+                if j == 0:
+                    acc = acc0
+                elif j == 1:
+                    acc = acc1
+                else:
+                    acc = acc2
+                if DROPOUT:
+                    acc = acc * keep_scale
+                out = acc.to(xa_ptr.dtype.element_ty)
+                tl.store(xa_ptr + (j * M + offs_m).to(tl.int64)[:, None] * R + offs_r[None, :], out,
+                         mask=m_ok[:, None] & r_ok[None, :])
+                # acc is 0 past R (A's rows there load as 0): that fills the block's padding columns
+                cols = K + j * WIDTH + offs_r
+                tl.store(wide_ptr + rows * stride_w + cols[None, :], out, mask=m_ok[:, None] & (offs_r < WIDTH)[None, :])
 
     @triton.jit
     def _norm_lora_bwd_kernel(
@@ -201,68 +206,97 @@ if triton is not None:
         P: tl.constexpr, HAS_DS_IN: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
-        """One program per BLOCK_M rows. First pass: dh = dh_base + sum_j (g_j @ A_j) * mask_j, rounded to
+        """BLOCK_M rows at a time. First pass: dh = dh_base + sum_j (g_j @ A_j) * mask_j, rounded to
         the dtype as the separate LoRA call stores it, kept in ``ds`` as scratch, and each row's
         sum(dh * w * shat). Second pass: ds = rstd * (dh * w - shat * mean(dh * w * shat)) (+ ds_in)."""
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < M
-        rows = offs_m.to(tl.int64)[:, None]
-        offs_r = tl.arange(0, R_PAD)
-        r_ok = offs_r < R
-        rstd = tl.load(rstd_ptr + offs_m, mask=m_ok, other=0.0)
-        g_ok = m_ok[:, None] & r_ok[None, :]
-        g0 = tl.load(g_ptr + rows * stride_gm + offs_r[None, :], mask=g_ok, other=0.0)
-        g1 = g0
-        g2 = g0
-        if P > 1:
-            g1 = tl.load(g_ptr + stride_gp + rows * stride_gm + offs_r[None, :], mask=g_ok, other=0.0)
-        if P > 2:
-            g2 = tl.load(g_ptr + 2 * stride_gp + rows * stride_gm + offs_r[None, :], mask=g_ok, other=0.0)
-        dot_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K
-            ok = m_ok[:, None] & k_ok[None, :]
-            dh = tl.load(dhb_ptr + rows * stride_dhb + offs_k[None, :], mask=ok, other=0.0,
-                         eviction_policy="evict_first").to(tl.float32)
-            for j in tl.static_range(P):
-                a = tl.load(a_ptr + (j * R + offs_r).to(tl.int64)[:, None] * K + offs_k[None, :],
-                            mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-                lora = tl.dot(_pick3(j, g0, g1, g2), a, input_precision=DOT_PRECISION)
-                if DROPOUT:
-                    keep = _dropout_keep(offs_m, k0, _pick3(j, seed0, seed1, seed2), threshold, BLOCK_K)
-                    dh += tl.where(keep, lora, 0.0) * keep_scale
-                else:
-                    dh += lora
-            dh = dh.to(ds_ptr.dtype.element_ty)
-            # dh and s are read again in the second pass: kept in L2 if they can be
-            tl.store(ds_ptr + rows * stride_ds + offs_k[None, :], dh, mask=ok, eviction_policy="evict_last")
-            s = tl.load(s_ptr + rows * stride_s + offs_k[None, :], mask=ok, other=0.0,
-                        eviction_policy="evict_last").to(tl.float32)
-            w = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            dot_sum += tl.sum(dh.to(tl.float32) * w[None, :] * (s * rstd[:, None]), axis=1)
-        mean = dot_sum / K
-        # the second pass reads dh back: this program's own stores, made visible to its other threads
-        tl.debug_barrier()
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K
-            ok = m_ok[:, None] & k_ok[None, :]
-            dh = tl.load(ds_ptr + rows * stride_ds + offs_k[None, :], mask=ok, other=0.0,
-                         eviction_policy="evict_first").to(tl.float32)
-            s = tl.load(s_ptr + rows * stride_s + offs_k[None, :], mask=ok, other=0.0,
-                        eviction_policy="evict_first").to(tl.float32)
-            w = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            ds = rstd[:, None] * (dh * w[None, :] - (s * rstd[:, None]) * mean[:, None])
-            if HAS_DS_IN:
-                ds += tl.load(ds_in_ptr + rows * stride_ds_in + offs_k[None, :], mask=ok, other=0.0,
-                              eviction_policy="evict_first").to(tl.float32)
-            tl.store(ds_ptr + rows * stride_ds + offs_k[None, :], ds.to(ds_ptr.dtype.element_ty), mask=ok)
+        # persistent over row blocks: a grid of fewer programs than blocks keeps the rows each
+        # program reads twice (100-200 KB) within L2 across all of them (``_programs``)
+        for blk in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+            offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < M
+            rows = offs_m.to(tl.int64)[:, None]
+            offs_r = tl.arange(0, R_PAD)
+            r_ok = offs_r < R
+            rstd = tl.load(rstd_ptr + offs_m, mask=m_ok, other=0.0)
+            g_ok = m_ok[:, None] & r_ok[None, :]
+            g0 = tl.load(g_ptr + rows * stride_gm + offs_r[None, :], mask=g_ok, other=0.0)
+            g1 = g0
+            g2 = g0
+            if P > 1:
+                g1 = tl.load(g_ptr + stride_gp + rows * stride_gm + offs_r[None, :], mask=g_ok, other=0.0)
+            if P > 2:
+                g2 = tl.load(g_ptr + 2 * stride_gp + rows * stride_gm + offs_r[None, :], mask=g_ok, other=0.0)
+            dot_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < K
+                ok = m_ok[:, None] & k_ok[None, :]
+                dh = tl.load(dhb_ptr + rows * stride_dhb + offs_k[None, :], mask=ok, other=0.0,
+                             eviction_policy="evict_first").to(tl.float32)
+                for j in tl.static_range(P):
+                    a = tl.load(a_ptr + (j * R + offs_r).to(tl.int64)[:, None] * K + offs_k[None, :],
+                                mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+                    lora = tl.dot(_pick3(j, g0, g1, g2), a, input_precision=DOT_PRECISION)
+                    if DROPOUT:
+                        keep = _dropout_keep(offs_m, k0, _pick3(j, seed0, seed1, seed2), threshold, BLOCK_K)
+                        dh += tl.where(keep, lora, 0.0) * keep_scale
+                    else:
+                        dh += lora
+                dh = dh.to(ds_ptr.dtype.element_ty)
+                # dh and s are read again in the second pass: kept in L2 if they can be
+                tl.store(ds_ptr + rows * stride_ds + offs_k[None, :], dh, mask=ok, eviction_policy="evict_last")
+                s = tl.load(s_ptr + rows * stride_s + offs_k[None, :], mask=ok, other=0.0,
+                            eviction_policy="evict_last").to(tl.float32)
+                w = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+                dot_sum += tl.sum(dh.to(tl.float32) * w[None, :] * (s * rstd[:, None]), axis=1)
+            mean = dot_sum / K
+            # the second pass reads dh back: this program's own stores, made visible to its other threads
+            tl.debug_barrier()
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < K
+                ok = m_ok[:, None] & k_ok[None, :]
+                dh = tl.load(ds_ptr + rows * stride_ds + offs_k[None, :], mask=ok, other=0.0,
+                             eviction_policy="evict_first").to(tl.float32)
+                s = tl.load(s_ptr + rows * stride_s + offs_k[None, :], mask=ok, other=0.0,
+                            eviction_policy="evict_first").to(tl.float32)
+                w = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+                ds = rstd[:, None] * (dh * w[None, :] - (s * rstd[:, None]) * mean[:, None])
+                if HAS_DS_IN:
+                    ds += tl.load(ds_in_ptr + rows * stride_ds_in + offs_k[None, :], mask=ok, other=0.0,
+                                  eviction_policy="evict_first").to(tl.float32)
+                tl.store(ds_ptr + rows * stride_ds + offs_k[None, :], ds.to(ds_ptr.dtype.element_ty), mask=ok)
 
 
 # ----------------------------------------------------------------------------- launchers
 
-_BLOCK_M = 16  # rows per program: tl.dot's smallest M; at M = 16384 that is 1024 programs
+_BLOCK_M = 16  # rows per step: tl.dot's smallest M; at M = 16384 that is 1024 row blocks
+
+# Programs per SM: each program reads its current row block twice, 100 KB of s (forward) or 200 KB of
+# s and dh (backward) at K = 3200 in bf16. With one program per row block the GPU keeps 3-4 of them
+# per SM (by registers), 40-110 MB of rows to be read again against an H100's 50 MB of L2; these
+# counts keep it near 26 MB. An estimate to be checked by bench/lora.py's norm cases, not a timing;
+# BEZOAR_NORM_LORA_PROGRAMS (programs in all; 0: one per row block) overrides it.
+_PROGRAMS_PER_SM = {"forward": 2, "backward": 1}
+
+
+def _programs(m: int, device: torch.device, kind: str) -> int:
+    """The grid of the norm + LoRA kernels, which walk the row blocks persistently."""
+    blocks = cdiv(m, _BLOCK_M)
+    raw = os.environ.get("BEZOAR_NORM_LORA_PROGRAMS", "").strip()
+    if raw:
+        try:
+            wanted = int(raw)
+        except ValueError:
+            raise ValueError(f"BEZOAR_NORM_LORA_PROGRAMS={raw!r}: expected a whole number of programs "
+                             "(0: one per row block)") from None
+        if wanted < 0:
+            raise ValueError(f"BEZOAR_NORM_LORA_PROGRAMS={raw!r}: expected 0 or more")
+    elif device.type == "cuda":
+        wanted = _PROGRAMS_PER_SM[kind] * sm_count(device)
+    else:
+        wanted = 2  # the interpreter: few programs, each walking several row blocks
+    return max(1, min(blocks, wanted)) if wanted else blocks
 
 
 def _block_k(r_pad: int) -> int:
@@ -282,7 +316,7 @@ def _norm_lora_forward(x2d, res2d, norm_weight, eps, a, plan: _Plan):
     s = torch.empty_like(x2d) if res2d is not None else x2d
     r_pad = _r_pad(r)
     threshold, keep_scale = _dropout_args(plan)
-    _norm_lora_fwd_kernel[(cdiv(m, _BLOCK_M),)](
+    _norm_lora_fwd_kernel[(_programs(m, x2d.device, "forward"),)](
         x2d, res2d if res2d is not None else x2d, norm_weight, s, rstd, a, xa, wide,
         m, k, r, eps, *_three(plan.seeds, 0), threshold, keep_scale,
         x2d.stride(0), res2d.stride(0) if res2d is not None else 0, s.stride(0), wide.stride(0),
@@ -299,7 +333,7 @@ def _norm_lora_backward(dh_base, g, a, s, norm_weight, rstd, ds_in, plan: _Plan)
     ds = torch.empty((m, k), dtype=s.dtype, device=s.device)
     r_pad = _r_pad(r)
     threshold, keep_scale = _dropout_args(plan)
-    _norm_lora_bwd_kernel[(cdiv(m, _BLOCK_M),)](
+    _norm_lora_bwd_kernel[(_programs(m, s.device, "backward"),)](
         dh_base, g, a, s, norm_weight, rstd, ds_in if ds_in is not None else s, ds,
         m, k, r, *_three(plan.seeds, 0), threshold, keep_scale,
         dh_base.stride(0), g.stride(0), g.stride(1), s.stride(0), ds_in.stride(0) if ds_in is not None else 0,

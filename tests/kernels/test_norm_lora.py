@@ -231,6 +231,27 @@ def test_falls_back_where_the_fused_kernels_do_not_apply(monkeypatch):
     assert torch.equal(y, y2) and torch.equal(s, s2)
 
 
+def test_any_grid_gives_the_same_result(monkeypatch):
+    """The kernels walk the row blocks persistently: one program, two, or one per block
+    (BEZOAR_NORM_LORA_PROGRAMS) give the same bits; a bad value is one clear error."""
+    ns, k, r, m = (16, 16, 16), 128, 8, 53  # 4 row blocks
+    weights = _weights(ns, k, "nf4", torch.float32)
+    adapters = _adapters(ns, k, r)
+    x, res, nw = _inputs(m, k, torch.float32, True)
+    dys = [torch.randn(m, n, generator=_gen(40 + j)) for j, n in enumerate(ns)]
+    ds = torch.randn(m, k, generator=_gen(50))
+    results = []
+    for programs in ("1", "3", "0"):
+        monkeypatch.setenv("BEZOAR_NORM_LORA_PROGRAMS", programs)
+        results.append(_run(_fused(weights, 0.3, (1, 2, 3)), x, res, nw, adapters, dys, ds))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0][0], other[0]))
+        assert all(torch.equal(a, b) for a, b in zip(results[0][2], other[2]))
+    monkeypatch.setenv("BEZOAR_NORM_LORA_PROGRAMS", "many")
+    with pytest.raises(ValueError, match="BEZOAR_NORM_LORA_PROGRAMS='many'"):
+        _run(_fused(weights, 0.3, (1, 2, 3)), x, res, nw, adapters, dys, ds)
+
+
 def test_bad_inputs_raise():
     ns, k, r, m = (16,), 128, 4, 5
     weights = _weights(ns, k, "nf4", torch.float32)
