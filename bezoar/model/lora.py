@@ -37,7 +37,6 @@ from bezoar_kernels.norm_lora import norm_lora_ok, rms_norm_lora
 from bezoar_kernels.swiglu_lora import swiglu_lora, swiglu_lora_ok
 
 from .checkpointing import in_cheap_frame
-
 from .nf4 import NF4Linear
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
