@@ -54,6 +54,7 @@ over NF4 alone goes, launch by launch.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -150,6 +151,7 @@ def main() -> int:
     from bezoar_kernels import nf4_matmul as mm
     from bezoar_kernels import norm_lora as NL
     from bezoar_kernels import swiglu_lora as SL
+    from bezoar_kernels import tuning
     from bezoar_kernels.dispatch import backend
     from bezoar_kernels.rmsnorm import rms_norm_add
 
@@ -479,7 +481,8 @@ def main() -> int:
 
     # without dropout ("auto" is then the merged path) the results go to their own file
     common.write_results("lora" if p_drop > 0 else "lora-no-dropout", rows + qkv_rows + norm_rows, args, extra={
-        "dtype": str(dtype), "dropout": p_drop, "large_m_path": L.large_m_path(), "fused_max_m": mm.fused_max_m(),
+        "dtype": str(dtype), "dropout": p_drop, "large_m_path": L.large_m_path(device), "fused_max_m": mm.fused_max_m(device),
+        "tuning": tuning.summary(device), "norm_lora_programs": os.environ.get("BEZOAR_NORM_LORA_PROGRAMS") or "default",
         "targets": targets, "sweep": sweep_rows, "bnb_note": bnb_note, "norm_notes": norm_notes,
         "skipped": skipped, "skip_note": skip_note,
         "graph_rows": graph_rows + graph_qkv_rows + graph_norm_rows,

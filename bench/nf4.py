@@ -37,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import tune  # noqa: E402
 
 SHAPES = [(3200, 3200), (8640, 3200), (3200, 8640)]  # (N, K) = (out_features, in_features)
 MS = [1, 4, 16, 64, 256, 1024, 4096, 16384]
@@ -68,7 +69,7 @@ def main() -> int:
     common.setup_smoke(args)
     import torch
 
-    from bezoar_kernels import nf4, nf4_matmul as mm
+    from bezoar_kernels import nf4, nf4_matmul as mm, tuning
     from bezoar_kernels.dispatch import backend
 
     cuda = torch.cuda.is_available() and not args.smoke
@@ -253,14 +254,9 @@ def main() -> int:
                       and r["nf4_dequant"] is not None and r["nf4_fused"] is not None
                       and r["nf4_dequant"] < r["nf4_fused"]]
             crossover[f"{kind}/{tag}"] = min(faster) if faster else None
-    # GEMV_MAX_M: the largest measured M up to which gemv is the fastest NF4 forward on every shape
-    gemv_max = 0
-    for m in sorted(ms):
-        fwd = [r for r in rows if r["dir"] == "fwd" and r["M"] == m]
-        if not fwd or any(r.get("nf4_gemv") is None or r["nf4_gemv"] > min(
-                v for v in (r["nf4_fused"], r["nf4_dequant"], r["nf4_gemv"]) if v is not None) for r in fwd):
-            break
-        gemv_max = m
+    # GEMV_MAX_M: the largest measured M up to which gemv is the fastest NF4 forward on every shape (the
+    # rule bench/tune.py writes into the tuning file)
+    gemv_max = tune.gemv_fastest_up_to(rows) or 0
 
     timing = "graph" if graph_timing else "eager"
     print(f"\ntiming: {timing}" + (" (CUDA-graph replay: GPU time only)" if graph_timing else
@@ -274,11 +270,11 @@ def main() -> int:
         print(common.markdown_table([r for r in rows if r["dir"] == kind],
                                     ["shape", "M"] + peers[kind] + ["auto/cublas", "best_nf4/cublas", "bnb_best/auto"]))
     print("\ncrossover M (smallest measured M where dequant+cuBLAS beats the fused kernel; "
-          f"FUSED_MAX_M is now {mm.fused_max_m()}):")
+          f"FUSED_MAX_M is now {mm.fused_max_m(device)}):")
     for key, m in crossover.items():
         print(f"  {key}: {m if m is not None else 'none in range'}")
     print(f"gemv is the fastest NF4 forward on every shape up to M = {gemv_max} "
-          f"(GEMV_MAX_M is now {mm.gemv_max_m()}; the kernel takes M <= {mm.GEMV_MAX_ROWS})")
+          f"(GEMV_MAX_M is now {mm.gemv_max_m(device)}; the kernel takes M <= {mm.GEMV_MAX_ROWS})")
     targets = check_targets(rows, dequant_rows, ms)
     if args.smoke:  # interpreter timings say nothing about the GPU
         targets = [dict(t, status="smoke, not evaluated") for t in targets]
@@ -290,8 +286,9 @@ def main() -> int:
 
     extra = {
         "dtype": str(dtype), "timing": timing, "graph_calls": GRAPH_CALLS if graph_timing else None,
-        "weight_copies": copies, "copy_GBps": copy_gbs, "crossover_M": crossover, "fused_max_m": mm.fused_max_m(),
-        "gemv_fastest_up_to_M": gemv_max, "gemv_max_m": mm.gemv_max_m(), "targets": targets, "bnb_note": bnb_note,
+        "weight_copies": copies, "copy_GBps": copy_gbs, "crossover_M": crossover, "fused_max_m": mm.fused_max_m(device),
+        "gemv_fastest_up_to_M": gemv_max, "gemv_max_m": mm.gemv_max_m(device), "tuning": tuning.summary(device),
+        "targets": targets, "bnb_note": bnb_note,
     }
     name = "nf4" if timing == "eager" else "nf4-graph"
     # The main tables are written before the sweeps start, so a run stopped by its time limit keeps them.
@@ -317,15 +314,17 @@ def main() -> int:
     return 0
 
 
-def fastest(time_config, grid):
+def fastest(time_config, grid, timed: list | None = None):
     """(best milliseconds, its config) of ``time_config(cfg)`` over ``grid``; configs that fail to
-    compile or fit on the device are skipped."""
+    compile or fit on the device are skipped. Every (config, ms) measured is appended to ``timed``."""
     best, best_cfg = float("inf"), None
     for cfg in grid:
         try:
             t = time_config(cfg)
         except Exception:  # e.g. more shared memory or registers than the device has
             continue
+        if timed is not None:
+            timed.append((cfg, t))
         if t < best:
             best, best_cfg = t, cfg
     return best, best_cfg
@@ -367,12 +366,18 @@ def sweep_dequant(args, shapes, weights, bench, nf4, dtype):
         next_q = weights[(n, k)]
         q = next_q()
         buf = q.packed.new_empty(q.numel, dtype=dtype)
-        default = bench(lambda: nf4.dequantize_nf4_triton(next_q(), dtype, out=buf), quick=True)
+        heuristic = nf4._blocks_per_prog(q.num_blocks, q.blocksize)  # the default without a tuning entry
+        default = bench(lambda: nf4.dequantize_nf4_triton(next_q(), dtype, out=buf, blocks_per_prog=heuristic,
+                                                          num_warps=4), quick=True)
+        timed = []
         best, best_cfg = fastest(lambda cfg: bench(lambda: nf4.dequantize_nf4_triton(
-            next_q(), dtype, out=buf, blocks_per_prog=cfg[0], num_warps=cfg[1]), quick=True), grid)
+            next_q(), dtype, out=buf, blocks_per_prog=cfg[0], num_warps=cfg[1]), quick=True), grid, timed)
         best_cfg = best_cfg or (None, None)
-        out.append({"shape": f"{n}x{k}", "default_ms": default, "best_ms": best,
-                    "best_blocks_per_prog": best_cfg[0], "best_num_warps": best_cfg[1]})
+        # every config's time, as values per program (what bench/tune.py writes: blocksize-independent)
+        out.append({"shape": f"{n}x{k}", "blocksize": q.blocksize, "default_ms": default, "best_ms": best,
+                    "best_blocks_per_prog": best_cfg[0], "best_num_warps": best_cfg[1],
+                    "grid": [{"config": {"values_per_prog": c[0] * q.blocksize, "num_warps": c[1]}, "ms": t}
+                             for c, t in timed]})
     return out
 
 
@@ -393,9 +398,13 @@ def sweep_gemv(args, shapes, weights, randn, bench, mm):
         if args.smoke:
             grid = grid[:2]
         x = randn(m, k)
-        default = bench(lambda: mm.nf4_gemv_forward(x, next_q()), m, quick=True)
-        best, best_cfg = fastest(lambda cfg: bench(lambda: mm.nf4_gemv_forward(x, next_q(), cfg), m, quick=True), grid)
-        out.append({"shape": f"{n}x{k}", "M": m, "default_ms": default, "best_ms": best, "best_config": str(best_cfg)})
+        default = bench(lambda: mm.nf4_gemv_forward(x, next_q(), mm.GemvConfig()), m, quick=True)
+        timed = []
+        best, best_cfg = fastest(lambda cfg: bench(lambda: mm.nf4_gemv_forward(x, next_q(), cfg), m, quick=True),
+                                 grid, timed)
+        out.append({"shape": f"{n}x{k}", "M": m, "default_ms": default, "best_ms": best, "best_config": str(best_cfg),
+                    "grid": [{"config": {"block_n": c.block_n, "blocks": c.blocks, "num_warps": c.num_warps}, "ms": t}
+                             for c, t in timed]})
     return out
 
 

@@ -76,8 +76,10 @@ The base GEMM runs on one of six paths (``path``, chosen by M when "auto"):
   strided dequantize).
 * ``cublas`` (what "auto" takes for large M with dropout): W dequantized into the buffer, the base
   product by cuBLAS, then the forward kernel adds the LoRA term in place over y and the backward's
-  "dx_da" launch adds it over dx while it reduces dA: one extra read and write of y and of dx. It trades the fused epilogue for cuBLAS's GEMM, and on an
-  H200 cuBLAS's GEMM won by more than the extra pass costs (``LARGE_M_PATH`` gives the figures).
+  "dx_da" launch adds it over dx while it reduces dA: one extra read and write of y and of dx. It
+  trades the fused epilogue for cuBLAS's GEMM, and on an H200 cuBLAS's GEMM won by more than the
+  extra pass costs (``LARGE_M_PATH`` gives the figures). A device's tuning entry (``tuning.py``,
+  written by bench/tune.py from bench/lora.py) or ``BEZOAR_LORA_LARGE_M_PATH`` picks another.
 
 Where x is an RMSNorm's output (q/k/v, gate/up) and dropout is on, ``bezoar_kernels.norm_lora`` runs
 the norm and these projections as one computation on the ``concat`` layout: the masked down
@@ -122,7 +124,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from bezoar_kernels import dispatch
+from bezoar_kernels import dispatch, tuning
 from bezoar_kernels.launch import cdiv, launch_fitting, next_power_of_2, sm_count
 from bezoar_kernels.nf4 import (
     NESTED_BLOCKSIZE,
@@ -257,31 +259,33 @@ def _check(x: torch.Tensor, weights: Sequence, adapters: Sequence[Adapter] | Non
         raise ValueError(f"{what}: dropout_p must be in [0, 1), got {dropout_p}")
 
 
-def large_m_path() -> str:
-    """The path "auto" takes above the fused threshold: ``BEZOAR_LORA_LARGE_M_PATH`` or ``LARGE_M_PATH``."""
+def large_m_path(device=None) -> str:
+    """The path "auto" takes above the fused threshold: ``BEZOAR_LORA_LARGE_M_PATH``, else the tuning
+    file's value for ``device`` (see ``tuning``), else ``LARGE_M_PATH``."""
     raw = os.environ.get("BEZOAR_LORA_LARGE_M_PATH", "").strip().lower()
     if not raw:
-        return LARGE_M_PATH
+        return tuning.setting("lora.large_m_path", device) or LARGE_M_PATH
     allowed = [p for p in PATHS if p not in ("auto", "gemv", "merged")]
     if raw not in allowed:
         raise ValueError(f"BEZOAR_LORA_LARGE_M_PATH={raw!r}: expected one of {', '.join(allowed)}")
     return raw
 
 
-def resolve_path(path: str | None, m: int, has_lora: bool = True) -> str:
+def resolve_path(path: str | None, m: int, has_lora: bool = True, device=None) -> str:
     """The concrete path for M rows: "fused", "dequant", "cublas", "concat" or "gemv" ("gemv" up to
-    the NF4 gemv threshold; ``_apply`` falls back from it where the weights or autograd do not allow it)."""
+    the NF4 gemv threshold; ``_apply`` falls back from it where the weights or autograd do not allow it).
+    The thresholds are ``device``'s (see ``tuning``; None: the environment and built-in defaults only)."""
     path = path or "auto"
     if path not in PATHS:
         raise ValueError(f"lora path {path!r}: expected one of {', '.join(PATHS)}")
     if path != "auto":
         return path
-    if 0 < m <= gemv_max_m():
+    if 0 < m <= gemv_max_m(device):
         return "gemv"
-    if m <= fused_max_m():
+    if m <= fused_max_m(device):
         return "fused"
     # Without an adapter there is no epilogue to fuse: the base product is cuBLAS's to do.
-    return large_m_path() if has_lora else "cublas"
+    return large_m_path(device) if has_lora else "cublas"
 
 
 # ----------------------------------------------------------------------------- torch reference
@@ -1577,12 +1581,13 @@ def _gemv_ok(x, weights, adapters, dropout_p) -> bool:
 def _apply(x, weights, adapters, dropout_p, training, seeds, path, fwd_config=None, bwd_config=None, splits=None):
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
     dropout_p = float(dropout_p) if (training and adapters is not None) else 0.0
-    resolved = resolve_path(path, m, adapters is not None)
+    resolved = resolve_path(path, m, adapters is not None, x.device)
     if resolved == "gemv" and not _gemv_ok(x, weights, adapters, dropout_p):
         if path == "gemv":
             raise ValueError("lora path 'gemv' needs NF4 weights the gemv kernel takes (M <= 8, K a multiple "
                              "of the blocksize), no dropout and no gradient")
-        resolved = "fused" if m <= fused_max_m() else (large_m_path() if adapters is not None else "cublas")
+        resolved = "fused" if m <= fused_max_m(x.device) else (
+            large_m_path(x.device) if adapters is not None else "cublas")
     merge_ok = dropout_p == 0 and _merge_ok(weights, adapters, x.shape[-1])
     if resolved == "merged" and not merge_ok:
         raise ValueError("lora path 'merged' needs NF4 weights with K a multiple of the blocksize, an adapter "

@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from bezoar_kernels import dispatch
+from bezoar_kernels import dispatch, tuning
 from bezoar_kernels.launch import cdiv, next_power_of_2
 
 try:  # triton is optional: the torch reference needs none of it
@@ -497,12 +497,13 @@ def _int32_words(out: torch.Tensor) -> torch.Tensor:
     return words.set_(out.untyped_storage(), out.storage_offset() // 2, (1,), (1,))
 
 
-def _blocks_per_prog(n_blocks: int, blocksize: int) -> int:
+def _blocks_per_prog(n_blocks: int, blocksize: int, values: int | None = None) -> int:
     # The interpreter runs programs one by one in Python: few, wide programs keep tests fast.
-    if dispatch.interpreting():
+    if dispatch.interpreting() and values is None:
         return max(16, min(256, next_power_of_2(n_blocks)))
-    # On the GPU about 4096 values per program (8 KB of bf16 written by 128 threads: 16-byte stores).
-    return max(1, 4096 // blocksize)
+    # On the GPU about 4096 values per program (8 KB of bf16 written by 128 threads: 16-byte stores),
+    # unless the device's tuning entry says otherwise (``values``).
+    return max(1, (values or 4096) // blocksize)
 
 
 def quantize_nf4_triton(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
@@ -526,13 +527,14 @@ def quantize_nf4_triton(weight: torch.Tensor, blocksize: int = 64, double_quant:
 
 def dequantize_nf4_triton(weight: NF4Weight, dtype: torch.dtype | None = None,
                           out: torch.Tensor | None = None, blocks_per_prog: int | None = None,
-                          num_warps: int = 4) -> torch.Tensor:
+                          num_warps: int | None = None) -> torch.Tensor:
     """Dequantize with the Triton kernel into ``out`` or a new tensor.
 
     ``out``: any contiguous tensor of numel values, or a 2-D (N, K) view with unit column stride and
     any row stride (W's columns inside a wider buffer) when K is a multiple of the blocksize.
-    ``blocks_per_prog`` (a power of two; default by device, see ``_blocks_per_prog``) and ``num_warps``
-    set the launch; bench/nf4.py --sweep-dequant times the alternatives."""
+    ``blocks_per_prog`` (a power of two) and ``num_warps`` set the launch; by default they come from the
+    device's tuning entry (``nf4.dequant_launch``, see ``tuning``), else ``_blocks_per_prog`` and 4 warps.
+    bench/nf4.py --sweep-dequant times the alternatives."""
     if blocks_per_prog is not None and (blocks_per_prog < 1 or blocks_per_prog & (blocks_per_prog - 1)):
         raise ValueError(f"dequantize_nf4: blocks_per_prog must be a power of two, got {blocks_per_prog}")
     dtype = dtype or weight.dtype
@@ -551,7 +553,11 @@ def dequantize_nf4_triton(weight: NF4Weight, dtype: torch.dtype | None = None,
                 f"and K a multiple of the blocksize {weight.blocksize}; got shape {tuple(out.shape)} "
                 f"strides {out.stride()}")
         strided = True
-    per_prog = blocks_per_prog or _blocks_per_prog(weight.num_blocks, weight.blocksize)
+    tuned = tuning.setting("nf4.dequant_launch", weight.device) if blocks_per_prog is None or num_warps is None \
+        else None
+    per_prog = blocks_per_prog or _blocks_per_prog(weight.num_blocks, weight.blocksize,
+                                                   tuned["values_per_prog"] if tuned else None)
+    num_warps = num_warps or (tuned["num_warps"] if tuned else 4)
     grid = (cdiv(weight.num_blocks, per_prog),)
     dq = weight.double_quant
     even = n == weight.num_blocks * weight.blocksize and weight.num_blocks % per_prog == 0

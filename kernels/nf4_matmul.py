@@ -23,12 +23,14 @@ paths, chosen by M (rows of x after flattening leading dims):
   M the matmul is compute-bound and cuBLAS is hard to beat; the dequantization costs one pass
   over W per call. The backward dequantizes again (the buffer belongs to the next layer by then).
 
-``GEMV_MAX_M`` and ``FUSED_MAX_M`` (env ``BEZOAR_NF4_GEMV_MAX_M``, ``BEZOAR_NF4_FUSED_MAX_M``) are
-the largest M that ``auto`` sends to those kernels; bench/nf4.py measures the crossover on the GPU.
-On the H100 it was measured on, the fused kernel lost at every M (5 to 11 times slower than dequant
-+ cuBLAS at M <= 16). Its compiled loop explains it: the code-table gathers of every element went
-through cp.async into shared memory, with layout conversions for the tensor-core operands. So the
-fused default is 0, and the gemv kernel was written instead; its default is 0 until it is timed.
+``GEMV_MAX_M`` and ``FUSED_MAX_M`` are the largest M that ``auto`` sends to those kernels where neither
+the environment (``BEZOAR_NF4_GEMV_MAX_M``, ``BEZOAR_NF4_FUSED_MAX_M``) nor a tuning file entry for the
+device (``tuning.py``) says otherwise; bench/nf4.py measures the crossover on a GPU and bench/tune.py
+writes it into the tuning file. On the H100 it was first measured on, the fused kernel lost at every M
+(5 to 11 times slower than dequant + cuBLAS at M <= 16). Its compiled loop explained it: the code-table
+gathers of every element went through cp.async into shared memory, with layout conversions for the
+tensor-core operands. So the fused default is 0, and the gemv kernel was written; its default is 1
+(fastest at M = 1 on an H200), and the kernels rewritten since await their timing.
 
 How the fused kernel decodes: K is processed in chunks. When K is a multiple of the NF4
 blocksize (the real model shapes), a chunk is one absmax block per row: the row's chunk is
@@ -53,7 +55,7 @@ import os
 
 import torch
 
-from bezoar_kernels import dispatch
+from bezoar_kernels import dispatch, tuning
 from bezoar_kernels.launch import cdiv, launch_fitting, next_power_of_2, sm_count
 from bezoar_kernels.nf4 import (
     NESTED_BLOCKSIZE,
@@ -100,26 +102,34 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"{name}={raw!r}: expected an integer") from None
 
 
-def fused_max_m() -> int:
-    """The M threshold of the fused kernel: ``BEZOAR_NF4_FUSED_MAX_M`` if set, else ``FUSED_MAX_M``."""
-    return _env_int("BEZOAR_NF4_FUSED_MAX_M", FUSED_MAX_M)
+def _tuned(key: str, device, default):
+    value = tuning.setting(key, device)
+    return default if value is None else value
 
 
-def gemv_max_m() -> int:
-    """The M threshold of the gemv kernel: ``BEZOAR_NF4_GEMV_MAX_M`` if set, else ``GEMV_MAX_M``."""
-    return _env_int("BEZOAR_NF4_GEMV_MAX_M", GEMV_MAX_M)
+def fused_max_m(device=None) -> int:
+    """The M threshold of the fused kernel: ``BEZOAR_NF4_FUSED_MAX_M`` if set, else the tuning file's
+    value for ``device`` (see ``tuning``), else ``FUSED_MAX_M``."""
+    return _env_int("BEZOAR_NF4_FUSED_MAX_M", _tuned("nf4.fused_max_m", device, FUSED_MAX_M))
+
+
+def gemv_max_m(device=None) -> int:
+    """The M threshold of the gemv kernel: ``BEZOAR_NF4_GEMV_MAX_M`` if set, else the tuning file's value
+    for ``device``, else ``GEMV_MAX_M``."""
+    return _env_int("BEZOAR_NF4_GEMV_MAX_M", _tuned("nf4.gemv_max_m", device, GEMV_MAX_M))
 
 
 def resolve_path(path: str | None, m: int, weight: NF4Weight | None = None) -> str:
-    """The forward path for M rows: an explicit one as given; ``auto`` takes gemv for M <= gemv_max_m()
-    (where the weight fits it), then fused for M <= fused_max_m(), else dequant."""
+    """The path for M rows: an explicit one as given; ``auto`` takes gemv for M <= gemv_max_m() (where
+    the weight fits it), then fused for M <= fused_max_m(), else dequant (thresholds for W's device)."""
     path = path or "auto"
     if path not in PATHS:
         raise ValueError(f"nf4_matmul path {path!r}: expected one of {', '.join(PATHS)}")
     if path == "auto":
-        if m <= gemv_max_m() and (weight is None or gemv_supported(m, weight)):
+        device = weight.device if weight is not None else None
+        if m <= gemv_max_m(device) and (weight is None or gemv_supported(m, weight)):
             return "gemv"
-        return "fused" if m <= fused_max_m() else "dequant"
+        return "fused" if m <= fused_max_m(device) else "dequant"
     return path
 
 
@@ -601,6 +611,12 @@ def gemv_tile(block_m: int, blocksize: int, blocks_per_row: int) -> tuple[int, i
     return block_n, blocks
 
 
+def _tuned_gemv_config(block_m: int, device) -> GemvConfig:
+    """The tiles the tuning file gives for ``block_m`` rows of x on this device, else the heuristic's."""
+    tiles = (tuning.setting("nf4.gemv_tiles", device) or {}).get(str(block_m))
+    return GemvConfig(**tiles) if tiles else GemvConfig()
+
+
 def gemv_supported(m: int, weight: NF4Weight) -> bool:
     """The gemv kernel needs M <= GEMV_MAX_ROWS, K a multiple of the blocksize and the packed bytes
     word-aligned (it reads them as 32-bit words; NF4Weight keeps them contiguous)."""
@@ -622,8 +638,8 @@ def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | No
                          f"bytes at {weight.packed.data_ptr() % 4} mod 4")
     if x.stride(1) != 1:
         x = x.contiguous()
-    cfg = config or GemvConfig()
     block_m = next_power_of_2(m)
+    cfg = config or _tuned_gemv_config(block_m, x.device)
     blocks_per_row = k // weight.blocksize
     block_n, blocks = gemv_tile(block_m, weight.blocksize, blocks_per_row)
     block_n, blocks = cfg.block_n or block_n, cfg.blocks or blocks
@@ -700,7 +716,7 @@ def nf4_matmul_forward(x: torch.Tensor, weight: NF4Weight, path: str | None = No
 def nf4_matmul_backward(dy: torch.Tensor, weight: NF4Weight, path: str | None = None) -> torch.Tensor:
     """2-D input gradient (no autograd) on the path M picks: dy (M, N) -> (M, K). The gemv kernel has
     no backward (W's rows are the reduction there): gemv's backward is dequant."""
-    if resolve_path(path, dy.shape[0]) == "fused":
+    if resolve_path(path, dy.shape[0], weight) == "fused":
         return nf4_fused_backward(dy, weight)
     return nf4_dequant_backward(dy, weight)
 

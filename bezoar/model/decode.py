@@ -22,6 +22,7 @@ builds a fresh one per call (and under ``auto`` captures only for 32 new tokens 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -233,12 +234,13 @@ def _fingerprint(model) -> tuple:
 
     * the module tree, and per module its Python-side settings (train/eval, LoRA switch, scaling,
       dropout, NF4 compute dtype, offset and blocksize) and the storage of its parameters and buffers;
-    * the kernel backend (``bezoar_kernels.dispatch``), the NF4 / LoRA path constants and every
-      ``BEZOAR_*`` environment variable, and SDPA's enabled backends.
+    * the kernel backend (``bezoar_kernels.dispatch``), the NF4 / LoRA path constants, the tuning
+      entry in effect for the model's device, every ``BEZOAR_*`` environment variable, and SDPA's
+      enabled backends.
 
     Read from each module's ``__dict__`` (``getattr`` on an ``nn.Module`` is slow for missing names).
     """
-    from bezoar_kernels import dispatch
+    from bezoar_kernels import dispatch, tuning
     from bezoar_kernels import lora as lora_kernels
     from bezoar_kernels import nf4_matmul
 
@@ -249,8 +251,10 @@ def _fingerprint(model) -> tuple:
         for group in (d["_parameters"], d["_buffers"]):
             for key, t in group.items():
                 parts.append((key, None) if t is None else (key, t.data_ptr(), t.shape, t.dtype))
+    device = next((t.device for t in model.parameters()), None)
     settings = (dispatch.current_backend(), nf4_matmul.FUSED_MAX_M, nf4_matmul.GEMV_MAX_M,
                 lora_kernels.LARGE_M_PATH, lora_kernels.MAX_KERNEL_RANK,
+                json.dumps(tuning.summary(device), sort_keys=True) if device is not None else None,
                 tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("BEZOAR_"))))
     sdpa = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
             torch.backends.cuda.math_sdp_enabled())

@@ -1,0 +1,261 @@
+"""Turn bench/ results into tuning-file entries: which NF4 / LoRA path ``auto`` takes on a GPU model.
+
+Reads the JSON that ``bench/nf4.py`` (eager or ``--timing graph``) and ``bench/lora.py`` wrote, derives
+for each file's device the settings that ``bezoar_kernels.tuning`` looks up, and writes them into a
+tuning file (the shipped ``kernels/tuning.json`` by default). What each setting is taken from:
+
+* ``nf4.gemv_max_m``: the largest measured M up to which the gemv kernel is the fastest NF4 forward on
+  every shape (no row with a gemv time: not set);
+* ``nf4.fused_max_m``: the largest measured M up to which the fused kernel beats dequantize + cuBLAS on
+  every shape, forward and backward (0 where it loses at the smallest M);
+* ``lora.large_m_path``: of the large-M LoRA paths measured on the same cases (``dequant``, ``cublas``,
+  ``concat``), the one with the smallest geometric mean of time over NF4 alone, from the CUDA-graph
+  rows where the file has them (GPU time), else the eager rows; runs without dropout are not used
+  (``auto`` takes ``merged`` there);
+* ``nf4.gemv_tiles`` and ``nf4.dequant_launch``: from ``--sweep-gemv`` and ``--sweep-dequant``, the one
+  config whose time summed over the shapes is lowest, where it beats the default heuristic's sum by
+  more than ``--min-gain`` (default 3%); tied to the file's triton release.
+
+Files are applied oldest first (by date, then eager before graph timing, then name), so a later run's
+value for a setting replaces an earlier one's; settings a file does not measure are kept. Usage::
+
+    python bench/tune.py                                  # every nf4*/lora* file in bench/results
+    python bench/tune.py RUN/nf4-graph-*.json RUN/lora-*.json --out my-tuning.json   # then BEZOAR_TUNING=my-tuning.json
+    python bench/tune.py --dry-run                        # print what would change, write nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+SHIPPED = ROOT / "kernels" / "tuning.json"
+LARGE_M_CANDIDATES = ("dequant", "cublas", "concat")
+
+
+def _kernels_tuning():
+    """bezoar_kernels.tuning (imported late so that ``--help`` works before the project is installed)."""
+    from bezoar_kernels import tuning
+
+    return tuning
+
+
+# ----------------------------------------------------------------------------- derivations
+
+
+def gemv_fastest_up_to(rows: list[dict]) -> int | None:
+    """The largest measured M up to which gemv is the fastest NF4 forward on every shape (0: not even at
+    the smallest M), or None when no forward row has a gemv time."""
+    fwd = [r for r in rows if r.get("dir") == "fwd"]
+    if not any(r.get("nf4_gemv") is not None for r in fwd):
+        return None
+    best = 0
+    for m in sorted({r["M"] for r in fwd}):
+        at_m = [r for r in fwd if r["M"] == m]
+        for r in at_m:
+            gemv = r.get("nf4_gemv")
+            others = [v for v in (r.get("nf4_fused"), r.get("nf4_dequant")) if v is not None]
+            if gemv is None or any(v < gemv for v in others):
+                return best
+        best = m
+    return best
+
+
+def fused_fastest_up_to(rows: list[dict]) -> int | None:
+    """The largest measured M up to which the fused kernel beats dequantize + cuBLAS on every shape in
+    both directions (0: not even at the smallest M), or None when no row has both times."""
+    both = [r for r in rows if r.get("dir") in ("fwd", "bwd") and r.get("nf4_fused") is not None
+            and r.get("nf4_dequant") is not None]
+    if not both:
+        return None
+    best = 0
+    for m in sorted({r["M"] for r in both}):
+        if any(r["nf4_fused"] >= r["nf4_dequant"] for r in both if r["M"] == m):
+            return best
+        best = m
+    return best
+
+
+def _geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def large_m_path(rows: list[dict]) -> tuple[str, str] | None:
+    """(path, why) for lora's large-M "auto": the candidate with the lowest geometric mean of time over
+    NF4 alone on the cases where every candidate measured was timed; None when fewer than two were."""
+    rows = [r for r in rows if "nf4_only" in r and r.get("nf4_only")]
+    present = [p for p in LARGE_M_CANDIDATES if any(r.get(f"lora_{p}") for r in rows)]
+    while len(present) >= 2:
+        common = [r for r in rows if all(r.get(f"lora_{p}") for p in present)]
+        if common:
+            means = {p: _geomean([r[f"lora_{p}"] / r["nf4_only"] for r in common]) for p in present}
+            best = min(means, key=means.get)
+            why = ", ".join(f"{p} {means[p]:.3f}x" for p in present)
+            return best, f"geometric mean over NF4 alone on {len(common)} cases: {why}"
+        # the candidate timed on the fewest cases is dropped
+        present.remove(min(present, key=lambda p: sum(1 for r in rows if r.get(f"lora_{p}"))))
+    return None
+
+
+def _best_config(sweep: list[dict], min_gain: float, keys: tuple[str, ...]) -> tuple[dict, str] | None:
+    """The config (a dict of ``keys``) with the lowest time summed over the sweep's rows, where every row
+    timed it and it beats the rows' summed default by more than ``min_gain``."""
+    rows = [r for r in sweep if r.get("grid") and r.get("default_ms")]
+    if not rows:
+        return None
+    totals: dict[tuple, float] = {}
+    for cfg_key in {tuple(g["config"][k] for k in keys) for g in rows[0]["grid"]}:
+        total = 0.0
+        for r in rows:
+            t = next((g["ms"] for g in r["grid"] if tuple(g["config"][k] for k in keys) == cfg_key), None)
+            if t is None:
+                break
+            total += t
+        else:
+            totals[cfg_key] = total
+    if not totals:
+        return None
+    best = min(totals, key=totals.get)
+    default = sum(r["default_ms"] for r in rows)
+    if totals[best] >= default * (1 - min_gain):
+        return None
+    return dict(zip(keys, best)), f"{totals[best]:.4f} ms against the default's {default:.4f} ms over {len(rows)} shapes"
+
+
+def derive(result: dict, min_gain: float = 0.03) -> dict[str, tuple[object, str]]:
+    """{setting: (value, why)} that one results file supports."""
+    out: dict[str, tuple[object, str]] = {}
+    bench = result.get("bench", "")
+    if bench in ("nf4", "nf4-graph"):
+        rows = result.get("rows", [])
+        smallest = min((r["M"] for r in rows if "M" in r), default=None)
+        gemv = gemv_fastest_up_to(rows)
+        if gemv is not None:
+            out["nf4.gemv_max_m"] = (gemv, f"gemv the fastest NF4 forward on every shape up to M = {gemv}" if gemv
+                                     else f"gemv not the fastest NF4 forward on every shape at M = {smallest}")
+        fused = fused_fastest_up_to(rows)
+        if fused is not None:
+            out["nf4.fused_max_m"] = (fused, f"fused beats dequant + cuBLAS on every shape up to M = {fused}" if fused
+                                      else f"dequant + cuBLAS beats fused at M = {smallest} on some shape")
+        tiles = {}
+        for m in sorted({r["M"] for r in result.get("sweep_gemv") or [] if "M" in r}):
+            best = _best_config([r for r in result["sweep_gemv"] if r.get("M") == m], min_gain,
+                                ("block_n", "blocks", "num_warps"))
+            if best:
+                tiles[str(m)] = best
+        if tiles:
+            out["nf4.gemv_tiles"] = ({m: cfg for m, (cfg, _) in tiles.items()},
+                                     "; ".join(f"M = {m}: {why}" for m, (_, why) in tiles.items()))
+        best = _best_config(result.get("sweep_dequant") or [], min_gain, ("values_per_prog", "num_warps"))
+        if best:
+            out["nf4.dequant_launch"] = best
+    elif bench == "lora" and (result.get("dropout") or 0) > 0:
+        graph = result.get("graph_rows") or []
+        picked = large_m_path(graph) if graph else None
+        how = "graph replay"
+        if picked is None:
+            picked, how = large_m_path(result.get("rows", [])), "eager"
+        if picked:
+            out["lora.large_m_path"] = (picked[0], f"{how}: {picked[1]}")
+    return out
+
+
+def _order(item: tuple[Path, dict]) -> tuple:
+    path, result = item
+    graph = result.get("timing") == "graph" or result.get("bench") == "nf4-graph"
+    return (result.get("date", ""), graph, path.name)
+
+
+def _source(path: Path, result: dict) -> str:
+    try:
+        shown = path.resolve().relative_to(ROOT)
+    except ValueError:
+        shown = path
+    return f"{shown} ({result.get('commit', 'unknown commit')}, triton {result.get('triton')})"
+
+
+def _release(version: str | None) -> str | None:
+    return ".".join(version.split(".")[:2]) if version else None
+
+
+def apply(files: list[Path], table: dict, min_gain: float = 0.03) -> list[dict]:
+    """Fold the settings derived from ``files`` into ``table`` (a parsed tuning file, changed in place);
+    returns one change record per setting a file gave."""
+    loaded = []
+    for path in files:
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SystemExit(f"{path}: cannot read the results ({exc})") from None
+        if not isinstance(result, dict) or "bench" not in result:
+            raise SystemExit(f"{path}: not a bench/ results file (no \"bench\" field)")
+        loaded.append((path, result))
+    changes = []
+    for path, result in sorted(loaded, key=_order):
+        device = result.get("device")
+        settings = derive(result, min_gain)
+        if not settings:
+            continue
+        if not device or device == "cpu":
+            raise SystemExit(f"{path}: measured on {device or 'no device'}, not a GPU: nothing to tune from")
+        entry = table["devices"].setdefault(device, {"settings": {}, "sources": {}})
+        entry.setdefault("sources", {})
+        release = _release(result.get("triton"))
+        tiles_here = [k for k in settings if k in _kernels_tuning().TILE_KEYS]
+        if tiles_here and entry.get("triton") not in (None, release):
+            # tiles of another triton release no longer hold next to these: drop them
+            for key in _kernels_tuning().TILE_KEYS:
+                entry["settings"].pop(key, None)
+                entry["sources"].pop(key, None)
+        if tiles_here:
+            entry["triton"] = release
+        for key, (value, why) in settings.items():
+            old = entry["settings"].get(key)
+            entry["settings"][key] = value
+            entry["sources"][key] = f"{_source(path, result)}: {why}"
+            changes.append({"device": device, "setting": key, "old": old, "new": value, "file": path.name,
+                            "why": why})
+    return changes
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("files", nargs="*", type=Path, help="results JSON (default: bench/results/nf4*.json and lora*.json)")
+    p.add_argument("--out", type=Path, default=SHIPPED, help="tuning file to update (default kernels/tuning.json)")
+    p.add_argument("--min-gain", type=float, default=0.03,
+                   help="a swept tile config replaces the heuristic only if faster by more than this (default 0.03)")
+    p.add_argument("--dry-run", action="store_true", help="print the changes, write nothing")
+    args = p.parse_args(argv)
+    tuning = _kernels_tuning()
+    files = args.files or sorted(f for f in RESULTS.glob("*.json") if f.name.startswith(("nf4", "lora")))
+    if args.out.exists():
+        try:
+            table = tuning.validate(json.loads(args.out.read_text()), str(args.out))
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"{args.out}: line {exc.lineno}: not JSON ({exc.msg})") from None
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+    else:
+        table = {"format": tuning.FORMAT, "devices": {}}
+    changes = apply(files, table, args.min_gain)
+    for c in changes:
+        mark = "unchanged" if c["old"] == c["new"] else f"{c['old']!r} -> {c['new']!r}"
+        print(f"{c['device']}: {c['setting']} {mark}  ({c['file']}: {c['why']})")
+    if not changes:
+        print("no file had a setting to derive")
+    tuning.validate(table, str(args.out))
+    if args.dry_run:
+        return 0
+    table["devices"] = dict(sorted(table["devices"].items()))
+    args.out.write_text(json.dumps(table, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

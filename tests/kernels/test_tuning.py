@@ -1,0 +1,362 @@
+"""Per-device tuning: the file format, the lookup order the kernels follow, and bench/tune.py's derivations."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from bezoar_kernels import lora as L
+from bezoar_kernels import nf4, tuning
+from bezoar_kernels import nf4_matmul as mm
+
+ROOT = Path(__file__).resolve().parents[2]
+CPU = torch.device("cpu")
+
+
+def _load_bench(name):
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tune = _load_bench("tune")
+
+
+@pytest.fixture(autouse=True)
+def _fresh(monkeypatch):
+    for var in ("BEZOAR_TUNING", "BEZOAR_NF4_GEMV_MAX_M", "BEZOAR_NF4_FUSED_MAX_M", "BEZOAR_LORA_LARGE_M_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    tuning.reload()
+    yield
+    tuning.reload()
+
+
+def _user_file(tmp_path, monkeypatch, settings, triton=None, name="cpu"):
+    entry = {"settings": settings}
+    if triton is not None:
+        entry["triton"] = triton
+    path = tmp_path / "tuning.json"
+    path.write_text(json.dumps({"format": 1, "devices": {name: entry}}))
+    monkeypatch.setenv("BEZOAR_TUNING", str(path))
+    tuning.reload()
+    return path
+
+
+def _release():
+    import triton
+
+    return ".".join(triton.__version__.split(".")[:2])
+
+
+# ----------------------------------------------------------------------------- lookup order
+
+
+def test_without_an_entry_the_module_constants_hold():
+    weight = nf4.quantize_nf4_reference(torch.randn(32, 128), 64)
+    assert tuning.setting("nf4.gemv_max_m", CPU) is None  # the shipped file has GPU entries only
+    assert mm.gemv_max_m(CPU) == mm.GEMV_MAX_M and mm.fused_max_m(CPU) == mm.FUSED_MAX_M
+    assert L.large_m_path(CPU) == L.LARGE_M_PATH
+    assert mm.resolve_path(None, mm.GEMV_MAX_M + 1, weight) == "dequant"
+
+
+def test_a_device_entry_moves_the_thresholds_and_the_environment_wins(tmp_path, monkeypatch):
+    _user_file(tmp_path, monkeypatch, {"nf4.gemv_max_m": 4, "nf4.fused_max_m": 16, "lora.large_m_path": "concat"})
+    weight = nf4.quantize_nf4_reference(torch.randn(32, 128), 64)
+    assert mm.gemv_max_m(CPU) == 4 and mm.fused_max_m(CPU) == 16
+    assert mm.resolve_path(None, 3, weight) == "gemv"
+    assert mm.resolve_path(None, 5, weight) == "fused"
+    assert mm.resolve_path(None, 17, weight) == "dequant"
+    assert L.resolve_path(None, 3, True, CPU) == "gemv"
+    assert L.resolve_path(None, 17, True, CPU) == "concat"
+    assert L.resolve_path(None, 17, False, CPU) == "cublas"
+    # no device: the environment and built-in defaults only
+    assert L.resolve_path(None, 17, True) == L.LARGE_M_PATH
+    # another device's entry does not apply
+    assert mm.gemv_max_m(torch.device("meta")) == mm.GEMV_MAX_M
+    monkeypatch.setenv("BEZOAR_NF4_GEMV_MAX_M", "2")
+    monkeypatch.setenv("BEZOAR_LORA_LARGE_M_PATH", "dequant")
+    assert mm.resolve_path(None, 3, weight) == "fused"
+    assert L.resolve_path(None, 17, True, CPU) == "dequant"
+
+
+def test_the_lora_call_takes_the_tuned_path(tmp_path, monkeypatch):
+    """The entry reaches a real call (Triton interpreter): "auto" runs the tuned large-M path and gives what
+    that path gives when asked for by name."""
+    _user_file(tmp_path, monkeypatch, {"lora.large_m_path": "concat"})
+    taken = []
+    real_plan = L._Plan
+    monkeypatch.setattr(L, "_Plan", lambda **kw: taken.append(kw["path"]) or real_plan(**kw))
+    weight = nf4.quantize_nf4_reference(torch.randn(16, 64), 64)
+    x = torch.randn(40, 64)
+    a, b = torch.randn(4, 64) * 0.1, torch.randn(16, 4) * 0.1
+    auto = L.lora_linear_triton(x, weight, a, b, 2.0, 0.1, True, 7)
+    named = L.lora_linear_triton(x, weight, a, b, 2.0, 0.1, True, 7, "concat")
+    assert taken == ["concat", "concat"]
+    assert torch.equal(auto, named)
+    monkeypatch.delenv("BEZOAR_TUNING")
+    tuning.reload()
+    L.lora_linear_triton(x, weight, a, b, 2.0, 0.1, True, 7)
+    assert taken[-1] == L.LARGE_M_PATH
+
+
+def test_tuned_gemv_tiles_and_dequant_launch(tmp_path, monkeypatch):
+    release = _release()
+    _user_file(tmp_path, monkeypatch, {
+        "nf4.gemv_tiles": {"1": {"block_n": 16, "blocks": 2, "num_warps": 2}},
+        "nf4.dequant_launch": {"values_per_prog": 1024, "num_warps": 2}}, triton=release)
+    assert mm._tuned_gemv_config(1, CPU) == mm.GemvConfig(block_n=16, blocks=2, num_warps=2)
+    assert mm._tuned_gemv_config(4, CPU) == mm.GemvConfig()  # no entry for 4 rows: the heuristic
+    assert nf4._blocks_per_prog(100, 64, 1024) == 16 and nf4._blocks_per_prog(100, 128, 1024) == 8
+    calls = []
+    real = nf4._blocks_per_prog
+    monkeypatch.setattr(nf4, "_blocks_per_prog", lambda n, b, values=None: calls.append(values) or real(n, b, values))
+    weight = nf4.quantize_nf4_reference(torch.randn(8, 256), 64)
+    got = nf4.dequantize_nf4_triton(weight, torch.float32)  # the interpreter (tests/conftest.py)
+    assert calls == [1024]
+    assert torch.equal(got, nf4.dequantize_nf4_reference(weight, torch.float32))
+
+
+def test_tile_settings_of_another_triton_release_are_not_used(tmp_path, monkeypatch):
+    path = _user_file(tmp_path, monkeypatch, {"nf4.gemv_tiles": {"1": {"block_n": 16, "blocks": 2, "num_warps": 2}},
+                                              "nf4.gemv_max_m": 2}, triton="0.1")
+    with pytest.warns(UserWarning, match=r"timed with triton 0\.1"):
+        assert tuning.setting("nf4.gemv_tiles", CPU) is None
+    assert str(path) in tuning._warned.copy().pop()[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        assert mm._tuned_gemv_config(1, CPU) == mm.GemvConfig()
+    assert mm.gemv_max_m(CPU) == 2  # thresholds hold across releases
+
+
+def test_user_file_overrides_the_shipped_entry(tmp_path, monkeypatch):
+    shipped = json.loads(tuning.SHIPPED.read_text())
+    name, entry = next(iter(shipped["devices"].items()))
+    key, value = next(iter(entry["settings"].items()))
+    monkeypatch.setattr(tuning, "device_name", lambda device: name)
+    tuning.reload()
+    assert tuning.setting(key, CPU) == value
+    other = {"lora.large_m_path": "concat" if value != "concat" else "dequant"} if key == "lora.large_m_path" \
+        else {key: value + 5}
+    _user_file(tmp_path, monkeypatch, other, name=name)
+    assert tuning.setting(key, CPU) == other[key]
+
+
+@pytest.mark.parametrize("text, match", [
+    ("{", "line 1: not JSON"),
+    ('{"format": 2, "devices": {}}', "expected a tuning file"),
+    ('{"format": 1, "devices": {"cpu": {"settings": {"nf4.gemv_max_m": -1}}}}',
+     r"devices\.cpu\.settings\.nf4\.gemv_max_m: expected a whole number"),
+    ('{"format": 1, "devices": {"cpu": {"settings": {"nf4.gemv_max_m": true}}}}', "whole number"),
+    ('{"format": 1, "devices": {"cpu": {"settings": {"lora.large_m_path": "gemv"}}}}',
+     r"lora\.large_m_path: expected one of dequant, cublas, concat, fused"),
+    ('{"format": 1, "devices": {"cpu": {"settings": {"nf4.gemv_maxm": 1}}}}', r"nf4\.gemv_maxm: unknown setting"),
+    ('{"format": 1, "devices": {"cpu": {"settings": {}, "extra": 1}}}', r"devices\.cpu: unknown field\(s\) extra"),
+    ('{"format": 1, "devices": {"cpu": {"settings": {"nf4.dequant_launch": {"values_per_prog": 1000, '
+     '"num_warps": 4}}, "triton": "3.6"}}}', r"dequant_launch\.values_per_prog: expected a power of two"),
+    ('{"format": 1, "devices": {"cpu": {"settings": {"nf4.dequant_launch": {"values_per_prog": 1024, '
+     '"num_warps": 4}}}}}', r"devices\.cpu\.triton: tile settings need the triton version"),
+    ('{"format": 1, "devices": {"cpu": {"settings": {"nf4.gemv_tiles": {"3": {"block_n": 16, "blocks": 2, '
+     '"num_warps": 4}}}, "triton": "3.6"}}}', r"gemv_tiles: key '3'"),
+    ('{"format": 1, "devices": {"cpu": {"settings": {}, "triton": "3"}}}', r"triton: expected a major\.minor"),
+])
+def test_bad_tuning_files_name_the_file_and_key(tmp_path, monkeypatch, text, match):
+    path = tmp_path / "mine.json"
+    path.write_text(text)
+    monkeypatch.setenv("BEZOAR_TUNING", str(path))
+    tuning.reload()
+    with pytest.raises(ValueError, match=match) as info:
+        mm.gemv_max_m(CPU)
+    assert str(path) in str(info.value)
+
+
+def test_a_missing_user_file_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("BEZOAR_TUNING", str(tmp_path / "nope.json"))
+    tuning.reload()
+    with pytest.raises(ValueError, match="nope.json: no such tuning file"):
+        L.large_m_path(CPU)
+
+
+def test_the_shipped_file_is_what_tune_derives_from_the_recorded_results():
+    shipped = tuning.validate(json.loads(tuning.SHIPPED.read_text()), str(tuning.SHIPPED))
+    files = sorted(f for f in tune.RESULTS.glob("*.json") if f.name.startswith(("nf4", "lora")))
+    table = {"format": 1, "devices": {}}
+    tune.apply(files, table)
+    assert {n: e["settings"] for n, e in table["devices"].items()} == \
+        {n: e["settings"] for n, e in shipped["devices"].items()}
+    # and the measured H200 facts the module constants were set from
+    assert shipped["devices"]["NVIDIA H200"]["settings"] == {
+        "lora.large_m_path": L.LARGE_M_PATH, "nf4.gemv_max_m": mm.GEMV_MAX_M, "nf4.fused_max_m": mm.FUSED_MAX_M}
+
+
+# ----------------------------------------------------------------------------- bench/tune.py derivations
+
+
+def _nf4_rows(times):
+    """times: {(dir, shape, M): (gemv, fused, dequant)}"""
+    return [{"dir": d, "shape": s, "M": m, "nf4_gemv": g, "nf4_fused": f, "nf4_dequant": q}
+            for (d, s, m), (g, f, q) in times.items()]
+
+
+def test_gemv_and_fused_thresholds():
+    rows = _nf4_rows({
+        ("fwd", "a", 1): (1.0, 3.0, 2.0), ("fwd", "b", 1): (1.0, 3.0, 1.5),
+        ("fwd", "a", 4): (1.0, 3.0, 2.0), ("fwd", "b", 4): (1.6, 3.0, 1.5),  # b: dequant wins at 4
+        ("fwd", "a", 16): (None, 3.0, 2.0), ("fwd", "b", 16): (None, 3.0, 2.0),
+        ("bwd", "a", 1): (None, 3.0, 2.0), ("bwd", "b", 1): (None, 3.0, 2.0),
+    })
+    assert tune.gemv_fastest_up_to(rows) == 1
+    assert tune.fused_fastest_up_to(rows) == 0
+    faster_fused = _nf4_rows({("fwd", "a", 1): (None, 1.0, 2.0), ("fwd", "a", 4): (None, 1.0, 2.0),
+                              ("bwd", "a", 1): (None, 1.0, 2.0), ("bwd", "a", 4): (None, 2.5, 2.0),
+                              ("fwd", "a", 16): (None, 1.0, 2.0)})
+    assert tune.fused_fastest_up_to(faster_fused) == 1  # the backward loses at 4
+    assert tune.gemv_fastest_up_to(faster_fused) is None  # gemv never timed: no setting
+    assert tune.fused_fastest_up_to([{"dir": "fwd", "M": 1, "nf4_fused": None, "nf4_dequant": 1.0}]) is None
+
+
+def test_large_m_path_picks_the_lowest_geometric_mean_on_common_cases():
+    rows = [{"nf4_only": 1.0, "lora_dequant": 2.0, "lora_cublas": 1.3, "lora_concat": 1.2},
+            {"nf4_only": 2.0, "lora_dequant": 3.0, "lora_cublas": 2.4, "lora_concat": 2.6},
+            {"nf4_only": 1.0, "lora_dequant": 1.5, "lora_cublas": 1.2, "lora_concat": None}]
+    # the two cases concat was timed on: cublas sqrt(1.3 * 1.2) = 1.249x, concat sqrt(1.2 * 1.1) = 1.149x
+    rows[1]["lora_concat"] = 2.2
+    path, why = tune.large_m_path(rows)
+    assert path == "concat" and "on 2 cases" in why and "concat 1.149x" in why
+    # concat timed nowhere: cublas against dequant on all three
+    for r in rows:
+        r["lora_concat"] = None
+    assert tune.large_m_path(rows)[0] == "cublas" and "on 3 cases" in tune.large_m_path(rows)[1]
+    assert tune.large_m_path([{"nf4_only": 1.0, "lora_cublas": 1.1}]) is None  # one candidate: nothing to pick
+
+
+def _result(bench="lora", date="2026-11-26", device="NVIDIA H100 80GB HBM3", triton="3.6.0", **extra):
+    return {"bench": bench, "date": date, "device": device, "triton": triton, "commit": "abc", **extra}
+
+
+def test_lora_prefers_graph_rows_and_ignores_runs_without_dropout():
+    eager = [{"nf4_only": 1.0, "lora_cublas": 1.1, "lora_concat": 1.3}]
+    graph = [{"nf4_only": 1.0, "lora_cublas": 1.3, "lora_concat": 1.1}]
+    assert tune.derive(_result(dropout=0.05, rows=eager, graph_rows=graph))["lora.large_m_path"][0] == "concat"
+    assert tune.derive(_result(dropout=0.05, rows=eager, graph_rows=[]))["lora.large_m_path"][0] == "cublas"
+    assert tune.derive(_result(bench="lora-no-dropout", dropout=0.0, rows=eager)) == {}
+    assert tune.derive(_result(dropout=0.0, rows=eager)) == {}
+
+
+def test_swept_tiles_need_a_real_gain():
+    def sweep(m, times, default):
+        return [{"shape": s, "M": m, "default_ms": default,
+                 "grid": [{"config": {"block_n": bn, "blocks": 4, "num_warps": 4}, "ms": t} for bn, t in times[s].items()]}
+                for s in times]
+
+    # 32 rows is best summed over both shapes (2.0 + 2.0 against 1.5 + 3.0 for 16), and 20% under the default
+    rows = sweep(1, {"a": {16: 1.5, 32: 2.0}, "b": {16: 3.0, 32: 2.0}}, 2.5)
+    out = tune.derive(_result(bench="nf4", rows=[], sweep_gemv=rows))
+    assert out["nf4.gemv_tiles"][0] == {"1": {"block_n": 32, "blocks": 4, "num_warps": 4}}
+    # 1% better than the default: kept as the heuristic
+    rows = sweep(1, {"a": {16: 1.98}, "b": {16: 1.98}}, 2.0)
+    assert "nf4.gemv_tiles" not in tune.derive(_result(bench="nf4", rows=[], sweep_gemv=rows))
+    # a config some shape could not run is not a candidate
+    rows = sweep(4, {"a": {16: 0.5, 32: 1.0}, "b": {32: 1.0}}, 3.0)
+    assert tune.derive(_result(bench="nf4", rows=[], sweep_gemv=rows))["nf4.gemv_tiles"][0]["4"]["block_n"] == 32
+
+
+def test_the_sweeps_write_what_tune_reads():
+    """bench/nf4.py's gemv and dequantize sweeps (timed by a stand-in, no kernel runs) produce rows from
+    which tune derives settings that the tuning file accepts."""
+    bench_nf4 = _load_bench("nf4")
+    weight = nf4.quantize_nf4_reference(torch.randn(16, 128), 64)
+    counter = iter(range(1000))  # every timing 20% faster than the one before: the last config wins
+
+    def fake_bench(fn, m=None, quick=False):
+        return 0.8 ** next(counter)
+
+    class Args:
+        smoke = False
+
+    gemv = bench_nf4.sweep_gemv(Args, [(16, 128)], {(16, 128): lambda: weight}, lambda *shape: torch.zeros(shape),
+                                fake_bench, mm)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(nf4, "dequantize_nf4_triton", lambda *a, **k: None)
+        dq = bench_nf4.sweep_dequant(Args, [(16, 128)], {(16, 128): lambda: weight}, fake_bench, nf4, torch.float32)
+    assert [r["M"] for r in gemv] == [1, 4, 8] and all(r["grid"] for r in gemv)
+    out = tune.derive(_result(bench="nf4", rows=[], sweep_gemv=gemv, sweep_dequant=dq))
+    assert set(out["nf4.gemv_tiles"][0]) == {"1", "4", "8"}
+    last = gemv[0]["grid"][-1]["config"]
+    assert out["nf4.gemv_tiles"][0]["1"] == last
+    assert out["nf4.dequant_launch"][0] == {"values_per_prog": 256 * 64, "num_warps": 8}
+    table = {"format": 1, "devices": {"NVIDIA X": {"settings": {k: v for k, (v, _) in out.items()}, "triton": "3.6"}}}
+    tuning.validate(table, "derived")
+
+
+def test_apply_orders_files_and_keeps_tiles_to_their_triton_release(tmp_path):
+    def write(name, result):
+        path = tmp_path / name
+        path.write_text(json.dumps(result))
+        return path
+
+    nf4_rows = _nf4_rows({("fwd", "a", 1): (1.0, 3.0, 2.0), ("fwd", "a", 4): (1.0, 3.0, 2.0)})
+    older = write("nf4-old.json", _result(bench="nf4", date="2026-11-20", rows=nf4_rows))
+    tiles = [{"shape": "a", "M": 1, "default_ms": 2.0, "grid": [{"config": {"block_n": 32, "blocks": 4, "num_warps": 4},
+                                                                   "ms": 1.0}]}]
+    newer = write("nf4-graph-new.json", _result(bench="nf4-graph", date="2026-11-26", timing="graph",
+                                                rows=_nf4_rows({("fwd", "a", 1): (1.0, 3.0, 2.0),
+                                                                ("fwd", "a", 4): (3.0, 3.0, 2.0)}),
+                                                sweep_gemv=tiles))
+    table = {"format": 1, "devices": {}}
+    tune.apply([newer, older], table)  # given in any order: the older file is applied first
+    entry = table["devices"]["NVIDIA H100 80GB HBM3"]
+    assert entry["settings"]["nf4.gemv_max_m"] == 1 and entry["triton"] == "3.6"
+    assert "nf4-graph-new.json" in entry["sources"]["nf4.gemv_max_m"]
+    assert entry["settings"]["nf4.gemv_tiles"]["1"]["block_n"] == 32
+    # a later run on another triton release without tiles keeps the thresholds moving and the tiles;
+    # one with tiles replaces them and the release
+    later = write("nf4-later.json", _result(bench="nf4", date="2026-11-27", triton="3.9.1", rows=nf4_rows,
+                                            sweep_gemv=[dict(tiles[0], M=4)]))
+    tune.apply([later], table)
+    assert entry["triton"] == "3.9" and set(entry["settings"]["nf4.gemv_tiles"]) == {"4"}
+    assert entry["settings"]["nf4.gemv_max_m"] == 4
+    tuning.validate(table, "applied")
+
+
+def test_tune_cli_refuses_cpu_results_and_bad_files(tmp_path):
+    cpu = tmp_path / "nf4-cpu.json"
+    cpu.write_text(json.dumps(_result(bench="nf4", device="cpu", rows=_nf4_rows({("fwd", "a", 1): (1.0, 2.0, 3.0)}))))
+    with pytest.raises(SystemExit, match="not a GPU"):
+        tune.main([str(cpu), "--out", str(tmp_path / "t.json")])
+    junk = tmp_path / "junk.json"
+    junk.write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="not a bench/ results file"):
+        tune.main([str(junk), "--out", str(tmp_path / "t.json")])
+    bad_out = tmp_path / "bad.json"
+    bad_out.write_text('{"format": 1, "devices": {"x": {"settings": {"nope": 1}}}}')
+    with pytest.raises(SystemExit, match=r"devices\.x\.settings\.nope: unknown setting"):
+        tune.main(["--out", str(bad_out)])
+
+
+def test_tune_cli_writes_a_file_the_kernels_read(tmp_path, monkeypatch):
+    out = tmp_path / "mine.json"
+    result = tmp_path / "nf4-graph-x.json"
+    result.write_text(json.dumps(_result(bench="nf4-graph", device="cpu-as-gpu", timing="graph",
+                                         rows=_nf4_rows({("fwd", "a", 1): (1.0, 3.0, 2.0),
+                                                         ("fwd", "a", 4): (1.0, 3.0, 2.0),
+                                                         ("fwd", "a", 16): (9.0, 3.0, 2.0)}))))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "tune.py"), str(result), "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "cpu-as-gpu: nf4.gemv_max_m None -> 4" in proc.stdout
+    monkeypatch.setenv("BEZOAR_TUNING", str(out))
+    monkeypatch.setattr(tuning, "device_name", lambda device: "cpu-as-gpu")
+    tuning.reload()
+    assert mm.gemv_max_m(CPU) == 4
+    dry = subprocess.run([sys.executable, str(ROOT / "bench" / "tune.py"), str(result), "--out", str(out), "--dry-run"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert dry.returncode == 0 and "nf4.gemv_max_m unchanged" in dry.stdout and "wrote" not in dry.stdout
