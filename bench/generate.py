@@ -268,7 +268,7 @@ def main(argv=None) -> int:
             cases[f"bezoar/b{b}"] = ("bezoar", b, lambda ids=ids: bezoar_generate(ids), lambda ids=ids: bezoar_prefill(ids))
             cases[f"bezoar-eager/b{b}"] = ("bezoar-eager", b, lambda ids=ids: bezoar_generate(ids, "eager", "eager"),
                                            lambda ids=ids: bezoar_prefill(ids))
-            if b <= mm.GEMV_MAX_ROWS and mm.gemv_max_m() < b:
+            if b <= mm.GEMV_MAX_ROWS and mm.gemv_max_m(device) < b:
                 cases[f"bezoar-gemv/b{b}"] = ("bezoar-gemv", b,
                                               under(gemv_on, lambda ids=ids: bezoar_generate(ids, case="gemv")),
                                               under(gemv_on, lambda ids=ids: bezoar_prefill(ids)))

@@ -4,17 +4,20 @@ Reads the JSON that ``bench/nf4.py`` (eager or ``--timing graph``) and ``bench/l
 for each file's device the settings that ``bezoar_kernels.tuning`` looks up, and writes them into a
 tuning file (the shipped ``kernels/tuning.json`` by default). What each setting is taken from:
 
-* ``nf4.gemv_max_m``: the largest measured M up to which the gemv kernel is the fastest NF4 forward on
-  every shape (no row with a gemv time: not set);
 * ``nf4.fused_max_m``: the largest measured M up to which the fused kernel beats dequantize + cuBLAS on
-  every shape, forward and backward (0 where it loses at the smallest M);
+  every shape, forward and backward (0 where it loses at M = 1; not set where it loses at a smallest
+  measured M above 1, or where no row has both times);
+* ``nf4.gemv_max_m``: likewise for the gemv kernel against what ``auto`` would run instead (fused up to
+  that fused threshold, dequantize + cuBLAS above it); not set where no row has a gemv time;
 * ``lora.large_m_path``: of the large-M LoRA paths measured on the same cases (``dequant``, ``cublas``,
   ``concat``), the one with the smallest geometric mean of time over NF4 alone, from the CUDA-graph
   rows where the file has them (GPU time), else the eager rows; runs without dropout are not used
   (``auto`` takes ``merged`` there);
-* ``nf4.gemv_tiles`` and ``nf4.dequant_launch``: from ``--sweep-gemv`` and ``--sweep-dequant``, the one
-  config whose time summed over the shapes is lowest, where it beats the default heuristic's sum by
-  more than ``--min-gain`` (default 3%); tied to the file's triton release.
+* ``nf4.gemv_tiles`` (per swept M) and ``nf4.dequant_launch``: from ``--sweep-gemv`` and
+  ``--sweep-dequant``, the one config whose time summed over the shapes is lowest, where it beats the
+  heuristic's sum by more than ``--min-gain`` (default 3%); where none does, the setting (or that M's
+  tiles) is removed, so the heuristic runs. Tiles are tied to the file's triton release: a file from
+  another release replaces them all.
 
 Files are applied oldest first (by date, then eager before graph timing, then name), so a later run's
 value for a setting replaces an earlier one's; settings a file does not measure are kept. Usage::
@@ -48,37 +51,45 @@ def _kernels_tuning():
 # ----------------------------------------------------------------------------- derivations
 
 
-def gemv_fastest_up_to(rows: list[dict]) -> int | None:
-    """The largest measured M up to which gemv is the fastest NF4 forward on every shape (0: not even at
-    the smallest M), or None when no forward row has a gemv time."""
-    fwd = [r for r in rows if r.get("dir") == "fwd"]
-    if not any(r.get("nf4_gemv") is not None for r in fwd):
-        return None
+def _up_to(ms: list[int], wins) -> int | None:
+    """The largest M of ``ms`` (ascending) up to which ``wins(M)`` holds at every M. 0 where it fails at
+    M = 1; None where it fails at a smallest measured M above 1 (nothing was measured below it)."""
     best = 0
-    for m in sorted({r["M"] for r in fwd}):
-        at_m = [r for r in fwd if r["M"] == m]
-        for r in at_m:
-            gemv = r.get("nf4_gemv")
-            others = [v for v in (r.get("nf4_fused"), r.get("nf4_dequant")) if v is not None]
-            if gemv is None or any(v < gemv for v in others):
-                return best
+    for m in ms:
+        if not wins(m):
+            return best if best or m == 1 else None
         best = m
     return best
 
 
 def fused_fastest_up_to(rows: list[dict]) -> int | None:
     """The largest measured M up to which the fused kernel beats dequantize + cuBLAS on every shape in
-    both directions (0: not even at the smallest M), or None when no row has both times."""
+    both directions (see ``_up_to``), or None when no row has both times."""
     both = [r for r in rows if r.get("dir") in ("fwd", "bwd") and r.get("nf4_fused") is not None
             and r.get("nf4_dequant") is not None]
     if not both:
         return None
-    best = 0
-    for m in sorted({r["M"] for r in both}):
-        if any(r["nf4_fused"] >= r["nf4_dequant"] for r in both if r["M"] == m):
-            return best
-        best = m
-    return best
+    return _up_to(sorted({r["M"] for r in both}),
+                  lambda m: all(r["nf4_fused"] < r["nf4_dequant"] for r in both if r["M"] == m))
+
+
+def gemv_fastest_up_to(rows: list[dict]) -> int | None:
+    """The largest measured M up to which gemv is faster on every shape than what ``auto`` would run
+    instead (see ``_up_to``): fused up to the fused threshold these rows give, dequantize + cuBLAS above it.
+    None when no forward row has a gemv time."""
+    fwd = [r for r in rows if r.get("dir") == "fwd"]
+    if not any(r.get("nf4_gemv") is not None for r in fwd):
+        return None
+    fused_max = fused_fastest_up_to(rows) or 0
+
+    def wins(m):
+        for r in (r for r in fwd if r["M"] == m):
+            instead = r.get("nf4_fused") if m <= fused_max else r.get("nf4_dequant")
+            if r.get("nf4_gemv") is None or (instead is not None and instead < r["nf4_gemv"]):
+                return False
+        return True
+
+    return _up_to(sorted({r["M"] for r in fwd}), wins)
 
 
 def _geomean(values: list[float]) -> float:
@@ -102,9 +113,10 @@ def large_m_path(rows: list[dict]) -> tuple[str, str] | None:
     return None
 
 
-def _best_config(sweep: list[dict], min_gain: float, keys: tuple[str, ...]) -> tuple[dict, str] | None:
-    """The config (a dict of ``keys``) with the lowest time summed over the sweep's rows, where every row
-    timed it and it beats the rows' summed default by more than ``min_gain``."""
+def _best_config(sweep: list[dict], min_gain: float, keys: tuple[str, ...]) -> tuple[dict | None, str] | None:
+    """(config, why): the config (a dict of ``keys``) with the lowest time summed over the sweep's rows, of
+    those every row timed, if it beats the rows' summed heuristic by more than ``min_gain``; else (None,
+    why): the heuristic stays. None when the sweep timed nothing."""
     rows = [r for r in sweep if r.get("grid") and r.get("default_ms")]
     if not rows:
         return None
@@ -122,9 +134,10 @@ def _best_config(sweep: list[dict], min_gain: float, keys: tuple[str, ...]) -> t
         return None
     best = min(totals, key=totals.get)
     default = sum(r["default_ms"] for r in rows)
+    why = f"{totals[best]:.4f} ms against the heuristic's {default:.4f} ms over {len(rows)} shapes"
     if totals[best] >= default * (1 - min_gain):
-        return None
-    return dict(zip(keys, best)), f"{totals[best]:.4f} ms against the default's {default:.4f} ms over {len(rows)} shapes"
+        return None, f"best swept config {why}: the heuristic stays"
+    return dict(zip(keys, best)), why
 
 
 def derive(result: dict, min_gain: float = 0.03) -> dict[str, tuple[object, str]]:
@@ -136,12 +149,13 @@ def derive(result: dict, min_gain: float = 0.03) -> dict[str, tuple[object, str]
         smallest = min((r["M"] for r in rows if "M" in r), default=None)
         gemv = gemv_fastest_up_to(rows)
         if gemv is not None:
-            out["nf4.gemv_max_m"] = (gemv, f"gemv the fastest NF4 forward on every shape up to M = {gemv}" if gemv
-                                     else f"gemv not the fastest NF4 forward on every shape at M = {smallest}")
+            out["nf4.gemv_max_m"] = (gemv, f"gemv faster than what auto runs instead on every shape up to M = {gemv}"
+                                     if gemv else f"gemv slower than what auto runs instead at M = {smallest}")
         fused = fused_fastest_up_to(rows)
         if fused is not None:
             out["nf4.fused_max_m"] = (fused, f"fused beats dequant + cuBLAS on every shape up to M = {fused}" if fused
                                       else f"dequant + cuBLAS beats fused at M = {smallest} on some shape")
+        # tiles: a config per swept M, or None where the sweep found none better than the heuristic
         tiles = {}
         for m in sorted({r["M"] for r in result.get("sweep_gemv") or [] if "M" in r}):
             best = _best_config([r for r in result["sweep_gemv"] if r.get("M") == m], min_gain,
@@ -195,6 +209,7 @@ def apply(files: list[Path], table: dict, min_gain: float = 0.03) -> list[dict]:
         if not isinstance(result, dict) or "bench" not in result:
             raise SystemExit(f"{path}: not a bench/ results file (no \"bench\" field)")
         loaded.append((path, result))
+    tile_keys = _kernels_tuning().TILE_KEYS
     changes = []
     for path, result in sorted(loaded, key=_order):
         device = result.get("device")
@@ -206,20 +221,35 @@ def apply(files: list[Path], table: dict, min_gain: float = 0.03) -> list[dict]:
         entry = table["devices"].setdefault(device, {"settings": {}, "sources": {}})
         entry.setdefault("sources", {})
         release = _release(result.get("triton"))
-        tiles_here = [k for k in settings if k in _kernels_tuning().TILE_KEYS]
-        if tiles_here and entry.get("triton") not in (None, release):
-            # tiles of another triton release no longer hold next to these: drop them
-            for key in _kernels_tuning().TILE_KEYS:
-                entry["settings"].pop(key, None)
-                entry["sources"].pop(key, None)
-        if tiles_here:
+        if any(k in tile_keys for k in settings):
+            if release is None:
+                raise SystemExit(f"{path}: has tile sweeps but no \"triton\" version: tiles need the release "
+                                 "they were timed with")
+            if entry.get("triton") not in (None, release):
+                # tiles of another triton release do not hold next to these: they go
+                for key in tile_keys:
+                    if key in entry["settings"]:
+                        changes.append({"device": device, "setting": key, "old": entry["settings"].pop(key),
+                                        "new": None, "file": path.name,
+                                        "why": f"timed with triton {entry['triton']}, this run with {release}"})
+                    entry["sources"].pop(key, None)
             entry["triton"] = release
         for key, (value, why) in settings.items():
             old = entry["settings"].get(key)
-            entry["settings"][key] = value
-            entry["sources"][key] = f"{_source(path, result)}: {why}"
+            if key == "nf4.gemv_tiles":  # per M: this run's sweeps replace those M, others stay
+                value = {m: cfg for m, cfg in {**(old or {}), **value}.items() if cfg is not None}
+                value = dict(sorted(value.items(), key=lambda kv: int(kv[0])))
+            if value is None or value == {}:
+                entry["settings"].pop(key, None)
+                entry["sources"].pop(key, None)
+                value = None
+            else:
+                entry["settings"][key] = value
+                entry["sources"][key] = f"{_source(path, result)}: {why}"
             changes.append({"device": device, "setting": key, "old": old, "new": value, "file": path.name,
                             "why": why})
+        if not any(k in entry["settings"] for k in tile_keys):
+            entry.pop("triton", None)
     return changes
 
 
@@ -248,7 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{c['device']}: {c['setting']} {mark}  ({c['file']}: {c['why']})")
     if not changes:
         print("no file had a setting to derive")
-    tuning.validate(table, str(args.out))
+    try:
+        tuning.validate(table, str(args.out))
+    except ValueError as exc:  # a results file gave a value the tuning file cannot hold
+        raise SystemExit(f"the derived settings are not valid: {exc}") from None
     if args.dry_run:
         return 0
     table["devices"] = dict(sorted(table["devices"].items()))

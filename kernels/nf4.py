@@ -553,7 +553,8 @@ def dequantize_nf4_triton(weight: NF4Weight, dtype: torch.dtype | None = None,
                 f"and K a multiple of the blocksize {weight.blocksize}; got shape {tuple(out.shape)} "
                 f"strides {out.stride()}")
         strided = True
-    tuned = tuning.setting("nf4.dequant_launch", weight.device) if blocks_per_prog is None or num_warps is None \
+    # the tuned pair only as a pair: a launch given one of the two takes the heuristic for the other
+    tuned = tuning.setting("nf4.dequant_launch", weight.device) if blocks_per_prog is None and num_warps is None \
         else None
     per_prog = blocks_per_prog or _blocks_per_prog(weight.num_blocks, weight.blocksize,
                                                    tuned["values_per_prog"] if tuned else None)

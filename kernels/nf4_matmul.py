@@ -92,31 +92,33 @@ PATHS = ("auto", "fused", "dequant", "gemv")
 _GENERAL_CHUNK = 64  # K chunk of the general (unaligned) variant
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_int(name: str) -> int | None:
     raw = os.environ.get(name, "").strip()
     if not raw:
-        return default
+        return None
     try:
         return int(raw)
     except ValueError:
         raise ValueError(f"{name}={raw!r}: expected an integer") from None
 
 
-def _tuned(key: str, device, default):
-    value = tuning.setting(key, device)
+def _threshold(env: str, key: str, device, default: int) -> int:
+    value = _env_int(env)
+    if value is None:
+        value = tuning.setting(key, device)
     return default if value is None else value
 
 
 def fused_max_m(device=None) -> int:
     """The M threshold of the fused kernel: ``BEZOAR_NF4_FUSED_MAX_M`` if set, else the tuning file's
     value for ``device`` (see ``tuning``), else ``FUSED_MAX_M``."""
-    return _env_int("BEZOAR_NF4_FUSED_MAX_M", _tuned("nf4.fused_max_m", device, FUSED_MAX_M))
+    return _threshold("BEZOAR_NF4_FUSED_MAX_M", "nf4.fused_max_m", device, FUSED_MAX_M)
 
 
 def gemv_max_m(device=None) -> int:
     """The M threshold of the gemv kernel: ``BEZOAR_NF4_GEMV_MAX_M`` if set, else the tuning file's value
     for ``device``, else ``GEMV_MAX_M``."""
-    return _env_int("BEZOAR_NF4_GEMV_MAX_M", _tuned("nf4.gemv_max_m", device, GEMV_MAX_M))
+    return _threshold("BEZOAR_NF4_GEMV_MAX_M", "nf4.gemv_max_m", device, GEMV_MAX_M)
 
 
 def resolve_path(path: str | None, m: int, weight: NF4Weight | None = None) -> str:

@@ -26,8 +26,8 @@ The file::
          "sources": {"nf4.gemv_max_m": "bench/results/nf4-graph-NVIDIA_H200-2026-11-26.json (764e428)"}}}}
 
 Tile settings (``TILE_KEYS``) hold for the triton release they were timed with (``triton``, major.minor):
-a different release compiles the same tile to different code, so under it they are not used (with one
-warning) and the heuristics apply. Thresholds hold across releases. Non-CUDA devices are looked up by
+a different release compiles the same tile to different code, so under it they are passed over (with one
+warning) for the next source in the order above. Thresholds hold across releases. Non-CUDA devices are looked up by
 their type (``"cpu"``), which is how the tests reach this code without a GPU.
 """
 
@@ -72,7 +72,7 @@ def _check_setting(key: str, value, where: str) -> None:
         if not isinstance(value, dict) or not value:
             raise ValueError(f"{where}: expected an object from rows of x (\"1\", \"4\", ...) to tiles, got {value!r}")
         for rows, tiles in value.items():
-            if not (rows.isdigit() and _power_of_two(int(rows)) and int(rows) <= 8):
+            if rows not in ("1", "2", "4", "8"):
                 raise ValueError(f"{where}: key {rows!r}: expected rows of x, a power of two up to 8")
             _check_tiles(tiles, f"{where}.{rows}", ("block_n", "blocks", "num_warps"))
     elif key == "nf4.dequant_launch":
@@ -116,8 +116,8 @@ def _devices(path: str) -> dict:
         if path == str(SHIPPED):
             return {}
         raise ValueError(f"{path}: no such tuning file (named by BEZOAR_TUNING)") from None
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read the tuning file ({exc.strerror or exc})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read the tuning file ({getattr(exc, 'strerror', None) or exc})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -163,41 +163,49 @@ _warned: set = set()
 _memo: dict = {}
 
 
-def setting(key: str, device):
+def _look_up(key: str, device) -> tuple[object, str | None]:
+    """(value or None, a warning to give or None): the first usable entry, the user's file before the shipped
+    one; an entry of tiles timed with another triton release is passed over, and the warning says so."""
+    name = device_name(device)
+    user = os.environ.get("BEZOAR_TUNING", "").strip()
+    release = _triton_release()
+    skipped = []
+    for path in ([user] if user else []) + [str(SHIPPED)]:
+        entry = _devices(path).get(name)
+        if entry is None or key not in entry["settings"]:
+            continue
+        if key in TILE_KEYS and entry.get("triton") != release:
+            skipped.append(f"{path}: devices.{name}.settings.{key} (timed with triton {entry.get('triton')})")
+            continue
+        used = f"{path}'s" if not skipped else f"{path}'s instead"
+        return entry["settings"][key], (f"{'; '.join(skipped)} not used under triton {release}: using {used}"
+                                        if skipped else None)
+    return None, (f"{'; '.join(skipped)} not used under triton {release}: using the built-in heuristic"
+                  if skipped else None)
+
+
+def setting(key: str, device, warn: bool = True):
     """The tuned value of ``key`` for ``device`` (a torch device, or None for none), or None where no file
     has one. The environment variables of step 1 are the caller's to read first. Looked up once per key
     and device (``BEZOAR_TUNING`` included: ``reload`` reads it again); after that a call costs a dict
-    lookup, since the kernels ask on every call."""
+    lookup, since the kernels ask on every call. Tiles passed over for their triton release are warned
+    about once, by the first call with ``warn``."""
     if device is None:
         return None
     memo = (key, device)
     try:
-        return _memo[memo]
+        value, pending = _memo[memo]
     except KeyError:
-        pass
-    name = device_name(device)
-    user = os.environ.get("BEZOAR_TUNING", "").strip()
-    found = None
-    for path in [str(SHIPPED)] + ([user] if user else []):
-        entry = _devices(path).get(name)
-        if entry is None or key not in entry["settings"]:
-            continue
-        if key in TILE_KEYS and entry.get("triton") != _triton_release():
-            if (path, name, key) not in _warned:
-                _warned.add((path, name, key))
-                warnings.warn(f"{path}: devices.{name}.settings.{key} was timed with triton {entry.get('triton')}, "
-                              f"this is {_triton_release()}: using the built-in heuristic", stacklevel=3)
-            continue
-        found = entry["settings"][key]
-    _memo[memo] = found
-    return found
+        value, pending = _memo[memo] = _look_up(key, device)
+    if pending is not None and warn and pending not in _warned:
+        _warned.add(pending)
+        warnings.warn(pending, stacklevel=3)
+    return value
 
 
 def summary(device) -> dict:
     """Every setting in effect for ``device`` from the files (what the benchmarks record beside their rows)."""
     keys = ("nf4.gemv_max_m", "nf4.fused_max_m", "lora.large_m_path") + TILE_KEYS
     out = {"device": device_name(device), "file": os.environ.get("BEZOAR_TUNING") or None}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out.update({key: setting(key, device) for key in keys})
+    out.update({key: setting(key, device, warn=False) for key in keys})
     return out

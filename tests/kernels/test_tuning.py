@@ -108,33 +108,91 @@ def test_the_lora_call_takes_the_tuned_path(tmp_path, monkeypatch):
     assert taken[-1] == L.LARGE_M_PATH
 
 
-def test_tuned_gemv_tiles_and_dequant_launch(tmp_path, monkeypatch):
-    release = _release()
+class _LaunchSpy:
+    """Stands in for a Triton kernel: records each launch's keyword arguments, runs nothing."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append(dict(kwargs, grid=grid))
+
+
+def test_tuned_gemv_tiles_and_dequant_launch_reach_the_launches(tmp_path, monkeypatch):
     _user_file(tmp_path, monkeypatch, {
         "nf4.gemv_tiles": {"1": {"block_n": 16, "blocks": 2, "num_warps": 2}},
-        "nf4.dequant_launch": {"values_per_prog": 1024, "num_warps": 2}}, triton=release)
+        "nf4.dequant_launch": {"values_per_prog": 1024, "num_warps": 2}}, triton=_release())
     assert mm._tuned_gemv_config(1, CPU) == mm.GemvConfig(block_n=16, blocks=2, num_warps=2)
     assert mm._tuned_gemv_config(4, CPU) == mm.GemvConfig()  # no entry for 4 rows: the heuristic
     assert nf4._blocks_per_prog(100, 64, 1024) == 16 and nf4._blocks_per_prog(100, 128, 1024) == 8
-    calls = []
-    real = nf4._blocks_per_prog
-    monkeypatch.setattr(nf4, "_blocks_per_prog", lambda n, b, values=None: calls.append(values) or real(n, b, values))
+    weight = nf4.quantize_nf4_reference(torch.randn(32, 512), 64)
+    gemv = _LaunchSpy()
+    monkeypatch.setattr(mm, "_nf4_gemv_kernel", gemv)
+    mm.nf4_gemv_forward(torch.randn(1, 512), weight)
+    mm.nf4_gemv_forward(torch.randn(3, 512), weight)  # 4 rows of x: the heuristic's tiles
+    first, second = gemv.launches
+    assert (first["BLOCK_N"], first["BLOCKS"], first["num_warps"], first["grid"]) == (16, 2, 2, (2, 4))
+    heuristic = mm.gemv_tile(4, 64, 8)
+    assert (second["BLOCK_N"], second["BLOCKS"], second["num_warps"]) == (*heuristic, 4)
+    dequant = _LaunchSpy()
+    monkeypatch.setattr(nf4, "_nf4_dequantize_kernel", dequant)
+    nf4.dequantize_nf4_triton(weight, torch.float32)
+    nf4.dequantize_nf4_triton(weight, torch.float32, blocks_per_prog=4)  # one given: not mixed with the pair
+    nf4.dequantize_nf4_triton(weight, torch.float32, num_warps=8)
+    got = [(d["BLOCKS_PER_PROG"], d["num_warps"]) for d in dequant.launches]
+    assert got == [(16, 2), (4, 4), (nf4._blocks_per_prog(weight.num_blocks, 64), 8)]
+
+
+def test_tuned_dequant_launch_gives_the_same_values(tmp_path, monkeypatch):
+    _user_file(tmp_path, monkeypatch, {"nf4.dequant_launch": {"values_per_prog": 1024, "num_warps": 2}},
+               triton=_release())
     weight = nf4.quantize_nf4_reference(torch.randn(8, 256), 64)
     got = nf4.dequantize_nf4_triton(weight, torch.float32)  # the interpreter (tests/conftest.py)
-    assert calls == [1024]
     assert torch.equal(got, nf4.dequantize_nf4_reference(weight, torch.float32))
 
 
-def test_tile_settings_of_another_triton_release_are_not_used(tmp_path, monkeypatch):
+def test_tiles_of_another_triton_release_are_passed_over_with_one_warning(tmp_path, monkeypatch):
     path = _user_file(tmp_path, monkeypatch, {"nf4.gemv_tiles": {"1": {"block_n": 16, "blocks": 2, "num_warps": 2}},
                                               "nf4.gemv_max_m": 2}, triton="0.1")
-    with pytest.warns(UserWarning, match=r"timed with triton 0\.1"):
-        assert tuning.setting("nf4.gemv_tiles", CPU) is None
-    assert str(path) in tuning._warned.copy().pop()[0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # warned once only
+    tuning.summary(CPU)  # what the benchmarks and the decode fingerprint call: no warning, and none used up
+    with pytest.warns(UserWarning, match=r"timed with triton 0\.1\) not used .* using the built-in heuristic") as got:
         assert mm._tuned_gemv_config(1, CPU) == mm.GemvConfig()
+    assert str(path) in str(got[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only, also after the memo is gone
+        tuning._memo.clear()
+        assert tuning.setting("nf4.gemv_tiles", CPU) is None
     assert mm.gemv_max_m(CPU) == 2  # thresholds hold across releases
+
+
+def test_shipped_tiles_serve_when_the_users_are_of_another_release(tmp_path, monkeypatch):
+    shipped = tmp_path / "shipped.json"
+    tiles = {"1": {"block_n": 32, "blocks": 4, "num_warps": 4}}
+    shipped.write_text(json.dumps({"format": 1, "devices": {"cpu": {
+        "settings": {"nf4.gemv_tiles": tiles, "nf4.gemv_max_m": 4}, "triton": _release()}}}))
+    monkeypatch.setattr(tuning, "SHIPPED", shipped)
+    _user_file(tmp_path, monkeypatch, {"nf4.gemv_tiles": {"1": {"block_n": 16, "blocks": 2, "num_warps": 2}},
+                                       "nf4.gemv_max_m": 2}, triton="0.1")
+    with pytest.warns(UserWarning, match=r"using .*shipped\.json's instead"):
+        assert tuning.setting("nf4.gemv_tiles", CPU) == tiles
+    assert mm.gemv_max_m(CPU) == 2  # the user's threshold wins over the shipped one
+    monkeypatch.delenv("BEZOAR_TUNING")
+    tuning.reload()
+    assert mm.gemv_max_m(CPU) == 4
+
+
+def test_the_environment_is_read_before_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "broken.json"
+    path.write_text("{")
+    monkeypatch.setenv("BEZOAR_TUNING", str(path))
+    monkeypatch.setenv("BEZOAR_NF4_GEMV_MAX_M", "3")
+    monkeypatch.setenv("BEZOAR_NF4_FUSED_MAX_M", "0")
+    monkeypatch.setenv("BEZOAR_LORA_LARGE_M_PATH", "cublas")
+    tuning.reload()
+    assert (mm.gemv_max_m(CPU), mm.fused_max_m(CPU), L.large_m_path(CPU)) == (3, 0, "cublas")
+    monkeypatch.delenv("BEZOAR_NF4_FUSED_MAX_M")
+    with pytest.raises(ValueError, match="broken.json: line 1"):
+        mm.fused_max_m(CPU)
 
 
 def test_user_file_overrides_the_shipped_entry(tmp_path, monkeypatch):
@@ -166,6 +224,8 @@ def test_user_file_overrides_the_shipped_entry(tmp_path, monkeypatch):
      '"num_warps": 4}}}}}', r"devices\.cpu\.triton: tile settings need the triton version"),
     ('{"format": 1, "devices": {"cpu": {"settings": {"nf4.gemv_tiles": {"3": {"block_n": 16, "blocks": 2, '
      '"num_warps": 4}}}, "triton": "3.6"}}}', r"gemv_tiles: key '3'"),
+    ('{"format": 1, "devices": {"cpu": {"settings": {"nf4.gemv_tiles": {"08": {"block_n": 16, "blocks": 2, '
+     '"num_warps": 4}}}, "triton": "3.6"}}}', r"gemv_tiles: key '08'"),
     ('{"format": 1, "devices": {"cpu": {"settings": {}, "triton": "3"}}}', r"triton: expected a major\.minor"),
 ])
 def test_bad_tuning_files_name_the_file_and_key(tmp_path, monkeypatch, text, match):
@@ -190,8 +250,7 @@ def test_the_shipped_file_is_what_tune_derives_from_the_recorded_results():
     files = sorted(f for f in tune.RESULTS.glob("*.json") if f.name.startswith(("nf4", "lora")))
     table = {"format": 1, "devices": {}}
     tune.apply(files, table)
-    assert {n: e["settings"] for n, e in table["devices"].items()} == \
-        {n: e["settings"] for n, e in shipped["devices"].items()}
+    assert table["devices"] == shipped["devices"]  # settings, sources and triton releases
     # and the measured H200 facts the module constants were set from
     assert shipped["devices"]["NVIDIA H200"]["settings"] == {
         "lora.large_m_path": L.LARGE_M_PATH, "nf4.gemv_max_m": mm.GEMV_MAX_M, "nf4.fused_max_m": mm.FUSED_MAX_M}
@@ -221,6 +280,29 @@ def test_gemv_and_fused_thresholds():
     assert tune.fused_fastest_up_to(faster_fused) == 1  # the backward loses at 4
     assert tune.gemv_fastest_up_to(faster_fused) is None  # gemv never timed: no setting
     assert tune.fused_fastest_up_to([{"dir": "fwd", "M": 1, "nf4_fused": None, "nf4_dequant": 1.0}]) is None
+
+
+def test_a_loss_at_a_smallest_m_above_one_sets_nothing():
+    """A run that starts at M = 4 and loses there says nothing about M = 1..3: no threshold, not 0."""
+    rows = _nf4_rows({("fwd", "a", 4): (2.0, 3.0, 1.5), ("fwd", "a", 16): (2.0, 3.0, 1.5),
+                      ("bwd", "a", 4): (None, 3.0, 1.5)})
+    assert tune.gemv_fastest_up_to(rows) is None and tune.fused_fastest_up_to(rows) is None
+    assert tune.derive(_result(bench="nf4-graph", rows=rows)) == {}
+    # winning at that smallest M still counts
+    rows = _nf4_rows({("fwd", "a", 4): (1.0, 3.0, 1.5), ("fwd", "a", 16): (2.0, 3.0, 1.5)})
+    assert tune.gemv_fastest_up_to(rows) == 4
+
+
+def test_gemv_is_weighed_against_what_auto_would_run_instead():
+    """Fused beats gemv at M = 4 but loses its backward there, so auto would run dequant, which gemv beats."""
+    rows = _nf4_rows({("fwd", "a", 1): (1.0, 0.9, 2.0), ("bwd", "a", 1): (None, 1.0, 2.0),
+                      ("fwd", "a", 4): (1.0, 0.9, 2.0), ("bwd", "a", 4): (None, 3.0, 2.0),
+                      ("fwd", "a", 16): (3.0, 0.9, 2.0), ("bwd", "a", 16): (None, 3.0, 2.0)})
+    assert tune.fused_fastest_up_to(rows) == 1
+    # at M = 1 auto would run fused (0.9 < gemv's 1.0): gemv loses there
+    assert tune.gemv_fastest_up_to(rows) == 0
+    rows[0]["nf4_fused"] = 1.1
+    assert tune.gemv_fastest_up_to(rows) == 4  # M = 1 against fused, M = 4 against dequant; 16 loses
 
 
 def test_large_m_path_picks_the_lowest_geometric_mean_on_common_cases():
@@ -261,9 +343,11 @@ def test_swept_tiles_need_a_real_gain():
     rows = sweep(1, {"a": {16: 1.5, 32: 2.0}, "b": {16: 3.0, 32: 2.0}}, 2.5)
     out = tune.derive(_result(bench="nf4", rows=[], sweep_gemv=rows))
     assert out["nf4.gemv_tiles"][0] == {"1": {"block_n": 32, "blocks": 4, "num_warps": 4}}
-    # 1% better than the default: kept as the heuristic
+    # 1% better than the default: the heuristic stays (None: any tiles for M = 1 on record go)
     rows = sweep(1, {"a": {16: 1.98}, "b": {16: 1.98}}, 2.0)
-    assert "nf4.gemv_tiles" not in tune.derive(_result(bench="nf4", rows=[], sweep_gemv=rows))
+    value, why = tune.derive(_result(bench="nf4", rows=[], sweep_gemv=rows))["nf4.gemv_tiles"]
+    assert value == {"1": None} and "the heuristic stays" in why
+    assert "nf4.gemv_tiles" not in tune.derive(_result(bench="nf4", rows=[], sweep_gemv=[]))
     # a config some shape could not run is not a candidate
     rows = sweep(4, {"a": {16: 0.5, 32: 1.0}, "b": {32: 1.0}}, 3.0)
     assert tune.derive(_result(bench="nf4", rows=[], sweep_gemv=rows))["nf4.gemv_tiles"][0]["4"]["block_n"] == 32
@@ -319,12 +403,33 @@ def test_apply_orders_files_and_keeps_tiles_to_their_triton_release(tmp_path):
     assert entry["settings"]["nf4.gemv_tiles"]["1"]["block_n"] == 32
     # a later run on another triton release without tiles keeps the thresholds moving and the tiles;
     # one with tiles replaces them and the release
+    # the same release sweeping M = 4 only: M = 1's tiles stay beside the new ones
+    more = write("nf4-more.json", _result(bench="nf4", date="2026-11-26", rows=[], sweep_gemv=[dict(tiles[0], M=4)]))
+    tune.apply([more], table)
+    assert set(entry["settings"]["nf4.gemv_tiles"]) == {"1", "4"}
+    # a re-measured M whose sweep found nothing better drops its tiles (the heuristic runs again)
+    flat = [dict(tiles[0], default_ms=1.0)]
+    changes = tune.apply([write("nf4-flat.json", _result(bench="nf4", date="2026-11-26", rows=[], sweep_gemv=flat))],
+                         table)
+    assert set(entry["settings"]["nf4.gemv_tiles"]) == {"4"}
+    assert changes[0]["new"] == {"4": {"block_n": 32, "blocks": 4, "num_warps": 4}}
+    # a later run on another triton release replaces every tile and the release, and says so
     later = write("nf4-later.json", _result(bench="nf4", date="2026-11-27", triton="3.9.1", rows=nf4_rows,
-                                            sweep_gemv=[dict(tiles[0], M=4)]))
-    tune.apply([later], table)
-    assert entry["triton"] == "3.9" and set(entry["settings"]["nf4.gemv_tiles"]) == {"4"}
+                                            sweep_gemv=[dict(tiles[0], M=8)]))
+    changes = tune.apply([later], table)
+    assert entry["triton"] == "3.9" and set(entry["settings"]["nf4.gemv_tiles"]) == {"8"}
+    assert any(c["new"] is None and "timed with triton 3.6" in c["why"] for c in changes)
     assert entry["settings"]["nf4.gemv_max_m"] == 4
     tuning.validate(table, "applied")
+    # the only tiles gone: no release is kept either
+    gone = [dict(tiles[0], M=8, default_ms=1.0)]
+    tune.apply([write("nf4-gone.json", _result(bench="nf4", date="2026-11-28", triton="3.9.1", rows=[],
+                                               sweep_gemv=gone))], table)
+    assert "nf4.gemv_tiles" not in entry["settings"] and "triton" not in entry
+    # tiles from a file without a triton version cannot be placed
+    blind = write("nf4-blind.json", dict(_result(bench="nf4", rows=[], sweep_gemv=tiles), triton=None))
+    with pytest.raises(SystemExit, match="nf4-blind.json: has tile sweeps but no"):
+        tune.apply([blind], table)
 
 
 def test_tune_cli_refuses_cpu_results_and_bad_files(tmp_path):

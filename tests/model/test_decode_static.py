@@ -3,6 +3,7 @@ tokens of the eager decode loop."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -262,6 +263,27 @@ def test_fingerprint_sees_adapter_switches_weights_and_settings(tiny_dir, monkey
     assert _fingerprint(model) != base
     model.train()
     assert _fingerprint(model) != _fingerprint(model.eval())
+
+
+def test_fingerprint_sees_the_tuning_in_effect(tiny_dir, tmp_path, monkeypatch):
+    """A tuning file rewritten and read again (same BEZOAR_TUNING) drops the captured graphs too."""
+    from bezoar_kernels import tuning
+
+    model = load(tiny_dir).eval()
+    path = tmp_path / "tuning.json"
+
+    def tuned(gemv_max_m):
+        path.write_text(json.dumps({"format": 1, "devices": {"cpu": {"settings": {"nf4.gemv_max_m": gemv_max_m}}}}))
+        tuning.reload()
+        return _fingerprint(model)
+
+    monkeypatch.setenv("BEZOAR_TUNING", str(path))
+    try:
+        first = tuned(4)
+        assert tuned(4) == first and tuned(8) != first
+    finally:
+        monkeypatch.delenv("BEZOAR_TUNING")
+        tuning.reload()
 
 
 def test_token_queue_on_cpu_is_first_in_first_out():
