@@ -35,6 +35,8 @@ def test_dpo_step_peak_memory_is_one_model_not_two(record_property):
     # the measurement can see a second model: the deep-copy reference costs one more model
     assert footprint["dpo_copy"] > 1.9 * model, summary
     assert footprint["dpo_copy"] - footprint["dpo"] > 0.8 * model, summary
-    # bezoar's DPO: one model plus activations, and about what an SFT step on the same batch takes
-    assert footprint["dpo"] < 1.6 * model, summary
+    # bezoar's DPO: one model plus activations, and about what an SFT step on the same batch takes. The
+    # allocator's share varies with the install: 1.40-1.45x the model in the dev venv, 1.52-1.63x in CI's
+    # fresh one (2026-11-26), against 2.4x and more with the copied reference; 1.75x leaves that room.
+    assert footprint["dpo"] < 1.75 * model, summary
     assert footprint["dpo"] <= 1.1 * footprint["sft"], summary
