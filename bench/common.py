@@ -25,6 +25,29 @@ from pathlib import Path
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+@contextlib.contextmanager
+def environ(**values):
+    """The given environment variables set for the block, restored after."""
+    old = {name: os.environ.get(name) for name in values}
+    os.environ.update({name: str(value) for name, value in values.items()})
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def with_environ(fn, **values):
+    """``fn`` wrapped to run under ``environ(**values)`` at every call (and so in a graph's capture)."""
+    def run(*args, **kwargs):
+        with environ(**values):
+            return fn(*args, **kwargs)
+    return run
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU; check the code path, write nothing")

@@ -35,9 +35,7 @@ is one of the N forwards counted).
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import os
 import shutil
 import sys
 import tempfile
@@ -60,19 +58,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-@contextlib.contextmanager
-def environ(**values):
-    """The given environment variables set for the block, restored after."""
-    old = {name: os.environ.get(name) for name in values}
-    os.environ.update({name: str(value) for name, value in values.items()})
-    try:
-        yield
-    finally:
-        for name, value in old.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+environ = common.environ
 
 
 def gemv_max_m(value: int):

@@ -25,7 +25,8 @@ there is an adapter; ``torch.autograd.grad``, so nothing accumulates):
   q/k/v (3200x3200 x3): ``norm_qkv_nf4_only`` (``rms_norm_add`` then the three NF4 matmuls),
   ``norm_qkv_lora_separate`` (``rms_norm_add`` then ``lora_qkv``, path "auto"; ``*_lora_concat`` the
   same on the concat path, the fused call's layout, at the largest M and first rank only) and
-  ``norm_qkv_lora_fused`` (``rms_norm_lora``); gate/up (8640x3200 x2, when that shape is in the
+  ``norm_qkv_lora_fused`` (``rms_norm_lora``; at the largest M and first rank also with each grid
+  forced, ``*_lora_fused_persistent`` and ``*_lora_fused_per_block``, which bench/tune.py reads); gate/up (8640x3200 x2, when that shape is in the
   run): ``norm_gateup_nf4_only``, ``norm_gateup_lora_separate`` (two ``lora_linear`` calls) and
   ``norm_gateup_lora_fused``. SwiGLU + down (3200x8640, when that shape is in the run): gate and up
   (M, 8640) in, ``swiglu_down_nf4_only`` (``swiglu`` then the NF4 matmul), ``swiglu_down_lora_separate``
@@ -82,7 +83,8 @@ GROUP_LABELS = {"norm_qkv": ("norm+q/k/v", "RMSNorm + q/k/v projections (rms_nor
                                 "or rms_norm_lora)"),
                 "swiglu_down": ("swiglu+down", "SwiGLU + down projection (swiglu then the projection, or "
                                 "swiglu_lora)")}
-NORM_PEERS = ["lora_separate", "lora_concat", "lora_fused"]  # concat: at the largest M and first rank only
+# concat and the two explicit grids of the fused call: at the largest M and first rank only
+NORM_PEERS = ["lora_separate", "lora_concat", "lora_fused", "lora_fused_persistent", "lora_fused_per_block"]
 NORM_EPS = 1e-6  # OpenLLaMA's rms_norm_eps
 
 
@@ -347,6 +349,12 @@ def main() -> int:
                 if fused_ok:
                     add(f"{group}_lora_fused/M={m}/r={r}", fwd_bwd(norm_fused, params, dys),
                         peer=f"{group}_lora_fused", **dict(key, r=r))
+                    if m == max(ms) and r == ranks[0]:  # both grids, whatever the tuning file says (tune.py)
+                        for grid, programs in (("persistent", "persistent"), ("per_block", "0")):
+                            add(f"{group}_lora_fused_{grid}/M={m}/r={r}",
+                                common.with_environ(fwd_bwd(norm_fused, params, dys),
+                                                    BEZOAR_NORM_LORA_PROGRAMS=programs),
+                                peer=f"{group}_lora_fused_{grid}", **dict(key, r=r))
                 else:  # it would time the torch reference, not the kernels
                     norm_notes.append(f"{group}_lora_fused/M={m}/r={r} skipped: norm_lora_ok is false")
 
@@ -450,7 +458,8 @@ def main() -> int:
         print(common.markdown_table(qkv_rows, ["shape", "M", "r", "qkv_nf4_only"] + QKV_PEERS
                                     + [f"{p}/nf4_only" for p in QKV_PEERS]))
         for group in norm_groups:
-            peers = [f"{group}_{p}" for p in NORM_PEERS]
+            # the grid peers are the norm kernels'; SwiGLU's kernels have one grid
+            peers = [f"{group}_{p}" for p in NORM_PEERS if group != "swiglu_down" or "_fused_" not in p]
             print(f"\n{GROUP_LABELS[group][1]}, forward + backward, ms, {how}; ratios over the same with NF4 "
                   "alone\n")
             print(common.markdown_table([r for r in norm_rows if r["group"] == group],

@@ -13,6 +13,8 @@ tuning file (the shipped ``kernels/tuning.json`` by default). What each setting 
   ``concat``), the one with the smallest geometric mean of time over NF4 alone, from the CUDA-graph
   rows where the file has them (GPU time), else the eager rows; runs without dropout are not used
   (``auto`` takes ``merged`` there);
+* ``norm_lora.grid``: of the fused RMSNorm + LoRA call's two grids (``persistent``, ``per_block``), timed
+  side by side at the largest case of each norm group, the one with the lower sum (graph rows first);
 * ``nf4.gemv_tiles`` (per swept M) and ``nf4.dequant_launch``: from ``--sweep-gemv`` and
   ``--sweep-dequant``, the one config whose time summed over the shapes is lowest, where it beats the
   heuristic's sum by more than ``--min-gain`` (default 3%); where none does, the setting (or that M's
@@ -113,6 +115,20 @@ def large_m_path(rows: list[dict]) -> tuple[str, str] | None:
     return None
 
 
+def norm_grid(rows: list[dict]) -> tuple[str, str] | None:
+    """(grid, why) for the norm + LoRA kernels: of the two grids timed at the same case of each norm group,
+    the one whose times summed over the groups are lower (persistent on a tie); None if none was timed."""
+    pairs = [(r["group"], r.get(f"{r['group']}_lora_fused_persistent"), r.get(f"{r['group']}_lora_fused_per_block"))
+             for r in rows if r.get("group")]
+    pairs = [(g, a, b) for g, a, b in pairs if a and b]
+    if not pairs:
+        return None
+    persistent, per_block = sum(a for _, a, _ in pairs), sum(b for _, _, b in pairs)
+    grid = "per_block" if per_block < persistent else "persistent"
+    why = ", ".join(f"{g} {a:.3f} / {b:.3f} ms" for g, a, b in pairs)
+    return grid, f"fused norm + LoRA, persistent / one program per row block: {why}"
+
+
 def _best_config(sweep: list[dict], min_gain: float, keys: tuple[str, ...]) -> tuple[dict | None, str] | None:
     """(config, why): the config (a dict of ``keys``) with the lowest time summed over the sweep's rows, of
     those every row timed, if it beats the rows' summed heuristic by more than ``min_gain``; else (None,
@@ -176,6 +192,11 @@ def derive(result: dict, min_gain: float = 0.03) -> dict[str, tuple[object, str]
             picked, how = large_m_path(result.get("rows", [])), "eager"
         if picked:
             out["lora.large_m_path"] = (picked[0], f"{how}: {picked[1]}")
+        grid, how = (norm_grid(graph), "graph replay") if graph else (None, "")
+        if grid is None:
+            grid, how = norm_grid(result.get("rows", [])), "eager"
+        if grid:
+            out["norm_lora.grid"] = (grid[0], f"{how}: {grid[1]}")
     return out
 
 

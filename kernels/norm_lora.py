@@ -46,7 +46,7 @@ from collections.abc import Sequence
 
 import torch
 
-from bezoar_kernels import dispatch
+from bezoar_kernels import dispatch, tuning
 from bezoar_kernels.launch import cdiv, sm_count
 from bezoar_kernels.lora import (
     MAX_KERNEL_RANK,
@@ -275,23 +275,28 @@ _BLOCK_M = 16  # rows per step: tl.dot's smallest M; at M = 16384 that is 1024 r
 # Programs per SM: each program reads its current row block twice, 100 KB of s (forward) or 200 KB of
 # s and dh (backward) at K = 3200 in bf16. With one program per row block the GPU keeps 3-4 of them
 # per SM (by registers), 40-110 MB of rows to be read again against an H100's 50 MB of L2; these
-# counts keep it near 26 MB. An estimate to be checked by bench/lora.py's norm cases, not a timing;
-# BEZOAR_NORM_LORA_PROGRAMS (programs in all; 0: one per row block) overrides it.
+# counts keep it near 26 MB. An estimate to be checked by bench/lora.py's norm cases, not a timing:
+# they time both grids at their largest case, and bench/tune.py writes the faster into the device's
+# tuning entry (``norm_lora.grid``); BEZOAR_NORM_LORA_PROGRAMS (programs in all, 0: one per row block,
+# or "persistent") overrides both.
 _PROGRAMS_PER_SM = {"forward": 2, "backward": 1}
+GRIDS = ("persistent", "per_block")
 
 
 def _programs(m: int, device: torch.device, kind: str) -> int:
     """The grid of the norm + LoRA kernels, which walk the row blocks persistently."""
     blocks = cdiv(m, _BLOCK_M)
     raw = os.environ.get("BEZOAR_NORM_LORA_PROGRAMS", "").strip()
-    if raw:
+    if raw and raw != "persistent":
         try:
             wanted = int(raw)
         except ValueError:
             raise ValueError(f"BEZOAR_NORM_LORA_PROGRAMS={raw!r}: expected a whole number of programs "
-                             "(0: one per row block)") from None
+                             "(0: one per row block) or 'persistent'") from None
         if wanted < 0:
             raise ValueError(f"BEZOAR_NORM_LORA_PROGRAMS={raw!r}: expected 0 or more")
+    elif not raw and tuning.setting("norm_lora.grid", device) == "per_block":
+        wanted = 0
     elif device.type == "cuda":
         wanted = _PROGRAMS_PER_SM[kind] * sm_count(device)
     else:

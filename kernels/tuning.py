@@ -1,14 +1,14 @@
 """Launch settings measured on a GPU model, looked up by the name of the device a call runs on.
 
-The dispatch thresholds (which NF4 and LoRA path ``auto`` takes for M rows) and some launch tiles are
-facts about a GPU, not about the code: the crossover where dequantize + cuBLAS beats the gemv kernel on
-an H100 is not where it is on an RTX 4090. ``bench/nf4.py`` and ``bench/lora.py`` measure them and
+The dispatch thresholds (which NF4 and LoRA path ``auto`` takes for M rows, the norm + LoRA grid) and some
+launch tiles are facts about a GPU, not about the code: the crossover where dequantize + cuBLAS beats the
+gemv kernel on an H100 is not where it is on an RTX 4090. ``bench/nf4.py`` and ``bench/lora.py`` measure them and
 ``bench/tune.py`` turns their results into entries of a tuning file, one per device name.
 
 A setting comes from the first of:
 
 1. its environment variable (``BEZOAR_NF4_GEMV_MAX_M``, ``BEZOAR_NF4_FUSED_MAX_M``,
-   ``BEZOAR_LORA_LARGE_M_PATH``; read by the modules that own them);
+   ``BEZOAR_LORA_LARGE_M_PATH``, ``BEZOAR_NORM_LORA_PROGRAMS``; read by the modules that own them);
 2. the device's entry in the file that ``BEZOAR_TUNING`` names (a user's own measurements; read at the
    first lookup, and again after ``reload()``);
 3. the device's entry in ``tuning.json`` beside this module (measurements committed with the code);
@@ -21,6 +21,7 @@ The file::
        "NVIDIA H200": {
          "triton": "3.6",
          "settings": {"nf4.gemv_max_m": 1, "nf4.fused_max_m": 0, "lora.large_m_path": "cublas",
+                      "norm_lora.grid": "persistent",
                       "nf4.gemv_tiles": {"1": {"block_n": 16, "blocks": 8, "num_warps": 4}},
                       "nf4.dequant_launch": {"values_per_prog": 4096, "num_warps": 4}},
          "sources": {"nf4.gemv_max_m": "bench/results/nf4-graph-NVIDIA_H200-2026-11-26.json (764e428)"}}}}
@@ -42,6 +43,7 @@ from pathlib import Path
 FORMAT = 1
 SHIPPED = Path(__file__).with_name("tuning.json")
 LARGE_M_PATHS = ("dequant", "cublas", "concat", "fused")  # what lora's "auto" may take above the small-M paths
+THRESHOLD_KEYS = ("nf4.gemv_max_m", "nf4.fused_max_m", "lora.large_m_path", "norm_lora.grid")
 TILE_KEYS = ("nf4.gemv_tiles", "nf4.dequant_launch")
 
 
@@ -68,6 +70,9 @@ def _check_setting(key: str, value, where: str) -> None:
     elif key == "lora.large_m_path":
         if value not in LARGE_M_PATHS:
             raise ValueError(f"{where}: expected one of {', '.join(LARGE_M_PATHS)}, got {value!r}")
+    elif key == "norm_lora.grid":
+        if value not in ("persistent", "per_block"):
+            raise ValueError(f"{where}: expected persistent or per_block, got {value!r}")
     elif key == "nf4.gemv_tiles":
         if not isinstance(value, dict) or not value:
             raise ValueError(f"{where}: expected an object from rows of x (\"1\", \"4\", ...) to tiles, got {value!r}")
@@ -78,7 +83,7 @@ def _check_setting(key: str, value, where: str) -> None:
     elif key == "nf4.dequant_launch":
         _check_tiles(value, where, ("values_per_prog", "num_warps"))
     else:
-        known = ("nf4.gemv_max_m", "nf4.fused_max_m", "lora.large_m_path") + TILE_KEYS
+        known = THRESHOLD_KEYS + TILE_KEYS
         raise ValueError(f"{where}: unknown setting (known: {', '.join(known)})")
 
 
@@ -205,7 +210,7 @@ def setting(key: str, device, warn: bool = True):
 
 def summary(device) -> dict:
     """Every setting in effect for ``device`` from the files (what the benchmarks record beside their rows)."""
-    keys = ("nf4.gemv_max_m", "nf4.fused_max_m", "lora.large_m_path") + TILE_KEYS
+    keys = THRESHOLD_KEYS + TILE_KEYS
     out = {"device": device_name(device), "file": os.environ.get("BEZOAR_TUNING") or None}
     out.update({key: setting(key, device, warn=False) for key in keys})
     return out

@@ -6,14 +6,16 @@
 #
 #   1. the GPU tests (scripts/gpu_check.sh --gpu-only, GPU_TEST_LIMIT seconds, default 110);
 #   2. bench/lora.py through scripts/gpu_bench.sh: first RMSNorm + q/k/v (and gate/up) with the fused
-#      rms_norm_lora against the norm and the separate LoRA calls, then cublas against concat, both
-#      with the one-pass dx + dA launch and the pair-hashed dropout mask;
+#      rms_norm_lora against the norm and the separate LoRA calls (and the fused call's two grids side
+#      by side at the largest case), then cublas against concat, both with the one-pass dx + dA launch
+#      and the pair-hashed dropout mask;
 #   3. bench/lora.py --breakdown default: GPU time per kernel of NF4 alone, cublas, concat and the
-#      fused norm + q/k/v; the fused norm + q/k/v again with one program per row block
-#      (BEZOAR_NORM_LORA_PROGRAMS=0) against its persistent grid;
-#      bench/lora.py --dropout 0 on two shapes: the merged path (the LoRA term folded into W);
+#      fused norm + q/k/v; bench/lora.py --dropout 0 on two shapes: the merged path (the LoRA term
+#      folded into W);
 #   4. bench/nf4.py --timing graph with the gemv and dequantize sweeps (the one-tile gemv kernel);
 #   5. bench/generate.py --breakdown 16: a decode step per kernel, gemv off and on.
+#
+# Then, on the machine the results come back to: python bench/tune.py <the JSON> (bench/README.md).
 #
 #   scripts/gpu_next.sh              # on the GPU machine: run(command="bash scripts/gpu_next.sh", carry=[".whl"])
 #   scripts/gpu_next.sh --dry-run    # print what would run, run nothing (works anywhere)
@@ -62,12 +64,10 @@ keep() {
 }
 
 part tests 140 env GPU_TEST_LIMIT="${GPU_TEST_LIMIT:-110}" bash scripts/gpu_check.sh --gpu-only
-part lora 140 bash scripts/gpu_bench.sh --only lora --budget 130
+part lora 160 bash scripts/gpu_bench.sh --only lora --budget 150
 # the two scripts above installed the project and the wheels; the parts below use that install
 [ -d "$SITE_DIR" ] && prepend_pythonpath "$SITE_DIR"
 part lora_breakdown 40 "$PYTHON" bench/lora.py --breakdown default
-# the fused norm + q/k/v with one program per row block, against the persistent grid timed in part lora
-part norm_grid 20 env BEZOAR_NORM_LORA_PROGRAMS=0 "$PYTHON" bench/lora.py --only norm_qkv_lora_fused/M=16384/r=16
 part lora_no_dropout 35 "$PYTHON" bench/lora.py --dropout 0 --ms 16384 --ranks 16 --shapes 3200x3200,8640x3200
 keep "lora-no-dropout-*.json"
 part nf4_graph 100 "$PYTHON" bench/nf4.py --timing graph --ms 1,4,16,4096 --sweep-gemv --sweep-dequant

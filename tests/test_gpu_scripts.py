@@ -74,8 +74,7 @@ def test_gpu_next_dry_run_fits_one_call_and_names_what_it_checks():
     text = out.stdout
     limits = [int(m) for m in re.findall(r"timeout --signal=INT --kill-after=10 (\d+) ", text)]
     parts = re.findall(r"part (\w+) \(limit", text)
-    assert parts == ["tests", "lora", "lora_breakdown", "norm_grid", "lora_no_dropout", "nf4_graph",
-                     "decode_breakdown"], parts
+    assert parts == ["tests", "lora", "lora_breakdown", "lora_no_dropout", "nf4_graph", "decode_breakdown"], parts
     # one device call (bench/README.md gives it timeout_s=598), kill grace included
     assert len(limits) == len(parts) and sum(limits) + 10 * len(parts) <= 590, limits
     assert text.count("would copy bench/results/") == 2

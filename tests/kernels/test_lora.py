@@ -725,6 +725,9 @@ def test_bench_smoke():
         for case in ("nf4_only", "lora_separate", "lora_fused"):
             assert f" {group}_{case} |" in proc.stdout, case
         assert f"{group}_lora_fused/nf4_only" in proc.stdout
+        # the two grids of the norm kernels side by side (what bench/tune.py picks norm_lora.grid from)
+        grids = [f" {group}_lora_fused_{grid} |" in proc.stdout for grid in ("persistent", "per_block")]
+        assert grids == ([False, False] if group == "swiglu_down" else [True, True]), (group, grids)
     timed = [line for line in proc.stdout.splitlines()
              if line.startswith(("| norm+q/k/v ", "| norm+gate/up ", "| swiglu+down "))]
     assert len(timed) == 3 and all("|  |" not in line for line in timed), timed  # every case timed

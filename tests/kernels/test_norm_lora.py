@@ -252,6 +252,31 @@ def test_any_grid_gives_the_same_result(monkeypatch):
         _run(_fused(weights, 0.3, (1, 2, 3)), x, res, nw, adapters, dys, ds)
 
 
+def test_the_grid_follows_the_environment_then_the_tuning_file(tmp_path, monkeypatch):
+    """BEZOAR_NORM_LORA_PROGRAMS (a count, 0 or "persistent") before the device's ``norm_lora.grid`` entry,
+    before the persistent default (two programs on the CPU, where there are no SMs to count)."""
+    from bezoar_kernels import tuning
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("BEZOAR_NORM_LORA_PROGRAMS", raising=False)
+    monkeypatch.delenv("BEZOAR_TUNING", raising=False)
+    tuning.reload()
+    try:
+        assert NL._programs(160, cpu, "forward") == 2  # 10 row blocks
+        path = tmp_path / "tuning.json"
+        path.write_text('{"format": 1, "devices": {"cpu": {"settings": {"norm_lora.grid": "per_block"}}}}')
+        monkeypatch.setenv("BEZOAR_TUNING", str(path))
+        tuning.reload()
+        assert NL._programs(160, cpu, "forward") == 10 and NL._programs(160, cpu, "backward") == 10
+        monkeypatch.setenv("BEZOAR_NORM_LORA_PROGRAMS", "persistent")
+        assert NL._programs(160, cpu, "forward") == 2
+        monkeypatch.setenv("BEZOAR_NORM_LORA_PROGRAMS", "3")
+        assert NL._programs(160, cpu, "backward") == 3
+    finally:
+        monkeypatch.delenv("BEZOAR_TUNING", raising=False)
+        tuning.reload()
+
+
 def test_bad_inputs_raise():
     ns, k, r, m = (16,), 128, 4, 5
     weights = _weights(ns, k, "nf4", torch.float32)

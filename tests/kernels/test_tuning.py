@@ -217,6 +217,8 @@ def test_user_file_overrides_the_shipped_entry(tmp_path, monkeypatch):
     ('{"format": 1, "devices": {"cpu": {"settings": {"lora.large_m_path": "gemv"}}}}',
      r"lora\.large_m_path: expected one of dequant, cublas, concat, fused"),
     ('{"format": 1, "devices": {"cpu": {"settings": {"nf4.gemv_maxm": 1}}}}', r"nf4\.gemv_maxm: unknown setting"),
+    ('{"format": 1, "devices": {"cpu": {"settings": {"norm_lora.grid": "wide"}}}}',
+     r"norm_lora\.grid: expected persistent or per_block"),
     ('{"format": 1, "devices": {"cpu": {"settings": {}, "extra": 1}}}', r"devices\.cpu: unknown field\(s\) extra"),
     ('{"format": 1, "devices": {"cpu": {"settings": {"nf4.dequant_launch": {"values_per_prog": 1000, '
      '"num_warps": 4}}, "triton": "3.6"}}}', r"dequant_launch\.values_per_prog: expected a power of two"),
@@ -331,6 +333,26 @@ def test_lora_prefers_graph_rows_and_ignores_runs_without_dropout():
     assert tune.derive(_result(dropout=0.05, rows=eager, graph_rows=[]))["lora.large_m_path"][0] == "cublas"
     assert tune.derive(_result(bench="lora-no-dropout", dropout=0.0, rows=eager)) == {}
     assert tune.derive(_result(dropout=0.0, rows=eager)) == {}
+
+
+def test_norm_grid_from_the_two_grids_timed_side_by_side():
+    def row(group, persistent, per_block, **extra):
+        return {"group": group, f"{group}_lora_fused_persistent": persistent,
+                f"{group}_lora_fused_per_block": per_block, **extra}
+
+    rows = [row("norm_qkv", 2.0, 1.8), row("norm_gateup", 3.0, 3.1), row("norm_qkv", None, None, M=4096)]
+    grid, why = tune.norm_grid(rows)
+    assert grid == "per_block" and "norm_qkv 2.000 / 1.800 ms" in why  # 4.9 against 5.0 summed
+    assert tune.norm_grid([row("norm_qkv", 2.0, 2.0)])[0] == "persistent"  # a tie keeps the default
+    assert tune.norm_grid([row("norm_qkv", 2.0, None)]) is None
+    # from a lora file: graph rows first, eager where the graph rows lack the pair
+    result = _result(dropout=0.05, rows=[row("norm_qkv", 1.0, 2.0)], graph_rows=[row("norm_qkv", 2.0, 1.0)])
+    assert tune.derive(result)["norm_lora.grid"][0] == "per_block"
+    result["graph_rows"] = [row("norm_qkv", None, None)]
+    value, why = tune.derive(result)["norm_lora.grid"]
+    assert value == "persistent" and why.startswith("eager:")
+    table = {"format": 1, "devices": {"x": {"settings": {"norm_lora.grid": value}}}}
+    tuning.validate(table, "derived")
 
 
 def test_swept_tiles_need_a_real_gain():
