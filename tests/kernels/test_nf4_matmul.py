@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -317,6 +318,10 @@ def test_bench_smoke():
     assert "| shape" in proc.stdout and "crossover" in proc.stdout and "fused config sweep" in proc.stdout
     assert "gemv config sweep" in proc.stdout and "GemvConfig(" in proc.stdout
     assert "dequantize launch sweep" in proc.stdout
+    # the targets again for the thresholds bench/tune.py would write from this run
+    assert "tuned/cublas" in proc.stdout
+    assert re.search(r"fwd M <= 16: >= 2\.5x faster than cuBLAS bf16 \[auto with this run's derived thresholds "
+                     r"\(bench/tune\.py\): gemv to M = \d+, fused to M = \d+\]: 96x128 M=1: ", proc.stdout)
     assert not list((ROOT / "bench" / "results").glob("nf4-cpu-*.json")), "smoke mode must not write results"
 
 
