@@ -242,8 +242,8 @@ def main() -> int:
                                default=None)
                 row["auto/cublas"] = auto / cub if auto and cub else None
                 row["best_nf4/cublas"] = best_nf4 / cub if best_nf4 and cub else None
-                bnb_times = [row.get(p) for p in ("bnb_dequant_linear", "bnb_matmul_4bit", "bnb") if row.get(p)]
-                row["bnb_best/auto"] = min(bnb_times) / auto if bnb_times and auto else None
+                bnb = _bnb_best(row)
+                row["bnb_best/auto"] = bnb / auto if bnb and auto else None
                 rows.append(row)
 
     crossover = {}
@@ -272,8 +272,8 @@ def main() -> int:
         cub = row["cublas"]
         row["nf4_tuned"] = tuned
         row["tuned/cublas"] = tuned / cub if tuned and cub else None
-        bnb_times = [row.get(p) for p in ("bnb_dequant_linear", "bnb_matmul_4bit", "bnb") if row.get(p)]
-        row["bnb_best/tuned"] = min(bnb_times) / tuned if bnb_times and tuned else None
+        bnb = _bnb_best(row)
+        row["bnb_best/tuned"] = bnb / tuned if bnb and tuned else None
 
     timing = "graph" if graph_timing else "eager"
     print(f"\ntiming: {timing}" + (" (CUDA-graph replay: GPU time only)" if graph_timing else
@@ -333,6 +333,12 @@ def main() -> int:
             print(common.markdown_table(extra["sweep_gemv"], ["shape", "M", "default_ms", "best_ms", "best_config"]))
     common.write_results(name, rows + dequant_rows, args, extra=extra)
     return 0
+
+
+def _bnb_best(row: dict) -> float | None:
+    """bitsandbytes' fastest time in a table row (None where it was not measured)."""
+    times = [row.get(p) for p in ("bnb_dequant_linear", "bnb_matmul_4bit", "bnb") if row.get(p)]
+    return min(times) if times else None
 
 
 def fastest(time_config, grid, timed: list | None = None):
