@@ -36,7 +36,8 @@ there is an adapter; ``torch.autograd.grad``, so nothing accumulates):
 Ratios are over ``nf4_only`` (``qkv_nf4_only`` for q/k/v, ``<group>_nf4_only`` for the norm and
 SwiGLU groups); the target of issue 4 is ``lora_auto / nf4_only <= 1.10`` at every shape, M and r,
 and is also reported for the fused groups (producer + LoRA projections over producer + NF4
-projections).
+projections). The script prints the large-M path bench/tune.py would write from the run; where it
+differs from the one the run had, the target again for it (``lora_tuned`` in the JSON rows).
 ``--budget SECONDS`` (or a SIGINT, which ``timeout --signal=INT`` sends) stops starting cases; the
 tables and the JSON then hold what was measured and list the rest as skipped. ``--sweep`` also
 times a grid of tile configs for the Triton GEMM of the dequant path. Usage::
@@ -286,6 +287,9 @@ def main() -> int:
     # RMSNorm + the projections that read it: q/k/v and gate/up (gate/up when 8640x3200 is in the run)
     norm_notes = []
     norm_groups = {}
+    # the grid the fused norm call runs on by default here (None: an explicit count in the environment)
+    in_effect = NL.grid_in_effect(device)
+    same_grid: dict[str, str] = {}  # a grid peer's case name -> the case that measured it
     if p_drop <= 0:
         norm_notes.append("norm + projections cases skipped: the fused norm + LoRA path is for dropout > 0")
     else:
@@ -352,6 +356,9 @@ def main() -> int:
                         peer=f"{group}_lora_fused", **dict(key, r=r))
                     if m == max(ms) and r == ranks[0]:  # both grids, whatever the tuning file says (tune.py)
                         for grid, programs in (("persistent", "persistent"), ("per_block", "0")):
+                            if grid == in_effect:  # the case just added already runs it
+                                same_grid[f"{group}_lora_fused_{grid}/M={m}/r={r}"] = f"{group}_lora_fused/M={m}/r={r}"
+                                continue
                             add(f"{group}_lora_fused_{grid}/M={m}/r={r}",
                                 common.with_environ(fwd_bwd(norm_fused, params, dys),
                                                     BEZOAR_NORM_LORA_PROGRAMS=programs),
@@ -448,6 +455,8 @@ def main() -> int:
                     norm_rows.append(row)
         return rows, qkv_rows, norm_rows
 
+    for measured in (times, graph_times):
+        measured.update({name: measured[source] for name, source in same_grid.items() if source in measured})
     rows, qkv_rows, norm_rows = tables(times)
     graph_rows, graph_qkv_rows, graph_norm_rows = tables(graph_times) if graph_times else ([], [], [])
 
@@ -478,10 +487,16 @@ def main() -> int:
     # checked for it, so that one run says what the tuned default gives
     picked = (tune.large_m_path(graph_rows) if graph_rows else None) or tune.large_m_path(rows)
     tuned_path = picked[0] if picked and p_drop > 0 else None
+    above = max(mm.gemv_max_m(device), mm.fused_max_m(device))  # where auto takes the large-M path
     for row in rows + graph_rows:
-        t, base = (row.get(f"lora_{tuned_path}"), row.get("nf4_only")) if tuned_path else (None, None)
+        t = tune.lora_auto_time(row, tuned_path, above) if tuned_path else None
         row["lora_tuned"] = t
-        row["lora_tuned/nf4_only"] = t / base if t and base else None
+        row["lora_tuned/nf4_only"] = t / row["nf4_only"] if t and row.get("nf4_only") else None
+    if tuned_path:
+        same = tuned_path == L.large_m_path(device)
+        print(f"\nbench/tune.py would write: large-M path {tuned_path} ("
+              + ("the path this run had)" if same else "the issue-4 target below is also checked for it)"))
+        tuned_path = None if same else tuned_path
     targets = check_targets(rows, qkv_rows, "eager", norm_rows, tuned_path)
     if graph_rows:
         targets += check_targets(graph_rows, graph_qkv_rows, "graph replay", graph_norm_rows, tuned_path)

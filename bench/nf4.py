@@ -21,7 +21,9 @@ Measures, side by side in one run (bf16, CUDA):
 divided by the calls: GPU time only, the graph's launch latency spread as inside a decode step. Every
 case cycles through 8 copies of its weights, so the calls of one replay do not find them in L2.
 
-Then it checks the targets of issue 3 and prints which were met. bitsandbytes columns are left
+Then it checks the targets of issue 3 and prints which were met; where the thresholds bench/tune.py
+derives from the run differ from the ones it ran with, the NF4 matmul targets again for those
+(``tuned/cublas``: what ``auto`` would run with them). bitsandbytes columns are left
 empty with a note when it does not import. Usage::
 
     python bench/nf4.py                 # full run on the GPU, writes bench/results/nf4-<device>-<date>.json
@@ -242,8 +244,8 @@ def main() -> int:
                                default=None)
                 row["auto/cublas"] = auto / cub if auto and cub else None
                 row["best_nf4/cublas"] = best_nf4 / cub if best_nf4 and cub else None
-                bnb = _bnb_best(row)
-                row["bnb_best/auto"] = bnb / auto if bnb and auto else None
+                bnb_ms = _bnb_best(row)
+                row["bnb_best/auto"] = bnb_ms / auto if bnb_ms and auto else None
                 rows.append(row)
 
     crossover = {}
@@ -264,16 +266,15 @@ def main() -> int:
     fused_tuned = mm.fused_max_m(device) if fused_tuned is None else fused_tuned
     gemv_tuned = tune.gemv_fastest_up_to(rows)
     gemv_tuned = mm.gemv_max_m(device) if gemv_tuned is None else gemv_tuned
+    gemv_at = tune.gemv_runs_at(rows, gemv_tuned)
+    tuned_same = (gemv_tuned, fused_tuned) == (mm.gemv_max_m(device), mm.fused_max_m(device))
     for row in rows:
-        if row["dir"] == "fwd" and row["M"] <= gemv_tuned and row.get("nf4_gemv") is not None:
-            tuned = row["nf4_gemv"]
-        else:
-            tuned = row["nf4_fused"] if row["M"] <= fused_tuned else row["nf4_dequant"]
+        tuned = tune.nf4_auto_time(row, (row["shape"], row["M"]) in gemv_at, gemv_tuned, fused_tuned)
         cub = row["cublas"]
         row["nf4_tuned"] = tuned
         row["tuned/cublas"] = tuned / cub if tuned and cub else None
-        bnb = _bnb_best(row)
-        row["bnb_best/tuned"] = bnb / tuned if bnb and tuned else None
+        bnb_ms = _bnb_best(row)
+        row["bnb_best/tuned"] = bnb_ms / tuned if bnb_ms and tuned else None
 
     timing = "graph" if graph_timing else "eager"
     print(f"\ntiming: {timing}" + (" (CUDA-graph replay: GPU time only)" if graph_timing else
@@ -293,10 +294,15 @@ def main() -> int:
         print(f"  {key}: {m if m is not None else 'none in range'}")
     print(f"gemv is the fastest NF4 forward on every shape up to M = {gemv_max} "
           f"(GEMV_MAX_M is now {mm.gemv_max_m(device)}; the kernel takes M <= {mm.GEMV_MAX_ROWS})")
+    print(f"bench/tune.py would write: gemv to M = {gemv_tuned}, fused to M = {fused_tuned} ("
+          + ("the thresholds this run had)" if tuned_same else
+             "the targets below are also checked for them: tuned/cublas)"))
     targets = check_targets(rows, dequant_rows, ms)
-    tuned_how = f"auto with this run's derived thresholds (bench/tune.py): gemv to M = {gemv_tuned}, fused to M = {fused_tuned}"
-    targets += [dict(t, target=f"{t['target']} [{tuned_how}]")
-                for t in check_targets(rows, [], ms, column="tuned") if not t["target"].startswith(("dequantize", "("))]
+    if not tuned_same:  # the same thresholds as this run's: the targets above already say it
+        tuned_how = (f"auto with this run's derived thresholds (bench/tune.py): gemv to M = {gemv_tuned}, fused to "
+                     f"M = {fused_tuned}")
+        targets += [dict(t, target=f"{t['target']} [{tuned_how}]") for t in check_targets(rows, [], ms, column="tuned")
+                    if not t["target"].startswith(("dequantize", "("))]
     if args.smoke:  # interpreter timings say nothing about the GPU
         targets = [dict(t, status="smoke, not evaluated") for t in targets]
     print(f"\ntargets (issue 3, {timing} timing):")

@@ -94,6 +94,30 @@ def gemv_fastest_up_to(rows: list[dict]) -> int | None:
     return _up_to(sorted({r["M"] for r in fwd}), wins)
 
 
+def nf4_auto_time(row: dict, gemv_runs: bool, gemv_max: int, fused_max: int) -> float | None:
+    """The time of what ``auto`` runs for one nf4.py row under these thresholds. ``gemv_runs``: whether the
+    forward at the row's shape and M takes gemv (then the backward runs dequant, as ``NF4MatmulFunction``
+    does: gemv has no backward)."""
+    if row["dir"] == "fwd" and gemv_runs:
+        return row.get("nf4_gemv")
+    if row["dir"] == "bwd" and gemv_runs:
+        return row.get("nf4_dequant")
+    return row.get("nf4_fused") if row["M"] <= fused_max else row.get("nf4_dequant")
+
+
+def gemv_runs_at(rows: list[dict], gemv_max: int) -> set[tuple[str, int]]:
+    """(shape, M) where ``auto``'s forward takes gemv: M up to the threshold and a gemv time measured (the
+    kernel took the shape)."""
+    return {(r["shape"], r["M"]) for r in rows
+            if r.get("dir") == "fwd" and r["M"] <= gemv_max and r.get("nf4_gemv") is not None}
+
+
+def lora_auto_time(row: dict, path: str, above: int) -> float | None:
+    """The time of ``path`` in a lora.py row where ``auto`` takes the large-M path (M above ``above``, the
+    gemv and fused thresholds); None below it."""
+    return row.get(f"lora_{path}") if row.get("M", 0) > above else None
+
+
 def _geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 

@@ -26,8 +26,10 @@ What this saves depends on L2. The norm cannot finish a row before it has seen a
 rows (tl.dot's smallest tile) of K = 3200 do not fit in registers, so each program reads its rows
 twice: s in the forward, s and the dh it stored in the backward. Those re-reads are the program's
 own 100-200 KB from moments before; the kernels mark them evict_last and the streamed inputs
-evict_first, and run as a persistent grid of one or two programs per SM (``_programs``) so that
-what all programs will read again stays near half of an H100's L2. Counted in passes over an
+evict_first, and by default run as a persistent grid of one or two programs per SM (``_programs``)
+so that what all programs will read again stays near half of an H100's L2; a device's tuning entry
+(``norm_lora.grid``, which bench/tune.py picks from timings of both) or BEZOAR_NORM_LORA_PROGRAMS can
+make it one program per row block. Counted in passes over an
 (M, K) activation beyond RMSNorm + the NF4 projections: fused 1 (forward: s again) + 3 (backward: dh stored and read, s again) + 1 (dA) + N/K (dB) when the
 re-reads miss L2, 1 + N/K when they hit; the separate ``concat`` calls 2 + 3 + N/K either way. So
 the fusion is worth at most 4 passes, and nothing when L2 does not keep the rows: the bench
@@ -278,24 +280,46 @@ _BLOCK_M = 16  # rows per step: tl.dot's smallest M; at M = 16384 that is 1024 r
 # counts keep it near 26 MB. An estimate to be checked by bench/lora.py's norm cases, not a timing:
 # they time both grids at their largest case, and bench/tune.py writes the faster into the device's
 # tuning entry (``norm_lora.grid``); BEZOAR_NORM_LORA_PROGRAMS (programs in all, 0: one per row block,
-# or "persistent") overrides both.
+# or a grid name) overrides both.
 _PROGRAMS_PER_SM = {"forward": 2, "backward": 1}
-GRIDS = ("persistent", "per_block")
+
+
+def _env_programs() -> int | str | None:
+    """BEZOAR_NORM_LORA_PROGRAMS: None (unset), a grid name of ``tuning.NORM_GRIDS``, or a count of programs
+    (0: one per row block, the same as ``per_block``)."""
+    raw = os.environ.get("BEZOAR_NORM_LORA_PROGRAMS", "").strip().lower()
+    if not raw:
+        return None
+    if raw in tuning.NORM_GRIDS:
+        return raw
+    try:
+        wanted = int(raw)
+    except ValueError:
+        wanted = -1
+    if wanted < 0:
+        raise ValueError(f"BEZOAR_NORM_LORA_PROGRAMS={raw!r}: expected a number of programs (0: one per row "
+                         f"block) or one of {', '.join(tuning.NORM_GRIDS)}")
+    return wanted
+
+
+def grid_in_effect(device: torch.device) -> str | None:
+    """The grid the kernels run on for ``device``: the environment's, else the tuning entry's, else
+    persistent; None where the environment gives a count of programs."""
+    env = _env_programs()
+    if env is None:
+        return tuning.setting("norm_lora.grid", device) or "persistent"
+    if isinstance(env, str):
+        return env
+    return "per_block" if env == 0 else None
 
 
 def _programs(m: int, device: torch.device, kind: str) -> int:
     """The grid of the norm + LoRA kernels, which walk the row blocks persistently."""
     blocks = cdiv(m, _BLOCK_M)
-    raw = os.environ.get("BEZOAR_NORM_LORA_PROGRAMS", "").strip()
-    if raw and raw != "persistent":
-        try:
-            wanted = int(raw)
-        except ValueError:
-            raise ValueError(f"BEZOAR_NORM_LORA_PROGRAMS={raw!r}: expected a whole number of programs "
-                             "(0: one per row block) or 'persistent'") from None
-        if wanted < 0:
-            raise ValueError(f"BEZOAR_NORM_LORA_PROGRAMS={raw!r}: expected 0 or more")
-    elif not raw and tuning.setting("norm_lora.grid", device) == "per_block":
+    env = _env_programs()
+    if isinstance(env, int):
+        wanted = env
+    elif (env or tuning.setting("norm_lora.grid", device)) == "per_block":
         wanted = 0
     elif device.type == "cuda":
         wanted = _PROGRAMS_PER_SM[kind] * sm_count(device)

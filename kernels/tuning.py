@@ -43,6 +43,7 @@ from pathlib import Path
 FORMAT = 1
 SHIPPED = Path(__file__).with_name("tuning.json")
 LARGE_M_PATHS = ("dequant", "cublas", "concat", "fused")  # what lora's "auto" may take above the small-M paths
+NORM_GRIDS = ("persistent", "per_block")  # the fused RMSNorm + LoRA kernels' grids (norm_lora._programs)
 THRESHOLD_KEYS = ("nf4.gemv_max_m", "nf4.fused_max_m", "lora.large_m_path", "norm_lora.grid")
 TILE_KEYS = ("nf4.gemv_tiles", "nf4.dequant_launch")
 
@@ -71,8 +72,8 @@ def _check_setting(key: str, value, where: str) -> None:
         if value not in LARGE_M_PATHS:
             raise ValueError(f"{where}: expected one of {', '.join(LARGE_M_PATHS)}, got {value!r}")
     elif key == "norm_lora.grid":
-        if value not in ("persistent", "per_block"):
-            raise ValueError(f"{where}: expected persistent or per_block, got {value!r}")
+        if value not in NORM_GRIDS:
+            raise ValueError(f"{where}: expected {' or '.join(NORM_GRIDS)}, got {value!r}")
     elif key == "nf4.gemv_tiles":
         if not isinstance(value, dict) or not value:
             raise ValueError(f"{where}: expected an object from rows of x (\"1\", \"4\", ...) to tiles, got {value!r}")

@@ -3,6 +3,10 @@ on CPU) against the torch reference and against the separate Triton calls, forwa
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -268,13 +272,50 @@ def test_the_grid_follows_the_environment_then_the_tuning_file(tmp_path, monkeyp
         monkeypatch.setenv("BEZOAR_TUNING", str(path))
         tuning.reload()
         assert NL._programs(160, cpu, "forward") == 10 and NL._programs(160, cpu, "backward") == 10
-        monkeypatch.setenv("BEZOAR_NORM_LORA_PROGRAMS", "persistent")
-        assert NL._programs(160, cpu, "forward") == 2
+        assert NL.grid_in_effect(cpu) == "per_block"
+        monkeypatch.setenv("BEZOAR_NORM_LORA_PROGRAMS", "Persistent")
+        assert NL._programs(160, cpu, "forward") == 2 and NL.grid_in_effect(cpu) == "persistent"
         monkeypatch.setenv("BEZOAR_NORM_LORA_PROGRAMS", "3")
-        assert NL._programs(160, cpu, "backward") == 3
+        assert NL._programs(160, cpu, "backward") == 3 and NL.grid_in_effect(cpu) is None
+        monkeypatch.setenv("BEZOAR_NORM_LORA_PROGRAMS", "0")
+        assert NL.grid_in_effect(cpu) == "per_block"
+        monkeypatch.setenv("BEZOAR_NORM_LORA_PROGRAMS", "-1")
+        with pytest.raises(ValueError, match="expected a number of programs .* one of persistent, per_block"):
+            NL._programs(160, cpu, "forward")
+        monkeypatch.delenv("BEZOAR_NORM_LORA_PROGRAMS")
+        path.write_text('{"format": 1, "devices": {}}')
+        tuning.reload()
+        assert NL.grid_in_effect(cpu) == "persistent"
     finally:
         monkeypatch.delenv("BEZOAR_TUNING", raising=False)
         tuning.reload()
+
+
+def test_the_bench_grid_peers_run_their_grid_forward_and_backward(monkeypatch):
+    """bench/lora.py times each grid by wrapping the forward + backward in ``common.with_environ``: both
+    kernels' launches see it (80 rows: 5 row blocks, which the persistent grid covers with 2 programs)."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_common", Path(__file__).resolve().parents[2] / "bench" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    monkeypatch.delenv("BEZOAR_NORM_LORA_PROGRAMS", raising=False)
+    ns, k, r, m = (16,), 128, 4, 80
+    weights = _weights(ns, k, "nf4", torch.float32)
+    adapters = _adapters(ns, k, r)
+    x, res, nw = _inputs(m, k, torch.float32, True)
+    grids = []
+    real = NL._programs
+    monkeypatch.setattr(NL, "_programs", lambda m, device, kind: grids.append((kind, real(m, device, kind))) or grids[-1][1])
+
+    dys, ds = [torch.ones(m, ns[0])], torch.ones(m, k)
+
+    def step():
+        _run(_fused(weights, 0.1, (1,)), x, res, nw, adapters, dys, ds)
+
+    common.with_environ(step, BEZOAR_NORM_LORA_PROGRAMS="0")()
+    common.with_environ(step, BEZOAR_NORM_LORA_PROGRAMS="persistent")()
+    assert grids == [("forward", 5), ("backward", 5), ("forward", 2), ("backward", 2)]
+    assert "BEZOAR_NORM_LORA_PROGRAMS" not in os.environ
 
 
 def test_bad_inputs_raise():

@@ -218,7 +218,7 @@ def test_user_file_overrides_the_shipped_entry(tmp_path, monkeypatch):
      r"lora\.large_m_path: expected one of dequant, cublas, concat, fused"),
     ('{"format": 1, "devices": {"cpu": {"settings": {"nf4.gemv_maxm": 1}}}}', r"nf4\.gemv_maxm: unknown setting"),
     ('{"format": 1, "devices": {"cpu": {"settings": {"norm_lora.grid": "wide"}}}}',
-     r"norm_lora\.grid: expected persistent or per_block"),
+     r"norm_lora\.grid: expected persistent or per_block, got 'wide'"),
     ('{"format": 1, "devices": {"cpu": {"settings": {}, "extra": 1}}}', r"devices\.cpu: unknown field\(s\) extra"),
     ('{"format": 1, "devices": {"cpu": {"settings": {"nf4.dequant_launch": {"values_per_prog": 1000, '
      '"num_warps": 4}}, "triton": "3.6"}}}', r"dequant_launch\.values_per_prog: expected a power of two"),
@@ -353,6 +353,22 @@ def test_norm_grid_from_the_two_grids_timed_side_by_side():
     assert value == "persistent" and why.startswith("eager:")
     table = {"format": 1, "devices": {"x": {"settings": {"norm_lora.grid": value}}}}
     tuning.validate(table, "derived")
+
+
+def test_what_auto_runs_under_the_derived_thresholds():
+    """The tuned columns of nf4.py and lora.py: gemv forward where it runs (then the backward is dequant,
+    gemv has none), fused up to its threshold, dequant above; LoRA's large-M path only above both."""
+    rows = _nf4_rows({("fwd", "a", 1): (1.0, 2.0, 3.0), ("bwd", "a", 1): (None, 2.5, 3.5),
+                      ("fwd", "a", 4): (None, 2.0, 3.0), ("bwd", "a", 4): (None, 2.5, 3.5),  # gemv took no M = 4
+                      ("fwd", "a", 16): (1.0, 2.0, 3.0), ("bwd", "a", 16): (None, 2.5, 3.5)})
+    at = tune.gemv_runs_at(rows, 4)
+    assert at == {("a", 1)}
+    picked = {(r["dir"], r["M"]): tune.nf4_auto_time(r, (r["shape"], r["M"]) in at, 4, 8) for r in rows}
+    assert picked == {("fwd", 1): 1.0, ("bwd", 1): 3.5, ("fwd", 4): 2.0, ("bwd", 4): 2.5,
+                      ("fwd", 16): 3.0, ("bwd", 16): 3.5}
+    row = {"M": 4096, "lora_cublas": 1.2, "lora_concat": 1.1}
+    assert tune.lora_auto_time(row, "concat", 16) == 1.1 and tune.lora_auto_time(row, "concat", 4096) is None
+    assert tune.lora_auto_time(row, "dequant", 16) is None
 
 
 def test_swept_tiles_need_a_real_gain():
