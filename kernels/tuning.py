@@ -1,9 +1,10 @@
 """Launch settings measured on a GPU model, looked up by the name of the device a call runs on.
 
-The dispatch thresholds (which NF4 and LoRA path ``auto`` takes for M rows, the norm + LoRA grid) and some
-launch tiles are facts about a GPU, not about the code: the crossover where dequantize + cuBLAS beats the
-gemv kernel on an H100 is not where it is on an RTX 4090. ``bench/nf4.py`` and ``bench/lora.py`` measure them and
-``bench/tune.py`` turns their results into entries of a tuning file, one per device name.
+The dispatch thresholds (which NF4 and LoRA path ``auto`` takes for M rows, the norm + LoRA grid) and
+some launch tiles are facts about a GPU, not about the code: the crossover where dequantize + cuBLAS
+beats the gemv kernel on an H100 is not where it is on an RTX 4090. ``bench/nf4.py`` and
+``bench/lora.py`` measure them, and ``bench/tune.py`` turns their results into entries of a tuning
+file, one per device name.
 
 A setting comes from the first of:
 
@@ -27,9 +28,9 @@ The file::
          "sources": {"nf4.gemv_max_m": "bench/results/nf4-graph-NVIDIA_H200-2026-11-26.json (764e428)"}}}}
 
 Tile settings (``TILE_KEYS``) hold for the triton release they were timed with (``triton``, major.minor):
-a different release compiles the same tile to different code, so under it they are passed over (with one
-warning) for the next source in the order above. Thresholds hold across releases. Non-CUDA devices are looked up by
-their type (``"cpu"``), which is how the tests reach this code without a GPU.
+a different release compiles the same tile to different code, so under it they are passed over (with
+one warning) for the next source in the order above. Thresholds hold across releases. Non-CUDA devices
+are looked up by their type (``"cpu"``), which is how the tests reach this code without a GPU.
 """
 
 from __future__ import annotations
