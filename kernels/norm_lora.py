@@ -29,11 +29,13 @@ own 100-200 KB from moments before; the kernels mark them evict_last and the str
 evict_first, and by default run as a persistent grid of one or two programs per SM (``_programs``)
 so that what all programs will read again stays near half of an H100's L2; a device's tuning entry
 (``norm_lora.grid``, which bench/tune.py picks from timings of both) or BEZOAR_NORM_LORA_PROGRAMS can
-make it one program per row block. Counted in passes over an
-(M, K) activation beyond RMSNorm + the NF4 projections: fused 1 (forward: s again) + 3 (backward: dh stored and read, s again) + 1 (dA) + N/K (dB) when the
-re-reads miss L2, 1 + N/K when they hit; the separate ``concat`` calls 2 + 3 + N/K either way. So
-the fusion is worth at most 4 passes, and nothing when L2 does not keep the rows: the bench
-(``bench/lora.py``'s ``norm_*`` cases, with the separate calls on ``concat`` beside it) decides.
+make it one program per row block.
+
+Counted in passes over an (M, K) activation beyond RMSNorm + the NF4 projections: fused 1 (forward:
+s again) + 3 (backward: dh stored and read, s again) + 1 (dA) + N/K (dB) when the re-reads miss L2,
+1 + N/K when they hit; the separate ``concat`` calls 2 + 3 + N/K either way. So the fusion is worth
+at most 4 passes, and nothing when L2 does not keep the rows: the bench (``bench/lora.py``'s
+``norm_*`` cases, with the separate calls on ``concat`` beside it) decides.
 Numerics are those of ``rms_norm_add`` followed by ``lora_qkv`` on the ``concat`` path, except that
 the sum of squares is added up chunk by chunk (h may differ in the last place).
 
