@@ -258,14 +258,14 @@ def main() -> int:
             crossover[f"{kind}/{tag}"] = min(faster) if faster else None
     # GEMV_MAX_M: the largest measured M up to which gemv is the fastest NF4 forward on every shape (the
     # rule bench/tune.py writes into the tuning file)
-    gemv_max = tune.gemv_fastest_up_to(rows) or 0
+    gemv_derived = tune.gemv_fastest_up_to(rows)
+    gemv_max = gemv_derived or 0
     # what "auto" would have taken with the thresholds tune.py derives from these rows (the ones it
     # cannot derive stay as they are now): the targets are checked for that too, so that a run says
     # what the tuned defaults give without a second run
     fused_tuned = tune.fused_fastest_up_to(rows)
     fused_tuned = mm.fused_max_m(device) if fused_tuned is None else fused_tuned
-    gemv_tuned = tune.gemv_fastest_up_to(rows)
-    gemv_tuned = mm.gemv_max_m(device) if gemv_tuned is None else gemv_tuned
+    gemv_tuned = mm.gemv_max_m(device) if gemv_derived is None else gemv_derived
     gemv_at = tune.gemv_runs_at(rows, gemv_tuned)
     tuned_same = (gemv_tuned, fused_tuned) == (mm.gemv_max_m(device), mm.fused_max_m(device))
     for row in rows:
