@@ -443,6 +443,12 @@ class Pool:
                 return await self._submit(request, key, model)
             self.stats.shared += 1
             return dataclasses.replace(result, cached=True, attempts=0)
+        # The caller saw the key missing from the store, but a task for it may have been created
+        # while the same key was in flight and only start after that call has finished and been
+        # stored: look again, or the same request is paid twice (and its append refused).
+        if key in self.store:
+            self.stats.cached += 1
+            return Result.from_record(self.store.get(key))
         future = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:

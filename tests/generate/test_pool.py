@@ -83,6 +83,46 @@ def test_duplicates_in_one_run_make_one_call(fake_server, tmp_path):
     assert sum(not r.cached for r in results) == 10
 
 
+class _Echo:
+    """A provider without HTTP that answers after 0 to 3 turns of the event loop (a seeded draw),
+    counting its calls per request key."""
+
+    def __init__(self, calls, rng):
+        self.calls, self.rng = calls, rng
+
+    async def open(self):
+        pass
+
+    async def close(self):
+        pass
+
+    async def send(self, request, model, timeout):
+        from bezoar.generate.providers import Reply
+
+        self.calls[request.key(model)] += 1
+        for _ in range(self.rng.randint(0, 3)):
+            await asyncio.sleep(0)
+        return Reply("echo: " + request.messages[-1]["content"], 1, 1, "stop")
+
+
+def test_a_repeat_that_starts_after_its_original_finished_is_not_sent_again(tmp_path):
+    # Repeats spread over the input: some repeat's task is created while its original is in
+    # flight but first runs after the original has finished and been stored.
+    import collections
+    import random
+
+    calls = collections.Counter()
+    rng = random.Random(0)
+    requests = [Request(messages=[{"role": "user", "content": f"q{rng.randint(0, 50)}"}]) for _ in range(400)]
+    factory = lambda endpoint, connections: _Echo(calls, rng)  # noqa: E731
+    results, stats = run(run_pool(Endpoint("compat", "http://fake/v1"), requests, tmp_path / "o.jsonl",
+                                  limits=fast_limits(concurrency=4), provider_factory=factory))
+    assert [r.response for r in results] == ["echo: " + r.messages[0]["content"] for r in requests]
+    assert max(calls.values()) == 1, "a request was sent twice"
+    assert stats.done == len(calls) and stats.finished == len(requests)
+    assert len(records(tmp_path / "o.jsonl")) == len(calls)
+
+
 def test_rerun_skips_what_is_stored(fake_server, tmp_path):
     server = fake_server()
     out = tmp_path / "o.jsonl"
