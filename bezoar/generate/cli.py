@@ -106,17 +106,21 @@ def read_requests(path: str | Path, defaults: dict) -> tuple[list[Request], int]
     an id used twice for different requests is an error naming both lines."""
     path = Path(path)
     try:
-        handle = open(path, encoding="utf-8")
+        handle = open(path, "rb")  # decoded line by line, so that bad bytes are reported with their line
     except OSError as e:
         raise GenerateError(f"cannot read {path}: {e.strerror or e}") from None
     requests: list[Request] = []
     first_line: dict[str, tuple[int, str]] = {}  # id -> (line number, key)
     repeated = 0
     with handle:
-        for number, text in enumerate(handle, start=1):
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path} line {number}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise GenerateError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
             if not text.strip():
                 continue
-            where = f"{path} line {number}"
             try:
                 obj = json.loads(text)
             except ValueError as e:

@@ -156,6 +156,15 @@ def test_bad_input_names_the_line(tmp_path, capsys, content, message):
     assert not (tmp_path / "out.jsonl").exists()  # validated before anything is opened or sent
 
 
+def test_input_that_is_not_utf8_names_the_line(tmp_path, capsys):
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(b'{"id": 1, "prompt": "x"}\n{"id": 2, "prompt": "caf\xe9"}\n')
+    rc = main(cli_args(inp, tmp_path / "out.jsonl", "http://127.0.0.1:9/v1"))
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{inp} line 2: not UTF-8 text" in err, err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_identical_lines_are_one_request(fake_server, tmp_path, capsys):
     server = fake_server()
     inp = tmp_path / "in.jsonl"
