@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "bezoar.generate.orca",
     "bezoar.generate.judge",  # filter
 )
+HTTP_CLIENT_LOGGERS = ("httpx", "httpx2")  # the SDKs' HTTP client, under its upstream and its fork's name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s: %(message)s",
                         stream=sys.stderr)
+    if not args.verbose:
+        # The HTTP client under the openai and anthropic SDKs logs every request at INFO: a line
+        # per call would bury the progress line and the warnings.
+        for name in HTTP_CLIENT_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except GenerateError as e:

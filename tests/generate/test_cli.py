@@ -138,6 +138,17 @@ def test_key_never_reaches_output_or_logs(fake_server, tmp_path):
     assert "DO-NOT-LEAK" not in done.stderr + done.stdout + out.read_text()  # ... and never the key
 
 
+def test_sdk_providers_do_not_log_every_request(fake_server, tmp_path):
+    server = fake_server()
+    inp, out = write_input(tmp_path / "in.jsonl", 6), tmp_path / "out.jsonl"
+    args = ["requests", str(inp), "--out", str(out), "--provider", "openai", "--base-url", server.openai_url,
+            "--model", "m", "--no-progress"]
+    done = run_cli(args, env={"OPENAI_API_KEY": "sk-test"})
+    assert done.returncode == 0, done.stderr
+    assert len(read_out(out)) == 6
+    assert "HTTP Request" not in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("content,message", [
     ('{"id": 1, "messages": [{"role": "user", "content": "x"}]}\n{"id": 2, "messages": \n', "line 2: not valid JSON"),
     ('{"messages": [{"role": "user", "content": "x"}]}\n', "line 1: 'id' is required"),
