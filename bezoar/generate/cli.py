@@ -30,7 +30,9 @@ request, ``prompt`` (a string) a text completion; the rest is optional (``model`
 ``--model``, ``meta`` is copied to the output). Each id gets one output line, a store record:
 ``{"key", "id", "ok", "response", "usage": {"input_tokens", "output_tokens"}, ...}`` or, for a
 final failure, ``{"key", "id", "ok": false, "error", "error_type", ...}``. Rerun with the same
-``--out`` to resume: stored ids are skipped; recorded failures too, unless ``--retry-failed``.
+``--out`` to resume: stored ids are skipped; recorded failures too, unless ``--retry-failed``. An
+id stored for a different request (its line was edited, or ``--model``, ``--max-tokens``,
+``--temperature``, ``--top-p`` differ from the run that stored it) is an error, not a second line.
 Exit status: 0 all answered, 1 some ended as recorded failures, 2 stopped by an error.
 """
 
@@ -158,6 +160,34 @@ def read_requests(path: str | Path, defaults: dict) -> tuple[list[Request], int]
     return requests, repeated
 
 
+def ids_stored_for_other_requests(store, requests: list[Request], model: str | None) -> list:
+    """Ids of ``requests`` that have a record in ``store`` made for a different request (and none
+    for this one): sending them would pay again and give the id a second output line."""
+    if not len(store):
+        return []
+    missing = {json.dumps(r.id): r.id for r in requests if r.key(model) not in store}
+    if not missing:
+        return []
+    clashes = {}
+    for key in store.keys():
+        id_text = json.dumps(store.get(key).get("id"))
+        if id_text in missing:
+            clashes[id_text] = missing[id_text]
+    return list(clashes.values())
+
+
+def check_ids_unchanged(store, requests: list[Request], args) -> None:
+    clashes = ids_stored_for_other_requests(store, requests, args.model)
+    if not clashes:
+        return
+    shown = ", ".join(json.dumps(i) for i in clashes[:5]) + (", ..." if len(clashes) > 5 else "")
+    raise GenerateError(
+        f"{args.out} already holds a record for {len(clashes)} id(s) of {args.input} made for a different request "
+        f"({shown}): their lines changed, or --model, --max-tokens, --temperature or --top-p differ from the run "
+        "that stored them. Rerun with the same input and flags, or choose another --out (records of failures are "
+        "moved aside by --retry-failed)")
+
+
 def add_command(subparsers) -> None:
     p = subparsers.add_parser(
         "requests", help="send arbitrary requests from a JSONL file (resumable)",
@@ -187,6 +217,7 @@ def run_requests(args) -> int:
 
     async def main() -> None:
         async with pool:
+            check_ids_unchanged(pool.store, requests, args)
             async for _ in pool.map(requests, include_cached=False):
                 pass
 

@@ -185,6 +185,39 @@ def test_identical_lines_are_one_request(fake_server, tmp_path, capsys):
     assert "2 lines repeat an earlier line" in capsys.readouterr().err
 
 
+def test_an_id_stored_for_another_request_is_refused(fake_server, tmp_path, capsys):
+    server = fake_server()
+    inp, out = write_input(tmp_path / "in.jsonl", 6), tmp_path / "out.jsonl"
+    assert main(cli_args(inp, out, server.openai_url, "--max-tokens", "5")) == 0
+    before = out.read_bytes()
+    server.reset_counters()
+    capsys.readouterr()
+    # Other flags for lines that set none, and one line edited: those ids were answered already.
+    assert main(cli_args(inp, out, server.openai_url, "--max-tokens", "6")) == 2
+    err = capsys.readouterr().err
+    assert "already holds a record for 4 id(s)" in err and '"r0"' in err, err
+    inp.write_text(inp.read_text().replace('"q0"', '"q0 edited"'))
+    assert main(cli_args(inp, out, server.openai_url, "--max-tokens", "5")) == 2
+    assert '"r0"' in capsys.readouterr().err
+    assert server.stats()["requests"] == 0 and out.read_bytes() == before
+    write_input(inp, 2, start=6)  # new ids beside the stored ones are fine
+    inp.write_text(inp.read_text().replace('"q0 edited"', '"q0"'))
+    assert main(cli_args(inp, out, server.openai_url, "--max-tokens", "5")) == 0
+    assert server.stats()["requests"] == 2 and len(read_out(out)) == 8
+
+
+def test_a_failed_line_fixed_then_retried(fake_server, tmp_path, capsys):
+    server = fake_server(reply=lambda call: Fault("400", message="bad") if call.last_user_text == "q0" else "ok")
+    inp, out = write_input(tmp_path / "in.jsonl", 3), tmp_path / "out.jsonl"
+    assert main(cli_args(inp, out, server.openai_url)) == 1
+    inp.write_text(inp.read_text().replace('"q0"', '"q0 fixed"'))
+    assert main(cli_args(inp, out, server.openai_url)) == 2
+    assert "--retry-failed" in capsys.readouterr().err
+    assert main(cli_args(inp, out, server.openai_url, "--retry-failed")) == 0
+    lines = read_out(out)
+    assert sorted(r["id"] for r in lines) == ["r0", "r1", "r2"] and all(r["ok"] for r in lines)
+
+
 def test_failures_exit_1_then_retry_failed(fake_server, tmp_path, capsys):
     broken = fake_server(reply=lambda call: Fault("400", message="nope") if call.last_user_text == "q0" else "ok")
     inp, out = write_input(tmp_path / "in.jsonl", 6), tmp_path / "out.jsonl"
