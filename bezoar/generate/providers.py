@@ -356,6 +356,16 @@ class CompatProvider:
                 raise ProviderError(f"connection to {self.label} failed: {e}", RETRY, reason="connection") from None
         else:
             status, headers, raw = await self._post_aiohttp(request.kind, data, timeout)
+        if 300 <= status < 400:
+            # A redirect the transport did not follow (the lean client follows none): every call would
+            # get the same answer, so retrying cannot help. The base URL is the thing to fix.
+            target = headers.get("location")  # names are lower-case (lean) or case-blind (aiohttp)
+            try:
+                where = f" to {_safe_url(urllib.parse.urljoin(self._urls[request.kind], target))}" if target else ""
+            except ValueError:  # a Location that is not a URL (a bad port, say)
+                where = ""
+            raise ProviderError(f"{self.label} answered HTTP {status}, a redirect{where}: set the base URL to where "
+                                "the API really is", FATAL, status=status)
         if status >= 400:
             text = raw.decode("utf-8", "replace")
             try:

@@ -156,3 +156,23 @@ def test_credentials_from_key_url_or_netrc(monkeypatch, tmp_path):
     assert _authorization_sent("http://127.0.0.1:PORT/v1") == "Basic YW5uOnMzY3JldA=="  # ann:s3cret
     monkeypatch.setenv("LOCAL_KEY", "sk-local-key")
     assert _authorization_sent("http://127.0.0.1:PORT/v1", key_env="LOCAL_KEY") == "Bearer sk-local-key"
+
+
+
+def test_a_redirect_is_fatal_and_names_the_target(monkeypatch):
+    # e.g. http:// where the server wants https://, or a proxy in front that moved the API: the lean
+    # client does not follow (aiohttp does, where it can), and every call would fail alike.
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    moved = length_answer(b"", status="301 Moved Permanently",
+                          extra=b"Location: https://user:pw@api.example.invalid/v1/chat/completions?token=t\r\n")
+
+    async def go():
+        async with RawServer([[moved]]) as server:
+            with pytest.raises(ProviderError) as info:
+                await _send("lean", server.url)
+            return info.value
+
+    error = asyncio.run(go())
+    assert (error.kind, error.status) == (P.FATAL, 301)
+    assert "https://api.example.invalid/v1/chat/completions" in error.message
+    assert "pw" not in error.message and "token" not in error.message
