@@ -92,6 +92,11 @@ class Endpoint:
             parts = urllib.parse.urlsplit(self.base_url)
             if parts.scheme not in ("http", "https") or not parts.netloc:
                 raise GenerateError(f"base URL {_safe_url(self.base_url)!r} is not an http(s) URL")
+            try:
+                parts.port
+            except ValueError as e:  # "Port out of range 0-65535", "Port could not be cast ..."
+                shown = urllib.parse.urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+                raise GenerateError(f"base URL {shown!r}: {e}") from None
         if self.models is not None:
             self.models = tuple(self.models)
 

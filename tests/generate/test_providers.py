@@ -189,6 +189,11 @@ def test_endpoint_validation_and_label():
         Endpoint("compat")
     with pytest.raises(GenerateError, match="not an http"):
         Endpoint("compat", "localhost:8000")
+    with pytest.raises(GenerateError, match="'http://host:80800/v1': Port out of range") as info:
+        Endpoint("compat", "http://user:pw@host:80800/v1?key=abc")
+    assert "pw" not in str(info.value) and "abc" not in str(info.value)
+    with pytest.raises(GenerateError, match="could not be cast"):
+        Endpoint("openai", "https://host:80a/v1")
     label = Endpoint("compat", "http://user:pw@host:8000/v1?key=abc").label
     assert label == "compat:http://host:8000/v1"  # no credentials in labels (they go into records)
 
