@@ -56,6 +56,17 @@ def next_power_of_2(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the installed Triton, (0, 0) without one. Some tiles depend on it: the same
+    kernel can spill under one release's compiler and not under another's (docs/notes.md)."""
+    try:
+        import triton
+    except Exception:
+        return (0, 0)
+    return tuple(int(v) for v in triton.__version__.split(".")[:2])
+
+
+@functools.lru_cache(maxsize=None)
 def _sm_count_of(index: int) -> int:
     import torch
 

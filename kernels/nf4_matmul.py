@@ -56,7 +56,7 @@ import os
 import torch
 
 from bezoar_kernels import dispatch, tuning
-from bezoar_kernels.launch import cdiv, launch_fitting, next_power_of_2, sm_count
+from bezoar_kernels.launch import cdiv, launch_fitting, next_power_of_2, sm_count, triton_version
 from bezoar_kernels.nf4 import (
     NESTED_BLOCKSIZE,
     NF4Weight,
@@ -590,17 +590,11 @@ class GemvConfig:
     reduce_in_kernel: bool = True  # False: the fp32 partials are summed by a second launch
 
 
-def _triton_version() -> tuple[int, int]:
-    if triton is None:
-        return (0, 0)
-    return tuple(int(v) for v in triton.__version__.split(".")[:2])
-
-
 # fp32 accumulator values per program: 16 per thread at 4 warps on triton >= 3.9, 8 on older ones. The
 # sm_90 builds (bench/sass.py nf4_gemv, M = 1, blocksize 64), per weight: 32 rows by 8 blocks is 6.4
 # instructions on triton 3.9 and 8.9 on 3.6, but 3.6 (the GPU machine's) needs 255 registers and 8 bytes
 # of stack for it; 16 rows is 7.3 on 3.9 and 10.4 on 3.6 with 95 registers. 64 rows spilled on 3.6.
-_GEMV_TILE_VALUES = 2048 if _triton_version() >= (3, 9) else 1024
+_GEMV_TILE_VALUES = 2048 if triton_version() >= (3, 9) else 1024
 
 
 def gemv_tile(block_m: int, blocksize: int, blocks_per_row: int) -> tuple[int, int]:

@@ -51,7 +51,7 @@ from collections.abc import Sequence
 import torch
 
 from bezoar_kernels import dispatch, tuning
-from bezoar_kernels.launch import cdiv, sm_count
+from bezoar_kernels.launch import cdiv, sm_count, triton_version
 from bezoar_kernels.lora import (
     MAX_KERNEL_RANK,
     Adapter,
@@ -330,8 +330,16 @@ def _programs(m: int, device: torch.device, kind: str) -> int:
     return max(1, min(blocks, wanted)) if wanted else blocks
 
 
-def _block_k(r_pad: int) -> int:
-    """Columns per step: the (BLOCK_M, r_pad) fp32 accumulators (three of them) and the A tiles stay small."""
+def _block_k(r_pad: int, backward: bool = False) -> int:
+    """Columns per step: the (BLOCK_M, r_pad) fp32 accumulators (three of them) and the A tiles stay small.
+
+    The backward at r_pad = 32 takes 64 on triton < 3.9: 3.6's build of the 128-column step (sm_90,
+    P = 3) uses 168 registers and a 104-byte stack with 13 local loads in the main loop, where 64 columns
+    need 105 registers and no stack for 6% more instructions per column (3.9 does not spill at 128;
+    docs/notes.md). The forward keeps 128 there: its spill is 5 local loads against 25% more
+    instructions at 64, and the persistent grid's 2 programs per SM fit its 255 registers."""
+    if backward and r_pad == 32 and triton_version() < (3, 9):
+        return 64
     return 128 if r_pad <= 32 else 64 if r_pad <= 64 else 32
 
 
@@ -370,7 +378,7 @@ def _norm_lora_backward(dh_base, g, a, s, norm_weight, rstd, ds_in, plan: _Plan)
         dh_base.stride(0), g.stride(0), g.stride(1), s.stride(0), ds_in.stride(0) if ds_in is not None else 0,
         ds.stride(0),
         P=p, HAS_DS_IN=ds_in is not None, DROPOUT=plan.dropout, R_PAD=r_pad, BLOCK_M=_BLOCK_M,
-        BLOCK_K=_block_k(r_pad), DOT_PRECISION=_dot_precision(s.dtype), num_warps=4,
+        BLOCK_K=_block_k(r_pad, backward=True), DOT_PRECISION=_dot_precision(s.dtype), num_warps=4,
     )
     return ds
 

@@ -235,6 +235,45 @@ def test_falls_back_where_the_fused_kernels_do_not_apply(monkeypatch):
     assert torch.equal(y, y2) and torch.equal(s, s2)
 
 
+class _LaunchSpy:
+    """Stands in for a Triton kernel: records each launch's meta-parameters, then launches the real one."""
+
+    def __init__(self, kernel, seen: list):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append(kwargs["BLOCK_K"])
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("release,backward_step", [((3, 6), 64), ((3, 9), 128)])
+def test_the_backward_step_at_rank_32_follows_the_triton_release(monkeypatch, release, backward_step):
+    """At r_pad = 32 the backward walks 64 columns per step under triton < 3.9 (3.6's 128-column build
+    spills) and 128 from 3.9; the forward takes 128 under both. Either step gives the reference's result."""
+    monkeypatch.setattr(NL, "triton_version", lambda: release)
+    assert [NL._block_k(r, backward=True) for r in (16, 32, 64, 128)] == [128, backward_step, 64, 32]
+    assert [NL._block_k(r) for r in (16, 32, 64, 128)] == [128, 128, 64, 32]
+    fwd_steps, bwd_steps = [], []
+    monkeypatch.setattr(NL, "_norm_lora_fwd_kernel", _LaunchSpy(NL._norm_lora_fwd_kernel, fwd_steps))
+    monkeypatch.setattr(NL, "_norm_lora_bwd_kernel", _LaunchSpy(NL._norm_lora_bwd_kernel, bwd_steps))
+    ns, k, r, m = (16, 24, 16), 320, 20, 19  # r = 20 pads to 32; 320 columns: a partial last step either way
+    weights = _weights(ns, k, "nf4", torch.float32)
+    adapters = _adapters(ns, k, r)
+    x, res, nw = _inputs(m, k, torch.float32, True)
+    dys = [torch.randn(m, n, generator=_gen(40 + j)) for j, n in enumerate(ns)]
+    ds = torch.randn(m, k, generator=_gen(50))
+    got = _run(_fused(weights, 0.3, (1, 2, 3)), x, res, nw, adapters, dys, ds)
+    assert (fwd_steps, bwd_steps) == ([128], [backward_step])
+    want = _run(_separate(weights, 0.3, (1, 2, 3), "torch"), x, res, nw, adapters, dys, ds)
+    atol, rtol = TOLERANCES[torch.float32]
+    for i, (a, b) in enumerate(zip(got[0], want[0])):
+        assert_close(a, b, atol, rtol, name=f"y[{i}]")
+    for name, a, b in (("dx", got[2][0], want[2][0]), ("dres", got[2][1], want[2][1])):
+        assert_close(a, b, atol, rtol, name=name)
+
+
 def test_any_grid_gives_the_same_result(monkeypatch):
     """The kernels walk the row blocks persistently: one program, two, or one per block
     (BEZOAR_NORM_LORA_PROGRAMS) give the same bits; a bad value is one clear error."""
