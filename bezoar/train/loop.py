@@ -190,6 +190,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim, self.total_steps))
         self.autocast_dtype, use_scaler = resolve_precision(loop.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        # Every eval starts from the eval loader's first batch: a loader left mid-epoch (eval_max_batches)
+        # would otherwise hand the next eval other batches, and eval losses would not be comparable.
+        self._eval_start = eval_batches.state_dict() if eval_batches is not None else None
         self.step = 0
         self.tokens_seen = 0
         self._stop_signal = None
@@ -281,6 +284,7 @@ class Trainer:
         if self.eval_batches is None:
             return None
         self.model.eval()
+        self.eval_batches.load_state_dict(self._eval_start)
         total, units, sums = 0.0, 0.0, {}
         for i, batch in enumerate(self.eval_batches):
             if self.loop.eval_max_batches and i >= self.loop.eval_max_batches:

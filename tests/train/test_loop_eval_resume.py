@@ -1,0 +1,22 @@
+"""The loop's eval and metrics across evals and resumes: the same eval batches every time, each record once."""
+
+from __future__ import annotations
+
+from tests.train.helpers import read_metrics, tiny_sft_config
+
+from bezoar.train.run import run_stage
+
+
+def _quiet(*args, **kwargs):
+    pass
+
+
+def test_eval_max_batches_takes_the_same_batches_every_time(tmp_path):
+    # lr = 0 and LoRA B starting at zero: the model never changes, so every eval must give one number.
+    cfg = tiny_sft_config(tmp_path / "run", "train.max_steps=4", "train.eval_every=1", "train.eval_max_batches=1",
+                          "eval_path=bezoar:assets/demo/sft_eval.jsonl", "optim.lr=0", "optim.warmup_steps=0",
+                          "lora.dropout=0.0")
+    run_stage(cfg, log=_quiet)
+    evals = [m["eval_loss"] for m in read_metrics(tmp_path / "run") if "eval_loss" in m]
+    assert len(evals) == 4
+    assert len(set(evals)) == 1, f"eval_max_batches=1 evaluated different batches: {evals}"
