@@ -390,12 +390,17 @@ class Trainer:
         path = self.out / "metrics.jsonl"
         if not path.exists():
             return
+        # Resumed at (or past) the last step, fit() goes straight to the final eval, which then logs again
+        # the eval record the first run wrote at this step before it stopped.
+        final_eval_again = self.eval_batches is not None and self.step >= self.total_steps
         kept = []
         for line in path.read_text().splitlines():
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a torn last line from a crash
+            if final_eval_again and rec.get("step") == self.step and "eval_loss" in rec:
+                continue
             if rec.get("step", 0) <= self.step:
                 kept.append(line)
         tmp = path.with_suffix(".jsonl.tmp")

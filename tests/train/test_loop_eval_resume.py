@@ -20,3 +20,15 @@ def test_eval_max_batches_takes_the_same_batches_every_time(tmp_path):
     evals = [m["eval_loss"] for m in read_metrics(tmp_path / "run") if "eval_loss" in m]
     assert len(evals) == 4
     assert len(set(evals)) == 1, f"eval_max_batches=1 evaluated different batches: {evals}"
+
+
+def test_resume_after_the_last_step_logs_the_final_eval_once(tmp_path):
+    out = tmp_path / "run"
+    args = ("train.max_steps=4", "train.save_every=2", "train.eval_every=2", "eval_path=bezoar:assets/demo/sft_eval.jsonl")
+    run_stage(tiny_sft_config(out, *args), log=_quiet)
+    before = read_metrics(out)
+    # As if the process had died after the final checkpoint but before summary.json (in the merge, say).
+    (out / "summary.json").unlink()
+    run_stage(tiny_sft_config(out, *args), resume=True, log=_quiet)
+    after = read_metrics(out)
+    assert [(m["step"], "eval_loss" in m) for m in after] == [(m["step"], "eval_loss" in m) for m in before]
