@@ -372,7 +372,11 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
-        self.batches.load_state_dict(state["data"])
+        try:
+            self.batches.load_state_dict(state["data"])
+        except ValueError as e:  # the data file or the batching changed since the checkpoint was written
+            raise TrainingError(f"{path}: cannot continue from this checkpoint: {e}. Resume with the data the run "
+                                "started with, or start a new run (another out=)") from None
         if self.dist is not None:
             ranks = state.get("rng_per_rank")
             if not ranks or len(ranks) != self.dist.world_size:

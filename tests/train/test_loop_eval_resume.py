@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tests.train.helpers import read_metrics, tiny_sft_config
 
 from bezoar.train.run import run_stage
@@ -32,3 +34,21 @@ def test_resume_after_the_last_step_logs_the_final_eval_once(tmp_path):
     run_stage(tiny_sft_config(out, *args), resume=True, log=_quiet)
     after = read_metrics(out)
     assert [(m["step"], "eval_loss" in m) for m in after] == [(m["step"], "eval_loss" in m) for m in before]
+
+
+def test_resume_on_changed_data_is_a_training_error_naming_the_checkpoint(tmp_path):
+    import pytest
+
+    from bezoar.train.loop import TrainingError
+    from bezoar.train.run import package_path
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(Path(package_path("bezoar:assets/demo/sft.jsonl")).read_text().splitlines(True)[:40]))
+    out = tmp_path / "run"
+    args = ("train.max_steps=3", "train.save_every=2", f"data.path={data}")
+    run_stage(tiny_sft_config(out, *args), log=_quiet)
+    (out / "summary.json").unlink()  # as if killed before the end
+    data.write_text(data.read_text().replace("whale", "shark"))
+    with pytest.raises(TrainingError, match="step-3") as e:
+        run_stage(tiny_sft_config(out, *args), resume=True, log=_quiet)
+    assert "data" in str(e.value)
