@@ -31,6 +31,12 @@ def parse(argv):
     if args.config and "=" in args.config and not args.config.endswith(".toml"):
         args.overrides.insert(0, args.config)
         args.config = None
+    # A stage config names its own run directory (out=) and has no plan to show: refuse these flags rather
+    # than train for real under --dry-run, or write somewhere other than the --out the user gave.
+    if args.config and args.dry_run:
+        p.error("--dry-run shows the plan of a --recipe; a stage config has none (drop --dry-run to run it)")
+    if args.config and args.out:
+        p.error(f"--out is the run root of a --recipe or the demo; a stage config takes out=DIR (e.g. out={args.out})")
     return p, args
 
 
