@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 from bezoar.data import DataConfig
 from bezoar.model.lora import LoraConfig
 
@@ -40,11 +42,21 @@ class ModelSection:
     def __post_init__(self):
         if isinstance(self.gradient_checkpointing, bool):
             self.gradient_checkpointing = "full" if self.gradient_checkpointing else "off"
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"model.device {self.device!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
 
 
 @dataclass
 class TrainSection(LoopConfig):
     batch_size: int = 8  # rows of max_seq_len per micro-batch (the global micro-batch, across all ranks)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.batch_size < 1:
+            raise ValueError(f"train.batch_size must be at least 1, got {self.batch_size}")
 
 
 @dataclass

@@ -56,6 +56,19 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # the schedule decays to lr * min_lr_ratio
     max_grad_norm: float = 1.0  # 0 turns clipping off
 
+    def __post_init__(self):
+        # Checked here so that a bad value stops with the key's name, not deep inside AdamW or the schedule.
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas takes two numbers in [0, 1), got {list(self.betas)}")
+        for name in ("lr", "weight_decay", "eps", "max_grad_norm"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"optim.{name} must not be negative, got {getattr(self, name)}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must not be negative, got {self.warmup_steps}")
+        for name in ("warmup_ratio", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"optim.{name} must be in [0, 1], got {getattr(self, name)}")
+
 
 @dataclass
 class LoopConfig:
@@ -72,6 +85,19 @@ class LoopConfig:
     profile: bool = False  # trace a few steps with torch.profiler into <out>/profile
     profile_steps: int = 3
     progress: bool = True
+
+    def __post_init__(self):
+        if self.grad_accum < 1:
+            raise ValueError(f"train.grad_accum must be at least 1, got {self.grad_accum}")
+        if self.max_steps < 0:
+            raise ValueError(f"train.max_steps must not be negative (0: run the epochs), got {self.max_steps}")
+        if self.max_steps == 0 and not self.epochs > 0:
+            raise ValueError(f"train.epochs must be positive when train.max_steps is 0, got {self.epochs}")
+        for name in ("log_every", "eval_every", "eval_max_batches", "save_every", "keep_last"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must not be negative, got {getattr(self, name)}")
+        if self.profile_steps < 1:
+            raise ValueError(f"train.profile_steps must be at least 1, got {self.profile_steps}")
 
 
 class Stage(Protocol):

@@ -80,7 +80,11 @@ def package_path(path: str) -> str:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"model.device {name!r}: this machine has no CUDA device torch can use "
+                          "(model.device = \"auto\" picks the CPU here)")
+    return device
 
 
 def is_complete(out: Path) -> bool:

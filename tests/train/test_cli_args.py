@@ -19,3 +19,28 @@ def test_recipe_only_flags_with_a_stage_config_are_refused(tmp_path, capsys, fla
     assert e.value.code == 2
     assert flag[0] in capsys.readouterr().err
     assert not out.exists(), "nothing may run"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.grad_accum=0", "train.grad_accum"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("train.max_steps=0 train.epochs=-1", "train.epochs"),
+    ("train.save_every=-1", "train.save_every"),
+    ("optim.lr=-1", "optim.lr"),
+    ("optim.betas=[0.9]", "optim.betas"),
+    ("optim.warmup_ratio=2", "optim.warmup_ratio"),
+    ("model.device=gpu", "model.device"),
+])
+def test_bad_values_are_config_errors_naming_the_key(tmp_path, capsys, override, key):
+    out = tmp_path / "run"
+    code = main([str(DEMO / "sft.toml"), f"out={out}", *TINY, *override.split()])
+    err = capsys.readouterr().err
+    assert code == 2 and key in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_config_error(tmp_path, capsys):
+    code = main([str(DEMO / "sft.toml"), f"out={tmp_path / 'run'}", *TINY, "model.device=cuda"])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.device" in err, err
