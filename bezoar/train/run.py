@@ -152,15 +152,14 @@ def run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None) -> P
         tokenizer = Tokenizer(base_path)
         docs, stats = build_documents(cfg.data, tokenizer)
         world, rank = (dist.world_size, dist.rank) if dist is not None else (1, 0)
-        loader = make_loader(docs, cfg.data, tokenizer, cfg.train.batch_size, seed=cfg.train.seed,
-                             world_size=world, rank=rank)
+        loader = _loader(cfg, cfg.data.path, docs, tokenizer, world, rank)
         eval_loader = None
         if cfg.eval_path:
             from dataclasses import replace
 
             eval_docs, _ = build_documents(replace(cfg.data, path=cfg.eval_path, limit=None), tokenizer)
-            eval_loader = DeviceBatches(make_loader(eval_docs, cfg.data, tokenizer, cfg.train.batch_size,
-                                                    seed=cfg.train.seed, world_size=world, rank=rank, shuffle=False), device)
+            eval_loader = DeviceBatches(_loader(cfg, cfg.eval_path, eval_docs, tokenizer, world, rank, shuffle=False),
+                                        device)
         if rank0:
             out.mkdir(parents=True, exist_ok=True)
             if dist is not None:
@@ -208,6 +207,16 @@ def run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None) -> P
     if dist is not None:
         dist.barrier()
     return out
+
+
+def _loader(cfg: StageConfig, path: str, docs, tokenizer, world: int, rank: int, shuffle: bool = True):
+    try:
+        return make_loader(docs, cfg.data, tokenizer, cfg.train.batch_size, seed=cfg.train.seed, world_size=world,
+                           rank=rank, shuffle=shuffle)
+    except ValueError as e:  # batching settings that do not fit this data or this number of processes
+        raise ConfigError(f"{path}: cannot be batched with train.batch_size = {cfg.train.batch_size}, "
+                          f"data.max_seq_len = {cfg.data.max_seq_len}, data.packed = {str(cfg.data.packed).lower()}"
+                          f"{f' over {world} processes' if world > 1 else ''}: {e}") from None
 
 
 def _last_metrics(out: Path) -> dict:

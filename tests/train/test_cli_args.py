@@ -44,3 +44,12 @@ def test_cuda_device_without_cuda_is_a_config_error(tmp_path, capsys):
     code = main([str(DEMO / "sft.toml"), f"out={tmp_path / 'run'}", *TINY, "model.device=cuda"])
     err = capsys.readouterr().err
     assert code == 2 and "model.device" in err, err
+
+
+def test_batch_size_that_cannot_hold_whole_pairs_is_a_config_error(tmp_path, capsys):
+    # Unpacked DPO rows come two per pair (chosen, rejected): an odd batch cannot hold whole pairs.
+    out = tmp_path / "run"
+    code = main([str(DEMO / "dpo.toml"), f"out={out}", *TINY, "data.packed=false", "train.batch_size=3",
+                 "dpo.precompute_ref=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and "train.batch_size" in err and "Traceback" not in err, err
