@@ -13,6 +13,7 @@ from bezoar.config import ConfigError, dump_toml, to_dict
 from bezoar.data import build_documents, make_loader
 from bezoar.data.packing import batch_to
 from bezoar.model import Tokenizer, load
+from bezoar.model.checkpoint import is_prequantized
 from bezoar.model.lora import apply_lora
 from bezoar_kernels.dispatch import backend
 
@@ -149,6 +150,12 @@ def run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None) -> P
     torch.manual_seed(cfg.train.seed)
     with backend(cfg.model.kernels):
         model, base_path = build_model(cfg, device, dist)
+        if cfg.merge and is_prequantized(model.config):
+            # The merge folds the adapter into dense weights; finding that out after the last step would leave
+            # a trained stage without its merged model (and --resume cannot drop merge).
+            raise ConfigError(f"model.path {base_path}: a bitsandbytes 4-bit checkpoint, which merge = true cannot "
+                              "fold an adapter into; point model.path at the dense model (training still runs in "
+                              "NF4), or set merge = false and run python -m bezoar.merge on the dense model later")
         tokenizer = Tokenizer(base_path)
         docs, stats = build_documents(cfg.data, tokenizer)
         world, rank = (dist.world_size, dist.rank) if dist is not None else (1, 0)

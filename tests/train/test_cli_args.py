@@ -53,3 +53,19 @@ def test_batch_size_that_cannot_hold_whole_pairs_is_a_config_error(tmp_path, cap
                  "dpo.precompute_ref=false"])
     err = capsys.readouterr().err
     assert code == 2 and "train.batch_size" in err and "Traceback" not in err, err
+
+
+def test_merge_onto_an_nf4_checkpoint_is_refused_before_training(tmp_path, tiny_dir):
+    from bezoar.quantize import quantize
+
+    nf4 = quantize(tiny_dir, tmp_path / "nf4")
+    out = tmp_path / "run"
+    from bezoar.config import ConfigError
+    from bezoar.train.run import run_stage
+    from tests.train.helpers import tiny_sft_config
+
+    cfg = tiny_sft_config(out, f"model.path={nf4}", "merge=true", "train.max_steps=2")
+    with pytest.raises(ConfigError, match="merge") as e:
+        run_stage(cfg, log=lambda *a: None)
+    assert str(nf4) in str(e.value)
+    assert not (out / "metrics.jsonl").exists() and not (out / "adapter").exists(), "no step may run first"
