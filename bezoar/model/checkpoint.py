@@ -267,6 +267,8 @@ def save(model, path, tokenizer_from=None, max_shard_size="2GB", dtype=None, ove
     from safetensors.torch import save_file
 
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path}: is a file, not a folder for a checkpoint")
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path}: exists and is not empty (pass overwrite=True to replace it)")
     if isinstance(dtype, str):

@@ -1,0 +1,36 @@
+"""python -m bezoar.merge --out: an existing target is refused up front with one message, never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from bezoar.merge import main
+from bezoar.model import load
+from bezoar.model.lora import LoraConfig, apply_lora, save_adapter
+
+
+@pytest.fixture
+def adapter(tiny_dir, tmp_path):
+    model = load(tiny_dir, device="cpu")
+    apply_lora(model, LoraConfig(r=2, alpha=4, dropout=0.0))
+    return save_adapter(model, tmp_path / "adapter")
+
+
+def test_out_that_is_a_file_is_an_error_and_the_file_is_kept(tiny_dir, adapter, tmp_path, capsys):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine\n")
+    for extra in ([], ["--overwrite"]):
+        code = main(["--model", str(tiny_dir), "--adapter", str(adapter), "--out", str(target), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and str(target) in err and "Traceback" not in err, err
+        assert target.read_text() == "mine\n"
+
+
+def test_out_that_holds_files_names_the_flag_that_replaces_it(tiny_dir, adapter, tmp_path, capsys):
+    target = tmp_path / "merged"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine\n")
+    code = main(["--model", str(tiny_dir), "--adapter", str(adapter), "--out", str(target)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--overwrite" in err, err
+    assert (target / "keep.txt").read_text() == "mine\n"
