@@ -80,7 +80,7 @@ class LoopConfig:
     log_every: int = 1
     eval_every: int = 0  # optimizer steps between evals (0: only at the end when there is eval data)
     eval_max_batches: int = 0  # 0: the whole eval set
-    save_every: int = 0  # optimizer steps between checkpoints (0: none before the end)
+    save_every: int = 0  # optimizer steps between checkpoints (0: only the end state's)
     keep_last: int = 2  # checkpoints kept (older ones are deleted)
     profile: bool = False  # trace a few steps with torch.profiler into <out>/profile
     profile_steps: int = 3
@@ -529,8 +529,10 @@ class Trainer:
         ev = self.evaluate()
         if ev:
             self._write_metrics({"step": self.step, **ev})
-        if self.loop.save_every and not (list_checkpoints(self.out) and list_checkpoints(self.out)[-1][0] == self.step):
-            self.save_checkpoint()  # the end state too, so a later run can extend max_steps and --resume
+        # The end state is always saved (save_every 0 too): a run that dies after the loop (in the merge, say)
+        # then resumes here instead of training from step 0 again, and a later run can extend max_steps.
+        if not (list_checkpoints(self.out) and list_checkpoints(self.out)[-1][0] == self.step):
+            self.save_checkpoint()
         final = self.out / "adapter"
         if self.rank0:
             save_adapter(_unwrap(self.model), final, self.base_model_name)

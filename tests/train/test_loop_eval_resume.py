@@ -52,3 +52,15 @@ def test_resume_on_changed_data_is_a_training_error_naming_the_checkpoint(tmp_pa
     with pytest.raises(TrainingError, match="step-3") as e:
         run_stage(tiny_sft_config(out, *args), resume=True, log=_quiet)
     assert "data" in str(e.value)
+
+
+def test_resume_after_a_finished_loop_does_not_train_again_without_save_every(tmp_path):
+    out = tmp_path / "run"
+    args = ("train.max_steps=3", "train.save_every=0")
+    run_stage(tiny_sft_config(out, *args), log=_quiet)
+    before = (out / "metrics.jsonl").read_text()
+    (out / "summary.json").unlink()  # as if killed in the merge, after the last step
+    said = []
+    run_stage(tiny_sft_config(out, *args), resume=True, log=said.append)
+    assert any("resumed from" in str(s) and "step 3" in str(s) for s in said), said
+    assert (out / "metrics.jsonl").read_text() == before, "no step may run twice"
