@@ -31,9 +31,10 @@ What a call goes through (``submit``):
    per Retry-After (at most 1 s apart), so a burst that was refused does not come back as a
    burst. A request error (400, 422, ...) ends it at once. Either way the Result is appended to
    the store before ``submit`` returns.
-5. Fatal errors (bad key, unknown model, exhausted quota, every endpoint unreachable) stop the
-   whole pool: every ``submit``/``map``/``run`` raises :class:`PoolError` with one clear message.
-   Answers already received are stored; nothing is recorded for the requests cut short.
+5. Fatal errors (bad key, unknown model, exhausted quota, every endpoint unreachable, a store
+   that cannot be written) stop the whole pool: every ``submit``/``map``/``run`` raises
+   :class:`PoolError` with one clear message. Answers already received are stored (as far as the
+   store can still write); nothing is recorded for the requests cut short.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from typing import AsyncIterable, AsyncIterator, Iterable, Sequence
 from bezoar.generate.progress import Progress
 from bezoar.generate.providers import FATAL, REQUEST, Endpoint, ProviderError, make_provider
 from bezoar.generate.request import GenerateError, Request, Result, Usage, estimate_tokens
-from bezoar.generate.store import JSONLStore, open_store
+from bezoar.generate.store import JSONLStore, StoreError, open_store
 
 log = logging.getLogger("bezoar.generate")
 
@@ -60,7 +61,8 @@ __all__ = ["Pool", "Limits", "Endpoint", "Request", "Result", "Usage", "PoolErro
 
 
 class PoolError(GenerateError):
-    """The pool stopped: nothing more can succeed (bad key, unknown model, unreachable endpoints)."""
+    """The pool stopped: nothing more can succeed (bad key, unknown model, unreachable endpoints,
+    a store that cannot be written)."""
 
 
 @dataclass
@@ -323,7 +325,12 @@ class Pool:
             # A run stopped before anything finished gets no summary: its error says it all.
             self._progress.finish(summary=not (exc_type is not None and self.stats.finished == 0))
         await self._close_providers()
-        self.store.close()
+        try:
+            self.store.close()
+        except GenerateError as e:
+            if exc_type is None:
+                raise
+            log.error("%s", e)  # the error that stopped the run is the one to raise
 
     async def _close_providers(self) -> None:
         for state in self._states:
@@ -453,7 +460,11 @@ class Pool:
         self._inflight[key] = future
         try:
             result = await self._execute(request, key, model)
-            self.store.append(result.to_record())
+            try:
+                self.store.append(result.to_record())
+            except StoreError as e:
+                # Disk full or failing: every answer after this one would be paid for and lost too.
+                raise self._abort(str(e)) from None
             self._count(result)
             future.set_result(result)
             return result

@@ -6,12 +6,19 @@ File format: one JSON object per line (:meth:`bezoar.generate.request.Result.to_
 
 - A key is written at most once, ever: ``append`` refuses a key already in the file, and the pool
   never sends a key that is in the store (or already in flight).
-- Each record is written with one ``write`` of the whole line and flushed to the OS at once, so a
-  crash or SIGKILL of the process loses nothing written; only the requests in flight are lost.
+- Each record is written with one ``write`` of the whole line, straight to the OS (the file has no
+  buffer in the process), so a crash or SIGKILL of the process loses nothing written; only the
+  requests in flight are lost.
   fsync policy (what survives a power cut or kernel crash): ``"interval"`` (default): a
   background thread fsyncs once a second when something was written, and close fsyncs, so a
   power cut loses at most the last second and the event loop never waits on the disk;
   ``"always"`` fsyncs every record in ``append``; ``"never"`` leaves it to the OS.
+- A write that fails (disk full, I/O error; also a failed fsync under ``"always"``) is undone: the
+  file is cut back to its length before that record and ``append`` raises :class:`StoreError`
+  naming the file and the error. So a failure never leaves part of a line in the middle of the
+  file, and a rerun after the cause is fixed resumes from every record stored. If even the cut
+  fails, the store takes no more records, so that the fragment stays the torn last line below.
+  An fsync that fails at close is a StoreError too.
 - Opening an existing file indexes its keys (key -> byte offset, read back on demand by ``get``).
   A torn last line (no final newline: the writer died mid-line) is cut off, its bytes kept in
   ``<file>.torn-<UTC time>`` and a warning given; the rest of the file is used as is. Any other
@@ -25,6 +32,7 @@ File format: one JSON object per line (:meth:`bezoar.generate.request.Result.to_
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import logging
 import os
@@ -116,7 +124,8 @@ class JSONLStore:
         self._failed: set[str] = set()
         self._file = None
         self._reader = None
-        self._size = 0
+        self._size = 0  # the file's length: where the next record starts, and where a failed one is cut
+        self._broken: str | None = None  # why appends are refused (a failed write could not be undone)
         self._dirty = False
         self._syncer: threading.Thread | None = None
         self._stop_syncer = threading.Event()
@@ -130,9 +139,10 @@ class JSONLStore:
         if self._file is not None:
             return self.report
         self._offsets, self._failed, self.report = {}, set(), StoreReport()
+        self._broken = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._file = open(self.path, "ab")
+            self._file = _open_for_append(self.path)
         except OSError as e:
             raise StoreError(f"cannot open {self.path} for writing: {e.strerror or e}") from None
         if fcntl is not None:
@@ -173,16 +183,20 @@ class JSONLStore:
             self._stop_syncer.set()
             self._syncer.join()
             self._syncer = None
-        if self._file is not None:
-            self._file.flush()
-            if self.fsync != "never" and self._dirty:
-                os.fsync(self._file.fileno())
-                self._dirty = False
-            self._file.close()  # also releases the flock
-            self._file = None
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+        if self._file is not None:
+            file, self._file = self._file, None
+            try:
+                if self.fsync != "never" and self._dirty:
+                    self._dirty = False
+                    os.fsync(file.fileno())
+            except OSError as e:
+                raise StoreError(f"cannot sync {self.path} to disk: {e.strerror or e}; the records written since "
+                                 "the last sync may be lost if the machine goes down now") from None
+            finally:
+                file.close()  # also releases the flock
 
     def __enter__(self) -> "JSONLStore":
         self.open()
@@ -269,7 +283,7 @@ class JSONLStore:
             kept.flush()
             os.fsync(kept.fileno())
         # The lock is on the old inode: take it on the new file before it replaces the old one.
-        new_file = open(tmp, "ab")
+        new_file = _open_for_append(tmp)
         if fcntl is not None:
             fcntl.flock(new_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.replace(tmp, self.path)
@@ -304,23 +318,54 @@ class JSONLStore:
         return json.loads(self._reader.readline())
 
     def append(self, record: dict) -> None:
-        """Write one record (whole line, flushed; fsync per the policy). Refuses a stored key."""
+        """Write one record (one write of the whole line; fsync per the policy). Refuses a stored key.
+        A failed write is cut back off the file and raised as StoreError (see the module doc)."""
         if self._file is None:
             raise StoreError(f"store {self.path} is not open")
+        if self._broken is not None:
+            raise StoreError(self._broken)
         key = record["key"]
         if key in self._offsets:
             raise StoreError(f"key {key} is already stored in {self.path}")
         line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
-        self._file.write(line)
-        self._file.flush()
+        fd = self._file.fileno()
+        try:
+            written = 0
+            while written < len(line):  # a short write (the disk filling up) leaves the rest to send
+                written += os.write(fd, line[written:])
+            if self.fsync == "always":
+                os.fsync(fd)
+        except OSError as e:
+            raise self._undo_write(e) from None
         self._offsets[key] = self._size
         self._size += len(line)
         if record.get("error") is not None:
             self._failed.add(key)
-        if self.fsync == "always":
-            os.fsync(self._file.fileno())
-        else:
+        if self.fsync != "always":
             self._dirty = True
+
+    def _undo_write(self, error: OSError) -> StoreError:
+        """Cut off whatever part of a failed record reached the file; the error to raise."""
+        reason = error.strerror or str(error)
+        if error.errno in errno.errorcode:
+            reason += f" ({errno.errorcode[error.errno]})"
+        message = f"cannot write to {self.path}: {reason}"
+        try:
+            os.ftruncate(self._file.fileno(), self._size)
+        except OSError as e:
+            # The fragment stays; appending after it would bury it mid-file, where open() refuses
+            # it as damage. Left as the last line, the next open cuts it off as torn.
+            self._broken = (f"{self.path}: an earlier write failed and its fragment could not be cut off "
+                            f"({e.strerror or e}); no more records are taken: rerun once the disk is fixed")
+            return StoreError(f"{message}; cutting off the part written also failed ({e.strerror or e})")
+        return StoreError(f"{message}; the file is as before this record: free space or fix the disk and "
+                          "rerun, the records stored are kept and not sent again")
+
+
+def _open_for_append(path: Path):
+    # Unbuffered: append writes each line with os.write itself, so no buffer in the process can
+    # hold back (and later write out) the rest of a line whose write failed.
+    return open(path, "ab", buffering=0)
 
 
 def open_store(store) -> "JSONLStore | MemoryStore":

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
+import random
 import time
 
 import pytest
@@ -133,6 +135,58 @@ def test_rerun_skips_what_is_stored(fake_server, tmp_path):
     assert [r.response for r in results] == [f"echo: q{i}" for i in range(60)]
     assert [r.cached for r in results] == [True] * 50 + [False] * 10
     assert len(records(out)) == 60
+
+
+POOL_FILLS_UP = r"""
+import asyncio
+from bezoar.generate.pool import Endpoint, Limits, Pool
+from bezoar.generate.providers import Reply
+from bezoar.generate.request import Request
+
+path, n = sys.argv[1], int(sys.argv[2])
+sent = []
+
+class Echo:  # answers at once; the answer of request 8 finds the disk full
+    async def open(self): pass
+    async def close(self): pass
+    async def send(self, request, model, timeout):
+        sent.append(request.id)
+        await asyncio.sleep(0.001 * (request.id % 3))
+        if request.id == 8:
+            fill_up(path, 50)
+        return Reply("echo: " + request.messages[0]["content"], 1, 1, "stop")
+
+async def main():
+    requests = [Request(messages=[{"role": "user", "content": f"q{i}"}], id=i) for i in range(n)]
+    async with Pool(Endpoint("compat", "http://fake/v1"), Limits(concurrency=4), path, model="m",
+                    provider_factory=lambda endpoint, connections: Echo()) as pool:
+        await pool.run(requests)
+
+try:
+    asyncio.run(main())
+    error = None
+except BaseException as e:
+    error = f"{type(e).__name__}: {e}"
+print(json.dumps({"error": error, "sent": len(sent)}))
+"""
+
+
+def test_a_full_disk_stops_the_pool_and_a_rerun_resumes(tmp_path):
+    from tests.generate.test_store import run_filling_up
+
+    out = tmp_path / "o.jsonl"
+    seen = run_filling_up(POOL_FILLS_UP, out, 30)
+    assert seen["error"].startswith(f"PoolError: cannot write to {out}: File too large"), seen["error"]
+    stored = records(out)  # whole lines only: no fragment of the record that did not fit
+    assert 0 < len(stored) < 30 and all(r["response"] == f"echo: q{r['id']}" for r in stored)
+    # Space is back: the rerun sends only what is not stored, and opens the file without repairs.
+    calls = collections.Counter()
+    factory = lambda endpoint, connections: _Echo(calls, random.Random(0))  # noqa: E731
+    requests = chat_requests(30)
+    results, stats = run(run_pool(Endpoint("compat", "http://fake/v1"), requests, out, provider_factory=factory))
+    assert sum(calls.values()) == 30 - len(stored) and stats.cached == len(stored)
+    assert [r.response for r in results] == [f"echo: q{i}" for i in range(30)] and len(records(out)) == 30
+    assert not list(tmp_path.glob("o.jsonl.torn-*"))
 
 
 def test_spread_over_endpoints_and_failover(fake_server, tmp_path):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -175,3 +179,152 @@ def test_unwritable_path_is_one_clear_error(tmp_path):
     target.mkdir()
     with pytest.raises(StoreError, match="cannot open"):
         JSONLStore(target).open()
+
+
+# A file-size limit (RLIMIT_FSIZE) makes the kernel behave as a full disk would: write(2) stores what
+# fits, returns short, and the next write fails (EFBIG instead of ENOSPC). It is set in a child
+# process, where nothing else is writing.
+REPO = Path(__file__).resolve().parents[2]
+FILL_UP_PRELUDE = r"""
+import json, os, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
+HARD = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+
+def fill_up(path, room):
+    resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(path) + room, HARD))
+
+def free_space():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (HARD, HARD))
+"""
+
+
+def run_filling_up(script: str, *args) -> dict:
+    """Run ``script`` (after FILL_UP_PRELUDE) in a child process; it prints one JSON object."""
+    resource = pytest.importorskip("resource")
+    if not hasattr(resource, "RLIMIT_FSIZE") or resource.getrlimit(resource.RLIMIT_FSIZE)[1] != resource.RLIM_INFINITY:
+        pytest.skip("needs an unlimited hard RLIMIT_FSIZE")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", FILL_UP_PRELUDE + script, *map(str, args)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+STORE_FILLS_UP = r"""
+from bezoar.generate.request import Result, Usage
+from bezoar.generate.store import JSONLStore, StoreError
+
+path, size = sys.argv[1], int(sys.argv[2])
+record = lambda key: Result(key, id=key, response=key * size, attempts=1).to_record()
+store = JSONLStore(path, fsync="never")
+store.open()
+store.append(record("a"))
+before = open(path, "rb").read()
+fill_up(path, 100)  # room for a part of the next line only
+try:
+    store.append(record("b"))
+    error = None
+except Exception as e:
+    error = f"{type(e).__name__}: {e}"
+after = open(path, "rb").read()
+free_space()
+store.append(record("c"))
+got_c = store.get("c")["key"]
+store.close()
+print(json.dumps({"error": error, "unchanged": after == before, "got_c": got_c}))
+"""
+
+
+@pytest.mark.parametrize("size", [200, 20000])  # within and beyond the size of a write buffer
+def test_a_disk_that_fills_up_mid_line_leaves_no_fragment(tmp_path, size):
+    path = tmp_path / "out.jsonl"
+    seen = run_filling_up(STORE_FILLS_UP, path, size)
+    assert seen["error"].startswith(f"StoreError: cannot write to {path}: File too large"), seen["error"]
+    assert seen["unchanged"], "the failed append left part of its line in the file"
+    assert seen["got_c"] == "c"  # later records are read back from where they really are
+    with JSONLStore(path) as store:
+        assert sorted(store.keys()) == ["a", "c"] and store.report.torn_bytes == 0
+        assert store.get("c")["response"] == "c" * size
+
+
+def _failing_write(monkeypatch, path, *, after_bytes: int, error: int = errno.ENOSPC):
+    """os.write on the store's file: the first call writes ``after_bytes`` (a short write, as
+    the kernel does when the disk fills up), every later one fails with ``error``."""
+    real_write = os.write
+    short_writes = [after_bytes] if after_bytes else []
+
+    def write(fd, data):
+        if os.path.realpath(f"/proc/self/fd/{fd}") != os.path.realpath(path):
+            return real_write(fd, data)
+        if short_writes:
+            return real_write(fd, bytes(data[:short_writes.pop()]))
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(os, "write", write)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="finds the store's fd by /proc")
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EIO])
+def test_a_failed_write_is_undone_and_named(tmp_path, monkeypatch, error):
+    path = tmp_path / "out.jsonl"
+    store = JSONLStore(path, fsync="never")
+    store.open()
+    store.append(ok_record("a"))
+    before = path.read_bytes()
+    with monkeypatch.context() as patch:
+        _failing_write(patch, path, after_bytes=7, error=error)  # a short write, then the error
+        with pytest.raises(StoreError) as info:
+            store.append(ok_record("b"))
+    assert str(info.value).startswith(f"cannot write to {path}: {os.strerror(error)} ({errno.errorcode[error]})")
+    assert path.read_bytes() == before and "b" not in store
+    store.append(ok_record("b", "second try"))
+    assert store.get("b")["response"] == "second try"
+    store.close()
+    assert [r["key"] for r in lines(path)] == ["a", "b"]
+
+
+def test_a_failed_fsync_is_undone(tmp_path, monkeypatch):
+    path = tmp_path / "out.jsonl"
+    store = JSONLStore(path, fsync="always")
+    store.open()
+    store.append(ok_record("a"))
+    before = path.read_bytes()
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, os.strerror(errno.EIO))))
+        with pytest.raises(StoreError, match="cannot write to .*out.jsonl: Input/output error"):
+            store.append(ok_record("b"))
+    assert path.read_bytes() == before and "b" not in store
+    store.close()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="finds the store's fd by /proc")
+def test_a_fragment_that_cannot_be_cut_stays_last(tmp_path, monkeypatch):
+    # If even the truncate fails, nothing more is appended: the fragment stays the last line,
+    # which the next open cuts off as torn.
+    path = tmp_path / "out.jsonl"
+    store = JSONLStore(path, fsync="never")
+    store.open()
+    store.append(ok_record("a"))
+    with monkeypatch.context() as patch:
+        _failing_write(patch, path, after_bytes=7)
+        patch.setattr(os, "ftruncate", lambda fd, size: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+        with pytest.raises(StoreError, match="No space left on device"):
+            store.append(ok_record("b"))
+    with pytest.raises(StoreError, match=r"out.jsonl: an earlier write failed .*no more records"):
+        store.append(ok_record("c"))
+    store.close()
+    with JSONLStore(path) as store:
+        assert list(store.keys()) == ["a"] and store.report.torn_bytes == 7
+
+
+def test_a_failed_sync_at_close_is_named_and_the_lock_released(tmp_path, monkeypatch):
+    path = tmp_path / "out.jsonl"
+    store = JSONLStore(path, fsync="interval", fsync_interval_s=3600)
+    store.open()
+    store.append(ok_record("a"))
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, os.strerror(errno.EIO))))
+        with pytest.raises(StoreError, match="cannot sync .*out.jsonl to disk: Input/output error"):
+            store.close()
+    with JSONLStore(path) as again:
+        assert list(again.keys()) == ["a"]
