@@ -35,6 +35,7 @@ import email.utils
 import json
 import netrc
 import os
+import re
 import time
 import urllib.parse
 import urllib.request
@@ -117,6 +118,22 @@ def _safe_url(url: str) -> str:
     if parts.port:
         host += f":{parts.port}"
     return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+_URL_IN_TEXT = re.compile(r"https?://[^\s'\"<>]+")
+
+
+def _without_url_secrets(text: str) -> str:
+    """``text`` on one line, with every URL in it cut down by :func:`_safe_url`: aiohttp's exception
+    texts quote the request URL whole, query string included, and run over several lines."""
+
+    def safe(match: re.Match) -> str:
+        try:
+            return _safe_url(match.group())
+        except ValueError:  # not a URL after all (a bad port, say)
+            return "<url>"
+
+    return " ".join(_URL_IN_TEXT.sub(safe, text).split())
 
 
 def read_api_key(endpoint: Endpoint) -> str | None:
@@ -277,7 +294,8 @@ def _url_or_netrc_auth(url: str) -> str | None:
 class CompatProvider:
     """OpenAI-compatible HTTP API over the lean keep-alive client in ``bezoar.generate.http``
     (at most ``connections`` connections), or over aiohttp when a proxy variable applies to the
-    endpoint (the lean client speaks only directly to the server).
+    endpoint (the lean client speaks only directly to the server). Neither transport follows a
+    redirect: it is a fatal error naming the target (see ``send``).
 
     transport: "auto" (as just said), "lean" or "aiohttp" (to force one, e.g. in tests); None reads
     the environment variable BEZOAR_COMPAT_TRANSPORT (default "auto"), so a user can fall back to
@@ -362,8 +380,8 @@ class CompatProvider:
         else:
             status, headers, raw = await self._post_aiohttp(request.kind, data, timeout)
         if 300 <= status < 400:
-            # A redirect the transport did not follow (the lean client follows none): every call would
-            # get the same answer, so retrying cannot help. The base URL is the thing to fix.
+            # Neither transport follows redirects (aiohttp would turn a 301/302 POST into a GET): every
+            # call would get the same answer, so retrying cannot help. The base URL is the thing to fix.
             target = headers.get("location")  # names are lower-case (lean) or case-blind (aiohttp)
             try:
                 where = f" to {_safe_url(urllib.parse.urljoin(self._urls[request.kind], target))}" if target else ""
@@ -390,15 +408,17 @@ class CompatProvider:
         if client_timeout is None:
             client_timeout = self._timeouts[timeout] = aiohttp.ClientTimeout(total=timeout)
         try:
-            async with self._session.post(self._urls[kind], data=data, timeout=client_timeout) as response:
+            async with self._session.post(self._urls[kind], data=data, timeout=client_timeout,
+                                          allow_redirects=False) as response:
                 return response.status, response.headers, await response.read()
         except (asyncio.TimeoutError, TimeoutError):
             raise _timeout_error(self.label, timeout) from None
         except aiohttp.ClientConnectorError as e:
-            raise ProviderError(f"cannot connect: {_os_reason(e)}", RETRY, connect=True) from None
+            raise ProviderError(f"cannot connect: {_without_url_secrets(_os_reason(e))}", RETRY,
+                                connect=True) from None
         except aiohttp.ClientError as e:
-            raise ProviderError(f"connection to {self.label} failed: {type(e).__name__}: {e}", RETRY,
-                                reason="connection") from None
+            reason = _without_url_secrets(f"{type(e).__name__}: {e}")
+            raise ProviderError(f"connection to {self.label} failed: {reason}", RETRY, reason="connection") from None
 
 
 def _os_reason(e: BaseException) -> str:

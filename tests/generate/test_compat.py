@@ -159,20 +159,43 @@ def test_credentials_from_key_url_or_netrc(monkeypatch, tmp_path):
 
 
 
-def test_a_redirect_is_fatal_and_names_the_target(monkeypatch):
-    # e.g. http:// where the server wants https://, or a proxy in front that moved the API: the lean
-    # client does not follow (aiohttp does, where it can), and every call would fail alike.
+@pytest.mark.parametrize("transport", ["lean", "aiohttp"])
+@pytest.mark.parametrize("status", ["301 Moved Permanently", "302 Found", "307 Temporary Redirect",
+                                    "308 Permanent Redirect"])
+def test_a_redirect_is_fatal_and_names_the_target(monkeypatch, transport, status):
+    # e.g. http:// where the server wants https://, or a proxy in front that moved the API: every
+    # call would get the same answer. Neither transport follows: aiohttp would turn a 301/302 POST
+    # into a GET without body, and take whatever answers that for the reply.
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    moved = length_answer(b"", status="301 Moved Permanently",
+    moved = length_answer(b"", status=status,
                           extra=b"Location: https://user:pw@api.example.invalid/v1/chat/completions?token=t\r\n")
 
     async def go():
-        async with RawServer([[moved]]) as server:
+        async with RawServer([[moved], [length_answer()]]) as server:
             with pytest.raises(ProviderError) as info:
-                await _send("lean", server.url)
-            return info.value
+                await _send(transport, server.url)
+            return info.value, len(server.requests)
 
-    error = asyncio.run(go())
-    assert (error.kind, error.status) == (P.FATAL, 301)
-    assert "https://api.example.invalid/v1/chat/completions" in error.message
+    error, requests = asyncio.run(go())
+    assert (error.kind, error.status, requests) == (P.FATAL, int(status[:3]), 1)
+    target = "https://api.example.invalid/v1/chat/completions"
+    assert f"answered HTTP {status[:3]}, a redirect to {target}:" in error.message
     assert "pw" not in error.message and "token" not in error.message
+
+
+def test_aiohttp_errors_show_no_credentials_or_query_of_the_url(monkeypatch):
+    # aiohttp's exception texts quote the request URL whole; a query string (or user:password) in
+    # the base URL may hold a credential. They also run over several lines: ours are one line.
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+
+    async def go():
+        async with RawServer([[b"NOT HTTP AT ALL\r\n\r\n"]]) as server:
+            url = server.url.replace("http://", "http://ann:pa55word@") + "?key=s3cretq"
+            with pytest.raises(ProviderError) as info:
+                await _send("aiohttp", url)
+            return info.value, server.url
+
+    error, url = asyncio.run(go())
+    assert error.kind == P.RETRY and "ClientResponseError" in error.message and url in error.message
+    assert "s3cretq" not in error.message and "pa55word" not in error.message and "ann" not in error.message
+    assert "\n" not in error.message
