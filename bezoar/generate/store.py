@@ -18,7 +18,8 @@ File format: one JSON object per line (:meth:`bezoar.generate.request.Result.to_
   naming the file and the error. So a failure never leaves part of a line in the middle of the
   file, and a rerun after the cause is fixed resumes from every record stored. If even the cut
   fails, the store takes no more records, so that the fragment stays the torn last line below.
-  An fsync that fails at close is a StoreError too.
+  An fsync that fails at close is a StoreError too, and so is one that failed in the background
+  thread: the next ``append`` (which stops the pool) and ``close`` raise it.
 - Opening an existing file indexes its keys (key -> byte offset, read back on demand by ``get``).
   A torn last line (no final newline: the writer died mid-line) is cut off, its bytes kept in
   ``<file>.torn-<UTC time>`` and a warning given; the rest of the file is used as is. Any other
@@ -126,6 +127,7 @@ class JSONLStore:
         self._reader = None
         self._size = 0  # the file's length: where the next record starts, and where a failed one is cut
         self._broken: str | None = None  # why appends are refused (a failed write could not be undone)
+        self._sync_failed: str | None = None  # the background fsync's error, raised by the next append or close
         self._dirty = False
         self._syncer: threading.Thread | None = None
         self._stop_syncer = threading.Event()
@@ -139,7 +141,7 @@ class JSONLStore:
         if self._file is not None:
             return self.report
         self._offsets, self._failed, self.report = {}, set(), StoreReport()
-        self._broken = None
+        self._broken = self._sync_failed = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._file = _open_for_append(self.path)
@@ -175,7 +177,13 @@ class JSONLStore:
                 self._dirty = False  # cleared first: a write landing during the fsync sets it again
                 try:
                     os.fsync(self._file.fileno())
-                except (OSError, ValueError, AttributeError):  # closed under us: close() syncs
+                except (ValueError, AttributeError):  # closed under us: close() syncs
+                    return
+                except OSError as e:
+                    # The disk failed to take what was written: records of the last interval may be gone
+                    # from it. Syncing stops, and the next append or close says so (see _sync_failed).
+                    self._sync_failed = (f"cannot sync {self.path} to disk: {e.strerror or e}; the records "
+                                         "written in the second before may not be on the disk")
                     return
 
     def close(self) -> None:
@@ -197,6 +205,9 @@ class JSONLStore:
                                  "the last sync may be lost if the machine goes down now") from None
             finally:
                 file.close()  # also releases the flock
+        if self._sync_failed is not None:
+            failed, self._sync_failed = self._sync_failed, None
+            raise StoreError(failed)
 
     def __enter__(self) -> "JSONLStore":
         self.open()
@@ -324,6 +335,8 @@ class JSONLStore:
             raise StoreError(f"store {self.path} is not open")
         if self._broken is not None:
             raise StoreError(self._broken)
+        if self._sync_failed is not None:
+            raise StoreError(self._sync_failed)
         key = record["key"]
         if key in self._offsets:
             raise StoreError(f"key {key} is already stored in {self.path}")

@@ -328,3 +328,30 @@ def test_a_failed_sync_at_close_is_named_and_the_lock_released(tmp_path, monkeyp
             store.close()
     with JSONLStore(path) as again:
         assert list(again.keys()) == ["a"]
+
+
+def test_a_failed_background_sync_stops_the_next_append_and_close(tmp_path, monkeypatch):
+    # The interval thread's fsync failing means the disk may not hold the last second's records: the
+    # next append refuses (the pool stops on it) and close says so too, instead of syncing stopping quietly.
+    path = tmp_path / "out.jsonl"
+    tried = []
+
+    def failing_fsync(fd):
+        tried.append(fd)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    store = JSONLStore(path, fsync="interval", fsync_interval_s=0.02)
+    store.open()
+    store.append(ok_record("a"))
+    deadline = time.monotonic() + 5
+    while store._syncer.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert tried and not store._syncer.is_alive()
+    with pytest.raises(StoreError, match="cannot sync .*out.jsonl to disk: Input/output error"):
+        store.append(ok_record("b"))
+    monkeypatch.undo()
+    with pytest.raises(StoreError, match="cannot sync .*out.jsonl to disk: Input/output error"):
+        store.close()
+    with JSONLStore(path) as again:
+        assert list(again.keys()) == ["a"]
