@@ -20,7 +20,10 @@ A training stage is complete when its ``summary.json`` exists; every other step 
 A complete step is skipped; an unfinished one is run again and continues from what it stored (the
 client pool's stores for generation, filtering and judging, the newest checkpoint for training, the
 answers file for MT-Bench), so rerunning the same command after a crash or a kill finishes the run.
-A complete step whose settings have changed since is an error (remove its marker to redo it).
+A complete step whose settings have changed since is an error (remove its marker to redo it); for a
+training stage the settings are those its ``config.toml`` records, less the ones that only change how
+a run is watched or kept (progress, logging, eval and checkpoint intervals), and the way to redo it is
+to remove the stage's folder.
 
 Overrides: ``generate.KEY=VALUE`` and ``evaluate.KEY=VALUE`` set the recipe's tables (e.g.
 ``generate.teacher.base_url=http://gpu1:8000/v1``); any other ``KEY=VALUE`` goes to every training
@@ -41,10 +44,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from bezoar.config import ConfigError, to_dict
 from bezoar.train.recipe import (EndpointSection, Recipe, load_recipe, split_overrides, stage_configs)
+
+if TYPE_CHECKING:
+    from bezoar.train.config import StageConfig
 
 PACKAGE = Path(__file__).resolve().parent
 DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
@@ -66,6 +72,7 @@ class Step:
     settings: dict = field(default_factory=dict)  # what the marker records and a rerun compares
     changed: list[str] = field(default_factory=list)  # settings that differ from the complete step's marker
     data: str = ""  # train steps: the resolved data path
+    config: StageConfig | None = None  # train steps: the StageConfig (its run folder's config.toml is what it ran with)
     run: Callable[[], None] | None = None
 
     @property
@@ -327,6 +334,7 @@ def plan(recipe: Recipe, root: Path, overrides: list[str], progress: bool = Fals
         step = Step(f"train:{stage.name}", "train", stage.name, out, [start, relative(cfg.data.path, root)],
                     data=cfg.data.path)
         step.run = _train_runner(cfg, log)
+        step.config = cfg
         steps.append(step)
     evaluate = recipe.evaluate
     for name in recipe.eval_stages():
@@ -347,12 +355,15 @@ def plan(recipe: Recipe, root: Path, overrides: list[str], progress: bool = Fals
             step.run = _mt_bench_runner(section, root, f"{recipe.name}-{name}", name, out)
             steps.append(step)
     from bezoar.train.loop import list_checkpoints
-    from bezoar.train.run import is_complete
+    from bezoar.train.run import config_changes, describe_changes, is_complete
 
     for step in steps:
         if step.kind == "train":
             if is_complete(step.out):
                 step.status = "done"
+                # The stage's config.toml is its marker's settings: compared like those of the other steps.
+                changed = config_changes(step.out, step.config)
+                step.changed = [describe_changes({k: v}) for k, v in changed.items()]
             elif list_checkpoints(step.out):
                 step.status = f"resume from step {list_checkpoints(step.out)[-1][0]}"
         else:
@@ -460,9 +471,14 @@ def preflight(recipe: Recipe, root: Path, steps: list[Step]) -> None:
     changed = [s for s in steps if s.done and s.changed]
     if changed:
         s = changed[0]
+        if s.kind == "train":
+            redo = (f"Remove the stage's folder {s.out} to train it again (steps after it that are complete are "
+                    "not redone)")
+        else:
+            redo = (f"Remove {s.marker} to run it again (stored answers are reused; steps after it that are "
+                    "complete are not redone)")
         raise PipelineError(f"step {s.name} is complete but the recipe's settings for it changed since "
-                            f"({'; '.join(s.changed[:4])}). Remove {s.marker} to run it again (stored answers are "
-                            "reused; steps after it that are complete are not redone), or use another --out.")
+                            f"({'; '.join(s.changed[:4])}). {redo}, or use another --out.")
     left = [s for s in steps if not s.done]
     gen = recipe.generate
     needs_key: dict[str, str] = {}
@@ -535,7 +551,8 @@ def _key_needed(endpoint: EndpointSection, where: str) -> dict[str, str]:
 def describe(steps: list[Step], root: Path) -> str:
     lines = []
     for s in steps:
-        status = s.status + (" (settings changed since: remove the marker to redo)" if s.changed else "")
+        redo = "the stage's folder" if s.kind == "train" else "the marker"
+        status = s.status + (f" (settings changed since: remove {redo} to redo)" if s.changed else "")
         lines.append(f"  {s.name:<20} {status:<38} -> {relative(s.out, root)}")
         lines.append(f"  {'':<20} from {', '.join(s.inputs)}")
     left = [s for s in steps if not s.done]

@@ -8,9 +8,10 @@ A recipe is a folder with ``recipe.toml``::
     config = "lamini.toml"     # a stage config (bezoar.train.config.StageConfig), relative to the recipe
     start_from = "..."         # optional: the stage whose <root>/<name>/merged is this stage's model.path
 
-Every stage writes to ``<root>/<name>``; a stage whose ``summary.json`` exists is skipped, and one
-that stopped half way resumes from its newest checkpoint, so rerunning a recipe continues where it
-stopped. Overrides ``key=value`` apply to every stage; ``<stage>.key=value`` to that stage only.
+Every stage writes to ``<root>/<name>``; a stage whose ``summary.json`` exists is skipped (an error
+when the ``config.toml`` it recorded differs from the stage's settings now), and one that stopped half
+way resumes from its newest checkpoint, so rerunning a recipe continues where it stopped. Overrides
+``key=value`` apply to every stage; ``<stage>.key=value`` to that stage only.
 
 Two more tables describe the steps around training, run by ``python -m bezoar.pipeline`` (the
 trainer itself ignores them): ``[generate]`` (the teacher and judge endpoints, the filter, and
@@ -32,7 +33,7 @@ from bezoar.config import ConfigError, load_config, parse_override
 
 from .config import StageConfig
 from .loop import list_checkpoints
-from .run import is_complete
+from .run import check_complete, is_complete
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 #: Top-level tables of recipe.toml that belong to the pipeline, not to the training stages.
@@ -339,6 +340,9 @@ def run_recipe(name_or_dir: str, root, overrides: list[str], log=print, dist=Non
     recipe = load_recipe(name_or_dir, overrides)
     root = Path(root)
     configs = stage_configs(recipe, root, overrides)
+    for stage, cfg in configs:  # all before anything runs, not a changed later stage found hours in
+        if is_complete(Path(cfg.out)):
+            check_complete(Path(cfg.out), cfg)
     for stage, cfg in configs:
         if is_complete(Path(cfg.out)):
             log(f"[{stage.name}] done already: {cfg.out}")

@@ -105,25 +105,53 @@ def build_model(cfg: StageConfig, device: torch.device, dist=None):
     return model, path
 
 
+# Keys a run may change without changing what it trains: how it is watched and what it keeps on disk.
+WATCH_KEYS = ("train.progress", "train.log_every", "train.save_every", "train.keep_last", "train.eval_every")
+# A resumed (unfinished) run may also be lengthened or shortened.
+RESUME_FREE = WATCH_KEYS + ("train.max_steps", "train.epochs")
+
+
+def config_changes(out: Path, cfg: StageConfig, free: tuple[str, ...] = WATCH_KEYS) -> dict[str, tuple]:
+    """``{key: (recorded, now)}`` for each setting of ``cfg`` that differs from the config.toml the run in
+    ``out`` recorded, leaving out the keys in ``free``; empty when ``out`` recorded none."""
+    written = Path(out) / "config.toml"
+    if not written.exists():
+        return {}
+    from bezoar.config import load_config
+
+    before = _flatten(to_dict(load_config(StageConfig, written)))
+    now = _flatten(to_dict(cfg))
+    # run_stage records data paths resolved; a config fresh from a recipe may still say bezoar:...
+    for key in ("data.path", "eval_path"):
+        if isinstance(now.get(key), str):
+            now[key] = package_path(now[key])
+    return {k: (before.get(k), now[k]) for k in now if before.get(k) != now[k] and not k.startswith(free)}
+
+
+def describe_changes(changed: dict[str, tuple], limit: int = 5) -> str:
+    return "; ".join(f"{k}: {then!r} -> {now!r}" for k, (then, now) in list(changed.items())[:limit])
+
+
+def check_complete(out: Path, cfg: StageConfig) -> None:
+    """A finished run is skipped only when it trained with these settings; otherwise stop, naming them."""
+    changed = config_changes(out, cfg)
+    if changed:
+        raise ConfigError(f"{out}: this stage is complete ({SUMMARY} present) but was trained with other settings "
+                          f"({describe_changes(changed)}); remove the folder {out} to train it again, or choose "
+                          "another out=")
+
+
 def check_run_dir(out: Path, cfg: StageConfig, resume: bool) -> None:
     """Refuse to write over a finished or started run unless resuming it with the same config."""
-    written = out / "config.toml"
     if not resume:
         if is_complete(out) or list_checkpoints(out) or (out / "adapter").exists():
             raise ConfigError(f"{out}: holds a training run already; pass --resume to continue it, or choose "
                               "another out=")
         return
-    if written.exists():
-        from bezoar.config import load_config
-
-        before = _flatten(to_dict(load_config(StageConfig, written)))
-        now = _flatten(to_dict(cfg))
-        free = ("train.progress", "train.log_every", "train.save_every", "train.keep_last", "train.max_steps",
-                "train.epochs", "train.eval_every")  # what a resumed run may change
-        changed = [k for k in now if before.get(k) != now[k] and not k.startswith(free)]
-        if changed:
-            raise ConfigError(f"{written}: --resume with a different config ({', '.join(changed[:5])}); "
-                              "resume with the config the run started with")
+    changed = config_changes(out, cfg, RESUME_FREE)
+    if changed:
+        raise ConfigError(f"{out / 'config.toml'}: --resume with a different config ({', '.join(list(changed)[:5])}); "
+                          "resume with the config the run started with")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -213,6 +214,42 @@ def test_changed_settings_of_a_done_step_stop_the_run(tmp_path):
     # Where the endpoints are reached does not matter: a new teacher URL keeps the step done and unchanged.
     recipe = load_recipe("openbezoar_tiny", ["generate.judge.base_url=http://other:1/v1"])
     assert not plan(recipe, root, [])[1].changed
+
+
+def _fake_trained(root: Path, recipe, overrides: list[str], names: set[str]) -> None:
+    """Mark stages complete as run_stage leaves them: config.toml (resolved) and summary.json."""
+    from bezoar.config import dump_toml
+    from bezoar.train.run import package_path
+
+    for stage, cfg in stage_configs(recipe, root, overrides):
+        if stage.name in names:
+            cfg.merge = cfg.merge or stage.name in recipe.eval_stages()
+            cfg.data.path, cfg.eval_path = package_path(cfg.data.path), package_path(cfg.eval_path)
+            Path(cfg.out).mkdir(parents=True)
+            (Path(cfg.out) / "config.toml").write_text(dump_toml(cfg))
+            (Path(cfg.out) / "summary.json").write_text("{}")
+
+
+def test_changed_training_settings_of_a_done_stage_stop_the_run(tmp_path):
+    root = tmp_path / "run"
+    recipe = load_recipe("openbezoar_tiny")
+    _fake_trained(root, recipe, [], {"lamini", "dpo"})
+    for s in plan(recipe, root, [])[:6]:
+        write_marker(s, 1.0)
+    # The same settings again, or only other progress and checkpoint intervals: done, nothing changed.
+    for overrides in ([], ["train.progress=true", "lamini.train.save_every=7", "train.log_every=3"]):
+        steps = {s.name: s for s in plan(load_recipe("openbezoar_tiny", overrides), root, overrides)}
+        assert steps["train:lamini"].done and steps["train:dpo"].done
+        assert not any(s.changed for s in steps.values())
+    overrides = ["lamini.optim.lr=0.5", "dpo.dpo.beta=0.3"]
+    recipe = load_recipe("openbezoar_tiny", overrides)
+    steps = {s.name: s for s in plan(recipe, root, overrides)}
+    assert steps["train:lamini"].done and steps["train:lamini"].changed == ["optim.lr: 0.002 -> 0.5"]
+    assert steps["train:dpo"].changed == ["dpo.beta: 0.5 -> 0.3"] and not steps["train:orca"].changed
+    assert "remove the stage's folder to redo" in describe(list(steps.values()), root)
+    with pytest.raises(PipelineError, match=r"train:lamini is complete .*optim\.lr: 0\.002 -> 0\.5.*Remove the "
+                                            rf"stage's folder {re.escape(str(root / 'lamini'))}"):
+        preflight(recipe, root, list(steps.values()))
 
 
 def test_preflight_names_missing_inputs_and_keys(tmp_path, monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bezoar.train.__main__ import main
@@ -69,3 +71,22 @@ def test_merge_onto_an_nf4_checkpoint_is_refused_before_training(tmp_path, tiny_
         run_stage(cfg, log=lambda *a: None)
     assert str(nf4) in str(e.value)
     assert not (out / "metrics.jsonl").exists() and not (out / "adapter").exists(), "no step may run first"
+
+
+def test_recipe_rerun_with_other_settings_for_a_complete_stage_is_refused(tmp_path, capsys):
+    from bezoar.config import dump_toml
+    from bezoar.train.recipe import load_recipe, stage_configs
+    from bezoar.train.run import package_path
+
+    root = tmp_path / "run"
+    for _, cfg in stage_configs(load_recipe("demo"), root, []):  # both stages finished, as run_stage leaves them
+        cfg.data.path, cfg.eval_path = package_path(cfg.data.path), package_path(cfg.eval_path)
+        Path(cfg.out).mkdir(parents=True)
+        (Path(cfg.out) / "config.toml").write_text(dump_toml(cfg))
+        (Path(cfg.out) / "summary.json").write_text("{}")
+    assert main(["--recipe", "demo", "--out", str(root), "train.progress=false"]) == 0
+    assert "[dpo] done already" in capsys.readouterr().out
+    code = main(["--recipe", "demo", "--out", str(root), "dpo.optim.lr=0.5"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{root / 'dpo'}: this stage is complete" in err and "optim.lr: 0.003 -> 0.5" in err, err
+    assert "Traceback" not in err
