@@ -282,8 +282,27 @@ def _build(cls, data: dict, prefix: str, sources: _Sources):
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:  # a __post_init__ check of the caller's dataclass
-        where = sources.describe(prefix) if prefix else (sources.file or "config")
+        key = _key_named_by(str(e), prefix, fields)
+        if key is not None:
+            where = sources.describe(key)
+        else:
+            where = sources.describe(prefix) if prefix else (sources.file or "config")
         raise ConfigError(f"{where}: {'table ' + repr(prefix) + ': ' if prefix else ''}{e}") from None
+
+
+def _key_named_by(message: str, prefix: str, fields) -> str | None:
+    """The dotted key a ``__post_init__`` message starts with (``"train.grad_accum must ..."``, or a field
+    of the table alone: ``"concurrency must ..."``), so that the error points at the source of that key
+    rather than at whichever key of the table was set first; None when it names none of the table's fields."""
+    m = re.match(r"[A-Za-z_][A-Za-z0-9_.-]*", message)
+    if m is None:
+        return None
+    word = m.group(0).rstrip(".")
+    if prefix and word.startswith(prefix + "."):
+        word = word[len(prefix) + 1:]
+    if word.split(".", 1)[0] not in fields:
+        return None
+    return f"{prefix}.{word}" if prefix else word
 
 
 # ---- public API -------------------------------------------------------------------------------------

@@ -59,12 +59,12 @@ class LoraConfig:
 
     def __post_init__(self):
         if self.r <= 0:
-            raise ValueError(f"lora r must be positive, got {self.r}")
+            raise ValueError(f"lora.r must be positive, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout}")
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets:
-            raise ValueError(f"lora targets {unknown or self.targets!r}: choose from {', '.join(TARGETS)}")
+            raise ValueError(f"lora.targets {unknown or self.targets!r}: choose from {', '.join(TARGETS)}")
 
     @property
     def scaling(self) -> float:

@@ -152,6 +152,40 @@ def test_missing_required_key_and_post_init(tmp_path):
         load_config(Root, None, ["data.max_seq_len=64", "data.max_len=128"])
 
 
+@dataclass
+class Loop:
+    steps: int = 1
+    accum: int = 1
+    quiet: bool = False
+    mode: str = "a"
+
+    def __post_init__(self):
+        if self.accum < 1:
+            raise ValueError(f"loop.accum must be at least 1, got {self.accum}")  # the dotted key first
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")  # the table's field alone
+        if self.mode != "a":
+            raise ValueError("give mode 'a'")  # no key to tell: the table's source
+
+
+@dataclass
+class HasLoop:
+    loop: Loop = field(default_factory=Loop)
+
+
+def test_post_init_error_names_the_source_of_the_bad_key(tmp_path):
+    def error(*overrides, path=None):
+        with pytest.raises(ConfigError) as e:
+            load_config(HasLoop, path, list(overrides))
+        return str(e.value)
+
+    assert error("loop.quiet=true", "loop.accum=0").startswith("command-line override 'loop.accum=0': ")
+    assert error("loop.quiet=true", "loop.steps=0").startswith("command-line override 'loop.steps=0': ")
+    cfg = write(tmp_path, "[loop]\nquiet = true\naccum = 0\n")
+    assert error("loop.steps=2", path=cfg).startswith(f"{cfg}:3: ")  # the file's line, not the override
+    assert error("loop.quiet=true", "loop.mode=b").startswith("command-line override 'loop.quiet=true': ")
+
+
 def test_bad_toml_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match=r"not valid TOML"):
         load_config(Root, write(tmp_path, "seed = = 1\n"))

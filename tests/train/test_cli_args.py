@@ -41,6 +41,17 @@ def test_bad_values_are_config_errors_naming_the_key(tmp_path, capsys, override,
     assert not out.exists()
 
 
+@pytest.mark.parametrize("overrides, culprit", [
+    (["train.progress=false", "train.grad_accum=0"], "train.grad_accum=0"),
+    (["optim.lr=1e-3", "optim.betas=[0.9]"], "optim.betas=[0.9]"),
+    (["lora.alpha=8", "lora.targets=['nope']"], "lora.targets=['nope']"),  # TINY's lora.r=4 is set first
+])
+def test_a_bad_value_is_blamed_on_its_own_override(tmp_path, capsys, overrides, culprit):
+    code = main([str(DEMO / "sft.toml"), f"out={tmp_path / 'run'}", *TINY, *overrides])
+    err = capsys.readouterr().err
+    assert code == 2 and f"command-line override {culprit!r}" in err, err
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_device_without_cuda_is_a_config_error(tmp_path, capsys):
     code = main([str(DEMO / "sft.toml"), f"out={tmp_path / 'run'}", *TINY, "model.device=cuda"])
