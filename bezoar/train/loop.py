@@ -12,7 +12,8 @@ Run directory::
 
     config.toml          the resolved config (written by the caller)
     metrics.jsonl        one JSON object per logged step (and per eval)
-    checkpoints/step-N/  adapter/ + trainer_state.pt, renamed into place when complete
+    checkpoints/step-N/  adapter/ + trainer_state.pt, written as .tmp-step-N-PID/ and renamed into place when
+                         complete (resume reads only step-N; a run removes the .tmp folders of dead processes)
     adapter/             the final adapter (PEFT format)
 """
 
@@ -38,6 +39,7 @@ import torch
 from bezoar.model.lora import lora_modules, save_adapter
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
+TMP_CHECKPOINT_RE = re.compile(r"^\.tmp-step-(\d+)-(\d+)$")  # step, pid of the process writing it
 
 
 class TrainingError(RuntimeError):
@@ -176,6 +178,37 @@ def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
         if m and (p / "trainer_state.pt").exists():
             found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # no cheap harmless probe (os.kill ends the process on Windows): keep the folder
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove ``checkpoints/.tmp-step-N-PID/`` folders left by a save that never finished: those of this process
+    (its saves run one at a time, so none is in progress) and those whose process is gone. A folder of a live
+    process is kept, since that process may still be writing it (a reused pid errs on the side of keeping)."""
+    root = Path(out) / "checkpoints"
+    if not root.is_dir():
+        return []
+    removed = []
+    for path in root.iterdir():
+        m = TMP_CHECKPOINT_RE.match(path.name)
+        if m is None:
+            continue
+        pid = int(m.group(2))
+        if pid == os.getpid() or not _pid_alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 class Trainer:
@@ -355,9 +388,9 @@ class Trainer:
             return None
         root = self.out / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.out)  # this one's too, should an earlier try have left it
         final = root / f"step-{self.step}"
         tmp = root / f".tmp-step-{self.step}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_adapter(_unwrap(self.model), tmp / "adapter", self.base_model_name)
         state = self._state()
@@ -462,6 +495,9 @@ class Trainer:
 
     def fit(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.rank0:
+            for path in remove_stale_temporaries(self.out):
+                self.log(f"removed {path}: a checkpoint whose save never finished")
         seed_everything(self.loop.seed + (self.dist.rank if self.dist is not None else 0))
         if self.resume:
             ckpts = list_checkpoints(self.out)

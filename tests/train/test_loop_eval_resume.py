@@ -64,3 +64,45 @@ def test_resume_after_a_finished_loop_does_not_train_again_without_save_every(tm
     run_stage(tiny_sft_config(out, *args), resume=True, log=said.append)
     assert any("resumed from" in str(s) and "step 3" in str(s) for s in said), said
     assert (out / "metrics.jsonl").read_text() == before, "no step may run twice"
+
+
+def test_unfinished_checkpoints_of_dead_processes_are_removed_and_never_read(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+    import torch
+
+    out = tmp_path / "run"
+    args = ("train.max_steps=4", "train.save_every=1", "train.keep_last=5")
+    real_save, saves = torch.save, []
+
+    def save_failing_the_third_time(obj, f, *a, **k):
+        saves.append(f)
+        if len(saves) == 3:
+            raise OSError("no space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save_failing_the_third_time)
+    with pytest.raises(OSError):
+        run_stage(tiny_sft_config(out, *args), log=_quiet)
+    monkeypatch.setattr(torch, "save", real_save)
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == [f".tmp-step-3-{os.getpid()}", "step-1", "step-2"]
+    # Unfinished saves of other processes: one that is gone, one still running (it may be writing).
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        for pid in (gone.pid, alive.pid):
+            (ckpts / f".tmp-step-9-{pid}").mkdir()
+            (ckpts / f".tmp-step-9-{pid}" / "trainer_state.pt").write_bytes(b"torn")  # read, it would fail
+        said = []
+        run_stage(tiny_sft_config(out, *args), resume=True, log=said.append)
+        assert any(f"resumed from {ckpts / 'step-2'} " in str(s) for s in said), said
+        assert sorted(p.name for p in ckpts.iterdir()) == [f".tmp-step-9-{alive.pid}", "step-1", "step-2", "step-3",
+                                                          "step-4"]
+    finally:
+        alive.kill()
+        alive.wait()
