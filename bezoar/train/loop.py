@@ -23,6 +23,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -133,7 +134,11 @@ def lr_lambda(optim: OptimConfig, total_steps: int):
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # numpy's key array is kept as a list of ints: trainer_state.pt then holds only tensors and plain values,
+    # which torch.load(weights_only=True) reads without running any code the file names.
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, cached_gaussian),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -141,7 +146,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]  # keys: a list, or an ndarray in old checkpoints
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -178,6 +184,22 @@ def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
         if m and (p / "trainer_state.pt").exists():
             found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+def _old_numpy_rng_globals() -> list:
+    """What unpickling numpy's RNG state as the ndarray that checkpoints of earlier versions hold needs: the
+    array rebuilder (its module moved in numpy 2), ndarray and a uint32 dtype; nothing that calls other code."""
+    return [np.zeros(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def read_trainer_state(path: Path) -> dict:
+    """``trainer_state.pt`` loaded with ``weights_only=True``: a file from elsewhere cannot run code on resume."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # A checkpoint written before the numpy RNG state became a list of ints: retry allowing only that array.
+        with torch.serialization.safe_globals(_old_numpy_rng_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -421,10 +443,20 @@ class Trainer:
                     if key not in weights:
                         raise TrainingError(f"{path}: checkpoint adapter lacks {key!r}: it does not belong to this config")
                     getattr(m, part).weight.copy_(weights[key])
+        file = path / "trainer_state.pt"
         try:
-            state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+            state = read_trainer_state(file)
         except Exception as e:
-            raise TrainingError(f"{path / 'trainer_state.pt'}: cannot be read ({e})") from None
+            allowed = {f"{g.__module__}.{g.__qualname__}" for g in _old_numpy_rng_globals()}
+            try:
+                unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(file) if g not in allowed]
+            except Exception:
+                unsafe = []
+            if unsafe:
+                raise TrainingError(f"{file}: holds objects other than tensors and plain values "
+                                    f"({', '.join(unsafe[:5])}), which are not loaded since unpickling them could "
+                                    "run code; resume only from checkpoints bezoar wrote") from None
+            raise TrainingError(f"{file}: cannot be read ({e})") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):

@@ -106,3 +106,70 @@ def test_unfinished_checkpoints_of_dead_processes_are_removed_and_never_read(tmp
     finally:
         alive.kill()
         alive.wait()
+
+
+def _adapter(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def test_trainer_state_loads_weights_only_and_old_checkpoints_resume_exactly(tmp_path):
+    import shutil
+
+    import numpy as np
+    import torch
+
+    # Dropout on: the resumed run matches only if every RNG state comes back exactly.
+    args = ("train.max_steps=4", "train.save_every=2", "train.keep_last=5", "lora.dropout=0.1")
+    reference = tmp_path / "reference"
+    run_stage(tiny_sft_config(reference, *args), log=_quiet)
+    state = torch.load(reference / "checkpoints" / "step-2" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 2
+
+    # A checkpoint as the code before this one wrote it: numpy's RNG state as an ndarray.
+    out = tmp_path / "old"
+    shutil.copytree(reference, out)
+    for name in ("summary.json", "adapter", "checkpoints/step-4"):
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    (out / "config.toml").write_text((out / "config.toml").read_text().replace(str(reference), str(out)))
+    name, keys, *rest = state["rng"]["numpy"]
+    state["rng"]["numpy"] = (name, np.asarray(keys, dtype=np.uint32), *rest)
+    torch.save(state, out / "checkpoints" / "step-2" / "trainer_state.pt")
+    said = []
+    run_stage(tiny_sft_config(out, *args), resume=True, log=said.append)
+    assert any("resumed from" in str(s) and "step-2" in str(s) for s in said), said
+    mine, theirs = _adapter(out), _adapter(reference)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (str(self.marker),)
+
+
+def test_trainer_state_that_would_run_code_is_refused(tmp_path):
+    import pytest
+    import torch
+
+    from bezoar.train.loop import TrainingError
+
+    out = tmp_path / "run"
+    args = ("train.max_steps=2", "train.save_every=1", "train.keep_last=5")
+    run_stage(tiny_sft_config(out, *args), log=_quiet)
+    for name in ("summary.json", "checkpoints/step-2/trainer_state.pt"):
+        (out / name).unlink()
+    # step-2 without its trainer_state.pt is not a checkpoint: step-1 is the newest.
+    file = out / "checkpoints" / "step-1" / "trainer_state.pt"
+    state = torch.load(file, weights_only=False)  # this test's own file
+    marker = tmp_path / "code-ran"
+    state["data"]["extra"] = _RunsCode(marker)
+    torch.save(state, file)
+    with pytest.raises(TrainingError, match=r"step-1/trainer_state\.pt: holds objects other than tensors .*mkdir"):
+        run_stage(tiny_sft_config(out, *args), resume=True, log=_quiet)
+    assert not marker.exists(), "loading the checkpoint ran code"
