@@ -79,10 +79,22 @@ def _object_or_error(value, origin: str) -> dict:
     return value
 
 
+def _decode_utf8(data: bytes, path: Path, first_line: int = 1) -> str:
+    """``data`` as text; bytes that are not UTF-8 are a DataError naming the line they sit on."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + data.count(b"\n", 0, e.start)
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at byte {column} of the line); "
+                        "data files must be UTF-8 text") from None
+
+
 def _read_jsonl(path: Path, limit: int | None) -> list[Record]:
     records = []
-    with path.open("r", encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # bytes, so that a line that is not UTF-8 can be named
+        for n, raw in enumerate(f, start=1):
+            line = _decode_utf8(raw, path, first_line=n)
             if not line.strip():
                 continue
             origin = f"{path}:{n}"
@@ -97,7 +109,7 @@ def _read_jsonl(path: Path, limit: int | None) -> list[Record]:
 
 
 def _read_json(path: Path, limit: int | None) -> list[Record]:
-    text = path.read_text(encoding="utf-8")
+    text = _decode_utf8(path.read_bytes(), path)
     if not text.strip():
         return []
     try:

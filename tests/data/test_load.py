@@ -90,6 +90,16 @@ def test_jsonl_line_that_is_not_an_object(tmp_path):
         load_records(p)
 
 
+@pytest.mark.parametrize("name", ["x.jsonl", "x.json"])
+def test_text_that_is_not_utf8_names_file_and_line(tmp_path, name):
+    p = tmp_path / name
+    p.write_bytes(b'[{"instruction": "a", "response": "b"},\n{"instruction": "caf\xe9", "response": "b"}]'
+                  if name.endswith(".json") else
+                  b'{"instruction": "a", "response": "b"}\n{"instruction": "caf\xe9", "response": "b"}\n')
+    with pytest.raises(DataError, match=rf"^{p}:2: not valid UTF-8 \(byte 0xe9 at byte 21 of the line\)"):
+        load_records(p)
+
+
 @pytest.mark.parametrize("text", ["", "\n\n  \n"])
 def test_empty_jsonl(tmp_path, text):
     p = tmp_path / "empty.jsonl"
