@@ -44,6 +44,11 @@ class DataConfig:
             raise ValueError(f"max_seq_len must be at least 2, got {self.max_seq_len}")
         if self.max_len is not None and not 2 <= self.max_len <= self.max_seq_len:
             raise ValueError(f"max_len ({self.max_len}) must be between 2 and max_seq_len ({self.max_seq_len})")
+        if self.max_prompt_len is not None and not 1 <= self.max_prompt_len < self.document_len:
+            # Checked here, not only when the data is encoded: that happens after the model is loaded.
+            raise ValueError(f"max_prompt_len ({self.max_prompt_len}) must be at least 1 and below the document "
+                             f"length ({self.document_len}: max_len, or by default max_seq_len"
+                             f"{' // 2 for pairs' if self.is_pairs else ''})")
 
     @property
     def is_pairs(self) -> bool:

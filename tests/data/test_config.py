@@ -150,6 +150,14 @@ def test_missing_required_key_and_post_init(tmp_path):
         load_config(Checked, None, ["steps=0"])
     with pytest.raises(ConfigError, match=r"max_len .* must be between"):
         load_config(Root, None, ["data.max_seq_len=64", "data.max_len=128"])
+    # max_prompt_len is checked with the config, not later when the data is encoded (after the model loads).
+    with pytest.raises(ConfigError, match=r"override 'data.max_prompt_len=64'.*max_prompt_len \(64\) must be .* below"):
+        load_config(Root, None, ["data.max_seq_len=64", "data.max_prompt_len=64"])
+    with pytest.raises(ConfigError, match=r"max_prompt_len \(32\) must be .* below the document length \(32"):
+        load_config(Root, None, ["data.max_seq_len=64", "data.format=hh_pairs", "data.max_prompt_len=32"])
+    with pytest.raises(ConfigError, match=r"max_prompt_len \(0\) must be at least 1"):
+        load_config(Root, None, ["data.max_prompt_len=0"])
+    assert load_config(Root, None, ["data.max_seq_len=64", "data.max_prompt_len=63"]).data.max_prompt_len == 63
 
 
 @dataclass
