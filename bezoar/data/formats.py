@@ -31,7 +31,8 @@ optional input, as the model cards show it; it was written from the cards' descr
 search tools could not fetch the card text), so a recipe that needs it byte-exact should set
 ``template.system`` explicitly. An input, when present, follows the instruction after a blank
 line inside the Instruction section. ``style = "raw"`` uses no template at all: the prompt is
-the instruction (plus input) exactly as given, for data that is already formatted.
+the instruction (plus input) and the response is the response, exactly as given (nothing stripped),
+for data that is already formatted.
 
 HH-RLHF transcripts are ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` strings. As SFT data (the
 ``chosen`` field) the LAST Assistant turn is the response and everything before it is the
@@ -81,11 +82,12 @@ class PromptTemplate:
 
     def render(self, instruction: str, input: str | None = None, system: str | None = None) -> str:
         """The prompt text; the response is appended to it directly."""
+        if self.style == "raw":
+            # Already formatted text: nothing is stripped, above all not the whitespace the response follows.
+            return f"{instruction}\n\n{input}" if input is not None and input.strip() else instruction
         body = instruction.strip()
         if input is not None and input.strip():
             body = f"{body}\n\n{input.strip()}"
-        if self.style == "raw":
-            return body
         system_text = system.strip() if system is not None and system.strip() else self.system.strip()
         parts = []
         if system_text:
@@ -263,7 +265,8 @@ def sft_example(record: Record, fmt: str, template: PromptTemplate, fields: Fiel
     if fmt not in FIELD_PRESETS:
         raise DataError(f"data format {fmt!r} is not an SFT format; use one of: {', '.join(list(FIELD_PRESETS) + ['hh'])}")
     rec = instruction_record(record, fields or FIELD_PRESETS[fmt])
-    return SFTExample(template.render(rec.instruction, rec.input, rec.system), rec.response.strip(), record.origin)
+    response = rec.response if template.style == "raw" else rec.response.strip()
+    return SFTExample(template.render(rec.instruction, rec.input, rec.system), response, record.origin)
 
 
 def pair_example(record: Record, fmt: str, template: PromptTemplate, system_field: str = "system") -> PairExample:

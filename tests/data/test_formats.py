@@ -45,6 +45,17 @@ def test_each_source_format_loads(samples, file, fmt, first_instruction, first_r
         assert ex.prompt.startswith(f"### System:\n{DEFAULT_SYSTEM}\n\n")
 
 
+def test_raw_style_keeps_text_as_given(tmp_path):
+    # Already formatted data: the whitespace between prompt and response is part of what the model learns.
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"instruction": "### Human: Say hi.\\n### Assistant:\\n", "response": "Hi there.\\n"}\n'
+                 '{"instruction": "Q: 2+2?\\nA:", "response": " 4"}\n')
+    ex, _ = read_examples(DataConfig(path=str(p), template=PromptTemplate(style="raw")))
+    assert (ex[0].prompt, ex[0].response) == ("### Human: Say hi.\n### Assistant:\n", "Hi there.\n")
+    assert ex[1].prompt + ex[1].response == "Q: 2+2?\nA: 4"
+    assert PromptTemplate(style="raw").render("Q: hi\nA: ", input="  ") == "Q: hi\nA: "
+
+
 def test_orca_system_variants(samples):
     examples, _ = read_examples(DataConfig(path=str(samples / "orca.jsonl"), format="orca"))
     assert DEFAULT_SYSTEM in examples[2].prompt  # empty system_prompt -> the default line
