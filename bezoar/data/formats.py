@@ -40,7 +40,8 @@ instruction: a single Human turn becomes the instruction text as is; a longer hi
 as ``Human: ...\\n\\nAssistant: ...\\n\\nHuman: ...`` lines so the model sees the whole dialogue.
 Loss is on the last Assistant turn only (the same prompt/response cut DPO uses). As DPO pairs,
 the prompt is the transcript up to and including the last ``"\\n\\nAssistant:"`` and
-chosen/rejected are the rests of the two transcripts; the two prompts must be equal.
+chosen/rejected are the rests of the two transcripts; the two prompts must be equal. A transcript
+that ends with a Human turn has no answer to train on and is an error, in every format and style.
 """
 
 from __future__ import annotations
@@ -222,10 +223,17 @@ def hh_sft_example(text: str, template: PromptTemplate, origin: str = "transcrip
         cut = text.rfind(ASSISTANT)
         if cut < 0:
             raise DataError(f"{origin}: HH-RLHF transcript has no Assistant turn")
+        _check_answer(text[cut + len(ASSISTANT):], "", origin)
         return SFTExample(text[: cut + len(ASSISTANT)], text[cut + len(ASSISTANT):], origin)
     turns = parse_hh(text, origin)
     last = _last_assistant(turns, origin)
     return SFTExample(template.render(hh_instruction(turns[:last])), turns[last][1], origin)
+
+
+def _check_answer(rest: str, name: str, origin: str) -> None:
+    # What follows the last Assistant marker is trained as the answer; a Human turn in it is not one.
+    if HUMAN in rest:
+        raise DataError(f"{origin}: HH-RLHF {name}transcript ends with a Human turn, not an Assistant answer")
 
 
 def split_hh_pair(chosen: str, rejected: str, origin: str = "pair") -> tuple[str, str, str]:
@@ -235,6 +243,7 @@ def split_hh_pair(chosen: str, rejected: str, origin: str = "pair") -> tuple[str
         cut = text.rfind(ASSISTANT)
         if cut < 0:
             raise DataError(f"{origin}: {name} transcript has no '\\n\\nAssistant:' turn")
+        _check_answer(text[cut + len(ASSISTANT):], f"{name} ", origin)
         parts.append((text[: cut + len(ASSISTANT)], text[cut + len(ASSISTANT):]))
     (prompt_c, rest_c), (prompt_r, rest_r) = parts
     if prompt_c != prompt_r:

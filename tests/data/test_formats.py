@@ -128,6 +128,18 @@ def test_bad_hh_transcripts(tmp_path, text, match):
         read_examples(DataConfig(path=str(p), format="hh"))
 
 
+@pytest.mark.parametrize("fmt, style", [("hh", "raw"), ("hh_pairs", "openbezoar"), ("hh_pairs", "raw")])
+def test_hh_transcript_ending_with_human_turn_is_an_error(tmp_path, fmt, style):
+    # The SFT path with the template refuses it; the others must too, not train a Human turn as the answer.
+    import json
+
+    ends_with_human = "\n\nHuman: a\n\nAssistant: b\n\nHuman: c"
+    p = tmp_path / "hh.jsonl"
+    p.write_text(json.dumps({"chosen": ends_with_human, "rejected": ends_with_human}) + "\n")
+    with pytest.raises(DataError, match=rf"^{p}:1: HH-RLHF (chosen )?transcript ends with a Human turn"):
+        read_examples(DataConfig(path=str(p), format=fmt, template=PromptTemplate(style=style)))
+
+
 def test_hh_sft_examples(samples):
     examples, _ = read_examples(DataConfig(path=str(samples / "hh_rlhf.jsonl"), format="hh"))
     assert examples[0].prompt == T.render("How do I keep basil alive indoors?")
