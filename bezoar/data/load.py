@@ -40,30 +40,35 @@ class Record:
 
 
 def load_records(source: str | os.PathLike, split: str = "train", limit: int | None = None,
-                 shuffle_seed: int | None = None) -> list[Record]:
-    """All records of ``source`` (see the module docstring), first ``limit`` ones, optionally shuffled."""
+                 shuffle_seed: int | None = None, skipped: list[str] | None = None) -> list[Record]:
+    """All records of ``source`` (see the module docstring), first ``limit`` ones, optionally shuffled.
+
+    With a ``skipped`` list, a JSON(L) record that cannot be read (a malformed or non-UTF-8 line, a value
+    that is not an object) is left out and its origin appended to the list, instead of stopping.
+    """
     if limit is not None and limit <= 0:
         raise DataError(f"{source}: limit must be a positive number of records, got {limit}")
     path = Path(source)
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
-            records = _read_jsonl(path, limit)
+            records = _read_jsonl(path, limit, skipped)
         elif suffix == ".json":
-            records = _read_json(path, limit)
+            records = _read_json(path, limit, skipped)
         elif suffix == ".parquet":
             records = _read_parquet(path, limit)
         else:
             raise DataError(f"{path}: unknown data file type {suffix!r}; expected .jsonl, .json or .parquet "
                             "(or a datasets folder)")
     elif path.is_dir():
-        records = _read_datasets_folder(path, split, limit)
+        records = _read_datasets_folder(path, split, limit, skipped)
     elif path.suffix.lower() in DATA_FILE_SUFFIXES or str(source).startswith(("/", ".", "~")):
         raise DataError(f"{source}: file not found")
     else:
         records = _read_hub(str(source), split, limit)
     if not records:
-        raise DataError(f"{source}: the dataset is empty (no records)")
+        bad = f"; {len(skipped)} unreadable ones skipped, first {skipped[0]}" if skipped else ""
+        raise DataError(f"{source}: the dataset is empty (no records{bad})")
     if shuffle_seed is not None:
         order = np.random.default_rng(shuffle_seed).permutation(len(records))
         records = [records[i] for i in order]
@@ -90,25 +95,32 @@ def _decode_utf8(data: bytes, path: Path, first_line: int = 1) -> str:
                         "data files must be UTF-8 text") from None
 
 
-def _read_jsonl(path: Path, limit: int | None) -> list[Record]:
+def _read_jsonl(path: Path, limit: int | None, skipped: list[str] | None = None) -> list[Record]:
     records = []
     with path.open("rb") as f:  # bytes, so that a line that is not UTF-8 can be named
         for n, raw in enumerate(f, start=1):
-            line = _decode_utf8(raw, path, first_line=n)
-            if not line.strip():
-                continue
             origin = f"{path}:{n}"
             try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{origin}: not valid JSON ({e.msg} at column {e.colno})") from None
-            records.append(Record(_object_or_error(value, origin), origin))
+                line = _decode_utf8(raw, path, first_line=n)
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{origin}: not valid JSON ({e.msg} at column {e.colno})") from None
+                record = Record(_object_or_error(value, origin), origin)
+            except DataError:
+                if skipped is None:
+                    raise
+                skipped.append(origin)
+                continue
+            records.append(record)
             if limit is not None and len(records) >= limit:
                 break
     return records
 
 
-def _read_json(path: Path, limit: int | None) -> list[Record]:
+def _read_json(path: Path, limit: int | None, skipped: list[str] | None = None) -> list[Record]:
     text = _decode_utf8(path.read_bytes(), path)
     if not text.strip():
         return []
@@ -116,7 +128,7 @@ def _read_json(path: Path, limit: int | None) -> list[Record]:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # JSON lines under a .json name (common on the hub)
-            return _read_jsonl(path, limit)
+            return _read_jsonl(path, limit, skipped)
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
     if isinstance(value, dict):
         if "data" not in value or not isinstance(value["data"], list):
@@ -125,9 +137,16 @@ def _read_json(path: Path, limit: int | None) -> list[Record]:
         value = value["data"]
     if not isinstance(value, list):
         raise DataError(f"{path}: expected a list of records or {{\"data\": [...]}}, got {type(value).__name__}")
-    if limit is not None:
-        value = value[:limit]
-    return [Record(_object_or_error(v, f"{path}: record {i}"), f"{path}: record {i}") for i, v in enumerate(value)]
+    records = []
+    for i, v in enumerate(value):
+        origin = f"{path}: record {i}"
+        if skipped is not None and not isinstance(v, dict):
+            skipped.append(origin)
+            continue
+        records.append(Record(_object_or_error(v, origin), origin))
+        if limit is not None and len(records) >= limit:
+            break
+    return records
 
 
 def _read_parquet(path: Path, limit: int | None) -> list[Record]:
@@ -163,7 +182,7 @@ def _pick_split(dataset, name: str, split: str):
     return dataset
 
 
-def _read_datasets_folder(path: Path, split: str, limit: int | None) -> list[Record]:
+def _read_datasets_folder(path: Path, split: str, limit: int | None, skipped: list[str] | None = None) -> list[Record]:
     import datasets
 
     name = f"{path} [{split}]"
@@ -178,7 +197,7 @@ def _read_datasets_folder(path: Path, split: str, limit: int | None) -> list[Rec
         raise DataError(f"{path}: folder holds no data files (.jsonl/.json/.parquet/.csv/.arrow) "
                         "and is not a saved `datasets` folder")
     if len(files) == 1 and files[0].suffix.lower() in (".jsonl", ".json", ".parquet"):
-        return load_records(files[0], limit=limit)
+        return load_records(files[0], limit=limit, skipped=skipped)
     try:
         dataset = datasets.load_dataset(str(path), split=split)
     except Exception as e:

@@ -64,16 +64,18 @@ class DataConfig:
 def read_examples(cfg: DataConfig, records: list[Record] | None = None
                   ) -> tuple[list[SFTExample] | list[PairExample], list[str]]:
     """Records -> text examples. Returns the examples and the origins of skipped bad records."""
+    skipped: list[str] = []
     if records is None:
         if not cfg.path:
             raise DataError("data.path is empty: name a data file, folder or hub dataset")
-        records = load_records(cfg.path, split=cfg.split, limit=cfg.limit, shuffle_seed=cfg.shuffle_seed)
+        records = load_records(cfg.path, split=cfg.split, limit=cfg.limit, shuffle_seed=cfg.shuffle_seed,
+                               skipped=skipped if cfg.skip_bad_records else None)
     fields = None
     if cfg.format in FIELD_PRESETS:
         fields = FIELD_PRESETS[cfg.format].updated(cfg.fields)
     elif cfg.fields:
         raise DataError(f"data.fields applies to instruction formats, not {cfg.format!r}")
-    examples, skipped = [], []
+    examples = []
     for record in records:
         try:
             if cfg.is_pairs:

@@ -99,6 +99,20 @@ def test_skip_bad_records(tmp_path):
     p.write_text('{"instruction": "c"}\n')
     with pytest.raises(DataError, match="no usable records"):
         read_examples(DataConfig(path=str(p), skip_bad_records=True))
+    # Lines that cannot be read at all (torn JSON, not an object, not UTF-8) are bad records too.
+    p.write_bytes(b'{"instruction": "a", "response": "b"}\n{"instruction": "c", "resp\n[1]\n'
+                  b'{"instruction": "\xff", "response": "b"}\n{"instruction": "d", "response": "e"}\n{"x": 1}\n')
+    examples, skipped = read_examples(DataConfig(path=str(p), skip_bad_records=True))
+    assert [e.response for e in examples] == ["b", "e"] and skipped == [f"{p}:{n}" for n in (2, 3, 4, 6)]
+    with pytest.raises(DataError, match=rf"^{p}:2: not valid JSON"):
+        read_examples(DataConfig(path=str(p)))
+    j = tmp_path / "x.json"
+    j.write_text('[{"instruction": "a", "response": "b"}, 3, {"instruction": "c", "response": "d"}]')
+    examples, skipped = read_examples(DataConfig(path=str(j), skip_bad_records=True, limit=2))
+    assert [e.response for e in examples] == ["b", "d"] and skipped == [f"{j}: record 1"]
+    p.write_text('{"instruction": \n')
+    with pytest.raises(DataError, match=rf"^{p}: the dataset is empty \(no records; 1 unreadable ones skipped, first {p}:1"):
+        read_examples(DataConfig(path=str(p), skip_bad_records=True))
 
 
 # ---- HH-RLHF -----------------------------------------------------------------------------------------------
