@@ -279,11 +279,14 @@ def save(model, path, tokenizer_from=None, max_shard_size="2GB", dtype=None, ove
     tmp.mkdir(parents=True)
 
     tensors = dense_state_dict(model)
+    # NF4 layers keep their scales and codes in float32 (the format fixes it): only dense weights take dtype.
+    nf4_layers = {name.replace(".base_layer", "") for name, module in model.named_modules()
+                  if hasattr(module, "bnb_tensors")}
     limit = _parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, t in tensors.items():
-        if dtype is not None and t.is_floating_point():
+        if dtype is not None and t.is_floating_point() and key.partition(".weight")[0] not in nf4_layers:
             t = t.to(dtype)
         t = t.detach().to("cpu").contiguous()
         nbytes = t.numel() * t.element_size()

@@ -284,3 +284,23 @@ def test_quantize_options_and_errors(tiny_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "--no-double-quant" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_save_with_dtype_keeps_nf4_scales(tiny_dir, tmp_path, double_quant):
+    """save(dtype=...) casts the dense weights only: the NF4 absmax, codes and nested scales stay float32."""
+    from safetensors.torch import load_file
+
+    from bezoar.model import load, save
+
+    model = load(tiny_dir, quant="nf4", device="cpu", nf4_double_quant=double_quant)
+    out = save(model, tmp_path / "nf4-bf16", dtype="bfloat16")
+    written = load_file(str(out / "model.safetensors"))
+    layer = model.model.layers[0].mlp.down_proj
+    for key, want in layer.bnb_tensors("model.layers.0.mlp.down_proj").items():
+        assert written[key].dtype == want.dtype and torch.equal(written[key], want), key
+    assert written["model.embed_tokens.weight"].dtype == torch.bfloat16
+    again = load(out, device="cpu")
+    ids = torch.randint(3, 500, (1, 9))
+    with torch.no_grad():
+        assert_close(again(ids), model.to(torch.bfloat16).float()(ids), atol=1e-4, rtol=0, name="reloaded logits")
