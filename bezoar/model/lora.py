@@ -254,16 +254,24 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def apply_lora(model: nn.Module, config: LoraConfig) -> dict[str, LoRALinear]:
-    """Wrap every target linear of the decoder blocks; freeze everything else. Returns the adapters."""
+def target_linears(model: nn.Module, targets=TARGETS) -> list[str]:
+    """Names of the decoder-block linears whose last name part is one of ``targets``."""
+    return [name for name, _ in model.named_modules()
+            if name.rpartition(".")[2] in targets and ".layers." in f".{name}"]
+
+
+def apply_lora(model: nn.Module, config: LoraConfig, only: set[str] | None = None) -> dict[str, LoRALinear]:
+    """Wrap every target linear of the decoder blocks (or those of them named in ``only``); freeze
+    everything else. Returns the adapters."""
     if lora_modules(model):
         raise AdapterError("the model already has LoRA adapters")
     for p in model.parameters():
         p.requires_grad_(False)
     added = {}
-    for name, module in list(model.named_modules()):
-        leaf = name.rpartition(".")[2]
-        if leaf in config.targets and ".layers." in f".{name}":
+    for name in target_linears(model, config.targets):
+        if only is None or name in only:
+            module = model.get_submodule(name)
+            leaf = name.rpartition(".")[2]
             parent = model.get_submodule(name.rpartition(".")[0])
             wrapped = LoRALinear(module, config.r, config.alpha, config.dropout, config.rslora)
             setattr(parent, leaf, wrapped)
@@ -312,6 +320,10 @@ def save_adapter(model: nn.Module, folder, base_model_name_or_path: str | None =
         raise AdapterError("the model has no LoRA adapters to save")
     first = next(iter(modules.values()))
     targets = sorted({name.rpartition(".")[2] for name in modules})
+    if set(target_linears(model, targets)) != set(modules):
+        # Only some layers carry an adapter (a PEFT adapter loaded that way): name each module, as PEFT
+        # itself does for "all-linear", so that PEFT and bezoar adapt the same ones on reading.
+        targets = sorted(modules)
     if base_model_name_or_path is None:
         src = getattr(model, "source_path", None)
         base_model_name_or_path = str(src) if src is not None else None
@@ -351,7 +363,22 @@ def save_adapter(model: nn.Module, folder, base_model_name_or_path: str | None =
     return folder
 
 
-def read_adapter_config(folder: Path) -> LoraConfig:
+def _peft_matches(spec, name: str) -> bool:
+    """PEFT's rule for target_modules and exclude_modules: a string is a regular expression that the whole
+    module name must match; a list names modules by their full name or by a suffix of whole parts."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith(f".{t}") for t in spec)
+
+
+def _layer_index(name: str) -> int | None:
+    match = re.match(r".*\.[^.]*\.(\d+)\.", name)  # PEFT's pattern with no layers_pattern
+    return int(match.group(1)) if match else None
+
+
+def read_adapter_config(folder: Path, model: nn.Module) -> tuple[LoraConfig, set[str]]:
+    """The adapter's LoraConfig and the names of the modules of ``model`` that PEFT would adapt with it
+    (target_modules, exclude_modules and layers_to_transform applied as PEFT applies them)."""
     path = folder / ADAPTER_CONFIG
     if not path.exists():
         raise AdapterError(f"{folder}: no {ADAPTER_CONFIG} (not a PEFT adapter folder)")
@@ -366,23 +393,40 @@ def read_adapter_config(folder: Path) -> LoraConfig:
             raise AdapterError(f"{path}: key {key!r} is {cfg.get(key)!r}; bezoar supports {ok} only")
     if cfg.get("bias", "none") != "none":
         raise AdapterError(f"{path}: key 'bias' is {cfg.get('bias')!r}; bezoar supports 'none' only")
-    for key in ("modules_to_save", "layers_to_transform", "rank_pattern", "alpha_pattern"):
+    for key in ("modules_to_save", "rank_pattern", "alpha_pattern"):
         if cfg.get(key):
             raise AdapterError(f"{path}: key {key!r} is set ({cfg[key]!r}); bezoar does not support it")
-    targets = cfg.get("target_modules")
-    if isinstance(targets, str):  # PEFT allows a regular expression over module paths
-        pattern = re.compile(targets)
-        targets = [t for t in TARGETS if pattern.fullmatch(f"model.layers.0.self_attn.{t}")
-                   or pattern.fullmatch(f"model.layers.0.mlp.{t}")]
-    unknown = [t for t in targets or [] if t not in TARGETS]
-    if not targets or unknown:
-        raise AdapterError(f"{path}: key 'target_modules' is {cfg.get('target_modules')!r}; bezoar adapts "
-                           f"{', '.join(TARGETS)}")
     for key in ("r", "lora_alpha"):
         if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
             raise AdapterError(f"{path}: key {key!r} must be a positive number, got {cfg.get(key)!r}")
-    return LoraConfig(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout") or 0.0),
-                      targets=list(targets), rslora=bool(cfg.get("use_rslora", False)))
+
+    spec = cfg.get("target_modules")
+    exclude = cfg.get("exclude_modules") or []
+    layers = cfg.get("layers_to_transform")
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    pattern = cfg.get("layers_pattern")
+    if layers is not None and (not isinstance(layers, list) or pattern not in (None, "layers", ["layers"])):
+        raise AdapterError(f"{path}: keys 'layers_to_transform' {cfg.get('layers_to_transform')!r} with "
+                           f"'layers_pattern' {pattern!r}; bezoar reads a list of layer indices over model.layers")
+    try:
+        candidates = target_linears(model)
+        chosen = [n for n in candidates if _peft_matches(spec, n) and not (exclude and _peft_matches(exclude, n))
+                  and (layers is None or _layer_index(n) in layers)] if isinstance(spec, (str, list)) else []
+        others = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding, NF4Linear))
+                  and n not in candidates and isinstance(spec, (str, list)) and _peft_matches(spec, n)
+                  and not (exclude and _peft_matches(exclude, n))]
+    except (re.error, TypeError) as e:
+        raise AdapterError(f"{path}: key 'target_modules' or 'exclude_modules' is malformed ({e})") from None
+    if not chosen or others:
+        raise AdapterError(f"{path}: key 'target_modules' is {spec!r}"
+                           + (f", which also takes {others[0]!r}" if others else ", which selects no module") +
+                           f"; bezoar adapts {', '.join(TARGETS)} in the decoder layers")
+    config = LoraConfig(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
+                        dropout=float(cfg.get("lora_dropout") or 0.0),
+                        targets=sorted({n.rpartition(".")[2] for n in chosen}, key=TARGETS.index),
+                        rslora=bool(cfg.get("use_rslora", False)))
+    return config, set(chosen)
 
 
 def load_adapter(model: nn.Module, folder, trainable: bool = False) -> LoraConfig:
@@ -390,14 +434,16 @@ def load_adapter(model: nn.Module, folder, trainable: bool = False) -> LoraConfi
     from safetensors import safe_open
 
     folder = Path(folder)
-    config = read_adapter_config(folder)
+    if lora_modules(model):
+        raise AdapterError("the model already has LoRA adapters")
+    config, chosen = read_adapter_config(folder, model)
     weights = folder / ADAPTER_WEIGHTS
     if not weights.exists():
         if (folder / "adapter_model.bin").exists():
             raise AdapterError(f"{folder / 'adapter_model.bin'}: pickled adapter weights; bezoar reads "
                                f"{ADAPTER_WEIGHTS} only")
         raise AdapterError(f"{folder}: no {ADAPTER_WEIGHTS}")
-    modules = apply_lora(model, config)
+    modules = apply_lora(model, config, only=chosen)
     expected = {}
     for name, m in modules.items():
         expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight

@@ -66,6 +66,40 @@ def test_peft_adapter_in_bezoar(tiny_dir, tmp_path):
         assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=0, name="PEFT adapter in bezoar")
 
 
+@pytest.mark.parametrize("selection", [
+    dict(target_modules="all-linear"),  # PEFT saves this as the list of full module names
+    dict(target_modules=r".*layers\.1\..*(q_proj|down_proj)"),
+    dict(target_modules=["q_proj", "up_proj"], exclude_modules=["model.layers.0.self_attn.q_proj"]),
+    dict(target_modules=["self_attn.v_proj"], layers_to_transform=0),
+], ids=["all-linear", "regex", "exclude", "layers_to_transform"])
+def test_peft_module_selection_round_trips(tiny_dir, tmp_path, selection):
+    """PEFT adapters that name modules by path, regex, exclusion or layer load onto the modules PEFT adapts,
+    and ours saved from them adapt the same modules when PEFT or bezoar reads them back."""
+    theirs = peft.get_peft_model(hf(tiny_dir), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                              task_type="CAUSAL_LM", **selection))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_" in n:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    theirs.save_pretrained(tmp_path / "peft")
+    theirs.eval()
+    adapted = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if hasattr(m, "lora_A")}
+    ours = load(tiny_dir, adapter=tmp_path / "peft")
+    assert set(lora_modules(ours)) == adapted
+    ids = torch.randint(3, 500, (2, 11))
+    with torch.no_grad():
+        want = theirs(ids).logits
+        assert_close(ours(ids), want, atol=1e-4, rtol=0, name="PEFT adapter in bezoar")
+        resaved = save_adapter(ours, tmp_path / "ours")
+        again = load(tiny_dir, adapter=resaved)
+        assert set(lora_modules(again)) == adapted
+        assert_close(again(ids), want, atol=1e-4, rtol=0, name="saved again, read by bezoar")
+        back = peft.PeftModel.from_pretrained(hf(tiny_dir), resaved).eval()
+        assert {n.removeprefix("base_model.model.") for n, m in back.named_modules() if hasattr(m, "lora_A")} == adapted
+        assert_close(back(ids).logits, want, atol=1e-4, rtol=0, name="saved again, read by PEFT")
+
+
 def test_merge_cli_equals_base_plus_adapter(tiny_dir, tmp_path):
     model = load(tiny_dir)
     apply_lora(model, LoraConfig(r=4, alpha=4, dropout=0.0, targets=ALL))
