@@ -79,7 +79,13 @@ def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
 def _iter_tensors(path: Path):
     """Yield (key, loader) for every tensor in one weight file; loader() reads that tensor only."""
     if path.suffix == ".bin":
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # truncated zip, a pre-1.6 file mmap cannot read, globals weights_only refuses
+            reason = str(e).splitlines()[0]
+            raise CheckpointError(f"{path}: cannot be read as a PyTorch state dict ({reason})") from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
         for key, t in state.items():
             yield key, (lambda t=t: t)
         return

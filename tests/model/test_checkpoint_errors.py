@@ -96,6 +96,20 @@ def test_pickle_refused_unless_opted_in(tiny_dir, tmp_path):
         assert torch.equal(model(ids), load(tiny_dir)(ids))
 
 
+def test_unreadable_pickle_names_the_file(tiny_dir, tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(tiny_dir / "config.json", folder / "config.json")
+    torch.save(load_file(tiny_dir / "model.safetensors"), folder / "pytorch_model.bin")
+    data = (folder / "pytorch_model.bin").read_bytes()
+    (folder / "pytorch_model.bin").write_bytes(data[: len(data) // 2])  # a download cut short
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: cannot be read"):
+        load(folder, allow_pickle=True)
+    torch.save([1, 2], folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="not a state dict"):
+        load(folder, allow_pickle=True)
+
+
 def test_no_weights_and_not_a_folder(tmp_path, tiny_dir):
     folder = tmp_path / "empty"
     folder.mkdir()
