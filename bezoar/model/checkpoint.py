@@ -326,10 +326,16 @@ def save(model, path, tokenizer_from=None, max_shard_size="2GB", dtype=None, ove
     elif quant_cfg:
         hf["quantization_config"] = quant_cfg
     (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}
-    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-
     source = Path(tokenizer_from) if tokenizer_from is not None else getattr(model, "source_path", None)
+    # The source's generation_config.json carries what config.json does not (several eos ids, sampling
+    # defaults): keep it; write the minimal one only when there is none.
+    gen_source = Path(source) / "generation_config.json" if source is not None else None
+    if gen_source is not None and gen_source.is_file():
+        shutil.copy2(gen_source, tmp / "generation_config.json")
+    else:
+        gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
     if source is not None:
         for name in TOKENIZER_FILES:
             if (Path(source) / name).exists():

@@ -34,3 +34,17 @@ def test_out_that_holds_files_names_the_flag_that_replaces_it(tiny_dir, adapter,
     err = capsys.readouterr().err
     assert code == 2 and "--overwrite" in err, err
     assert (target / "keep.txt").read_text() == "mine\n"
+
+
+def test_merged_checkpoint_keeps_the_base_generation_config(tiny_dir, adapter, tmp_path):
+    """Stop ids and sampling defaults in the base's generation_config.json survive the merge."""
+    import json
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_dir, base)
+    gen = {"bos_token_id": 1, "eos_token_id": [2, 7], "do_sample": True, "temperature": 0.6, "top_p": 0.9}
+    (base / "generation_config.json").write_text(json.dumps(gen))
+    out = tmp_path / "merged"
+    assert main(["--model", str(base), "--adapter", str(adapter), "--out", str(out)]) == 0
+    assert json.loads((out / "generation_config.json").read_text()) == gen
