@@ -12,7 +12,11 @@ from pathlib import Path
 
 import torch
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+# The files a checkpoint folder carries for its tokenizer. bezoar reads tokenizer.model; the rest go with
+# the merged and quantized checkpoints it writes, so that transformers builds the same tokenizer from them
+# as from the base (its fast tokenizer.json and any added tokens included).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
+                   "added_tokens.json")
 
 
 class TokenizerError(ValueError):

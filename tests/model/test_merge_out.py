@@ -48,3 +48,20 @@ def test_merged_checkpoint_keeps_the_base_generation_config(tiny_dir, adapter, t
     out = tmp_path / "merged"
     assert main(["--model", str(base), "--adapter", str(adapter), "--out", str(out)]) == 0
     assert json.loads((out / "generation_config.json").read_text()) == gen
+
+
+def test_merged_checkpoint_carries_every_tokenizer_file_of_the_base(tiny_dir, adapter, tmp_path):
+    """A base's fast tokenizer.json and added_tokens.json go with the merged checkpoint, byte for byte."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_dir, base)
+    extra = {"tokenizer.json": b'{"version": "1.0", "model": {"type": "BPE"}}\n', "added_tokens.json": b'{"<x>": 300}\n'}
+    for name, data in extra.items():
+        (base / name).write_bytes(data)
+    out = tmp_path / "merged"
+    assert main(["--model", str(base), "--adapter", str(adapter), "--out", str(out)]) == 0
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", *extra):
+        if (base / name).exists():
+            assert (out / name).read_bytes() == (base / name).read_bytes(), name
+    assert all((out / name).exists() for name in extra)
