@@ -92,6 +92,8 @@ def run_harness(args) -> int:
         return 0
     if not args.model:
         raise ValueError("--model DIR is required (only --dry-run runs without one)")
+    manager = harness.task_manager(args.include_path, include_defaults=not args.no_builtin_tasks)
+    harness.check_tasks(plan, manager)  # a misspelt task fails here, not after the model has loaded
     from lm_eval.utils import simple_parse_args_string
 
     extra = simple_parse_args_string(args.model_args)
@@ -99,9 +101,8 @@ def run_harness(args) -> int:
                           device=args.device, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
                           max_length=args.max_length, **extra)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-    results = harness.run_plan(lm, plan, limit=limit, include_path=args.include_path,
-                               include_defaults=not args.no_builtin_tasks, log_samples=args.log_samples,
-                               gen_kwargs=args.gen_kwargs)
+    results = harness.run_plan(lm, plan, limit=limit, log_samples=args.log_samples, gen_kwargs=args.gen_kwargs,
+                               manager=manager)
     print(harness.results_table(results, plan if args.preset else None))
     if args.output:
         out = Path(args.output)

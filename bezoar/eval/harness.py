@@ -37,6 +37,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -402,17 +403,37 @@ def results_table(results: dict, plan: list[TaskPlan] | None = None) -> str:
     return "\n".join(lines)
 
 
-def run_plan(lm, plan: list[TaskPlan], limit: float | None = None, include_path: str | None = None,
-             include_defaults: bool = True, log_samples: bool = False, bootstrap_iters: int = 100000,
-             gen_kwargs: str | None = None) -> dict:
-    """Evaluate ``lm`` on every task of the plan (one ``simple_evaluate`` per few-shot count) and
-    merge lm-eval's result dicts. ``include_defaults=False`` indexes only ``include_path``'s tasks."""
-    import lm_eval
+def task_manager(include_path: str | None = None, include_defaults: bool = True):
+    """lm-eval's task index: its built-in tasks (unless ``include_defaults=False``) and ``include_path``'s."""
     from lm_eval.tasks import TaskManager
 
     if not include_defaults and not include_path:
         raise ValueError("only --include-path tasks were asked for, but no --include-path was given")
-    manager = TaskManager(include_path=include_path, include_defaults=include_defaults)
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
+
+
+def check_tasks(plan: list[TaskPlan], manager) -> None:
+    """Fail on a task name lm-eval does not know, before any model loads (lm-eval itself raises a
+    bare KeyError only once evaluation starts)."""
+    known = set(manager.all_tasks)
+    unknown = [p.task for p in plan if p.task not in known and not Path(p.task).is_file()]
+    if unknown:
+        searched = f" (searched lm-eval's index and --include-path {manager.include_path})" if manager.include_path else ""
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}: not an lm-eval task, group, tag or task YAML "
+                         f"file{searched}")
+
+
+def run_plan(lm, plan: list[TaskPlan], limit: float | None = None, include_path: str | None = None,
+             include_defaults: bool = True, log_samples: bool = False, bootstrap_iters: int = 100000,
+             gen_kwargs: str | None = None, manager=None) -> dict:
+    """Evaluate ``lm`` on every task of the plan (one ``simple_evaluate`` per few-shot count) and
+    merge lm-eval's result dicts. ``include_defaults=False`` indexes only ``include_path``'s tasks;
+    ``manager`` (from ``task_manager``) replaces both."""
+    import lm_eval
+
+    if manager is None:
+        manager = task_manager(include_path, include_defaults)
+    check_tasks(plan, manager)
     merged: dict[str, Any] = {"results": {}, "n-shot": {}, "configs": {}, "versions": {}, "samples": {}}
     by_shots: dict[int | None, list[str]] = {}
     for p in plan:

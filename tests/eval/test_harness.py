@@ -336,6 +336,20 @@ def test_harness_command_line_on_local_tasks(tiny_dir, tmp_path, capsys):
     assert "--model DIR is required" in capsys.readouterr().err
 
 
+def test_harness_command_line_names_an_unknown_task_before_loading(tmp_path, capsys):
+    from bezoar.eval.__main__ import main
+
+    folder = tmp_path / "tasks"
+    write_tasks(folder)
+    # The model folder does not exist: the task check must come first and be the one error shown.
+    code = main(["harness", "--model", str(tmp_path / "no-model"), "--tasks", "bezoar_mc,bezoar_mcc",
+                 "--include-path", str(folder), "--no-builtin-tasks"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "unknown task(s) bezoar_mcc" in err and str(folder) in err
+    assert "Traceback" not in err and "no-model" not in err
+
+
 def test_lm_eval_passthrough_registers_bezoar(monkeypatch):
     import lm_eval.__main__ as lm_eval_main
     from lm_eval.api.registry import get_model
