@@ -18,7 +18,9 @@ Routes:
 Requests that arrive together are decoded together: a scheduler collects every request waiting
 when the model becomes free (after a short ``--batch-window-ms``), runs one-token scoring
 requests as one batch of forwards, and generation requests in left-padded batches (one batch per
-set of sampling settings). The model runs in one worker thread so the event loop keeps serving.
+set of sampling settings). A sampled request with a ``seed`` decodes each choice alone, from a
+generator seeded with ``seed`` plus the choice's index, so its text does not depend on which other
+requests arrive with it. The model runs in one worker thread so the event loop keeps serving.
 Bad requests get OpenAI-style errors: status 400 (404 for an unknown model or route) with
 ``{"error": {"message", "type", "param", "code"}}``.
 
@@ -282,19 +284,28 @@ class Engine:
         for job in jobs:
             if job.max_tokens <= 1 and job.stream is None:
                 continue
-            key = (0.0, 1.0, None) if job.temperature <= 0 else (job.temperature, job.top_p, job.seed)
+            if job.temperature <= 0:
+                key = (0.0, 1.0, None)
+            elif job.seed is None:
+                key = (job.temperature, job.top_p, None)
+            else:
+                # A seeded choice draws from its own generator, alone: in a batch its draws would
+                # depend on which other rows happened to share the batch.
+                key = (job.temperature, job.top_p, id(job))
             groups.setdefault(key, []).append(job)
         if one_step:
             self._run_one_step(one_step)
-        for (temperature, top_p, seed), members in groups.items():
-            self._run_generation(members, temperature, top_p, seed)
+        for (temperature, top_p, _), members in groups.items():
+            self._run_generation(members, temperature, top_p, self._sampler(members[0]))
         for job in jobs:
             self._emit(job, final=True)
 
-    def _sampler(self, seed: int | None):
-        if seed is None:
+    def _sampler(self, job: Job):
+        """The server's shared generator, or for a seeded job one of its own: ``seed`` offset by the
+        choice's index, so that the n choices of one request differ."""
+        if job.seed is None:
             return self.generator
-        return torch.Generator(device=self.model.device).manual_seed(seed)
+        return torch.Generator(device=self.model.device).manual_seed(job.seed + job.index)
 
     def _finish_text(self, job: Job) -> None:
         text = self.tokenizer.decode(job.new_ids)
@@ -319,7 +330,7 @@ class Engine:
             if job.max_tokens == 0:
                 job.finish_reason = "length"
                 continue
-            nxt = int(sample_next(lp[-1:], job.temperature, job.top_p, self._sampler(job.seed))[0])
+            nxt = int(sample_next(lp[-1:], job.temperature, job.top_p, self._sampler(job))[0])
             if nxt == eos:
                 job.finish_reason = "stop"
                 continue
@@ -329,7 +340,7 @@ class Engine:
             self._finish_text(job)
             job.finish_reason = "stop" if job.stop_hit else "length"
 
-    def _run_generation(self, jobs: list[Job], temperature: float, top_p: float, seed: int | None) -> None:
+    def _run_generation(self, jobs: list[Job], temperature: float, top_p: float, generator) -> None:
         from bezoar.model import generate_ids
 
         stops = [StopStrings(self.tokenizer, j.stop) for j in jobs]
@@ -350,7 +361,7 @@ class Engine:
         ids, mask = left_pad([j.prompt_ids for j in jobs], self.tokenizer.pad_id)
         longest = max(j.max_tokens for j in jobs)
         new_ids, reasons = generate_ids(self.model, ids, mask, max_new_tokens=longest, temperature=temperature,
-                                        top_p=top_p, eos_id=self.tokenizer.eos_id, generator=self._sampler(seed),
+                                        top_p=top_p, eos_id=self.tokenizer.eos_id, generator=generator,
                                         should_stop=on_token, decoder=self.decoder)
         for job, new, reason in zip(jobs, new_ids, reasons):
             job.new_ids = list(new)

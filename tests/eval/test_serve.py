@@ -153,6 +153,26 @@ def test_sampling_is_seeded(client):
     assert a == b
 
 
+def test_seeded_sampling_does_not_depend_on_concurrent_requests(tiny_model, tiny_tokenizer):
+    """Two clients sampling with the same seed at the same time get what each gets alone."""
+    from bezoar.serve import BackgroundServer, Server
+
+    prompts = ["The small cat", "Once upon a"]
+    kwargs = dict(model="tiny", max_tokens=12, temperature=1.0, seed=11)
+    with BackgroundServer(Server(tiny_model, tiny_tokenizer, "tiny", batch_window_s=0.2)) as bg:
+        client = openai.OpenAI(base_url=bg.url + "/v1", api_key="x", max_retries=0)
+        alone = [client.completions.create(prompt=p, **kwargs).choices[0].text for p in prompts]
+
+        async def together():
+            async with openai.AsyncOpenAI(base_url=bg.url + "/v1", api_key="x", max_retries=0) as c:
+                return await asyncio.gather(*(c.completions.create(prompt=p, **kwargs) for p in prompts))
+
+        batches_before = bg.server.engine.batches
+        both = [r.choices[0].text for r in asyncio.run(together())]
+        assert bg.server.engine.batches - batches_before == 1, "the two requests should reach the engine together"
+    assert both == alone
+
+
 BAD = [
     ("/v1/completions", {"model": "tiny"}, "prompt", "provide a prompt"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": 5}, "temperature", "temperature must be in"),
