@@ -265,16 +265,24 @@ def generate_answers(model, tokenizer, questions: list[Question], model_id: str,
                 for i in rows:
                     conversations[i].append({"role": "user", "content": batch[i].turns[turn]})
                     prompts.append(chat_prompt(conversations[i]))
-                longest = max(len(tokenizer.encode(p, bos=True)) for p in prompts)
-                budget = min(max_new_tokens, context - longest)
-                if budget < 1:
-                    raise MTBenchError(f"question {batch[rows[0]].question_id!r} turn {turn + 1}: the prompt fills "
-                                       f"the model's context of {context} tokens")
-                outputs = generate(model, tokenizer, prompts, max_new_tokens=budget, temperature=temperature,
-                                   stop=list(CHAT_STOP), seed=None if temperature <= 0 else seed + turn + a,
-                                   decoder=decoder)
-                for i, out in zip(rows, outputs):
-                    text = out.text.strip()
+                # Each answer gets max_new_tokens, or what its own prompt leaves of the context: a long
+                # prompt in the batch must not cut the other answers short. Rows with a smaller budget
+                # decode on their own.
+                budgets = [min(max_new_tokens, context - len(tokenizer.encode(p, bos=True))) for p in prompts]
+                for i, budget in zip(rows, budgets):
+                    if budget < 1:
+                        raise MTBenchError(f"question {batch[i].question_id!r} turn {turn + 1}: the prompt fills "
+                                           f"the model's context of {context} tokens")
+                full = [k for k, b in enumerate(budgets) if b == max_new_tokens]
+                parts = ([full] if full else []) + [[k] for k, b in enumerate(budgets) if b < max_new_tokens]
+                texts: dict[int, str] = {}
+                for part in parts:
+                    outputs = generate(model, tokenizer, [prompts[k] for k in part], max_new_tokens=budgets[part[0]],
+                                       temperature=temperature, stop=list(CHAT_STOP),
+                                       seed=None if temperature <= 0 else seed + turn + a, decoder=decoder)
+                    texts.update((k, out.text) for k, out in zip(part, outputs))
+                for k, i in enumerate(rows):
+                    text = texts[k].strip()
                     answers[i].append(text)
                     conversations[i].append({"role": "assistant", "content": text})
             new = [Answer(q.question_id, model_id, turns) for q, turns in zip(batch, answers)]

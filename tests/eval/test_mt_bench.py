@@ -134,6 +134,23 @@ def test_generate_answers_template_temperatures_and_resume(tiny_model, tiny_toke
     assert sorted(json.loads(line)["question_id"] for line in path.read_text().splitlines()) == list(range(1, 9))
 
 
+def test_a_long_prompt_in_the_batch_does_not_shorten_the_other_answers(tiny_model, tiny_tokenizer, tmp_path):
+    context = tiny_model.config.max_position_embeddings
+    long_turn = "Why is the sky blue? " * 30
+    assert context - len(tiny_tokenizer.encode(chat_prompt([{"role": "user", "content": long_turn}]), bos=True)) < 100
+    questions = [mt.Question(1, "reasoning", [long_turn]), mt.Question(2, "reasoning", ["Name a color."])]
+    alone = mt.generate_answers(tiny_model, tiny_tokenizer, questions, "tiny", tmp_path / "alone.jsonl",
+                                max_new_tokens=200, batch_size=1)
+    together = mt.generate_answers(tiny_model, tiny_tokenizer, questions, "tiny", tmp_path / "together.jsonl",
+                                   max_new_tokens=200, batch_size=2)
+    assert [together[q].turns for q in (1, 2)] == [alone[q].turns for q in (1, 2)]
+    # A prompt that fills the context is named, wherever it sits in the batch.
+    too_long = [mt.Question(3, "math", ["Hi."]), mt.Question(4, "math", ["Why is the sky blue? " * 60])]
+    with pytest.raises(mt.MTBenchError, match="question 4 turn 1: the prompt fills"):
+        mt.generate_answers(tiny_model, tiny_tokenizer, too_long, "tiny", tmp_path / "long.jsonl",
+                            max_new_tokens=8, batch_size=2)
+
+
 # ---- end to end through the client pool and the fake provider --------------------------------
 
 SCRIPT = {  # (question_id, turn) -> the judge's reply
