@@ -117,6 +117,10 @@ def run_harness(args) -> int:
 def run_mt_bench(args) -> int:
     from bezoar.eval import mt_bench as mt
 
+    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size),
+                        ("--concurrency", args.concurrency)):
+        if value < 1:  # checked before the model loads; 0 would fail much later with a misleading message
+            raise ValueError(f"{flag} must be at least 1, got {value}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     questions = mt.load_questions(args.questions, split=args.split)

@@ -224,6 +224,11 @@ def test_mt_bench_cli_errors(tmp_path, capsys):
     assert "none.jsonl: no such file" in capsys.readouterr().err
     assert main(["mt-bench", "--questions", str(mt.SAMPLE_QUESTIONS), "--out", str(tmp_path / "o")]) == 2
     assert "--judge-model is required" in capsys.readouterr().err
+    for flag in ("--max-new-tokens", "--batch-size"):
+        assert main(["mt-bench", "--model", str(tmp_path / "no-model"), "--questions", str(mt.SAMPLE_QUESTIONS),
+                     "--out", str(tmp_path / "o"), "--skip-judge", flag, "0"]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} must be at least 1, got 0" in err and "no-model" not in err
 
 
 def test_failed_judge_calls_are_left_out_and_retried_on_rerun(tmp_path):
