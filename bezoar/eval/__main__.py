@@ -139,7 +139,9 @@ def run_mt_bench(args) -> int:
 
         model_id = args.model_id or Path(args.model).resolve().name
         answers_path = out / "answers.jsonl"
-        pending = [q for q in questions if q.question_id not in mt.read_answers(answers_path)]
+        existing = mt.read_answers(answers_path)
+        mt.check_answers_model(answers_path, existing, model_id)
+        pending = [q for q in questions if q.question_id not in existing]
         if pending:
             model = load(args.model, quant=args.quant, adapter=args.adapter, device=args.device, dtype=args.dtype)
             tokenizer = Tokenizer(args.model)

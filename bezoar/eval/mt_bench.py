@@ -209,6 +209,15 @@ def read_answers(path: Path) -> dict[Any, Answer]:
     return out
 
 
+def check_answers_model(path: Path, answers: dict[Any, Answer], model_id: str) -> None:
+    """Refuse to resume from answers another model wrote: they would be judged and reported as
+    ``model_id``'s."""
+    other = sorted({a.model_id for a in answers.values() if a.model_id != model_id})
+    if other:
+        raise MTBenchError(f"{path}: holds answers from model {', '.join(map(repr, other))}, not {model_id!r}; "
+                           "use another --out for this model (or the same --model-id to resume that run)")
+
+
 def _drop_torn_tail(path: Path) -> None:
     """Cut a last line that has no newline (a write interrupted midway) so appends start clean."""
     if not path.exists():
@@ -243,6 +252,7 @@ def generate_answers(model, tokenizer, questions: list[Question], model_id: str,
 
     _drop_torn_tail(answers_path)
     done = read_answers(answers_path)
+    check_answers_model(answers_path, done, model_id)
     todo = [q for q in questions if q.question_id not in done]
     if not todo:
         return done

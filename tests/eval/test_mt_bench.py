@@ -231,6 +231,20 @@ def test_mt_bench_cli_errors(tmp_path, capsys):
         assert f"{flag} must be at least 1, got 0" in err and "no-model" not in err
 
 
+def test_answers_of_another_model_are_not_resumed(tiny_dir, tmp_path, capsys):
+    from bezoar.eval.__main__ import main
+
+    out = tmp_path / "o"
+    out.mkdir()
+    other = mt.Answer(1, "stage-a", ["an answer", "another"])
+    (out / "answers.jsonl").write_text(json.dumps(other.to_record()) + "\n")
+    assert main(["mt-bench", "--model", str(tiny_dir), "--model-id", "stage-b", "--questions",
+                 str(mt.SAMPLE_QUESTIONS), "--out", str(out), "--skip-judge", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "answers.jsonl: holds answers from model 'stage-a', not 'stage-b'" in err
+    assert len((out / "answers.jsonl").read_text().splitlines()) == 1
+
+
 def test_failed_judge_calls_are_left_out_and_retried_on_rerun(tmp_path):
     """Judging given answers (--answers): a call the judge refuses is recorded as failed and left out
     of the averages; the next run sends that one call again, and only it."""
