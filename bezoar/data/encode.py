@@ -43,6 +43,7 @@ class EncodeStats:
     kept: int = 0
     skipped_records: int = 0  # records that could not be read (only with skip_bad_records)
     dropped_empty_response: int = 0
+    dropped_identical_pair: int = 0  # DPO pairs whose two documents are the same tokens (no gradient)
     truncated: int = 0
     border_merges: int = 0
     tokens: int = 0
@@ -53,8 +54,11 @@ class EncodeStats:
 
     def summary(self) -> str:
         skipped = f" ({self.skipped_records} bad records skipped before)" if self.skipped_records else ""
+        identical = (f", {self.dropped_identical_pair} dropped (chosen = rejected once tokenized and cut)"
+                     if self.dropped_identical_pair else "")
         return (f"{self.kept}/{self.examples} examples kept{skipped}, {self.dropped_empty_response} dropped "
-                f"(empty response), {self.truncated} truncated, {self.tokens} tokens, {self.loss_tokens} with loss")
+                f"(empty response){identical}, {self.truncated} truncated, {self.tokens} tokens, "
+                f"{self.loss_tokens} with loss")
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -167,6 +171,11 @@ def encode_pairs(examples: Sequence[PairExample], tokenizer, max_len: int, max_p
                 cut |= (kp, kr) != (len(p), len(r))
                 p = _cut_prompt(p, kp, has_bos)
                 docs.append((p + r[:kr], len(p)))
+            if docs[0][0] == docs[1][0]:
+                # The same tokens twice (equal responses, or a cut inside a prefix they share): the DPO margin
+                # is 0 whatever the weights, so the pair gives no gradient and only skews the reward metrics.
+                stats.dropped_identical_pair += 1
+                continue
             builder.add_item(docs, example=start + j)
             stats.kept += 1
             stats.truncated += cut

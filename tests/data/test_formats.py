@@ -291,6 +291,21 @@ def test_pairs_encoding(tokenizer):
         assert list(docs.doc_tokens(c)[:n_c]) == list(docs.doc_tokens(r)[:n_r])  # one shared prompt cut
 
 
+def test_pairs_that_are_the_same_tokens_are_dropped_and_counted(tokenizer):
+    """A pair whose chosen and rejected documents come out as the same tokens (equal texts, or a cut inside
+    a long shared start) has a DPO margin of 0 under any weights: it is dropped and counted, not trained."""
+    shared = " ".join(["the red cat sleeps"] * 20)
+    pairs = [PairExample(SHORT.render("Color?"), "Red.", "Red."),
+             PairExample(SHORT.render("Story?"), shared + " and wakes.", shared + " and dreams."),
+             PairExample(SHORT.render("Color?"), "Red.", "Blue.")]
+    docs, stats = encode_pairs(pairs, tokenizer, 40, max_prompt_len=10)
+    assert (stats.examples, stats.kept, stats.dropped_identical_pair) == (3, 1, 2)
+    assert docs.num_items == 1 and list(docs.doc_example) == [2, 2]
+    assert "2 dropped (chosen = rejected" in stats.summary()
+    docs, stats = encode_pairs(pairs, tokenizer, 400)  # room for the whole responses: only the equal pair goes
+    assert (stats.kept, stats.dropped_identical_pair) == (2, 1)
+
+
 # ---- the config-driven path ------------------------------------------------------------------------------------
 
 
