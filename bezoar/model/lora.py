@@ -430,9 +430,8 @@ def read_adapter_config(folder: Path, model: nn.Module) -> tuple[LoraConfig, set
 
 
 def load_adapter(model: nn.Module, folder, trainable: bool = False) -> LoraConfig:
-    """Attach a PEFT LoRA adapter to ``model`` (which must not have one yet); check every key and shape."""
-    from safetensors import safe_open
-
+    """Attach a PEFT LoRA adapter to ``model`` (which must not have one yet); check every key and shape.
+    An adapter that does not fit leaves ``model`` as it was."""
     folder = Path(folder)
     if lora_modules(model):
         raise AdapterError("the model already has LoRA adapters")
@@ -443,7 +442,29 @@ def load_adapter(model: nn.Module, folder, trainable: bool = False) -> LoraConfi
             raise AdapterError(f"{folder / 'adapter_model.bin'}: pickled adapter weights; bezoar reads "
                                f"{ADAPTER_WEIGHTS} only")
         raise AdapterError(f"{folder}: no {ADAPTER_WEIGHTS}")
+    trainable_before = {p: p.requires_grad for p in model.parameters()}
     modules = apply_lora(model, config, only=chosen)
+    try:
+        _copy_adapter_weights(modules, weights, config, folder)
+    except BaseException:
+        # Leave the model as it came: a half-loaded adapter would sit in every later forward, and a second
+        # load_adapter (with the right folder) would be refused because adapters are already attached.
+        for name, m in modules.items():
+            setattr(model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], m.base_layer)
+        del model.lora_config
+        for p, flag in trainable_before.items():
+            p.requires_grad_(flag)
+        raise
+    for p in lora_parameters(model):
+        p.requires_grad_(trainable)
+    model.adapter_path = folder
+    return config
+
+
+def _copy_adapter_weights(modules: dict[str, LoRALinear], weights: Path, config: LoraConfig, folder: Path) -> None:
+    """Fill the freshly attached adapters from ``weights``; every key and shape must fit."""
+    from safetensors import safe_open
+
     expected = {}
     for name, m in modules.items():
         expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight
@@ -467,10 +488,6 @@ def load_adapter(model: nn.Module, folder, trainable: bool = False) -> LoraConfi
     missing = [k for k in expected if k not in seen]
     if missing:
         raise AdapterError(f"{weights}: {len(missing)} adapter tensor(s) missing, e.g. {missing[0]!r}")
-    for p in lora_parameters(model):
-        p.requires_grad_(trainable)
-    model.adapter_path = folder
-    return config
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:

@@ -168,6 +168,31 @@ def test_misfit_adapters_are_named(tiny_dir, tiny_odd_dir, tmp_path):
         load(tiny_dir, adapter=tmp_path)
 
 
+def test_an_adapter_that_does_not_fit_leaves_the_model_as_it_was(tiny_dir, tmp_path):
+    """load_adapter on a misfit (here r=8 in the config, r=4 tensors) raises and takes its half-attached
+    adapters off again: same modules, same outputs, same trainable flags, and the right adapter then loads."""
+    from bezoar.model.lora import load_adapter
+
+    donor = load(tiny_dir)
+    apply_lora(donor, LoraConfig(r=4, dropout=0.0, targets=["q_proj", "v_proj"]))
+    randomize_adapters(donor)
+    model = load(tiny_dir)
+    model.lm_head.weight.requires_grad_(True)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    ids = torch.randint(3, 500, (1, 9))
+    with torch.no_grad():
+        before = model(ids)
+    with pytest.raises(AdapterError, match="r=8"):
+        load_adapter(model, write_adapter(donor, tmp_path, r=8))
+    assert not lora_modules(model) and not hasattr(model, "lora_config")
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    with torch.no_grad():
+        assert torch.equal(model(ids), before)
+    load_adapter(model, save_adapter(donor, tmp_path / "good"))
+    with torch.no_grad():
+        assert torch.equal(model(ids), donor(ids))
+
+
 def test_loaded_adapter_is_deterministic(tiny_dir, tmp_path):
     model = load(tiny_dir)
     apply_lora(model, LoraConfig(r=4, dropout=0.5))
