@@ -48,17 +48,7 @@ def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
     """The safetensors files of a checkpoint folder, checked to exist."""
     index = folder / INDEX_FILE
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' object): {e}") from None
-        files = sorted(set(weight_map.values()))
-        for name in files:
-            if not (folder / name).exists():
-                keys = [k for k, v in weight_map.items() if v == name]
-                raise CheckpointError(f"{index}: shard {name!r} is missing from {folder} "
-                                      f"(it holds {len(keys)} tensors, e.g. {keys[0]!r})")
-        return [folder / name for name in files]
+        return _shards_of(index)
     if (folder / SINGLE_FILE).exists():
         return [folder / SINGLE_FILE]
     shards = sorted(folder.glob("model-*.safetensors"))
@@ -67,6 +57,8 @@ def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
     pickles = [folder / n for n in PICKLE_FILES if (folder / n).exists()] + sorted(folder.glob("pytorch_model-*.bin"))
     if pickles:
         if allow_pickle:
+            if (folder / PICKLE_FILES[1]).exists():
+                return _shards_of(folder / PICKLE_FILES[1])
             return sorted(p for p in pickles if p.suffix == ".bin")
         raise CheckpointError(
             f"{pickles[0]}: pickled PyTorch weights; bezoar reads safetensors only, because unpickling can run "
@@ -74,6 +66,22 @@ def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
             "torch.load(weights_only=True)."
         )
     raise CheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} (no weights found)")
+
+
+def _shards_of(index: Path) -> list[Path]:
+    """The shard files an index's weight_map names, each checked to exist."""
+    kind = "safetensors" if index.name == INDEX_FILE else "PyTorch"
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not a {kind} index (needs a 'weight_map' object): {e}") from None
+    for name in files:
+        if not (index.parent / name).exists():
+            keys = [k for k, v in weight_map.items() if v == name]
+            raise CheckpointError(f"{index}: shard {name!r} is missing from {index.parent} "
+                                  f"(it holds {len(keys)} tensors, e.g. {keys[0]!r})")
+    return [index.parent / name for name in files]
 
 
 def _iter_tensors(path: Path):

@@ -110,6 +110,29 @@ def test_unreadable_pickle_names_the_file(tiny_dir, tmp_path):
         load(folder, allow_pickle=True)
 
 
+def test_sharded_pickles_follow_their_index(tiny_dir, tmp_path):
+    """pytorch_model.bin.index.json names the shards: they load as the safetensors do, and a missing one is
+    named with the index (not found out later as tensors missing from the model)."""
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(tiny_dir / "config.json", folder / "config.json")
+    state = load_file(tiny_dir / "model.safetensors")
+    keys = sorted(state)
+    halves = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
+              "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2:]}
+    for name, part in halves.items():
+        torch.save({k: state[k] for k in part}, folder / name)
+    weight_map = {k: name for name, part in halves.items() for k in part}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    ids = torch.randint(3, 500, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(load(folder, allow_pickle=True)(ids), load(tiny_dir)(ids))
+    (folder / "pytorch_model-00002-of-00002.bin").rename(folder / "elsewhere.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin\.index\.json: shard "
+                                              r"'pytorch_model-00002-of-00002\.bin' is missing"):
+        load(folder, allow_pickle=True)
+
+
 def test_no_weights_and_not_a_folder(tmp_path, tiny_dir):
     folder = tmp_path / "empty"
     folder.mkdir()
