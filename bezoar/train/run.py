@@ -171,6 +171,7 @@ def run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None) -> P
     cfg.data.path = package_path(cfg.data.path)
     cfg.eval_path = package_path(cfg.eval_path)
     if is_complete(out):
+        check_complete(out, cfg)  # finished with other settings: say so rather than skip as if done
         log(f"{out}: complete already ({SUMMARY} present); nothing to do")
         return out
     check_run_dir(out, cfg, resume)  # every rank: an error must stop them all, not leave some waiting

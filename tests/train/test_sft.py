@@ -179,8 +179,9 @@ def test_bad_inputs_are_named_and_nothing_is_damaged(tmp_path):
 
     r = run_cli(config, f"out={good}", *common)  # a finished run is never overwritten
     assert r.returncode == 0 and "complete already" in r.stdout
-    r = run_cli(config, f"out={good}", *common, "optim.lr=5e-4", "--resume")
-    assert (r.returncode == 0 and "complete already" in r.stdout)
+    r = run_cli(config, f"out={good}", *common, "optim.lr=5e-4", "--resume")  # nor silently kept as if asked for
+    assert r.returncode == 2 and "optim.lr" in r.stderr and "trained with other settings" in r.stderr
+    assert "Traceback" not in r.stderr
     after = {p: p.read_bytes() for p in good.rglob("*") if p.is_file()}
     assert after == before
 
