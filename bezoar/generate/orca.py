@@ -40,7 +40,7 @@ from pathlib import Path
 
 from bezoar.generate.request import GenerateError
 from bezoar.generate.schemes import (PROMPTS, add_scheme_arguments, chat, check_out_dir, check_sampling, excerpt,
-                                     normalized, read_records, rng_for, run_step, say, text_field, truncated,
+                                     read_records, rng_for, run_step, say, text_field, truncated,
                                      write_json, write_jsonl)
 
 OUTPUTS = ("raw.jsonl", "dropped.jsonl", "orca-summary.json")
@@ -180,7 +180,9 @@ def run_orca(args) -> int:
     chosen = []  # (query, system id)
     for i in kept:
         q = queries[i]
-        key = normalized(q["question"]) or q["question"]
+        # Word for word means the exact text (only runs of whitespace folded): the word tokens of the
+        # de-duplication rules drop symbols, and "5 + 3" and "5 - 3" are different questions.
+        key = " ".join(q["question"].split())
         if key in seen:
             counts["repeated queries"] += 1
             dropped.append({"reason": "repeated query", "question": q["question"], "origin": q["origin"],

@@ -107,6 +107,19 @@ def test_system_message_draws_cover_the_mapping(fake_server, tmp_path):
     assert sum(r["source"] == "cot" for r in records) == 39  # --cap-per-task
 
 
+def test_queries_that_differ_only_in_symbols_are_not_repeats(fake_server, tmp_path):
+    server = fake_server(reply=teacher)
+    rows = [q("What is 5 + 3?", "cot", "math"), q("What is 5 - 3?", "cot", "math"), q("What is  5 + 3?", "cot", "math"),
+            q("Is 7 > 4?", "cot", "compare"), q("Is 7 < 4?", "cot", "compare")]
+    queries = write_jsonl(tmp_path / "flan.jsonl", rows)
+    out = tmp_path / "out"
+    assert run("orca", queries, "--out", out, url=server.openai_url) == 0
+    assert [r["question"] for r in read_jsonl(out / "raw.jsonl")] == [
+        "What is 5 + 3?", "What is 5 - 3?", "Is 7 > 4?", "Is 7 < 4?"]
+    assert [(d["reason"], d["question"]) for d in read_jsonl(out / "dropped.jsonl")] == [
+        ("repeated query", "What is  5 + 3?")]  # only whitespace differs: asked once
+
+
 def test_mapping_is_orcas():
     assert system_ids("cot", False) == system_ids("cot", True) == (6, 11, 16)
     assert system_ids("niv2", False) == (1, 2, 5, 7, 9, 12, 13, 14, 15)
