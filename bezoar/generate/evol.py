@@ -58,18 +58,22 @@ STRATEGIES = [("in-depth", op) for op in DEPTH_OPERATIONS] + [("in-breadth", Non
 LEAK_PHRASES = ("given prompt", "rewritten prompt", "created prompt", "given instruction", "rewritten instruction",
                 "original instruction", "new instruction", "#rewritten", "#created", "#given", "#new", "#original")
 
-_NEGATIVE = re.compile(r"\b(different|not\s+the\s+same|not\s+equal|unequal|not\s+identical|distinct)\b")
-_POSITIVE = re.compile(r"\b(same|equal|identical|equivalent)\b")
+_SAME_WORDS = r"(?:same|equal|identical|equivalent)"
+_DIFFERENT_WORDS = r"(?:different|distinct|unequal)"
+_NOT = r"not\s+(?:(?:the|quite|exactly|really|entirely)\s+){0,2}"
+_VERDICT = re.compile(rf"\b(?:(?P<not_same>{_NOT}{_SAME_WORDS})|(?P<not_different>{_NOT}{_DIFFERENT_WORDS})"
+                      rf"|(?P<same>{_SAME_WORDS})|(?P<different>{_DIFFERENT_WORDS}))\b")
 
 
 def equality_verdict(reply: str) -> str | None:
-    """"different", "same", or None when the reply says neither clearly."""
-    text = " ".join(reply.lower().split())
-    if _NEGATIVE.search(text):
-        return "different"
-    if _POSITIVE.search(text):
-        return "same"
-    return None
+    """"different", "same", or None when the reply says neither clearly.
+
+    The first verdict word decides, negation included: "SAME. Nothing different is asked" is
+    the same, "NOT SAME" and "not the same" are different, "not different" is the same."""
+    m = _VERDICT.search(" ".join(reply.lower().split()))
+    if m is None:
+        return None
+    return "same" if m.lastgroup in ("same", "not_different") else "different"
 
 
 def leaked_phrase(instruction: str, markers: list[str]) -> str | None:

@@ -144,7 +144,12 @@ def test_more_epochs_extend_the_same_run(fake_server, tmp_path):
 
 @pytest.mark.parametrize("reply,verdict", [("SAME", "same"), ("Different.", "different"), ("Equal", "same"),
                                            ("Not Equal", "different"), ("They are not the same.", "different"),
-                                           ("I am not sure", None), ("", None)])
+                                           ("I am not sure", None), ("", None),
+                                           ("NOT SAME", "different"), ("Not quite the same.", "different"),
+                                           ("SAME. The second only rewords it; nothing different is asked.", "same"),
+                                           ("Not different.", "same"), ("They are equal, not different.", "same"),
+                                           ("DIFFERENT: it adds a constraint, so they are not the same.", "different"),
+                                           ("Unequal", "different")])
 def test_equality_verdict(reply, verdict):
     assert equality_verdict(reply) == verdict
 
