@@ -199,6 +199,13 @@ def test_read_records_names_file_and_line(tmp_path):
     path.write_text('{"instruction": "a"}\n{"instruction": \n')
     with pytest.raises(GenerateError, match=rf"{path} line 2: not valid JSON"):
         read_records(path, what="seed file")
+    # A bad byte deep in a big file: the message names its line and the byte within that line.
+    lines = [b'{"instruction": "task %d"}\n' % i for i in range(3000)]
+    lines[2500] = b'{"instruction": "caf\xe9"}\n'
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(GenerateError, match=rf"{path} line 2501: not UTF-8 text \(invalid continuation byte at byte 21 "
+                                            r"of the line\)"):
+        read_records(path, what="seed file")
     path.write_text("\n\n")
     with pytest.raises(GenerateError, match="holds no records"):
         read_records(path, what="seed file")
