@@ -224,7 +224,8 @@ def read_topics(source: str | os.PathLike) -> list[str]:
 _NUMBERED = re.compile(r"^\s*(?:\(\d{1,3}\)|<\d{1,3}>|\[\d{1,3}\]|\d{1,3}\s*[.):]"
                        r"|(?:instruction|task|question|prompt)\s*#?\s*\d{1,3}\s*[.):-])\s*", re.I)
 _BULLET = re.compile(r"^\s*([-*\u2022+])\s+")
-_LABEL = re.compile(r"^(?:instruction|task|prompt|question)\s*:\s*", re.I)
+# "Task:", also in bold as markdown-minded teachers write it ("**Task:**", "**Task**:").
+_LABEL = re.compile(r"^(?:\*\*)?(?:instruction|task|prompt|question)\s*(?:\*\*\s*:|:\s*\*\*|:)\s*", re.I)
 _QUOTES = (('"', '"'), ("'", "'"), ("\u201c", "\u201d"), ("`", "`"), ("**", "**"))
 
 

@@ -41,6 +41,8 @@ def test_numbered_list_with_preamble_epilogue_and_continuations():
     ("* alpha\n- part of alpha\n* beta", ["alpha\n- part of alpha", "beta"]),
     ("1. alpha\n\nmore about alpha\n\n2. beta\n\nbye", ["alpha\n\nmore about alpha", "beta"]),
     ("1. `code task`\n2. **bold task**\n3. \u201cquoted\u201d", ["code task", "bold task", "quoted"]),
+    ("1. **Task:** alpha\n2. **Instruction**: beta\n3. **Question:** Is **this** bold?",
+     ["alpha", "beta", "Is **this** bold?"]),
 ])
 def test_list_styles(reply, items):
     assert parse_list(reply).items == items
