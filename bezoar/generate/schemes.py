@@ -221,8 +221,10 @@ def read_topics(source: str | os.PathLike) -> list[str]:
 
 
 # ---------------------------------------------------------------------- parsing teacher lists
-_NUMBERED = re.compile(r"^\s*(?:\(\d{1,3}\)|<\d{1,3}>|\[\d{1,3}\]|\d{1,3}\s*[.):]"
-                       r"|(?:instruction|task|question|prompt)\s*#?\s*\d{1,3}\s*[.):-])\s*", re.I)
+_NUMBER_MARK = (r"(?:\(\d{1,3}\)|<\d{1,3}>|\[\d{1,3}\]|\d{1,3}\s*[.):]"
+                r"|(?:instruction|task|question|prompt)\s*#?\s*\d{1,3}\s*[.):-])")
+# A marker may be in bold ("**1.**", "**Task 1:**"); the ** after a plain "1." opens the item's own bold text.
+_NUMBERED = re.compile(rf"^\s*(?:\*\*{_NUMBER_MARK}\*\*|{_NUMBER_MARK})\s*", re.I)
 _BULLET = re.compile(r"^\s*([-*\u2022+])\s+")
 # "Task:", also in bold as markdown-minded teachers write it ("**Task:**", "**Task**:").
 _LABEL = re.compile(r"^(?:\*\*)?(?:instruction|task|prompt|question)\s*(?:\*\*\s*:|:\s*\*\*|:)\s*", re.I)
@@ -256,7 +258,7 @@ def _clean_item(text: str) -> str:
 
 def parse_list(reply: str, *, truncated: bool = False) -> ParsedList:
     """The items of a numbered (``1.``, ``1)``, ``(1)``, ``<1>``, ``[1]``, ``Instruction 1:``) or
-    bulleted (``-``, ``*``, ``•``) list.
+    bulleted (``-``, ``*``, ``•``) list; a number marker may be in bold (``**1.**``).
 
     The first marker decides the style; after that only markers of that style start items, so a
     numbered list may hold bullets inside its items. A line without a marker continues the current

@@ -43,6 +43,7 @@ def test_numbered_list_with_preamble_epilogue_and_continuations():
     ("1. `code task`\n2. **bold task**\n3. \u201cquoted\u201d", ["code task", "bold task", "quoted"]),
     ("1. **Task:** alpha\n2. **Instruction**: beta\n3. **Question:** Is **this** bold?",
      ["alpha", "beta", "Is **this** bold?"]),
+    ("**1.** alpha\n**2.** beta", ["alpha", "beta"]), ("**Task 1:** alpha\n**Task 2:** beta", ["alpha", "beta"]),
 ])
 def test_list_styles(reply, items):
     assert parse_list(reply).items == items
