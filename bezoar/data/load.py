@@ -87,7 +87,7 @@ def _object_or_error(value, origin: str) -> dict:
 def _decode_utf8(data: bytes, path: Path, first_line: int = 1) -> str:
     """``data`` as text; bytes that are not UTF-8 are a DataError naming the line they sit on."""
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # -sig: a byte-order mark at the start (Windows editors) is dropped
     except UnicodeDecodeError as e:
         line = first_line + data.count(b"\n", 0, e.start)
         column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1

@@ -118,7 +118,7 @@ def read_requests(path: str | Path, defaults: dict) -> tuple[list[Request], int]
         for number, raw in enumerate(handle, start=1):
             where = f"{path} line {number}"
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig")  # -sig: drops a byte-order mark on the first line
             except UnicodeDecodeError as e:
                 raise GenerateError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
             if not text.strip():

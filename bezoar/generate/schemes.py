@@ -93,7 +93,7 @@ def load_template(name: str, path: str | os.PathLike | None = None) -> Template:
         raise GenerateError(f"unknown template {name!r}; known: {', '.join(TEMPLATE_FIELDS)}")
     file = Path(path) if path is not None else PROMPTS / f"{name}.txt"
     try:
-        text = file.read_text(encoding="utf-8")
+        text = file.read_text(encoding="utf-8-sig")
     except OSError as e:
         raise GenerateError(f"cannot read template {file}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
@@ -154,7 +154,7 @@ def _read_jsonl(path: Path, what: str, limit: int | None) -> list[tuple[str, dic
         for number, raw in enumerate(handle, start=1):
             origin = f"{path} line {number}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig")  # -sig: drops a byte-order mark on the first line
             except UnicodeDecodeError as e:
                 raise GenerateError(f"{origin}: not UTF-8 text ({e.reason} at byte {e.start + 1} of the line)") from None
             if not line.strip():
@@ -198,7 +198,7 @@ def read_topics(source: str | os.PathLike) -> list[str]:
     topics: list[str] = []
     if path.is_file() and path.suffix.lower() in (".txt", ".list", ""):
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
         except OSError as e:
             raise GenerateError(f"cannot read topic file {path}: {e.strerror or e}") from None
         except UnicodeDecodeError as e:

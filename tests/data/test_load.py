@@ -145,3 +145,14 @@ def test_hub_name_offline_gives_clear_error(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataError, match=r"^bezoar-test/no-such-dataset: not a local file or folder.*offline"):
         load_records("bezoar-test/no-such-dataset")
+
+
+@pytest.mark.parametrize("name", ["x.jsonl", "x.json"])
+def test_a_byte_order_mark_at_the_start_is_dropped(tmp_path, name):
+    """Editors on Windows start UTF-8 files with a byte-order mark; it is not part of the first record."""
+    p = tmp_path / name
+    body = ('[{"instruction": "a", "response": "b"}]' if name.endswith(".json")
+            else '{"instruction": "a", "response": "b"}\n')
+    p.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    records = load_records(p)
+    assert [r.data for r in records] == [{"instruction": "a", "response": "b"}]

@@ -176,6 +176,15 @@ def test_input_that_is_not_utf8_names_the_line(tmp_path, capsys):
     assert not (tmp_path / "out.jsonl").exists()
 
 
+def test_a_byte_order_mark_before_the_first_line_is_not_part_of_it(tmp_path):
+    from bezoar.generate.cli import read_requests
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(b'\xef\xbb\xbf{"id": 1, "prompt": "x"}\n{"id": 2, "prompt": "y"}\n')
+    requests, repeated = read_requests(inp, {})
+    assert [r.id for r in requests] == [1, 2] and repeated == 0
+
+
 def test_identical_lines_are_one_request(fake_server, tmp_path, capsys):
     server = fake_server()
     inp = tmp_path / "in.jsonl"

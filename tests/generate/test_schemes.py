@@ -275,3 +275,19 @@ def test_shipped_samples_through_every_scheme_and_the_filter(fake_server, tmp_pa
         assert 0 < len(kept) < len(raw) and all(r["judge_score"] >= 7 for r in kept)
         examples, _ = read_examples(DataConfig(path=str(data / scheme / "filtered.jsonl"), format=fmt))
         assert len(examples) == len(kept)
+
+
+def test_inputs_with_a_byte_order_mark(tmp_path):
+    """A UTF-8 byte-order mark at the start of a seed, topic or template file is not part of its text."""
+    bom = b"\xef\xbb\xbf"
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_bytes(bom + b'{"instruction": "a"}\n{"instruction": "b"}\n')
+    assert [r["instruction"] for _, r in read_records(seeds, what="seed file")] == ["a", "b"]
+    topics = tmp_path / "topics.txt"
+    topics.write_bytes(bom + b"Volcanoes\nSleep\n")
+    assert read_topics(topics) == ["Volcanoes", "Sleep"]
+    name = next(iter(TEMPLATE_FIELDS))
+    shipped = load_template(name)
+    mine = tmp_path / "mine.txt"
+    mine.write_bytes(bom + shipped.text.encode())
+    assert load_template(name, mine).text == shipped.text
