@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import concurrent.futures
 import json
 import logging
@@ -431,6 +432,51 @@ def token_bytes(tokenizer, token_id: int) -> list[int]:
     return list(token_text(tokenizer, token_id).encode("utf-8"))
 
 
+# sentencepiece decodes each byte of a broken UTF-8 sequence as its own U+FFFD; Python's "replace"
+# gives one per maximal broken run.
+_BYTEWISE_REPLACE = "bezoar-bytewise-replace"
+codecs.register_error(_BYTEWISE_REPLACE, lambda e: ("\ufffd" * (e.end - e.start), e.end))
+
+
+def token_pieces(tokenizer, ids: list[int]) -> list[str]:
+    """The text each token adds to ``tokenizer.decode(ids)``, so that the pieces join to exactly that
+    text. What decode skips (BOS, EOS, pad, other control tokens) adds ""; a character spelled in
+    byte-fallback tokens is added by its last byte (the bytes before it add ""); the first word loses
+    the leading space sentencepiece drops.
+
+    Token bytes run through one incremental UTF-8 decoder: linear in the length. Where that does not
+    give decode's text (a tokenizer rule it does not know), each token's end is found by decoding every
+    prefix instead, which is right for any tokenizer but quadratic."""
+    text = tokenizer.decode(ids)
+    sp = tokenizer.sp
+    skipped = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}
+    decoder = codecs.getincrementaldecoder("utf-8")(_BYTEWISE_REPLACE)
+    pieces, started = [], False
+    for t in ids:
+        if t in skipped or sp.IsControl(t):
+            pieces.append("")
+            continue
+        raw = bytes(token_bytes(tokenizer, t))
+        if not started and raw.startswith(b" ") and not sp.IsByte(t):
+            raw = raw[1:]
+        started = True
+        pieces.append(decoder.decode(raw))
+    if pieces:
+        pieces[-1] += decoder.decode(b"", final=True)
+    if "".join(pieces) == text:
+        return pieces
+    pieces, end = [], 0
+    for i in range(len(ids)):
+        prefix = tokenizer.decode(ids[: i + 1])
+        common = 0
+        while common < min(len(prefix), len(text)) and prefix[common] == text[common]:
+            common += 1
+        common = len(text) if i == len(ids) - 1 else max(common, end)
+        pieces.append(text[end:common])
+        end = common
+    return pieces
+
+
 class Server:
     """The aiohttp application around an Engine."""
 
@@ -592,8 +638,13 @@ class Server:
                                   "choices": choices, "usage": self._usage(jobs)})
 
     def _completion_logprobs(self, job: Job) -> dict:
+        """OpenAI's legacy logprobs: ``tokens`` are the pieces of the returned text, one per token (they
+        join to ``text``) and ``text_offset`` says where each starts in it (without echo, offsets count
+        from the prompt's end). A token that adds no text, BOS included, reads "" rather than being
+        left out: clients such as lm-eval index ``token_logprobs`` by token position."""
         ids = (job.prompt_ids if job.echo else []) + job.new_ids
-        tokens = [token_text(self.tokenizer, t) for t in ids]
+        tokens = token_pieces(self.tokenizer, job.prompt_ids) if job.echo else []
+        tokens += token_pieces(self.tokenizer, job.new_ids)
         offsets, at = [], 0 if job.echo else len(self.tokenizer.decode(job.prompt_ids))
         for tok in tokens:
             offsets.append(at)

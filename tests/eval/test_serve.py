@@ -84,6 +84,34 @@ def test_echo_logprobs_are_the_models_token_logprobs(client, tiny_model, tiny_to
         assert r.choices[0].text.startswith(prompt)
 
 
+def test_logprobs_tokens_and_offsets_index_the_returned_text(client, tiny_tokenizer):
+    """tokens join to the returned text and text_offset[i] is where token i starts in it: BOS reads "",
+    a word's marker is a space, a character spelled in byte tokens comes with its last byte."""
+    prompt = "The bright eagle sees €5 and ü"
+    ids = tiny_tokenizer.encode(prompt, bos=True)
+    for echo in (True, False):
+        for max_tokens in ((0, 1, 6) if echo else (1, 6)):
+            r = client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                          logprobs=1, echo=echo)
+            choice = r.choices[0]
+            lp = choice.logprobs
+            full = choice.text if echo else prompt + choice.text
+            assert "".join(lp.tokens) == choice.text
+            assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset)
+            for token, offset in zip(lp.tokens, lp.text_offset):
+                assert full[offset: offset + len(token)] == token
+            if echo:
+                assert len(lp.tokens) == len(ids) + max_tokens
+                assert lp.tokens[0] == "" and lp.token_logprobs[0] is None
+                assert lp.text_offset[0] == 0 and lp.tokens[1] == "The"
+            else:
+                assert lp.text_offset[0] == len(prompt)
+    from bezoar.serve import token_pieces
+
+    euro = tiny_tokenizer.encode("€", bos=False)
+    assert token_pieces(tiny_tokenizer, euro)[-1] == "€" and "".join(token_pieces(tiny_tokenizer, euro)) == "€"
+
+
 def test_chat_uses_the_template_and_streams_the_same_text(client, tiny_model, tiny_tokenizer):
     messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a red thing."}]
     text = chat_prompt(messages)
