@@ -309,10 +309,21 @@ class Engine:
         return torch.Generator(device=self.model.device).manual_seed(job.seed + job.index)
 
     def _finish_text(self, job: Job) -> None:
+        """The returned text, cut before a stop string, and the new tokens cut to those whose text it
+        returns (for logprobs and usage). A token whose text straddles the cut stays: part of its text
+        is returned."""
         text = self.tokenizer.decode(job.new_ids)
         cut = cut_at_stop(text, job.stop)
         if len(cut) < len(text):
             job.stop_hit = True
+            kept, length = 0, 0
+            for piece in token_pieces(self.tokenizer, job.new_ids):
+                if length >= len(cut):
+                    break
+                kept, length = kept + 1, length + len(piece)
+            job.new_ids = job.new_ids[:kept]
+            scored = (len(job.prompt_ids) if job.echo else 0) + kept  # logprobs already recorded (one step)
+            del job.token_logprobs[scored:], job.top_logprobs[scored:]
         job.text = cut
 
     def _run_one_step(self, jobs: list[Job]) -> None:
@@ -644,7 +655,10 @@ class Server:
         left out: clients such as lm-eval index ``token_logprobs`` by token position."""
         ids = (job.prompt_ids if job.echo else []) + job.new_ids
         tokens = token_pieces(self.tokenizer, job.prompt_ids) if job.echo else []
-        tokens += token_pieces(self.tokenizer, job.new_ids)
+        new = token_pieces(self.tokenizer, job.new_ids)
+        if new and job.stop_hit:  # the last token may straddle the stop: only its returned part
+            new[-1] = new[-1][: len(new[-1]) - (len("".join(new)) - len(job.text))]
+        tokens += new
         offsets, at = [], 0 if job.echo else len(self.tokenizer.decode(job.prompt_ids))
         for tok in tokens:
             offsets.append(at)

@@ -112,6 +112,54 @@ def test_logprobs_tokens_and_offsets_index_the_returned_text(client, tiny_tokeni
     assert token_pieces(tiny_tokenizer, euro)[-1] == "€" and "".join(token_pieces(tiny_tokenizer, euro)) == "€"
 
 
+def _stop_inside(tokenizer, token_ids: list[int]) -> tuple[str, int]:
+    """A stop string that starts inside a token of a completion, some tokens before its end, and how
+    many tokens cover the text before it (the straddling one included)."""
+    from bezoar.serve import token_pieces
+
+    pieces = token_pieces(tokenizer, token_ids)
+    text = "".join(pieces)
+    for j in range(1, len(pieces) - 3):
+        stop = pieces[j][1:] + pieces[j + 1]
+        if len(pieces[j]) >= 2 and text.find(stop) == len("".join(pieces[:j])) + 1:
+            return stop, j + 1
+    raise AssertionError(f"no stop string to pick in {pieces}")
+
+
+def test_a_stop_string_cuts_logprobs_and_usage_with_the_text(client, tiny_model, tiny_tokenizer):
+    """Only the tokens whose text is returned count: the token the stop string starts inside stays,
+    with the part of its text before the stop; the tokens after it go from logprobs and usage."""
+    prompt = "The bright eagle watches the"
+    free = generate(tiny_model, tiny_tokenizer, prompt, max_new_tokens=16)[0]
+    stop, kept = _stop_inside(tiny_tokenizer, free.token_ids)
+    want = free.text[: free.text.find(stop)]
+    for echo in (False, True):
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0, stop=[stop],
+                                      logprobs=1, echo=echo)
+        choice = r.choices[0]
+        assert choice.text == (prompt if echo else "") + want and choice.finish_reason == "stop"
+        assert r.usage.completion_tokens == kept < len(free.token_ids)
+        assert "".join(choice.logprobs.tokens) == choice.text
+        assert len(choice.logprobs.token_logprobs) == (r.usage.prompt_tokens if echo else 0) + kept
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0, stop=[stop],
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+    assert chunks[-1].usage.completion_tokens == kept
+
+    messages = [{"role": "user", "content": "Name a red thing."}]
+    answer = generate(tiny_model, tiny_tokenizer, chat_prompt(messages), max_new_tokens=16,
+                      stop=["### Instruction:", "### System:", "### Response:"])[0]
+    stop, kept = _stop_inside(tiny_tokenizer, answer.token_ids)
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0, stop=[stop],
+                                       logprobs=True)
+    assert r.choices[0].message.content == answer.text[: answer.text.find(stop)]
+    assert r.usage.completion_tokens == len(r.choices[0].logprobs.content) == kept
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0,
+                                                 stop=[stop], stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == kept
+
+
 def test_chat_uses_the_template_and_streams_the_same_text(client, tiny_model, tiny_tokenizer):
     messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a red thing."}]
     text = chat_prompt(messages)
