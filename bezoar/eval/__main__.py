@@ -121,6 +121,7 @@ def run_mt_bench(args) -> int:
                         ("--concurrency", args.concurrency)):
         if value < 1:  # checked before the model loads; 0 would fail much later with a misleading message
             raise ValueError(f"{flag} must be at least 1, got {value}")
+    _check_mt_bench_inputs(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     questions = mt.load_questions(args.questions, split=args.split)
@@ -159,6 +160,29 @@ def run_mt_bench(args) -> int:
     print(mt.summary_table(summary, model_id, config.model))
     print(f"\njudgments, results.md, results.json and categories.png written to {out}")
     return 0
+
+
+def _check_mt_bench_inputs(args) -> None:
+    """Every file and folder the run will read, checked before anything loads: a missing judge-prompts
+    file would otherwise surface only after all the answers were generated, and a missing --answers
+    file read as an empty one."""
+    files = [("--reference", args.reference), ("--answers", args.answers)]
+    if str(args.questions).endswith((".jsonl", ".json")) or Path(args.questions).exists():
+        files.append(("--questions", args.questions))  # otherwise a dataset name
+    if not args.skip_judge:
+        files.append(("--judge-prompts", args.judge_prompts))
+    folders = [] if args.answers else [("--model", args.model), ("--adapter", args.adapter)]
+    missing = []
+    for (flag, value), want in [(f, "file") for f in files] + [(f, "folder") for f in folders]:
+        if value is None:
+            continue
+        path = Path(value)
+        if not path.exists():
+            missing.append(f"{flag} {value}: no such {want}")
+        elif not (path.is_file() if want == "file" else path.is_dir()):
+            missing.append(f"{flag} {value}: not a {want}")
+    if missing:
+        raise ValueError("; ".join(missing))
 
 
 def run_lm_eval(argv: list[str]) -> int:

@@ -231,6 +231,30 @@ def test_mt_bench_cli_errors(tmp_path, capsys):
         assert f"{flag} must be at least 1, got 0" in err and "no-model" not in err
 
 
+def test_missing_inputs_are_named_before_the_model_loads(tiny_dir, tmp_path, capsys, monkeypatch):
+    import bezoar.model
+    from bezoar.eval.__main__ import main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded before the inputs were checked")
+
+    monkeypatch.setattr(bezoar.model, "load", no_load)
+    out = tmp_path / "o"
+    base = ["mt-bench", "--questions", str(mt.SAMPLE_QUESTIONS), "--out", str(out), "--judge-model", "j"]
+    assert main(base + ["--answers", str(tmp_path / "missing.jsonl")]) == 2
+    assert f"--answers {tmp_path / 'missing.jsonl'}: no such file" in capsys.readouterr().err
+    assert main(base + ["--model", str(tiny_dir), "--judge-prompts", str(tmp_path / "prompts.jsonl")]) == 2
+    assert f"--judge-prompts {tmp_path / 'prompts.jsonl'}: no such file" in capsys.readouterr().err
+    assert main(base + ["--model", str(tiny_dir), "--adapter", str(tmp_path / "no-adapter"),
+                        "--reference", str(tmp_path / "ref.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert f"--reference {tmp_path / 'ref.jsonl'}: no such file" in err
+    assert f"--adapter {tmp_path / 'no-adapter'}: no such folder" in err
+    assert main(base + ["--model", str(tmp_path), "--questions", str(tmp_path)]) == 2
+    assert f"--questions {tmp_path}: not a file" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_answers_of_another_model_are_not_resumed(tiny_dir, tmp_path, capsys):
     from bezoar.eval.__main__ import main
 
