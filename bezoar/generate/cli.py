@@ -101,26 +101,20 @@ def pool_from_args(args, out: str | Path) -> Pool:
 
 
 # ---------------------------------------------------------------------- the requests command
-def read_requests(path: str | Path, defaults: dict) -> tuple[list[Request], int]:
-    """Requests from a JSONL file, validated up front (before anything is spent).
-
-    Returns (requests, repeated lines). A line repeating an earlier one exactly is one request;
-    an id used twice for different requests is an error naming both lines."""
-    path = Path(path)
+def jsonl_objects(path: Path, what: str):
+    """``(line number, "FILE line N", object)`` for each non-blank line of a JSONL file; a line that is not
+    UTF-8, not JSON or not an object is a GenerateError naming it. ``what`` names the file ("seed file")."""
     try:
-        handle = open(path, "rb")  # decoded line by line, so that bad bytes are reported with their line
+        handle = open(path, "rb")  # bytes, decoded line by line: bad bytes are reported with their line
     except OSError as e:
-        raise GenerateError(f"cannot read {path}: {e.strerror or e}") from None
-    requests: list[Request] = []
-    first_line: dict[str, tuple[int, str]] = {}  # id -> (line number, key)
-    repeated = 0
+        raise GenerateError(f"cannot read {what} {path}: {e.strerror or e}") from None
     with handle:
         for number, raw in enumerate(handle, start=1):
             where = f"{path} line {number}"
             try:
                 text = raw.decode("utf-8-sig")  # -sig: drops a byte-order mark on the first line
             except UnicodeDecodeError as e:
-                raise GenerateError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
+                raise GenerateError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start + 1} of the line)") from None
             if not text.strip():
                 continue
             try:
@@ -129,34 +123,47 @@ def read_requests(path: str | Path, defaults: dict) -> tuple[list[Request], int]
                 raise GenerateError(f"{where}: not valid JSON ({e})") from None
             if not isinstance(obj, dict):
                 raise GenerateError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            unknown = sorted(set(obj) - set(INPUT_FIELDS))
-            if unknown:
-                raise GenerateError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; "
-                                    f"known: {', '.join(INPUT_FIELDS)}")
-            rid = obj.get("id")
-            if isinstance(rid, bool) or not isinstance(rid, (str, int)):
-                raise GenerateError(f"{where}: 'id' is required and must be a string or an integer")
-            if ("messages" in obj) == ("prompt" in obj):
-                raise GenerateError(f"{where}: give either 'messages' (chat) or 'prompt' (completion)")
-            fields = {k: obj[k] for k in INPUT_FIELDS if k in obj}
-            for name, value in defaults.items():
-                fields.setdefault(name, value)
-            fields["kind"] = "chat" if "messages" in obj else "completion"
-            try:
-                request = Request(**fields)
-            except (ValueError, TypeError) as e:
-                raise GenerateError(f"{where}: {e}") from None
-            key = request.key(defaults.get("model"))
-            id_text = json.dumps(rid)
-            seen = first_line.get(id_text)
-            if seen is not None:
-                if seen[1] != key:
-                    raise GenerateError(f"{where}: id {rid!r} was already used on line {seen[0]} for a different "
-                                        "request; ids must be unique")
-                repeated += 1
-                continue
-            first_line[id_text] = (number, key)
-            requests.append(request)
+            yield number, where, obj
+
+
+def read_requests(path: str | Path, defaults: dict) -> tuple[list[Request], int]:
+    """Requests from a JSONL file, validated up front (before anything is spent).
+
+    Returns (requests, repeated lines). A line repeating an earlier one exactly is one request;
+    an id used twice for different requests is an error naming both lines."""
+    path = Path(path)
+    requests: list[Request] = []
+    first_line: dict[str, tuple[int, str]] = {}  # id -> (line number, key)
+    repeated = 0
+    for number, where, obj in jsonl_objects(path, "input"):
+        unknown = sorted(set(obj) - set(INPUT_FIELDS))
+        if unknown:
+            raise GenerateError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; "
+                                f"known: {', '.join(INPUT_FIELDS)}")
+        rid = obj.get("id")
+        if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+            raise GenerateError(f"{where}: 'id' is required and must be a string or an integer")
+        if ("messages" in obj) == ("prompt" in obj):
+            raise GenerateError(f"{where}: give either 'messages' (chat) or 'prompt' (completion)")
+        fields = {k: obj[k] for k in INPUT_FIELDS if k in obj}
+        for name, value in defaults.items():
+            fields.setdefault(name, value)
+        fields["kind"] = "chat" if "messages" in obj else "completion"
+        try:
+            request = Request(**fields)
+        except (ValueError, TypeError) as e:
+            raise GenerateError(f"{where}: {e}") from None
+        key = request.key(defaults.get("model"))
+        id_text = json.dumps(rid)
+        seen = first_line.get(id_text)
+        if seen is not None:
+            if seen[1] != key:
+                raise GenerateError(f"{where}: id {rid!r} was already used on line {seen[0]} for a different "
+                                    "request; ids must be unique")
+            repeated += 1
+            continue
+        first_line[id_text] = (number, key)
+        requests.append(request)
     return requests, repeated
 
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from bezoar.generate.cli import add_pool_arguments, pool_from_args
+from bezoar.generate.cli import add_pool_arguments, jsonl_objects, pool_from_args
 from bezoar.generate.progress import run_summary
 from bezoar.generate.request import GenerateError, Request, Result
 
@@ -146,28 +146,10 @@ def read_records(source: str | os.PathLike, *, what: str, split: str = "train",
 
 def _read_jsonl(path: Path, what: str, limit: int | None) -> list[tuple[str, dict]]:
     out: list[tuple[str, dict]] = []
-    try:
-        handle = open(path, "rb")  # bytes: a line that is not UTF-8 is named by its number
-    except OSError as e:
-        raise GenerateError(f"cannot read {what} {path}: {e.strerror or e}") from None
-    with handle:
-        for number, raw in enumerate(handle, start=1):
-            origin = f"{path} line {number}"
-            try:
-                line = raw.decode("utf-8-sig")  # -sig: drops a byte-order mark on the first line
-            except UnicodeDecodeError as e:
-                raise GenerateError(f"{origin}: not UTF-8 text ({e.reason} at byte {e.start + 1} of the line)") from None
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except ValueError as e:
-                raise GenerateError(f"{origin}: not valid JSON ({e})") from None
-            if not isinstance(value, dict):
-                raise GenerateError(f"{origin}: expected a JSON object, got {type(value).__name__}")
-            out.append((origin, value))
-            if limit is not None and len(out) >= limit:
-                break
+    for _, origin, value in jsonl_objects(path, what):
+        out.append((origin, value))
+        if limit is not None and len(out) >= limit:
+            break
     if not out:
         raise GenerateError(f"{what} {path} holds no records")
     return out
