@@ -364,7 +364,7 @@ if triton is not None:
     def _dropout_keep_halves(rows, pair0, seed, threshold, PAIRS: tl.constexpr):
         """int1 (rows x PAIRS) twice: whether the mask keeps columns 2i and 2i + 1 for the column pairs
         i = pair0 .. pair0 + PAIRS - 1 (one 32-bit hash per pair: its high and low 16 bits)."""
-        row_hash = _mix32_tl(rows.to(tl.uint32) ^ seed.to(tl.uint32))
+        row_hash = _mix32_tl(rows.to(tl.uint32) ^ tl.cast(seed, tl.uint32))
         pairs = (pair0 + tl.arange(0, PAIRS)).to(tl.uint32)
         h = _mix32_tl(row_hash[:, None] ^ pairs[None, :])
         return (h >> 16).to(tl.int32) >= threshold, (h & 0xFFFF).to(tl.int32) >= threshold

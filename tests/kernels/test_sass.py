@@ -160,3 +160,18 @@ def test_swiglu_lora_kernels_do_not_spill(kernel, r_pad, block_k):
     # 16-byte stores; 8-byte ones at 32 columns (16 x 32 values over 128 threads: four per thread)
     assert counts.get("STG.E.128", 0) + (counts.get("STG.E.64", 0) if block_k == 32 else 0) >= 1, counts
     assert any(k.startswith(("HMMA", "HGMMA")) for k in counts), counts
+
+
+@pytest.mark.parametrize("preset,seeds", [("lora_down", 3), ("lora_bwd", 3), ("lora_dx_da", 3), ("lora_da", 3),
+                                          ("norm_lora_fwd", 3), ("norm_lora_bwd", 3), ("swiglu_lora_fwd", 1),
+                                          ("swiglu_lora_bwd", 1)])
+def test_dropout_kernels_build_with_seed_one(preset, seeds):
+    """Triton turns an int argument equal to 1 into a constant when it specializes a launch, so a dropout
+    seed of 1 reaches the mask as a constexpr, not a tensor. The mask must take it: ``seed.to(...)`` did
+    not (the fused SwiGLU + LoRA kernels failed to build at seed 1 on an H100 under triton 3.6)."""
+    names = ["seed"] if seeds == 1 else [f"seed{i}" for i in range(seeds)]
+    args = [preset]
+    for name in names:
+        args += ["--meta", f"{name}=1"]
+    info = json.loads(_sass(*args, "--json"))
+    assert "REG:" in info["usage"], info["usage"]
