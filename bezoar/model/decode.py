@@ -371,6 +371,10 @@ class Decoder:
             fingerprint = _fingerprint(model)
             if fingerprint != st.fingerprint:
                 st.graphs.clear()
+                # and a new memory pool for the next capture: torch refuses to capture into a pool whose
+                # graphs are all gone while blocks allocated in it are still alive (an internal assert,
+                # use_count > 0, seen on an H100 with torch 2.11 when the adapters were switched off)
+                st.pool = None
                 st.fingerprint = fingerprint
         cache = st.cache
         cache.reset()
@@ -449,6 +453,7 @@ class Decoder:
         except Exception as exc:  # decoding goes on without graphs; the tokens are the same
             self._graphs_failed = True
             st.graphs.clear()
+            st.pool = None
             warnings.warn(f"CUDA graph capture of the decode step failed ({type(exc).__name__}: {exc}); "
                           "this decoder runs without graphs from here on", RuntimeWarning, stacklevel=3)
         return logits
