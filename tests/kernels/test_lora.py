@@ -785,10 +785,10 @@ def test_bf16_on_gpu_matches_fp32_product(m, n, k, r, path):
     a, b = ad.lora_a.bfloat16().float(), ad.lora_b.bfloat16().float()
     xa = (h @ a.t()).bfloat16().float()
     if path == "concat":
-        # the wide GEMMs multiply by s * B rounded to bf16 (s = 0.75 is not a power of two): g and the
-        # LoRA term of y carry that rounding, which on an H100 put 3 to 301 elements of dA outside the
-        # tolerance below against an oracle that scales after the product
-        sb = (ad.scaling * ad.lora_b.float()).bfloat16().float()
+        # the wide GEMMs multiply by s * B made from bf16 B and rounded to bf16 again (s = 0.75 is not a
+        # power of two): g and the LoRA term of y carry that rounding, which on an H100 put 3 to 75
+        # elements of dA outside the tolerance below against an oracle that scales after the product
+        sb = (ad.scaling * b).bfloat16().float()
     else:
         sb = ad.scaling * b
     base_y, lora_y = x.float() @ w.t(), xa @ sb.t()
@@ -797,8 +797,9 @@ def test_bf16_on_gpu_matches_fp32_product(m, n, k, r, path):
     base_dx = dy.float() @ w
     want_dx = base_dx + (g @ a) * mask
     # y adds two products, and cublas rounds x @ W to bf16 before adding the LoRA term: like dx below,
-    # the error scales with the terms (an H100: 0.086 at |y| 18.6 beyond 3e-2 + 2e-2 |y| where they cancel)
-    assert_close(y.float(), want_y, bf16_sum_bound(base_y, lora_y, roundings=2), 0.0, name="bf16 y")
+    # where they cancel the error scales with the terms (an H100: 1 of 2.9M elements beyond 3e-2 + 2e-2 |y|)
+    y_bound = torch.clamp(bf16_sum_bound(base_y, lora_y, roundings=2), min=3e-2)
+    assert_close(y.float(), want_y, y_bound, 2e-2, name="bf16 y")
     # dx adds two products that each round to bf16 (the cublas path rounds dy @ W before adding the
     # LoRA term), so its error scales with the terms, not with their sum (measured on an H100: 0.14
     # at |dx| 36.9, and 6 of 1M elements beyond 3e-2 + 2e-2 |dx| where the terms cancel). g itself
@@ -832,8 +833,10 @@ def test_bf16_merged_on_gpu_matches_fp32_product(n, k, r):
     assert_close(y.float(), x.float() @ merged.t(), y_bound, 0.0, name="bf16 merged y")
     dx_bound = bf16_sum_bound(dy.float().abs() @ merged.abs(), roundings=2)
     assert_close(grads[0].float(), dy.float() @ merged, dx_bound, 0.0, name="bf16 merged dx")
-    # g comes out of dy @ [W' | s B], s B rounded to bf16 (s = 0.75): the oracle rounds it the same way
-    sb = (ad.scaling * ad.lora_b.float()).bfloat16().float()
+    # g comes out of dy @ [W' | s B], s B made from bf16 B and rounded to bf16 again (s = 0.75): the
+    # oracle does the same (scaling after the product put 73 of 205K elements of dA off on an H100, and
+    # rounding s B from fp32 B 502; a torch model of the kernel's rounding reproduced both counts)
+    sb = (ad.scaling * ad.lora_b.bfloat16().float()).bfloat16().float()
     g = (dy.float() @ sb).bfloat16().float()
     xa = (x.float() @ a.t()).bfloat16().float()
     assert_close(grads[1], g.t() @ x.float(), 5e-2 * m ** 0.5, 2e-2, name="bf16 merged dA")
@@ -882,7 +885,7 @@ def test_bf16_qkv_on_gpu(path):
     for a, b, w_j, ad in zip(got[0], want[0], weights, adapters):
         base = x2 @ nf4.dequantize_nf4_reference(w_j, torch.bfloat16).float().t()
         lora = ad.scaling * (x2.abs() @ ad.lora_a.float().abs().t()) @ ad.lora_b.float().abs().t() / (1 - 0.05)
-        bound = bf16_sum_bound(base, lora, roundings=3).view(b.shape)
+        bound = torch.clamp(bf16_sum_bound(base, lora, roundings=3), min=5e-2).view(b.shape)
         assert_close(a.float(), b.float(), bound, 3e-2, name="bf16 qkv y")
     # dx sums three projections: the torch path rounds each dy_j @ W_j (and each LoRA term) to bf16
     # and accumulates them in bf16, the kernel once at the end, so the gap scales with the terms
