@@ -1,19 +1,16 @@
 #!/usr/bin/env bash
-# What the next GPU session runs first, in one device call of under 9 minutes: the checks of what was
-# built since the last GPU run and has only run on the CPU (bench/README.md, "The next GPU session's
-# first call", says what and why). Each part runs under its own time limit and a failing part does
-# not stop the rest; logs and the results JSON land in $OUT.
+# What the next GPU session runs first, in one device call of under 9 minutes: what the H100 calls of
+# 2026-11-26 (the second session) left unconfirmed (bench/README.md, "The next GPU session's first
+# call", says what and why). Each part runs under its own time limit and a failing part does not stop
+# the rest; logs and the results JSON land in $OUT, packed into one archive if there are more than the
+# 8 files a call brings back.
 #
-#   1. the GPU tests (scripts/gpu_check.sh --gpu-only, GPU_TEST_LIMIT seconds, default 110);
-#   2. bench/lora.py through scripts/gpu_bench.sh: first RMSNorm + q/k/v (and gate/up) with the fused
-#      rms_norm_lora against the norm and the separate LoRA calls (and the fused call's two grids side
-#      by side at the largest case), then cublas against concat, both with the one-pass dx + dA launch
-#      and the pair-hashed dropout mask;
-#   3. bench/lora.py --breakdown default: GPU time per kernel of NF4 alone, cublas, concat and the
-#      fused norm + q/k/v; bench/lora.py --dropout 0 on two shapes: the merged path (the LoRA term
-#      folded into W);
-#   4. bench/nf4.py --timing graph with the gemv and dequantize sweeps (the one-tile gemv kernel);
-#   5. bench/generate.py --breakdown 16: a decode step per kernel, gemv off and on.
+#   1. the GPU tests (scripts/gpu_check.sh --gpu-only, GPU_TEST_LIMIT seconds, default 120): the test
+#      oracles and the decode-graph pool fix made after that H100 call's 17 failures;
+#   2. bench/step.py and bench/generate.py through scripts/gpu_bench.sh: the training step and the
+#      decode tokens/s on the defaults the H100 run chose (LoRA large-M path concat, the per-block
+#      norm + LoRA grid, gemv at M = 1), last timed before the fused SwiGLU / norm + LoRA kernels;
+#   3. bench/nf4.py eager at M = 4096 and 16384 (issue 3's large-M targets, eager, on this tree).
 #
 # Then, on the machine the results come back to: python bench/tune.py <the JSON> (bench/README.md).
 #
@@ -38,7 +35,8 @@ while [ $# -gt 0 ]; do
 done
 export DRY_RUN PYTHONUNBUFFERED=1
 OUT_DIR=${OUT:-/tmp/bezoar-gpu-out}
-[ "$DRY_RUN" = 1 ] || mkdir -p "$OUT_DIR"
+STAMP=/tmp/bezoar-gpu-next.start
+[ "$DRY_RUN" = 1 ] || { mkdir -p "$OUT_DIR"; touch "$STAMP"; }
 
 # name, seconds, command: the command's output goes to $OUT/<name>.log
 part() {
@@ -58,18 +56,29 @@ keep() {
   if [ "$DRY_RUN" = 1 ]; then
     log "would copy bench/results/$1 to $OUT_DIR"
   else
-    # shellcheck disable=SC2086  # $1 is a glob
-    cp bench/results/$1 "$OUT_DIR"/ 2>/dev/null || log "no bench/results/$1 to copy"
+    # only what this call wrote: the tree carries the results already on record under the same names
+    local found
+    found=$(find bench/results -maxdepth 1 -name "$1" -newer "$STAMP")
+    if [ -n "$found" ]; then
+      # shellcheck disable=SC2086  # one path per line, no spaces in these names
+      cp $found "$OUT_DIR"/
+    else
+      log "no new bench/results/$1 to copy"
+    fi
   fi
 }
 
-part tests 140 env GPU_TEST_LIMIT="${GPU_TEST_LIMIT:-110}" bash scripts/gpu_check.sh --gpu-only
-part lora 160 bash scripts/gpu_bench.sh --only lora --budget 150
-# the two scripts above installed the project and the wheels; the parts below use that install
+part tests 150 env GPU_TEST_LIMIT="${GPU_TEST_LIMIT:-120}" bash scripts/gpu_check.sh --gpu-only
+part step_generate 300 bash scripts/gpu_bench.sh --only step,generate --budget 290
+# the two scripts above installed the project and the wheels; the part below uses that install
 [ -d "$SITE_DIR" ] && prepend_pythonpath "$SITE_DIR"
-part lora_breakdown 40 "$PYTHON" bench/lora.py --breakdown default
-part lora_no_dropout 35 "$PYTHON" bench/lora.py --dropout 0 --ms 16384 --ranks 16 --shapes 3200x3200,8640x3200
-keep "lora-no-dropout-*.json"
-part nf4_graph 100 "$PYTHON" bench/nf4.py --timing graph --ms 1,4,16,4096 --sweep-gemv --sweep-dequant
-keep "nf4-graph-*.json"
-part decode_breakdown 45 "$PYTHON" bench/generate.py --breakdown 16
+part nf4_large 60 "$PYTHON" bench/nf4.py --ms 4096,16384
+keep "nf4-NVIDIA*.json"
+
+# a call brings back at most 8 files: more are packed into one archive (bench/README.md)
+if [ "$DRY_RUN" = 1 ]; then
+  log "would pack $OUT_DIR into gpu-next.tar.gz if it holds more than 8 files"
+elif [ "$(find "$OUT_DIR" -maxdepth 1 -type f | wc -l)" -gt 8 ]; then
+  tar -czf /tmp/gpu-next.tar.gz -C "$OUT_DIR" . && find "$OUT_DIR" -mindepth 1 -delete \
+    && mv /tmp/gpu-next.tar.gz "$OUT_DIR/" && log "packed $OUT_DIR into gpu-next.tar.gz"
+fi
