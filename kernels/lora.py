@@ -149,6 +149,10 @@ PATHS = ("auto", "fused", "dequant", "cublas", "concat", "gemv", "merged")
 # (2026-11-26, bench/results/lora-NVIDIA_H200-2026-11-26.json), forward + backward as CUDA-graph replays
 # (GPU time): cuBLAS for the base product plus the LoRA epilogue pass took 1.18-1.55x NF4 alone on all 12
 # cases (3B shapes, M 4096/16384, r 16/64), the Triton dense GEMM with the fused epilogue 1.55-1.99x.
+# An H100 run of the same cases with "concat" beside it (2026-11-26, the second session's
+# lora-NVIDIA_H100_80GB_HBM3 file) measured concat 1.12-1.44x and cublas 1.18-1.54x (geometric means
+# 1.264x and 1.301x): the H100's tuning entry takes concat; this default for GPUs without one stays
+# cublas until concat has been timed on a second GPU model.
 LARGE_M_PATH = "cublas"
 MAX_KERNEL_RANK = 256  # larger ranks run the torch reference (register tiles of r columns)
 _GENERAL_CHUNK = 64  # K chunk of the NF4 decode when K is not a multiple of the blocksize
