@@ -423,10 +423,11 @@ def sweep_gemv(args, shapes, weights, randn, bench, mm):
     for (n, k), m in itertools.product(shapes, small):
         next_q = weights[(n, k)]  # cycles through the copies: no L2 reuse between calls
         words = next_q().blocksize // 8
-        # tiles up to twice the default's accumulator (beyond, the sm_90 build spills); each distinct
-        # tile is a compile, so the grid stays small
-        grid = [mm.GemvConfig(block_n, blocks, warps, 1)
-                for block_n, blocks, warps in itertools.product((16, 32, 64, 128), (2, 4, 8, 16), (4, 8))
+        # tiles up to twice the default's accumulator (beyond, the sm_90 build spills), with either code
+        # table; each distinct tile is a compile, so the grid stays small
+        grid = [mm.GemvConfig(block_n, blocks, warps, 1, table=table)
+                for block_n, blocks, warps, table in itertools.product((16, 32, 64, 128), (2, 4, 8, 16), (4, 8),
+                                                                       mm.GEMV_TABLES)
                 if m * block_n * blocks * words <= 2 * mm._GEMV_TILE_VALUES]
         if args.smoke:
             grid = grid[:2]
@@ -436,7 +437,8 @@ def sweep_gemv(args, shapes, weights, randn, bench, mm):
         best, best_cfg = fastest(lambda cfg: bench(lambda: mm.nf4_gemv_forward(x, next_q(), cfg), m, quick=True),
                                  grid, timed)
         out.append({"shape": f"{n}x{k}", "M": m, "default_ms": default, "best_ms": best, "best_config": str(best_cfg),
-                    "grid": [{"config": {"block_n": c.block_n, "blocks": c.blocks, "num_warps": c.num_warps}, "ms": t}
+                    "grid": [{"config": {"block_n": c.block_n, "blocks": c.blocks, "num_warps": c.num_warps,
+                                         "table": c.table}, "ms": t}
                              for c, t in timed]})
     return out
 

@@ -18,8 +18,9 @@ tuning file (the shipped ``kernels/tuning.json`` by default). What each setting 
 * ``nf4.gemv_tiles`` (per swept M) and ``nf4.dequant_launch``: from ``--sweep-gemv`` and
   ``--sweep-dequant``, the one config whose time summed over the shapes is lowest, where it beats the
   heuristic's sum by more than ``--min-gain`` (default 3%); where none does, the setting (or that M's
-  tiles) is removed, so the heuristic runs. Tiles are tied to the file's triton release: a file from
-  another release replaces them all.
+  tiles) is removed, so the heuristic runs. A gemv config includes its code table (``"nibble"`` is
+  written out; ``"byte"``, the default and what sweeps before the table existed ran, is left out).
+  Tiles are tied to the file's triton release: a file from another release replaces them all.
 
 Files are applied oldest first (by date, then eager before graph timing, then name), so a later run's
 value for a setting replaces an earlier one's; settings a file does not measure are kept. Usage::
@@ -153,18 +154,26 @@ def norm_grid(rows: list[dict]) -> tuple[str, str] | None:
     return grid, f"fused norm + LoRA, persistent / one program per row block: {why}"
 
 
-def _best_config(sweep: list[dict], min_gain: float, keys: tuple[str, ...]) -> tuple[dict | None, str] | None:
+def _best_config(sweep: list[dict], min_gain: float, keys: tuple[str, ...],
+                 defaults: dict | None = None) -> tuple[dict | None, str] | None:
     """(config, why): the config (a dict of ``keys``) with the lowest time summed over the sweep's rows, of
     those every row timed, if it beats the rows' summed heuristic by more than ``min_gain``; else (None,
-    why): the heuristic stays. None when the sweep timed nothing."""
+    why): the heuristic stays. None when the sweep timed nothing. ``defaults`` (key -> value) are keys
+    that older sweeps did not record (they ran with that value), and that the config leaves out when
+    it has that value."""
+    defaults = defaults or {}
     rows = [r for r in sweep if r.get("grid") and r.get("default_ms")]
     if not rows:
         return None
+
+    def key_of(g: dict) -> tuple:
+        return tuple(g["config"].get(k, defaults.get(k)) if k in defaults else g["config"][k] for k in keys)
+
     totals: dict[tuple, float] = {}
-    for cfg_key in {tuple(g["config"][k] for k in keys) for g in rows[0]["grid"]}:
+    for cfg_key in {key_of(g) for g in rows[0]["grid"]}:
         total = 0.0
         for r in rows:
-            t = next((g["ms"] for g in r["grid"] if tuple(g["config"][k] for k in keys) == cfg_key), None)
+            t = next((g["ms"] for g in r["grid"] if key_of(g) == cfg_key), None)
             if t is None:
                 break
             total += t
@@ -177,7 +186,7 @@ def _best_config(sweep: list[dict], min_gain: float, keys: tuple[str, ...]) -> t
     why = f"{totals[best]:.4f} ms against the heuristic's {default:.4f} ms over {len(rows)} shapes"
     if totals[best] >= default * (1 - min_gain):
         return None, f"best swept config {why}: the heuristic stays"
-    return dict(zip(keys, best)), why
+    return {k: v for k, v in zip(keys, best) if not (k in defaults and v == defaults[k])}, why
 
 
 def derive(result: dict, min_gain: float = 0.03) -> dict[str, tuple[object, str]]:
@@ -199,7 +208,7 @@ def derive(result: dict, min_gain: float = 0.03) -> dict[str, tuple[object, str]
         tiles = {}
         for m in sorted({r["M"] for r in result.get("sweep_gemv") or [] if "M" in r}):
             best = _best_config([r for r in result["sweep_gemv"] if r.get("M") == m], min_gain,
-                                ("block_n", "blocks", "num_warps"))
+                                ("block_n", "blocks", "num_warps", "table"), {"table": "byte"})
             if best:
                 tiles[str(m)] = best
         if tiles:

@@ -363,9 +363,9 @@ if triton is not None:
 
     @triton.jit
     def _nf4_gemv_kernel(
-        # pointers: x (M, K); W's packed bytes viewed as int32 words (N, K / 8); the byte table
-        # (nf4_byte_table: both values of a byte in one int64)
-        x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, byte_table_ptr, out_ptr,
+        # pointers: x (M, K); W's packed bytes viewed as int32 words (N, K / 8); the code table: with
+        # NIBBLE_TABLE the 16 fp32 values (nf4_code), else nf4_byte_table (both values of a byte in one int64)
+        x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, table_ptr, out_ptr,
         # with SPLIT: the (M, N) result and one int32 arrival count per row tile (zero between launches)
         final_ptr, counts_ptr,
         # sizes and scalars
@@ -374,7 +374,7 @@ if triton is not None:
         stride_xm, stride_os, stride_om, stride_fm,
         # meta
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, SPLIT: tl.constexpr, NIBBLE_TABLE: tl.constexpr,
     ):
         """out[split, m, n] = sum over NF4 blocks split * BLOCKS .. + BLOCKS of x[m, k] * W[n, k], M <= BLOCK_M.
 
@@ -388,8 +388,15 @@ if triton is not None:
         scale) is waited for once, not once per block. At batch 1 this kernel is bound by latency, not
         bandwidth: the first version stepped through the blocks one at a time and reached ~0.5 TB/s
         on an H200. Each byte of a word is decoded by one 8-byte load from the 2 KB byte table (both
-        its values; a 16-entry table took a gather per value, and the address arithmetic of the
-        gathers was most of the kernel's instructions); the values times x go into an fp32 partial
+        its values; a 16-entry table takes a gather per value, and the address arithmetic of the
+        gathers was most of the old kernel's instructions), or, with NIBBLE_TABLE, by one 4-byte load
+        per value from the 64-byte table of the 16 codes. The trade: a warp's 32 gathers from the
+        byte table touch about 14 of its 16 cache lines, each a separate L1 pass (a wavefront), where
+        a gather from the 64-byte table is one; two gathers per byte instead of one. On an H100 the
+        byte-table kernel took 17.8 us at M = 1 for 3200x3200, slower than cuBLAS on the bf16 weight,
+        and a count of byte-table wavefronts alone (5.1M gathers x ~14 / 32 lanes / 132 SMs) comes to
+        ~10 us; which table wins is for ``bench/nf4.py --sweep-gemv`` to say (``GemvConfig.table``,
+        written per GPU into the tuning file). The values times x go into an fp32 partial
         per word (plain FMAs, no matrix units, no shared memory); each word's block scale multiplies
         it before the sum over the words. W is never rounded to x's dtype, so the result differs from
         ``F.linear(x, dequantize(W, x.dtype))`` by that rounding (it is the more exact of the two).
@@ -424,7 +431,11 @@ if triton is not None:
         o2, o3 = tl.split(o23)
         acc = tl.zeros((BLOCK_M, BLOCK_N, SPAN), dtype=tl.float32)
         for i in tl.static_range(4):
-            first, second = _nf4_byte_values(tl.load(byte_table_ptr + ((words >> (8 * i)) & 255)))
+            if NIBBLE_TABLE:  # byte i of the word: its high nibble is the first value
+                first = tl.load(table_ptr + ((words >> (8 * i + 4)) & 15))
+                second = tl.load(table_ptr + ((words >> (8 * i)) & 15))
+            else:
+                first, second = _nf4_byte_values(tl.load(table_ptr + ((words >> (8 * i)) & 255)))
             xe = e0 if i == 0 else e1 if i == 1 else e2 if i == 2 else e3
             xo = o0 if i == 0 else o1 if i == 1 else o2 if i == 2 else o3
             acc += xe[:, None, :] * first
@@ -576,6 +587,9 @@ def nf4_fused_backward(dy: torch.Tensor, weight: NF4Weight, config: FusedConfig 
 GEMV_MAX_ROWS = 8  # the gemv kernel's accumulator holds every row of x: it takes M <= this
 
 
+GEMV_TABLES = tuning.GEMV_TABLES  # the gemv kernel's code lookups (GemvConfig.table)
+
+
 @dataclasses.dataclass(frozen=True)
 class GemvConfig:
     """Tiles of the gemv kernel: rows of W and NF4 blocks along K per program (both powers of two;
@@ -588,6 +602,12 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 1
     reduce_in_kernel: bool = True  # False: the fp32 partials are summed by a second launch
+    table: str = "byte"  # how codes are looked up: "byte" (2 KB, a byte's two values per load) or "nibble"
+
+    def __post_init__(self):
+        if self.table not in GEMV_TABLES:
+            raise ValueError(f"nf4 gemv: table must be one of {', '.join(GEMV_TABLES)}, got {self.table!r}")
+
 
 
 # fp32 accumulator values per program: 16 per thread at 4 warps on triton >= 3.9, 8 on older ones. The
@@ -652,12 +672,14 @@ def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | No
     dq = weight.double_quant
     _nf4_gemv_kernel[(tiles, split)](
         x, weight.packed.view(torch.int32), weight.absmax, weight.nested_absmax if dq else weight.absmax,
-        weight.nested_code if dq else weight.absmax, nf4_byte_table(x.device), parts,
+        weight.nested_code if dq else weight.absmax,
+        nf4_code(x.device) if cfg.table == "nibble" else nf4_byte_table(x.device), parts,
         final, counts if counts is not None else final,
         m, n, k, weight.offset if dq else 0.0,
         x.stride(0), parts.stride(0) if split > 1 else 0, parts.stride(-2), final.stride(0),
         BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=dq, NESTED=NESTED_BLOCKSIZE,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS=blocks, SPLIT=counts is not None, num_warps=cfg.num_warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS=blocks, SPLIT=counts is not None,
+        NIBBLE_TABLE=cfg.table == "nibble", num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, enable_fp_fusion=True,  # x * code + partial as one FMA
     )
     if split > 1 and counts is None:

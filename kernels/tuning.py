@@ -28,8 +28,9 @@ The file::
          "sources": {"nf4.gemv_max_m": "bench/results/nf4-graph-NVIDIA_H200-2026-11-26.json (764e428)"}}}}
 
 Tile settings (``TILE_KEYS``) hold for the triton release they were timed with (``triton``, major.minor):
-a different release compiles the same tile to different code, so under it they are passed over (with
-one warning) for the next source in the order above. Thresholds hold across releases. Non-CUDA devices
+a ``nf4.gemv_tiles`` entry may also name the code ``table`` the gemv kernel looks codes up in
+(``"byte"``, the default, or ``"nibble"``). A different release compiles the same tile to different
+code, so under it they are passed over (with one warning) for the next source in the order above. Thresholds hold across releases. Non-CUDA devices
 are looked up by their type (``"cpu"``), which is how the tests reach this code without a GPU.
 """
 
@@ -45,6 +46,7 @@ FORMAT = 1
 SHIPPED = Path(__file__).with_name("tuning.json")
 LARGE_M_PATHS = ("dequant", "cublas", "concat", "fused")  # what lora's "auto" may take above the small-M paths
 NORM_GRIDS = ("persistent", "per_block")  # the fused RMSNorm + LoRA kernels' grids (norm_lora._programs)
+GEMV_TABLES = ("byte", "nibble")  # the gemv kernel's code lookups (nf4_matmul.GemvConfig.table)
 THRESHOLD_KEYS = ("nf4.gemv_max_m", "nf4.fused_max_m", "lora.large_m_path", "norm_lora.grid")
 TILE_KEYS = ("nf4.gemv_tiles", "nf4.dequant_launch")
 
@@ -57,12 +59,19 @@ def _whole(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _check_tiles(value, where: str, fields: tuple[str, ...]) -> None:
-    if not isinstance(value, dict) or set(value) != set(fields):
-        raise ValueError(f"{where}: expected an object with exactly {', '.join(fields)}, got {value!r}")
+def _check_tiles(value, where: str, fields: tuple[str, ...], optional: dict | None = None) -> None:
+    """``value`` holds every name of ``fields`` (powers of two) and may hold the names of ``optional``
+    (name -> allowed values), nothing else."""
+    optional = optional or {}
+    if not isinstance(value, dict) or not set(fields) <= set(value) <= set(fields) | set(optional):
+        more = f" (and optionally {', '.join(optional)})" if optional else ""
+        raise ValueError(f"{where}: expected an object with exactly {', '.join(fields)}{more}, got {value!r}")
     for name in fields:
         if not _power_of_two(value[name]):
             raise ValueError(f"{where}.{name}: expected a power of two, got {value[name]!r}")
+    for name, allowed in optional.items():
+        if name in value and value[name] not in allowed:
+            raise ValueError(f"{where}.{name}: expected one of {', '.join(allowed)}, got {value[name]!r}")
 
 
 def _check_setting(key: str, value, where: str) -> None:
@@ -81,7 +90,7 @@ def _check_setting(key: str, value, where: str) -> None:
         for rows, tiles in value.items():
             if rows not in ("1", "2", "4", "8"):
                 raise ValueError(f"{where}: key {rows!r}: expected rows of x, a power of two up to 8")
-            _check_tiles(tiles, f"{where}.{rows}", ("block_n", "blocks", "num_warps"))
+            _check_tiles(tiles, f"{where}.{rows}", ("block_n", "blocks", "num_warps"), {"table": GEMV_TABLES})
     elif key == "nf4.dequant_launch":
         _check_tiles(value, where, ("values_per_prog", "num_warps"))
     else:

@@ -166,6 +166,21 @@ def test_gemv_matches_exact_product(m, n, k, blocksize, double_quant, dtype, blo
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,n,k,blocksize,double_quant", GEMV_SHAPES)
+def test_gemv_code_tables_agree_bit_for_bit(m, n, k, blocksize, double_quant, dtype):
+    """The 16-entry table (GemvConfig(table="nibble")) holds the byte table's fp32 values and the kernel
+    adds the same products in the same order: the two results are equal, not just close."""
+    weight = _weight(n, k, blocksize, double_quant, seed=m + 7)
+    x = _inputs((m, k), dtype, seed=n + 7)
+    with backend("triton"):
+        byte = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(block_n=16, blocks=2))
+        nibble = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(block_n=16, blocks=2, table="nibble"))
+    assert torch.equal(byte, nibble)
+    with pytest.raises(ValueError, match="table must be one of byte, nibble, got 'word'"):
+        mm.GemvConfig(table="word")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gemv_into_columns_of_a_wider_buffer(dtype):
     """out= a column slice of a wider buffer, with the K ranges summed into it (10 blocks, 2 per range),
     and the other columns untouched; a wrong out is refused."""

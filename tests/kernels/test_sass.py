@@ -40,8 +40,9 @@ def _instructions(dump: Path) -> list[str]:
     return ops
 
 
+@pytest.mark.parametrize("preset", ["nf4_gemv", "nf4_gemv_nibble"])
 @pytest.mark.parametrize("block_m,blocksize", [(1, 64), (4, 64), (8, 64), (8, 128), (4, 128)])
-def test_gemv_tiles_load_everything_first_and_do_not_spill(block_m, blocksize, tmp_path):
+def test_gemv_tiles_load_everything_first_and_do_not_spill(block_m, blocksize, preset, tmp_path):
     """The gemv kernel is latency-bound at batch 1: the design is one tile per program with no loop,
     every global load of the weight issued before the first multiply-add, and no spills at the tiles
     the launcher picks (for the 3B rows: 50 and 135 blocks of 64)."""
@@ -49,7 +50,7 @@ def test_gemv_tiles_load_everything_first_and_do_not_spill(block_m, blocksize, t
 
     block_n, blocks = gemv_tile(block_m, blocksize, 50)
     dump = tmp_path / "gemv.sass"
-    info = json.loads(_sass("nf4_gemv", "--meta", f"BLOCK_M={block_m}", "--meta", f"BLOCKSIZE={blocksize}",
+    info = json.loads(_sass(preset, "--meta", f"BLOCK_M={block_m}", "--meta", f"BLOCKSIZE={blocksize}",
                             "--meta", f"BLOCK_N={block_n}", "--meta", f"BLOCKS={blocks}", "--meta", "SPLIT=false",
                             "--json", "--dump", str(dump)))
     assert "STACK:0" in info["usage"], (block_n, blocks, info["usage"])
@@ -64,10 +65,18 @@ def test_gemv_tiles_load_everything_first_and_do_not_spill(block_m, blocksize, t
     # for a 64 x 8-block tile at M = 1, 1552 with the table). Per weight and row of x, with triton 3.9:
     # 6.5 at M = 1, 5.6 at M = 4, 4.1 at M = 8; the bound catches a regression, not noise
     weights_per_thread = block_n * blocks * blocksize / 128
-    # triton 3.6 (the GPU machine's) builds a smaller tile (16 rows at M = 1) into ~10.4 per weight
-    bound = 8 if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9) else 11
+    # triton 3.6 (the GPU machine's) builds a smaller tile (16 rows at M = 1) into ~10.4 per weight.
+    # The 16-entry table takes a 4-byte load per value, and its address arithmetic, instead: ~30% more
+    # instructions (12.0 per weight at M = 1 on 3.9, 16.1 on 3.6, whole kernel) for 1 L1 wavefront per
+    # warp-wide gather instead of ~14
+    new_triton = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9)
+    if preset == "nf4_gemv":
+        bound = 8 if new_triton else 11
+        assert ops.count("LDG.E.64") >= weights_per_thread / 2  # one table load per byte
+    else:
+        bound = 13 if new_triton else 17
+        assert ops.count("LDG.E") >= weights_per_thread  # one table load per value
     assert len(ops) / (weights_per_thread * block_m) < bound, (len(ops), weights_per_thread)
-    assert ops.count("LDG.E.64") >= weights_per_thread / 2  # one table load per byte
     assert ops.count("FFMA") >= weights_per_thread * block_m  # the products are fused multiply-adds
 
 

@@ -229,6 +229,10 @@ def test_user_file_overrides_the_shipped_entry(tmp_path, monkeypatch):
     ('{"format": 1, "devices": {"cpu": {"settings": {"nf4.gemv_tiles": {"08": {"block_n": 16, "blocks": 2, '
      '"num_warps": 4}}}, "triton": "3.6"}}}', r"gemv_tiles: key '08'"),
     ('{"format": 1, "devices": {"cpu": {"settings": {}, "triton": "3"}}}', r"triton: expected a major\.minor"),
+    ('{"format": 1, "devices": {"cpu": {"settings": {"nf4.gemv_tiles": {"1": {"block_n": 16, "blocks": 2, '
+     '"num_warps": 4, "table": "word"}}}, "triton": "3.6"}}}', r"gemv_tiles\.1\.table: expected one of byte, nibble"),
+    ('{"format": 1, "devices": {"cpu": {"settings": {"nf4.gemv_tiles": {"1": {"block_n": 16, "blocks": 2, '
+     '"num_warps": 4, "tabel": "byte"}}}, "triton": "3.6"}}}', r"gemv_tiles\.1: expected an object with exactly"),
 ])
 def test_bad_tuning_files_name_the_file_and_key(tmp_path, monkeypatch, text, match):
     path = tmp_path / "mine.json"
@@ -389,6 +393,33 @@ def test_swept_tiles_need_a_real_gain():
     # a config some shape could not run is not a candidate
     rows = sweep(4, {"a": {16: 0.5, 32: 1.0}, "b": {32: 1.0}}, 3.0)
     assert tune.derive(_result(bench="nf4", rows=[], sweep_gemv=rows))["nf4.gemv_tiles"][0]["4"]["block_n"] == 32
+
+
+def test_swept_code_table_reaches_the_entry_and_the_launch(tmp_path, monkeypatch):
+    """A gemv sweep times both code tables: a "nibble" winner is written with its table, a "byte" winner
+    without (the default), and sweeps recorded before the table existed still derive (they ran "byte")."""
+    def row(shape, times):
+        return {"shape": shape, "M": 1, "default_ms": 2.0,
+                "grid": [{"config": dict({"block_n": 16, "blocks": 4, "num_warps": 4}, **extra), "ms": t}
+                         for extra, t in times]}
+
+    nibble, byte = {"table": "nibble"}, {"table": "byte"}
+    out = tune.derive(_result(bench="nf4", rows=[], sweep_gemv=[row("a", [(byte, 1.9), (nibble, 1.0)]),
+                                                                 row("b", [(byte, 1.9), (nibble, 1.2)])]))
+    assert out["nf4.gemv_tiles"][0] == {"1": {"block_n": 16, "blocks": 4, "num_warps": 4, "table": "nibble"}}
+    out = tune.derive(_result(bench="nf4", rows=[], sweep_gemv=[row("a", [(byte, 1.0), (nibble, 1.5)])]))
+    assert out["nf4.gemv_tiles"][0] == {"1": {"block_n": 16, "blocks": 4, "num_warps": 4}}
+    out = tune.derive(_result(bench="nf4", rows=[], sweep_gemv=[row("a", [({}, 1.0)])]))  # an older sweep
+    assert out["nf4.gemv_tiles"][0] == {"1": {"block_n": 16, "blocks": 4, "num_warps": 4}}
+    _user_file(tmp_path, monkeypatch, {"nf4.gemv_tiles": {"1": {"block_n": 16, "blocks": 2, "num_warps": 4,
+                                                                "table": "nibble"}}}, triton=_release())
+    assert mm._tuned_gemv_config(1, CPU) == mm.GemvConfig(block_n=16, blocks=2, table="nibble")
+    gemv = _LaunchSpy()
+    monkeypatch.setattr(mm, "_nf4_gemv_kernel", gemv)
+    weight = nf4.quantize_nf4_reference(torch.randn(32, 512), 64)
+    mm.nf4_gemv_forward(torch.randn(1, 512), weight)
+    mm.nf4_gemv_forward(torch.randn(1, 512), weight, mm.GemvConfig())
+    assert [launch["NIBBLE_TABLE"] for launch in gemv.launches] == [True, False]
 
 
 def test_the_sweeps_write_what_tune_reads():
