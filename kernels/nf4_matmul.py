@@ -585,8 +585,6 @@ def nf4_fused_backward(dy: torch.Tensor, weight: NF4Weight, config: FusedConfig 
 
 
 GEMV_MAX_ROWS = 8  # the gemv kernel's accumulator holds every row of x: it takes M <= this
-
-
 GEMV_TABLES = tuning.GEMV_TABLES  # the gemv kernel's code lookups (GemvConfig.table)
 
 
@@ -607,7 +605,6 @@ class GemvConfig:
     def __post_init__(self):
         if self.table not in GEMV_TABLES:
             raise ValueError(f"nf4 gemv: table must be one of {', '.join(GEMV_TABLES)}, got {self.table!r}")
-
 
 
 # fp32 accumulator values per program: 16 per thread at 4 warps on triton >= 3.9, 8 on older ones. The
