@@ -167,7 +167,7 @@ def _best_config(sweep: list[dict], min_gain: float, keys: tuple[str, ...],
         return None
 
     def key_of(g: dict) -> tuple:
-        return tuple(g["config"].get(k, defaults.get(k)) if k in defaults else g["config"][k] for k in keys)
+        return tuple(g["config"].get(k, defaults[k]) if k in defaults else g["config"][k] for k in keys)
 
     totals: dict[tuple, float] = {}
     for cfg_key in {key_of(g) for g in rows[0]["grid"]}:

@@ -37,7 +37,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol, rtol: float
         big = at(int(diff.nan_to_num(float("inf")).argmax()))
         # the element furthest past its bound, which is not the largest difference where bounds vary
         over = at(int(torch.where(bad, (diff - allowed).nan_to_num(float("inf")), -1.0).argmax()))
-        allowed_over = allowed if isinstance(allowed, float) else allowed.expand_as(a)[over].item()
+        allowed_over = allowed.expand_as(a)[over].item()
         raise AssertionError(
             f"{name}: {int(bad.sum())}/{a.numel()} elements off (atol={atol}, rtol={rtol}); "
             f"furthest past its bound at {over} (got {a[over].item():.6g}, want {e[over].item():.6g}, "
