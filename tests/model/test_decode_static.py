@@ -345,10 +345,17 @@ def test_graph_equals_eager_on_gpu(which, tiny_dir, tiny_odd_dir):
 
 
 @pytest.mark.gpu
-def test_graph_equals_static_bitwise_in_bf16_with_nf4_and_lora():
+@pytest.mark.parametrize("attention", ["sdpa", "triton"])
+def test_graph_equals_static_bitwise_in_bf16_with_nf4_and_lora(attention, monkeypatch):
     """A replay runs the very kernels of the eager static step, so bf16 tokens agree exactly; switching
-    the adapters off between calls must recapture, not replay the adapters' graph."""
+    the adapters off between calls must recapture, not replay the adapters' graph. Also with the Triton
+    decode-attention kernel (BEZOAR_DECODE_ATTENTION=triton), which must capture like SDPA."""
     from bezoar.model.config import LlamaConfig
+
+    if attention == "triton":
+        monkeypatch.setenv("BEZOAR_DECODE_ATTENTION", "triton")
+    else:
+        monkeypatch.delenv("BEZOAR_DECODE_ATTENTION", raising=False)
 
     from .qlora_helpers import qlora_model
 
