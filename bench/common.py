@@ -243,6 +243,8 @@ def write_results(name: str, rows: list[dict], args, extra: dict | None = None) 
     path = out_dir / f"{name}-{device}-{date}.json"
     payload = {"bench": name, "date": date, "commit": git_commit(), "argv": sys.argv, **info,
                **(extra or {}), "rows": rows}
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    partial = path.with_name(path.name + ".part")  # a run killed mid-write leaves the last whole file
+    partial.write_text(json.dumps(payload, indent=2) + "\n")
+    partial.replace(path)
     print(f"results written to {path}")
     return path

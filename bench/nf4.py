@@ -334,7 +334,11 @@ def main() -> int:
             print(common.markdown_table(extra["sweep_dequant"], ["shape", "default_ms", "best_ms",
                                                                  "best_blocks_per_prog", "best_num_warps"]))
         if args.sweep_gemv:
-            extra["sweep_gemv"] = sweep_gemv(args, shapes, weights, randn, bench, mm)
+            def keep_gemv_rows(done):
+                extra["sweep_gemv"] = done
+                common.write_results(name, rows + dequant_rows, args, extra=extra)
+
+            extra["sweep_gemv"] = sweep_gemv(args, shapes, weights, randn, bench, mm, keep_gemv_rows)
             print("\ngemv config sweep (best per case vs the default heuristic)\n")
             print(common.markdown_table(extra["sweep_gemv"], ["shape", "M", "default_ms", "best_ms", "best_config"]))
     common.write_results(name, rows + dequant_rows, args, extra=extra)
@@ -414,20 +418,23 @@ def sweep_dequant(args, shapes, weights, bench, nf4, dtype):
     return out
 
 
-def sweep_gemv(args, shapes, weights, randn, bench, mm):
-    """Time a grid of gemv configs at M = 1, 4, 8; report the best next to the default heuristic."""
+def sweep_gemv(args, shapes, weights, randn, bench, mm, progress=None):
+    """Time a grid of gemv configs at M = 1, 4, 8; report the best next to the default heuristic.
+    ``progress(rows)`` after each (M, shape) row, M = 1 on every shape first: a run stopped by its time
+    limit keeps what it timed."""
     out = []
     small = [1] if args.smoke else [1, 4, 8]
     if args.smoke:
         shapes = shapes[:1]
-    for (n, k), m in itertools.product(shapes, small):
+    for m, (n, k) in itertools.product(small, shapes):
         next_q = weights[(n, k)]  # cycles through the copies: no L2 reuse between calls
         words = next_q().blocksize // 8
-        # tiles up to twice the default's accumulator (beyond, the sm_90 build spills), with either code
-        # table; each distinct tile is a compile, so the grid stays small
+        # tiles up to twice the default's accumulator (beyond, the sm_90 build spills), with each code
+        # lookup; each distinct tile is a compile, so the grid stays small (8 warps only at M = 1: on the
+        # H100 they lost by 50-70% at M = 4 and 8)
         grid = [mm.GemvConfig(block_n, blocks, warps, 1, table=table)
-                for block_n, blocks, warps, table in itertools.product((16, 32, 64, 128), (2, 4, 8, 16), (4, 8),
-                                                                       mm.GEMV_TABLES)
+                for block_n, blocks, warps, table in itertools.product((16, 32, 64, 128), (2, 4, 8, 16),
+                                                                       (4, 8) if m == 1 else (4,), mm.GEMV_TABLES)
                 if m * block_n * blocks * words <= 2 * mm._GEMV_TILE_VALUES]
         if args.smoke:
             grid = grid[:2]
@@ -440,6 +447,8 @@ def sweep_gemv(args, shapes, weights, randn, bench, mm):
                     "grid": [{"config": {"block_n": c.block_n, "blocks": c.blocks, "num_warps": c.num_warps,
                                          "table": c.table}, "ms": t}
                              for c, t in timed]})
+        if progress is not None:
+            progress(out)
     return out
 
 

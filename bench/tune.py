@@ -18,8 +18,9 @@ tuning file (the shipped ``kernels/tuning.json`` by default). What each setting 
 * ``nf4.gemv_tiles`` (per swept M) and ``nf4.dequant_launch``: from ``--sweep-gemv`` and
   ``--sweep-dequant``, the one config whose time summed over the shapes is lowest, where it beats the
   heuristic's sum by more than ``--min-gain`` (default 3%); where none does, the setting (or that M's
-  tiles) is removed, so the heuristic runs. A gemv config includes its code table (``"nibble"`` is
-  written out; ``"byte"``, the default and what sweeps before the table existed ran, is left out).
+  tiles) is removed, so the heuristic runs. A gemv config includes its code table (``"nibble"`` and
+  ``"prmt"`` are written out; ``"byte"``, the default and what sweeps before the table existed ran, is
+  left out).
   Tiles are tied to the file's triton release: a file from another release replaces them all.
 
 Files are applied oldest first (by date, then eager before graph timing, then name), so a later run's

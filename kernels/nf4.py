@@ -119,6 +119,40 @@ def nf4_pair_table(device: torch.device | str = "cpu", dtype: torch.dtype = torc
     return _nf4_pair_table(torch.device(device), dtype)
 
 
+def _signed32(value: int) -> int:
+    return value - 2 ** 32 if value >= 2 ** 31 else value
+
+
+def _bf16_code_planes() -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+    """The 16 codes rounded to bf16, split into byte planes: (high bytes, low bytes), each as four
+    signed int32 words with codes 4q .. 4q + 3 in word q, code 4q in its lowest byte."""
+    bits = torch.tensor(NF4_CODE, dtype=torch.float32).to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
+    planes = []
+    for shift in (8, 0):
+        plane = [(int(b) >> shift) & 0xFF for b in bits]
+        planes.append(tuple(_signed32(sum(plane[4 * q + i] << (8 * i) for i in range(4))) for q in range(4)))
+    return planes[0], planes[1]
+
+
+# Register decode of a packed int32 word (``_nf4_word_bf16``): the code bytes it permutes, and the
+# selectors that interleave a code's low and high bytes into bf16 pairs (see there).
+BF16_CODE_HIGH, BF16_CODE_LOW = _bf16_code_planes()
+PAIR_EVEN_FIRST = 0x4051  # [low(nibble 1), high(nibble 1), low(nibble 0), high(nibble 0)]
+PAIR_ODD_FIRST = 0x6273  # the same for nibbles 3 and 2
+
+
+@functools.lru_cache(maxsize=None)
+def _nf4_code_planes(device: torch.device) -> torch.Tensor:
+    return torch.tensor(BF16_CODE_HIGH + BF16_CODE_LOW, dtype=torch.int32).to(device)
+
+
+def nf4_code_planes(device: torch.device | str = "cpu") -> torch.Tensor:
+    """8 int32: the high bytes of the 16 codes rounded to bf16 (codes 4q .. 4q + 3 in word q, the first
+    in the lowest byte), then their low bytes; the register decode's lookup tables (``_nf4_word_bf16``);
+    shared, do not modify."""
+    return _nf4_code_planes(torch.device(device))
+
+
 def nf4_midpoints(device: torch.device | str = "cpu") -> torch.Tensor:
     """The 15 fp32 decision boundaries between neighbouring NF4 values."""
     return _nf4_tables(torch.device(device))[1]
@@ -412,6 +446,81 @@ if triton is not None:
         second = (entry >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
         return first, second
 
+
+    # the register decode's constants, as the jit functions must see them
+    _CH1, _CH3 = tl.constexpr(BF16_CODE_HIGH[1]), tl.constexpr(BF16_CODE_HIGH[3])
+    _CL1, _CL3 = tl.constexpr(BF16_CODE_LOW[1]), tl.constexpr(BF16_CODE_LOW[3])
+    _PAIR_EVEN = tl.constexpr(PAIR_EVEN_FIRST)
+    _PAIR_ODD = tl.constexpr(PAIR_ODD_FIRST)
+
+    @triton.jit
+    def _prmt(a, b, c, ASM: tl.constexpr):
+        """PTX ``prmt.b32`` in its generic form on int32 tensors of one shape: byte j of the result is
+        byte ``(c >> 4j) & 7`` of the eight bytes {b, a} (a's four the lower). The selectors given here
+        never set a nibble's top bit (which asks for the selected byte's sign instead). ASM: the
+        instruction (GPU builds); otherwise the same in integer operations, for the interpreter, which
+        cannot run inline assembly."""
+        if ASM:
+            return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            src = (b.to(tl.uint32, bitcast=True).to(tl.uint64) << 32) | a.to(tl.uint32, bitcast=True).to(tl.uint64)
+            out = tl.zeros(c.shape, dtype=tl.uint32)
+            for j in tl.static_range(4):
+                pick = ((c >> (4 * j)) & 7).to(tl.uint64)
+                out |= ((src >> (pick * 8)) & 0xFF).to(tl.uint32) << (8 * j)
+            return out.to(tl.int32, bitcast=True)
+
+    @triton.jit
+    def _nf4_code_plane(sel, pick, q0, Q1: tl.constexpr, q2, Q3: tl.constexpr, ASM: tl.constexpr):
+        """One byte plane of the codes of four nibbles (``sel``: their low three bits; ``pick``: 0x3210
+        plus 4 for each nibble of the upper eight codes): two lookups, codes 0-7 and 8-15, and a
+        per-byte choice between them. A permute takes one constant operand as an immediate and the
+        other from a register: ``q0`` and ``q2`` come loaded, so the compiler keeps them in registers
+        (constants it rebuilt before every permute, one more instruction each)."""
+        lower = _prmt(q0 + tl.zeros(sel.shape, tl.int32), tl.full(sel.shape, Q1, tl.int32), sel, ASM)
+        upper = _prmt(q2 + tl.zeros(sel.shape, tl.int32), tl.full(sel.shape, Q3, tl.int32), sel, ASM)
+        return _prmt(lower, upper, pick, ASM)
+
+    @triton.jit
+    def _nf4_nibbles_bf16(sel, pick, planes_ptr, ASM: tl.constexpr):
+        """The bf16 pairs of the four nibbles in the low 16 bits of ``sel``/``pick`` (two bytes of W)."""
+        high = _nf4_code_plane(sel, pick, tl.load(planes_ptr), _CH1, tl.load(planes_ptr + 2), _CH3, ASM)
+        low = _nf4_code_plane(sel, pick, tl.load(planes_ptr + 4), _CL1, tl.load(planes_ptr + 6), _CL3, ASM)
+        first = _prmt(low, high, tl.full(sel.shape, _PAIR_EVEN, tl.int32), ASM)
+        second = _prmt(low, high, tl.full(sel.shape, _PAIR_ODD, tl.int32), ASM)
+        return first, second
+
+    @triton.jit
+    def _nf4_word_bf16(words, planes_ptr, ASM: tl.constexpr):
+        """The eight NF4 codes (unscaled, rounded to bf16) of int32 words of W's packed bytes, without
+        touching memory: four int32 words of bf16 pairs, pair i holding value 2i (byte i's high nibble)
+        in its low half and value 2i + 1 in its high half, so their fp32 bits are ``pair << 16`` and
+        ``pair & 0xFFFF0000``. ``planes_ptr``: ``nf4_code_planes()``, the code bytes as int32 words.
+
+        The 32 bytes of the codes live in eight registers, split into a plane of high bytes and one of
+        low bytes. A byte permute (``_prmt``) looks up four nibbles at once among eight codes: per plane
+        one permute for codes 0-7, one for 8-15 and one that keeps, byte by byte, the half each nibble's
+        top bit names; two more interleave the planes into pairs. 16 permutes and five integer
+        operations per word, against 8 or 16 gathers from a table in memory (the gathers' cost on an
+        H100 is in ``nf4_matmul._nf4_gemv_kernel``)."""
+        sel = words & 0x77777777
+        pick = ((words >> 1) & 0x44444444) | 0x32103210
+        p01, p23 = _nf4_nibbles_bf16(sel, pick, planes_ptr, ASM)
+        p45, p67 = _nf4_nibbles_bf16(sel >> 16, pick >> 16, planes_ptr, ASM)
+        return p01, p23, p45, p67
+
+    @triton.jit
+    def _nf4_words_bf16_kernel(words_ptr, planes_ptr, out_ptr, n, BLOCK: tl.constexpr, ASM: tl.constexpr):
+        """out[i, 0..3] = the bf16 pairs of words[i] (``_nf4_word_bf16``)."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < n
+        p01, p23, p45, p67 = _nf4_word_bf16(tl.load(words_ptr + offs, mask=ok, other=0), planes_ptr, ASM)
+        tl.store(out_ptr + offs * 4, p01, mask=ok)
+        tl.store(out_ptr + offs * 4 + 1, p23, mask=ok)
+        tl.store(out_ptr + offs * 4 + 2, p45, mask=ok)
+        tl.store(out_ptr + offs * 4 + 3, p67, mask=ok)
+
     @triton.jit
     def _pack16(first, second, BF16: tl.constexpr):
         """int32 words holding ``first`` and ``second`` rounded to bf16 (BF16) or fp16, the first value in
@@ -573,6 +682,20 @@ def dequantize_nf4_triton(weight: NF4Weight, dtype: torch.dtype | None = None,
         EVEN=even, STRIDED=strided, PACKED=packed, PACKED_BF16=dtype == torch.bfloat16,
         num_warps=num_warps, enable_fp_fusion=False,
     )
+    return out
+
+
+def nf4_words_bf16(words: torch.Tensor) -> torch.Tensor:
+    """Decode int32 words of packed NF4 bytes into the codes' bf16 bits with the kernels' register
+    lookup (``_nf4_word_bf16``): an (n, 4) int32 tensor of bf16 pairs, value 2i of a word in the low
+    half of pair i. Needs triton (on CPU tensors, the interpreter); for tests and inspection."""
+    if words.dtype != torch.int32 or words.dim() != 1:
+        raise ValueError(f"nf4_words_bf16: words must be a 1-D int32 tensor, got {words.dtype} {tuple(words.shape)}")
+    words = words.contiguous()
+    out = torch.empty((words.numel(), 4), dtype=torch.int32, device=words.device)
+    block = 1024
+    _nf4_words_bf16_kernel[(max(1, cdiv(words.numel(), block)),)](
+        words, nf4_code_planes(words.device), out, words.numel(), BLOCK=block, ASM=not dispatch.interpreting(), num_warps=4)
     return out
 
 

@@ -64,6 +64,7 @@ from bezoar_kernels.nf4 import (
     dequantize_nf4_triton,
     nf4_byte_table,
     nf4_code,
+    nf4_code_planes,
     nf4_pair_table,
 )
 
@@ -182,7 +183,7 @@ def default_fused_config(kind: str, m: int, n: int, k: int, chunk: int, device: 
 # ----------------------------------------------------------------------------- Triton kernels
 
 if triton is not None:
-    from bezoar_kernels.nf4 import _nf4_block_absmax, _nf4_byte_values
+    from bezoar_kernels.nf4 import _nf4_block_absmax, _nf4_byte_values, _nf4_word_bf16
 
     @triton.jit
     def _last_split_sums(parts, stride_split, final, mask, counts_ptr, tile, BLOCK_M: tl.constexpr,
@@ -374,7 +375,8 @@ if triton is not None:
         stride_xm, stride_os, stride_om, stride_fm,
         # meta
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, SPLIT: tl.constexpr, NIBBLE_TABLE: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, SPLIT: tl.constexpr, TABLE: tl.constexpr,
+        ASM: tl.constexpr,
     ):
         """out[split, m, n] = sum over NF4 blocks split * BLOCKS .. + BLOCKS of x[m, k] * W[n, k], M <= BLOCK_M.
 
@@ -395,11 +397,17 @@ if triton is not None:
         a gather from the 64-byte table is one; two gathers per byte instead of one. On an H100 the
         byte-table kernel took 17.8 us at M = 1 for 3200x3200, slower than cuBLAS on the bf16 weight,
         and a count of byte-table wavefronts alone (5.1M gathers x ~14 / 32 lanes / 132 SMs) comes to
-        ~10 us; which table wins is for ``bench/nf4.py --sweep-gemv`` to say (``GemvConfig.table``,
-        written per GPU into the tuning file). The values times x go into an fp32 partial
-        per word (plain FMAs, no matrix units, no shared memory); each word's block scale multiplies
-        it before the sum over the words. W is never rounded to x's dtype, so the result differs from
-        ``F.linear(x, dequantize(W, x.dtype))`` by that rounding (it is the more exact of the two).
+        ~10 us. TABLE "prmt" reads no table at all: ``_nf4_word_bf16`` decodes a word's eight codes with
+        16 byte permutes over code bytes held in registers, giving the codes rounded to bf16 (the
+        byte and nibble tables give them in fp32). Its sm_90 build is about as many instructions per
+        weight as the byte table's (8.2 against 6.4 on triton 3.9, 10.6 against 10.4 on 3.6, M = 1)
+        with none of the L1 passes. Which lookup wins is for ``bench/nf4.py --sweep-gemv`` to say
+        (``GemvConfig.table``, written per GPU into the tuning file). The values times x go into an
+        fp32 partial per word (plain FMAs, no matrix units, no shared memory); each word's block scale
+        multiplies it before the sum over the words. With the byte and nibble tables W is never
+        rounded to x's dtype, so the result differs from ``F.linear(x, dequantize(W, x.dtype))`` by
+        that rounding (it is the more exact of the two); with "prmt" the codes' rounding to bf16 is of
+        the same size (at most 0.312% of a weight) before the block scale.
         """
         WORDS: tl.constexpr = BLOCKSIZE // 8
         SPAN: tl.constexpr = BLOCKS * WORDS  # words per row of the tile
@@ -430,8 +438,14 @@ if triton is not None:
         o0, o1 = tl.split(o01)
         o2, o3 = tl.split(o23)
         acc = tl.zeros((BLOCK_M, BLOCK_N, SPAN), dtype=tl.float32)
+        if TABLE == "prmt":
+            p01, p23, p45, p67 = _nf4_word_bf16(words, table_ptr, ASM)
         for i in tl.static_range(4):
-            if NIBBLE_TABLE:  # byte i of the word: its high nibble is the first value
+            if TABLE == "prmt":  # pair i: byte i's first value (its high nibble) in the low half
+                pair = p01 if i == 0 else p23 if i == 1 else p45 if i == 2 else p67
+                first = (pair << 16).to(tl.float32, bitcast=True)
+                second = (pair & -65536).to(tl.float32, bitcast=True)
+            elif TABLE == "nibble":  # byte i of the word: its high nibble is the first value
                 first = tl.load(table_ptr + ((words >> (8 * i + 4)) & 15))
                 second = tl.load(table_ptr + ((words >> (8 * i)) & 15))
             else:
@@ -600,7 +614,9 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 1
     reduce_in_kernel: bool = True  # False: the fp32 partials are summed by a second launch
-    table: str = "byte"  # how codes are looked up: "byte" (2 KB, a byte's two values per load) or "nibble"
+    # how codes are looked up: "byte" (2 KB, a byte's two values per load), "nibble" (64 bytes, a load per
+    # value) or "prmt" (byte permutes in registers, no loads; the codes rounded to bf16)
+    table: str = "byte"
 
     def __post_init__(self):
         if self.table not in GEMV_TABLES:
@@ -628,6 +644,11 @@ def _tuned_gemv_config(block_m: int, device) -> GemvConfig:
     """The tiles the tuning file gives for ``block_m`` rows of x on this device, else the heuristic's."""
     tiles = (tuning.setting("nf4.gemv_tiles", device) or {}).get(str(block_m))
     return GemvConfig(**tiles) if tiles else GemvConfig()
+
+
+def _gemv_table(table: str, device) -> torch.Tensor:
+    """What the gemv kernel's table_ptr points at for GemvConfig.table."""
+    return {"byte": nf4_byte_table, "nibble": nf4_code, "prmt": nf4_code_planes}[table](device)
 
 
 def gemv_supported(m: int, weight: NF4Weight) -> bool:
@@ -670,13 +691,13 @@ def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | No
     _nf4_gemv_kernel[(tiles, split)](
         x, weight.packed.view(torch.int32), weight.absmax, weight.nested_absmax if dq else weight.absmax,
         weight.nested_code if dq else weight.absmax,
-        nf4_code(x.device) if cfg.table == "nibble" else nf4_byte_table(x.device), parts,
+        _gemv_table(cfg.table, x.device), parts,
         final, counts if counts is not None else final,
         m, n, k, weight.offset if dq else 0.0,
         x.stride(0), parts.stride(0) if split > 1 else 0, parts.stride(-2), final.stride(0),
         BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=dq, NESTED=NESTED_BLOCKSIZE,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS=blocks, SPLIT=counts is not None,
-        NIBBLE_TABLE=cfg.table == "nibble", num_warps=cfg.num_warps,
+        TABLE=cfg.table, ASM=not dispatch.interpreting(), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, enable_fp_fusion=True,  # x * code + partial as one FMA
     )
     if split > 1 and counts is None:

@@ -29,7 +29,7 @@ The file::
 
 Tile settings (``TILE_KEYS``) hold for the triton release they were timed with (``triton``, major.minor):
 a ``nf4.gemv_tiles`` entry may also name the code ``table`` the gemv kernel looks codes up in
-(``"byte"``, the default, or ``"nibble"``). A different release compiles the same tile to different
+(``"byte"``, the default, ``"nibble"`` or ``"prmt"``). A different release compiles the same tile to different
 code, so under it they are passed over (with one warning) for the next source in the order above. Thresholds hold across releases. Non-CUDA devices
 are looked up by their type (``"cpu"``), which is how the tests reach this code without a GPU.
 """
@@ -46,7 +46,7 @@ FORMAT = 1
 SHIPPED = Path(__file__).with_name("tuning.json")
 LARGE_M_PATHS = ("dequant", "cublas", "concat", "fused")  # what lora's "auto" may take above the small-M paths
 NORM_GRIDS = ("persistent", "per_block")  # the fused RMSNorm + LoRA kernels' grids (norm_lora._programs)
-GEMV_TABLES = ("byte", "nibble")  # the gemv kernel's code lookups (nf4_matmul.GemvConfig.table)
+GEMV_TABLES = ("byte", "nibble", "prmt")  # the gemv kernel's code lookups (nf4_matmul.GemvConfig.table)
 THRESHOLD_KEYS = ("nf4.gemv_max_m", "nf4.fused_max_m", "lora.large_m_path", "norm_lora.grid")
 TILE_KEYS = ("nf4.gemv_tiles", "nf4.dequant_launch")
 

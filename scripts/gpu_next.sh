@@ -10,9 +10,10 @@
 #   2. bench/step.py and bench/generate.py through scripts/gpu_bench.sh: the training step and the
 #      decode tokens/s on the defaults the H100 run chose (LoRA large-M path concat, the per-block
 #      norm + LoRA grid, gemv at M = 1), last timed before the fused SwiGLU / norm + LoRA kernels;
-#   3. bench/nf4.py in graph timing at M = 1, 4 and 4096 with the gemv sweep, which now times the
-#      16-entry code table (GemvConfig.table = "nibble") beside the byte table at every tile: the byte
-#      table's gathers are the suspect in the gemv's 17.8 us at M = 1 (bench/README.md).
+#   3. bench/nf4.py in graph timing at M = 1, 4 and 4096 with the gemv sweep, which now times three
+#      code lookups at every tile (GemvConfig.table: the byte table, the 16-entry table "nibble", the
+#      register decode "prmt"): the byte table's gathers are the suspect in the gemv's 17.8 us at
+#      M = 1 (bench/README.md).
 #
 # Then, on the machine the results come back to: python bench/tune.py <the JSON> (bench/README.md).
 #
@@ -73,9 +74,10 @@ keep() {
 part tests 150 env GPU_TEST_LIMIT="${GPU_TEST_LIMIT:-120}" bash scripts/gpu_check.sh --gpu-only
 # the script above installed the project and the wheels; the part below uses that install
 [ -d "$SITE_DIR" ] && prepend_pythonpath "$SITE_DIR"
-part nf4_sweep 140 "$PYTHON" bench/nf4.py --timing graph --ms 1,4,4096 --sweep-gemv
+# the sweep writes its JSON after every (M, shape) row, M = 1 first: a part cut short keeps those
+part nf4_sweep 175 "$PYTHON" bench/nf4.py --timing graph --ms 1,4,4096 --sweep-gemv
 keep "nf4-graph-NVIDIA*.json"
-part step_generate 250 bash scripts/gpu_bench.sh --only step,generate --budget 240
+part step_generate 225 bash scripts/gpu_bench.sh --only step,generate --budget 215
 
 # a call brings back at most 8 files: more are packed into one archive (bench/README.md)
 if [ "$DRY_RUN" = 1 ]; then

@@ -73,6 +73,46 @@ def test_pair_and_byte_tables_decode_every_byte(dtype):
         nf4.nf4_pair_table(dtype=torch.float32)
 
 
+def _expected_pairs(words: torch.Tensor) -> torch.Tensor:
+    """The bf16 pairs of int32 words: pair i = byte i's high-nibble code (low half), low-nibble code."""
+    code = nf4.nf4_code().to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
+    unsigned = words.to(torch.int64) & 0xFFFFFFFF
+    byte = torch.stack([(unsigned >> (8 * i)) & 255 for i in range(4)], dim=1)
+    pairs = code[byte >> 4] | (code[byte & 15] << 16)
+    return torch.where(pairs >= 2 ** 31, pairs - 2 ** 32, pairs).to(torch.int32)
+
+
+def _every_nibble_pattern(device) -> torch.Tensor:
+    """65536 words whose low halves take every 16-bit value and whose high halves take every value too
+    (a bijection of the low half), so each four-nibble group of the decode meets every pattern."""
+    low = torch.arange(65536, dtype=torch.int64)
+    high = (low * 40503 + 12345) & 0xFFFF  # odd multiplier: a permutation of 0 .. 65535
+    words = low | (high << 16)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32).to(device)
+
+
+def test_code_planes_hold_the_bf16_codes():
+    """The register decode's tables: byte i of word q of each plane is the high / low byte of code 4q + i
+    rounded to bf16."""
+    planes = nf4.nf4_code_planes()
+    assert planes.dtype == torch.int32 and planes.shape == (8,)
+    code = nf4.nf4_code().to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
+    plane_bytes = (planes.to(torch.int64).view(8, 1) >> torch.tensor([0, 8, 16, 24])) & 255
+    assert torch.equal(plane_bytes[:4].reshape(16), code >> 8)
+    assert torch.equal(plane_bytes[4:].reshape(16), code & 255)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_register_decode_gives_every_code(device):
+    """``nf4_words_bf16`` (byte permutes over the code bytes: the instruction on a GPU, its integer
+    model under the interpreter) decodes every pattern of four nibbles in both halves of a word to the
+    bf16 codes, bit for bit."""
+    words = _every_nibble_pattern(device)
+    assert torch.equal(nf4.nf4_words_bf16(words).cpu(), _expected_pairs(words.cpu()))
+    with pytest.raises(ValueError, match="1-D int32 tensor"):
+        nf4.nf4_words_bf16(words.to(torch.int64))
+
+
 # (shape, input dtype, blocksize, double quant): odd sizes, partial last blocks, odd element counts,
 # and counts whose number of absmax blocks is not a multiple of 256.
 CASES = [

@@ -176,8 +176,28 @@ def test_gemv_code_tables_agree_bit_for_bit(m, n, k, blocksize, double_quant, dt
         byte = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(block_n=16, blocks=2))
         nibble = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(block_n=16, blocks=2, table="nibble"))
     assert torch.equal(byte, nibble)
-    with pytest.raises(ValueError, match="table must be one of byte, nibble, got 'word'"):
+    with pytest.raises(ValueError, match="table must be one of byte, nibble, prmt, got 'word'"):
         mm.GemvConfig(table="word")
+
+
+@pytest.mark.parametrize("blocks", [None, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,n,k,blocksize,double_quant", GEMV_SHAPES)
+def test_gemv_register_decode_uses_bf16_codes(m, n, k, blocksize, double_quant, dtype, blocks):
+    """GemvConfig(table="prmt") decodes the codes in registers, rounded to bf16 (as the aligned fused
+    forward's dot operands are): it equals x @ W' with W' = bf16(code) * absmax in fp32, rounded once,
+    and stays within the codes' rounding (0.312%) of the byte table's exact-code result."""
+    weight = _weight(n, k, blocksize, double_quant, seed=m + 11)
+    x = _inputs((m, k), dtype, seed=n + 11)
+    rounded = _dequant_rounded_codes(weight, torch.bfloat16).double()
+    with backend("triton"):
+        y = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(block_n=16, blocks=blocks, table="prmt"))
+        exact_codes = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(block_n=16, blocks=blocks))
+    atol, rtol = TOLERANCES[dtype]
+    assert_close(y, (x.double() @ rounded.t()).to(dtype), atol, rtol, name="gemv prmt")
+    assert not torch.equal(y, exact_codes)  # the codes are rounded: a table mix-up would go unseen otherwise
+    bound = (x.double().abs() @ (0.00312 * rounded.abs()).t()).to(dtype)
+    assert ((y.double() - exact_codes.double()).abs() <= bound.double() + 2 * atol).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -388,6 +408,21 @@ def test_bf16_on_gpu_matches_reference(m, n, k, path):
     assert_close(y, (x.float() @ w_fwd.t()).to(torch.bfloat16), 2e-2, 2e-2, name="bf16 forward")
     assert_close(dx, (dy.float() @ w).to(torch.bfloat16), 2e-2, 2e-2, name="bf16 backward")
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("table", mm.GEMV_TABLES)
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("n,k", [(3200, 3200), (8640, 3200), (3200, 8640)])
+def test_gemv_tables_on_gpu(n, k, m, table):
+    """Each code lookup of the gemv kernel on the GPU (the register decode runs its PTX byte permutes
+    only there) against an fp32 product of the weight it decodes: exact codes for the byte and nibble
+    tables, bf16-rounded codes for "prmt"."""
+    weight = _weight(n, k, device="cuda")
+    x = _inputs((m, k), torch.bfloat16, device="cuda")
+    w = _dequant_rounded_codes(weight, torch.bfloat16 if table == "prmt" else torch.float32)
+    with backend("triton"):
+        y = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(table=table))
+    assert_close(y, (x.float() @ w.t()).to(torch.bfloat16), 2e-2, 2e-2, name=f"gemv {table}")
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel,m", [("gemv", 1), ("gemv", 8), ("fused", 1), ("fused", 16)])

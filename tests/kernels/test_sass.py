@@ -40,7 +40,7 @@ def _instructions(dump: Path) -> list[str]:
     return ops
 
 
-@pytest.mark.parametrize("preset", ["nf4_gemv", "nf4_gemv_nibble"])
+@pytest.mark.parametrize("preset", ["nf4_gemv", "nf4_gemv_nibble", "nf4_gemv_prmt"])
 @pytest.mark.parametrize("block_m,blocksize", [(1, 64), (4, 64), (8, 64), (8, 128), (4, 128)])
 def test_gemv_tiles_load_everything_first_and_do_not_spill(block_m, blocksize, preset, tmp_path):
     """The gemv kernel is latency-bound at batch 1: the design is one tile per program with no loop,
@@ -70,9 +70,23 @@ def test_gemv_tiles_load_everything_first_and_do_not_spill(block_m, blocksize, p
     # instructions (12.0 per weight at M = 1 on 3.9, 16.1 on 3.6, whole kernel) for 1 L1 wavefront per
     # warp-wide gather instead of ~14
     new_triton = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9)
+    # The register decode (table "prmt"): 16 byte permutes per word of 8 weights and no table loads,
+    # ~8.2 per weight at M = 1 on 3.9 (32 rows), 10.6 on 3.6 (16 rows); its lookup constants stay in
+    # registers (rebuilt before every permute they cost one more instruction each, ~1 per weight)
     if preset == "nf4_gemv":
         bound = 8 if new_triton else 11
         assert ops.count("LDG.E.64") >= weights_per_thread / 2  # one table load per byte
+    elif preset == "nf4_gemv_prmt":
+        bound = 9.5 if new_triton else 12
+        assert ops.count("PRMT") >= 2 * weights_per_thread
+        # no table loads: the byte table's build of the same tile has one per byte more, less the 4 of the
+        # lookup constants here
+        table_dump = tmp_path / "gemv_byte.sass"
+        _sass("nf4_gemv", "--meta", f"BLOCK_M={block_m}", "--meta", f"BLOCKSIZE={blocksize}", "--meta",
+              f"BLOCK_N={block_n}", "--meta", f"BLOCKS={blocks}", "--meta", "SPLIT=false", "--dump", str(table_dump))
+        loads = sum(op.startswith("LDG") for op in ops)
+        assert loads <= sum(op.startswith("LDG") for op in _instructions(table_dump)) - weights_per_thread / 2 + 4
+        assert not re.search(r"IMAD\.U32 R\d+, RZ, RZ, UR", dump.read_text())
     else:
         bound = 13 if new_triton else 17
         assert ops.count("LDG.E") >= weights_per_thread  # one table load per value

@@ -419,7 +419,7 @@ def test_swept_code_table_reaches_the_entry_and_the_launch(tmp_path, monkeypatch
     weight = nf4.quantize_nf4_reference(torch.randn(32, 512), 64)
     mm.nf4_gemv_forward(torch.randn(1, 512), weight)
     mm.nf4_gemv_forward(torch.randn(1, 512), weight, mm.GemvConfig())
-    assert [launch["NIBBLE_TABLE"] for launch in gemv.launches] == [True, False]
+    assert [launch["TABLE"] for launch in gemv.launches] == ["nibble", "byte"]
 
 
 def test_the_sweeps_write_what_tune_reads():
@@ -427,6 +427,7 @@ def test_the_sweeps_write_what_tune_reads():
     which tune derives settings that the tuning file accepts."""
     bench_nf4 = _load_bench("nf4")
     weight = nf4.quantize_nf4_reference(torch.randn(16, 128), 64)
+    weight_b = nf4.quantize_nf4_reference(torch.randn(32, 64), 64)
     counter = iter(range(1000))  # every timing 20% faster than the one before: the last config wins
 
     def fake_bench(fn, m=None, quick=False):
@@ -435,8 +436,16 @@ def test_the_sweeps_write_what_tune_reads():
     class Args:
         smoke = False
 
-    gemv = bench_nf4.sweep_gemv(Args, [(16, 128)], {(16, 128): lambda: weight}, lambda *shape: torch.zeros(shape),
-                                fake_bench, mm)
+    seen = []  # the rows a run stopped after each (M, shape) would have written: M = 1 on every shape first
+    gemv = bench_nf4.sweep_gemv(Args, [(16, 128), (32, 64)],
+                                {(16, 128): lambda: weight, (32, 64): lambda: weight_b},
+                                lambda *shape: torch.zeros(shape), fake_bench, mm,
+                                lambda rows: seen.append([(r["M"], r["shape"]) for r in rows]))
+    assert seen[1] == [(1, "16x128"), (1, "32x64")] and len(seen) == 6 and seen[-1] == [
+        (m, shape) for m in (1, 4, 8) for shape in ("16x128", "32x64")]
+    assert {c["config"]["table"] for c in gemv[0]["grid"]} == set(mm.GEMV_TABLES)
+    assert {c["config"]["num_warps"] for c in gemv[2]["grid"]} == {4}  # 8 warps only at M = 1
+    gemv = [r for r in gemv if r["shape"] == "16x128"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(nf4, "dequantize_nf4_triton", lambda *a, **k: None)
         dq = bench_nf4.sweep_dequant(Args, [(16, 128)], {(16, 128): lambda: weight}, fake_bench, nf4, torch.float32)
@@ -534,3 +543,18 @@ def test_tune_cli_writes_a_file_the_kernels_read(tmp_path, monkeypatch):
     dry = subprocess.run([sys.executable, str(ROOT / "bench" / "tune.py"), str(result), "--out", str(out), "--dry-run"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert dry.returncode == 0 and "nf4.gemv_max_m unchanged" in dry.stdout and "wrote" not in dry.stdout
+
+
+def test_results_are_replaced_whole(tmp_path):
+    """bench/common.write_results goes through a temporary file and a rename: a rewrite (the gemv sweep
+    rewrites its JSON after every row) never leaves a half-written file or the temporary behind."""
+    common = _load_bench("common")
+
+    class Args:
+        smoke = False
+        out = str(tmp_path)
+
+    first = common.write_results("nf4-graph", [{"M": 1}], Args, extra={"sweep_gemv": []})
+    second = common.write_results("nf4-graph", [{"M": 1}], Args, extra={"sweep_gemv": [{"M": 1}]})
+    assert first == second and json.loads(second.read_text())["sweep_gemv"] == [{"M": 1}]
+    assert [p.name for p in tmp_path.iterdir()] == [second.name]
