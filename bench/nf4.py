@@ -436,6 +436,12 @@ def sweep_gemv(args, shapes, weights, randn, bench, mm, progress=None):
                 for block_n, blocks, warps, table in itertools.product((16, 32, 64, 128), (2, 4, 8, 16),
                                                                        (4, 8) if m == 1 else (4,), mm.GEMV_TABLES)
                 if m * block_n * blocks * words <= 2 * mm._GEMV_TILE_VALUES]
+        if m == 1:
+            # a few rows of W by most or all of K per program: little or no split-K, so no partials and
+            # no semaphore round trip (bitsandbytes' gemv gives each row a warp and no split)
+            grid += [mm.GemvConfig(block_n, blocks, 4, 1, table=table)
+                     for block_n, blocks, table in itertools.product((4, 8), (16, 32, 64), mm.GEMV_TABLES)
+                     if block_n * blocks * words <= 2 * mm._GEMV_TILE_VALUES]
         if args.smoke:
             grid = grid[:2]
         x = randn(m, k)

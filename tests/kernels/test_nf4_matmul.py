@@ -180,6 +180,19 @@ def test_gemv_code_tables_agree_bit_for_bit(m, n, k, blocksize, double_quant, dt
         mm.GemvConfig(table="word")
 
 
+@pytest.mark.parametrize("table", mm.GEMV_TABLES)
+@pytest.mark.parametrize("block_n,blocks", [(4, 64), (8, 16)])
+def test_gemv_few_rows_by_most_of_k(block_n, blocks, table):
+    """The sweep's small tiles: 4 rows by all of K in one masked range (no split, no partials), and 8
+    rows by 16 blocks (a partial last range), against the product of the weight each lookup decodes."""
+    weight = _weight(37, 3200, 64, True, seed=5)
+    x = _inputs((1, 3200), torch.float32, seed=6)
+    w = _dequant_rounded_codes(weight, torch.bfloat16 if table == "prmt" else torch.float32)
+    with backend("triton"):
+        y = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(block_n=block_n, blocks=blocks, table=table))
+    atol, rtol = TOLERANCES[torch.float32]
+    assert_close(y, (x.double() @ w.double().t()).float(), atol, rtol, name=f"gemv {block_n}x{blocks} {table}")
+
 @pytest.mark.parametrize("blocks", [None, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("m,n,k,blocksize,double_quant", GEMV_SHAPES)
