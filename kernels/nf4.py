@@ -483,10 +483,10 @@ if triton is not None:
         return _prmt(lower, upper, pick, ASM)
 
     @triton.jit
-    def _nf4_nibbles_bf16(sel, pick, planes_ptr, ASM: tl.constexpr):
+    def _nf4_nibbles_bf16(sel, pick, h0, h2, l0, l2, ASM: tl.constexpr):
         """The bf16 pairs of the four nibbles in the low 16 bits of ``sel``/``pick`` (two bytes of W)."""
-        high = _nf4_code_plane(sel, pick, tl.load(planes_ptr), _CH1, tl.load(planes_ptr + 2), _CH3, ASM)
-        low = _nf4_code_plane(sel, pick, tl.load(planes_ptr + 4), _CL1, tl.load(planes_ptr + 6), _CL3, ASM)
+        high = _nf4_code_plane(sel, pick, h0, _CH1, h2, _CH3, ASM)
+        low = _nf4_code_plane(sel, pick, l0, _CL1, l2, _CL3, ASM)
         first = _prmt(low, high, tl.full(sel.shape, _PAIR_EVEN, tl.int32), ASM)
         second = _prmt(low, high, tl.full(sel.shape, _PAIR_ODD, tl.int32), ASM)
         return first, second
@@ -504,22 +504,42 @@ if triton is not None:
         top bit names; two more interleave the planes into pairs. 16 permutes and five integer
         operations per word, against 8 or 16 gathers from a table in memory (the gathers' cost on an
         H100 is in ``nf4_matmul._nf4_gemv_kernel``)."""
+        h0, h2, l0, l2 = _nf4_plane_registers(planes_ptr)
+        return _nf4_word_bf16_from(words, h0, h2, l0, l2, ASM)
+
+    @triton.jit
+    def _nf4_plane_registers(planes_ptr):
+        """The four code words ``_nf4_word_bf16_from`` takes (load them once, outside a loop)."""
+        return tl.load(planes_ptr), tl.load(planes_ptr + 2), tl.load(planes_ptr + 4), tl.load(planes_ptr + 6)
+
+    @triton.jit
+    def _nf4_word_bf16_from(words, h0, h2, l0, l2, ASM: tl.constexpr):
+        """``_nf4_word_bf16`` with the code words already loaded (``_nf4_plane_registers``)."""
         sel = words & 0x77777777
         pick = ((words >> 1) & 0x44444444) | 0x32103210
-        p01, p23 = _nf4_nibbles_bf16(sel, pick, planes_ptr, ASM)
-        p45, p67 = _nf4_nibbles_bf16(sel >> 16, pick >> 16, planes_ptr, ASM)
+        p01, p23 = _nf4_nibbles_bf16(sel, pick, h0, h2, l0, l2, ASM)
+        p45, p67 = _nf4_nibbles_bf16(sel >> 16, pick >> 16, h0, h2, l0, l2, ASM)
         return p01, p23, p45, p67
 
     @triton.jit
+    def _nf4_pair_tile(words, h0, h2, l0, l2, ROWS: tl.constexpr, WORDS: tl.constexpr, ASM: tl.constexpr):
+        """A (ROWS, WORDS) tile of int32 words of packed bytes -> the (ROWS, 4 * WORDS) tile of their bf16
+        pairs in byte order (column c: byte c's two codes, as one entry of nf4_pair_table gives them)."""
+        p0, p1, p2, p3 = _nf4_word_bf16_from(words, h0, h2, l0, l2, ASM)
+        # pair i of word w is byte 4w + i: [w, u, v] = p(2u + v) lands at column 4w + 2u + v
+        return tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), (ROWS, 4 * WORDS))
+
+    @triton.jit
     def _nf4_words_bf16_kernel(words_ptr, planes_ptr, out_ptr, n, BLOCK: tl.constexpr, ASM: tl.constexpr):
-        """out[i, 0..3] = the bf16 pairs of words[i] (``_nf4_word_bf16``)."""
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < n
-        p01, p23, p45, p67 = _nf4_word_bf16(tl.load(words_ptr + offs, mask=ok, other=0), planes_ptr, ASM)
-        tl.store(out_ptr + offs * 4, p01, mask=ok)
-        tl.store(out_ptr + offs * 4 + 1, p23, mask=ok)
-        tl.store(out_ptr + offs * 4 + 2, p45, mask=ok)
-        tl.store(out_ptr + offs * 4 + 3, p67, mask=ok)
+        """out[i, 0..3] = the bf16 pairs of words[i], through ``_nf4_pair_tile`` on tiles of 8 words a row
+        (the shape the fused forward decodes at blocksize 64)."""
+        rows = tl.program_id(0) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+        offs = rows[:, None] * 8 + tl.arange(0, 8)[None, :]
+        h0, h2, l0, l2 = _nf4_plane_registers(planes_ptr)
+        pairs = _nf4_pair_tile(tl.load(words_ptr + offs, mask=offs < n, other=0), h0, h2, l0, l2, BLOCK // 8, 8,
+                               ASM)
+        out = rows[:, None] * 32 + tl.arange(0, 32)[None, :]
+        tl.store(out_ptr + out, pairs, mask=out < 4 * n)
 
     @triton.jit
     def _pack16(first, second, BF16: tl.constexpr):

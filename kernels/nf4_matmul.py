@@ -136,6 +136,9 @@ def resolve_path(path: str | None, m: int, weight: NF4Weight | None = None) -> s
     return path
 
 
+FUSED_DECODES = ("table", "prmt")
+
+
 @dataclasses.dataclass(frozen=True)
 class FusedConfig:
     """Tile sizes of the fused kernels. ``split``: forward splits K, backward splits N."""
@@ -146,6 +149,13 @@ class FusedConfig:
     num_warps: int = 4
     num_stages: int = 3
     reduce_in_kernel: bool = True  # forward: the last split of a tile sums the partials (False: a 2nd launch)
+    # forward, bf16 x with whole blocks: how the aligned loop gets the codes, "table" (a 4-byte gather per
+    # byte from nf4_pair_table) or "prmt" (the register decode of nf4._nf4_word_bf16; the same bf16 codes)
+    decode: str = "table"
+
+    def __post_init__(self):
+        if self.decode not in FUSED_DECODES:
+            raise ValueError(f"nf4 fused: decode must be one of {', '.join(FUSED_DECODES)}, got {self.decode!r}")
 
 
 def default_fused_config(kind: str, m: int, n: int, k: int, chunk: int, device: torch.device,
@@ -183,7 +193,8 @@ def default_fused_config(kind: str, m: int, n: int, k: int, chunk: int, device: 
 # ----------------------------------------------------------------------------- Triton kernels
 
 if triton is not None:
-    from bezoar_kernels.nf4 import _nf4_block_absmax, _nf4_byte_values, _nf4_word_bf16
+    from bezoar_kernels.nf4 import (_nf4_block_absmax, _nf4_byte_values, _nf4_pair_tile, _nf4_plane_registers,
+                                    _nf4_word_bf16)
 
     @triton.jit
     def _last_split_sums(parts, stride_split, final, mask, counts_ptr, tile, BLOCK_M: tl.constexpr,
@@ -260,7 +271,7 @@ if triton is not None:
         # meta
         BLOCKSIZE: tl.constexpr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
         NESTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        SPLIT: tl.constexpr,
+        SPLIT: tl.constexpr, PRMT: tl.constexpr, ASM: tl.constexpr,
     ):
         """out[split, m, n] = sum over this split's K chunks of x[m, k] * W[n, k].
 
@@ -281,6 +292,8 @@ if triton is not None:
         j = tl.arange(0, HALF)
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if PRMT:
+            h0, h2, l0, l2 = _nf4_plane_registers(table_ptr)
         chunk_begin = pid_split * chunks_per_split
         chunk_end = tl.minimum(chunk_begin + chunks_per_split, tl.cdiv(K, CHUNK))
         n_ok = offs_n < N
@@ -291,14 +304,21 @@ if triton is not None:
             x_lo = tl.load(x_rows + (k_even + 1)[None, :] * stride_xk, mask=m_ok[:, None] & (k_even + 1 < K)[None, :],
                            other=0.0)
             if ALIGNED:
-                byte = tl.load(packed_ptr + offs_n[:, None] * (K // 2) + (k_start // 2 + j)[None, :],
-                               mask=n_ok[:, None], other=0)
+                if not PRMT:
+                    byte = tl.load(packed_ptr + offs_n[:, None] * (K // 2) + (k_start // 2 + j)[None, :],
+                                   mask=n_ok[:, None], other=0)
                 scale = _nf4_block_absmax(offs_n * (K // BLOCKSIZE) + k_start // BLOCKSIZE, n_ok, absmax_ptr,
                                           nested_absmax_ptr, nested_code_ptr, offset, DOUBLE_QUANT, NESTED)
                 if x_ptr.dtype.element_ty == tl.float32:
                     c_hi, c_lo = _nf4_byte_values(tl.load(table_ptr + byte.to(tl.int32)))
                 else:
-                    pair = tl.load(table_ptr + byte.to(tl.int32))
+                    if PRMT:  # bf16 x: the chunk's bytes as int32 words, decoded in registers (table_ptr: planes)
+                        words = tl.load(packed_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * (K // 8)
+                                        + (k_start // 8 + tl.arange(0, HALF // 4))[None, :], mask=n_ok[:, None],
+                                        other=0)
+                        pair = _nf4_pair_tile(words, h0, h2, l0, l2, BLOCK_N, HALF // 4, ASM)
+                    else:
+                        pair = tl.load(table_ptr + byte.to(tl.int32))
                     c_hi = pair.to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)
                     c_lo = (pair >> 16).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)
                 part = tl.dot(x_hi, tl.trans(c_hi), input_precision=DOT_PRECISION)
@@ -555,14 +575,19 @@ def nf4_fused_forward(x: torch.Tensor, weight: NF4Weight, config: FusedConfig | 
     tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
     counts = _split_counts(x.device, tiles) if split > 1 and cfg.reduce_in_kernel else None
     out = final if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-    table = nf4_byte_table(x.device) if x.dtype == torch.float32 else nf4_pair_table(x.device, x.dtype)
+    prmt = cfg.decode == "prmt"
+    if prmt and not (x.dtype == torch.bfloat16 and meta["ALIGNED"] and weight.packed.data_ptr() % 4 == 0):
+        raise ValueError(f"nf4 fused: decode='prmt' needs bf16 x and K a multiple of the blocksize "
+                         f"{weight.blocksize} with the packed bytes aligned to 4, got {x.dtype}, K={k}")
+    table = (nf4_byte_table(x.device) if x.dtype == torch.float32 else nf4_code_planes(x.device) if prmt
+             else nf4_pair_table(x.device, x.dtype))
     launch_fitting(_nf4_matmul_fwd_kernel, (tiles, split), (
         x, *_weight_args(weight), table, out, final, counts if counts is not None else final,
         m, n, k, weight.offset if weight.double_quant else 0.0, per_split,
         x.stride(0), x.stride(1), out.stride(0) if split > 1 else 0, out.stride(-2), out.stride(-1), final.stride(0),
     ), dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        enable_fp_fusion=False, SPLIT=counts is not None, **meta,
+        enable_fp_fusion=False, SPLIT=counts is not None, PRMT=prmt, ASM=not dispatch.interpreting(), **meta,
     ))
     if split > 1 and counts is None:
         _sum_splits(out, x.dtype, final)

@@ -180,6 +180,33 @@ def test_gemv_code_tables_agree_bit_for_bit(m, n, k, blocksize, double_quant, dt
         mm.GemvConfig(table="word")
 
 
+def test_fused_register_decode_takes_bf16_whole_blocks_only():
+    """FusedConfig(decode="prmt") decodes bf16 codes for bf16 dot operands: any other x, or K not a
+    multiple of the blocksize (the unaligned loop), is refused by name rather than run on wrong codes."""
+    weight = _weight(32, 128)
+    cfg = dataclasses.replace(mm.default_fused_config("forward", 2, 32, 128, 64, torch.device("cpu")), decode="prmt")
+    with backend("triton"), pytest.raises(ValueError, match="decode='prmt' needs bf16 x"):
+        mm.nf4_fused_forward(_inputs((2, 128), torch.float32), weight, cfg)
+    with backend("triton"), pytest.raises(ValueError, match="decode='prmt' needs bf16 x"):
+        mm.nf4_fused_forward(_inputs((2, 130), torch.bfloat16), _weight(32, 130), cfg)
+    with pytest.raises(ValueError, match="decode must be one of table, prmt, got 'lut'"):
+        mm.FusedConfig(16, 64, decode="lut")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 5, 16, 64])
+@pytest.mark.parametrize("n,k", [(3200, 3200), (8640, 3200), (3200, 8640)])
+def test_fused_register_decode_on_gpu_equals_the_pair_table(n, k, m):
+    """The fused forward's register decode gives its dots the same bf16 code operands as the pair table
+    in the same order: the outputs are equal bit for bit."""
+    weight = _weight(n, k, device="cuda")
+    x = _inputs((m, k), torch.bfloat16, device="cuda")
+    cfg = mm.default_fused_config("forward", m, n, k, weight.blocksize, x.device)
+    with backend("triton"):
+        table = mm.nf4_fused_forward(x, weight, cfg)
+        prmt = mm.nf4_fused_forward(x, weight, dataclasses.replace(cfg, decode="prmt"))
+    assert torch.equal(prmt, table)
+
 @pytest.mark.parametrize("table", mm.GEMV_TABLES)
 @pytest.mark.parametrize("block_n,blocks", [(4, 64), (8, 16)])
 def test_gemv_few_rows_by_most_of_k(block_n, blocks, table):

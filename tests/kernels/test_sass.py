@@ -198,3 +198,19 @@ def test_dropout_kernels_build_with_seed_one(preset, seeds):
         args += ["--meta", f"{name}=1"]
     info = json.loads(_sass(*args, "--json"))
     assert "REG:" in info["usage"], info["usage"]
+
+
+def test_fused_forward_register_decode_builds_without_table_loads(tmp_path):
+    """The fused NF4 forward with decode="prmt" (16 rows of x, 128 of W, blocksize 64; its sm_90 build
+    under the launcher's 4 warps and 3 stages): no spills, the two bf16 dots per chunk on the tensor
+    cores, 16 byte permutes per word of the tile (8 words a thread per chunk) and none of the pair
+    table's gathers, which the table build's pipeliner turns into 4-byte cp.async copies (LDGSTS.E)."""
+    info = {}
+    for preset in ("nf4_fused_fwd", "nf4_fused_fwd_prmt"):
+        info[preset] = json.loads(_sass(preset, "--json", "--dump", str(tmp_path / f"{preset}.sass")))
+    prmt = info["nf4_fused_fwd_prmt"]
+    assert "STACK:0" in prmt["usage"], prmt["usage"]
+    assert prmt["loop"].get("HMMA", 0) >= 8, prmt["loop"]
+    assert prmt["loop"].get("PRMT", 0) >= 16 * 8, prmt["loop"]
+    assert info["nf4_fused_fwd"]["counts"].get("LDGSTS.E", 0) > 0  # the table build's gathers, as cp.async
+    assert prmt["counts"].get("LDGSTS.E", 0) == 0, prmt["counts"]
