@@ -90,7 +90,8 @@ def device_info() -> dict:
         props = torch.cuda.get_device_properties(0)
         info.update(device=props.name, device_memory_gib=round(props.total_memory / 2**30, 1),
                     cuda=torch.version.cuda, sm_count=props.multi_processor_count)
-        # the per-GPU settings the run had (kernels/tuning.json, BEZOAR_TUNING, the environment)
+        # the per-GPU settings the files gave the run (kernels/tuning.json, BEZOAR_TUNING; a bench that
+        # overrides one through the environment records that itself)
         from bezoar_kernels import tuning
 
         info["tuning"] = tuning.summary(torch.device("cuda"))

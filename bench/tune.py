@@ -29,6 +29,7 @@ value for a setting replaces an earlier one's; settings a file does not measure 
     python bench/tune.py                                  # every nf4*/lora* file in bench/results
     python bench/tune.py RUN/nf4-graph-*.json RUN/lora-*.json --out my-tuning.json   # then BEZOAR_TUNING=my-tuning.json
     python bench/tune.py --dry-run                        # print what would change, write nothing
+    python bench/tune.py RUN/nf4-graph-*.json --keys nf4.gemv_tiles --out t.json   # only the gemv tiles
 """
 
 from __future__ import annotations
@@ -252,9 +253,9 @@ def _release(version: str | None) -> str | None:
     return ".".join(version.split(".")[:2]) if version else None
 
 
-def apply(files: list[Path], table: dict, min_gain: float = 0.03) -> list[dict]:
+def apply(files: list[Path], table: dict, min_gain: float = 0.03, keys=None) -> list[dict]:
     """Fold the settings derived from ``files`` into ``table`` (a parsed tuning file, changed in place);
-    returns one change record per setting a file gave."""
+    returns one change record per setting a file gave. ``keys``: only these settings (default all)."""
     loaded = []
     for path in files:
         try:
@@ -268,7 +269,7 @@ def apply(files: list[Path], table: dict, min_gain: float = 0.03) -> list[dict]:
     changes = []
     for path, result in sorted(loaded, key=_order):
         device = result.get("device")
-        settings = derive(result, min_gain)
+        settings = {k: v for k, v in derive(result, min_gain).items() if keys is None or k in keys}
         if not settings:
             continue
         if not device or device == "cpu":
@@ -315,8 +316,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-gain", type=float, default=0.03,
                    help="a swept tile config replaces the heuristic only if faster by more than this (default 0.03)")
     p.add_argument("--dry-run", action="store_true", help="print the changes, write nothing")
+    p.add_argument("--keys", help="comma-separated settings to derive (default all), e.g. nf4.gemv_tiles")
     args = p.parse_args(argv)
     tuning = _kernels_tuning()
+    keys = None
+    if args.keys:
+        keys = {k.strip() for k in args.keys.split(",") if k.strip()}
+        unknown = sorted(keys - set(tuning.THRESHOLD_KEYS + tuning.TILE_KEYS))
+        if unknown:
+            raise SystemExit(f"--keys: unknown setting {', '.join(unknown)} (known: "
+                             f"{', '.join(tuning.THRESHOLD_KEYS + tuning.TILE_KEYS)})")
     files = args.files or sorted(f for f in RESULTS.glob("*.json") if f.name.startswith(("nf4", "lora")))
     if args.out.exists():
         try:
@@ -327,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(str(exc)) from None
     else:
         table = {"format": tuning.FORMAT, "devices": {}}
-    changes = apply(files, table, args.min_gain)
+    changes = apply(files, table, args.min_gain, keys)
     for c in changes:
         mark = "unchanged" if c["old"] == c["new"] else f"{c['old']!r} -> {c['new']!r}"
         print(f"{c['device']}: {c['setting']} {mark}  ({c['file']}: {c['why']})")

@@ -705,17 +705,32 @@ def dequantize_nf4_triton(weight: NF4Weight, dtype: torch.dtype | None = None,
     return out
 
 
+def register_decode_asm(device: torch.device) -> bool:
+    """Whether the register decode (``_nf4_word_bf16``) takes its PTX byte permutes: on NVIDIA GPUs.
+    Under the interpreter the kernels run its integer model instead; other GPUs have neither, and a
+    launch that asks for it there gets this error."""
+    if dispatch.interpreting():
+        return False
+    if device.type != "cuda" or torch.version.hip is not None:
+        raise ValueError("nf4: the register decode ('prmt') runs on NVIDIA GPUs or under the Triton "
+                         "interpreter only")
+    return True
+
+
 def nf4_words_bf16(words: torch.Tensor) -> torch.Tensor:
     """Decode int32 words of packed NF4 bytes into the codes' bf16 bits with the kernels' register
     lookup (``_nf4_word_bf16``): an (n, 4) int32 tensor of bf16 pairs, value 2i of a word in the low
     half of pair i. Needs triton (on CPU tensors, the interpreter); for tests and inspection."""
+    if triton is None:
+        raise RuntimeError("nf4_words_bf16: needs triton (the register decode is a Triton kernel)")
     if words.dtype != torch.int32 or words.dim() != 1:
         raise ValueError(f"nf4_words_bf16: words must be a 1-D int32 tensor, got {words.dtype} {tuple(words.shape)}")
     words = words.contiguous()
     out = torch.empty((words.numel(), 4), dtype=torch.int32, device=words.device)
     block = 1024
     _nf4_words_bf16_kernel[(max(1, cdiv(words.numel(), block)),)](
-        words, nf4_code_planes(words.device), out, words.numel(), BLOCK=block, ASM=not dispatch.interpreting(), num_warps=4)
+        words, nf4_code_planes(words.device), out, words.numel(), BLOCK=block,
+        ASM=register_decode_asm(words.device), num_warps=4)
     return out
 
 

@@ -65,6 +65,7 @@ from bezoar_kernels.nf4 import (
     nf4_byte_table,
     nf4_code,
     nf4_code_planes,
+    register_decode_asm,
     nf4_pair_table,
 )
 
@@ -260,7 +261,8 @@ if triton is not None:
 
     @triton.jit
     def _nf4_matmul_fwd_kernel(
-        # pointers; ``table_ptr``: with ALIGNED, nf4_pair_table (16-bit x) or nf4_byte_table (fp32 x)
+        # pointers; ``table_ptr``: with ALIGNED, nf4_pair_table (16-bit x), nf4_byte_table (fp32 x), or
+        # with PRMT (bf16 x) nf4_code_planes for the register decode
         x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, table_ptr, out_ptr,
         # with SPLIT: the (M, N) result (unit column stride) and one int32 arrival count per output tile
         final_ptr, counts_ptr,
@@ -278,7 +280,9 @@ if triton is not None:
         With ALIGNED (a chunk is one absmax block of each row) the tile of W is not dequantized: one
         table load per packed byte gives its two code values as dot operands (in x's dtype for 16-bit
         x: the codes rounded, not code * absmax), and each row's block scale multiplies the chunk's
-        (BLOCK_M, BLOCK_N) product, BLOCK_M multiplies per row instead of one per weight."""
+        (BLOCK_M, BLOCK_N) product, BLOCK_M multiplies per row instead of one per weight. With PRMT
+        (bf16 x) the chunk's bytes are read as int32 words and their codes decoded in registers
+        (``_nf4_pair_tile``) instead: the same bf16 pairs, no table loads."""
         HALF: tl.constexpr = CHUNK // 2
         pid = tl.program_id(0)
         pid_split = tl.program_id(1)
@@ -384,8 +388,9 @@ if triton is not None:
 
     @triton.jit
     def _nf4_gemv_kernel(
-        # pointers: x (M, K); W's packed bytes viewed as int32 words (N, K / 8); the code table: with
-        # NIBBLE_TABLE the 16 fp32 values (nf4_code), else nf4_byte_table (both values of a byte in one int64)
+        # pointers: x (M, K); W's packed bytes viewed as int32 words (N, K / 8); the code table for TABLE:
+        # "byte" nf4_byte_table (both values of a byte in one int64), "nibble" the 16 fp32 values
+        # (nf4_code), "prmt" nf4_code_planes (the bf16 codes' bytes for the register decode)
         x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, table_ptr, out_ptr,
         # with SPLIT: the (M, N) result and one int32 arrival count per row tile (zero between launches)
         final_ptr, counts_ptr,
@@ -411,7 +416,7 @@ if triton is not None:
         bandwidth: the first version stepped through the blocks one at a time and reached ~0.5 TB/s
         on an H200. Each byte of a word is decoded by one 8-byte load from the 2 KB byte table (both
         its values; a 16-entry table takes a gather per value, and the address arithmetic of the
-        gathers was most of the old kernel's instructions), or, with NIBBLE_TABLE, by one 4-byte load
+        gathers was most of the old kernel's instructions), or, with TABLE "nibble", by one 4-byte load
         per value from the 64-byte table of the 16 codes. The trade: a warp's 32 gathers from the
         byte table touch about 14 of its 16 cache lines, each a separate L1 pass (a wavefront), where
         a gather from the 64-byte table is one; two gathers per byte instead of one. On an H100 the
@@ -419,15 +424,16 @@ if triton is not None:
         and a count of byte-table wavefronts alone (5.1M gathers x ~14 / 32 lanes / 132 SMs) comes to
         ~10 us. TABLE "prmt" reads no table at all: ``_nf4_word_bf16`` decodes a word's eight codes with
         16 byte permutes over code bytes held in registers, giving the codes rounded to bf16 (the
-        byte and nibble tables give them in fp32). Its sm_90 build is about as many instructions per
-        weight as the byte table's (8.2 against 6.4 on triton 3.9, 10.6 against 10.4 on 3.6, M = 1)
-        with none of the L1 passes. Which lookup wins is for ``bench/nf4.py --sweep-gemv`` to say
+        byte and nibble tables give them in fp32). Its sm_90 build takes 28% more instructions per
+        weight than the byte table's on triton 3.9 (8.2 against 6.4, M = 1) and as many on 3.6 (10.6
+        against 10.4), with none of the L1 passes. Which lookup wins is for ``bench/nf4.py --sweep-gemv`` to say
         (``GemvConfig.table``, written per GPU into the tuning file). The values times x go into an
         fp32 partial per word (plain FMAs, no matrix units, no shared memory); each word's block scale
         multiplies it before the sum over the words. With the byte and nibble tables W is never
         rounded to x's dtype, so the result differs from ``F.linear(x, dequantize(W, x.dtype))`` by
-        that rounding (it is the more exact of the two); with "prmt" the codes' rounding to bf16 is of
-        the same size (at most 0.312% of a weight) before the block scale.
+        that rounding (it is the more exact of the two); with "prmt" the codes are rounded to bf16 (at
+        most 0.312% of a weight) before the block scale, the size of the rounding that 16-bit x gets
+        from dequantize + cuBLAS (an fp32 caller gets the byte table unless it asks for "prmt").
         """
         WORDS: tl.constexpr = BLOCKSIZE // 8
         SPAN: tl.constexpr = BLOCKS * WORDS  # words per row of the tile
@@ -587,7 +593,8 @@ def nf4_fused_forward(x: torch.Tensor, weight: NF4Weight, config: FusedConfig | 
         x.stride(0), x.stride(1), out.stride(0) if split > 1 else 0, out.stride(-2), out.stride(-1), final.stride(0),
     ), dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        enable_fp_fusion=False, SPLIT=counts is not None, PRMT=prmt, ASM=not dispatch.interpreting(), **meta,
+        enable_fp_fusion=False, SPLIT=counts is not None, PRMT=prmt, ASM=prmt and register_decode_asm(x.device),
+        **meta,
     ))
     if split > 1 and counts is None:
         _sum_splits(out, x.dtype, final)
@@ -665,10 +672,15 @@ def gemv_tile(block_m: int, blocksize: int, blocks_per_row: int) -> tuple[int, i
     return block_n, blocks
 
 
-def _tuned_gemv_config(block_m: int, device) -> GemvConfig:
-    """The tiles the tuning file gives for ``block_m`` rows of x on this device, else the heuristic's."""
+def _tuned_gemv_config(block_m: int, device, dtype: torch.dtype = torch.bfloat16) -> GemvConfig:
+    """The tiles the tuning file gives for ``block_m`` rows of x on this device, else the heuristic's.
+    The sweeps time 16-bit x: for fp32 x a tuned "prmt" lookup (bf16 codes) gives way to the byte
+    table's fp32 codes, so a setting picked for speed never lowers an fp32 caller's precision."""
     tiles = (tuning.setting("nf4.gemv_tiles", device) or {}).get(str(block_m))
-    return GemvConfig(**tiles) if tiles else GemvConfig()
+    cfg = GemvConfig(**tiles) if tiles else GemvConfig()
+    if cfg.table == "prmt" and dtype == torch.float32:
+        cfg = dataclasses.replace(cfg, table="byte")
+    return cfg
 
 
 def _gemv_table(table: str, device) -> torch.Tensor:
@@ -698,7 +710,7 @@ def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | No
     if x.stride(1) != 1:
         x = x.contiguous()
     block_m = next_power_of_2(m)
-    cfg = config or _tuned_gemv_config(block_m, x.device)
+    cfg = config or _tuned_gemv_config(block_m, x.device, x.dtype)
     blocks_per_row = k // weight.blocksize
     block_n, blocks = gemv_tile(block_m, weight.blocksize, blocks_per_row)
     block_n, blocks = cfg.block_n or block_n, cfg.blocks or blocks
@@ -722,7 +734,7 @@ def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | No
         x.stride(0), parts.stride(0) if split > 1 else 0, parts.stride(-2), final.stride(0),
         BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=dq, NESTED=NESTED_BLOCKSIZE,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS=blocks, SPLIT=counts is not None,
-        TABLE=cfg.table, ASM=not dispatch.interpreting(), num_warps=cfg.num_warps,
+        TABLE=cfg.table, ASM=cfg.table == "prmt" and register_decode_asm(x.device), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, enable_fp_fusion=True,  # x * code + partial as one FMA
     )
     if split > 1 and counts is None:

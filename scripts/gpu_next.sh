@@ -14,7 +14,8 @@
 #      register decode "prmt") and, at M = 1, tiles of a few rows by most of K: the byte table's
 #      gathers are the suspect in the gemv's 17.8 us at M = 1 (bench/README.md). Its main table has
 #      the fused forward with the register decode beside the table one (nf4_fused_prmt, M <= 64);
-#   3. bench/tune.py on that JSON into $OUT/tuning-next.json, which BEZOAR_TUNING then points at;
+#   3. bench/tune.py on that JSON into $OUT/tuning-next.json (the gemv tiles and lookup only; the
+#      thresholds stay the committed ones), which BEZOAR_TUNING then points at;
 #   4. bench/step.py and bench/generate.py through scripts/gpu_bench.sh: the training step and the
 #      decode tokens/s on the defaults the H100 run chose (LoRA large-M path concat, the per-block
 #      norm + LoRA grid, gemv at M = 1), last timed before the fused SwiGLU / norm + LoRA kernels,
@@ -76,7 +77,7 @@ keep() {
   fi
 }
 
-part tests 140 env GPU_TEST_LIMIT="${GPU_TEST_LIMIT:-120}" bash scripts/gpu_check.sh --gpu-only
+part tests 150 env GPU_TEST_LIMIT="${GPU_TEST_LIMIT:-120}" bash scripts/gpu_check.sh --gpu-only
 # the script above installed the project and the wheels; the part below uses that install
 [ -d "$SITE_DIR" ] && prepend_pythonpath "$SITE_DIR"
 # the sweep writes its JSON after every (M, shape) row, M = 1 first: a part cut short keeps those
@@ -85,13 +86,16 @@ keep "nf4-graph-NVIDIA*.json"
 # the settings that sweep derives (the gemv's lookup and tiles among them) into a tuning file of this
 # call's own, which step.py and generate.py then run with (their JSON records it under "tuning")
 NF4_JSON=$(find bench/results -maxdepth 1 -name "nf4-graph-NVIDIA*.json" -newer "$STAMP" 2>/dev/null | head -1)
+[ "$DRY_RUN" = 1 ] || rm -f "$OUT_DIR/tuning-next.json"  # never a file an earlier run left in a reused $OUT
 if [ "$DRY_RUN" = 1 ] || [ -n "$NF4_JSON" ]; then
-  part tune 15 "$PYTHON" bench/tune.py "${NF4_JSON:-bench/results/nf4-graph-DEVICE.json}" --out "$OUT_DIR/tuning-next.json"
+  # the gemv tiles (with their code lookup) only: the thresholds stay the committed ones
+  part tune 15 "$PYTHON" bench/tune.py "${NF4_JSON:-bench/results/nf4-graph-DEVICE.json}" --keys nf4.gemv_tiles \
+    --out "$OUT_DIR/tuning-next.json"
   [ -s "$OUT_DIR/tuning-next.json" ] && export BEZOAR_TUNING="$OUT_DIR/tuning-next.json"
 else
   log "no nf4 results from this call: step.py and generate.py run on the committed tuning"
 fi
-part step_generate 205 bash scripts/gpu_bench.sh --only step,generate --budget 195
+part step_generate 195 bash scripts/gpu_bench.sh --only step,generate --budget 185
 
 # a call brings back at most 8 files: more are packed into one archive (bench/README.md)
 if [ "$DRY_RUN" = 1 ]; then

@@ -189,13 +189,36 @@ def test_fused_register_decode_takes_bf16_whole_blocks_only():
         mm.nf4_fused_forward(_inputs((2, 128), torch.float32), weight, cfg)
     with backend("triton"), pytest.raises(ValueError, match="decode='prmt' needs bf16 x"):
         mm.nf4_fused_forward(_inputs((2, 130), torch.bfloat16), _weight(32, 130), cfg)
+    with backend("triton"), pytest.raises(ValueError, match="decode='prmt' needs bf16 x"):
+        mm.nf4_fused_forward(_inputs((2, 128), torch.float16), weight, cfg)
+    shifted = dataclasses.replace(weight, packed=torch.empty(weight.packed.numel() + 1, dtype=torch.uint8)[1:])
+    shifted.packed.copy_(weight.packed)
+    with backend("triton"), pytest.raises(ValueError, match="aligned to 4"):
+        mm.nf4_fused_forward(_inputs((2, 128), torch.bfloat16), shifted, cfg)
     with pytest.raises(ValueError, match="decode must be one of table, prmt, got 'lut'"):
         mm.FusedConfig(16, 64, decode="lut")
 
 
+@pytest.mark.parametrize("m,n,k,blocksize,block_n,split", [
+    (3, 37, 128, 64, 32, 1), (5, 70, 256, 128, 32, 2), (2, 33, 192, 64, 16, 3), (17, 40, 64, 64, 32, 1),
+    (1, 20, 512, 128, 16, 2)])
+def test_fused_register_decode_equals_the_pair_table(m, n, k, blocksize, block_n, split):
+    """The fused forward with decode="prmt" (bf16 x, the register decode's integer model under the
+    interpreter) hands its dots the pair table's operands: equal outputs bit for bit, across
+    blocksizes 64 and 128 (8 and 16 words a row per chunk), K splits, N past the last row tile and two
+    row tiles of x. (The interpreter's bf16 dot is not the GPU's, but both runs share it.)"""
+    weight = _weight(n, k, blocksize, seed=n)
+    x = _inputs((m, k), torch.bfloat16, seed=m)
+    cfg = mm.FusedConfig(16, block_n, split=split)
+    with backend("triton"):
+        table = mm.nf4_fused_forward(x, weight, cfg)
+        prmt = mm.nf4_fused_forward(x, weight, dataclasses.replace(cfg, decode="prmt"))
+    assert torch.equal(prmt, table)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 5, 16, 64])
-@pytest.mark.parametrize("n,k", [(3200, 3200), (8640, 3200), (3200, 8640)])
+@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize("n,k", [(8640, 3200), (3200, 8640)])
 def test_fused_register_decode_on_gpu_equals_the_pair_table(n, k, m):
     """The fused forward's register decode gives its dots the same bf16 code operands as the pair table
     in the same order: the outputs are equal bit for bit."""
@@ -206,6 +229,7 @@ def test_fused_register_decode_on_gpu_equals_the_pair_table(n, k, m):
         table = mm.nf4_fused_forward(x, weight, cfg)
         prmt = mm.nf4_fused_forward(x, weight, dataclasses.replace(cfg, decode="prmt"))
     assert torch.equal(prmt, table)
+
 
 @pytest.mark.parametrize("table", mm.GEMV_TABLES)
 @pytest.mark.parametrize("block_n,blocks", [(4, 64), (8, 16)])
@@ -219,6 +243,7 @@ def test_gemv_few_rows_by_most_of_k(block_n, blocks, table):
         y = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(block_n=block_n, blocks=blocks, table=table))
     atol, rtol = TOLERANCES[torch.float32]
     assert_close(y, (x.double() @ w.double().t()).float(), atol, rtol, name=f"gemv {block_n}x{blocks} {table}")
+
 
 @pytest.mark.parametrize("blocks", [None, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -451,8 +476,8 @@ def test_bf16_on_gpu_matches_reference(m, n, k, path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("table", mm.GEMV_TABLES)
-@pytest.mark.parametrize("m", [1, 3, 8])
-@pytest.mark.parametrize("n,k", [(3200, 3200), (8640, 3200), (3200, 8640)])
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("n,k", [(8640, 3200), (3200, 8640)])
 def test_gemv_tables_on_gpu(n, k, m, table):
     """Each code lookup of the gemv kernel on the GPU (the register decode runs its PTX byte permutes
     only there) against an fp32 product of the weight it decodes: exact codes for the byte and nibble
@@ -463,6 +488,7 @@ def test_gemv_tables_on_gpu(n, k, m, table):
     with backend("triton"):
         y = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(table=table))
     assert_close(y, (x.float() @ w.t()).to(torch.bfloat16), 2e-2, 2e-2, name=f"gemv {table}")
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel,m", [("gemv", 1), ("gemv", 8), ("fused", 1), ("fused", 16)])

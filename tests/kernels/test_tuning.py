@@ -422,6 +422,38 @@ def test_swept_code_table_reaches_the_entry_and_the_launch(tmp_path, monkeypatch
     assert [launch["TABLE"] for launch in gemv.launches] == ["nibble", "byte"]
 
 
+def test_tuned_register_decode_is_for_16_bit_x_only(tmp_path, monkeypatch):
+    """The sweeps time bf16 x: a tuned "prmt" lookup (codes rounded to bf16) serves 16-bit x, and an fp32
+    caller gets the same tiles on the byte table's fp32 codes; asked for explicitly, it gets "prmt"."""
+    tiles = {"block_n": 16, "blocks": 2, "num_warps": 4, "table": "prmt"}
+    _user_file(tmp_path, monkeypatch, {"nf4.gemv_tiles": {"1": tiles}}, triton=_release())
+    assert mm._tuned_gemv_config(1, CPU, torch.bfloat16) == mm.GemvConfig(16, 2, table="prmt")
+    assert mm._tuned_gemv_config(1, CPU, torch.float16).table == "prmt"
+    assert mm._tuned_gemv_config(1, CPU, torch.float32) == mm.GemvConfig(16, 2, table="byte")
+    gemv = _LaunchSpy()
+    monkeypatch.setattr(mm, "_nf4_gemv_kernel", gemv)
+    weight = nf4.quantize_nf4_reference(torch.randn(32, 512), 64)
+    mm.nf4_gemv_forward(torch.randn(1, 512), weight)
+    mm.nf4_gemv_forward(torch.randn(1, 512).half(), weight)
+    mm.nf4_gemv_forward(torch.randn(1, 512), weight, mm.GemvConfig(table="prmt"))
+    assert [launch["TABLE"] for launch in gemv.launches] == ["byte", "prmt", "prmt"]
+    assert [launch["ASM"] for launch in gemv.launches] == [False, False, False]  # the interpreter's model
+
+
+def test_register_decode_needs_an_nvidia_gpu_or_the_interpreter(monkeypatch):
+    """Outside the interpreter the PTX permutes are for CUDA devices on NVIDIA builds only: anything else
+    asking for them gets one error that says so, not a compile failure."""
+    monkeypatch.setattr(nf4.dispatch, "interpreting", lambda: False)
+    with pytest.raises(ValueError, match="runs on NVIDIA GPUs or under the Triton interpreter only"):
+        nf4.register_decode_asm(torch.device("cpu"))
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    with pytest.raises(ValueError, match="NVIDIA GPUs"):
+        nf4.register_decode_asm(torch.device("cuda"))
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert nf4.register_decode_asm(torch.device("cuda")) is True
+    monkeypatch.setattr(nf4.dispatch, "interpreting", lambda: True)
+    assert nf4.register_decode_asm(torch.device("cpu")) is False
+
 def test_the_sweeps_write_what_tune_reads():
     """bench/nf4.py's gemv and dequantize sweeps (timed by a stand-in, no kernel runs) produce rows from
     which tune derives settings that the tuning file accepts."""
@@ -544,6 +576,22 @@ def test_tune_cli_writes_a_file_the_kernels_read(tmp_path, monkeypatch):
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert dry.returncode == 0 and "nf4.gemv_max_m unchanged" in dry.stdout and "wrote" not in dry.stdout
 
+
+def test_tune_cli_keys_limits_what_is_derived(tmp_path):
+    """--keys derives only the named settings (gpu_next.sh takes the gemv tiles from its own sweep and
+    keeps the committed thresholds); an unknown name is refused with the known ones listed."""
+    result = tmp_path / "nf4-graph-x.json"
+    sweep = [{"shape": "a", "M": 1, "default_ms": 2.0,
+              "grid": [{"config": {"block_n": 16, "blocks": 4, "num_warps": 4, "table": "prmt"}, "ms": 1.0}]}]
+    result.write_text(json.dumps(_result(bench="nf4-graph", device="cpu-as-gpu", timing="graph", sweep_gemv=sweep,
+                                         rows=_nf4_rows({("fwd", "a", 1): (1.0, 3.0, 2.0),
+                                                         ("fwd", "a", 4): (1.0, 3.0, 2.0)}))))
+    out = tmp_path / "t.json"
+    assert tune.main([str(result), "--keys", "nf4.gemv_tiles", "--out", str(out)]) == 0
+    settings = json.loads(out.read_text())["devices"]["cpu-as-gpu"]["settings"]
+    assert settings == {"nf4.gemv_tiles": {"1": {"block_n": 16, "blocks": 4, "num_warps": 4, "table": "prmt"}}}
+    with pytest.raises(SystemExit, match="--keys: unknown setting nf4.gemv_tile "):
+        tune.main([str(result), "--keys", "nf4.gemv_tile", "--out", str(out)])
 
 def test_results_are_replaced_whole(tmp_path):
     """bench/common.write_results goes through a temporary file and a rename: a rewrite (the gemv sweep
