@@ -36,7 +36,7 @@ PRESETS = {
                   "nested_code_ptr": "*fp32", "table_ptr": "*i64", "out_ptr": "*fp32", "final_ptr": "*bf16",
                   "counts_ptr": "*i32", "offset": "fp32", "M": "i32:any"},
                  {"BLOCKSIZE": 64, "DOUBLE_QUANT": True, "NESTED": 256, "BLOCK_M": 1, "BLOCK_N": 32, "BLOCKS": 8,
-                  "SPLIT": True, "TABLE": "byte", "ASM": True},
+                  "SPLIT": True, "TABLE": "byte", "ASM": True, "X_PAIRS": False},
                  4, 1),
     # the same with the 16-entry fp32 code table (GemvConfig(table="nibble"))
     "nf4_gemv_nibble": ("bezoar_kernels.nf4_matmul", "_nf4_gemv_kernel",
@@ -44,7 +44,7 @@ PRESETS = {
                          "nested_code_ptr": "*fp32", "table_ptr": "*fp32", "out_ptr": "*fp32", "final_ptr": "*bf16",
                          "counts_ptr": "*i32", "offset": "fp32", "M": "i32:any"},
                         {"BLOCKSIZE": 64, "DOUBLE_QUANT": True, "NESTED": 256, "BLOCK_M": 1, "BLOCK_N": 32,
-                         "BLOCKS": 8, "SPLIT": True, "TABLE": "nibble", "ASM": True},
+                         "BLOCKS": 8, "SPLIT": True, "TABLE": "nibble", "ASM": True, "X_PAIRS": False},
                         4, 1),
     # the same with the codes looked up by byte permutes in registers (GemvConfig(table="prmt"))
     "nf4_gemv_prmt": ("bezoar_kernels.nf4_matmul", "_nf4_gemv_kernel",
@@ -52,7 +52,7 @@ PRESETS = {
                        "nested_code_ptr": "*fp32", "table_ptr": "*i32", "out_ptr": "*fp32", "final_ptr": "*bf16",
                        "counts_ptr": "*i32", "offset": "fp32", "M": "i32:any"},
                       {"BLOCKSIZE": 64, "DOUBLE_QUANT": True, "NESTED": 256, "BLOCK_M": 1, "BLOCK_N": 32,
-                       "BLOCKS": 8, "SPLIT": True, "TABLE": "prmt", "ASM": True},
+                       "BLOCKS": 8, "SPLIT": True, "TABLE": "prmt", "ASM": True, "X_PAIRS": True},
                       4, 1),
     # the register decode alone (nf4.nf4_words_bf16)
     "nf4_words_bf16": ("bezoar_kernels.nf4", "_nf4_words_bf16_kernel",

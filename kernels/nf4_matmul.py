@@ -401,7 +401,7 @@ if triton is not None:
         # meta
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, SPLIT: tl.constexpr, TABLE: tl.constexpr,
-        ASM: tl.constexpr,
+        ASM: tl.constexpr, X_PAIRS: tl.constexpr,
     ):
         """out[split, m, n] = sum over NF4 blocks split * BLOCKS .. + BLOCKS of x[m, k] * W[n, k], M <= BLOCK_M.
 
@@ -452,17 +452,34 @@ if triton is not None:
         # weight and row of x, before -> after: M = 1, 32 rows x 8 blocks: 11.9 -> 8.9 on 3.6, 6.5 -> 6.4
         # on 3.9; M = 4, 16 x 4: 5.9 -> 5.1 on 3.6, 5.6 -> 3.9 on 3.9; M = 8, 16 x 4: 3.8 -> 3.7 on 3.6,
         # 4.1 -> 3.0 on 3.9
-        cols = pid_split * (8 * SPAN) + tl.arange(0, 8 * SPAN)
         rows_m = tl.arange(0, BLOCK_M)
-        x = tl.load(x_ptr + rows_m.to(tl.int64)[:, None] * stride_xm + cols[None, :],
-                    mask=(rows_m < M)[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
-        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, SPAN, 4, 2)))  # columns 8w + 2i, 8w + 2i + 1
-        e01, e23 = tl.split(tl.permute(tl.reshape(x_even, (BLOCK_M, SPAN, 2, 2)), (0, 1, 3, 2)))
-        o01, o23 = tl.split(tl.permute(tl.reshape(x_odd, (BLOCK_M, SPAN, 2, 2)), (0, 1, 3, 2)))
-        e0, e1 = tl.split(e01)
-        e2, e3 = tl.split(e23)
-        o0, o1 = tl.split(o01)
-        o2, o3 = tl.split(o23)
+        if X_PAIRS:
+            # bf16 x as int32 words, four per word of W: word 4w + i holds columns 8w + 2i (low half) and
+            # 8w + 2i + 1, paired as the decoded codes are, and its halves are fp32 bits after a shift
+            # or a mask; four strided loads, no reshapes (their shared-memory round trips and barriers)
+            pw = pid_split * SPAN + tl.arange(0, SPAN)
+            x_ok = (rows_m < M)[:, None] & (pw < K // 8)[None, :]
+            x_pairs = (x_ptr.to(tl.pointer_type(tl.int32)) + rows_m.to(tl.int64)[:, None] * (stride_xm // 2)
+                       + (4 * pw)[None, :])
+            xp0 = tl.load(x_pairs, mask=x_ok, other=0)
+            xp1 = tl.load(x_pairs + 1, mask=x_ok, other=0)
+            xp2 = tl.load(x_pairs + 2, mask=x_ok, other=0)
+            xp3 = tl.load(x_pairs + 3, mask=x_ok, other=0)
+            e0, o0 = (xp0 << 16).to(tl.float32, bitcast=True), (xp0 & -65536).to(tl.float32, bitcast=True)
+            e1, o1 = (xp1 << 16).to(tl.float32, bitcast=True), (xp1 & -65536).to(tl.float32, bitcast=True)
+            e2, o2 = (xp2 << 16).to(tl.float32, bitcast=True), (xp2 & -65536).to(tl.float32, bitcast=True)
+            e3, o3 = (xp3 << 16).to(tl.float32, bitcast=True), (xp3 & -65536).to(tl.float32, bitcast=True)
+        else:
+            cols = pid_split * (8 * SPAN) + tl.arange(0, 8 * SPAN)
+            x = tl.load(x_ptr + rows_m.to(tl.int64)[:, None] * stride_xm + cols[None, :],
+                        mask=(rows_m < M)[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, SPAN, 4, 2)))  # columns 8w + 2i, 8w + 2i + 1
+            e01, e23 = tl.split(tl.permute(tl.reshape(x_even, (BLOCK_M, SPAN, 2, 2)), (0, 1, 3, 2)))
+            o01, o23 = tl.split(tl.permute(tl.reshape(x_odd, (BLOCK_M, SPAN, 2, 2)), (0, 1, 3, 2)))
+            e0, e1 = tl.split(e01)
+            e2, e3 = tl.split(e23)
+            o0, o1 = tl.split(o01)
+            o2, o3 = tl.split(o23)
         acc = tl.zeros((BLOCK_M, BLOCK_N, SPAN), dtype=tl.float32)
         if TABLE == "prmt":
             p01, p23, p45, p67 = _nf4_word_bf16(words, table_ptr, ASM)
@@ -688,6 +705,13 @@ def _gemv_table(table: str, device) -> torch.Tensor:
     return {"byte": nf4_byte_table, "nibble": nf4_code, "prmt": nf4_code_planes}[table](device)
 
 
+def _x_pairs_ok(x: torch.Tensor) -> bool:
+    """Whether the gemv kernel reads bf16 x as int32 pairs of columns (X_PAIRS): one 4-byte aligned row.
+    At M = 1 the sm_90 build then has 4 barriers instead of 12 on triton 3.6 (1 instead of 9 on 3.9),
+    as many instructions or fewer; at M = 4 it had 22 instead of 20, so more rows keep the plain loads."""
+    return x.dtype == torch.bfloat16 and x.shape[0] == 1 and x.data_ptr() % 4 == 0
+
+
 def gemv_supported(m: int, weight: NF4Weight) -> bool:
     """The gemv kernel needs M <= GEMV_MAX_ROWS, K a multiple of the blocksize and the packed bytes
     word-aligned (it reads them as 32-bit words; NF4Weight keeps them contiguous)."""
@@ -734,7 +758,8 @@ def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | No
         x.stride(0), parts.stride(0) if split > 1 else 0, parts.stride(-2), final.stride(0),
         BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=dq, NESTED=NESTED_BLOCKSIZE,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS=blocks, SPLIT=counts is not None,
-        TABLE=cfg.table, ASM=cfg.table == "prmt" and register_decode_asm(x.device), num_warps=cfg.num_warps,
+        TABLE=cfg.table, ASM=cfg.table == "prmt" and register_decode_asm(x.device),
+        X_PAIRS=cfg.table == "prmt" and _x_pairs_ok(x), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, enable_fp_fusion=True,  # x * code + partial as one FMA
     )
     if split > 1 and counts is None:

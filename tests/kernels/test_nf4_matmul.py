@@ -231,6 +231,24 @@ def test_fused_register_decode_on_gpu_equals_the_pair_table(n, k, m):
     assert torch.equal(prmt, table)
 
 
+@pytest.mark.parametrize("m,n,k,blocksize,double_quant",
+                         GEMV_SHAPES + [(1, 130, 640, 64, True), (1, 70, 384, 128, False)])
+def test_gemv_register_decode_reads_bf16_x_as_pairs(m, n, k, blocksize, double_quant):
+    """At M = 1 with bf16 x the register decode reads x as int32 pairs of columns (X_PAIRS), halves exact
+    in fp32: against x @ W' (bf16 codes) in fp64, and an x that is not 4-byte aligned (an odd column
+    offset) takes the plain loads with the same result; more rows always take the plain loads."""
+    weight = _weight(n, k, blocksize, double_quant, seed=m + 13)
+    x = _inputs((m, k), torch.bfloat16, seed=n + 13)
+    want = (x.double() @ _dequant_rounded_codes(weight, torch.bfloat16).double().t())
+    odd = torch.empty((m, k + 1), dtype=torch.bfloat16)[:, 1:]
+    odd.copy_(x)
+    assert mm._x_pairs_ok(x) == (m == 1) and not mm._x_pairs_ok(odd)
+    with backend("triton"):
+        y = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(block_n=16, blocks=2, table="prmt"))
+        y_odd = mm.nf4_gemv_forward(odd, weight, mm.GemvConfig(block_n=16, blocks=2, table="prmt"))
+    assert_close(y.double(), want.to(torch.bfloat16).double(), 1e-2, 1e-2, name="gemv prmt bf16")
+    assert torch.equal(y, y_odd)
+
 @pytest.mark.parametrize("table", mm.GEMV_TABLES)
 @pytest.mark.parametrize("block_n,blocks", [(4, 64), (8, 16)])
 def test_gemv_few_rows_by_most_of_k(block_n, blocks, table):
