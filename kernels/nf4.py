@@ -446,7 +446,6 @@ if triton is not None:
         second = (entry >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
         return first, second
 
-
     # the register decode's constants, as the jit functions must see them
     _CH1, _CH3 = tl.constexpr(BF16_CODE_HIGH[1]), tl.constexpr(BF16_CODE_HIGH[3])
     _CL1, _CL3 = tl.constexpr(BF16_CODE_LOW[1]), tl.constexpr(BF16_CODE_LOW[3])
@@ -476,8 +475,10 @@ if triton is not None:
         """One byte plane of the codes of four nibbles (``sel``: their low three bits; ``pick``: 0x3210
         plus 4 for each nibble of the upper eight codes): two lookups, codes 0-7 and 8-15, and a
         per-byte choice between them. A permute takes one constant operand as an immediate and the
-        other from a register: ``q0`` and ``q2`` come loaded, so the compiler keeps them in registers
-        (constants it rebuilt before every permute, one more instruction each)."""
+        other from a register: ``q0`` and ``q2`` come loaded, and in the gemv's sm_90 build the
+        compiler keeps them in registers, where constants were rebuilt before every permute (one more
+        instruction each). In the fused forward's loop ptxas still moves the loaded values to uniform
+        registers and copies one back before each lookup (71 such moves in a 546-instruction loop)."""
         lower = _prmt(q0 + tl.zeros(sel.shape, tl.int32), tl.full(sel.shape, Q1, tl.int32), sel, ASM)
         upper = _prmt(q2 + tl.zeros(sel.shape, tl.int32), tl.full(sel.shape, Q3, tl.int32), sel, ASM)
         return _prmt(lower, upper, pick, ASM)
