@@ -56,7 +56,8 @@ PRESETS = {
                       4, 1),
     # the register decode alone (nf4.nf4_words_bf16)
     "nf4_words_bf16": ("bezoar_kernels.nf4", "_nf4_words_bf16_kernel",
-                       {"words_ptr": "*i32", "planes_ptr": "*i32", "out_ptr": "*i32", "n": "i32:any"}, {"BLOCK": 1024, "ASM": True}, 4, 1),
+                       {"words_ptr": "*i32", "planes_ptr": "*i32", "out_ptr": "*i32", "n": "i32:any"},
+                       {"BLOCK": 1024, "ASM": True}, 4, 1),
     "nf4_dequant": ("bezoar_kernels.nf4", "_nf4_dequantize_kernel",
                     {"packed_ptr": "*u8", "absmax_ptr": "*u8", "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32",
                      "byte_table_ptr": "*i64", "out_ptr": "*i32", "offset": "fp32"},

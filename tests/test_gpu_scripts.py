@@ -81,7 +81,8 @@ def test_gpu_next_dry_run_fits_one_call_and_names_what_it_checks():
     # a call brings back 8 files at most: the H100 call of 2026-11-26 lost its test log and a JSON that way
     assert "would pack" in text and "more than 8 files" in text
     for piece in ("scripts/gpu_check.sh --gpu-only", r"scripts/gpu_bench.sh --only step\,generate", "--sweep-gemv",
-                  "--timing graph", "bench/tune.py", "--keys nf4.gemv_tiles", "--out /tmp/bezoar-gpu-out/tuning-next.json"):
+                  "--timing graph", "bench/tune.py", "--keys nf4.gemv_tiles",
+                  "--out /tmp/bezoar-gpu-out/tuning-next.json"):
         assert piece in text, piece
     bad = dry_run("gpu_next.sh", "--frobnicate")
     assert bad.returncode == 2 and "unknown argument" in bad.stderr
