@@ -29,31 +29,39 @@ import sys
 import tempfile
 from pathlib import Path
 
+
+def _gemv(table: str, table_type: str, x_pairs: bool) -> tuple:
+    """The gemv kernel with one code lookup (GemvConfig.table) and its table's pointer type."""
+    return ("bezoar_kernels.nf4_matmul", "_nf4_gemv_kernel",
+            {"x_ptr": "*bf16", "words_ptr": "*i32", "absmax_ptr": "*u8", "nested_absmax_ptr": "*fp32",
+             "nested_code_ptr": "*fp32", "table_ptr": table_type, "out_ptr": "*fp32", "final_ptr": "*bf16",
+             "counts_ptr": "*i32", "offset": "fp32", "M": "i32:any"},
+            {"BLOCKSIZE": 64, "DOUBLE_QUANT": True, "NESTED": 256, "BLOCK_M": 1, "BLOCK_N": 32, "BLOCKS": 8,
+             "SPLIT": True, "TABLE": table, "ASM": True, "X_PAIRS": x_pairs},
+            4, 1)
+
+
+def _fused_fwd(prmt: bool) -> tuple:
+    """The fused NF4 forward, its codes from the pair table or (prmt) the register decode."""
+    return ("bezoar_kernels.nf4_matmul", "_nf4_matmul_fwd_kernel",
+            {"x_ptr": "*bf16", "packed_ptr": "*u8", "absmax_ptr": "*u8", "nested_absmax_ptr": "*fp32",
+             "nested_code_ptr": "*fp32", "code_ptr": "*fp32", "table_ptr": "*i32", "out_ptr": "*fp32",
+             "final_ptr": "*bf16", "counts_ptr": "*i32", "offset": "fp32", "M": "i32:any",
+             "chunks_per_split": "i32:any"},
+            {"stride_xk": 1, "stride_on": 1, "BLOCKSIZE": 64, "CHUNK": 64, "ALIGNED": True,
+             "DOUBLE_QUANT": True, "NESTED": 256, "BLOCK_M": 16, "BLOCK_N": 128, "DOT_PRECISION": "tf32",
+             "SPLIT": True, "PRMT": prmt, "ASM": True},
+            4, 3)
+
+
 # name: (module, kernel, argument types (others: i32 divisible by 16), constants, num_warps, num_stages)
 PRESETS = {
-    "nf4_gemv": ("bezoar_kernels.nf4_matmul", "_nf4_gemv_kernel",
-                 {"x_ptr": "*bf16", "words_ptr": "*i32", "absmax_ptr": "*u8", "nested_absmax_ptr": "*fp32",
-                  "nested_code_ptr": "*fp32", "table_ptr": "*i64", "out_ptr": "*fp32", "final_ptr": "*bf16",
-                  "counts_ptr": "*i32", "offset": "fp32", "M": "i32:any"},
-                 {"BLOCKSIZE": 64, "DOUBLE_QUANT": True, "NESTED": 256, "BLOCK_M": 1, "BLOCK_N": 32, "BLOCKS": 8,
-                  "SPLIT": True, "TABLE": "byte", "ASM": True, "X_PAIRS": False},
-                 4, 1),
+    "nf4_gemv": _gemv("byte", "*i64", False),
     # the same with the 16-entry fp32 code table (GemvConfig(table="nibble"))
-    "nf4_gemv_nibble": ("bezoar_kernels.nf4_matmul", "_nf4_gemv_kernel",
-                        {"x_ptr": "*bf16", "words_ptr": "*i32", "absmax_ptr": "*u8", "nested_absmax_ptr": "*fp32",
-                         "nested_code_ptr": "*fp32", "table_ptr": "*fp32", "out_ptr": "*fp32", "final_ptr": "*bf16",
-                         "counts_ptr": "*i32", "offset": "fp32", "M": "i32:any"},
-                        {"BLOCKSIZE": 64, "DOUBLE_QUANT": True, "NESTED": 256, "BLOCK_M": 1, "BLOCK_N": 32,
-                         "BLOCKS": 8, "SPLIT": True, "TABLE": "nibble", "ASM": True, "X_PAIRS": False},
-                        4, 1),
-    # the same with the codes looked up by byte permutes in registers (GemvConfig(table="prmt"))
-    "nf4_gemv_prmt": ("bezoar_kernels.nf4_matmul", "_nf4_gemv_kernel",
-                      {"x_ptr": "*bf16", "words_ptr": "*i32", "absmax_ptr": "*u8", "nested_absmax_ptr": "*fp32",
-                       "nested_code_ptr": "*fp32", "table_ptr": "*i32", "out_ptr": "*fp32", "final_ptr": "*bf16",
-                       "counts_ptr": "*i32", "offset": "fp32", "M": "i32:any"},
-                      {"BLOCKSIZE": 64, "DOUBLE_QUANT": True, "NESTED": 256, "BLOCK_M": 1, "BLOCK_N": 32,
-                       "BLOCKS": 8, "SPLIT": True, "TABLE": "prmt", "ASM": True, "X_PAIRS": True},
-                      4, 1),
+    "nf4_gemv_nibble": _gemv("nibble", "*fp32", False),
+    # the same with the codes looked up by byte permutes in registers (GemvConfig(table="prmt")), x read
+    # as int32 pairs as the launcher does at M = 1
+    "nf4_gemv_prmt": _gemv("prmt", "*i32", True),
     # the register decode alone (nf4.nf4_words_bf16)
     "nf4_words_bf16": ("bezoar_kernels.nf4", "_nf4_words_bf16_kernel",
                        {"words_ptr": "*i32", "planes_ptr": "*i32", "out_ptr": "*i32", "n": "i32:any"},
@@ -64,25 +72,9 @@ PRESETS = {
                     {"BLOCKSIZE": 64, "BLOCKS_PER_PROG": 64, "DOUBLE_QUANT": True, "NESTED": 256, "EVEN": True,
                      "STRIDED": False, "PACKED": True, "PACKED_BF16": True},
                     4, 3),
-    "nf4_fused_fwd": ("bezoar_kernels.nf4_matmul", "_nf4_matmul_fwd_kernel",
-                      {"x_ptr": "*bf16", "packed_ptr": "*u8", "absmax_ptr": "*u8", "nested_absmax_ptr": "*fp32",
-                       "nested_code_ptr": "*fp32", "code_ptr": "*fp32", "table_ptr": "*i32", "out_ptr": "*fp32",
-                       "final_ptr": "*bf16", "counts_ptr": "*i32", "offset": "fp32", "M": "i32:any",
-                       "chunks_per_split": "i32:any"},
-                      {"stride_xk": 1, "stride_on": 1, "BLOCKSIZE": 64, "CHUNK": 64, "ALIGNED": True,
-                       "DOUBLE_QUANT": True, "NESTED": 256, "BLOCK_M": 16, "BLOCK_N": 128, "DOT_PRECISION": "tf32",
-                       "SPLIT": True, "PRMT": False, "ASM": True},
-                      4, 3),
+    "nf4_fused_fwd": _fused_fwd(False),
     # the same with the codes decoded in registers (FusedConfig(decode="prmt"))
-    "nf4_fused_fwd_prmt": ("bezoar_kernels.nf4_matmul", "_nf4_matmul_fwd_kernel",
-                           {"x_ptr": "*bf16", "packed_ptr": "*u8", "absmax_ptr": "*u8", "nested_absmax_ptr": "*fp32",
-                            "nested_code_ptr": "*fp32", "code_ptr": "*fp32", "table_ptr": "*i32", "out_ptr": "*fp32",
-                            "final_ptr": "*bf16", "counts_ptr": "*i32", "offset": "fp32", "M": "i32:any",
-                            "chunks_per_split": "i32:any"},
-                           {"stride_xk": 1, "stride_on": 1, "BLOCKSIZE": 64, "CHUNK": 64, "ALIGNED": True,
-                            "DOUBLE_QUANT": True, "NESTED": 256, "BLOCK_M": 16, "BLOCK_N": 128,
-                            "DOT_PRECISION": "tf32", "SPLIT": True, "PRMT": True, "ASM": True},
-                           4, 3),
+    "nf4_fused_fwd_prmt": _fused_fwd(True),
     "lora_bwd": ("bezoar_kernels.lora", "_lora_bwd_kernel",
                  {**{f"{n}{j}_ptr": "*bf16" for n in ("w", "absmax", "nested_absmax", "nested_code") for j in range(3)},
                   "dy0_ptr": "*bf16", "dy1_ptr": "*bf16", "dy2_ptr": "*bf16", "g_ptr": "*bf16", "a_ptr": "*bf16",
