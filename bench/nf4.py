@@ -438,18 +438,19 @@ def sweep_gemv(args, shapes, weights, randn, bench, mm, progress=None):
         next_q = weights[(n, k)]  # cycles through the copies: no L2 reuse between calls
         words = next_q().blocksize // 8
         # tiles up to twice the default's accumulator (beyond, the sm_90 build spills), with each code
-        # lookup; each distinct tile is a compile, so the grid stays small (8 warps only at M = 1: on the
-        # H100 they lost by 50-70% at M = 4 and 8)
-        grid = [mm.GemvConfig(block_n, blocks, warps, 1, table=table)
-                for block_n, blocks, warps, table in itertools.product((16, 32, 64, 128), (2, 4, 8, 16),
-                                                                       (4, 8) if m == 1 else (4,), mm.GEMV_TABLES)
-                if m * block_n * blocks * words <= 2 * mm._GEMV_TILE_VALUES]
+        # lookup; each distinct tile is a compile (1-3 s), so the grid stays small. At M = 1 a chosen
+        # list: the H100's best tiles of the 2026-11-26 sweep (4 and 8 warps) and a few rows of W by most
+        # or all of K per program (little or no split-K: no partials and no semaphore round trip, as
+        # bitsandbytes' gemv gives each row a warp); at M = 4 and 8 every tile at 4 warps (8 lost by
+        # 50-70% there on the H100)
         if m == 1:
-            # a few rows of W by most or all of K per program: little or no split-K, so no partials and
-            # no semaphore round trip (bitsandbytes' gemv gives each row a warp and no split)
-            grid += [mm.GemvConfig(block_n, blocks, 4, 1, table=table)
-                     for block_n, blocks, table in itertools.product((4, 8), (16, 32, 64), mm.GEMV_TABLES)
-                     if block_n * blocks * words <= 2 * mm._GEMV_TILE_VALUES]
+            tiles = [(16, 8, 4), (16, 8, 8), (32, 4, 4), (32, 4, 8), (64, 2, 8), (64, 4, 8), (32, 8, 4),
+                     (4, 64, 4), (8, 32, 4), (4, 32, 4)]
+        else:
+            tiles = [(block_n, blocks, 4) for block_n, blocks in itertools.product((16, 32, 64, 128), (2, 4, 8, 16))]
+        grid = [mm.GemvConfig(block_n, blocks, warps, 1, table=table)
+                for (block_n, blocks, warps), table in itertools.product(tiles, mm.GEMV_TABLES)
+                if m * block_n * blocks * words <= 2 * mm._GEMV_TILE_VALUES]
         if args.smoke:
             grid = grid[:2]
         x = randn(m, k)

@@ -477,6 +477,7 @@ def test_the_sweeps_write_what_tune_reads():
         (m, shape) for m in (1, 4, 8) for shape in ("16x128", "32x64")]
     assert {c["config"]["table"] for c in gemv[0]["grid"]} == set(mm.GEMV_TABLES)
     assert {c["config"]["num_warps"] for c in gemv[2]["grid"]} == {4}  # 8 warps only at M = 1
+    assert len(gemv[0]["grid"]) == 30  # ten chosen tiles at M = 1, each with the three lookups
     gemv = [r for r in gemv if r["shape"] == "16x128"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(nf4, "dequantize_nf4_triton", lambda *a, **k: None)
