@@ -446,6 +446,11 @@ if triton is not None:
         second = (entry >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
         return first, second
 
+    @triton.jit
+    def _bf16_pair_values(pair):
+        """The two bf16 values of an int32 word (the lower address in the low half), exact in fp32."""
+        return (pair << 16).to(tl.float32, bitcast=True), (pair & -65536).to(tl.float32, bitcast=True)
+
     # the register decode's constants, as the jit functions must see them
     _CH1, _CH3 = tl.constexpr(BF16_CODE_HIGH[1]), tl.constexpr(BF16_CODE_HIGH[3])
     _CL1, _CL3 = tl.constexpr(BF16_CODE_LOW[1]), tl.constexpr(BF16_CODE_LOW[3])

@@ -194,8 +194,8 @@ def default_fused_config(kind: str, m: int, n: int, k: int, chunk: int, device: 
 # ----------------------------------------------------------------------------- Triton kernels
 
 if triton is not None:
-    from bezoar_kernels.nf4 import (_nf4_block_absmax, _nf4_byte_values, _nf4_pair_tile, _nf4_plane_registers,
-                                    _nf4_word_bf16)
+    from bezoar_kernels.nf4 import (_bf16_pair_values, _nf4_block_absmax, _nf4_byte_values, _nf4_pair_tile,
+                                    _nf4_plane_registers, _nf4_word_bf16)
 
     @triton.jit
     def _last_split_sums(parts, stride_split, final, mask, counts_ptr, tile, BLOCK_M: tl.constexpr,
@@ -465,10 +465,10 @@ if triton is not None:
             xp1 = tl.load(x_pairs + 1, mask=x_ok, other=0)
             xp2 = tl.load(x_pairs + 2, mask=x_ok, other=0)
             xp3 = tl.load(x_pairs + 3, mask=x_ok, other=0)
-            e0, o0 = (xp0 << 16).to(tl.float32, bitcast=True), (xp0 & -65536).to(tl.float32, bitcast=True)
-            e1, o1 = (xp1 << 16).to(tl.float32, bitcast=True), (xp1 & -65536).to(tl.float32, bitcast=True)
-            e2, o2 = (xp2 << 16).to(tl.float32, bitcast=True), (xp2 & -65536).to(tl.float32, bitcast=True)
-            e3, o3 = (xp3 << 16).to(tl.float32, bitcast=True), (xp3 & -65536).to(tl.float32, bitcast=True)
+            e0, o0 = _bf16_pair_values(xp0)
+            e1, o1 = _bf16_pair_values(xp1)
+            e2, o2 = _bf16_pair_values(xp2)
+            e3, o3 = _bf16_pair_values(xp3)
         else:
             cols = pid_split * (8 * SPAN) + tl.arange(0, 8 * SPAN)
             x = tl.load(x_ptr + rows_m.to(tl.int64)[:, None] * stride_xm + cols[None, :],
@@ -485,9 +485,7 @@ if triton is not None:
             p01, p23, p45, p67 = _nf4_word_bf16(words, table_ptr, ASM)
         for i in tl.static_range(4):
             if TABLE == "prmt":  # pair i: byte i's first value (its high nibble) in the low half
-                pair = p01 if i == 0 else p23 if i == 1 else p45 if i == 2 else p67
-                first = (pair << 16).to(tl.float32, bitcast=True)
-                second = (pair & -65536).to(tl.float32, bitcast=True)
+                first, second = _bf16_pair_values(p01 if i == 0 else p23 if i == 1 else p45 if i == 2 else p67)
             elif TABLE == "nibble":  # byte i of the word: its high nibble is the first value
                 first = tl.load(table_ptr + ((words >> (8 * i + 4)) & 15))
                 second = tl.load(table_ptr + ((words >> (8 * i)) & 15))
