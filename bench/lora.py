@@ -6,10 +6,12 @@ dropout 0.05 (the OpenBezoar setting), the time of one forward + backward (dx, a
 there is an adapter; ``torch.autograd.grad``, so nothing accumulates):
 
 * ``nf4_only``: bezoar's NF4 matmul alone (what dispatch picks: dequant + cuBLAS at these M);
-* ``lora_auto`` / ``lora_dequant`` / ``lora_cublas`` / ``lora_concat``: bezoar's fused NF4 + LoRA
-  op on the path "auto" picks and on each large-M path; with ``--dropout 0`` also ``lora_merged``
-  (the LoRA term folded into the weight, which "auto" then takes), written to
-  ``lora-no-dropout-<device>-<date>.json``;
+* ``lora_auto`` / ``lora_dequant`` / ``lora_cublas`` / ``lora_concat`` / ``lora_tma``: bezoar's fused
+  NF4 + LoRA op on the path "auto" picks and on each large-M path (``--paths`` picks which); with
+  ``--dropout 0`` also ``lora_merged`` (the LoRA term folded into the weight, which "auto" then
+  takes), written to ``lora-no-dropout-<device>-<date>.json``. With ``tma`` timed also ``nf4_tma``
+  (the tma path's persistent Triton GEMMs with no adapter: bezoar's GEMM against the cuBLAS GEMM
+  inside ``nf4_only``) and ``lora_tma_da_pass`` (dA by its own pass instead of the dx epilogue);
 * ``peft_style``: bezoar's NF4 matmul plus PEFT's LoRA arithmetic as separate torch ops
   (``F.dropout``, two ``F.linear``, scale, add): the ~1.3x the issue quotes;
 * ``bnb_peft``: bitsandbytes ``matmul_4bit`` as the base plus the same PEFT arithmetic (what
@@ -44,6 +46,7 @@ times a grid of tile configs for the Triton GEMM of the dequant path. Usage::
 
     python bench/lora.py                  # full run on the GPU, writes bench/results/lora-<device>-<date>.json
     python bench/lora.py --smoke          # tiny shapes on CPU (Triton interpreter), writes nothing
+    python bench/lora.py --paths concat,tma --ranks 16 --no-groups   # the tma path against concat only
     python bench/lora.py --only lora_auto/3200x3200/M=16384/r=16 --iters 50   # one case, for ncu/nsys
     python bench/lora.py --breakdown nf4_only/3200x3200/M=16384,lora_cublas/3200x3200/M=16384/r=16
                                           # GPU time per kernel of one forward + backward, per case
@@ -56,6 +59,7 @@ over NF4 alone goes, launch by launch.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -72,7 +76,9 @@ RANKS = [16, 64]
 SMOKE_SHAPES = [(64, 128)]
 SMOKE_MS = [24]
 SMOKE_RANKS = [8]
-LORA_PEERS = ["lora_auto", "lora_dequant", "lora_cublas", "lora_concat", "lora_merged", "peft_style", "bnb_peft"]
+LORA_PATHS = ("auto", "dequant", "cublas", "concat", "tma")  # the lora_<path> cases (with --dropout 0 also merged)
+LORA_PEERS = ["nf4_tma", "lora_auto", "lora_dequant", "lora_cublas", "lora_concat", "lora_tma", "lora_tma_da_pass",
+              "lora_merged", "peft_style", "bnb_peft"]
 QKV_PEERS = ["qkv_lora_fused", "qkv_lora_concat", "qkv_lora_separate"]
 # norm + projections: group -> ((N, K) of each projection, how many), and at smoke size (K a multiple
 # of the NF4 blocksize 64, which the fused path needs)
@@ -101,6 +107,10 @@ def parse_args():
                    help="comma list of cases (or 'default') to profile per kernel instead of timing")
     p.add_argument("--no-graphs", action="store_true",
                    help="skip the CUDA-graph replay timings (GPU time without host launch gaps)")
+    p.add_argument("--paths", default=None, metavar="LIST",
+                   help=f"comma list of the LoRA paths timed as lora_<path> (default {','.join(LORA_PATHS)})")
+    p.add_argument("--no-groups", action="store_true",
+                   help="skip the q/k/v, norm + projections and SwiGLU + down groups (the single-projection cases only)")
     p.add_argument("--budget", type=float, default=0.0,
                    help="seconds after which no new case starts (0: no limit); skipped cases are listed")
     return p.parse_args()
@@ -175,6 +185,12 @@ def main() -> int:
     if args.ranks:
         ranks = [int(v) for v in args.ranks.split(",")]
     p_drop = args.dropout
+    paths = tuple(args.paths.split(",")) if args.paths else LORA_PATHS
+    unknown = [p for p in paths if p not in L.PATHS or p == "gemv"]
+    if unknown:
+        print(f"--paths: unknown LoRA path(s) {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    from bezoar_kernels import lora_tma
 
     bnb, bnb_note = None, None
     try:
@@ -226,6 +242,10 @@ def main() -> int:
             key = dict(shape=tag, M=m)
             add(f"nf4_only/{tag}/M={m}", fwd_bwd(lambda x=x, q=q: mm.nf4_matmul_triton(x, q), [x], dy),
                 peer="nf4_only", r=None, **key)
+            if "tma" in paths:  # the tma GEMMs without an adapter: bezoar's Triton GEMM against cuBLAS's
+                add(f"nf4_tma/{tag}/M={m}",
+                    fwd_bwd(lambda x=x, q=q: L._apply(x, [q], None, 0.0, False, [0], "tma")[0], [x], dy),
+                    peer="nf4_tma", r=None, **key)
             if bq is not None:
                 add(f"bnb_only/{tag}/M={m}",
                     fwd_bwd(lambda x=x, bq=bq: bnb.matmul_4bit(x, bq[0].t(), quant_state=bq[1]), [x], dy),
@@ -235,11 +255,17 @@ def main() -> int:
                 b = randn(n, r, scale=0.02, dt=torch.float32).requires_grad_(True)
                 s = 16 / r
                 rkey = dict(key, r=r)
-                for path in ("auto", "dequant", "cublas", "concat") + (("merged",) if p_drop == 0 else ()):
+                for path in paths + (("merged",) if p_drop == 0 and "merged" not in paths else ()):
                     add(f"lora_{path}/{tag}/M={m}/r={r}",
                         fwd_bwd(lambda x=x, q=q, a=a, b=b, s=s, path=path:
                                 L.lora_linear_triton(x, q, a, b, s, p_drop, True, 1234, path), [x, a, b], dy),
                         peer=f"lora_{path}", **rkey)
+                if "tma" in paths and p_drop > 0:  # dA by its own pass instead of the dx epilogue's atomics
+                    add(f"lora_tma_da_pass/{tag}/M={m}/r={r}",
+                        fwd_bwd(lambda x=x, q=q, a=a, b=b, s=s: L.lora_linear_triton(
+                            x, q, a, b, s, p_drop, True, 1234, "tma", None,
+                            dataclasses.replace(lora_tma.DEFAULT_BWD, fuse_da=False)), [x, a, b], dy),
+                        peer="lora_tma_da_pass", **rkey)
 
                 def peft_style(x=x, q=q, a=a, b=b, s=s):
                     y = mm.nf4_matmul_triton(x, q)
@@ -259,9 +285,10 @@ def main() -> int:
 
     # q/k/v of one attention block: three 3200x3200 (smoke: the smoke shape) projections of one x
     qn, qk = (3200, 3200) if not args.smoke else shapes[0]
+    group_ms = [] if args.no_groups else ms
     with backend("triton"):
-        qkv_w = [nf4.quantize_nf4(randn(qn, qk, scale=0.02), 64, True) for _ in range(3)]
-    for m in ms:
+        qkv_w = [nf4.quantize_nf4(randn(qn, qk, scale=0.02), 64, True) for _ in range(3)] if group_ms else []
+    for m in group_ms:
         x = randn(m, qk).requires_grad_(True)
         dys = tuple(randn(m, qn) for _ in range(3))
         key = dict(shape=f"qkv {qn}x{qk}", M=m)
@@ -290,7 +317,9 @@ def main() -> int:
     # the grid the fused norm call runs on by default here (None: an explicit count in the environment)
     in_effect = NL.grid_in_effect(device)
     same_grid: dict[str, str] = {}  # a grid peer's case name -> the case that measured it
-    if p_drop <= 0:
+    if args.no_groups:
+        norm_notes.append("q/k/v, norm + projections and SwiGLU + down groups skipped (--no-groups)")
+    elif p_drop <= 0:
         norm_notes.append("norm + projections cases skipped: the fused norm + LoRA path is for dropout > 0")
     else:
         for group, (shape, count) in NORM_GROUPS.items():
@@ -426,7 +455,8 @@ def main() -> int:
                 for r in ranks:
                     row = {"shape": tag, "M": m, "r": r, "nf4_only": base, "bnb_only": bnb_base}
                     for peer in LORA_PEERS:
-                        t = times.get(f"{peer}/{tag}/M={m}/r={r}")
+                        # nf4_tma has no adapter: one case per (shape, M), shown in each rank's row
+                        t = times.get(f"{peer}/{tag}/M={m}" if peer == "nf4_tma" else f"{peer}/{tag}/M={m}/r={r}")
                         row[peer] = t
                         row[f"{peer}/nf4_only"] = t / base if t and base else None
                     rows.append(row)

@@ -54,7 +54,31 @@ def _fused_fwd(prmt: bool) -> tuple:
             4, 3)
 
 
-# name: (module, kernel, argument types (others: i32 divisible by 16), constants, num_warps, num_stages)
+def _desc(rows: str, cols: str, dtype: str = "bf16"):
+    """A tensor descriptor argument whose block is (constants[rows], constants[cols]): typed after --meta."""
+    return lambda c: f"tensordesc<{dtype}[{c[rows]}, {c[cols]}]>"
+
+
+def _lora_tma(kind: str) -> tuple:
+    """The ``tma`` LoRA GEMMs (bezoar_kernels.lora_tma) at their default tiles, with dropout."""
+    common = {"M": "i32:any", "NUM_PROGRAMS": "i32:any"}
+    if kind == "fwd":
+        return ("bezoar_kernels.lora_tma", "_tma_fwd_kernel",
+                {**common, "x_desc": _desc("BLOCK_M", "BLOCK_K"), "w_desc": _desc("BLOCK_N", "BLOCK_K"),
+                 "y_desc": _desc("BLOCK_M", "BLOCK_N"), "xa_ptr": "*bf16", "lora_ptr": "*bf16"},
+                {"HAS_LORA": True, "LW_PAD": 16, "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8,
+                 "FLATTEN": False, "DOT_PRECISION": "tf32"}, 8, 3)
+    return ("bezoar_kernels.lora_tma", "_tma_bwd_kernel",
+            {**common, "dy_desc": _desc("BLOCK_M", "BLOCK_N"), "w_desc": _desc("BLOCK_N", "BLOCK_K"),
+             "dx_desc": _desc("BLOCK_M", "BLOCK_K"), "x_ptr": "*bf16", "g_ptr": "*bf16", "a_ptr": "*bf16",
+             "da_ptr": "*fp32", "keep_scale": "fp32", "seed0": "i32:any", "seed1": "i32:any", "seed2": "i32:any",
+             "threshold": "i32:any"},
+            {"P": 1, "HAS_LORA": True, "DROPOUT": True, "FUSE_DA": True, "R_PAD": 16, "BLOCK_M": 128,
+             "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "FLATTEN": False, "DOT_PRECISION": "tf32"}, 8, 4)
+
+
+# name: (module, kernel, argument types (others: i32 divisible by 16; a callable: a type from the
+# constants), constants, num_warps, num_stages)
 PRESETS = {
     "nf4_gemv": _gemv("byte", "*i64", False),
     # the same with the 16-entry fp32 code table (GemvConfig(table="nibble"))
@@ -100,6 +124,9 @@ PRESETS = {
     "decode_attn_combine": ("bezoar_kernels.decode_attention", "_decode_attn_combine_kernel",
                             {"part_ptr": "*fp32", "stats_ptr": "*fp32", "o_ptr": "*bf16", "SPLITS": "i32:any"},
                             {"HEAD_DIM": 100, "BLOCK_D": 128, "SPLITS_POW2": 8}, 4, 3),
+    # the LoRA GEMMs of the tma path: tensor descriptors, persistent programs, LoRA epilogues
+    "lora_tma_fwd": _lora_tma("fwd"),
+    "lora_tma_bwd": _lora_tma("bwd"),
     "lora_down": ("bezoar_kernels.lora", "_lora_down_kernel",
                   {"x_ptr": "*bf16", "a_ptr": "*bf16", "xa_ptr": "*bf16", "wide_ptr": "*bf16", "keep_scale": "fp32",
                    "seed0": "i32:any", "seed1": "i32:any", "seed2": "i32:any", "threshold": "i32:any"},
@@ -148,7 +175,7 @@ PRESETS = {
                          "seed": "i32:any", "threshold": "i32:any"},
                         {"DROPOUT": True, "R_PAD": 16, "BLOCK_M": 16, "BLOCK_K": 128, "DOT_PRECISION": "tf32"}, 4, 3),
 }
-COUNTED = re.compile(r"\b(LDGSTS|LDG|STG|LDSM|STSM|LDS|STS|HGMMA|HMMA|SHFL|BAR)(\.[A-Z0-9.]+)?")
+COUNTED = re.compile(r"\b(LDGSTS|LDG|STG|LDSM|STSM|LDS|STS|HGMMA|HMMA|SHFL|BAR|UTMALDG|UTMASTG)(\.[A-Z0-9.]+)?")
 OPCODE = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)")
 
 
@@ -173,6 +200,8 @@ def compile_kernel(preset: str, meta: dict, warps: int | None, stages: int | Non
             signature[arg] = "constexpr"
             continue
         kind = types.get(arg, "i32")
+        if callable(kind):
+            kind = kind(constants)
         signature[arg] = kind.split(":")[0]
         if kind.startswith("*") or kind == "i32":  # pointers aligned, sizes and strides divisible by 16
             attrs[(i,)] = [["tt.divisibility", 16]]

@@ -10,7 +10,7 @@ tuning file (the shipped ``kernels/tuning.json`` by default). What each setting 
 * ``nf4.gemv_max_m``: likewise for the gemv kernel against what ``auto`` would run instead (fused up to
   that fused threshold, dequantize + cuBLAS above it); not set where no row has a gemv time;
 * ``lora.large_m_path``: of the large-M LoRA paths measured on the same cases (``dequant``, ``cublas``,
-  ``concat``), the one with the smallest geometric mean of time over NF4 alone, from the CUDA-graph
+  ``concat``, ``tma``), the one with the smallest geometric mean of time over NF4 alone, from the CUDA-graph
   rows where the file has them (GPU time), else the eager rows; runs without dropout are not used
   (``auto`` takes ``merged`` there);
 * ``norm_lora.grid``: of the fused RMSNorm + LoRA call's two grids (``persistent``, ``per_block``), timed
@@ -43,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 SHIPPED = ROOT / "kernels" / "tuning.json"
-LARGE_M_CANDIDATES = ("dequant", "cublas", "concat")
+LARGE_M_CANDIDATES = ("dequant", "cublas", "concat", "tma")
 
 
 def _kernels_tuning():

@@ -74,6 +74,12 @@ The base GEMM runs on one of six paths (``path``, chosen by M when "auto"):
   contiguous dx (the wide product and dx are both alive for that pass: one activation of (M, K)
   more than ``cublas``, which works in place). Needs K a multiple of the blocksize for NF4 (the
   strided dequantize).
+* ``tma`` (``bezoar_kernels.lora_tma``): W dequantized into the buffer as on ``cublas``, then
+  persistent Triton GEMMs fed by tensor descriptors (TMA on sm_90) with the LoRA terms in their
+  epilogues: the forward adds xa @ (s B).T per tile, the backward adds the masked g @ A to each dx
+  tile and, from the same mask and a tile of x, its dA contribution. Left over the two GEMMs: the
+  down, g and dB passes. Needs rows of 16 bytes' multiples (K and sum N_j multiples of 8 in 16-bit
+  dtypes); untimed, so "auto" takes it only where a tuning entry or ``BEZOAR_LORA_LARGE_M_PATH`` says.
 * ``cublas`` (what "auto" takes for large M with dropout): W dequantized into the buffer, the base
   product by cuBLAS, then the forward kernel adds the LoRA term in place over y and the backward's
   "dx_da" launch adds it over dx while it reduces dA: one extra read and write of y and of dx. It
@@ -144,7 +150,7 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-PATHS = ("auto", "fused", "dequant", "cublas", "concat", "gemv", "merged")
+PATHS = ("auto", "fused", "dequant", "cublas", "concat", "gemv", "merged", "tma")
 # What "auto" takes above the fused threshold; env BEZOAR_LORA_LARGE_M_PATH. bench/lora.py on an H200
 # (2026-11-26, bench/results/lora-NVIDIA_H200-2026-11-26.json), forward + backward as CUDA-graph replays
 # (GPU time): cuBLAS for the base product plus the LoRA epilogue pass took 1.18-1.55x NF4 alone on all 12
@@ -276,7 +282,7 @@ def large_m_path(device=None) -> str:
 
 
 def resolve_path(path: str | None, m: int, has_lora: bool = True, device=None) -> str:
-    """The concrete path for M rows: "fused", "dequant", "cublas", "concat" or "gemv" ("gemv" up to
+    """The concrete path for M rows: "fused", "dequant", "cublas", "concat", "tma" or "gemv" ("gemv" up to
     the NF4 gemv threshold; ``_apply`` falls back from it where the weights or autograd do not allow it).
     The thresholds are ``device``'s (see ``tuning``; None: the environment and built-in defaults only)."""
     path = path or "auto"
@@ -1435,6 +1441,51 @@ def _lora_dx_da(dx_in: torch.Tensor, x: torch.Tensor, g: torch.Tensor, a: torch.
     return parts[0] if split == 1 else parts.sum(0)
 
 
+def _tma_ok(x: torch.Tensor, weights) -> bool:
+    """Whether the ``tma`` path can describe x, W, y and dx: Triton, and rows of 16 bytes' multiples."""
+    if triton is None:
+        return False
+    from bezoar_kernels import lora_tma
+    return lora_tma.shapes_ok(x.shape[-1], sum(w.shape[0] for w in weights), x.dtype)
+
+
+def _tma_config(config, default):
+    """A ``TmaConfig`` given through the fwd/bwd config arguments, else the default."""
+    from bezoar_kernels import lora_tma
+    return config if isinstance(config, lora_tma.TmaConfig) else default
+
+
+def _tma_weights(plan: _Plan, dtype: torch.dtype) -> torch.Tensor:
+    """The (Ncat, K) stacked base weights in ``dtype`` for the tma GEMMs: NF4 dequantized into the
+    reused buffer, dense ones cast (and concatenated for more than one projection)."""
+    if plan.nf4:
+        return dequantized(plan.weights, dtype)
+    dense = [w.detach().to(dtype) for w in plan.weights]
+    return (dense[0] if len(dense) == 1 else torch.cat(dense)).contiguous()
+
+
+def _described(t: torch.Tensor) -> torch.Tensor:
+    """t itself where a tensor descriptor can take it (unit last stride, 16-byte aligned base and rows),
+    else a contiguous copy."""
+    from bezoar_kernels import lora_tma
+    return t if lora_tma._aligned(t) else t.contiguous()
+
+
+def _joined(dys: list[torch.Tensor]) -> torch.Tensor:
+    """The P upstream gradients as one (M, Ncat) matrix: a view where they are adjacent column slices
+    of one buffer, else a concatenation."""
+    if len(dys) == 1:
+        return _described(dys[0])
+    first = dys[0]
+    start, ok = 0, True
+    for dy in dys:
+        ok = ok and dy.stride() == first.stride() and dy.data_ptr() == first.data_ptr() + start * dy.element_size()
+        start += dy.shape[1]
+    if ok and first.stride(0) >= start:
+        return _described(first.as_strided((first.shape[0], start), first.stride()))
+    return torch.cat(dys, dim=1)
+
+
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     """(rows, n) view with a contiguous last dim; copies only when no such view exists."""
     t = t.reshape(-1, n)
@@ -1488,6 +1539,15 @@ class LoRAFunction(torch.autograd.Function):
                 y = torch.matmul(x2d, merged_weights(plan, a, b, dtype, "rows" if need_xa else None).t())
             if need_xa:
                 xa = _lora_columns(y, sum(ns), plan.projections, a.shape[1]).clone(memory_format=torch.contiguous_format)
+        elif plan.path == "tma":
+            from bezoar_kernels import lora_tma
+            xa_w = lora_block = None
+            if plan.has_lora:
+                xa = _lora_down(x2d, a, plan)
+                xa_w = lora_tma.xa_wide(xa, _concat_width(a.shape[1]))
+                lora_block = _concat_lora_block(plan, b)
+            y = lora_tma.tma_forward(_described(x2d), _tma_weights(plan, dtype), xa_w, lora_block,
+                                     _tma_config(plan.fwd_config, lora_tma.DEFAULT_FWD))
         elif plan.path == "concat" and _concat_ok(plan, k):
             wide = torch.empty((m, k + plan.projections * _concat_width(a.shape[1])), dtype=dtype, device=x.device)
             xa = _lora_down(x2d, a, plan, wide)
@@ -1536,6 +1596,19 @@ class LoRAFunction(torch.autograd.Function):
                 dx = wide[:, :k].view(*ctx.lead, k)
             elif need_da:
                 g = _lora_g(dys, b, plan)
+        elif plan.path == "tma":
+            # dx by the tma GEMM with the masked LoRA term in its epilogue, and dA beside it (atomics)
+            # unless the config keeps the separate dA pass
+            from bezoar_kernels import lora_tma
+            g = _lora_g(dys, b, plan) if plan.has_lora else None
+            if need_x:
+                cfg = _tma_config(plan.bwd_config, lora_tma.default_bwd(plan.projections, a.shape[1] if a is not None else 1))
+                if not need_da and cfg.fuse_da:
+                    cfg = dataclasses.replace(cfg, fuse_da=False)
+                threshold, keep_scale = _dropout_args(plan)
+                dx2d, da = lora_tma.tma_backward(_joined(dys), _tma_weights(plan, dys[0].dtype), _described(x2d), g,
+                                                 a, plan.seeds, threshold, keep_scale, plan.dropout, cfg)
+                dx = dx2d.view(*ctx.lead, k)
         elif need_x and plan.has_lora and plan.path in ("cublas", "concat"):
             # the base product from cuBLAS, then one pass adds the LoRA term to dx and reduces dA
             if block is not None:  # the concat forward ran
@@ -1596,7 +1669,13 @@ def _apply(x, weights, adapters, dropout_p, training, seeds, path, fwd_config=No
     if resolved == "merged" and not merge_ok:
         raise ValueError("lora path 'merged' needs NF4 weights with K a multiple of the blocksize, an adapter "
                          "and no dropout")
-    if (path or "auto") == "auto" and merge_ok and resolved in ("cublas", "concat", "dequant"):
+    if resolved == "tma" and not _tma_ok(x, weights):
+        if path == "tma":
+            raise ValueError("lora path 'tma' needs K and the summed output features to be multiples of "
+                             f"{16 // x.element_size()} (rows of 16 bytes for the tensor descriptors) and Triton; "
+                             f"got K={x.shape[-1]}, N={sum(w.shape[0] for w in weights)}, {x.dtype}")
+        resolved = "cublas"
+    if (path or "auto") == "auto" and merge_ok and resolved in ("cublas", "concat", "dequant", "tma"):
         resolved = "merged"  # without a mask the LoRA term folds into the weight: strictly less work
     plan = _Plan(
         weights=tuple(weights),
@@ -1628,7 +1707,7 @@ def lora_linear(x: torch.Tensor, weight, lora_a: torch.Tensor, lora_b: torch.Ten
     (N, r): any float dtype (fp32 masters), computed in x's dtype, gradients in their own dtype.
     Dropout with probability ``dropout_p`` applies when ``training``; its mask is a function of
     ``seed`` and the element's (row, column) in x viewed as (M, K). ``path``: "auto" (by M, dropout
-    and autograd), "fused", "dequant", "cublas", "concat", "gemv" or "merged" (see the module
+    and autograd), "fused", "dequant", "cublas", "concat", "tma", "gemv" or "merged" (see the module
     docstring). Triton or torch by dispatch.
     """
     tensors = [x] + ([weight.packed] if isinstance(weight, NF4Weight) else [weight])

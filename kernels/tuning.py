@@ -44,7 +44,7 @@ from pathlib import Path
 
 FORMAT = 1
 SHIPPED = Path(__file__).with_name("tuning.json")
-LARGE_M_PATHS = ("dequant", "cublas", "concat", "fused")  # what lora's "auto" may take above the small-M paths
+LARGE_M_PATHS = ("dequant", "cublas", "concat", "fused", "tma")  # what lora's "auto" may take above the small-M paths
 NORM_GRIDS = ("persistent", "per_block")  # the fused RMSNorm + LoRA kernels' grids (norm_lora._programs)
 GEMV_TABLES = ("byte", "nibble", "prmt")  # the gemv kernel's code lookups (nf4_matmul.GemvConfig.table)
 THRESHOLD_KEYS = ("nf4.gemv_max_m", "nf4.fused_max_m", "lora.large_m_path", "norm_lora.grid")

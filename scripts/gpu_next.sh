@@ -5,7 +5,7 @@
 # the rest; logs and the results JSON land in $OUT, packed into one archive if there are more than the
 # 8 files a call brings back.
 #
-#   1. the GPU tests (scripts/gpu_check.sh --gpu-only, GPU_TEST_LIMIT seconds, default 120): the test
+#   1. the GPU tests (scripts/gpu_check.sh --gpu-only, GPU_TEST_LIMIT seconds, default 100): the test
 #      oracles and the decode-graph pool fix made after that H100 call's 17 failures, and the new
 #      register decode of NF4 codes (PTX byte permutes run only on a GPU: every nibble pattern, the
 #      gemv with each code lookup, the fused forward's decode against its pair table bit for bit);
@@ -16,10 +16,12 @@
 #      the fused forward with the register decode beside the table one (nf4_fused_prmt, M <= 64);
 #   3. bench/tune.py on that JSON into $OUT/tuning-next.json (the gemv tiles and lookup only; the
 #      thresholds stay the committed ones), which BEZOAR_TUNING then points at;
-#   4. bench/step.py and bench/generate.py through scripts/gpu_bench.sh: the training step and the
-#      decode tokens/s on the defaults the H100 run chose (LoRA large-M path concat, the per-block
-#      norm + LoRA grid, gemv at M = 1), last timed before the fused SwiGLU / norm + LoRA kernels,
-#      with what part 2's sweep derived (their JSON records the settings under "tuning").
+#   4. the LoRA tma path (bezoar_kernels.lora_tma: persistent Triton GEMMs on TMA descriptors with the
+#      LoRA terms in their epilogues, built on a CPU machine and never run on a GPU): its GPU tests,
+#      then bench/lora.py on the single-projection cases with the concat path beside it, M = 16384
+#      first: nf4_tma (its GEMMs alone) against nf4_only (dequantize + cuBLAS) says whether the Triton
+#      GEMM keeps up with cuBLAS, lora_tma against lora_concat whether issue 4's 1.10x comes closer.
+#      The training step and decode figures (issues 10 and 6, closed) are left to bench/gpu_bench.sh.
 #
 # Then, on the machine the results come back to: python bench/tune.py <the JSON> (bench/README.md).
 #
@@ -77,14 +79,14 @@ keep() {
   fi
 }
 
-part tests 150 env GPU_TEST_LIMIT="${GPU_TEST_LIMIT:-120}" bash scripts/gpu_check.sh --gpu-only
+part tests 120 env GPU_TEST_LIMIT="${GPU_TEST_LIMIT:-100}" bash scripts/gpu_check.sh --gpu-only
 # the script above installed the project and the wheels; the part below uses that install
 [ -d "$SITE_DIR" ] && prepend_pythonpath "$SITE_DIR"
 # the sweep writes its JSON after every (M, shape) row, M = 1 first: a part cut short keeps those
 part nf4_sweep 170 "$PYTHON" bench/nf4.py --timing graph --ms 1,4,4096 --sweep-gemv
 keep "nf4-graph-NVIDIA*.json"
 # the settings that sweep derives (the gemv's lookup and tiles among them) into a tuning file of this
-# call's own, which step.py and generate.py then run with (their JSON records it under "tuning")
+# call's own, which the LoRA bench below then runs with (its JSON records it under "tuning")
 NF4_JSON=$(find bench/results -maxdepth 1 -name "nf4-graph-NVIDIA*.json" -newer "$STAMP" 2>/dev/null | head -1)
 [ "$DRY_RUN" = 1 ] || rm -f "$OUT_DIR/tuning-next.json"  # never a file an earlier run left in a reused $OUT
 if [ "$DRY_RUN" = 1 ] || [ -n "$NF4_JSON" ]; then
@@ -93,9 +95,12 @@ if [ "$DRY_RUN" = 1 ] || [ -n "$NF4_JSON" ]; then
     --out "$OUT_DIR/tuning-next.json"
   [ -s "$OUT_DIR/tuning-next.json" ] && export BEZOAR_TUNING="$OUT_DIR/tuning-next.json"
 else
-  log "no nf4 results from this call: step.py and generate.py run on the committed tuning"
+  log "no nf4 results from this call: the LoRA bench runs on the committed tuning"
 fi
-part step_generate 195 bash scripts/gpu_bench.sh --only step,generate --budget 185
+part tma_tests 45 env -u TRITON_INTERPRET "$PYTHON" -m pytest -q -m gpu -x -p no:cacheprovider \
+  tests/kernels/test_lora_tma.py
+part lora_tma 165 "$PYTHON" bench/lora.py --paths concat,tma --ranks 16,64 --ms 16384,4096 --no-groups --budget 140
+keep "lora-NVIDIA*.json"
 
 # a call brings back at most 8 files: more are packed into one archive (bench/README.md)
 if [ "$DRY_RUN" = 1 ]; then

@@ -74,15 +74,16 @@ def test_gpu_next_dry_run_fits_one_call_and_names_what_it_checks():
     text = out.stdout
     limits = [int(m) for m in re.findall(r"timeout --signal=INT --kill-after=10 (\d+) ", text)]
     parts = re.findall(r"part (\w+) \(limit", text)
-    assert parts == ["tests", "nf4_sweep", "tune", "step_generate"], parts
+    assert parts == ["tests", "nf4_sweep", "tune", "tma_tests", "lora_tma"], parts
     # one device call (bench/README.md gives it timeout_s=598), kill grace included
     assert len(limits) == len(parts) and sum(limits) + 10 * len(parts) <= 590, limits
-    assert text.count("would copy bench/results/") == 1
+    assert text.count("would copy bench/results/") == 2  # the nf4 sweep's JSON, then the LoRA bench's
     # a call brings back 8 files at most: the H100 call of 2026-11-26 lost its test log and a JSON that way
     assert "would pack" in text and "more than 8 files" in text
-    for piece in ("scripts/gpu_check.sh --gpu-only", r"scripts/gpu_bench.sh --only step\,generate", "--sweep-gemv",
-                  "--timing graph", "bench/tune.py", "--keys nf4.gemv_tiles",
-                  "--out /tmp/bezoar-gpu-out/tuning-next.json"):
+    for piece in ("scripts/gpu_check.sh --gpu-only", "--sweep-gemv", "--timing graph", "bench/tune.py",
+                  "--keys nf4.gemv_tiles", "--out /tmp/bezoar-gpu-out/tuning-next.json",
+                  "-m gpu -x -p no:cacheprovider tests/kernels/test_lora_tma.py",
+                  r"bench/lora.py --paths concat\,tma", "--no-groups"):
         assert piece in text, piece
     bad = dry_run("gpu_next.sh", "--frobnicate")
     assert bad.returncode == 2 and "unknown argument" in bad.stderr

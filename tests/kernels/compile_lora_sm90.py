@@ -7,7 +7,7 @@ dropout, small and large M, ranks 16 and 64. Launches are recorded, compiled and
 torch parts of the launchers run on CPU at small sizes). Exits 1 if any variant fails to compile.
 
     python tests/kernels/compile_lora_sm90.py          # about 120 variants; minutes on a cold cache
-    python tests/kernels/compile_lora_sm90.py --quick  # the cuBLAS-based paths at r = 16 (the test runs this)
+    python tests/kernels/compile_lora_sm90.py --quick  # cuBLAS-based and tma paths at r = 16 (the test runs this)
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from bezoar_kernels import lora as L  # noqa: E402
+from bezoar_kernels import lora_tma as LT  # noqa: E402
 from bezoar_kernels import nf4  # noqa: E402
 from bezoar_kernels.dispatch import backend  # noqa: E402
 
+TMA_KERNELS = ("_tma_fwd_kernel", "_tma_bwd_kernel")  # the tma path's GEMMs (bezoar_kernels.lora_tma)
 KERNELS = ("_lora_down_kernel", "_lora_fwd_kernel", "_lora_bwd_kernel", "_lora_g_kernel", "_lora_db_kernel",
            "_lora_da_kernel", "_lora_dx_da_kernel", "_nf4_merge_kernel")
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8",
@@ -45,6 +47,8 @@ def signature(fn, args, kwargs):
             sig[name], constants[name] = "constexpr", v
         elif isinstance(v, torch.Tensor):
             sig[name] = "*" + TYPES[v.dtype]
+        elif isinstance(v, LT.TensorDescriptor):
+            sig[name] = f"tensordesc<{TYPES[v.base.dtype]}[{', '.join(str(b) for b in v.block_shape)}]>"
         elif isinstance(v, bool):
             sig[name] = "i1"
         elif isinstance(v, int):
@@ -81,7 +85,9 @@ class Recorder:
 
 def run_case(dtype, m, size, r, nf4_base, qkv, path, dropout=0.05):
     g = torch.Generator().manual_seed(0)
-    ns = [size, size // 2 + 3, size // 2 + 3] if qkv else [size]
+    # odd k/v widths, but rows of 16 bytes on the tma path (its tensor descriptors need them)
+    half = size // 2 + (8 if path == "tma" else 3)
+    ns = [size, half, half] if qkv else [size]
     weights = [torch.randn(n, size, generator=g) * 0.05 for n in ns]
     weights = [nf4.quantize_nf4_reference(w, 64, True) if nf4_base else w.to(dtype) for w in weights]
     adapters = [L.Adapter(torch.randn(r, size).requires_grad_(True), torch.randn(n, r).requires_grad_(True), 0.5)
@@ -97,11 +103,13 @@ def main() -> int:
     seen, failures = {}, []
     for name in KERNELS:
         setattr(L, name, Recorder(getattr(L, name), seen, failures))
+    for name in TMA_KERNELS:
+        setattr(LT, name, Recorder(getattr(LT, name), seen, failures))
     # the dequant paths' NF4 -> dense step runs in torch here (its own kernel is nf4.py's)
     L.dequantize_nf4_triton = lambda w, dtype, out=None: out.copy_(
         nf4.dequantize_nf4_reference(w, dtype).reshape(out.shape))
     start = time.time()
-    paths = ("cublas", "concat") if quick else ("fused", "dequant", "cublas", "concat")
+    paths = ("cublas", "concat", "tma") if quick else ("fused", "dequant", "cublas", "concat", "tma")
     for path in paths:
         for qkv in (False, True):
             for nf4_base in ((True,) if quick else (True, False)):

@@ -190,6 +190,7 @@ def test_swiglu_lora_kernels_do_not_spill(kernel, r_pad, block_k):
 
 
 @pytest.mark.parametrize("preset,seeds", [("lora_down", 3), ("lora_bwd", 3), ("lora_dx_da", 3), ("lora_da", 3),
+                                          ("lora_tma_bwd", 3),
                                           ("norm_lora_fwd", 3), ("norm_lora_bwd", 3), ("swiglu_lora_fwd", 1),
                                           ("swiglu_lora_bwd", 1)])
 def test_dropout_kernels_build_with_seed_one(preset, seeds):
@@ -218,3 +219,33 @@ def test_fused_forward_register_decode_builds_without_table_loads(tmp_path):
     assert prmt["loop"].get("PRMT", 0) >= 16 * 8, prmt["loop"]
     assert info["nf4_fused_fwd"]["counts"].get("LDGSTS.E", 0) > 0  # the table build's gathers, as cp.async
     assert prmt["counts"].get("LDGSTS.E", 0) == 0, prmt["counts"]
+
+
+@pytest.mark.parametrize("kernel,p,r_pad", [("lora_tma_fwd", 1, 16), ("lora_tma_fwd", 3, 16), ("lora_tma_fwd", 1, 64),
+                                            ("lora_tma_bwd", 1, 16), ("lora_tma_bwd", 1, 64), ("lora_tma_bwd", 3, 16),
+                                            ("lora_tma_bwd", 3, 64)])
+def test_tma_lora_gemms_use_tma_and_wgmma(kernel, p, r_pad):
+    """The tma path's GEMMs at the launcher's default tiles (``lora_tma.DEFAULT_FWD``, ``default_bwd``):
+    operands by TMA (UTMALDG), products by warpgroup MMA (HGMMA), the output tile by a TMA store, and a
+    stack of at most 128 bytes (the backward's q/k/v epilogue at r = 64; none in the forward)."""
+    from bezoar_kernels import lora_tma
+
+    if kernel == "lora_tma_fwd":
+        cfg = lora_tma.DEFAULT_FWD
+        meta = ["--meta", f"LW_PAD={16 if p * r_pad <= 16 else 64 if p * r_pad <= 64 else 256}"]
+        tiles = ["--meta", f"BLOCK_M={cfg.block_m}", "--meta", f"BLOCK_N={cfg.block_n}", "--meta", f"BLOCK_K={cfg.block_k}"]
+    else:
+        cfg = lora_tma.default_bwd(p, r_pad)
+        meta = ["--meta", f"P={p}", "--meta", f"R_PAD={r_pad}"]
+        tiles = ["--meta", f"BLOCK_M={cfg.block_m}", "--meta", f"BLOCK_N={cfg.block_n}", "--meta", f"BLOCK_K={cfg.block_k}"]
+    info = json.loads(_sass(kernel, *meta, *tiles, "--warps", str(cfg.num_warps), "--stages", str(cfg.num_stages),
+                            "--json"))
+    stack = int(re.search(r"STACK:(\d+)", info["usage"]).group(1))
+    assert stack <= (0 if kernel == "lora_tma_fwd" else 128), info["usage"]
+    counts = info["counts"]
+
+    def count(prefix):
+        return sum(n for op, n in counts.items() if op.split(".")[0] == prefix)
+
+    assert count("UTMALDG") >= 2 and count("UTMASTG") >= 1, counts
+    assert count("HGMMA") >= 1, counts
