@@ -47,6 +47,7 @@ times a grid of tile configs for the Triton GEMM of the dequant path. Usage::
     python bench/lora.py                  # full run on the GPU, writes bench/results/lora-<device>-<date>.json
     python bench/lora.py --smoke          # tiny shapes on CPU (Triton interpreter), writes nothing
     python bench/lora.py --paths concat,tma --ranks 16 --no-groups   # the tma path against concat only
+    python bench/lora.py --sweep-tma --ms 16384   # the tma GEMMs alone at a few tiles against cuBLAS
     python bench/lora.py --only lora_auto/3200x3200/M=16384/r=16 --iters 50   # one case, for ncu/nsys
     python bench/lora.py --breakdown nf4_only/3200x3200/M=16384,lora_cublas/3200x3200/M=16384/r=16
                                           # GPU time per kernel of one forward + backward, per case
@@ -111,6 +112,9 @@ def parse_args():
                    help=f"comma list of the LoRA paths timed as lora_<path> (default {','.join(LORA_PATHS)})")
     p.add_argument("--no-groups", action="store_true",
                    help="skip the q/k/v, norm + projections and SwiGLU + down groups (the single-projection cases only)")
+    p.add_argument("--sweep-tma", action="store_true",
+                   help="only time the tma path's GEMMs (no adapter) at a few tile configs against cuBLAS, per "
+                        "shape at the first M, and write lora-tma-sweep-<device>-<date>.json")
     p.add_argument("--budget", type=float, default=0.0,
                    help="seconds after which no new case starts (0: no limit); skipped cases are listed")
     return p.parse_args()
@@ -121,6 +125,69 @@ BREAKDOWN_DEFAULT = [f"{case}/{shape}/M=16384{rank}" for shape in ("3200x3200", 
 BREAKDOWN_DEFAULT += ["norm_qkv_nf4_only/M=16384", "norm_qkv_lora_fused/M=16384/r=16"]
 GROUP_PREFIXES = tuple(f"{g}_" for g in NORM_GROUPS)
 BREAKDOWN_CALLS = 20
+
+
+def tma_sweep_configs(lora_tma) -> dict[str, list]:
+    """The tile configs ``--sweep-tma`` times, the defaults first. Forward: output tiles block_m x block_n,
+    K steps of block_k. Backward: dx tiles block_m x block_k, steps of block_n over N. All fit the H100's
+    227 KB of shared memory with their output staging (sm_90 builds, triton 3.9)."""
+    T = lora_tma.TmaConfig
+    fwd = lora_tma.DEFAULT_FWD
+    bwd = lora_tma.DEFAULT_BWD
+    return {
+        "fwd": [fwd, dataclasses.replace(fwd, flatten=True), dataclasses.replace(fwd, num_stages=2),
+                T(128, 128, 64, 8, 4, 4), T(128, 128, 64, 8, 8, 4), T(256, 128, 64, 8, 8, 3),
+                dataclasses.replace(fwd, group_m=16)],
+        "bwd": [bwd, dataclasses.replace(bwd, flatten=True), T(128, 64, 256, 8, 8, 3), T(128, 128, 128, 8, 8, 3),
+                T(256, 64, 128, 8, 8, 3), T(128, 64, 128, 8, 4, 4), dataclasses.replace(bwd, group_m=16)],
+    }
+
+
+def sweep_tma(args, shapes, m: int, device, dtype) -> int:
+    """--sweep-tma: each tile config of the tma GEMMs with no adapter (y = x @ W.T, dx = dy @ W on a bf16
+    W) against torch.matmul (cuBLAS) on the same operands; results JSON unless --smoke."""
+    import torch
+
+    from bezoar_kernels import lora_tma
+
+    configs = tma_sweep_configs(lora_tma)
+    if args.smoke:
+        configs = {k: [dataclasses.replace(c, block_m=16, block_n=16, block_k=16, programs=2) for c in v[:2]]
+                   for k, v in configs.items()}
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for n, k in shapes:
+        w = (torch.randn(n, k, generator=gen, device=device) * 0.02).to(dtype)
+        x = torch.randn(m, k, generator=gen, device=device).to(dtype)
+        dy = torch.randn(m, n, generator=gen, device=device).to(dtype)
+        flop = 2.0 * m * n * k
+        cublas = {"fwd": common.bench_ms(lambda: torch.matmul(x, w.t()), smoke=args.smoke),
+                  "bwd": common.bench_ms(lambda: torch.matmul(dy, w), smoke=args.smoke)}
+        for kind, grid in configs.items():
+            for cfg in grid:
+                if stop:  # SIGINT (the call's time limit): keep what was timed
+                    break
+                if kind == "fwd":
+                    fn = lambda cfg=cfg: lora_tma.tma_forward(x, w, None, None, cfg)  # noqa: E731
+                else:
+                    fn = lambda cfg=cfg: lora_tma.tma_backward(dy, w, x, None, None, (), 0, 1.0, False, cfg)  # noqa: E731
+                tiles = (f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} "
+                         f"g{cfg.group_m}" + (" flat" if cfg.flatten else ""))
+                row = {"dir": kind, "shape": f"{n}x{k}", "M": m, "config": tiles, "cublas_ms": cublas[kind]}
+                try:
+                    t = common.bench_ms(fn, smoke=args.smoke)
+                    row.update(ms=t, over_cublas=t / cublas[kind], tflops=flop / t / 1e9)
+                except Exception as exc:  # a config this device cannot fit: reported, the rest go on
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                rows.append(row)
+                print(f"{kind} {n}x{k} M={m} {tiles}: " + (f"{row['ms']:.4f} ms, {row['over_cublas']:.3f}x cuBLAS"
+                                                         if "ms" in row else row["error"]), flush=True)
+                # rewritten after every config: a call cut short keeps what it timed
+                common.write_results("lora-tma-sweep", rows, args, extra={"dtype": str(dtype), "complete": False})
+    print()
+    print(common.markdown_table(rows, ["dir", "shape", "M", "ms", "cublas_ms", "over_cublas", "tflops", "config"]))
+    common.write_results("lora-tma-sweep", rows, args, extra={"dtype": str(dtype), "complete": not stop})
+    return 0
 
 
 def breakdown(args, cases: dict, backend) -> int:
@@ -185,6 +252,8 @@ def main() -> int:
     if args.ranks:
         ranks = [int(v) for v in args.ranks.split(",")]
     p_drop = args.dropout
+    if args.sweep_tma:
+        return sweep_tma(args, shapes, ms[0], device, dtype)
     paths = tuple(args.paths.split(",")) if args.paths else LORA_PATHS
     unknown = [p for p in paths if p not in L.PATHS or p == "gemv"]
     if unknown:

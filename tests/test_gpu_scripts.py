@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["gpu_bench.sh", "gpu_check.sh", "gpu_next.sh", "fetch_gpu_wheels.sh", "gpu_env.sh"]
+SCRIPTS = ["gpu_bench.sh", "gpu_check.sh", "gpu_next.sh", "gpu_tma_sweep.sh", "fetch_gpu_wheels.sh", "gpu_env.sh"]
 
 
 def dry_run(script, *args):
@@ -86,6 +86,18 @@ def test_gpu_next_dry_run_fits_one_call_and_names_what_it_checks():
                   r"bench/lora.py --paths concat\,tma", "--no-groups"):
         assert piece in text, piece
     bad = dry_run("gpu_next.sh", "--frobnicate")
+    assert bad.returncode == 2 and "unknown argument" in bad.stderr
+
+
+def test_gpu_tma_sweep_dry_run_installs_then_sweeps_into_out():
+    out = dry_run("gpu_tma_sweep.sh", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.startswith("+ ")]
+    assert "pip install -q --no-deps --no-build-isolation -e ." in lines[0]
+    limit = int(re.search(r"kill-after=10 (\d+) python3 bench/lora.py --sweep-tma --ms 16384 --out /tmp/bezoar-gpu-out",
+                          lines[1]).group(1))
+    assert limit + 10 <= 230, limit  # a second call of 240 s, right after gpu_next.sh's
+    bad = dry_run("gpu_tma_sweep.sh", "--bogus")
     assert bad.returncode == 2 and "unknown argument" in bad.stderr
 
 

@@ -239,3 +239,23 @@ def test_bench_lora_times_the_tma_path_alone():
     bad = subprocess.run(cmd[:-3] + ["--paths", "concat,bogus"], capture_output=True, text=True, env=env, cwd=root,
                          timeout=900)
     assert bad.returncode == 2 and "unknown LoRA path(s) bogus" in bad.stderr
+
+
+def test_bench_lora_sweep_tma_smoke():
+    """--sweep-tma times each tile config of the tma GEMMs (no adapter) beside cuBLAS, forward and backward."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, str(root / "bench" / "lora.py"), "--smoke", "--sweep-tma"],
+                          capture_output=True, text=True, env=env, cwd=root, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| fwd |", "| bwd |"))]
+    assert len(rows) == 4, proc.stdout[-2000:]  # smoke: the first two configs of each direction
+    for line in rows:
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        assert float(cells[3]) > 0 and float(cells[4]) > 0 and float(cells[5]) > 0, line  # ms, cuBLAS ms, ratio
+    assert "flat" in proc.stdout  # the flattened-loop variant is among them
