@@ -65,8 +65,9 @@ def _lora_tma(kind: str) -> tuple:
     if kind == "fwd":
         return ("bezoar_kernels.lora_tma", "_tma_fwd_kernel",
                 {**common, "x_desc": _desc("BLOCK_M", "BLOCK_K"), "w_desc": _desc("BLOCK_N", "BLOCK_K"),
-                 "y_desc": _desc("BLOCK_M", "BLOCK_N"), "xa_ptr": "*bf16", "lora_ptr": "*bf16"},
-                {"HAS_LORA": True, "LW_PAD": 16, "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8,
+                 "y_desc": _desc("BLOCK_M", "BLOCK_N"), "xa_ptr": "*bf16", "b_ptr": "*bf16", "scaling0": "fp32",
+                 "scaling1": "fp32", "scaling2": "fp32", "N0": "i32:any", "N1": "i32:any"},
+                {"P": 1, "HAS_LORA": True, "R_PAD": 16, "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8,
                  "FLATTEN": False, "DOT_PRECISION": "tf32"}, 8, 3)
     return ("bezoar_kernels.lora_tma", "_tma_bwd_kernel",
             {**common, "dy_desc": _desc("BLOCK_M", "BLOCK_N"), "w_desc": _desc("BLOCK_N", "BLOCK_K"),

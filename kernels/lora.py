@@ -1441,18 +1441,29 @@ def _lora_dx_da(dx_in: torch.Tensor, x: torch.Tensor, g: torch.Tensor, a: torch.
     return parts[0] if split == 1 else parts.sum(0)
 
 
-def _tma_ok(x: torch.Tensor, weights) -> bool:
-    """Whether the ``tma`` path can describe x, W, y and dx: Triton, and rows of 16 bytes' multiples."""
+def _tma_ok(x: torch.Tensor, weights, adapters) -> bool:
+    """Whether the ``tma`` path can run: Triton with tensor descriptors, rows of 16 bytes' multiples
+    (x, W, y, dx) and a rank its epilogues take (``lora_tma.MAX_RANK``)."""
     if triton is None:
         return False
     from bezoar_kernels import lora_tma
-    return lora_tma.shapes_ok(x.shape[-1], sum(w.shape[0] for w in weights), x.dtype)
+    r = adapters[0].lora_a.shape[0] if adapters is not None else 0
+    return lora_tma.available() and lora_tma.shapes_ok(x.shape[-1], sum(w.shape[0] for w in weights), x.dtype, r)
 
 
 def _tma_config(config, default):
-    """A ``TmaConfig`` given through the fwd/bwd config arguments, else the default."""
+    """The ``TmaConfig`` given through the fwd/bwd config arguments (``_apply`` checked the type), else
+    the default."""
+    return config if config is not None else default
+
+
+def _check_configs(path: str, fwd_config, bwd_config) -> None:
+    """Tile configs must be of the path's kind: ``lora_tma.TmaConfig`` for "tma", ``GemmConfig`` otherwise."""
     from bezoar_kernels import lora_tma
-    return config if isinstance(config, lora_tma.TmaConfig) else default
+    want = lora_tma.TmaConfig if path == "tma" else GemmConfig
+    for name, cfg in (("fwd_config", fwd_config), ("bwd_config", bwd_config)):
+        if cfg is not None and not isinstance(cfg, want):
+            raise TypeError(f"lora path {path!r}: {name} must be a {want.__name__}, got {type(cfg).__name__}")
 
 
 def _tma_weights(plan: _Plan, dtype: torch.dtype) -> torch.Tensor:
@@ -1461,14 +1472,14 @@ def _tma_weights(plan: _Plan, dtype: torch.dtype) -> torch.Tensor:
     if plan.nf4:
         return dequantized(plan.weights, dtype)
     dense = [w.detach().to(dtype) for w in plan.weights]
-    return (dense[0] if len(dense) == 1 else torch.cat(dense)).contiguous()
+    return _described(dense[0]) if len(dense) == 1 else torch.cat(dense)
 
 
 def _described(t: torch.Tensor) -> torch.Tensor:
-    """t itself where a tensor descriptor can take it (unit last stride, 16-byte aligned base and rows),
-    else a contiguous copy."""
+    """t itself where a tensor descriptor can take it (unit last stride, 16-byte aligned base and rows,
+    rows apart), else a fresh contiguous copy (``contiguous()`` would return a misaligned t as it is)."""
     from bezoar_kernels import lora_tma
-    return t if lora_tma._aligned(t) else t.contiguous()
+    return t if lora_tma._aligned(t) else t.clone(memory_format=torch.contiguous_format)
 
 
 def _joined(dys: list[torch.Tensor]) -> torch.Tensor:
@@ -1541,12 +1552,9 @@ class LoRAFunction(torch.autograd.Function):
                 xa = _lora_columns(y, sum(ns), plan.projections, a.shape[1]).clone(memory_format=torch.contiguous_format)
         elif plan.path == "tma":
             from bezoar_kernels import lora_tma
-            xa_w = lora_block = None
             if plan.has_lora:
                 xa = _lora_down(x2d, a, plan)
-                xa_w = lora_tma.xa_wide(xa, _concat_width(a.shape[1]))
-                lora_block = _concat_lora_block(plan, b)
-            y = lora_tma.tma_forward(_described(x2d), _tma_weights(plan, dtype), xa_w, lora_block,
+            y = lora_tma.tma_forward(_described(x2d), _tma_weights(plan, dtype), xa, b, ns, plan.scalings,
                                      _tma_config(plan.fwd_config, lora_tma.DEFAULT_FWD))
         elif plan.path == "concat" and _concat_ok(plan, k):
             wide = torch.empty((m, k + plan.projections * _concat_width(a.shape[1])), dtype=dtype, device=x.device)
@@ -1669,12 +1677,16 @@ def _apply(x, weights, adapters, dropout_p, training, seeds, path, fwd_config=No
     if resolved == "merged" and not merge_ok:
         raise ValueError("lora path 'merged' needs NF4 weights with K a multiple of the blocksize, an adapter "
                          "and no dropout")
-    if resolved == "tma" and not _tma_ok(x, weights):
+    if resolved == "tma" and not _tma_ok(x, weights, adapters):
         if path == "tma":
+            from bezoar_kernels import lora_tma
+            r = adapters[0].lora_a.shape[0] if adapters is not None else 0
             raise ValueError("lora path 'tma' needs K and the summed output features to be multiples of "
-                             f"{16 // x.element_size()} (rows of 16 bytes for the tensor descriptors) and Triton; "
-                             f"got K={x.shape[-1]}, N={sum(w.shape[0] for w in weights)}, {x.dtype}")
+                             f"{16 // x.element_size()} (rows of 16 bytes for the tensor descriptors), a rank of at "
+                             f"most {lora_tma.MAX_RANK} and Triton with tensor descriptors; got K={x.shape[-1]}, "
+                             f"N={sum(w.shape[0] for w in weights)}, r={r}, {x.dtype}")
         resolved = "cublas"
+    _check_configs(resolved, fwd_config, bwd_config)
     if (path or "auto") == "auto" and merge_ok and resolved in ("cublas", "concat", "dequant", "tma"):
         resolved = "merged"  # without a mask the LoRA term folds into the weight: strictly less work
     plan = _Plan(

@@ -12,9 +12,10 @@ tiles in grouped order, and big tiles.
 
 Forward, with xa = dropout(x) @ A.T from the ``down`` launch of ``bezoar_kernels.lora``::
 
-    y = x @ W.T + xa_wide @ L.T          L = the (Ncat, P * r16) block of s_j B_j (``_concat_lora_block``)
+    y[:, cols of j] = x @ W_j.T + s_j * xa_j @ B_j.T
 
-xa_wide is xa laid out as (M, P * r16), so the epilogue is one rank-(P * r16) product per tile.
+The epilogue adds, for each projection whose columns the tile meets, one rank-r product into the
+tile's fp32 accumulator, with s_j B_j rounded to the compute dtype first (as on the ``concat`` path).
 
 Backward, with g = s * dy @ B from the ``g`` launch::
 
@@ -97,16 +98,28 @@ _INTERPRETER_PROGRAMS = 3
 
 
 def _aligned(t: torch.Tensor) -> bool:
-    """What a tensor descriptor needs: unit last stride, 16-byte aligned base and row stride."""
+    """What a tensor descriptor needs: unit last stride, 16-byte aligned base and row stride, and rows
+    that do not overlap (a broadcast row stride of 0, as an expanded gradient has, is not described)."""
     size = t.element_size()
-    return (t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0
+    return (t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) >= max(1, t.shape[1])
             and (t.stride(0) * size) % 16 == 0)
 
 
-def shapes_ok(k: int, n_total: int, dtype: torch.dtype) -> bool:
-    """Whether x (M, K), W (Ncat, K), y (M, Ncat) and dx can be described: rows of 16 bytes' multiples."""
+# LoRA ranks the epilogues take: at r = 64 (R_PAD 64) the forward's rank-r operands of a tile take 48 KB of
+# shared memory beside its 208 KB; larger ranks go to the other paths
+MAX_RANK = 64
+
+
+def available() -> bool:
+    """Triton with tensor descriptors (triton.tools.tensor_descriptor, triton >= 3.4)."""
+    return TensorDescriptor is not None
+
+
+def shapes_ok(k: int, n_total: int, dtype: torch.dtype, r: int = 0) -> bool:
+    """Whether x (M, K), W (Ncat, K), y (M, Ncat) and dx can be described (rows of 16 bytes' multiples)
+    and the rank fits the epilogues (r <= MAX_RANK)."""
     per16 = 16 // torch.empty((), dtype=dtype).element_size()
-    return k % per16 == 0 and n_total % per16 == 0
+    return k % per16 == 0 and n_total % per16 == 0 and r <= MAX_RANK
 
 
 def _programs(cfg: TmaConfig, tiles: int, device: torch.device) -> int:
@@ -140,13 +153,15 @@ if triton is not None:
 
     @triton.jit
     def _tma_fwd_kernel(
-        x_desc, w_desc, y_desc, xa_ptr, lora_ptr,
-        M, N, K, LW, stride_xa, stride_lora, NUM_PROGRAMS,
-        HAS_LORA: tl.constexpr, LW_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        x_desc, w_desc, y_desc, xa_ptr, b_ptr,
+        M, N, K, R, N0, N1, scaling0, scaling1, scaling2, stride_xap, stride_xam, NUM_PROGRAMS,
+        P: tl.constexpr, HAS_LORA: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
-        """y = x @ W.T (+ xa_wide @ L.T) over persistent programs; x (M, K), W (N, K), y (M, N),
-        xa_wide (M, LW), L (N, LW) (LW = P * r16 columns, read with plain loads: they are small)."""
+        """y = x @ W.T (+ s_j * xa_j @ B_j.T on projection j's columns) over persistent programs; x (M, K),
+        W (N, K) and y (M, N) through descriptors, xa (P, M, R) strided and B (N, R) (the projections'
+        B_j stacked like W) with plain loads: they are small. Projection j owns columns N0 + .. of y;
+        a column tile meets one projection or two, and only those add a rank-R product."""
         tiles_m = tl.cdiv(M, BLOCK_M)
         tiles_n = tl.cdiv(N, BLOCK_N)
         steps = tl.cdiv(K, BLOCK_K)
@@ -162,12 +177,22 @@ if triton is not None:
             if HAS_LORA:
                 rows = row0 + tl.arange(0, BLOCK_M)
                 cols = col0 + tl.arange(0, BLOCK_N)
-                lw = tl.arange(0, LW_PAD)
-                xa = tl.load(xa_ptr + rows.to(tl.int64)[:, None] * stride_xa + lw[None, :],
-                             mask=(rows < M)[:, None] & (lw < LW)[None, :], other=0.0)
-                lora = tl.load(lora_ptr + cols.to(tl.int64)[:, None] * stride_lora + lw[None, :],
-                               mask=(cols < N)[:, None] & (lw < LW)[None, :], other=0.0)
-                acc = tl.dot(xa, lora.T, acc, input_precision=DOT_PRECISION)
+                offs_r = tl.arange(0, R_PAD)
+                r_ok = offs_r < R
+                for j in tl.static_range(P):
+                    lo = 0 if j == 0 else N0 if j == 1 else N0 + N1
+                    hi = N0 if j == 0 else N0 + N1 if j == 1 else N
+                    if P == 1 or (col0 < hi and col0 + BLOCK_N > lo):
+                        xa = tl.load(xa_ptr + j * stride_xap + rows.to(tl.int64)[:, None] * stride_xam + offs_r[None, :],
+                                     mask=(rows < M)[:, None] & r_ok[None, :], other=0.0)
+                        b = tl.load(b_ptr + cols.to(tl.int64)[:, None] * R + offs_r[None, :],
+                                    mask=((cols >= lo) & (cols < hi))[:, None] & r_ok[None, :], other=0.0)
+                        # s_j B_j rounded to the dtype, as the concat path's wide matrix has it: the product then
+                        # accumulates into acc in place (a separate product scaled after it took 128 more
+                        # registers a thread and spilled 1 KB on sm_90)
+                        s = scaling0 if j == 0 else scaling1 if j == 1 else scaling2
+                        sb = (b.to(tl.float32) * s).to(b.dtype)
+                        acc = tl.dot(xa, sb.T, acc, input_precision=DOT_PRECISION)
             y_desc.store([row0, col0], acc.to(y_desc.dtype))
 
     @triton.jit
@@ -224,20 +249,12 @@ if triton is not None:
             dx_desc.store([row0, col0], acc.to(dx_desc.dtype))
 
 
-def xa_wide(xa: torch.Tensor, width: int) -> torch.Tensor:
-    """xa (P, M, R) as (M, P * width): projection j's R columns at j * width, zeros after them."""
-    p, m, r = xa.shape
-    if p == 1 and r == width and xa.is_contiguous():
-        return xa[0]
-    out = xa.new_zeros((m, p * width))
-    out.view(m, p, width)[:, :, :r].copy_(xa.transpose(0, 1))
-    return out
-
-
-def tma_forward(x: torch.Tensor, w: torch.Tensor, xa_w: torch.Tensor | None, lora: torch.Tensor | None,
+def tma_forward(x: torch.Tensor, w: torch.Tensor, xa: torch.Tensor | None = None, b: torch.Tensor | None = None,
+                out_features: tuple[int, ...] = (), scalings: tuple[float, ...] = (),
                 cfg: TmaConfig | None = None) -> torch.Tensor:
-    """y (M, N) = x @ w.T (+ xa_w @ lora.T) in x's dtype; x (M, K), w (N, K) in x's dtype, xa_w (M, LW)
-    and lora (N, LW) (``xa_wide``, ``_concat_lora_block``) or both None."""
+    """y (M, N) = x @ w.T (+ s_j * xa_j @ B_j.T on projection j's columns) in x's dtype; x (M, K) and
+    w (N, K) in x's dtype, xa (P, M, R) with unit last stride, b (N, R) contiguous (B_j stacked as W_j
+    are), ``out_features`` the N_j and ``scalings`` the s_j; or xa and b None for the base product."""
     cfg = cfg or DEFAULT_FWD
     m, k = x.shape
     n = w.shape[0]
@@ -246,15 +263,18 @@ def tma_forward(x: torch.Tensor, w: torch.Tensor, xa_w: torch.Tensor | None, lor
         return y
     tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
     programs = _programs(cfg, tiles, x.device)
-    has_lora = xa_w is not None
-    lw = xa_w.shape[1] if has_lora else 16
+    has_lora = xa is not None
+    p, r = (xa.shape[0], xa.shape[2]) if has_lora else (1, 1)
+    ns = list(out_features) + [0] * (3 - len(out_features))
+    s = list(scalings) + [0.0] * (3 - len(scalings))
     launch_fitting(_tma_fwd_kernel, (programs,), (
         _descriptor(x, [cfg.block_m, cfg.block_k], "x"), _descriptor(w, [cfg.block_n, cfg.block_k], "W"),
         _descriptor(y, [cfg.block_m, cfg.block_n], "y"),
-        xa_w if has_lora else x, lora if has_lora else x,
-        m, n, k, lw, xa_w.stride(0) if has_lora else 0, lora.stride(0) if has_lora else 0, programs,
+        xa if has_lora else x, b if has_lora else x,
+        m, n, k, r, ns[0], ns[1], s[0], s[1], s[2], xa.stride(0) if has_lora else 0, xa.stride(1) if has_lora else 0,
+        programs,
     ), dict(
-        HAS_LORA=has_lora, LW_PAD=max(16, next_power_of_2(lw)), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        P=p, HAS_LORA=has_lora, R_PAD=max(16, next_power_of_2(r)), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, FLATTEN=cfg.flatten, DOT_PRECISION=_dot_precision(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ))
@@ -295,4 +315,5 @@ def tma_backward(dy: torch.Tensor, w: torch.Tensor, x: torch.Tensor, g: torch.Te
     return dx, da
 
 
-__all__ = ["DEFAULT_BWD", "DEFAULT_FWD", "TmaConfig", "default_bwd", "shapes_ok", "tma_backward", "tma_forward", "xa_wide"]
+__all__ = ["DEFAULT_BWD", "DEFAULT_FWD", "MAX_RANK", "TmaConfig", "available", "default_bwd", "shapes_ok", "tma_backward",
+           "tma_forward"]

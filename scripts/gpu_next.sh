@@ -97,9 +97,9 @@ if [ "$DRY_RUN" = 1 ] || [ -n "$NF4_JSON" ]; then
 else
   log "no nf4 results from this call: the LoRA bench runs on the committed tuning"
 fi
-part tma_tests 45 env -u TRITON_INTERPRET "$PYTHON" -m pytest -q -m gpu -x -p no:cacheprovider \
+part tma_tests 60 env -u TRITON_INTERPRET "$PYTHON" -m pytest -q -m gpu -x -p no:cacheprovider \
   tests/kernels/test_lora_tma.py
-part lora_tma 165 "$PYTHON" bench/lora.py --paths concat,tma --ranks 16,64 --ms 16384,4096 --no-groups --budget 140
+part lora_tma 150 "$PYTHON" bench/lora.py --paths concat,tma --ranks 16,64 --ms 16384,4096 --no-groups --budget 125
 keep "lora-NVIDIA*.json"
 
 # a call brings back at most 8 files: more are packed into one archive (bench/README.md)

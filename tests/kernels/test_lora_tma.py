@@ -161,22 +161,71 @@ def test_tma_as_large_m_path_falls_back_where_it_cannot_run(monkeypatch):
                       ad.scaling, 0.1, True, 1)
         L.lora_linear(torch.randn(5, 64).half(), _base(40, 64, "dense", torch.float16), ad.lora_a[:, :4].new_zeros(4, 64),
                       ad.lora_b, ad.scaling, 0.1, True, 1)
-    assert seen == ["cublas", "tma"]
+        big = _adapter(40, 64, T.MAX_RANK * 2, seed=2)  # a rank the epilogues do not take
+        L.lora_linear(torch.randn(5, 64).half(), _base(40, 64, "dense", torch.float16), big.lora_a, big.lora_b,
+                      big.scaling, 0.1, True, 1)
+    assert seen == ["cublas", "tma", "cublas"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tma_qkv_at_rank_64_matches_reference(dtype):
+    """q/k/v at r = 40 (R_PAD 64, the largest rank the epilogues take): each column tile adds only the
+    projections it meets; one tile straddles q and k (48 columns of q, 32-column tiles)."""
+    m, k, r = 19, 64, 40
+    ns = (48, 32, 32)
+    weights = [_base(n, k, "dense", dtype, seed=j) for j, n in enumerate(ns)]
+    adapters = [_adapter(n, k, r, seed=20 + j, scaling=0.25 * (j + 1)) for j, n in enumerate(ns)]
+    x = torch.randn(m, k, generator=_gen(4)).to(dtype)
+    dys = [torch.randn(m, n, generator=_gen(5 + j)).to(dtype) for j, n in enumerate(ns)]
+
+    def fn(xx, ads):
+        if L.dispatch.use_triton(xx):
+            return L.lora_qkv_triton(xx, weights, ads, 0.1, True, (3, 4, 5), "tma", FWD, BWD)
+        return L.lora_qkv(xx, weights, ads, 0.1, True, (3, 4, 5), "tma")
+
+    want = _run(fn, x, adapters, dys)
+    with backend("triton"):
+        got = _run(fn, x, adapters, dys)
+    _compare(got, want, dtype, "qkv tma r=40", k, m)
+
+
+def test_tma_takes_misaligned_and_broadcast_operands():
+    """x starting 4 bytes into its storage (contiguous, so ``contiguous()`` would not move it), a dense W
+    likewise, and an upstream gradient broadcast along rows (row stride 0): each is copied for its
+    descriptor, and the results match the reference."""
+    m, n, k, r = 12, 32, 64, 8
+    flat_w = torch.randn(n * k + 1, generator=_gen(1)) * 0.05
+    weight = flat_w[1:].view(n, k)
+    adapter = _adapter(n, k, r, seed=2)
+    flat_x = torch.randn(m * k + 1, generator=_gen(3))
+    x = flat_x[1:].view(m, k)
+    assert x.data_ptr() % 16 == 4 and x.is_contiguous()
+    dy = torch.randn(n, generator=_gen(4)).expand(m, n)
+    assert dy.stride() == (0, 1)
+    fn = _linear(weight, 0.1, 7)
+    want = _run(fn, x, [adapter], [dy])
+    with backend("triton"):
+        got = _run(fn, x, [adapter], [dy])
+    _compare(got, want, torch.float32, "tma misaligned", k, m)
+    assert not T._aligned(dy) and not T._aligned(x) and T._aligned(L._described(x))
+
+
+def test_tma_rank_and_config_limits():
+    weight = _base(32, 64, "dense", torch.float32)
+    big = _adapter(32, 64, T.MAX_RANK + 1, seed=1)
+    x = torch.randn(4, 64)
+    with backend("triton"), pytest.raises(ValueError, match=f"a rank of at most {T.MAX_RANK}"):
+        L.lora_linear(x, weight, big.lora_a, big.lora_b, big.scaling, 0.0, True, 1, "tma")
+    small = _adapter(32, 64, 4, seed=1)
+    with backend("triton"), pytest.raises(TypeError, match="fwd_config must be a TmaConfig"):
+        L.lora_linear_triton(x, weight, small.lora_a, small.lora_b, 1.0, 0.0, True, 1, "tma", L.GemmConfig(16, 16))
+    with backend("triton"), pytest.raises(TypeError, match="bwd_config must be a GemmConfig"):
+        L.lora_linear_triton(x, weight, small.lora_a, small.lora_b, 1.0, 0.0, True, 1, "dequant", None, BWD)
 
 
 def test_config_checks_tiles():
     with pytest.raises(ValueError, match="block_n must be a power of two"):
         T.TmaConfig(block_n=48)
-
-
-def test_xa_wide_layout():
-    xa = torch.arange(2 * 3 * 5, dtype=torch.float32).view(2, 3, 5)
-    wide = T.xa_wide(xa, 16)
-    assert wide.shape == (3, 32)
-    assert torch.equal(wide[:, :5], xa[0]) and torch.equal(wide[:, 16:21], xa[1])
-    assert not wide[:, 5:16].any() and not wide[:, 21:].any()
-    one = torch.randn(1, 4, 16)
-    assert T.xa_wide(one, 16).data_ptr() == one.data_ptr()  # already the layout: no copy
 
 
 # ----------------------------------------------------------------------------- GPU (bf16)
@@ -186,9 +235,10 @@ def test_xa_wide_layout():
 @pytest.mark.parametrize("fuse_da", [True, False])
 @pytest.mark.parametrize("m", [16, 333, 4096])
 @pytest.mark.parametrize("n,k,r", [(3200, 3200, 16), (8640, 3200, 64), (3200, 8640, 16)])
-def test_bf16_tma_on_gpu_matches_the_dequant_path(m, n, k, r, fuse_da):
-    """bf16 on the GPU at the default tiles: the tma path against the dequant path's Triton GEMMs,
-    same operands and mask (both round s * B, xa and g to bf16 the same way up to the sum order)."""
+def test_bf16_tma_on_gpu_matches_the_concat_path(m, n, k, r, fuse_da):
+    """bf16 on the GPU at the default tiles: the tma path against the concat path (cuBLAS on the wide
+    operands), same operands and mask; both round s * B, xa and g to bf16 the same way, and differ in
+    the order of their fp32 sums and in where dx's two terms meet."""
     dev = "cuda"
     weight = _base(n, k, "nf4", torch.bfloat16, device=dev)
     ad = _adapter(n, k, r, seed=1, device=dev)
@@ -205,7 +255,7 @@ def test_bf16_tma_on_gpu_matches_the_dequant_path(m, n, k, r, fuse_da):
             return _run(fn, x, [ad], [dy])
 
     (y, ), grads = run("tma")
-    (y_ref, ), grads_ref = run("concat")  # concat: s * B rounded to bf16 in the wide matrix, as tma does
+    (y_ref, ), grads_ref = run("concat")  # s * B rounded to bf16 in the product, as the tma epilogue has it
     scale = y_ref.float().abs().max().item()
     assert_close(y.float(), y_ref.float(), 2e-2 * scale, 0.0, name="bf16 y")
     assert_close(grads[0].float(), grads_ref[0].float(), 2e-2 * grads_ref[0].float().abs().max().item(), 0.0,

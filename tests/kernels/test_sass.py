@@ -222,6 +222,7 @@ def test_fused_forward_register_decode_builds_without_table_loads(tmp_path):
 
 
 @pytest.mark.parametrize("kernel,p,r_pad", [("lora_tma_fwd", 1, 16), ("lora_tma_fwd", 3, 16), ("lora_tma_fwd", 1, 64),
+                                            ("lora_tma_fwd", 3, 64),
                                             ("lora_tma_bwd", 1, 16), ("lora_tma_bwd", 1, 64), ("lora_tma_bwd", 3, 16),
                                             ("lora_tma_bwd", 3, 64)])
 def test_tma_lora_gemms_use_tma_and_wgmma(kernel, p, r_pad):
@@ -232,7 +233,7 @@ def test_tma_lora_gemms_use_tma_and_wgmma(kernel, p, r_pad):
 
     if kernel == "lora_tma_fwd":
         cfg = lora_tma.DEFAULT_FWD
-        meta = ["--meta", f"LW_PAD={16 if p * r_pad <= 16 else 64 if p * r_pad <= 64 else 256}"]
+        meta = ["--meta", f"P={p}", "--meta", f"R_PAD={r_pad}"]
         tiles = ["--meta", f"BLOCK_M={cfg.block_m}", "--meta", f"BLOCK_N={cfg.block_n}", "--meta", f"BLOCK_K={cfg.block_k}"]
     else:
         cfg = lora_tma.default_bwd(p, r_pad)
