@@ -139,6 +139,12 @@ PRESETS = {
                     "seed2": "i32:any", "threshold": "i32:any"},
                    {"stride_xk": 1, "P": 1, "DROPOUT": True, "NEED_DA": True, "R_PAD": 16, "BLOCK_M": 32,
                     "BLOCK_K": 128, "DOT_PRECISION": "tf32"}, 4, 3),
+    # g and dB from one read of dy (lora._lora_g_db): 256-row blocks, 8 warps, as at M >= 8192
+    "lora_g_db": ("bezoar_kernels.lora", "_lora_g_db_kernel",
+                  {"dy0_ptr": "*bf16", "dy1_ptr": "*bf16", "dy2_ptr": "*bf16", "b_ptr": "*bf16", "xa_ptr": "*bf16",
+                   "g_ptr": "*fp32", "db_ptr": "*fp32", "scaling0": "fp32", "scaling1": "fp32", "scaling2": "fp32",
+                   "M": "i32:any"},
+                  {"P": 1, "R_PAD": 16, "BLOCK_M": 256, "BLOCK_N": 64, "DOT_PRECISION": "tf32"}, 8, 3),
     "lora_merge": ("bezoar_kernels.lora", "_nf4_merge_kernel",
                    {"packed_ptr": "*u8", "absmax_ptr": "*u8", "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32",
                     "byte_table_ptr": "*i64", "b_ptr": "*bf16", "a_ptr": "*bf16", "out_ptr": "*i32",

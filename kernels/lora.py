@@ -29,9 +29,11 @@ Why this split (OpenLLaMA 3B q_proj, M = 16384, N = K = 3200, bf16, H100): the b
 0.04 ms). Computing xa inside the base GEMM would redo x @ A.T for every column tile (r/BLOCK_N
 more tensor-core work: 12% at r=16, 50% at r=64), more than the one extra pass the "down" launch
 costs. The same holds for g inside the dx GEMM. g and dB both reduce dy, over different axes;
-one pass computing both must keep fp32 partials of one of them ((N/BLOCK_N) * M * r, as large
-as dy itself at r=64), so they are two lean passes instead. The LoRA path thus adds four
-activation passes (x for down, dy twice, x for dA), about 10% of the base GEMMs' time at these
+one pass computing both ("g_db") keeps dB's fp32 partials per block of rows, Ncat * r values for
+every 256 rows: at r = 16 that is an eighth of what the second pass over dy reads, at r = 64 half,
+and written and summed it costs as much. So from M = 1024 and r <= 32 (padded) one launch reads dy
+once for both; otherwise two lean passes do. The LoRA path thus adds three or four activation
+passes (x for down, dy once or twice, x for dA), about 10% of the base GEMMs' time at these
 shapes, and no (M, N) intermediate. PEFT's separate ops make many more: the dropout output and
 its mask, the lora_B output, its scaled copy and the sum are each written and read again, and
 their gradients likewise in the backward.
@@ -691,6 +693,54 @@ if triton is not None:
         acc = acc * _pick3(j, scaling0, scaling1, scaling2)
         tl.store(g_ptr + (j * M + offs_m).to(tl.int64)[:, None] * R + offs_r[None, :], acc.to(g_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & r_ok[None, :])
+
+    @triton.jit
+    def _lora_g_db_kernel(
+        # pointers: dy_j (M, N_j), B concatenated (Ncat, R), xa (P, M, R), partial g (n_splits, P, M, R) fp32,
+        # partial dB (row blocks, Ncat, R) fp32
+        dy0_ptr, dy1_ptr, dy2_ptr, b_ptr, xa_ptr, g_ptr, db_ptr,
+        # sizes and scalars
+        M, R, N0, N1, N2, scaling0, scaling1, scaling2, cols_per_split,
+        # strides (rows of dy_j; the last dim is contiguous)
+        stride_dy0, stride_dy1, stride_dy2, stride_gs, stride_dbm,
+        # meta
+        P: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        """g and dB from one read of dy: program (row block, projection j; column range) streams its tiles
+        of dy_j once, adding dy @ B_j into its rows of g and writing dy.T @ xa_j per column tile:
+        g_part[split, j, m, :] = s_j * dy_j[m, range] @ B_j[range], db_part[block, n_off_j + n, :] =
+        s_j * dy_j[block rows, n] @ xa_j[block rows]. The host sums both over their first axis."""
+        pid = tl.program_id(0)
+        pid_split = tl.program_id(1)
+        j = pid % P
+        pid_m = pid // P
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_r = tl.arange(0, R_PAD)
+        m_ok = offs_m < M
+        r_ok = offs_r < R
+        N = _pick3(j, N0, N1, N2)
+        n_off = _pick3(j, 0, N0, N0 + N1)
+        scaling = _pick3(j, scaling0, scaling1, scaling2)
+        dy_rows = _pick3(j, dy0_ptr, dy1_ptr, dy2_ptr) + offs_m.to(tl.int64)[:, None] * _pick3(
+            j, stride_dy0, stride_dy1, stride_dy2)
+        xa = tl.load(xa_ptr + (j * M + offs_m).to(tl.int64)[:, None] * R + offs_r[None, :],
+                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        n_begin = pid_split * cols_per_split
+        n_end = tl.minimum(n_begin + cols_per_split, N)
+        for n0 in range(n_begin, n_end, BLOCK_N):
+            offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+            n_ok = offs_n < n_end
+            dy = tl.load(dy_rows + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            b = tl.load(b_ptr + (n_off + offs_n)[:, None] * R + offs_r[None, :], mask=n_ok[:, None] & r_ok[None, :],
+                        other=0.0)
+            acc = tl.dot(dy, b, acc, input_precision=DOT_PRECISION)
+            db = tl.dot(tl.trans(dy), xa, input_precision=DOT_PRECISION)
+            tl.store(db_ptr + pid_m * stride_dbm + (n_off + offs_n)[:, None] * R + offs_r[None, :], db * scaling,
+                     mask=n_ok[:, None] & r_ok[None, :])
+        tl.store(g_ptr + pid_split * stride_gs + (j * M + offs_m).to(tl.int64)[:, None] * R + offs_r[None, :],
+                 acc * scaling, mask=m_ok[:, None] & r_ok[None, :])
 
     @triton.jit
     def _lora_db_kernel(
@@ -1367,6 +1417,50 @@ def _lora_g(dys: list[torch.Tensor], b: torch.Tensor, plan: _Plan) -> torch.Tens
     return g
 
 
+# g and dB in one pass over dy (``_lora_g_db``) up to this padded rank: above it the fp32 partials of dB,
+# one (Ncat, R) slab per row block, cost about what the second pass over dy saves
+_G_DB_MAX_R_PAD = 32
+_G_DB_MIN_M = 1024  # below, the two launches are small and the separate ones are kept
+
+
+def _g_db_fused_ok(m: int, r: int) -> bool:
+    return m >= _G_DB_MIN_M and _r_pad(r) <= _G_DB_MAX_R_PAD
+
+
+def _lora_g_db(dys: list[torch.Tensor], b: torch.Tensor, xa: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g (P, M, R) in dy's dtype, dB (Ncat, R) fp32) from one read of dy (``_lora_g_db_kernel``).
+
+    Row blocks of 256 rows at M >= 8192 (else 128) keep dB's partials to Ncat * R fp32 per block (at
+    M = 16384, N = 3200, r = 16: 13 MB written and summed, against the 105 MB of the second pass over
+    dy it saves); the columns are split too where the row blocks alone give fewer than two programs
+    per SM, g's partials then being (splits, P, M, R) fp32."""
+    m = dys[0].shape[0]
+    r = b.shape[1]
+    p = plan.projections
+    ns = plan.out_features
+    r_pad = _r_pad(r)
+    block_m = 256 if m >= 8192 else 128
+    block_n = 64
+    blocks = cdiv(m, block_m)
+    widest = max(ns)
+    splits = max(1, min(cdiv(widest, block_n), cdiv(_programs_wanted(b.device) // 2, blocks * p)))
+    cols_per_split = cdiv(cdiv(widest, block_n), splits) * block_n
+    splits = cdiv(widest, cols_per_split)
+    # every element of both is written once (a projection narrower than the widest stores zeros in g
+    # for the column ranges past its end)
+    g_parts = torch.empty((splits, p, m, r), dtype=torch.float32, device=b.device)
+    db_parts = torch.empty((blocks, sum(ns), r), dtype=torch.float32, device=b.device)
+    dy3 = _three(dys, dys[0])
+    _lora_g_db_kernel[(blocks * p, splits)](
+        *dy3, b, xa, g_parts, db_parts, m, r, *_three(ns, 0), *_three(plan.scalings, 0.0), cols_per_split,
+        *(dy.stride(0) for dy in dy3), g_parts.stride(0), db_parts.stride(0),
+        P=p, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(b.dtype),
+        num_warps=8 if block_m == 256 else 4,
+    )
+    g = (g_parts[0] if splits == 1 else g_parts.sum(0)).to(dys[0].dtype)
+    return g, db_parts.sum(0)
+
+
 def _lora_db(dys: list[torch.Tensor], xa: torch.Tensor, plan: _Plan) -> torch.Tensor:
     """dB (Ncat, R) fp32 = s_j * dy_j.T @ xa_j, summed over row splits."""
     m = dys[0].shape[0]
@@ -1591,7 +1685,15 @@ class LoRAFunction(torch.autograd.Function):
             return (dx, None, *grads)
         dys = [_rows(dy, n) for dy, n in zip(dys, plan.out_features)]
         need_da = plan.has_lora and any(need_lora[0::2])
-        da = None
+        need_db = plan.has_lora and any(need_lora[1::2])
+        da = db = None
+
+        def g_and_db():
+            """g, and dB from the same pass over dy where that pays (``_lora_g_db``), else None for dB."""
+            if need_db and _g_db_fused_ok(m, a.shape[1]):
+                return _lora_g_db(dys, b, xa, plan)
+            return _lora_g(dys, b, plan), None
+
         if plan.path == "merged":
             # dx = dy @ (W + s B A): the LoRA part of dx rides in the GEMM, no pass over dx; where dA needs
             # g, the s B columns beside W' give it from the same GEMM (no pass over dy)
@@ -1608,7 +1710,7 @@ class LoRAFunction(torch.autograd.Function):
             # dx by the tma GEMM with the masked LoRA term in its epilogue, and dA beside it (atomics)
             # unless the config keeps the separate dA pass
             from bezoar_kernels import lora_tma
-            g = _lora_g(dys, b, plan) if plan.has_lora else None
+            g, db = g_and_db() if plan.has_lora else (None, None)
             if need_x:
                 cfg = _tma_config(plan.bwd_config, lora_tma.default_bwd(plan.projections, a.shape[1] if a is not None else 1))
                 if not need_da and cfg.fuse_da:
@@ -1623,12 +1725,12 @@ class LoRAFunction(torch.autograd.Function):
                 base_dx, g = _concat_backward(dys, block, plan, k, a.shape[1])  # g from the wide product
                 dx2d = torch.empty((m, k), dtype=base_dx.dtype, device=base_dx.device)
             else:
-                g = _lora_g(dys, b, plan)
+                g, db = g_and_db()
                 base_dx = dx2d = _base_product(dys, plan, _base_weights(plan, dys[0].dtype)[1])
             da = _lora_dx_da(base_dx, x2d, g, a, plan, need_da, dx2d)
             dx = dx2d.view(*ctx.lead, k)
         else:
-            g = _lora_g(dys, b, plan) if plan.has_lora else None
+            g, db = g_and_db() if plan.has_lora else (None, None)
             if need_x:
                 dx = _gemm_backward(dys, plan, g, a, k).view(*ctx.lead, k)
         if need_da:
@@ -1637,8 +1739,9 @@ class LoRAFunction(torch.autograd.Function):
             for j in range(plan.projections):
                 if need_lora[2 * j]:
                     grads[2 * j] = da[j].to(ctx.lora_dtypes[2 * j])
-        if plan.has_lora and any(need_lora[1::2]):
-            db = _lora_db(dys, xa, plan)
+        if need_db:
+            if db is None:
+                db = _lora_db(dys, xa, plan)
             start = 0
             for j, n in enumerate(plan.out_features):
                 if need_lora[2 * j + 1]:

@@ -29,7 +29,7 @@ from bezoar_kernels import nf4  # noqa: E402
 from bezoar_kernels.dispatch import backend  # noqa: E402
 
 TMA_KERNELS = ("_tma_fwd_kernel", "_tma_bwd_kernel")  # the tma path's GEMMs (bezoar_kernels.lora_tma)
-KERNELS = ("_lora_down_kernel", "_lora_fwd_kernel", "_lora_bwd_kernel", "_lora_g_kernel", "_lora_db_kernel",
+KERNELS = ("_lora_down_kernel", "_lora_fwd_kernel", "_lora_bwd_kernel", "_lora_g_kernel", "_lora_g_db_kernel", "_lora_db_kernel",
            "_lora_da_kernel", "_lora_dx_da_kernel", "_nf4_merge_kernel")
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8",
          torch.int32: "i32", torch.int64: "i64"}

@@ -900,3 +900,81 @@ def test_bf16_qkv_on_gpu(path):
         terms.append((g.abs() @ ad.lora_a.float().abs()) / (1 - 0.05))  # the LoRA term's largest size
     assert_close(got[1][0].float(), want[1][0].float(), bf16_sum_bound(*terms, roundings=6), 0.0,
                  name="bf16 qkv dx")
+
+
+@pytest.mark.parametrize("projections,r", [(1, 16), (3, 8), (1, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_g_and_db_from_one_pass_match_torch(projections, r, dtype):
+    """``_lora_g_db``: g = s_j dy_j @ B_j (rounded to the dtype) and dB = s_j dy_j.T @ xa_j from one read of
+    dy, with the columns split over programs (q wider than k and v: their later ranges are empty)."""
+    m = 150
+    ns = (200, 72, 72)[:projections]
+    g = _gen(7)
+    dys = [torch.randn(m, n, generator=g).to(dtype) for n in ns]
+    b = (torch.randn(sum(ns), r, generator=g) * 0.1).to(dtype)
+    xa = torch.randn(projections, m, r, generator=g).to(dtype)
+    scalings = tuple(0.5 + j for j in range(projections))
+    plan = L._Plan(weights=tuple(torch.empty(n, 8) for n in ns), scalings=scalings, seeds=(1,) * projections,
+                   dropout_p=0.0, path="cublas")
+    with backend("triton"):
+        got_g, got_db = L._lora_g_db(dys, b, xa, plan)
+    start = 0
+    for j, n in enumerate(ns):
+        bj = b[start: start + n].float()
+        want_g = (scalings[j] * dys[j].float() @ bj).to(dtype)
+        assert got_g.dtype == dtype
+        assert_close(got_g[j].float(), want_g.float(), *TOLERANCES[dtype], name=f"g[{j}]")
+        want_db = scalings[j] * dys[j].float().t() @ xa[j].float()
+        assert_close(got_db[start: start + n], want_db, 1e-3 * m ** 0.5, 1e-3, name=f"dB[{j}]")
+        start += n
+
+
+@pytest.mark.parametrize("path", ["cublas", "dequant", "tma"])
+def test_backward_takes_g_and_db_in_one_pass_where_it_pays(monkeypatch, path):
+    """With the M threshold lowered, the backward of the paths that compute g by a pass over dy reads dy
+    once for g and dB at r <= 32 and matches the reference; at r = 40 (R_PAD 64) it keeps two passes."""
+    monkeypatch.setattr(L, "_G_DB_MIN_M", 1)
+    calls = []
+    real = L._lora_g_db
+    monkeypatch.setattr(L, "_lora_g_db", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    m, n, k = 33, 48, 64
+    for r, fused in ((16, True), (40, False)):
+        calls.clear()
+        weight = _base(n, k, "nf4", torch.float32)
+        adapter = _adapter(n, k, r, seed=3)
+        x = torch.randn(m, k, generator=_gen(4))
+        dy = torch.randn(m, n, generator=_gen(5))
+
+        def fn(xx, ads):
+            return (L.lora_linear(xx, weight, ads[0].lora_a, ads[0].lora_b, ads[0].scaling, 0.1, True, 9, path),)
+
+        want = _run(fn, x, [adapter], [dy])
+        with backend("triton"):
+            got = _run(fn, x, [adapter], [dy])
+        _compare(got, want, torch.float32, f"{path} r={r}", k, m)
+        assert bool(calls) == fused, (path, r, calls)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [2048, 8192])
+@pytest.mark.parametrize("projections,r", [(1, 16), (3, 32)])
+def test_bf16_g_and_db_on_gpu(m, projections, r):
+    """``_lora_g_db`` compiled for the GPU (128-row blocks with 4 warps, 256 with 8), bf16 against the
+    fp32 products of the same bf16 operands."""
+    dev = "cuda"
+    ns = (3200, 1600, 1600)[:projections]
+    g = torch.Generator(device=dev).manual_seed(0)
+    dys = [torch.randn(m, n, generator=g, device=dev).bfloat16() for n in ns]
+    b = (torch.randn(sum(ns), r, generator=g, device=dev) * 0.02).bfloat16()
+    xa = torch.randn(projections, m, r, generator=g, device=dev).bfloat16()
+    scalings = tuple(1.0 + j for j in range(projections))
+    plan = L._Plan(weights=tuple(torch.empty(n, 8, device=dev) for n in ns), scalings=scalings,
+                   seeds=(1,) * projections, dropout_p=0.0, path="cublas")
+    got_g, got_db = L._lora_g_db(dys, b, xa, plan)
+    start = 0
+    for j, n in enumerate(ns):
+        want_g = scalings[j] * dys[j].float() @ b[start: start + n].float()
+        assert_close(got_g[j].float(), want_g, 1e-2 * want_g.abs().max().item(), 1e-2, name=f"bf16 g[{j}]")
+        want_db = scalings[j] * dys[j].float().t() @ xa[j].float()
+        assert_close(got_db[start: start + n], want_db, 1e-3 * want_db.abs().max().item(), 1e-3, name=f"bf16 dB[{j}]")
+        start += n

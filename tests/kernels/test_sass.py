@@ -250,3 +250,14 @@ def test_tma_lora_gemms_use_tma_and_wgmma(kernel, p, r_pad):
 
     assert count("UTMALDG") >= 2 and count("UTMASTG") >= 1, counts
     assert count("HGMMA") >= 1, counts
+
+
+@pytest.mark.parametrize("r_pad,p,block_m,warps", [(16, 1, 256, 8), (32, 1, 256, 8), (16, 3, 256, 8), (32, 3, 128, 4)])
+def test_g_db_kernel_does_not_spill(r_pad, p, block_m, warps):
+    """g and dB from one read of dy (``lora._lora_g_db``, its launch tiles): no spills, the two rank-r
+    products per step of dy on the tensor cores, dy streamed through cp.async."""
+    info = json.loads(_sass("lora_g_db", "--meta", f"R_PAD={r_pad}", "--meta", f"P={p}", "--meta", f"BLOCK_M={block_m}",
+                            "--warps", str(warps), "--json"))
+    assert "STACK:0" in info["usage"], info["usage"]
+    assert info["loop"].get("HGMMA", 0) >= 2, info["loop"]
+    assert info["loop"].get("LDGSTS", 0) >= 1, info["loop"]
