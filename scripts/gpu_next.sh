@@ -99,7 +99,7 @@ else
 fi
 part tma_tests 60 env -u TRITON_INTERPRET "$PYTHON" -m pytest -q -m gpu -x -p no:cacheprovider \
   tests/kernels/test_lora_tma.py
-part lora_tma 150 "$PYTHON" bench/lora.py --paths concat,tma --ranks 16,64 --ms 16384,4096 --no-groups --budget 125
+part lora_tma 150 "$PYTHON" bench/lora.py --paths cublas,concat,tma --ranks 16,64 --ms 16384,4096 --no-groups --budget 125
 keep "lora-NVIDIA*.json"
 
 # a call brings back at most 8 files: more are packed into one archive (bench/README.md)
