@@ -80,7 +80,7 @@ The base GEMM runs on one of six paths (``path``, chosen by M when "auto"):
   persistent Triton GEMMs fed by tensor descriptors (TMA on sm_90) with the LoRA terms in their
   epilogues: the forward adds xa @ (s B).T per tile, the backward adds the masked g @ A to each dx
   tile and, from the same mask and a tile of x, its dA contribution. Left over the two GEMMs: the
-  down, g and dB passes. Needs rows of 16 bytes' multiples (K and sum N_j multiples of 8 in 16-bit
+  down pass over x and the pass over dy for g and dB (two passes at r > 32). Needs rows of 16 bytes' multiples (K and sum N_j multiples of 8 in 16-bit
   dtypes); untimed, so "auto" takes it only where a tuning entry or ``BEZOAR_LORA_LARGE_M_PATH`` says.
 * ``cublas`` (what "auto" takes for large M with dropout): W dequantized into the buffer, the base
   product by cuBLAS, then the forward kernel adds the LoRA term in place over y and the backward's
@@ -1545,12 +1545,6 @@ def _tma_ok(x: torch.Tensor, weights, adapters) -> bool:
     return lora_tma.available() and lora_tma.shapes_ok(x.shape[-1], sum(w.shape[0] for w in weights), x.dtype, r)
 
 
-def _tma_config(config, default):
-    """The ``TmaConfig`` given through the fwd/bwd config arguments (``_apply`` checked the type), else
-    the default."""
-    return config if config is not None else default
-
-
 def _check_configs(path: str, fwd_config, bwd_config) -> None:
     """Tile configs must be of the path's kind: ``lora_tma.TmaConfig`` for "tma", ``GemmConfig`` otherwise."""
     from bezoar_kernels import lora_tma
@@ -1649,7 +1643,7 @@ class LoRAFunction(torch.autograd.Function):
             if plan.has_lora:
                 xa = _lora_down(x2d, a, plan)
             y = lora_tma.tma_forward(_described(x2d), _tma_weights(plan, dtype), xa, b, ns, plan.scalings,
-                                     _tma_config(plan.fwd_config, lora_tma.DEFAULT_FWD))
+                                     plan.fwd_config or lora_tma.DEFAULT_FWD)
         elif plan.path == "concat" and _concat_ok(plan, k):
             wide = torch.empty((m, k + plan.projections * _concat_width(a.shape[1])), dtype=dtype, device=x.device)
             xa = _lora_down(x2d, a, plan, wide)
@@ -1712,7 +1706,7 @@ class LoRAFunction(torch.autograd.Function):
             from bezoar_kernels import lora_tma
             g, db = g_and_db() if plan.has_lora else (None, None)
             if need_x:
-                cfg = _tma_config(plan.bwd_config, lora_tma.default_bwd(plan.projections, a.shape[1] if a is not None else 1))
+                cfg = plan.bwd_config or lora_tma.default_bwd(plan.projections, a.shape[1] if a is not None else 1)
                 if not need_da and cfg.fuse_da:
                     cfg = dataclasses.replace(cfg, fuse_da=False)
                 threshold, keep_scale = _dropout_args(plan)

@@ -650,6 +650,21 @@ def _tiny_lora_model(tiny_dir, quant, dropout):
     return model
 
 
+def _train_step_on_both_backends(model, ids):
+    """(logits, LoRA grads) of one train-mode forward + backward on the Triton backend and on torch's (run
+    first), from the same torch seed (so the same dropout masks)."""
+    model.train()
+    results = {}
+    for name in ("torch", "triton"):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(42)
+        with backend(name):
+            logits = model(ids)
+            logits.float().square().mean().backward()
+        results[name] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    return results["triton"], results["torch"]
+
+
 @pytest.mark.parametrize("quant", ["nf4"])
 def test_tiny_model_triton_equals_torch(tiny_dir, quant):
     """Train-mode forward (dropout on) and backward of a LoRA model: same logits and LoRA grads on both
@@ -657,18 +672,8 @@ def test_tiny_model_triton_equals_torch(tiny_dir, quant):
     from bezoar.model.lora import lora_modules
 
     model = _tiny_lora_model(tiny_dir, quant, dropout=0.1)
-    model.train()
     ids = torch.randint(3, 500, (2, 9), generator=_gen(5))
-    results = {}
-    for name in ("torch", "triton"):
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(42)
-        with backend(name):
-            logits = model(ids)
-            (logits.float().square().mean()).backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        results[name] = (logits.detach(), grads)
-    (lt, gt), (lr, gr) = results["triton"], results["torch"]
+    (lt, gt), (lr, gr) = _train_step_on_both_backends(model, ids)
     assert_close(lt, lr, 1e-4, 1e-4, name="logits triton vs torch")
     assert gt.keys() == gr.keys() and len(gt) == 2 * len(lora_modules(model))
     for n in gt:

@@ -315,7 +315,7 @@ def test_tiny_model_on_the_tma_path_equals_torch(tiny_dir, monkeypatch):
     """The tiny LoRA model in training (dropout on) with tma as the large-M path (what a tuning entry
     would set): the projections that reach the LoRA op run on it, and logits and LoRA gradients equal
     the torch backend's."""
-    from tests.kernels.test_lora import _tiny_lora_model
+    from tests.kernels.test_lora import _tiny_lora_model, _train_step_on_both_backends
 
     monkeypatch.setenv("BEZOAR_LORA_LARGE_M_PATH", "tma")
     monkeypatch.setenv("BEZOAR_NF4_FUSED_MAX_M", "0")
@@ -332,18 +332,9 @@ def test_tiny_model_on_the_tma_path_equals_torch(tiny_dir, monkeypatch):
     monkeypatch.setattr(T, "tma_forward", count("fwd", fwd))
     monkeypatch.setattr(T, "tma_backward", count("bwd", bwd))
     model = _tiny_lora_model(tiny_dir, "nf4", dropout=0.1)
-    model.train()
     ids = torch.randint(3, 500, (2, 9), generator=_gen(5))
-    results = {}
-    for name in ("torch", "triton"):
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(42)
-        with backend(name):
-            logits = model(ids)
-            logits.float().square().mean().backward()
-        results[name] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    (lt, gt), (lr, gr) = _train_step_on_both_backends(model, ids)
     assert calls["fwd"] > 0 and calls["bwd"] > 0, calls
-    (lt, gt), (lr, gr) = results["triton"], results["torch"]
     assert_close(lt, lr, 1e-4, 1e-4, name="logits")
     for n in gt:
         assert_close(gt[n], gr[n], 1e-4, 1e-3, name=f"grad {n}")
