@@ -5,8 +5,8 @@ the masked x, so on the cuBLAS-based paths each is a pass over an (M, K) activat
 (``cublas`` and ``concat`` make about six such passes at M = 16384; bench/README.md). Inside a GEMM's
 epilogue the same work reads one tile of x per output tile while the tensor cores are busy with the
 next tile's mainloop. The ``dequant`` path already has such epilogues, on a Triton GEMM that streams
-its operands with pointer loads one tile per program; on an H100 it took 1.55-1.99x NF4 alone, most
-of it the GEMM itself. These kernels are the GEMM built the way Hopper wants it: operands through
+its operands with pointer loads one tile per program; on the H100 it took 1.52-1.90x NF4 alone
+(graph replay), 1.23-1.38x the ``cublas`` path with the same LoRA work around it. These kernels are the GEMM built the way Hopper wants it: operands through
 tensor descriptors (TMA on sm_90; the interpreter reads them too), one program per SM walking output
 tiles in grouped order, and big tiles.
 
@@ -17,17 +17,17 @@ Forward, with xa = dropout(x) @ A.T from the ``down`` launch of ``bezoar_kernels
 The epilogue adds, for each projection whose columns the tile meets, one rank-r product into the
 tile's fp32 accumulator, with s_j B_j rounded to the compute dtype first (as on the ``concat`` path).
 
-Backward, with g = s * dy @ B from the ``g`` launch::
+Backward, with g = s * dy @ B from the ``g`` launch (or the ``g_db`` launch, which also reduces dB)::
 
     dx = dy @ W + sum_j (g_j @ A_j) * mask_j / (1 - p)
     dA_j += g_j.T @ (x * mask_j) / (1 - p)        per output tile, ``FUSE_DA``
 
 Each dx tile hashes its dropout mask once and uses it for both terms; the dA contribution of a tile
 is r16 x BLOCK_K values, added to an fp32 dA with atomics (so dA's sum order, and its last bits, vary
-from run to run; ``fuse_da=False`` keeps the separate deterministic ``dA`` pass instead). dB stays the
-``dB`` launch's pass over dy. Against ``concat`` this removes the pass that copies x, the dx + dA
-pass (base product, x and dx: three activations) and the wide product's extra columns; left over the
-two GEMMs are the down, g and dB passes.
+from run to run; ``fuse_da=False`` keeps the separate deterministic ``dA`` pass instead). Against
+``concat`` this removes the pass that copies x, the dx + dA pass (base product, x and dx: three
+activations) and the wide product's extra columns; left over the two GEMMs are the down pass over x
+and the pass over dy for g and dB (two passes above a padded rank of 32).
 
 Not timed yet: ``auto`` does not take this path until bench/lora.py (``lora_tma``) has measured it on
 a GPU and bench/tune.py has written it into that GPU's tuning entry.
@@ -59,7 +59,8 @@ class TmaConfig:
     per SM). ``fuse_da``: the backward adds dA in its epilogue (atomics) instead of a separate pass.
     ``flatten``: one pipelined loop over all (tile, K step) pairs, so a tile's epilogue overlaps the
     next tile's loads; off by default: the pipeliner then multi-buffers the epilogue's LoRA loads too,
-    which at the default tiles took 225 KB of shared memory (q/k/v: 262 KB, over the H100's 227 KB)."""
+    which at the default forward tiles takes 225 KB of shared memory (213 KB without), and 262 KB for
+    q/k/v at r = 64, over the H100's 227 KB (``launch_fitting`` then drops a stage)."""
 
     block_m: int = 128
     block_n: int = 256
@@ -94,6 +95,8 @@ def default_bwd(projections: int, r: int) -> TmaConfig:
     if projections == 1 and r <= 16:
         return DEFAULT_BWD
     return dataclasses.replace(DEFAULT_BWD, block_k=64)
+
+
 _INTERPRETER_PROGRAMS = 3
 
 
@@ -105,8 +108,9 @@ def _aligned(t: torch.Tensor) -> bool:
             and (t.stride(0) * size) % 16 == 0)
 
 
-# LoRA ranks the epilogues take: at r = 64 (R_PAD 64) the forward's rank-r operands of a tile take 48 KB of
-# shared memory beside its 208 KB; larger ranks go to the other paths
+# LoRA ranks this path takes: the ranks its sm_90 builds were checked at (bench/sass.py lora_tma_fwd /
+# lora_tma_bwd: no spills in the forward, at most 128 bytes of stack in the q/k/v backward at r = 64) and
+# the tests run; larger ranks go to the other paths
 MAX_RANK = 64
 
 
