@@ -1783,9 +1783,9 @@ def _apply(x, weights, adapters, dropout_p, training, seeds, path, fwd_config=No
                              f"most {lora_tma.MAX_RANK} and Triton with tensor descriptors; got K={x.shape[-1]}, "
                              f"N={sum(w.shape[0] for w in weights)}, r={r}, {x.dtype}")
         resolved = "cublas"
-    _check_configs(resolved, fwd_config, bwd_config)
     if (path or "auto") == "auto" and merge_ok and resolved in ("cublas", "concat", "dequant", "tma"):
         resolved = "merged"  # without a mask the LoRA term folds into the weight: strictly less work
+    _check_configs(resolved, fwd_config, bwd_config)  # against the path that runs
     plan = _Plan(
         weights=tuple(weights),
         scalings=tuple(float(ad.scaling) for ad in adapters) if adapters is not None else (),

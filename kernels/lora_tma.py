@@ -39,7 +39,8 @@ import dataclasses
 
 import torch
 
-from bezoar_kernels.launch import cdiv, launch_fitting, next_power_of_2, sm_count
+from bezoar_kernels.launch import cdiv, launch_fitting, sm_count
+from bezoar_kernels.lora import _dot_precision, _r_pad
 
 try:
     import triton
@@ -139,10 +140,6 @@ def _descriptor(t: torch.Tensor, block: list[int], what: str):
     return TensorDescriptor.from_tensor(t, block)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 if triton is not None:
     from bezoar_kernels.lora import _dropout_keep, _lora_dx_epilogue, _pick3
 
@@ -184,8 +181,8 @@ if triton is not None:
                 offs_r = tl.arange(0, R_PAD)
                 r_ok = offs_r < R
                 for j in tl.static_range(P):
-                    lo = 0 if j == 0 else N0 if j == 1 else N0 + N1
-                    hi = N0 if j == 0 else N0 + N1 if j == 1 else N
+                    lo = _pick3(j, 0, N0, N0 + N1)
+                    hi = _pick3(j, N0, N0 + N1, N)
                     if P == 1 or (col0 < hi and col0 + BLOCK_N > lo):
                         xa = tl.load(xa_ptr + j * stride_xap + rows.to(tl.int64)[:, None] * stride_xam + offs_r[None, :],
                                      mask=(rows < M)[:, None] & r_ok[None, :], other=0.0)
@@ -194,8 +191,7 @@ if triton is not None:
                         # s_j B_j rounded to the dtype, as the concat path's wide matrix has it: the product then
                         # accumulates into acc in place (a separate product scaled after it took 128 more
                         # registers a thread and spilled 1 KB on sm_90)
-                        s = scaling0 if j == 0 else scaling1 if j == 1 else scaling2
-                        sb = (b.to(tl.float32) * s).to(b.dtype)
+                        sb = (b.to(tl.float32) * _pick3(j, scaling0, scaling1, scaling2)).to(b.dtype)
                         acc = tl.dot(xa, sb.T, acc, input_precision=DOT_PRECISION)
             y_desc.store([row0, col0], acc.to(y_desc.dtype))
 
@@ -278,7 +274,7 @@ def tma_forward(x: torch.Tensor, w: torch.Tensor, xa: torch.Tensor | None = None
         m, n, k, r, ns[0], ns[1], s[0], s[1], s[2], xa.stride(0) if has_lora else 0, xa.stride(1) if has_lora else 0,
         programs,
     ), dict(
-        P=p, HAS_LORA=has_lora, R_PAD=max(16, next_power_of_2(r)), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        P=p, HAS_LORA=has_lora, R_PAD=_r_pad(r), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, FLATTEN=cfg.flatten, DOT_PRECISION=_dot_precision(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ))
@@ -312,7 +308,7 @@ def tma_backward(dy: torch.Tensor, w: torch.Tensor, x: torch.Tensor, g: torch.Te
         x.stride(0), g.stride(0) if has_lora else 0, g.stride(1) if has_lora else 0, programs,
     ), dict(
         P=p, HAS_LORA=has_lora, DROPOUT=dropout and has_lora, FUSE_DA=fuse_da,
-        R_PAD=max(16, next_power_of_2(r)), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        R_PAD=_r_pad(r), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m, FLATTEN=cfg.flatten, DOT_PRECISION=_dot_precision(dy.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     ))
