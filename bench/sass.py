@@ -78,6 +78,20 @@ def _lora_tma(kind: str) -> tuple:
              "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "FLATTEN": False, "DOT_PRECISION": "tf32"}, 8, 4)
 
 
+def _nf4_tma(kind: str) -> tuple:
+    """The NF4 ``tma`` kernels (bezoar_kernels.nf4_tma) at their default tiles, bf16 pairs, double quant."""
+    fwd = kind == "fwd"
+    a, out = ("x_desc", "y_desc") if fwd else ("dy_desc", "dx_desc")
+    tiles = {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64} if fwd else {"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 128}
+    return ("bezoar_kernels.nf4_tma", "_nf4_tma_fwd_kernel" if fwd else "_nf4_tma_bwd_kernel",
+            {"M": "i32:any", "NUM_PROGRAMS": "i32:any", a: _desc("BLOCK_M", "BLOCK_K" if fwd else "BLOCK_N"),
+             "w_desc": lambda c: f"tensordesc<i32[{c['BLOCK_N']}, {c['BLOCK_K'] // 8}]>",
+             out: _desc("BLOCK_M", "BLOCK_N" if fwd else "BLOCK_K"), "absmax_ptr": "*u8",
+             "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "planes_ptr": "*i32", "offset": "fp32"},
+            {"BLOCKSIZE": 64, "DOUBLE_QUANT": True, "NESTED": 256, **tiles, "GROUP_M": 8, "ASM": True,
+             "BF16_PAIRS": True}, 8, 3)
+
+
 # name: (module, kernel, argument types (others: i32 divisible by 16; a callable: a type from the
 # constants), constants, num_warps, num_stages)
 PRESETS = {
@@ -128,6 +142,8 @@ PRESETS = {
     # the LoRA GEMMs of the tma path: tensor descriptors, persistent programs, LoRA epilogues
     "lora_tma_fwd": _lora_tma("fwd"),
     "lora_tma_bwd": _lora_tma("bwd"),
+    "nf4_tma_fwd": _nf4_tma("fwd"),
+    "nf4_tma_bwd": _nf4_tma("bwd"),
     "lora_down": ("bezoar_kernels.lora", "_lora_down_kernel",
                   {"x_ptr": "*bf16", "a_ptr": "*bf16", "xa_ptr": "*bf16", "wide_ptr": "*bf16", "keep_scale": "fp32",
                    "seed0": "i32:any", "seed1": "i32:any", "seed2": "i32:any", "threshold": "i32:any"},
@@ -219,7 +235,10 @@ def compile_kernel(preset: str, meta: dict, warps: int | None, stages: int | Non
 
 def analyse(kernel, dump: str | None = None) -> dict:
     """{"usage": cuobjdump's resource line, "counts": memory/matrix/barrier instructions of the whole
-    kernel, "loop": opcode counts of the main loop (the longest backward branch)}."""
+    kernel, "loop": opcode counts of the main loop (the longest backward branch), "k_loop": those of the
+    innermost loop with tensor-core instructions when it is another loop (empty otherwise),
+    "hgmma_register_a": the warpgroup MMAs of that loop that take their first operand from registers,
+    "shared": the launch's shared memory in bytes (static and dynamic)}."""
     bin_dir = Path(importlib.import_module("triton").__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
@@ -232,25 +251,39 @@ def analyse(kernel, dump: str | None = None) -> dict:
         Path(dump).write_text(sass)
     text = sass.splitlines()
     labels = {line.strip().rstrip(":"): i for i, line in enumerate(text) if re.match(r"^\.L_x_\d+:$", line.strip())}
-    best = None
+    spans = []
     for i, line in enumerate(text):
         m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", line)
         if m and m.group(1) in labels and labels[m.group(1)] < i:
-            span = (labels[m.group(1)], i)
-            if best is None or span[1] - span[0] > best[1] - best[0]:
-                best = span
-    loop = collections.Counter()
-    if best:
-        loop = collections.Counter(m.group(1) for line in text[best[0]:best[1] + 1] if (m := OPCODE.match(line)))
+            spans.append((labels[m.group(1)], i))
+    best = max(spans, key=lambda s: s[1] - s[0], default=None)
+
+    def opcodes(span):
+        return collections.Counter(m.group(1) for line in text[span[0]:span[1] + 1] if (m := OPCODE.match(line)))
+
+    loop = opcodes(best) if best else collections.Counter()
+    # the innermost loop with tensor-core instructions: a persistent kernel's K loop (its main loop is the
+    # loop over tiles)
+    mma = [s for s in spans if any(k.startswith(("HGMMA", "HMMA")) for k in opcodes(s))]
+    inner = min(mma, key=lambda s: s[1] - s[0], default=None)
+    k_loop = opcodes(inner) if inner and inner != best else collections.Counter()
+    # warpgroup MMAs whose first operand comes from registers (``HGMMA... Rd, Ra, gdesc[...]``), not from
+    # shared memory (``HGMMA... Rd, gdesc[...]``)
+    register_a = sum(1 for line in (text[inner[0]:inner[1] + 1] if inner else text)
+                     if re.search(r"HGMMA\.\S+\s+R\d+,\s*R\d+,\s*gdesc", line))
     return {"usage": " ".join(line.strip() for line in usage.splitlines() if "REG:" in line),
-            "counts": collections.Counter(m.group(0) for m in COUNTED.finditer(sass)), "loop": loop}
+            "counts": collections.Counter(m.group(0) for m in COUNTED.finditer(sass)), "loop": loop,
+            "k_loop": k_loop, "hgmma_register_a": register_a, "shared": kernel.metadata.shared}
 
 
 def report(info: dict) -> str:
-    lines = [info["usage"], "whole kernel: " + ", ".join(f"{n} {k}" for k, n in sorted(info["counts"].items()))]
+    lines = [info["usage"] + f" (shared memory in all: {info['shared']} bytes)", "whole kernel: " + ", ".join(f"{n} {k}" for k, n in sorted(info["counts"].items()))]
     if info["loop"]:
         lines.append(f"main loop: {sum(info['loop'].values())} instructions: "
                      + ", ".join(f"{k} {n}" for k, n in info["loop"].most_common(14)))
+    if info.get("k_loop"):
+        lines.append(f"inner MMA loop: {sum(info['k_loop'].values())} instructions: "
+                     + ", ".join(f"{k} {n}" for k, n in info["k_loop"].most_common(14)))
     return "\n".join(lines)
 
 

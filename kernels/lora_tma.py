@@ -39,17 +39,11 @@ import dataclasses
 
 import torch
 
-from bezoar_kernels.launch import cdiv, launch_fitting, sm_count
+from bezoar_kernels import persistent
+from bezoar_kernels.launch import cdiv, launch_fitting
 from bezoar_kernels.lora import _dot_precision, _r_pad
-
-try:
-    import triton
-    import triton.language as tl
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except Exception:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    tl = None
-    TensorDescriptor = None
+from bezoar_kernels.persistent import TensorDescriptor, available, tl, triton
+from bezoar_kernels.persistent import describable as _aligned
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,26 +92,10 @@ def default_bwd(projections: int, r: int) -> TmaConfig:
     return dataclasses.replace(DEFAULT_BWD, block_k=64)
 
 
-_INTERPRETER_PROGRAMS = 3
-
-
-def _aligned(t: torch.Tensor) -> bool:
-    """What a tensor descriptor needs: unit last stride, 16-byte aligned base and row stride, and rows
-    that do not overlap (a broadcast row stride of 0, as an expanded gradient has, is not described)."""
-    size = t.element_size()
-    return (t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) >= max(1, t.shape[1])
-            and (t.stride(0) * size) % 16 == 0)
-
-
 # LoRA ranks this path takes: the ranks its sm_90 builds were checked at (bench/sass.py lora_tma_fwd /
 # lora_tma_bwd: no spills in the forward, at most 128 bytes of stack in the q/k/v backward at r = 64) and
 # the tests run; larger ranks go to the other paths
 MAX_RANK = 64
-
-
-def available() -> bool:
-    """Triton with tensor descriptors (triton.tools.tensor_descriptor, triton >= 3.4)."""
-    return TensorDescriptor is not None
 
 
 def shapes_ok(k: int, n_total: int, dtype: torch.dtype, r: int = 0) -> bool:
@@ -125,12 +103,6 @@ def shapes_ok(k: int, n_total: int, dtype: torch.dtype, r: int = 0) -> bool:
     and the rank fits the epilogues (r <= MAX_RANK)."""
     per16 = 16 // torch.empty((), dtype=dtype).element_size()
     return k % per16 == 0 and n_total % per16 == 0 and r <= MAX_RANK
-
-
-def _programs(cfg: TmaConfig, tiles: int, device: torch.device) -> int:
-    if cfg.programs:
-        return max(1, min(tiles, cfg.programs))
-    return max(1, min(tiles, sm_count(device) if device.type == "cuda" else _INTERPRETER_PROGRAMS))
 
 
 def _descriptor(t: torch.Tensor, block: list[int], what: str):
@@ -142,15 +114,7 @@ def _descriptor(t: torch.Tensor, block: list[int], what: str):
 
 if triton is not None:
     from bezoar_kernels.lora import _dropout_keep, _lora_dx_epilogue, _pick3
-
-    @triton.jit
-    def _grouped_tile(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
-        """(row tile, column tile) of ``tile`` in grouped order: GROUP_M row tiles walk the column tiles
-        together, so the operands of the tiles in flight stay in L2."""
-        per_group = GROUP_M * tiles_n
-        first_m = (tile // per_group) * GROUP_M
-        group_size = tl.minimum(tiles_m - first_m, GROUP_M)
-        return first_m + (tile % per_group) % group_size, (tile % per_group) // group_size
+    from bezoar_kernels.persistent import grouped_tile as _grouped_tile
 
     @triton.jit
     def _tma_fwd_kernel(
@@ -262,7 +226,7 @@ def tma_forward(x: torch.Tensor, w: torch.Tensor, xa: torch.Tensor | None = None
     if m == 0:
         return y
     tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
-    programs = _programs(cfg, tiles, x.device)
+    programs = persistent.programs(cfg.programs, tiles, x.device)
     has_lora = xa is not None
     p, r = (xa.shape[0], xa.shape[2]) if has_lora else (1, 1)
     ns = list(out_features) + [0] * (3 - len(out_features))
@@ -298,7 +262,7 @@ def tma_backward(dy: torch.Tensor, w: torch.Tensor, x: torch.Tensor, g: torch.Te
     if m == 0:
         return dx, da
     tiles = cdiv(m, cfg.block_m) * cdiv(k, cfg.block_k)
-    programs = _programs(cfg, tiles, dy.device)
+    programs = persistent.programs(cfg.programs, tiles, dy.device)
     s = list(seeds) + [0] * (3 - len(seeds))
     launch_fitting(_tma_bwd_kernel, (programs,), (
         _descriptor(dy, [cfg.block_m, cfg.block_n], "dy"), _descriptor(w, [cfg.block_n, cfg.block_k], "W"),

@@ -261,3 +261,35 @@ def test_g_db_kernel_does_not_spill(r_pad, p, block_m, warps):
     assert "STACK:0" in info["usage"], info["usage"]
     assert info["loop"].get("HGMMA", 0) >= 2, info["loop"]
     assert info["loop"].get("LDGSTS", 0) >= 1, info["loop"]
+
+
+@pytest.mark.parametrize("kernel", ["nf4_tma_fwd", "nf4_tma_bwd"])
+@pytest.mark.parametrize("bf16_pairs,blocksize", [(True, 64), (False, 64), (True, 128)])
+def test_nf4_tma_kernels_decode_into_the_mma_operand(kernel, bf16_pairs, blocksize):
+    """The NF4 tma kernels at their default tiles (``nf4_tma.DEFAULT_FWD`` / ``DEFAULT_BWD``): the weight
+    by TMA as packed words and decoded in registers into the first operand of warpgroup MMAs (HGMMA with
+    a register A), the MMA of one K step left in flight while the next is decoded (a wait for all but
+    one group, ``WARPGROUP.DEPBAR.LE gsb0, 0x1``), the bf16 scaling as one ``HMUL2`` per pair of weights,
+    no spills, and shared memory within the H100's 227 KB."""
+    from bezoar_kernels import nf4_tma
+
+    cfg = nf4_tma.DEFAULT_FWD if kernel == "nf4_tma_fwd" else nf4_tma.DEFAULT_BWD
+    dump = Path(os.environ.get("TMPDIR", "/tmp")) / f"{kernel}-{bf16_pairs}-{blocksize}-{os.getpid()}.sass"
+    info = json.loads(_sass(kernel, "--meta", f"BF16_PAIRS={str(bf16_pairs).lower()}", "--meta", f"BLOCKSIZE={blocksize}",
+                            "--meta", f"BLOCK_M={cfg.block_m}", "--meta", f"BLOCK_N={cfg.block_n}",
+                            "--meta", f"BLOCK_K={cfg.block_k}", "--warps", str(cfg.num_warps),
+                            "--stages", str(cfg.num_stages), "--dump", str(dump), "--json"))
+    try:
+        assert "STACK:0" in info["usage"], info["usage"]
+        assert info["shared"] <= 232448, info["shared"]
+        k_loop = info["k_loop"]
+        assert k_loop.get("HGMMA", 0) >= 1 and info["hgmma_register_a"] == k_loop["HGMMA"], (k_loop, info)
+        assert k_loop.get("UTMALDG", 0) >= 1, k_loop  # x / dy and the words come by TMA inside the loop
+        weights = cfg.block_n * cfg.block_k // (32 * cfg.num_warps)  # per thread and K step
+        if bf16_pairs:
+            assert k_loop.get("HMUL2", 0) == weights // 2, k_loop
+        else:
+            assert k_loop.get("HMUL2", 0) == 0 and k_loop.get("FMUL", 0) >= weights, k_loop
+        assert re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x1", dump.read_text())
+    finally:
+        dump.unlink(missing_ok=True)
