@@ -9,9 +9,11 @@ there is an adapter; ``torch.autograd.grad``, so nothing accumulates):
 * ``lora_auto`` / ``lora_dequant`` / ``lora_cublas`` / ``lora_concat`` / ``lora_tma``: bezoar's fused
   NF4 + LoRA op on the path "auto" picks and on each large-M path (``--paths`` picks which); with
   ``--dropout 0`` also ``lora_merged`` (the LoRA term folded into the weight, which "auto" then
-  takes), written to ``lora-no-dropout-<device>-<date>.json``. With ``tma`` timed also ``nf4_tma``
-  (the tma path's persistent Triton GEMMs with no adapter: bezoar's GEMM against the cuBLAS GEMM
-  inside ``nf4_only``) and ``lora_tma_da_pass`` (dA by its own pass instead of the dx epilogue);
+  takes), written to ``lora-no-dropout-<device>-<date>.json``. With ``tma`` timed also ``nf4_tma_gemm``
+  (the LoRA tma path's persistent Triton GEMMs with no adapter, on the dequantized weight: bezoar's
+  GEMM against the cuBLAS GEMM inside ``nf4_only``), ``nf4_tma_decode`` (the NF4 matmul's own ``tma``
+  kernels, ``bezoar_kernels.nf4_tma``: no dequantize pass) and ``lora_tma_da_pass`` (dA by its own
+  pass instead of the dx epilogue);
 * ``peft_style``: bezoar's NF4 matmul plus PEFT's LoRA arithmetic as separate torch ops
   (``F.dropout``, two ``F.linear``, scale, add): the ~1.3x the issue quotes;
 * ``bnb_peft``: bitsandbytes ``matmul_4bit`` as the base plus the same PEFT arithmetic (what
@@ -78,7 +80,7 @@ SMOKE_SHAPES = [(64, 128)]
 SMOKE_MS = [24]
 SMOKE_RANKS = [8]
 LORA_PATHS = ("auto", "dequant", "cublas", "concat", "tma")  # the lora_<path> cases (with --dropout 0 also merged)
-LORA_PEERS = ["nf4_tma", "lora_auto", "lora_dequant", "lora_cublas", "lora_concat", "lora_tma", "lora_tma_da_pass",
+LORA_PEERS = ["nf4_tma_gemm", "nf4_tma_decode", "lora_auto", "lora_dequant", "lora_cublas", "lora_concat", "lora_tma", "lora_tma_da_pass",
               "lora_merged", "peft_style", "bnb_peft"]
 QKV_PEERS = ["qkv_lora_fused", "qkv_lora_concat", "qkv_lora_separate"]
 # norm + projections: group -> ((N, K) of each projection, how many), and at smoke size (K a multiple
@@ -240,6 +242,7 @@ def main() -> int:
     from bezoar_kernels import lora as L
     from bezoar_kernels import nf4
     from bezoar_kernels import nf4_matmul as mm
+    from bezoar_kernels import nf4_tma
     from bezoar_kernels import norm_lora as NL
     from bezoar_kernels import swiglu_lora as SL
     from bezoar_kernels import tuning
@@ -322,9 +325,12 @@ def main() -> int:
             add(f"nf4_only/{tag}/M={m}", fwd_bwd(lambda x=x, q=q: mm.nf4_matmul_triton(x, q), [x], dy),
                 peer="nf4_only", r=None, **key)
             if "tma" in paths:  # the tma GEMMs without an adapter: bezoar's Triton GEMM against cuBLAS's
-                add(f"nf4_tma/{tag}/M={m}",
+                add(f"nf4_tma_gemm/{tag}/M={m}",
                     fwd_bwd(lambda x=x, q=q: L._apply(x, [q], None, 0.0, False, [0], "tma")[0], [x], dy),
-                    peer="nf4_tma", r=None, **key)
+                    peer="nf4_tma_gemm", r=None, **key)
+                if nf4_tma.supported(q, x.dtype):  # and the NF4 matmul's own tma kernels (no dequantize)
+                    add(f"nf4_tma_decode/{tag}/M={m}", fwd_bwd(lambda x=x, q=q: mm.nf4_matmul_triton(x, q, "tma"), [x], dy),
+                        peer="nf4_tma_decode", r=None, **key)
             if bq is not None:
                 add(f"bnb_only/{tag}/M={m}",
                     fwd_bwd(lambda x=x, bq=bq: bnb.matmul_4bit(x, bq[0].t(), quant_state=bq[1]), [x], dy),
@@ -534,8 +540,8 @@ def main() -> int:
                 for r in ranks:
                     row = {"shape": tag, "M": m, "r": r, "nf4_only": base, "bnb_only": bnb_base}
                     for peer in LORA_PEERS:
-                        # nf4_tma has no adapter: one case per (shape, M), shown in each rank's row
-                        t = times.get(f"{peer}/{tag}/M={m}" if peer == "nf4_tma" else f"{peer}/{tag}/M={m}/r={r}")
+                        # the nf4_tma cases have no adapter: one per (shape, M), shown in each rank's row
+                        t = times.get(f"{peer}/{tag}/M={m}" if peer.startswith("nf4_tma") else f"{peer}/{tag}/M={m}/r={r}")
                         row[peer] = t
                         row[f"{peer}/nf4_only"] = t / base if t and base else None
                     rows.append(row)

@@ -7,9 +7,10 @@ Measures, side by side in one run (bf16, CUDA):
 * forward ``x @ W.T`` for W (N, K) in {3200x3200, 8640x3200, 3200x8640} and
   M in {1, 4, 16, 64, 256, 1024, 4096, 16384}:
   cuBLAS on the pre-dequantized bf16 weight, bezoar gemv (M <= 8), bezoar fused, bezoar
-  dequant+cuBLAS, bezoar auto (what dispatch picks), bitsandbytes ``dequantize_4bit`` + ``F.linear``, and
-  ``bnb.matmul_4bit`` without grad (its fused gemv/gemm path);
-* backward ``dx = dy @ W``: cuBLAS, bezoar fused, bezoar dequant+cuBLAS, bezoar auto, and
+  dequant+cuBLAS, bezoar tma (M >= 256: the weight decoded inside a TMA GEMM's K loop,
+  ``bezoar_kernels.nf4_tma``), bezoar auto (what dispatch picks), bitsandbytes ``dequantize_4bit`` +
+  ``F.linear``, and ``bnb.matmul_4bit`` without grad (its fused gemv/gemm path);
+* backward ``dx = dy @ W``: cuBLAS, bezoar fused, bezoar dequant+cuBLAS, bezoar tma, bezoar auto, and
   bitsandbytes' own backward (``dequantize_4bit`` + matmul, as in MatMul4Bit.backward);
 * the crossover M where dequant+cuBLAS starts beating the fused kernel, per shape and direction,
   and the M range where the gemv kernel is the fastest NF4 path (what GEMV_MAX_M should be);
@@ -46,6 +47,7 @@ SHAPES = [(3200, 3200), (8640, 3200), (3200, 8640)]  # (N, K) = (out_features, i
 MS = [1, 4, 16, 64, 256, 1024, 4096, 16384]
 SMOKE_SHAPES = [(96, 128)]
 SMOKE_MS = [1, 40]  # either side of FUSED_MAX_M
+TMA_FROM_M = 256  # the tma kernels (256-row tiles) are timed from this M up: below it they only decode
 COPY_BYTES = 1 << 30
 WEIGHT_COPIES = 8  # per shape, cycled through by every case, so back-to-back calls find no weight in L2
 GRAPH_CALLS = WEIGHT_COPIES  # calls per graph replay with --timing graph (M <= 256): each reads its own copy,
@@ -72,7 +74,7 @@ def main() -> int:
     common.setup_smoke(args)
     import torch
 
-    from bezoar_kernels import nf4, nf4_matmul as mm, tuning
+    from bezoar_kernels import nf4, nf4_matmul as mm, nf4_tma, tuning
     from bezoar_kernels.dispatch import backend
 
     cuda = torch.cuda.is_available() and not args.smoke
@@ -182,6 +184,14 @@ def main() -> int:
                 kind="bwd", peer="nf4_dequant", **key)
             add(f"bwd/nf4_auto/{tag}/M={m}",
                 lambda dy=dy, nq=next_q: mm.nf4_matmul_backward(dy, nq(), "auto"), kind="bwd", peer="nf4_auto", **key)
+            # the weight decoded inside a TMA GEMM's K loop (bf16 on a GPU; fp16 in smoke: no fp32 tma)
+            tma_dtype = dtype if cuda else torch.float16
+            if (m >= TMA_FROM_M or args.smoke) and nf4_tma.supported(q, tma_dtype):
+                xt, dyt = x.to(tma_dtype), dy.to(tma_dtype)
+                add(f"fwd/nf4_tma/{tag}/M={m}", lambda x=xt, nq=next_q: nf4_tma.nf4_tma_forward(x, nq()),
+                    kind="fwd", peer="nf4_tma", **key)
+                add(f"bwd/nf4_tma/{tag}/M={m}", lambda dy=dyt, nq=next_q: nf4_tma.nf4_tma_backward(dy, nq()),
+                    kind="bwd", peer="nf4_tma", **key)
             if bq is not None:
                 add(f"fwd/bnb_dequant_linear/{tag}/M={m}",
                     lambda x=x, nb=next_bq: torch.nn.functional.linear(x, bnbf.dequantize_4bit(*nb()).to(dtype)),
@@ -237,9 +247,9 @@ def main() -> int:
                 dequant_rows.append({"shape": tag, "impl": impl, "ms": times[name], "GB/s": gbs,
                                      "of_copy_bw": gbs / copy_gbs, "same_size_copy_GB/s": same_gbs,
                                      "of_same_size_copy": gbs / same_gbs if same_gbs else None})
-    peers = {"fwd": ["cublas", "nf4_gemv", "nf4_fused", "nf4_fused_prmt", "nf4_dequant", "nf4_auto",
+    peers = {"fwd": ["cublas", "nf4_gemv", "nf4_fused", "nf4_fused_prmt", "nf4_dequant", "nf4_tma", "nf4_auto",
                      "bnb_dequant_linear", "bnb_matmul_4bit"],
-             "bwd": ["cublas", "nf4_fused", "nf4_dequant", "nf4_auto", "bnb"]}
+             "bwd": ["cublas", "nf4_fused", "nf4_dequant", "nf4_tma", "nf4_auto", "bnb"]}
     for kind in ("fwd", "bwd"):
         for n, k in shapes:
             tag = f"{n}x{k}"
@@ -248,8 +258,8 @@ def main() -> int:
                 for peer in peers[kind]:
                     row[peer] = times.get(f"{kind}/{peer}/{tag}/M={m}")
                 cub, auto = row["cublas"], row["nf4_auto"]
-                best_nf4 = min((v for v in (row.get("nf4_gemv"), row["nf4_fused"], row["nf4_dequant"]) if v is not None),
-                               default=None)
+                best_nf4 = min((v for v in (row.get("nf4_gemv"), row["nf4_fused"], row["nf4_dequant"], row["nf4_tma"])
+                                if v is not None), default=None)
                 row["auto/cublas"] = auto / cub if auto and cub else None
                 row["best_nf4/cublas"] = best_nf4 / cub if best_nf4 and cub else None
                 bnb_ms = _bnb_best(row)
@@ -275,9 +285,12 @@ def main() -> int:
     fused_tuned = mm.fused_max_m(device) if fused_tuned is None else fused_tuned
     gemv_tuned = mm.gemv_max_m(device) if gemv_derived is None else gemv_derived
     gemv_at = tune.gemv_runs_at(rows, gemv_tuned)
-    tuned_same = (gemv_tuned, fused_tuned) == (mm.gemv_max_m(device), mm.fused_max_m(device))
+    tma_tuned = tune.tma_fastest_from(rows)
+    tma_tuned = mm.tma_min_m(device) if tma_tuned is None else tma_tuned
+    tuned_same = (gemv_tuned, fused_tuned, tma_tuned) == (mm.gemv_max_m(device), mm.fused_max_m(device),
+                                                          mm.tma_min_m(device))
     for row in rows:
-        tuned = tune.nf4_auto_time(row, (row["shape"], row["M"]) in gemv_at, gemv_tuned, fused_tuned)
+        tuned = tune.nf4_auto_time(row, (row["shape"], row["M"]) in gemv_at, gemv_tuned, fused_tuned, tma_tuned)
         cub = row["cublas"]
         row["nf4_tuned"] = tuned
         row["tuned/cublas"] = tuned / cub if tuned and cub else None
@@ -302,13 +315,13 @@ def main() -> int:
         print(f"  {key}: {m if m is not None else 'none in range'}")
     print(f"gemv is the fastest NF4 forward on every shape up to M = {gemv_max} "
           f"(GEMV_MAX_M is now {mm.gemv_max_m(device)}; the kernel takes M <= {mm.GEMV_MAX_ROWS})")
-    print(f"bench/tune.py would write: gemv to M = {gemv_tuned}, fused to M = {fused_tuned} ("
+    print(f"bench/tune.py would write: gemv to M = {gemv_tuned}, fused to M = {fused_tuned}, tma from M = {tma_tuned} ("
           + ("the thresholds this run had)" if tuned_same else
              "the targets below are also checked for them: tuned/cublas)"))
     targets = check_targets(rows, dequant_rows, ms)
     if not tuned_same:  # the same thresholds as this run's: the targets above already say it
         tuned_how = (f"auto with this run's derived thresholds (bench/tune.py): gemv to M = {gemv_tuned}, fused to "
-                     f"M = {fused_tuned}")
+                     f"M = {fused_tuned}, tma from M = {tma_tuned}")
         targets += [dict(t, target=f"{t['target']} [{tuned_how}]") for t in check_targets(rows, [], ms, column="tuned")
                     if not t["target"].startswith(("dequantize", "("))]
     if args.smoke:  # interpreter timings say nothing about the GPU
@@ -322,7 +335,8 @@ def main() -> int:
     extra = {
         "dtype": str(dtype), "timing": timing, "graph_calls": GRAPH_CALLS if graph_timing else None,
         "weight_copies": copies, "copy_GBps": copy_gbs, "crossover_M": crossover, "fused_max_m": mm.fused_max_m(device),
-        "gemv_fastest_up_to_M": gemv_max, "gemv_max_m": mm.gemv_max_m(device), "tuning": tuning.summary(device),
+        "gemv_fastest_up_to_M": gemv_max, "gemv_max_m": mm.gemv_max_m(device), "tma_min_m": mm.tma_min_m(device),
+        "tma_fastest_from_M": tune.tma_fastest_from(rows), "tuning": tuning.summary(device),
         "targets": targets, "bnb_note": bnb_note,
     }
     name = "nf4" if timing == "eager" else "nf4-graph"

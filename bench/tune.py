@@ -9,6 +9,9 @@ tuning file (the shipped ``kernels/tuning.json`` by default). What each setting 
   measured M above 1, or where no row has both times);
 * ``nf4.gemv_max_m``: likewise for the gemv kernel against what ``auto`` would run instead (fused up to
   that fused threshold, dequantize + cuBLAS above it); not set where no row has a gemv time;
+* ``nf4.tma_min_m``: the smallest measured M from which the ``tma`` kernels (the weight decoded inside
+  the K loop) beat dequantize + cuBLAS on every shape, forward and backward, at that M and every larger
+  one measured (0 where they lose at the largest M; not set where no row has a tma time);
 * ``lora.large_m_path``: of the large-M LoRA paths measured on the same cases (``dequant``, ``cublas``,
   ``concat``, ``tma``), the one with the smallest geometric mean of time over NF4 alone, from the CUDA-graph
   rows where the file has them (GPU time), else the eager rows; runs without dropout are not used
@@ -97,15 +100,35 @@ def gemv_fastest_up_to(rows: list[dict]) -> int | None:
     return _up_to(sorted({r["M"] for r in fwd}), wins)
 
 
-def nf4_auto_time(row: dict, gemv_runs: bool, gemv_max: int, fused_max: int) -> float | None:
+def nf4_auto_time(row: dict, gemv_runs: bool, gemv_max: int, fused_max: int, tma_min: int = 0) -> float | None:
     """The time of what ``auto`` runs for one nf4.py row under these thresholds. ``gemv_runs``: whether the
     forward at the row's shape and M takes gemv (then the backward runs dequant, as ``NF4MatmulFunction``
-    does: gemv has no backward)."""
+    does: gemv has no backward). From ``tma_min`` (0: never) the tma kernels, where the row timed them."""
     if row["dir"] == "fwd" and gemv_runs:
         return row.get("nf4_gemv")
     if row["dir"] == "bwd" and gemv_runs:
         return row.get("nf4_dequant")
-    return row.get("nf4_fused") if row["M"] <= fused_max else row.get("nf4_dequant")
+    if row["M"] <= fused_max:
+        return row.get("nf4_fused")
+    if 0 < tma_min <= row["M"] and row.get("nf4_tma") is not None:
+        return row["nf4_tma"]
+    return row.get("nf4_dequant")
+
+
+def tma_fastest_from(rows: list[dict]) -> int | None:
+    """The smallest measured M from which the tma kernels beat dequant + cuBLAS on every shape and direction
+    timed, at that M and all larger ones; 0 where they lose at the largest M; None without tma times."""
+    timed = [r for r in rows if r.get("nf4_tma") is not None and r.get("nf4_dequant") is not None]
+    if not timed:
+        return None
+    ms = sorted({r["M"] for r in timed})
+    start = 0
+    for m in reversed(ms):
+        if all(r["nf4_tma"] < r["nf4_dequant"] for r in timed if r["M"] == m):
+            start = m
+        else:
+            break
+    return start
 
 
 def gemv_runs_at(rows: list[dict], gemv_max: int) -> set[tuple[str, int]]:
@@ -202,6 +225,10 @@ def derive(result: dict, min_gain: float = 0.03) -> dict[str, tuple[object, str]
         if gemv is not None:
             out["nf4.gemv_max_m"] = (gemv, f"gemv faster than what auto runs instead on every shape up to M = {gemv}"
                                      if gemv else f"gemv slower than what auto runs instead at M = {smallest}")
+        tma = tma_fastest_from(rows)
+        if tma is not None:
+            out["nf4.tma_min_m"] = (tma, f"tma beats dequant + cuBLAS on every shape from M = {tma}" if tma
+                                    else "dequant + cuBLAS beats tma at the largest M measured on some shape")
         fused = fused_fastest_up_to(rows)
         if fused is not None:
             out["nf4.fused_max_m"] = (fused, f"fused beats dequant + cuBLAS on every shape up to M = {fused}" if fused

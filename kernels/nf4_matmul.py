@@ -55,7 +55,7 @@ import os
 
 import torch
 
-from bezoar_kernels import dispatch, tuning
+from bezoar_kernels import dispatch, nf4_tma, tuning
 from bezoar_kernels.launch import cdiv, launch_fitting, next_power_of_2, sm_count, triton_version
 from bezoar_kernels.nf4 import (
     NESTED_BLOCKSIZE,
@@ -90,7 +90,13 @@ FUSED_MAX_M = 0
 # replaced it has fewer instructions per weight in its sm_90 build and no loop, and awaits its timing
 # (bench/nf4.py --timing graph --sweep-gemv), which also says whether M = 2..8 should take it.
 GEMV_MAX_M = 1
-PATHS = ("auto", "fused", "dequant", "gemv")
+# Smallest M from which auto takes the ``tma`` kernels (bezoar_kernels.nf4_tma: the weight decoded inside
+# a persistent TMA GEMM's K loop, no dequantize pass) instead of dequant + cuBLAS; 0: never. They are
+# built and tested but not yet timed on a GPU, so auto does not take them until bench/nf4.py has
+# measured them (``nf4_tma`` column) and bench/tune.py has written ``nf4.tma_min_m`` for the device, or
+# BEZOAR_NF4_TMA_MIN_M says so.
+TMA_MIN_M = 0
+PATHS = ("auto", "fused", "dequant", "gemv", "tma")
 _GENERAL_CHUNK = 64  # K chunk of the general (unaligned) variant
 
 
@@ -123,9 +129,17 @@ def gemv_max_m(device=None) -> int:
     return _threshold("BEZOAR_NF4_GEMV_MAX_M", "nf4.gemv_max_m", device, GEMV_MAX_M)
 
 
+def tma_min_m(device=None) -> int:
+    """The M from which auto takes the tma kernels: ``BEZOAR_NF4_TMA_MIN_M`` if set, else the tuning file's
+    value for ``device``, else ``TMA_MIN_M`` (0: never)."""
+    return _threshold("BEZOAR_NF4_TMA_MIN_M", "nf4.tma_min_m", device, TMA_MIN_M)
+
+
 def resolve_path(path: str | None, m: int, weight: NF4Weight | None = None) -> str:
     """The path for M rows: an explicit one as given; ``auto`` takes gemv for M <= gemv_max_m() (where
-    the weight fits it), then fused for M <= fused_max_m(), else dequant (thresholds for W's device)."""
+    the weight fits it), then fused for M <= fused_max_m(), then tma from tma_min_m() (when that is not
+    0), else dequant (thresholds for W's device). Where tma came from auto and the weight or the
+    activations' dtype do not fit the tma kernels, the matmul runs dequant instead."""
     path = path or "auto"
     if path not in PATHS:
         raise ValueError(f"nf4_matmul path {path!r}: expected one of {', '.join(PATHS)}")
@@ -133,7 +147,10 @@ def resolve_path(path: str | None, m: int, weight: NF4Weight | None = None) -> s
         device = weight.device if weight is not None else None
         if m <= gemv_max_m(device) and (weight is None or gemv_supported(m, weight)):
             return "gemv"
-        return "fused" if m <= fused_max_m(device) else "dequant"
+        if m <= fused_max_m(device):
+            return "fused"
+        tma_from = tma_min_m(device)
+        return "tma" if 0 < tma_from <= m else "dequant"
     return path
 
 
@@ -796,24 +813,43 @@ def nf4_dequant_backward(dy: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
     return torch.matmul(dy, dequant_buffer(weight, dy.dtype))
 
 
+def _runnable(path: str | None, m: int, weight: NF4Weight, dtype: torch.dtype) -> str:
+    """``resolve_path``, then the tma path checked against the weight and dtype: an explicit
+    ``path="tma"`` that the tma kernels cannot take is an error naming why; where auto chose it, dequant
+    runs instead."""
+    chosen = resolve_path(path, m, weight)
+    if chosen == "tma":
+        reason = nf4_tma.unsupported_reason(weight, dtype)
+        if reason is not None:
+            if path == "tma":
+                raise ValueError(f"nf4_matmul path 'tma': {reason}")
+            return "dequant"
+    return chosen
+
+
 def nf4_matmul_forward(x: torch.Tensor, weight: NF4Weight, path: str | None = None) -> torch.Tensor:
     """2-D forward (no autograd) on the path M picks: x (M, K) -> (M, N).
 
     An explicit ``gemv`` on a shape the gemv kernel does not take (M > GEMV_MAX_ROWS, K not a multiple
     of the blocksize) runs dequant instead."""
-    chosen = resolve_path(path, x.shape[0], weight)
+    chosen = _runnable(path, x.shape[0], weight, x.dtype)
     if chosen == "gemv" and gemv_supported(x.shape[0], weight):
         return nf4_gemv_forward(x, weight)
     if chosen == "fused":
         return nf4_fused_forward(x, weight)
+    if chosen == "tma":
+        return nf4_tma.nf4_tma_forward(x, weight)
     return nf4_dequant_forward(x, weight)
 
 
 def nf4_matmul_backward(dy: torch.Tensor, weight: NF4Weight, path: str | None = None) -> torch.Tensor:
     """2-D input gradient (no autograd) on the path M picks: dy (M, N) -> (M, K). The gemv kernel has
     no backward (W's rows are the reduction there): gemv's backward is dequant."""
-    if resolve_path(path, dy.shape[0], weight) == "fused":
+    chosen = _runnable(path, dy.shape[0], weight, dy.dtype)
+    if chosen == "fused":
         return nf4_fused_backward(dy, weight)
+    if chosen == "tma":
+        return nf4_tma.nf4_tma_backward(dy, weight)
     return nf4_dequant_backward(dy, weight)
 
 
@@ -831,7 +867,7 @@ class NF4MatmulFunction(torch.autograd.Function):
         lead = x.shape[:-1]
         x2d = x.reshape(-1, x.shape[-1])
         # the backward takes the forward's path (gemv has no backward: dequant), chosen once here
-        chosen = resolve_path(path, x2d.shape[0], weight)
+        chosen = _runnable(path, x2d.shape[0], weight, x2d.dtype)
         ctx.path = "dequant" if chosen == "gemv" else chosen
         if x2d.shape[0] == 0:
             return x.new_empty(*lead, weight.shape[0])
@@ -846,7 +882,10 @@ class NF4MatmulFunction(torch.autograd.Function):
         dy2d = dy.reshape(-1, dy.shape[-1])
         if dy2d.shape[0] == 0:
             return dy.new_zeros(*lead, weight.shape[1]), None, None
-        return nf4_matmul_backward(dy2d, weight, ctx.path).reshape(*lead, weight.shape[1]), None, None
+        path = ctx.path
+        if path == "tma" and not nf4_tma.supported(weight, dy2d.dtype):  # a gradient in another dtype
+            path = "dequant"
+        return nf4_matmul_backward(dy2d, weight, path).reshape(*lead, weight.shape[1]), None, None
 
 
 # ----------------------------------------------------------------------------- public entry points

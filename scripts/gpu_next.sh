@@ -13,13 +13,17 @@
 #      code lookups at every tile (GemvConfig.table: the byte table, the 16-entry table "nibble", the
 #      register decode "prmt") and, at M = 1, tiles of a few rows by most of K: the byte table's
 #      gathers are the suspect in the gemv's 17.8 us at M = 1 (bench/README.md). Its main table has
-#      the fused forward with the register decode beside the table one (nf4_fused_prmt, M <= 64);
+#      the fused forward with the register decode beside the table one (nf4_fused_prmt, M <= 64), and
+#      at M = 4096 the NF4 tma kernels (nf4_tma: the weight decoded in registers inside a TMA GEMM's
+#      K loop, no dequantize pass; issue 3's M >= 4096 target) beside dequant + cuBLAS and cuBLAS;
 #   3. bench/tune.py on that JSON into $OUT/tuning-next.json (the gemv tiles and lookup only; the
 #      thresholds stay the committed ones), which BEZOAR_TUNING then points at;
-#   4. the LoRA tma path (bezoar_kernels.lora_tma: persistent Triton GEMMs on TMA descriptors with the
-#      LoRA terms in their epilogues, built on a CPU machine and never run on a GPU): its GPU tests,
+#   4. the GPU tests of the NF4 tma kernels (bf16, the PTX decode and bf16x2 scaling, against a torch
+#      model of their rounding and against dequant + cuBLAS) and of the LoRA tma path
+#      (bezoar_kernels.lora_tma: persistent Triton GEMMs on TMA descriptors with the LoRA terms in
+#      their epilogues; both built on a CPU machine and never run on a GPU),
 #      then bench/lora.py on the single-projection cases with the concat path beside it, M = 16384
-#      first: nf4_tma (its GEMMs alone) against nf4_only (dequantize + cuBLAS) says whether the Triton
+#      first: nf4_tma_gemm (its GEMMs alone) against nf4_only (dequantize + cuBLAS) says whether the Triton
 #      GEMM keeps up with cuBLAS, lora_tma against lora_concat whether issue 4's 1.10x comes closer.
 #      The training step and decode figures (issues 10 and 6, closed) are left to bench/gpu_bench.sh.
 #
@@ -97,8 +101,8 @@ if [ "$DRY_RUN" = 1 ] || [ -n "$NF4_JSON" ]; then
 else
   log "no nf4 results from this call: the LoRA bench runs on the committed tuning"
 fi
-part tma_tests 60 env -u TRITON_INTERPRET "$PYTHON" -m pytest -q -m gpu -x -p no:cacheprovider \
-  tests/kernels/test_lora_tma.py
+part tma_tests 75 env -u TRITON_INTERPRET "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider \
+  tests/kernels/test_nf4_tma.py tests/kernels/test_lora_tma.py
 part lora_tma 150 "$PYTHON" bench/lora.py --paths cublas,concat,tma --ranks 16,64 --ms 16384,4096 --no-groups --budget 125
 keep "lora-NVIDIA*.json"
 

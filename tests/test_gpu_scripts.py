@@ -82,7 +82,7 @@ def test_gpu_next_dry_run_fits_one_call_and_names_what_it_checks():
     assert "would pack" in text and "more than 8 files" in text
     for piece in ("scripts/gpu_check.sh --gpu-only", "--sweep-gemv", "--timing graph", "bench/tune.py",
                   "--keys nf4.gemv_tiles", "--out /tmp/bezoar-gpu-out/tuning-next.json",
-                  "-m gpu -x -p no:cacheprovider tests/kernels/test_lora_tma.py",
+                  "-m gpu -p no:cacheprovider tests/kernels/test_nf4_tma.py tests/kernels/test_lora_tma.py",
                   r"bench/lora.py --paths cublas\,concat\,tma", "--no-groups"):
         assert piece in text, piece
     bad = dry_run("gpu_next.sh", "--frobnicate")

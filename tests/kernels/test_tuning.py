@@ -33,7 +33,8 @@ tune = _load_bench("tune")
 
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch):
-    for var in ("BEZOAR_TUNING", "BEZOAR_NF4_GEMV_MAX_M", "BEZOAR_NF4_FUSED_MAX_M", "BEZOAR_LORA_LARGE_M_PATH"):
+    for var in ("BEZOAR_TUNING", "BEZOAR_NF4_GEMV_MAX_M", "BEZOAR_NF4_FUSED_MAX_M", "BEZOAR_NF4_TMA_MIN_M",
+                "BEZOAR_LORA_LARGE_M_PATH"):
         monkeypatch.delenv(var, raising=False)
     tuning.reload()
     yield
@@ -373,6 +374,36 @@ def test_what_auto_runs_under_the_derived_thresholds():
     row = {"M": 4096, "lora_cublas": 1.2, "lora_concat": 1.1}
     assert tune.lora_auto_time(row, "concat", 16) == 1.1 and tune.lora_auto_time(row, "concat", 4096) is None
     assert tune.lora_auto_time(row, "dequant", 16) is None
+
+
+def test_tma_threshold_from_the_rows_and_into_auto(tmp_path, monkeypatch):
+    """nf4.tma_min_m: the smallest M from which the tma kernels win every shape and direction up to the
+    largest M; 0 when they lose at the largest; not set without tma times. A tuning entry moves auto."""
+    def rows(times):
+        return [{"dir": d, "shape": s, "M": m, "nf4_tma": t, "nf4_dequant": q} for (d, s, m), (t, q) in times.items()]
+
+    won = rows({("fwd", "a", 1024): (1.1, 1.0), ("bwd", "a", 1024): (0.9, 1.0),  # the backward wins, not the fwd
+                ("fwd", "a", 4096): (0.9, 1.0), ("bwd", "a", 4096): (0.9, 1.0),
+                ("fwd", "b", 4096): (0.95, 1.0), ("fwd", "a", 16384): (0.9, 1.0), ("bwd", "b", 16384): (0.8, 1.0)})
+    assert tune.tma_fastest_from(won) == 4096
+    assert tune.derive(_result(bench="nf4-graph", rows=won))["nf4.tma_min_m"][0] == 4096
+    lost = won + rows({("bwd", "a", 16384): (1.2, 1.0)})
+    assert tune.tma_fastest_from(lost) == 0
+    assert tune.tma_fastest_from(rows({("fwd", "a", 4096): (None, 1.0)})) is None
+    # what auto runs for a row under the threshold: tma from it, where the row timed tma
+    row = {"dir": "fwd", "shape": "a", "M": 4096, "nf4_fused": 9.0, "nf4_dequant": 1.0, "nf4_tma": 0.9}
+    assert tune.nf4_auto_time(row, False, 1, 0, 4096) == 0.9
+    assert tune.nf4_auto_time(row, False, 1, 0, 8192) == 1.0 and tune.nf4_auto_time(row, False, 1, 0) == 1.0
+    assert tune.nf4_auto_time(dict(row, nf4_tma=None), False, 1, 0, 1024) == 1.0
+    # an entry moves auto; the environment wins over it
+    weight = nf4.quantize_nf4_reference(torch.randn(32, 128), 64)
+    _user_file(tmp_path, monkeypatch, {"nf4.tma_min_m": 1024})
+    assert mm.tma_min_m(CPU) == 1024
+    assert mm.resolve_path(None, 1024, weight) == "tma" and mm.resolve_path(None, 1023, weight) == "dequant"
+    monkeypatch.setenv("BEZOAR_NF4_TMA_MIN_M", "0")
+    assert mm.resolve_path(None, 1 << 20, weight) == "dequant"
+    with pytest.raises(ValueError, match="nf4.tma_min_m: expected a whole number of rows"):
+        tuning.validate({"format": 1, "devices": {"x": {"settings": {"nf4.tma_min_m": "4096"}}}}, "t.json")
 
 
 def test_swept_tiles_need_a_real_gain():
