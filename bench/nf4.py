@@ -30,6 +30,7 @@ empty with a note when it does not import. Usage::
     python bench/nf4.py                 # full run on the GPU, writes bench/results/nf4-<device>-<date>.json
     python bench/nf4.py --smoke         # tiny shapes on CPU (Triton interpreter), writes nothing
     python bench/nf4.py --only fwd/nf4_fused/3200x8640/M=1 --iters 200   # one case, for ncu/nsys
+    python bench/nf4.py --sweep-tma --ms 4096   # only the tma kernels' tiles, into nf4-tma-sweep-*.json
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def parse_args():
                    help="also sweep the dequantize launch (blocks per program, warps) on each shape")
     p.add_argument("--sweep-gemv", action="store_true",
                    help="also sweep gemv configs (rows and NF4 blocks per program, warps) at M = 1, 4, 8")
+    p.add_argument("--sweep-tma", action="store_true",
+                   help="only sweep the tma kernels' tile configs (forward and backward, M from --ms, default "
+                        "4096) against cuBLAS on the dequantized weight and dequant + cuBLAS; writes nf4-tma-sweep-*")
     p.add_argument("--shapes", default=None, help="comma list NxK to restrict the shapes, e.g. 3200x8640")
     p.add_argument("--ms", default=None, help="comma list of M values to restrict the sweep")
     p.add_argument("--timing", choices=("eager", "graph"), default="eager",
@@ -101,6 +105,9 @@ def main() -> int:
         print(bnb_note)
 
     graph_timing = args.timing == "graph" and not args.smoke
+    if args.sweep_tma:
+        return sweep_tma(args, shapes, [int(v) for v in args.ms.split(",")] if args.ms else [4096], device,
+                         dtype if cuda else torch.float16)
 
     def bench(fn, m=None, quick=False):
         """Milliseconds per call; ``quick`` (the sweeps) measures for 20 ms instead of 100."""
@@ -364,6 +371,86 @@ def main() -> int:
             print("\ngemv config sweep (best per case vs the default heuristic)\n")
             print(common.markdown_table(extra["sweep_gemv"], ["shape", "M", "default_ms", "best_ms", "best_config"]))
     common.write_results(name, rows + dequant_rows, args, extra=extra)
+    return 0
+
+
+def tma_sweep_configs(nf4_tma) -> dict[str, list]:
+    """The tile configs ``--sweep-tma`` times, the defaults first: rows of x per tile, rows of W per tile
+    (forward) or per reduction step (backward), the K step (forward) or dx columns (backward), stages
+    and group, and the default tiles with exact fp32 scaling."""
+    fwd, bwd = nf4_tma.DEFAULT_FWD, nf4_tma.DEFAULT_BWD
+    r = dataclasses.replace
+    return {
+        "fwd": [fwd, r(fwd, num_stages=4), r(fwd, block_k=128, num_stages=2), r(fwd, block_n=64),
+                r(fwd, block_m=128, num_stages=4), r(fwd, group_m=16), r(fwd, exact=True)],
+        "bwd": [bwd, r(bwd, num_stages=4), r(bwd, block_n=128, num_stages=2), r(bwd, block_k=64),
+                r(bwd, block_m=128, num_stages=4), r(bwd, group_m=16), r(bwd, exact=True)],
+    }
+
+
+def sweep_tma(args, shapes, ms, device, dtype) -> int:
+    """--sweep-tma: each tile config of the tma kernels, its result checked against dequant + cuBLAS first,
+    then timed beside cuBLAS on the dequantized weight and dequant + cuBLAS (do_bench, eager). The JSON
+    is rewritten after every config; a SIGINT (``timeout --signal=INT``) stops starting configs."""
+    import signal
+
+    import torch
+
+    from bezoar_kernels import nf4, nf4_matmul as mm, nf4_tma
+    from bezoar_kernels.dispatch import backend
+
+    stop = []
+    signal.signal(signal.SIGINT, lambda *_: stop.append("SIGINT"))
+    configs = tma_sweep_configs(nf4_tma)
+    if args.smoke:  # tiny tiles the interpreter walks quickly; two configs a direction
+        configs = {k: [dataclasses.replace(c, block_m=32, block_n=32, programs=2) for c in v[:2]]
+                   for k, v in configs.items()}
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for m in ms:
+        for n, k in shapes:
+            if stop:
+                break
+            with backend("triton"):
+                q = nf4.quantize_nf4((torch.randn(n, k, generator=gen, device=device) * 0.02), 64, True)
+            w = nf4.dequantize_nf4_reference(q, dtype)
+            x = torch.randn(m, k, generator=gen, device=device).to(dtype)
+            dy = torch.randn(m, n, generator=gen, device=device).to(dtype)
+            base = {"fwd": (lambda: torch.matmul(x, w.t()), lambda: mm.nf4_dequant_forward(x, q)),
+                    "bwd": (lambda: torch.matmul(dy, w), lambda: mm.nf4_dequant_backward(dy, q))}
+            for kind, grid in configs.items():
+                cublas_ms = common.bench_ms(base[kind][0], smoke=args.smoke)
+                dequant_ms = common.bench_ms(base[kind][1], smoke=args.smoke)
+                ref = base[kind][1]().float()
+                for cfg in grid:
+                    if stop:
+                        break
+                    run = nf4_tma.nf4_tma_forward if kind == "fwd" else nf4_tma.nf4_tma_backward
+                    fn = lambda cfg=cfg, run=run, a=(x if kind == "fwd" else dy): run(a, q, cfg)  # noqa: E731
+                    tiles = (f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} "
+                             f"g{cfg.group_m}" + (" exact" if cfg.exact else ""))
+                    row = {"dir": kind, "shape": f"{n}x{k}", "M": m, "config": tiles, "cublas_ms": cublas_ms,
+                           "dequant_ms": dequant_ms}
+                    try:
+                        # these kernels are new to the GPU they run on: checked before they are timed
+                        err = ((fn().float() - ref).abs().max() / ref.abs().max()).item()
+                        row["max_rel_err"] = err
+                        if not err < 2e-2:
+                            raise ArithmeticError(f"differs from dequant + cuBLAS by {err:.3g} of its largest |value|")
+                        t = common.bench_ms(fn, smoke=args.smoke)
+                        row.update(ms=t, over_cublas=t / cublas_ms, over_dequant=t / dequant_ms)
+                    except Exception as exc:  # a config this device cannot fit, or a wrong result: reported
+                        row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                    rows.append(row)
+                    print(f"{kind} {n}x{k} M={m} {tiles}: "
+                          + (f"{row['ms']:.4f} ms, {row['over_cublas']:.3f}x cuBLAS, {row['over_dequant']:.3f}x "
+                             "dequant + cuBLAS" if "ms" in row else row["error"]), flush=True)
+                    # rewritten after every config: a call cut short keeps what it timed
+                    common.write_results("nf4-tma-sweep", rows, args, extra={"dtype": str(dtype), "complete": False})
+    print()
+    print(common.markdown_table(rows, ["dir", "shape", "M", "ms", "cublas_ms", "dequant_ms", "over_cublas",
+                                       "over_dequant", "config"]))
+    common.write_results("nf4-tma-sweep", rows, args, extra={"dtype": str(dtype), "complete": not stop})
     return 0
 
 

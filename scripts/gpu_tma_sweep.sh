@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # The second device call of the next GPU session, right after scripts/gpu_next.sh while the machine is
-# still warm: the tma path's GEMMs alone (no adapter) at the tile configs of bench/lora.py --sweep-tma,
-# against cuBLAS on the same operands, M = 16384 on the three 3B shapes. It says which tiles make the
-# Triton GEMM fastest on this GPU and how far from cuBLAS it stays. The JSON lands in $OUT.
+# still warm, two tile sweeps on the three 3B shapes, each checked against cuBLAS before it is timed:
+#   1. the NF4 tma kernels (the 4-bit weight decoded inside the K loop) at M = 4096, issue 3's
+#      M >= 4096 target, against cuBLAS on the dequantized weight and dequant + cuBLAS
+#      (bench/nf4.py --sweep-tma);
+#   2. the LoRA tma path's GEMMs alone (no adapter) at M = 16384 against cuBLAS on the same operands
+#      (bench/lora.py --sweep-tma).
+# They say which tiles make each Triton GEMM fastest on this GPU and how far from cuBLAS it stays. The
+# JSON lands in $OUT.
 #
 #   scripts/gpu_tma_sweep.sh             # on the GPU machine: run(command="bash scripts/gpu_tma_sweep.sh", timeout_s=240)
 #   scripts/gpu_tma_sweep.sh --dry-run   # print what would run, run nothing (works anywhere)
@@ -28,5 +33,6 @@ OUT_DIR=${OUT:-/tmp/bezoar-gpu-out}
 [ "$DRY_RUN" = 1 ] || mkdir -p "$OUT_DIR"
 
 install_project  # quick where the first call's install is still there
-# the sweep writes its JSON into $OUT directly; SIGINT at the limit still prints what it timed
-run timeout --signal=INT --kill-after=10 200 "$PYTHON" bench/lora.py --sweep-tma --ms 16384 --out "$OUT_DIR"
+# each sweep writes its JSON into $OUT directly, after every config; SIGINT at the limit keeps what it timed
+run timeout --signal=INT --kill-after=10 100 "$PYTHON" bench/nf4.py --sweep-tma --ms 4096 --out "$OUT_DIR"
+run timeout --signal=INT --kill-after=10 100 "$PYTHON" bench/lora.py --sweep-tma --ms 16384 --out "$OUT_DIR"

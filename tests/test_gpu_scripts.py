@@ -94,9 +94,11 @@ def test_gpu_tma_sweep_dry_run_installs_then_sweeps_into_out():
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stdout.splitlines() if line.startswith("+ ")]
     assert "pip install -q --no-deps --no-build-isolation -e ." in lines[0]
-    limit = int(re.search(r"kill-after=10 (\d+) python3 bench/lora.py --sweep-tma --ms 16384 --out /tmp/bezoar-gpu-out",
-                          lines[1]).group(1))
-    assert limit + 10 <= 230, limit  # a second call of 240 s, right after gpu_next.sh's
+    nf4_limit = int(re.search(r"kill-after=10 (\d+) python3 bench/nf4.py --sweep-tma --ms 4096 --out /tmp/bezoar-gpu-out",
+                              lines[1]).group(1))
+    lora_limit = int(re.search(r"kill-after=10 (\d+) python3 bench/lora.py --sweep-tma --ms 16384 --out /tmp/bezoar-gpu-out",
+                               lines[2]).group(1))
+    assert nf4_limit + lora_limit + 20 <= 230  # a second call of 240 s, right after gpu_next.sh's
     bad = dry_run("gpu_tma_sweep.sh", "--bogus")
     assert bad.returncode == 2 and "unknown argument" in bad.stderr
 

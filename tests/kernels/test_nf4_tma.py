@@ -185,3 +185,23 @@ def test_gpu_bf16_matches_the_model_and_dequant_path(n, k, m):
         _close(T.nf4_tma_backward(dy, weight, bwd), dy.float() @ w, f"backward exact={exact}", 2 ** -7)
     _close(T.nf4_tma_forward(x, weight), mm.nf4_dequant_forward(x, weight), "forward vs dequant", 2e-2)
     _close(T.nf4_tma_backward(dy, weight), mm.nf4_dequant_backward(dy, weight), "backward vs dequant", 2e-2)
+
+
+def test_bench_sweep_tma_smoke():
+    """bench/nf4.py --sweep-tma checks each tile config against dequant + cuBLAS, then times it beside
+    cuBLAS and dequant + cuBLAS, forward and backward (smoke: tiny tiles, fp16 under the interpreter)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, str(root / "bench" / "nf4.py"), "--smoke", "--sweep-tma", "--ms", "17"],
+                          capture_output=True, text=True, env=env, cwd=root, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    timed = re.findall(r"^(fwd|bwd) 96x128 M=17 (\S+) w\d+ s\d+ g\d+: [0-9.]+ ms, [0-9.]+x cuBLAS, [0-9.]+x dequant",
+                       proc.stdout, re.M)
+    assert [d for d, _ in timed] == ["fwd", "fwd", "bwd", "bwd"], proc.stdout[-2000:]
+    assert "| dir | shape | M | ms | cublas_ms | dequant_ms | over_cublas | over_dequant | config |" in proc.stdout
