@@ -89,11 +89,11 @@ def _nf4_tma(kind: str) -> tuple:
              out: _desc("BLOCK_M", "BLOCK_N" if fwd else "BLOCK_K"), "absmax_ptr": "*u8",
              "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "planes_ptr": "*i32", "offset": "fp32"},
             {"BLOCKSIZE": 64, "DOUBLE_QUANT": True, "NESTED": 256, **tiles, "GROUP_M": 8, "ASM": True,
-             "BF16_PAIRS": True}, 8, 3)
+             "BF16_PAIRS": True}, 8, 3, {"enable_fp_fusion": False})  # as nf4_tma launches them
 
 
 # name: (module, kernel, argument types (others: i32 divisible by 16; a callable: a type from the
-# constants), constants, num_warps, num_stages)
+# constants), constants, num_warps, num_stages[, compile options the launcher passes])
 PRESETS = {
     "nf4_gemv": _gemv("byte", "*i64", False),
     # the same with the 16-entry fp32 code table (GemvConfig(table="nibble"))
@@ -214,7 +214,7 @@ def compile_kernel(preset: str, meta: dict, warps: int | None, stages: int | Non
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    module, name, types, constants, default_warps, default_stages = PRESETS[preset]
+    module, name, types, constants, default_warps, default_stages, *launch = PRESETS[preset]
     fn = getattr(importlib.import_module(module), name)
     constants = dict(constants, **meta)
     signature, attrs = {}, {}
@@ -229,7 +229,8 @@ def compile_kernel(preset: str, meta: dict, warps: int | None, stages: int | Non
         if kind.startswith("*") or kind == "i32":  # pointers aligned, sizes and strides divisible by 16
             attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn, signature, constexprs=constants, attrs=attrs)
-    options = dict(num_warps=warps or default_warps, num_stages=stages or default_stages, enable_fp_fusion=True)
+    options = dict(dict(num_warps=warps or default_warps, num_stages=stages or default_stages, enable_fp_fusion=True),
+                   **(launch[0] if launch else {}))
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options), options
 
 
@@ -300,7 +301,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the analysis as one JSON object")
     args = p.parse_args(argv)
     if args.list or not args.preset:
-        for name, (module, kernel, _, constants, warps, stages) in PRESETS.items():
+        for name, (module, kernel, _, constants, warps, stages, *_) in PRESETS.items():
             print(f"{name}: {module}.{kernel} warps={warps} stages={stages} {constants}")
         return 0
     meta = {}

@@ -8,13 +8,15 @@ and decode each tile into registers between the tensor-core steps.
 
 Decoding is issue work, and a decoded tile is only worth its instructions if enough rows of x share
 it. The kernels therefore compute the transposed product: the decoded tile of W is the first operand
-of the warpgroup MMA, straight from registers (sm_90 ``HGMMA`` takes A from registers; B, x or dy,
-comes through TMA into shared memory), and one program covers 256 rows of x, so each decoded weight
-feeds 256 multiply-adds. Because the operand is in registers, the MMA of one step runs while the next
-step's words are decoded (the compiled loop waits for one MMA group behind, not zero). The sm_90 build
-at the default tiles (``bench/sass.py nf4_tma_fwd``): about 300 instructions a warp per K step of
-128 x 64 weights, some 600 issue cycles for 8 warps, against about 1,000 cycles of MMA for the
-256 x 128 x 64 step; the smaller backward step is denser (``nf4_tma_bwd``).
+of the warpgroup MMA, which sm_90's ``HGMMA`` takes from registers (B, x or dy, comes through TMA
+into shared memory), and one program covers 256 rows of x, so each decoded weight feeds 256
+multiply-adds. The decoded values take one trip through shared memory to reach the operand's
+register layout (4 ``STS.128`` and 4 ``LDSM`` a thread per step), but no MMA reads that buffer, so
+the MMA of one step runs while the next step's words are decoded (the compiled loop waits for all but
+one MMA group; with the tile as the second operand, in shared memory, it waited for all of them
+before overwriting it). The sm_90 build at the default tiles (``bench/sass.py nf4_tma_fwd``): 288
+instructions a warp per K step of 128 x 64 weights, some 575 issue cycles for 8 warps, against about
+1,020 cycles of MMA for the 256 x 128 x 64 step; the backward (``nf4_tma_bwd``) 316 for 64 x 128.
 
 The decode is the register one of the gemv kernel (``nf4._nf4_word_bf16_from``: byte permutes over
 the 16 codes rounded to bf16, eight values per int32 word, no table loads), then each value is
@@ -22,20 +24,22 @@ scaled by its block's absmax:
 
 * bf16 x (default): in bf16 pairs, ``HMUL2.BF16`` on the code pair and the absmax rounded to bf16, as
   bitsandbytes' own 4-bit kernels scale in the compute dtype. A weight differs from
-  ``dequantize_nf4(W, bf16)`` (which rounds the fp32 product once) by at most three bf16 roundings,
-  under 0.6%; the products then differ by the usual bf16 noise (tests bound it).
+  ``dequantize_nf4(W, bf16)`` (which rounds the fp32 product once) by three bf16 roundings at most
+  (the code's, up to 0.31%, the absmax's and the product's, 2^-9 each: about 1% in the worst
+  weights); the products then differ by bf16 noise (tests bound both).
 * ``NF4TmaConfig.exact=True`` or fp16 x: the code pair widened to fp32, times the fp32 absmax, rounded
   once to x's dtype: the code's own bf16 rounding (up to 0.31% on the 16 codes) is then the only
   difference from the dequantized weight.
 
-Shapes: K a multiple of the blocksize (every OpenLLaMA projection), N a multiple of 8 (16-byte rows
-of y and dy for their descriptors), x / dy in bf16 or fp16, the packed weight 16-byte aligned;
-``supported`` says whether a weight and dtype qualify, and nf4_matmul falls back to ``dequant`` where
-they do not.
+Shapes and devices: K a multiple of the blocksize (every OpenLLaMA projection), N a multiple of 8
+(16-byte rows of y and dy for their descriptors), x / dy in bf16 or fp16, the packed weight 16-byte
+aligned, an NVIDIA GPU of sm_90 or newer (``mul.rn.bf16x2`` and register-operand warpgroup MMAs), or
+the Triton interpreter with fp16 (its bf16 dot is wrong). ``supported`` says whether a weight and
+dtype qualify, and nf4_matmul falls back to ``dequant`` where they do not.
 
-Not timed yet: ``auto`` takes this path only where ``BEZOAR_NF4_LARGE_M_PATH=tma`` or the device's
-tuning entry (``nf4.large_m_path``, written by bench/tune.py from bench/nf4.py's ``nf4_tma`` column)
-says so.
+Not timed yet: ``auto`` takes this path only from the M that ``BEZOAR_NF4_TMA_MIN_M`` or the device's
+tuning entry (``nf4.tma_min_m``, written by bench/tune.py from bench/nf4.py's ``nf4_tma`` column)
+names.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ import dataclasses
 
 import torch
 
-from bezoar_kernels import persistent
+from bezoar_kernels import dispatch, persistent
 from bezoar_kernels.launch import cdiv, launch_fitting
 from bezoar_kernels.nf4 import (NESTED_BLOCKSIZE, NF4Weight, decode_absmax, nf4_code, nf4_code_planes,
                                register_decode_asm)
@@ -83,12 +87,31 @@ class NF4TmaConfig:
 DEFAULT_FWD = NF4TmaConfig(256, 128, 64)
 DEFAULT_BWD = NF4TmaConfig(256, 64, 128)
 
+def _device_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the kernels cannot run on ``device`` with ``dtype``, or None."""
+    if device.type == "cuda":
+        if torch.version.hip is not None:
+            return "the tma kernels need an NVIDIA GPU (PTX decode and bf16x2 multiplies)"
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 9:
+            return (f"the tma kernels need sm_90 or newer (register-operand warpgroup MMAs, mul.rn.bf16x2); "
+                    f"this GPU is sm_{major}{minor}")
+    elif not dispatch.interpreting():
+        return f"the tma kernels run on NVIDIA GPUs or under the Triton interpreter, not on {device.type}"
+    elif dtype == torch.bfloat16:
+        return "the Triton interpreter's bf16 dot is wrong: under it the tma kernels take fp16 only"
+    return None
+
+
 def unsupported_reason(weight: NF4Weight, dtype: torch.dtype) -> str | None:
     """Why the ``tma`` kernels cannot take this weight with activations of ``dtype``, or None if they can."""
     if not available():
         return "this Triton has no tensor descriptors (triton.tools.tensor_descriptor)"
     if dtype not in (torch.bfloat16, torch.float16):
         return f"activations are {dtype}; the tma kernels take bf16 or fp16"
+    reason = _device_reason(weight.packed.device, dtype)
+    if reason is not None:
+        return reason
     if len(weight.shape) != 2:
         return f"the weight has shape {weight.shape}; expected 2-D"
     n, k = weight.shape
@@ -271,6 +294,9 @@ def _product(a: torch.Tensor, weight: NF4Weight, cfg: NF4TmaConfig, forward: boo
         BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=double, NESTED=NESTED_BLOCKSIZE, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, ASM=register_decode_asm(a.device),
         BF16_PAIRS=a.dtype == torch.bfloat16 and not cfg.exact, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        # the double-quant absmax is code * scale, then + offset: two roundings, as bitsandbytes and
+        # decode_absmax make them, not one fused multiply-add
+        enable_fp_fusion=False,
     ))
     return out
 
