@@ -254,3 +254,40 @@ def test_bench_sweep_tma_smoke():
                        proc.stdout, re.M)
     assert [d for d, _ in timed] == ["fwd", "fwd", "bwd", "bwd"], proc.stdout[-2000:]
     assert "| dir | shape | M | ms | cublas_ms | dequant_ms | over_cublas | over_dequant | config |" in proc.stdout
+
+
+def test_tiny_model_runs_its_nf4_projections_on_tma(tiny_dir, monkeypatch):
+    """The tiny NF4 model in fp16 with BEZOAR_NF4_TMA_MIN_M=1 (what a tuning entry would set): the
+    projections without an adapter run the tma kernels forward and backward, and logits and the LoRA
+    gradients equal the torch backend's (fp16 tolerances)."""
+    from bezoar.model import load
+    from bezoar.model.lora import LoraConfig, apply_lora, lora_parameters
+    from tests.utils import assert_close
+
+    monkeypatch.setenv("BEZOAR_NF4_TMA_MIN_M", "1")
+    monkeypatch.setenv("BEZOAR_NF4_GEMV_MAX_M", "0")
+    monkeypatch.setenv("BEZOAR_NF4_FUSED_MAX_M", "0")
+    calls = []
+    real_fwd, real_bwd = T.nf4_tma_forward, T.nf4_tma_backward
+    monkeypatch.setattr(T, "nf4_tma_forward", lambda *a: calls.append("fwd") or real_fwd(*a))
+    monkeypatch.setattr(T, "nf4_tma_backward", lambda *a: calls.append("bwd") or real_bwd(*a))
+    model = load(tiny_dir, quant="nf4", device="cpu", dtype=torch.float16, nf4_compute_dtype=torch.float16)
+    apply_lora(model, LoraConfig(r=8, alpha=16, dropout=0.0, targets=["q_proj"]))
+    with torch.no_grad():
+        for i, p in enumerate(lora_parameters(model)):
+            p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(5))
+    results = {}
+    for name in ("torch", "triton"):
+        model.zero_grad(set_to_none=True)
+        with backend(name):
+            logits = model(ids)
+            logits.float().square().sum().backward()  # a sum: fp16 gradients well above fp16's subnormals
+        results[name] = (logits.detach().float(),
+                         {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad})
+    assert calls.count("fwd") >= 6 and calls.count("bwd") >= 6, calls  # k, v, o, gate, up, down per layer
+    (lt, gt), (lr, gr) = results["triton"], results["torch"]
+    assert_close(lt, lr, 1e-2, 1e-2, name="logits")  # the two backends in fp16: 1.2e-3 apart at most here
+    for n in gt:
+        # 0.25-0.45% of the largest gradient apart here
+        assert_close(gt[n], gr[n], 2e-2 * gr[n].abs().max().item(), 2e-2, name=f"grad {n}")
