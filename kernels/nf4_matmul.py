@@ -1,6 +1,6 @@
 """``y = x @ dequant(W).T`` and its input gradient for a frozen NF4 weight W (N, K).
 
-Forward ``y = x @ W.T`` (M, N); backward ``dx = dy @ W`` (M, K). W is frozen: no dW. Three
+Forward ``y = x @ W.T`` (M, N); backward ``dx = dy @ W`` (M, K). W is frozen: no dW. Four
 paths, chosen by M (rows of x after flattening leading dims):
 
 * ``gemv`` (M <= 8, forward only: decoding at batch 1 to 8): each program loads its whole tile at
@@ -22,6 +22,9 @@ paths, chosen by M (rows of x after flattening leading dims):
   into one buffer per (device, dtype) that every layer reuses, then cuBLAS multiplies. At large
   M the matmul is compute-bound and cuBLAS is hard to beat; the dequantization costs one pass
   over W per call. The backward dequantizes again (the buffer belongs to the next layer by then).
+* ``tma`` (large M, sm_90): ``bezoar_kernels.nf4_tma``, persistent TMA GEMMs that decode the packed
+  weight in registers inside the K loop, 256 rows of x per decoded tile, so there is no dequantize
+  pass. Off in ``auto`` (``TMA_MIN_M = 0``) until bench/nf4.py has timed it against dequant.
 
 ``GEMV_MAX_M`` and ``FUSED_MAX_M`` are the largest M that ``auto`` sends to those kernels where neither
 the environment (``BEZOAR_NF4_GEMV_MAX_M``, ``BEZOAR_NF4_FUSED_MAX_M``) nor a tuning file entry for the
