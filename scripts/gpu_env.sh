@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Shared by scripts/gpu_bench.sh and scripts/gpu_check.sh (sourced, not run): set up the project on a
+# Shared by the scripts/gpu_*.sh scripts (sourced, not run): set up the project on a
 # lent GPU machine, which has torch, triton, transformers and peft but reaches no package registry.
 #
 # - wheels carried in .whl/ (scripts/fetch_gpu_wheels.sh puts bitsandbytes there) are installed into
@@ -17,6 +17,23 @@ LINK_DIR=${LINK_DIR:-/tmp/bezoar-import-path}
 # Print a script's help: its comment block after the first line, up to the first line of code.
 print_help() {
   awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$1"
+}
+
+# For scripts whose only options are --dry-run and --help: parse_dry_run_only SCRIPT "$@" sets DRY_RUN
+# (and exports it), prints the help, or refuses anything else with exit status 2.
+parse_dry_run_only() {
+  local script=$1
+  shift
+  DRY_RUN=0
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --dry-run) DRY_RUN=1 ;;
+      -h|--help) print_help "$script"; exit 0 ;;
+      *) echo "scripts/$(basename "$script"): unknown argument '$1' (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+  done
+  export DRY_RUN
 }
 
 log() {

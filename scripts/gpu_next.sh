@@ -39,16 +39,8 @@ cd "$ROOT" || exit 1
 # shellcheck source=SCRIPTDIR/gpu_env.sh
 source "$HERE/gpu_env.sh"
 
-DRY_RUN=0
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --dry-run) DRY_RUN=1 ;;
-    -h|--help) print_help "${BASH_SOURCE[0]}"; exit 0 ;;
-    *) echo "scripts/gpu_next.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
-  esac
-  shift
-done
-export DRY_RUN PYTHONUNBUFFERED=1
+parse_dry_run_only "${BASH_SOURCE[0]}" "$@"
+export PYTHONUNBUFFERED=1
 OUT_DIR=${OUT:-/tmp/bezoar-gpu-out}
 STAMP=/tmp/bezoar-gpu-next.start
 [ "$DRY_RUN" = 1 ] || { mkdir -p "$OUT_DIR"; touch "$STAMP"; }

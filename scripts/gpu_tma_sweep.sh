@@ -19,16 +19,8 @@ cd "$ROOT" || exit 1
 # shellcheck source=SCRIPTDIR/gpu_env.sh
 source "$HERE/gpu_env.sh"
 
-DRY_RUN=0
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --dry-run) DRY_RUN=1 ;;
-    -h|--help) print_help "${BASH_SOURCE[0]}"; exit 0 ;;
-    *) echo "scripts/gpu_tma_sweep.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
-  esac
-  shift
-done
-export DRY_RUN PYTHONUNBUFFERED=1
+parse_dry_run_only "${BASH_SOURCE[0]}" "$@"
+export PYTHONUNBUFFERED=1
 OUT_DIR=${OUT:-/tmp/bezoar-gpu-out}
 [ "$DRY_RUN" = 1 ] || mkdir -p "$OUT_DIR"
 

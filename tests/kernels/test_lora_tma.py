@@ -27,6 +27,15 @@ def _linear(weight, dropout, seed, fwd=FWD, bwd=BWD):
     return fn
 
 
+def _qkv(weights, dropout, seeds):
+    """The fused q/k/v op on the tma path (the small test tiles on Triton) as a _run function."""
+    def fn(xx, ads):
+        if L.dispatch.use_triton(xx):
+            return L.lora_qkv_triton(xx, weights, ads, dropout, True, seeds, "tma", FWD, BWD)
+        return L.lora_qkv(xx, weights, ads, dropout, True, seeds, "tma")
+    return fn
+
+
 # (M, N, K, r): rows of 16 bytes in fp32 and fp16 (K, N multiples of 8), M not a multiple of any tile,
 # N and K not multiples of the 32-wide tiles (the descriptors' zero fill and clipped stores), r 1 to 16
 SHAPES = [(1, 40, 64, 1), (37, 72, 128, 8), (70, 48, 192, 16)]
@@ -81,10 +90,7 @@ def test_tma_qkv_matches_reference(dtype):
     apart = [t.clone() for t in joined.split(list(ns), dim=-1)]
     adjacent = list(joined.split(list(ns), dim=-1))
 
-    def fn(xx, ads):
-        if L.dispatch.use_triton(xx):
-            return L.lora_qkv_triton(xx, weights, ads, 0.2, True, (11, 12, 13), "tma", FWD, BWD)
-        return L.lora_qkv(xx, weights, ads, 0.2, True, (11, 12, 13), "tma")
+    fn = _qkv(weights, 0.2, (11, 12, 13))
 
     want = _run(fn, x, adapters, apart)
     with backend("triton"):
@@ -178,10 +184,7 @@ def test_tma_qkv_at_rank_64_matches_reference(dtype):
     x = torch.randn(m, k, generator=_gen(4)).to(dtype)
     dys = [torch.randn(m, n, generator=_gen(5 + j)).to(dtype) for j, n in enumerate(ns)]
 
-    def fn(xx, ads):
-        if L.dispatch.use_triton(xx):
-            return L.lora_qkv_triton(xx, weights, ads, 0.1, True, (3, 4, 5), "tma", FWD, BWD)
-        return L.lora_qkv(xx, weights, ads, 0.1, True, (3, 4, 5), "tma")
+    fn = _qkv(weights, 0.1, (3, 4, 5))
 
     want = _run(fn, x, adapters, dys)
     with backend("triton"):
