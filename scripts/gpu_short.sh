@@ -12,7 +12,14 @@
 #   4. bench/nf4.py in graph timing at M = 1, 4, 16 with the gemv sweep: issue 3's M <= 16 target;
 #   5. the whole GPU test suite for what time is left.
 #
+# Parts by name (--parts, comma-separated, in the order given): nf4_tma_sweep, tma_tests, lora, nf4_gemv,
+# gpu_tests (the five above, the default), and two for a second, short call: small_tests (the GPU tests
+# of the NF4 matmul and of the LoRA paths, e.g. after a fix) and nf4_small (bench/nf4.py in graph timing
+# at M = 1, 4, 16 without the sweep: what auto runs with the committed tuning file), and decode
+# (bench/generate.py --breakdown 32: a 3B decode step at batch 1, GPU time per kernel, no peer).
+#
 #   scripts/gpu_short.sh             # on the GPU machine: run(command="bash scripts/gpu_short.sh", carry=[".whl"], timeout_s=590)
+#   scripts/gpu_short.sh --parts small_tests,nf4_small,decode   # a second call of about 5 minutes
 #   scripts/gpu_short.sh --dry-run   # print what would run, run nothing (works anywhere)
 set -uo pipefail
 
@@ -22,7 +29,26 @@ cd "$ROOT" || exit 1
 # shellcheck source=SCRIPTDIR/gpu_env.sh
 source "$HERE/gpu_env.sh"
 
-parse_dry_run_only "${BASH_SOURCE[0]}" "$@"
+ALL_PARTS=(nf4_tma_sweep tma_tests lora nf4_gemv gpu_tests small_tests nf4_small decode)
+PARTS=nf4_tma_sweep,tma_tests,lora,nf4_gemv,gpu_tests
+DRY_RUN=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY_RUN=1 ;;
+    --parts) PARTS=${2:-}; shift ;;
+    -h|--help) print_help "${BASH_SOURCE[0]}"; exit 0 ;;
+    *) echo "scripts/gpu_short.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+export DRY_RUN
+IFS=, read -r -a WANTED <<<"$PARTS"
+for name in "${WANTED[@]}"; do
+  case " ${ALL_PARTS[*]} " in
+    *" $name "*) ;;
+    *) echo "scripts/gpu_short.sh: no part '$name' (parts: ${ALL_PARTS[*]})" >&2; exit 2 ;;
+  esac
+done
 export PYTHONUNBUFFERED=1
 OUT_DIR=${OUT:-/tmp/bezoar-gpu-out}
 START=$(date +%s)
@@ -56,13 +82,24 @@ else
 fi
 [ -d "$SITE_DIR" ] && prepend_pythonpath "$SITE_DIR"
 
-part nf4_tma_sweep 110 "$PYTHON" bench/nf4.py --sweep-tma --ms 4096 --out "$OUT_DIR"
-part tma_tests 75 env -u TRITON_INTERPRET "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider -rfE \
-  tests/kernels/test_nf4_tma.py tests/kernels/test_lora_tma.py
-part lora 125 "$PYTHON" bench/lora.py --paths cublas,concat,tma --ranks 16,64 --ms 16384,4096 --no-groups \
-  --budget 105 --out "$OUT_DIR"
-part nf4_gemv 110 "$PYTHON" bench/nf4.py --timing graph --ms 1,4,16 --sweep-gemv --out "$OUT_DIR"
-part gpu_tests 120 env GPU_TEST_LIMIT=100 bash scripts/gpu_check.sh --gpu-only
+run_part() {
+  case "$1" in
+    nf4_tma_sweep) part nf4_tma_sweep 110 "$PYTHON" bench/nf4.py --sweep-tma --ms 4096 --out "$OUT_DIR" ;;
+    tma_tests) part tma_tests 75 env -u TRITON_INTERPRET "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider -rfE \
+      tests/kernels/test_nf4_tma.py tests/kernels/test_lora_tma.py ;;
+    lora) part lora 125 "$PYTHON" bench/lora.py --paths cublas,concat,tma --ranks 16,64 --ms 16384,4096 --no-groups \
+      --budget 105 --out "$OUT_DIR" ;;
+    nf4_gemv) part nf4_gemv 110 "$PYTHON" bench/nf4.py --timing graph --ms 1,4,16 --sweep-gemv --out "$OUT_DIR" ;;
+    gpu_tests) part gpu_tests 120 env GPU_TEST_LIMIT=100 bash scripts/gpu_check.sh --gpu-only ;;
+    small_tests) part small_tests 90 env -u TRITON_INTERPRET "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider -rfE \
+      -n 8 tests/kernels/test_nf4_matmul.py tests/kernels/test_lora.py tests/kernels/test_lora_tma.py ;;
+    nf4_small) part nf4_small 70 "$PYTHON" bench/nf4.py --timing graph --ms 1,4,16 --out "$OUT_DIR" ;;
+    decode) part decode 110 "$PYTHON" bench/generate.py --breakdown 32 --out "$OUT_DIR" ;;
+  esac
+}
+for name in "${WANTED[@]}"; do
+  run_part "$name"
+done
 
 if [ "$DRY_RUN" = 1 ]; then
   log "would pack $OUT_DIR into gpu-short.tar.gz if it holds more than 8 files"
