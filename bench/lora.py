@@ -602,7 +602,7 @@ def main() -> int:
     # checked for it, so that one run says what the tuned default gives
     picked = (tune.large_m_path(graph_rows) if graph_rows else None) or tune.large_m_path(rows)
     tuned_path = picked[0] if picked and p_drop > 0 else None
-    above = max(mm.gemv_max_m(device), mm.fused_max_m(device))  # where auto takes the large-M path
+    above = max(mm.gemv_max_m(device), L.fused_max_m(device))  # where auto takes the large-M path
     for row in rows + graph_rows:
         t = tune.lora_auto_time(row, tuned_path, above) if tuned_path else None
         row["lora_tuned"] = t
@@ -629,7 +629,7 @@ def main() -> int:
 
     # without dropout ("auto" is then the merged path) the results go to their own file
     common.write_results("lora" if p_drop > 0 else "lora-no-dropout", rows + qkv_rows + norm_rows, args, extra={
-        "dtype": str(dtype), "dropout": p_drop, "large_m_path": L.large_m_path(device), "fused_max_m": mm.fused_max_m(device),
+        "dtype": str(dtype), "dropout": p_drop, "large_m_path": L.large_m_path(device), "fused_max_m": L.fused_max_m(device),
         "tuning": tuning.summary(device), "norm_lora_programs": os.environ.get("BEZOAR_NORM_LORA_PROGRAMS") or "default",
         "targets": targets, "sweep": sweep_rows, "bnb_note": bnb_note, "norm_notes": norm_notes,
         "skipped": skipped, "skip_note": skip_note,

@@ -174,12 +174,13 @@ def main() -> int:
             add(f"fwd/nf4_fused/{tag}/M={m}", lambda x=x, nq=next_q: mm.nf4_fused_forward(x, nq()),
                 kind="fwd", peer="nf4_fused", **key)
             if dtype == torch.bfloat16 and m <= 64 and k % q.blocksize == 0:
-                # the fused forward with its codes decoded in registers instead of gathered from a table
-                prmt = dataclasses.replace(mm.default_fused_config("forward", m, n, k, q.blocksize, device),
-                                           decode="prmt")
-                add(f"fwd/nf4_fused_prmt/{tag}/M={m}",
-                    lambda x=x, nq=next_q, cfg=prmt: mm.nf4_fused_forward(x, nq(), cfg),
-                    kind="fwd", peer="nf4_fused_prmt", **key)
+                # the fused forward with its codes gathered from a table, as before the register decode
+                # (its default here since 2026-11-27; files before that have nf4_fused_prmt instead)
+                table = dataclasses.replace(mm.default_fused_config("forward", m, n, k, q.blocksize, device),
+                                            decode="table")
+                add(f"fwd/nf4_fused_table/{tag}/M={m}",
+                    lambda x=x, nq=next_q, cfg=table: mm.nf4_fused_forward(x, nq(), cfg),
+                    kind="fwd", peer="nf4_fused_table", **key)
             add(f"fwd/nf4_dequant/{tag}/M={m}", lambda x=x, nq=next_q: mm.nf4_dequant_forward(x, nq()),
                 kind="fwd", peer="nf4_dequant", **key)
             add(f"fwd/nf4_auto/{tag}/M={m}", lambda x=x, nq=next_q: mm.nf4_matmul_triton(x, nq()),
@@ -254,7 +255,7 @@ def main() -> int:
                 dequant_rows.append({"shape": tag, "impl": impl, "ms": times[name], "GB/s": gbs,
                                      "of_copy_bw": gbs / copy_gbs, "same_size_copy_GB/s": same_gbs,
                                      "of_same_size_copy": gbs / same_gbs if same_gbs else None})
-    peers = {"fwd": ["cublas", "nf4_gemv", "nf4_fused", "nf4_fused_prmt", "nf4_dequant", "nf4_tma", "nf4_auto",
+    peers = {"fwd": ["cublas", "nf4_gemv", "nf4_fused", "nf4_fused_table", "nf4_dequant", "nf4_tma", "nf4_auto",
                      "bnb_dequant_linear", "bnb_matmul_4bit"],
              "bwd": ["cublas", "nf4_fused", "nf4_dequant", "nf4_tma", "nf4_auto", "bnb"]}
     for kind in ("fwd", "bwd"):

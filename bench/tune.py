@@ -4,11 +4,13 @@ Reads the JSON that ``bench/nf4.py`` (eager or ``--timing graph``) and ``bench/l
 for each file's device the settings that ``bezoar_kernels.tuning`` looks up, and writes them into a
 tuning file (the shipped ``kernels/tuning.json`` by default). What each setting is taken from:
 
-* ``nf4.fused_max_m``: the largest measured M up to which the fused kernel beats dequantize + cuBLAS on
-  every shape, forward and backward (0 where it loses at M = 1; not set where it loses at a smallest
-  measured M above 1, or where no row has both times);
+* ``nf4.fused_max_m``: the largest measured M up to which the fused forward (its register decode where
+  the file timed it) beats dequantize + cuBLAS on every shape (0 where it loses at M = 1; not set where
+  it loses at a smallest measured M above 1, or where no row has both times); forward only, since the
+  backward of an ``auto`` forward never runs fused;
 * ``nf4.gemv_max_m``: likewise for the gemv kernel against what ``auto`` would run instead (fused up to
-  that fused threshold, dequantize + cuBLAS above it); not set where no row has a gemv time;
+  that fused threshold, dequantize + cuBLAS above it), with the gemv's times at the tiles this file's
+  ``--sweep-gemv`` chooses where it timed them; not set where no row has a gemv time;
 * ``nf4.tma_min_m``: the smallest measured M from which the ``tma`` kernels (the weight decoded inside
   the K loop) beat dequantize + cuBLAS on every shape, forward and backward, at that M and every larger
   one measured (0 where they lose at the largest M; not set where no row has a tma time);
@@ -70,15 +72,23 @@ def _up_to(ms: list[int], wins) -> int | None:
     return best
 
 
+def fused_fwd_time(row: dict) -> float | None:
+    """The time of the fused forward ``auto`` runs: its register decode ("prmt"), the default for bf16 since
+    2026-11-27; files from before that timed it beside the table decode as ``nf4_fused_prmt``."""
+    prmt = row.get("nf4_fused_prmt")
+    return prmt if prmt is not None else row.get("nf4_fused")
+
+
 def fused_fastest_up_to(rows: list[dict]) -> int | None:
-    """The largest measured M up to which the fused kernel beats dequantize + cuBLAS on every shape in
-    both directions (see ``_up_to``), or None when no row has both times."""
-    both = [r for r in rows if r.get("dir") in ("fwd", "bwd") and r.get("nf4_fused") is not None
+    """The largest measured M up to which the fused forward beats dequantize + cuBLAS on every shape (see
+    ``_up_to``), or None when no forward row has both times. Forward only: the backward of an ``auto``
+    forward never runs the fused kernel (``nf4_matmul``'s Directions)."""
+    both = [r for r in rows if r.get("dir") == "fwd" and fused_fwd_time(r) is not None
             and r.get("nf4_dequant") is not None]
     if not both:
         return None
     return _up_to(sorted({r["M"] for r in both}),
-                  lambda m: all(r["nf4_fused"] < r["nf4_dequant"] for r in both if r["M"] == m))
+                  lambda m: all(fused_fwd_time(r) < r["nf4_dequant"] for r in both if r["M"] == m))
 
 
 def gemv_fastest_up_to(rows: list[dict]) -> int | None:
@@ -92,7 +102,7 @@ def gemv_fastest_up_to(rows: list[dict]) -> int | None:
 
     def wins(m):
         for r in (r for r in fwd if r["M"] == m):
-            instead = r.get("nf4_fused") if m <= fused_max else r.get("nf4_dequant")
+            instead = fused_fwd_time(r) if m <= fused_max else r.get("nf4_dequant")
             if r.get("nf4_gemv") is None or (instead is not None and instead < r["nf4_gemv"]):
                 return False
         return True
@@ -100,16 +110,37 @@ def gemv_fastest_up_to(rows: list[dict]) -> int | None:
     return _up_to(sorted({r["M"] for r in fwd}), wins)
 
 
+def with_tuned_gemv(rows: list[dict], sweep: list[dict], tiles: dict) -> list[dict]:
+    """``rows`` with each forward row's ``nf4_gemv`` replaced by the time ``--sweep-gemv`` measured for the
+    tiles chosen at its M (``tiles``: M as a string -> config, as ``nf4.gemv_tiles`` holds them), where the
+    sweep timed that config at the row's shape and M; the rows' own gemv times ran the heuristic's tiles."""
+    timed = {}
+    for r in sweep:
+        cfg = tiles.get(str(r.get("M")))
+        if not cfg:
+            continue
+        for g in r.get("grid") or []:
+            if all(g["config"].get(key, "byte" if key == "table" else None) == cfg.get(key, "byte" if key == "table" else None)
+                   for key in ("block_n", "blocks", "num_warps", "table")):
+                timed[(r["shape"], r["M"])] = g["ms"]
+                break
+    out = []
+    for r in rows:
+        if r.get("dir") == "fwd" and (r["shape"], r["M"]) in timed:
+            r = dict(r, nf4_gemv=timed[(r["shape"], r["M"])])
+        out.append(r)
+    return out
+
+
 def nf4_auto_time(row: dict, gemv_runs: bool, gemv_max: int, fused_max: int, tma_min: int = 0) -> float | None:
     """The time of what ``auto`` runs for one nf4.py row under these thresholds. ``gemv_runs``: whether the
     forward at the row's shape and M takes gemv (then the backward runs dequant, as ``NF4MatmulFunction``
-    does: gemv has no backward). From ``tma_min`` (0: never) the tma kernels, where the row timed them."""
+    does: gemv has no backward; nor does the backward of a fused forward run fused). From ``tma_min`` (0:
+    never) the tma kernels, where the row timed them."""
     if row["dir"] == "fwd" and gemv_runs:
         return row.get("nf4_gemv")
-    if row["dir"] == "bwd" and gemv_runs:
-        return row.get("nf4_dequant")
-    if row["M"] <= fused_max:
-        return row.get("nf4_fused")
+    if row["dir"] == "fwd" and row["M"] <= fused_max:
+        return fused_fwd_time(row)
     if 0 < tma_min <= row["M"] and row.get("nf4_tma") is not None:
         return row["nf4_tma"]
     return row.get("nf4_dequant")
@@ -221,6 +252,20 @@ def derive(result: dict, min_gain: float = 0.03) -> dict[str, tuple[object, str]
     if bench in ("nf4", "nf4-graph"):
         rows = result.get("rows", [])
         smallest = min((r["M"] for r in rows if "M" in r), default=None)
+        # tiles: a config per swept M, or None where the sweep found none better than the heuristic
+        tiles = {}
+        for m in sorted({r["M"] for r in result.get("sweep_gemv") or [] if "M" in r}):
+            best = _best_config([r for r in result["sweep_gemv"] if r.get("M") == m], min_gain,
+                                ("block_n", "blocks", "num_warps", "table"), {"table": "byte"})
+            if best:
+                tiles[str(m)] = best
+        if tiles:
+            out["nf4.gemv_tiles"] = ({m: cfg for m, (cfg, _) in tiles.items()},
+                                     "; ".join(f"M = {m}: {why}" for m, (_, why) in tiles.items()))
+        # the gemv threshold with the gemv's times at the tiles just chosen, where the sweep timed them
+        chosen = {m: cfg for m, (cfg, _) in tiles.items() if cfg}
+        if chosen:
+            rows = with_tuned_gemv(rows, result["sweep_gemv"], chosen)
         gemv = gemv_fastest_up_to(rows)
         if gemv is not None:
             out["nf4.gemv_max_m"] = (gemv, f"gemv faster than what auto runs instead on every shape up to M = {gemv}"
@@ -233,16 +278,6 @@ def derive(result: dict, min_gain: float = 0.03) -> dict[str, tuple[object, str]
         if fused is not None:
             out["nf4.fused_max_m"] = (fused, f"fused beats dequant + cuBLAS on every shape up to M = {fused}" if fused
                                       else f"dequant + cuBLAS beats fused at M = {smallest} on some shape")
-        # tiles: a config per swept M, or None where the sweep found none better than the heuristic
-        tiles = {}
-        for m in sorted({r["M"] for r in result.get("sweep_gemv") or [] if "M" in r}):
-            best = _best_config([r for r in result["sweep_gemv"] if r.get("M") == m], min_gain,
-                                ("block_n", "blocks", "num_warps", "table"), {"table": "byte"})
-            if best:
-                tiles[str(m)] = best
-        if tiles:
-            out["nf4.gemv_tiles"] = ({m: cfg for m, (cfg, _) in tiles.items()},
-                                     "; ".join(f"M = {m}: {why}" for m, (_, why) in tiles.items()))
         best = _best_config(result.get("sweep_dequant") or [], min_gain, ("values_per_prog", "num_warps"))
         if best:
             out["nf4.dequant_launch"] = best

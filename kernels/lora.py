@@ -143,7 +143,7 @@ from bezoar_kernels.nf4 import (
     nf4_byte_table,
     nf4_code,
 )
-from bezoar_kernels.nf4_matmul import fused_max_m, gemv_max_m, gemv_supported, nf4_gemv_forward
+from bezoar_kernels.nf4_matmul import _threshold, gemv_max_m, gemv_supported, nf4_gemv_forward
 
 try:
     import triton
@@ -162,6 +162,12 @@ PATHS = ("auto", "fused", "dequant", "cublas", "concat", "gemv", "merged", "tma"
 # 1.264x and 1.301x): the H100's tuning entry takes concat; this default for GPUs without one stays
 # cublas until concat has been timed on a second GPU model.
 LARGE_M_PATH = "cublas"
+# Largest M that "auto" sends to the fused NF4 + LoRA kernels; env BEZOAR_LORA_FUSED_MAX_M, tuning key
+# lora.fused_max_m. 0: never. Until 2026-11-27 this followed nf4.fused_max_m, which has been 0 on every
+# GPU measured (the table-decode fused kernels lost to dequant + cuBLAS at every M on an H100); that key
+# now measures the NF4 forward's register decode, so this one stands apart until bench/lora.py times
+# these kernels at small M.
+FUSED_MAX_M = 0
 MAX_KERNEL_RANK = 256  # larger ranks run the torch reference (register tiles of r columns)
 _GENERAL_CHUNK = 64  # K chunk of the NF4 decode when K is not a multiple of the blocksize
 _DROP_BITS = 16  # each element's 16 bits of its pair's hash are compared with p * 2**16
@@ -269,6 +275,14 @@ def _check(x: torch.Tensor, weights: Sequence, adapters: Sequence[Adapter] | Non
         raise ValueError(f"{what}: the fused projections need one rank, got {sorted(ranks)}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{what}: dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def fused_max_m(device=None) -> int:
+    """The largest M that "auto" sends to the fused NF4 + LoRA kernels: ``BEZOAR_LORA_FUSED_MAX_M``, else
+    the tuning file's ``lora.fused_max_m`` for ``device``, else ``FUSED_MAX_M``. Its own setting, not the
+    NF4 matmul's ``nf4.fused_max_m``: that one is measured on the forward alone with the register decode,
+    which these kernels (a table decode, and a fused backward) do not share."""
+    return _threshold("BEZOAR_LORA_FUSED_MAX_M", "lora.fused_max_m", device, FUSED_MAX_M)
 
 
 def large_m_path(device=None) -> str:

@@ -24,7 +24,13 @@ paths, chosen by M (rows of x after flattening leading dims):
   over W per call. The backward dequantizes again (the buffer belongs to the next layer by then).
 * ``tma`` (large M, sm_90): ``bezoar_kernels.nf4_tma``, persistent TMA GEMMs that decode the packed
   weight in registers inside the K loop, 256 rows of x per decoded tile, so there is no dequantize
-  pass. Off in ``auto`` (``TMA_MIN_M = 0``) until bench/nf4.py has timed it against dequant.
+  pass. Off in ``auto`` (``TMA_MIN_M = 0``): on an H100 at M = 4096 they took 1.4 to 2.4 times
+  cuBLAS's time, against 1.04 to 1.10 for dequant + cuBLAS (bench/README.md).
+
+Directions: ``auto`` picks the forward's path by M; the backward of an ``auto`` forward runs dequant
+where the forward ran gemv (no backward kernel) or fused (the fused backward was 6 to 14 times slower
+than dequant + cuBLAS at M <= 16 on an H100), and tma where the forward ran tma. An explicit path is
+kept in both directions.
 
 ``GEMV_MAX_M`` and ``FUSED_MAX_M`` are the largest M that ``auto`` sends to those kernels where neither
 the environment (``BEZOAR_NF4_GEMV_MAX_M``, ``BEZOAR_NF4_FUSED_MAX_M``) nor a tuning file entry for the
@@ -33,7 +39,10 @@ writes it into the tuning file. On the H100 it was first measured on, the fused 
 (5 to 11 times slower than dequant + cuBLAS at M <= 16). Its compiled loop explained it: the code-table
 gathers of every element went through cp.async into shared memory, with layout conversions for the
 tensor-core operands. So the fused default is 0, and the gemv kernel was written; its default is 1
-(fastest at M = 1 on an H200), and the kernels rewritten since await their timing.
+(fastest at M = 1 on an H200). Since then the fused forward decodes bf16 codes in registers
+(``FusedConfig.decode = "prmt"``, its default where x is bf16 and K a multiple of the blocksize): on
+an H100 that halved its time at M <= 16 and beat dequant + cuBLAS up to M = 4 on every 3B shape, which
+the H100's tuning entry now says (``nf4.fused_max_m``, forward only: see Directions).
 
 How the fused kernel decodes: K is processed in chunks. When K is a multiple of the NF4
 blocksize (the real model shapes), a chunk is one absmax block per row: the row's chunk is
@@ -138,20 +147,22 @@ def tma_min_m(device=None) -> int:
     return _threshold("BEZOAR_NF4_TMA_MIN_M", "nf4.tma_min_m", device, TMA_MIN_M)
 
 
-def resolve_path(path: str | None, m: int, weight: NF4Weight | None = None) -> str:
+def resolve_path(path: str | None, m: int, weight: NF4Weight | None = None, backward: bool = False) -> str:
     """The path for M rows: an explicit one as given; ``auto`` takes gemv for M <= gemv_max_m() (where
     the weight fits it), then fused for M <= fused_max_m(), then tma from tma_min_m() (when that is not
-    0), else dequant (thresholds for W's device). Where tma came from auto and the weight or the
-    activations' dtype do not fit the tma kernels, the matmul runs dequant instead."""
+    0), else dequant (thresholds for W's device). ``backward``: the path of dx = dy @ W, where ``auto``
+    takes neither gemv (it has no backward) nor fused (see the module's Directions). Where tma came from
+    auto and the weight or the activations' dtype do not fit the tma kernels, the matmul runs dequant."""
     path = path or "auto"
     if path not in PATHS:
         raise ValueError(f"nf4_matmul path {path!r}: expected one of {', '.join(PATHS)}")
     if path == "auto":
         device = weight.device if weight is not None else None
-        if m <= gemv_max_m(device) and (weight is None or gemv_supported(m, weight)):
-            return "gemv"
-        if m <= fused_max_m(device):
-            return "fused"
+        if not backward:
+            if m <= gemv_max_m(device) and (weight is None or gemv_supported(m, weight)):
+                return "gemv"
+            if m <= fused_max_m(device):
+                return "fused"
         tma_from = tma_min_m(device)
         return "tma" if 0 < tma_from <= m else "dequant"
     return path
@@ -171,7 +182,10 @@ class FusedConfig:
     num_stages: int = 3
     reduce_in_kernel: bool = True  # forward: the last split of a tile sums the partials (False: a 2nd launch)
     # forward, bf16 x with whole blocks: how the aligned loop gets the codes, "table" (a 4-byte gather per
-    # byte from nf4_pair_table) or "prmt" (the register decode of nf4._nf4_word_bf16; the same bf16 codes)
+    # byte from nf4_pair_table) or "prmt" (the register decode of nf4._nf4_word_bf16; the same bf16 codes,
+    # so the same results bit for bit). default_fused_config takes prmt where it applies: on an H100
+    # (bench/results/nf4-graph-NVIDIA_H100_80GB_HBM3-2026-11-27.json) it ran 3200x3200 at M = 1 in
+    # 14.9 us against the table's 31.5, and 8640x3200 in 23.0 against 64.8
     decode: str = "table"
 
     def __post_init__(self):
@@ -179,9 +193,21 @@ class FusedConfig:
             raise ValueError(f"nf4 fused: decode must be one of {', '.join(FUSED_DECODES)}, got {self.decode!r}")
 
 
+def prmt_decode_applies(dtype: torch.dtype, aligned: bool, packed: torch.Tensor) -> bool:
+    """Whether the fused forward can decode codes in registers (``FusedConfig.decode = "prmt"``): bf16 x,
+    K a multiple of the blocksize (``aligned``), packed bytes aligned to 4, and an NVIDIA GPU or the
+    interpreter (which runs the decode's integer model)."""
+    if dtype != torch.bfloat16 or not aligned or packed.data_ptr() % 4:
+        return False
+    if dispatch.interpreting():
+        return True
+    return packed.device.type == "cuda" and torch.version.hip is None
+
+
 def default_fused_config(kind: str, m: int, n: int, k: int, chunk: int, device: torch.device,
-                         aligned: bool = True) -> FusedConfig:
-    """Tiles for the fused ``kind`` ("forward" | "backward") kernel on an (m, k) x (n, k) problem.
+                         aligned: bool = True, prmt: bool = False) -> FusedConfig:
+    """Tiles for the fused ``kind`` ("forward" | "backward") kernel on an (m, k) x (n, k) problem;
+    ``prmt``: the forward decodes codes in registers (see ``prmt_decode_applies``).
 
     Small M is memory-bound: enough programs to keep every SM streaming (about four per SM),
     splitting the reduction when the output tiles alone are too few. Large M is compute-bound:
@@ -208,7 +234,8 @@ def default_fused_config(kind: str, m: int, n: int, k: int, chunk: int, device: 
     if kind == "forward" and not big:
         # the fp32 partials (written, then read by the last split) stay within half of W's NF4 bytes
         split = max(1, min(split, k // (32 * m)))
-    return FusedConfig(block_m, block_n, split, num_warps=8 if big else 4, num_stages=3)
+    decode = "prmt" if prmt and kind == "forward" else "table"
+    return FusedConfig(block_m, block_n, split, num_warps=8 if big else 4, num_stages=3, decode=decode)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -608,7 +635,8 @@ def nf4_fused_forward(x: torch.Tensor, weight: NF4Weight, config: FusedConfig | 
     n = weight.shape[0]
     meta = _meta(weight, k, x.dtype)
     chunk = meta["CHUNK"]
-    cfg = config or default_fused_config("forward", m, n, k, chunk, x.device, meta["ALIGNED"])
+    cfg = config or default_fused_config("forward", m, n, k, chunk, x.device, meta["ALIGNED"],
+                                         prmt_decode_applies(x.dtype, meta["ALIGNED"], weight.packed))
     n_chunks = cdiv(k, chunk)
     per_split = cdiv(n_chunks, max(1, min(cfg.split, n_chunks)))
     split = cdiv(n_chunks, per_split)
@@ -816,11 +844,11 @@ def nf4_dequant_backward(dy: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
     return torch.matmul(dy, dequant_buffer(weight, dy.dtype))
 
 
-def _runnable(path: str | None, m: int, weight: NF4Weight, dtype: torch.dtype) -> str:
+def _runnable(path: str | None, m: int, weight: NF4Weight, dtype: torch.dtype, backward: bool = False) -> str:
     """``resolve_path``, then the tma path checked against the weight and dtype: an explicit
     ``path="tma"`` that the tma kernels cannot take is an error naming why; where auto chose it, dequant
     runs instead."""
-    chosen = resolve_path(path, m, weight)
+    chosen = resolve_path(path, m, weight, backward)
     if chosen == "tma":
         reason = nf4_tma.unsupported_reason(weight, dtype)
         if reason is not None:
@@ -848,7 +876,7 @@ def nf4_matmul_forward(x: torch.Tensor, weight: NF4Weight, path: str | None = No
 def nf4_matmul_backward(dy: torch.Tensor, weight: NF4Weight, path: str | None = None) -> torch.Tensor:
     """2-D input gradient (no autograd) on the path M picks: dy (M, N) -> (M, K). The gemv kernel has
     no backward (W's rows are the reduction there): gemv's backward is dequant."""
-    chosen = _runnable(path, dy.shape[0], weight, dy.dtype)
+    chosen = _runnable(path, dy.shape[0], weight, dy.dtype, backward=True)
     if chosen == "fused":
         return nf4_fused_backward(dy, weight)
     if chosen == "tma":
@@ -869,9 +897,13 @@ class NF4MatmulFunction(torch.autograd.Function):
         ctx.weight = weight
         lead = x.shape[:-1]
         x2d = x.reshape(-1, x.shape[-1])
-        # the backward takes the forward's path (gemv has no backward: dequant), chosen once here
+        # both directions' paths, chosen once here: an explicit path is kept (gemv has no backward:
+        # dequant); auto picks the backward's own (never gemv or fused)
         chosen = _runnable(path, x2d.shape[0], weight, x2d.dtype)
-        ctx.path = "dequant" if chosen == "gemv" else chosen
+        if path == "auto":
+            ctx.path = _runnable(path, x2d.shape[0], weight, x2d.dtype, backward=True)
+        else:
+            ctx.path = "dequant" if chosen == "gemv" else chosen
         if x2d.shape[0] == 0:
             return x.new_empty(*lead, weight.shape[0])
         return nf4_matmul_forward(x2d, weight, chosen).reshape(*lead, weight.shape[0])

@@ -13,7 +13,8 @@ A setting comes from the first of:
 2. the device's entry in the file that ``BEZOAR_TUNING`` names (a user's own measurements; read at the
    first lookup, and again after ``reload()``);
 3. the device's entry in ``tuning.json`` beside this module (measurements committed with the code);
-4. the module's constant (``FUSED_MAX_M``, ``GEMV_MAX_M``, ``TMA_MIN_M``, ``LARGE_M_PATH``, the tile
+4. the module's constant (``FUSED_MAX_M``, ``GEMV_MAX_M``, ``TMA_MIN_M``, ``LARGE_M_PATH``, lora's
+   ``FUSED_MAX_M``, the tile
    heuristics).
 
 The file::
@@ -48,7 +49,8 @@ SHIPPED = Path(__file__).with_name("tuning.json")
 LARGE_M_PATHS = ("dequant", "cublas", "concat", "fused", "tma")  # what lora's "auto" may take above the small-M paths
 NORM_GRIDS = ("persistent", "per_block")  # the fused RMSNorm + LoRA kernels' grids (norm_lora._programs)
 GEMV_TABLES = ("byte", "nibble", "prmt")  # the gemv kernel's code lookups (nf4_matmul.GemvConfig.table)
-THRESHOLD_KEYS = ("nf4.gemv_max_m", "nf4.fused_max_m", "nf4.tma_min_m", "lora.large_m_path", "norm_lora.grid")
+THRESHOLD_KEYS = ("nf4.gemv_max_m", "nf4.fused_max_m", "nf4.tma_min_m", "lora.fused_max_m", "lora.large_m_path",
+                  "norm_lora.grid")
 TILE_KEYS = ("nf4.gemv_tiles", "nf4.dequant_launch")
 
 
@@ -76,7 +78,7 @@ def _check_tiles(value, where: str, fields: tuple[str, ...], optional: dict | No
 
 
 def _check_setting(key: str, value, where: str) -> None:
-    if key in ("nf4.gemv_max_m", "nf4.fused_max_m", "nf4.tma_min_m"):
+    if key in ("nf4.gemv_max_m", "nf4.fused_max_m", "nf4.tma_min_m", "lora.fused_max_m"):
         if not _whole(value):
             raise ValueError(f"{where}: expected a whole number of rows, got {value!r}")
     elif key == "lora.large_m_path":

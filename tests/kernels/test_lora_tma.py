@@ -156,7 +156,7 @@ def test_tma_refuses_rows_a_descriptor_cannot_take():
 
 def test_tma_as_large_m_path_falls_back_where_it_cannot_run(monkeypatch):
     monkeypatch.setenv("BEZOAR_LORA_LARGE_M_PATH", "tma")
-    monkeypatch.setenv("BEZOAR_NF4_FUSED_MAX_M", "0")
+    monkeypatch.setenv("BEZOAR_LORA_FUSED_MAX_M", "0")
     monkeypatch.setenv("BEZOAR_NF4_GEMV_MAX_M", "0")
     seen = []
     real = L.LoRAFunction.apply
@@ -322,7 +322,7 @@ def test_tiny_model_on_the_tma_path_equals_torch(tiny_dir, monkeypatch):
     from tests.kernels.test_lora import _tiny_lora_model, _train_step_on_both_backends
 
     monkeypatch.setenv("BEZOAR_LORA_LARGE_M_PATH", "tma")
-    monkeypatch.setenv("BEZOAR_NF4_FUSED_MAX_M", "0")
+    monkeypatch.setenv("BEZOAR_LORA_FUSED_MAX_M", "0")
     monkeypatch.setenv("BEZOAR_NF4_GEMV_MAX_M", "0")
     calls = {"fwd": 0, "bwd": 0}
     fwd, bwd = T.tma_forward, T.tma_backward

@@ -199,6 +199,36 @@ def test_fused_register_decode_takes_bf16_whole_blocks_only():
         mm.FusedConfig(16, 64, decode="lut")
 
 
+def test_fused_forward_defaults_to_the_register_decode_where_it_applies(monkeypatch):
+    """Without a config the fused forward decodes in registers for bf16 x on whole blocks with the packed
+    bytes aligned to 4 (the same results as the table, twice as fast on an H100), and takes the table
+    for any other x or K; the backward has no register decode."""
+    weight = _weight(32, 128)
+    assert mm.prmt_decode_applies(torch.bfloat16, True, weight.packed)  # under the interpreter (conftest)
+    assert not mm.prmt_decode_applies(torch.float16, True, weight.packed)
+    assert not mm.prmt_decode_applies(torch.float32, True, weight.packed)
+    assert not mm.prmt_decode_applies(torch.bfloat16, False, weight.packed)
+    shifted = torch.empty(weight.packed.numel() + 1, dtype=torch.uint8)[1:]
+    assert not mm.prmt_decode_applies(torch.bfloat16, True, shifted)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU tensor outside the interpreter: no decode at all
+    assert not mm.prmt_decode_applies(torch.bfloat16, True, weight.packed)
+    monkeypatch.undo()
+    cpu = torch.device("cpu")
+    assert mm.default_fused_config("forward", 2, 32, 128, 64, cpu, prmt=True).decode == "prmt"
+    assert mm.default_fused_config("forward", 2, 32, 128, 64, cpu).decode == "table"
+    assert mm.default_fused_config("backward", 2, 32, 128, 64, cpu, prmt=True).decode == "table"
+    seen = []
+    real = mm.launch_fitting
+    monkeypatch.setattr(mm, "launch_fitting", lambda kernel, grid, args, meta: seen.append(meta["PRMT"])
+                        or real(kernel, grid, args, meta))
+    with backend("triton"):
+        y = mm.nf4_fused_forward(_inputs((2, 128), torch.bfloat16), weight)
+        mm.nf4_fused_forward(_inputs((2, 128), torch.float16), weight)
+        table = mm.nf4_fused_forward(_inputs((2, 128), torch.bfloat16), weight,
+                                     mm.default_fused_config("forward", 2, 32, 128, 64, cpu))
+    assert seen == [True, False, False] and torch.equal(y, table)
+
+
 @pytest.mark.parametrize("m,n,k,blocksize,block_n,split", [
     (3, 37, 128, 64, 32, 1), (5, 70, 256, 128, 32, 2), (2, 33, 192, 64, 16, 3), (17, 40, 64, 64, 32, 1),
     (1, 20, 512, 128, 16, 2)])
@@ -562,11 +592,15 @@ def test_split_sum_on_gpu_is_exact_and_repeatable(kernel, m, n, k):
     assert not mm._split_count_buffers[x.device].any()
 
 
-def test_backward_takes_the_forward_path(monkeypatch):
-    """auto chooses once, in the forward: with both thresholds up and a weight gemv cannot take (K not a
-    multiple of the blocksize), forward and backward are both fused; with gemv, the backward is dequant."""
+def test_backward_path_of_auto_and_of_explicit_paths(monkeypatch):
+    """auto chooses both directions in the forward: with both thresholds up, a weight gemv cannot take (K
+    not a multiple of the blocksize) runs the fused forward and the dequant backward (the fused backward
+    lost to dequant + cuBLAS at every M on an H100), and gemv's backward is dequant too. An explicit
+    ``path="fused"`` keeps the fused kernels in both directions; ``nf4_matmul_backward`` with auto never
+    takes fused."""
     monkeypatch.setenv("BEZOAR_NF4_GEMV_MAX_M", "8")
     monkeypatch.setenv("BEZOAR_NF4_FUSED_MAX_M", "8")
+    monkeypatch.delenv("BEZOAR_NF4_TMA_MIN_M", raising=False)
     calls = []
     for name in ("nf4_fused_forward", "nf4_fused_backward", "nf4_dequant_backward", "nf4_gemv_forward"):
         real = getattr(mm, name)
@@ -576,4 +610,13 @@ def test_backward_takes_the_forward_path(monkeypatch):
         for weight, k in ((odd, 100), (even, 128)):
             x = _inputs((2, k), torch.float32).requires_grad_(True)
             mm.nf4_matmul(x, weight).sum().backward()
-    assert calls == ["nf4_fused_forward", "nf4_fused_backward", "nf4_gemv_forward", "nf4_dequant_backward"]
+        assert calls == ["nf4_fused_forward", "nf4_dequant_backward", "nf4_gemv_forward", "nf4_dequant_backward"]
+        calls.clear()
+        x = _inputs((2, 100), torch.float32).requires_grad_(True)
+        mm.nf4_matmul(x, odd, "fused").sum().backward()
+        assert calls == ["nf4_fused_forward", "nf4_fused_backward"]
+        calls.clear()
+        mm.nf4_matmul_backward(_inputs((2, 20), torch.float32), odd, "auto")
+        assert calls == ["nf4_dequant_backward"]
+    assert mm.resolve_path("auto", 2, odd) == "fused" and mm.resolve_path("auto", 2, odd, backward=True) == "dequant"
+    assert mm.resolve_path("fused", 2, odd, backward=True) == "fused"

@@ -34,7 +34,7 @@ tune = _load_bench("tune")
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch):
     for var in ("BEZOAR_TUNING", "BEZOAR_NF4_GEMV_MAX_M", "BEZOAR_NF4_FUSED_MAX_M", "BEZOAR_NF4_TMA_MIN_M",
-                "BEZOAR_LORA_LARGE_M_PATH"):
+                "BEZOAR_LORA_LARGE_M_PATH", "BEZOAR_LORA_FUSED_MAX_M"):
         monkeypatch.delenv(var, raising=False)
     tuning.reload()
     yield
@@ -284,9 +284,15 @@ def test_gemv_and_fused_thresholds():
     faster_fused = _nf4_rows({("fwd", "a", 1): (None, 1.0, 2.0), ("fwd", "a", 4): (None, 1.0, 2.0),
                               ("bwd", "a", 1): (None, 1.0, 2.0), ("bwd", "a", 4): (None, 2.5, 2.0),
                               ("fwd", "a", 16): (None, 1.0, 2.0)})
-    assert tune.fused_fastest_up_to(faster_fused) == 1  # the backward loses at 4
+    # forward only: the backward losing at 4 does not count (auto's backward never runs fused)
+    assert tune.fused_fastest_up_to(faster_fused) == 16
     assert tune.gemv_fastest_up_to(faster_fused) is None  # gemv never timed: no setting
     assert tune.fused_fastest_up_to([{"dir": "fwd", "M": 1, "nf4_fused": None, "nf4_dequant": 1.0}]) is None
+    assert tune.fused_fastest_up_to([{"dir": "bwd", "M": 1, "nf4_fused": 1.0, "nf4_dequant": 2.0}]) is None
+    # files from before the register decode was the default timed it as nf4_fused_prmt: that one counts
+    old = [dict(r, nf4_fused=3.0, nf4_fused_prmt=1.0 if r["M"] <= 4 else 2.5) for r in faster_fused]
+    assert tune.fused_fastest_up_to(old) == 4
+    assert tune.fused_fwd_time({"nf4_fused": 3.0, "nf4_fused_prmt": None}) == 3.0
 
 
 def test_a_loss_at_a_smallest_m_above_one_sets_nothing():
@@ -301,15 +307,44 @@ def test_a_loss_at_a_smallest_m_above_one_sets_nothing():
 
 
 def test_gemv_is_weighed_against_what_auto_would_run_instead():
-    """Fused beats gemv at M = 4 but loses its backward there, so auto would run dequant, which gemv beats."""
+    """Fused beats dequant up to M = 1 (its forward loses at 4), so gemv is weighed against fused at M = 1
+    and against dequant above."""
     rows = _nf4_rows({("fwd", "a", 1): (1.0, 0.9, 2.0), ("bwd", "a", 1): (None, 1.0, 2.0),
-                      ("fwd", "a", 4): (1.0, 0.9, 2.0), ("bwd", "a", 4): (None, 3.0, 2.0),
-                      ("fwd", "a", 16): (3.0, 0.9, 2.0), ("bwd", "a", 16): (None, 3.0, 2.0)})
+                      ("fwd", "a", 4): (1.0, 2.5, 2.0), ("bwd", "a", 4): (None, 3.0, 2.0),
+                      ("fwd", "a", 16): (3.0, 2.5, 2.0), ("bwd", "a", 16): (None, 3.0, 2.0)})
     assert tune.fused_fastest_up_to(rows) == 1
     # at M = 1 auto would run fused (0.9 < gemv's 1.0): gemv loses there
     assert tune.gemv_fastest_up_to(rows) == 0
     rows[0]["nf4_fused"] = 1.1
     assert tune.gemv_fastest_up_to(rows) == 4  # M = 1 against fused, M = 4 against dequant; 16 loses
+
+
+def test_gemv_threshold_uses_the_swept_tiles_it_chooses():
+    """The rows' gemv times ran the heuristic's tiles; the threshold is derived at the tiles the same file's
+    sweep chooses, where the sweep timed them (the H100 run of 2026-11-27: the heuristic's 18 us at
+    M = 1 lost to the fused forward's 14.9, the chosen tiles' 10.2 did not)."""
+    rows = _nf4_rows({("fwd", "a", 1): (18.0, 14.9, 20.8), ("fwd", "b", 1): (36.5, 23.0, 46.9),
+                      ("fwd", "a", 4): (23.0, 15.4, 20.5), ("fwd", "b", 4): (52.0, 23.8, 46.9)})
+    assert tune.gemv_fastest_up_to(rows) == 0
+
+    def swept(shape, m, default, times):
+        return {"shape": shape, "M": m, "default_ms": default,
+                "grid": [{"config": {"block_n": bn, "blocks": b, "num_warps": 4, "table": t}, "ms": ms}
+                         for (bn, b, t), ms in times.items()]}
+
+    sweep = [swept("a", 1, 18.0, {(16, 8, "prmt"): 10.2, (4, 64, "prmt"): 10.0, (16, 8, "byte"): 18.0}),
+             swept("b", 1, 36.5, {(16, 8, "prmt"): 19.5, (4, 64, "prmt"): 24.0, (16, 8, "byte"): 36.0}),
+             swept("a", 4, 23.0, {(16, 4, "prmt"): 15.8}), swept("b", 4, 52.0, {(16, 4, "prmt"): 34.6})]
+    tuned = tune.with_tuned_gemv(rows, sweep, {"1": {"block_n": 16, "blocks": 8, "num_warps": 4, "table": "prmt"}})
+    assert [r["nf4_gemv"] for r in tuned] == [10.2, 19.5, 23.0, 52.0] and rows[0]["nf4_gemv"] == 18.0
+    assert tune.gemv_fastest_up_to(tuned) == 1  # beats fused at 1; at 4 the heuristic's tiles still ran
+    # a table left out of a config is the byte table
+    byte = tune.with_tuned_gemv(rows, sweep, {"1": {"block_n": 16, "blocks": 8, "num_warps": 4}})
+    assert [r["nf4_gemv"] for r in byte][:2] == [18.0, 36.0]
+    derived = tune.derive(_result(bench="nf4-graph", rows=rows, sweep_gemv=sweep))
+    assert derived["nf4.gemv_tiles"][0] == {"1": {"block_n": 16, "blocks": 8, "num_warps": 4, "table": "prmt"},
+                                            "4": {"block_n": 16, "blocks": 4, "num_warps": 4, "table": "prmt"}}
+    assert derived["nf4.gemv_max_m"][0] == 1 and derived["nf4.fused_max_m"][0] == 4
 
 
 def test_large_m_path_picks_the_lowest_geometric_mean_on_common_cases():
@@ -369,7 +404,8 @@ def test_what_auto_runs_under_the_derived_thresholds():
     at = tune.gemv_runs_at(rows, 4)
     assert at == {("a", 1)}
     picked = {(r["dir"], r["M"]): tune.nf4_auto_time(r, (r["shape"], r["M"]) in at, 4, 8) for r in rows}
-    assert picked == {("fwd", 1): 1.0, ("bwd", 1): 3.5, ("fwd", 4): 2.0, ("bwd", 4): 2.5,
+    # the backward of a fused forward is dequant as well
+    assert picked == {("fwd", 1): 1.0, ("bwd", 1): 3.5, ("fwd", 4): 2.0, ("bwd", 4): 3.5,
                       ("fwd", 16): 3.0, ("bwd", 16): 3.5}
     row = {"M": 4096, "lora_cublas": 1.2, "lora_concat": 1.1}
     assert tune.lora_auto_time(row, "concat", 16) == 1.1 and tune.lora_auto_time(row, "concat", 4096) is None
