@@ -282,7 +282,7 @@ def main() -> int:
                       and r["nf4_dequant"] is not None and r["nf4_fused"] is not None
                       and r["nf4_dequant"] < r["nf4_fused"]]
             crossover[f"{kind}/{tag}"] = min(faster) if faster else None
-    # GEMV_MAX_M: the largest measured M up to which gemv is the fastest NF4 forward on every shape (the
+    # GEMV_MAX_M: the largest measured M up to which gemv is the fastest NF4 forward summed over the shapes (the
     # rule bench/tune.py writes into the tuning file)
     gemv_derived = tune.gemv_fastest_up_to(rows)
     gemv_max = gemv_derived or 0
@@ -321,7 +321,7 @@ def main() -> int:
           f"FUSED_MAX_M is now {mm.fused_max_m(device)}):")
     for key, m in crossover.items():
         print(f"  {key}: {m if m is not None else 'none in range'}")
-    print(f"gemv is the fastest NF4 forward on every shape up to M = {gemv_max} "
+    print(f"gemv is the fastest NF4 forward, summed over the shapes, up to M = {gemv_max} "
           f"(GEMV_MAX_M is now {mm.gemv_max_m(device)}; the kernel takes M <= {mm.GEMV_MAX_ROWS})")
     print(f"bench/tune.py would write: gemv to M = {gemv_tuned}, fused to M = {fused_tuned}, tma from M = {tma_tuned} ("
           + ("the thresholds this run had)" if tuned_same else

@@ -275,12 +275,20 @@ def _nf4_rows(times):
 def test_gemv_and_fused_thresholds():
     rows = _nf4_rows({
         ("fwd", "a", 1): (1.0, 3.0, 2.0), ("fwd", "b", 1): (1.0, 3.0, 1.5),
-        ("fwd", "a", 4): (1.0, 3.0, 2.0), ("fwd", "b", 4): (1.6, 3.0, 1.5),  # b: dequant wins at 4
+        ("fwd", "a", 4): (1.0, 3.0, 2.0), ("fwd", "b", 4): (3.0, 3.0, 1.5),  # dequant wins the sum at 4
         ("fwd", "a", 16): (None, 3.0, 2.0), ("fwd", "b", 16): (None, 3.0, 2.0),
         ("bwd", "a", 1): (None, 3.0, 2.0), ("bwd", "b", 1): (None, 3.0, 2.0),
     })
     assert tune.gemv_fastest_up_to(rows) == 1
     assert tune.fused_fastest_up_to(rows) == 0
+    # the sum over the shapes decides, not each shape: losing b by 0.1 and winning a by 1.0 is a win
+    rows[3]["nf4_gemv"] = 1.6
+    assert tune.gemv_fastest_up_to(rows) == 4
+    rows[3]["nf4_gemv"] = 2.6  # 3.6 against 3.5
+    assert tune.gemv_fastest_up_to(rows) == 1
+    # a shape the gemv kernel did not take at an M is a loss there, whatever the others gain
+    assert tune.gemv_fastest_up_to([dict(r, nf4_gemv=None) if r["shape"] == "b" and r["M"] == 1 else r
+                                    for r in rows]) == 0
     faster_fused = _nf4_rows({("fwd", "a", 1): (None, 1.0, 2.0), ("fwd", "a", 4): (None, 1.0, 2.0),
                               ("bwd", "a", 1): (None, 1.0, 2.0), ("bwd", "a", 4): (None, 2.5, 2.0),
                               ("fwd", "a", 16): (None, 1.0, 2.0)})
