@@ -10,7 +10,8 @@ use a real one) and loaded by both sides as NF4 with double quantization and bf1
   ``bezoar-eager`` with the eager loop (one forward call per token, as before graphs), and for
   batches of at most 8 above ``GEMV_MAX_M`` ``bezoar-gemv``: graphs with the gemv kernel on for
   the decode steps (``BEZOAR_NF4_GEMV_MAX_M=8``), and ``bezoar-attn``: graphs with the Triton
-  decode-attention kernel (``BEZOAR_DECODE_ATTENTION=triton``), off by default until timed;
+  decode-attention kernel named (``BEZOAR_DECODE_ATTENTION=triton``, the default since 2026-11-27),
+  and ``bezoar-sdpa``: graphs with SDPA's decode attention instead (``BEZOAR_DECODE_ATTENTION=sdpa``);
 * peer: ``transformers`` ``from_pretrained(quantization_config=BitsAndBytesConfig(nf4, double
   quant))`` + ``generate(do_sample=False)`` with ``min_new_tokens`` so both always decode the
   same number of tokens (EOS cannot end a row early).
@@ -35,6 +36,7 @@ is one of the N forwards counted).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import shutil
 import sys
@@ -66,6 +68,11 @@ def gemv_max_m(value: int):
     return environ(BEZOAR_NF4_GEMV_MAX_M=value)
 
 
+def sdpa_attention():
+    """SDPA for one-token steps (BEZOAR_DECODE_ATTENTION=sdpa) instead of the default Triton kernel."""
+    return environ(BEZOAR_DECODE_ATTENTION="sdpa")
+
+
 def decode_attention_on():
     """The Triton decode-attention kernel for one-token steps (BEZOAR_DECODE_ATTENTION=triton)."""
     return environ(BEZOAR_DECODE_ATTENTION="triton")
@@ -79,8 +86,8 @@ def gemv_on():
 
 
 def gemv_off():
-    """The gemv kernel off: every M dequantizes and multiplies with cuBLAS."""
-    return gemv_max_m(0)
+    """The gemv and fused kernels off: every M dequantizes and multiplies with cuBLAS."""
+    return environ(BEZOAR_NF4_GEMV_MAX_M=0, BEZOAR_NF4_FUSED_MAX_M=0)
 
 
 def same_prefix(a, b) -> int:
@@ -109,10 +116,14 @@ def breakdown(args, device, dtype) -> int:
     print(f"built random {config.num_hidden_layers}-layer NF4 weights in {time.perf_counter() - t0:.1f}s")
     ids = torch.randint(3, config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    modes = (("dequant + cuBLAS", gemv_off), ("gemv kernel", gemv_on),
-             ("Triton decode attention", decode_attention_on))  # the last with the default NF4 paths
-    for label, ctx in modes:
-        with ctx():
+    # the first two with SDPA (the decode attention before 2026-11-27), the last with the default NF4 paths
+    modes = (("dequant + cuBLAS", (gemv_off, sdpa_attention)), ("gemv kernel", (gemv_on, sdpa_attention)),
+             ("Triton decode attention", (decode_attention_on,)))
+    results = []
+    for label, settings in modes:
+        with contextlib.ExitStack() as stack:
+            for setting in settings:
+                stack.enter_context(setting())
             decoder = Decoder(model, "static")
 
             def run():
@@ -133,6 +144,13 @@ def breakdown(args, device, dtype) -> int:
         print(f"\n{label}: {steps} forwards at batch 1 (an 8-token prefill, then static steps): {wall_ms / steps:.3f} ms "
               f"per step wall clock, {total / 1e3:.3f} ms per step of {where} time\n")
         print(common.markdown_table(rows[:15], ["kernel", "calls_per", "us_per", "share"]))
+        results.append({"mode": label, "wall_ms_per_step": wall_ms / steps, "gpu_ms_per_step": total / 1e3,
+                        "kernels": rows[:15]})
+        # after every mode, so that a run stopped by its time limit keeps the modes it finished
+        common.write_results("generate-breakdown", results, args, {
+            "steps": steps, "note": "static decode steps at batch 1 under torch.profiler, an 8-token prefill among "
+            "the forwards counted; the top 15 kernels by GPU time per step. Wall time is a profiled static step "
+            "(host-bound), not a graph replay."})
     return 0
 
 
@@ -258,6 +276,9 @@ def main(argv=None) -> int:
                 cases[f"bezoar-gemv/b{b}"] = ("bezoar-gemv", b,
                                               under(gemv_on, lambda ids=ids: bezoar_generate(ids, case="gemv")),
                                               under(gemv_on, lambda ids=ids: bezoar_prefill(ids)))
+            cases[f"bezoar-sdpa/b{b}"] = ("bezoar-sdpa", b,
+                                          under(sdpa_attention, lambda ids=ids: bezoar_generate(ids, case="sdpa")),
+                                          under(sdpa_attention, lambda ids=ids: bezoar_prefill(ids)))
             cases[f"bezoar-attn/b{b}"] = ("bezoar-attn", b,
                                           under(decode_attention_on, lambda ids=ids: bezoar_generate(ids, case="attn")),
                                           under(decode_attention_on, lambda ids=ids: bezoar_prefill(ids)))

@@ -22,6 +22,7 @@ def test_bench_generate_smoke(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "| bezoar/b1 | 1 |" in out.stdout and "| bezoar/b2 | 2 |" in out.stdout
     assert "| bezoar-eager/b1 | 1 |" in out.stdout and "| bezoar-attn/b1 | 1 |" in out.stdout
+    assert "| bezoar-sdpa/b1 | 1 |" in out.stdout
     if "peer skipped" not in out.stdout:
         assert "eager loop against its default decode: the first 4 of 4 tokens are the same" in out.stdout
         assert "| transformers-bnb/b1 | 1 |" in out.stdout
@@ -50,4 +51,5 @@ def test_bench_generate_breakdown_smoke(capsys):
         assert f"{label}: 2 forwards at batch 1" in out
     assert out.count("| kernel | calls_per | us_per | share |") == 3
     assert "BEZOAR_NF4_GEMV_MAX_M" not in os.environ  # the modes restored the environment
+    assert "BEZOAR_NF4_FUSED_MAX_M" not in os.environ
     assert "BEZOAR_DECODE_ATTENTION" not in os.environ

@@ -62,7 +62,12 @@ def test_bad_inputs_and_choice(monkeypatch):
     with pytest.raises(ValueError, match="divides"):
         da.decode_attention(torch.randn(1, 1, 3, 8), k, v)
     monkeypatch.delenv("BEZOAR_DECODE_ATTENTION", raising=False)
-    assert da.choice() == da.DEFAULT == "sdpa" and not da.enabled(q)
+    assert da.choice() == da.DEFAULT == "triton"  # the default since the H100 timing of 2026-11-27
+    with backend("triton"):
+        assert da.enabled(q)
+    monkeypatch.setenv("BEZOAR_DECODE_ATTENTION", "sdpa")
+    with backend("triton"):
+        assert not da.enabled(q)
     monkeypatch.setenv("BEZOAR_DECODE_ATTENTION", "triton")
     with backend("triton"):
         assert da.enabled(q) and not da.enabled(torch.cat([q, q], 1))

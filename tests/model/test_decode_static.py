@@ -352,10 +352,7 @@ def test_graph_equals_static_bitwise_in_bf16_with_nf4_and_lora(attention, monkey
     decode-attention kernel (BEZOAR_DECODE_ATTENTION=triton), which must capture like SDPA."""
     from bezoar.model.config import LlamaConfig
 
-    if attention == "triton":
-        monkeypatch.setenv("BEZOAR_DECODE_ATTENTION", "triton")
-    else:
-        monkeypatch.delenv("BEZOAR_DECODE_ATTENTION", raising=False)
+    monkeypatch.setenv("BEZOAR_DECODE_ATTENTION", attention)
 
     from .qlora_helpers import qlora_model
 
