@@ -1,25 +1,24 @@
 #!/usr/bin/env bash
-# One device call for a session lent the 15-minute budget (under 9 minutes of command time): the
-# measurements that decide issues 3 and 4, most decisive first, each part under its own time limit, a
-# failing part not stopping the rest. Everything lands in $OUT (packed into one archive when a call
-# would bring back more than its 8 files).
+# The device call for a session lent the 15-minute budget: parts by name, each under its own time limit
+# and never past the call's total (GPU_SHORT_SECONDS, default 560), a failing part not stopping the rest.
+# Logs and results JSON land in $OUT, packed into one archive when there are more than the 8 files a
+# call brings back. A call starts a machine in about 30 s; one of 590 s leaves time for a second,
+# shorter call (bench/README.md, "On the lent GPU").
 #
-#   1. bench/nf4.py --sweep-tma at M = 4096: the NF4 tma kernels (weight decoded in registers inside a
-#      TMA GEMM's K loop) at each tile config, checked against dequant + cuBLAS, timed beside it and
-#      cuBLAS: issue 3's M >= 4096 target;
-#   2. the GPU tests of the NF4 tma and LoRA tma kernels (PTX decode bit for bit, 3B-shape GEMMs);
-#   3. bench/lora.py with the cuBLAS, concat and tma paths at M = 16384 and 4096, r = 16 and 64: issue 4;
-#   4. bench/nf4.py in graph timing at M = 1, 4, 16 with the gemv sweep: issue 3's M <= 16 target;
-#   5. the whole GPU test suite for what time is left.
-#
-# Parts by name (--parts, comma-separated, in the order given): nf4_tma_sweep, tma_tests, lora, nf4_gemv,
-# gpu_tests (the five above, the default), and two for a second, short call: small_tests (the GPU tests
-# of the NF4 matmul and of the LoRA paths, e.g. after a fix) and nf4_small (bench/nf4.py in graph timing
-# at M = 1, 4, 16 without the sweep: what auto runs with the committed tuning file), and decode
-# (bench/generate.py --breakdown 32: a 3B decode step at batch 1, GPU time per kernel, no peer).
+# Parts (--parts a,b,c runs them in that order; the default is the next session's call):
+#   gpu_tests      the whole GPU test suite (scripts/gpu_check.sh --gpu-only; its install included)
+#   nf4_small      bench/nf4.py in graph timing at M = 1, 4, 16: what auto runs with the committed tuning
+#   decode         bench/generate.py --breakdown 32: a 3B decode step at batch 1, GPU time per kernel
+#   generate       bench/generate.py --batches 1: decode tokens/s with CUDA graphs against transformers + bnb
+#   lora           bench/lora.py, cuBLAS, concat and tma paths, M = 16384 and 4096, r = 16 and 64 (issue 4)
+#   nf4_gemv       bench/nf4.py in graph timing at M = 1, 4, 16 with the gemv sweep (issue 3, M <= 16)
+#   nf4_tma_sweep  bench/nf4.py --sweep-tma at M = 4096: the NF4 tma kernels' tile configs (issue 3, M >= 4096)
+#   lora_tma_sweep bench/lora.py --sweep-tma at M = 16384: the LoRA tma GEMMs with no adapter against cuBLAS
+#   tma_tests      the GPU tests of the NF4 and LoRA tma kernels
+#   small_tests    the GPU tests of the NF4 matmul and the LoRA paths
 #
 #   scripts/gpu_short.sh             # on the GPU machine: run(command="bash scripts/gpu_short.sh", carry=[".whl"], timeout_s=590)
-#   scripts/gpu_short.sh --parts small_tests,nf4_small,decode   # a second call of about 5 minutes
+#   scripts/gpu_short.sh --parts nf4_tma_sweep,lora   # those two only
 #   scripts/gpu_short.sh --dry-run   # print what would run, run nothing (works anywhere)
 set -uo pipefail
 
@@ -29,8 +28,8 @@ cd "$ROOT" || exit 1
 # shellcheck source=SCRIPTDIR/gpu_env.sh
 source "$HERE/gpu_env.sh"
 
-ALL_PARTS=(nf4_tma_sweep tma_tests lora nf4_gemv gpu_tests small_tests nf4_small decode)
-PARTS=nf4_tma_sweep,tma_tests,lora,nf4_gemv,gpu_tests
+ALL_PARTS=(gpu_tests nf4_small decode generate lora nf4_gemv nf4_tma_sweep lora_tma_sweep tma_tests small_tests)
+PARTS=gpu_tests,nf4_small,decode,generate
 DRY_RUN=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -84,17 +83,19 @@ fi
 
 run_part() {
   case "$1" in
-    nf4_tma_sweep) part nf4_tma_sweep 110 "$PYTHON" bench/nf4.py --sweep-tma --ms 4096 --out "$OUT_DIR" ;;
-    tma_tests) part tma_tests 75 env -u TRITON_INTERPRET "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider -rfE \
-      tests/kernels/test_nf4_tma.py tests/kernels/test_lora_tma.py ;;
+    gpu_tests) part gpu_tests 180 env GPU_TEST_LIMIT=150 bash scripts/gpu_check.sh --gpu-only ;;
+    nf4_small) part nf4_small 70 "$PYTHON" bench/nf4.py --timing graph --ms 1,4,16 --out "$OUT_DIR" ;;
+    decode) part decode 110 "$PYTHON" bench/generate.py --breakdown 32 --out "$OUT_DIR" ;;
+    generate) part generate 180 "$PYTHON" bench/generate.py --batches 1 --out "$OUT_DIR" ;;
     lora) part lora 125 "$PYTHON" bench/lora.py --paths cublas,concat,tma --ranks 16,64 --ms 16384,4096 --no-groups \
       --budget 105 --out "$OUT_DIR" ;;
     nf4_gemv) part nf4_gemv 110 "$PYTHON" bench/nf4.py --timing graph --ms 1,4,16 --sweep-gemv --out "$OUT_DIR" ;;
-    gpu_tests) part gpu_tests 120 env GPU_TEST_LIMIT=100 bash scripts/gpu_check.sh --gpu-only ;;
+    nf4_tma_sweep) part nf4_tma_sweep 110 "$PYTHON" bench/nf4.py --sweep-tma --ms 4096 --out "$OUT_DIR" ;;
+    lora_tma_sweep) part lora_tma_sweep 100 "$PYTHON" bench/lora.py --sweep-tma --ms 16384 --out "$OUT_DIR" ;;
+    tma_tests) part tma_tests 75 env -u TRITON_INTERPRET "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider -rfE \
+      tests/kernels/test_nf4_tma.py tests/kernels/test_lora_tma.py ;;
     small_tests) part small_tests 90 env -u TRITON_INTERPRET "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider -rfE \
       -n 8 tests/kernels/test_nf4_matmul.py tests/kernels/test_lora.py tests/kernels/test_lora_tma.py ;;
-    nf4_small) part nf4_small 70 "$PYTHON" bench/nf4.py --timing graph --ms 1,4,16 --out "$OUT_DIR" ;;
-    decode) part decode 110 "$PYTHON" bench/generate.py --breakdown 32 --out "$OUT_DIR" ;;
   esac
 }
 for name in "${WANTED[@]}"; do

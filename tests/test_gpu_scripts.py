@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["gpu_bench.sh", "gpu_check.sh", "gpu_next.sh", "gpu_tma_sweep.sh", "fetch_gpu_wheels.sh", "gpu_env.sh"]
+SCRIPTS = ["gpu_bench.sh", "gpu_check.sh", "gpu_short.sh", "fetch_gpu_wheels.sh", "gpu_env.sh"]
 
 
 def dry_run(script, *args):
@@ -68,39 +68,53 @@ def test_gpu_check_dry_run_runs_gpu_tests_then_the_rest():
     assert first < second and "-m not\\ gpu" in out.stdout[second:]
 
 
-def test_gpu_next_dry_run_fits_one_call_and_names_what_it_checks():
-    out = dry_run("gpu_next.sh", "--dry-run")
+def test_gpu_short_dry_run_fits_one_call_and_runs_the_parts_asked_for():
+    out = dry_run("gpu_short.sh", "--dry-run")
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    limits = [int(m) for m in re.findall(r"timeout --signal=INT --kill-after=10 (\d+) ", text)]
-    parts = re.findall(r"part (\w+) \(limit", text)
-    assert parts == ["tests", "nf4_sweep", "tune", "tma_tests", "lora_tma"], parts
-    # one device call (bench/README.md gives it timeout_s=598), kill grace included
-    assert len(limits) == len(parts) and sum(limits) + 10 * len(parts) <= 590, limits
-    assert text.count("would copy bench/results/") == 2  # the nf4 sweep's JSON, then the LoRA bench's
-    # a call brings back 8 files at most: the H100 call of 2026-11-26 lost its test log and a JSON that way
-    assert "would pack" in text and "more than 8 files" in text
-    for piece in ("scripts/gpu_check.sh --gpu-only", "--sweep-gemv", "--timing graph", "bench/tune.py",
-                  "--keys nf4.gemv_tiles", "--out /tmp/bezoar-gpu-out/tuning-next.json",
-                  "-m gpu -p no:cacheprovider tests/kernels/test_nf4_tma.py tests/kernels/test_lora_tma.py",
-                  r"bench/lora.py --paths cublas\,concat\,tma", "--no-groups"):
+    assert "pip install -q --no-deps --no-build-isolation -e ." in text
+    parts = re.findall(r"part (\w+) \(limit (\d+)s\)", text)
+    assert [name for name, _ in parts] == ["gpu_tests", "nf4_small", "decode", "generate"], parts
+    # one device call of timeout_s=590 (bench/README.md): the parts' limits, kill grace included
+    assert sum(int(limit) for _, limit in parts) + 10 * len(parts) <= 590, parts
+    for piece in ("GPU_TEST_LIMIT=150 bash scripts/gpu_check.sh --gpu-only",
+                  r"bench/nf4.py --timing graph --ms 1\,4\,16 --out /tmp/bezoar-gpu-out",
+                  "bench/generate.py --breakdown 32 --out /tmp/bezoar-gpu-out",
+                  "bench/generate.py --batches 1 --out /tmp/bezoar-gpu-out"):
         assert piece in text, piece
-    bad = dry_run("gpu_next.sh", "--frobnicate")
-    assert bad.returncode == 2 and "unknown argument" in bad.stderr
-
-
-def test_gpu_tma_sweep_dry_run_installs_then_sweeps_into_out():
-    out = dry_run("gpu_tma_sweep.sh", "--dry-run")
+    assert "would pack" in text and "more than 8 files" in text
+    # every part by name, in the order asked; each part's limit stays under the call's total
+    every = ["gpu_tests", "nf4_small", "decode", "generate", "lora", "nf4_gemv", "nf4_tma_sweep",
+             "lora_tma_sweep", "tma_tests", "small_tests"]
+    out = dry_run("gpu_short.sh", "--dry-run", "--parts", ",".join(reversed(every)))
     assert out.returncode == 0, out.stderr
-    lines = [line for line in out.stdout.splitlines() if line.startswith("+ ")]
-    assert "pip install -q --no-deps --no-build-isolation -e ." in lines[0]
-    nf4_limit = int(re.search(r"kill-after=10 (\d+) python3 bench/nf4.py --sweep-tma --ms 4096 --out /tmp/bezoar-gpu-out",
-                              lines[1]).group(1))
-    lora_limit = int(re.search(r"kill-after=10 (\d+) python3 bench/lora.py --sweep-tma --ms 16384 --out /tmp/bezoar-gpu-out",
-                               lines[2]).group(1))
-    assert nf4_limit + lora_limit + 20 <= 230  # a second call of 240 s, right after gpu_next.sh's
-    bad = dry_run("gpu_tma_sweep.sh", "--bogus")
+    assert re.findall(r"part (\w+) \(limit", out.stdout) == list(reversed(every))
+    for piece in ("bench/nf4.py --sweep-tma --ms 4096", "bench/lora.py --sweep-tma --ms 16384", "--sweep-gemv",
+                  r"bench/lora.py --paths cublas\,concat\,tma", "tests/kernels/test_nf4_tma.py"):
+        assert piece in out.stdout, piece
+    bad = dry_run("gpu_short.sh", "--dry-run", "--parts", "nf4_small,bogus")
+    assert bad.returncode == 2 and "no part 'bogus'" in bad.stderr
+    bad = dry_run("gpu_short.sh", "--frobnicate")
     assert bad.returncode == 2 and "unknown argument" in bad.stderr
+
+
+def test_gpu_short_cuts_parts_to_its_total():
+    """A part gets at most what is left of GPU_SHORT_SECONDS, and none starts with under 20 s left (a dry
+    run spends no time, so here only the total cuts)."""
+    import os
+
+    def parts(total):
+        out = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_short.sh"), "--dry-run"], capture_output=True,
+                             text=True, timeout=120, cwd=ROOT, env={**os.environ, "GPU_SHORT_SECONDS": str(total)})
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    text = parts(100)
+    assert re.findall(r"part (\w+) \(limit (\d+)s\)", text) == [
+        ("gpu_tests", "100"), ("nf4_small", "70"), ("decode", "100"), ("generate", "100")]
+    text = parts(15)
+    assert not re.findall(r"part \w+ \(limit", text)
+    assert text.count("skipped: 15s left of 15s") == 4
 
 
 def test_fetch_wheels_dry_run_names_the_wheel_for_the_gpu_machine():

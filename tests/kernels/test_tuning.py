@@ -654,7 +654,7 @@ def test_tune_cli_writes_a_file_the_kernels_read(tmp_path, monkeypatch):
 
 
 def test_tune_cli_keys_limits_what_is_derived(tmp_path):
-    """--keys derives only the named settings (gpu_next.sh takes the gemv tiles from its own sweep and
+    """--keys derives only the named settings (a device call can take the gemv tiles from its own sweep and
     keeps the committed thresholds); an unknown name is refused with the known ones listed."""
     result = tmp_path / "nf4-graph-x.json"
     sweep = [{"shape": "a", "M": 1, "default_ms": 2.0,
