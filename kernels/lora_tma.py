@@ -29,8 +29,11 @@ from run to run; ``fuse_da=False`` keeps the separate deterministic ``dA`` pass 
 activations) and the wide product's extra columns; left over the two GEMMs are the down pass over x
 and the pass over dy for g and dB (two passes above a padded rank of 32).
 
-Not timed yet: ``auto`` does not take this path until bench/lora.py (``lora_tma``) has measured it on
-a GPU and bench/tune.py has written it into that GPU's tuning entry.
+Measured on an H100 (2026-11-27, bench/results/lora-NVIDIA_H100_80GB_HBM3-2026-11-27.json, graph
+replay): the GEMMs with no adapter take 1.045-1.107x dequant + cuBLAS's time; with the LoRA terms,
+forward + backward, 1.14-1.39x NF4 alone at r = 16 (``concat`` 1.13-1.38x on the same cases) and
+1.56-1.84x at r = 64. ``auto`` takes it only where bench/tune.py finds it the fastest large-M path
+(``lora.large_m_path``), which it was not on the H100; ``path="tma"`` runs it.
 """
 
 from __future__ import annotations

@@ -90,22 +90,24 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
 
 # Largest M for the fused path by default. bench/nf4.py on an H100 (2026-11-26, torch 2.11, triton 3.6,
 # bench/results/nf4-NVIDIA_H100_80GB_HBM3-2026-11-26.json) found dequant + cuBLAS faster at every M it
-# measured, M = 1 included (3200x3200: 0.025 ms against 0.127 ms fused), so auto never takes the fused
-# kernel until it is made faster; BEZOAR_NF4_FUSED_MAX_M turns it back on.
+# measured, M = 1 included (3200x3200: 0.025 ms against 0.127 ms fused). With the register decode the
+# forward beat it up to M = 16 on an H100 (2026-11-27; the H100's tuning entry says so); without a
+# tuning entry auto does not take the fused kernel; BEZOAR_NF4_FUSED_MAX_M turns it on.
 FUSED_MAX_M = 0
 # Largest M for the gemv kernel by default (M <= GEMV_MAX_ROWS, K a multiple of the blocksize). Measured
 # on an H200 (2026-11-26, torch 2.11, triton 3.6; bench/results/nf4-NVIDIA_H200-2026-11-26.json and
 # nf4-graph-*): gemv is the fastest NF4 forward at M = 1 on all three 3B shapes, eager and as a graph
 # replay (8640x3200: 38.7 us against 41.8 us for dequant + cuBLAS), and slower from M = 4 (66.5 us);
 # a 3B decode step at batch 1 fell from 6.44 to 5.83 ms with it (generate-NVIDIA_H200-2026-11-26.json).
-# Those figures are the first gemv kernel's (a loop over blocks, ~0.5 TB/s); the one-tile kernel that
-# replaced it has fewer instructions per weight in its sm_90 build and no loop, and awaits its timing
-# (bench/nf4.py --timing graph --sweep-gemv), which also says whether M = 2..8 should take it.
+# Those figures are the first gemv kernel's (a loop over blocks, ~0.5 TB/s). The one-tile kernel that
+# replaced it, with the register decode and swept tiles (the H100's tuning entry), ran M = 1 in 10.1 /
+# 19.0 / 19.1 us on an H100 (nf4-graph-NVIDIA_H100_80GB_HBM3-2026-11-27-tuned.json), and lost to the
+# fused forward from M = 4.
 GEMV_MAX_M = 1
 # Smallest M from which auto takes the ``tma`` kernels (bezoar_kernels.nf4_tma: the weight decoded inside
-# a persistent TMA GEMM's K loop, no dequantize pass) instead of dequant + cuBLAS; 0: never. They are
-# built and tested but not yet timed on a GPU, so auto does not take them until bench/nf4.py has
-# measured them (``nf4_tma`` column) and bench/tune.py has written ``nf4.tma_min_m`` for the device, or
+# a persistent TMA GEMM's K loop, no dequantize pass) instead of dequant + cuBLAS; 0: never. On an H100
+# they lost to dequant + cuBLAS at M = 4096 on every shape (1.36-2.24x cuBLAS, bench/nf4.py --sweep-tma
+# of 2026-11-27), so auto takes them only where a tuning entry (nf4.tma_min_m) or
 # BEZOAR_NF4_TMA_MIN_M says so.
 TMA_MIN_M = 0
 PATHS = ("auto", "fused", "dequant", "gemv", "tma")

@@ -37,9 +37,13 @@ aligned, an NVIDIA GPU of sm_90 or newer (``mul.rn.bf16x2`` and register-operand
 the Triton interpreter with fp16 (its bf16 dot is wrong). ``supported`` says whether a weight and
 dtype qualify, and nf4_matmul falls back to ``dequant`` where they do not.
 
-Not timed yet: ``auto`` takes this path only from the M that ``BEZOAR_NF4_TMA_MIN_M`` or the device's
-tuning entry (``nf4.tma_min_m``, written by bench/tune.py from bench/nf4.py's ``nf4_tma`` column)
-names.
+Measured on an H100 (2026-11-27, ``bench/nf4.py --sweep-tma --ms 4096``,
+bench/results/nf4-tma-sweep-NVIDIA_H100_80GB_HBM3-2026-11-27.json): slower than dequant + cuBLAS at
+every config, 1.36-1.76x cuBLAS forward and 2.2x backward at the best ones, against 1.07-1.10x. The
+exact build ran within 5% of the bf16x2 one, so the decode's arithmetic is not the limit (bench/README.md
+says what is suspected). ``auto`` takes this path only from the M that ``BEZOAR_NF4_TMA_MIN_M`` or the
+device's tuning entry (``nf4.tma_min_m``, which bench/tune.py writes only where these kernels win)
+names, so nowhere at present; ``path="tma"`` runs it.
 """
 
 from __future__ import annotations
