@@ -246,7 +246,8 @@ def write_results(name: str, rows: list[dict], args, extra: dict | None = None) 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}-{device}-{date}.json"
-    payload = {"bench": name, "date": date, "commit": git_commit(), "argv": sys.argv, **info,
+    written = _dt.datetime.now(_dt.timezone.utc).strftime("%H:%M:%S")  # orders a day's runs (bench/tune.py)
+    payload = {"bench": name, "date": date, "time": written, "commit": git_commit(), "argv": sys.argv, **info,
                **(extra or {}), "rows": rows}
     partial = path.with_name(path.name + ".part")  # a run killed mid-write leaves the last whole file
     partial.write_text(json.dumps(payload, indent=2) + "\n")

@@ -29,15 +29,17 @@ skipped, with a note in the results, when transformers or bitsandbytes does not 
 
 ``--breakdown N`` times nothing against the peer: it builds random 3B NF4 weights in memory (no
 checkpoint written), decodes N tokens at batch 1 with static steps (the same kernels a graph replays)
-under ``torch.profiler``: with the gemv kernel off (dequantize + cuBLAS), with it on, and with the
-Triton decode-attention kernel, and prints the kernels by GPU time per step (the 8-token prefill
-is one of the N forwards counted).
+under ``torch.profiler``: with the gemv and fused kernels off (dequantize + cuBLAS) and SDPA, with the
+gemv kernel on for every M it takes and SDPA, and the same with the Triton decode-attention kernel; it
+prints the kernels by GPU time per step (the 8-token prefill is one of the N forwards counted) and
+writes ``generate-breakdown-<device>-<date>.json`` (not in smoke runs).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import shutil
 import sys
 import tempfile
@@ -116,14 +118,17 @@ def breakdown(args, device, dtype) -> int:
     print(f"built random {config.num_hidden_layers}-layer NF4 weights in {time.perf_counter() - t0:.1f}s")
     ids = torch.randint(3, config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    # the first two with SDPA (the decode attention before 2026-11-27), the last with the default NF4 paths
+    # the first two with SDPA (the decode attention before 2026-11-27); the last two differ in the attention
+    # only (the H100 run of 2026-11-27 ran the last with the default NF4 paths, which mixed in the prefill's)
     modes = (("dequant + cuBLAS", (gemv_off, sdpa_attention)), ("gemv kernel", (gemv_on, sdpa_attention)),
-             ("Triton decode attention", (decode_attention_on,)))
+             ("Triton decode attention", (gemv_on, decode_attention_on)))
     results = []
     for label, settings in modes:
         with contextlib.ExitStack() as stack:
             for setting in settings:
                 stack.enter_context(setting())
+            env = {name: os.environ.get(name) for name in
+                   ("BEZOAR_NF4_GEMV_MAX_M", "BEZOAR_NF4_FUSED_MAX_M", "BEZOAR_DECODE_ATTENTION")}
             decoder = Decoder(model, "static")
 
             def run():
@@ -144,8 +149,8 @@ def breakdown(args, device, dtype) -> int:
         print(f"\n{label}: {steps} forwards at batch 1 (an 8-token prefill, then static steps): {wall_ms / steps:.3f} ms "
               f"per step wall clock, {total / 1e3:.3f} ms per step of {where} time\n")
         print(common.markdown_table(rows[:15], ["kernel", "calls_per", "us_per", "share"]))
-        results.append({"mode": label, "wall_ms_per_step": wall_ms / steps, "gpu_ms_per_step": total / 1e3,
-                        "kernels": rows[:15]})
+        results.append({"mode": label, "environment": env, "wall_ms_per_step": wall_ms / steps,
+                        "gpu_ms_per_step": total / 1e3, "kernels": rows[:15]})
         # after every mode, so that a run stopped by its time limit keeps the modes it finished
         common.write_results("generate-breakdown", results, args, {
             "steps": steps, "note": "static decode steps at batch 1 under torch.profiler, an 8-token prefill among "

@@ -371,6 +371,12 @@ def main() -> int:
             extra["sweep_gemv"] = sweep_gemv(args, shapes, weights, randn, bench, mm, keep_gemv_rows)
             print("\ngemv config sweep (best per case vs the default heuristic)\n")
             print(common.markdown_table(extra["sweep_gemv"], ["shape", "M", "default_ms", "best_ms", "best_config"]))
+            # the thresholds above were derived before the sweep, from the tiles this run had; tune.py
+            # derives the gemv threshold at the tiles the sweep chooses: say what it will write
+            derived = {key: value for key, (value, _) in tune.derive(
+                {"bench": name, "rows": rows, "sweep_gemv": extra["sweep_gemv"]}).items()}
+            extra["tune_derived"] = derived
+            print(f"\nwith the swept tiles, bench/tune.py would write: {derived}")
     common.write_results(name, rows + dequant_rows, args, extra=extra)
     return 0
 

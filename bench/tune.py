@@ -73,11 +73,12 @@ def _up_to(ms: list[int], wins) -> int | None:
 
 
 def _summed_win(pairs: list[tuple[float, float]]) -> bool:
-    """Whether a kernel's times, summed over the shapes of one M, beat the alternative's sum: a decode step
-    runs every shape (each of the 3B model's layers: four 3200x3200 projections, two 8640x3200 and one
-    3200x8640), so the total is what a threshold should minimise, not a win on each shape. The H100 run
-    of 2026-11-27 is the case in point: at M = 16 the fused forward lost 3% on 3200x3200 and won 36% and
-    45% on the two larger shapes."""
+    """Whether a kernel's times, summed over the shapes of one M (each shape once), beat the alternative's
+    sum. A decode step runs every shape, so a win on the total matters more than a win on each shape; the
+    plain sum stands in for a step's (which counts the 3B model's four 3200x3200 projections, two
+    8640x3200 and one 3200x8640 a layer; weighted so, the H100 runs of 2026-11-27 give the same
+    thresholds). Those runs are the case in point: at M = 16 the fused forward lost 3% on 3200x3200 and
+    won 36% and 45% on the two larger shapes."""
     return sum(a for a, _ in pairs) < sum(b for _, b in pairs)
 
 
@@ -124,13 +125,20 @@ def gemv_fastest_up_to(rows: list[dict]) -> int | None:
 
 
 def with_tuned_gemv(rows: list[dict], sweep: list[dict], tiles: dict) -> list[dict]:
-    """``rows`` with each forward row's ``nf4_gemv`` replaced by the time ``--sweep-gemv`` measured for the
-    tiles chosen at its M (``tiles``: M as a string -> config, as ``nf4.gemv_tiles`` holds them), where the
-    sweep timed that config at the row's shape and M; the rows' own gemv times ran the heuristic's tiles."""
+    """``rows`` with each forward row's ``nf4_gemv`` replaced by the gemv's time at the tiles the tuning
+    entry will hold for its M: ``tiles`` maps M (a string, as ``nf4.gemv_tiles`` holds them) to the config
+    the sweep chose, whose time the sweep measured at the row's shape and M, or to None where the sweep
+    kept the heuristic, whose time is the sweep's ``default_ms``. The rows' own gemv times ran whatever
+    tiles the run had (the device's tuning entry, or the heuristic); Ms the sweep did not cover keep them."""
     timed = {}
     for r in sweep:
-        cfg = tiles.get(str(r.get("M")))
-        if not cfg:
+        key = str(r.get("M"))
+        if key not in tiles:
+            continue
+        cfg = tiles[key]
+        if cfg is None:
+            if r.get("default_ms"):
+                timed[(r["shape"], r["M"])] = r["default_ms"]
             continue
         for g in r.get("grid") or []:
             if all(g["config"].get(key, "byte" if key == "table" else None) == cfg.get(key, "byte" if key == "table" else None)
@@ -275,10 +283,9 @@ def derive(result: dict, min_gain: float = 0.03) -> dict[str, tuple[object, str]
         if tiles:
             out["nf4.gemv_tiles"] = ({m: cfg for m, (cfg, _) in tiles.items()},
                                      "; ".join(f"M = {m}: {why}" for m, (_, why) in tiles.items()))
-        # the gemv threshold with the gemv's times at the tiles just chosen, where the sweep timed them
-        chosen = {m: cfg for m, (cfg, _) in tiles.items() if cfg}
-        if chosen:
-            rows = with_tuned_gemv(rows, result["sweep_gemv"], chosen)
+        # the gemv threshold with the gemv's times at the tiles the entry will hold (chosen, or the heuristic)
+        if tiles:
+            rows = with_tuned_gemv(rows, result["sweep_gemv"], {m: cfg for m, (cfg, _) in tiles.items()})
         gemv = gemv_fastest_up_to(rows)
         if gemv is not None:
             out["nf4.gemv_max_m"] = (gemv, f"gemv faster than what auto runs instead, summed over the shapes, up to M = {gemv}"
@@ -290,7 +297,7 @@ def derive(result: dict, min_gain: float = 0.03) -> dict[str, tuple[object, str]
         fused = fused_fastest_up_to(rows)
         if fused is not None:
             out["nf4.fused_max_m"] = (fused, f"fused beats dequant + cuBLAS, summed over the shapes, up to M = {fused}" if fused
-                                      else f"dequant + cuBLAS beats fused at M = {smallest} on some shape")
+                                      else f"dequant + cuBLAS beats fused at M = {smallest}, summed over the shapes")
         best = _best_config(result.get("sweep_dequant") or [], min_gain, ("values_per_prog", "num_warps"))
         if best:
             out["nf4.dequant_launch"] = best
@@ -311,9 +318,11 @@ def derive(result: dict, min_gain: float = 0.03) -> dict[str, tuple[object, str]
 
 
 def _order(item: tuple[Path, dict]) -> tuple:
+    """Oldest first: by date, then by the UTC time a run wrote its file (``time``, written since 2026-11-27;
+    files without one count as that day's earliest), eager before graph timing, then the name."""
     path, result = item
     graph = result.get("timing") == "graph" or result.get("bench") == "nf4-graph"
-    return (result.get("date", ""), graph, path.name)
+    return (result.get("date", ""), result.get("time", ""), graph, path.name)
 
 
 def _source(path: Path, result: dict) -> str:

@@ -20,9 +20,11 @@ of at least 256, each its own program, and a second kernel joins the partial sof
 ``decode_attention`` takes the Triton kernel on CUDA (or when the backend is forced to
 "triton"), the SDPA reference otherwise. The model uses it unless ``BEZOAR_DECODE_ATTENTION`` is
 ``sdpa`` (see ``enabled``). Timed on an H100 (2026-11-27, ``bench/generate.py --breakdown 32``, random
-3B NF4 weights, batch 1, an 8-token prompt): a decode step's GPU time fell from 4.16 ms with SDPA to
-3.26 ms with this kernel; SDPA's math path spent about 0.9 ms of the step in casts, two gemv kernels,
-a softmax and a reduction, this kernel 0.27 ms (bench/results/generate-breakdown-NVIDIA_H100_80GB_HBM3-*).
+3B NF4 weights, batch 1, an 8-token prompt; bench/results/generate-breakdown-NVIDIA_H100_80GB_HBM3-*):
+SDPA's math path spent about 0.9 ms of a 4.16 ms decode step (GPU time) in casts and copies, two cuBLAS
+gemv kernels, a softmax and reductions; this kernel took 0.27 ms, so about 0.6 ms (15%) of the step
+went. (That run's two modes also differed in the prefill's NF4 path, which is the rest of the step's
+4.16 -> 3.26 ms; the breakdown's modes now differ in the attention only.)
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
 
 CHOICES = ("sdpa", "triton")
 KEYS_PER_SPLIT = 256  # the fewest keys one program of a split launch takes
-DEFAULT = "triton"  # 22% off a 3B decode step at batch 1 on an H100 (the module's docstring)
+DEFAULT = "triton"  # about 15% off a 3B decode step at batch 1 on an H100 (the module's docstring)
 
 
 def choice() -> str:

@@ -24,11 +24,12 @@ paths, chosen by M (rows of x after flattening leading dims):
   over W per call. The backward dequantizes again (the buffer belongs to the next layer by then).
 * ``tma`` (large M, sm_90): ``bezoar_kernels.nf4_tma``, persistent TMA GEMMs that decode the packed
   weight in registers inside the K loop, 256 rows of x per decoded tile, so there is no dequantize
-  pass. Off in ``auto`` (``TMA_MIN_M = 0``): on an H100 at M = 4096 they took 1.4 to 2.4 times
-  cuBLAS's time, against 1.04 to 1.10 for dequant + cuBLAS (bench/README.md).
+  pass. Off in ``auto`` (``TMA_MIN_M = 0``): on an H100 at M = 4096 they took 1.36 to 2.24
+  times cuBLAS's time at their best tiles, against 1.07 to 1.10 for dequant + cuBLAS in the same run
+  (bench/README.md).
 
 Directions: ``auto`` picks the forward's path by M; the backward of an ``auto`` forward runs dequant
-where the forward ran gemv (no backward kernel) or fused (the fused backward was 6 to 14 times slower
+where the forward ran gemv (no backward kernel) or fused (the fused backward was 5.7 to 6.9 times slower
 than dequant + cuBLAS at M <= 16 on an H100), and tma where the forward ran tma. An explicit path is
 kept in both directions.
 
@@ -41,8 +42,9 @@ gathers of every element went through cp.async into shared memory, with layout c
 tensor-core operands. So the fused default is 0, and the gemv kernel was written; its default is 1
 (fastest at M = 1 on an H200). Since then the fused forward decodes bf16 codes in registers
 (``FusedConfig.decode = "prmt"``, its default where x is bf16 and K a multiple of the blocksize): on
-an H100 that halved its time at M <= 16 and beat dequant + cuBLAS up to M = 4 on every 3B shape, which
-the H100's tuning entry now says (``nf4.fused_max_m``, forward only: see Directions).
+an H100 that halved its time at M <= 16 and beat dequant + cuBLAS up to M = 16 in time summed over the
+three 3B shapes (up to M = 4 on each), which the H100's tuning entry now says (``nf4.fused_max_m``,
+forward only: see Directions).
 
 How the fused kernel decodes: K is processed in chunks. When K is a multiple of the NF4
 blocksize (the real model shapes), a chunk is one absmax block per row: the row's chunk is

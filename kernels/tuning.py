@@ -9,7 +9,8 @@ file, one per device name.
 A setting comes from the first of:
 
 1. its environment variable (``BEZOAR_NF4_GEMV_MAX_M``, ``BEZOAR_NF4_FUSED_MAX_M``,
-   ``BEZOAR_NF4_TMA_MIN_M``, ``BEZOAR_LORA_LARGE_M_PATH``, ``BEZOAR_NORM_LORA_PROGRAMS``; read by the modules that own them);
+   ``BEZOAR_NF4_TMA_MIN_M``, ``BEZOAR_LORA_FUSED_MAX_M``, ``BEZOAR_LORA_LARGE_M_PATH``,
+   ``BEZOAR_NORM_LORA_PROGRAMS``; read by the modules that own them);
 2. the device's entry in the file that ``BEZOAR_TUNING`` names (a user's own measurements; read at the
    first lookup, and again after ``reload()``);
 3. the device's entry in ``tuning.json`` beside this module (measurements committed with the code);

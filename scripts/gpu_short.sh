@@ -41,12 +41,20 @@ while [ $# -gt 0 ]; do
   shift
 done
 export DRY_RUN
+if [ -z "$PARTS" ]; then
+  echo "scripts/gpu_short.sh: --parts needs part names, comma-separated (parts: ${ALL_PARTS[*]})" >&2
+  exit 2
+fi
 IFS=, read -r -a WANTED <<<"$PARTS"
 for name in "${WANTED[@]}"; do
-  case " ${ALL_PARTS[*]} " in
-    *" $name "*) ;;
-    *) echo "scripts/gpu_short.sh: no part '$name' (parts: ${ALL_PARTS[*]})" >&2; exit 2 ;;
-  esac
+  known=0
+  for each in "${ALL_PARTS[@]}"; do
+    [ "$name" = "$each" ] && known=1
+  done
+  if [ "$known" = 0 ]; then
+    echo "scripts/gpu_short.sh: no part '$name' (parts: ${ALL_PARTS[*]})" >&2
+    exit 2
+  fi
 done
 export PYTHONUNBUFFERED=1
 OUT_DIR=${OUT:-/tmp/bezoar-gpu-out}
@@ -80,6 +88,11 @@ else
   tail -n 12 "$OUT_DIR/setup.log"
 fi
 [ -d "$SITE_DIR" ] && prepend_pythonpath "$SITE_DIR"
+# pytest-xdist where the machine has it (as scripts/gpu_check.sh decides)
+parallel=()
+if [ "$DRY_RUN" = 1 ] || "$PYTHON" -c "import xdist" >/dev/null 2>&1; then
+  parallel=(-n 8)
+fi
 
 run_part() {
   case "$1" in
@@ -95,7 +108,7 @@ run_part() {
     tma_tests) part tma_tests 75 env -u TRITON_INTERPRET "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider -rfE \
       tests/kernels/test_nf4_tma.py tests/kernels/test_lora_tma.py ;;
     small_tests) part small_tests 90 env -u TRITON_INTERPRET "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider -rfE \
-      -n 8 tests/kernels/test_nf4_matmul.py tests/kernels/test_lora.py tests/kernels/test_lora_tma.py ;;
+      "${parallel[@]}" tests/kernels/test_nf4_matmul.py tests/kernels/test_lora.py tests/kernels/test_lora_tma.py ;;
   esac
 }
 for name in "${WANTED[@]}"; do

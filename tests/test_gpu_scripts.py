@@ -89,11 +89,18 @@ def test_gpu_short_dry_run_fits_one_call_and_runs_the_parts_asked_for():
     out = dry_run("gpu_short.sh", "--dry-run", "--parts", ",".join(reversed(every)))
     assert out.returncode == 0, out.stderr
     assert re.findall(r"part (\w+) \(limit", out.stdout) == list(reversed(every))
+    assert "-n 8 tests/kernels/test_nf4_matmul.py" in out.stdout  # xdist assumed in a dry run
     for piece in ("bench/nf4.py --sweep-tma --ms 4096", "bench/lora.py --sweep-tma --ms 16384", "--sweep-gemv",
                   r"bench/lora.py --paths cublas\,concat\,tma", "tests/kernels/test_nf4_tma.py"):
         assert piece in out.stdout, piece
     bad = dry_run("gpu_short.sh", "--dry-run", "--parts", "nf4_small,bogus")
     assert bad.returncode == 2 and "no part 'bogus'" in bad.stderr
+    # a space for a comma is one unknown name, not two parts; no names at all is refused too
+    bad = dry_run("gpu_short.sh", "--dry-run", "--parts", "generate lora")
+    assert bad.returncode == 2 and "no part 'generate lora'" in bad.stderr
+    for empty in (("--parts", ""), ("--parts",)):
+        bad = dry_run("gpu_short.sh", "--dry-run", *empty)
+        assert bad.returncode == 2 and "--parts needs part names" in bad.stderr, empty
     bad = dry_run("gpu_short.sh", "--frobnicate")
     assert bad.returncode == 2 and "unknown argument" in bad.stderr
 

@@ -40,12 +40,27 @@ def test_bench_generate_only_and_iters(capsys):
     assert "no such case" in capsys.readouterr().err
 
 
-def test_bench_generate_breakdown_smoke(capsys):
-    """--breakdown profiles static decode steps with and without gemv and tables the top operators."""
+def test_bench_generate_breakdown_smoke(capsys, monkeypatch):
+    """--breakdown profiles static decode steps with and without gemv and tables the top operators; after
+    each mode it writes what it has (here the writer is caught: smoke runs write nothing), each mode with
+    the settings it ran under: the last two differ in the decode attention only."""
     spec = importlib.util.spec_from_file_location("bench_generate", ROOT / "bench" / "generate.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    written = []
+    monkeypatch.setattr(bench.common, "write_results",
+                        lambda name, rows, args, extra=None: written.append((name, [dict(r) for r in rows], extra)))
     assert bench.main(["--smoke", "--breakdown", "2"]) == 0
+    assert [(name, len(rows)) for name, rows, _ in written] == [("generate-breakdown", 1), ("generate-breakdown", 2),
+                                                                  ("generate-breakdown", 3)]
+    rows = written[-1][1]
+    assert [r["mode"] for r in rows] == ["dequant + cuBLAS", "gemv kernel", "Triton decode attention"]
+    assert rows[0]["environment"] == {"BEZOAR_NF4_GEMV_MAX_M": "0", "BEZOAR_NF4_FUSED_MAX_M": "0",
+                                      "BEZOAR_DECODE_ATTENTION": "sdpa"}
+    assert rows[1]["environment"]["BEZOAR_DECODE_ATTENTION"] == "sdpa"
+    assert dict(rows[2]["environment"], BEZOAR_DECODE_ATTENTION="sdpa") == rows[1]["environment"]
+    assert rows[2]["environment"]["BEZOAR_DECODE_ATTENTION"] == "triton"
+    assert all(r["gpu_ms_per_step"] > 0 and r["kernels"] for r in rows) and written[-1][2]["steps"] == 2
     out = capsys.readouterr().out
     for label in ("dequant + cuBLAS", "gemv kernel", "Triton decode attention"):
         assert f"{label}: 2 forwards at batch 1" in out

@@ -485,6 +485,8 @@ def test_bench_smoke():
     assert "timing: eager (do_bench per call: host launch gaps included) (graph timing needs a GPU)" in proc.stdout
     assert "| shape" in proc.stdout and "crossover" in proc.stdout and "fused config sweep" in proc.stdout
     assert "gemv config sweep" in proc.stdout and "GemvConfig(" in proc.stdout
+    # after the sweep, what tune.py derives at the swept tiles (the gemv threshold among it)
+    assert re.search(r"with the swept tiles, bench/tune\.py would write: \{.*'nf4\.gemv_max_m': \d+", proc.stdout)
     assert "dequantize launch sweep" in proc.stdout
     # the targets again for the thresholds bench/tune.py would write from this run
     said = re.search(r"bench/tune\.py would write: gemv to M = \d+, fused to M = \d+, tma from M = \d+ \((.*)\)",

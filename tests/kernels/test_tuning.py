@@ -182,6 +182,21 @@ def test_shipped_tiles_serve_when_the_users_are_of_another_release(tmp_path, mon
     assert mm.gemv_max_m(CPU) == 4
 
 
+def test_lora_fused_threshold_is_its_own_setting(tmp_path, monkeypatch):
+    """lora.fused_max_m moves LoRA's auto and nothing else; nf4.fused_max_m moves the NF4 matmul only; the
+    environment wins; a value that is not a whole number of rows is refused by its key."""
+    _user_file(tmp_path, monkeypatch, {"lora.fused_max_m": 8, "nf4.fused_max_m": 16})
+    assert L.fused_max_m(CPU) == 8 and mm.fused_max_m(CPU) == 16
+    assert L.resolve_path(None, 8, device=CPU) == "fused" and L.resolve_path(None, 9, device=CPU) == L.large_m_path(CPU)
+    monkeypatch.setenv("BEZOAR_LORA_FUSED_MAX_M", "0")
+    assert L.fused_max_m(CPU) == 0 and L.resolve_path(None, 8, device=CPU) == L.large_m_path(CPU)
+    monkeypatch.setenv("BEZOAR_LORA_FUSED_MAX_M", "many")
+    with pytest.raises(ValueError, match="BEZOAR_LORA_FUSED_MAX_M"):
+        L.fused_max_m(CPU)
+    with pytest.raises(ValueError, match="lora.fused_max_m: expected a whole number of rows"):
+        tuning.validate({"format": 1, "devices": {"x": {"settings": {"lora.fused_max_m": -1}}}}, "t.json")
+
+
 def test_the_environment_is_read_before_the_file(tmp_path, monkeypatch):
     path = tmp_path / "broken.json"
     path.write_text("{")
@@ -346,6 +361,12 @@ def test_gemv_threshold_uses_the_swept_tiles_it_chooses():
     tuned = tune.with_tuned_gemv(rows, sweep, {"1": {"block_n": 16, "blocks": 8, "num_warps": 4, "table": "prmt"}})
     assert [r["nf4_gemv"] for r in tuned] == [10.2, 19.5, 23.0, 52.0] and rows[0]["nf4_gemv"] == 18.0
     assert tune.gemv_fastest_up_to(tuned) == 1  # beats fused at 1; at 4 the heuristic's tiles still ran
+    # where the sweep kept the heuristic (None), the heuristic's time (default_ms) replaces the rows': the
+    # rows ran the tiles on record, which the entry then drops
+    kept = tune.with_tuned_gemv(rows, sweep, {"1": None})
+    assert [r["nf4_gemv"] for r in kept] == [18.0, 36.5, 23.0, 52.0]
+    sweep_slow = [dict(r, default_ms=r["default_ms"] * 2) for r in sweep]
+    assert [r["nf4_gemv"] for r in tune.with_tuned_gemv(rows, sweep_slow, {"1": None, "4": None})] == [36.0, 73.0, 46.0, 104.0]
     # a table left out of a config is the byte table
     byte = tune.with_tuned_gemv(rows, sweep, {"1": {"block_n": 16, "blocks": 8, "num_warps": 4}})
     assert [r["nf4_gemv"] for r in byte][:2] == [18.0, 36.0]
@@ -565,6 +586,28 @@ def test_the_sweeps_write_what_tune_reads():
     assert out["nf4.dequant_launch"][0] == {"values_per_prog": 256 * 64, "num_warps": 8}
     table = {"format": 1, "devices": {"NVIDIA X": {"settings": {k: v for k, (v, _) in out.items()}, "triton": "3.6"}}}
     tuning.validate(table, "derived")
+
+
+def test_runs_of_one_day_are_applied_in_the_order_they_were_written(tmp_path):
+    """Two runs of a day disagree: the one written later wins, whatever the names' order (the H100's two
+    nf4-graph files of 2026-11-27 sort '-tuned' before the first run by name)."""
+    def write(name, time, fused_wins):
+        rows = _nf4_rows({("fwd", "a", 1): (None, 1.0 if fused_wins else 3.0, 2.0)})
+        path = tmp_path / name
+        path.write_text(json.dumps(_result(bench="nf4-graph", date="2026-11-27", time=time, rows=rows)))
+        return path
+
+    first = write("nf4-graph-x-2026-11-27.json", "02:23:36", False)
+    later = write("nf4-graph-x-2026-11-27-tuned.json", "02:34:19", True)
+    table = {"format": 1, "devices": {}}
+    tune.apply([first, later], table)
+    entry = table["devices"]["NVIDIA H100 80GB HBM3"]
+    assert entry["settings"]["nf4.fused_max_m"] == 1 and "-tuned.json" in entry["sources"]["nf4.fused_max_m"]
+    # swapped times: the first file by name is now the later run
+    first = write("nf4-graph-x-2026-11-27.json", "03:00:00", False)
+    table = {"format": 1, "devices": {}}
+    tune.apply([first, later], table)
+    assert table["devices"]["NVIDIA H100 80GB HBM3"]["settings"]["nf4.fused_max_m"] == 0
 
 
 def test_apply_orders_files_and_keeps_tiles_to_their_triton_release(tmp_path):
