@@ -124,6 +124,12 @@ def gemv_fastest_up_to(rows: list[dict]) -> int | None:
     return _up_to(sorted({r["M"] for r in fwd}), wins)
 
 
+def _gemv_key(config: dict) -> tuple:
+    """A gemv config's tiles and code table, a table left out being the byte table (as sweeps from before
+    the table existed ran)."""
+    return (config.get("block_n"), config.get("blocks"), config.get("num_warps"), config.get("table", "byte"))
+
+
 def with_tuned_gemv(rows: list[dict], sweep: list[dict], tiles: dict) -> list[dict]:
     """``rows`` with each forward row's ``nf4_gemv`` replaced by the gemv's time at the tiles the tuning
     entry will hold for its M: ``tiles`` maps M (a string, as ``nf4.gemv_tiles`` holds them) to the config
@@ -140,9 +146,9 @@ def with_tuned_gemv(rows: list[dict], sweep: list[dict], tiles: dict) -> list[di
             if r.get("default_ms"):
                 timed[(r["shape"], r["M"])] = r["default_ms"]
             continue
+        want = _gemv_key(cfg)
         for g in r.get("grid") or []:
-            if all(g["config"].get(key, "byte" if key == "table" else None) == cfg.get(key, "byte" if key == "table" else None)
-                   for key in ("block_n", "blocks", "num_warps", "table")):
+            if _gemv_key(g["config"]) == want:
                 timed[(r["shape"], r["M"])] = g["ms"]
                 break
     out = []

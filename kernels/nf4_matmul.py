@@ -197,11 +197,17 @@ class FusedConfig:
             raise ValueError(f"nf4 fused: decode must be one of {', '.join(FUSED_DECODES)}, got {self.decode!r}")
 
 
+def _prmt_operands_ok(dtype: torch.dtype, aligned: bool, packed: torch.Tensor) -> bool:
+    """bf16 x, K a multiple of the blocksize (``aligned``) and packed bytes aligned to 4: what the fused
+    forward's register decode needs of its operands."""
+    return dtype == torch.bfloat16 and aligned and packed.data_ptr() % 4 == 0
+
+
 def prmt_decode_applies(dtype: torch.dtype, aligned: bool, packed: torch.Tensor) -> bool:
-    """Whether the fused forward can decode codes in registers (``FusedConfig.decode = "prmt"``): bf16 x,
-    K a multiple of the blocksize (``aligned``), packed bytes aligned to 4, and an NVIDIA GPU or the
-    interpreter (which runs the decode's integer model)."""
-    if dtype != torch.bfloat16 or not aligned or packed.data_ptr() % 4:
+    """Whether the fused forward can decode codes in registers (``FusedConfig.decode = "prmt"``): the
+    operands it needs (``_prmt_operands_ok``) on an NVIDIA GPU or the interpreter (which runs the
+    decode's integer model)."""
+    if not _prmt_operands_ok(dtype, aligned, packed):
         return False
     if dispatch.interpreting():
         return True
@@ -649,7 +655,7 @@ def nf4_fused_forward(x: torch.Tensor, weight: NF4Weight, config: FusedConfig | 
     counts = _split_counts(x.device, tiles) if split > 1 and cfg.reduce_in_kernel else None
     out = final if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     prmt = cfg.decode == "prmt"
-    if prmt and not (x.dtype == torch.bfloat16 and meta["ALIGNED"] and weight.packed.data_ptr() % 4 == 0):
+    if prmt and not _prmt_operands_ok(x.dtype, meta["ALIGNED"], weight.packed):
         raise ValueError(f"nf4 fused: decode='prmt' needs bf16 x and K a multiple of the blocksize "
                          f"{weight.blocksize} with the packed bytes aligned to 4, got {x.dtype}, K={k}")
     table = (nf4_byte_table(x.device) if x.dtype == torch.float32 else nf4_code_planes(x.device) if prmt
