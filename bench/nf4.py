@@ -31,6 +31,7 @@ empty with a note when it does not import. Usage::
     python bench/nf4.py --smoke         # tiny shapes on CPU (Triton interpreter), writes nothing
     python bench/nf4.py --only fwd/nf4_fused/3200x8640/M=1 --iters 200   # one case, for ncu/nsys
     python bench/nf4.py --sweep-tma --ms 4096   # only the tma kernels' tiles, into nf4-tma-sweep-*.json
+    python bench/nf4.py --cache       # training-step sequences with the dequant cache off and on, nf4-cache-*.json
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ def parse_args():
     p.add_argument("--sweep-tma", action="store_true",
                    help="only sweep the tma kernels' tile configs (forward and backward, M from --ms, default "
                         "4096) against cuBLAS on the dequantized weight and dequant + cuBLAS; writes nf4-tma-sweep-*")
+    p.add_argument("--cache", action="store_true",
+                   help="only time training-step sequences of dequant-path matmuls (forward over 8 weights, "
+                        "backward back) with the dequant cache off, on and on with a high-priority side stream, "
+                        "against cuBLAS on bf16 weights; M from --ms, default 4096,16384; writes nf4-cache-*")
     p.add_argument("--shapes", default=None, help="comma list NxK to restrict the shapes, e.g. 3200x8640")
     p.add_argument("--ms", default=None, help="comma list of M values to restrict the sweep")
     p.add_argument("--timing", choices=("eager", "graph"), default="eager",
@@ -105,6 +110,9 @@ def main() -> int:
         print(bnb_note)
 
     graph_timing = args.timing == "graph" and not args.smoke
+    if args.cache:
+        return cache_sequences(args, shapes, [int(v) for v in args.ms.split(",")] if args.ms else
+                               ([40] if args.smoke else [4096, 16384]), device, dtype)
     if args.sweep_tma:
         return sweep_tma(args, shapes, [int(v) for v in args.ms.split(",")] if args.ms else [4096], device,
                          dtype if cuda else torch.float16)
@@ -378,6 +386,92 @@ def main() -> int:
             extra["tune_derived"] = derived
             print(f"\nwith the swept tiles, bench/tune.py would write: {derived}")
     common.write_results(name, rows + dequant_rows, args, extra=extra)
+    return 0
+
+
+def cache_sequences(args, shapes, ms, device, dtype) -> int:
+    """--cache: one training step's worth of dequant-path calls on one shape, as a model makes them:
+    x @ W_i.T for i = 1..8 (forward), then dy @ W_i for i = 8..1 (backward), 8 weights of the shape.
+
+    Timed (do_bench of a whole sequence, eager: at M >= 4096 the GPU work outlasts the host's) as
+    cuBLAS on 8 bf16 weights; the dequant path with the cache off (16 dequantizes, inline); with the cache
+    on and ``begin_step`` per sequence (from the second sequence every call hits: 12 dequantizes run
+    ahead on the side stream, 4 calls meet their weight still in a slot: W1, W2 from the sequence
+    before, W8, W7 where the backward turns); the same with the side stream at high priority; and the
+    cache on without ``begin_step`` (those 4 hits, 12 dequantizes inline, none ahead). Each
+    variant's results are checked equal, bit for bit, to the cache-off sequence's first. ``hidden`` is
+    the share of the dequant path's extra time over cuBLAS that the cache takes away."""
+    import torch
+
+    from bezoar_kernels import dequant_cache, nf4, nf4_matmul as mm
+    from bezoar_kernels.dispatch import backend
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    copies = 3 if args.smoke else WEIGHT_COPIES  # 3 > the 2 slots: the smoke run dequantizes ahead too
+    rows = []
+    with backend("triton"):
+        for n, k in shapes:
+            qs = [nf4.quantize_nf4(torch.randn(n, k, generator=gen, device=device) * 0.02, 64, True)
+                  for _ in range(copies)]
+            ws = [nf4.dequantize_nf4_reference(q, dtype) for q in qs]
+            for m in ms:
+                x = torch.randn(m, k, generator=gen, device=device).to(dtype)
+                dy = torch.randn(m, n, generator=gen, device=device).to(dtype)
+
+                def cublas():
+                    return [torch.matmul(x, w.t()) for w in ws] + [torch.matmul(dy, w) for w in reversed(ws)]
+
+                def nf4_path(mark_steps):
+                    def run():
+                        if mark_steps:
+                            dequant_cache.begin_step()
+                        return ([mm.nf4_dequant_forward(x, q) for q in qs]
+                                + [mm.nf4_dequant_backward(dy, q) for q in reversed(qs)])
+                    return run
+
+                variants = {"dequant": ("0", 0, nf4_path(False)), "cache": ("1", 0, nf4_path(True)),
+                            "cache_high_priority": ("1", -1, nf4_path(True)),
+                            "cache_hits_only": ("1", 0, nf4_path(False))}
+                row = {"shape": f"{n}x{k}", "M": m, "calls": 2 * copies,
+                       "cublas_ms": common.bench_ms(cublas, smoke=args.smoke)}
+                ref = None
+                for label, (env, priority, fn) in variants.items():
+                    dequant_cache.clear()
+                    dequant_cache.SIDE_PRIORITY = priority
+                    with common.environ(BEZOAR_NF4_DEQUANT_CACHE=env):
+                        try:
+                            for _ in range(2):  # learn the order, then use it
+                                out = fn()
+                            if ref is None:
+                                ref = out
+                            elif not all(torch.equal(a, b) for a, b in zip(out, ref)):
+                                raise ArithmeticError("results differ from the cache-off sequence")
+                            before = dequant_cache.stats()
+                            t = common.bench_ms(fn, smoke=args.smoke)
+                            after = dequant_cache.stats()
+                            row[f"{label}_ms"] = t
+                            row[f"{label}_over_cublas"] = t / row["cublas_ms"]
+                            if label != "dequant":
+                                calls = max(1, (after["hits"] + after["misses"]) - (before["hits"] + before["misses"]))
+                                row[f"{label}_hit_share"] = (after["hits"] - before["hits"]) / calls
+                        except Exception as exc:  # reported in the row; the other variants still run
+                            row[f"{label}_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                dequant_cache.clear()
+                dequant_cache.SIDE_PRIORITY = 0
+                extra_ms = row.get("dequant_ms", 0.0) - row["cublas_ms"]
+                for label in ("cache", "cache_high_priority", "cache_hits_only"):
+                    if f"{label}_ms" in row and extra_ms > 0:
+                        row[f"{label}_hidden"] = (row["dequant_ms"] - row[f"{label}_ms"]) / extra_ms
+                rows.append(row)
+                print(f"{n}x{k} M={m}: " + ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else
+                                                   f"{key} {value}" for key, value in row.items()
+                                                   if key not in ("shape", "M")), flush=True)
+                common.write_results("nf4-cache", rows, args, extra={"dtype": str(dtype), "complete": False})
+    print()
+    print(common.markdown_table(rows, ["shape", "M", "cublas_ms", "dequant_over_cublas", "cache_over_cublas",
+                                       "cache_high_priority_over_cublas", "cache_hits_only_over_cublas",
+                                       "cache_hidden"]))
+    common.write_results("nf4-cache", rows, args, extra={"dtype": str(dtype), "complete": True})
     return 0
 
 

@@ -345,6 +345,9 @@ def bezoar_step(model, workload: str, batch: dict, optimizer, params, autocast):
     def step():
         import torch
 
+        from bezoar_kernels import dequant_cache
+
+        dequant_cache.begin_step()  # a no-op unless BEZOAR_NF4_DEQUANT_CACHE=1 (or a tuning entry) turns it on
         with autocast():
             loss_sum, _ = stage.loss(model, batch)
         (loss_sum.float() / units).backward()

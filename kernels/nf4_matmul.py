@@ -69,7 +69,7 @@ import os
 
 import torch
 
-from bezoar_kernels import dispatch, nf4_tma, tuning
+from bezoar_kernels import dequant_cache, dispatch, nf4_tma, tuning
 from bezoar_kernels.launch import cdiv, launch_fitting, next_power_of_2, sm_count, triton_version
 from bezoar_kernels.nf4 import (
     NESTED_BLOCKSIZE,
@@ -843,14 +843,19 @@ def dequant_buffer(weight: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
 
 
 def nf4_dequant_forward(x: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
-    """x (M, K) @ W.T through the dequant buffer and torch.matmul (cuBLAS on CUDA)."""
+    """x (M, K) @ W.T through the dequant buffer (or ``dequant_cache`` where it is on) and torch.matmul
+    (cuBLAS on CUDA)."""
     _check(x, weight, 1, "x")
+    if dequant_cache.usable(weight, x.dtype):
+        return dequant_cache.matmul(x, weight, transpose=True)
     return torch.matmul(x, dequant_buffer(weight, x.dtype).t())
 
 
 def nf4_dequant_backward(dy: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
     """dy (M, N) @ W through the dequant buffer and torch.matmul."""
     _check(dy, weight, 0, "dy")
+    if dequant_cache.usable(weight, dy.dtype):
+        return dequant_cache.matmul(dy, weight, transpose=False)
     return torch.matmul(dy, dequant_buffer(weight, dy.dtype))
 
 

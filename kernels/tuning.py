@@ -10,13 +10,13 @@ A setting comes from the first of:
 
 1. its environment variable (``BEZOAR_NF4_GEMV_MAX_M``, ``BEZOAR_NF4_FUSED_MAX_M``,
    ``BEZOAR_NF4_TMA_MIN_M``, ``BEZOAR_LORA_FUSED_MAX_M``, ``BEZOAR_LORA_LARGE_M_PATH``,
-   ``BEZOAR_NORM_LORA_PROGRAMS``; read by the modules that own them);
+   ``BEZOAR_NORM_LORA_PROGRAMS``, ``BEZOAR_NF4_DEQUANT_CACHE``; read by the modules that own them);
 2. the device's entry in the file that ``BEZOAR_TUNING`` names (a user's own measurements; read at the
    first lookup, and again after ``reload()``);
 3. the device's entry in ``tuning.json`` beside this module (measurements committed with the code);
 4. the module's constant (``FUSED_MAX_M``, ``GEMV_MAX_M``, ``TMA_MIN_M``, ``LARGE_M_PATH``, lora's
    ``FUSED_MAX_M``, the tile
-   heuristics).
+   heuristics; ``nf4.dequant_cache``: off).
 
 The file::
 
@@ -51,7 +51,7 @@ LARGE_M_PATHS = ("dequant", "cublas", "concat", "fused", "tma")  # what lora's "
 NORM_GRIDS = ("persistent", "per_block")  # the fused RMSNorm + LoRA kernels' grids (norm_lora._programs)
 GEMV_TABLES = ("byte", "nibble", "prmt")  # the gemv kernel's code lookups (nf4_matmul.GemvConfig.table)
 THRESHOLD_KEYS = ("nf4.gemv_max_m", "nf4.fused_max_m", "nf4.tma_min_m", "lora.fused_max_m", "lora.large_m_path",
-                  "norm_lora.grid")
+                  "norm_lora.grid", "nf4.dequant_cache")
 TILE_KEYS = ("nf4.gemv_tiles", "nf4.dequant_launch")
 
 
@@ -82,6 +82,9 @@ def _check_setting(key: str, value, where: str) -> None:
     if key in ("nf4.gemv_max_m", "nf4.fused_max_m", "nf4.tma_min_m", "lora.fused_max_m"):
         if not _whole(value):
             raise ValueError(f"{where}: expected a whole number of rows, got {value!r}")
+    elif key == "nf4.dequant_cache":
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
     elif key == "lora.large_m_path":
         if value not in LARGE_M_PATHS:
             raise ValueError(f"{where}: expected one of {', '.join(LARGE_M_PATHS)}, got {value!r}")

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from bezoar.model.lora import lora_modules, save_adapter
+from bezoar_kernels import dequant_cache
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 TMP_CHECKPOINT_RE = re.compile(r"^\.tmp-step-(\d+)-(\d+)$")  # step, pid of the process writing it
@@ -301,6 +302,8 @@ class Trainer:
 
     def train_step(self, group: list) -> dict[str, float]:
         self.model.train()
+        # the NF4 dequant cache (where it is on) fetches each weight ahead in the order of the step before
+        dequant_cache.begin_step()
         units = sum(float(self.stage.units(b)) for b in group)
         tokens = sum(int(self.stage.tokens(b)) for b in group)
         if self.dist is not None:
@@ -588,6 +591,7 @@ class Trainer:
                 if self.loop.save_every and self.step % self.loop.save_every == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
         finally:
+            dequant_cache.clear()  # its buffers (where it was on) back for the evaluation and what follows
             if bar is not None:
                 bar.close()
             if profiler is not None:

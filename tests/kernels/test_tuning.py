@@ -395,6 +395,27 @@ def _result(bench="lora", date="2026-11-26", device="NVIDIA H100 80GB HBM3", tri
     return {"bench": bench, "date": date, "device": device, "triton": triton, "commit": "abc", **extra}
 
 
+def test_dequant_cache_setting_from_a_whole_cache_run(tmp_path):
+    rows = [{"shape": "3200x3200", "M": 4096, "cublas_ms": 2.0, "dequant_ms": 2.2, "cache_ms": 2.05},
+            {"shape": "8640x3200", "M": 4096, "cublas_ms": 5.0, "dequant_ms": 5.4, "cache_ms": 5.5}]
+    on, why = tune.derive(_result(bench="nf4-cache", rows=rows, complete=True))["nf4.dequant_cache"]
+    assert on is True and "cache 7.550 ms, cache off 7.600 ms" in why  # summed over the cases
+    rows[1]["cache_ms"] = 5.6
+    assert tune.derive(_result(bench="nf4-cache", rows=rows, complete=True))["nf4.dequant_cache"][0] is False
+    assert tune.derive(_result(bench="nf4-cache", rows=rows, complete=False)) == {}  # a run cut short
+    del rows[0]["cache_ms"]  # a case in error
+    assert tune.derive(_result(bench="nf4-cache", rows=rows, complete=True)) == {}
+    # into a tuning file that tuning.py accepts
+    rows[0]["cache_ms"] = 2.05
+    rows[1]["cache_ms"] = 5.0
+    path = tmp_path / "nf4-cache-x.json"
+    path.write_text(json.dumps(_result(bench="nf4-cache", rows=rows, complete=True)))
+    table = {"format": 1, "devices": {}}
+    tune.apply([path], table)
+    assert table["devices"]["NVIDIA H100 80GB HBM3"]["settings"] == {"nf4.dequant_cache": True}
+    tuning.validate(table, "t.json")
+
+
 def test_lora_prefers_graph_rows_and_ignores_runs_without_dropout():
     eager = [{"nf4_only": 1.0, "lora_cublas": 1.1, "lora_concat": 1.3}]
     graph = [{"nf4_only": 1.0, "lora_cublas": 1.3, "lora_concat": 1.1}]

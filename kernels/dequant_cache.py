@@ -1,0 +1,301 @@
+"""Dequantized NF4 weights for the large-M ``dequant`` path, kept in a few slots and dequantized ahead.
+
+Without this module the ``dequant`` path (``nf4_matmul.nf4_dequant_forward`` / ``_backward``) runs the
+Triton dequantize into one shared buffer and then cuBLAS, one after the other on the same stream: at
+M = 4096 the dequantize is most of the gap between NF4 and cuBLAS on a bf16 weight (about 9.5 us of the
+3200x3200 forward on an H100, at the copy bandwidth). A training step calls the same linears in the same
+order every time, so the next weight is known before the current matmul starts. With the cache on:
+
+* ``SLOTS`` buffers each hold one dequantized weight, remembered by the NF4Weight and the identity of
+  its tensors (data pointer and version counter, so a weight whose tensors are replaced or written in
+  place is dequantized again). A call whose weight is still in a slot skips the dequantize: with
+  activation checkpointing a block's last linear runs its recomputed forward and then its backward back
+  to back, and without checkpointing the last block's linears meet their backward in the same way.
+* ``begin_step()`` marks the start of a training step. Each step's order of weights is recorded; in the
+  next step, after a call on weight w at position i, the weight that came after w in the previous step
+  is dequantized on a side stream into the least recently used other slot, after that slot's last
+  reader has finished (an event recorded behind it), and the next call waits only for that dequantize.
+  Where the order differs (the last micro-batch of an epoch, an eval pass) the position is found again
+  by the weight; a guess that is never used costs one dequantize of bandwidth and nothing else.
+
+Where the side stream's dequantize runs: while the current matmul holds the SMs it can only fill those
+that the matmul leaves idle (its last wave, the gaps between its kernels), so how much of its time the
+overlap hides is a measurement (``bench/nf4.py --cache``), not a given. What is certain is the hits.
+
+Off by default: ``BEZOAR_NF4_DEQUANT_CACHE=1`` (or the device's tuning entry ``nf4.dequant_cache``) turns
+it on. It costs ``SLOTS`` buffers of the largest weight (2 x 55 MB for OpenLLaMA 3B's 8640x3200 in bf16)
+in place of the one shared buffer. It is bypassed while a CUDA graph is being captured (a graph cannot
+hold work left pending on another stream): captured calls use the shared buffer as before. Results are
+the same bit for bit with the cache on or off: the same kernel writes the same values into a buffer of
+the same layout, and cuBLAS reads them.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+
+from bezoar_kernels import tuning
+from bezoar_kernels.nf4 import NF4Weight, dequantize_nf4_triton
+
+ENV = "BEZOAR_NF4_DEQUANT_CACHE"
+SLOTS = 2
+# A step's recorded order is dropped (no schedule) past this many calls: begin_step is then not being
+# called once per step, and the record would only grow.
+MAX_TRACE = 1 << 16
+_LOOKAHEAD = 4  # how far past the current position to look for the next different weight
+# Priority of the side stream made by caches created from now on (torch's: 0 is the default and the
+# lowest, negative is higher). At 0 the block scheduler treats the dequantize ahead as the matmul's
+# equal; bench/nf4.py --cache times -1 beside it.
+SIDE_PRIORITY = 0
+
+
+def enabled(device) -> bool:
+    """Whether the dequant path goes through the cache on ``device``: the environment variable, else the
+    device's tuning entry, else off."""
+    raw = os.environ.get(ENV, "").strip()
+    if raw:
+        if raw not in ("0", "1"):
+            raise ValueError(f"{ENV}: expected 0 or 1, got {raw!r}")
+        return raw == "1"
+    return bool(tuning.setting("nf4.dequant_cache", device))
+
+
+def _identity(weight: NF4Weight) -> tuple:
+    """What a slot's content depends on besides the NF4Weight object: its tensors and their versions."""
+    return tuple((t.data_ptr(), t._version) for t in weight.tensors())
+
+
+class _Slot:
+    __slots__ = ("buf", "ref", "identity", "ready", "done", "on_side", "used", "from_prefetch")
+
+    def __init__(self, cuda: bool):
+        self.buf: torch.Tensor | None = None
+        self.ref = None  # weakref to the NF4Weight held, or None
+        self.identity: tuple | None = None
+        self.ready = torch.cuda.Event() if cuda else None  # recorded after the side stream's dequantize
+        self.done = torch.cuda.Event() if cuda else None  # recorded after the last reader on the compute stream
+        self.on_side = False  # the content was (or is being) written on the side stream
+        self.used = -1  # clock of the last acquire, for least-recently-used eviction
+        self.from_prefetch = False  # written by a prefetch and not yet read
+
+    def holds(self, weight: NF4Weight, identity: tuple) -> bool:
+        return self.ref is not None and self.ref() is weight and self.identity == identity
+
+
+class DequantCache:
+    """The slots and the learned schedule for one (device, dtype). ``acquire`` gives a weight's
+    dequantized view for use on the current stream, ``release`` says the reads of it have been queued
+    (and queues the dequantize of the weight expected next)."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, slots: int = SLOTS):
+        if slots < 2:
+            raise ValueError(f"dequant cache: needs at least 2 slots (one in use, one being filled), got {slots}")
+        self.device, self.dtype = torch.device(device), dtype
+        cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device, priority=SIDE_PRIORITY) if cuda else None
+        self.slots = [_Slot(cuda) for _ in range(slots)]
+        self.clock = 0
+        self.stepping = False  # begin_step has been called: orders are recorded
+        self.previous: list = []  # weakrefs, the last whole step's order of weights
+        self.trace: list = []  # this step's so far
+        self.pos = 0  # where in ``previous`` the calls of this step have got to
+        self.stats = {"hits": 0, "misses": 0, "prefetched": 0, "prefetch_hits": 0, "unused_prefetches": 0}
+
+    # ---- schedule --------------------------------------------------------------------------------
+
+    def begin_step(self) -> None:
+        if self.trace:
+            self.previous = self.trace
+        self.trace, self.pos, self.stepping = [], 0, True
+        if self.stream is not None:
+            # whatever the compute stream did before the step (weights loaded, a model changed) is
+            # visible to the side stream's first dequantize of the step
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def _advance(self, weight: NF4Weight) -> None:
+        """Record the call and move the position in the previous step's order past this weight."""
+        if not self.stepping:
+            return
+        if len(self.trace) >= MAX_TRACE:
+            self.stepping, self.trace, self.previous = False, [], []
+            return
+        self.trace.append(weakref.ref(weight))
+        prev = self.previous
+        if self.pos < len(prev) and prev[self.pos]() is weight:
+            self.pos += 1
+            return
+        for i in (*range(self.pos, len(prev)), *range(0, min(self.pos, len(prev)))):
+            if prev[i]() is weight:
+                self.pos = i + 1
+                return
+
+    def expected_next(self, weight: NF4Weight) -> NF4Weight | None:
+        """The first weight other than ``weight`` that the previous step called next, or None. Past the
+        end of the previous step's order it goes on from its start: the next step's first call."""
+        prev = self.previous
+        for j in range(min(_LOOKAHEAD, len(prev))):
+            nxt = prev[(self.pos + j) % len(prev)]()
+            if nxt is None:
+                return None
+            if nxt is not weight:
+                return nxt
+        return None
+
+    # ---- slots -----------------------------------------------------------------------------------
+
+    def _find(self, weight: NF4Weight, identity: tuple) -> _Slot | None:
+        return next((s for s in self.slots if s.holds(weight, identity)), None)
+
+    def _view(self, slot: _Slot, weight: NF4Weight) -> torch.Tensor:
+        if slot.buf is None or slot.buf.numel() < weight.numel:
+            # allocated on the compute stream; the side stream is recorded as a user so the memory is
+            # not handed out again while a dequantize into it may still run there
+            slot.buf = torch.empty(weight.numel, dtype=self.dtype, device=self.device)
+            if self.stream is not None:
+                slot.buf.record_stream(self.stream)
+        return slot.buf[: weight.numel].view(weight.shape)
+
+    def _victim(self, keep: _Slot | None) -> _Slot:
+        slot = min((s for s in self.slots if s is not keep), key=lambda s: s.used)
+        if slot.from_prefetch:
+            self.stats["unused_prefetches"] += 1
+            slot.from_prefetch = False
+        return slot
+
+    def acquire(self, weight: NF4Weight) -> tuple[_Slot, torch.Tensor]:
+        """(slot, W dequantized as (N, K) in the cache's dtype), ready for reads queued on the current stream."""
+        identity = _identity(weight)
+        self._advance(weight)
+        slot = self._find(weight, identity)
+        if slot is not None:
+            self.stats["hits"] += 1
+            if slot.from_prefetch:
+                self.stats["prefetch_hits"] += 1
+                slot.from_prefetch = False
+            if slot.on_side:
+                torch.cuda.current_stream(self.device).wait_event(slot.ready)
+            view = slot.buf[: weight.numel].view(weight.shape)
+        else:
+            self.stats["misses"] += 1
+            slot = self._victim(None)
+            if slot.on_side:  # a dequantize of another weight may still be writing it
+                torch.cuda.current_stream(self.device).wait_event(slot.ready)
+            view = self._view(slot, weight)
+            slot.ref = None  # nothing valid while it is rewritten
+            dequantize_nf4_triton(weight, self.dtype, out=view)
+            slot.ref, slot.identity, slot.on_side = weakref.ref(weight), identity, False
+        self.clock += 1
+        slot.used = self.clock
+        return slot, view
+
+    def release(self, slot: _Slot, weight: NF4Weight) -> None:
+        """The reads of ``slot`` are queued: mark where they end, then dequantize the expected next weight
+        ahead on the side stream."""
+        if slot.done is not None:
+            slot.done.record(torch.cuda.current_stream(self.device))
+        nxt = self.expected_next(weight)
+        if nxt is None or nxt.device != self.device or self._find(nxt, _identity(nxt)) is not None:
+            return
+        target = self._victim(slot)
+        view = self._view(target, nxt)
+        target.ref = None
+        if self.stream is not None:
+            # its last reader has finished (an inline write of it came before those reads; an earlier
+            # dequantize on the side stream is before this one in the stream's order)
+            self.stream.wait_event(target.done)
+            for t in nxt.tensors():  # a weight freed meanwhile keeps its memory until this read is done
+                t.record_stream(self.stream)
+            with torch.cuda.stream(self.stream):
+                dequantize_nf4_triton(nxt, self.dtype, out=view)
+            target.ready.record(self.stream)
+            target.on_side = True
+        else:
+            dequantize_nf4_triton(nxt, self.dtype, out=view)
+        target.ref, target.identity, target.from_prefetch = weakref.ref(nxt), _identity(nxt), True
+        self.clock += 1
+        target.used = self.clock
+        self.stats["prefetched"] += 1
+
+    def clear(self) -> None:
+        """Drop the buffers and the schedule."""
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        for slot in self.slots:
+            slot.buf, slot.ref, slot.identity, slot.on_side, slot.from_prefetch = None, None, None, False, False
+        self.previous, self.trace, self.pos = [], [], 0
+
+
+_caches: dict[tuple[torch.device, torch.dtype], DequantCache] = {}
+_stepping = False  # begin_step was called: caches made from now on record orders too
+
+
+def cache_for(device: torch.device, dtype: torch.dtype) -> DequantCache:
+    key = (torch.device(device), dtype)
+    cache = _caches.get(key)
+    if cache is None:
+        cache = _caches[key] = DequantCache(*key)
+        if _stepping:
+            cache.stepping = True
+    return cache
+
+
+def begin_step() -> None:
+    """Mark the start of a training step (forward + backward of every micro-batch of one optimizer
+    step, or one micro-batch: either, as long as it is done the same way each time). Cheap where the
+    cache is off: nothing is recorded until a cached call happens."""
+    global _stepping
+    _stepping = True
+    for cache in _caches.values():
+        cache.begin_step()
+
+
+_retired: dict[str, int] = {}  # the counters of caches that clear() dropped
+
+
+def clear() -> None:
+    """Free every cache's buffers and forget the schedules (the trainer does at the end of ``fit``, so
+    the memory is back for what comes next); the counters of ``stats`` are kept."""
+    global _stepping
+    for cache in _caches.values():
+        cache.clear()
+        for k, v in cache.stats.items():
+            _retired[k] = _retired.get(k, 0) + v
+    _caches.clear()
+    _stepping = False
+
+
+def reset_stats() -> None:
+    _retired.clear()
+    for cache in _caches.values():
+        cache.stats = dict.fromkeys(cache.stats, 0)
+
+
+def stats() -> dict:
+    """Counters summed over the caches since ``reset_stats``: hits (the weight was in a slot), misses
+    (dequantized inline), prefetched (dequantized ahead), prefetch_hits, unused_prefetches (evicted
+    before use). Empty where no call has gone through a cache."""
+    out: dict[str, int] = dict(_retired)
+    for cache in _caches.values():
+        for k, v in cache.stats.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def usable(weight: NF4Weight, dtype: torch.dtype) -> bool:
+    """Whether a dequant-path call on ``weight`` in ``dtype`` goes through the cache now."""
+    device = weight.device
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return enabled(device)
+
+
+def matmul(a: torch.Tensor, weight: NF4Weight, transpose: bool) -> torch.Tensor:
+    """``a @ W.T`` (transpose) or ``a @ W`` through the cache, W dequantized in a's dtype."""
+    cache = cache_for(weight.device, a.dtype)
+    slot, w = cache.acquire(weight)
+    out = torch.matmul(a, w.t() if transpose else w)
+    cache.release(slot, weight)
+    return out

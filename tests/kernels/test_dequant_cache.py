@@ -1,0 +1,316 @@
+"""The dequant cache (bezoar_kernels.dequant_cache): the same results with it on or off, the hits and
+ahead-of-time dequantizes that a repeated order earns, and its switches. CPU tests run the Triton
+kernels in the interpreter (no side stream: the ahead-of-time dequantize runs inline); the gpu tests
+run the side stream."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bezoar_kernels import dequant_cache, nf4, nf4_matmul as mm, tuning
+from bezoar_kernels.dispatch import backend
+
+# a chain x -> W1 -> W2 -> W3 as a model's linears run it; shapes not multiples of the blocksize
+SHAPES = ((80, 64), (72, 80), (96, 72))
+
+
+def _weights(device="cpu", seed=0, shapes=SHAPES):
+    g = torch.Generator().manual_seed(seed)
+    return [nf4.quantize_nf4_reference((torch.randn(n, k, generator=g) * 0.05).to(device), 64, True)
+            for n, k in shapes]
+
+
+def _step(weights, x, dy):
+    """Forward through the chain and back, as a training step does: W1 W2 W3, then W3 W2 W1."""
+    x = x.clone().requires_grad_(True)
+    h = x
+    for w in weights:
+        h = mm.nf4_matmul_triton(h, w, "dequant")
+    h.backward(dy)
+    return h.detach(), x.grad
+
+
+@pytest.fixture
+def fresh_cache(monkeypatch):
+    dequant_cache.clear()
+    dequant_cache.reset_stats()
+    yield
+    dequant_cache.clear()
+    dequant_cache.reset_stats()
+
+
+def _inputs(dtype, device="cpu", m=40, shapes=SHAPES):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(m, shapes[0][1], generator=g).to(device=device, dtype=dtype)
+    dy = torch.randn(m, shapes[-1][0], generator=g).to(device=device, dtype=dtype)
+    return x, dy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_results_are_bitwise_the_same_with_the_cache_and_a_schedule(monkeypatch, fresh_cache, dtype):
+    weights = _weights()
+    x, dy = _inputs(dtype)
+    with backend("triton"):
+        monkeypatch.setenv(dequant_cache.ENV, "0")
+        y_off, dx_off = _step(weights, x, dy)
+        monkeypatch.setenv(dequant_cache.ENV, "1")
+        outs = []
+        for _ in range(3):
+            dequant_cache.begin_step()
+            outs.append(_step(weights, x, dy))
+    for y, dx in outs:
+        assert torch.equal(y, y_off)
+        assert torch.equal(dx, dx_off)
+
+
+def test_a_repeated_order_turns_every_dequantize_into_a_hit(monkeypatch, fresh_cache):
+    """Step 1 learns the order W1 W2 W3 W3 W2 W1 with two slots: W3's backward and W2's meet their
+    weights still in a slot (2 hits, 4 inline dequantizes). From step 2 every call hits: W1 and W2 are
+    left in the slots by the step before, W3 and W1 again are dequantized ahead of their calls."""
+    weights = _weights()
+    x, dy = _inputs(torch.float32)
+    monkeypatch.setenv(dequant_cache.ENV, "1")
+    with backend("triton"):
+        dequant_cache.begin_step()
+        _step(weights, x, dy)
+        assert dequant_cache.stats() == {"hits": 2, "misses": 4, "prefetched": 0, "prefetch_hits": 0,
+                                         "unused_prefetches": 0}
+        for _ in range(2):
+            dequant_cache.begin_step()
+            _step(weights, x, dy)
+    assert dequant_cache.stats() == {"hits": 2 + 12, "misses": 4, "prefetched": 4, "prefetch_hits": 4,
+                                     "unused_prefetches": 0}
+
+
+def test_no_schedule_without_begin_step(monkeypatch, fresh_cache):
+    weights = _weights()
+    x, dy = _inputs(torch.float32)
+    monkeypatch.setenv(dequant_cache.ENV, "1")
+    with backend("triton"):
+        for _ in range(3):
+            _step(weights, x, dy)
+    s = dequant_cache.stats()
+    assert s["prefetched"] == 0 and s["hits"] + s["misses"] == 18
+    assert all(not c.trace and not c.previous for c in dequant_cache._caches.values())
+
+
+def test_a_changed_order_finds_its_place_again(monkeypatch, fresh_cache):
+    """A step that runs the forward only (an eval pass between training steps) wastes at most a guess,
+    and the next whole step is found again by its weights: results stay exact."""
+    weights = _weights()
+    x, dy = _inputs(torch.float32)
+    monkeypatch.setenv(dequant_cache.ENV, "0")
+    with backend("triton"):
+        y_ref, dx_ref = _step(weights, x, dy)
+        monkeypatch.setenv(dequant_cache.ENV, "1")
+        dequant_cache.begin_step()
+        _step(weights, x, dy)
+        dequant_cache.begin_step()
+        with torch.no_grad():
+            h = x
+            for w in weights[:2]:
+                h = mm.nf4_matmul_triton(h, w, "dequant")
+        dequant_cache.begin_step()  # the schedule is now the forward-only one: W1 W2
+        y, dx = _step(weights, x, dy)
+        dequant_cache.begin_step()
+        y2, dx2 = _step(weights, x, dy)
+    assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref)
+    assert torch.equal(y2, y_ref) and torch.equal(dx2, dx_ref)
+    assert dequant_cache.stats()["prefetch_hits"] >= 2
+
+
+def test_a_weight_written_in_place_is_dequantized_again(monkeypatch, fresh_cache):
+    weights = _weights()
+    other = _weights(seed=5)
+    x, dy = _inputs(torch.float32)
+    monkeypatch.setenv(dequant_cache.ENV, "1")
+    with backend("triton"):
+        dequant_cache.begin_step()
+        _step(weights, x, dy)
+        for w, o in zip(weights, other):  # new values in the same tensors (a reload into the model)
+            for t, src in zip(w.tensors(), o.tensors()):
+                t.copy_(src)
+            w.offset = o.offset
+        dequant_cache.begin_step()
+        y, dx = _step(weights, x, dy)
+        monkeypatch.setenv(dequant_cache.ENV, "0")
+        y_ref, dx_ref = _step(other, x, dy)
+    assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref)
+
+
+def test_a_dead_weight_is_not_served(monkeypatch, fresh_cache):
+    """A slot remembers its weight weakly: once the model is gone, a new weight at the same addresses
+    is not mistaken for it."""
+    monkeypatch.setenv(dequant_cache.ENV, "1")
+    x, dy = _inputs(torch.float32)
+    with backend("triton"):
+        dequant_cache.begin_step()
+        _step(_weights(), x, dy)
+        dequant_cache.begin_step()
+        misses = dequant_cache.stats()["misses"]
+        weights = _weights(seed=7)
+        y, dx = _step(weights, x, dy)
+        assert dequant_cache.stats()["misses"] > misses
+        monkeypatch.setenv(dequant_cache.ENV, "0")
+        y_ref, dx_ref = _step(weights, x, dy)
+    assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref)
+
+
+def test_the_order_is_not_kept_past_max_trace(monkeypatch, fresh_cache):
+    monkeypatch.setenv(dequant_cache.ENV, "1")
+    monkeypatch.setattr(dequant_cache, "MAX_TRACE", 4)
+    x, dy = _inputs(torch.float32)
+    weights = _weights()
+    with backend("triton"):
+        dequant_cache.begin_step()
+        _step(weights, x, dy)  # six calls: the record stops at four
+    (cache,) = dequant_cache._caches.values()
+    assert not cache.stepping and not cache.trace and not cache.previous
+
+
+def test_switches(monkeypatch, tmp_path):
+    monkeypatch.setenv(dequant_cache.ENV, "yes")
+    with pytest.raises(ValueError, match="BEZOAR_NF4_DEQUANT_CACHE"):
+        dequant_cache.enabled(torch.device("cpu"))
+    monkeypatch.delenv(dequant_cache.ENV)
+    assert dequant_cache.enabled(torch.device("cpu")) is False  # no entry: off
+    f = tmp_path / "t.json"
+    f.write_text('{"format": 1, "devices": {"cpu": {"settings": {"nf4.dequant_cache": true}}}}')
+    monkeypatch.setenv("BEZOAR_TUNING", str(f))
+    tuning.reload()
+    try:
+        assert dequant_cache.enabled(torch.device("cpu")) is True
+        monkeypatch.setenv(dequant_cache.ENV, "0")
+        assert dequant_cache.enabled(torch.device("cpu")) is False  # the environment first
+        f.write_text('{"format": 1, "devices": {"cpu": {"settings": {"nf4.dequant_cache": 1}}}}')
+        tuning.reload()
+        with pytest.raises(ValueError, match=r"devices\.cpu\.settings\.nf4\.dequant_cache: expected true or false"):
+            tuning.setting("nf4.dequant_cache", torch.device("cpu"))
+    finally:
+        monkeypatch.delenv("BEZOAR_TUNING")
+        tuning.reload()
+
+
+def test_two_slots_at_least():
+    with pytest.raises(ValueError, match="at least 2 slots"):
+        dequant_cache.DequantCache(torch.device("cpu"), torch.float32, slots=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,shapes", [(256, SHAPES), (4096, SHAPES), (4096, ((3200, 3200),) * 3)],
+                         ids=["small-256", "small-4096", "3200-4096"])
+def test_side_stream_dequantize_is_exact_on_cuda(monkeypatch, fresh_cache, m, shapes):
+    """On a GPU the dequantize ahead runs on the side stream, racing the matmul before it (at 3200x3200
+    both take long enough that a missing wait would read a half-written weight): ten steps in bf16 equal
+    the cache-off step bit for bit, and the later steps hit on every call."""
+    weights = _weights("cuda", shapes=shapes)
+    x, dy = _inputs(torch.bfloat16, "cuda", m, shapes)
+    monkeypatch.setenv(dequant_cache.ENV, "0")
+    y_ref, dx_ref = _step(weights, x, dy)
+    monkeypatch.setenv(dequant_cache.ENV, "1")
+    outs = []
+    for _ in range(10):
+        dequant_cache.begin_step()
+        outs.append(_step(weights, x, dy))
+    torch.cuda.synchronize()
+    for y, dx in outs:
+        assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref)
+    s = dequant_cache.stats()
+    assert s["misses"] == 4 and s["prefetch_hits"] == 2 * 9 and s["unused_prefetches"] == 0
+
+
+@pytest.mark.gpu
+def test_capture_bypasses_the_cache(monkeypatch, fresh_cache):
+    """A CUDA graph captured with the cache on uses the shared buffer (no side-stream work in the graph)
+    and replays to the eager result."""
+    weights = _weights("cuda")
+    x, _ = _inputs(torch.bfloat16, "cuda", 64)
+    monkeypatch.setenv(dequant_cache.ENV, "1")
+    dequant_cache.begin_step()
+    with torch.no_grad():
+        eager = x
+        for w in weights:
+            eager = mm.nf4_matmul_triton(eager, w, "dequant")
+        before = dequant_cache.stats()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                h = x
+                for w in weights:
+                    h = mm.nf4_matmul_triton(h, w, "dequant")
+        torch.cuda.current_stream().wait_stream(side)
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(h, eager)
+    assert dequant_cache.stats() == before
+
+
+def test_training_steps_are_the_same_with_the_cache_and_learn_its_order(monkeypatch, fresh_cache, tmp_path):
+    """Trainer.train_step marks each step: four steps of a tiny NF4 + LoRA model through the Triton
+    kernels (interpreter) give the same losses bit for bit with the cache on and off, and from the second
+    step on the projections' weights are dequantized ahead and used."""
+    import copy
+    import json
+
+    from bezoar.model.config import LlamaConfig
+    from bezoar.train.loop import LoopConfig, OptimConfig, Trainer
+    from bezoar.train.sft import SFTStage
+    from tests.model.qlora_helpers import packed_loader, qlora_model
+
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=64)
+    model = qlora_model(config, seed=0, targets=("q_proj",))
+
+    def run(flag: str, out) -> list[float]:
+        monkeypatch.setenv(dequant_cache.ENV, flag)
+        loader = packed_loader(config.vocab_size, row_len=32, rows_per_batch=1, num_docs=12, seed=3)
+        loop = LoopConfig(max_steps=4, precision="fp32", progress=False, log_every=1, seed=0)
+        with backend("triton"):
+            Trainer(copy.deepcopy(model), SFTStage(), loader, loop, OptimConfig(lr=2e-2, warmup_steps=1), out,
+                    log=lambda *a: None).fit()
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in records if "loss" in r]
+
+    off = run("0", tmp_path / "off")
+    assert dequant_cache.stats() == {}
+    on = run("1", tmp_path / "on")
+    assert on == off and len(on) == 4
+    s = dequant_cache.stats()
+    assert not dequant_cache._caches  # fit gave the buffers back; the counters were kept
+    # k, v, o, gate, up, down in each of 2 layers forward, and backward but for the first layer's k and v
+    # (the embeddings are frozen: no dx there): 22 calls a step
+    assert s["hits"] + s["misses"] == 22 * 4, s
+    # the first step learns the order (every miss is in it); in the other three every call finds its
+    # weight in a slot, nearly all of them dequantized ahead (the step's first, k of layer 0, too: past
+    # the end of an order the next step's start is expected)
+    assert s["misses"] <= 22 and s["hits"] >= 3 * 22 and s["prefetch_hits"] >= 3 * 18, s
+    assert s["unused_prefetches"] == 0, s
+
+
+def test_bench_cache_smoke():
+    """bench/nf4.py --cache runs its sequences on CPU (interpreter, fp32; 3 weights against the 2 slots)
+    and checks each variant's results against the cache-off sequence's before it times them."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    env.pop(dequant_cache.ENV, None)
+    proc = subprocess.run([sys.executable, str(root / "bench" / "nf4.py"), "--smoke", "--cache"],
+                          capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = re.search(r"^96x128 M=40: calls 6, .*$", proc.stdout, re.M)
+    assert line and "error" not in line.group(0), proc.stdout[-2000:]
+    for label in ("dequant", "cache", "cache_high_priority", "cache_hits_only"):
+        assert re.search(rf"\b{label}_over_cublas [0-9.]+", line.group(0)), label
+    # from the second sequence on, every call with the schedule finds its weight in a slot
+    assert "cache_hit_share 1," in line.group(0) and "cache_high_priority_hit_share 1," in line.group(0)
+    # without it, only the calls that find their weight left in a slot: 4 of 6 (W1 and W2 from the
+    # sequence before, W3 and W2 where the backward turns)
+    assert "cache_hits_only_hit_share 0.6667," in line.group(0), line.group(0)
