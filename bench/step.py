@@ -11,6 +11,9 @@ seeded generator and quantized to NF4 by each side; nothing touches the disk):
   checkpointing full (recompute each layer), cheap (keep linear and attention outputs) or off. The
   SFT loss is ``bezoar.train.sft.SFTStage``, the DPO loss ``bezoar.train.dpo.DPOStage`` (sigmoid,
   beta 0.1, reference = the same model with adapters off, computed in the step).
+* ``bezoar-full-cache`` (only when named in ``--impls``): ``bezoar-full`` with the NF4 dequant cache on
+  (``bezoar_kernels.dequant_cache``: the next weight dequantized on a side stream during the current
+  matmul, in the order of the step before), to be read beside ``bezoar-full`` of the same run.
 * ``hf``: transformers' LlamaForCausalLM with bitsandbytes ``Linear4bit`` (NF4, double quant, bf16
   compute), PEFT LoRA, non-reentrant gradient checkpointing, SDPA attention, its own loss
   (``labels=``; full logits). It sees the same rows as plain causal rows (SDPA's is_causal path; no
@@ -35,6 +38,7 @@ SFT time per token and <= 1.2x its memory) are printed met / missed / not measur
     python bench/step.py                          # every case (several minutes), results JSON + tables
     python bench/step.py --budget 240             # stop starting cases after 240 s (gpu_bench.sh)
     python bench/step.py --tokens 8192 --lora qkv --impls bezoar-full,hf
+    python bench/step.py --tokens 8192 --lora qkv --workloads sft --impls bezoar-full,bezoar-full-cache
     python bench/step.py --only sft/bezoar-full/qkv/8k --iters 5      # one case, plain steps (ncu, nsys)
     python bench/step.py --only 'sft/*/qkv/8k' --profile /tmp/trace  # torch.profiler traces
     python bench/step.py --smoke                  # tiny shapes on CPU (torch reference path), no results
@@ -58,6 +62,8 @@ import common  # noqa: E402
 LORA_TARGETS = {"qkv": ["q_proj", "k_proj", "v_proj"],
                 "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 IMPLS = ("bezoar-full", "bezoar-cheap", "bezoar-off", "hf")
+# asked for by name only: bezoar-full with the NF4 dequant cache on (bezoar_kernels.dequant_cache)
+EXTRA_IMPLS = ("bezoar-full-cache",)
 WORKLOADS = ("sft", "dpo")
 GEMM_N = 8192
 DPO_BETA = 0.1
@@ -106,7 +112,8 @@ def parse_args():
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--tokens", default=None, help="comma list of tokens per step (default 8192,32768)")
     p.add_argument("--lora", default="qkv,all", help="comma list of LoRA configs: qkv, all")
-    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of implementations: {', '.join(IMPLS)}")
+    p.add_argument("--impls", default=",".join(IMPLS),
+                   help=f"comma list of implementations: {', '.join(IMPLS + EXTRA_IMPLS)} (default all but the last)")
     p.add_argument("--workloads", default="sft,dpo", help="comma list: sft, dpo")
     p.add_argument("--budget", type=float, default=0.0,
                    help="seconds after which no new case starts (0: no limit); skipped cases are listed")
@@ -332,7 +339,7 @@ def model_flops(config, tokens: int, pairs: int, reference_forward: bool) -> flo
 # ----------------------------------------------------------------------------- steps
 
 
-def bezoar_step(model, workload: str, batch: dict, optimizer, params, autocast):
+def bezoar_step(model, workload: str, batch: dict, optimizer, params, autocast, dequant_cache: bool = False):
     from bezoar.train.sft import SFTStage
 
     if workload == "sft":
@@ -345,12 +352,13 @@ def bezoar_step(model, workload: str, batch: dict, optimizer, params, autocast):
     def step():
         import torch
 
-        from bezoar_kernels import dequant_cache
+        from bezoar_kernels import dequant_cache as cache
 
-        dequant_cache.begin_step()  # a no-op unless BEZOAR_NF4_DEQUANT_CACHE=1 (or a tuning entry) turns it on
-        with autocast():
-            loss_sum, _ = stage.loss(model, batch)
-        (loss_sum.float() / units).backward()
+        with common.environ(**({"BEZOAR_NF4_DEQUANT_CACHE": "1"} if dequant_cache else {})):
+            cache.begin_step()  # as Trainer.train_step does
+            with autocast():
+                loss_sum, _ = stage.loss(model, batch)
+            (loss_sum.float() / units).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -542,7 +550,7 @@ def main() -> int:
     except ValueError:
         raise SystemExit(f"bench/step.py: --tokens {args.tokens!r}: expected a comma list of integers") from None
     loras = split_list(args.lora, LORA_TARGETS, "lora")
-    impls = split_list(args.impls, IMPLS, "impls")
+    impls = split_list(args.impls, IMPLS + EXTRA_IMPLS, "impls")
     workloads = split_list(args.workloads, WORKLOADS, "workloads")
 
     # Cases in priority order (a --budget cuts from the end): q/k/v before all-linear, SFT before DPO,
@@ -627,8 +635,9 @@ def main() -> int:
                 if impl.others_at_lora is None:
                     impl.others_at_lora = others(kind)
                 if kind == "bezoar":
-                    impl.model.gradient_checkpointing = case.impl.split("-", 1)[1]
-                    step = bezoar_step(impl.model, case.workload, batch, impl.optimizer, impl.params, autocast)
+                    impl.model.gradient_checkpointing = case.impl.split("-")[1]
+                    step = bezoar_step(impl.model, case.workload, batch, impl.optimizer, impl.params, autocast,
+                                       dequant_cache=case.impl.endswith("-cache"))
                 elif case.workload == "sft":
                     step = hf_step(impl.model, "sft", (batch["input_ids"], batch["labels"]), impl.optimizer,
                                    impl.params, autocast)
@@ -665,6 +674,10 @@ def main() -> int:
                     raise
             finally:
                 step = None
+                if kind == "bezoar":
+                    from bezoar_kernels import dequant_cache
+
+                    dequant_cache.clear()  # its slots, where the case had it on
                 if impl.optimizer is not None:
                     impl.optimizer.zero_grad(set_to_none=True)  # after a failure, no stale gradients
                 gc.collect()

@@ -8,6 +8,7 @@
 # Parts (--parts a,b,c runs them in that order; the default is the next session's call):
 #   gpu_tests      the whole GPU test suite (scripts/gpu_check.sh --gpu-only; its install included)
 #   nf4_cache      bench/nf4.py --cache: training-step sequences with the dequant cache off and on (issue 3, M >= 4096)
+#   step_cache     bench/step.py, SFT q/k/v at 8K tokens, full checkpointing with the dequant cache off and on
 #   nf4_small      bench/nf4.py in graph timing at M = 1, 4, 16: what auto runs with the committed tuning
 #   decode         bench/generate.py --breakdown 32: a 3B decode step at batch 1, GPU time per kernel
 #   generate       bench/generate.py --batches 1: decode tokens/s with CUDA graphs against transformers + bnb
@@ -29,7 +30,7 @@ cd "$ROOT" || exit 1
 # shellcheck source=SCRIPTDIR/gpu_env.sh
 source "$HERE/gpu_env.sh"
 
-ALL_PARTS=(gpu_tests nf4_cache nf4_small decode generate lora nf4_gemv nf4_tma_sweep lora_tma_sweep tma_tests small_tests)
+ALL_PARTS=(gpu_tests nf4_cache step_cache nf4_small decode generate lora nf4_gemv nf4_tma_sweep lora_tma_sweep tma_tests small_tests)
 PARTS=gpu_tests,nf4_cache,nf4_small,decode,generate
 DRY_RUN=0
 while [ $# -gt 0 ]; do
@@ -99,6 +100,8 @@ run_part() {
   case "$1" in
     gpu_tests) part gpu_tests 180 env GPU_TEST_LIMIT=150 bash scripts/gpu_check.sh --gpu-only ;;
     nf4_cache) part nf4_cache 50 "$PYTHON" bench/nf4.py --cache --out "$OUT_DIR" ;;
+    step_cache) part step_cache 150 "$PYTHON" bench/step.py --tokens 8192 --lora qkv --workloads sft \
+      --impls bezoar-full,bezoar-full-cache --out "$OUT_DIR" ;;
     nf4_small) part nf4_small 70 "$PYTHON" bench/nf4.py --timing graph --ms 1,4,16 --out "$OUT_DIR" ;;
     decode) part decode 100 "$PYTHON" bench/generate.py --breakdown 32 --out "$OUT_DIR" ;;
     generate) part generate 130 "$PYTHON" bench/generate.py --batches 1 --out "$OUT_DIR" ;;

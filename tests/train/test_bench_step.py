@@ -109,3 +109,16 @@ def test_flops_and_targets():
     rows[2]["ms"] = 200.0  # now 2x the SFT time
     verdicts = {t["target"]: t["status"] for t in bench.check_targets(rows, bench.compare(rows))}
     assert verdicts["DPO step time <= 1.6x an SFT step on the same tokens (bezoar)"] == "missed"
+
+
+@pytest.mark.slow
+def test_the_cache_case_runs_beside_full(tmp_path):
+    """``bezoar-full-cache`` is taken only by name, and runs as a case of its own (on CPU the torch
+    reference path does not dequantize through the cache: this checks the case's plumbing)."""
+    out = run_script("--smoke", "--lora", "qkv", "--tokens", "64", "--workloads", "sft",
+                     "--impls", "bezoar-full,bezoar-full-cache")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "| sft/bezoar-full/qkv/64 |" in out.stdout and "| sft/bezoar-full-cache/qkv/64 |" in out.stdout
+    assert ": failed (" not in out.stdout
+    bad = run_script("--smoke", "--impls", "bezoar-full,bezoar-cache")
+    assert bad.returncode != 0 and "bezoar-full-cache" in bad.stderr
