@@ -435,6 +435,13 @@ def cache_sequences(args, shapes, ms, device, dtype) -> int:
                 row = {"shape": f"{n}x{k}", "M": m, "calls": 2 * copies,
                        "cublas_ms": common.bench_ms(cublas, smoke=args.smoke)}
                 ref = None
+
+                def check(out, label):
+                    if ref is None:
+                        raise RuntimeError("no cache-off results to check against (the dequant variant failed)")
+                    if not all(torch.equal(a, b) for a, b in zip(out, ref)):
+                        raise ArithmeticError(f"{label}: results differ from the cache-off sequence")
+
                 for label, (env, priority, fn) in variants.items():
                     dequant_cache.clear()
                     dequant_cache.SIDE_PRIORITY = priority
@@ -442,13 +449,15 @@ def cache_sequences(args, shapes, ms, device, dtype) -> int:
                         try:
                             for _ in range(2):  # learn the order, then use it
                                 out = fn()
-                            if ref is None:
+                            if label == "dequant":
                                 ref = out
-                            elif not all(torch.equal(a, b) for a, b in zip(out, ref)):
-                                raise ArithmeticError("results differ from the cache-off sequence")
+                            else:
+                                check(out, label)
                             before = dequant_cache.stats()
                             t = common.bench_ms(fn, smoke=args.smoke)
                             after = dequant_cache.stats()
+                            if label != "dequant":  # and once more after the timed runs
+                                check(fn(), label)
                             row[f"{label}_ms"] = t
                             row[f"{label}_over_cublas"] = t / row["cublas_ms"]
                             if label != "dequant":

@@ -13,7 +13,9 @@ seeded generator and quantized to NF4 by each side; nothing touches the disk):
   beta 0.1, reference = the same model with adapters off, computed in the step).
 * ``bezoar-full-cache`` (only when named in ``--impls``): ``bezoar-full`` with the NF4 dequant cache on
   (``bezoar_kernels.dequant_cache``: the next weight dequantized on a side stream during the current
-  matmul, in the order of the step before), to be read beside ``bezoar-full`` of the same run.
+  matmul, in the order of the step before), to be read beside ``bezoar-full`` of the same run. The
+  other bezoar cases run with it off, whatever the environment or a tuning entry says; each bezoar row
+  records the cache's counters over its timed steps (``dequant_cache``: empty where it was off).
 * ``hf``: transformers' LlamaForCausalLM with bitsandbytes ``Linear4bit`` (NF4, double quant, bf16
   compute), PEFT LoRA, non-reentrant gradient checkpointing, SDPA attention, its own loss
   (``labels=``; full logits). It sees the same rows as plain causal rows (SDPA's is_causal path; no
@@ -354,7 +356,7 @@ def bezoar_step(model, workload: str, batch: dict, optimizer, params, autocast, 
 
         from bezoar_kernels import dequant_cache as cache
 
-        with common.environ(**({"BEZOAR_NF4_DEQUANT_CACHE": "1"} if dequant_cache else {})):
+        with common.environ(BEZOAR_NF4_DEQUANT_CACHE="1" if dequant_cache else "0"):
             cache.begin_step()  # as Trainer.train_step does
             with autocast():
                 loss_sum, _ = stage.loss(model, batch)
@@ -653,7 +655,11 @@ def main() -> int:
                 base = allocated(cuda)
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
+                from bezoar_kernels import dequant_cache
+
+                cache_before = dequant_cache.stats()
                 times = time_steps(step, setup.iters.get(case.tokens, 3), cuda)
+                cache_calls = {k: v - cache_before.get(k, 0) for k, v in dequant_cache.stats().items()}
                 if kind == "hf" and case.workload == "dpo":  # its own rows: one sequence each, all real
                     n_rows, row_len = dpo_rows[0].shape
                     tokens, pairs = n_rows * row_len, n_rows * row_len * (row_len + 1) // 2
@@ -661,6 +667,8 @@ def main() -> int:
                     tokens, pairs = int(batch["num_tokens"]), attention_pairs(batch)
                 case.result = summarize(case, times, tokens, pairs, config, peak_tflops, impl, base, cuda,
                                         others_growth=others(kind) - impl.others_at_lora)
+                if kind == "bezoar":  # what went through the dequant cache in the timed steps (none: off)
+                    case.result["dequant_cache"] = cache_calls
                 print(f"{case.name}: {case.result['ms']:.1f} ms, {case.result['tokens_per_s']:,.0f} tok/s, "
                       f"MFU {fmt_pct(case.result.get('mfu'))}, peak {fmt_gib(case.result.get('peak_gib'))}",
                       flush=True)

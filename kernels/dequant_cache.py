@@ -6,32 +6,46 @@ M = 4096 the dequantize is most of the gap between NF4 and cuBLAS on a bf16 weig
 3200x3200 forward on an H100, at the copy bandwidth). A training step calls the same linears in the same
 order every time, so the next weight is known before the current matmul starts. With the cache on:
 
-* ``SLOTS`` buffers each hold one dequantized weight, remembered by the NF4Weight and the identity of
-  its tensors (data pointer and version counter, so a weight whose tensors are replaced or written in
-  place is dequantized again). A call whose weight is still in a slot skips the dequantize: with
-  activation checkpointing a block's last linear runs its recomputed forward and then its backward back
-  to back, and without checkpointing the last block's linears meet their backward in the same way.
+* ``SLOTS`` buffers each hold one dequantized weight, remembered by the NF4Weight (weakly: a weight that
+  is gone is never matched) and by what its values depend on: its tensors' data pointers and version
+  counters, its offset, blocksize and shape. A call whose weight is still in a slot skips the
+  dequantize: with activation checkpointing a block's last linear runs its recomputed forward and then
+  its backward back to back, and without checkpointing the last block's linears meet their backward in
+  the same way. A write that bypasses the version counter (through ``.data``, or by a kernel writing
+  raw memory) is not seen: call ``clear()`` after one. Weights made under ``torch.inference_mode`` have
+  no version counter and never go through the cache.
 * ``begin_step()`` marks the start of a training step. Each step's order of weights is recorded; in the
-  next step, after a call on weight w at position i, the weight that came after w in the previous step
-  is dequantized on a side stream into the least recently used other slot, after that slot's last
-  reader has finished (an event recorded behind it), and the next call waits only for that dequantize.
-  Where the order differs (the last micro-batch of an epoch, an eval pass) the position is found again
-  by the weight; a guess that is never used costs one dequantize of bandwidth and nothing else.
+  next step, with the call on weight w at position i, the weight that came after w in the previous step
+  is dequantized on a side stream into the least recently used other slot. The side stream first waits
+  for an event recorded on the compute stream just before the current matmul, so everything queued
+  before it (the earlier matmuls that read that slot, the writes of the weight's tensors, a buffer just
+  allocated) is done; the current matmul runs alongside it, and the call that needs the weight waits
+  for the dequantize alone. Where the order differs (the last micro-batch of an epoch, an eval pass)
+  the position is found again by the weight; a guess that is never used costs one dequantize of
+  bandwidth and nothing else.
 
 Where the side stream's dequantize runs: while the current matmul holds the SMs it can only fill those
 that the matmul leaves idle (its last wave, the gaps between its kernels), so how much of its time the
 overlap hides is a measurement (``bench/nf4.py --cache``), not a given. What is certain is the hits.
 
+Scope: only the NF4 matmuls without an adapter go through it. The LoRA layers (``bezoar_kernels.lora``)
+dequantize into their own buffer, so with the OpenBezoar recipes' q/k/v adapters the cache serves o,
+gate, up and down (three quarters of the weight bytes of a 3B block), and with adapters on all seven
+linears it serves nothing in training (the DPO reference pass, adapters off, still goes through it).
+
 Off by default: ``BEZOAR_NF4_DEQUANT_CACHE=1`` (or the device's tuning entry ``nf4.dequant_cache``) turns
-it on. It costs ``SLOTS`` buffers of the largest weight (2 x 55 MB for OpenLLaMA 3B's 8640x3200 in bf16)
-in place of the one shared buffer. It is bypassed while a CUDA graph is being captured (a graph cannot
-hold work left pending on another stream): captured calls use the shared buffer as before. Results are
-the same bit for bit with the cache on or off: the same kernel writes the same values into a buffer of
-the same layout, and cuBLAS reads them.
+it on. It costs ``SLOTS`` buffers of the largest weight per (device, dtype) (2 x 55 MB for OpenLLaMA 3B's
+8640x3200 in bf16), where the dequant path otherwise keeps one. It is bypassed while a CUDA graph is
+being captured (a graph cannot hold work left pending on another stream): captured calls use the shared
+buffer as before. One cache serves one compute stream at a time: a call from another stream first
+makes that stream wait for the previous one and for the side stream. Results are the same bit for bit
+with the cache on or off: the same kernel writes the same values into a buffer of the same layout, and
+cuBLAS reads them.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
 import weakref
 
@@ -64,19 +78,19 @@ def enabled(device) -> bool:
 
 
 def _identity(weight: NF4Weight) -> tuple:
-    """What a slot's content depends on besides the NF4Weight object: its tensors and their versions."""
-    return tuple((t.data_ptr(), t._version) for t in weight.tensors())
+    """What a slot's content depends on besides the NF4Weight object."""
+    return (weight.shape, weight.blocksize, weight.offset,
+            tuple((t.data_ptr(), t._version) for t in weight.tensors()))
 
 
 class _Slot:
-    __slots__ = ("buf", "ref", "identity", "ready", "done", "on_side", "used", "from_prefetch")
+    __slots__ = ("buf", "ref", "identity", "ready", "on_side", "used", "from_prefetch")
 
     def __init__(self, cuda: bool):
         self.buf: torch.Tensor | None = None
         self.ref = None  # weakref to the NF4Weight held, or None
         self.identity: tuple | None = None
         self.ready = torch.cuda.Event() if cuda else None  # recorded after the side stream's dequantize
-        self.done = torch.cuda.Event() if cuda else None  # recorded after the last reader on the compute stream
         self.on_side = False  # the content was (or is being) written on the side stream
         self.used = -1  # clock of the last acquire, for least-recently-used eviction
         self.from_prefetch = False  # written by a prefetch and not yet read
@@ -86,9 +100,10 @@ class _Slot:
 
 
 class DequantCache:
-    """The slots and the learned schedule for one (device, dtype). ``acquire`` gives a weight's
-    dequantized view for use on the current stream, ``release`` says the reads of it have been queued
-    (and queues the dequantize of the weight expected next)."""
+    """The slots and the learned schedule for one (device, dtype). ``matmul`` is the whole protocol:
+    ``acquire`` (the weight's dequantized view, for reads queued on the compute stream), ``plan`` (the
+    weight expected next and the slot it goes into, buffer grown), ``fence`` (recorded on the compute
+    stream before the reads), then ``prefetch`` (on the side stream, behind the fence)."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, slots: int = SLOTS):
         if slots < 2:
@@ -96,19 +111,40 @@ class DequantCache:
         self.device, self.dtype = torch.device(device), dtype
         cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device, priority=SIDE_PRIORITY) if cuda else None
+        self.fence = torch.cuda.Event() if cuda else None
+        self.compute = None  # the compute stream the cache serves now (CUDA)
         self.slots = [_Slot(cuda) for _ in range(slots)]
         self.clock = 0
         self.stepping = False  # begin_step has been called: orders are recorded
         self.previous: list = []  # weakrefs, the last whole step's order of weights
+        self.where: dict[int, list[int]] = {}  # id of a weight in ``previous`` -> its positions there
         self.trace: list = []  # this step's so far
         self.pos = 0  # where in ``previous`` the calls of this step have got to
         self.stats = {"hits": 0, "misses": 0, "prefetched": 0, "prefetch_hits": 0, "unused_prefetches": 0}
+
+    # ---- streams ---------------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        """Serve the current stream; where it is not the one served so far, it first waits for that one and
+        for the side stream, so the slots' earlier writes and reads are behind it."""
+        if self.stream is None:
+            return
+        current = torch.cuda.current_stream(self.device)
+        if self.compute is not None and current != self.compute:
+            current.wait_stream(self.compute)
+            current.wait_stream(self.stream)
+        self.compute = current
 
     # ---- schedule --------------------------------------------------------------------------------
 
     def begin_step(self) -> None:
         if self.trace:
             self.previous = self.trace
+            self.where = {}
+            for i, ref in enumerate(self.previous):
+                w = ref()
+                if w is not None:
+                    self.where.setdefault(id(w), []).append(i)
         self.trace, self.pos, self.stepping = [], 0, True
         if self.stream is not None:
             # whatever the compute stream did before the step (weights loaded, a model changed) is
@@ -120,17 +156,18 @@ class DequantCache:
         if not self.stepping:
             return
         if len(self.trace) >= MAX_TRACE:
-            self.stepping, self.trace, self.previous = False, [], []
+            self.stepping, self.trace, self.previous, self.where = False, [], [], {}
             return
         self.trace.append(weakref.ref(weight))
         prev = self.previous
         if self.pos < len(prev) and prev[self.pos]() is weight:
             self.pos += 1
             return
-        for i in (*range(self.pos, len(prev)), *range(0, min(self.pos, len(prev)))):
-            if prev[i]() is weight:
-                self.pos = i + 1
-                return
+        # found again by the weight: its next position from here on, else its first
+        places = [i for i in self.where.get(id(weight), ()) if prev[i]() is weight]
+        if places:
+            at = bisect.bisect_left(places, self.pos)
+            self.pos = (places[at] if at < len(places) else places[0]) + 1
 
     def expected_next(self, weight: NF4Weight) -> NF4Weight | None:
         """The first weight other than ``weight`` that the previous step called next, or None. Past the
@@ -150,9 +187,12 @@ class DequantCache:
         return next((s for s in self.slots if s.holds(weight, identity)), None)
 
     def _view(self, slot: _Slot, weight: NF4Weight) -> torch.Tensor:
+        """The slot's buffer as ``weight``'s (N, K), grown on the compute stream where too small. The side
+        stream is recorded as a user, so a buffer given up is not handed out again while a dequantize
+        into it may still run there; a new buffer's first write on the side stream waits for the fence,
+        recorded after this allocation, so it cannot race the compute stream's last use of that memory."""
         if slot.buf is None or slot.buf.numel() < weight.numel:
-            # allocated on the compute stream; the side stream is recorded as a user so the memory is
-            # not handed out again while a dequantize into it may still run there
+            slot.buf = None
             slot.buf = torch.empty(weight.numel, dtype=self.dtype, device=self.device)
             if self.stream is not None:
                 slot.buf.record_stream(self.stream)
@@ -166,7 +206,7 @@ class DequantCache:
         return slot
 
     def acquire(self, weight: NF4Weight) -> tuple[_Slot, torch.Tensor]:
-        """(slot, W dequantized as (N, K) in the cache's dtype), ready for reads queued on the current stream."""
+        """(slot, W dequantized as (N, K) in the cache's dtype), ready for reads queued on the compute stream."""
         identity = _identity(weight)
         self._advance(weight)
         slot = self._find(weight, identity)
@@ -176,36 +216,45 @@ class DequantCache:
                 self.stats["prefetch_hits"] += 1
                 slot.from_prefetch = False
             if slot.on_side:
-                torch.cuda.current_stream(self.device).wait_event(slot.ready)
+                self.compute.wait_event(slot.ready)
             view = slot.buf[: weight.numel].view(weight.shape)
         else:
             self.stats["misses"] += 1
             slot = self._victim(None)
             if slot.on_side:  # a dequantize of another weight may still be writing it
-                torch.cuda.current_stream(self.device).wait_event(slot.ready)
-            view = self._view(slot, weight)
+                self.compute.wait_event(slot.ready)
             slot.ref = None  # nothing valid while it is rewritten
+            view = self._view(slot, weight)
             dequantize_nf4_triton(weight, self.dtype, out=view)
             slot.ref, slot.identity, slot.on_side = weakref.ref(weight), identity, False
         self.clock += 1
         slot.used = self.clock
         return slot, view
 
-    def release(self, slot: _Slot, weight: NF4Weight) -> None:
-        """The reads of ``slot`` are queued: mark where they end, then dequantize the expected next weight
-        ahead on the side stream."""
-        if slot.done is not None:
-            slot.done.record(torch.cuda.current_stream(self.device))
+    def plan(self, weight: NF4Weight, current: _Slot) -> tuple | None:
+        """(weight expected next, the slot it goes into, its view) where it is not in a slot yet, else None.
+        The slot is the least recently used one other than ``current``, emptied now; its buffer is grown
+        here, before the fence."""
         nxt = self.expected_next(weight)
-        if nxt is None or nxt.device != self.device or self._find(nxt, _identity(nxt)) is not None:
-            return
-        target = self._victim(slot)
-        view = self._view(target, nxt)
+        if nxt is None or nxt.device != self.device or usable_weight(nxt) is False:
+            return None
+        identity = _identity(nxt)
+        if self._find(nxt, identity) is not None:
+            return None
+        target = self._victim(current)
         target.ref = None
+        return nxt, identity, target, self._view(target, nxt)
+
+    def record_fence(self) -> None:
+        if self.fence is not None:
+            self.fence.record(self.compute)
+
+    def prefetch(self, planned: tuple) -> None:
+        """Dequantize the planned weight into its slot: on the side stream behind the fence (CUDA), inline
+        elsewhere."""
+        nxt, identity, target, view = planned
         if self.stream is not None:
-            # its last reader has finished (an inline write of it came before those reads; an earlier
-            # dequantize on the side stream is before this one in the stream's order)
-            self.stream.wait_event(target.done)
+            self.stream.wait_event(self.fence)
             for t in nxt.tensors():  # a weight freed meanwhile keeps its memory until this read is done
                 t.record_stream(self.stream)
             with torch.cuda.stream(self.stream):
@@ -214,18 +263,18 @@ class DequantCache:
             target.on_side = True
         else:
             dequantize_nf4_triton(nxt, self.dtype, out=view)
-        target.ref, target.identity, target.from_prefetch = weakref.ref(nxt), _identity(nxt), True
+        target.ref, target.identity, target.from_prefetch = weakref.ref(nxt), identity, True
         self.clock += 1
         target.used = self.clock
         self.stats["prefetched"] += 1
 
     def clear(self) -> None:
         """Drop the buffers and the schedule."""
-        if self.stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        if self.stream is not None and self.compute is not None:
+            self.compute.wait_stream(self.stream)
         for slot in self.slots:
             slot.buf, slot.ref, slot.identity, slot.on_side, slot.from_prefetch = None, None, None, False, False
-        self.previous, self.trace, self.pos = [], [], 0
+        self.previous, self.where, self.trace, self.pos = [], {}, [], 0
 
 
 _caches: dict[tuple[torch.device, torch.dtype], DequantCache] = {}
@@ -284,18 +333,32 @@ def stats() -> dict:
     return out
 
 
+def usable_weight(weight: NF4Weight) -> bool:
+    """Whether the cache can tell this weight's versions apart: not for inference-mode tensors, which
+    have no version counter."""
+    return not any(t.is_inference() for t in weight.tensors())
+
+
 def usable(weight: NF4Weight, dtype: torch.dtype) -> bool:
     """Whether a dequant-path call on ``weight`` in ``dtype`` goes through the cache now."""
     device = weight.device
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
-    return enabled(device)
+    return enabled(device) and usable_weight(weight)
+
+
+def _product(a: torch.Tensor, w: torch.Tensor, transpose: bool) -> torch.Tensor:
+    return torch.matmul(a, w.t() if transpose else w)
 
 
 def matmul(a: torch.Tensor, weight: NF4Weight, transpose: bool) -> torch.Tensor:
     """``a @ W.T`` (transpose) or ``a @ W`` through the cache, W dequantized in a's dtype."""
     cache = cache_for(weight.device, a.dtype)
+    cache.bind()
     slot, w = cache.acquire(weight)
-    out = torch.matmul(a, w.t() if transpose else w)
-    cache.release(slot, weight)
+    planned = cache.plan(weight, slot)
+    cache.record_fence()
+    out = _product(a, w, transpose)
+    if planned is not None:
+        cache.prefetch(planned)
     return out

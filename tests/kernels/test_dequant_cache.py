@@ -140,21 +140,85 @@ def test_a_weight_written_in_place_is_dequantized_again(monkeypatch, fresh_cache
 
 
 def test_a_dead_weight_is_not_served(monkeypatch, fresh_cache):
-    """A slot remembers its weight weakly: once the model is gone, a new weight at the same addresses
-    is not mistaken for it."""
+    """A slot remembers its weight weakly: once that NF4Weight is gone, a new one over the very same
+    memory, with the same version counters (``.data`` aliases start at 0), scales and offset but new
+    packed codes, is not mistaken for it (its identity is the dead one's exactly)."""
+    import dataclasses
+
+    def alias(w, **changes):
+        return dataclasses.replace(w, packed=w.packed.data, absmax=w.absmax.data,
+                                   nested_absmax=w.nested_absmax.data, nested_code=w.nested_code.data, **changes)
+
     monkeypatch.setenv(dequant_cache.ENV, "1")
     x, dy = _inputs(torch.float32)
+    storage = _weights()
+    other = [dataclasses.replace(w, packed=w.packed ^ 0x5A) for w in storage]  # other codes, same scales
     with backend("triton"):
+        old = [alias(w) for w in storage]
         dequant_cache.begin_step()
-        _step(_weights(), x, dy)
+        _step(old, x, dy)
+        identities = [dequant_cache._identity(w) for w in old]
+        del old
+        for w, o in zip(storage, other):  # written where the version counters do not see it
+            w.packed.data.copy_(o.packed)
+        new = [alias(w) for w in storage]
+        assert identities == [dequant_cache._identity(w) for w in new]
         dequant_cache.begin_step()
         misses = dequant_cache.stats()["misses"]
-        weights = _weights(seed=7)
-        y, dx = _step(weights, x, dy)
-        assert dequant_cache.stats()["misses"] > misses
+        y, dx = _step(new, x, dy)
+        # W1 W2 W3 dequantized, W3 and W2 then in the slots, W1 again (the dead order predicts nothing)
+        assert dequant_cache.stats()["misses"] - misses == 4
         monkeypatch.setenv(dequant_cache.ENV, "0")
-        y_ref, dx_ref = _step(weights, x, dy)
+        y_ref, dx_ref = _step(other, x, dy)
     assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref)
+
+
+def test_an_offset_or_shape_change_is_a_different_weight(fresh_cache):
+    weights = _weights()
+    w = weights[0]
+    before = dequant_cache._identity(w)
+    w.offset = w.offset + 1.0
+    assert dequant_cache._identity(w) != before
+
+
+def test_inference_mode_weights_bypass_the_cache(monkeypatch, fresh_cache):
+    """Inference tensors have no version counter: such a weight takes the shared buffer, not the cache."""
+    monkeypatch.setenv(dequant_cache.ENV, "1")
+    with torch.inference_mode():
+        weights = _weights()
+        x, _ = _inputs(torch.float32)
+        with backend("triton"):
+            h = x
+            for w in weights:
+                h = mm.nf4_matmul_triton(h, w, "dequant")
+            ref = x
+            for w in weights:
+                ref = torch.nn.functional.linear(ref, nf4.dequantize_nf4_reference(w, torch.float32))
+    assert dequant_cache.stats() == {}
+    assert torch.allclose(h, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_the_position_is_found_again_by_index(fresh_cache):
+    """The schedule's position after a call off the expected order is the weight's next place in the step
+    before (or its first): looked up by the weight, not by scanning the whole order."""
+    cache = dequant_cache.DequantCache(torch.device("cpu"), torch.float32)
+    ws = _weights() + _weights(seed=3)  # six distinct weights
+    order = [0, 1, 2, 3, 2, 1, 4, 5]
+    cache.begin_step()
+    for i in order:
+        cache._advance(ws[i])
+    cache.begin_step()
+    assert sorted(cache.where.values()) == [[0], [1, 5], [2, 4], [3], [6], [7]]
+    cache._advance(ws[2])  # off the order: its first place from position 0 is 2
+    assert cache.pos == 3 and cache.expected_next(ws[2]) is ws[3]
+    cache._advance(ws[1])  # next place of W1 from 3 is 5
+    assert cache.pos == 6 and cache.expected_next(ws[1]) is ws[4]
+    cache._advance(ws[0])  # only before: wraps to its first place
+    assert cache.pos == 1 and cache.expected_next(ws[0]) is ws[1]
+    cache.pos = len(order)  # past the end: the next step's start is expected
+    assert cache.expected_next(ws[5]) is ws[0]
+    cache._advance(_weights(seed=9)[0])  # a weight the step before never called: the position stays
+    assert cache.pos == len(order)
 
 
 def test_the_order_is_not_kept_past_max_trace(monkeypatch, fresh_cache):
@@ -201,9 +265,8 @@ def test_two_slots_at_least():
 @pytest.mark.parametrize("m,shapes", [(256, SHAPES), (4096, SHAPES), (4096, ((3200, 3200),) * 3)],
                          ids=["small-256", "small-4096", "3200-4096"])
 def test_side_stream_dequantize_is_exact_on_cuda(monkeypatch, fresh_cache, m, shapes):
-    """On a GPU the dequantize ahead runs on the side stream, racing the matmul before it (at 3200x3200
-    both take long enough that a missing wait would read a half-written weight): ten steps in bf16 equal
-    the cache-off step bit for bit, and the later steps hit on every call."""
+    """On a GPU the dequantize ahead runs on the side stream beside the matmul before it: ten steps in
+    bf16 equal the cache-off step bit for bit, and from the second step every call hits."""
     weights = _weights("cuda", shapes=shapes)
     x, dy = _inputs(torch.bfloat16, "cuda", m, shapes)
     monkeypatch.setenv(dequant_cache.ENV, "0")
@@ -218,6 +281,58 @@ def test_side_stream_dequantize_is_exact_on_cuda(monkeypatch, fresh_cache, m, sh
         assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref)
     s = dequant_cache.stats()
     assert s["misses"] == 4 and s["prefetch_hits"] == 2 * 9 and s["unused_prefetches"] == 0
+
+
+GROWING = ((256, 256), (512, 256), (1024, 512), (2048, 1024))  # each weight larger than the one before
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("delay", [None, "side", "compute"])
+def test_the_streams_are_ordered_under_delays_on_cuda(monkeypatch, fresh_cache, delay):
+    """The orderings the cache relies on, each made to matter by a delay of about 5 ms:
+
+    * "side": before every dequantize on the side stream. A call that did not wait for its slot's
+      dequantize (the ready event) would read it half written or holding the weight before;
+    * "compute": before every product on the compute stream. A dequantize ahead that did not wait for
+      the fence would overwrite a slot that a queued product is still to read.
+
+    After the first step the slots' buffers are dropped, so in the second every dequantize ahead into
+    a slot allocates (or grows) its buffer first: that allocation is before the fence too. Every step
+    equals the cache-off step bit for bit."""
+    weights = _weights("cuda", shapes=GROWING)
+    x, dy = _inputs(torch.bfloat16, "cuda", 2048, GROWING)
+    monkeypatch.setenv(dequant_cache.ENV, "0")
+    y_ref, dx_ref = _step(weights, x, dy)
+    torch.cuda.synchronize()
+    cycles = 10_000_000
+    real_dequantize, real_product = dequant_cache.dequantize_nf4_triton, dequant_cache._product
+
+    def dequantize(weight, dtype, out):
+        if delay == "side" and any(torch.cuda.current_stream() == c.stream for c in dequant_cache._caches.values()):
+            torch.cuda._sleep(cycles)
+        return real_dequantize(weight, dtype, out=out)
+
+    def product(a, w, transpose):
+        if delay == "compute":
+            torch.cuda._sleep(cycles)
+        return real_product(a, w, transpose)
+
+    monkeypatch.setattr(dequant_cache, "dequantize_nf4_triton", dequantize)
+    monkeypatch.setattr(dequant_cache, "_product", product)
+    monkeypatch.setenv(dequant_cache.ENV, "1")
+    outs = []
+    for step in range(4):
+        dequant_cache.begin_step()
+        outs.append(_step(weights, x, dy))
+        if step == 0:
+            (cache,) = dequant_cache._caches.values()
+            for slot in cache.slots:
+                slot.buf, slot.ref = None, None
+    torch.cuda.synchronize()
+    for y, dx in outs:
+        assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref)
+    s = dequant_cache.stats()
+    assert s["prefetched"] >= 3 * 4 and s["prefetch_hits"] == s["prefetched"], s
 
 
 @pytest.mark.gpu
