@@ -357,7 +357,8 @@ def matmul(a: torch.Tensor, weight: NF4Weight, transpose: bool) -> torch.Tensor:
     cache.bind()
     slot, w = cache.acquire(weight)
     planned = cache.plan(weight, slot)
-    cache.record_fence()
+    if planned is not None:
+        cache.record_fence()  # before the product: the dequantize ahead may run beside it, not before
     out = _product(a, w, transpose)
     if planned is not None:
         cache.prefetch(planned)
