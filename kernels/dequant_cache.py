@@ -28,14 +28,16 @@ Where the side stream's dequantize runs: while the current matmul holds the SMs 
 that the matmul leaves idle (its last wave, the gaps between its kernels), so how much of its time the
 overlap hides is a measurement (``bench/nf4.py --cache``), not a given. What is certain is the hits.
 
-Scope: only the NF4 matmuls without an adapter go through it. The LoRA layers (``bezoar_kernels.lora``)
-dequantize into their own buffer, so with the OpenBezoar recipes' q/k/v adapters the cache serves o,
-gate, up and down (three quarters of the weight bytes of a 3B block), and with adapters on all seven
-linears it serves nothing in training (the DPO reference pass, adapters off, still goes through it).
+Scope: the NF4 matmuls without an adapter, and the LoRA layers' base weights on the ``dequant``, ``cublas``
+and ``concat`` paths (``bezoar_kernels.lora``, and the fused norm and SwiGLU + LoRA calls, which use
+``concat``): a slot holds a ``Block``, q/k/v's three weights stacked, and for ``concat`` the LoRA
+columns' room beside W (written by the caller on every call; W's columns are what is kept). The
+``merged`` path (W + s B A, which changes every optimizer step), ``fused`` and ``tma`` keep their own
+ways.
 
 Off by default: ``BEZOAR_NF4_DEQUANT_CACHE=1`` (or the device's tuning entry ``nf4.dequant_cache``) turns
-it on. It costs ``SLOTS`` buffers of the largest weight per (device, dtype) (2 x 55 MB for OpenLLaMA 3B's
-8640x3200 in bf16), where the dequant path otherwise keeps one. It is bypassed while a CUDA graph is
+it on. It costs ``SLOTS`` buffers of the largest block per (device, dtype) (2 x 55 MB for OpenLLaMA 3B's
+8640x3200 in bf16; q/k/v stacked is 61 MB), where the dequant paths otherwise keep one. It is bypassed while a CUDA graph is
 being captured (a graph cannot hold work left pending on another stream): captured calls use the shared
 buffer as before. One cache serves one compute stream at a time: a call from another stream first
 makes that stream wait for the previous one and for the side stream. Results are the same bit for bit
@@ -46,6 +48,7 @@ cuBLAS reads them.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import weakref
 
@@ -83,26 +86,89 @@ def _identity(weight: NF4Weight) -> tuple:
             tuple((t.data_ptr(), t._version) for t in weight.tensors()))
 
 
+class Block:
+    """What a slot holds: NF4 weights of one K stacked by rows (weight j in the rows after those of the
+    weights before it), each in the first K columns of rows ``cols`` values apart (``cols`` > K leaves
+    room beside W for the caller's own columns, as the LoRA concat path's [W | s B] needs). A single
+    weight with cols = K is the plain (N, K) matrix."""
+
+    __slots__ = ("weights", "cols", "k", "rows")
+
+    def __init__(self, weights, cols: int | None = None):
+        self.weights = tuple(weights)
+        self.k = self.weights[0].shape[1]
+        self.cols = self.k if cols is None else int(cols)
+        self.rows = sum(w.shape[0] for w in self.weights)
+        if any(len(w.shape) != 2 or w.shape[1] != self.k for w in self.weights) or self.cols < self.k:
+            raise ValueError(f"dequant cache: a block needs 2-D weights of one K and cols >= K, got "
+                             f"{[w.shape for w in self.weights]} in {cols} columns")
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.cols
+
+    def identity(self) -> tuple:
+        return self.cols, tuple(_identity(w) for w in self.weights)
+
+    def key(self) -> tuple:
+        return self.cols, tuple(id(w) for w in self.weights)
+
+    def write(self, dtype: torch.dtype, view: torch.Tensor) -> None:
+        """Dequantize every weight into its rows of ``view`` (rows, cols): exactly the calls the shared
+        buffers' writers make, so the values are the same bit for bit."""
+        start = 0
+        for w in self.weights:
+            n = w.shape[0]
+            dequantize_nf4_triton(w, dtype, out=view[start: start + n, : self.k])
+            start += n
+
+    def usable(self) -> bool:
+        return all(usable_weight(w) for w in self.weights)
+
+
+class _Ref:
+    """A block remembered weakly (the schedule's entries, a slot's content): it never keeps a model alive,
+    and a block whose weights are gone matches nothing."""
+
+    __slots__ = ("refs", "cols")
+
+    def __init__(self, block: Block):
+        self.refs = tuple(weakref.ref(w) for w in block.weights)
+        self.cols = block.cols
+
+    def matches(self, block: Block) -> bool:
+        return (self.cols == block.cols and len(self.refs) == len(block.weights)
+                and all(r() is w for r, w in zip(self.refs, block.weights)))
+
+    def block(self) -> Block | None:
+        weights = [r() for r in self.refs]
+        return None if any(w is None for w in weights) else Block(weights, self.cols)
+
+    def key(self) -> tuple | None:
+        weights = [r() for r in self.refs]
+        return None if any(w is None for w in weights) else (self.cols, tuple(id(w) for w in weights))
+
+
 class _Slot:
     __slots__ = ("buf", "ref", "identity", "ready", "on_side", "used", "from_prefetch")
 
     def __init__(self, cuda: bool):
         self.buf: torch.Tensor | None = None
-        self.ref = None  # weakref to the NF4Weight held, or None
+        self.ref: _Ref | None = None  # the block held, or None
         self.identity: tuple | None = None
         self.ready = torch.cuda.Event() if cuda else None  # recorded after the side stream's dequantize
         self.on_side = False  # the content was (or is being) written on the side stream
         self.used = -1  # clock of the last acquire, for least-recently-used eviction
         self.from_prefetch = False  # written by a prefetch and not yet read
 
-    def holds(self, weight: NF4Weight, identity: tuple) -> bool:
-        return self.ref is not None and self.ref() is weight and self.identity == identity
+    def holds(self, block: Block, identity: tuple) -> bool:
+        return self.ref is not None and self.ref.matches(block) and self.identity == identity
 
 
 class DequantCache:
-    """The slots and the learned schedule for one (device, dtype). ``matmul`` is the whole protocol:
-    ``acquire`` (the weight's dequantized view, for reads queued on the compute stream), ``plan`` (the
-    weight expected next and the slot it goes into, buffer grown), ``fence`` (recorded on the compute
+    """The slots and the learned schedule for one (device, dtype). ``held`` is the whole protocol:
+    ``acquire`` (the block's dequantized view, for reads queued on the compute stream), ``plan`` (the
+    block expected next and the slot it goes into, buffer grown), ``fence`` (recorded on the compute
     stream before the reads), then ``prefetch`` (on the side stream, behind the fence)."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, slots: int = SLOTS):
@@ -116,9 +182,9 @@ class DequantCache:
         self.slots = [_Slot(cuda) for _ in range(slots)]
         self.clock = 0
         self.stepping = False  # begin_step has been called: orders are recorded
-        self.previous: list = []  # weakrefs, the last whole step's order of weights
-        self.where: dict[int, list[int]] = {}  # id of a weight in ``previous`` -> its positions there
-        self.trace: list = []  # this step's so far
+        self.previous: list[_Ref] = []  # the last whole step's order of blocks
+        self.where: dict[tuple, list[int]] = {}  # key of a block in ``previous`` -> its positions there
+        self.trace: list[_Ref] = []  # this step's so far
         self.pos = 0  # where in ``previous`` the calls of this step have got to
         self.stats = {"hits": 0, "misses": 0, "prefetched": 0, "prefetch_hits": 0, "unused_prefetches": 0}
 
@@ -142,61 +208,60 @@ class DequantCache:
             self.previous = self.trace
             self.where = {}
             for i, ref in enumerate(self.previous):
-                w = ref()
-                if w is not None:
-                    self.where.setdefault(id(w), []).append(i)
+                key = ref.key()
+                if key is not None:
+                    self.where.setdefault(key, []).append(i)
         self.trace, self.pos, self.stepping = [], 0, True
         if self.stream is not None:
             # whatever the compute stream did before the step (weights loaded, a model changed) is
             # visible to the side stream's first dequantize of the step
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
 
-    def _advance(self, weight: NF4Weight) -> None:
-        """Record the call and move the position in the previous step's order past this weight."""
+    def _advance(self, block: Block) -> None:
+        """Record the call and move the position in the previous step's order past this block."""
         if not self.stepping:
             return
         if len(self.trace) >= MAX_TRACE:
             self.stepping, self.trace, self.previous, self.where = False, [], [], {}
             return
-        self.trace.append(weakref.ref(weight))
+        self.trace.append(_Ref(block))
         prev = self.previous
-        if self.pos < len(prev) and prev[self.pos]() is weight:
+        if self.pos < len(prev) and prev[self.pos].matches(block):
             self.pos += 1
             return
-        # found again by the weight: its next position from here on, else its first
-        places = [i for i in self.where.get(id(weight), ()) if prev[i]() is weight]
+        # found again by the block: its next position from here on, else its first
+        places = [i for i in self.where.get(block.key(), ()) if prev[i].matches(block)]
         if places:
             at = bisect.bisect_left(places, self.pos)
             self.pos = (places[at] if at < len(places) else places[0]) + 1
 
-    def expected_next(self, weight: NF4Weight) -> NF4Weight | None:
-        """The first weight other than ``weight`` that the previous step called next, or None. Past the
+    def expected_next(self, block: Block) -> Block | None:
+        """The first block other than ``block`` that the previous step called next, or None. Past the
         end of the previous step's order it goes on from its start: the next step's first call."""
         prev = self.previous
         for j in range(min(_LOOKAHEAD, len(prev))):
-            nxt = prev[(self.pos + j) % len(prev)]()
-            if nxt is None:
-                return None
-            if nxt is not weight:
-                return nxt
+            ref = prev[(self.pos + j) % len(prev)]
+            if not ref.matches(block):
+                return ref.block()
         return None
 
     # ---- slots -----------------------------------------------------------------------------------
 
-    def _find(self, weight: NF4Weight, identity: tuple) -> _Slot | None:
-        return next((s for s in self.slots if s.holds(weight, identity)), None)
+    def _find(self, block: Block, identity: tuple) -> _Slot | None:
+        return next((s for s in self.slots if s.holds(block, identity)), None)
 
-    def _view(self, slot: _Slot, weight: NF4Weight) -> torch.Tensor:
-        """The slot's buffer as ``weight``'s (N, K), grown on the compute stream where too small. The side
-        stream is recorded as a user, so a buffer given up is not handed out again while a dequantize
-        into it may still run there; a new buffer's first write on the side stream waits for the fence,
-        recorded after this allocation, so it cannot race the compute stream's last use of that memory."""
-        if slot.buf is None or slot.buf.numel() < weight.numel:
+    def _view(self, slot: _Slot, block: Block) -> torch.Tensor:
+        """The slot's buffer as the block's (rows, cols), grown on the compute stream where too small. The
+        side stream is recorded as a user, so a buffer given up is not handed out again while a
+        dequantize into it may still run there; a new buffer's first write on the side stream waits for
+        the fence, recorded after this allocation, so it cannot race the compute stream's last use of
+        that memory."""
+        if slot.buf is None or slot.buf.numel() < block.numel:
             slot.buf = None
-            slot.buf = torch.empty(weight.numel, dtype=self.dtype, device=self.device)
+            slot.buf = torch.empty(block.numel, dtype=self.dtype, device=self.device)
             if self.stream is not None:
                 slot.buf.record_stream(self.stream)
-        return slot.buf[: weight.numel].view(weight.shape)
+        return slot.buf[: block.numel].view(block.rows, block.cols)
 
     def _victim(self, keep: _Slot | None) -> _Slot:
         slot = min((s for s in self.slots if s is not keep), key=lambda s: s.used)
@@ -205,11 +270,12 @@ class DequantCache:
             slot.from_prefetch = False
         return slot
 
-    def acquire(self, weight: NF4Weight) -> tuple[_Slot, torch.Tensor]:
-        """(slot, W dequantized as (N, K) in the cache's dtype), ready for reads queued on the compute stream."""
-        identity = _identity(weight)
-        self._advance(weight)
-        slot = self._find(weight, identity)
+    def acquire(self, block: Block) -> tuple[_Slot, torch.Tensor]:
+        """(slot, the block dequantized as (rows, cols) in the cache's dtype), ready for reads queued on the
+        compute stream. Columns past K hold whatever was there: the caller writes them before reading."""
+        identity = block.identity()
+        self._advance(block)
+        slot = self._find(block, identity)
         if slot is not None:
             self.stats["hits"] += 1
             if slot.from_prefetch:
@@ -217,28 +283,28 @@ class DequantCache:
                 slot.from_prefetch = False
             if slot.on_side:
                 self.compute.wait_event(slot.ready)
-            view = slot.buf[: weight.numel].view(weight.shape)
+            view = slot.buf[: block.numel].view(block.rows, block.cols)
         else:
             self.stats["misses"] += 1
             slot = self._victim(None)
-            if slot.on_side:  # a dequantize of another weight may still be writing it
+            if slot.on_side:  # a dequantize of another block may still be writing it
                 self.compute.wait_event(slot.ready)
             slot.ref = None  # nothing valid while it is rewritten
-            view = self._view(slot, weight)
-            dequantize_nf4_triton(weight, self.dtype, out=view)
-            slot.ref, slot.identity, slot.on_side = weakref.ref(weight), identity, False
+            view = self._view(slot, block)
+            block.write(self.dtype, view)
+            slot.ref, slot.identity, slot.on_side = _Ref(block), identity, False
         self.clock += 1
         slot.used = self.clock
         return slot, view
 
-    def plan(self, weight: NF4Weight, current: _Slot) -> tuple | None:
-        """(weight expected next, the slot it goes into, its view) where it is not in a slot yet, else None.
-        The slot is the least recently used one other than ``current``, emptied now; its buffer is grown
-        here, before the fence."""
-        nxt = self.expected_next(weight)
-        if nxt is None or nxt.device != self.device or usable_weight(nxt) is False:
+    def plan(self, block: Block, current: _Slot) -> tuple | None:
+        """(block expected next, its identity, the slot it goes into, its view) where it is not in a slot
+        yet, else None. The slot is the least recently used one other than ``current``, emptied now; its
+        buffer is grown here, before the fence."""
+        nxt = self.expected_next(block)
+        if nxt is None or nxt.weights[0].device != self.device or not nxt.usable():
             return None
-        identity = _identity(nxt)
+        identity = nxt.identity()
         if self._find(nxt, identity) is not None:
             return None
         target = self._victim(current)
@@ -250,20 +316,21 @@ class DequantCache:
             self.fence.record(self.compute)
 
     def prefetch(self, planned: tuple) -> None:
-        """Dequantize the planned weight into its slot: on the side stream behind the fence (CUDA), inline
+        """Dequantize the planned block into its slot: on the side stream behind the fence (CUDA), inline
         elsewhere."""
         nxt, identity, target, view = planned
         if self.stream is not None:
             self.stream.wait_event(self.fence)
-            for t in nxt.tensors():  # a weight freed meanwhile keeps its memory until this read is done
-                t.record_stream(self.stream)
+            for w in nxt.weights:  # a weight freed meanwhile keeps its memory until this read is done
+                for t in w.tensors():
+                    t.record_stream(self.stream)
             with torch.cuda.stream(self.stream):
-                dequantize_nf4_triton(nxt, self.dtype, out=view)
+                nxt.write(self.dtype, view)
             target.ready.record(self.stream)
             target.on_side = True
         else:
-            dequantize_nf4_triton(nxt, self.dtype, out=view)
-        target.ref, target.identity, target.from_prefetch = weakref.ref(nxt), identity, True
+            nxt.write(self.dtype, view)
+        target.ref, target.identity, target.from_prefetch = _Ref(nxt), identity, True
         self.clock += 1
         target.used = self.clock
         self.stats["prefetched"] += 1
@@ -339,12 +406,33 @@ def usable_weight(weight: NF4Weight) -> bool:
     return not any(t.is_inference() for t in weight.tensors())
 
 
-def usable(weight: NF4Weight, dtype: torch.dtype) -> bool:
-    """Whether a dequant-path call on ``weight`` in ``dtype`` goes through the cache now."""
-    device = weight.device
+def usable(weights, dtype: torch.dtype) -> bool:
+    """Whether a dequant-path call on ``weights`` (one NF4Weight or several of one device) in ``dtype``
+    goes through the cache now."""
+    weights = (weights,) if isinstance(weights, NF4Weight) else tuple(weights)
+    if not weights or not all(isinstance(w, NF4Weight) for w in weights):
+        return False
+    device = weights[0].device
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
-    return enabled(device) and usable_weight(weight)
+    return enabled(device) and all(usable_weight(w) for w in weights)
+
+
+@contextlib.contextmanager
+def held(weights, dtype: torch.dtype, cols: int | None = None):
+    """The weights dequantized as a ``Block`` (rows, cols) in ``dtype`` from the cache, for reads queued
+    on the current stream inside the ``with``: the one use of it. The block expected next is dequantized
+    ahead once the reads are queued (on CUDA, on the side stream, beside them)."""
+    block = Block((weights,) if isinstance(weights, NF4Weight) else weights, cols)
+    cache = cache_for(block.weights[0].device, dtype)
+    cache.bind()
+    slot, view = cache.acquire(block)
+    planned = cache.plan(block, slot)
+    if planned is not None:
+        cache.record_fence()  # before the reads: the dequantize ahead may run beside them, not before
+    yield view
+    if planned is not None:
+        cache.prefetch(planned)
 
 
 def _product(a: torch.Tensor, w: torch.Tensor, transpose: bool) -> torch.Tensor:
@@ -353,13 +441,5 @@ def _product(a: torch.Tensor, w: torch.Tensor, transpose: bool) -> torch.Tensor:
 
 def matmul(a: torch.Tensor, weight: NF4Weight, transpose: bool) -> torch.Tensor:
     """``a @ W.T`` (transpose) or ``a @ W`` through the cache, W dequantized in a's dtype."""
-    cache = cache_for(weight.device, a.dtype)
-    cache.bind()
-    slot, w = cache.acquire(weight)
-    planned = cache.plan(weight, slot)
-    if planned is not None:
-        cache.record_fence()  # before the product: the dequantize ahead may run beside it, not before
-    out = _product(a, w, transpose)
-    if planned is not None:
-        cache.prefetch(planned)
-    return out
+    with held(weight, a.dtype) as w:
+        return _product(a, w, transpose)

@@ -125,6 +125,7 @@ the dropout mask applied to x, autograd for the backward.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -132,7 +133,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from bezoar_kernels import dispatch, tuning
+from bezoar_kernels import dequant_cache, dispatch, tuning
 from bezoar_kernels.launch import cdiv, launch_fitting, next_power_of_2, sm_count
 from bezoar_kernels.nf4 import (
     NESTED_BLOCKSIZE,
@@ -1158,19 +1159,30 @@ def _split_rows(block: torch.Tensor, ns: Sequence[int]) -> list[torch.Tensor]:
     return list(torch.split(block, list(ns), dim=0))
 
 
-def _base_weights(plan: _Plan, dtype: torch.dtype) -> tuple[int, list[torch.Tensor], torch.Tensor | None]:
-    """(BASE switch, per-projection weights for the kernel, the stacked (sum N_j, K) matrix for cuBLAS)."""
+@contextlib.contextmanager
+def _base_weights(plan: _Plan, dtype: torch.dtype):
+    """(BASE switch, per-projection weights for the kernel, the stacked (sum N_j, K) matrix for cuBLAS),
+    for reads queued inside the ``with``. NF4 weights are dequantized into the reused buffer, or taken
+    from the dequant cache where it is on (``bezoar_kernels.dequant_cache``, the same values)."""
     path = plan.path
     if plan.nf4:
         if path == "fused":
-            return _BASE_NF4, list(plan.weights), None
+            yield _BASE_NF4, list(plan.weights), None
+            return
+        base = _BASE_IN_OUT if path in ("cublas", "concat") else _BASE_DENSE
+        if dequant_cache.usable(plan.weights, dtype):
+            with dequant_cache.held(plan.weights, dtype) as block:
+                yield base, _split_rows(block, plan.out_features), block
+            return
         block = dequantized(plan.weights, dtype)
-        return (_BASE_IN_OUT if path in ("cublas", "concat") else _BASE_DENSE), _split_rows(block, plan.out_features), block
+        yield base, _split_rows(block, plan.out_features), block
+        return
     dense = [w.detach().contiguous() for w in plan.weights]
     if path in ("cublas", "concat"):  # concat's backward, and its forward where it cannot run, are cublas's
         cast = [w.to(dtype) for w in dense]
-        return _BASE_IN_OUT, cast, cast[0] if len(cast) == 1 else torch.cat(cast)
-    return _BASE_DENSE, dense, None
+        yield _BASE_IN_OUT, cast, cast[0] if len(cast) == 1 else torch.cat(cast)
+        return
+    yield _BASE_DENSE, dense, None
 
 
 def _concat_ok(plan: _Plan, k: int) -> bool:
@@ -1201,11 +1213,19 @@ def _concat_lora_block(plan: _Plan, b: torch.Tensor) -> torch.Tensor:
     return block
 
 
-def _concat_weights(plan: _Plan, block: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """The (Ncat, K + P * r16) matrix [W_j | 0 .. s_j B_j .. 0] stacked over j, in the reused buffer:
-    W_j dequantized into the first K columns, ``block`` (``_concat_lora_block``) copied beside them."""
+@contextlib.contextmanager
+def _concat_weights(plan: _Plan, block: torch.Tensor, k: int, dtype: torch.dtype):
+    """The (Ncat, K + P * r16) matrix [W_j | 0 .. s_j B_j .. 0] stacked over j, for reads queued inside the
+    ``with``: in the reused buffer, W_j dequantized into the first K columns, or from the dequant cache
+    where it is on (the W columns kept between calls, the same values); ``block``
+    (``_concat_lora_block``) copied beside them on every call."""
     n_total, extra = block.shape
     kc = k + extra
+    if plan.nf4 and dequant_cache.usable(plan.weights, dtype):
+        with dequant_cache.held(plan.weights, dtype, kc) as wide:
+            wide[:, k:].copy_(block)
+            yield wide
+        return
     wide = _shared_buffer(block.device, dtype, n_total * kc)[: n_total * kc].view(n_total, kc)
     start = 0
     for w, n in zip(plan.weights, plan.out_features):
@@ -1215,7 +1235,7 @@ def _concat_weights(plan: _Plan, block: torch.Tensor, k: int, dtype: torch.dtype
             wide[start: start + n, :k].copy_(w.detach())
         start += n
     wide[:, k:].copy_(block)
-    return wide
+    yield wide
 
 
 def _merge_ok(weights, adapters, k: int) -> bool:
@@ -1287,8 +1307,8 @@ def _no_autocast(t: torch.Tensor):
 def _concat_forward(wide_x: torch.Tensor, block: torch.Tensor, plan: _Plan, k: int) -> torch.Tensor:
     """y (M, Ncat) = [x | xa_0 | xa_1 | ...] @ [W_j | .. s_j B_j ..].T: one cuBLAS GEMM, no pass over y.
     ``wide_x`` is what ``_lora_down`` wrote, ``block`` the LoRA columns (``_concat_lora_block``)."""
-    with _no_autocast(wide_x):
-        return torch.matmul(wide_x, _concat_weights(plan, block, k, wide_x.dtype).t())
+    with _no_autocast(wide_x), _concat_weights(plan, block, k, wide_x.dtype) as wide_w:
+        return torch.matmul(wide_x, wide_w.t())
 
 
 def _concat_backward(dys: list[torch.Tensor], block: torch.Tensor, plan: _Plan, k: int,
@@ -1298,8 +1318,8 @@ def _concat_backward(dys: list[torch.Tensor], block: torch.Tensor, plan: _Plan, 
     sum_j dy_j @ [W_j | .. s_j B_j ..] (M, K + P * r16) holds the base dx in its first K columns and
     g_j = s_j * dy_j @ B_j in column block j (rows of projection i != j are zero there): the pass over
     dy that computes g on the other paths is not made."""
-    wide_w = _concat_weights(plan, block, k, dys[0].dtype)
-    wide = _base_product(dys, plan, _split_rows(wide_w, plan.out_features))
+    with _concat_weights(plan, block, k, dys[0].dtype) as wide_w:
+        wide = _base_product(dys, plan, _split_rows(wide_w, plan.out_features))
     return wide[:, :k], _lora_columns(wide, k, plan.projections, r)
 
 
@@ -1324,14 +1344,19 @@ def _gemm_forward(x: torch.Tensor, plan: _Plan, xa: torch.Tensor | None, b: torc
                   base_y: torch.Tensor | None = None) -> torch.Tensor:
     """y (M, Ncat) = [x @ W_j.T + s_j * xa_j @ B_j.T]_j in x's dtype; with ``base_y`` (the products
     x @ W_j.T already there, e.g. from the gemv kernel) only the LoRA term is added to it, in place."""
+    if base_y is not None:  # the weights are not read
+        return _gemm_forward_on(x, plan, xa, b, base_y, _BASE_IN_OUT, [base_y] * plan.projections, None)
+    with _base_weights(plan, x.dtype) as (base, weights, stacked):
+        return _gemm_forward_on(x, plan, xa, b, None, base, weights, stacked)
+
+
+def _gemm_forward_on(x: torch.Tensor, plan: _Plan, xa: torch.Tensor | None, b: torch.Tensor | None,
+                     base_y: torch.Tensor | None, base: int, weights: list, stacked: torch.Tensor | None):
     m, k = x.shape
     ns = plan.out_features
     n_total = sum(ns)
     dtype = x.dtype
-    if base_y is not None:
-        base, weights, y = _BASE_IN_OUT, [base_y] * plan.projections, base_y  # the weights are not read
-    else:
-        base, weights, stacked = _base_weights(plan, dtype)
+    y = base_y
     if base == _BASE_IN_OUT and base_y is None:
         with _no_autocast(x):
             y = torch.matmul(x, stacked.t())
@@ -1377,12 +1402,17 @@ def _gemm_backward(dys: list[torch.Tensor], plan: _Plan, g: torch.Tensor | None,
     """dx (M, K) = sum_j dy_j @ W_j + sum_j (g_j @ A_j) * mask_j in dy's dtype, on the Triton GEMM
     (``fused``, ``dequant``), or by cuBLAS where the path has no LoRA term to add (the LoRA paths on
     cuBLAS go through ``_lora_dx_da``)."""
+    with _base_weights(plan, dys[0].dtype) as (base, weights, _):
+        return _gemm_backward_on(dys, plan, g, a, k, base, weights)
+
+
+def _gemm_backward_on(dys: list[torch.Tensor], plan: _Plan, g: torch.Tensor | None, a: torch.Tensor | None,
+                      k: int, base: int, weights: list) -> torch.Tensor:
     m = dys[0].shape[0]
     ns = plan.out_features
     n_total = sum(ns)
     dtype = dys[0].dtype
     device = dys[0].device
-    base, weights, _ = _base_weights(plan, dtype)
     if base == _BASE_IN_OUT:
         if plan.has_lora:
             raise AssertionError("the LoRA term of a cuBLAS path is added by _lora_dx_da")
@@ -1734,7 +1764,8 @@ class LoRAFunction(torch.autograd.Function):
                 dx2d = torch.empty((m, k), dtype=base_dx.dtype, device=base_dx.device)
             else:
                 g, db = g_and_db()
-                base_dx = dx2d = _base_product(dys, plan, _base_weights(plan, dys[0].dtype)[1])
+                with _base_weights(plan, dys[0].dtype) as (_, weights, _):
+                    base_dx = dx2d = _base_product(dys, plan, weights)
             da = _lora_dx_da(base_dx, x2d, g, a, plan, need_da, dx2d)
             dx = dx2d.view(*ctx.lead, k)
         else:

@@ -199,26 +199,34 @@ def test_inference_mode_weights_bypass_the_cache(monkeypatch, fresh_cache):
 
 
 def test_the_position_is_found_again_by_index(fresh_cache):
-    """The schedule's position after a call off the expected order is the weight's next place in the step
-    before (or its first): looked up by the weight, not by scanning the whole order."""
+    """The schedule's position after a call off the expected order is the block's next place in the step
+    before (or its first): looked up by the block, not by scanning the whole order."""
     cache = dequant_cache.DequantCache(torch.device("cpu"), torch.float32)
     ws = _weights() + _weights(seed=3)  # six distinct weights
+    blocks = [dequant_cache.Block([w]) for w in ws]
     order = [0, 1, 2, 3, 2, 1, 4, 5]
     cache.begin_step()
     for i in order:
-        cache._advance(ws[i])
+        cache._advance(blocks[i])
     cache.begin_step()
     assert sorted(cache.where.values()) == [[0], [1, 5], [2, 4], [3], [6], [7]]
-    cache._advance(ws[2])  # off the order: its first place from position 0 is 2
-    assert cache.pos == 3 and cache.expected_next(ws[2]) is ws[3]
-    cache._advance(ws[1])  # next place of W1 from 3 is 5
-    assert cache.pos == 6 and cache.expected_next(ws[1]) is ws[4]
-    cache._advance(ws[0])  # only before: wraps to its first place
-    assert cache.pos == 1 and cache.expected_next(ws[0]) is ws[1]
+
+    def expected(i):
+        nxt = cache.expected_next(blocks[i])
+        return nxt.weights[0] if nxt is not None else None
+
+    cache._advance(blocks[2])  # off the order: its first place from position 0 is 2
+    assert cache.pos == 3 and expected(2) is ws[3]
+    cache._advance(blocks[1])  # next place of W1 from 3 is 5
+    assert cache.pos == 6 and expected(1) is ws[4]
+    cache._advance(blocks[0])  # only before: wraps to its first place
+    assert cache.pos == 1 and expected(0) is ws[1]
     cache.pos = len(order)  # past the end: the next step's start is expected
-    assert cache.expected_next(ws[5]) is ws[0]
-    cache._advance(_weights(seed=9)[0])  # a weight the step before never called: the position stays
+    assert expected(5) is ws[0]
+    cache._advance(dequant_cache.Block(_weights(seed=9)[:1]))  # a block the step before never had
     assert cache.pos == len(order)
+    # a block of the same weights in other columns is another block
+    assert not cache.previous[0].matches(dequant_cache.Block([ws[0]], cols=ws[0].shape[1] + 16))
 
 
 def test_the_order_is_not_kept_past_max_trace(monkeypatch, fresh_cache):
@@ -286,6 +294,39 @@ def test_side_stream_dequantize_is_exact_on_cuda(monkeypatch, fresh_cache, m, sh
 GROWING = ((256, 256), (512, 256), (1024, 512), (2048, 1024))  # each weight larger than the one before
 
 
+def _delay(monkeypatch, where, cycles=10_000_000):
+    """About 5 ms of sleep before every dequantize on the cache's side stream ("side") or before every
+    read of a slot on the compute stream ("compute": the plain matmul's product, and the LoRA paths'
+    reads, which follow the copy of their LoRA columns or the acquire), or nowhere (None)."""
+    from bezoar_kernels import lora as L
+
+    real_dequantize, real_product, real_held = (dequant_cache.dequantize_nf4_triton, dequant_cache._product,
+                                                dequant_cache.held)
+
+    def dequantize(weight, dtype, out):
+        if where == "side" and any(torch.cuda.current_stream() == c.stream for c in dequant_cache._caches.values()):
+            torch.cuda._sleep(cycles)
+        return real_dequantize(weight, dtype, out=out)
+
+    def product(a, w, transpose):
+        if where == "compute":
+            torch.cuda._sleep(cycles)
+        return real_product(a, w, transpose)
+
+    import contextlib
+
+    @contextlib.contextmanager
+    def held(weights, dtype, cols=None):
+        with real_held(weights, dtype, cols) as view:
+            if where == "compute":
+                torch.cuda._sleep(cycles)
+            yield view
+
+    monkeypatch.setattr(dequant_cache, "dequantize_nf4_triton", dequantize)
+    monkeypatch.setattr(dequant_cache, "_product", product)
+    monkeypatch.setattr(L.dequant_cache, "held", held)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("delay", [None, "side", "compute"])
 def test_the_streams_are_ordered_under_delays_on_cuda(monkeypatch, fresh_cache, delay):
@@ -304,21 +345,7 @@ def test_the_streams_are_ordered_under_delays_on_cuda(monkeypatch, fresh_cache, 
     monkeypatch.setenv(dequant_cache.ENV, "0")
     y_ref, dx_ref = _step(weights, x, dy)
     torch.cuda.synchronize()
-    cycles = 10_000_000
-    real_dequantize, real_product = dequant_cache.dequantize_nf4_triton, dequant_cache._product
-
-    def dequantize(weight, dtype, out):
-        if delay == "side" and any(torch.cuda.current_stream() == c.stream for c in dequant_cache._caches.values()):
-            torch.cuda._sleep(cycles)
-        return real_dequantize(weight, dtype, out=out)
-
-    def product(a, w, transpose):
-        if delay == "compute":
-            torch.cuda._sleep(cycles)
-        return real_product(a, w, transpose)
-
-    monkeypatch.setattr(dequant_cache, "dequantize_nf4_triton", dequantize)
-    monkeypatch.setattr(dequant_cache, "_product", product)
+    _delay(monkeypatch, delay)
     monkeypatch.setenv(dequant_cache.ENV, "1")
     outs = []
     for step in range(4):
@@ -363,6 +390,82 @@ def test_capture_bypasses_the_cache(monkeypatch, fresh_cache):
     assert dequant_cache.stats() == before
 
 
+def _lora_chain(path, device="cpu", dtype=torch.float32, k=128, m=24):
+    """A step of q/k/v through the LoRA layers (a stacked block of three weights; for ``concat`` with the
+    LoRA columns beside W) then two plain NF4 matmuls, forward and back: its outputs and gradients."""
+    from bezoar_kernels import lora as L
+
+    r, ns = 8, (k // 2, k // 4, k // 4)
+    g = torch.Generator().manual_seed(4)
+
+    def quantized(n, kk):
+        return nf4.quantize_nf4_reference((torch.randn(n, kk, generator=g) * 0.05).to(device), 64, True)
+
+    qkv = [quantized(n, k) for n in ns]
+    o, o2 = quantized(k, ns[0]), quantized(k, k)
+    adapters = [L.Adapter((torch.randn(r, k, generator=g) * 0.1).to(device),
+                          (torch.randn(n, r, generator=g) * 0.1).to(device), 0.5) for n in ns]
+    x = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
+    dys = [torch.randn(m, n, generator=g).to(device=device, dtype=dtype) for n in (k, ns[1], ns[2])]
+
+    def step():
+        xx = x.clone().requires_grad_(True)
+        ads = [L.Adapter(a.lora_a.clone().requires_grad_(True), a.lora_b.clone().requires_grad_(True), a.scaling)
+               for a in adapters]
+        q, kk, v = L.lora_qkv(xx, qkv, ads, 0.2, True, (11, 12, 13), path)
+        y = mm.nf4_matmul_triton(mm.nf4_matmul_triton(q, o, "dequant"), o2, "dequant")
+        torch.autograd.backward([y, kk, v], dys)
+        return [y.detach(), kk.detach(), v.detach(), xx.grad] + [t.grad for a in ads for t in (a.lora_a, a.lora_b)]
+
+    return step
+
+
+@pytest.mark.parametrize("path", ["dequant", "cublas", "concat"])
+def test_lora_paths_share_the_cache_with_the_plain_matmuls(monkeypatch, fresh_cache, path):
+    """The LoRA paths' base weights go through the cache beside the plain matmuls (``_lora_chain``): the
+    same outputs and gradients bit for bit with the cache off and on; from the second step every call
+    finds its block in a slot, the LoRA block too, dequantized ahead where the two slots could not keep
+    it."""
+    step = _lora_chain(path)
+    with backend("triton"):
+        monkeypatch.setenv(dequant_cache.ENV, "0")
+        want = step()
+        monkeypatch.setenv(dequant_cache.ENV, "1")
+        got = []
+        for _ in range(3):
+            dequant_cache.begin_step()
+            got.append(step())
+    for outs in got:
+        assert all(torch.equal(a, b) for a, b in zip(outs, want))
+    s = dequant_cache.stats()
+    # a step: the q/k/v block, o, o2 forward, then o2, o, the q/k/v block backward; the first step
+    # dequantizes four times (the q/k/v block twice: o2 took its slot), the other two hit on every call
+    assert s["hits"] + s["misses"] == 6 * 3 and s["misses"] == 4, s
+    assert s["unused_prefetches"] == 0 and s["prefetch_hits"] >= 2 * 2, s
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["cublas", "concat"])
+@pytest.mark.parametrize("delay", ["side", "compute"])
+def test_lora_paths_with_the_cache_under_delays_on_cuda(monkeypatch, fresh_cache, path, delay):
+    """The LoRA blocks on the side stream, with the delays of ``test_the_streams_are_ordered_under_delays``
+    (bf16, 3200-wide q/k/v at M = 2048): every step equals the cache-off step bit for bit."""
+    step = _lora_chain(path, "cuda", torch.bfloat16, k=3200, m=2048)
+    monkeypatch.setenv(dequant_cache.ENV, "0")
+    want = step()
+    torch.cuda.synchronize()
+    _delay(monkeypatch, delay)
+    monkeypatch.setenv(dequant_cache.ENV, "1")
+    got = []
+    for _ in range(4):
+        dequant_cache.begin_step()
+        got.append(step())
+    torch.cuda.synchronize()
+    for outs in got:
+        assert all(torch.equal(a, b) for a, b in zip(outs, want))
+    assert dequant_cache.stats()["prefetch_hits"] >= 3 * 2
+
+
 def test_training_steps_are_the_same_with_the_cache_and_learn_its_order(monkeypatch, fresh_cache, tmp_path):
     """Trainer.train_step marks each step: four steps of a tiny NF4 + LoRA model through the Triton
     kernels (interpreter) give the same losses bit for bit with the cache on and off, and from the second
@@ -395,13 +498,14 @@ def test_training_steps_are_the_same_with_the_cache_and_learn_its_order(monkeypa
     assert on == off and len(on) == 4
     s = dequant_cache.stats()
     assert not dequant_cache._caches  # fit gave the buffers back; the counters were kept
-    # k, v, o, gate, up, down in each of 2 layers forward, and backward but for the first layer's k and v
-    # (the embeddings are frozen: no dx there): 22 calls a step
-    assert s["hits"] + s["misses"] == 22 * 4, s
+    # q (its LoRA layer), k, v, o, gate, up, down in each of 2 layers forward, and backward but for the
+    # first layer's q, k and v (the embeddings are frozen: no dx there, and q's dA and dB need no W):
+    # 25 calls a step
+    assert s["hits"] + s["misses"] == 25 * 4, s
     # the first step learns the order (every miss is in it); in the other three every call finds its
-    # weight in a slot, nearly all of them dequantized ahead (the step's first, k of layer 0, too: past
-    # the end of an order the next step's start is expected)
-    assert s["misses"] <= 22 and s["hits"] >= 3 * 22 and s["prefetch_hits"] >= 3 * 18, s
+    # weight in a slot, nearly all of them dequantized ahead (the step's first too: past the end of an
+    # order the next step's start is expected)
+    assert s["misses"] <= 25 and s["hits"] >= 3 * 25 and s["prefetch_hits"] >= 3 * 20, s
     assert s["unused_prefetches"] == 0, s
 
 
