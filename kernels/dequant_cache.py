@@ -6,9 +6,9 @@ M = 4096 the dequantize is most of the gap between NF4 and cuBLAS on a bf16 weig
 3200x3200 forward on an H100, at the copy bandwidth). A training step calls the same linears in the same
 order every time, so the next weight is known before the current matmul starts. With the cache on:
 
-* ``SLOTS`` buffers each hold one dequantized weight, remembered by the NF4Weight (weakly: a weight that
-  is gone is never matched) and by what its values depend on: its tensors' data pointers and version
-  counters, its offset, blocksize and shape. A call whose weight is still in a slot skips the
+* ``SLOTS`` buffers each hold one dequantized ``Block`` (one weight, or several stacked by rows), remembered
+  by its NF4Weights (weakly: a weight that is gone is never matched), its row stride and what the values
+  depend on: each weight's tensors' data pointers and version counters, its offset, blocksize and shape. A call whose weight is still in a slot skips the
   dequantize: with activation checkpointing a block's last linear runs its recomputed forward and then
   its backward back to back, and without checkpointing the last block's linears meet their backward in
   the same way. A write that bypasses the version counter (through ``.data``, or by a kernel writing
@@ -36,13 +36,16 @@ columns' room beside W (written by the caller on every call; W's columns are wha
 ways.
 
 Off by default: ``BEZOAR_NF4_DEQUANT_CACHE=1`` (or the device's tuning entry ``nf4.dequant_cache``) turns
-it on. It costs ``SLOTS`` buffers of the largest block per (device, dtype) (2 x 55 MB for OpenLLaMA 3B's
-8640x3200 in bf16; q/k/v stacked is 61 MB), where the dequant paths otherwise keep one. It is bypassed while a CUDA graph is
+it on. It keeps ``SLOTS`` buffers of the largest block per (device, dtype) in place of the two shared
+buffers the NF4 and LoRA dequant paths keep otherwise (one each): for OpenLLaMA 3B in bf16 the largest
+block is q/k/v stacked with the LoRA columns, 9600 x 3248 values (62 MB at r = 16), against 55 MB for
+8640x3200, so about +8 MB, or about +125 MB where something else in the process still allocates the
+shared buffers (the ``merged`` or ``tma`` paths, graph capture, an earlier run with the cache off). It is bypassed while a CUDA graph is
 being captured (a graph cannot hold work left pending on another stream): captured calls use the shared
 buffer as before. One cache serves one compute stream at a time: a call from another stream first
 makes that stream wait for the previous one and for the side stream. Results are the same bit for bit
 with the cache on or off: the same kernel writes the same values into a buffer of the same layout, and
-cuBLAS reads them.
+the same cuBLAS or Triton kernels read them.
 """
 
 from __future__ import annotations
@@ -96,12 +99,14 @@ class Block:
 
     def __init__(self, weights, cols: int | None = None):
         self.weights = tuple(weights)
-        self.k = self.weights[0].shape[1]
+        shapes = [tuple(w.shape) for w in self.weights]
+        if not shapes or any(len(sh) != 2 or sh[1] != shapes[0][1] for sh in shapes) or (
+                cols is not None and int(cols) < shapes[0][1]):
+            raise ValueError(f"dequant cache: a block needs 2-D weights of one K and cols >= K, got {shapes} "
+                             f"in {cols} columns")
+        self.k = shapes[0][1]
         self.cols = self.k if cols is None else int(cols)
-        self.rows = sum(w.shape[0] for w in self.weights)
-        if any(len(w.shape) != 2 or w.shape[1] != self.k for w in self.weights) or self.cols < self.k:
-            raise ValueError(f"dequant cache: a block needs 2-D weights of one K and cols >= K, got "
-                             f"{[w.shape for w in self.weights]} in {cols} columns")
+        self.rows = sum(sh[0] for sh in shapes)
 
     @property
     def numel(self) -> int:
@@ -258,7 +263,8 @@ class DequantCache:
         that memory."""
         if slot.buf is None or slot.buf.numel() < block.numel:
             slot.buf = None
-            slot.buf = torch.empty(block.numel, dtype=self.dtype, device=self.device)
+            with torch.inference_mode(False):  # a buffer first made under inference mode stays writable outside
+                slot.buf = torch.empty(block.numel, dtype=self.dtype, device=self.device)
             if self.stream is not None:
                 slot.buf.record_stream(self.stream)
         return slot.buf[: block.numel].view(block.rows, block.cols)

@@ -1134,7 +1134,8 @@ def _shared_buffer(device: torch.device, dtype: torch.dtype, numel: int) -> torc
     buf = _dequant_buffers.get(key)
     if buf is None or buf.numel() < numel:
         _dequant_buffers.pop(key, None)
-        buf = torch.empty(numel, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # made under inference mode, it must stay writable outside it
+            buf = torch.empty(numel, dtype=dtype, device=device)
         _dequant_buffers[key] = buf
     return buf
 

@@ -836,7 +836,8 @@ def dequant_buffer(weight: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     buf = _dequant_buffers.get(key)
     if buf is None or buf.numel() < weight.numel:
         _dequant_buffers.pop(key, None)
-        buf = torch.empty(weight.numel, dtype=dtype, device=weight.device)
+        with torch.inference_mode(False):  # made under inference mode, it must stay writable outside it
+            buf = torch.empty(weight.numel, dtype=dtype, device=weight.device)
         _dequant_buffers[key] = buf
     view = buf[: weight.numel].view(weight.shape)
     return dequantize_nf4_triton(weight, dtype, out=view)

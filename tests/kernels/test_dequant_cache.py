@@ -264,6 +264,22 @@ def test_switches(monkeypatch, tmp_path):
         tuning.reload()
 
 
+def test_buffers_made_under_inference_mode_stay_writable(fresh_cache):
+    """A slot (or a shared dequant buffer) first allocated inside ``torch.inference_mode`` is written
+    outside it later (the concat block's LoRA columns): it must not be an inference tensor."""
+    from bezoar_kernels import lora as L
+
+    cache = dequant_cache.DequantCache(torch.device("cpu"), torch.float32)
+    block = dequant_cache.Block(_weights()[:1], cols=80)
+    with torch.inference_mode():
+        view = cache._view(cache.slots[0], block)
+        shared = L._shared_buffer(torch.device("cpu"), torch.float16, 12345)
+    assert not view.is_inference() and not shared.is_inference()
+    view[:, 64:].fill_(1.0)  # as _concat_weights copies the LoRA columns
+    with pytest.raises(ValueError, match="2-D weights of one K"):
+        dequant_cache.Block([])
+
+
 def test_two_slots_at_least():
     with pytest.raises(ValueError, match="at least 2 slots"):
         dequant_cache.DequantCache(torch.device("cpu"), torch.float32, slots=1)
@@ -408,9 +424,11 @@ def _lora_chain(path, device="cpu", dtype=torch.float32, k=128, m=24):
     x = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
     dys = [torch.randn(m, n, generator=g).to(device=device, dtype=dtype) for n in (k, ns[1], ns[2])]
 
-    def step():
+    def step(i=0):
+        """Step ``i``: B scaled by 1 + i, as an optimizer step changes it (the concat block's LoRA columns
+        must be copied on every call, hit or not)."""
         xx = x.clone().requires_grad_(True)
-        ads = [L.Adapter(a.lora_a.clone().requires_grad_(True), a.lora_b.clone().requires_grad_(True), a.scaling)
+        ads = [L.Adapter(a.lora_a.clone().requires_grad_(True), (a.lora_b * (1 + i)).requires_grad_(True), a.scaling)
                for a in adapters]
         q, kk, v = L.lora_qkv(xx, qkv, ads, 0.2, True, (11, 12, 13), path)
         y = mm.nf4_matmul_triton(mm.nf4_matmul_triton(q, o, "dequant"), o2, "dequant")
@@ -429,14 +447,14 @@ def test_lora_paths_share_the_cache_with_the_plain_matmuls(monkeypatch, fresh_ca
     step = _lora_chain(path)
     with backend("triton"):
         monkeypatch.setenv(dequant_cache.ENV, "0")
-        want = step()
+        want = [step(i) for i in range(3)]
         monkeypatch.setenv(dequant_cache.ENV, "1")
         got = []
-        for _ in range(3):
+        for i in range(3):
             dequant_cache.begin_step()
-            got.append(step())
-    for outs in got:
-        assert all(torch.equal(a, b) for a, b in zip(outs, want))
+            got.append(step(i))
+    for i, outs in enumerate(got):
+        assert all(torch.equal(a, b) for a, b in zip(outs, want[i])), i
     s = dequant_cache.stats()
     # a step: the q/k/v block, o, o2 forward, then o2, o, the q/k/v block backward; the first step
     # dequantizes four times (the q/k/v block twice: o2 took its slot), the other two hit on every call
@@ -445,24 +463,24 @@ def test_lora_paths_share_the_cache_with_the_plain_matmuls(monkeypatch, fresh_ca
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["cublas", "concat"])
+@pytest.mark.parametrize("path", ["dequant", "cublas", "concat"])
 @pytest.mark.parametrize("delay", ["side", "compute"])
 def test_lora_paths_with_the_cache_under_delays_on_cuda(monkeypatch, fresh_cache, path, delay):
     """The LoRA blocks on the side stream, with the delays of ``test_the_streams_are_ordered_under_delays``
     (bf16, 3200-wide q/k/v at M = 2048): every step equals the cache-off step bit for bit."""
     step = _lora_chain(path, "cuda", torch.bfloat16, k=3200, m=2048)
     monkeypatch.setenv(dequant_cache.ENV, "0")
-    want = step()
+    want = [step(i) for i in range(4)]
     torch.cuda.synchronize()
     _delay(monkeypatch, delay)
     monkeypatch.setenv(dequant_cache.ENV, "1")
     got = []
-    for _ in range(4):
+    for i in range(4):
         dequant_cache.begin_step()
-        got.append(step())
+        got.append(step(i))
     torch.cuda.synchronize()
-    for outs in got:
-        assert all(torch.equal(a, b) for a, b in zip(outs, want))
+    for i, outs in enumerate(got):
+        assert all(torch.equal(a, b) for a, b in zip(outs, want[i])), i
     assert dequant_cache.stats()["prefetch_hits"] >= 3 * 2
 
 
