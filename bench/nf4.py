@@ -399,8 +399,9 @@ def cache_sequences(args, shapes, ms, device, dtype) -> int:
     ahead on the side stream, 4 calls meet their weight still in a slot: W1, W2 from the sequence
     before, W8, W7 where the backward turns); the same with the side stream at high priority; and the
     cache on without ``begin_step`` (those 4 hits, 12 dequantizes inline, none ahead). Each
-    variant's results are checked equal, bit for bit, to the cache-off sequence's first. ``hidden`` is
-    the share of the dequant path's extra time over cuBLAS that the cache takes away."""
+    variant's results are checked equal, bit for bit, to the cache-off sequence's, before it is timed and
+    again after; a variant that fails records ``<variant>_error`` instead of its times. ``<variant>_hidden``
+    is the share of the dequant path's extra time over cuBLAS that the variant takes away."""
     import torch
 
     from bezoar_kernels import dequant_cache, nf4, nf4_matmul as mm

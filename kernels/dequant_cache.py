@@ -419,9 +419,11 @@ def usable(weights, dtype: torch.dtype) -> bool:
     if not weights or not all(isinstance(w, NF4Weight) for w in weights):
         return False
     device = weights[0].device
+    if not enabled(device):  # off (the default): nothing else is asked
+        return False
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
-    return enabled(device) and all(usable_weight(w) for w in weights)
+    return all(usable_weight(w) for w in weights)
 
 
 @contextlib.contextmanager

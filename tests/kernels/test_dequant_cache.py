@@ -47,18 +47,23 @@ def _inputs(dtype, device="cpu", m=40, shapes=SHAPES):
     return x, dy
 
 
+def _off_then_on(monkeypatch, weights, x, dy, steps):
+    """The chain's step with the cache off, then ``steps`` marked steps with it on: (off, [on, ...])."""
+    monkeypatch.setenv(dequant_cache.ENV, "0")
+    off = _step(weights, x, dy)
+    monkeypatch.setenv(dequant_cache.ENV, "1")
+    outs = []
+    for _ in range(steps):
+        dequant_cache.begin_step()
+        outs.append(_step(weights, x, dy))
+    return off, outs
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_results_are_bitwise_the_same_with_the_cache_and_a_schedule(monkeypatch, fresh_cache, dtype):
-    weights = _weights()
     x, dy = _inputs(dtype)
     with backend("triton"):
-        monkeypatch.setenv(dequant_cache.ENV, "0")
-        y_off, dx_off = _step(weights, x, dy)
-        monkeypatch.setenv(dequant_cache.ENV, "1")
-        outs = []
-        for _ in range(3):
-            dequant_cache.begin_step()
-            outs.append(_step(weights, x, dy))
+        (y_off, dx_off), outs = _off_then_on(monkeypatch, _weights(), x, dy, 3)
     for y, dx in outs:
         assert torch.equal(y, y_off)
         assert torch.equal(dx, dx_off)
@@ -291,15 +296,8 @@ def test_two_slots_at_least():
 def test_side_stream_dequantize_is_exact_on_cuda(monkeypatch, fresh_cache, m, shapes):
     """On a GPU the dequantize ahead runs on the side stream beside the matmul before it: ten steps in
     bf16 equal the cache-off step bit for bit, and from the second step every call hits."""
-    weights = _weights("cuda", shapes=shapes)
     x, dy = _inputs(torch.bfloat16, "cuda", m, shapes)
-    monkeypatch.setenv(dequant_cache.ENV, "0")
-    y_ref, dx_ref = _step(weights, x, dy)
-    monkeypatch.setenv(dequant_cache.ENV, "1")
-    outs = []
-    for _ in range(10):
-        dequant_cache.begin_step()
-        outs.append(_step(weights, x, dy))
+    (y_ref, dx_ref), outs = _off_then_on(monkeypatch, _weights("cuda", shapes=shapes), x, dy, 10)
     torch.cuda.synchronize()
     for y, dx in outs:
         assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref)
