@@ -224,6 +224,58 @@ def profile_kernels(fn, calls: int) -> tuple[list[dict], float]:
     return kernel_rows(prof, calls)
 
 
+# What a kernel is, from its name in a profile: bezoar's Triton kernels by function name, the libraries'
+# by the words their names carry (cuBLAS "gemm"/"nvjet", flash / cuDNN / memory-efficient attention,
+# PyTorch's fused optimizer and elementwise kernels), a few CPU operators (smoke runs) by their aten names.
+# The first rule that matches wins, so the specific come before the general ("fmha_cutlass" is attention).
+KERNEL_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("norm + lora (fused)", ("_norm_lora_",)),
+    ("swiglu + lora (fused)", ("_swiglu_lora_",)),
+    ("nf4 matmul (triton)", ("_nf4_matmul_", "_nf4_gemv_", "_nf4_tma_", "_sum_splits_kernel")),
+    ("lora", ("_lora_", "_tma_fwd_kernel", "_tma_bwd_kernel", "_nf4_merge_kernel")),  # after _nf4_tma_
+    ("nf4 dequantize", ("_nf4_dequantize_kernel", "_nf4_words_bf16_kernel")),
+    ("nf4 quantize", ("_nf4_quantize_kernel",)),
+    ("attention", ("_attn_", "_decode_attn", "flash", "fmha", "sdpa", "attention")),
+    ("rmsnorm", ("_rms_norm_",)),
+    ("rope", ("_rope_",)),
+    ("swiglu", ("_swiglu_",)),
+    ("cross-entropy", ("_ce_rows_", "cross_entropy", "nll_loss", "log_softmax")),
+    ("optimizer", ("multi_tensor_apply", "adam", "fused_sgd")),
+    ("gemm (cublas)", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "aten::mm", "aten::addmm", "aten::bmm",
+                       "aten::matmul", "aten::linear")),
+    ("copy / fill", ("memcpy", "memset", "copy", "fill", "catarraybatched", "aten::cat", "aten::clone",
+                     "aten::zero")),
+    ("reduction", ("reduce_kernel", "aten::sum", "aten::norm", "aten::mean")),
+    ("elementwise", ("elementwise",)),
+)
+
+
+def kernel_category(name: str) -> str:
+    """The category of a profiled kernel or operator name (``KERNEL_CATEGORIES``; "other" when none fits)."""
+    low = name.lower()
+    for category, words in KERNEL_CATEGORIES:
+        if any(w in low for w in words):
+            return category
+    return "other"
+
+
+def category_totals(rows: list[dict]) -> list[dict]:
+    """``kernel_rows``' rows summed by ``kernel_category``: category, kernels, calls_per, us_per, share
+    (of the rows' total), largest first."""
+    by: dict[str, dict] = {}
+    for r in rows:
+        c = by.setdefault(kernel_category(r["kernel"]),
+                          {"category": kernel_category(r["kernel"]), "kernels": 0, "calls_per": 0.0, "us_per": 0.0})
+        c["kernels"] += 1
+        c["calls_per"] += r["calls_per"]
+        c["us_per"] += r["us_per"]
+    total = sum(c["us_per"] for c in by.values())
+    out = sorted(by.values(), key=lambda c: -c["us_per"])
+    for c in out:
+        c["share"] = c["us_per"] / total if total else None
+    return out
+
+
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     def fmt(v):
         if isinstance(v, float):

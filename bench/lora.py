@@ -57,7 +57,12 @@ times a grid of tile configs for the Triton GEMM of the dequant path. Usage::
 ``--breakdown`` (comma list of cases, or ``default``: NF4 alone and the cublas and concat paths at
 3200x3200 and 8640x3200, and norm + q/k/v with NF4 alone and fused, M = 16384, r = 16) runs each
 case 20 times under ``torch.profiler`` and prints its kernels by GPU time per call: where the time
-over NF4 alone goes, launch by launch.
+over NF4 alone goes, launch by launch. Each kernel's time is also given in passes (the time one read of
+the case's (M, K) LoRA input takes at the device-to-device copy bandwidth measured in the same run),
+and each case whose NF4-alone baseline is profiled too gets its time and passes over it, per kernel
+category (cuBLAS GEMM, NF4 dequantize, LoRA, norm, ...): how far each path is from the pass counts
+its design assumes. Written to ``lora-breakdown-<device>-<date>.json`` (``lora-breakdown-no-dropout-*``
+with ``--dropout 0``, where ``lora_merged/...`` cases exist).
 """
 
 from __future__ import annotations
@@ -202,8 +207,63 @@ def sweep_tma(args, shapes, m: int, device, dtype) -> int:
     return 0
 
 
-def breakdown(args, cases: dict, backend) -> int:
-    """Per case: its kernels by GPU time per forward + backward (CPU operator time in smoke mode)."""
+COPY_BYTES = 256 << 20  # the device-to-device copy that --breakdown's passes are measured against
+
+
+def baseline_case(name: str) -> str | None:
+    """The NF4-alone case a breakdown case is read against (None for the NF4-alone cases themselves):
+    ``nf4_only/<shape>/M=<m>`` for the single projections and their peers, ``<group>_nf4_only/M=<m>``
+    for the q/k/v, norm and SwiGLU groups."""
+    head, _, rest = name.partition("/")
+    m = next((part for part in rest.split("/") if part.startswith("M=")), None)
+    if m is None or head.endswith("nf4_only"):
+        return None
+    for group in ("qkv",) + tuple(NORM_GROUPS):
+        if head.startswith(group + "_"):
+            return f"{group}_nf4_only/{m}"
+    shape = rest.split("/")[0]
+    return f"nf4_only/{shape}/{m}"
+
+
+def activation_width(info: dict) -> int:
+    """K of the case's LoRA input (M, K): the last number of its shape label (``NxK``, ``norm+q/k/v NxK``)."""
+    return int(info["shape"].split()[-1].split("x")[-1])
+
+
+def copy_gbs(torch, device, smoke: bool) -> float:
+    """Device-to-device copy bandwidth, GB/s of bytes read + written (CPU memory in smoke runs)."""
+    n = (1 << 20) if smoke else COPY_BYTES
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = common.bench_ms(lambda: dst.copy_(src), smoke=smoke)
+    return 2 * n / ms / 1e6
+
+
+def breakdown_summary(results: list[dict]) -> None:
+    """Adds to each result whose NF4-alone baseline is among ``results``: baseline, over_baseline,
+    extra_us, extra_passes and categories_extra (per kernel category, us per call over the baseline's)."""
+    by_name = {r["case"]: r for r in results}
+    for r in results:
+        base = by_name.get(baseline_case(r["case"]) or "")
+        if base is None:
+            continue
+        r["baseline"] = base["case"]
+        r["over_baseline"] = r["us"] / base["us"] if base["us"] else None
+        r["extra_us"] = r["us"] - base["us"]
+        r["extra_passes"] = r["extra_us"] / r["pass_us"]
+        mine = {c["category"]: c["us_per"] for c in r["categories"]}
+        theirs = {c["category"]: c["us_per"] for c in base["categories"]}
+        extra = [{"category": c, "extra_us": mine.get(c, 0.0) - theirs.get(c, 0.0),
+                  "extra_passes": (mine.get(c, 0.0) - theirs.get(c, 0.0)) / r["pass_us"]}
+                 for c in dict.fromkeys([*mine, *theirs])]
+        r["categories_extra"] = sorted(extra, key=lambda e: -abs(e["extra_us"]))
+
+
+def breakdown(args, cases: dict, meta: dict, backend, torch, device, dtype) -> int:
+    """Per case: its kernels by GPU time per forward + backward (CPU operator time in smoke mode), each
+    also in passes: its time over that of one read of the case's (M, K) LoRA input at the measured copy
+    bandwidth. Cases whose NF4-alone baseline is profiled too get the time and passes over it, per
+    kernel category. Writes lora-breakdown[-no-dropout]-<device>-<date>.json (not in smoke runs)."""
     names = BREAKDOWN_DEFAULT if args.breakdown == "default" else args.breakdown.split(",")
     if args.smoke and args.breakdown == "default":
         names = [n for n in cases if n.startswith(("nf4_only/", "lora_cublas/", "lora_concat/",
@@ -212,13 +272,47 @@ def breakdown(args, cases: dict, backend) -> int:
     if missing:
         print(f"--breakdown: no case {missing}; cases are:\n  " + "\n  ".join(cases), file=sys.stderr)
         return 2
+    from bezoar_kernels import tuning
+
     calls = 2 if args.smoke else BREAKDOWN_CALLS
+    gbs = copy_gbs(torch, device, args.smoke)
+    item = torch.empty((), dtype=dtype).element_size()
+    where = "CPU operator time (smoke)" if args.smoke else "GPU kernel time"
+    print(f"copy bandwidth {gbs:.0f} GB/s (read + written); a pass = one read of the case's (M, K) LoRA input at it")
+
+    def write(results, complete):
+        common.write_results("lora-breakdown" if args.dropout > 0 else "lora-breakdown-no-dropout", results, args, extra={
+            "dtype": str(dtype), "dropout": args.dropout, "calls": calls, "copy_gbs": gbs, "complete": complete,
+            "cases_asked": names,
+            "timing": "GPU kernel time under torch.profiler, summed per kernel, per forward + backward",
+            "pass_note": "a pass = the time to read one (M, K) LoRA input (x, or the norm's / SwiGLU's output) at "
+                         "the measured copy bandwidth (bytes read + written over time): M * K * itemsize / copy_gbs",
+            "tuning": tuning.summary(device)})
+
+    results = []
     for name in names:
         with backend("triton"):
             rows, total = common.profile_kernels(cases[name], calls)
-        where = "CPU operator time (smoke)" if args.smoke else "GPU kernel time"
-        print(f"\n{name}: {total:.1f} us of {where} per forward + backward ({calls} calls profiled)\n")
-        print(common.markdown_table(rows[:16], ["kernel", "calls_per", "us_per", "share"]))
+        info = meta[name]
+        pass_us = info["M"] * activation_width(info) * item / (gbs * 1e3)
+        for row in rows:
+            row["category"] = common.kernel_category(row["kernel"])
+            row["passes"] = row["us_per"] / pass_us
+        results.append({"case": name, "shape": info["shape"], "M": info["M"], "r": info["r"], "us": total,
+                        "pass_us": pass_us, "passes": total / pass_us, "kernels": rows,
+                        "categories": common.category_totals(rows)})
+        breakdown_summary(results)
+        # rewritten after every case: a call cut short keeps what it profiled
+        write(results, complete=len(results) == len(names))
+    for r in results:
+        over = (f"; {r['over_baseline']:.3f}x {r['baseline']}, {r['extra_us']:+.1f} us = {r['extra_passes']:+.2f} passes"
+                if "baseline" in r else "")
+        print(f"\n{r['case']}: {r['us']:.1f} us of {where} per forward + backward ({calls} calls profiled; "
+              f"a pass {r['pass_us']:.1f} us){over}\n")
+        print(common.markdown_table(r["kernels"][:16], ["kernel", "category", "calls_per", "us_per", "share", "passes"]))
+        if "categories_extra" in r:
+            print("\nover the baseline, by category:\n")
+            print(common.markdown_table(r["categories_extra"], ["category", "extra_us", "extra_passes"]))
     return 0
 
 
@@ -485,7 +579,7 @@ def main() -> int:
     if stop:
         raise KeyboardInterrupt
     if args.breakdown:
-        return breakdown(args, cases, backend)
+        return breakdown(args, cases, meta, backend, torch, device, dtype)
 
     if args.only:
         if args.only not in cases:

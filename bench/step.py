@@ -43,6 +43,8 @@ SFT time per token and <= 1.2x its memory) are printed met / missed / not measur
     python bench/step.py --tokens 8192 --lora qkv --workloads sft --impls bezoar-full,bezoar-full-cache
     python bench/step.py --only sft/bezoar-full/qkv/8k --iters 5      # one case, plain steps (ncu, nsys)
     python bench/step.py --only 'sft/*/qkv/8k' --profile /tmp/trace  # torch.profiler traces
+    python bench/step.py --tokens 8192 --lora qkv --workloads sft --impls bezoar-full --breakdown 3
+                                                  # also where a step's GPU time goes, by kernel category
     python bench/step.py --smoke                  # tiny shapes on CPU (torch reference path), no results
 """
 
@@ -119,7 +121,15 @@ def parse_args():
     p.add_argument("--workloads", default="sft,dpo", help="comma list: sft, dpo")
     p.add_argument("--budget", type=float, default=0.0,
                    help="seconds after which no new case starts (0: no limit); skipped cases are listed")
-    return p.parse_args()
+    p.add_argument("--breakdown", type=int, default=0, metavar="STEPS",
+                   help="after timing each case, profile STEPS more steps: GPU time per step by kernel category "
+                        "and the top kernels, in the row's 'breakdown' and a table per case")
+    args = p.parse_args()
+    if args.breakdown < 0:
+        p.error(f"--breakdown must be a number of steps >= 0, got {args.breakdown}")
+    if args.breakdown and args.profile:
+        p.error("--breakdown and --profile each run torch.profiler: ask for one at a time")
+    return args
 
 
 def split_list(text: str, allowed, what: str) -> list:
@@ -669,6 +679,8 @@ def main() -> int:
                                         others_growth=others(kind) - impl.others_at_lora)
                 if kind == "bezoar":  # what went through the dequant cache in the timed steps (none: off)
                     case.result["dequant_cache"] = cache_calls
+                if args.breakdown:
+                    case.result["breakdown"] = step_breakdown(step, args.breakdown)
                 print(f"{case.name}: {case.result['ms']:.1f} ms, {case.result['tokens_per_s']:,.0f} tok/s, "
                       f"MFU {fmt_pct(case.result.get('mfu'))}, peak {fmt_gib(case.result.get('peak_gib'))}",
                       flush=True)
@@ -711,12 +723,38 @@ def main() -> int:
     if args.smoke:
         targets = [dict(t, status="smoke, not evaluated") for t in targets]
     print_tables(rows, comparisons, targets, notes)
+    print_breakdowns(rows)
     common.write_results("step", rows, args, extra={
         "gemm_peak_tflops": peak_tflops, "gemm_n": setup.gemm_n, "row_len": setup.row_len,
         "model": setup.preset or setup.model_overrides, "matmul_params": matmul_params(config),
         "comparisons": comparisons, "targets": targets, "notes": notes, "skipped": skipped,
     })
     return 0
+
+
+BREAKDOWN_TOP = 20  # kernels kept per case in a breakdown (the categories sum all of them)
+
+
+def step_breakdown(step, steps: int) -> dict:
+    """``steps`` steps under torch.profiler (after one more outside it): GPU kernel time per step (CPU
+    operator time in smoke runs) by kernel category (``common.kernel_category``) and the top kernels.
+    Kernels that overlap (the dequant cache's side stream) are each counted whole, so the sum can
+    exceed the step's wall time."""
+    rows, total = common.profile_kernels(step, steps)
+    for row in rows:
+        row["category"] = common.kernel_category(row["kernel"])
+    return {"steps": steps, "us_per_step": total, "categories": common.category_totals(rows),
+            "kernels": rows[:BREAKDOWN_TOP]}
+
+
+def print_breakdowns(rows) -> None:
+    for r in rows:
+        b = r.get("breakdown")
+        if not b:
+            continue
+        print(f"\n{r['case']}: {b['us_per_step'] / 1e3:.1f} ms of kernel time per step over {b['steps']} profiled "
+              f"steps (median step {r['ms']:.1f} ms)\n")
+        print(common.markdown_table(b["categories"], ["category", "kernels", "calls_per", "us_per", "share"]))
 
 
 def summarize(case, times, tokens, pairs, config, peak_tflops, impl, base, cuda, others_growth: int = 0) -> dict:

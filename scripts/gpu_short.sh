@@ -8,11 +8,15 @@
 # Parts (--parts a,b,c runs them in that order; the default is the next session's call):
 #   gpu_tests      the whole GPU test suite (scripts/gpu_check.sh --gpu-only; its install included)
 #   nf4_cache      bench/nf4.py --cache: training-step sequences with the dequant cache off and on (issue 3, M >= 4096)
-#   step_cache     bench/step.py, SFT q/k/v at 8K tokens, full checkpointing with the dequant cache off and on
+#   step_cache     bench/step.py, SFT q/k/v at 8K tokens, full checkpointing with the dequant cache off and on,
+#                  and each step's GPU time by kernel category (--breakdown 2)
 #   nf4_small      bench/nf4.py in graph timing at M = 1, 4, 16: what auto runs with the committed tuning
 #   decode         bench/generate.py --breakdown 32: a 3B decode step at batch 1, GPU time per kernel
 #   generate       bench/generate.py --batches 1: decode tokens/s with CUDA graphs against transformers + bnb
 #   lora           bench/lora.py, cuBLAS, concat and tma paths, M = 16384 and 4096, r = 16 and 64 (issue 4)
+#   lora_breakdown bench/lora.py --breakdown: GPU time per kernel and in passes over the input, NF4 alone
+#                  against the cuBLAS and concat paths and the fused norm + q/k/v, M = 16384, r = 16; then
+#                  with dropout 0, NF4 alone against merged and concat at 3200x3200 (issue 4)
 #   nf4_gemv       bench/nf4.py in graph timing at M = 1, 4, 16 with the gemv sweep (issue 3, M <= 16)
 #   nf4_tma_sweep  bench/nf4.py --sweep-tma at M = 4096: the NF4 tma kernels' tile configs (issue 3, M >= 4096)
 #   lora_tma_sweep bench/lora.py --sweep-tma at M = 16384: the LoRA tma GEMMs with no adapter against cuBLAS
@@ -30,7 +34,7 @@ cd "$ROOT" || exit 1
 # shellcheck source=SCRIPTDIR/gpu_env.sh
 source "$HERE/gpu_env.sh"
 
-ALL_PARTS=(gpu_tests nf4_cache step_cache nf4_small decode generate lora nf4_gemv nf4_tma_sweep lora_tma_sweep tma_tests small_tests)
+ALL_PARTS=(gpu_tests nf4_cache step_cache nf4_small decode generate lora lora_breakdown nf4_gemv nf4_tma_sweep lora_tma_sweep tma_tests small_tests)
 PARTS=gpu_tests,nf4_cache,nf4_small,decode,generate
 DRY_RUN=0
 while [ $# -gt 0 ]; do
@@ -96,17 +100,23 @@ if [ "$DRY_RUN" = 1 ] || "$PYTHON" -c "import xdist" >/dev/null 2>&1; then
   parallel=(-n 8)
 fi
 
+NO_DROPOUT_CASES=nf4_only/3200x3200/M=16384,lora_merged/3200x3200/M=16384/r=16,lora_concat/3200x3200/M=16384/r=16
 run_part() {
   case "$1" in
     gpu_tests) part gpu_tests 180 env GPU_TEST_LIMIT=150 bash scripts/gpu_check.sh --gpu-only ;;
     nf4_cache) part nf4_cache 50 "$PYTHON" bench/nf4.py --cache --out "$OUT_DIR" ;;
     step_cache) part step_cache 150 "$PYTHON" bench/step.py --tokens 8192 --lora qkv --workloads sft \
-      --impls bezoar-full,bezoar-full-cache --out "$OUT_DIR" ;;
+      --impls bezoar-full,bezoar-full-cache --breakdown 2 --out "$OUT_DIR" ;;
     nf4_small) part nf4_small 70 "$PYTHON" bench/nf4.py --timing graph --ms 1,4,16 --out "$OUT_DIR" ;;
     decode) part decode 100 "$PYTHON" bench/generate.py --breakdown 32 --out "$OUT_DIR" ;;
     generate) part generate 130 "$PYTHON" bench/generate.py --batches 1 --out "$OUT_DIR" ;;
     lora) part lora 125 "$PYTHON" bench/lora.py --paths cublas,concat,tma --ranks 16,64 --ms 16384,4096 --no-groups \
       --budget 105 --out "$OUT_DIR" ;;
+    lora_breakdown)
+      part lora_breakdown 75 "$PYTHON" bench/lora.py --breakdown default --shapes 3200x3200,8640x3200 --ms 16384 \
+        --ranks 16 --paths cublas,concat --out "$OUT_DIR"
+      part lora_breakdown_no_dropout 45 "$PYTHON" bench/lora.py --breakdown "$NO_DROPOUT_CASES" --dropout 0 \
+        --shapes 3200x3200 --ms 16384 --ranks 16 --paths concat --no-groups --out "$OUT_DIR" ;;
     nf4_gemv) part nf4_gemv 110 "$PYTHON" bench/nf4.py --timing graph --ms 1,4,16 --sweep-gemv --out "$OUT_DIR" ;;
     nf4_tma_sweep) part nf4_tma_sweep 110 "$PYTHON" bench/nf4.py --sweep-tma --ms 4096 --out "$OUT_DIR" ;;
     lora_tma_sweep) part lora_tma_sweep 100 "$PYTHON" bench/lora.py --sweep-tma --ms 16384 --out "$OUT_DIR" ;;

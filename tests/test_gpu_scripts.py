@@ -85,15 +85,19 @@ def test_gpu_short_dry_run_fits_one_call_and_runs_the_parts_asked_for():
         assert piece in text, piece
     assert "would pack" in text and "more than 8 files" in text
     # every part by name, in the order asked; each part's limit stays under the call's total
-    every = ["gpu_tests", "nf4_cache", "step_cache", "nf4_small", "decode", "generate", "lora", "nf4_gemv", "nf4_tma_sweep",
-             "lora_tma_sweep", "tma_tests", "small_tests"]
+    every = ["gpu_tests", "nf4_cache", "step_cache", "nf4_small", "decode", "generate", "lora", "lora_breakdown",
+             "nf4_gemv", "nf4_tma_sweep", "lora_tma_sweep", "tma_tests", "small_tests"]
     out = dry_run("gpu_short.sh", "--dry-run", "--parts", ",".join(reversed(every)))
     assert out.returncode == 0, out.stderr
-    assert re.findall(r"part (\w+) \(limit", out.stdout) == list(reversed(every))
+    # lora_breakdown logs as two steps, with dropout and without
+    logged = [step for name in reversed(every)
+              for step in ([name, "lora_breakdown_no_dropout"] if name == "lora_breakdown" else [name])]
+    assert re.findall(r"part (\w+) \(limit", out.stdout) == logged
     assert "-n 8 tests/kernels/test_nf4_matmul.py" in out.stdout  # xdist assumed in a dry run
     for piece in ("bench/nf4.py --sweep-tma --ms 4096", "bench/lora.py --sweep-tma --ms 16384", "--sweep-gemv",
                   r"bench/lora.py --paths cublas\,concat\,tma", "tests/kernels/test_nf4_tma.py",
-                  r"--impls bezoar-full\,bezoar-full-cache"):
+                  r"--impls bezoar-full\,bezoar-full-cache --breakdown 2", "bench/lora.py --breakdown default",
+                  r"lora_merged/3200x3200/M=16384/r=16\,lora_concat/3200x3200/M=16384/r=16 --dropout 0"):
         assert piece in out.stdout, piece
     bad = dry_run("gpu_short.sh", "--dry-run", "--parts", "nf4_small,bogus")
     assert bad.returncode == 2 and "no part 'bogus'" in bad.stderr

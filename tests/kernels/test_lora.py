@@ -760,9 +760,15 @@ def test_bench_breakdown_smoke():
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "lora.py"), "--smoke", "--breakdown", "default"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("| kernel | calls_per | us_per | share |") == 5
+    assert proc.stdout.count("| kernel | category | calls_per | us_per | share | passes |") == 5
     for case in ("nf4_only/", "lora_cublas/", "lora_concat/", "norm_qkv_nf4_only/", "norm_qkv_lora_fused/"):
         assert f"\n{case}" in proc.stdout
+    # the three LoRA cases are read against their NF4-alone baselines, per kernel category
+    assert proc.stdout.count("over the baseline, by category:") == 3
+    assert re.search(r"lora_concat/64x128/M=24/r=8: .*x nf4_only/64x128/M=24, [+-][\d.]+ us = [+-][\d.]+ passes",
+                     proc.stdout)
+    assert re.search(r"norm_qkv_lora_fused/M=24/r=8: .*x norm_qkv_nf4_only/M=24,", proc.stdout)
+    assert "copy bandwidth" in proc.stdout
     bad = subprocess.run([sys.executable, str(ROOT / "bench" / "lora.py"), "--smoke", "--breakdown", "nope"],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert bad.returncode == 2 and "no case ['nope']" in bad.stderr
@@ -994,3 +1000,58 @@ def test_bf16_g_and_db_on_gpu(m, projections, r):
         want_db = scalings[j] * dys[j].float().t() @ xa[j].float()
         assert_close(got_db[start: start + n], want_db, 1e-3 * want_db.abs().max().item(), 1e-3, name=f"bf16 dB[{j}]")
         start += n
+
+
+def _bench_module(name):
+    """bench/<name>.py imported as a module (bench/ is not a package; its scripts import ``common``)."""
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+
+def test_breakdown_baselines_and_widths():
+    lb = _bench_module("lora")
+    assert lb.baseline_case("lora_concat/3200x3200/M=16384/r=16") == "nf4_only/3200x3200/M=16384"
+    assert lb.baseline_case("peft_style/8640x3200/M=4096/r=64") == "nf4_only/8640x3200/M=4096"
+    assert lb.baseline_case("qkv_lora_fused/M=4096/r=16") == "qkv_nf4_only/M=4096"
+    assert lb.baseline_case("norm_qkv_lora_fused_per_block/M=16384/r=16") == "norm_qkv_nf4_only/M=16384"
+    assert lb.baseline_case("norm_gateup_lora_separate/M=4096/r=16") == "norm_gateup_nf4_only/M=4096"
+    assert lb.baseline_case("swiglu_down_lora_fused/M=16384/r=16") == "swiglu_down_nf4_only/M=16384"
+    for base in ("nf4_only/3200x3200/M=16384", "qkv_nf4_only/M=4096", "norm_qkv_nf4_only/M=16384"):
+        assert lb.baseline_case(base) is None
+    # the pass is over the LoRA input: K of W (N, K), the norm's width, SwiGLU's output width
+    assert lb.activation_width({"shape": "3200x8640"}) == 8640
+    assert lb.activation_width({"shape": "norm+gate/up 8640x3200"}) == 3200
+    assert lb.activation_width({"shape": "swiglu+down 3200x8640"}) == 8640
+
+
+def test_breakdown_summary_reads_cases_against_their_baseline():
+    lb = _bench_module("lora")
+    import common
+
+    base_rows = [{"kernel": "nvjet_tst_256x128_64x4_2x1_v_bz_coopA_TNN", "calls_per": 2.0, "us_per": 800.0},
+                 {"kernel": "_nf4_dequantize_kernel", "calls_per": 2.0, "us_per": 20.0}]
+    lora_rows = base_rows + [{"kernel": "_lora_down_kernel", "calls_per": 1.0, "us_per": 70.0},
+                             {"kernel": "_lora_dx_da_kernel", "calls_per": 1.0, "us_per": 105.0}]
+
+    def result(case, rows):
+        return {"case": case, "us": sum(r["us_per"] for r in rows), "pass_us": 35.0,
+                "categories": common.category_totals(rows)}
+
+    results = [result("nf4_only/3200x3200/M=16384", base_rows),
+               result("lora_concat/3200x3200/M=16384/r=16", lora_rows),
+               result("lora_cublas/8640x3200/M=16384/r=16", lora_rows)]  # its baseline was not profiled
+    lb.breakdown_summary(results)
+    base, concat, alone = results
+    assert "baseline" not in base and "baseline" not in alone
+    assert concat["baseline"] == "nf4_only/3200x3200/M=16384"
+    assert concat["extra_us"] == pytest.approx(175.0) and concat["extra_passes"] == pytest.approx(5.0)
+    assert concat["over_baseline"] == pytest.approx(995.0 / 820.0)
+    extra = {e["category"]: e for e in concat["categories_extra"]}
+    assert extra["lora"]["extra_us"] == pytest.approx(175.0) and extra["lora"]["extra_passes"] == pytest.approx(5.0)
+    assert extra["gemm (cublas)"]["extra_us"] == 0.0 and extra["nf4 dequantize"]["extra_us"] == 0.0
+    assert concat["categories_extra"][0]["category"] == "lora"  # largest difference first

@@ -122,3 +122,37 @@ def test_the_cache_case_runs_beside_full(tmp_path):
     assert ": failed (" not in out.stdout
     bad = run_script("--smoke", "--impls", "bezoar-full,bezoar-cache")
     assert bad.returncode != 0 and "bezoar-full-cache" in bad.stderr
+
+
+def test_breakdown_by_kernel_category(tmp_path):
+    """``--breakdown N`` profiles N more steps of each case and prints their time per step by category
+    (CPU operators in a smoke run: the torch reference path's matmuls show up as the GEMM category)."""
+    out = run_script("--smoke", "--lora", "qkv", "--tokens", "64", "--workloads", "sft", "--impls", "bezoar-full",
+                     "--breakdown", "1")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "sft/bezoar-full/qkv/64: " in out.stdout and "ms of kernel time per step over 1 profiled steps" in out.stdout
+    table = out.stdout.split("ms of kernel time per step", 1)[1]
+    assert "| category | kernels | calls_per | us_per | share |" in table
+    assert "| gemm (cublas) |" in table
+    for bad_args, why in ((("--breakdown", "-1"), "must be a number of steps"),
+                          (("--breakdown", "1", "--profile", str(tmp_path)), "ask for one at a time")):
+        bad = run_script("--smoke", *bad_args)
+        assert bad.returncode == 2 and why in bad.stderr, bad.stderr
+
+
+def test_step_breakdown_counts_the_profiled_steps():
+    bench = load_bench()
+    calls = []
+
+    def step():
+        calls.append(1)
+        a = torch.randn(32, 32)
+        return torch.mm(a, a)  # one aten::mm (a @ b would add aten::matmul around it)
+
+    got = bench.step_breakdown(step, 3)
+    assert len(calls) == 4  # one outside the profile, three in it
+    assert got["steps"] == 3 and got["us_per_step"] > 0
+    gemm = [c for c in got["categories"] if c["category"] == "gemm (cublas)"]
+    assert gemm and gemm[0]["calls_per"] == pytest.approx(1.0)  # one aten::mm a step
+    assert len(got["kernels"]) <= bench.BREAKDOWN_TOP
+    assert all("category" in k for k in got["kernels"])

@@ -1,0 +1,69 @@
+"""bench/common.py's kernel categories: how the breakdowns (bench/lora.py, bench/step.py) group a profile."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import common  # noqa: E402
+
+sys.path.remove(str(ROOT / "bench"))
+
+
+@pytest.mark.parametrize("name,category", [
+    # cuBLAS on Hopper (nvjet and the older sm90 xmma names), and a cutlass GEMM
+    ("nvjet_tst_256x128_64x4_2x1_v_bz_coopA_TNN", "gemm (cublas)"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1", "gemm (cublas)"),
+    ("void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>", "gemm (cublas)"),
+    # attention before the GEMM rule: memory-efficient attention's name has "cutlass" in it
+    ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel)", "attention"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false>>", "attention"),
+    ("_attn_bwd_dkdv_kernel", "attention"),
+    ("_decode_attn_combine_kernel", "attention"),
+    # bezoar's Triton kernels by name; the fused norm / SwiGLU + LoRA kernels apart from plain LoRA and norm
+    ("_lora_dx_da_kernel", "lora"),
+    ("_tma_bwd_kernel", "lora"),
+    ("_nf4_merge_kernel", "lora"),
+    ("_norm_lora_bwd_kernel", "norm + lora (fused)"),
+    ("_swiglu_lora_fwd_kernel", "swiglu + lora (fused)"),
+    ("_swiglu_bwd_kernel", "swiglu"),
+    ("_rms_norm_fwd_kernel", "rmsnorm"),
+    ("_nf4_dequantize_kernel", "nf4 dequantize"),
+    ("_nf4_gemv_kernel", "nf4 matmul (triton)"),
+    ("_nf4_tma_fwd_kernel", "nf4 matmul (triton)"),
+    ("_rope_kernel", "rope"),
+    ("_ce_rows_kernel", "cross-entropy"),
+    # PyTorch's own kernels
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>",
+     "optimizer"),
+    ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)",
+     "copy / fill"),
+    ("Memcpy DtoD (Device -> Device)", "copy / fill"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", "copy / fill"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::func_wrapper_t>>",
+     "reduction"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>",
+     "elementwise"),
+    # CPU operators (smoke runs)
+    ("aten::addmm_", "gemm (cublas)"),
+    ("aten::copy_", "copy / fill"),
+    ("something_new", "other"),
+])
+def test_kernel_category(name, category):
+    assert common.kernel_category(name) == category
+
+
+def test_category_totals_sums_and_orders():
+    rows = [{"kernel": "nvjet_tst_a", "calls_per": 2.0, "us_per": 300.0},
+            {"kernel": "nvjet_tst_b", "calls_per": 1.0, "us_per": 100.0},
+            {"kernel": "_lora_down_kernel", "calls_per": 1.0, "us_per": 50.0},
+            {"kernel": "mystery", "calls_per": 3.0, "us_per": 50.0}]
+    totals = common.category_totals(rows)
+    assert [c["category"] for c in totals][0] == "gemm (cublas)"
+    gemm = totals[0]
+    assert gemm["kernels"] == 2 and gemm["calls_per"] == 3.0 and gemm["us_per"] == 400.0
+    assert gemm["share"] == pytest.approx(0.8)
+    assert sum(c["share"] for c in totals) == pytest.approx(1.0)
+    assert common.category_totals([]) == []
