@@ -182,13 +182,15 @@ def maybe_profile(directory: str | None):
     print(f"profiler trace written under {directory}")
 
 
-def kernel_rows(prof, per: int) -> tuple[list[dict], float]:
+def kernel_rows(prof, per: int, cuda: bool | None = None) -> tuple[list[dict], float]:
     """The kernels of a finished ``torch.profiler`` run, by self time per ``per`` (e.g. calls or
-    steps), largest first: rows of kernel, calls_per, us_per, share; and the total us per ``per``.
-    GPU kernels where CUDA was profiled, else the CPU operators' self time."""
+    steps), largest first: rows of kernel (the name cut to 90 characters), category (``kernel_category``
+    of the whole name), calls_per, us_per, share; and the total us per ``per``. GPU kernels where the
+    work ran on CUDA (``cuda``; None: wherever CUDA is available), else the CPU operators' self time."""
     import torch
 
-    cuda = torch.cuda.is_available()
+    if cuda is None:
+        cuda = torch.cuda.is_available()
     rows, total = [], 0.0
     for evt in prof.key_averages():
         if cuda:
@@ -199,20 +201,24 @@ def kernel_rows(prof, per: int) -> tuple[list[dict], float]:
         if us <= 0 or (cuda and evt.device_type != torch.autograd.DeviceType.CUDA):
             continue
         total += us
-        rows.append({"kernel": evt.key[:90], "calls_per": evt.count / per, "us_per": us / per})
+        rows.append({"kernel": evt.key[:90], "category": kernel_category(evt.key), "calls_per": evt.count / per,
+                     "us_per": us / per})
     rows.sort(key=lambda r: -r["us_per"])
     for r in rows:
         r["share"] = r["us_per"] * per / total if total else None
     return rows, total / per
 
 
-def profile_kernels(fn, calls: int) -> tuple[list[dict], float]:
-    """``kernel_rows`` of ``calls`` runs of ``fn`` (run once before, outside the profile)."""
+def profile_kernels(fn, calls: int, cuda: bool | None = None) -> tuple[list[dict], float]:
+    """``kernel_rows`` of ``calls`` runs of ``fn`` (run once before, outside the profile). ``cuda``: whether
+    ``fn`` runs on the GPU (None: wherever CUDA is available); a smoke run on a GPU machine says False,
+    or its CPU work would give no rows."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     fn()
-    cuda = torch.cuda.is_available()
+    if cuda is None:
+        cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -221,7 +227,7 @@ def profile_kernels(fn, calls: int) -> tuple[list[dict], float]:
             fn()
         if cuda:
             torch.cuda.synchronize()
-    return kernel_rows(prof, calls)
+    return kernel_rows(prof, calls, cuda)
 
 
 # What a kernel is, from its name in a profile: bezoar's Triton kernels by function name, the libraries'
@@ -232,8 +238,9 @@ KERNEL_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("norm + lora (fused)", ("_norm_lora_",)),
     ("swiglu + lora (fused)", ("_swiglu_lora_",)),
     ("nf4 matmul (triton)", ("_nf4_matmul_", "_nf4_gemv_", "_nf4_tma_", "_sum_splits_kernel")),
-    ("lora", ("_lora_", "_tma_fwd_kernel", "_tma_bwd_kernel", "_nf4_merge_kernel")),  # after _nf4_tma_
-    ("nf4 dequantize", ("_nf4_dequantize_kernel", "_nf4_words_bf16_kernel")),
+    ("lora", ("_lora_", "_tma_fwd_kernel", "_tma_bwd_kernel")),  # after _nf4_tma_
+    # the merged LoRA path's merge kernel is its dequantize (W + s B A made in the same pass)
+    ("nf4 dequantize", ("_nf4_dequantize_kernel", "_nf4_words_bf16_kernel", "_nf4_merge_kernel")),
     ("nf4 quantize", ("_nf4_quantize_kernel",)),
     ("attention", ("_attn_", "_decode_attn", "flash", "fmha", "sdpa", "attention")),
     ("rmsnorm", ("_rms_norm_",)),
@@ -241,7 +248,7 @@ KERNEL_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("swiglu", ("_swiglu_",)),
     ("cross-entropy", ("_ce_rows_", "cross_entropy", "nll_loss", "log_softmax")),
     ("optimizer", ("multi_tensor_apply", "adam", "fused_sgd")),
-    ("gemm (cublas)", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "aten::mm", "aten::addmm", "aten::bmm",
+    ("gemm (cublas)", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas", "aten::mm", "aten::addmm", "aten::bmm",
                        "aten::matmul", "aten::linear")),
     ("copy / fill", ("memcpy", "memset", "copy", "fill", "catarraybatched", "aten::cat", "aten::clone",
                      "aten::zero")),
@@ -260,12 +267,12 @@ def kernel_category(name: str) -> str:
 
 
 def category_totals(rows: list[dict]) -> list[dict]:
-    """``kernel_rows``' rows summed by ``kernel_category``: category, kernels, calls_per, us_per, share
-    (of the rows' total), largest first."""
+    """``kernel_rows``' rows summed by category (theirs, else ``kernel_category`` of the row's name):
+    category, kernels, calls_per, us_per, share (of the rows' total), largest first."""
     by: dict[str, dict] = {}
     for r in rows:
-        c = by.setdefault(kernel_category(r["kernel"]),
-                          {"category": kernel_category(r["kernel"]), "kernels": 0, "calls_per": 0.0, "us_per": 0.0})
+        name = r.get("category") or kernel_category(r["kernel"])
+        c = by.setdefault(name, {"category": name, "kernels": 0, "calls_per": 0.0, "us_per": 0.0})
         c["kernels"] += 1
         c["calls_per"] += r["calls_per"]
         c["us_per"] += r["us_per"]

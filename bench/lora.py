@@ -125,7 +125,10 @@ def parse_args():
                         "shape at the first M, and write lora-tma-sweep-<device>-<date>.json")
     p.add_argument("--budget", type=float, default=0.0,
                    help="seconds after which no new case starts (0: no limit); skipped cases are listed")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.breakdown and (args.profile or args.only):
+        p.error("--breakdown runs its own profiler over the cases it names: not with --profile or --only")
+    return args
 
 
 BREAKDOWN_DEFAULT = [f"{case}/{shape}/M=16384{rank}" for shape in ("3200x3200", "8640x3200")
@@ -289,30 +292,41 @@ def breakdown(args, cases: dict, meta: dict, backend, torch, device, dtype) -> i
                          "the measured copy bandwidth (bytes read + written over time): M * K * itemsize / copy_gbs",
             "tuning": tuning.summary(device)})
 
-    results = []
-    for name in names:
-        with backend("triton"):
-            rows, total = common.profile_kernels(cases[name], calls)
-        info = meta[name]
-        pass_us = info["M"] * activation_width(info) * item / (gbs * 1e3)
-        for row in rows:
-            row["category"] = common.kernel_category(row["kernel"])
-            row["passes"] = row["us_per"] / pass_us
-        results.append({"case": name, "shape": info["shape"], "M": info["M"], "r": info["r"], "us": total,
-                        "pass_us": pass_us, "passes": total / pass_us, "kernels": rows,
-                        "categories": common.category_totals(rows)})
-        breakdown_summary(results)
-        # rewritten after every case: a call cut short keeps what it profiled
-        write(results, complete=len(results) == len(names))
-    for r in results:
-        over = (f"; {r['over_baseline']:.3f}x {r['baseline']}, {r['extra_us']:+.1f} us = {r['extra_passes']:+.2f} passes"
-                if "baseline" in r else "")
+    def show(r):
+        over = ""
+        if "baseline" in r:
+            ratio = "n/a" if r["over_baseline"] is None else f"{r['over_baseline']:.3f}x"
+            over = f"; {ratio} {r['baseline']}, {r['extra_us']:+.1f} us = {r['extra_passes']:+.2f} passes"
         print(f"\n{r['case']}: {r['us']:.1f} us of {where} per forward + backward ({calls} calls profiled; "
               f"a pass {r['pass_us']:.1f} us){over}\n")
         print(common.markdown_table(r["kernels"][:16], ["kernel", "category", "calls_per", "us_per", "share", "passes"]))
         if "categories_extra" in r:
             print("\nover the baseline, by category:\n")
-            print(common.markdown_table(r["categories_extra"], ["category", "extra_us", "extra_passes"]))
+            print(common.markdown_table(r["categories_extra"], ["category", "extra_us", "extra_passes"]), flush=True)
+
+    # the baselines first, so that each case prints beside its own as soon as it is profiled
+    names = sorted(names, key=lambda n: baseline_case(n) is not None)
+    results = []
+    try:
+        for name in names:
+            if args.budget and time.perf_counter() - STARTED > args.budget:
+                print(f"--budget {args.budget:g}s reached: not profiled {', '.join(names[len(results):])}")
+                break
+            with backend("triton"):
+                rows, total = common.profile_kernels(cases[name], calls, cuda=device.type == "cuda")
+            info = meta[name]
+            pass_us = info["M"] * activation_width(info) * item / (gbs * 1e3)
+            for row in rows:
+                row["passes"] = row["us_per"] / pass_us
+            results.append({"case": name, "shape": info["shape"], "M": info["M"], "r": info["r"], "us": total,
+                            "pass_us": pass_us, "passes": total / pass_us, "kernels": rows,
+                            "categories": common.category_totals(rows)})
+            breakdown_summary(results)
+            show(results[-1])
+            # rewritten after every case: a call cut short keeps what it profiled
+            write(results, complete=len(results) == len(names))
+    except KeyboardInterrupt:  # timeout --signal=INT: what was profiled is written already
+        print(f"interrupted: profiled {len(results)} of {len(names)} cases")
     return 0
 
 

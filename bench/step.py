@@ -680,7 +680,13 @@ def main() -> int:
                 if kind == "bezoar":  # what went through the dequant cache in the timed steps (none: off)
                     case.result["dequant_cache"] = cache_calls
                 if args.breakdown:
-                    case.result["breakdown"] = step_breakdown(step, args.breakdown)
+                    try:
+                        case.result["breakdown"] = step_breakdown(step, args.breakdown, cuda)
+                    except Exception as exc:  # the step's timing stands without it
+                        case.result["breakdown"] = {"error": f"{type(exc).__name__}: {exc}"}
+                        print(f"{case.name}: breakdown failed ({type(exc).__name__}: {exc})")
+                        if args.smoke:
+                            raise
                 print(f"{case.name}: {case.result['ms']:.1f} ms, {case.result['tokens_per_s']:,.0f} tok/s, "
                       f"MFU {fmt_pct(case.result.get('mfu'))}, peak {fmt_gib(case.result.get('peak_gib'))}",
                       flush=True)
@@ -735,14 +741,12 @@ def main() -> int:
 BREAKDOWN_TOP = 20  # kernels kept per case in a breakdown (the categories sum all of them)
 
 
-def step_breakdown(step, steps: int) -> dict:
+def step_breakdown(step, steps: int, cuda: bool) -> dict:
     """``steps`` steps under torch.profiler (after one more outside it): GPU kernel time per step (CPU
     operator time in smoke runs) by kernel category (``common.kernel_category``) and the top kernels.
     Kernels that overlap (the dequant cache's side stream) are each counted whole, so the sum can
     exceed the step's wall time."""
-    rows, total = common.profile_kernels(step, steps)
-    for row in rows:
-        row["category"] = common.kernel_category(row["kernel"])
+    rows, total = common.profile_kernels(step, steps, cuda)
     return {"steps": steps, "us_per_step": total, "categories": common.category_totals(rows),
             "kernels": rows[:BREAKDOWN_TOP]}
 
@@ -750,7 +754,7 @@ def step_breakdown(step, steps: int) -> dict:
 def print_breakdowns(rows) -> None:
     for r in rows:
         b = r.get("breakdown")
-        if not b:
+        if not b or "error" in b:
             continue
         print(f"\n{r['case']}: {b['us_per_step'] / 1e3:.1f} ms of kernel time per step over {b['steps']} profiled "
               f"steps (median step {r['ms']:.1f} ms)\n")

@@ -25,7 +25,6 @@ sys.path.remove(str(ROOT / "bench"))
     # bezoar's Triton kernels by name; the fused norm / SwiGLU + LoRA kernels apart from plain LoRA and norm
     ("_lora_dx_da_kernel", "lora"),
     ("_tma_bwd_kernel", "lora"),
-    ("_nf4_merge_kernel", "lora"),
     ("_norm_lora_bwd_kernel", "norm + lora (fused)"),
     ("_swiglu_lora_fwd_kernel", "swiglu + lora (fused)"),
     ("_swiglu_bwd_kernel", "swiglu"),
@@ -46,6 +45,12 @@ sys.path.remove(str(ROOT / "bench"))
      "reduction"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>",
      "elementwise"),
+    # names from an H100 profile (torch 2.11, CUDA 13): a layout-changing copy, cuBLAS's gemv
+    ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
+     "direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}::operator()() const>", "copy / fill"),
+    ("void gemv2T_kernel_val<int, int, __nv_bfloat16, __nv_bfloat16, float, float, 128, 16, 4, 4, false, "
+     "false, cublasGemvParams<cublasGemvTensorStridedBatched<__nv_bfloat16 const>>>", "gemm (cublas)"),
+    ("_nf4_merge_kernel", "nf4 dequantize"),  # the merged LoRA path's dequantize
     # CPU operators (smoke runs)
     ("aten::addmm_", "gemm (cublas)"),
     ("aten::copy_", "copy / fill"),
@@ -67,3 +72,32 @@ def test_category_totals_sums_and_orders():
     assert gemm["share"] == pytest.approx(0.8)
     assert sum(c["share"] for c in totals) == pytest.approx(1.0)
     assert common.category_totals([]) == []
+
+
+class _Event:
+    def __init__(self, key, us, count=2):
+        self.key, self.count, self.self_cpu_time_total = key, count, us
+
+
+class _Profile:
+    def __init__(self, events):
+        self.events = events
+
+    def key_averages(self):
+        return self.events
+
+
+def test_kernel_rows_files_each_kernel_by_its_whole_name():
+    """Rows show names cut to 90 characters, but the category comes from the whole name: the copy below
+    says "copy" only past character 90."""
+    long_copy = ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
+                 "direct_copy_kernel_cuda(at::TensorIteratorBase&)>")
+    assert "copy" not in long_copy[:90]
+    rows, total = common.kernel_rows(_Profile([_Event(long_copy, 30.0), _Event("aten::mm", 90.0),
+                                               _Event("aten::view", 0.0)]), per=2, cuda=False)
+    assert total == pytest.approx(60.0)  # us per call over the two calls; zero-time rows dropped
+    assert [r["category"] for r in rows] == ["gemm (cublas)", "copy / fill"]
+    assert rows[1]["kernel"] == long_copy[:90] and rows[1]["us_per"] == pytest.approx(15.0)
+    assert rows[0]["share"] == pytest.approx(0.75) and rows[0]["calls_per"] == pytest.approx(1.0)
+    totals = common.category_totals(rows)
+    assert [c["category"] for c in totals] == ["gemm (cublas)", "copy / fill"]

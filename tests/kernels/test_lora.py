@@ -772,6 +772,17 @@ def test_bench_breakdown_smoke():
     bad = subprocess.run([sys.executable, str(ROOT / "bench" / "lora.py"), "--smoke", "--breakdown", "nope"],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert bad.returncode == 2 and "no case ['nope']" in bad.stderr
+    for other in (["--only", "nf4_only/64x128/M=24"], ["--profile", "/tmp/x"]):
+        bad = subprocess.run([sys.executable, str(ROOT / "bench" / "lora.py"), "--smoke", "--breakdown", "default",
+                              *other], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+        assert bad.returncode == 2 and "not with --profile or --only" in bad.stderr, other
+    # a budget already spent while the cases were built profiles none of them, and says so
+    spent = subprocess.run([sys.executable, str(ROOT / "bench" / "lora.py"), "--smoke", "--no-groups", "--paths",
+                            "cublas", "--breakdown", "default", "--budget", "0.001"],
+                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert spent.returncode == 0, spent.stderr[-3000:]
+    assert "--budget 0.001s reached: not profiled nf4_only/64x128/M=24, lora_cublas/64x128/M=24/r=8" in spent.stdout
+    assert "| kernel |" not in spent.stdout
 
 
 # ----------------------------------------------------------------------------- GPU (bf16)

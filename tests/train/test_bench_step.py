@@ -149,7 +149,7 @@ def test_step_breakdown_counts_the_profiled_steps():
         a = torch.randn(32, 32)
         return torch.mm(a, a)  # one aten::mm (a @ b would add aten::matmul around it)
 
-    got = bench.step_breakdown(step, 3)
+    got = bench.step_breakdown(step, 3, cuda=False)  # a CPU step, wherever CUDA is
     assert len(calls) == 4  # one outside the profile, three in it
     assert got["steps"] == 3 and got["us_per_step"] > 0
     gemm = [c for c in got["categories"] if c["category"] == "gemm (cublas)"]
