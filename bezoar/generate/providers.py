@@ -254,8 +254,22 @@ def _openai_reply(payload: Any, kind: str) -> Reply:
         text = ""
     if not isinstance(text, str):
         raise TypeError(f"answer text is {type(text).__name__}, not a string")
-    usage = payload.get("usage") or {}
-    return Reply(text, usage.get("prompt_tokens"), usage.get("completion_tokens"), choice.get("finish_reason"))
+    usage = payload.get("usage")
+    if not isinstance(usage, dict):  # absent, null, or not what OpenAI sends: the answer still counts
+        usage = {}
+    return Reply(text, _token_count(usage.get("prompt_tokens")), _token_count(usage.get("completion_tokens")),
+                 choice.get("finish_reason"))
+
+
+def _token_count(value: Any) -> int | None:
+    """A token count from a usage field: an int (also sent as "12" or 12.0 by some servers), else None."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
 
 
 def proxy_for(url: str) -> str | None:

@@ -199,3 +199,26 @@ def test_aiohttp_errors_show_no_credentials_or_query_of_the_url(monkeypatch):
     assert error.kind == P.RETRY and "ClientResponseError" in error.message and url in error.message
     assert "s3cretq" not in error.message and "pa55word" not in error.message and "ann" not in error.message
     assert "\n" not in error.message
+
+
+@pytest.mark.parametrize("usage", ['"n/a"', '[1, 2]', '{"prompt_tokens": "12", "completion_tokens": 3}',
+                                   '{"prompt_tokens": null, "completion_tokens": {"n": 3}}'])
+def test_an_odd_usage_field_neither_crashes_the_run_nor_loses_the_answer(monkeypatch, tmp_path, usage):
+    # The answer text is fine; only the token counts are not what OpenAI sends. The answer was paid
+    # for: it is stored (with the counts that could be read), and the run goes on.
+    from bezoar.generate.pool import Limits, Pool
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    body = b'{"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}], "usage": ' + usage.encode() + b"}"
+
+    async def go(tpm):
+        async with RawServer([[length_answer(body)]]) as server:
+            async with Pool(Endpoint("compat", server.url), Limits(max_attempts=1, tpm=tpm), tmp_path / f"{tpm}.jsonl",
+                            model="m") as pool:
+                return await pool.run([QUESTION]), len(server.requests)
+
+    for tpm in (None, 100000):
+        (result,), calls = asyncio.run(go(tpm))
+        assert result.ok and result.response == "hi" and calls == 1
+        assert all(isinstance(n, int) for n in result.usage.to_dict().values())
+        assert len((tmp_path / f"{tpm}.jsonl").read_text().splitlines()) == 1
