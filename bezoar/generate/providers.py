@@ -149,6 +149,18 @@ def read_api_key(endpoint: Endpoint) -> str | None:
     return key
 
 
+def check_key_for_header(endpoint: Endpoint, api_key: str | None) -> None:
+    """Refuse a key that no HTTP header can carry (a space, a line break, a character outside
+    printable ASCII, as a key pasted from a web page may hold): every call would fail, and the
+    HTTP libraries' errors quote the header. The message names the variable, never the key."""
+    if api_key is None or all("!" <= c <= "~" for c in api_key):
+        return
+    env = endpoint.api_key_env or DEFAULT_KEY_ENV[endpoint.provider]
+    raise GenerateError(f"{endpoint.label}: the API key in environment variable {env} cannot be sent as an HTTP "
+                        "header (Authorization, x-api-key): it holds a space, a line break or a character outside "
+                        f"printable ASCII; set {env} again")
+
+
 class Reply(NamedTuple):
     text: str
     input_tokens: int | None
@@ -346,6 +358,7 @@ class CompatProvider:
         return "lean" if self._http is not None else "aiohttp" if self._session is not None else None
 
     async def open(self) -> None:
+        check_key_for_header(self.endpoint, self._api_key)
         url = self.endpoint.base_url
         use_aiohttp = self._transport == "aiohttp" or (self._transport == "auto" and proxy_for(url) is not None)
         if use_aiohttp:
@@ -474,6 +487,7 @@ class OpenAISDKProvider:
         return f"OpenAISDKProvider({self.label!r})"
 
     async def open(self) -> None:
+        check_key_for_header(self.endpoint, self._api_key)
         import openai
 
         self._openai = openai
@@ -530,6 +544,7 @@ class AnthropicSDKProvider:
         return f"AnthropicSDKProvider({self.label!r})"
 
     async def open(self) -> None:
+        check_key_for_header(self.endpoint, self._api_key)
         import anthropic
 
         self._anthropic = anthropic
