@@ -295,7 +295,9 @@ def proxy_for(url: str) -> str | None:
 
 
 def _basic_auth(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    _SECRETS.update(secret for secret in (token, password) if secret)  # scrubbed from messages, like keys
+    return "Basic " + token
 
 
 def _url_or_netrc_auth(url: str) -> str | None:
@@ -360,6 +362,9 @@ class CompatProvider:
     async def open(self) -> None:
         check_key_for_header(self.endpoint, self._api_key)
         url = self.endpoint.base_url
+        # Basic credentials from the URL or ~/.netrc (aiohttp finds the same ones itself): read here
+        # on either transport, so that an answer quoting them has them scrubbed.
+        authorization = "Bearer " + self._api_key if self._api_key else _url_or_netrc_auth(url)
         use_aiohttp = self._transport == "aiohttp" or (self._transport == "auto" and proxy_for(url) is not None)
         if use_aiohttp:
             import aiohttp
@@ -372,7 +377,6 @@ class CompatProvider:
                                              keepalive_timeout=30)
             self._session = aiohttp.ClientSession(connector=connector, headers=headers, trust_env=True)
             return
-        authorization = "Bearer " + self._api_key if self._api_key else _url_or_netrc_auth(url)
         try:
             self._http = HTTPClient(url, headers={"Authorization": authorization} if authorization else None,
                                     connections=self._connections)

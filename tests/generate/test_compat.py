@@ -222,3 +222,29 @@ def test_an_odd_usage_field_neither_crashes_the_run_nor_loses_the_answer(monkeyp
         assert result.ok and result.response == "hi" and calls == 1
         assert all(isinstance(n, int) for n in result.usage.to_dict().values())
         assert len((tmp_path / f"{tpm}.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("transport", ["lean", "aiohttp"])
+@pytest.mark.parametrize("where", ["url", "netrc"])
+def test_basic_credentials_echoed_by_the_server_are_scrubbed(fake_server, monkeypatch, tmp_path, transport, where):
+    # A 401 (or 400) that quotes the Authorization header it got must not pass a user:password
+    # from the base URL or ~/.netrc on to a message, a log or a stored record.
+    import base64
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    password = "pa55w0rd-" + where + "-" + transport
+    token = base64.b64encode(f"ann:{password}".encode()).decode()
+    server = fake_server(api_key="the-right-key")  # echoes what it got
+    url = server.openai_url
+    if where == "url":
+        monkeypatch.setenv("NETRC", str(tmp_path / "absent"))
+        url = url.replace("http://", f"http://ann:{password}@")
+    else:
+        netrc = tmp_path / "netrc"
+        netrc.write_text(f"machine 127.0.0.1 login ann password {password}\n")
+        netrc.chmod(0o600)
+        monkeypatch.setenv("NETRC", str(netrc))
+    with pytest.raises(ProviderError) as info:
+        asyncio.run(_send(transport, url))
+    assert info.value.status == 401 and "Basic" in info.value.message
+    assert token not in info.value.message and password not in info.value.message
