@@ -149,6 +149,18 @@ def read_api_key(endpoint: Endpoint) -> str | None:
     return key
 
 
+def check_key_for_header(endpoint: Endpoint, api_key: str | None) -> None:
+    """Refuse a key that no HTTP header can carry (a space, a line break, a character outside
+    printable ASCII, as a key pasted from a web page may hold): every call would fail, and the
+    HTTP libraries' errors quote the header. The message names the variable, never the key."""
+    if api_key is None or all("!" <= c <= "~" for c in api_key):
+        return
+    env = endpoint.api_key_env or DEFAULT_KEY_ENV[endpoint.provider]
+    raise GenerateError(f"{endpoint.label}: the API key in environment variable {env} cannot be sent as an HTTP "
+                        "header (Authorization, x-api-key): it holds a space, a line break or a character outside "
+                        f"printable ASCII; set {env} again")
+
+
 class Reply(NamedTuple):
     text: str
     input_tokens: int | None
@@ -254,8 +266,22 @@ def _openai_reply(payload: Any, kind: str) -> Reply:
         text = ""
     if not isinstance(text, str):
         raise TypeError(f"answer text is {type(text).__name__}, not a string")
-    usage = payload.get("usage") or {}
-    return Reply(text, usage.get("prompt_tokens"), usage.get("completion_tokens"), choice.get("finish_reason"))
+    usage = payload.get("usage")
+    if not isinstance(usage, dict):  # absent, null, or not what OpenAI sends: the answer still counts
+        usage = {}
+    return Reply(text, _token_count(usage.get("prompt_tokens")), _token_count(usage.get("completion_tokens")),
+                 choice.get("finish_reason"))
+
+
+def _token_count(value: Any) -> int | None:
+    """A token count from a usage field: an int (also sent as "12" or 12.0 by some servers), else None."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
 
 
 def proxy_for(url: str) -> str | None:
@@ -269,7 +295,9 @@ def proxy_for(url: str) -> str | None:
 
 
 def _basic_auth(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    _SECRETS.update(secret for secret in (token, password) if secret)  # scrubbed from messages, like keys
+    return "Basic " + token
 
 
 def _url_or_netrc_auth(url: str) -> str | None:
@@ -332,7 +360,11 @@ class CompatProvider:
         return "lean" if self._http is not None else "aiohttp" if self._session is not None else None
 
     async def open(self) -> None:
+        check_key_for_header(self.endpoint, self._api_key)
         url = self.endpoint.base_url
+        # Basic credentials from the URL or ~/.netrc (aiohttp finds the same ones itself): read here
+        # on either transport, so that an answer quoting them has them scrubbed.
+        authorization = "Bearer " + self._api_key if self._api_key else _url_or_netrc_auth(url)
         use_aiohttp = self._transport == "aiohttp" or (self._transport == "auto" and proxy_for(url) is not None)
         if use_aiohttp:
             import aiohttp
@@ -345,7 +377,6 @@ class CompatProvider:
                                              keepalive_timeout=30)
             self._session = aiohttp.ClientSession(connector=connector, headers=headers, trust_env=True)
             return
-        authorization = "Bearer " + self._api_key if self._api_key else _url_or_netrc_auth(url)
         try:
             self._http = HTTPClient(url, headers={"Authorization": authorization} if authorization else None,
                                     connections=self._connections)
@@ -460,6 +491,7 @@ class OpenAISDKProvider:
         return f"OpenAISDKProvider({self.label!r})"
 
     async def open(self) -> None:
+        check_key_for_header(self.endpoint, self._api_key)
         import openai
 
         self._openai = openai
@@ -516,6 +548,7 @@ class AnthropicSDKProvider:
         return f"AnthropicSDKProvider({self.label!r})"
 
     async def open(self) -> None:
+        check_key_for_header(self.endpoint, self._api_key)
         import anthropic
 
         self._anthropic = anthropic

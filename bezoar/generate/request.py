@@ -77,6 +77,8 @@ class Request:
                 raise ValueError("a completion Request needs a prompt string")
             if self.messages is not None or self.system is not None:
                 raise ValueError("a completion Request takes a prompt only (no messages, no system)")
+        if self.model is not None and not isinstance(self.model, str):
+            raise ValueError(f"Request.model must be a string, got {type(self.model).__name__}")
         if self.system is not None and not isinstance(self.system, str):
             raise ValueError("Request.system must be a string")
         if self.max_tokens is not None:

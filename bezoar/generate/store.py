@@ -22,7 +22,8 @@ File format: one JSON object per line (:meth:`bezoar.generate.request.Result.to_
   thread: the next ``append`` (which stops the pool) and ``close`` raise it.
 - Opening an existing file indexes its keys (key -> byte offset, read back on demand by ``get``).
   A torn last line (no final newline: the writer died mid-line) is cut off, its bytes kept in
-  ``<file>.torn-<UTC time>`` and a warning given; the rest of the file is used as is. Any other
+  ``<file>.torn-<UTC time>`` and a warning given; the rest of the file is used as is (a last line
+  that is a whole record and lacks only its newline is kept, and the newline added). Any other
   line that is not a record is an error naming the line: that is damage, not a crash artefact.
 - Recorded failures count as done: a rerun does not retry them (a 400 stays a 400). With
   ``retry_failed=True`` they are moved out of the file into ``<file>.failed-<UTC time>.jsonl``
@@ -226,6 +227,15 @@ class JSONLStore:
         with open(self.path, "rb") as f:
             f.seek(keep)
             torn = f.read()
+        if _is_record(torn):
+            # Only the newline is missing (a prefix of a record never parses as one): the record is
+            # whole and was paid for, so it is kept and the newline added.
+            try:
+                os.write(self._file.fileno(), b"\n")
+            except OSError as e:
+                raise StoreError(f"cannot write to {self.path}: {e.strerror or e}") from None
+            self.report.warnings.append(f"{self.path}: the last record had no final newline; added it")
+            return
         copy = self.path.with_name(f"{self.path.name}.torn-{_stamp()}")
         copy.write_bytes(torn)
         os.truncate(self.path, keep)
@@ -373,6 +383,15 @@ class JSONLStore:
             return StoreError(f"{message}; cutting off the part written also failed ({e.strerror or e})")
         return StoreError(f"{message}; the file is as before this record: free space or fix the disk and "
                           "rerun, the records stored are kept and not sent again")
+
+
+def _is_record(line: bytes) -> bool:
+    """Whether ``line`` is a whole result record (a JSON object with a string key)."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # also bad UTF-8
+        return False
+    return isinstance(record, dict) and isinstance(record.get("key"), str)
 
 
 def _open_for_append(path: Path):

@@ -157,6 +157,8 @@ def test_sdk_providers_do_not_log_every_request(fake_server, tmp_path):
     ('{"id": 1, "messages": [{"role": "user"}]}\n', "line 1: message 0 must be an object with 'role' and 'content'"),
     ('{"id": 1, "prompt": "x"}\n{"id": 1, "prompt": "y"}\n', "line 2: id 1 was already used on line 1"),
     ('[1, 2]\n', "line 1: expected a JSON object"),
+    ('{"id": 1, "prompt": "x", "model": {"name": "m"}}\n', "line 1: Request.model must be a string"),
+    ('{"id": 1, "prompt": "x", "model": 5}\n', "line 1: Request.model must be a string"),
 ])
 def test_bad_input_names_the_line(tmp_path, capsys, content, message):
     inp = tmp_path / "in.jsonl"

@@ -199,3 +199,52 @@ def test_aiohttp_errors_show_no_credentials_or_query_of_the_url(monkeypatch):
     assert error.kind == P.RETRY and "ClientResponseError" in error.message and url in error.message
     assert "s3cretq" not in error.message and "pa55word" not in error.message and "ann" not in error.message
     assert "\n" not in error.message
+
+
+@pytest.mark.parametrize("usage", ['"n/a"', '[1, 2]', '{"prompt_tokens": "12", "completion_tokens": 3}',
+                                   '{"prompt_tokens": null, "completion_tokens": {"n": 3}}'])
+def test_an_odd_usage_field_neither_crashes_the_run_nor_loses_the_answer(monkeypatch, tmp_path, usage):
+    # The answer text is fine; only the token counts are not what OpenAI sends. The answer was paid
+    # for: it is stored (with the counts that could be read), and the run goes on.
+    from bezoar.generate.pool import Limits, Pool
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    body = b'{"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}], "usage": ' + usage.encode() + b"}"
+
+    async def go(tpm):
+        async with RawServer([[length_answer(body)]]) as server:
+            async with Pool(Endpoint("compat", server.url), Limits(max_attempts=1, tpm=tpm), tmp_path / f"{tpm}.jsonl",
+                            model="m") as pool:
+                return await pool.run([QUESTION]), len(server.requests)
+
+    for tpm in (None, 100000):
+        (result,), calls = asyncio.run(go(tpm))
+        assert result.ok and result.response == "hi" and calls == 1
+        assert all(isinstance(n, int) for n in result.usage.to_dict().values())
+        assert len((tmp_path / f"{tpm}.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("transport", ["lean", "aiohttp"])
+@pytest.mark.parametrize("where", ["url", "netrc"])
+def test_basic_credentials_echoed_by_the_server_are_scrubbed(fake_server, monkeypatch, tmp_path, transport, where):
+    # A 401 (or 400) that quotes the Authorization header it got must not pass a user:password
+    # from the base URL or ~/.netrc on to a message, a log or a stored record.
+    import base64
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    password = "pa55w0rd-" + where + "-" + transport
+    token = base64.b64encode(f"ann:{password}".encode()).decode()
+    server = fake_server(api_key="the-right-key")  # echoes what it got
+    url = server.openai_url
+    if where == "url":
+        monkeypatch.setenv("NETRC", str(tmp_path / "absent"))
+        url = url.replace("http://", f"http://ann:{password}@")
+    else:
+        netrc = tmp_path / "netrc"
+        netrc.write_text(f"machine 127.0.0.1 login ann password {password}\n")
+        netrc.chmod(0o600)
+        monkeypatch.setenv("NETRC", str(netrc))
+    with pytest.raises(ProviderError) as info:
+        asyncio.run(_send(transport, url))
+    assert info.value.status == 401 and "Basic" in info.value.message
+    assert token not in info.value.message and password not in info.value.message

@@ -148,6 +148,34 @@ def test_bad_key_is_fatal_and_redacted(fake_server, monkeypatch, name):
     assert "SECRET" not in e.message and secret not in str(e) and secret not in repr(provider)
 
 
+@pytest.mark.parametrize("key", ["sk-SECRET-0123\nX-Injected: yes", "sk-SECRET-0123\u2019tail", "sk-SECRET 0123"])
+@pytest.mark.parametrize("name", ["compat-lean", "compat-aiohttp", "openai", "anthropic"])
+def test_a_key_no_header_can_carry_stops_the_pool_at_once_without_showing_it(fake_server, monkeypatch, tmp_path,
+                                                                              name, key):
+    # A key pasted with a line break, a space or a typographic character in it can never be sent.
+    # Every provider refuses it at the start, with one message naming the variable: not a traceback,
+    # not every request retried and recorded as a failure (with bits of the key in its error).
+    from bezoar.generate.pool import Limits, Pool
+
+    provider, _, transport = name.partition("-")
+    if transport:
+        monkeypatch.setenv("BEZOAR_COMPAT_TRANSPORT", transport)
+    monkeypatch.setenv("MY_KEY", key)
+    server = fake_server()
+    store = tmp_path / "out.jsonl"
+
+    async def go():
+        async with Pool(Endpoint(provider, base_url(provider, server), api_key_env="MY_KEY"),
+                        Limits(max_attempts=2, backoff_base_s=0.01), store, model="m") as pool:
+            return await pool.run([Request(messages=[{"role": "user", "content": "x"}])])
+
+    with pytest.raises(GenerateError) as info:
+        asyncio.run(go())
+    message = str(info.value)
+    assert "MY_KEY" in message and "SECRET" not in message and "0123" not in message and "tail" not in message
+    assert server.stats()["requests"] == 0 and not store.read_text()
+
+
 @pytest.mark.parametrize("name", PROVIDER_NAMES)
 def test_unknown_model_is_fatal(fake_server, api_keys, name):
     server = fake_server(models=["real-model"])

@@ -100,6 +100,22 @@ def test_a_file_of_one_torn_line(tmp_path):
     assert path.read_bytes() == b""
 
 
+def test_a_whole_last_record_without_its_newline_is_kept(tmp_path):
+    # Only the final newline is missing (an editor that strips it, a short write that stopped one
+    # byte short): the record is whole and was paid for. It is kept, not cut off and sent again.
+    path = tmp_path / "out.jsonl"
+    with JSONLStore(path) as store:
+        store.append(ok_record("a"))
+        store.append(ok_record("b"))
+    path.write_bytes(path.read_bytes().rstrip(b"\n"))
+    with JSONLStore(path) as store:
+        assert len(store) == 2 and "b" in store and store.get("b")["response"] == "hi"
+        assert store.report.torn_bytes == 0 and store.report.torn_copy is None
+        store.append(ok_record("c"))
+    assert [r["key"] for r in lines(path)] == ["a", "b", "c"]
+    assert not list(tmp_path.glob("out.jsonl.torn-*"))
+
+
 def test_a_damaged_middle_line_is_an_error_naming_it(tmp_path):
     path = tmp_path / "out.jsonl"
     path.write_text(json.dumps(ok_record("a")) + "\nnot json at all\n" + json.dumps(ok_record("b")) + "\n")
