@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import email.utils
 import json
+import math
 import netrc
 import os
 import re
@@ -54,9 +56,15 @@ _MIN_FRAGMENT = 8  # runs of this many key characters or more are scrubbed from 
 
 
 def redact(text: str) -> str:
-    """``text`` with every known API key, and every run of 8+ of its characters, replaced by ***."""
+    """``text`` with every known API key, and every run of 8+ of its characters, replaced by ***.
+
+    A secret shorter than 8 characters (a local server's placeholder key such as ``x`` or ``none``) is
+    replaced only where it stands as a token of its own: replaced inside words, it would garble every
+    message that holds its letters and hide nothing."""
     for secret in _SECRETS:
-        if secret in text:
+        if len(secret) < _MIN_FRAGMENT:
+            text = re.sub(rf"(?<![\w.~+/-]){re.escape(secret)}(?![\w.~+/-])", "***", text)
+        elif secret in text:
             text = text.replace(secret, "***")
         if len(secret) >= _MIN_FRAGMENT:
             for i in range(len(secret) - _MIN_FRAGMENT + 1):
@@ -191,19 +199,26 @@ def parse_retry_after(headers: Any) -> float | None:
     value = headers.get("retry-after-ms")
     if value:
         try:
-            return min(max(float(value) / 1000.0, 0.0), 3600.0)
+            seconds = float(value) / 1000.0
         except ValueError:
-            pass
+            seconds = math.nan
+        if not math.isnan(seconds):  # "NaN" is no wait at all, not a wait of none: the next header decides
+            return min(max(seconds, 0.0), 3600.0)
     value = headers.get("retry-after")
     if value:
         try:
-            return min(max(float(value), 0.0), 3600.0)
+            seconds = float(value)
         except ValueError:
             try:
                 when = email.utils.parsedate_to_datetime(value)
-                return min(max(when.timestamp() - time.time(), 0.0), 3600.0)
             except (TypeError, ValueError, IndexError, OverflowError):
                 return None
+            if when.tzinfo is None:  # HTTP dates are GMT; a zone-less one is not the machine's local time
+                when = when.replace(tzinfo=datetime.timezone.utc)
+            seconds = when.timestamp() - time.time()
+        if math.isnan(seconds):
+            return None
+        return min(max(seconds, 0.0), 3600.0)
     return None
 
 

@@ -244,6 +244,14 @@ def test_parse_retry_after():
     assert 25 < parse_retry_after({"retry-after": when}) <= 31
     assert parse_retry_after({"retry-after": "soon"}) is None and parse_retry_after({}) is None
     assert parse_retry_after({"retry-after": "99999"}) == 3600.0
+    # NaN is not a wait: retry-after-ms NaN falls back to retry-after, a NaN retry-after is none at all
+    assert parse_retry_after({"retry-after-ms": "NaN", "retry-after": "3"}) == 3.0
+    assert parse_retry_after({"retry-after": "nan"}) is None
+    assert parse_retry_after({"retry-after": "inf"}) == 3600.0
+    # an HTTP date without a zone ("-0000") is GMT, whatever the machine's zone
+    import email.utils as eu
+    gmt = eu.formatdate(time.time() + 30, usegmt=False, localtime=False).replace("+0000", "-0000")
+    assert 25 < parse_retry_after({"retry-after": gmt}) <= 31
 
 
 def test_redact_removes_keys_and_long_fragments(monkeypatch):
@@ -252,3 +260,12 @@ def test_redact_removes_keys_and_long_fragments(monkeypatch):
     out = redact("Incorrect API key provided: sk-abcdefg*****tuvwxyz and abcdefghijklm")
     assert "abcdefg" not in out and "hijklm" not in out
     assert redact("nothing here") == "nothing here"
+
+
+def test_redact_replaces_a_short_key_only_as_a_token_of_its_own(monkeypatch):
+    """A local server's placeholder key ("k", "none") is scrubbed where it stands alone, not out of words."""
+    monkeypatch.setattr(P, "_SECRETS", {"k", "none"})
+    assert redact("unknown model: none of them") == "unknown model: *** of them"
+    assert redact("Authorization: Bearer k rejected") == "Authorization: Bearer *** rejected"
+    assert redact("key=k; token 'k'") == "key=***; token '***'"
+    assert redact("bookkeeping, nonexistent") == "bookkeeping, nonexistent"
