@@ -213,8 +213,14 @@ def add_command(subparsers) -> None:
 def run_requests(args) -> int:
     defaults = {"model": args.model}
     for name in ("max_tokens", "temperature", "top_p"):
-        if getattr(args, name) is not None:
-            defaults[name] = getattr(args, name)
+        value = getattr(args, name)
+        if value is None:
+            continue
+        try:  # checked as a request checks it, so that the error names the flag, not a line of the input
+            Request(kind="completion", prompt="", **{name: value})
+        except ValueError as e:
+            raise GenerateError(f"--{name.replace('_', '-')}: {e}".replace("Request.", "")) from None
+        defaults[name] = value
     requests, repeated = read_requests(args.input, defaults)
     if Path(args.out).resolve() == Path(args.input).resolve():
         raise GenerateError("--out must not be the input file")

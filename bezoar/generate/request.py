@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -87,14 +88,14 @@ class Request:
         for name in ("temperature", "top_p"):
             value = getattr(self, name)
             if value is not None:
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise ValueError(f"Request.{name} must be a number, got {value!r}")
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise ValueError(f"Request.{name} must be a finite number, got {value!r}")
                 setattr(self, name, float(value))  # 1 and 1.0 must give the same key
         if self.stop is not None:
             if isinstance(self.stop, str):
                 self.stop = [self.stop]
-            if not all(isinstance(s, str) for s in self.stop):
-                raise ValueError("Request.stop must be a string or a list of strings")
+            if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
+                raise ValueError(f"Request.stop must be a string or a list of strings, got {self.stop!r}")
             self.stop = list(self.stop)
 
     def key(self, model: str | None = None) -> str:

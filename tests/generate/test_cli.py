@@ -159,6 +159,8 @@ def test_sdk_providers_do_not_log_every_request(fake_server, tmp_path):
     ('[1, 2]\n', "line 1: expected a JSON object"),
     ('{"id": 1, "prompt": "x", "model": {"name": "m"}}\n', "line 1: Request.model must be a string"),
     ('{"id": 1, "prompt": "x", "model": 5}\n', "line 1: Request.model must be a string"),
+    ('{"id": 1, "prompt": "x", "stop": 5}\n', "line 1: Request.stop must be a string or a list of strings, got 5"),
+    ('{"id": 1, "prompt": "x", "stop": {"a": 1}}\n', "line 1: Request.stop must be a string or a list of strings"),
 ])
 def test_bad_input_names_the_line(tmp_path, capsys, content, message):
     inp = tmp_path / "in.jsonl"
@@ -167,6 +169,19 @@ def test_bad_input_names_the_line(tmp_path, capsys, content, message):
     err = capsys.readouterr().err
     assert rc == 2 and f"{inp} {message}" in err, err
     assert not (tmp_path / "out.jsonl").exists()  # validated before anything is opened or sent
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--max-tokens", "0", "--max-tokens: max_tokens must be a positive integer, got 0"),
+    ("--temperature", "nan", "--temperature: temperature must be a finite number, got nan"),
+    ("--top-p", "inf", "--top-p: top_p must be a finite number, got inf"),
+])
+def test_a_bad_default_flag_is_named_not_a_line(tmp_path, capsys, flag, value, message):
+    inp = write_input(tmp_path / "in.jsonl", 2)
+    rc = main(cli_args(inp, tmp_path / "out.jsonl", "http://127.0.0.1:9/v1", flag, value))
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "line" not in err, err
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 def test_input_that_is_not_utf8_names_the_line(tmp_path, capsys):
