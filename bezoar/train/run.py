@@ -148,6 +148,8 @@ def check_run_dir(out: Path, cfg: StageConfig, resume: bool) -> None:
             raise ConfigError(f"{out}: holds a training run already; pass --resume to continue it, or choose "
                               "another out=")
         return
+    if not list_checkpoints(out):
+        return  # nothing to continue from (the run stopped before its first checkpoint): it starts at step 0
     changed = config_changes(out, cfg, RESUME_FREE)
     if changed:
         raise ConfigError(f"{out / 'config.toml'}: --resume with a different config ({', '.join(list(changed)[:5])}); "
