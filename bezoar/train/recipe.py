@@ -305,8 +305,18 @@ def stage_configs(recipe: Recipe, root: Path, overrides: list[str]) -> list[tupl
             if head in names:
                 if head == stage.name:
                     mine.append(text.split(".", 1)[1])
+                    key = key.split(".", 1)[1]
+                else:
+                    continue
             else:
                 mine.append(text)
+            # The recipe sets these itself (below): an override of them would be dropped without a word.
+            if key == "out":
+                raise ConfigError(f"override {text!r}: a recipe writes each stage to <run root>/<stage name>; "
+                                  "choose the run root with --out")
+            if key == "model.path" and stage.start_from and head == stage.name:
+                raise ConfigError(f"override {text!r}: stage {stage.name!r} starts from the merged model of stage "
+                                  f"{stage.start_from!r} (start_from in {recipe.path})")
         forced = [f"out={root / stage.name}"]
         if stage.start_from:
             forced.append(f"model.path={root / stage.start_from / 'merged'}")

@@ -101,3 +101,14 @@ def test_recipe_rerun_with_other_settings_for_a_complete_stage_is_refused(tmp_pa
     err = capsys.readouterr().err
     assert code == 2 and f"{root / 'dpo'}: this stage is complete" in err and "optim.lr: 0.003 -> 0.5" in err, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("override", ["out={elsewhere}", "sft.out={elsewhere}", "dpo.model.path={elsewhere}"])
+def test_recipe_overrides_of_the_keys_it_sets_itself_are_refused(tmp_path, capsys, override):
+    # A recipe puts each stage in <root>/<stage> and starts a start_from stage from the merge before it: an
+    # override of those keys would be dropped without a word (the demo writing into runs/demo, not out=).
+    override = override.format(elsewhere=tmp_path / "elsewhere")
+    code = main(["--recipe", "demo", "--out", str(tmp_path / "run"), "--dry-run", override])
+    err = capsys.readouterr().err
+    assert code == 2 and repr(override) in err and "Traceback" not in err, err
+    assert not (tmp_path / "elsewhere").exists()
