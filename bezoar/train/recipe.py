@@ -33,7 +33,7 @@ from bezoar.config import ConfigError, load_config, parse_override
 
 from .config import StageConfig
 from .loop import list_checkpoints
-from .run import check_complete, is_complete
+from .run import check_complete, config_changes, describe_changes, is_complete
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 #: Top-level tables of recipe.toml that belong to the pipeline, not to the training stages.
@@ -335,6 +335,9 @@ def describe_plan(recipe: Recipe, root: Path, overrides: list[str]) -> list[dict
         out = Path(cfg.out)
         if is_complete(out):
             status = "done"
+            changed = config_changes(out, cfg)
+            if changed:  # run_recipe stops here (check_complete): say so rather than show it as done
+                status = f"done with other settings ({describe_changes(changed, 3)}): a run stops; remove {out} to redo"
         elif list_checkpoints(out):
             status = f"resume from step {list_checkpoints(out)[-1][0]}"
         else:

@@ -112,3 +112,24 @@ def test_recipe_overrides_of_the_keys_it_sets_itself_are_refused(tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 2 and repr(override) in err and "Traceback" not in err, err
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_recipe_dry_run_refuses_or_flags_what_the_run_would_refuse(tmp_path, capsys):
+    from bezoar.config import dump_toml
+    from bezoar.train.recipe import load_recipe, stage_configs
+    from bezoar.train.run import package_path
+
+    root = tmp_path / "run"
+    for _, cfg in stage_configs(load_recipe("demo"), root, []):  # both stages finished, as run_stage leaves them
+        cfg.data.path, cfg.eval_path = package_path(cfg.data.path), package_path(cfg.eval_path)
+        Path(cfg.out).mkdir(parents=True)
+        (Path(cfg.out) / "config.toml").write_text(dump_toml(cfg))
+        (Path(cfg.out) / "summary.json").write_text("{}")
+    # The run stops at the finished dpo stage trained with another lr: the plan must not just say "done".
+    assert main(["--recipe", "demo", "--out", str(root), "--dry-run", "dpo.optim.lr=0.5"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert "optim.lr: 0.003 -> 0.5" in lines["dpo"] and "optim.lr" not in lines["sft"], lines
+    # generate.* overrides are checked by the run (load_recipe), so by the dry run too.
+    code = main(["--recipe", "demo", "--out", str(root), "--dry-run", "generate.teacher.model=5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "generate.teacher.model" in err, err
