@@ -49,9 +49,13 @@ class DeviceBatches:
 
 def resolve_model_path(path: str) -> Path:
     if path.startswith("tiny:"):
-        from bezoar.model.tiny import build_tiny_model
+        from bezoar.model.tiny import PRESETS, build_tiny_model
 
-        return build_tiny_model(path.split(":", 1)[1], log=print)
+        preset = path.split(":", 1)[1]
+        if preset not in PRESETS:
+            raise ConfigError(f"model.path {path!r}: no tiny-model preset {preset!r} (tiny:<preset> takes one of "
+                              f"{', '.join(PRESETS)})")
+        return build_tiny_model(preset, log=print)
     folder = Path(path).expanduser()
     if folder.is_dir():
         return folder

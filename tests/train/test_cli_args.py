@@ -133,3 +133,9 @@ def test_recipe_dry_run_refuses_or_flags_what_the_run_would_refuse(tmp_path, cap
     code = main(["--recipe", "demo", "--out", str(root), "--dry-run", "generate.teacher.model=5"])
     err = capsys.readouterr().err
     assert code == 2 and "generate.teacher.model" in err, err
+
+
+def test_unknown_tiny_preset_is_a_config_error_naming_model_path(tmp_path, capsys):
+    code = main([str(DEMO / "sft.toml"), f"out={tmp_path / 'x'}", *TINY, "model.path=tiny:tinyy"])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.path 'tiny:tinyy'" in err and "tiny-odd" in err, err
