@@ -77,7 +77,7 @@ def main(argv=None) -> int:
         name = args.recipe or "demo"
         root = Path(args.out or f"runs/{Path(name).name}")
         if args.dry_run:
-            recipe = load_recipe(name)
+            recipe = load_recipe(name, args.overrides)  # generate.* / evaluate.* checked as a run does
             print(f"recipe {recipe.folder.name}: {recipe.description}\nrun root: {root.resolve()}")
             for s in describe_plan(recipe, root, args.overrides):
                 print(f"  {s['name']:<12} {s['stage']:<4} {s['status']:<22} model={s['model']}  data={s['data']}  "

@@ -437,7 +437,11 @@ class Trainer:
 
         from bezoar.model.lora import PEFT_PREFIX
 
-        weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+        weights_file = path / "adapter" / "adapter_model.safetensors"
+        try:
+            weights = load_file(str(weights_file))
+        except Exception as e:  # missing or torn (a full disk, a copy cut short)
+            raise TrainingError(f"{weights_file}: cannot be read ({type(e).__name__}: {e})") from None
         modules = lora_modules(_unwrap(self.model))
         with torch.no_grad():
             for name, m in modules.items():

@@ -33,7 +33,7 @@ from bezoar.config import ConfigError, load_config, parse_override
 
 from .config import StageConfig
 from .loop import list_checkpoints
-from .run import check_complete, is_complete
+from .run import check_complete, config_changes, describe_changes, is_complete
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 #: Top-level tables of recipe.toml that belong to the pipeline, not to the training stages.
@@ -305,8 +305,18 @@ def stage_configs(recipe: Recipe, root: Path, overrides: list[str]) -> list[tupl
             if head in names:
                 if head == stage.name:
                     mine.append(text.split(".", 1)[1])
+                    key = key.split(".", 1)[1]
+                else:
+                    continue
             else:
                 mine.append(text)
+            # The recipe sets these itself (below): an override of them would be dropped without a word.
+            if key == "out":
+                raise ConfigError(f"override {text!r}: a recipe writes each stage to <run root>/<stage name>; "
+                                  "choose the run root with --out")
+            if key == "model.path" and stage.start_from and head == stage.name:
+                raise ConfigError(f"override {text!r}: stage {stage.name!r} starts from the merged model of stage "
+                                  f"{stage.start_from!r} (start_from in {recipe.path})")
         forced = [f"out={root / stage.name}"]
         if stage.start_from:
             forced.append(f"model.path={root / stage.start_from / 'merged'}")
@@ -325,6 +335,9 @@ def describe_plan(recipe: Recipe, root: Path, overrides: list[str]) -> list[dict
         out = Path(cfg.out)
         if is_complete(out):
             status = "done"
+            changed = config_changes(out, cfg)
+            if changed:  # run_recipe stops here (check_complete): say so rather than show it as done
+                status = f"done with other settings ({describe_changes(changed, 3)}): a run stops; remove {out} to redo"
         elif list_checkpoints(out):
             status = f"resume from step {list_checkpoints(out)[-1][0]}"
         else:

@@ -49,9 +49,13 @@ class DeviceBatches:
 
 def resolve_model_path(path: str) -> Path:
     if path.startswith("tiny:"):
-        from bezoar.model.tiny import build_tiny_model
+        from bezoar.model.tiny import PRESETS, build_tiny_model
 
-        return build_tiny_model(path.split(":", 1)[1], log=print)
+        preset = path.split(":", 1)[1]
+        if preset not in PRESETS:
+            raise ConfigError(f"model.path {path!r}: no tiny-model preset {preset!r} (tiny:<preset> takes one of "
+                              f"{', '.join(PRESETS)})")
+        return build_tiny_model(preset, log=print)
     folder = Path(path).expanduser()
     if folder.is_dir():
         return folder
@@ -148,6 +152,8 @@ def check_run_dir(out: Path, cfg: StageConfig, resume: bool) -> None:
             raise ConfigError(f"{out}: holds a training run already; pass --resume to continue it, or choose "
                               "another out=")
         return
+    if not list_checkpoints(out):
+        return  # nothing to continue from (the run stopped before its first checkpoint): it starts at step 0
     changed = config_changes(out, cfg, RESUME_FREE)
     if changed:
         raise ConfigError(f"{out / 'config.toml'}: --resume with a different config ({', '.join(list(changed)[:5])}); "

@@ -101,3 +101,41 @@ def test_recipe_rerun_with_other_settings_for_a_complete_stage_is_refused(tmp_pa
     err = capsys.readouterr().err
     assert code == 2 and f"{root / 'dpo'}: this stage is complete" in err and "optim.lr: 0.003 -> 0.5" in err, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("override", ["out={elsewhere}", "sft.out={elsewhere}", "dpo.model.path={elsewhere}"])
+def test_recipe_overrides_of_the_keys_it_sets_itself_are_refused(tmp_path, capsys, override):
+    # A recipe puts each stage in <root>/<stage> and starts a start_from stage from the merge before it: an
+    # override of those keys would be dropped without a word (the demo writing into runs/demo, not out=).
+    override = override.format(elsewhere=tmp_path / "elsewhere")
+    code = main(["--recipe", "demo", "--out", str(tmp_path / "run"), "--dry-run", override])
+    err = capsys.readouterr().err
+    assert code == 2 and repr(override) in err and "Traceback" not in err, err
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_recipe_dry_run_refuses_or_flags_what_the_run_would_refuse(tmp_path, capsys):
+    from bezoar.config import dump_toml
+    from bezoar.train.recipe import load_recipe, stage_configs
+    from bezoar.train.run import package_path
+
+    root = tmp_path / "run"
+    for _, cfg in stage_configs(load_recipe("demo"), root, []):  # both stages finished, as run_stage leaves them
+        cfg.data.path, cfg.eval_path = package_path(cfg.data.path), package_path(cfg.eval_path)
+        Path(cfg.out).mkdir(parents=True)
+        (Path(cfg.out) / "config.toml").write_text(dump_toml(cfg))
+        (Path(cfg.out) / "summary.json").write_text("{}")
+    # The run stops at the finished dpo stage trained with another lr: the plan must not just say "done".
+    assert main(["--recipe", "demo", "--out", str(root), "--dry-run", "dpo.optim.lr=0.5"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert "optim.lr: 0.003 -> 0.5" in lines["dpo"] and "optim.lr" not in lines["sft"], lines
+    # generate.* overrides are checked by the run (load_recipe), so by the dry run too.
+    code = main(["--recipe", "demo", "--out", str(root), "--dry-run", "generate.teacher.model=5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "generate.teacher.model" in err, err
+
+
+def test_unknown_tiny_preset_is_a_config_error_naming_model_path(tmp_path, capsys):
+    code = main([str(DEMO / "sft.toml"), f"out={tmp_path / 'x'}", *TINY, "model.path=tiny:tinyy"])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.path 'tiny:tinyy'" in err and "tiny-odd" in err, err

@@ -173,3 +173,21 @@ def test_trainer_state_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(TrainingError, match=r"step-1/trainer_state\.pt: holds objects other than tensors .*mkdir"):
         run_stage(tiny_sft_config(out, *args), resume=True, log=_quiet)
     assert not marker.exists(), "loading the checkpoint ran code"
+
+
+def test_a_torn_checkpoint_adapter_is_a_training_error_naming_the_file(tmp_path):
+    import pytest
+
+    from bezoar.train.loop import TrainingError
+
+    out = tmp_path / "run"
+    args = ("train.max_steps=2", "train.save_every=1")
+    run_stage(tiny_sft_config(out, *args), log=_quiet)
+    (out / "summary.json").unlink()  # as if killed before the end
+    weights = out / "checkpoints" / "step-2" / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a disk that filled, a copy cut short
+    with pytest.raises(TrainingError, match="adapter_model.safetensors"):
+        run_stage(tiny_sft_config(out, *args), resume=True, log=_quiet)
+    weights.unlink()
+    with pytest.raises(TrainingError, match="adapter_model.safetensors"):
+        run_stage(tiny_sft_config(out, *args), resume=True, log=_quiet)

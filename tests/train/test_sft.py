@@ -198,3 +198,16 @@ def test_started_run_is_not_overwritten(tmp_path):
     cfg3 = tiny_sft_config(tmp_path / "r", "train.max_steps=2", "train.save_every=1", "lora.r=8")
     with pytest.raises(ConfigError, match="lora.r"):
         run_stage(cfg3, resume=True)
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_resumes_with_a_fixed_config(tmp_path):
+    # The NaN message says "lower the learning rate"; a recipe reruns every stage with resume=True, so a stage that
+    # stopped before writing any checkpoint must take the fixed settings (there is nothing to continue from).
+    out = tmp_path / "r"
+    with pytest.raises(TrainingError, match="no checkpoint was written yet"):
+        run_stage(tiny_sft_config(out, "train.max_steps=3", "optim.lr=1e30", "optim.max_grad_norm=0"),
+                  log=lambda *a, **k: None)
+    assert (out / "config.toml").exists() and not list_checkpoints(out)
+    run_stage(tiny_sft_config(out, "train.max_steps=3"), resume=True, log=lambda *a, **k: None)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+    assert "1e+30" not in (out / "config.toml").read_text()
