@@ -332,7 +332,12 @@ def load_config(cls, path: str | Path | None = None, overrides: Iterable[str] = 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {e.start}); TOML files are UTF-8: save it as "
+                          "UTF-8 (not UTF-16 or a legacy code page)") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

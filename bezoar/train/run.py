@@ -208,7 +208,11 @@ def run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None) -> P
                 data_note = f"; {dist.world_size} processes ({dist.backend}), each {cfg.train.batch_size // dist.world_size} rows"
             else:
                 data_note = ""
-            (out / "config.toml").write_text(dump_toml(cfg, header=f"resolved config of {out} ({time.strftime('%Y-%m-%d %H:%M:%S')})"))
+            # written whole or not at all: a resume compares its settings with this file
+            resolved = out / "config.toml"
+            partial = resolved.with_name("config.toml.part")
+            partial.write_text(dump_toml(cfg, header=f"resolved config of {out} ({time.strftime('%Y-%m-%d %H:%M:%S')})"))
+            os.replace(partial, resolved)
             data_info = {"encode": stats.as_dict(), "loader": loader.stats(), "packing_efficiency": loader.efficiency}
             (out / "data.json").write_text(json.dumps(data_info, indent=2) + "\n")
             log(f"data: {stats.summary()}; {len(loader)} batches/epoch of {cfg.train.batch_size} rows x "

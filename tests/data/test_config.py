@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -199,6 +200,15 @@ def test_bad_toml_and_missing_file(tmp_path):
         load_config(Root, write(tmp_path, "seed = = 1\n"))
     with pytest.raises(ConfigError, match=r"config file not found"):
         load_config(Root, tmp_path / "nope.toml")
+    # saved as UTF-16 (Notepad's "Unicode"), or Latin-1 past a first good line: one error naming the line
+    utf16 = tmp_path / "utf16.toml"
+    utf16.write_text("seed = 1\n", encoding="utf-16")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(utf16))}:1: not UTF-8 text"):
+        load_config(Root, utf16)
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes("seed = 1\n# caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(latin))}:2: not UTF-8 text"):
+        load_config(Root, latin)
 
 
 @pytest.mark.parametrize("text, key, value", [
