@@ -139,10 +139,17 @@ def describe_changes(changed: dict[str, tuple], limit: int = 5) -> str:
 def check_complete(out: Path, cfg: StageConfig) -> None:
     """A finished run is skipped only when it trained with these settings; otherwise stop, naming them."""
     changed = config_changes(out, cfg)
-    if changed:
-        raise ConfigError(f"{out}: this stage is complete ({SUMMARY} present) but was trained with other settings "
-                          f"({describe_changes(changed)}); remove the folder {out} to train it again, or choose "
-                          "another out=")
+    if not changed:
+        return
+    if all(key in RESUME_FREE for key in changed) and list_checkpoints(out):
+        # only its length differs: the end state is a checkpoint, so the run can go on from it
+        raise ConfigError(f"{out}: this stage is complete ({SUMMARY} present) and was trained with other lengths "
+                          f"({describe_changes(changed)}); to train it on from its last checkpoint (step "
+                          f"{list_checkpoints(out)[-1][0]}), rename {out / SUMMARY} and rerun with --resume, or "
+                          "choose another out=")
+    raise ConfigError(f"{out}: this stage is complete ({SUMMARY} present) but was trained with other settings "
+                      f"({describe_changes(changed)}); remove the folder {out} to train it again, or choose "
+                      "another out=")
 
 
 def check_run_dir(out: Path, cfg: StageConfig, resume: bool) -> None:

@@ -211,3 +211,21 @@ def test_a_run_that_stopped_before_its_first_checkpoint_resumes_with_a_fixed_con
     run_stage(tiny_sft_config(out, "train.max_steps=3"), resume=True, log=lambda *a, **k: None)
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
     assert "1e+30" not in (out / "config.toml").read_text()
+
+
+def test_a_finished_run_asked_to_train_longer_says_how_without_removing_it(tmp_path):
+    """Only its length changed: the message points at going on from the end-state checkpoint (not at
+    removing the run), and following it trains on to the new length."""
+    from bezoar.config import ConfigError
+
+    out = tmp_path / "r"
+    run_stage(tiny_sft_config(out, "train.max_steps=2"))
+    longer = tiny_sft_config(out, "train.max_steps=4")
+    with pytest.raises(ConfigError, match=r"other lengths .*train\.max_steps.*step 2\), rename .*summary\.json "
+                                          r"and rerun with --resume") as info:
+        run_stage(longer)
+    assert "remove the folder" not in str(info.value)
+    (out / "summary.json").rename(out / "summary.json.old")
+    run_stage(longer, resume=True)
+    assert [m["step"] for m in read_metrics(out) if "loss" in m][-1] == 4
+    assert (out / "summary.json").exists()
