@@ -129,7 +129,9 @@ def config_changes(out: Path, cfg: StageConfig, free: tuple[str, ...] = WATCH_KE
     for key in ("data.path", "eval_path"):
         if isinstance(now.get(key), str):
             now[key] = package_path(now[key])
-    return {k: (before.get(k), now[k]) for k in now if before.get(k) != now[k] and not k.startswith(free)}
+    # ``out`` is where the run is, not what it trains: a run folder moved or copied elsewhere goes on there
+    return {k: (before.get(k), now[k]) for k in now
+            if before.get(k) != now[k] and k != "out" and not k.startswith(free)}
 
 
 def describe_changes(changed: dict[str, tuple], limit: int = 5) -> str:

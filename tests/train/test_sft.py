@@ -229,3 +229,17 @@ def test_a_finished_run_asked_to_train_longer_says_how_without_removing_it(tmp_p
     run_stage(longer, resume=True)
     assert [m["step"] for m in read_metrics(out) if "loss" in m][-1] == 4
     assert (out / "summary.json").exists()
+
+
+def test_a_run_folder_moved_elsewhere_resumes_there(tmp_path):
+    """The recorded ``out`` is where the run was, not a setting: a started run moved to another folder
+    resumes from its checkpoint there."""
+    first = tmp_path / "first"
+    run_stage(tiny_sft_config(first, "train.max_steps=2", "train.save_every=1"))
+    (first / "summary.json").unlink()  # as if it had died after its step-2 checkpoint
+    moved = tmp_path / "moved"
+    first.rename(moved)
+    run_stage(tiny_sft_config(moved, "train.max_steps=3", "train.save_every=1"), resume=True)
+    steps = [m["step"] for m in read_metrics(moved) if "loss" in m]
+    assert steps == [1, 2, 3]  # went on from step 2, nothing trained twice
+    assert (moved / "summary.json").exists() and f'out = "{moved}"' in (moved / "config.toml").read_text()
