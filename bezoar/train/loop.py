@@ -542,6 +542,10 @@ class Trainer:
             ckpts = list_checkpoints(self.out)
             if ckpts:
                 self.load_checkpoint(ckpts[-1][1])
+                if self.step > self.total_steps:  # finishing "at" the shorter length would report the longer
+                    raise TrainingError(f"{ckpts[-1][1]}: the run is at step {self.step}, past the {self.total_steps} "
+                                        "steps now asked for (train.max_steps / train.epochs); resume with at least "
+                                        f"{self.step} steps, or start a new run with another out=")
                 if self.rank0:
                     self._trim_metrics()
                 self.log(f"resumed from {ckpts[-1][1]} (step {self.step} of {self.total_steps})")

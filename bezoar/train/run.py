@@ -167,6 +167,10 @@ def check_run_dir(out: Path, cfg: StageConfig, resume: bool) -> None:
     if changed:
         raise ConfigError(f"{out / 'config.toml'}: --resume with a different config ({', '.join(list(changed)[:5])}); "
                           "resume with the config the run started with")
+    step, path = list_checkpoints(out)[-1]
+    if 0 < cfg.train.max_steps < step:  # (a length in epochs is checked by the trainer, which counts the batches)
+        raise ConfigError(f"train.max_steps={cfg.train.max_steps}: {path} is at step {step} already; resume with at "
+                          "least that many steps, or start a new run with another out=")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -243,3 +243,20 @@ def test_a_run_folder_moved_elsewhere_resumes_there(tmp_path):
     steps = [m["step"] for m in read_metrics(moved) if "loss" in m]
     assert steps == [1, 2, 3]  # went on from step 2, nothing trained twice
     assert (moved / "summary.json").exists() and f'out = "{moved}"' in (moved / "config.toml").read_text()
+
+
+def test_resuming_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path):
+    """A checkpoint at step 3 cannot end a 2-step run: one error naming it, and nothing in the run changes
+    (not even its config.toml). A length in epochs that falls short is the trainer's to refuse."""
+    from bezoar.config import ConfigError
+    from bezoar.train.loop import TrainingError
+
+    out = tmp_path / "r"
+    run_stage(tiny_sft_config(out, "train.max_steps=3", "train.save_every=1"))
+    (out / "summary.json").unlink()  # as if it had died after its step-3 checkpoint
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=r"train.max_steps=2: .*step-3 is at step 3 already"):
+        run_stage(tiny_sft_config(out, "train.max_steps=2", "train.save_every=1"), resume=True)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    with pytest.raises(TrainingError, match=r"step-3: the run is at step 3, past the 1 steps now asked for"):
+        run_stage(tiny_sft_config(out, "train.max_steps=0", "train.epochs=0.01", "train.save_every=1"), resume=True)
