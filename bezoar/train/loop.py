@@ -48,6 +48,10 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (non-finite loss, broken checkpoint); the message says what to do."""
 
 
+class UnreadableCheckpoint(TrainingError):
+    """A checkpoint file that is missing or cannot be read (torn by a full disk, a copy cut short)."""
+
+
 @dataclass
 class OptimConfig:
     lr: float = 2e-4
@@ -441,7 +445,7 @@ class Trainer:
         try:
             weights = load_file(str(weights_file))
         except Exception as e:  # missing or torn (a full disk, a copy cut short)
-            raise TrainingError(f"{weights_file}: cannot be read ({type(e).__name__}: {e})") from None
+            raise UnreadableCheckpoint(f"{weights_file}: cannot be read ({type(e).__name__}: {e})") from None
         modules = lora_modules(_unwrap(self.model))
         with torch.no_grad():
             for name, m in modules.items():
@@ -463,7 +467,7 @@ class Trainer:
                 raise TrainingError(f"{file}: holds objects other than tensors and plain values "
                                     f"({', '.join(unsafe[:5])}), which are not loaded since unpickling them could "
                                     "run code; resume only from checkpoints bezoar wrote") from None
-            raise TrainingError(f"{file}: cannot be read ({e})") from None
+            raise UnreadableCheckpoint(f"{file}: cannot be read ({e})") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
@@ -541,7 +545,13 @@ class Trainer:
         if self.resume:
             ckpts = list_checkpoints(self.out)
             if ckpts:
-                self.load_checkpoint(ckpts[-1][1])
+                try:
+                    self.load_checkpoint(ckpts[-1][1])
+                except UnreadableCheckpoint as e:
+                    if len(ckpts) < 2:
+                        raise
+                    raise UnreadableCheckpoint(f"{e}. The checkpoint before it may be whole: move {ckpts[-1][1]} "
+                                               f"aside and resume again to go on from step {ckpts[-2][0]}") from None
                 if self.step > self.total_steps:  # finishing "at" the shorter length would report the longer
                     raise TrainingError(f"{ckpts[-1][1]}: the run is at step {self.step}, past the {self.total_steps} "
                                         "steps now asked for (train.max_steps / train.epochs); resume with at least "

@@ -189,5 +189,11 @@ def test_a_torn_checkpoint_adapter_is_a_training_error_naming_the_file(tmp_path)
     with pytest.raises(TrainingError, match="adapter_model.safetensors"):
         run_stage(tiny_sft_config(out, *args), resume=True, log=_quiet)
     weights.unlink()
-    with pytest.raises(TrainingError, match="adapter_model.safetensors"):
+    with pytest.raises(TrainingError, match="adapter_model.safetensors") as info:
         run_stage(tiny_sft_config(out, *args), resume=True, log=_quiet)
+    # the step-1 checkpoint before it is whole: the message says how to go on from there, and that works
+    assert f"move {out / 'checkpoints' / 'step-2'} aside and resume again to go on from step 1" in str(info.value)
+    (out / "checkpoints" / "step-2").rename(tmp_path / "step-2-damaged")
+    run_stage(tiny_sft_config(out, *args), resume=True, log=_quiet)
+    assert (out / "summary.json").exists()
+    assert [m["step"] for m in read_metrics(out) if "loss" in m] == [1, 2]
