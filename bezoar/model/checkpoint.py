@@ -216,6 +216,10 @@ def load(path, quant: str | None = None, adapter=None, device=None, dtype=None, 
         for module_name, tensors in pending_bnb.items():
             source = ", ".join(sorted({seen[k].name for k in tensors}))
             module = NF4Linear.from_bnb_tensors(tensors, module_name, source=source, compute_dtype=compute_dtype)
+            got, want = (module.out_features, module.in_features), tuple(expected[f"{module_name}.weight"].shape)
+            if got != want:
+                raise CheckpointError(f"{folder / source}: tensor {module_name + '.weight'!r} is NF4 of shape {got} "
+                                      f"(its quant state), the config ({folder / 'config.json'}) implies {want}")
             _replace_module(model, module_name, module.to(device))
             seen[f"{module_name}.weight"] = seen[next(iter(tensors))]
     missing = [k for k in expected if k not in seen]

@@ -150,3 +150,17 @@ def test_save_refuses_to_clobber(tiny_dir, tmp_path):
         save(model, out)
     save(model, out, overwrite=True)
     assert not list(tmp_path.glob("out.*")), "temporary folders must not be left behind"
+
+
+def test_nf4_layer_of_the_wrong_shape_names_file_and_key(tiny_dir, tmp_path):
+    """A bitsandbytes-4bit layer whose quant state holds another shape than config.json implies is refused."""
+    nf4 = save(load(tiny_dir, quant="nf4", device="cpu"), tmp_path / "nf4")
+    tensors = load_file(nf4 / "model.safetensors")
+    victim, donor = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.gate_proj.weight"
+    for key in [k for k in tensors if k.startswith(donor)]:
+        tensors[victim + key[len(donor):]] = tensors[key].clone()
+    save_file(tensors, nf4 / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as e:
+        load(nf4, device="cpu")
+    msg = str(e.value)
+    assert "model.safetensors" in msg and victim in msg and "shape" in msg, msg
