@@ -276,6 +276,19 @@ def dense_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def check_out_spares_inputs(out, **inputs) -> None:
+    """Refuse an output folder that is one of the input folders (``model=...``, ``adapter=...``) or holds one:
+    writing there, even with overwrite, would replace what the output is made from."""
+    target = Path(out).resolve()
+    for what, folder in inputs.items():
+        if folder is None:
+            continue
+        source = Path(folder).resolve()
+        if target == source or target in source.parents:
+            where = "is" if target == source else "holds"
+            raise FileExistsError(f"{out}: {where} the {what} folder {folder}; write the output to another folder")
+
+
 def save(model, path, tokenizer_from=None, max_shard_size="2GB", dtype=None, overwrite: bool = False) -> Path:
     """Write ``model`` as a Hugging Face checkpoint folder that transformers loads.
 
