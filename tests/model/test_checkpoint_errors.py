@@ -164,3 +164,21 @@ def test_nf4_layer_of_the_wrong_shape_names_file_and_key(tiny_dir, tmp_path):
         load(nf4, device="cpu")
     msg = str(e.value)
     assert "model.safetensors" in msg and victim in msg and "shape" in msg, msg
+
+
+@pytest.mark.parametrize("key, value", [
+    ("num_key_value_heads", 0), ("num_key_value_heads", -2), ("num_key_value_heads", "2"), ("head_dim", 0),
+    ("head_dim", 16.0), ("max_position_embeddings", 0), ("rms_norm_eps", "1e-6"), ("rms_norm_eps", -1e-6),
+    ("rope_theta", "abc"), ("rope_theta", 0), ("tie_word_embeddings", "false"),
+])
+def test_config_field_of_the_wrong_type_names_file_and_key(tiny_dir, tmp_path, key, value):
+    """An optional config.json field that is present but unusable is one ConfigError naming the file and key,
+    not a ZeroDivisionError, a torch error at build time, or a string taken as true."""
+    folder = tmp_path / "cfg"
+    shutil.copytree(tiny_dir, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg[key] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError) as e:
+        load(folder, device="cpu")
+    assert "config.json" in str(e.value) and key in str(e.value), str(e.value)
