@@ -216,6 +216,10 @@ def load(path, quant: str | None = None, adapter=None, device=None, dtype=None, 
         for module_name, tensors in pending_bnb.items():
             source = ", ".join(sorted({seen[k].name for k in tensors}))
             module = NF4Linear.from_bnb_tensors(tensors, module_name, source=source, compute_dtype=compute_dtype)
+            got, want = (module.out_features, module.in_features), tuple(expected[f"{module_name}.weight"].shape)
+            if got != want:
+                raise CheckpointError(f"{folder / source}: tensor {module_name + '.weight'!r} is NF4 of shape {got} "
+                                      f"(its quant state), the config ({folder / 'config.json'}) implies {want}")
             _replace_module(model, module_name, module.to(device))
             seen[f"{module_name}.weight"] = seen[next(iter(tensors))]
     missing = [k for k in expected if k not in seen]
@@ -270,6 +274,19 @@ def dense_state_dict(model) -> dict[str, torch.Tensor]:
                 continue
             out[key] = p.detach()
     return out
+
+
+def check_out_spares_inputs(out, **inputs) -> None:
+    """Refuse an output folder that is one of the input folders (``model=...``, ``adapter=...``) or holds one:
+    writing there, even with overwrite, would replace what the output is made from."""
+    target = Path(out).resolve()
+    for what, folder in inputs.items():
+        if folder is None:
+            continue
+        source = Path(folder).resolve()
+        if target == source or target in source.parents:
+            where = "is" if target == source else "holds"
+            raise FileExistsError(f"{out}: {where} the {what} folder {folder}; write the output to another folder")
 
 
 def save(model, path, tokenizer_from=None, max_shard_size="2GB", dtype=None, overwrite: bool = False) -> Path:

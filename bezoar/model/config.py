@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,18 +85,33 @@ class LlamaConfig:
                 raise ConfigError(f"{source}: key {key!r} is true; bezoar's Llama has no biases")
         rope = d.get("rope_parameters") or d.get("rope_scaling")
         theta = d.get("rope_theta")
+        theta_key = "rope_theta"
         if isinstance(rope, dict):
             rope_type = rope.get("rope_type", rope.get("type", "default"))
             if rope_type not in (None, "default"):
                 name = "rope_parameters" if "rope_parameters" in d else "rope_scaling"
                 raise ConfigError(f"{source}: key {name!r} asks for rope type {rope_type!r}; only default RoPE is supported")
-            theta = rope.get("rope_theta", theta)
+            if rope.get("rope_theta") is not None:
+                theta = rope["rope_theta"]
+                theta_key = ("rope_parameters" if "rope_parameters" in d else "rope_scaling") + ".rope_theta"
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         for key in required:
             if key not in d:
                 raise ConfigError(f"{source}: required key {key!r} is missing")
             if not isinstance(d[key], int) or isinstance(d[key], bool) or d[key] <= 0:
                 raise ConfigError(f"{source}: key {key!r} must be a positive integer, got {d[key]!r}")
+        for key in ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = d.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ConfigError(f"{source}: key {key!r} must be a positive integer, got {value!r}")
+        for key, value, zero_ok in (("rms_norm_eps", d.get("rms_norm_eps"), True), (theta_key, theta, False)):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if value is not None and not (number and (value > 0 or (zero_ok and value == 0))):
+                kind = "a non-negative number" if zero_ok else "a positive number"
+                raise ConfigError(f"{source}: key {key!r} must be {kind}, got {value!r}")
+        if "tie_word_embeddings" in d and not isinstance(d["tie_word_embeddings"], bool):
+            raise ConfigError(f"{source}: key 'tie_word_embeddings' must be true or false, got "
+                              f"{d['tie_word_embeddings']!r}")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_theta"}
         kwargs = {k: d[k] for k in known if k in d and (d[k] is not None or k.endswith("_token_id"))}
         if "torch_dtype" not in kwargs and isinstance(d.get("dtype"), str):

@@ -393,12 +393,21 @@ def read_adapter_config(folder: Path, model: nn.Module) -> tuple[LoraConfig, set
             raise AdapterError(f"{path}: key {key!r} is {cfg.get(key)!r}; bezoar supports {ok} only")
     if cfg.get("bias", "none") != "none":
         raise AdapterError(f"{path}: key 'bias' is {cfg.get('bias')!r}; bezoar supports 'none' only")
-    for key in ("modules_to_save", "rank_pattern", "alpha_pattern"):
+    # PEFT features that change what the adapter computes (extra weights, other layers, another formula).
+    for key in ("modules_to_save", "rank_pattern", "alpha_pattern", "lora_bias", "use_qalora", "layer_replication",
+                "alora_invocation_tokens", "trainable_token_indices", "target_parameters", "use_bdlora",
+                "arrow_config", "kasa_config"):
         if cfg.get(key):
             raise AdapterError(f"{path}: key {key!r} is set ({cfg[key]!r}); bezoar does not support it")
     for key in ("r", "lora_alpha"):
         if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
             raise AdapterError(f"{path}: key {key!r} must be a positive number, got {cfg.get(key)!r}")
+    dropout = cfg.get("lora_dropout")
+    if dropout is not None and (not isinstance(dropout, (int, float)) or isinstance(dropout, bool)
+                                or not 0.0 <= dropout < 1.0):
+        raise AdapterError(f"{path}: key 'lora_dropout' must be a number in [0, 1), got {dropout!r}")
+    if cfg.get("use_rslora") is not None and not isinstance(cfg["use_rslora"], bool):
+        raise AdapterError(f"{path}: key 'use_rslora' must be true or false, got {cfg['use_rslora']!r}")
 
     spec = cfg.get("target_modules")
     exclude = cfg.get("exclude_modules") or []

@@ -14,9 +14,10 @@ import torch
 
 # The files a checkpoint folder carries for its tokenizer. bezoar reads tokenizer.model; the rest go with
 # the merged and quantized checkpoints it writes, so that transformers builds the same tokenizer from them
-# as from the base (its fast tokenizer.json and any added tokens included).
+# as from the base (its fast tokenizer.json, any added tokens and the chat template included: transformers
+# >= 4.47 saves the template as chat_template.jinja, not in tokenizer_config.json).
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
-                   "added_tokens.json")
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
 class TokenizerError(ValueError):

@@ -150,3 +150,35 @@ def test_save_refuses_to_clobber(tiny_dir, tmp_path):
         save(model, out)
     save(model, out, overwrite=True)
     assert not list(tmp_path.glob("out.*")), "temporary folders must not be left behind"
+
+
+def test_nf4_layer_of_the_wrong_shape_names_file_and_key(tiny_dir, tmp_path):
+    """A bitsandbytes-4bit layer whose quant state holds another shape than config.json implies is refused."""
+    nf4 = save(load(tiny_dir, quant="nf4", device="cpu"), tmp_path / "nf4")
+    tensors = load_file(nf4 / "model.safetensors")
+    victim, donor = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.gate_proj.weight"
+    for key in [k for k in tensors if k.startswith(donor)]:
+        tensors[victim + key[len(donor):]] = tensors[key].clone()
+    save_file(tensors, nf4 / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as e:
+        load(nf4, device="cpu")
+    msg = str(e.value)
+    assert "model.safetensors" in msg and victim in msg and "shape" in msg, msg
+
+
+@pytest.mark.parametrize("key, value", [
+    ("num_key_value_heads", 0), ("num_key_value_heads", -2), ("num_key_value_heads", "2"), ("head_dim", 0),
+    ("head_dim", 16.0), ("max_position_embeddings", 0), ("rms_norm_eps", "1e-6"), ("rms_norm_eps", -1e-6),
+    ("rope_theta", "abc"), ("rope_theta", 0), ("tie_word_embeddings", "false"),
+])
+def test_config_field_of_the_wrong_type_names_file_and_key(tiny_dir, tmp_path, key, value):
+    """An optional config.json field that is present but unusable is one ConfigError naming the file and key,
+    not a ZeroDivisionError, a torch error at build time, or a string taken as true."""
+    folder = tmp_path / "cfg"
+    shutil.copytree(tiny_dir, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg[key] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError) as e:
+        load(folder, device="cpu")
+    assert "config.json" in str(e.value) and key in str(e.value), str(e.value)

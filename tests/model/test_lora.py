@@ -202,3 +202,18 @@ def test_loaded_adapter_is_deterministic(tiny_dir, tmp_path):
     ids = torch.randint(3, 500, (1, 9))
     with torch.no_grad():
         assert torch.equal(again(ids), again(ids)), "a loaded adapter must not apply dropout"
+
+
+@pytest.mark.parametrize("key, value", [
+    ("lora_dropout", 1.5), ("lora_dropout", "0.1"), ("use_rslora", "false"), ("use_qalora", True),
+    ("layer_replication", [[0, 1], [0, 2]]), ("alora_invocation_tokens", [1, 2]), ("lora_bias", True),
+    ("trainable_token_indices", [5, 6]), ("target_parameters", ["mlp.experts.down_proj"]),
+])
+def test_adapter_config_values_bezoar_cannot_honor_are_named(tiny_dir, tmp_path, key, value):
+    """A value that is malformed, or a PEFT feature that changes what the adapter computes and that bezoar
+    does not implement, is one AdapterError naming adapter_config.json and the key, never ignored."""
+    donor = load(tiny_dir)
+    apply_lora(donor, LoraConfig(r=4, targets=["q_proj", "v_proj"]))
+    with pytest.raises(AdapterError) as e:
+        load(tiny_dir, adapter=write_adapter(donor, tmp_path, **{key: value}))
+    assert "adapter_config.json" in str(e.value) and key in str(e.value), str(e.value)

@@ -65,3 +65,45 @@ def test_merged_checkpoint_carries_every_tokenizer_file_of_the_base(tiny_dir, ad
         if (base / name).exists():
             assert (out / name).read_bytes() == (base / name).read_bytes(), name
     assert all((out / name).exists() for name in extra)
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_replaces_the_inputs(tiny_dir, adapter, tmp_path, capsys):
+    """--overwrite replaces an old output, never the base model or the adapter (nor a folder holding them)."""
+    import shutil
+
+    from bezoar.quantize import main as quantize_main
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_dir, base)
+    before = {base: _snapshot(base), adapter: _snapshot(adapter)}
+    for out in (base, adapter, tmp_path):
+        code = main(["--model", str(base), "--adapter", str(adapter), "--out", str(out), "--overwrite"])
+        err = capsys.readouterr().err
+        assert code == 2 and str(out) in err and "Traceback" not in err, (out, err)
+        if out == adapter:
+            continue  # not an input of quantize
+        code = quantize_main(["--model", str(base), "--out", str(out), "--overwrite"])
+        err = capsys.readouterr().err
+        assert code == 2 and str(out) in err and "Traceback" not in err, (out, err)
+    assert {base: _snapshot(base), adapter: _snapshot(adapter)} == before
+
+
+def test_merged_checkpoint_keeps_the_base_chat_template(tiny_dir, adapter, tmp_path):
+    """transformers >= 4.47 saves a tokenizer's chat template as chat_template.jinja (older processors as
+    chat_template.json), not inside tokenizer_config.json: the merged checkpoint must carry it."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_dir, base)
+    templates = {"chat_template.jinja": b"{% for m in messages %}{{ m['content'] }}{% endfor %}",
+                 "chat_template.json": b'{"chat_template": "{{ messages[0].content }}"}\n'}
+    for name, data in templates.items():
+        (base / name).write_bytes(data)
+    out = tmp_path / "merged"
+    assert main(["--model", str(base), "--adapter", str(adapter), "--out", str(out)]) == 0
+    for name, data in templates.items():
+        assert (out / name).exists() and (out / name).read_bytes() == data, name
