@@ -14,17 +14,13 @@ from pathlib import Path
 
 def merge(model_dir, adapter_dir, out_dir, dtype: str | None = None, device: str = "cpu", overwrite: bool = False) -> Path:
     from bezoar.model import load, save
-    from bezoar.model.checkpoint import check_out_spares_inputs
+    from bezoar.model.checkpoint import check_out_folder
     from bezoar.model.lora import merge_adapters
 
     # Checked before the merge, which loads the whole base in fp32: a target that cannot be written should
     # cost nothing.
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out}: is a file; the merged checkpoint needs a folder")
-    if not overwrite and out.is_dir() and any(out.iterdir()):
-        raise FileExistsError(f"{out}: exists and is not empty (--overwrite replaces it)")
-    check_out_spares_inputs(out, model=model_dir, adapter=adapter_dir)
+    check_out_folder(out, overwrite, model=model_dir, adapter=adapter_dir)
     model = load(model_dir, adapter=adapter_dir, device=device, dtype="float32")
     merge_adapters(model)
     out_dtype = dtype or model.config.torch_dtype or "float32"

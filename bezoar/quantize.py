@@ -24,9 +24,9 @@ def quantize(model_dir, out_dir, blocksize: int = 64, double_quant: bool = True,
              compute_dtype: str = "bfloat16", device: str | None = None, overwrite: bool = False) -> Path:
     """Quantize ``model_dir`` into ``out_dir``; returns the output folder."""
     from bezoar.model import CheckpointError, LlamaConfig, load, save
-    from bezoar.model.checkpoint import check_out_spares_inputs, is_prequantized
+    from bezoar.model.checkpoint import check_out_folder, is_prequantized
 
-    check_out_spares_inputs(out_dir, model=model_dir)
+    check_out_folder(out_dir, overwrite, model=model_dir)  # before the quantization, which takes minutes
     config = LlamaConfig.from_file(model_dir)
     if is_prequantized(config):
         raise CheckpointError(f"{Path(model_dir) / 'config.json'}: quantization_config says this checkpoint is "

@@ -276,10 +276,16 @@ def dense_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def check_out_spares_inputs(out, **inputs) -> None:
-    """Refuse an output folder that is one of the input folders (``model=...``, ``adapter=...``) or holds one:
-    writing there, even with overwrite, would replace what the output is made from."""
-    target = Path(out).resolve()
+def check_out_folder(out, overwrite: bool, **inputs) -> None:
+    """Refuse, before any work, an output folder that ``save`` would refuse (a file; a non-empty folder
+    without ``overwrite``) or that is one of the input folders (``model=...``, ``adapter=...``) or holds
+    one: writing there, even with overwrite, would replace what the output is made from."""
+    target = Path(out)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{out}: is a file; the checkpoint needs a folder")
+    if not overwrite and target.is_dir() and any(target.iterdir()):
+        raise FileExistsError(f"{out}: exists and is not empty (--overwrite replaces it)")
+    target = target.resolve()
     for what, folder in inputs.items():
         if folder is None:
             continue

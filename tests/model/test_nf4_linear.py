@@ -286,6 +286,27 @@ def test_quantize_options_and_errors(tiny_dir, tmp_path, capsys):
     assert "--no-double-quant" in capsys.readouterr().out
 
 
+def test_quantize_refuses_an_unusable_out_before_quantizing(tiny_dir, tmp_path, capsys, monkeypatch):
+    """A file, a non-empty folder (without --overwrite) or the model's own folder as --out: one error,
+    before the model is loaded and quantized (minutes for 3B), and nothing there is touched."""
+    import bezoar.model
+    from bezoar.quantize import main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(bezoar.model, "load", no_load)
+    note = tmp_path / "notes.txt"
+    note.write_text("mine\n")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine\n")
+    for out, extra, says in ((note, [], "is a file"), (full, [], "not empty"), (tiny_dir, ["--overwrite"], "is the model")):
+        assert main(["--model", str(tiny_dir), "--out", str(out), *extra]) == 2
+        assert says in capsys.readouterr().err
+    assert note.read_text() == "mine\n" and (full / "keep.txt").read_text() == "mine\n"
+
+
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_save_with_dtype_keeps_nf4_scales(tiny_dir, tmp_path, double_quant):
     """save(dtype=...) casts the dense weights only: the NF4 absmax, codes and nested scales stay float32."""
