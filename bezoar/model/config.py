@@ -19,6 +19,10 @@ class ConfigError(ValueError):
     """A config.json that bezoar cannot run: the message names the file and the key."""
 
 
+# The dtypes a checkpoint's config.json may name (torch_dtype / dtype): the first three, and their aliases
+DTYPE_NAMES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float")
+
+
 @dataclass
 class LlamaConfig:
     vocab_size: int = 32000
@@ -116,6 +120,11 @@ class LlamaConfig:
         kwargs = {k: d[k] for k in known if k in d and (d[k] is not None or k.endswith("_token_id"))}
         if "torch_dtype" not in kwargs and isinstance(d.get("dtype"), str):
             kwargs["torch_dtype"] = d["dtype"]
+        dtype = kwargs.get("torch_dtype")
+        if dtype is not None and str(dtype).replace("torch.", "") not in DTYPE_NAMES:
+            key = "torch_dtype" if "torch_dtype" in d else "dtype"
+            raise ConfigError(f"{source}: key {key!r} is {dtype!r}; bezoar reads checkpoints in "
+                              f"{', '.join(DTYPE_NAMES[:3])}")
         for key in ("bos_token_id", "eos_token_id"):
             if isinstance(kwargs.get(key), list):  # some configs list several ids; the first is the main one
                 kwargs[key] = kwargs[key][0] if kwargs[key] else None
