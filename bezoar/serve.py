@@ -864,7 +864,9 @@ class BackgroundServer:
         asyncio.set_event_loop(loop)
         self._loop = loop
         try:
-            self._runner = web.AppRunner(self.server.app(), access_log=None)
+            # handler_cancellation: a client that disconnects cancels its handler, whose jobs the engine
+            # then drops (aiohttp >= 3.9 leaves handlers running by default)
+            self._runner = web.AppRunner(self.server.app(), access_log=None, handler_cancellation=True)
             loop.run_until_complete(self._runner.setup())
             loop.run_until_complete(web.TCPSite(self._runner, self.host, self.port).start())
         except BaseException as e:  # report to the thread that waits in __enter__
@@ -907,7 +909,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bezoar.serve: {e}", file=sys.stderr)
         return 2
     log.info("serving %s as %r on http://%s:%d/v1", args.model, server.name, args.host, args.port)
-    web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None)
+    # handler_cancellation: a client that disconnects stops its decoding (see BackgroundServer._main)
+    web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None, handler_cancellation=True)
     return 0
 
 

@@ -222,6 +222,37 @@ def test_a_client_that_leaves_mid_stream_does_not_hurt_the_server(served, client
     assert r.choices[0].finish_reason in ("stop", "length")
 
 
+def test_a_client_that_leaves_before_a_plain_answer_stops_its_decoding(tiny_model, tiny_tokenizer):
+    """A non-streaming client that disconnects (a timeout, a cancelled retry) frees the model: its rows
+    stop decoding instead of running to max_tokens for nobody."""
+    import socket
+
+    from bezoar.serve import BackgroundServer, Server
+
+    max_tokens = 480
+    with BackgroundServer(Server(tiny_model, tiny_tokenizer, "tiny", batch_window_s=0.0)) as bg:
+        engine = bg.server.engine
+        seen = []
+        run = engine.run
+
+        async def recording_run(jobs):
+            seen.extend(jobs)
+            return await run(jobs)
+
+        engine.run = recording_run
+        body = json.dumps({"model": "tiny", "prompt": "Once", "max_tokens": max_tokens, "temperature": 0}).encode()
+        with socket.create_connection(("127.0.0.1", bg.port)) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            deadline = time.time() + 60
+            while engine.batches == 0 and time.time() < deadline:
+                time.sleep(0.01)
+            assert engine.batches == 1, "the request should have reached the model"
+        engine.executor.submit(lambda: None).result(120)  # the model's worker is idle again
+        assert seen and seen[0].cancelled
+        assert len(seen[0].new_ids) < max_tokens, "the abandoned request was decoded to the end"
+
+
 def test_sampling_is_seeded(client):
     kwargs = dict(model="tiny", prompt="The small cat", max_tokens=8, temperature=1.0, seed=11)
     a = client.completions.create(**kwargs).choices[0].text
