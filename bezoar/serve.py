@@ -542,8 +542,20 @@ class Server:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(f"The request body is not valid JSON ({e})") from None
+        except RecursionError:
+            raise ApiError("The request body is not valid JSON (nested too deeply)") from None
         if not isinstance(body, dict):
             raise ApiError("The request body must be a JSON object")
+        for name, value in body.items():
+            # JSON's \ud800-style escapes can spell lone UTF-16 surrogates, which are not text: the
+            # tokenizer (and any UTF-8 encode) fails on them
+            try:
+                json.dumps(value, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(f"{name} holds a lone UTF-16 surrogate (half of a character, e.g. an emoji cut in "
+                               "two); strings must be valid Unicode", name) from None
+            except RecursionError:
+                raise ApiError(f"{name} is nested too deeply", name) from None
         model = body.get("model")
         if model is None:
             raise ApiError("you must provide a model parameter", "model")

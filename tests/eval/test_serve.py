@@ -301,6 +301,11 @@ BAD = [
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "a"}], "top_logprobs": 2},
      "top_logprobs", "needs logprobs"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "a"}], "n": 0}, "n", "n must be"),
+    # valid JSON (\ud800 escapes) but not Unicode text: a JavaScript client slicing an emoji in half sends these
+    ("/v1/completions", {"model": "tiny", "prompt": "a\ud800b"}, "prompt", "lone UTF-16 surrogate"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": ["\udc00"]}, "stop", "lone UTF-16 surrogate"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi \ud83d"}]},
+     "messages", "lone UTF-16 surrogate"),
 ]
 
 
@@ -316,6 +321,8 @@ def test_bad_requests_get_openai_style_400(served, path, body, param, message):
 def test_other_errors(served, client):
     status, reply = post(served.url + "/v1/completions", None, raw=b"{not json")
     assert status == 400 and "not valid JSON" in reply["error"]["message"]
+    status, reply = post(served.url + "/v1/completions", None, raw=b"[" * 100000 + b"]" * 100000)
+    assert status == 400 and "not valid JSON" in reply["error"]["message"], reply  # was a 500 (RecursionError)
     status, reply = post(served.url + "/v1/completions", {"model": "gpt-9", "prompt": "x"})
     assert status == 404 and reply["error"]["code"] == "model_not_found"
     status, reply = post(served.url + "/v1/embeddings", {"model": "tiny", "input": "x"})
