@@ -92,6 +92,14 @@ def run_harness(args) -> int:
         return 0
     if not args.model:
         raise ValueError("--model DIR is required (only --dry-run runs without one)")
+    if args.output:  # checked now: writing it fails only after every task has run
+        out = Path(args.output)
+        if out.is_dir():
+            raise ValueError(f"--output {out}: is a folder; give the results file's name (e.g. {out / 'results.json'})")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--output {out}: cannot create its folder {out.parent} ({e.strerror})") from None
     manager = harness.task_manager(args.include_path, include_defaults=not args.no_builtin_tasks)
     harness.check_tasks(plan, manager)  # a misspelt task fails here, not after the model has loaded
     from lm_eval.utils import simple_parse_args_string
