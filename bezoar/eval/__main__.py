@@ -105,6 +105,13 @@ def run_harness(args) -> int:
     from lm_eval.utils import simple_parse_args_string
 
     extra = simple_parse_args_string(args.model_args)
+    flags = {"pretrained": "--model", "adapter": "--adapter", "quant": "--quant", "dtype": "--dtype",
+             "device": "--device", "batch_size": "--batch-size", "max_batch_tokens": "--max-batch-tokens",
+             "max_length": "--max-length"}
+    clash = [key for key in extra if key in flags]
+    if clash:  # passed twice, they would be a TypeError from the call below
+        raise ValueError("; ".join(f"--model-args {key}={extra[key]}: set it with {flags[key]} instead"
+                                   for key in clash))
     lm = harness.BezoarLM(pretrained=args.model, adapter=args.adapter, quant=args.quant, dtype=args.dtype,
                           device=args.device, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
                           max_length=args.max_length, **extra)
