@@ -542,8 +542,20 @@ class Server:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(f"The request body is not valid JSON ({e})") from None
+        except RecursionError:
+            raise ApiError("The request body is not valid JSON (nested too deeply)") from None
         if not isinstance(body, dict):
             raise ApiError("The request body must be a JSON object")
+        for name, value in body.items():
+            # JSON's \ud800-style escapes can spell lone UTF-16 surrogates, which are not text: the
+            # tokenizer (and any UTF-8 encode) fails on them
+            try:
+                json.dumps(value, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(f"{name} holds a lone UTF-16 surrogate (half of a character, e.g. an emoji cut in "
+                               "two); strings must be valid Unicode", name) from None
+            except RecursionError:
+                raise ApiError(f"{name} is nested too deeply", name) from None
         model = body.get("model")
         if model is None:
             raise ApiError("you must provide a model parameter", "model")
@@ -864,7 +876,9 @@ class BackgroundServer:
         asyncio.set_event_loop(loop)
         self._loop = loop
         try:
-            self._runner = web.AppRunner(self.server.app(), access_log=None)
+            # handler_cancellation: a client that disconnects cancels its handler, whose jobs the engine
+            # then drops (aiohttp >= 3.9 leaves handlers running by default)
+            self._runner = web.AppRunner(self.server.app(), access_log=None, handler_cancellation=True)
             loop.run_until_complete(self._runner.setup())
             loop.run_until_complete(web.TCPSite(self._runner, self.host, self.port).start())
         except BaseException as e:  # report to the thread that waits in __enter__
@@ -907,7 +921,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bezoar.serve: {e}", file=sys.stderr)
         return 2
     log.info("serving %s as %r on http://%s:%d/v1", args.model, server.name, args.host, args.port)
-    web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None)
+    # handler_cancellation: a client that disconnects stops its decoding (see BackgroundServer._main)
+    web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None, handler_cancellation=True)
     return 0
 
 

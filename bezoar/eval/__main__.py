@@ -92,11 +92,26 @@ def run_harness(args) -> int:
         return 0
     if not args.model:
         raise ValueError("--model DIR is required (only --dry-run runs without one)")
+    if args.output:  # checked now: writing it fails only after every task has run
+        out = Path(args.output)
+        if out.is_dir():
+            raise ValueError(f"--output {out}: is a folder; give the results file's name (e.g. {out / 'results.json'})")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--output {out}: cannot create its folder {out.parent} ({e.strerror})") from None
     manager = harness.task_manager(args.include_path, include_defaults=not args.no_builtin_tasks)
     harness.check_tasks(plan, manager)  # a misspelt task fails here, not after the model has loaded
     from lm_eval.utils import simple_parse_args_string
 
     extra = simple_parse_args_string(args.model_args)
+    flags = {"pretrained": "--model", "adapter": "--adapter", "quant": "--quant", "dtype": "--dtype",
+             "device": "--device", "batch_size": "--batch-size", "max_batch_tokens": "--max-batch-tokens",
+             "max_length": "--max-length"}
+    clash = [key for key in extra if key in flags]
+    if clash:  # passed twice, they would be a TypeError from the call below
+        raise ValueError("; ".join(f"--model-args {key}={extra[key]}: set it with {flags[key]} instead"
+                                   for key in clash))
     lm = harness.BezoarLM(pretrained=args.model, adapter=args.adapter, quant=args.quant, dtype=args.dtype,
                           device=args.device, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
                           max_length=args.max_length, **extra)

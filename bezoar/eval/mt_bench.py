@@ -192,8 +192,21 @@ def read_answers(path: Path) -> dict[Any, Answer]:
     if not path.exists():
         return {}
     out = {}
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for line_no, line in enumerate(lines, 1):
+    # Lines end at b"\n" only: str.splitlines() also breaks at characters an answer may hold (U+0085,
+    # U+2028), which json.dumps(ensure_ascii=False) writes as they are. Bytes, so that a last line torn
+    # inside a multi-byte character is dropped like any torn line.
+    lines = path.read_bytes().split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    for line_no, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if line_no == len(lines):
+                log.warning("%s: ignoring an incomplete last line (an interrupted run)", path)
+                continue
+            raise MTBenchError(f"{path}:{line_no}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); "
+                               "answer files must be UTF-8 text") from None
         if not line.strip():
             continue
         try:

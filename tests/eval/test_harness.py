@@ -336,6 +336,46 @@ def test_harness_command_line_on_local_tasks(tiny_dir, tmp_path, capsys):
     assert "--model DIR is required" in capsys.readouterr().err
 
 
+def test_harness_command_line_checks_the_output_path_before_evaluating(tmp_path, capsys, monkeypatch):
+    """--output naming a folder (lm-eval's own --output_path takes one) or a path under a file failed only
+    after every task had run, losing the results."""
+    from bezoar.eval.__main__ import main
+
+    folder = tmp_path / "tasks"
+    write_tasks(folder)
+    ran = []
+    monkeypatch.setattr(harness, "BezoarLM", lambda **kwargs: ran.append("load"))
+    monkeypatch.setattr(harness, "run_plan", lambda *a, **k: ran.append("run") or {"results": {}})
+    (tmp_path / "a-file").write_text("x")
+    for output in (tmp_path, tmp_path / "a-file" / "results.json"):
+        code = main(["harness", "--model", str(tmp_path), "--tasks", "bezoar_mc", "--include-path", str(folder),
+                     "--no-builtin-tasks", "--output", str(output)])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert "--output" in err and str(output) in err and "Traceback" not in err
+        assert ran == [], "the output path must be checked before the model loads and the tasks run"
+
+
+def test_model_args_that_have_their_own_flag_are_one_error(tmp_path, capsys, monkeypatch):
+    """--model-args max_length=... (lm-eval's spelling) was a TypeError traceback: 'got multiple values for
+    keyword argument'."""
+    from bezoar.eval.__main__ import main
+
+    folder = tmp_path / "tasks"
+    write_tasks(folder)
+    ran = []
+    monkeypatch.setattr(harness, "BezoarLM", lambda **kwargs: ran.append("load"))
+    monkeypatch.setattr(harness, "run_plan", lambda *a, **k: ran.append("run") or {"results": {}})
+    for extra, flag in (("max_length=64", "--max-length"), ("pretrained=/x,seed=3", "--model"),
+                        ("batch_size=4", "--batch-size")):
+        code = main(["harness", "--model", str(tmp_path), "--tasks", "bezoar_mc", "--include-path", str(folder),
+                     "--no-builtin-tasks", "--model-args", extra])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert flag in err and "Traceback" not in err
+        assert ran == []
+
+
 def test_harness_command_line_names_an_unknown_task_before_loading(tmp_path, capsys):
     from bezoar.eval.__main__ import main
 

@@ -134,6 +134,31 @@ def test_generate_answers_template_temperatures_and_resume(tiny_model, tiny_toke
     assert sorted(json.loads(line)["question_id"] for line in path.read_text().splitlines()) == list(range(1, 9))
 
 
+def test_answers_files_are_read_as_utf8_lines(tmp_path, caplog):
+    """A run killed while appending answers can leave a last line that ends midway through a multi-byte
+    character; the rerun drops that line as any other torn one (it was a bare UnicodeDecodeError)."""
+    path = tmp_path / "answers.jsonl"
+    whole = mt.Answer(1, "tiny", ["caf\u00e9", "ok"]).to_record()
+    torn = json.dumps(mt.Answer(2, "tiny", ["na\u00efve \u2014 answer"]).to_record(), ensure_ascii=False).encode()
+    cut = torn.index("\u2014".encode()) + 1  # inside the dash's three bytes
+    path.write_bytes(json.dumps(whole, ensure_ascii=False).encode() + b"\n" + torn[:cut])
+    with caplog.at_level(logging.WARNING, logger="bezoar.eval"):
+        answers = mt.read_answers(path)
+    assert list(answers) == [1] and answers[1].turns == ["caf\u00e9", "ok"]
+    assert "incomplete last line" in caplog.text
+    path.write_bytes(b'{"question_id": 1, "model_id": "tiny", "choices": [{"turns": ["caf\xe9"]}]}\n'
+                     + json.dumps(whole).encode() + b"\n")
+    with pytest.raises(mt.MTBenchError, match=r"answers.jsonl:1: not valid UTF-8"):
+        mt.read_answers(path)
+    # Answers holding characters that str.splitlines() breaks lines at (NEL, LINE SEPARATOR), which
+    # json.dumps(ensure_ascii=False) writes as they are: still one record per line.
+    path.unlink()
+    mt._append_jsonl(path, [mt.Answer(1, "tiny", ["a\x85b", "c"]).to_record(),
+                            mt.Answer(2, "tiny", ["x\u2028y\u2029z", "w"]).to_record()])
+    answers = mt.read_answers(path)
+    assert answers[1].turns == ["a\x85b", "c"] and answers[2].turns == ["x\u2028y\u2029z", "w"]
+
+
 def test_a_long_prompt_in_the_batch_does_not_shorten_the_other_answers(tiny_model, tiny_tokenizer, tmp_path):
     context = tiny_model.config.max_position_embeddings
     long_turn = "Why is the sky blue? " * 30

@@ -222,6 +222,37 @@ def test_a_client_that_leaves_mid_stream_does_not_hurt_the_server(served, client
     assert r.choices[0].finish_reason in ("stop", "length")
 
 
+def test_a_client_that_leaves_before_a_plain_answer_stops_its_decoding(tiny_model, tiny_tokenizer):
+    """A non-streaming client that disconnects (a timeout, a cancelled retry) frees the model: its rows
+    stop decoding instead of running to max_tokens for nobody."""
+    import socket
+
+    from bezoar.serve import BackgroundServer, Server
+
+    max_tokens = 480
+    with BackgroundServer(Server(tiny_model, tiny_tokenizer, "tiny", batch_window_s=0.0)) as bg:
+        engine = bg.server.engine
+        seen = []
+        run = engine.run
+
+        async def recording_run(jobs):
+            seen.extend(jobs)
+            return await run(jobs)
+
+        engine.run = recording_run
+        body = json.dumps({"model": "tiny", "prompt": "Once", "max_tokens": max_tokens, "temperature": 0}).encode()
+        with socket.create_connection(("127.0.0.1", bg.port)) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            deadline = time.time() + 60
+            while engine.batches == 0 and time.time() < deadline:
+                time.sleep(0.01)
+            assert engine.batches == 1, "the request should have reached the model"
+        engine.executor.submit(lambda: None).result(120)  # the model's worker is idle again
+        assert seen and seen[0].cancelled
+        assert len(seen[0].new_ids) < max_tokens, "the abandoned request was decoded to the end"
+
+
 def test_sampling_is_seeded(client):
     kwargs = dict(model="tiny", prompt="The small cat", max_tokens=8, temperature=1.0, seed=11)
     a = client.completions.create(**kwargs).choices[0].text
@@ -270,6 +301,11 @@ BAD = [
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "a"}], "top_logprobs": 2},
      "top_logprobs", "needs logprobs"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "a"}], "n": 0}, "n", "n must be"),
+    # valid JSON (\ud800 escapes) but not Unicode text: a JavaScript client slicing an emoji in half sends these
+    ("/v1/completions", {"model": "tiny", "prompt": "a\ud800b"}, "prompt", "lone UTF-16 surrogate"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": ["\udc00"]}, "stop", "lone UTF-16 surrogate"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi \ud83d"}]},
+     "messages", "lone UTF-16 surrogate"),
 ]
 
 
@@ -285,6 +321,8 @@ def test_bad_requests_get_openai_style_400(served, path, body, param, message):
 def test_other_errors(served, client):
     status, reply = post(served.url + "/v1/completions", None, raw=b"{not json")
     assert status == 400 and "not valid JSON" in reply["error"]["message"]
+    status, reply = post(served.url + "/v1/completions", None, raw=b"[" * 100000 + b"]" * 100000)
+    assert status == 400 and "not valid JSON" in reply["error"]["message"], reply  # was a 500 (RecursionError)
     status, reply = post(served.url + "/v1/completions", {"model": "gpt-9", "prompt": "x"})
     assert status == 404 and reply["error"]["code"] == "model_not_found"
     status, reply = post(served.url + "/v1/embeddings", {"model": "tiny", "input": "x"})
