@@ -96,17 +96,22 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     if not path.exists():
         raise MTBenchError(f"{path}: no such file")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MTBenchError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise MTBenchError(f"{path}:{line_no}: expected a JSON object")
-            rows.append((line_no, row))
+    # split at b"\n" only, as read_answers does: a string may hold U+2028 / U+0085
+    for line_no, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise MTBenchError(f"{path}:{line_no}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); question, "
+                               "reference and judge-prompt files must be UTF-8 text") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MTBenchError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise MTBenchError(f"{path}:{line_no}: expected a JSON object")
+        rows.append((line_no, row))
     return rows
 
 
@@ -116,6 +121,8 @@ def _question_from(row: dict, where: str) -> Question:
     category = row.get("category")
     if qid is None:
         raise MTBenchError(f"{where}: no question_id")
+    if isinstance(qid, bool) or not isinstance(qid, (int, str)):
+        raise MTBenchError(f"{where}: question_id must be an integer or a string, got {qid!r}")
     if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
         raise MTBenchError(f"{where}: 'turns' must be a non-empty list of strings")
     if len(turns) > 2:

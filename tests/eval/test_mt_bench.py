@@ -50,6 +50,16 @@ def test_bad_input_files_are_named(tmp_path):
     bad.write_text('{"question_id": 1, "category": "math", "turns": ["a"]}\n' * 2)
     with pytest.raises(mt.MTBenchError, match="appears twice"):
         mt.load_questions(bad)
+    bad.write_text('{"question_id": [1], "category": "math", "turns": ["a"]}\n')
+    with pytest.raises(mt.MTBenchError, match=r"q.jsonl:1: question_id must be an integer or a string, got \[1\]"):
+        mt.load_questions(bad)
+    bad.write_bytes('{"question_id": 1, "category": "math", "turns": ["a"]}\n'.encode()
+                    + '{"question_id": 2, "category": "math", "turns": ["caf\u00e9"]}\n'.encode("latin-1"))
+    with pytest.raises(mt.MTBenchError, match=r"q.jsonl:2: not valid UTF-8 \(byte 0xe9\)"):
+        mt.load_questions(bad)
+    # a line separator inside a question's text is text, not the end of its line
+    bad.write_text(json.dumps({"question_id": 1, "category": "math", "turns": ["a\u2028b"]}, ensure_ascii=False) + "\n")
+    assert [q.turns for q in mt.load_questions(bad)] == [["a\u2028b"]]
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"name": "single-v1", "prompt_template": "{question} {answer}"}) + "\n")
     with pytest.raises(mt.MTBenchError, match="no judge prompt named 'single-v1-multi-turn'"):
