@@ -205,6 +205,7 @@ def read_answers(path: Path) -> dict[Any, Answer]:
     lines = path.read_bytes().split(b"\n")
     if lines[-1] == b"":
         lines.pop()
+    lines_of: dict[Any, int] = {}  # question_id -> the line its answer came from
     for line_no, raw in enumerate(lines, 1):
         try:
             line = raw.decode("utf-8")
@@ -225,7 +226,14 @@ def read_answers(path: Path) -> dict[Any, Answer]:
                 log.warning("%s: ignoring an incomplete last line (an interrupted run)", path)
                 continue
             raise MTBenchError(f"{path}:{line_no}: not a model-answer record") from None
+        earlier = out.get(answer.question_id)
+        if earlier is not None and earlier.model_id != answer.model_id:
+            raise MTBenchError(f"{path}:{line_no}: question {answer.question_id!r} answered by model "
+                               f"{answer.model_id!r}, and on line {lines_of[answer.question_id]} by "
+                               f"{earlier.model_id!r}: an answer file holds one model's answers (FastChat "
+                               "writes one file per model)")
         out[answer.question_id] = answer
+        lines_of[answer.question_id] = line_no
     return out
 
 

@@ -341,3 +341,16 @@ def test_failed_judge_calls_are_left_out_and_retried_on_rerun(tmp_path):
         assert sum(judge.received.values()) == sent + 1
         second = json.loads((out / "results.json").read_text())
         assert (second["counted"], second["failed"]) == (16, 0)
+
+
+def test_an_answer_file_mixing_models_is_refused(tmp_path):
+    """Answers of two models to one question cannot both be judged from one file (the later would replace
+    the earlier, and be reported under one model id): one error naming both lines."""
+    path = tmp_path / "answers.jsonl"
+    rows = [mt.Answer(1, "a", ["x"]), mt.Answer(2, "a", ["y"]), mt.Answer(1, "b", ["z"])]
+    path.write_text("".join(json.dumps(r.to_record()) + "\n" for r in rows))
+    with pytest.raises(mt.MTBenchError, match=r"answers.jsonl:3: question 1 answered by model 'b', and on line 1 "
+                                              r"by 'a'"):
+        mt.read_answers(path)
+    path.write_text("".join(json.dumps(r.to_record()) + "\n" for r in rows[:2] + [mt.Answer(1, "a", ["w"])]))
+    assert mt.read_answers(path)[1].turns == ["w"]  # one model answering again: the later answer stands
