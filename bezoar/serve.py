@@ -149,6 +149,9 @@ def _common(body: dict, allowed: set[str]) -> None:
     options = body.get("stream_options")
     if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
         raise ApiError("stream_options may only hold include_usage", "stream_options")
+    if options and not isinstance(options.get("include_usage", False), bool):
+        raise ApiError(f"stream_options.include_usage must be a boolean, got {options['include_usage']!r}",
+                       "stream_options")
 
 
 # ---- jobs and the scheduler ------------------------------------------------------------------

@@ -292,6 +292,8 @@ BAD = [
     ("/v1/completions", {"model": "tiny", "prompt": "x", "stream": True, "logprobs": 1}, "logprobs", "stream"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": [1]}, "stop", "stop must be"),
     ("/v1/completions", {"prompt": "x"}, "model", "provide a model"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}},
+     "stream_options", "include_usage must be a boolean"),
     ("/v1/chat/completions", {"model": "tiny", "messages": []}, "messages", "non-empty list"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "a"},
                                                             {"role": "assistant", "content": "b"}]},
