@@ -84,17 +84,22 @@ def test_merge_onto_an_nf4_checkpoint_is_refused_before_training(tmp_path, tiny_
     assert not (out / "metrics.jsonl").exists() and not (out / "adapter").exists(), "no step may run first"
 
 
-def test_recipe_rerun_with_other_settings_for_a_complete_stage_is_refused(tmp_path, capsys):
+def _finished_demo_run(root: Path) -> Path:
+    """The demo recipe's stages under ``root`` as run_stage leaves them finished (config.toml, summary.json)."""
     from bezoar.config import dump_toml
     from bezoar.train.recipe import load_recipe, stage_configs
     from bezoar.train.run import package_path
 
-    root = tmp_path / "run"
-    for _, cfg in stage_configs(load_recipe("demo"), root, []):  # both stages finished, as run_stage leaves them
+    for _, cfg in stage_configs(load_recipe("demo"), root, []):
         cfg.data.path, cfg.eval_path = package_path(cfg.data.path), package_path(cfg.eval_path)
         Path(cfg.out).mkdir(parents=True)
         (Path(cfg.out) / "config.toml").write_text(dump_toml(cfg))
         (Path(cfg.out) / "summary.json").write_text("{}")
+    return root
+
+
+def test_recipe_rerun_with_other_settings_for_a_complete_stage_is_refused(tmp_path, capsys):
+    root = _finished_demo_run(tmp_path / "run")
     assert main(["--recipe", "demo", "--out", str(root), "train.progress=false"]) == 0
     assert "[dpo] done already" in capsys.readouterr().out
     code = main(["--recipe", "demo", "--out", str(root), "dpo.optim.lr=0.5"])
@@ -115,16 +120,7 @@ def test_recipe_overrides_of_the_keys_it_sets_itself_are_refused(tmp_path, capsy
 
 
 def test_recipe_dry_run_refuses_or_flags_what_the_run_would_refuse(tmp_path, capsys):
-    from bezoar.config import dump_toml
-    from bezoar.train.recipe import load_recipe, stage_configs
-    from bezoar.train.run import package_path
-
-    root = tmp_path / "run"
-    for _, cfg in stage_configs(load_recipe("demo"), root, []):  # both stages finished, as run_stage leaves them
-        cfg.data.path, cfg.eval_path = package_path(cfg.data.path), package_path(cfg.eval_path)
-        Path(cfg.out).mkdir(parents=True)
-        (Path(cfg.out) / "config.toml").write_text(dump_toml(cfg))
-        (Path(cfg.out) / "summary.json").write_text("{}")
+    root = _finished_demo_run(tmp_path / "run")
     # The run stops at the finished dpo stage trained with another lr: the plan must not just say "done".
     assert main(["--recipe", "demo", "--out", str(root), "--dry-run", "dpo.optim.lr=0.5"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
