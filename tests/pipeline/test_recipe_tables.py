@@ -83,6 +83,26 @@ def test_values_are_checked(tmp_path):
         load_recipe(str(folder))
 
 
+@pytest.mark.parametrize("old, new, message", [
+    ("cap_per_task = 2\n", "cap_per_task = 2\ncaps = { niv3 = 3 }\n",
+     "recipe.toml:62: table 'generate.orca': caps: unknown sub-collection 'niv3'"),
+    ("cap_per_task = 2\n", "cap_per_task = 2\ncaps = { niv2 = 0 }\n", "recipe.toml:62: table 'generate.orca': caps.niv2"),
+    ("per_request = 6\n", "per_request = 6\ntemplates = { lamini_exampels = \"mine.txt\" }\n",
+     "recipe.toml:58: table 'generate.lamini': templates: unknown template 'lamini_exampels'"),
+    ("epochs = 2\n", "epochs = 2\ntemplates = { judge = \"mine.txt\" }\n",
+     "recipe.toml:66: table 'generate.evol': templates: unknown template 'judge'"),
+])
+def test_names_inside_scheme_tables_are_checked_when_the_recipe_loads(tmp_path, old, new, message):
+    # Found by the scheme's command, these typos stopped the run after the steps before it had run and
+    # named a --cap / --template flag the recipe's author never wrote.
+    folder = _copy_recipe(tmp_path)
+    _edit(folder, old, new)
+    with pytest.raises(ConfigError) as e:
+        load_recipe(str(folder))
+    assert message in str(e.value)
+    assert load_recipe("openbezoar_tiny", ["generate.orca.caps={NIV2=3,p3=1}"]).generate.orca.caps
+
+
 def test_stage_named_like_a_table_and_unknown_eval_stage(tmp_path):
     folder = _copy_recipe(tmp_path)
     _edit(folder, 'name = "hh_sft"\nconfig', 'name = "evaluate"\nconfig')
