@@ -493,6 +493,9 @@ def preflight(recipe: Recipe, root: Path, steps: list[Step]) -> None:
                 raise ConfigError(f"{recipe.path}: generate.teacher.model is not set")
             needs_key.update(_key_needed(gen.teacher, "generate.teacher"))
         elif s.kind == "filter":
+            if gen.filter.template and not Path(resolve_path(gen.filter.template, root)).expanduser().exists():
+                raise ConfigError(f"{recipe.path}: generate.filter.template: "
+                                  f"{resolve_path(gen.filter.template, root)} not found")
             if not gen.judge.model:
                 raise ConfigError(f"{recipe.path}: generate.judge.model is not set")
             needs_key.update(_key_needed(gen.judge, "generate.judge"))
@@ -507,6 +510,10 @@ def preflight(recipe: Recipe, root: Path, steps: list[Step]) -> None:
             path = resolve_path(section.questions, root)
             if looks_local(path) and not Path(path).expanduser().exists():
                 raise ConfigError(f"{recipe.path}: evaluate.mt_bench.questions: {path} not found")
+            for label in ("reference", "judge_prompts"):
+                value = getattr(section, label)
+                if value and not Path(resolve_path(value, root)).expanduser().exists():
+                    raise ConfigError(f"{recipe.path}: evaluate.mt_bench.{label}: {resolve_path(value, root)} not found")
             if not section.judge.model:
                 raise ConfigError(f"{recipe.path}: evaluate.mt_bench.judge.model is not set")
             needs_key.update(_key_needed(section.judge, "evaluate.mt_bench.judge"))

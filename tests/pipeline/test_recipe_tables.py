@@ -292,6 +292,22 @@ def test_preflight_names_missing_inputs_and_keys(tmp_path, monkeypatch):
     preflight(recipe, root, plan(recipe, root, []))
 
 
+@pytest.mark.parametrize("override, key", [
+    ("generate.filter.template={root}/my_judge.txt", "generate.filter.template"),
+    ("evaluate.mt_bench.reference={root}/reference.jsonl", "evaluate.mt_bench.reference"),
+    ("evaluate.mt_bench.judge_prompts={root}/judge_prompts.jsonl", "evaluate.mt_bench.judge_prompts"),
+])
+def test_preflight_names_every_missing_input_file(tmp_path, override, key):
+    # Not checked, these stopped the run only when their step came: after the teacher's generation, or
+    # after every training stage.
+    recipe = load_recipe("openbezoar_tiny", [override])
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}: {re.escape(str(tmp_path))}/\S+ not found"):
+        preflight(recipe, tmp_path, plan(recipe, tmp_path, []))
+    name = override.rsplit("/", 1)[1]
+    (tmp_path / name).write_text("{}\n")
+    preflight(recipe, tmp_path, plan(recipe, tmp_path, []))
+
+
 def test_preflight_stage_data_that_nothing_writes(tmp_path):
     recipe = load_recipe("openbezoar_tiny", ["generate.orca.enabled=false"])
     with pytest.raises(ConfigError, match=r"stage orca reads .*data/orca/filtered\.jsonl, which does not exist"):
