@@ -647,7 +647,8 @@ def parse(argv):
     p.add_argument("--out", metavar="DIR", help="the run root (default runs/<recipe>)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--dry-run", action="store_true", help="print every step, its inputs and outputs and whether it "
-                                                          "is done, to run or to resume; run nothing")
+                                                          "is done, to run or to resume, then the error a run would stop on before "
+                                                          "its first step, if any; run nothing")
     g.add_argument("--report-only", action="store_true", help="rewrite RUN/report.md from what is on disk")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars of the generation commands (default: when stderr is a terminal)")
@@ -675,7 +676,8 @@ def main(argv=None) -> int:
                 print(f"report: {write_report(recipe, root, steps)}")
                 return 0
             print(f"recipe {recipe.name}: {recipe.description}\nrun root: {root.resolve()}")
-            print(describe(steps, root))
+            print(describe(steps, root), flush=True)
+            preflight(recipe, root, steps)  # what would stop a run before its first step stops this one too
             return 0
         run_pipeline(args.recipe, root, args.overrides, progress=args.progress)
         print(f"run root: {root.resolve()}\nreport: {(root / 'report.md').resolve()}")

@@ -308,6 +308,29 @@ def test_preflight_names_every_missing_input_file(tmp_path, override, key):
     preflight(recipe, tmp_path, plan(recipe, tmp_path, []))
 
 
+def test_dry_run_stops_where_a_run_would(tmp_path, monkeypatch, capsys):
+    from bezoar.pipeline import main
+
+    root = tmp_path / "run"
+    argv = ["--recipe", "openbezoar", "--out", str(root), "--dry-run"]
+    monkeypatch.setenv("OPENAI_API_KEY", "set")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "set")
+    # The topic list is missing: a run stops before its first step, so the dry run may not promise the steps.
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert "steps left: generate:lamini" in out  # the plan is still shown
+    assert "error:" in err and "generate.lamini.topics" in err and "inputs/topics.txt not found" in err
+    (root / "inputs").mkdir(parents=True)
+    (root / "inputs/topics.txt").write_text("gardening\n")
+    (root / "inputs/flan.jsonl").write_text(json.dumps({"question": "q", "sub_collection": "cot"}) + "\n")
+    monkeypatch.delenv("OPENAI_API_KEY")
+    assert main(argv) == 2
+    assert "generate.judge needs an API key" in capsys.readouterr().err
+    monkeypatch.setenv("OPENAI_API_KEY", "set")
+    assert main(argv) == 0
+    assert not any(root.glob("data")) and not (root / "report.md").exists()  # a dry run writes nothing
+
+
 def test_preflight_stage_data_that_nothing_writes(tmp_path):
     recipe = load_recipe("openbezoar_tiny", ["generate.orca.enabled=false"])
     with pytest.raises(ConfigError, match=r"stage orca reads .*data/orca/filtered\.jsonl, which does not exist"):
