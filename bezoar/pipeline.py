@@ -493,6 +493,9 @@ def preflight(recipe: Recipe, root: Path, steps: list[Step]) -> None:
                 raise ConfigError(f"{recipe.path}: generate.teacher.model is not set")
             needs_key.update(_key_needed(gen.teacher, "generate.teacher"))
         elif s.kind == "filter":
+            if gen.filter.template and not Path(resolve_path(gen.filter.template, root)).expanduser().exists():
+                raise ConfigError(f"{recipe.path}: generate.filter.template: "
+                                  f"{resolve_path(gen.filter.template, root)} not found")
             if not gen.judge.model:
                 raise ConfigError(f"{recipe.path}: generate.judge.model is not set")
             needs_key.update(_key_needed(gen.judge, "generate.judge"))
@@ -507,6 +510,10 @@ def preflight(recipe: Recipe, root: Path, steps: list[Step]) -> None:
             path = resolve_path(section.questions, root)
             if looks_local(path) and not Path(path).expanduser().exists():
                 raise ConfigError(f"{recipe.path}: evaluate.mt_bench.questions: {path} not found")
+            for label in ("reference", "judge_prompts"):
+                value = getattr(section, label)
+                if value and not Path(resolve_path(value, root)).expanduser().exists():
+                    raise ConfigError(f"{recipe.path}: evaluate.mt_bench.{label}: {resolve_path(value, root)} not found")
             if not section.judge.model:
                 raise ConfigError(f"{recipe.path}: evaluate.mt_bench.judge.model is not set")
             needs_key.update(_key_needed(section.judge, "evaluate.mt_bench.judge"))
@@ -640,7 +647,8 @@ def parse(argv):
     p.add_argument("--out", metavar="DIR", help="the run root (default runs/<recipe>)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--dry-run", action="store_true", help="print every step, its inputs and outputs and whether it "
-                                                          "is done, to run or to resume; run nothing")
+                                                          "is done, to run or to resume, then the error a run would stop on before "
+                                                          "its first step, if any; run nothing")
     g.add_argument("--report-only", action="store_true", help="rewrite RUN/report.md from what is on disk")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars of the generation commands (default: when stderr is a terminal)")
@@ -668,7 +676,8 @@ def main(argv=None) -> int:
                 print(f"report: {write_report(recipe, root, steps)}")
                 return 0
             print(f"recipe {recipe.name}: {recipe.description}\nrun root: {root.resolve()}")
-            print(describe(steps, root))
+            print(describe(steps, root), flush=True)
+            preflight(recipe, root, steps)  # what would stop a run before its first step stops this one too
             return 0
         run_pipeline(args.recipe, root, args.overrides, progress=args.progress)
         print(f"run root: {root.resolve()}\nreport: {(root / 'report.md').resolve()}")

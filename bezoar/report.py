@@ -65,6 +65,11 @@ def _num(value, digits: int = 4) -> str:
     return str(value)
 
 
+def _exact(value) -> str:
+    """A number as written in the file it came from (a threshold of 6.96 is not "7.0")."""
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
 def _pct(value) -> str:
     return "-" if not isinstance(value, (int, float)) else f"{100 * value:.1f}%"
 
@@ -108,7 +113,7 @@ def data_section(steps, root: Path) -> list[str]:
         share = kept / judged if isinstance(kept, int) and judged else None
         rows.append([s.target, _num(INPUT_COUNT[s.target](gen)), _num(gen.get("counts", {}).get("records")),
                      _num(judged), _num(kept), _num(filt.get("below_threshold")), _num(filt.get("failures")),
-                     _pct(share), _num(filt.get("threshold"), 1)])
+                     _pct(share), _exact(filt.get("threshold"))])
         counts = {k: v for k, v in gen.get("counts", {}).items() if k != "records"}
         if counts:
             details.append(f"- {s.target}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))

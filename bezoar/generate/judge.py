@@ -9,8 +9,8 @@ from 1 to 10 with a short reason (template ``judge``). The reply must contain::
     Score: <1-10>
 
 Parsing is lenient about form (any order, ``**Score:** 8``, ``8/10``, an unlabelled reason) and
-strict about meaning: no score, several different scores, or a score outside 1-10 make the
-reply unparseable. An unparseable reply, or a judge request that failed, is a recorded
+strict about meaning: no score, several different scores, a range (``7-8``), a score on
+another scale (``4/5``) or a score outside 1-10 make the reply unparseable. An unparseable reply, or a judge request that failed, is a recorded
 failure: the record goes to ``judge-failures.jsonl`` with the error and the judge's reply, is
 counted, and is in neither output below. Rerun with ``--retry-failed`` to ask again for the
 requests that failed; a reply that was received but could not be parsed stays what it was
@@ -46,7 +46,11 @@ INPUT_FIELDS = ("input", "context")
 RESPONSE_FIELDS = ("response", "output", "answer")
 SYSTEM_FIELDS = ("system_prompt", "system")
 
-_SCORE = re.compile(r"\bscore\s*(?:\(1\s*-\s*10\)\s*)?[:=]\s*(-?\d+(?:\.\d+)?)(?:\s*(?:/|out\s+of)\s*10)?", re.I)
+# The number may be followed by its scale ("/ 10", "out of 10": any other scale is not 1-10) or by the
+# end of a range ("7-8", "7 to 8": two scores).
+_SCORE = re.compile(r"\bscore\s*(?:\(1\s*-\s*10\)\s*)?[:=]\s*(-?\d+(?:\.\d+)?)"
+                    r"(?:\s*(?:/|out\s+of)\s*(\d+(?:\.\d+)?)|\s*(?:-|\u2013|to)\s*(\d+(?:\.\d+)?))?",
+                    re.I)
 _REASON = re.compile(r"\b(?:reason|reasoning|explanation|rationale)\s*:\s*", re.I)
 
 
@@ -57,9 +61,15 @@ class JudgeParseError(ValueError):
 def parse_judgement(reply: str) -> tuple[float | int, str]:
     """(score, reason) from a judge reply; JudgeParseError says why it cannot be read."""
     text = reply.replace("**", "").replace("__", "")
-    scores = [float(m.group(1)) for m in _SCORE.finditer(text)]
-    if not scores:
+    matches = list(_SCORE.finditer(text))
+    if not matches:
         raise JudgeParseError("no 'Score: N' in the reply")
+    for m in matches:
+        if m.group(2) is not None and float(m.group(2)) != 10:
+            raise JudgeParseError(f"score {m.group(1)}/{m.group(2)} is not on the 1-10 scale")
+        if m.group(3) is not None:
+            raise JudgeParseError(f"a range of scores ({m.group(1)}-{m.group(3)}), not one score")
+    scores = [float(m.group(1)) for m in matches]
     if len(set(scores)) > 1:
         raise JudgeParseError(f"several different scores in the reply: {', '.join(f'{s:g}' for s in scores)}")
     score = scores[0]

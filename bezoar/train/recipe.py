@@ -74,6 +74,16 @@ class EndpointSection:
         return [u for u in urls if u]
 
 
+def _check_templates(templates: dict[str, str], module: str) -> None:
+    """Template names of a scheme's ``templates`` table are the ones its command uses."""
+    import importlib
+
+    names = importlib.import_module(module).TEMPLATES
+    for name in templates:
+        if name not in names:
+            raise ValueError(f"templates: unknown template {name!r}; this scheme uses {', '.join(names)}")
+
+
 @dataclass
 class SchemeCommon:
     enabled: bool = True
@@ -95,6 +105,9 @@ class LaminiSection(SchemeCommon):
     similarity: float = 0.7  # ROUGE-L F1 at or above which an instruction is a near-duplicate
     templates: dict[str, str] = field(default_factory=dict)  # lamini_examples / lamini_topics -> your own file
 
+    def __post_init__(self):
+        _check_templates(self.templates, "bezoar.generate.lamini")
+
 
 @dataclass
 class EvolSection(SchemeCommon):
@@ -104,6 +117,9 @@ class EvolSection(SchemeCommon):
     limit: int | None = None  # the first N seeds only
     templates: dict[str, str] = field(default_factory=dict)  # evol_depth / evol_breadth / evol_equal -> your file
 
+    def __post_init__(self):
+        _check_templates(self.templates, "bezoar.generate.evol")
+
 
 @dataclass
 class OrcaSection(SchemeCommon):
@@ -112,6 +128,17 @@ class OrcaSection(SchemeCommon):
     cap_per_task: int | None = None  # at most N queries per task
     caps: dict[str, int] = field(default_factory=dict)  # per sub-collection, e.g. {niv2 = 300}
     system_messages: str = ""  # your own 16 system messages (JSON list); "" = the shipped ones
+
+    def __post_init__(self):
+        from bezoar.generate.orca import SUB_ALIASES, SUB_COLLECTIONS
+
+        for sub, cap in self.caps.items():
+            if sub.lower().replace("_", "").replace("-", "").replace(" ", "") not in SUB_ALIASES:
+                raise ValueError(f"caps: unknown sub-collection {sub!r}; use one of {', '.join(SUB_COLLECTIONS)}")
+            if cap < 1:
+                raise ValueError(f"caps.{sub} must be at least 1, got {cap}")
+        if self.cap_per_task is not None and self.cap_per_task < 1:
+            raise ValueError(f"cap_per_task must be at least 1, got {self.cap_per_task}")
 
 
 @dataclass

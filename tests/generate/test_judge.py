@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -140,6 +141,20 @@ def test_parse_judgement(reply, score, reason):
 def test_parse_judgement_refuses(reply):
     with pytest.raises(JudgeParseError):
         parse_judgement(reply)
+
+
+@pytest.mark.parametrize("reply,why", [
+    ("Reason: terse.\nScore: 4/5", "score 4/5 is not on the 1-10 scale"),  # 8 on 1-10: not a 4
+    ("Reason: weak.\nScore: 7/100", "score 7/100 is not on the 1-10 scale"),
+    ("Reason: fine.\nScore: 9 out of 5", "score 9/5 is not on the 1-10 scale"),
+    ("Reason: good, small flaws.\nScore: 7-8", "a range of scores (7-8)"),
+    ("Reason: good.\nScore: 7 to 8", "a range of scores (7-8)"),
+])
+def test_parse_judgement_refuses_other_scales_and_ranges(reply, why):
+    with pytest.raises(JudgeParseError, match=re.escape(why)):
+        parse_judgement(reply)
+    assert parse_judgement("Reason: ok.\nScore: 6.5/10.0") == (6.5, "ok.")
+    assert parse_judgement("Reason: ok.\nScore: 8 - solid") == (8, "ok.")
 
 
 @pytest.mark.parametrize("record,message", [

@@ -83,6 +83,26 @@ def test_values_are_checked(tmp_path):
         load_recipe(str(folder))
 
 
+@pytest.mark.parametrize("old, new, message", [
+    ("cap_per_task = 2\n", "cap_per_task = 2\ncaps = { niv3 = 3 }\n",
+     "recipe.toml:62: table 'generate.orca': caps: unknown sub-collection 'niv3'"),
+    ("cap_per_task = 2\n", "cap_per_task = 2\ncaps = { niv2 = 0 }\n", "recipe.toml:62: table 'generate.orca': caps.niv2"),
+    ("per_request = 6\n", "per_request = 6\ntemplates = { lamini_exampels = \"mine.txt\" }\n",
+     "recipe.toml:58: table 'generate.lamini': templates: unknown template 'lamini_exampels'"),
+    ("epochs = 2\n", "epochs = 2\ntemplates = { judge = \"mine.txt\" }\n",
+     "recipe.toml:66: table 'generate.evol': templates: unknown template 'judge'"),
+])
+def test_names_inside_scheme_tables_are_checked_when_the_recipe_loads(tmp_path, old, new, message):
+    # Found by the scheme's command, these typos stopped the run after the steps before it had run and
+    # named a --cap / --template flag the recipe's author never wrote.
+    folder = _copy_recipe(tmp_path)
+    _edit(folder, old, new)
+    with pytest.raises(ConfigError) as e:
+        load_recipe(str(folder))
+    assert message in str(e.value)
+    assert load_recipe("openbezoar_tiny", ["generate.orca.caps={NIV2=3,p3=1}"]).generate.orca.caps
+
+
 def test_stage_named_like_a_table_and_unknown_eval_stage(tmp_path):
     folder = _copy_recipe(tmp_path)
     _edit(folder, 'name = "hh_sft"\nconfig', 'name = "evaluate"\nconfig')
@@ -270,6 +290,45 @@ def test_preflight_names_missing_inputs_and_keys(tmp_path, monkeypatch):
         preflight(recipe, root, plan(recipe, root, []))
     monkeypatch.setenv("ANTHROPIC_API_KEY", "set")
     preflight(recipe, root, plan(recipe, root, []))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("generate.filter.template={root}/my_judge.txt", "generate.filter.template"),
+    ("evaluate.mt_bench.reference={root}/reference.jsonl", "evaluate.mt_bench.reference"),
+    ("evaluate.mt_bench.judge_prompts={root}/judge_prompts.jsonl", "evaluate.mt_bench.judge_prompts"),
+])
+def test_preflight_names_every_missing_input_file(tmp_path, override, key):
+    # Not checked, these stopped the run only when their step came: after the teacher's generation, or
+    # after every training stage.
+    recipe = load_recipe("openbezoar_tiny", [override])
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}: {re.escape(str(tmp_path))}/\S+ not found"):
+        preflight(recipe, tmp_path, plan(recipe, tmp_path, []))
+    name = override.rsplit("/", 1)[1]
+    (tmp_path / name).write_text("{}\n")
+    preflight(recipe, tmp_path, plan(recipe, tmp_path, []))
+
+
+def test_dry_run_stops_where_a_run_would(tmp_path, monkeypatch, capsys):
+    from bezoar.pipeline import main
+
+    root = tmp_path / "run"
+    argv = ["--recipe", "openbezoar", "--out", str(root), "--dry-run"]
+    monkeypatch.setenv("OPENAI_API_KEY", "set")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "set")
+    # The topic list is missing: a run stops before its first step, so the dry run may not promise the steps.
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert "steps left: generate:lamini" in out  # the plan is still shown
+    assert "error:" in err and "generate.lamini.topics" in err and "inputs/topics.txt not found" in err
+    (root / "inputs").mkdir(parents=True)
+    (root / "inputs/topics.txt").write_text("gardening\n")
+    (root / "inputs/flan.jsonl").write_text(json.dumps({"question": "q", "sub_collection": "cot"}) + "\n")
+    monkeypatch.delenv("OPENAI_API_KEY")
+    assert main(argv) == 2
+    assert "generate.judge needs an API key" in capsys.readouterr().err
+    monkeypatch.setenv("OPENAI_API_KEY", "set")
+    assert main(argv) == 0
+    assert not any(root.glob("data")) and not (root / "report.md").exists()  # a dry run writes nothing
 
 
 def test_preflight_stage_data_that_nothing_writes(tmp_path):
