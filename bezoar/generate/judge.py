@@ -10,7 +10,8 @@ from 1 to 10 with a short reason (template ``judge``). The reply must contain::
 
 Parsing is lenient about form (any order, ``**Score:** 8``, ``8/10``, an unlabelled reason) and
 strict about meaning: no score, several different scores, a range (``7-8``), a score on
-another scale (``4/5``) or a score outside 1-10 make the reply unparseable. An unparseable reply, or a judge request that failed, is a recorded
+another scale (``4/5``) or a score outside 1-10 make the reply unparseable. An unparseable
+reply, or a judge request that failed, is a recorded
 failure: the record goes to ``judge-failures.jsonl`` with the error and the judge's reply, is
 counted, and is in neither output below. Rerun with ``--retry-failed`` to ask again for the
 requests that failed; a reply that was received but could not be parsed stays what it was
@@ -46,10 +47,11 @@ INPUT_FIELDS = ("input", "context")
 RESPONSE_FIELDS = ("response", "output", "answer")
 SYSTEM_FIELDS = ("system_prompt", "system")
 
-# The number may be followed by its scale ("/ 10", "out of 10": any other scale is not 1-10) or by the
-# end of a range ("7-8", "7 to 8": two scores).
+# The number may be followed, on its line, by its scale ("/ 10", "out of 10": any other scale is not 1-10)
+# or by the end of a range ("7-8", "7 to 8": two scores); a list item on the next line ("\n- 1 point
+# off for ...") is neither.
 _SCORE = re.compile(r"\bscore\s*(?:\(1\s*-\s*10\)\s*)?[:=]\s*(-?\d+(?:\.\d+)?)"
-                    r"(?:\s*(?:/|out\s+of)\s*(\d+(?:\.\d+)?)|\s*(?:-|\u2013|to)\s*(\d+(?:\.\d+)?))?",
+                    r"(?:[ \t]*(?:/|out[ \t]+of)[ \t]*(\d+(?:\.\d+)?)|[ \t]*(?:-|\u2013|to)[ \t]*(\d+(?:\.\d+)?))?",
                     re.I)
 _REASON = re.compile(r"\b(?:reason|reasoning|explanation|rationale)\s*:\s*", re.I)
 
