@@ -155,6 +155,7 @@ def test_parse_judgement_refuses_other_scales_and_ranges(reply, why):
         parse_judgement(reply)
     assert parse_judgement("Reason: ok.\nScore: 6.5/10.0") == (6.5, "ok.")
     assert parse_judgement("Reason: ok.\nScore: 8 - solid") == (8, "ok.")
+    assert parse_judgement("Reason: ok.\nScore: 8\n- 1 point off for length") == (8, "ok.")  # a list, not 8-1
 
 
 @pytest.mark.parametrize("record,message", [
