@@ -48,7 +48,7 @@ def load_records(source: str | os.PathLike, split: str = "train", limit: int | N
     """
     if limit is not None and limit <= 0:
         raise DataError(f"{source}: limit must be a positive number of records, got {limit}")
-    path = Path(source)
+    path = Path(source).expanduser()  # "~/data.jsonl", as model.path takes it
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
