@@ -351,3 +351,17 @@ def test_everything_dropped_is_an_error(tmp_path, tokenizer):
         build_documents(DataConfig(path=str(p)), tokenizer)
     with pytest.raises(DataError, match=r"data.path is empty"):
         build_documents(DataConfig(), tokenizer)
+
+
+def test_everything_dropped_names_the_reason_not_length(tmp_path, tokenizer):
+    # Nothing is dropped for length (the truncation policy cuts instead); the error blamed "the length limits"
+    # for responses that were empty or pairs whose chosen equals rejected, sending the user to max_seq_len.
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"instruction": "a", "response": "  "}\n')
+    with pytest.raises(DataError) as e:
+        build_documents(DataConfig(path=str(p), max_seq_len=16), tokenizer)
+    assert "length" not in str(e.value) and "1 dropped (empty response)" in str(e.value)
+    p.write_text('{"prompt": "a", "chosen": "b", "rejected": "b"}\n')
+    with pytest.raises(DataError) as e:
+        build_documents(DataConfig(path=str(p), format="pairs"), tokenizer)
+    assert "length" not in str(e.value) and "1 dropped (chosen = rejected" in str(e.value)
