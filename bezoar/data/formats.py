@@ -155,6 +155,17 @@ class InstructionRecord:
 # ---- instruction records -----------------------------------------------------------------------------
 
 
+def _check_text(record: Record, name: str, value: str) -> str:
+    """``value`` if it is text; a lone surrogate (JSON allows the escape "\\ud800") is a DataError naming the field."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{record.origin}: field {name!r} is not valid text: it holds a lone surrogate "
+                        f"({value[e.start]!r} at character {e.start}, from a \\uXXXX escape that is half of a pair)"
+                        ) from None
+    return value
+
+
 def _pick(record: Record, names: list[str], role: str, required: bool) -> str | None:
     for name in names:
         if name in record.data and record.data[name] is not None:
@@ -162,7 +173,7 @@ def _pick(record: Record, names: list[str], role: str, required: bool) -> str | 
             if not isinstance(value, str):
                 raise DataError(f"{record.origin}: field {name!r} ({role}) must be a string, "
                                 f"got {type(value).__name__}")
-            return value
+            return _check_text(record, name, value)
     if required:
         tried = ", ".join(repr(n) for n in names) or "(no names configured)"
         keys = ", ".join(repr(k) for k in list(record.data)[:12])
@@ -263,7 +274,7 @@ def _require_str(record: Record, name: str) -> str:
     value = record.data[name]
     if not isinstance(value, str):
         raise DataError(f"{record.origin}: field {name!r} must be a string, got {type(value).__name__}")
-    return value
+    return _check_text(record, name, value)
 
 
 def sft_example(record: Record, fmt: str, template: PromptTemplate, fields: FieldMap | None = None,
@@ -289,6 +300,8 @@ def pair_example(record: Record, fmt: str, template: PromptTemplate, system_fiel
         system = record.data.get(system_field)
         if system is not None and not isinstance(system, str):
             raise DataError(f"{record.origin}: field {system_field!r} must be a string, got {type(system).__name__}")
+        if system is not None:
+            _check_text(record, system_field, system)
         if template.style == "raw":
             return PairExample(prompt, chosen, rejected, record.origin)
         return PairExample(template.render(prompt, system=system), chosen.strip(), rejected.strip(), record.origin)

@@ -48,7 +48,7 @@ def load_records(source: str | os.PathLike, split: str = "train", limit: int | N
     """
     if limit is not None and limit <= 0:
         raise DataError(f"{source}: limit must be a positive number of records, got {limit}")
-    path = Path(source)
+    path = Path(source).expanduser()  # "~/data.jsonl", as model.path takes it
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
@@ -108,6 +108,8 @@ def _read_jsonl(path: Path, limit: int | None, skipped: list[str] | None = None)
                     value = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{origin}: not valid JSON ({e.msg} at column {e.colno})") from None
+                except RecursionError:  # json recurses per nesting level
+                    raise DataError(f"{origin}: not valid JSON (nested too deeply to read)") from None
                 record = Record(_object_or_error(value, origin), origin)
             except DataError:
                 if skipped is None:
@@ -130,6 +132,8 @@ def _read_json(path: Path, limit: int | None, skipped: list[str] | None = None) 
         if e.msg == "Extra data":  # JSON lines under a .json name (common on the hub)
             return _read_jsonl(path, limit, skipped)
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:  # json recurses per nesting level
+        raise DataError(f"{path}: not valid JSON (nested too deeply to read)") from None
     if isinstance(value, dict):
         if "data" not in value or not isinstance(value["data"], list):
             raise DataError(f"{path}: a JSON object file needs a 'data' list of records; its keys are "

@@ -100,7 +100,7 @@ def build_documents(cfg: DataConfig, tokenizer, records: list[Record] | None = N
     docs, stats = encode(examples, tokenizer, cfg.document_len, cfg.max_prompt_len, eos=cfg.eos)
     stats.skipped_records = len(skipped)
     if docs.num_items == 0:
-        raise DataError(f"{cfg.path}: every example was dropped by the length limits ({stats.summary()})")
+        raise DataError(f"{cfg.path}: every example was dropped ({stats.summary()})")
     return docs, stats
 
 

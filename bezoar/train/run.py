@@ -208,11 +208,11 @@ def run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None) -> P
         docs, stats = build_documents(cfg.data, tokenizer)
         world, rank = (dist.world_size, dist.rank) if dist is not None else (1, 0)
         loader = _loader(cfg, cfg.data.path, docs, tokenizer, world, rank)
-        eval_loader = None
+        eval_loader = eval_stats = None
         if cfg.eval_path:
             from dataclasses import replace
 
-            eval_docs, _ = build_documents(replace(cfg.data, path=cfg.eval_path, limit=None), tokenizer)
+            eval_docs, eval_stats = build_documents(replace(cfg.data, path=cfg.eval_path, limit=None), tokenizer)
             eval_loader = DeviceBatches(_loader(cfg, cfg.eval_path, eval_docs, tokenizer, world, rank, shuffle=False),
                                         device)
         if rank0:
@@ -227,9 +227,13 @@ def run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None) -> P
             partial.write_text(dump_toml(cfg, header=f"resolved config of {out} ({time.strftime('%Y-%m-%d %H:%M:%S')})"))
             os.replace(partial, resolved)
             data_info = {"encode": stats.as_dict(), "loader": loader.stats(), "packing_efficiency": loader.efficiency}
+            if eval_stats is not None:
+                data_info["eval_encode"] = eval_stats.as_dict()
             (out / "data.json").write_text(json.dumps(data_info, indent=2) + "\n")
             log(f"data: {stats.summary()}; {len(loader)} batches/epoch of {cfg.train.batch_size} rows x "
                 f"{cfg.data.max_seq_len}; packing efficiency {loader.efficiency:.1%}{data_note}")
+            if eval_stats is not None:
+                log(f"eval data: {eval_stats.summary()}")
         if cfg.stage == "sft":
             from .sft import SFTStage
 

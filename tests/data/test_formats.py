@@ -115,6 +115,28 @@ def test_skip_bad_records(tmp_path):
         read_examples(DataConfig(path=str(p), skip_bad_records=True))
 
 
+
+@pytest.mark.parametrize("fmt, line", [
+    ("lamini", '{"instruction": "a\\ud800b", "response": "x"}'),
+    ("lamini", '{"instruction": "a", "response": "x\\udc00"}'),
+    ("pairs", '{"prompt": "p", "chosen": "a", "rejected": "b\\ud83d"}'),
+    ("pairs", '{"prompt": "p", "chosen": "a", "rejected": "b", "system": "\\udfff"}'),
+    ("hh_pairs", '{"chosen": "\\n\\nHuman: hi\\ud800\\n\\nAssistant: a", "rejected": "\\n\\nHuman: hi\\n\\nAssistant: b"}'),
+])
+def test_lone_surrogate_escape_is_a_data_error_naming_the_field(tmp_path, tokenizer, fmt, line):
+    # JSON allows "\ud800" escapes that decode to a lone surrogate, which is not text: sentencepiece failed on it
+    # with a TypeError traceback (and skip_bad_records did not skip it).
+    p = tmp_path / "x.jsonl"
+    good = ('{"instruction": "q", "response": "r"}' if fmt == "lamini"
+            else '{"prompt": "q", "chosen": "r", "rejected": "s"}' if fmt == "pairs"
+            else '{"chosen": "\\n\\nHuman: q\\n\\nAssistant: r", "rejected": "\\n\\nHuman: q\\n\\nAssistant: s"}')
+    p.write_text(good + "\n" + line + "\n")
+    with pytest.raises(DataError, match=rf"^{p}:2: field '\w+'.*lone surrogate"):
+        build_documents(DataConfig(path=str(p), format=fmt), tokenizer)
+    docs, stats = build_documents(DataConfig(path=str(p), format=fmt, skip_bad_records=True), tokenizer)
+    assert stats.kept == 1 and stats.skipped_records == 1
+
+
 # ---- HH-RLHF -----------------------------------------------------------------------------------------------
 
 
@@ -329,3 +351,17 @@ def test_everything_dropped_is_an_error(tmp_path, tokenizer):
         build_documents(DataConfig(path=str(p)), tokenizer)
     with pytest.raises(DataError, match=r"data.path is empty"):
         build_documents(DataConfig(), tokenizer)
+
+
+def test_everything_dropped_names_the_reason_not_length(tmp_path, tokenizer):
+    # Nothing is dropped for length (the truncation policy cuts instead); the error blamed "the length limits"
+    # for responses that were empty or pairs whose chosen equals rejected, sending the user to max_seq_len.
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"instruction": "a", "response": "  "}\n')
+    with pytest.raises(DataError) as e:
+        build_documents(DataConfig(path=str(p), max_seq_len=16), tokenizer)
+    assert "length" not in str(e.value) and "1 dropped (empty response)" in str(e.value)
+    p.write_text('{"prompt": "a", "chosen": "b", "rejected": "b"}\n')
+    with pytest.raises(DataError) as e:
+        build_documents(DataConfig(path=str(p), format="pairs"), tokenizer)
+    assert "length" not in str(e.value) and "1 dropped (chosen = rejected" in str(e.value)

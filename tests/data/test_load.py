@@ -156,3 +156,28 @@ def test_a_byte_order_mark_at_the_start_is_dropped(tmp_path, name):
     p.write_bytes(b"\xef\xbb\xbf" + body.encode())
     records = load_records(p)
     assert [r.data for r in records] == [{"instruction": "a", "response": "b"}]
+
+
+def test_a_path_under_the_home_folder_is_expanded(tmp_path, monkeypatch):
+    """data.path = "~/data/sft.jsonl" names a file in the home folder (as model.path's "~" does); it was
+    'file not found' although the file was there."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "sft.jsonl").write_text('{"instruction": "a", "response": "b"}\n')
+    (tmp_path / "data" / "folder").mkdir()
+    (tmp_path / "data" / "folder" / "x.jsonl").write_text('{"instruction": "c", "response": "d"}\n')
+    assert [r.data["response"] for r in load_records("~/data/sft.jsonl")] == ["b"]
+    assert [r.data["response"] for r in load_records("~/data/folder")] == ["d"]
+    with pytest.raises(DataError, match=r"nope.jsonl: file not found"):
+        load_records("~/data/nope.jsonl")
+
+
+@pytest.mark.parametrize("name", ["x.jsonl", "x.json"])
+def test_json_nested_too_deep_names_file_and_line(tmp_path, name):
+    # Python's json recurses per nesting level: a line nested deeper than its limit was a RecursionError traceback.
+    p = tmp_path / name
+    p.write_text('{"instruction": "a", "response": "b"}\n{"instruction": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(DataError, match=rf"^{p}:2: not valid JSON \(nested too deeply"):
+        load_records(p)
+    skipped = []
+    assert len(load_records(p, skipped=skipped)) == 1 and skipped == [f"{p}:2"]
