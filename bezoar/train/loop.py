@@ -282,6 +282,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self._stop_signal = None
+        self._stop_agreed = False  # multi-process: some rank got a signal by this step's all-reduce (all stop)
         self._iter = None
 
     # ---- batches --------------------------------------------------------------------------------
@@ -335,9 +336,13 @@ class Trainer:
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         if self.dist is not None:
-            values = self.dist.all_reduce_sum([total_loss] + [sums[k] for k in sorted(sums)])
+            # A signal reaches the ranks at different moments: it rides in this all-reduce, so that every rank
+            # stops after the same step (a rank stopping alone would wait in its checkpoint's collectives forever).
+            values = self.dist.all_reduce_sum([total_loss, float(self._stop_signal is not None)]
+                                              + [sums[k] for k in sorted(sums)])
             total_loss = values[0]
-            sums = dict(zip(sorted(sums), values[1:]))
+            self._stop_agreed = values[1] > 0
+            sums = dict(zip(sorted(sums), values[2:]))
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.optim_cfg.max_grad_norm > 0:
@@ -602,10 +607,10 @@ class Trainer:
                     ev = self.evaluate()
                     if ev:
                         self._write_metrics({"step": self.step, **ev})
-                if self._stop_signal is not None:
+                if self._stop_agreed if self.dist is not None else self._stop_signal is not None:
                     path = self.save_checkpoint()
                     self.log(f"stopped at step {self.step}; checkpoint {path}; continue with --resume")
-                    raise SystemExit(128 + int(self._stop_signal))
+                    raise SystemExit(128 + int(self._stop_signal or signal.SIGTERM))
                 if self.loop.save_every and self.step % self.loop.save_every == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
         finally:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 from bezoar.train.dpo import METRICS
@@ -57,3 +58,70 @@ def test_two_processes_with_cached_reference_equal_one_on_the_fly(tmp_path):
     for k in wa:
         err = (wa[k] - wb[k]).abs().max().item()
         assert err <= 1e-5, f"{k}: max |diff| {err:.2e}"
+
+
+# Runs bezoar.train as torchrun would, after making rank 1 alone receive SIGTERM in its third micro-batch: a
+# signal that reaches the ranks at different moments (a scheduler's preemption, Ctrl-C while one rank is a few
+# instructions ahead) must still stop every rank after the same step.
+SIGNAL_ONE_RANK = """
+import os, signal, sys
+import bezoar.train.dpo as dpo
+open(os.path.join(os.path.dirname(__file__), f"pid-{os.environ['RANK']}"), "w").write(str(os.getpid()))
+loss, calls = dpo.DPOStage.loss, [0]
+def patched(self, model, batch):
+    calls[0] += 1
+    if os.environ["RANK"] == "1" and calls[0] == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return loss(self, model, batch)
+dpo.DPOStage.loss = patched
+from bezoar.train.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_on_one_rank_stops_every_rank_with_a_checkpoint_that_resumes(tmp_path):
+    import signal
+
+    from bezoar.train.loop import list_checkpoints
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 20, seed=8)
+    script = tmp_path / "signal_one_rank.py"
+    script.write_text(SIGNAL_ONE_RANK)
+    out = tmp_path / "stopped"
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", str(script), str(CONFIG), f"out={out}", *common(data),
+           "train.max_steps=6", "dpo.precompute_ref=false"]
+    log = tmp_path / "stopped.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        proc.wait(timeout=180)
+    except subprocess.TimeoutExpired:
+        # torchrun starts each worker in a session of its own: end them by the pids they wrote
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid_file in tmp_path.glob("pid-*"):
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        proc.wait()
+        raise AssertionError(f"the ranks hung after a SIGTERM on rank 1 only:\n{log.read_text()[-3000:]}") from None
+    output = log.read_text()
+    assert proc.returncode != 0, output[-3000:]
+    assert "stopped at step" in output, output[-3000:]  # rank 0's message; no rank died in a collective:
+    assert "]: Traceback" not in output and "Connection closed" not in output, output[-3000:]
+    ckpts = list_checkpoints(out)
+    assert ckpts and ckpts[-1][0] in (3, 4), (ckpts, output[-3000:])
+    steps = [m["step"] for m in read_metrics(out) if "loss" in m]
+    assert steps == list(range(1, ckpts[-1][0] + 1)), steps
+
+    # and the run goes on from there to the state of a run that was never stopped
+    resumed = run(out, data, "train.max_steps=6", "dpo.precompute_ref=false", "--resume", nproc=2)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    straight = run(tmp_path / "straight", data, "train.max_steps=6", "dpo.precompute_ref=false", nproc=2)
+    assert straight.returncode == 0, straight.stdout + straight.stderr
+    wa = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    wb = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "the resumed run differs from the uninterrupted one"
