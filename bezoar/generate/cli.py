@@ -59,7 +59,8 @@ def add_pool_arguments(parser: argparse.ArgumentParser, *, model_required: bool 
     g = parser.add_argument_group("endpoints")
     g.add_argument("--provider", choices=PROVIDERS, default="openai",
                    help="openai / anthropic: the official SDKs; compat: any OpenAI-compatible server "
-                        "(vLLM, TGI, bezoar.serve) over a lean aiohttp client (default: openai)")
+                        "(vLLM, TGI, bezoar.serve) over bezoar's own keep-alive HTTP/1.1 client (aiohttp "
+                        "behind a proxy, or with BEZOAR_COMPAT_TRANSPORT=aiohttp) (default: openai)")
     g.add_argument("--base-url", action="append", metavar="URL",
                    help="API base URL, e.g. http://localhost:8000/v1; repeat to spread requests over several "
                         "servers of the same model (default: the provider's public API)")

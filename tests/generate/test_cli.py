@@ -263,6 +263,15 @@ def test_help_and_no_command(capsys):
     assert main([]) == 2
 
 
+def test_provider_help_names_the_compat_transport_in_use(capsys):
+    # compat posts over bezoar.generate.http's own client; aiohttp only behind a proxy or when asked for
+    with pytest.raises(SystemExit):
+        main(["requests", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "over a lean aiohttp client" not in text
+    assert "keep-alive HTTP/1.1 client" in text and "BEZOAR_COMPAT_TRANSPORT=aiohttp" in text
+
+
 def test_missing_input_file(tmp_path, capsys):
     rc = main(cli_args(tmp_path / "nope.jsonl", tmp_path / "out.jsonl", "http://127.0.0.1:9/v1"))
     assert rc == 2 and "cannot read" in capsys.readouterr().err
