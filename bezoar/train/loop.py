@@ -565,7 +565,7 @@ class Trainer:
                     self._trim_metrics()
                 self.log(f"resumed from {ckpts[-1][1]} (step {self.step} of {self.total_steps})")
             else:
-                self.log(f"--resume: no checkpoint under {self.out / 'checkpoints'}; starting from step 0")
+                self.log(f"no checkpoint under {self.out / 'checkpoints'} yet: starting from step 0")
                 if self.rank0 and (self.out / "metrics.jsonl").exists():
                     (self.out / "metrics.jsonl").unlink()
         elif self.rank0 and (self.out / "metrics.jsonl").exists():
