@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -88,16 +89,34 @@ def endpoints_from_args(args) -> list[Endpoint]:
     return [Endpoint(args.provider, url, api_key_env=args.api_key_env) for url in urls]
 
 
+LIMIT_FLAGS = {"concurrency": ("--concurrency", "an integer >= 1"), "rpm": ("--rpm", "a number > 0"),
+               "tpm": ("--tpm", "a number > 0"), "timeout_s": ("--timeout", "a number of seconds > 0"),
+               "max_attempts": ("--max-attempts", "an integer >= 1")}
+
+
 def limits_from_args(args) -> Limits:
-    return Limits(concurrency=args.concurrency, rpm=args.rpm, tpm=args.tpm, timeout_s=args.timeout,
-                  max_attempts=args.max_attempts)
+    try:
+        return Limits(concurrency=args.concurrency, rpm=args.rpm, tpm=args.tpm, timeout_s=args.timeout,
+                      max_attempts=args.max_attempts)
+    except GenerateError as e:
+        fields = [f for f in getattr(e, "fields", []) if f in LIMIT_FLAGS]
+        if not fields:
+            raise
+        values = {"concurrency": args.concurrency, "rpm": args.rpm, "tpm": args.tpm, "timeout_s": args.timeout,
+                  "max_attempts": args.max_attempts}
+        raise GenerateError("; ".join(f"{LIMIT_FLAGS[f][0]} must be {LIMIT_FLAGS[f][1]}, got {values[f]!r}"
+                                      for f in fields)) from None
 
 
 def pool_from_args(args, out: str | Path) -> Pool:
     """A Pool for the parsed shared flags, storing into ``out`` (JSONL, resumable)."""
+    if args.price and not all(math.isfinite(v) and v >= 0 for v in args.price):
+        raise GenerateError(f"--price must be two numbers >= 0 (USD per million tokens in, out), got "
+                            f"{' '.join(map(repr, args.price))}")
+    limits = limits_from_args(args)  # checked before the store is opened
     store = JSONLStore(out, fsync=args.fsync, retry_failed=args.retry_failed)
     prices = {args.model: tuple(args.price)} if args.price and args.model else None
-    return Pool(endpoints_from_args(args), limits_from_args(args), store, model=args.model,
+    return Pool(endpoints_from_args(args), limits, store, model=args.model,
                 progress=not args.no_progress, prices=prices)
 
 

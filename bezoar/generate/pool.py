@@ -105,7 +105,9 @@ class Limits:
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            raise GenerateError(f"invalid limits: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")
+            error = GenerateError(f"invalid limits: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")
+            error.fields = bad  # for a command line to name its flags
+            raise error
 
 
 class TokenBucket:

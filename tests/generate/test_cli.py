@@ -184,6 +184,22 @@ def test_a_bad_default_flag_is_named_not_a_line(tmp_path, capsys, flag, value, m
     assert not (tmp_path / "out.jsonl").exists()
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--concurrency", "0"], "--concurrency must be an integer >= 1, got 0"),
+    (["--rpm", "nan"], "--rpm must be a number > 0, got nan"),
+    (["--timeout", "-1", "--max-attempts", "0"],
+     "--timeout must be a number of seconds > 0, got -1.0; --max-attempts must be an integer >= 1, got 0"),
+    (["--price", "2.5", "nan"], "--price must be two numbers >= 0"),
+    (["--price", "-1", "3"], "--price must be two numbers >= 0"),
+])
+def test_bad_limit_and_price_flags_are_named(tmp_path, capsys, flags, message):
+    inp = write_input(tmp_path / "in.jsonl", 2)
+    rc = main(cli_args(inp, tmp_path / "out.jsonl", "http://127.0.0.1:9/v1", *flags))
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "invalid limits" not in err, err
+    assert not (tmp_path / "out.jsonl").exists()  # refused before the store is opened
+
+
 def test_input_that_is_not_utf8_names_the_line(tmp_path, capsys):
     inp = tmp_path / "in.jsonl"
     inp.write_bytes(b'{"id": 1, "prompt": "x"}\n{"id": 2, "prompt": "caf\xe9"}\n')
