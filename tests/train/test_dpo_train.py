@@ -97,3 +97,15 @@ def test_dpo_stage_needs_pair_data(tiny_dir, tmp_path):
     cfg = stage_config(tiny_dir, data, tmp_path / "x", "data.format=instruction", "train.batch_size=1")
     with pytest.raises(ConfigError, match="data.format"):
         run_stage(cfg, log=lambda *a: None)
+
+
+def test_pairs_too_long_for_one_row_name_the_keys_to_change(tiny_dir, tmp_path):
+    """With data.max_len above max_seq_len // 2 a long pair cannot share a row: the error says which keys
+    make every pair fit, before any step runs."""
+    data = tmp_path / "long.jsonl"
+    words = " ".join(f"word{i}" for i in range(200))
+    data.write_text(json.dumps({"prompt": "Say it.", "chosen": words, "rejected": "No. " + words}) + "\n")
+    with pytest.raises(ConfigError, match=r"long\.jsonl: cannot be batched .*data\.max_len \(128\) must be at most "
+                                          r"data\.max_seq_len // 2 \(64\)"):
+        run_stage(stage_config(tiny_dir, data, tmp_path / "out", "data.max_len=128"), log=lambda *a: None)
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
