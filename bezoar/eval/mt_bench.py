@@ -92,19 +92,34 @@ class JudgePrompt:
     type: str = "single"
 
 
+def _utf8_lines(path: Path, what: str, torn_tail: bool = False):
+    """(line number, text, whether it is the last line) of each non-blank line of ``path``. Lines end at
+    b"\n" only: str.splitlines() also breaks at characters a string may hold (U+0085, U+2028), which
+    json.dumps(ensure_ascii=False) writes as they are. With ``torn_tail``, a last line that is not UTF-8
+    (a run killed inside a multi-byte character) is dropped with a warning; elsewhere bad bytes are an
+    error naming the line."""
+    lines = path.read_bytes().split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    for line_no, raw in enumerate(lines, 1):
+        last = line_no == len(lines)
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if torn_tail and last:
+                log.warning("%s: ignoring an incomplete last line (an interrupted run)", path)
+                continue
+            raise MTBenchError(f"{path}:{line_no}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); "
+                               f"{what} must be UTF-8 text") from None
+        if line.strip():
+            yield line_no, line, last
+
+
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     if not path.exists():
         raise MTBenchError(f"{path}: no such file")
     rows = []
-    # split at b"\n" only, as read_answers does: a string may hold U+2028 / U+0085
-    for line_no, raw in enumerate(path.read_bytes().split(b"\n"), 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise MTBenchError(f"{path}:{line_no}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); question, "
-                               "reference and judge-prompt files must be UTF-8 text") from None
-        if not line.strip():
-            continue
+    for line_no, line, _ in _utf8_lines(path, "question, reference and judge-prompt files"):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
@@ -199,30 +214,14 @@ def read_answers(path: Path) -> dict[Any, Answer]:
     if not path.exists():
         return {}
     out = {}
-    # Lines end at b"\n" only: str.splitlines() also breaks at characters an answer may hold (U+0085,
-    # U+2028), which json.dumps(ensure_ascii=False) writes as they are. Bytes, so that a last line torn
-    # inside a multi-byte character is dropped like any torn line.
-    lines = path.read_bytes().split(b"\n")
-    if lines[-1] == b"":
-        lines.pop()
     lines_of: dict[Any, int] = {}  # question_id -> the line its answer came from
-    for line_no, raw in enumerate(lines, 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            if line_no == len(lines):
-                log.warning("%s: ignoring an incomplete last line (an interrupted run)", path)
-                continue
-            raise MTBenchError(f"{path}:{line_no}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); "
-                               "answer files must be UTF-8 text") from None
-        if not line.strip():
-            continue
+    for line_no, line, last in _utf8_lines(path, "answer files", torn_tail=True):
         try:
             row = json.loads(line)
             answer = Answer(row["question_id"], row["model_id"], list(row["choices"][0]["turns"]),
                             row.get("answer_id", ""), row.get("tstamp", 0.0))
         except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-            if line_no == len(lines):
+            if last:
                 log.warning("%s: ignoring an incomplete last line (an interrupted run)", path)
                 continue
             raise MTBenchError(f"{path}:{line_no}: not a model-answer record") from None

@@ -89,23 +89,22 @@ def endpoints_from_args(args) -> list[Endpoint]:
     return [Endpoint(args.provider, url, api_key_env=args.api_key_env) for url in urls]
 
 
-LIMIT_FLAGS = {"concurrency": ("--concurrency", "an integer >= 1"), "rpm": ("--rpm", "a number > 0"),
-               "tpm": ("--tpm", "a number > 0"), "timeout_s": ("--timeout", "a number of seconds > 0"),
-               "max_attempts": ("--max-attempts", "an integer >= 1")}
+# Limits field -> (flag, argparse attribute, what it takes)
+LIMIT_FLAGS = {"concurrency": ("--concurrency", "concurrency", "an integer >= 1"),
+               "rpm": ("--rpm", "rpm", "a number > 0"), "tpm": ("--tpm", "tpm", "a number > 0"),
+               "timeout_s": ("--timeout", "timeout", "a number of seconds > 0"),
+               "max_attempts": ("--max-attempts", "max_attempts", "an integer >= 1")}
 
 
 def limits_from_args(args) -> Limits:
     try:
-        return Limits(concurrency=args.concurrency, rpm=args.rpm, tpm=args.tpm, timeout_s=args.timeout,
-                      max_attempts=args.max_attempts)
+        return Limits(**{field: getattr(args, attr) for field, (_, attr, _) in LIMIT_FLAGS.items()})
     except GenerateError as e:
         fields = [f for f in getattr(e, "fields", []) if f in LIMIT_FLAGS]
         if not fields:
             raise
-        values = {"concurrency": args.concurrency, "rpm": args.rpm, "tpm": args.tpm, "timeout_s": args.timeout,
-                  "max_attempts": args.max_attempts}
-        raise GenerateError("; ".join(f"{LIMIT_FLAGS[f][0]} must be {LIMIT_FLAGS[f][1]}, got {values[f]!r}"
-                                      for f in fields)) from None
+        raise GenerateError("; ".join(f"{LIMIT_FLAGS[f][0]} must be {LIMIT_FLAGS[f][2]}, got "
+                                      f"{getattr(args, LIMIT_FLAGS[f][1])!r}" for f in fields)) from None
 
 
 def pool_from_args(args, out: str | Path) -> Pool:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ConfigError, LlamaConfig
+from .config import DTYPE_NAMES, ConfigError, LlamaConfig
 from .llama import LlamaForCausalLM
 from .tokenizer import TOKENIZER_FILES
 
@@ -36,12 +36,9 @@ def _dtype_from_name(name: str | None) -> torch.dtype | None:
     if not name:
         return None
     name = str(name).replace("torch.", "")
-    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-             "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "half": torch.float16,
-             "float": torch.float32}
-    if name not in table:
+    if name not in DTYPE_NAMES:
         raise ValueError(f"unknown dtype {name!r}; use float32, bfloat16 or float16")
-    return table[name]
+    return getattr(torch, DTYPE_NAMES[name])
 
 
 def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:

@@ -19,8 +19,9 @@ class ConfigError(ValueError):
     """A config.json that bezoar cannot run: the message names the file and the key."""
 
 
-# The dtypes a checkpoint's config.json may name (torch_dtype / dtype): the first three, and their aliases
-DTYPE_NAMES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float")
+# The dtypes a checkpoint's config.json may name (torch_dtype / dtype), each to its canonical name
+DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "fp32": "float32",
+               "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
 
 
 @dataclass
@@ -124,7 +125,7 @@ class LlamaConfig:
         if dtype is not None and str(dtype).replace("torch.", "") not in DTYPE_NAMES:
             key = "torch_dtype" if "torch_dtype" in d else "dtype"
             raise ConfigError(f"{source}: key {key!r} is {dtype!r}; bezoar reads checkpoints in "
-                              f"{', '.join(DTYPE_NAMES[:3])}")
+                              f"{', '.join(sorted(set(DTYPE_NAMES.values())))}")
         for key in ("bos_token_id", "eos_token_id"):
             if isinstance(kwargs.get(key), list):  # some configs list several ids; the first is the main one
                 kwargs[key] = kwargs[key][0] if kwargs[key] else None
