@@ -50,6 +50,7 @@ times a grid of tile configs for the Triton GEMM of the dequant path. Usage::
     python bench/lora.py --smoke          # tiny shapes on CPU (Triton interpreter), writes nothing
     python bench/lora.py --paths concat,tma --ranks 16 --no-groups   # the tma path against concat only
     python bench/lora.py --sweep-tma --ms 16384   # the tma GEMMs alone at a few tiles against cuBLAS
+    python bench/lora.py --sweep-merge --ranks 16,64   # the merged path's weight merge at each launch
     python bench/lora.py --only lora_auto/3200x3200/M=16384/r=16 --iters 50   # one case, for ncu/nsys
     python bench/lora.py --breakdown nf4_only/3200x3200/M=16384,lora_cublas/3200x3200/M=16384/r=16
                                           # GPU time per kernel of one forward + backward, per case
@@ -68,6 +69,7 @@ with ``--dropout 0``, where ``lora_merged/...`` cases exist).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import signal
 import sys
@@ -123,6 +125,10 @@ def parse_args():
     p.add_argument("--sweep-tma", action="store_true",
                    help="only time the tma path's GEMMs (no adapter) at a few tile configs against cuBLAS, per "
                         "shape at the first M, and write lora-tma-sweep-<device>-<date>.json")
+    p.add_argument("--sweep-merge", action="store_true",
+                   help="only time the merged path's weight merge at each launch of its kernel against the NF4 "
+                        "dequantize alone and dequantize + addmm, per shape and rank, and write "
+                        "lora-merge-sweep-<device>-<date>.json")
     p.add_argument("--budget", type=float, default=0.0,
                    help="seconds after which no new case starts (0: no limit); skipped cases are listed")
     args = p.parse_args()
@@ -207,6 +213,93 @@ def sweep_tma(args, shapes, m: int, device, dtype) -> int:
     print()
     print(common.markdown_table(rows, ["dir", "shape", "M", "ms", "cublas_ms", "over_cublas", "tflops", "config"]))
     common.write_results("lora-tma-sweep", rows, args, extra={"dtype": str(dtype), "complete": not stop})
+    return 0
+
+
+def merge_sweep_configs(L, smoke: bool) -> list:
+    """The merge kernel launches ``--sweep-merge`` times: each layout at 32, 64 and 128 rows per program,
+    4 and 8 warps (few in smoke mode, where each is an interpreter run)."""
+    if smoke:
+        return [L.MergeConfig("pairs", 16, 4), L.MergeConfig("joined", 16, 4)]
+    return [L.MergeConfig(layout, block_n, warps) for layout in L.MERGE_LAYOUTS for block_n in (32, 64, 128)
+            for warps in (4, 8)]
+
+
+def sweep_merge(args, shapes, ranks, device, dtype) -> int:
+    """--sweep-merge: the merged path's weight merge (``merged_weights``, W + s B @ A in the backward's
+    layout, s B beside W) at each launch of ``merge_sweep_configs`` against the floor it is judged by, the
+    NF4 dequantize alone into the same buffer, and against dequantize + an in-place cuBLAS addmm (two
+    passes over W). Each launch is checked against fp32 arithmetic before it is timed. Writes
+    lora-merge-sweep-<device>-<date>.json (rows that bench/tune.py reads for ``lora.merge_launch``)."""
+    import torch
+
+    from bezoar_kernels import lora as L
+    from bezoar_kernels import nf4
+
+    configs = merge_sweep_configs(L, args.smoke)
+    timer = (lambda fn: common.bench_ms(fn, smoke=True)) if args.smoke else common.graph_ms
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for r, (n, k) in itertools.product(ranks, shapes):  # the first rank on every shape first
+        if stop or (args.budget and time.perf_counter() - STARTED > args.budget):
+            break
+        copies = [nf4.quantize_nf4(torch.randn(n, k, generator=gen, device=device) * 0.02, 64, True) for _ in range(2)]
+        a = (torch.randn(1, r, k, generator=gen, device=device) * 0.02).to(dtype)
+        b = (torch.randn(n, r, generator=gen, device=device) * 0.02).to(dtype)
+        scaling = 16 / r
+        plans = [L._Plan(weights=(w,), scalings=(scaling,), seeds=(0,), dropout_p=0.0, path="merged") for w in copies]
+        turn = itertools.cycle(range(len(plans)))  # alternate copies: the next call does not find W in L2
+        exact = nf4.dequantize_nf4_reference(copies[0], torch.float32) + scaling * b.float() @ a[0].float()
+        width = L._concat_width(r)
+        buf = torch.empty(n, k + width, dtype=dtype, device=device)
+        row = {"shape": f"{n}x{k}", "r": r, "extra": "cols",
+               "dequant_ms": timer(lambda: nf4.dequantize_nf4_triton(copies[next(turn)], dtype, out=buf[:, :k]))}
+
+        def two_pass():
+            j = next(turn)
+            nf4.dequantize_nf4_triton(copies[j], dtype, out=buf[:, :k]).addmm_(b, a[0], alpha=scaling)
+
+        row["dequant_addmm_ms"] = timer(two_pass)
+        grid, failed = [], []  # grid: the timed launches (what bench/tune.py compares)
+        for cfg in configs:
+            # SIGINT (the call's time limit) or --budget (counted from the process's start): keep what was timed
+            if stop or (args.budget and time.perf_counter() - STARTED > args.budget):
+                break
+            entry = {"config": dataclasses.asdict(cfg)}
+            try:
+                got = L.merged_weights(plans[0], a, b, dtype, "cols", cfg)[:, :k].float()
+                # the kernel sums in fp32 and rounds once to the dtype: within one rounding of fp32
+                err = ((got - exact).abs() / (exact.abs() + 1e-3 * exact.abs().max())).max().item()
+                entry["max_rel_err"] = err
+                if not err < 2 ** -7:
+                    raise ArithmeticError(f"differs from fp32 arithmetic by {err:.3g} of a value")
+                entry["ms"] = timer(lambda cfg=cfg: L.merged_weights(plans[next(turn)], a, b, dtype, "cols", cfg))
+            except Exception as exc:  # a launch this device cannot fit, or a wrong result: reported apart
+                entry["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            (grid if "ms" in entry else failed).append(entry)
+            print(f"merge {n}x{k} r={r} {cfg.layout} block_n={cfg.block_n} w{cfg.num_warps}: "
+                  + (f"{entry['ms'] * 1e3:.1f} us, {entry['ms'] / row['dequant_ms']:.2f}x the dequantize alone"
+                     if "ms" in entry else entry["error"]), flush=True)
+        row["grid"] = grid
+        if failed:
+            row["failed"] = failed
+        default = next((g["ms"] for g in grid if g["config"] == dataclasses.asdict(L.DEFAULT_MERGE)), None)
+        if default is not None:
+            row["default_ms"] = default
+        if grid:
+            best = min(grid, key=lambda g: g["ms"])
+            row.update(best_ms=best["ms"], best_config=best["config"], best_over_dequant=best["ms"] / row["dequant_ms"])
+        rows.append(row)
+        # rewritten after every case: a call cut short keeps what it timed
+        common.write_results("lora-merge-sweep", rows, args, extra={"dtype": str(dtype), "complete": False})
+    print()
+    print(common.markdown_table([{**r, "best_config": " ".join(map(str, r.get("best_config", {}).values()))}
+                                 for r in rows],
+                                ["shape", "r", "dequant_ms", "dequant_addmm_ms", "default_ms", "best_ms",
+                                 "best_over_dequant", "best_config"]))
+    over = bool(args.budget) and time.perf_counter() - STARTED > args.budget
+    common.write_results("lora-merge-sweep", rows, args,
+                         extra={"dtype": str(dtype), "complete": not stop and not over and len(rows) == len(shapes) * len(ranks)})
     return 0
 
 
@@ -375,6 +468,8 @@ def main() -> int:
     p_drop = args.dropout
     if args.sweep_tma:
         return sweep_tma(args, shapes, ms[0], device, dtype)
+    if args.sweep_merge:
+        return sweep_merge(args, shapes, ranks, device, dtype)
     paths = tuple(args.paths.split(",")) if args.paths else LORA_PATHS
     unknown = [p for p in paths if p not in LORA_PATHS]
     if unknown:

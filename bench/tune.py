@@ -29,6 +29,9 @@ tuning file (the shipped ``kernels/tuning.json`` by default). What each setting 
   tiles) is removed, so the heuristic runs. A gemv config includes its code table (``"nibble"`` and
   ``"prmt"`` are written out; ``"byte"``, the default and what sweeps before the table existed ran, is
   left out).
+* ``lora.merge_launch``: from ``bench/lora.py --sweep-merge``, the merge kernel launch (layout, rows per
+  program, warps) with the lowest time summed over the swept shapes and ranks, on the same terms
+  (``--min-gain`` over ``lora.DEFAULT_MERGE``'s sum; where none beats it, the setting is removed).
   Tiles are tied to the file's triton release: a file from another release replaces them all.
 
 Files are applied oldest first (by date, then eager before graph timing, then name), so a later run's
@@ -310,6 +313,10 @@ def derive(result: dict, min_gain: float = 0.03) -> dict[str, tuple[object, str]
         best = _best_config(result.get("sweep_dequant") or [], min_gain, ("values_per_prog", "num_warps"))
         if best:
             out["nf4.dequant_launch"] = best
+    elif bench == "lora-merge-sweep":
+        best = _best_config(result.get("rows", []), min_gain, ("layout", "block_n", "num_warps"))
+        if best:
+            out["lora.merge_launch"] = best
     elif bench == "nf4-cache" and result.get("complete"):
         cache = dequant_cache_on(result.get("rows", []))
         if cache is not None:

@@ -930,44 +930,70 @@ if triton is not None:
         N, K, R, offset, scaling, stride_out,
         # meta
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr, R_PAD: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PACKED: tl.constexpr, PACKED_BF16: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, LAYOUT: tl.constexpr, PACKED: tl.constexpr,
+        PACKED_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         """out[n, k] = dequant(W)[n, k] + scaling * (B @ A)[n, k] for BLOCK_N rows by one NF4 block of
-        columns (BLOCK_K = BLOCKSIZE, so each row's scale is one value), in fp32 and rounded once to
-        out's dtype: the merged weight of the ``merged`` path, made in the pass that dequantizes W.
-        K is a multiple of the blocksize: byte column j of the tile holds columns 2j (high nibble) and
-        2j + 1 (low nibble), as in the packed bytes."""
-        HALF: tl.constexpr = BLOCK_K // 2
+        columns (so each row's scale is one value), in fp32 and rounded once to out's dtype: the merged
+        weight of the ``merged`` path, made in the pass that dequantizes W. K is a multiple of the
+        blocksize, so only rows past N are masked (EVEN_N: none are), and a mask never varies along a row
+        (a mask that varies inside a vector splits it into scalar accesses).
+
+        Byte j of a row's tile holds columns 2j (high nibble) and 2j + 1 (low nibble). LAYOUT says how the
+        product meets the decoded values: "pairs", one dot over the block's A columns, its product split
+        into even and odd columns (what the packed words hold); "two_dots", A's even and odd columns
+        loaded apart, one dot each; "joined", the decoded values interleaved into the natural column order
+        and one dot added to them. bench/lora.py --sweep-merge times them."""
+        HALF: tl.constexpr = BLOCKSIZE // 2
+        kb = tl.program_id(1)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        j = tl.arange(0, HALF)
-        k_even = tl.program_id(1) * BLOCK_K + 2 * j
+        rows64 = rows.to(tl.int64)
         row_ok = rows < N
-        ok = row_ok[:, None] & (k_even < K)[None, :]
-        byte = tl.load(packed_ptr + rows.to(tl.int64)[:, None] * (K // 2) + (k_even // 2)[None, :], mask=ok, other=0)
-        absmax = _nf4_block_absmax(rows.to(tl.int64) * (K // BLOCKSIZE) + tl.program_id(1), row_ok, absmax_ptr,
-                                   nested_absmax_ptr, nested_code_ptr, offset, DOUBLE_QUANT, NESTED)[:, None]
+        j = tl.arange(0, HALF)
+        byte_ptrs = packed_ptr + rows64[:, None] * (K // 2) + (kb * HALF + j)[None, :]
+        if EVEN_N:
+            byte = tl.load(byte_ptrs)
+        else:
+            byte = tl.load(byte_ptrs, mask=row_ok[:, None], other=0)
+        absmax = _nf4_block_absmax(rows64 * (K // BLOCKSIZE) + kb, row_ok, absmax_ptr, nested_absmax_ptr,
+                                   nested_code_ptr, offset, DOUBLE_QUANT, NESTED)[:, None]
         w_hi, w_lo = _nf4_byte_values(tl.load(byte_table_ptr + byte.to(tl.int32)))
         w_hi = w_hi * absmax
         w_lo = w_lo * absmax
         offs_r = tl.arange(0, R_PAD)
         r_ok = offs_r < R
-        b = tl.load(b_ptr + rows.to(tl.int64)[:, None] * R + offs_r[None, :], mask=row_ok[:, None] & r_ok[None, :],
-                    other=0.0)
+        b = tl.load(b_ptr + rows64[:, None] * R + offs_r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
         a_rows = a_ptr + offs_r.to(tl.int64)[:, None] * K
-        a_ok = r_ok[:, None] & (k_even < K)[None, :]
-        a_hi = tl.load(a_rows + k_even[None, :], mask=a_ok, other=0.0)
-        a_lo = tl.load(a_rows + (k_even + 1)[None, :], mask=a_ok, other=0.0)
-        w_hi += scaling * tl.dot(b, a_hi, input_precision=DOT_PRECISION)
-        w_lo += scaling * tl.dot(b, a_lo, input_precision=DOT_PRECISION)
-        if PACKED:
-            tl.store(out_ptr + rows.to(tl.int64)[:, None] * (stride_out // 2) + (k_even // 2)[None, :],
-                     _pack16(w_hi, w_lo, PACKED_BF16), mask=ok)
+        cols = kb * BLOCKSIZE + tl.arange(0, BLOCKSIZE)
+        if LAYOUT == "two_dots":
+            k_even = kb * BLOCKSIZE + 2 * j
+            a_hi = tl.load(a_rows + k_even[None, :], mask=r_ok[:, None], other=0.0)
+            a_lo = tl.load(a_rows + (k_even + 1)[None, :], mask=r_ok[:, None], other=0.0)
+            w_hi += scaling * tl.dot(b, a_hi, input_precision=DOT_PRECISION)
+            w_lo += scaling * tl.dot(b, a_lo, input_precision=DOT_PRECISION)
         else:
-            cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-            values = tl.reshape(tl.join(w_hi, w_lo), (BLOCK_N, BLOCK_K)).to(out_ptr.dtype.element_ty)
-            tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :], values,
-                     mask=row_ok[:, None] & (cols < K)[None, :])
+            a = tl.load(a_rows + cols[None, :], mask=r_ok[:, None], other=0.0)
+            lora = scaling * tl.dot(b, a, input_precision=DOT_PRECISION)
+            if LAYOUT == "pairs":
+                l_hi, l_lo = tl.split(tl.reshape(lora, (BLOCK_N, HALF, 2)))
+                w_hi += l_hi
+                w_lo += l_lo
+        if LAYOUT == "joined":
+            values = tl.reshape(tl.join(w_hi, w_lo), (BLOCK_N, BLOCKSIZE)) + lora
+            out_ptrs = out_ptr + rows64[:, None] * stride_out + cols[None, :]
+            if EVEN_N:
+                tl.store(out_ptrs, values.to(out_ptr.dtype.element_ty))
+            else:
+                tl.store(out_ptrs, values.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        elif PACKED:
+            word_ptrs = out_ptr + rows64[:, None] * (stride_out // 2) + (kb * HALF + j)[None, :]
+            if EVEN_N:
+                tl.store(word_ptrs, _pack16(w_hi, w_lo, PACKED_BF16))
+            else:
+                tl.store(word_ptrs, _pack16(w_hi, w_lo, PACKED_BF16), mask=row_ok[:, None])
+        else:
+            values = tl.reshape(tl.join(w_hi, w_lo), (BLOCK_N, BLOCKSIZE)).to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], values, mask=row_ok[:, None])
 
 
 # ----------------------------------------------------------------------------- launch configuration
@@ -1245,11 +1271,30 @@ def _merge_ok(weights, adapters, k: int) -> bool:
             and k % weights[0].blocksize == 0 and adapters[0].lora_a.shape[0] <= MAX_KERNEL_RANK)
 
 
-_MERGE_BLOCK_N = 64
+@dataclasses.dataclass(frozen=True)
+class MergeConfig:
+    """The launch of ``_nf4_merge_kernel``: ``block_n`` rows by one NF4 block of columns per program, the
+    way the product meets the decoded values (``layout``: "pairs", "two_dots" or "joined", see the
+    kernel), and its warps."""
+
+    layout: str = "pairs"
+    block_n: int = 64
+    num_warps: int = 4
+
+
+MERGE_LAYOUTS = tuning.MERGE_LAYOUTS
+DEFAULT_MERGE = MergeConfig()
+
+
+def merge_config(device) -> MergeConfig:
+    """The merge kernel's launch on ``device``: its tuning entry (``lora.merge_launch``, written by
+    bench/tune.py from ``bench/lora.py --sweep-merge``), else ``DEFAULT_MERGE``."""
+    tuned = tuning.setting("lora.merge_launch", device)
+    return MergeConfig(**tuned) if tuned else DEFAULT_MERGE
 
 
 def merged_weights(plan: _Plan, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype,
-                   extra: str | None = None) -> torch.Tensor:
+                   extra: str | None = None, config: MergeConfig | None = None) -> torch.Tensor:
     """The (Ncat, K) stack of W_j + s_j * B_j @ A_j, each made in the pass that dequantizes W_j, in the
     reused per-(device, dtype) buffer (the next call overwrites it: use it at once).
 
@@ -1257,7 +1302,13 @@ def merged_weights(plan: _Plan, a: torch.Tensor, b: torch.Tensor, dtype: torch.d
     then holds y and, in the columns after Ncat, x @ A_j.T (the forward's xa without dropout), so no
     pass over x computes xa. ``extra="cols"`` makes it (Ncat, K + P * r16), [W'_j | .. s_j B_j ..] as on
     the concat path: dy @ out holds dx and, after column K, g_j = s_j * dy_j @ B_j, so no pass over dy
-    computes g. ``_lora_columns`` reads either block out of the product."""
+    computes g. ``_lora_columns`` reads either block out of the product. ``config``: the merge kernel's
+    launch (``merge_config(device)`` when None; bench/lora.py --sweep-merge times others)."""
+    config = config or merge_config(a.device)
+    if config.layout not in MERGE_LAYOUTS:
+        raise ValueError(f"merge layout must be one of {', '.join(MERGE_LAYOUTS)}, not {config.layout!r}")
+    if config.block_n < 16 or config.block_n & (config.block_n - 1):
+        raise ValueError(f"merge block_n must be a power of two of at least 16, not {config.block_n}")
     ns = plan.out_features
     p, r, k = a.shape
     n_total = sum(ns)
@@ -1265,18 +1316,18 @@ def merged_weights(plan: _Plan, a: torch.Tensor, b: torch.Tensor, dtype: torch.d
     rows_out = n_total + (p * width if extra == "rows" else 0)
     cols_out = k + (p * width if extra == "cols" else 0)
     out = _shared_buffer(a.device, dtype, rows_out * cols_out)[: rows_out * cols_out].view(rows_out, cols_out)
-    packed = dtype in (torch.bfloat16, torch.float16) and k % 2 == 0
+    packed = dtype in (torch.bfloat16, torch.float16) and config.layout != "joined"
     start = 0
     for j, (w, n) in enumerate(zip(plan.weights, ns)):
         rows = out[start: start + n, :k]
         dq = w.double_quant
-        _nf4_merge_kernel[(cdiv(n, _MERGE_BLOCK_N), k // w.blocksize)](
+        _nf4_merge_kernel[(cdiv(n, config.block_n), k // w.blocksize)](
             w.packed, w.absmax, w.nested_absmax if dq else w.absmax, w.nested_code if dq else w.absmax,
             nf4_byte_table(a.device), b[start: start + n], a[j], _int32_words(rows) if packed else rows,
             n, k, r, w.offset if dq else 0.0, plan.scalings[j], cols_out,
             BLOCKSIZE=w.blocksize, DOUBLE_QUANT=dq, NESTED=NESTED_BLOCKSIZE, R_PAD=_r_pad(r),
-            BLOCK_N=_MERGE_BLOCK_N, BLOCK_K=w.blocksize, PACKED=packed, PACKED_BF16=dtype == torch.bfloat16,
-            DOT_PRECISION=_dot_precision(dtype), num_warps=4,
+            BLOCK_N=config.block_n, EVEN_N=n % config.block_n == 0, LAYOUT=config.layout, PACKED=packed,
+            PACKED_BF16=dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(dtype), num_warps=config.num_warps,
         )
         start += n
     if extra == "rows":

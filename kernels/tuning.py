@@ -27,7 +27,8 @@ The file::
          "settings": {"nf4.gemv_max_m": 1, "nf4.fused_max_m": 0, "lora.large_m_path": "cublas",
                       "norm_lora.grid": "persistent",
                       "nf4.gemv_tiles": {"1": {"block_n": 16, "blocks": 8, "num_warps": 4}},
-                      "nf4.dequant_launch": {"values_per_prog": 4096, "num_warps": 4}},
+                      "nf4.dequant_launch": {"values_per_prog": 4096, "num_warps": 4},
+                      "lora.merge_launch": {"layout": "pairs", "block_n": 64, "num_warps": 4}},
          "sources": {"nf4.gemv_max_m": "bench/results/nf4-graph-NVIDIA_H200-2026-11-26.json (764e428)"}}}}
 
 Tile settings (``TILE_KEYS``) hold for the triton release they were timed with (``triton``, major.minor):
@@ -50,9 +51,10 @@ SHIPPED = Path(__file__).with_name("tuning.json")
 LARGE_M_PATHS = ("dequant", "cublas", "concat", "fused", "tma")  # what lora's "auto" may take above the small-M paths
 NORM_GRIDS = ("persistent", "per_block")  # the fused RMSNorm + LoRA kernels' grids (norm_lora._programs)
 GEMV_TABLES = ("byte", "nibble", "prmt")  # the gemv kernel's code lookups (nf4_matmul.GemvConfig.table)
+MERGE_LAYOUTS = ("pairs", "two_dots", "joined")  # the NF4 + LoRA merge kernel's layouts (lora.MergeConfig.layout)
 THRESHOLD_KEYS = ("nf4.gemv_max_m", "nf4.fused_max_m", "nf4.tma_min_m", "lora.fused_max_m", "lora.large_m_path",
                   "norm_lora.grid", "nf4.dequant_cache")
-TILE_KEYS = ("nf4.gemv_tiles", "nf4.dequant_launch")
+TILE_KEYS = ("nf4.gemv_tiles", "nf4.dequant_launch", "lora.merge_launch")
 
 
 def _power_of_two(value) -> bool:
@@ -100,6 +102,8 @@ def _check_setting(key: str, value, where: str) -> None:
             _check_tiles(tiles, f"{where}.{rows}", ("block_n", "blocks", "num_warps"), {"table": GEMV_TABLES})
     elif key == "nf4.dequant_launch":
         _check_tiles(value, where, ("values_per_prog", "num_warps"))
+    elif key == "lora.merge_launch":
+        _check_tiles(value, where, ("block_n", "num_warps"), {"layout": MERGE_LAYOUTS})
     else:
         known = THRESHOLD_KEYS + TILE_KEYS
         raise ValueError(f"{where}: unknown setting (known: {', '.join(known)})")

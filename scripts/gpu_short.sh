@@ -17,6 +17,10 @@
 #   lora_breakdown bench/lora.py --breakdown: GPU time per kernel and in passes over the input, NF4 alone
 #                  against the cuBLAS and concat paths and the fused norm + q/k/v, M = 16384, r = 16; then
 #                  with dropout 0, NF4 alone against merged and concat at 3200x3200 (issue 4)
+#   merge          the merged path's weight merge (issue 4, no dropout): bench/lora.py --sweep-merge (each launch
+#                  of the merge kernel against the dequantize alone, r = 16 then 64), bench/tune.py's pick of it
+#                  into $OUT/merge-tuning.json, and under that file the no-dropout breakdown (NF4 alone, merged,
+#                  concat at 3200x3200) and bench/lora.py's merged timings; then the GPU tests of the merge
 #   nf4_gemv       bench/nf4.py in graph timing at M = 1, 4, 16 with the gemv sweep (issue 3, M <= 16)
 #   nf4_tma_sweep  bench/nf4.py --sweep-tma at M = 4096: the NF4 tma kernels' tile configs (issue 3, M >= 4096)
 #   lora_tma_sweep bench/lora.py --sweep-tma at M = 16384: the LoRA tma GEMMs with no adapter against cuBLAS
@@ -34,7 +38,7 @@ cd "$ROOT" || exit 1
 # shellcheck source=SCRIPTDIR/gpu_env.sh
 source "$HERE/gpu_env.sh"
 
-ALL_PARTS=(gpu_tests nf4_cache step_cache nf4_small decode generate lora lora_breakdown nf4_gemv nf4_tma_sweep lora_tma_sweep tma_tests small_tests)
+ALL_PARTS=(gpu_tests nf4_cache step_cache nf4_small decode generate lora lora_breakdown merge nf4_gemv nf4_tma_sweep lora_tma_sweep tma_tests small_tests)
 PARTS=gpu_tests,nf4_cache,nf4_small,decode,generate
 DRY_RUN=0
 while [ $# -gt 0 ]; do
@@ -117,6 +121,17 @@ run_part() {
         --ranks 16 --paths cublas,concat --out "$OUT_DIR"
       part lora_breakdown_no_dropout 45 "$PYTHON" bench/lora.py --breakdown "$NO_DROPOUT_CASES" --dropout 0 \
         --shapes 3200x3200 --ms 16384 --ranks 16 --paths concat --no-groups --out "$OUT_DIR" ;;
+    merge)
+      part merge_sweep 100 "$PYTHON" bench/lora.py --sweep-merge --ranks 16,64 --budget 85 --out "$OUT_DIR"
+      part merge_tune 20 bash -c '"$1" bench/tune.py "$2"/lora-merge-sweep-*.json --keys lora.merge_launch --out "$2/merge-tuning.json"
+        [ -f "$2/merge-tuning.json" ] || echo "{\"format\": 1, \"devices\": {}}" > "$2/merge-tuning.json"' _ "$PYTHON" "$OUT_DIR"
+      part merge_breakdown 40 env BEZOAR_TUNING="$OUT_DIR/merge-tuning.json" "$PYTHON" bench/lora.py \
+        --breakdown "$NO_DROPOUT_CASES" --dropout 0 --shapes 3200x3200 --ms 16384 --ranks 16 --paths concat --no-groups \
+        --out "$OUT_DIR"
+      part merge_lora 80 env BEZOAR_TUNING="$OUT_DIR/merge-tuning.json" "$PYTHON" bench/lora.py --paths merged \
+        --dropout 0 --no-groups --ms 16384,4096 --ranks 16,64 --budget 65 --out "$OUT_DIR"
+      part merge_tests 75 env -u TRITON_INTERPRET "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider -rfE \
+        "${parallel[@]}" tests/kernels/test_lora.py -k merge ;;
     nf4_gemv) part nf4_gemv 110 "$PYTHON" bench/nf4.py --timing graph --ms 1,4,16 --sweep-gemv --out "$OUT_DIR" ;;
     nf4_tma_sweep) part nf4_tma_sweep 110 "$PYTHON" bench/nf4.py --sweep-tma --ms 4096 --out "$OUT_DIR" ;;
     lora_tma_sweep) part lora_tma_sweep 100 "$PYTHON" bench/lora.py --sweep-tma --ms 16384 --out "$OUT_DIR" ;;

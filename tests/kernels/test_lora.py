@@ -215,10 +215,12 @@ def test_autocast_does_not_change_the_output_dtype(path):
 @pytest.mark.parametrize("n,k,r,blocksize,double_quant", [(40, 192, 8, 64, True), (70, 256, 5, 128, False),
                                                          (64, 128, 16, 64, True)])
 @pytest.mark.parametrize("extra", [None, "rows", "cols"])
-def test_merged_weights_are_w_plus_scaled_ba(dtype, n, k, r, blocksize, double_quant, extra):
+@pytest.mark.parametrize("config", [None, L.MergeConfig("two_dots", 32), L.MergeConfig("joined", 16, 2)],
+                         ids=["default", "two_dots", "joined"])
+def test_merged_weights_are_w_plus_scaled_ba(dtype, n, k, r, blocksize, double_quant, extra, config):
     """The merge kernel: dequant(W) + s * B @ A in fp32, rounded once (fp16: two values per 32-bit store);
     with ``extra``, A_j as rows below (zero rows pad r to 16) or s_j B_j as columns beside, in the layout
-    the concat path uses."""
+    the concat path uses. Each layout of the kernel, with row blocks that divide N and ones that do not."""
     weights = [_base(n, k, "nf4", dtype, blocksize, double_quant, seed=j) for j in range(2)]
     adapters = [_adapter(n, k, r, seed=50 + j, scaling=0.5 + j) for j in range(2)]
     plan = L._Plan(weights=tuple(weights), scalings=(0.5, 1.5), seeds=(0, 0), dropout_p=0.0, path="merged")
@@ -226,7 +228,7 @@ def test_merged_weights_are_w_plus_scaled_ba(dtype, n, k, r, blocksize, double_q
     b = torch.cat([ad.lora_b.to(dtype) for ad in adapters])
     with backend("triton"):
         L._dequant_buffers.clear()
-        got = L.merged_weights(plan, a, b, dtype, extra).clone()
+        got = L.merged_weights(plan, a, b, dtype, extra, config).clone()
     width = -(-r // 16) * 16
     if extra == "rows":
         assert got.shape == (2 * n + 2 * width, k)
@@ -876,6 +878,39 @@ def test_bf16_merged_on_gpu_matches_fp32_product(n, k, r):
     xa = (x.float() @ a.t()).bfloat16().float()
     assert_close(grads[1], g.t() @ x.float(), 5e-2 * m ** 0.5, 2e-2, name="bf16 merged dA")
     assert_close(grads[2], ad.scaling * dy.float().t() @ xa, 5e-2 * m ** 0.5, 2e-2, name="bf16 merged dB")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", L.MERGE_LAYOUTS)
+@pytest.mark.parametrize("block_n,warps", [(32, 4), (128, 8)])
+@pytest.mark.parametrize("n,k,r,extra", [(3200, 3200, 16, "cols"), (8640, 3200, 64, "rows"), (200, 640, 5, None)])
+def test_bf16_merge_kernel_launches_on_gpu(layout, block_n, warps, n, k, r, extra):
+    """Every launch bench/lora.py --sweep-merge times, compiled for the GPU: W + s B @ A summed in fp32
+    and rounded to bf16 once (within half a bf16 step of the fp32 value, plus the product's summation)."""
+    dev = "cuda"
+    weight = _base(n, k, "nf4", torch.bfloat16, device=dev)
+    ad = _adapter(n, k, r, seed=4, device=dev)
+    a, b = ad.lora_a.bfloat16()[None], ad.lora_b.bfloat16()
+    plan = L._Plan(weights=(weight,), scalings=(ad.scaling,), seeds=(0,), dropout_p=0.0, path="merged")
+    with backend("triton"):
+        got = L.merged_weights(plan, a, b, torch.bfloat16, extra, L.MergeConfig(layout, block_n, warps))[:n, :k].float()
+    exact = nf4.dequantize_nf4_reference(weight, torch.float32) + ad.scaling * b.float() @ a[0].float()
+    assert_close(got, exact, 1e-6, 2 ** -8, name=f"merged W ({layout}, {block_n} rows, {warps} warps)")
+
+
+def test_bench_lora_sweep_merge_smoke():
+    """--sweep-merge checks each merge launch against fp32 arithmetic, then times it beside the dequantize
+    alone and dequantize + addmm."""
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, str(root / "bench" / "lora.py"), "--smoke", "--sweep-merge"],
+                          capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    launches = [line for line in proc.stdout.splitlines() if line.startswith("merge 64x128 r=8 ")]
+    assert len(launches) == 2 and all("x the dequantize alone" in line for line in launches), proc.stdout[-2000:]
+    (row,) = [line for line in proc.stdout.splitlines() if line.startswith("| 64x128 | 8 |")]
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert float(cells[2]) > 0 and float(cells[3]) > 0 and float(cells[5]) > 0, row  # dequant, two-pass, best
 
 
 @pytest.mark.gpu

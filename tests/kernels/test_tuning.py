@@ -144,6 +144,44 @@ def test_tuned_gemv_tiles_and_dequant_launch_reach_the_launches(tmp_path, monkey
     assert got == [(16, 2), (4, 4), (nf4._blocks_per_prog(weight.num_blocks, 64), 8)]
 
 
+def test_tuned_merge_launch_reaches_the_merge_kernel(tmp_path, monkeypatch):
+    """``lora.merge_launch`` sets the merged path's merge kernel launch; a launch given to the call wins."""
+    _user_file(tmp_path, monkeypatch, {"lora.merge_launch": {"layout": "joined", "block_n": 16, "num_warps": 2}},
+               triton=_release())
+    assert L.merge_config(CPU) == L.MergeConfig("joined", 16, 2)
+    weight = nf4.quantize_nf4_reference(torch.randn(40, 128), 64)
+    plan = L._Plan(weights=(weight,), scalings=(2.0,), seeds=(0,), dropout_p=0.0, path="merged")
+    a, b = torch.randn(1, 4, 128), torch.randn(40, 4)
+    spy = _LaunchSpy()
+    monkeypatch.setattr(L, "_nf4_merge_kernel", spy)
+    L.merged_weights(plan, a, b, torch.float32)
+    L.merged_weights(plan, a, b, torch.float32, config=L.MergeConfig("two_dots", 32, 8))
+    got = [(k["LAYOUT"], k["BLOCK_N"], k["EVEN_N"], k["num_warps"], k["grid"]) for k in spy.launches]
+    assert got == [("joined", 16, False, 2, (3, 2)), ("two_dots", 32, False, 8, (2, 2))]
+    with pytest.raises(ValueError, match="merge layout must be one of pairs, two_dots, joined, not 'rows'"):
+        L.merged_weights(plan, a, b, torch.float32, config=L.MergeConfig("rows"))
+    with pytest.raises(ValueError, match="merge block_n must be a power of two of at least 16, not 24"):
+        L.merged_weights(plan, a, b, torch.float32, config=L.MergeConfig(block_n=24))
+
+
+def test_merge_sweep_rows_give_the_merge_launch():
+    """bench/tune.py takes the merge launch with the lowest summed time from --sweep-merge rows, where it
+    beats the default's sum by more than --min-gain; else none."""
+    def row(default, times):
+        grid = [{"config": {"layout": layout, "block_n": 64, "num_warps": 4}, "ms": t}
+                for layout, t in zip(("pairs", "two_dots", "joined"), times)]
+        return {"shape": "3200x3200", "r": 16, "default_ms": default, "grid": grid}
+
+    out = tune.derive(_result(bench="lora-merge-sweep", rows=[row(0.1, [0.1, 0.05, 0.2]), row(0.2, [0.2, 0.1, 0.1])]))
+    assert out["lora.merge_launch"][0] == {"layout": "two_dots", "block_n": 64, "num_warps": 4}
+    assert "0.1500 ms against the heuristic's 0.3000 ms over 2 shapes" in out["lora.merge_launch"][1]
+    same = tune.derive(_result(bench="lora-merge-sweep", rows=[row(0.1, [0.1, 0.099, 0.2])]))
+    assert same["lora.merge_launch"][0] is None and "the heuristic stays" in same["lora.merge_launch"][1]
+    table = {"format": 1, "devices": {"NVIDIA X": {"settings": {"lora.merge_launch": out["lora.merge_launch"][0]},
+                                                   "triton": "3.6"}}}
+    tuning.validate(table, "derived")
+
+
 def test_tuned_dequant_launch_gives_the_same_values(tmp_path, monkeypatch):
     _user_file(tmp_path, monkeypatch, {"nf4.dequant_launch": {"values_per_prog": 1024, "num_warps": 2}},
                triton=_release())
@@ -249,6 +287,10 @@ def test_user_file_overrides_the_shipped_entry(tmp_path, monkeypatch):
      '"num_warps": 4, "table": "word"}}}, "triton": "3.6"}}}', r"gemv_tiles\.1\.table: expected one of byte, nibble"),
     ('{"format": 1, "devices": {"cpu": {"settings": {"nf4.gemv_tiles": {"1": {"block_n": 16, "blocks": 2, '
      '"num_warps": 4, "tabel": "byte"}}}, "triton": "3.6"}}}', r"gemv_tiles\.1: expected an object with exactly"),
+    ('{"format": 1, "devices": {"cpu": {"settings": {"lora.merge_launch": {"layout": "rows", "block_n": 64, '
+     '"num_warps": 4}}, "triton": "3.6"}}}', r"merge_launch\.layout: expected one of pairs, two_dots, joined"),
+    ('{"format": 1, "devices": {"cpu": {"settings": {"lora.merge_launch": {"block_n": 48, "num_warps": 4}}, '
+     '"triton": "3.6"}}}', r"merge_launch\.block_n: expected a power of two"),
 ])
 def test_bad_tuning_files_name_the_file_and_key(tmp_path, monkeypatch, text, match):
     path = tmp_path / "mine.json"
