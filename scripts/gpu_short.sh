@@ -20,7 +20,8 @@
 #   merge          the merged path's weight merge (issue 4, no dropout): bench/lora.py --sweep-merge (each launch
 #                  of the merge kernel against the dequantize alone, r = 16 then 64), bench/tune.py's pick of it
 #                  into $OUT/merge-tuning.json, and under that file the no-dropout breakdown (NF4 alone, merged,
-#                  concat at 3200x3200) and bench/lora.py's merged timings; then the GPU tests of the merge
+#                  concat at 3200x3200) and bench/lora.py's timings without dropout (merged and concat, r = 16
+#                  and 64); then the GPU tests of the merge
 #   nf4_gemv       bench/nf4.py in graph timing at M = 1, 4, 16 with the gemv sweep (issue 3, M <= 16)
 #   nf4_tma_sweep  bench/nf4.py --sweep-tma at M = 4096: the NF4 tma kernels' tile configs (issue 3, M >= 4096)
 #   lora_tma_sweep bench/lora.py --sweep-tma at M = 16384: the LoRA tma GEMMs with no adapter against cuBLAS
@@ -128,7 +129,7 @@ run_part() {
       part merge_breakdown 40 env BEZOAR_TUNING="$OUT_DIR/merge-tuning.json" "$PYTHON" bench/lora.py \
         --breakdown "$NO_DROPOUT_CASES" --dropout 0 --shapes 3200x3200 --ms 16384 --ranks 16 --paths concat --no-groups \
         --out "$OUT_DIR"
-      part merge_lora 80 env BEZOAR_TUNING="$OUT_DIR/merge-tuning.json" "$PYTHON" bench/lora.py --paths merged \
+      part merge_lora 80 env BEZOAR_TUNING="$OUT_DIR/merge-tuning.json" "$PYTHON" bench/lora.py --paths concat \
         --dropout 0 --no-groups --ms 16384,4096 --ranks 16,64 --budget 65 --out "$OUT_DIR"
       part merge_tests 75 env -u TRITON_INTERPRET "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider -rfE \
         "${parallel[@]}" tests/kernels/test_lora.py -k merge ;;

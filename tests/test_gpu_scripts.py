@@ -86,13 +86,20 @@ def test_gpu_short_dry_run_fits_one_call_and_runs_the_parts_asked_for():
     assert "would pack" in text and "more than 8 files" in text
     # every part by name, in the order asked; each part's limit stays under the call's total
     every = ["gpu_tests", "nf4_cache", "step_cache", "nf4_small", "decode", "generate", "lora", "lora_breakdown",
-             "nf4_gemv", "nf4_tma_sweep", "lora_tma_sweep", "tma_tests", "small_tests"]
+             "merge", "nf4_gemv", "nf4_tma_sweep", "lora_tma_sweep", "tma_tests", "small_tests"]
     out = dry_run("gpu_short.sh", "--dry-run", "--parts", ",".join(reversed(every)))
     assert out.returncode == 0, out.stderr
-    # lora_breakdown logs as two steps, with dropout and without
-    logged = [step for name in reversed(every)
-              for step in ([name, "lora_breakdown_no_dropout"] if name == "lora_breakdown" else [name])]
+    # lora_breakdown logs as two steps, with dropout and without; merge as its five
+    steps = {"lora_breakdown": ["lora_breakdown", "lora_breakdown_no_dropout"],
+             "merge": ["merge_sweep", "merge_tune", "merge_breakdown", "merge_lora", "merge_tests"]}
+    logged = [step for name in reversed(every) for step in steps.get(name, [name])]
     assert re.findall(r"part (\w+) \(limit", out.stdout) == logged
+    # every --paths given to bench/lora.py names its cases (merged is not one: it comes with --dropout 0)
+    known = re.search(r"^LORA_PATHS = \(([^)]*)\)", (ROOT / "bench" / "lora.py").read_text(), re.M).group(1)
+    known = set(re.findall(r'"(\w+)"', known))
+    given = re.findall(r"bench/lora.py .*?--paths (\S+)", out.stdout)
+    assert len(given) >= 4 and all(set(p.split("\\,")) <= known for p in given), (given, known)
+    assert "--sweep-merge --ranks 16\\,64" in out.stdout
     assert "-n 8 tests/kernels/test_nf4_matmul.py" in out.stdout  # xdist assumed in a dry run
     for piece in ("bench/nf4.py --sweep-tma --ms 4096", "bench/lora.py --sweep-tma --ms 16384", "--sweep-gemv",
                   r"bench/lora.py --paths cublas\,concat\,tma", "tests/kernels/test_nf4_tma.py",
