@@ -953,15 +953,23 @@ def check_targets(rows, qkv_rows, how: str, norm_rows=(), tuned_path: str | None
                 f"({tuned_path})",
                 all(r["lora_tuned/nf4_only"] <= 1.10 for r in tuned) if tuned else None,
                 ", ".join(f"{r['shape']} M={r['M']} r={r['r']}: {r['lora_tuned/nf4_only']:.3f}x" for r in tuned))
-    peft = [r for r in rows if r["peft_style/nf4_only"]]
+    def unmeasured(peer: str) -> str:
+        """What a comparison with no case holding both times lacked."""
+        if not any(r[peer] for r in rows):
+            return "bitsandbytes not measured" if peer == "bnb_peft" else f"{peer} not measured"
+        return "lora_auto not measured (--paths without auto)"
+
+    # a verdict only from cases with both times: a run without lora_auto says so, it does not pass
+    peft = [r for r in rows if r["peft_style"] and r["lora_auto"]]
     verdict("faster than PEFT-style separate LoRA matmuls on the same NF4 base",
-            all(r["lora_auto"] < r["peft_style"] for r in peft if r["lora_auto"]) if peft else None,
-            ", ".join(f"{r['shape']} M={r['M']} r={r['r']}: peft {r['peft_style/nf4_only']:.3f}x" for r in peft))
+            all(r["lora_auto"] < r["peft_style"] for r in peft) if peft else None,
+            ", ".join(f"{r['shape']} M={r['M']} r={r['r']}: peft {r['peft_style/nf4_only']:.3f}x, bezoar "
+                      f"{r['lora_auto/nf4_only']:.3f}x" for r in peft) or unmeasured("peft_style"))
     bnb = [r for r in rows if r["bnb_peft"] and r["lora_auto"]]
     verdict("faster than bitsandbytes + PEFT",
             all(r["lora_auto"] < r["bnb_peft"] for r in bnb) if bnb else None,
             ", ".join(f"{r['shape']} M={r['M']} r={r['r']}: bnb+peft/bezoar {r['bnb_peft'] / r['lora_auto']:.2f}"
-                      for r in bnb) or "bitsandbytes not measured")
+                      for r in bnb) or unmeasured("bnb_peft"))
     qkv = [r for r in qkv_rows if r["qkv_lora_fused"] and r["qkv_lora_separate"]]
     verdict("fused q/k/v faster than three separate LoRA calls",
             all(r["qkv_lora_fused"] < r["qkv_lora_separate"] for r in qkv) if qkv else None,

@@ -794,3 +794,27 @@ def test_results_are_replaced_whole(tmp_path):
     second = common.write_results("nf4-graph", [{"M": 1}], Args, extra={"sweep_gemv": [{"M": 1}]})
     assert first == second and json.loads(second.read_text())["sweep_gemv"] == [{"M": 1}]
     assert [p.name for p in tmp_path.iterdir()] == [second.name]
+
+
+def test_lora_targets_judge_only_cases_with_both_times():
+    """bench/lora.py's comparisons with PEFT and bitsandbytes need lora_auto in the same case: a run that
+    timed other paths only says what it lacked, and never reads as met."""
+    lora = _load_bench("lora")
+
+    def row(auto):
+        return {"shape": "3200x3200", "M": 16384, "r": 16, "lora_auto": auto, "lora_auto/nf4_only": auto and auto / 1.0,
+                "peft_style": 1.5, "peft_style/nf4_only": 1.5, "bnb_peft": 1.4}
+
+    got = {t["target"]: t for t in lora.check_targets([row(None)], [], "graph replay")}
+    for name in ("faster than PEFT-style separate LoRA matmuls on the same NF4 base [graph replay]",
+                 "faster than bitsandbytes + PEFT [graph replay]"):
+        assert got[name]["status"] == "not measured", got[name]
+        assert got[name]["detail"] == "lora_auto not measured (--paths without auto)", got[name]
+    got = {t["target"]: t for t in lora.check_targets([row(1.2)], [], "eager")}
+    assert got["faster than PEFT-style separate LoRA matmuls on the same NF4 base [eager]"]["status"] == "met"
+    assert got["faster than bitsandbytes + PEFT [eager]"]["status"] == "met"
+    assert got["NF4+LoRA fwd+bwd <= 1.10x NF4 alone (M 4096/16384, r 16/64) [eager]"]["status"] == "missed"
+    slow = {t["target"]: t for t in lora.check_targets([row(1.45)], [], "eager")}
+    assert slow["faster than bitsandbytes + PEFT [eager]"]["status"] == "missed"
+    no_bnb = {t["target"]: t for t in lora.check_targets([dict(row(None), bnb_peft=None)], [], "eager")}
+    assert no_bnb["faster than bitsandbytes + PEFT [eager]"]["detail"] == "bitsandbytes not measured"
