@@ -121,6 +121,29 @@ def bench_ms(fn, smoke: bool = False, warmup: int = 25, rep: int = 100) -> float
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def wall_ms(fn, smoke: bool = False, runs: int = 3, long_s: float = 2.0) -> float:
+    """Median wall-clock milliseconds of ``fn()`` for calls of a second or more (a whole generation).
+
+    ``do_bench`` calls a function five times to estimate its runtime before it times any call, so a
+    7-second call cost about 8 calls there; here one warm-up call, then ``runs`` timed calls (one where
+    the warm-up took over ``long_s`` seconds), each between device synchronizations."""
+    import torch
+
+    def once() -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e3
+
+    warm = once()
+    count = 1 if smoke or warm > long_s * 1e3 else max(1, runs)
+    times = sorted(once() for _ in range(count))
+    return times[len(times) // 2]
+
+
 def graph_ms(fn, warmup: int = 25, rep: int = 100, calls: int = 1) -> float:
     """Median milliseconds of one call of ``fn`` captured in a CUDA graph: a replay of ``calls`` calls
     in a row, divided by ``calls``.

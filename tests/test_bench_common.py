@@ -101,3 +101,37 @@ def test_kernel_rows_files_each_kernel_by_its_whole_name():
     assert rows[0]["share"] == pytest.approx(0.75) and rows[0]["calls_per"] == pytest.approx(1.0)
     totals = common.category_totals(rows)
     assert [c["category"] for c in totals] == ["gemm (cublas)", "copy / fill"]
+
+
+def test_wall_ms_times_long_calls_few_times(monkeypatch):
+    """wall_ms: one warm-up call, then three timed calls, or one where the warm-up was long (do_bench would
+    make about eight of a multi-second generation); the median of what it timed."""
+    import common
+
+    calls = []
+    durations = iter([5.0, 0.030, 0.010, 0.020])  # seconds: warm-up, then three timed calls
+
+    def fake_call():
+        calls.append(1)
+
+    clock = {"now": 0.0}
+    pending = []
+
+    def perf_counter():
+        # each call of fn advances the clock by its next duration, read at the second stamp of a call
+        if pending:
+            clock["now"] += pending.pop()
+        else:
+            pending.append(next(durations))
+        return clock["now"]
+
+    monkeypatch.setattr(common.time, "perf_counter", perf_counter)
+    assert common.wall_ms(fake_call, long_s=10.0) == pytest.approx(20.0)  # 5 s warm-up under long_s: 3 timed, median 20 ms
+    assert len(calls) == 4
+    calls.clear()
+    durations = iter([5.0, 7.0])
+    assert common.wall_ms(fake_call, long_s=2.0) == pytest.approx(7000.0)  # a 5 s warm-up: one timed call
+    assert len(calls) == 2
+    calls.clear()
+    durations = iter([0.001, 0.002])
+    assert common.wall_ms(fake_call, smoke=True) == pytest.approx(2.0) and len(calls) == 2

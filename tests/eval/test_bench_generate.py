@@ -68,3 +68,20 @@ def test_bench_generate_breakdown_smoke(capsys, monkeypatch):
     assert "BEZOAR_NF4_GEMV_MAX_M" not in os.environ  # the modes restored the environment
     assert "BEZOAR_NF4_FUSED_MAX_M" not in os.environ
     assert "BEZOAR_DECODE_ATTENTION" not in os.environ
+
+
+def test_bench_generate_writes_after_every_case(monkeypatch):
+    """The timing loop rewrites its results after each case (a run cut off by its time limit keeps what it
+    timed, complete false), the default decode first, and the last write says complete."""
+    spec = importlib.util.spec_from_file_location("bench_generate", ROOT / "bench" / "generate.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    written = []
+    monkeypatch.setattr(bench.common, "write_results",
+                        lambda name, rows, args, extra=None: written.append((name, [r["case"] for r in rows], extra)))
+    assert bench.main(["--smoke", "--no-peer", "--batches", "1"]) == 0
+    assert [name for name, _, _ in written] == ["generate"] * len(written)
+    cases = written[-1][1]
+    assert cases[0] == "bezoar/b1" and set(cases) >= {"bezoar-eager/b1", "bezoar-sdpa/b1", "bezoar-attn/b1"}
+    assert [len(c) for _, c, _ in written[:-1]] == list(range(1, len(cases) + 1))
+    assert [extra["complete"] for _, _, extra in written] == [False] * len(cases) + [True]
