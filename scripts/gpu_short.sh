@@ -14,6 +14,8 @@
 #   decode         bench/generate.py --breakdown 32: a 3B decode step at batch 1, GPU time per kernel
 #   generate       bench/generate.py --batches 1: decode tokens/s with CUDA graphs against transformers + bnb
 #   lora           bench/lora.py, cuBLAS, concat and tma paths, M = 16384 and 4096, r = 16 and 64 (issue 4)
+#   lora_nodrop    bench/lora.py --dropout 0: merged (what auto takes) and concat, M = 16384 and 4096, r = 16 and 64,
+#                  beside PEFT-style and bitsandbytes + PEFT (issue 4 without dropout)
 #   lora_breakdown bench/lora.py --breakdown: GPU time per kernel and in passes over the input, NF4 alone
 #                  against the cuBLAS and concat paths and the fused norm + q/k/v, M = 16384, r = 16; then
 #                  with dropout 0, NF4 alone against merged and concat at 3200x3200 (issue 4)
@@ -39,8 +41,8 @@ cd "$ROOT" || exit 1
 # shellcheck source=SCRIPTDIR/gpu_env.sh
 source "$HERE/gpu_env.sh"
 
-ALL_PARTS=(gpu_tests nf4_cache step_cache nf4_small decode generate lora lora_breakdown merge nf4_gemv nf4_tma_sweep lora_tma_sweep tma_tests small_tests)
-PARTS=gpu_tests,nf4_cache,nf4_small,decode,generate
+ALL_PARTS=(gpu_tests nf4_cache step_cache nf4_small decode generate lora lora_nodrop lora_breakdown merge nf4_gemv nf4_tma_sweep lora_tma_sweep tma_tests small_tests)
+PARTS=gpu_tests,generate,lora,lora_nodrop
 DRY_RUN=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -117,6 +119,8 @@ run_part() {
     generate) part generate 130 "$PYTHON" bench/generate.py --batches 1 --out "$OUT_DIR" ;;
     lora) part lora 125 "$PYTHON" bench/lora.py --paths cublas,concat,tma --ranks 16,64 --ms 16384,4096 --no-groups \
       --budget 105 --out "$OUT_DIR" ;;
+    lora_nodrop) part lora_nodrop 100 "$PYTHON" bench/lora.py --dropout 0 --paths concat --ranks 16,64 --ms 16384,4096 \
+      --no-groups --budget 85 --out "$OUT_DIR" ;;
     lora_breakdown)
       part lora_breakdown 75 "$PYTHON" bench/lora.py --breakdown default --shapes 3200x3200,8640x3200 --ms 16384 \
         --ranks 16 --paths cublas,concat --out "$OUT_DIR"

@@ -74,19 +74,18 @@ def test_gpu_short_dry_run_fits_one_call_and_runs_the_parts_asked_for():
     text = out.stdout
     assert "pip install -q --no-deps --no-build-isolation -e ." in text
     parts = re.findall(r"part (\w+) \(limit (\d+)s\)", text)
-    assert [name for name, _ in parts] == ["gpu_tests", "nf4_cache", "nf4_small", "decode", "generate"], parts
+    assert [name for name, _ in parts] == ["gpu_tests", "generate", "lora", "lora_nodrop"], parts
     # one device call of timeout_s=590 (bench/README.md): the parts' limits, kill grace included
     assert sum(int(limit) for _, limit in parts) + 10 * len(parts) <= 590, parts
     for piece in ("GPU_TEST_LIMIT=150 bash scripts/gpu_check.sh --gpu-only",
-                  "bench/nf4.py --cache --out /tmp/bezoar-gpu-out",
-                  r"bench/nf4.py --timing graph --ms 1\,4\,16 --out /tmp/bezoar-gpu-out",
-                  "bench/generate.py --breakdown 32 --out /tmp/bezoar-gpu-out",
-                  "bench/generate.py --batches 1 --out /tmp/bezoar-gpu-out"):
+                  "bench/generate.py --batches 1 --out /tmp/bezoar-gpu-out",
+                  r"bench/lora.py --paths cublas\,concat\,tma --ranks 16\,64 --ms 16384\,4096 --no-groups",
+                  r"bench/lora.py --dropout 0 --paths concat --ranks 16\,64 --ms 16384\,4096 --no-groups"):
         assert piece in text, piece
     assert "would pack" in text and "more than 8 files" in text
     # every part by name, in the order asked; each part's limit stays under the call's total
-    every = ["gpu_tests", "nf4_cache", "step_cache", "nf4_small", "decode", "generate", "lora", "lora_breakdown",
-             "merge", "nf4_gemv", "nf4_tma_sweep", "lora_tma_sweep", "tma_tests", "small_tests"]
+    every = ["gpu_tests", "nf4_cache", "step_cache", "nf4_small", "decode", "generate", "lora", "lora_nodrop",
+             "lora_breakdown", "merge", "nf4_gemv", "nf4_tma_sweep", "lora_tma_sweep", "tma_tests", "small_tests"]
     out = dry_run("gpu_short.sh", "--dry-run", "--parts", ",".join(reversed(every)))
     assert out.returncode == 0, out.stderr
     # lora_breakdown logs as two steps, with dropout and without; merge as its five
@@ -101,7 +100,10 @@ def test_gpu_short_dry_run_fits_one_call_and_runs_the_parts_asked_for():
     assert len(given) >= 4 and all(set(p.split("\\,")) <= known for p in given), (given, known)
     assert "--sweep-merge --ranks 16\\,64" in out.stdout
     assert "-n 8 tests/kernels/test_nf4_matmul.py" in out.stdout  # xdist assumed in a dry run
-    for piece in ("bench/nf4.py --sweep-tma --ms 4096", "bench/lora.py --sweep-tma --ms 16384", "--sweep-gemv",
+    for piece in ("bench/nf4.py --cache --out /tmp/bezoar-gpu-out",
+                  r"bench/nf4.py --timing graph --ms 1\,4\,16 --out /tmp/bezoar-gpu-out",
+                  "bench/generate.py --breakdown 32 --out /tmp/bezoar-gpu-out",
+                  "bench/nf4.py --sweep-tma --ms 4096", "bench/lora.py --sweep-tma --ms 16384", "--sweep-gemv",
                   r"bench/lora.py --paths cublas\,concat\,tma", "tests/kernels/test_nf4_tma.py",
                   r"--impls bezoar-full\,bezoar-full-cache --breakdown 2", "bench/lora.py --breakdown default",
                   r"lora_merged/3200x3200/M=16384/r=16\,lora_concat/3200x3200/M=16384/r=16 --dropout 0"):
@@ -131,14 +133,14 @@ def test_gpu_short_cuts_parts_to_its_total():
 
     text = parts(100)
     found = re.findall(r"part (\w+) \(limit (\d+)s\)", text)
-    expected = [("gpu_tests", 100), ("nf4_cache", 50), ("nf4_small", 70), ("decode", 100), ("generate", 100)]
+    expected = [("gpu_tests", 100), ("generate", 100), ("lora", 100), ("lora_nodrop", 100)]
     assert [name for name, _ in found] == [name for name, _ in expected], text
     # a dry run spends a second or two (more on a loaded machine), which the total's cut counts
     for (name, limit), (_, most) in zip(found, expected):
         assert most - 5 <= int(limit) <= most, (name, limit, text)
     text = parts(15)
     assert not re.findall(r"part \w+ \(limit", text)
-    assert text.count("skipped: 15s left of 15s") == 5
+    assert text.count("skipped: 15s left of 15s") == 4
 
 
 def test_fetch_wheels_dry_run_names_the_wheel_for_the_gpu_machine():
