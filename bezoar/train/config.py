@@ -92,3 +92,12 @@ class StageConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainSection = field(default_factory=TrainSection)
     dpo: DPOSection = field(default_factory=DPOSection)
+
+    def __post_init__(self):
+        if self.stage == "sft" and self.data.is_pairs:
+            # encode_pairs makes two documents per pair, both with loss on their response: SFT would teach the
+            # rejected answers as much as the chosen ones. (A DPO stage on SFT data is refused by DPOStage.)
+            raise ValueError(f"data.format {self.data.format!r} holds preference pairs, which an SFT stage would "
+                             "train on as two examples each, the rejected response included: for SFT use "
+                             "data.format = 'hh' (the chosen transcripts of HH-RLHF records) or an instruction "
+                             "format, or set stage = 'dpo'")

@@ -68,6 +68,17 @@ def test_batch_size_that_cannot_hold_whole_pairs_is_a_config_error(tmp_path, cap
     assert code == 2 and "train.batch_size" in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("fmt", ["hh_pairs", "pairs"])
+def test_sft_stage_on_preference_pairs_is_refused(tmp_path, capsys, fmt):
+    # SFT on pair data trained every pair as two examples: the rejected responses too, as targets to imitate.
+    data = "bezoar:recipes/openbezoar_tiny/hh_rlhf.jsonl" if fmt == "hh_pairs" else "bezoar:assets/demo/dpo.jsonl"
+    out = tmp_path / "run"
+    code = main([str(DEMO / "sft.toml"), f"out={out}", *TINY, f"data.path={data}", f"data.format={fmt}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "data.format" in err and "rejected" in err and "Traceback" not in err, err
+    assert not out.exists(), "nothing may run"
+
+
 def test_merge_onto_an_nf4_checkpoint_is_refused_before_training(tmp_path, tiny_dir):
     from bezoar.quantize import quantize
 
