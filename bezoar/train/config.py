@@ -63,7 +63,9 @@ class TrainSection(LoopConfig):
 class DPOSection:
     """The preference loss (formulas and papers in bezoar.train.dpo) and where the reference comes from."""
 
-    beta: float = 0.1  # strength of the pull towards the reference (IPO: its tau)
+    # strength of the pull towards the reference. IPO: its tau, on SUMMED response log-probs (as in the paper),
+    # where TRL's ipo averages them per token, so a beta from a TRL IPO run does not carry over (bezoar.train.dpo)
+    beta: float = 0.1
     loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     label_smoothing: float = 0.0  # assumed rate of flipped labels: sigmoid (cDPO) in [0, 1), robust in [0, 0.5)
     precompute_ref: bool = False  # one pass first; reference log-probs cached on disk and reused

@@ -36,6 +36,12 @@ and, per pair, with sigma the logistic function and eps = ``label_smoothing``:
 
       L = (h - 1 / (2 beta))^2
 
+  This differs from TRL's ``loss_type="ipo"``, which divides each sequence's log-probs by its number of
+  response tokens before forming h. The target 1 / (2 beta) is the same number on both, but here it is a
+  margin of summed log-probs (over responses of tens to hundreds of tokens), so a beta tuned for TRL's
+  IPO does not carry over: the same target margin per token needs about TRL's beta divided by the
+  response length (and the loss, a square of summed log-probs, is on a larger scale than TRL's).
+
 - ``hinge``: the calibration hinge of SLiC-HF (Zhao et al. 2023, "SLiC-HF: Sequence Likelihood
   Calibration with Human Feedback"), applied to the reference-normalised margin (as TRL's ``hinge``):
 
