@@ -67,7 +67,7 @@ class DPOSection:
     # where TRL's ipo averages them per token, so a beta from a TRL IPO run does not carry over (bezoar.train.dpo)
     beta: float = 0.1
     loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
-    label_smoothing: float = 0.0  # assumed rate of flipped labels: sigmoid (cDPO) in [0, 1), robust in [0, 0.5)
+    label_smoothing: float = 0.0  # assumed rate of flipped labels, in [0, 0.5): sigmoid (cDPO) and robust
     precompute_ref: bool = False  # one pass first; reference log-probs cached on disk and reused
     ref_cache_dir: str | None = None  # default: <out>/ref_cache
 
@@ -76,9 +76,11 @@ class DPOSection:
             raise ValueError(f"dpo.beta must be positive, got {self.beta}")
         if self.loss in ("ipo", "hinge") and self.label_smoothing != 0:
             raise ValueError(f"dpo.label_smoothing applies to the sigmoid and robust losses, not {self.loss!r}")
-        top = 0.5 if self.loss == "robust" else 1.0
-        if not 0 <= self.label_smoothing < top:
-            raise ValueError(f"dpo.label_smoothing must be in [0, {top}) for the {self.loss} loss, "
+        # a flip rate of 0.5 or more says the labels carry no preference or the opposite one: at 0.5 the
+        # sigmoid loss has no gradient in the margin, above it trains towards the rejected answers
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"dpo.label_smoothing must be in [0, 0.5) for the {self.loss} loss (the assumed rate "
+                             f"of flipped labels; 0.5 or more would train away from the chosen answers), "
                              f"got {self.label_smoothing}")
 
 

@@ -190,7 +190,8 @@ def test_padding_only_batch_gives_zero_loss_with_a_graph(tiny_dir):
     (["dpo.beta=0"], "beta must be positive"),
     (["dpo.loss=ipo", "dpo.label_smoothing=0.1"], "applies to the sigmoid and robust"),
     (["dpo.loss=robust", "dpo.label_smoothing=0.5"], r"\[0, 0.5\)"),
-    (["dpo.label_smoothing=1.0"], r"\[0, 1.0\)"),
+    (["dpo.label_smoothing=1.0"], r"\[0, 0.5\)"),
+    (["dpo.label_smoothing=0.5"], r"\[0, 0.5\) for the sigmoid loss .*would train away from the chosen"),
     (["dpo.loss=kto"], "dpo.loss"),
 ])
 def test_bad_dpo_config_names_the_key(overrides, match):
