@@ -959,12 +959,18 @@ def check_targets(rows, qkv_rows, how: str, norm_rows=(), tuned_path: str | None
             return "bitsandbytes not measured" if peer == "bnb_peft" else f"{peer} not measured"
         return "lora_auto not measured (--paths without auto)"
 
+    def peft_detail(r) -> str:
+        """Both over NF4 alone where that was timed, else both times (a case may lack NF4 alone)."""
+        if r["peft_style/nf4_only"] and r["lora_auto/nf4_only"]:
+            return f"peft {r['peft_style/nf4_only']:.3f}x, bezoar {r['lora_auto/nf4_only']:.3f}x"
+        return f"peft {r['peft_style']:.4f} ms, bezoar {r['lora_auto']:.4f} ms (NF4 alone not timed)"
+
     # a verdict only from cases with both times: a run without lora_auto says so, it does not pass
     peft = [r for r in rows if r["peft_style"] and r["lora_auto"]]
     verdict("faster than PEFT-style separate LoRA matmuls on the same NF4 base",
             all(r["lora_auto"] < r["peft_style"] for r in peft) if peft else None,
-            ", ".join(f"{r['shape']} M={r['M']} r={r['r']}: peft {r['peft_style/nf4_only']:.3f}x, bezoar "
-                      f"{r['lora_auto/nf4_only']:.3f}x" for r in peft) or unmeasured("peft_style"))
+            ", ".join(f"{r['shape']} M={r['M']} r={r['r']}: {peft_detail(r)}" for r in peft)
+            or unmeasured("peft_style"))
     bnb = [r for r in rows if r["bnb_peft"] and r["lora_auto"]]
     verdict("faster than bitsandbytes + PEFT",
             all(r["lora_auto"] < r["bnb_peft"] for r in bnb) if bnb else None,

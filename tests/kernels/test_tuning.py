@@ -818,3 +818,18 @@ def test_lora_targets_judge_only_cases_with_both_times():
     assert slow["faster than bitsandbytes + PEFT [eager]"]["status"] == "missed"
     no_bnb = {t["target"]: t for t in lora.check_targets([dict(row(None), bnb_peft=None)], [], "eager")}
     assert no_bnb["faster than bitsandbytes + PEFT [eager]"]["detail"] == "bitsandbytes not measured"
+
+
+def test_lora_targets_without_the_nf4_baseline_still_judge_and_do_not_crash():
+    """A case where lora_auto and the peers were timed but NF4 alone was not (its timing failed, or its
+    graph capture did) has no ratios: the PEFT verdict still compares the times, and its detail says
+    so, where formatting the missing ratios raised and lost the whole run (check_targets runs before
+    the results are written)."""
+    lora = _load_bench("lora")
+    row = {"shape": "3200x3200", "M": 16384, "r": 16, "lora_auto": 1.2, "lora_auto/nf4_only": None,
+           "peft_style": 1.5, "peft_style/nf4_only": None, "bnb_peft": 1.4}
+    got = {t["target"]: t for t in lora.check_targets([row], [], "graph replay")}
+    peft = got["faster than PEFT-style separate LoRA matmuls on the same NF4 base [graph replay]"]
+    assert peft["status"] == "met", peft
+    assert "3200x3200 M=16384 r=16" in peft["detail"] and "1.2" in peft["detail"], peft
+    assert got["faster than bitsandbytes + PEFT [graph replay]"]["status"] == "met"
