@@ -1311,6 +1311,8 @@ def merged_weights(plan: _Plan, a: torch.Tensor, b: torch.Tensor, dtype: torch.d
         raise ValueError(f"merge layout must be one of {', '.join(MERGE_LAYOUTS)}, not {config.layout!r}")
     if config.block_n < 16 or config.block_n & (config.block_n - 1):
         raise ValueError(f"merge block_n must be a power of two of at least 16, not {config.block_n}")
+    if config.num_warps < 1 or config.num_warps & (config.num_warps - 1):
+        raise ValueError(f"merge num_warps must be a power of two, not {config.num_warps}")
     ns = plan.out_features
     p, r, k = a.shape
     n_total = sum(ns)

@@ -162,6 +162,8 @@ def test_tuned_merge_launch_reaches_the_merge_kernel(tmp_path, monkeypatch):
         L.merged_weights(plan, a, b, torch.float32, config=L.MergeConfig("rows"))
     with pytest.raises(ValueError, match="merge block_n must be a power of two of at least 16, not 24"):
         L.merged_weights(plan, a, b, torch.float32, config=L.MergeConfig(block_n=24))
+    with pytest.raises(ValueError, match="merge num_warps must be a power of two, not 3"):
+        L.merged_weights(plan, a, b, torch.float32, config=L.MergeConfig(num_warps=3))
 
 
 def test_merge_sweep_rows_give_the_merge_launch():
@@ -291,6 +293,9 @@ def test_user_file_overrides_the_shipped_entry(tmp_path, monkeypatch):
      '"num_warps": 4}}, "triton": "3.6"}}}', r"merge_launch\.layout: expected one of pairs, two_dots, joined"),
     ('{"format": 1, "devices": {"cpu": {"settings": {"lora.merge_launch": {"block_n": 48, "num_warps": 4}}, '
      '"triton": "3.6"}}}', r"merge_launch\.block_n: expected a power of two"),
+    # a power of two the merge kernel cannot take (tl.dot needs 16 rows): the file is refused, not every call
+    ('{"format": 1, "devices": {"cpu": {"settings": {"lora.merge_launch": {"block_n": 8, "num_warps": 4}}, '
+     '"triton": "3.6"}}}', r"merge_launch\.block_n: expected at least 16"),
 ])
 def test_bad_tuning_files_name_the_file_and_key(tmp_path, monkeypatch, text, match):
     path = tmp_path / "mine.json"
