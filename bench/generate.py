@@ -16,13 +16,14 @@ use a real one) and loaded by both sides as NF4 with double quantization and bf1
   quant))`` + ``generate(do_sample=False)`` with ``min_new_tokens`` so both always decode the
   same number of tokens (EOS cannot end a row early).
 
-For each batch size (default 1 and 32, in that order; in each, bezoar's default and the peer before
-the variants) it times a prefill (one forward over the prompts) with ``triton.testing.do_bench``
+For each batch size (default 1 and 32, in the order given; in each, bezoar's default and the peer
+before the variants) it times a prefill (one forward over the prompts) with ``triton.testing.do_bench``
 (median after warm-up) and a full generation (prefill + N decode steps) by wall clock
 (``common.wall_ms``: one warm-up call, then the median of three, or one call where the warm-up took
-over 2 s), rewrites the results after each case (``complete`` false until the last), and reports decode tokens/s = batch * N / (generation - prefill), end-to-end tokens/s,
-and bezoar's speed-up over the peer (the issue's target: >= 2x at batch 1). The peer is
-skipped, with a note in the results, when transformers or bitsandbytes does not import.
+over 2 s), rewrites the results after each case (``complete`` false until the last), and reports
+decode tokens/s = batch * N / (generation - prefill), end-to-end tokens/s, and bezoar's speed-up
+over the peer (the issue's target: >= 2x at batch 1). The peer is skipped, with a note in the
+results, when transformers or bitsandbytes does not import.
 
     python bench/generate.py                       # GPU: writes bench/results/generate-<device>-<date>.json
     python bench/generate.py --smoke               # tiny model on CPU, same code path, writes nothing
