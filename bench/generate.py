@@ -16,11 +16,14 @@ use a real one) and loaded by both sides as NF4 with double quantization and bf1
   quant))`` + ``generate(do_sample=False)`` with ``min_new_tokens`` so both always decode the
   same number of tokens (EOS cannot end a row early).
 
-For each batch size (default 1 and 32) it times, with ``triton.testing.do_bench`` (median after
-warm-up), a prefill (one forward over the prompts) and a full generation (prefill + N decode
-steps), and reports decode tokens/s = batch * N / (generation - prefill), end-to-end tokens/s,
-and bezoar's speed-up over the peer (the issue's target: >= 2x at batch 1). The peer is
-skipped, with a note in the results, when transformers or bitsandbytes does not import.
+For each batch size (default 1 and 32, in the order given; in each, bezoar's default and the peer
+before the variants) it times a prefill (one forward over the prompts) with ``triton.testing.do_bench``
+(median after warm-up) and a full generation (prefill + N decode steps) by wall clock
+(``common.wall_ms``: one warm-up call, then the median of three, or one call where the warm-up took
+over 2 s), rewrites the results after each case (``complete`` false until the last), and reports
+decode tokens/s = batch * N / (generation - prefill), end-to-end tokens/s, and bezoar's speed-up
+over the peer (the issue's target: >= 2x at batch 1). The peer is skipped, with a note in the
+results, when transformers or bitsandbytes does not import.
 
     python bench/generate.py                       # GPU: writes bench/results/generate-<device>-<date>.json
     python bench/generate.py --smoke               # tiny model on CPU, same code path, writes nothing
@@ -47,6 +50,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+
+
+def timing_order(cases: dict, batches: list[int]) -> dict:
+    """``cases`` in the order they are timed: batch by batch as ``--batches`` lists them (a time limit cuts
+    the last ones), and in each batch bezoar's default and the peer (the target's two cases) before the
+    variants, each group in the order it was added."""
+    return dict(sorted(cases.items(), key=lambda item: (batches.index(item[1][1]),
+                                                        item[1][0] not in ("bezoar", "transformers-bnb"))))
 
 
 def parse_args(argv=None):
@@ -322,8 +333,7 @@ def main(argv=None) -> int:
         rows = []
         extra = {"model": str(args.model or "random open_llama_3b_v2"), "dtype": str(dtype), "peer_note": peer_note,
                  "quant": "nf4, blocksize 64, double quant"}
-        # the default beside the peer first, for each batch: the target's two cases before the variants
-        cases = dict(sorted(cases.items(), key=lambda item: (item[1][1], item[1][0] not in ("bezoar", "transformers-bnb"))))
+        cases = timing_order(cases, batches)
         with common.maybe_profile(args.profile):
             for name, (impl, b, run_generate, run_prefill) in cases.items():
                 prefill_ms = common.bench_ms(run_prefill, smoke=args.smoke)

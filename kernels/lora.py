@@ -53,9 +53,10 @@ The base GEMM runs on one of six paths (``path``, chosen by M when "auto"):
   wide product (the model's kernels take row strides). "auto" takes it whenever it can: it does
   strictly less work than ``cublas``. The merged weight rounds W + s * B @ A
   to the dtype once, the error the dequantized W already has, where the other paths round the
-  LoRA term on its own. On an H100 (bench/lora.py --sweep-merge, 2026-11-27) the merge took 1.7-2.0x
-  the dequantize alone (31 us at 3200x3200, r = 16, against 16 us), and ``merged`` ran 1.07-1.19x NF4
-  alone forward + backward at r = 16 (graph replay; bench/README.md).
+  LoRA term on its own. On an H100 (2026-11-27) the merge kernel took 1.6x the dequantize alone in
+  kernel time (17.9 us a call at 3200x3200, r = 16, against 11.0 us; bench/lora.py --sweep-merge, whose
+  figures also count s B's copy beside W and a graph launch, read 1.7-2.0x over its cases), and
+  ``merged`` ran 1.07-1.19x NF4 alone forward + backward at r = 16 (graph replay; bench/README.md).
 
 * ``gemv`` (inference at M up to the NF4 gemv threshold: decoding with an adapter): the NF4 gemv
   kernel writes each x @ W_j.T into y, then the down launch and the epilogue launch add the LoRA
@@ -1311,6 +1312,8 @@ def merged_weights(plan: _Plan, a: torch.Tensor, b: torch.Tensor, dtype: torch.d
         raise ValueError(f"merge layout must be one of {', '.join(MERGE_LAYOUTS)}, not {config.layout!r}")
     if config.block_n < 16 or config.block_n & (config.block_n - 1):
         raise ValueError(f"merge block_n must be a power of two of at least 16, not {config.block_n}")
+    if config.num_warps < 1 or config.num_warps & (config.num_warps - 1):
+        raise ValueError(f"merge num_warps must be a power of two, not {config.num_warps}")
     ns = plan.out_features
     p, r, k = a.shape
     n_total = sum(ns)

@@ -104,6 +104,8 @@ def _check_setting(key: str, value, where: str) -> None:
         _check_tiles(value, where, ("values_per_prog", "num_warps"))
     elif key == "lora.merge_launch":
         _check_tiles(value, where, ("block_n", "num_warps"), {"layout": MERGE_LAYOUTS})
+        if value["block_n"] < 16:  # the kernel's tl.dot takes at least 16 rows (lora.merged_weights refuses fewer)
+            raise ValueError(f"{where}.block_n: expected at least 16, got {value['block_n']!r}")
     else:
         known = THRESHOLD_KEYS + TILE_KEYS
         raise ValueError(f"{where}: unknown setting (known: {', '.join(known)})")

@@ -85,3 +85,20 @@ def test_bench_generate_writes_after_every_case(monkeypatch):
     assert cases[0] == "bezoar/b1" and set(cases) >= {"bezoar-eager/b1", "bezoar-sdpa/b1", "bezoar-attn/b1"}
     assert [len(c) for _, c, _ in written[:-1]] == list(range(1, len(cases) + 1))
     assert [extra["complete"] for _, _, extra in written] == [False] * len(cases) + [True]
+
+
+def test_bench_generate_times_each_batch_in_the_order_asked():
+    """The timing order: batch by batch as --batches lists them (a time limit cuts the last ones), each
+    batch's bezoar default, then the peer, then the variants in the order they were added."""
+    spec = importlib.util.spec_from_file_location("bench_generate", ROOT / "bench" / "generate.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cases = {}
+    for b in (32, 1):
+        for impl in ("bezoar", "bezoar-eager", "bezoar-sdpa", "bezoar-attn", "transformers-bnb"):
+            cases[f"{impl}/b{b}"] = (impl, b, None, None)
+    got = list(bench.timing_order(cases, [32, 1]))
+    assert got == ["bezoar/b32", "transformers-bnb/b32", "bezoar-eager/b32", "bezoar-sdpa/b32", "bezoar-attn/b32",
+                   "bezoar/b1", "transformers-bnb/b1", "bezoar-eager/b1", "bezoar-sdpa/b1", "bezoar-attn/b1"]
+    only = {"bezoar-eager/b1": cases["bezoar-eager/b1"]}  # --only: the one case
+    assert list(bench.timing_order(only, [32, 1])) == ["bezoar-eager/b1"]

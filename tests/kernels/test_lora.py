@@ -913,6 +913,99 @@ def test_bench_lora_sweep_merge_smoke():
     assert float(cells[2]) > 0 and float(cells[3]) > 0 and float(cells[5]) > 0, row  # dequant, two-pass, best
 
 
+def _bench_lora(monkeypatch, tmp_path):
+    """bench/lora.py loaded in this process, its results captured instead of written."""
+    import argparse
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_lora_sweep", ROOT / "bench" / "lora.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    written = []
+    monkeypatch.setattr(bench.common, "write_results",
+                        lambda name, rows, args, extra=None: written.append((name, rows, extra)))
+    args = argparse.Namespace(smoke=True, budget=0.0, out=str(tmp_path))
+    return bench, args, written
+
+
+def test_sweep_merge_complete_when_every_launch_was_timed(monkeypatch, tmp_path):
+    """--sweep-merge's ``complete``: true where every case timed every launch, even when the last launch's
+    timing ran past --budget (the budget only stops launches that have not started); false where the
+    budget cut a case short."""
+    bench, args, written = _bench_lora(monkeypatch, tmp_path)
+    args.budget = 1000.0
+    timings = []
+
+    def slow_last(fn, smoke=False, **kw):  # the fourth timing (the second launch) ends past the budget
+        fn()
+        timings.append(1)
+        if len(timings) == 4:
+            bench.STARTED = bench.time.perf_counter() - args.budget - 1
+        return 1.0
+
+    monkeypatch.setattr(bench.common, "bench_ms", slow_last)
+    assert bench.sweep_merge(args, [(64, 128)], [8], torch.device("cpu"), torch.float32) == 0
+    (row,) = written[-1][1]
+    assert len(row["grid"]) == 2 and "failed" not in row
+    assert written[-1][2]["complete"] is True, written[-1][2]
+    # cut short: the budget already spent when the second launch would start
+    timings.clear()
+    written.clear()
+    bench.STARTED = bench.time.perf_counter()
+
+    def slow_third(fn, smoke=False, **kw):
+        fn()
+        timings.append(1)
+        if len(timings) == 3:
+            bench.STARTED = bench.time.perf_counter() - args.budget - 1
+        return 1.0
+
+    monkeypatch.setattr(bench.common, "bench_ms", slow_third)
+    bench.sweep_merge(args, [(64, 128)], [8], torch.device("cpu"), torch.float32)
+    (row,) = written[-1][1]
+    assert len(row["grid"]) == 1 and written[-1][2]["complete"] is False
+
+
+def test_sweep_merge_graph_timing_alternates_the_weight_copies(monkeypatch, tmp_path):
+    """--sweep-merge cycles through two copies of W so that a timed call does not find W in L2; in graph
+    timing only the captured calls run at replay, so each capture must hold a call on each copy (one
+    captured call replays the same copy every time)."""
+    bench, args, written = _bench_lora(monkeypatch, tmp_path)
+    args.smoke = False
+    monkeypatch.setattr(bench, "merge_sweep_configs", lambda L, smoke: [L.MergeConfig("pairs", 16, 4)])
+    seen, capturing = [], []
+
+    def fake_graph_ms(fn, warmup=25, rep=100, calls=1):
+        for _ in range(3):  # graph_ms's warm-up on the side stream
+            fn()
+        capturing.append(set())
+        for _ in range(calls):
+            fn()
+        seen.append(capturing.pop())
+        return 1.0
+
+    real_dequant, real_merge = nf4.dequantize_nf4_triton, L.merged_weights
+
+    def dequant(w, *a, **kw):
+        if capturing:
+            capturing[-1].add(id(w))
+        return real_dequant(w, *a, **kw)
+
+    def merge(plan, *a, **kw):
+        if capturing:
+            capturing[-1].add(id(plan.weights[0]))
+        return real_merge(plan, *a, **kw)
+
+    monkeypatch.setattr(bench.common, "graph_ms", fake_graph_ms)
+    monkeypatch.setattr(nf4, "dequantize_nf4_triton", dequant)
+    monkeypatch.setattr(L, "merged_weights", merge)
+    with backend("triton"):
+        assert bench.sweep_merge(args, [(64, 128)], [8], torch.device("cpu"), torch.float32) == 0
+    assert len(seen) == 3, seen  # the dequantize, dequantize + addmm, the one launch
+    assert all(len(copies) == 2 for copies in seen), seen
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 8])
 def test_bf16_gemv_lora_on_gpu(m):

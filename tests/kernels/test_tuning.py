@@ -162,6 +162,8 @@ def test_tuned_merge_launch_reaches_the_merge_kernel(tmp_path, monkeypatch):
         L.merged_weights(plan, a, b, torch.float32, config=L.MergeConfig("rows"))
     with pytest.raises(ValueError, match="merge block_n must be a power of two of at least 16, not 24"):
         L.merged_weights(plan, a, b, torch.float32, config=L.MergeConfig(block_n=24))
+    with pytest.raises(ValueError, match="merge num_warps must be a power of two, not 3"):
+        L.merged_weights(plan, a, b, torch.float32, config=L.MergeConfig(num_warps=3))
 
 
 def test_merge_sweep_rows_give_the_merge_launch():
@@ -291,6 +293,9 @@ def test_user_file_overrides_the_shipped_entry(tmp_path, monkeypatch):
      '"num_warps": 4}}, "triton": "3.6"}}}', r"merge_launch\.layout: expected one of pairs, two_dots, joined"),
     ('{"format": 1, "devices": {"cpu": {"settings": {"lora.merge_launch": {"block_n": 48, "num_warps": 4}}, '
      '"triton": "3.6"}}}', r"merge_launch\.block_n: expected a power of two"),
+    # a power of two the merge kernel cannot take (tl.dot needs 16 rows): the file is refused, not every call
+    ('{"format": 1, "devices": {"cpu": {"settings": {"lora.merge_launch": {"block_n": 8, "num_warps": 4}}, '
+     '"triton": "3.6"}}}', r"merge_launch\.block_n: expected at least 16"),
 ])
 def test_bad_tuning_files_name_the_file_and_key(tmp_path, monkeypatch, text, match):
     path = tmp_path / "mine.json"
@@ -818,3 +823,18 @@ def test_lora_targets_judge_only_cases_with_both_times():
     assert slow["faster than bitsandbytes + PEFT [eager]"]["status"] == "missed"
     no_bnb = {t["target"]: t for t in lora.check_targets([dict(row(None), bnb_peft=None)], [], "eager")}
     assert no_bnb["faster than bitsandbytes + PEFT [eager]"]["detail"] == "bitsandbytes not measured"
+
+
+def test_lora_targets_without_the_nf4_baseline_still_judge_and_do_not_crash():
+    """A case where lora_auto and the peers were timed but NF4 alone was not (its timing failed, or its
+    graph capture did) has no ratios: the PEFT verdict still compares the times, and its detail says
+    so, where formatting the missing ratios raised and lost the whole run (check_targets runs before
+    the results are written)."""
+    lora = _load_bench("lora")
+    row = {"shape": "3200x3200", "M": 16384, "r": 16, "lora_auto": 1.2, "lora_auto/nf4_only": None,
+           "peft_style": 1.5, "peft_style/nf4_only": None, "bnb_peft": 1.4}
+    got = {t["target"]: t for t in lora.check_targets([row], [], "graph replay")}
+    peft = got["faster than PEFT-style separate LoRA matmuls on the same NF4 base [graph replay]"]
+    assert peft["status"] == "met", peft
+    assert "3200x3200 M=16384 r=16" in peft["detail"] and "1.2" in peft["detail"], peft
+    assert got["faster than bitsandbytes + PEFT [graph replay]"]["status"] == "met"
