@@ -14,7 +14,7 @@
 #   decode         bench/generate.py --breakdown 32: a 3B decode step at batch 1, GPU time per kernel
 #   generate       bench/generate.py --batches 1: decode tokens/s with CUDA graphs against transformers + bnb
 #   lora           bench/lora.py, cuBLAS, concat and tma paths, M = 16384 and 4096, r = 16 and 64 (issue 4)
-#   lora_nodrop    bench/lora.py --dropout 0: merged (what auto takes) and concat, M = 16384 and 4096, r = 16 and 64,
+#   lora_nodrop    bench/lora.py --dropout 0: auto (merged there, which is also timed as itself) and concat, M = 16384 and 4096, r = 16 and 64,
 #                  beside PEFT-style and bitsandbytes + PEFT (issue 4 without dropout)
 #   lora_breakdown bench/lora.py --breakdown: GPU time per kernel and in passes over the input, NF4 alone
 #                  against the cuBLAS and concat paths and the fused norm + q/k/v, M = 16384, r = 16; then
@@ -119,7 +119,7 @@ run_part() {
     generate) part generate 130 "$PYTHON" bench/generate.py --batches 1 --out "$OUT_DIR" ;;
     lora) part lora 125 "$PYTHON" bench/lora.py --paths cublas,concat,tma --ranks 16,64 --ms 16384,4096 --no-groups \
       --budget 105 --out "$OUT_DIR" ;;
-    lora_nodrop) part lora_nodrop 100 "$PYTHON" bench/lora.py --dropout 0 --paths concat --ranks 16,64 --ms 16384,4096 \
+    lora_nodrop) part lora_nodrop 100 "$PYTHON" bench/lora.py --dropout 0 --paths auto,concat --ranks 16,64 --ms 16384,4096 \
       --no-groups --budget 85 --out "$OUT_DIR" ;;
     lora_breakdown)
       part lora_breakdown 75 "$PYTHON" bench/lora.py --breakdown default --shapes 3200x3200,8640x3200 --ms 16384 \
@@ -133,7 +133,7 @@ run_part() {
       part merge_breakdown 40 env BEZOAR_TUNING="$OUT_DIR/merge-tuning.json" "$PYTHON" bench/lora.py \
         --breakdown "$NO_DROPOUT_CASES" --dropout 0 --shapes 3200x3200 --ms 16384 --ranks 16 --paths concat --no-groups \
         --out "$OUT_DIR"
-      part merge_lora 80 env BEZOAR_TUNING="$OUT_DIR/merge-tuning.json" "$PYTHON" bench/lora.py --paths concat \
+      part merge_lora 80 env BEZOAR_TUNING="$OUT_DIR/merge-tuning.json" "$PYTHON" bench/lora.py --paths auto,concat \
         --dropout 0 --no-groups --ms 16384,4096 --ranks 16,64 --budget 65 --out "$OUT_DIR"
       part merge_tests 75 env -u TRITON_INTERPRET "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider -rfE \
         "${parallel[@]}" tests/kernels/test_lora.py -k merge ;;

@@ -80,7 +80,7 @@ def test_gpu_short_dry_run_fits_one_call_and_runs_the_parts_asked_for():
     for piece in ("GPU_TEST_LIMIT=150 bash scripts/gpu_check.sh --gpu-only",
                   "bench/generate.py --batches 1 --out /tmp/bezoar-gpu-out",
                   r"bench/lora.py --paths cublas\,concat\,tma --ranks 16\,64 --ms 16384\,4096 --no-groups",
-                  r"bench/lora.py --dropout 0 --paths concat --ranks 16\,64 --ms 16384\,4096 --no-groups"):
+                  r"bench/lora.py --dropout 0 --paths auto\,concat --ranks 16\,64 --ms 16384\,4096 --no-groups"):
         assert piece in text, piece
     assert "would pack" in text and "more than 8 files" in text
     # every part by name, in the order asked; each part's limit stays under the call's total
