@@ -7,7 +7,7 @@
     [data]   see bezoar.data.DataConfig
     [optim]  lr, schedule, warmup, clipping (bezoar.train.loop.OptimConfig)
     [train]  batch_size, grad_accum, epochs / max_steps, precision, logging, eval, checkpoints
-    [dpo]    beta, loss, label_smoothing, precompute_ref (DPO stages)
+    [dpo]    beta, loss, label_smoothing, precompute_ref, disable_dropout (DPO stages)
 
 Loaded with ``bezoar.config.load_config(StageConfig, path, ["optim.lr=1e-4", ...])``: unknown keys
 and wrong types are errors that name the key.
@@ -70,6 +70,10 @@ class DPOSection:
     label_smoothing: float = 0.0  # assumed rate of flipped labels, in [0, 0.5): sigmoid (cDPO) and robust
     precompute_ref: bool = False  # one pass first; reference log-probs cached on disk and reused
     ref_cache_dir: str | None = None  # default: <out>/ref_cache
+    # the policy's LoRA dropout off in DPO (as TRL's DPOConfig.disable_dropout, default true, does to every
+    # dropout module): the policy's log-probs then come from the weights alone, like the reference's, and
+    # the stage runs on the merged LoRA path; lora.dropout is still what adapter_config.json records
+    disable_dropout: bool = True
 
     def __post_init__(self):
         if not self.beta > 0:

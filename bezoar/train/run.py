@@ -104,7 +104,10 @@ def build_model(cfg: StageConfig, device: torch.device, dist=None):
         dist.barrier()
     dtype = None if cfg.model.dtype == "auto" else cfg.model.dtype
     model = load(path, quant=None if cfg.model.quant == "none" else "nf4", device=device, dtype=dtype)
-    apply_lora(model, cfg.lora)
+    adapters = apply_lora(model, cfg.lora)
+    if cfg.stage == "dpo" and cfg.dpo.disable_dropout:
+        for module in adapters.values():  # dpo.disable_dropout: the policy trains without LoRA dropout
+            module.dropout_p = 0.0
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     return model, path
 

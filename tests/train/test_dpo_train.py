@@ -109,3 +109,24 @@ def test_pairs_too_long_for_one_row_name_the_keys_to_change(tiny_dir, tmp_path):
                                           r"data\.max_seq_len // 2 \(64\)"):
         run_stage(stage_config(tiny_dir, data, tmp_path / "out", "data.max_len=128"), log=lambda *a: None)
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_dpo_policy_trains_without_lora_dropout_unless_asked(tiny_dir, tmp_path):
+    """dpo.disable_dropout (default true, as TRL's DPOConfig): a DPO stage's LoRA layers run with dropout 0
+    whatever lora.dropout says, and the adapter's config still records lora.dropout; false keeps it. An SFT
+    stage keeps its dropout."""
+    from bezoar.model.lora import lora_modules
+    from bezoar.train.run import build_model
+
+    data = tmp_path / "pairs.jsonl"
+    cfg = stage_config(tiny_dir, data, tmp_path / "x", "lora.dropout=0.05")
+    assert cfg.dpo.disable_dropout is True
+    model, _ = build_model(cfg, torch.device("cpu"))
+    assert {m.dropout_p for m in lora_modules(model).values()} == {0.0}
+    assert model.lora_config.dropout == 0.05
+    kept = stage_config(tiny_dir, data, tmp_path / "y", "lora.dropout=0.05", "dpo.disable_dropout=false")
+    model, _ = build_model(kept, torch.device("cpu"))
+    assert {m.dropout_p for m in lora_modules(model).values()} == {0.05}
+    sft = stage_config(tiny_dir, data, tmp_path / "z", "stage=sft", "lora.dropout=0.05", "data.format=instruction")
+    model, _ = build_model(sft, torch.device("cpu"))
+    assert {m.dropout_p for m in lora_modules(model).values()} == {0.05}
