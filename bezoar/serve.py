@@ -24,6 +24,11 @@ requests arrive with it. The model runs in one worker thread so the event loop k
 Bad requests get OpenAI-style errors: status 400 (404 for an unknown model or route) with
 ``{"error": {"message", "type", "param", "code"}}``.
 
+What one request may ask for: a body of at most 64 MiB; ``n`` up to 16; each prompt plus its
+``max_tokens`` within the model's context; and at most ``--max-request-seqs`` sequences (default 128):
+``n`` times the number of prompts, checked before any prompt is tokenized. So one request decodes at
+most that many sequences of at most the context's length, in batches of ``--max-batch-size`` rows.
+
 lm-eval through the server: ``--model local-completions --model_args model=NAME,base_url=
 http://127.0.0.1:8000/v1/completions,tokenizer=DIR,tokenizer_backend=huggingface,add_bos_token=True,
 max_length=L+2`` gives the numbers ``--model bezoar`` gives with ``max_length=L`` (local-completions
@@ -67,6 +72,8 @@ API_KEY_ENV = "BEZOAR_SERVE_API_KEY"
 MAX_LOGPROBS = 20
 MAX_N = 16
 MAX_STOP = 16
+MAX_REQUEST_SEQS = 128  # default --max-request-seqs: sequences (n x prompts) one request may ask for
+MAX_BODY_BYTES = 64 * 2**20
 
 
 class ApiError(Exception):
@@ -135,6 +142,14 @@ def _stop(body: dict) -> list[str]:
     if len(value) > MAX_STOP:
         raise ApiError(f"stop takes at most {MAX_STOP} strings, got {len(value)}", "stop")
     return [s for s in value if s]
+
+
+def _prompt_count(prompt) -> int:
+    """How many prompts ``prompt`` holds, read from its shape alone (nothing tokenized): a list of strings or
+    of token-id lists holds one per item, anything else is one prompt (or a shape ``_prompts`` refuses)."""
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        return len(prompt)
+    return 1
 
 
 def _common(body: dict, allowed: set[str]) -> None:
@@ -495,9 +510,13 @@ class Server:
     """The aiohttp application around an Engine."""
 
     def __init__(self, model, tokenizer, name: str, max_batch_size: int = 32, batch_window_s: float = 0.005,
-                 api_key: str | None = None, template=None, decode: str = "auto"):
+                 api_key: str | None = None, template=None, decode: str = "auto",
+                 max_request_seqs: int = MAX_REQUEST_SEQS):
         from bezoar.data.formats import PromptTemplate
 
+        if max_request_seqs < 1:
+            raise ValueError(f"max_request_seqs must be at least 1, got {max_request_seqs}")
+        self.max_request_seqs = max_request_seqs
         self.template = template or PromptTemplate()
         self.tokenizer = tokenizer
         self.name = name
@@ -508,7 +527,7 @@ class Server:
         self.vocab = tokenizer.vocab_size
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors], client_max_size=64 * 2**20)
+        app = web.Application(middlewares=[self._errors], client_max_size=MAX_BODY_BYTES)
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{name}", self.model_info)
@@ -585,21 +604,26 @@ class Server:
 
     # -- prompts --
 
-    def _prompts(self, prompt) -> list[list[int]]:
-        """``prompt`` in any of its four OpenAI shapes as token-id lists (text gets BOS)."""
+    def _prompts(self, prompt, max_tokens: int) -> list[list[int]]:
+        """``prompt`` in any of its four OpenAI shapes as token-id lists (text gets BOS), each checked against
+        the context as it comes (a request stops at its first prompt too long, the rest untokenized)."""
+        def fits(ids: list[int]) -> list[int]:
+            self._check_length(ids, max_tokens, "max_tokens")
+            return ids
+
         if isinstance(prompt, str):
-            return [self.tokenizer.encode(prompt, bos=True)]
+            return [fits(self.tokenizer.encode(prompt, bos=True))]
         if isinstance(prompt, list) and prompt:
             if all(isinstance(p, str) for p in prompt):
-                return [self.tokenizer.encode(p, bos=True) for p in prompt]
+                return [fits(self.tokenizer.encode(p, bos=True)) for p in prompt]
             if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-                return [self._check_ids(prompt, "prompt")]
+                return [fits(self._check_ids(prompt, "prompt"))]
             if all(isinstance(p, list) for p in prompt):
                 out = []
                 for i, p in enumerate(prompt):
                     if not p or not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
                         raise ApiError(f"prompt[{i}] must be a non-empty list of token ids", "prompt")
-                    out.append(self._check_ids(p, f"prompt[{i}]"))
+                    out.append(fits(self._check_ids(p, f"prompt[{i}]")))
                 return out
         raise ApiError("prompt must be a string, a list of strings, a list of token ids or a list of "
                        "token-id lists (none of them empty)", "prompt")
@@ -609,6 +633,14 @@ class Server:
         if bad:
             raise ApiError(f"{where}: token id {bad[0]} is outside the vocabulary (0..{self.vocab - 1})", "prompt")
         return list(ids)
+
+    def _check_sequences(self, n: int, prompts: int) -> None:
+        """Refuse a request for more sequences (``n`` for each prompt) than ``--max-request-seqs``."""
+        if n * prompts > self.max_request_seqs:
+            raise ApiError(f"This request asks for {n * prompts} sequences (n={n} x {prompts} "
+                           f"prompt{'s' if prompts != 1 else ''}); this server decodes at most {self.max_request_seqs} "
+                           "sequences per request (--max-request-seqs). Send fewer prompts per request or a smaller n.",
+                           "prompt" if prompts > self.max_request_seqs else "n")
 
     def _check_length(self, prompt_ids: list[int], max_tokens: int, param: str) -> None:
         total = len(prompt_ids) + max_tokens
@@ -627,7 +659,6 @@ class Server:
             raise ApiError("suffix is not supported by bezoar.serve", "suffix")
         if "prompt" not in body:
             raise ApiError("you must provide a prompt parameter", "prompt")
-        prompts = self._prompts(body["prompt"])
         echo = _boolean(body, "echo")
         max_tokens = _integer(body, "max_tokens", 16, 0 if echo else 1)
         temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
@@ -642,8 +673,8 @@ class Server:
         if stream and logprobs is not None:
             raise ApiError("logprobs with stream is not supported by bezoar.serve", "logprobs")
         stop = _stop(body)
-        for ids in prompts:
-            self._check_length(ids, max_tokens, "max_tokens")
+        self._check_sequences(n, _prompt_count(body["prompt"]))  # before any prompt is tokenized
+        prompts = self._prompts(body["prompt"], max_tokens)
         queue = asyncio.Queue() if stream else None
         jobs = [Job(prompt_ids=ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                     stop=stop, logprobs=logprobs, echo=echo, index=p * n + c, stream=queue)
@@ -706,6 +737,8 @@ class Server:
         _common(body, CHAT_KEYS)
         if "messages" not in body:
             raise ApiError("you must provide a messages parameter", "messages")
+        n = _integer(body, "n", 1, 1, MAX_N)
+        self._check_sequences(n, 1)
         try:
             prompt = chat_prompt(body["messages"], self.template)
         except ChatError as e:
@@ -724,7 +757,6 @@ class Server:
         self._check_length(ids, max_tokens, name)
         temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
         top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
-        n = _integer(body, "n", 1, 1, MAX_N)
         seed = _integer(body, "seed", None, -(2**63), 2**63 - 1)
         want_logprobs = _boolean(body, "logprobs")
         top = _integer(body, "top_logprobs", None, 0, MAX_LOGPROBS)
@@ -823,7 +855,8 @@ class Server:
 
 def build_server(model_dir: str, adapter: str | None = None, quant: str | None = None, dtype: str | None = None,
                  device: str | None = None, name: str | None = None, max_batch_size: int = 32,
-                 batch_window_ms: float = 5.0, system: str | None = None, decode: str = "auto") -> Server:
+                 batch_window_ms: float = 5.0, system: str | None = None, decode: str = "auto",
+                 max_request_seqs: int = MAX_REQUEST_SEQS) -> Server:
     from bezoar.data.formats import PromptTemplate
     from bezoar.model import Tokenizer, load
 
@@ -832,7 +865,7 @@ def build_server(model_dir: str, adapter: str | None = None, quant: str | None =
     template = PromptTemplate() if system is None else PromptTemplate(system=system)
     return Server(model, tokenizer, name or Path(model_dir).resolve().name, max_batch_size=max_batch_size,
                   batch_window_s=batch_window_ms / 1000, api_key=os.environ.get(API_KEY_ENV) or None,
-                  template=template, decode=decode)
+                  template=template, decode=decode, max_request_seqs=max_request_seqs)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -908,7 +941,11 @@ def main(argv: list[str] | None = None) -> int:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=int, default=8000)
-    g.add_argument("--max-batch-size", type=int, default=32, help="most sequences decoded together")
+    g.add_argument("--max-batch-size", type=int, default=32, help="most sequences decoded together (default 32)")
+    g.add_argument("--max-request-seqs", type=int, default=MAX_REQUEST_SEQS, metavar="N",
+                   help=f"most sequences one request may ask for: n x the number of prompts (default "
+                   f"{MAX_REQUEST_SEQS}); a request for more is refused with a 400 before any work; with the "
+                   "context length, this bounds how long one request holds the model")
     g.add_argument("--batch-window-ms", type=float, default=5.0,
                    help="how long the scheduler waits for more requests before it starts a batch")
     g.add_argument("--decode", choices=["auto", "eager", "static", "graph"], default="auto",
@@ -917,9 +954,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.max_batch_size < 1:
         p.error("--max-batch-size must be at least 1")
+    if args.max_request_seqs < 1:
+        p.error("--max-request-seqs must be at least 1")
     try:
         server = build_server(args.model, args.adapter, args.quant, args.dtype, args.device, args.name,
-                              args.max_batch_size, args.batch_window_ms, args.system, args.decode)
+                              args.max_batch_size, args.batch_window_ms, args.system, args.decode,
+                              args.max_request_seqs)
     except (ValueError, OSError) as e:
         print(f"bezoar.serve: {e}", file=sys.stderr)
         return 2

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     log = print
     try:
         if launched_by_torchrun():
-            dist = Dist()
+            dist = Dist()  # joins the process group on the first stage's model.device (run_stage)
             if dist.rank != 0:
                 log = _quiet
         if args.config:

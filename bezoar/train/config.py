@@ -31,7 +31,9 @@ class ModelSection:
     path: str = "tiny:demo"  # a Hugging Face folder, or tiny:<preset> to build a tiny random model
     quant: Literal["nf4", "none"] = "nf4"  # QLoRA: NF4 base weights
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    device: str = "auto"  # auto: cuda when present, else cpu
+    # auto: cuda when present, else cpu. Under torchrun (bezoar.train.distributed.rank_device): auto and cuda
+    # train each rank on cuda:LOCAL_RANK, cpu every rank on the CPU (gloo); cuda:N is refused there.
+    device: str = "auto"
     kernels: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton on CUDA, torch reference elsewhere
     # activation checkpointing per decoder layer (bezoar.model.checkpointing): "off"; "full" (keep each
     # layer's inputs, recompute the layer); "cheap" (also keep the linear and attention outputs, recompute

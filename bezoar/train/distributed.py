@@ -6,6 +6,12 @@ The NF4 base is replicated and frozen (DDP syncs only parameters that require gr
 not broadcast); every rank takes its own share of each global batch (``BatchLoader(world_size, rank)``),
 so the global batch and the loss normalisation equal the single-process run. Rank 0 alone writes
 metrics, checkpoints and the final adapter.
+
+``model.device`` under torchrun (``rank_device``): ``auto`` trains each rank on its own GPU, cuda:LOCAL_RANK,
+when torch sees CUDA, and on the CPU otherwise; ``cuda`` is the same but requires CUDA; ``cpu`` trains every
+rank on the CPU with gloo, GPUs or not. ``cuda:N`` is refused: torchrun gives each rank one GPU by its
+LOCAL_RANK, so one index cannot hold for every rank; CUDA_VISIBLE_DEVICES chooses which GPUs they are.
+The process group starts with the first stage a process runs (``Dist.start``), on that stage's device.
 """
 
 from __future__ import annotations
@@ -18,25 +24,74 @@ import warnings
 import torch
 import torch.distributed as torch_dist
 
+from bezoar.config import ConfigError
+
 
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
+def rank_device(name: str, local_rank: int) -> torch.device:
+    """The device a torchrun rank with this LOCAL_RANK trains on, for ``model.device = name`` (see above).
+    Every rank reads the same config, so a refused setting stops them all alike, before the process group
+    starts; too few GPUs stops the ranks beyond them, and torchrun then stops the others."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if name != "auto":
+        device = torch.device(name)
+        if device.type != "cuda":
+            raise ConfigError(f'model.device = "{name}": under torchrun a rank trains on "auto" (its own GPU, '
+                              'else the CPU), "cuda" (its own GPU) or "cpu"')
+        if device.index is not None:
+            raise ConfigError(f'model.device = "{name}" names one GPU, but under torchrun every rank trains on a GPU '
+                              f'of its own, which torchrun assigns by LOCAL_RANK (cuda:{local_rank} for this rank); '
+                              'set model.device = "auto" or "cuda" (or "cpu"), and choose the GPUs with '
+                              "CUDA_VISIBLE_DEVICES (e.g. CUDA_VISIBLE_DEVICES=1,2 torchrun --nproc-per-node 2 ...)")
+        if not torch.cuda.is_available():
+            raise ConfigError(f'model.device = "{name}": this machine has no CUDA device torch can use '
+                              '(model.device = "auto" or "cpu" trains every rank on the CPU)')
+    elif not torch.cuda.is_available():
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ConfigError(f'model.device = "{name}": torchrun started a rank with LOCAL_RANK {local_rank}, but torch '
+                          f"sees {count} GPU{'s' if count != 1 else ''} "
+                          f"(CUDA_VISIBLE_DEVICES={visible if visible is not None else 'unset'}); each rank needs a "
+                          f"GPU of its own, so start at most {count} per node (--nproc-per-node), or set "
+                          'model.device = "cpu" to train every rank on the CPU')
+    return torch.device("cuda", local_rank)
+
+
 class Dist:
-    def __init__(self, device: str = "auto"):
+    """This process's place in a torchrun run; ``start`` joins the process group on the stage's device."""
+
+    def __init__(self, device: str | None = None):
         self.rank = int(os.environ["RANK"])
         self.world_size = int(os.environ["WORLD_SIZE"])
         self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
-        use_cuda = torch.cuda.is_available() and device != "cpu"
-        if use_cuda:
-            torch.cuda.set_device(self.local_rank)
-            self.device = torch.device("cuda", self.local_rank)
-        else:
-            self.device = torch.device("cpu")
-        self.backend = "nccl" if use_cuda else "gloo"
+        self.device: torch.device | None = None
+        self.backend: str | None = None
+        if device is not None:
+            self.start(device)
+
+    def start(self, device: str = "auto") -> torch.device:
+        """The device this rank trains on for ``model.device = device`` (``rank_device``), the process group
+        started on it with the first call (NCCL on GPUs, gloo on the CPU). A later stage must train on the
+        same device: one process group serves every stage of a run."""
+        want = rank_device(device, self.local_rank)
+        if self.device is not None:
+            if want != self.device:
+                raise ConfigError(f'model.device = "{device}" trains this rank on {want}, but an earlier stage of this '
+                                  f"run started the process group on {self.device} ({self.backend}); under torchrun "
+                                  "every stage of a run trains on the same device")
+            return self.device
+        if want.type == "cuda":
+            torch.cuda.set_device(want)
+        self.device, self.backend = want, ("nccl" if want.type == "cuda" else "gloo")
         if not torch_dist.is_initialized():
             torch_dist.init_process_group(self.backend, timeout=datetime.timedelta(minutes=30))
+        return want
 
     def wrap(self, model):
         from torch.nn.parallel import DistributedDataParallel

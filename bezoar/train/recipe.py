@@ -383,6 +383,16 @@ def run_recipe(name_or_dir: str, root, overrides: list[str], log=print, dist=Non
     for stage, cfg in configs:  # all before anything runs, not a changed later stage found hours in
         if is_complete(Path(cfg.out)):
             check_complete(Path(cfg.out), cfg)
+    if dist is not None:  # one process group serves every stage: their model.device must agree
+        from .distributed import rank_device
+
+        todo = [(stage.name, cfg.model.device) for stage, cfg in configs if not is_complete(Path(cfg.out))]
+        devices = [(name, setting, rank_device(setting, dist.local_rank)) for name, setting in todo]
+        for name, setting, device in devices[1:]:
+            if device != devices[0][2]:
+                raise ConfigError(f'stage {name!r}: model.device = "{setting}" trains on {device}, but stage '
+                                  f'{devices[0][0]!r} (model.device = "{devices[0][1]}") trains on {devices[0][2]}; '
+                                  "under torchrun every stage of a run trains on the same device")
     for stage, cfg in configs:
         if is_complete(Path(cfg.out)):
             log(f"[{stage.name}] done already: {cfg.out}")

@@ -197,7 +197,8 @@ def run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None) -> P
         log(f"{out}: complete already ({SUMMARY} present); nothing to do")
         return out
     check_run_dir(out, cfg, resume)  # every rank: an error must stop them all, not leave some waiting
-    device = dist.device if dist is not None else resolve_device(cfg.model.device)
+    # under torchrun: the rank's device for model.device, where the process group starts (first stage)
+    device = dist.start(cfg.model.device) if dist is not None else resolve_device(cfg.model.device)
     torch.manual_seed(cfg.train.seed)
     with backend(cfg.model.kernels):
         model, base_path = build_model(cfg, device, dist)

@@ -375,6 +375,7 @@ def test_command_line_help_and_bad_folder(capsys):
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert "--quant" in out and "127.0.0.1" in out
+    assert "--max-request-seqs" in out and "(default 128)" in " ".join(out.split())
     assert main(["--model", "/no/such/folder"]) == 2
     err = capsys.readouterr().err
     assert "/no/such/folder" in err and "Traceback" not in err
@@ -405,3 +406,57 @@ def test_command_line_serves(tiny_dir):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_sequences_per_request_are_capped_before_any_work(tiny_model, tiny_tokenizer, monkeypatch):
+    """--max-request-seqs bounds n x prompts: a request at the cap is served; one over it is a 400 naming
+    n, prompt and the cap, refused before a prompt is tokenized or anything reaches the model."""
+    from bezoar.serve import BackgroundServer, Server
+
+    server = Server(tiny_model, tiny_tokenizer, "tiny", max_batch_size=4, batch_window_s=0.0, max_request_seqs=6)
+    encoded = []
+    encode = tiny_tokenizer.encode
+    monkeypatch.setattr(tiny_tokenizer, "encode", lambda *a, **k: encoded.append(a) or encode(*a, **k))
+    with BackgroundServer(server) as bg:
+        engine = bg.server.engine
+        url = bg.url + "/v1/completions"
+        status, reply = post(url, {"model": "tiny", "prompt": ["The cat", "Once", "Health is"], "n": 2,
+                                   "max_tokens": 2, "temperature": 0})
+        assert status == 200, reply
+        assert [c["index"] for c in reply["choices"]] == list(range(6))
+        assert engine.batches == 2  # 6 rows in batches of at most --max-batch-size 4
+        status, reply = post(url, {"model": "tiny", "prompt": [[1, 5]] * 6, "max_tokens": 2, "temperature": 0})
+        assert status == 200 and len(reply["choices"]) == 6, reply
+        batches, encoded[:] = engine.batches, []
+        over = [({"prompt": ["The cat", "Once", "Health is", "x"], "n": 2}, "n", "8 sequences (n=2 x 4 prompts)"),
+                ({"prompt": [[1, 5]] * 7}, "prompt", "7 sequences (n=1 x 7 prompts)"),
+                ({"prompt": ["a"] * 5000, "n": 16}, "prompt", "80000 sequences (n=16 x 5000 prompts)")]
+        for body, param, asked in over:
+            status, reply = post(url, {"model": "tiny", "max_tokens": 2, **body})
+            assert status == 400, reply
+            error = reply["error"]
+            assert error["type"] == "invalid_request_error" and error["param"] == param
+            assert asked in error["message"] and "at most 6 sequences" in error["message"], error
+            assert "--max-request-seqs" in error["message"]
+        status, reply = post(bg.url + "/v1/chat/completions",
+                             {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 7})
+        assert status == 400 and reply["error"]["param"] == "n", reply
+        assert "7 sequences (n=7 x 1 prompt)" in reply["error"]["message"]
+        assert engine.batches == batches, "a refused request reached the model"
+        assert encoded == [], "a refused request was tokenized"
+        # under the cap, the prompts are checked against the context one by one: the first too long stops it
+        status, reply = post(url, {"model": "tiny", "prompt": ["The cat " * 600, "Once", "Health is"], "max_tokens": 2})
+        assert status == 400 and reply["error"]["code"] == "context_length_exceeded", reply
+        assert len(encoded) == 1 and engine.batches == batches
+    with pytest.raises(ValueError, match="max_request_seqs"):
+        Server(tiny_model, tiny_tokenizer, "tiny", max_request_seqs=0)
+
+
+def test_the_default_cap_on_sequences_per_request(served):
+    from bezoar.serve import MAX_REQUEST_SEQS
+
+    assert served.server.max_request_seqs == MAX_REQUEST_SEQS == 128
+    status, reply = post(served.url + "/v1/completions",
+                         {"model": "tiny", "prompt": [[1]] * 129, "max_tokens": 1, "temperature": 0})
+    assert status == 400 and reply["error"]["param"] == "prompt", reply
+    assert "at most 128 sequences" in reply["error"]["message"]

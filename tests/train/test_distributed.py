@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -85,3 +86,86 @@ def test_killed_two_process_run_resumes_equal(tmp_path):
     wa, wb = adapter(straight), adapter(killed)
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "resumed 2-process run differs from the uninterrupted one"
     assert [m["loss"] for m in read_metrics(killed) if "loss" in m] == [m["loss"] for m in read_metrics(straight) if "loss" in m]
+
+
+# ---- model.device under torchrun ----------------------------------------------------------------
+
+
+@pytest.fixture()
+def two_gpus(monkeypatch):
+    """torch reports two CUDA devices (nothing runs on them)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+
+def test_rank_device_follows_model_device(two_gpus, monkeypatch):
+    from bezoar.config import ConfigError
+    from bezoar.train.distributed import rank_device
+
+    assert rank_device("auto", 1) == torch.device("cuda", 1)
+    assert rank_device("cuda", 1) == torch.device("cuda", 1)
+    assert rank_device("cpu", 1) == torch.device("cpu")
+    for name in ("cuda:0", "cuda:1"):
+        with pytest.raises(ConfigError, match=rf'model.device = "{name}" names one GPU.*torchrun assigns by '
+                                              r"LOCAL_RANK \(cuda:1 for this rank\).*CUDA_VISIBLE_DEVICES"):
+            rank_device(name, 1)
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK 2, but torch sees 2 GPUs.*model.device = \"cpu\""):
+        rank_device("auto", 2)
+    with pytest.raises(ConfigError, match='model.device = "meta": under torchrun'):
+        rank_device("meta", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert rank_device("auto", 1) == torch.device("cpu")
+    with pytest.raises(ConfigError, match='model.device = "cuda": this machine has no CUDA device'):
+        rank_device("cuda", 0)
+
+
+def test_dist_starts_the_process_group_on_the_stages_device(two_gpus, monkeypatch):
+    """model.device = "cpu" on a GPU machine: every rank on the CPU with gloo (the process group used to
+    start before the config was read, on cuda:LOCAL_RANK with NCCL, whatever model.device said)."""
+    import torch.distributed as torch_dist
+
+    from bezoar.config import ConfigError
+    from bezoar.train.distributed import Dist
+
+    for key, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(key, value)
+    calls = []
+    monkeypatch.setattr(torch_dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch_dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    dist = Dist()
+    assert dist.device is None and calls == [], "nothing may start before the stage's model.device is known"
+    assert dist.start("cpu") == torch.device("cpu") and dist.backend == "gloo"
+    assert calls == [("init", "gloo")]
+    assert dist.start("cpu") == torch.device("cpu") and len(calls) == 1  # a later stage on the same device
+    with pytest.raises(ConfigError, match="earlier stage.*same device"):
+        dist.start("auto")
+    on_gpu = Dist()
+    assert on_gpu.start("auto") == torch.device("cuda", 1) and on_gpu.backend == "nccl"
+    assert calls[1:] == [("set_device", torch.device("cuda", 1)), ("init", "nccl")]
+
+
+def test_a_recipe_under_torchrun_trains_every_stage_on_one_device(two_gpus, tmp_path):
+    from types import SimpleNamespace
+
+    from bezoar.config import ConfigError
+    from bezoar.train.recipe import run_recipe
+
+    with pytest.raises(ConfigError, match=r"stage 'dpo': model.device = \"auto\" trains on cuda:0, but stage 'sft' "
+                                          r"\(model.device = \"cpu\"\) trains on cpu"):
+        run_recipe("demo", tmp_path, ["sft.model.device=cpu"], log=lambda *a: None,
+                   dist=SimpleNamespace(rank=0, world_size=2, local_rank=0))
+    assert not any(tmp_path.iterdir()), "nothing may run before the stages' devices are checked"
+
+
+def test_an_explicit_gpu_under_torchrun_is_refused_on_every_rank(tmp_path):
+    """model.device = "cuda:1" was dropped without a word under torchrun (each rank trained on its own
+    device); now every rank stops with one error naming model.device and LOCAL_RANK, before training."""
+    out = tmp_path / "refused"
+    r = torchrun(out, "model.device=cuda:1", "train.max_steps=2")
+    assert r.returncode != 0, r.stdout
+    for rank in (0, 1):
+        assert f'bezoar.train: error (rank {rank}): model.device = "cuda:1" names one GPU' in r.stderr, r.stderr
+    assert "torchrun assigns by LOCAL_RANK" in r.stderr
+    assert re.search(r"exitcode\s*: 2\b", r.stderr), "the ranks should stop with bezoar.train's error status 2"
+    assert not (out / "metrics.jsonl").exists()
