@@ -937,14 +937,18 @@ def test_sweep_merge_complete_when_every_launch_was_timed(monkeypatch, tmp_path)
     args.budget = 1000.0
     timings = []
 
-    def slow_last(fn, smoke=False, **kw):  # the fourth timing (the second launch) ends past the budget
-        fn()
-        timings.append(1)
-        if len(timings) == 4:
-            bench.STARTED = bench.time.perf_counter() - args.budget - 1
-        return 1.0
+    def over_budget_at(nth):
+        """A timer whose ``nth`` timing ends with the budget spent."""
+        def timer(fn, smoke=False, **kw):
+            fn()
+            timings.append(1)
+            if len(timings) == nth:
+                bench.STARTED = bench.time.perf_counter() - args.budget - 1
+            return 1.0
+        return timer
 
-    monkeypatch.setattr(bench.common, "bench_ms", slow_last)
+    # the fourth timing (the second launch) ends past the budget
+    monkeypatch.setattr(bench.common, "bench_ms", over_budget_at(4))
     assert bench.sweep_merge(args, [(64, 128)], [8], torch.device("cpu"), torch.float32) == 0
     (row,) = written[-1][1]
     assert len(row["grid"]) == 2 and "failed" not in row
@@ -953,15 +957,7 @@ def test_sweep_merge_complete_when_every_launch_was_timed(monkeypatch, tmp_path)
     timings.clear()
     written.clear()
     bench.STARTED = bench.time.perf_counter()
-
-    def slow_third(fn, smoke=False, **kw):
-        fn()
-        timings.append(1)
-        if len(timings) == 3:
-            bench.STARTED = bench.time.perf_counter() - args.budget - 1
-        return 1.0
-
-    monkeypatch.setattr(bench.common, "bench_ms", slow_third)
+    monkeypatch.setattr(bench.common, "bench_ms", over_budget_at(3))
     bench.sweep_merge(args, [(64, 128)], [8], torch.device("cpu"), torch.float32)
     (row,) = written[-1][1]
     assert len(row["grid"]) == 1 and written[-1][2]["complete"] is False
