@@ -128,6 +128,7 @@ run_part() {
         --shapes 3200x3200 --ms 16384 --ranks 16 --paths concat --no-groups --out "$OUT_DIR" ;;
     merge)
       part merge_sweep 100 "$PYTHON" bench/lora.py --sweep-merge --ranks 16,64 --budget 85 --out "$OUT_DIR"
+      # shellcheck disable=SC2016  # $1 and $2 are the inner shell's arguments, expanded there
       part merge_tune 20 bash -c '"$1" bench/tune.py "$2"/lora-merge-sweep-*.json --keys lora.merge_launch --out "$2/merge-tuning.json"
         [ -f "$2/merge-tuning.json" ] || echo "{\"format\": 1, \"devices\": {}}" > "$2/merge-tuning.json"' _ "$PYTHON" "$OUT_DIR"
       part merge_breakdown 40 env BEZOAR_TUNING="$OUT_DIR/merge-tuning.json" "$PYTHON" bench/lora.py \
