@@ -16,14 +16,38 @@ folder under the run root:
     report              RUN/report.md, RUN/report/*.png     rewritten at the end of every run
 
 A training stage is complete when its ``summary.json`` exists; every other step when its marker
-``<kind>.step.json`` exists, written after the command succeeded, with the settings it ran with.
-A complete step is skipped; an unfinished one is run again and continues from what it stored (the
-client pool's stores for generation, filtering and judging, the newest checkpoint for training, the
-answers file for MT-Bench), so rerunning the same command after a crash or a kill finishes the run.
-A complete step whose settings have changed since is an error (remove its marker to redo it); for a
-training stage the settings are those its ``config.toml`` records, less the ones that only change how
-a run is watched or kept (progress, logging, eval and checkpoint intervals), and the way to redo it is
-to remove the stage's folder.
+``<kind>.step.json`` exists, written after the command succeeded, with the settings it ran with and a
+fingerprint of each local input it read: size and sha256 of a file's content (of every file, for a
+folder), and for a stage's model the fingerprint of the stage's ``summary.json``, written once, last,
+when the stage completes (cheap, and unchanged by a copy or a moved run root, where weights would take
+minutes to hash). A training stage the pipeline completes records its inputs in
+``RUN/<stage>/pipeline-inputs.json``. Hub names (datasets, MT-Bench questions) and a base model that
+is not a stage's are not fingerprinted. A complete step is skipped; an unfinished one is run again and
+continues from what it stored (the client pool's stores for generation, filtering and judging, the
+newest checkpoint for training, the answers file for MT-Bench), so rerunning the same command after a
+crash or a kill finishes the run. A complete step whose settings have changed since is an error
+(remove its marker to redo it); for a training stage the settings are those its ``config.toml``
+records, less the ones that only change how a run is watched or kept (progress, logging, eval and
+checkpoint intervals), and the way to redo it is to remove the stage's folder.
+
+A complete step is stale when its inputs are not what it ran on: one differs from the fingerprint it
+recorded (``raw.jsonl`` or a data file edited, a stage trained again), or the step of the recipe that
+writes one of them is to run (its marker or folder was removed to redo it), or is stale itself. Then:
+
+- a filter, harness or MT-Bench step runs again (``--dry-run`` says ``to run (input changed: ...)``):
+  the judge stores are keyed by request content, so only requests that changed are sent to a judge
+  (new or edited records, new answers; all of them under an edited judge template), and the harness
+  and the answers are local compute. A stale evaluation's earlier results
+  move to ``stale-<time>/`` in its folder, with MT-Bench's ``answers.jsonl`` when the model or the
+  questions changed (it is kept by question id, so a rerun would otherwise reuse it);
+- a generation step or a training stage stops the run before anything runs, with an error naming the
+  step, the input and the folder or marker to remove to redo it: generation pays the teacher again for
+  every request that changed and replaces its output, training takes hours, and neither should start
+  because a file was touched.
+
+A step that recorded no fingerprints (completed before the pipeline recorded them, or a stage trained
+with ``python -m bezoar.train``) counts as unchanged unless a step before it is to run, and an input
+that is gone (removed to save space) does not count as changed. No data and no stored answer is deleted.
 
 Overrides: ``generate.KEY=VALUE`` and ``evaluate.KEY=VALUE`` set the recipe's tables (e.g.
 ``generate.teacher.base_url=http://gpu1:8000/v1``); any other ``KEY=VALUE`` goes to every training
@@ -38,6 +62,7 @@ are checked to be set.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -55,6 +80,11 @@ if TYPE_CHECKING:
 PACKAGE = Path(__file__).resolve().parent
 DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".txt")
+STAGE_RECORD = "pipeline-inputs.json"  # a training stage completed by the pipeline: the fingerprints of its inputs
+# What a complete step whose inputs changed becomes. Filter and evaluation steps run again: the judge stores
+# are keyed by request content (only what changed is sent), and the harness and the answers are local compute.
+# Generation (the teacher, paid, its whole output replaced) and training (hours) stop the run instead.
+REDO_WHEN_STALE = ("filter", "harness", "mt-bench")
 
 
 class PipelineError(RuntimeError):
@@ -74,6 +104,9 @@ class Step:
     data: str = ""  # train steps: the resolved data path
     config: StageConfig | None = None  # train steps: the StageConfig (its run folder's config.toml is what it ran with)
     run: Callable[[], None] | None = None
+    sources: list[Source] = field(default_factory=list)  # the local inputs it reads, fingerprinted when it completes
+    stale: list[str] = field(default_factory=list)  # why a complete step's inputs are not what it ran on
+    set_aside: bool = False  # mt-bench: its answers.jsonl came from another model or other questions
 
     @property
     def done(self) -> bool:
@@ -82,6 +115,22 @@ class Step:
     @property
     def marker(self) -> Path:
         return self.out / f"{self.kind}.step.json"
+
+    @property
+    def record(self) -> Path:
+        """Where the input fingerprints of the complete step are: its marker, or a training stage's record."""
+        return self.out / STAGE_RECORD if self.kind == "train" else self.marker
+
+
+@dataclass
+class Source:
+    """One local input of a step: a file or folder, or the model a training stage finished with."""
+
+    key: str  # its name in the record: a path relative to the run root, as the recipe wrote it, or model:<stage>
+    path: Path  # what is fingerprinted (for a model: the stage's summary.json)
+    label: str  # how messages name it
+    upstream: str | None = None  # the step of this recipe that writes it
+    answers: bool = False  # mt-bench: the answers depend on it (set aside when it changed)
 
 
 # ---- paths -------------------------------------------------------------------------------------
@@ -106,6 +155,121 @@ def relative(path: Path | str, root: Path) -> str:
         return str(Path(path).resolve().relative_to(root.resolve()))
     except ValueError:
         return str(path)
+
+
+# ---- inputs and their fingerprints ---------------------------------------------------------------
+
+_HASHES: dict[tuple, str] = {}  # (path, inode, size, mtime, ctime) -> sha256: a plan, the run and the report hash once
+
+
+def _sha256(path: Path, st: os.stat_result) -> str:
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
+
+
+def fingerprint(path: Path) -> dict | None:
+    """Size and sha256 of a file's content (of every file's relative name, size and sha256, for a folder, hidden
+    files and caches left out); None when it does not exist. Content only: a copy, a touch or a moved run root
+    keep it."""
+    path = Path(path)
+    try:
+        if path.is_file():
+            st = path.stat()
+            return {"size": st.st_size, "sha256": _sha256(path, st)}
+        if path.is_dir():
+            digest, size, count = hashlib.sha256(), 0, 0
+            for item in sorted(x for x in path.rglob("*") if x.is_file() and not any(
+                    part.startswith(".") or part == "__pycache__" for part in x.relative_to(path).parts)):
+                st = item.stat()
+                digest.update(f"{item.relative_to(path).as_posix()}\t{st.st_size}\t{_sha256(item, st)}\n".encode())
+                size, count = size + st.st_size, count + 1
+            return {"files": count, "size": size, "sha256": digest.hexdigest()}
+    except OSError:
+        return None
+    return None
+
+
+def file_source(spec: str, root: Path, producers: dict[Path, str], answers: bool = False) -> Source | None:
+    """The input a recipe path names, when it is local (a hub name is not fingerprinted)."""
+    if not spec:
+        return None
+    resolved = resolve_path(spec, root)
+    if not looks_local(resolved):
+        return None
+    path = Path(resolved).expanduser()
+    key = spec if spec.startswith("bezoar:") else relative(path, root)
+    return Source(key, path, key, producers.get(path.resolve()), answers)
+
+
+def model_source(stage: str, root: Path, answers: bool = False) -> Source:
+    """A stage's model as an input: its summary.json, written once, last, when the stage completes, names the
+    adapter and the merged model it wrote (hashing gigabytes of weights on every plan would not be cheap)."""
+    return Source(f"model:{stage}", root / stage / "summary.json", f"the model of stage {stage}", f"train:{stage}",
+                  answers)
+
+
+def input_fingerprints(step: Step) -> dict[str, dict]:
+    """``{source key: fingerprint}`` of the step's inputs that exist now."""
+    out = {}
+    for source in step.sources:
+        fp = fingerprint(source.path)
+        if fp is not None:
+            out[source.key] = fp
+    return out
+
+
+def recorded_inputs(step: Step) -> dict | None:
+    """The fingerprints the complete step recorded; None when it recorded none (completed before the pipeline
+    recorded them, or by ``python -m bezoar.train``): unknown, and taken as unchanged."""
+    try:
+        inputs = json.loads(step.record.read_text()).get("inputs")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return inputs if isinstance(inputs, dict) else None
+
+
+def _size_change(then, now: dict) -> str:
+    if isinstance(then, dict) and "size" in then and then["size"] != now.get("size"):
+        return f" ({then['size']} -> {now['size']} bytes)"
+    return ""
+
+
+def _mark_stale(steps: list[Step]) -> None:
+    """A complete step is stale when an input it recorded differs now, or when the step of this recipe that writes
+    one of its inputs is to run (or stale itself). Steps come in order, writers before readers."""
+    by_name = {s.name: s for s in steps}
+    for step in steps:
+        if not step.done:
+            continue
+        recorded = recorded_inputs(step) or {}
+        reasons, answers = [], False
+        for source in step.sources:
+            writer = by_name.get(source.upstream) if source.upstream else None
+            if writer is not None and not writer.done:
+                reasons.append(f"{writer.name} runs first and rewrites {source.label}")
+            elif writer is not None and writer.stale:
+                reasons.append(f"{source.label} comes from {writer.name}, which is stale")
+            elif source.key in recorded:
+                now = fingerprint(source.path)
+                if now is None or now == recorded[source.key]:
+                    continue  # gone (removed to save space, say) is not changed: nothing tells it is stale
+                reasons.append(f"input changed: {source.label}{_size_change(recorded[source.key], now)}")
+            else:
+                continue
+            answers = answers or source.answers
+        if not reasons:
+            continue
+        step.stale = reasons
+        if step.kind in REDO_WHEN_STALE and not step.changed:  # changed settings: that error comes first
+            step.set_aside = answers and (step.out / "answers.jsonl").exists()
+            note = "; its answers are set aside" if step.set_aside else ""
+            step.status = f"to run ({'; '.join(reasons)}{note})"
 
 
 # ---- command lines -----------------------------------------------------------------------------
@@ -313,6 +477,7 @@ def plan(recipe: Recipe, root: Path, overrides: list[str], progress: bool = Fals
     root = Path(root)
     _, stage_overrides = split_overrides(list(overrides))
     steps: list[Step] = []
+    producers: dict[Path, str] = {}  # the files steps of this recipe write -> the step
     gen = recipe.generate
     if gen is not None:
         for scheme, table in gen.schemes():
@@ -320,11 +485,18 @@ def plan(recipe: Recipe, root: Path, overrides: list[str], progress: bool = Fals
             step = Step(f"generate:{scheme}", "generate", scheme, out, scheme_inputs(scheme, table),
                         settings={scheme: _plain(table), "teacher": _endpoint_identity(gen.teacher)})
             step.run = _generate_runner(scheme, table, gen.teacher, out, root, progress)
+            step.sources = [x for _, value in _scheme_files(scheme, table)
+                            if (x := file_source(value, root, producers))]
             steps.append(step)
+            producers[(out / "raw.jsonl").resolve()] = step.name
             step = Step(f"filter:{scheme}", "filter", scheme, out, [relative(out / "raw.jsonl", root)],
                         settings={"filter": _plain(gen.filter), "judge": _endpoint_identity(gen.judge)})
             step.run = _filter_runner(gen, out, root, progress)
+            step.sources = [x for x in (file_source(str(out / "raw.jsonl"), root, producers),
+                                        file_source(gen.filter.template, root, producers)) if x]
             steps.append(step)
+            for name in ("filtered.jsonl", "judged.jsonl"):
+                producers[(out / name).resolve()] = step.name
     eval_stages = set(recipe.eval_stages())
     for stage, cfg in stage_configs(recipe, root, stage_overrides):
         if stage.name in eval_stages:
@@ -335,6 +507,8 @@ def plan(recipe: Recipe, root: Path, overrides: list[str], progress: bool = Fals
                     data=cfg.data.path)
         step.run = _train_runner(cfg, log)
         step.config = cfg
+        step.sources = ([model_source(stage.start_from, root)] if stage.start_from else []) + [
+            x for x in (file_source(cfg.data.path, root, producers), file_source(cfg.eval_path, root, producers)) if x]
         steps.append(step)
     evaluate = recipe.evaluate
     for name in recipe.eval_stages():
@@ -344,6 +518,8 @@ def plan(recipe: Recipe, root: Path, overrides: list[str], progress: bool = Fals
             step = Step(f"harness:{name}", "harness", name, out, [f"{name} (merged)"],
                         settings={"harness": _plain(evaluate.harness)})
             step.run = _harness_runner(evaluate.harness, root, name, out)
+            step.sources = [model_source(name, root)] + [
+                x for x in (file_source(evaluate.harness.include_path, root, producers),) if x]
             steps.append(step)
         if evaluate.mt_bench is not None and evaluate.mt_bench.enabled:
             out = base / "mt_bench"
@@ -353,6 +529,11 @@ def plan(recipe: Recipe, root: Path, overrides: list[str], progress: bool = Fals
             step = Step(f"mt-bench:{name}", "mt-bench", name, out, [f"{name} (merged)", section.questions],
                         settings={"mt_bench": settings})
             step.run = _mt_bench_runner(section, root, f"{recipe.name}-{name}", name, out)
+            # answers.jsonl is kept by question id: answers of another model or to other questions are set aside
+            step.sources = [model_source(name, root, answers=True)] + [
+                x for x in (file_source(section.questions, root, producers, answers=True),
+                            file_source(section.reference, root, producers),
+                            file_source(section.judge_prompts, root, producers)) if x]
             steps.append(step)
     from bezoar.train.loop import list_checkpoints
     from bezoar.train.run import config_changes, describe_changes, is_complete
@@ -368,6 +549,7 @@ def plan(recipe: Recipe, root: Path, overrides: list[str], progress: bool = Fals
                 step.status = f"resume from step {list_checkpoints(step.out)[-1][0]}"
         else:
             _marker_status(step)
+    _mark_stale(steps)
     return steps
 
 
@@ -454,16 +636,62 @@ def _mt_bench_runner(section, root, model_id, stage, out):
     return run
 
 
-def write_marker(step: Step, seconds: float) -> None:
+def write_marker(step: Step, seconds: float, inputs: dict | None = None) -> None:
+    """The step's completion record: its marker (the settings it ran with and the fingerprints of its inputs,
+    ``inputs`` or, when None, those on disk now) or, for a training stage, its STAGE_RECORD (the fingerprints)."""
     step.out.mkdir(parents=True, exist_ok=True)
-    record = {"step": step.name, "settings": step.settings, "seconds": round(seconds, 2),
-              "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-    tmp = step.marker.with_name(step.marker.name + ".tmp")
+    record = {"step": step.name} if step.kind == "train" else {"step": step.name, "settings": step.settings}
+    record.update(inputs=input_fingerprints(step) if inputs is None else inputs, seconds=round(seconds, 2),
+                  finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+    tmp = step.record.with_name(step.record.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, step.marker)
+    os.replace(tmp, step.record)
+
+
+def set_aside(step: Step) -> Path | None:
+    """Move the results of a stale evaluation (and, where they came from another model or other questions, its
+    MT-Bench answers, which a rerun would otherwise keep) to ``stale-<time>/`` in its folder. Nothing is deleted:
+    the judge store stays where it is, so answers judged before are not paid again."""
+    names = ["results.json"] if step.kind == "harness" else ["judgments.jsonl", "results.md", "results.json",
+                                                              "categories.png"]
+    if step.kind == "mt-bench" and step.set_aside:
+        names.append("answers.jsonl")
+    present = [name for name in names if (step.out / name).exists()]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest, n = step.out / f"stale-{stamp}", 1
+    while dest.exists():
+        n += 1
+        dest = step.out / f"stale-{stamp}-{n}"
+    dest.mkdir()
+    for name in present:
+        os.replace(step.out / name, dest / name)
+    return dest
+
+
+def execute(step: Step, root: Path, log=print) -> None:
+    """Run one step that is not done and record its completion (with the inputs as they were when it started)."""
+    inputs = input_fingerprints(step)
+    if step.stale and step.kind in REDO_WHEN_STALE:
+        if step.kind in ("harness", "mt-bench"):
+            moved = set_aside(step)
+            if moved is not None:
+                log(f"[{step.name}] earlier results{' and answers' if step.set_aside else ''} moved to "
+                    f"{relative(moved, root)}")
+        step.marker.unlink(missing_ok=True)  # after the set-aside: a kill in between leaves the step stale
+    started = time.time()
+    step.run()
+    write_marker(step, time.time() - started, inputs)
+    step.status = "done"
+    step.stale = []
 
 
 # ---- checks before anything runs ----------------------------------------------------------------
+
+
+AFTER_REDO = ("; the steps after it that read what it writes then run again too, except a complete training "
+              "stage, which stops the run until its folder is removed as well")
 
 
 def preflight(recipe: Recipe, root: Path, steps: list[Step]) -> None:
@@ -472,13 +700,27 @@ def preflight(recipe: Recipe, root: Path, steps: list[Step]) -> None:
     if changed:
         s = changed[0]
         if s.kind == "train":
-            redo = (f"Remove the stage's folder {s.out} to train it again (steps after it that are complete are "
-                    "not redone)")
+            redo = f"Remove the stage's folder {s.out} to train it again"
         else:
-            redo = (f"Remove {s.marker} to run it again (stored answers are reused; steps after it that are "
-                    "complete are not redone)")
+            redo = f"Remove {s.marker} to run it again (stored answers are reused)"
         raise PipelineError(f"step {s.name} is complete but the recipe's settings for it changed since "
-                            f"({'; '.join(s.changed[:4])}). {redo}, or use another --out.")
+                            f"({'; '.join(s.changed[:4])}). {redo}{AFTER_REDO}, or use another --out.")
+    stale = [s for s in steps if s.done and s.stale]  # generate and train: refused rather than redone
+    if stale:
+        s = stale[0]
+        if s.kind == "train":
+            also = [t for t in stale if t.kind == "train" and t is not s]
+            redo = f"Remove the stage's folder {s.out} to train it again" + (
+                f" (these complete stages are stale too: remove {', '.join(str(t.out) for t in also)} as well)"
+                if also else "")
+            what = "trained on"
+        else:
+            redo = (f"Remove {s.marker} to generate again (its stores are reused: only requests that changed are "
+                    f"sent){AFTER_REDO}")
+            what = "generated from"
+        restore = ", or put the input back as it was" if any(r.startswith("input changed") for r in s.stale) else ""
+        raise PipelineError(f"step {s.name} is complete but its inputs are not what it was {what} "
+                            f"({'; '.join(s.stale[:4])}). {redo}{restore}, or use another --out.")
     left = [s for s in steps if not s.done]
     gen = recipe.generate
     needs_key: dict[str, str] = {}
@@ -532,14 +774,19 @@ def preflight(recipe: Recipe, root: Path, steps: list[Step]) -> None:
                           f"(set it, or name another variable with {who}.api_key_env)")
 
 
-def _scheme_paths(scheme: str, table) -> list[tuple[str, str]]:
+def _scheme_files(scheme: str, table) -> list[tuple[str, str]]:
+    """(key, path) of each file a scheme's table names (unset ones included)."""
     if scheme == "lamini":
         pairs = [("seeds", table.seeds), ("topics", table.topics)]
     elif scheme == "evol":
         pairs = [("seeds", table.seeds)]
     else:
         pairs = [("queries", table.queries), ("system_messages", table.system_messages)]
-    pairs += [(f"templates.{k}", v) for k, v in getattr(table, "templates", {}).items()]
+    return pairs + [(f"templates.{k}", v) for k, v in getattr(table, "templates", {}).items()]
+
+
+def _scheme_paths(scheme: str, table) -> list[tuple[str, str]]:
+    pairs = _scheme_files(scheme, table)
     for label, value in pairs:
         if label in ("seeds", "queries") and not value:
             raise ConfigError(f"generate.{scheme}.{label} is not set")
@@ -560,8 +807,12 @@ def describe(steps: list[Step], root: Path) -> str:
     for s in steps:
         redo = "the stage's folder" if s.kind == "train" else "the marker"
         status = s.status + (f" (settings changed since: remove {redo} to redo)" if s.changed else "")
+        if s.done and s.stale:
+            status += f" (stale: remove {redo} to redo)"
         lines.append(f"  {s.name:<20} {status:<38} -> {relative(s.out, root)}")
         lines.append(f"  {'':<20} from {', '.join(s.inputs)}")
+        if s.done and s.stale:
+            lines.append(f"  {'':<20} stale: {'; '.join(s.stale)}")
     left = [s for s in steps if not s.done]
     if left:
         lines.append("steps left: " + ", ".join(s.name + ("" if s.status == "to run" else f" ({s.status})")
@@ -589,11 +840,7 @@ def run_pipeline(recipe_name: str, root, overrides: list[str], log=print, progre
                 log(f"[{step.name}] done already ({relative(step.out, root)})")
                 continue
             log(f"[{step.name}] {step.status} -> {relative(step.out, root)}")
-            started = time.time()
-            step.run()
-            if step.kind != "train":
-                write_marker(step, time.time() - started)
-            step.status = "done"
+            execute(step, root, log)
     finally:
         try:
             report = write_report(recipe, root, plan(recipe, root, overrides, log=log))
@@ -646,9 +893,10 @@ def parse(argv):
                         "(default openbezoar)")
     p.add_argument("--out", metavar="DIR", help="the run root (default runs/<recipe>)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--dry-run", action="store_true", help="print every step, its inputs and outputs and whether it "
-                                                          "is done, to run or to resume, then the error a run would stop on before "
-                                                          "its first step, if any; run nothing")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print every step, its inputs and outputs and whether it is done, to run (with why, for a "
+                        "complete step whose inputs changed) or to resume, then the error a run would stop on "
+                        "before its first step, if any; run nothing")
     g.add_argument("--report-only", action="store_true", help="rewrite RUN/report.md from what is on disk")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars of the generation commands (default: when stderr is a terminal)")

@@ -3,7 +3,8 @@
 # Evol-Instruct schemes), the LLM-judge filter, QLoRA SFT LaMini -> Orca -> Evol-Instruct -> HH-RLHF, DPO on
 # HH-RLHF, then the lm-eval harness and MT-Bench, and RUN/report.md. A thin wrapper around
 # `python -m bezoar.pipeline` (its --help has the details). Rerun the same command after a failure or a kill:
-# finished steps are skipped and unfinished ones continue where they stopped.
+# finished steps are skipped and unfinished ones continue where they stopped (a finished step whose inputs
+# changed since runs again, or, for generation and training, stops the run and says what to remove).
 #
 #   scripts/openbezoar.sh [--out RUN] [--dry-run | --report-only] [key=value ...]
 #   scripts/openbezoar.sh --tiny [--out RUN] [...]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from bezoar.pipeline import main as pipeline_main
 from tests.pipeline.teacher import start
 
 REPO = Path(__file__).resolve().parents[2]
@@ -98,9 +100,12 @@ def test_every_step_writes_its_outputs_and_the_report(finished_run, teacher_url)
         kept = (folder / "filtered.jsonl").read_text().splitlines()
         assert summary["kept"] == len(kept) > 0 and summary["below_threshold"] > 0
         assert all(json.loads(line)["judge_score"] >= 7 for line in kept)
+        for kind in ("generate", "filter"):  # each marker records the inputs the step read
+            assert json.loads((folder / f"{kind}.step.json").read_text())["inputs"], (scheme, kind)
     for stage in STAGES:
         assert (root / stage / "summary.json").exists() and (root / stage / "merged" / "config.json").exists()
         assert (root / "report" / f"{stage}.png").stat().st_size > 0
+        assert json.loads((root / stage / "pipeline-inputs.json").read_text())["inputs"], stage
     dpo = json.loads((root / "dpo" / "summary.json").read_text())
     assert dpo["stage"] == "dpo" and "rewards/accuracies" in dpo["final"]
     harness = json.loads((root / "eval/dpo/harness/results.json").read_text())
@@ -126,7 +131,7 @@ def test_every_step_writes_its_outputs_and_the_report(finished_run, teacher_url)
 
 
 @pytest.mark.slow
-def test_killed_mid_stage_and_rerun_ends_like_an_uninterrupted_run(finished_run, teacher_url, tmp_path):
+def test_killed_mid_stage_and_rerun_ends_like_an_uninterrupted_run(finished_run, teacher_url, tmp_path, capsys):
     reference, _, _ = finished_run
     root = tmp_path / "B"
     target = root / "orca"
@@ -170,6 +175,37 @@ def test_killed_mid_stage_and_rerun_ends_like_an_uninterrupted_run(finished_run,
             for task in list(a.values()) + list(b.values()):
                 task.pop("alias", None)
         assert a == b, name
+
+    # More data for orca (raw.jsonl grown): the filter is to run again, and the stage trained on its output
+    # stops the run before anything runs, naming the stage and its folder.
+    raw = root / "data/orca/raw.jsonl"
+    original = raw.read_bytes()
+    record = json.loads(original.splitlines()[-1])
+    record["question"] = "Name three rivers of Europe."
+    raw.write_bytes(original + (json.dumps(record) + "\n").encode())
+    assert pipeline_main(_command(root, teacher_url, "--dry-run")[3:]) == 2  # in this process: no start-up
+    dry = capsys.readouterr()
+    assert re.search(r"filter:orca +to run \(input changed: data/orca/raw\.jsonl \(\d+ -> \d+ bytes\)\)", dry.out)
+    assert re.search(r"train:orca +done \(stale: remove the stage's folder to redo\)", dry.out)
+    assert (f"error: step train:orca is complete but its inputs are not what it was trained on (filter:orca runs "
+            f"first and rewrites data/orca/filtered.jsonl). Remove the stage's folder {root / 'orca'} to train it "
+            f"again (these complete stages are stale too: remove {root / 'evol'}, {root / 'hh_sft'}, "
+            f"{root / 'dpo'} as well)") in dry.err
+    raw.write_bytes(original)  # put back as it was: nothing is stale
+
+    # The last stage trained again: the evaluations of its model run again, the earlier ones set aside.
+    shutil.rmtree(root / "dpo")
+    rerun = _run(root, teacher_url)
+    log = rerun.stdout + rerun.stderr
+    assert "[filter:orca] done already" in log and "[train:hh_sft] done already" in log
+    assert "[harness:dpo] to run (train:dpo runs first and rewrites the model of stage dpo)" in log
+    assert re.search(r"\[mt-bench:dpo\] earlier results and answers moved to eval/dpo/mt_bench/stale-\S+", log)
+    (stale,) = (root / "eval/dpo/mt_bench").glob("stale-*")
+    assert sorted(p.name for p in stale.iterdir()) == ["answers.jsonl", "categories.png", "judgments.jsonl",
+                                                       "results.json", "results.md"]
+    assert (root / "eval/dpo/mt_bench/answers.jsonl").exists() and (root / "eval/dpo/harness/results.json").exists()
+    assert pipeline_main(_command(root, teacher_url, "--dry-run")[3:]) == 0
+    assert _steps_left(capsys.readouterr().out) == []
 
 
 def test_report_only_rewrites_the_report(finished_run, teacher_url):
