@@ -118,6 +118,18 @@ WATCH_KEYS = ("train.progress", "train.log_every", "train.save_every", "train.ke
 RESUME_FREE = WATCH_KEYS + ("train.max_steps", "train.epochs")
 
 
+# Settings added after runs were recorded without them, with the value those runs ran with (not the new
+# default): a DPO run recorded before dpo.disable_dropout trained its policy with LoRA dropout.
+RECORDED_BEFORE = {"dpo.disable_dropout": ("dpo", False)}  # key: (the stage kind it applies to, the old value)
+
+
+def _read_toml(path: Path) -> dict:
+    import tomllib
+
+    with open(path, "rb") as f:
+        return tomllib.load(f)
+
+
 def config_changes(out: Path, cfg: StageConfig, free: tuple[str, ...] = WATCH_KEYS) -> dict[str, tuple]:
     """``{key: (recorded, now)}`` for each setting of ``cfg`` that differs from the config.toml the run in
     ``out`` recorded, leaving out the keys in ``free``; empty when ``out`` recorded none."""
@@ -127,6 +139,10 @@ def config_changes(out: Path, cfg: StageConfig, free: tuple[str, ...] = WATCH_KE
     from bezoar.config import load_config
 
     before = _flatten(to_dict(load_config(StageConfig, written)))
+    recorded = _flatten(_read_toml(written))
+    for key, (stage, then) in RECORDED_BEFORE.items():  # settings added since: a file without one ran the old way
+        if cfg.stage == stage and key not in recorded:
+            before[key] = then
     now = _flatten(to_dict(cfg))
     # run_stage records data paths resolved; a config fresh from a recipe may still say bezoar:...
     for key in ("data.path", "eval_path"):

@@ -130,3 +130,29 @@ def test_dpo_policy_trains_without_lora_dropout_unless_asked(tiny_dir, tmp_path)
     sft = stage_config(tiny_dir, data, tmp_path / "z", "stage=sft", "lora.dropout=0.05", "data.format=instruction")
     model, _ = build_model(sft, torch.device("cpu"))
     assert {m.dropout_p for m in lora_modules(model).values()} == {0.05}
+
+
+def test_dpo_run_recorded_before_disable_dropout_ran_with_dropout(tiny_dir, tmp_path):
+    """A DPO run whose config.toml predates dpo.disable_dropout trained its policy with LoRA dropout: the new
+    default (true) is a changed setting for it, not a silent switch on resume; an SFT run is unaffected, and a
+    run that recorded the key compares as usual."""
+    from bezoar.config import dump_toml
+    from bezoar.train.run import config_changes
+
+    data = tmp_path / "pairs.jsonl"
+    cfg = stage_config(tiny_dir, data, tmp_path / "dpo", "lora.dropout=0.05")
+    out = tmp_path / "dpo"
+    out.mkdir()
+    text = dump_toml(cfg)
+    (out / "config.toml").write_text(text)
+    assert config_changes(out, cfg) == {}
+    (out / "config.toml").write_text("\n".join(line for line in text.splitlines()
+                                               if not line.startswith("disable_dropout")) + "\n")
+    assert config_changes(out, cfg) == {"dpo.disable_dropout": (False, True)}
+    kept = stage_config(tiny_dir, data, tmp_path / "dpo", "lora.dropout=0.05", "dpo.disable_dropout=false")
+    assert config_changes(out, kept) == {}
+    sft = stage_config(tiny_dir, data, tmp_path / "sft", "stage=sft", "data.format=instruction")
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "config.toml").write_text("\n".join(line for line in dump_toml(sft).splitlines()
+                                                           if not line.startswith("disable_dropout")) + "\n")
+    assert config_changes(tmp_path / "sft", sft) == {}
