@@ -60,16 +60,18 @@ LEAK_PHRASES = ("given prompt", "rewritten prompt", "created prompt", "given ins
 
 _SAME_WORDS = r"(?:same|equal|identical|equivalent)"
 _DIFFERENT_WORDS = r"(?:different|distinct|unequal)"
-_NOT = r"not\s+(?:(?:the|quite|exactly|really|entirely)\s+){0,2}"
-_VERDICT = re.compile(rf"\b(?:(?P<not_same>{_NOT}{_SAME_WORDS})|(?P<not_different>{_NOT}{_DIFFERENT_WORDS})"
-                      rf"|(?P<same>{_SAME_WORDS})|(?P<different>{_DIFFERENT_WORDS}))\b")
+# "not", "cannot" or a contraction ("aren't", "isn’t": the "n't" sits inside a word, so no \b before it).
+_NOT = r"(?:\bnot|\bcannot|n['\u2019]t)\s+(?:(?:the|quite|exactly|really|entirely|be)\s+){0,2}"
+_VERDICT = re.compile(rf"(?P<not_same>{_NOT}{_SAME_WORDS}\b)|(?P<not_different>{_NOT}{_DIFFERENT_WORDS}\b)"
+                      rf"|\b(?P<same>{_SAME_WORDS})\b|\b(?P<different>{_DIFFERENT_WORDS})\b")
 
 
 def equality_verdict(reply: str) -> str | None:
     """"different", "same", or None when the reply says neither clearly.
 
     The first verdict word decides, negation included: "SAME. Nothing different is asked" is
-    the same, "NOT SAME" and "not the same" are different, "not different" is the same."""
+    the same, "NOT SAME", "not the same", "aren't equal" and "cannot be the same" are different,
+    "not different" is the same."""
     m = _VERDICT.search(" ".join(reply.lower().split()))
     if m is None:
         return None

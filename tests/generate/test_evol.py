@@ -149,7 +149,13 @@ def test_more_epochs_extend_the_same_run(fake_server, tmp_path):
                                            ("SAME. The second only rewords it; nothing different is asked.", "same"),
                                            ("Not different.", "same"), ("They are equal, not different.", "same"),
                                            ("DIFFERENT: it adds a constraint, so they are not the same.", "different"),
-                                           ("Unequal", "different")])
+                                           ("Unequal", "different"),
+                                           # negation by contraction, straight or curly apostrophe
+                                           ("They aren't the same.", "different"),
+                                           ("The two aren\u2019t equal.", "different"),
+                                           ("It isn't identical: it adds a step.", "different"),
+                                           ("They cannot be the same.", "different"),
+                                           ("They aren't different.", "same")])
 def test_equality_verdict(reply, verdict):
     assert equality_verdict(reply) == verdict
 
