@@ -54,7 +54,8 @@ DEPTH_OPERATIONS = {
 }
 STRATEGIES = [("in-depth", op) for op in DEPTH_OPERATIONS] + [("in-breadth", None)]
 
-#: Phrases that only a confused rewrite would contain: WizardLM's own markers and their variants.
+#: Phrases that only a confused rewrite would contain: WizardLM's own markers and their variants. The ones
+#: starting with "#" count only as a whole word ("#New Prompt#", not the hashtag "#NewYear").
 LEAK_PHRASES = ("given prompt", "rewritten prompt", "created prompt", "given instruction", "rewritten instruction",
                 "original instruction", "new instruction", "#rewritten", "#created", "#given", "#new", "#original")
 
@@ -85,7 +86,9 @@ def leaked_phrase(instruction: str, markers: list[str]) -> str | None:
         if f"#{marker.lower()}#" in text or marker.lower() in text:
             return marker
     for phrase in LEAK_PHRASES:
-        if phrase in text:
+        if phrase.startswith("#") and re.search(re.escape(phrase) + r"(?!\w)", text) is not None:
+            return phrase
+        if not phrase.startswith("#") and phrase in text:
             return phrase
     return None
 

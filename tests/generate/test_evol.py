@@ -165,6 +165,10 @@ def test_equality_verdict(reply, verdict):
     ("Using the given prompt, do x", "given prompt"),
     ("Write a NEW INSTRUCTION for x", "new instruction"), ("#My Marker# do x", "My Marker"),
     ("Explain recursion with an example.", None),
+    ("#New Instruction#\nDo x", "new instruction"), ("#Original# do x", "#original"),
+    # hashtags an evolved instruction may well ask for are not the rewriting prompt's markers
+    ("Write a tweet about our bakery's opening with the hashtag #NewYear.", None),
+    ("Tag the post #OriginalContent and #GivenTuesday.", None),
 ])
 def test_leaked_phrase(text, leak):
     assert leaked_phrase(text, ["My Marker"]) == leak
