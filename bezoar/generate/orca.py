@@ -19,9 +19,10 @@ Input records (JSONL, or any format bezoar.data reads)::
 
     {"question": "...", "sub_collection": "cot|niv2|t0|flan2021", "task": "...", "multiple_choice": false}
 
-FLAN's own field names also work: ``inputs``, ``task_source`` and ``task_name``; without a
-``multiple_choice`` flag a ``template_type`` containing ``_opt`` (zs_opt, fs_opt) means
-multiple choice. A missing task is taken to be the sub-collection.
+FLAN's own field names also work: ``inputs``, ``task_source`` and ``task_name``, also with the
+leading underscore of FLAN v2's export (``_task_source``, ``_task_name``, ``_template_type``, as in
+Open-Orca/FLAN); without a ``multiple_choice`` flag a ``template_type`` containing ``_opt``
+(zs_opt, fs_opt) means multiple choice. A missing task is taken to be the sub-collection.
 
 Output (``OUT``): ``raw.jsonl``, in input order::
 
@@ -89,7 +90,7 @@ def _multiple_choice(record: dict, origin: str) -> bool:
         if not isinstance(value, bool):
             raise GenerateError(f"{origin}: 'multiple_choice' must be true or false, got {value!r}")
         return value
-    template_type = record.get("template_type")
+    template_type = record.get("template_type", record.get("_template_type"))
     if isinstance(template_type, str):
         return "_opt" in template_type and "noopt" not in template_type
     return False
@@ -102,12 +103,12 @@ def read_queries(source: str, split: str) -> list[dict]:
                               what="query")
         if "sub_collection" in record:
             sub = _sub_collection(record["sub_collection"], origin)
-        elif "task_source" in record:
-            sub = _sub_collection(record["task_source"], origin)
+        elif "task_source" in record or "_task_source" in record:
+            sub = _sub_collection(record.get("task_source", record.get("_task_source")), origin)
         else:
             raise GenerateError(f"{origin}: query has no 'sub_collection' (or 'task_source') field; "
                                 f"use one of {', '.join(SUB_COLLECTIONS)}")
-        task = text_field(record, origin, ("task", "task_name"), required=False, what="query")
+        task = text_field(record, origin, ("task", "task_name", "_task_name"), required=False, what="query")
         queries.append({"question": question.strip(), "source": sub, "task": task.strip() if task else sub,
                         "multiple_choice": _multiple_choice(record, origin), "origin": origin})
     return queries

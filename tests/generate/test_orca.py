@@ -158,3 +158,18 @@ def test_bad_system_messages_file(tmp_path, capsys):
     messages.write_text(json.dumps(["only", "three", "here"]))
     assert run("orca", queries, "--system-messages", messages, "--out", tmp_path / "out") == 2
     assert f"system messages {messages}: expected a JSON list of 16 strings" in capsys.readouterr().err
+
+
+def test_flan_export_field_names_with_underscores(fake_server, tmp_path):
+    """FLAN v2's own export (and Open-Orca/FLAN) names its metadata _task_source, _task_name, _template_type."""
+    server = fake_server(reply=teacher)
+    rows = [{"inputs": "Premise: a dog runs. Does it move?\nOPTIONS:\n- yes\n- no", "targets": "yes",
+             "_template_idx": 3, "_task_source": "Flan2021", "_task_name": "anli_r1", "_template_type": "zs_opt"},
+            {"inputs": "Translate to French: hello", "targets": "bonjour", "_template_idx": 0,
+             "_task_source": "NIv2", "_task_name": "task_en_fr", "_template_type": "zs_noopt"}]
+    queries = write_jsonl(tmp_path / "flan.jsonl", rows)
+    out = tmp_path / "out"
+    assert run("orca", queries, "--out", out, url=server.openai_url) == 0
+    records = read_jsonl(out / "raw.jsonl")
+    assert [(r["source"], r["task"], r["multiple_choice"]) for r in records] == [
+        ("flan2021", "anli_r1", True), ("niv2", "task_en_fr", False)]
