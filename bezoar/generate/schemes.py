@@ -238,13 +238,18 @@ def _clean_item(text: str) -> str:
     return text
 
 
+def _indent(line: str) -> int:
+    return len(line.expandtabs(4)) - len(line.expandtabs(4).lstrip())
+
+
 def parse_list(reply: str, *, truncated: bool = False) -> ParsedList:
     """The items of a numbered (``1.``, ``1)``, ``(1)``, ``<1>``, ``[1]``, ``Instruction 1:``) or
     bulleted (``-``, ``*``, ``•``) list; a number marker may be in bold (``**1.**``).
 
     The first marker decides the style; after that only markers of that style start items, so a
-    numbered list may hold bullets inside its items. A line without a marker continues the current
-    item. Text before the first marker (a preamble) and paragraphs after the last item (an
+    numbered list may hold bullets inside its items. A marker indented 2 columns or more past the
+    first one belongs to a list nested inside the current item (material of a task), and like a
+    line without a marker it continues the current item. Text before the first marker (a preamble) and paragraphs after the last item (an
     epilogue, after a blank line) are dropped. A reply cut off at max_tokens loses its last item.
     A reply with no marker at all is malformed and yields nothing."""
     lines = reply.replace("\r\n", "\n").split("\n")
@@ -258,11 +263,13 @@ def parse_list(reply: str, *, truncated: bool = False) -> ParsedList:
             break
     if style is None:
         return ParsedList([], malformed=True)
-    bullet = style.match(next(line for line in lines if style.match(line))).group(1) if style is _BULLET else None
+    first = next(line for line in lines if style.match(line))
+    bullet = style.match(first).group(1) if style is _BULLET else None
+    outer = _indent(first)  # the outer list's markers; nested lists sit 2 columns or more further in
 
     def starts_item(line: str) -> re.Match | None:
         m = style.match(line)
-        if m is None or (bullet is not None and m.group(1) != bullet):
+        if m is None or (bullet is not None and m.group(1) != bullet) or _indent(line) >= outer + 2:
             return None
         return m
 

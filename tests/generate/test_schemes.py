@@ -49,6 +49,28 @@ def test_list_styles(reply, items):
     assert parse_list(reply).items == items
 
 
+def test_nested_list_of_the_same_style_stays_in_its_item():
+    """Material the teacher was told to put inside a task may be a list of its own, numbered or bulleted like
+    the outer one; indented (2 columns or more past the outer markers) it belongs to its task."""
+    reply = ("1. Rank these cities by population:\n"
+             "   1. Paris\n"
+             "   2. Rome\n"
+             "2. Write a haiku about rain.\n"
+             "3. Pick the odd one out:\n"
+             "  1) cat\n"
+             "  2) dog\n"
+             "  3) car")
+    assert parse_list(reply).items == ["Rank these cities by population:\n1. Paris\n2. Rome",
+                                       "Write a haiku about rain.", "Pick the odd one out:\n1) cat\n2) dog\n3) car"]
+    bullets = "- Sort these words:\n  - pear\n  - apple\n- Name a colour."
+    assert parse_list(bullets).items == ["Sort these words:\n- pear\n- apple", "Name a colour."]
+    # Numbers right-aligned by one space are still the outer list.
+    aligned = "".join(f"{i:>2}. task {i}\n" for i in range(1, 12))
+    assert parse_list(aligned).items == [f"task {i}" for i in range(1, 12)]
+    indented = "  1. alpha\n  2. beta"  # the whole list indented
+    assert parse_list(indented).items == ["alpha", "beta"]
+
+
 def test_malformed_and_truncated_lists():
     assert parse_list("I cannot think of any tasks.").malformed
     assert parse_list("").malformed and parse_list("").items == []
