@@ -12,7 +12,8 @@ The steps, each resumable:
    questions in the same format for tests and demos.
 2. Answers: both turns for every question, the second seeing the first answer, rendered with the
    OpenBezoar chat template (``bezoar.eval.chat``). Temperature by category: writing and roleplay
-   0.7, stem and humanities 0.1, the rest greedy; at most 1024 new tokens. Written to
+   0.7, stem and humanities 0.1, extraction, math, coding and reasoning greedy, any other category 0.7
+   (FastChat's settings); at most 1024 new tokens. Written to
    ``answers.jsonl`` in FastChat's model-answer format, one line per finished question; a rerun
    keeps the questions already there.
 3. Judging: single-answer grading. Turn 1 is judged with ``single-v1`` (``single-math-v1`` with
@@ -47,8 +48,11 @@ SAMPLE_QUESTIONS = ASSETS / "sample_questions.jsonl"
 
 #: Categories whose answers are judged against a reference answer.
 NEED_REFERENCE = ("math", "reasoning", "coding")
-#: Sampling temperature by category (FastChat's MT-Bench settings); other categories are greedy.
-CATEGORY_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "stem": 0.1, "humanities": 0.1}
+#: Sampling temperature by category (FastChat's MT-Bench settings, 0 = greedy); a category not named here
+#: is sampled at OTHER_TEMPERATURE, as FastChat's answer generation does.
+CATEGORY_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
+                        "reasoning": 0.0, "stem": 0.1, "humanities": 0.1}
+OTHER_TEMPERATURE = 0.7
 MAX_NEW_TOKENS = 1024
 
 RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
@@ -267,7 +271,7 @@ def _append_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def category_temperature(category: str) -> float:
-    return CATEGORY_TEMPERATURE.get(category, 0.0)
+    return CATEGORY_TEMPERATURE.get(category, OTHER_TEMPERATURE)
 
 
 def generate_answers(model, tokenizer, questions: list[Question], model_id: str, answers_path: Path,

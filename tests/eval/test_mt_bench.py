@@ -354,3 +354,14 @@ def test_an_answer_file_mixing_models_is_refused(tmp_path):
         mt.read_answers(path)
     path.write_text("".join(json.dumps(r.to_record()) + "\n" for r in rows[:2] + [mt.Answer(1, "a", ["w"])]))
     assert mt.read_answers(path)[1].turns == ["w"]  # one model answering again: the later answer stands
+
+
+def test_answer_temperatures_are_fastchats():
+    """FastChat's answer temperatures: writing and roleplay 0.7, stem and humanities 0.1, extraction, math,
+    coding and reasoning greedy; a category outside the eight is sampled at 0.7, as FastChat does."""
+    from bezoar.eval import mt_bench
+
+    got = {c: mt_bench.category_temperature(c) for c in ("writing", "roleplay", "stem", "humanities", "extraction",
+                                                          "math", "coding", "reasoning", "my-own-category")}
+    assert got == {"writing": 0.7, "roleplay": 0.7, "stem": 0.1, "humanities": 0.1, "extraction": 0.0, "math": 0.0,
+                   "coding": 0.0, "reasoning": 0.0, "my-own-category": 0.7}
