@@ -20,7 +20,8 @@ when the model becomes free (after a short ``--batch-window-ms``), runs one-toke
 requests as one batch of forwards, and generation requests in left-padded batches (one batch per
 set of sampling settings). A sampled request with a ``seed`` decodes each choice alone, from a
 generator seeded with ``seed`` plus the choice's index, so its text does not depend on which other
-requests arrive with it. The model runs in one worker thread so the event loop keeps serving.
+requests arrive with it. The model runs in one worker thread and prompts are tokenized in two others
+(a text of megabytes takes seconds), so the event loop keeps serving.
 Bad requests get OpenAI-style errors: status 400 (404 for an unknown model or route) with
 ``{"error": {"message", "type", "param", "code"}}``.
 
@@ -46,6 +47,7 @@ import argparse
 import asyncio
 import codecs
 import concurrent.futures
+import functools
 import json
 import logging
 import math
@@ -74,6 +76,7 @@ MAX_N = 16
 MAX_STOP = 16
 MAX_REQUEST_SEQS = 128  # default --max-request-seqs: sequences (n x prompts) one request may ask for
 MAX_BODY_BYTES = 64 * 2**20
+TOKENIZE_THREADS = 2  # prompts tokenized at once, off the event loop (sentencepiece releases the GIL)
 
 
 class ApiError(Exception):
@@ -525,6 +528,8 @@ class Server:
         self.api_key = api_key
         self.created = int(time.time())
         self.vocab = tokenizer.vocab_size
+        # Prompts are tokenized in these threads, not on the event loop: a text of megabytes takes seconds.
+        self.tokenize_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors], client_max_size=MAX_BODY_BYTES)
@@ -534,8 +539,23 @@ class Server:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.on_startup.append(self.engine.start)
+        app.on_startup.append(self._start_pool)
         app.on_cleanup.append(self.engine.stop)
+        app.on_cleanup.append(self._stop_pool)
         return app
+
+    async def _start_pool(self, app=None) -> None:
+        self.tokenize_pool = concurrent.futures.ThreadPoolExecutor(max_workers=TOKENIZE_THREADS,
+                                                                   thread_name_prefix="bezoar-tokenize")
+
+    async def _stop_pool(self, app=None) -> None:
+        if self.tokenize_pool is not None:
+            # a tokenization still running finishes in its thread, for nobody; the loop does not wait for it
+            self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _off_loop(self, fn, *args):
+        """``fn(*args)`` in the tokenizing threads; what it raises (an ApiError) is raised here."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, functools.partial(fn, *args))
 
     @web.middleware
     async def _errors(self, request: web.Request, handler):
@@ -606,16 +626,20 @@ class Server:
 
     def _prompts(self, prompt, max_tokens: int) -> list[list[int]]:
         """``prompt`` in any of its four OpenAI shapes as token-id lists (text gets BOS), each checked against
-        the context as it comes (a request stops at its first prompt too long, the rest untokenized)."""
+        the context as it comes (a request stops at its first prompt too long, the rest untokenized).
+        Runs in the tokenizing threads (``_off_loop``)."""
         def fits(ids: list[int]) -> list[int]:
             self._check_length(ids, max_tokens, "max_tokens")
             return ids
 
+        def encode(text: str) -> list[int]:
+            return self.tokenizer.encode(text, bos=True)
+
         if isinstance(prompt, str):
-            return [fits(self.tokenizer.encode(prompt, bos=True))]
+            return [fits(encode(prompt))]
         if isinstance(prompt, list) and prompt:
             if all(isinstance(p, str) for p in prompt):
-                return [fits(self.tokenizer.encode(p, bos=True)) for p in prompt]
+                return [fits(encode(p)) for p in prompt]
             if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
                 return [fits(self._check_ids(prompt, "prompt"))]
             if all(isinstance(p, list) for p in prompt):
@@ -674,7 +698,7 @@ class Server:
             raise ApiError("logprobs with stream is not supported by bezoar.serve", "logprobs")
         stop = _stop(body)
         self._check_sequences(n, _prompt_count(body["prompt"]))  # before any prompt is tokenized
-        prompts = self._prompts(body["prompt"], max_tokens)
+        prompts = await self._off_loop(self._prompts, body["prompt"], max_tokens)
         queue = asyncio.Queue() if stream else None
         jobs = [Job(prompt_ids=ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                     stop=stop, logprobs=logprobs, echo=echo, index=p * n + c, stream=queue)
@@ -743,18 +767,12 @@ class Server:
             prompt = chat_prompt(body["messages"], self.template)
         except ChatError as e:
             raise ApiError(str(e), e.param) from None
-        ids = self.tokenizer.encode(prompt, bos=True)
         fmt = body.get("response_format")
         if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
             raise ApiError("response_format: only {'type': 'text'} is supported by bezoar.serve", "response_format")
-        room = self.engine.context - len(ids)
         name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         max_tokens = _integer(body, name, None, 1)
-        if max_tokens is None:
-            if room < 1:
-                self._check_length(ids, 1, "messages")
-            max_tokens = room
-        self._check_length(ids, max_tokens, name)
+        ids, max_tokens = await self._off_loop(self._chat_ids, prompt, max_tokens, name)
         temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
         top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
         seed = _integer(body, "seed", None, -(2**63), 2**63 - 1)
@@ -784,6 +802,18 @@ class Server:
             choices.append(choice)
         return web.json_response({"id": rid, "object": "chat.completion", "created": created, "model": self.name,
                                   "choices": choices, "usage": self._usage(jobs)})
+
+    def _chat_ids(self, prompt: str, max_tokens: int | None, name: str) -> tuple[list[int], int]:
+        """The chat prompt's token ids and the completion's length (without ``max_tokens``, the room the
+        context leaves), checked against the context. Runs in the tokenizing threads (``_off_loop``)."""
+        ids = self.tokenizer.encode(prompt, bos=True)
+        room = self.engine.context - len(ids)
+        if max_tokens is None:
+            if room < 1:
+                self._check_length(ids, 1, "messages")
+            max_tokens = room
+        self._check_length(ids, max_tokens, name)
+        return ids, max_tokens
 
     def _chat_logprobs(self, job: Job) -> list[dict]:
         out = []

@@ -460,3 +460,94 @@ def test_the_default_cap_on_sequences_per_request(served):
                          {"model": "tiny", "prompt": [[1]] * 129, "max_tokens": 1, "temperature": 0})
     assert status == 400 and reply["error"]["param"] == "prompt", reply
     assert "at most 128 sequences" in reply["error"]["message"]
+
+
+# ---- prompt tokenization off the event loop --------------------------------------------------
+
+
+def _get(url: str, timeout: float) -> tuple[int, dict]:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, json.loads(r.read())
+
+
+def _post(url: str, body, timeout: float) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"},
+                                 method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_slow_tokenization_does_not_stall_other_requests(tiny_model, tiny_tokenizer, monkeypatch, path):
+    """A prompt whose tokenization takes long (a multi-megabyte text) is tokenized off the event loop: while
+    it runs, the server answers other clients (the model list, a short completion)."""
+    import threading
+
+    from bezoar.serve import BackgroundServer, Server
+
+    entered, release = threading.Event(), threading.Event()
+    encode = tiny_tokenizer.encode
+
+    def slow_encode(text, *a, **k):
+        if "SLOW-MARKER" in text:
+            entered.set()
+            release.wait(60)  # stands for seconds of sentencepiece work on a huge text
+        return encode(text, *a, **k)
+
+    monkeypatch.setattr(tiny_tokenizer, "encode", slow_encode)
+    if path == "/v1/completions":
+        slow_body = {"model": "tiny", "prompt": "SLOW-MARKER The cat", "max_tokens": 2, "temperature": 0}
+    else:
+        slow_body = {"model": "tiny", "messages": [{"role": "user", "content": "SLOW-MARKER hi"}], "max_tokens": 2,
+                     "temperature": 0}
+    with BackgroundServer(Server(tiny_model, tiny_tokenizer, "tiny", batch_window_s=0.0)) as bg:
+        slow = {}
+        thread = threading.Thread(target=lambda: slow.update(reply=_post(bg.url + path, slow_body, 120)))
+        thread.start()
+        try:
+            assert entered.wait(30), "the slow request never reached the tokenizer"
+            status, models = _get(bg.url + "/v1/models", timeout=10)
+            assert status == 200 and models["data"][0]["id"] == "tiny"
+            status, reply = _post(bg.url + "/v1/completions", {"model": "tiny", "prompt": "The red fox",
+                                                               "max_tokens": 2, "temperature": 0}, timeout=30)
+            assert status == 200 and reply["choices"][0]["text"] is not None, reply
+            assert not release.is_set() and "reply" not in slow, "answered only after the slow tokenization"
+        finally:
+            release.set()
+            thread.join(60)
+    status, reply = slow["reply"]
+    assert status == 200 and reply["usage"]["completion_tokens"] <= 2, reply
+
+
+def test_context_errors_from_the_tokenizing_worker_are_the_same_400s(served):
+    """The prompt checks run with the tokenization, off the event loop; their errors are the 400s they were."""
+    url = served.url
+    context = served.server.engine.context
+    cases = [
+        ("/v1/completions", {"prompt": "The cat", "max_tokens": context}, "max_tokens"),
+        ("/v1/completions", {"prompt": ["Once", "The cat " * 600], "max_tokens": 2}, "max_tokens"),
+        ("/v1/completions", {"prompt": [[1, 5], [1, 99999]]}, "prompt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": context},
+         "max_tokens"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": context},
+         "max_completion_tokens"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "The cat " * 600}]}, "messages"),
+    ]
+    for path, body, param in cases:
+        status, reply = post(url + path, {"model": "tiny", **body})
+        assert status == 400, (body, reply)
+        error = reply["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == param, (body, error)
+        if param != "prompt":
+            assert error["code"] == "context_length_exceeded", error
+            assert f"maximum context length is {context} tokens. However, you requested " in error["message"]
+            assert " in the prompt, " in error["message"] and "at least" not in error["message"], error
+        else:
+            assert "prompt[1]: token id 99999 is outside the vocabulary" in error["message"], error
+    # the order of the checks holds: response_format is refused before the prompt's length
+    status, reply = post(url + "/v1/chat/completions", {"model": "tiny", "messages": [
+        {"role": "user", "content": "The cat " * 600}], "response_format": {"type": "json_object"}})
+    assert status == 400 and reply["error"]["param"] == "response_format", reply
