@@ -29,6 +29,10 @@ What one request may ask for: a body of at most 64 MiB; ``n`` up to 16; each pro
 ``max_tokens`` within the model's context; and at most ``--max-request-seqs`` sequences (default 128):
 ``n`` times the number of prompts, checked before any prompt is tokenized. So one request decodes at
 most that many sequences of at most the context's length, in batches of ``--max-batch-size`` rows.
+A text prompt of more UTF-8 bytes than the context's length times the tokenizer's longest piece
+(in bytes, U+2581 counted as its 3) is refused (``context_length_exceeded``, "at least N tokens")
+without being tokenized, where the sentencepiece model makes that a sound bound
+(``longest_piece_bytes``); a shorter one is tokenized and counted exactly.
 
 lm-eval through the server: ``--model local-completions --model_args model=NAME,base_url=
 http://127.0.0.1:8000/v1/completions,tokenizer=DIR,tokenizer_backend=huggingface,add_bos_token=True,
@@ -444,6 +448,78 @@ class Engine:
 # ---- the HTTP layer -------------------------------------------------------------------------
 
 
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i
+        shift += 7
+
+
+def _proto_fields(buf: bytes):
+    """(field number, wire type, value) of each field of one serialized protobuf message: varints as ints,
+    length-delimited fields as bytes. Enough of the wire format to read a few fields of a sentencepiece
+    model without the protobuf package (not a dependency); malformed input raises."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value, i = buf[i:i + size], i + size
+        elif wire == 2:
+            size, i = _varint(buf, i)
+            value, i = buf[i:i + size], i + size
+        else:
+            raise ValueError(f"protobuf wire type {wire} at byte {i}")
+        if i > len(buf):
+            raise ValueError("truncated protobuf message")
+        yield number, wire, value
+
+
+def longest_piece_bytes(tokenizer) -> int | None:
+    """The most UTF-8 bytes of text one token of ``tokenizer.encode`` can stand for, where the sentencepiece
+    model bounds it; None where it does not.
+
+    A text of B bytes is then at least ceil(B / this) tokens: with no normalization rules (an empty
+    precompiled_charsmap), no whitespace squeezing (remove_extra_whitespaces off) and byte fallback on (no
+    <unk>, which may stand for a run of unknown characters of any length), sentencepiece only turns each
+    space into U+2581 (three bytes for one) and maybe puts one U+2581 in front, so its pieces spell out at
+    least the text's bytes; each is a vocabulary piece (at most this many bytes) or one byte. The tiny
+    test model's tokenizer is such a model (and Llama 2's is built the same way). A model that rewrites
+    text (NFKC folds several characters into one, a run of spaces becomes one) could fit any number of
+    bytes in few tokens: there, no bound."""
+    try:
+        sp = tokenizer.sp
+        byte_fallback, charsmap, squeeze = False, b"", True  # proto2 defaults of the three fields
+        for number, wire, value in _proto_fields(sp.serialized_model_proto()):
+            if number == 2 and wire == 2:  # ModelProto.trainer_spec
+                for n, w, v in _proto_fields(value):
+                    if n == 35 and w == 0:  # TrainerSpec.byte_fallback
+                        byte_fallback = bool(v)
+            elif number == 3 and wire == 2:  # ModelProto.normalizer_spec
+                for n, w, v in _proto_fields(value):
+                    if n == 2 and w == 2:  # NormalizerSpec.precompiled_charsmap
+                        charsmap = v
+                    elif n == 4 and w == 0:  # NormalizerSpec.remove_extra_whitespaces
+                        squeeze = bool(v)
+        if not byte_fallback or charsmap or squeeze:
+            return None
+        longest = 1  # a byte-fallback piece
+        for i in range(sp.GetPieceSize()):
+            # control pieces (BOS, EOS) never come from text; <unk> does not with byte fallback
+            if not (sp.IsControl(i) or sp.IsUnknown(i) or sp.IsByte(i)):
+                longest = max(longest, len(sp.IdToPiece(i).encode("utf-8")))
+        return longest
+    except Exception:  # an unreadable model, a tokenizer without .sp: no bound, the exact check still holds
+        return None
+
+
 def token_text(tokenizer, token_id: int) -> str:
     """What one token reads as on its own: sentencepiece's word marker as a space, a byte-fallback
     piece as its character (or ``bytes:\\xNN`` when it is part of a multi-byte character)."""
@@ -530,6 +606,7 @@ class Server:
         self.vocab = tokenizer.vocab_size
         # Prompts are tokenized in these threads, not on the event loop: a text of megabytes takes seconds.
         self.tokenize_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.piece_bytes = longest_piece_bytes(tokenizer)  # None: no up-front bound on a text's tokens
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors], client_max_size=MAX_BODY_BYTES)
@@ -633,6 +710,7 @@ class Server:
             return ids
 
         def encode(text: str) -> list[int]:
+            self._check_text_length(text, max_tokens, "max_tokens")
             return self.tokenizer.encode(text, bos=True)
 
         if isinstance(prompt, str):
@@ -671,6 +749,24 @@ class Server:
         if total > self.engine.context:
             raise ApiError(f"This model's maximum context length is {self.engine.context} tokens. However, you "
                            f"requested {total} tokens ({len(prompt_ids)} in the prompt, {max_tokens} for the "
+                           "completion). Please reduce the prompt or the completion length.", param,
+                           code="context_length_exceeded")
+
+    def _check_text_length(self, text: str, max_tokens: int, param: str) -> None:
+        """Before ``text`` is tokenized: refuse a text whose UTF-8 length alone proves it longer than the
+        context (more than context x the longest piece's bytes: at least ceil(bytes / longest piece)
+        tokens, see ``longest_piece_bytes``), as ``_check_length`` would refuse it after seconds of
+        tokenizing a text of megabytes. A shorter text is tokenized (quickly) and checked exactly.
+        """
+        limit = self.engine.context * (self.piece_bytes or 0)
+        if self.piece_bytes is None or len(text) * 4 <= limit:
+            return  # no bound, or short enough (a character is at most 4 bytes)
+        size = len(text.encode("utf-8"))
+        if size > limit:
+            tokens = -(-size // self.piece_bytes)
+            raise ApiError(f"This model's maximum context length is {self.engine.context} tokens. However, you "
+                           f"requested at least {tokens + max_tokens} tokens (at least {tokens} in the prompt: "
+                           f"{size:,} bytes of text, at most {self.piece_bytes} to a token; {max_tokens} for the "
                            "completion). Please reduce the prompt or the completion length.", param,
                            code="context_length_exceeded")
 
@@ -806,6 +902,10 @@ class Server:
     def _chat_ids(self, prompt: str, max_tokens: int | None, name: str) -> tuple[list[int], int]:
         """The chat prompt's token ids and the completion's length (without ``max_tokens``, the room the
         context leaves), checked against the context. Runs in the tokenizing threads (``_off_loop``)."""
+        if max_tokens is None:
+            self._check_text_length(prompt, 1, "messages")
+        else:
+            self._check_text_length(prompt, max_tokens, name)
         ids = self.tokenizer.encode(prompt, bos=True)
         room = self.engine.context - len(ids)
         if max_tokens is None:
