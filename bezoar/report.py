@@ -5,8 +5,9 @@ the files the steps left on disk, so it shows whatever part of the run exists:
 
 - Steps: each step of the recipe, its status and its folder.
 - Synthetic data: per scheme, the inputs read, the records the teacher's answers made, and what the
-  judge filter did with them (judged, kept, below the threshold, failed), with the score histogram
-  and the scheme's own counters (duplicates, eliminated evolutions, capped queries ...).
+  judge filter did with them (judged = scored = kept + below the threshold; judge failures, a failed
+  request or an unreadable reply, on their own), with the score histogram and the scheme's own
+  counters (duplicates, eliminated evolutions, capped queries ...).
 - Training: per stage, the data (examples, tokens, packing efficiency), the steps and tokens trained,
   first and final loss and the last eval loss; for DPO stages the final rewards/accuracies, margins and
   rewards; and one PNG per stage of its curves from ``metrics.jsonl`` (loss and eval loss; for DPO also
@@ -99,6 +100,16 @@ INPUT_COUNT = {"lamini": lambda s: s.get("seeds"), "evol": lambda s: s.get("coun
                "orca": lambda s: s.get("counts", {}).get("queries")}
 
 
+def _scored(filt: dict):
+    """The records the judge scored, from a filter-summary.json (``scored``; kept + below threshold where a
+    summary lacks it). Not ``records``: that also counts the judge failures."""
+    scored = filt.get("scored")
+    if isinstance(scored, int):
+        return scored
+    kept, below = filt.get("kept"), filt.get("below_threshold")
+    return kept + below if isinstance(kept, int) and isinstance(below, int) else None
+
+
 def data_section(steps, root: Path) -> list[str]:
     schemes = [s for s in steps if s.kind == "generate"]
     if not schemes:
@@ -109,20 +120,26 @@ def data_section(steps, root: Path) -> list[str]:
         filt = _read_json(s.out / "filter-summary.json") or {}
         models.setdefault("teacher", []).append(gen.get("teacher"))
         models.setdefault("judge", []).append(filt.get("judge"))
-        kept, judged = filt.get("kept"), filt.get("records")
+        kept, judged = filt.get("kept"), _scored(filt)
         share = kept / judged if isinstance(kept, int) and judged else None
-        rows.append([s.target, _num(INPUT_COUNT[s.target](gen)), _num(gen.get("counts", {}).get("records")),
+        generated = gen.get("counts", {}).get("records")
+        rows.append([s.target, _num(INPUT_COUNT[s.target](gen)), _num(generated),
                      _num(judged), _num(kept), _num(filt.get("below_threshold")), _num(filt.get("failures")),
                      _pct(share), _exact(filt.get("threshold"))])
+        read = filt.get("records")
+        if isinstance(read, int) and isinstance(generated, int) and read != generated:
+            details.append(f"- {s.target}: the filter read {read:,} records, the generation made {generated:,}")
         counts = {k: v for k, v in gen.get("counts", {}).items() if k != "records"}
         if counts:
             details.append(f"- {s.target}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
         scores = filt.get("scores")
         if scores:
             details.append(f"- {s.target} judge scores: " + ", ".join(f"{k}: {v}" for k, v in scores.items()))
-    out = ["## Synthetic data", "", "Inputs read, records the teacher's answers made, and the judge filter "
-           "(records scoring at least the threshold are kept; judge failures are neither kept nor counted "
-           "below).", ""]
+    out = ["## Synthetic data", "", "Inputs read, records the teacher's answers made, and the judge filter. "
+           "judged: the records the judge scored (kept + below threshold; judged.jsonl); kept: those scoring at least the "
+           "threshold; judge failures: records whose judge request failed or whose reply could not be read "
+           "(in judge-failures.jsonl: neither judged, kept nor below). judged + judge failures = the records "
+           "the filter read; kept % is of the judged.", ""]
     out += _table(["scheme", "inputs", "generated", "judged", "kept", "below threshold", "judge failures", "kept %",
                    "threshold"], rows)
     names = [f"{role}: {', '.join(dict.fromkeys(m for m in found if m))}" for role, found in models.items()

@@ -20,7 +20,8 @@ when the model becomes free (after a short ``--batch-window-ms``), runs one-toke
 requests as one batch of forwards, and generation requests in left-padded batches (one batch per
 set of sampling settings). A sampled request with a ``seed`` decodes each choice alone, from a
 generator seeded with ``seed`` plus the choice's index, so its text does not depend on which other
-requests arrive with it. The model runs in one worker thread so the event loop keeps serving.
+requests arrive with it. The model runs in one worker thread and prompts are tokenized in two others
+(a text of megabytes takes seconds), so the event loop keeps serving.
 Bad requests get OpenAI-style errors: status 400 (404 for an unknown model or route) with
 ``{"error": {"message", "type", "param", "code"}}``.
 
@@ -28,6 +29,10 @@ What one request may ask for: a body of at most 64 MiB; ``n`` up to 16; each pro
 ``max_tokens`` within the model's context; and at most ``--max-request-seqs`` sequences (default 128):
 ``n`` times the number of prompts, checked before any prompt is tokenized. So one request decodes at
 most that many sequences of at most the context's length, in batches of ``--max-batch-size`` rows.
+A text prompt of more UTF-8 bytes than the context's length times the tokenizer's longest piece
+(in bytes, U+2581 counted as its 3) is refused (``context_length_exceeded``, "at least N tokens")
+without being tokenized, where the sentencepiece model makes that a sound bound
+(``longest_piece_bytes``); a shorter one is tokenized and counted exactly.
 
 lm-eval through the server: ``--model local-completions --model_args model=NAME,base_url=
 http://127.0.0.1:8000/v1/completions,tokenizer=DIR,tokenizer_backend=huggingface,add_bos_token=True,
@@ -46,6 +51,7 @@ import argparse
 import asyncio
 import codecs
 import concurrent.futures
+import functools
 import json
 import logging
 import math
@@ -74,6 +80,7 @@ MAX_N = 16
 MAX_STOP = 16
 MAX_REQUEST_SEQS = 128  # default --max-request-seqs: sequences (n x prompts) one request may ask for
 MAX_BODY_BYTES = 64 * 2**20
+TOKENIZE_THREADS = 2  # prompts tokenized at once, off the event loop (sentencepiece releases the GIL)
 
 
 class ApiError(Exception):
@@ -441,6 +448,78 @@ class Engine:
 # ---- the HTTP layer -------------------------------------------------------------------------
 
 
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i
+        shift += 7
+
+
+def _proto_fields(buf: bytes):
+    """(field number, wire type, value) of each field of one serialized protobuf message: varints as ints,
+    length-delimited fields as bytes. Enough of the wire format to read a few fields of a sentencepiece
+    model without the protobuf package (not a dependency); malformed input raises."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value, i = buf[i:i + size], i + size
+        elif wire == 2:
+            size, i = _varint(buf, i)
+            value, i = buf[i:i + size], i + size
+        else:
+            raise ValueError(f"protobuf wire type {wire} at byte {i}")
+        if i > len(buf):
+            raise ValueError("truncated protobuf message")
+        yield number, wire, value
+
+
+def longest_piece_bytes(tokenizer) -> int | None:
+    """The most UTF-8 bytes of text one token of ``tokenizer.encode`` can stand for, where the sentencepiece
+    model bounds it; None where it does not.
+
+    A text of B bytes is then at least ceil(B / this) tokens: with no normalization rules (an empty
+    precompiled_charsmap), no whitespace squeezing (remove_extra_whitespaces off) and byte fallback on (no
+    <unk>, which may stand for a run of unknown characters of any length), sentencepiece only turns each
+    space into U+2581 (three bytes for one) and maybe puts one U+2581 in front, so its pieces spell out at
+    least the text's bytes; each is a vocabulary piece (at most this many bytes) or one byte. The tiny
+    test model's tokenizer is such a model (and Llama 2's is built the same way). A model that rewrites
+    text (NFKC folds several characters into one, a run of spaces becomes one) could fit any number of
+    bytes in few tokens: there, no bound."""
+    try:
+        sp = tokenizer.sp
+        byte_fallback, charsmap, squeeze = False, b"", True  # proto2 defaults of the three fields
+        for number, wire, value in _proto_fields(sp.serialized_model_proto()):
+            if number == 2 and wire == 2:  # ModelProto.trainer_spec
+                for n, w, v in _proto_fields(value):
+                    if n == 35 and w == 0:  # TrainerSpec.byte_fallback
+                        byte_fallback = bool(v)
+            elif number == 3 and wire == 2:  # ModelProto.normalizer_spec
+                for n, w, v in _proto_fields(value):
+                    if n == 2 and w == 2:  # NormalizerSpec.precompiled_charsmap
+                        charsmap = v
+                    elif n == 4 and w == 0:  # NormalizerSpec.remove_extra_whitespaces
+                        squeeze = bool(v)
+        if not byte_fallback or charsmap or squeeze:
+            return None
+        longest = 1  # a byte-fallback piece
+        for i in range(sp.GetPieceSize()):
+            # control pieces (BOS, EOS) never come from text; <unk> does not with byte fallback
+            if not (sp.IsControl(i) or sp.IsUnknown(i) or sp.IsByte(i)):
+                longest = max(longest, len(sp.IdToPiece(i).encode("utf-8")))
+        return longest
+    except Exception:  # an unreadable model, a tokenizer without .sp: no bound, the exact check still holds
+        return None
+
+
 def token_text(tokenizer, token_id: int) -> str:
     """What one token reads as on its own: sentencepiece's word marker as a space, a byte-fallback
     piece as its character (or ``bytes:\\xNN`` when it is part of a multi-byte character)."""
@@ -525,6 +604,9 @@ class Server:
         self.api_key = api_key
         self.created = int(time.time())
         self.vocab = tokenizer.vocab_size
+        # Prompts are tokenized in these threads, not on the event loop: a text of megabytes takes seconds.
+        self.tokenize_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.piece_bytes = longest_piece_bytes(tokenizer)  # None: no up-front bound on a text's tokens
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors], client_max_size=MAX_BODY_BYTES)
@@ -534,8 +616,23 @@ class Server:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.on_startup.append(self.engine.start)
+        app.on_startup.append(self._start_pool)
         app.on_cleanup.append(self.engine.stop)
+        app.on_cleanup.append(self._stop_pool)
         return app
+
+    async def _start_pool(self, app=None) -> None:
+        self.tokenize_pool = concurrent.futures.ThreadPoolExecutor(max_workers=TOKENIZE_THREADS,
+                                                                   thread_name_prefix="bezoar-tokenize")
+
+    async def _stop_pool(self, app=None) -> None:
+        if self.tokenize_pool is not None:
+            # a tokenization still running finishes in its thread, for nobody; the loop does not wait for it
+            self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _off_loop(self, fn, *args):
+        """``fn(*args)`` in the tokenizing threads; what it raises (an ApiError) is raised here."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, functools.partial(fn, *args))
 
     @web.middleware
     async def _errors(self, request: web.Request, handler):
@@ -606,16 +703,21 @@ class Server:
 
     def _prompts(self, prompt, max_tokens: int) -> list[list[int]]:
         """``prompt`` in any of its four OpenAI shapes as token-id lists (text gets BOS), each checked against
-        the context as it comes (a request stops at its first prompt too long, the rest untokenized)."""
+        the context as it comes (a request stops at its first prompt too long, the rest untokenized).
+        Runs in the tokenizing threads (``_off_loop``)."""
         def fits(ids: list[int]) -> list[int]:
             self._check_length(ids, max_tokens, "max_tokens")
             return ids
 
+        def encode(text: str) -> list[int]:
+            self._check_text_length(text, max_tokens, "max_tokens")
+            return self.tokenizer.encode(text, bos=True)
+
         if isinstance(prompt, str):
-            return [fits(self.tokenizer.encode(prompt, bos=True))]
+            return [fits(encode(prompt))]
         if isinstance(prompt, list) and prompt:
             if all(isinstance(p, str) for p in prompt):
-                return [fits(self.tokenizer.encode(p, bos=True)) for p in prompt]
+                return [fits(encode(p)) for p in prompt]
             if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
                 return [fits(self._check_ids(prompt, "prompt"))]
             if all(isinstance(p, list) for p in prompt):
@@ -650,6 +752,24 @@ class Server:
                            "completion). Please reduce the prompt or the completion length.", param,
                            code="context_length_exceeded")
 
+    def _check_text_length(self, text: str, max_tokens: int, param: str) -> None:
+        """Before ``text`` is tokenized: refuse a text whose UTF-8 length alone proves it longer than the
+        context (more than context x the longest piece's bytes: at least ceil(bytes / longest piece)
+        tokens, see ``longest_piece_bytes``), as ``_check_length`` would refuse it after seconds of
+        tokenizing a text of megabytes. A shorter text is tokenized (quickly) and checked exactly.
+        """
+        limit = self.engine.context * (self.piece_bytes or 0)
+        if self.piece_bytes is None or len(text) * 4 <= limit:
+            return  # no bound, or short enough (a character is at most 4 bytes)
+        size = len(text.encode("utf-8"))
+        if size > limit:
+            tokens = -(-size // self.piece_bytes)
+            raise ApiError(f"This model's maximum context length is {self.engine.context} tokens. However, you "
+                           f"requested at least {tokens + max_tokens} tokens (at least {tokens} in the prompt: "
+                           f"{size:,} bytes of text, at most {self.piece_bytes} to a token; {max_tokens} for the "
+                           "completion). Please reduce the prompt or the completion length.", param,
+                           code="context_length_exceeded")
+
     # -- /v1/completions --
 
     async def completions(self, request: web.Request):
@@ -674,7 +794,7 @@ class Server:
             raise ApiError("logprobs with stream is not supported by bezoar.serve", "logprobs")
         stop = _stop(body)
         self._check_sequences(n, _prompt_count(body["prompt"]))  # before any prompt is tokenized
-        prompts = self._prompts(body["prompt"], max_tokens)
+        prompts = await self._off_loop(self._prompts, body["prompt"], max_tokens)
         queue = asyncio.Queue() if stream else None
         jobs = [Job(prompt_ids=ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                     stop=stop, logprobs=logprobs, echo=echo, index=p * n + c, stream=queue)
@@ -743,18 +863,12 @@ class Server:
             prompt = chat_prompt(body["messages"], self.template)
         except ChatError as e:
             raise ApiError(str(e), e.param) from None
-        ids = self.tokenizer.encode(prompt, bos=True)
         fmt = body.get("response_format")
         if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
             raise ApiError("response_format: only {'type': 'text'} is supported by bezoar.serve", "response_format")
-        room = self.engine.context - len(ids)
         name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         max_tokens = _integer(body, name, None, 1)
-        if max_tokens is None:
-            if room < 1:
-                self._check_length(ids, 1, "messages")
-            max_tokens = room
-        self._check_length(ids, max_tokens, name)
+        ids, max_tokens = await self._off_loop(self._chat_ids, prompt, max_tokens, name)
         temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
         top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
         seed = _integer(body, "seed", None, -(2**63), 2**63 - 1)
@@ -784,6 +898,22 @@ class Server:
             choices.append(choice)
         return web.json_response({"id": rid, "object": "chat.completion", "created": created, "model": self.name,
                                   "choices": choices, "usage": self._usage(jobs)})
+
+    def _chat_ids(self, prompt: str, max_tokens: int | None, name: str) -> tuple[list[int], int]:
+        """The chat prompt's token ids and the completion's length (without ``max_tokens``, the room the
+        context leaves), checked against the context. Runs in the tokenizing threads (``_off_loop``)."""
+        if max_tokens is None:
+            self._check_text_length(prompt, 1, "messages")
+        else:
+            self._check_text_length(prompt, max_tokens, name)
+        ids = self.tokenizer.encode(prompt, bos=True)
+        room = self.engine.context - len(ids)
+        if max_tokens is None:
+            if room < 1:
+                self._check_length(ids, 1, "messages")
+            max_tokens = room
+        self._check_length(ids, max_tokens, name)
+        return ids, max_tokens
 
     def _chat_logprobs(self, job: Job) -> list[dict]:
         out = []

@@ -460,3 +460,195 @@ def test_the_default_cap_on_sequences_per_request(served):
                          {"model": "tiny", "prompt": [[1]] * 129, "max_tokens": 1, "temperature": 0})
     assert status == 400 and reply["error"]["param"] == "prompt", reply
     assert "at most 128 sequences" in reply["error"]["message"]
+
+
+# ---- prompt tokenization off the event loop --------------------------------------------------
+
+
+def _get(url: str, timeout: float) -> tuple[int, dict]:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, json.loads(r.read())
+
+
+def _post(url: str, body, timeout: float) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"},
+                                 method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_slow_tokenization_does_not_stall_other_requests(tiny_model, tiny_tokenizer, monkeypatch, path):
+    """A prompt whose tokenization takes long (a multi-megabyte text) is tokenized off the event loop: while
+    it runs, the server answers other clients (the model list, a short completion)."""
+    import threading
+
+    from bezoar.serve import BackgroundServer, Server
+
+    entered, release = threading.Event(), threading.Event()
+    encode = tiny_tokenizer.encode
+
+    def slow_encode(text, *a, **k):
+        if "SLOW-MARKER" in text:
+            entered.set()
+            release.wait(60)  # stands for seconds of sentencepiece work on a huge text
+        return encode(text, *a, **k)
+
+    monkeypatch.setattr(tiny_tokenizer, "encode", slow_encode)
+    if path == "/v1/completions":
+        slow_body = {"model": "tiny", "prompt": "SLOW-MARKER The cat", "max_tokens": 2, "temperature": 0}
+    else:
+        slow_body = {"model": "tiny", "messages": [{"role": "user", "content": "SLOW-MARKER hi"}], "max_tokens": 2,
+                     "temperature": 0}
+    with BackgroundServer(Server(tiny_model, tiny_tokenizer, "tiny", batch_window_s=0.0)) as bg:
+        slow = {}
+        thread = threading.Thread(target=lambda: slow.update(reply=_post(bg.url + path, slow_body, 120)))
+        thread.start()
+        try:
+            assert entered.wait(30), "the slow request never reached the tokenizer"
+            status, models = _get(bg.url + "/v1/models", timeout=10)
+            assert status == 200 and models["data"][0]["id"] == "tiny"
+            status, reply = _post(bg.url + "/v1/completions", {"model": "tiny", "prompt": "The red fox",
+                                                               "max_tokens": 2, "temperature": 0}, timeout=30)
+            assert status == 200 and reply["choices"][0]["text"] is not None, reply
+            assert not release.is_set() and "reply" not in slow, "answered only after the slow tokenization"
+        finally:
+            release.set()
+            thread.join(60)
+    status, reply = slow["reply"]
+    assert status == 200 and reply["usage"]["completion_tokens"] <= 2, reply
+
+
+def test_context_errors_from_the_tokenizing_worker_are_the_same_400s(served):
+    """The prompt checks run with the tokenization, off the event loop; their errors are the 400s they were."""
+    url = served.url
+    context = served.server.engine.context
+    cases = [
+        ("/v1/completions", {"prompt": "The cat", "max_tokens": context}, "max_tokens"),
+        ("/v1/completions", {"prompt": ["Once", "The cat " * 600], "max_tokens": 2}, "max_tokens"),
+        ("/v1/completions", {"prompt": [[1, 5], [1, 99999]]}, "prompt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": context},
+         "max_tokens"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": context},
+         "max_completion_tokens"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "The cat " * 600}]}, "messages"),
+    ]
+    for path, body, param in cases:
+        status, reply = post(url + path, {"model": "tiny", **body})
+        assert status == 400, (body, reply)
+        error = reply["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == param, (body, error)
+        if param != "prompt":
+            assert error["code"] == "context_length_exceeded", error
+            assert f"maximum context length is {context} tokens. However, you requested " in error["message"]
+            assert " in the prompt, " in error["message"] and "at least" not in error["message"], error
+        else:
+            assert "prompt[1]: token id 99999 is outside the vocabulary" in error["message"], error
+    # the order of the checks holds: response_format is refused before the prompt's length
+    status, reply = post(url + "/v1/chat/completions", {"model": "tiny", "messages": [
+        {"role": "user", "content": "The cat " * 600}], "response_format": {"type": "json_object"}})
+    assert status == 400 and reply["error"]["param"] == "response_format", reply
+
+
+# ---- the up-front bound on a text prompt's length -----------------------------------------------
+
+
+class _EditedProto:
+    """A sentencepiece processor whose serialized model is edited (the pieces stay the tiny model's)."""
+
+    def __init__(self, sp, edit):
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        self._sp = sp
+        proto = pb.ModelProto()
+        proto.ParseFromString(sp.serialized_model_proto())
+        edit(proto)
+        self._proto = proto.SerializeToString()
+
+    def serialized_model_proto(self):
+        return self._proto
+
+    def __getattr__(self, name):
+        return getattr(self._sp, name)
+
+
+def test_longest_piece_bytes_reads_the_model_and_bounds_the_token_count(tiny_tokenizer):
+    import copy
+    import math
+
+    pb = pytest.importorskip("sentencepiece.sentencepiece_model_pb2")
+    from bezoar.serve import longest_piece_bytes
+
+    sp = tiny_tokenizer.sp
+    proto = pb.ModelProto()
+    proto.ParseFromString(sp.serialized_model_proto())
+    assert proto.trainer_spec.byte_fallback and not proto.normalizer_spec.remove_extra_whitespaces
+    assert not proto.normalizer_spec.precompiled_charsmap  # identity: the text is not rewritten
+    longest = longest_piece_bytes(tiny_tokenizer)
+    assert longest == max(len(p.piece.encode()) for p in proto.pieces if p.type != pb.ModelProto.SentencePiece.CONTROL)
+    # the bound holds on texts built to make tokens as long as they get: the longest pieces repeated, runs of
+    # spaces and of U+2581 (sentencepiece's own space marker, 3 bytes), multibyte and unknown characters
+    best = max(range(sp.GetPieceSize()), key=lambda i: len(sp.IdToPiece(i).encode()) if not sp.IsControl(i) else 0)
+    word = sp.IdToPiece(best)
+    texts = [word * 50, word.replace("\u2581", " ") * 50, " " * 5000, "\u2581" * 3000, "\u2581\u2581the" * 500,
+             "é" * 2000, "日本語のテキスト" * 300, "😀" * 1000, "a\n\t" * 900, "The cat " * 600, ""]
+    for text in texts:
+        tokens = len(tiny_tokenizer.encode(text))
+        assert tokens >= math.ceil(len(text.encode("utf-8")) / longest), (text[:40], tokens)
+
+    # a model that rewrites the text (drops spaces, normalizes, or has no byte fallback) has no such bound
+    def edited(edit):
+        tok = copy.copy(tiny_tokenizer)
+        tok.sp = _EditedProto(sp, edit)
+        return longest_piece_bytes(tok)
+
+    assert edited(lambda p: None) == longest
+    assert edited(lambda p: setattr(p.normalizer_spec, "remove_extra_whitespaces", True)) is None
+    assert edited(lambda p: p.normalizer_spec.ClearField("remove_extra_whitespaces")) is None  # proto2 default: on
+    assert edited(lambda p: setattr(p.normalizer_spec, "precompiled_charsmap", b"\x01\x02")) is None
+    assert edited(lambda p: setattr(p.trainer_spec, "byte_fallback", False)) is None
+    bad = copy.copy(tiny_tokenizer)
+    bad.sp = _EditedProto(sp, lambda p: None)
+    bad.sp._proto = b"\xff\xff"  # unreadable: no bound, not a failure
+    assert longest_piece_bytes(bad) is None
+
+
+def test_a_text_prompt_too_long_by_its_bytes_alone_is_refused_untokenized(tiny_model, tiny_tokenizer, monkeypatch):
+    from bezoar.serve import BackgroundServer, Server, longest_piece_bytes
+
+    encoded = []
+    encode = tiny_tokenizer.encode
+    monkeypatch.setattr(tiny_tokenizer, "encode", lambda *a, **k: encoded.append(len(a[0])) or encode(*a, **k))
+    longest = longest_piece_bytes(tiny_tokenizer)
+    with BackgroundServer(Server(tiny_model, tiny_tokenizer, "tiny", batch_window_s=0.0)) as bg:
+        context = bg.server.engine.context
+        huge = "The bright eagle watches the river. " * (8 * 2**20 // 36)  # 8 MiB: seconds to tokenize
+        started = time.time()
+        status, reply = post(bg.url + "/v1/completions", {"model": "tiny", "prompt": ["Once", huge], "max_tokens": 4})
+        assert status == 400, reply
+        error = reply["error"]
+        assert error["param"] == "max_tokens" and error["code"] == "context_length_exceeded", error
+        at_least = -(-len(huge) // longest)
+        assert (f"maximum context length is {context} tokens. However, you requested at least {at_least + 4} tokens "
+                f"(at least {at_least} in the prompt: {len(huge):,} bytes of text" in error["message"]), error
+        assert encoded == [len("Once")], "the huge prompt was tokenized"
+        assert time.time() - started < 2.0
+        # chat: the same bound on the rendered prompt, with the param the exact check names
+        for body, param in [({}, "messages"), ({"max_tokens": 3}, "max_tokens")]:
+            encoded[:] = []
+            status, reply = post(bg.url + "/v1/chat/completions", {
+                "model": "tiny", "messages": [{"role": "user", "content": huge}], **body})
+            assert status == 400 and reply["error"]["param"] == param, reply
+            assert "at least" in reply["error"]["message"] and encoded == [], reply
+        # a text of at most context x longest bytes is tokenized (quickly) and refused with its exact count;
+        # one byte more and the bound refuses it untokenized, whatever max_tokens
+        edge = "x" * (context * longest)
+        for text, tokenized in [(edge, True), (edge + "x", False), ("é" * (context * longest // 2 + 1), False)]:
+            encoded[:] = []
+            status, reply = post(bg.url + "/v1/completions", {"model": "tiny", "prompt": text, "max_tokens": 1})
+            assert status == 400 and reply["error"]["code"] == "context_length_exceeded", reply
+            assert encoded == ([len(text)] if tokenized else []), reply
+            assert ("at least" in reply["error"]["message"]) != tokenized
