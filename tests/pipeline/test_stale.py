@@ -123,12 +123,18 @@ def test_filter_runs_again_when_raw_jsonl_changes_and_only_judges_what_is_new(tm
     assert steps["generate:orca"].done and steps["filter:orca"].done
 
 
-def test_dry_run_shows_why_a_step_is_to_run_again(tmp_path, capsys):
+def _one_record_generated(tmp_path: Path):
+    """The tiny recipe, its run root, and data/lamini holding a raw.jsonl of one record."""
     recipe = load_recipe("openbezoar_tiny")
     root = tmp_path / "run"
     folder = root / "data/lamini"
     folder.mkdir(parents=True)
     (folder / "raw.jsonl").write_text(json.dumps({"instruction": "Say hi.", "response": "Hi."}) + "\n")
+    return recipe, root, folder
+
+
+def test_dry_run_shows_why_a_step_is_to_run_again(tmp_path, capsys):
+    recipe, root, folder = _one_record_generated(tmp_path)
     steps = _steps(recipe, root)
     for name in ("generate:lamini", "filter:lamini"):
         write_marker(steps[name], 1.0)
@@ -247,11 +253,7 @@ def test_a_generation_step_whose_seed_file_changed_stops_the_run(tmp_path):
 
 
 def test_steps_completed_before_fingerprints_were_recorded_stay_done(tmp_path, capsys):
-    recipe = load_recipe("openbezoar_tiny")
-    root = tmp_path / "run"
-    folder = root / "data/lamini"
-    folder.mkdir(parents=True)
-    (folder / "raw.jsonl").write_text(json.dumps({"instruction": "Say hi.", "response": "Hi."}) + "\n")
+    recipe, root, folder = _one_record_generated(tmp_path)
     (folder / "filtered.jsonl").write_text((folder / "raw.jsonl").read_text())
     steps = _steps(recipe, root)
     for name in ("generate:lamini", "filter:lamini"):  # markers as the code before wrote them: no "inputs"
