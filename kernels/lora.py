@@ -1284,6 +1284,14 @@ class MergeConfig:
     block_n: int = 64
     num_warps: int = 4
 
+    def __post_init__(self):  # checked once here, not on every merge of a training step
+        if self.layout not in tuning.MERGE_LAYOUTS:
+            raise ValueError(f"merge layout must be one of {', '.join(tuning.MERGE_LAYOUTS)}, not {self.layout!r}")
+        if self.block_n < 16 or self.block_n & (self.block_n - 1):
+            raise ValueError(f"merge block_n must be a power of two of at least 16, not {self.block_n}")
+        if self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
+            raise ValueError(f"merge num_warps must be a power of two, not {self.num_warps}")
+
 
 MERGE_LAYOUTS = tuning.MERGE_LAYOUTS
 DEFAULT_MERGE = MergeConfig()
@@ -1308,12 +1316,6 @@ def merged_weights(plan: _Plan, a: torch.Tensor, b: torch.Tensor, dtype: torch.d
     computes g. ``_lora_columns`` reads either block out of the product. ``config``: the merge kernel's
     launch (``merge_config(device)`` when None; bench/lora.py --sweep-merge times others)."""
     config = config or merge_config(a.device)
-    if config.layout not in MERGE_LAYOUTS:
-        raise ValueError(f"merge layout must be one of {', '.join(MERGE_LAYOUTS)}, not {config.layout!r}")
-    if config.block_n < 16 or config.block_n & (config.block_n - 1):
-        raise ValueError(f"merge block_n must be a power of two of at least 16, not {config.block_n}")
-    if config.num_warps < 1 or config.num_warps & (config.num_warps - 1):
-        raise ValueError(f"merge num_warps must be a power of two, not {config.num_warps}")
     ns = plan.out_features
     p, r, k = a.shape
     n_total = sum(ns)
