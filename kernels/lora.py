@@ -1342,8 +1342,13 @@ def merged_weights(plan: _Plan, a: torch.Tensor, b: torch.Tensor, dtype: torch.d
         if width != r:
             a_rows[:, r:].zero_()
         a_rows[:, :r].copy_(a)
-    elif extra == "cols":
-        out[:, k:].copy_(_concat_lora_block(plan, b))
+    elif extra == "cols":  # s_j * B_j written into its block (one launch each), zeros only where there are any
+        if p > 1 or width != r:
+            out[:, k:].zero_()
+        start = 0
+        for j, n in enumerate(ns):
+            torch.mul(b[start: start + n], plan.scalings[j], out=out[start: start + n, k + j * width: k + j * width + r])
+            start += n
     elif extra is not None:
         raise ValueError(f"extra must be None, 'rows' or 'cols', not {extra!r}")
     return out
@@ -1694,6 +1699,18 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def lora_in_dtype(lora: Sequence[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A stacked (P, R, K), B concatenated (Ncat, R)) in the compute dtype from ``lora = (A_0, B_0, A_1,
+    B_1, ...)`` (fp32 masters, as a rule): each made by one stack / cat that converts as it copies, where
+    converting each tensor first and then stacking took 2P + 2 launches (a training step's small kernels)."""
+    first_a, first_b = lora[0], lora[1]
+    a = torch.empty((len(lora) // 2, *first_a.shape), dtype=dtype, device=first_a.device)
+    b = torch.empty((sum(t.shape[0] for t in lora[1::2]), first_b.shape[1]), dtype=dtype, device=first_b.device)
+    torch.stack([t.detach() for t in lora[0::2]], out=a)
+    torch.cat([t.detach() for t in lora[1::2]], out=b)
+    return a, b
+
+
 class LoRAFunction(torch.autograd.Function):
     """P = 1 or 3 projections of one x: ``y_j = x @ W_j.T + s_j * dropout_j(x) @ A_j.T @ B_j.T``.
 
@@ -1717,8 +1734,7 @@ class LoRAFunction(torch.autograd.Function):
         ctx.lora_dtypes = [t.dtype for t in lora]
         a = b = xa = block = None
         if plan.has_lora:
-            a = torch.stack([t.detach().to(dtype) for t in lora[0::2]]).contiguous()  # (P, R, K)
-            b = torch.cat([t.detach().to(dtype) for t in lora[1::2]]).contiguous()  # (Ncat, R)
+            a, b = lora_in_dtype(lora, dtype)
         if m == 0:
             y = x2d.new_empty((0, sum(ns)))
         elif plan.path == "gemv":  # inference at small M: ``_apply`` checked the weights and autograd

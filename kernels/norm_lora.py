@@ -70,6 +70,7 @@ from bezoar_kernels.lora import (
     _r_pad,
     _rows,
     _three,
+    lora_in_dtype,
     seed31,
 )
 from bezoar_kernels.nf4 import NF4Weight
@@ -399,8 +400,7 @@ class NormLoRAFunction(torch.autograd.Function):
         x2d = _rows(x, k)
         res2d = _rows(residual, k) if residual is not None else None
         dtype = x.dtype
-        a = torch.stack([t.detach().to(dtype) for t in lora[0::2]]).contiguous()  # (P, R, K)
-        b = torch.cat([t.detach().to(dtype) for t in lora[1::2]]).contiguous()  # (Ncat, R)
+        a, b = lora_in_dtype(lora, dtype)  # (P, R, K), (Ncat, R)
         nw = norm_weight.detach().contiguous()
         s, rstd, xa, wide = _norm_lora_forward(x2d, res2d, nw, float(eps), a, plan)
         block = _concat_lora_block(plan, b)

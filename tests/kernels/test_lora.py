@@ -331,6 +331,69 @@ def test_merged_path_under_no_grad_is_plain(monkeypatch):
     assert_close(y, want, 1e-4, 1e-4, name="merged y under no_grad")
 
 
+def _host_ops(fn):
+    """The torch ops that ``fn`` runs from kernels/lora.py outside Triton kernels (the interpreter's own
+    copies left out), without the ones that only make or reshape a tensor's metadata: each is a launch
+    on a GPU, and a training step's small launches are part of the LoRA paths' cost."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    metadata = {"empty", "set_", "view", "t", "split_with_sizes", "slice", "as_strided", "detach", "alias",
+                "unsqueeze", "select", "new_empty", "_reshape_alias"}
+    ops = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name not in metadata:
+                stack = traceback.extract_stack()
+                if (not any(f"{os.sep}triton{os.sep}" in f.filename for f in stack)
+                        and any(f.filename.endswith(f"kernels{os.sep}lora.py") for f in stack)):
+                    ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return ops
+
+
+@pytest.mark.parametrize("projections,r", [(1, 16), (3, 8)])
+def test_merged_training_step_makes_few_small_launches(projections, r):
+    """The merged path's forward and backward beside their GEMMs and Triton kernels: A and B reach the
+    compute dtype in one stack and one cat (each tensor converted first, then stacked, took 2P + 2
+    launches), and s_j B_j is written straight into the dx GEMM's columns (it was zeros, P products and a
+    copy). What is left: A's rows under W' (zeros first where r is not a multiple of 16), the copy of xa
+    out of y, s_j B_j, and dA's and dB's split sums (M here gives both more than one row range)."""
+    m, k = 256, 128
+    ns = (48, 16, 16)[:projections]
+    weights = [_base(n, k, "nf4", torch.float16, seed=j) for j, n in enumerate(ns)]
+    ads = _leaf_adapters([_adapter(n, k, r, seed=60 + j, scaling=0.5 + j) for j, n in enumerate(ns)])  # fp32
+    x = torch.randn(m, k, generator=_gen(2)).half().requires_grad_()  # fp16 compute: A and B are converted
+    dys = [torch.randn(m, n, generator=_gen(3 + j)).half() for j, n in enumerate(ns)]
+    outs = []
+
+    def forward():
+        if projections == 3:
+            outs.extend(L.lora_qkv(x, weights, ads, 0.0, True, (1, 2, 3), "merged"))
+        else:
+            outs.append(L.lora_linear(x, weights[0], ads[0].lora_a, ads[0].lora_b, ads[0].scaling, 0.0, True, 1,
+                                      "merged"))
+
+    with backend("triton"):
+        forward()  # the first call builds the cached tables (the NF4 byte table) and buffers
+        torch.autograd.backward(outs, dys)
+        outs.clear()
+        forward_ops = _host_ops(forward)
+        backward_ops = _host_ops(lambda: torch.autograd.backward(outs, dys))
+    pad = ["zero_"] if r % 16 else []
+    assert forward_ops == ["stack", "cat", *pad, "copy_", "mm", "clone"], forward_ops
+    base_product = ["mm"] + ["addmm_"] * (projections - 1)
+    cols = (["zero_"] if projections > 1 or r % 16 else []) + ["mul"] * projections
+    assert backward_ops == [*cols, *base_product, "sum", "sum"], backward_ops
+    assert all(t.grad is not None for ad in ads for t in (ad.lora_a, ad.lora_b)) and x.grad is not None
+
+
 def test_concat_backward_without_dx_uses_the_g_kernel(monkeypatch):
     """When x needs no gradient (the first layer of a frozen base) the wide backward product would be
     computed for g alone: the g kernel runs instead, and dA, dB still equal the reference's."""
