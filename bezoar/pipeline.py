@@ -395,8 +395,8 @@ def mt_bench_argv(section, model: dict, model_id: str, out: Path, root: Path) ->
     args = ["mt-bench"] + _model_args(section, model) + [
         "--model-id", model_id, "--questions", resolve_path(section.questions, root), "--split", section.split,
         "--out", str(out), "--max-new-tokens", str(section.max_new_tokens), "--batch-size", str(section.batch_size),
-        "--seed", str(section.seed), "--judge-model", judge.model, "--judge-provider", judge.provider,
-        "--concurrency", str(judge.concurrency)]
+        "--seed", str(section.seed), "--top-k", str(section.top_k), "--judge-model", judge.model,
+        "--judge-provider", judge.provider, "--concurrency", str(judge.concurrency)]
     if section.reference:
         args += ["--reference", resolve_path(section.reference, root)]
     if section.judge_prompts:

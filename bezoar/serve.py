@@ -6,13 +6,14 @@ Routes:
 
 - ``GET /v1/models``: the one model served, under ``--name`` (default: the folder's name).
 - ``POST /v1/completions``: ``prompt`` as a string, a list of strings, a list of token ids or a
-  list of token-id lists; ``max_tokens``, ``temperature``, ``top_p``, ``n``, ``stop``, ``seed``,
-  ``stream``, ``echo`` and ``logprobs`` (top-k, 0-20) - what lm-eval's ``local-completions``
+  list of token-id lists; ``max_tokens``, ``temperature``, ``top_p``, ``top_k`` (as vLLM takes it:
+  an integer, -1 or 0 for off), ``n``, ``stop``, ``seed``,
+  ``stream``, ``echo`` and ``logprobs`` (0-20 alternatives) - what lm-eval's ``local-completions``
   model needs for loglikelihood (``echo`` + ``logprobs`` + ``max_tokens=1``) and generation.
   A text prompt gets BOS in front; a token prompt is used exactly as given.
 - ``POST /v1/chat/completions``: ``messages`` rendered with the OpenBezoar prompt template
-  (``bezoar.eval.chat``), the answer stops at EOS or at a new template section; ``logprobs`` /
-  ``top_logprobs``, ``stream``.
+  (``bezoar.eval.chat``), the answer stops at EOS or at a new template section; the sampling
+  settings of completions (``top_k`` included), ``logprobs`` / ``top_logprobs``, ``stream``.
 - ``GET /health``.
 
 Requests that arrive together are decoded together: a scheduler collects every request waiting
@@ -98,11 +99,11 @@ class ApiError(Exception):
 
 # ---- request validation ----------------------------------------------------------------------
 
-COMPLETION_KEYS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream",
-                   "stream_options", "echo", "logprobs", "user", "presence_penalty", "frequency_penalty",
+COMPLETION_KEYS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed",
+                   "stream", "stream_options", "echo", "logprobs", "user", "presence_penalty", "frequency_penalty",
                    "best_of", "logit_bias", "suffix"}
-CHAT_KEYS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop",
-             "seed", "stream", "stream_options", "logprobs", "top_logprobs", "user", "presence_penalty",
+CHAT_KEYS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n",
+             "stop", "seed", "stream", "stream_options", "logprobs", "top_logprobs", "user", "presence_penalty",
              "frequency_penalty", "logit_bias", "response_format", "store", "metadata"}
 
 
@@ -127,6 +128,18 @@ def _integer(body: dict, name: str, default: int | None, low: int, high: int | N
     if value < low or (high is not None and value > high):
         raise ApiError(f"{name} must be between {low} and {high if high is not None else 'the context size'}, got {value}", name)
     return value
+
+
+def _top_k(body: dict) -> int:
+    """vLLM's ``top_k``: sample among the k most likely tokens; absent, -1 or 0 is off (returned as 0)."""
+    value = body.get("top_k")
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(f"top_k must be an integer, got {value!r}", "top_k")
+    if value < -1:
+        raise ApiError(f"top_k must be -1 or 0 (off) or at least 1, got {value}", "top_k")
+    return max(value, 0)
 
 
 def _boolean(body: dict, name: str, default: bool = False) -> bool:
@@ -187,6 +200,7 @@ class Job:
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # top-k alternatives to report per token; None: no logprobs
@@ -311,18 +325,18 @@ class Engine:
             if job.max_tokens <= 1 and job.stream is None:
                 continue
             if job.temperature <= 0:
-                key = (0.0, 1.0, None)
+                key = (0.0, 1.0, 0, None)
             elif job.seed is None:
-                key = (job.temperature, job.top_p, None)
+                key = (job.temperature, job.top_p, job.top_k, None)
             else:
                 # A seeded choice draws from its own generator, alone: in a batch its draws would
                 # depend on which other rows happened to share the batch.
-                key = (job.temperature, job.top_p, id(job))
+                key = (job.temperature, job.top_p, job.top_k, id(job))
             groups.setdefault(key, []).append(job)
         if one_step:
             self._run_one_step(one_step)
-        for (temperature, top_p, _), members in groups.items():
-            self._run_generation(members, temperature, top_p, self._sampler(members[0]))
+        for (temperature, top_p, top_k, _), members in groups.items():
+            self._run_generation(members, temperature, top_p, top_k, self._sampler(members[0]))
         for job in jobs:
             self._emit(job, final=True)
 
@@ -367,7 +381,7 @@ class Engine:
             if job.max_tokens == 0:
                 job.finish_reason = "length"
                 continue
-            nxt = int(sample_next(lp[-1:], job.temperature, job.top_p, self._sampler(job))[0])
+            nxt = int(sample_next(lp[-1:], job.temperature, job.top_p, self._sampler(job), job.top_k)[0])
             if nxt == eos:
                 job.finish_reason = "stop"
                 continue
@@ -377,7 +391,7 @@ class Engine:
             self._finish_text(job)
             job.finish_reason = "stop" if job.stop_hit else "length"
 
-    def _run_generation(self, jobs: list[Job], temperature: float, top_p: float, generator) -> None:
+    def _run_generation(self, jobs: list[Job], temperature: float, top_p: float, top_k: int, generator) -> None:
         from bezoar.model import generate_ids
 
         stops = [StopStrings(self.tokenizer, j.stop) for j in jobs]
@@ -398,7 +412,7 @@ class Engine:
         ids, mask = left_pad([j.prompt_ids for j in jobs], self.tokenizer.pad_id)
         longest = max(j.max_tokens for j in jobs)
         new_ids, reasons = generate_ids(self.model, ids, mask, max_new_tokens=longest, temperature=temperature,
-                                        top_p=top_p, eos_id=self.tokenizer.eos_id, generator=generator,
+                                        top_p=top_p, top_k=top_k, eos_id=self.tokenizer.eos_id, generator=generator,
                                         should_stop=on_token, decoder=self.decoder)
         for job, new, reason in zip(jobs, new_ids, reasons):
             job.new_ids = list(new)
@@ -783,6 +797,7 @@ class Server:
         max_tokens = _integer(body, "max_tokens", 16, 0 if echo else 1)
         temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
         top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
+        top_k = _top_k(body)
         n = _integer(body, "n", 1, 1, MAX_N)
         best_of = _integer(body, "best_of", n, 1, MAX_N)
         if best_of != n:
@@ -796,8 +811,8 @@ class Server:
         self._check_sequences(n, _prompt_count(body["prompt"]))  # before any prompt is tokenized
         prompts = await self._off_loop(self._prompts, body["prompt"], max_tokens)
         queue = asyncio.Queue() if stream else None
-        jobs = [Job(prompt_ids=ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                    stop=stop, logprobs=logprobs, echo=echo, index=p * n + c, stream=queue)
+        jobs = [Job(prompt_ids=ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                    seed=seed, stop=stop, logprobs=logprobs, echo=echo, index=p * n + c, stream=queue)
                 for p, ids in enumerate(prompts) for c in range(n)]
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if stream:
@@ -871,6 +886,7 @@ class Server:
         ids, max_tokens = await self._off_loop(self._chat_ids, prompt, max_tokens, name)
         temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
         top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
+        top_k = _top_k(body)
         seed = _integer(body, "seed", None, -(2**63), 2**63 - 1)
         want_logprobs = _boolean(body, "logprobs")
         top = _integer(body, "top_logprobs", None, 0, MAX_LOGPROBS)
@@ -881,8 +897,8 @@ class Server:
             raise ApiError("logprobs with stream is not supported by bezoar.serve", "logprobs")
         stop = _stop(body) + list(CHAT_STOP)
         queue = asyncio.Queue() if stream else None
-        jobs = [Job(prompt_ids=ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                    stop=stop, logprobs=(top or 0) if want_logprobs else None, index=c, stream=queue)
+        jobs = [Job(prompt_ids=ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                    seed=seed, stop=stop, logprobs=(top or 0) if want_logprobs else None, index=c, stream=queue)
                 for c in range(n)]
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if stream:

@@ -61,6 +61,8 @@ def _mt_bench_parser(sub) -> None:
     g.add_argument("--max-new-tokens", type=int, default=1024, help="per answer turn (default 1024)")
     g.add_argument("--batch-size", type=int, default=8, help="questions answered together")
     g.add_argument("--seed", type=int, default=0, help="for the sampled categories")
+    g.add_argument("--top-k", type=int, default=50, help="the sampled categories draw from this many most likely "
+                   "tokens (default 50: transformers' default, which FastChat's answers get; 0: all)")
     g = p.add_argument_group("questions and answers")
     g.add_argument("--questions", required=True, help="FastChat question.jsonl, or a dataset name")
     g.add_argument("--split", default="train", help="dataset split when --questions is a dataset name")
@@ -136,6 +138,8 @@ def run_mt_bench(args) -> int:
                         ("--concurrency", args.concurrency)):
         if value < 1:  # checked before the model loads; 0 would fail much later with a misleading message
             raise ValueError(f"{flag} must be at least 1, got {value}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be 0 (off) or more, got {args.top_k}")
     _check_mt_bench_inputs(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -162,7 +166,8 @@ def run_mt_bench(args) -> int:
             model = load(args.model, quant=args.quant, adapter=args.adapter, device=args.device, dtype=args.dtype)
             tokenizer = Tokenizer(args.model)
             mt.generate_answers(model, tokenizer, questions, model_id, answers_path,
-                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
+                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                                top_k=args.top_k)
         answers = mt.read_answers(answers_path)
         print(f"answers: {answers_path} ({len(answers)} questions)")
     if args.skip_judge:

@@ -20,7 +20,7 @@ The three request types, all on bezoar's own forward pass and KV-cache decoding:
   windows of ``max_length`` tokens with lm-eval's rolling-window helpers (every token predicted
   once, the first from BOS); all windows of all texts are batched together.
 - ``generate_until(context, gen_kwargs)``: decoding until a stop string, EOS or ``max_gen_toks``,
-  greedy unless the task asks for sampling (``temperature``, ``top_p``); requests are grouped by
+  greedy unless the task asks for sampling (``temperature``, ``top_k``, ``top_p``); requests are grouped by
   their generation settings, sorted by length and decoded in left-padded batches.
 
 model_args: ``pretrained`` (checkpoint folder), ``adapter`` (PEFT LoRA folder), ``quant``
@@ -274,8 +274,9 @@ class BezoarLM(TemplateLM):
                 ids, mask = left_pad([encoded[i] for i in batch], self.tokenizer.pad_id)
                 new_ids, _ = generate_ids(
                     self.model, ids, mask, max_new_tokens=settings.max_gen_toks,
-                    temperature=settings.temperature, top_p=settings.top_p, eos_id=self.eot_token_id,
-                    generator=generator, should_stop=StopStrings(self.tokenizer, settings.stop), decoder=decoder)
+                    temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+                    eos_id=self.eot_token_id, generator=generator,
+                    should_stop=StopStrings(self.tokenizer, settings.stop), decoder=decoder)
                 for i, new in zip(batch, new_ids):
                     text = cut_at_stop(self.tokenizer.decode(new), settings.stop)
                     out[i] = text
@@ -292,25 +293,37 @@ class GenerationSettings:
     temperature: float
     top_p: float
     stop: list[str]
+    top_k: int = 0  # 0: off
 
     @classmethod
     def from_gen_kwargs(cls, gen_kwargs: dict, default_max: int, eos_text: str | None) -> "GenerationSettings":
         """lm-eval's generation kwargs (``until``, ``max_gen_toks`` and its aliases, ``do_sample``,
-        ``temperature``, ``top_p``) as bezoar decoding settings."""
+        ``temperature``, ``top_k``, ``top_p``) as bezoar decoding settings. ``top_k`` is applied after the
+        temperature and before ``top_p``, as lm-eval's HF model gets it from transformers' ``generate``;
+        without it there is no top-k filter (0 and None: off)."""
+        from bezoar.model.decode import check_top_k
+
         kwargs = dict(normalize_gen_kwargs(gen_kwargs, default_max))
         stop = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
         max_gen_toks = int(kwargs.pop("max_gen_toks"))
         do_sample = bool(kwargs.pop("do_sample", False))
         temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
         top_p = float(kwargs.pop("top_p", 1.0) or 1.0)
+        top_k = kwargs.pop("top_k", None)
+        top_k = 0 if top_k is None else top_k
+        try:
+            check_top_k(top_k)
+        except ValueError as e:
+            raise ValueError(f"generate_until: gen_kwargs {e}") from None
         if do_sample and temperature <= 0:
             temperature = 1.0  # sampling without a temperature means the plain distribution
         if not do_sample:
-            temperature = 0.0
+            temperature, top_k = 0.0, 0
         ignored = sorted(k for k in kwargs if k not in ("max_length",))
         if ignored:
             log.warning("generate_until: ignoring generation kwargs bezoar does not implement: %s", ", ".join(ignored))
-        return cls(max_gen_toks=max_gen_toks, temperature=temperature, top_p=top_p, stop=[s for s in stop if s])
+        return cls(max_gen_toks=max_gen_toks, temperature=temperature, top_p=top_p, stop=[s for s in stop if s],
+                   top_k=top_k)
 
 
 # ---- task plans and the results table --------------------------------------------------------

@@ -13,7 +13,8 @@ The steps, each resumable:
 2. Answers: both turns for every question, the second seeing the first answer, rendered with the
    OpenBezoar chat template (``bezoar.eval.chat``). Temperature by category: writing and roleplay
    0.7, stem and humanities 0.1, extraction, math, coding and reasoning greedy, any other category 0.7
-   (FastChat's settings); at most 1024 new tokens. Written to
+   (FastChat's settings); sampled answers draw from the 50 most likely tokens (``--top-k``; FastChat
+   samples through transformers' ``generate``, whose top_k defaults to 50); at most 1024 new tokens. Written to
    ``answers.jsonl`` in FastChat's model-answer format, one line per finished question; a rerun
    keeps the questions already there.
 3. Judging: single-answer grading. Turn 1 is judged with ``single-v1`` (``single-math-v1`` with
@@ -53,6 +54,8 @@ NEED_REFERENCE = ("math", "reasoning", "coding")
 CATEGORY_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
                         "reasoning": 0.0, "stem": 0.1, "humanities": 0.1}
 OTHER_TEMPERATURE = 0.7
+#: Top-k of the sampled categories: transformers' default, which FastChat's answers get from generate().
+TOP_K = 50
 MAX_NEW_TOKENS = 1024
 
 RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
@@ -275,12 +278,15 @@ def category_temperature(category: str) -> float:
 
 
 def generate_answers(model, tokenizer, questions: list[Question], model_id: str, answers_path: Path,
-                     max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 8, seed: int = 0) -> dict[Any, Answer]:
-    """Answer every question not yet in ``answers_path`` (both turns) and append the answers there."""
+                     max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 8, seed: int = 0,
+                     top_k: int = TOP_K) -> dict[Any, Answer]:
+    """Answer every question not yet in ``answers_path`` (both turns) and append the answers there.
+    Sampled categories draw from the ``top_k`` most likely tokens (0: all); greedy ones ignore it."""
     from bezoar.eval.chat import CHAT_STOP, chat_prompt
     from bezoar.model import generate
-    from bezoar.model.decode import Decoder
+    from bezoar.model.decode import Decoder, check_top_k
 
+    check_top_k(top_k)
     _drop_torn_tail(answers_path)
     done = read_answers(answers_path)
     check_answers_model(answers_path, done, model_id)
@@ -319,8 +325,9 @@ def generate_answers(model, tokenizer, questions: list[Question], model_id: str,
                 texts: dict[int, str] = {}
                 for part in parts:
                     outputs = generate(model, tokenizer, [prompts[k] for k in part], max_new_tokens=budgets[part[0]],
-                                       temperature=temperature, stop=list(CHAT_STOP),
-                                       seed=None if temperature <= 0 else seed + turn + a, decoder=decoder)
+                                       temperature=temperature, top_k=top_k if temperature > 0 else 0,
+                                       stop=list(CHAT_STOP), seed=None if temperature <= 0 else seed + turn + a,
+                                       decoder=decoder)
                     texts.update((k, out.text) for k, out in zip(part, outputs))
                 for k, i in enumerate(rows):
                     text = texts[k].strip()

@@ -1,4 +1,4 @@
-"""Decoding with a KV cache: greedy and temperature/top-p sampling, batched with left padding.
+"""Decoding with a KV cache: greedy and temperature/top-k/top-p sampling, batched with left padding.
 
 ``generate`` takes text and returns text; ``generate_ids`` is the token-level core that the
 evaluation harness and the server also use. Three ways to run the decode steps (``decode=``, or
@@ -98,17 +98,54 @@ class StaticKVCache(KVCache):
         return self.k[layer, :, :self.num_keys], self.v[layer, :, :self.num_keys]
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
-    """Pick one token per row from logits (B, V): argmax when temperature is 0, else nucleus sampling."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+def check_top_k(top_k) -> int:
+    """``top_k`` as given when it is an integer >= 0 (0: off), else a ValueError naming it."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0: off), got {top_k!r}")
+    return top_k
+
+
+def _sampling_weights(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
+    """``sampling_probs`` before the last renormalisation (top-p's cut leaves the kept mass below 1);
+    ``torch.multinomial`` draws from it as it is."""
+    scores = logits.float() / temperature
+    if 0 < top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))  # ties with the k-th stay
+    probs = torch.softmax(scores, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         before = sorted_probs.cumsum(-1) - sorted_probs  # mass strictly above each token
         sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # the top token always stays
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return probs
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """The distribution (B, V), float32, that ``sample_next`` draws from at ``temperature`` > 0.
+
+    The filters run in the order transformers' ``generate(do_sample=True)`` applies its warpers:
+    the logits are divided by ``temperature``, then ``top_k`` (0 or >= V: off) keeps the tokens whose
+    scaled logit is at least the k-th largest (ties with it stay, so more than k may), then ``top_p``
+    (< 1) keeps the smallest set of the most likely remaining tokens whose probability, renormalised
+    after top-k, reaches ``top_p`` (the most likely token always stays).
+    """
+    check_top_k(top_k)
+    if temperature <= 0:
+        raise ValueError(f"sampling_probs needs a temperature above 0, got {temperature}")
+    weights = _sampling_weights(logits, temperature, top_p, top_k)
+    return weights / weights.sum(-1, keepdim=True)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None,
+                top_k: int = 0) -> torch.Tensor:
+    """Pick one token per row from logits (B, V): argmax when temperature is 0, else a draw from
+    ``sampling_probs`` (temperature, then top-k, then top-p)."""
+    check_top_k(top_k)
+    if temperature <= 0:
+        return logits.argmax(-1)
+    weights = _sampling_weights(logits, temperature, top_p, top_k)
+    return torch.multinomial(weights, 1, generator=generator).squeeze(-1)
 
 
 @dataclass
@@ -323,8 +360,9 @@ class Decoder:
     @torch.no_grad()
     def generate_ids(self, input_ids, attention_mask=None, max_new_tokens: int = 128, temperature: float = 0.0,
                      top_p: float = 1.0, eos_id: int | None = None, generator: torch.Generator | None = None,
-                     should_stop=None) -> tuple[list[list[int]], list[str]]:
+                     should_stop=None, top_k: int = 0) -> tuple[list[list[int]], list[str]]:
         """As ``bezoar.model.generate_ids``."""
+        check_top_k(top_k)  # before the prefill, not at the first draw
         model = self.model
         mode = self.resolve(max_new_tokens)
         input_ids = input_ids.to(model.device)
@@ -336,14 +374,14 @@ class Decoder:
         if max_new_tokens <= 0 or B == 0:
             return rows.new_ids, rows.reasons
         if mode == "eager":
-            return _generate_eager(model, input_ids, attention_mask, rows, temperature, top_p, generator)
+            return _generate_eager(model, input_ids, attention_mask, rows, temperature, top_p, top_k, generator)
         padded = min(1 << (B - 1).bit_length(), max(B, self.pad_batch)) if self.pad_batch else B
         if padded > B:
             input_ids = torch.cat([input_ids, input_ids[-1:].expand(padded - B, T)])
             attention_mask = torch.cat([attention_mask, attention_mask[-1:].expand(padded - B, T)])
         device = torch.cuda.device(model.device) if model.device.type == "cuda" else contextlib.nullcontext()
         with device:  # events, streams and the pinned copies on the model's device
-            return self._generate_static(input_ids, attention_mask, rows, temperature, top_p, generator,
+            return self._generate_static(input_ids, attention_mask, rows, temperature, top_p, top_k, generator,
                                          graphs=mode == "graph")
 
     def _state_for(self, batch: int, needed: int) -> _DecodeState:
@@ -361,7 +399,8 @@ class Decoder:
             st = self._states[batch] = _DecodeState(model, batch, self._storage)
         return st
 
-    def _generate_static(self, input_ids, attention_mask, rows: _Rows, temperature, top_p, generator, graphs):
+    def _generate_static(self, input_ids, attention_mask, rows: _Rows, temperature, top_p, top_k, generator,
+                         graphs):
         model = self.model
         B, T = input_ids.shape  # B may exceed len(rows.new_ids): padded rows are decoded and dropped
         real = len(rows.new_ids)
@@ -390,7 +429,7 @@ class Decoder:
         queue = _TokenQueue(B, model.device)
 
         def draw(logits):  # only the real rows draw from the generator; padded rows copy the last one
-            nxt = sample_next(logits[:real], temperature, top_p, generator)
+            nxt = sample_next(logits[:real], temperature, top_p, generator, top_k)
             if B > real:
                 nxt = torch.cat([nxt, nxt[-1:].expand(B - real)])
             st.tokens.copy_(nxt[:, None])
@@ -459,14 +498,14 @@ class Decoder:
         return logits
 
 
-def _generate_eager(model, input_ids, attention_mask, rows: _Rows, temperature, top_p, generator):
+def _generate_eager(model, input_ids, attention_mask, rows: _Rows, temperature, top_p, top_k, generator):
     B, T = input_ids.shape
     device = input_ids.device
     cache = KVCache(model.config, B, T + rows.max_new_tokens, model.dtype, device)
     logits = model(input_ids, attention_mask=attention_mask, cache=cache)[:, -1]
     ones = torch.ones(B, 1, dtype=attention_mask.dtype, device=device)
     while True:
-        nxt = sample_next(logits, temperature, top_p, generator)
+        nxt = sample_next(logits, temperature, top_p, generator, top_k)
         if not rows.take(nxt.tolist()):
             break
         attention_mask = torch.cat([attention_mask, ones], 1)
@@ -487,9 +526,12 @@ def generate_ids(
     should_stop=None,
     decode: str | None = "auto",
     decoder: Decoder | None = None,
+    top_k: int = 0,
 ) -> tuple[list[list[int]], list[str]]:
     """Generate for a left-padded batch (B, T). Returns new token ids per row and finish reasons.
 
+    ``temperature`` 0 is greedy; above 0 tokens are sampled, filtered by ``top_k`` (0: off) and then
+    ``top_p`` (1: off) as ``sample_next`` describes.
     ``should_stop(row, new_ids) -> bool`` lets the caller end a row early (stop strings).
     ``decode`` picks how the steps run (module docstring); ``decoder`` reuses a ``Decoder``'s cache
     and graphs (its own ``decode`` setting then applies).
@@ -499,7 +541,7 @@ def generate_ids(
     elif decoder.model is not model:
         raise ValueError("generate_ids: the decoder belongs to another model")
     return decoder.generate_ids(input_ids, attention_mask, max_new_tokens, temperature, top_p, eos_id, generator,
-                                should_stop)
+                                should_stop, top_k)
 
 
 def generate(
@@ -515,9 +557,10 @@ def generate(
     max_prompt_tokens: int | None = None,
     decode: str | None = "auto",
     decoder: Decoder | None = None,
+    top_k: int = 0,
 ) -> list[Generation]:
     """Complete each prompt; text is cut before the first stop string (which is not returned).
-    ``decode`` / ``decoder`` as for ``generate_ids``."""
+    ``temperature``, ``top_k``, ``top_p``, ``decode`` / ``decoder`` as for ``generate_ids``."""
     if isinstance(prompts, str):
         prompts = [prompts]
     stop = [s for s in (stop or []) if s]
@@ -540,7 +583,7 @@ def generate(
 
     out_ids, reasons = generate_ids(model, ids, mask, max_new_tokens, temperature, top_p,
                                     eos_id=tokenizer.eos_id, generator=generator, should_stop=should_stop,
-                                    decode=decode, decoder=decoder)
+                                    decode=decode, decoder=decoder, top_k=top_k)
     results = []
     for row, new in enumerate(out_ids):
         text = tokenizer.decode(new)

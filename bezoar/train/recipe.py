@@ -207,7 +207,12 @@ class MTBenchSection(EvalModelSection):
     max_new_tokens: int = 1024
     batch_size: int = 8
     seed: int = 0
+    top_k: int = 50  # sampled categories draw from the k most likely tokens (FastChat's, via transformers); 0 = all
     judge: EndpointSection = field(default_factory=EndpointSection)
+
+    def __post_init__(self):
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be 0 (off) or more, got {self.top_k}")
 
 
 @dataclass

@@ -150,6 +150,43 @@ def test_generate_until_sampling_is_seeded(tiny_model, tiny_tokenizer):
     assert a != greedy
 
 
+def test_generate_until_honours_top_k(tiny_model, tiny_tokenizer, monkeypatch, caplog):
+    """gen_kwargs top_k reaches the decoder (lm-eval's hf model hands it to transformers' generate): top_k=1
+    samples the greedy text, and it is not reported as ignored."""
+    import logging
+
+    sampled = {"until": ["\n"], "max_gen_toks": 8, "do_sample": True, "temperature": 1.0}
+    greedy = make_lm(tiny_model, tiny_tokenizer).generate_until(
+        instances("generate_until", [(p, {"until": ["\n"], "max_gen_toks": 8}) for p in GEN_PROMPTS]))
+    with caplog.at_level(logging.WARNING, logger="bezoar.eval"):
+        one = make_lm(tiny_model, tiny_tokenizer, seed=7).generate_until(
+            instances("generate_until", [(p, {**sampled, "top_k": 1}) for p in GEN_PROMPTS]))
+    assert one == greedy
+    assert "ignoring" not in caplog.text
+    plain = make_lm(tiny_model, tiny_tokenizer, seed=7).generate_until(
+        instances("generate_until", [(p, sampled) for p in GEN_PROMPTS]))
+    assert plain != greedy, "sampling without top_k leaves the greedy text"
+
+    import bezoar.model
+
+    seen = []
+    real = bezoar.model.generate_ids
+    monkeypatch.setattr(bezoar.model, "generate_ids",
+                        lambda *a, **kw: seen.append((kw["temperature"], kw["top_k"])) or real(*a, **kw))
+    make_lm(tiny_model, tiny_tokenizer).generate_until(instances("generate_until", [
+        (GEN_PROMPTS[0], {**sampled, "top_k": 40}), (GEN_PROMPTS[0], sampled),
+        (GEN_PROMPTS[0], {"until": ["\n"], "max_gen_toks": 8, "do_sample": False, "top_k": 40})]))
+    assert sorted(seen) == [(0.0, 0), (1.0, 0), (1.0, 40)]  # greedy: top_k does not matter, and is off
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True])
+def test_a_bad_top_k_in_gen_kwargs_is_an_error(bad):
+    with pytest.raises(ValueError, match="top_k"):
+        harness.GenerationSettings.from_gen_kwargs({"do_sample": True, "temperature": 1.0, "top_k": bad}, 16, None)
+    settings = harness.GenerationSettings.from_gen_kwargs({"do_sample": True, "top_k": None}, 16, None)
+    assert settings.top_k == 0 and settings.temperature == 1.0
+
+
 def test_generate_until_static_decode_equals_eager(tiny_model, tiny_tokenizer):
     """decode=static shares every line with the GPU's graphs but capture: same texts as the eager loop,
     greedy and sampled, over batches of mixed lengths."""

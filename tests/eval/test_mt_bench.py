@@ -169,6 +169,44 @@ def test_answers_files_are_read_as_utf8_lines(tmp_path, caplog):
     assert answers[1].turns == ["a\x85b", "c"] and answers[2].turns == ["x\u2028y\u2029z", "w"]
 
 
+def test_sampled_categories_get_top_k_50_and_greedy_ones_none(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
+    """FastChat samples through transformers' generate, whose top_k defaults to 50: the sampled categories
+    (writing, roleplay, stem, humanities, any other) decode with top_k=50, the greedy ones without it."""
+    import bezoar.model
+    from bezoar.model.decode import Generation
+
+    calls = []
+
+    def recording_generate(model, tokenizer, prompts, **kwargs):
+        calls.append((kwargs["temperature"], kwargs.get("top_k", 0)))
+        return [Generation(text="an answer", token_ids=[5], finish_reason="stop", prompt_tokens=1) for _ in prompts]
+
+    monkeypatch.setattr(bezoar.model, "generate", recording_generate)
+    questions = mt.load_questions(mt.SAMPLE_QUESTIONS) + [mt.Question(99, "my-own-category", ["Hi."])]
+    mt.generate_answers(tiny_model, tiny_tokenizer, questions, "tiny", tmp_path / "a.jsonl", max_new_tokens=4)
+    assert {t for t, _ in calls} == {0.0, 0.1, 0.7}, "greedy and both sampled temperatures were asked for"
+    assert all(k == (50 if t > 0 else 0) for t, k in calls), calls
+    calls.clear()
+    mt.generate_answers(tiny_model, tiny_tokenizer, questions, "tiny", tmp_path / "b.jsonl", max_new_tokens=4, top_k=7)
+    assert all(k == (7 if t > 0 else 0) for t, k in calls) and any(t > 0 for t, _ in calls)
+    with pytest.raises(ValueError, match="top_k"):
+        mt.generate_answers(tiny_model, tiny_tokenizer, questions, "tiny", tmp_path / "c.jsonl", top_k=-1)
+
+
+def test_mt_bench_cli_top_k(tiny_dir, tmp_path, capsys, monkeypatch):
+    from bezoar.eval.__main__ import main
+
+    seen = []
+    monkeypatch.setattr(mt, "generate_answers", lambda *a, **kw: seen.append(kw["top_k"]))
+    base = ["mt-bench", "--model", str(tiny_dir), "--questions", str(mt.SAMPLE_QUESTIONS), "--skip-judge"]
+    assert main(base + ["--out", str(tmp_path / "a")]) == 0
+    assert main(base + ["--out", str(tmp_path / "b"), "--top-k", "0"]) == 0
+    assert seen == [50, 0]
+    assert main(base + ["--out", str(tmp_path / "c"), "--top-k", "-1"]) == 2
+    assert "--top-k must be 0 (off) or more, got -1" in capsys.readouterr().err
+    assert seen == [50, 0] and not (tmp_path / "c").exists(), "refused before the model loads"
+
+
 def test_a_long_prompt_in_the_batch_does_not_shorten_the_other_answers(tiny_model, tiny_tokenizer, tmp_path):
     context = tiny_model.config.max_position_embeddings
     long_turn = "Why is the sky blue? " * 30

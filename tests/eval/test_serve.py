@@ -260,6 +260,41 @@ def test_sampling_is_seeded(client):
     assert a == b
 
 
+def test_top_k_is_accepted_and_top_k_1_samples_the_greedy_text(client):
+    prompt = "The small cat"
+    for max_tokens in (1, 8):  # one token (the scoring path) and a decode loop
+        greedy = client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0)
+        kwargs = dict(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=2.0, seed=3)
+        one = client.completions.create(**kwargs, extra_body={"top_k": 1})
+        assert one.choices[0].text == greedy.choices[0].text
+        plain = client.completions.create(**kwargs).choices[0].text
+        for off in (-1, 0):  # vLLM's "off"
+            assert client.completions.create(**kwargs, extra_body={"top_k": off}).choices[0].text == plain
+    messages = [{"role": "user", "content": "Name a color."}]
+    greedy = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    one = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=2.0, seed=3,
+                                         extra_body={"top_k": 1})
+    assert one.choices[0].message.content == greedy.choices[0].message.content
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=2.0, seed=3)
+    assert plain.choices[0].message.content != greedy.choices[0].message.content, "temperature 2 leaves greedy"
+
+
+def test_jobs_batch_together_only_with_the_same_top_k(tiny_model, tiny_tokenizer):
+    from bezoar.serve import Engine, Job
+
+    engine = Engine(tiny_model, tiny_tokenizer, decode="eager")
+    runs = []
+    engine._run_generation = lambda jobs, temperature, top_p, top_k, generator: runs.append(
+        (temperature, top_p, top_k, sorted(j.index for j in jobs)))
+    ids = tiny_tokenizer.encode("Once", bos=True)
+    jobs = [Job(ids, 4, temperature=1.0, top_k=5, index=0), Job(ids, 4, temperature=1.0, top_k=5, index=1),
+            Job(ids, 4, temperature=1.0, index=2), Job(ids, 4, temperature=1.0, top_k=7, index=3),
+            Job(ids, 4, temperature=0.0, top_k=5, index=4), Job(ids, 4, temperature=0.0, index=5)]
+    engine._run_batch(jobs)
+    engine.executor.shutdown()
+    assert sorted(runs) == [(0.0, 1.0, 0, [4, 5]), (1.0, 1.0, 0, [2]), (1.0, 1.0, 5, [0, 1]), (1.0, 1.0, 7, [3])]
+
+
 def test_seeded_sampling_does_not_depend_on_concurrent_requests(tiny_model, tiny_tokenizer):
     """Two clients sampling with the same seed at the same time get what each gets alone."""
     from bezoar.serve import BackgroundServer, Server
@@ -291,6 +326,10 @@ BAD = [
     ("/v1/completions", {"model": "tiny", "prompt": "x", "frobnicate": 1}, "frobnicate", "Unrecognized request argument"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "stream": True, "logprobs": 1}, "logprobs", "stream"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": [1]}, "stop", "stop must be"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "top_k": -2}, "top_k",
+     "top_k must be -1 or 0 (off) or at least 1, got -2"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "top_k": 2.5}, "top_k", "top_k must be an integer"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "top_k": "5"}, "top_k", "top_k must be an integer"),
     ("/v1/completions", {"prompt": "x"}, "model", "provide a model"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}},
      "stream_options", "include_usage must be a boolean"),
@@ -303,6 +342,10 @@ BAD = [
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "a"}], "top_logprobs": 2},
      "top_logprobs", "needs logprobs"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "a"}], "n": 0}, "n", "n must be"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "a"}], "top_k": True},
+     "top_k", "top_k must be an integer"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "a"}], "top_k": -5},
+     "top_k", "top_k must be -1 or 0 (off)"),
     # valid JSON (\ud800 escapes) but not Unicode text: a JavaScript client slicing an emoji in half sends these
     ("/v1/completions", {"model": "tiny", "prompt": "a\ud800b"}, "prompt", "lone UTF-16 surrogate"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": ["\udc00"]}, "stop", "lone UTF-16 surrogate"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bezoar.model import Tokenizer, generate, generate_ids, load
-from bezoar.model.decode import sample_next
+from bezoar.model.decode import sample_next, sampling_probs
 
 transformers = pytest.importorskip("transformers")
 
@@ -69,6 +69,84 @@ def test_sampling_is_seeded_and_top_p_restricts(tiny_dir):
     assert picks == {0}, "top_p=0.5 keeps only the most likely token here (p=0.73)"
     picks = {int(sample_next(logits, 1.0, 0.95, g)) for _ in range(400)}
     assert picks == {0, 1}
+
+
+def test_top_k_draws_only_among_the_k_largest_logits():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 64) * 3
+    allowed = logits.topk(5, dim=-1).indices
+    g = torch.Generator().manual_seed(1)
+    seen = [set() for _ in range(4)]
+    for _ in range(500):
+        picks = sample_next(logits, 1.5, 1.0, g, top_k=5)
+        for row, tok in enumerate(picks.tolist()):
+            assert tok in allowed[row].tolist(), f"row {row} drew {tok}, outside its 5 largest logits"
+            seen[row].add(tok)
+    assert all(len(s) > 1 for s in seen), "at temperature 1.5 more than one of the five is drawn"
+    for temperature in (0.1, 1.0, 5.0):  # top_k=1 is argmax at any temperature
+        for _ in range(20):
+            assert torch.equal(sample_next(logits, temperature, 1.0, g, top_k=1), logits.argmax(-1))
+    for off in (0, 64, 1000):  # 0, or at least the vocabulary: no filter, the same draws as without top_k
+        a = sample_next(logits, 1.0, 0.9, torch.Generator().manual_seed(2), top_k=off)
+        assert torch.equal(a, sample_next(logits, 1.0, 0.9, torch.Generator().manual_seed(2)))
+
+
+def _transformers_probs(logits, temperature, top_k, top_p):
+    """softmax after the warpers transformers' generate(do_sample=True) builds, in its order
+    (generation/utils.py _get_logits_processor: temperature, top-k, top-p)."""
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k != 0:
+        warpers.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
+    ids = torch.zeros(logits.shape[0], 1, dtype=torch.long)
+    return torch.softmax(warpers(ids, logits.float().clone()), dim=-1)
+
+
+TIES = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0, 0.5, -1.0, 2.0],
+                     [0.0, 1.0, 1.0, 4.0, 1.0, 1.0, -2.0, 0.5]])
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,logits", [
+    (0.7, 50, 1.0, None),  # MT-Bench's writing setting: FastChat's generate with transformers' default top_k
+    (1.3, 10, 0.8, None),  # both filters: top-p renormalises over the ten top-k kept
+    (0.1, 50, 1.0, None),
+    (1.0, 0, 0.9, None),  # top-p alone, as before
+    (0.8, 300, 0.95, None),  # top_k above the vocabulary: off
+    (1.0, 2, 1.0, TIES),  # the k-th largest is tied: every token equal to it stays
+    (0.5, 3, 0.999, TIES),  # ties at the k-th value, then top-p, which keeps the whole tied group
+    (0.5, 3, 0.6, TIES),  # ... or drops all of it
+])
+def test_sampling_probs_equal_transformers_warpers(temperature, top_k, top_p, logits):
+    if logits is None:
+        logits = torch.randn(3, 256, generator=torch.Generator().manual_seed(top_k)) * 4
+    want = _transformers_probs(logits, temperature, top_k, top_p)
+    got = sampling_probs(logits, temperature, top_p, top_k)
+    assert got.dtype == torch.float32 and got.shape == logits.shape
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert torch.equal(got > 0, want > 0), "the same tokens kept"
+    if logits is TIES:  # row 0: 3.0 and four 2.0s kept; row 1: 4.0 and four 1.0s (top-p at 0.6: the top one)
+        assert (got > 0).sum(-1).tolist() == ([1, 1] if top_p == 0.6 else [5, 5])
+    elif 0 < top_k < logits.shape[-1]:
+        assert ((got > 0).sum(-1) <= top_k).all()
+
+
+@pytest.mark.parametrize("bad", [-1, 2.0, "5", True, None])
+def test_top_k_must_be_a_non_negative_integer(bad, tiny_dir):
+    logits = torch.randn(1, 8)
+    with pytest.raises(ValueError, match="top_k"):
+        sample_next(logits, 1.0, 1.0, top_k=bad)
+    with pytest.raises(ValueError, match="top_k"):
+        sample_next(logits, 0.0, 1.0, top_k=bad)  # greedy too: a bad setting is an error wherever it is given
+    model = load(tiny_dir)
+    ids = torch.tensor([[1, 5, 6]])
+    with pytest.raises(ValueError, match="top_k"):
+        generate_ids(model, ids, max_new_tokens=2, temperature=1.0, top_k=bad, decode="eager")
 
 
 def test_tokenizer_matches_transformers(tiny_dir):

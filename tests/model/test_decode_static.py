@@ -73,6 +73,39 @@ def test_static_sampling_equals_eager_with_the_same_seed(tiny_dir):
     assert got[0] != greedy[0], "sampling at temperature 1 should leave the greedy path"
 
 
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_top_k_reaches_the_decode_loop(decode, tiny_dir, monkeypatch):
+    """Every draw of the eager loop and of the static steps gets top_k, and draws among the k largest logits."""
+    import bezoar.model.decode as decode_module
+
+    model = load(tiny_dir).eval()
+    ids, mask = _batch(tiny_dir)
+    greedy = _eager(model, ids, mask, max_new_tokens=10)
+    # top_k=1 at temperature 1 is greedy, where plain sampling leaves the greedy path
+    one = generate_ids(model, ids, mask, max_new_tokens=10, temperature=1.0, top_k=1,
+                       generator=torch.Generator().manual_seed(5), decode=decode)
+    assert one == greedy
+    assert generate_ids(model, ids, mask, max_new_tokens=10, temperature=1.0,
+                        generator=torch.Generator().manual_seed(5), decode=decode)[0] != greedy[0]
+    calls = []
+    real = decode_module.sample_next
+
+    def recording(logits, temperature, top_p, generator=None, top_k=0):
+        out = real(logits, temperature, top_p, generator, top_k)
+        allowed = logits.topk(3, dim=-1).values[:, -1:]
+        calls.append((top_k, bool((logits.gather(1, out[:, None]) >= allowed).all())))
+        return out
+
+    monkeypatch.setattr(decode_module, "sample_next", recording)
+    got = generate_ids(model, ids, mask, max_new_tokens=10, temperature=2.0, top_p=0.95, top_k=3,
+                       generator=torch.Generator().manual_seed(5), decode=decode)
+    assert len(calls) == 10 and all(k == 3 and inside for k, inside in calls)
+    monkeypatch.setattr(decode_module, "sample_next", real)
+    other = "static" if decode == "eager" else "eager"
+    assert got == generate_ids(model, ids, mask, max_new_tokens=10, temperature=2.0, top_p=0.95, top_k=3,
+                               generator=torch.Generator().manual_seed(5), decode=other)
+
+
 def test_static_stops_rows_like_eager(tiny_dir):
     """EOS and should_stop end rows at the same token, although the host reads tokens one step late."""
     model = load(tiny_dir).eval()
@@ -155,12 +188,12 @@ def test_qlora_static_equals_eager():
     assert off != on, "the adapters must change the tokens for this check to mean anything"
 
 
-@pytest.mark.parametrize("sampling", [False, True])
-def test_padded_batch_gives_each_row_its_own_tokens(sampling, tiny_odd_dir):
+@pytest.mark.parametrize("sampling,top_k", [(False, 0), (True, 0), (True, 5)])
+def test_padded_batch_gives_each_row_its_own_tokens(sampling, top_k, tiny_odd_dir):
     """3 rows decoded as 4: the real rows' tokens, and (sampling) the generator's draws, equal eager's."""
     model = load(tiny_odd_dir).eval()
     ids, mask = _batch(tiny_odd_dir)
-    kw = dict(max_new_tokens=9, temperature=1.0, top_p=0.9) if sampling else dict(max_new_tokens=9)
+    kw = dict(max_new_tokens=9, temperature=1.0, top_p=0.9, top_k=top_k) if sampling else dict(max_new_tokens=9)
 
     def gen(seed=3):
         return torch.Generator().manual_seed(seed)

@@ -181,7 +181,11 @@ def test_eval_argv_parse(tmp_path):
     args = parser.parse_args(mt_bench_argv(recipe.evaluate.mt_bench, {"model": "/m"}, "ob-dpo", tmp_path, tmp_path))
     assert args.judge_provider == "anthropic" and args.judge_model == "claude-2.1" and args.rpm == 50
     assert args.questions == "HuggingFaceH4/mt_bench_prompts" and args.quant == "nf4" and args.model_id == "ob-dpo"
-    assert args.reference == "ref.jsonl"
+    assert args.reference == "ref.jsonl" and args.top_k == 50  # FastChat's (transformers' default top_k)
+    recipe = load_recipe("openbezoar", ["evaluate.mt_bench.top_k=0"])
+    assert parser.parse_args(mt_bench_argv(recipe.evaluate.mt_bench, {"model": "/m"}, "ob", tmp_path, tmp_path)).top_k == 0
+    with pytest.raises(ConfigError, match="top_k"):
+        load_recipe("openbezoar", ["evaluate.mt_bench.top_k=-1"])
 
 
 def test_render_tasks_fills_in_the_folder(tmp_path):
