@@ -28,7 +28,11 @@ newest checkpoint for training, the answers file for MT-Bench), so rerunning the
 crash or a kill finishes the run. A complete step whose settings have changed since is an error
 (remove its marker to redo it); for a training stage the settings are those its ``config.toml``
 records, less the ones that only change how a run is watched or kept (progress, logging, eval and
-checkpoint intervals), and the way to redo it is to remove the stage's folder.
+checkpoint intervals), and the way to redo it is to remove the stage's folder. A setting added to
+bezoar after a marker was written reads as what the step ran with then (``RECORDED_BEFORE``: MT-Bench's
+``top_k`` as 0). MT-Bench's answers are resumed only under the settings they were made with
+(``answers.jsonl.settings.json``): a step run again after its answer settings changed moves them, and the
+results from them, to ``stale-<time>/`` and answers again.
 
 A complete step is stale when its inputs are not what it ran on: one differs from the fingerprint it
 recorded (``raw.jsonl`` or a data file edited, a stage trained again), or the step of the recipe that
@@ -85,6 +89,9 @@ STAGE_RECORD = "pipeline-inputs.json"  # a training stage completed by the pipel
 # are keyed by request content (only what changed is sent), and the harness and the answers are local compute.
 # Generation (the teacher, paid, its whole output replaced) and training (hours) stop the run instead.
 REDO_WHEN_STALE = ("filter", "harness", "mt-bench")
+# Settings added since markers were first written, with what a marker without them ran with: such a marker
+# reads as that, not as a changed setting, and a recipe that now says otherwise names both values.
+RECORDED_BEFORE = {"mt_bench.top_k": 0}  # MT-Bench answers sampled from every token before top_k existed
 
 
 class PipelineError(RuntimeError):
@@ -107,6 +114,7 @@ class Step:
     sources: list[Source] = field(default_factory=list)  # the local inputs it reads, fingerprinted when it completes
     stale: list[str] = field(default_factory=list)  # why a complete step's inputs are not what it ran on
     set_aside: bool = False  # mt-bench: its answers.jsonl came from another model or other questions
+    changed_answers: list[str] = field(default_factory=list)  # mt-bench: settings its answers were made without
 
     @property
     def done(self) -> bool:
@@ -439,6 +447,7 @@ def _marker_status(step: Step) -> None:
             return
         step.status = "done"
         flat_now, flat_then = _flatten(step.settings), _flatten(recorded)
+        flat_then = {**{k: v for k, v in RECORDED_BEFORE.items() if k in flat_now}, **flat_then}
         step.changed = [f"{k}: {flat_then.get(k)!r} -> {flat_now.get(k)!r}"
                         for k in sorted(set(flat_now) | set(flat_then)) if flat_now.get(k) != flat_then.get(k)]
         return
@@ -655,7 +664,7 @@ def set_aside(step: Step) -> Path | None:
     names = ["results.json"] if step.kind == "harness" else ["judgments.jsonl", "results.md", "results.json",
                                                               "categories.png"]
     if step.kind == "mt-bench" and step.set_aside:
-        names.append("answers.jsonl")
+        names += ["answers.jsonl", "answers.jsonl.settings.json"]
     present = [name for name in names if (step.out / name).exists()]
     if not present:
         return None
@@ -670,6 +679,17 @@ def set_aside(step: Step) -> Path | None:
     return dest
 
 
+def _answers_made_otherwise(step: Step) -> bool:
+    """Whether an MT-Bench step's answers.jsonl holds answers made with settings other than the step's
+    (``step.changed_answers`` then says which)."""
+    from bezoar.eval import mt_bench as mt
+
+    s = step.settings["mt_bench"]
+    step.changed_answers = mt.answer_settings_changes(step.out / "answers.jsonl",
+                                                      mt.answer_settings(s["max_new_tokens"], s["seed"], s["top_k"]))
+    return bool(step.changed_answers)
+
+
 def execute(step: Step, root: Path, log=print) -> None:
     """Run one step that is not done and record its completion (with the inputs as they were when it started)."""
     inputs = input_fingerprints(step)
@@ -680,6 +700,13 @@ def execute(step: Step, root: Path, log=print) -> None:
                 log(f"[{step.name}] earlier results{' and answers' if step.set_aside else ''} moved to "
                     f"{relative(moved, root)}")
         step.marker.unlink(missing_ok=True)  # after the set-aside: a kill in between leaves the step stale
+    if step.kind == "mt-bench" and _answers_made_otherwise(step):
+        # answers made with other settings (the marker was removed after they changed): the answers and the
+        # results from them move aside, and the step answers again; the judge store stays
+        step.set_aside = True
+        moved = set_aside(step)
+        log(f"[{step.name}] answers made with other settings ({'; '.join(step.changed_answers)}) and the "
+            f"results from them moved to {relative(moved, root)}")
     started = time.time()
     step.run()
     write_marker(step, time.time() - started, inputs)
@@ -702,7 +729,8 @@ def preflight(recipe: Recipe, root: Path, steps: list[Step]) -> None:
         if s.kind == "train":
             redo = f"Remove the stage's folder {s.out} to train it again"
         else:
-            redo = f"Remove {s.marker} to run it again (stored answers are reused)"
+            redo = (f"Remove {s.marker} to run it again (stored answers are reused where the settings they "
+                    "were made with still hold, and set aside where not)")
         raise PipelineError(f"step {s.name} is complete but the recipe's settings for it changed since "
                             f"({'; '.join(s.changed[:4])}). {redo}{AFTER_REDO}, or use another --out.")
     stale = [s for s in steps if s.done and s.stale]  # generate and train: refused rather than redone

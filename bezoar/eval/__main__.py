@@ -161,6 +161,8 @@ def run_mt_bench(args) -> int:
         answers_path = out / "answers.jsonl"
         existing = mt.read_answers(answers_path)
         mt.check_answers_model(answers_path, existing, model_id)
+        mt.check_answer_settings(answers_path, mt.answer_settings(args.max_new_tokens, args.seed, args.top_k),
+                                 existing)
         pending = [q for q in questions if q.question_id not in existing]
         if pending:
             model = load(args.model, quant=args.quant, adapter=args.adapter, device=args.device, dtype=args.dtype)

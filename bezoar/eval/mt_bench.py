@@ -15,7 +15,8 @@ The steps, each resumable:
    0.7, stem and humanities 0.1, extraction, math, coding and reasoning greedy, any other category 0.7
    (FastChat's settings); sampled answers draw from the 50 most likely tokens (``--top-k``; FastChat
    samples through transformers' ``generate``, whose top_k defaults to 50); at most 1024 new tokens. Written to
-   ``answers.jsonl`` in FastChat's model-answer format, one line per finished question; a rerun
+   ``answers.jsonl`` in FastChat's model-answer format, one line per finished question (the settings
+   they are made with in ``answers.jsonl.settings.json``: a run with other settings is refused); a rerun
    keeps the questions already there.
 3. Judging: single-answer grading. Turn 1 is judged with ``single-v1`` (``single-math-v1`` with
    the reference answer for math, reasoning and coding), turn 2 with the ``-multi-turn`` prompts,
@@ -252,6 +253,70 @@ def check_answers_model(path: Path, answers: dict[Any, Answer], model_id: str) -
                            "use another --out for this model (or the same --model-id to resume that run)")
 
 
+#: What answers written before bezoar recorded the settings they were made with were made with: the
+#: settings added since (``top_k``: none then). Settings not named here are unknown for such answers.
+ANSWERS_RECORDED_BEFORE = {"top_k": 0}
+
+
+def answer_settings(max_new_tokens: int = MAX_NEW_TOKENS, seed: int = 0, top_k: int = TOP_K) -> dict:
+    """What an answer file's answers depend on besides the model and the questions: recorded beside it
+    (``answer_settings_path``) and compared before a run adds to it."""
+    return {"max_new_tokens": max_new_tokens, "seed": seed, "top_k": top_k,
+            "temperature": {**CATEGORY_TEMPERATURE, "other": OTHER_TEMPERATURE}}
+
+
+def answer_settings_path(answers_path: Path) -> Path:
+    """``answers.jsonl`` -> ``answers.jsonl.settings.json``: the settings its answers were made with."""
+    answers_path = Path(answers_path)
+    return answers_path.with_name(answers_path.name + ".settings.json")
+
+
+def answer_settings_changes(answers_path: Path, settings: dict, answers: dict | None = None) -> list[str]:
+    """``key: then -> now`` for each setting that differs from what the answers in ``answers_path`` were made
+    with (none when it holds no answers; ``answers``: them, already read). Without a settings file the
+    answers predate it: ``ANSWERS_RECORDED_BEFORE`` says what they were made with."""
+    answers_path = Path(answers_path)
+    if answers is None:
+        answers = read_answers(answers_path)
+    if not answers:
+        return []
+    side = answer_settings_path(answers_path)
+    if side.exists():
+        try:
+            recorded = json.loads(side.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise MTBenchError(f"{side}: unreadable ({e}); it records what {answers_path.name}'s answers were "
+                               "made with: restore it, or move both files away to answer again") from None
+        if not isinstance(recorded, dict):
+            raise MTBenchError(f"{side}: expected a JSON object of settings")
+        recorded = {**ANSWERS_RECORDED_BEFORE, **recorded}  # settings added after the file was written
+    else:
+        recorded = dict(ANSWERS_RECORDED_BEFORE)
+    return [f"{key}: {recorded[key]!r} -> {settings.get(key)!r}" for key in sorted(recorded)
+            if recorded[key] != settings.get(key)]
+
+
+def check_answer_settings(answers_path: Path, settings: dict, answers: dict | None = None) -> None:
+    """Refuse to add to, or judge, answers made with other settings: they would be reported as made with
+    these. Before the first answer the settings are recorded beside the file (answers from before bezoar
+    recorded them get no settings file: what else they were made with is not known)."""
+    answers_path = Path(answers_path)
+    if answers is None:
+        answers = read_answers(answers_path)
+    changes = answer_settings_changes(answers_path, settings, answers)
+    side = answer_settings_path(answers_path)
+    if changes:
+        undo = "; ".join(changes)
+        raise MTBenchError(f"{answers_path}: its {len(answers)} answers were made with other settings ({undo}); "
+                           "run with the settings they were made with to resume or judge them, or move "
+                           f"{answers_path.name}{' and ' + side.name if side.exists() else ''} away to answer again")
+    if not answers:
+        answers_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = side.with_name(side.name + ".tmp")
+        tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, side)
+
+
 def _drop_torn_tail(path: Path) -> None:
     """Cut a last line that has no newline (a write interrupted midway) so appends start clean."""
     if not path.exists():
@@ -290,6 +355,7 @@ def generate_answers(model, tokenizer, questions: list[Question], model_id: str,
     _drop_torn_tail(answers_path)
     done = read_answers(answers_path)
     check_answers_model(answers_path, done, model_id)
+    check_answer_settings(answers_path, answer_settings(max_new_tokens, seed, top_k), done)
     todo = [q for q in questions if q.question_id not in done]
     if not todo:
         return done

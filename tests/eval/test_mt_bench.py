@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 
@@ -205,6 +206,63 @@ def test_mt_bench_cli_top_k(tiny_dir, tmp_path, capsys, monkeypatch):
     assert main(base + ["--out", str(tmp_path / "c"), "--top-k", "-1"]) == 2
     assert "--top-k must be 0 (off) or more, got -1" in capsys.readouterr().err
     assert seen == [50, 0] and not (tmp_path / "c").exists(), "refused before the model loads"
+
+
+def test_answers_are_resumed_only_under_the_settings_they_were_made_with(tiny_model, tiny_tokenizer, tmp_path,
+                                                                         monkeypatch):
+    """answers.jsonl.settings.json records what the answers were made with; adding to (or judging) them under
+    other settings is refused, naming each one, and the answers stay as they were. An answer file from before
+    the record (no settings file) was sampled without top-k."""
+    import bezoar.model
+    from bezoar.model.decode import Generation
+
+    monkeypatch.setattr(bezoar.model, "generate", lambda model, tokenizer, prompts, **kw: [
+        Generation(text="an answer", token_ids=[5], finish_reason="stop", prompt_tokens=1) for _ in prompts])
+    questions = mt.load_questions(mt.SAMPLE_QUESTIONS)
+    path = tmp_path / "answers.jsonl"
+    side = tmp_path / "answers.jsonl.settings.json"
+    mt.generate_answers(tiny_model, tiny_tokenizer, questions[:3], "tiny", path, max_new_tokens=4, seed=1)
+    assert json.loads(side.read_text()) == mt.answer_settings(4, 1, 50)
+    before = path.read_text()
+    for kwargs, change in [(dict(top_k=0), "top_k: 50 -> 0"), (dict(seed=2), "seed: 1 -> 2"),
+                           (dict(max_new_tokens=8), "max_new_tokens: 4 -> 8")]:
+        settings = {"max_new_tokens": 4, "seed": 1, **kwargs}
+        with pytest.raises(mt.MTBenchError, match=re.escape(f"its 3 answers were made with other settings ({change})")):
+            mt.generate_answers(tiny_model, tiny_tokenizer, questions, "tiny", path, **settings)
+        assert path.read_text() == before and json.loads(side.read_text()) == mt.answer_settings(4, 1, 50)
+    answers = mt.generate_answers(tiny_model, tiny_tokenizer, questions, "tiny", path, max_new_tokens=4, seed=1)
+    assert len(answers) == len(questions)  # the same settings resume
+
+    side.unlink()  # answers from before the settings were recorded: made without top-k
+    with pytest.raises(mt.MTBenchError, match=re.escape("(top_k: 0 -> 50)")):
+        mt.check_answer_settings(path, mt.answer_settings(4, 1, 50))
+    mt.check_answer_settings(path, mt.answer_settings(4, 1, 0))
+    assert not side.exists(), "what else old answers were made with is not known: nothing is recorded for them"
+
+    side.write_text("{not json")
+    with pytest.raises(mt.MTBenchError, match=re.escape(f"{side}: unreadable")):
+        mt.check_answer_settings(path, mt.answer_settings(4, 1, 50))
+    path.write_text("")  # no answers: the settings are recorded afresh
+    mt.check_answer_settings(path, mt.answer_settings(4, 1, 0))
+    assert json.loads(side.read_text())["top_k"] == 0
+
+
+def test_mt_bench_cli_refuses_answers_made_with_other_settings(tiny_dir, tmp_path, capsys):
+    from bezoar.eval.__main__ import main
+
+    out = tmp_path / "o"
+    out.mkdir()
+    old = mt.Answer(1, "tiny", ["an answer", "another"])  # written before settings were recorded
+    (out / "answers.jsonl").write_text(json.dumps(old.to_record()) + "\n")
+    base = ["mt-bench", "--model", str(tiny_dir), "--model-id", "tiny", "--questions", str(mt.SAMPLE_QUESTIONS),
+            "--out", str(out), "--skip-judge", "--max-new-tokens", "2"]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "answers.jsonl: its 1 answers were made with other settings (top_k: 0 -> 50)" in err, err
+    assert "move answers.jsonl away to answer again" in err
+    assert (out / "answers.jsonl").read_text() == json.dumps(old.to_record()) + "\n"
+    assert main(base + ["--top-k", "0"]) == 0  # the settings they were made with: resumed
+    assert len(mt.read_answers(out / "answers.jsonl")) == 8
 
 
 def test_a_long_prompt_in_the_batch_does_not_shorten_the_other_answers(tiny_model, tiny_tokenizer, tmp_path):

@@ -201,8 +201,8 @@ def test_killed_mid_stage_and_rerun_ends_like_an_uninterrupted_run(finished_run,
     assert "[harness:dpo] to run (train:dpo runs first and rewrites the model of stage dpo)" in log
     assert re.search(r"\[mt-bench:dpo\] earlier results and answers moved to eval/dpo/mt_bench/stale-\S+", log)
     (stale,) = (root / "eval/dpo/mt_bench").glob("stale-*")
-    assert sorted(p.name for p in stale.iterdir()) == ["answers.jsonl", "categories.png", "judgments.jsonl",
-                                                       "results.json", "results.md"]
+    assert sorted(p.name for p in stale.iterdir()) == ["answers.jsonl", "answers.jsonl.settings.json", "categories.png",
+                                                       "judgments.jsonl", "results.json", "results.md"]
     assert (root / "eval/dpo/mt_bench/answers.jsonl").exists() and (root / "eval/dpo/harness/results.json").exists()
     assert pipeline_main(_command(root, teacher_url, "--dry-run")[3:]) == 0
     assert _steps_left(capsys.readouterr().out) == []

@@ -377,6 +377,65 @@ def test_mt_bench_keeps_its_answers_when_only_the_judge_prompts_changed(tmp_path
     assert [p.name for p in mt.out.glob("stale-*/*")] == ["results.json"]
 
 
+def test_an_mt_bench_step_from_before_top_k_reads_as_sampled_without_it(tmp_path):
+    """A marker written before MT-Bench had top_k ran without it: the recipe's 50 is a changed setting that
+    names both values (not None -> 50), and top_k = 0 keeps the step complete."""
+    recipe = load_recipe("openbezoar_tiny")
+    root = tmp_path / "run"
+    steps = _evaluated_run(root, recipe)
+    mt = steps["mt-bench:dpo"]
+    record = json.loads(mt.marker.read_text())
+    del record["settings"]["mt_bench"]["top_k"]
+    mt.marker.write_text(json.dumps(record))
+    steps = _steps(recipe, root)
+    assert steps["mt-bench:dpo"].changed == ["mt_bench.top_k: 0 -> 50"]
+    with pytest.raises(PipelineError, match=re.escape("changed since (mt_bench.top_k: 0 -> 50)")):
+        preflight(recipe, root, list(steps.values()))
+    kept = load_recipe("openbezoar_tiny", ["evaluate.mt_bench.top_k=0"])
+    steps = _steps(kept, root)
+    assert steps["mt-bench:dpo"].done and not steps["mt-bench:dpo"].changed
+    preflight(kept, root, list(steps.values()))
+
+
+def test_mt_bench_answers_made_with_other_settings_are_set_aside_when_it_runs_again(tmp_path):
+    """The marker removed after a setting the answers depend on changed (as the pipeline's error says): the
+    step sets those answers (and their settings file) aside with the results, and answers again; the judge
+    store stays, and answers made with the step's settings are kept."""
+    from bezoar.eval import mt_bench
+
+    recipe = load_recipe("openbezoar_tiny")
+    root = tmp_path / "run"
+    steps = _evaluated_run(root, recipe)
+    mt = steps["mt-bench:dpo"]
+    answers = mt.out / "answers.jsonl"
+    answers.write_text(json.dumps(mt_bench.Answer(1, "openbezoar_tiny-dpo", ["a", "b"]).to_record()) + "\n")
+    section = recipe.evaluate.mt_bench
+    settings = mt_bench.answer_settings(section.max_new_tokens, section.seed, section.top_k)
+    side = mt.out / "answers.jsonl.settings.json"
+    side.write_text(json.dumps({**settings, "top_k": 0}))
+    mt.marker.unlink()
+    mt = _steps(recipe, root)["mt-bench:dpo"]
+    assert not mt.done
+    seen, logged = [], []
+    mt.run = lambda: seen.append(answers.exists())
+    execute(mt, root, log=logged.append)
+    assert seen == [False]
+    (stale,) = mt.out.glob("stale-*")
+    assert sorted(p.name for p in stale.iterdir()) == ["answers.jsonl", "answers.jsonl.settings.json", "results.json"]
+    assert (mt.out / "judge_store.jsonl").read_text() == '{"key": "k1"}\n'
+    assert any("answers made with other settings (top_k: 0 -> 50) and the results from them moved to "
+               "eval/dpo/mt_bench/stale-" in x for x in logged), logged
+
+    # answers made with the step's settings stay where they are
+    answers.write_text(json.dumps(mt_bench.Answer(1, "openbezoar_tiny-dpo", ["a", "b"]).to_record()) + "\n")
+    side.write_text(json.dumps(settings))
+    mt.marker.unlink()
+    mt = _steps(recipe, root)["mt-bench:dpo"]
+    mt.run = lambda: seen.append(answers.exists())
+    execute(mt, root, log=logged.append)
+    assert seen == [False, True] and len(list(mt.out.glob("stale-*"))) == 1
+
+
 def test_evaluations_wait_for_a_stage_trained_again(tmp_path):
     recipe = load_recipe("openbezoar_tiny")
     root = tmp_path / "run"
