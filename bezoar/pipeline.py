@@ -32,7 +32,8 @@ checkpoint intervals), and the way to redo it is to remove the stage's folder. A
 bezoar after a marker was written reads as what the step ran with then (``RECORDED_BEFORE``: MT-Bench's
 ``top_k`` as 0). MT-Bench's answers are resumed only under the settings they were made with
 (``answers.jsonl.settings.json``): a step run again after its answer settings changed moves them, and the
-results from them, to ``stale-<time>/`` and answers again.
+results from them, to ``stale-<time>/`` and answers again (``--dry-run`` says ``to run (its answers were made
+with other settings: ...)``); a settings file that cannot be read stops the run before anything runs.
 
 A complete step is stale when its inputs are not what it ran on: one differs from the fingerprint it
 recorded (``raw.jsonl`` or a data file edited, a stage trained again), or the step of the recipe that
@@ -115,6 +116,7 @@ class Step:
     stale: list[str] = field(default_factory=list)  # why a complete step's inputs are not what it ran on
     set_aside: bool = False  # mt-bench: its answers.jsonl came from another model or other questions
     changed_answers: list[str] = field(default_factory=list)  # mt-bench: settings its answers were made without
+    answers_error: str = ""  # mt-bench: why what its answers were made with cannot be told (it stops the run)
 
     @property
     def done(self) -> bool:
@@ -464,6 +466,13 @@ def _marker_status(step: Step) -> None:
             n = _count_lines(answers) if answers.exists() else 0
             j = _count_lines(judged) if judged.exists() else 0
             step.status = f"resume ({n} questions answered, {j} judgments stored)"
+        if answers.exists():
+            try:
+                if _answers_made_otherwise(step):
+                    step.status = (f"to run (its answers were made with other settings: "
+                                   f"{'; '.join(step.changed_answers)}; they are set aside)")
+            except PipelineError as e:  # the plan (and the report) is still made; preflight stops the run
+                step.answers_error = str(e)
 
 
 def _count_lines(path: Path) -> int:
@@ -685,8 +694,11 @@ def _answers_made_otherwise(step: Step) -> bool:
     from bezoar.eval import mt_bench as mt
 
     s = step.settings["mt_bench"]
-    step.changed_answers = mt.answer_settings_changes(step.out / "answers.jsonl",
-                                                      mt.answer_settings(s["max_new_tokens"], s["seed"], s["top_k"]))
+    try:
+        step.changed_answers = mt.answer_settings_changes(
+            step.out / "answers.jsonl", mt.answer_settings(s["max_new_tokens"], s["seed"], s["top_k"]))
+    except mt.MTBenchError as e:  # an unreadable settings file or answers file: one line, no traceback
+        raise PipelineError(f"{step.name}: {e}") from None
     return bool(step.changed_answers)
 
 
@@ -750,6 +762,9 @@ def preflight(recipe: Recipe, root: Path, steps: list[Step]) -> None:
         raise PipelineError(f"step {s.name} is complete but its inputs are not what it was {what} "
                             f"({'; '.join(s.stale[:4])}). {redo}{restore}, or use another --out.")
     left = [s for s in steps if not s.done]
+    unreadable = [s for s in left if s.answers_error]
+    if unreadable:
+        raise PipelineError(unreadable[0].answers_error)
     gen = recipe.generate
     needs_key: dict[str, str] = {}
     for s in left:

@@ -436,6 +436,56 @@ def test_mt_bench_answers_made_with_other_settings_are_set_aside_when_it_runs_ag
     assert seen == [False, True] and len(list(mt.out.glob("stale-*"))) == 1
 
 
+def _answers_made_with_top_k_0(root, recipe):
+    """The MT-Bench step's marker removed, and one answer in its answers.jsonl made with top_k 0 (the recipe: 50)."""
+    from bezoar.eval import mt_bench
+
+    mt = _evaluated_run(root, recipe)["mt-bench:dpo"]
+    (mt.out / "answers.jsonl").write_text(
+        json.dumps(mt_bench.Answer(1, "openbezoar_tiny-dpo", ["a", "b"]).to_record()) + "\n")
+    section = recipe.evaluate.mt_bench
+    settings = mt_bench.answer_settings(section.max_new_tokens, section.seed, section.top_k)
+    (mt.out / "answers.jsonl.settings.json").write_text(json.dumps({**settings, "top_k": 0}))
+    mt.marker.unlink()
+    return mt
+
+
+def test_dry_run_says_which_mt_bench_answers_will_be_set_aside(tmp_path, capsys):
+    """--dry-run of a step whose answers were made with other settings says that they will be set aside and
+    why, not that the step resumes from them."""
+    recipe = load_recipe("openbezoar_tiny")
+    root = tmp_path / "run"
+    _answers_made_with_top_k_0(root, recipe)
+    mt = _steps(recipe, root)["mt-bench:dpo"]
+    assert mt.status == "to run (its answers were made with other settings: top_k: 0 -> 50; they are set aside)"
+    assert main(["--recipe", "openbezoar_tiny", "--out", str(root), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.strip().startswith("mt-bench:dpo"))
+    assert "they are set aside" in line and "resume" not in line, line
+    assert (mt.out / "answers.jsonl").exists() and not list(mt.out.glob("stale-*")), "a dry run moves nothing"
+
+
+def test_an_unreadable_answer_settings_file_stops_the_pipeline_with_its_error(tmp_path, capsys):
+    """answers.jsonl.settings.json unreadable: the dry run and the run stop before the step with one error naming
+    the file (bezoar.pipeline's exit status 2, no traceback), and nothing is moved."""
+    recipe = load_recipe("openbezoar_tiny")
+    root = tmp_path / "run"
+    mt = _answers_made_with_top_k_0(root, recipe)
+    side = mt.out / "answers.jsonl.settings.json"
+    side.write_text("{not json")
+    steps = _steps(recipe, root)  # the plan (and so the report) is still made
+    with pytest.raises(PipelineError, match=rf"mt-bench:dpo: {re.escape(str(side))}: unreadable"):
+        preflight(recipe, root, list(steps.values()))
+    assert main(["--recipe", "openbezoar_tiny", "--out", str(root), "--dry-run"]) == 2
+    assert f"{side}: unreadable" in capsys.readouterr().err
+    mt = steps["mt-bench:dpo"]
+    mt.run = lambda: pytest.fail("the step must not run")
+    with pytest.raises(PipelineError, match=rf"mt-bench:dpo: {re.escape(str(side))}: unreadable"):
+        execute(mt, root, log=_quiet)
+    assert side.read_text() == "{not json" and (mt.out / "answers.jsonl").exists()
+    assert not list(mt.out.glob("stale-*"))
+
+
 def test_evaluations_wait_for_a_stage_trained_again(tmp_path):
     recipe = load_recipe("openbezoar_tiny")
     root = tmp_path / "run"
