@@ -1702,7 +1702,10 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
 def lora_in_dtype(lora: Sequence[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(A stacked (P, R, K), B concatenated (Ncat, R)) in the compute dtype from ``lora = (A_0, B_0, A_1,
     B_1, ...)`` (fp32 masters, as a rule): each made by one stack / cat that converts as it copies, where
-    converting each tensor first and then stacking took 2P + 2 launches (a training step's small kernels)."""
+    converting each tensor first and then stacking took 2P + 2 launches (a training step's small kernels).
+    On CUDA a cat whose inputs are not of its output's dtype copies each input on its own (torch's batched
+    cat kernel needs one dtype: ``cat_out_cuda``), so with fp32 masters that is P + P launches, not 2: the
+    conversion of q/k/v takes 6 (8 before), of one projection 2 (4 before)."""
     first_a, first_b = lora[0], lora[1]
     a = torch.empty((len(lora) // 2, *first_a.shape), dtype=dtype, device=first_a.device)
     b = torch.empty((sum(t.shape[0] for t in lora[1::2]), first_b.shape[1]), dtype=dtype, device=first_b.device)

@@ -333,8 +333,9 @@ def test_merged_path_under_no_grad_is_plain(monkeypatch):
 
 def _host_ops(fn):
     """The torch ops that ``fn`` runs from kernels/lora.py outside Triton kernels (the interpreter's own
-    copies left out), without the ones that only make or reshape a tensor's metadata: each is a launch
-    on a GPU, and a training step's small launches are part of the LoRA paths' cost."""
+    copies left out), without the ones that only make or reshape a tensor's metadata: each is at least
+    one launch on a GPU (a stack or cat that converts dtypes is one per input there), and a training
+    step's small launches are part of the LoRA paths' cost."""
     import traceback
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -361,9 +362,9 @@ def _host_ops(fn):
 @pytest.mark.parametrize("projections,r", [(1, 16), (3, 8)])
 def test_merged_training_step_makes_few_small_launches(projections, r):
     """The merged path's forward and backward beside their GEMMs and Triton kernels: A and B reach the
-    compute dtype in one stack and one cat (each tensor converted first, then stacked, took 2P + 2
-    launches), and s_j B_j is written straight into the dx GEMM's columns (it was zeros, P products and a
-    copy). What is left: A's rows under W' (zeros first where r is not a multiple of 16), the copy of xa
+    compute dtype in one stack and one cat (each tensor converted first, then stacked, took 2P + 2 ops;
+    on CUDA the converting stack and cat still copy each input on their own), and s_j B_j is written
+    straight into the dx GEMM's columns (it was zeros, P products and a copy). What is left: A's rows under W' (zeros first where r is not a multiple of 16), the copy of xa
     out of y, s_j B_j, and dA's and dB's split sums (M here gives both more than one row range)."""
     m, k = 256, 128
     ns = (48, 16, 16)[:projections]
