@@ -259,8 +259,10 @@ ANSWERS_RECORDED_BEFORE = {"top_k": 0}
 
 
 def answer_settings(max_new_tokens: int = MAX_NEW_TOKENS, seed: int = 0, top_k: int = TOP_K) -> dict:
-    """What an answer file's answers depend on besides the model and the questions: recorded beside it
-    (``answer_settings_path``) and compared before a run adds to it."""
+    """The settings that decide how an answer file's answers are sampled (besides the model and the
+    questions): recorded beside it (``answer_settings_path``) and compared before a run adds to it. The
+    batch size is left out on purpose: it only changes which draws of the seeded sampler a sampled
+    answer gets (as resuming does), and a resumed run may take another batch size."""
     return {"max_new_tokens": max_new_tokens, "seed": seed, "top_k": top_k,
             "temperature": {**CATEGORY_TEMPERATURE, "other": OTHER_TEMPERATURE}}
 
