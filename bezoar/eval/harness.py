@@ -20,7 +20,8 @@ The three request types, all on bezoar's own forward pass and KV-cache decoding:
   windows of ``max_length`` tokens with lm-eval's rolling-window helpers (every token predicted
   once, the first from BOS); all windows of all texts are batched together.
 - ``generate_until(context, gen_kwargs)``: decoding until a stop string, EOS or ``max_gen_toks``,
-  greedy unless the task asks for sampling (``temperature``, ``top_k``, ``top_p``); requests are grouped by
+  greedy unless the task asks for sampling (``temperature``, ``top_k``: 50 when it names none, as
+  transformers' ``generate`` samples for lm-eval's HF model, ``top_p``); requests are grouped by
   their generation settings, sorted by length and decoded in left-padded batches.
 
 model_args: ``pretrained`` (checkpoint folder), ``adapter`` (PEFT LoRA folder), ``quant``
@@ -287,6 +288,11 @@ class BezoarLM(TemplateLM):
 # ---- generation settings ----------------------------------------------------------------------
 
 
+#: top_k of a sampling task that names none: transformers' GenerationConfig default, which lm-eval's HF model
+#: samples with (it passes the task's gen_kwargs to ``generate``)
+HF_TOP_K = 50
+
+
 @dataclass
 class GenerationSettings:
     max_gen_toks: int
@@ -300,7 +306,8 @@ class GenerationSettings:
         """lm-eval's generation kwargs (``until``, ``max_gen_toks`` and its aliases, ``do_sample``,
         ``temperature``, ``top_k``, ``top_p``) as bezoar decoding settings. ``top_k`` is applied after the
         temperature and before ``top_p``, as lm-eval's HF model gets it from transformers' ``generate``;
-        without it there is no top-k filter (0 and None: off)."""
+        a sampling task that does not set it (or sets None) gets transformers' default, ``HF_TOP_K`` (50),
+        as it does there; 0 is off."""
         from bezoar.model.decode import check_top_k
 
         kwargs = dict(normalize_gen_kwargs(gen_kwargs, default_max))
@@ -310,7 +317,7 @@ class GenerationSettings:
         temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
         top_p = float(kwargs.pop("top_p", 1.0) or 1.0)
         top_k = kwargs.pop("top_k", None)
-        top_k = 0 if top_k is None else top_k
+        top_k = HF_TOP_K if top_k is None else top_k
         try:
             check_top_k(top_k)
         except ValueError as e:

@@ -165,7 +165,7 @@ def test_generate_until_honours_top_k(tiny_model, tiny_tokenizer, monkeypatch, c
     assert "ignoring" not in caplog.text
     plain = make_lm(tiny_model, tiny_tokenizer, seed=7).generate_until(
         instances("generate_until", [(p, sampled) for p in GEN_PROMPTS]))
-    assert plain != greedy, "sampling without top_k leaves the greedy text"
+    assert plain != greedy, "sampling without top_k (transformers' 50) leaves the greedy text"
 
     import bezoar.model
 
@@ -176,7 +176,8 @@ def test_generate_until_honours_top_k(tiny_model, tiny_tokenizer, monkeypatch, c
     make_lm(tiny_model, tiny_tokenizer).generate_until(instances("generate_until", [
         (GEN_PROMPTS[0], {**sampled, "top_k": 40}), (GEN_PROMPTS[0], sampled),
         (GEN_PROMPTS[0], {"until": ["\n"], "max_gen_toks": 8, "do_sample": False, "top_k": 40})]))
-    assert sorted(seen) == [(0.0, 0), (1.0, 0), (1.0, 40)]  # greedy: top_k does not matter, and is off
+    # greedy: top_k does not matter, and is off; sampling without one: transformers' default, as lm-eval's hf
+    assert sorted(seen) == [(0.0, 0), (1.0, 40), (1.0, 50)]
 
 
 @pytest.mark.parametrize("bad", [-1, 2.5, True])
@@ -184,7 +185,8 @@ def test_a_bad_top_k_in_gen_kwargs_is_an_error(bad):
     with pytest.raises(ValueError, match="top_k"):
         harness.GenerationSettings.from_gen_kwargs({"do_sample": True, "temperature": 1.0, "top_k": bad}, 16, None)
     settings = harness.GenerationSettings.from_gen_kwargs({"do_sample": True, "top_k": None}, 16, None)
-    assert settings.top_k == 0 and settings.temperature == 1.0
+    assert settings.top_k == 50 and settings.temperature == 1.0  # None: generate's default, as lm-eval's hf
+    assert harness.GenerationSettings.from_gen_kwargs({"do_sample": True, "top_k": 0}, 16, None).top_k == 0
 
 
 def test_generate_until_static_decode_equals_eager(tiny_model, tiny_tokenizer):
