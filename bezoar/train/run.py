@@ -203,7 +203,52 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+LOCK = "train.lock"  # held by the process that writes a stage's folder (rank 0 under torchrun), holding its pid
+
+
+def hold_out(out: Path):
+    """An exclusive advisory lock on OUT/train.lock for as long as the returned handle is open (the OS drops
+    it when the process dies, however it dies), so that two runs never write one stage folder: a second
+    ``python -m bezoar.train`` (a resume started while the first still runs, or a torchrun whose killed
+    launcher left its workers training) stops with an error naming the holder's pid. None where the file
+    system or the platform has no flock (nothing is held then)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise ConfigError(f"{out}: another bezoar.train (pid {holder}) is training into this folder; wait for it to "
+                          "finish or stop it (under torchrun, a launcher killed with SIGKILL leaves its workers "
+                          "running: stop them too), or choose another out=") from None
+    except OSError:  # a file system without flock (some network mounts): run unlocked rather than not at all
+        handle.close()
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
 def run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None) -> Path:
+    """Train one stage into ``cfg.out`` (see ``_run_stage``) while holding its folder's lock (``hold_out``:
+    rank 0, the only writer under torchrun)."""
+    lock = hold_out(Path(cfg.out)) if dist is None or dist.rank == 0 else None
+    try:
+        return _run_stage(cfg, resume, log, dist)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None) -> Path:
     out = Path(cfg.out)
     rank0 = dist is None or dist.rank == 0
     cfg.data.path = package_path(cfg.data.path)

@@ -146,3 +146,38 @@ def test_unknown_tiny_preset_is_a_config_error_naming_model_path(tmp_path, capsy
     code = main([str(DEMO / "sft.toml"), f"out={tmp_path / 'x'}", *TINY, "model.path=tiny:tinyy"])
     err = capsys.readouterr().err
     assert code == 2 and "model.path 'tiny:tinyy'" in err and "tiny-odd" in err, err
+
+
+def test_a_stage_folder_is_trained_by_one_run_at_a_time(tmp_path, capsys, monkeypatch):
+    """OUT/train.lock is held while a stage trains: a second run into the folder (a --resume started while the
+    first still runs, or workers a killed torchrun left behind) stops with one error naming the holder's pid,
+    before it reads or writes anything else there."""
+    import os
+
+    from bezoar.config import ConfigError
+    from bezoar.train import run
+    from bezoar.train.loop import Trainer
+
+    out = tmp_path / "run"
+    holder = run.hold_out(out)
+    try:
+        code = main([str(DEMO / "sft.toml"), f"out={out}", *TINY])
+        err = capsys.readouterr().err
+        assert code == 2 and f"{out}: another bezoar.train (pid {os.getpid()}) is training into this folder" in err, err
+        assert sorted(p.name for p in out.iterdir()) == ["train.lock"]
+    finally:
+        holder.close()
+
+    seen = []
+    real_fit = Trainer.fit
+
+    def fit(self):  # while the run trains, its folder is locked
+        with pytest.raises(ConfigError, match=rf"another bezoar.train \(pid {os.getpid()}\)"):
+            run.hold_out(out)
+        seen.append(True)
+        return real_fit(self)
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    assert main([str(DEMO / "sft.toml"), f"out={out}", *TINY]) == 0
+    assert seen == [True] and (out / "summary.json").exists()
+    run.hold_out(out).close()  # released when the run ends
