@@ -239,13 +239,21 @@ def hold_out(out: Path):
 
 def run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None) -> Path:
     """Train one stage into ``cfg.out`` (see ``_run_stage``) while holding its folder's lock (``hold_out``:
-    rank 0, the only writer under torchrun)."""
-    lock = hold_out(Path(cfg.out)) if dist is None or dist.rank == 0 else None
+    rank 0, the only writer under torchrun). A folder the run made and left with nothing but the lock (a
+    run refused before it wrote anything) is removed again."""
+    out = Path(cfg.out)
+    if is_complete(out) or not (dist is None or dist.rank == 0):
+        return _run_stage(cfg, resume, log, dist)  # a complete stage is only read (and not touched)
+    existed = out.exists()
+    lock = hold_out(out)
     try:
         return _run_stage(cfg, resume, log, dist)
     finally:
         if lock is not None:
             lock.close()
+            if not existed and [p.name for p in out.iterdir()] == [LOCK]:  # stopped before writing anything
+                (out / LOCK).unlink(missing_ok=True)
+                out.rmdir()
 
 
 def _run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None) -> Path:

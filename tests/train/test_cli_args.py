@@ -181,3 +181,7 @@ def test_a_stage_folder_is_trained_by_one_run_at_a_time(tmp_path, capsys, monkey
     assert main([str(DEMO / "sft.toml"), f"out={out}", *TINY]) == 0
     assert seen == [True] and (out / "summary.json").exists()
     run.hold_out(out).close()  # released when the run ends
+
+    other = tmp_path / "refused"  # refused before writing anything: no folder left behind
+    assert main([str(DEMO / "sft.toml"), f"out={other}", *TINY, f"data.path={tmp_path / 'missing.jsonl'}"]) == 2
+    assert not other.exists()
