@@ -36,6 +36,42 @@ def post(url: str, body, raw: bytes | None = None) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
+def hold_engine(engine):
+    """Keep the engine's scheduler busy with a batch of its own (one that runs nothing) until the returned
+    ``release()`` is called: requests sent meanwhile wait in its queue, and its next batch takes them together.
+    Otherwise whether concurrent clients' requests share a batch depends on their arriving within one batch
+    window of each other, which a loaded machine does not promise."""
+    import threading
+
+    from bezoar.serve import Job
+
+    entered, go = threading.Event(), threading.Event()
+
+    def held(jobs):
+        entered.set()
+        go.wait(120)
+
+    engine._run_batch = held
+    try:
+        holding = asyncio.run_coroutine_threadsafe(engine.run([Job(prompt_ids=[1], max_tokens=1)]), engine.loop)
+        assert entered.wait(60), "the engine did not take the holding batch"
+    finally:
+        del engine._run_batch  # the batches after it run as usual
+
+    def release(queued: int) -> None:
+        """Wait until ``queued`` jobs are in the engine's queue, then let the engine go on."""
+        try:
+            deadline = time.time() + 60
+            while engine.queue.qsize() < queued:
+                assert time.time() < deadline, f"{engine.queue.qsize()} of {queued} jobs queued within 60 s"
+                time.sleep(0.01)
+        finally:
+            go.set()
+            holding.result(60)
+
+    return release
+
+
 def test_models_and_greedy_completion_match_bezoar_generate(client, tiny_model, tiny_tokenizer):
     assert [m.id for m in client.models.list()] == ["tiny"]
     prompt = "The bright eagle watches the"
@@ -198,16 +234,19 @@ def test_concurrent_clients_are_batched_and_answered_exactly(served, tiny_model,
     want = [generate(tiny_model, tiny_tokenizer, p, max_new_tokens=8)[0].text for p in prompts]
     engine = served.server.engine
     batches_before = engine.batches
+    release = hold_engine(engine)
 
     async def ask_all():
         async with openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0) as c:
-            calls = [c.completions.create(model="tiny", prompt=p, max_tokens=8, temperature=0) for p in prompts]
+            calls = [asyncio.ensure_future(c.completions.create(model="tiny", prompt=p, max_tokens=8, temperature=0))
+                     for p in prompts]
+            await asyncio.to_thread(release, len(prompts))  # all six wait for the model together
             return await asyncio.gather(*calls)
 
     results = asyncio.run(ask_all())
     assert [r.choices[0].text for r in results] == want
-    assert engine.batches - batches_before < len(prompts), "concurrent requests should share model batches"
-    assert engine.largest_batch > 1
+    assert engine.batches - batches_before == 1, "requests waiting together should share one model batch"
+    assert engine.largest_batch >= len(prompts)
 
 
 def test_a_client_that_leaves_mid_stream_does_not_hurt_the_server(served, client):
@@ -270,9 +309,13 @@ def test_seeded_sampling_does_not_depend_on_concurrent_requests(tiny_model, tiny
         client = openai.OpenAI(base_url=bg.url + "/v1", api_key="x", max_retries=0)
         alone = [client.completions.create(prompt=p, **kwargs).choices[0].text for p in prompts]
 
+        release = hold_engine(bg.server.engine)
+
         async def together():
             async with openai.AsyncOpenAI(base_url=bg.url + "/v1", api_key="x", max_retries=0) as c:
-                return await asyncio.gather(*(c.completions.create(prompt=p, **kwargs) for p in prompts))
+                calls = [asyncio.ensure_future(c.completions.create(prompt=p, **kwargs)) for p in prompts]
+                await asyncio.to_thread(release, len(prompts))  # both wait for the model together
+                return await asyncio.gather(*calls)
 
         batches_before = bg.server.engine.batches
         both = [r.choices[0].text for r in asyncio.run(together())]
