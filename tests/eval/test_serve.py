@@ -669,7 +669,6 @@ def test_a_text_prompt_too_long_by_its_bytes_alone_is_refused_untokenized(tiny_m
     with BackgroundServer(Server(tiny_model, tiny_tokenizer, "tiny", batch_window_s=0.0)) as bg:
         context = bg.server.engine.context
         huge = "The bright eagle watches the river. " * (8 * 2**20 // 36)  # 8 MiB: seconds to tokenize
-        started = time.time()
         status, reply = post(bg.url + "/v1/completions", {"model": "tiny", "prompt": ["Once", huge], "max_tokens": 4})
         assert status == 400, reply
         error = reply["error"]
@@ -677,8 +676,9 @@ def test_a_text_prompt_too_long_by_its_bytes_alone_is_refused_untokenized(tiny_m
         at_least = -(-len(huge) // longest)
         assert (f"maximum context length is {context} tokens. However, you requested at least {at_least + 4} tokens "
                 f"(at least {at_least} in the prompt: {len(huge):,} bytes of text" in error["message"]), error
+        # Only the short prompt reached the tokenizer. (The refusal also took 0.1 s where tokenizing took 2.5 s,
+        # but a bound of 2 s on it measured the machine's load as much as the work.)
         assert encoded == [len("Once")], "the huge prompt was tokenized"
-        assert time.time() - started < 2.0
         # chat: the same bound on the rendered prompt, with the param the exact check names
         for body, param in [({}, "messages"), ({"max_tokens": 3}, "max_tokens")]:
             encoded[:] = []
