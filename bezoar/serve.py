@@ -1030,7 +1030,11 @@ class BackgroundServer:
     def __init__(self, server: Server, host: str = "127.0.0.1", port: int | None = None):
         self.server = server
         self.host = host
-        self.port = port or free_port(host)
+        # Bound (and listening) now, and served as it is: a port found free and closed again (free_port) could
+        # be taken by another process before the server bound it. Port None or 0: one the system picks.
+        family = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][0] if host else socket.AF_INET
+        self._socket = socket.create_server((host, port or 0), family=family)
+        self.port = self._socket.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -1062,8 +1066,9 @@ class BackgroundServer:
             # then drops (aiohttp >= 3.9 leaves handlers running by default)
             self._runner = web.AppRunner(self.server.app(), access_log=None, handler_cancellation=True)
             loop.run_until_complete(self._runner.setup())
-            loop.run_until_complete(web.TCPSite(self._runner, self.host, self.port).start())
+            loop.run_until_complete(web.SockSite(self._runner, self._socket).start())
         except BaseException as e:  # report to the thread that waits in __enter__
+            self._socket.close()
             self._error = e
             self._ready.set()
             return

@@ -36,6 +36,42 @@ def post(url: str, body, raw: bytes | None = None) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
+def hold_engine(engine):
+    """Keep the engine's scheduler busy with a batch of its own (one that runs nothing) until the returned
+    ``release()`` is called: requests sent meanwhile wait in its queue, and its next batch takes them together.
+    Otherwise whether concurrent clients' requests share a batch depends on their arriving within one batch
+    window of each other, which a loaded machine does not promise."""
+    import threading
+
+    from bezoar.serve import Job
+
+    entered, go = threading.Event(), threading.Event()
+
+    def held(jobs):
+        entered.set()
+        go.wait(120)
+
+    engine._run_batch = held
+    try:
+        holding = asyncio.run_coroutine_threadsafe(engine.run([Job(prompt_ids=[1], max_tokens=1)]), engine.loop)
+        assert entered.wait(60), "the engine did not take the holding batch"
+    finally:
+        del engine._run_batch  # the batches after it run as usual
+
+    def release(queued: int) -> None:
+        """Wait until ``queued`` jobs are in the engine's queue, then let the engine go on."""
+        try:
+            deadline = time.time() + 60
+            while engine.queue.qsize() < queued:
+                assert time.time() < deadline, f"{engine.queue.qsize()} of {queued} jobs queued within 60 s"
+                time.sleep(0.01)
+        finally:
+            go.set()
+            holding.result(60)
+
+    return release
+
+
 def test_models_and_greedy_completion_match_bezoar_generate(client, tiny_model, tiny_tokenizer):
     assert [m.id for m in client.models.list()] == ["tiny"]
     prompt = "The bright eagle watches the"
@@ -198,16 +234,19 @@ def test_concurrent_clients_are_batched_and_answered_exactly(served, tiny_model,
     want = [generate(tiny_model, tiny_tokenizer, p, max_new_tokens=8)[0].text for p in prompts]
     engine = served.server.engine
     batches_before = engine.batches
+    release = hold_engine(engine)
 
     async def ask_all():
         async with openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0) as c:
-            calls = [c.completions.create(model="tiny", prompt=p, max_tokens=8, temperature=0) for p in prompts]
+            calls = [asyncio.ensure_future(c.completions.create(model="tiny", prompt=p, max_tokens=8, temperature=0))
+                     for p in prompts]
+            await asyncio.to_thread(release, len(prompts))  # all six wait for the model together
             return await asyncio.gather(*calls)
 
     results = asyncio.run(ask_all())
     assert [r.choices[0].text for r in results] == want
-    assert engine.batches - batches_before < len(prompts), "concurrent requests should share model batches"
-    assert engine.largest_batch > 1
+    assert engine.batches - batches_before == 1, "requests waiting together should share one model batch"
+    assert engine.largest_batch >= len(prompts)
 
 
 def test_a_client_that_leaves_mid_stream_does_not_hurt_the_server(served, client):
@@ -305,9 +344,13 @@ def test_seeded_sampling_does_not_depend_on_concurrent_requests(tiny_model, tiny
         client = openai.OpenAI(base_url=bg.url + "/v1", api_key="x", max_retries=0)
         alone = [client.completions.create(prompt=p, **kwargs).choices[0].text for p in prompts]
 
+        release = hold_engine(bg.server.engine)
+
         async def together():
             async with openai.AsyncOpenAI(base_url=bg.url + "/v1", api_key="x", max_retries=0) as c:
-                return await asyncio.gather(*(c.completions.create(prompt=p, **kwargs) for p in prompts))
+                calls = [asyncio.ensure_future(c.completions.create(prompt=p, **kwargs)) for p in prompts]
+                await asyncio.to_thread(release, len(prompts))  # both wait for the model together
+                return await asyncio.gather(*calls)
 
         batches_before = bg.server.engine.batches
         both = [r.choices[0].text for r in asyncio.run(together())]
@@ -428,27 +471,37 @@ def test_command_line_serves(tiny_dir):
     """``python -m bezoar.serve`` in its own process, on a free port, with the model quantized to NF4."""
     from bezoar.serve import free_port
 
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "BEZOAR_SERVE_API_KEY"}
-    proc = subprocess.Popen([sys.executable, "-m", "bezoar.serve", "--model", str(tiny_dir), "--port", str(port),
-                             "--name", "tiny-cli", "--device", "cpu", "--quant", "nf4"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    assert json.loads(r.read())["model"] == "tiny-cli"
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                if proc.poll() is not None or time.time() > deadline:
-                    raise AssertionError(f"server did not come up: {proc.stdout.read()}")
+    for attempt in range(3):
+        # The port is free when found, but closed again until the server binds it, seconds later: a process of
+        # another test (a server, or a client's outgoing connection) can take it meanwhile. Then another port.
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "bezoar.serve", "--model", str(tiny_dir), "--port", str(port),
+                                 "--name", "tiny-cli", "--device", "cpu", "--quant", "nf4"], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env)
+        try:
+            deadline = time.time() + 300
+            while proc.poll() is None:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                        health = json.loads(r.read())
+                    if health.get("model") == "tiny-cli":
+                        break
+                except (OSError, ValueError):  # not up yet (or, on a taken port, someone else)
+                    pass
+                assert time.time() < deadline, "server did not come up within 300 s"
                 time.sleep(0.3)
-        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        assert c.completions.create(model="tiny-cli", prompt="The cat", max_tokens=3, temperature=0).choices[0].text
-    finally:
-        proc.terminate()
-        proc.wait(30)
+            if proc.poll() is not None:
+                output = proc.stdout.read()
+                if "address already in use" in output.lower() and attempt < 2:
+                    continue
+                raise AssertionError(f"server did not come up: {output}")
+            c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+            assert c.completions.create(model="tiny-cli", prompt="The cat", max_tokens=3, temperature=0).choices[0].text
+            return
+        finally:
+            proc.terminate()
+            proc.wait(30)
 
 
 def test_sequences_per_request_are_capped_before_any_work(tiny_model, tiny_tokenizer, monkeypatch):
@@ -669,7 +722,6 @@ def test_a_text_prompt_too_long_by_its_bytes_alone_is_refused_untokenized(tiny_m
     with BackgroundServer(Server(tiny_model, tiny_tokenizer, "tiny", batch_window_s=0.0)) as bg:
         context = bg.server.engine.context
         huge = "The bright eagle watches the river. " * (8 * 2**20 // 36)  # 8 MiB: seconds to tokenize
-        started = time.time()
         status, reply = post(bg.url + "/v1/completions", {"model": "tiny", "prompt": ["Once", huge], "max_tokens": 4})
         assert status == 400, reply
         error = reply["error"]
@@ -677,8 +729,9 @@ def test_a_text_prompt_too_long_by_its_bytes_alone_is_refused_untokenized(tiny_m
         at_least = -(-len(huge) // longest)
         assert (f"maximum context length is {context} tokens. However, you requested at least {at_least + 4} tokens "
                 f"(at least {at_least} in the prompt: {len(huge):,} bytes of text" in error["message"]), error
+        # Only the short prompt reached the tokenizer. (The refusal also took 0.1 s where tokenizing took 2.5 s,
+        # but a bound of 2 s on it measured the machine's load as much as the work.)
         assert encoded == [len("Once")], "the huge prompt was tokenized"
-        assert time.time() - started < 2.0
         # chat: the same bound on the rendered prompt, with the param the exact check names
         for body, param in [({}, "messages"), ({"max_tokens": 3}, "max_tokens")]:
             encoded[:] = []

@@ -376,15 +376,20 @@ def test_misuse_is_reported_clearly(fake_server):
 
 
 def test_a_cancelled_owner_hands_its_call_over(fake_server):
-    server = fake_server(latency=0.2)
+    # The owner's call is never answered (it hangs until the owner gives it up); the sharer's own call is.
+    # With an answer after 0.2 s and fixed 50 ms sleeps to cancel in, a loaded machine could see the answer
+    # first, or cancel the owner before its request went out.
+    server = fake_server()
+    server.script(Fault("hang"))
     request = chat_requests(1)[0]
 
     async def main():
-        async with Pool(Endpoint("compat", server.openai_url), fast_limits(timeout_s=5), None, model="m") as pool:
+        async with Pool(Endpoint("compat", server.openai_url), fast_limits(timeout_s=60), None, model="m") as pool:
             owner = asyncio.ensure_future(pool.submit(request))
-            await asyncio.sleep(0.05)
+            while server.stats()["requests"] < 1:  # the owner's call is at the server
+                await asyncio.sleep(0.005)
             sharer = asyncio.ensure_future(pool.submit(request))
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0)  # its first step: the key is in flight, so it waits on the owner's call
             owner.cancel()
             result = await sharer
             return owner, result

@@ -21,7 +21,7 @@ def base_url(name: str, server) -> str:
     return server.url if name == "anthropic" else server.openai_url
 
 
-async def _send(name: str, url: str, request: Request, timeout: float = 5.0, model: str = "m"):
+async def _send(name: str, url: str, request: Request, timeout: float = 60.0, model: str = "m"):
     provider = make_provider(Endpoint(name, url), connections=4)
     await provider.open()
     try:

@@ -50,6 +50,27 @@ def _command(root: Path, url: str, *extra: str) -> list[str]:
             f"evaluate.mt_bench.judge.base_url={url}", *extra]
 
 
+# ``python -m bezoar.pipeline`` as it runs, except that it stops for good right after the orca stage's first
+# checkpoint is written: the test SIGKILLs it there, in the middle of that stage. Killed when the test first
+# saw the checkpoint, the run went on meanwhile, and could finish the stage if the test's process fell behind.
+STOP_IN_ORCA = """
+import runpy, time
+from bezoar.train import loop
+
+save = loop.Trainer.save_checkpoint
+
+def save_then_stop(self):
+    path = save(self)
+    if self.out.name == "orca":
+        while True:  # until the test kills this process
+            time.sleep(3600)
+    return path
+
+loop.Trainer.save_checkpoint = save_then_stop
+runpy.run_module("bezoar.pipeline", run_name="__main__", alter_sys=True)
+"""
+
+
 def _run(root: Path, url: str, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
     done = subprocess.run(_command(root, url, *extra), cwd=REPO, env=_env(), capture_output=True, text=True,
                           timeout=timeout)
@@ -135,8 +156,13 @@ def test_killed_mid_stage_and_rerun_ends_like_an_uninterrupted_run(finished_run,
     reference, _, _ = finished_run
     root = tmp_path / "B"
     target = root / "orca"
-    process = subprocess.Popen(_command(root, teacher_url), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+    script = tmp_path / "stop_in_orca.py"
+    script.write_text(STOP_IN_ORCA)
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])  # the script is not in the repo
+    command = [sys.executable, str(script), *_command(root, teacher_url)[3:]]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
     try:
         deadline = time.time() + 300
         while not list(target.glob("checkpoints/step-*/trainer_state.pt")):
@@ -150,6 +176,7 @@ def test_killed_mid_stage_and_rerun_ends_like_an_uninterrupted_run(finished_run,
             process.kill()
         process.stderr.close()
     assert process.returncode == -signal.SIGKILL
+    assert len(list(target.glob("checkpoints/step-*"))) == 1, "killed right after the orca stage's first checkpoint"
     assert not (target / "summary.json").exists(), "the kill came after the orca stage finished"
 
     # --dry-run on the half-finished root lists exactly the steps left: orca (to resume) and all after it.

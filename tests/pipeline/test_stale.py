@@ -521,5 +521,11 @@ def test_fingerprints_follow_content_not_times_or_places(tmp_path):
     (folder / "__pycache__").mkdir()
     (folder / "__pycache__/x.pyc").write_bytes(b"\0")
     assert fingerprint(folder) == before
-    (folder / "sub/t.yaml").write_text("task: u\n")
+    (folder / "sub/t.yaml").write_text("task: u\n")  # same size, other content
+    # fingerprint() keeps the hashes it made by (inode, size, mtime, ctime). This rewrite comes well within a
+    # millisecond of the first write, and a kernel that stamps files with a coarse clock (a jiffy, before Linux
+    # 6.13) or a filesystem with coarse timestamps gives both writes the same times: the file would look
+    # unchanged. A later edit has a later mtime; this one is given one.
+    st = (folder / "sub/t.yaml").stat()
+    os.utime(folder / "sub/t.yaml", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert fingerprint(folder) != before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -11,12 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from bezoar.train.loop import list_checkpoints
-from tests.train.helpers import read_metrics
+from tests.train.helpers import paused_train_script, read_metrics, repo_env
 
 CONFIG = Path(__file__).resolve().parents[2] / "bezoar" / "recipes" / "demo" / "sft.toml"
 COMMON = ["model.path=tiny:tiny", "model.quant=nf4", "train.progress=false", "data.max_seq_len=128",
@@ -24,10 +26,10 @@ COMMON = ["model.path=tiny:tiny", "model.quant=nf4", "train.progress=false", "da
           "train.max_steps=20", "train.save_every=5", "train.keep_last=10", "optim.lr=1e-3"]
 
 
-def torchrun(out, *extra, nproc=2, wait=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def torchrun(out, *extra, nproc=2, wait=True, entry=("-m", "bezoar.train")):
+    env = repo_env(OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",
-           "-m", "bezoar.train", str(CONFIG), f"out={out}", *COMMON, *extra]
+           *map(str, entry), str(CONFIG), f"out={out}", *COMMON, *extra]
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
@@ -71,16 +73,30 @@ def test_killed_two_process_run_resumes_equal(tmp_path):
     r = torchrun(straight)
     assert r.returncode == 0, r.stderr
     killed = tmp_path / "killed"
-    proc = torchrun(killed, wait=False)
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        steps = [m["step"] for m in read_metrics(killed) if "loss" in m] if (killed / "metrics.jsonl").exists() else []
-        if steps and max(steps) >= 7:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert list_checkpoints(killed)[-1][0] == 5
+    # The ranks stop after step 7 is logged (between checkpoints 5 and 10) and are killed there. Killed when
+    # the test first saw step 7, they went on past checkpoint 10 whenever the test was slower than 3 steps.
+    # torchrun starts each worker in a session of its own, so killing torchrun's process group left them
+    # training to the end, into the folder the resumed run then used: the workers are killed one by one.
+    proc = torchrun(killed, wait=False, entry=(paused_train_script(tmp_path), 7))
+    try:
+        deadline = time.time() + 600
+        while not ((killed / "metrics.jsonl").exists() and any(m.get("step", 0) >= 7 for m in read_metrics(killed))):
+            assert proc.poll() is None, "torchrun ended before step 7"
+            assert time.time() < deadline, "step 7 not logged within 600 s"
+            time.sleep(0.05)
+    finally:
+        try:
+            workers = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.Error:  # torchrun already ended
+            workers = []
+        os.killpg(proc.pid, signal.SIGKILL)
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
+        proc.wait()
+        psutil.wait_procs(workers, timeout=60)
+    assert [m["step"] for m in read_metrics(killed) if "loss" in m] == list(range(1, 8))
+    assert [s for s, _ in list_checkpoints(killed)] == [5]
     r = torchrun(killed, "--resume")
     assert r.returncode == 0, r.stderr
     wa, wb = adapter(straight), adapter(killed)

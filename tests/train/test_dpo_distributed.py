@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,17 +23,16 @@ def common(data: Path) -> list[str]:
             "train.save_every=0", "train.epochs=1", "optim.lr=3e-3"]
 
 
-def free_port() -> int:
-    # torchrun's --master-port=0 hands the workers MASTER_PORT=0 (torch 2.13), and they wait forever
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def torchrun(nproc: int) -> list[str]:
+    # --standalone: torchrun binds a free port itself and hands it to the workers. A port found free here and
+    # passed as --master-port could be taken (by a test in another xdist worker, say) before torchrun bound it;
+    # --master-port=0 hands the workers MASTER_PORT=0 (torch 2.13), and they wait forever.
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone"]
 
 
 def run(out: Path, data: Path, *extra: str, nproc: int = 1):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-                "--master-addr=127.0.0.1", f"--master-port={free_port()}"] if nproc > 1 else [sys.executable]
+    launcher = torchrun(nproc) if nproc > 1 else [sys.executable]
     cmd = [*launcher, "-m", "bezoar.train", str(CONFIG), f"out={out}", *common(data), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
@@ -88,11 +86,12 @@ def test_a_signal_on_one_rank_stops_every_rank_with_a_checkpoint_that_resumes(tm
     script = tmp_path / "signal_one_rank.py"
     script.write_text(SIGNAL_ONE_RANK)
     out = tmp_path / "stopped"
-    env = dict(os.environ, OMP_NUM_THREADS="1",
+    # Unbuffered: torchrun SIGTERMs the ranks still running as soon as one has exited (with 143 here), which
+    # can be rank 0 before it flushed the "stopped at step" it printed.
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", str(script), str(CONFIG), f"out={out}", *common(data),
-           "train.max_steps=6", "dpo.precompute_ref=false"]
+    cmd = [*torchrun(2), str(script), str(CONFIG), f"out={out}", *common(data), "train.max_steps=6",
+           "dpo.precompute_ref=false"]
     log = tmp_path / "stopped.log"
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -20,7 +20,7 @@ from bezoar.model import Tokenizer
 from bezoar.train.loop import Trainer, TrainingError, list_checkpoints
 from bezoar.train.run import build_model, package_path, run_stage
 from bezoar.train.sft import SFTStage
-from tests.train.helpers import read_metrics, run_cli, tiny_sft_config
+from tests.train.helpers import paused_train_script, read_metrics, repo_env, run_cli, tiny_sft_config
 
 
 def grads_of(model):
@@ -82,16 +82,19 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path):
     r = run_cli(config, f"out={straight}", *common)
     assert r.returncode == 0, r.stderr
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "bezoar.train", str(config), f"out={killed}", *common],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill between checkpoints: after step 4 is logged, before step 6
-        steps = [m["step"] for m in read_metrics(killed)] if (killed / "metrics.jsonl").exists() else []
-        if steps and max(steps) >= 4:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # Killed between checkpoints: the run stops after step 4 is logged (before step 5 starts) and is killed there.
+    proc = subprocess.Popen([sys.executable, str(paused_train_script(tmp_path)), "4", str(config), f"out={killed}",
+                             *common], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=repo_env())
+    try:
+        deadline = time.time() + 300
+        while not ((killed / "metrics.jsonl").exists() and any(m["step"] >= 4 for m in read_metrics(killed))):
+            assert proc.poll() is None, "the run ended before step 4"
+            assert time.time() < deadline, "step 4 not logged within 300 s"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert [m["step"] for m in read_metrics(killed)] == [1, 2, 3, 4]
     assert [s for s, _ in list_checkpoints(killed)] == [3], "the kill must land between checkpoints 3 and 6"
     r = run_cli(config, f"out={killed}", *common, "--resume")
     assert r.returncode == 0, r.stderr
