@@ -77,6 +77,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from bezoar.config import ConfigError, to_dict
+from bezoar.locking import Held, hold
 from bezoar.train.recipe import (EndpointSection, Recipe, load_recipe, split_overrides, stage_configs)
 
 if TYPE_CHECKING:
@@ -896,26 +897,13 @@ def run_pipeline(recipe_name: str, root, overrides: list[str], log=print, progre
 
 
 def _lock(root: Path):
-    """Hold an exclusive advisory lock on RUN/pipeline.lock while running (the OS drops it when the process
-    dies, however it dies), so that two pipelines never write one run root."""
+    """Hold an exclusive advisory lock on RUN/pipeline.lock while running (``bezoar.locking.hold``), so that
+    two pipelines never write one run root."""
     try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        return None
-    handle = open(root / "pipeline.lock", "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise PipelineError(f"{root}: another pipeline is running on this run root (pid {holder}); wait for it or "
+        return hold(root / "pipeline.lock")
+    except Held as e:
+        raise PipelineError(f"{root}: another pipeline is running on this run root (pid {e.pid}); wait for it or "
                             "stop it first") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
 
 
 def parse(argv):

@@ -12,6 +12,7 @@ import torch
 from bezoar.config import ConfigError, dump_toml, to_dict
 from bezoar.data import build_documents, make_loader
 from bezoar.data.packing import batch_to
+from bezoar.locking import Held, hold
 from bezoar.model import Tokenizer, load
 from bezoar.model.checkpoint import is_prequantized
 from bezoar.model.lora import apply_lora
@@ -207,34 +208,17 @@ LOCK = "train.lock"  # held by the process that writes a stage's folder (rank 0 
 
 
 def hold_out(out: Path):
-    """An exclusive advisory lock on OUT/train.lock for as long as the returned handle is open (the OS drops
-    it when the process dies, however it dies), so that two runs never write one stage folder: a second
-    ``python -m bezoar.train`` (a resume started while the first still runs, or a torchrun whose killed
-    launcher left its workers training) stops with an error naming the holder's pid. None where the file
-    system or the platform has no flock (nothing is held then)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        return None
+    """The lock on OUT/train.lock (``bezoar.locking.hold``), held for as long as the returned handle is open,
+    so that two runs never write one stage folder: a second ``python -m bezoar.train`` (a resume started
+    while the first still runs, or a torchrun whose killed launcher left its workers training) stops with an
+    error naming the holder's pid. None where the file system or the platform has no flock."""
     out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / LOCK, "a+")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise ConfigError(f"{out}: another bezoar.train (pid {holder}) is training into this folder; wait for it to "
+        return hold(out / LOCK)
+    except Held as e:
+        raise ConfigError(f"{out}: another bezoar.train (pid {e.pid}) is training into this folder; wait for it to "
                           "finish or stop it (under torchrun, a launcher killed with SIGKILL leaves its workers "
                           "running: stop them too), or choose another out=") from None
-    except OSError:  # a file system without flock (some network mounts): run unlocked rather than not at all
-        handle.close()
-        return None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
 
 
 def run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None) -> Path:
