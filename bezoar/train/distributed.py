@@ -12,6 +12,7 @@ when torch sees CUDA, and on the CPU otherwise; ``cuda`` is the same but require
 rank on the CPU with gloo, GPUs or not. ``cuda:N`` is refused: torchrun gives each rank one GPU by its
 LOCAL_RANK, so one index cannot hold for every rank; CUDA_VISIBLE_DEVICES chooses which GPUs they are.
 The process group starts with the first stage a process runs (``Dist.start``), on that stage's device.
+A rank whose launcher is gone (torchrun killed outright) stops as on SIGTERM (``watch_launcher``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import signal
+import sys
+import threading
+import time
 import warnings
 
 import torch
@@ -63,8 +68,31 @@ def rank_device(name: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+LAUNCHER_POLL_S = 1.0  # how often a rank looks whether torchrun is still its parent
+
+
+def watch_launcher(poll_s: float = LAUNCHER_POLL_S) -> threading.Thread:
+    """Stop this rank as SIGTERM does (finish the step, write a checkpoint, exit) once the process that started
+    it is gone. torchrun starts each worker in a session of its own and forwards SIGINT/SIGTERM to them, but a
+    launcher killed outright (SIGKILL, the OOM killer) forwards nothing: its workers went on training to the
+    end, into a folder that a resumed run would then share. A reparented process sees another parent pid."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        with contextlib.suppress(OSError, ValueError):
+            print(f"bezoar.train: the launcher (pid {parent}) is gone; stopping this rank", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name="bezoar-launcher-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 class Dist:
-    """This process's place in a torchrun run; ``start`` joins the process group on the stage's device."""
+    """This process's place in a torchrun run; ``start`` joins the process group on the stage's device. Made,
+    it watches the launcher (``watch_launcher``)."""
 
     def __init__(self, device: str | None = None):
         self.rank = int(os.environ["RANK"])
@@ -72,6 +100,7 @@ class Dist:
         self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
         self.device: torch.device | None = None
         self.backend: str | None = None
+        self.launcher_watch = watch_launcher()
         if device is not None:
             self.start(device)
 

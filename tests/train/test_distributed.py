@@ -104,6 +104,40 @@ def test_killed_two_process_run_resumes_equal(tmp_path):
     assert [m["loss"] for m in read_metrics(killed) if "loss" in m] == [m["loss"] for m in read_metrics(straight) if "loss" in m]
 
 
+def test_ranks_stop_with_a_checkpoint_when_torchrun_is_killed(tmp_path):
+    """torchrun killed outright (SIGKILL: nothing forwarded) left its workers, each in a session of its own,
+    training to the end; now each rank sees its parent gone, stops as on SIGTERM (the step finished, a
+    checkpoint written) and exits, letting go of the folder's lock, so that --resume can take the run over."""
+    from bezoar.train.run import hold_out
+
+    out = tmp_path / "orphaned"
+    proc = torchrun(out, "train.max_steps=100000", "train.save_every=0", wait=False)
+    workers = []
+    try:
+        deadline = time.time() + 600
+        while not ((out / "metrics.jsonl").exists() and any(m.get("step", 0) >= 2 for m in read_metrics(out))):
+            assert proc.poll() is None, "torchrun ended before step 2"
+            assert time.time() < deadline, "step 2 not logged within 600 s"
+            time.sleep(0.05)
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert len(workers) >= 2, workers
+        proc.kill()  # the launcher alone
+        proc.wait()
+        _, alive = psutil.wait_procs(workers, timeout=180)
+        assert not alive, f"ranks still running 180 s after torchrun was killed: {alive}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
+    steps = [m["step"] for m in read_metrics(out) if "loss" in m]
+    assert 2 <= steps[-1] < 100000 and steps == list(range(1, steps[-1] + 1))
+    assert [s for s, _ in list_checkpoints(out)] == [steps[-1]], "the ranks stop at a step with its checkpoint"
+    assert not (out / "summary.json").exists()
+    hold_out(out).close()  # the lock was let go
+
+
 # ---- model.device under torchrun ----------------------------------------------------------------
 
 
