@@ -68,6 +68,15 @@ def test_two_processes_equal_one(one_process, tmp_path):
         assert err <= 1e-5, f"{k}: max |diff| {err:.2e}"
 
 
+def _wait_for_step(proc, out, step: int) -> None:
+    """Until the run that ``proc`` (torchrun) started into ``out`` has logged ``step`` (600 s at most)."""
+    deadline = time.time() + 600
+    while not ((out / "metrics.jsonl").exists() and any(m.get("step", 0) >= step for m in read_metrics(out))):
+        assert proc.poll() is None, f"torchrun ended before step {step}"
+        assert time.time() < deadline, f"step {step} not logged within 600 s"
+        time.sleep(0.05)
+
+
 def test_killed_two_process_run_resumes_equal(tmp_path):
     straight = tmp_path / "straight"
     r = torchrun(straight)
@@ -79,11 +88,7 @@ def test_killed_two_process_run_resumes_equal(tmp_path):
     # training to the end, into the folder the resumed run then used: the workers are killed one by one.
     proc = torchrun(killed, wait=False, entry=(paused_train_script(tmp_path), 7))
     try:
-        deadline = time.time() + 600
-        while not ((killed / "metrics.jsonl").exists() and any(m.get("step", 0) >= 7 for m in read_metrics(killed))):
-            assert proc.poll() is None, "torchrun ended before step 7"
-            assert time.time() < deadline, "step 7 not logged within 600 s"
-            time.sleep(0.05)
+        _wait_for_step(proc, killed, 7)
     finally:
         try:
             workers = psutil.Process(proc.pid).children(recursive=True)
@@ -114,11 +119,7 @@ def test_ranks_stop_with_a_checkpoint_when_torchrun_is_killed(tmp_path):
     proc = torchrun(out, "train.max_steps=100000", "train.save_every=0", wait=False)
     workers = []
     try:
-        deadline = time.time() + 600
-        while not ((out / "metrics.jsonl").exists() and any(m.get("step", 0) >= 2 for m in read_metrics(out))):
-            assert proc.poll() is None, "torchrun ended before step 2"
-            assert time.time() < deadline, "step 2 not logged within 600 s"
-            time.sleep(0.05)
+        _wait_for_step(proc, out, 2)
         workers = psutil.Process(proc.pid).children(recursive=True)
         assert len(workers) >= 2, workers
         proc.kill()  # the launcher alone
