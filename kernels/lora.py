@@ -927,14 +927,17 @@ if triton is not None:
     @triton.jit
     def _nf4_merge_kernel(
         # pointers: W's NF4 parts, the byte table, B (N, R) and A (R, K) in the compute dtype, out (N, K)
-        # rows ``stride_out`` apart (int32 words of two 16-bit values with PACKED)
+        # rows ``stride_out`` apart (int32 words of two 16-bit values with PACKED), the extra block in
+        # out's dtype (EXTRA 1: A's first row under the stack; EXTRA 2: this projection's first row, column K)
         packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, byte_table_ptr, b_ptr, a_ptr, out_ptr,
+        extra_ptr,
         # sizes and scalars
-        N, K, R, offset, scaling, stride_out,
+        N, K, R, offset, scaling, stride_out, projection,
         # meta
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr, R_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, LAYOUT: tl.constexpr, PACKED: tl.constexpr,
-        PACKED_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        PACKED_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, EXTRA: tl.constexpr, WIDTH: tl.constexpr,
+        P: tl.constexpr,
     ):
         """out[n, k] = dequant(W)[n, k] + scaling * (B @ A)[n, k] for BLOCK_N rows by one NF4 block of
         columns (so each row's scale is one value), in fp32 and rounded once to out's dtype: the merged
@@ -946,7 +949,12 @@ if triton is not None:
         product meets the decoded values: "pairs", one dot over the block's A columns, its product split
         into even and odd columns (what the packed words hold); "two_dots", A's even and odd columns
         loaded apart, one dot each; "joined", the decoded values interleaved into the natural column order
-        and one dot added to them. bench/lora.py --sweep-merge times them."""
+        and one dot added to them. bench/lora.py --sweep-merge times them.
+
+        EXTRA writes the blocks ``merged_weights``' ``extra`` asks for in the same launch, each value once:
+        1 ("rows"), the programs of the first row block store A's columns of their NF4 block as WIDTH rows
+        (zero past R); 2 ("cols"), the programs of the first column block store their rows' P * WIDTH
+        columns, s * B in block ``projection`` (zero past R) and zeros in the others."""
         HALF: tl.constexpr = BLOCKSIZE // 2
         kb = tl.program_id(1)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -997,6 +1005,18 @@ if triton is not None:
         else:
             values = tl.reshape(tl.join(w_hi, w_lo), (BLOCK_N, BLOCKSIZE)).to(out_ptr.dtype.element_ty)
             tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], values, mask=row_ok[:, None])
+        w_ok = offs_r < WIDTH
+        if EXTRA == 1:
+            if tl.program_id(0) == 0:
+                a_nat = tl.load(a_rows + cols[None, :], mask=r_ok[:, None], other=0.0)
+                tl.store(extra_ptr + offs_r.to(tl.int64)[:, None] * stride_out + cols[None, :],
+                         a_nat.to(extra_ptr.dtype.element_ty), mask=w_ok[:, None])
+        elif EXTRA == 2:
+            if kb == 0:
+                sb = (b.to(tl.float32) * scaling).to(extra_ptr.dtype.element_ty)
+                for i in tl.static_range(P):
+                    tl.store(extra_ptr + rows64[:, None] * stride_out + (i * WIDTH + offs_r)[None, :],
+                             tl.where(projection == i, sb, tl.zeros_like(sb)), mask=row_ok[:, None] & w_ok[None, :])
 
 
 # ----------------------------------------------------------------------------- launch configuration
@@ -1313,8 +1333,11 @@ def merged_weights(plan: _Plan, a: torch.Tensor, b: torch.Tensor, dtype: torch.d
     then holds y and, in the columns after Ncat, x @ A_j.T (the forward's xa without dropout), so no
     pass over x computes xa. ``extra="cols"`` makes it (Ncat, K + P * r16), [W'_j | .. s_j B_j ..] as on
     the concat path: dy @ out holds dx and, after column K, g_j = s_j * dy_j @ B_j, so no pass over dy
-    computes g. ``_lora_columns`` reads either block out of the product. ``config``: the merge kernel's
-    launch (``merge_config(device)`` when None; bench/lora.py --sweep-merge times others)."""
+    computes g. The launches that write W' write either block too, zeros and all (one launch per
+    projection, nothing else). ``_lora_columns`` reads either block out of the product. ``config``: the
+    merge kernel's launch (``merge_config(device)`` when None; bench/lora.py --sweep-merge times others)."""
+    if extra not in (None, "rows", "cols"):
+        raise ValueError(f"extra must be None, 'rows' or 'cols', not {extra!r}")
     config = config or merge_config(a.device)
     ns = plan.out_features
     p, r, k = a.shape
@@ -1327,30 +1350,18 @@ def merged_weights(plan: _Plan, a: torch.Tensor, b: torch.Tensor, dtype: torch.d
     start = 0
     for j, (w, n) in enumerate(zip(plan.weights, ns)):
         rows = out[start: start + n, :k]
+        extra_at = (out[n_total + j * width] if extra == "rows" else out[start, k:] if extra == "cols" else rows)
         dq = w.double_quant
         _nf4_merge_kernel[(cdiv(n, config.block_n), k // w.blocksize)](
             w.packed, w.absmax, w.nested_absmax if dq else w.absmax, w.nested_code if dq else w.absmax,
-            nf4_byte_table(a.device), b[start: start + n], a[j], _int32_words(rows) if packed else rows,
-            n, k, r, w.offset if dq else 0.0, plan.scalings[j], cols_out,
+            nf4_byte_table(a.device), b[start: start + n], a[j], _int32_words(rows) if packed else rows, extra_at,
+            n, k, r, w.offset if dq else 0.0, plan.scalings[j], cols_out, j,
             BLOCKSIZE=w.blocksize, DOUBLE_QUANT=dq, NESTED=NESTED_BLOCKSIZE, R_PAD=_r_pad(r),
             BLOCK_N=config.block_n, EVEN_N=n % config.block_n == 0, LAYOUT=config.layout, PACKED=packed,
-            PACKED_BF16=dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(dtype), num_warps=config.num_warps,
+            PACKED_BF16=dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(dtype),
+            EXTRA={None: 0, "rows": 1, "cols": 2}[extra], WIDTH=width, P=p, num_warps=config.num_warps,
         )
         start += n
-    if extra == "rows":
-        a_rows = out[n_total:].view(p, width, k)
-        if width != r:
-            a_rows[:, r:].zero_()
-        a_rows[:, :r].copy_(a)
-    elif extra == "cols":  # s_j * B_j written into its block (one launch each), zeros only where there are any
-        if p > 1 or width != r:
-            out[:, k:].zero_()
-        start = 0
-        for j, n in enumerate(ns):
-            torch.mul(b[start: start + n], plan.scalings[j], out=out[start: start + n, k + j * width: k + j * width + r])
-            start += n
-    elif extra is not None:
-        raise ValueError(f"extra must be None, 'rows' or 'cols', not {extra!r}")
     return out
 
 

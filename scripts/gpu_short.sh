@@ -24,6 +24,10 @@
 #                  into $OUT/merge-tuning.json, and under that file the no-dropout breakdown (NF4 alone, merged,
 #                  concat at 3200x3200) and bench/lora.py's timings without dropout (merged and concat, r = 16
 #                  and 64); then the GPU tests of the merge
+#   gemm_widths    bench/gemm_widths.py: cuBLAS on the concat and merged paths' widened GEMMs against the plain
+#                  ones, by the width of the extra block (issue 4)
+#   merged_check   the merged path after a change: its GPU tests, then the no-dropout breakdown (NF4 alone, merged,
+#                  concat at 3200x3200, M = 16384, r = 16)
 #   nf4_gemv       bench/nf4.py in graph timing at M = 1, 4, 16 with the gemv sweep (issue 3, M <= 16)
 #   nf4_tma_sweep  bench/nf4.py --sweep-tma at M = 4096: the NF4 tma kernels' tile configs (issue 3, M >= 4096)
 #   lora_tma_sweep bench/lora.py --sweep-tma at M = 16384: the LoRA tma GEMMs with no adapter against cuBLAS
@@ -41,7 +45,7 @@ cd "$ROOT" || exit 1
 # shellcheck source=SCRIPTDIR/gpu_env.sh
 source "$HERE/gpu_env.sh"
 
-ALL_PARTS=(gpu_tests nf4_cache step_cache nf4_small decode generate lora lora_nodrop lora_breakdown merge nf4_gemv nf4_tma_sweep lora_tma_sweep tma_tests small_tests)
+ALL_PARTS=(gpu_tests nf4_cache step_cache nf4_small decode generate lora lora_nodrop lora_breakdown merge gemm_widths merged_check nf4_gemv nf4_tma_sweep lora_tma_sweep tma_tests small_tests)
 PARTS=gpu_tests,generate,lora,lora_nodrop
 DRY_RUN=0
 while [ $# -gt 0 ]; do
@@ -138,6 +142,12 @@ run_part() {
         --dropout 0 --no-groups --ms 16384,4096 --ranks 16,64 --budget 65 --out "$OUT_DIR"
       part merge_tests 75 env -u TRITON_INTERPRET "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider -rfE \
         "${parallel[@]}" tests/kernels/test_lora.py -k merge ;;
+    gemm_widths) part gemm_widths 90 "$PYTHON" bench/gemm_widths.py --budget 75 --out "$OUT_DIR" ;;
+    merged_check)
+      part merged_tests 75 env -u TRITON_INTERPRET "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider -rfE \
+        "${parallel[@]}" tests/kernels/test_lora.py -k merge
+      part merged_breakdown 40 "$PYTHON" bench/lora.py --breakdown "$NO_DROPOUT_CASES" --dropout 0 --shapes 3200x3200 \
+        --ms 16384 --ranks 16 --paths concat --no-groups --out "$OUT_DIR" ;;
     nf4_gemv) part nf4_gemv 110 "$PYTHON" bench/nf4.py --timing graph --ms 1,4,16 --sweep-gemv --out "$OUT_DIR" ;;
     nf4_tma_sweep) part nf4_tma_sweep 110 "$PYTHON" bench/nf4.py --sweep-tma --ms 4096 --out "$OUT_DIR" ;;
     lora_tma_sweep) part lora_tma_sweep 100 "$PYTHON" bench/lora.py --sweep-tma --ms 16384 --out "$OUT_DIR" ;;

@@ -1,0 +1,35 @@
+"""bench/gemm_widths.py runs its code path in --smoke mode on CPU: every kind at each width against the
+plain GEMM, one case alone with --only, and a clear error for a case that does not exist."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import gemm_widths  # noqa: E402
+
+
+def test_smoke_times_every_kind_at_each_width(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gemm_widths.py"), "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if "x plain" in line]
+    assert sorted(line.split(":")[0] for line in lines) == sorted(
+        f"{kind} 48x64 M=32 +{e}" for kind in gemm_widths.KINDS for e in (0, 16))
+    assert all(line.split(", ")[1].startswith("1.000x plain") for line in lines if " +0:" in line)
+    assert not list(tmp_path.iterdir())  # smoke runs write nothing
+
+
+def test_only_runs_one_case_and_names_a_missing_one(capsys):
+    assert gemm_widths.main(["--smoke", "--only", "inner/48x64/M=32/+16", "--iters", "2"]) == 0
+    assert "inner/48x64/M=32/+16: ran 2 times" in capsys.readouterr().out
+    assert gemm_widths.main(["--smoke", "--only", "inner/48x64/M=32/+99"]) == 2
+    assert "no case 'inner/48x64/M=32/+99'" in capsys.readouterr().err
+
+
+def test_operands_refuse_an_unknown_kind():
+    with pytest.raises(ValueError, match="one of rows, cols, inner, not 'diagonal'"):
+        gemm_widths.operands("diagonal", 2, 2, 2, 0, None)
