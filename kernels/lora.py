@@ -301,6 +301,26 @@ def large_m_path(device=None) -> str:
     return raw
 
 
+# The concat forward's reduction runs over K + the LoRA columns: P * r16 of them, rounded up to a
+# multiple of this (zeros past the LoRA blocks, on both operands). cuBLAS on H100 ran the reduction
+# over 3200 + 64 columns 2-4% faster than over 3200 + 16 (bench/gemm_widths.py), while wider dx columns
+# (the backward's product, which keeps P * r16) mostly cost more. A tuning entry ("lora.concat_align",
+# from bench/lora.py --sweep-concat-align) or BEZOAR_LORA_CONCAT_ALIGN sets it; 16 adds no columns.
+CONCAT_ALIGN = 16
+CONCAT_ALIGNS = tuning.CONCAT_ALIGNS
+
+
+def concat_align(device=None) -> int:
+    """The multiple the concat forward's LoRA columns are rounded up to: ``BEZOAR_LORA_CONCAT_ALIGN`` (read
+    at every call, so a benchmark can switch it), else ``device``'s tuning entry, else ``CONCAT_ALIGN``."""
+    raw = os.environ.get("BEZOAR_LORA_CONCAT_ALIGN", "").strip()
+    if not raw:
+        return tuning.setting("lora.concat_align", device) or CONCAT_ALIGN
+    if raw not in tuple(str(a) for a in CONCAT_ALIGNS):
+        raise ValueError(f"BEZOAR_LORA_CONCAT_ALIGN={raw!r}: expected one of {', '.join(map(str, CONCAT_ALIGNS))}")
+    return int(raw)
+
+
 def resolve_path(path: str | None, m: int, has_lora: bool = True, device=None) -> str:
     """The concrete path for M rows: "fused", "dequant", "cublas", "concat", "tma" or "gemv" ("gemv" up to
     the NF4 gemv threshold; ``_apply`` falls back from it where the weights or autograd do not allow it).

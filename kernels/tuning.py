@@ -10,13 +10,14 @@ A setting comes from the first of:
 
 1. its environment variable (``BEZOAR_NF4_GEMV_MAX_M``, ``BEZOAR_NF4_FUSED_MAX_M``,
    ``BEZOAR_NF4_TMA_MIN_M``, ``BEZOAR_LORA_FUSED_MAX_M``, ``BEZOAR_LORA_LARGE_M_PATH``,
-   ``BEZOAR_NORM_LORA_PROGRAMS``, ``BEZOAR_NF4_DEQUANT_CACHE``; read by the modules that own them);
+   ``BEZOAR_NORM_LORA_PROGRAMS``, ``BEZOAR_NF4_DEQUANT_CACHE``, ``BEZOAR_LORA_CONCAT_ALIGN``; read by the
+   modules that own them);
 2. the device's entry in the file that ``BEZOAR_TUNING`` names (a user's own measurements; read at the
    first lookup, and again after ``reload()``);
 3. the device's entry in ``tuning.json`` beside this module (measurements committed with the code);
 4. the module's constant (``FUSED_MAX_M``, ``GEMV_MAX_M``, ``TMA_MIN_M``, ``LARGE_M_PATH``, lora's
    ``FUSED_MAX_M``, the tile
-   heuristics; ``nf4.dequant_cache``: off).
+   heuristics; ``nf4.dequant_cache``: off; ``lora.concat_align``: 16, no columns added).
 
 The file::
 
@@ -52,8 +53,9 @@ LARGE_M_PATHS = ("dequant", "cublas", "concat", "fused", "tma")  # what lora's "
 NORM_GRIDS = ("persistent", "per_block")  # the fused RMSNorm + LoRA kernels' grids (norm_lora._programs)
 GEMV_TABLES = ("byte", "nibble", "prmt")  # the gemv kernel's code lookups (nf4_matmul.GemvConfig.table)
 MERGE_LAYOUTS = ("pairs", "two_dots", "joined")  # the NF4 + LoRA merge kernel's layouts (lora.MergeConfig.layout)
+CONCAT_ALIGNS = (16, 32, 64, 128)  # the concat forward's LoRA column multiples (lora.concat_align)
 THRESHOLD_KEYS = ("nf4.gemv_max_m", "nf4.fused_max_m", "nf4.tma_min_m", "lora.fused_max_m", "lora.large_m_path",
-                  "norm_lora.grid", "nf4.dequant_cache")
+                  "norm_lora.grid", "nf4.dequant_cache", "lora.concat_align")
 TILE_KEYS = ("nf4.gemv_tiles", "nf4.dequant_launch", "lora.merge_launch")
 
 
@@ -90,6 +92,9 @@ def _check_setting(key: str, value, where: str) -> None:
     elif key == "lora.large_m_path":
         if value not in LARGE_M_PATHS:
             raise ValueError(f"{where}: expected one of {', '.join(LARGE_M_PATHS)}, got {value!r}")
+    elif key == "lora.concat_align":
+        if value not in CONCAT_ALIGNS or isinstance(value, bool):
+            raise ValueError(f"{where}: expected one of {', '.join(map(str, CONCAT_ALIGNS))}, got {value!r}")
     elif key == "norm_lora.grid":
         if value not in NORM_GRIDS:
             raise ValueError(f"{where}: expected {' or '.join(NORM_GRIDS)}, got {value!r}")
