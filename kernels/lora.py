@@ -428,6 +428,16 @@ if triton is not None:
         return tl.reshape(tl.join(even, odd), (rows.shape[0], BLOCK))
 
     @triton.jit
+    def _wide_pad_zeros(row_ptrs, m_ok, start, PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Zeros into the PAD columns (a multiple of 16) from ``start`` of the rows at ``row_ptrs``
+        (BLOCK_M, 1): the concat forward's columns past the LoRA blocks (``concat_align``), which both GEMM
+        operands hold as zeros, 16 columns at a time."""
+        offs = tl.arange(0, 16)
+        for c in tl.static_range(0, PAD, 16):
+            tl.store(row_ptrs + (start + c + offs)[None, :], tl.zeros((BLOCK_M, 16), row_ptrs.dtype.element_ty),
+                     mask=m_ok[:, None])
+
+    @triton.jit
     def _lora_down_kernel(
         # pointers: x (M, K), A stacked (P, R, K), xa (P, M, R), wide (M, K + P * WIDTH) for the concat path
         x_ptr, a_ptr, xa_ptr, wide_ptr,
@@ -438,12 +448,14 @@ if triton is not None:
         # meta
         P: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr, WIDTH: tl.constexpr,
+        PAD: tl.constexpr,
     ):
         """xa[j, m, :] = dropout_j(x[m, :]) @ A[j].T; one program per (row block, projection j).
 
         WIDE (the concat path): also write [x | xa_0 | xa_1 | ...] into ``wide``, x (without dropout)
         by the j = 0 programs as their tiles go by, and xa_j into column block j of WIDTH columns (the
-        columns past R get zeros)."""
+        columns past R get zeros); the last projection's programs also zero the PAD columns after the
+        blocks (``_wide_pad_zeros``)."""
         pid = tl.program_id(0)
         j = pid % P  # the P programs of one row block are neighbours: x comes from DRAM once
         offs_m = (pid // P) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -474,6 +486,8 @@ if triton is not None:
             cols = K + j * WIDTH + offs_r
             tl.store(wide_ptr + offs_m.to(tl.int64)[:, None] * stride_wm + cols[None, :],
                      acc.to(wide_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_r < WIDTH)[None, :])
+            if j == P - 1:
+                _wide_pad_zeros(wide_ptr + offs_m.to(tl.int64)[:, None] * stride_wm, m_ok, K + P * WIDTH, PAD, BLOCK_M)
 
     @triton.jit
     def _lora_fwd_kernel(
@@ -1268,6 +1282,27 @@ def _concat_width(r: int) -> int:
     return -(-r // 16) * 16
 
 
+def _concat_extra(projections: int, r: int, device) -> int:
+    """Columns the concat forward adds to K: the P blocks of ``_concat_width(r)`` rounded up to a multiple
+    of ``concat_align(device)``, the columns past the blocks zero in both operands. The backward's product
+    keeps the P blocks alone (``_concat_backward``)."""
+    blocks = projections * _concat_width(r)
+    align = concat_align(device)
+    return -(-blocks // align) * align
+
+
+def _wide_pad(wide: torch.Tensor, k: int, projections: int, r: int) -> dict:
+    """The PAD launch argument of a kernel that writes [x | xa_0 | ...] into ``wide``: the columns after
+    the P LoRA blocks (a multiple of 16), which it fills with zeros."""
+    return {"PAD": wide.shape[1] - k - projections * _concat_width(r)}
+
+
+def _wide_input(m: int, k: int, projections: int, r: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The concat forward's (M, K + ``_concat_extra``) operand, unwritten: the down kernel (or a fused
+    norm / SwiGLU kernel) fills every column of it."""
+    return torch.empty((m, k + _concat_extra(projections, r, device)), dtype=dtype, device=device)
+
+
 def _concat_lora_block(plan: _Plan, b: torch.Tensor) -> torch.Tensor:
     """The (Ncat, P * r16) LoRA columns of the wide matrix: s_j * B_j in projection j's rows of column
     block j, zeros elsewhere, in b's dtype. Built once in the forward and saved for the backward,
@@ -1275,7 +1310,7 @@ def _concat_lora_block(plan: _Plan, b: torch.Tensor) -> torch.Tensor:
     ns = plan.out_features
     r = b.shape[1]
     width = _concat_width(r)
-    block = torch.zeros((sum(ns), plan.projections * width), dtype=b.dtype, device=b.device)
+    block = torch.zeros((sum(ns), _concat_extra(plan.projections, r, b.device)), dtype=b.dtype, device=b.device)
     start = 0
     for j, n in enumerate(ns):
         torch.mul(b[start: start + n], plan.scalings[j], out=block[start: start + n, j * width: j * width + r])
@@ -1285,7 +1320,7 @@ def _concat_lora_block(plan: _Plan, b: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _concat_weights(plan: _Plan, block: torch.Tensor, k: int, dtype: torch.dtype):
-    """The (Ncat, K + P * r16) matrix [W_j | 0 .. s_j B_j .. 0] stacked over j, for reads queued inside the
+    """The (Ncat, K + block columns) matrix [W_j | 0 .. s_j B_j .. 0] stacked over j, for reads queued inside the
     ``with``: in the reused buffer, W_j dequantized into the first K columns, or from the dequant cache
     where it is on (the W columns kept between calls, the same values); ``block``
     (``_concat_lora_block``) copied beside them on every call."""
@@ -1412,14 +1447,18 @@ def _concat_backward(dys: list[torch.Tensor], block: torch.Tensor, plan: _Plan, 
 
     sum_j dy_j @ [W_j | .. s_j B_j ..] (M, K + P * r16) holds the base dx in its first K columns and
     g_j = s_j * dy_j @ B_j in column block j (rows of projection i != j are zero there): the pass over
-    dy that computes g on the other paths is not made."""
+    dy that computes g on the other paths is not made. Only the P blocks of ``block`` take part: the
+    forward's columns past them (``concat_align``) would only widen dx; with the dequant cache on they
+    stay, so that both products read the one cached [W | ...] block."""
+    if not (plan.nf4 and dequant_cache.usable(plan.weights, dys[0].dtype)):
+        block = block[:, :plan.projections * _concat_width(r)]
     with _concat_weights(plan, block, k, dys[0].dtype) as wide_w:
         wide = _base_product(dys, plan, _split_rows(wide_w, plan.out_features))
     return wide[:, :k], _lora_columns(wide, k, plan.projections, r)
 
 
 def _lora_down(x: torch.Tensor, a: torch.Tensor, plan: _Plan, wide: torch.Tensor | None = None) -> torch.Tensor:
-    """xa (P, M, R) in x's dtype; with ``wide`` (M, K + P * r16) also [x | xa_0 | ...] written there."""
+    """xa (P, M, R) in x's dtype; with ``wide`` (``_wide_input``) also [x | xa_0 | ... | zeros] written there."""
     m, k = x.shape
     p, r, _ = a.shape
     xa = torch.empty((p, m, r), dtype=x.dtype, device=x.device)
@@ -1430,7 +1469,8 @@ def _lora_down(x: torch.Tensor, a: torch.Tensor, plan: _Plan, wide: torch.Tensor
         x, a, xa, wide if wide is not None else xa, m, k, r, *_three(plan.seeds, 0), threshold, keep_scale,
         x.stride(0), x.stride(1), wide.stride(0) if wide is not None else 0,
         P=p, DROPOUT=plan.dropout, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k,
-        DOT_PRECISION=_dot_precision(x.dtype), WIDE=wide is not None, WIDTH=_concat_width(r), num_warps=4,
+        DOT_PRECISION=_dot_precision(x.dtype), WIDE=wide is not None, WIDTH=_concat_width(r),
+        **(_wide_pad(wide, k, p, r) if wide is not None else {"PAD": 0}), num_warps=4,
     )
     return xa
 
@@ -1798,7 +1838,7 @@ class LoRAFunction(torch.autograd.Function):
             y = lora_tma.tma_forward(_described(x2d), _tma_weights(plan, dtype), xa, b, ns, plan.scalings,
                                      plan.fwd_config or lora_tma.DEFAULT_FWD)
         elif plan.path == "concat" and _concat_ok(plan, k):
-            wide = torch.empty((m, k + plan.projections * _concat_width(a.shape[1])), dtype=dtype, device=x.device)
+            wide = _wide_input(m, k, plan.projections, a.shape[1], dtype, x.device)
             xa = _lora_down(x2d, a, plan, wide)
             block = _concat_lora_block(plan, b)
             y = _concat_forward(wide, block, plan, k)

@@ -68,6 +68,8 @@ from bezoar_kernels.lora import (
     _Plan,
     _projections_reference,
     _r_pad,
+    _wide_input,
+    _wide_pad,
     _rows,
     _three,
     lora_in_dtype,
@@ -102,12 +104,12 @@ def rms_norm_lora_reference(x: torch.Tensor, residual: torch.Tensor | None, norm
 # ----------------------------------------------------------------------------- kernels
 
 if triton is not None:
-    from bezoar_kernels.lora import _dropout_keep, _pick3
+    from bezoar_kernels.lora import _dropout_keep, _pick3, _wide_pad_zeros
 
     @triton.jit
     def _norm_lora_fwd_kernel(
         # pointers: x, residual (M, K), the norm weight (K), s (M, K; with a residual), rstd (M) fp32,
-        # A stacked (P, R, K), xa (P, M, R), wide (M, K + P * WIDTH): [h | xa_0 | xa_1 | ...]
+        # A stacked (P, R, K), xa (P, M, R), wide (M, K + P * WIDTH + PAD): [h | xa_0 | xa_1 | ... | zeros]
         x_ptr, res_ptr, nw_ptr, s_ptr, rstd_ptr, a_ptr, xa_ptr, wide_ptr,
         # sizes and scalars
         M, K, R, eps, seed0, seed1, seed2, threshold, keep_scale,
@@ -116,9 +118,16 @@ if triton is not None:
         # meta
         P: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, WIDTH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        PAD: tl.constexpr,
     ):
         """BLOCK_M rows at a time: the sum of squares over K, then h chunk by chunk into ``wide`` and each
-        projection's masked h @ A_j.T accumulated on tensor cores from the same registers."""
+        projection's masked h @ A_j.T accumulated on tensor cores from the same registers; zeros in the
+        PAD columns after the blocks (``lora.concat_align``)."""
+        if PAD > 0:  # in a loop of its own: inside the main one its stores took 186 registers to 255
+            for blk in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+                offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+                _wide_pad_zeros(wide_ptr + offs_m.to(tl.int64)[:, None] * stride_w, offs_m < M, K + P * WIDTH, PAD,
+                                BLOCK_M)
         # persistent over row blocks: a grid of fewer programs than blocks keeps the rows each
         # program reads twice (100-200 KB) within L2 across all of them (``_programs``)
         for blk in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
@@ -350,7 +359,7 @@ def _norm_lora_forward(x2d, res2d, norm_weight, eps, a, plan: _Plan):
     p, r, _ = a.shape
     dtype = x2d.dtype
     width = _concat_width(r)
-    wide = torch.empty((m, k + p * width), dtype=dtype, device=x2d.device)
+    wide = _wide_input(m, k, p, r, dtype, x2d.device)
     xa = torch.empty((p, m, r), dtype=dtype, device=x2d.device)
     rstd = torch.empty((m,), dtype=torch.float32, device=x2d.device)
     s = torch.empty_like(x2d) if res2d is not None else x2d
@@ -361,7 +370,8 @@ def _norm_lora_forward(x2d, res2d, norm_weight, eps, a, plan: _Plan):
         m, k, r, eps, *_three(plan.seeds, 0), threshold, keep_scale,
         x2d.stride(0), res2d.stride(0) if res2d is not None else 0, s.stride(0), wide.stride(0),
         P=p, HAS_RESIDUAL=res2d is not None, DROPOUT=plan.dropout, R_PAD=r_pad, BLOCK_M=_BLOCK_M,
-        BLOCK_K=_block_k(r_pad), WIDTH=width, DOT_PRECISION=_dot_precision(dtype), num_warps=4,
+        BLOCK_K=_block_k(r_pad), WIDTH=width, DOT_PRECISION=_dot_precision(dtype), **_wide_pad(wide, k, p, r),
+        num_warps=4,
     )
     return s, rstd, xa, wide
 

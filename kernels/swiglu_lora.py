@@ -47,6 +47,8 @@ from bezoar_kernels.lora import (
     _projections_reference,
     _r_pad,
     _rows,
+    _wide_input,
+    _wide_pad,
     seed31,
 )
 from bezoar_kernels.nf4 import NF4Weight
@@ -68,11 +70,11 @@ def swiglu_lora_reference(gate: torch.Tensor, up: torch.Tensor, weight, adapter:
 
 
 if triton is not None:
-    from bezoar_kernels.lora import _dropout_keep
+    from bezoar_kernels.lora import _dropout_keep, _wide_pad_zeros
 
     @triton.jit
     def _swiglu_lora_fwd_kernel(
-        # pointers: gate, up (M, F), A (R, F), xa (1, M, R), wide (M, F + WIDTH): [act | xa]
+        # pointers: gate, up (M, F), A (R, F), xa (1, M, R), wide (M, F + WIDTH + PAD): [act | xa | zeros]
         gate_ptr, up_ptr, a_ptr, xa_ptr, wide_ptr,
         # sizes and scalars
         M, F, R, seed, threshold, keep_scale,
@@ -80,10 +82,11 @@ if triton is not None:
         stride_gate, stride_up, stride_w,
         # meta
         DROPOUT: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-        WIDTH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        WIDTH: tl.constexpr, DOT_PRECISION: tl.constexpr, PAD: tl.constexpr,
     ):
         """One program per BLOCK_M rows: act chunk by chunk into ``wide`` and the masked act @ A.T
-        accumulated on tensor cores from the same registers."""
+        accumulated on tensor cores from the same registers; zeros in the PAD columns after xa
+        (``lora.concat_align``)."""
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
         rows = offs_m.to(tl.int64)[:, None]
@@ -109,6 +112,7 @@ if triton is not None:
         tl.store(xa_ptr + rows * R + offs_r[None, :], out, mask=m_ok[:, None] & r_ok[None, :])
         # acc is 0 past R (A's rows there load as 0): that fills the block's padding columns
         tl.store(wide_ptr + rows * stride_w + (F + offs_r)[None, :], out, mask=m_ok[:, None] & (offs_r < WIDTH)[None, :])
+        _wide_pad_zeros(wide_ptr + rows * stride_w, m_ok, F + WIDTH, PAD, BLOCK_M)
 
     @triton.jit
     def _swiglu_lora_bwd_kernel(
@@ -152,12 +156,13 @@ if triton is not None:
 
 
 def _swiglu_lora_forward(g2, u2, a, plan: _Plan):
-    """(xa (1, M, R), wide (M, F + r16)): act and the masked down product in one pass."""
+    """(xa (1, M, R), wide (M, F + r16 + the pad of ``lora.concat_align``)): act and the masked down
+    product in one pass."""
     m, f = g2.shape
     r = a.shape[1]
     width = _concat_width(r)
     dtype = g2.dtype
-    wide = torch.empty((m, f + width), dtype=dtype, device=g2.device)
+    wide = _wide_input(m, f, 1, r, dtype, g2.device)
     xa = torch.empty((1, m, r), dtype=dtype, device=g2.device)
     r_pad = _r_pad(r)
     threshold, keep_scale = _dropout_args(plan)
@@ -165,7 +170,7 @@ def _swiglu_lora_forward(g2, u2, a, plan: _Plan):
         g2, u2, a, xa, wide, m, f, r, plan.seeds[0], threshold, keep_scale,
         g2.stride(0), u2.stride(0), wide.stride(0),
         DROPOUT=plan.dropout, R_PAD=r_pad, BLOCK_M=_BLOCK_M, BLOCK_K=_block_k(r_pad), WIDTH=width,
-        DOT_PRECISION=_dot_precision(dtype), num_warps=4,
+        DOT_PRECISION=_dot_precision(dtype), **_wide_pad(wide, f, 1, r), num_warps=4,
     )
     return xa, wide
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bezoar_kernels import lora as L
-from bezoar_kernels import nf4
+from bezoar_kernels import nf4, tuning
 from bezoar_kernels.nf4_matmul import nf4_gemv_forward as nf4_gemv
 from bezoar_kernels.dispatch import backend
 from tests.utils import TOLERANCES, assert_close, bf16_sum_bound
@@ -430,6 +430,90 @@ def test_concat_falls_back_where_it_cannot_run(monkeypatch):
     want = L.lora_linear_reference(x, weight, ad.lora_a, ad.lora_b, ad.scaling, 0.0, False, 0)
     assert not calls
     assert_close(y, want, 1e-5, 1e-5, name="fallback forward")
+
+
+def nan_wide_inputs(monkeypatch, modules) -> list[int]:
+    """Every concat forward operand [x | xa_0 | ... | zeros] starts as NaN (so a column its kernel leaves
+    unwritten shows in the result), made through ``_wide_input`` as each of ``modules`` imported it;
+    returns the list its widths are appended to. Shared by test_norm_lora.py and test_swiglu_lora.py."""
+    widths = []
+    real = L._wide_input
+
+    def nan_input(*args):
+        wide = real(*args).fill_(float("nan"))
+        widths.append(wide.shape[1])
+        return wide
+
+    for module in modules:
+        monkeypatch.setattr(module, "_wide_input", nan_input)
+    return widths
+
+
+@pytest.mark.parametrize("align", [16, 64, 128])
+@pytest.mark.parametrize("projections", [1, 3])
+def test_concat_forward_rounds_its_lora_columns_up_to_the_align(monkeypatch, align, projections):
+    """``lora.concat_align``: the concat forward's operands hold K + P * r16 columns rounded up to the
+    align, every one written by the down kernel (the operand starts as NaN here), while the backward's
+    product keeps K + P * r16 (wider dx columns cost more on the H100); y, dx, dA and dB equal the
+    reference's, and those at 16 to fp32 rounding."""
+    m, k, r = 29, 128, 8
+    ns = (48, 16, 16)[:projections]
+    weights = [_base(n, k, "nf4", torch.float32, seed=j) for j, n in enumerate(ns)]
+    ads = [_adapter(n, k, r, seed=70 + j, scaling=0.5 + j) for j, n in enumerate(ns)]
+    x = torch.randn(m, k, generator=_gen(5))
+    dys = [torch.randn(m, n, generator=_gen(6 + j)) for j, n in enumerate(ns)]
+
+    def concat(xx, leaf):
+        if projections == 3:
+            return L.lora_qkv(xx, weights, leaf, 0.2, True, (1, 2, 3), "concat")
+        return (L.lora_linear(xx, weights[0], leaf[0].lora_a, leaf[0].lora_b, leaf[0].scaling, 0.2, True, 1,
+                              "concat"),)
+
+    def reference(xx, leaf):
+        if projections == 3:
+            return L.lora_qkv_reference(xx, weights, leaf, 0.2, True, (1, 2, 3))
+        return (L.lora_linear_reference(xx, weights[0], leaf[0].lora_a, leaf[0].lora_b, leaf[0].scaling, 0.2,
+                                        True, 1),)
+
+    monkeypatch.setenv("BEZOAR_LORA_CONCAT_ALIGN", "16")
+    with backend("triton"):
+        at16 = _run(concat, x, ads, dys)
+    monkeypatch.setenv("BEZOAR_LORA_CONCAT_ALIGN", str(align))
+    widths = nan_wide_inputs(monkeypatch, [L])
+    products = []
+    monkeypatch.setattr(L, "_base_product",
+                        lambda d, plan, ws, _f=L._base_product: products.append(ws[0].shape[1]) or _f(d, plan, ws))
+    with backend("triton"):
+        got = _run(concat, x, ads, dys)
+    blocks = projections * 16
+    assert widths == [k + -(-blocks // align) * align]
+    assert products == [k + blocks]
+    _compare(got, _run(reference, x, ads, dys), torch.float32, f"concat, align {align}", k, m)
+    for i, (a, b) in enumerate(zip(got[0] + got[1], at16[0] + at16[1])):
+        assert_close(a, b, 1e-5, 1e-5, name=f"align {align} against 16, tensor {i}")
+
+
+def test_concat_align_comes_from_the_environment_then_the_tuning_file(tmp_path, monkeypatch):
+    """BEZOAR_LORA_CONCAT_ALIGN, then the device's tuning entry, then 16; a value the kernels do not take
+    is one error naming the variable."""
+    monkeypatch.delenv("BEZOAR_LORA_CONCAT_ALIGN", raising=False)
+    assert L.concat_align("cpu") == 16
+    table = tmp_path / "tuning.json"
+    table.write_text('{"format": 1, "devices": {"cpu": {"settings": {"lora.concat_align": 64}}}}')
+    monkeypatch.setenv("BEZOAR_TUNING", str(table))
+    tuning.reload()
+    try:
+        assert L.concat_align("cpu") == 64
+        assert L._concat_extra(1, 8, "cpu") == 64 and L._concat_extra(3, 16, "cpu") == 64
+        assert L._concat_extra(3, 24, "cpu") == 128
+        monkeypatch.setenv("BEZOAR_LORA_CONCAT_ALIGN", "32")
+        assert L.concat_align("cpu") == 32 and L._concat_extra(3, 16, "cpu") == 64
+        monkeypatch.setenv("BEZOAR_LORA_CONCAT_ALIGN", "48")
+        with pytest.raises(ValueError, match="BEZOAR_LORA_CONCAT_ALIGN='48'.*16, 32, 64, 128"):
+            L.concat_align("cpu")
+    finally:
+        monkeypatch.delenv("BEZOAR_TUNING")
+        tuning.reload()
 
 
 @pytest.mark.parametrize("kind", ["nf4", "dense"])

@@ -134,6 +134,37 @@ def test_fused_norm_lora_matches_reference_and_separate_calls(monkeypatch, kind,
             assert_close(a, b, bound * scale, rtol * scale, name=f"{what} d{'AB'[i % 2]}[{i // 2}]")
 
 
+@pytest.mark.parametrize("align", [64, 128])
+def test_fused_forward_zeros_the_columns_past_the_lora_blocks(monkeypatch, align):
+    """With ``lora.concat_align`` above the blocks' width the norm kernel's [h | xa_0 | .. | zeros] operand
+    is that much wider and every column of it written (it starts as NaN here): the fused call still
+    equals the reference and, to fp32 rounding, itself at align 16."""
+    from tests.kernels.test_lora import nan_wide_inputs
+
+    ns, k, r, m = (48, 16, 16), 128, 8, 37
+    weights = _weights(ns, k, "nf4", torch.float32)
+    adapters = _adapters(ns, k, r)
+    x, res, nw = _inputs(m, k, torch.float32, True)
+    dys = [torch.randn(m, n, generator=_gen(40 + j)) for j, n in enumerate(ns)]
+    ds = torch.randn(m, k, generator=_gen(50))
+    seeds = [7, 8, 9]
+    monkeypatch.setenv("BEZOAR_LORA_CONCAT_ALIGN", "16")
+    at16 = _run(_fused(weights, 0.3, seeds), x, res, nw, adapters, dys, ds)
+    monkeypatch.setenv("BEZOAR_LORA_CONCAT_ALIGN", str(align))
+    widths = nan_wide_inputs(monkeypatch, [L, NL])
+    got = _run(_fused(weights, 0.3, seeds), x, res, nw, adapters, dys, ds)
+    want = _run(_separate(weights, 0.3, seeds, "torch"), x, res, nw, adapters, dys, ds)
+    assert widths == [k + align]
+    atol, rtol = TOLERANCES[torch.float32]
+    for i, (a, b, c) in enumerate(zip(got[0], want[0], at16[0])):
+        assert_close(a, b, atol, rtol, name=f"reference y[{i}]")
+        assert_close(a, c, 1e-5, 1e-5, name=f"align 16 y[{i}]")
+    for i, (a, b, c) in enumerate(zip(got[2], want[2], at16[2])):
+        bound = atol * m ** 0.5 + rtol * b.abs().max().item()
+        assert_close(a, b, bound, rtol, name=f"reference grad {i}")
+        assert_close(a, c, 1e-5, 1e-5, name=f"align 16 grad {i}")
+
+
 def test_masks_are_the_lora_masks():
     """The fused forward's xa is dropout_j(h) @ A_j.T with lora_dropout_mask's mask for seed j: a
     different seed on one projection changes that projection's output only."""

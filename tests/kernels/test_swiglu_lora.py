@@ -88,6 +88,40 @@ def test_fused_swiglu_lora_matches_reference_and_separate_calls(monkeypatch, kin
             assert_close(got[1][i], want[1][i], bound * scale, rtol * scale, name=f"{what} {name}")
 
 
+@pytest.mark.parametrize("align", [64, 128])
+def test_fused_forward_zeros_the_columns_past_the_lora_block(monkeypatch, align):
+    """With ``lora.concat_align`` above r16 the SwiGLU kernel's [act | xa | zeros] operand is that much
+    wider and every column of it written (it starts as NaN here): the fused call still equals the
+    reference and, to fp32 rounding, itself at align 16."""
+    from tests.kernels.test_lora import nan_wide_inputs
+
+    n, f, r, m = 40, 192, 8, 37
+    weight, a, b, gate, up, dy = _case(n, f, r, m, "nf4", torch.float32)
+
+    def fused(g, u, a, b):
+        with backend("triton"):
+            return SL.swiglu_lora(g, u, weight, a, b, 0.75, 0.3, True, 11)
+
+    def reference(g, u, a, b):
+        with backend("torch"):
+            return L.lora_linear_reference(swiglu(g, u), weight, a, b, 0.75, 0.3, True, 11)
+
+    monkeypatch.setenv("BEZOAR_LORA_CONCAT_ALIGN", "16")
+    at16 = _run(fused, gate, up, a, b, dy)
+    monkeypatch.setenv("BEZOAR_LORA_CONCAT_ALIGN", str(align))
+    widths = nan_wide_inputs(monkeypatch, [L, SL])
+    got = _run(fused, gate, up, a, b, dy)
+    want = _run(reference, gate, up, a, b, dy)
+    assert widths == [f + align]
+    atol, rtol = TOLERANCES[torch.float32]
+    assert_close(got[0], want[0], atol, rtol, name="reference y")
+    assert_close(got[0], at16[0], 1e-5, 1e-5, name="align 16 y")
+    for i, name in enumerate(("dgate", "dup", "dA", "dB")):
+        bound = atol * m ** 0.5 + rtol * want[1][i].abs().max().item()
+        assert_close(got[1][i], want[1][i], bound, rtol, name=f"reference {name}")
+        assert_close(got[1][i], at16[1][i], 1e-5, 1e-5, name=f"align 16 {name}")
+
+
 @pytest.mark.parametrize("frozen", ["gate_up", "a", "b", "up"])
 def test_strided_inputs_leading_dims_and_frozen_parts(monkeypatch, frozen):
     """gate and up as column slices of one (B, T, 2F) buffer (what the fused gate/up call returns), with
