@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import warnings
@@ -34,7 +35,7 @@ tune = _load_bench("tune")
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch):
     for var in ("BEZOAR_TUNING", "BEZOAR_NF4_GEMV_MAX_M", "BEZOAR_NF4_FUSED_MAX_M", "BEZOAR_NF4_TMA_MIN_M",
-                "BEZOAR_LORA_LARGE_M_PATH", "BEZOAR_LORA_FUSED_MAX_M"):
+                "BEZOAR_LORA_LARGE_M_PATH", "BEZOAR_LORA_FUSED_MAX_M", "BEZOAR_LORA_CONCAT_ALIGN"):
         monkeypatch.delenv(var, raising=False)
     tuning.reload()
     yield
@@ -235,6 +236,47 @@ def test_lora_fused_threshold_is_its_own_setting(tmp_path, monkeypatch):
         L.fused_max_m(CPU)
     with pytest.raises(ValueError, match="lora.fused_max_m: expected a whole number of rows"):
         tuning.validate({"format": 1, "devices": {"x": {"settings": {"lora.fused_max_m": -1}}}}, "t.json")
+
+
+@pytest.mark.parametrize("value", [16, 32, 64, 128])
+def test_concat_align_accepts_the_aligns(value):
+    table = {"format": 1, "devices": {"NVIDIA X": {"settings": {"lora.concat_align": value}}}}
+    assert tuning.validate(table, "t.json") is table  # a threshold: no triton release needed
+
+
+@pytest.mark.parametrize("value", [48, 8, 0, 256, "64", True, 64.0, None, [64]])
+def test_concat_align_refuses_other_values_by_its_key(value):
+    table = {"format": 1, "devices": {"NVIDIA X": {"settings": {"lora.concat_align": value}}}}
+    with pytest.raises(ValueError, match=r"t\.json: devices\.NVIDIA X\.settings\.lora\.concat_align: expected one "
+                                         r"of 16, 32, 64, 128, got " + re.escape(repr(value))):
+        tuning.validate(table, "t.json")
+
+
+def test_concat_align_from_the_environment_then_the_file_then_16(tmp_path, monkeypatch):
+    """``lora.concat_align()``: BEZOAR_LORA_CONCAT_ALIGN (read at every call), else the device's entry, else 16;
+    a value of the variable that is not an align is refused by the variable's name."""
+    assert L.CONCAT_ALIGNS == tuning.CONCAT_ALIGNS == (16, 32, 64, 128)
+    assert L.concat_align(CPU) == L.CONCAT_ALIGN == 16 and L.concat_align() == 16
+    _user_file(tmp_path, monkeypatch, {"lora.concat_align": 64})
+    assert L.concat_align(CPU) == 64
+    assert L.concat_align() == 16  # no device: no entry to look up
+    assert L.concat_align(torch.device("meta")) == 16  # another device's entry does not apply
+    monkeypatch.setenv("BEZOAR_LORA_CONCAT_ALIGN", "128")
+    assert L.concat_align(CPU) == 128 and L.concat_align() == 128
+    monkeypatch.setenv("BEZOAR_LORA_CONCAT_ALIGN", " 32 ")
+    assert L.concat_align(CPU) == 32  # read again at this call, not memoized
+    monkeypatch.setenv("BEZOAR_LORA_CONCAT_ALIGN", "")
+    assert L.concat_align(CPU) == 64  # empty: as if unset
+    for bad in ("48", "64.0", "sixty-four", "0", "true"):
+        monkeypatch.setenv("BEZOAR_LORA_CONCAT_ALIGN", bad)
+        with pytest.raises(ValueError, match=rf"BEZOAR_LORA_CONCAT_ALIGN={bad!r}: expected one of 16, 32, 64, 128"):
+            L.concat_align(CPU)
+    # a tuning file with a bad value is refused at the lookup, naming the file and the key
+    monkeypatch.delenv("BEZOAR_LORA_CONCAT_ALIGN")
+    path = _user_file(tmp_path, monkeypatch, {"lora.concat_align": 48})
+    with pytest.raises(ValueError, match=r"settings\.lora\.concat_align: expected one of 16, 32, 64, 128, got 48") as got:
+        L.concat_align(CPU)
+    assert str(path) in str(got.value)
 
 
 def test_the_environment_is_read_before_the_file(tmp_path, monkeypatch):
