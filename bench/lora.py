@@ -436,16 +436,18 @@ def sweep_concat_align(args, shapes, ms, ranks, device, dtype) -> int:
         count = 3 if case["case"] == "qkv" else 1
         row = {"shape": f"{n}x{k}", "M": m, "r": r, "case": case["case"], "projections": count,
                "lora_cols": count * L._concat_width(r), "ms": {}, "errors": {}}
-        forward, params, dys = build(case)
-        fn = fwd_bwd(forward, params, dys)
+        forward = params = dys = fn = None
         good, want = [], None  # good: the aligns whose results matched align 16's, the ones timed
         with backend("triton"):
             try:
+                forward, params, dys = build(case)
+                fn = fwd_bwd(forward, params, dys)
                 want = results(forward, params, dys, 16)
                 good.append(16)
-            except Exception as exc:
+            except Exception as exc:  # the inputs (memory) or the reference: no align of the case is timed
                 for a in aligns:
-                    row["errors"][str(a)] = f"align 16 (the reference) failed: {type(exc).__name__}: {str(exc)[:200]}"
+                    row["errors"][str(a)] = (f"the inputs or align 16 (the reference) failed: {type(exc).__name__}: "
+                                             f"{str(exc)[:200]}")
             for a in aligns if good else []:
                 if a == 16:
                     continue
@@ -507,8 +509,9 @@ def sweep_concat_align(args, shapes, ms, ranks, device, dtype) -> int:
         flat.update({str(a): r["ms"].get(str(a)) for a in aligns})
         flat.update({f"{a}/16": r.get("over_16", {}).get(str(a)) for a in aligns if a != 16})
         show.append(flat)
-    print(f"\nconcat path forward + backward, ms by the align of its LoRA columns ({'wall clock, smoke' if args.smoke else 'CUDA-graph replay'}; "
-          f"dtype {dtype}, dropout {p_drop}; best of {args.rounds} rounds); ratios over align 16\n")
+    how = "wall clock, smoke" if args.smoke else "CUDA-graph replay"
+    print(f"\nconcat path forward + backward, ms by the align of its LoRA columns ({how}; dtype {dtype}, dropout "
+          f"{p_drop}; best of {args.rounds} rounds); ratios over align 16\n")
     print(common.markdown_table(show, ["shape", "case", "M", "r"] + [str(a) for a in aligns]
                                 + [f"{a}/16" for a in aligns if a != 16]))
     if note:

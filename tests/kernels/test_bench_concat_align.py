@@ -158,6 +158,25 @@ def test_budget_and_sigint_stop_starting_cases(monkeypatch, tmp_path, capsys):
     assert extra["skip_note"].startswith("SIGINT (time limit): 1 case(s) not timed")
 
 
+def test_a_case_whose_reference_fails_is_reported_and_not_timed(monkeypatch, tmp_path):
+    """Where align 16 itself fails (here the concat call raises), every align of the case gets an error and
+    nothing is timed; the next case still runs."""
+    bench, args, written = _bench(monkeypatch, tmp_path, rounds=1, no_groups=False)
+
+    def broken(*a, **kw):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(L, "lora_linear_triton", broken)
+    seen = []
+    monkeypatch.setattr(bench.common, "bench_ms", _scripted_timer(monkeypatch, {a: [1.0] for a in ("16", "64", "128")},
+                                                                   seen))
+    assert bench.sweep_concat_align(args, [(64, 128)], [24], [8], CPU, torch.float32) == 0
+    single, qkv = written[-1][1]
+    assert single["ms"] == {} and set(single["errors"]) == {"16", "64", "128"}
+    assert "the inputs or align 16 (the reference) failed: RuntimeError: out of memory" in single["errors"]["64"]
+    assert qkv["case"] == "qkv" and set(qkv["ms"]) == {"16", "64", "128"} and seen == ["16", "64", "128"]
+
+
 def test_bad_aligns_are_refused(monkeypatch, tmp_path, capsys):
     bench, args, written = _bench(monkeypatch, tmp_path, aligns="16,48")
     assert bench.sweep_concat_align(args, [(64, 128)], [24], [8], CPU, torch.float32) == 2
