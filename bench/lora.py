@@ -51,6 +51,7 @@ times a grid of tile configs for the Triton GEMM of the dequant path. Usage::
     python bench/lora.py --paths concat,tma --ranks 16 --no-groups   # the tma path against concat only
     python bench/lora.py --sweep-tma --ms 16384   # the tma GEMMs alone at a few tiles against cuBLAS
     python bench/lora.py --sweep-merge --ranks 16,64   # the merged path's weight merge at each launch
+    python bench/lora.py --sweep-concat-align   # the concat path at each align of its LoRA columns
     python bench/lora.py --only lora_auto/3200x3200/M=16384/r=16 --iters 50   # one case, for ncu/nsys
     python bench/lora.py --breakdown nf4_only/3200x3200/M=16384,lora_cublas/3200x3200/M=16384/r=16
                                           # GPU time per kernel of one forward + backward, per case
@@ -64,6 +65,15 @@ and each case whose NF4-alone baseline is profiled too gets its time and passes 
 category (cuBLAS GEMM, NF4 dequantize, LoRA, norm, ...): how far each path is from the pass counts
 its design assumes. Written to ``lora-breakdown-<device>-<date>.json`` (``lora-breakdown-no-dropout-*``
 with ``--dropout 0``, where ``lora_merged/...`` cases exist).
+
+``--sweep-concat-align`` times only the ``concat`` path's forward + backward (dropout ``--dropout``) at each
+multiple its forward's LoRA columns are rounded up to (``--aligns``, default 16,64,128; 16 adds no
+columns and is always timed), set per call through ``BEZOAR_LORA_CONCAT_ALIGN``: single projections on
+each shape, M and rank, and the fused q/k/v call on the first shape (not with ``--no-groups``). Each
+align's output and grads are first checked against align 16's (an align that differs by more than float
+reassociation gives is reported as an error and not timed); then ``--rounds`` rounds (default 2), each
+timing every align in turn in CUDA-graph replay, keep each align's fastest. Written to
+``lora-concat-align-<device>-<date>.json``, from which bench/tune.py derives ``lora.concat_align``.
 """
 
 from __future__ import annotations
@@ -86,6 +96,7 @@ RANKS = [16, 64]
 SMOKE_SHAPES = [(64, 128)]
 SMOKE_MS = [24]
 SMOKE_RANKS = [8]
+CONCAT_ALIGNS_DEFAULT = (16, 64, 128)  # --sweep-concat-align's aligns: 16 (no columns added) is the reference
 LORA_PATHS = ("auto", "dequant", "cublas", "concat", "tma")  # the lora_<path> cases (with --dropout 0 also merged)
 LORA_PEERS = ["nf4_tma_gemm", "nf4_tma_decode", "lora_auto", "lora_dequant", "lora_cublas", "lora_concat", "lora_tma", "lora_tma_da_pass",
               "lora_merged", "peft_style", "bnb_peft"]
@@ -129,6 +140,16 @@ def parse_args():
                    help="only time the merged path's weight merge at each launch of its kernel against the NF4 "
                         "dequantize alone and dequantize + addmm, per shape and rank, and write "
                         "lora-merge-sweep-<device>-<date>.json")
+    p.add_argument("--sweep-concat-align", action="store_true",
+                   help="only time the concat path's forward + backward at each align of its LoRA columns "
+                        "(BEZOAR_LORA_CONCAT_ALIGN), per shape, M and rank, single projections and q/k/v, and write "
+                        "lora-concat-align-<device>-<date>.json")
+    p.add_argument("--aligns", default=",".join(map(str, CONCAT_ALIGNS_DEFAULT)), metavar="LIST",
+                   help="with --sweep-concat-align: the aligns timed, of 16,32,64,128 (16 is always timed: the "
+                        "reference; default %(default)s)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="with --sweep-concat-align: rounds over every align of a case, each align's fastest "
+                        "kept (default 2)")
     p.add_argument("--budget", type=float, default=0.0,
                    help="seconds after which no new case starts (0: no limit); skipped cases are listed")
     args = p.parse_args()
@@ -311,6 +332,213 @@ def sweep_merge(args, shapes, ranks, device, dtype) -> int:
     return 0
 
 
+def concat_align_cases(shapes, ms, ranks, groups: bool) -> list[dict]:
+    """The cases ``--sweep-concat-align`` times, in order: each rank in turn, each M in turn, a single
+    projection on every shape, then (``groups``) the fused q/k/v call of three projections of the first."""
+    out = []
+    for r, m in itertools.product(ranks, ms):
+        out += [{"case": "single", "shape": (n, k), "M": m, "r": r} for n, k in shapes]
+        if groups:
+            out.append({"case": "qkv", "shape": shapes[0], "M": m, "r": r})
+    return out
+
+
+def concat_align_name(case: dict) -> str:
+    n, k = case["shape"]
+    return f"{case['case']} {n}x{k} M={case['M']} r={case['r']}"
+
+
+def _max_rel_err(got, want) -> float:
+    """Largest |got - want| over the largest |want| (over 1 where want is all zeros); NaN stays NaN."""
+    want = want.float()
+    scale = want.abs().max().item() or 1.0
+    return (got.float() - want).abs().max().item() / scale
+
+
+def sweep_concat_align(args, shapes, ms, ranks, device, dtype) -> int:
+    """--sweep-concat-align: the concat path's forward + backward at each multiple its forward's LoRA
+    columns round up to (``BEZOAR_LORA_CONCAT_ALIGN``, set for each call with ``common.with_environ`` so that
+    it also holds in a graph's capture). Per case, first each align's output and grads against align 16's
+    (only float reassociation may differ: an align that differs more gets an error and is not timed), then
+    ``--rounds`` rounds, each timing every align in turn (graph replay; a short wall-clock median in smoke
+    mode), keeping each align's fastest round: drift of the clocks over a case then does not read as the
+    cost of one align. Writes lora-concat-align-<device>-<date>.json (rows that bench/tune.py reads for
+    ``lora.concat_align``)."""
+    import torch
+
+    from bezoar_kernels import lora as L
+    from bezoar_kernels import nf4
+    from bezoar_kernels.dispatch import backend
+
+    try:
+        aligns = [int(a) for a in args.aligns.split(",")]
+    except ValueError:
+        aligns = []
+    if not aligns or any(a not in L.CONCAT_ALIGNS for a in aligns):
+        print(f"--aligns {args.aligns!r}: expected a comma list of {', '.join(map(str, L.CONCAT_ALIGNS))}",
+              file=sys.stderr)
+        return 2
+    aligns = sorted(set(aligns) | {16})  # 16 is what the others are checked and timed against
+    if args.rounds < 1:
+        print("--rounds: expected at least 1", file=sys.stderr)
+        return 2
+    p_drop = args.dropout
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # relative to the largest value of each tensor
+    timer = ((lambda fn: common.bench_ms(fn, smoke=True)) if args.smoke else common.graph_ms)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape, scale=1.0, dt=None):
+        return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * scale).to(dt or dtype)
+
+    weights: dict = {}
+
+    def weight(n, k, j=0):  # quantized once per shape (and per q/k/v projection)
+        if (n, k, j) not in weights:
+            with backend("triton"):
+                weights[n, k, j] = nf4.quantize_nf4(randn(n, k, scale=0.02), 64, True)
+        return weights[n, k, j]
+
+    def build(case):
+        """(forward, the tensors it differentiates, upstream grads) of one case."""
+        (n, k), m, r = case["shape"], case["M"], case["r"]
+        count = 3 if case["case"] == "qkv" else 1
+        qs = [weight(n, k, j) for j in range(count)]
+        x = randn(m, k).requires_grad_(True)
+        ads = [L.Adapter(randn(r, k, scale=1 / k ** 0.5, dt=torch.float32).requires_grad_(True),
+                         randn(n, r, scale=0.02, dt=torch.float32).requires_grad_(True), 16 / r) for _ in range(count)]
+        dys = tuple(randn(m, n) for _ in range(count))
+        params = [x] + [t for ad in ads for t in (ad.lora_a, ad.lora_b)]
+        if count == 1:
+            ad = ads[0]
+            forward = lambda: L.lora_linear_triton(x, qs[0], ad.lora_a, ad.lora_b, ad.scaling,  # noqa: E731
+                                                   p_drop, True, 1234, "concat")
+        else:
+            forward = lambda: L.lora_qkv_triton(x, qs, ads, p_drop, True, (1, 2, 3), "concat")  # noqa: E731
+        return forward, params, dys
+
+    def results(forward, params, dys, align):
+        """The outputs and grads of one forward + backward at ``align``."""
+        with common.environ(BEZOAR_LORA_CONCAT_ALIGN=align):
+            outputs = forward()
+            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            grads = torch.autograd.grad(outputs, params, dys)
+        return [t.detach() for t in outputs] + list(grads)
+
+    cases = concat_align_cases(shapes, ms, ranks, not args.no_groups)
+    rows, skipped = [], []
+    cut = False
+    for case in cases:
+        # SIGINT (the call's time limit) or --budget (counted from the process's start): keep what was timed
+        if stop or (args.budget and time.perf_counter() - STARTED > args.budget):
+            skipped.append(concat_align_name(case))
+            continue
+        (n, k), m, r = case["shape"], case["M"], case["r"]
+        count = 3 if case["case"] == "qkv" else 1
+        row = {"shape": f"{n}x{k}", "M": m, "r": r, "case": case["case"], "projections": count,
+               "lora_cols": count * L._concat_width(r), "ms": {}, "errors": {}}
+        forward = params = dys = fn = None
+        good, want = [], None  # good: the aligns whose results matched align 16's, the ones timed
+        with backend("triton"):
+            try:
+                forward, params, dys = build(case)
+                fn = fwd_bwd(forward, params, dys)
+                want = results(forward, params, dys, 16)
+                good.append(16)
+            except Exception as exc:  # the inputs (memory) or the reference: no align of the case is timed
+                for a in aligns:
+                    row["errors"][str(a)] = (f"the inputs or align 16 (the reference) failed: {type(exc).__name__}: "
+                                             f"{str(exc)[:200]}")
+            for a in aligns if good else []:
+                if a == 16:
+                    continue
+                try:
+                    got = results(forward, params, dys, a)
+                    errs = [_max_rel_err(g, w) for g, w in zip(got, want)]
+                    bad = [i for i, e in enumerate(errs) if not e <= tol]  # NaN is bad too
+                    if bad:
+                        i = bad[0]
+                        what = f"output {i}" if i < count else f"grad {i - count} (of x, then A and B)"
+                        raise ArithmeticError(f"{what} differs from align 16's by {errs[i]:.3g} of its largest "
+                                              f"|value| (tolerance {tol:g})")
+                    good.append(a)
+                except Exception as exc:  # a wrong result is reported, never timed
+                    row["errors"][str(a)] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            del want
+            timed = {a: common.with_environ(fn, BEZOAR_LORA_CONCAT_ALIGN=a) for a in sorted(good)}
+            best: dict[int, float] = {}
+            for turn in range(args.rounds):
+                if turn and stop:  # SIGINT: the rounds done are kept (every align timed in each)
+                    cut = True
+                    break
+                for a, run in timed.items():
+                    if str(a) in row["errors"]:
+                        continue
+                    try:
+                        t = timer(run)
+                    except Exception as exc:  # e.g. a capture that fails: that align is reported, not timed
+                        row["errors"][str(a)] = f"timing: {type(exc).__name__}: {str(exc)[:200]}"
+                        best.pop(a, None)
+                        continue
+                    best[a] = min(t, best.get(a, float("inf")))
+        row["ms"] = {str(a): best[a] for a in aligns if a in best}
+        row["rounds"] = turn + 1 if not cut else turn
+        if "16" in row["ms"]:
+            row["over_16"] = {a: t / row["ms"]["16"] for a, t in row["ms"].items()}
+        if not row["errors"]:
+            del row["errors"]
+        rows.append(row)
+        for a in aligns:
+            if str(a) in row["ms"]:
+                over = row.get("over_16", {}).get(str(a))
+                line = f"{row['ms'][str(a)]:.4f} ms" + (f", {over:.3f}x align 16" if over else "")
+            else:
+                line = row.get("errors", {}).get(str(a), "not timed")
+            print(f"concat align {a} {concat_align_name(case)}: {line}", flush=True)
+        del forward, params, dys, fn, timed
+        # rewritten after every case: a call cut short keeps what it timed
+        write_concat_align(args, rows, aligns, dtype, complete=False)
+    note = None
+    if skipped or cut:
+        why = "SIGINT (time limit)" if stop else f"--budget {args.budget:g}s reached"
+        note = why + (f": {len(skipped)} case(s) not timed: {', '.join(skipped)}" if skipped else "")
+        if cut:
+            note += "; the last case timed in fewer rounds"
+    show = []
+    for r in rows:
+        flat = {"shape": r["shape"], "case": r["case"], "M": r["M"], "r": r["r"]}
+        flat.update({str(a): r["ms"].get(str(a)) for a in aligns})
+        flat.update({f"{a}/16": r.get("over_16", {}).get(str(a)) for a in aligns if a != 16})
+        show.append(flat)
+    how = "wall clock, smoke" if args.smoke else "CUDA-graph replay"
+    print(f"\nconcat path forward + backward, ms by the align of its LoRA columns ({how}; dtype {dtype}, dropout "
+          f"{p_drop}; best of {args.rounds} rounds); ratios over align 16\n")
+    print(common.markdown_table(show, ["shape", "case", "M", "r"] + [str(a) for a in aligns]
+                                + [f"{a}/16" for a in aligns if a != 16]))
+    if note:
+        print(f"\nnote: {note}")
+    write_concat_align(args, rows, aligns, dtype, complete=not skipped and not cut, skipped=skipped, note=note)
+    return 0
+
+
+def write_concat_align(args, rows, aligns, dtype, complete: bool, skipped=(), note=None) -> None:
+    common.write_results("lora-concat-align", rows, args, extra={
+        "dtype": str(dtype), "dropout": args.dropout, "aligns": aligns, "rounds": args.rounds,
+        "timing": "wall clock (smoke)" if args.smoke else "CUDA-graph replay, best round's median",
+        "complete": complete, "skipped": list(skipped), "skip_note": note})
+
+
+def fwd_bwd(forward, inputs, dy):
+    """One forward + backward: grads of ``inputs`` under upstream ``dy`` (a tensor or a tuple)."""
+    import torch
+
+    def run():
+        outputs = forward()
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        dys = dy if isinstance(dy, tuple) else (dy,)
+        return torch.autograd.grad(outputs, inputs, dys)
+    return run
+
+
 COPY_BYTES = 256 << 20  # the device-to-device copy that --breakdown's passes are measured against
 
 
@@ -478,6 +706,8 @@ def main() -> int:
         return sweep_tma(args, shapes, ms[0], device, dtype)
     if args.sweep_merge:
         return sweep_merge(args, shapes, ranks, device, dtype)
+    if args.sweep_concat_align:
+        return sweep_concat_align(args, shapes, ms, ranks, device, dtype)
     paths = tuple(args.paths.split(",")) if args.paths else LORA_PATHS
     unknown = [p for p in paths if p not in LORA_PATHS]
     if unknown:
@@ -501,15 +731,6 @@ def main() -> int:
 
     def randn(*shape, scale=1.0, dt=None):
         return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * scale).to(dt or dtype)
-
-    def fwd_bwd(forward, inputs, dy):
-        """One forward + backward: grads of ``inputs`` under upstream ``dy`` (a tensor or a tuple)."""
-        def run():
-            outputs = forward()
-            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-            dys = dy if isinstance(dy, tuple) else (dy,)
-            return torch.autograd.grad(outputs, inputs, dys)
-        return run
 
     # ---- the cases -------------------------------------------------------------------------
     cases: dict[str, object] = {}

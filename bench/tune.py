@@ -33,6 +33,11 @@ tuning file (the shipped ``kernels/tuning.json`` by default). What each setting 
   program, warps) with the lowest time summed over the swept shapes and ranks, on the same terms
   (``--min-gain`` over ``lora.DEFAULT_MERGE``'s sum; where none beats it, the setting is removed).
   Tiles are tied to the file's triton release: a file from another release replaces them all.
+* ``lora.concat_align``: from ``bench/lora.py --sweep-concat-align``, the multiple the concat forward's
+  LoRA columns round up to: the align with the lowest time summed over the rows that timed every align,
+  where that sum is at least 1% under align 16's; else 16 (no columns added, so a later run can undo an
+  earlier pick). A file with an error in any row (an align whose results differed from align 16's, or
+  that failed) gives nothing.
 
 Files are applied oldest first (by date, then eager before graph timing, then name), so a later run's
 value for a setting replaces an earlier one's; settings a file does not measure are kept. Usage::
@@ -317,6 +322,10 @@ def derive(result: dict, min_gain: float = 0.03) -> dict[str, tuple[object, str]
         best = _best_config(result.get("rows", []), min_gain, ("layout", "block_n", "num_warps"))
         if best:
             out["lora.merge_launch"] = best
+    elif bench == "lora-concat-align":
+        align = concat_align_pick(result.get("rows", []))
+        if align is not None:
+            out["lora.concat_align"] = align
     elif bench == "nf4-cache" and result.get("complete"):
         cache = dequant_cache_on(result.get("rows", []))
         if cache is not None:
@@ -338,6 +347,7 @@ def derive(result: dict, min_gain: float = 0.03) -> dict[str, tuple[object, str]
 
 
 CACHE_MIN_GAIN = 0.01  # the dequant cache costs a second buffer: on only for a gain above timing noise
+CONCAT_ALIGN_MIN_GAIN = 0.01  # wider concat columns: taken only for a gain above timing noise
 
 
 def dequant_cache_on(rows: list[dict]) -> tuple[bool, str] | None:
@@ -353,6 +363,26 @@ def dequant_cache_on(rows: list[dict]) -> tuple[bool, str] | None:
     why = (f"training-step sequences over {len(rows)} cases: cache {cache:.3f} ms, cache off {dequant:.3f} ms, "
            f"cuBLAS on bf16 weights {cublas:.3f} ms")
     return cache < dequant * (1 - CACHE_MIN_GAIN), why
+
+
+def concat_align_pick(rows: list[dict]) -> tuple[int, str] | None:
+    """(align, why) from ``bench/lora.py --sweep-concat-align`` rows: the align whose time, summed over the
+    rows that timed every align the file has, is lowest, where that sum is at least ``CONCAT_ALIGN_MIN_GAIN``
+    below align 16's; else 16 (no columns added, which also undoes an earlier pick). None where a row holds
+    an error, or no row timed every align (16 among them)."""
+    if not rows or any(r.get("errors") for r in rows):
+        return None
+    aligns = sorted({int(a) for r in rows for a, t in (r.get("ms") or {}).items() if t})
+    full = [r for r in rows if all((r.get("ms") or {}).get(str(a)) for a in aligns)]
+    if 16 not in aligns or len(aligns) < 2 or not full:
+        return None
+    sums = {a: sum(r["ms"][str(a)] for r in full) for a in aligns}
+    best = min(aligns, key=lambda a: (sums[a], a))
+    why = (f"concat forward + backward summed over {len(full)} cases: "
+           + ", ".join(f"align {a} {sums[a]:.3f} ms" for a in aligns))
+    if best == 16 or sums[best] > sums[16] * (1 - CONCAT_ALIGN_MIN_GAIN):
+        return 16, why + f" (none {CONCAT_ALIGN_MIN_GAIN:.0%} under align 16: no columns added)"
+    return best, why
 
 
 def _order(item: tuple[Path, dict]) -> tuple:

@@ -93,7 +93,7 @@ def _check_setting(key: str, value, where: str) -> None:
         if value not in LARGE_M_PATHS:
             raise ValueError(f"{where}: expected one of {', '.join(LARGE_M_PATHS)}, got {value!r}")
     elif key == "lora.concat_align":
-        if value not in CONCAT_ALIGNS or isinstance(value, bool):
+        if not isinstance(value, int) or isinstance(value, bool) or value not in CONCAT_ALIGNS:  # not 64.0 or true
             raise ValueError(f"{where}: expected one of {', '.join(map(str, CONCAT_ALIGNS))}, got {value!r}")
     elif key == "norm_lora.grid":
         if value not in NORM_GRIDS:

@@ -24,6 +24,11 @@
 #                  into $OUT/merge-tuning.json, and under that file the no-dropout breakdown (NF4 alone, merged,
 #                  concat at 3200x3200) and bench/lora.py's timings without dropout (merged and concat, r = 16
 #                  and 64); then the GPU tests of the merge
+#   concat_align   the concat path's LoRA column align (issue 4): bench/lora.py --sweep-concat-align (the concat
+#                  forward + backward at align 16, 64 and 128, each checked against 16, single projections and
+#                  q/k/v), bench/tune.py's pick of lora.concat_align into $OUT/concat-tuning.json, then the GPU
+#                  tests of the concat path and the fused norm and SwiGLU + LoRA calls under that file, and again
+#                  with BEZOAR_LORA_CONCAT_ALIGN=64
 #   gemm_widths    bench/gemm_widths.py: cuBLAS on the concat and merged paths' widened GEMMs against the plain
 #                  ones, by the width of the extra block (issue 4)
 #   merged_check   the merged path after a change: its GPU tests, then the no-dropout breakdown (NF4 alone, merged,
@@ -45,7 +50,7 @@ cd "$ROOT" || exit 1
 # shellcheck source=SCRIPTDIR/gpu_env.sh
 source "$HERE/gpu_env.sh"
 
-ALL_PARTS=(gpu_tests nf4_cache step_cache nf4_small decode generate lora lora_nodrop lora_breakdown merge gemm_widths merged_check nf4_gemv nf4_tma_sweep lora_tma_sweep tma_tests small_tests)
+ALL_PARTS=(gpu_tests nf4_cache step_cache nf4_small decode generate lora lora_nodrop lora_breakdown merge concat_align gemm_widths merged_check nf4_gemv nf4_tma_sweep lora_tma_sweep tma_tests small_tests)
 PARTS=gpu_tests,generate,lora,lora_nodrop
 DRY_RUN=0
 while [ $# -gt 0 ]; do
@@ -112,6 +117,9 @@ if [ "$DRY_RUN" = 1 ] || "$PYTHON" -c "import xdist" >/dev/null 2>&1; then
 fi
 
 NO_DROPOUT_CASES=nf4_only/3200x3200/M=16384,lora_merged/3200x3200/M=16384/r=16,lora_concat/3200x3200/M=16384/r=16
+# the GPU tests that run the concat path's forward: its own (by name), and the fused norm and SwiGLU + LoRA calls
+CONCAT_TESTS=(tests/kernels/test_lora.py tests/kernels/test_norm_lora.py tests/kernels/test_swiglu_lora.py
+  -k "concat or test_norm_lora.py or test_swiglu_lora.py")
 run_part() {
   case "$1" in
     gpu_tests) part gpu_tests 180 env GPU_TEST_LIMIT=150 bash scripts/gpu_check.sh --gpu-only ;;
@@ -142,6 +150,16 @@ run_part() {
         --dropout 0 --no-groups --ms 16384,4096 --ranks 16,64 --budget 65 --out "$OUT_DIR"
       part merge_tests 75 env -u TRITON_INTERPRET "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider -rfE \
         "${parallel[@]}" tests/kernels/test_lora.py -k merge ;;
+    concat_align)
+      part concat_align_sweep 110 "$PYTHON" bench/lora.py --sweep-concat-align --budget 95 --out "$OUT_DIR"
+      # shellcheck disable=SC2016  # $1 and $2 are the inner shell's arguments, expanded there
+      part concat_align_tune 20 bash -c '"$1" bench/tune.py "$2"/lora-concat-align-*.json --keys lora.concat_align --out "$2/concat-tuning.json"
+        [ -f "$2/concat-tuning.json" ] || echo "{\"format\": 1, \"devices\": {}}" > "$2/concat-tuning.json"' _ "$PYTHON" "$OUT_DIR"
+      part concat_align_tests 60 env -u TRITON_INTERPRET -u BEZOAR_LORA_CONCAT_ALIGN \
+        BEZOAR_TUNING="$OUT_DIR/concat-tuning.json" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider -rfE \
+        "${parallel[@]}" "${CONCAT_TESTS[@]}"
+      part concat_align_tests_64 60 env -u TRITON_INTERPRET BEZOAR_LORA_CONCAT_ALIGN=64 "$PYTHON" -m pytest -q -m gpu \
+        -p no:cacheprovider -rfE "${parallel[@]}" "${CONCAT_TESTS[@]}" ;;
     gemm_widths) part gemm_widths 90 "$PYTHON" bench/gemm_widths.py --budget 75 --out "$OUT_DIR" ;;
     merged_check)
       part merged_tests 75 env -u TRITON_INTERPRET "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider -rfE \

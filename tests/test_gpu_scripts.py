@@ -5,8 +5,10 @@ and print the commands they would run. shellcheck runs too where it is installed
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,12 +87,13 @@ def test_gpu_short_dry_run_fits_one_call_and_runs_the_parts_asked_for():
     assert "would pack" in text and "more than 8 files" in text
     # every part by name, in the order asked; each part's limit stays under the call's total
     every = ["gpu_tests", "nf4_cache", "step_cache", "nf4_small", "decode", "generate", "lora", "lora_nodrop",
-             "lora_breakdown", "merge", "nf4_gemv", "nf4_tma_sweep", "lora_tma_sweep", "tma_tests", "small_tests"]
+             "lora_breakdown", "merge", "concat_align", "nf4_gemv", "nf4_tma_sweep", "lora_tma_sweep", "tma_tests", "small_tests"]
     out = dry_run("gpu_short.sh", "--dry-run", "--parts", ",".join(reversed(every)))
     assert out.returncode == 0, out.stderr
     # lora_breakdown logs as two steps, with dropout and without; merge as its five
     steps = {"lora_breakdown": ["lora_breakdown", "lora_breakdown_no_dropout"],
-             "merge": ["merge_sweep", "merge_tune", "merge_breakdown", "merge_lora", "merge_tests"]}
+             "merge": ["merge_sweep", "merge_tune", "merge_breakdown", "merge_lora", "merge_tests"],
+             "concat_align": ["concat_align_sweep", "concat_align_tune", "concat_align_tests", "concat_align_tests_64"]}
     logged = [step for name in reversed(every) for step in steps.get(name, [name])]
     assert re.findall(r"part (\w+) \(limit", out.stdout) == logged
     # every --paths given to bench/lora.py names its cases (merged is not one: it comes with --dropout 0)
@@ -118,6 +121,46 @@ def test_gpu_short_dry_run_fits_one_call_and_runs_the_parts_asked_for():
         assert bad.returncode == 2 and "--parts needs part names" in bad.stderr, empty
     bad = dry_run("gpu_short.sh", "--frobnicate")
     assert bad.returncode == 2 and "unknown argument" in bad.stderr
+
+
+def test_gpu_short_concat_align_part_sweeps_tunes_then_tests_under_the_pick():
+    """The concat_align part: the sweep under its budget, tune.py's pick into concat-tuning.json (an empty
+    tuning file where it gave none), then the concat GPU tests under that file and again at align 64; the
+    test files it names exist, and the part fits a call of 300 s."""
+    out = dry_run("gpu_short.sh", "--dry-run", "--parts", "concat_align")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    parts = re.findall(r"part (\w+) \(limit (\d+)s\)", text)
+    assert [name for name, _ in parts] == ["concat_align_sweep", "concat_align_tune", "concat_align_tests",
+                                           "concat_align_tests_64"], parts
+    assert sum(int(limit) for _, limit in parts) + 10 * len(parts) <= 300, parts
+    sweep_limit = int(parts[0][1])
+    budget = int(re.search(r"bench/lora.py --sweep-concat-align --budget (\d+) --out /tmp/bezoar-gpu-out", text).group(1))
+    assert budget + 10 <= sweep_limit, (budget, sweep_limit)  # its last case has time to finish and write
+    assert 'bench/tune.py "$2"/lora-concat-align-*.json --keys lora.concat_align --out "$2/concat-tuning.json"' in text
+    assert '[ -f "$2/concat-tuning.json" ] ||' in text
+    tests = [line for line in text.splitlines() if "-m pytest" in line]
+    assert len(tests) == 2, tests
+    assert "-u BEZOAR_LORA_CONCAT_ALIGN BEZOAR_TUNING=/tmp/bezoar-gpu-out/concat-tuning.json python3 -m pytest" in tests[0]
+    assert "BEZOAR_LORA_CONCAT_ALIGN=64 python3 -m pytest" in tests[1] and "BEZOAR_TUNING" not in tests[1]
+    for line in tests:
+        files = re.findall(r"(tests/\S+\.py)", line)
+        assert files == ["tests/kernels/test_lora.py", "tests/kernels/test_norm_lora.py",
+                         "tests/kernels/test_swiglu_lora.py"], line
+        assert all((ROOT / f).is_file() for f in files)
+        assert line.endswith(r"-k concat\ or\ test_norm_lora.py\ or\ test_swiglu_lora.py"), line
+    # what the selection collects (collecting needs no GPU): the concat
+    # cases of test_lora.py and every gpu test of the fused norm and SwiGLU + LoRA files
+    words = shlex.split(tests[0].split("+ ", 1)[1])
+    args = words[words.index("pytest") + 1:]
+    if "-n" in args:  # collected in this process: no xdist workers
+        del args[args.index("-n"):args.index("-n") + 2]
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", *args], capture_output=True,
+                               text=True, timeout=120, cwd=ROOT)
+    ids = [line for line in collected.stdout.splitlines() if "::" in line]
+    assert collected.returncode == 0 and ids, collected.stdout[-2000:] + collected.stderr[-2000:]
+    assert all("concat" in i for i in ids if i.startswith("tests/kernels/test_lora.py::")), ids
+    assert {i.split("::")[0] for i in ids} == set(files), ids
 
 
 def test_gpu_short_cuts_parts_to_its_total():

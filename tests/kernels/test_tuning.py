@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import warnings
@@ -34,7 +35,7 @@ tune = _load_bench("tune")
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch):
     for var in ("BEZOAR_TUNING", "BEZOAR_NF4_GEMV_MAX_M", "BEZOAR_NF4_FUSED_MAX_M", "BEZOAR_NF4_TMA_MIN_M",
-                "BEZOAR_LORA_LARGE_M_PATH", "BEZOAR_LORA_FUSED_MAX_M"):
+                "BEZOAR_LORA_LARGE_M_PATH", "BEZOAR_LORA_FUSED_MAX_M", "BEZOAR_LORA_CONCAT_ALIGN"):
         monkeypatch.delenv(var, raising=False)
     tuning.reload()
     yield
@@ -235,6 +236,47 @@ def test_lora_fused_threshold_is_its_own_setting(tmp_path, monkeypatch):
         L.fused_max_m(CPU)
     with pytest.raises(ValueError, match="lora.fused_max_m: expected a whole number of rows"):
         tuning.validate({"format": 1, "devices": {"x": {"settings": {"lora.fused_max_m": -1}}}}, "t.json")
+
+
+@pytest.mark.parametrize("value", [16, 32, 64, 128])
+def test_concat_align_accepts_the_aligns(value):
+    table = {"format": 1, "devices": {"NVIDIA X": {"settings": {"lora.concat_align": value}}}}
+    assert tuning.validate(table, "t.json") is table  # a threshold: no triton release needed
+
+
+@pytest.mark.parametrize("value", [48, 8, 0, 256, "64", True, 64.0, None, [64]])
+def test_concat_align_refuses_other_values_by_its_key(value):
+    table = {"format": 1, "devices": {"NVIDIA X": {"settings": {"lora.concat_align": value}}}}
+    with pytest.raises(ValueError, match=r"t\.json: devices\.NVIDIA X\.settings\.lora\.concat_align: expected one "
+                                         r"of 16, 32, 64, 128, got " + re.escape(repr(value))):
+        tuning.validate(table, "t.json")
+
+
+def test_concat_align_from_the_environment_then_the_file_then_16(tmp_path, monkeypatch):
+    """``lora.concat_align()``: BEZOAR_LORA_CONCAT_ALIGN (read at every call), else the device's entry, else 16;
+    a value of the variable that is not an align is refused by the variable's name."""
+    assert L.CONCAT_ALIGNS == tuning.CONCAT_ALIGNS == (16, 32, 64, 128)
+    assert L.concat_align(CPU) == L.CONCAT_ALIGN == 16 and L.concat_align() == 16
+    _user_file(tmp_path, monkeypatch, {"lora.concat_align": 64})
+    assert L.concat_align(CPU) == 64
+    assert L.concat_align() == 16  # no device: no entry to look up
+    assert L.concat_align(torch.device("meta")) == 16  # another device's entry does not apply
+    monkeypatch.setenv("BEZOAR_LORA_CONCAT_ALIGN", "128")
+    assert L.concat_align(CPU) == 128 and L.concat_align() == 128
+    monkeypatch.setenv("BEZOAR_LORA_CONCAT_ALIGN", " 32 ")
+    assert L.concat_align(CPU) == 32  # read again at this call, not memoized
+    monkeypatch.setenv("BEZOAR_LORA_CONCAT_ALIGN", "")
+    assert L.concat_align(CPU) == 64  # empty: as if unset
+    for bad in ("48", "64.0", "sixty-four", "0", "true"):
+        monkeypatch.setenv("BEZOAR_LORA_CONCAT_ALIGN", bad)
+        with pytest.raises(ValueError, match=rf"BEZOAR_LORA_CONCAT_ALIGN={bad!r}: expected one of 16, 32, 64, 128"):
+            L.concat_align(CPU)
+    # a tuning file with a bad value is refused at the lookup, naming the file and the key
+    monkeypatch.delenv("BEZOAR_LORA_CONCAT_ALIGN")
+    path = _user_file(tmp_path, monkeypatch, {"lora.concat_align": 48})
+    with pytest.raises(ValueError, match=r"settings\.lora\.concat_align: expected one of 16, 32, 64, 128, got 48") as got:
+        L.concat_align(CPU)
+    assert str(path) in str(got.value)
 
 
 def test_the_environment_is_read_before_the_file(tmp_path, monkeypatch):
@@ -467,6 +509,76 @@ def test_dequant_cache_setting_from_a_whole_cache_run(tmp_path):
     tune.apply([path], table)
     assert table["devices"]["NVIDIA H100 80GB HBM3"]["settings"] == {"nf4.dequant_cache": True}
     tuning.validate(table, "t.json")
+
+
+def _align_rows(*times, case="single"):
+    """--sweep-concat-align rows: times[i] is {align: ms} of case i."""
+    return [{"shape": "3200x3200", "M": 16384, "r": 16, "case": case, "ms": {str(a): t for a, t in ms.items()}}
+            for ms in times]
+
+
+def test_concat_align_from_the_summed_times_of_a_sweep(tmp_path):
+    """bench/tune.py takes the align whose time summed over the rows is lowest where it is at least 1% under
+    align 16's, else 16; a file with an error in any row gives nothing; rows missing an align do not count."""
+    rows = _align_rows({16: 1.00, 64: 0.97, 128: 0.99}, {16: 2.00, 64: 1.99, 128: 1.95})  # 64: 2.96, 128: 2.94
+    align, why = tune.derive(_result(bench="lora-concat-align", rows=rows))["lora.concat_align"]
+    assert align == 128, why  # 2.94 against 3.00: 2% under
+    assert why == ("concat forward + backward summed over 2 cases: align 16 3.000 ms, align 64 2.960 ms, "
+                   "align 128 2.940 ms")
+    rows = _align_rows({16: 1.00, 64: 0.95, 128: 1.02}, {16: 2.00, 64: 1.99, 128: 2.01})  # 64 3% under in sum
+    assert tune.derive(_result(bench="lora-concat-align", rows=rows))["lora.concat_align"][0] == 64
+    # under 1%: 16 (a value, so that a later run undoes an earlier pick)
+    rows = _align_rows({16: 1.00, 64: 0.995, 128: 1.02}, {16: 2.00, 64: 1.99, 128: 2.01})  # 2.985 against 3.0
+    align, why = tune.derive(_result(bench="lora-concat-align", rows=rows))["lora.concat_align"]
+    assert align == 16 and "align 64 2.985 ms" in why and "none 1% under align 16" in why
+    # 16 itself fastest
+    rows = _align_rows({16: 1.00, 64: 1.10}, {16: 2.00, 64: 2.10})
+    assert tune.derive(_result(bench="lora-concat-align", rows=rows))["lora.concat_align"][0] == 16
+    # a row missing an align (cut short, or never timed) is left out of every sum
+    rows = _align_rows({16: 1.00, 64: 0.95, 128: 1.02}, {16: 2.00, 64: 1.99, 128: 2.01}, {16: 5.0, 128: 4.0})
+    align, why = tune.derive(_result(bench="lora-concat-align", rows=rows))["lora.concat_align"]
+    assert align == 64 and "over 2 cases" in why and "align 128 3.030 ms" in why
+    rows[2]["ms"]["64"] = None  # a null time is a missing one
+    assert tune.derive(_result(bench="lora-concat-align", rows=rows))["lora.concat_align"][0] == 64
+    # any error in any row: nothing from the file
+    rows = _align_rows({16: 1.00, 64: 0.95}, {16: 2.00, 64: 1.90})
+    rows[1]["errors"] = {"128": "ArithmeticError: output 0 differs from align 16's by 0.3 of its largest |value|"}
+    assert tune.derive(_result(bench="lora-concat-align", rows=rows)) == {}
+    # no row with every align, or no align 16 to weigh against: nothing
+    assert tune.derive(_result(bench="lora-concat-align", rows=_align_rows({16: 1.0}, {64: 0.9}))) == {}
+    assert tune.derive(_result(bench="lora-concat-align", rows=_align_rows({32: 1.0, 64: 0.9}))) == {}
+    assert tune.derive(_result(bench="lora-concat-align", rows=[])) == {}
+    # through apply into a file tuning.py accepts, then a later run at under 1% turns it back to 16
+    first = tmp_path / "lora-concat-align-x-2026-11-27.json"
+    first.write_text(json.dumps(_result(bench="lora-concat-align", date="2026-11-27", rows=_align_rows(
+        {16: 1.0, 64: 0.9, 128: 0.95}))))
+    later = tmp_path / "lora-concat-align-x-2026-11-28.json"
+    later.write_text(json.dumps(_result(bench="lora-concat-align", date="2026-11-28", rows=_align_rows(
+        {16: 1.0, 64: 0.999, 128: 1.0}))))
+    table = {"format": 1, "devices": {}}
+    tune.apply([first], table)
+    entry = table["devices"]["NVIDIA H100 80GB HBM3"]
+    assert entry["settings"] == {"lora.concat_align": 64} and "triton" not in entry
+    assert "lora-concat-align-x-2026-11-27.json" in entry["sources"]["lora.concat_align"]
+    tuning.validate(table, "t.json")
+    changes = tune.apply([later], table)
+    assert entry["settings"] == {"lora.concat_align": 16}
+    assert [(c["setting"], c["old"], c["new"]) for c in changes] == [("lora.concat_align", 64, 16)]
+    tuning.validate(table, "t.json")
+
+
+def test_tune_cli_reads_concat_align_files_by_default(tmp_path, monkeypatch):
+    """With no files named, tune.py reads bench/results' nf4* and lora* files: lora-concat-align-* among
+    them; --keys lora.concat_align is a known setting."""
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "lora-concat-align-NVIDIA_X-2026-11-27.json").write_text(json.dumps(_result(
+        bench="lora-concat-align", device="NVIDIA X", rows=_align_rows({16: 1.0, 64: 0.9}))))
+    (results / "gemm-widths-NVIDIA_X-2026-11-27.json").write_text("not read")
+    monkeypatch.setattr(tune, "RESULTS", results)
+    out = tmp_path / "t.json"
+    assert tune.main(["--keys", "lora.concat_align", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["devices"]["NVIDIA X"]["settings"] == {"lora.concat_align": 64}
 
 
 def test_lora_prefers_graph_rows_and_ignores_runs_without_dropout():
