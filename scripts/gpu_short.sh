@@ -51,7 +51,7 @@ cd "$ROOT" || exit 1
 source "$HERE/gpu_env.sh"
 
 ALL_PARTS=(gpu_tests nf4_cache step_cache nf4_small decode generate lora lora_nodrop lora_breakdown merge concat_align gemm_widths merged_check nf4_gemv nf4_tma_sweep lora_tma_sweep tma_tests small_tests)
-PARTS=gpu_tests,generate,lora,lora_nodrop
+PARTS=concat_align,gpu_tests
 DRY_RUN=0
 while [ $# -gt 0 ]; do
   case "$1" in

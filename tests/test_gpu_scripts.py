@@ -76,24 +76,33 @@ def test_gpu_short_dry_run_fits_one_call_and_runs_the_parts_asked_for():
     text = out.stdout
     assert "pip install -q --no-deps --no-build-isolation -e ." in text
     parts = re.findall(r"part (\w+) \(limit (\d+)s\)", text)
-    assert [name for name, _ in parts] == ["gpu_tests", "generate", "lora", "lora_nodrop"], parts
+    assert [name for name, _ in parts] == ["concat_align_sweep", "concat_align_tune", "concat_align_tests",
+                                           "concat_align_tests_64", "gpu_tests"], parts
     # one device call of timeout_s=590 (bench/README.md): the parts' limits, kill grace included
     assert sum(int(limit) for _, limit in parts) + 10 * len(parts) <= 590, parts
     for piece in ("GPU_TEST_LIMIT=150 bash scripts/gpu_check.sh --gpu-only",
-                  "bench/generate.py --batches 1 --out /tmp/bezoar-gpu-out",
+                  "bench/lora.py --sweep-concat-align --budget 95 --out /tmp/bezoar-gpu-out",
+                  "--keys lora.concat_align", "BEZOAR_TUNING=/tmp/bezoar-gpu-out/concat-tuning.json",
+                  "BEZOAR_LORA_CONCAT_ALIGN=64"):
+        assert piece in text, piece
+    # the parts run before (not in the default) still print their commands
+    text = dry_run("gpu_short.sh", "--dry-run", "--parts", "generate,lora,lora_nodrop").stdout
+    for piece in ("bench/generate.py --batches 1 --out /tmp/bezoar-gpu-out",
                   r"bench/lora.py --paths cublas\,concat\,tma --ranks 16\,64 --ms 16384\,4096 --no-groups",
                   r"bench/lora.py --dropout 0 --paths auto\,concat --ranks 16\,64 --ms 16384\,4096 --no-groups"):
         assert piece in text, piece
     assert "would pack" in text and "more than 8 files" in text
     # every part by name, in the order asked; each part's limit stays under the call's total
     every = ["gpu_tests", "nf4_cache", "step_cache", "nf4_small", "decode", "generate", "lora", "lora_nodrop",
-             "lora_breakdown", "merge", "concat_align", "nf4_gemv", "nf4_tma_sweep", "lora_tma_sweep", "tma_tests", "small_tests"]
+             "lora_breakdown", "merge", "concat_align", "gemm_widths", "merged_check", "nf4_gemv", "nf4_tma_sweep",
+             "lora_tma_sweep", "tma_tests", "small_tests"]
     out = dry_run("gpu_short.sh", "--dry-run", "--parts", ",".join(reversed(every)))
     assert out.returncode == 0, out.stderr
     # lora_breakdown logs as two steps, with dropout and without; merge as its five
     steps = {"lora_breakdown": ["lora_breakdown", "lora_breakdown_no_dropout"],
              "merge": ["merge_sweep", "merge_tune", "merge_breakdown", "merge_lora", "merge_tests"],
-             "concat_align": ["concat_align_sweep", "concat_align_tune", "concat_align_tests", "concat_align_tests_64"]}
+             "concat_align": ["concat_align_sweep", "concat_align_tune", "concat_align_tests", "concat_align_tests_64"],
+             "merged_check": ["merged_tests", "merged_breakdown"]}
     logged = [step for name in reversed(every) for step in steps.get(name, [name])]
     assert re.findall(r"part (\w+) \(limit", out.stdout) == logged
     # every --paths given to bench/lora.py names its cases (merged is not one: it comes with --dropout 0)
@@ -176,14 +185,15 @@ def test_gpu_short_cuts_parts_to_its_total():
 
     text = parts(100)
     found = re.findall(r"part (\w+) \(limit (\d+)s\)", text)
-    expected = [("gpu_tests", 100), ("generate", 100), ("lora", 100), ("lora_nodrop", 100)]
+    expected = [("concat_align_sweep", 100), ("concat_align_tune", 20), ("concat_align_tests", 60),
+                ("concat_align_tests_64", 60), ("gpu_tests", 100)]
     assert [name for name, _ in found] == [name for name, _ in expected], text
     # a dry run spends a second or two (more on a loaded machine), which the total's cut counts
     for (name, limit), (_, most) in zip(found, expected):
         assert most - 5 <= int(limit) <= most, (name, limit, text)
     text = parts(15)
     assert not re.findall(r"part \w+ \(limit", text)
-    assert text.count("skipped: 15s left of 15s") == 4
+    assert text.count("skipped: 15s left of 15s") == 5
 
 
 def test_fetch_wheels_dry_run_names_the_wheel_for_the_gpu_machine():
