@@ -43,6 +43,17 @@ def _leaf_adapters(adapters):
             for a in adapters]
 
 
+def _projections_case(projections, m, k, r, seed):
+    """(NF4 weights, adapters, x, upstream grads) of one projection (N = 48) or q/k/v-like three (48, 16,
+    16), fp32; ``seed`` picks the adapters (scalings 0.5, 1.5, 2.5), the inputs follow from it."""
+    ns = (48, 16, 16)[:projections]
+    weights = [_base(n, k, "nf4", torch.float32, seed=j) for j, n in enumerate(ns)]
+    adapters = [_adapter(n, k, r, seed=seed + j, scaling=0.5 + j) for j, n in enumerate(ns)]
+    x = torch.randn(m, k, generator=_gen(seed // 10))
+    dys = [torch.randn(m, n, generator=_gen(seed // 10 + 1 + j)) for j, n in enumerate(ns)]
+    return weights, adapters, x, dys
+
+
 def _run(fn, x, adapters, dys):
     """Outputs and grads (x, then A_j, B_j per projection) of ``fn(x, adapters)`` under upstream ``dys``."""
     x = x.clone().requires_grad_(True)
@@ -265,11 +276,7 @@ def test_merged_path_matches_reference(monkeypatch, projections, frozen):
     monkeypatch.setattr(L, "_lora_g", lambda *a, _f=L._lora_g: gs.append(1) or _f(*a))
     monkeypatch.setattr(L, "LARGE_M_PATH", "cublas")
     m, k, r = 37, 128, 8
-    ns = (48, 16, 16)[:projections]
-    weights = [_base(n, k, "nf4", torch.float32, seed=j) for j, n in enumerate(ns)]
-    adapters = [_adapter(n, k, r, seed=60 + j, scaling=0.5 + j) for j, n in enumerate(ns)]
-    x = torch.randn(m, k, generator=_gen(2))
-    dys = [torch.randn(m, n, generator=_gen(3 + j)) for j, n in enumerate(ns)]
+    weights, adapters, x, dys = _projections_case(projections, m, k, r, seed=60)
 
     def run(backend_name, training, p):
         xx = x.clone().requires_grad_(frozen != "x")
@@ -312,7 +319,7 @@ def test_merged_path_matches_reference(monkeypatch, projections, frozen):
         ad = adapters[0]
         with pytest.raises(ValueError, match="merged"):
             L.lora_linear(x, weights[0], ad.lora_a, ad.lora_b, ad.scaling, 0.1, True, 1, "merged")
-        dense = _base(ns[0], k, "dense", torch.float32)
+        dense = _base(48, k, "dense", torch.float32)
         y = L.lora_linear(x, dense, ad.lora_a, ad.lora_b, ad.scaling, 0.0, False, 1)  # dense: not merged
     assert not extras
     assert_close(y, L.lora_linear_reference(x, dense, ad.lora_a, ad.lora_b, ad.scaling, 0.0, False, 1), 1e-4, 1e-4)
@@ -457,11 +464,7 @@ def test_concat_forward_rounds_its_lora_columns_up_to_the_align(monkeypatch, ali
     product keeps K + P * r16 (wider dx columns cost more on the H100); y, dx, dA and dB equal the
     reference's, and those at 16 to fp32 rounding."""
     m, k, r = 29, 128, 8
-    ns = (48, 16, 16)[:projections]
-    weights = [_base(n, k, "nf4", torch.float32, seed=j) for j, n in enumerate(ns)]
-    ads = [_adapter(n, k, r, seed=70 + j, scaling=0.5 + j) for j, n in enumerate(ns)]
-    x = torch.randn(m, k, generator=_gen(5))
-    dys = [torch.randn(m, n, generator=_gen(6 + j)) for j, n in enumerate(ns)]
+    weights, ads, x, dys = _projections_case(projections, m, k, r, seed=70)
 
     def concat(xx, leaf):
         if projections == 3:
