@@ -1061,7 +1061,7 @@ def main() -> int:
 
     # without dropout ("auto" is then the merged path) the results go to their own file
     common.write_results("lora" if p_drop > 0 else "lora-no-dropout", rows + qkv_rows + norm_rows, args, extra={
-        "dtype": str(dtype), "dropout": p_drop, "large_m_path": L.large_m_path(device), "fused_max_m": L.fused_max_m(device),
+        "dtype": str(dtype), "dropout": p_drop, "large_m_path": L.large_m_path(device), "concat_align": L.concat_align(device), "fused_max_m": L.fused_max_m(device),
         "tuning": tuning.summary(device), "norm_lora_programs": os.environ.get("BEZOAR_NORM_LORA_PROGRAMS") or "default",
         "targets": targets, "sweep": sweep_rows, "bnb_note": bnb_note, "norm_notes": norm_notes,
         "skipped": skipped, "skip_note": skip_note,

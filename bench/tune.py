@@ -37,7 +37,9 @@ tuning file (the shipped ``kernels/tuning.json`` by default). What each setting 
   LoRA columns round up to: the align with the lowest time summed over the rows that timed every align,
   where that sum is at least 1% under align 16's; else 16 (no columns added, so a later run can undo an
   earlier pick). A file with an error in any row (an align whose results differed from align 16's, or
-  that failed) gives nothing.
+  that failed), or cut short by its budget (its cases come rank by rank: a cut would leave the picks to
+  the first rank), gives nothing. The sweep times the concat calls; the fused norm and SwiGLU + LoRA
+  calls share their GEMMs and add only the zero stores past the blocks, and are not timed by it.
 
 Files are applied oldest first (by date, then eager before graph timing, then name), so a later run's
 value for a setting replaces an earlier one's; settings a file does not measure are kept. Usage::
@@ -322,7 +324,7 @@ def derive(result: dict, min_gain: float = 0.03) -> dict[str, tuple[object, str]
         best = _best_config(result.get("rows", []), min_gain, ("layout", "block_n", "num_warps"))
         if best:
             out["lora.merge_launch"] = best
-    elif bench == "lora-concat-align":
+    elif bench == "lora-concat-align" and result.get("complete"):
         align = concat_align_pick(result.get("rows", []))
         if align is not None:
             out["lora.concat_align"] = align

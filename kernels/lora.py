@@ -77,7 +77,8 @@ The base GEMM runs on one of six paths (``path``, chosen by M when "auto"):
   .. s_j B_j ..] holds dy @ W in its first K columns and g_j = s_j * dy_j @ B_j in column block j, so
   the pass over dy for g is not made; the dx epilogue reads the base product from there and writes a
   contiguous dx (the wide product and dx are both alive for that pass: one activation of (M, K)
-  more than ``cublas``, which works in place). Needs K a multiple of the blocksize for NF4 (the
+  more than ``cublas``, which works in place). The forward may round its P * r16 columns up with
+  zeros (``concat_align``, 16 by default: none added); the backward's product keeps P * r16. Needs K a multiple of the blocksize for NF4 (the
   strided dequantize).
 * ``tma`` (``bezoar_kernels.lora_tma``): W dequantized into the buffer as on ``cublas``, then
   persistent Triton GEMMs fed by tensor descriptors (TMA on sm_90) with the LoRA terms in their
@@ -303,7 +304,7 @@ def large_m_path(device=None) -> str:
 
 # The concat forward's reduction runs over K + the LoRA columns: P * r16 of them, rounded up to a
 # multiple of this (zeros past the LoRA blocks, on both operands). cuBLAS on H100 ran the reduction
-# over 3200 + 64 columns 2-4% faster than over 3200 + 16 (bench/gemm_widths.py), while wider dx columns
+# over 3200 + 64 columns 1.7-4.2% faster than over 3200 + 16 (bench/gemm_widths.py), while wider dx columns
 # (the backward's product, which keeps P * r16) mostly cost more. A tuning entry ("lora.concat_align",
 # from bench/lora.py --sweep-concat-align) or BEZOAR_LORA_CONCAT_ALIGN sets it; 16 adds no columns.
 CONCAT_ALIGN = 16
@@ -439,7 +440,7 @@ if triton is not None:
 
     @triton.jit
     def _lora_down_kernel(
-        # pointers: x (M, K), A stacked (P, R, K), xa (P, M, R), wide (M, K + P * WIDTH) for the concat path
+        # pointers: x (M, K), A stacked (P, R, K), xa (P, M, R), wide (M, K + P * WIDTH + PAD) for the concat path
         x_ptr, a_ptr, xa_ptr, wide_ptr,
         # sizes and scalars
         M, K, R, seed0, seed1, seed2, threshold, keep_scale,
@@ -1285,7 +1286,7 @@ def _concat_width(r: int) -> int:
 def _concat_extra(projections: int, r: int, device) -> int:
     """Columns the concat forward adds to K: the P blocks of ``_concat_width(r)`` rounded up to a multiple
     of ``concat_align(device)``, the columns past the blocks zero in both operands. The backward's product
-    keeps the P blocks alone (``_concat_backward``)."""
+    keeps the P blocks alone, unless the dequant cache is on (``_concat_backward``)."""
     blocks = projections * _concat_width(r)
     align = concat_align(device)
     return -(-blocks // align) * align
@@ -1303,14 +1304,18 @@ def _wide_input(m: int, k: int, projections: int, r: int, dtype: torch.dtype, de
     return torch.empty((m, k + _concat_extra(projections, r, device)), dtype=dtype, device=device)
 
 
-def _concat_lora_block(plan: _Plan, b: torch.Tensor) -> torch.Tensor:
-    """The (Ncat, P * r16) LoRA columns of the wide matrix: s_j * B_j in projection j's rows of column
-    block j, zeros elsewhere, in b's dtype. Built once in the forward and saved for the backward,
-    which then fills the wide matrix with one copy (the forward: P + 2 small launches)."""
+def _concat_lora_block(plan: _Plan, b: torch.Tensor, extra: int) -> torch.Tensor:
+    """The (Ncat, ``extra``) LoRA columns of the wide matrix: s_j * B_j in projection j's rows of column
+    block j (``_concat_width(r)`` columns each), zeros elsewhere and past the P blocks, in b's dtype.
+    ``extra`` is what the forward operand holds beyond K (``wide.shape[1] - K``: the align is read once
+    a call). Built once in the forward and saved for the backward, which then fills the wide matrix
+    with one copy (the forward: P + 2 small launches)."""
     ns = plan.out_features
     r = b.shape[1]
     width = _concat_width(r)
-    block = torch.zeros((sum(ns), _concat_extra(plan.projections, r, b.device)), dtype=b.dtype, device=b.device)
+    if extra < plan.projections * width:
+        raise ValueError(f"concat block: {extra} columns cannot hold {plan.projections} blocks of {width}")
+    block = torch.zeros((sum(ns), extra), dtype=b.dtype, device=b.device)
     start = 0
     for j, n in enumerate(ns):
         torch.mul(b[start: start + n], plan.scalings[j], out=block[start: start + n, j * width: j * width + r])
@@ -1840,7 +1845,7 @@ class LoRAFunction(torch.autograd.Function):
         elif plan.path == "concat" and _concat_ok(plan, k):
             wide = _wide_input(m, k, plan.projections, a.shape[1], dtype, x.device)
             xa = _lora_down(x2d, a, plan, wide)
-            block = _concat_lora_block(plan, b)
+            block = _concat_lora_block(plan, b, wide.shape[1] - k)
             y = _concat_forward(wide, block, plan, k)
         else:
             if plan.has_lora:

@@ -413,7 +413,7 @@ class NormLoRAFunction(torch.autograd.Function):
         a, b = lora_in_dtype(lora, dtype)  # (P, R, K), (Ncat, R)
         nw = norm_weight.detach().contiguous()
         s, rstd, xa, wide = _norm_lora_forward(x2d, res2d, nw, float(eps), a, plan)
-        block = _concat_lora_block(plan, b)
+        block = _concat_lora_block(plan, b, wide.shape[1] - k)
         y = _concat_forward(wide, block, plan, k)
         ctx.plan, ctx.lead, ctx.k = plan, lead, k
         ctx.has_residual = residual is not None

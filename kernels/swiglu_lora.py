@@ -206,7 +206,7 @@ class SwiGLULoRAFunction(torch.autograd.Function):
         a = lora_a.detach().to(dtype).contiguous().unsqueeze(0)  # (1, R, F)
         b = lora_b.detach().to(dtype).contiguous()
         xa, wide = _swiglu_lora_forward(g2, u2, a, plan)
-        block = _concat_lora_block(plan, b)
+        block = _concat_lora_block(plan, b, wide.shape[1] - f)
         y = _concat_forward(wide, block, plan, f)
         ctx.plan, ctx.lead, ctx.f = plan, lead, f
         ctx.lora_dtypes = (lora_a.dtype, lora_b.dtype)

@@ -33,3 +33,21 @@ def test_only_runs_one_case_and_names_a_missing_one(capsys):
 def test_operands_refuse_an_unknown_kind():
     with pytest.raises(ValueError, match="one of rows, cols, inner, not 'diagonal'"):
         gemm_widths.operands("diagonal", 2, 2, 2, 0, None)
+
+
+@pytest.mark.parametrize("kind,shapes", [("rows", [(5, 7), (3 + 16, 7)]), ("cols", [(5, 3), (3, 7 + 16)]),
+                                         ("inner", [(5, 7 + 16), (3, 7 + 16)])])
+def test_operands_widen_the_dimension_their_kind_names(kind, shapes):
+    """M = 5, N = 3, K = 7, 16 extra: A's rows widen N, s B's columns widen dx (K), the concat forward the
+    reduction; the product has the shape that widening gives."""
+    import torch
+
+    made = []
+
+    def randn(*shape):
+        made.append(shape)
+        return torch.ones(*shape)
+
+    out = gemm_widths.operands(kind, 5, 3, 7, 16, randn)()
+    assert made == shapes
+    assert out.shape == {"rows": (5, 3 + 16), "cols": (5, 7 + 16), "inner": (5, 3)}[kind]

@@ -249,7 +249,7 @@ def test_merged_weights_are_w_plus_scaled_ba(dtype, n, k, r, blocksize, double_q
         assert torch.equal(a_rows[:, :r], a) and not a_rows[:, r:].any()
     elif extra == "cols":
         assert got.shape == (2 * n, k + 2 * width)
-        assert torch.equal(got[:, k:], L._concat_lora_block(plan, b))
+        assert torch.equal(got[:, k:], L._concat_lora_block(plan, b, 2 * width))
         got = got[:, :k]
     else:
         assert got.shape == (2 * n, k)

@@ -519,41 +519,45 @@ def _align_rows(*times, case="single"):
 
 def test_concat_align_from_the_summed_times_of_a_sweep(tmp_path):
     """bench/tune.py takes the align whose time summed over the rows is lowest where it is at least 1% under
-    align 16's, else 16; a file with an error in any row gives nothing; rows missing an align do not count."""
+    align 16's, else 16; a file with an error in any row, or an incomplete sweep, gives nothing; rows
+    missing an align do not count."""
     rows = _align_rows({16: 1.00, 64: 0.97, 128: 0.99}, {16: 2.00, 64: 1.99, 128: 1.95})  # 64: 2.96, 128: 2.94
-    align, why = tune.derive(_result(bench="lora-concat-align", rows=rows))["lora.concat_align"]
+    align, why = tune.derive(_result(bench="lora-concat-align", complete=True, rows=rows))["lora.concat_align"]
     assert align == 128, why  # 2.94 against 3.00: 2% under
     assert why == ("concat forward + backward summed over 2 cases: align 16 3.000 ms, align 64 2.960 ms, "
                    "align 128 2.940 ms")
     rows = _align_rows({16: 1.00, 64: 0.95, 128: 1.02}, {16: 2.00, 64: 1.99, 128: 2.01})  # 64 3% under in sum
-    assert tune.derive(_result(bench="lora-concat-align", rows=rows))["lora.concat_align"][0] == 64
+    assert tune.derive(_result(bench="lora-concat-align", complete=True, rows=rows))["lora.concat_align"][0] == 64
     # under 1%: 16 (a value, so that a later run undoes an earlier pick)
     rows = _align_rows({16: 1.00, 64: 0.995, 128: 1.02}, {16: 2.00, 64: 1.99, 128: 2.01})  # 2.985 against 3.0
-    align, why = tune.derive(_result(bench="lora-concat-align", rows=rows))["lora.concat_align"]
+    align, why = tune.derive(_result(bench="lora-concat-align", complete=True, rows=rows))["lora.concat_align"]
     assert align == 16 and "align 64 2.985 ms" in why and "none 1% under align 16" in why
     # 16 itself fastest
     rows = _align_rows({16: 1.00, 64: 1.10}, {16: 2.00, 64: 2.10})
-    assert tune.derive(_result(bench="lora-concat-align", rows=rows))["lora.concat_align"][0] == 16
+    assert tune.derive(_result(bench="lora-concat-align", complete=True, rows=rows))["lora.concat_align"][0] == 16
     # a row missing an align (cut short, or never timed) is left out of every sum
     rows = _align_rows({16: 1.00, 64: 0.95, 128: 1.02}, {16: 2.00, 64: 1.99, 128: 2.01}, {16: 5.0, 128: 4.0})
-    align, why = tune.derive(_result(bench="lora-concat-align", rows=rows))["lora.concat_align"]
+    align, why = tune.derive(_result(bench="lora-concat-align", complete=True, rows=rows))["lora.concat_align"]
     assert align == 64 and "over 2 cases" in why and "align 128 3.030 ms" in why
     rows[2]["ms"]["64"] = None  # a null time is a missing one
-    assert tune.derive(_result(bench="lora-concat-align", rows=rows))["lora.concat_align"][0] == 64
-    # any error in any row: nothing from the file
+    assert tune.derive(_result(bench="lora-concat-align", complete=True, rows=rows))["lora.concat_align"][0] == 64
+    # a sweep its budget or a SIGINT cut short (cases come rank by rank): nothing from the file
     rows = _align_rows({16: 1.00, 64: 0.95}, {16: 2.00, 64: 1.90})
-    rows[1]["errors"] = {"128": "ArithmeticError: output 0 differs from align 16's by 0.3 of its largest |value|"}
+    assert tune.derive(_result(bench="lora-concat-align", complete=False, rows=rows)) == {}
     assert tune.derive(_result(bench="lora-concat-align", rows=rows)) == {}
+    # any error in any row: nothing from the file
+    rows[1]["errors"] = {"128": "ArithmeticError: output 0 differs from align 16's by 0.3 of its largest |value|"}
+    assert tune.derive(_result(bench="lora-concat-align", complete=True, rows=rows)) == {}
     # no row with every align, or no align 16 to weigh against: nothing
-    assert tune.derive(_result(bench="lora-concat-align", rows=_align_rows({16: 1.0}, {64: 0.9}))) == {}
-    assert tune.derive(_result(bench="lora-concat-align", rows=_align_rows({32: 1.0, 64: 0.9}))) == {}
-    assert tune.derive(_result(bench="lora-concat-align", rows=[])) == {}
+    assert tune.derive(_result(bench="lora-concat-align", complete=True, rows=_align_rows({16: 1.0}, {64: 0.9}))) == {}
+    assert tune.derive(_result(bench="lora-concat-align", complete=True, rows=_align_rows({32: 1.0, 64: 0.9}))) == {}
+    assert tune.derive(_result(bench="lora-concat-align", complete=True, rows=[])) == {}
     # through apply into a file tuning.py accepts, then a later run at under 1% turns it back to 16
     first = tmp_path / "lora-concat-align-x-2026-11-27.json"
-    first.write_text(json.dumps(_result(bench="lora-concat-align", date="2026-11-27", rows=_align_rows(
+    first.write_text(json.dumps(_result(bench="lora-concat-align", complete=True, date="2026-11-27", rows=_align_rows(
         {16: 1.0, 64: 0.9, 128: 0.95}))))
     later = tmp_path / "lora-concat-align-x-2026-11-28.json"
-    later.write_text(json.dumps(_result(bench="lora-concat-align", date="2026-11-28", rows=_align_rows(
+    later.write_text(json.dumps(_result(bench="lora-concat-align", complete=True, date="2026-11-28", rows=_align_rows(
         {16: 1.0, 64: 0.999, 128: 1.0}))))
     table = {"format": 1, "devices": {}}
     tune.apply([first], table)
@@ -573,7 +577,7 @@ def test_tune_cli_reads_concat_align_files_by_default(tmp_path, monkeypatch):
     results = tmp_path / "results"
     results.mkdir()
     (results / "lora-concat-align-NVIDIA_X-2026-11-27.json").write_text(json.dumps(_result(
-        bench="lora-concat-align", device="NVIDIA X", rows=_align_rows({16: 1.0, 64: 0.9}))))
+        bench="lora-concat-align", device="NVIDIA X", complete=True, rows=_align_rows({16: 1.0, 64: 0.9}))))
     (results / "gemm-widths-NVIDIA_X-2026-11-27.json").write_text("not read")
     monkeypatch.setattr(tune, "RESULTS", results)
     out = tmp_path / "t.json"
