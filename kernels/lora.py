@@ -78,8 +78,8 @@ The base GEMM runs on one of six paths (``path``, chosen by M when "auto"):
   the pass over dy for g is not made; the dx epilogue reads the base product from there and writes a
   contiguous dx (the wide product and dx are both alive for that pass: one activation of (M, K)
   more than ``cublas``, which works in place). The forward may round its P * r16 columns up with
-  zeros (``concat_align``, 16 by default: none added); the backward's product keeps P * r16. Needs K a multiple of the blocksize for NF4 (the
-  strided dequantize).
+  zeros (``concat_align``, 16 by default: none added); the backward's product keeps P * r16. Needs K
+  a multiple of the blocksize for NF4 (the strided dequantize).
 * ``tma`` (``bezoar_kernels.lora_tma``): W dequantized into the buffer as on ``cublas``, then
   persistent Triton GEMMs fed by tensor descriptors (TMA on sm_90) with the LoRA terms in their
   epilogues: the forward adds xa @ (s B).T per tile, the backward adds the masked g @ A to each dx
