@@ -218,7 +218,7 @@ def sweep_tma(args, shapes, m: int, device, dtype) -> int:
                 try:
                     # checked before it is timed: these kernels are new to the GPU they run on. cuBLAS and
                     # this GEMM both sum in fp32 and round once, so they differ by about one rounding
-                    err = ((fn().float() - ref[kind]).abs().max() / ref[kind].abs().max()).item()
+                    err = _max_rel_err(fn(), ref[kind])
                     row["max_rel_err"] = err
                     if not err < 2e-2:
                         raise ArithmeticError(f"differs from cuBLAS by {err:.3g} of its largest |value|")
@@ -348,6 +348,16 @@ def concat_align_name(case: dict) -> str:
     return f"{case['case']} {n}x{k} M={case['M']} r={case['r']}"
 
 
+def seeded_randn(gen, device, dtype):
+    """randn(*shape, scale=1.0, dt=None): normal values times ``scale`` in ``dt`` (default ``dtype``), drawn
+    in fp32 from ``gen`` on ``device``, so each run of a mode draws the same inputs."""
+    import torch
+
+    def randn(*shape, scale=1.0, dt=None):
+        return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * scale).to(dt or dtype)
+    return randn
+
+
 def _max_rel_err(got, want) -> float:
     """Largest |got - want| over the largest |want| (over 1 where want is all zeros); NaN stays NaN."""
     want = want.float()
@@ -386,9 +396,7 @@ def sweep_concat_align(args, shapes, ms, ranks, device, dtype) -> int:
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # relative to the largest value of each tensor
     timer = ((lambda fn: common.bench_ms(fn, smoke=True)) if args.smoke else common.graph_ms)
     gen = torch.Generator(device=device).manual_seed(0)
-
-    def randn(*shape, scale=1.0, dt=None):
-        return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * scale).to(dt or dtype)
+    randn = seeded_randn(gen, device, dtype)
 
     weights: dict = {}
 
@@ -728,9 +736,7 @@ def main() -> int:
         return common.bench_ms(fn, smoke=args.smoke)
 
     gen = torch.Generator(device=device).manual_seed(0)
-
-    def randn(*shape, scale=1.0, dt=None):
-        return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * scale).to(dt or dtype)
+    randn = seeded_randn(gen, device, dtype)
 
     # ---- the cases -------------------------------------------------------------------------
     cases: dict[str, object] = {}
