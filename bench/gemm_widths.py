@@ -62,9 +62,17 @@ def main(argv=None) -> int:
     import torch
 
     started = time.perf_counter()
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    ms = [int(v) for v in args.ms.split(",")]
-    extras = [int(v) for v in args.extras.split(",")]
+    try:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        if any(len(shape) != 2 for shape in shapes):
+            raise ValueError
+    except ValueError:
+        p.error(f"--shapes {args.shapes!r}: expected NxK pairs, comma-separated (e.g. 3200x3200,8640x3200)")
+    try:
+        ms = [int(v) for v in args.ms.split(",")]
+        extras = [int(v) for v in args.extras.split(",")]
+    except ValueError:
+        p.error(f"--ms {args.ms!r} / --extras {args.extras!r}: expected whole numbers, comma-separated")
     kinds = args.kinds.split(",")
     for kind in kinds:
         if kind not in KINDS:

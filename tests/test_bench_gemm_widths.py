@@ -51,3 +51,10 @@ def test_operands_widen_the_dimension_their_kind_names(kind, shapes):
     out = gemm_widths.operands(kind, 5, 3, 7, 16, randn)()
     assert made == shapes
     assert out.shape == {"rows": (5, 3 + 16), "cols": (5, 7 + 16), "inner": (5, 3)}[kind]
+
+
+@pytest.mark.parametrize("flag,value", [("--shapes", "3200"), ("--shapes", "ax3"), ("--ms", "4k"), ("--extras", "16,x")])
+def test_malformed_lists_are_one_error_naming_the_flag(capsys, flag, value):
+    with pytest.raises(SystemExit) as exc:
+        gemm_widths.main(["--smoke", flag, value])
+    assert exc.value.code == 2 and flag in capsys.readouterr().err
