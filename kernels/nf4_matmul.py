@@ -7,7 +7,8 @@ paths, chosen by M (rows of x after flattening leading dims):
   once (a few rows of W by a range of absmax blocks, as 32-bit words of 8 values, and their scales)
   and has no loop, because at batch 1 the product is bound by memory latency more than bandwidth.
   A byte table gives both values of a packed byte in one load; the values times x go into an fp32
-  partial per word (plain FMAs, no matrix units), scaled by the word's block scale and summed. K's
+  partial per word (plain FMAs, no matrix units); a block's word partials are summed and scaled once
+  (``gemv_block_scale``; per word where that builds worse). K's
   ranges of blocks give fp32 partials; the last program of a row tile to finish adds them up (an
   arrival count per tile, as in a split-K semaphore), so a decode step's ~180 gemv calls are not
   followed by as many summing launches.
@@ -458,7 +459,7 @@ if triton is not None:
         # meta
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, SPLIT: tl.constexpr, TABLE: tl.constexpr,
-        ASM: tl.constexpr, X_PAIRS: tl.constexpr,
+        ASM: tl.constexpr, X_PAIRS: tl.constexpr, BLOCK_SCALE: tl.constexpr,
     ):
         """out[split, m, n] = sum over NF4 blocks split * BLOCKS .. + BLOCKS of x[m, k] * W[n, k], M <= BLOCK_M.
 
@@ -485,8 +486,9 @@ if triton is not None:
         weight than the byte table's on triton 3.9 (8.2 against 6.4, M = 1) and as many on 3.6 (10.6
         against 10.4), with none of the L1 passes. Which lookup wins is for ``bench/nf4.py --sweep-gemv`` to say
         (``GemvConfig.table``, written per GPU into the tuning file). The values times x go into an
-        fp32 partial per word (plain FMAs, no matrix units, no shared memory); each word's block scale
-        multiplies it before the sum over the words. With the byte and nibble tables W is never
+        fp32 partial per word (plain FMAs, no matrix units, no shared memory). With BLOCK_SCALE the words
+        of each absmax block are summed and the block's scale multiplies the sum (``gemv_block_scale``);
+        otherwise each word's block scale multiplies the word's partial. With the byte and nibble tables W is never
         rounded to x's dtype, so the result differs from ``F.linear(x, dequantize(W, x.dtype))`` by
         that rounding (it is the more exact of the two); with "prmt" the codes are rounded to bf16 (at
         most 0.312% of a weight) before the block scale, the size of the rounding that 16-bit x gets
@@ -499,10 +501,19 @@ if triton is not None:
         # Every tile is 3-D, (rows of x, rows of W, words), so the products broadcast in registers.
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :, None]
         word = pid_split * SPAN + tl.arange(0, SPAN)[None, None, :]  # word index within a row of W
-        w_ok = (offs_n < N) & (word < K // 8)
-        words = tl.load(words_ptr + offs_n.to(tl.int64) * (K // 8) + word, mask=w_ok, other=0)
-        scale = _nf4_block_absmax(offs_n * (K // BLOCKSIZE) + word // WORDS, w_ok, absmax_ptr, nested_absmax_ptr,
-                                  nested_code_ptr, offset, DOUBLE_QUANT, NESTED)
+        row_words = tl.multiple_of(K // 8, WORDS)  # K is a multiple of the blocksize: rows start block-aligned
+        # masked by whole blocks (K // BLOCKSIZE of them), so the mask is constant over a block's words and
+        # each thread's run of words loads as one vector
+        w_ok = (offs_n < N) & (word // WORDS < K // BLOCKSIZE)
+        words = tl.load(words_ptr + offs_n.to(tl.int64) * row_words + word, mask=w_ok, other=0)
+        if BLOCK_SCALE:  # one scale per (row, block), applied to the block's sum of its word partials
+            rows_2d = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
+            block = pid_split * BLOCKS + tl.arange(0, BLOCKS)[None, :]
+            scale = _nf4_block_absmax(rows_2d * (K // BLOCKSIZE) + block, (rows_2d < N) & (block < K // BLOCKSIZE),
+                                      absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, DOUBLE_QUANT, NESTED)
+        else:  # one per word (its block's), applied to the word's partial
+            scale = _nf4_block_absmax(offs_n * (K // BLOCKSIZE) + word // WORDS, w_ok, absmax_ptr, nested_absmax_ptr,
+                                      nested_code_ptr, offset, DOUBLE_QUANT, NESTED)
         # x's 8 * SPAN columns of the range in one contiguous load, then split by value position within
         # the word: e_i[m, w] = x[m, 8 w + 2 i], o_i = the column after it. Eight strided loads, one per
         # position, were scalar 16-bit loads per weight in triton 3.6's build. sm_90 instructions per
@@ -552,7 +563,10 @@ if triton is not None:
             xo = o0 if i == 0 else o1 if i == 1 else o2 if i == 2 else o3
             acc += xe[:, None, :] * first
             acc += xo[:, None, :] * second
-        y = tl.sum(acc * scale, axis=2)
+        if BLOCK_SCALE:
+            y = tl.sum(tl.sum(tl.reshape(acc, (BLOCK_M, BLOCK_N, BLOCKS, WORDS)), axis=3) * scale[None, :, :], axis=2)
+        else:
+            y = tl.sum(acc * scale, axis=2)
         out_m = tl.arange(0, BLOCK_M)[:, None]
         out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
         out_ok = (out_m < M) & (out_n < N)
@@ -729,9 +743,11 @@ class GemvConfig:
 
 
 # fp32 accumulator values per program: 16 per thread at 4 warps on triton >= 3.9, 8 on older ones. The
-# sm_90 builds (bench/sass.py nf4_gemv, M = 1, blocksize 64), per weight: 32 rows by 8 blocks is 6.4
-# instructions on triton 3.9 and 8.9 on 3.6, but 3.6 (the GPU machine's) needs 255 registers and 8 bytes
-# of stack for it; 16 rows is 7.3 on 3.9 and 10.4 on 3.6 with 95 registers. 64 rows spilled on 3.6.
+# sm_90 builds (bench/sass.py nf4_gemv, M = 1, blocksize 64), per weight, when the scale was applied per
+# word: 32 rows by 8 blocks was 6.4 instructions on triton 3.9 and 8.9 on 3.6, but 3.6 (the GPU machine's)
+# needed 255 registers and 8 bytes of stack for it; 16 rows 7.3 on 3.9 and 10.4 on 3.6 with 95 registers.
+# With the per-block scale (gemv_block_scale) 32 rows take 176 registers on 3.6 and do not spill; the
+# tuned tiles (kernels/tuning.json) decide on the GPU, so the heuristic is left as it was timed.
 _GEMV_TILE_VALUES = 2048 if triton_version() >= (3, 9) else 1024
 
 
@@ -766,6 +782,21 @@ def _x_pairs_ok(x: torch.Tensor) -> bool:
     At M = 1 the sm_90 build then has 4 barriers instead of 12 on triton 3.6 (1 instead of 9 on 3.9),
     as many instructions or fewer; at M = 4 it had 22 instead of 20, so more rows keep the plain loads."""
     return x.dtype == torch.bfloat16 and x.shape[0] == 1 and x.data_ptr() % 4 == 0
+
+
+def gemv_block_scale(table: str, block_m: int) -> bool:
+    """Whether the gemv kernel scales each NF4 block's sum of word partials (one scale per row and block)
+    rather than each word's partial (one scale per word, the same value for a block's 8 or 16 words).
+
+    Per block, a program gathers and decodes a scale for each (row, block) of its tile instead of each
+    (row, word): 8 times fewer double-quant chains at blocksize 64, and a multiply per block instead of
+    one per word and row of x. The sm_90 builds at the launcher's tiles (``gemv_tile``, 50 blocks per row;
+    whole-kernel instructions per weight and row of x, ``tests/kernels/test_sass.py``), per word -> per
+    block: "prmt" M = 1 10.38 -> 8.75 on triton 3.6 and 8.19 -> 7.00 on 3.9, M = 4 5.00 -> 4.44 and
+    4.44 -> 3.94, M = 8 3.56 -> 3.38 and 3.28 -> 2.91; the byte table at M = 1 10.38 -> 9.62 and
+    6.44 -> 5.00. But with the byte and nibble tables at M >= 4 triton 3.6 (the GPU machine's) built the
+    block sums into more instructions (byte M = 4: 5.12 -> 5.75), so those keep the per-word scale."""
+    return table == "prmt" or block_m == 1
 
 
 def gemv_supported(m: int, weight: NF4Weight) -> bool:
@@ -815,7 +846,8 @@ def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | No
         BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=dq, NESTED=NESTED_BLOCKSIZE,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS=blocks, SPLIT=counts is not None,
         TABLE=cfg.table, ASM=cfg.table == "prmt" and register_decode_asm(x.device),
-        X_PAIRS=cfg.table == "prmt" and _x_pairs_ok(x), num_warps=cfg.num_warps,
+        X_PAIRS=cfg.table == "prmt" and _x_pairs_ok(x), BLOCK_SCALE=gemv_block_scale(cfg.table, block_m),
+        num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, enable_fp_fusion=True,  # x * code + partial as one FMA
     )
     if split > 1 and counts is None:
