@@ -189,6 +189,14 @@ def main() -> int:
                 add(f"fwd/nf4_fused_table/{tag}/M={m}",
                     lambda x=x, nq=next_q, cfg=table: mm.nf4_fused_forward(x, nq(), cfg),
                     kind="fwd", peer="nf4_fused_table", **key)
+                # the register decode in each operand order (FusedConfig.swap), whatever the default is:
+                # bench/tune.py writes the faster into the device's entry (nf4.fused_swap)
+                prmt = mm.default_fused_config("forward", m, n, k, q.blocksize, device, prmt=True)
+                if prmt.decode == "prmt":
+                    for peer, swap in (("nf4_fused_swap", True), ("nf4_fused_xw", False)):
+                        add(f"fwd/{peer}/{tag}/M={m}",
+                            lambda x=x, nq=next_q, cfg=dataclasses.replace(prmt, swap=swap):
+                            mm.nf4_fused_forward(x, nq(), cfg), kind="fwd", peer=peer, **key)
             add(f"fwd/nf4_dequant/{tag}/M={m}", lambda x=x, nq=next_q: mm.nf4_dequant_forward(x, nq()),
                 kind="fwd", peer="nf4_dequant", **key)
             add(f"fwd/nf4_auto/{tag}/M={m}", lambda x=x, nq=next_q: mm.nf4_matmul_triton(x, nq()),
@@ -263,8 +271,8 @@ def main() -> int:
                 dequant_rows.append({"shape": tag, "impl": impl, "ms": times[name], "GB/s": gbs,
                                      "of_copy_bw": gbs / copy_gbs, "same_size_copy_GB/s": same_gbs,
                                      "of_same_size_copy": gbs / same_gbs if same_gbs else None})
-    peers = {"fwd": ["cublas", "nf4_gemv", "nf4_fused", "nf4_fused_table", "nf4_dequant", "nf4_tma", "nf4_auto",
-                     "bnb_dequant_linear", "bnb_matmul_4bit"],
+    peers = {"fwd": ["cublas", "nf4_gemv", "nf4_fused", "nf4_fused_table", "nf4_fused_swap", "nf4_fused_xw",
+                     "nf4_dequant", "nf4_tma", "nf4_auto", "bnb_dequant_linear", "bnb_matmul_4bit"],
              "bwd": ["cublas", "nf4_fused", "nf4_dequant", "nf4_tma", "nf4_auto", "bnb"]}
     for kind in ("fwd", "bwd"):
         for n, k in shapes:
@@ -292,21 +300,26 @@ def main() -> int:
             crossover[f"{kind}/{tag}"] = min(faster) if faster else None
     # GEMV_MAX_M: the largest measured M up to which gemv is the fastest NF4 forward summed over the shapes (the
     # rule bench/tune.py writes into the tuning file)
-    gemv_derived = tune.gemv_fastest_up_to(rows)
+    # the fused forward's times in the operand order tune.py will pick (nf4.fused_swap, where this run timed
+    # both); the rows keep what the default ran
+    swap_pick = tune.fused_swap_pick(rows)
+    swap_tuned = mm.fused_swap(device) if swap_pick is None else swap_pick[0]
+    ordered = tune.with_fused_order(rows)
+    gemv_derived = tune.gemv_fastest_up_to(ordered)
     gemv_max = gemv_derived or 0
     # what "auto" would have taken with the thresholds tune.py derives from these rows (the ones it
     # cannot derive stay as they are now): the targets are checked for that too, so that a run says
     # what the tuned defaults give without a second run
-    fused_tuned = tune.fused_fastest_up_to(rows)
+    fused_tuned = tune.fused_fastest_up_to(ordered)
     fused_tuned = mm.fused_max_m(device) if fused_tuned is None else fused_tuned
     gemv_tuned = mm.gemv_max_m(device) if gemv_derived is None else gemv_derived
-    gemv_at = tune.gemv_runs_at(rows, gemv_tuned)
+    gemv_at = tune.gemv_runs_at(ordered, gemv_tuned)
     tma_tuned = tune.tma_fastest_from(rows)
     tma_tuned = mm.tma_min_m(device) if tma_tuned is None else tma_tuned
-    tuned_same = (gemv_tuned, fused_tuned, tma_tuned) == (mm.gemv_max_m(device), mm.fused_max_m(device),
-                                                          mm.tma_min_m(device))
-    for row in rows:
-        tuned = tune.nf4_auto_time(row, (row["shape"], row["M"]) in gemv_at, gemv_tuned, fused_tuned, tma_tuned)
+    tuned_same = (gemv_tuned, fused_tuned, tma_tuned, swap_tuned) == (
+        mm.gemv_max_m(device), mm.fused_max_m(device), mm.tma_min_m(device), mm.fused_swap(device))
+    for row, in_order in zip(rows, ordered):
+        tuned = tune.nf4_auto_time(in_order, (row["shape"], row["M"]) in gemv_at, gemv_tuned, fused_tuned, tma_tuned)
         cub = row["cublas"]
         row["nf4_tuned"] = tuned
         row["tuned/cublas"] = tuned / cub if tuned and cub else None
@@ -331,6 +344,9 @@ def main() -> int:
         print(f"  {key}: {m if m is not None else 'none in range'}")
     print(f"gemv is the fastest NF4 forward, summed over the shapes, up to M = {gemv_max} "
           f"(GEMV_MAX_M is now {mm.gemv_max_m(device)}; the kernel takes M <= {mm.GEMV_MAX_ROWS})")
+    if swap_pick is not None:
+        print(f"fused forward operand order: {'W x^T (swap)' if swap_pick[0] else 'x W^T'}, {swap_pick[1]} "
+              f"(FusedConfig.swap's default is now {mm.fused_swap(device)})")
     print(f"bench/tune.py would write: gemv to M = {gemv_tuned}, fused to M = {fused_tuned}, tma from M = {tma_tuned} ("
           + ("the thresholds this run had)" if tuned_same else
              "the targets below are also checked for them: tuned/cublas)"))
@@ -597,17 +613,25 @@ def sweep_fused(args, shapes, ms, weights, randn, bench, mm):
         next_q = weights[(n, k)]  # cycles through the copies: no L2 reuse between calls
         x, dy = randn(m, k), randn(m, n)
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-        grid = [mm.FusedConfig(block_m, bn, split, warps, stages)
-                for bn, split, warps, stages in itertools.product((32, 64, 128), (1, 2, 4, 8, 16), (4, 8), (2, 3, 4))]
+        grid = [mm.FusedConfig(block_m, bn, split, warps, stages) for bn, split, warps, stages
+                in itertools.product((32, 64, 128), (1, 2, 4, 8, 16), (4, 8), (1, 2, 3, 4))]
         if args.smoke:
             grid = grid[:1]
+        q0 = next_q()
+        # the forward's tiles with the decode and operand order its default takes (the register decode and
+        # W x^T for bf16 x): those are what the tiles would serve
+        fwd = mm.default_fused_config("forward", m, n, k, q0.blocksize, x.device,
+                                      prmt=mm.prmt_decode_applies(x.dtype, k % q0.blocksize == 0, q0.packed))
         for kind in ("fwd", "bwd"):
+            configs = ([dataclasses.replace(c, decode=fwd.decode, swap=fwd.swap) for c in grid] if kind == "fwd"
+                       else grid)
+
             def run(cfg, kind=kind):
                 q = next_q()
                 return mm.nf4_fused_forward(x, q, cfg) if kind == "fwd" else mm.nf4_fused_backward(dy, q, cfg)
 
             default = bench(lambda: run(None), m, quick=True)
-            best, best_cfg = fastest(lambda cfg: bench(lambda: run(cfg), m, quick=True), grid)
+            best, best_cfg = fastest(lambda cfg: bench(lambda: run(cfg), m, quick=True), configs)
             out.append({"dir": kind, "shape": f"{n}x{k}", "M": m, "default_ms": default, "best_ms": best,
                         "best_config": str(best_cfg)})
     return out

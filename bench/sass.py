@@ -50,7 +50,7 @@ def _fused_fwd(prmt: bool) -> tuple:
              "chunks_per_split": "i32:any"},
             {"stride_xk": 1, "stride_on": 1, "BLOCKSIZE": 64, "CHUNK": 64, "ALIGNED": True,
              "DOUBLE_QUANT": True, "NESTED": 256, "BLOCK_M": 16, "BLOCK_N": 128, "DOT_PRECISION": "tf32",
-             "SPLIT": True, "PRMT": prmt, "ASM": True},
+             "SPLIT": True, "PRMT": prmt, "ASM": True, "SWAP": prmt},
             4, 3)
 
 

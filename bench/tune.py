@@ -23,6 +23,10 @@ tuning file (the shipped ``kernels/tuning.json`` by default). What each setting 
 * ``nf4.dequant_cache``: from ``bench/nf4.py --cache`` (a whole run with no variant in error), on where
   the dequant cache's training-step sequences took at least 1% less time than the same with it off,
   summed over the cases;
+* ``nf4.fused_swap``: the fused forward's operand order with the register decode (``FusedConfig.swap``,
+  W x^T per chunk; false: x W^T) with the lower time summed over the forward rows that timed both
+  (``nf4_fused_swap``, ``nf4_fused_xw``); the fused and gemv thresholds are then derived with that order's
+  times;
 * ``nf4.gemv_tiles`` (per swept M) and ``nf4.dequant_launch``: from ``--sweep-gemv`` and
   ``--sweep-dequant``, the one config whose time summed over the shapes is lowest, where it beats the
   heuristic's sum by more than ``--min-gain`` (default 3%); where none does, the setting (or that M's
@@ -100,6 +104,30 @@ def fused_fwd_time(row: dict) -> float | None:
     2026-11-27; files from before that timed it beside the table decode as ``nf4_fused_prmt``."""
     prmt = row.get("nf4_fused_prmt")
     return prmt if prmt is not None else row.get("nf4_fused")
+
+
+def fused_swap_pick(rows: list[dict]) -> tuple[bool, str] | None:
+    """(swap, why): the fused forward's operand order (``FusedConfig.swap``) with the lower time summed over
+    the forward rows that timed both (``nf4_fused_swap``, W x^T; ``nf4_fused_xw``, x W^T); None without such
+    rows. A tie keeps swap (the fewer instructions in the sm_90 builds)."""
+    both = [r for r in rows if r.get("dir") == "fwd" and r.get("nf4_fused_swap") is not None
+            and r.get("nf4_fused_xw") is not None]
+    if not both:
+        return None
+    swap, xw = sum(r["nf4_fused_swap"] for r in both), sum(r["nf4_fused_xw"] for r in both)
+    return swap <= xw, (f"W x^T {swap:.4f} ms against x W^T {xw:.4f} ms summed over {len(both)} forward rows "
+                        f"(M = {', '.join(str(m) for m in sorted({r['M'] for r in both}))})")
+
+
+def with_fused_order(rows: list[dict]) -> list[dict]:
+    """``rows`` (copies where changed) with ``nf4_fused`` the time of the operand order ``fused_swap_pick``
+    chooses, where a row timed both orders: the fused time the tuned entry's ``auto`` will run."""
+    pick = fused_swap_pick(rows)
+    if pick is None:
+        return rows
+    column = "nf4_fused_swap" if pick[0] else "nf4_fused_xw"
+    return [dict(r, nf4_fused=r[column]) if r.get("dir") == "fwd" and r.get(column) is not None
+            and r.get("nf4_fused_swap") is not None and r.get("nf4_fused_xw") is not None else r for r in rows]
 
 
 def fused_fastest_up_to(rows: list[dict]) -> int | None:
@@ -291,6 +319,10 @@ def derive(result: dict, min_gain: float = 0.03) -> dict[str, tuple[object, str]
     bench = result.get("bench", "")
     if bench in ("nf4", "nf4-graph"):
         rows = result.get("rows", [])
+        swap = fused_swap_pick(rows)
+        if swap is not None:
+            out["nf4.fused_swap"] = swap
+        rows = with_fused_order(rows)  # the thresholds below with the fused order the entry will hold
         smallest = min((r["M"] for r in rows if "M" in r), default=None)
         # tiles: a config per swept M, or None where the sweep found none better than the heuristic
         tiles = {}

@@ -16,7 +16,9 @@ paths, chosen by M (rows of x after flattening leading dims):
   Where K is a multiple of the blocksize the forward does not dequantize: a 1 KB table gives each
   packed byte's two code values in x's dtype with one load, the dot runs on the codes, and each
   row's block scale multiplies the chunk's product (sm_90: ~6 instructions per weight, ~13 with a
-  code gather per value and a multiply per weight). Small grids are split along the reduction
+  code gather per value and a multiply per weight). With bf16 x (the register decode) each chunk's
+  product is W x^T by default (``FusedConfig.swap``): W's rows are the matrix unit's M dimension, a
+  warpgroup MMA on sm_90. Small grids are split along the reduction
   (``FusedConfig.split``) into fp32 partials; in the forward the last split of each tile adds them
   up in split order (deterministic; an arrival count per tile), in the backward a second launch.
 * ``dequant`` (large M: training): the Triton dequantize kernel writes W in the compute dtype
@@ -97,6 +99,14 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
 # forward beat it up to M = 16 on an H100 (2026-11-27; the H100's tuning entry says so); without a
 # tuning entry auto does not take the fused kernel; BEZOAR_NF4_FUSED_MAX_M turns it on.
 FUSED_MAX_M = 0
+# The fused forward's default operand order with the register decode (FusedConfig.swap): W x^T per chunk.
+# Its sm_90 loop at M <= 16 (128 rows of W, 4 warps, 3 stages; bench/sass.py nf4_fused_fwd_prmt) takes 360
+# instructions per 64 weights a thread on triton 3.6 (5.6 per weight; 375 on 3.9) against 541 for x W^T
+# (8.5; 546): a warpgroup MMA with W from the decode, where the two mma.sync dots of the even and odd
+# columns needed 81 register moves and 71 copies out of uniform registers per chunk. Untimed when this was
+# written; bench/nf4.py times both orders (nf4_fused and nf4_fused_xw) and bench/tune.py writes the faster
+# into a device's tuning entry (nf4.fused_swap).
+FUSED_SWAP = True
 # Largest M for the gemv kernel by default (M <= GEMV_MAX_ROWS, K a multiple of the blocksize). Measured
 # on an H200 (2026-11-26, torch 2.11, triton 3.6; bench/results/nf4-NVIDIA_H200-2026-11-26.json and
 # nf4-graph-*): gemv is the fastest NF4 forward at M = 1 on all three 3B shapes, eager and as a graph
@@ -192,6 +202,10 @@ class FusedConfig:
     # (bench/results/nf4-graph-NVIDIA_H100_80GB_HBM3-2026-11-27.json) it ran 3200x3200 at M = 1 in
     # 14.9 us against the table's 31.5, and 8640x3200 in 23.0 against 64.8
     decode: str = "table"
+    # forward with whole blocks and 16-bit x: each chunk's product as W x^T, W's rows the matrix unit's M
+    # dimension (``_nf4_matmul_fwd_kernel``'s SWAP); False: x W^T as two dots, the chunk's even and odd
+    # columns. default_fused_config takes it with the register decode (``fused_swap``)
+    swap: bool = False
 
     def __post_init__(self):
         if self.decode not in FUSED_DECODES:
@@ -246,7 +260,8 @@ def default_fused_config(kind: str, m: int, n: int, k: int, chunk: int, device: 
         # the fp32 partials (written, then read by the last split) stay within half of W's NF4 bytes
         split = max(1, min(split, k // (32 * m)))
     decode = "prmt" if prmt and kind == "forward" else "table"
-    return FusedConfig(block_m, block_n, split, num_warps=8 if big else 4, num_stages=3, decode=decode)
+    return FusedConfig(block_m, block_n, split, num_warps=8 if big else 4, num_stages=3, decode=decode,
+                       swap=decode == "prmt" and fused_swap(device))
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -331,7 +346,7 @@ if triton is not None:
         # meta
         BLOCKSIZE: tl.constexpr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
         NESTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        SPLIT: tl.constexpr, PRMT: tl.constexpr, ASM: tl.constexpr,
+        SPLIT: tl.constexpr, PRMT: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr,
     ):
         """out[split, m, n] = sum over this split's K chunks of x[m, k] * W[n, k].
 
@@ -340,7 +355,12 @@ if triton is not None:
         x: the codes rounded, not code * absmax), and each row's block scale multiplies the chunk's
         (BLOCK_M, BLOCK_N) product, BLOCK_M multiplies per row instead of one per weight. With PRMT
         (bf16 x) the chunk's bytes are read as int32 words and their codes decoded in registers
-        (``_nf4_pair_tile``) instead: the same bf16 pairs, no table loads."""
+        (``_nf4_pair_tile``) instead: the same bf16 pairs, no table loads.
+
+        With SWAP (ALIGNED, 16-bit x) the chunk's product is W x^T: the pairs, joined into the chunk's
+        columns in order, are the first operand, so W's BLOCK_N rows are the matrix unit's M dimension
+        (a warpgroup MMA on sm_90, where x's BLOCK_M rows alone are too few) and one dot of CHUNK columns
+        replaces the two of the even and odd columns; the accumulator is (BLOCK_N, BLOCK_M)."""
         HALF: tl.constexpr = CHUNK // 2
         pid = tl.program_id(0)
         pid_split = tl.program_id(1)
@@ -353,7 +373,10 @@ if triton is not None:
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
         j = tl.arange(0, HALF)
 
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if SWAP:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if PRMT:
             h0, h2, l0, l2 = _nf4_plane_registers(table_ptr)
         chunk_begin = pid_split * chunks_per_split
@@ -362,9 +385,14 @@ if triton is not None:
         for chunk in range(chunk_begin, chunk_end):
             k_start = chunk * CHUNK
             k_even = (k_start + 2 * j).to(tl.int64)
-            x_hi = tl.load(x_rows + k_even[None, :] * stride_xk, mask=m_ok[:, None] & (k_even < K)[None, :], other=0.0)
-            x_lo = tl.load(x_rows + (k_even + 1)[None, :] * stride_xk, mask=m_ok[:, None] & (k_even + 1 < K)[None, :],
-                           other=0.0)
+            if SWAP:  # the chunk's columns in order (ALIGNED: all inside K)
+                x = tl.load(x_rows + (k_start + tl.arange(0, CHUNK)).to(tl.int64)[None, :] * stride_xk,
+                            mask=m_ok[:, None], other=0.0)
+            else:
+                x_hi = tl.load(x_rows + k_even[None, :] * stride_xk, mask=m_ok[:, None] & (k_even < K)[None, :],
+                               other=0.0)
+                x_lo = tl.load(x_rows + (k_even + 1)[None, :] * stride_xk,
+                               mask=m_ok[:, None] & (k_even + 1 < K)[None, :], other=0.0)
             if ALIGNED:
                 if not PRMT:
                     byte = tl.load(packed_ptr + offs_n[:, None] * (K // 2) + (k_start // 2 + j)[None, :],
@@ -383,9 +411,14 @@ if triton is not None:
                         pair = tl.load(table_ptr + byte.to(tl.int32))
                     c_hi = pair.to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)
                     c_lo = (pair >> 16).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)
-                part = tl.dot(x_hi, tl.trans(c_hi), input_precision=DOT_PRECISION)
-                part = tl.dot(x_lo, tl.trans(c_lo), part, input_precision=DOT_PRECISION)
-                acc += part * tl.where(n_ok, scale, 0.0)[None, :]
+                if SWAP:  # column 2c of the chunk is c_hi[:, c], column 2c + 1 c_lo[:, c]
+                    w = tl.reshape(tl.join(c_hi, c_lo), (BLOCK_N, CHUNK))
+                    part = tl.dot(w, tl.trans(x), input_precision=DOT_PRECISION)
+                    acc += part * tl.where(n_ok, scale, 0.0)[:, None]
+                else:
+                    part = tl.dot(x_hi, tl.trans(c_hi), input_precision=DOT_PRECISION)
+                    part = tl.dot(x_lo, tl.trans(c_lo), part, input_precision=DOT_PRECISION)
+                    acc += part * tl.where(n_ok, scale, 0.0)[None, :]
             else:
                 w_hi, w_lo = _nf4_weight_halves(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr,
                                                 offset, offs_n, k_start, N, K, BLOCKSIZE, CHUNK, ALIGNED,
@@ -393,6 +426,8 @@ if triton is not None:
                 acc = tl.dot(x_hi, tl.trans(w_hi.to(x_hi.dtype)), acc, input_precision=DOT_PRECISION)
                 acc = tl.dot(x_lo, tl.trans(w_lo.to(x_lo.dtype)), acc, input_precision=DOT_PRECISION)
 
+        if SWAP:
+            acc = tl.trans(acc)
         out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
         out_ok = m_ok[:, None] & n_ok[None, :]
         tl.store(out + pid_split * stride_os, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
@@ -652,6 +687,19 @@ def _split_counts(device: torch.device, tiles: int) -> torch.Tensor | None:
     return buf if tiles <= _SPLIT_COUNTS else None
 
 
+def fused_swap(device=None) -> bool:
+    """Whether the fused forward's default config (with the register decode) computes W x^T per chunk
+    (``FusedConfig.swap``): ``BEZOAR_NF4_FUSED_SWAP`` (0 or 1), else the device's tuning entry
+    ``nf4.fused_swap``, else FUSED_SWAP."""
+    value = os.environ.get("BEZOAR_NF4_FUSED_SWAP")
+    if value is not None and value.strip() != "":
+        if value.strip() not in ("0", "1"):
+            raise ValueError(f"BEZOAR_NF4_FUSED_SWAP: expected 0 or 1, got {value!r}")
+        return value.strip() == "1"
+    tuned = tuning.setting("nf4.fused_swap", device)
+    return FUSED_SWAP if tuned is None else tuned
+
+
 def nf4_fused_forward(x: torch.Tensor, weight: NF4Weight, config: FusedConfig | None = None) -> torch.Tensor:
     """x (M, K) @ dequant(W).T -> (M, N) in x's dtype, with the fused Triton kernel."""
     _check(x, weight, 1, "x")
@@ -672,6 +720,9 @@ def nf4_fused_forward(x: torch.Tensor, weight: NF4Weight, config: FusedConfig | 
     if prmt and not _prmt_operands_ok(x.dtype, meta["ALIGNED"], weight.packed):
         raise ValueError(f"nf4 fused: decode='prmt' needs bf16 x and K a multiple of the blocksize "
                          f"{weight.blocksize} with the packed bytes aligned to 4, got {x.dtype}, K={k}")
+    if cfg.swap and (x.dtype == torch.float32 or not meta["ALIGNED"]):
+        raise ValueError(f"nf4 fused: swap=True needs 16-bit x and K a multiple of the blocksize "
+                         f"{weight.blocksize}, got {x.dtype}, K={k}")
     table = (nf4_byte_table(x.device) if x.dtype == torch.float32 else nf4_code_planes(x.device) if prmt
              else nf4_pair_table(x.device, x.dtype))
     launch_fitting(_nf4_matmul_fwd_kernel, (tiles, split), (
@@ -681,7 +732,7 @@ def nf4_fused_forward(x: torch.Tensor, weight: NF4Weight, config: FusedConfig | 
     ), dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         enable_fp_fusion=False, SPLIT=counts is not None, PRMT=prmt, ASM=prmt and register_decode_asm(x.device),
-        **meta,
+        SWAP=cfg.swap, **meta,
     ))
     if split > 1 and counts is None:
         _sum_splits(out, x.dtype, final)

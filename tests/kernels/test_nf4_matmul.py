@@ -219,14 +219,15 @@ def test_fused_forward_defaults_to_the_register_decode_where_it_applies(monkeypa
     assert mm.default_fused_config("backward", 2, 32, 128, 64, cpu, prmt=True).decode == "table"
     seen = []
     real = mm.launch_fitting
-    monkeypatch.setattr(mm, "launch_fitting", lambda kernel, grid, args, meta: seen.append(meta["PRMT"])
-                        or real(kernel, grid, args, meta))
+    monkeypatch.setattr(mm, "launch_fitting", lambda kernel, grid, args, meta:
+                        seen.append((meta["PRMT"], meta["SWAP"])) or real(kernel, grid, args, meta))
+    swap = mm.fused_swap(cpu)
     with backend("triton"):
         y = mm.nf4_fused_forward(_inputs((2, 128), torch.bfloat16), weight)
         mm.nf4_fused_forward(_inputs((2, 128), torch.float16), weight)
-        table = mm.nf4_fused_forward(_inputs((2, 128), torch.bfloat16), weight,
-                                     mm.default_fused_config("forward", 2, 32, 128, 64, cpu))
-    assert seen == [True, False, False] and torch.equal(y, table)
+        table = mm.nf4_fused_forward(_inputs((2, 128), torch.bfloat16), weight, dataclasses.replace(
+            mm.default_fused_config("forward", 2, 32, 128, 64, cpu), swap=swap))
+    assert seen == [(True, swap), (False, False), (False, swap)] and torch.equal(y, table)
 
 
 @pytest.mark.parametrize("m,n,k,blocksize,block_n,split", [
@@ -244,6 +245,83 @@ def test_fused_register_decode_equals_the_pair_table(m, n, k, blocksize, block_n
         table = mm.nf4_fused_forward(x, weight, cfg)
         prmt = mm.nf4_fused_forward(x, weight, dataclasses.replace(cfg, decode="prmt"))
     assert torch.equal(prmt, table)
+
+
+SWAP_CASES = [(3, 37, 128, 64, 32, 1), (5, 70, 256, 128, 64, 2), (1, 20, 512, 128, 16, 2), (17, 40, 192, 64, 32, 3),
+              (16, 130, 256, 64, 128, 1)]
+
+
+@pytest.mark.parametrize("m,n,k,blocksize,block_n,split", SWAP_CASES)
+def test_fused_swap_computes_w_times_x(m, n, k, blocksize, block_n, split):
+    """FusedConfig(swap=True): each chunk's product as W x^T with the chunk's columns in order. In fp16
+    (the interpreter's bf16 dot is not exact; test_fused_swap_on_gpu covers bf16) it equals the product
+    with the codes rounded to fp16 (the aligned forward's operands) to within the summation order, as
+    x W^T does: K splits, N past the last row tile, M past 16, blocksizes 64 and 128."""
+    weight = _weight(n, k, blocksize, seed=n)
+    x = _inputs((m, k), torch.float16, seed=m)
+    cfg = mm.FusedConfig(16, block_n, split=split, swap=True)
+    with backend("triton"):
+        swapped = mm.nf4_fused_forward(x, weight, cfg)
+        plain = mm.nf4_fused_forward(x, weight, dataclasses.replace(cfg, swap=False))
+    want = (x.double() @ _dequant_rounded_codes(weight, torch.float16).double().t()).to(torch.float16)
+    assert_close(swapped, want, *TOLERANCES[torch.float16], name="fused swap")
+    assert_close(swapped, plain, *TOLERANCES[torch.float16], name="fused swap against x W^T")
+
+
+@pytest.mark.parametrize("m,n,k,blocksize,block_n,split", SWAP_CASES)
+def test_fused_swap_register_decode_equals_the_pair_table(m, n, k, blocksize, block_n, split):
+    """With swap, the register decode (bf16) hands the one dot per chunk the pair table's operands in the
+    same order: equal outputs bit for bit (the interpreter's bf16 dot is shared by both runs)."""
+    weight = _weight(n, k, blocksize, seed=n)
+    x = _inputs((m, k), torch.bfloat16, seed=m)
+    cfg = mm.FusedConfig(16, block_n, split=split, swap=True)
+    with backend("triton"):
+        table = mm.nf4_fused_forward(x, weight, cfg)
+        prmt = mm.nf4_fused_forward(x, weight, dataclasses.replace(cfg, decode="prmt"))
+    assert torch.equal(prmt, table)
+
+
+def test_fused_swap_default_and_its_checks(monkeypatch):
+    """The register decode's default config takes swap (FUSED_SWAP, or BEZOAR_NF4_FUSED_SWAP, or a tuning
+    entry); the table's does not. swap needs 16-bit x and whole blocks: anything else is one error."""
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("BEZOAR_NF4_FUSED_SWAP", raising=False)
+    assert mm.default_fused_config("forward", 2, 32, 128, 64, cpu, prmt=True).swap is mm.FUSED_SWAP
+    assert not mm.default_fused_config("forward", 2, 32, 128, 64, cpu).swap
+    assert not mm.default_fused_config("backward", 2, 32, 128, 64, cpu, prmt=True).swap
+    monkeypatch.setenv("BEZOAR_NF4_FUSED_SWAP", "0")
+    assert not mm.default_fused_config("forward", 2, 32, 128, 64, cpu, prmt=True).swap
+    monkeypatch.setenv("BEZOAR_NF4_FUSED_SWAP", "1")
+    assert mm.default_fused_config("forward", 2, 32, 128, 64, cpu, prmt=True).swap
+    monkeypatch.setenv("BEZOAR_NF4_FUSED_SWAP", "yes")
+    with pytest.raises(ValueError, match="BEZOAR_NF4_FUSED_SWAP: expected 0 or 1, got 'yes'"):
+        mm.fused_swap(cpu)
+    monkeypatch.delenv("BEZOAR_NF4_FUSED_SWAP")
+    cfg = mm.FusedConfig(16, 32, swap=True)
+    with backend("triton"), pytest.raises(ValueError, match="swap=True needs 16-bit x"):
+        mm.nf4_fused_forward(_inputs((2, 128), torch.float32), _weight(32, 128), cfg)
+    with backend("triton"), pytest.raises(ValueError, match="swap=True needs 16-bit x and K a multiple of the "
+                                                            "blocksize 64, got torch.bfloat16, K=100"):
+        mm.nf4_fused_forward(_inputs((2, 100), torch.bfloat16), _weight(32, 100), cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4, 16, 64])
+@pytest.mark.parametrize("n,k", [(8640, 3200), (3200, 8640), (3200, 3200)])
+def test_fused_swap_on_gpu(n, k, m):
+    """The swapped fused forward on the GPU (a warpgroup MMA on sm_90, W's rows as its M dimension, the
+    register decode's PTX) against an fp32 product of the bf16-rounded codes, and against x W^T, at the
+    3B shapes and the M the fused path serves."""
+    weight = _weight(n, k, device="cuda")
+    x = _inputs((m, k), torch.bfloat16, device="cuda")
+    cfg = dataclasses.replace(mm.default_fused_config("forward", m, n, k, weight.blocksize, x.device, prmt=True),
+                              swap=True)
+    with backend("triton"):
+        swapped = mm.nf4_fused_forward(x, weight, cfg)
+        plain = mm.nf4_fused_forward(x, weight, dataclasses.replace(cfg, swap=False))
+    want = (x.float() @ _dequant_rounded_codes(weight, torch.bfloat16).t()).to(torch.bfloat16)
+    assert_close(swapped, want, 2e-2, 2e-2, name="fused swap on GPU")
+    assert_close(swapped, plain, 2e-2, 2e-2, name="fused swap against x W^T on GPU")
 
 
 @pytest.mark.gpu

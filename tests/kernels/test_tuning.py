@@ -35,7 +35,8 @@ tune = _load_bench("tune")
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch):
     for var in ("BEZOAR_TUNING", "BEZOAR_NF4_GEMV_MAX_M", "BEZOAR_NF4_FUSED_MAX_M", "BEZOAR_NF4_TMA_MIN_M",
-                "BEZOAR_LORA_LARGE_M_PATH", "BEZOAR_LORA_FUSED_MAX_M", "BEZOAR_LORA_CONCAT_ALIGN"):
+                "BEZOAR_LORA_LARGE_M_PATH", "BEZOAR_LORA_FUSED_MAX_M", "BEZOAR_LORA_CONCAT_ALIGN",
+                "BEZOAR_NF4_FUSED_SWAP"):
         monkeypatch.delenv(var, raising=False)
     tuning.reload()
     yield
@@ -335,6 +336,8 @@ def test_user_file_overrides_the_shipped_entry(tmp_path, monkeypatch):
      '"num_warps": 4}}, "triton": "3.6"}}}', r"merge_launch\.layout: expected one of pairs, two_dots, joined"),
     ('{"format": 1, "devices": {"cpu": {"settings": {"lora.merge_launch": {"block_n": 48, "num_warps": 4}}, '
      '"triton": "3.6"}}}', r"merge_launch\.block_n: expected a power of two"),
+    ('{"format": 1, "devices": {"cpu": {"settings": {"nf4.fused_swap": 1}}}}',
+     r"devices\.cpu\.settings\.nf4\.fused_swap: expected true or false, got 1"),
     # a power of two the merge kernel cannot take (tl.dot needs 16 rows): the file is refused, not every call
     ('{"format": 1, "devices": {"cpu": {"settings": {"lora.merge_launch": {"block_n": 8, "num_warps": 4}}, '
      '"triton": "3.6"}}}', r"merge_launch\.block_n: expected at least 16"),
@@ -405,6 +408,34 @@ def test_gemv_and_fused_thresholds():
     old = [dict(r, nf4_fused=3.0, nf4_fused_prmt=1.0 if r["M"] <= 4 else 2.5) for r in faster_fused]
     assert tune.fused_fastest_up_to(old) == 4
     assert tune.fused_fwd_time({"nf4_fused": 3.0, "nf4_fused_prmt": None}) == 3.0
+
+
+def test_fused_operand_order_from_both_orders_timed(tmp_path, monkeypatch):
+    """nf4.fused_swap: the order with the lower forward time summed over the rows that timed both; the
+    fused threshold is then derived with that order's times (the rows' nf4_fused ran the old default),
+    and the entry reaches the fused forward's default config (the environment first)."""
+    rows = [{"dir": "fwd", "shape": s, "M": m, "nf4_fused": 3.0, "nf4_fused_swap": swap, "nf4_fused_xw": xw,
+             "nf4_dequant": 2.0} for s, m, swap, xw in
+            (("a", 1, 1.0, 2.5), ("b", 1, 1.5, 2.5), ("a", 16, 1.5, 2.5), ("b", 16, 2.4, 2.5))]
+    rows.append({"dir": "fwd", "shape": "a", "M": 64, "nf4_fused": 3.0, "nf4_fused_swap": None,
+                 "nf4_fused_xw": 1.0, "nf4_dequant": 2.0})  # one order only: not weighed, keeps nf4_fused
+    swap, why = tune.fused_swap_pick(rows)
+    assert swap is True and "6.4000 ms against x W^T 10.0000 ms summed over 4 forward rows (M = 1, 16)" in why
+    derived = tune.derive({"bench": "nf4-graph", "rows": rows})
+    assert derived["nf4.fused_swap"][0] is True
+    # with swap's times the fused forward beats dequant (2.0 + 2.0) at M = 1 and 16; nf4_fused (3.0) did not
+    assert derived["nf4.fused_max_m"][0] == 16
+    assert tune.fused_fastest_up_to(rows) == 0
+    slower = [dict(r, nf4_fused_swap=r["nf4_fused_swap"] and r["nf4_fused_swap"] + 2) for r in rows]
+    assert tune.derive({"bench": "nf4-graph", "rows": slower})["nf4.fused_swap"][0] is False
+    assert tune.fused_swap_pick([dict(r, nf4_fused_xw=None) for r in rows]) is None
+    assert "nf4.fused_swap" not in tune.derive({"bench": "nf4-graph", "rows": [dict(r, nf4_fused_xw=None)
+                                                                              for r in rows]})
+    # the entry and the environment reach the default config
+    _user_file(tmp_path, monkeypatch, {"nf4.fused_swap": not mm.FUSED_SWAP})
+    assert mm.default_fused_config("forward", 1, 64, 128, 64, CPU, prmt=True).swap is (not mm.FUSED_SWAP)
+    monkeypatch.setenv("BEZOAR_NF4_FUSED_SWAP", "1" if mm.FUSED_SWAP else "0")
+    assert mm.default_fused_config("forward", 1, 64, 128, 64, CPU, prmt=True).swap is mm.FUSED_SWAP
 
 
 def test_a_loss_at_a_smallest_m_above_one_sets_nothing():
