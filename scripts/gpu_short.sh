@@ -33,7 +33,8 @@
 #                  ones, by the width of the extra block (issue 4)
 #   merged_check   the merged path after a change: its GPU tests, then the no-dropout breakdown (NF4 alone, merged,
 #                  concat at 3200x3200, M = 16384, r = 16)
-#   nf4_gemv       bench/nf4.py in graph timing at M = 1, 4, 16 with the gemv sweep (issue 3, M <= 16)
+#   nf4_gemv       bench/nf4.py in graph timing at M = 1, 4, 16 with the gemv sweep and the fused forward in both
+#                  operand orders (nf4_fused_swap, nf4_fused_xw): issue 3, M <= 16
 #   nf4_tma_sweep  bench/nf4.py --sweep-tma at M = 4096: the NF4 tma kernels' tile configs (issue 3, M >= 4096)
 #   lora_tma_sweep bench/lora.py --sweep-tma at M = 16384: the LoRA tma GEMMs with no adapter against cuBLAS
 #   tma_tests      the GPU tests of the NF4 and LoRA tma kernels
@@ -51,7 +52,7 @@ cd "$ROOT" || exit 1
 source "$HERE/gpu_env.sh"
 
 ALL_PARTS=(gpu_tests nf4_cache step_cache nf4_small decode generate lora lora_nodrop lora_breakdown merge concat_align gemm_widths merged_check nf4_gemv nf4_tma_sweep lora_tma_sweep tma_tests small_tests)
-PARTS=concat_align,gpu_tests
+PARTS=gpu_tests,nf4_gemv,concat_align
 DRY_RUN=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -158,7 +159,7 @@ run_part() {
       part concat_align_tests 60 env -u TRITON_INTERPRET -u BEZOAR_LORA_CONCAT_ALIGN \
         BEZOAR_TUNING="$OUT_DIR/concat-tuning.json" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider -rfE \
         "${parallel[@]}" "${CONCAT_TESTS[@]}"
-      part concat_align_tests_64 60 env -u TRITON_INTERPRET BEZOAR_LORA_CONCAT_ALIGN=64 "$PYTHON" -m pytest -q -m gpu \
+      part concat_align_tests_64 50 env -u TRITON_INTERPRET BEZOAR_LORA_CONCAT_ALIGN=64 "$PYTHON" -m pytest -q -m gpu \
         -p no:cacheprovider -rfE "${parallel[@]}" "${CONCAT_TESTS[@]}" ;;
     gemm_widths) part gemm_widths 90 "$PYTHON" bench/gemm_widths.py --budget 75 --out "$OUT_DIR" ;;
     merged_check)

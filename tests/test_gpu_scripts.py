@@ -76,11 +76,12 @@ def test_gpu_short_dry_run_fits_one_call_and_runs_the_parts_asked_for():
     text = out.stdout
     assert "pip install -q --no-deps --no-build-isolation -e ." in text
     parts = re.findall(r"part (\w+) \(limit (\d+)s\)", text)
-    assert [name for name, _ in parts] == ["concat_align_sweep", "concat_align_tune", "concat_align_tests",
-                                           "concat_align_tests_64", "gpu_tests"], parts
+    assert [name for name, _ in parts] == ["gpu_tests", "nf4_gemv", "concat_align_sweep", "concat_align_tune",
+                                           "concat_align_tests", "concat_align_tests_64"], parts
     # one device call of timeout_s=590 (bench/README.md): the parts' limits, kill grace included
     assert sum(int(limit) for _, limit in parts) + 10 * len(parts) <= 590, parts
     for piece in ("GPU_TEST_LIMIT=150 bash scripts/gpu_check.sh --gpu-only",
+                  "--sweep-gemv --out /tmp/bezoar-gpu-out",
                   "bench/lora.py --sweep-concat-align --budget 95 --out /tmp/bezoar-gpu-out",
                   "--keys lora.concat_align", "BEZOAR_TUNING=/tmp/bezoar-gpu-out/concat-tuning.json",
                   "BEZOAR_LORA_CONCAT_ALIGN=64"):
@@ -185,15 +186,15 @@ def test_gpu_short_cuts_parts_to_its_total():
 
     text = parts(100)
     found = re.findall(r"part (\w+) \(limit (\d+)s\)", text)
-    expected = [("concat_align_sweep", 100), ("concat_align_tune", 20), ("concat_align_tests", 60),
-                ("concat_align_tests_64", 60), ("gpu_tests", 100)]
+    expected = [("gpu_tests", 100), ("nf4_gemv", 100), ("concat_align_sweep", 100), ("concat_align_tune", 20),
+                ("concat_align_tests", 60), ("concat_align_tests_64", 50)]
     assert [name for name, _ in found] == [name for name, _ in expected], text
     # a dry run spends a second or two (more on a loaded machine), which the total's cut counts
     for (name, limit), (_, most) in zip(found, expected):
         assert most - 5 <= int(limit) <= most, (name, limit, text)
     text = parts(15)
     assert not re.findall(r"part \w+ \(limit", text)
-    assert text.count("skipped: 15s left of 15s") == 5
+    assert text.count("skipped: 15s left of 15s") == 6
 
 
 def test_fetch_wheels_dry_run_names_the_wheel_for_the_gpu_machine():
