@@ -100,12 +100,12 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
 # tuning entry auto does not take the fused kernel; BEZOAR_NF4_FUSED_MAX_M turns it on.
 FUSED_MAX_M = 0
 # The fused forward's default operand order with the register decode (FusedConfig.swap): W x^T per chunk.
-# Its sm_90 loop at M <= 16 (128 rows of W, 4 warps, 3 stages; bench/sass.py nf4_fused_fwd_prmt) takes 360
-# instructions per 64 weights a thread on triton 3.6 (5.6 per weight; 375 on 3.9) against 541 for x W^T
+# Its sm_90 loop at M <= 16 (128 rows of W, 4 warps, 3 stages; bench/sass.py nf4_fused_fwd_prmt) takes 394
+# instructions per 64 weights a thread on triton 3.6 (6.2 per weight; 399 on 3.9) against 541 for x W^T
 # (8.5; 546): a warpgroup MMA with W from the decode, where the two mma.sync dots of the even and odd
 # columns needed 81 register moves and 71 copies out of uniform registers per chunk. Untimed when this was
-# written; bench/nf4.py times both orders (nf4_fused and nf4_fused_xw) and bench/tune.py writes the faster
-# into a device's tuning entry (nf4.fused_swap).
+# written; bench/nf4.py times both orders (nf4_fused_swap and nf4_fused_xw) and bench/tune.py writes the
+# faster into a device's tuning entry (nf4.fused_swap).
 FUSED_SWAP = True
 # Largest M for the gemv kernel by default (M <= GEMV_MAX_ROWS, K a multiple of the blocksize). Measured
 # on an H200 (2026-11-26, torch 2.11, triton 3.6; bench/results/nf4-NVIDIA_H200-2026-11-26.json and

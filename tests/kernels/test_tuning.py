@@ -135,6 +135,8 @@ def test_tuned_gemv_tiles_and_dequant_launch_reach_the_launches(tmp_path, monkey
     mm.nf4_gemv_forward(torch.randn(3, 512), weight)  # 4 rows of x: the heuristic's tiles
     first, second = gemv.launches
     assert (first["BLOCK_N"], first["BLOCKS"], first["num_warps"], first["grid"]) == (16, 2, 2, (2, 4))
+    # the byte table scales per block at one row of x, per word at more (gemv_block_scale)
+    assert (first["BLOCK_SCALE"], second["BLOCK_SCALE"]) == (True, False)
     heuristic = mm.gemv_tile(4, 64, 8)
     assert (second["BLOCK_N"], second["BLOCKS"], second["num_warps"]) == (*heuristic, 4)
     dequant = _LaunchSpy()
@@ -428,6 +430,10 @@ def test_fused_operand_order_from_both_orders_timed(tmp_path, monkeypatch):
     assert tune.fused_fastest_up_to(rows) == 0
     slower = [dict(r, nf4_fused_swap=r["nf4_fused_swap"] and r["nf4_fused_swap"] + 2) for r in rows]
     assert tune.derive({"bench": "nf4-graph", "rows": slower})["nf4.fused_swap"][0] is False
+    # x W^T picked: its times (1.0) beat dequant where swap's (2.5) would not, so the threshold is x W^T's
+    xw_wins = [dict(r, nf4_fused_swap=2.5, nf4_fused_xw=1.0) if r["nf4_fused_swap"] is not None else r for r in rows]
+    derived = tune.derive({"bench": "nf4-graph", "rows": xw_wins})
+    assert derived["nf4.fused_swap"][0] is False and derived["nf4.fused_max_m"][0] == 16
     assert tune.fused_swap_pick([dict(r, nf4_fused_xw=None) for r in rows]) is None
     assert "nf4.fused_swap" not in tune.derive({"bench": "nf4-graph", "rows": [dict(r, nf4_fused_xw=None)
                                                                               for r in rows]})
@@ -755,6 +761,9 @@ def test_tuned_register_decode_is_for_16_bit_x_only(tmp_path, monkeypatch):
     mm.nf4_gemv_forward(torch.randn(1, 512), weight, mm.GemvConfig(table="prmt"))
     assert [launch["TABLE"] for launch in gemv.launches] == ["byte", "prmt", "prmt"]
     assert [launch["ASM"] for launch in gemv.launches] == [False, False, False]  # the interpreter's model
+    mm.nf4_gemv_forward(torch.randn(3, 512).half(), weight, mm.GemvConfig(table="prmt"))
+    # one scale per block with "prmt" at any rows of x (gemv_block_scale)
+    assert [launch["BLOCK_SCALE"] for launch in gemv.launches] == [True, True, True, True]
 
 
 def test_register_decode_needs_an_nvidia_gpu_or_the_interpreter(monkeypatch):
