@@ -123,7 +123,7 @@ CONCAT_TESTS=(tests/kernels/test_lora.py tests/kernels/test_norm_lora.py tests/k
   -k "concat or test_norm_lora.py or test_swiglu_lora.py")
 run_part() {
   case "$1" in
-    gpu_tests) part gpu_tests 180 env GPU_TEST_LIMIT=150 bash scripts/gpu_check.sh --gpu-only ;;
+    gpu_tests) part gpu_tests 160 env GPU_TEST_LIMIT=140 bash scripts/gpu_check.sh --gpu-only ;;
     nf4_cache) part nf4_cache 50 "$PYTHON" bench/nf4.py --cache --out "$OUT_DIR" ;;
     step_cache) part step_cache 150 "$PYTHON" bench/step.py --tokens 8192 --lora qkv --workloads sft \
       --impls bezoar-full,bezoar-full-cache --breakdown 2 --out "$OUT_DIR" ;;
@@ -167,7 +167,7 @@ run_part() {
         "${parallel[@]}" tests/kernels/test_lora.py -k merge
       part merged_breakdown 40 "$PYTHON" bench/lora.py --breakdown "$NO_DROPOUT_CASES" --dropout 0 --shapes 3200x3200 \
         --ms 16384 --ranks 16 --paths concat --no-groups --out "$OUT_DIR" ;;
-    nf4_gemv) part nf4_gemv 110 "$PYTHON" bench/nf4.py --timing graph --ms 1,4,16 --sweep-gemv --out "$OUT_DIR" ;;
+    nf4_gemv) part nf4_gemv 130 "$PYTHON" bench/nf4.py --timing graph --ms 1,4,16 --sweep-gemv --out "$OUT_DIR" ;;
     nf4_tma_sweep) part nf4_tma_sweep 110 "$PYTHON" bench/nf4.py --sweep-tma --ms 4096 --out "$OUT_DIR" ;;
     lora_tma_sweep) part lora_tma_sweep 100 "$PYTHON" bench/lora.py --sweep-tma --ms 16384 --out "$OUT_DIR" ;;
     tma_tests) part tma_tests 75 env -u TRITON_INTERPRET "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider -rfE \

@@ -80,7 +80,7 @@ def test_gpu_short_dry_run_fits_one_call_and_runs_the_parts_asked_for():
                                            "concat_align_tests", "concat_align_tests_64"], parts
     # one device call of timeout_s=590 (bench/README.md): the parts' limits, kill grace included
     assert sum(int(limit) for _, limit in parts) + 10 * len(parts) <= 590, parts
-    for piece in ("GPU_TEST_LIMIT=150 bash scripts/gpu_check.sh --gpu-only",
+    for piece in ("GPU_TEST_LIMIT=140 bash scripts/gpu_check.sh --gpu-only",
                   "--sweep-gemv --out /tmp/bezoar-gpu-out",
                   "bench/lora.py --sweep-concat-align --budget 95 --out /tmp/bezoar-gpu-out",
                   "--keys lora.concat_align", "BEZOAR_TUNING=/tmp/bezoar-gpu-out/concat-tuning.json",

@@ -338,7 +338,7 @@ def test_user_file_overrides_the_shipped_entry(tmp_path, monkeypatch):
      '"num_warps": 4}}, "triton": "3.6"}}}', r"merge_launch\.layout: expected one of pairs, two_dots, joined"),
     ('{"format": 1, "devices": {"cpu": {"settings": {"lora.merge_launch": {"block_n": 48, "num_warps": 4}}, '
      '"triton": "3.6"}}}', r"merge_launch\.block_n: expected a power of two"),
-    ('{"format": 1, "devices": {"cpu": {"settings": {"nf4.fused_swap": 1}}}}',
+    ('{"format": 1, "devices": {"cpu": {"settings": {"nf4.fused_swap": 1}, "triton": "3.6"}}}',
      r"devices\.cpu\.settings\.nf4\.fused_swap: expected true or false, got 1"),
     # a power of two the merge kernel cannot take (tl.dot needs 16 rows): the file is refused, not every call
     ('{"format": 1, "devices": {"cpu": {"settings": {"lora.merge_launch": {"block_n": 8, "num_warps": 4}}, '
@@ -438,7 +438,7 @@ def test_fused_operand_order_from_both_orders_timed(tmp_path, monkeypatch):
     assert "nf4.fused_swap" not in tune.derive({"bench": "nf4-graph", "rows": [dict(r, nf4_fused_xw=None)
                                                                               for r in rows]})
     # the entry and the environment reach the default config
-    _user_file(tmp_path, monkeypatch, {"nf4.fused_swap": not mm.FUSED_SWAP})
+    _user_file(tmp_path, monkeypatch, {"nf4.fused_swap": not mm.FUSED_SWAP}, triton=_release())
     assert mm.default_fused_config("forward", 1, 64, 128, 64, CPU, prmt=True).swap is (not mm.FUSED_SWAP)
     monkeypatch.setenv("BEZOAR_NF4_FUSED_SWAP", "1" if mm.FUSED_SWAP else "0")
     assert mm.default_fused_config("forward", 1, 64, 128, 64, CPU, prmt=True).swap is mm.FUSED_SWAP
