@@ -347,13 +347,15 @@ def main() -> int:
     if swap_pick is not None:
         print(f"fused forward operand order: {'W x^T (swap)' if swap_pick[0] else 'x W^T'}, {swap_pick[1]} "
               f"(FusedConfig.swap's default is now {mm.fused_swap(device)})")
-    print(f"bench/tune.py would write: gemv to M = {gemv_tuned}, fused to M = {fused_tuned}, tma from M = {tma_tuned} ("
+    order = "W x^T" if swap_tuned else "x W^T"
+    print(f"bench/tune.py would write: gemv to M = {gemv_tuned}, fused to M = {fused_tuned}, tma from M = {tma_tuned}, "
+          f"fused order {order} ("
           + ("the thresholds this run had)" if tuned_same else
              "the targets below are also checked for them: tuned/cublas)"))
     targets = check_targets(rows, dequant_rows, ms)
     if not tuned_same:  # the same thresholds as this run's: the targets above already say it
         tuned_how = (f"auto with this run's derived thresholds (bench/tune.py): gemv to M = {gemv_tuned}, fused to "
-                     f"M = {fused_tuned}, tma from M = {tma_tuned}")
+                     f"M = {fused_tuned}, tma from M = {tma_tuned}, fused order {order}")
         targets += [dict(t, target=f"{t['target']} [{tuned_how}]") for t in check_targets(rows, [], ms, column="tuned")
                     if not t["target"].startswith(("dequantize", "("))]
     if args.smoke:  # interpreter timings say nothing about the GPU

@@ -567,12 +567,12 @@ def test_bench_smoke():
     assert re.search(r"with the swept tiles, bench/tune\.py would write: \{.*'nf4\.gemv_max_m': \d+", proc.stdout)
     assert "dequantize launch sweep" in proc.stdout
     # the targets again for the thresholds bench/tune.py would write from this run
-    said = re.search(r"bench/tune\.py would write: gemv to M = \d+, fused to M = \d+, tma from M = \d+ \((.*)\)",
-                     proc.stdout)
+    said = re.search(r"bench/tune\.py would write: gemv to M = \d+, fused to M = \d+, tma from M = \d+, fused order "
+                     r"(W x\^T|x W\^T) \((.*)\)", proc.stdout)
     assert said and "tuned/cublas" in proc.stdout
     # the tuned targets appear exactly when the derived thresholds differ from the ones the run had
     tuned_targets = re.findall(r"\[auto with this run's derived thresholds \(bench/tune\.py\): gemv to M = \d+, fused "
-                               r"to M = \d+, tma from M = \d+\]", proc.stdout)
+                               r"to M = \d+, tma from M = \d+, fused order (?:W x\^T|x W\^T)\]", proc.stdout)
     # the tma kernels are timed in smoke too (in fp16: they take no fp32), forward and backward
     lines = proc.stdout.splitlines()
     headers = [i for i, line in enumerate(lines) if line.startswith("| shape | M |") and "nf4_tma" in line]
@@ -581,7 +581,7 @@ def test_bench_smoke():
         column = [c.strip() for c in lines[i].split("|")].index("nf4_tma")
         row = next(line for line in lines[i:] if line.startswith("| 96x128 | 40 |"))
         float([c.strip() for c in row.split("|")][column])  # a time, not an empty cell
-    assert len(tuned_targets) == (0 if said.group(1) == "the thresholds this run had" else 4), tuned_targets
+    assert len(tuned_targets) == (0 if said.group(2) == "the thresholds this run had" else 4), tuned_targets
     assert not list((ROOT / "bench" / "results").glob("nf4-cpu-*.json")), "smoke mode must not write results"
 
 
