@@ -103,7 +103,9 @@ FUSED_MAX_M = 0
 # Its sm_90 loop at M <= 16 (128 rows of W, 4 warps, 3 stages; bench/sass.py nf4_fused_fwd_prmt) takes 394
 # instructions per 64 weights a thread on triton 3.6 (6.2 per weight; 399 on 3.9) against 541 for x W^T
 # (8.5; 546): a warpgroup MMA with W from the decode, where the two mma.sync dots of the even and odd
-# columns needed 81 register moves and 71 copies out of uniform registers per chunk. Untimed when this was
+# columns needed 81 register moves and 71 copies out of uniform registers per chunk. Without warpgroup MMAs
+# (sm_80, sm_86, sm_89 builds, triton 3.9: mma.sync in both orders) W x^T is still shorter, 465 against 524
+# on sm_80 and 473 against 556 on sm_86 and sm_89, so the default does not depend on the GPU. Untimed when this was
 # written; bench/nf4.py times both orders (nf4_fused_swap and nf4_fused_xw) and bench/tune.py writes the
 # faster into a device's tuning entry (nf4.fused_swap).
 FUSED_SWAP = True
