@@ -179,6 +179,12 @@ def main() -> int:
             if mm.gemv_supported(m, q):
                 add(f"fwd/nf4_gemv/{tag}/M={m}", lambda x=x, nq=next_q: mm.nf4_gemv_forward(x, nq()),
                     kind="fwd", peer="nf4_gemv", **key)
+                # the same config as a programmatic dependent launch (sm_90+; plain elsewhere): the graph
+                # replays 8 calls in a row, so each launch can be scheduled during the one before it
+                pdl = dataclasses.replace(mm._tuned_gemv_config(mm.next_power_of_2(m), device, dtype), pdl=True)
+                add(f"fwd/nf4_gemv_pdl/{tag}/M={m}",
+                    lambda x=x, nq=next_q, cfg=pdl: mm.nf4_gemv_forward(x, nq(), cfg),
+                    kind="fwd", peer="nf4_gemv_pdl", **key)
             add(f"fwd/nf4_fused/{tag}/M={m}", lambda x=x, nq=next_q: mm.nf4_fused_forward(x, nq()),
                 kind="fwd", peer="nf4_fused", **key)
             if dtype == torch.bfloat16 and m <= 64 and k % q.blocksize == 0:
@@ -271,7 +277,7 @@ def main() -> int:
                 dequant_rows.append({"shape": tag, "impl": impl, "ms": times[name], "GB/s": gbs,
                                      "of_copy_bw": gbs / copy_gbs, "same_size_copy_GB/s": same_gbs,
                                      "of_same_size_copy": gbs / same_gbs if same_gbs else None})
-    peers = {"fwd": ["cublas", "nf4_gemv", "nf4_fused", "nf4_fused_table", "nf4_fused_swap", "nf4_fused_xw",
+    peers = {"fwd": ["cublas", "nf4_gemv", "nf4_gemv_pdl", "nf4_fused", "nf4_fused_table", "nf4_fused_swap", "nf4_fused_xw",
                      "nf4_dequant", "nf4_tma", "nf4_auto", "bnb_dequant_linear", "bnb_matmul_4bit"],
              "bwd": ["cublas", "nf4_fused", "nf4_dequant", "nf4_tma", "nf4_auto", "bnb"]}
     for kind in ("fwd", "bwd"):
@@ -344,6 +350,10 @@ def main() -> int:
         print(f"  {key}: {m if m is not None else 'none in range'}")
     print(f"gemv is the fastest NF4 forward, summed over the shapes, up to M = {gemv_max} "
           f"(GEMV_MAX_M is now {mm.gemv_max_m(device)}; the kernel takes M <= {mm.GEMV_MAX_ROWS})")
+    pdl_pick = tune.gemv_pdl_pick(rows)
+    if pdl_pick is not None:
+        print(f"gemv as a programmatic dependent launch: {'on' if pdl_pick[0] else 'off'}, {pdl_pick[1]} "
+              f"(GemvConfig.pdl's default is now {mm.gemv_pdl(device)})")
     if swap_pick is not None:
         print(f"fused forward operand order: {'W x^T (swap)' if swap_pick[0] else 'x W^T'}, {swap_pick[1]} "
               f"(FusedConfig.swap's default is now {mm.fused_swap(device)})")

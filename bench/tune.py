@@ -27,6 +27,9 @@ tuning file (the shipped ``kernels/tuning.json`` by default). What each setting 
   W x^T per chunk; false: x W^T) with the lower time summed over the forward rows that timed both
   (``nf4_fused_swap``, ``nf4_fused_xw``); the fused and gemv thresholds are then derived with that order's
   times;
+* ``nf4.gemv_pdl``: whether the gemv kernel launches as a programmatic dependent launch, on where the
+  rows that timed the same gemv both ways (``nf4_gemv``, ``nf4_gemv_pdl``) take at least 3% less time
+  summed over them that way;
 * ``nf4.gemv_tiles`` (per swept M) and ``nf4.dequant_launch``: from ``--sweep-gemv`` and
   ``--sweep-dequant``, the one config whose time summed over the shapes is lowest, where it beats the
   heuristic's sum by more than ``--min-gain`` (default 3%); where none does, the setting (or that M's
@@ -117,6 +120,25 @@ def fused_swap_pick(rows: list[dict]) -> tuple[bool, str] | None:
     swap, xw = sum(r["nf4_fused_swap"] for r in both), sum(r["nf4_fused_xw"] for r in both)
     return swap <= xw, (f"W x^T {swap:.4f} ms against x W^T {xw:.4f} ms summed over {len(both)} forward rows "
                         f"(M = {', '.join(str(m) for m in sorted({r['M'] for r in both}))})")
+
+
+PDL_MIN_GAIN = 0.03  # a launch attribute that needs sm_90 and graph support: taken for a gain above noise
+
+
+def gemv_pdl_pick(rows: list[dict]) -> tuple[bool, str] | None:
+    """(on, why): whether the gemv kernel launches as a programmatic dependent launch (``nf4.gemv_pdl``),
+    from the forward rows that timed the gemv both ways (``nf4_gemv``, ``nf4_gemv_pdl``: the same config):
+    on where the dependent launches' time summed over them is at least ``PDL_MIN_GAIN`` lower; None
+    without such rows. The gemv and fused thresholds are derived from the plain launches' times, which
+    a dependent launch only shortens."""
+    both = [r for r in rows if r.get("dir") == "fwd" and r.get("nf4_gemv") is not None
+            and r.get("nf4_gemv_pdl") is not None]
+    if not both:
+        return None
+    plain, pdl = sum(r["nf4_gemv"] for r in both), sum(r["nf4_gemv_pdl"] for r in both)
+    return pdl <= plain * (1 - PDL_MIN_GAIN), (
+        f"dependent launches {pdl:.4f} ms against plain {plain:.4f} ms summed over {len(both)} forward rows "
+        f"(M = {', '.join(str(m) for m in sorted({r['M'] for r in both}))}; on from {PDL_MIN_GAIN:.0%} less)")
 
 
 def with_fused_order(rows: list[dict]) -> list[dict]:
@@ -322,6 +344,9 @@ def derive(result: dict, min_gain: float = 0.03) -> dict[str, tuple[object, str]
         swap = fused_swap_pick(rows)
         if swap is not None:
             out["nf4.fused_swap"] = swap
+        pdl = gemv_pdl_pick(rows)
+        if pdl is not None:
+            out["nf4.gemv_pdl"] = pdl
         rows = with_fused_order(rows)  # the thresholds below with the fused order the entry will hold
         smallest = min((r["M"] for r in rows if "M" in r), default=None)
         # tiles: a config per swept M, or None where the sweep found none better than the heuristic

@@ -109,6 +109,9 @@ FUSED_MAX_M = 0
 # written; bench/nf4.py times both orders (nf4_fused_swap and nf4_fused_xw) and bench/tune.py writes the
 # faster into a device's tuning entry (nf4.fused_swap).
 FUSED_SWAP = True
+# The gemv kernel as a programmatic dependent launch by default (GemvConfig.pdl): off until a GPU run of
+# bench/nf4.py (its nf4_gemv_pdl column) shows the gain; bench/tune.py writes nf4.gemv_pdl from it.
+GEMV_PDL = False
 # Largest M for the gemv kernel by default (M <= GEMV_MAX_ROWS, K a multiple of the blocksize). Measured
 # on an H200 (2026-11-26, torch 2.11, triton 3.6; bench/results/nf4-NVIDIA_H200-2026-11-26.json and
 # nf4-graph-*): gemv is the fastest NF4 forward at M = 1 on all three 3B shapes, eager and as a graph
@@ -271,6 +274,11 @@ def default_fused_config(kind: str, m: int, n: int, k: int, chunk: int, device: 
 if triton is not None:
     from bezoar_kernels.nf4 import (_bf16_pair_values, _nf4_block_absmax, _nf4_byte_values, _nf4_pair_tile,
                                     _nf4_plane_registers, _nf4_word_bf16)
+
+    try:  # grid dependency control (programmatic dependent launch, sm_90+): triton >= 3.3
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    except ImportError:  # pragma: no cover - older triton: GemvConfig.pdl launches plainly (pdl_supported)
+        gdc_launch_dependents = gdc_wait = None
 
     @triton.jit
     def _last_split_sums(parts, stride_split, final, mask, counts_ptr, tile, BLOCK_M: tl.constexpr,
@@ -496,7 +504,7 @@ if triton is not None:
         # meta
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, SPLIT: tl.constexpr, TABLE: tl.constexpr,
-        ASM: tl.constexpr, X_PAIRS: tl.constexpr, BLOCK_SCALE: tl.constexpr,
+        ASM: tl.constexpr, X_PAIRS: tl.constexpr, BLOCK_SCALE: tl.constexpr, PDL: tl.constexpr,
     ):
         """out[split, m, n] = sum over NF4 blocks split * BLOCKS .. + BLOCKS of x[m, k] * W[n, k], M <= BLOCK_M.
 
@@ -533,6 +541,11 @@ if triton is not None:
         """
         WORDS: tl.constexpr = BLOCKSIZE // 8
         SPAN: tl.constexpr = BLOCKS * WORDS  # words per row of the tile
+        if PDL:  # launched as a programmatic dependent launch (GemvConfig.pdl): before any load or store,
+            # wait for the kernel before this one to finish (its writes visible: x, or W, or memory this
+            # launch writes that it read), then let the next dependent launch be scheduled
+            gdc_wait()
+            gdc_launch_dependents()
         pid_n = tl.program_id(0)
         pid_split = tl.program_id(1)
         # Every tile is 3-D, (rows of x, rows of W, words), so the products broadcast in registers.
@@ -789,6 +802,11 @@ class GemvConfig:
     # how codes are looked up: "byte" (2 KB, a byte's two values per load), "nibble" (64 bytes, a load per
     # value) or "prmt" (byte permutes in registers, no loads; the codes rounded to bf16)
     table: str = "byte"
+    # a programmatic dependent launch where the GPU has them (``pdl_supported``; a plain launch elsewhere):
+    # the launch can be scheduled before the kernel ahead of it in the stream has finished, and its
+    # programs wait for that kernel (``gdc_wait``) before they read or write anything, so what it hides
+    # is the launch's own latency, not any memory traffic; the results are the same bit for bit
+    pdl: bool = False
 
     def __post_init__(self):
         if self.table not in GEMV_TABLES:
@@ -815,14 +833,35 @@ def gemv_tile(block_m: int, blocksize: int, blocks_per_row: int) -> tuple[int, i
 
 
 def _tuned_gemv_config(block_m: int, device, dtype: torch.dtype = torch.bfloat16) -> GemvConfig:
-    """The tiles the tuning file gives for ``block_m`` rows of x on this device, else the heuristic's.
-    The sweeps time 16-bit x: for fp32 x a tuned "prmt" lookup (bf16 codes) gives way to the byte
-    table's fp32 codes, so a setting picked for speed never lowers an fp32 caller's precision."""
+    """The tiles the tuning file gives for ``block_m`` rows of x on this device, else the heuristic's,
+    launched as a programmatic dependent launch where ``gemv_pdl`` says so. The sweeps time 16-bit x: for
+    fp32 x a tuned "prmt" lookup (bf16 codes) gives way to the byte table's fp32 codes, so a setting
+    picked for speed never lowers an fp32 caller's precision."""
     tiles = (tuning.setting("nf4.gemv_tiles", device) or {}).get(str(block_m))
     cfg = GemvConfig(**tiles) if tiles else GemvConfig()
     if cfg.table == "prmt" and dtype == torch.float32:
         cfg = dataclasses.replace(cfg, table="byte")
-    return cfg
+    return dataclasses.replace(cfg, pdl=gemv_pdl(device))
+
+
+def gemv_pdl(device=None) -> bool:
+    """Whether the gemv kernel's default config is a programmatic dependent launch (``GemvConfig.pdl``):
+    ``BEZOAR_NF4_GEMV_PDL`` (0 or 1), else the device's tuning entry ``nf4.gemv_pdl``, else GEMV_PDL."""
+    value = os.environ.get("BEZOAR_NF4_GEMV_PDL")
+    if value is not None and value.strip() != "":
+        if value.strip() not in ("0", "1"):
+            raise ValueError(f"BEZOAR_NF4_GEMV_PDL: expected 0 or 1, got {value!r}")
+        return value.strip() == "1"
+    tuned = tuning.setting("nf4.gemv_pdl", device)
+    return GEMV_PDL if tuned is None else tuned
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launches: NVIDIA GPUs from sm_90 with a triton that has grid dependency
+    control. Elsewhere (the interpreter included, which cannot run it) a config asking for one launches
+    plainly, with the same results."""
+    return (device.type == "cuda" and torch.version.hip is None and not dispatch.interpreting()
+            and gdc_wait is not None and torch.cuda.get_device_capability(device) >= (9, 0))
 
 
 def _gemv_table(table: str, device) -> torch.Tensor:
@@ -889,6 +928,7 @@ def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | No
     counts = _split_counts(x.device, tiles) if split > 1 and cfg.reduce_in_kernel else None
     parts = final if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     dq = weight.double_quant
+    pdl = cfg.pdl and pdl_supported(x.device)
     _nf4_gemv_kernel[(tiles, split)](
         x, weight.packed.view(torch.int32), weight.absmax, weight.nested_absmax if dq else weight.absmax,
         weight.nested_code if dq else weight.absmax,
@@ -900,7 +940,7 @@ def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | No
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS=blocks, SPLIT=counts is not None,
         TABLE=cfg.table, ASM=cfg.table == "prmt" and register_decode_asm(x.device),
         X_PAIRS=cfg.table == "prmt" and _x_pairs_ok(x), BLOCK_SCALE=gemv_block_scale(cfg.table, block_m),
-        num_warps=cfg.num_warps,
+        PDL=pdl, launch_pdl=pdl, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, enable_fp_fusion=True,  # x * code + partial as one FMA
     )
     if split > 1 and counts is None:

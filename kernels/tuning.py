@@ -11,14 +11,14 @@ A setting comes from the first of:
 1. its environment variable (``BEZOAR_NF4_GEMV_MAX_M``, ``BEZOAR_NF4_FUSED_MAX_M``,
    ``BEZOAR_NF4_TMA_MIN_M``, ``BEZOAR_LORA_FUSED_MAX_M``, ``BEZOAR_LORA_LARGE_M_PATH``,
    ``BEZOAR_NORM_LORA_PROGRAMS``, ``BEZOAR_NF4_DEQUANT_CACHE``, ``BEZOAR_LORA_CONCAT_ALIGN``,
-   ``BEZOAR_NF4_FUSED_SWAP``; read by the modules that own them);
+   ``BEZOAR_NF4_FUSED_SWAP``, ``BEZOAR_NF4_GEMV_PDL``; read by the modules that own them);
 2. the device's entry in the file that ``BEZOAR_TUNING`` names (a user's own measurements; read at the
    first lookup, and again after ``reload()``);
 3. the device's entry in ``tuning.json`` beside this module (measurements committed with the code);
 4. the module's constant (``FUSED_MAX_M``, ``GEMV_MAX_M``, ``TMA_MIN_M``, ``LARGE_M_PATH``, lora's
    ``FUSED_MAX_M``, the tile
    heuristics; ``nf4.dequant_cache``: off; ``lora.concat_align``: 16, no columns added;
-   ``nf4.fused_swap``: ``FUSED_SWAP``).
+   ``nf4.fused_swap``: ``FUSED_SWAP``; ``nf4.gemv_pdl``: ``GEMV_PDL``).
 
 The file::
 
@@ -59,7 +59,7 @@ THRESHOLD_KEYS = ("nf4.gemv_max_m", "nf4.fused_max_m", "nf4.tma_min_m", "lora.fu
                   "norm_lora.grid", "nf4.dequant_cache", "lora.concat_align")
 # the fused forward's operand order is with the tiles: which order is faster depends on the code a release
 # builds (on triton 3.6 and 3.9 alike W x^T's loop is ~27% shorter, but that is a count, not a timing)
-TILE_KEYS = ("nf4.gemv_tiles", "nf4.dequant_launch", "lora.merge_launch", "nf4.fused_swap")
+TILE_KEYS = ("nf4.gemv_tiles", "nf4.dequant_launch", "lora.merge_launch", "nf4.fused_swap", "nf4.gemv_pdl")
 
 
 def _power_of_two(value) -> bool:
@@ -89,7 +89,7 @@ def _check_setting(key: str, value, where: str) -> None:
     if key in ("nf4.gemv_max_m", "nf4.fused_max_m", "nf4.tma_min_m", "lora.fused_max_m"):
         if not _whole(value):
             raise ValueError(f"{where}: expected a whole number of rows, got {value!r}")
-    elif key in ("nf4.dequant_cache", "nf4.fused_swap"):
+    elif key in ("nf4.dequant_cache", "nf4.fused_swap", "nf4.gemv_pdl"):
         if not isinstance(value, bool):
             raise ValueError(f"{where}: expected true or false, got {value!r}")
     elif key == "lora.large_m_path":

@@ -440,6 +440,69 @@ def test_gemv_split_sum_in_kernel(monkeypatch, dtype):
     assert_close(first, exact, *TOLERANCES[dtype], name="gemv split sum")
 
 
+def test_gemv_dependent_launch_config(monkeypatch):
+    """GemvConfig(pdl=True) asks for a programmatic dependent launch: where there is none to be had (the
+    interpreter, CPU tensors) the kernel launches plainly with the same results; the default comes from
+    BEZOAR_NF4_GEMV_PDL, then the tuning entry nf4.gemv_pdl, then GEMV_PDL (off)."""
+    weight = _weight(40, 256)
+    x = _inputs((1, 256), torch.float32)
+    assert not mm.pdl_supported(torch.device("cpu"))
+    seen = []
+    real = mm._nf4_gemv_kernel
+    launches = type("Spy", (), {"__getitem__": lambda self, grid: lambda *a, **kw: seen.append(
+        (kw["PDL"], kw["launch_pdl"])) or real[grid](*a, **kw)})()
+    monkeypatch.setattr(mm, "_nf4_gemv_kernel", launches)
+    with backend("triton"):
+        plain = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(block_n=16, blocks=2))
+        dependent = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(block_n=16, blocks=2, pdl=True))
+    assert torch.equal(plain, dependent) and seen == [(False, False), (False, False)]
+    monkeypatch.delenv("BEZOAR_NF4_GEMV_PDL", raising=False)
+    assert mm.gemv_pdl(torch.device("cpu")) is mm.GEMV_PDL is False
+    assert mm._tuned_gemv_config(1, torch.device("cpu")).pdl is False
+    monkeypatch.setenv("BEZOAR_NF4_GEMV_PDL", "1")
+    assert mm._tuned_gemv_config(1, torch.device("cpu")).pdl is True
+    monkeypatch.setenv("BEZOAR_NF4_GEMV_PDL", "on")
+    with pytest.raises(ValueError, match="BEZOAR_NF4_GEMV_PDL: expected 0 or 1, got 'on'"):
+        mm.gemv_pdl(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graph", [False, True])
+def test_gemv_dependent_launches_on_gpu_chain_bit_for_bit(graph):
+    """Dependent launches in a chain where each gemv reads what the one before wrote (and a torch op
+    writes the first input right before), eagerly and captured in a CUDA graph: the same bits as plain
+    launches. Where the GPU has no dependent launches (before sm_90) both are plain."""
+    weights = [_weight(3200, 3200, seed=s, device="cuda") for s in range(3)]
+    x0 = _inputs((1, 3200), torch.bfloat16, device="cuda")
+    base = mm._tuned_gemv_config(1, x0.device)
+
+    def chain(pdl):
+        cfg = dataclasses.replace(base, pdl=pdl)
+        x = x0 * 1.0  # written by the kernel right before the first gemv
+        for w in weights:
+            x = mm.nf4_gemv_forward(x, w, cfg) * 0.05
+            x = mm.nf4_gemv_forward(x, weights[0], cfg)  # two gemvs back to back
+        return x
+
+    with backend("triton"):
+        want = chain(False)
+        if graph:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                chain(True)
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                got = chain(True)
+            for _ in range(3):
+                g.replay()
+            torch.cuda.synchronize()
+        else:
+            got = chain(True)
+    assert torch.equal(got, want)
+
+
 def test_gemv_tile_choice_and_config_check():
     assert mm.gemv_tile(1, 64, 50) == ((32, 8) if triton_version() >= (3, 9) else (16, 8))
     assert mm.gemv_tile(8, 128, 135) == (16, 2)

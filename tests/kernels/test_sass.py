@@ -106,6 +106,22 @@ def test_gemv_tiles_load_everything_first_and_do_not_spill(block_m, blocksize, p
     assert ops.count("FFMA") >= weights_per_thread * block_m  # the products are fused multiply-adds
 
 
+def test_gemv_dependent_launch_waits_before_any_memory_access(tmp_path):
+    """GemvConfig.pdl's build: the grid dependency wait (ACQBULK) comes before every load and store, so
+    nothing the kernel ahead writes or reads is touched early, and the launch-dependents signal
+    (PREEXIT) follows it; the plain build has neither."""
+    dump = tmp_path / "gemv_pdl.sass"
+    _sass("nf4_gemv_prmt", "--meta", "PDL=true", "--dump", str(dump))
+    ops = _instructions(dump)
+    wait = ops.index("ACQBULK")
+    memory = [i for i, op in enumerate(ops) if op.startswith(("LDG", "STG", "ATOMG", "RED", "LDS", "STS"))]
+    assert memory and wait < min(memory), (wait, memory[:3])
+    assert wait < ops.index("PREEXIT")
+    plain = tmp_path / "gemv.sass"
+    _sass("nf4_gemv_prmt", "--dump", str(plain))
+    assert not {"ACQBULK", "PREEXIT"} & set(_instructions(plain))
+
+
 def test_gemv_split_sum_is_a_fenced_semaphore(tmp_path):
     """With K cut into ranges, the last program of a row tile sums the partials (no second launch). The
     build must follow the split-K semaphore order: the partial stored, a CTA barrier, then one thread's

@@ -36,7 +36,7 @@ tune = _load_bench("tune")
 def _fresh(monkeypatch):
     for var in ("BEZOAR_TUNING", "BEZOAR_NF4_GEMV_MAX_M", "BEZOAR_NF4_FUSED_MAX_M", "BEZOAR_NF4_TMA_MIN_M",
                 "BEZOAR_LORA_LARGE_M_PATH", "BEZOAR_LORA_FUSED_MAX_M", "BEZOAR_LORA_CONCAT_ALIGN",
-                "BEZOAR_NF4_FUSED_SWAP"):
+                "BEZOAR_NF4_FUSED_SWAP", "BEZOAR_NF4_GEMV_PDL"):
         monkeypatch.delenv(var, raising=False)
     tuning.reload()
     yield
@@ -338,6 +338,8 @@ def test_user_file_overrides_the_shipped_entry(tmp_path, monkeypatch):
      '"num_warps": 4}}, "triton": "3.6"}}}', r"merge_launch\.layout: expected one of pairs, two_dots, joined"),
     ('{"format": 1, "devices": {"cpu": {"settings": {"lora.merge_launch": {"block_n": 48, "num_warps": 4}}, '
      '"triton": "3.6"}}}', r"merge_launch\.block_n: expected a power of two"),
+    ('{"format": 1, "devices": {"cpu": {"settings": {"nf4.gemv_pdl": "yes"}, "triton": "3.6"}}}',
+     r"devices\.cpu\.settings\.nf4\.gemv_pdl: expected true or false, got 'yes'"),
     ('{"format": 1, "devices": {"cpu": {"settings": {"nf4.fused_swap": 1}, "triton": "3.6"}}}',
      r"devices\.cpu\.settings\.nf4\.fused_swap: expected true or false, got 1"),
     # a power of two the merge kernel cannot take (tl.dot needs 16 rows): the file is refused, not every call
@@ -442,6 +444,26 @@ def test_fused_operand_order_from_both_orders_timed(tmp_path, monkeypatch):
     assert mm.default_fused_config("forward", 1, 64, 128, 64, CPU, prmt=True).swap is (not mm.FUSED_SWAP)
     monkeypatch.setenv("BEZOAR_NF4_FUSED_SWAP", "1" if mm.FUSED_SWAP else "0")
     assert mm.default_fused_config("forward", 1, 64, 128, 64, CPU, prmt=True).swap is mm.FUSED_SWAP
+
+
+def test_gemv_dependent_launch_from_both_launches_timed(tmp_path, monkeypatch):
+    """nf4.gemv_pdl: on where the rows that timed the gemv both ways take at least 3% less time summed as
+    dependent launches; the thresholds stay those of the plain launches; the entry reaches the config."""
+    rows = [{"dir": "fwd", "shape": s, "M": 1, "nf4_gemv": g, "nf4_gemv_pdl": p, "nf4_fused": 5.0,
+             "nf4_dequant": 3.0} for s, g, p in (("a", 1.0, 0.9), ("b", 2.0, 1.95))]
+    on, why = tune.gemv_pdl_pick(rows)
+    assert on is True and "2.8500 ms against plain 3.0000 ms summed over 2 forward rows (M = 1" in why
+    derived = tune.derive({"bench": "nf4-graph", "rows": rows})
+    assert derived["nf4.gemv_pdl"][0] is True and derived["nf4.gemv_max_m"][0] == 1
+    close = [dict(r, nf4_gemv_pdl=r["nf4_gemv"] * 0.98) for r in rows]  # 2% less: noise
+    assert tune.gemv_pdl_pick(close)[0] is False
+    assert tune.gemv_pdl_pick([dict(r, nf4_gemv_pdl=None) for r in rows]) is None
+    assert "nf4.gemv_pdl" not in tune.derive({"bench": "nf4-graph", "rows": [dict(r, nf4_gemv_pdl=None)
+                                                                            for r in rows]})
+    _user_file(tmp_path, monkeypatch, {"nf4.gemv_pdl": True}, triton=_release())
+    assert mm._tuned_gemv_config(1, CPU).pdl is True
+    monkeypatch.setenv("BEZOAR_NF4_GEMV_PDL", "0")
+    assert mm._tuned_gemv_config(1, CPU).pdl is False
 
 
 def test_a_loss_at_a_smallest_m_above_one_sets_nothing():
