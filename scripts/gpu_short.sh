@@ -33,8 +33,9 @@
 #                  ones, by the width of the extra block (issue 4)
 #   merged_check   the merged path after a change: its GPU tests, then the no-dropout breakdown (NF4 alone, merged,
 #                  concat at 3200x3200, M = 16384, r = 16)
-#   nf4_gemv       bench/nf4.py in graph timing at M = 1, 4, 16 with the gemv sweep and the fused forward in both
-#                  operand orders (nf4_fused_swap, nf4_fused_xw): issue 3, M <= 16
+#   nf4_gemv       bench/nf4.py in graph timing at M = 1, 4, 16 with the gemv sweep, the gemv as a dependent launch
+#                  (nf4_gemv_pdl) and the fused forward in both operand orders (nf4_fused_swap, nf4_fused_xw):
+#                  issue 3, M <= 16
 #   nf4_tma_sweep  bench/nf4.py --sweep-tma at M = 4096: the NF4 tma kernels' tile configs (issue 3, M >= 4096)
 #   lora_tma_sweep bench/lora.py --sweep-tma at M = 16384: the LoRA tma GEMMs with no adapter against cuBLAS
 #   tma_tests      the GPU tests of the NF4 and LoRA tma kernels
