@@ -380,7 +380,8 @@ def main() -> int:
         "dtype": str(dtype), "timing": timing, "graph_calls": GRAPH_CALLS if graph_timing else None,
         "weight_copies": copies, "copy_GBps": copy_gbs, "crossover_M": crossover, "fused_max_m": mm.fused_max_m(device),
         "gemv_fastest_up_to_M": gemv_max, "gemv_max_m": mm.gemv_max_m(device), "tma_min_m": mm.tma_min_m(device),
-        "tma_fastest_from_M": tune.tma_fastest_from(rows), "tuning": tuning.summary(device),
+        "tma_fastest_from_M": tune.tma_fastest_from(rows), "fused_swap": mm.fused_swap(device),
+        "gemv_pdl": mm.gemv_pdl(device), "tuning": tuning.summary(device),
         "targets": targets, "bnb_note": bnb_note,
     }
     name = "nf4" if timing == "eager" else "nf4-graph"
