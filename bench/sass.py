@@ -29,6 +29,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the presets of bench/ modules (gemv_ladder)
+
 
 def _gemv(table: str, table_type: str, x_pairs: bool) -> tuple:
     """The gemv kernel with one code lookup (GemvConfig.table) and its table's pointer type."""
@@ -52,6 +54,21 @@ def _fused_fwd(prmt: bool) -> tuple:
              "DOUBLE_QUANT": True, "NESTED": 256, "BLOCK_M": 16, "BLOCK_N": 128, "DOT_PRECISION": "tf32",
              "SPLIT": True, "PRMT": prmt, "ASM": True, "SWAP": prmt},
             4, 3)
+
+
+def _ladder(rung: str) -> tuple:
+    """A rung of bench/gemv_ladder.py at the H100's tuned M = 1 gemv tiles (16 rows x 8 blocks, 4 warps)."""
+    tiles = {"BLOCK_N": 16, "BLOCKS": 8, "BLOCKSIZE": 64}
+    chain = {"words_ptr": "*i32", "absmax_ptr": "*u8", "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32",
+             "out_ptr": "*i32", "offset": "fp32"}
+    return {
+        "empty": ("gemv_ladder", "_ladder_empty_kernel", {"out_ptr": "*i32"}, {}, 4, 1),
+        "read": ("gemv_ladder", "_ladder_read_kernel", {"words_ptr": "*i32", "absmax_ptr": "*u8", "out_ptr": "*i32"},
+                 tiles, 4, 1),
+        "read_scale": ("gemv_ladder", "_ladder_read_scale_kernel", chain, {**tiles, "NESTED": 256}, 4, 1),
+        "decode": ("gemv_ladder", "_ladder_decode_kernel", {**chain, "planes_ptr": "*i32", "out_ptr": "*fp32"},
+                   {**tiles, "NESTED": 256, "ASM": True}, 4, 1),
+    }[rung]
 
 
 def _desc(rows: str, cols: str, dtype: str = "bf16"):
@@ -101,6 +118,11 @@ PRESETS = {
     # the same with the codes looked up by byte permutes in registers (GemvConfig(table="prmt")), x read
     # as int32 pairs as the launcher does at M = 1
     "nf4_gemv_prmt": _gemv("prmt", "*i32", True),
+    # the rungs of bench/gemv_ladder.py (the gemv's loads, + the scale chain, + the register decode)
+    "ladder_empty": _ladder("empty"),
+    "ladder_read": _ladder("read"),
+    "ladder_read_scale": _ladder("read_scale"),
+    "ladder_decode": _ladder("decode"),
     # the register decode alone (nf4.nf4_words_bf16)
     "nf4_words_bf16": ("bezoar_kernels.nf4", "_nf4_words_bf16_kernel",
                        {"words_ptr": "*i32", "planes_ptr": "*i32", "out_ptr": "*i32", "n": "i32:any"},

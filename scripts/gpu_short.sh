@@ -36,6 +36,9 @@
 #   nf4_gemv       bench/nf4.py in graph timing at M = 1, 4, 16 with the gemv sweep, the gemv as a dependent launch
 #                  (nf4_gemv_pdl) and the fused forward in both operand orders (nf4_fused_swap, nf4_fused_xw):
 #                  issue 3, M <= 16
+#   gemv_ladder    bench/gemv_ladder.py: where the NF4 gemv's time goes at M = 1 (issue 3), a ladder of kernels at
+#                  the gemv's grid and tiles (launch, the reads, the double-quant chain, the decode, the gemv
+#                  without and with its split sums) beside cuBLAS and a copy of the same bytes, graph replay
 #   nf4_tma_sweep  bench/nf4.py --sweep-tma at M = 4096: the NF4 tma kernels' tile configs (issue 3, M >= 4096)
 #   lora_tma_sweep bench/lora.py --sweep-tma at M = 16384: the LoRA tma GEMMs with no adapter against cuBLAS
 #   tma_tests      the GPU tests of the NF4 and LoRA tma kernels
@@ -52,7 +55,7 @@ cd "$ROOT" || exit 1
 # shellcheck source=SCRIPTDIR/gpu_env.sh
 source "$HERE/gpu_env.sh"
 
-ALL_PARTS=(gpu_tests nf4_cache step_cache nf4_small decode generate lora lora_nodrop lora_breakdown merge concat_align gemm_widths merged_check nf4_gemv nf4_tma_sweep lora_tma_sweep tma_tests small_tests)
+ALL_PARTS=(gpu_tests nf4_cache step_cache nf4_small decode generate lora lora_nodrop lora_breakdown merge concat_align gemm_widths merged_check nf4_gemv gemv_ladder nf4_tma_sweep lora_tma_sweep tma_tests small_tests)
 PARTS=gpu_tests,nf4_gemv,concat_align
 DRY_RUN=0
 while [ $# -gt 0 ]; do
@@ -169,6 +172,7 @@ run_part() {
       part merged_breakdown 40 "$PYTHON" bench/lora.py --breakdown "$NO_DROPOUT_CASES" --dropout 0 --shapes 3200x3200 \
         --ms 16384 --ranks 16 --paths concat --no-groups --out "$OUT_DIR" ;;
     nf4_gemv) part nf4_gemv 130 "$PYTHON" bench/nf4.py --timing graph --ms 1,4,16 --sweep-gemv --out "$OUT_DIR" ;;
+    gemv_ladder) part gemv_ladder 75 "$PYTHON" bench/gemv_ladder.py --budget 50 --out "$OUT_DIR" ;;
     nf4_tma_sweep) part nf4_tma_sweep 110 "$PYTHON" bench/nf4.py --sweep-tma --ms 4096 --out "$OUT_DIR" ;;
     lora_tma_sweep) part lora_tma_sweep 100 "$PYTHON" bench/lora.py --sweep-tma --ms 16384 --out "$OUT_DIR" ;;
     tma_tests) part tma_tests 75 env -u TRITON_INTERPRET "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider -rfE \

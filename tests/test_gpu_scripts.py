@@ -95,8 +95,8 @@ def test_gpu_short_dry_run_fits_one_call_and_runs_the_parts_asked_for():
     assert "would pack" in text and "more than 8 files" in text
     # every part by name, in the order asked; each part's limit stays under the call's total
     every = ["gpu_tests", "nf4_cache", "step_cache", "nf4_small", "decode", "generate", "lora", "lora_nodrop",
-             "lora_breakdown", "merge", "concat_align", "gemm_widths", "merged_check", "nf4_gemv", "nf4_tma_sweep",
-             "lora_tma_sweep", "tma_tests", "small_tests"]
+             "lora_breakdown", "merge", "concat_align", "gemm_widths", "merged_check", "nf4_gemv", "gemv_ladder",
+             "nf4_tma_sweep", "lora_tma_sweep", "tma_tests", "small_tests"]
     out = dry_run("gpu_short.sh", "--dry-run", "--parts", ",".join(reversed(every)))
     assert out.returncode == 0, out.stderr
     # lora_breakdown logs as two steps, with dropout and without; merge as its five
@@ -117,6 +117,7 @@ def test_gpu_short_dry_run_fits_one_call_and_runs_the_parts_asked_for():
                   r"bench/nf4.py --timing graph --ms 1\,4\,16 --out /tmp/bezoar-gpu-out",
                   "bench/generate.py --breakdown 32 --out /tmp/bezoar-gpu-out",
                   "bench/nf4.py --sweep-tma --ms 4096", "bench/lora.py --sweep-tma --ms 16384", "--sweep-gemv",
+                  "bench/gemv_ladder.py --budget 50 --out /tmp/bezoar-gpu-out",
                   r"bench/lora.py --paths cublas\,concat\,tma", "tests/kernels/test_nf4_tma.py",
                   r"--impls bezoar-full\,bezoar-full-cache --breakdown 2", "bench/lora.py --breakdown default",
                   r"lora_merged/3200x3200/M=16384/r=16\,lora_concat/3200x3200/M=16384/r=16 --dropout 0"):
