@@ -149,6 +149,18 @@ def _threshold(env: str, key: str, device, default: int) -> int:
     return default if value is None else value
 
 
+def _switch(env: str, key: str, device, default: bool) -> bool:
+    """An on/off setting: the environment variable ``env`` (0 or 1), else the tuning entry ``key``, else
+    ``default``."""
+    raw = os.environ.get(env, "").strip()
+    if raw:
+        if raw not in ("0", "1"):
+            raise ValueError(f"{env}: expected 0 or 1, got {os.environ[env]!r}")
+        return raw == "1"
+    tuned = tuning.setting(key, device)
+    return default if tuned is None else tuned
+
+
 def fused_max_m(device=None) -> int:
     """The M threshold of the fused kernel: ``BEZOAR_NF4_FUSED_MAX_M`` if set, else the tuning file's
     value for ``device`` (see ``tuning``), else ``FUSED_MAX_M``."""
@@ -706,13 +718,7 @@ def fused_swap(device=None) -> bool:
     """Whether the fused forward's default config (with the register decode) computes W x^T per chunk
     (``FusedConfig.swap``): ``BEZOAR_NF4_FUSED_SWAP`` (0 or 1), else the device's tuning entry
     ``nf4.fused_swap``, else FUSED_SWAP."""
-    value = os.environ.get("BEZOAR_NF4_FUSED_SWAP")
-    if value is not None and value.strip() != "":
-        if value.strip() not in ("0", "1"):
-            raise ValueError(f"BEZOAR_NF4_FUSED_SWAP: expected 0 or 1, got {value!r}")
-        return value.strip() == "1"
-    tuned = tuning.setting("nf4.fused_swap", device)
-    return FUSED_SWAP if tuned is None else tuned
+    return _switch("BEZOAR_NF4_FUSED_SWAP", "nf4.fused_swap", device, FUSED_SWAP)
 
 
 def nf4_fused_forward(x: torch.Tensor, weight: NF4Weight, config: FusedConfig | None = None) -> torch.Tensor:
@@ -847,13 +853,7 @@ def _tuned_gemv_config(block_m: int, device, dtype: torch.dtype = torch.bfloat16
 def gemv_pdl(device=None) -> bool:
     """Whether the gemv kernel's default config is a programmatic dependent launch (``GemvConfig.pdl``):
     ``BEZOAR_NF4_GEMV_PDL`` (0 or 1), else the device's tuning entry ``nf4.gemv_pdl``, else GEMV_PDL."""
-    value = os.environ.get("BEZOAR_NF4_GEMV_PDL")
-    if value is not None and value.strip() != "":
-        if value.strip() not in ("0", "1"):
-            raise ValueError(f"BEZOAR_NF4_GEMV_PDL: expected 0 or 1, got {value!r}")
-        return value.strip() == "1"
-    tuned = tuning.setting("nf4.gemv_pdl", device)
-    return GEMV_PDL if tuned is None else tuned
+    return _switch("BEZOAR_NF4_GEMV_PDL", "nf4.gemv_pdl", device, GEMV_PDL)
 
 
 def pdl_supported(device: torch.device) -> bool:
