@@ -58,6 +58,21 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def int_pairs(text: str, flag: str, parser: argparse.ArgumentParser,
+              count: int | None = None) -> list[tuple[int, int]]:
+    """``text`` ("3200x3200,8640x3200") as pairs of positive whole numbers; anything else (or not ``count``
+    pairs, where given) is one usage error from ``parser`` naming ``flag``."""
+    try:
+        pairs = [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
+        if any(len(pair) != 2 or min(pair) < 1 for pair in pairs) or (count and len(pairs) != count):
+            raise ValueError
+    except ValueError:
+        example = "16x8" if count == 1 else "3200x3200,8640x3200"
+        parser.error(f"{flag} {text!r}: expected {'one pair' if count == 1 else 'pairs'} of whole numbers AxB"
+                     f"{'' if count == 1 else ', comma-separated'} (e.g. {example})")
+    return pairs
+
+
 def setup_smoke(args) -> None:
     """In smoke mode kernels run in the Triton interpreter on CPU; must run before triton imports."""
     if args.smoke:

@@ -62,12 +62,7 @@ def main(argv=None) -> int:
     import torch
 
     started = time.perf_counter()
-    try:
-        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-        if any(len(shape) != 2 for shape in shapes):
-            raise ValueError
-    except ValueError:
-        p.error(f"--shapes {args.shapes!r}: expected NxK pairs, comma-separated (e.g. 3200x3200,8640x3200)")
+    shapes = common.int_pairs(args.shapes, "--shapes", p)
     try:
         ms = [int(v) for v in args.ms.split(",")]
         extras = [int(v) for v in args.extras.split(",")]

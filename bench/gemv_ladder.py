@@ -388,18 +388,6 @@ def check_whole_k(x, q, config, whole) -> float:
 # ----------------------------------------------------------------------------- the run
 
 
-def _pairs(text: str, flag: str, p, count: int | None = None) -> list[tuple[int, int]]:
-    try:
-        pairs = [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
-        if any(len(pair) != 2 or min(pair) < 1 for pair in pairs) or (count and len(pairs) != count):
-            raise ValueError
-    except ValueError:
-        example = "16x8" if count else "3200x3200,8640x3200"
-        p.error(f"{flag} {text!r}: expected {'one pair' if count else 'pairs'} of whole numbers AxB"
-                f"{'' if count else ', comma-separated'} (e.g. {example})")
-    return pairs
-
-
 def main(argv=None) -> int:
     from bezoar_kernels.tuning import GEMV_TABLES  # no triton: the interpreter is chosen below
 
@@ -416,8 +404,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=0.0, help="seconds; no shape starts after it (0: none)")
     args = p.parse_args(argv)
     common.setup_smoke(args)
-    shapes = _pairs(args.shapes, "--shapes", p)
-    override = _pairs(args.tiles, "--tiles", p, count=1)[0] if args.tiles else None
+    shapes = common.int_pairs(args.shapes, "--shapes", p)
+    override = common.int_pairs(args.tiles, "--tiles", p, count=1)[0] if args.tiles else None
     if override and any(v & (v - 1) for v in override):
         p.error(f"--tiles {args.tiles!r}: BLOCK_N and BLOCKS must be powers of two")
     if bad := [f"{n}x{k}" for n, k in shapes if k % BLOCKSIZE]:
