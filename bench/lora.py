@@ -13,7 +13,9 @@ there is an adapter; ``torch.autograd.grad``, so nothing accumulates):
   (the LoRA tma path's persistent Triton GEMMs with no adapter, on the dequantized weight: bezoar's
   GEMM against the cuBLAS GEMM inside ``nf4_only``), ``nf4_tma_decode`` (the NF4 matmul's own ``tma``
   kernels, ``bezoar_kernels.nf4_tma``: no dequantize pass) and ``lora_tma_da_pass`` (dA by its own
-  pass instead of the dx epilogue);
+  pass instead of the dx epilogue); with ``concat`` timed also ``lora_concat_rounded``: the concat
+  path with the dA/dB reductions' splits as they were before they were fitted to the kernels'
+  occupancy (``BEZOAR_LORA_WAVES=0``);
 * ``peft_style``: bezoar's NF4 matmul plus PEFT's LoRA arithmetic as separate torch ops
   (``F.dropout``, two ``F.linear``, scale, add): the ~1.3x the issue quotes;
 * ``bnb_peft``: bitsandbytes ``matmul_4bit`` as the base plus the same PEFT arithmetic (what
@@ -30,7 +32,8 @@ there is an adapter; ``torch.autograd.grad``, so nothing accumulates):
   ``norm_qkv_lora_separate`` (``rms_norm_add`` then ``lora_qkv``, path "auto"; ``*_lora_concat`` the
   same on the concat path, the fused call's layout, at the largest M and first rank only) and
   ``norm_qkv_lora_fused`` (``rms_norm_lora``; at the largest M and first rank also with each grid
-  forced, ``*_lora_fused_persistent`` and ``*_lora_fused_per_block``, which bench/tune.py reads); gate/up (8640x3200 x2, when that shape is in the
+  forced, ``*_lora_fused_persistent`` and ``*_lora_fused_per_block``, which bench/tune.py reads, and
+  ``*_lora_fused_rounded``, the splits before the waves as above); gate/up (8640x3200 x2, when that shape is in the
   run): ``norm_gateup_nf4_only``, ``norm_gateup_lora_separate`` (two ``lora_linear`` calls) and
   ``norm_gateup_lora_fused``. SwiGLU + down (3200x8640, when that shape is in the run): gate and up
   (M, 8640) in, ``swiglu_down_nf4_only`` (``swiglu`` then the NF4 matmul), ``swiglu_down_lora_separate``
@@ -98,7 +101,8 @@ SMOKE_MS = [24]
 SMOKE_RANKS = [8]
 CONCAT_ALIGNS_DEFAULT = (16, 64, 128)  # --sweep-concat-align's aligns: 16 (no columns added) is the reference
 LORA_PATHS = ("auto", "dequant", "cublas", "concat", "tma")  # the lora_<path> cases (with --dropout 0 also merged)
-LORA_PEERS = ["nf4_tma_gemm", "nf4_tma_decode", "lora_auto", "lora_dequant", "lora_cublas", "lora_concat", "lora_tma", "lora_tma_da_pass",
+LORA_PEERS = ["nf4_tma_gemm", "nf4_tma_decode", "lora_auto", "lora_dequant", "lora_cublas", "lora_concat", "lora_concat_rounded", "lora_tma",
+              "lora_tma_da_pass",
               "lora_merged", "peft_style", "bnb_peft"]
 QKV_PEERS = ["qkv_lora_fused", "qkv_lora_concat", "qkv_lora_separate"]
 # norm + projections: group -> ((N, K) of each projection, how many), and at smoke size (K a multiple
@@ -113,7 +117,8 @@ GROUP_LABELS = {"norm_qkv": ("norm+q/k/v", "RMSNorm + q/k/v projections (rms_nor
                 "swiglu_down": ("swiglu+down", "SwiGLU + down projection (swiglu then the projection, or "
                                 "swiglu_lora)")}
 # concat and the two explicit grids of the fused call: at the largest M and first rank only
-NORM_PEERS = ["lora_separate", "lora_concat", "lora_fused", "lora_fused_persistent", "lora_fused_per_block"]
+NORM_PEERS = ["lora_separate", "lora_concat", "lora_fused", "lora_fused_rounded", "lora_fused_persistent",
+              "lora_fused_per_block"]
 NORM_EPS = 1e-6  # OpenLLaMA's rms_norm_eps
 
 
@@ -161,6 +166,8 @@ def parse_args():
 BREAKDOWN_DEFAULT = [f"{case}/{shape}/M=16384{rank}" for shape in ("3200x3200", "8640x3200")
                      for case, rank in (("nf4_only", ""), ("lora_cublas", "/r=16"), ("lora_concat", "/r=16"))]
 BREAKDOWN_DEFAULT += ["norm_qkv_nf4_only/M=16384", "norm_qkv_lora_fused/M=16384/r=16"]
+# the reductions' splits as before they were fitted to waves, kernel by kernel beside the fitted ones
+BREAKDOWN_DEFAULT += ["lora_concat_rounded/3200x3200/M=16384/r=16", "norm_qkv_lora_fused_rounded/M=16384/r=16"]
 GROUP_PREFIXES = tuple(f"{g}_" for g in NORM_GROUPS)
 BREAKDOWN_CALLS = 20
 
@@ -783,6 +790,11 @@ def main() -> int:
                         fwd_bwd(lambda x=x, q=q, a=a, b=b, s=s, path=path:
                                 L.lora_linear_triton(x, q, a, b, s, p_drop, True, 1234, path), [x, a, b], dy),
                         peer=f"lora_{path}", **rkey)
+                if "concat" in paths:  # the reductions' splits rounded up as before they were fitted to waves
+                    add(f"lora_concat_rounded/{tag}/M={m}/r={r}",
+                        common.with_environ(fwd_bwd(lambda x=x, q=q, a=a, b=b, s=s: L.lora_linear_triton(
+                            x, q, a, b, s, p_drop, True, 1234, "concat"), [x, a, b], dy), BEZOAR_LORA_WAVES=0),
+                        peer="lora_concat_rounded", **rkey)
                 if "tma" in paths and p_drop > 0:  # dA by its own pass instead of the dx epilogue's atomics
                     add(f"lora_tma_da_pass/{tag}/M={m}/r={r}",
                         fwd_bwd(lambda x=x, q=q, a=a, b=b, s=s: L.lora_linear_triton(
@@ -906,6 +918,10 @@ def main() -> int:
                 if fused_ok:
                     add(f"{group}_lora_fused/M={m}/r={r}", fwd_bwd(norm_fused, params, dys),
                         peer=f"{group}_lora_fused", **dict(key, r=r))
+                    if m == max(ms) and r == ranks[0]:  # the splits as before they were fitted to waves
+                        add(f"{group}_lora_fused_rounded/M={m}/r={r}",
+                            common.with_environ(fwd_bwd(norm_fused, params, dys), BEZOAR_LORA_WAVES=0),
+                            peer=f"{group}_lora_fused_rounded", **dict(key, r=r))
                     if m == max(ms) and r == ranks[0]:  # both grids, whatever the tuning file says (tune.py)
                         for grid, programs in (("persistent", "persistent"), ("per_block", "0")):
                             if grid == in_effect:  # the case just added already runs it

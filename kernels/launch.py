@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 # (kernel, argument dtypes, meta-parameters) -> the pipeline stages that fitted, for the launches that
@@ -79,3 +80,105 @@ def sm_count(device) -> int:
 
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _sm_count_of(index)
+
+
+# ----------------------------------------------------------------------------- occupancy and waves
+#
+# A launch whose programs each walk a range of rows (the LoRA reductions over M) finishes in waves: the
+# GPU holds only so many programs at once, and programs past that wait for a free slot. Every program
+# has the same work, so a grid of 1.04 waves takes as long as 2 full ones. How many fit is the
+# CUDA occupancy rule over the compiled kernel's registers, warps and shared memory.
+
+_REG_UNIT = 256  # registers are handed to warps in units of 256 (8 a thread), sm_50 and later
+_SHARED_RESERVED = 1024  # what the driver keeps of each block's shared memory, sm_80 and later
+_BLOCKS_PER_SM = 16  # the smallest per-SM block limit of sm_80-sm_90 GPUs (sm_86: 16; sm_80/89/90 more)
+
+
+@dataclasses.dataclass(frozen=True)
+class SMLimits:
+    """What one streaming multiprocessor holds: 32-bit registers, threads, blocks, shared bytes."""
+
+    registers: int = 65536
+    threads: int = 2048
+    blocks: int = _BLOCKS_PER_SM
+    shared: int = 233472  # sm_90: 228 KB
+
+
+def blocks_per_sm(registers: int, warps: int, shared: int, limits: SMLimits = SMLimits()) -> int:
+    """Programs (blocks) of ``warps`` warps, ``registers`` a thread and ``shared`` bytes of shared memory
+    that one SM runs at once (0: none fits), by the CUDA occupancy rules: a warp's registers are
+    rounded up to 256, a block's warps all take registers, each block's shared memory is 1 KB more."""
+    per_warp = cdiv(max(1, registers) * 32, _REG_UNIT) * _REG_UNIT
+    by_registers = (limits.registers // per_warp) // warps
+    by_threads = limits.threads // (32 * warps)
+    by_shared = limits.shared // (shared + _SHARED_RESERVED)
+    return max(0, min(by_registers, by_threads, by_shared, limits.blocks))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_limits_of(index: int) -> SMLimits:
+    import torch
+
+    props = torch.cuda.get_device_properties(index)
+    default = SMLimits()
+    return SMLimits(
+        registers=int(getattr(props, "regs_per_multiprocessor", 0) or default.registers),
+        threads=int(getattr(props, "max_threads_per_multi_processor", 0) or default.threads),
+        shared=int(getattr(props, "shared_memory_per_multiprocessor", 0) or default.shared),
+    )
+
+
+def sm_limits(device) -> SMLimits:
+    """``SMLimits`` of a CUDA device, from torch's device properties; looked up once."""
+    import torch
+
+    return _sm_limits_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# (the caller's key for a kernel's build, device index) -> programs that run at once, None if unknown
+_RESIDENT: dict[tuple, int | None] = {}
+
+
+def resident_programs(kernel, key: tuple, device, launch_args) -> int | None:
+    """How many programs of ``kernel`` a CUDA ``device`` runs at once; None off CUDA or where the build
+    cannot say. ``key`` names the build (the meta-parameters and dtypes that change it);
+    ``launch_args()`` gives (args, kwargs) of a launch of it. The first call per key and device builds
+    the kernel for those without launching it (``warmup``: the build the launch then finds in Triton's
+    cache) and reads its registers and shared memory; later calls are a dict lookup."""
+    if device.type != "cuda":
+        return None
+    full = (key, device.index)
+    try:
+        return _RESIDENT[full]
+    except KeyError:
+        pass
+    count = None
+    try:
+        args, kwargs = launch_args()
+        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+        compiled._init_handles()  # loads the module: registers are known from here on
+        per_sm = blocks_per_sm(compiled.n_regs, compiled.metadata.num_warps, compiled.metadata.shared,
+                               sm_limits(device))
+        count = per_sm * sm_count(device) if per_sm else None
+    except Exception:  # the launch itself reports a kernel that does not build or fit
+        count = None
+    _RESIDENT[full] = count
+    return count
+
+
+@functools.lru_cache(maxsize=4096)
+def wave_splits(blocks: int, tiles: int, resident: int, most: int) -> int:
+    """Row splits for a launch of ``tiles`` x splits programs that share ``blocks`` row blocks (each
+    program walks ceil(blocks / splits) of them), at most ``most``, when ``resident`` programs run at
+    once: the fewest waves x blocks per program (the time when every step costs the same), ties to
+    fewer splits (smaller partial sums). 25 column tiles with 528 programs at once split 21 ways (525
+    programs, one wave), where 22 gave 550 programs: a second wave of 22 that took as long as the first."""
+    resident = max(1, resident)
+    best_cost, best = None, 1
+    for splits in range(1, max(1, min(blocks, most)) + 1):
+        steps = cdiv(blocks, splits)
+        used = cdiv(blocks, steps)  # the splits that have rows
+        cost = cdiv(tiles * used, resident) * steps
+        if best_cost is None or cost < best_cost:
+            best_cost, best = cost, used
+    return best

@@ -138,7 +138,7 @@ import torch
 import torch.nn.functional as F
 
 from bezoar_kernels import dequant_cache, dispatch, tuning
-from bezoar_kernels.launch import cdiv, launch_fitting, next_power_of_2, sm_count
+from bezoar_kernels.launch import cdiv, launch_fitting, next_power_of_2, resident_programs, sm_count, wave_splits
 from bezoar_kernels.nf4 import (
     NESTED_BLOCKSIZE,
     NF4Weight,
@@ -1123,12 +1123,34 @@ def _row_block(m: int, r_pad: int, projections: int, device: torch.device) -> tu
     return rows, cols
 
 
-def _row_splits(m: int, block_m: int, tiles: int, device: torch.device, splits: int | None) -> int:
-    """How many row ranges the dB/dA reductions use: enough programs, never an empty range."""
+def _waves_on() -> bool:
+    """BEZOAR_LORA_WAVES=0 gives back the row splits that fill ``_programs_wanted`` rounded up (what ran
+    before the splits were fitted to waves), for bench/lora.py to time both."""
+    return os.environ.get("BEZOAR_LORA_WAVES", "1").strip() != "0"
+
+
+def _row_splits(m: int, block_m: int, tiles: int, device: torch.device, splits: int | None,
+                resident: int | None = None) -> int:
+    """How many row ranges the dB/dA reductions use (never an empty one): ``splits`` where the plan
+    gives it; else the fewest waves x row blocks per program (``launch.wave_splits``) with ``resident``
+    programs at once (the kernel's occupancy on the device; where unknown, and at most,
+    ``_programs_wanted``). Rounding ``_programs_wanted / tiles`` up, as before, made a short second
+    wave whenever ``tiles`` does not divide it: 550 programs for 528 slots at K = 3200."""
     blocks = cdiv(m, block_m)
+    tiles = max(1, tiles)
     if splits is None:
-        splits = cdiv(_programs_wanted(device), max(1, tiles))
+        wanted = _programs_wanted(device)
+        if _waves_on():
+            fit = min(resident, wanted) if resident else wanted
+            splits = wave_splits(blocks, tiles, fit, cdiv(2 * fit, tiles))
+        else:
+            splits = cdiv(wanted, tiles)
     return max(1, min(splits, blocks))
+
+
+def _resident(kernel, key: tuple, device: torch.device, launch_args) -> int | None:
+    """``launch.resident_programs`` where the plan leaves the splits to the launcher, else None."""
+    return resident_programs(kernel, key, device, launch_args) if device.type == "cuda" else None
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -1627,20 +1649,30 @@ def _lora_g_db(dys: list[torch.Tensor], b: torch.Tensor, xa: torch.Tensor, plan:
     block_n = 64
     blocks = cdiv(m, block_m)
     widest = max(ns)
-    splits = max(1, min(cdiv(widest, block_n), cdiv(_programs_wanted(b.device) // 2, blocks * p)))
-    cols_per_split = cdiv(cdiv(widest, block_n), splits) * block_n
+    col_blocks = cdiv(widest, block_n)
+    dy3 = _three(dys, dys[0])
+    db_parts = torch.empty((blocks, sum(ns), r), dtype=torch.float32, device=b.device)
+    meta = dict(P=p, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(b.dtype),
+                num_warps=8 if block_m == 256 else 4)
+
+    def args(g_parts, cols_per_split):
+        return (*dy3, b, xa, g_parts, db_parts, m, r, *_three(ns, 0), *_three(plan.scalings, 0.0), cols_per_split,
+                *(dy.stride(0) for dy in dy3), p * m * r, db_parts.stride(0))
+
+    wanted = _programs_wanted(b.device) // 2
+    if _waves_on():  # column splits fitted to waves of what runs at once, as ``_row_splits`` does rows
+        resident = _resident(_lora_g_db_kernel, ("g_db", dys[0].dtype, b.dtype, xa.dtype, *meta.items()), b.device,
+                             lambda: (args(torch.empty(1, dtype=torch.float32, device=b.device), block_n), meta))
+        fit = min(resident, wanted) if resident else wanted
+        splits = wave_splits(col_blocks, blocks * p, fit, cdiv(2 * fit, blocks * p))
+    else:
+        splits = max(1, min(col_blocks, cdiv(wanted, blocks * p)))
+    cols_per_split = cdiv(col_blocks, splits) * block_n
     splits = cdiv(widest, cols_per_split)
     # every element of both is written once (a projection narrower than the widest stores zeros in g
     # for the column ranges past its end)
     g_parts = torch.empty((splits, p, m, r), dtype=torch.float32, device=b.device)
-    db_parts = torch.empty((blocks, sum(ns), r), dtype=torch.float32, device=b.device)
-    dy3 = _three(dys, dys[0])
-    _lora_g_db_kernel[(blocks * p, splits)](
-        *dy3, b, xa, g_parts, db_parts, m, r, *_three(ns, 0), *_three(plan.scalings, 0.0), cols_per_split,
-        *(dy.stride(0) for dy in dy3), g_parts.stride(0), db_parts.stride(0),
-        P=p, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(b.dtype),
-        num_warps=8 if block_m == 256 else 4,
-    )
+    _lora_g_db_kernel[(blocks * p, splits)](*args(g_parts, cols_per_split), **meta)
     g = (g_parts[0] if splits == 1 else g_parts.sum(0)).to(dys[0].dtype)
     return g, db_parts.sum(0)
 
@@ -1654,16 +1686,21 @@ def _lora_db(dys: list[torch.Tensor], xa: torch.Tensor, plan: _Plan) -> torch.Te
     block_m, block_n = _skinny_blocks(m, r_pad)
     block_m = max(block_m, 32)
     tiles = sum(cdiv(n, block_n) for n in ns)
-    split = _row_splits(m, block_m, tiles, xa.device, plan.splits)
+    dy3 = _three(dys, dys[0])
+    meta = dict(R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(xa.dtype), num_warps=4)
+
+    def args(parts, rows_per_split):
+        return (*dy3, xa, parts, m, r, *_three(ns, 0), *_three(plan.scalings, 0.0), rows_per_split,
+                *(dy.stride(0) for dy in dy3), sum(ns) * r)
+
+    resident = None if plan.splits is not None else _resident(
+        _lora_db_kernel, ("db", dys[0].dtype, xa.dtype, *meta.items()), xa.device,
+        lambda: (args(torch.empty(1, dtype=torch.float32, device=xa.device), block_m), meta))
+    split = _row_splits(m, block_m, tiles, xa.device, plan.splits, resident)
     rows_per_split = cdiv(cdiv(m, block_m), split) * block_m
     split = cdiv(m, rows_per_split)
     parts = torch.empty((split, sum(ns), r), dtype=torch.float32, device=xa.device)
-    dy3 = _three(dys, dys[0])
-    _lora_db_kernel[(tiles, split)](
-        *dy3, xa, parts, m, r, *_three(ns, 0), *_three(plan.scalings, 0.0), rows_per_split,
-        *(dy.stride(0) for dy in dy3), parts.stride(0),
-        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(xa.dtype), num_warps=4,
-    )
+    _lora_db_kernel[(tiles, split)](*args(parts, rows_per_split), **meta)
     return parts[0] if split == 1 else parts.sum(0)
 
 
@@ -1675,17 +1712,22 @@ def _lora_da(x: torch.Tensor, g: torch.Tensor, plan: _Plan) -> torch.Tensor:
     block_m, block_k = _skinny_blocks(m, r_pad)
     block_m = max(block_m, 32)
     tiles = cdiv(k, block_k) * p
-    split = _row_splits(m, block_m, tiles, x.device, plan.splits)
+    threshold, keep_scale = _dropout_args(plan)
+    meta = dict(P=p, DROPOUT=plan.dropout, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k,
+                DOT_PRECISION=_dot_precision(x.dtype), num_warps=4)
+
+    def args(parts, rows_per_split):
+        return (x, g, parts, m, k, r, *_three(plan.seeds, 0), threshold, keep_scale, rows_per_split,
+                x.stride(0), x.stride(1), g.stride(0), g.stride(1), p * r * k)
+
+    resident = None if plan.splits is not None else _resident(
+        _lora_da_kernel, ("da", x.dtype, g.dtype, x.stride(1) == 1, *meta.items()), x.device,
+        lambda: (args(torch.empty(1, dtype=torch.float32, device=x.device), block_m), meta))
+    split = _row_splits(m, block_m, tiles, x.device, plan.splits, resident)
     rows_per_split = cdiv(cdiv(m, block_m), split) * block_m
     split = cdiv(m, rows_per_split)
     parts = torch.empty((split, p, r, k), dtype=torch.float32, device=x.device)
-    threshold, keep_scale = _dropout_args(plan)
-    _lora_da_kernel[(tiles, split)](
-        x, g, parts, m, k, r, *_three(plan.seeds, 0), threshold, keep_scale, rows_per_split,
-        x.stride(0), x.stride(1), g.stride(0), g.stride(1), parts.stride(0),
-        P=p, DROPOUT=plan.dropout, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k,
-        DOT_PRECISION=_dot_precision(x.dtype), num_warps=4,
-    )
+    _lora_da_kernel[(tiles, split)](*args(parts, rows_per_split), **meta)
     return parts[0] if split == 1 else parts.sum(0)
 
 
@@ -1702,18 +1744,23 @@ def _lora_dx_da(dx_in: torch.Tensor, x: torch.Tensor, g: torch.Tensor, a: torch.
     block_k = min(128, _skinny_blocks(m, r_pad)[1])
     block_m = 32
     tiles = cdiv(k, block_k)
-    split = _row_splits(m, block_m, tiles, x.device, plan.splits)
+    threshold, keep_scale = _dropout_args(plan)
+    meta = dict(P=p, DROPOUT=plan.dropout, NEED_DA=need_da, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k,
+                DOT_PRECISION=_dot_precision(x.dtype), num_warps=8 if p > 1 else 4)
+
+    def args(parts, rows_per_split):
+        return (dx_in, dx, x, g, a, parts if need_da else dx, m, k, r, *_three(plan.seeds, 0), threshold,
+                keep_scale, rows_per_split, dx_in.stride(0), dx.stride(0), x.stride(0), x.stride(1), g.stride(0),
+                g.stride(1), p * r * k if need_da else 0)
+
+    resident = None if plan.splits is not None else _resident(
+        _lora_dx_da_kernel, ("dx_da", dx.dtype, x.dtype, g.dtype, x.stride(1) == 1, *meta.items()), x.device,
+        lambda: (args(torch.empty(1, dtype=torch.float32, device=x.device), block_m), meta))
+    split = _row_splits(m, block_m, tiles, x.device, plan.splits, resident)
     rows_per_split = cdiv(cdiv(m, block_m), split) * block_m
     split = cdiv(m, rows_per_split)
     parts = torch.empty((split, p, r, k), dtype=torch.float32, device=x.device) if need_da else None
-    threshold, keep_scale = _dropout_args(plan)
-    _lora_dx_da_kernel[(tiles, split)](
-        dx_in, dx, x, g, a, parts if need_da else dx, m, k, r, *_three(plan.seeds, 0), threshold, keep_scale,
-        rows_per_split, dx_in.stride(0), dx.stride(0), x.stride(0), x.stride(1), g.stride(0), g.stride(1),
-        parts.stride(0) if need_da else 0,
-        P=p, DROPOUT=plan.dropout, NEED_DA=need_da, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k,
-        DOT_PRECISION=_dot_precision(x.dtype), num_warps=8 if p > 1 else 4,
-    )
+    _lora_dx_da_kernel[(tiles, split)](*args(parts, rows_per_split), **meta)
     if not need_da:
         return None
     return parts[0] if split == 1 else parts.sum(0)

@@ -894,6 +894,9 @@ def test_bench_smoke():
         # the two grids of the norm kernels side by side (what bench/tune.py picks norm_lora.grid from)
         grids = [f" {group}_lora_fused_{grid} |" in proc.stdout for grid in ("persistent", "per_block")]
         assert grids == ([False, False] if group == "swiglu_down" else [True, True]), (group, grids)
+        # and the splits as they were before the waves (BEZOAR_LORA_WAVES=0) beside the fitted ones
+        assert (f" {group}_lora_fused_rounded |" in proc.stdout) == (group != "swiglu_down"), group
+    assert " lora_concat_rounded |" in proc.stdout and " lora_concat_rounded/nf4_only |" in proc.stdout
     timed = [line for line in proc.stdout.splitlines()
              if line.startswith(("| norm+q/k/v ", "| norm+gate/up ", "| swiglu+down "))]
     assert len(timed) == 3 and all("|  |" not in line for line in timed), timed  # every case timed
@@ -1343,3 +1346,76 @@ def test_breakdown_summary_reads_cases_against_their_baseline():
     assert extra["lora"]["extra_us"] == pytest.approx(175.0) and extra["lora"]["extra_passes"] == pytest.approx(5.0)
     assert extra["gemm (cublas)"]["extra_us"] == 0.0 and extra["nf4 dequantize"]["extra_us"] == 0.0
     assert concat["categories_extra"][0]["category"] == "lora"  # largest difference first
+
+
+class _BuildSpy:
+    """A Triton kernel that remembers the build ``launch.resident_programs`` asked for (``warmup``)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.builds = []
+
+    def warmup(self, *args, **kwargs):
+        self.builds.append(self.kernel.warmup(*args, **kwargs))
+        return self.builds[-1]
+
+    def __getitem__(self, grid):
+        return self.kernel[grid]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("projections", [1, 3])
+def test_wave_fitted_splits_on_gpu(monkeypatch, projections):
+    """The concat and cublas backward (dx + dA in one pass; g + dB in one, or dB alone) with the row and
+    column splits fitted to the kernels' occupancy, against the splits rounded up (BEZOAR_LORA_WAVES=0):
+    the concat path's dx bit for bit (no split sums it), dA and dB as fp32 sums in another order. Each
+    launcher built its kernel once for the occupancy, which the CUDA driver's own count confirms."""
+    import ctypes
+
+    from bezoar_kernels import launch
+
+    monkeypatch.setattr(launch, "_RESIDENT", {})
+    spies = {name: _BuildSpy(getattr(L, name))
+             for name in ("_lora_dx_da_kernel", "_lora_g_db_kernel", "_lora_da_kernel", "_lora_db_kernel")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(L, name, spy)
+    dev, m, k, n, r = "cuda", 4096, 3200, 3200, 16
+    weights = [_base(n, k, "nf4", torch.bfloat16, seed=j, device=dev) for j in range(projections)]
+    adapters = [_adapter(n, k, r, seed=10 + j, device=dev) for j in range(projections)]
+    g = torch.Generator(device=dev).manual_seed(3)
+    x = torch.randn(m, k, generator=g, device=dev).bfloat16()
+    dys = [torch.randn(m, n, generator=g, device=dev).bfloat16() for _ in range(projections)]
+
+    def fn(path):
+        def call(xx, ads):
+            if projections == 1:
+                return (L.lora_linear(xx, weights[0], ads[0].lora_a, ads[0].lora_b, ads[0].scaling, 0.05, True, 5,
+                                      path),)
+            return L.lora_qkv(xx, weights, ads, 0.05, True, (5, 6, 7), path)
+        return call
+
+    for path in ("concat", "cublas"):
+        monkeypatch.setenv("BEZOAR_LORA_WAVES", "0")
+        want = _run(fn(path), x, adapters, dys)
+        monkeypatch.setenv("BEZOAR_LORA_WAVES", "1")
+        got = _run(fn(path), x, adapters, dys)
+        if path == "concat":  # g comes from the wide GEMM: nothing before dx depends on a split
+            assert torch.equal(got[1][0], want[1][0]), "concat: dx"
+        else:  # g is a sum over column splits, rounded to bf16 before it meets A
+            assert_close(got[1][0].float(), want[1][0].float(), 1e-2, 1e-2, name="cublas: dx")
+        tol = 1e-5 if path == "concat" else 1e-2  # fp32 adapters: their grads are the fp32 sums
+        for i, (a, b) in enumerate(zip(got[1][1:], want[1][1:])):
+            assert_close(a, b, tol * b.abs().max().item(), tol, name=f"{path} grad {i + 1}")
+    built = [c for spy in spies.values() for c in spy.builds]
+    assert spies["_lora_dx_da_kernel"].builds and spies["_lora_g_db_kernel"].builds
+    assert len(built) == len(launch._RESIDENT) and all(v for v in launch._RESIDENT.values())
+    libcuda = ctypes.CDLL("libcuda.so.1")
+    limits = launch.sm_limits(torch.device(dev))
+    for c in built:
+        count = ctypes.c_int()
+        rc = libcuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+            ctypes.byref(count), ctypes.c_void_p(c.function), ctypes.c_int(c.metadata.num_warps * 32),
+            ctypes.c_size_t(c.metadata.shared))
+        assert rc == 0
+        assert launch.blocks_per_sm(c.n_regs, c.metadata.num_warps, c.metadata.shared, limits) == count.value, (
+            c.n_regs, c.metadata.num_warps, c.metadata.shared)
