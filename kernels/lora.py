@@ -908,6 +908,16 @@ if triton is not None:
         da0 = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
         da1 = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
         da2 = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+        # A's (R, column tile) of each projection is the same for every row step: loaded once
+        a_ok = r_ok[:, None] & k_ok[None, :]
+        a_tile = a_ptr + offs_r.to(tl.int64)[:, None] * K + offs_k[None, :]
+        a0 = tl.load(a_tile, mask=a_ok, other=0.0)
+        a1 = a0
+        a2 = a0
+        if P > 1:
+            a1 = tl.load(a_tile + R * K, mask=a_ok, other=0.0)
+        if P > 2:
+            a2 = tl.load(a_tile + 2 * R * K, mask=a_ok, other=0.0)
         for m0 in range(m_begin, m_end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_ok = offs_m < m_end
@@ -919,9 +929,7 @@ if triton is not None:
             for j in tl.static_range(P):
                 g = tl.load(g_ptr + j * stride_gp + rows * stride_gm + offs_r[None, :],
                             mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-                a = tl.load(a_ptr + (j * R + offs_r).to(tl.int64)[:, None] * K + offs_k[None, :],
-                            mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-                lora = tl.dot(g, a, input_precision=DOT_PRECISION)
+                lora = tl.dot(g, _pick3(j, a0, a1, a2), input_precision=DOT_PRECISION)
                 if DROPOUT:
                     keep = _dropout_keep(offs_m, pid_k * BLOCK_K, _pick3(j, seed0, seed1, seed2), threshold, BLOCK_K)
                     if NEED_DA:
