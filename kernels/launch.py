@@ -91,6 +91,7 @@ def sm_count(device) -> int:
 
 _REG_UNIT = 256  # registers are handed to warps in units of 256 (8 a thread), sm_50 and later
 _SHARED_RESERVED = 1024  # what the driver keeps of each block's shared memory, sm_80 and later
+_SHARED_UNIT = 128  # a block's shared memory is handed out in units of 128 bytes (sm_80-sm_90)
 _BLOCKS_PER_SM = 16  # the smallest per-SM block limit of sm_80-sm_90 GPUs (sm_86: 16; sm_80/89/90 more)
 
 
@@ -107,11 +108,12 @@ class SMLimits:
 def blocks_per_sm(registers: int, warps: int, shared: int, limits: SMLimits = SMLimits()) -> int:
     """Programs (blocks) of ``warps`` warps, ``registers`` a thread and ``shared`` bytes of shared memory
     that one SM runs at once (0: none fits), by the CUDA occupancy rules: a warp's registers are
-    rounded up to 256, a block's warps all take registers, each block's shared memory is 1 KB more."""
+    rounded up to 256, a block's warps all take registers, each block's shared memory is 1 KB more,
+    rounded up to 128 bytes."""
     per_warp = cdiv(max(1, registers) * 32, _REG_UNIT) * _REG_UNIT
     by_registers = (limits.registers // per_warp) // warps
     by_threads = limits.threads // (32 * warps)
-    by_shared = limits.shared // (shared + _SHARED_RESERVED)
+    by_shared = limits.shared // (cdiv(shared + _SHARED_RESERVED, _SHARED_UNIT) * _SHARED_UNIT)
     return max(0, min(by_registers, by_threads, by_shared, limits.blocks))
 
 

@@ -1141,19 +1141,23 @@ def _row_splits(m: int, block_m: int, tiles: int, device: torch.device, splits: 
                 resident: int | None = None) -> int:
     """How many row ranges the dB/dA reductions use (never an empty one): ``splits`` where the plan
     gives it; else the fewest waves x row blocks per program (``launch.wave_splits``) with ``resident``
-    programs at once (the kernel's occupancy on the device; where unknown, and at most,
-    ``_programs_wanted``). Rounding ``_programs_wanted / tiles`` up, as before, made a short second
-    wave whenever ``tiles`` does not divide it: 550 programs for 528 slots at K = 3200."""
+    programs at once (the kernel's occupancy on the device, else ``_programs_wanted``). Rounding
+    ``_programs_wanted / tiles`` up, as before, made a short second wave whenever ``tiles`` does not
+    divide it: 550 programs for 528 slots at K = 3200."""
     blocks = cdiv(m, block_m)
     tiles = max(1, tiles)
     if splits is None:
         wanted = _programs_wanted(device)
-        if _waves_on():
-            fit = min(resident, wanted) if resident else wanted
-            splits = wave_splits(blocks, tiles, fit, cdiv(2 * fit, tiles))
-        else:
-            splits = cdiv(wanted, tiles)
+        splits = _fitted_splits(blocks, tiles, wanted, resident) if _waves_on() else cdiv(wanted, tiles)
     return max(1, min(splits, blocks))
+
+
+def _fitted_splits(blocks: int, tiles: int, wanted: int, resident: int | None) -> int:
+    """``launch.wave_splits`` in waves of ``resident`` programs (``wanted`` where unknown), over at least
+    the splits that fill ``wanted`` (the old choice stays a candidate) and at most about twice that many
+    programs (the fp32 partial sums stay small)."""
+    wave = resident or wanted
+    return wave_splits(blocks, tiles, wave, max(cdiv(2 * min(wave, wanted), tiles), cdiv(wanted, tiles)))
 
 
 def _resident(kernel, key: tuple, device: torch.device, launch_args) -> int | None:
@@ -1671,8 +1675,7 @@ def _lora_g_db(dys: list[torch.Tensor], b: torch.Tensor, xa: torch.Tensor, plan:
     if _waves_on():  # column splits fitted to waves of what runs at once, as ``_row_splits`` does rows
         resident = _resident(_lora_g_db_kernel, ("g_db", dys[0].dtype, b.dtype, xa.dtype, *meta.items()), b.device,
                              lambda: (args(torch.empty(1, dtype=torch.float32, device=b.device), block_n), meta))
-        fit = min(resident, wanted) if resident else wanted
-        splits = wave_splits(col_blocks, blocks * p, fit, cdiv(2 * fit, blocks * p))
+        splits = _fitted_splits(col_blocks, blocks * p, wanted, resident)
     else:
         splits = max(1, min(col_blocks, cdiv(wanted, blocks * p)))
     cols_per_split = cdiv(col_blocks, splits) * block_n

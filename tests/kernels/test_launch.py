@@ -115,6 +115,7 @@ A100 = launch.SMLimits(shared=167936)
     (32, 4, 0, H100, 16),        # threads (2048 / 128) and the block limit
     (255, 8, 0, H100, 1),        # 8192 registers a warp: 8 warps
     (64, 4, 240000, H100, 0),    # more shared memory than an SM has
+    (32, 4, 45666, H100, 4),     # 46690 bytes a block would fit 5 times; rounded up to 128 (46720), 4
 ])
 def test_blocks_per_sm_follows_the_occupancy_rules(registers, warps, shared, limits, want):
     assert launch.blocks_per_sm(registers, warps, shared, limits) == want

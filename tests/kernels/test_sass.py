@@ -295,18 +295,18 @@ def test_g_db_kernel_does_not_spill(r_pad, p, block_m, warps):
     assert info["loop"].get("LDGSTS", 0) >= 1, info["loop"]
 
 
-@pytest.mark.parametrize("p,r_pad", [(1, 16), (3, 16), (1, 64), (3, 64)])
+@pytest.mark.parametrize("p", [1, 3])
+@pytest.mark.parametrize("r_pad", [16, 32, 64])
 def test_dx_da_kernel_loads_a_once_and_does_not_spill(p, r_pad):
-    """The backward's pass over (M, K) (``lora._lora_dx_da``, its warps): A's tile of each projection is
-    the same at every row step and is loaded before the loop, so the loop's global loads are dx_in, x
-    and g alone. With A loaded in the loop, r_pad = 64 took 14-17 cp.async loads a step, all 255
-    registers and 8-32 bytes of stack (sm_90, triton 3.9)."""
-    info = json.loads(_sass("lora_dx_da", "--meta", f"P={p}", "--meta", f"R_PAD={r_pad}", "--warps", "8" if p > 1 else "4",
-                            "--json"))
+    """The backward's pass over (M, K) (``lora._lora_dx_da``, its column tile and warps): A's tile of each
+    projection is the same at every row step and is loaded before the loop, so the loop's global loads
+    are dx_in, x and g alone (at most 9 instructions). With A loaded in the loop there were 10-13 (sm_90,
+    triton 3.9), P = 1 at r_pad 32 took 222 registers (168 now) and P = 3 at r_pad 32 8 bytes of stack."""
+    block_k = 128 if r_pad <= 32 else 64  # the launcher's: min(128, _skinny_blocks' columns) at large M
+    info = json.loads(_sass("lora_dx_da", "--meta", f"P={p}", "--meta", f"R_PAD={r_pad}", "--meta", f"BLOCK_K={block_k}",
+                            "--warps", "8" if p > 1 else "4", "--json"))
     assert "STACK:0" in info["usage"], info["usage"]
-    registers = int(re.search(r"REG:(\d+)", info["usage"]).group(1))
-    assert registers < 255, info["usage"]
-    assert info["loop"].get("LDGSTS", 0) + info["loop"].get("LDG", 0) <= 11, info["loop"]
+    assert info["loop"].get("LDGSTS", 0) + info["loop"].get("LDG", 0) <= 9, info["loop"]
 
 
 @pytest.mark.parametrize("kernel", ["nf4_tma_fwd", "nf4_tma_bwd"])
