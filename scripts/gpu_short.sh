@@ -19,6 +19,9 @@
 #   lora_breakdown bench/lora.py --breakdown: GPU time per kernel and in passes over the input, NF4 alone
 #                  against the cuBLAS and concat paths and the fused norm + q/k/v, M = 16384, r = 16; then
 #                  with dropout 0, NF4 alone against merged and concat at 3200x3200 (issue 4)
+#   waves          bench/lora.py --breakdown at 3200x3200, M = 16384, r = 16: the concat path and the fused norm +
+#                  q/k/v with the dA/dB splits fitted to waves of the kernels' occupancy and rounded up as before
+#                  (BEZOAR_LORA_WAVES=0), kernel by kernel, beside NF4 alone (issue 4)
 #   merge          the merged path's weight merge (issue 4, no dropout): bench/lora.py --sweep-merge (each launch
 #                  of the merge kernel against the dequantize alone, r = 16 then 64), bench/tune.py's pick of it
 #                  into $OUT/merge-tuning.json, and under that file the no-dropout breakdown (NF4 alone, merged,
@@ -55,7 +58,7 @@ cd "$ROOT" || exit 1
 # shellcheck source=SCRIPTDIR/gpu_env.sh
 source "$HERE/gpu_env.sh"
 
-ALL_PARTS=(gpu_tests nf4_cache step_cache nf4_small decode generate lora lora_nodrop lora_breakdown merge concat_align gemm_widths merged_check nf4_gemv gemv_ladder nf4_tma_sweep lora_tma_sweep tma_tests small_tests)
+ALL_PARTS=(gpu_tests nf4_cache step_cache nf4_small decode generate lora lora_nodrop lora_breakdown waves merge concat_align gemm_widths merged_check nf4_gemv gemv_ladder nf4_tma_sweep lora_tma_sweep tma_tests small_tests)
 PARTS=gpu_tests,nf4_gemv,concat_align
 DRY_RUN=0
 while [ $# -gt 0 ]; do
@@ -122,6 +125,8 @@ if [ "$DRY_RUN" = 1 ] || "$PYTHON" -c "import xdist" >/dev/null 2>&1; then
 fi
 
 NO_DROPOUT_CASES=nf4_only/3200x3200/M=16384,lora_merged/3200x3200/M=16384/r=16,lora_concat/3200x3200/M=16384/r=16
+WAVES_CASES=nf4_only/3200x3200/M=16384,lora_concat/3200x3200/M=16384/r=16,lora_concat_rounded/3200x3200/M=16384/r=16
+WAVES_CASES+=,norm_qkv_nf4_only/M=16384,norm_qkv_lora_fused/M=16384/r=16,norm_qkv_lora_fused_rounded/M=16384/r=16
 # the GPU tests that run the concat path's forward: its own (by name), and the fused norm and SwiGLU + LoRA calls
 CONCAT_TESTS=(tests/kernels/test_lora.py tests/kernels/test_norm_lora.py tests/kernels/test_swiglu_lora.py
   -k "concat or test_norm_lora.py or test_swiglu_lora.py")
@@ -143,6 +148,8 @@ run_part() {
         --ranks 16 --paths cublas,concat --out "$OUT_DIR"
       part lora_breakdown_no_dropout 45 "$PYTHON" bench/lora.py --breakdown "$NO_DROPOUT_CASES" --dropout 0 \
         --shapes 3200x3200 --ms 16384 --ranks 16 --paths concat --no-groups --out "$OUT_DIR" ;;
+    waves) part waves 70 "$PYTHON" bench/lora.py --breakdown "$WAVES_CASES" --shapes 3200x3200 --ms 16384 --ranks 16 \
+      --paths concat --out "$OUT_DIR" ;;
     merge)
       part merge_sweep 100 "$PYTHON" bench/lora.py --sweep-merge --ranks 16,64 --budget 85 --out "$OUT_DIR"
       # shellcheck disable=SC2016  # $1 and $2 are the inner shell's arguments, expanded there

@@ -93,9 +93,16 @@ def test_gpu_short_dry_run_fits_one_call_and_runs_the_parts_asked_for():
                   r"bench/lora.py --dropout 0 --paths auto\,concat --ranks 16\,64 --ms 16384\,4096 --no-groups"):
         assert piece in text, piece
     assert "would pack" in text and "more than 8 files" in text
+    # the waves part profiles each case with the splits fitted and rounded up, beside its baseline
+    text = dry_run("gpu_short.sh", "--dry-run", "--parts", "waves").stdout
+    for case in ("nf4_only/3200x3200/M=16384", "lora_concat/3200x3200/M=16384/r=16",
+                 "lora_concat_rounded/3200x3200/M=16384/r=16", "norm_qkv_nf4_only/M=16384",
+                 "norm_qkv_lora_fused/M=16384/r=16", "norm_qkv_lora_fused_rounded/M=16384/r=16"):
+        assert case.replace(",", r"\,") in text, case
+    assert "part waves (limit 70s)" in text
     # every part by name, in the order asked; each part's limit stays under the call's total
     every = ["gpu_tests", "nf4_cache", "step_cache", "nf4_small", "decode", "generate", "lora", "lora_nodrop",
-             "lora_breakdown", "merge", "concat_align", "gemm_widths", "merged_check", "nf4_gemv", "gemv_ladder",
+             "lora_breakdown", "waves", "merge", "concat_align", "gemm_widths", "merged_check", "nf4_gemv", "gemv_ladder",
              "nf4_tma_sweep", "lora_tma_sweep", "tma_tests", "small_tests"]
     out = dry_run("gpu_short.sh", "--dry-run", "--parts", ",".join(reversed(every)))
     assert out.returncode == 0, out.stderr
