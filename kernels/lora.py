@@ -908,6 +908,7 @@ if triton is not None:
         da0 = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
         da1 = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
         da2 = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+        inv_keep_scale = 1.0 / keep_scale
         # A's (R, column tile) of each projection is the same for every row step: loaded once
         a_ok = r_ok[:, None] & k_ok[None, :]
         a_tile = a_ptr + offs_r.to(tl.int64)[:, None] * K + offs_k[None, :]
@@ -929,20 +930,25 @@ if triton is not None:
             for j in tl.static_range(P):
                 g = tl.load(g_ptr + j * stride_gp + rows * stride_gm + offs_r[None, :],
                             mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-                lora = tl.dot(g, _pick3(j, a0, a1, a2), input_precision=DOT_PRECISION)
                 if DROPOUT:
                     keep = _dropout_keep(offs_m, pid_k * BLOCK_K, _pick3(j, seed0, seed1, seed2), threshold, BLOCK_K)
                     if NEED_DA:
-                        # one select over [x | lora]: with a select for each, the compiler computes the
-                        # mask twice, in the x tile's layout and in the product's (sm_90 SASS, triton
-                        # 3.9: 40 mixer multiplies for 16 column pairs per thread, 20 this way)
-                        x_kept, lora = tl.split(tl.where(keep[:, :, None], tl.join(x.to(tl.float32), lora), 0.0))
+                        # dx_in (with the terms before j) rides in the product's accumulator, scaled by
+                        # 1 / keep_scale and back, and one select over [x | dx] keeps or drops both (a select
+                        # for each computed the mask twice, in the x tile's layout and in the product's:
+                        # 40 mixer multiplies for 16 column pairs per thread, 20 this way). The compiler then
+                        # streams dx_in through cp.async into the matrix unit's layout, where adding the
+                        # product to it moved dx_in through shared memory in 4 rounds of 2 barriers a step
+                        # (sm_90 SASS, P = 1, r 16: 20 barriers a step -> 12, dx_in's 4 loads pipelined)
+                        kept = tl.dot(g, _pick3(j, a0, a1, a2), acc * inv_keep_scale, input_precision=DOT_PRECISION)
+                        x_kept, acc = tl.split(tl.where(keep[:, :, None], tl.join(x.to(tl.float32), kept * keep_scale),
+                                                        tl.join(tl.zeros_like(acc), acc)))
                         xd = x_kept.to(x_ptr.dtype.element_ty)
-                        acc += lora * keep_scale
-                    else:
-                        acc += tl.where(keep, lora, 0.0) * keep_scale
+                    else:  # here the sum as it was builds to fewer registers (84 against 114)
+                        acc += tl.where(keep, tl.dot(g, _pick3(j, a0, a1, a2), input_precision=DOT_PRECISION),
+                                        0.0) * keep_scale
                 else:
-                    acc += lora
+                    acc = tl.dot(g, _pick3(j, a0, a1, a2), acc, input_precision=DOT_PRECISION)
                     if NEED_DA:
                         xd = x
                 if NEED_DA:
