@@ -51,7 +51,7 @@ from collections.abc import Sequence
 import torch
 
 from bezoar_kernels import dispatch, tuning
-from bezoar_kernels.launch import cdiv, sm_count, triton_version
+from bezoar_kernels.launch import cdiv, sm_count
 from bezoar_kernels.lora import (
     MAX_KERNEL_RANK,
     Adapter,
@@ -225,6 +225,7 @@ if triton is not None:
         sum(dh * w * shat). Second pass: ds = rstd * (dh * w - shat * mean(dh * w * shat)) (+ ds_in)."""
         # persistent over row blocks: a grid of fewer programs than blocks keeps the rows each
         # program reads twice (100-200 KB) within L2 across all of them (``_programs``)
+        inv_keep_scale = 1.0 / keep_scale
         for blk in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
             offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
             m_ok = offs_m < M
@@ -250,12 +251,15 @@ if triton is not None:
                 for j in tl.static_range(P):
                     a = tl.load(a_ptr + (j * R + offs_r).to(tl.int64)[:, None] * K + offs_k[None, :],
                                 mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-                    lora = tl.dot(_pick3(j, g0, g1, g2), a, input_precision=DOT_PRECISION)
+                    # dh (with the terms before j) is the product's accumulator, scaled by 1 / keep_scale and
+                    # back where the mask keeps it: triton 3.6's sm_90 build at r_pad 16 then needs no stack
+                    # (added after the product it spilled 24 bytes at P = 3, 16 at P = 1)
                     if DROPOUT:
                         keep = _dropout_keep(offs_m, k0, _pick3(j, seed0, seed1, seed2), threshold, BLOCK_K)
-                        dh += tl.where(keep, lora, 0.0) * keep_scale
+                        kept = tl.dot(_pick3(j, g0, g1, g2), a, dh * inv_keep_scale, input_precision=DOT_PRECISION)
+                        dh = tl.where(keep, kept * keep_scale, dh)
                     else:
-                        dh += lora
+                        dh = tl.dot(_pick3(j, g0, g1, g2), a, dh, input_precision=DOT_PRECISION)
                 dh = dh.to(ds_ptr.dtype.element_ty)
                 # dh and s are read again in the second pass: kept in L2 if they can be
                 tl.store(ds_ptr + rows * stride_ds + offs_k[None, :], dh, mask=ok, eviction_policy="evict_last")
@@ -340,16 +344,14 @@ def _programs(m: int, device: torch.device, kind: str) -> int:
     return max(1, min(blocks, wanted)) if wanted else blocks
 
 
-def _block_k(r_pad: int, backward: bool = False) -> int:
+def _block_k(r_pad: int) -> int:
     """Columns per step: the (BLOCK_M, r_pad) fp32 accumulators (three of them) and the A tiles stay small.
 
-    The backward at r_pad = 32 takes 64 on triton < 3.9: 3.6's build of the 128-column step (sm_90,
-    P = 3) uses 168 registers and a 104-byte stack with 13 local loads in the main loop, where 64 columns
-    need 105 registers and no stack for 6% more instructions per column (3.9 does not spill at 128;
-    docs/notes.md). The forward keeps 128 there: its spill is 5 local loads against 25% more
-    instructions at 64, and the persistent grid's 2 programs per SM fit its 255 registers."""
-    if backward and r_pad == 32 and triton_version() < (3, 9):
-        return 64
+    Forward and backward alike: since the backward adds each masked product with dh as its
+    accumulator, triton 3.6's sm_90 build of the 128-column step
+    at r_pad 32 has no stack for P = 1-3 (168 registers at P = 3), where the 64-column step spills 8-24
+    bytes at P = 2 and 3 and issues 7% more instructions per column; before, the 128-column step was the
+    one that spilled (a 104-byte stack), and 3.6 took 64 (docs/notes.md). bench/sass.py norm_lora_bwd."""
     return 128 if r_pad <= 32 else 64 if r_pad <= 64 else 32
 
 
@@ -389,7 +391,7 @@ def _norm_lora_backward(dh_base, g, a, s, norm_weight, rstd, ds_in, plan: _Plan)
         dh_base.stride(0), g.stride(0), g.stride(1), s.stride(0), ds_in.stride(0) if ds_in is not None else 0,
         ds.stride(0),
         P=p, HAS_DS_IN=ds_in is not None, DROPOUT=plan.dropout, R_PAD=r_pad, BLOCK_M=_BLOCK_M,
-        BLOCK_K=_block_k(r_pad, backward=True), DOT_PRECISION=_dot_precision(s.dtype), num_warps=4,
+        BLOCK_K=_block_k(r_pad), DOT_PRECISION=_dot_precision(s.dtype), num_warps=4,
     )
     return ds
 

@@ -172,14 +172,14 @@ def test_dequantize_uses_wide_loads_and_stores(even):
 @pytest.mark.parametrize("p,r_pad", [(3, 16), (1, 16), (3, 32), (3, 64), (1, 128)])
 def test_norm_lora_kernels_do_not_spill_and_meet_between_passes(kernel, p, r_pad, tmp_path):
     """The fused RMSNorm + LoRA kernels at the launcher's tiles (16 rows; the columns per step that
-    ``_block_k`` gives under the installed triton): no spills, 16-byte stores, the rank-r products on
+    ``_block_k`` gives): no spills, 16-byte stores, the rank-r products on
     tensor cores, and a CTA barrier between the
     first pass's stores (s in the forward, dh in the backward: the only stores marked evict_last) and the
     second pass's first global load of them (the forward's cp.async of s, the backward's evict_first load
     of dh): the second pass reads what other threads of the program stored."""
     from bezoar_kernels.norm_lora import _block_k
 
-    block_k = _block_k(r_pad, backward=kernel == "norm_lora_bwd")
+    block_k = _block_k(r_pad)
     dump = tmp_path / f"{kernel}.sass"
     width = ["--meta", f"WIDTH={r_pad}"] if kernel == "norm_lora_fwd" else []  # the wide blocks as launched
     info = json.loads(_sass(kernel, "--meta", f"P={p}", "--meta", f"R_PAD={r_pad}", "--meta", f"BLOCK_K={block_k}",
