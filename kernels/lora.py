@@ -1167,8 +1167,22 @@ def _fitted_splits(blocks: int, tiles: int, wanted: int, resident: int | None) -
 
 
 def _resident(kernel, key: tuple, device: torch.device, launch_args) -> int | None:
-    """``launch.resident_programs`` where the plan leaves the splits to the launcher, else None."""
+    """``launch.resident_programs`` on CUDA, else None."""
     return resident_programs(kernel, key, device, launch_args) if device.type == "cuda" else None
+
+
+def _reduction_splits(kernel, key: tuple, args, meta: dict, m: int, block_m: int, tiles: int, plan: _Plan,
+                device: torch.device) -> tuple[int, int]:
+    """(splits, rows per split) of a row-split reduction launch: ``_row_splits`` with the occupancy of
+    ``kernel`` (built once per ``key`` from ``args(partials, rows_per_split)`` with a stand-in for the
+    fp32 partials) unless the plan fixes the splits; every split has rows."""
+    resident = None
+    if plan.splits is None:
+        resident = _resident(kernel, key, device,
+                             lambda: (args(torch.empty(1, dtype=torch.float32, device=device), block_m), meta))
+    split = _row_splits(m, block_m, tiles, device, plan.splits, resident)
+    rows_per_split = cdiv(cdiv(m, block_m), split) * block_m
+    return cdiv(m, rows_per_split), rows_per_split
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -1710,12 +1724,8 @@ def _lora_db(dys: list[torch.Tensor], xa: torch.Tensor, plan: _Plan) -> torch.Te
         return (*dy3, xa, parts, m, r, *_three(ns, 0), *_three(plan.scalings, 0.0), rows_per_split,
                 *(dy.stride(0) for dy in dy3), sum(ns) * r)
 
-    resident = None if plan.splits is not None else _resident(
-        _lora_db_kernel, ("db", dys[0].dtype, xa.dtype, *meta.items()), xa.device,
-        lambda: (args(torch.empty(1, dtype=torch.float32, device=xa.device), block_m), meta))
-    split = _row_splits(m, block_m, tiles, xa.device, plan.splits, resident)
-    rows_per_split = cdiv(cdiv(m, block_m), split) * block_m
-    split = cdiv(m, rows_per_split)
+    split, rows_per_split = _reduction_splits(_lora_db_kernel, ("db", dys[0].dtype, xa.dtype, *meta.items()), args,
+                                              meta, m, block_m, tiles, plan, xa.device)
     parts = torch.empty((split, sum(ns), r), dtype=torch.float32, device=xa.device)
     _lora_db_kernel[(tiles, split)](*args(parts, rows_per_split), **meta)
     return parts[0] if split == 1 else parts.sum(0)
@@ -1737,12 +1747,9 @@ def _lora_da(x: torch.Tensor, g: torch.Tensor, plan: _Plan) -> torch.Tensor:
         return (x, g, parts, m, k, r, *_three(plan.seeds, 0), threshold, keep_scale, rows_per_split,
                 x.stride(0), x.stride(1), g.stride(0), g.stride(1), p * r * k)
 
-    resident = None if plan.splits is not None else _resident(
-        _lora_da_kernel, ("da", x.dtype, g.dtype, x.stride(1) == 1, *meta.items()), x.device,
-        lambda: (args(torch.empty(1, dtype=torch.float32, device=x.device), block_m), meta))
-    split = _row_splits(m, block_m, tiles, x.device, plan.splits, resident)
-    rows_per_split = cdiv(cdiv(m, block_m), split) * block_m
-    split = cdiv(m, rows_per_split)
+    split, rows_per_split = _reduction_splits(
+        _lora_da_kernel, ("da", x.dtype, g.dtype, x.stride(1) == 1, *meta.items()), args, meta, m, block_m, tiles, plan,
+        x.device)
     parts = torch.empty((split, p, r, k), dtype=torch.float32, device=x.device)
     _lora_da_kernel[(tiles, split)](*args(parts, rows_per_split), **meta)
     return parts[0] if split == 1 else parts.sum(0)
@@ -1770,12 +1777,9 @@ def _lora_dx_da(dx_in: torch.Tensor, x: torch.Tensor, g: torch.Tensor, a: torch.
                 keep_scale, rows_per_split, dx_in.stride(0), dx.stride(0), x.stride(0), x.stride(1), g.stride(0),
                 g.stride(1), p * r * k if need_da else 0)
 
-    resident = None if plan.splits is not None else _resident(
-        _lora_dx_da_kernel, ("dx_da", dx.dtype, x.dtype, g.dtype, x.stride(1) == 1, *meta.items()), x.device,
-        lambda: (args(torch.empty(1, dtype=torch.float32, device=x.device), block_m), meta))
-    split = _row_splits(m, block_m, tiles, x.device, plan.splits, resident)
-    rows_per_split = cdiv(cdiv(m, block_m), split) * block_m
-    split = cdiv(m, rows_per_split)
+    split, rows_per_split = _reduction_splits(
+        _lora_dx_da_kernel, ("dx_da", dx.dtype, x.dtype, g.dtype, x.stride(1) == 1, *meta.items()), args, meta, m,
+        block_m, tiles, plan, x.device)
     parts = torch.empty((split, p, r, k), dtype=torch.float32, device=x.device) if need_da else None
     _lora_dx_da_kernel[(tiles, split)](*args(parts, rows_per_split), **meta)
     if not need_da:
