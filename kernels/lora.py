@@ -1166,20 +1166,15 @@ def _fitted_splits(blocks: int, tiles: int, wanted: int, resident: int | None) -
     return wave_splits(blocks, tiles, wave, max(cdiv(2 * min(wave, wanted), tiles), cdiv(wanted, tiles)))
 
 
-def _resident(kernel, key: tuple, device: torch.device, launch_args) -> int | None:
-    """``launch.resident_programs`` on CUDA, else None."""
-    return resident_programs(kernel, key, device, launch_args) if device.type == "cuda" else None
-
-
 def _reduction_splits(kernel, key: tuple, args, meta: dict, m: int, block_m: int, tiles: int, plan: _Plan,
-                device: torch.device) -> tuple[int, int]:
+                      device: torch.device) -> tuple[int, int]:
     """(splits, rows per split) of a row-split reduction launch: ``_row_splits`` with the occupancy of
     ``kernel`` (built once per ``key`` from ``args(partials, rows_per_split)`` with a stand-in for the
     fp32 partials) unless the plan fixes the splits; every split has rows."""
     resident = None
     if plan.splits is None:
-        resident = _resident(kernel, key, device,
-                             lambda: (args(torch.empty(1, dtype=torch.float32, device=device), block_m), meta))
+        resident = resident_programs(
+            kernel, key, device, lambda: (args(torch.empty(1, dtype=torch.float32, device=device), block_m), meta))
     split = _row_splits(m, block_m, tiles, device, plan.splits, resident)
     rows_per_split = cdiv(cdiv(m, block_m), split) * block_m
     return cdiv(m, rows_per_split), rows_per_split
@@ -1693,8 +1688,9 @@ def _lora_g_db(dys: list[torch.Tensor], b: torch.Tensor, xa: torch.Tensor, plan:
 
     wanted = _programs_wanted(b.device) // 2
     if _waves_on():  # column splits fitted to waves of what runs at once, as ``_row_splits`` does rows
-        resident = _resident(_lora_g_db_kernel, ("g_db", dys[0].dtype, b.dtype, xa.dtype, *meta.items()), b.device,
-                             lambda: (args(torch.empty(1, dtype=torch.float32, device=b.device), block_n), meta))
+        resident = resident_programs(
+            _lora_g_db_kernel, ("g_db", dys[0].dtype, b.dtype, xa.dtype, *meta.items()), b.device,
+            lambda: (args(torch.empty(1, dtype=torch.float32, device=b.device), block_n), meta))
         splits = _fitted_splits(col_blocks, blocks * p, wanted, resident)
     else:
         splits = max(1, min(col_blocks, cdiv(wanted, blocks * p)))
