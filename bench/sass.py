@@ -39,7 +39,8 @@ def _gemv(table: str, table_type: str, x_pairs: bool) -> tuple:
              "nested_code_ptr": "*fp32", "table_ptr": table_type, "out_ptr": "*fp32", "final_ptr": "*bf16",
              "counts_ptr": "*i32", "offset": "fp32", "M": "i32:any"},
             {"BLOCKSIZE": 64, "DOUBLE_QUANT": True, "NESTED": 256, "BLOCK_M": 1, "BLOCK_N": 32, "BLOCKS": 8,
-             "SPLIT": True, "TABLE": table, "ASM": True, "X_PAIRS": x_pairs, "BLOCK_SCALE": True, "PDL": False},
+             "SPLIT": True, "TABLE": table, "ASM": True, "X_PAIRS": x_pairs, "BLOCK_SCALE": True, "PDL": False,
+             "STEPS": 1},
             4, 1)
 
 

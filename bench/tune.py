@@ -188,9 +188,10 @@ def gemv_fastest_up_to(rows: list[dict]) -> int | None:
 
 
 def _gemv_key(config: dict) -> tuple:
-    """A gemv config's tiles and code table, a table left out being the byte table (as sweeps from before
-    the table existed ran)."""
-    return (config.get("block_n"), config.get("blocks"), config.get("num_warps"), config.get("table", "byte"))
+    """A gemv config's tiles, code table and steps, a table left out being the byte table and steps left
+    out one range (as sweeps from before either existed ran)."""
+    return (config.get("block_n"), config.get("blocks"), config.get("num_warps"), config.get("table", "byte"),
+            config.get("steps", 1))
 
 
 def with_tuned_gemv(rows: list[dict], sweep: list[dict], tiles: dict) -> list[dict]:
@@ -353,7 +354,7 @@ def derive(result: dict, min_gain: float = 0.03) -> dict[str, tuple[object, str]
         tiles = {}
         for m in sorted({r["M"] for r in result.get("sweep_gemv") or [] if "M" in r}):
             best = _best_config([r for r in result["sweep_gemv"] if r.get("M") == m], min_gain,
-                                ("block_n", "blocks", "num_warps", "table"), {"table": "byte"})
+                                ("block_n", "blocks", "num_warps", "table", "steps"), {"table": "byte", "steps": 1})
             if best:
                 tiles[str(m)] = best
         if tiles:

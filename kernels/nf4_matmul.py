@@ -502,6 +502,122 @@ if triton is not None:
                  mask=m_ok[:, None] & (k_even + 1 < K)[None, :])
 
     @triton.jit
+    def _gemv_loads(words_ptr, absmax_ptr, nested_absmax_ptr, x_ptr, pid_n, first, live, M, N, K, stride_xm,
+                    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, X_PAIRS: tl.constexpr, BLOCK_SCALE: tl.constexpr):
+        """Every load of one K range of the gemv (words ``first`` .. ``first + BLOCKS * BLOCKSIZE / 8`` of
+        its rows), as loaded: nothing here waits for memory. ``live`` (a scalar) false masks them all.
+
+        Returns W's words (BLOCK_N rows, the range's words), x's columns (four int32 tiles of bf16 pairs
+        with X_PAIRS, else x's tile four times) and the scale's inputs: the 8-bit absmax and its nested
+        scale with DOUBLE_QUANT (the code lookup between them is ``_gemv_scale``'s), else the fp32 absmax
+        twice; one per (row, block) with BLOCK_SCALE, else one per (row, word)."""
+        WORDS: tl.constexpr = BLOCKSIZE // 8
+        SPAN: tl.constexpr = BLOCKS * WORDS
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :, None]
+        word = first + tl.arange(0, SPAN)[None, None, :]  # word index within a row of W
+        row_words = tl.multiple_of(K // 8, WORDS)  # K is a multiple of the blocksize: rows start block-aligned
+        # masked by whole blocks (K // BLOCKSIZE of them), so the mask is constant over a block's words and
+        # each thread's run of words loads as one vector
+        w_ok = (offs_n < N) & (word // WORDS < K // BLOCKSIZE) & live
+        words = tl.load(words_ptr + offs_n.to(tl.int64) * row_words + word, mask=w_ok, other=0)
+        if BLOCK_SCALE:  # one scale per (row, block), applied to the block's sum of its word partials
+            rows_2d = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
+            block = first // WORDS + tl.arange(0, BLOCKS)[None, :]
+            block_ok = (rows_2d < N) & (block < K // BLOCKSIZE) & live
+            flat = rows_2d * (K // BLOCKSIZE) + block
+        else:  # one per word (its block's), applied to the word's partial
+            block_ok = w_ok
+            flat = offs_n * (K // BLOCKSIZE) + word // WORDS
+        if DOUBLE_QUANT:
+            quant = tl.load(absmax_ptr + flat, mask=block_ok, other=0)
+            nested = tl.load(nested_absmax_ptr + flat // NESTED, mask=block_ok, other=0.0)
+        else:
+            quant = tl.load(absmax_ptr + flat, mask=block_ok, other=0.0)
+            nested = quant
+        # x's 8 * SPAN columns of the range. Eight strided loads, one per value position within the word,
+        # were scalar 16-bit loads per weight in triton 3.6's build; the split by position is _gemv_x's
+        rows_m = tl.arange(0, BLOCK_M)
+        if X_PAIRS:
+            # bf16 x as int32 words, four per word of W: word 4w + i holds columns 8w + 2i (low half) and
+            # 8w + 2i + 1, paired as the decoded codes are, and its halves are fp32 bits after a shift
+            # or a mask; four strided loads, no reshapes (their shared-memory round trips and barriers)
+            pw = first + tl.arange(0, SPAN)
+            x_ok = (rows_m < M)[:, None] & (pw < K // 8)[None, :] & live
+            x_pairs = (x_ptr.to(tl.pointer_type(tl.int32)) + rows_m.to(tl.int64)[:, None] * (stride_xm // 2)
+                       + (4 * pw)[None, :])
+            x0 = tl.load(x_pairs, mask=x_ok, other=0)
+            x1 = tl.load(x_pairs + 1, mask=x_ok, other=0)
+            x2 = tl.load(x_pairs + 2, mask=x_ok, other=0)
+            x3 = tl.load(x_pairs + 3, mask=x_ok, other=0)
+        else:
+            cols = first * 8 + tl.arange(0, 8 * SPAN)
+            x0 = tl.load(x_ptr + rows_m.to(tl.int64)[:, None] * stride_xm + cols[None, :],
+                         mask=(rows_m < M)[:, None] & (cols < K)[None, :] & live, other=0.0)
+            x1 = x0
+            x2 = x0
+            x3 = x0
+        return words, x0, x1, x2, x3, quant, nested
+
+    @triton.jit
+    def _gemv_scale(quant, nested, nested_code_ptr, offset, DOUBLE_QUANT: tl.constexpr):
+        """The fp32 absmax from ``_gemv_loads``' scale inputs (the 8-bit code's lookup, then the nested scale)."""
+        if DOUBLE_QUANT:
+            return tl.load(nested_code_ptr + quant.to(tl.int32)) * nested + offset
+        else:
+            return quant
+
+    @triton.jit
+    def _gemv_products(words, x0, x1, x2, x3, table_ptr, BLOCK_M: tl.constexpr, SPAN: tl.constexpr,
+                       TABLE: tl.constexpr, ASM: tl.constexpr, X_PAIRS: tl.constexpr):
+        """acc[m, n, w] = sum over the 8 values of word w of row n of W of value * x[m, column], fp32,
+        unscaled; x as ``_gemv_loads`` gives it."""
+        # split x by value position within the word: e_i[m, w] = x[m, 8 w + 2 i], o_i = the column after it
+        # (sm_90 instructions per weight and row of x, the eight strided loads -> one load and this split:
+        # M = 1, 32 rows x 8 blocks: 11.9 -> 8.9 on 3.6, 6.5 -> 6.4 on 3.9; M = 4, 16 x 4: 5.9 -> 5.1 on
+        # 3.6, 5.6 -> 3.9 on 3.9; M = 8, 16 x 4: 3.8 -> 3.7 on 3.6, 4.1 -> 3.0 on 3.9)
+        if X_PAIRS:
+            e0, o0 = _bf16_pair_values(x0)
+            e1, o1 = _bf16_pair_values(x1)
+            e2, o2 = _bf16_pair_values(x2)
+            e3, o3 = _bf16_pair_values(x3)
+        else:
+            x = x0.to(tl.float32)
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, SPAN, 4, 2)))  # columns 8w + 2i, 8w + 2i + 1
+            e01, e23 = tl.split(tl.permute(tl.reshape(x_even, (BLOCK_M, SPAN, 2, 2)), (0, 1, 3, 2)))
+            o01, o23 = tl.split(tl.permute(tl.reshape(x_odd, (BLOCK_M, SPAN, 2, 2)), (0, 1, 3, 2)))
+            e0, e1 = tl.split(e01)
+            e2, e3 = tl.split(e23)
+            o0, o1 = tl.split(o01)
+            o2, o3 = tl.split(o23)
+        acc = tl.zeros((BLOCK_M, words.shape[1], SPAN), dtype=tl.float32)
+        if TABLE == "prmt":
+            p01, p23, p45, p67 = _nf4_word_bf16(words, table_ptr, ASM)
+        for i in tl.static_range(4):
+            if TABLE == "prmt":  # pair i: byte i's first value (its high nibble) in the low half
+                first, second = _bf16_pair_values(p01 if i == 0 else p23 if i == 1 else p45 if i == 2 else p67)
+            elif TABLE == "nibble":  # byte i of the word: its high nibble is the first value
+                first = tl.load(table_ptr + ((words >> (8 * i + 4)) & 15))
+                second = tl.load(table_ptr + ((words >> (8 * i)) & 15))
+            else:
+                first, second = _nf4_byte_values(tl.load(table_ptr + ((words >> (8 * i)) & 255)))
+            xe = e0 if i == 0 else e1 if i == 1 else e2 if i == 2 else e3
+            xo = o0 if i == 0 else o1 if i == 1 else o2 if i == 2 else o3
+            acc += xe[:, None, :] * first
+            acc += xo[:, None, :] * second
+        return acc
+
+    @triton.jit
+    def _gemv_scaled(acc, scale, BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr, WORDS: tl.constexpr,
+                     BLOCK_SCALE: tl.constexpr):
+        """A range's word partials times their blocks' scales: (BLOCK_M, rows, BLOCKS) block sums with
+        BLOCK_SCALE (``scale`` per (row, block)), else (BLOCK_M, rows, words) (``scale`` per (row, word))."""
+        if BLOCK_SCALE:
+            return tl.sum(tl.reshape(acc, (BLOCK_M, acc.shape[1], BLOCKS, WORDS)), axis=3) * scale[None, :, :]
+        else:
+            return acc * scale
+
+    @triton.jit
     def _nf4_gemv_kernel(
         # pointers: x (M, K); W's packed bytes viewed as int32 words (N, K / 8); the code table for TABLE:
         # "byte" nf4_byte_table (both values of a byte in one int64), "nibble" the 16 fp32 values
@@ -517,19 +633,26 @@ if triton is not None:
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, SPLIT: tl.constexpr, TABLE: tl.constexpr,
         ASM: tl.constexpr, X_PAIRS: tl.constexpr, BLOCK_SCALE: tl.constexpr, PDL: tl.constexpr,
+        STEPS: tl.constexpr,
     ):
-        """out[split, m, n] = sum over NF4 blocks split * BLOCKS .. + BLOCKS of x[m, k] * W[n, k], M <= BLOCK_M.
+        """out[split, m, n] = sum over NF4 blocks split * STEPS * BLOCKS .. + STEPS * BLOCKS of x[m, k] * W[n, k],
+        M <= BLOCK_M.
 
         With SPLIT (more than one K range), out holds fp32 partials and the last program of each row
         tile to finish adds them up into final (``_last_split_sums``), so no second launch sums them.
 
-        No loop: a program loads its whole tile at once, BLOCK_N rows of W by BLOCKS absmax blocks
-        (each row's part is BLOCKS * BLOCKSIZE / 2 contiguous bytes, read as 32-bit words of 8 values:
-        byte i holds values 2i (high nibble) and 2i + 1), with every block's scale, so all its DRAM
-        reads are in flight together and the double-quant chain (absmax byte, its code, the nested
-        scale) is waited for once, not once per block. At batch 1 this kernel is bound by latency, not
-        bandwidth: the first version stepped through the blocks one at a time and reached ~0.5 TB/s
-        on an H200. Each byte of a word is decoded by one 8-byte load from the 2 KB byte table (both
+        With STEPS = 1 there is no loop: a program loads its whole tile at once, BLOCK_N rows of W by
+        BLOCKS absmax blocks (each row's part is BLOCKS * BLOCKSIZE / 2 contiguous bytes, read as 32-bit
+        words of 8 values: byte i holds values 2i (high nibble) and 2i + 1), with every block's scale, so
+        all its DRAM reads are in flight together and the double-quant chain (absmax byte, its code, the
+        nested scale) is waited for once, not once per block. At batch 1 this kernel is bound by latency,
+        not bandwidth: the first version stepped through the blocks one at a time and reached ~0.5 TB/s
+        on an H200. But one tile per program also means that a wave of programs first waits for its
+        reads, then decodes, then sums its split partials, with no DRAM traffic while it decodes. With
+        STEPS > 1 a program walks STEPS such tiles along K and issues each tile's loads (W's words, the
+        scales' inputs, x) one tile ahead, into registers, so its reads overlap its arithmetic; there are
+        STEPS times fewer split partials to sum, and the program's fixed work (addresses, the final
+        sums, the semaphore) is spread over STEPS tiles (``GemvConfig.steps``). Each byte of a word is decoded by one 8-byte load from the 2 KB byte table (both
         its values; a 16-entry table takes a gather per value, and the address arithmetic of the
         gathers was most of the old kernel's instructions), or, with TABLE "nibble", by one 4-byte load
         per value from the 64-byte table of the 16 codes. The trade: a warp's 32 gathers from the
@@ -561,74 +684,37 @@ if triton is not None:
         pid_n = tl.program_id(0)
         pid_split = tl.program_id(1)
         # Every tile is 3-D, (rows of x, rows of W, words), so the products broadcast in registers.
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :, None]
-        word = pid_split * SPAN + tl.arange(0, SPAN)[None, None, :]  # word index within a row of W
-        row_words = tl.multiple_of(K // 8, WORDS)  # K is a multiple of the blocksize: rows start block-aligned
-        # masked by whole blocks (K // BLOCKSIZE of them), so the mask is constant over a block's words and
-        # each thread's run of words loads as one vector
-        w_ok = (offs_n < N) & (word // WORDS < K // BLOCKSIZE)
-        words = tl.load(words_ptr + offs_n.to(tl.int64) * row_words + word, mask=w_ok, other=0)
-        if BLOCK_SCALE:  # one scale per (row, block), applied to the block's sum of its word partials
-            rows_2d = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
-            block = pid_split * BLOCKS + tl.arange(0, BLOCKS)[None, :]
-            scale = _nf4_block_absmax(rows_2d * (K // BLOCKSIZE) + block, (rows_2d < N) & (block < K // BLOCKSIZE),
-                                      absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, DOUBLE_QUANT, NESTED)
-        else:  # one per word (its block's), applied to the word's partial
-            scale = _nf4_block_absmax(offs_n * (K // BLOCKSIZE) + word // WORDS, w_ok, absmax_ptr, nested_absmax_ptr,
-                                      nested_code_ptr, offset, DOUBLE_QUANT, NESTED)
-        # x's 8 * SPAN columns of the range in one contiguous load, then split by value position within
-        # the word: e_i[m, w] = x[m, 8 w + 2 i], o_i = the column after it. Eight strided loads, one per
-        # position, were scalar 16-bit loads per weight in triton 3.6's build. sm_90 instructions per
-        # weight and row of x, before -> after: M = 1, 32 rows x 8 blocks: 11.9 -> 8.9 on 3.6, 6.5 -> 6.4
-        # on 3.9; M = 4, 16 x 4: 5.9 -> 5.1 on 3.6, 5.6 -> 3.9 on 3.9; M = 8, 16 x 4: 3.8 -> 3.7 on 3.6,
-        # 4.1 -> 3.0 on 3.9
-        rows_m = tl.arange(0, BLOCK_M)
-        if X_PAIRS:
-            # bf16 x as int32 words, four per word of W: word 4w + i holds columns 8w + 2i (low half) and
-            # 8w + 2i + 1, paired as the decoded codes are, and its halves are fp32 bits after a shift
-            # or a mask; four strided loads, no reshapes (their shared-memory round trips and barriers)
-            pw = pid_split * SPAN + tl.arange(0, SPAN)
-            x_ok = (rows_m < M)[:, None] & (pw < K // 8)[None, :]
-            x_pairs = (x_ptr.to(tl.pointer_type(tl.int32)) + rows_m.to(tl.int64)[:, None] * (stride_xm // 2)
-                       + (4 * pw)[None, :])
-            xp0 = tl.load(x_pairs, mask=x_ok, other=0)
-            xp1 = tl.load(x_pairs + 1, mask=x_ok, other=0)
-            xp2 = tl.load(x_pairs + 2, mask=x_ok, other=0)
-            xp3 = tl.load(x_pairs + 3, mask=x_ok, other=0)
-            e0, o0 = _bf16_pair_values(xp0)
-            e1, o1 = _bf16_pair_values(xp1)
-            e2, o2 = _bf16_pair_values(xp2)
-            e3, o3 = _bf16_pair_values(xp3)
+        first = pid_split * (STEPS * SPAN)  # the program's first word of each row
+        words, x0, x1, x2, x3, quant, nested = _gemv_loads(
+            words_ptr, absmax_ptr, nested_absmax_ptr, x_ptr, pid_n, first, True, M, N, K, stride_xm,
+            BLOCKSIZE, DOUBLE_QUANT, NESTED, BLOCK_M, BLOCK_N, BLOCKS, X_PAIRS, BLOCK_SCALE)
+        if STEPS == 1:
+            scale = _gemv_scale(quant, nested, nested_code_ptr, offset, DOUBLE_QUANT)
+            acc = _gemv_products(words, x0, x1, x2, x3, table_ptr, BLOCK_M, SPAN, TABLE, ASM, X_PAIRS)
+            total = _gemv_scaled(acc, scale, BLOCK_M, BLOCKS, WORDS, BLOCK_SCALE)
         else:
-            cols = pid_split * (8 * SPAN) + tl.arange(0, 8 * SPAN)
-            x = tl.load(x_ptr + rows_m.to(tl.int64)[:, None] * stride_xm + cols[None, :],
-                        mask=(rows_m < M)[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
-            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, SPAN, 4, 2)))  # columns 8w + 2i, 8w + 2i + 1
-            e01, e23 = tl.split(tl.permute(tl.reshape(x_even, (BLOCK_M, SPAN, 2, 2)), (0, 1, 3, 2)))
-            o01, o23 = tl.split(tl.permute(tl.reshape(x_odd, (BLOCK_M, SPAN, 2, 2)), (0, 1, 3, 2)))
-            e0, e1 = tl.split(e01)
-            e2, e3 = tl.split(e23)
-            o0, o1 = tl.split(o01)
-            o2, o3 = tl.split(o23)
-        acc = tl.zeros((BLOCK_M, BLOCK_N, SPAN), dtype=tl.float32)
-        if TABLE == "prmt":
-            p01, p23, p45, p67 = _nf4_word_bf16(words, table_ptr, ASM)
-        for i in tl.static_range(4):
-            if TABLE == "prmt":  # pair i: byte i's first value (its high nibble) in the low half
-                first, second = _bf16_pair_values(p01 if i == 0 else p23 if i == 1 else p45 if i == 2 else p67)
-            elif TABLE == "nibble":  # byte i of the word: its high nibble is the first value
-                first = tl.load(table_ptr + ((words >> (8 * i + 4)) & 15))
-                second = tl.load(table_ptr + ((words >> (8 * i)) & 15))
+            # STEPS ranges of SPAN words, one after the other: each step issues the next range's loads
+            # (into registers: no shared memory, no barrier) before this range's arithmetic, so the
+            # program's DRAM reads overlap its decode and FMAs where the one-range tile waits for all
+            # its loads, then computes, with nothing in flight
+            if BLOCK_SCALE:
+                total = tl.zeros((BLOCK_M, BLOCK_N, BLOCKS), dtype=tl.float32)
             else:
-                first, second = _nf4_byte_values(tl.load(table_ptr + ((words >> (8 * i)) & 255)))
-            xe = e0 if i == 0 else e1 if i == 1 else e2 if i == 2 else e3
-            xo = o0 if i == 0 else o1 if i == 1 else o2 if i == 2 else o3
-            acc += xe[:, None, :] * first
-            acc += xo[:, None, :] * second
-        if BLOCK_SCALE:
-            y = tl.sum(tl.sum(tl.reshape(acc, (BLOCK_M, BLOCK_N, BLOCKS, WORDS)), axis=3) * scale[None, :, :], axis=2)
-        else:
-            y = tl.sum(acc * scale, axis=2)
+                total = tl.zeros((BLOCK_M, BLOCK_N, SPAN), dtype=tl.float32)
+            n_words, n_x0, n_x1, n_x2, n_x3, n_quant, n_nested = _gemv_loads(
+                words_ptr, absmax_ptr, nested_absmax_ptr, x_ptr, pid_n, first + SPAN, True, M, N, K, stride_xm,
+                BLOCKSIZE, DOUBLE_QUANT, NESTED, BLOCK_M, BLOCK_N, BLOCKS, X_PAIRS, BLOCK_SCALE)
+            for step in range(STEPS):
+                f_words, f_x0, f_x1, f_x2, f_x3, f_quant, f_nested = _gemv_loads(
+                    words_ptr, absmax_ptr, nested_absmax_ptr, x_ptr, pid_n, first + (step + 2) * SPAN,
+                    step + 2 < STEPS, M, N, K, stride_xm,
+                    BLOCKSIZE, DOUBLE_QUANT, NESTED, BLOCK_M, BLOCK_N, BLOCKS, X_PAIRS, BLOCK_SCALE)
+                scale = _gemv_scale(quant, nested, nested_code_ptr, offset, DOUBLE_QUANT)
+                acc = _gemv_products(words, x0, x1, x2, x3, table_ptr, BLOCK_M, SPAN, TABLE, ASM, X_PAIRS)
+                total += _gemv_scaled(acc, scale, BLOCK_M, BLOCKS, WORDS, BLOCK_SCALE)
+                words, x0, x1, x2, x3, quant, nested = n_words, n_x0, n_x1, n_x2, n_x3, n_quant, n_nested
+                n_words, n_x0, n_x1, n_x2, n_x3, n_quant, n_nested = f_words, f_x0, f_x1, f_x2, f_x3, f_quant, f_nested
+        y = tl.sum(total, axis=2)
         out_m = tl.arange(0, BLOCK_M)[:, None]
         out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
         out_ok = (out_m < M) & (out_n < N)
@@ -813,8 +899,13 @@ class GemvConfig:
     # programs wait for that kernel (``gdc_wait``) before they read or write anything, so what it hides
     # is the launch's own latency, not any memory traffic; the results are the same bit for bit
     pdl: bool = False
+    # K ranges of ``blocks`` blocks that one program walks in a loop, loading each range one ahead of its
+    # arithmetic (the kernel's STEPS); K is cut into ranges of ``blocks * steps`` blocks. 1: one range
+    steps: int = 1
 
     def __post_init__(self):
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"nf4 gemv: steps must be a whole number >= 1, got {self.steps!r}")
         if self.table not in GEMV_TABLES:
             raise ValueError(f"nf4 gemv: table must be one of {', '.join(GEMV_TABLES)}, got {self.table!r}")
 
@@ -920,7 +1011,8 @@ def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | No
     if blocks & (blocks - 1) or block_n & (block_n - 1):
         raise ValueError(f"nf4 gemv: block_n and blocks must be powers of two, got {block_n}, {blocks}")
     tiles = cdiv(n, block_n)
-    split = cdiv(blocks_per_row, blocks)
+    steps = max(1, min(cfg.steps, cdiv(blocks_per_row, blocks)))  # no program walks past the row's blocks
+    split = cdiv(blocks_per_row, blocks * steps)
     if out is not None and (tuple(out.shape) != (m, n) or out.dtype != x.dtype or out.stride(-1) != 1):
         raise ValueError(f"nf4 gemv: out must be ({m}, {n}) {x.dtype} with unit column stride, got "
                          f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
@@ -940,7 +1032,7 @@ def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | No
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS=blocks, SPLIT=counts is not None,
         TABLE=cfg.table, ASM=cfg.table == "prmt" and register_decode_asm(x.device),
         X_PAIRS=cfg.table == "prmt" and _x_pairs_ok(x), BLOCK_SCALE=gemv_block_scale(cfg.table, block_m),
-        PDL=pdl, launch_pdl=pdl, num_warps=cfg.num_warps,
+        PDL=pdl, STEPS=steps, launch_pdl=pdl, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, enable_fp_fusion=True,  # x * code + partial as one FMA
     )
     if split > 1 and counts is None:

@@ -35,7 +35,8 @@ The file::
 
 Tile settings (``TILE_KEYS``) hold for the triton release they were timed with (``triton``, major.minor):
 a ``nf4.gemv_tiles`` entry may also name the code ``table`` the gemv kernel looks codes up in
-(``"byte"``, the default, ``"nibble"`` or ``"prmt"``). A different release compiles the same tile to different
+(``"byte"``, the default, ``"nibble"`` or ``"prmt"``) and the ``steps`` a program walks along K (one of
+``GEMV_STEPS``; 1, the default, is one range per program). A different release compiles the same tile to different
 code, so under it they are passed over (with one warning) for the next source in the order above. Thresholds hold across releases. Non-CUDA devices
 are looked up by their type (``"cpu"``), which is how the tests reach this code without a GPU.
 """
@@ -53,6 +54,8 @@ SHIPPED = Path(__file__).with_name("tuning.json")
 LARGE_M_PATHS = ("dequant", "cublas", "concat", "fused", "tma")  # what lora's "auto" may take above the small-M paths
 NORM_GRIDS = ("persistent", "per_block")  # the fused RMSNorm + LoRA kernels' grids (norm_lora._programs)
 GEMV_TABLES = ("byte", "nibble", "prmt")  # the gemv kernel's code lookups (nf4_matmul.GemvConfig.table)
+# K ranges a gemv program walks (nf4_matmul.GemvConfig.steps) that a tuning entry may name: what the sweep tries
+GEMV_STEPS = (1, 2, 4, 8, 16, 64)
 MERGE_LAYOUTS = ("pairs", "two_dots", "joined")  # the NF4 + LoRA merge kernel's layouts (lora.MergeConfig.layout)
 CONCAT_ALIGNS = (16, 32, 64, 128)  # the concat forward's LoRA column multiples (lora.concat_align)
 THRESHOLD_KEYS = ("nf4.gemv_max_m", "nf4.fused_max_m", "nf4.tma_min_m", "lora.fused_max_m", "lora.large_m_path",
@@ -81,8 +84,8 @@ def _check_tiles(value, where: str, fields: tuple[str, ...], optional: dict | No
         if not _power_of_two(value[name]):
             raise ValueError(f"{where}.{name}: expected a power of two, got {value[name]!r}")
     for name, allowed in optional.items():
-        if name in value and value[name] not in allowed:
-            raise ValueError(f"{where}.{name}: expected one of {', '.join(allowed)}, got {value[name]!r}")
+        if name in value and (isinstance(value[name], bool) or value[name] not in allowed):  # not true for 1
+            raise ValueError(f"{where}.{name}: expected one of {', '.join(map(str, allowed))}, got {value[name]!r}")
 
 
 def _check_setting(key: str, value, where: str) -> None:
@@ -107,7 +110,8 @@ def _check_setting(key: str, value, where: str) -> None:
         for rows, tiles in value.items():
             if rows not in ("1", "2", "4", "8"):
                 raise ValueError(f"{where}: key {rows!r}: expected rows of x, a power of two up to 8")
-            _check_tiles(tiles, f"{where}.{rows}", ("block_n", "blocks", "num_warps"), {"table": GEMV_TABLES})
+            _check_tiles(tiles, f"{where}.{rows}", ("block_n", "blocks", "num_warps"),
+                         {"table": GEMV_TABLES, "steps": GEMV_STEPS})
     elif key == "nf4.dequant_launch":
         _check_tiles(value, where, ("values_per_prog", "num_warps"))
     elif key == "lora.merge_launch":

@@ -371,6 +371,59 @@ def test_gemv_few_rows_by_most_of_k(block_n, blocks, table):
     assert_close(y, (x.double() @ w.double().t()).float(), atol, rtol, name=f"gemv {block_n}x{blocks} {table}")
 
 
+@pytest.mark.parametrize("table", mm.GEMV_TABLES)
+@pytest.mark.parametrize("steps", [3, 7])
+@pytest.mark.parametrize("m,n,k,blocksize,double_quant,dtype",
+                         [(*shape, dtype) for shape, dtype in zip(GEMV_SHAPES + [(1, 37, 3200, 64, True),
+                                                                                 (4, 50, 1280, 128, True)],
+                                                                  [torch.float32, torch.float16] * 3)])
+def test_gemv_steps_walk_k_ranges_in_a_loop(m, n, k, blocksize, double_quant, dtype, steps, table):
+    """GemvConfig(steps=S): each program walks S ranges of 2 blocks with the loads one range ahead. The
+    sums are the one-range kernel's (blocks=2) regrouped, so they agree to fp32 rounding, and both match
+    the product of the weight the lookup decodes: ranges past the row (7 steps of 2 blocks where a row
+    has 1, 3 or 5 blocks), a last program with fewer ranges than S, and one split (S ranges reach the
+    end of every row)."""
+    weight = _weight(n, k, blocksize, double_quant, seed=m + 17)
+    x = _inputs((m, k), dtype, seed=n + 17)
+    w = _dequant_rounded_codes(weight, torch.bfloat16 if table == "prmt" else torch.float32)
+    with backend("triton"):
+        one = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(block_n=16, blocks=2, table=table))
+        looped = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(block_n=16, blocks=2, table=table, steps=steps))
+    atol, rtol = TOLERANCES[dtype]
+    assert looped.dtype == dtype and looped.shape == (m, n)
+    assert_close(looped, (x.double() @ w.double().t()).to(dtype), atol, rtol, name=f"gemv steps={steps} {table}")
+    assert_close(looped.double(), one.double(), 1e-5 if dtype == torch.float32 else 2e-3, 1e-5 if dtype ==
+                 torch.float32 else 2e-3, name="steps against one range")
+
+
+def test_gemv_steps_are_checked_and_capped(monkeypatch):
+    """steps must be a whole number from 1; more steps than a row has ranges launch as many as it has
+    (one split), with the result of the capped count."""
+    for bad in (0, -2, 1.5, None):
+        with pytest.raises(ValueError, match="steps must be a whole number >= 1"):
+            mm.GemvConfig(steps=bad)
+    weight = _weight(20, 640, 64, True, seed=3)  # 10 blocks a row: 5 ranges of 2
+    x = _inputs((1, 640), torch.float32, seed=4)
+    launched = []
+    real = mm._nf4_gemv_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                launched.append((grid, meta["STEPS"]))
+                return real[grid](*args, **meta)
+            return launch
+
+    monkeypatch.setattr(mm, "_nf4_gemv_kernel", Spy())
+    with backend("triton"):
+        capped = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(block_n=16, blocks=2, steps=64))
+        whole = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(block_n=16, blocks=2, steps=5))
+        two = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(block_n=16, blocks=2, steps=2))
+    assert launched == [((2, 1), 5), ((2, 1), 5), ((2, 3), 2)]
+    assert torch.equal(capped, whole)
+    assert_close(two, whole, 1e-5, 1e-5, name="3 splits against 1")
+
+
 @pytest.mark.parametrize("dtype,blocks", [(torch.float32, None), (torch.float16, 2)])  # one K range; split sums
 @pytest.mark.parametrize("m,n,k,blocksize,double_quant", GEMV_SHAPES)
 def test_gemv_register_decode_uses_bf16_codes(m, n, k, blocksize, double_quant, dtype, blocks):
@@ -464,6 +517,26 @@ def test_gemv_dependent_launch_config(monkeypatch):
     monkeypatch.setenv("BEZOAR_NF4_GEMV_PDL", "on")
     with pytest.raises(ValueError, match="BEZOAR_NF4_GEMV_PDL: expected 0 or 1, got 'on'"):
         mm.gemv_pdl(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("n,k", [(3200, 3200), (8640, 3200), (3200, 8640)])
+def test_gemv_steps_on_gpu(n, k, m):
+    """The stepped gemv the sweep times (GemvConfig.steps, the register decode, bf16 x) on the 3B shapes:
+    each steps count against one range per program within fp32 summation order (the bf16 outputs one
+    rounding step apart at most), and all against x @ W' (bf16 codes) in fp64."""
+    weight = _weight(n, k, seed=n + k, device="cuda")
+    x = _inputs((m, k), torch.bfloat16, device="cuda")
+    want = (x.double() @ _dequant_rounded_codes(weight, torch.bfloat16).double().t())
+    tiles = (16, 8) if m == 1 else (16, 4)
+    with backend("triton"):
+        one = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(*tiles, table="prmt"))
+        for steps in (2, 4, 8, 64):
+            got = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(*tiles, table="prmt", steps=steps))
+            step = one.float().abs() * 2.0 ** -7 + 1e-6  # one bf16 step of the result
+            assert ((got.float() - one.float()).abs() <= step).all(), steps
+            assert_close(got.double(), want.to(torch.bfloat16).double(), 1e-2, 1e-2, name=f"gemv steps={steps}")
 
 
 @pytest.mark.gpu

@@ -767,6 +767,38 @@ def test_swept_code_table_reaches_the_entry_and_the_launch(tmp_path, monkeypatch
     assert [launch["TABLE"] for launch in gemv.launches] == ["nibble", "byte"]
 
 
+def test_swept_steps_reach_the_entry_and_the_launch(tmp_path, monkeypatch):
+    """A stepped gemv config that wins is written with its steps (one range, the default, is left out),
+    ``with_tuned_gemv`` finds its time, an entry's steps reach the launch, and a steps value the sweep
+    never tries (or true for 1) is refused by name."""
+    def row(shape, times):
+        return {"shape": shape, "M": 1, "default_ms": 2.0,
+                "grid": [{"config": dict({"block_n": 16, "blocks": 8, "num_warps": 4, "table": "prmt"}, **extra),
+                          "ms": t} for extra, t in times]}
+
+    sweep = [row("a", [({"steps": 1}, 1.0), ({"steps": 4}, 0.6)]), row("b", [({"steps": 1}, 1.9), ({"steps": 4}, 1.1)])]
+    out = tune.derive(_result(bench="nf4", rows=[], sweep_gemv=sweep))
+    won = {"block_n": 16, "blocks": 8, "num_warps": 4, "table": "prmt", "steps": 4}
+    assert out["nf4.gemv_tiles"][0] == {"1": won}
+    rows = [{"dir": "fwd", "shape": "a", "M": 1, "nf4_gemv": 1.0}, {"dir": "fwd", "shape": "b", "M": 1, "nf4_gemv": 1.9}]
+    assert [r["nf4_gemv"] for r in tune.with_tuned_gemv(rows, sweep, {"1": won})] == [0.6, 1.1]
+    one = {k: v for k, v in won.items() if k != "steps"}
+    assert [r["nf4_gemv"] for r in tune.with_tuned_gemv(rows, sweep, {"1": one})] == [1.0, 1.9]
+    out = tune.derive(_result(bench="nf4", rows=[], sweep_gemv=[row("a", [({"steps": 4}, 1.5), ({}, 1.0)])]))
+    assert out["nf4.gemv_tiles"][0] == {"1": one}
+    _user_file(tmp_path, monkeypatch, {"nf4.gemv_tiles": {"1": dict(won, steps=8)}}, triton=_release())
+    assert mm._tuned_gemv_config(1, CPU, torch.bfloat16) == mm.GemvConfig(16, 8, table="prmt", steps=8)
+    gemv = _LaunchSpy()
+    monkeypatch.setattr(mm, "_nf4_gemv_kernel", gemv)
+    weight = nf4.quantize_nf4_reference(torch.randn(32, 3200), 64)  # 50 blocks a row: 7 ranges of 8
+    mm.nf4_gemv_forward(torch.randn(1, 3200).to(torch.bfloat16), weight)
+    assert [(launch["STEPS"], launch["grid"]) for launch in gemv.launches] == [(7, (2, 1))]
+    for bad in (3, 0, True, "4"):
+        with pytest.raises(ValueError, match=r"gemv_tiles\.1\.steps: expected one of 1, 2, 4, 8, 16, 64"):
+            tuning.validate({"format": 1, "devices": {"cpu": {"settings": {"nf4.gemv_tiles": {"1": dict(won, steps=bad)}},
+                                                              "triton": "3.6"}}}, "t.json")
+
+
 def test_tuned_register_decode_is_for_16_bit_x_only(tmp_path, monkeypatch):
     """The sweeps time bf16 x: a tuned "prmt" lookup (codes rounded to bf16) serves 16-bit x, and an fp32
     caller gets the same tiles on the byte table's fp32 codes; asked for explicitly, it gets "prmt"."""
@@ -825,7 +857,11 @@ def test_the_sweeps_write_what_tune_reads():
         (m, shape) for m in (1, 4, 8) for shape in ("16x128", "32x64")]
     assert {c["config"]["table"] for c in gemv[0]["grid"]} == set(mm.GEMV_TABLES)
     assert {c["config"]["num_warps"] for c in gemv[2]["grid"]} == {4}  # 8 warps only at M = 1
-    assert len(gemv[0]["grid"]) == 30  # ten chosen tiles at M = 1, each with the three lookups
+    # at M = 1: ten chosen tiles with the register decode, the first four also with the byte and nibble
+    # tables, and seven stepped configs (the register decode walking K)
+    assert len(gemv[0]["grid"]) == 10 + 4 * 2 + 7
+    assert sorted({c["config"]["steps"] for c in gemv[0]["grid"]}) == [1, 2, 4, 8, 16, 64]
+    assert {c["config"]["table"] for c in gemv[0]["grid"] if c["config"]["steps"] > 1} == {"prmt"}
     gemv = [r for r in gemv if r["shape"] == "16x128"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(nf4, "dequantize_nf4_triton", lambda *a, **k: None)
