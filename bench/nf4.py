@@ -705,7 +705,7 @@ def sweep_gemv(args, shapes, weights, randn, bench, mm, progress=None):
                 for (block_n, blocks, warps), table in itertools.product(tiles, mm.GEMV_TABLES)
                 if m * block_n * blocks * words <= 2 * mm._GEMV_TILE_VALUES
                 and (table == "prmt" or m > 1 or (block_n, blocks, warps) in tiles[:4])]
-        stepped = ([(16, 8, 4, s) for s in (2, 4, 8, 64)] + [(32, 4, 4, s) for s in (4, 16)] + [(8, 8, 4, 8)]
+        stepped = ([(16, 8, 4, s) for s in (2, 4, 8, 64)] + [(32, 4, 4, s) for s in (4, 16)] + [(8, 8, 4, 8), (4, 16, 4, 4)]
                    if m == 1 else [(16, 4, 4, s) for s in (2, 4, 8)] + [(32, 2, 4, 4)])
         grid += [mm.GemvConfig(block_n, blocks, warps, 1, table="prmt", steps=s)
                  for block_n, blocks, warps, s in stepped if m * block_n * blocks * words <= 2 * mm._GEMV_TILE_VALUES]
