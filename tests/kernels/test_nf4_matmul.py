@@ -520,8 +520,7 @@ def test_gemv_dependent_launch_config(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 4])
-@pytest.mark.parametrize("n,k", [(3200, 3200), (8640, 3200), (3200, 8640)])
+@pytest.mark.parametrize("n,k,m", [(3200, 3200, 1), (8640, 3200, 4), (3200, 8640, 1)])
 def test_gemv_steps_on_gpu(n, k, m):
     """The stepped gemv the sweep times (GemvConfig.steps, the register decode, bf16 x) on the 3B shapes:
     each steps count against one range per program within fp32 summation order (the bf16 outputs one
@@ -532,7 +531,7 @@ def test_gemv_steps_on_gpu(n, k, m):
     tiles = (16, 8) if m == 1 else (16, 4)
     with backend("triton"):
         one = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(*tiles, table="prmt"))
-        for steps in (2, 4, 8, 64):
+        for steps in (4, 64):  # loads two ranges ahead in the loop; all of a row's ranges (one split)
             got = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(*tiles, table="prmt", steps=steps))
             step = one.float().abs() * 2.0 ** -7 + 1e-6  # one bf16 step of the result
             assert ((got.float() - one.float()).abs() <= step).all(), steps
