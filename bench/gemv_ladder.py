@@ -263,7 +263,7 @@ def launch(rung: str, q, t: Tiles, out, x=None):
             out, out, 1, n, k, q.offset, x.stride(0), out.stride(0), out.stride(1), 0,
             BLOCKSIZE=q.blocksize, DOUBLE_QUANT=True, NESTED=NESTED_BLOCKSIZE, BLOCK_M=1, BLOCK_N=t.block_n,
             BLOCKS=t.blocks, SPLIT=False, TABLE=cfg.table, ASM=cfg.table == "prmt" and register_decode_asm(x.device),
-            X_PAIRS=cfg.table == "prmt" and mm._x_pairs_ok(x), BLOCK_SCALE=mm.gemv_block_scale(cfg.table, 1),
+            X_PAIRS=mm.gemv_x_pairs(cfg.table, x), BLOCK_SCALE=mm.gemv_block_scale(cfg.table, 1),
             PDL=False, STEPS=1,
             **launch_opts)
     else:

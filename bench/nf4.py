@@ -699,16 +699,21 @@ def sweep_gemv(args, shapes, weights, randn, bench, mm, progress=None):
             tiles = [(block_n, blocks, 4) for block_n, blocks in itertools.product((16, 32, 64, 128), (2, 4, 8, 16))]
         # every lookup at one range per program; the register decode ("prmt", the fastest by 1.6-2x at
         # M = 1 and 4 in the H100 sweep of 2026-11-27) also with the program walking K in steps
-        # (GemvConfig.steps: 2-8 ranges, or all of a row's); the byte and nibble tables only at M = 1's
-        # first tiles and at M = 4 and 8, where they came within 2-5% of it
+        # (GemvConfig.steps: 2-8 ranges, or all of a row's), and the shared-memory lookup ("gather",
+        # not timed yet) at a few of those; the other lookups only at M = 1's first tiles and at M = 4
+        # and 8, where the byte and nibble tables came within 2-5% of "prmt"
+        def fits(block_n, blocks):
+            return m * block_n * blocks * words <= 2 * mm._GEMV_TILE_VALUES
+
         grid = [mm.GemvConfig(block_n, blocks, warps, 1, table=table)
                 for (block_n, blocks, warps), table in itertools.product(tiles, mm.GEMV_TABLES)
-                if m * block_n * blocks * words <= 2 * mm._GEMV_TILE_VALUES
-                and (table == "prmt" or m > 1 or (block_n, blocks, warps) in tiles[:4])]
-        stepped = ([(16, 8, 4, s) for s in (2, 4, 8, 64)] + [(32, 4, 4, s) for s in (4, 16)] + [(8, 8, 4, 8), (4, 16, 4, 4)]
-                   if m == 1 else [(16, 4, 4, s) for s in (2, 4, 8)] + [(32, 2, 4, 4)])
-        grid += [mm.GemvConfig(block_n, blocks, warps, 1, table="prmt", steps=s)
-                 for block_n, blocks, warps, s in stepped if m * block_n * blocks * words <= 2 * mm._GEMV_TILE_VALUES]
+                if fits(block_n, blocks) and (table == "prmt" or m > 1 or (block_n, blocks, warps) in tiles[:4])]
+        stepped = ([(16, 8, 4, s, "prmt") for s in (2, 4, 8, 64)] + [(32, 4, 4, s, "prmt") for s in (4, 16)]
+                   + [(8, 8, 4, 8, "prmt"), (4, 16, 4, 4, "prmt")]
+                   + [(16, 8, 4, 4, "gather"), (16, 8, 4, 8, "gather"), (32, 4, 4, 4, "gather")] if m == 1 else
+                   [(16, 4, 4, s, "prmt") for s in (2, 4, 8)] + [(32, 2, 4, 4, "prmt"), (16, 4, 4, 4, "gather")])
+        grid += [mm.GemvConfig(block_n, blocks, warps, 1, table=table, steps=s)
+                 for block_n, blocks, warps, s, table in stepped if fits(block_n, blocks)]
         if args.smoke:
             grid = grid[:2]
         x = randn(m, k)

@@ -119,6 +119,8 @@ PRESETS = {
     # the same with the codes looked up by byte permutes in registers (GemvConfig(table="prmt")), x read
     # as int32 pairs as the launcher does at M = 1
     "nf4_gemv_prmt": _gemv("prmt", "*i32", True),
+    # the same with the 16 fp32 codes looked up in shared memory (GemvConfig(table="gather"))
+    "nf4_gemv_gather": _gemv("gather", "*fp32", True),
     # the rungs of bench/gemv_ladder.py (the gemv's loads, + the scale chain, + the register decode)
     "ladder_empty": _ladder("empty"),
     "ladder_read": _ladder("read"),

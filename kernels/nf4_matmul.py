@@ -570,6 +570,12 @@ if triton is not None:
     @triton.jit
     def _gemv_products(words, x0, x1, x2, x3, table_ptr, BLOCK_M: tl.constexpr, SPAN: tl.constexpr,
                        TABLE: tl.constexpr, ASM: tl.constexpr, X_PAIRS: tl.constexpr):
+        acc = _gemv_products_lookup(words, x0, x1, x2, x3, table_ptr, BLOCK_M, SPAN, TABLE, ASM, X_PAIRS)
+        return acc
+
+    @triton.jit
+    def _gemv_products_lookup(words, x0, x1, x2, x3, table_ptr, BLOCK_M: tl.constexpr, SPAN: tl.constexpr,
+                              TABLE: tl.constexpr, ASM: tl.constexpr, X_PAIRS: tl.constexpr):
         """acc[m, n, w] = sum over the 8 values of word w of row n of W of value * x[m, column], fp32,
         unscaled; x as ``_gemv_loads`` gives it."""
         # split x by value position within the word: e_i[m, w] = x[m, 8 w + 2 i], o_i = the column after it
@@ -593,9 +599,17 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, words.shape[1], SPAN), dtype=tl.float32)
         if TABLE == "prmt":
             p01, p23, p45, p67 = _nf4_word_bf16(words, table_ptr, ASM)
+        if TABLE == "gather":
+            code = tl.load(table_ptr + tl.arange(0, 16))
         for i in tl.static_range(4):
             if TABLE == "prmt":  # pair i: byte i's first value (its high nibble) in the low half
                 first, second = _bf16_pair_values(p01 if i == 0 else p23 if i == 1 else p45 if i == 2 else p67)
+            elif TABLE == "gather":  # the 16 codes go to shared memory: one shared load per value, its
+                # address the nibble shifted and masked in place (2 integer operations; "prmt" takes 3.1)
+                first = tl.reshape(tl.gather(code, tl.reshape((words >> (8 * i + 4)) & 15, (words.shape[1] * SPAN,)), 0),
+                                   words.shape)
+                second = tl.reshape(tl.gather(code, tl.reshape((words >> (8 * i)) & 15, (words.shape[1] * SPAN,)), 0),
+                                    words.shape)
             elif TABLE == "nibble":  # byte i of the word: its high nibble is the first value
                 first = tl.load(table_ptr + ((words >> (8 * i + 4)) & 15))
                 second = tl.load(table_ptr + ((words >> (8 * i)) & 15))
@@ -673,6 +687,11 @@ if triton is not None:
         that rounding (it is the more exact of the two); with "prmt" the codes are rounded to bf16 (at
         most 0.312% of a weight) before the block scale, the size of the rounding that 16-bit x gets
         from dequantize + cuBLAS (an fp32 caller gets the byte table unless it asks for "prmt").
+        TABLE "gather" looks the 16 fp32 codes up in shared memory (``tl.gather``: the table stored once
+        per lookup, then a shared load per value at the nibble's offset, conflict-free as the 16 codes
+        sit in 16 banks): about 2 integer-pipe instructions per weight for the decode where "prmt"
+        takes 3.1, the integer pipe being what bounds the gemv (bench/README.md), for a shared load
+        per weight and two barriers per lookup; the codes exact in fp32, as the byte table's.
         """
         WORDS: tl.constexpr = BLOCKSIZE // 8
         SPAN: tl.constexpr = BLOCKS * WORDS  # words per row of the tile
@@ -892,7 +911,8 @@ class GemvConfig:
     num_stages: int = 1
     reduce_in_kernel: bool = True  # False: the fp32 partials are summed by a second launch
     # how codes are looked up: "byte" (2 KB, a byte's two values per load), "nibble" (64 bytes, a load per
-    # value) or "prmt" (byte permutes in registers, no loads; the codes rounded to bf16)
+    # value), "prmt" (byte permutes in registers, no loads; the codes rounded to bf16) or "gather" (the 16
+    # fp32 codes in shared memory, a shared load per value: tl.gather)
     table: str = "byte"
     # a programmatic dependent launch where the GPU has them (``pdl_supported``; a plain launch elsewhere):
     # the launch can be scheduled before the kernel ahead of it in the stream has finished, and its
@@ -957,7 +977,7 @@ def pdl_supported(device: torch.device) -> bool:
 
 def _gemv_table(table: str, device) -> torch.Tensor:
     """What the gemv kernel's table_ptr points at for GemvConfig.table."""
-    return {"byte": nf4_byte_table, "nibble": nf4_code, "prmt": nf4_code_planes}[table](device)
+    return {"byte": nf4_byte_table, "nibble": nf4_code, "prmt": nf4_code_planes, "gather": nf4_code}[table](device)
 
 
 def _x_pairs_ok(x: torch.Tensor) -> bool:
@@ -965,6 +985,12 @@ def _x_pairs_ok(x: torch.Tensor) -> bool:
     At M = 1 the sm_90 build then has 4 barriers instead of 12 on triton 3.6 (1 instead of 9 on 3.9),
     as many instructions or fewer; at M = 4 it had 22 instead of 20, so more rows keep the plain loads."""
     return x.dtype == torch.bfloat16 and x.shape[0] == 1 and x.data_ptr() % 4 == 0
+
+
+def gemv_x_pairs(table: str, x: torch.Tensor) -> bool:
+    """Whether the gemv kernel reads x as int32 pairs of columns (X_PAIRS) for this lookup: the two that
+    give values per position of a word ("prmt" and "gather"), where ``_x_pairs_ok`` holds."""
+    return table in ("prmt", "gather") and _x_pairs_ok(x)
 
 
 def gemv_block_scale(table: str, block_m: int) -> bool:
@@ -978,8 +1004,10 @@ def gemv_block_scale(table: str, block_m: int) -> bool:
     block: "prmt" M = 1 10.38 -> 8.75 on triton 3.6 and 8.19 -> 7.00 on 3.9, M = 4 5.00 -> 4.44 and
     4.44 -> 3.94, M = 8 3.56 -> 3.38 and 3.28 -> 2.91; the byte table at M = 1 10.38 -> 9.62 and
     6.44 -> 5.00. But with the byte and nibble tables at M >= 4 triton 3.6 (the GPU machine's) built the
-    block sums into more instructions (byte M = 4: 5.12 -> 5.75), so those keep the per-word scale."""
-    return table == "prmt" or block_m == 1
+    block sums into more instructions (byte M = 4: 5.12 -> 5.75), so those keep the per-word scale. The
+    shared-memory lookup ("gather") scales per block at every M (M = 4, 16 rows by 4 blocks, triton 3.6:
+    696 instructions against 800 per word)."""
+    return table in ("prmt", "gather") or block_m == 1
 
 
 def gemv_supported(m: int, weight: NF4Weight) -> bool:
@@ -1031,7 +1059,7 @@ def nf4_gemv_forward(x: torch.Tensor, weight: NF4Weight, config: GemvConfig | No
         BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=dq, NESTED=NESTED_BLOCKSIZE,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS=blocks, SPLIT=counts is not None,
         TABLE=cfg.table, ASM=cfg.table == "prmt" and register_decode_asm(x.device),
-        X_PAIRS=cfg.table == "prmt" and _x_pairs_ok(x), BLOCK_SCALE=gemv_block_scale(cfg.table, block_m),
+        X_PAIRS=gemv_x_pairs(cfg.table, x), BLOCK_SCALE=gemv_block_scale(cfg.table, block_m),
         PDL=pdl, STEPS=steps, launch_pdl=pdl, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, enable_fp_fusion=True,  # x * code + partial as one FMA
     )

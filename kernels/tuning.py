@@ -35,7 +35,7 @@ The file::
 
 Tile settings (``TILE_KEYS``) hold for the triton release they were timed with (``triton``, major.minor):
 a ``nf4.gemv_tiles`` entry may also name the code ``table`` the gemv kernel looks codes up in
-(``"byte"``, the default, ``"nibble"`` or ``"prmt"``) and the ``steps`` a program walks along K (one of
+(``"byte"``, the default, ``"nibble"``, ``"prmt"`` or ``"gather"``) and the ``steps`` a program walks along K (one of
 ``GEMV_STEPS``; 1, the default, is one range per program). A different release compiles the same tile to different
 code, so under it they are passed over (with one warning) for the next source in the order above. Thresholds hold across releases. Non-CUDA devices
 are looked up by their type (``"cpu"``), which is how the tests reach this code without a GPU.
@@ -53,7 +53,7 @@ FORMAT = 1
 SHIPPED = Path(__file__).with_name("tuning.json")
 LARGE_M_PATHS = ("dequant", "cublas", "concat", "fused", "tma")  # what lora's "auto" may take above the small-M paths
 NORM_GRIDS = ("persistent", "per_block")  # the fused RMSNorm + LoRA kernels' grids (norm_lora._programs)
-GEMV_TABLES = ("byte", "nibble", "prmt")  # the gemv kernel's code lookups (nf4_matmul.GemvConfig.table)
+GEMV_TABLES = ("byte", "nibble", "prmt", "gather")  # the gemv kernel's code lookups (nf4_matmul.GemvConfig.table)
 # K ranges a gemv program walks (nf4_matmul.GemvConfig.steps) that a tuning entry may name: what the sweep tries
 GEMV_STEPS = (1, 2, 4, 8, 16, 64)
 MERGE_LAYOUTS = ("pairs", "two_dots", "joined")  # the NF4 + LoRA merge kernel's layouts (lora.MergeConfig.layout)

@@ -175,8 +175,15 @@ def test_gemv_code_tables_agree_bit_for_bit(m, n, k, blocksize, double_quant, dt
     with backend("triton"):
         byte = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(block_n=16, blocks=2))
         nibble = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(block_n=16, blocks=2, table="nibble"))
+        gather = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(block_n=16, blocks=2, table="gather"))
     assert torch.equal(byte, nibble)
-    with pytest.raises(ValueError, match="table must be one of byte, nibble, prmt, got 'word'"):
+    # the shared-memory lookup holds the same fp32 codes; it scales per block at any M (gemv_block_scale),
+    # as the tables do at M = 1 only: bit for bit there, the same sum regrouped at more rows of x
+    if m == 1:
+        assert torch.equal(gather, nibble)
+    else:
+        assert_close(gather.double(), nibble.double(), *TOLERANCES[dtype], name="gather against nibble")
+    with pytest.raises(ValueError, match="table must be one of byte, nibble, prmt, gather, got 'word'"):
         mm.GemvConfig(table="word")
 
 
@@ -373,10 +380,10 @@ def test_gemv_few_rows_by_most_of_k(block_n, blocks, table):
 
 @pytest.mark.parametrize("table", mm.GEMV_TABLES)
 @pytest.mark.parametrize("steps", [3, 7])
-@pytest.mark.parametrize("m,n,k,blocksize,double_quant,dtype",
-                         [(*shape, dtype) for shape, dtype in zip(GEMV_SHAPES + [(1, 37, 3200, 64, True),
-                                                                                 (4, 50, 1280, 128, True)],
-                                                                  [torch.float32, torch.float16] * 3)])
+@pytest.mark.parametrize("m,n,k,blocksize,double_quant,dtype", [
+    (1, 37, 128, 64, True, torch.float32), (3, 70, 384, 128, False, torch.float16),
+    (8, 16, 64, 64, True, torch.float32), (2, 40, 640, 64, True, torch.float16),
+    (1, 37, 1600, 64, True, torch.float32), (4, 20, 1280, 128, True, torch.float16)])
 def test_gemv_steps_walk_k_ranges_in_a_loop(m, n, k, blocksize, double_quant, dtype, steps, table):
     """GemvConfig(steps=S): each program walks S ranges of 2 blocks with the loads one range ahead. The
     sums are the one-range kernel's (blocks=2) regrouped, so they agree to fp32 rounding, and both match
@@ -521,21 +528,25 @@ def test_gemv_dependent_launch_config(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k,m", [(3200, 3200, 1), (8640, 3200, 4), (3200, 8640, 1)])
-def test_gemv_steps_on_gpu(n, k, m):
-    """The stepped gemv the sweep times (GemvConfig.steps, the register decode, bf16 x) on the 3B shapes:
-    each steps count against one range per program within fp32 summation order (the bf16 outputs one
-    rounding step apart at most), and all against x @ W' (bf16 codes) in fp64."""
+def test_gemv_steps_and_gather_on_gpu(n, k, m):
+    """What the sweep times beside the one-range register decode, on the 3B shapes with bf16 x: the
+    stepped gemv (GemvConfig.steps) and the shared-memory lookup (table "gather"), each against x @ W'
+    in fp64 (W' with the codes that lookup decodes: bf16 for "prmt", fp32 for "gather"), and the
+    stepped results against one range within fp32 summation order (one bf16 step of the result)."""
     weight = _weight(n, k, seed=n + k, device="cuda")
     x = _inputs((m, k), torch.bfloat16, device="cuda")
-    want = (x.double() @ _dequant_rounded_codes(weight, torch.bfloat16).double().t())
     tiles = (16, 8) if m == 1 else (16, 4)
     with backend("triton"):
-        one = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(*tiles, table="prmt"))
-        for steps in (4, 64):  # loads two ranges ahead in the loop; all of a row's ranges (one split)
-            got = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(*tiles, table="prmt", steps=steps))
-            step = one.float().abs() * 2.0 ** -7 + 1e-6  # one bf16 step of the result
-            assert ((got.float() - one.float()).abs() <= step).all(), steps
-            assert_close(got.double(), want.to(torch.bfloat16).double(), 1e-2, 1e-2, name=f"gemv steps={steps}")
+        for table, codes in (("prmt", torch.bfloat16), ("gather", torch.float32)):
+            want = (x.double() @ _dequant_rounded_codes(weight, codes).double().t()).to(torch.bfloat16).double()
+            one = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(*tiles, table=table))
+            assert_close(one.double(), want, 1e-2, 1e-2, name=f"gemv {table}")
+            # loads two ranges ahead in the loop; all of a row's ranges (one split)
+            for steps in (4, 64) if table == "prmt" else (4,):
+                got = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(*tiles, table=table, steps=steps))
+                step = one.float().abs() * 2.0 ** -7 + 1e-6  # one bf16 step of the result
+                assert ((got.float() - one.float()).abs() <= step).all(), (table, steps)
+                assert_close(got.double(), want, 1e-2, 1e-2, name=f"gemv {table} steps={steps}")
 
 
 @pytest.mark.gpu

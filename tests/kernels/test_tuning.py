@@ -857,11 +857,11 @@ def test_the_sweeps_write_what_tune_reads():
         (m, shape) for m in (1, 4, 8) for shape in ("16x128", "32x64")]
     assert {c["config"]["table"] for c in gemv[0]["grid"]} == set(mm.GEMV_TABLES)
     assert {c["config"]["num_warps"] for c in gemv[2]["grid"]} == {4}  # 8 warps only at M = 1
-    # at M = 1: ten chosen tiles with the register decode, the first four also with the byte and nibble
-    # tables, and eight stepped configs (the register decode walking K)
-    assert len(gemv[0]["grid"]) == 10 + 4 * 2 + 8
+    # at M = 1: ten chosen tiles with the register decode, the first four also with the other three
+    # lookups, and eleven stepped configs (eight with the register decode walking K, three with gather)
+    assert len(gemv[0]["grid"]) == 10 + 4 * 3 + 11
     assert sorted({c["config"]["steps"] for c in gemv[0]["grid"]}) == [1, 2, 4, 8, 16, 64]
-    assert {c["config"]["table"] for c in gemv[0]["grid"] if c["config"]["steps"] > 1} == {"prmt"}
+    assert {c["config"]["table"] for c in gemv[0]["grid"] if c["config"]["steps"] > 1} == {"prmt", "gather"}
     gemv = [r for r in gemv if r["shape"] == "16x128"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(nf4, "dequantize_nf4_triton", lambda *a, **k: None)
