@@ -599,17 +599,25 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, words.shape[1], SPAN), dtype=tl.float32)
         if TABLE == "prmt":
             p01, p23, p45, p67 = _nf4_word_bf16(words, table_ptr, ASM)
-        if TABLE == "gather":
+        if TABLE == "gather":  # the 16 codes go to shared memory and every value of the tile is one
+            # shared load at its nibble's offset (shifted and masked in place: 2 integer operations a
+            # value, where "prmt" takes 3.1); the eight values of each word in one lookup, as the storing
+            # of the codes takes two barriers a lookup (a lookup per value position: 20 a 4-step loop's
+            # step on triton 3.6, 6 this way)
             code = tl.load(table_ptr + tl.arange(0, 16))
+            n8 = tl.join(tl.join(tl.join((words >> 4) & 15, words & 15), tl.join((words >> 12) & 15, (words >> 8) & 15)),
+                         tl.join(tl.join((words >> 20) & 15, (words >> 16) & 15),
+                                 tl.join((words >> 28) & 15, (words >> 24) & 15)))
+            v8 = tl.reshape(tl.gather(code, tl.reshape(n8, (words.shape[1] * SPAN * 8,)), 0),
+                            (1, words.shape[1], SPAN, 2, 2, 2))
+            v0123, v4567 = tl.split(v8)
+            v01, v23 = tl.split(v0123)
+            v45, v67 = tl.split(v4567)
         for i in tl.static_range(4):
             if TABLE == "prmt":  # pair i: byte i's first value (its high nibble) in the low half
                 first, second = _bf16_pair_values(p01 if i == 0 else p23 if i == 1 else p45 if i == 2 else p67)
-            elif TABLE == "gather":  # the 16 codes go to shared memory: one shared load per value, its
-                # address the nibble shifted and masked in place (2 integer operations; "prmt" takes 3.1)
-                first = tl.reshape(tl.gather(code, tl.reshape((words >> (8 * i + 4)) & 15, (words.shape[1] * SPAN,)), 0),
-                                   words.shape)
-                second = tl.reshape(tl.gather(code, tl.reshape((words >> (8 * i)) & 15, (words.shape[1] * SPAN,)), 0),
-                                    words.shape)
+            elif TABLE == "gather":
+                first, second = tl.split(v01 if i == 0 else v23 if i == 1 else v45 if i == 2 else v67)
             elif TABLE == "nibble":  # byte i of the word: its high nibble is the first value
                 first = tl.load(table_ptr + ((words >> (8 * i + 4)) & 15))
                 second = tl.load(table_ptr + ((words >> (8 * i)) & 15))
@@ -688,10 +696,10 @@ if triton is not None:
         most 0.312% of a weight) before the block scale, the size of the rounding that 16-bit x gets
         from dequantize + cuBLAS (an fp32 caller gets the byte table unless it asks for "prmt").
         TABLE "gather" looks the 16 fp32 codes up in shared memory (``tl.gather``: the table stored once
-        per lookup, then a shared load per value at the nibble's offset, conflict-free as the 16 codes
+        per tile, then a shared load per value at the nibble's offset, conflict-free as the 16 codes
         sit in 16 banks): about 2 integer-pipe instructions per weight for the decode where "prmt"
         takes 3.1, the integer pipe being what bounds the gemv (bench/README.md), for a shared load
-        per weight and two barriers per lookup; the codes exact in fp32, as the byte table's.
+        per weight and two barriers per tile; the codes exact in fp32, as the byte table's.
         """
         WORDS: tl.constexpr = BLOCKSIZE // 8
         SPAN: tl.constexpr = BLOCKS * WORDS  # words per row of the tile
