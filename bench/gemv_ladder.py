@@ -186,7 +186,9 @@ def ladder_tiles(n: int, k: int, device, dtype, override: tuple[int, int] | None
                  table: str | None = None) -> Tiles:
     """The tiles ``nf4_gemv_forward`` takes at M = 1 for an (n, k) weight on ``device`` (the tuning file's,
     else ``gemv_tile``'s), or ``override`` (block_n, blocks) with the tuned config's warps; the gemv
-    rungs' code lookup is the tuned config's unless ``table`` names one."""
+    rungs' code lookup is the tuned config's unless ``table`` names one. The ladder takes one K range per
+    program apart, so a tuned ``steps`` is set back to 1 (every rung, the gemv's included, runs the same
+    grid)."""
     from bezoar_kernels import nf4_matmul as mm
     from bezoar_kernels.launch import cdiv
 
@@ -197,7 +199,7 @@ def ladder_tiles(n: int, k: int, device, dtype, override: tuple[int, int] | None
     if override:
         block_n, blocks = override
         source = "--tiles"
-    cfg = dataclasses.replace(cfg, block_n=block_n, blocks=blocks, table=table or cfg.table)
+    cfg = dataclasses.replace(cfg, block_n=block_n, blocks=blocks, table=table or cfg.table, steps=1)
     return Tiles(block_n, blocks, cdiv(n, block_n), cdiv(k // BLOCKSIZE, blocks), cfg, source)
 
 

@@ -697,11 +697,11 @@ def sweep_gemv(args, shapes, weights, randn, bench, mm, progress=None):
                      (4, 64, 4), (8, 32, 4), (4, 32, 4)]
         else:
             tiles = [(block_n, blocks, 4) for block_n, blocks in itertools.product((16, 32, 64, 128), (2, 4, 8, 16))]
-        # every lookup at one range per program; the register decode ("prmt", the fastest by 1.6-2x at
-        # M = 1 and 4 in the H100 sweep of 2026-11-27) also with the program walking K in steps
-        # (GemvConfig.steps: 2-8 ranges, or all of a row's), and the shared-memory lookup ("gather",
-        # not timed yet) at a few of those; the other lookups only at M = 1's first tiles and at M = 4
-        # and 8, where the byte and nibble tables came within 2-5% of "prmt"
+        # every lookup at one range per program; the register decode ("prmt", the fastest in the H100
+        # sweep of 2026-11-27: by 1.6-2x at M = 1, by 1.4-1.5x at M = 4, by 1-3% at M = 8) also with the
+        # program walking K in steps (GemvConfig.steps: 2-16 ranges, or all of a row's), and the
+        # shared-memory lookup ("gather", not timed yet) at a few of those; the other lookups at M = 1
+        # only at its first four tiles
         def fits(block_n, blocks):
             return m * block_n * blocks * words <= 2 * mm._GEMV_TILE_VALUES
 

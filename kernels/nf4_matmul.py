@@ -672,7 +672,7 @@ if triton is not None:
         on an H200. But one tile per program also means that a wave of programs first waits for its
         reads, then decodes, then sums its split partials, with no DRAM traffic while it decodes. With
         STEPS > 1 a program walks STEPS such tiles along K and issues each tile's loads (W's words, the
-        scales' inputs, x) one tile ahead, into registers, so its reads overlap its arithmetic; there are
+        scales' inputs, x) two tiles ahead, into registers, so its reads overlap its arithmetic; there are
         STEPS times fewer split partials to sum, and the program's fixed work (addresses, the final
         sums, the semaphore) is spread over STEPS tiles (``GemvConfig.steps``). Each byte of a word is decoded by one 8-byte load from the 2 KB byte table (both
         its values; a 16-entry table takes a gather per value, and the address arithmetic of the
@@ -720,10 +720,11 @@ if triton is not None:
             acc = _gemv_products(words, x0, x1, x2, x3, table_ptr, BLOCK_M, SPAN, TABLE, ASM, X_PAIRS)
             total = _gemv_scaled(acc, scale, BLOCK_M, BLOCKS, WORDS, BLOCK_SCALE)
         else:
-            # STEPS ranges of SPAN words, one after the other: each step issues the next range's loads
-            # (into registers: no shared memory, no barrier) before this range's arithmetic, so the
-            # program's DRAM reads overlap its decode and FMAs where the one-range tile waits for all
-            # its loads, then computes, with nothing in flight
+            # STEPS ranges of SPAN words, one after the other: each step issues the loads of the range two
+            # ahead (into registers: no shared memory, no barrier) before this range's arithmetic, so the
+            # program's DRAM reads overlap its decode and FMAs where the one-range tile waits for all its
+            # loads, then computes, with nothing in flight (one range ahead gave nothing: ptxas moved the
+            # loads below the step's arithmetic, docs/notes.md)
             if BLOCK_SCALE:
                 total = tl.zeros((BLOCK_M, BLOCK_N, BLOCKS), dtype=tl.float32)
             else:
@@ -927,12 +928,12 @@ class GemvConfig:
     # programs wait for that kernel (``gdc_wait``) before they read or write anything, so what it hides
     # is the launch's own latency, not any memory traffic; the results are the same bit for bit
     pdl: bool = False
-    # K ranges of ``blocks`` blocks that one program walks in a loop, loading each range one ahead of its
+    # K ranges of ``blocks`` blocks that one program walks in a loop, loading each range two ahead of its
     # arithmetic (the kernel's STEPS); K is cut into ranges of ``blocks * steps`` blocks. 1: one range
     steps: int = 1
 
     def __post_init__(self):
-        if not isinstance(self.steps, int) or self.steps < 1:
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
             raise ValueError(f"nf4 gemv: steps must be a whole number >= 1, got {self.steps!r}")
         if self.table not in GEMV_TABLES:
             raise ValueError(f"nf4 gemv: table must be one of {', '.join(GEMV_TABLES)}, got {self.table!r}")
@@ -1014,7 +1015,7 @@ def gemv_block_scale(table: str, block_m: int) -> bool:
     6.44 -> 5.00. But with the byte and nibble tables at M >= 4 triton 3.6 (the GPU machine's) built the
     block sums into more instructions (byte M = 4: 5.12 -> 5.75), so those keep the per-word scale. The
     shared-memory lookup ("gather") scales per block at every M (M = 4, 16 rows by 4 blocks, triton 3.6:
-    696 instructions against 800 per word)."""
+    672 instructions against 776 per word)."""
     return table in ("prmt", "gather") or block_m == 1
 
 

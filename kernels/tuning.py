@@ -84,7 +84,8 @@ def _check_tiles(value, where: str, fields: tuple[str, ...], optional: dict | No
         if not _power_of_two(value[name]):
             raise ValueError(f"{where}.{name}: expected a power of two, got {value[name]!r}")
     for name, allowed in optional.items():
-        if name in value and (isinstance(value[name], bool) or value[name] not in allowed):  # not true for 1
+        # the allowed values' own type: not true for 1, nor 4.0 for 4
+        if name in value and (type(value[name]) is not type(allowed[0]) or value[name] not in allowed):
             raise ValueError(f"{where}.{name}: expected one of {', '.join(map(str, allowed))}, got {value[name]!r}")
 
 

@@ -385,11 +385,11 @@ def test_gemv_few_rows_by_most_of_k(block_n, blocks, table):
     (8, 16, 64, 64, True, torch.float32), (2, 40, 640, 64, True, torch.float16),
     (1, 37, 1600, 64, True, torch.float32), (4, 20, 1280, 128, True, torch.float16)])
 def test_gemv_steps_walk_k_ranges_in_a_loop(m, n, k, blocksize, double_quant, dtype, steps, table):
-    """GemvConfig(steps=S): each program walks S ranges of 2 blocks with the loads one range ahead. The
-    sums are the one-range kernel's (blocks=2) regrouped, so they agree to fp32 rounding, and both match
-    the product of the weight the lookup decodes: ranges past the row (7 steps of 2 blocks where a row
-    has 1, 3 or 5 blocks), a last program with fewer ranges than S, and one split (S ranges reach the
-    end of every row)."""
+    """GemvConfig(steps=S): each program walks S ranges of 2 blocks, loading each range two ranges ahead.
+    The sums are the one-range kernel's (blocks=2) regrouped, so they agree to fp32 rounding, and both
+    match the product of the weight the lookup decodes. Rows of 10, 25 and 10 blocks (5, 13 and 5 ranges)
+    give last splits with dead ranges (ranges past the row: their x is masked to 0) at 3 steps and one
+    split at 7 (13 ranges: 2 splits); rows of 1-3 blocks cap the steps at the ranges a row has."""
     weight = _weight(n, k, blocksize, double_quant, seed=m + 17)
     x = _inputs((m, k), dtype, seed=n + 17)
     w = _dequant_rounded_codes(weight, torch.bfloat16 if table == "prmt" else torch.float32)
@@ -403,10 +403,30 @@ def test_gemv_steps_walk_k_ranges_in_a_loop(m, n, k, blocksize, double_quant, dt
                  torch.float32 else 2e-3, name="steps against one range")
 
 
+@pytest.mark.parametrize("table", ["prmt", "gather"])
+def test_gemv_steps_and_gather_read_bf16_x_as_pairs(table):
+    """The path a tuned M = 1 config takes: bf16 x read as int32 pairs (X_PAIRS), one range and three
+    steps, against x @ W' in fp64 (W' with the codes the lookup decodes). The interpreter rounds fp32 to
+    bf16 by truncation, so the bound is two bf16 steps of the result; the steps against one range to
+    one."""
+    weight = _weight(37, 1600, 64, True, seed=19)
+    x = _inputs((1, 1600), torch.bfloat16, seed=20)
+    assert mm.gemv_x_pairs(table, x)
+    want = (x.double() @ _dequant_rounded_codes(weight, torch.bfloat16 if table == "prmt" else torch.float32)
+            .double().t())
+    with backend("triton"):
+        one = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(block_n=16, blocks=2, table=table))
+        stepped = mm.nf4_gemv_forward(x, weight, mm.GemvConfig(block_n=16, blocks=2, table=table, steps=3))
+    step = want.abs() * 2.0 ** -7 + 1e-6
+    assert ((one.double() - want).abs() <= 2 * step).all()
+    assert ((stepped.double() - want).abs() <= 2 * step).all()
+    assert ((stepped.double() - one.double()).abs() <= one.double().abs() * 2.0 ** -7 + 1e-6).all()
+
+
 def test_gemv_steps_are_checked_and_capped(monkeypatch):
     """steps must be a whole number from 1; more steps than a row has ranges launch as many as it has
     (one split), with the result of the capped count."""
-    for bad in (0, -2, 1.5, None):
+    for bad in (0, -2, 1.5, None, True):
         with pytest.raises(ValueError, match="steps must be a whole number >= 1"):
             mm.GemvConfig(steps=bad)
     weight = _weight(20, 640, 64, True, seed=3)  # 10 blocks a row: 5 ranges of 2

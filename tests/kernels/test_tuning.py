@@ -793,7 +793,7 @@ def test_swept_steps_reach_the_entry_and_the_launch(tmp_path, monkeypatch):
     weight = nf4.quantize_nf4_reference(torch.randn(32, 3200), 64)  # 50 blocks a row: 7 ranges of 8
     mm.nf4_gemv_forward(torch.randn(1, 3200).to(torch.bfloat16), weight)
     assert [(launch["STEPS"], launch["grid"]) for launch in gemv.launches] == [(7, (2, 1))]
-    for bad in (3, 0, True, "4"):
+    for bad in (3, 0, True, "4", 4.0):
         with pytest.raises(ValueError, match=r"gemv_tiles\.1\.steps: expected one of 1, 2, 4, 8, 16, 64"):
             tuning.validate({"format": 1, "devices": {"cpu": {"settings": {"nf4.gemv_tiles": {"1": dict(won, steps=bad)}},
                                                               "triton": "3.6"}}}, "t.json")
