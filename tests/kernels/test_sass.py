@@ -134,7 +134,7 @@ def test_gemv_steps_loop_over_k_ranges_without_spilling(steps, tmp_path):
 def test_gemv_gather_lookup_reads_codes_from_shared_memory(block_m, block_n, blocks, steps, tmp_path):
     """GemvConfig(table="gather"): each value's code is one shared-memory load (the 16 fp32 codes in 16
     banks), never a global gather, and the decode costs fewer integer-pipe instructions than the register
-    decode at the same tiles (at M = 1, 16 x 8, triton 3.6: 279 against 357 whole kernel, 191 against 265
+    decode at the same tiles (at M = 1, 16 x 8, triton 3.6: 279 against 357 whole kernel, 191 against 268
     in the 4-step loop; 3.9: 253 against 331 and 182 against 253); no spills."""
     alu = ("PRMT", "LOP3", "SHF", "ISETP", "IADD3", "LEA", "SGXT", "PLOP3", "POPC", "SEL", "FSEL", "VIADD")
 
