@@ -536,7 +536,8 @@ if triton is not None:
             quant = tl.load(absmax_ptr + flat, mask=block_ok, other=0.0)
             nested = quant
         # x's 8 * SPAN columns of the range. Eight strided loads, one per value position within the word,
-        # were scalar 16-bit loads per weight in triton 3.6's build; the split by position is _gemv_x's
+        # were scalar 16-bit loads per weight in triton 3.6's build; the split by position is in
+        # _gemv_products
         rows_m = tl.arange(0, BLOCK_M)
         if X_PAIRS:
             # bf16 x as int32 words, four per word of W: word 4w + i holds columns 8w + 2i (low half) and
@@ -570,12 +571,6 @@ if triton is not None:
     @triton.jit
     def _gemv_products(words, x0, x1, x2, x3, table_ptr, BLOCK_M: tl.constexpr, SPAN: tl.constexpr,
                        TABLE: tl.constexpr, ASM: tl.constexpr, X_PAIRS: tl.constexpr):
-        acc = _gemv_products_lookup(words, x0, x1, x2, x3, table_ptr, BLOCK_M, SPAN, TABLE, ASM, X_PAIRS)
-        return acc
-
-    @triton.jit
-    def _gemv_products_lookup(words, x0, x1, x2, x3, table_ptr, BLOCK_M: tl.constexpr, SPAN: tl.constexpr,
-                              TABLE: tl.constexpr, ASM: tl.constexpr, X_PAIRS: tl.constexpr):
         """acc[m, n, w] = sum over the 8 values of word w of row n of W of value * x[m, column], fp32,
         unscaled; x as ``_gemv_loads`` gives it."""
         # split x by value position within the word: e_i[m, w] = x[m, 8 w + 2 i], o_i = the column after it
@@ -605,7 +600,8 @@ if triton is not None:
             # of the codes takes two barriers a lookup (a lookup per value position: 20 a 4-step loop's
             # step on triton 3.6, 6 this way)
             code = tl.load(table_ptr + tl.arange(0, 16))
-            n8 = tl.join(tl.join(tl.join((words >> 4) & 15, words & 15), tl.join((words >> 12) & 15, (words >> 8) & 15)),
+            n8 = tl.join(tl.join(tl.join((words >> 4) & 15, words & 15),
+                                 tl.join((words >> 12) & 15, (words >> 8) & 15)),
                          tl.join(tl.join((words >> 20) & 15, (words >> 16) & 15),
                                  tl.join((words >> 28) & 15, (words >> 24) & 15)))
             v8 = tl.reshape(tl.gather(code, tl.reshape(n8, (words.shape[1] * SPAN * 8,)), 0),
@@ -674,9 +670,11 @@ if triton is not None:
         STEPS > 1 a program walks STEPS such tiles along K and issues each tile's loads (W's words, the
         scales' inputs, x) two tiles ahead, into registers, so its reads overlap its arithmetic; there are
         STEPS times fewer split partials to sum, and the program's fixed work (addresses, the final
-        sums, the semaphore) is spread over STEPS tiles (``GemvConfig.steps``). Each byte of a word is decoded by one 8-byte load from the 2 KB byte table (both
-        its values; a 16-entry table takes a gather per value, and the address arithmetic of the
-        gathers was most of the old kernel's instructions), or, with TABLE "nibble", by one 4-byte load
+        sums, the semaphore) is spread over STEPS tiles (``GemvConfig.steps``).
+
+        Each byte of a word is decoded by one 8-byte load from the 2 KB byte table (both its values; a
+        16-entry table takes a gather per value, and the address arithmetic of the gathers was most of
+        the old kernel's instructions), or, with TABLE "nibble", by one 4-byte load
         per value from the 64-byte table of the 16 codes. The trade: a warp's 32 gathers from the
         byte table touch about 14 of its 16 cache lines, each a separate L1 pass (a wavefront), where
         a gather from the 64-byte table is one; two gathers per byte instead of one. On an H100 the
