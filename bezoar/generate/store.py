@@ -2,7 +2,8 @@
 
 File format: one JSON object per line (:meth:`bezoar.generate.request.Result.to_record`), with
 ``"key"`` first and ``"ok"`` telling a success (``response``, ``usage``) from a final failure
-(``error``, ``error_type``). The rules:
+(``error``, ``error_type``), in UTF-8 (a record holding a lone surrogate, which UTF-8 cannot
+carry, is written with its non-ASCII characters escaped: see :func:`record_line`). The rules:
 
 - A key is written at most once, ever: ``append`` refuses a key already in the file, and the pool
   never sends a key that is in the store (or already in flight).
@@ -350,7 +351,11 @@ class JSONLStore:
         key = record["key"]
         if key in self._offsets:
             raise StoreError(f"key {key} is already stored in {self.path}")
-        line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+        try:
+            line = record_line(record)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise StoreError(f"cannot store the record of key {key} in {self.path}: it is not JSON data "
+                             f"({e})") from None
         fd = self._file.fileno()
         try:
             written = 0
@@ -383,6 +388,18 @@ class JSONLStore:
             return StoreError(f"{message}; cutting off the part written also failed ({e.strerror or e})")
         return StoreError(f"{message}; the file is as before this record: free space or fix the disk and "
                           "rerun, the records stored are kept and not sent again")
+
+
+def record_line(record: dict) -> bytes:
+    """One record as a JSONL line in UTF-8. Text is written as it is, except that a record holding a
+    lone surrogate (a teacher's answer may end in half an emoji: "\\ud83d" is valid JSON, but no
+    UTF-8) is written with every non-ASCII character escaped: valid UTF-8 that reads back as the
+    same string. Raises TypeError or ValueError for a value JSON cannot hold."""
+    text = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(record, ensure_ascii=True, separators=(",", ":")) + "\n").encode("ascii")
 
 
 def _is_record(line: bytes) -> bool:

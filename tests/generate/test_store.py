@@ -158,6 +158,36 @@ def test_a_second_writer_is_refused(tmp_path):
         pass
 
 
+def test_a_lone_surrogate_is_stored_as_valid_utf8_and_reads_back_the_same(tmp_path):
+    # A teacher's answer may end in half an emoji: "\\ud83d" is valid JSON, a str in Python, and
+    # no UTF-8. The record is written escaped and reads back equal; other lines stay as they are.
+    path = tmp_path / "out.jsonl"
+    with JSONLStore(path) as store:
+        store.append(ok_record("a", "smile \ud83d and é"))
+        store.append(ok_record("b", "plain é"))
+        assert store.get("a")["response"] == "smile \ud83d and é"
+    data = path.read_bytes()
+    data.decode("utf-8")  # valid UTF-8 throughout
+    assert b"\\ud83d" in data and "plain é".encode() in data
+    with JSONLStore(path) as store:
+        assert store.get("a")["response"] == "smile \ud83d and é" and store.get("b")["response"] == "plain é"
+
+
+def test_a_record_json_cannot_hold_is_a_store_error_and_writes_nothing(tmp_path):
+    import datetime
+
+    path = tmp_path / "out.jsonl"
+    with JSONLStore(path) as store:
+        store.append(ok_record("a"))
+        record = ok_record("b")
+        record["meta"] = {"day": datetime.date(2024, 1, 1)}
+        with pytest.raises(StoreError, match=f"cannot store the record of key b in {path}.*date"):
+            store.append(record)
+        assert "b" not in store
+        store.append(ok_record("c"))
+    assert [r["key"] for r in lines(path)] == ["a", "c"]
+
+
 @pytest.mark.parametrize("policy,expected", [("always", 5), ("never", 0), ("interval", 1)])
 def test_fsync_policy(tmp_path, monkeypatch, policy, expected):
     calls = []
