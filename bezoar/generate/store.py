@@ -25,10 +25,15 @@ carry, is written with its non-ASCII characters escaped: see :func:`record_line`
   A torn last line (no final newline: the writer died mid-line) is cut off, its bytes kept in
   ``<file>.torn-<UTC time>`` and a warning given; the rest of the file is used as is (a last line
   that is a whole record and lacks only its newline is kept, and the newline added). Any other
-  line that is not a record is an error naming the line: that is damage, not a crash artefact.
+  line that is not a record (or a record whose ``usage`` is not token counts) is an error naming
+  the line: that is damage, not a crash artefact.
+- A file may hold several lines for one key (two runs' files joined by hand, say). The key's
+  record is then its first success, or its first failure when it has no success: a paid answer
+  always wins over a failure recorded before or after it. Every line stays in the file.
 - Recorded failures count as done: a rerun does not retry them (a 400 stays a 400). With
-  ``retry_failed=True`` they are moved out of the file into ``<file>.failed-<UTC time>.jsonl``
-  (the file is rewritten atomically without them) and their requests are sent again.
+  ``retry_failed=True`` every failure line is moved out of the file into
+  ``<file>.failed-<UTC time>.jsonl`` (the file is rewritten atomically without them, success
+  lines all kept) and the requests of keys with no success are sent again.
 - An exclusive advisory lock (flock) keeps a second process from writing the same file.
 """
 
@@ -124,7 +129,8 @@ class JSONLStore:
         self.fsync_interval_s = fsync_interval_s
         self.retry_failed = retry_failed
         self._offsets: dict[str, int] = {}
-        self._failed: set[str] = set()
+        self._failed: set[str] = set()  # keys whose record is a failure
+        self._failure_lines = 0  # failure lines in the file (more than failed keys where keys repeat)
         self._file = None
         self._reader = None
         self._size = 0  # the file's length: where the next record starts, and where a failed one is cut
@@ -159,12 +165,16 @@ class JSONLStore:
         try:
             self._repair_tail()
             self._index()
-            if self.retry_failed and self._failed:
+            if self.retry_failed and self._failure_lines:
                 self._move_failures()
         except BaseException:
             self.close()
             raise
         self._reader = open(self.path, "rb")
+        if self.report.duplicate_lines:
+            self.report.warnings.append(
+                f"{self.path}: {self.report.duplicate_lines} lines repeat a key seen earlier in the file; each key's "
+                "first success is used (its first failure where it has no success)")
         if self.fsync == "interval":
             self._stop_syncer.clear()
             self._syncer = threading.Thread(target=self._sync_every_interval, name="store-fsync", daemon=True)
@@ -259,7 +269,12 @@ class JSONLStore:
         return -1
 
     def _index(self) -> None:
+        """Index the keys of the file (from its start) and count its failure lines. A key with
+        several lines is indexed at its first success, or at its first failure when it has none."""
         offset = 0
+        self._offsets.clear()
+        self._failed.clear()
+        self._failure_lines = self.report.duplicate_lines = 0
         with open(self.path, "rb") as f:
             for number, line in enumerate(f, start=1):
                 if not line.strip():  # a blank line (hand-edited file): nothing to index
@@ -270,38 +285,42 @@ class JSONLStore:
                     key = record["key"]
                     if not isinstance(key, str):
                         raise TypeError("key is not a string")
-                except (ValueError, KeyError, TypeError) as e:
+                    _check_usage(record.get("usage"))
+                except (ValueError, KeyError, TypeError, IndexError) as e:
                     raise StoreError(
                         f"{self.path} line {number} is not a result record ({type(e).__name__}: {e}); the file is "
                         "damaged beyond a torn last line: fix or remove that line, then rerun") from None
-                if key in self._offsets:
-                    self.report.duplicate_lines += 1
-                else:
+                failed = _is_failure(record)
+                self._failure_lines += failed
+                if key not in self._offsets:
                     self._offsets[key] = offset
-                    if record.get("error") is not None or record.get("ok") is False:
+                    if failed:
                         self._failed.add(key)
+                else:
+                    self.report.duplicate_lines += 1
+                    if key in self._failed and not failed:  # a paid answer beats a failure recorded before it
+                        self._offsets[key] = offset
+                        self._failed.discard(key)
                 offset += len(line)
         self._size = offset
         self.report.records, self.report.failed = len(self._offsets), len(self._failed)
-        if self.report.duplicate_lines:
-            self.report.warnings.append(
-                f"{self.path}: {self.report.duplicate_lines} lines repeat a key seen earlier in the file; "
-                "the first line of each key is used")
 
     def _move_failures(self) -> None:
-        """Rewrite the file without the failure records (atomically), keeping them in a side file."""
+        """Rewrite the file without its failure lines (atomically), keeping them in a side file.
+        Every other line is kept as it is (a repeated success too): nothing is dropped. The keys
+        whose only records were failures are then missing from the store, and so are sent again."""
         copy = self.path.with_name(f"{self.path.name}.failed-{_stamp()}.jsonl")
         tmp = self.path.with_name(self.path.name + ".rewrite")
-        seen: set[str] = set()
+        retried, moved_lines = len(self._failed), 0
         with open(self.path, "rb") as src, open(tmp, "wb") as kept, open(copy, "wb") as moved:
             for line in src:
                 if not line.strip():
                     continue
-                key = json.loads(line)["key"]
-                if key in seen:
-                    continue  # drop repeated keys while rewriting anyway
-                seen.add(key)
-                (moved if key in self._failed else kept).write(line)
+                if _is_failure(json.loads(line)):
+                    moved.write(line)
+                    moved_lines += 1
+                else:
+                    kept.write(line)
             kept.flush()
             os.fsync(kept.fileno())
         # The lock is on the old inode: take it on the new file before it replaces the old one.
@@ -311,11 +330,12 @@ class JSONLStore:
         os.replace(tmp, self.path)
         self._file.close()
         self._file = new_file
-        self.report.moved_failures, self.report.failures_copy = len(self._failed), str(copy)
+        self.report.moved_failures, self.report.failures_copy = retried, str(copy)
+        superseded = moved_lines - retried
         self.report.warnings.append(
-            f"{self.path}: moved {len(self._failed)} recorded failures to {copy.name}; they will be retried")
-        self._offsets.clear()
-        self._failed.clear()
+            f"{self.path}: moved {moved_lines} failure records to {copy.name}; {retried} requests will be retried"
+            + (f" ({superseded} of the records moved were of keys answered in another line, or repeated)"
+               if superseded else ""))
         self._index()
 
     # ------------------------------------------------------------------ queries and writes
@@ -367,7 +387,7 @@ class JSONLStore:
             raise self._undo_write(e) from None
         self._offsets[key] = self._size
         self._size += len(line)
-        if record.get("error") is not None:
+        if _is_failure(record):
             self._failed.add(key)
         if self.fsync != "always":
             self._dirty = True
@@ -409,6 +429,25 @@ def _is_record(line: bytes) -> bool:
     except ValueError:  # also bad UTF-8
         return False
     return isinstance(record, dict) and isinstance(record.get("key"), str)
+
+
+def _is_failure(record: dict) -> bool:
+    return record.get("error") is not None or record.get("ok") is False
+
+
+def _check_usage(usage) -> None:
+    """Refuse a ``usage`` that is not token counts (a hand edit): found at open, the error names the
+    line; found when the record is read back, it would stop a run with a traceback."""
+    if not usage:
+        return
+    if not isinstance(usage, dict):
+        raise TypeError(f"usage is a {type(usage).__name__}, not an object of token counts")
+    for name in ("input_tokens", "output_tokens"):
+        value = usage.get(name)
+        try:
+            int(value or 0)
+        except (TypeError, ValueError, OverflowError):
+            raise TypeError(f"usage.{name} is not a token count: {value!r}") from None
 
 
 def _open_for_append(path: Path):

@@ -134,6 +134,33 @@ def test_repeated_keys_in_a_file_use_the_first(tmp_path, caplog):
     assert "repeat a key" in caplog.text
 
 
+def test_a_success_is_used_over_a_failure_of_the_same_key(tmp_path):
+    # Two runs' files joined by hand: the failure of the first run and the paid answer of a
+    # later one, in either order. The answer is the record; the failure does not hide it.
+    path = tmp_path / "out.jsonl"
+    rows = [failed_record("a"), ok_record("b", "b1"), ok_record("a", "paid"), ok_record("a", "paid again"),
+            failed_record("b")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with JSONLStore(path) as store:
+        assert store.get("a")["response"] == "paid" and store.get("b")["response"] == "b1"
+        assert not store.failed("a") and not store.failed("b")
+        assert store.report.failed == 0 and store.report.duplicate_lines == 3
+
+
+def test_retry_failed_never_drops_a_paid_answer_of_a_repeated_key(tmp_path):
+    path = tmp_path / "out.jsonl"
+    rows = [failed_record("a"), ok_record("a", "paid"), ok_record("a", "paid twice"), failed_record("b"),
+            failed_record("b"), ok_record("c")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with JSONLStore(path, retry_failed=True) as store:
+        assert store.get("a")["response"] == "paid" and "b" not in store and "c" in store
+        assert store.report.moved_failures == 1  # only b is sent again: a has its answer
+    # Every line is somewhere: the success lines kept, every failure line in the side file.
+    assert [(r["key"], r.get("response")) for r in lines(path)] == [("a", "paid"), ("a", "paid twice"),
+                                                                     ("c", "hi")]
+    assert [r["key"] for r in lines(store.report.failures_copy)] == ["a", "b", "b"]
+
+
 def test_retry_failed_moves_failures_aside(tmp_path):
     path = tmp_path / "out.jsonl"
     with JSONLStore(path) as store:
@@ -156,6 +183,17 @@ def test_a_second_writer_is_refused(tmp_path):
             JSONLStore(path).open()
     with JSONLStore(path):  # released on close
         pass
+
+
+@pytest.mark.parametrize("usage", ['"lots"', '[1, 2]', '{"input_tokens": "many", "output_tokens": 1}',
+                                   '{"input_tokens": 1, "output_tokens": [2]}'])
+def test_a_record_whose_usage_is_not_token_counts_is_an_error_naming_it(tmp_path, usage):
+    # A hand edit gone wrong: found when the record is read back, it stopped the run with a traceback.
+    path = tmp_path / "out.jsonl"
+    bad = {**ok_record("b"), "usage": json.loads(usage)}
+    path.write_text(json.dumps(ok_record("a")) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(StoreError, match=f"{path} line 2 is not a result record .*usage"):
+        JSONLStore(path).open()
 
 
 def test_a_lone_surrogate_is_stored_as_valid_utf8_and_reads_back_the_same(tmp_path):
