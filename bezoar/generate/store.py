@@ -34,11 +34,15 @@ carry, is written with its non-ASCII characters escaped: see :func:`record_line`
   ``retry_failed=True`` every failure line is moved out of the file into
   ``<file>.failed-<UTC time>.jsonl`` (the file is rewritten atomically without them, success
   lines all kept) and the requests of keys with no success are sent again.
-- An exclusive advisory lock (flock) keeps a second process from writing the same file.
+- An exclusive advisory lock (flock) keeps a second process from writing the same file. The
+  lock is taken on the file the path names at that moment: a process that opened the file just
+  before another one rewrote it (``retry_failed``) sees that its locked file is no longer the one
+  at the path and opens the path again, so it never writes into a file already replaced.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import json
@@ -151,18 +155,9 @@ class JSONLStore:
         self._offsets, self._failed, self.report = {}, set(), StoreReport()
         self._broken = self._sync_failed = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self._open_locked()
         try:
-            self._file = _open_for_append(self.path)
-        except OSError as e:
-            raise StoreError(f"cannot open {self.path} for writing: {e.strerror or e}") from None
-        if fcntl is not None:
-            try:
-                fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                self._file.close()
-                self._file = None
-                raise StoreError(f"{self.path} is being written by another process") from None
-        try:
+            self._reader = self._open_reader()
             self._repair_tail()
             self._index()
             if self.retry_failed and self._failure_lines:
@@ -170,7 +165,6 @@ class JSONLStore:
         except BaseException:
             self.close()
             raise
-        self._reader = open(self.path, "rb")
         if self.report.duplicate_lines:
             self.report.warnings.append(
                 f"{self.path}: {self.report.duplicate_lines} lines repeat a key seen earlier in the file; each key's "
@@ -182,6 +176,39 @@ class JSONLStore:
         for message in self.report.warnings:
             log.warning(message)
         return self.report
+
+    def _open_locked(self):
+        """The file at the path, opened for appending and locked. A process that rewrites the file
+        (``retry_failed``) replaces it by a rename and then lets go of its lock on the old one: a lock
+        taken on a file opened just before the rename is a lock on a file no longer at the path, and
+        records written there are lost. So the locked file is checked to be the one at the path, and
+        the path opened again while it is not."""
+        for _ in range(100):
+            try:
+                file = _open_for_append(self.path)
+            except OSError as e:
+                raise StoreError(f"cannot open {self.path} for writing: {e.strerror or e}") from None
+            if fcntl is None:
+                return file
+            try:
+                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                file.close()
+                raise StoreError(f"{self.path} is being written by another process") from None
+            if _same_file(file.fileno(), self.path):
+                return file
+            file.close()  # replaced between the open and the lock: the new file is the one to lock
+        raise StoreError(f"{self.path} keeps being replaced by another process; cannot lock it")
+
+    def _open_reader(self):
+        """A reader of the locked file (by the path, checked to be the same file: records are
+        indexed and read back from the file that is written, never from another one)."""
+        reader = open(self.path, "rb")
+        if fcntl is not None and not _same_file(self._file.fileno(), reader.fileno()):
+            reader.close()
+            raise StoreError(f"{self.path} was replaced while this process held its lock; another program "
+                             "rewrites it: stop that program and rerun")
+        return reader
 
     def _sync_every_interval(self) -> None:
         while not self._stop_syncer.wait(self.fsync_interval_s):
@@ -229,15 +256,17 @@ class JSONLStore:
         self.close()
 
     def _repair_tail(self) -> None:
-        size = os.path.getsize(self.path)
+        size = os.fstat(self._reader.fileno()).st_size
         if size == 0:
             return
         keep = self._last_newline(size) + 1
         if keep == size:
             return
-        with open(self.path, "rb") as f:
-            f.seek(keep)
-            torn = f.read()
+        self._reader.seek(keep)
+        torn = self._reader.read()
+        # The file is changed below; a new reader holds none of it in a buffer.
+        self._reader.close()
+        self._reader = self._open_reader()
         if _is_record(torn):
             # Only the newline is missing (a prefix of a record never parses as one): the record is
             # whole and was paid for, so it is kept and the newline added.
@@ -249,7 +278,7 @@ class JSONLStore:
             return
         copy = self.path.with_name(f"{self.path.name}.torn-{_stamp()}")
         copy.write_bytes(torn)
-        os.truncate(self.path, keep)
+        os.ftruncate(self._file.fileno(), keep)
         self.report.torn_bytes, self.report.torn_copy = len(torn), str(copy)
         self.report.warnings.append(
             f"{self.path}: the last line was torn ({len(torn)} bytes without a newline, left by a crash); "
@@ -257,15 +286,14 @@ class JSONLStore:
 
     def _last_newline(self, size: int) -> int:
         """Offset of the file's last newline, or -1 (read backwards in blocks: lines can be long)."""
-        with open(self.path, "rb") as f:
-            end = size
-            while end > 0:
-                start = max(0, end - 65536)
-                f.seek(start)
-                cut = f.read(end - start).rfind(b"\n")
-                if cut >= 0:
-                    return start + cut
-                end = start
+        end = size
+        while end > 0:
+            start = max(0, end - 65536)
+            self._reader.seek(start)
+            cut = self._reader.read(end - start).rfind(b"\n")
+            if cut >= 0:
+                return start + cut
+            end = start
         return -1
 
     def _index(self) -> None:
@@ -275,33 +303,33 @@ class JSONLStore:
         self._offsets.clear()
         self._failed.clear()
         self._failure_lines = self.report.duplicate_lines = 0
-        with open(self.path, "rb") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():  # a blank line (hand-edited file): nothing to index
-                    offset += len(line)
-                    continue
-                try:
-                    record = json.loads(line)
-                    key = record["key"]
-                    if not isinstance(key, str):
-                        raise TypeError("key is not a string")
-                    _check_usage(record.get("usage"))
-                except (ValueError, KeyError, TypeError, IndexError) as e:
-                    raise StoreError(
-                        f"{self.path} line {number} is not a result record ({type(e).__name__}: {e}); the file is "
-                        "damaged beyond a torn last line: fix or remove that line, then rerun") from None
-                failed = _is_failure(record)
-                self._failure_lines += failed
-                if key not in self._offsets:
-                    self._offsets[key] = offset
-                    if failed:
-                        self._failed.add(key)
-                else:
-                    self.report.duplicate_lines += 1
-                    if key in self._failed and not failed:  # a paid answer beats a failure recorded before it
-                        self._offsets[key] = offset
-                        self._failed.discard(key)
+        self._reader.seek(0)
+        for number, line in enumerate(self._reader, start=1):
+            if not line.strip():  # a blank line (hand-edited file): nothing to index
                 offset += len(line)
+                continue
+            try:
+                record = json.loads(line)
+                key = record["key"]
+                if not isinstance(key, str):
+                    raise TypeError("key is not a string")
+                _check_usage(record.get("usage"))
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                raise StoreError(
+                    f"{self.path} line {number} is not a result record ({type(e).__name__}: {e}); the file is "
+                    "damaged beyond a torn last line: fix or remove that line, then rerun") from None
+            failed = _is_failure(record)
+            self._failure_lines += failed
+            if key not in self._offsets:
+                self._offsets[key] = offset
+                if failed:
+                    self._failed.add(key)
+            else:
+                self.report.duplicate_lines += 1
+                if key in self._failed and not failed:  # a paid answer beats a failure recorded before it
+                    self._offsets[key] = offset
+                    self._failed.discard(key)
+            offset += len(line)
         self._size = offset
         self.report.records, self.report.failed = len(self._offsets), len(self._failed)
 
@@ -312,24 +340,42 @@ class JSONLStore:
         copy = self.path.with_name(f"{self.path.name}.failed-{_stamp()}.jsonl")
         tmp = self.path.with_name(self.path.name + ".rewrite")
         retried, moved_lines = len(self._failed), 0
-        with open(self.path, "rb") as src, open(tmp, "wb") as kept, open(copy, "wb") as moved:
-            for line in src:
-                if not line.strip():
-                    continue
-                if _is_failure(json.loads(line)):
-                    moved.write(line)
-                    moved_lines += 1
-                else:
-                    kept.write(line)
-            kept.flush()
-            os.fsync(kept.fileno())
-        # The lock is on the old inode: take it on the new file before it replaces the old one.
-        new_file = _open_for_append(tmp)
-        if fcntl is not None:
-            fcntl.flock(new_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.replace(tmp, self.path)
+        new_file = None
+        try:
+            self._reader.seek(0)
+            with open(tmp, "wb") as kept, open(copy, "wb") as moved:
+                for line in self._reader:
+                    if not line.strip():
+                        continue
+                    if _is_failure(json.loads(line)):
+                        moved.write(line)
+                        moved_lines += 1
+                    else:
+                        kept.write(line)
+                for f in (kept, moved):  # both on the disk before the rename makes the move real
+                    f.flush()
+                    os.fsync(f.fileno())
+            # The lock is on the old file: take it on the new file before it replaces the old one.
+            new_file = _open_for_append(tmp)
+            if fcntl is not None:
+                fcntl.flock(new_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            if new_file is not None:
+                new_file.close()
+            for partial in (tmp, copy):
+                with contextlib.suppress(OSError):
+                    os.unlink(partial)
+            raise StoreError(f"cannot rewrite {self.path} without its failures: {e.strerror or e}; the file is "
+                             "unchanged") from None
         self._file.close()
         self._file = new_file
+        try:
+            fsync_dir(self.path.parent)  # the rename itself on the disk
+        except OSError as e:
+            raise StoreError(f"cannot sync the folder of {self.path} to disk: {e.strerror or e}") from None
+        self._reader.close()
+        self._reader = self._open_reader()
         self.report.moved_failures, self.report.failures_copy = retried, str(copy)
         superseded = moved_lines - retried
         self.report.warnings.append(
@@ -448,6 +494,33 @@ def _check_usage(usage) -> None:
             int(value or 0)
         except (TypeError, ValueError, OverflowError):
             raise TypeError(f"usage.{name} is not a token count: {value!r}") from None
+
+
+def _same_file(fd: int, other) -> bool:
+    """Whether the open file ``fd`` is ``other`` (a descriptor or a path; False when the path is gone)."""
+    try:
+        theirs = os.fstat(other) if isinstance(other, int) else os.stat(other)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Put a rename in ``folder`` on the disk (the name is the folder's data: fsyncing the file
+    alone leaves a power cut free to bring back the old name). A no-op where folders cannot be
+    opened or synced (Windows; some file systems answer EINVAL)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def _open_for_append(path: Path):

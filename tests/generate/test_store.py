@@ -185,6 +185,52 @@ def test_a_second_writer_is_refused(tmp_path):
         pass
 
 
+def test_a_file_rewritten_between_open_and_lock_is_opened_again(tmp_path, monkeypatch):
+    # B opens the path; before B takes its lock, A (retry_failed) rewrites the file by a rename
+    # and lets go of its lock on the old file. B's lock on the old file then succeeds: B must see
+    # that file is no longer the store and open the path again, where it meets A's lock, instead
+    # of writing its paid answers into a file that is gone. (flock is per open file: two stores in
+    # one process stand for two processes.)
+    import bezoar.generate.store as store_module
+
+    path = tmp_path / "out.jsonl"
+    path.write_text(json.dumps(ok_record("a")) + "\n" + json.dumps(failed_record("b")) + "\n")
+    a = JSONLStore(path, retry_failed=True, fsync="never")
+    b = JSONLStore(path, fsync="never")
+    real_open = store_module._open_for_append
+    opened = []
+
+    def open_then_let_a_rewrite(target):
+        file = real_open(target)
+        opened.append(target)
+        if len(opened) == 1:
+            a.open()  # A's rewrite lands between B's open and B's lock
+        return file
+
+    monkeypatch.setattr(store_module, "_open_for_append", open_then_let_a_rewrite)
+    with pytest.raises(StoreError, match="being written by another process"):
+        b.open()
+    monkeypatch.setattr(store_module, "_open_for_append", real_open)
+    a.append(ok_record("b", "paid by A"))
+    a.close()
+    with b:  # A is done: B opens the rewritten file and its records land in it
+        assert "b" in b and not b.failed("b")
+        b.append(ok_record("c", "paid by B"))
+    assert [r["key"] for r in lines(path)] == ["a", "b", "c"]
+
+
+def test_the_rewrite_syncs_the_folder(tmp_path, monkeypatch):
+    # The rename that drops the failures must be on the disk before records are appended to the
+    # new file: otherwise a power cut can bring back the old file without them.
+    path = tmp_path / "out.jsonl"
+    path.write_text(json.dumps(failed_record("b")) + "\n")
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_ino), real_fsync(fd))[1])
+    with JSONLStore(path, retry_failed=True, fsync="never"):
+        assert os.stat(tmp_path).st_ino in synced
+
+
 @pytest.mark.parametrize("usage", ['"lots"', '[1, 2]', '{"input_tokens": "many", "output_tokens": 1}',
                                    '{"input_tokens": 1, "output_tokens": [2]}'])
 def test_a_record_whose_usage_is_not_token_counts_is_an_error_naming_it(tmp_path, usage):
