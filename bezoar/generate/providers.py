@@ -549,8 +549,9 @@ class OpenAISDKProvider:
 class AnthropicSDKProvider:
     """The official ``anthropic`` async client (messages API), with its own retries off.
 
-    System messages inside ``messages`` are moved into Anthropic's ``system`` field; a request
-    without ``max_tokens`` gets ``default_max_tokens`` (the API requires one)."""
+    System messages inside ``messages`` are moved into Anthropic's ``system`` field (see
+    :func:`_anthropic_system`); a request without ``max_tokens`` gets ``default_max_tokens`` (the
+    API requires one)."""
 
     default_max_tokens = 1024
 
@@ -580,16 +581,10 @@ class AnthropicSDKProvider:
         if request.kind != "chat":
             raise ProviderError("the anthropic provider has no text-completion endpoint", REQUEST,
                                 reason="unsupported")
-        systems = [request.system] if request.system else []
-        messages = []
-        for message in request.messages:
-            if message["role"] in ("system", "developer"):
-                systems.append(message["content"])
-            else:
-                messages.append(message)
         params: dict = {"max_tokens": request.max_tokens or self.default_max_tokens}
-        if systems:
-            params["system"] = "\n\n".join(systems)
+        system, messages = _anthropic_system(request)
+        if system:
+            params["system"] = system
         if request.stop is not None:
             params["stop_sequences"] = request.stop
         # Sampling parameters go in extra_body: recent SDK releases dropped them from the
@@ -613,6 +608,43 @@ class AnthropicSDKProvider:
         usage = response.usage
         return Reply(text, getattr(usage, "input_tokens", None), getattr(usage, "output_tokens", None),
                      response.stop_reason)
+
+
+def _anthropic_system(request: Request) -> tuple[str | list | None, list]:
+    """Anthropic's ``system`` for a chat request, and its messages without the system ones.
+
+    The request's ``system`` and its system (and developer) messages, in order: joined by a blank
+    line when all are strings; otherwise as Anthropic's list of text blocks (a string becomes one
+    block, a message's blocks are passed as they are, ``cache_control`` and all). Anything but text
+    in a system message (an image, say) is a ProviderError of kind ``request``: the API takes text
+    only there, so this request is recorded as failed and the run goes on."""
+    parts: list = [request.system] if request.system else []
+    messages = []
+    for i, message in enumerate(request.messages):
+        if message["role"] not in ("system", "developer"):
+            messages.append(message)
+            continue
+        content = message["content"]
+        if isinstance(content, list):
+            for block in content:
+                kind = block.get("type") if isinstance(block, dict) else type(block).__name__
+                if kind != "text" or not isinstance(block.get("text"), str):
+                    raise ProviderError(f"message {i} ({message['role']}): the anthropic provider takes only text "
+                                        f"blocks in a system message, got a {kind!r} block", REQUEST,
+                                        reason="unsupported")
+        elif not isinstance(content, str):
+            raise ProviderError(f"message {i} ({message['role']}): the content of a system message must be text "
+                                f"or a list of text blocks, got {type(content).__name__}", REQUEST,
+                                reason="unsupported")
+        parts.append(content)
+    if not parts:
+        return None, messages
+    if all(isinstance(part, str) for part in parts):
+        return "\n\n".join(parts), messages
+    blocks = []
+    for part in parts:
+        blocks.extend([{"type": "text", "text": part}] if isinstance(part, str) else part)
+    return blocks, messages
 
 
 def make_provider(endpoint: Endpoint, connections: int):
