@@ -41,7 +41,7 @@ import re
 import time
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from bezoar.generate.http import HTTPClient, HTTPConnectError, HTTPConnectionError, HTTPTimeout
@@ -87,10 +87,17 @@ class Endpoint:
     """
 
     provider: str = "compat"
-    base_url: str | None = None
+    base_url: str | None = field(default=None, repr=False)  # may hold user:password and keys: see __repr__
     api_key_env: str | None = None
     models: tuple[str, ...] | None = None
     name: str | None = None
+
+    def __repr__(self) -> str:
+        # The URL without user:password and query string, as the label and every error show it:
+        # a repr ends up in tracebacks, debug prints and logs.
+        url = None if self.base_url is None else _safe_url(self.base_url)
+        return (f"Endpoint(provider={self.provider!r}, base_url={url!r}, api_key_env={self.api_key_env!r}, "
+                f"models={self.models!r}, name={self.name!r})")
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:

@@ -267,6 +267,19 @@ def test_endpoint_validation_and_label():
     assert label == "compat:http://host:8000/v1"  # no credentials in labels (they go into records)
 
 
+def test_endpoint_repr_shows_no_credentials_of_the_url():
+    # A repr ends up in tracebacks, debug prints and logs of the pool's endpoints.
+    endpoint = Endpoint("compat", "https://alice:s3cret-passw0rd@llm.example.com:8443/v1?api-key=AZURE-KEY-123456",
+                        models=("m",))
+    shown = repr(endpoint)
+    assert "s3cret" not in shown and "alice" not in shown and "AZURE" not in shown, shown
+    assert shown == ("Endpoint(provider='compat', base_url='https://llm.example.com:8443/v1', api_key_env=None, "
+                     "models=('m',), name=None)")
+    assert repr([Endpoint("openai")]) == ("[Endpoint(provider='openai', base_url=None, api_key_env=None, models=None, "
+                                          "name=None)]")
+    assert "s3cret" in endpoint.base_url  # the URL itself is kept whole: it is what is connected to
+
+
 @pytest.mark.parametrize("status,body,kind", [
     (401, {"error": {"message": "bad key"}}, P.FATAL), (403, None, P.FATAL), (404, None, P.FATAL),
     (429, {"error": {"message": "You exceeded your quota", "type": "insufficient_quota"}}, P.FATAL),
