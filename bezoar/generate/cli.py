@@ -168,11 +168,11 @@ def read_requests(path: str | Path, defaults: dict) -> tuple[list[Request], int]
         for name, value in defaults.items():
             fields.setdefault(name, value)
         fields["kind"] = "chat" if "messages" in obj else "completion"
-        try:
+        try:  # the key too: whatever makes it fail is then named with its line
             request = Request(**fields)
+            key = request.key(defaults.get("model"))
         except (ValueError, TypeError) as e:
             raise GenerateError(f"{where}: {e}") from None
-        key = request.key(defaults.get("model"))
         id_text = json.dumps(rid)
         seen = first_line.get(id_text)
         if seen is not None:
@@ -231,7 +231,7 @@ def add_command(subparsers) -> None:
 
 def run_requests(args) -> int:
     defaults = {"model": args.model}
-    for name in ("max_tokens", "temperature", "top_p"):
+    for name in ("model", "max_tokens", "temperature", "top_p"):
         value = getattr(args, name)
         if value is None:
             continue

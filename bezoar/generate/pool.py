@@ -17,13 +17,15 @@ What a call goes through (``submit``):
 
 1. key = ``request.key(model)``. A key in the store returns the stored Result (``cached``), no
    call. A key already in flight shares that call's Result. So one key costs at most one call.
-2. A concurrency slot (``Limits.concurrency``), then the rate buckets: requests per minute and
-   tokens per minute (token buckets holding ``burst_s`` seconds of rate, full at start). Tokens are
-   estimated before the call (prompt characters / 4 + max_tokens) and corrected by the usage the
-   answer reports.
+2. A concurrency slot (``Limits.concurrency``).
 3. An endpoint serving the model: the one with the fewest outstanding requests among those not
    cooling down (after a 429 / Retry-After) and not down (after ``down_after`` connection
-   failures in a row; retried after 1, 2, 4 ... 30 s).
+   failures in a row; retried after 1, 2, 4 ... 30 s). Then the rate buckets: requests per
+   minute and tokens per minute (token buckets holding ``burst_s`` seconds of rate, full at
+   start), taken one request at a time and only while an endpoint is ready: requests held back
+   by a pause do not hold tokens, so when the pause ends they leave at the rate, not together.
+   Tokens are estimated before the call (prompt characters / 4 + max_tokens) and corrected by
+   the usage the answer reports.
 4. The call. On a retryable error (429, 408, 409, 5xx, timeout, dropped connection, malformed
    body) it waits Retry-After / retry-after-ms when given, else an exponential back-off with
    jitter (base * 2**n, halved at random, at most ``backoff_max_s``), and tries again, up to
@@ -145,9 +147,13 @@ class RateLimiter:
         self.active = self.requests is not None or self.tokens is not None
         self._lock = asyncio.Lock()
 
-    async def acquire(self, tokens: float) -> None:
+    async def acquire(self, tokens: float, ready=None):
+        """Wait for room in the buckets and take it. With ``ready`` (a function returning what to send
+        to, or None), the room is taken only if ``ready()`` gives something once the wait is over, and
+        that is returned; else None, and nothing is taken: a request whose endpoint paused meanwhile
+        must not hold tokens through the pause."""
         if self.requests is None and self.tokens is None:
-            return
+            return ready() if ready is not None else True
         async with self._lock:
             while True:
                 now = time.monotonic()
@@ -156,10 +162,14 @@ class RateLimiter:
                 if wait <= 0.0:
                     break
                 await asyncio.sleep(wait)
+            target = ready() if ready is not None else True
+            if target is None:
+                return None
             if self.requests:
                 self.requests.take(1.0)
             if self.tokens:
                 self.tokens.take(tokens)
+            return target
 
     def settle(self, estimated: float, actual: float) -> None:
         """Correct the tokens bucket once the answer tells the real usage."""
@@ -528,6 +538,23 @@ class Pool:
             if self._fatal is not None:
                 raise PoolError(self._fatal)
 
+    async def _pick_and_take_rate(self, model: str, estimate: float) -> _EndpointState:
+        """An endpoint to send to now, with the request's room in the rate buckets taken. The wait
+        for a ready endpoint comes first, outside the buckets' lock (a paused endpoint of one model
+        holds up no other); the buckets are then taken one request at a time, and only if an
+        endpoint is still ready at that moment. Tokens taken before the wait for an endpoint would
+        be held through a pause, and every request holding them would be sent together when it
+        ends: a burst of up to a pause's worth of rate, just after the provider asked for less."""
+        while True:
+            state = self._pick_now(model) or await self._pick(model)
+            if not self._limiter.active:
+                return state
+            state = await self._limiter.acquire(estimate, lambda: self._pick_now(model))
+            if state is not None:
+                return state
+            if self._fatal is not None:
+                raise PoolError(self._fatal)
+
     def _backoff_s(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
             return retry_after * (1.0 + 0.1 * random.random())
@@ -546,9 +573,7 @@ class Pool:
             async with self._slots:
                 if self._fatal is not None:
                     raise PoolError(self._fatal)
-                if self._limiter.active:
-                    await self._limiter.acquire(estimate)
-                state = self._pick_now(model) or await self._pick(model)
+                state = await self._pick_and_take_rate(model, estimate)
                 state.outstanding += 1
                 stats.inflight += 1
                 stats.calls += 1

@@ -41,7 +41,7 @@ import re
 import time
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from bezoar.generate.http import HTTPClient, HTTPConnectError, HTTPConnectionError, HTTPTimeout
@@ -87,10 +87,17 @@ class Endpoint:
     """
 
     provider: str = "compat"
-    base_url: str | None = None
+    base_url: str | None = field(default=None, repr=False)  # may hold user:password and keys: see __repr__
     api_key_env: str | None = None
     models: tuple[str, ...] | None = None
     name: str | None = None
+
+    def __repr__(self) -> str:
+        # The URL without user:password and query string, as the label and every error show it:
+        # a repr ends up in tracebacks, debug prints and logs.
+        url = None if self.base_url is None else _safe_url(self.base_url)
+        return (f"Endpoint(provider={self.provider!r}, base_url={url!r}, api_key_env={self.api_key_env!r}, "
+                f"models={self.models!r}, name={self.name!r})")
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -549,8 +556,9 @@ class OpenAISDKProvider:
 class AnthropicSDKProvider:
     """The official ``anthropic`` async client (messages API), with its own retries off.
 
-    System messages inside ``messages`` are moved into Anthropic's ``system`` field; a request
-    without ``max_tokens`` gets ``default_max_tokens`` (the API requires one)."""
+    System messages inside ``messages`` are moved into Anthropic's ``system`` field (see
+    :func:`_anthropic_system`); a request without ``max_tokens`` gets ``default_max_tokens`` (the
+    API requires one)."""
 
     default_max_tokens = 1024
 
@@ -580,16 +588,10 @@ class AnthropicSDKProvider:
         if request.kind != "chat":
             raise ProviderError("the anthropic provider has no text-completion endpoint", REQUEST,
                                 reason="unsupported")
-        systems = [request.system] if request.system else []
-        messages = []
-        for message in request.messages:
-            if message["role"] in ("system", "developer"):
-                systems.append(message["content"])
-            else:
-                messages.append(message)
         params: dict = {"max_tokens": request.max_tokens or self.default_max_tokens}
-        if systems:
-            params["system"] = "\n\n".join(systems)
+        system, messages = _anthropic_system(request)
+        if system:
+            params["system"] = system
         if request.stop is not None:
             params["stop_sequences"] = request.stop
         # Sampling parameters go in extra_body: recent SDK releases dropped them from the
@@ -613,6 +615,43 @@ class AnthropicSDKProvider:
         usage = response.usage
         return Reply(text, getattr(usage, "input_tokens", None), getattr(usage, "output_tokens", None),
                      response.stop_reason)
+
+
+def _anthropic_system(request: Request) -> tuple[str | list | None, list]:
+    """Anthropic's ``system`` for a chat request, and its messages without the system ones.
+
+    The request's ``system`` and its system (and developer) messages, in order: joined by a blank
+    line when all are strings; otherwise as Anthropic's list of text blocks (a string becomes one
+    block, a message's blocks are passed as they are, ``cache_control`` and all). Anything but text
+    in a system message (an image, say) is a ProviderError of kind ``request``: the API takes text
+    only there, so this request is recorded as failed and the run goes on."""
+    parts: list = [request.system] if request.system else []
+    messages = []
+    for i, message in enumerate(request.messages):
+        if message["role"] not in ("system", "developer"):
+            messages.append(message)
+            continue
+        content = message["content"]
+        if isinstance(content, list):
+            for block in content:
+                kind = block.get("type") if isinstance(block, dict) else type(block).__name__
+                if kind != "text" or not isinstance(block.get("text"), str):
+                    raise ProviderError(f"message {i} ({message['role']}): the anthropic provider takes only text "
+                                        f"blocks in a system message, got a {kind!r} block", REQUEST,
+                                        reason="unsupported")
+        elif not isinstance(content, str):
+            raise ProviderError(f"message {i} ({message['role']}): the content of a system message must be text "
+                                f"or a list of text blocks, got {type(content).__name__}", REQUEST,
+                                reason="unsupported")
+        parts.append(content)
+    if not parts:
+        return None, messages
+    if all(isinstance(part, str) for part in parts):
+        return "\n\n".join(parts), messages
+    blocks = []
+    for part in parts:
+        blocks.extend([{"type": "text", "text": part}] if isinstance(part, str) else part)
+    return blocks, messages
 
 
 def make_provider(endpoint: Endpoint, connections: int):

@@ -97,13 +97,43 @@ class Request:
             if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
                 raise ValueError(f"Request.stop must be a string or a list of strings, got {self.stop!r}")
             self.stop = list(self.stop)
+        self._check_json()
+
+    def _check_json(self) -> None:
+        """Refuse data that cannot go into the key or the stored record: a value JSON cannot hold
+        (a date, a set, a Path) or text that is not valid Unicode (a lone surrogate such as
+        "\\ud83d", half of an emoji). Checked here, before anything is paid for: found when the
+        answer is stored, the call is paid, its answer lost, and every rerun pays again."""
+        fields = ("messages", "prompt", "system", "stop", "id", "model")  # encoded as key() encodes them
+        try:  # the usual case: one encoding of the key's fields, one of meta
+            json.dumps([getattr(self, name) for name in fields], sort_keys=True, ensure_ascii=False).encode("utf-8")
+            json.dumps(self.meta, ensure_ascii=False).encode("utf-8")
+            return
+        except (TypeError, ValueError, RecursionError):
+            pass
+        for name in fields + ("meta",):  # again one at a time, to name the bad one
+            try:
+                json.dumps(getattr(self, name), sort_keys=name != "meta", ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError as e:
+                bad = e.object[e.start:e.end]
+                raise ValueError(f"Request.{name} holds text that is not valid Unicode ({ascii(bad)}, a lone "
+                                 "surrogate: half of a character, e.g. of an emoji cut in two)") from None
+            except (TypeError, ValueError, RecursionError) as e:
+                raise ValueError(f"Request.{name} must be JSON data (strings, numbers, true/false/null, lists "
+                                 f"and objects with string keys): {e}") from None
 
     def key(self, model: str | None = None) -> str:
         """The stable key of this request; ``model`` fills in when the request names none."""
         blob = [self.kind, self.model or model, self.messages, self.prompt, self.system, self.max_tokens,
                 self.temperature, self.top_p, self.stop, self.id]
         text = json.dumps(blob, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as e:  # the pool's model name, or a field changed since the checks
+            bad = e.object[e.start:e.end]
+            raise ValueError(f"the request or its model name holds text that is not valid Unicode ({ascii(bad)}, "
+                             "a lone surrogate)") from None
+        return hashlib.sha256(data).hexdigest()[:32]
 
     def prompt_text(self) -> str:
         """All input text, for token estimates."""

@@ -43,6 +43,7 @@ from typing import Iterable, Sequence
 from bezoar.generate.cli import add_pool_arguments, jsonl_objects, pool_from_args
 from bezoar.generate.progress import run_summary
 from bezoar.generate.request import GenerateError, Request, Result
+from bezoar.generate.store import fsync_dir
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 PROMPTS = ASSETS / "prompts"
@@ -534,6 +535,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)  # the rename itself on the disk
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:

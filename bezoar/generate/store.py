@@ -2,7 +2,8 @@
 
 File format: one JSON object per line (:meth:`bezoar.generate.request.Result.to_record`), with
 ``"key"`` first and ``"ok"`` telling a success (``response``, ``usage``) from a final failure
-(``error``, ``error_type``). The rules:
+(``error``, ``error_type``), in UTF-8 (a record holding a lone surrogate, which UTF-8 cannot
+carry, is written with its non-ASCII characters escaped: see :func:`record_line`). The rules:
 
 - A key is written at most once, ever: ``append`` refuses a key already in the file, and the pool
   never sends a key that is in the store (or already in flight).
@@ -24,15 +25,24 @@ File format: one JSON object per line (:meth:`bezoar.generate.request.Result.to_
   A torn last line (no final newline: the writer died mid-line) is cut off, its bytes kept in
   ``<file>.torn-<UTC time>`` and a warning given; the rest of the file is used as is (a last line
   that is a whole record and lacks only its newline is kept, and the newline added). Any other
-  line that is not a record is an error naming the line: that is damage, not a crash artefact.
+  line that is not a record (or a record whose ``usage`` is not token counts) is an error naming
+  the line: that is damage, not a crash artefact.
+- A file may hold several lines for one key (two runs' files joined by hand, say). The key's
+  record is then its first success, or its first failure when it has no success: a paid answer
+  always wins over a failure recorded before or after it. Every line stays in the file.
 - Recorded failures count as done: a rerun does not retry them (a 400 stays a 400). With
-  ``retry_failed=True`` they are moved out of the file into ``<file>.failed-<UTC time>.jsonl``
-  (the file is rewritten atomically without them) and their requests are sent again.
-- An exclusive advisory lock (flock) keeps a second process from writing the same file.
+  ``retry_failed=True`` every failure line is moved out of the file into
+  ``<file>.failed-<UTC time>.jsonl`` (the file is rewritten atomically without them, success
+  lines all kept) and the requests of keys with no success are sent again.
+- An exclusive advisory lock (flock) keeps a second process from writing the same file. The
+  lock is taken on the file the path names at that moment: a process that opened the file just
+  before another one rewrote it (``retry_failed``) sees that its locked file is no longer the one
+  at the path and opens the path again, so it never writes into a file already replaced.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import json
@@ -123,7 +133,8 @@ class JSONLStore:
         self.fsync_interval_s = fsync_interval_s
         self.retry_failed = retry_failed
         self._offsets: dict[str, int] = {}
-        self._failed: set[str] = set()
+        self._failed: set[str] = set()  # keys whose record is a failure
+        self._failure_lines = 0  # failure lines in the file (more than failed keys where keys repeat)
         self._file = None
         self._reader = None
         self._size = 0  # the file's length: where the next record starts, and where a failed one is cut
@@ -144,26 +155,20 @@ class JSONLStore:
         self._offsets, self._failed, self.report = {}, set(), StoreReport()
         self._broken = self._sync_failed = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self._open_locked()
         try:
-            self._file = _open_for_append(self.path)
-        except OSError as e:
-            raise StoreError(f"cannot open {self.path} for writing: {e.strerror or e}") from None
-        if fcntl is not None:
-            try:
-                fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                self._file.close()
-                self._file = None
-                raise StoreError(f"{self.path} is being written by another process") from None
-        try:
+            self._reader = self._open_reader()
             self._repair_tail()
             self._index()
-            if self.retry_failed and self._failed:
+            if self.retry_failed and self._failure_lines:
                 self._move_failures()
         except BaseException:
             self.close()
             raise
-        self._reader = open(self.path, "rb")
+        if self.report.duplicate_lines:
+            self.report.warnings.append(
+                f"{self.path}: {self.report.duplicate_lines} lines repeat a key seen earlier in the file; each key's "
+                "first success is used (its first failure where it has no success)")
         if self.fsync == "interval":
             self._stop_syncer.clear()
             self._syncer = threading.Thread(target=self._sync_every_interval, name="store-fsync", daemon=True)
@@ -171,6 +176,39 @@ class JSONLStore:
         for message in self.report.warnings:
             log.warning(message)
         return self.report
+
+    def _open_locked(self):
+        """The file at the path, opened for appending and locked. A process that rewrites the file
+        (``retry_failed``) replaces it by a rename and then lets go of its lock on the old one: a lock
+        taken on a file opened just before the rename is a lock on a file no longer at the path, and
+        records written there are lost. So the locked file is checked to be the one at the path, and
+        the path opened again while it is not."""
+        for _ in range(100):
+            try:
+                file = _open_for_append(self.path)
+            except OSError as e:
+                raise StoreError(f"cannot open {self.path} for writing: {e.strerror or e}") from None
+            if fcntl is None:
+                return file
+            try:
+                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                file.close()
+                raise StoreError(f"{self.path} is being written by another process") from None
+            if _same_file(file.fileno(), self.path):
+                return file
+            file.close()  # replaced between the open and the lock: the new file is the one to lock
+        raise StoreError(f"{self.path} keeps being replaced by another process; cannot lock it")
+
+    def _open_reader(self):
+        """A reader of the locked file (by the path, checked to be the same file: records are
+        indexed and read back from the file that is written, never from another one)."""
+        reader = open(self.path, "rb")
+        if fcntl is not None and not _same_file(self._file.fileno(), reader.fileno()):
+            reader.close()
+            raise StoreError(f"{self.path} was replaced while this process held its lock; another program "
+                             "rewrites it: stop that program and rerun")
+        return reader
 
     def _sync_every_interval(self) -> None:
         while not self._stop_syncer.wait(self.fsync_interval_s):
@@ -218,15 +256,17 @@ class JSONLStore:
         self.close()
 
     def _repair_tail(self) -> None:
-        size = os.path.getsize(self.path)
+        size = os.fstat(self._reader.fileno()).st_size
         if size == 0:
             return
         keep = self._last_newline(size) + 1
         if keep == size:
             return
-        with open(self.path, "rb") as f:
-            f.seek(keep)
-            torn = f.read()
+        self._reader.seek(keep)
+        torn = self._reader.read()
+        # The file is changed below; a new reader holds none of it in a buffer.
+        self._reader.close()
+        self._reader = self._open_reader()
         if _is_record(torn):
             # Only the newline is missing (a prefix of a record never parses as one): the record is
             # whole and was paid for, so it is kept and the newline added.
@@ -238,7 +278,7 @@ class JSONLStore:
             return
         copy = self.path.with_name(f"{self.path.name}.torn-{_stamp()}")
         copy.write_bytes(torn)
-        os.truncate(self.path, keep)
+        os.ftruncate(self._file.fileno(), keep)
         self.report.torn_bytes, self.report.torn_copy = len(torn), str(copy)
         self.report.warnings.append(
             f"{self.path}: the last line was torn ({len(torn)} bytes without a newline, left by a crash); "
@@ -246,75 +286,102 @@ class JSONLStore:
 
     def _last_newline(self, size: int) -> int:
         """Offset of the file's last newline, or -1 (read backwards in blocks: lines can be long)."""
-        with open(self.path, "rb") as f:
-            end = size
-            while end > 0:
-                start = max(0, end - 65536)
-                f.seek(start)
-                cut = f.read(end - start).rfind(b"\n")
-                if cut >= 0:
-                    return start + cut
-                end = start
+        end = size
+        while end > 0:
+            start = max(0, end - 65536)
+            self._reader.seek(start)
+            cut = self._reader.read(end - start).rfind(b"\n")
+            if cut >= 0:
+                return start + cut
+            end = start
         return -1
 
     def _index(self) -> None:
+        """Index the keys of the file (from its start) and count its failure lines. A key with
+        several lines is indexed at its first success, or at its first failure when it has none."""
         offset = 0
-        with open(self.path, "rb") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():  # a blank line (hand-edited file): nothing to index
-                    offset += len(line)
-                    continue
-                try:
-                    record = json.loads(line)
-                    key = record["key"]
-                    if not isinstance(key, str):
-                        raise TypeError("key is not a string")
-                except (ValueError, KeyError, TypeError) as e:
-                    raise StoreError(
-                        f"{self.path} line {number} is not a result record ({type(e).__name__}: {e}); the file is "
-                        "damaged beyond a torn last line: fix or remove that line, then rerun") from None
-                if key in self._offsets:
-                    self.report.duplicate_lines += 1
-                else:
-                    self._offsets[key] = offset
-                    if record.get("error") is not None or record.get("ok") is False:
-                        self._failed.add(key)
-                offset += len(line)
-        self._size = offset
-        self.report.records, self.report.failed = len(self._offsets), len(self._failed)
-        if self.report.duplicate_lines:
-            self.report.warnings.append(
-                f"{self.path}: {self.report.duplicate_lines} lines repeat a key seen earlier in the file; "
-                "the first line of each key is used")
-
-    def _move_failures(self) -> None:
-        """Rewrite the file without the failure records (atomically), keeping them in a side file."""
-        copy = self.path.with_name(f"{self.path.name}.failed-{_stamp()}.jsonl")
-        tmp = self.path.with_name(self.path.name + ".rewrite")
-        seen: set[str] = set()
-        with open(self.path, "rb") as src, open(tmp, "wb") as kept, open(copy, "wb") as moved:
-            for line in src:
-                if not line.strip():
-                    continue
-                key = json.loads(line)["key"]
-                if key in seen:
-                    continue  # drop repeated keys while rewriting anyway
-                seen.add(key)
-                (moved if key in self._failed else kept).write(line)
-            kept.flush()
-            os.fsync(kept.fileno())
-        # The lock is on the old inode: take it on the new file before it replaces the old one.
-        new_file = _open_for_append(tmp)
-        if fcntl is not None:
-            fcntl.flock(new_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.replace(tmp, self.path)
-        self._file.close()
-        self._file = new_file
-        self.report.moved_failures, self.report.failures_copy = len(self._failed), str(copy)
-        self.report.warnings.append(
-            f"{self.path}: moved {len(self._failed)} recorded failures to {copy.name}; they will be retried")
         self._offsets.clear()
         self._failed.clear()
+        self._failure_lines = self.report.duplicate_lines = 0
+        self._reader.seek(0)
+        for number, line in enumerate(self._reader, start=1):
+            if not line.strip():  # a blank line (hand-edited file): nothing to index
+                offset += len(line)
+                continue
+            try:
+                record = json.loads(line)
+                key = record["key"]
+                if not isinstance(key, str):
+                    raise TypeError("key is not a string")
+                _check_usage(record.get("usage"))
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                raise StoreError(
+                    f"{self.path} line {number} is not a result record ({type(e).__name__}: {e}); the file is "
+                    "damaged beyond a torn last line: fix or remove that line, then rerun") from None
+            failed = _is_failure(record)
+            self._failure_lines += failed
+            if key not in self._offsets:
+                self._offsets[key] = offset
+                if failed:
+                    self._failed.add(key)
+            else:
+                self.report.duplicate_lines += 1
+                if key in self._failed and not failed:  # a paid answer beats a failure recorded before it
+                    self._offsets[key] = offset
+                    self._failed.discard(key)
+            offset += len(line)
+        self._size = offset
+        self.report.records, self.report.failed = len(self._offsets), len(self._failed)
+
+    def _move_failures(self) -> None:
+        """Rewrite the file without its failure lines (atomically), keeping them in a side file.
+        Every other line is kept as it is (a repeated success too): nothing is dropped. The keys
+        whose only records were failures are then missing from the store, and so are sent again."""
+        copy = self.path.with_name(f"{self.path.name}.failed-{_stamp()}.jsonl")
+        tmp = self.path.with_name(self.path.name + ".rewrite")
+        retried, moved_lines = len(self._failed), 0
+        new_file = None
+        try:
+            self._reader.seek(0)
+            with open(tmp, "wb") as kept, open(copy, "wb") as moved:
+                for line in self._reader:
+                    if not line.strip():
+                        continue
+                    if _is_failure(json.loads(line)):
+                        moved.write(line)
+                        moved_lines += 1
+                    else:
+                        kept.write(line)
+                for f in (kept, moved):  # both on the disk before the rename makes the move real
+                    f.flush()
+                    os.fsync(f.fileno())
+            # The lock is on the old file: take it on the new file before it replaces the old one.
+            new_file = _open_for_append(tmp)
+            if fcntl is not None:
+                fcntl.flock(new_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            if new_file is not None:
+                new_file.close()
+            for partial in (tmp, copy):
+                with contextlib.suppress(OSError):
+                    os.unlink(partial)
+            raise StoreError(f"cannot rewrite {self.path} without its failures: {e.strerror or e}; the file is "
+                             "unchanged") from None
+        self._file.close()
+        self._file = new_file
+        try:
+            fsync_dir(self.path.parent)  # the rename itself on the disk
+        except OSError as e:
+            raise StoreError(f"cannot sync the folder of {self.path} to disk: {e.strerror or e}") from None
+        self._reader.close()
+        self._reader = self._open_reader()
+        self.report.moved_failures, self.report.failures_copy = retried, str(copy)
+        superseded = moved_lines - retried
+        self.report.warnings.append(
+            f"{self.path}: moved {moved_lines} failure records to {copy.name}; {retried} requests will be retried"
+            + (f" ({superseded} of the records moved were of keys answered in another line, or repeated)"
+               if superseded else ""))
         self._index()
 
     # ------------------------------------------------------------------ queries and writes
@@ -350,7 +417,11 @@ class JSONLStore:
         key = record["key"]
         if key in self._offsets:
             raise StoreError(f"key {key} is already stored in {self.path}")
-        line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+        try:
+            line = record_line(record)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise StoreError(f"cannot store the record of key {key} in {self.path}: it is not JSON data "
+                             f"({e})") from None
         fd = self._file.fileno()
         try:
             written = 0
@@ -362,7 +433,7 @@ class JSONLStore:
             raise self._undo_write(e) from None
         self._offsets[key] = self._size
         self._size += len(line)
-        if record.get("error") is not None:
+        if _is_failure(record):
             self._failed.add(key)
         if self.fsync != "always":
             self._dirty = True
@@ -385,6 +456,18 @@ class JSONLStore:
                           "rerun, the records stored are kept and not sent again")
 
 
+def record_line(record: dict) -> bytes:
+    """One record as a JSONL line in UTF-8. Text is written as it is, except that a record holding a
+    lone surrogate (a teacher's answer may end in half an emoji: "\\ud83d" is valid JSON, but no
+    UTF-8) is written with every non-ASCII character escaped: valid UTF-8 that reads back as the
+    same string. Raises TypeError or ValueError for a value JSON cannot hold."""
+    text = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(record, ensure_ascii=True, separators=(",", ":")) + "\n").encode("ascii")
+
+
 def _is_record(line: bytes) -> bool:
     """Whether ``line`` is a whole result record (a JSON object with a string key)."""
     try:
@@ -392,6 +475,52 @@ def _is_record(line: bytes) -> bool:
     except ValueError:  # also bad UTF-8
         return False
     return isinstance(record, dict) and isinstance(record.get("key"), str)
+
+
+def _is_failure(record: dict) -> bool:
+    return record.get("error") is not None or record.get("ok") is False
+
+
+def _check_usage(usage) -> None:
+    """Refuse a ``usage`` that is not token counts (a hand edit): found at open, the error names the
+    line; found when the record is read back, it would stop a run with a traceback."""
+    if not usage:
+        return
+    if not isinstance(usage, dict):
+        raise TypeError(f"usage is a {type(usage).__name__}, not an object of token counts")
+    for name in ("input_tokens", "output_tokens"):
+        value = usage.get(name)
+        try:
+            int(value or 0)
+        except (TypeError, ValueError, OverflowError):
+            raise TypeError(f"usage.{name} is not a token count: {value!r}") from None
+
+
+def _same_file(fd: int, other) -> bool:
+    """Whether the open file ``fd`` is ``other`` (a descriptor or a path; False when the path is gone)."""
+    try:
+        theirs = os.fstat(other) if isinstance(other, int) else os.stat(other)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Put a rename in ``folder`` on the disk (the name is the folder's data: fsyncing the file
+    alone leaves a power cut free to bring back the old name). A no-op where folders cannot be
+    opened or synced (Windows; some file systems answer EINVAL)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def _open_for_append(path: Path):

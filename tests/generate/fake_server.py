@@ -74,7 +74,7 @@ class Call:
     route: str  # "chat" | "completion" | "messages"
     model: str
     messages: list
-    system: str | None
+    system: str | list | None  # anthropic: a string or a list of text blocks
     prompt: str | None
     body: dict
     content: str  # content_key of the request
@@ -335,7 +335,7 @@ class FakeLLMServer:
     @staticmethod
     def _answer(route: str, model: str, call: Call, text: str) -> web.Response:
         prompt_text = call.prompt if call.prompt is not None else " ".join(
-            _text_of(m.get("content")) for m in call.messages) + " " + (call.system or "")
+            _text_of(m.get("content")) for m in call.messages) + " " + _text_of(call.system)
         input_tokens, output_tokens = len(prompt_text.split()) + 1, len(text.split())
         if route == "messages":
             payload = {

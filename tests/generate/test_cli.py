@@ -161,6 +161,13 @@ def test_sdk_providers_do_not_log_every_request(fake_server, tmp_path):
     ('{"id": 1, "prompt": "x", "model": 5}\n', "line 1: Request.model must be a string"),
     ('{"id": 1, "prompt": "x", "stop": 5}\n', "line 1: Request.stop must be a string or a list of strings, got 5"),
     ('{"id": 1, "prompt": "x", "stop": {"a": 1}}\n', "line 1: Request.stop must be a string or a list of strings"),
+    # JSON may escape half of a surrogate pair, which no UTF-8 can hold: named, not a traceback,
+    # and (in meta, which is not part of the key) refused before the call is paid
+    ('{"id": 1, "prompt": "x"}\n{"id": 2, "prompt": "half \\ud83d"}\n',
+     "line 2: Request.prompt holds text that is not valid Unicode ('\\ud83d'"),
+    ('{"id": 1, "messages": [{"role": "user", "content": "\\udc00 x"}]}\n', "line 1: Request.messages holds text"),
+    ('{"id": 1, "prompt": "x", "meta": {"note": "\\ud83d"}}\n', "line 1: Request.meta holds text"),
+    ('{"id": "\\ud83d", "prompt": "x"}\n', "line 1: Request.id holds text"),
 ])
 def test_bad_input_names_the_line(tmp_path, capsys, content, message):
     inp = tmp_path / "in.jsonl"
@@ -181,6 +188,15 @@ def test_a_bad_default_flag_is_named_not_a_line(tmp_path, capsys, flag, value, m
     rc = main(cli_args(inp, tmp_path / "out.jsonl", "http://127.0.0.1:9/v1", flag, value))
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "line" not in err, err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_model_name_that_is_not_text_is_named(tmp_path, capsys):
+    # Bytes of the command line that are not UTF-8 arrive as lone surrogates: the flag is named.
+    inp = write_input(tmp_path / "in.jsonl", 2)
+    rc = main(cli_args(inp, tmp_path / "out.jsonl", "http://127.0.0.1:9/v1", "--model", "m\udcff"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "--model: model holds text that is not valid Unicode" in err and "line" not in err, err
     assert not (tmp_path / "out.jsonl").exists()
 
 

@@ -125,6 +125,20 @@ def test_a_repeat_that_starts_after_its_original_finished_is_not_sent_again(tmp_
     assert len(records(tmp_path / "o.jsonl")) == len(calls)
 
 
+def test_an_answer_with_half_an_emoji_is_stored_and_not_bought_again(fake_server, tmp_path):
+    # "\\ud83d" in the answer body is valid JSON but no UTF-8: the answer must still be stored
+    # (escaped), read back the same, and not be paid for again by the rerun.
+    server = fake_server(reply=lambda call: "smile \ud83d" if call.last_user_text == "q0" else "fine")
+    out = tmp_path / "o.jsonl"
+    results, stats = run(run_pool(Endpoint("compat", server.openai_url), chat_requests(3), out))
+    assert [r.response for r in results] == ["smile \ud83d", "fine", "fine"] and stats.done == 3
+    server.reset_counters()
+    results, stats = run(run_pool(Endpoint("compat", server.openai_url), chat_requests(3), out))
+    assert server.stats()["requests"] == 0 and stats.cached == 3
+    assert results[0].response == "smile \ud83d"
+    assert len(records(out)) == 3
+
+
 def test_rerun_skips_what_is_stored(fake_server, tmp_path):
     server = fake_server()
     out = tmp_path / "o.jsonl"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import re
 import time
 
 import pytest
@@ -62,6 +63,46 @@ def test_anthropic_moves_system_messages_and_defaults_max_tokens(fake_server, ap
     assert calls[0].body["system"] == "rules" and calls[0].body["max_tokens"] == 1024
     assert calls[0].body["messages"] == [{"role": "user", "content": "hi"}]
     assert "temperature" not in calls[0].body  # unset parameters are not sent
+
+
+def test_anthropic_takes_system_messages_of_text_blocks(fake_server, api_keys):
+    calls = []
+    server = fake_server(reply=lambda call: (calls.append(call), "ok")[1])
+    blocks = [{"type": "text", "text": "be brief"},
+              {"type": "text", "text": "no lists", "cache_control": {"type": "ephemeral"}}]
+    request = Request(messages=[{"role": "system", "content": blocks}, {"role": "developer", "content": "in English"},
+                                {"role": "user", "content": "hi"}], system="rules")
+    assert send("anthropic", server, request).text == "ok"
+    assert calls[0].body["system"] == [{"type": "text", "text": "rules"}, *blocks,
+                                       {"type": "text", "text": "in English"}]
+    assert calls[0].body["messages"] == [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("content,match", [
+    ([{"type": "text", "text": "a"}, {"type": "image", "source": {"type": "url", "url": "http://x/a.png"}}],
+     "message 0 \\(system\\): the anthropic provider takes only text blocks in a system message, got a 'image'"),
+    ([{"type": "text"}], "got a 'text' block"),
+    (["plain"], "got a 'str' block"),
+    (None, "must be text or a list of text blocks, got NoneType"),
+])
+def test_anthropic_refuses_a_system_message_it_cannot_send_as_this_request_only(fake_server, api_keys, tmp_path,
+                                                                                content, match):
+    # A request error, recorded as this request's failure; the run goes on (it crashed with a TypeError).
+    from bezoar.generate.pool import Limits, Pool
+
+    server = fake_server()
+    bad = Request(messages=[{"role": "system", "content": content}, {"role": "user", "content": "hi"}], id=0)
+    good = Request(messages=[{"role": "user", "content": "hi"}], id=1)
+
+    async def main():
+        async with Pool(Endpoint("anthropic", server.url), Limits(timeout_s=5), tmp_path / "o.jsonl",
+                        model="m") as pool:
+            return await pool.run([bad, good])
+
+    failed, answered = asyncio.run(main())
+    assert failed.error_type == "request" and failed.attempts == 1 and answered.ok
+    assert re.search(match, failed.error), failed.error
+    assert server.stats()["requests"] == 1  # the bad one was never sent
 
 
 @pytest.mark.parametrize("name", ("compat", "openai"))
@@ -224,6 +265,19 @@ def test_endpoint_validation_and_label():
         Endpoint("openai", "https://host:80a/v1")
     label = Endpoint("compat", "http://user:pw@host:8000/v1?key=abc").label
     assert label == "compat:http://host:8000/v1"  # no credentials in labels (they go into records)
+
+
+def test_endpoint_repr_shows_no_credentials_of_the_url():
+    # A repr ends up in tracebacks, debug prints and logs of the pool's endpoints.
+    endpoint = Endpoint("compat", "https://alice:s3cret-passw0rd@llm.example.com:8443/v1?api-key=AZURE-KEY-123456",
+                        models=("m",))
+    shown = repr(endpoint)
+    assert "s3cret" not in shown and "alice" not in shown and "AZURE" not in shown, shown
+    assert shown == ("Endpoint(provider='compat', base_url='https://llm.example.com:8443/v1', api_key_env=None, "
+                     "models=('m',), name=None)")
+    assert repr([Endpoint("openai")]) == ("[Endpoint(provider='openai', base_url=None, api_key_env=None, models=None, "
+                                          "name=None)]")
+    assert "s3cret" in endpoint.base_url  # the URL itself is kept whole: it is what is connected to
 
 
 @pytest.mark.parametrize("status,body,kind", [

@@ -1,11 +1,13 @@
-"""Rate limits against a fake server that enforces 600 requests per minute (takes ~15 s)."""
+"""Rate limits against a fake server that enforces 600 requests per minute (takes ~15 s), and the
+rate after a pause asked for by a 429 (a provider without HTTP)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 from bezoar.generate.pool import Pool
-from bezoar.generate.providers import Endpoint
+from bezoar.generate.providers import RETRY, Endpoint, ProviderError, Reply
 from tests.generate.conftest import chat_requests, fast_limits
 
 RPM = 600  # 10 requests/s
@@ -47,3 +49,41 @@ def test_server_429s_are_honoured_when_the_pool_has_no_limit(fake_server):
     # per Retry-After instead of coming back together, so few were refused again (retried all
     # at once, they were refused over 100 times and some ran out of attempts).
     assert 10 <= stats.rate_limited <= 30, stats
+
+
+class _PausesOnce:
+    """Answers at once, noting when each call was sent; the first call gets a 429 with Retry-After."""
+
+    def __init__(self, sent: list, retry_after: float):
+        self.sent, self.retry_after = sent, retry_after
+
+    async def open(self):
+        pass
+
+    async def close(self):
+        pass
+
+    async def send(self, request, model, timeout):
+        self.sent.append(time.monotonic())
+        if len(self.sent) == 1:
+            raise ProviderError("rate limited (HTTP 429)", RETRY, status=429, retry_after=self.retry_after,
+                                rate_limited=True)
+        return Reply("ok", 1, 1, "stop")
+
+
+def test_requests_held_by_a_pause_leave_at_the_rate_when_it_ends():
+    # 600 rpm with a bucket of 1 request: one call at most every 0.1 s. While the endpoint is paused
+    # by the 429, the other requests must not collect rate tokens: they all left together when the
+    # pause ended (ten within a millisecond), just after the provider had asked for less.
+    sent: list[float] = []
+
+    async def main():
+        async with Pool(Endpoint("compat", "http://fake/v1"), fast_limits(concurrency=32, rpm=600, burst_s=0.1),
+                        None, model="m", provider_factory=lambda e, connections: _PausesOnce(sent, 0.5)) as pool:
+            return await pool.run(chat_requests(12)), pool.stats
+
+    results, stats = asyncio.run(main())
+    assert all(r.ok for r in results) and stats.rate_limited == 1 and len(sent) == 13
+    assert sent[1] - sent[0] >= 0.5  # nothing was sent during the pause
+    most_in_50ms = max(sum(1 for u in sent if t <= u < t + 0.05) for t in sent)
+    assert most_in_50ms == 1, [round(t - sent[0], 3) for t in sent]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
+from pathlib import Path
+
 import pytest
 
 from bezoar.generate.request import Request, Result, Usage
@@ -56,6 +59,30 @@ def test_kind_is_in_the_key():
 def test_bad_requests_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Request(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(meta={"day": datetime.date(2024, 1, 1)}), "Request.meta must be JSON data.*date"),
+    (dict(meta={1, 2}), "Request.meta must be JSON data.*set"),
+    (dict(meta={"file": Path("a.txt")}), "Request.meta must be JSON data"),
+    (dict(meta={"note": "\ud83d"}), r"Request.meta holds text that is not valid Unicode \('\\ud83d'"),
+    (dict(id=Path("a")), "Request.id must be JSON data"),
+    (dict(messages=[{"role": "user", "content": "half \ud83d"}]), "Request.messages holds text"),
+    (dict(messages=[{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]), "Request.messages holds"),
+    (dict(kind="completion", prompt="\ud83d", messages=None), "Request.prompt holds text"),
+    (dict(system="\ud83d rules"), "Request.system holds text"),
+    (dict(stop=["\udc80"]), "Request.stop holds text"),
+])
+def test_data_that_cannot_be_stored_is_refused_up_front(kwargs, match):
+    # Found only when the answer is stored, the call would be paid for, its answer lost, and
+    # every rerun would pay again.
+    with pytest.raises(ValueError, match=match):
+        Request(**{"messages": [{"role": "user", "content": "x"}], "id": 1, **kwargs})
+
+
+def test_the_model_name_given_to_key_must_be_text():
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        Request(messages=[{"role": "user", "content": "x"}]).key("m\udcff")
 
 
 def test_result_record_round_trip():

@@ -313,3 +313,17 @@ def test_inputs_with_a_byte_order_mark(tmp_path):
     mine = tmp_path / "mine.txt"
     mine.write_bytes(bom + shipped.text.encode())
     assert load_template(name, mine).text == shipped.text
+
+
+def test_an_output_is_renamed_into_place_durably(tmp_path, monkeypatch):
+    """The rename that puts an output in place is synced too (the folder), not only the file's bytes:
+    otherwise a power cut after the run may leave the old output, or none."""
+    import os
+
+    from bezoar.generate.schemes import write_jsonl
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_ino), real_fsync(fd))[1])
+    write_jsonl(tmp_path / "out" / "a.jsonl", [{"a": 1}])
+    assert os.stat(tmp_path / "out").st_ino in synced

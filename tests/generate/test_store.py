@@ -134,6 +134,33 @@ def test_repeated_keys_in_a_file_use_the_first(tmp_path, caplog):
     assert "repeat a key" in caplog.text
 
 
+def test_a_success_is_used_over_a_failure_of_the_same_key(tmp_path):
+    # Two runs' files joined by hand: the failure of the first run and the paid answer of a
+    # later one, in either order. The answer is the record; the failure does not hide it.
+    path = tmp_path / "out.jsonl"
+    rows = [failed_record("a"), ok_record("b", "b1"), ok_record("a", "paid"), ok_record("a", "paid again"),
+            failed_record("b")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with JSONLStore(path) as store:
+        assert store.get("a")["response"] == "paid" and store.get("b")["response"] == "b1"
+        assert not store.failed("a") and not store.failed("b")
+        assert store.report.failed == 0 and store.report.duplicate_lines == 3
+
+
+def test_retry_failed_never_drops_a_paid_answer_of_a_repeated_key(tmp_path):
+    path = tmp_path / "out.jsonl"
+    rows = [failed_record("a"), ok_record("a", "paid"), ok_record("a", "paid twice"), failed_record("b"),
+            failed_record("b"), ok_record("c")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with JSONLStore(path, retry_failed=True) as store:
+        assert store.get("a")["response"] == "paid" and "b" not in store and "c" in store
+        assert store.report.moved_failures == 1  # only b is sent again: a has its answer
+    # Every line is somewhere: the success lines kept, every failure line in the side file.
+    assert [(r["key"], r.get("response")) for r in lines(path)] == [("a", "paid"), ("a", "paid twice"),
+                                                                     ("c", "hi")]
+    assert [r["key"] for r in lines(store.report.failures_copy)] == ["a", "b", "b"]
+
+
 def test_retry_failed_moves_failures_aside(tmp_path):
     path = tmp_path / "out.jsonl"
     with JSONLStore(path) as store:
@@ -156,6 +183,93 @@ def test_a_second_writer_is_refused(tmp_path):
             JSONLStore(path).open()
     with JSONLStore(path):  # released on close
         pass
+
+
+def test_a_file_rewritten_between_open_and_lock_is_opened_again(tmp_path, monkeypatch):
+    # B opens the path; before B takes its lock, A (retry_failed) rewrites the file by a rename
+    # and lets go of its lock on the old file. B's lock on the old file then succeeds: B must see
+    # that file is no longer the store and open the path again, where it meets A's lock, instead
+    # of writing its paid answers into a file that is gone. (flock is per open file: two stores in
+    # one process stand for two processes.)
+    import bezoar.generate.store as store_module
+
+    path = tmp_path / "out.jsonl"
+    path.write_text(json.dumps(ok_record("a")) + "\n" + json.dumps(failed_record("b")) + "\n")
+    a = JSONLStore(path, retry_failed=True, fsync="never")
+    b = JSONLStore(path, fsync="never")
+    real_open = store_module._open_for_append
+    opened = []
+
+    def open_then_let_a_rewrite(target):
+        file = real_open(target)
+        opened.append(target)
+        if len(opened) == 1:
+            a.open()  # A's rewrite lands between B's open and B's lock
+        return file
+
+    monkeypatch.setattr(store_module, "_open_for_append", open_then_let_a_rewrite)
+    with pytest.raises(StoreError, match="being written by another process"):
+        b.open()
+    monkeypatch.setattr(store_module, "_open_for_append", real_open)
+    a.append(ok_record("b", "paid by A"))
+    a.close()
+    with b:  # A is done: B opens the rewritten file and its records land in it
+        assert "b" in b and not b.failed("b")
+        b.append(ok_record("c", "paid by B"))
+    assert [r["key"] for r in lines(path)] == ["a", "b", "c"]
+
+
+def test_the_rewrite_syncs_the_folder(tmp_path, monkeypatch):
+    # The rename that drops the failures must be on the disk before records are appended to the
+    # new file: otherwise a power cut can bring back the old file without them.
+    path = tmp_path / "out.jsonl"
+    path.write_text(json.dumps(failed_record("b")) + "\n")
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_ino), real_fsync(fd))[1])
+    with JSONLStore(path, retry_failed=True, fsync="never"):
+        assert os.stat(tmp_path).st_ino in synced
+
+
+@pytest.mark.parametrize("usage", ['"lots"', '[1, 2]', '{"input_tokens": "many", "output_tokens": 1}',
+                                   '{"input_tokens": 1, "output_tokens": [2]}'])
+def test_a_record_whose_usage_is_not_token_counts_is_an_error_naming_it(tmp_path, usage):
+    # A hand edit gone wrong: found when the record is read back, it stopped the run with a traceback.
+    path = tmp_path / "out.jsonl"
+    bad = {**ok_record("b"), "usage": json.loads(usage)}
+    path.write_text(json.dumps(ok_record("a")) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(StoreError, match=f"{path} line 2 is not a result record .*usage"):
+        JSONLStore(path).open()
+
+
+def test_a_lone_surrogate_is_stored_as_valid_utf8_and_reads_back_the_same(tmp_path):
+    # A teacher's answer may end in half an emoji: "\\ud83d" is valid JSON, a str in Python, and
+    # no UTF-8. The record is written escaped and reads back equal; other lines stay as they are.
+    path = tmp_path / "out.jsonl"
+    with JSONLStore(path) as store:
+        store.append(ok_record("a", "smile \ud83d and é"))
+        store.append(ok_record("b", "plain é"))
+        assert store.get("a")["response"] == "smile \ud83d and é"
+    data = path.read_bytes()
+    data.decode("utf-8")  # valid UTF-8 throughout
+    assert b"\\ud83d" in data and "plain é".encode() in data
+    with JSONLStore(path) as store:
+        assert store.get("a")["response"] == "smile \ud83d and é" and store.get("b")["response"] == "plain é"
+
+
+def test_a_record_json_cannot_hold_is_a_store_error_and_writes_nothing(tmp_path):
+    import datetime
+
+    path = tmp_path / "out.jsonl"
+    with JSONLStore(path) as store:
+        store.append(ok_record("a"))
+        record = ok_record("b")
+        record["meta"] = {"day": datetime.date(2024, 1, 1)}
+        with pytest.raises(StoreError, match=f"cannot store the record of key b in {path}.*date"):
+            store.append(record)
+        assert "b" not in store
+        store.append(ok_record("c"))
+    assert [r["key"] for r in lines(path)] == ["a", "c"]
 
 
 @pytest.mark.parametrize("policy,expected", [("always", 5), ("never", 0), ("interval", 1)])
