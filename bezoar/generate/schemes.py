@@ -43,7 +43,7 @@ from typing import Iterable, Sequence
 from bezoar.generate.cli import add_pool_arguments, jsonl_objects, pool_from_args
 from bezoar.generate.progress import run_summary
 from bezoar.generate.request import GenerateError, Request, Result
-from bezoar.generate.store import fsync_dir
+from bezoar.generate.store import fsync_dir, json_utf8
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 PROMPTS = ASSETS / "prompts"
@@ -539,14 +539,16 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
-    """Write records as JSONL atomically (a temporary file renamed over ``path``); returns the count."""
-    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
-    _atomic_write(Path(path), "".join(lines).encode("utf-8"))
+    """Write records as JSONL atomically (a temporary file renamed over ``path``); returns the count. A
+    record holding a lone surrogate is written escaped (``json_utf8``), where encoding it stopped the run."""
+    lines = [json_utf8(r) + b"\n" for r in records]
+    _atomic_write(Path(path), b"".join(lines))
     return len(lines)
 
 
 def write_json(path: str | os.PathLike, value) -> None:
-    _atomic_write(Path(path), (json.dumps(value, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
+    """Write ``value`` as indented JSON atomically (``json_utf8``: a lone surrogate in an answer is escaped)."""
+    _atomic_write(Path(path), json_utf8(value, indent=2) + b"\n")
 
 
 def check_out_dir(out: str | os.PathLike, inputs: Sequence, outputs: Sequence[str]) -> Path:

@@ -456,16 +456,21 @@ class JSONLStore:
                           "rerun, the records stored are kept and not sent again")
 
 
-def record_line(record: dict) -> bytes:
-    """One record as a JSONL line in UTF-8. Text is written as it is, except that a record holding a
-    lone surrogate (a teacher's answer may end in half an emoji: "\\ud83d" is valid JSON, but no
-    UTF-8) is written with every non-ASCII character escaped: valid UTF-8 that reads back as the
-    same string. Raises TypeError or ValueError for a value JSON cannot hold."""
-    text = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+def json_utf8(value, **dumps) -> bytes:
+    """``value`` as JSON text in UTF-8 (``dumps``: json.dumps' layout arguments). Text is written as it
+    is, except that a value holding a lone surrogate (a teacher's answer may end in half an emoji:
+    "\\ud83d" is valid JSON, but no UTF-8) is written with every non-ASCII character escaped: valid
+    UTF-8 that reads back as the same string. Raises TypeError or ValueError for a value JSON cannot
+    hold."""
     try:
-        return text.encode("utf-8")
+        return json.dumps(value, ensure_ascii=False, **dumps).encode("utf-8")
     except UnicodeEncodeError:
-        return (json.dumps(record, ensure_ascii=True, separators=(",", ":")) + "\n").encode("ascii")
+        return json.dumps(value, ensure_ascii=True, **dumps).encode("ascii")
+
+
+def record_line(record: dict) -> bytes:
+    """One record as a JSONL line in UTF-8 (``json_utf8``, compact)."""
+    return json_utf8(record, separators=(",", ":")) + b"\n"
 
 
 def _is_record(line: bytes) -> bool:

@@ -327,3 +327,21 @@ def test_an_output_is_renamed_into_place_durably(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_ino), real_fsync(fd))[1])
     write_jsonl(tmp_path / "out" / "a.jsonl", [{"a": 1}])
     assert os.stat(tmp_path / "out").st_ino in synced
+
+
+def test_outputs_holding_half_an_emoji_are_written_and_read_back(tmp_path):
+    """A teacher's answer that ends in a lone surrogate (valid JSON, but no UTF-8) reaches the scheme's
+    outputs escaped, so writing the dataset does not stop the run, and reads back as the same text;
+    other records keep their characters as they are."""
+    import json
+
+    from bezoar.generate.schemes import write_json, write_jsonl
+
+    records = [{"response": "caf\u00e9 \ud83d"}, {"response": "caf\u00e9"}]
+    assert write_jsonl(tmp_path / "a.jsonl", records) == 2
+    raw = (tmp_path / "a.jsonl").read_bytes()
+    raw.decode("utf-8")  # valid UTF-8
+    assert [json.loads(line) for line in raw.splitlines()] == records
+    assert "caf\u00e9\"" in raw.decode("utf-8").splitlines()[1]  # unescaped where it can be
+    write_json(tmp_path / "b.json", {"rows": records})
+    assert json.loads((tmp_path / "b.json").read_bytes().decode("utf-8")) == {"rows": records}
