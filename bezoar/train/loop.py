@@ -37,6 +37,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
+from bezoar.locking import writer_gone
 from bezoar.model.lora import lora_modules, save_adapter
 from bezoar_kernels import dequant_cache
 
@@ -207,18 +208,6 @@ def read_trainer_state(path: Path) -> dict:
             return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _pid_alive(pid: int) -> bool:
-    if os.name != "posix":
-        return True  # no cheap harmless probe (os.kill ends the process on Windows): keep the folder
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: alive, another user's
-        return True
-    return True
-
-
 def remove_stale_temporaries(out: Path) -> list[Path]:
     """Remove ``checkpoints/.tmp-step-N-PID/`` folders left by a save that never finished: those of this process
     (its saves run one at a time, so none is in progress) and those whose process is gone. A folder of a live
@@ -231,8 +220,7 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
         m = TMP_CHECKPOINT_RE.match(path.name)
         if m is None:
             continue
-        pid = int(m.group(2))
-        if pid == os.getpid() or not _pid_alive(pid):
+        if writer_gone(int(m.group(2))):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
