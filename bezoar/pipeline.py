@@ -28,7 +28,8 @@ newest checkpoint for training, the answers file for MT-Bench), so rerunning the
 crash or a kill finishes the run. A complete step whose settings have changed since is an error
 (remove its marker to redo it); for a training stage the settings are those its ``config.toml``
 records, less the ones that only change how a run is watched or kept (progress, logging, eval and
-checkpoint intervals), and the way to redo it is to remove the stage's folder. A setting added to
+checkpoint intervals), with its paths inside the run root compared relative to the root (so a moved run
+root changes no stage's settings either), and the way to redo it is to remove the stage's folder. A setting added to
 bezoar after a marker was written reads as what the step ran with then (``RECORDED_BEFORE``: MT-Bench's
 ``top_k`` as 0). MT-Bench's answers are resumed only under the settings they were made with
 (``answers.jsonl.settings.json``): a step run again after its answer settings changed moves them, and the
@@ -524,7 +525,7 @@ def plan(recipe: Recipe, root: Path, overrides: list[str], progress: bool = Fals
         start = f"{stage.start_from} (merged)" if stage.start_from else cfg.model.path
         step = Step(f"train:{stage.name}", "train", stage.name, out, [start, relative(cfg.data.path, root)],
                     data=cfg.data.path)
-        step.run = _train_runner(cfg, log)
+        step.run = _train_runner(cfg, root, log)
         step.config = cfg
         step.sources = ([model_source(stage.start_from, root)] if stage.start_from else []) + [
             x for x in (file_source(cfg.data.path, root, producers), file_source(cfg.eval_path, root, producers)) if x]
@@ -562,7 +563,7 @@ def plan(recipe: Recipe, root: Path, overrides: list[str], progress: bool = Fals
             if is_complete(step.out):
                 step.status = "done"
                 # The stage's config.toml is its marker's settings: compared like those of the other steps.
-                changed = config_changes(step.out, step.config)
+                changed = config_changes(step.out, step.config, root=root)
                 step.changed = [describe_changes({k: v}) for k, v in changed.items()]
             elif list_checkpoints(step.out):
                 step.status = f"resume from step {list_checkpoints(step.out)[-1][0]}"
@@ -600,11 +601,11 @@ def _filter_runner(gen, out, root, progress):
     return run
 
 
-def _train_runner(cfg, log):
+def _train_runner(cfg, root, log):
     def run():
         from bezoar.train.run import run_stage
 
-        run_stage(cfg, resume=True, log=log)
+        run_stage(cfg, resume=True, log=log, root=root)
     return run
 
 

@@ -10,7 +10,9 @@ A recipe is a folder with ``recipe.toml``::
 
 Every stage writes to ``<root>/<name>``; a stage whose ``summary.json`` exists is skipped (an error
 when the ``config.toml`` it recorded differs from the stage's settings now), and one that stopped half
-way resumes from its newest checkpoint, so rerunning a recipe continues where it stopped. Overrides
+way resumes from its newest checkpoint, so rerunning a recipe continues where it stopped. Paths inside
+the run root (the merged model a stage starts from, ``{root}`` data) are compared relative to it, so a
+run root that was moved, or is named absolutely after relatively, keeps its stages. Overrides
 ``key=value`` apply to every stage; ``<stage>.key=value`` to that stage only.
 
 Two more tables describe the steps around training, run by ``python -m bezoar.pipeline`` (the
@@ -367,7 +369,7 @@ def describe_plan(recipe: Recipe, root: Path, overrides: list[str]) -> list[dict
         out = Path(cfg.out)
         if is_complete(out):
             status = "done"
-            changed = config_changes(out, cfg)
+            changed = config_changes(out, cfg, root=root)
             if changed:  # run_recipe stops here (check_complete): say so rather than show it as done
                 status = f"done with other settings ({describe_changes(changed, 3)}): a run stops; remove {out} to redo"
         elif list_checkpoints(out):
@@ -387,7 +389,7 @@ def run_recipe(name_or_dir: str, root, overrides: list[str], log=print, dist=Non
     configs = stage_configs(recipe, root, overrides)
     for stage, cfg in configs:  # all before anything runs, not a changed later stage found hours in
         if is_complete(Path(cfg.out)):
-            check_complete(Path(cfg.out), cfg)
+            check_complete(Path(cfg.out), cfg, root)
     if dist is not None:  # one process group serves every stage: their model.device must agree
         from .distributed import rank_device
 
@@ -403,5 +405,5 @@ def run_recipe(name_or_dir: str, root, overrides: list[str], log=print, dist=Non
             log(f"[{stage.name}] done already: {cfg.out}")
             continue
         log(f"[{stage.name}] {cfg.stage} stage -> {cfg.out}")
-        run_stage(cfg, resume=True, log=log, dist=dist)
+        run_stage(cfg, resume=True, log=log, dist=dist, root=root)
     return root

@@ -276,6 +276,25 @@ def test_changed_training_settings_of_a_done_stage_stop_the_run(tmp_path):
         preflight(recipe, root, list(steps.values()))
 
 
+def test_a_moved_or_renamed_run_root_keeps_its_trained_stages(tmp_path, monkeypatch):
+    # Stages record their {root} data paths and the merged model they start from as the root was typed: named
+    # absolutely after relatively, or moved elsewhere, the root changes no stage's settings.
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe("openbezoar_tiny")
+    names = {s.name for s in recipe.stages}
+    _fake_trained(Path("run"), recipe, [], names)
+    for root in (tmp_path / "run", Path("moved"), tmp_path / "moved"):
+        if not root.exists():
+            (tmp_path / "run").rename(tmp_path / "moved")
+        steps = [s for s in plan(recipe, root, []) if s.kind == "train"]
+        assert [(s.target, s.status, s.changed) for s in steps] == [(name, "done", []) for name in
+                                                                     ("lamini", "orca", "evol", "hh_sft", "dpo")]
+    # Another file inside the root is still another setting.
+    overrides = [f"lamini.data.path={tmp_path / 'moved' / 'data' / 'orca' / 'filtered.jsonl'}"]
+    steps = {s.name: s for s in plan(load_recipe("openbezoar_tiny", overrides), tmp_path / "moved", overrides)}
+    assert [c.split(":")[0] for c in steps["train:lamini"].changed] == ["data.path"]
+
+
 def test_preflight_names_missing_inputs_and_keys(tmp_path, monkeypatch):
     recipe = load_recipe("openbezoar")
     root = tmp_path / "run"

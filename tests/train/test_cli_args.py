@@ -119,6 +119,35 @@ def test_recipe_rerun_with_other_settings_for_a_complete_stage_is_refused(tmp_pa
     assert "Traceback" not in err
 
 
+def test_a_recipe_run_root_named_otherwise_or_moved_keeps_its_stages(tmp_path, capsys, monkeypatch):
+    # A stage records model.path = <root>/sft/merged as the root was typed: the same root named absolutely
+    # after relatively, or moved, is no change of settings, for a finished stage and a half-finished one.
+    from bezoar.config import ConfigError
+    from bezoar.train.recipe import load_recipe, stage_configs
+    from bezoar.train.run import check_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    _finished_demo_run(Path("run"))
+    assert main(["--recipe", "demo", "--out", str(tmp_path / "run"), "train.progress=false"]) == 0
+    assert "[dpo] done already" in capsys.readouterr().out
+    (tmp_path / "run").rename(tmp_path / "moved")
+    root = tmp_path / "moved"
+    assert main(["--recipe", "demo", "--out", "moved", "--dry-run"]) == 0
+    status = {line.split()[0]: line.split()[2] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert status == {"sft": "done", "dpo": "done"}, status
+    # Half-finished: the resume is let through (it stops later only because this fake stage has no model).
+    (root / "dpo" / "summary.json").unlink()
+    (root / "dpo" / "checkpoints" / "step-1").mkdir(parents=True)
+    (root / "dpo" / "checkpoints" / "step-1" / "trainer_state.pt").write_bytes(b"")
+    code = main(["--recipe", "demo", "--out", str(root), "train.progress=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and "different config" not in err and f"{root / 'sft' / 'merged'}" in err, err
+    # A real change of a path inside the root is still one.
+    _, dpo = stage_configs(load_recipe("demo"), root, [f"dpo.data.path={root / 'other.jsonl'}"])[1]
+    with pytest.raises(ConfigError, match="--resume with a different config \\(data.path\\)"):
+        check_run_dir(root / "dpo", dpo, resume=True, root=root)
+
+
 @pytest.mark.parametrize("override", ["out={elsewhere}", "sft.out={elsewhere}", "dpo.model.path={elsewhere}"])
 def test_recipe_overrides_of_the_keys_it_sets_itself_are_refused(tmp_path, capsys, override):
     # A recipe puts each stage in <root>/<stage> and starts a start_from stage from the merge before it: an
