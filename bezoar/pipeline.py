@@ -57,7 +57,8 @@ that is gone (removed to save space) does not count as changed. No data and no s
 
 Overrides: ``generate.KEY=VALUE`` and ``evaluate.KEY=VALUE`` set the recipe's tables (e.g.
 ``generate.teacher.base_url=http://gpu1:8000/v1``); any other ``KEY=VALUE`` goes to every training
-stage and ``<stage>.KEY=VALUE`` to one, as with ``python -m bezoar.train --recipe``.
+stage and ``<stage>.KEY=VALUE`` to one, as with ``python -m bezoar.train --recipe`` (a stage named like a
+table of the stage config, ``dpo``, leaves the table's keys addressable: ``bezoar.train.recipe`` says how).
 
 Commands run in this process, one after another, so a kill stops everything at once. API keys are
 read from the environment by the client pool (OPENAI_API_KEY, ANTHROPIC_API_KEY or the variable an

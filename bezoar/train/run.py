@@ -175,8 +175,10 @@ def config_changes(out: Path, cfg: StageConfig, free: tuple[str, ...] = WATCH_KE
     if root is not None and isinstance(before.get("out"), str):
         root_then = os.path.dirname(os.path.normpath(before["out"])) or os.curdir
         same = {k for k in PATH_KEYS if k in now and _in_root(before.get(k), root_then) == _in_root(now[k], str(root))}
+    # An SFT stage reads nothing of [dpo]: a recipe-wide dpo.beta=... (for its DPO stage) changes no SFT stage.
+    unread = ("dpo.",) if cfg.stage == "sft" else ()
     return {k: (before.get(k), now[k]) for k in now
-            if before.get(k) != now[k] and k not in same and k != "out" and not k.startswith(free)}
+            if before.get(k) != now[k] and k not in same and k != "out" and not k.startswith(tuple(free) + unread)}
 
 
 def describe_changes(changed: dict[str, tuple], limit: int = 5) -> str:

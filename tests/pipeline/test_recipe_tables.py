@@ -126,6 +126,30 @@ def test_overrides_reach_tables_and_stages_apart():
         load_recipe("openbezoar_tiny", ["generate.filter.cutoff=3"])
 
 
+def test_a_stage_named_like_a_config_table_leaves_the_table_addressable(tmp_path):
+    # openbezoar_tiny names its DPO stage "dpo", as the [dpo] table is named: dpo.beta is the table's key (every
+    # stage's), dpo.<section>.<key> the stage's; a key of neither is an error quoting the override as typed.
+    overrides = ["dpo.beta=0.2", "dpo.optim.lr=1e-5", "dpo.dpo.label_smoothing=0.1"]
+    configs = dict((s.name, c) for s, c in stage_configs(load_recipe("openbezoar_tiny"), Path("/r"), overrides))
+    assert all(c.dpo.beta == 0.2 for c in configs.values())
+    assert configs["dpo"].optim.lr == 1e-5 and configs["hh_sft"].optim.lr != 1e-5
+    assert configs["dpo"].dpo.label_smoothing == 0.1 and configs["hh_sft"].dpo.label_smoothing == 0.0
+    with pytest.raises(ConfigError, match=r"^override 'dpo\.bta=0\.2': 'dpo' is both a stage .* dpo\.KEY=VALUE sets KEY "
+                                          r"of the \[dpo\] table .* dpo\.SECTION\.KEY=VALUE sets a key of stage 'dpo'"):
+        stage_configs(load_recipe("openbezoar_tiny"), Path("/r"), ["dpo.bta=0.2"])
+    # A stage's override that its config refuses is quoted as typed, not as the stage received it.
+    for override, key in (["dpo.optim.lr=fast", "optim.lr"], ["orca.optim.betas=[2]", "optim.betas"],
+                          ["orca.tokens=3", "tokens"]):
+        with pytest.raises(ConfigError, match=re.escape(repr(override))) as e:
+            stage_configs(load_recipe("openbezoar_tiny"), Path("/r"), [override])
+        assert repr(key) in str(e.value) or key in str(e.value), e.value
+    # An override without a dot never addresses a stage, whatever the stages are called.
+    folder = _copy_recipe(tmp_path)
+    _edit(folder, 'name = "dpo"', 'name = "merge"')
+    configs = stage_configs(load_recipe(str(folder)), Path("/r"), ["merge=true", "merge.optim.lr=0.5"])
+    assert all(c.merge for _, c in configs) and [c.optim.lr == 0.5 for _, c in configs] == [False] * 4 + [True]
+
+
 # ---- the command lines match the real parsers ------------------------------------------------------
 
 

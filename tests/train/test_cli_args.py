@@ -171,6 +171,19 @@ def test_recipe_dry_run_refuses_or_flags_what_the_run_would_refuse(tmp_path, cap
     assert code == 2 and "generate.teacher.model" in err, err
 
 
+def test_the_dpo_table_of_a_recipe_with_a_stage_named_dpo_is_set_on_the_command_line(tmp_path, capsys):
+    # The demo's DPO stage is named "dpo", like the [dpo] table: dpo.beta=0.2 is that table's beta (it was read
+    # as stage dpo's key "beta", unknown). Every stage gets it; the finished SFT stage, which reads nothing of
+    # [dpo], is not changed by it, the finished DPO stage is.
+    root = _finished_demo_run(tmp_path / "run")
+    assert main(["--recipe", "demo", "--out", str(root), "--dry-run", "dpo.beta=0.2"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert lines["sft"].split()[2] == "done" and "dpo.beta: 0.5 -> 0.2" in lines["dpo"], lines
+    code = main(["--recipe", "demo", "--out", str(root), "--dry-run", "dpo.betta=0.2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "override 'dpo.betta=0.2'" in err and "dpo.dpo.beta" in err, err
+
+
 def test_unknown_tiny_preset_is_a_config_error_naming_model_path(tmp_path, capsys):
     code = main([str(DEMO / "sft.toml"), f"out={tmp_path / 'x'}", *TINY, "model.path=tiny:tinyy"])
     err = capsys.readouterr().err
