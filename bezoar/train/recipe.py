@@ -22,7 +22,8 @@ rest of the override is read as a key of the table when the table has it, else a
 Two more tables describe the steps around training, run by ``python -m bezoar.pipeline`` (the
 trainer itself ignores them): ``[generate]`` (the teacher and judge endpoints, the filter, and
 one table per generation scheme: ``lamini``, ``evol``, ``orca``) and ``[evaluate]`` (which
-stages' merged models to evaluate, ``harness`` and ``mt_bench``). Their keys are the fields of
+stages' models to evaluate, ``harness`` and ``mt_bench``: a stage's merged model, or its base with its
+adapter where the stage does not merge). Their keys are the fields of
 :class:`GenerateSection` and :class:`EvaluateSection` below; unknown keys and wrong types are
 errors naming the key and its line. Overrides ``generate.KEY=VALUE`` and ``evaluate.KEY=VALUE``
 set them from the command line. In their paths, ``{root}`` is the run root and ``bezoar:x`` a
@@ -223,7 +224,7 @@ class MTBenchSection(EvalModelSection):
 
 @dataclass
 class EvaluateSection:
-    stages: list[str] = field(default_factory=list)  # whose merged models to evaluate; [] = the last stage
+    stages: list[str] = field(default_factory=list)  # whose models to evaluate; [] = the last stage
     harness: HarnessSection | None = None
     mt_bench: MTBenchSection | None = None
 

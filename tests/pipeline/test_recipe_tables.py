@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from bezoar.config import ConfigError
-from bezoar.pipeline import (PipelineError, describe, filter_argv, generate_argv, harness_argv, mt_bench_argv, plan,
-                             preflight, render_tasks, write_marker)
+from bezoar.pipeline import (PipelineError, describe, eval_model, filter_argv, generate_argv, harness_argv,
+                             mt_bench_argv, plan, preflight, render_tasks, write_marker)
 from bezoar.train.recipe import RECIPES, load_recipe, stage_configs
 
 TINY = RECIPES / "openbezoar_tiny"
@@ -271,7 +271,6 @@ def _fake_trained(root: Path, recipe, overrides: list[str], names: set[str]) -> 
 
     for stage, cfg in stage_configs(recipe, root, overrides):
         if stage.name in names:
-            cfg.merge = cfg.merge or stage.name in recipe.eval_stages()
             cfg.data.path, cfg.eval_path = package_path(cfg.data.path), package_path(cfg.eval_path)
             Path(cfg.out).mkdir(parents=True)
             (Path(cfg.out) / "config.toml").write_text(dump_toml(cfg))
@@ -298,6 +297,41 @@ def test_changed_training_settings_of_a_done_stage_stop_the_run(tmp_path):
     with pytest.raises(PipelineError, match=r"train:lamini is complete .*optim\.lr: 0\.002 -> 0\.5.*Remove the "
                                             rf"stage's folder {re.escape(str(root / 'lamini'))}"):
         preflight(recipe, root, list(steps.values()))
+
+
+def test_a_run_trained_with_bezoar_train_continues_under_the_pipeline(tmp_path, monkeypatch, capsys):
+    # Both entry points derive one config per stage: an evaluated stage with merge = false that python -m
+    # bezoar.train --recipe trained is done for the pipeline (it was refused as "merge: False -> True"), which
+    # evaluates it as its base with its adapter.
+    from bezoar.eval import __main__ as eval_cli
+    from bezoar.pipeline import main as pipeline_main
+    from bezoar.train.__main__ import main as train_main
+
+    folder = tmp_path / "recipe"
+    folder.mkdir()
+    (folder / "sft.toml").write_text((RECIPES / "demo" / "sft.toml").read_text().replace("merge = true", "merge = false"))
+    (folder / "recipe.toml").write_text('description = "one SFT stage that does not merge, evaluated"\n'
+                                        '[[stages]]\nname = "sft"\nconfig = "sft.toml"\n'
+                                        '[evaluate.harness]\ntasks = ["tiny_mc"]\nlimit = 4\nbuiltin_tasks = false\n'
+                                        'include_path = "bezoar:recipes/openbezoar_tiny/tasks"\n')
+    root = tmp_path / "run"
+    tiny = ["model.path=tiny:tiny", "model.quant=none", "train.max_steps=2", "train.progress=false", "data.limit=16",
+            "eval_path="]
+    assert train_main(["--recipe", str(folder), "--out", str(root), *tiny]) == 0
+    assert not (root / "sft" / "merged").exists()
+    steps = {s.name: s for s in plan(load_recipe(str(folder)), root, tiny)}
+    assert steps["train:sft"].done and not steps["train:sft"].changed
+    assert steps["harness:sft"].inputs == ["sft (base + adapter)"]
+    real, calls = eval_cli.main, []
+    monkeypatch.setattr(eval_cli, "main", lambda argv: calls.append(argv) or real(argv))
+    assert pipeline_main(["--recipe", str(folder), "--out", str(root), *tiny]) == 0, capsys.readouterr().err
+    (argv,) = calls
+    assert argv[argv.index("--adapter") + 1] == str(root / "sft" / "adapter")
+    assert json.loads((root / "eval" / "sft" / "harness" / "results.json").read_text())["results"]["tiny_mc"]
+    # In a run root moved since, the adapter is the one there (summary.json names it where it was written).
+    root.rename(tmp_path / "moved")
+    assert eval_model(tmp_path / "moved", "sft")["adapter"] == str(tmp_path / "moved" / "sft" / "adapter")
+    assert eval_model(tmp_path / "moved", "sft", start_from="base")["model"] == str(tmp_path / "moved" / "base" / "merged")
 
 
 def test_a_moved_or_renamed_run_root_keeps_its_trained_stages(tmp_path, monkeypatch):
