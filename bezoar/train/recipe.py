@@ -341,6 +341,9 @@ def load_recipe(name_or_dir: str, overrides: list[str] = ()) -> Recipe:
         for key in ("name", "config", "start_from"):
             if key in entry and not isinstance(entry[key], str):
                 raise ConfigError(f"{where}: {key!r} must be a string, got {entry[key]!r}")
+        if entry["name"] in ("", ".", "..") or "/" in entry["name"] or "\\" in entry["name"]:
+            raise ConfigError(f"{where}: stage name {entry['name']!r} is not a folder name (the stage writes to "
+                              "<run root>/<name>): give one name, without / or \\, other than . and ..")
         if entry["name"] in PIPELINE_TABLES:
             raise ConfigError(f"{where}: a stage may not be named {entry['name']!r} (the name of a recipe table)")
         start = entry.get("start_from")

@@ -114,6 +114,16 @@ def test_stage_named_like_a_table_and_unknown_eval_stage(tmp_path):
         load_recipe(str(folder))
 
 
+@pytest.mark.parametrize("name", ["", ".", "..", "../up", "a/b", "a\\b"])
+def test_a_stage_name_that_is_not_a_folder_name_is_refused(tmp_path, name):
+    # A stage writes to <run root>/<name>: ".." or "a/b" would write outside its folder, or into another's.
+    folder = _copy_recipe(tmp_path)
+    _edit(folder, 'name = "hh_sft"\nconfig', f'name = {json.dumps(name)}\nconfig')
+    with pytest.raises(ConfigError, match=re.escape(f"{folder / 'recipe.toml'}: stages[3]: stage name {name!r} is "
+                                                    "not a folder name")):
+        load_recipe(str(folder))
+
+
 def test_overrides_reach_tables_and_stages_apart():
     overrides = ["generate.filter.threshold=9", "evaluate.mt_bench.max_new_tokens=5", "optim.lr=0.5",
                  "orca.train.batch_size=3"]
