@@ -144,8 +144,9 @@ def test_a_stage_named_like_a_config_table_leaves_the_table_addressable(tmp_path
     assert all(c.dpo.beta == 0.2 for c in configs.values())
     assert configs["dpo"].optim.lr == 1e-5 and configs["hh_sft"].optim.lr != 1e-5
     assert configs["dpo"].dpo.label_smoothing == 0.1 and configs["hh_sft"].dpo.label_smoothing == 0.0
-    with pytest.raises(ConfigError, match=r"^override 'dpo\.bta=0\.2': 'dpo' is both a stage .* dpo\.KEY=VALUE sets KEY "
-                                          r"of the \[dpo\] table .* dpo\.SECTION\.KEY=VALUE sets a key of stage 'dpo'"):
+    with pytest.raises(ConfigError, match=r"^override 'dpo\.bta=0\.2': 'dpo' is both a stage .* dpo\.KEY=VALUE "
+                                          r"sets KEY of the \[dpo\] table .* dpo\.SECTION\.KEY=VALUE sets a key of "
+                                          r"stage 'dpo'"):
         stage_configs(load_recipe("openbezoar_tiny"), Path("/r"), ["dpo.bta=0.2"])
     # A stage's override that its config refuses is quoted as typed, not as the stage received it.
     for override, key in (["dpo.optim.lr=fast", "optim.lr"], ["orca.optim.betas=[2]", "optim.betas"],
@@ -319,7 +320,8 @@ def test_a_run_trained_with_bezoar_train_continues_under_the_pipeline(tmp_path, 
 
     folder = tmp_path / "recipe"
     folder.mkdir()
-    (folder / "sft.toml").write_text((RECIPES / "demo" / "sft.toml").read_text().replace("merge = true", "merge = false"))
+    sft = (RECIPES / "demo" / "sft.toml").read_text()
+    (folder / "sft.toml").write_text(sft.replace("merge = true", "merge = false"))
     (folder / "recipe.toml").write_text('description = "one SFT stage that does not merge, evaluated"\n'
                                         '[[stages]]\nname = "sft"\nconfig = "sft.toml"\n'
                                         '[evaluate.harness]\ntasks = ["tiny_mc"]\nlimit = 4\nbuiltin_tasks = false\n'
@@ -341,7 +343,8 @@ def test_a_run_trained_with_bezoar_train_continues_under_the_pipeline(tmp_path, 
     # In a run root moved since, the adapter is the one there (summary.json names it where it was written).
     root.rename(tmp_path / "moved")
     assert eval_model(tmp_path / "moved", "sft")["adapter"] == str(tmp_path / "moved" / "sft" / "adapter")
-    assert eval_model(tmp_path / "moved", "sft", start_from="base")["model"] == str(tmp_path / "moved" / "base" / "merged")
+    moved = tmp_path / "moved"
+    assert eval_model(moved, "sft", start_from="base")["model"] == str(moved / "base" / "merged")
 
 
 def test_a_moved_or_renamed_run_root_keeps_its_trained_stages(tmp_path, monkeypatch):

@@ -133,7 +133,8 @@ def test_a_recipe_run_root_named_otherwise_or_moved_keeps_its_stages(tmp_path, c
     (tmp_path / "run").rename(tmp_path / "moved")
     root = tmp_path / "moved"
     assert main(["--recipe", "demo", "--out", "moved", "--dry-run"]) == 0
-    status = {line.split()[0]: line.split()[2] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    status = {words[0]: words[2] for words in lines}
     assert status == {"sft": "done", "dpo": "done"}, status
     # Half-finished: the resume is let through (it stops later only because this fake stage has no model).
     (root / "dpo" / "summary.json").unlink()
