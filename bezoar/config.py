@@ -308,27 +308,32 @@ def _key_named_by(message: str, prefix: str, fields) -> str | None:
 # ---- public API -------------------------------------------------------------------------------------
 
 
-def from_dict(cls, data: dict, source: str | None = None, overrides: Iterable[str] = ()):
+def from_dict(cls, data: dict, source: str | None = None, overrides: Iterable[str] = (),
+              shown: dict[str, str] | None = None):
     """Build dataclass ``cls`` from a nested dict (a parsed TOML document) plus override texts."""
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
     sources = _Sources(file=source)
-    return _from_dict(cls, dict(data), sources, overrides)
+    return _from_dict(cls, dict(data), sources, overrides, shown)
 
 
-def _from_dict(cls, data: dict, sources: _Sources, overrides: Iterable[str]):
+def _from_dict(cls, data: dict, sources: _Sources, overrides: Iterable[str], shown: dict[str, str] | None = None):
     data = _deep_copy(data)
     for text in overrides:
         key, value = parse_override(text)
-        set_dotted(data, key, value, origin=f"override {text!r}")
-        sources.overrides[key] = text
+        typed = (shown or {}).get(text, text)
+        set_dotted(data, key, value, origin=f"override {typed!r}")
+        sources.overrides[key] = typed
     return _build(cls, data, "", sources)
 
 
-def load_config(cls, path: str | Path | None = None, overrides: Iterable[str] = ()):
-    """Read TOML file ``path`` (or nothing: defaults only) into ``cls`` and apply ``overrides``."""
+def load_config(cls, path: str | Path | None = None, overrides: Iterable[str] = (),
+                shown: dict[str, str] | None = None):
+    """Read TOML file ``path`` (or nothing: defaults only) into ``cls`` and apply ``overrides``. ``shown`` maps
+    an override to the text that messages quote for it, when the user typed another (a recipe applies
+    ``<stage>.key=value`` to that stage as ``key=value``)."""
     if path is None:
-        return _from_dict(cls, {}, _Sources(), overrides)
+        return _from_dict(cls, {}, _Sources(), overrides, shown)
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -342,7 +347,7 @@ def load_config(cls, path: str | Path | None = None, overrides: Iterable[str] = 
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    return _from_dict(cls, data, _Sources(file=str(path), text=text), overrides)
+    return _from_dict(cls, data, _Sources(file=str(path), text=text), overrides, shown)
 
 
 def _deep_copy(d):

@@ -28,7 +28,8 @@ newest checkpoint for training, the answers file for MT-Bench), so rerunning the
 crash or a kill finishes the run. A complete step whose settings have changed since is an error
 (remove its marker to redo it); for a training stage the settings are those its ``config.toml``
 records, less the ones that only change how a run is watched or kept (progress, logging, eval and
-checkpoint intervals), and the way to redo it is to remove the stage's folder. A setting added to
+checkpoint intervals), with its paths inside the run root compared relative to the root (so a moved run
+root changes no stage's settings either), and the way to redo it is to remove the stage's folder. A setting added to
 bezoar after a marker was written reads as what the step ran with then (``RECORDED_BEFORE``: MT-Bench's
 ``top_k`` as 0). MT-Bench's answers are resumed only under the settings they were made with
 (``answers.jsonl.settings.json``): a step run again after its answer settings changed moves them, and the
@@ -56,7 +57,8 @@ that is gone (removed to save space) does not count as changed. No data and no s
 
 Overrides: ``generate.KEY=VALUE`` and ``evaluate.KEY=VALUE`` set the recipe's tables (e.g.
 ``generate.teacher.base_url=http://gpu1:8000/v1``); any other ``KEY=VALUE`` goes to every training
-stage and ``<stage>.KEY=VALUE`` to one, as with ``python -m bezoar.train --recipe``.
+stage and ``<stage>.KEY=VALUE`` to one, as with ``python -m bezoar.train --recipe`` (a stage named like a
+table of the stage config, ``dpo``, leaves the table's keys addressable: ``bezoar.train.recipe`` says how).
 
 Commands run in this process, one after another, so a kill stops everything at once. API keys are
 read from the environment by the client pool (OPENAI_API_KEY, ANTHROPIC_API_KEY or the variable an
@@ -516,15 +518,16 @@ def plan(recipe: Recipe, root: Path, overrides: list[str], progress: bool = Fals
             steps.append(step)
             for name in ("filtered.jsonl", "judged.jsonl"):
                 producers[(out / name).resolve()] = step.name
-    eval_stages = set(recipe.eval_stages())
+    # A stage's config is the one python -m bezoar.train --recipe derives (a stage trained there continues here):
+    # an evaluated stage that does not merge is evaluated as its base with its adapter (eval_model).
+    evaluated = {}  # stage -> (what the evaluations read, the stage it starts from)
     for stage, cfg in stage_configs(recipe, root, stage_overrides):
-        if stage.name in eval_stages:
-            cfg.merge = True  # evaluation reads the merged model
+        evaluated[stage.name] = (f"{stage.name} ({'merged' if cfg.merge else 'base + adapter'})", stage.start_from)
         out = Path(cfg.out)
         start = f"{stage.start_from} (merged)" if stage.start_from else cfg.model.path
         step = Step(f"train:{stage.name}", "train", stage.name, out, [start, relative(cfg.data.path, root)],
                     data=cfg.data.path)
-        step.run = _train_runner(cfg, log)
+        step.run = _train_runner(cfg, root, log)
         step.config = cfg
         step.sources = ([model_source(stage.start_from, root)] if stage.start_from else []) + [
             x for x in (file_source(cfg.data.path, root, producers), file_source(cfg.eval_path, root, producers)) if x]
@@ -532,11 +535,12 @@ def plan(recipe: Recipe, root: Path, overrides: list[str], progress: bool = Fals
     evaluate = recipe.evaluate
     for name in recipe.eval_stages():
         base = root / "eval" / name
+        model_label, start_from = evaluated[name]
         if evaluate.harness is not None and evaluate.harness.enabled:
             out = base / "harness"
-            step = Step(f"harness:{name}", "harness", name, out, [f"{name} (merged)"],
+            step = Step(f"harness:{name}", "harness", name, out, [model_label],
                         settings={"harness": _plain(evaluate.harness)})
-            step.run = _harness_runner(evaluate.harness, root, name, out)
+            step.run = _harness_runner(evaluate.harness, root, name, start_from, out)
             step.sources = [model_source(name, root)] + [
                 x for x in (file_source(evaluate.harness.include_path, root, producers),) if x]
             steps.append(step)
@@ -545,9 +549,9 @@ def plan(recipe: Recipe, root: Path, overrides: list[str], progress: bool = Fals
             section = evaluate.mt_bench
             settings = _plain(section, drop=("enabled", "judge"))
             settings["judge"] = _endpoint_identity(section.judge)
-            step = Step(f"mt-bench:{name}", "mt-bench", name, out, [f"{name} (merged)", section.questions],
+            step = Step(f"mt-bench:{name}", "mt-bench", name, out, [model_label, section.questions],
                         settings={"mt_bench": settings})
-            step.run = _mt_bench_runner(section, root, f"{recipe.name}-{name}", name, out)
+            step.run = _mt_bench_runner(section, root, f"{recipe.name}-{name}", name, start_from, out)
             # answers.jsonl is kept by question id: answers of another model or to other questions are set aside
             step.sources = [model_source(name, root, answers=True)] + [
                 x for x in (file_source(section.questions, root, producers, answers=True),
@@ -562,7 +566,7 @@ def plan(recipe: Recipe, root: Path, overrides: list[str], progress: bool = Fals
             if is_complete(step.out):
                 step.status = "done"
                 # The stage's config.toml is its marker's settings: compared like those of the other steps.
-                changed = config_changes(step.out, step.config)
+                changed = config_changes(step.out, step.config, root=root)
                 step.changed = [describe_changes({k: v}) for k, v in changed.items()]
             elif list_checkpoints(step.out):
                 step.status = f"resume from step {list_checkpoints(step.out)[-1][0]}"
@@ -600,24 +604,28 @@ def _filter_runner(gen, out, root, progress):
     return run
 
 
-def _train_runner(cfg, log):
+def _train_runner(cfg, root, log):
     def run():
         from bezoar.train.run import run_stage
 
-        run_stage(cfg, resume=True, log=log)
+        run_stage(cfg, resume=True, log=log, root=root)
     return run
 
 
-def eval_model(root: Path, stage: str) -> dict:
-    """The model a stage produced: its merged folder, else its adapter on the base it trained on."""
+def eval_model(root: Path, stage: str, start_from: str | None = None) -> dict:
+    """The model a stage produced: its merged folder, else (a stage with merge = false) its adapter on the base it
+    trained on. Both are looked for under the run root as named now, which may not be where the stage ran: the
+    adapter in the stage's folder and, for a stage that starts from ``start_from``, that stage's merged model;
+    any other base is the one its ``summary.json`` names."""
     merged = root / stage / "merged"
     if (merged / "config.json").exists():
         return {"model": str(merged)}
     summary = root / stage / "summary.json"
-    if summary.exists():
-        info = json.loads(summary.read_text())
-        if info.get("base_model") and info.get("adapter"):
-            return {"model": info["base_model"], "adapter": info["adapter"]}
+    adapter = root / stage / "adapter"
+    if summary.exists() and (adapter / "adapter_config.json").exists():
+        base = str(root / start_from / "merged") if start_from else json.loads(summary.read_text()).get("base_model")
+        if base:
+            return {"model": base, "adapter": str(adapter)}
     raise PipelineError(f"stage {stage}: neither {merged} nor a finished adapter to evaluate; run its training first")
 
 
@@ -634,20 +642,21 @@ def render_tasks(include_path: str, root: Path, dest: Path) -> Path:
     return dest
 
 
-def _harness_runner(section, root, stage, out):
+def _harness_runner(section, root, stage, start_from, out):
     def run():
         from bezoar.eval.__main__ import main as eval_main
 
         tasks = render_tasks(section.include_path, root, out / "tasks") if section.include_path else None
-        _call(eval_main, harness_argv(section, eval_model(root, stage), out, tasks), f"harness:{stage}")
+        _call(eval_main, harness_argv(section, eval_model(root, stage, start_from), out, tasks), f"harness:{stage}")
     return run
 
 
-def _mt_bench_runner(section, root, model_id, stage, out):
+def _mt_bench_runner(section, root, model_id, stage, start_from, out):
     def run():
         from bezoar.eval.__main__ import main as eval_main
 
-        _call(eval_main, mt_bench_argv(section, eval_model(root, stage), model_id, out, root), f"mt-bench:{stage}")
+        _call(eval_main, mt_bench_argv(section, eval_model(root, stage, start_from), model_id, out, root),
+              f"mt-bench:{stage}")
         results = json.loads((out / "results.json").read_text())
         if results.get("failed"):
             raise PipelineError(f"mt-bench:{stage}: {results['failed']} judge calls failed (see "

@@ -105,7 +105,9 @@ def _read_jsonl(path: Path, limit: int | None, skipped: list[str] | None = None)
                 if not line.strip():
                     continue
                 try:
-                    value = json.loads(line)
+                    # without the line's end: an error at the end of the record is then placed there, not
+                    # at column 1 of a next line that json counts after the newline
+                    value = json.loads(line.rstrip("\r\n"))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{origin}: not valid JSON ({e.msg} at column {e.colno})") from None
                 except RecursionError:  # json recurses per nesting level

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bezoar.locking import clear_dead_writes
+
 from .config import DTYPE_NAMES, ConfigError, LlamaConfig
 from .llama import LlamaForCausalLM
 from .tokenizer import TOKENIZER_FILES
@@ -301,6 +303,7 @@ def save(model, path, tokenizer_from=None, max_shard_size="2GB", dtype=None, ove
     from safetensors.torch import save_file
 
     path = Path(path)
+    clear_dead_writes(path)  # what earlier writes of path that were killed left beside it
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path}: is a file, not a folder for a checkpoint")
     if path.exists() and any(path.iterdir()) and not overwrite:
@@ -308,8 +311,6 @@ def save(model, path, tokenizer_from=None, max_shard_size="2GB", dtype=None, ove
     if isinstance(dtype, str):
         dtype = _dtype_from_name(dtype)
     tmp = path.with_name(path.name + f".partial-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
 
     tensors = dense_state_dict(model)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bezoar.locking import clear_dead_writes
 from bezoar_kernels.lora import Adapter, draw_seed, lora_linear, lora_qkv
 from bezoar_kernels.norm_lora import norm_lora_ok, rms_norm_lora
 from bezoar_kernels.swiglu_lora import swiglu_lora, swiglu_lora_ok
@@ -348,8 +349,8 @@ def save_adapter(model: nn.Module, folder, base_model_name_or_path: str | None =
         "revision": None,
     }
     folder = Path(folder)
+    clear_dead_writes(folder)  # what earlier writes of folder that were killed left beside it
     tmp = folder.with_name(folder.name + f".partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(adapter_state_dict(model), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")

@@ -37,6 +37,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
+from bezoar.locking import writer_gone
 from bezoar.model.lora import lora_modules, save_adapter
 from bezoar_kernels import dequant_cache
 
@@ -207,18 +208,6 @@ def read_trainer_state(path: Path) -> dict:
             return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _pid_alive(pid: int) -> bool:
-    if os.name != "posix":
-        return True  # no cheap harmless probe (os.kill ends the process on Windows): keep the folder
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: alive, another user's
-        return True
-    return True
-
-
 def remove_stale_temporaries(out: Path) -> list[Path]:
     """Remove ``checkpoints/.tmp-step-N-PID/`` folders left by a save that never finished: those of this process
     (its saves run one at a time, so none is in progress) and those whose process is gone. A folder of a live
@@ -231,8 +220,7 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
         m = TMP_CHECKPOINT_RE.match(path.name)
         if m is None:
             continue
-        pid = int(m.group(2))
-        if pid == os.getpid() or not _pid_alive(pid):
+        if writer_gone(int(m.group(2))):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
@@ -613,6 +601,20 @@ class Trainer:
                     raise SystemExit(128 + int(self._stop_signal or signal.SIGTERM))
                 if self.loop.save_every and self.step % self.loop.save_every == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
+            # The end state is always saved (save_every 0 too), and before the final evaluation, while the loop's
+            # handlers still hold SIGINT and SIGTERM: a run stopped in that evaluation (Ctrl-C there interrupts it
+            # at once) or one that dies after it (in the merge, say) then resumes here instead of training from
+            # step 0 again, and a later run can extend max_steps. The evaluation draws no random numbers, so the
+            # state saved before it is the state after it.
+            if not (list_checkpoints(self.out) and list_checkpoints(self.out)[-1][0] == self.step):
+                self.save_checkpoint()
+            stop = self._stop_signal is not None
+            if self.dist is not None:  # as in train_step: every rank stops, or none
+                stop = self.dist.all_reduce_sum([float(stop)])[0] > 0
+            if stop:  # a signal during that save: it is complete, and the run stops as the loop would
+                self.log(f"stopped at step {self.step}, before the final evaluation; checkpoint "
+                         f"{self.out / 'checkpoints' / f'step-{self.step}'}; continue with --resume")
+                raise SystemExit(128 + int(self._stop_signal or signal.SIGTERM))
         finally:
             dequant_cache.clear()  # its buffers (where it was on) back for the evaluation and what follows
             if bar is not None:
@@ -624,10 +626,6 @@ class Trainer:
         ev = self.evaluate()
         if ev:
             self._write_metrics({"step": self.step, **ev})
-        # The end state is always saved (save_every 0 too): a run that dies after the loop (in the merge, say)
-        # then resumes here instead of training from step 0 again, and a later run can extend max_steps.
-        if not (list_checkpoints(self.out) and list_checkpoints(self.out)[-1][0] == self.step):
-            self.save_checkpoint()
         final = self.out / "adapter"
         if self.rank0:
             save_adapter(_unwrap(self.model), final, self.base_model_name)

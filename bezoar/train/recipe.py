@@ -10,13 +10,20 @@ A recipe is a folder with ``recipe.toml``::
 
 Every stage writes to ``<root>/<name>``; a stage whose ``summary.json`` exists is skipped (an error
 when the ``config.toml`` it recorded differs from the stage's settings now), and one that stopped half
-way resumes from its newest checkpoint, so rerunning a recipe continues where it stopped. Overrides
-``key=value`` apply to every stage; ``<stage>.key=value`` to that stage only.
+way resumes from its newest checkpoint, so rerunning a recipe continues where it stopped. Paths inside
+the run root (the merged model a stage starts from, ``{root}`` data) are compared relative to it, so a
+run root that was moved, or is named absolutely after relatively, keeps its stages. Overrides
+``key=value`` apply to every stage; ``<stage>.key=value`` to that stage only. A stage named like a table
+of the stage config (both shipped DPO recipes name their DPO stage ``dpo``) leaves that table's keys
+addressable: ``dpo.beta=0.2`` is the key ``beta`` of the ``[dpo]`` table, for every stage (an SFT stage
+reads nothing of it), and ``dpo.optim.lr=1e-5`` or ``dpo.dpo.beta=0.2`` address the stage ``dpo``: the
+rest of the override is read as a key of the table when the table has it, else as a key of the stage.
 
 Two more tables describe the steps around training, run by ``python -m bezoar.pipeline`` (the
 trainer itself ignores them): ``[generate]`` (the teacher and judge endpoints, the filter, and
 one table per generation scheme: ``lamini``, ``evol``, ``orca``) and ``[evaluate]`` (which
-stages' merged models to evaluate, ``harness`` and ``mt_bench``). Their keys are the fields of
+stages' models to evaluate, ``harness`` and ``mt_bench``: a stage's merged model, or its base with its
+adapter where the stage does not merge). Their keys are the fields of
 :class:`GenerateSection` and :class:`EvaluateSection` below; unknown keys and wrong types are
 errors naming the key and its line. Overrides ``generate.KEY=VALUE`` and ``evaluate.KEY=VALUE``
 set them from the command line. In their paths, ``{root}`` is the run root and ``bezoar:x`` a
@@ -217,7 +224,7 @@ class MTBenchSection(EvalModelSection):
 
 @dataclass
 class EvaluateSection:
-    stages: list[str] = field(default_factory=list)  # whose merged models to evaluate; [] = the last stage
+    stages: list[str] = field(default_factory=list)  # whose models to evaluate; [] = the last stage
     harness: HarnessSection | None = None
     mt_bench: MTBenchSection | None = None
 
@@ -274,6 +281,40 @@ def find_recipe(name_or_dir: str) -> Path:
     raise ConfigError(f"recipe {name_or_dir!r}: not a folder with recipe.toml, nor a shipped recipe ({', '.join(known)})")
 
 
+def _config_tables() -> tuple[dict[str, set[str]], set[str]]:
+    """({table of the stage config: its keys}, the stage config's own keys)."""
+    from dataclasses import fields, is_dataclass
+
+    defaults = StageConfig()
+    tables = {f.name: {g.name for g in fields(getattr(defaults, f.name))} for f in fields(StageConfig)
+              if is_dataclass(getattr(defaults, f.name))}
+    return tables, {f.name for f in fields(StageConfig)}
+
+
+def addressed_stage(text: str, names: set[str]) -> str | None:
+    """The stage that override ``text`` addresses (``<stage>.key=value``), or None when it goes to every stage.
+
+    For a stage named like a table of the stage config (``dpo``), ``<name>.key`` is that table's key when the
+    table has one (``dpo.beta``: every stage's ``dpo.beta``), else the stage's (``dpo.optim.lr``,
+    ``dpo.dpo.beta``); a key of neither is an error that quotes the override and shows both forms."""
+    key, _ = parse_override(text)
+    head, dot, rest = key.partition(".")
+    if not dot or head not in names:
+        return None
+    tables, stage_keys = _config_tables()
+    if head not in tables:
+        return head
+    first = rest.split(".", 1)[0]
+    if first in tables[head]:
+        return None
+    if first in stage_keys:
+        return head
+    raise ConfigError(f"override {text!r}: {head!r} is both a stage of this recipe and a table of the stage config, "
+                      f"and {first!r} is a key of neither: {head}.KEY=VALUE sets KEY of the [{head}] table in every "
+                      f"stage (one of {', '.join(sorted(tables[head]))}); {head}.SECTION.KEY=VALUE sets a key of stage "
+                      f"{head!r} only (e.g. {head}.optim.lr=1e-5, {head}.{head}.{sorted(tables[head])[0]}=...)")
+
+
 def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     """(recipe-level overrides: generate.* and evaluate.*, stage overrides: the rest)."""
     tables, stages = [], []
@@ -300,6 +341,9 @@ def load_recipe(name_or_dir: str, overrides: list[str] = ()) -> Recipe:
         for key in ("name", "config", "start_from"):
             if key in entry and not isinstance(entry[key], str):
                 raise ConfigError(f"{where}: {key!r} must be a string, got {entry[key]!r}")
+        if entry["name"] in ("", ".", "..") or "/" in entry["name"] or "\\" in entry["name"]:
+            raise ConfigError(f"{where}: stage name {entry['name']!r} is not a folder name (the stage writes to "
+                              "<run root>/<name>): give one name, without / or \\, other than . and ..")
         if entry["name"] in PIPELINE_TABLES:
             raise ConfigError(f"{where}: a stage may not be named {entry['name']!r} (the name of a recipe table)")
         start = entry.get("start_from")
@@ -328,31 +372,32 @@ def load_recipe(name_or_dir: str, overrides: list[str] = ()) -> Recipe:
 def stage_configs(recipe: Recipe, root: Path, overrides: list[str]) -> list[tuple[RecipeStage, StageConfig]]:
     names = {s.name for s in recipe.stages}
     _, overrides = split_overrides(list(overrides))  # generate.* / evaluate.* are the pipeline's
+    addressed = {text: addressed_stage(text, names) for text in overrides}
     out = []
     for stage in recipe.stages:
-        mine = []
+        mine, shown = [], {}
         for text in overrides:
             key, _ = parse_override(text)
-            head = key.split(".", 1)[0]
-            if head in names:
-                if head == stage.name:
-                    mine.append(text.split(".", 1)[1])
-                    key = key.split(".", 1)[1]
-                else:
+            target = addressed[text]
+            if target is not None:
+                if target != stage.name:
                     continue
+                key = key.split(".", 1)[1]
+                shown[text.split(".", 1)[1]] = text  # errors quote the override as typed
+                mine.append(text.split(".", 1)[1])
             else:
                 mine.append(text)
             # The recipe sets these itself (below): an override of them would be dropped without a word.
             if key == "out":
                 raise ConfigError(f"override {text!r}: a recipe writes each stage to <run root>/<stage name>; "
                                   "choose the run root with --out")
-            if key == "model.path" and stage.start_from and head == stage.name:
+            if key == "model.path" and stage.start_from and target == stage.name:
                 raise ConfigError(f"override {text!r}: stage {stage.name!r} starts from the merged model of stage "
                                   f"{stage.start_from!r} (start_from in {recipe.path})")
         forced = [f"out={root / stage.name}"]
         if stage.start_from:
             forced.append(f"model.path={root / stage.start_from / 'merged'}")
-        cfg = load_config(StageConfig, stage.config, mine + forced)
+        cfg = load_config(StageConfig, stage.config, mine + forced, shown=shown)
         cfg.data.path = cfg.data.path.replace("{root}", str(root))
         cfg.eval_path = cfg.eval_path.replace("{root}", str(root))
         if any(s.start_from == stage.name for s in recipe.stages):
@@ -367,7 +412,7 @@ def describe_plan(recipe: Recipe, root: Path, overrides: list[str]) -> list[dict
         out = Path(cfg.out)
         if is_complete(out):
             status = "done"
-            changed = config_changes(out, cfg)
+            changed = config_changes(out, cfg, root=root)
             if changed:  # run_recipe stops here (check_complete): say so rather than show it as done
                 status = f"done with other settings ({describe_changes(changed, 3)}): a run stops; remove {out} to redo"
         elif list_checkpoints(out):
@@ -387,7 +432,7 @@ def run_recipe(name_or_dir: str, root, overrides: list[str], log=print, dist=Non
     configs = stage_configs(recipe, root, overrides)
     for stage, cfg in configs:  # all before anything runs, not a changed later stage found hours in
         if is_complete(Path(cfg.out)):
-            check_complete(Path(cfg.out), cfg)
+            check_complete(Path(cfg.out), cfg, root)
     if dist is not None:  # one process group serves every stage: their model.device must agree
         from .distributed import rank_device
 
@@ -403,5 +448,5 @@ def run_recipe(name_or_dir: str, root, overrides: list[str], log=print, dist=Non
             log(f"[{stage.name}] done already: {cfg.out}")
             continue
         log(f"[{stage.name}] {cfg.stage} stage -> {cfg.out}")
-        run_stage(cfg, resume=True, log=log, dist=dist)
+        run_stage(cfg, resume=True, log=log, dist=dist, root=root)
     return root

@@ -131,9 +131,30 @@ def _read_toml(path: Path) -> dict:
         return tomllib.load(f)
 
 
-def config_changes(out: Path, cfg: StageConfig, free: tuple[str, ...] = WATCH_KEYS) -> dict[str, tuple]:
+# Settings that hold paths: in a recipe's stage, those inside the run root are compared relative to it.
+PATH_KEYS = ("model.path", "data.path", "eval_path", "dpo.ref_cache_dir")
+
+
+def _in_root(value, root: str):
+    """``{root}/REL`` for a path inside ``root``, compared as written (a path recorded relative to a working folder
+    since left cannot be resolved, but its root was written the same way); any other value unchanged."""
+    if not isinstance(value, str) or not value or os.path.isabs(value) != os.path.isabs(root):
+        return value
+    rel = os.path.relpath(os.path.normpath(value), os.path.normpath(root))
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        return value
+    return "{root}" if rel == os.curdir else "{root}/" + Path(rel).as_posix()
+
+
+def config_changes(out: Path, cfg: StageConfig, free: tuple[str, ...] = WATCH_KEYS,
+                   root: Path | None = None) -> dict[str, tuple]:
     """``{key: (recorded, now)}`` for each setting of ``cfg`` that differs from the config.toml the run in
-    ``out`` recorded, leaving out the keys in ``free``; empty when ``out`` recorded none."""
+    ``out`` recorded, leaving out the keys in ``free``; empty when ``out`` recorded none.
+
+    ``root``: the run root, for a stage of a recipe (written to ``<root>/<stage>``). Its paths inside the root
+    (the merged model of the stage it starts from, ``{root}`` data) are compared relative to it, against the
+    recorded ones relative to the root the run recorded (the parent of its recorded ``out``): a run root moved,
+    copied, or named relatively one time and absolutely the next changes no setting."""
     written = Path(out) / "config.toml"
     if not written.exists():
         return {}
@@ -150,17 +171,24 @@ def config_changes(out: Path, cfg: StageConfig, free: tuple[str, ...] = WATCH_KE
         if isinstance(now.get(key), str):
             now[key] = package_path(now[key])
     # ``out`` is where the run is, not what it trains: a run folder moved or copied elsewhere goes on there
+    same = set()
+    if root is not None and isinstance(before.get("out"), str):
+        root_then = os.path.dirname(os.path.normpath(before["out"])) or os.curdir
+        same = {k for k in PATH_KEYS if k in now and _in_root(before.get(k), root_then) == _in_root(now[k], str(root))}
+    # An SFT stage reads nothing of [dpo]: a recipe-wide dpo.beta=... (for its DPO stage) changes no SFT stage.
+    unread = ("dpo.",) if cfg.stage == "sft" else ()
     return {k: (before.get(k), now[k]) for k in now
-            if before.get(k) != now[k] and k != "out" and not k.startswith(free)}
+            if before.get(k) != now[k] and k not in same and k != "out" and not k.startswith(tuple(free) + unread)}
 
 
 def describe_changes(changed: dict[str, tuple], limit: int = 5) -> str:
     return "; ".join(f"{k}: {then!r} -> {now!r}" for k, (then, now) in list(changed.items())[:limit])
 
 
-def check_complete(out: Path, cfg: StageConfig) -> None:
-    """A finished run is skipped only when it trained with these settings; otherwise stop, naming them."""
-    changed = config_changes(out, cfg)
+def check_complete(out: Path, cfg: StageConfig, root: Path | None = None) -> None:
+    """A finished run is skipped only when it trained with these settings; otherwise stop, naming them.
+    ``root``: the run root of a recipe's stage (``config_changes``)."""
+    changed = config_changes(out, cfg, root=root)
     if not changed:
         return
     if all(key in RESUME_FREE for key in changed) and list_checkpoints(out):
@@ -174,8 +202,9 @@ def check_complete(out: Path, cfg: StageConfig) -> None:
                       "another out=")
 
 
-def check_run_dir(out: Path, cfg: StageConfig, resume: bool) -> None:
-    """Refuse to write over a finished or started run unless resuming it with the same config."""
+def check_run_dir(out: Path, cfg: StageConfig, resume: bool, root: Path | None = None) -> None:
+    """Refuse to write over a finished or started run unless resuming it with the same config (``root``: the run
+    root of a recipe's stage, see ``config_changes``)."""
     if not resume:
         if is_complete(out) or list_checkpoints(out) or (out / "adapter").exists():
             raise ConfigError(f"{out}: holds a training run already; pass --resume to continue it, or choose "
@@ -183,7 +212,7 @@ def check_run_dir(out: Path, cfg: StageConfig, resume: bool) -> None:
         return
     if not list_checkpoints(out):
         return  # nothing to continue from (the run stopped before its first checkpoint): it starts at step 0
-    changed = config_changes(out, cfg, RESUME_FREE)
+    changed = config_changes(out, cfg, RESUME_FREE, root=root)
     if changed:
         raise ConfigError(f"{out / 'config.toml'}: --resume with a different config ({', '.join(list(changed)[:5])}); "
                           "resume with the config the run started with")
@@ -221,17 +250,18 @@ def hold_out(out: Path):
                           "running: stop them too), or choose another out=") from None
 
 
-def run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None) -> Path:
+def run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None, root: Path | None = None) -> Path:
     """Train one stage into ``cfg.out`` (see ``_run_stage``) while holding its folder's lock (``hold_out``:
     rank 0, the only writer under torchrun). A folder the run made and left with nothing but the lock (a
-    run refused before it wrote anything) is removed again."""
+    run refused before it wrote anything) is removed again. ``root``: the run root, for a stage of a recipe
+    (its settings are then compared with the recorded ones as ``config_changes`` says)."""
     out = Path(cfg.out)
     if is_complete(out) or not (dist is None or dist.rank == 0):
-        return _run_stage(cfg, resume, log, dist)  # a complete stage is only read (and not touched)
+        return _run_stage(cfg, resume, log, dist, root)  # a complete stage is only read (and not touched)
     existed = out.exists()
     lock = hold_out(out)
     try:
-        return _run_stage(cfg, resume, log, dist)
+        return _run_stage(cfg, resume, log, dist, root)
     finally:
         if lock is not None:
             lock.close()
@@ -240,16 +270,16 @@ def run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None) -> P
                 out.rmdir()
 
 
-def _run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None) -> Path:
+def _run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None, root: Path | None = None) -> Path:
     out = Path(cfg.out)
     rank0 = dist is None or dist.rank == 0
     cfg.data.path = package_path(cfg.data.path)
     cfg.eval_path = package_path(cfg.eval_path)
     if is_complete(out):
-        check_complete(out, cfg)  # finished with other settings: say so rather than skip as if done
+        check_complete(out, cfg, root)  # finished with other settings: say so rather than skip as if done
         log(f"{out}: complete already ({SUMMARY} present); nothing to do")
         return out
-    check_run_dir(out, cfg, resume)  # every rank: an error must stop them all, not leave some waiting
+    check_run_dir(out, cfg, resume, root)  # every rank: an error must stop them all, not leave some waiting
     # under torchrun: the rank's device for model.device, where the process group starts (first stage)
     device = dist.start(cfg.model.device) if dist is not None else resolve_device(cfg.model.device)
     torch.manual_seed(cfg.train.seed)

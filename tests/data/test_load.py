@@ -83,6 +83,15 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path):
         load_records(p)
 
 
+@pytest.mark.parametrize("end", ["\n", "\r\n"])
+def test_malformed_jsonl_line_names_the_column_where_the_record_breaks(tmp_path, end):
+    # json counts the line's own newline as the start of a next line: the error must not say column 1
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(f'{{"instruction": "a", "response": "b"}}{end}{{"instruction": "x", "response": {end}'.encode())
+    with pytest.raises(DataError, match=rf"^{p}:2: not valid JSON \(Expecting value at column 34\)$"):
+        load_records(p)
+
+
 def test_jsonl_line_that_is_not_an_object(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"a": 1}\n[1, 2]\n')

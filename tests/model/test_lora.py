@@ -217,3 +217,37 @@ def test_adapter_config_values_bezoar_cannot_honor_are_named(tiny_dir, tmp_path,
     with pytest.raises(AdapterError) as e:
         load(tiny_dir, adapter=write_adapter(donor, tmp_path, **{key: value}))
     assert "adapter_config.json" in str(e.value) and key in str(e.value), str(e.value)
+
+
+def test_an_adapter_write_cut_short_leaves_nothing_behind_once_written_again(tiny_dir, tmp_path, monkeypatch):
+    """save_adapter stopped between its two renames (the old adapter moved aside, the new one not yet in
+    place) left adapter.old-PID and adapter.partial-PID, full-size copies both; the next save leaves only the
+    adapter it wrote."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    model = load(tiny_dir, device="cpu")
+    apply_lora(model, LoraConfig(r=2, alpha=4, dropout=0.0))
+    folder = save_adapter(model, tmp_path / "adapter")
+    real_rename, renames = Path.rename, []
+
+    def rename_cut_short(self, target):
+        renames.append(self)
+        if len(renames) == 2:
+            raise KeyboardInterrupt  # as a kill between the renames
+        return real_rename(self, target)
+
+    randomize_adapters(model, seed=1)
+    monkeypatch.setattr(Path, "rename", rename_cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(model, folder)
+    monkeypatch.undo()
+    assert not folder.exists()
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("adapter.")]) == 2  # .old- and .partial-
+    randomize_adapters(model, seed=2)
+    save_adapter(model, folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    name, module = next(iter(lora_modules(model).items()))
+    assert torch.equal(saved[f"base_model.model.{name}.lora_A.weight"], module.lora_A.weight)

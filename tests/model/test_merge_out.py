@@ -107,3 +107,53 @@ def test_merged_checkpoint_keeps_the_base_chat_template(tiny_dir, adapter, tmp_p
     assert main(["--model", str(base), "--adapter", str(adapter), "--out", str(out)]) == 0
     for name, data in templates.items():
         assert (out / name).exists() and (out / name).read_bytes() == data, name
+
+
+def _gone_pid() -> int:
+    """The pid of a process that has ended."""
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    return gone.pid
+
+
+def test_merges_killed_mid_write_leave_no_copies_behind(tiny_dir, adapter, tmp_path):
+    """A merge killed while writing (merged.partial-PID) or between its renames (merged.old-PID) left full-size
+    copies; the next write of that folder removes those of processes that are gone, and keeps a live one's."""
+    target = tmp_path / "merged"
+    args = ["--model", str(tiny_dir), "--adapter", str(adapter), "--out", str(target), "--overwrite"]
+    assert main(args) == 0
+    import subprocess
+    import sys
+
+    gone = _gone_pid()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        for name in (f"merged.partial-{gone}", f"merged.old-{gone}", f"merged.partial-{alive.pid}"):
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "model.safetensors").write_bytes(b"a full-size copy")
+        assert main(args) == 0
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("merged")) == [
+            "merged", f"merged.partial-{alive.pid}"]
+        assert load(target, device="cpu") is not None
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_a_merge_killed_between_its_renames_gets_its_only_whole_copy_back(tiny_dir, adapter, tmp_path):
+    """Killed after moving the old merged model aside and before renaming the new one into place: merged is
+    missing, merged.old-PID is the only whole copy. The next write puts it back rather than delete it."""
+    from bezoar.locking import clear_dead_writes
+
+    gone = _gone_pid()
+    target = tmp_path / "merged"
+    assert main(["--model", str(tiny_dir), "--adapter", str(adapter), "--out", str(target)]) == 0
+    whole = _snapshot(target)
+    target.rename(tmp_path / f"merged.old-{gone}")
+    (tmp_path / f"merged.partial-{gone}").mkdir()  # the new copy, complete or not: nothing says which
+    assert clear_dead_writes(target) == [tmp_path / f"merged.partial-{gone}"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("merged")) == ["merged"]
+    assert _snapshot(target) == whole

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from bezoar.config import ConfigError
-from bezoar.pipeline import (PipelineError, describe, filter_argv, generate_argv, harness_argv, mt_bench_argv, plan,
-                             preflight, render_tasks, write_marker)
+from bezoar.pipeline import (PipelineError, describe, eval_model, filter_argv, generate_argv, harness_argv,
+                             mt_bench_argv, plan, preflight, render_tasks, write_marker)
 from bezoar.train.recipe import RECIPES, load_recipe, stage_configs
 
 TINY = RECIPES / "openbezoar_tiny"
@@ -114,6 +114,16 @@ def test_stage_named_like_a_table_and_unknown_eval_stage(tmp_path):
         load_recipe(str(folder))
 
 
+@pytest.mark.parametrize("name", ["", ".", "..", "../up", "a/b", "a\\b"])
+def test_a_stage_name_that_is_not_a_folder_name_is_refused(tmp_path, name):
+    # A stage writes to <run root>/<name>: ".." or "a/b" would write outside its folder, or into another's.
+    folder = _copy_recipe(tmp_path)
+    _edit(folder, 'name = "hh_sft"\nconfig', f'name = {json.dumps(name)}\nconfig')
+    with pytest.raises(ConfigError, match=re.escape(f"{folder / 'recipe.toml'}: stages[3]: stage name {name!r} is "
+                                                    "not a folder name")):
+        load_recipe(str(folder))
+
+
 def test_overrides_reach_tables_and_stages_apart():
     overrides = ["generate.filter.threshold=9", "evaluate.mt_bench.max_new_tokens=5", "optim.lr=0.5",
                  "orca.train.batch_size=3"]
@@ -124,6 +134,31 @@ def test_overrides_reach_tables_and_stages_apart():
     assert configs["orca"].train.batch_size == 3 and configs["evol"].train.batch_size == 2
     with pytest.raises(ConfigError, match="unknown key 'generate.filter.cutoff'"):
         load_recipe("openbezoar_tiny", ["generate.filter.cutoff=3"])
+
+
+def test_a_stage_named_like_a_config_table_leaves_the_table_addressable(tmp_path):
+    # openbezoar_tiny names its DPO stage "dpo", as the [dpo] table is named: dpo.beta is the table's key (every
+    # stage's), dpo.<section>.<key> the stage's; a key of neither is an error quoting the override as typed.
+    overrides = ["dpo.beta=0.2", "dpo.optim.lr=1e-5", "dpo.dpo.label_smoothing=0.1"]
+    configs = dict((s.name, c) for s, c in stage_configs(load_recipe("openbezoar_tiny"), Path("/r"), overrides))
+    assert all(c.dpo.beta == 0.2 for c in configs.values())
+    assert configs["dpo"].optim.lr == 1e-5 and configs["hh_sft"].optim.lr != 1e-5
+    assert configs["dpo"].dpo.label_smoothing == 0.1 and configs["hh_sft"].dpo.label_smoothing == 0.0
+    with pytest.raises(ConfigError, match=r"^override 'dpo\.bta=0\.2': 'dpo' is both a stage .* dpo\.KEY=VALUE "
+                                          r"sets KEY of the \[dpo\] table .* dpo\.SECTION\.KEY=VALUE sets a key of "
+                                          r"stage 'dpo'"):
+        stage_configs(load_recipe("openbezoar_tiny"), Path("/r"), ["dpo.bta=0.2"])
+    # A stage's override that its config refuses is quoted as typed, not as the stage received it.
+    for override, key in (["dpo.optim.lr=fast", "optim.lr"], ["orca.optim.betas=[2]", "optim.betas"],
+                          ["orca.tokens=3", "tokens"]):
+        with pytest.raises(ConfigError, match=re.escape(repr(override))) as e:
+            stage_configs(load_recipe("openbezoar_tiny"), Path("/r"), [override])
+        assert repr(key) in str(e.value) or key in str(e.value), e.value
+    # An override without a dot never addresses a stage, whatever the stages are called.
+    folder = _copy_recipe(tmp_path)
+    _edit(folder, 'name = "dpo"', 'name = "merge"')
+    configs = stage_configs(load_recipe(str(folder)), Path("/r"), ["merge=true", "merge.optim.lr=0.5"])
+    assert all(c.merge for _, c in configs) and [c.optim.lr == 0.5 for _, c in configs] == [False] * 4 + [True]
 
 
 # ---- the command lines match the real parsers ------------------------------------------------------
@@ -247,7 +282,6 @@ def _fake_trained(root: Path, recipe, overrides: list[str], names: set[str]) -> 
 
     for stage, cfg in stage_configs(recipe, root, overrides):
         if stage.name in names:
-            cfg.merge = cfg.merge or stage.name in recipe.eval_stages()
             cfg.data.path, cfg.eval_path = package_path(cfg.data.path), package_path(cfg.eval_path)
             Path(cfg.out).mkdir(parents=True)
             (Path(cfg.out) / "config.toml").write_text(dump_toml(cfg))
@@ -274,6 +308,62 @@ def test_changed_training_settings_of_a_done_stage_stop_the_run(tmp_path):
     with pytest.raises(PipelineError, match=r"train:lamini is complete .*optim\.lr: 0\.002 -> 0\.5.*Remove the "
                                             rf"stage's folder {re.escape(str(root / 'lamini'))}"):
         preflight(recipe, root, list(steps.values()))
+
+
+def test_a_run_trained_with_bezoar_train_continues_under_the_pipeline(tmp_path, monkeypatch, capsys):
+    # Both entry points derive one config per stage: an evaluated stage with merge = false that python -m
+    # bezoar.train --recipe trained is done for the pipeline (it was refused as "merge: False -> True"), which
+    # evaluates it as its base with its adapter.
+    from bezoar.eval import __main__ as eval_cli
+    from bezoar.pipeline import main as pipeline_main
+    from bezoar.train.__main__ import main as train_main
+
+    folder = tmp_path / "recipe"
+    folder.mkdir()
+    sft = (RECIPES / "demo" / "sft.toml").read_text()
+    (folder / "sft.toml").write_text(sft.replace("merge = true", "merge = false"))
+    (folder / "recipe.toml").write_text('description = "one SFT stage that does not merge, evaluated"\n'
+                                        '[[stages]]\nname = "sft"\nconfig = "sft.toml"\n'
+                                        '[evaluate.harness]\ntasks = ["tiny_mc"]\nlimit = 4\nbuiltin_tasks = false\n'
+                                        'include_path = "bezoar:recipes/openbezoar_tiny/tasks"\n')
+    root = tmp_path / "run"
+    tiny = ["model.path=tiny:tiny", "model.quant=none", "train.max_steps=2", "train.progress=false", "data.limit=16",
+            "eval_path="]
+    assert train_main(["--recipe", str(folder), "--out", str(root), *tiny]) == 0
+    assert not (root / "sft" / "merged").exists()
+    steps = {s.name: s for s in plan(load_recipe(str(folder)), root, tiny)}
+    assert steps["train:sft"].done and not steps["train:sft"].changed
+    assert steps["harness:sft"].inputs == ["sft (base + adapter)"]
+    real, calls = eval_cli.main, []
+    monkeypatch.setattr(eval_cli, "main", lambda argv: calls.append(argv) or real(argv))
+    assert pipeline_main(["--recipe", str(folder), "--out", str(root), *tiny]) == 0, capsys.readouterr().err
+    (argv,) = calls
+    assert argv[argv.index("--adapter") + 1] == str(root / "sft" / "adapter")
+    assert json.loads((root / "eval" / "sft" / "harness" / "results.json").read_text())["results"]["tiny_mc"]
+    # In a run root moved since, the adapter is the one there (summary.json names it where it was written).
+    root.rename(tmp_path / "moved")
+    assert eval_model(tmp_path / "moved", "sft")["adapter"] == str(tmp_path / "moved" / "sft" / "adapter")
+    moved = tmp_path / "moved"
+    assert eval_model(moved, "sft", start_from="base")["model"] == str(moved / "base" / "merged")
+
+
+def test_a_moved_or_renamed_run_root_keeps_its_trained_stages(tmp_path, monkeypatch):
+    # Stages record their {root} data paths and the merged model they start from as the root was typed: named
+    # absolutely after relatively, or moved elsewhere, the root changes no stage's settings.
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe("openbezoar_tiny")
+    names = {s.name for s in recipe.stages}
+    _fake_trained(Path("run"), recipe, [], names)
+    for root in (tmp_path / "run", Path("moved"), tmp_path / "moved"):
+        if not root.exists():
+            (tmp_path / "run").rename(tmp_path / "moved")
+        steps = [s for s in plan(recipe, root, []) if s.kind == "train"]
+        assert [(s.target, s.status, s.changed) for s in steps] == [(name, "done", []) for name in
+                                                                     ("lamini", "orca", "evol", "hh_sft", "dpo")]
+    # Another file inside the root is still another setting.
+    overrides = [f"lamini.data.path={tmp_path / 'moved' / 'data' / 'orca' / 'filtered.jsonl'}"]
+    steps = {s.name: s for s in plan(load_recipe("openbezoar_tiny", overrides), tmp_path / "moved", overrides)}
+    assert [c.split(":")[0] for c in steps["train:lamini"].changed] == ["data.path"]
 
 
 def test_preflight_names_missing_inputs_and_keys(tmp_path, monkeypatch):

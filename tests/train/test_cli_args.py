@@ -119,6 +119,36 @@ def test_recipe_rerun_with_other_settings_for_a_complete_stage_is_refused(tmp_pa
     assert "Traceback" not in err
 
 
+def test_a_recipe_run_root_named_otherwise_or_moved_keeps_its_stages(tmp_path, capsys, monkeypatch):
+    # A stage records model.path = <root>/sft/merged as the root was typed: the same root named absolutely
+    # after relatively, or moved, is no change of settings, for a finished stage and a half-finished one.
+    from bezoar.config import ConfigError
+    from bezoar.train.recipe import load_recipe, stage_configs
+    from bezoar.train.run import check_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    _finished_demo_run(Path("run"))
+    assert main(["--recipe", "demo", "--out", str(tmp_path / "run"), "train.progress=false"]) == 0
+    assert "[dpo] done already" in capsys.readouterr().out
+    (tmp_path / "run").rename(tmp_path / "moved")
+    root = tmp_path / "moved"
+    assert main(["--recipe", "demo", "--out", "moved", "--dry-run"]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    status = {words[0]: words[2] for words in lines}
+    assert status == {"sft": "done", "dpo": "done"}, status
+    # Half-finished: the resume is let through (it stops later only because this fake stage has no model).
+    (root / "dpo" / "summary.json").unlink()
+    (root / "dpo" / "checkpoints" / "step-1").mkdir(parents=True)
+    (root / "dpo" / "checkpoints" / "step-1" / "trainer_state.pt").write_bytes(b"")
+    code = main(["--recipe", "demo", "--out", str(root), "train.progress=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and "different config" not in err and f"{root / 'sft' / 'merged'}" in err, err
+    # A real change of a path inside the root is still one.
+    _, dpo = stage_configs(load_recipe("demo"), root, [f"dpo.data.path={root / 'other.jsonl'}"])[1]
+    with pytest.raises(ConfigError, match="--resume with a different config \\(data.path\\)"):
+        check_run_dir(root / "dpo", dpo, resume=True, root=root)
+
+
 @pytest.mark.parametrize("override", ["out={elsewhere}", "sft.out={elsewhere}", "dpo.model.path={elsewhere}"])
 def test_recipe_overrides_of_the_keys_it_sets_itself_are_refused(tmp_path, capsys, override):
     # A recipe puts each stage in <root>/<stage> and starts a start_from stage from the merge before it: an
@@ -140,6 +170,19 @@ def test_recipe_dry_run_refuses_or_flags_what_the_run_would_refuse(tmp_path, cap
     code = main(["--recipe", "demo", "--out", str(root), "--dry-run", "generate.teacher.model=5"])
     err = capsys.readouterr().err
     assert code == 2 and "generate.teacher.model" in err, err
+
+
+def test_the_dpo_table_of_a_recipe_with_a_stage_named_dpo_is_set_on_the_command_line(tmp_path, capsys):
+    # The demo's DPO stage is named "dpo", like the [dpo] table: dpo.beta=0.2 is that table's beta (it was read
+    # as stage dpo's key "beta", unknown). Every stage gets it; the finished SFT stage, which reads nothing of
+    # [dpo], is not changed by it, the finished DPO stage is.
+    root = _finished_demo_run(tmp_path / "run")
+    assert main(["--recipe", "demo", "--out", str(root), "--dry-run", "dpo.beta=0.2"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert lines["sft"].split()[2] == "done" and "dpo.beta: 0.5 -> 0.2" in lines["dpo"], lines
+    code = main(["--recipe", "demo", "--out", str(root), "--dry-run", "dpo.betta=0.2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "override 'dpo.betta=0.2'" in err and "dpo.dpo.beta" in err, err
 
 
 def test_unknown_tiny_preset_is_a_config_error_naming_model_path(tmp_path, capsys):

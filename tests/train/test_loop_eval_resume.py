@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.train.helpers import read_metrics, tiny_sft_config
 
 from bezoar.train.run import run_stage
@@ -37,8 +39,6 @@ def test_resume_after_the_last_step_logs_the_final_eval_once(tmp_path):
 
 
 def test_resume_on_changed_data_is_a_training_error_naming_the_checkpoint(tmp_path):
-    import pytest
-
     from bezoar.train.loop import TrainingError
     from bezoar.train.run import package_path
 
@@ -71,7 +71,6 @@ def test_unfinished_checkpoints_of_dead_processes_are_removed_and_never_read(tmp
     import subprocess
     import sys
 
-    import pytest
     import torch
 
     out = tmp_path / "run"
@@ -154,7 +153,6 @@ class _RunsCode:
 
 
 def test_trainer_state_that_would_run_code_is_refused(tmp_path):
-    import pytest
     import torch
 
     from bezoar.train.loop import TrainingError
@@ -176,7 +174,6 @@ def test_trainer_state_that_would_run_code_is_refused(tmp_path):
 
 
 def test_a_torn_checkpoint_adapter_is_a_training_error_naming_the_file(tmp_path):
-    import pytest
 
     from bezoar.train.loop import TrainingError
 
@@ -197,3 +194,39 @@ def test_a_torn_checkpoint_adapter_is_a_training_error_naming_the_file(tmp_path)
     run_stage(tiny_sft_config(out, *args), resume=True, log=_quiet)
     assert (out / "summary.json").exists()
     assert [m["step"] for m in read_metrics(out) if "loss" in m] == [1, 2]
+
+
+@pytest.mark.parametrize("where", ["evaluate", "save_checkpoint"])
+def test_ctrl_c_after_the_last_step_keeps_the_end_state_and_resume_only_evaluates(tmp_path, monkeypatch, where):
+    # Ctrl-C while the final evaluation runs (it stops at once) or while the end state is saved (the save
+    # finishes first): either way the end state is on disk, without save_every, and a resume trains nothing.
+    import os
+    import signal
+
+    from bezoar.train import loop
+    from bezoar.train.loop import list_checkpoints
+
+    out = tmp_path / "run"
+    args = ("train.max_steps=3", "train.save_every=0", "eval_path=bezoar:assets/demo/sft_eval.jsonl")
+    real = getattr(loop.Trainer, where)
+
+    def pressed(self):
+        if self.step == self.total_steps:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self)
+
+    monkeypatch.setattr(loop.Trainer, where, pressed)
+    with pytest.raises((KeyboardInterrupt, SystemExit)) as e:
+        run_stage(tiny_sft_config(out, *args), log=_quiet)
+    if where == "save_checkpoint":
+        assert e.value.code == 128 + signal.SIGINT
+    assert [step for step, _ in list_checkpoints(out)] == [3]
+    trained = [m for m in read_metrics(out) if "loss" in m]
+    monkeypatch.undo()
+    said = []
+    run_stage(tiny_sft_config(out, *args), resume=True, log=said.append)
+    assert any("resumed from" in str(s) and "step 3" in str(s) for s in said), said
+    after = read_metrics(out)
+    assert [m for m in after if "loss" in m] == trained, "no step may run twice"
+    assert [m["step"] for m in after if "eval_loss" in m] == [3]
+    assert (out / "summary.json").exists()
