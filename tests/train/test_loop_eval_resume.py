@@ -196,8 +196,20 @@ def test_a_torn_checkpoint_adapter_is_a_training_error_naming_the_file(tmp_path)
     assert [m["step"] for m in read_metrics(out) if "loss" in m] == [1, 2]
 
 
+@pytest.fixture
+def default_sigint():
+    """Python's own SIGINT handler for the test, whatever an earlier test in this worker left installed:
+    the loop gives the process's handler back before the final evaluation."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("where", ["evaluate", "save_checkpoint"])
-def test_ctrl_c_after_the_last_step_keeps_the_end_state_and_resume_only_evaluates(tmp_path, monkeypatch, where):
+def test_ctrl_c_after_the_last_step_keeps_the_end_state_and_resume_only_evaluates(tmp_path, monkeypatch, where,
+                                                                                   default_sigint):
     # Ctrl-C while the final evaluation runs (it stops at once) or while the end state is saved (the save
     # finishes first): either way the end state is on disk, without save_every, and a resume trains nothing.
     import os
