@@ -131,7 +131,7 @@ def load(path, quant: str | None = None, adapter=None, device=None, dtype=None, 
       embeddings, norms and lm_head stay dense). A folder that already holds a bitsandbytes-4bit
       checkpoint loads as NF4 whatever ``quant`` says.
     - ``adapter``: a PEFT-format LoRA adapter folder to attach (trainable weights stay as saved).
-    - ``device``: default CUDA when present, else CPU. ``dtype``: default the config's ``torch_dtype``
+    - ``device``: default CUDA when present, else CPU. ``dtype``: default the config's ``dtype`` (or ``torch_dtype``)
       for CUDA (bfloat16 for NF4) and float32 on CPU.
     - ``nf4_blocksize`` (64 or 128), ``nf4_double_quant``, ``nf4_compute_dtype`` (default ``dtype``): how
       ``quant="nf4"`` quantizes a dense checkpoint.
@@ -347,7 +347,9 @@ def save(model, path, tokenizer_from=None, max_shard_size="2GB", dtype=None, ove
     hf = model.config.to_hf_dict()
     float_dtypes = [p.dtype for p in model.parameters() if p.is_floating_point()]
     out_dtype = dtype or (float_dtypes[0] if float_dtypes else torch.float32)
-    hf["torch_dtype"] = str(out_dtype).replace("torch.", "")
+    # The dtype the dense weights are stored in, under both names: transformers 5 reads "dtype" first (and
+    # loads in it by default), older versions read "torch_dtype".
+    hf["dtype"] = hf["torch_dtype"] = str(out_dtype).replace("torch.", "")
     quant_cfg = getattr(model, "quantization_config", None)
     nf4_modules = [m for m in model.modules() if hasattr(m, "bnb_tensors")]
     if nf4_modules:

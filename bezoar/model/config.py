@@ -119,17 +119,19 @@ class LlamaConfig:
                               f"{d['tie_word_embeddings']!r}")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_theta"}
         kwargs = {k: d[k] for k in known if k in d and (d[k] is not None or k.endswith("_token_id"))}
-        if "torch_dtype" not in kwargs and isinstance(d.get("dtype"), str):
+        # transformers 5 writes "dtype" and reads it before the older "torch_dtype": so does bezoar.
+        for key in ("torch_dtype", "dtype"):
+            dtype = d.get(key)
+            if dtype is not None and str(dtype).replace("torch.", "") not in DTYPE_NAMES:
+                raise ConfigError(f"{source}: key {key!r} is {dtype!r}; bezoar reads checkpoints in "
+                                  f"{', '.join(sorted(set(DTYPE_NAMES.values())))}")
+        if d.get("dtype") is not None:
             kwargs["torch_dtype"] = d["dtype"]
-        dtype = kwargs.get("torch_dtype")
-        if dtype is not None and str(dtype).replace("torch.", "") not in DTYPE_NAMES:
-            key = "torch_dtype" if "torch_dtype" in d else "dtype"
-            raise ConfigError(f"{source}: key {key!r} is {dtype!r}; bezoar reads checkpoints in "
-                              f"{', '.join(sorted(set(DTYPE_NAMES.values())))}")
         for key in ("bos_token_id", "eos_token_id"):
             if isinstance(kwargs.get(key), list):  # some configs list several ids; the first is the main one
                 kwargs[key] = kwargs[key][0] if kwargs[key] else None
-        extra = {k: v for k, v in d.items() if k not in known and k not in ("rope_theta", "rope_parameters", "rope_scaling")}
+        extra = {k: v for k, v in d.items()
+                 if k not in known and k not in ("rope_theta", "rope_parameters", "rope_scaling", "dtype")}
         try:
             return cls(rope_theta=float(theta if theta is not None else 10000.0), extra=extra, **kwargs)
         except ConfigError as e:
@@ -176,8 +178,9 @@ class LlamaConfig:
             attention_bias=False,
             mlp_bias=False,
         )
-        if self.torch_dtype:
-            d["torch_dtype"] = self.torch_dtype
+        if self.torch_dtype:  # under both names: transformers 5 reads "dtype", older versions "torch_dtype"
+            name = str(self.torch_dtype).replace("torch.", "")
+            d["dtype"] = d["torch_dtype"] = DTYPE_NAMES.get(name, name)
         return d
 
 

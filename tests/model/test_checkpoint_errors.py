@@ -170,7 +170,7 @@ def test_nf4_layer_of_the_wrong_shape_names_file_and_key(tiny_dir, tmp_path):
     ("num_key_value_heads", 0), ("num_key_value_heads", -2), ("num_key_value_heads", "2"), ("head_dim", 0),
     ("head_dim", 16.0), ("max_position_embeddings", 0), ("rms_norm_eps", "1e-6"), ("rms_norm_eps", -1e-6),
     ("rope_theta", "abc"), ("rope_theta", 0), ("tie_word_embeddings", "false"), ("torch_dtype", "float64"),
-    ("torch_dtype", "float8_e4m3fn"),
+    ("torch_dtype", "float8_e4m3fn"), ("dtype", "float64"),
 ])
 def test_config_field_of_the_wrong_type_names_file_and_key(tiny_dir, tmp_path, key, value):
     """An optional config.json field that is present but unusable is one ConfigError naming the file and key,

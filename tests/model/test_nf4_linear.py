@@ -309,7 +309,8 @@ def test_quantize_refuses_an_unusable_out_before_quantizing(tiny_dir, tmp_path, 
 
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_save_with_dtype_keeps_nf4_scales(tiny_dir, tmp_path, double_quant):
-    """save(dtype=...) casts the dense weights only: the NF4 absmax, codes and nested scales stay float32."""
+    """save(dtype=...) casts the dense weights only: the NF4 absmax, codes and nested scales stay float32; config.json
+    names the dense weights' dtype under both keys transformers reads ("dtype" first, "torch_dtype")."""
     from safetensors.torch import load_file
 
     from bezoar.model import load, save
@@ -321,6 +322,8 @@ def test_save_with_dtype_keeps_nf4_scales(tiny_dir, tmp_path, double_quant):
     for key, want in layer.bnb_tensors("model.layers.0.mlp.down_proj").items():
         assert written[key].dtype == want.dtype and torch.equal(written[key], want), key
     assert written["model.embed_tokens.weight"].dtype == torch.bfloat16
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "bfloat16", config
     again = load(out, device="cpu")
     ids = torch.randint(3, 500, (1, 9))
     with torch.no_grad():
