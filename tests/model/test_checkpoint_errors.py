@@ -133,6 +133,43 @@ def test_sharded_pickles_follow_their_index(tiny_dir, tmp_path):
         load(folder, allow_pickle=True)
 
 
+def test_model_safetensors_comes_before_an_index_beside_it(tiny_dir, tmp_path):
+    """A folder saved again over an earlier save of the other kind holds both model.safetensors and
+    model.safetensors.index.json (transformers leaves the old one): transformers reads model.safetensors, and so
+    does bezoar, which followed the index (and refused the folder whose index named shards since removed). The
+    same for pytorch_model.bin beside pytorch_model.bin.index.json."""
+    transformers = pytest.importorskip("transformers")
+    ids = torch.randint(3, 500, (1, 9))
+    with torch.no_grad():
+        want = load(tiny_dir)(ids)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    unsharded_last = tmp_path / "unsharded-last"  # the index names shards that are gone
+    hf.save_pretrained(unsharded_last, max_shard_size="100KB")
+    hf.save_pretrained(unsharded_last)
+    sharded_last = tmp_path / "sharded-last"  # whole shards with other weights, and the old single file
+    hf.save_pretrained(sharded_last)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.mul_(0.5)
+    hf.save_pretrained(sharded_last, max_shard_size="100KB")
+    for folder in (unsharded_last, sharded_last):
+        assert (folder / "model.safetensors").exists() and (folder / "model.safetensors.index.json").exists()
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            got = load(folder)(ids)
+            assert torch.equal(got, want), folder.name
+            assert (theirs(ids).logits - got).abs().max() < 1e-4, folder.name
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(tiny_dir / "config.json", pickled / "config.json")
+    torch.save(load_file(tiny_dir / "model.safetensors"), pickled / "pytorch_model.bin")
+    stale = {"metadata": {}, "weight_map": {"model.norm.weight": "pytorch_model-00001-of-00002.bin"}}
+    (pickled / "pytorch_model.bin.index.json").write_text(json.dumps(stale))
+    with torch.no_grad():
+        assert torch.equal(load(pickled, allow_pickle=True)(ids), want)
+
+
 def test_no_weights_and_not_a_folder(tmp_path, tiny_dir):
     folder = tmp_path / "empty"
     folder.mkdir()
