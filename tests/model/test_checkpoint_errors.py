@@ -203,6 +203,42 @@ def test_nf4_layer_of_the_wrong_shape_names_file_and_key(tiny_dir, tmp_path):
     assert "model.safetensors" in msg and victim in msg and "shape" in msg, msg
 
 
+def test_quantized_checkpoints_other_than_nf4_are_refused_up_front(tiny_dir, tmp_path, capsys):
+    """A bitsandbytes 8-bit checkpoint (written here by transformers + bitsandbytes) failed on the dtype of its
+    int8 weights, saying nothing of why; it, and other quant_methods or 4-bit types, is now one ConfigError
+    naming config.json and quantization_config before any weight is read. quantize refuses it the same way."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    from bezoar.quantize import main as quantize_main
+
+    int8 = tmp_path / "int8"
+    transformers.AutoModelForCausalLM.from_pretrained(
+        tiny_dir, quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True), device_map="cpu",
+        dtype=torch.float32).save_pretrained(int8)
+    with pytest.raises(ConfigError) as e:
+        load(int8, device="cpu")
+    msg = str(e.value)
+    assert str(int8 / "config.json") in msg and "quantization_config" in msg and "8-bit" in msg, msg
+    assert "4-bit NF4" in msg, msg
+    assert quantize_main(["--model", str(int8), "--out", str(tmp_path / "nf4")]) == 2
+    err = capsys.readouterr().err
+    assert "quantization_config" in err and "Traceback" not in err, err
+
+    folder = tmp_path / "other"
+    shutil.copytree(tiny_dir, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    for quant, says in (({"quant_method": "gptq", "bits": 4, "group_size": 128}, "'gptq'"),
+                        ({"quant_method": "awq", "bits": 4, "version": "gemm"}, "'awq'"),
+                        ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
+                         "'fp4'"),
+                        ({"quant_method": "bitsandbytes"}, "neither"), ("nf4", "not an object")):
+        (folder / "config.json").write_text(json.dumps(dict(cfg, quantization_config=quant)))
+        with pytest.raises(ConfigError) as e:
+            load(folder, device="cpu")
+        msg = str(e.value)
+        assert "config.json" in msg and "quantization_config" in msg and says in msg, msg
+
+
 @pytest.mark.parametrize("key, value", [
     ("num_key_value_heads", 0), ("num_key_value_heads", -2), ("num_key_value_heads", "2"), ("head_dim", 0),
     ("head_dim", 16.0), ("max_position_embeddings", 0), ("rms_norm_eps", "1e-6"), ("rms_norm_eps", -1e-6),
