@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--adapter", required=True, help="PEFT-format LoRA adapter folder")
     p.add_argument("--out", required=True, help="folder for the merged checkpoint")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the written weights (default: the base config's torch_dtype)")
+                   help="dtype of the written weights (default: the base config's dtype, or its torch_dtype)")
     p.add_argument("--device", default="cpu", help="where the merge runs (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)

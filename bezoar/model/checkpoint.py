@@ -44,18 +44,25 @@ def _dtype_from_name(name: str | None) -> torch.dtype | None:
 
 
 def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
-    """The safetensors files of a checkpoint folder, checked to exist."""
+    """The safetensors files of a checkpoint folder, checked to exist.
+
+    The file chosen is the one transformers' from_pretrained reads: model.safetensors before
+    model.safetensors.index.json, and pytorch_model.bin before its index. A folder can hold both, for one
+    saved again over an earlier save of the other kind (transformers leaves the old index, or the old single
+    file, in place)."""
     index = folder / INDEX_FILE
-    if index.exists():
-        return _shards_of(index)
     if (folder / SINGLE_FILE).exists():
         return [folder / SINGLE_FILE]
+    if index.exists():
+        return _shards_of(index)
     shards = sorted(folder.glob("model-*.safetensors"))
     if shards:
         raise CheckpointError(f"{folder}: has sharded safetensors but no {INDEX_FILE}")
     pickles = [folder / n for n in PICKLE_FILES if (folder / n).exists()] + sorted(folder.glob("pytorch_model-*.bin"))
     if pickles:
         if allow_pickle:
+            if (folder / PICKLE_FILES[0]).exists():
+                return [folder / PICKLE_FILES[0]]
             if (folder / PICKLE_FILES[1]).exists():
                 return _shards_of(folder / PICKLE_FILES[1])
             return sorted(p for p in pickles if p.suffix == ".bin")
@@ -131,7 +138,7 @@ def load(path, quant: str | None = None, adapter=None, device=None, dtype=None, 
       embeddings, norms and lm_head stay dense). A folder that already holds a bitsandbytes-4bit
       checkpoint loads as NF4 whatever ``quant`` says.
     - ``adapter``: a PEFT-format LoRA adapter folder to attach (trainable weights stay as saved).
-    - ``device``: default CUDA when present, else CPU. ``dtype``: default the config's ``torch_dtype``
+    - ``device``: default CUDA when present, else CPU. ``dtype``: default the config's ``dtype`` (or ``torch_dtype``)
       for CUDA (bfloat16 for NF4) and float32 on CPU.
     - ``nf4_blocksize`` (64 or 128), ``nf4_double_quant``, ``nf4_compute_dtype`` (default ``dtype``): how
       ``quant="nf4"`` quantizes a dense checkpoint.
@@ -223,7 +230,9 @@ def load(path, quant: str | None = None, adapter=None, device=None, dtype=None, 
             seen[f"{module_name}.weight"] = seen[next(iter(tensors))]
     missing = [k for k in expected if k not in seen]
     if missing:
-        where = folder / INDEX_FILE if (folder / INDEX_FILE).exists() else files[0]
+        index = folder / (INDEX_FILE if files[0].suffix == ".safetensors" else PICKLE_FILES[1])
+        sharded = files[0].name not in (SINGLE_FILE, PICKLE_FILES[0]) and index.exists()
+        where = index if sharded else files[0]
         raise CheckpointError(f"{where}: {len(missing)} tensor(s) missing, e.g. {missing[0]!r}")
     if unexpected:
         raise CheckpointError(f"{files[0].parent}: {len(unexpected)} tensor(s) that a Llama model does not have, "
@@ -347,7 +356,9 @@ def save(model, path, tokenizer_from=None, max_shard_size="2GB", dtype=None, ove
     hf = model.config.to_hf_dict()
     float_dtypes = [p.dtype for p in model.parameters() if p.is_floating_point()]
     out_dtype = dtype or (float_dtypes[0] if float_dtypes else torch.float32)
-    hf["torch_dtype"] = str(out_dtype).replace("torch.", "")
+    # The dtype the dense weights are stored in, under both names: transformers 5 reads "dtype" first (and
+    # loads in it by default), older versions read "torch_dtype".
+    hf["dtype"] = hf["torch_dtype"] = str(out_dtype).replace("torch.", "")
     quant_cfg = getattr(model, "quantization_config", None)
     nf4_modules = [m for m in model.modules() if hasattr(m, "bnb_tensors")]
     if nf4_modules:

@@ -82,6 +82,7 @@ class LlamaConfig:
                 f"{source}: key 'model_type' is {model_type!r} (architectures {archs}): "
                 "bezoar runs Llama-architecture models only (model_type 'llama')"
             )
+        _check_quantization(d.get("quantization_config"), source)
         for key, allowed in (("hidden_act", ("silu",)),):
             if key in d and d[key] not in allowed:
                 raise ConfigError(f"{source}: key {key!r} is {d[key]!r}; bezoar supports {allowed}")
@@ -119,17 +120,19 @@ class LlamaConfig:
                               f"{d['tie_word_embeddings']!r}")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_theta"}
         kwargs = {k: d[k] for k in known if k in d and (d[k] is not None or k.endswith("_token_id"))}
-        if "torch_dtype" not in kwargs and isinstance(d.get("dtype"), str):
+        # transformers 5 writes "dtype" and reads it before the older "torch_dtype": so does bezoar.
+        for key in ("torch_dtype", "dtype"):
+            dtype = d.get(key)
+            if dtype is not None and str(dtype).replace("torch.", "") not in DTYPE_NAMES:
+                raise ConfigError(f"{source}: key {key!r} is {dtype!r}; bezoar reads checkpoints in "
+                                  f"{', '.join(sorted(set(DTYPE_NAMES.values())))}")
+        if d.get("dtype") is not None:
             kwargs["torch_dtype"] = d["dtype"]
-        dtype = kwargs.get("torch_dtype")
-        if dtype is not None and str(dtype).replace("torch.", "") not in DTYPE_NAMES:
-            key = "torch_dtype" if "torch_dtype" in d else "dtype"
-            raise ConfigError(f"{source}: key {key!r} is {dtype!r}; bezoar reads checkpoints in "
-                              f"{', '.join(sorted(set(DTYPE_NAMES.values())))}")
         for key in ("bos_token_id", "eos_token_id"):
             if isinstance(kwargs.get(key), list):  # some configs list several ids; the first is the main one
                 kwargs[key] = kwargs[key][0] if kwargs[key] else None
-        extra = {k: v for k, v in d.items() if k not in known and k not in ("rope_theta", "rope_parameters", "rope_scaling")}
+        extra = {k: v for k, v in d.items()
+                 if k not in known and k not in ("rope_theta", "rope_parameters", "rope_scaling", "dtype")}
         try:
             return cls(rope_theta=float(theta if theta is not None else 10000.0), extra=extra, **kwargs)
         except ConfigError as e:
@@ -176,9 +179,35 @@ class LlamaConfig:
             attention_bias=False,
             mlp_bias=False,
         )
-        if self.torch_dtype:
-            d["torch_dtype"] = self.torch_dtype
+        if self.torch_dtype:  # under both names: transformers 5 reads "dtype", older versions "torch_dtype"
+            name = str(self.torch_dtype).replace("torch.", "")
+            d["dtype"] = d["torch_dtype"] = DTYPE_NAMES.get(name, name)
         return d
+
+
+def _check_quantization(quant: Any, source: str) -> None:
+    """Refuse, before any weight is read, a checkpoint quantized in a format bezoar cannot read: it reads
+    dense weights and transformers' bitsandbytes 4-bit NF4 ones only. A bitsandbytes 8-bit checkpoint
+    otherwise failed later on the dtype of its int8 weights, and other formats (GPTQ, AWQ, ...) on tensors a
+    Llama model does not have: errors that did not say why."""
+    if quant is None:
+        return
+    readable = "bezoar reads dense checkpoints and bitsandbytes 4-bit NF4 ones only"
+    if not isinstance(quant, dict):
+        raise ConfigError(f"{source}: key 'quantization_config' is {quant!r}, not an object; {readable}")
+    method = quant.get("quant_method")
+    four_bit = bool(quant.get("load_in_4bit") or quant.get("_load_in_4bit"))
+    eight_bit = bool(quant.get("load_in_8bit") or quant.get("_load_in_8bit"))
+    if method != "bitsandbytes":
+        raise ConfigError(f"{source}: key 'quantization_config' has quant_method {method!r}; {readable}")
+    if eight_bit or not four_bit:
+        what = "load_in_8bit true (a bitsandbytes 8-bit checkpoint)" if eight_bit else \
+            "neither load_in_4bit nor load_in_8bit true"
+        raise ConfigError(f"{source}: key 'quantization_config' has {what}; {readable}")
+    quant_type = quant.get("bnb_4bit_quant_type")
+    if quant_type is not None and quant_type != "nf4":
+        raise ConfigError(f"{source}: key 'quantization_config' has bnb_4bit_quant_type {quant_type!r}; "
+                          f"{readable}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

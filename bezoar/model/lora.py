@@ -50,6 +50,21 @@ class AdapterError(ValueError):
     """An adapter that does not fit the model: the message names the file and the key."""
 
 
+# init_lora_weights values (PEFT 0.21) whose adapter is plain LoRA once trained: they choose only the starting
+# A and B (None and false: none at all), which the saved weights replace; "mica" also freezes B in training.
+PLAIN_INITS = (True, False, None, "gaussian", "eva", "orthogonal", "mica")
+# Those that PEFT applies by changing the base weights as well (W - s * B0 @ A0 for PiSSA, CorDA, OLoRA and
+# LoRA-GA; LoftQ's quantized residual): the trained weights are right only over that changed base, which PEFT
+# rebuilds whenever it loads the adapter (all but LoRA-GA). PiSSA and CorDA come as prefixes ("pissa_niter_4").
+BASE_CHANGING_INITS = ("pissa", "corda", "olora", "lora_ga", "loftq")
+
+
+def _base_changing_init(value) -> bool:
+    if not isinstance(value, str):
+        return False
+    return value.startswith(("pissa", "corda")) or value.lower() in BASE_CHANGING_INITS
+
+
 @dataclass
 class LoraConfig:
     r: int = 16
@@ -400,6 +415,20 @@ def read_adapter_config(folder: Path, model: nn.Module) -> tuple[LoraConfig, set
                 "arrow_config", "kasa_config"):
         if cfg.get(key):
             raise AdapterError(f"{path}: key {key!r} is set ({cfg[key]!r}); bezoar does not support it")
+    init = cfg.get("init_lora_weights", True)
+    if _base_changing_init(init):
+        how = ("save the base model LoftQ initialised, set init_lora_weights to true in the adapter's config and "
+               "load the adapter on that base" if init.lower() == "loftq" else
+               "save it again with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=<the "
+               "adapter saved before training, with init_lora_weights true>): that writes the plain LoRA adapter "
+               "(of rank 2r) that gives the same model on the unchanged base")
+        raise AdapterError(f"{path}: key 'init_lora_weights' is {init!r}: PEFT trains such an adapter on a base it "
+                           "changes at initialisation, so its weights are right only on that changed base; bezoar adds "
+                           f"adapters to the base as it is, which would give another model. To use it here, {how}")
+    if init not in PLAIN_INITS or isinstance(init, (int, float)) and not isinstance(init, bool):
+        plain = ", ".join(json.dumps(v) for v in PLAIN_INITS if v is not None)
+        raise AdapterError(f"{path}: key 'init_lora_weights' is {init!r}; bezoar reads adapters initialised with "
+                           f"{plain} (plain LoRA once trained)")
     for key in ("r", "lora_alpha"):
         if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
             raise AdapterError(f"{path}: key {key!r} must be a positive number, got {cfg.get(key)!r}")

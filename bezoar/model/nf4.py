@@ -234,8 +234,8 @@ def _parse_bnb(tensors: dict[str, torch.Tensor], weight_key: str, source: str) -
     if state.get("quant_type") != "nf4":
         raise fail(qs_key, f"quant_type {state.get('quant_type')!r}, only 'nf4' is supported")
     blocksize = state.get("blocksize")
-    if blocksize not in SUPPORTED_BLOCKSIZES or isinstance(blocksize, bool):
-        raise fail(qs_key, f"blocksize {blocksize!r}, supported are {SUPPORTED_BLOCKSIZES}")
+    if not _is_int(blocksize) or blocksize not in SUPPORTED_BLOCKSIZES:  # 64.0 passed and broke the forward
+        raise fail(qs_key, f"blocksize {blocksize!r}, supported are the integers {SUPPORTED_BLOCKSIZES}")
     if state.get("dtype") not in _DTYPES:
         raise fail(qs_key, f"dtype {state.get('dtype')!r}, expected one of {', '.join(_DTYPES)}")
     shape = state.get("shape")
@@ -250,8 +250,9 @@ def _parse_bnb(tensors: dict[str, torch.Tensor], weight_key: str, source: str) -
         if len(nested_fields) != 3:
             raise fail(qs_key, f"has {', '.join(nested_fields)} but not all of nested_blocksize, nested_dtype, "
                                "nested_offset")
-        if state["nested_blocksize"] != NESTED_BLOCKSIZE:
-            raise fail(qs_key, f"nested_blocksize {state['nested_blocksize']!r}, expected {NESTED_BLOCKSIZE}")
+        if not _is_int(state["nested_blocksize"]) or state["nested_blocksize"] != NESTED_BLOCKSIZE:
+            raise fail(qs_key, f"nested_blocksize {state['nested_blocksize']!r}, expected the integer "
+                               f"{NESTED_BLOCKSIZE}")
         if state["nested_dtype"] != "float32":
             raise fail(qs_key, f"nested_dtype {state['nested_dtype']!r}, expected 'float32'")
         offset = state["nested_offset"]
@@ -270,10 +271,13 @@ def _parse_bnb(tensors: dict[str, torch.Tensor], weight_key: str, source: str) -
     if absmax.dtype != want or tuple(absmax.shape) != (n_blocks,):
         raise fail(weight_key + ".absmax", f"{absmax.dtype} {tuple(absmax.shape)}, expected {want} ({n_blocks},)"
                    + (" (double quant)" if nested else " (no double quant)"))
+    if not nested:
+        _check_finite(absmax, weight_key + ".absmax", fail)
 
     code = need(weight_key + ".quant_map")
     nf4 = torch.tensor(NF4_CODE, dtype=torch.float32)
-    if code.dtype != torch.float32 or tuple(code.shape) != (16,) or (code.cpu() - nf4).abs().max() > 1e-6:
+    # Written as "all within 1e-6" so that a NaN (which compares false) fails it.
+    if code.dtype != torch.float32 or tuple(code.shape) != (16,) or not bool(((code.cpu() - nf4).abs() <= 1e-6).all()):
         raise fail(weight_key + ".quant_map", "is not the NF4 code (16 float32 values)")
 
     nested_absmax = nested_code = None
@@ -287,15 +291,29 @@ def _parse_bnb(tensors: dict[str, torch.Tensor], weight_key: str, source: str) -
         if nested_absmax.dtype != torch.float32 or tuple(nested_absmax.shape) != (n_nested,):
             raise fail(weight_key + ".nested_absmax",
                        f"{nested_absmax.dtype} {tuple(nested_absmax.shape)}, expected float32 ({n_nested},)")
+        _check_finite(nested_absmax, weight_key + ".nested_absmax", fail)
         nested_code = tensors[weight_key + ".nested_quant_map"]
         if nested_code.dtype != torch.float32 or tuple(nested_code.shape) != (256,):
             raise fail(weight_key + ".nested_quant_map",
                        f"{nested_code.dtype} {tuple(nested_code.shape)}, expected float32 (256,)")
+        _check_finite(nested_code, weight_key + ".nested_quant_map", fail)
 
     device = packed.device
     move = (lambda t: None if t is None else t.to(device).contiguous())  # noqa: E731
     return NF4Weight(move(packed), move(absmax), tuple(shape), _DTYPES[state["dtype"]], blocksize,
                      move(nested_absmax), move(nested_code), state["nested_offset"] if nested else None)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_finite(tensor: torch.Tensor, key: str, fail) -> None:
+    """Refuse a scale tensor holding NaN or inf, which would load and make every forward through the layer NaN.
+    A scale tensor has one value per block of 64 or more weights, so the pass costs little next to the load."""
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise fail(key, f"{bad} of its {tensor.numel()} values are not finite (NaN or inf): the checkpoint is corrupt")
 
 
 def _read_quant_state(tensor: torch.Tensor, key: str, fail) -> dict:

@@ -133,6 +133,43 @@ def test_sharded_pickles_follow_their_index(tiny_dir, tmp_path):
         load(folder, allow_pickle=True)
 
 
+def test_model_safetensors_comes_before_an_index_beside_it(tiny_dir, tmp_path):
+    """A folder saved again over an earlier save of the other kind holds both model.safetensors and
+    model.safetensors.index.json (transformers leaves the old one): transformers reads model.safetensors, and so
+    does bezoar, which followed the index (and refused the folder whose index named shards since removed). The
+    same for pytorch_model.bin beside pytorch_model.bin.index.json."""
+    transformers = pytest.importorskip("transformers")
+    ids = torch.randint(3, 500, (1, 9))
+    with torch.no_grad():
+        want = load(tiny_dir)(ids)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    unsharded_last = tmp_path / "unsharded-last"  # the index names shards that are gone
+    hf.save_pretrained(unsharded_last, max_shard_size="100KB")
+    hf.save_pretrained(unsharded_last)
+    sharded_last = tmp_path / "sharded-last"  # whole shards with other weights, and the old single file
+    hf.save_pretrained(sharded_last)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.mul_(0.5)
+    hf.save_pretrained(sharded_last, max_shard_size="100KB")
+    for folder in (unsharded_last, sharded_last):
+        assert (folder / "model.safetensors").exists() and (folder / "model.safetensors.index.json").exists()
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            got = load(folder)(ids)
+            assert torch.equal(got, want), folder.name
+            assert (theirs(ids).logits - got).abs().max() < 1e-4, folder.name
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(tiny_dir / "config.json", pickled / "config.json")
+    torch.save(load_file(tiny_dir / "model.safetensors"), pickled / "pytorch_model.bin")
+    stale = {"metadata": {}, "weight_map": {"model.norm.weight": "pytorch_model-00001-of-00002.bin"}}
+    (pickled / "pytorch_model.bin.index.json").write_text(json.dumps(stale))
+    with torch.no_grad():
+        assert torch.equal(load(pickled, allow_pickle=True)(ids), want)
+
+
 def test_no_weights_and_not_a_folder(tmp_path, tiny_dir):
     folder = tmp_path / "empty"
     folder.mkdir()
@@ -166,11 +203,47 @@ def test_nf4_layer_of_the_wrong_shape_names_file_and_key(tiny_dir, tmp_path):
     assert "model.safetensors" in msg and victim in msg and "shape" in msg, msg
 
 
+def test_quantized_checkpoints_other_than_nf4_are_refused_up_front(tiny_dir, tmp_path, capsys):
+    """A bitsandbytes 8-bit checkpoint (written here by transformers + bitsandbytes) failed on the dtype of its
+    int8 weights, saying nothing of why; it, and other quant_methods or 4-bit types, is now one ConfigError
+    naming config.json and quantization_config before any weight is read. quantize refuses it the same way."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    from bezoar.quantize import main as quantize_main
+
+    int8 = tmp_path / "int8"
+    transformers.AutoModelForCausalLM.from_pretrained(
+        tiny_dir, quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True), device_map="cpu",
+        dtype=torch.float32).save_pretrained(int8)
+    with pytest.raises(ConfigError) as e:
+        load(int8, device="cpu")
+    msg = str(e.value)
+    assert str(int8 / "config.json") in msg and "quantization_config" in msg and "8-bit" in msg, msg
+    assert "4-bit NF4" in msg, msg
+    assert quantize_main(["--model", str(int8), "--out", str(tmp_path / "nf4")]) == 2
+    err = capsys.readouterr().err
+    assert "quantization_config" in err and "Traceback" not in err, err
+
+    folder = tmp_path / "other"
+    shutil.copytree(tiny_dir, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    for quant, says in (({"quant_method": "gptq", "bits": 4, "group_size": 128}, "'gptq'"),
+                        ({"quant_method": "awq", "bits": 4, "version": "gemm"}, "'awq'"),
+                        ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
+                         "'fp4'"),
+                        ({"quant_method": "bitsandbytes"}, "neither"), ("nf4", "not an object")):
+        (folder / "config.json").write_text(json.dumps(dict(cfg, quantization_config=quant)))
+        with pytest.raises(ConfigError) as e:
+            load(folder, device="cpu")
+        msg = str(e.value)
+        assert "config.json" in msg and "quantization_config" in msg and says in msg, msg
+
+
 @pytest.mark.parametrize("key, value", [
     ("num_key_value_heads", 0), ("num_key_value_heads", -2), ("num_key_value_heads", "2"), ("head_dim", 0),
     ("head_dim", 16.0), ("max_position_embeddings", 0), ("rms_norm_eps", "1e-6"), ("rms_norm_eps", -1e-6),
     ("rope_theta", "abc"), ("rope_theta", 0), ("tie_word_embeddings", "false"), ("torch_dtype", "float64"),
-    ("torch_dtype", "float8_e4m3fn"),
+    ("torch_dtype", "float8_e4m3fn"), ("dtype", "float64"),
 ])
 def test_config_field_of_the_wrong_type_names_file_and_key(tiny_dir, tmp_path, key, value):
     """An optional config.json field that is present but unusable is one ConfigError naming the file and key,

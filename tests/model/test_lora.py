@@ -219,6 +219,67 @@ def test_adapter_config_values_bezoar_cannot_honor_are_named(tiny_dir, tmp_path,
     assert "adapter_config.json" in str(e.value) and key in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_base_changing_peft_adapters_are_refused_and_their_conversion_loads(tiny_dir, tmp_path, capsys, init):
+    """A PiSSA or OLoRA adapter is trained on a base PEFT changed at initialisation (and changes again when it
+    loads the adapter): taken as plain LoRA on the unchanged base it gave another model (logits 0.1-0.4 off).
+    load and the merge CLI refuse it naming adapter_config.json and init_lora_weights; the plain LoRA adapter
+    that the conversion the message names writes from it loads and gives the model as trained."""
+    from bezoar.merge import main
+
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                          init_lora_weights=init, task_type="CAUSAL_LM")
+    trained = peft.get_peft_model(hf(tiny_dir), cfg)
+    trained.peft_config["default"].init_lora_weights = True  # PEFT's recipe for the conversion's starting point
+    trained.save_pretrained(tmp_path / "initial")
+    trained.peft_config["default"].init_lora_weights = init
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    trained.save_pretrained(tmp_path / "raw")
+    trained.save_pretrained(tmp_path / "converted",
+                            path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    with pytest.raises(AdapterError) as e:
+        load(tiny_dir, adapter=tmp_path / "raw")
+    msg = str(e.value)
+    assert "adapter_config.json" in msg and "init_lora_weights" in msg and repr(init) in msg, msg
+    assert "path_initial_model_for_weight_conversion" in msg, msg
+    out = tmp_path / "merged"
+    assert main(["--model", str(tiny_dir), "--adapter", str(tmp_path / "raw"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "adapter_config.json" in err and "init_lora_weights" in err and "Traceback" not in err, err
+    assert not out.exists()
+    ids = torch.randint(3, 500, (2, 10))
+    with torch.no_grad():
+        assert_close(load(tiny_dir, adapter=tmp_path / "converted")(ids), trained.eval()(ids).logits, atol=1e-4,
+                     rtol=0, name=f"{init} adapter converted to plain LoRA")
+
+
+def test_init_lora_weights_that_change_the_base_are_refused(tiny_dir, tmp_path):
+    """Every init_lora_weights value of PEFT 0.21 that changes the base weights, and one bezoar does not know,
+    is one AdapterError naming adapter_config.json and the key; those that only choose the starting A and B
+    (the saved weights replace them) load as plain LoRA."""
+    donor = load(tiny_dir)
+    apply_lora(donor, LoraConfig(r=4, dropout=0.0, targets=["q_proj", "v_proj"]))
+    randomize_adapters(donor)
+    convert = "path_initial_model_for_weight_conversion"
+    refused = {"pissa_niter_4": convert, "corda": convert, "lora_ga": convert, "loftq": "LoftQ",
+               "kaiming": "plain LoRA", 1: "plain LoRA"}
+    for value, says in refused.items():
+        with pytest.raises(AdapterError) as e:
+            load(tiny_dir, adapter=write_adapter(donor, tmp_path, init_lora_weights=value))
+        msg = str(e.value)
+        assert "adapter_config.json" in msg and "init_lora_weights" in msg and says in msg, msg
+    ids = torch.randint(3, 500, (1, 9))
+    with torch.no_grad():
+        want = donor.eval()(ids)
+        for value in (True, False, None, "gaussian", "eva", "orthogonal", "mica"):
+            got = load(tiny_dir, adapter=write_adapter(donor, tmp_path, init_lora_weights=value))(ids)
+            assert torch.equal(got, want), value
+
+
 def test_an_adapter_write_cut_short_leaves_nothing_behind_once_written_again(tiny_dir, tmp_path, monkeypatch):
     """save_adapter stopped between its two renames (the old adapter moved aside, the new one not yet in
     place) left adapter.old-PID and adapter.partial-PID, full-size copies both; the next save leaves only the

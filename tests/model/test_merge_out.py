@@ -157,3 +157,37 @@ def test_a_merge_killed_between_its_renames_gets_its_only_whole_copy_back(tiny_d
     assert clear_dead_writes(target) == [tmp_path / f"merged.partial-{gone}"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("merged")) == ["merged"]
     assert _snapshot(target) == whole
+
+
+def test_merge_dtype_is_the_dtype_transformers_loads(tiny_dir, adapter, tmp_path):
+    """A base that transformers 5 saved in bf16 names its dtype as "dtype" (no "torch_dtype"). A float32 merge
+    kept that stale "dtype" beside a new "torch_dtype": transformers reads "dtype" first and loaded the float32
+    weights as bf16. Both keys now name the dtype the merged weights are stored in, and bezoar, like
+    transformers, reads "dtype" first from a config that has both."""
+    import json
+    import shutil
+
+    from safetensors import safe_open
+
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    base = tmp_path / "base"
+    transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16).save_pretrained(base)
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tiny_dir / name, base / name)
+    assert json.loads((base / "config.json").read_text()).get("dtype") == "bfloat16"
+    assert load(base, device="cpu").config.torch_dtype == "bfloat16"
+    for dtype, torch_dtype in (("float32", torch.float32), ("float16", torch.float16)):
+        out = tmp_path / f"merged-{dtype}"
+        assert main(["--model", str(base), "--adapter", str(adapter), "--out", str(out), "--dtype", dtype]) == 0
+        config = json.loads((out / "config.json").read_text())
+        assert config["dtype"] == config["torch_dtype"] == dtype, config
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            assert f.get_tensor("model.embed_tokens.weight").dtype == torch_dtype
+        assert transformers.AutoModelForCausalLM.from_pretrained(out).dtype == torch_dtype
+        assert load(out, device="cpu").config.torch_dtype == dtype
+    stale = tmp_path / "merged-float16"
+    config = json.loads((stale / "config.json").read_text())
+    (stale / "config.json").write_text(json.dumps(dict(config, torch_dtype="float32")))
+    assert load(stale, device="cpu").config.torch_dtype == "float16"  # as transformers: "dtype" first

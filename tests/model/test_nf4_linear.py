@@ -152,6 +152,11 @@ CORRUPTIONS = [
      "bitsandbytes__fp4", "fp4"),
     ("quant_type", lambda t: _corrupt(t, QS, _state_bytes(dict(GOOD_STATE, quant_type="fp4"))), QS, "quant_type"),
     ("blocksize", lambda t: _corrupt(t, QS, _state_bytes(dict(GOOD_STATE, blocksize=96))), QS, "blocksize 96"),
+    # 64.0 equals 64 and passed, then the first forward indexed with a float and failed far from the cause
+    ("blocksize float", lambda t: _corrupt(t, QS, _state_bytes(dict(GOOD_STATE, blocksize=64.0))), QS,
+     "blocksize 64.0"),
+    ("nested blocksize float", lambda t: _corrupt(t, QS, _state_bytes(dict(GOOD_STATE, nested_blocksize=256.0))),
+     QS, "nested_blocksize 256.0"),
     ("shape", lambda t: _corrupt(t, QS, _state_bytes(dict(GOOD_STATE, shape=[48]))), QS, "shape"),
     ("shape vs bytes", lambda t: _corrupt(t, QS, _state_bytes(dict(GOOD_STATE, shape=[48, 162]))), W, "bytes"),
     ("offset", lambda t: _corrupt(t, QS, _state_bytes(dict(GOOD_STATE, nested_offset="x"))), QS, "nested_offset"),
@@ -163,6 +168,14 @@ CORRUPTIONS = [
      "NF4 code"),
     ("nested map", lambda t: _corrupt(t, W + ".nested_quant_map", torch.zeros(255)), W + ".nested_quant_map",
      "256"),
+    # Non-finite scales loaded and made every logit NaN
+    ("quant map nan", lambda t: _corrupt(t, W + ".quant_map", t[W + ".quant_map"].clone().fill_(float("nan"))),
+     W + ".quant_map", "NF4 code"),
+    ("nested absmax nan", lambda t: _corrupt(t, W + ".nested_absmax", torch.full_like(t[W + ".nested_absmax"],
+                                                                                      float("nan"))),
+     W + ".nested_absmax", "not finite"),
+    ("nested map inf", lambda t: _corrupt(t, W + ".nested_quant_map", torch.where(
+        torch.arange(256) == 7, float("inf"), t[W + ".nested_quant_map"])), W + ".nested_quant_map", "not finite"),
     ("stray key", lambda t: _corrupt(t, W + ".absmax2", torch.zeros(1)), W + ".absmax2", "unexpected"),
 ]
 
@@ -176,6 +189,17 @@ def test_corrupt_or_mismatched_quant_state_raises(name, corrupt, key, message):
     text = str(info.value)
     assert text.startswith(SOURCE + ": "), text
     assert key in text and message in text, text
+
+
+def test_non_finite_absmax_without_double_quant_raises():
+    """Without double quant absmax is float32 in the file: a NaN or inf there is named, not loaded."""
+    tensors = _bnb_state_dict(_dense(), False)
+    NF4Linear.from_bnb_tensors(tensors, PREFIX, SOURCE)
+    for bad in (float("nan"), float("inf")):
+        absmax = tensors[W + ".absmax"].clone()
+        absmax[3] = bad
+        with pytest.raises(ValueError, match=r"\.absmax: 1 of its 120 values are not finite"):
+            NF4Linear.from_bnb_tensors(_corrupt(tensors, W + ".absmax", absmax), PREFIX, SOURCE)
 
 
 def test_nested_tensors_without_nested_state_raise():
@@ -309,7 +333,8 @@ def test_quantize_refuses_an_unusable_out_before_quantizing(tiny_dir, tmp_path, 
 
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_save_with_dtype_keeps_nf4_scales(tiny_dir, tmp_path, double_quant):
-    """save(dtype=...) casts the dense weights only: the NF4 absmax, codes and nested scales stay float32."""
+    """save(dtype=...) casts the dense weights only: the NF4 absmax, codes and nested scales stay float32; config.json
+    names the dense weights' dtype under both keys transformers reads ("dtype" first, "torch_dtype")."""
     from safetensors.torch import load_file
 
     from bezoar.model import load, save
@@ -321,6 +346,8 @@ def test_save_with_dtype_keeps_nf4_scales(tiny_dir, tmp_path, double_quant):
     for key, want in layer.bnb_tensors("model.layers.0.mlp.down_proj").items():
         assert written[key].dtype == want.dtype and torch.equal(written[key], want), key
     assert written["model.embed_tokens.weight"].dtype == torch.bfloat16
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "bfloat16", config
     again = load(out, device="cpu")
     ids = torch.randint(3, 500, (1, 9))
     with torch.no_grad():
