@@ -10,10 +10,15 @@ Routes:
   an integer, -1 or 0 for off), ``n``, ``stop``, ``seed``,
   ``stream``, ``echo`` and ``logprobs`` (0-20 alternatives) - what lm-eval's ``local-completions``
   model needs for loglikelihood (``echo`` + ``logprobs`` + ``max_tokens=1``) and generation.
-  A text prompt gets BOS in front; a token prompt is used exactly as given.
+  A text prompt gets BOS in front; a token prompt is used exactly as given. The completion's text
+  is what its tokens add to the prompt's text, as OpenAI and vLLM return it: a first token "▁an" after
+  "The answer is" reads " an" (sentencepiece, decoding the new tokens alone, would drop that space),
+  so with ``echo`` the text is the prompt's text followed by the completion's.
 - ``POST /v1/chat/completions``: ``messages`` rendered with the OpenBezoar prompt template
   (``bezoar.eval.chat``), the answer stops at EOS or at a new template section; the sampling
-  settings of completions (``top_k`` included), ``logprobs`` / ``top_logprobs``, ``stream``.
+  settings of completions (``top_k`` included), ``logprobs`` / ``top_logprobs``, ``stream``. The
+  answer's content is its tokens decoded as a text of their own (a leading word marker is no space),
+  as OpenAI's chat content starts at the answer's first character.
 - ``GET /health``.
 
 Requests that arrive together are decoded together: a scheduler collects every request waiting
@@ -70,7 +75,7 @@ import torch
 from aiohttp import web
 
 from bezoar.eval.chat import CHAT_STOP, ChatError, chat_prompt
-from bezoar.eval.decoding import StopStrings, cut_at_stop, left_pad
+from bezoar.eval.decoding import StopStrings, context_tail, continuation, cut_at_stop, left_pad
 from bezoar.eval.scoring import iter_logprobs
 
 log = logging.getLogger("bezoar.serve")
@@ -205,6 +210,8 @@ class Job:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # top-k alternatives to report per token; None: no logprobs
     echo: bool = False  # report the prompt's tokens (and their logprobs) too
+    # the text reads as it follows the prompt's (completions); False: as a text of its own (chat answers)
+    continues_prompt: bool = True
     index: int = 0
     stream: Any = None  # an asyncio.Queue receiving (index, text delta, finish reason or None)
     # filled in by the engine
@@ -347,16 +354,20 @@ class Engine:
             return self.generator
         return torch.Generator(device=self.model.device).manual_seed(job.seed + job.index)
 
+    def _context(self, job: Job) -> list[int]:
+        """What ``job``'s new tokens are decoded after: its prompt, or nothing for a chat answer."""
+        return job.prompt_ids if job.continues_prompt else []
+
     def _finish_text(self, job: Job) -> None:
         """The returned text, cut before a stop string, and the new tokens cut to those whose text it
         returns (for logprobs and usage). A token whose text straddles the cut stays: part of its text
         is returned."""
-        text = self.tokenizer.decode(job.new_ids)
+        text = continuation(self.tokenizer, self._context(job), job.new_ids)
         cut = cut_at_stop(text, job.stop)
         if len(cut) < len(text):
             job.stop_hit = True
             kept, length = 0, 0
-            for piece in token_pieces(self.tokenizer, job.new_ids):
+            for piece in token_pieces(self.tokenizer, job.new_ids, self._context(job)):
                 if length >= len(cut):
                     break
                 kept, length = kept + 1, length + len(piece)
@@ -394,7 +405,7 @@ class Engine:
     def _run_generation(self, jobs: list[Job], temperature: float, top_p: float, top_k: int, generator) -> None:
         from bezoar.model import generate_ids
 
-        stops = [StopStrings(self.tokenizer, j.stop) for j in jobs]
+        stops = [StopStrings(self.tokenizer, j.stop, self._context(j)) for j in jobs]
 
         def on_token(row: int, new_ids: list[int]) -> bool:
             job = jobs[row]
@@ -405,7 +416,7 @@ class Engine:
                 return True
             if job.stream is not None:
                 job.new_ids = new_ids
-                job.text = self.tokenizer.decode(new_ids)
+                job.text = continuation(self.tokenizer, self._context(job), new_ids)
                 self._emit(job, final=False)
             return len(new_ids) >= job.max_tokens
 
@@ -560,21 +571,24 @@ _BYTEWISE_REPLACE = "bezoar-bytewise-replace"
 codecs.register_error(_BYTEWISE_REPLACE, lambda e: ("\ufffd" * (e.end - e.start), e.end))
 
 
-def token_pieces(tokenizer, ids: list[int]) -> list[str]:
-    """The text each token adds to ``tokenizer.decode(ids)``, so that the pieces join to exactly that
-    text. What decode skips (BOS, EOS, pad, other control tokens) adds ""; a character spelled in
-    byte-fallback tokens is added by its last byte (the bytes before it add ""); the first word loses
-    the leading space sentencepiece drops.
+def token_pieces(tokenizer, ids: list[int], context: list[int] = ()) -> list[str]:
+    """The text each token adds to ``continuation(tokenizer, context, ids)`` (without ``context``:
+    ``tokenizer.decode(ids)``), so that the pieces join to exactly that text. What decode skips (BOS,
+    EOS, pad, other control tokens) adds ""; a character spelled in byte-fallback tokens is added by its
+    last byte (the bytes before it add ""); the first word of a text loses the leading space
+    sentencepiece drops, and a first word that follows ``context``'s text keeps it.
 
     Token bytes run through one incremental UTF-8 decoder: linear in the length. Where that does not
-    give decode's text (a tokenizer rule it does not know), each token's end is found by decoding every
+    give the text (a tokenizer rule it does not know), each token's end is found by decoding every
     prefix instead, which is right for any tokenizer but quadratic."""
-    text = tokenizer.decode(ids)
+    context = context_tail(tokenizer, list(context))
+    ids = list(ids)
+    text = continuation(tokenizer, context, ids)
     sp = tokenizer.sp
     skipped = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}
     decoder = codecs.getincrementaldecoder("utf-8")(_BYTEWISE_REPLACE)
     pieces, started = [], False
-    for t in ids:
+    for t in context + ids:
         if t in skipped or sp.IsControl(t):
             pieces.append("")
             continue
@@ -585,11 +599,12 @@ def token_pieces(tokenizer, ids: list[int]) -> list[str]:
         pieces.append(decoder.decode(raw))
     if pieces:
         pieces[-1] += decoder.decode(b"", final=True)
+    pieces = pieces[len(context):]
     if "".join(pieces) == text:
         return pieces
     pieces, end = [], 0
     for i in range(len(ids)):
-        prefix = tokenizer.decode(ids[: i + 1])
+        prefix = continuation(tokenizer, context, ids[: i + 1])
         common = 0
         while common < min(len(prefix), len(text)) and prefix[common] == text[common]:
             common += 1
@@ -836,7 +851,7 @@ class Server:
         left out: clients such as lm-eval index ``token_logprobs`` by token position."""
         ids = (job.prompt_ids if job.echo else []) + job.new_ids
         tokens = token_pieces(self.tokenizer, job.prompt_ids) if job.echo else []
-        new = token_pieces(self.tokenizer, job.new_ids)
+        new = token_pieces(self.tokenizer, job.new_ids, job.prompt_ids)
         if new and job.stop_hit:  # the last token may straddle the stop: only its returned part
             new[-1] = new[-1][: len(new[-1]) - (len("".join(new)) - len(job.text))]
         tokens += new
@@ -898,7 +913,8 @@ class Server:
         stop = _stop(body) + list(CHAT_STOP)
         queue = asyncio.Queue() if stream else None
         jobs = [Job(prompt_ids=ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                    seed=seed, stop=stop, logprobs=(top or 0) if want_logprobs else None, index=c, stream=queue)
+                    seed=seed, stop=stop, logprobs=(top or 0) if want_logprobs else None, index=c, stream=queue,
+                    continues_prompt=False)
                 for c in range(n)]
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if stream:

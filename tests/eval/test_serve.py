@@ -148,6 +148,72 @@ def test_logprobs_tokens_and_offsets_index_the_returned_text(client, tiny_tokeni
     assert token_pieces(tiny_tokenizer, euro)[-1] == "€" and "".join(token_pieces(tiny_tokenizer, euro)) == "€"
 
 
+def test_the_completion_keeps_the_space_its_first_token_adds_to_the_prompt(client, tiny_model, tiny_tokenizer):
+    """The completion is what its tokens add to the prompt's text: after "... The answer is" the tiny
+    model's first token is "▁an", which reads " an" there (sentencepiece decoding it alone drops the
+    space, and echo glued "isan"). Plain, echoed, streamed, token-prompt and logprobs texts agree."""
+    prompt = "What is 7 plus 45? The answer is"
+    ids = tiny_tokenizer.encode(prompt, bos=True)
+    new = generate(tiny_model, tiny_tokenizer, prompt, max_new_tokens=3)[0].token_ids
+    assert tiny_tokenizer.sp.IdToPiece(new[0]).startswith("\u2581"), "the test needs a first token with a space"
+    whole = tiny_tokenizer.decode(ids + new)
+    want = whole[len(prompt):]
+    assert whole.startswith(prompt) and want.startswith(" an")
+    kwargs = dict(model="tiny", max_tokens=3, temperature=0)
+    assert client.completions.create(prompt=prompt, **kwargs).choices[0].text == want
+    assert client.completions.create(prompt=ids, **kwargs).choices[0].text == want
+    echo = client.completions.create(prompt=prompt, echo=True, logprobs=0, **kwargs).choices[0]
+    assert echo.text == whole and "".join(echo.logprobs.tokens) == whole
+    assert echo.logprobs.tokens[len(ids)] == " an" and echo.logprobs.text_offset[len(ids)] == len(prompt)
+    plain = client.completions.create(prompt=prompt, logprobs=0, **kwargs).choices[0]
+    assert plain.logprobs.tokens[0] == " an" and "".join(plain.logprobs.tokens) == want
+    assert plain.logprobs.text_offset == [len(prompt) + len("".join(plain.logprobs.tokens[:i])) for i in range(3)]
+    for echoed in (False, True):
+        chunks = client.completions.create(prompt=prompt, stream=True, echo=echoed, **kwargs)
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == (whole if echoed else want)
+    # a stop string that begins with the first token's space ends the text there
+    r = client.completions.create(prompt=prompt, stop=[" an"], **kwargs).choices[0]
+    assert r.text == "" and r.finish_reason == "stop"
+
+
+def test_stop_strings_read_the_first_new_token_after_the_prompt(tiny_tokenizer):
+    """StopStrings with the prompt as context sees a stop string that starts with the first new token's
+    space; without it (the lm-eval model's rule) the new tokens read as a text of their own."""
+    from bezoar.eval.decoding import StopStrings, continuation
+
+    prompt = tiny_tokenizer.encode("The answer is", bos=True)
+    an = tiny_tokenizer.sp.PieceToId("\u2581an")
+    assert StopStrings(tiny_tokenizer, [" an"], prompt)(0, [an])
+    assert not StopStrings(tiny_tokenizer, [" an"])(0, [an])
+    assert continuation(tiny_tokenizer, prompt, [an]) == " an" and continuation(tiny_tokenizer, [], [an]) == "an"
+
+
+def test_continuation_is_the_text_added_to_the_whole_prompt(tiny_tokenizer):
+    """continuation decodes only the prompt's last few tokens (context_tail): it must give what decoding
+    the whole prompt gives, for prompts ending in control tokens, in byte-fallback pieces (a character
+    the new tokens complete included) or in word pieces."""
+    import random
+
+    from bezoar.eval.decoding import context_tail, continuation
+    from bezoar.serve import token_pieces
+
+    sp, rng = tiny_tokenizer.sp, random.Random(0)
+    vocab = list(range(tiny_tokenizer.vocab_size))
+    euro = tiny_tokenizer.encode("€", bos=False)
+    assert all(sp.IsByte(t) for t in euro[-3:])
+    for _ in range(300):
+        prompt = rng.choices(vocab, k=rng.randint(0, 12)) + rng.choice([[], euro[-3:-1], [tiny_tokenizer.eos_id]])
+        new = rng.choice([euro[-1:], []]) + rng.choices(vocab, k=rng.randint(0, 5))
+        before, whole = tiny_tokenizer.decode(prompt), tiny_tokenizer.decode(prompt + new)
+        common = 0
+        while common < min(len(before), len(whole)) and before[common] == whole[common]:
+            common += 1
+        assert continuation(tiny_tokenizer, prompt, new) == whole[common:], (prompt, new)
+        assert len(context_tail(tiny_tokenizer, prompt)) <= len(prompt)
+        assert "".join(token_pieces(tiny_tokenizer, new, prompt)) == whole[common:], (prompt, new)
+        assert len(token_pieces(tiny_tokenizer, new, prompt)) == len(new)
+
+
 def _stop_inside(tokenizer, token_ids: list[int]) -> tuple[str, int]:
     """A stop string that starts inside a token of a completion, some tokens before its end, and how
     many tokens cover the text before it (the straddling one included)."""
