@@ -6,8 +6,9 @@ Routes:
 
 - ``GET /v1/models``: the one model served, under ``--name`` (default: the folder's name).
 - ``POST /v1/completions``: ``prompt`` as a string, a list of strings, a list of token ids or a
-  list of token-id lists; ``max_tokens``, ``temperature``, ``top_p``, ``top_k`` (as vLLM takes it:
-  an integer, -1 or 0 for off), ``n``, ``stop``, ``seed``,
+  list of token-id lists; ``max_tokens``, ``temperature`` (0 to 2; below ``GREEDY_BELOW``, 1e-5, it
+  decodes greedily as 0 does, vLLM's rule: the logits divided by a tinier one overflow to infinity),
+  ``top_p``, ``top_k`` (as vLLM takes it: an integer, -1 or 0 for off), ``n``, ``stop``, ``seed``,
   ``stream``, ``echo`` and ``logprobs`` (0-20 alternatives) - what lm-eval's ``local-completions``
   model needs for loglikelihood (``echo`` + ``logprobs`` + ``max_tokens=1``) and generation.
   A text prompt gets BOS in front; a token prompt is used exactly as given. The completion's text
@@ -24,7 +25,8 @@ Routes:
 Requests that arrive together are decoded together: a scheduler collects every request waiting
 when the model becomes free (after a short ``--batch-window-ms``), runs one-token scoring
 requests as one batch of forwards, and generation requests in left-padded batches (one batch per
-set of sampling settings). A sampled request with a ``seed`` decodes each choice alone, from a
+set of sampling settings; one of these parts that fails fails its own requests with a 500, not the
+others of the batch). A sampled request with a ``seed`` decodes each choice alone, from a
 generator seeded with ``seed`` plus the choice's index, so its text does not depend on which other
 requests arrive with it. The model runs in one worker thread and prompts are tokenized in two others
 (a text of megabytes takes seconds), so the event loop keeps serving.
@@ -86,6 +88,9 @@ MAX_N = 16
 MAX_STOP = 16
 MAX_REQUEST_SEQS = 128  # default --max-request-seqs: sequences (n x prompts) one request may ask for
 MAX_BODY_BYTES = 64 * 2**20
+# A temperature below this decodes greedily, as 0 does (vLLM's threshold): logits divided by 1e-40 are
+# infinite, and the softmax of infinities is NaN, which the sampler cannot draw from.
+GREEDY_BELOW = 1e-5
 TOKENIZE_THREADS = 2  # prompts tokenized at once, off the event loop (sentencepiece releases the GIL)
 
 
@@ -122,6 +127,12 @@ def _number(body: dict, name: str, default: float, low: float, high: float, low_
         bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
         raise ApiError(f"{name} must be in {bound}, got {value}", name)
     return float(value)
+
+
+def _temperature(body: dict) -> float:
+    """``temperature`` in [0, 2], default 1; below ``GREEDY_BELOW`` it is 0 (greedy)."""
+    value = _number(body, "temperature", 1.0, 0.0, 2.0)
+    return 0.0 if value < GREEDY_BELOW else value
 
 
 def _integer(body: dict, name: str, default: int | None, low: int, high: int | None = None) -> int | None:
@@ -221,6 +232,7 @@ class Job:
     token_logprobs: list[float | None] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
     cancelled: bool = False
+    error: BaseException | None = None  # what failed the job's part of the batch (the request gets a 500)
     future: Any = None
     sent: int = 0  # characters of text already streamed
     stop_hit: bool = False
@@ -290,13 +302,15 @@ class Engine:
             except Exception as e:  # a model failure fails these requests, not the server
                 log.exception("batch of %d jobs failed", len(jobs))
                 for job in jobs:
+                    job.error = job.error or e
+            for job in jobs:
+                if job.future.done():
+                    continue
+                if job.error is not None:
                     if job.stream is not None:
                         job.stream.put_nowait((job.index, "", "error"))
-                    if not job.future.done():
-                        job.future.set_exception(e)
-                continue
-            for job in jobs:
-                if not job.future.done():
+                    job.future.set_exception(job.error)
+                else:
                     job.future.set_result(job)
 
     # -- in the worker thread --
@@ -340,12 +354,21 @@ class Engine:
                 # depend on which other rows happened to share the batch.
                 key = (job.temperature, job.top_p, job.top_k, id(job))
             groups.setdefault(key, []).append(job)
-        if one_step:
-            self._run_one_step(one_step)
-        for (temperature, top_p, top_k, _), members in groups.items():
-            self._run_generation(members, temperature, top_p, top_k, self._sampler(members[0]))
+        # Each part runs on its own: one that fails (a model error) fails its own jobs, and the other
+        # requests of the batch are answered as if they had come alone.
+        parts = [(self._run_one_step, (one_step,))] if one_step else []
+        parts += [(self._run_generation, (members, temperature, top_p, top_k, self._sampler(members[0])))
+                  for (temperature, top_p, top_k, _), members in groups.items()]
+        for run, args in parts:
+            try:
+                run(*args)
+            except Exception as e:
+                log.exception("%d of the batch's %d jobs failed", len(args[0]), len(jobs))
+                for job in args[0]:
+                    job.error = e
         for job in jobs:
-            self._emit(job, final=True)
+            if job.error is None:
+                self._emit(job, final=True)
 
     def _sampler(self, job: Job):
         """The server's shared generator, or for a seeded job one of its own: ``seed`` offset by the
@@ -810,7 +833,7 @@ class Server:
             raise ApiError("you must provide a prompt parameter", "prompt")
         echo = _boolean(body, "echo")
         max_tokens = _integer(body, "max_tokens", 16, 0 if echo else 1)
-        temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+        temperature = _temperature(body)
         top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
         top_k = _top_k(body)
         n = _integer(body, "n", 1, 1, MAX_N)
@@ -899,7 +922,7 @@ class Server:
         name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         max_tokens = _integer(body, name, None, 1)
         ids, max_tokens = await self._off_loop(self._chat_ids, prompt, max_tokens, name)
-        temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+        temperature = _temperature(body)
         top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
         top_k = _top_k(body)
         seed = _integer(body, "seed", None, -(2**63), 2**63 - 1)

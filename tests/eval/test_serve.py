@@ -4,6 +4,7 @@ echo/logprobs, batching of concurrent clients, OpenAI-style errors, and the comm
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -382,6 +383,51 @@ def test_top_k_is_accepted_and_top_k_1_samples_the_greedy_text(client):
     assert one.choices[0].message.content == greedy.choices[0].message.content
     plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=2.0, seed=3)
     assert plain.choices[0].message.content != greedy.choices[0].message.content, "temperature 2 leaves greedy"
+
+
+def test_a_tiny_temperature_decodes_greedily(client):
+    """A temperature below 1e-5 is greedy, as 0 is (vLLM's rule): logits divided by 1e-40 overflow to
+    infinity and the sampler's NaN probabilities failed the request (and its whole batch) with a 500."""
+    for max_tokens in (1, 6):  # the scoring path and a decode loop
+        kwargs = dict(model="tiny", prompt="Health is", max_tokens=max_tokens)
+        greedy = client.completions.create(**kwargs, temperature=0).choices[0].text
+        for temperature in (1e-40, 1e-300, 5e-6):
+            assert client.completions.create(**kwargs, temperature=temperature).choices[0].text == greedy
+    messages = [{"role": "user", "content": "Name a color."}]
+    greedy = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0)
+    tiny = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=1e-40)
+    assert tiny.choices[0].message.content == greedy.choices[0].message.content
+
+
+def test_a_failing_part_of_a_batch_fails_only_its_own_requests(tiny_model, tiny_tokenizer):
+    """Jobs of other sampling settings in the same batch are decoded apart; when one such part fails
+    (a model error), its requests get a 500 and the others their answers."""
+    from bezoar.serve import BackgroundServer, Server
+
+    server = Server(tiny_model, tiny_tokenizer, "tiny", batch_window_s=0.2)
+    engine = server.engine
+    run_generation = engine._run_generation
+
+    def failing(jobs, temperature, *args):
+        if temperature == 0.5:
+            raise RuntimeError("this part fails")
+        return run_generation(jobs, temperature, *args)
+
+    bodies = [dict(model="tiny", prompt="Health is", max_tokens=4, temperature=0),
+              dict(model="tiny", prompt="The cat", max_tokens=4, temperature=0.5),
+              dict(model="tiny", prompt="Health is", max_tokens=1, temperature=0)]
+    with BackgroundServer(server) as bg:
+        alone = [post(bg.url + "/v1/completions", bodies[i])[1]["choices"][0]["text"] for i in (0, 2)]
+        engine._run_generation = failing
+        release = hold_engine(engine)
+        with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+            calls = [pool.submit(post, bg.url + "/v1/completions", b) for b in bodies]
+            batches_before = engine.batches
+            release(len(bodies))
+            (s0, r0), (s1, r1), (s2, r2) = [c.result() for c in calls]
+        assert engine.batches - batches_before == 1, "the three requests should reach the engine together"
+    assert s1 == 500 and r1["error"]["type"] == "server_error"
+    assert (s0, s2) == (200, 200) and [r0["choices"][0]["text"], r2["choices"][0]["text"]] == alone
 
 
 def test_jobs_batch_together_only_with_the_same_top_k(tiny_model, tiny_tokenizer):
