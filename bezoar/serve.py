@@ -711,6 +711,11 @@ class Server:
     async def _body(self, request: web.Request) -> dict:
         try:
             body = await request.json()
+        except LookupError:
+            # aiohttp decodes the body with the Content-Type's charset, looked up as a Python codec: an
+            # unknown one (charset=foo) or one that is no text encoding (charset=base64) raises this
+            raise ApiError(f"Unsupported charset {request.charset!r} in the Content-Type header; send the JSON "
+                           "body as UTF-8 (application/json; charset=utf-8)") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(f"The request body is not valid JSON ({e})") from None
         except RecursionError:

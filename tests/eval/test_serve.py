@@ -27,9 +27,9 @@ def client(served):
     return openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def post(url: str, body, raw: bytes | None = None) -> tuple[int, dict]:
+def post(url: str, body, raw: bytes | None = None, content_type: str = "application/json") -> tuple[int, dict]:
     data = raw if raw is not None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": content_type}, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, json.loads(r.read())
@@ -525,6 +525,14 @@ def test_other_errors(served, client):
     assert status == 400 and "not valid JSON" in reply["error"]["message"], reply  # was a 500 (RecursionError)
     status, reply = post(served.url + "/v1/completions", {"model": "gpt-9", "prompt": "x"})
     assert status == 404 and reply["error"]["code"] == "model_not_found"
+    for charset in ("foo", "base64"):  # no codec, and a codec that is no text encoding: were 500s (LookupError)
+        status, reply = post(served.url + "/v1/completions", {"model": "tiny", "prompt": "x"},
+                             content_type=f"application/json; charset={charset}")
+        assert status == 400 and reply["error"]["type"] == "invalid_request_error", reply
+        assert f"Unsupported charset '{charset}'" in reply["error"]["message"]
+    status, reply = post(served.url + "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 1},
+                         content_type="application/json; charset=utf-8")
+    assert status == 200, reply
     status, reply = post(served.url + "/v1/embeddings", {"model": "tiny", "input": "x"})
     assert status == 404 and "error" in reply
     with pytest.raises(openai.BadRequestError) as e:
