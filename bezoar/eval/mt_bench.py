@@ -24,8 +24,10 @@ The steps, each resumable:
    (``--judge-prompts``; default ``bezoar/assets/mt_bench/judge_prompts.jsonl``, written for this
    project). Every judge call goes through the client pool (``bezoar.generate.pool``) and its
    durable store ``judge_store.jsonl``: a rerun sends only what is not answered yet.
-4. Scores: the first ``[[x]]`` in a judgment, else the first ``[x]``; a judgment with neither (or a
-   value outside 1-10) scores -1 and is left out of every average. ``judgments.jsonl`` (FastChat's
+4. Scores, as FastChat reads them: the first ``[[x]]`` in a judgment, else the first ``[x]``, taken as
+   it is (a judge's ``[[0]]`` or ``[[11]]`` counts as 0 or 11, as in FastChat's results); a judgment
+   with neither scores -1 and is left out of every average, as is a failed call. The report counts the
+   ratings outside 1-10 apart (``outside_scale``) without changing them. ``judgments.jsonl`` (FastChat's
    single-judgment format plus ``category``), ``results.md`` (per turn, per category, overall),
    ``results.json`` and ``categories.png`` (mean score per category).
 """
@@ -496,15 +498,15 @@ def call_judge(requests: list, config: JudgeConfig, store_path: Path, progress: 
 
 
 def parse_rating(judgment: str | None) -> float:
-    """The first ``[[x]]`` in the judgment, else the first ``[x]``; -1 when there is none or the
-    value is outside 1-10."""
+    """The first ``[[x]]`` in the judgment, else the first ``[x]``, as FastChat's single-answer grading
+    reads it (its value kept, inside 1-10 or not); -1 when there is none. FastChat's results drop only
+    -1, so a rating of 0 or 11 counts there, and here."""
     if not judgment:
         return -1.0
     match = RATING.search(judgment) or RATING_FALLBACK.search(judgment)
     if match is None:
         return -1.0
-    value = float(match.group(1))
-    return value if 1.0 <= value <= 10.0 else -1.0
+    return float(match.group(1))
 
 
 @dataclass
@@ -550,6 +552,7 @@ class Summary:
     counted: int
     unparseable: int
     failed: int
+    outside_scale: int = 0  # counted ratings outside the prompts' 1-10 (kept as given, as FastChat keeps them)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -557,8 +560,9 @@ def _mean(values: list[float]) -> float | None:
 
 
 def summarize(judgments: list[Judgment]) -> Summary:
-    """Averages over the judgments with a score (score -1: unparseable or failed, left out)."""
-    valid = [j for j in judgments if j.score >= 0]
+    """Averages over the judgments with a score (score -1: unparseable or failed, left out, the only
+    score FastChat's show_result drops)."""
+    valid = [j for j in judgments if j.score != -1]
     turns = sorted({j.turn for j in judgments})
     categories = list(dict.fromkeys(j.category for j in judgments))
     return Summary(
@@ -568,8 +572,9 @@ def summarize(judgments: list[Judgment]) -> Summary:
         per_category_turn={c: {t: _mean([j.score for j in valid if j.category == c and j.turn == t]) for t in turns}
                            for c in categories},
         counted=len(valid),
-        unparseable=sum(1 for j in judgments if j.score < 0 and j.error is None),
+        unparseable=sum(1 for j in judgments if j.score == -1 and j.error is None),
         failed=sum(1 for j in judgments if j.error is not None),
+        outside_scale=sum(1 for j in valid if not 1 <= j.score <= 10),
     )
 
 
@@ -589,6 +594,9 @@ def summary_table(summary: Summary, model_id: str, judge_model: str) -> str:
                  + f" | **{_fmt(summary.overall)}** |")
     lines += ["", f"{summary.counted} judgments counted; {summary.unparseable} without a rating (-1) and "
                   f"{summary.failed} failed calls left out."]
+    if summary.outside_scale:
+        lines[-1] += (f" {summary.outside_scale} of the counted ratings lie outside 1-10 (counted as given, "
+                      "as FastChat counts them).")
     return "\n".join(lines)
 
 
@@ -605,7 +613,7 @@ def category_chart(summary: Summary, path: Path, title: str) -> Path:
     for bar, n in zip(bars, names):
         label = _fmt(summary.per_category[n])
         ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
-    ax.set_ylim(0, 10)
+    ax.set_ylim(0, max([10.0] + values))  # a judge's ratings above 10 count (parse_rating)
     ax.set_ylabel("mean score (1-10)")
     ax.set_title(title, fontsize=10)
     ax.tick_params(axis="x", labelrotation=30)

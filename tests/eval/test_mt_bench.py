@@ -20,13 +20,34 @@ from bezoar.eval.chat import chat_prompt
     ("no double brackets, but [6] here", 6.0),
     ("[[7]] beats a later [2]", 7.0),
     ("I cannot rate this.", -1.0),
-    ("Rating: [[0]]", -1.0),
-    ("Rating: [[11]]", -1.0),
+    # outside the prompts' 1-10, kept as FastChat keeps them (only "no rating" is -1)
+    ("Rating: [[0]]", 0.0),
+    ("Rating: [[0.5]]", 0.5),
+    ("Rating: [[11]]", 11.0),
+    ("no double brackets, [12] here", 12.0),
     ("", -1.0),
     (None, -1.0),
 ])
 def test_parse_rating(text, score):
     assert mt.parse_rating(text) == score
+
+
+def test_ratings_outside_1_to_10_are_counted_as_fastchat_counts_them():
+    """FastChat's show_result drops score -1 only: a judge's [[0]] or [[11]] enters the averages as
+    given (bezoar dropped them as unparseable); the report counts them apart."""
+    def judgment(qid, turn, text, error=None):
+        score = mt.parse_rating(text) if error is None else -1.0
+        return mt.Judgment(qid, "m", ["j", "single-v1"], "", text, score, turn, "writing", error=error)
+
+    judgments = [judgment(1, 1, "[[0]]"), judgment(1, 2, "[[11]]"), judgment(2, 1, "[[4]]"),
+                 judgment(2, 2, "no rating"), judgment(3, 1, "", error="refused")]
+    summary = mt.summarize(judgments)
+    assert (summary.counted, summary.unparseable, summary.failed, summary.outside_scale) == (3, 1, 1, 2)
+    assert summary.overall == pytest.approx(5.0) and summary.per_turn == {1: 2.0, 2: 11.0}
+    table = mt.summary_table(summary, "m", "j")
+    assert "3 judgments counted; 1 without a rating (-1) and 1 failed calls left out." in table
+    assert "2 of the counted ratings lie outside 1-10" in table
+    assert "outside 1-10" not in mt.summary_table(mt.summarize(judgments[2:]), "m", "j")
 
 
 def test_sample_questions_and_default_judge_prompts():
