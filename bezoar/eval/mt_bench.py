@@ -140,14 +140,48 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def _question_from(row: dict, where: str) -> Question:
-    qid = row.get("question_id", row.get("prompt_id"))
-    turns = row.get("turns", row.get("prompt"))
-    category = row.get("category")
+def _check_question_id(qid, where: str):
+    """``qid`` when it is a question id (an integer or a string), else the error naming ``where``."""
     if qid is None:
         raise MTBenchError(f"{where}: no question_id")
     if isinstance(qid, bool) or not isinstance(qid, (int, str)):
         raise MTBenchError(f"{where}: question_id must be an integer or a string, got {qid!r}")
+    return qid
+
+
+def _answer_turns(row: dict, where: str) -> list[str]:
+    """``choices[0].turns`` of a model-answer record, checked to be a non-empty list of strings: a string
+    given as the turns would otherwise be read as its characters (a reference's first turn "1" for
+    "158 - 58 = 100.") and sent to the paid judge."""
+    try:
+        turns = row["choices"][0]["turns"]
+    except (KeyError, IndexError, TypeError):
+        raise MTBenchError(f"{where}: expected choices[0].turns") from None
+    if isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns):
+        return list(turns)
+    if not isinstance(turns, list):
+        got = _json_type(turns)
+    elif not turns:
+        got = "an empty list"
+    else:
+        got = f"a list holding {_json_type(next(t for t in turns if not isinstance(t, str)))}"
+    raise MTBenchError(f"{where}: choices[0].turns must be a non-empty list of strings, got {got}")
+
+
+def _json_type(value) -> str:
+    """What a JSON value is, for error messages: "a string", "a number", "an object"..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return {str: "a string", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__)
+
+
+def _question_from(row: dict, where: str) -> Question:
+    qid = _check_question_id(row.get("question_id", row.get("prompt_id")), where)
+    turns = row.get("turns", row.get("prompt"))
+    category = row.get("category")
     if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
         raise MTBenchError(f"{where}: 'turns' must be a non-empty list of strings")
     if len(turns) > 2:
@@ -192,10 +226,8 @@ def load_reference_answers(path: str | Path) -> dict[Any, list[str]]:
     path = Path(path)
     out = {}
     for line, row in _read_jsonl(path):
-        try:
-            out[row["question_id"]] = list(row["choices"][0]["turns"])
-        except (KeyError, IndexError, TypeError):
-            raise MTBenchError(f"{path}:{line}: expected question_id and choices[0].turns") from None
+        where = f"{path}:{line}"
+        out[_check_question_id(row.get("question_id"), where)] = _answer_turns(row, where)
     return out
 
 
@@ -209,6 +241,10 @@ def load_judge_prompts(path: str | Path | None = None) -> dict[str, JudgePrompt]
                                  output_format=row.get("output_format", "[[rating]]"), type=row.get("type", "single"))
         except KeyError as e:
             raise MTBenchError(f"{path}:{line}: judge prompt without {e.args[0]!r}") from None
+        for name, value in asdict(prompt).items():  # each is formatted or sent as text
+            if not isinstance(value, str):
+                raise MTBenchError(f"{path}:{line}: judge prompt field {name!r} must be a string, "
+                                   f"got {_json_type(value)}")
         prompts[prompt.name] = prompt
     for name in ("single-v1", "single-v1-multi-turn", "single-math-v1", "single-math-v1-multi-turn"):
         if name not in prompts:
@@ -226,15 +262,23 @@ def read_answers(path: Path) -> dict[Any, Answer]:
     out = {}
     lines_of: dict[Any, int] = {}  # question_id -> the line its answer came from
     for line_no, line, last in _utf8_lines(path, "answer files", torn_tail=True):
+        where = f"{path}:{line_no}"
         try:
             row = json.loads(line)
-            answer = Answer(row["question_id"], row["model_id"], list(row["choices"][0]["turns"]),
-                            row.get("answer_id", ""), row.get("tstamp", 0.0))
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+        except json.JSONDecodeError:
             if last:
                 log.warning("%s: ignoring an incomplete last line (an interrupted run)", path)
                 continue
-            raise MTBenchError(f"{path}:{line_no}: not a model-answer record") from None
+            raise MTBenchError(f"{where}: not a model-answer record (not valid JSON)") from None
+        # A whole JSON line is no torn one: a record of the wrong shape is an error wherever it is.
+        if not isinstance(row, dict):
+            raise MTBenchError(f"{where}: not a model-answer record (expected a JSON object)")
+        model_id = row.get("model_id")
+        if not isinstance(model_id, str):
+            raise MTBenchError(f"{where}: no model_id" if model_id is None else
+                               f"{where}: model_id must be a string, got {_json_type(model_id)}")
+        answer = Answer(_check_question_id(row.get("question_id"), where), model_id, _answer_turns(row, where),
+                        row.get("answer_id", ""), row.get("tstamp", 0.0))
         earlier = out.get(answer.question_id)
         if earlier is not None and earlier.model_id != answer.model_id:
             raise MTBenchError(f"{path}:{line_no}: question {answer.question_id!r} answered by model "

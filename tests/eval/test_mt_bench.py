@@ -86,6 +86,49 @@ def test_bad_input_files_are_named(tmp_path):
     prompts.write_text(json.dumps({"name": "single-v1", "prompt_template": "{question} {answer}"}) + "\n")
     with pytest.raises(mt.MTBenchError, match="no judge prompt named 'single-v1-multi-turn'"):
         mt.load_judge_prompts(prompts)
+    good = mt.DEFAULT_JUDGE_PROMPTS.read_text().splitlines()
+    for field, value, got in (("prompt_template", ["{question}"], "a list"), ("system_prompt", None, "null"),
+                              ("name", 7, "a number")):
+        row = {**json.loads(good[1]), field: value}
+        prompts.write_text("\n".join([good[0], json.dumps(row)] + good[2:]) + "\n")
+        with pytest.raises(mt.MTBenchError, match=rf"p.jsonl:2: judge prompt field '{field}' must be a string, "
+                                                  rf"got {got}"):
+            mt.load_judge_prompts(prompts)
+
+
+def test_malformed_turns_and_question_ids_in_answer_and_reference_files_are_named(tmp_path):
+    """FastChat's model-answer format holds turns as a list of strings: a string there was read as its
+    characters (the judge was sent ref_answer_1 "1" for "158 - 58 = 100."), and a question_id of another
+    type went unchecked. Both files now name the line and the field."""
+    def record(**fields):
+        return json.dumps({"question_id": 4, "model_id": "m", "choices": [{"index": 0, "turns": ["a", "b"]}], **fields})
+
+    path = tmp_path / "ref.jsonl"
+    cases = [({"choices": [{"index": 0, "turns": "158 - 58 = 100."}]}, "choices[0].turns must be a non-empty list "
+              "of strings, got a string"),
+             ({"choices": [{"turns": ["ok", 3]}]}, "choices[0].turns must be a non-empty list of strings, got a list "
+              "holding a number"),
+             ({"choices": [{"turns": []}]}, "choices[0].turns must be a non-empty list of strings, got an empty list"),
+             ({"choices": []}, "expected choices[0].turns"),
+             ({"question_id": [4]}, "question_id must be an integer or a string, got [4]"),
+             ({"question_id": None}, "no question_id")]
+    for fields, message in cases:
+        path.write_text(record(question_id=1) + "\n" + record(**fields) + "\n")
+        with pytest.raises(mt.MTBenchError, match=re.escape(f"ref.jsonl:2: {message}")):
+            mt.load_reference_answers(path)
+        # an answer file too, on its last line: a whole JSON record of the wrong shape is no torn line
+        answers = tmp_path / "answers.jsonl"
+        answers.write_text(path.read_text())
+        with pytest.raises(mt.MTBenchError, match=re.escape(f"answers.jsonl:2: {message}")):
+            mt.read_answers(answers)
+    answers.write_text(record(model_id=None) + "\n")
+    with pytest.raises(mt.MTBenchError, match=r"answers.jsonl:1: no model_id"):
+        mt.read_answers(answers)
+    answers.write_text(record(model_id=["m"]) + "\n")
+    with pytest.raises(mt.MTBenchError, match=r"answers.jsonl:1: model_id must be a string, got a list"):
+        mt.read_answers(answers)
+    path.write_text(record() + "\n" + record(question_id="q2", choices=[{"turns": ["x"]}]) + "\n")
+    assert mt.load_reference_answers(path) == {4: ["a", "b"], "q2": ["x"]}
 
 
 def test_judge_prompts_pick_references_and_turns(caplog):
