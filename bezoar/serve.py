@@ -47,7 +47,10 @@ http://127.0.0.1:8000/v1/completions,tokenizer=DIR,tokenizer_backend=huggingface
 max_length=L+2`` gives the numbers ``--model bezoar`` gives with ``max_length=L`` (local-completions
 keeps one token of its max_length for the answer and one more in its rolling windows). For
 perplexity tasks pass ``add_bos_token=False``: with it true, local-completions (like lm-eval's
-``hf`` model) reads BOS twice at the start of a text and scores the second one.
+``hf`` model) reads BOS twice at the start of a text and scores the second one. Generated answers are
+the same tokens, but read as they follow the prompt (as from vLLM): one whose first token starts a word
+begins with the space that lm-eval's ``hf`` and ``bezoar`` models, decoding the answer alone, drop, which
+a generation metric that keeps leading whitespace (exact_match without a filter) counts.
 
 The server binds 127.0.0.1 unless ``--host`` says otherwise. When the environment variable
 ``BEZOAR_SERVE_API_KEY`` is set, every request must carry ``Authorization: Bearer <that key>``.
