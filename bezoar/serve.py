@@ -6,20 +6,27 @@ Routes:
 
 - ``GET /v1/models``: the one model served, under ``--name`` (default: the folder's name).
 - ``POST /v1/completions``: ``prompt`` as a string, a list of strings, a list of token ids or a
-  list of token-id lists; ``max_tokens``, ``temperature``, ``top_p``, ``top_k`` (as vLLM takes it:
-  an integer, -1 or 0 for off), ``n``, ``stop``, ``seed``,
+  list of token-id lists; ``max_tokens``, ``temperature`` (0 to 2; below ``GREEDY_BELOW``, 1e-5, it
+  decodes greedily as 0 does, vLLM's rule: the logits divided by a tinier one overflow to infinity),
+  ``top_p``, ``top_k`` (as vLLM takes it: an integer, -1 or 0 for off), ``n``, ``stop``, ``seed``,
   ``stream``, ``echo`` and ``logprobs`` (0-20 alternatives) - what lm-eval's ``local-completions``
   model needs for loglikelihood (``echo`` + ``logprobs`` + ``max_tokens=1``) and generation.
-  A text prompt gets BOS in front; a token prompt is used exactly as given.
+  A text prompt gets BOS in front; a token prompt is used exactly as given. The completion's text
+  is what its tokens add to the prompt's text, as OpenAI and vLLM return it: a first token "▁an" after
+  "The answer is" reads " an" (sentencepiece, decoding the new tokens alone, would drop that space),
+  so with ``echo`` the text is the prompt's text followed by the completion's.
 - ``POST /v1/chat/completions``: ``messages`` rendered with the OpenBezoar prompt template
   (``bezoar.eval.chat``), the answer stops at EOS or at a new template section; the sampling
-  settings of completions (``top_k`` included), ``logprobs`` / ``top_logprobs``, ``stream``.
+  settings of completions (``top_k`` included), ``logprobs`` / ``top_logprobs``, ``stream``. The
+  answer's content is its tokens decoded as a text of their own (a leading word marker is no space),
+  as OpenAI's chat content starts at the answer's first character.
 - ``GET /health``.
 
 Requests that arrive together are decoded together: a scheduler collects every request waiting
 when the model becomes free (after a short ``--batch-window-ms``), runs one-token scoring
 requests as one batch of forwards, and generation requests in left-padded batches (one batch per
-set of sampling settings). A sampled request with a ``seed`` decodes each choice alone, from a
+set of sampling settings; one of these parts that fails fails its own requests with a 500, not the
+others of the batch). A sampled request with a ``seed`` decodes each choice alone, from a
 generator seeded with ``seed`` plus the choice's index, so its text does not depend on which other
 requests arrive with it. The model runs in one worker thread and prompts are tokenized in two others
 (a text of megabytes takes seconds), so the event loop keeps serving.
@@ -40,7 +47,10 @@ http://127.0.0.1:8000/v1/completions,tokenizer=DIR,tokenizer_backend=huggingface
 max_length=L+2`` gives the numbers ``--model bezoar`` gives with ``max_length=L`` (local-completions
 keeps one token of its max_length for the answer and one more in its rolling windows). For
 perplexity tasks pass ``add_bos_token=False``: with it true, local-completions (like lm-eval's
-``hf`` model) reads BOS twice at the start of a text and scores the second one.
+``hf`` model) reads BOS twice at the start of a text and scores the second one. Generated answers are
+the same tokens, but read as they follow the prompt (as from vLLM): one whose first token starts a word
+begins with the space that lm-eval's ``hf`` and ``bezoar`` models, decoding the answer alone, drop, which
+a generation metric that keeps leading whitespace (exact_match without a filter) counts.
 
 The server binds 127.0.0.1 unless ``--host`` says otherwise. When the environment variable
 ``BEZOAR_SERVE_API_KEY`` is set, every request must carry ``Authorization: Bearer <that key>``.
@@ -70,7 +80,7 @@ import torch
 from aiohttp import web
 
 from bezoar.eval.chat import CHAT_STOP, ChatError, chat_prompt
-from bezoar.eval.decoding import StopStrings, cut_at_stop, left_pad
+from bezoar.eval.decoding import StopStrings, context_tail, continuation, cut_at_stop, left_pad
 from bezoar.eval.scoring import iter_logprobs
 
 log = logging.getLogger("bezoar.serve")
@@ -81,6 +91,9 @@ MAX_N = 16
 MAX_STOP = 16
 MAX_REQUEST_SEQS = 128  # default --max-request-seqs: sequences (n x prompts) one request may ask for
 MAX_BODY_BYTES = 64 * 2**20
+# A temperature below this decodes greedily, as 0 does (vLLM's threshold): logits divided by 1e-40 are
+# infinite, and the softmax of infinities is NaN, which the sampler cannot draw from.
+GREEDY_BELOW = 1e-5
 TOKENIZE_THREADS = 2  # prompts tokenized at once, off the event loop (sentencepiece releases the GIL)
 
 
@@ -117,6 +130,12 @@ def _number(body: dict, name: str, default: float, low: float, high: float, low_
         bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
         raise ApiError(f"{name} must be in {bound}, got {value}", name)
     return float(value)
+
+
+def _temperature(body: dict) -> float:
+    """``temperature`` in [0, 2], default 1; below ``GREEDY_BELOW`` it is 0 (greedy)."""
+    value = _number(body, "temperature", 1.0, 0.0, 2.0)
+    return 0.0 if value < GREEDY_BELOW else value
 
 
 def _integer(body: dict, name: str, default: int | None, low: int, high: int | None = None) -> int | None:
@@ -205,6 +224,8 @@ class Job:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # top-k alternatives to report per token; None: no logprobs
     echo: bool = False  # report the prompt's tokens (and their logprobs) too
+    # the text reads as it follows the prompt's (completions); False: as a text of its own (chat answers)
+    continues_prompt: bool = True
     index: int = 0
     stream: Any = None  # an asyncio.Queue receiving (index, text delta, finish reason or None)
     # filled in by the engine
@@ -214,6 +235,7 @@ class Job:
     token_logprobs: list[float | None] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
     cancelled: bool = False
+    error: BaseException | None = None  # what failed the job's part of the batch (the request gets a 500)
     future: Any = None
     sent: int = 0  # characters of text already streamed
     stop_hit: bool = False
@@ -283,13 +305,15 @@ class Engine:
             except Exception as e:  # a model failure fails these requests, not the server
                 log.exception("batch of %d jobs failed", len(jobs))
                 for job in jobs:
+                    job.error = job.error or e
+            for job in jobs:
+                if job.future.done():
+                    continue
+                if job.error is not None:
                     if job.stream is not None:
                         job.stream.put_nowait((job.index, "", "error"))
-                    if not job.future.done():
-                        job.future.set_exception(e)
-                continue
-            for job in jobs:
-                if not job.future.done():
+                    job.future.set_exception(job.error)
+                else:
                     job.future.set_result(job)
 
     # -- in the worker thread --
@@ -333,12 +357,21 @@ class Engine:
                 # depend on which other rows happened to share the batch.
                 key = (job.temperature, job.top_p, job.top_k, id(job))
             groups.setdefault(key, []).append(job)
-        if one_step:
-            self._run_one_step(one_step)
-        for (temperature, top_p, top_k, _), members in groups.items():
-            self._run_generation(members, temperature, top_p, top_k, self._sampler(members[0]))
+        # Each part runs on its own: one that fails (a model error) fails its own jobs, and the other
+        # requests of the batch are answered as if they had come alone.
+        parts = [(self._run_one_step, (one_step,))] if one_step else []
+        parts += [(self._run_generation, (members, temperature, top_p, top_k, self._sampler(members[0])))
+                  for (temperature, top_p, top_k, _), members in groups.items()]
+        for run, args in parts:
+            try:
+                run(*args)
+            except Exception as e:
+                log.exception("%d of the batch's %d jobs failed", len(args[0]), len(jobs))
+                for job in args[0]:
+                    job.error = e
         for job in jobs:
-            self._emit(job, final=True)
+            if job.error is None:
+                self._emit(job, final=True)
 
     def _sampler(self, job: Job):
         """The server's shared generator, or for a seeded job one of its own: ``seed`` offset by the
@@ -347,16 +380,20 @@ class Engine:
             return self.generator
         return torch.Generator(device=self.model.device).manual_seed(job.seed + job.index)
 
+    def _context(self, job: Job) -> list[int]:
+        """What ``job``'s new tokens are decoded after: its prompt, or nothing for a chat answer."""
+        return job.prompt_ids if job.continues_prompt else []
+
     def _finish_text(self, job: Job) -> None:
         """The returned text, cut before a stop string, and the new tokens cut to those whose text it
         returns (for logprobs and usage). A token whose text straddles the cut stays: part of its text
         is returned."""
-        text = self.tokenizer.decode(job.new_ids)
+        text = continuation(self.tokenizer, self._context(job), job.new_ids)
         cut = cut_at_stop(text, job.stop)
         if len(cut) < len(text):
             job.stop_hit = True
             kept, length = 0, 0
-            for piece in token_pieces(self.tokenizer, job.new_ids):
+            for piece in token_pieces(self.tokenizer, job.new_ids, self._context(job)):
                 if length >= len(cut):
                     break
                 kept, length = kept + 1, length + len(piece)
@@ -394,7 +431,7 @@ class Engine:
     def _run_generation(self, jobs: list[Job], temperature: float, top_p: float, top_k: int, generator) -> None:
         from bezoar.model import generate_ids
 
-        stops = [StopStrings(self.tokenizer, j.stop) for j in jobs]
+        stops = [StopStrings(self.tokenizer, j.stop, self._context(j)) for j in jobs]
 
         def on_token(row: int, new_ids: list[int]) -> bool:
             job = jobs[row]
@@ -405,7 +442,7 @@ class Engine:
                 return True
             if job.stream is not None:
                 job.new_ids = new_ids
-                job.text = self.tokenizer.decode(new_ids)
+                job.text = continuation(self.tokenizer, self._context(job), new_ids)
                 self._emit(job, final=False)
             return len(new_ids) >= job.max_tokens
 
@@ -560,21 +597,24 @@ _BYTEWISE_REPLACE = "bezoar-bytewise-replace"
 codecs.register_error(_BYTEWISE_REPLACE, lambda e: ("\ufffd" * (e.end - e.start), e.end))
 
 
-def token_pieces(tokenizer, ids: list[int]) -> list[str]:
-    """The text each token adds to ``tokenizer.decode(ids)``, so that the pieces join to exactly that
-    text. What decode skips (BOS, EOS, pad, other control tokens) adds ""; a character spelled in
-    byte-fallback tokens is added by its last byte (the bytes before it add ""); the first word loses
-    the leading space sentencepiece drops.
+def token_pieces(tokenizer, ids: list[int], context: list[int] = ()) -> list[str]:
+    """The text each token adds to ``continuation(tokenizer, context, ids)`` (without ``context``:
+    ``tokenizer.decode(ids)``), so that the pieces join to exactly that text. What decode skips (BOS,
+    EOS, pad, other control tokens) adds ""; a character spelled in byte-fallback tokens is added by its
+    last byte (the bytes before it add ""); the first word of a text loses the leading space
+    sentencepiece drops, and a first word that follows ``context``'s text keeps it.
 
     Token bytes run through one incremental UTF-8 decoder: linear in the length. Where that does not
-    give decode's text (a tokenizer rule it does not know), each token's end is found by decoding every
+    give the text (a tokenizer rule it does not know), each token's end is found by decoding every
     prefix instead, which is right for any tokenizer but quadratic."""
-    text = tokenizer.decode(ids)
+    context = context_tail(tokenizer, list(context))
+    ids = list(ids)
+    text = continuation(tokenizer, context, ids)
     sp = tokenizer.sp
     skipped = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}
     decoder = codecs.getincrementaldecoder("utf-8")(_BYTEWISE_REPLACE)
     pieces, started = [], False
-    for t in ids:
+    for t in context + ids:
         if t in skipped or sp.IsControl(t):
             pieces.append("")
             continue
@@ -585,11 +625,12 @@ def token_pieces(tokenizer, ids: list[int]) -> list[str]:
         pieces.append(decoder.decode(raw))
     if pieces:
         pieces[-1] += decoder.decode(b"", final=True)
+    pieces = pieces[len(context):]
     if "".join(pieces) == text:
         return pieces
     pieces, end = [], 0
     for i in range(len(ids)):
-        prefix = tokenizer.decode(ids[: i + 1])
+        prefix = continuation(tokenizer, context, ids[: i + 1])
         common = 0
         while common < min(len(prefix), len(text)) and prefix[common] == text[common]:
             common += 1
@@ -673,6 +714,11 @@ class Server:
     async def _body(self, request: web.Request) -> dict:
         try:
             body = await request.json()
+        except LookupError:
+            # aiohttp decodes the body with the Content-Type's charset, looked up as a Python codec: an
+            # unknown one (charset=foo) or one that is no text encoding (charset=base64) raises this
+            raise ApiError(f"Unsupported charset {request.charset!r} in the Content-Type header; send the JSON "
+                           "body as UTF-8 (application/json; charset=utf-8)") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(f"The request body is not valid JSON ({e})") from None
         except RecursionError:
@@ -795,7 +841,7 @@ class Server:
             raise ApiError("you must provide a prompt parameter", "prompt")
         echo = _boolean(body, "echo")
         max_tokens = _integer(body, "max_tokens", 16, 0 if echo else 1)
-        temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+        temperature = _temperature(body)
         top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
         top_k = _top_k(body)
         n = _integer(body, "n", 1, 1, MAX_N)
@@ -836,7 +882,7 @@ class Server:
         left out: clients such as lm-eval index ``token_logprobs`` by token position."""
         ids = (job.prompt_ids if job.echo else []) + job.new_ids
         tokens = token_pieces(self.tokenizer, job.prompt_ids) if job.echo else []
-        new = token_pieces(self.tokenizer, job.new_ids)
+        new = token_pieces(self.tokenizer, job.new_ids, job.prompt_ids)
         if new and job.stop_hit:  # the last token may straddle the stop: only its returned part
             new[-1] = new[-1][: len(new[-1]) - (len("".join(new)) - len(job.text))]
         tokens += new
@@ -884,7 +930,7 @@ class Server:
         name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         max_tokens = _integer(body, name, None, 1)
         ids, max_tokens = await self._off_loop(self._chat_ids, prompt, max_tokens, name)
-        temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+        temperature = _temperature(body)
         top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
         top_k = _top_k(body)
         seed = _integer(body, "seed", None, -(2**63), 2**63 - 1)
@@ -898,7 +944,8 @@ class Server:
         stop = _stop(body) + list(CHAT_STOP)
         queue = asyncio.Queue() if stream else None
         jobs = [Job(prompt_ids=ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                    seed=seed, stop=stop, logprobs=(top or 0) if want_logprobs else None, index=c, stream=queue)
+                    seed=seed, stop=stop, logprobs=(top or 0) if want_logprobs else None, index=c, stream=queue,
+                    continues_prompt=False)
                 for c in range(n)]
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if stream:

@@ -24,8 +24,10 @@ The steps, each resumable:
    (``--judge-prompts``; default ``bezoar/assets/mt_bench/judge_prompts.jsonl``, written for this
    project). Every judge call goes through the client pool (``bezoar.generate.pool``) and its
    durable store ``judge_store.jsonl``: a rerun sends only what is not answered yet.
-4. Scores: the first ``[[x]]`` in a judgment, else the first ``[x]``; a judgment with neither (or a
-   value outside 1-10) scores -1 and is left out of every average. ``judgments.jsonl`` (FastChat's
+4. Scores, as FastChat reads them: the first ``[[x]]`` in a judgment, else the first ``[x]``, taken as
+   it is (a judge's ``[[0]]`` or ``[[11]]`` counts as 0 or 11, as in FastChat's results); a judgment
+   with neither scores -1 and is left out of every average, as is a failed call. The report counts the
+   ratings outside 1-10 apart (``outside_scale``) without changing them. ``judgments.jsonl`` (FastChat's
    single-judgment format plus ``category``), ``results.md`` (per turn, per category, overall),
    ``results.json`` and ``categories.png`` (mean score per category).
 """
@@ -138,14 +140,48 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def _question_from(row: dict, where: str) -> Question:
-    qid = row.get("question_id", row.get("prompt_id"))
-    turns = row.get("turns", row.get("prompt"))
-    category = row.get("category")
+def _check_question_id(qid, where: str):
+    """``qid`` when it is a question id (an integer or a string), else the error naming ``where``."""
     if qid is None:
         raise MTBenchError(f"{where}: no question_id")
     if isinstance(qid, bool) or not isinstance(qid, (int, str)):
         raise MTBenchError(f"{where}: question_id must be an integer or a string, got {qid!r}")
+    return qid
+
+
+def _answer_turns(row: dict, where: str) -> list[str]:
+    """``choices[0].turns`` of a model-answer record, checked to be a non-empty list of strings: a string
+    given as the turns would otherwise be read as its characters (a reference's first turn "1" for
+    "158 - 58 = 100.") and sent to the paid judge."""
+    try:
+        turns = row["choices"][0]["turns"]
+    except (KeyError, IndexError, TypeError):
+        raise MTBenchError(f"{where}: expected choices[0].turns") from None
+    if isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns):
+        return list(turns)
+    if not isinstance(turns, list):
+        got = _json_type(turns)
+    elif not turns:
+        got = "an empty list"
+    else:
+        got = f"a list holding {_json_type(next(t for t in turns if not isinstance(t, str)))}"
+    raise MTBenchError(f"{where}: choices[0].turns must be a non-empty list of strings, got {got}")
+
+
+def _json_type(value) -> str:
+    """What a JSON value is, for error messages: "a string", "a number", "an object"..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return {str: "a string", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__)
+
+
+def _question_from(row: dict, where: str) -> Question:
+    qid = _check_question_id(row.get("question_id", row.get("prompt_id")), where)
+    turns = row.get("turns", row.get("prompt"))
+    category = row.get("category")
     if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
         raise MTBenchError(f"{where}: 'turns' must be a non-empty list of strings")
     if len(turns) > 2:
@@ -190,10 +226,8 @@ def load_reference_answers(path: str | Path) -> dict[Any, list[str]]:
     path = Path(path)
     out = {}
     for line, row in _read_jsonl(path):
-        try:
-            out[row["question_id"]] = list(row["choices"][0]["turns"])
-        except (KeyError, IndexError, TypeError):
-            raise MTBenchError(f"{path}:{line}: expected question_id and choices[0].turns") from None
+        where = f"{path}:{line}"
+        out[_check_question_id(row.get("question_id"), where)] = _answer_turns(row, where)
     return out
 
 
@@ -207,6 +241,10 @@ def load_judge_prompts(path: str | Path | None = None) -> dict[str, JudgePrompt]
                                  output_format=row.get("output_format", "[[rating]]"), type=row.get("type", "single"))
         except KeyError as e:
             raise MTBenchError(f"{path}:{line}: judge prompt without {e.args[0]!r}") from None
+        for name, value in asdict(prompt).items():  # each is formatted or sent as text
+            if not isinstance(value, str):
+                raise MTBenchError(f"{path}:{line}: judge prompt field {name!r} must be a string, "
+                                   f"got {_json_type(value)}")
         prompts[prompt.name] = prompt
     for name in ("single-v1", "single-v1-multi-turn", "single-math-v1", "single-math-v1-multi-turn"):
         if name not in prompts:
@@ -224,15 +262,23 @@ def read_answers(path: Path) -> dict[Any, Answer]:
     out = {}
     lines_of: dict[Any, int] = {}  # question_id -> the line its answer came from
     for line_no, line, last in _utf8_lines(path, "answer files", torn_tail=True):
+        where = f"{path}:{line_no}"
         try:
             row = json.loads(line)
-            answer = Answer(row["question_id"], row["model_id"], list(row["choices"][0]["turns"]),
-                            row.get("answer_id", ""), row.get("tstamp", 0.0))
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+        except json.JSONDecodeError:
             if last:
                 log.warning("%s: ignoring an incomplete last line (an interrupted run)", path)
                 continue
-            raise MTBenchError(f"{path}:{line_no}: not a model-answer record") from None
+            raise MTBenchError(f"{where}: not a model-answer record (not valid JSON)") from None
+        # A whole JSON line is no torn one: a record of the wrong shape is an error wherever it is.
+        if not isinstance(row, dict):
+            raise MTBenchError(f"{where}: not a model-answer record (expected a JSON object)")
+        model_id = row.get("model_id")
+        if not isinstance(model_id, str):
+            raise MTBenchError(f"{where}: no model_id" if model_id is None else
+                               f"{where}: model_id must be a string, got {_json_type(model_id)}")
+        answer = Answer(_check_question_id(row.get("question_id"), where), model_id, _answer_turns(row, where),
+                        row.get("answer_id", ""), row.get("tstamp", 0.0))
         earlier = out.get(answer.question_id)
         if earlier is not None and earlier.model_id != answer.model_id:
             raise MTBenchError(f"{path}:{line_no}: question {answer.question_id!r} answered by model "
@@ -496,15 +542,15 @@ def call_judge(requests: list, config: JudgeConfig, store_path: Path, progress: 
 
 
 def parse_rating(judgment: str | None) -> float:
-    """The first ``[[x]]`` in the judgment, else the first ``[x]``; -1 when there is none or the
-    value is outside 1-10."""
+    """The first ``[[x]]`` in the judgment, else the first ``[x]``, as FastChat's single-answer grading
+    reads it (its value kept, inside 1-10 or not); -1 when there is none. FastChat's results drop only
+    -1, so a rating of 0 or 11 counts there, and here."""
     if not judgment:
         return -1.0
     match = RATING.search(judgment) or RATING_FALLBACK.search(judgment)
     if match is None:
         return -1.0
-    value = float(match.group(1))
-    return value if 1.0 <= value <= 10.0 else -1.0
+    return float(match.group(1))
 
 
 @dataclass
@@ -550,6 +596,7 @@ class Summary:
     counted: int
     unparseable: int
     failed: int
+    outside_scale: int = 0  # counted ratings outside the prompts' 1-10 (kept as given, as FastChat keeps them)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -557,8 +604,9 @@ def _mean(values: list[float]) -> float | None:
 
 
 def summarize(judgments: list[Judgment]) -> Summary:
-    """Averages over the judgments with a score (score -1: unparseable or failed, left out)."""
-    valid = [j for j in judgments if j.score >= 0]
+    """Averages over the judgments with a score (score -1: unparseable or failed, left out, the only
+    score FastChat's show_result drops)."""
+    valid = [j for j in judgments if j.score != -1]
     turns = sorted({j.turn for j in judgments})
     categories = list(dict.fromkeys(j.category for j in judgments))
     return Summary(
@@ -568,8 +616,9 @@ def summarize(judgments: list[Judgment]) -> Summary:
         per_category_turn={c: {t: _mean([j.score for j in valid if j.category == c and j.turn == t]) for t in turns}
                            for c in categories},
         counted=len(valid),
-        unparseable=sum(1 for j in judgments if j.score < 0 and j.error is None),
+        unparseable=sum(1 for j in judgments if j.score == -1 and j.error is None),
         failed=sum(1 for j in judgments if j.error is not None),
+        outside_scale=sum(1 for j in valid if not 1 <= j.score <= 10),
     )
 
 
@@ -589,6 +638,9 @@ def summary_table(summary: Summary, model_id: str, judge_model: str) -> str:
                  + f" | **{_fmt(summary.overall)}** |")
     lines += ["", f"{summary.counted} judgments counted; {summary.unparseable} without a rating (-1) and "
                   f"{summary.failed} failed calls left out."]
+    if summary.outside_scale:
+        lines[-1] += (f" {summary.outside_scale} of the counted ratings lie outside 1-10 (counted as given, "
+                      "as FastChat counts them).")
     return "\n".join(lines)
 
 
@@ -605,7 +657,7 @@ def category_chart(summary: Summary, path: Path, title: str) -> Path:
     for bar, n in zip(bars, names):
         label = _fmt(summary.per_category[n])
         ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
-    ax.set_ylim(0, 10)
+    ax.set_ylim(0, max([10.0] + values))  # a judge's ratings above 10 count (parse_rating)
     ax.set_ylabel("mean score (1-10)")
     ax.set_title(title, fontsize=10)
     ax.tick_params(axis="x", labelrotation=30)

@@ -4,7 +4,10 @@
 ``folder`` and returns the task names:
 
 - ``bezoar_mc``: multiple choice (acc, acc_norm), one few-shot example from a train split;
-- ``bezoar_gen``: generate_until with stop strings and a small ``max_gen_toks`` (exact_match);
+- ``bezoar_gen``: generate_until with stop strings and a small ``max_gen_toks`` (exact_match, leading
+  spaces ignored: an answer whose first token starts a word reads " an" from an OpenAI-compatible
+  server such as bezoar.serve or vLLM, and "an" from lm-eval's ``hf`` and bezoar models, which decode
+  the answer's tokens alone);
 - ``bezoar_ppl``: loglikelihood_rolling over texts longer than the window the tests use
   (word/byte perplexity, bits per byte).
 
@@ -96,6 +99,7 @@ metric_list:
   - metric: exact_match
     aggregation: mean
     higher_is_better: true
+    regexes_to_ignore: ["^ +"]
 metadata:
   version: 1.0
 """

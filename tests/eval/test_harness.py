@@ -288,7 +288,10 @@ def test_same_metrics_as_hf_and_as_local_completions_on_bezoar_serve(tiny_dir, t
         for task in tasks:
             for a, b, c in zip(r_ours[task], r_hf[task], r_api[task]):
                 if task == "bezoar_gen":
-                    assert a == c  # bezoar.serve decodes exactly as the bezoar model does
+                    # bezoar.serve decodes exactly as the bezoar model does, but returns the answer as it
+                    # follows the prompt (as vLLM does): a first token that starts a word keeps its space
+                    (x,), (z,) = a[0], c[0]
+                    assert z in (x, " " + x), (x, z)
                     # transformers decodes a run of byte-fallback tokens that is not valid UTF-8
                     # differently from sentencepiece; compare with hf where no such run occurs.
                     if "\ufffd" not in a[0][0] + b[0][0]:

@@ -20,13 +20,34 @@ from bezoar.eval.chat import chat_prompt
     ("no double brackets, but [6] here", 6.0),
     ("[[7]] beats a later [2]", 7.0),
     ("I cannot rate this.", -1.0),
-    ("Rating: [[0]]", -1.0),
-    ("Rating: [[11]]", -1.0),
+    # outside the prompts' 1-10, kept as FastChat keeps them (only "no rating" is -1)
+    ("Rating: [[0]]", 0.0),
+    ("Rating: [[0.5]]", 0.5),
+    ("Rating: [[11]]", 11.0),
+    ("no double brackets, [12] here", 12.0),
     ("", -1.0),
     (None, -1.0),
 ])
 def test_parse_rating(text, score):
     assert mt.parse_rating(text) == score
+
+
+def test_ratings_outside_1_to_10_are_counted_as_fastchat_counts_them():
+    """FastChat's show_result drops score -1 only: a judge's [[0]] or [[11]] enters the averages as
+    given (bezoar dropped them as unparseable); the report counts them apart."""
+    def judgment(qid, turn, text, error=None):
+        score = mt.parse_rating(text) if error is None else -1.0
+        return mt.Judgment(qid, "m", ["j", "single-v1"], "", text, score, turn, "writing", error=error)
+
+    judgments = [judgment(1, 1, "[[0]]"), judgment(1, 2, "[[11]]"), judgment(2, 1, "[[4]]"),
+                 judgment(2, 2, "no rating"), judgment(3, 1, "", error="refused")]
+    summary = mt.summarize(judgments)
+    assert (summary.counted, summary.unparseable, summary.failed, summary.outside_scale) == (3, 1, 1, 2)
+    assert summary.overall == pytest.approx(5.0) and summary.per_turn == {1: 2.0, 2: 11.0}
+    table = mt.summary_table(summary, "m", "j")
+    assert "3 judgments counted; 1 without a rating (-1) and 1 failed calls left out." in table
+    assert "2 of the counted ratings lie outside 1-10" in table
+    assert "outside 1-10" not in mt.summary_table(mt.summarize(judgments[2:]), "m", "j")
 
 
 def test_sample_questions_and_default_judge_prompts():
@@ -65,6 +86,49 @@ def test_bad_input_files_are_named(tmp_path):
     prompts.write_text(json.dumps({"name": "single-v1", "prompt_template": "{question} {answer}"}) + "\n")
     with pytest.raises(mt.MTBenchError, match="no judge prompt named 'single-v1-multi-turn'"):
         mt.load_judge_prompts(prompts)
+    good = mt.DEFAULT_JUDGE_PROMPTS.read_text().splitlines()
+    for field, value, got in (("prompt_template", ["{question}"], "a list"), ("system_prompt", None, "null"),
+                              ("name", 7, "a number")):
+        row = {**json.loads(good[1]), field: value}
+        prompts.write_text("\n".join([good[0], json.dumps(row)] + good[2:]) + "\n")
+        with pytest.raises(mt.MTBenchError, match=rf"p.jsonl:2: judge prompt field '{field}' must be a string, "
+                                                  rf"got {got}"):
+            mt.load_judge_prompts(prompts)
+
+
+def test_malformed_turns_and_question_ids_in_answer_and_reference_files_are_named(tmp_path):
+    """FastChat's model-answer format holds turns as a list of strings: a string there was read as its
+    characters (the judge was sent ref_answer_1 "1" for "158 - 58 = 100."), and a question_id of another
+    type went unchecked. Both files now name the line and the field."""
+    def record(**fields):
+        return json.dumps({"question_id": 4, "model_id": "m", "choices": [{"index": 0, "turns": ["a", "b"]}], **fields})
+
+    path = tmp_path / "ref.jsonl"
+    cases = [({"choices": [{"index": 0, "turns": "158 - 58 = 100."}]}, "choices[0].turns must be a non-empty list "
+              "of strings, got a string"),
+             ({"choices": [{"turns": ["ok", 3]}]}, "choices[0].turns must be a non-empty list of strings, got a list "
+              "holding a number"),
+             ({"choices": [{"turns": []}]}, "choices[0].turns must be a non-empty list of strings, got an empty list"),
+             ({"choices": []}, "expected choices[0].turns"),
+             ({"question_id": [4]}, "question_id must be an integer or a string, got [4]"),
+             ({"question_id": None}, "no question_id")]
+    for fields, message in cases:
+        path.write_text(record(question_id=1) + "\n" + record(**fields) + "\n")
+        with pytest.raises(mt.MTBenchError, match=re.escape(f"ref.jsonl:2: {message}")):
+            mt.load_reference_answers(path)
+        # an answer file too, on its last line: a whole JSON record of the wrong shape is no torn line
+        answers = tmp_path / "answers.jsonl"
+        answers.write_text(path.read_text())
+        with pytest.raises(mt.MTBenchError, match=re.escape(f"answers.jsonl:2: {message}")):
+            mt.read_answers(answers)
+    answers.write_text(record(model_id=None) + "\n")
+    with pytest.raises(mt.MTBenchError, match=r"answers.jsonl:1: no model_id"):
+        mt.read_answers(answers)
+    answers.write_text(record(model_id=["m"]) + "\n")
+    with pytest.raises(mt.MTBenchError, match=r"answers.jsonl:1: model_id must be a string, got a list"):
+        mt.read_answers(answers)
+    path.write_text(record() + "\n" + record(question_id="q2", choices=[{"turns": ["x"]}]) + "\n")
+    assert mt.load_reference_answers(path) == {4: ["a", "b"], "q2": ["x"]}
 
 
 def test_judge_prompts_pick_references_and_turns(caplog):

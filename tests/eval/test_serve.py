@@ -4,6 +4,7 @@ echo/logprobs, batching of concurrent clients, OpenAI-style errors, and the comm
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -26,9 +27,9 @@ def client(served):
     return openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def post(url: str, body, raw: bytes | None = None) -> tuple[int, dict]:
+def post(url: str, body, raw: bytes | None = None, content_type: str = "application/json") -> tuple[int, dict]:
     data = raw if raw is not None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": content_type}, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, json.loads(r.read())
@@ -146,6 +147,72 @@ def test_logprobs_tokens_and_offsets_index_the_returned_text(client, tiny_tokeni
 
     euro = tiny_tokenizer.encode("€", bos=False)
     assert token_pieces(tiny_tokenizer, euro)[-1] == "€" and "".join(token_pieces(tiny_tokenizer, euro)) == "€"
+
+
+def test_the_completion_keeps_the_space_its_first_token_adds_to_the_prompt(client, tiny_model, tiny_tokenizer):
+    """The completion is what its tokens add to the prompt's text: after "... The answer is" the tiny
+    model's first token is "▁an", which reads " an" there (sentencepiece decoding it alone drops the
+    space, and echo glued "isan"). Plain, echoed, streamed, token-prompt and logprobs texts agree."""
+    prompt = "What is 7 plus 45? The answer is"
+    ids = tiny_tokenizer.encode(prompt, bos=True)
+    new = generate(tiny_model, tiny_tokenizer, prompt, max_new_tokens=3)[0].token_ids
+    assert tiny_tokenizer.sp.IdToPiece(new[0]).startswith("\u2581"), "the test needs a first token with a space"
+    whole = tiny_tokenizer.decode(ids + new)
+    want = whole[len(prompt):]
+    assert whole.startswith(prompt) and want.startswith(" an")
+    kwargs = dict(model="tiny", max_tokens=3, temperature=0)
+    assert client.completions.create(prompt=prompt, **kwargs).choices[0].text == want
+    assert client.completions.create(prompt=ids, **kwargs).choices[0].text == want
+    echo = client.completions.create(prompt=prompt, echo=True, logprobs=0, **kwargs).choices[0]
+    assert echo.text == whole and "".join(echo.logprobs.tokens) == whole
+    assert echo.logprobs.tokens[len(ids)] == " an" and echo.logprobs.text_offset[len(ids)] == len(prompt)
+    plain = client.completions.create(prompt=prompt, logprobs=0, **kwargs).choices[0]
+    assert plain.logprobs.tokens[0] == " an" and "".join(plain.logprobs.tokens) == want
+    assert plain.logprobs.text_offset == [len(prompt) + len("".join(plain.logprobs.tokens[:i])) for i in range(3)]
+    for echoed in (False, True):
+        chunks = client.completions.create(prompt=prompt, stream=True, echo=echoed, **kwargs)
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == (whole if echoed else want)
+    # a stop string that begins with the first token's space ends the text there
+    r = client.completions.create(prompt=prompt, stop=[" an"], **kwargs).choices[0]
+    assert r.text == "" and r.finish_reason == "stop"
+
+
+def test_stop_strings_read_the_first_new_token_after_the_prompt(tiny_tokenizer):
+    """StopStrings with the prompt as context sees a stop string that starts with the first new token's
+    space; without it (the lm-eval model's rule) the new tokens read as a text of their own."""
+    from bezoar.eval.decoding import StopStrings, continuation
+
+    prompt = tiny_tokenizer.encode("The answer is", bos=True)
+    an = tiny_tokenizer.sp.PieceToId("\u2581an")
+    assert StopStrings(tiny_tokenizer, [" an"], prompt)(0, [an])
+    assert not StopStrings(tiny_tokenizer, [" an"])(0, [an])
+    assert continuation(tiny_tokenizer, prompt, [an]) == " an" and continuation(tiny_tokenizer, [], [an]) == "an"
+
+
+def test_continuation_is_the_text_added_to_the_whole_prompt(tiny_tokenizer):
+    """continuation decodes only the prompt's last few tokens (context_tail): it must give what decoding
+    the whole prompt gives, for prompts ending in control tokens, in byte-fallback pieces (a character
+    the new tokens complete included) or in word pieces."""
+    import random
+
+    from bezoar.eval.decoding import context_tail, continuation
+    from bezoar.serve import token_pieces
+
+    sp, rng = tiny_tokenizer.sp, random.Random(0)
+    vocab = list(range(tiny_tokenizer.vocab_size))
+    euro = tiny_tokenizer.encode("€", bos=False)
+    assert all(sp.IsByte(t) for t in euro[-3:])
+    for _ in range(300):
+        prompt = rng.choices(vocab, k=rng.randint(0, 12)) + rng.choice([[], euro[-3:-1], [tiny_tokenizer.eos_id]])
+        new = rng.choice([euro[-1:], []]) + rng.choices(vocab, k=rng.randint(0, 5))
+        before, whole = tiny_tokenizer.decode(prompt), tiny_tokenizer.decode(prompt + new)
+        common = 0
+        while common < min(len(before), len(whole)) and before[common] == whole[common]:
+            common += 1
+        assert continuation(tiny_tokenizer, prompt, new) == whole[common:], (prompt, new)
+        assert len(context_tail(tiny_tokenizer, prompt)) <= len(prompt)
+        assert "".join(token_pieces(tiny_tokenizer, new, prompt)) == whole[common:], (prompt, new)
+        assert len(token_pieces(tiny_tokenizer, new, prompt)) == len(new)
 
 
 def _stop_inside(tokenizer, token_ids: list[int]) -> tuple[str, int]:
@@ -318,6 +385,51 @@ def test_top_k_is_accepted_and_top_k_1_samples_the_greedy_text(client):
     assert plain.choices[0].message.content != greedy.choices[0].message.content, "temperature 2 leaves greedy"
 
 
+def test_a_tiny_temperature_decodes_greedily(client):
+    """A temperature below 1e-5 is greedy, as 0 is (vLLM's rule): logits divided by 1e-40 overflow to
+    infinity and the sampler's NaN probabilities failed the request (and its whole batch) with a 500."""
+    for max_tokens in (1, 6):  # the scoring path and a decode loop
+        kwargs = dict(model="tiny", prompt="Health is", max_tokens=max_tokens)
+        greedy = client.completions.create(**kwargs, temperature=0).choices[0].text
+        for temperature in (1e-40, 1e-300, 5e-6):
+            assert client.completions.create(**kwargs, temperature=temperature).choices[0].text == greedy
+    messages = [{"role": "user", "content": "Name a color."}]
+    greedy = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0)
+    tiny = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=1e-40)
+    assert tiny.choices[0].message.content == greedy.choices[0].message.content
+
+
+def test_a_failing_part_of_a_batch_fails_only_its_own_requests(tiny_model, tiny_tokenizer):
+    """Jobs of other sampling settings in the same batch are decoded apart; when one such part fails
+    (a model error), its requests get a 500 and the others their answers."""
+    from bezoar.serve import BackgroundServer, Server
+
+    server = Server(tiny_model, tiny_tokenizer, "tiny", batch_window_s=0.2)
+    engine = server.engine
+    run_generation = engine._run_generation
+
+    def failing(jobs, temperature, *args):
+        if temperature == 0.5:
+            raise RuntimeError("this part fails")
+        return run_generation(jobs, temperature, *args)
+
+    bodies = [dict(model="tiny", prompt="Health is", max_tokens=4, temperature=0),
+              dict(model="tiny", prompt="The cat", max_tokens=4, temperature=0.5),
+              dict(model="tiny", prompt="Health is", max_tokens=1, temperature=0)]
+    with BackgroundServer(server) as bg:
+        alone = [post(bg.url + "/v1/completions", bodies[i])[1]["choices"][0]["text"] for i in (0, 2)]
+        engine._run_generation = failing
+        release = hold_engine(engine)
+        with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+            calls = [pool.submit(post, bg.url + "/v1/completions", b) for b in bodies]
+            batches_before = engine.batches
+            release(len(bodies))
+            (s0, r0), (s1, r1), (s2, r2) = [c.result() for c in calls]
+        assert engine.batches - batches_before == 1, "the three requests should reach the engine together"
+    assert s1 == 500 and r1["error"]["type"] == "server_error"
+    assert (s0, s2) == (200, 200) and [r0["choices"][0]["text"], r2["choices"][0]["text"]] == alone
+
+
 def test_jobs_batch_together_only_with_the_same_top_k(tiny_model, tiny_tokenizer):
     from bezoar.serve import Engine, Job
 
@@ -413,6 +525,14 @@ def test_other_errors(served, client):
     assert status == 400 and "not valid JSON" in reply["error"]["message"], reply  # was a 500 (RecursionError)
     status, reply = post(served.url + "/v1/completions", {"model": "gpt-9", "prompt": "x"})
     assert status == 404 and reply["error"]["code"] == "model_not_found"
+    for charset in ("foo", "base64"):  # no codec, and a codec that is no text encoding: were 500s (LookupError)
+        status, reply = post(served.url + "/v1/completions", {"model": "tiny", "prompt": "x"},
+                             content_type=f"application/json; charset={charset}")
+        assert status == 400 and reply["error"]["type"] == "invalid_request_error", reply
+        assert f"Unsupported charset '{charset}'" in reply["error"]["message"]
+    status, reply = post(served.url + "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 1},
+                         content_type="application/json; charset=utf-8")
+    assert status == 200, reply
     status, reply = post(served.url + "/v1/embeddings", {"model": "tiny", "input": "x"})
     assert status == 404 and "error" in reply
     with pytest.raises(openai.BadRequestError) as e:
