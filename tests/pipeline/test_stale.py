@@ -307,7 +307,14 @@ def _evaluated_run(root: Path, recipe) -> dict:
         (s.out / "results.json").write_text('{"old": true}\n')
         write_marker(s, 1.0)
     mt = steps["mt-bench:dpo"].out
-    (mt / "answers.jsonl").write_text('{"question_id": 81, "model_id": "openbezoar_tiny-dpo"}\n')
+    (mt / "answers.jsonl").write_text(json.dumps({  # an answer line as bezoar.eval mt-bench writes it
+        "question_id": 81, "answer_id": "a81", "model_id": "openbezoar_tiny-dpo",
+        "choices": [{"index": 0, "turns": ["first answer", "second answer"]}], "tstamp": 1.0}) + "\n")
+    from bezoar.eval import mt_bench
+
+    made_with = steps["mt-bench:dpo"].settings["mt_bench"]  # and the settings they were made with beside them
+    mt_bench.answer_settings_path(mt / "answers.jsonl").write_text(json.dumps(mt_bench.answer_settings(
+        made_with["max_new_tokens"], made_with["seed"], made_with["top_k"])))
     (mt / "judge_store.jsonl").write_text('{"key": "k1"}\n')
     return steps
 
