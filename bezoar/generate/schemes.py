@@ -36,6 +36,7 @@ import sys
 import textwrap
 import unicodedata
 from collections import Counter, defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -497,14 +498,16 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_step(args, out: Path, step: str, requests: list[Request]) -> list[Result]:
+def run_step(args, out: Path, step: str, requests: list[Request], *,
+             retry_failed: bool | Collection[str] | None = None) -> list[Result]:
     """Run one step's requests through a pool storing into ``out/work/<step>.jsonl``; Results in
-    request order (stored ones are read back, not sent again)."""
+    request order (stored ones are read back, not sent again). ``retry_failed`` (default:
+    ``--retry-failed``) may name the keys whose recorded failures are sent again."""
     store = Path(out) / "work" / f"{step}.jsonl"
     if not requests:
         return []
     say(f"step {step}: {len(requests)} requests (store {store})")
-    pool = pool_from_args(args, store)
+    pool = pool_from_args(args, store, retry_failed)
 
     async def main() -> list[Result]:
         async with pool:

@@ -193,3 +193,47 @@ def test_evolve_request_failures_stop_nothing(fake_server, tmp_path):
     assert run("evol", seeds, "--epochs", "1", "--out", out, url=server.openai_url) == 0
     assert read_jsonl(out / "raw.jsonl") == []
     assert [d["reason"] for d in read_jsonl(out / "dropped.jsonl")] == ["evolution request failed"] * 3
+
+
+def test_retry_failed_keeps_every_stored_later_epoch(fake_server, tmp_path):
+    """--retry-failed (which the pipeline passes on every resume) retries a lineage's failures only in its
+    last stored epoch: retrying an earlier one could change the instruction later epochs were built on,
+    paying for them again and dropping their records from raw.jsonl."""
+    faults = {"Alpha: name a planet. Step 1.", "Beta: name a colour. Step 1. Step 2."}  # each answer fails once
+
+    def flaky(call):
+        text = call.last_user_text
+        if "#Original Instruction#" in text:  # every evolution differs, so a retried epoch changes the lineage
+            return f"{original_of(text)} Step {original_of(text).count('Step') + 1}."
+        if "SAME or DIFFERENT" in text:
+            return "DIFFERENT"
+        if text in faults:
+            faults.discard(text)
+            return Fault("400", message="transient filter (injected)")
+        return f"A full, useful answer to: {text}"
+
+    log = CallLog(flaky)
+    server = fake_server(reply=log)
+    seeds = write_jsonl(tmp_path / "dolly.jsonl", [{"instruction": "Alpha: name a planet."},
+                                                   {"instruction": "Beta: name a colour."}])
+    out = tmp_path / "out"
+    assert run("evol", seeds, "--epochs", "2", "--out", out, url=server.openai_url) == 0
+    first = read_jsonl(out / "raw.jsonl")
+    assert [(r["epoch"], r["instruction"]) for r in first] == [
+        (1, "Beta: name a colour. Step 1."), (2, "Alpha: name a planet. Step 1.")]  # Alpha evolved again
+
+    log.calls.clear()
+    assert run("evol", seeds, "--epochs", "2", "--out", out, "--retry-failed", url=server.openai_url) == 0
+    # Alpha's epoch-1 failure has epoch 2 built on it: kept. Beta's failure is in its last stored epoch: asked again.
+    assert [c.last_user_text for c in log.calls] == ["Beta: name a colour. Step 1. Step 2."]
+    second = read_jsonl(out / "raw.jsonl")
+    assert second[:2] == first and [(r["epoch"], r["instruction"]) for r in second[2:]] == [
+        (2, "Beta: name a colour. Step 1. Step 2.")]
+    reasons = [(d["epoch"], d["previous"], d["reason"]) for d in read_jsonl(out / "dropped.jsonl")]
+    assert reasons == [(1, "Alpha: name a planet.", "response request failed")]
+
+    log.calls.clear()
+    assert run("evol", seeds, "--epochs", "3", "--out", out, "--retry-failed", url=server.openai_url) == 0
+    assert len(log.calls) == 6  # epoch 3 only: evolve, equal and respond of each lineage
+    assert read_jsonl(out / "raw.jsonl")[:3] == second
+    store_keys_unique(out)
