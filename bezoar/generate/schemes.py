@@ -205,8 +205,11 @@ def read_topics(source: str | os.PathLike) -> list[str]:
 
 
 # ---------------------------------------------------------------------- parsing teacher lists
-_NUMBER_MARK = (r"(?:\(\d{1,3}\)|<\d{1,3}>|\[\d{1,3}\]|\d{1,3}\s*[.):]"
-                r"|(?:instruction|task|question|prompt)\s*#?\s*\d{1,3}\s*[.):-])")
+# A number's ".", ")" or ":" ends at a blank, the end of the line or bold ("1.**"): a line of an item that
+# starts "10:30 pm", "1.5 litres" or "3:1" is not a marker.
+_MARK_END = r"(?=\s|\*\*|$)"
+_NUMBER_MARK = (rf"(?:\(\d{{1,3}}\)|<\d{{1,3}}>|\[\d{{1,3}}\]|\d{{1,3}}\s*[.):]{_MARK_END}"
+                rf"|(?:instruction|task|question|prompt)\s*#?\s*\d{{1,3}}\s*[.):-]{_MARK_END})")
 # A marker may be in bold ("**1.**", "**Task 1:**"); the ** after a plain "1." opens the item's own bold text.
 _NUMBERED = re.compile(rf"^\s*(?:\*\*{_NUMBER_MARK}\*\*|{_NUMBER_MARK})\s*", re.I)
 _BULLET = re.compile(r"^\s*([-*\u2022+])\s+")

@@ -79,6 +79,21 @@ def test_malformed_and_truncated_lists():
     assert parse_list("1. ...\n2. ?!\n3. ok").items == ["ok"] and parse_list("1. ...\n2. ?!\n3. ok").empty == 2
 
 
+def test_times_ratios_and_decimals_that_start_a_line_are_not_markers():
+    """A number marker ends at a blank, the end of the line or bold: "10:30 pm", "3:1" or "1.5 litres"
+    opening a line of an item are the item's material, not new items."""
+    reply = ("1. Convert these times to the 24-hour clock:\n10:30 pm\n11:45 am\n"
+             "2. Scale the recipe:\n3:1 flour to butter\n1.5 litres of milk\n"
+             "3.**Name** a fruit.\n"
+             "4.\n"
+             "5. Name a river.")
+    parsed = parse_list(reply)
+    assert parsed.items == ["Convert these times to the 24-hour clock:\n10:30 pm\n11:45 am",
+                            "Scale the recipe:\n3:1 flour to butter\n1.5 litres of milk", "**Name** a fruit.",
+                            "Name a river."]
+    assert parsed.empty == 1
+
+
 # ---------------------------------------------------------------------- near-duplicates
 def _lcs_table(a, b):
     previous = [0] * (len(b) + 1)
