@@ -254,9 +254,12 @@ def parse_list(reply: str, *, truncated: bool = False) -> ParsedList:
     The first marker decides the style; after that only markers of that style start items, so a
     numbered list may hold bullets inside its items. A marker indented 2 columns or more past the
     first one belongs to a list nested inside the current item (material of a task), and like a
-    line without a marker it continues the current item. Text before the first marker (a preamble) and paragraphs after the last item (an
-    epilogue, after a blank line) are dropped. A reply cut off at max_tokens loses its last item.
-    A reply with no marker at all is malformed and yields nothing."""
+    line without a marker it continues the current item. Text before the first marker (a preamble)
+    is dropped. After a blank line, a paragraph belongs to the current item when another item
+    follows it, or when it is indented 2 columns or more past the markers (the material of the last
+    item, as Markdown indents it); from the first unindented paragraph after the last item on, the
+    rest (an epilogue: "Let me know if...") is dropped. A reply cut off at max_tokens loses its last
+    item. A reply with no marker at all is malformed and yields nothing."""
     lines = reply.replace("\r\n", "\n").split("\n")
     style = None
     for line in lines:
@@ -295,6 +298,13 @@ def parse_list(reply: str, *, truncated: bool = False) -> ParsedList:
             pending.append(line)
         else:
             items[-1].append(line)
+    if items and pending:  # after the last item: its indented paragraphs, up to an unindented one
+        previous = ""
+        for line in pending:
+            if line.strip() and not previous.strip() and _indent(line) < outer + 2:
+                break
+            items[-1].append(line)
+            previous = line
     parsed = ParsedList([])
     if truncated and items:
         items.pop()

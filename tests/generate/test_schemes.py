@@ -94,6 +94,24 @@ def test_times_ratios_and_decimals_that_start_a_line_are_not_markers():
     assert parsed.empty == 1
 
 
+def test_indented_paragraphs_after_the_last_item_are_its_material():
+    """After a blank line, a paragraph indented past the markers belongs to the last item as it does to any
+    other; only the unindented paragraphs after the last item (an epilogue) are dropped."""
+    passage = "The Industrial Revolution began in Britain.\nIt spread to Europe."
+    reply = ("1. Translate to French: good morning\n"
+             "2. Summarize the passage below in one sentence.\n\n"
+             "   The Industrial Revolution began in Britain.\n   It spread to Europe.\n\n"
+             "   Use at most 20 words.\n\n"
+             "I hope these help!\n\n   - an indented line of the epilogue")
+    assert parse_list(reply).items == ["Translate to French: good morning",
+                                       f"Summarize the passage below in one sentence.\n\n{passage}\n\n"
+                                       "Use at most 20 words."]
+    bullets = "- Name a colour.\n- Sort these words:\n\n  pear, apple, fig\n\nHope this helps."
+    assert parse_list(bullets).items == ["Name a colour.", "Sort these words:\n\npear, apple, fig"]
+    # A last item whose material the teacher did not indent cannot be told from an epilogue: dropped.
+    assert parse_list("1. alpha\n2. beta\n\ngamma").items == ["alpha", "beta"]
+
+
 # ---------------------------------------------------------------------- near-duplicates
 def _lcs_table(a, b):
     previous = [0] * (len(b) + 1)
