@@ -230,7 +230,18 @@ class ParsedList:
     cut: bool = False
 
 
+def _quoted_inside(text: str, left: str, right: str) -> bool:
+    """Whether ``left`` or ``right`` occurs in ``text`` as a delimiter (a straight single quote between two
+    letters, as in "don't", is an apostrophe, not a quote)."""
+    if left == "'":
+        return re.search(r"(?<!\w)'|'(?!\w)", text) is not None
+    return left in text or right in text
+
+
 def _clean_item(text: str) -> str:
+    """An item without its label ("Task:") and the quotes, backticks or bold wrapped around all of it.
+    A wrapper is removed only when its delimiter does not occur again inside: ``"a" and "b"`` or
+    ``**Bold** and **bold**`` start and end with separate spans, and stay as they are."""
     text = text.strip()
     text = _LABEL.sub("", text).strip()
     changed = True
@@ -238,8 +249,10 @@ def _clean_item(text: str) -> str:
         changed = False
         for left, right in _QUOTES:
             if text.startswith(left) and text.endswith(right) and len(text) >= len(left) + len(right):
-                text = text[len(left):len(text) - len(right)].strip()
-                changed = True
+                inner = text[len(left):len(text) - len(right)]
+                if not _quoted_inside(inner, left, right):
+                    text = inner.strip()
+                    changed = True
     return text
 
 

@@ -112,6 +112,24 @@ def test_indented_paragraphs_after_the_last_item_are_its_material():
     assert parse_list("1. alpha\n2. beta\n\ngamma").items == ["alpha", "beta"]
 
 
+@pytest.mark.parametrize("item,cleaned", [
+    ('"Carpe diem" and "memento mori"', None),
+    ('Explain the difference between "carpe diem" and "memento mori"', None),
+    ('"Carpe diem" or "memento mori"?', None),
+    ("**Compare** the two sorting algorithms for **nearly sorted input**", None),
+    ("`git merge` or `git rebase`: which should a small team use? Explain `rebase`", None),
+    ("'Tis a phrase, 'tis", None),
+    ('"Write a limerick about a cat."', "Write a limerick about a cat."),
+    ("'Don't panic': explain the phrase, 'tis'", None),
+    ("'Don't panic, it's fine'", "Don't panic, it's fine"),
+    ("**`ls -la`**", "ls -la"), ("\u201cWhy is the sky blue?\u201d", "Why is the sky blue?"),
+])
+def test_wrapping_quotes_are_removed_only_around_the_whole_item(item, cleaned):
+    """Quotes, backticks or bold around the whole item go; an item that starts and ends with separate spans
+    keeps them (removing one delimiter at each end would leave them unbalanced)."""
+    assert parse_list(f"1. {item}\n2. x").items == [item if cleaned is None else cleaned, "x"]
+
+
 # ---------------------------------------------------------------------- near-duplicates
 def _lcs_table(a, b):
     previous = [0] * (len(b) + 1)
