@@ -93,7 +93,7 @@ def load_template(name: str, path: str | os.PathLike | None = None) -> Template:
     """The template ``name``: the shipped one, or the user's file at ``path`` (checked for its placeholders)."""
     if name not in TEMPLATE_FIELDS:
         raise GenerateError(f"unknown template {name!r}; known: {', '.join(TEMPLATE_FIELDS)}")
-    file = Path(path) if path is not None else PROMPTS / f"{name}.txt"
+    file = Path(path).expanduser() if path is not None else PROMPTS / f"{name}.txt"
     try:
         text = file.read_text(encoding="utf-8-sig")
     except OSError as e:
@@ -131,8 +131,9 @@ def load_templates(names: Sequence[str], overrides: Sequence[str] | None) -> dic
 def read_records(source: str | os.PathLike, *, what: str, split: str = "train",
                  limit: int | None = None) -> list[tuple[str, dict]]:
     """``(origin, record)`` pairs from a JSONL file (origin ``"FILE line N"``) or any source
-    ``bezoar.data.load`` reads. ``what`` names the input in error messages ("seed file")."""
-    path = Path(source)
+    ``bezoar.data.load`` reads. ``what`` names the input in error messages ("seed file"). A path may
+    start with ``~`` (the home folder), as ``bezoar.data.load`` reads it."""
+    path = Path(source).expanduser()
     if path.is_file() and path.suffix.lower() == ".jsonl":
         return _read_jsonl(path, what, limit)
     if not path.exists() and (str(source).startswith(("/", ".", "~")) or path.suffix.lower() in DATA_SUFFIXES):
@@ -178,7 +179,7 @@ def text_field(record: dict, origin: str, names: Sequence[str], *, required: boo
 def read_topics(source: str | os.PathLike) -> list[str]:
     """Topics, one per line of a text file (blank lines and ``#`` comments skipped), or the ``topic``
     field of records in any other format. Repeated topics are kept once, in first-seen order."""
-    path = Path(source)
+    path = Path(source).expanduser()
     topics: list[str] = []
     if path.is_file() and path.suffix.lower() in (".txt", ".list", ""):
         try:
@@ -581,13 +582,15 @@ def write_json(path: str | os.PathLike, value) -> None:
 
 
 def check_out_dir(out: str | os.PathLike, inputs: Sequence, outputs: Sequence[str]) -> Path:
-    """The output folder, refused when it is a file or when an input file is one of the outputs."""
-    out = Path(out)
+    """The output folder (``~`` expanded), refused when it is a file or when an input file is one of the
+    outputs."""
+    out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise GenerateError(f"--out {out} exists and is not a folder")
     targets = {(out / name).resolve() for name in outputs}
     for source in inputs:
-        if source is not None and Path(source).exists() and Path(source).resolve() in targets:
+        path = None if source is None else Path(source).expanduser()
+        if path is not None and path.exists() and path.resolve() in targets:
             raise GenerateError(f"input {source} is one of the files the command writes in {out}; "
                                 "choose another --out")
     return out

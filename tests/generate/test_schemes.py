@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import random
 
 import pytest
@@ -128,6 +129,25 @@ def test_wrapping_quotes_are_removed_only_around_the_whole_item(item, cleaned):
     """Quotes, backticks or bold around the whole item go; an item that starts and ends with separate spans
     keeps them (removing one delimiter at each end would leave them unbalanced)."""
     assert parse_list(f"1. {item}\n2. x").items == [item if cleaned is None else cleaned, "x"]
+
+
+def test_paths_may_start_with_the_home_folder(tmp_path, monkeypatch):
+    """"~/..." is the home folder for every input a scheme reads, as for bezoar.data.load."""
+    from bezoar.generate.orca import read_system_messages
+    from bezoar.generate.schemes import check_out_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "seeds.jsonl").write_text('{"instruction": "a"}\n')
+    (tmp_path / "topics.txt").write_text("Volcanoes\n")
+    (tmp_path / "judge.txt").write_text("Rate {response} for {instruction} ({system}).")
+    (tmp_path / "system.json").write_text(json.dumps([f"message {i}" for i in range(1, 17)]))
+    assert [r["instruction"] for _, r in read_records("~/seeds.jsonl", what="seed file")] == ["a"]
+    assert read_topics("~/topics.txt") == ["Volcanoes"]
+    assert load_template("judge", "~/judge.txt").text.startswith("Rate {response}")
+    assert read_system_messages("~/system.json")[0] == "message 1"
+    assert check_out_dir("~/out", [], ["raw.jsonl"]) == tmp_path / "out"
+    with pytest.raises(GenerateError, match="is one of the files the command writes"):
+        check_out_dir("~", ["~/seeds.jsonl"], ["seeds.jsonl"])
 
 
 # ---------------------------------------------------------------------- near-duplicates
