@@ -10,7 +10,8 @@ context). Each seed starts a lineage. Every epoch, for each lineage's current in
    same domain; ``evol_breadth`` template).
 2. Elimination, as WizardLM states it; an evolution fails when
    - the evolved instruction is empty, or leaks the rewriting prompt's words (the templates'
-     ``#...#`` markers, and phrases such as "rewritten instruction" or "given prompt");
+     ``#...#`` markers, and phrases such as "rewritten instruction" or "given prompt", as whole
+     words; a phrase the previous instruction or its context already holds is the task's own);
    - it adds no information: the same words as before, or the teacher judges the two
      instructions the SAME (``epoch-E-equal`` step, ``evol_equal`` template; an unclear verdict
      counts as failure);
@@ -87,17 +88,24 @@ def equality_verdict(reply: str) -> str | None:
     return "same" if m.lastgroup in ("same", "not_different") else "different"
 
 
-def leaked_phrase(instruction: str, markers: list[str]) -> str | None:
-    """The first rewriting-prompt phrase found in ``instruction`` (case-insensitive), or None."""
+def _has_phrase(text: str, phrase: str) -> bool:
+    """Whether ``phrase`` (lowercase) is in ``text`` (lowercase, single-spaced) as whole words: "new
+    instruction" is not in "renew instructions", "#new" not in "#NewYear"."""
+    start = "" if phrase.startswith("#") else r"(?<!\w)"
+    return re.search(start + re.escape(phrase) + r"(?!\w)", text) is not None
+
+
+def leaked_phrase(instruction: str, markers: list[str], previous: str = "") -> str | None:
+    """The first rewriting-prompt phrase found in ``instruction`` (case-insensitive, as whole words) and
+    not already in ``previous``, the instruction it was evolved from (with its context): a seed about
+    "the given prompt" of a language model may keep the phrase. None when there is none."""
     text = " ".join(instruction.lower().split())
-    for marker in markers:
-        if f"#{marker.lower()}#" in text or marker.lower() in text:
-            return marker
-    for phrase in LEAK_PHRASES:
-        if phrase.startswith("#") and re.search(re.escape(phrase) + r"(?!\w)", text) is not None:
-            return phrase
-        if not phrase.startswith("#") and phrase in text:
-            return phrase
+    before = " ".join(previous.lower().split())
+    # A marker's "#Words#" form counts even where the previous instruction has its words without the #s.
+    candidates = [(m, form) for m in markers for form in (f"#{m.lower()}#", m.lower())]
+    for name, phrase in candidates + [(phrase, phrase) for phrase in LEAK_PHRASES]:
+        if _has_phrase(text, phrase) and not _has_phrase(before, phrase):
+            return name
     return None
 
 
@@ -231,7 +239,7 @@ def run_evol(args) -> int:
                 drop(epoch, lineage, strategy, operation, "empty evolution")
             elif truncated(result):
                 drop(epoch, lineage, strategy, operation, "evolution cut off at max_tokens", excerpt(text))
-            elif (leak := leaked_phrase(text, markers)) is not None:
+            elif (leak := leaked_phrase(text, markers, current[lineage])) is not None:
                 drop(epoch, lineage, strategy, operation, "leaks the rewriting prompt", text, leaked=leak)
             elif normalized(text) == normalized(current[lineage]):
                 drop(epoch, lineage, strategy, operation, "no information gain", text, verdict="unchanged")

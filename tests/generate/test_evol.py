@@ -174,6 +174,45 @@ def test_leaked_phrase(text, leak):
     assert leaked_phrase(text, ["My Marker"]) == leak
 
 
+@pytest.mark.parametrize("text,previous,leak", [
+    # whole words only
+    ("Explain how to renew instructions for a passport.", "", None),
+    ("List the steps to renew instructional licences.", "", None),
+    ("Write new instructions for the dishwasher.", "", None),
+    ("Rewrite this as a given prompted form.", "", None),
+    ("Write a new instruction for x", "", "new instruction"),
+    # a phrase the previous instruction (with its context) already holds is the task's own
+    ("Why did the FAA act? Answer in three bullet points.\n\nThe FAA sent a new instruction to pilots.",
+     "Why did the FAA act?\n\nThe FAA sent a new instruction to pilots.", None),
+    ("Explain what a language model does with the given prompt, in two paragraphs.",
+     "Explain what a language model does with the Given  Prompt.", None),
+    ("Explain the given prompt. #Rewritten Prompt#", "Explain the given prompt.", "rewritten prompt"),
+    # the marker's #Words# form is the rewriting prompt's even where the previous text has the words
+    ("#My Marker#\nName my marker's colour.", "Name my marker's colour.", "My Marker"),
+    ("Name my marker's colour and shape.", "Name my marker's colour.", None),
+])
+def test_leaked_phrase_counts_only_new_whole_words(text, previous, leak):
+    assert leaked_phrase(text, ["My Marker"], previous) == leak
+
+
+def test_a_seed_that_holds_a_leak_phrase_still_evolves(fake_server, tmp_path):
+    """The seed's own context says "new instruction": evolutions that keep it are not leaks."""
+    def keeps_context(call):
+        text = call.last_user_text
+        if "#Original Instruction#" in text:
+            return original_of(text) + " Answer in three bullet points."
+        return "DIFFERENT" if "SAME or DIFFERENT" in text else f"A full, useful answer to: {text}"
+
+    server = fake_server(reply=keeps_context)
+    seeds = write_jsonl(tmp_path / "dolly.jsonl", [
+        {"instruction": "Why did the FAA act?", "context": "In 2019 the FAA sent a new instruction to pilots.",
+         "category": "closed_qa"}])
+    out = tmp_path / "out"
+    assert run("evol", seeds, "--epochs", "2", "--out", out, url=server.openai_url) == 0
+    assert [r["epoch"] for r in read_jsonl(out / "raw.jsonl")] == [1, 2]
+    assert read_jsonl(out / "dropped.jsonl") == []
+
+
 @pytest.mark.parametrize("record,message", [
     ({"context": "c"}, "line 2: seed has no 'instruction' field"),
     ({"instruction": "a", "context": ["c"]}, "line 2: field 'context' must be a string, got list"),
