@@ -290,7 +290,8 @@ def _mark_stale(steps: list[Step]) -> None:
 
 def pool_args(endpoint: EndpointSection, progress: bool) -> list[str]:
     """The client-pool flags of an endpoint. (Generation and filter steps also pass --retry-failed: a step is
-    only run while unfinished, and then the requests its store holds as failures get another chance.)"""
+    only run while unfinished, and then the requests its store holds as failures get another chance; evol
+    leaves alone the failures a later stored epoch was built on, so no paid answer is asked for again.)"""
     args = ["--provider", endpoint.provider, "--model", endpoint.model, "--concurrency", str(endpoint.concurrency),
             "--timeout", f"{endpoint.timeout:g}", "--max-attempts", str(endpoint.max_attempts)]
     for url in endpoint.urls:

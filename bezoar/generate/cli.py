@@ -43,6 +43,7 @@ import asyncio
 import json
 import math
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 from bezoar.generate.pool import Limits, Pool
@@ -107,13 +108,15 @@ def limits_from_args(args) -> Limits:
                                       f"{getattr(args, LIMIT_FLAGS[f][1])!r}" for f in fields)) from None
 
 
-def pool_from_args(args, out: str | Path) -> Pool:
-    """A Pool for the parsed shared flags, storing into ``out`` (JSONL, resumable)."""
+def pool_from_args(args, out: str | Path, retry_failed: bool | Collection[str] | None = None) -> Pool:
+    """A Pool for the parsed shared flags, storing into ``out`` (JSONL, resumable). ``retry_failed``
+    (default: ``--retry-failed``) may name the keys whose recorded failures are sent again."""
     if args.price and not all(math.isfinite(v) and v >= 0 for v in args.price):
         raise GenerateError(f"--price must be two numbers >= 0 (USD per million tokens in, out), got "
                             f"{' '.join(map(repr, args.price))}")
     limits = limits_from_args(args)  # checked before the store is opened
-    store = JSONLStore(out, fsync=args.fsync, retry_failed=args.retry_failed)
+    store = JSONLStore(out, fsync=args.fsync,
+                       retry_failed=args.retry_failed if retry_failed is None else retry_failed)
     prices = {args.model: tuple(args.price)} if args.price and args.model else None
     return Pool(endpoints_from_args(args), limits, store, model=args.model,
                 progress=not args.no_progress, prices=prices)

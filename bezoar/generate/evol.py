@@ -10,7 +10,8 @@ context). Each seed starts a lineage. Every epoch, for each lineage's current in
    same domain; ``evol_breadth`` template).
 2. Elimination, as WizardLM states it; an evolution fails when
    - the evolved instruction is empty, or leaks the rewriting prompt's words (the templates'
-     ``#...#`` markers, and phrases such as "rewritten instruction" or "given prompt");
+     ``#...#`` markers, and phrases such as "rewritten instruction" or "given prompt", as whole
+     words; a phrase the previous instruction or its context already holds is the task's own);
    - it adds no information: the same words as before, or the teacher judges the two
      instructions the SAME (``epoch-E-equal`` step, ``evol_equal`` template; an unclear verdict
      counts as failure);
@@ -27,6 +28,13 @@ Output (``OUT``): ``raw.jsonl``, one record per surviving evolution, in (epoch, 
 
 (``data.format = "evol"`` reads it as is), ``dropped.jsonl`` with every failed evolution and its
 reason, and ``evol-summary.json``. Rerunning the same command reuses every stored answer.
+
+``--retry-failed`` sends a recorded failure again only where that cannot undo stored work. A lineage
+whose epoch E failed went into epoch E+1 with its previous instruction; if that epoch's evolve
+request is already stored, retrying epoch E could change the instruction, so every stored request
+of E+1 and later (paid answers, records in ``raw.jsonl``) would stop being asked for and the later
+epochs would be paid again. Such a failure stays recorded (the step says how many were kept); the
+failures of a lineage's last stored epoch are retried.
 """
 
 from __future__ import annotations
@@ -34,10 +42,11 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from bezoar.generate.request import GenerateError
+from bezoar.generate.request import GenerateError, Request, Result
 from bezoar.generate.schemes import (add_scheme_arguments, chat, check_out_dir, check_sampling, excerpt,
                                      load_templates, normalized, only_stop_words, read_records, rng_for, run_step,
                                      say, short_refusal, text_field, truncated, write_json, write_jsonl)
+from bezoar.generate.store import JSONLStore
 
 TEMPLATES = ("evol_depth", "evol_breadth", "evol_equal")
 OUTPUTS = ("raw.jsonl", "dropped.jsonl", "evol-summary.json")
@@ -79,17 +88,24 @@ def equality_verdict(reply: str) -> str | None:
     return "same" if m.lastgroup in ("same", "not_different") else "different"
 
 
-def leaked_phrase(instruction: str, markers: list[str]) -> str | None:
-    """The first rewriting-prompt phrase found in ``instruction`` (case-insensitive), or None."""
+def _has_phrase(text: str, phrase: str) -> bool:
+    """Whether ``phrase`` (lowercase) is in ``text`` (lowercase, single-spaced) as whole words: "new
+    instruction" is not in "renew instructions", "#new" not in "#NewYear"."""
+    start = "" if phrase.startswith("#") else r"(?<!\w)"
+    return re.search(start + re.escape(phrase) + r"(?!\w)", text) is not None
+
+
+def leaked_phrase(instruction: str, markers: list[str], previous: str = "") -> str | None:
+    """The first rewriting-prompt phrase found in ``instruction`` (case-insensitive, as whole words) and
+    not already in ``previous``, the instruction it was evolved from (with its context): a seed about
+    "the given prompt" of a language model may keep the phrase. None when there is none."""
     text = " ".join(instruction.lower().split())
-    for marker in markers:
-        if f"#{marker.lower()}#" in text or marker.lower() in text:
-            return marker
-    for phrase in LEAK_PHRASES:
-        if phrase.startswith("#") and re.search(re.escape(phrase) + r"(?!\w)", text) is not None:
-            return phrase
-        if not phrase.startswith("#") and phrase in text:
-            return phrase
+    before = " ".join(previous.lower().split())
+    # A marker's "#Words#" form counts even where the previous instruction has its words without the #s.
+    candidates = [(m, form) for m in markers for form in (f"#{m.lower()}#", m.lower())]
+    for name, phrase in candidates + [(phrase, phrase) for phrase in LEAK_PHRASES]:
+        if _has_phrase(text, phrase) and not _has_phrase(before, phrase):
+            return name
     return None
 
 
@@ -115,6 +131,61 @@ def _seed_text(instruction: str, context: str | None) -> str:
     if context and context.strip():
         return f"{instruction}\n\n{context.strip()}"
     return instruction
+
+
+def _evolve_request(args, templates, epoch: int, lineage: int, text: str) -> tuple[str, str | None, Request]:
+    """(strategy, operation, request) of a lineage's evolution in ``epoch`` from its instruction ``text``."""
+    strategy, operation = rng_for(args.seed, "evol", epoch, lineage).choice(STRATEGIES)
+    if strategy == "in-depth":
+        prompt = templates["evol_depth"].render(operation=DEPTH_OPERATIONS[operation], instruction=text)
+    else:
+        prompt = templates["evol_breadth"].render(instruction=text)
+    request = chat(prompt, temperature=args.temperature, max_tokens=args.max_tokens, id=f"evol:{epoch}:{lineage}",
+                   step=f"epoch-{epoch}-evolve")
+    return strategy, operation, request
+
+
+def _stored_keys(args, out, step: str) -> set[str]:
+    """The keys in a step's store (none when the step never ran); opening it repairs a torn last line
+    as running the step would."""
+    path = out / "work" / f"{step}.jsonl"
+    if not path.is_file():
+        return set()
+    store = JSONLStore(path, fsync=args.fsync)
+    store.open()
+    try:
+        return set(store.keys())
+    finally:
+        store.close()
+
+
+def _settled_lineages(args, out, templates, epoch: int, current: list[str]) -> set[int]:
+    """The lineages whose failures in ``epoch`` ``--retry-failed`` leaves alone: those whose next epoch, as
+    a failure now leaves it (the same instruction), is already stored (by this run's epochs or an earlier
+    run with more of them)."""
+    built_on = _stored_keys(args, out, f"epoch-{epoch + 1}-evolve")
+    if not built_on:
+        return set()
+    return {lineage for lineage, text in enumerate(current)
+            if _evolve_request(args, templates, epoch + 1, lineage, text)[2].key(args.model) in built_on}
+
+
+def _retry_keys(args, settled: set[int] | None, lineages: list[int], requests: list[Request]) -> set[str] | None:
+    """The keys of a step whose recorded failures are sent again: those of unsettled lineages only (a
+    request two lineages share is one key), None without --retry-failed (no failure is sent again)."""
+    if settled is None:
+        return None
+    keys = [(lineage, request.key(args.model)) for lineage, request in zip(lineages, requests)]
+    return {key for _, key in keys} - {key for lineage, key in keys if lineage in settled}
+
+
+def _kept_failures(step: str, results: list[Result], retry: set[str] | None) -> None:
+    """Say how many recorded failures ``--retry-failed`` left alone (later epochs were built on them)."""
+    if retry is None:
+        return
+    kept = sum(1 for r in results if r.cached and not r.ok and r.key not in retry)
+    if kept:
+        say(f"step {step}: {kept} recorded failures not retried: the next epoch's stored requests were built on them")
 
 
 def run_evol(args) -> int:
@@ -148,18 +219,17 @@ def run_evol(args) -> int:
         dropped.append(entry)
 
     for epoch in range(1, args.epochs + 1):
+        settled = _settled_lineages(args, out, templates, epoch, current) if args.retry_failed else None
+
         # ---- evolve
         plans, requests = [], []
         for lineage, text in enumerate(current):
-            strategy, operation = rng_for(args.seed, "evol", epoch, lineage).choice(STRATEGIES)
-            if strategy == "in-depth":
-                prompt = templates["evol_depth"].render(operation=DEPTH_OPERATIONS[operation], instruction=text)
-            else:
-                prompt = templates["evol_breadth"].render(instruction=text)
+            strategy, operation, request = _evolve_request(args, templates, epoch, lineage, text)
             plans.append((lineage, strategy, operation))
-            requests.append(chat(prompt, temperature=args.temperature, max_tokens=args.max_tokens,
-                                 id=f"evol:{epoch}:{lineage}", step=f"epoch-{epoch}-evolve"))
-        results = run_step(args, out, f"epoch-{epoch}-evolve", requests)
+            requests.append(request)
+        keys = _retry_keys(args, settled, [lineage for lineage, _, _ in plans], requests)
+        results = run_step(args, out, f"epoch-{epoch}-evolve", requests, retry_failed=keys)
+        _kept_failures(f"epoch-{epoch}-evolve", results, keys)
         evolved = []  # (lineage, strategy, operation, instruction)
         for (lineage, strategy, operation), result in zip(plans, results):
             text = (result.response or "").strip()
@@ -169,7 +239,7 @@ def run_evol(args) -> int:
                 drop(epoch, lineage, strategy, operation, "empty evolution")
             elif truncated(result):
                 drop(epoch, lineage, strategy, operation, "evolution cut off at max_tokens", excerpt(text))
-            elif (leak := leaked_phrase(text, markers)) is not None:
+            elif (leak := leaked_phrase(text, markers, current[lineage])) is not None:
                 drop(epoch, lineage, strategy, operation, "leaks the rewriting prompt", text, leaked=leak)
             elif normalized(text) == normalized(current[lineage]):
                 drop(epoch, lineage, strategy, operation, "no information gain", text, verdict="unchanged")
@@ -180,7 +250,9 @@ def run_evol(args) -> int:
         requests = [chat(templates["evol_equal"].render(first=current[lineage], second=text), temperature=0.0,
                          max_tokens=16, id="evol:equal", step=f"epoch-{epoch}-equal")
                     for lineage, _, _, text in evolved]
-        results = run_step(args, out, f"epoch-{epoch}-equal", requests)
+        keys = _retry_keys(args, settled, [lineage for lineage, _, _, _ in evolved], requests)
+        results = run_step(args, out, f"epoch-{epoch}-equal", requests, retry_failed=keys)
+        _kept_failures(f"epoch-{epoch}-equal", results, keys)
         informative = []
         for (lineage, strategy, operation, text), result in zip(evolved, results):
             verdict = equality_verdict(result.response or "") if result.ok else None
@@ -197,7 +269,9 @@ def run_evol(args) -> int:
         # ---- respond
         requests = [chat(text, temperature=args.temperature, max_tokens=args.max_tokens, id="evol:respond",
                          step=f"epoch-{epoch}-respond") for _, _, _, text in informative]
-        results = run_step(args, out, f"epoch-{epoch}-respond", requests)
+        keys = _retry_keys(args, settled, [lineage for lineage, _, _, _ in informative], requests)
+        results = run_step(args, out, f"epoch-{epoch}-respond", requests, retry_failed=keys)
+        _kept_failures(f"epoch-{epoch}-respond", results, keys)
         for (lineage, strategy, operation, text), result in zip(informative, results):
             response = (result.response or "").strip()
             reason = None

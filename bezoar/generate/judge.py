@@ -8,14 +8,17 @@ from 1 to 10 with a short reason (template ``judge``). The reply must contain::
     Reason: <text>
     Score: <1-10>
 
-Parsing is lenient about form (any order, ``**Score:** 8``, ``8/10``, an unlabelled reason) and
-strict about meaning: no score, several different scores, a range (``7-8``), a score on
-another scale (``4/5``) or a score outside 1-10 make the reply unparseable. An unparseable
-reply, or a judge request that failed, is a recorded
-failure: the record goes to ``judge-failures.jsonl`` with the error and the judge's reply, is
-counted, and is in neither output below. Rerun with ``--retry-failed`` to ask again for the
-requests that failed; a reply that was received but could not be parsed stays what it was
-(its answer is stored), so change the template or the judge to get a different one.
+Parsing is lenient about form (any order, ``**Score:** 8``, ``Score: [8]``, ``Score: <8>``,
+``Score (out of 10): 8``, ``8/10``, an unlabelled reason) and strict about meaning: no score,
+several different scores, a range (``7-8``), a score on another scale (``4/5``, ``Score (out of
+5): 4``), a score outside 1-10, or a number that does not end where a number ends (``7,5``,
+``1e1``, ``10x``, ``1 0``) make the reply unparseable. An unparseable reply, a reply cut off at
+max_tokens (its score may be cut too: ``Score: 1`` of ``Score: 10``), or a judge request that
+failed, is a recorded failure: the record goes to ``judge-failures.jsonl`` with the error and the
+judge's reply, is counted, and is in neither output below. Rerun with ``--retry-failed`` to ask
+again for the requests that failed; a reply that was received but could not be used stays what
+it was (its answer is stored), so change the template, ``--max-tokens`` or the judge to get a
+different one.
 
 Outputs (``OUT``), written at the end, atomically:
 
@@ -38,7 +41,7 @@ from collections import Counter
 
 from bezoar.generate.request import GenerateError
 from bezoar.generate.schemes import (add_scheme_arguments, chat, check_out_dir, check_sampling, load_templates,
-                                     read_records, run_step, say, text_field, write_json, write_jsonl)
+                                     read_records, run_step, say, text_field, truncated, write_json, write_jsonl)
 
 TEMPLATES = ("judge",)
 OUTPUTS = ("judged.jsonl", "filtered.jsonl", "judge-failures.jsonl", "filter-summary.json")
@@ -47,12 +50,22 @@ INPUT_FIELDS = ("input", "context")
 RESPONSE_FIELDS = ("response", "output", "answer")
 SYSTEM_FIELDS = ("system_prompt", "system")
 
-# The number may be followed, on its line, by its scale ("/ 10", "out of 10": any other scale is not 1-10)
-# or by the end of a range ("7-8", "7 to 8": two scores); a list item on the next line ("\n- 1 point
-# off for ...") is neither.
-_SCORE = re.compile(r"\bscore\s*(?:\(1\s*-\s*10\)\s*)?[:=]\s*(-?\d+(?:\.\d+)?)"
-                    r"(?:[ \t]*(?:/|out[ \t]+of)[ \t]*(\d+(?:\.\d+)?)|[ \t]*(?:-|\u2013|to)[ \t]*(\d+(?:\.\d+)?))?",
-                    re.I)
+# "Score", maybe a note in parentheses ("(1-10)", "(out of 10)": a scale other than 10 in it is refused),
+# ":" or "=", then the number, maybe in <> or [] ("<8>": the template's placeholder filled in). The number
+# ends where a number ends: not before a letter or digit, nor before "," or "." and a digit ("7,5", "1e1",
+# "10x" and "1 0" are no score). It may be followed, on its line, by its scale ("/ 10", "out of 10", "(out
+# of 10)": any other scale is not 1-10) or by the end of a range ("7-8", "7 to 8": two scores); a list item
+# on the next line ("\n- 1 point off for ...") is neither.
+_LABEL = r"\bscore\s*(?:\((?P<note>[^()\n]{0,40})\)\s*)?[:=]\s*"
+_NUMBER_END = r"(?![ \t]*\d|\w|[.,]\d)"
+_SCORE = re.compile(
+    _LABEL + rf"(?:(?P<angle><)|(?P<square>\[))?[ \t]*(?P<score>-?\d+(?:\.\d+)?){_NUMBER_END}"
+    rf"(?:[ \t]*(?P<paren>\()?[ \t]*(?:/|out[ \t]+of)[ \t]*(?P<scale>\d+(?:\.\d+)?){_NUMBER_END}(?(paren)[ \t]*\))"
+    rf"|[ \t]*(?:-|\u2013|to)[ \t]*(?P<upper>\d+(?:\.\d+)?){_NUMBER_END})?"
+    r"(?(angle)[ \t]*>)(?(square)[ \t]*\])", re.I)
+# A label followed by what starts like a number but is not one of the forms above ("Score: 7,5").
+_GARBLED = re.compile(_LABEL + r"(?P<value>[<\[]?[ \t]*-?\d\S*(?:[ \t]+\S+)?)", re.I)
+_NOTE_NUMBER = re.compile(r"\d+(?:\.\d+)?")
 _REASON = re.compile(r"\b(?:reason|reasoning|explanation|rationale)\s*:\s*", re.I)
 
 
@@ -64,14 +77,21 @@ def parse_judgement(reply: str) -> tuple[float | int, str]:
     """(score, reason) from a judge reply; JudgeParseError says why it cannot be read."""
     text = reply.replace("**", "").replace("__", "")
     matches = list(_SCORE.finditer(text))
+    starts = {m.start() for m in matches}
+    for m in _GARBLED.finditer(text):
+        if m.start() not in starts:
+            raise JudgeParseError(f"'{m.group(0).strip()}' is not a score from 1 to 10")
     if not matches:
         raise JudgeParseError("no 'Score: N' in the reply")
     for m in matches:
-        if m.group(2) is not None and float(m.group(2)) != 10:
-            raise JudgeParseError(f"score {m.group(1)}/{m.group(2)} is not on the 1-10 scale")
-        if m.group(3) is not None:
-            raise JudgeParseError(f"a range of scores ({m.group(1)}-{m.group(3)}), not one score")
-    scores = [float(m.group(1)) for m in matches]
+        notes = [float(n) for n in _NOTE_NUMBER.findall(m.group("note") or "")]
+        if notes and max(notes) != 10:
+            raise JudgeParseError(f"score {m.group('score')} ({m.group('note')}) is not on the 1-10 scale")
+        if m.group("scale") is not None and float(m.group("scale")) != 10:
+            raise JudgeParseError(f"score {m.group('score')}/{m.group('scale')} is not on the 1-10 scale")
+        if m.group("upper") is not None:
+            raise JudgeParseError(f"a range of scores ({m.group('score')}-{m.group('upper')}), not one score")
+    scores = [float(m.group("score")) for m in matches]
     if len(set(scores)) > 1:
         raise JudgeParseError(f"several different scores in the reply: {', '.join(f'{s:g}' for s in scores)}")
     score = scores[0]
@@ -79,7 +99,9 @@ def parse_judgement(reply: str) -> tuple[float | int, str]:
         raise JudgeParseError(f"score {score:g} is outside 1-10")
     label = _REASON.search(text)
     if label is not None:
-        reason = _SCORE.split(text[label.end():])[0]
+        following = text[label.end():]
+        after = _SCORE.search(following)
+        reason = following if after is None else following[:after.start()]
     else:
         reason = _SCORE.sub("", text)
     reason = " ".join(reason.split()).strip(" -:")
@@ -132,6 +154,8 @@ def run_filter(args) -> int:
                              "judge_model": result.model or args.model, "input_origin": origin})
             continue
         try:
+            if truncated(result):
+                raise JudgeParseError("the reply was cut off at max_tokens (raise --max-tokens)")
             score, reason = parse_judgement(result.response or "")
         except JudgeParseError as e:
             failures.append({**record, "judge_error": f"unparseable judge reply: {e}", "judge_reply": result.response,

@@ -62,7 +62,7 @@ def system_ids(sub_collection: str, multiple_choice: bool) -> tuple[int, ...]:
 
 
 def read_system_messages(path: str | Path | None) -> list[str]:
-    file = Path(path) if path is not None else PROMPTS / "orca_system_messages.json"
+    file = Path(path).expanduser() if path is not None else PROMPTS / "orca_system_messages.json"
     try:
         messages = json.loads(file.read_text(encoding="utf-8-sig"))
     except OSError as e:

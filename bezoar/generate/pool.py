@@ -49,6 +49,7 @@ import os
 import random
 import time
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import AsyncIterable, AsyncIterator, Iterable, Sequence
 
@@ -268,7 +269,8 @@ class Pool:
     model: the model for requests that name none
     progress: print a progress line to stderr while running, and a summary at the end
     prices: model -> (USD per million input tokens, USD per million output tokens), for the cost
-    retry_failed: with a path as store: send again the requests recorded as failures
+    retry_failed: with a path as store: send again the requests recorded as failures (True), or those of
+        the given keys only (a set of keys)
     provider_factory: ``(endpoint, connections) -> provider`` (default: providers.make_provider);
         a provider has ``async open()``, ``async close()`` and ``async send(request, model,
         timeout) -> Reply`` raising ProviderError. For tests and measurements without HTTP.
@@ -276,7 +278,7 @@ class Pool:
 
     def __init__(self, endpoints: Endpoint | Sequence[Endpoint], limits: Limits | None = None, store=None, *,
                  model: str | None = None, progress: bool = False, prices: dict | None = None,
-                 retry_failed: bool = False, provider_factory=None):
+                 retry_failed: bool | Collection[str] = False, provider_factory=None):
         self.endpoints = [endpoints] if isinstance(endpoints, Endpoint) else list(endpoints)
         if not self.endpoints:
             raise GenerateError("the pool needs at least one endpoint")

@@ -36,6 +36,7 @@ import sys
 import textwrap
 import unicodedata
 from collections import Counter, defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -92,7 +93,7 @@ def load_template(name: str, path: str | os.PathLike | None = None) -> Template:
     """The template ``name``: the shipped one, or the user's file at ``path`` (checked for its placeholders)."""
     if name not in TEMPLATE_FIELDS:
         raise GenerateError(f"unknown template {name!r}; known: {', '.join(TEMPLATE_FIELDS)}")
-    file = Path(path) if path is not None else PROMPTS / f"{name}.txt"
+    file = Path(path).expanduser() if path is not None else PROMPTS / f"{name}.txt"
     try:
         text = file.read_text(encoding="utf-8-sig")
     except OSError as e:
@@ -130,8 +131,9 @@ def load_templates(names: Sequence[str], overrides: Sequence[str] | None) -> dic
 def read_records(source: str | os.PathLike, *, what: str, split: str = "train",
                  limit: int | None = None) -> list[tuple[str, dict]]:
     """``(origin, record)`` pairs from a JSONL file (origin ``"FILE line N"``) or any source
-    ``bezoar.data.load`` reads. ``what`` names the input in error messages ("seed file")."""
-    path = Path(source)
+    ``bezoar.data.load`` reads. ``what`` names the input in error messages ("seed file"). A path may
+    start with ``~`` (the home folder), as ``bezoar.data.load`` reads it."""
+    path = Path(source).expanduser()
     if path.is_file() and path.suffix.lower() == ".jsonl":
         return _read_jsonl(path, what, limit)
     if not path.exists() and (str(source).startswith(("/", ".", "~")) or path.suffix.lower() in DATA_SUFFIXES):
@@ -177,7 +179,7 @@ def text_field(record: dict, origin: str, names: Sequence[str], *, required: boo
 def read_topics(source: str | os.PathLike) -> list[str]:
     """Topics, one per line of a text file (blank lines and ``#`` comments skipped), or the ``topic``
     field of records in any other format. Repeated topics are kept once, in first-seen order."""
-    path = Path(source)
+    path = Path(source).expanduser()
     topics: list[str] = []
     if path.is_file() and path.suffix.lower() in (".txt", ".list", ""):
         try:
@@ -204,8 +206,11 @@ def read_topics(source: str | os.PathLike) -> list[str]:
 
 
 # ---------------------------------------------------------------------- parsing teacher lists
-_NUMBER_MARK = (r"(?:\(\d{1,3}\)|<\d{1,3}>|\[\d{1,3}\]|\d{1,3}\s*[.):]"
-                r"|(?:instruction|task|question|prompt)\s*#?\s*\d{1,3}\s*[.):-])")
+# A number's ".", ")" or ":" ends at a blank, the end of the line or bold ("1.**"): a line of an item that
+# starts "10:30 pm", "1.5 litres" or "3:1" is not a marker.
+_MARK_END = r"(?=\s|\*\*|$)"
+_NUMBER_MARK = (rf"(?:\(\d{{1,3}}\)|<\d{{1,3}}>|\[\d{{1,3}}\]|\d{{1,3}}\s*[.):]{_MARK_END}"
+                rf"|(?:instruction|task|question|prompt)\s*#?\s*\d{{1,3}}\s*[.):-]{_MARK_END})")
 # A marker may be in bold ("**1.**", "**Task 1:**"); the ** after a plain "1." opens the item's own bold text.
 _NUMBERED = re.compile(rf"^\s*(?:\*\*{_NUMBER_MARK}\*\*|{_NUMBER_MARK})\s*", re.I)
 _BULLET = re.compile(r"^\s*([-*\u2022+])\s+")
@@ -226,7 +231,18 @@ class ParsedList:
     cut: bool = False
 
 
+def _quoted_inside(text: str, left: str, right: str) -> bool:
+    """Whether ``left`` or ``right`` occurs in ``text`` as a delimiter (a straight single quote between two
+    letters, as in "don't", is an apostrophe, not a quote)."""
+    if left == "'":
+        return re.search(r"(?<!\w)'|'(?!\w)", text) is not None
+    return left in text or right in text
+
+
 def _clean_item(text: str) -> str:
+    """An item without its label ("Task:") and the quotes, backticks or bold wrapped around all of it.
+    A wrapper is removed only when its delimiter does not occur again inside: ``"a" and "b"`` or
+    ``**Bold** and **bold**`` start and end with separate spans, and stay as they are."""
     text = text.strip()
     text = _LABEL.sub("", text).strip()
     changed = True
@@ -234,8 +250,10 @@ def _clean_item(text: str) -> str:
         changed = False
         for left, right in _QUOTES:
             if text.startswith(left) and text.endswith(right) and len(text) >= len(left) + len(right):
-                text = text[len(left):len(text) - len(right)].strip()
-                changed = True
+                inner = text[len(left):len(text) - len(right)]
+                if not _quoted_inside(inner, left, right):
+                    text = inner.strip()
+                    changed = True
     return text
 
 
@@ -250,9 +268,12 @@ def parse_list(reply: str, *, truncated: bool = False) -> ParsedList:
     The first marker decides the style; after that only markers of that style start items, so a
     numbered list may hold bullets inside its items. A marker indented 2 columns or more past the
     first one belongs to a list nested inside the current item (material of a task), and like a
-    line without a marker it continues the current item. Text before the first marker (a preamble) and paragraphs after the last item (an
-    epilogue, after a blank line) are dropped. A reply cut off at max_tokens loses its last item.
-    A reply with no marker at all is malformed and yields nothing."""
+    line without a marker it continues the current item. Text before the first marker (a preamble)
+    is dropped. After a blank line, a paragraph belongs to the current item when another item
+    follows it, or when it is indented 2 columns or more past the markers (the material of the last
+    item, as Markdown indents it); from the first unindented paragraph after the last item on, the
+    rest (an epilogue: "Let me know if...") is dropped. A reply cut off at max_tokens loses its last
+    item. A reply with no marker at all is malformed and yields nothing."""
     lines = reply.replace("\r\n", "\n").split("\n")
     style = None
     for line in lines:
@@ -291,6 +312,13 @@ def parse_list(reply: str, *, truncated: bool = False) -> ParsedList:
             pending.append(line)
         else:
             items[-1].append(line)
+    if items and pending:  # after the last item: its indented paragraphs, up to an unindented one
+        previous = ""
+        for line in pending:
+            if line.strip() and not previous.strip() and _indent(line) < outer + 2:
+                break
+            items[-1].append(line)
+            previous = line
     parsed = ParsedList([])
     if truncated and items:
         items.pop()
@@ -497,14 +525,16 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_step(args, out: Path, step: str, requests: list[Request]) -> list[Result]:
+def run_step(args, out: Path, step: str, requests: list[Request], *,
+             retry_failed: bool | Collection[str] | None = None) -> list[Result]:
     """Run one step's requests through a pool storing into ``out/work/<step>.jsonl``; Results in
-    request order (stored ones are read back, not sent again)."""
+    request order (stored ones are read back, not sent again). ``retry_failed`` (default:
+    ``--retry-failed``) may name the keys whose recorded failures are sent again."""
     store = Path(out) / "work" / f"{step}.jsonl"
     if not requests:
         return []
     say(f"step {step}: {len(requests)} requests (store {store})")
-    pool = pool_from_args(args, store)
+    pool = pool_from_args(args, store, retry_failed)
 
     async def main() -> list[Result]:
         async with pool:
@@ -552,13 +582,15 @@ def write_json(path: str | os.PathLike, value) -> None:
 
 
 def check_out_dir(out: str | os.PathLike, inputs: Sequence, outputs: Sequence[str]) -> Path:
-    """The output folder, refused when it is a file or when an input file is one of the outputs."""
-    out = Path(out)
+    """The output folder (``~`` expanded), refused when it is a file or when an input file is one of the
+    outputs."""
+    out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise GenerateError(f"--out {out} exists and is not a folder")
     targets = {(out / name).resolve() for name in outputs}
     for source in inputs:
-        if source is not None and Path(source).exists() and Path(source).resolve() in targets:
+        path = None if source is None else Path(source).expanduser()
+        if path is not None and path.exists() and path.resolve() in targets:
             raise GenerateError(f"input {source} is one of the files the command writes in {out}; "
                                 "choose another --out")
     return out

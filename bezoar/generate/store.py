@@ -33,7 +33,9 @@ carry, is written with its non-ASCII characters escaped: see :func:`record_line`
 - Recorded failures count as done: a rerun does not retry them (a 400 stays a 400). With
   ``retry_failed=True`` every failure line is moved out of the file into
   ``<file>.failed-<UTC time>.jsonl`` (the file is rewritten atomically without them, success
-  lines all kept) and the requests of keys with no success are sent again.
+  lines all kept) and the requests of keys with no success are sent again. ``retry_failed`` may
+  instead be a set of keys: only those keys' failures are moved and sent again, the others stay
+  recorded (a caller whose later work was built on some failures keeps those).
 - An exclusive advisory lock (flock) keeps a second process from writing the same file. The
   lock is taken on the file the path names at that moment: a process that opened the file just
   before another one rewrote it (``retry_failed``) sees that its locked file is no longer the one
@@ -49,6 +51,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,17 +127,18 @@ class MemoryStore:
 class JSONLStore:
     """Append-only JSONL store on disk (see the module doc)."""
 
-    def __init__(self, path: str | os.PathLike, *, fsync: str = "interval", retry_failed: bool = False,
-                 fsync_interval_s: float = 1.0):
+    def __init__(self, path: str | os.PathLike, *, fsync: str = "interval",
+                 retry_failed: bool | Collection[str] = False, fsync_interval_s: float = 1.0):
         if fsync not in FSYNC_POLICIES:
             raise StoreError(f"fsync policy must be one of {FSYNC_POLICIES}, got {fsync!r}")
         self.path = Path(path)
         self.fsync = fsync
         self.fsync_interval_s = fsync_interval_s
-        self.retry_failed = retry_failed
+        # True: every failure is retried; a collection: the failures of those keys only.
+        self.retry_failed = retry_failed if isinstance(retry_failed, bool) else frozenset(retry_failed)
         self._offsets: dict[str, int] = {}
         self._failed: set[str] = set()  # keys whose record is a failure
-        self._failure_lines = 0  # failure lines in the file (more than failed keys where keys repeat)
+        self._failure_keys: set[str] = set()  # keys with a failure line (answered in another line too, maybe)
         self._file = None
         self._reader = None
         self._size = 0  # the file's length: where the next record starts, and where a failed one is cut
@@ -160,7 +164,7 @@ class JSONLStore:
             self._reader = self._open_reader()
             self._repair_tail()
             self._index()
-            if self.retry_failed and self._failure_lines:
+            if any(self._retried(key) for key in self._failure_keys):
                 self._move_failures()
         except BaseException:
             self.close()
@@ -302,7 +306,8 @@ class JSONLStore:
         offset = 0
         self._offsets.clear()
         self._failed.clear()
-        self._failure_lines = self.report.duplicate_lines = 0
+        self._failure_keys.clear()
+        self.report.duplicate_lines = 0
         self._reader.seek(0)
         for number, line in enumerate(self._reader, start=1):
             if not line.strip():  # a blank line (hand-edited file): nothing to index
@@ -319,7 +324,8 @@ class JSONLStore:
                     f"{self.path} line {number} is not a result record ({type(e).__name__}: {e}); the file is "
                     "damaged beyond a torn last line: fix or remove that line, then rerun") from None
             failed = _is_failure(record)
-            self._failure_lines += failed
+            if failed:
+                self._failure_keys.add(key)
             if key not in self._offsets:
                 self._offsets[key] = offset
                 if failed:
@@ -333,13 +339,18 @@ class JSONLStore:
         self._size = offset
         self.report.records, self.report.failed = len(self._offsets), len(self._failed)
 
+    def _retried(self, key: str) -> bool:
+        """Whether a failure recorded for ``key`` is to be moved aside and sent again."""
+        return self.retry_failed is True or (self.retry_failed is not False and key in self.retry_failed)
+
     def _move_failures(self) -> None:
-        """Rewrite the file without its failure lines (atomically), keeping them in a side file.
-        Every other line is kept as it is (a repeated success too): nothing is dropped. The keys
-        whose only records were failures are then missing from the store, and so are sent again."""
+        """Rewrite the file without the failure lines to retry (atomically), keeping them in a side
+        file. Every other line is kept as it is (a repeated success too): nothing is dropped. The
+        keys whose only records were those failures are then missing from the store, and so are
+        sent again."""
         copy = self.path.with_name(f"{self.path.name}.failed-{_stamp()}.jsonl")
         tmp = self.path.with_name(self.path.name + ".rewrite")
-        retried, moved_lines = len(self._failed), 0
+        retried, moved_lines = sum(1 for key in self._failed if self._retried(key)), 0
         new_file = None
         try:
             self._reader.seek(0)
@@ -347,7 +358,8 @@ class JSONLStore:
                 for line in self._reader:
                     if not line.strip():
                         continue
-                    if _is_failure(json.loads(line)):
+                    record = json.loads(line)
+                    if _is_failure(record) and self._retried(record["key"]):
                         moved.write(line)
                         moved_lines += 1
                     else:

@@ -174,6 +174,45 @@ def test_leaked_phrase(text, leak):
     assert leaked_phrase(text, ["My Marker"]) == leak
 
 
+@pytest.mark.parametrize("text,previous,leak", [
+    # whole words only
+    ("Explain how to renew instructions for a passport.", "", None),
+    ("List the steps to renew instructional licences.", "", None),
+    ("Write new instructions for the dishwasher.", "", None),
+    ("Rewrite this as a given prompted form.", "", None),
+    ("Write a new instruction for x", "", "new instruction"),
+    # a phrase the previous instruction (with its context) already holds is the task's own
+    ("Why did the FAA act? Answer in three bullet points.\n\nThe FAA sent a new instruction to pilots.",
+     "Why did the FAA act?\n\nThe FAA sent a new instruction to pilots.", None),
+    ("Explain what a language model does with the given prompt, in two paragraphs.",
+     "Explain what a language model does with the Given  Prompt.", None),
+    ("Explain the given prompt. #Rewritten Prompt#", "Explain the given prompt.", "rewritten prompt"),
+    # the marker's #Words# form is the rewriting prompt's even where the previous text has the words
+    ("#My Marker#\nName my marker's colour.", "Name my marker's colour.", "My Marker"),
+    ("Name my marker's colour and shape.", "Name my marker's colour.", None),
+])
+def test_leaked_phrase_counts_only_new_whole_words(text, previous, leak):
+    assert leaked_phrase(text, ["My Marker"], previous) == leak
+
+
+def test_a_seed_that_holds_a_leak_phrase_still_evolves(fake_server, tmp_path):
+    """The seed's own context says "new instruction": evolutions that keep it are not leaks."""
+    def keeps_context(call):
+        text = call.last_user_text
+        if "#Original Instruction#" in text:
+            return original_of(text) + " Answer in three bullet points."
+        return "DIFFERENT" if "SAME or DIFFERENT" in text else f"A full, useful answer to: {text}"
+
+    server = fake_server(reply=keeps_context)
+    seeds = write_jsonl(tmp_path / "dolly.jsonl", [
+        {"instruction": "Why did the FAA act?", "context": "In 2019 the FAA sent a new instruction to pilots.",
+         "category": "closed_qa"}])
+    out = tmp_path / "out"
+    assert run("evol", seeds, "--epochs", "2", "--out", out, url=server.openai_url) == 0
+    assert [r["epoch"] for r in read_jsonl(out / "raw.jsonl")] == [1, 2]
+    assert read_jsonl(out / "dropped.jsonl") == []
+
+
 @pytest.mark.parametrize("record,message", [
     ({"context": "c"}, "line 2: seed has no 'instruction' field"),
     ({"instruction": "a", "context": ["c"]}, "line 2: field 'context' must be a string, got list"),
@@ -193,3 +232,47 @@ def test_evolve_request_failures_stop_nothing(fake_server, tmp_path):
     assert run("evol", seeds, "--epochs", "1", "--out", out, url=server.openai_url) == 0
     assert read_jsonl(out / "raw.jsonl") == []
     assert [d["reason"] for d in read_jsonl(out / "dropped.jsonl")] == ["evolution request failed"] * 3
+
+
+def test_retry_failed_keeps_every_stored_later_epoch(fake_server, tmp_path):
+    """--retry-failed (which the pipeline passes on every resume) retries a lineage's failures only in its
+    last stored epoch: retrying an earlier one could change the instruction later epochs were built on,
+    paying for them again and dropping their records from raw.jsonl."""
+    faults = {"Alpha: name a planet. Step 1.", "Beta: name a colour. Step 1. Step 2."}  # each answer fails once
+
+    def flaky(call):
+        text = call.last_user_text
+        if "#Original Instruction#" in text:  # every evolution differs, so a retried epoch changes the lineage
+            return f"{original_of(text)} Step {original_of(text).count('Step') + 1}."
+        if "SAME or DIFFERENT" in text:
+            return "DIFFERENT"
+        if text in faults:
+            faults.discard(text)
+            return Fault("400", message="transient filter (injected)")
+        return f"A full, useful answer to: {text}"
+
+    log = CallLog(flaky)
+    server = fake_server(reply=log)
+    seeds = write_jsonl(tmp_path / "dolly.jsonl", [{"instruction": "Alpha: name a planet."},
+                                                   {"instruction": "Beta: name a colour."}])
+    out = tmp_path / "out"
+    assert run("evol", seeds, "--epochs", "2", "--out", out, url=server.openai_url) == 0
+    first = read_jsonl(out / "raw.jsonl")
+    assert [(r["epoch"], r["instruction"]) for r in first] == [
+        (1, "Beta: name a colour. Step 1."), (2, "Alpha: name a planet. Step 1.")]  # Alpha evolved again
+
+    log.calls.clear()
+    assert run("evol", seeds, "--epochs", "2", "--out", out, "--retry-failed", url=server.openai_url) == 0
+    # Alpha's epoch-1 failure has epoch 2 built on it: kept. Beta's failure is in its last stored epoch: asked again.
+    assert [c.last_user_text for c in log.calls] == ["Beta: name a colour. Step 1. Step 2."]
+    second = read_jsonl(out / "raw.jsonl")
+    assert second[:2] == first and [(r["epoch"], r["instruction"]) for r in second[2:]] == [
+        (2, "Beta: name a colour. Step 1. Step 2.")]
+    reasons = [(d["epoch"], d["previous"], d["reason"]) for d in read_jsonl(out / "dropped.jsonl")]
+    assert reasons == [(1, "Alpha: name a planet.", "response request failed")]
+
+    log.calls.clear()
+    assert run("evol", seeds, "--epochs", "3", "--out", out, "--retry-failed", url=server.openai_url) == 0
+    assert len(log.calls) == 6  # epoch 3 only: evolve, equal and respond of each lineage
+    assert read_jsonl(out / "raw.jsonl")[:3] == second
+    store_keys_unique(out)

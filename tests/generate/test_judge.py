@@ -8,7 +8,7 @@ import re
 import pytest
 
 from bezoar.generate.judge import JudgeParseError, parse_judgement
-from tests.generate.fake_server import Fault
+from tests.generate.fake_server import Cut, Fault
 from tests.generate.schemes_helpers import CallLog, between, read_jsonl, run, write_jsonl
 
 #: response text -> what the judge answers about it
@@ -24,6 +24,7 @@ JUDGE_REPLIES = {
     "r-two-scores": "Reason: mixed.\nScore: 3\nScore: 9",
     "r-no-reason": "Score: 9",
     "r-fails": Fault("400", message="judge refused (injected)"),
+    "r-cut": Cut("Reason: thorough, correct and on task, with every step of the derivation shown.\nScore: 1"),
     "orca answer": "Reason: follows the system message.\nScore: 9",
 }
 
@@ -40,7 +41,7 @@ SCORES = {"r-seven": 7, "r-six": 6, "r-ten": 10, "r-eight": 8, "r-seven-half": 7
           "orca answer": 9}
 FAILURES = {"r-no-score": "no 'Score: N'", "r-eleven": "score 11 is outside 1-10",
             "r-two-scores": "several different scores", "r-no-reason": "no reason",
-            "r-fails": "judge request failed"}
+            "r-fails": "judge request failed", "r-cut": "cut off at max_tokens"}
 
 
 def judge(call):
@@ -81,10 +82,11 @@ def test_scores_reasons_and_failures(judged):
     assert {r["response"]: r["judge_error"] for r in failures}.keys() == FAILURES.keys()
     for r in failures:
         assert FAILURES[r["response"]] in r["judge_error"] and r["input_origin"].startswith(str(raw))
-        assert r["judge_reply"] == (None if r["response"] == "r-fails" else JUDGE_REPLIES[r["response"]])
+        reply = JUDGE_REPLIES[r["response"]]
+        assert r["judge_reply"] == (None if r["response"] == "r-fails" else getattr(reply, "text", reply))
     summary = json.loads((out / "filter-summary.json").read_text())
     assert (summary["records"], summary["scored"], summary["kept"], summary["below_threshold"], summary["failures"]) \
-        == (len(RECORDS), 9, 7, 2, 5)
+        == (len(RECORDS), 9, 7, 2, 6)
     assert summary["scores"] == {"6": 1, "6.9": 1, "7": 2, "7.5": 1, "8": 2, "9": 1, "10": 1}
 
     # The judge saw the rubric, the orca record's system message, and "(none)" for the others;
@@ -116,7 +118,7 @@ def test_threshold_is_exact_and_costs_nothing_to_change(judged, threshold, kept)
     assert server.stats()["requests"] == 0  # every judgement comes from the store
     assert {response_of(r) for r in read_jsonl(out / "filtered.jsonl")} == kept
     assert all(r["judge_score"] >= threshold for r in read_jsonl(out / "filtered.jsonl"))
-    assert len(read_jsonl(out / "judged.jsonl")) == 9 and len(read_jsonl(out / "judge-failures.jsonl")) == 5
+    assert len(read_jsonl(out / "judged.jsonl")) == 9 and len(read_jsonl(out / "judge-failures.jsonl")) == 6
 
 
 def test_retry_failed_asks_again_for_failed_requests_only(judged, fake_server):
@@ -132,12 +134,17 @@ def test_retry_failed_asks_again_for_failed_requests_only(judged, fake_server):
     ("Reason: ok\nScore: 5", 5, "ok"), ("Score: 5\nReason: ok", 5, "ok"), ("SCORE = 3. Reasoning: weak", 3, "weak"),
     ("The answer is right.\nScore: 9 out of 10", 9, "The answer is right."), ("Score (1-10): 4\nReason: meh", 4, "meh"),
     ("Reason: consistent.\nScore: 8\nFinal score: 8", 8, "consistent."),
+    # the template's placeholder filled in as written, a note on the label, a scale in parentheses
+    ("Reason: ok\nScore: <8>", 8, "ok"), ("Reason: ok\nScore: [8]", 8, "ok"), ("Reason: ok\nScore: [8/10]", 8, "ok"),
+    ("Score (out of 10): 8\nReason: ok", 8, "ok"), ("Score (overall): 6.5\nReason: ok", 6.5, "ok"),
+    ("Reason: ok\nScore: 9 (out of 10)", 9, "ok"), ("Reason: ok.\nScore: 8.", 8, "ok."),
 ])
 def test_parse_judgement(reply, score, reason):
     assert parse_judgement(reply) == (score, reason)
 
 
-@pytest.mark.parametrize("reply", ["", "Score: none", "Score: 0\nReason: x", "Score: -2 Reason: x", "Score: 10.5"])
+@pytest.mark.parametrize("reply", ["", "Score: none", "Score: 0\nReason: x", "Score: -2 Reason: x", "Score: 10.5",
+                                   "Score: 9 (out of 10)"])
 def test_parse_judgement_refuses(reply):
     with pytest.raises(JudgeParseError):
         parse_judgement(reply)
@@ -149,6 +156,15 @@ def test_parse_judgement_refuses(reply):
     ("Reason: fine.\nScore: 9 out of 5", "score 9/5 is not on the 1-10 scale"),
     ("Reason: good, small flaws.\nScore: 7-8", "a range of scores (7-8)"),
     ("Reason: good.\nScore: 7 to 8", "a range of scores (7-8)"),
+    ("Score (out of 5): 4\nReason: terse.", "score 4 (out of 5) is not on the 1-10 scale"),
+    ("Score (0-100): 80\nReason: terse.", "score 80 (0-100) is not on the 1-10 scale"),
+    ("Reason: terse.\nScore: 4 (out of 5)", "score 4/5 is not on the 1-10 scale"),
+    # what only starts like a score: a decimal comma, an exponent, a unit, two numbers, an unclosed bracket
+    ("Reason: ok.\nScore: 7,5", "'Score: 7,5' is not a score from 1 to 10"),
+    ("Reason: ok.\nScore: 1e1", "'Score: 1e1' is not a score from 1 to 10"),
+    ("Reason: ok.\nScore: 10x", "'Score: 10x' is not a score from 1 to 10"),
+    ("Reason: ok.\nScore: 1 0", "'Score: 1 0' is not a score from 1 to 10"),
+    ("Reason: ok.\nScore: <8", "'Score: <8' is not a score from 1 to 10"),
 ])
 def test_parse_judgement_refuses_other_scales_and_ranges(reply, why):
     with pytest.raises(JudgeParseError, match=re.escape(why)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import random
 
 import pytest
@@ -77,6 +78,76 @@ def test_malformed_and_truncated_lists():
     cut = parse_list("1. alpha\n2. beta\n3. gam", truncated=True)
     assert cut.items == ["alpha", "beta"] and cut.cut
     assert parse_list("1. ...\n2. ?!\n3. ok").items == ["ok"] and parse_list("1. ...\n2. ?!\n3. ok").empty == 2
+
+
+def test_times_ratios_and_decimals_that_start_a_line_are_not_markers():
+    """A number marker ends at a blank, the end of the line or bold: "10:30 pm", "3:1" or "1.5 litres"
+    opening a line of an item are the item's material, not new items."""
+    reply = ("1. Convert these times to the 24-hour clock:\n10:30 pm\n11:45 am\n"
+             "2. Scale the recipe:\n3:1 flour to butter\n1.5 litres of milk\n"
+             "3.**Name** a fruit.\n"
+             "4.\n"
+             "5. Name a river.")
+    parsed = parse_list(reply)
+    assert parsed.items == ["Convert these times to the 24-hour clock:\n10:30 pm\n11:45 am",
+                            "Scale the recipe:\n3:1 flour to butter\n1.5 litres of milk", "**Name** a fruit.",
+                            "Name a river."]
+    assert parsed.empty == 1
+
+
+def test_indented_paragraphs_after_the_last_item_are_its_material():
+    """After a blank line, a paragraph indented past the markers belongs to the last item as it does to any
+    other; only the unindented paragraphs after the last item (an epilogue) are dropped."""
+    passage = "The Industrial Revolution began in Britain.\nIt spread to Europe."
+    reply = ("1. Translate to French: good morning\n"
+             "2. Summarize the passage below in one sentence.\n\n"
+             "   The Industrial Revolution began in Britain.\n   It spread to Europe.\n\n"
+             "   Use at most 20 words.\n\n"
+             "I hope these help!\n\n   - an indented line of the epilogue")
+    assert parse_list(reply).items == ["Translate to French: good morning",
+                                       f"Summarize the passage below in one sentence.\n\n{passage}\n\n"
+                                       "Use at most 20 words."]
+    bullets = "- Name a colour.\n- Sort these words:\n\n  pear, apple, fig\n\nHope this helps."
+    assert parse_list(bullets).items == ["Name a colour.", "Sort these words:\n\npear, apple, fig"]
+    # A last item whose material the teacher did not indent cannot be told from an epilogue: dropped.
+    assert parse_list("1. alpha\n2. beta\n\ngamma").items == ["alpha", "beta"]
+
+
+@pytest.mark.parametrize("item,cleaned", [
+    ('"Carpe diem" and "memento mori"', None),
+    ('Explain the difference between "carpe diem" and "memento mori"', None),
+    ('"Carpe diem" or "memento mori"?', None),
+    ("**Compare** the two sorting algorithms for **nearly sorted input**", None),
+    ("`git merge` or `git rebase`: which should a small team use? Explain `rebase`", None),
+    ("'Tis a phrase, 'tis", None),
+    ('"Write a limerick about a cat."', "Write a limerick about a cat."),
+    ("'Don't panic': explain the phrase, 'tis'", None),
+    ("'Don't panic, it's fine'", "Don't panic, it's fine"),
+    ("**`ls -la`**", "ls -la"), ("\u201cWhy is the sky blue?\u201d", "Why is the sky blue?"),
+])
+def test_wrapping_quotes_are_removed_only_around_the_whole_item(item, cleaned):
+    """Quotes, backticks or bold around the whole item go; an item that starts and ends with separate spans
+    keeps them (removing one delimiter at each end would leave them unbalanced)."""
+    assert parse_list(f"1. {item}\n2. x").items == [item if cleaned is None else cleaned, "x"]
+
+
+def test_paths_may_start_with_the_home_folder(tmp_path, monkeypatch):
+    """"~/..." is the home folder for every input a scheme reads, as for bezoar.data.load."""
+    from bezoar.generate.orca import read_system_messages
+    from bezoar.generate.schemes import check_out_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "seeds.jsonl").write_text('{"instruction": "a"}\n')
+    (tmp_path / "topics.txt").write_text("Volcanoes\n")
+    (tmp_path / "judge.txt").write_text("Rate {response} for {instruction} ({system}).")
+    (tmp_path / "system.json").write_text(json.dumps([f"message {i}" for i in range(1, 17)]))
+    assert [r["instruction"] for _, r in read_records("~/seeds.jsonl", what="seed file")] == ["a"]
+    assert read_topics("~/topics.txt") == ["Volcanoes"]
+    assert load_template("judge", "~/judge.txt").text.startswith("Rate {response}")
+    assert read_system_messages("~/system.json")[0] == "message 1"
+    assert check_out_dir("~/out", [], ["raw.jsonl"]) == tmp_path / "out"
+    with pytest.raises(GenerateError, match="is one of the files the command writes"):
+        check_out_dir("~", ["~/seeds.jsonl"], ["seeds.jsonl"])
 
 
 # ---------------------------------------------------------------------- near-duplicates

@@ -176,6 +176,23 @@ def test_retry_failed_moves_failures_aside(tmp_path):
         assert store.report.failed == 0
 
 
+def test_retry_failed_for_some_keys_moves_only_their_failures(tmp_path):
+    """A caller whose later work was built on some failures (evol's later epochs) retries the others only."""
+    path = tmp_path / "out.jsonl"
+    rows = [ok_record("a"), failed_record("b"), failed_record("c"), ok_record("c", "paid"), failed_record("d")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = path.read_bytes()
+    with JSONLStore(path, retry_failed={"a", "e"}) as store:  # no failure of those keys: nothing moves
+        assert store.report.moved_failures == 0 and store.report.failures_copy is None
+        assert store.failed("b") and store.failed("d")
+    assert path.read_bytes() == before
+    with JSONLStore(path, retry_failed=["b", "c"]) as store:
+        assert store.report.moved_failures == 1  # b; c has its answer, its failure line goes with b's
+        assert "b" not in store and store.failed("d") and store.get("c")["response"] == "paid"
+    assert [(r["key"], r["ok"]) for r in lines(path)] == [("a", True), ("c", True), ("d", False)]
+    assert [r["key"] for r in lines(store.report.failures_copy)] == ["b", "c"]
+
+
 def test_a_second_writer_is_refused(tmp_path):
     path = tmp_path / "out.jsonl"
     with JSONLStore(path):
