@@ -4,9 +4,10 @@ A stage object says what one batch costs (``loss``: a sum over the batch's units
 sums) and how many units it holds (``units``: loss tokens for SFT, pairs for DPO). The loop does the
 rest: AdamW over the trainable parameters only, warmup + cosine/linear schedule, gradient
 accumulation normalised by the units of the whole optimizer step (so packing or splitting a batch
-never changes the loss), clipping, bf16 autocast on GPU (fp16 with dynamic loss scaling where bf16 is
-missing), progress with tokens/s and ETA, ``metrics.jsonl``, periodic eval, atomic checkpoints with
-everything needed to continue bit for bit, resume, SIGINT/SIGTERM, and a stop on a non-finite loss.
+never changes the loss; an epoch's last step takes the micro-batches it has left), clipping, bf16
+autocast on GPU (fp16 with dynamic loss scaling where bf16 is missing), progress with tokens/s and
+ETA, ``metrics.jsonl``, periodic eval, atomic checkpoints with everything needed to continue bit for
+bit, resume, SIGINT/SIGTERM, and a stop on a non-finite loss.
 
 Run directory::
 
@@ -259,8 +260,12 @@ class Trainer:
         micro_per_epoch = len(batches)
         if micro_per_epoch == 0:
             raise TrainingError("the training data gives no batch (is the dataset empty?)")
-        steps_per_epoch = max(1, micro_per_epoch // loop.grad_accum)
-        self.total_steps = loop.max_steps if loop.max_steps > 0 else max(1, int(math.ceil(loop.epochs * steps_per_epoch)))
+        # A step never reaches into the next epoch: an epoch whose micro-batches grad_accum does not divide ends
+        # with a shorter step of those left (as transformers' Trainer does), normalised by its own units like any
+        # other, so every batch of every epoch asked for is trained once and no batch of a later one is.
+        self.steps_per_epoch = -(-micro_per_epoch // loop.grad_accum)
+        self.total_steps = (loop.max_steps if loop.max_steps > 0
+                            else max(1, int(math.ceil(loop.epochs * self.steps_per_epoch))))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim, self.total_steps))
         self.autocast_dtype, use_scaler = resolve_precision(loop.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
@@ -276,6 +281,10 @@ class Trainer:
     # ---- batches --------------------------------------------------------------------------------
 
     def _next_micro_batches(self) -> list:
+        """The next step's micro-batches: grad_accum of them, or fewer at the end of an epoch (the step takes what
+        the epoch has left, and the next step starts the next epoch). A resume restores the loader's position, and
+        a loader that stands at an epoch's end starts the next one here, so the steps are those of a run that never
+        stopped."""
         group = []
         while len(group) < self.loop.grad_accum:
             if self._iter is None:
@@ -284,6 +293,8 @@ class Trainer:
                 group.append(next(self._iter))
             except StopIteration:
                 self._iter = None  # the loader moves to its next epoch on the next iter()
+                if group:
+                    break
         return group
 
     # ---- one optimizer step ----------------------------------------------------------------------
@@ -634,7 +645,7 @@ class Trainer:
         return final
 
     def _epoch_progress(self) -> float:
-        return self.step * self.loop.grad_accum / max(1, len(self.batches))
+        return self.step / self.steps_per_epoch
 
     def _profiler(self):
         if not self.loop.profile or not self.rank0:
