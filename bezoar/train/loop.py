@@ -474,6 +474,7 @@ class Trainer:
             raise UnreadableCheckpoint(f"{file}: cannot be read ({e})") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._schedule_lr()
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
@@ -494,6 +495,17 @@ class Trainer:
                 raise TrainingError(f"{path}: written by a run with {len(state['rng_per_rank'])} processes; resume it "
                                     "under torchrun with the same number")
             set_rng_state(state["rng"])
+
+    def _schedule_lr(self) -> None:
+        """Set each group's lr (and the scheduler's last lr) from this run's schedule at the step the scheduler
+        stands at. Loading a checkpoint brings back the lr its run's schedule set for the next step; a run resumed
+        with another length (train longer: a higher max_steps or epochs) has its schedule laid over the new total,
+        and without this its first step would still take the old schedule's lr (0 at a cosine's end). With the
+        same length the value is the one the checkpoint holds."""
+        sched = self.scheduler
+        for group, base, f in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+            group["lr"] = base * f(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _trim_metrics(self) -> None:
         """After a resume, drop metric lines logged past the checkpoint (they will be logged again)."""

@@ -333,3 +333,22 @@ def test_a_resume_at_or_near_an_epoch_end_trains_as_a_run_that_never_stopped(tmp
             kept = [[(m["step"], m["epoch"], m["loss"], m["lr"], m["grad_norm"]) for m in read_metrics(run)]
                     for run in (out, straight)]
             assert kept[0] == kept[1], stop
+
+
+@pytest.mark.parametrize("longer", ["train.max_steps=8", "train.epochs=4"])
+def test_a_run_trained_longer_takes_the_new_schedule_from_its_first_resumed_step(tmp_path, longer):
+    # The README's train-longer flow: a finished run of 4 steps, its length raised, resumed. Before, the first
+    # resumed step took the lr the old cosine had set for after its end (0); the steps after it were right.
+    from bezoar.train.loop import lr_lambda
+
+    out = tmp_path / "run"
+    shorter = "train.max_steps=4" if "max_steps" in longer else "train.epochs=2"
+    args = (*EPOCH_OF_SIX, "train.grad_accum=3", "optim.warmup_steps=1")
+    run_stage(tiny_sft_config(out, *args, shorter), log=_quiet)
+    (out / "summary.json").unlink()
+    cfg = tiny_sft_config(out, *args, longer)
+    run_stage(cfg, resume=True, log=_quiet)
+    lrs = [m["lr"] for m in read_metrics(out) if "loss" in m]
+    assert len(lrs) == 8 and lrs[3] == pytest.approx(cfg.optim.lr * lr_lambda(cfg.optim, 4)(3))
+    schedule = lr_lambda(cfg.optim, 8)
+    assert lrs[4:] == pytest.approx([cfg.optim.lr * schedule(step) for step in range(4, 8)])
