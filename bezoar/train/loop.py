@@ -348,19 +348,34 @@ class Trainer:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.optim_cfg.max_grad_norm))
         else:
             grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
+        skipped = False
         if self.scaler is not None:
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            # Gradients that overflowed fp16 (inf/NaN once unscaled): the scaler skipped the optimizer step and
+            # lowered its scale, the same on every rank (the all-reduced gradients hold the inf everywhere).
+            skipped = self.scaler.get_scale() < scale
         else:
             if not math.isfinite(grad_norm):
                 raise TrainingError(self._nan_message(None, what="gradient norm"))
             self.optimizer.step()
         lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
+        # As in transformers' Trainer, a skipped optimizer step still counts as a step (its micro-batches were
+        # taken, so the data order and the checkpoints' step numbers go on as usual) but the schedule stays where
+        # it is: the next step takes the lr this one did not use. The scheduler's own count (saved with it)
+        # then trails the step count by the skips, and a resume carries both.
+        if not skipped:
+            self.scheduler.step()
+        elif self.rank0:
+            self.log(f"step {self.step + 1}: the fp16 gradients overflowed; the optimizer step was skipped and the "
+                     f"loss scale lowered to {self.scaler.get_scale():g}")
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += tokens
         out = {"loss": total_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+        if skipped:
+            out["skipped"] = True
         out.update({k: v / units for k, v in sums.items()})
         return out
 

@@ -352,3 +352,60 @@ def test_a_run_trained_longer_takes_the_new_schedule_from_its_first_resumed_step
     assert len(lrs) == 8 and lrs[3] == pytest.approx(cfg.optim.lr * lr_lambda(cfg.optim, 4)(3))
     schedule = lr_lambda(cfg.optim, 8)
     assert lrs[4:] == pytest.approx([cfg.optim.lr * schedule(step) for step in range(4, 8)])
+
+
+def test_a_step_the_fp16_loss_scaler_skips_leaves_the_schedule_where_it_is_and_resumes_exactly(tmp_path, monkeypatch):
+    # fp16 loss scaling forced on CPU with a scale of 2**127, which overflows the first steps' gradients: the
+    # scaler skips those optimizer steps and halves its scale each time. Before, each skipped step moved the
+    # schedule on all the same, so warmup and decay ran ahead of the steps that trained.
+    import shutil
+
+    import torch
+
+    from bezoar.train import loop
+
+    real = loop.Trainer.__init__
+
+    def with_overflowing_scaler(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, growth_interval=1000)
+
+    monkeypatch.setattr(loop.Trainer, "__init__", with_overflowing_scaler)
+    args = ("train.max_steps=6", "train.save_every=1", "train.keep_last=9", "optim.warmup_steps=3",
+            "lora.dropout=0.1")
+    straight = tmp_path / "straight"
+    said = []
+    cfg = tiny_sft_config(straight, *args)
+    run_stage(cfg, log=said.append)
+    records = [m for m in read_metrics(straight) if "loss" in m]
+    skipped = [m.get("skipped", False) for m in records]
+    assert [m["step"] for m in records] == list(range(1, 7))
+    assert skipped[0] and not all(skipped), skipped
+    assert sum("optimizer step was skipped" in str(s) for s in said) == sum(skipped)
+    schedule = loop.lr_lambda(cfg.optim, 6)
+    ran = [sum(not s for s in skipped[:i]) for i in range(6)]  # optimizer steps before each step
+    assert [m["lr"] for m in records] == pytest.approx([cfg.optim.lr * schedule(n) for n in ran])
+    first = skipped.index(False)
+    b = {k: v for k, v in _adapter_at(straight, first).items() if "lora_B" in k}
+    assert all(not v.any() for v in b.values()), "a skipped step left LoRA B at zero"
+    # Resumed inside the skipped steps and after them, the run is the one that never stopped.
+    for stop in (1, first + 1):
+        out = tmp_path / f"stopped-{stop}"
+        shutil.copytree(straight, out)
+        (out / "summary.json").unlink()
+        shutil.rmtree(out / "adapter")
+        for later in range(stop + 1, 7):
+            shutil.rmtree(out / "checkpoints" / f"step-{later}")
+        (out / "config.toml").write_text((out / "config.toml").read_text().replace(str(straight), str(out)))
+        run_stage(tiny_sft_config(out, *args), resume=True, log=_quiet)
+        mine, theirs = _adapter(out), _adapter(straight)
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), stop
+        kept = [[(m["step"], m["loss"], m["lr"], m.get("skipped")) for m in read_metrics(run)]
+                for run in (out, straight)]
+        assert kept[0] == kept[1], stop
+
+
+def _adapter_at(out, step):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "checkpoints" / f"step-{step}" / "adapter" / "adapter_model.safetensors"))
