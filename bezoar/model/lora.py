@@ -100,6 +100,9 @@ class LoRALinear(nn.Module):
         self.alpha = alpha
         self.rslora = rslora
         self.scaling = alpha / (math.sqrt(r) if rslora else r)
+        # lora_dropout is the configured rate, which adapter_config.json records; dropout_p is the rate forward
+        # applies, which a stage may turn off (dpo.disable_dropout) without changing what the adapter says.
+        self.lora_dropout = dropout
         self.dropout_p = dropout
         device = _module_device(base)
         self.lora_A = nn.Linear(self.in_features, r, bias=False, dtype=torch.float32, device=device)
@@ -328,7 +331,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, folder, base_model_name_or_path: str | None = None) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors (PEFT's names), atomically."""
+    """Write adapter_config.json + adapter_model.safetensors (PEFT's names), atomically. ``lora_dropout`` is the
+    configured rate, also for a model that trained with its dropout turned off (``LoRALinear.lora_dropout``)."""
     from safetensors.torch import save_file
 
     modules = lora_modules(model)
@@ -349,7 +353,7 @@ def save_adapter(model: nn.Module, folder, base_model_name_or_path: str | None =
         "base_model_name_or_path": base_model_name_or_path,
         "r": first.r,
         "lora_alpha": first.alpha,
-        "lora_dropout": first.dropout_p,
+        "lora_dropout": first.lora_dropout,
         "target_modules": targets,
         "use_rslora": first.rslora,
         "bias": "none",

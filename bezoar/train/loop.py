@@ -4,9 +4,10 @@ A stage object says what one batch costs (``loss``: a sum over the batch's units
 sums) and how many units it holds (``units``: loss tokens for SFT, pairs for DPO). The loop does the
 rest: AdamW over the trainable parameters only, warmup + cosine/linear schedule, gradient
 accumulation normalised by the units of the whole optimizer step (so packing or splitting a batch
-never changes the loss), clipping, bf16 autocast on GPU (fp16 with dynamic loss scaling where bf16 is
-missing), progress with tokens/s and ETA, ``metrics.jsonl``, periodic eval, atomic checkpoints with
-everything needed to continue bit for bit, resume, SIGINT/SIGTERM, and a stop on a non-finite loss.
+never changes the loss; an epoch's last step takes the micro-batches it has left), clipping, bf16
+autocast on GPU (fp16 with dynamic loss scaling where bf16 is missing), progress with tokens/s and
+ETA, ``metrics.jsonl``, periodic eval, atomic checkpoints with everything needed to continue bit for
+bit, resume, SIGINT/SIGTERM, and a stop on a non-finite loss.
 
 Run directory::
 
@@ -259,8 +260,12 @@ class Trainer:
         micro_per_epoch = len(batches)
         if micro_per_epoch == 0:
             raise TrainingError("the training data gives no batch (is the dataset empty?)")
-        steps_per_epoch = max(1, micro_per_epoch // loop.grad_accum)
-        self.total_steps = loop.max_steps if loop.max_steps > 0 else max(1, int(math.ceil(loop.epochs * steps_per_epoch)))
+        # A step never reaches into the next epoch: an epoch whose micro-batches grad_accum does not divide ends
+        # with a shorter step of those left (as transformers' Trainer does), normalised by its own units like any
+        # other, so every batch of every epoch asked for is trained once and no batch of a later one is.
+        self.steps_per_epoch = -(-micro_per_epoch // loop.grad_accum)
+        self.total_steps = (loop.max_steps if loop.max_steps > 0
+                            else max(1, int(math.ceil(loop.epochs * self.steps_per_epoch))))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim, self.total_steps))
         self.autocast_dtype, use_scaler = resolve_precision(loop.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
@@ -276,6 +281,10 @@ class Trainer:
     # ---- batches --------------------------------------------------------------------------------
 
     def _next_micro_batches(self) -> list:
+        """The next step's micro-batches: grad_accum of them, or fewer at the end of an epoch (the step takes what
+        the epoch has left, and the next step starts the next epoch). A resume restores the loader's position, and
+        a loader that stands at an epoch's end starts the next one here, so the steps are those of a run that never
+        stopped."""
         group = []
         while len(group) < self.loop.grad_accum:
             if self._iter is None:
@@ -284,6 +293,8 @@ class Trainer:
                 group.append(next(self._iter))
             except StopIteration:
                 self._iter = None  # the loader moves to its next epoch on the next iter()
+                if group:
+                    break
         return group
 
     # ---- one optimizer step ----------------------------------------------------------------------
@@ -337,19 +348,34 @@ class Trainer:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.optim_cfg.max_grad_norm))
         else:
             grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
+        skipped = False
         if self.scaler is not None:
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            # Gradients that overflowed fp16 (inf/NaN once unscaled): the scaler skipped the optimizer step and
+            # lowered its scale, the same on every rank (the all-reduced gradients hold the inf everywhere).
+            skipped = self.scaler.get_scale() < scale
         else:
             if not math.isfinite(grad_norm):
                 raise TrainingError(self._nan_message(None, what="gradient norm"))
             self.optimizer.step()
         lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
+        # As in transformers' Trainer, a skipped optimizer step still counts as a step (its micro-batches were
+        # taken, so the data order and the checkpoints' step numbers go on as usual) but the schedule stays where
+        # it is: the next step takes the lr this one did not use. The scheduler's own count (saved with it)
+        # then trails the step count by the skips, and a resume carries both.
+        if not skipped:
+            self.scheduler.step()
+        elif self.rank0:
+            self.log(f"step {self.step + 1}: the fp16 gradients overflowed; the optimizer step was skipped and the "
+                     f"loss scale lowered to {self.scaler.get_scale():g}")
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += tokens
         out = {"loss": total_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+        if skipped:
+            out["skipped"] = True
         out.update({k: v / units for k, v in sums.items()})
         return out
 
@@ -463,6 +489,7 @@ class Trainer:
             raise UnreadableCheckpoint(f"{file}: cannot be read ({e})") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._schedule_lr()
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
@@ -483,6 +510,17 @@ class Trainer:
                 raise TrainingError(f"{path}: written by a run with {len(state['rng_per_rank'])} processes; resume it "
                                     "under torchrun with the same number")
             set_rng_state(state["rng"])
+
+    def _schedule_lr(self) -> None:
+        """Set each group's lr (and the scheduler's last lr) from this run's schedule at the step the scheduler
+        stands at. Loading a checkpoint brings back the lr its run's schedule set for the next step; a run resumed
+        with another length (train longer: a higher max_steps or epochs) has its schedule laid over the new total,
+        and without this its first step would still take the old schedule's lr (0 at a cosine's end). With the
+        same length the value is the one the checkpoint holds."""
+        sched = self.scheduler
+        for group, base, f in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+            group["lr"] = base * f(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _trim_metrics(self) -> None:
         """After a resume, drop metric lines logged past the checkpoint (they will be logged again)."""
@@ -634,7 +672,7 @@ class Trainer:
         return final
 
     def _epoch_progress(self) -> float:
-        return self.step * self.loop.grad_accum / max(1, len(self.batches))
+        return self.step / self.steps_per_epoch
 
     def _profiler(self):
         if not self.loop.profile or not self.rank0:

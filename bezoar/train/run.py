@@ -107,7 +107,8 @@ def build_model(cfg: StageConfig, device: torch.device, dist=None):
     model = load(path, quant=None if cfg.model.quant == "none" else "nf4", device=device, dtype=dtype)
     adapters = apply_lora(model, cfg.lora)
     if cfg.stage == "dpo" and cfg.dpo.disable_dropout:
-        for module in adapters.values():  # dpo.disable_dropout: the policy trains without LoRA dropout
+        # dpo.disable_dropout: the policy trains without LoRA dropout; the adapter still records lora.dropout
+        for module in adapters.values():
             module.dropout_p = 0.0
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     return model, path

@@ -141,6 +141,22 @@ def test_defaults_and_init(tiny_dir):
     assert LoraConfig(r=16, alpha=16, rslora=True).scaling == 4.0
 
 
+def test_dropout_turned_off_for_training_still_writes_the_configured_rate(tiny_dir, tmp_path):
+    # What dpo.disable_dropout does: the layers run without dropout, the adapter says lora.dropout. Before,
+    # adapter_config.json recorded the rate the layers ran with (0.0).
+    model = load(tiny_dir)
+    added = apply_lora(model, LoraConfig(dropout=0.05))
+    randomize_adapters(model)
+    for m in added.values():
+        m.dropout_p = 0.0
+    model.train()
+    x = torch.randint(0, model.config.vocab_size, (2, 9))
+    assert torch.equal(model(x), model(x)), "no dropout ran"
+    out = save_adapter(model, tmp_path / "adapter")
+    assert json.loads((out / "adapter_config.json").read_text())["lora_dropout"] == 0.05
+    assert {m.dropout_p for m in added.values()} == {0.0}
+
+
 def write_adapter(model, tmp_path, **config_changes):
     out = save_adapter(model, tmp_path / "bad")
     cfg = json.loads((out / "adapter_config.json").read_text())

@@ -115,7 +115,7 @@ def test_dpo_policy_trains_without_lora_dropout_unless_asked(tiny_dir, tmp_path)
     """dpo.disable_dropout (default true, as TRL's DPOConfig): a DPO stage's LoRA layers run with dropout 0
     whatever lora.dropout says, and the adapter's config still records lora.dropout; false keeps it. An SFT
     stage keeps its dropout."""
-    from bezoar.model.lora import lora_modules
+    from bezoar.model.lora import lora_modules, save_adapter
     from bezoar.train.run import build_model
 
     data = tmp_path / "pairs.jsonl"
@@ -124,6 +124,8 @@ def test_dpo_policy_trains_without_lora_dropout_unless_asked(tiny_dir, tmp_path)
     model, _ = build_model(cfg, torch.device("cpu"))
     assert {m.dropout_p for m in lora_modules(model).values()} == {0.0}
     assert model.lora_config.dropout == 0.05
+    adapter = save_adapter(model, tmp_path / "adapter")
+    assert json.loads((adapter / "adapter_config.json").read_text())["lora_dropout"] == 0.05
     kept = stage_config(tiny_dir, data, tmp_path / "y", "lora.dropout=0.05", "dpo.disable_dropout=false")
     model, _ = build_model(kept, torch.device("cpu"))
     assert {m.dropout_p for m in lora_modules(model).values()} == {0.05}

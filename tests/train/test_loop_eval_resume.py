@@ -1,4 +1,5 @@
-"""The loop's eval and metrics across evals and resumes: the same eval batches every time, each record once."""
+"""The loop's steps, eval and metrics across epochs, evals and resumes: every batch of an epoch once, the same
+eval batches every time, each record once."""
 
 from __future__ import annotations
 
@@ -242,3 +243,169 @@ def test_ctrl_c_after_the_last_step_keeps_the_end_state_and_resume_only_evaluate
     assert [m for m in after if "loss" in m] == trained, "no step may run twice"
     assert [m["step"] for m in after if "eval_loss" in m] == [3]
     assert (out / "summary.json").exists()
+
+
+def _record_steps(monkeypatch) -> list[tuple]:
+    """(trainer, micro-batches) of every optimizer step the loop runs from here on, in order (monkeypatched)."""
+    from bezoar.train import loop
+
+    steps, real = [], loop.Trainer.train_step
+
+    def recording(self, group):
+        steps.append((self, list(group)))
+        return real(self, group)
+
+    monkeypatch.setattr(loop.Trainer, "train_step", recording)
+    return steps
+
+
+def _epoch_steps(epochs: int, per_epoch: int, accum: int) -> list[list[tuple[int, int]]]:
+    """(epoch, batch) of each step when an epoch's last step takes what the epoch has left."""
+    return [[(e, i) for i in range(start, min(start + accum, per_epoch))]
+            for e in range(epochs) for start in range(0, per_epoch, accum)]
+
+
+def _positions(steps) -> list[list[tuple[int, int]]]:
+    return [[(int(b["epoch"]), int(b["step"])) for b in group] for _, group in steps]
+
+
+# data.limit=12 with one row per batch: 6 micro-batches an epoch.
+EPOCH_OF_SIX = ("data.limit=12", "train.batch_size=1")
+
+
+@pytest.mark.parametrize("length,accum,steps", [("train.epochs=1", 4, 2), ("train.epochs=1", 8, 1),
+                                                 ("train.epochs=3", 4, 6), ("train.max_steps=5", 4, 5)])
+def test_each_epoch_trains_every_batch_once_ending_with_a_shorter_step(tmp_path, monkeypatch, length, accum, steps):
+    # Before, the steps per epoch rounded down and a step ran on across an epoch's end: epochs=1 with
+    # grad_accum=4 dropped batches 4 and 5, grad_accum=8 took two batches of a second epoch into its step,
+    # and epochs=3 with grad_accum=4 stopped after 3 steps, never training the third epoch. max_steps counts the
+    # same steps, across as many epochs as it takes.
+    from bezoar.train.sft import SFTStage
+
+    ran = _record_steps(monkeypatch)
+    # lr 0 (and LoRA B at zero): the model stays as it starts, so each step's loss can be checked after the run.
+    out = tmp_path / "run"
+    run_stage(tiny_sft_config(out, *EPOCH_OF_SIX, length, f"train.grad_accum={accum}", "optim.lr=0",
+                              "lora.dropout=0.0"), log=_quiet)
+    expected = _epoch_steps(3, 6, accum)[:steps]
+    assert _positions(ran) == expected
+    assert ran[0][0].total_steps == steps
+    records = [m for m in read_metrics(out) if "loss" in m]
+    assert [m["step"] for m in records] == list(range(1, steps + 1))
+    assert records[-1]["epoch"] == round(steps / -(-6 // accum), 4)
+    # Every step, an epoch's shorter last one too, is the mean over its own loss tokens.
+    stage = SFTStage()
+    for (trainer, group), record in zip(ran, records):
+        loss = sum(float(stage.loss(trainer.model, b)[0].detach()) for b in group) / sum(stage.units(b) for b in group)
+        assert record["loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_a_resume_at_or_near_an_epoch_end_trains_as_a_run_that_never_stopped(tmp_path, monkeypatch):
+    # grad_accum=4 over 6 batches: step 2 is an epoch's shorter last step (the loader then stands at the next
+    # epoch); grad_accum=3: step 2 takes the epoch's last batch (the loader stands at the epoch's end).
+    # Dropout on: the resumed run matches only if the data position and every RNG state come back exactly.
+    import shutil
+
+    import torch
+
+    steps = _record_steps(monkeypatch)
+    for accum, stops in ((4, (1, 2, 3)), (3, (2,))):
+        args = (*EPOCH_OF_SIX, "train.epochs=2", f"train.grad_accum={accum}", "train.save_every=1",
+                "train.keep_last=9", "lora.dropout=0.1")
+        straight = tmp_path / f"straight-{accum}"
+        del steps[:]
+        run_stage(tiny_sft_config(straight, *args), log=_quiet)
+        expected = _epoch_steps(2, 6, accum)
+        assert _positions(steps) == expected
+        for stop in stops:
+            out = tmp_path / f"stopped-{accum}-{stop}"
+            shutil.copytree(straight, out)
+            (out / "summary.json").unlink()
+            shutil.rmtree(out / "adapter")
+            for later in range(stop + 1, len(expected) + 1):
+                shutil.rmtree(out / "checkpoints" / f"step-{later}")
+            (out / "config.toml").write_text((out / "config.toml").read_text().replace(str(straight), str(out)))
+            del steps[:]
+            run_stage(tiny_sft_config(out, *args), resume=True, log=_quiet)
+            assert _positions(steps) == expected[stop:]
+            mine, theirs = _adapter(out), _adapter(straight)
+            assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), stop
+            kept = [[(m["step"], m["epoch"], m["loss"], m["lr"], m["grad_norm"]) for m in read_metrics(run)]
+                    for run in (out, straight)]
+            assert kept[0] == kept[1], stop
+
+
+@pytest.mark.parametrize("longer", ["train.max_steps=8", "train.epochs=4"])
+def test_a_run_trained_longer_takes_the_new_schedule_from_its_first_resumed_step(tmp_path, longer):
+    # The README's train-longer flow: a finished run of 4 steps, its length raised, resumed. Before, the first
+    # resumed step took the lr the old cosine had set for after its end (0); the steps after it were right.
+    from bezoar.train.loop import lr_lambda
+
+    out = tmp_path / "run"
+    shorter = "train.max_steps=4" if "max_steps" in longer else "train.epochs=2"
+    args = (*EPOCH_OF_SIX, "train.grad_accum=3", "optim.warmup_steps=1")
+    run_stage(tiny_sft_config(out, *args, shorter), log=_quiet)
+    (out / "summary.json").unlink()
+    cfg = tiny_sft_config(out, *args, longer)
+    run_stage(cfg, resume=True, log=_quiet)
+    lrs = [m["lr"] for m in read_metrics(out) if "loss" in m]
+    assert len(lrs) == 8 and lrs[3] == pytest.approx(cfg.optim.lr * lr_lambda(cfg.optim, 4)(3))
+    schedule = lr_lambda(cfg.optim, 8)
+    assert lrs[4:] == pytest.approx([cfg.optim.lr * schedule(step) for step in range(4, 8)])
+
+
+def test_a_step_the_fp16_loss_scaler_skips_leaves_the_schedule_where_it_is_and_resumes_exactly(tmp_path, monkeypatch):
+    # fp16 loss scaling forced on CPU with a scale of 2**127, which overflows the first steps' gradients: the
+    # scaler skips those optimizer steps and halves its scale each time. Before, each skipped step moved the
+    # schedule on all the same, so warmup and decay ran ahead of the steps that trained.
+    import shutil
+
+    import torch
+
+    from bezoar.train import loop
+
+    real = loop.Trainer.__init__
+
+    def with_overflowing_scaler(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, growth_interval=1000)
+
+    monkeypatch.setattr(loop.Trainer, "__init__", with_overflowing_scaler)
+    args = ("train.max_steps=6", "train.save_every=1", "train.keep_last=9", "optim.warmup_steps=3",
+            "lora.dropout=0.1")
+    straight = tmp_path / "straight"
+    said = []
+    cfg = tiny_sft_config(straight, *args)
+    run_stage(cfg, log=said.append)
+    records = [m for m in read_metrics(straight) if "loss" in m]
+    skipped = [m.get("skipped", False) for m in records]
+    assert [m["step"] for m in records] == list(range(1, 7))
+    assert skipped[0] and not all(skipped), skipped
+    assert sum("optimizer step was skipped" in str(s) for s in said) == sum(skipped)
+    schedule = loop.lr_lambda(cfg.optim, 6)
+    ran = [sum(not s for s in skipped[:i]) for i in range(6)]  # optimizer steps before each step
+    assert [m["lr"] for m in records] == pytest.approx([cfg.optim.lr * schedule(n) for n in ran])
+    first = skipped.index(False)
+    b = {k: v for k, v in _adapter_at(straight, first).items() if "lora_B" in k}
+    assert all(not v.any() for v in b.values()), "a skipped step left LoRA B at zero"
+    # Resumed inside the skipped steps and after them, the run is the one that never stopped.
+    for stop in (1, first + 1):
+        out = tmp_path / f"stopped-{stop}"
+        shutil.copytree(straight, out)
+        (out / "summary.json").unlink()
+        shutil.rmtree(out / "adapter")
+        for later in range(stop + 1, 7):
+            shutil.rmtree(out / "checkpoints" / f"step-{later}")
+        (out / "config.toml").write_text((out / "config.toml").read_text().replace(str(straight), str(out)))
+        run_stage(tiny_sft_config(out, *args), resume=True, log=_quiet)
+        mine, theirs = _adapter(out), _adapter(straight)
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), stop
+        kept = [[(m["step"], m["loss"], m["lr"], m.get("skipped")) for m in read_metrics(run)]
+                for run in (out, straight)]
+        assert kept[0] == kept[1], stop
+
+
+def _adapter_at(out, step):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "checkpoints" / f"step-{step}" / "adapter" / "adapter_model.safetensors"))
