@@ -45,8 +45,7 @@ from collections import Counter
 from bezoar.generate.request import GenerateError, Request, Result
 from bezoar.generate.schemes import (add_scheme_arguments, chat, check_out_dir, check_sampling, excerpt,
                                      load_templates, normalized, only_stop_words, read_records, rng_for, run_step,
-                                     say, short_refusal, text_field, truncated, write_json, write_jsonl)
-from bezoar.generate.store import JSONLStore
+                                     say, short_refusal, stored_keys, text_field, truncated, write_json, write_jsonl)
 
 TEMPLATES = ("evol_depth", "evol_breadth", "evol_equal")
 OUTPUTS = ("raw.jsonl", "dropped.jsonl", "evol-summary.json")
@@ -145,25 +144,11 @@ def _evolve_request(args, templates, epoch: int, lineage: int, text: str) -> tup
     return strategy, operation, request
 
 
-def _stored_keys(args, out, step: str) -> set[str]:
-    """The keys in a step's store (none when the step never ran); opening it repairs a torn last line
-    as running the step would."""
-    path = out / "work" / f"{step}.jsonl"
-    if not path.is_file():
-        return set()
-    store = JSONLStore(path, fsync=args.fsync)
-    store.open()
-    try:
-        return set(store.keys())
-    finally:
-        store.close()
-
-
 def _settled_lineages(args, out, templates, epoch: int, current: list[str]) -> set[int]:
     """The lineages whose failures in ``epoch`` ``--retry-failed`` leaves alone: those whose next epoch, as
     a failure now leaves it (the same instruction), is already stored (by this run's epochs or an earlier
     run with more of them)."""
-    built_on = _stored_keys(args, out, f"epoch-{epoch + 1}-evolve")
+    built_on = stored_keys(args, out, f"epoch-{epoch + 1}-evolve")
     if not built_on:
         return set()
     return {lineage for lineage, text in enumerate(current)

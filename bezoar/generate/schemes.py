@@ -44,7 +44,7 @@ from typing import Iterable, Sequence
 from bezoar.generate.cli import add_pool_arguments, jsonl_objects, pool_from_args
 from bezoar.generate.progress import run_summary
 from bezoar.generate.request import GenerateError, Request, Result
-from bezoar.generate.store import fsync_dir, json_utf8
+from bezoar.generate.store import JSONLStore, fsync_dir, json_utf8
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 PROMPTS = ASSETS / "prompts"
@@ -546,6 +546,21 @@ def run_step(args, out: Path, step: str, requests: list[Request], *,
     return results
 
 
+def stored_keys(args, out: Path, step: str, *, answered: bool = False) -> set[str]:
+    """The keys in a step's store (none when the step never ran), or with ``answered`` only those holding
+    a paid answer (not a recorded failure). Opening the store repairs a torn last line as running the
+    step would."""
+    path = Path(out) / "work" / f"{step}.jsonl"
+    if not path.is_file():
+        return set()
+    store = JSONLStore(path, fsync=args.fsync)
+    store.open()
+    try:
+        return {key for key in store.keys() if not (answered and store.failed(key))}
+    finally:
+        store.close()
+
+
 def chat(text: str, *, system: str | None = None, temperature: float | None = None, max_tokens: int | None = None,
          id=None, step: str) -> Request:
     """A one-turn chat request; ``step`` goes into the stored record's meta (not part of the key)."""
@@ -605,7 +620,7 @@ def excerpt(text: str | None, limit: int = 300) -> str | None:
 __all__ = [
     "TEMPLATE_FIELDS", "Template", "load_template", "load_templates", "read_records", "text_field", "read_topics",
     "ParsedList", "parse_list", "word_tokens", "lcs_length", "rouge_l", "NearDuplicates", "DuplicateVerdict",
-    "STOP_WORDS", "only_stop_words", "short_refusal", "normalized", "rng_for", "add_scheme_arguments",
+    "STOP_WORDS", "only_stop_words", "short_refusal", "normalized", "rng_for", "add_scheme_arguments", "stored_keys",
     "check_sampling", "run_step", "chat", "truncated", "write_jsonl", "write_json", "check_out_dir", "say",
     "excerpt", "PROMPTS", "SAMPLES",
 ]
