@@ -8,7 +8,14 @@ Two steps, each with its own resumable store under ``OUT/work``:
    for instructions about them. Request i's draws come from ``(seed, kind, i)`` only.
    Each reply is parsed as a list (:func:`bezoar.generate.schemes.parse_list`); then, in request
    order, empty items, exact duplicates and near-duplicates (ROUGE-L F1 >= ``--similarity`` with a
-   seed instruction or an earlier kept one) are dropped.
+   seed instruction or an earlier kept one) are dropped. An instruction whose response is already
+   stored is never dropped for one whose response is not: such instructions are compared first,
+   among themselves in request order, and a new item is dropped when it duplicates one of them,
+   wherever it stands. On a first run, or a rerun with the same lists, that changes nothing (the
+   stored ones are those kept before); it matters when a list request that failed is sent again
+   (``--retry-failed``, which the pipeline passes on every resume) and its items come ahead of
+   instructions already answered: without it, a paid record would leave ``raw.jsonl`` and its new
+   near-duplicate would be paid for.
 2. ``responses``: the teacher answers each kept instruction (the instruction is the whole user
    message). Failed, empty and cut-off (max_tokens) answers are dropped.
 
@@ -25,10 +32,10 @@ stores; rerunning the same command reuses every stored answer and rewrites the s
 from __future__ import annotations
 
 from collections import Counter
-from bezoar.generate.request import GenerateError
+from bezoar.generate.request import GenerateError, Request
 from bezoar.generate.schemes import (NearDuplicates, add_scheme_arguments, chat, check_out_dir, check_sampling, excerpt,
                                      load_templates, parse_list, read_records, read_topics, rng_for, run_step, say,
-                                     text_field, truncated, write_json, write_jsonl)
+                                     stored_keys, text_field, truncated, write_json, write_jsonl)
 
 TEMPLATES = ("lamini_examples", "lamini_topics")
 SOURCE_WITH_TOPIC = "self_instruct_with_topic"
@@ -64,6 +71,12 @@ def add_command(subparsers) -> None:
 
 def _numbered(items) -> str:
     return "\n".join(f"{i}. {text}" for i, text in enumerate(items, start=1))
+
+
+def _response_request(args, instruction: str) -> Request:
+    """Step 2's request for one instruction (the whole user message)."""
+    return chat(instruction, temperature=args.temperature, max_tokens=args.max_tokens, id="lamini:response",
+                step="responses")
 
 
 def run_lamini(args) -> int:
@@ -123,7 +136,10 @@ def run_lamini(args) -> int:
         for item in parsed.items:
             candidates.append((item, source, chosen))
     counts["items_parsed"] = len(candidates)
-    verdicts = dedupe.check([c[0] for c in candidates], references=seeds)
+    answered = stored_keys(args, out, "responses", answered=True)
+    paid = [k for k, (instruction, _, _) in enumerate(candidates)
+            if answered and _response_request(args, instruction).key(args.model) in answered]
+    verdicts = dedupe.check([c[0] for c in candidates], references=seeds, protected=paid)
     kept = []
     for (instruction, source, chosen), verdict in zip(candidates, verdicts):
         if verdict.status == "kept":
@@ -135,8 +151,7 @@ def run_lamini(args) -> int:
     counts["instructions_kept"] = len(kept)
 
     # ---- step 2: responses
-    requests = [chat(instruction, temperature=args.temperature, max_tokens=args.max_tokens, id="lamini:response",
-                     step="responses") for instruction, _, _ in kept]
+    requests = [_response_request(args, instruction) for instruction, _, _ in kept]
     results = run_step(args, out, "responses", requests)
     records = []
     for (instruction, source, chosen), result in zip(kept, results):

@@ -384,7 +384,13 @@ class NearDuplicates:
 
     ``check(texts, references)`` walks ``texts`` in order; a text is dropped when it duplicates a
     reference or an earlier kept text, otherwise it is kept and later texts are compared with it.
-    References (e.g. the seed examples shown to the teacher) are never returned, only compared."""
+    References (e.g. the seed examples shown to the teacher) are never returned, only compared.
+
+    ``protected`` (indices into ``texts``) names texts that must not lose to the others, e.g. those
+    whose answers are already paid for: they are walked first on their own, in order, so one of
+    them is dropped only for a reference or an earlier protected text, and an unprotected text is
+    also dropped when it duplicates a protected one that comes after it. Where the plain walk keeps
+    every protected text, the verdicts are the plain walk's, word for word."""
 
     def __init__(self, threshold: float = 0.7):
         if not 0.0 < threshold <= 1.0:
@@ -395,7 +401,8 @@ class NearDuplicates:
         t = self.threshold
         return max(1, math.ceil(t * n / (2.0 - t) - 1e-9))
 
-    def check(self, texts: Sequence[str], references: Iterable[str] = ()) -> list[DuplicateVerdict]:
+    def check(self, texts: Sequence[str], references: Iterable[str] = (),
+              protected: Collection[int] = ()) -> list[DuplicateVerdict]:
         references = list(references)
         token_lists = [word_tokens(t) for t in references] + [word_tokens(t) for t in texts]
         # Elements are (token, occurrence) so that multiset overlap is set overlap.
@@ -412,50 +419,75 @@ class NearDuplicates:
         ratio = self.threshold / (2.0 - self.threshold)  # the shortest partner a text can match
         half_t = self.threshold / 2.0
         lengths = [len(tokens) for tokens in token_lists]
-
-        index: dict[int, list[int]] = defaultdict(list)  # element rank -> kept text ids
-        kept_text: dict[int, str] = {}
-        exact: dict[tuple[str, ...], int] = {}
-        verdicts: list[DuplicateVerdict] = []
         n_ref = len(references)
-        for i, tokens in enumerate(token_lists):
-            text = references[i] if i < n_ref else texts[i - n_ref]
-            is_ref = i < n_ref
-            if not tokens:
-                if not is_ref:
-                    verdicts.append(DuplicateVerdict("empty"))
-                continue
-            key = tuple(tokens)
-            ordered = sorted(rank[e] for e in elements[i])
-            prefix = ordered[:len(tokens) - self._overlap_needed(len(tokens)) + 1]
-            if not is_ref:  # references are all kept: every one of them is compared with
-                if key in exact:
-                    verdicts.append(DuplicateVerdict("duplicate", kept_text[exact[key]], 1.0))
+
+        def text_of(i: int) -> str:
+            return references[i] if i < n_ref else texts[i - n_ref]
+
+        prefixes = [sorted(rank[e] for e in elements[i])[:n - self._overlap_needed(n) + 1] if n else []
+                    for i, n in enumerate(lengths)]
+
+        class Kept:
+            """The texts kept so far, indexed by the ranks of their prefix elements."""
+
+            def __init__(self) -> None:
+                self.index: dict[int, list[int]] = defaultdict(list)  # element rank -> kept text ids
+                self.exact: dict[tuple[str, ...], int] = {}
+
+            def add(self, i: int) -> None:
+                self.exact.setdefault(tuple(token_lists[i]), i)
+                for r in prefixes[i]:
+                    self.index[r].append(i)
+
+        def match(i: int, kept: Kept) -> DuplicateVerdict | None:
+            """Text i's verdict against ``kept``: a duplicate, a near-duplicate, or None (neither)."""
+            tokens = token_lists[i]
+            if tuple(tokens) in kept.exact:
+                return DuplicateVerdict("duplicate", text_of(kept.exact[tuple(tokens)]), 1.0)
+            best: tuple[float, int] | None = None
+            n = len(tokens)
+            shortest, longest = ratio * n - 1e-9, n / ratio + 1e-9  # partner lengths that can reach t
+            mine = elements[i]
+            survivors = []
+            for j in {j for r in prefixes[i] for j in kept.index.get(r, ())}:
+                m = lengths[j]
+                # LCS <= multiset overlap: most candidates share too few tokens to need an LCS.
+                if shortest <= m <= longest and len(mine & elements[j]) >= half_t * (n + m) - 1e-9:
+                    survivors.append(j)
+            for j in sorted(survivors):
+                score = rouge_l(tokens, token_lists[j])
+                if score >= self.threshold and (best is None or score > best[0]):
+                    best = (score, j)
+            if best is None:
+                return None
+            return DuplicateVerdict("near-duplicate", text_of(best[1]), round(best[0], 4))
+
+        def walk(ids: list[int], ahead: Kept | None, fixed: dict[int, DuplicateVerdict]):
+            """The greedy walk over text ids (references, all kept, come first); a text not in ``fixed``
+            is also checked against ``ahead``, the kept protected texts. Returns (verdicts, kept)."""
+            kept = Kept()
+            verdicts: dict[int, DuplicateVerdict] = {}
+            for i in range(n_ref):  # references are all kept: every one of them is compared with
+                if token_lists[i]:
+                    kept.add(i)
+            for i in ids:
+                if not token_lists[i]:
+                    verdicts[i] = DuplicateVerdict("empty")
                     continue
-                best: tuple[float, int] | None = None
-                n = len(tokens)
-                shortest, longest = ratio * n - 1e-9, n / ratio + 1e-9  # partner lengths that can reach t
-                mine = elements[i]
-                survivors = []
-                for j in {j for r in prefix for j in index.get(r, ())}:
-                    m = lengths[j]
-                    # LCS <= multiset overlap: most candidates share too few tokens to need an LCS.
-                    if shortest <= m <= longest and len(mine & elements[j]) >= half_t * (n + m) - 1e-9:
-                        survivors.append(j)
-                for j in sorted(survivors):
-                    score = rouge_l(tokens, token_lists[j])
-                    if score >= self.threshold and (best is None or score > best[0]):
-                        best = (score, j)
-                if best is not None:
-                    verdicts.append(DuplicateVerdict("near-duplicate", kept_text[best[1]], round(best[0], 4)))
-                    continue
-            exact.setdefault(key, i)
-            kept_text[i] = text
-            for r in prefix:
-                index[r].append(i)
-            if not is_ref:
-                verdicts.append(DuplicateVerdict("kept"))
-        return verdicts
+                verdict = fixed.get(i)
+                if verdict is None:
+                    verdict = match(i, kept) or (match(i, ahead) if ahead is not None else None)
+                verdicts[i] = verdict or DuplicateVerdict("kept")
+                if verdicts[i].status == "kept":
+                    kept.add(i)
+            return verdicts, kept
+
+        ids = list(range(n_ref, n_ref + len(texts)))
+        first, ahead = {}, None
+        if protected:
+            first, ahead = walk([n_ref + k for k in sorted(set(protected))], None, {})
+        verdicts, _ = walk(ids, ahead, first)
+        return [verdicts[i] for i in ids]
 
 
 # ---------------------------------------------------------------------- response checks

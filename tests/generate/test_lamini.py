@@ -142,6 +142,55 @@ def test_malformed_list_and_failed_request_are_counted(fake_server, inputs, tmp_
     assert counts["malformed_lists"] == 1 and counts["list_requests_failed"] == 1 and counts["records"] == 0
 
 
+def test_retried_list_request_never_displaces_answered_instructions(fake_server, inputs, tmp_path):
+    """A list request that failed and succeeds under --retry-failed (the pipeline passes it on every resume)
+    comes first in request order; its near-duplicate of an instruction already answered is the one dropped,
+    so the paid record stays in raw.jsonl and the new item is not paid for."""
+    retry = False
+
+    def teacher(call):
+        text = call.last_user_text
+        if not is_list_prompt(text):
+            return "Answer: " + text
+        if is_topic_prompt(text):
+            return "1. Describe how a rainbow forms in the sky.\n2. Explain how volcanoes form."
+        if not retry:
+            return Fault("400", message="bad request (injected)")
+        return "1. Please describe how a rainbow forms in the sky.\n2. Name three kinds of cloud."
+
+    log = CallLog(teacher)
+    server = fake_server(reply=log)
+    seeds, topics = inputs
+    out = tmp_path / "out"
+    assert run("lamini", *lamini_args(seeds, topics, out), url=server.openai_url) == 0
+    first = read_jsonl(out / "raw.jsonl")
+    assert [r["instruction"] for r in first] == ["Describe how a rainbow forms in the sky.",
+                                                 "Explain how volcanoes form."]
+
+    retry = True
+    sent = len(log.calls)
+    assert run("lamini", *lamini_args(seeds, topics, out), "--retry-failed", url=server.openai_url) == 0
+    asked = [c.last_user_text for c in log.calls[sent:]]
+    assert len(asked) == 2 and is_list_prompt(asked[0]) and asked[1] == "Name three kinds of cloud."
+    records = read_jsonl(out / "raw.jsonl")
+    assert [r["instruction"] for r in records] == ["Name three kinds of cloud.",  # request order
+                                                   "Describe how a rainbow forms in the sky.",
+                                                   "Explain how volcanoes form."]
+    assert records[1:] == first
+    dropped = [d for d in read_jsonl(out / "dropped.jsonl") if d["step"] == "instructions"]
+    assert [(d["reason"], d["instruction"], d["similar_to"]) for d in dropped] == [
+        ("near-duplicate", "Please describe how a rainbow forms in the sky.",
+         "Describe how a rainbow forms in the sky.")]
+    assert len(read_jsonl(out / "work" / "responses.jsonl")) == 3
+
+    # Rerunning sends nothing and writes the same files.
+    before = {name: (out / name).read_bytes() for name in ("raw.jsonl", "dropped.jsonl", "lamini-summary.json")}
+    server.reset_counters()
+    assert run("lamini", *lamini_args(seeds, topics, out), "--retry-failed", url=server.openai_url) == 0
+    assert server.stats()["requests"] == 0
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
 def test_user_template_is_used(fake_server, inputs, tmp_path):
     log = CallLog(lambda call: "1. Count the legs of a spider." if "MY TEMPLATE" in call.last_user_text else "Eight.")
     server = fake_server(reply=log)

@@ -234,6 +234,22 @@ def test_near_duplicate_verdicts_name_the_match():
         NearDuplicates(0.0)
 
 
+def test_protected_texts_never_lose_to_unprotected_ones():
+    texts = ["Please describe how a rainbow forms.", "Write a haiku about snow.", "Describe how a rainbow forms.",
+             "Write a haiku about snow!", "Describe how a rainbow forms!"]
+    plain = NearDuplicates(0.7).check(texts)
+    assert [v.status for v in plain] == ["kept", "kept", "near-duplicate", "duplicate", "near-duplicate"]
+    # Text 2 is protected (its answer is paid): text 0 comes first but is the one dropped, naming it.
+    verdicts = NearDuplicates(0.7).check(texts, protected=[2])
+    assert [v.status for v in verdicts] == ["near-duplicate", "kept", "kept", "duplicate", "duplicate"]
+    assert verdicts[0].similar_to == "Describe how a rainbow forms." and verdicts[4].similar_to == texts[2]
+    # Protected texts are compared among themselves in order; references still win.
+    verdicts = NearDuplicates(0.7).check(texts, references=["Describe how a rainbow forms"], protected=[0, 2])
+    assert [v.status for v in verdicts] == ["near-duplicate", "kept", "duplicate", "duplicate", "duplicate"]
+    # Protecting texts the plain walk keeps changes nothing.
+    assert NearDuplicates(0.7).check(texts, protected=[0, 1]) == plain
+
+
 # ---------------------------------------------------------------------- response checks, rng
 @pytest.mark.parametrize("text,refusal", [
     ("I'm sorry, but I cannot help with that request.", True),
