@@ -11,9 +11,11 @@ the ones the paper assigns to its sub-collection:
     flan2021  3, 4, 7, and also 8, 10 for multiple-choice queries (8 and 10 speak of options)
 
 The draw for query i depends only on ``(seed, i)``. The teacher answers with that system message;
-the explanation style comes from the messages. Caps: ``--cap-per-task N`` keeps at most N queries
-of any one task (Orca kept at most 300 per NiV2 task), ``--cap SUB=N`` sets it per sub-collection;
-the kept ones are drawn from ``(seed, task)``. A query repeated word for word is asked once.
+the explanation style comes from the messages. A query repeated word for word is asked once (its
+first occurrence in the input is kept). Caps: ``--cap-per-task N`` keeps at most N queries of any
+one task (Orca kept at most 300 per NiV2 task), ``--cap SUB=N`` sets it per sub-collection; the
+kept ones are drawn from ``(seed, task)`` among the task's queries left after the repeats are
+dropped, so a task with N or more different queries keeps N different ones.
 
 Input records (JSONL, or any format bezoar.data reads)::
 
@@ -130,19 +132,39 @@ def parse_caps(items: list[str] | None) -> dict[str, int]:
     return caps
 
 
-def apply_caps(queries: list[dict], cap_per_task: int | None, caps: dict[str, int], seed: int) -> tuple[list[int], int]:
-    """Indices of the queries kept (input order) and how many were capped away."""
-    by_task: dict[tuple[str, str], list[int]] = defaultdict(list)
+def drop_repeats(queries: list[dict]) -> tuple[list[int], list[dict]]:
+    """Indices of the queries asked (input order: the first occurrence of each text) and a dropped entry
+    for each repeat."""
+    seen: dict[str, int] = {}
+    unique, dropped = [], []
     for i, q in enumerate(queries):
-        by_task[(q["source"], q["task"])].append(i)
+        # Word for word means the exact text (only runs of whitespace folded): the word tokens of the
+        # de-duplication rules drop symbols, and "5 + 3" and "5 - 3" are different questions.
+        key = " ".join(q["question"].split())
+        if key in seen:
+            dropped.append({"reason": "repeated query", "question": q["question"], "origin": q["origin"],
+                            "same_as": queries[seen[key]]["origin"]})
+            continue
+        seen[key] = i
+        unique.append(i)
+    return unique, dropped
+
+
+def apply_caps(queries: list[dict], indices: list[int], cap_per_task: int | None, caps: dict[str, int],
+               seed: int) -> tuple[list[int], int]:
+    """The ones of ``indices`` (into ``queries``, repeats already dropped) kept under the caps, in input
+    order, and how many were capped away."""
+    by_task: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i in indices:
+        by_task[(queries[i]["source"], queries[i]["task"])].append(i)
     keep = set()
-    for (sub, task), indices in by_task.items():
+    for (sub, task), members in by_task.items():
         cap = caps.get(sub, cap_per_task)
-        if cap is None or len(indices) <= cap:
-            keep.update(indices)
+        if cap is None or len(members) <= cap:
+            keep.update(members)
         else:
-            keep.update(rng_for(seed, "orca-cap", sub, task).sample(indices, cap))
-    return sorted(keep), len(queries) - len(keep)
+            keep.update(rng_for(seed, "orca-cap", sub, task).sample(members, cap))
+    return sorted(keep), len(indices) - len(keep)
 
 
 def add_command(subparsers) -> None:
@@ -174,22 +196,16 @@ def run_orca(args) -> int:
     queries = read_queries(args.queries, args.split)
     out = check_out_dir(args.out, [args.queries, args.system_messages], OUTPUTS)
     counts: Counter = Counter(queries=len(queries))
-    dropped: list[dict] = []
 
-    kept, counts["capped"] = apply_caps(queries, args.cap_per_task, caps, args.seed)
-    seen: dict[str, int] = {}
+    # Repeats go before the caps: a cap counts different queries, so a repeat never takes a place that
+    # another query of its task could have had.
+    unique, dropped = drop_repeats(queries)
+    if dropped:
+        counts["repeated queries"] = len(dropped)
+    kept, counts["capped"] = apply_caps(queries, unique, args.cap_per_task, caps, args.seed)
     chosen = []  # (query, system id)
     for i in kept:
         q = queries[i]
-        # Word for word means the exact text (only runs of whitespace folded): the word tokens of the
-        # de-duplication rules drop symbols, and "5 + 3" and "5 - 3" are different questions.
-        key = " ".join(q["question"].split())
-        if key in seen:
-            counts["repeated queries"] += 1
-            dropped.append({"reason": "repeated query", "question": q["question"], "origin": q["origin"],
-                            "same_as": queries[seen[key]]["origin"]})
-            continue
-        seen[key] = i
         ids = system_ids(q["source"], q["multiple_choice"])
         chosen.append((q, rng_for(args.seed, "orca-system", i).choice(ids)))
 

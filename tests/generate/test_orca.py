@@ -120,6 +120,31 @@ def test_queries_that_differ_only_in_symbols_are_not_repeats(fake_server, tmp_pa
         ("repeated query", "What is  5 + 3?")]  # only whitespace differs: asked once
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_caps_count_different_queries(fake_server, tmp_path, seed):
+    """Repeats are dropped before the caps: a capped task with at least N different queries keeps N of
+    them, whatever the draw (capping first could draw a repeat and keep fewer)."""
+    server = fake_server(reply=teacher)
+    rows = ([q("same question", "niv2", "t")] * 3
+            + [q("other question 1", "niv2", "t"), q("other question 2", "niv2", "t")]
+            + [q("asked in task t first", "niv2", "t"), q("asked in task t first", "niv2", "u")]
+            + [q("u's own", "niv2", "u")])
+    queries = write_jsonl(tmp_path / "flan.jsonl", rows)
+    out = tmp_path / "out"
+    assert run("orca", queries, "--cap-per-task", "3", "--seed", str(seed), "--out", out, url=server.openai_url) == 0
+    records = read_jsonl(out / "raw.jsonl")
+    by_task = {}
+    for r in records:
+        by_task.setdefault(r["task"], []).append(r["question"])
+    assert len(by_task["t"]) == len(set(by_task["t"])) == 3  # 4 different queries, capped to 3
+    assert by_task["u"] == ["u's own"]  # its other query is a repeat of task t's
+    counts = json.loads((out / "orca-summary.json").read_text())["counts"]
+    assert counts["repeated queries"] == 3 and counts["capped"] == 1 and counts["records"] == 4
+    assert [(d["reason"], d["same_as"]) for d in read_jsonl(out / "dropped.jsonl")] == [
+        ("repeated query", f"{queries} line 1"), ("repeated query", f"{queries} line 1"),
+        ("repeated query", f"{queries} line 6")]
+
+
 def test_mapping_is_orcas():
     assert system_ids("cot", False) == system_ids("cot", True) == (6, 11, 16)
     assert system_ids("niv2", False) == (1, 2, 5, 7, 9, 12, 13, 14, 15)
