@@ -707,7 +707,8 @@ def _answers_made_otherwise(step: Step) -> bool:
     s = step.settings["mt_bench"]
     try:
         step.changed_answers = mt.answer_settings_changes(
-            step.out / "answers.jsonl", mt.answer_settings(s["max_new_tokens"], s["seed"], s["top_k"]))
+            step.out / "answers.jsonl", mt.answer_settings(s["max_new_tokens"], s["seed"], s["top_k"], s["quant"],
+                                                           s["dtype"], s["device"]))
     except mt.MTBenchError as e:  # an unreadable settings file or answers file: one line, no traceback
         raise PipelineError(f"{step.name}: {e}") from None
     return bool(step.changed_answers)

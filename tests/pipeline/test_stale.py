@@ -443,6 +443,37 @@ def test_mt_bench_answers_made_with_other_settings_are_set_aside_when_it_runs_ag
     assert seen == [False, True] and len(list(mt.out.glob("stale-*"))) == 1
 
 
+def test_mt_bench_answers_loaded_otherwise_are_set_aside(tmp_path):
+    """How the model was loaded is part of what the answers were made with: answers from the dense model are
+    not resumed (nor their results kept) under evaluate.mt_bench.quant = "nf4" (likewise dtype and device), and a
+    settings file written before those were recorded reads as made with the defaults, so a run that kept them
+    keeps its answers."""
+    from bezoar.eval import mt_bench
+
+    recipe = load_recipe("openbezoar_tiny")
+    root = tmp_path / "run"
+    mt = _evaluated_run(root, recipe)["mt-bench:dpo"]
+    side = mt_bench.answer_settings_path(mt.out / "answers.jsonl")
+    old = {k: v for k, v in json.loads(side.read_text()).items() if k not in ("quant", "dtype", "device")}
+    side.write_text(json.dumps(old))  # as bezoar wrote it before
+    mt.marker.unlink()
+    step = _steps(recipe, root)["mt-bench:dpo"]
+    assert step.status.startswith("resume (1 questions answered") and not step.changed_answers
+    for override, change in [("quant=nf4", "quant: 'none' -> 'nf4'"), ("dtype=float16", "dtype: '' -> 'float16'"),
+                             ("device=cpu", "device: '' -> 'cpu'")]:
+        other = load_recipe("openbezoar_tiny", [f"evaluate.mt_bench.{override}"])
+        step = _steps(other, root)["mt-bench:dpo"]
+        assert step.status == f"to run (its answers were made with other settings: {change}; they are set aside)"
+    nf4 = load_recipe("openbezoar_tiny", ["evaluate.mt_bench.quant=nf4"])
+    step = _steps(nf4, root)["mt-bench:dpo"]
+    seen = []
+    step.run = lambda: seen.append((step.out / "answers.jsonl").exists())
+    execute(step, root, log=_quiet)
+    assert seen == [False]
+    (stale,) = step.out.glob("stale-*")
+    assert sorted(p.name for p in stale.iterdir()) == ["answers.jsonl", "answers.jsonl.settings.json", "results.json"]
+
+
 def _answers_made_with_top_k_0(root, recipe):
     """The MT-Bench step's marker removed, and one answer in its answers.jsonl made with top_k 0 (the recipe: 50)."""
     from bezoar.eval import mt_bench
