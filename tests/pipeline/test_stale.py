@@ -197,6 +197,59 @@ def test_a_trained_stage_whose_data_changed_stops_the_run(tmp_path, capsys):
     assert not (root / "report.md").exists()
 
 
+def test_a_partly_trained_stage_does_not_resume_on_another_base(tmp_path, capsys):
+    """A stage killed after its first checkpoint recorded the inputs it started from: when the stage it starts from
+    trained again (or is to train again), its checkpoints are refused like a stale complete stage, never resumed
+    on the new base."""
+    recipe = load_recipe("openbezoar_tiny")
+    root = tmp_path / "run"
+    _trained_lamini(root, recipe)
+    for name in ("generate:orca", "filter:orca"):
+        write_marker(_steps(recipe, root)[name], 1.0)
+    orca = _steps(recipe, root)["train:orca"]
+    assert orca.status == "to run"
+
+    def killed_after_a_checkpoint():
+        (orca.out / "checkpoints/step-4").mkdir(parents=True)
+        (orca.out / "checkpoints/step-4/trainer_state.pt").write_bytes(b"state")
+        raise PipelineError("train:orca: interrupted; rerun the same command to continue")
+
+    orca.run = killed_after_a_checkpoint
+    with pytest.raises(PipelineError, match="interrupted"):
+        execute(orca, root, log=_quiet)
+    record = json.loads((root / "orca/pipeline-inputs.json").read_text())
+    assert set(record["inputs"]) == {"model:lamini"} and "started" in record and "finished" not in record
+    steps = _steps(recipe, root)
+    assert steps["train:orca"].status == "resume from step 4" and not steps["train:orca"].stale
+    preflight(recipe, root, list(steps.values()))  # the same base: it resumes
+
+    summary = root / "lamini/summary.json"
+    kept = summary.read_text()
+    summary.write_text('{"steps": 9}')  # lamini trained again, to completion, before orca resumed
+    steps = _steps(recipe, root)
+    assert steps["train:orca"].stale == ["input changed: the model of stage lamini (2 -> 12 bytes)"]
+    with pytest.raises(PipelineError) as e:
+        preflight(recipe, root, list(steps.values()))
+    assert str(e.value) == (
+        "step train:orca has checkpoints (resume from step 4) but its inputs are not what it started from (input "
+        "changed: the model of stage lamini (2 -> 12 bytes)), so it cannot resume from them. Remove the stage's "
+        f"folder {root / 'orca'} to train it again from step 0, or put the input back as it was, or use another "
+        "--out.")
+    summary.write_text(kept)
+
+    shutil.rmtree(root / "lamini")  # to train lamini again: orca would resume on the new lamini
+    steps = _steps(recipe, root)
+    assert steps["train:lamini"].status == "to run"
+    assert steps["train:orca"].stale == ["train:lamini runs first and rewrites the model of stage lamini"]
+    with pytest.raises(PipelineError, match=re.escape("step train:orca has checkpoints (resume from step 4) but its "
+                                                      "inputs are not what it started from (train:lamini runs first")):
+        preflight(recipe, root, list(steps.values()))
+    assert main(["--recipe", "openbezoar_tiny", "--out", str(root), "--dry-run"]) == 2
+    out, err = capsys.readouterr()
+    assert re.search(r"train:orca +resume from step 4 \(stale: remove the stage's folder to redo\)", out), out
+    assert "error: step train:orca has checkpoints" in err
+
+
 def test_a_trained_stage_whose_data_is_to_be_rewritten_stops_the_run(tmp_path):
     recipe = load_recipe("openbezoar_tiny")
     root = tmp_path / "run"
