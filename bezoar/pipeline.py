@@ -914,10 +914,19 @@ def run_pipeline(recipe_name: str, root, overrides: list[str], log=print, progre
     root = Path(root)
     recipe = load_recipe(recipe_name, overrides)
     progress = sys.stderr.isatty() if progress is None else progress
-    steps = plan(recipe, root, overrides, progress=progress, log=log)
-    preflight(recipe, root, steps)
+    # The lock first, then the plan: a plan made before it could be out of date by the time the lock is held (a
+    # pipeline that held it ran steps meanwhile), and this run would redo them or resume from what they left.
+    made = [p for p in [root, *root.parents] if not p.exists()]  # the folders the lock's mkdir creates
     root.mkdir(parents=True, exist_ok=True)
     lock = _lock(root)
+    try:
+        steps = plan(recipe, root, overrides, progress=progress, log=log)
+        preflight(recipe, root, steps)
+    except BaseException:  # refused before anything ran: leave the disk as it was
+        if lock is not None:
+            lock.close()
+        _remove_made(root, made)
+        raise
     log(f"recipe {recipe.name} -> {root.resolve()}")
     try:
         for step in steps:
@@ -935,6 +944,19 @@ def run_pipeline(recipe_name: str, root, overrides: list[str], log=print, progre
         if lock is not None:
             lock.close()
     return root
+
+
+def _remove_made(root: Path, made: list[Path]) -> None:
+    """Remove the folders in ``made`` (a new run root and the parents created with it, innermost first) when they
+    hold nothing but the run's lock: a run refused before its first step leaves no trace."""
+    lock = root / "pipeline.lock"
+    if root in made and lock.exists() and [p.name for p in root.iterdir()] == [lock.name]:
+        lock.unlink()
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or not ours to remove): kept
+            return
 
 
 def _lock(root: Path):
@@ -988,6 +1010,8 @@ def main(argv=None) -> int:
     root = Path(args.out or f"runs/{Path(args.recipe).name}")
     try:
         if args.dry_run or args.report_only:
+            # Without the lock: taking it creates RUN/pipeline.lock, and a dry run writes nothing. What it shows is
+            # the disk as it is now, which a pipeline running on the root may change next.
             recipe = load_recipe(args.recipe, args.overrides)
             steps = plan(recipe, root, args.overrides)
             if args.report_only:
