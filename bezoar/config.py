@@ -94,22 +94,35 @@ class _Sources:
         self.overrides: dict[str, str] = {}
 
     def describe(self, path: str) -> str:
-        probe = path
-        while probe:
+        """Where ``path`` was set: the override that set it or a key above it, else its line in the file (or the
+        line of the nearest key above it that was found), else the file. A list item (``lora.targets[1]``) was
+        set with its list."""
+        path = _strip_items(path)
+        for probe in _probes(path):
             if probe in self.overrides:
                 return f"command-line override {self.overrides[probe]!r}"
-            probe = probe.rpartition(".")[0]
         for key, text in self.overrides.items():  # an override that made this key a table
             if key.startswith(path + "."):
                 return f"command-line override {text!r}"
         if self.file is None:
             return "config"
-        probe = path
-        while probe:
+        for probe in _probes(path):
             if probe in self.lines:
                 return f"{self.file}:{self.lines[probe]}"
-            probe = probe.rpartition(".")[0]
         return self.file
+
+
+def _strip_items(path: str) -> str:
+    """``"a.b[0][2]"`` -> ``"a.b"``: the key that holds a list item."""
+    return re.sub(r"(\[\d+\])+$", "", path)
+
+
+def _probes(path: str):
+    """``"a.b[1].c"`` -> ``"a.b[1].c"``, ``"a.b"``, ``"a"``: the key and the keys above it, list items cut off."""
+    probe = _strip_items(path)
+    while probe:
+        yield probe
+        probe = _strip_items(probe.rpartition(".")[0])
 
 
 # ---- overrides ------------------------------------------------------------------------------------

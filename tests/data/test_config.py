@@ -263,3 +263,19 @@ def test_dataclass_fields_are_complete():
                      max_seq_len=128, max_len=64, max_prompt_len=10, eos=False, packed=False, skip_bad_records=True)
     assert from_dict(DataConfig, to_dict(cfg)) == cfg
     assert {f.name for f in dataclasses.fields(DataConfig)} <= set(to_dict(cfg))
+
+
+
+def test_a_bad_list_item_is_blamed_on_the_line_or_override_that_set_its_list(tmp_path):
+    p = write(tmp_path, 'seed = 1\n\n[lora]\nr = 4\n\ntargets = ["q", 3]\n')
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(p))}:6: key 'lora.targets\[1\]' must be a string"):
+        load_config(Root, p)
+    p = write(tmp_path, '[lora]\nr = 4\n')
+    for path in (p, None):
+        with pytest.raises(ConfigError, match=r"^command-line override 'lora.targets=\[1\]': key 'lora.targets\[0\]'"):
+            load_config(Root, path, ["lora.targets=[1]"])
+    p = write(tmp_path, 'seed = 1\n\n[[stages]]\nname = "a"\n\n[[stages]]\nname = 3\n')
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(p))}:3: key 'stages\[1\].name'"):  # its table's line
+        load_config(Root, p)
+    with pytest.raises(ConfigError, match=r"^command-line override 'stages=\[\{name = 3\}\]': key 'stages\[0\].name'"):
+        load_config(Root, None, ["stages=[{name = 3}]"])
