@@ -66,8 +66,7 @@ def _key_lines(text: str) -> dict[str, int]:
     in_multiline = None
     for n, line in enumerate(text.splitlines(), start=1):
         if in_multiline:
-            if line.count(in_multiline) % 2 == 1:
-                in_multiline = None
+            in_multiline = _open_multiline(line, in_multiline)
             continue
         m = _TABLE_RE.match(line)
         if m:
@@ -78,11 +77,45 @@ def _key_lines(text: str) -> dict[str, int]:
         if m:
             path = ".".join(table + _split_key(m.group(1)))
             lines.setdefault(path, n)
-            rest = line[m.end():]
-            for quote in ('"""', "'''"):
-                if rest.count(quote) % 2 == 1:
-                    in_multiline = quote
+        in_multiline = _open_multiline(line[m.end():] if m else line)  # (a line of a multi-line array: all of it)
     return lines
+
+
+def _open_multiline(text: str, inside: str | None = None) -> str | None:
+    """The multi-line string delimiter (three double or three single quotes) left open at the end of ``text``, a
+    line of TOML or of its value, read from inside such a string when ``inside`` names its delimiter; None when
+    none is open. Triple quotes inside a one-line string (a literal string of three double quotes, say) or a
+    comment open nothing."""
+    i, n = 0, len(text)
+    while i < n:
+        if inside:
+            if inside == '"""' and text[i] == "\\":
+                i += 2  # an escaped character (a quote, say) does not close it
+            elif text.startswith(inside, i):
+                i += 3
+                for _ in range(2):  # a run of up to five quotes closes it with its last three
+                    if i < n and text[i] == inside[0]:
+                        i += 1
+                inside = None
+            else:
+                i += 1
+            continue
+        c = text[i]
+        if c == "#":
+            break
+        if text.startswith('"""', i) or text.startswith("'''", i):
+            inside, i = text[i:i + 3], i + 3
+        elif c == '"':
+            i += 1
+            while i < n and text[i] != '"':
+                i += 2 if text[i] == "\\" else 1
+            i += 1
+        elif c == "'":
+            end = text.find("'", i + 1)
+            i = n if end < 0 else end + 1
+        else:
+            i += 1
+    return inside
 
 
 class _Sources:

@@ -279,3 +279,19 @@ def test_a_bad_list_item_is_blamed_on_the_line_or_override_that_set_its_list(tmp
         load_config(Root, p)
     with pytest.raises(ConfigError, match=r"^command-line override 'stages=\[\{name = 3\}\]': key 'stages\[0\].name'"):
         load_config(Root, None, ["stages=[{name = 3}]"])
+
+
+@pytest.mark.parametrize("value", [
+    "'\"\"\"'", '"say \\"\\"\\" twice"', "'''\"\"\"'''", '"x" # a comment with """', "'''one line'''",
+])
+def test_triple_quotes_inside_a_one_line_value_keep_the_line_numbers(tmp_path, value):
+    p = write(tmp_path, f"note = {value}\n\n[optim]\nwarmup = \"x\"\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(Root, p)
+    assert str(e.value).startswith(f"{p}:4: key 'optim.warmup'"), str(e.value)
+
+
+def test_keys_after_a_multi_line_string_keep_their_line_numbers(tmp_path):
+    text = 'note = """\nseed = 1\n"""\nout = """a\n\\"""\nb"""\ntags = [\n  """\n  x = 1\n  """,\n]\n\nseed = "x"\n'
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / 'cfg.toml'))}:13: key 'seed'"):
+        load_config(Root, write(tmp_path, text))
