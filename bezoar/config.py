@@ -425,8 +425,28 @@ def to_dict(obj) -> dict:
 # ---- TOML writer ----------------------------------------------------------------------------------
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_COMMENT_FORBIDS = re.compile("[\x00-\x08\x0a-\x1f\x7f]")  # the control characters but tab
+
+
+def _toml_string(text: str, path: str) -> str:
+    """``text`` as a TOML basic string. JSON's escapes are all TOML's, and JSON escapes every control character
+    TOML forbids in a string but DEL (U+007F), escaped here (tomllib refuses the raw character). A lone
+    surrogate (an undecodable byte of a command line, say) has no TOML spelling at all: a ConfigError."""
+    bad = _LONE_SURROGATE.search(text)
+    if bad:
+        raise ConfigError(f"key {path!r}: holds U+{ord(bad.group()):04X}, a lone surrogate (an undecodable byte?), "
+                          "which TOML cannot hold")
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_string(key, key)
+
+
+def _comment_text(line: str) -> str:
+    """One line of text as a TOML comment may hold it: the control characters TOML forbids there as ``\\uXXXX``."""
+    return _COMMENT_FORBIDS.sub(lambda m: f"\\u{ord(m.group()):04x}", line)
 
 
 def _toml_value(v, path: str) -> str:
@@ -441,8 +461,7 @@ def _toml_value(v, path: str) -> str:
             return "inf" if v > 0 else "-inf"
         return repr(v)
     if isinstance(v, str):
-        # JSON string escapes (\" \\ \n \t \uXXXX) are all valid in a TOML basic string.
-        return json.dumps(v, ensure_ascii=False)
+        return _toml_string(v, path)
     if isinstance(v, (list, tuple)):
         if any(x is None for x in v):
             raise ConfigError(f"key {path!r}: TOML cannot hold None inside a list")
@@ -459,7 +478,7 @@ def dump_toml(obj, header: str | None = None) -> str:
         raise TypeError("dump_toml takes a dataclass instance")
     out: list[str] = []
     if header:
-        out.extend(f"# {line}" if line else "#" for line in header.splitlines())
+        out.extend(f"# {_comment_text(line)}" if line else "#" for line in header.splitlines())
         out.append("")
 
     def is_table(v) -> bool:

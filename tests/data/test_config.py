@@ -295,3 +295,13 @@ def test_keys_after_a_multi_line_string_keep_their_line_numbers(tmp_path):
     text = 'note = """\nseed = 1\n"""\nout = """a\n\\"""\nb"""\ntags = [\n  """\n  x = 1\n  """,\n]\n\nseed = "x"\n'
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / 'cfg.toml'))}:13: key 'seed'"):
         load_config(Root, write(tmp_path, text))
+
+
+def test_dump_escapes_what_toml_forbids(tmp_path):
+    text = "del\x7f, nul\x00, esc\x1b, tab\t, bell\x07, c1\x85 and \u2028"
+    cfg = Root(out=text, tags={"k\x7f": text}, note="x")
+    dumped = dump_toml(cfg, header=f"of {text}")
+    assert "\x7f" not in dumped and "\\u007f" in dumped
+    assert load_config(Root, write(tmp_path, dumped)) == cfg
+    with pytest.raises(ConfigError, match=r"key 'out': holds U\+DC80, a lone surrogate"):
+        dump_toml(Root(out="bad\udc80byte"))
