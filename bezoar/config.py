@@ -171,10 +171,12 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r}: {key!r} is not a dotted key (letters, digits, _ and - between dots)")
     raw = raw.strip()
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
+        doc = tomllib.loads(f"v = {raw}")
     except tomllib.TOMLDecodeError:
-        value = raw
-    return key, value
+        return key, raw
+    if set(doc) != {"v"}:  # "1\nx = 2": more than one value, kept whole rather than cut to its first line
+        return key, raw
+    return key, doc["v"]
 
 
 def set_dotted(d: dict, key: str, value: Any, origin: str = "override") -> None:

@@ -214,6 +214,7 @@ def test_bad_toml_and_missing_file(tmp_path):
 @pytest.mark.parametrize("text, key, value", [
     ("a.b=2e-4", "a.b", 2e-4), ("x=true", "x", True), ("x=[1, 2]", "x", [1, 2]), ("x=runs/demo", "x", "runs/demo"),
     ('x="quoted"', "x", "quoted"), ("x={k = 1}", "x", {"k": 1}), ("x=", "x", ""), ("x = 3 ", "x", 3),
+    ("x=1\ny = 2", "x", "1\ny = 2"),  # two TOML values: kept whole, not cut to the first
 ])
 def test_parse_override(text, key, value):
     assert parse_override(text) == (key, value)
