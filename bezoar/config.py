@@ -10,7 +10,8 @@ calls ``load_config(RootConfig, "stage.toml", ["optim.lr=2e-4", "data.path=x.jso
   dotted key and where it came from (``file:line`` for keys in a file, or the override text).
 - An override's value is parsed as a TOML value (``lr=2e-4`` is a float, ``tags=["a","b"]`` a
   list, ``fields={instruction="q"}`` a table); what does not parse is kept as a bare string
-  (``out=runs/x``).
+  (``out=runs/x``). A bare ``none`` or ``null`` sets a field that may be None (``Optional[...]``) back to None;
+  for any other field it stays the string it always was, and ``key="none"`` is the string for every field.
 - ``dump_toml(obj)`` writes the resolved config so that ``load_config`` reads it back equal.
   TOML has no null: a field holding ``None`` is written as a comment and must default to None.
 """
@@ -40,6 +41,7 @@ class ConfigError(ValueError):
 
 
 _MISSING = object()
+_NULLS = ("none", "null")  # how an override spells None, bare (TOML has no null)
 
 
 # ---- where keys come from (file lines, override texts) ----------------------------------------------
@@ -125,6 +127,7 @@ class _Sources:
         self.file = file
         self.lines = _key_lines(text) if text is not None else {}
         self.overrides: dict[str, str] = {}
+        self.nulls: set[str] = set()  # keys an override set to a bare none or null
 
     def describe(self, path: str) -> str:
         """Where ``path`` was set: the override that set it or a key above it, else its line in the file (or the
@@ -236,7 +239,7 @@ def _convert(tp, value, path: str, sources: _Sources):
         return _build(tp, value, path, sources)
     if _is_union(tp):
         options = typing.get_args(tp)
-        if value is None:
+        if value is None or (path in sources.nulls and value in _NULLS and type(None) in options):
             if type(None) in options:
                 return None
             wrong()
@@ -250,6 +253,8 @@ def _convert(tp, value, path: str, sources: _Sources):
             except ConfigError as e:
                 errors.append(e)
         if len(errors) == 1:
+            if type(None) in options and where.startswith("command-line override"):
+                raise ConfigError(f"{errors[0]} (or none: {_strip_items(path)}=none sets it to None)") from None
             raise errors[0]
         wrong(" or ".join(_type_name(o) for o in options))
     origin = typing.get_origin(tp)
@@ -372,6 +377,10 @@ def _from_dict(cls, data: dict, sources: _Sources, overrides: Iterable[str], sho
         typed = (shown or {}).get(text, text)
         set_dotted(data, key, value, origin=f"override {typed!r}")
         sources.overrides[key] = typed
+        if value in _NULLS and text.partition("=")[2].strip() == value:  # bare, not quoted
+            sources.nulls.add(key)
+        else:
+            sources.nulls.discard(key)
     return _build(cls, data, "", sources)
 
 

@@ -306,3 +306,17 @@ def test_dump_escapes_what_toml_forbids(tmp_path):
     assert load_config(Root, write(tmp_path, dumped)) == cfg
     with pytest.raises(ConfigError, match=r"key 'out': holds U\+DC80, a lone surrogate"):
         dump_toml(Root(out="bad\udc80byte"))
+
+
+def test_an_override_sets_an_optional_field_back_to_none(tmp_path):
+    """A bare none (or null) is None for a field that may be None; quoted, it is the string; for other fields it is
+    the string it always was. A wrong value for an Optional field says how to set None."""
+    p = write(tmp_path, 'limit = 5\nnote = "n"\n\n[data]\npath = "x.jsonl"\n')
+    cfg = load_config(Root, p, ["limit=none", "note=null", "lora.targets=['none']"])
+    assert cfg.limit is None and cfg.note is None and cfg.lora.targets == ["none"]
+    assert load_config(Root, p, ['note="none"']).note == "none"
+    assert to_dict(load_config(Root, p, ["out=none", "mixed=none"]))["mixed"] == "none"  # not Optional: a string
+    assert load_config(Root, p, ["limit=none", "limit=7"]).limit == 7  # the last override wins
+    with pytest.raises(ConfigError, match=r"^command-line override 'limit=None': key 'limit' must be an integer, "
+                                          r"got \"None\" \(str\) \(or none: limit=none sets it to None\)$"):
+        load_config(Root, p, ["limit=None"])
