@@ -20,9 +20,9 @@ A training stage is complete when its ``summary.json`` exists; every other step 
 fingerprint of each local input it read: size and sha256 of a file's content (of every file, for a
 folder), and for a stage's model the fingerprint of the stage's ``summary.json``, written once, last,
 when the stage completes (cheap, and unchanged by a copy or a moved run root, where weights would take
-minutes to hash). A training stage the pipeline starts records its inputs in ``RUN/<stage>/pipeline-inputs.json``
-when it starts from step 0 and again when it completes. Hub names (datasets, MT-Bench questions) and a base model that
-is not a stage's are not fingerprinted. A complete step is skipped; an unfinished one is run again and
+minutes to hash). A training stage the pipeline runs records its inputs in ``RUN/<stage>/pipeline-inputs.json``
+when it starts from step 0 and again when it completes. Hub names (datasets, MT-Bench questions) and a base
+model that is not a stage's are not fingerprinted. A complete step is skipped; an unfinished one is run again and
 continues from what it stored (the client pool's stores for generation, filtering and judging, the
 newest checkpoint for training, the answers file for MT-Bench), so rerunning the same command after a
 crash or a kill finishes the run. A complete step whose settings have changed since is an error
@@ -799,8 +799,8 @@ def preflight(recipe: Recipe, root: Path, steps: list[Step]) -> None:
         restore = ", or put the input back as it was" if any(r.startswith("input changed") for r in s.stale) else ""
         if not s.done:  # a training stage with checkpoints
             raise PipelineError(f"step {s.name} has checkpoints ({s.status}) but its inputs are not what it started "
-                                f"from ({'; '.join(s.stale[:4])}), so it cannot resume from them. {redo}{restore}, or use "
-                                "another --out.")
+                                f"from ({'; '.join(s.stale[:4])}), so it cannot resume from them. {redo}{restore}, "
+                                "or use another --out.")
         raise PipelineError(f"step {s.name} is complete but its inputs are not what it was {what} "
                             f"({'; '.join(s.stale[:4])}). {redo}{restore}, or use another --out.")
     left = [s for s in steps if not s.done]
