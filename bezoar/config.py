@@ -10,7 +10,8 @@ calls ``load_config(RootConfig, "stage.toml", ["optim.lr=2e-4", "data.path=x.jso
   dotted key and where it came from (``file:line`` for keys in a file, or the override text).
 - An override's value is parsed as a TOML value (``lr=2e-4`` is a float, ``tags=["a","b"]`` a
   list, ``fields={instruction="q"}`` a table); what does not parse is kept as a bare string
-  (``out=runs/x``).
+  (``out=runs/x``). A bare ``none`` or ``null`` sets a field that may be None (``Optional[...]``) back to None;
+  for any other field it stays the string it always was, and ``key="none"`` is the string for every field.
 - ``dump_toml(obj)`` writes the resolved config so that ``load_config`` reads it back equal.
   TOML has no null: a field holding ``None`` is written as a comment and must default to None.
 """
@@ -40,6 +41,7 @@ class ConfigError(ValueError):
 
 
 _MISSING = object()
+_NULLS = ("none", "null")  # how an override spells None, bare (TOML has no null)
 
 
 # ---- where keys come from (file lines, override texts) ----------------------------------------------
@@ -66,8 +68,7 @@ def _key_lines(text: str) -> dict[str, int]:
     in_multiline = None
     for n, line in enumerate(text.splitlines(), start=1):
         if in_multiline:
-            if line.count(in_multiline) % 2 == 1:
-                in_multiline = None
+            in_multiline = _open_multiline(line, in_multiline)
             continue
         m = _TABLE_RE.match(line)
         if m:
@@ -78,11 +79,45 @@ def _key_lines(text: str) -> dict[str, int]:
         if m:
             path = ".".join(table + _split_key(m.group(1)))
             lines.setdefault(path, n)
-            rest = line[m.end():]
-            for quote in ('"""', "'''"):
-                if rest.count(quote) % 2 == 1:
-                    in_multiline = quote
+        in_multiline = _open_multiline(line[m.end():] if m else line)  # (a line of a multi-line array: all of it)
     return lines
+
+
+def _open_multiline(text: str, inside: str | None = None) -> str | None:
+    """The multi-line string delimiter (three double or three single quotes) left open at the end of ``text``, a
+    line of TOML or of its value, read from inside such a string when ``inside`` names its delimiter; None when
+    none is open. Triple quotes inside a one-line string (a literal string of three double quotes, say) or a
+    comment open nothing."""
+    i, n = 0, len(text)
+    while i < n:
+        if inside:
+            if inside == '"""' and text[i] == "\\":
+                i += 2  # an escaped character (a quote, say) does not close it
+            elif text.startswith(inside, i):
+                i += 3
+                for _ in range(2):  # a run of up to five quotes closes it with its last three
+                    if i < n and text[i] == inside[0]:
+                        i += 1
+                inside = None
+            else:
+                i += 1
+            continue
+        c = text[i]
+        if c == "#":
+            break
+        if text.startswith('"""', i) or text.startswith("'''", i):
+            inside, i = text[i:i + 3], i + 3
+        elif c == '"':
+            i += 1
+            while i < n and text[i] != '"':
+                i += 2 if text[i] == "\\" else 1
+            i += 1
+        elif c == "'":
+            end = text.find("'", i + 1)
+            i = n if end < 0 else end + 1
+        else:
+            i += 1
+    return inside
 
 
 class _Sources:
@@ -92,24 +127,38 @@ class _Sources:
         self.file = file
         self.lines = _key_lines(text) if text is not None else {}
         self.overrides: dict[str, str] = {}
+        self.nulls: set[str] = set()  # keys an override set to a bare none or null
 
     def describe(self, path: str) -> str:
-        probe = path
-        while probe:
+        """Where ``path`` was set: the override that set it or a key above it, else its line in the file (or the
+        line of the nearest key above it that was found), else the file. A list item (``lora.targets[1]``) was
+        set with its list."""
+        path = _strip_items(path)
+        for probe in _probes(path):
             if probe in self.overrides:
                 return f"command-line override {self.overrides[probe]!r}"
-            probe = probe.rpartition(".")[0]
         for key, text in self.overrides.items():  # an override that made this key a table
             if key.startswith(path + "."):
                 return f"command-line override {text!r}"
         if self.file is None:
             return "config"
-        probe = path
-        while probe:
+        for probe in _probes(path):
             if probe in self.lines:
                 return f"{self.file}:{self.lines[probe]}"
-            probe = probe.rpartition(".")[0]
         return self.file
+
+
+def _strip_items(path: str) -> str:
+    """``"a.b[0][2]"`` -> ``"a.b"``: the key that holds a list item."""
+    return re.sub(r"(\[\d+\])+$", "", path)
+
+
+def _probes(path: str):
+    """``"a.b[1].c"`` -> ``"a.b[1].c"``, ``"a.b"``, ``"a"``: the key and the keys above it, list items cut off."""
+    probe = _strip_items(path)
+    while probe:
+        yield probe
+        probe = _strip_items(probe.rpartition(".")[0])
 
 
 # ---- overrides ------------------------------------------------------------------------------------
@@ -125,10 +174,12 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r}: {key!r} is not a dotted key (letters, digits, _ and - between dots)")
     raw = raw.strip()
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
+        doc = tomllib.loads(f"v = {raw}")
     except tomllib.TOMLDecodeError:
-        value = raw
-    return key, value
+        return key, raw
+    if set(doc) != {"v"}:  # "1\nx = 2": more than one value, kept whole rather than cut to its first line
+        return key, raw
+    return key, doc["v"]
 
 
 def set_dotted(d: dict, key: str, value: Any, origin: str = "override") -> None:
@@ -188,7 +239,7 @@ def _convert(tp, value, path: str, sources: _Sources):
         return _build(tp, value, path, sources)
     if _is_union(tp):
         options = typing.get_args(tp)
-        if value is None:
+        if value is None or (path in sources.nulls and value in _NULLS and type(None) in options):
             if type(None) in options:
                 return None
             wrong()
@@ -202,6 +253,8 @@ def _convert(tp, value, path: str, sources: _Sources):
             except ConfigError as e:
                 errors.append(e)
         if len(errors) == 1:
+            if type(None) in options and where.startswith("command-line override"):
+                raise ConfigError(f"{errors[0]} (or none: {_strip_items(path)}=none sets it to None)") from None
             raise errors[0]
         wrong(" or ".join(_type_name(o) for o in options))
     origin = typing.get_origin(tp)
@@ -324,6 +377,10 @@ def _from_dict(cls, data: dict, sources: _Sources, overrides: Iterable[str], sho
         typed = (shown or {}).get(text, text)
         set_dotted(data, key, value, origin=f"override {typed!r}")
         sources.overrides[key] = typed
+        if value in _NULLS and text.partition("=")[2].strip() == value:  # bare, not quoted
+            sources.nulls.add(key)
+        else:
+            sources.nulls.discard(key)
     return _build(cls, data, "", sources)
 
 
@@ -379,8 +436,28 @@ def to_dict(obj) -> dict:
 # ---- TOML writer ----------------------------------------------------------------------------------
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_COMMENT_FORBIDS = re.compile("[\x00-\x08\x0a-\x1f\x7f]")  # the control characters but tab
+
+
+def _toml_string(text: str, path: str) -> str:
+    """``text`` as a TOML basic string. JSON's escapes are all TOML's, and JSON escapes every control character
+    TOML forbids in a string but DEL (U+007F), escaped here (tomllib refuses the raw character). A lone
+    surrogate (an undecodable byte of a command line, say) has no TOML spelling at all: a ConfigError."""
+    bad = _LONE_SURROGATE.search(text)
+    if bad:
+        raise ConfigError(f"key {path!r}: holds U+{ord(bad.group()):04X}, a lone surrogate (an undecodable byte?), "
+                          "which TOML cannot hold")
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_string(key, key)
+
+
+def _comment_text(line: str) -> str:
+    """One line of text as a TOML comment may hold it: the control characters TOML forbids there as ``\\uXXXX``."""
+    return _COMMENT_FORBIDS.sub(lambda m: f"\\u{ord(m.group()):04x}", line)
 
 
 def _toml_value(v, path: str) -> str:
@@ -395,8 +472,7 @@ def _toml_value(v, path: str) -> str:
             return "inf" if v > 0 else "-inf"
         return repr(v)
     if isinstance(v, str):
-        # JSON string escapes (\" \\ \n \t \uXXXX) are all valid in a TOML basic string.
-        return json.dumps(v, ensure_ascii=False)
+        return _toml_string(v, path)
     if isinstance(v, (list, tuple)):
         if any(x is None for x in v):
             raise ConfigError(f"key {path!r}: TOML cannot hold None inside a list")
@@ -413,7 +489,7 @@ def dump_toml(obj, header: str | None = None) -> str:
         raise TypeError("dump_toml takes a dataclass instance")
     out: list[str] = []
     if header:
-        out.extend(f"# {line}" if line else "#" for line in header.splitlines())
+        out.extend(f"# {_comment_text(line)}" if line else "#" for line in header.splitlines())
         out.append("")
 
     def is_table(v) -> bool:

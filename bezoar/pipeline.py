@@ -20,9 +20,9 @@ A training stage is complete when its ``summary.json`` exists; every other step 
 fingerprint of each local input it read: size and sha256 of a file's content (of every file, for a
 folder), and for a stage's model the fingerprint of the stage's ``summary.json``, written once, last,
 when the stage completes (cheap, and unchanged by a copy or a moved run root, where weights would take
-minutes to hash). A training stage the pipeline completes records its inputs in
-``RUN/<stage>/pipeline-inputs.json``. Hub names (datasets, MT-Bench questions) and a base model that
-is not a stage's are not fingerprinted. A complete step is skipped; an unfinished one is run again and
+minutes to hash). A training stage the pipeline runs records its inputs in ``RUN/<stage>/pipeline-inputs.json``
+when it starts from step 0 and again when it completes. Hub names (datasets, MT-Bench questions) and a base
+model that is not a stage's are not fingerprinted. A complete step is skipped; an unfinished one is run again and
 continues from what it stored (the client pool's stores for generation, filtering and judging, the
 newest checkpoint for training, the answers file for MT-Bench), so rerunning the same command after a
 crash or a kill finishes the run. A complete step whose settings have changed since is an error
@@ -49,7 +49,8 @@ writes one of them is to run (its marker or folder was removed to redo it), or i
 - a generation step or a training stage stops the run before anything runs, with an error naming the
   step, the input and the folder or marker to remove to redo it: generation pays the teacher again for
   every request that changed and replaces its output, training takes hours, and neither should start
-  because a file was touched.
+  because a file was touched. A training stage with checkpoints but not complete is judged the same way
+  against what it started from: it never resumes on another base model or other data.
 
 A step that recorded no fingerprints (completed before the pipeline recorded them, or a stage trained
 with ``python -m bezoar.train``) counts as unchanged unless a step before it is to run, and an input
@@ -253,12 +254,24 @@ def _size_change(then, now: dict) -> str:
     return ""
 
 
+def _partly_trained(step: Step) -> bool:
+    """A training stage with checkpoints that is not complete: it would resume from them."""
+    return step.kind == "train" and step.status.startswith("resume")
+
+
+def refused_stale(step: Step) -> bool:
+    """A stale step that stops the run rather than run again: a complete generation step, or a training stage that
+    is complete or has checkpoints (resuming those on another base model or other data would mix two runs)."""
+    return bool(step.stale) and (step.done if step.kind != "train" else step.done or _partly_trained(step))
+
+
 def _mark_stale(steps: list[Step]) -> None:
     """A complete step is stale when an input it recorded differs now, or when the step of this recipe that writes
-    one of its inputs is to run (or stale itself). Steps come in order, writers before readers."""
+    one of its inputs is to run (or stale itself); so is a training stage with checkpoints, against the inputs
+    it recorded when it started. Steps come in order, writers before readers."""
     by_name = {s.name: s for s in steps}
     for step in steps:
-        if not step.done:
+        if not (step.done or _partly_trained(step)):
             continue
         recorded = recorded_inputs(step) or {}
         reasons, answers = [], False
@@ -677,6 +690,17 @@ def write_marker(step: Step, seconds: float, inputs: dict | None = None) -> None
     os.replace(tmp, step.record)
 
 
+def write_start_record(step: Step, inputs: dict) -> None:
+    """A training stage starting from step 0: its STAGE_RECORD with the fingerprints of the inputs it starts from
+    (and no ``finished``), which a plan compares before resuming its checkpoints; ``write_marker`` replaces it
+    when the stage completes."""
+    step.out.mkdir(parents=True, exist_ok=True)
+    record = {"step": step.name, "inputs": inputs, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    tmp = step.record.with_name(step.record.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, step.record)
+
+
 def set_aside(step: Step) -> Path | None:
     """Move the results of a stale evaluation (and, where they came from another model or other questions, its
     MT-Bench answers, which a rerun would otherwise keep) to ``stale-<time>/`` in its folder. Nothing is deleted:
@@ -707,7 +731,8 @@ def _answers_made_otherwise(step: Step) -> bool:
     s = step.settings["mt_bench"]
     try:
         step.changed_answers = mt.answer_settings_changes(
-            step.out / "answers.jsonl", mt.answer_settings(s["max_new_tokens"], s["seed"], s["top_k"]))
+            step.out / "answers.jsonl", mt.answer_settings(s["max_new_tokens"], s["seed"], s["top_k"], s["quant"],
+                                                           s["dtype"], s["device"]))
     except mt.MTBenchError as e:  # an unreadable settings file or answers file: one line, no traceback
         raise PipelineError(f"{step.name}: {e}") from None
     return bool(step.changed_answers)
@@ -730,6 +755,8 @@ def execute(step: Step, root: Path, log=print) -> None:
         moved = set_aside(step)
         log(f"[{step.name}] answers made with other settings ({'; '.join(step.changed_answers)}) and the "
             f"results from them moved to {relative(moved, root)}")
+    if step.kind == "train" and not _partly_trained(step):
+        write_start_record(step, inputs)  # what its checkpoints are checked against should it be resumed
     started = time.time()
     step.run()
     write_marker(step, time.time() - started, inputs)
@@ -756,20 +783,24 @@ def preflight(recipe: Recipe, root: Path, steps: list[Step]) -> None:
                     "were made with still hold, and set aside where not)")
         raise PipelineError(f"step {s.name} is complete but the recipe's settings for it changed since "
                             f"({'; '.join(s.changed[:4])}). {redo}{AFTER_REDO}, or use another --out.")
-    stale = [s for s in steps if s.done and s.stale]  # generate and train: refused rather than redone
+    stale = [s for s in steps if refused_stale(s)]  # generate and train: refused rather than redone
     if stale:
         s = stale[0]
         if s.kind == "train":
             also = [t for t in stale if t.kind == "train" and t is not s]
-            redo = f"Remove the stage's folder {s.out} to train it again" + (
-                f" (these complete stages are stale too: remove {', '.join(str(t.out) for t in also)} as well)"
-                if also else "")
+            redo = f"Remove the stage's folder {s.out} to train it again{'' if s.done else ' from step 0'}" + (
+                f" (these {'complete ' if all(t.done for t in also) else ''}stages are stale too: remove "
+                f"{', '.join(str(t.out) for t in also)} as well)" if also else "")
             what = "trained on"
         else:
             redo = (f"Remove {s.marker} to generate again (its stores are reused: only requests that changed are "
                     f"sent){AFTER_REDO}")
             what = "generated from"
         restore = ", or put the input back as it was" if any(r.startswith("input changed") for r in s.stale) else ""
+        if not s.done:  # a training stage with checkpoints
+            raise PipelineError(f"step {s.name} has checkpoints ({s.status}) but its inputs are not what it started "
+                                f"from ({'; '.join(s.stale[:4])}), so it cannot resume from them. {redo}{restore}, "
+                                "or use another --out.")
         raise PipelineError(f"step {s.name} is complete but its inputs are not what it was {what} "
                             f"({'; '.join(s.stale[:4])}). {redo}{restore}, or use another --out.")
     left = [s for s in steps if not s.done]
@@ -861,11 +892,11 @@ def describe(steps: list[Step], root: Path) -> str:
     for s in steps:
         redo = "the stage's folder" if s.kind == "train" else "the marker"
         status = s.status + (f" (settings changed since: remove {redo} to redo)" if s.changed else "")
-        if s.done and s.stale:
+        if refused_stale(s):
             status += f" (stale: remove {redo} to redo)"
         lines.append(f"  {s.name:<20} {status:<38} -> {relative(s.out, root)}")
         lines.append(f"  {'':<20} from {', '.join(s.inputs)}")
-        if s.done and s.stale:
+        if refused_stale(s):
             lines.append(f"  {'':<20} stale: {'; '.join(s.stale)}")
     left = [s for s in steps if not s.done]
     if left:
@@ -883,10 +914,19 @@ def run_pipeline(recipe_name: str, root, overrides: list[str], log=print, progre
     root = Path(root)
     recipe = load_recipe(recipe_name, overrides)
     progress = sys.stderr.isatty() if progress is None else progress
-    steps = plan(recipe, root, overrides, progress=progress, log=log)
-    preflight(recipe, root, steps)
+    # The lock first, then the plan: a plan made before it could be out of date by the time the lock is held (a
+    # pipeline that held it ran steps meanwhile), and this run would redo them or resume from what they left.
+    made = [p for p in [root, *root.parents] if not p.exists()]  # the folders the lock's mkdir creates
     root.mkdir(parents=True, exist_ok=True)
     lock = _lock(root)
+    try:
+        steps = plan(recipe, root, overrides, progress=progress, log=log)
+        preflight(recipe, root, steps)
+    except BaseException:  # refused before anything ran: leave the disk as it was
+        if lock is not None:
+            lock.close()
+        _remove_made(root, made)
+        raise
     log(f"recipe {recipe.name} -> {root.resolve()}")
     try:
         for step in steps:
@@ -904,6 +944,19 @@ def run_pipeline(recipe_name: str, root, overrides: list[str], log=print, progre
         if lock is not None:
             lock.close()
     return root
+
+
+def _remove_made(root: Path, made: list[Path]) -> None:
+    """Remove the folders in ``made`` (a new run root and the parents created with it, innermost first) when they
+    hold nothing but the run's lock: a run refused before its first step leaves no trace."""
+    lock = root / "pipeline.lock"
+    if root in made and lock.exists() and [p.name for p in root.iterdir()] == [lock.name]:
+        lock.unlink()
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or not ours to remove): kept
+            return
 
 
 def _lock(root: Path):
@@ -957,6 +1010,8 @@ def main(argv=None) -> int:
     root = Path(args.out or f"runs/{Path(args.recipe).name}")
     try:
         if args.dry_run or args.report_only:
+            # Without the lock: taking it creates RUN/pipeline.lock, and a dry run writes nothing. What it shows is
+            # the disk as it is now, which a pipeline running on the root may change next.
             recipe = load_recipe(args.recipe, args.overrides)
             steps = plan(recipe, root, args.overrides)
             if args.report_only:

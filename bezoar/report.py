@@ -12,7 +12,9 @@ the files the steps left on disk, so it shows whatever part of the run exists:
   first and final loss and the last eval loss; for DPO stages the final rewards/accuracies, margins and
   rewards; and one PNG per stage of its curves from ``metrics.jsonl`` (loss and eval loss; for DPO also
   rewards/accuracies and margins).
-- Evaluation: per evaluated stage, the lm-eval harness table and the MT-Bench table and chart.
+- Evaluation: per evaluated stage, the lm-eval harness table and the MT-Bench table and chart. Results of a
+  step that is not complete (to run again: stale, its marker removed, or resuming) or whose settings changed
+  since are labelled as earlier results, of the model and settings that step ran with then.
 - Timings: wall time per step (kept out of the tables: tables hold only what the run computed, so two
   runs that computed the same things, one of them killed and resumed, have the same tables).
 """
@@ -247,6 +249,20 @@ def evaluation_section(recipe, steps, root: Path) -> list[str]:
     return out
 
 
+def earlier_note(step) -> list[str]:
+    """The label over an evaluation's tables when they are not of the run as it stands: the step is not complete
+    (to run again, its model retrained or to be, or its marker removed; or resuming), or its settings changed since
+    it ran. Empty for a complete step that is current."""
+    if step.done and not step.changed:
+        return []
+    if step.done:
+        why = f"the recipe's settings for {step.name} changed since it ran ({'; '.join(step.changed)})"
+    else:
+        why = f"{step.name} is {step.status}"
+    return [f"> **Earlier results, not current:** {why}. What follows is what it wrote when it last ran, of the "
+            "model and settings it had then; a run replaces it.", ""]
+
+
 def harness_tables(recipe, step) -> list[str]:
     results = _read_json(step.out / "results.json")
     if results is None:
@@ -255,7 +271,9 @@ def harness_tables(recipe, step) -> list[str]:
 
     section = recipe.evaluate.harness
     plan = harness.make_plan(list(section.tasks) or None, section.preset or None, section.num_fewshot)
-    return ["lm-eval harness:", "", harness.results_table(results, plan if section.preset else None), ""]
+    note = earlier_note(step)
+    return (["lm-eval harness" + (" (earlier results):" if note else ":"), ""] + note
+            + [harness.results_table(results, plan if section.preset else None), ""])
 
 
 def mt_bench_tables(step, root: Path) -> list[str]:
@@ -263,11 +281,14 @@ def mt_bench_tables(step, root: Path) -> list[str]:
     if not table.exists():
         return [f"MT-Bench: not run yet ({step.status}).", ""]
     text = table.read_text(encoding="utf-8").strip().splitlines()
-    text = [("#### " + line.lstrip("#").strip()) if line.startswith("#") else line for line in text]
-    out = text + [""]
+    note = earlier_note(step)
+    text = [("#### " + line.lstrip("#").strip() + (" (earlier results)" if note else "")) if line.startswith("#")
+            else line for line in text]
+    head = 2 if text and text[0].startswith("#### ") else 0  # the note goes under the table's heading
+    out = text[:head] + note + text[head:] + [""]
     chart = step.out / "categories.png"
     if chart.exists():
-        out += [f"![MT-Bench {step.target}]({_rel(chart, root)})", ""]
+        out += [f"![MT-Bench {step.target}{' (earlier results)' if note else ''}]({_rel(chart, root)})", ""]
     return out
 
 

@@ -161,15 +161,16 @@ def run_mt_bench(args) -> int:
         answers_path = out / "answers.jsonl"
         existing = mt.read_answers(answers_path)
         mt.check_answers_model(answers_path, existing, model_id)
-        mt.check_answer_settings(answers_path, mt.answer_settings(args.max_new_tokens, args.seed, args.top_k),
-                                 existing)
+        loaded = {"quant": args.quant, "dtype": args.dtype, "device": args.device}
+        mt.check_answer_settings(answers_path, mt.answer_settings(args.max_new_tokens, args.seed, args.top_k,
+                                                                  **loaded), existing)
         pending = [q for q in questions if q.question_id not in existing]
         if pending:
             model = load(args.model, quant=args.quant, adapter=args.adapter, device=args.device, dtype=args.dtype)
             tokenizer = Tokenizer(args.model)
             mt.generate_answers(model, tokenizer, questions, model_id, answers_path,
                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-                                top_k=args.top_k)
+                                top_k=args.top_k, loaded=loaded)
         answers = mt.read_answers(answers_path)
         print(f"answers: {answers_path} ({len(answers)} questions)")
     if args.skip_judge:

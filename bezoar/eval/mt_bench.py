@@ -299,17 +299,25 @@ def check_answers_model(path: Path, answers: dict[Any, Answer], model_id: str) -
                            "use another --out for this model (or the same --model-id to resume that run)")
 
 
-#: What answers written before bezoar recorded the settings they were made with were made with: the
-#: settings added since (``top_k``: none then). Settings not named here are unknown for such answers.
-ANSWERS_RECORDED_BEFORE = {"top_k": 0}
+#: What answers written before bezoar recorded a setting were made with: the settings added since. ``top_k``:
+#: none then. ``quant``, ``dtype``, ``device`` (how the model was loaded, recorded since they were found to change
+#: the answers): the defaults, which every shipped recipe and the command line used unless told otherwise; a run
+#: that kept them keeps its answers, and answers a run loaded otherwise are refused (the pipeline sets them aside
+#: and answers again: nothing is deleted). Settings not named here are unknown for such answers.
+ANSWERS_RECORDED_BEFORE = {"top_k": 0, "quant": "none", "dtype": "", "device": ""}
 
 
-def answer_settings(max_new_tokens: int = MAX_NEW_TOKENS, seed: int = 0, top_k: int = TOP_K) -> dict:
-    """The settings that decide how an answer file's answers are sampled (besides the model and the
-    questions): recorded beside it (``answer_settings_path``) and compared before a run adds to it. The
-    batch size is left out on purpose: it only changes which draws of the seeded sampler a sampled
-    answer gets (as resuming does), and a resumed run may take another batch size."""
+def answer_settings(max_new_tokens: int = MAX_NEW_TOKENS, seed: int = 0, top_k: int = TOP_K,
+                    quant: str | None = "none", dtype: str | None = "", device: str | None = "") -> dict:
+    """The settings that decide an answer file's answers (besides the model and the questions): recorded beside
+    it (``answer_settings_path``) and compared before a run adds to it. The model's loading counts as given:
+    ``quant`` (``"none"`` or ``"nf4"``; None reads as ``"none"``), ``dtype`` and ``device`` (``""`` or None: by
+    the machine, bf16 on a GPU and fp32 on a CPU): NF4 weights or another precision answer otherwise. The batch
+    size is left out on purpose: it only changes which draws of the seeded sampler a sampled answer gets (as
+    resuming does) and the padding, which moves a logit in its last bits, not the model; a resumed run may take
+    a smaller batch after running out of memory."""
     return {"max_new_tokens": max_new_tokens, "seed": seed, "top_k": top_k,
+            "quant": quant or "none", "dtype": dtype or "", "device": device or "",
             "temperature": {**CATEGORY_TEMPERATURE, "other": OTHER_TEMPERATURE}}
 
 
@@ -392,9 +400,11 @@ def category_temperature(category: str) -> float:
 
 def generate_answers(model, tokenizer, questions: list[Question], model_id: str, answers_path: Path,
                      max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 8, seed: int = 0,
-                     top_k: int = TOP_K) -> dict[Any, Answer]:
+                     top_k: int = TOP_K, loaded: dict | None = None) -> dict[Any, Answer]:
     """Answer every question not yet in ``answers_path`` (both turns) and append the answers there.
-    Sampled categories draw from the ``top_k`` most likely tokens (0: all); greedy ones ignore it."""
+    Sampled categories draw from the ``top_k`` most likely tokens (0: all); greedy ones ignore it. ``loaded``:
+    how ``model`` was loaded (``quant``, ``dtype``, ``device`` as ``answer_settings`` takes them; default the
+    defaults), which the answers are recorded as made with."""
     from bezoar.eval.chat import CHAT_STOP, chat_prompt
     from bezoar.model import generate
     from bezoar.model.decode import Decoder, check_top_k
@@ -403,7 +413,8 @@ def generate_answers(model, tokenizer, questions: list[Question], model_id: str,
     _drop_torn_tail(answers_path)
     done = read_answers(answers_path)
     check_answers_model(answers_path, done, model_id)
-    check_answer_settings(answers_path, answer_settings(max_new_tokens, seed, top_k), done)
+    check_answer_settings(answers_path, answer_settings(max_new_tokens, seed, top_k, **(loaded or {})),
+                          done)
     todo = [q for q in questions if q.question_id not in done]
     if not todo:
         return done

@@ -214,6 +214,7 @@ def test_bad_toml_and_missing_file(tmp_path):
 @pytest.mark.parametrize("text, key, value", [
     ("a.b=2e-4", "a.b", 2e-4), ("x=true", "x", True), ("x=[1, 2]", "x", [1, 2]), ("x=runs/demo", "x", "runs/demo"),
     ('x="quoted"', "x", "quoted"), ("x={k = 1}", "x", {"k": 1}), ("x=", "x", ""), ("x = 3 ", "x", 3),
+    ("x=1\ny = 2", "x", "1\ny = 2"),  # two TOML values: kept whole, not cut to the first
 ])
 def test_parse_override(text, key, value):
     assert parse_override(text) == (key, value)
@@ -263,3 +264,59 @@ def test_dataclass_fields_are_complete():
                      max_seq_len=128, max_len=64, max_prompt_len=10, eos=False, packed=False, skip_bad_records=True)
     assert from_dict(DataConfig, to_dict(cfg)) == cfg
     assert {f.name for f in dataclasses.fields(DataConfig)} <= set(to_dict(cfg))
+
+
+
+def test_a_bad_list_item_is_blamed_on_the_line_or_override_that_set_its_list(tmp_path):
+    p = write(tmp_path, 'seed = 1\n\n[lora]\nr = 4\n\ntargets = ["q", 3]\n')
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(p))}:6: key 'lora.targets\[1\]' must be a string"):
+        load_config(Root, p)
+    p = write(tmp_path, '[lora]\nr = 4\n')
+    for path in (p, None):
+        with pytest.raises(ConfigError, match=r"^command-line override 'lora.targets=\[1\]': key 'lora.targets\[0\]'"):
+            load_config(Root, path, ["lora.targets=[1]"])
+    p = write(tmp_path, 'seed = 1\n\n[[stages]]\nname = "a"\n\n[[stages]]\nname = 3\n')
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(p))}:3: key 'stages\[1\].name'"):  # its table's line
+        load_config(Root, p)
+    with pytest.raises(ConfigError, match=r"^command-line override 'stages=\[\{name = 3\}\]': key 'stages\[0\].name'"):
+        load_config(Root, None, ["stages=[{name = 3}]"])
+
+
+@pytest.mark.parametrize("value", [
+    "'\"\"\"'", '"say \\"\\"\\" twice"', "'''\"\"\"'''", '"x" # a comment with """', "'''one line'''",
+])
+def test_triple_quotes_inside_a_one_line_value_keep_the_line_numbers(tmp_path, value):
+    p = write(tmp_path, f"note = {value}\n\n[optim]\nwarmup = \"x\"\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(Root, p)
+    assert str(e.value).startswith(f"{p}:4: key 'optim.warmup'"), str(e.value)
+
+
+def test_keys_after_a_multi_line_string_keep_their_line_numbers(tmp_path):
+    text = 'note = """\nseed = 1\n"""\nout = """a\n\\"""\nb"""\ntags = [\n  """\n  x = 1\n  """,\n]\n\nseed = "x"\n'
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / 'cfg.toml'))}:13: key 'seed'"):
+        load_config(Root, write(tmp_path, text))
+
+
+def test_dump_escapes_what_toml_forbids(tmp_path):
+    text = "del\x7f, nul\x00, esc\x1b, tab\t, bell\x07, c1\x85 and \u2028"
+    cfg = Root(out=text, tags={"k\x7f": text}, note="x")
+    dumped = dump_toml(cfg, header=f"of {text}")
+    assert "\x7f" not in dumped and "\\u007f" in dumped
+    assert load_config(Root, write(tmp_path, dumped)) == cfg
+    with pytest.raises(ConfigError, match=r"key 'out': holds U\+DC80, a lone surrogate"):
+        dump_toml(Root(out="bad\udc80byte"))
+
+
+def test_an_override_sets_an_optional_field_back_to_none(tmp_path):
+    """A bare none (or null) is None for a field that may be None; quoted, it is the string; for other fields it is
+    the string it always was. A wrong value for an Optional field says how to set None."""
+    p = write(tmp_path, 'limit = 5\nnote = "n"\n\n[data]\npath = "x.jsonl"\n')
+    cfg = load_config(Root, p, ["limit=none", "note=null", "lora.targets=['none']"])
+    assert cfg.limit is None and cfg.note is None and cfg.lora.targets == ["none"]
+    assert load_config(Root, p, ['note="none"']).note == "none"
+    assert to_dict(load_config(Root, p, ["out=none", "mixed=none"]))["mixed"] == "none"  # not Optional: a string
+    assert load_config(Root, p, ["limit=none", "limit=7"]).limit == 7  # the last override wins
+    with pytest.raises(ConfigError, match=r"^command-line override 'limit=None': key 'limit' must be an integer, "
+                                          r"got \"None\" \(str\) \(or none: limit=none sets it to None\)$"):
+        load_config(Root, p, ["limit=None"])

@@ -289,7 +289,9 @@ def test_answers_are_resumed_only_under_the_settings_they_were_made_with(tiny_mo
     assert json.loads(side.read_text()) == mt.answer_settings(4, 1, 50)
     before = path.read_text()
     for kwargs, change in [(dict(top_k=0), "top_k: 50 -> 0"), (dict(seed=2), "seed: 1 -> 2"),
-                           (dict(max_new_tokens=8), "max_new_tokens: 4 -> 8")]:
+                           (dict(max_new_tokens=8), "max_new_tokens: 4 -> 8"),
+                           (dict(loaded={"quant": "nf4"}), "quant: 'none' -> 'nf4'"),
+                           (dict(loaded={"dtype": "float16"}), "dtype: '' -> 'float16'")]:
         settings = {"max_new_tokens": 4, "seed": 1, **kwargs}
         with pytest.raises(mt.MTBenchError, match=re.escape(f"its 3 answers were made with other settings ({change})")):
             mt.generate_answers(tiny_model, tiny_tokenizer, questions, "tiny", path, **settings)
@@ -325,6 +327,8 @@ def test_mt_bench_cli_refuses_answers_made_with_other_settings(tiny_dir, tmp_pat
     assert "answers.jsonl: its 1 answers were made with other settings (top_k: 0 -> 50)" in err, err
     assert "move answers.jsonl away to answer again" in err
     assert (out / "answers.jsonl").read_text() == json.dumps(old.to_record()) + "\n"
+    assert main(base + ["--top-k", "0", "--dtype", "float32"]) == 2  # old answers: loaded by default
+    assert "(dtype: '' -> 'float32')" in capsys.readouterr().err
     assert main(base + ["--top-k", "0"]) == 0  # the settings they were made with: resumed
     assert len(mt.read_answers(out / "answers.jsonl")) == 8
 

@@ -443,3 +443,27 @@ def test_one_pipeline_per_run_root(tmp_path):
         assert not (root / "report.md").exists() and not (root / "data").exists()  # nothing ran
     finally:
         held.close()
+
+
+def test_the_plan_is_made_under_the_lock(tmp_path, monkeypatch):
+    """The steps are planned once the lock is held (a plan made before could be out of date when the pipeline that
+    held it finishes), and a run refused before its first step leaves no run root behind."""
+    import bezoar.pipeline as pipeline
+
+    root = tmp_path / "run"
+    root.mkdir()
+    held = pipeline._lock(root)
+    planned = []
+    real_plan = pipeline.plan
+    monkeypatch.setattr(pipeline, "plan", lambda *a, **kw: planned.append(1) or real_plan(*a, **kw))
+    try:
+        with pytest.raises(PipelineError, match="another pipeline is running on this run root"):
+            pipeline.run_pipeline("openbezoar_tiny", root, [], log=lambda *a: None)
+    finally:
+        held.close()
+    assert planned == [], "no plan while another pipeline holds the run root"
+
+    fresh = tmp_path / "runs" / "new"
+    with pytest.raises(ConfigError, match="generate.teacher.model is not set"):
+        pipeline.run_pipeline("openbezoar_tiny", fresh, ["generate.teacher.model="], log=lambda *a: None)
+    assert planned == [1] and not (tmp_path / "runs").exists(), "refused by preflight: nothing written"

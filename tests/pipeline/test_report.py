@@ -59,3 +59,35 @@ def test_a_summary_without_scored_falls_back_to_its_kept_and_below(tmp_path):
     lines = _data_lines(tmp_path, {"judge": "j", "threshold": 7.0, "records": 6, "kept": 3,
                                    "below_threshold": 1, "failures": 2})
     assert "| lamini | 4 | 6 | 4 | 3 | 1 | 2 | 75.0% | 7.0 |" in lines
+
+
+def test_evaluations_not_current_are_labelled_as_earlier_results(tmp_path):
+    """A retrained (or to-be-retrained) model leaves its evaluations' earlier tables on disk until they run again:
+    the report shows them labelled as earlier results, not as the current model's; current ones are not labelled."""
+    from bezoar.report import evaluation_section
+    from tests.pipeline.test_stale import _evaluated_run
+
+    recipe = load_recipe("openbezoar_tiny")
+    root = tmp_path / "run"
+    _evaluated_run(root, recipe)
+    mt = root / "eval/dpo/mt_bench"
+    (mt / "results.md").write_text("## MT-Bench: openbezoar_tiny-dpo (judge: demo-judge)\n\n| **all** | 6.500 |\n")
+    (root / "eval/dpo/harness/results.json").write_text(json.dumps(
+        {"results": {"tiny_mc": {"acc,none": 0.5, "acc_stderr,none": 0.1}}, "versions": {"tiny_mc": 1},
+         "n-shot": {"tiny_mc": 0}, "higher_is_better": {"tiny_mc": {"acc": True}}}))
+    text = "\n".join(evaluation_section(recipe, plan(recipe, root, []), root))
+    assert "earlier results" not in text.lower() and "lm-eval harness:" in text
+
+    (root / "dpo/summary.json").write_text('{"stage": "dpo", "steps": 8}\n')  # the stage trained again
+    text = "\n".join(evaluation_section(recipe, plan(recipe, root, []), root))
+    assert "lm-eval harness (earlier results):" in text
+    assert "#### MT-Bench: openbezoar_tiny-dpo (judge: demo-judge) (earlier results)" in text
+    assert ("> **Earlier results, not current:** mt-bench:dpo is to run (input changed: the model of stage dpo"
+            in text)
+    assert text.count("> **Earlier results, not current:**") == 2
+
+    top_k = load_recipe("openbezoar_tiny", ["evaluate.mt_bench.top_k=7"])  # complete, with other settings now
+    (root / "dpo/summary.json").write_text(json.dumps({"stage": "dpo", "steps": 4}) + "\n")
+    text = "\n".join(evaluation_section(top_k, plan(top_k, root, []), root))
+    assert ("> **Earlier results, not current:** the recipe's settings for mt-bench:dpo changed since it ran "
+            "(mt_bench.top_k: 50 -> 7)") in text

@@ -197,6 +197,59 @@ def test_a_trained_stage_whose_data_changed_stops_the_run(tmp_path, capsys):
     assert not (root / "report.md").exists()
 
 
+def test_a_partly_trained_stage_does_not_resume_on_another_base(tmp_path, capsys):
+    """A stage killed after its first checkpoint recorded the inputs it started from: when the stage it starts from
+    trained again (or is to train again), its checkpoints are refused like a stale complete stage, never resumed
+    on the new base."""
+    recipe = load_recipe("openbezoar_tiny")
+    root = tmp_path / "run"
+    _trained_lamini(root, recipe)
+    for name in ("generate:orca", "filter:orca"):
+        write_marker(_steps(recipe, root)[name], 1.0)
+    orca = _steps(recipe, root)["train:orca"]
+    assert orca.status == "to run"
+
+    def killed_after_a_checkpoint():
+        (orca.out / "checkpoints/step-4").mkdir(parents=True)
+        (orca.out / "checkpoints/step-4/trainer_state.pt").write_bytes(b"state")
+        raise PipelineError("train:orca: interrupted; rerun the same command to continue")
+
+    orca.run = killed_after_a_checkpoint
+    with pytest.raises(PipelineError, match="interrupted"):
+        execute(orca, root, log=_quiet)
+    record = json.loads((root / "orca/pipeline-inputs.json").read_text())
+    assert set(record["inputs"]) == {"model:lamini"} and "started" in record and "finished" not in record
+    steps = _steps(recipe, root)
+    assert steps["train:orca"].status == "resume from step 4" and not steps["train:orca"].stale
+    preflight(recipe, root, list(steps.values()))  # the same base: it resumes
+
+    summary = root / "lamini/summary.json"
+    kept = summary.read_text()
+    summary.write_text('{"steps": 9}')  # lamini trained again, to completion, before orca resumed
+    steps = _steps(recipe, root)
+    assert steps["train:orca"].stale == ["input changed: the model of stage lamini (2 -> 12 bytes)"]
+    with pytest.raises(PipelineError) as e:
+        preflight(recipe, root, list(steps.values()))
+    assert str(e.value) == (
+        "step train:orca has checkpoints (resume from step 4) but its inputs are not what it started from (input "
+        "changed: the model of stage lamini (2 -> 12 bytes)), so it cannot resume from them. Remove the stage's "
+        f"folder {root / 'orca'} to train it again from step 0, or put the input back as it was, or use another "
+        "--out.")
+    summary.write_text(kept)
+
+    shutil.rmtree(root / "lamini")  # to train lamini again: orca would resume on the new lamini
+    steps = _steps(recipe, root)
+    assert steps["train:lamini"].status == "to run"
+    assert steps["train:orca"].stale == ["train:lamini runs first and rewrites the model of stage lamini"]
+    with pytest.raises(PipelineError, match=re.escape("step train:orca has checkpoints (resume from step 4) but its "
+                                                      "inputs are not what it started from (train:lamini runs first")):
+        preflight(recipe, root, list(steps.values()))
+    assert main(["--recipe", "openbezoar_tiny", "--out", str(root), "--dry-run"]) == 2
+    out, err = capsys.readouterr()
+    assert re.search(r"train:orca +resume from step 4 \(stale: remove the stage's folder to redo\)", out), out
+    assert "error: step train:orca has checkpoints" in err
+
+
 def test_a_trained_stage_whose_data_is_to_be_rewritten_stops_the_run(tmp_path):
     recipe = load_recipe("openbezoar_tiny")
     root = tmp_path / "run"
@@ -441,6 +494,37 @@ def test_mt_bench_answers_made_with_other_settings_are_set_aside_when_it_runs_ag
     mt.run = lambda: seen.append(answers.exists())
     execute(mt, root, log=logged.append)
     assert seen == [False, True] and len(list(mt.out.glob("stale-*"))) == 1
+
+
+def test_mt_bench_answers_loaded_otherwise_are_set_aside(tmp_path):
+    """How the model was loaded is part of what the answers were made with: answers from the dense model are
+    not resumed (nor their results kept) under evaluate.mt_bench.quant = "nf4" (likewise dtype and device), and a
+    settings file written before those were recorded reads as made with the defaults, so a run that kept them
+    keeps its answers."""
+    from bezoar.eval import mt_bench
+
+    recipe = load_recipe("openbezoar_tiny")
+    root = tmp_path / "run"
+    mt = _evaluated_run(root, recipe)["mt-bench:dpo"]
+    side = mt_bench.answer_settings_path(mt.out / "answers.jsonl")
+    old = {k: v for k, v in json.loads(side.read_text()).items() if k not in ("quant", "dtype", "device")}
+    side.write_text(json.dumps(old))  # as bezoar wrote it before
+    mt.marker.unlink()
+    step = _steps(recipe, root)["mt-bench:dpo"]
+    assert step.status.startswith("resume (1 questions answered") and not step.changed_answers
+    for override, change in [("quant=nf4", "quant: 'none' -> 'nf4'"), ("dtype=float16", "dtype: '' -> 'float16'"),
+                             ("device=cpu", "device: '' -> 'cpu'")]:
+        other = load_recipe("openbezoar_tiny", [f"evaluate.mt_bench.{override}"])
+        step = _steps(other, root)["mt-bench:dpo"]
+        assert step.status == f"to run (its answers were made with other settings: {change}; they are set aside)"
+    nf4 = load_recipe("openbezoar_tiny", ["evaluate.mt_bench.quant=nf4"])
+    step = _steps(nf4, root)["mt-bench:dpo"]
+    seen = []
+    step.run = lambda: seen.append((step.out / "answers.jsonl").exists())
+    execute(step, root, log=_quiet)
+    assert seen == [False]
+    (stale,) = step.out.glob("stale-*")
+    assert sorted(p.name for p in stale.iterdir()) == ["answers.jsonl", "answers.jsonl.settings.json", "results.json"]
 
 
 def _answers_made_with_top_k_0(root, recipe):
