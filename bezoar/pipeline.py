@@ -96,6 +96,7 @@ STAGE_RECORD = "pipeline-inputs.json"  # a training stage completed by the pipel
 REDO_WHEN_STALE = ("filter", "harness", "mt-bench")
 # Settings added since markers were first written, with what a marker without them ran with: such a marker
 # reads as that, not as a changed setting, and a recipe that now says otherwise names both values.
+LOCK_FILE = "pipeline.lock"  # in the run root, held while a pipeline runs (``_lock``)
 RECORDED_BEFORE = {"mt_bench.top_k": 0}  # MT-Bench answers sampled from every token before top_k existed
 
 
@@ -262,7 +263,7 @@ def _partly_trained(step: Step) -> bool:
 def refused_stale(step: Step) -> bool:
     """A stale step that stops the run rather than run again: a complete generation step, or a training stage that
     is complete or has checkpoints (resuming those on another base model or other data would mix two runs)."""
-    return bool(step.stale) and (step.done if step.kind != "train" else step.done or _partly_trained(step))
+    return bool(step.stale) and (step.done or _partly_trained(step))
 
 
 def _mark_stale(steps: list[Step]) -> None:
@@ -582,8 +583,8 @@ def plan(recipe: Recipe, root: Path, overrides: list[str], progress: bool = Fals
                 # The stage's config.toml is its marker's settings: compared like those of the other steps.
                 changed = config_changes(step.out, step.config, root=root)
                 step.changed = [describe_changes({k: v}) for k, v in changed.items()]
-            elif list_checkpoints(step.out):
-                step.status = f"resume from step {list_checkpoints(step.out)[-1][0]}"
+            elif checkpoints := list_checkpoints(step.out):
+                step.status = f"resume from step {checkpoints[-1][0]}"
         else:
             _marker_status(step)
     _mark_stale(steps)
@@ -681,10 +682,15 @@ def _mt_bench_runner(section, root, model_id, stage, start_from, out):
 def write_marker(step: Step, seconds: float, inputs: dict | None = None) -> None:
     """The step's completion record: its marker (the settings it ran with and the fingerprints of its inputs,
     ``inputs`` or, when None, those on disk now) or, for a training stage, its STAGE_RECORD (the fingerprints)."""
-    step.out.mkdir(parents=True, exist_ok=True)
     record = {"step": step.name} if step.kind == "train" else {"step": step.name, "settings": step.settings}
     record.update(inputs=input_fingerprints(step) if inputs is None else inputs, seconds=round(seconds, 2),
                   finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+    _write_record(step, record)
+
+
+def _write_record(step: Step, record: dict) -> None:
+    """``record`` as the step's record file, replaced whole (a kill leaves the old one or the new one)."""
+    step.out.mkdir(parents=True, exist_ok=True)
     tmp = step.record.with_name(step.record.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, step.record)
@@ -694,11 +700,7 @@ def write_start_record(step: Step, inputs: dict) -> None:
     """A training stage starting from step 0: its STAGE_RECORD with the fingerprints of the inputs it starts from
     (and no ``finished``), which a plan compares before resuming its checkpoints; ``write_marker`` replaces it
     when the stage completes."""
-    step.out.mkdir(parents=True, exist_ok=True)
-    record = {"step": step.name, "inputs": inputs, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    tmp = step.record.with_name(step.record.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, step.record)
+    _write_record(step, {"step": step.name, "inputs": inputs, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
 def set_aside(step: Step) -> Path | None:
@@ -949,7 +951,7 @@ def run_pipeline(recipe_name: str, root, overrides: list[str], log=print, progre
 def _remove_made(root: Path, made: list[Path]) -> None:
     """Remove the folders in ``made`` (a new run root and the parents created with it, innermost first) when they
     hold nothing but the run's lock: a run refused before its first step leaves no trace."""
-    lock = root / "pipeline.lock"
+    lock = root / LOCK_FILE
     if root in made and lock.exists() and [p.name for p in root.iterdir()] == [lock.name]:
         lock.unlink()
     for folder in made:
@@ -963,7 +965,7 @@ def _lock(root: Path):
     """Hold an exclusive advisory lock on RUN/pipeline.lock while running (``bezoar.locking.hold``), so that
     two pipelines never write one run root."""
     try:
-        return hold(root / "pipeline.lock")
+        return hold(root / LOCK_FILE)
     except Held as e:
         raise PipelineError(f"{root}: another pipeline is running on this run root (pid {e.pid}); wait for it or "
                             "stop it first") from None

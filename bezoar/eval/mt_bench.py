@@ -669,7 +669,7 @@ def category_chart(summary: Summary, path: Path, title: str) -> Path:
         label = _fmt(summary.per_category[n])
         ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
     ax.set_ylim(0, max([10.0] + values))  # a judge's ratings above 10 count (parse_rating)
-    ax.set_ylabel("mean score (1-10)")
+    ax.set_ylabel("mean score (scale 1-10)")
     ax.set_title(title, fontsize=10)
     ax.tick_params(axis="x", labelrotation=30)
     fig.tight_layout()

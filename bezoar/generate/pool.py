@@ -548,9 +548,7 @@ class Pool:
         be held through a pause, and every request holding them would be sent together when it
         ends: a burst of up to a pause's worth of rate, just after the provider asked for less."""
         while True:
-            state = self._pick_now(model) or await self._pick(model)
-            if not self._limiter.active:
-                return state
+            await self._pick(model)  # until an endpoint is ready (at once when one is)
             state = await self._limiter.acquire(estimate, lambda: self._pick_now(model))
             if state is not None:
                 return state

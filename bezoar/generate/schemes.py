@@ -562,7 +562,7 @@ def run_step(args, out: Path, step: str, requests: list[Request], *,
     """Run one step's requests through a pool storing into ``out/work/<step>.jsonl``; Results in
     request order (stored ones are read back, not sent again). ``retry_failed`` (default:
     ``--retry-failed``) may name the keys whose recorded failures are sent again."""
-    store = Path(out) / "work" / f"{step}.jsonl"
+    store = _step_store(out, step)
     if not requests:
         return []
     say(f"step {step}: {len(requests)} requests (store {store})")
@@ -582,15 +582,16 @@ def stored_keys(args, out: Path, step: str, *, answered: bool = False) -> set[st
     """The keys in a step's store (none when the step never ran), or with ``answered`` only those holding
     a paid answer (not a recorded failure). Opening the store repairs a torn last line as running the
     step would."""
-    path = Path(out) / "work" / f"{step}.jsonl"
+    path = _step_store(out, step)
     if not path.is_file():
         return set()
-    store = JSONLStore(path, fsync=args.fsync)
-    store.open()
-    try:
+    with JSONLStore(path, fsync=args.fsync) as store:
         return {key for key in store.keys() if not (answered and store.failed(key))}
-    finally:
-        store.close()
+
+
+def _step_store(out: Path, step: str) -> Path:
+    """Where a step's requests are stored: ``out/work/<step>.jsonl``."""
+    return Path(out) / "work" / f"{step}.jsonl"
 
 
 def chat(text: str, *, system: str | None = None, temperature: float | None = None, max_tokens: int | None = None,

@@ -112,7 +112,7 @@ class MemoryStore:
 
     def failed(self, key: str) -> bool:
         record = self._records.get(key)
-        return record is not None and record.get("error") is not None
+        return record is not None and _is_failure(record)
 
     def get(self, key: str) -> dict | None:
         return self._records.get(key)

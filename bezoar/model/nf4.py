@@ -240,7 +240,7 @@ def _parse_bnb(tensors: dict[str, torch.Tensor], weight_key: str, source: str) -
         raise fail(qs_key, f"dtype {state.get('dtype')!r}, expected one of {', '.join(_DTYPES)}")
     shape = state.get("shape")
     if (not isinstance(shape, list) or len(shape) != 2
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
+            or not all(_is_int(s) and s > 0 for s in shape)):
         raise fail(qs_key, f"shape {shape!r}, expected [out_features, in_features]")
     numel = math.prod(shape)
     n_blocks = -(-numel // blocksize)

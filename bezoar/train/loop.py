@@ -644,7 +644,8 @@ class Trainer:
             # at once) or one that dies after it (in the merge, say) then resumes here instead of training from
             # step 0 again, and a later run can extend max_steps. The evaluation draws no random numbers, so the
             # state saved before it is the state after it.
-            if not (list_checkpoints(self.out) and list_checkpoints(self.out)[-1][0] == self.step):
+            saved = list_checkpoints(self.out)
+            if not (saved and saved[-1][0] == self.step):
                 self.save_checkpoint()
             stop = self._stop_signal is not None
             if self.dist is not None:  # as in train_step: every rank stops, or none
