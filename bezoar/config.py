@@ -253,7 +253,7 @@ def _convert(tp, value, path: str, sources: _Sources):
             except ConfigError as e:
                 errors.append(e)
         if len(errors) == 1:
-            if type(None) in options and where.startswith("command-line override"):
+            if type(None) in options and any(p in sources.overrides for p in _probes(path)):
                 raise ConfigError(f"{errors[0]} (or none: {_strip_items(path)}=none sets it to None)") from None
             raise errors[0]
         wrong(" or ".join(_type_name(o) for o in options))
