@@ -9,8 +9,11 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import traceback
 from pathlib import Path
+from typing import NoReturn
 
 
 def parse(argv):
@@ -101,5 +104,29 @@ def _quiet(*args, **kwargs):
     pass
 
 
+def run_as_script() -> NoReturn:
+    """``python -m bezoar.train``: ``main``'s exit status; a torchrun rank ends through ``exit_rank``, an
+    unexpected error's traceback printed first, as Python would have printed it."""
+    from .distributed import exit_rank, launched_by_torchrun
+
+    if not launched_by_torchrun():
+        sys.exit(main())
+    try:
+        code = main()
+    except SystemExit as e:  # argparse's errors and --help
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        code = 128 + signal.SIGINT
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    exit_rank(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_as_script()

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import warnings
+from typing import NoReturn
 
 import torch
 import torch.distributed as torch_dist
@@ -155,3 +156,26 @@ class Dist:
     def close(self) -> None:
         if torch_dist.is_initialized():
             torch_dist.destroy_process_group()
+
+
+def exit_rank(code: int) -> NoReturn:
+    """End a torchrun rank with ``code`` without finalizing the interpreter (``os._exit``), once its work is
+    written and its process group closed.
+
+    Why: DDP keeps the gloo process group alive after ``destroy_process_group`` (torch 2.11-2.13: its worker
+    threads outlive every Python reference to the model), so those threads are still running while Python
+    tears itself down. A thread of theirs that lets go of a tensor owned by a Python object then needs the GIL,
+    and a thread that asks for the GIL during finalization is ended by ``pthread_exit``, whose unwinding through
+    their C++ frames calls ``std::terminate``: "terminate called without an active exception", SIGABRT, and
+    torchrun reports the finished run as failed. Skipping finalization leaves those threads nothing to run into.
+    Everything bezoar writes is closed (or replaced into place) before ``main`` returns; buffered output is
+    flushed here, and unreachable objects (a file in a reference cycle, say) are collected first."""
+    import gc
+
+    try:
+        gc.collect()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+    finally:
+        os._exit(code)

@@ -227,3 +227,94 @@ def test_an_explicit_gpu_under_torchrun_is_refused_before_training(tmp_path):
         assert rank == local_rank and rank in ("0", "1"), printed
     assert re.search(r"exitcode\s*: 2\b", r.stderr), "the ranks should stop with bezoar.train's error status 2"
     assert not (out / "metrics.jsonl").exists()
+
+
+# A sitecustomize for the ranks of the test below: each leaves gloo collectives in flight on tensors owned by
+# Python objects as it closes its process group (the state in which interpreter finalization aborted ranks),
+# and records, through atexit, that its interpreter finalized.
+RANK_EXIT_PROBE = '''
+import atexit, os
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+
+import bezoar.train.distributed as distributed
+
+marker = Path(os.environ["PROBE_DIR"]) / f"finalized-rank{os.environ['RANK']}"
+atexit.register(marker.touch)
+close = distributed.Dist.close
+
+
+def close_with_work_in_flight(self):
+    for i in range(8):
+        t = torch.ones(1_000_000)
+        t.probe = i  # a Python attribute: the tensor's Python object lives as long as the tensor
+        torch_dist.all_reduce(t, async_op=True)
+    close(self)
+
+
+distributed.Dist.close = close_with_work_in_flight
+'''
+
+
+def test_a_finished_rank_exits_without_finalizing_beside_live_gloo_threads(tmp_path):
+    """A finished two-process run failed now and then on a clean exit: rank 1 died of SIGABRT ("terminate called
+    without an active exception") after its work was written, and torchrun reported the run as failed. DDP keeps
+    the gloo process group, and its threads, alive past destroy_process_group; a gloo thread that lets go of a
+    Python-owned tensor while the interpreter finalizes is ended mid C++ frame. Ranks now end with os._exit
+    (exit_rank) once their output is flushed. The probe leaves such work in flight at the close; finalizing
+    after it failed 3 runs of 6 here (SIGABRT), so the deterministic check is that no rank finalizes."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(RANK_EXIT_PROBE)
+    env = repo_env(OMP_NUM_THREADS="1", PROBE_DIR=str(probe))
+    env["PYTHONPATH"] = os.pathsep.join([str(probe), env["PYTHONPATH"]])
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone", "-m", "bezoar.train",
+           str(CONFIG), f"out={out}", *COMMON, "train.max_steps=2", "train.save_every=0"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "terminate called" not in r.stderr, r.stderr
+    assert f"run directory: {out.resolve()}" in r.stdout, "rank 0's last line must be flushed before os._exit"
+    assert [m["step"] for m in read_metrics(out) if "loss" in m] == [1, 2]
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert sorted(p.name for p in probe.glob("finalized-*")) == [], "a rank finalized its interpreter"
+    # The probe itself works: a process that is not a torchrun rank finalizes and leaves its marker.
+    single = subprocess.run([sys.executable, "-c", "pass"], env=dict(env, RANK="9"), capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    assert (probe / "finalized-rank9").exists()
+
+
+@pytest.mark.parametrize("raised, code, printed", [
+    (None, 0, ""), (RuntimeError("boom"), 1, "RuntimeError: boom"), (SystemExit(2), 2, ""),
+    (SystemExit("usage: bad"), 1, "usage: bad"), (KeyboardInterrupt(), 130, "KeyboardInterrupt")])
+def test_a_rank_exits_with_mains_status_and_prints_an_unexpected_error(raised, code, printed, monkeypatch, capsys):
+    import bezoar.train.__main__ as entry
+    import bezoar.train.distributed as distributed
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(status):
+        raise Exited(status)
+
+    def fake_main():
+        if raised is not None:
+            raise raised
+        return 0
+
+    for key, value in (("RANK", "1"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(entry, "main", fake_main)
+    monkeypatch.setattr(distributed, "exit_rank", fake_exit)
+    with pytest.raises(Exited) as got:
+        entry.run_as_script()
+    assert got.value.args == (code,)
+    err = capsys.readouterr().err
+    assert printed in err and (printed or err == "")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # not a torchrun rank: Python's own exit
+    monkeypatch.setattr(entry, "main", lambda: 3)
+    with pytest.raises(SystemExit) as got:
+        entry.run_as_script()
+    assert got.value.code == 3
