@@ -40,7 +40,7 @@ from bezoar.config import ConfigError, load_config, parse_override
 
 from .config import StageConfig
 from .loop import list_checkpoints
-from .run import check_complete, config_changes, describe_changes, is_complete
+from .run import base_changed, check_base, check_complete, config_changes, describe_changes, is_complete
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 #: Top-level tables of recipe.toml that belong to the pipeline, not to the training stages.
@@ -406,17 +406,33 @@ def stage_configs(recipe: Recipe, root: Path, overrides: list[str]) -> list[tupl
     return out
 
 
+def base_retrained_first(stage: RecipeStage, root: Path) -> str | None:
+    """Why a complete or partly trained stage cannot go on because this run trains the stage it starts from
+    first (that stage is not complete now, so its merged model will be a new one), or None."""
+    out = root / stage.name
+    if not stage.start_from or not (is_complete(out) or list_checkpoints(out)) or is_complete(root / stage.start_from):
+        return None
+    return (f"stage {stage.name!r} {'is complete' if is_complete(out) else 'has checkpoints'}, but it starts from "
+            f"the merged model of stage {stage.start_from!r}, which this run trains first: the new model would not "
+            f"be the one {stage.name!r} trained on")
+
+
 def describe_plan(recipe: Recipe, root: Path, overrides: list[str]) -> list[dict]:
     plan = []
     for stage, cfg in stage_configs(recipe, root, overrides):
         out = Path(cfg.out)
+        stale = base_retrained_first(stage, root) or base_changed(out, cfg)
         if is_complete(out):
             status = "done"
             changed = config_changes(out, cfg, root=root)
             if changed:  # run_recipe stops here (check_complete): say so rather than show it as done
                 status = f"done with other settings ({describe_changes(changed, 3)}): a run stops; remove {out} to redo"
+            elif stale:
+                status = f"done on another base ({stale}): a run stops; remove {out} to redo"
         elif list_checkpoints(out):
             status = f"resume from step {list_checkpoints(out)[-1][0]}"
+            if stale:
+                status = f"checkpoints on another base ({stale}): a run stops; remove {out} to redo"
         else:
             status = "to run"
         plan.append({"name": stage.name, "stage": cfg.stage, "model": cfg.model.path, "data": cfg.data.path,
@@ -431,8 +447,15 @@ def run_recipe(name_or_dir: str, root, overrides: list[str], log=print, dist=Non
     root = Path(root)
     configs = stage_configs(recipe, root, overrides)
     for stage, cfg in configs:  # all before anything runs, not a changed later stage found hours in
-        if is_complete(Path(cfg.out)):
-            check_complete(Path(cfg.out), cfg, root)
+        out = Path(cfg.out)
+        why = base_retrained_first(stage, root)
+        if why is not None:
+            raise ConfigError(f"{why}; remove the folder {out} as well to train it again on the new model, or "
+                              "choose another --out")
+        if is_complete(out):
+            check_complete(out, cfg, root)
+        elif list_checkpoints(out):
+            check_base(out, cfg)
     if dist is not None:  # one process group serves every stage: their model.device must agree
         from .distributed import rank_device
 

@@ -12,6 +12,7 @@ import torch
 from bezoar.config import ConfigError, dump_toml, to_dict
 from bezoar.data import build_documents, make_loader
 from bezoar.data.packing import batch_to
+from bezoar.fingerprint import fingerprint
 from bezoar.locking import Held, hold
 from bezoar.model import Tokenizer, load
 from bezoar.model.checkpoint import is_prequantized
@@ -22,6 +23,7 @@ from .config import StageConfig
 from .loop import Trainer, TrainingError, list_checkpoints
 
 SUMMARY = "summary.json"  # written last: its presence means the stage is complete
+INPUTS = "inputs.json"  # written when a stage starts at step 0: what it trains on (``started_inputs``)
 
 
 class DeviceBatches:
@@ -186,11 +188,45 @@ def describe_changes(changed: dict[str, tuple], limit: int = 5) -> str:
     return "; ".join(f"{k}: {then!r} -> {now!r}" for k, (then, now) in list(changed.items())[:limit])
 
 
+def base_summary(cfg: StageConfig) -> Path | None:
+    """The summary.json of the bezoar stage whose merged model ``model.path`` names (``<stage>/merged``, as a
+    recipe's ``start_from`` stage trains on), None for any other model. The stage writes it anew each time it
+    is trained (its time and final metrics), so its content tells a retrained base from the one a run
+    started on without hashing gigabytes of weights (the pipeline's records do the same)."""
+    path = Path(cfg.model.path).expanduser()
+    summary = path.parent / SUMMARY
+    return summary if path.name == "merged" and summary.is_file() else None
+
+
+def started_inputs(cfg: StageConfig) -> dict:
+    """What a stage records in INPUTS when it starts at step 0: the fingerprint of its base stage's summary."""
+    summary = base_summary(cfg)
+    fp = fingerprint(summary) if summary is not None else None
+    return {"base_summary": fp} if fp is not None else {}
+
+
+def base_changed(out: Path, cfg: StageConfig) -> str | None:
+    """Why the run in ``out`` no longer trains on the base it started on, or None: the same base, or unknown (a
+    run started before stages recorded it, a base that is not a bezoar stage's merged model, or a base stage
+    whose summary is gone)."""
+    try:
+        recorded = json.loads((Path(out) / INPUTS).read_text()).get("base_summary")
+    except (OSError, ValueError, AttributeError):
+        return None
+    summary = base_summary(cfg)
+    now = fingerprint(summary) if summary is not None else None
+    if not isinstance(recorded, dict) or now is None or now == recorded:
+        return None
+    return (f"its base model {cfg.model.path} is not the one it started on: the stage that made it "
+            f"({summary.parent}) was trained again since ({SUMMARY} changed)")
+
+
 def check_complete(out: Path, cfg: StageConfig, root: Path | None = None) -> None:
     """A finished run is skipped only when it trained with these settings; otherwise stop, naming them.
     ``root``: the run root of a recipe's stage (``config_changes``)."""
     changed = config_changes(out, cfg, root=root)
     if not changed:
+        check_base(out, cfg)
         return
     if all(key in RESUME_FREE for key in changed) and list_checkpoints(out):
         # only its length differs: the end state is a checkpoint, so the run can go on from it
@@ -201,6 +237,20 @@ def check_complete(out: Path, cfg: StageConfig, root: Path | None = None) -> Non
     raise ConfigError(f"{out}: this stage is complete ({SUMMARY} present) but was trained with other settings "
                       f"({describe_changes(changed)}); remove the folder {out} to train it again, or choose "
                       "another out=")
+
+
+def check_base(out: Path, cfg: StageConfig) -> None:
+    """A complete or partly trained stage goes on (skipped as done, or resumed) only on the base it started on:
+    on a retrained one, its adapter or its checkpoints would belong to another model."""
+    why = base_changed(out, cfg)
+    if why is None:
+        return
+    if is_complete(out):
+        raise ConfigError(f"{out}: this stage is complete, but {why}; remove the folder {out} to train it again "
+                          "on the new base, or choose another out=")
+    raise ConfigError(f"{out}: this stage has checkpoints (step {list_checkpoints(out)[-1][0]}), but {why}, so it "
+                      f"cannot resume from them; remove the folder {out} to train it from step 0 on the new "
+                      "base, or choose another out=")
 
 
 def check_run_dir(out: Path, cfg: StageConfig, resume: bool, root: Path | None = None) -> None:
@@ -217,6 +267,7 @@ def check_run_dir(out: Path, cfg: StageConfig, resume: bool, root: Path | None =
     if changed:
         raise ConfigError(f"{out / 'config.toml'}: --resume with a different config ({', '.join(list(changed)[:5])}); "
                           "resume with the config the run started with")
+    check_base(out, cfg)
     step, path = list_checkpoints(out)[-1]
     if 0 < cfg.train.max_steps < step:  # (a length in epochs is checked by the trainer, which counts the batches)
         raise ConfigError(f"train.max_steps={cfg.train.max_steps}: {path} is at step {step} already; resume with at "
@@ -314,6 +365,10 @@ def _run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None, roo
             partial = resolved.with_name("config.toml.part")
             partial.write_text(dump_toml(cfg, header=f"resolved config of {out} ({time.strftime('%Y-%m-%d %H:%M:%S')})"))
             os.replace(partial, resolved)
+            if not list_checkpoints(out):  # starts at step 0: record the base it trains on (check_base)
+                partial = out / (INPUTS + ".part")
+                partial.write_text(json.dumps(started_inputs(cfg), indent=2) + "\n")
+                os.replace(partial, out / INPUTS)
             data_info = {"encode": stats.as_dict(), "loader": loader.stats(), "packing_efficiency": loader.efficiency}
             if eval_stats is not None:
                 data_info["eval_encode"] = eval_stats.as_dict()

@@ -592,7 +592,7 @@ def test_evaluations_wait_for_a_stage_trained_again(tmp_path):
 def test_fingerprints_follow_content_not_times_or_places(tmp_path):
     import os
 
-    from bezoar.pipeline import fingerprint
+    from bezoar.fingerprint import fingerprint
 
     data = tmp_path / "a.jsonl"
     data.write_text('{"x": 1}\n')

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,73 @@ def test_a_recipe_run_root_named_otherwise_or_moved_keeps_its_stages(tmp_path, c
     _, dpo = stage_configs(load_recipe("demo"), root, [f"dpo.data.path={root / 'other.jsonl'}"])[1]
     with pytest.raises(ConfigError, match="--resume with a different config \\(data.path\\)"):
         check_run_dir(root / "dpo", dpo, resume=True, root=root)
+
+
+def _record_started_on_sft(root: Path) -> None:
+    """dpo's INPUTS as a run that started on sft's current merged model writes it."""
+    from bezoar.fingerprint import fingerprint
+
+    (root / "dpo" / "inputs.json").write_text(json.dumps({"base_summary": fingerprint(root / "sft" / "summary.json")}))
+
+
+def _dry_run_status(root: Path, capsys) -> dict[str, str]:
+    assert main(["--recipe", "demo", "--out", str(root), "--dry-run"]) == 0
+    lines = [line.split(None, 2) for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    return {words[0]: words[2] for words in lines}
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_a_recipe_stage_whose_base_stage_was_trained_again_is_refused(tmp_path, capsys, complete):
+    """dpo starts from sft's merged model. Retrained, sft writes a new summary.json: a dpo stage that started on
+    the old one went on before (resumed from its checkpoints, or skipped as done) as if nothing had changed."""
+    root = _finished_demo_run(tmp_path / "run")
+    (root / "sft" / "merged").mkdir()
+    if not complete:
+        (root / "dpo" / "summary.json").unlink()
+        (root / "dpo" / "checkpoints" / "step-1").mkdir(parents=True)
+        (root / "dpo" / "checkpoints" / "step-1" / "trainer_state.pt").write_bytes(b"")
+    _record_started_on_sft(root)
+    # The same base: done is done, and checkpoints resume (this fake stage then stops for want of a model).
+    code = main(["--recipe", "demo", "--out", str(root), "train.progress=false"])
+    out, err = capsys.readouterr()
+    if complete:
+        assert code == 0 and "[dpo] done already" in out, err
+    else:
+        assert code == 2 and "trained again" not in err and f"{root / 'sft' / 'merged'}" in err, err
+    # sft trained again: its summary is another file now.
+    (root / "sft" / "summary.json").write_text('{"seconds": 12}')
+    what = "complete" if complete else "has checkpoints (step 1)"
+    assert _dry_run_status(root, capsys)["dpo"].startswith("done on another base" if complete else
+                                                           "checkpoints on another base")
+    code = main(["--recipe", "demo", "--out", str(root), "train.progress=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{root / 'dpo'}: this stage {'is ' if complete else ''}{what}" in err, err
+    assert f"{root / 'sft'}) was trained again" in err and f"remove the folder {root / 'dpo'}" in err, err
+    if not complete:  # `python -m bezoar.train dpo.toml --resume` (no recipe) is refused as well
+        from bezoar.config import ConfigError
+        from bezoar.train.recipe import load_recipe, stage_configs
+        from bezoar.train.run import check_run_dir
+
+        _, dpo = stage_configs(load_recipe("demo"), root, [])[1]
+        with pytest.raises(ConfigError, match="has checkpoints \\(step 1\\), but its base model .* cannot resume"):
+            check_run_dir(root / "dpo", dpo, resume=True, root=root)
+    # A stage started before stages recorded their base (no inputs.json) goes on as before.
+    (root / "dpo" / "inputs.json").unlink()
+    assert _dry_run_status(root, capsys)["dpo"].startswith("done" if complete else "resume from step 1")
+
+
+def test_a_recipe_that_would_retrain_the_base_of_a_started_stage_is_refused_before_it_runs(tmp_path, capsys):
+    """sft's folder lost its summary (being retrained from scratch, say) while dpo, which starts from its merged
+    model, is complete: the run would train sft again and then skip dpo as done on the old model."""
+    root = _finished_demo_run(tmp_path / "run")
+    (root / "sft" / "summary.json").unlink()
+    before = sorted(p.name for p in (root / "sft").iterdir())
+    code = main(["--recipe", "demo", "--out", str(root), "train.progress=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and "stage 'dpo' is complete, but it starts from the merged model of stage 'sft', which this " \
+                         "run trains first" in err and f"remove the folder {root / 'dpo'} as well" in err, err
+    assert sorted(p.name for p in (root / "sft").iterdir()) == before, "nothing may run before the refusal"
+    assert _dry_run_status(root, capsys)["dpo"].startswith("done on another base (stage 'dpo' is complete")
 
 
 @pytest.mark.parametrize("override", ["out={elsewhere}", "sft.out={elsewhere}", "dpo.model.path={elsewhere}"])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from bezoar.fingerprint import fingerprint
 from bezoar.model import Tokenizer, generate, load
 from tests.train.helpers import read_metrics, run_cli
 
@@ -31,6 +32,10 @@ def test_demo_learns_and_its_adapters_load(tmp_path):
     acc_first, acc_last = tenth_means([m["rewards/accuracies"] for m in dpo])
     margin_first, margin_last = tenth_means([m["rewards/margins"] for m in dpo])
     assert acc_last > acc_first and margin_last > margin_first
+
+    # dpo records the stage it starts from (sft's summary, by content); sft's base is no bezoar stage
+    assert json.loads((out / "dpo" / "inputs.json").read_text()) == {"base_summary": fingerprint(out / "sft" / "summary.json")}
+    assert json.loads((out / "sft" / "inputs.json").read_text()) == {}
 
     summary = json.loads((out / "sft" / "summary.json").read_text())
     base = Path(summary["base_model"])
