@@ -107,8 +107,15 @@ def check_top_k(top_k) -> int:
 
 def _sampling_weights(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
     """``sampling_probs`` before the last renormalisation (top-p's cut leaves the kept mass below 1);
-    ``torch.multinomial`` draws from it as it is."""
-    scores = logits.float() / temperature
+    ``torch.multinomial`` draws from it as it is.
+
+    A temperature so small that a finite logit divided by it overflows (1e-40, say) made the softmax NaN; such
+    a row is scaled after its largest logit is subtracted, so that it keeps only its largest logits (ties
+    share), as the limit of a falling temperature does. Other rows are scaled as transformers scales them."""
+    logits = logits.float()
+    scores = logits / temperature
+    overflow = (torch.isinf(scores) & torch.isfinite(logits)).any(-1, keepdim=True)
+    scores = torch.where(overflow, (logits - logits.amax(-1, keepdim=True)) / temperature, scores)
     if 0 < top_k < scores.shape[-1]:
         kth = scores.topk(top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))  # ties with the k-th stay

@@ -136,6 +136,31 @@ def test_sampling_probs_equal_transformers_warpers(temperature, top_k, top_p, lo
         assert ((got > 0).sum(-1) <= top_k).all()
 
 
+def test_a_vanishing_temperature_keeps_the_largest_logits_instead_of_nan():
+    """temperature=1e-40 overflowed logit / temperature to inf and the softmax to NaN (and multinomial then
+    raised); such a row keeps its largest logits, ties sharing, and rows that do not overflow are unchanged."""
+    from bezoar.model.decode import _sampling_weights as _weights
+
+    logits = torch.cat([TIES, torch.randn(2, 8, generator=torch.Generator().manual_seed(3))])
+    logits[3, 5] = float("-inf")  # a masked token stays out
+    for temperature in (1e-40, 1e-38, 1e-30):
+        got = sampling_probs(logits, temperature)
+        assert torch.isfinite(got).all(), temperature
+        want = (logits == logits.amax(-1, keepdim=True)).float()
+        torch.testing.assert_close(got, want / want.sum(-1, keepdim=True), atol=0, rtol=0)
+        assert torch.equal(sample_next(logits, temperature, 1.0, torch.Generator().manual_seed(0))[2:],
+                           logits[2:].argmax(-1))
+        assert sample_next(TIES, temperature, 1.0, torch.Generator().manual_seed(0)).tolist()[0] == 0
+    # One row that overflows beside one that does not (small logits): the second is scaled as before.
+    mixed = torch.stack([logits[2] * 1e4, torch.tensor([1e-38, 2e-38, 0.0, -1e-38, 0.0, 0.0, 0.0, 0.0])])
+    got = sampling_probs(mixed, 1e-35)
+    assert got[0].tolist() == (mixed[0] == mixed[0].max()).float().tolist()
+    assert torch.equal(_weights(mixed, 1e-35, 1.0, 0)[1], torch.softmax(mixed[1] / 1e-35, -1))
+    # Temperatures that overflow nothing weigh the tokens bit for bit as before (logits / temperature).
+    for temperature in (0.7, 1e-3):
+        assert torch.equal(_weights(logits, temperature, 1.0, 0), torch.softmax(logits / temperature, -1))
+
+
 @pytest.mark.parametrize("bad", [-1, 2.0, "5", True, None])
 def test_top_k_must_be_a_non_negative_integer(bad, tiny_dir):
     logits = torch.randn(1, 8)
