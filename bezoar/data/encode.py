@@ -43,6 +43,7 @@ class EncodeStats:
     kept: int = 0
     skipped_records: int = 0  # records that could not be read (only with skip_bad_records)
     dropped_empty_response: int = 0
+    dropped_empty_prompt: int = 0  # no instruction, or an empty Human turn before the answer
     dropped_identical_pair: int = 0  # DPO pairs whose two documents are the same tokens (no gradient)
     truncated: int = 0
     border_merges: int = 0
@@ -56,8 +57,9 @@ class EncodeStats:
         skipped = f" ({self.skipped_records} bad records skipped before)" if self.skipped_records else ""
         identical = (f", {self.dropped_identical_pair} dropped (chosen = rejected once tokenized and cut)"
                      if self.dropped_identical_pair else "")
+        no_prompt = f", {self.dropped_empty_prompt} dropped (empty instruction or Human turn)" if self.dropped_empty_prompt else ""
         return (f"{self.kept}/{self.examples} examples kept{skipped}, {self.dropped_empty_response} dropped "
-                f"(empty response){identical}, {self.truncated} truncated, {self.tokens} tokens, "
+                f"(empty response){no_prompt}{identical}, {self.truncated} truncated, {self.tokens} tokens, "
                 f"{self.loss_tokens} with loss")
 
 
@@ -125,6 +127,9 @@ def encode_sft(examples: Sequence[SFTExample], tokenizer, max_len: int, max_prom
             if not ex.response.strip():
                 stats.dropped_empty_response += 1
                 continue
+            if ex.empty_prompt:  # an answer to nothing: it would teach the model to talk unprompted
+                stats.dropped_empty_prompt += 1
+                continue
             r = r + eos_ids
             keep_p, keep_r = fit_budget(len(p), len(r), max_len, max_prompt_len)
             if (keep_p, keep_r) != (len(p), len(r)):
@@ -159,6 +164,9 @@ def encode_pairs(examples: Sequence[PairExample], tokenizer, max_len: int, max_p
         for j, (ex, (pc, rc, mc), (pr, rr, mr)) in enumerate(zip(chunk, chosen, rejected)):
             if not ex.chosen.strip() or not ex.rejected.strip():
                 stats.dropped_empty_response += 1
+                continue
+            if ex.empty_prompt:
+                stats.dropped_empty_prompt += 1
                 continue
             rc, rr = rc + eos_ids, rr + eos_ids
             # One prompt cut for both, sized for the longer response.

@@ -134,6 +134,7 @@ class SFTExample:
     prompt: str
     response: str
     origin: str = ""
+    empty_prompt: bool = False  # the instruction (or the Human turn answered) is empty: encoding drops it
 
 
 @dataclass
@@ -142,6 +143,7 @@ class PairExample:
     chosen: str
     rejected: str
     origin: str = ""
+    empty_prompt: bool = False
 
 
 @dataclass
@@ -175,6 +177,9 @@ def _pick(record: Record, names: list[str], role: str, required: bool) -> str | 
                                 f"got {type(value).__name__}")
             return _check_text(record, name, value)
     if required:
+        nulls = [name for name in names if name in record.data]
+        if nulls:  # present but null (a missing value in a Parquet or CSV column)
+            raise DataError(f"{record.origin}: field {nulls[0]!r} ({role}) is null")
         tried = ", ".join(repr(n) for n in names) or "(no names configured)"
         keys = ", ".join(repr(k) for k in list(record.data)[:12])
         raise DataError(f"{record.origin}: record has no {role} field (looked for {tried}); "
@@ -235,10 +240,18 @@ def hh_sft_example(text: str, template: PromptTemplate, origin: str = "transcrip
         if cut < 0:
             raise DataError(f"{origin}: HH-RLHF transcript has no Assistant turn")
         _check_answer(text[cut + len(ASSISTANT):], "", origin)
-        return SFTExample(text[: cut + len(ASSISTANT)], text[cut + len(ASSISTANT):], origin)
+        return SFTExample(text[: cut + len(ASSISTANT)], text[cut + len(ASSISTANT):], origin,
+                          _raw_human_turn_empty(text[:cut]))
     turns = parse_hh(text, origin)
     last = _last_assistant(turns, origin)
-    return SFTExample(template.render(hh_instruction(turns[:last])), turns[last][1], origin)
+    return SFTExample(template.render(hh_instruction(turns[:last])), turns[last][1], origin,
+                      not turns[last - 1][1] if turns[last - 1][0] == "human" else False)
+
+
+def _raw_human_turn_empty(prompt: str) -> bool:
+    """Whether the last Human turn of a raw HH prompt (the text before its answer's marker) holds no text."""
+    at = prompt.rfind(HUMAN)
+    return at >= 0 and not prompt[at + len(HUMAN):].strip()
 
 
 def _check_answer(rest: str, name: str, origin: str) -> None:
@@ -268,7 +281,9 @@ def split_hh_pair(chosen: str, rejected: str, origin: str = "pair") -> tuple[str
 
 
 def _require_str(record: Record, name: str) -> str:
-    if name not in record.data or record.data[name] is None:
+    if name in record.data and record.data[name] is None:
+        raise DataError(f"{record.origin}: field {name!r} is null")
+    if name not in record.data:
         keys = ", ".join(repr(k) for k in list(record.data)[:12])
         raise DataError(f"{record.origin}: record has no {name!r} field; its keys are {keys or '(none)'}")
     value = record.data[name]
@@ -286,7 +301,8 @@ def sft_example(record: Record, fmt: str, template: PromptTemplate, fields: Fiel
         raise DataError(f"data format {fmt!r} is not an SFT format; use one of: {', '.join(list(FIELD_PRESETS) + ['hh'])}")
     rec = instruction_record(record, fields or FIELD_PRESETS[fmt])
     response = rec.response if template.style == "raw" else rec.response.strip()
-    return SFTExample(template.render(rec.instruction, rec.input, rec.system), response, record.origin)
+    return SFTExample(template.render(rec.instruction, rec.input, rec.system), response, record.origin,
+                      not rec.instruction.strip())
 
 
 def pair_example(record: Record, fmt: str, template: PromptTemplate, system_field: str = "system") -> PairExample:
@@ -303,16 +319,19 @@ def pair_example(record: Record, fmt: str, template: PromptTemplate, system_fiel
         if system is not None:
             _check_text(record, system_field, system)
         if template.style == "raw":
-            return PairExample(prompt, chosen, rejected, record.origin)
-        return PairExample(template.render(prompt, system=system), chosen.strip(), rejected.strip(), record.origin)
+            return PairExample(prompt, chosen, rejected, record.origin, not prompt.strip())
+        return PairExample(template.render(prompt, system=system), chosen.strip(), rejected.strip(), record.origin,
+                           not prompt.strip())
     if fmt == "hh_pairs":
         chosen_text = _require_str(record, "chosen")
         rejected_text = _require_str(record, "rejected")
         prompt, chosen, rejected = split_hh_pair(chosen_text, rejected_text, record.origin)
         if template.style == "raw":
-            return PairExample(prompt, chosen, rejected, record.origin)
+            return PairExample(prompt, chosen, rejected, record.origin,
+                               _raw_human_turn_empty(prompt[: len(prompt) - len(ASSISTANT)]))
         turns = parse_hh(prompt, record.origin)[:-1]  # the prompt ends with an empty Assistant turn
         if not turns or turns[-1][0] != "human":
             raise DataError(f"{record.origin}: HH-RLHF prompt does not end with a Human turn before the answer")
-        return PairExample(template.render(hh_instruction(turns)), chosen.strip(), rejected.strip(), record.origin)
+        return PairExample(template.render(hh_instruction(turns)), chosen.strip(), rejected.strip(), record.origin,
+                           not turns[-1][1])
     raise DataError(f"data format {fmt!r} is not a preference format; use 'pairs' or 'hh_pairs'")

@@ -4,9 +4,14 @@
 
 - a ``.jsonl`` file (one JSON object a line; blank lines skipped);
 - a ``.json`` file: a list of objects, ``{"data": [...]}``, or JSON lines under a .json name;
+- either of those compressed (``.jsonl.gz``, ``.json.bz2``, ``.jsonl.xz``: HH-RLHF ships as
+  ``<subset>/train.jsonl.gz``);
 - a ``.parquet`` file;
-- a folder written by ``datasets`` (``save_to_disk``), or a folder of data files that
-  ``datasets.load_dataset`` can read;
+- a folder written by ``datasets`` (``save_to_disk``), or a folder of data files. A folder's files are
+  read by the readers here, each file's records named by its own file and line, when they are all
+  JSON(L) or Parquet; its split's files are chosen as ``datasets`` chooses them (``_split_files``).
+  A folder of CSV or Arrow files, or one whose README.md lists its ``configs:``, is read by
+  ``datasets.load_dataset``;
 - a hub name (``owner/name``) when the Hugging Face hub is reachable or the dataset is cached.
 
 Every record remembers where it came from (``file:line`` for JSONL, ``file: record i`` otherwise)
@@ -17,8 +22,13 @@ shuffles them with a fixed seed.
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import io
 import json
+import lzma
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +37,10 @@ import numpy as np
 __all__ = ["DataError", "Record", "load_records"]
 
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
+COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # for .jsonl and .json files
+# The words that name a split in a data file's name or folder, as datasets' default file patterns have them.
+SPLIT_WORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev"),
+               "test": ("test", "testing", "eval", "evaluation")}
 
 
 class DataError(ValueError):
@@ -50,19 +64,10 @@ def load_records(source: str | os.PathLike, split: str = "train", limit: int | N
         raise DataError(f"{source}: limit must be a positive number of records, got {limit}")
     path = Path(source).expanduser()  # "~/data.jsonl", as model.path takes it
     if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            records = _read_jsonl(path, limit, skipped)
-        elif suffix == ".json":
-            records = _read_json(path, limit, skipped)
-        elif suffix == ".parquet":
-            records = _read_parquet(path, limit)
-        else:
-            raise DataError(f"{path}: unknown data file type {suffix!r}; expected .jsonl, .json or .parquet "
-                            "(or a datasets folder)")
+        records = _read_file(path, limit, skipped)
     elif path.is_dir():
         records = _read_datasets_folder(path, split, limit, skipped)
-    elif path.suffix.lower() in DATA_FILE_SUFFIXES or str(source).startswith(("/", ".", "~")):
+    elif _data_suffix(path)[0] in DATA_FILE_SUFFIXES or str(source).startswith(("/", ".", "~")):
         raise DataError(f"{source}: file not found")
     else:
         records = _read_hub(str(source), split, limit)
@@ -76,6 +81,39 @@ def load_records(source: str | os.PathLike, split: str = "train", limit: int | N
 
 
 # ---- files --------------------------------------------------------------------------------------------
+
+
+def _data_suffix(path: Path) -> tuple[str, str | None]:
+    """(the data suffix, the compression suffix or None) of a file name: train.jsonl.gz -> (".jsonl", ".gz")."""
+    suffixes = [x.lower() for x in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSED:
+        return (suffixes[-2] if len(suffixes) > 1 else ""), suffixes[-1]
+    return (suffixes[-1] if suffixes else ""), None
+
+
+def _own_reader(path: Path) -> bool:
+    """Whether ``_read_file`` reads the file (JSON lines or JSON, compressed or not, or Parquet)."""
+    suffix, compression = _data_suffix(path)
+    return suffix in (".jsonl", ".json") or (suffix == ".parquet" and compression is None)
+
+
+def _read_file(path: Path, limit: int | None, skipped: list[str] | None) -> list[Record]:
+    suffix, compression = _data_suffix(path)
+    if suffix == ".parquet" and compression is None:
+        return _read_parquet(path, limit)
+    if suffix not in (".jsonl", ".json"):
+        shown = "".join(path.suffixes[-2:] if compression else path.suffixes[-1:]) or "(none)"
+        raise DataError(f"{path}: unknown data file type {shown!r}; expected .jsonl, .json or .parquet (.jsonl "
+                        f"and .json may be compressed: {', '.join(COMPRESSED)}), or a datasets folder")
+    opener = COMPRESSED.get(compression, open)
+    try:
+        with opener(path, "rb") as f:
+            if suffix == ".jsonl":
+                return _read_jsonl(path, f, limit, skipped)
+            return _read_json(path, f.read(), limit, skipped)
+    except (OSError, EOFError, lzma.LZMAError) as e:  # a damaged or truncated archive
+        raise DataError(f"{path}: cannot be read{f' as {compression[1:]}' if compression else ''} "
+                        f"({type(e).__name__}: {e})") from None
 
 
 def _object_or_error(value, origin: str) -> dict:
@@ -95,44 +133,44 @@ def _decode_utf8(data: bytes, path: Path, first_line: int = 1) -> str:
                         "data files must be UTF-8 text") from None
 
 
-def _read_jsonl(path: Path, limit: int | None, skipped: list[str] | None = None) -> list[Record]:
+def _read_jsonl(path: Path, f, limit: int | None, skipped: list[str] | None = None) -> list[Record]:
+    """The records of JSON lines read from ``f`` (bytes, so that a line that is not UTF-8 can be named)."""
     records = []
-    with path.open("rb") as f:  # bytes, so that a line that is not UTF-8 can be named
-        for n, raw in enumerate(f, start=1):
-            origin = f"{path}:{n}"
-            try:
-                line = _decode_utf8(raw, path, first_line=n)
-                if not line.strip():
-                    continue
-                try:
-                    # without the line's end: an error at the end of the record is then placed there, not
-                    # at column 1 of a next line that json counts after the newline
-                    value = json.loads(line.rstrip("\r\n"))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{origin}: not valid JSON ({e.msg} at column {e.colno})") from None
-                except RecursionError:  # json recurses per nesting level
-                    raise DataError(f"{origin}: not valid JSON (nested too deeply to read)") from None
-                record = Record(_object_or_error(value, origin), origin)
-            except DataError:
-                if skipped is None:
-                    raise
-                skipped.append(origin)
+    for n, raw in enumerate(f, start=1):
+        origin = f"{path}:{n}"
+        try:
+            line = _decode_utf8(raw, path, first_line=n)
+            if not line.strip():
                 continue
-            records.append(record)
-            if limit is not None and len(records) >= limit:
-                break
+            try:
+                # without the line's end: an error at the end of the record is then placed there, not
+                # at column 1 of a next line that json counts after the newline
+                value = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{origin}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:  # json recurses per nesting level
+                raise DataError(f"{origin}: not valid JSON (nested too deeply to read)") from None
+            record = Record(_object_or_error(value, origin), origin)
+        except DataError:
+            if skipped is None:
+                raise
+            skipped.append(origin)
+            continue
+        records.append(record)
+        if limit is not None and len(records) >= limit:
+            break
     return records
 
 
-def _read_json(path: Path, limit: int | None, skipped: list[str] | None = None) -> list[Record]:
-    text = _decode_utf8(path.read_bytes(), path)
+def _read_json(path: Path, data: bytes, limit: int | None, skipped: list[str] | None = None) -> list[Record]:
+    text = _decode_utf8(data, path)
     if not text.strip():
         return []
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        if e.msg == "Extra data":  # JSON lines under a .json name (common on the hub)
-            return _read_jsonl(path, limit, skipped)
+        if e.msg == "Extra data" and _first_line_is_object(text):  # JSON lines under a .json name (the hub has many)
+            return _read_jsonl(path, io.BytesIO(data), limit, skipped)
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
     except RecursionError:  # json recurses per nesting level
         raise DataError(f"{path}: not valid JSON (nested too deeply to read)") from None
@@ -153,6 +191,16 @@ def _read_json(path: Path, limit: int | None, skipped: list[str] | None = None) 
         if limit is not None and len(records) >= limit:
             break
     return records
+
+
+def _first_line_is_object(text: str) -> bool:
+    """Whether the first line that is not blank is a JSON object on its own (JSON lines, not a JSON document
+    with something after it, whose own error is the one to show)."""
+    line = next((x for x in text.splitlines() if x.strip()), "")
+    try:
+        return isinstance(json.loads(line), dict)
+    except (ValueError, RecursionError):
+        return False
 
 
 def _read_parquet(path: Path, limit: int | None) -> list[Record]:
@@ -198,17 +246,70 @@ def _read_datasets_folder(path: Path, split: str, limit: int | None, skipped: li
         except Exception as e:
             raise DataError(f"{path}: cannot be read as a saved `datasets` folder ({type(e).__name__}: {e})") from None
         return _rows(_pick_split(dataset, str(path), split), name, limit)
-    files = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_FILE_SUFFIXES]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and _data_suffix(p)[0] in DATA_FILE_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if not files:
-        raise DataError(f"{path}: folder holds no data files (.jsonl/.json/.parquet/.csv/.arrow) "
-                        "and is not a saved `datasets` folder")
-    if len(files) == 1 and files[0].suffix.lower() in (".jsonl", ".json", ".parquet"):
-        return load_records(files[0], limit=limit, skipped=skipped)
+        raise DataError(f"{path}: folder holds no data files (.jsonl/.json/.parquet/.csv/.arrow, .jsonl or .json "
+                        "compressed) and is not a saved `datasets` folder")
+    chosen = None if _lists_configs(path) else _split_files(path, files, split)
+    if chosen is not None and all(_own_reader(p) for p in chosen):
+        records: list[Record] = []
+        for file in chosen:  # in order, each named by its own file and line
+            records += _read_file(file, None if limit is None else limit - len(records), skipped)
+            if limit is not None and len(records) >= limit:
+                break
+        return records
     try:
         dataset = datasets.load_dataset(str(path), split=split)
     except Exception as e:
-        raise DataError(f"{path}: `datasets` could not read this folder ({type(e).__name__}: {e})") from None
+        causes, inner = [], e
+        while inner is not None and len(causes) < 3:  # datasets wraps the reader's own error, which names the line
+            causes.append(f"{type(inner).__name__}: {inner}")
+            inner = inner.__cause__ or inner.__context__
+        raise DataError(f"{path}: `datasets` could not read this folder ({'; caused by '.join(causes)})") from None
     return _rows(dataset, name, limit)
+
+
+def _split_files(path: Path, files: list[Path], split: str) -> list[Path]:
+    """The files of ``split``, as ``datasets`` picks them without a config: where any file's name (or, failing
+    that, its nearest folder's) holds a split's word (``SPLIT_WORDS``, or the split's own name) between
+    separators (``-._`` a space or digits), the files whose word is ``split``'s; where none does, every file
+    is ``train``. Files naming no split beside ones that do are left out, as ``datasets`` leaves them."""
+    words = {name: SPLIT_WORDS.get(name, (name,)) for name in (split, *SPLIT_WORDS)}
+
+    def named(file: Path) -> str | None:
+        rel = file.relative_to(path)
+        for part in (rel.name, *reversed(rel.parent.parts)):
+            for name, ws in words.items():
+                if any(re.search(rf"(^|[-._ 0-9]){re.escape(w)}($|[-._ 0-9])", part, re.IGNORECASE) for w in ws):
+                    return name
+        return None
+
+    splits = {file: named(file) for file in files}
+    if not any(splits.values()):
+        if split != "train":
+            raise DataError(f"{path}: no split {split!r}: no file name says which split it holds, so its "
+                            f"{len(files)} file(s) are the 'train' split")
+        return files
+    chosen = [file for file in files if splits[file] == split]
+    if not chosen:
+        found = sorted({name for name in splits.values() if name})
+        raise DataError(f"{path}: no data files for split {split!r}; its files name the split(s) "
+                        f"{', '.join(repr(x) for x in found)}")
+    return chosen
+
+
+def _lists_configs(path: Path) -> bool:
+    """Whether the folder's README.md declares ``configs:`` in its YAML header (a hub repository's choice of
+    files, which ``datasets`` follows)."""
+    try:
+        text = (path / "README.md").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    if not text.startswith("---"):
+        return False
+    header = text[3:].split("\n---", 1)[0]
+    return re.search(r"^configs:", header, re.MULTILINE) is not None
 
 
 def _offline() -> bool:

@@ -24,7 +24,7 @@ PAIR_FORMATS = ("pairs", "hh_pairs")
 
 @dataclass
 class DataConfig:
-    path: str = ""  # .jsonl / .json / .parquet file, a datasets folder, or a hub name
+    path: str = ""  # .jsonl / .json (also .gz, .bz2, .xz) / .parquet file, a folder of them or of datasets, or a hub name
     format: Literal["instruction", "lamini", "evol", "orca", "alpaca", "hh", "pairs", "hh_pairs"] = "instruction"
     split: str = "train"  # for datasets folders and hub names
     limit: int | None = None  # keep the first N records (file order)

@@ -365,3 +365,46 @@ def test_everything_dropped_names_the_reason_not_length(tmp_path, tokenizer):
     with pytest.raises(DataError) as e:
         build_documents(DataConfig(path=str(p), format="pairs"), tokenizer)
     assert "length" not in str(e.value) and "1 dropped (chosen = rejected" in str(e.value)
+
+
+@pytest.mark.parametrize("style", ["openbezoar", "raw"])
+def test_examples_with_an_empty_instruction_are_dropped_and_counted(tmp_path, tokenizer, style):
+    """An empty instruction, an empty Human turn before the answer, or an empty pairs prompt was trained as an
+    answer to nothing ("### Instruction:\\n\\n\\n### Response:\\n"), unlike an empty response, which is dropped."""
+    template = PromptTemplate(style=style, system="Be helpful.")
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text('{"instruction": "Name a color.", "response": "Red."}\n{"instruction": "  ", "response": "Hi."}\n')
+    docs, stats = build_documents(DataConfig(path=str(sft), format="lamini", template=template), tokenizer)
+    assert (stats.kept, stats.dropped_empty_prompt, docs.num_items) == (1, 1, 1)
+    assert "1 dropped (empty instruction or Human turn)" in stats.summary()
+    hh = tmp_path / "hh.jsonl"
+    rows = ['{"chosen": "\\n\\nHuman: Hi?\\n\\nAssistant: Hello."}',
+            '{"chosen": "\\n\\nHuman: Hi?\\n\\nAssistant: Hello.\\n\\nHuman: \\n\\nAssistant: Bye."}',
+            '{"chosen": "\\n\\nHuman:\\n\\nAssistant: Hello."}']
+    hh.write_text("\n".join(rows) + "\n")
+    _, stats = build_documents(DataConfig(path=str(hh), format="hh", template=template), tokenizer)
+    assert (stats.kept, stats.dropped_empty_prompt) == (1, 2)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "Color?", "chosen": "Red.", "rejected": "Blue."}\n'
+                     '{"prompt": "", "chosen": "Red.", "rejected": "Blue."}\n')
+    _, stats = build_documents(DataConfig(path=str(pairs), format="pairs", template=template), tokenizer)
+    assert (stats.kept, stats.dropped_empty_prompt) == (1, 1)
+    hh_pairs = tmp_path / "hh_pairs.jsonl"
+    hh_pairs.write_text('{"chosen": "\\n\\nHuman: Hi?\\n\\nAssistant: Hello.", "rejected": "\\n\\nHuman: Hi?\\n\\nAssistant: Go."}\n'
+                        '{"chosen": "\\n\\nHuman: \\n\\nAssistant: Hello.", "rejected": "\\n\\nHuman: \\n\\nAssistant: Go."}\n')
+    _, stats = build_documents(DataConfig(path=str(hh_pairs), format="hh_pairs", template=template), tokenizer)
+    assert (stats.kept, stats.dropped_empty_prompt) == (1, 1)
+
+
+def test_a_null_field_is_named_as_null(tmp_path):
+    """A null field (a missing value in a Parquet column) was reported as absent while the same message listed
+    it among the record's keys."""
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"instruction": "a", "response": null}\n')
+    with pytest.raises(DataError, match=rf"^{p}:1: field 'response' \(response\) is null$"):
+        read_examples(DataConfig(path=str(p), format="lamini"))
+    p.write_text('{"prompt": "a", "chosen": "b", "rejected": null}\n')
+    with pytest.raises(DataError, match=rf"^{p}:1: field 'rejected' is null$"):
+        read_examples(DataConfig(path=str(p), format="pairs"))
+    p.write_text('{"question": null, "instruction": "a", "response": "b"}\n')  # a later name that holds text wins
+    assert read_examples(DataConfig(path=str(p), format="orca"))[0][0].response == "b"

@@ -56,7 +56,7 @@ def test_datasets_saved_folder_and_data_folder(tmp_path, samples):
     assert len(load_records(tmp_path / "dd", split="test")) == 1
     with pytest.raises(DataError, match=r"no split 'validation'; it has train, test"):
         load_records(tmp_path / "dd", split="validation")
-    # A folder of several data files goes through datasets.load_dataset.
+    # A folder of several data files that name no split: all of them are the train split.
     folder = tmp_path / "files"
     folder.mkdir()
     for i in range(2):
@@ -190,3 +190,124 @@ def test_json_nested_too_deep_names_file_and_line(tmp_path, name):
         load_records(p)
     skipped = []
     assert len(load_records(p, skipped=skipped)) == 1 and skipped == [f"{p}:2"]
+
+
+def _hh_record(i: int, split: str) -> dict:
+    return {"chosen": f"\n\nHuman: q{i} {split}\n\nAssistant: good", "rejected": f"\n\nHuman: q{i} {split}\n\nAssistant: bad"}
+
+
+def _write_gz_jsonl(path, rows):
+    import gzip
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def test_a_local_copy_of_hh_rlhf_reads_as_datasets_reads_it(tmp_path):
+    """Anthropic/hh-rlhf ships as <subset>/train.jsonl.gz and test.jsonl.gz, beside red-team transcripts whose
+    file names no split: neither the folder nor one of its files could be read (".gz" was an unknown type)."""
+    import datasets
+
+    root = tmp_path / "hh-rlhf"
+    _write_gz_jsonl(root / "helpful-base" / "train.jsonl.gz", [_hh_record(i, "train") for i in range(3)])
+    _write_gz_jsonl(root / "helpful-base" / "test.jsonl.gz", [_hh_record(i, "test") for i in range(2)])
+    _write_gz_jsonl(root / "harmless-base" / "train.jsonl.gz", [_hh_record(i, "harmless") for i in range(4)])
+    _write_gz_jsonl(root / "red-team-attempts" / "red_team_attempts.jsonl.gz", [{"transcript": "x"}])
+    for split, n in (("train", 7), ("test", 2)):
+        ours = load_records(root, split=split)
+        theirs = datasets.load_dataset(str(root), split=split)
+        assert len(ours) == len(theirs) == n
+        assert sorted(json.dumps(r.data, sort_keys=True) for r in ours) == \
+            sorted(json.dumps(dict(r), sort_keys=True) for r in theirs)
+    ours = load_records(root)
+    # each record named by its own file and line, the files in the order of their paths
+    assert ours[0].origin == f"{root / 'harmless-base' / 'train.jsonl.gz'}:1"
+    assert ours[4].origin == f"{root / 'helpful-base' / 'train.jsonl.gz'}:1"
+    assert [r.data["chosen"] for r in load_records(root, limit=5)] == [r.data["chosen"] for r in ours[:5]]
+    direct = load_records(root / "helpful-base" / "test.jsonl.gz")
+    assert [r.origin for r in direct] == [f"{root / 'helpful-base' / 'test.jsonl.gz'}:{n}" for n in (1, 2)]
+    with pytest.raises(DataError, match=r"no data files for split 'validation'; its files name the split\(s\) "
+                                        r"'test', 'train'"):
+        load_records(root, split="validation")
+
+
+@pytest.mark.parametrize("compression", ["gz", "bz2", "xz"])
+def test_compressed_json_and_jsonl_files(tmp_path, samples, compression):
+    import bz2
+    import gzip
+    import lzma
+
+    opener = {"gz": gzip.open, "bz2": bz2.open, "xz": lzma.open}[compression]
+    for name in ("lamini.jsonl", "alpaca.json"):
+        path = tmp_path / f"{name}.{compression}"
+        with opener(path, "wb") as f:
+            f.write((samples / name).read_bytes())
+        assert [r.data for r in load_records(path)] == [r.data for r in load_records(samples / name)]
+    bad = tmp_path / f"bad.jsonl.{compression}"
+    with opener(bad, "wb") as f:
+        f.write(b'{"a": 1}\n{"a": }\n')
+    with pytest.raises(DataError, match=rf"bad.jsonl.{compression}:2: not valid JSON"):
+        load_records(bad)
+    whole = (tmp_path / f"lamini.jsonl.{compression}").read_bytes()
+    cut = tmp_path / f"cut.jsonl.{compression}"
+    cut.write_bytes(whole[: len(whole) // 2])  # a download that stopped halfway
+    with pytest.raises(DataError, match=rf"cut.jsonl.{compression}: cannot be read as {compression}"):
+        load_records(cut)
+    (tmp_path / "x.parquet.gz").write_bytes(b"")
+    with pytest.raises(DataError, match=r"unknown data file type '.parquet.gz'"):
+        load_records(tmp_path / "x.parquet.gz")
+
+
+def test_a_folder_of_files_names_each_record_and_error_by_file_and_line(tmp_path):
+    """With two files or more, the folder went through datasets.load_dataset: a bad line was "An error occurred
+    while generating the dataset", a number became the string '5', and origins were "folder [train]: row 3"."""
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"instruction": "x", "response": "y"}\n')
+    (folder / "b.jsonl").write_text('{"instruction": "x", "response": 5}\n')
+    records = load_records(folder)
+    assert [r.origin for r in records] == [f"{folder / 'a.jsonl'}:1", f"{folder / 'b.jsonl'}:1"]
+    assert records[1].data["response"] == 5  # as written: the format reader names its type
+    (folder / "b.jsonl").write_text('{"instruction": "x", "response": "y"}\n{"instruction": \n')
+    with pytest.raises(DataError, match=rf"{folder / 'b.jsonl'}:2: not valid JSON"):
+        load_records(folder)
+    skipped: list[str] = []
+    assert len(load_records(folder, skipped=skipped)) == 2 and skipped == [f"{folder / 'b.jsonl'}:2"]
+
+
+def test_a_folders_split_is_chosen_as_datasets_chooses_it(tmp_path):
+    import datasets
+
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "train.jsonl").write_text('{"a": 1}\n')
+    with pytest.raises(DataError, match=r"no data files for split 'test'; its files name the split\(s\) 'train'"):
+        load_records(one, split="test")  # was: the train file's records, whatever the split
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "data.jsonl").write_text('{"a": 1}\n')
+    with pytest.raises(DataError, match=r"no split 'test': no file name says which split it holds"):
+        load_records(plain, split="test")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "train-00000-of-00002.jsonl").write_text('{"a": 1}\n')
+    (mixed / "train-00001-of-00002.jsonl").write_text('{"a": 2}\n')
+    (mixed / "dev.jsonl").write_text('{"a": 3}\n')
+    (mixed / "notes.jsonl").write_text('{"a": 4}\n')  # names no split beside files that do: left out
+    for split in ("train", "validation"):
+        ours = [r.data["a"] for r in load_records(mixed, split=split)]
+        assert ours == sorted(r["a"] for r in datasets.load_dataset(str(mixed), split=split)), split
+    assert [r.data["a"] for r in load_records(mixed)] == [1, 2]
+
+
+@pytest.mark.parametrize("text, match", [
+    ('{\n  "a": 1\n}\n{\n  "a": 2\n}\n', r"x.json:4: not valid JSON \(Extra data at column 1\)"),
+    ('[{"a": 1}]\n]\n', r"x.json:2: not valid JSON \(Extra data at column 1\)"),
+])
+def test_json_with_something_after_it_is_not_taken_for_json_lines(tmp_path, text, match):
+    """Any "Extra data" switched to reading JSON lines, and the first line's error was shown instead."""
+    p = tmp_path / "x.json"
+    p.write_text(text)
+    with pytest.raises(DataError, match=match):
+        load_records(p)
