@@ -109,13 +109,17 @@ def _sampling_weights(logits: torch.Tensor, temperature: float, top_p: float, to
     """``sampling_probs`` before the last renormalisation (top-p's cut leaves the kept mass below 1);
     ``torch.multinomial`` draws from it as it is.
 
-    A temperature so small that a finite logit divided by it overflows (1e-40, say) made the softmax NaN; such
-    a row is scaled after its largest logit is subtracted, so that it keeps only its largest logits (ties
-    share), as the limit of a falling temperature does. Other rows are scaled as transformers scales them."""
+    A temperature so small that the softmax of logit / temperature is NaN (a finite logit scaled to +inf, or
+    every finite logit to -inf: 1e-40, say, or one that is 0 in float32) made sampling fail; such a row keeps
+    only its largest logits (ties share), the limit of a falling temperature: the largest is scaled to 0, the
+    others (after it is subtracted) as usual. Every other row is scaled as transformers scales it, bit for bit."""
     logits = logits.float()
     scores = logits / temperature
-    overflow = (torch.isinf(scores) & torch.isfinite(logits)).any(-1, keepdim=True)
-    scores = torch.where(overflow, (logits - logits.amax(-1, keepdim=True)) / temperature, scores)
+    finite = torch.isfinite(logits)
+    broken = ((scores == float("inf")) & finite).any(-1, keepdim=True) | (
+        finite.any(-1, keepdim=True) & ~torch.isfinite(scores).any(-1, keepdim=True))
+    shifted = logits - logits.amax(-1, keepdim=True)
+    scores = torch.where(broken, torch.where(shifted == 0, shifted, shifted / temperature), scores)
     if 0 < top_k < scores.shape[-1]:
         kth = scores.topk(top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))  # ties with the k-th stay

@@ -136,6 +136,13 @@ def test_sampling_probs_equal_transformers_warpers(temperature, top_k, top_p, lo
         assert ((got > 0).sum(-1) <= top_k).all()
 
 
+def _weights_before(logits, temperature, top_k):
+    """top-k sampling weights as bezoar (and transformers' warpers) computed them without the overflow rule."""
+    scores = logits.float() / temperature
+    kth = scores.topk(top_k, dim=-1).values[..., -1:]
+    return torch.softmax(scores.masked_fill(scores < kth, float("-inf")), dim=-1)
+
+
 def test_a_vanishing_temperature_keeps_the_largest_logits_instead_of_nan():
     """temperature=1e-40 overflowed logit / temperature to inf and the softmax to NaN (and multinomial then
     raised); such a row keeps its largest logits, ties sharing, and rows that do not overflow are unchanged."""
@@ -143,7 +150,7 @@ def test_a_vanishing_temperature_keeps_the_largest_logits_instead_of_nan():
 
     logits = torch.cat([TIES, torch.randn(2, 8, generator=torch.Generator().manual_seed(3))])
     logits[3, 5] = float("-inf")  # a masked token stays out
-    for temperature in (1e-40, 1e-38, 1e-30):
+    for temperature in (1e-40, 1e-38, 1e-30, 1e-46, 1e-300):  # the last two are 0 in float32
         got = sampling_probs(logits, temperature)
         assert torch.isfinite(got).all(), temperature
         want = (logits == logits.amax(-1, keepdim=True)).float()
@@ -156,6 +163,15 @@ def test_a_vanishing_temperature_keeps_the_largest_logits_instead_of_nan():
     got = sampling_probs(mixed, 1e-35)
     assert got[0].tolist() == (mixed[0] == mixed[0].max()).float().tolist()
     assert torch.equal(_weights(mixed, 1e-35, 1.0, 0)[1], torch.softmax(mixed[1] / 1e-35, -1))
+    # Every logit of a row far below 0: at 1e-40 all of them fell to -inf (NaN softmax); the largest stays.
+    low = torch.tensor([[-5.0, -3.0, -4.0, -3.0]])
+    assert sampling_probs(low, 1e-40).tolist() == [[0.0, 0.5, 0.0, 0.5]]
+    # A mask of float32's lowest value, which only falls to -inf at temperatures below 1: the row is scaled as
+    # before (the mask out of the draw), not through the shift, which could round other logits into ties.
+    masked = torch.randn(64, 32, generator=torch.Generator().manual_seed(5))
+    masked[:, :4] = torch.finfo(torch.float32).min
+    for temperature in (0.7, 0.3):
+        assert torch.equal(_weights(masked, temperature, 1.0, 2), _weights_before(masked, temperature, 2))
     # Temperatures that overflow nothing weigh the tokens bit for bit as before (logits / temperature).
     for temperature in (0.7, 1e-3):
         assert torch.equal(_weights(logits, temperature, 1.0, 0), torch.softmax(logits / temperature, -1))
