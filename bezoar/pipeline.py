@@ -52,9 +52,10 @@ writes one of them is to run (its marker or folder was removed to redo it), or i
   because a file was touched. A training stage with checkpoints but not complete is judged the same way
   against what it started from: it never resumes on another base model or other data.
 
-A step that recorded no fingerprints (completed before the pipeline recorded them, or a stage trained
-with ``python -m bezoar.train``) counts as unchanged unless a step before it is to run, and an input
-that is gone (removed to save space) does not count as changed. No data and no stored answer is deleted.
+A step that recorded no fingerprints (completed before the pipeline recorded them) counts as unchanged
+unless a step before it is to run; a stage trained with ``python -m bezoar.train`` recorded the stage it
+starts from (``inputs.json``), and only that. An input that is gone (removed to save space) does not count
+as changed. No data and no stored answer is deleted.
 
 Overrides: ``generate.KEY=VALUE`` and ``evaluate.KEY=VALUE`` set the recipe's tables (e.g.
 ``generate.teacher.base_url=http://gpu1:8000/v1``); any other ``KEY=VALUE`` goes to every training
@@ -82,6 +83,7 @@ from bezoar.config import ConfigError, to_dict
 from bezoar.fingerprint import fingerprint
 from bezoar.locking import Held, hold
 from bezoar.train.recipe import (EndpointSection, Recipe, load_recipe, split_overrides, stage_configs)
+from bezoar.train.run import INPUTS
 
 if TYPE_CHECKING:
     from bezoar.train.config import StageConfig
@@ -204,13 +206,23 @@ def input_fingerprints(step: Step) -> dict[str, dict]:
 
 
 def recorded_inputs(step: Step) -> dict | None:
-    """The fingerprints the complete step recorded; None when it recorded none (completed before the pipeline
-    recorded them, or by ``python -m bezoar.train``): unknown, and taken as unchanged."""
+    """The fingerprints the step recorded; None when it recorded none (completed before the pipeline recorded
+    them): unknown, and taken as unchanged. A training stage's base stage is also read from the stage's own
+    record (``bezoar.train.run.INPUTS``, written by ``python -m bezoar.train`` too), where the pipeline's has none."""
     try:
         inputs = json.loads(step.record.read_text()).get("inputs")
     except (OSError, ValueError, AttributeError):
-        return None
-    return inputs if isinstance(inputs, dict) else None
+        inputs = None
+    inputs = dict(inputs) if isinstance(inputs, dict) else None
+    if step.kind == "train":
+        try:
+            base = json.loads((step.out / INPUTS).read_text()).get("base_summary")
+        except (OSError, ValueError, AttributeError):
+            base = None
+        model = next((src.key for src in step.sources if src.key.startswith("model:")), None)
+        if isinstance(base, dict) and model is not None and model not in (inputs or {}):
+            inputs = {**(inputs or {}), model: base}
+    return inputs
 
 
 def _size_change(then, now: dict) -> str:

@@ -332,6 +332,9 @@ def _run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None, roo
         log(f"{out}: complete already ({SUMMARY} present); nothing to do")
         return out
     check_run_dir(out, cfg, resume, root)  # every rank: an error must stop them all, not leave some waiting
+    # what a stage starting at step 0 records of its base, read before the base is: a base stage retrained
+    # while this one loads would otherwise be recorded as the one it trains on
+    inputs = started_inputs(cfg) if rank0 and not list_checkpoints(out) else None
     # under torchrun: the rank's device for model.device, where the process group starts (first stage)
     device = dist.start(cfg.model.device) if dist is not None else resolve_device(cfg.model.device)
     torch.manual_seed(cfg.train.seed)
@@ -365,9 +368,9 @@ def _run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None, roo
             partial = resolved.with_name("config.toml.part")
             partial.write_text(dump_toml(cfg, header=f"resolved config of {out} ({time.strftime('%Y-%m-%d %H:%M:%S')})"))
             os.replace(partial, resolved)
-            if not list_checkpoints(out):  # starts at step 0: record the base it trains on (check_base)
+            if inputs is not None:  # starts at step 0: record the base it trains on (check_base)
                 partial = out / (INPUTS + ".part")
-                partial.write_text(json.dumps(started_inputs(cfg), indent=2) + "\n")
+                partial.write_text(json.dumps(inputs, indent=2) + "\n")
                 os.replace(partial, out / INPUTS)
             data_info = {"encode": stats.as_dict(), "loader": loader.stats(), "packing_efficiency": loader.efficiency}
             if eval_stats is not None:

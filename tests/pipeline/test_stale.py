@@ -620,3 +620,34 @@ def test_fingerprints_follow_content_not_times_or_places(tmp_path):
     st = (folder / "sub/t.yaml").stat()
     os.utime(folder / "sub/t.yaml", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert fingerprint(folder) != before
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_a_stage_trained_by_bezoar_train_is_judged_by_the_base_it_recorded(tmp_path, complete):
+    """A stage trained with `python -m bezoar.train --recipe` has no pipeline record, only its own inputs.json
+    (the stage it starts from): the pipeline took it as unchanged, so it skipped it as done, or let it reach
+    its resume (which run_stage then refused, after the steps before it had run), on a base trained again."""
+    from bezoar.fingerprint import fingerprint
+
+    recipe = load_recipe("openbezoar_tiny")
+    root = tmp_path / "run"
+    _trained_lamini(root, recipe)
+    for name in ("generate:orca", "filter:orca"):
+        write_marker(_steps(recipe, root)[name], 1.0)
+    if complete:
+        _fake_trained(root, recipe, [], {"orca"})
+    else:
+        (root / "orca/checkpoints/step-4").mkdir(parents=True)
+        (root / "orca/checkpoints/step-4/trainer_state.pt").write_bytes(b"state")
+    (root / "orca/inputs.json").write_text(json.dumps({"base_summary": fingerprint(root / "lamini/summary.json")}))
+    steps = _steps(recipe, root)
+    assert steps["train:orca"].status == ("done" if complete else "resume from step 4")
+    assert not steps["train:orca"].stale
+    preflight(recipe, root, list(steps.values()))  # the base it recorded: done, or resumed
+    (root / "lamini/summary.json").write_text('{"steps": 9}')  # lamini trained again
+    steps = _steps(recipe, root)
+    assert steps["train:orca"].stale == ["input changed: the model of stage lamini (2 -> 12 bytes)"]
+    with pytest.raises(PipelineError, match=re.escape(
+            "step train:orca " + ("is complete but its inputs are not what it was trained on" if complete else
+                                  "has checkpoints (resume from step 4) but its inputs are not what it started from"))):
+        preflight(recipe, root, list(steps.values()))
