@@ -241,8 +241,6 @@ import torch.distributed as torch_dist
 
 import bezoar.train.distributed as distributed
 
-marker = Path(os.environ["PROBE_DIR"]) / f"finalized-rank{os.environ['RANK']}"
-atexit.register(marker.touch)
 close = distributed.Dist.close
 
 
@@ -254,7 +252,9 @@ def close_with_work_in_flight(self):
     close(self)
 
 
-distributed.Dist.close = close_with_work_in_flight
+if "RANK" in os.environ:  # a worker (or the check below), not torchrun's launcher
+    atexit.register((Path(os.environ["PROBE_DIR"]) / f"finalized-rank{os.environ['RANK']}").touch)
+    distributed.Dist.close = close_with_work_in_flight
 '''
 
 
@@ -275,7 +275,7 @@ def test_a_finished_rank_exits_without_finalizing_beside_live_gloo_threads(tmp_p
            str(CONFIG), f"out={out}", *COMMON, "train.max_steps=2", "train.save_every=0"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "terminate called" not in r.stderr, r.stderr
+    assert "terminate called" not in r.stderr and "Error in sitecustomize" not in r.stderr, r.stderr
     assert f"run directory: {out.resolve()}" in r.stdout, "rank 0's last line must be flushed before os._exit"
     assert [m["step"] for m in read_metrics(out) if "loss" in m] == [1, 2]
     assert (out / "adapter" / "adapter_model.safetensors").exists()
