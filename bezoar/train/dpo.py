@@ -260,7 +260,13 @@ class DPOStage:
         self.cache = ReferenceCache(folder, self.docs, self.data_cfg, model, autocast_dtype=trainer.autocast_dtype,
                                     log=self.log)
         logps = self.cache.load()
-        if logps is None:
+        need = logps is None
+        if self.dist is not None:
+            # One decision for every rank: building the cache ends in a collective, so a rank that found the file
+            # (another run sharing ref_cache_dir finished it after rank 0 looked) must build it too, or the ranks
+            # would wait for each other until the process group's timeout.
+            need = self.dist.all_reduce_sum([float(need)])[0] > 0
+        if need:
             logps = self._compute_all(model, trainer.autocast_dtype)
             self.cache.save(logps)
             if self.dist is not None:  # rank 0 wrote the file; every rank reads it
@@ -342,7 +348,8 @@ class DocumentIndex:
 def reference_weights_digest(model) -> str:
     """blake2b of everything the reference pass computes with: the model config and every parameter and
     buffer outside the LoRA adapters, as the bytes in memory (so it covers the checkpoint's tensors, the
-    NF4 quantization of them and the compute dtype), plus NF4's scalars (``offset``, ``blocksize``)."""
+    NF4 quantization of them and the weights' dtype), plus NF4's settings (``offset``, ``blocksize``, and the
+    ``compute_dtype`` its matmuls run in, which may differ from the model's dtype)."""
     h = hashlib.blake2b(digest_size=16)
     config = getattr(model, "config", None)
     if dataclasses.is_dataclass(config):
@@ -351,9 +358,9 @@ def reference_weights_digest(model) -> str:
     for module_name, module in model.named_modules():
         if "lora_" in module_name:
             continue
-        for attr in ("offset", "blocksize"):  # NF4Linear's scalars beside its buffers
+        for attr in ("offset", "blocksize", "compute_dtype", "weight_dtype"):  # NF4Linear's settings beside its buffers
             value = getattr(module, attr, None)
-            if isinstance(value, (int, float)):
+            if isinstance(value, (int, float, torch.dtype)) and not isinstance(value, bool):
                 h.update(f"{module_name}.{attr}={value!r}".encode())
         tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
         for name, t in tensors:
@@ -366,6 +373,21 @@ def reference_weights_digest(model) -> str:
     return h.hexdigest()
 
 
+def _compute_versions(device: torch.device) -> dict[str, str]:
+    """What else moves the reference log-probs in their last bits: bezoar's forward pass and kernels, torch,
+    Triton, and the GPU model (its kernels' tile choices)."""
+    import bezoar
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return {"bezoar": bezoar.__version__, "torch": torch.__version__, "triton": triton_version, "gpu": gpu}
+
+
 class ReferenceCache:
     """Reference log-probs of every document of a DocumentSet, on disk, under a key.
 
@@ -375,8 +397,8 @@ class ReferenceCache:
     - ``reference``: ``reference_weights_digest`` of the model, i.e. the frozen weights the reference
       pass reads (base checkpoint tensors as loaded and quantized, and the model config). LoRA weights
       are left out on purpose: the reference pass runs with every adapter off, so they cannot change it;
-    - ``compute``: the weights' dtype, the autocast dtype, the device type and the kernel backend, which
-      change the numbers in the last bits.
+    - ``compute``: the weights' dtype, the autocast dtype, the device type, the kernel backend and the versions
+      of bezoar, torch and Triton and the GPU model, which change the numbers in the last bits.
 
     The file ``<folder>/ref-logps-<key[:24]>.safetensors`` holds ``logps`` (D,) fp32 in DocumentSet order
     and, for a check, each document's (example, part, length); its metadata holds the full key, the key
@@ -396,7 +418,8 @@ class ReferenceCache:
             "data": {"fingerprint": docs.fingerprint(), "config": to_dict(data_cfg)},
             "reference": {"weights": reference_weights_digest(model), "adapters": "disabled"},
             "compute": {"dtype": str(model.lm_head.weight.dtype), "autocast": str(autocast_dtype),
-                        "device": weight.device.type, "kernels": "triton" if use_triton(weight) else "torch"},
+                        "device": weight.device.type, "kernels": "triton" if use_triton(weight) else "torch",
+                        **_compute_versions(weight.device)},
         }
         self.key = hashlib.blake2b(json.dumps(self.key_parts, sort_keys=True).encode(), digest_size=32).hexdigest()
         self.path = self.folder / f"ref-logps-{self.key[:24]}.safetensors"

@@ -58,6 +58,54 @@ def test_two_processes_with_cached_reference_equal_one_on_the_fly(tmp_path):
         assert err <= 1e-5, f"{k}: max |diff| {err:.2e}"
 
 
+# Runs bezoar.train as torchrun would, where another run sharing the cache folder finishes the same cache between
+# rank 0's first look and rank 1's: rank 1 puts the file named in CACHE_FROM in place just before it looks.
+CACHE_APPEARS_FOR_RANK_1 = """
+import os, shutil, sys
+import bezoar.train.dpo as dpo
+load, looked = dpo.ReferenceCache.load, [False]
+def patched(self, quiet=False):
+    if os.environ["RANK"] == "1" and not looked[0]:
+        looked[0] = True
+        self.folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(os.environ["CACHE_FROM"], self.path.with_suffix(".part"))
+        os.replace(self.path.with_suffix(".part"), self.path)
+    return load(self, quiet)
+dpo.ReferenceCache.load = patched
+from bezoar.train.__main__ import run_as_script
+run_as_script()
+"""
+
+
+def test_ranks_agree_to_build_the_cache_when_only_one_found_it(tmp_path):
+    """Each rank looked for the cache on its own and only those that missed it computed it, which ends in a
+    collective: a rank that found it (written meanwhile by another run sharing dpo.ref_cache_dir) trained on
+    while rank 0 waited in the gather, and both hung until the process group's 30-minute timeout."""
+    data = write_pairs(tmp_path / "pairs.jsonl", 20, seed=8)
+    first = run(tmp_path / "first", data, "dpo.precompute_ref=true")
+    assert first.returncode == 0, first.stdout + first.stderr
+    (cache,) = (tmp_path / "first" / "ref_cache").glob("ref-logps-*.safetensors")
+    script = tmp_path / "cache_appears.py"
+    script.write_text(CACHE_APPEARS_FOR_RANK_1)
+    env = dict(os.environ, OMP_NUM_THREADS="1", CACHE_FROM=str(cache),
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]))
+    cmd = [*torchrun(2), str(script), str(CONFIG), f"out={tmp_path / 'two'}", *common(data), "dpo.precompute_ref=true"]
+    try:
+        two = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=150, start_new_session=True)
+    except subprocess.TimeoutExpired as e:
+        import psutil  # torchrun starts its workers in sessions of their own: end them too
+
+        for proc in psutil.process_iter(["cmdline"]):
+            if str(script) in " ".join(proc.info["cmdline"] or []):
+                proc.kill()
+        raise AssertionError(f"the ranks hung: {(e.stdout or b'')[-2000:]!r}") from None
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert "reference log-probs: one pass over 40 documents" in two.stdout  # rank 0 built it, with rank 1
+    a = [m["loss"] for m in read_metrics(tmp_path / "first") if "loss" in m]
+    b = [m["loss"] for m in read_metrics(tmp_path / "two") if "loss" in m]
+    assert len(a) == len(b) == 4 and all(abs(x - y) <= 1e-5 * max(1.0, abs(x)) for x, y in zip(a, b)), (a, b)
+
+
 # Runs bezoar.train as torchrun would, after making rank 1 alone receive SIGTERM in its third micro-batch: a
 # signal that reaches the ranks at different moments (a scheduler's preemption, Ctrl-C while one rank is a few
 # instructions ahead) must still stop every rank after the same step.

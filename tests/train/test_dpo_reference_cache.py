@@ -183,3 +183,21 @@ def test_weights_digest_covers_the_nf4_base(tiny_dir):
     with torch.no_grad():
         packed[0] ^= 1  # one NF4 code of one weight
     assert reference_weights_digest(nf4_a) != reference_weights_digest(nf4_b)
+
+
+def test_the_key_follows_the_nf4_compute_dtype_and_the_versions(tiny_dir, tokenizer, data, monkeypatch):
+    """An NF4 base computing in bf16 under fp32 weights gives other reference log-probs (about 2e-3 here) than one
+    computing in fp32, but had the same key: NF4Linear's compute_dtype (a torch.dtype) was left out."""
+    import bezoar
+    from bezoar.model import load
+
+    docs, cfg = data
+    keys = {}
+    for compute in (torch.float32, torch.bfloat16):
+        model = load(tiny_dir, device="cpu", quant="nf4", dtype=torch.float32, nf4_compute_dtype=compute)
+        keys[compute] = ReferenceCache("unused", docs, cfg, model).key
+    assert keys[torch.float32] != keys[torch.bfloat16]
+    model = load(tiny_dir, device="cpu", quant="nf4", dtype=torch.float32, nf4_compute_dtype=torch.float32)
+    assert ReferenceCache("unused", docs, cfg, model).key == keys[torch.float32]
+    monkeypatch.setattr(bezoar, "__version__", "9.9.9")  # another forward pass or kernels: rebuilt, not reused
+    assert ReferenceCache("unused", docs, cfg, model).key != keys[torch.float32]
