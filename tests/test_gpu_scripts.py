@@ -202,7 +202,8 @@ def test_gpu_short_cuts_parts_to_its_total():
         assert most - 5 <= int(limit) <= most, (name, limit, text)
     text = parts(15)
     assert not re.findall(r"part \w+ \(limit", text)
-    assert text.count("skipped: 15s left of 15s") == 6
+    left = re.findall(r"skipped: (\d+)s left of 15s", text)  # a second or two may go by here too (a loaded machine)
+    assert len(left) == 6 and all(10 <= int(x) <= 15 for x in left), text
 
 
 def test_fetch_wheels_dry_run_names_the_wheel_for_the_gpu_machine():
