@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -106,6 +105,8 @@ def run_harness(args) -> int:
     harness.check_tasks(plan, manager)  # a misspelt task fails here, not after the model has loaded
     from lm_eval.utils import simple_parse_args_string
 
+    if args.gen_kwargs:  # checked now: generation tasks run last, after hours of the others
+        harness.GenerationSettings.from_gen_kwargs(simple_parse_args_string(args.gen_kwargs), 256, None)
     extra = simple_parse_args_string(args.model_args)
     flags = {"pretrained": "--model", "adapter": "--adapter", "quant": "--quant", "dtype": "--dtype",
              "device": "--device", "batch_size": "--batch-size", "max_batch_tokens": "--max-batch-tokens",
@@ -118,16 +119,16 @@ def run_harness(args) -> int:
                           device=args.device, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
                           max_length=args.max_length, **extra)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+
+    def save(results: dict, done: bool) -> None:  # each few-shot group's results kept as soon as it finishes
+        if args.output:
+            harness.write_results(results, Path(args.output), args.log_samples, complete=done)
+
     results = harness.run_plan(lm, plan, limit=limit, log_samples=args.log_samples, gen_kwargs=args.gen_kwargs,
-                               manager=manager)
+                               manager=manager, on_group=save)
     print(harness.results_table(results, plan if args.preset else None))
     if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if not args.log_samples:
-            results.pop("samples", None)
-        out.write_text(json.dumps(results, indent=2, default=str) + "\n")
-        print(f"results written to {out}")
+        print(f"results written to {args.output}")
     return 0
 
 

@@ -77,6 +77,16 @@ def _as_int(name: str, value, minimum: int = 1) -> int:
     return number
 
 
+def _context_length(folder) -> int | None:
+    """max_position_embeddings from a checkpoint folder's config.json (None where it cannot be read: the load
+    then says why)."""
+    try:
+        value = json.loads((Path(folder) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
+
+
 @register_model("bezoar")
 class BezoarLM(TemplateLM):
     """An lm-eval ``LM`` over a bezoar model (dense or NF4, with or without a LoRA adapter)."""
@@ -121,6 +131,20 @@ class BezoarLM(TemplateLM):
         self.add_bos_token = _as_bool("add_bos_token", add_bos_token)
         self.seed = _as_int("seed", seed, minimum=0)
 
+        if device:
+            try:
+                torch.device(device)
+            except RuntimeError:
+                raise ValueError(f"model_args device={device!r}: not a torch device (cpu, cuda, cuda:N)") from None
+        from bezoar.model.decode import DECODE_MODES
+
+        if decode not in (None, "auto") and decode not in DECODE_MODES:
+            raise ValueError(f"model_args decode={decode!r}: choose one of {', '.join(DECODE_MODES)}")
+        context = _context_length(pretrained) if model is None and pretrained else None
+        if max_length not in (None, "") and context is not None and _as_int("max_length", max_length) > context:
+            raise ValueError(f"model_args max_length={max_length} exceeds the model's context of {context}")
+        self.adapter = str(adapter) if adapter else None
+        self.quant = None if quant in (None, "", "none", "None") else str(quant)
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
             # lm-eval's command line asks for cuda:0 unless told otherwise; run where we can.
             log.warning("device=%s asked for, but CUDA is not available: running on the CPU", device)
@@ -182,10 +206,18 @@ class BezoarLM(TemplateLM):
         return self.tokenizer.decode(tokens)
 
     def get_model_info(self) -> dict:
+        """The model as loaded: its folder, adapter, quantization and dtype, and its parameter count by the
+        weights' logical shapes (an NF4 weight's packed bytes are half its values)."""
         cfg = self.model.config
-        return {"model": "bezoar", "pretrained": self.pretrained, "dtype": str(self.model.dtype),
-                "num_parameters": sum(p.numel() for p in self.model.parameters()),
-                "hidden_size": cfg.hidden_size, "num_layers": cfg.num_hidden_layers}
+        count = 0
+        for module in self.model.modules():
+            nf4 = getattr(module, "out_features", None) is not None and hasattr(module, "packed")
+            if nf4:
+                count += module.out_features * module.in_features
+            count += sum(p.numel() for n, p in module.named_parameters(recurse=False))
+        return {"model": "bezoar", "pretrained": self.pretrained, "adapter": self.adapter, "quant": self.quant,
+                "dtype": str(self.model.dtype), "num_parameters": count, "hidden_size": cfg.hidden_size,
+                "num_layers": cfg.num_hidden_layers}
 
     # ---- loglikelihood ----------------------------------------------------------------------
 
@@ -262,23 +294,33 @@ class BezoarLM(TemplateLM):
         eos_text = self.tokenizer.sp.IdToPiece(self.eot_token_id)
         for members in groups.values():
             settings = GenerationSettings.from_gen_kwargs(requests[members[0]].args[1], self.max_gen_toks, eos_text)
-            room = self.max_length - settings.max_gen_toks
+            new_most = settings.max_gen_toks if settings.max_length is None else min(settings.max_length,
+                                                                                      self.max_length - 1)
+            room = self.max_length - new_most
             if room <= 0:
                 raise ValueError(f"generate_until: max_gen_toks={settings.max_gen_toks} leaves no room for a "
                                  f"context in max_length={self.max_length}")
             encoded = {i: self.tok_encode(requests[i].args[0])[-room:] for i in members}
+            # each prompt's own number of new tokens: max_gen_toks, or what gen_kwargs max_length leaves it
+            budget = {i: new_most if settings.max_length is None else
+                      max(0, min(settings.max_length, self.max_length) - len(encoded[i])) for i in members}
             members = sorted(members, key=lambda i: -len(encoded[i]))
-            step = self.batch_size or max(1, self.max_batch_tokens // max(1, len(encoded[members[0]]) + settings.max_gen_toks))
+            step = self.batch_size or max(1, self.max_batch_tokens // max(1, len(encoded[members[0]]) + new_most))
             generator = torch.Generator(device=self.model.device).manual_seed(self.seed)
             for a in range(0, len(members), step):
                 batch = members[a: a + step]
-                ids, mask = left_pad([encoded[i] for i in batch], self.tokenizer.pad_id)
-                new_ids, _ = generate_ids(
-                    self.model, ids, mask, max_new_tokens=settings.max_gen_toks,
-                    temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                    eos_id=self.eot_token_id, generator=generator,
-                    should_stop=StopStrings(self.tokenizer, settings.stop), decoder=decoder)
+                most = max(budget[i] for i in batch)
+                if most == 0:  # max_length leaves these prompts nothing to add
+                    new_ids = [[] for _ in batch]
+                else:
+                    ids, mask = left_pad([encoded[i] for i in batch], self.tokenizer.pad_id)
+                    new_ids, _ = generate_ids(
+                        self.model, ids, mask, max_new_tokens=most,
+                        temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+                        eos_id=self.eot_token_id, generator=generator,
+                        should_stop=StopStrings(self.tokenizer, settings.stop), decoder=decoder)
                 for i, new in zip(batch, new_ids):
+                    new = new[: budget[i]]  # a row's tokens do not depend on the rows beside it
                     text = cut_at_stop(self.tokenizer.decode(new), settings.stop)
                     out[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
@@ -300,6 +342,7 @@ class GenerationSettings:
     top_p: float
     stop: list[str]
     top_k: int = 0  # 0: off
+    max_length: int | None = None  # gen_kwargs max_length: prompt + new tokens, per prompt (replaces max_gen_toks)
 
     @classmethod
     def from_gen_kwargs(cls, gen_kwargs: dict, default_max: int, eos_text: str | None) -> "GenerationSettings":
@@ -315,7 +358,21 @@ class GenerationSettings:
         max_gen_toks = int(kwargs.pop("max_gen_toks"))
         do_sample = bool(kwargs.pop("do_sample", False))
         temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
-        top_p = float(kwargs.pop("top_p", 1.0) or 1.0)
+        top_p = kwargs.pop("top_p", None)
+        top_p = 1.0 if top_p is None else float(top_p)  # 0 keeps the most likely token alone, as in transformers
+        if not 0.0 <= top_p <= 1.0:
+            raise ValueError(f"generate_until: gen_kwargs top_p={top_p}: must be between 0 and 1")
+        max_length = kwargs.pop("max_length", None)
+        if max_length is not None:
+            try:
+                max_length = int(max_length)
+            except (TypeError, ValueError):
+                raise ValueError(f"generate_until: gen_kwargs max_length={max_length!r}: expected an integer") from None
+            if max_length < 1:
+                raise ValueError(f"generate_until: gen_kwargs max_length={max_length}: must be at least 1")
+            log.warning("generate_until: gen_kwargs max_length=%d counts each prompt's tokens too (transformers' "
+                        "meaning, which lm-eval's HF model follows) and replaces max_gen_toks; lm-eval tasks "
+                        "name max_gen_toks", max_length)
         top_k = kwargs.pop("top_k", None)
         top_k = HF_TOP_K if top_k is None else top_k
         try:
@@ -326,11 +383,11 @@ class GenerationSettings:
             temperature = 1.0  # sampling without a temperature means the plain distribution
         if not do_sample:
             temperature, top_k = 0.0, 0
-        ignored = sorted(k for k in kwargs if k not in ("max_length",))
+        ignored = sorted(kwargs)
         if ignored:
             log.warning("generate_until: ignoring generation kwargs bezoar does not implement: %s", ", ".join(ignored))
         return cls(max_gen_toks=max_gen_toks, temperature=temperature, top_p=top_p, stop=[s for s in stop if s],
-                   top_k=top_k)
+                   top_k=top_k, max_length=max_length)
 
 
 # ---- task plans and the results table --------------------------------------------------------
@@ -405,9 +462,9 @@ def results_table(results: dict, plan: list[TaskPlan] | None = None) -> str:
     for task in names:
         task_results = per_task[task]
         p = planned.get(task)
-        metrics = [p.metric] if p is not None and p.metric else sorted(
-            {k.partition(",")[0] for k, v in task_results.items()
-             if "," in k and isinstance(v, (int, float)) and "_stderr" not in k})
+        metrics = [p.metric] if p is not None and p.metric else sorted(  # each (metric, filter): gsm8k has two
+            {k for k, v in task_results.items()
+             if "," in k and isinstance(v, (int, float)) and "_stderr" not in k.partition(",")[0]})
         for metric in metrics:
             value, stderr, filt = _metric_value(task_results, metric)
             if value is None:
@@ -443,27 +500,55 @@ def check_tasks(plan: list[TaskPlan], manager) -> None:
                          f"file{searched}")
 
 
+#: lm-eval result keys that hold one entry per task (or group): merged across the plan's few-shot groups
+PER_TASK_KEYS = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better",
+                 "n-samples", "samples")
+
+
 def run_plan(lm, plan: list[TaskPlan], limit: float | None = None, include_path: str | None = None,
              include_defaults: bool = True, log_samples: bool = False, bootstrap_iters: int = 100000,
-             gen_kwargs: str | None = None, manager=None) -> dict:
+             gen_kwargs: str | None = None, manager=None, on_group=None) -> dict:
     """Evaluate ``lm`` on every task of the plan (one ``simple_evaluate`` per few-shot count) and
-    merge lm-eval's result dicts. ``include_defaults=False`` indexes only ``include_path``'s tasks;
-    ``manager`` (from ``task_manager``) replaces both."""
+    merge lm-eval's result dicts: the per-task entries (``PER_TASK_KEYS``) of every group, and the run's own
+    record (``config``: model, limit, batch size ...; ``date``, versions) of the first, with ``model_info``
+    (bezoar's model: its folder, adapter, quantization, dtype). ``include_defaults=False`` indexes only
+    ``include_path``'s tasks; ``manager`` (from ``task_manager``) replaces both. ``on_group(merged, done)``
+    is called after each group with the results so far and whether the plan is finished."""
     import lm_eval
 
     if manager is None:
         manager = task_manager(include_path, include_defaults)
     check_tasks(plan, manager)
-    merged: dict[str, Any] = {"results": {}, "n-shot": {}, "configs": {}, "versions": {}, "samples": {}}
+    merged: dict[str, Any] = {key: {} for key in PER_TASK_KEYS}
+    if hasattr(lm, "get_model_info"):
+        merged["model_info"] = lm.get_model_info()
     by_shots: dict[int | None, list[str]] = {}
     for p in plan:
         by_shots.setdefault(p.num_fewshot, []).append(p.task)
-    for shots, tasks in by_shots.items():
+    for n, (shots, tasks) in enumerate(by_shots.items()):
         out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=shots, limit=limit, task_manager=manager,
                                       log_samples=log_samples, bootstrap_iters=bootstrap_iters, gen_kwargs=gen_kwargs)
-        if out is None:
-            continue
-        for key in ("results", "n-shot", "configs", "versions", "samples"):
-            merged[key].update(out.get(key) or {})
-        merged.setdefault("groups", {}).update(out.get("groups") or {})
+        if out is not None:
+            for key, value in out.items():
+                if key in PER_TASK_KEYS:
+                    merged[key].update(value or {})
+                else:
+                    merged.setdefault(key, value)
+        if on_group is not None:
+            on_group(merged, n == len(by_shots) - 1)
     return merged
+
+
+def write_results(results: dict, out: Path, log_samples: bool, complete: bool = True) -> None:
+    """``results`` as JSON at ``out``, whole or not at all (a temporary file, fsynced, then renamed over it);
+    ``complete`` False marks the results of a run still going (``"complete": false``)."""
+    import os
+
+    record = {k: v for k, v in results.items() if log_samples or k != "samples"}
+    record["complete"] = complete
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(record, indent=2, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out)

@@ -127,7 +127,8 @@ def _sampling_weights(logits: torch.Tensor, temperature: float, top_p: float, to
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         before = sorted_probs.cumsum(-1) - sorted_probs  # mass strictly above each token
-        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # the top token always stays
+        # the top token (no mass above it) always stays, at top_p = 0 too
+        sorted_probs = sorted_probs.masked_fill((before >= top_p) & (before > 0), 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return probs
 

@@ -376,6 +376,57 @@ def test_results_table_headline_metrics_and_average():
     assert "6 of 6 tasks" in table
 
 
+def test_results_table_without_a_preset_shows_every_filter_of_a_metric():
+    """gsm8k reports exact_match under two filters; the table (and report.md) showed the first one alone."""
+    results = {"results": {"gsm8k": {"exact_match,flexible-extract": 0.09, "exact_match_stderr,flexible-extract": 0.01,
+                                     "exact_match,strict-match": 0.05, "alias": "gsm8k"}}, "n-shot": {"gsm8k": 5}}
+    table = harness.results_table(results)
+    assert "| gsm8k | 5 | exact_match (flexible-extract) | 0.0900 | 0.0100 |" in table
+    assert "| gsm8k | 5 | exact_match (strict-match) | 0.0500 |  |" in table
+
+
+def test_gen_kwargs_top_p_and_max_length_as_transformers_reads_them(tiny_model, tiny_tokenizer):
+    """top_p=0 switched the filter off (0 read as "unset"), where transformers keeps the most likely token alone;
+    max_length (prompt + new tokens, per prompt) was dropped, so 256 tokens came back."""
+    settings = harness.GenerationSettings.from_gen_kwargs({"do_sample": True, "top_p": 0}, 16, None)
+    assert settings.top_p == 0.0
+    with pytest.raises(ValueError, match=r"top_p=1.5: must be between 0 and 1"):
+        harness.GenerationSettings.from_gen_kwargs({"do_sample": True, "top_p": 1.5}, 16, None)
+    with pytest.raises(ValueError, match=r"max_length='x': expected an integer"):
+        harness.GenerationSettings.from_gen_kwargs({"max_length": "x"}, 16, None)
+    greedy = make_lm(tiny_model, tiny_tokenizer).generate_until(
+        instances("generate_until", [(p, {"until": ["\n"], "max_gen_toks": 8}) for p in GEN_PROMPTS]))
+    top0 = make_lm(tiny_model, tiny_tokenizer, seed=3).generate_until(instances("generate_until", [
+        (p, {"until": ["\n"], "max_gen_toks": 8, "do_sample": True, "temperature": 1.0, "top_p": 0}) for p in GEN_PROMPTS]))
+    assert top0 == greedy
+    lm = make_lm(tiny_model, tiny_tokenizer, batch_size=4)
+    lengths = [len(lm.tok_encode(p)) for p in GEN_PROMPTS]
+    total = max(lengths) + 3
+    got = lm.generate_until(instances("generate_until", [(p, {"until": [], "max_length": total}) for p in GEN_PROMPTS]))
+    for prompt, n, text in zip(GEN_PROMPTS, lengths, got):
+        alone = make_lm(tiny_model, tiny_tokenizer).generate_until(
+            instances("generate_until", [(prompt, {"until": [], "max_gen_toks": total - n})]))[0]
+        assert text == alone, (prompt, total - n)
+    assert lm.generate_until(instances("generate_until", [(GEN_PROMPTS[0], {"until": [], "max_length": 2})])) == [""]
+
+
+def test_model_info_counts_an_nf4_model_by_its_weights_and_names_how_it_loaded(tiny_dir):
+    dense = harness.BezoarLM(pretrained=str(tiny_dir), device="cpu").get_model_info()
+    nf4 = harness.BezoarLM(pretrained=str(tiny_dir), device="cpu", quant="nf4").get_model_info()
+    assert nf4["num_parameters"] == dense["num_parameters"]  # the packed bytes counted 65,856 of 166,208
+    assert (dense["quant"], nf4["quant"], nf4["adapter"]) == (None, "nf4", None)
+
+
+def test_bad_model_args_fail_before_the_model_loads(tiny_dir, monkeypatch):
+    import bezoar.model
+
+    monkeypatch.setattr(bezoar.model, "load", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    for kwargs, match in (({"max_length": 10**6}, "exceeds the model's context"), ({"decode": "fast"}, "decode='fast'"),
+                          ({"device": "tpu"}, "device='tpu': not a torch device")):
+        with pytest.raises(ValueError, match=match):
+            harness.BezoarLM(pretrained=str(tiny_dir), **kwargs)
+
+
 def test_harness_command_line_on_local_tasks(tiny_dir, tmp_path, capsys):
     from bezoar.eval.__main__ import main
 
@@ -390,6 +441,10 @@ def test_harness_command_line_on_local_tasks(tiny_dir, tmp_path, capsys):
     assert "| bezoar_mc | 1 | acc |" in printed and "| bezoar_ppl | 0 | word_perplexity |" in printed
     saved = json.loads(out.read_text())
     assert saved["results"]["bezoar_mc"]["acc,none"] in (0.0, 0.5, 1.0) and "samples" not in saved
+    # lm-eval's record of the run is kept: a --limit run says so, and how the model was loaded
+    assert saved["complete"] is True and saved["config"]["limit"] == 2
+    assert saved["n-samples"]["bezoar_mc"] == {"original": 6, "effective": 2}
+    assert saved["model_info"]["pretrained"] == str(tiny_dir) and "higher_is_better" in saved
     assert main(["harness", "--tasks", "bezoar_mc", "--include-path", str(folder), "--no-builtin-tasks"]) == 2
     assert "--model DIR is required" in capsys.readouterr().err
 
@@ -466,3 +521,39 @@ def test_lm_eval_passthrough_registers_bezoar(monkeypatch):
     assert main(["lm-eval", "run", "--model", "bezoar", "--tasks", "x"]) == 0
     assert seen["argv"] == ["lm-eval", "run", "--model", "bezoar", "--tasks", "x"]
     assert seen["model"] is harness.BezoarLM
+
+
+def test_harness_keeps_each_few_shot_groups_results_and_checks_gen_kwargs_first(tiny_dir, tiny_model, tiny_tokenizer,
+                                                                                 tmp_path, capsys, monkeypatch):
+    """A bad --gen-kwargs failed only when the generation tasks ran, last, and --output was written only at the
+    very end: hours of results were lost. Now gen_kwargs are checked first, and each few-shot group's results are
+    written (atomically, marked incomplete) as it finishes."""
+    import lm_eval
+
+    from bezoar.eval.__main__ import main
+
+    folder = tmp_path / "tasks"
+    write_tasks(folder)
+    out = tmp_path / "results.json"
+    code = main(["harness", "--model", str(tiny_dir), "--include-path", str(folder), "--no-builtin-tasks",
+                 "--tasks", "bezoar_mc", "--gen-kwargs", "top_k=-1", "--output", str(out)])
+    assert code == 2 and "top_k" in capsys.readouterr().err and not out.exists()
+
+    real, calls = lm_eval.simple_evaluate, []
+
+    def second_group_killed(*args, **kwargs):
+        calls.append(kwargs["num_fewshot"])
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", second_group_killed)
+    plan = [harness.TaskPlan("bezoar_mc", 1), harness.TaskPlan("bezoar_ppl", 0)]
+    manager = harness.task_manager(str(folder), include_defaults=False)
+    lm = make_lm(tiny_model, tiny_tokenizer)
+    with pytest.raises(RuntimeError, match="killed"):
+        harness.run_plan(lm, plan, limit=2, manager=manager,
+                         on_group=lambda results, done: harness.write_results(results, out, False, complete=done))
+    saved = json.loads(out.read_text())
+    assert calls == [1, 0] and saved["complete"] is False and list(saved["results"]) == ["bezoar_mc"]
+    assert not out.with_name("results.json.tmp").exists()
