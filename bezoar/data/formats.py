@@ -27,9 +27,8 @@ The template ("modified Alpaca", as the OpenBezoar model cards describe it)::
 
 ``{system}`` is the template's default system line unless the record carries its own (Orca's
 system messages replace it). The default system line is the Alpaca preamble reworded for an
-optional input, as the model cards show it; it was written from the cards' description (the
-search tools could not fetch the card text), so a recipe that needs it byte-exact should set
-``template.system`` explicitly. An input, when present, follows the instruction after a blank
+optional input, the OpenBezoar-SFT card's text character for character (checked against the card's
+README); no EOS follows the response header at inference, as the card notes. An input, when present, follows the instruction after a blank
 line inside the Instruction section. ``style = "raw"`` uses no template at all: the prompt is
 the instruction (plus input) and the response is the response, exactly as given (nothing stripped),
 for data that is already formatted.
