@@ -373,7 +373,7 @@ def save(model, path, tokenizer_from=None, max_shard_size="2GB", dtype=None, ove
     if gen_source is not None and gen_source.is_file():
         shutil.copy2(gen_source, tmp / "generation_config.json")
     else:
-        gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}
+        gen = {key: hf.get(key) for key in ("bos_token_id", "eos_token_id")}  # a list of eos ids stays one
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
     if source is not None:

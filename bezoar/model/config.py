@@ -83,23 +83,28 @@ class LlamaConfig:
                 "bezoar runs Llama-architecture models only (model_type 'llama')"
             )
         _check_quantization(d.get("quantization_config"), source)
-        for key, allowed in (("hidden_act", ("silu",)),):
+        for key, allowed in (("hidden_act", ("silu", "swish")),):  # transformers' swish is SiLU
             if key in d and d[key] not in allowed:
                 raise ConfigError(f"{source}: key {key!r} is {d[key]!r}; bezoar supports {allowed}")
         for key in ("attention_bias", "mlp_bias"):
             if d.get(key):
                 raise ConfigError(f"{source}: key {key!r} is true; bezoar's Llama has no biases")
-        rope = d.get("rope_parameters") or d.get("rope_scaling")
+        dropout = d.get("attention_dropout")
+        if dropout not in (None, 0, 0.0):
+            raise ConfigError(f"{source}: key 'attention_dropout' is {dropout!r}; bezoar's attention has no dropout "
+                              "(set it to 0.0: LoRA's own dropout is lora.dropout)")
         theta = d.get("rope_theta")
         theta_key = "rope_theta"
-        if isinstance(rope, dict):
-            rope_type = rope.get("rope_type", rope.get("type", "default"))
-            if rope_type not in (None, "default"):
-                name = "rope_parameters" if "rope_parameters" in d else "rope_scaling"
+        # transformers 5 writes rope_parameters and still reads a rope_scaling beside it: every such table counts
+        for name in ("rope_scaling", "rope_parameters"):
+            rope = d.get(name)
+            if not isinstance(rope, dict):
+                continue
+            rope_type = rope.get("rope_type") or rope.get("type") or "default"
+            if rope_type != "default":
                 raise ConfigError(f"{source}: key {name!r} asks for rope type {rope_type!r}; only default RoPE is supported")
             if rope.get("rope_theta") is not None:
-                theta = rope["rope_theta"]
-                theta_key = ("rope_parameters" if "rope_parameters" in d else "rope_scaling") + ".rope_theta"
+                theta, theta_key = rope["rope_theta"], f"{name}.rope_theta"
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         for key in required:
             if key not in d:
@@ -128,11 +133,15 @@ class LlamaConfig:
                                   f"{', '.join(sorted(set(DTYPE_NAMES.values())))}")
         if d.get("dtype") is not None:
             kwargs["torch_dtype"] = d["dtype"]
+        listed = {}
         for key in ("bos_token_id", "eos_token_id"):
             if isinstance(kwargs.get(key), list):  # some configs list several ids; the first is the main one
+                listed[key] = kwargs[key]  # and the list is written back as it was (to_hf_dict)
                 kwargs[key] = kwargs[key][0] if kwargs[key] else None
         extra = {k: v for k, v in d.items()
                  if k not in known and k not in ("rope_theta", "rope_parameters", "rope_scaling", "dtype")}
+        if listed:
+            extra["_token_id_lists"] = listed
         try:
             return cls(rope_theta=float(theta if theta is not None else 10000.0), extra=extra, **kwargs)
         except ConfigError as e:
@@ -158,6 +167,7 @@ class LlamaConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         d = dict(self.extra)
         d.pop("quantization_config", None)
+        listed = d.pop("_token_id_lists", {})
         d.update(
             architectures=["LlamaForCausalLM"],
             model_type="llama",
@@ -179,6 +189,9 @@ class LlamaConfig:
             attention_bias=False,
             mlp_bias=False,
         )
+        for key, ids in listed.items():  # several eos ids, as the source listed them (when the first is unchanged)
+            if ids and ids[0] == d.get(key):
+                d[key] = list(ids)
         if self.torch_dtype:  # under both names: transformers 5 reads "dtype", older versions "torch_dtype"
             name = str(self.torch_dtype).replace("torch.", "")
             d["dtype"] = d["torch_dtype"] = DTYPE_NAMES.get(name, name)

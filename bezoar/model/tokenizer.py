@@ -1,8 +1,13 @@
 """A thin wrapper around a sentencepiece ``tokenizer.model`` with Llama's special-token rules.
 
 bos/eos/pad ids come from the model folder's ``tokenizer_config.json`` / ``special_tokens_map.json`` /
-``config.json`` when they say so, otherwise from the sentencepiece model itself. Encoding is plain
-sentencepiece (what transformers' slow ``LlamaTokenizer`` does for text without special tokens).
+``config.json`` when they say so, otherwise from the sentencepiece model itself. Tokens added beyond the
+sentencepiece vocabulary (``added_tokens_decoder`` in tokenizer_config.json, ``added_tokens.json``, or
+tokenizer.json's ``added_tokens``: a chat model's ``<|im_end|>``, say) are known by id: a special token
+named there is the model's bos/eos/pad, and decoding drops special ones and writes the others' text
+(ids beyond every token, from a vocabulary padded past the tokenizer, decode to nothing). Encoding is plain
+sentencepiece (what transformers' slow ``LlamaTokenizer`` does for text without special tokens: added
+tokens written in a text stay text).
 """
 
 from __future__ import annotations
@@ -40,6 +45,38 @@ def _token_text(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _added_tokens(folder: Path, tok_cfg: dict, size: int) -> dict[int, tuple[str, bool]]:
+    """``{id: (text, special)}`` of the tokens added beyond sentencepiece's ``size`` pieces, from
+    tokenizer_config.json's ``added_tokens_decoder``, added_tokens.json, and tokenizer.json's ``added_tokens``
+    (the first that names an id wins). Added tokens that are sentencepiece pieces already (``<s>``) are left
+    to sentencepiece."""
+    found: dict[int, tuple[str, bool]] = {}
+
+    def add(i, text, special):
+        if isinstance(i, str) and i.isdigit():
+            i = int(i)
+        if isinstance(i, int) and i >= size and isinstance(text, str) and i not in found:
+            found[i] = (text, bool(special))
+
+    decoder = tok_cfg.get("added_tokens_decoder")
+    if isinstance(decoder, dict):
+        for i, entry in decoder.items():
+            if isinstance(entry, dict):
+                add(i, entry.get("content"), entry.get("special", True))
+    for text, i in _read_json(folder / "added_tokens.json").items():
+        add(i, text, True)
+    fast = folder / "tokenizer.json"
+    if fast.exists() and not found:
+        try:
+            entries = json.loads(fast.read_text()).get("added_tokens") or []
+        except (ValueError, AttributeError):
+            entries = []
+        for entry in entries if isinstance(entries, list) else []:
+            if isinstance(entry, dict):
+                add(entry.get("id"), entry.get("content"), entry.get("special", True))
+    return found
+
+
 class Tokenizer:
     def __init__(self, path: str | Path):
         import sentencepiece as spm
@@ -62,21 +99,33 @@ class Tokenizer:
         self.unk_id = self.sp.unk_id()
         pad = self.sp.pad_id()
         self.pad_id = pad if pad >= 0 else None
-        if folder is not None:
-            cfg = _read_json(folder / "config.json")
-            for name in ("bos", "eos", "pad"):
-                value = cfg.get(f"{name}_token_id")
-                if isinstance(value, list):
-                    value = value[0] if value else None
-                if isinstance(value, int) and 0 <= value < self.sp.GetPieceSize():
-                    setattr(self, f"{name}_id", value)
-            specials = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
-            for name in ("bos", "eos", "pad"):
-                text = _token_text(specials.get(f"{name}_token"))
-                if text is not None:
-                    piece_id = self.sp.PieceToId(text)
-                    if piece_id != self.unk_id or text == self.sp.IdToPiece(self.unk_id):
-                        setattr(self, f"{name}_id", piece_id)
+        tok_cfg = _read_json(folder / "tokenizer_config.json")
+        self.added = _added_tokens(folder, tok_cfg, self.sp.GetPieceSize())  # id -> (text, special)
+        by_text = {text: i for i, (text, _) in self.added.items()}
+        cfg = _read_json(folder / "config.json")
+        for name in ("bos", "eos", "pad"):
+            value = cfg.get(f"{name}_token_id")
+            if isinstance(value, list):
+                value = value[0] if value else None
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                if value >= self.sp.GetPieceSize() and value not in self.added:
+                    raise TokenizerError(f"{folder / 'config.json'}: {name}_token_id = {value} is beyond the "
+                                         f"tokenizer's {self.sp.GetPieceSize()} pieces and no added token has it")
+                setattr(self, f"{name}_id", value)
+        specials = {**_read_json(folder / "special_tokens_map.json"), **tok_cfg}
+        for name in ("bos", "eos", "pad"):
+            text = _token_text(specials.get(f"{name}_token"))
+            if text is None:
+                continue
+            if text in by_text:
+                setattr(self, f"{name}_id", by_text[text])
+                continue
+            piece_id = self.sp.PieceToId(text)
+            if piece_id != self.unk_id or text == self.sp.IdToPiece(self.unk_id):
+                setattr(self, f"{name}_id", piece_id)
+            elif name != "pad":  # a pad the model lacks is harmless: padded positions are masked out
+                raise TokenizerError(f"{folder}: {name}_token {text!r} (tokenizer_config.json or "
+                                     "special_tokens_map.json) is neither a sentencepiece piece nor an added token")
         if self.pad_id is None:
             # Llama has no pad token; padded positions are masked out, so any id will do.
             self.pad_id = self.unk_id if self.unk_id >= 0 else 0
@@ -103,7 +152,31 @@ class Tokenizer:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         special = {self.bos_id, self.eos_id, self.pad_id} if skip_special else set()
-        return self.sp.DecodeIds([int(i) for i in ids if int(i) not in special])
+        size = self.sp.GetPieceSize()
+        parts, run = [], []
+
+        def flush():
+            text = self.sp.DecodeIds(run)
+            # sentencepiece drops the space a text's first piece starts with (its dummy prefix); after an added
+            # token that space is the text's own, and transformers keeps it
+            if parts and run and self.sp.IdToPiece(run[0]).startswith("\u2581"):
+                text = " " + text
+            parts.append(text)
+
+        for i in (int(i) for i in ids):
+            if i in special:
+                continue
+            if 0 <= i < size:
+                run.append(i)
+                continue
+            text, is_special = self.added.get(i, ("", True))  # an id beyond every token decodes to nothing
+            if is_special and skip_special:
+                continue
+            flush()
+            parts.append(text)
+            run = []
+        flush()
+        return "".join(parts)
 
     def batch(
         self,
@@ -120,9 +193,14 @@ class Tokenizer:
         """
         if padding_side not in ("left", "right") or truncation_side not in ("left", "right"):
             raise ValueError("padding_side and truncation_side must be 'left' or 'right'")
-        seqs = self.encode_many(texts, bos=bos, eos=eos)
-        if max_length is not None:
-            seqs = [s[-max_length:] if truncation_side == "left" else s[:max_length] for s in seqs]
+        seqs = self.encode_many(texts)
+        pre = [self.bos_id] if bos and self.bos_id is not None and self.bos_id >= 0 else []
+        post = [self.eos_id] if eos and self.eos_id is not None and self.eos_id >= 0 else []
+        if max_length is not None:  # the text is cut, BOS and EOS kept, as transformers truncates
+            keep = max(0, max_length - len(pre) - len(post))
+            seqs = [(s[len(s) - keep:] if truncation_side == "left" else s[:keep]) if len(s) > keep else s
+                    for s in seqs]
+        seqs = [(pre + s + post)[-max_length:] if max_length is not None else pre + s + post for s in seqs]
         width = max((len(s) for s in seqs), default=0)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)

@@ -256,3 +256,40 @@ def test_config_field_of_the_wrong_type_names_file_and_key(tiny_dir, tmp_path, k
     with pytest.raises(ConfigError) as e:
         load(folder, device="cpu")
     assert "config.json" in str(e.value) and key in str(e.value), str(e.value)
+
+
+def _with_config(tiny_dir, tmp_path, **changes):
+    folder = tmp_path / "cfg"
+    shutil.copytree(tiny_dir, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("changes, key", [
+    # transformers 5 writes rope_parameters (default) and still applies a rope_scaling beside it: bezoar read
+    # only the first and ran default RoPE, logits 0.12-0.15 off
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "rope_scaling": {"type": "linear", "factor": 4.0}},
+     "rope_scaling"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+      "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
+    ({"rope_scaling": {"rope_type": None, "type": "linear", "factor": 2.0}}, "rope_scaling"),  # read as default
+    ({"attention_dropout": 0.1}, "attention_dropout"),  # dropped without a word in training
+])
+def test_configs_bezoar_cannot_run_as_given_are_refused_naming_the_key(tiny_dir, tmp_path, changes, key):
+    with pytest.raises(ConfigError, match=key):
+        load(_with_config(tiny_dir, tmp_path, **changes), device="cpu")
+
+
+def test_swish_is_silu_and_a_list_of_eos_ids_is_written_back_whole(tiny_dir, tmp_path):
+    import transformers
+
+    folder = _with_config(tiny_dir, tmp_path, hidden_act="swish", eos_token_id=[2, 7], attention_dropout=0.0)
+    (folder / "generation_config.json").unlink(missing_ok=True)
+    model = load(folder, device="cpu")
+    assert model.config.eos_token_id == 2
+    out = save(model, tmp_path / "saved")
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == [2, 7]  # was cut to 2
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [2, 7]
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == [2, 7]

@@ -201,5 +201,54 @@ def test_tokenizer_matches_transformers(tiny_dir):
         assert ours.decode(ours.encode(text)) == text
     ids, mask = ours.batch(["a", "a b c d"], bos=True, eos=True)
     assert mask.tolist()[0][:3] == [0, 0, 0] and ids[0, -1] == ours.eos_id and ids[0, -3] == ours.bos_id
+    # Truncation cuts the text and keeps BOS, as transformers does (the BOS was cut off before, so a prompt
+    # generate() cut to the context ran without one).
     ids, mask = ours.batch(["a b c d e f"], max_length=3, truncation_side="left")
-    assert ids.shape == (1, 3) and ids[0].tolist() == ours.encode("a b c d e f", bos=True)[-3:]
+    theirs.truncation_side = "left"
+    want = theirs("a b c d e f", truncation=True, max_length=3).input_ids
+    assert ids.shape == (1, 3) and ids[0].tolist() == want == [ours.bos_id] + ours.encode("a b c d e f")[-2:]
+    ids, _ = ours.batch(["a b c d e f"], max_length=3, truncation_side="right", eos=True)
+    assert ids[0].tolist() == [ours.bos_id] + ours.encode("a b c d e f")[:1] + [ours.eos_id]
+
+
+def _tokenizer_folder(tiny_dir, tmp_path, config=None, tok_cfg=None):
+    import json
+    import shutil
+
+    folder = tmp_path / "tok"
+    shutil.copytree(tiny_dir, folder)
+    if config:
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, **config}))
+    if tok_cfg is not None:
+        path = folder / "tokenizer_config.json"
+        old = json.loads(path.read_text()) if path.exists() else {}
+        path.write_text(json.dumps({**old, **tok_cfg}))
+    return folder
+
+
+def test_added_tokens_are_known_by_id_and_name_the_eos(tiny_dir, tmp_path):
+    """A chat model's EOS added beyond sentencepiece (<|im_end|> at 512) was dropped without a word (eos stayed
+    </s>, so generation did not stop at it), and decoding its id raised IndexError."""
+    added = {"512": {"content": "<|im_end|>", "special": True}, "513": {"content": "<tool>", "special": False}}
+    folder = _tokenizer_folder(tiny_dir, tmp_path, config={"eos_token_id": 512},
+                               tok_cfg={"added_tokens_decoder": added, "eos_token": "<|im_end|>"})
+    tok = Tokenizer(folder)
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    assert tok.eos_id == 512 == theirs.eos_token_id
+    ids = tok.encode("Hello world")
+    assert tok.decode(ids + [512]) == "Hello world"  # special: dropped, as generation output shows it
+    assert tok.decode(ids + [513] + ids) == theirs.decode(ids + [513] + ids, skip_special_tokens=True)
+    assert tok.decode(ids + [700]) == "Hello world"  # an id past every token (a padded vocabulary)
+    assert tok.decode([512], skip_special=False) == "<|im_end|>"
+
+
+@pytest.mark.parametrize("config, tok_cfg, match", [
+    ({"eos_token_id": 900}, None, r"config.json: eos_token_id = 900 is beyond the tokenizer's 512 pieces"),
+    (None, {"eos_token": "<|im_end|>"}, r"eos_token '<\|im_end\|>' .* is neither a sentencepiece piece nor an added"),
+])
+def test_an_eos_the_tokenizer_does_not_have_is_an_error_naming_the_key(tiny_dir, tmp_path, config, tok_cfg, match):
+    from bezoar.model.tokenizer import TokenizerError
+
+    with pytest.raises(TokenizerError, match=match):
+        Tokenizer(_tokenizer_folder(tiny_dir, tmp_path, config=config, tok_cfg=tok_cfg))
