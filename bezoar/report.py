@@ -272,8 +272,10 @@ def harness_tables(recipe, step) -> list[str]:
     section = recipe.evaluate.harness
     plan = harness.make_plan(list(section.tasks) or None, section.preset or None, section.num_fewshot)
     note = earlier_note(step)
-    return (["lm-eval harness" + (" (earlier results):" if note else ":"), ""] + note
-            + [harness.results_table(results, plan if section.preset else None), ""])
+    partial = results.get("complete") is False  # a run stopped between its few-shot groups
+    title = "lm-eval harness" + (" (earlier results)" if note else "") + (" (partial: the run stopped before "
+                                                                          "its last tasks)" if partial else "")
+    return [title + ":", ""] + note + [harness.results_table(results, plan if section.preset else None), ""]
 
 
 def mt_bench_tables(step, root: Path) -> list[str]:

@@ -575,6 +575,8 @@ def token_text(tokenizer, token_id: int) -> str:
     """What one token reads as on its own: sentencepiece's word marker as a space, a byte-fallback
     piece as its character (or ``bytes:\\xNN`` when it is part of a multi-byte character)."""
     sp = tokenizer.sp
+    if token_id >= sp.GetPieceSize():  # an added token (a chat model's <|im_end|>): its text
+        return tokenizer.piece(token_id)
     piece = sp.IdToPiece(token_id)
     if sp.IsByte(token_id):
         value = int(piece[3:5], 16)
@@ -586,7 +588,7 @@ def token_text(tokenizer, token_id: int) -> str:
 
 def token_bytes(tokenizer, token_id: int) -> list[int]:
     sp = tokenizer.sp
-    if sp.IsByte(token_id):
+    if token_id < sp.GetPieceSize() and sp.IsByte(token_id):
         return [int(sp.IdToPiece(token_id)[3:5], 16)]
     return list(token_text(tokenizer, token_id).encode("utf-8"))
 
@@ -658,7 +660,7 @@ class Server:
                              decode=decode)
         self.api_key = api_key
         self.created = int(time.time())
-        self.vocab = tokenizer.vocab_size
+        self.vocab = getattr(tokenizer, "id_count", tokenizer.vocab_size)  # added tokens included
         # Prompts are tokenized in these threads, not on the event loop: a text of megabytes takes seconds.
         self.tokenize_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.piece_bytes = longest_piece_bytes(tokenizer)  # None: no up-front bound on a text's tokens

@@ -301,7 +301,7 @@ def sft_example(record: Record, fmt: str, template: PromptTemplate, fields: Fiel
     rec = instruction_record(record, fields or FIELD_PRESETS[fmt])
     response = rec.response if template.style == "raw" else rec.response.strip()
     return SFTExample(template.render(rec.instruction, rec.input, rec.system), response, record.origin,
-                      not rec.instruction.strip())
+                      not rec.instruction.strip() and not (rec.input or "").strip())
 
 
 def pair_example(record: Record, fmt: str, template: PromptTemplate, system_field: str = "system") -> PairExample:

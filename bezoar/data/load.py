@@ -29,6 +29,7 @@ import json
 import lzma
 import os
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,7 +112,7 @@ def _read_file(path: Path, limit: int | None, skipped: list[str] | None) -> list
             if suffix == ".jsonl":
                 return _read_jsonl(path, f, limit, skipped)
             return _read_json(path, f.read(), limit, skipped)
-    except (OSError, EOFError, lzma.LZMAError) as e:  # a damaged or truncated archive
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:  # a damaged or truncated archive
         raise DataError(f"{path}: cannot be read{f' as {compression[1:]}' if compression else ''} "
                         f"({type(e).__name__}: {e})") from None
 
@@ -196,7 +197,7 @@ def _read_json(path: Path, data: bytes, limit: int | None, skipped: list[str] | 
 def _first_line_is_object(text: str) -> bool:
     """Whether the first line that is not blank is a JSON object on its own (JSON lines, not a JSON document
     with something after it, whose own error is the one to show)."""
-    line = next((x for x in text.splitlines() if x.strip()), "")
+    line = text.lstrip().split("\n", 1)[0]
     try:
         return isinstance(json.loads(line), dict)
     except (ValueError, RecursionError):
@@ -271,21 +272,28 @@ def _read_datasets_folder(path: Path, split: str, limit: int | None, skipped: li
 
 
 def _split_files(path: Path, files: list[Path], split: str) -> list[Path]:
-    """The files of ``split``, as ``datasets`` picks them without a config: where any file's name (or, failing
-    that, its nearest folder's) holds a split's word (``SPLIT_WORDS``, or the split's own name) between
-    separators (``-._`` a space or digits), the files whose word is ``split``'s; where none does, every file
-    is ``train``. Files naming no split beside ones that do are left out, as ``datasets`` leaves them."""
+    """The files of ``split``, as ``datasets`` picks them without a config. A split is named by a word
+    (``SPLIT_WORDS``, or the split's own name; case counts) between separators (``-._``, a space or digits):
+    first in folder names (a file under ``train/``), for every file, then, where no folder names one, in file
+    names. Where something names a split, the files named for ``split`` are its files, and files named for
+    none are left out, as ``datasets`` leaves them out; where nothing names one, every file is ``train``. A
+    folder holding one file is read for the default split whatever its name (an eval folder's
+    ``validation.jsonl`` under an eval_path, say), and refused for another split it is not named for."""
     words = {name: SPLIT_WORDS.get(name, (name,)) for name in (split, *SPLIT_WORDS)}
 
-    def named(file: Path) -> str | None:
-        rel = file.relative_to(path)
-        for part in (rel.name, *reversed(rel.parent.parts)):
+    def named(parts) -> str | None:
+        for part in parts:
             for name, ws in words.items():
-                if any(re.search(rf"(^|[-._ 0-9]){re.escape(w)}($|[-._ 0-9])", part, re.IGNORECASE) for w in ws):
+                if any(re.search(rf"(^|[-._ 0-9]){re.escape(w)}($|[-._ 0-9])", part) for w in ws):
                     return name
         return None
 
-    splits = {file: named(file) for file in files}
+    rel = {file: file.relative_to(path) for file in files}
+    splits = {file: named(reversed(rel[file].parent.parts)) for file in files}  # folders first
+    if not any(splits.values()):
+        splits = {file: named([rel[file].name]) for file in files}
+    if len(files) == 1 and split == "train":
+        return files
     if not any(splits.values()):
         if split != "train":
             raise DataError(f"{path}: no split {split!r}: no file name says which split it holds, so its "

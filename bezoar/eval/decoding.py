@@ -21,7 +21,13 @@ def context_tail(tokenizer, ids: list[int]) -> list[int]:
     sp = tokenizer.sp
     for i in range(len(ids) - 1, -1, -1):
         t = ids[i]
-        if sp.IsControl(t) or t in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id):
+        if t in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id):
+            continue
+        if t >= sp.GetPieceSize():  # an added token: its text stands alone, unless decode drops it
+            if getattr(tokenizer, "added", {}).get(t, ("", True))[1]:
+                continue
+            return list(ids[i:])
+        if sp.IsControl(t):
             continue
         if sp.IsByte(t) and 0x80 <= int(sp.IdToPiece(t)[3:5], 16) < 0xC0:
             continue

@@ -291,24 +291,26 @@ class BezoarLM(TemplateLM):
         for i, req in enumerate(requests):
             groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
         out: list[str | None] = [None] * len(requests)
-        eos_text = self.tokenizer.sp.IdToPiece(self.eot_token_id)
+        eos_text = self.tokenizer.piece(self.eot_token_id)
         for members in groups.values():
             settings = GenerationSettings.from_gen_kwargs(requests[members[0]].args[1], self.max_gen_toks, eos_text)
-            new_most = settings.max_gen_toks if settings.max_length is None else min(settings.max_length,
-                                                                                      self.max_length - 1)
-            room = self.max_length - new_most
+            room = self.max_length - settings.max_gen_toks  # the context's cut, as lm-eval's HF model makes it
             if room <= 0:
                 raise ValueError(f"generate_until: max_gen_toks={settings.max_gen_toks} leaves no room for a "
                                  f"context in max_length={self.max_length}")
             encoded = {i: self.tok_encode(requests[i].args[0])[-room:] for i in members}
             # each prompt's own number of new tokens: max_gen_toks, or what gen_kwargs max_length leaves it
-            budget = {i: new_most if settings.max_length is None else
+            budget = {i: settings.max_gen_toks if settings.max_length is None else
                       max(0, min(settings.max_length, self.max_length) - len(encoded[i])) for i in members}
             members = sorted(members, key=lambda i: -len(encoded[i]))
-            step = self.batch_size or max(1, self.max_batch_tokens // max(1, len(encoded[members[0]]) + new_most))
+            step = self.batch_size or max(1, self.max_batch_tokens // max(
+                1, len(encoded[members[0]]) + max(budget.values())))
+            batches = [members[a: a + step] for a in range(0, len(members), step)]
+            if settings.max_length is not None:  # rows of one batch share one length, so each fits the context
+                batches = [[i for i in batch if len(encoded[i]) == n] for batch in batches
+                           for n in dict.fromkeys(len(encoded[i]) for i in batch)]
             generator = torch.Generator(device=self.model.device).manual_seed(self.seed)
-            for a in range(0, len(members), step):
-                batch = members[a: a + step]
+            for batch in batches:
                 most = max(budget[i] for i in batch)
                 if most == 0:  # max_length leaves these prompts nothing to add
                     new_ids = [[] for _ in batch]

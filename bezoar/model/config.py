@@ -89,14 +89,10 @@ class LlamaConfig:
         for key in ("attention_bias", "mlp_bias"):
             if d.get(key):
                 raise ConfigError(f"{source}: key {key!r} is true; bezoar's Llama has no biases")
-        dropout = d.get("attention_dropout")
-        if dropout not in (None, 0, 0.0):
-            raise ConfigError(f"{source}: key 'attention_dropout' is {dropout!r}; bezoar's attention has no dropout "
-                              "(set it to 0.0: LoRA's own dropout is lora.dropout)")
         theta = d.get("rope_theta")
         theta_key = "rope_theta"
         # transformers 5 writes rope_parameters and still reads a rope_scaling beside it: every such table counts
-        for name in ("rope_scaling", "rope_parameters"):
+        for name in ("rope_parameters", "rope_scaling"):  # rope_scaling's theta wins, as in transformers 5
             rope = d.get(name)
             if not isinstance(rope, dict):
                 continue

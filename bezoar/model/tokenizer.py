@@ -6,8 +6,8 @@ sentencepiece vocabulary (``added_tokens_decoder`` in tokenizer_config.json, ``a
 tokenizer.json's ``added_tokens``: a chat model's ``<|im_end|>``, say) are known by id: a special token
 named there is the model's bos/eos/pad, and decoding drops special ones and writes the others' text
 (ids beyond every token, from a vocabulary padded past the tokenizer, decode to nothing). Encoding is plain
-sentencepiece (what transformers' slow ``LlamaTokenizer`` does for text without special tokens: added
-tokens written in a text stay text).
+sentencepiece (what transformers' slow ``LlamaTokenizer`` does for text without special or added tokens;
+an added token written in a text stays text here, where transformers encodes it as its id).
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ def _added_tokens(folder: Path, tok_cfg: dict, size: int) -> dict[int, tuple[str
         for i, entry in decoder.items():
             if isinstance(entry, dict):
                 add(i, entry.get("content"), entry.get("special", True))
-    for text, i in _read_json(folder / "added_tokens.json").items():
-        add(i, text, True)
+    for text, i in _read_json(folder / "added_tokens.json").items():  # not special, as transformers reads them
+        add(i, text, False)
     fast = folder / "tokenizer.json"
     if fast.exists() and not found:
         try:
@@ -109,13 +109,15 @@ class Tokenizer:
                 value = value[0] if value else None
             if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                 if value >= self.sp.GetPieceSize() and value not in self.added:
+                    if name == "pad":  # a vocabulary resized for a pad the tokenizer files lack: masked out anyway
+                        continue
                     raise TokenizerError(f"{folder / 'config.json'}: {name}_token_id = {value} is beyond the "
                                          f"tokenizer's {self.sp.GetPieceSize()} pieces and no added token has it")
                 setattr(self, f"{name}_id", value)
         specials = {**_read_json(folder / "special_tokens_map.json"), **tok_cfg}
         for name in ("bos", "eos", "pad"):
             text = _token_text(specials.get(f"{name}_token"))
-            if text is None:
+            if not text:  # none, or "" (transformers then keeps its default)
                 continue
             if text in by_text:
                 setattr(self, f"{name}_id", by_text[text])
@@ -132,7 +134,23 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """sentencepiece's pieces (``id_count`` adds the tokens added above them)."""
         return self.sp.GetPieceSize()
+
+    @property
+    def id_count(self) -> int:
+        """How many ids this tokenizer knows: sentencepiece's pieces and the added tokens above them."""
+        return max([self.sp.GetPieceSize(), *(i + 1 for i in self.added)])
+
+    def piece(self, token_id: int) -> str:
+        """The piece of an id: sentencepiece's, or an added token's text ("" for an id past every token)."""
+        if 0 <= token_id < self.sp.GetPieceSize():
+            return self.sp.IdToPiece(token_id)
+        return self.added.get(token_id, ("", True))[0]
+
+    def is_added(self, token_id: int) -> bool:
+        """Whether an id lies above sentencepiece's pieces (an added token, or past every token)."""
+        return token_id >= self.sp.GetPieceSize()
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self.sp.EncodeAsIds(text)
@@ -193,7 +211,7 @@ class Tokenizer:
         """
         if padding_side not in ("left", "right") or truncation_side not in ("left", "right"):
             raise ValueError("padding_side and truncation_side must be 'left' or 'right'")
-        seqs = self.encode_many(texts)
+        seqs = self.encode_many(texts)  # the text alone: truncation cuts it and keeps BOS and EOS
         pre = [self.bos_id] if bos and self.bos_id is not None and self.bos_id >= 0 else []
         post = [self.eos_id] if eos and self.eos_id is not None and self.eos_id >= 0 else []
         if max_length is not None:  # the text is cut, BOS and EOS kept, as transformers truncates

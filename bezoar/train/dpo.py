@@ -373,9 +373,9 @@ def reference_weights_digest(model) -> str:
     return h.hexdigest()
 
 
-def _compute_versions(device: torch.device) -> dict[str, str]:
-    """What else moves the reference log-probs in their last bits: bezoar's forward pass and kernels, torch,
-    Triton, and the GPU model (its kernels' tile choices)."""
+def _compute_versions() -> dict[str, str]:
+    """What else moves the reference log-probs in their last bits: bezoar's forward pass and kernels, torch and
+    Triton. (Not the GPU model: ranks on a node with two models must agree on one key, and rank 0 writes it.)"""
     import bezoar
 
     try:
@@ -384,8 +384,7 @@ def _compute_versions(device: torch.device) -> dict[str, str]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return {"bezoar": bezoar.__version__, "torch": torch.__version__, "triton": triton_version, "gpu": gpu}
+    return {"bezoar": bezoar.__version__, "torch": torch.__version__, "triton": triton_version}
 
 
 class ReferenceCache:
@@ -398,7 +397,7 @@ class ReferenceCache:
       pass reads (base checkpoint tensors as loaded and quantized, and the model config). LoRA weights
       are left out on purpose: the reference pass runs with every adapter off, so they cannot change it;
     - ``compute``: the weights' dtype, the autocast dtype, the device type, the kernel backend and the versions
-      of bezoar, torch and Triton and the GPU model, which change the numbers in the last bits.
+      of bezoar, torch and Triton, which change the numbers in the last bits.
 
     The file ``<folder>/ref-logps-<key[:24]>.safetensors`` holds ``logps`` (D,) fp32 in DocumentSet order
     and, for a check, each document's (example, part, length); its metadata holds the full key, the key
@@ -419,7 +418,7 @@ class ReferenceCache:
             "reference": {"weights": reference_weights_digest(model), "adapters": "disabled"},
             "compute": {"dtype": str(model.lm_head.weight.dtype), "autocast": str(autocast_dtype),
                         "device": weight.device.type, "kernels": "triton" if use_triton(weight) else "torch",
-                        **_compute_versions(weight.device)},
+                        **_compute_versions()},
         }
         self.key = hashlib.blake2b(json.dumps(self.key_parts, sort_keys=True).encode(), digest_size=32).hexdigest()
         self.path = self.folder / f"ref-logps-{self.key[:24]}.safetensors"

@@ -340,6 +340,10 @@ def _run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None, roo
     torch.manual_seed(cfg.train.seed)
     with backend(cfg.model.kernels):
         model, base_path = build_model(cfg, device, dist)
+        dropout = model.config.extra.get("attention_dropout")
+        if dropout not in (None, 0, 0.0):  # transformers would train with it; bezoar's attention has none
+            raise ConfigError(f"model.path {base_path}: config.json key 'attention_dropout' is {dropout!r}; bezoar "
+                              "trains without attention dropout (set it to 0.0 there; LoRA's own is lora.dropout)")
         if cfg.merge and is_prequantized(model.config):
             # The merge folds the adapter into dense weights; finding that out after the last step would leave
             # a trained stage without its merged model (and --resume cannot drop merge).

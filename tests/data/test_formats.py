@@ -373,9 +373,11 @@ def test_examples_with_an_empty_instruction_are_dropped_and_counted(tmp_path, to
     answer to nothing ("### Instruction:\\n\\n\\n### Response:\\n"), unlike an empty response, which is dropped."""
     template = PromptTemplate(style=style, system="Be helpful.")
     sft = tmp_path / "sft.jsonl"
-    sft.write_text('{"instruction": "Name a color.", "response": "Red."}\n{"instruction": "  ", "response": "Hi."}\n')
-    docs, stats = build_documents(DataConfig(path=str(sft), format="lamini", template=template), tokenizer)
-    assert (stats.kept, stats.dropped_empty_prompt, docs.num_items) == (1, 1, 1)
+    sft.write_text('{"instruction": "Name a color.", "response": "Red."}\n{"instruction": "  ", "response": "Hi."}\n'
+                   '{"instruction": "", "input": "Translate: chat", "output": "cat"}\n')  # the input is the ask
+    docs, stats = build_documents(DataConfig(path=str(sft), format="alpaca", template=template,
+                                             fields={"response": ["response", "output"]}), tokenizer)
+    assert (stats.kept, stats.dropped_empty_prompt, docs.num_items) == (2, 1, 2)
     assert "1 dropped (empty instruction or Human turn)" in stats.summary()
     hh = tmp_path / "hh.jsonl"
     rows = ['{"chosen": "\\n\\nHuman: Hi?\\n\\nAssistant: Hello."}',

@@ -254,6 +254,11 @@ def test_compressed_json_and_jsonl_files(tmp_path, samples, compression):
     cut.write_bytes(whole[: len(whole) // 2])  # a download that stopped halfway
     with pytest.raises(DataError, match=rf"cut.jsonl.{compression}: cannot be read as {compression}"):
         load_records(cut)
+    damaged = bytearray(whole)
+    damaged[len(whole) // 2] ^= 0xFF  # a flipped byte inside the stream (zlib.error for gzip)
+    (tmp_path / f"damaged.jsonl.{compression}").write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match=rf"damaged.jsonl.{compression}"):
+        load_records(tmp_path / f"damaged.jsonl.{compression}")
     (tmp_path / "x.parquet.gz").write_bytes(b"")
     with pytest.raises(DataError, match=r"unknown data file type '.parquet.gz'"):
         load_records(tmp_path / "x.parquet.gz")
@@ -278,6 +283,26 @@ def test_a_folder_of_files_names_each_record_and_error_by_file_and_line(tmp_path
 
 def test_a_folders_split_is_chosen_as_datasets_chooses_it(tmp_path):
     import datasets
+
+    # One file is read for the default split whatever its name (an eval folder's validation.jsonl, read with
+    # the train split that eval_path inherits, loaded before and must still load).
+    evaldata = tmp_path / "evaldata"
+    evaldata.mkdir()
+    (evaldata / "validation.jsonl").write_text('{"a": 1}\n{"a": 2}\n')
+    assert [r.data["a"] for r in load_records(evaldata)] == [1, 2]
+    assert len(load_records(evaldata, split="validation")) == 2
+    # Folders name the split before file names do, for every file, and case counts, as in datasets.
+    nested = tmp_path / "nested"
+    for rel, a in (("train/a.jsonl", 1), ("test/a.jsonl", 2), ("extra_train.jsonl", 3)):
+        (nested / rel).parent.mkdir(parents=True, exist_ok=True)
+        (nested / rel).write_text(json.dumps({"a": a}) + "\n")
+    cased = tmp_path / "cased"
+    cased.mkdir()
+    (cased / "Train.jsonl").write_text('{"a": 1}\n')
+    (cased / "Test.jsonl").write_text('{"a": 2}\n')
+    for folder in (nested, cased):
+        ours = sorted(r.data["a"] for r in load_records(folder))
+        assert ours == sorted(r["a"] for r in datasets.load_dataset(str(folder), split="train")), folder
 
     one = tmp_path / "one"
     one.mkdir()

@@ -408,6 +408,17 @@ def test_gen_kwargs_top_p_and_max_length_as_transformers_reads_them(tiny_model, 
             instances("generate_until", [(prompt, {"until": [], "max_gen_toks": total - n})]))[0]
         assert text == alone, (prompt, total - n)
     assert lm.generate_until(instances("generate_until", [(GEN_PROMPTS[0], {"until": [], "max_length": 2})])) == [""]
+    # A prompt is cut as lm-eval's HF model cuts it (max_length - max_gen_toks), not by gen_kwargs max_length:
+    # max_length 64 in a 64-token context cut every prompt to its last token.
+    short = make_lm(tiny_model, tiny_tokenizer, max_length=64, max_gen_toks=24, batch_size=3)
+    long_prompt = " ".join(GEN_PROMPTS[:2])
+    n = len(short.tok_encode(long_prompt))
+    assert 24 < n <= 64 - 24, n  # fits the cut (max_length - max_gen_toks)
+    got = short.generate_until(instances("generate_until", [(long_prompt, {"until": [], "max_length": 64}),
+                                                            (GEN_PROMPTS[0], {"until": [], "max_length": 64})]))
+    want = make_lm(tiny_model, tiny_tokenizer, max_length=64).generate_until(instances("generate_until", [
+        (long_prompt, {"until": [], "max_gen_toks": 64 - n})]))
+    assert got[0] == want[0]
 
 
 def test_model_info_counts_an_nf4_model_by_its_weights_and_names_how_it_loaded(tiny_dir):

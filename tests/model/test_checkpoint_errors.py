@@ -275,11 +275,19 @@ def _with_config(tiny_dir, tmp_path, **changes):
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
       "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
     ({"rope_scaling": {"rope_type": None, "type": "linear", "factor": 2.0}}, "rope_scaling"),  # read as default
-    ({"attention_dropout": 0.1}, "attention_dropout"),  # dropped without a word in training
 ])
 def test_configs_bezoar_cannot_run_as_given_are_refused_naming_the_key(tiny_dir, tmp_path, changes, key):
     with pytest.raises(ConfigError, match=key):
         load(_with_config(tiny_dir, tmp_path, **changes), device="cpu")
+
+
+def test_rope_theta_beside_both_tables_is_read_as_transformers_reads_it(tiny_dir, tmp_path):
+    import transformers
+
+    folder = _with_config(tiny_dir, tmp_path, rope_parameters={"rope_type": "default", "rope_theta": 7.0},
+                          rope_scaling={"rope_type": "default", "rope_theta": 5.0})
+    theirs = transformers.AutoConfig.from_pretrained(folder)
+    assert load(folder, device="cpu").config.rope_theta == theirs.rope_parameters["rope_theta"] == 5.0
 
 
 def test_swish_is_silu_and_a_list_of_eos_ids_is_written_back_whole(tiny_dir, tmp_path):
@@ -293,3 +301,18 @@ def test_swish_is_silu_and_a_list_of_eos_ids_is_written_back_whole(tiny_dir, tmp
     assert json.loads((out / "config.json").read_text())["eos_token_id"] == [2, 7]  # was cut to 2
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [2, 7]
     assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == [2, 7]
+
+
+def test_attention_dropout_loads_for_inference_and_is_refused_for_training(tiny_dir, tmp_path):
+    """transformers trains with a config's attention_dropout; bezoar's attention has none, so training such a
+    model refuses it (it was dropped without a word), while loading it to evaluate or serve is fine."""
+    from bezoar.config import ConfigError as StageConfigError
+    from bezoar.train.run import run_stage
+    from tests.train.helpers import tiny_sft_config
+
+    folder = _with_config(tiny_dir, tmp_path, attention_dropout=0.1)
+    assert load(folder, device="cpu").config.extra["attention_dropout"] == 0.1
+    cfg = tiny_sft_config(tmp_path / "run", f"model.path={folder}", "train.max_steps=1")
+    with pytest.raises(StageConfigError, match="config.json key 'attention_dropout' is 0.1"):
+        run_stage(cfg, log=lambda *a: None)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -252,3 +252,24 @@ def test_an_eos_the_tokenizer_does_not_have_is_an_error_naming_the_key(tiny_dir,
 
     with pytest.raises(TokenizerError, match=match):
         Tokenizer(_tokenizer_folder(tiny_dir, tmp_path, config=config, tok_cfg=tok_cfg))
+
+
+def test_tokenizer_settings_that_loaded_before_still_load(tiny_dir, tmp_path):
+    """A pad id beyond the pieces (a vocabulary resized for [PAD], the base's tokenizer files) and an empty
+    bos_token loaded before and load now; tokens only in added_tokens.json decode as text, as transformers
+    reads them (not special); the serving and harness helpers read added tokens by id."""
+    import json
+
+    from bezoar.serve import token_bytes, token_text
+
+    folder = _tokenizer_folder(tiny_dir, tmp_path, config={"pad_token_id": 600}, tok_cfg={"bos_token": ""})
+    (folder / "added_tokens.json").write_text(json.dumps({"<tool>": 512, "<|im_end|>": 513}))
+    (folder / "special_tokens_map.json").write_text(json.dumps({"additional_special_tokens": ["<|im_end|>"]}))
+    tok = Tokenizer(folder)
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    assert (tok.bos_id, tok.pad_id, tok.id_count) == (1, tok.unk_id, 514)
+    ids = tok.encode("Hello world")
+    for extra in ([512], [513], [512, 513]):
+        assert tok.decode(ids + extra + ids) == theirs.decode(ids + extra + ids, skip_special_tokens=True), extra
+    assert token_text(tok, 512) == "<tool>" and token_bytes(tok, 513) == list(b"<|im_end|>")
+    assert tok.piece(513) == "<|im_end|>" and tok.piece(900) == ""

@@ -77,6 +77,11 @@ def test_evaluations_not_current_are_labelled_as_earlier_results(tmp_path):
          "n-shot": {"tiny_mc": 0}, "higher_is_better": {"tiny_mc": {"acc": True}}}))
     text = "\n".join(evaluation_section(recipe, plan(recipe, root, []), root))
     assert "earlier results" not in text.lower() and "lm-eval harness:" in text
+    saved = json.loads((root / "eval/dpo/harness/results.json").read_text())
+    (root / "eval/dpo/harness/results.json").write_text(json.dumps({**saved, "complete": False}))  # stopped midway
+    text = "\n".join(evaluation_section(recipe, plan(recipe, root, []), root))
+    assert "lm-eval harness (partial: the run stopped before its last tasks):" in text
+    (root / "eval/dpo/harness/results.json").write_text(json.dumps({**saved, "complete": True}))
 
     (root / "dpo/summary.json").write_text('{"stage": "dpo", "steps": 8}\n')  # the stage trained again
     text = "\n".join(evaluation_section(recipe, plan(recipe, root, []), root))

@@ -63,10 +63,20 @@ def test_two_processes_with_cached_reference_equal_one_on_the_fly(tmp_path):
 CACHE_APPEARS_FOR_RANK_1 = """
 import os, shutil, sys
 import bezoar.train.dpo as dpo
+import time
 load, looked = dpo.ReferenceCache.load, [False]
+marker = os.path.join(os.path.dirname(os.environ["CACHE_FROM"]), "rank0-looked")
 def patched(self, quiet=False):
+    if os.environ["RANK"] == "0" and not looked[0]:
+        looked[0] = True
+        found = load(self, quiet)
+        open(marker, "w").close()  # rank 0 has looked (and found nothing): now the other run finishes
+        return found
     if os.environ["RANK"] == "1" and not looked[0]:
         looked[0] = True
+        deadline = time.time() + 120
+        while not os.path.exists(marker) and time.time() < deadline:
+            time.sleep(0.05)
         self.folder.mkdir(parents=True, exist_ok=True)
         shutil.copy(os.environ["CACHE_FROM"], self.path.with_suffix(".part"))
         os.replace(self.path.with_suffix(".part"), self.path)
