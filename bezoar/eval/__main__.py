@@ -119,13 +119,17 @@ def run_harness(args) -> int:
                           device=args.device, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
                           max_length=args.max_length, **extra)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    run = harness.run_identity(args, plan)
+    earlier = harness.partial_results(Path(args.output), run) if args.output else None
+    if earlier is not None:
+        print(f"resuming from {args.output}: {', '.join(sorted(earlier['results']))} done already")
 
     def save(results: dict, done: bool) -> None:  # each few-shot group's results kept as soon as it finishes
         if args.output:
-            harness.write_results(results, Path(args.output), args.log_samples, complete=done)
+            harness.write_results({**results, "bezoar_run": run}, Path(args.output), args.log_samples, complete=done)
 
     results = harness.run_plan(lm, plan, limit=limit, log_samples=args.log_samples, gen_kwargs=args.gen_kwargs,
-                               manager=manager, on_group=save)
+                               manager=manager, on_group=save, earlier=earlier)
     print(harness.results_table(results, plan if args.preset else None))
     if args.output:
         print(f"results written to {args.output}")

@@ -509,13 +509,15 @@ PER_TASK_KEYS = ("results", "groups", "group_subtasks", "configs", "versions", "
 
 def run_plan(lm, plan: list[TaskPlan], limit: float | None = None, include_path: str | None = None,
              include_defaults: bool = True, log_samples: bool = False, bootstrap_iters: int = 100000,
-             gen_kwargs: str | None = None, manager=None, on_group=None) -> dict:
+             gen_kwargs: str | None = None, manager=None, on_group=None, earlier: dict | None = None) -> dict:
     """Evaluate ``lm`` on every task of the plan (one ``simple_evaluate`` per few-shot count) and
     merge lm-eval's result dicts: the per-task entries (``PER_TASK_KEYS``) of every group, and the run's own
     record (``config``: model, limit, batch size ...; ``date``, versions) of the first, with ``model_info``
     (bezoar's model: its folder, adapter, quantization, dtype). ``include_defaults=False`` indexes only
     ``include_path``'s tasks; ``manager`` (from ``task_manager``) replaces both. ``on_group(merged, done)``
-    is called after each group with the results so far and whether the plan is finished."""
+    is called after each group with the results so far and whether the plan is finished. ``earlier``: the
+    results of an interrupted run of the same plan (``partial_results``); its finished groups are kept, not
+    evaluated again."""
     import lm_eval
 
     if manager is None:
@@ -527,7 +529,15 @@ def run_plan(lm, plan: list[TaskPlan], limit: float | None = None, include_path:
     by_shots: dict[int | None, list[str]] = {}
     for p in plan:
         by_shots.setdefault(p.num_fewshot, []).append(p.task)
+    if earlier is not None:
+        for key, value in earlier.items():
+            if key in PER_TASK_KEYS:
+                merged[key].update(value or {})
+            elif key not in ("complete", "bezoar_run"):
+                merged.setdefault(key, value)
     for n, (shots, tasks) in enumerate(by_shots.items()):
+        if earlier is not None and all(task in (earlier.get("results") or {}) for task in tasks):
+            continue  # finished before the run was interrupted
         out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=shots, limit=limit, task_manager=manager,
                                       log_samples=log_samples, bootstrap_iters=bootstrap_iters, gen_kwargs=gen_kwargs)
         if out is not None:
@@ -539,6 +549,39 @@ def run_plan(lm, plan: list[TaskPlan], limit: float | None = None, include_path:
         if on_group is not None:
             on_group(merged, n == len(by_shots) - 1)
     return merged
+
+
+def run_identity(args, plan: list[TaskPlan]) -> dict:
+    """What the results of ``python -m bezoar.eval harness`` depend on: the plan, the evaluation settings, the
+    model and adapter folders as they are on disk (each file's name, size and modification time: a retrained
+    model is another model), and lm-eval's version. An interrupted run resumes only under the same identity."""
+    import lm_eval
+
+    def folder(path):
+        if not path:
+            return None
+        root = Path(path).expanduser()
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+        return {"path": str(root.resolve()),
+                "files": [[str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+
+    return {"plan": [[p.task, p.num_fewshot] for p in plan], "model": folder(args.model),
+            "adapter": folder(args.adapter), "quant": args.quant, "dtype": args.dtype, "device": args.device,
+            "max_length": args.max_length, "model_args": args.model_args, "limit": args.limit,
+            "gen_kwargs": args.gen_kwargs, "include_path": args.include_path, "log_samples": args.log_samples,
+            "lm_eval": getattr(lm_eval, "__version__", "")}
+
+
+def partial_results(out: Path, run: dict) -> dict | None:
+    """The results at ``out`` of an interrupted run with this identity (``"complete": false``), to resume
+    from; None for anything else (no file, a finished run, another model or settings: evaluated anew)."""
+    try:
+        earlier = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(earlier, dict) or earlier.get("complete") is not False:
+        return None
+    return earlier if json.loads(json.dumps(run, default=str)) == earlier.get("bezoar_run") else None
 
 
 def write_results(results: dict, out: Path, log_samples: bool, complete: bool = True) -> None:

@@ -568,3 +568,44 @@ def test_harness_keeps_each_few_shot_groups_results_and_checks_gen_kwargs_first(
     saved = json.loads(out.read_text())
     assert calls == [1, 0] and saved["complete"] is False and list(saved["results"]) == ["bezoar_mc"]
     assert not out.with_name("results.json.tmp").exists()
+
+
+def test_an_interrupted_harness_run_resumes_from_its_finished_groups(tiny_dir, tmp_path, capsys, monkeypatch):
+    """A run stopped after its first few-shot group evaluated that group again on the rerun (hours on a 3B
+    model); now the rerun keeps it when the plan, settings and model are the same, and starts over otherwise."""
+    import lm_eval
+
+    from bezoar.eval.__main__ import main
+
+    folder = tmp_path / "tasks"
+    write_tasks(folder)
+    out = tmp_path / "results.json"
+    two_groups = [harness.TaskPlan("bezoar_mc", 1), harness.TaskPlan("bezoar_ppl", 0)]
+    monkeypatch.setattr(harness, "make_plan", lambda *a: two_groups)
+    real, calls = lm_eval.simple_evaluate, []
+
+    def evaluate(*args, **kwargs):
+        calls.append(kwargs["tasks"])
+        if kill_at == len(calls):
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", evaluate)
+    argv = ["harness", "--model", str(tiny_dir), "--include-path", str(folder), "--no-builtin-tasks", "--limit", "2",
+            "--max-length", str(MAX_LENGTH), "--tasks", "unused", "--output", str(out)]
+    kill_at = 2
+    with pytest.raises(RuntimeError, match="killed"):
+        main(argv)
+    first = json.loads(out.read_text())
+    assert first["complete"] is False and list(first["results"]) == ["bezoar_mc"]
+    kill_at, calls[:] = 0, []
+    assert main(argv) == 0
+    assert calls == [["bezoar_ppl"]] and "resuming from" in capsys.readouterr().out
+    done = json.loads(out.read_text())
+    assert done["complete"] is True and done["results"]["bezoar_mc"] == first["results"]["bezoar_mc"]
+    assert "bezoar_ppl" in done["results"]
+    # Another setting (or a finished file): evaluated anew.
+    out.write_text(json.dumps({**first}))
+    calls[:] = []
+    assert main([*argv, "--limit", "3"]) == 0  # the last --limit counts
+    assert calls == [["bezoar_mc"], ["bezoar_ppl"]]
