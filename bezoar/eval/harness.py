@@ -311,7 +311,7 @@ class BezoarLM(TemplateLM):
                            for n in dict.fromkeys(len(encoded[i]) for i in batch)]
             generator = torch.Generator(device=self.model.device).manual_seed(self.seed)
             for batch in batches:
-                most = max(budget[i] for i in batch)
+                most = budget[batch[0]]  # the same for every row of the batch
                 if most == 0:  # max_length leaves these prompts nothing to add
                     new_ids = [[] for _ in batch]
                 else:
@@ -321,8 +321,7 @@ class BezoarLM(TemplateLM):
                         temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
                         eos_id=self.eot_token_id, generator=generator,
                         should_stop=StopStrings(self.tokenizer, settings.stop), decoder=decoder)
-                for i, new in zip(batch, new_ids):
-                    new = new[: budget[i]]  # a row's tokens do not depend on the rows beside it
+                for i, new in zip(batch, new_ids):  # a batch's rows share one budget (one length under max_length)
                     text = cut_at_stop(self.tokenizer.decode(new), settings.stop)
                     out[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)

@@ -148,10 +148,6 @@ class Tokenizer:
             return self.sp.IdToPiece(token_id)
         return self.added.get(token_id, ("", True))[0]
 
-    def is_added(self, token_id: int) -> bool:
-        """Whether an id lies above sentencepiece's pieces (an added token, or past every token)."""
-        return token_id >= self.sp.GetPieceSize()
-
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self.sp.EncodeAsIds(text)
         if bos and self.bos_id is not None and self.bos_id >= 0:

@@ -162,8 +162,8 @@ def exit_rank(code: int) -> NoReturn:
     """End a torchrun rank with ``code`` without finalizing the interpreter (``os._exit``), once its work is
     written and its process group closed.
 
-    Why: DDP keeps the gloo process group alive after ``destroy_process_group`` (torch 2.11-2.13: its worker
-    threads outlive every Python reference to the model), so those threads are still running while Python
+    Why: DDP keeps the gloo process group alive after ``destroy_process_group`` (measured with torch 2.13: its
+    worker threads outlive every Python reference to the model), so those threads are still running while Python
     tears itself down. A thread of theirs that lets go of a tensor owned by a Python object then needs the GIL,
     and a thread that asks for the GIL during finalization is ended by ``pthread_exit``, whose unwinding through
     their C++ frames calls ``std::terminate``: "terminate called without an active exception", SIGABRT, and
