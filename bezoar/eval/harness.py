@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -399,15 +399,20 @@ class TaskPlan:
     task: str
     num_fewshot: int | None
     metric: str | None = None  # the headline metric (for the average); None: every metric is shown
+    #: a group's headline is the plain mean of its tasks' metric (each subject counts once), not lm-eval's group
+    #: figure (for mmlu, weighted by each subject's size)
+    mean_of_tasks: bool = False
 
 
-#: Open LLM Leaderboard v1: task, few-shot count, the metric the leaderboard averaged.
+#: Open LLM Leaderboard v1: task, few-shot count, the metric the leaderboard averaged. Its MMLU score was
+#: the plain mean of the 57 subjects' accuracies (it averaged every ``hendrycksTest-*`` result it had), where
+#: lm-eval's ``mmlu`` group weighs each subject by its number of questions.
 PRESETS: dict[str, list[TaskPlan]] = {
     "openllm": [
         TaskPlan("arc_challenge", 25, "acc_norm"),
         TaskPlan("hellaswag", 10, "acc_norm"),
         TaskPlan("truthfulqa_mc2", 0, "acc"),
-        TaskPlan("mmlu", 5, "acc"),
+        TaskPlan("mmlu", 5, "acc", mean_of_tasks=True),
         TaskPlan("winogrande", 5, "acc"),
         TaskPlan("gsm8k", 5, "exact_match,strict-match"),
     ],
@@ -423,7 +428,7 @@ def make_plan(tasks: list[str] | None, preset: str | None, num_fewshot: int | No
             raise ValueError("give either --preset or --tasks, not both")
         plan = PRESETS[preset]
         if num_fewshot is not None:
-            plan = [TaskPlan(p.task, num_fewshot, p.metric) for p in plan]
+            plan = [replace(p, num_fewshot=num_fewshot) for p in plan]
         return plan
     if not tasks:
         raise ValueError("nothing to run: give --tasks NAME[,NAME...] or --preset openllm")
@@ -434,7 +439,8 @@ def describe_plan(plan: list[TaskPlan]) -> str:
     lines = ["| task | n-shot | headline metric |", "|---|---|---|"]
     for p in plan:
         shots = "task default" if p.num_fewshot is None else str(p.num_fewshot)
-        lines.append(f"| {p.task} | {shots} | {p.metric or 'all'} |")
+        metric = (p.metric or "all") + (" (plain mean over its tasks)" if p.mean_of_tasks else "")
+        lines.append(f"| {p.task} | {shots} | {metric} |")
     return "\n".join(lines)
 
 
@@ -448,6 +454,46 @@ def _metric_value(task_results: dict, metric: str) -> tuple[float | None, float 
             stderr = task_results.get(f"{name}_stderr,{filt}")
             return float(value), (float(stderr) if isinstance(stderr, (int, float)) else None), filt
     return None, None, None
+
+
+def _stderr_text(stderr) -> str:
+    return "" if stderr is None or (isinstance(stderr, float) and math.isnan(stderr)) else f"{stderr:.4f}"
+
+
+def _leaf_tasks(results: dict, group: str) -> list[str]:
+    """The tasks (not groups) under ``group`` in lm-eval's ``group_subtasks``, in order; [] for a task."""
+    tree = results.get("group_subtasks") or {}
+    leaves, todo, seen = [], list(tree.get(group) or []), {group}
+    while todo:
+        name = todo.pop(0)
+        if name in seen:
+            continue
+        seen.add(name)
+        if tree.get(name):
+            todo[:0] = tree[name]
+        else:
+            leaves.append(name)
+    return leaves
+
+
+def _mean_of_tasks(results: dict, group: str, metric: str) -> tuple[float, float | None, int] | None:
+    """(mean, its stderr, count) of ``metric`` over the tasks under ``group``, each task counted once;
+    None when the results name no such tasks or one of them lacks the metric."""
+    per_task = results.get("results", {})
+    leaves = _leaf_tasks(results, group)
+    if not leaves:
+        return None
+    values, errors = [], []
+    for leaf in leaves:
+        value, stderr, _ = _metric_value(per_task.get(leaf, {}), metric)
+        if value is None:
+            return None
+        values.append(value)
+        errors.append(stderr)
+    n = len(values)
+    stderr = (math.sqrt(sum(e * e for e in errors)) / n
+              if all(e is not None and not math.isnan(e) for e in errors) else None)
+    return sum(values) / n, stderr, n
 
 
 def results_table(results: dict, plan: list[TaskPlan] | None = None) -> str:
@@ -472,8 +518,13 @@ def results_table(results: dict, plan: list[TaskPlan] | None = None) -> str:
                 continue
             name = metric.partition(",")[0]
             label = name if filt in (None, "", "none") else f"{name} ({filt})"
-            err = "" if stderr is None or (isinstance(stderr, float) and math.isnan(stderr)) else f"{stderr:.4f}"
-            lines.append(f"| {task} | {shots.get(task, '')} | {label} | {value:.4f} | {err} |")
+            mean = _mean_of_tasks(results, task, metric) if p is not None and p.mean_of_tasks else None
+            if mean is not None:  # lm-eval's own group figure first, for reference; the mean is the headline
+                lines.append(f"| {task} | {shots.get(task, '')} | {label} (lm-eval: weighted by size) | "
+                             f"{value:.4f} | {_stderr_text(stderr)} |")
+                value, stderr, count = mean
+                label = f"{label} (mean of {count} tasks)"
+            lines.append(f"| {task} | {shots.get(task, '')} | {label} | {value:.4f} | {_stderr_text(stderr)} |")
             if p is not None and p.metric:
                 headline.append(value)
     if plan and any(p.metric for p in plan) and headline:

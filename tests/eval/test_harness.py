@@ -376,6 +376,57 @@ def test_results_table_headline_metrics_and_average():
     assert "6 of 6 tasks" in table
 
 
+def test_a_groups_headline_is_the_plain_mean_of_its_tasks_as_the_leaderboard_took_mmlu():
+    """The Open LLM Leaderboard v1 scored MMLU as the plain mean of its 57 subjects; the preset's average took
+    lm-eval's mmlu figure, which weighs each subject by its number of questions."""
+    plan = [harness.TaskPlan("mmlu", 5, "acc", mean_of_tasks=True)]
+    results = {
+        "results": {"mmlu": {"acc,none": 0.30, "acc_stderr,none": 0.004}, "mmlu_stem": {"acc,none": 0.2},
+                    "mmlu_a": {"acc,none": 0.2, "acc_stderr,none": 0.03}, "mmlu_b": {"acc,none": 0.5,
+                                                                                   "acc_stderr,none": 0.04},
+                    "mmlu_c": {"acc,none": 0.8, "acc_stderr,none": 0.0}},
+        "group_subtasks": {"mmlu": ["mmlu_stem", "mmlu_c"], "mmlu_stem": ["mmlu_a", "mmlu_b"], "mmlu_a": [],
+                           "mmlu_b": [], "mmlu_c": []},
+        "n-shot": {"mmlu": 5},
+    }
+    table = harness.results_table(results, plan)
+    assert "| mmlu | 5 | acc (lm-eval: weighted by size) | 0.3000 | 0.0040 |" in table
+    assert "| mmlu | 5 | acc (mean of 3 tasks) | 0.5000 | 0.0167 |" in table  # sqrt(.03^2 + .04^2) / 3
+    assert "| **average** | | 1 of 1 tasks | 0.5000 | |" in table
+    # A subject without the metric (or results from before group_subtasks) falls back to lm-eval's figure.
+    del results["results"]["mmlu_b"]["acc,none"]
+    table = harness.results_table(results, plan)
+    assert "weighted" not in table and "| **average** | | 1 of 1 tasks | 0.3000 | |" in table
+    assert [p.mean_of_tasks for p in harness.make_plan(None, "openllm", 0)] == [False, False, False, True, False, False]
+
+
+def test_a_groups_mean_over_lm_evals_own_group_record(tiny_model, tiny_tokenizer, tmp_path):
+    """The leaves come from lm-eval's group_subtasks as it writes them: a group of a subgroup (whose tasks come
+    from a tag, as mmlu_stem's) and a task, with different sizes."""
+    from lm_eval.tasks import TaskManager
+
+    folder = tmp_path / "tasks"
+    write_tasks(folder)
+    mc = (folder / "bezoar_mc.yaml").read_text()
+    rows = (folder / "mc_test.jsonl").read_text().splitlines()
+    (folder / "mc_small.jsonl").write_text("\n".join(rows[:2]) + "\n")
+    small = mc.replace("task: bezoar_mc", "task: bezoar_mc_small\ntag: bezoar_small_tasks").replace(
+        str(folder / "mc_test.jsonl"), str(folder / "mc_small.jsonl"))
+    assert small.count("mc_small.jsonl") == 1 and "tag: bezoar_small_tasks" in small
+    (folder / "bezoar_mc_small.yaml").write_text(small)
+    aggregate = "aggregate_metric_list:\n  - metric: acc\n    weight_by_size: True\nmetadata:\n  version: 1\n"
+    (folder / "sub.yaml").write_text("group: bezoar_sub\ntask:\n  - bezoar_small_tasks\n" + aggregate)
+    (folder / "all.yaml").write_text("group: bezoar_all\ntask:\n  - bezoar_sub\n  - bezoar_mc\n" + aggregate)
+    manager = TaskManager(include_path=str(folder), include_defaults=False)
+    plan = [harness.TaskPlan("bezoar_all", 0, "acc", mean_of_tasks=True)]
+    results = harness.run_plan(make_lm(tiny_model, tiny_tokenizer, max_length=MAX_LENGTH), plan, manager=manager)
+    assert harness._leaf_tasks(results, "bezoar_all") == ["bezoar_mc_small", "bezoar_mc"]
+    small_acc, big_acc = (results["results"][t]["acc,none"] for t in ("bezoar_mc_small", "bezoar_mc"))
+    assert results["results"]["bezoar_all"]["acc,none"] == pytest.approx((2 * small_acc + 6 * big_acc) / 8)
+    assert f"| bezoar_all | 0 | acc (mean of 2 tasks) | {(small_acc + big_acc) / 2:.4f} |" in \
+        harness.results_table(results, plan)
+
+
 def test_results_table_without_a_preset_shows_every_filter_of_a_metric():
     """gsm8k reports exact_match under two filters; the table (and report.md) showed the first one alone."""
     results = {"results": {"gsm8k": {"exact_match,flexible-extract": 0.09, "exact_match_stderr,flexible-extract": 0.01,
