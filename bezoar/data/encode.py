@@ -46,7 +46,8 @@ class EncodeStats:
     dropped_empty_prompt: int = 0  # no instruction, or an empty Human turn before the answer
     dropped_identical_pair: int = 0  # DPO pairs whose two documents are the same tokens (no gradient)
     truncated: int = 0
-    border_merges: int = 0
+    responses_cut: int = 0  # of the truncated, those whose response lost its end (and so its EOS)
+    border_merges: int = 0  # prompt and response that tokenize into one token across their border
     tokens: int = 0
     loss_tokens: int = 0
 
@@ -58,9 +59,12 @@ class EncodeStats:
         identical = (f", {self.dropped_identical_pair} dropped (chosen = rejected once tokenized and cut)"
                      if self.dropped_identical_pair else "")
         no_prompt = f", {self.dropped_empty_prompt} dropped (empty instruction or Human turn)" if self.dropped_empty_prompt else ""
+        cut = f" ({self.responses_cut} inside the response, which then ends without EOS)" if self.responses_cut else ""
+        merges = (f", {self.border_merges} with the prompt's last token merged into the response's first"
+                  if self.border_merges else "")
         return (f"{self.kept}/{self.examples} examples kept{skipped}, {self.dropped_empty_response} dropped "
-                f"(empty response){no_prompt}{identical}, {self.truncated} truncated, {self.tokens} tokens, "
-                f"{self.loss_tokens} with loss")
+                f"(empty response){no_prompt}{identical}, {self.truncated} truncated{cut}{merges}, {self.tokens} "
+                f"tokens, {self.loss_tokens} with loss")
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -134,6 +138,7 @@ def encode_sft(examples: Sequence[SFTExample], tokenizer, max_len: int, max_prom
             keep_p, keep_r = fit_budget(len(p), len(r), max_len, max_prompt_len)
             if (keep_p, keep_r) != (len(p), len(r)):
                 stats.truncated += 1
+                stats.responses_cut += keep_r < len(r)
             p = _cut_prompt(p, keep_p, has_bos)
             r = r[:keep_r]
             builder.add_item([(p + r, len(p))], example=start + j)
@@ -172,11 +177,12 @@ def encode_pairs(examples: Sequence[PairExample], tokenizer, max_len: int, max_p
             # One prompt cut for both, sized for the longer response.
             keep_p, _ = fit_budget(max(len(pc), len(pr)), max(len(rc), len(rr)), max_len, max_prompt_len)
             docs = []
-            cut = False
+            cut = response_cut = False
             for p, r in ((pc, rc), (pr, rr)):
                 kp = min(len(p), keep_p)
                 kr = min(len(r), max_len - kp)
                 cut |= (kp, kr) != (len(p), len(r))
+                response_cut |= kr < len(r)
                 p = _cut_prompt(p, kp, has_bos)
                 docs.append((p + r[:kr], len(p)))
             if docs[0][0] == docs[1][0]:
@@ -187,6 +193,7 @@ def encode_pairs(examples: Sequence[PairExample], tokenizer, max_len: int, max_p
             builder.add_item(docs, example=start + j)
             stats.kept += 1
             stats.truncated += cut
+            stats.responses_cut += response_cut
             stats.border_merges += mc or mr
             stats.tokens += sum(len(ids) for ids, _ in docs)
             stats.loss_tokens += sum(len(ids) - max(n, 1) for ids, n in docs)

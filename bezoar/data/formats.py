@@ -291,6 +291,12 @@ def _require_str(record: Record, name: str) -> str:
     return _check_text(record, name, value)
 
 
+def _raw_drops_system(record: Record, field_name) -> None:
+    raise DataError(f"{record.origin}: field {field_name!r} holds a system message, but template.style = \"raw\" "
+                    "uses the prompt text as it is and would drop it: write the system message into the prompt "
+                    "text, or use the openbezoar style")
+
+
 def sft_example(record: Record, fmt: str, template: PromptTemplate, fields: FieldMap | None = None,
                 hh_field: str = "chosen") -> SFTExample:
     """One record -> prompt/response text for SFT. ``fmt`` is one of the instruction presets or ``hh``."""
@@ -299,6 +305,9 @@ def sft_example(record: Record, fmt: str, template: PromptTemplate, fields: Fiel
     if fmt not in FIELD_PRESETS:
         raise DataError(f"data format {fmt!r} is not an SFT format; use one of: {', '.join(list(FIELD_PRESETS) + ['hh'])}")
     rec = instruction_record(record, fields or FIELD_PRESETS[fmt])
+    if template.style == "raw" and rec.system is not None and rec.system.strip():
+        names = (fields or FIELD_PRESETS[fmt]).system
+        _raw_drops_system(record, next((n for n in names if record.data.get(n)), names[0] if names else "system"))
     response = rec.response if template.style == "raw" else rec.response.strip()
     return SFTExample(template.render(rec.instruction, rec.input, rec.system), response, record.origin,
                       not rec.instruction.strip() and not (rec.input or "").strip())
@@ -318,6 +327,8 @@ def pair_example(record: Record, fmt: str, template: PromptTemplate, system_fiel
         if system is not None:
             _check_text(record, system_field, system)
         if template.style == "raw":
+            if system is not None and system.strip():
+                _raw_drops_system(record, system_field)
             return PairExample(prompt, chosen, rejected, record.origin, not prompt.strip())
         return PairExample(template.render(prompt, system=system), chosen.strip(), rejected.strip(), record.origin,
                            not prompt.strip())

@@ -33,7 +33,7 @@ class DataConfig:
     hh_field: str = "chosen"  # the transcript field of HH-RLHF records used for SFT
     template: PromptTemplate = field(default_factory=PromptTemplate)
     max_seq_len: int = 2048  # row length of a batch
-    max_len: int | None = None  # tokens per document; default max_seq_len (SFT), max_seq_len // 2 (pairs)
+    max_len: int | None = None  # tokens per document; default max_seq_len (SFT, unpacked pairs), max_seq_len // 2 (packed pairs)
     max_prompt_len: int | None = None  # the prompt is never cut below this; default max_len // 2
     eos: bool = True  # append EOS to every response (the model learns to stop)
     packed: bool = True  # best-fit-decreasing packing; false pads each batch to its longest document
@@ -44,11 +44,16 @@ class DataConfig:
             raise ValueError(f"max_seq_len must be at least 2, got {self.max_seq_len}")
         if self.max_len is not None and not 2 <= self.max_len <= self.max_seq_len:
             raise ValueError(f"max_len ({self.max_len}) must be between 2 and max_seq_len ({self.max_seq_len})")
+        if self.is_pairs and self.packed and 2 * self.document_len > self.max_seq_len:
+            # Checked here: packing would find a pair too long only after the model and all the data are loaded.
+            raise ValueError(f"max_len ({self.document_len}) must be at most max_seq_len // 2 "
+                             f"({self.max_seq_len // 2}) for packed pairs: a pair's chosen and rejected documents "
+                             "share one row (or set packed = false)")
         if self.max_prompt_len is not None and not 1 <= self.max_prompt_len < self.document_len:
             # Checked here, not only when the data is encoded: that happens after the model is loaded.
             raise ValueError(f"max_prompt_len ({self.max_prompt_len}) must be at least 1 and below the document "
                              f"length ({self.document_len}: max_len, or by default max_seq_len"
-                             f"{' // 2 for pairs' if self.is_pairs else ''})")
+                             f"{' // 2 for packed pairs' if self.is_pairs and self.packed else ''})")
 
     @property
     def is_pairs(self) -> bool:
@@ -58,7 +63,8 @@ class DataConfig:
     def document_len(self) -> int:
         if self.max_len is not None:
             return self.max_len
-        return self.max_seq_len // 2 if self.is_pairs else self.max_seq_len
+        # A packed row holds a whole pair; unpacked, each document has a row of its own.
+        return self.max_seq_len // 2 if self.is_pairs and self.packed else self.max_seq_len
 
 
 def read_examples(cfg: DataConfig, records: list[Record] | None = None

@@ -427,14 +427,9 @@ def _loader(cfg: StageConfig, path: str, docs, tokenizer, world: int, rank: int,
         return make_loader(docs, cfg.data, tokenizer, cfg.train.batch_size, seed=cfg.train.seed, world_size=world,
                            rank=rank, shuffle=shuffle)
     except ValueError as e:  # batching settings that do not fit this data or this number of processes
-        hint = ""
-        if cfg.data.is_pairs and cfg.data.packed and 2 * cfg.data.document_len > cfg.data.max_seq_len:
-            hint = (f"; a pair's chosen and rejected documents share one row, so data.max_len "
-                    f"({cfg.data.document_len}) must be at most data.max_seq_len // 2 ({cfg.data.max_seq_len // 2})"
-                    " for every pair to fit")
         raise ConfigError(f"{path}: cannot be batched with train.batch_size = {cfg.train.batch_size}, "
                           f"data.max_seq_len = {cfg.data.max_seq_len}, data.packed = {str(cfg.data.packed).lower()}"
-                          f"{f' over {world} processes' if world > 1 else ''}: {e}{hint}") from None
+                          f"{f' over {world} processes' if world > 1 else ''}: {e}") from None
 
 
 def _last_metrics(out: Path) -> dict:

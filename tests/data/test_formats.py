@@ -272,6 +272,9 @@ def test_truncation_policy_and_drops(tokenizer):
     max_len = 64
     docs, stats = encode_sft(examples, tokenizer, max_len, max_prompt_len=32)
     assert (stats.examples, stats.kept, stats.truncated, stats.dropped_empty_response) == (4, 3, 2, 1)
+    # Of the two cut, only the second lost the end of its response (and so its EOS): the log says so.
+    assert stats.responses_cut == 1 and "2 truncated (1 inside the response, which then ends without EOS)" in \
+        stats.summary()
     assert docs.doc_length.max() <= max_len and list(docs.doc_example) == [0, 1, 2]
     # 0: prompt cut from the left (BOS kept, the end with the Response header kept), response whole
     ids, mask, text = _decode_loss_tokens(tokenizer, docs, 0)
@@ -300,7 +303,7 @@ def test_pairs_encoding(tokenizer):
              PairExample(SHORT.render(" ".join(["the red cat sleeps"] * 40)), "Yes.", "No."),
              PairExample(SHORT.render("x"), "", "No.")]
     docs, stats = encode_pairs(pairs, tokenizer, 64, max_prompt_len=20)
-    assert (stats.kept, stats.dropped_empty_response, stats.truncated) == (2, 1, 1)
+    assert (stats.kept, stats.dropped_empty_response, stats.truncated, stats.responses_cut) == (2, 1, 1, 0)
     assert docs.num_items == 2 and docs.num_docs == 4
     assert list(docs.doc_part) == [0, 1, 0, 1] and list(docs.doc_example) == [0, 0, 1, 1]
     for item, pair in enumerate(pairs[:2]):
@@ -410,3 +413,43 @@ def test_a_null_field_is_named_as_null(tmp_path):
         read_examples(DataConfig(path=str(p), format="pairs"))
     p.write_text('{"question": null, "instruction": "a", "response": "b"}\n')  # a later name that holds text wins
     assert read_examples(DataConfig(path=str(p), format="orca"))[0][0].response == "b"
+
+
+def test_encode_summary_names_border_merges(tokenizer):
+    """A prompt ending in a space merged into the response's first token (trained on) without a word in the log."""
+    pairs = [PairExample("Human: hi\n\nAssistant: ", "Hello there", " Go away")]
+    docs, stats = encode_pairs(pairs, tokenizer, 64)
+    assert stats.border_merges == 1
+    assert "1 with the prompt's last token merged into the response's first" in stats.summary()
+    _, stats = encode_pairs([PairExample("Human: hi\n\nAssistant:", " Hello there", " Go away")], tokenizer, 64)
+    assert stats.border_merges == 0 and "merged" not in stats.summary()
+
+
+def test_raw_style_refuses_a_system_message_it_would_drop(tmp_path):
+    """style = "raw" takes the prompt text as it is: an Orca record's system message was dropped silently."""
+    p = tmp_path / "orca.jsonl"
+    p.write_text('{"system_prompt": "", "question": "Hi?", "response": "Hello."}\n'
+                 '{"system_prompt": "You are a pirate.", "question": "Hi?", "response": "Arr."}\n')
+    with pytest.raises(DataError, match=r"orca.jsonl:2: field 'system_prompt' holds a system message, but "
+                                        r"template.style = \"raw\""):
+        read_examples(DataConfig(path=str(p), format="orca", template=PromptTemplate(style="raw")))
+    examples, skipped = read_examples(DataConfig(path=str(p), format="orca", template=PromptTemplate(style="raw"),
+                                                 skip_bad_records=True))
+    assert [e.prompt for e in examples] == ["Hi?"] and len(skipped) == 1
+    q = tmp_path / "pairs.jsonl"
+    q.write_text('{"prompt": "Hi?", "chosen": "Hello.", "rejected": "No.", "system": "Be brief."}\n')
+    with pytest.raises(DataError, match=r"pairs.jsonl:1: field 'system' holds a system message"):
+        read_examples(DataConfig(path=str(q), format="pairs", template=PromptTemplate(style="raw")))
+    examples, _ = read_examples(DataConfig(path=str(q), format="pairs"))
+    assert "Be brief." in examples[0].prompt
+
+
+def test_pair_rows_checked_with_the_config():
+    """A packed pair longer than half a row failed in packing, after the model and all the data had loaded, naming
+    an item index; unpacked pairs were cut to half a row they do not share."""
+    with pytest.raises(ValueError, match=r"max_len \(100\) must be at most max_seq_len // 2 \(64\) for packed pairs"):
+        DataConfig(format="pairs", max_seq_len=128, max_len=100)
+    assert DataConfig(format="pairs", max_seq_len=128, max_len=100, packed=False).document_len == 100
+    assert DataConfig(format="hh_pairs", max_seq_len=128, packed=False).document_len == 128
+    assert DataConfig(format="hh_pairs", max_seq_len=128).document_len == 64
+    assert DataConfig(format="evol", max_seq_len=128).document_len == 128

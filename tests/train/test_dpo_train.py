@@ -100,15 +100,19 @@ def test_dpo_stage_needs_pair_data(tiny_dir, tmp_path):
 
 
 def test_pairs_too_long_for_one_row_name_the_keys_to_change(tiny_dir, tmp_path):
-    """With data.max_len above max_seq_len // 2 a long pair cannot share a row: the error says which keys
-    make every pair fit, before any step runs."""
+    """With data.max_len above max_seq_len // 2 a long pair cannot share a row: the config is refused, naming the
+    keys that make every pair fit, before the model or the data loads (packing found it only after both, and
+    named an item index). Unpacked, each document has a row of its own and the same max_len trains."""
     data = tmp_path / "long.jsonl"
     words = " ".join(f"word{i}" for i in range(200))
     data.write_text(json.dumps({"prompt": "Say it.", "chosen": words, "rejected": "No. " + words}) + "\n")
-    with pytest.raises(ConfigError, match=r"long\.jsonl: cannot be batched .*data\.max_len \(128\) must be at most "
-                                          r"data\.max_seq_len // 2 \(64\)"):
-        run_stage(stage_config(tiny_dir, data, tmp_path / "out", "data.max_len=128"), log=lambda *a: None)
-    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+    with pytest.raises(ConfigError, match=r"data\.max_len=128.*max_len \(128\) must be at most "
+                                          r"max_seq_len // 2 \(64\) for packed pairs.*packed = false"):
+        stage_config(tiny_dir, data, tmp_path / "out", "data.max_len=128")
+    cfg = stage_config(tiny_dir, data, tmp_path / "out", "data.max_len=128", "data.packed=false", "train.max_steps=1",
+                       "train.batch_size=2")
+    run_stage(cfg, log=lambda *a: None)
+    assert (tmp_path / "out" / "summary.json").exists()
 
 
 def test_dpo_policy_trains_without_lora_dropout_unless_asked(tiny_dir, tmp_path):
