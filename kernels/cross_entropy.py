@@ -53,8 +53,9 @@ MAX_BLOCK_V = 4096
 def linear_cross_entropy_reference(hidden, weight, labels, ignore_index: int = -100, reduction: str = "sum"):
     """``F.linear`` then fp32 ``F.cross_entropy``; ``mean`` divides by the non-ignored count (0 -> 0)."""
     _check(hidden, weight, labels, reduction)
+    _check_label_range(labels, weight.shape[0], ignore_index)
     logits = F.linear(hidden.reshape(-1, hidden.shape[-1]), weight).float()
-    flat = labels.reshape(-1)
+    flat = labels.reshape(-1).long()  # int32 labels too, as the Triton path takes them
     loss = F.cross_entropy(logits, flat, ignore_index=ignore_index, reduction="sum")
     if reduction == "mean":
         loss = loss / (flat != ignore_index).sum().clamp(min=1)
@@ -63,9 +64,10 @@ def linear_cross_entropy_reference(hidden, weight, labels, ignore_index: int = -
 
 def linear_token_logprobs_reference(hidden, weight, labels, ignore_index: int = -100):
     """log p(label) per token from fp32 ``log_softmax`` of ``F.linear``; 0 at ignored positions."""
-    _check(hidden, weight, labels, "sum")
+    _check(hidden, weight, labels, "sum", "linear_token_logprobs")
+    _check_label_range(labels, weight.shape[0], ignore_index, "linear_token_logprobs")
     logits = F.linear(hidden.reshape(-1, hidden.shape[-1]), weight).float()
-    flat = labels.reshape(-1)
+    flat = labels.reshape(-1).long()
     valid = flat != ignore_index
     picked = logits.log_softmax(-1).gather(-1, torch.where(valid, flat, 0)[:, None]).squeeze(-1)
     return torch.where(valid, picked, torch.zeros_like(picked)).view(labels.shape)
@@ -131,31 +133,40 @@ if triton is not None:
 # ----------------------------------------------------------------------------- launcher
 
 
-def _check(hidden, weight, labels, reduction):
+def _check(hidden, weight, labels, reduction, name: str = "linear_cross_entropy",
+           chunk_tokens: int | None = None):
     if reduction not in REDUCTIONS:
-        raise ValueError(f"linear_cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        raise ValueError(f"{name}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
-            f"linear_cross_entropy: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} "
+            f"{name}: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} "
             "must be (..., C) and (V, C)"
         )
     if weight.dtype != hidden.dtype:
-        raise ValueError(f"linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}")
+        raise ValueError(f"{name}: hidden is {hidden.dtype} but weight is {weight.dtype}")
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(
-            f"linear_cross_entropy: labels {tuple(labels.shape)} must match hidden's leading dims "
+            f"{name}: labels {tuple(labels.shape)} must match hidden's leading dims "
             f"{tuple(hidden.shape[:-1])}"
         )
     if labels.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"linear_cross_entropy: labels must be int32/int64, got {labels.dtype}")
+        raise ValueError(f"{name}: labels must be int32/int64, got {labels.dtype}")
+    _check_chunk(name, chunk_tokens)
 
 
-def _check_label_range(labels: torch.Tensor, n_vocab: int, ignore_index: int) -> None:
+def _check_chunk(name: str, chunk_tokens) -> None:
+    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
+                                     or chunk_tokens < 1):
+        raise ValueError(f"{name}: chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
+
+
+def _check_label_range(labels: torch.Tensor, n_vocab: int, ignore_index: int,
+                       name: str = "linear_cross_entropy") -> None:
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= n_vocab))
     if bool(bad.any()):
         first = labels[bad][0].item()
         raise ValueError(
-            f"linear_cross_entropy: label {first} is outside the vocabulary [0, {n_vocab}) "
+            f"{name}: label {first} is outside the vocabulary [0, {n_vocab}) "
             f"and is not ignore_index ({ignore_index})"
         )
 
@@ -303,10 +314,11 @@ def linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100, reduc
     ``mean`` over non-ignored tokens (0 of them gives 0). Triton on CUDA: logits exist one
     chunk of ``chunk_tokens`` rows at a time (default: chosen from V, see chunk_tokens_for).
     """
+    _check_chunk("linear_cross_entropy", chunk_tokens)
     hidden, weight, autocasting = _autocast_operands(hidden, weight)
     if not use_triton(hidden, weight, labels):  # the reference checks its inputs
         return linear_cross_entropy_reference(hidden, weight, labels, ignore_index, reduction)
-    _check(hidden, weight, labels, reduction)
+    _check(hidden, weight, labels, reduction, chunk_tokens=chunk_tokens)
     _check_label_range(labels, weight.shape[0], ignore_index)
     with torch.autocast(hidden.device.type, enabled=False) if autocasting else contextlib.nullcontext():
         return _linear_cross_entropy_triton(hidden, weight, labels, ignore_index, reduction, chunk_tokens)
@@ -331,11 +343,12 @@ def linear_token_logprobs(hidden, weight, labels, ignore_index: int = -100,
     Differentiable w.r.t. hidden and, if it requires grad, weight, for any per-token upstream
     gradient. Never holds more than one (chunk, V) block of logits.
     """
+    _check_chunk("linear_token_logprobs", chunk_tokens)
     hidden, weight, autocasting = _autocast_operands(hidden, weight)
     if not use_triton(hidden, weight, labels):  # the reference checks its inputs
         return linear_token_logprobs_reference(hidden, weight, labels, ignore_index)
-    _check(hidden, weight, labels, "sum")
-    _check_label_range(labels, weight.shape[0], ignore_index)
+    _check(hidden, weight, labels, "sum", "linear_token_logprobs", chunk_tokens)
+    _check_label_range(labels, weight.shape[0], ignore_index, "linear_token_logprobs")
     with torch.autocast(hidden.device.type, enabled=False) if autocasting else contextlib.nullcontext():
         return _linear_token_logprobs_triton(hidden, weight, labels, ignore_index, chunk_tokens)
 

@@ -73,6 +73,8 @@ def _check(q, k, v, mask):
     if t != 1 or k.shape[0] != b or k.shape[3] != d or hq % k.shape[2] != 0:
         raise ValueError(f"decode_attention: q {tuple(q.shape)} needs one token per row, k/v {tuple(k.shape)} the "
                          "same batch and head dim and a number of heads that divides q's")
+    if k.shape[1] == 0:
+        raise ValueError("decode_attention: k and v hold no keys (S = 0); a decode step attends to at least one")
     if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (b, 1, 1, k.shape[1])):
         raise ValueError(f"decode_attention: mask must be bool ({b}, 1, 1, {k.shape[1]}), "
                          f"got {mask.dtype} {tuple(mask.shape)}")

@@ -211,6 +211,7 @@ def _backward(dy, ds_in, s, weight, rstd, compute_dw: bool, dx_dtype: torch.dtyp
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
+        weight = weight.contiguous()  # the kernels read it with stride 1
         y, s, rstd = _forward(x, None, weight, eps)
         ctx.save_for_backward(s, weight, rstd)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
@@ -226,6 +227,7 @@ class RMSNormFunction(torch.autograd.Function):
 class RMSNormAddFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, eps):
+        weight = weight.contiguous()  # the kernels read it with stride 1
         y, s, rstd = _forward(x, residual, weight, eps)
         ctx.save_for_backward(s, weight, rstd)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
@@ -247,6 +249,7 @@ class RMSNormKeepFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
+        weight = weight.contiguous()  # the kernels read it with stride 1
         y, s, rstd = _forward(x, None, weight, eps)
         ctx.save_for_backward(s, weight, rstd)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype

@@ -215,3 +215,24 @@ def test_bf16_gpu_within_twice_reference_error(shape, weight_grad):
         lambda h, w: ce.linear_token_logprobs_reference(h, w, labels, IGNORE),
         [hidden, weight], ["logprobs", "dhidden"] + extra,
     )
+
+
+def test_int32_labels_bad_chunks_and_the_callers_name_in_errors():
+    """The torch reference refused int32 labels the Triton path takes; a negative chunk_tokens returned
+    uninitialised memory as the loss; linear_token_logprobs' errors named linear_cross_entropy."""
+    hidden, weight, labels = _inputs(11, 16, 40, torch.float32, False)
+    want = ce.linear_cross_entropy_reference(hidden, weight, labels, IGNORE)
+    for impl in ("torch", "triton"):
+        with backend(impl):
+            assert_close(ce.linear_cross_entropy(hidden, weight, labels.int(), IGNORE), want, rtol=1e-5, atol=1e-4)
+            assert_close(ce.linear_token_logprobs(hidden, weight, labels.int(), IGNORE),
+                         ce.linear_token_logprobs_reference(hidden, weight, labels, IGNORE), rtol=1e-5, atol=1e-5)
+            for bad in (-1, 0, 2.5):
+                with pytest.raises(ValueError, match=r"linear_cross_entropy: chunk_tokens must be a positive int"):
+                    ce.linear_cross_entropy(hidden, weight, labels, IGNORE, chunk_tokens=bad)
+            with pytest.raises(ValueError, match=r"linear_token_logprobs: chunk_tokens must be a positive int"):
+                ce.linear_token_logprobs(hidden, weight, labels, IGNORE, chunk_tokens=-3)
+            out_of_range = labels.clone()
+            out_of_range[1] = 40
+            with pytest.raises(ValueError, match=r"^linear_token_logprobs: label 40 is outside the vocabulary"):
+                ce.linear_token_logprobs(hidden, weight, out_of_range, IGNORE)

@@ -111,3 +111,11 @@ def test_split_keys_are_joined_exactly(splits, dtype):
     assert not torch.isnan(got).any()
     assert_close(got.float(), want, *TOLERANCES[dtype], name=f"{splits} splits")
     assert_close(got.float(), one.float(), *TOLERANCES[dtype], name=f"{splits} splits vs one")
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_no_keys_is_one_clear_error(impl):
+    """S = 0 died in the Triton path with a bare ZeroDivisionError; both paths now say what is wrong."""
+    q, k, v = _inputs(1, 5, 4, 2, 8, torch.float32)
+    with backend(impl), pytest.raises(ValueError, match=r"hold no keys \(S = 0\)"):
+        da.decode_attention(q, k[:, :0], v[:, :0])

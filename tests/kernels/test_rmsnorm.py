@@ -125,3 +125,24 @@ def test_bf16_gpu_within_twice_reference_error(shape, weight_grad):
     check_bf16_against_fp32(lambda x, r, w: rms_norm_add(x, r, w, EPS),
                             lambda x, r, w: rms_norm_add_reference(x, r, w, EPS),
                             [x, r, w], ["y", "s", "dx", "dresidual"] + extra)
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "rms_norm_add", "rms_norm_keep"])
+def test_a_strided_weight_reads_its_own_elements(op):
+    """The kernels read the weight with stride 1: a weight sliced from a wider tensor gave wrong values silently."""
+    x = torch.randn(5, 24)
+    residual = torch.randn(5, 24)
+    wide = (torch.rand(48) + 0.5).requires_grad_(True)
+    weight = wide[::2]
+    args = {"rms_norm": (x,), "rms_norm_add": (x, residual), "rms_norm_keep": (x,)}[op]
+    fn = {"rms_norm": rms_norm, "rms_norm_add": rms_norm_add, "rms_norm_keep": rms_norm_keep}[op]
+    with backend("triton"):
+        out = fn(*args, weight, EPS)
+    y = out[0] if isinstance(out, tuple) else out
+    y.sum().backward()
+    grad = wide.grad.clone()
+    wide.grad = None
+    ref = rms_norm_reference(x + residual if op == "rms_norm_add" else x, weight, EPS)
+    ref.sum().backward()
+    assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert_close(grad, wide.grad, rtol=1e-4, atol=1e-4)
