@@ -12,6 +12,20 @@ import sys
 from pathlib import Path
 
 
+def other_base(model_dir, adapter_dir) -> str | None:
+    """The local folder an adapter says it was trained on (``base_model_name_or_path``) when that folder exists
+    and is not ``model_dir``; None otherwise (a hub name, or no record, cannot be compared)."""
+    import json
+
+    try:
+        named = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None  # the adapter's own reader reports a missing or broken config
+    if not isinstance(named, str) or not named or not Path(named).is_dir():
+        return None
+    return None if Path(named).resolve() == Path(model_dir).resolve() else named
+
+
 def merge(model_dir, adapter_dir, out_dir, dtype: str | None = None, device: str = "cpu", overwrite: bool = False) -> Path:
     from bezoar.model import load, save
     from bezoar.model.checkpoint import check_out_folder
@@ -40,6 +54,10 @@ def main(argv=None) -> int:
     from bezoar.model import CheckpointError, ConfigError
     from bezoar.model.lora import AdapterError
 
+    trained_on = other_base(args.model, args.adapter)
+    if trained_on is not None:  # shapes that fit say nothing of the weights: merged as asked, with a word
+        print(f"bezoar.merge: warning: {args.adapter} was trained on {trained_on} (its base_model_name_or_path), "
+              f"not on {args.model}", file=sys.stderr)
     try:
         out = merge(args.model, args.adapter, args.out, args.dtype, args.device, args.overwrite)
     except (CheckpointError, ConfigError, AdapterError, FileExistsError, ValueError) as e:

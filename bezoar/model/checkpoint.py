@@ -130,6 +130,27 @@ def is_prequantized(config: LlamaConfig) -> bool:
     return q.get("quant_method") == "bitsandbytes" and bool(q.get("load_in_4bit") or q.get("_load_in_4bit"))
 
 
+
+def _check_device(device) -> torch.device:
+    """The device to load on (default CUDA when present, else CPU); one clear error for a name torch does not
+    know or a GPU this machine lacks (torch fails later, deep in the first copy)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise CheckpointError(f"device {device!r}: not a device torch knows ({e})") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise CheckpointError(f"device {str(device)!r}: this machine has no CUDA device torch can use "
+                                  "(--device cpu runs on the CPU)")
+        if dev.index is not None and dev.index >= count:
+            raise CheckpointError(f"device {str(device)!r}: this machine has {count} CUDA device(s), "
+                                  f"cuda:0 to cuda:{count - 1}")
+    return dev
+
+
 def load(path, quant: str | None = None, adapter=None, device=None, dtype=None, allow_pickle: bool = False,
          nf4_blocksize: int = 64, nf4_double_quant: bool = True, nf4_compute_dtype=None):
     """Load a Hugging Face Llama checkpoint folder into bezoar's model.
@@ -148,7 +169,7 @@ def load(path, quant: str | None = None, adapter=None, device=None, dtype=None, 
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder (expected a Hugging Face model folder)")
     config = LlamaConfig.from_file(folder)
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _check_device(device)
     prequant = is_prequantized(config)
     if quant not in (None, "nf4"):
         raise ValueError(f"quant={quant!r}: expected None or 'nf4'")

@@ -29,7 +29,7 @@ def parse(argv):
     p.add_argument("--recipe", metavar="NAME|DIR", help="run a recipe (shipped: demo, openbezoar) instead of one stage")
     p.add_argument("--out", metavar="DIR", help="run root for --recipe and the demo (default runs/<recipe>)")
     p.add_argument("--dry-run", action="store_true", help="with --recipe: print the plan and what is done, run nothing")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # flags may sit between the overrides
     # `python -m bezoar.train key=value` (no config) is an override list for the demo.
     if args.config and "=" in args.config and not args.config.endswith(".toml"):
         args.overrides.insert(0, args.config)

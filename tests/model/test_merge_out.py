@@ -191,3 +191,25 @@ def test_merge_dtype_is_the_dtype_transformers_loads(tiny_dir, adapter, tmp_path
     config = json.loads((stale / "config.json").read_text())
     (stale / "config.json").write_text(json.dumps(dict(config, torch_dtype="float32")))
     assert load(stale, device="cpu").config.torch_dtype == "float16"  # as transformers: "dtype" first
+
+
+def test_an_adapter_trained_on_another_local_base_is_merged_with_a_warning(tiny_dir, adapter, tmp_path, capsys):
+    """Shapes that fit say nothing of the weights: a DPO adapter trained on an SFT stage's merged model merged
+    into the raw base without a word."""
+    import json
+    import shutil
+
+    other = tmp_path / "other-base"
+    shutil.copytree(tiny_dir, other)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_dir)
+    assert main(["--model", str(tiny_dir), "--adapter", str(adapter), "--out", str(tmp_path / "m1")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main(["--model", str(other), "--adapter", str(adapter), "--out", str(tmp_path / "m2")]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {adapter} was trained on {tiny_dir} (its base_model_name_or_path), not on {other}" in err
+    for named in ("openlm-research/open_llama_3b_v2", None):  # a hub name or no record: nothing to compare
+        (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": named}))
+        assert main(["--model", str(other), "--adapter", str(adapter), "--out", str(tmp_path / f"m{named is None}"),
+                     "--overwrite"]) == 0
+        assert "warning" not in capsys.readouterr().err

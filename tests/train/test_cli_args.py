@@ -296,3 +296,32 @@ def test_a_stage_folder_is_trained_by_one_run_at_a_time(tmp_path, capsys, monkey
     other = tmp_path / "refused"  # refused before writing anything: no folder left behind
     assert main([str(DEMO / "sft.toml"), f"out={other}", *TINY, f"data.path={tmp_path / 'missing.jsonl'}"]) == 2
     assert not other.exists()
+
+
+def test_flags_may_sit_between_the_overrides():
+    """`python -m bezoar.train s.toml out=x --resume train.max_steps=2` stopped with "unrecognized arguments"."""
+    from bezoar.train.__main__ import parse
+
+    _, args = parse(["s.toml", "out=x", "--resume", "train.max_steps=2"])
+    assert (args.config, args.overrides, args.resume) == ("s.toml", ["out=x", "train.max_steps=2"], True)
+    _, args = parse(["out=x", "--resume", "a=1"])  # the demo's overrides
+    assert (args.config, args.overrides, args.resume) == (None, ["out=x", "a=1"], True)
+
+
+@pytest.mark.parametrize("device, message", [
+    ("foo", r"device 'foo': not a device torch knows"),
+    ("cuda:7", r"device 'cuda:7': this machine has (no CUDA device|\d+ CUDA device)"),
+])
+def test_a_device_the_machine_lacks_is_one_error_in_every_loader(tmp_path, capsys, device, message):
+    """merge, quantize, serve and mt-bench load through bezoar.model.load: --device cuda on a machine without
+    CUDA (or a name torch does not know) ended in a traceback from the first copy."""
+    from bezoar.model import CheckpointError, load
+    from bezoar.model.tiny import build_tiny_model
+    from bezoar.quantize import main as quantize_main
+
+    folder = build_tiny_model("tiny")
+    with pytest.raises(CheckpointError, match=message):
+        load(folder, device=device)
+    out = tmp_path / "q"
+    assert quantize_main(["--model", str(folder), "--out", str(out), "--device", device]) == 2
+    assert "device" in capsys.readouterr().err and not out.exists()
