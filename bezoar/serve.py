@@ -52,7 +52,10 @@ the same tokens, but read as they follow the prompt (as from vLLM): one whose fi
 begins with the space that lm-eval's ``hf`` and ``bezoar`` models, decoding the answer alone, drop, which
 a generation metric that keeps leading whitespace (exact_match without a filter) counts.
 
-The server binds 127.0.0.1 unless ``--host`` says otherwise. When the environment variable
+The server binds 127.0.0.1 unless ``--host`` says otherwise (every address the name resolves to; ``""``: all
+interfaces), on ``--port`` (0: one the system picks). It binds before it loads the model, so a port in use or
+a host that does not resolve is one line on stderr and exit status 2 at once, and logs "serving ... on URL"
+once it has bound (connections made while the model loads wait for it). When the environment variable
 ``BEZOAR_SERVE_API_KEY`` is set, every request must carry ``Authorization: Bearer <that key>``.
 """
 
@@ -62,6 +65,7 @@ import argparse
 import asyncio
 import codecs
 import concurrent.futures
+import errno
 import functools
 import json
 import logging
@@ -1063,6 +1067,39 @@ def build_server(model_dir: str, adapter: str | None = None, quant: str | None =
                   template=template, decode=decode, max_request_seqs=max_request_seqs)
 
 
+def bind_sockets(host: str | None, port: int, backlog: int = 128) -> list[socket.socket]:
+    """Listening sockets on every address ``host`` resolves to (as asyncio's create_server binds them;
+    None or "": all interfaces), port 0 for one the system picks. ``main`` binds them before it loads
+    the model, so a port in use or a bad host fails in a moment, not after minutes of loading, and no
+    other process can take the port meanwhile (connections made while the model loads wait for it).
+    Raises OSError (socket.gaierror for a host that does not resolve); what bound before it is closed."""
+    infos = socket.getaddrinfo(host or None, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):  # one socket per distinct address
+            if sockets:  # port 0: the other addresses take the port the first one got
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            if os.name != "nt":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds (TIME_WAIT)
+            if family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # the IPv4 address has its own
+            sock.bind(address)
+            sock.listen(backlog)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if sock.family == socket.AF_INET6 else f"http://{host}:{port}"
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -1156,17 +1193,37 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--max-batch-size must be at least 1")
     if args.max_request_seqs < 1:
         p.error("--max-request-seqs must be at least 1")
+    if not 0 <= args.port <= 65535:
+        p.error(f"--port must be between 0 and 65535 (0: one the system picks), got {args.port}")
+    # The port is bound before the model loads (minutes for a large one): a port in use fails now.
+    try:
+        sockets = bind_sockets(args.host, args.port)
+    except OSError as e:
+        print(f"bezoar.serve: {_bind_error(e, args.host, args.port)}", file=sys.stderr)
+        return 2
     try:
         server = build_server(args.model, args.adapter, args.quant, args.dtype, args.device, args.name,
                               args.max_batch_size, args.batch_window_ms, args.system, args.decode,
                               args.max_request_seqs)
     except (ValueError, OSError) as e:
+        for sock in sockets:
+            sock.close()
         print(f"bezoar.serve: {e}", file=sys.stderr)
         return 2
-    log.info("serving %s as %r on http://%s:%d/v1", args.model, server.name, args.host, args.port)
+    log.info("serving %s as %r on %s", args.model, server.name, ", ".join(_url(s) + "/v1" for s in sockets))
     # handler_cancellation: a client that disconnects stops its decoding (see BackgroundServer._main)
-    web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None, handler_cancellation=True)
+    web.run_app(server.app(), sock=sockets, print=None, access_log=None, handler_cancellation=True)
     return 0
+
+
+def _bind_error(e: OSError, host: str, port: int) -> str:
+    """One line saying why ``--host``/``--port`` could not be bound."""
+    where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+    if isinstance(e, socket.gaierror):
+        return f"--host {host!r} does not resolve to an address ({e.strerror})"
+    if e.errno == errno.EADDRINUSE:
+        return f"cannot listen on {where}: the port is already in use (another server?); choose another --port"
+    return f"cannot listen on {where}: {e.strerror or e}"
 
 
 if __name__ == "__main__":

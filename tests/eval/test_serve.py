@@ -587,6 +587,34 @@ def test_command_line_help_and_bad_folder(capsys):
     assert "/no/such/folder" in err and "Traceback" not in err
 
 
+def test_command_line_binds_before_it_loads_and_a_bad_address_is_one_line(tiny_dir, monkeypatch, capsys, caplog):
+    """A port in use or a host that does not resolve is found before the model loads (minutes for a large
+    one): one line on stderr naming what to change, exit status 2, no traceback and no "serving" line."""
+    import logging
+    import socket
+
+    from bezoar import serve
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the port was bound")
+
+    monkeypatch.setattr(serve, "build_server", load)
+    caplog.set_level(logging.INFO, logger="bezoar.serve")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert serve.main(["--model", str(tiny_dir), "--port", str(port), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"127.0.0.1:{port}" in err and "already in use" in err and "--port" in err
+    assert serve.main(["--model", str(tiny_dir), "--host", "999.1.1.1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--host '999.1.1.1' does not resolve" in err
+    with pytest.raises(SystemExit) as done:
+        serve.main(["--model", str(tiny_dir), "--port", "70000"])
+    assert done.value.code == 2 and "--port must be between 0 and 65535" in capsys.readouterr().err
+    assert "serving" not in caplog.text
+
+
 def test_command_line_serves(tiny_dir):
     """``python -m bezoar.serve`` in its own process, on a free port, with the model quantized to NF4."""
     from bezoar.serve import free_port
