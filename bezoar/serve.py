@@ -56,7 +56,10 @@ The server binds 127.0.0.1 unless ``--host`` says otherwise (every address the n
 interfaces), on ``--port`` (0: one the system picks). It binds before it loads the model, so a port in use or
 a host that does not resolve is one line on stderr and exit status 2 at once, and logs "serving ... on URL"
 once it has bound (connections made while the model loads wait for it). When the environment variable
-``BEZOAR_SERVE_API_KEY`` is set, every request must carry ``Authorization: Bearer <that key>``.
+``BEZOAR_SERVE_API_KEY`` is set, every request must carry ``Authorization: Bearer <that key>``; set but
+empty (or with whitespace around the key) it is refused at start-up (exit status 2), not read as "no key".
+The start-up log line names the adapter, the quantization, device and dtype loaded and whether a bearer key
+is required (never the key).
 """
 
 from __future__ import annotations
@@ -1059,12 +1062,40 @@ def build_server(model_dir: str, adapter: str | None = None, quant: str | None =
     from bezoar.data.formats import PromptTemplate
     from bezoar.model import Tokenizer, load
 
+    api_key = api_key_from_env()  # a bad one is refused before the model loads
     model = load(model_dir, quant=quant, adapter=adapter, device=device, dtype=dtype)
     tokenizer = Tokenizer(model_dir)
     template = PromptTemplate() if system is None else PromptTemplate(system=system)
     return Server(model, tokenizer, name or Path(model_dir).resolve().name, max_batch_size=max_batch_size,
-                  batch_window_s=batch_window_ms / 1000, api_key=os.environ.get(API_KEY_ENV) or None,
+                  batch_window_s=batch_window_ms / 1000, api_key=api_key,
                   template=template, decode=decode, max_request_seqs=max_request_seqs)
+
+
+def api_key_from_env() -> str | None:
+    """The bearer key every request must carry: ``BEZOAR_SERVE_API_KEY``, None (no key) when it is not set.
+    Set but empty is refused (ValueError), not read as "no key": whoever set it meant to require one, and
+    a server open to all without a word is the wrong way to fail. So is a key with whitespace around it
+    (a newline from a file, say), which no request could carry: HTTP strips it from header values."""
+    value = os.environ.get(API_KEY_ENV)
+    if value is None:
+        return None
+    if not value.strip():
+        raise ValueError(f"{API_KEY_ENV} is set but empty: set it to the key clients must send, or unset it "
+                         "to serve without a key")
+    if value != value.strip():
+        raise ValueError(f"{API_KEY_ENV} starts or ends with whitespace, which no request's Authorization header "
+                         "can carry (HTTP strips it); remove it")
+    return value
+
+
+def describe_model(model, adapter: str | None) -> str:
+    """What was loaded, for the start-up log line: the adapter folder, the quantization (NF4 when any linear
+    layer is, as a pre-quantized checkpoint loads whatever --quant says), device and dtype."""
+    from bezoar.model.nf4 import NF4Linear
+
+    quant = "nf4" if any(isinstance(m, NF4Linear) for m in model.modules()) else "none"
+    dtype = str(getattr(model, "dtype", "")).removeprefix("torch.")
+    return f"adapter {adapter or 'none'}, quantization {quant}, {model.device} {dtype}".rstrip()
 
 
 def bind_sockets(host: str | None, port: int, backlog: int = 128) -> list[socket.socket]:
@@ -1195,6 +1226,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--max-request-seqs must be at least 1")
     if not 0 <= args.port <= 65535:
         p.error(f"--port must be between 0 and 65535 (0: one the system picks), got {args.port}")
+    try:
+        api_key = api_key_from_env()
+    except ValueError as e:
+        print(f"bezoar.serve: {e}", file=sys.stderr)
+        return 2
     # The port is bound before the model loads (minutes for a large one): a port in use fails now.
     try:
         sockets = bind_sockets(args.host, args.port)
@@ -1210,7 +1246,10 @@ def main(argv: list[str] | None = None) -> int:
             sock.close()
         print(f"bezoar.serve: {e}", file=sys.stderr)
         return 2
-    log.info("serving %s as %r on %s", args.model, server.name, ", ".join(_url(s) + "/v1" for s in sockets))
+    # what was loaded, and whether requests need the key (never the key itself)
+    log.info("serving %s as %r on %s (%s; bearer key %s)", args.model, server.name,
+             ", ".join(_url(s) + "/v1" for s in sockets), describe_model(server.engine.model, args.adapter),
+             f"required ({API_KEY_ENV})" if api_key is not None else "not required")
     # handler_cancellation: a client that disconnects stops its decoding (see BackgroundServer._main)
     web.run_app(server.app(), sock=sockets, print=None, access_log=None, handler_cancellation=True)
     return 0

@@ -615,6 +615,58 @@ def test_command_line_binds_before_it_loads_and_a_bad_address_is_one_line(tiny_d
     assert "serving" not in caplog.text
 
 
+def test_command_line_refuses_an_empty_api_key_and_logs_what_it_serves(tiny_dir, tmp_path, monkeypatch, capsys,
+                                                                        caplog):
+    """BEZOAR_SERVE_API_KEY set but empty (or with whitespace around it, which no header can carry) is refused
+    before anything loads, not read as "no key"; the start-up line names the adapter, the quantization and
+    whether a bearer key is required, never the key."""
+    import logging
+
+    from bezoar import serve
+    from bezoar.model import load
+    from bezoar.model.lora import LoraConfig, apply_lora, save_adapter
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded with a bad BEZOAR_SERVE_API_KEY")
+
+    build_server = serve.build_server
+    monkeypatch.setattr(serve, "build_server", no_load)
+    caplog.set_level(logging.INFO, logger="bezoar.serve")
+    for bad, says in (("", "is set but empty"), ("  ", "is set but empty"), ("key\n", "whitespace")):
+        monkeypatch.setenv("BEZOAR_SERVE_API_KEY", bad)
+        assert serve.main(["--model", str(tiny_dir), "--port", "0", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "BEZOAR_SERVE_API_KEY" in err and says in err, err
+        with pytest.raises(ValueError, match=says):  # build_server, for Python callers, refuses it too
+            build_server(str(tiny_dir), device="cpu")
+    monkeypatch.setattr(serve, "build_server", build_server)
+
+    base = load(tiny_dir, device="cpu")
+    apply_lora(base, LoraConfig(r=2, alpha=4, dropout=0.0))
+    adapter = save_adapter(base, tmp_path / "adapter")
+    ran = {}
+    monkeypatch.setattr(serve.web, "run_app", lambda app, **kwargs: ran.update(kwargs))
+    key = "sk-serve-test-5e1f"
+    for env, extra, says in ((key, ["--adapter", str(adapter), "--quant", "nf4"],
+                              [f"adapter {adapter}, quantization nf4, cpu", "bearer key required"]),
+                             (None, [], ["adapter none, quantization none, cpu float32", "bearer key not required"])):
+        if env is None:
+            monkeypatch.delenv("BEZOAR_SERVE_API_KEY")
+        else:
+            monkeypatch.setenv("BEZOAR_SERVE_API_KEY", env)
+        caplog.clear()
+        assert serve.main(["--model", str(tiny_dir), "--port", "0", "--device", "cpu", *extra]) == 0
+        [sock] = ran["sock"]
+        try:
+            port = sock.getsockname()[1]
+        finally:
+            sock.close()
+        [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("serving")]
+        assert f"on http://127.0.0.1:{port}/v1 (" in line and all(s in line for s in says), line
+        captured = capsys.readouterr()
+        assert key not in caplog.text + captured.out + captured.err
+
+
 def test_command_line_serves(tiny_dir):
     """``python -m bezoar.serve`` in its own process, on a free port, with the model quantized to NF4."""
     from bezoar.serve import free_port
