@@ -9,8 +9,9 @@ Routes:
   list of token-id lists; ``max_tokens``, ``temperature`` (0 to 2; below ``GREEDY_BELOW``, 1e-5, it
   decodes greedily as 0 does, vLLM's rule: the logits divided by a tinier one overflow to infinity),
   ``top_p``, ``top_k`` (as vLLM takes it: an integer, -1 or 0 for off), ``n``, ``stop``, ``seed``,
-  ``stream``, ``echo`` and ``logprobs`` (0-20 alternatives) - what lm-eval's ``local-completions``
-  model needs for loglikelihood (``echo`` + ``logprobs`` + ``max_tokens=1``) and generation.
+  ``stream``, ``echo`` and ``logprobs`` (0-20 alternatives, plus the token chosen where it is not one of
+  them, as vLLM gives them) - what lm-eval's ``local-completions`` model needs for loglikelihood
+  (``echo`` + ``logprobs`` + ``max_tokens=1``) and generation.
   A text prompt gets BOS in front; a token prompt is used exactly as given. The completion's text
   is what its tokens add to the prompt's text, as OpenAI and vLLM return it: a first token "▁an" after
   "The answer is" reads " an" (sentencepiece, decoding the new tokens alone, would drop that space),
@@ -899,16 +900,21 @@ class Server:
         for tok in tokens:
             offsets.append(at)
             at += len(tok)
+        # top_logprobs: the `logprobs` most likely tokens, and the token the text has there when it is not
+        # one of them (listed last: it ranks below them), as OpenAI documents (up to logprobs + 1) and vLLM
+        # returns it; logprobs 0 gives that token alone. Prompt tokens (echo) alike.
         top = []
-        for alternatives in job.top_logprobs:
+        for tid, value, alternatives in zip(ids, job.token_logprobs, job.top_logprobs):
             if alternatives is None:
                 top.append(None)
             else:
                 d: dict[str, float] = {}
-                for tid, value in alternatives:
+                for alt, alt_value in alternatives:
+                    d.setdefault(token_text(self.tokenizer, alt), alt_value)
+                if all(alt != tid for alt, _ in alternatives):
                     d.setdefault(token_text(self.tokenizer, tid), value)
                 top.append(d)
-        return {"tokens": tokens, "token_logprobs": job.token_logprobs[: len(ids)], "top_logprobs": top[: len(ids)],
+        return {"tokens": tokens, "token_logprobs": job.token_logprobs[: len(ids)], "top_logprobs": top,
                 "text_offset": offsets}
 
     def _usage(self, jobs: list[Job]) -> dict:

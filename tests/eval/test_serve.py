@@ -114,7 +114,9 @@ def test_echo_logprobs_are_the_models_token_logprobs(client, tiny_model, tiny_to
         want = ref.gather(1, torch.tensor(full[1:])[:, None]).squeeze(1).tolist()
         assert lp.token_logprobs[1:] == pytest.approx(want, rel=1e-5, abs=1e-5)
         for pos, top in enumerate(lp.top_logprobs[1:]):
-            assert len(top) == 2 and max(top.values()) == pytest.approx(float(ref[pos].max()), abs=1e-5)
+            # the 2 most likely tokens, and the prompt's token where it is not one of them
+            in_top = full[pos + 1] in ref[pos].topk(2).indices.tolist()
+            assert len(top) == (2 if in_top else 3) and max(top.values()) == pytest.approx(float(ref[pos].max()), abs=1e-5)
         # lm-eval's is_greedy rule: a token is greedy when its logprob is the top one
         greedy = [t == max(top.values()) for t, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:])]
         assert greedy == (ref.argmax(-1) == torch.tensor(full[1:])).tolist()
@@ -147,6 +149,37 @@ def test_logprobs_tokens_and_offsets_index_the_returned_text(client, tiny_tokeni
 
     euro = tiny_tokenizer.encode("€", bos=False)
     assert token_pieces(tiny_tokenizer, euro)[-1] == "€" and "".join(token_pieces(tiny_tokenizer, euro)) == "€"
+
+
+def test_top_logprobs_always_hold_the_chosen_token(client, tiny_tokenizer):
+    """As OpenAI documents and vLLM does: top_logprobs holds the `logprobs` most likely tokens and the sampled
+    (or, with echo, the prompt's) token where it is not one of them; logprobs 0 gives that token alone."""
+    from bezoar.serve import token_text
+
+    prompt = "The bright eagle sees the road"
+    ids = tiny_tokenizer.encode(prompt, bos=True)
+    outside = 0
+    for k in (0, 1, 2):
+        for echo in (False, True):
+            r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=2.0, seed=3,
+                                          logprobs=k, echo=echo)
+            lp = r.choices[0].logprobs
+            assert len(lp.top_logprobs) == len(lp.token_logprobs) == len(lp.tokens)
+            for at, (value, top) in enumerate(zip(lp.token_logprobs, lp.top_logprobs)):
+                if echo and at == 0:
+                    assert value is None and top is None
+                    continue
+                assert value in top.values(), (k, echo, at, value, top)  # the chosen token's own entry
+                ranked = sorted(top.values(), reverse=True)
+                assert len(top) == k + (value < ranked[k - 1] if k else 1), (k, echo, at, top)
+                outside += k > 0 and len(top) == k + 1
+                if echo and at < len(ids):
+                    assert top.get(token_text(tiny_tokenizer, ids[at])) == value
+    assert outside, "no position where the chosen token is outside the top ones: the test shows nothing"
+    # greedy: the chosen token is the most likely one, so logprobs 0 gives it and logprobs k gives k
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0, logprobs=0)
+    assert all(list(top.values()) == [v] for v, top in zip(r.choices[0].logprobs.token_logprobs,
+                                                            r.choices[0].logprobs.top_logprobs))
 
 
 def test_the_completion_keeps_the_space_its_first_token_adds_to_the_prompt(client, tiny_model, tiny_tokenizer):
@@ -293,6 +326,15 @@ def test_chat_logprobs(client):
     for item in content:
         assert len(item.top_logprobs) == 3
         assert item.logprob == pytest.approx(item.top_logprobs[0].logprob)  # greedy: the chosen token is the top one
+    # chat's top_logprobs are exactly the top_logprobs most likely (OpenAI's chat API; vLLM caps them there too):
+    # a sampled token outside them is not added, as completions add it; its logprob is the item's own
+    for top in (0, 2):
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+                                           temperature=2.0, seed=5, logprobs=True, top_logprobs=top)
+        for item in r.choices[0].logprobs.content:
+            assert len(item.top_logprobs) == top
+            assert all(item.logprob <= alt.logprob for alt in item.top_logprobs) or item.logprob in [
+                alt.logprob for alt in item.top_logprobs]
 
 
 def test_concurrent_clients_are_batched_and_answered_exactly(served, tiny_model, tiny_tokenizer):
