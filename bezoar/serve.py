@@ -15,7 +15,9 @@ Routes:
   A text prompt gets BOS in front; a token prompt is used exactly as given. The completion's text
   is what its tokens add to the prompt's text, as OpenAI and vLLM return it: a first token "▁an" after
   "The answer is" reads " an" (sentencepiece, decoding the new tokens alone, would drop that space),
-  so with ``echo`` the text is the prompt's text followed by the completion's.
+  so with ``echo`` the text is the prompt's text followed by the completion's. ``usage.completion_tokens``
+  (here and in chat, streamed or not) counts every token decoded, as vLLM does: the EOS, and the tokens up to
+  the one that completed a stop string, whose text is not returned (nor their logprobs).
 - ``POST /v1/chat/completions``: ``messages`` rendered with the OpenBezoar prompt template
   (``bezoar.eval.chat``), the answer stops at EOS or at a new template section; the sampling
   settings of completions (``top_k`` included), ``logprobs`` / ``top_logprobs``, ``stream``. The
@@ -238,6 +240,9 @@ class Job:
     stream: Any = None  # an asyncio.Queue receiving (index, text delta, finish reason or None)
     # filled in by the engine
     new_ids: list[int] = field(default_factory=list)
+    # tokens the model produced, as usage counts them (vLLM's rule): new_ids, with the EOS and any token cut
+    # after a stop string (the one that completed it) counted too
+    generated: int = 0
     finish_reason: str = "length"
     text: str = ""
     token_logprobs: list[float | None] = field(default_factory=list)
@@ -394,8 +399,8 @@ class Engine:
 
     def _finish_text(self, job: Job) -> None:
         """The returned text, cut before a stop string, and the new tokens cut to those whose text it
-        returns (for logprobs and usage). A token whose text straddles the cut stays: part of its text
-        is returned."""
+        returns (for logprobs; usage counts ``job.generated``, every token decoded). A token whose text
+        straddles the cut stays: part of its text is returned."""
         text = continuation(self.tokenizer, self._context(job), job.new_ids)
         cut = cut_at_stop(text, job.stop)
         if len(cut) < len(text):
@@ -427,6 +432,7 @@ class Engine:
                 job.finish_reason = "length"
                 continue
             nxt = int(sample_next(lp[-1:], job.temperature, job.top_p, self._sampler(job), job.top_k)[0])
+            job.generated = 1  # the EOS too
             if nxt == eos:
                 job.finish_reason = "stop"
                 continue
@@ -461,6 +467,10 @@ class Engine:
                                         should_stop=on_token, decoder=self.decoder)
         for job, new, reason in zip(jobs, new_ids, reasons):
             job.new_ids = list(new)
+            # generate_ids leaves out the EOS that ended a row: a row that stopped short of its max_tokens
+            # with no stop string (nor a client gone) drew one
+            eos = reason == "stop" and not job.stop_hit and not job.cancelled and len(new) < job.max_tokens
+            job.generated = len(new) + eos
             self._finish_text(job)
             if job.stop_hit or (reason == "stop" and len(new) < job.max_tokens):
                 job.finish_reason = "stop"
@@ -923,7 +933,7 @@ class Server:
             if id(job.prompt_ids) not in seen:
                 seen.add(id(job.prompt_ids))
                 prompt_tokens += len(job.prompt_ids)
-        completion = sum(len(j.new_ids) for j in jobs)
+        completion = sum(j.generated for j in jobs)  # as vLLM counts: the EOS and a stop string's tokens too
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
     # -- /v1/chat/completions --

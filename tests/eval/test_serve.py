@@ -262,38 +262,82 @@ def _stop_inside(tokenizer, token_ids: list[int]) -> tuple[str, int]:
     raise AssertionError(f"no stop string to pick in {pieces}")
 
 
-def test_a_stop_string_cuts_logprobs_and_usage_with_the_text(client, tiny_model, tiny_tokenizer):
-    """Only the tokens whose text is returned count: the token the stop string starts inside stays,
-    with the part of its text before the stop; the tokens after it go from logprobs and usage."""
+def _decoded_until(text_of, token_ids: list[int], stop: str) -> int:
+    """How many of ``token_ids`` a decoder that stops once its text holds ``stop`` decodes."""
+    return next(m for m in range(1, len(token_ids) + 1) if stop in text_of(token_ids[:m]))
+
+
+def test_a_stop_string_cuts_logprobs_with_the_text_and_usage_counts_every_token_decoded(client, tiny_model,
+                                                                                       tiny_tokenizer):
+    """Only the tokens whose text is returned have logprobs: the token the stop string starts inside stays,
+    with the part of its text before the stop; the tokens after it go. usage.completion_tokens counts every
+    token decoded, as vLLM does: those up to the one that completed the stop string."""
+    from bezoar.eval.decoding import continuation
+
     prompt = "The bright eagle watches the"
+    ids = tiny_tokenizer.encode(prompt, bos=True)
     free = generate(tiny_model, tiny_tokenizer, prompt, max_new_tokens=16)[0]
     stop, kept = _stop_inside(tiny_tokenizer, free.token_ids)
+    decoded = _decoded_until(lambda t: continuation(tiny_tokenizer, ids, t), free.token_ids, stop)
+    assert kept < decoded < len(free.token_ids)
     want = free.text[: free.text.find(stop)]
     for echo in (False, True):
         r = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0, stop=[stop],
                                       logprobs=1, echo=echo)
         choice = r.choices[0]
         assert choice.text == (prompt if echo else "") + want and choice.finish_reason == "stop"
-        assert r.usage.completion_tokens == kept < len(free.token_ids)
+        assert r.usage.completion_tokens == decoded
         assert "".join(choice.logprobs.tokens) == choice.text
         assert len(choice.logprobs.token_logprobs) == (r.usage.prompt_tokens if echo else 0) + kept
     chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0, stop=[stop],
                                             stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == want
-    assert chunks[-1].usage.completion_tokens == kept
+    assert chunks[-1].usage.completion_tokens == decoded
 
     messages = [{"role": "user", "content": "Name a red thing."}]
     answer = generate(tiny_model, tiny_tokenizer, chat_prompt(messages), max_new_tokens=16,
                       stop=["### Instruction:", "### System:", "### Response:"])[0]
     stop, kept = _stop_inside(tiny_tokenizer, answer.token_ids)
+    decoded = _decoded_until(tiny_tokenizer.decode, answer.token_ids, stop)  # an answer reads as a text of its own
     r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0, stop=[stop],
                                        logprobs=True)
     assert r.choices[0].message.content == answer.text[: answer.text.find(stop)]
-    assert r.usage.completion_tokens == len(r.choices[0].logprobs.content) == kept
+    assert len(r.choices[0].logprobs.content) == kept and r.usage.completion_tokens == decoded
     chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0,
                                                  stop=[stop], stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
-    assert chunks[-1].usage.completion_tokens == kept
+    assert chunks[-1].usage.completion_tokens == decoded
+
+
+# [BOS, "on", "###"]: a token prompt the tiny model (seed 0) greedily follows with EOS
+EOS_NEXT = [1, 282, 295]
+
+
+def test_usage_counts_the_token_that_hit_a_stop_and_the_eos(client, tiny_model, tiny_tokenizer):
+    """A stop string that is the first token's whole text returns "" but one token was decoded, and an EOS
+    is a decoded token: completion_tokens 1 for both (it was 0), in the one-step path (max_tokens 1), in
+    generation and streamed, as vLLM counts."""
+    from bezoar.serve import token_pieces
+
+    with torch.no_grad():
+        assert int(tiny_model(torch.tensor([EOS_NEXT]))[0, -1].argmax()) == tiny_tokenizer.eos_id, \
+            "the tiny model no longer follows EOS_NEXT with EOS: pick another token prompt"
+    prompt = "Once upon a time"
+    ids = tiny_tokenizer.encode(prompt, bos=True)
+    first = generate(tiny_model, tiny_tokenizer, prompt, max_new_tokens=1)[0].token_ids
+    stop = token_pieces(tiny_tokenizer, first, ids)[0]  # the first token's whole text ("ssist")
+    assert len(stop) > 1 and "\ufffd" not in stop
+    for body in ({"prompt": prompt, "stop": [stop]}, {"prompt": EOS_NEXT}):
+        for max_tokens in (1, 8):
+            r = client.completions.create(model="tiny", max_tokens=max_tokens, temperature=0, **body)
+            assert r.choices[0].text == "" and r.choices[0].finish_reason == "stop"
+            assert r.usage.completion_tokens == 1, (body, max_tokens)
+            chunks = list(client.completions.create(model="tiny", max_tokens=max_tokens, temperature=0, stream=True,
+                                                    stream_options={"include_usage": True}, **body))
+            assert chunks[-1].usage.completion_tokens == 1, (body, max_tokens)
+    # in a batch beside a row that runs to max_tokens
+    r = client.completions.create(model="tiny", prompt=[ids, EOS_NEXT], max_tokens=5, temperature=0)
+    assert r.usage.completion_tokens == 5 + 1
 
 
 def test_chat_uses_the_template_and_streams_the_same_text(client, tiny_model, tiny_tokenizer):
