@@ -9,12 +9,15 @@ Routes:
   list of token-id lists; ``max_tokens``, ``temperature`` (0 to 2; below ``GREEDY_BELOW``, 1e-5, it
   decodes greedily as 0 does, vLLM's rule: the logits divided by a tinier one overflow to infinity),
   ``top_p``, ``top_k`` (as vLLM takes it: an integer, -1 or 0 for off), ``n``, ``stop``, ``seed``,
-  ``stream``, ``echo`` and ``logprobs`` (0-20 alternatives) - what lm-eval's ``local-completions``
-  model needs for loglikelihood (``echo`` + ``logprobs`` + ``max_tokens=1``) and generation.
+  ``stream``, ``echo`` and ``logprobs`` (0-20 alternatives, plus the token chosen where it is not one of
+  them, as vLLM gives them) - what lm-eval's ``local-completions`` model needs for loglikelihood
+  (``echo`` + ``logprobs`` + ``max_tokens=1``) and generation.
   A text prompt gets BOS in front; a token prompt is used exactly as given. The completion's text
   is what its tokens add to the prompt's text, as OpenAI and vLLM return it: a first token "▁an" after
   "The answer is" reads " an" (sentencepiece, decoding the new tokens alone, would drop that space),
-  so with ``echo`` the text is the prompt's text followed by the completion's.
+  so with ``echo`` the text is the prompt's text followed by the completion's. ``usage.completion_tokens``
+  (here and in chat, streamed or not) counts every token decoded, as vLLM does: the EOS, and the tokens up to
+  the one that completed a stop string, whose text is not returned (nor their logprobs).
 - ``POST /v1/chat/completions``: ``messages`` rendered with the OpenBezoar prompt template
   (``bezoar.eval.chat``), the answer stops at EOS or at a new template section; the sampling
   settings of completions (``top_k`` included), ``logprobs`` / ``top_logprobs``, ``stream``. The
@@ -52,8 +55,14 @@ the same tokens, but read as they follow the prompt (as from vLLM): one whose fi
 begins with the space that lm-eval's ``hf`` and ``bezoar`` models, decoding the answer alone, drop, which
 a generation metric that keeps leading whitespace (exact_match without a filter) counts.
 
-The server binds 127.0.0.1 unless ``--host`` says otherwise. When the environment variable
-``BEZOAR_SERVE_API_KEY`` is set, every request must carry ``Authorization: Bearer <that key>``.
+The server binds 127.0.0.1 unless ``--host`` says otherwise (every address the name resolves to; ``""``: all
+interfaces), on ``--port`` (0: one the system picks). It binds before it loads the model, so a port in use or
+a host that does not resolve is one line on stderr and exit status 2 at once, and logs "serving ... on URL"
+once it has bound (connections made while the model loads wait for it). When the environment variable
+``BEZOAR_SERVE_API_KEY`` is set, every request must carry ``Authorization: Bearer <that key>``; set but
+empty (or with whitespace around the key) it is refused at start-up (exit status 2), not read as "no key".
+The start-up log line names the adapter, the quantization, device and dtype loaded and whether a bearer key
+is required (never the key).
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ import argparse
 import asyncio
 import codecs
 import concurrent.futures
+import errno
 import functools
 import json
 import logging
@@ -230,6 +240,9 @@ class Job:
     stream: Any = None  # an asyncio.Queue receiving (index, text delta, finish reason or None)
     # filled in by the engine
     new_ids: list[int] = field(default_factory=list)
+    # tokens the model produced, as usage counts them (vLLM's rule): new_ids, with the EOS and any token cut
+    # after a stop string (the one that completed it) counted too
+    generated: int = 0
     finish_reason: str = "length"
     text: str = ""
     token_logprobs: list[float | None] = field(default_factory=list)
@@ -386,8 +399,8 @@ class Engine:
 
     def _finish_text(self, job: Job) -> None:
         """The returned text, cut before a stop string, and the new tokens cut to those whose text it
-        returns (for logprobs and usage). A token whose text straddles the cut stays: part of its text
-        is returned."""
+        returns (for logprobs; usage counts ``job.generated``, every token decoded). A token whose text
+        straddles the cut stays: part of its text is returned."""
         text = continuation(self.tokenizer, self._context(job), job.new_ids)
         cut = cut_at_stop(text, job.stop)
         if len(cut) < len(text):
@@ -419,6 +432,7 @@ class Engine:
                 job.finish_reason = "length"
                 continue
             nxt = int(sample_next(lp[-1:], job.temperature, job.top_p, self._sampler(job), job.top_k)[0])
+            job.generated = 1  # the EOS too
             if nxt == eos:
                 job.finish_reason = "stop"
                 continue
@@ -453,6 +467,10 @@ class Engine:
                                         should_stop=on_token, decoder=self.decoder)
         for job, new, reason in zip(jobs, new_ids, reasons):
             job.new_ids = list(new)
+            # generate_ids leaves out the EOS that ended a row: a row that stopped short of its max_tokens
+            # with no stop string (nor a client gone) drew one
+            eos = reason == "stop" and not job.stop_hit and not job.cancelled and len(new) < job.max_tokens
+            job.generated = len(new) + eos
             self._finish_text(job)
             if job.stop_hit or (reason == "stop" and len(new) < job.max_tokens):
                 job.finish_reason = "stop"
@@ -892,16 +910,21 @@ class Server:
         for tok in tokens:
             offsets.append(at)
             at += len(tok)
+        # top_logprobs: the `logprobs` most likely tokens, and the token the text has there when it is not
+        # one of them (listed last: it ranks below them), as OpenAI documents (up to logprobs + 1) and vLLM
+        # returns it; logprobs 0 gives that token alone. Prompt tokens (echo) alike.
         top = []
-        for alternatives in job.top_logprobs:
+        for tid, value, alternatives in zip(ids, job.token_logprobs, job.top_logprobs):
             if alternatives is None:
                 top.append(None)
             else:
                 d: dict[str, float] = {}
-                for tid, value in alternatives:
+                for alt, alt_value in alternatives:
+                    d.setdefault(token_text(self.tokenizer, alt), alt_value)
+                if all(alt != tid for alt, _ in alternatives):
                     d.setdefault(token_text(self.tokenizer, tid), value)
                 top.append(d)
-        return {"tokens": tokens, "token_logprobs": job.token_logprobs[: len(ids)], "top_logprobs": top[: len(ids)],
+        return {"tokens": tokens, "token_logprobs": job.token_logprobs[: len(ids)], "top_logprobs": top,
                 "text_offset": offsets}
 
     def _usage(self, jobs: list[Job]) -> dict:
@@ -910,7 +933,7 @@ class Server:
             if id(job.prompt_ids) not in seen:
                 seen.add(id(job.prompt_ids))
                 prompt_tokens += len(job.prompt_ids)
-        completion = sum(len(j.new_ids) for j in jobs)
+        completion = sum(j.generated for j in jobs)  # as vLLM counts: the EOS and a stop string's tokens too
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
     # -- /v1/chat/completions --
@@ -1055,12 +1078,73 @@ def build_server(model_dir: str, adapter: str | None = None, quant: str | None =
     from bezoar.data.formats import PromptTemplate
     from bezoar.model import Tokenizer, load
 
+    api_key = api_key_from_env()  # a bad one is refused before the model loads
     model = load(model_dir, quant=quant, adapter=adapter, device=device, dtype=dtype)
     tokenizer = Tokenizer(model_dir)
     template = PromptTemplate() if system is None else PromptTemplate(system=system)
     return Server(model, tokenizer, name or Path(model_dir).resolve().name, max_batch_size=max_batch_size,
-                  batch_window_s=batch_window_ms / 1000, api_key=os.environ.get(API_KEY_ENV) or None,
+                  batch_window_s=batch_window_ms / 1000, api_key=api_key,
                   template=template, decode=decode, max_request_seqs=max_request_seqs)
+
+
+def api_key_from_env() -> str | None:
+    """The bearer key every request must carry: ``BEZOAR_SERVE_API_KEY``, None (no key) when it is not set.
+    Set but empty is refused (ValueError), not read as "no key": whoever set it meant to require one, and
+    a server open to all without a word is the wrong way to fail. So is a key with whitespace around it
+    (a newline from a file, say), which no request could carry: HTTP strips it from header values."""
+    value = os.environ.get(API_KEY_ENV)
+    if value is None:
+        return None
+    if not value.strip():
+        raise ValueError(f"{API_KEY_ENV} is set but empty: set it to the key clients must send, or unset it "
+                         "to serve without a key")
+    if value != value.strip():
+        raise ValueError(f"{API_KEY_ENV} starts or ends with whitespace, which no request's Authorization header "
+                         "can carry (HTTP strips it); remove it")
+    return value
+
+
+def describe_model(model, adapter: str | None) -> str:
+    """What was loaded, for the start-up log line: the adapter folder, the quantization (NF4 when any linear
+    layer is, as a pre-quantized checkpoint loads whatever --quant says), device and dtype."""
+    from bezoar.model.nf4 import NF4Linear
+
+    quant = "nf4" if any(isinstance(m, NF4Linear) for m in model.modules()) else "none"
+    dtype = str(getattr(model, "dtype", "")).removeprefix("torch.")
+    return f"adapter {adapter or 'none'}, quantization {quant}, {model.device} {dtype}".rstrip()
+
+
+def bind_sockets(host: str | None, port: int, backlog: int = 128) -> list[socket.socket]:
+    """Listening sockets on every address ``host`` resolves to (as asyncio's create_server binds them;
+    None or "": all interfaces), port 0 for one the system picks. ``main`` binds them before it loads
+    the model, so a port in use or a bad host fails in a moment, not after minutes of loading, and no
+    other process can take the port meanwhile (connections made while the model loads wait for it).
+    Raises OSError (socket.gaierror for a host that does not resolve); what bound before it is closed."""
+    infos = socket.getaddrinfo(host or None, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):  # one socket per distinct address
+            if sockets:  # port 0: the other addresses take the port the first one got
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            if os.name != "nt":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds (TIME_WAIT)
+            if family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # the IPv4 address has its own
+            sock.bind(address)
+            sock.listen(backlog)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if sock.family == socket.AF_INET6 else f"http://{host}:{port}"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -1156,17 +1240,45 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--max-batch-size must be at least 1")
     if args.max_request_seqs < 1:
         p.error("--max-request-seqs must be at least 1")
+    if not 0 <= args.port <= 65535:
+        p.error(f"--port must be between 0 and 65535 (0: one the system picks), got {args.port}")
+    try:
+        api_key = api_key_from_env()
+    except ValueError as e:
+        print(f"bezoar.serve: {e}", file=sys.stderr)
+        return 2
+    # The port is bound before the model loads (minutes for a large one): a port in use fails now.
+    try:
+        sockets = bind_sockets(args.host, args.port)
+    except OSError as e:
+        print(f"bezoar.serve: {_bind_error(e, args.host, args.port)}", file=sys.stderr)
+        return 2
     try:
         server = build_server(args.model, args.adapter, args.quant, args.dtype, args.device, args.name,
                               args.max_batch_size, args.batch_window_ms, args.system, args.decode,
                               args.max_request_seqs)
     except (ValueError, OSError) as e:
+        for sock in sockets:
+            sock.close()
         print(f"bezoar.serve: {e}", file=sys.stderr)
         return 2
-    log.info("serving %s as %r on http://%s:%d/v1", args.model, server.name, args.host, args.port)
+    # what was loaded, and whether requests need the key (never the key itself)
+    log.info("serving %s as %r on %s (%s; bearer key %s)", args.model, server.name,
+             ", ".join(_url(s) + "/v1" for s in sockets), describe_model(server.engine.model, args.adapter),
+             f"required ({API_KEY_ENV})" if api_key is not None else "not required")
     # handler_cancellation: a client that disconnects stops its decoding (see BackgroundServer._main)
-    web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None, handler_cancellation=True)
+    web.run_app(server.app(), sock=sockets, print=None, access_log=None, handler_cancellation=True)
     return 0
+
+
+def _bind_error(e: OSError, host: str, port: int) -> str:
+    """One line saying why ``--host``/``--port`` could not be bound."""
+    where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+    if isinstance(e, socket.gaierror):
+        return f"--host {host!r} does not resolve to an address ({e.strerror})"
+    if e.errno == errno.EADDRINUSE:
+        return f"cannot listen on {where}: the port is already in use (another server?); choose another --port"
+    return f"cannot listen on {where}: {e.strerror or e}"
 
 
 if __name__ == "__main__":

@@ -114,7 +114,9 @@ def test_echo_logprobs_are_the_models_token_logprobs(client, tiny_model, tiny_to
         want = ref.gather(1, torch.tensor(full[1:])[:, None]).squeeze(1).tolist()
         assert lp.token_logprobs[1:] == pytest.approx(want, rel=1e-5, abs=1e-5)
         for pos, top in enumerate(lp.top_logprobs[1:]):
-            assert len(top) == 2 and max(top.values()) == pytest.approx(float(ref[pos].max()), abs=1e-5)
+            # the 2 most likely tokens, and the prompt's token where it is not one of them
+            in_top = full[pos + 1] in ref[pos].topk(2).indices.tolist()
+            assert len(top) == (2 if in_top else 3) and max(top.values()) == pytest.approx(float(ref[pos].max()), abs=1e-5)
         # lm-eval's is_greedy rule: a token is greedy when its logprob is the top one
         greedy = [t == max(top.values()) for t, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:])]
         assert greedy == (ref.argmax(-1) == torch.tensor(full[1:])).tolist()
@@ -147,6 +149,37 @@ def test_logprobs_tokens_and_offsets_index_the_returned_text(client, tiny_tokeni
 
     euro = tiny_tokenizer.encode("€", bos=False)
     assert token_pieces(tiny_tokenizer, euro)[-1] == "€" and "".join(token_pieces(tiny_tokenizer, euro)) == "€"
+
+
+def test_top_logprobs_always_hold_the_chosen_token(client, tiny_tokenizer):
+    """As OpenAI documents and vLLM does: top_logprobs holds the `logprobs` most likely tokens and the sampled
+    (or, with echo, the prompt's) token where it is not one of them; logprobs 0 gives that token alone."""
+    from bezoar.serve import token_text
+
+    prompt = "The bright eagle sees the road"
+    ids = tiny_tokenizer.encode(prompt, bos=True)
+    outside = 0
+    for k in (0, 1, 2):
+        for echo in (False, True):
+            r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=2.0, seed=3,
+                                          logprobs=k, echo=echo)
+            lp = r.choices[0].logprobs
+            assert len(lp.top_logprobs) == len(lp.token_logprobs) == len(lp.tokens)
+            for at, (value, top) in enumerate(zip(lp.token_logprobs, lp.top_logprobs)):
+                if echo and at == 0:
+                    assert value is None and top is None
+                    continue
+                assert value in top.values(), (k, echo, at, value, top)  # the chosen token's own entry
+                ranked = sorted(top.values(), reverse=True)
+                assert len(top) == k + (value < ranked[k - 1] if k else 1), (k, echo, at, top)
+                outside += k > 0 and len(top) == k + 1
+                if echo and at < len(ids):
+                    assert top.get(token_text(tiny_tokenizer, ids[at])) == value
+    assert outside, "no position where the chosen token is outside the top ones: the test shows nothing"
+    # greedy: the chosen token is the most likely one, so logprobs 0 gives it and logprobs k gives k
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0, logprobs=0)
+    assert all(list(top.values()) == [v] for v, top in zip(r.choices[0].logprobs.token_logprobs,
+                                                            r.choices[0].logprobs.top_logprobs))
 
 
 def test_the_completion_keeps_the_space_its_first_token_adds_to_the_prompt(client, tiny_model, tiny_tokenizer):
@@ -229,38 +262,82 @@ def _stop_inside(tokenizer, token_ids: list[int]) -> tuple[str, int]:
     raise AssertionError(f"no stop string to pick in {pieces}")
 
 
-def test_a_stop_string_cuts_logprobs_and_usage_with_the_text(client, tiny_model, tiny_tokenizer):
-    """Only the tokens whose text is returned count: the token the stop string starts inside stays,
-    with the part of its text before the stop; the tokens after it go from logprobs and usage."""
+def _decoded_until(text_of, token_ids: list[int], stop: str) -> int:
+    """How many of ``token_ids`` a decoder that stops once its text holds ``stop`` decodes."""
+    return next(m for m in range(1, len(token_ids) + 1) if stop in text_of(token_ids[:m]))
+
+
+def test_a_stop_string_cuts_logprobs_with_the_text_and_usage_counts_every_token_decoded(client, tiny_model,
+                                                                                       tiny_tokenizer):
+    """Only the tokens whose text is returned have logprobs: the token the stop string starts inside stays,
+    with the part of its text before the stop; the tokens after it go. usage.completion_tokens counts every
+    token decoded, as vLLM does: those up to the one that completed the stop string."""
+    from bezoar.eval.decoding import continuation
+
     prompt = "The bright eagle watches the"
+    ids = tiny_tokenizer.encode(prompt, bos=True)
     free = generate(tiny_model, tiny_tokenizer, prompt, max_new_tokens=16)[0]
     stop, kept = _stop_inside(tiny_tokenizer, free.token_ids)
+    decoded = _decoded_until(lambda t: continuation(tiny_tokenizer, ids, t), free.token_ids, stop)
+    assert kept < decoded < len(free.token_ids)
     want = free.text[: free.text.find(stop)]
     for echo in (False, True):
         r = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0, stop=[stop],
                                       logprobs=1, echo=echo)
         choice = r.choices[0]
         assert choice.text == (prompt if echo else "") + want and choice.finish_reason == "stop"
-        assert r.usage.completion_tokens == kept < len(free.token_ids)
+        assert r.usage.completion_tokens == decoded
         assert "".join(choice.logprobs.tokens) == choice.text
         assert len(choice.logprobs.token_logprobs) == (r.usage.prompt_tokens if echo else 0) + kept
     chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0, stop=[stop],
                                             stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == want
-    assert chunks[-1].usage.completion_tokens == kept
+    assert chunks[-1].usage.completion_tokens == decoded
 
     messages = [{"role": "user", "content": "Name a red thing."}]
     answer = generate(tiny_model, tiny_tokenizer, chat_prompt(messages), max_new_tokens=16,
                       stop=["### Instruction:", "### System:", "### Response:"])[0]
     stop, kept = _stop_inside(tiny_tokenizer, answer.token_ids)
+    decoded = _decoded_until(tiny_tokenizer.decode, answer.token_ids, stop)  # an answer reads as a text of its own
     r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0, stop=[stop],
                                        logprobs=True)
     assert r.choices[0].message.content == answer.text[: answer.text.find(stop)]
-    assert r.usage.completion_tokens == len(r.choices[0].logprobs.content) == kept
+    assert len(r.choices[0].logprobs.content) == kept and r.usage.completion_tokens == decoded
     chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0,
                                                  stop=[stop], stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
-    assert chunks[-1].usage.completion_tokens == kept
+    assert chunks[-1].usage.completion_tokens == decoded
+
+
+# [BOS, "on", "###"]: a token prompt the tiny model (seed 0) greedily follows with EOS
+EOS_NEXT = [1, 282, 295]
+
+
+def test_usage_counts_the_token_that_hit_a_stop_and_the_eos(client, tiny_model, tiny_tokenizer):
+    """A stop string that is the first token's whole text returns "" but one token was decoded, and an EOS
+    is a decoded token: completion_tokens 1 for both (it was 0), in the one-step path (max_tokens 1), in
+    generation and streamed, as vLLM counts."""
+    from bezoar.serve import token_pieces
+
+    with torch.no_grad():
+        assert int(tiny_model(torch.tensor([EOS_NEXT]))[0, -1].argmax()) == tiny_tokenizer.eos_id, \
+            "the tiny model no longer follows EOS_NEXT with EOS: pick another token prompt"
+    prompt = "Once upon a time"
+    ids = tiny_tokenizer.encode(prompt, bos=True)
+    first = generate(tiny_model, tiny_tokenizer, prompt, max_new_tokens=1)[0].token_ids
+    stop = token_pieces(tiny_tokenizer, first, ids)[0]  # the first token's whole text ("ssist")
+    assert len(stop) > 1 and "\ufffd" not in stop
+    for body in ({"prompt": prompt, "stop": [stop]}, {"prompt": EOS_NEXT}):
+        for max_tokens in (1, 8):
+            r = client.completions.create(model="tiny", max_tokens=max_tokens, temperature=0, **body)
+            assert r.choices[0].text == "" and r.choices[0].finish_reason == "stop"
+            assert r.usage.completion_tokens == 1, (body, max_tokens)
+            chunks = list(client.completions.create(model="tiny", max_tokens=max_tokens, temperature=0, stream=True,
+                                                    stream_options={"include_usage": True}, **body))
+            assert chunks[-1].usage.completion_tokens == 1, (body, max_tokens)
+    # in a batch beside a row that runs to max_tokens
+    r = client.completions.create(model="tiny", prompt=[ids, EOS_NEXT], max_tokens=5, temperature=0)
+    assert r.usage.completion_tokens == 5 + 1
 
 
 def test_chat_uses_the_template_and_streams_the_same_text(client, tiny_model, tiny_tokenizer):
@@ -293,6 +370,15 @@ def test_chat_logprobs(client):
     for item in content:
         assert len(item.top_logprobs) == 3
         assert item.logprob == pytest.approx(item.top_logprobs[0].logprob)  # greedy: the chosen token is the top one
+    # chat's top_logprobs are exactly the top_logprobs most likely (OpenAI's chat API; vLLM caps them there too):
+    # a sampled token outside them is not added, as completions add it; its logprob is the item's own
+    for top in (0, 2):
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+                                           temperature=2.0, seed=5, logprobs=True, top_logprobs=top)
+        for item in r.choices[0].logprobs.content:
+            assert len(item.top_logprobs) == top
+            assert all(item.logprob <= alt.logprob for alt in item.top_logprobs) or item.logprob in [
+                alt.logprob for alt in item.top_logprobs]
 
 
 def test_concurrent_clients_are_batched_and_answered_exactly(served, tiny_model, tiny_tokenizer):
@@ -585,6 +671,86 @@ def test_command_line_help_and_bad_folder(capsys):
     assert main(["--model", "/no/such/folder"]) == 2
     err = capsys.readouterr().err
     assert "/no/such/folder" in err and "Traceback" not in err
+
+
+def test_command_line_binds_before_it_loads_and_a_bad_address_is_one_line(tiny_dir, monkeypatch, capsys, caplog):
+    """A port in use or a host that does not resolve is found before the model loads (minutes for a large
+    one): one line on stderr naming what to change, exit status 2, no traceback and no "serving" line."""
+    import logging
+    import socket
+
+    from bezoar import serve
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the port was bound")
+
+    monkeypatch.setattr(serve, "build_server", load)
+    caplog.set_level(logging.INFO, logger="bezoar.serve")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert serve.main(["--model", str(tiny_dir), "--port", str(port), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"127.0.0.1:{port}" in err and "already in use" in err and "--port" in err
+    assert serve.main(["--model", str(tiny_dir), "--host", "999.1.1.1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--host '999.1.1.1' does not resolve" in err
+    with pytest.raises(SystemExit) as done:
+        serve.main(["--model", str(tiny_dir), "--port", "70000"])
+    assert done.value.code == 2 and "--port must be between 0 and 65535" in capsys.readouterr().err
+    assert "serving" not in caplog.text
+
+
+def test_command_line_refuses_an_empty_api_key_and_logs_what_it_serves(tiny_dir, tmp_path, monkeypatch, capsys,
+                                                                        caplog):
+    """BEZOAR_SERVE_API_KEY set but empty (or with whitespace around it, which no header can carry) is refused
+    before anything loads, not read as "no key"; the start-up line names the adapter, the quantization and
+    whether a bearer key is required, never the key."""
+    import logging
+
+    from bezoar import serve
+    from bezoar.model import load
+    from bezoar.model.lora import LoraConfig, apply_lora, save_adapter
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded with a bad BEZOAR_SERVE_API_KEY")
+
+    build_server = serve.build_server
+    monkeypatch.setattr(serve, "build_server", no_load)
+    caplog.set_level(logging.INFO, logger="bezoar.serve")
+    for bad, says in (("", "is set but empty"), ("  ", "is set but empty"), ("key\n", "whitespace")):
+        monkeypatch.setenv("BEZOAR_SERVE_API_KEY", bad)
+        assert serve.main(["--model", str(tiny_dir), "--port", "0", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "BEZOAR_SERVE_API_KEY" in err and says in err, err
+        with pytest.raises(ValueError, match=says):  # build_server, for Python callers, refuses it too
+            build_server(str(tiny_dir), device="cpu")
+    monkeypatch.setattr(serve, "build_server", build_server)
+
+    base = load(tiny_dir, device="cpu")
+    apply_lora(base, LoraConfig(r=2, alpha=4, dropout=0.0))
+    adapter = save_adapter(base, tmp_path / "adapter")
+    ran = {}
+    monkeypatch.setattr(serve.web, "run_app", lambda app, **kwargs: ran.update(kwargs))
+    key = "sk-serve-test-5e1f"
+    for env, extra, says in ((key, ["--adapter", str(adapter), "--quant", "nf4"],
+                              [f"adapter {adapter}, quantization nf4, cpu", "bearer key required"]),
+                             (None, [], ["adapter none, quantization none, cpu float32", "bearer key not required"])):
+        if env is None:
+            monkeypatch.delenv("BEZOAR_SERVE_API_KEY")
+        else:
+            monkeypatch.setenv("BEZOAR_SERVE_API_KEY", env)
+        caplog.clear()
+        assert serve.main(["--model", str(tiny_dir), "--port", "0", "--device", "cpu", *extra]) == 0
+        [sock] = ran["sock"]
+        try:
+            port = sock.getsockname()[1]
+        finally:
+            sock.close()
+        [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("serving")]
+        assert f"on http://127.0.0.1:{port}/v1 (" in line and all(s in line for s in says), line
+        captured = capsys.readouterr()
+        assert key not in caplog.text + captured.out + captured.err
 
 
 def test_command_line_serves(tiny_dir):
