@@ -168,6 +168,12 @@ def test_sdk_providers_do_not_log_every_request(fake_server, tmp_path):
     ('{"id": 1, "messages": [{"role": "user", "content": "\\udc00 x"}]}\n', "line 1: Request.messages holds text"),
     ('{"id": 1, "prompt": "x", "meta": {"note": "\\ud83d"}}\n', "line 1: Request.meta holds text"),
     ('{"id": "\\ud83d", "prompt": "x"}\n', "line 1: Request.id holds text"),
+    # sampling values no provider takes: refused with their line, not sent and recorded as failures
+    ('{"id": 1, "prompt": "x"}\n{"id": 2, "prompt": "y", "temperature": -0.5}\n',
+     "line 2: Request.temperature must be >= 0, got -0.5"),
+    ('{"id": 1, "prompt": "x", "top_p": 1.5}\n', "line 1: Request.top_p must be between 0 and 1, got 1.5"),
+    ('{"id": 1, "prompt": "x", "top_p": -1}\n', "line 1: Request.top_p must be between 0 and 1, got -1"),
+    ('{"id": 1, "prompt": "x", "max_tokens": 0}\n', "line 1: Request.max_tokens must be a positive integer, got 0"),
 ])
 def test_bad_input_names_the_line(tmp_path, capsys, content, message):
     inp = tmp_path / "in.jsonl"
@@ -182,6 +188,9 @@ def test_bad_input_names_the_line(tmp_path, capsys, content, message):
     ("--max-tokens", "0", "--max-tokens: max_tokens must be a positive integer, got 0"),
     ("--temperature", "nan", "--temperature: temperature must be a finite number, got nan"),
     ("--top-p", "inf", "--top-p: top_p must be a finite number, got inf"),
+    ("--temperature", "-3", "--temperature: temperature must be >= 0, got -3"),
+    ("--top-p", "1.01", "--top-p: top_p must be between 0 and 1, got 1.01"),
+    ("--top-p", "-0.2", "--top-p: top_p must be between 0 and 1, got -0.2"),
 ])
 def test_a_bad_default_flag_is_named_not_a_line(tmp_path, capsys, flag, value, message):
     inp = write_input(tmp_path / "in.jsonl", 2)
@@ -189,6 +198,17 @@ def test_a_bad_default_flag_is_named_not_a_line(tmp_path, capsys, flag, value, m
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "line" not in err, err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_sampling_values_at_the_edges_are_sent(tmp_path):
+    # What providers take is not refused: temperature 0 (greedy), above 2 (vLLM takes any), top_p 0 and 1.
+    from bezoar.generate.cli import read_requests
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": 1, "prompt": "x", "temperature": 0, "top_p": 0}\n'
+                   '{"id": 2, "prompt": "x", "temperature": 2.5, "top_p": 1}\n')
+    requests, _ = read_requests(inp, {})
+    assert [(r.temperature, r.top_p) for r in requests] == [(0.0, 0.0), (2.5, 1.0)]
 
 
 def test_a_model_name_that_is_not_text_is_named(tmp_path, capsys):
