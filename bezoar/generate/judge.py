@@ -121,7 +121,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--threshold", type=float, default=7.0,
                    help="keep records whose score is at least this (1-10; default 7)")
     p.add_argument("--split", default="train", help="split, when INPUT is a datasets name (default train)")
-    add_scheme_arguments(p, TEMPLATES, temperature=0.0, max_tokens=256)
+    add_scheme_arguments(p, TEMPLATES, temperature=0.0, max_tokens=256, model="judge")
     p.set_defaults(func=run_filter)
 
 

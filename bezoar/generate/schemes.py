@@ -529,16 +529,17 @@ def rng_for(seed: int, *parts) -> random.Random:
 
 # ---------------------------------------------------------------------- steps and outputs
 def add_scheme_arguments(parser: argparse.ArgumentParser, templates: Sequence[str], *,
-                         temperature: float = 0.7, max_tokens: int = 1024) -> None:
-    """Flags every scheme shares: output folder, seed, sampling, templates; then the pool flags."""
+                         temperature: float = 0.7, max_tokens: int = 1024, model: str = "teacher") -> None:
+    """Flags every scheme shares: output folder, seed, sampling, templates; then the pool flags. ``model``
+    names in the help whose answers the sampling flags set (the teacher's, or the judge's in filter)."""
     g = parser.add_argument_group("output and sampling")
     g.add_argument("--out", required=True, metavar="DIR",
                    help="output folder: final files, and work/ with one resumable store per step")
     g.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     g.add_argument("--temperature", type=float, default=temperature,
-                   help=f"sampling temperature of the teacher's generations (default {temperature})")
+                   help=f"sampling temperature of the {model}'s answers, 0 to 2 (default {temperature:g})")
     g.add_argument("--max-tokens", type=int, default=max_tokens,
-                   help=f"max tokens per teacher answer (default {max_tokens})")
+                   help=f"max tokens per {model} answer (default {max_tokens})")
     if templates:
         g.add_argument("--template", action="append", metavar="NAME=FILE",
                        help=f"use your own prompt template file (templates: {', '.join(templates)}; "
