@@ -64,8 +64,8 @@ table of the stage config, ``dpo``, leaves the table's keys addressable: ``bezoa
 
 Commands run in this process, one after another, so a kill stops everything at once. API keys are
 read from the environment by the client pool (OPENAI_API_KEY, ANTHROPIC_API_KEY or the variable an
-endpoint's ``api_key_env`` names); before anything runs, the variables the remaining steps need
-are checked to be set.
+endpoint's ``api_key_env`` names; a compat endpoint gets a key only from its ``api_key_env``); before
+anything runs, the variables the remaining steps need are checked to be set.
 """
 
 from __future__ import annotations

@@ -70,7 +70,8 @@ def add_pool_arguments(parser: argparse.ArgumentParser, *, model_required: bool 
                         "servers of the same model (default: the provider's public API)")
     g.add_argument("--model", required=model_required, help="model name sent to the endpoints")
     g.add_argument("--api-key-env", metavar="NAME",
-                   help="environment variable holding the API key (default OPENAI_API_KEY or ANTHROPIC_API_KEY)")
+                   help="environment variable holding the API key (default: OPENAI_API_KEY for openai, "
+                        "ANTHROPIC_API_KEY for anthropic; compat sends no key unless NAME is given)")
     g = parser.add_argument_group("limits")
     g.add_argument("--concurrency", type=int, default=64, help="requests in flight at once (default 64)")
     g.add_argument("--rpm", type=float, help="requests per minute (default: no limit)")

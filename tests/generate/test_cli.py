@@ -111,7 +111,9 @@ def test_user_errors_end_with_one_clear_message(fake_server, tmp_path, case):
     server = fake_server(api_key="right-key", models=["m"])
     inp, out = write_input(tmp_path / "in.jsonl", 40), tmp_path / "out.jsonl"
     env = {"OPENAI_API_KEY": SECRET if case.startswith("bad_key") else "right-key"}
-    args = cli_args(inp, out, closed_port_url() if case == "unreachable" else server.openai_url)
+    # compat sends a key only from the variable named (openai reads OPENAI_API_KEY by default anyway)
+    args = cli_args(inp, out, closed_port_url() if case == "unreachable" else server.openai_url,
+                    "--api-key-env", "OPENAI_API_KEY")
     if case == "unknown_model":
         args[args.index("--model") + 1] = "no-such-model"
     if case == "bad_key_sdk":
@@ -136,6 +138,22 @@ def test_key_never_reaches_output_or_logs(fake_server, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "retry" in done.stderr  # -v logged every retry ...
     assert "DO-NOT-LEAK" not in done.stderr + done.stdout + out.read_text()  # ... and never the key
+
+
+def test_compat_sends_the_openai_key_nowhere_unless_named(fake_server, tmp_path):
+    # OPENAI_API_KEY in the environment (for a judge, say) used to go to any compat --base-url, plain http too.
+    server = fake_server(api_key=SECRET)
+    inp, out = write_input(tmp_path / "in.jsonl", 3), tmp_path / "out.jsonl"
+    done = run_cli(cli_args(inp, out, server.openai_url), env={"OPENAI_API_KEY": SECRET})
+    assert done.returncode == 2 and "rejected the API key" in done.stderr, done.stderr
+    assert server.stats()["outcomes"].get("401") and not server.stats()["answered"]
+    # Named, the key is sent (and the help says so).
+    done = run_cli(cli_args(inp, out, server.openai_url, "--api-key-env", "BEZOAR_TEST_KEY"),
+                   env={"BEZOAR_TEST_KEY": SECRET})
+    assert done.returncode == 0, done.stderr
+    assert "DO-NOT-LEAK" not in done.stderr + done.stdout + out.read_text()
+    help_text = " ".join(run_cli(["requests", "--help"]).stdout.split())
+    assert "compat sends no key unless NAME is given" in help_text
 
 
 def test_sdk_providers_do_not_log_every_request(fake_server, tmp_path):
