@@ -14,7 +14,7 @@ its pool the same way::
             async with pool_from_args(args, args.out) as pool:
                 ...
         asyncio.run(main())
-        return 0
+        return 0  # 1 when requests ended as recorded failures (schemes.exit_status)
 
 Errors a user can cause are raised as :class:`GenerateError`; ``__main__`` prints them as one
 line and exits 2.
