@@ -64,8 +64,14 @@ table of the stage config, ``dpo``, leaves the table's keys addressable: ``bezoa
 
 Commands run in this process, one after another, so a kill stops everything at once. API keys are
 read from the environment by the client pool (OPENAI_API_KEY, ANTHROPIC_API_KEY or the variable an
-endpoint's ``api_key_env`` names); before anything runs, the variables the remaining steps need
-are checked to be set.
+endpoint's ``api_key_env`` names; a compat endpoint gets a key only from its ``api_key_env``); before
+anything runs, the variables the remaining steps need are checked to be set.
+
+Failed requests: a generation or filter command whose requests partly ended as recorded failures exits
+with status 1, its outputs written without them; the pipeline completes that step all the same (a few
+failed requests do not stop a paid run) and logs how to send them again: remove the step's marker and
+rerun (its command passes ``--retry-failed``). Judge calls of MT-Bench that failed stop the run instead,
+and a rerun sends them again. Any other non-zero exit stops the run.
 """
 
 from __future__ import annotations
@@ -496,14 +502,14 @@ def plan(recipe: Recipe, root: Path, overrides: list[str], progress: bool = Fals
             out = root / "data" / scheme
             step = Step(f"generate:{scheme}", "generate", scheme, out, scheme_inputs(scheme, table),
                         settings={scheme: _plain(table), "teacher": _endpoint_identity(gen.teacher)})
-            step.run = _generate_runner(scheme, table, gen.teacher, out, root, progress)
+            step.run = _generate_runner(scheme, table, gen.teacher, out, root, progress, log)
             step.sources = [x for _, value in _scheme_files(scheme, table)
                             if (x := file_source(value, root, producers))]
             steps.append(step)
             producers[(out / "raw.jsonl").resolve()] = step.name
             step = Step(f"filter:{scheme}", "filter", scheme, out, [relative(out / "raw.jsonl", root)],
                         settings={"filter": _plain(gen.filter), "judge": _endpoint_identity(gen.judge)})
-            step.run = _filter_runner(gen, out, root, progress)
+            step.run = _filter_runner(gen, out, root, progress, log)
             step.sources = [x for x in (file_source(str(out / "raw.jsonl"), root, producers),
                                         file_source(gen.filter.template, root, producers)) if x]
             steps.append(step)
@@ -570,28 +576,42 @@ def plan(recipe: Recipe, root: Path, overrides: list[str], progress: bool = Fals
 # ---- running each kind of step -----------------------------------------------------------------
 
 
-def _call(module_main, argv: list[str], step: str) -> None:
+def _call(module_main, argv: list[str], step: str, failures_ok: str | None = None, log=print) -> None:
+    """Run a command's ``main``; a non-zero exit stops the run, except exit status 1 of a generation or filter
+    command (requests that ended as recorded failures, their outputs written without them) when ``failures_ok``
+    is given: the step completes and ``failures_ok`` is logged."""
     code = module_main(argv)
     if code == 130:
         raise PipelineError(f"{step}: interrupted; rerun the same command to continue")
+    if code == 1 and failures_ok is not None:
+        log(f"[{step}] {failures_ok}")
+        return
     if code:
         raise PipelineError(f"{step}: the command stopped with exit status {code} (its message is above); fix the "
                             "cause and rerun the same command to continue")
 
 
-def _generate_runner(scheme, table, teacher, out, root, progress):
+def _failures_note(out: Path, root: Path, kind: str, output: str) -> str:
+    return (f"the step completes with the requests that ended as failures (counted above) left out of {output}, as "
+            f"a few failures should not stop a paid run; to send them again, remove "
+            f"{relative(out / f'{kind}.step.json', root)} and rerun")
+
+
+def _generate_runner(scheme, table, teacher, out, root, progress, log=print):
     def run():
         from bezoar.generate.__main__ import main as generate_main
 
-        _call(generate_main, generate_argv(scheme, table, teacher, out, root, progress), f"generate:{scheme}")
+        _call(generate_main, generate_argv(scheme, table, teacher, out, root, progress), f"generate:{scheme}",
+              _failures_note(out, root, "generate", "raw.jsonl"), log)
     return run
 
 
-def _filter_runner(gen, out, root, progress):
+def _filter_runner(gen, out, root, progress, log=print):
     def run():
         from bezoar.generate.__main__ import main as generate_main
 
-        _call(generate_main, filter_argv(gen, out, root, progress), f"filter:{out.name}")
+        _call(generate_main, filter_argv(gen, out, root, progress), f"filter:{out.name}",
+              _failures_note(out, root, "filter", "filtered.jsonl (they are in judge-failures.jsonl)"), log)
     return run
 
 

@@ -14,10 +14,12 @@
 # script starts on a free port and stops at exit (needs a source checkout).
 #
 # Environment (API keys are read from the environment by the client pool and never written anywhere):
-#   OPENAI_API_KEY      the judge filter (GPT-4 in the recipe)
+#   OPENAI_API_KEY      the judge filter (GPT-4 in the recipe); never sent to the teacher's server
 #   ANTHROPIC_API_KEY   the MT-Bench judge (Claude in the recipe)
 #   TEACHER_URL         base URL of the OpenAI-compatible server that serves the teacher model
-#                       (vLLM, TGI, bezoar.serve; the recipe's default is http://localhost:8000/v1)
+#                       (vLLM, TGI, bezoar.serve; the recipe's default is http://localhost:8000/v1). It gets
+#                       no key; for one started with a key, pass generate.teacher.api_key_env=NAME with the
+#                       key in the variable NAME
 #   RUN                 the run root (default runs/openbezoar, or runs/openbezoar_tiny with --tiny)
 #   PYTHON              the Python to run (default: python)
 #

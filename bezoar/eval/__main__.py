@@ -75,7 +75,7 @@ def _mt_bench_parser(sub) -> None:
                    help="compat: any OpenAI-compatible server at --judge-base-url")
     g.add_argument("--judge-base-url", help="API base URL (e.g. http://host:8000/v1)")
     g.add_argument("--judge-api-key-env", help="environment variable holding the judge's API key "
-                   "(default OPENAI_API_KEY / ANTHROPIC_API_KEY)")
+                   "(default OPENAI_API_KEY / ANTHROPIC_API_KEY; compat sends no key unless one is named)")
     g.add_argument("--judge-prompts", metavar="FILE", help="FastChat judge_prompts.jsonl (default: bezoar's)")
     g.add_argument("--concurrency", type=int, default=16, help="judge calls in flight")
     g.add_argument("--rpm", type=float, help="judge requests per minute")

@@ -14,7 +14,7 @@ its pool the same way::
             async with pool_from_args(args, args.out) as pool:
                 ...
         asyncio.run(main())
-        return 0
+        return 0  # 1 when requests ended as recorded failures (schemes.exit_status)
 
 Errors a user can cause are raised as :class:`GenerateError`; ``__main__`` prints them as one
 line and exits 2.
@@ -27,7 +27,9 @@ line and exits 2.
 
 ``id`` is required (string or integer) and one id is one request; ``messages`` makes a chat
 request, ``prompt`` (a string) a text completion; the rest is optional (``model`` overrides
-``--model``, ``meta`` is copied to the output). Each id gets one output line, a store record:
+``--model``, ``meta`` is copied to the output). Every line is checked before anything is sent: a
+bad value (``max_tokens`` below 1, ``temperature`` below 0, ``top_p`` outside 0-1, as for the flags)
+is an error naming its line. Each id gets one output line, a store record:
 ``{"key", "id", "ok", "response", "usage": {"input_tokens", "output_tokens"}, ...}`` or, for a
 final failure, ``{"key", "id", "ok": false, "error", "error_type", ...}``. Rerun with the same
 ``--out`` to resume: stored ids are skipped; recorded failures too, unless ``--retry-failed``. An
@@ -68,7 +70,8 @@ def add_pool_arguments(parser: argparse.ArgumentParser, *, model_required: bool 
                         "servers of the same model (default: the provider's public API)")
     g.add_argument("--model", required=model_required, help="model name sent to the endpoints")
     g.add_argument("--api-key-env", metavar="NAME",
-                   help="environment variable holding the API key (default OPENAI_API_KEY or ANTHROPIC_API_KEY)")
+                   help="environment variable holding the API key (default: OPENAI_API_KEY for openai, "
+                        "ANTHROPIC_API_KEY for anthropic; compat sends no key unless NAME is given)")
     g = parser.add_argument_group("limits")
     g.add_argument("--concurrency", type=int, default=64, help="requests in flight at once (default 64)")
     g.add_argument("--rpm", type=float, help="requests per minute (default: no limit)")
@@ -225,9 +228,9 @@ def add_command(subparsers) -> None:
     p.add_argument("input", metavar="IN.jsonl", help="requests, one JSON object per line")
     p.add_argument("--out", required=True, metavar="OUT.jsonl", help="results; appended to, never rewritten")
     g = p.add_argument_group("defaults for lines that set none")
-    g.add_argument("--max-tokens", type=int)
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--top-p", type=float)
+    g.add_argument("--max-tokens", type=int, help="max tokens per answer (>= 1)")
+    g.add_argument("--temperature", type=float, help="sampling temperature (>= 0)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling mass (0 to 1)")
     add_pool_arguments(p)
     p.set_defaults(func=run_requests)
 

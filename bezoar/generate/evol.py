@@ -34,7 +34,9 @@ whose epoch E failed went into epoch E+1 with its previous instruction; if that 
 request is already stored, retrying epoch E could change the instruction, so every stored request
 of E+1 and later (paid answers, records in ``raw.jsonl``) would stop being asked for and the later
 epochs would be paid again. Such a failure stays recorded (the step says how many were kept); the
-failures of a lineage's last stored epoch are retried.
+failures of a lineage's last stored epoch are retried. The exit status is 1 when failures that
+``--retry-failed`` would send again are recorded, else 0 (the failures it leaves alone stay
+eliminated evolutions, counted in ``dropped.jsonl``).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import re
 from collections import Counter
 
 from bezoar.generate.request import GenerateError, Request, Result
-from bezoar.generate.schemes import (add_scheme_arguments, chat, check_out_dir, check_sampling, excerpt,
+from bezoar.generate.schemes import (add_scheme_arguments, chat, check_out_dir, check_sampling, excerpt, exit_status,
                                      load_templates, normalized, only_stop_words, read_records, rng_for, run_step,
                                      say, short_refusal, stored_keys, text_field, truncated, write_json, write_jsonl)
 
@@ -164,6 +166,20 @@ def _retry_keys(args, settled: set[int] | None, lineages: list[int], requests: l
     return {key for _, key in keys} - {key for lineage, key in keys if lineage in settled}
 
 
+def _retriable_failures(args, out, templates, failed: list[tuple[int, int, str]],
+                        after: dict[int, list[str]]) -> set[str]:
+    """The keys among ``failed`` ((epoch, lineage, key) of each failed result) that ``--retry-failed`` would send
+    again now: those of lineages whose next epoch is not stored (``after[epoch]``: the instructions the lineages
+    left the epoch with), less any a settled lineage shares, as :func:`_retry_keys` chooses them."""
+    retry: set[str] = set()
+    for epoch in sorted({e for e, _, _ in failed}):
+        settled = _settled_lineages(args, out, templates, epoch, after[epoch])
+        mine = [(lineage, key) for e, lineage, key in failed if e == epoch]
+        retry |= {key for lineage, key in mine if lineage not in settled} - {
+            key for lineage, key in mine if lineage in settled}
+    return retry
+
+
 def _kept_failures(step: str, results: list[Result], retry: set[str] | None) -> None:
     """Say how many recorded failures ``--retry-failed`` left alone (later epochs were built on them)."""
     if retry is None:
@@ -193,6 +209,8 @@ def run_evol(args) -> int:
     current = [text for text, _ in seeds]
     records: list[dict] = []
     dropped: list[dict] = []
+    failed: list[tuple[int, int, str]] = []  # (epoch, lineage, key) of each failed request
+    after: dict[int, list[str]] = {}  # epoch -> the lineages' instructions at its end
     counts: Counter = Counter(seeds=len(seeds))
 
     def drop(epoch, lineage, strategy, operation, reason, instruction=None, **extra):
@@ -219,6 +237,7 @@ def run_evol(args) -> int:
         for (lineage, strategy, operation), result in zip(plans, results):
             text = (result.response or "").strip()
             if not result.ok:
+                failed.append((epoch, lineage, result.key))
                 drop(epoch, lineage, strategy, operation, "evolution request failed", error=result.error)
             elif not text:
                 drop(epoch, lineage, strategy, operation, "empty evolution")
@@ -242,6 +261,7 @@ def run_evol(args) -> int:
         for (lineage, strategy, operation, text), result in zip(evolved, results):
             verdict = equality_verdict(result.response or "") if result.ok else None
             if not result.ok:
+                failed.append((epoch, lineage, result.key))
                 drop(epoch, lineage, strategy, operation, "equality check failed", text, error=result.error)
             elif verdict == "same":
                 drop(epoch, lineage, strategy, operation, "no information gain", text, verdict=excerpt(result.response))
@@ -261,6 +281,7 @@ def run_evol(args) -> int:
             response = (result.response or "").strip()
             reason = None
             if not result.ok:
+                failed.append((epoch, lineage, result.key))
                 reason = "response request failed"
             elif truncated(result):
                 reason = "response cut off at max_tokens"
@@ -277,6 +298,7 @@ def run_evol(args) -> int:
                             "category": seeds[lineage][1], "teacher": result.model or args.model})
             current[lineage] = text
         counts[f"epoch {epoch} records"] = sum(1 for r in records if r["epoch"] == epoch)
+        after[epoch] = list(current)
 
     counts["records"] = len(records)
     write_jsonl(out / "raw.jsonl", records)
@@ -285,4 +307,4 @@ def run_evol(args) -> int:
                                            "counts": dict(sorted(counts.items()))})
     say(f"evol: {len(records)} records in {out / 'raw.jsonl'} from {len(seeds)} seeds over {args.epochs} epochs "
         f"({len(dropped)} evolutions eliminated; reasons in dropped.jsonl)")
-    return 0
+    return exit_status(out, len(_retriable_failures(args, out, templates, failed, after)))

@@ -18,7 +18,8 @@ failed, is a recorded failure: the record goes to ``judge-failures.jsonl`` with 
 judge's reply, is counted, and is in neither output below. Rerun with ``--retry-failed`` to ask
 again for the requests that failed; a reply that was received but could not be used stays what
 it was (its answer is stored), so change the template, ``--max-tokens`` or the judge to get a
-different one.
+different one. The exit status is 1 when judge requests ended as recorded failures (those
+``--retry-failed`` sends again), else 0: an unusable reply is counted and listed but does not change it.
 
 Outputs (``OUT``), written at the end, atomically:
 
@@ -40,8 +41,9 @@ import re
 from collections import Counter
 
 from bezoar.generate.request import GenerateError
-from bezoar.generate.schemes import (add_scheme_arguments, chat, check_out_dir, check_sampling, load_templates,
-                                     read_records, run_step, say, text_field, truncated, write_json, write_jsonl)
+from bezoar.generate.schemes import (add_scheme_arguments, chat, check_out_dir, check_sampling, exit_status,
+                                     failed_keys, load_templates, read_records, run_step, say, text_field, truncated,
+                                     write_json, write_jsonl)
 
 TEMPLATES = ("judge",)
 OUTPUTS = ("judged.jsonl", "filtered.jsonl", "judge-failures.jsonl", "filter-summary.json")
@@ -121,7 +123,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--threshold", type=float, default=7.0,
                    help="keep records whose score is at least this (1-10; default 7)")
     p.add_argument("--split", default="train", help="split, when INPUT is a datasets name (default train)")
-    add_scheme_arguments(p, TEMPLATES, temperature=0.0, max_tokens=256)
+    add_scheme_arguments(p, TEMPLATES, temperature=0.0, max_tokens=256, model="judge")
     p.set_defaults(func=run_filter)
 
 
@@ -178,4 +180,4 @@ def run_filter(args) -> int:
     say(f"filter: {len(items)} records: {len(kept)} kept (score >= {args.threshold:g}) in {out / 'filtered.jsonl'}, "
         f"{len(judged) - len(kept)} below, {len(failures)} judge failures"
         + (f" (listed in {out / 'judge-failures.jsonl'})" if failures else ""))
-    return 0
+    return exit_status(out, len(failed_keys(results)))

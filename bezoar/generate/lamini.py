@@ -26,7 +26,8 @@ Output (``OUT``): ``raw.jsonl`` with one record per kept pair::
 
 (``data.format = "lamini"`` reads it as is), ``dropped.jsonl`` with every dropped item and why,
 and ``lamini-summary.json`` with the counts. Both are written at the end, atomically, from the
-stores; rerunning the same command reuses every stored answer and rewrites the same files.
+stores; rerunning the same command reuses every stored answer and rewrites the same files. The exit
+status is 1 when requests ended as recorded failures (``--retry-failed`` sends them again), else 0.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ from __future__ import annotations
 from collections import Counter
 from bezoar.generate.request import GenerateError, Request
 from bezoar.generate.schemes import (NearDuplicates, add_scheme_arguments, chat, check_out_dir, check_sampling, excerpt,
-                                     load_templates, parse_list, read_records, read_topics, rng_for, run_step, say,
-                                     stored_keys, text_field, truncated, write_json, write_jsonl)
+                                     exit_status, failed_keys, load_templates, parse_list, read_records, read_topics,
+                                     rng_for, run_step, say, stored_keys, text_field, truncated, write_json,
+                                     write_jsonl)
 
 TEMPLATES = ("lamini_examples", "lamini_topics")
 SOURCE_WITH_TOPIC = "self_instruct_with_topic"
@@ -116,6 +118,7 @@ def run_lamini(args) -> int:
             requests.append(chat(text, temperature=args.temperature, max_tokens=args.max_tokens,
                                  id=f"lamini:{kind}:{i}", step="instructions"))
     results = run_step(args, out, "instructions", requests)
+    failed = failed_keys(results)
 
     counts: Counter = Counter(list_requests=len(requests))
     dropped: list[dict] = []
@@ -153,6 +156,7 @@ def run_lamini(args) -> int:
     # ---- step 2: responses
     requests = [_response_request(args, instruction) for instruction, _, _ in kept]
     results = run_step(args, out, "responses", requests)
+    failed |= failed_keys(results)
     records = []
     for (instruction, source, chosen), result in zip(kept, results):
         reason = None
@@ -179,4 +183,4 @@ def run_lamini(args) -> int:
     say(f"lamini: {len(records)} records in {out / 'raw.jsonl'} from {len(candidates)} parsed instructions "
         f"({len(candidates) - len(kept)} duplicates or near-duplicates, {counts['responses_dropped']} responses "
         f"dropped; details in dropped.jsonl)")
-    return 0
+    return exit_status(out, len(failed))

@@ -32,7 +32,8 @@ Output (``OUT``): ``raw.jsonl``, in input order::
      "system_message_id": 1..16, "teacher"}
 
 (``question`` and ``instruction`` hold the same query: ``data.format = "orca"`` reads ``question``
-and ``system``), ``dropped.jsonl`` and ``orca-summary.json``. Rerunning reuses stored answers.
+and ``system``), ``dropped.jsonl`` and ``orca-summary.json``. Rerunning reuses stored answers. The
+exit status is 1 when requests ended as recorded failures (``--retry-failed`` sends them again), else 0.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ from pathlib import Path
 
 from bezoar.generate.request import GenerateError
 from bezoar.generate.schemes import (PROMPTS, add_scheme_arguments, chat, check_out_dir, check_sampling, excerpt,
-                                     read_records, rng_for, run_step, say, text_field, truncated,
-                                     write_json, write_jsonl)
+                                     exit_status, failed_keys, read_records, rng_for, run_step, say, text_field,
+                                     truncated, write_json, write_jsonl)
 
 OUTPUTS = ("raw.jsonl", "dropped.jsonl", "orca-summary.json")
 SUB_COLLECTIONS = ("cot", "niv2", "t0", "flan2021")
@@ -239,4 +240,4 @@ def run_orca(args) -> int:
                                            "cap_per_task": args.cap_per_task, "counts": dict(sorted(counts.items()))})
     say(f"orca: {len(records)} records in {out / 'raw.jsonl'} from {len(queries)} queries ({counts['capped']} over "
         f"the caps, {len(dropped)} dropped; details in dropped.jsonl)")
-    return 0
+    return exit_status(out, len(failed_keys(results)))

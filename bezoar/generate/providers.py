@@ -24,7 +24,9 @@ Retries are the pool's, never the SDK's. Every provider failure is raised as a
 
 API keys come from environment variables only (:func:`read_api_key`); every key read is
 remembered and scrubbed from every error message (:func:`redact`), so a provider echoing the key
-back cannot put it in a log or a store.
+back cannot put it in a log or a store. ``compat`` sends a key only when the endpoint names its
+variable (``api_key_env``, ``--api-key-env``): never OPENAI_API_KEY unasked, which would hand the
+user's OpenAI key to whatever server the base URL names.
 """
 
 from __future__ import annotations
@@ -48,7 +50,10 @@ from bezoar.generate.http import HTTPClient, HTTPConnectError, HTTPConnectionErr
 from bezoar.generate.request import GenerateError, Request
 
 PROVIDERS = ("openai", "anthropic", "compat")
-DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY", "compat": "OPENAI_API_KEY"}
+# The variable a provider reads its key from when the endpoint names none. compat has none: its server is
+# whatever --base-url says (often plain http), and the user's OpenAI key is not for it; it sends a key only
+# from the variable the endpoint names (--api-key-env).
+DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 RETRY, REQUEST, FATAL = "retry", "request", "fatal"
 
 _SECRETS: set[str] = set()
@@ -81,7 +86,8 @@ class Endpoint:
     provider: "openai" | "anthropic" | "compat" (see the module doc)
     base_url: e.g. "http://gpu1:8000/v1"; None means the provider's public API
     api_key_env: name of the environment variable with the key (default OPENAI_API_KEY or
-        ANTHROPIC_API_KEY; for "compat" the key is optional and sent only when the variable is set)
+        ANTHROPIC_API_KEY; "compat" has no default: it sends no key unless this names a variable,
+        which must then be set)
     models: the models this endpoint serves; None means any
     name: a label for progress and records (default: provider and host)
     """
@@ -153,11 +159,11 @@ def _without_url_secrets(text: str) -> str:
 
 def read_api_key(endpoint: Endpoint) -> str | None:
     """The endpoint's key from the environment (never from a file or an argument)."""
+    if endpoint.provider == "compat" and not endpoint.api_key_env:
+        return None  # no key unless the user names its variable (see DEFAULT_KEY_ENV)
     env = endpoint.api_key_env or DEFAULT_KEY_ENV[endpoint.provider]
     key = os.environ.get(env, "").strip()
     if not key:
-        if endpoint.provider == "compat" and endpoint.api_key_env is None:
-            return None  # local servers usually need no key
         raise GenerateError(f"no API key for {endpoint.label}: environment variable {env} is not set"
                             + ("" if endpoint.api_key_env else " (or name another one with --api-key-env)"))
     _SECRETS.add(key)

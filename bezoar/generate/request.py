@@ -44,6 +44,7 @@ class Request:
     system: system prompt for chat requests (sent as a system message, or Anthropic's ``system``)
     model: None means the pool's default model
     max_tokens, temperature, top_p, stop: sampling parameters; None leaves the provider's default
+        (max_tokens >= 1, temperature >= 0, top_p in [0, 1]: values outside are refused here)
     id: the caller's identifier; part of the key (see the module doc)
     meta: JSON-able data copied into the stored record, not part of the key
     """
@@ -91,6 +92,12 @@ class Request:
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                     raise ValueError(f"Request.{name} must be a finite number, got {value!r}")
                 setattr(self, name, float(value))  # 1 and 1.0 must give the same key
+        # Ranges no provider accepts outside of, refused here rather than sent and recorded as a failure
+        # (upper bounds of temperature differ: OpenAI 2, Anthropic 1, vLLM none; each server checks its own).
+        if self.temperature is not None and self.temperature < 0:
+            raise ValueError(f"Request.temperature must be >= 0, got {self.temperature:g}")
+        if self.top_p is not None and not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"Request.top_p must be between 0 and 1, got {self.top_p:g}")
         if self.stop is not None:
             if isinstance(self.stop, str):
                 self.stop = [self.stop]

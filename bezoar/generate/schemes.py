@@ -21,6 +21,9 @@
   of earlier steps, so a rerun finds every finished request in the step's store and continues.
 - Writing outputs atomically (:func:`write_jsonl`, :func:`write_json`): final files appear
   whole at the end of a run or not at all.
+- The exit status (:func:`exit_status`), as ``requests`` gives it: 0 when every request was answered,
+  1 when some ended as recorded failures (the outputs are written without them; ``--retry-failed``
+  sends them again), 2 when the command stopped on an error.
 """
 
 from __future__ import annotations
@@ -529,16 +532,17 @@ def rng_for(seed: int, *parts) -> random.Random:
 
 # ---------------------------------------------------------------------- steps and outputs
 def add_scheme_arguments(parser: argparse.ArgumentParser, templates: Sequence[str], *,
-                         temperature: float = 0.7, max_tokens: int = 1024) -> None:
-    """Flags every scheme shares: output folder, seed, sampling, templates; then the pool flags."""
+                         temperature: float = 0.7, max_tokens: int = 1024, model: str = "teacher") -> None:
+    """Flags every scheme shares: output folder, seed, sampling, templates; then the pool flags. ``model``
+    names in the help whose answers the sampling flags set (the teacher's, or the judge's in filter)."""
     g = parser.add_argument_group("output and sampling")
     g.add_argument("--out", required=True, metavar="DIR",
                    help="output folder: final files, and work/ with one resumable store per step")
     g.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     g.add_argument("--temperature", type=float, default=temperature,
-                   help=f"sampling temperature of the teacher's generations (default {temperature})")
+                   help=f"sampling temperature of the {model}'s answers, 0 to 2 (default {temperature:g})")
     g.add_argument("--max-tokens", type=int, default=max_tokens,
-                   help=f"max tokens per teacher answer (default {max_tokens})")
+                   help=f"max tokens per {model} answer (default {max_tokens})")
     if templates:
         g.add_argument("--template", action="append", metavar="NAME=FILE",
                        help=f"use your own prompt template file (templates: {', '.join(templates)}; "
@@ -601,6 +605,23 @@ def chat(text: str, *, system: str | None = None, temperature: float | None = No
                    max_tokens=max_tokens, id=id, meta={"step": step})
 
 
+def failed_keys(results: Iterable[Result]) -> set[str]:
+    """The keys of the results that are recorded failures (identical requests share one key and one call)."""
+    return {r.key for r in results if not r.ok}
+
+
+def exit_status(out: Path, failed: int) -> int:
+    """A scheme command's exit status: 0, or 1 when ``failed`` requests ended as recorded failures (those
+    ``--retry-failed`` would send again), said on stderr as ``requests`` says it."""
+    if not failed:
+        return 0
+    it = "it" if failed == 1 else "them"
+    what = "1 request ended as a failure" if failed == 1 else f"{failed} requests ended as failures"
+    say(f"{what} (recorded in {Path(out) / 'work'}; left out of the outputs); rerun with --retry-failed to send "
+        f"{it} again")
+    return 1
+
+
 def truncated(result: Result) -> bool:
     return result.finish_reason in TRUNCATED
 
@@ -654,6 +675,6 @@ __all__ = [
     "TEMPLATE_FIELDS", "Template", "load_template", "load_templates", "read_records", "text_field", "read_topics",
     "ParsedList", "parse_list", "word_tokens", "lcs_length", "rouge_l", "NearDuplicates", "DuplicateVerdict",
     "STOP_WORDS", "only_stop_words", "short_refusal", "normalized", "rng_for", "add_scheme_arguments", "stored_keys",
-    "check_sampling", "run_step", "chat", "truncated", "write_jsonl", "write_json", "check_out_dir", "say",
-    "excerpt", "PROMPTS", "SAMPLES",
+    "check_sampling", "run_step", "chat", "failed_keys", "exit_status", "truncated", "write_jsonl", "write_json",
+    "check_out_dir", "say", "excerpt", "PROMPTS", "SAMPLES",
 ]

@@ -59,7 +59,7 @@ class EndpointSection:
     provider: Literal["openai", "anthropic", "compat"] = "openai"
     model: str = ""
     base_url: str | list[str] = ""  # "" = the provider's public API; a list spreads requests over servers
-    api_key_env: str = ""  # variable holding the key; "" = OPENAI_API_KEY / ANTHROPIC_API_KEY
+    api_key_env: str = ""  # variable holding the key; "" = OPENAI_API_KEY / ANTHROPIC_API_KEY (compat: no key)
     concurrency: int = 64  # requests in flight
     rpm: float | None = None  # requests per minute (absent: no limit)
     tpm: float | None = None  # tokens (in + out) per minute (absent: no limit)

@@ -111,7 +111,9 @@ def test_user_errors_end_with_one_clear_message(fake_server, tmp_path, case):
     server = fake_server(api_key="right-key", models=["m"])
     inp, out = write_input(tmp_path / "in.jsonl", 40), tmp_path / "out.jsonl"
     env = {"OPENAI_API_KEY": SECRET if case.startswith("bad_key") else "right-key"}
-    args = cli_args(inp, out, closed_port_url() if case == "unreachable" else server.openai_url)
+    # compat sends a key only from the variable named (openai reads OPENAI_API_KEY by default anyway)
+    args = cli_args(inp, out, closed_port_url() if case == "unreachable" else server.openai_url,
+                    "--api-key-env", "OPENAI_API_KEY")
     if case == "unknown_model":
         args[args.index("--model") + 1] = "no-such-model"
     if case == "bad_key_sdk":
@@ -136,6 +138,22 @@ def test_key_never_reaches_output_or_logs(fake_server, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "retry" in done.stderr  # -v logged every retry ...
     assert "DO-NOT-LEAK" not in done.stderr + done.stdout + out.read_text()  # ... and never the key
+
+
+def test_compat_sends_the_openai_key_nowhere_unless_named(fake_server, tmp_path):
+    # OPENAI_API_KEY in the environment (for a judge, say) used to go to any compat --base-url, plain http too.
+    server = fake_server(api_key=SECRET)
+    inp, out = write_input(tmp_path / "in.jsonl", 3), tmp_path / "out.jsonl"
+    done = run_cli(cli_args(inp, out, server.openai_url), env={"OPENAI_API_KEY": SECRET})
+    assert done.returncode == 2 and "rejected the API key" in done.stderr, done.stderr
+    assert server.stats()["outcomes"].get("401") and not server.stats()["answered"]
+    # Named, the key is sent (and the help says so).
+    done = run_cli(cli_args(inp, out, server.openai_url, "--api-key-env", "BEZOAR_TEST_KEY"),
+                   env={"BEZOAR_TEST_KEY": SECRET})
+    assert done.returncode == 0, done.stderr
+    assert "DO-NOT-LEAK" not in done.stderr + done.stdout + out.read_text()
+    help_text = " ".join(run_cli(["requests", "--help"]).stdout.split())
+    assert "compat sends no key unless NAME is given" in help_text
 
 
 def test_sdk_providers_do_not_log_every_request(fake_server, tmp_path):
@@ -168,6 +186,12 @@ def test_sdk_providers_do_not_log_every_request(fake_server, tmp_path):
     ('{"id": 1, "messages": [{"role": "user", "content": "\\udc00 x"}]}\n', "line 1: Request.messages holds text"),
     ('{"id": 1, "prompt": "x", "meta": {"note": "\\ud83d"}}\n', "line 1: Request.meta holds text"),
     ('{"id": "\\ud83d", "prompt": "x"}\n', "line 1: Request.id holds text"),
+    # sampling values no provider takes: refused with their line, not sent and recorded as failures
+    ('{"id": 1, "prompt": "x"}\n{"id": 2, "prompt": "y", "temperature": -0.5}\n',
+     "line 2: Request.temperature must be >= 0, got -0.5"),
+    ('{"id": 1, "prompt": "x", "top_p": 1.5}\n', "line 1: Request.top_p must be between 0 and 1, got 1.5"),
+    ('{"id": 1, "prompt": "x", "top_p": -1}\n', "line 1: Request.top_p must be between 0 and 1, got -1"),
+    ('{"id": 1, "prompt": "x", "max_tokens": 0}\n', "line 1: Request.max_tokens must be a positive integer, got 0"),
 ])
 def test_bad_input_names_the_line(tmp_path, capsys, content, message):
     inp = tmp_path / "in.jsonl"
@@ -182,6 +206,9 @@ def test_bad_input_names_the_line(tmp_path, capsys, content, message):
     ("--max-tokens", "0", "--max-tokens: max_tokens must be a positive integer, got 0"),
     ("--temperature", "nan", "--temperature: temperature must be a finite number, got nan"),
     ("--top-p", "inf", "--top-p: top_p must be a finite number, got inf"),
+    ("--temperature", "-3", "--temperature: temperature must be >= 0, got -3"),
+    ("--top-p", "1.01", "--top-p: top_p must be between 0 and 1, got 1.01"),
+    ("--top-p", "-0.2", "--top-p: top_p must be between 0 and 1, got -0.2"),
 ])
 def test_a_bad_default_flag_is_named_not_a_line(tmp_path, capsys, flag, value, message):
     inp = write_input(tmp_path / "in.jsonl", 2)
@@ -189,6 +216,17 @@ def test_a_bad_default_flag_is_named_not_a_line(tmp_path, capsys, flag, value, m
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "line" not in err, err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_sampling_values_at_the_edges_are_sent(tmp_path):
+    # What providers take is not refused: temperature 0 (greedy), above 2 (vLLM takes any), top_p 0 and 1.
+    from bezoar.generate.cli import read_requests
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": 1, "prompt": "x", "temperature": 0, "top_p": 0}\n'
+                   '{"id": 2, "prompt": "x", "temperature": 2.5, "top_p": 1}\n')
+    requests, _ = read_requests(inp, {})
+    assert [(r.temperature, r.top_p) for r in requests] == [(0.0, 0.0), (2.5, 1.0)]
 
 
 def test_a_model_name_that_is_not_text_is_named(tmp_path, capsys):

@@ -64,12 +64,15 @@ def teacher(call):
     return respond(text)
 
 
-def test_elimination_rules_and_lineages(fake_server, tmp_path):
+def test_elimination_rules_and_lineages(fake_server, tmp_path, capsys):
     log = CallLog(teacher)
     server = fake_server(reply=log)
     seeds = write_jsonl(tmp_path / "dolly.jsonl", SEEDS)
     out = tmp_path / "out"
-    assert run("evol", seeds, "--epochs", "2", "--out", out, url=server.openai_url) == 0
+    # Juliet's evolution fails in both epochs: exit status 1 for epoch 2's failure, the one --retry-failed
+    # would send again (epoch 1's has epoch 2 built on it, and stays an eliminated evolution).
+    assert run("evol", seeds, "--epochs", "2", "--out", out, url=server.openai_url) == 1
+    assert "1 request ended as a failure" in capsys.readouterr().err
 
     records = read_jsonl(out / "raw.jsonl")
     india = "India: summarise the passage.\n\nThe passage is about tea."
@@ -123,7 +126,7 @@ def test_elimination_rules_and_lineages(fake_server, tmp_path):
 
     before = (out / "raw.jsonl").read_bytes()
     server.reset_counters()
-    assert run("evol", seeds, "--epochs", "2", "--out", out, url=server.openai_url) == 0
+    assert run("evol", seeds, "--epochs", "2", "--out", out, url=server.openai_url) == 1
     assert server.stats()["requests"] == 0 and (out / "raw.jsonl").read_bytes() == before
     store_keys_unique(out)
     assert sorted(p.name for p in (out / "work").iterdir()) == sorted(
@@ -229,7 +232,7 @@ def test_evolve_request_failures_stop_nothing(fake_server, tmp_path):
     server = fake_server(reply=lambda call: Fault("400"))
     seeds = write_jsonl(tmp_path / "dolly.jsonl", SEEDS[:3])
     out = tmp_path / "out"
-    assert run("evol", seeds, "--epochs", "1", "--out", out, url=server.openai_url) == 0
+    assert run("evol", seeds, "--epochs", "1", "--out", out, url=server.openai_url) == 1
     assert read_jsonl(out / "raw.jsonl") == []
     assert [d["reason"] for d in read_jsonl(out / "dropped.jsonl")] == ["evolution request failed"] * 3
 
@@ -256,12 +259,14 @@ def test_retry_failed_keeps_every_stored_later_epoch(fake_server, tmp_path):
     seeds = write_jsonl(tmp_path / "dolly.jsonl", [{"instruction": "Alpha: name a planet."},
                                                    {"instruction": "Beta: name a colour."}])
     out = tmp_path / "out"
-    assert run("evol", seeds, "--epochs", "2", "--out", out, url=server.openai_url) == 0
+    # Exit status 1 counts only the failures --retry-failed would send again: Beta's (its last stored epoch).
+    assert run("evol", seeds, "--epochs", "2", "--out", out, url=server.openai_url) == 1
     first = read_jsonl(out / "raw.jsonl")
     assert [(r["epoch"], r["instruction"]) for r in first] == [
         (1, "Beta: name a colour. Step 1."), (2, "Alpha: name a planet. Step 1.")]  # Alpha evolved again
 
     log.calls.clear()
+    # 0: Alpha's failure stays recorded, but no retry can send it again (a 1 here would never clear).
     assert run("evol", seeds, "--epochs", "2", "--out", out, "--retry-failed", url=server.openai_url) == 0
     # Alpha's epoch-1 failure has epoch 2 built on it: kept. Beta's failure is in its last stored epoch: asked again.
     assert [c.last_user_text for c in log.calls] == ["Beta: name a colour. Step 1. Step 2."]

@@ -58,7 +58,7 @@ def judged(fake_server, tmp_path):
     server = fake_server(reply=log)
     raw = write_jsonl(tmp_path / "raw.jsonl", RECORDS)
     out = tmp_path / "data"
-    assert run("filter", raw, "--out", out, url=server.openai_url) == 0
+    assert run("filter", raw, "--out", out, url=server.openai_url) == 1  # r-fails: a recorded failure
     return server, log, raw, out
 
 
@@ -114,8 +114,8 @@ def test_scores_reasons_and_failures(judged):
 def test_threshold_is_exact_and_costs_nothing_to_change(judged, threshold, kept):
     server, _, raw, out = judged
     server.reset_counters()
-    assert run("filter", raw, "--out", out, "--threshold", str(threshold), url=server.openai_url) == 0
-    assert server.stats()["requests"] == 0  # every judgement comes from the store
+    assert run("filter", raw, "--out", out, "--threshold", str(threshold), url=server.openai_url) == 1
+    assert server.stats()["requests"] == 0  # every judgement comes from the store (the failure too)
     assert {response_of(r) for r in read_jsonl(out / "filtered.jsonl")} == kept
     assert all(r["judge_score"] >= threshold for r in read_jsonl(out / "filtered.jsonl"))
     assert len(read_jsonl(out / "judged.jsonl")) == 9 and len(read_jsonl(out / "judge-failures.jsonl")) == 6
@@ -124,6 +124,8 @@ def test_threshold_is_exact_and_costs_nothing_to_change(judged, threshold, kept)
 def test_retry_failed_asks_again_for_failed_requests_only(judged, fake_server):
     _, _, raw, out = judged
     fixed = fake_server(reply=lambda call: "Reason: fine now.\nScore: 8")
+    # Exit 0: no request is a recorded failure now; the unparseable replies are answers, listed and kept as such
+    # (--retry-failed cannot change them).
     assert run("filter", raw, "--out", out, "--retry-failed", url=fixed.openai_url) == 0
     assert fixed.stats()["requests"] == 1  # the failed request; unparseable replies are answers, kept as such
     failures = read_jsonl(out / "judge-failures.jsonl")

@@ -124,7 +124,7 @@ def test_records_follow_the_rules(fake_server, inputs, tmp_path):
     assert {name: (out / name).read_bytes() for name in before} == before
 
 
-def test_malformed_list_and_failed_request_are_counted(fake_server, inputs, tmp_path):
+def test_malformed_list_and_failed_request_are_counted(fake_server, inputs, tmp_path, capsys):
     def teacher(call):
         if is_topic_prompt(call.last_user_text):
             return Fault("400", message="bad request (injected)")
@@ -133,7 +133,11 @@ def test_malformed_list_and_failed_request_are_counted(fake_server, inputs, tmp_
     server = fake_server(reply=teacher)
     seeds, topics = inputs
     out = tmp_path / "out"
-    assert run("lamini", *lamini_args(seeds, topics, out), url=server.openai_url) == 0
+    # A request that ended as a failure: exit status 1, as `requests` gives it, and the way to send it again
+    # (it exited 0); a reply that is not a list is an answer, not a failure.
+    assert run("lamini", *lamini_args(seeds, topics, out), url=server.openai_url) == 1
+    err = capsys.readouterr().err
+    assert "1 request ended as a failure" in err and "rerun with --retry-failed to send it again" in err, err
     assert read_jsonl(out / "raw.jsonl") == []
     dropped = read_jsonl(out / "dropped.jsonl")
     assert sorted(d["reason"] for d in dropped) == ["reply is not a list", "request failed"]
@@ -162,7 +166,7 @@ def test_retried_list_request_never_displaces_answered_instructions(fake_server,
     server = fake_server(reply=log)
     seeds, topics = inputs
     out = tmp_path / "out"
-    assert run("lamini", *lamini_args(seeds, topics, out), url=server.openai_url) == 0
+    assert run("lamini", *lamini_args(seeds, topics, out), url=server.openai_url) == 1  # the failed list request
     first = read_jsonl(out / "raw.jsonl")
     assert [r["instruction"] for r in first] == ["Describe how a rainbow forms in the sky.",
                                                  "Explain how volcanoes form."]

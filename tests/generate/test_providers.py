@@ -10,7 +10,8 @@ import time
 import pytest
 
 from bezoar.generate import providers as P
-from bezoar.generate.providers import Endpoint, ProviderError, make_provider, parse_retry_after, redact, status_error
+from bezoar.generate.providers import (Endpoint, ProviderError, make_provider, parse_retry_after, read_api_key, redact,
+                                       status_error)
 from bezoar.generate.request import GenerateError, Request
 from tests.generate.conftest import closed_port_url
 from tests.generate.fake_server import Fault
@@ -226,10 +227,14 @@ def test_unknown_model_is_fatal(fake_server, api_keys, name):
 
 
 def test_compat_sends_no_key_unless_asked(fake_server, monkeypatch):
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    # The user's OpenAI key is not for whatever server --base-url names (often plain http): compat
+    # used to send OPENAI_API_KEY to it unasked.
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
     server = fake_server(api_key="k")
+    assert read_api_key(Endpoint("compat", server.openai_url)) is None
     with pytest.raises(ProviderError, match="401"):
         send("compat", server, Request(messages=[{"role": "user", "content": "x"}]))
+    monkeypatch.delenv("OPENAI_API_KEY")
     monkeypatch.setenv("LOCAL_KEY", "k")
     provider = make_provider(Endpoint("compat", server.openai_url, api_key_env="LOCAL_KEY"), connections=1)
 

@@ -362,6 +362,21 @@ def test_command_help(command, capsys):
     assert info.value.code == 0 and "usage" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command,model", [("lamini", "teacher"), ("evol", "teacher"), ("orca", "teacher"),
+                                           ("filter", "judge")])
+def test_sampling_help_names_whose_answers_it_sets(command, model):
+    # filter's --temperature and --max-tokens are the judge's: its help said the teacher's.
+    import argparse
+
+    from bezoar.generate.__main__ import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    helps = {flag: action.help for action in sub._actions for flag in action.option_strings}
+    other = {"teacher": "judge", "judge": "teacher"}[model]
+    for flag in ("--temperature", "--max-tokens"):
+        assert model in helps[flag] and other not in helps[flag], (flag, helps[flag])
+
+
 def test_shipped_samples_through_every_scheme_and_the_filter(fake_server, tmp_path):
     """The demo path of scripts/openbezoar.sh: shipped samples, a scripted teacher and judge, SFT-ready files."""
     from bezoar.data import DataConfig, read_examples

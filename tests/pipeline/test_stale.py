@@ -16,7 +16,7 @@ import pytest
 
 from bezoar.pipeline import PipelineError, describe, execute, main, plan, preflight, write_marker
 from bezoar.train.recipe import load_recipe
-from tests.generate.fake_server import FakeLLMServer
+from tests.generate.fake_server import Fault, FakeLLMServer
 from tests.pipeline.teacher import pipeline_teacher
 from tests.pipeline.test_recipe_tables import _fake_trained
 
@@ -121,6 +121,44 @@ def test_filter_runs_again_when_raw_jsonl_changes_and_only_judges_what_is_new(tm
     assert json.loads((folder / "filter-summary.json").read_text())["records"] == records
     steps = _steps(recipe, root, overrides)
     assert steps["generate:orca"].done and steps["filter:orca"].done
+
+
+def test_failed_requests_complete_their_step_and_say_how_to_send_them_again(tmp_path):
+    # The generate and filter commands exit 1 when requests ended as recorded failures; the pipeline keeps
+    # completing such a step (a few failures do not stop a paid run) and says how to send them again.
+    fail = {"judge": 1}
+    lock = threading.Lock()
+
+    def reply(call):
+        with lock:
+            if call.model == "demo-judge" and fail["judge"]:
+                fail["judge"] -= 1
+                return Fault("400", message="judge refused (injected)")
+        return pipeline_teacher(call)
+
+    with FakeLLMServer(reply=reply) as server:
+        overrides = _overrides(server.openai_url)
+        recipe = load_recipe("openbezoar_tiny", overrides)
+        root = tmp_path / "run"
+        logged: list[str] = []
+        steps = {s.name: s for s in plan(recipe, root, overrides, log=logged.append)}
+        for name in ("generate:orca", "filter:orca"):
+            execute(steps[name], root, log=logged.append)
+        folder = root / "data/orca"
+        assert len((folder / "judge-failures.jsonl").read_text().splitlines()) == 1
+        note = [line for line in logged if line.startswith("[filter:orca]")]
+        assert len(note) == 1 and "remove data/orca/filter.step.json and rerun" in note[0], logged
+        assert not any(line.startswith("[generate:orca]") for line in logged)  # no failure there, no note
+        assert _steps(recipe, root, overrides)["filter:orca"].done
+
+        # Following the note: only the failed request is sent again, and the step completes without one.
+        (folder / "filter.step.json").unlink()
+        server.reset_counters()
+        logged.clear()
+        execute({s.name: s for s in plan(recipe, root, overrides, log=logged.append)}["filter:orca"], root,
+                log=logged.append)
+        assert server.stats()["requests"] == 1 and not logged
+        assert (folder / "judge-failures.jsonl").read_text() == ""
 
 
 def _one_record_generated(tmp_path: Path):
