@@ -55,7 +55,9 @@ def _harness_parser(sub) -> None:
 def _mt_bench_parser(sub) -> None:
     p = sub.add_parser("mt-bench", help="MT-Bench: two-turn answers, judged by an LLM through the client pool",
                        description="Answer MT-Bench questions with a bezoar model and grade them with an LLM judge. "
-                                   "Rerunning with the same --out resumes: answered questions and judged turns are kept.")
+                                   "Rerunning with the same --out resumes: answered questions and judged turns are kept "
+                                   "(answers made with other settings, or by a model or adapter with other files, are "
+                                   "refused). The judge and its API key are checked before the model loads.")
     g = p.add_argument_group("model")
     g.add_argument("--model", metavar="DIR", help="checkpoint folder (not needed with --answers)")
     g.add_argument("--adapter", metavar="DIR", help="PEFT-format LoRA adapter folder")
@@ -194,17 +196,26 @@ def run_mt_bench(args) -> int:
     if args.top_k < 0:
         raise ValueError(f"--top-k must be 0 (off) or more, got {args.top_k}")
     _check_mt_bench_inputs(args)
+    config = None
+    if not args.skip_judge:  # the judge checked now, not after an hour of answers
+        if not args.judge_model:
+            raise ValueError("--judge-model is required (or pass --skip-judge to only generate answers)")
+        config = mt.JudgeConfig(model=args.judge_model, provider=args.judge_provider, base_url=args.judge_base_url,
+                                api_key_env=args.judge_api_key_env, concurrency=args.concurrency, rpm=args.rpm,
+                                tpm=args.tpm)
+        mt.check_judge(config)
+        mt.load_judge_prompts(args.judge_prompts)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: not a folder")
     questions = mt.load_questions(args.questions, split=args.split)
     references = mt.load_reference_answers(args.reference) if args.reference else None
-    if not args.skip_judge and not args.judge_model:
-        raise ValueError("--judge-model is required (or pass --skip-judge to only generate answers)")
     if args.answers:
         answers = mt.read_answers(Path(args.answers))
         if not answers:
             raise ValueError(f"{args.answers}: no answers")
         model_id = args.model_id or next(iter(answers.values())).model_id
+        out.mkdir(parents=True, exist_ok=True)  # every check passed: nothing is left behind by a refused run
     else:
         if not args.model:
             raise ValueError("--model DIR is required unless --answers FILE is given")
@@ -215,22 +226,25 @@ def run_mt_bench(args) -> int:
         existing = mt.read_answers(answers_path)
         mt.check_answers_model(answers_path, existing, model_id)
         loaded = {"quant": args.quant, "dtype": args.dtype, "device": args.device}
-        mt.check_answer_settings(answers_path, mt.answer_settings(args.max_new_tokens, args.seed, args.top_k,
-                                                                  **loaded), existing)
+        made_by = mt.answer_model(args.model, args.adapter)
+        settings = mt.answer_settings(args.max_new_tokens, args.seed, args.top_k, **loaded)
+        if not mt.check_answer_settings(answers_path, settings, existing, made_by=made_by):
+            print(f"bezoar.eval mt-bench: warning: {answers_path}: which model made its {len(existing)} answers is "
+                  f"not recorded (they were written before bezoar recorded it), so they cannot be checked against "
+                  f"--model {args.model}{' --adapter ' + args.adapter if args.adapter else ''}; they are kept and "
+                  "reported as this model's", file=sys.stderr)
+        out.mkdir(parents=True, exist_ok=True)
         pending = [q for q in questions if q.question_id not in existing]
         if pending:
             model = load(args.model, quant=args.quant, adapter=args.adapter, device=args.device, dtype=args.dtype)
             tokenizer = Tokenizer(args.model)
             mt.generate_answers(model, tokenizer, questions, model_id, answers_path,
                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-                                top_k=args.top_k, loaded=loaded)
+                                top_k=args.top_k, loaded=loaded, made_by=made_by)
         answers = mt.read_answers(answers_path)
         print(f"answers: {answers_path} ({len(answers)} questions)")
     if args.skip_judge:
         return 0
-    config = mt.JudgeConfig(model=args.judge_model, provider=args.judge_provider, base_url=args.judge_base_url,
-                            api_key_env=args.judge_api_key_env, concurrency=args.concurrency, rpm=args.rpm,
-                            tpm=args.tpm)
     summary, _ = mt.run_judging(questions, answers, config, out, model_id, judge_prompts=args.judge_prompts,
                                 references=references, progress=sys.stderr.isatty())
     print(mt.summary_table(summary, model_id, config.model))
