@@ -2,7 +2,7 @@
 
     python -m bezoar.eval harness --model DIR --preset openllm            # Open LLM Leaderboard v1
     python -m bezoar.eval harness --model DIR --tasks hellaswag,arc_easy --num-fewshot 0 --limit 100
-    python -m bezoar.eval harness --preset openllm --dry-run              # print the plan only
+    python -m bezoar.eval harness --preset openllm --dry-run              # check and print the plan only
     python -m bezoar.eval mt-bench --model DIR --questions question.jsonl --out runs/mt \\
         --judge-model gpt-4o --judge-provider openai
     python -m bezoar.eval lm-eval --model bezoar --model_args pretrained=DIR,quant=nf4 --tasks arc_easy
@@ -35,21 +35,29 @@ def _harness_parser(sub) -> None:
                    "truthfulqa_mc2 0, mmlu 5, winogrande 5, gsm8k 5 (shots)")
     g.add_argument("--tasks", help="comma-separated lm-eval task names")
     g.add_argument("--num-fewshot", type=int, help="few-shot examples (overrides the preset's counts)")
-    g.add_argument("--limit", type=float, help="examples per task (a fraction when < 1); for quick checks")
+    g.add_argument("--limit", type=float, help="examples per task, a whole number (or a fraction of each task when "
+                   "below 1); for quick checks")
     g.add_argument("--include-path", help="folder with extra task YAML files")
     g.add_argument("--no-builtin-tasks", action="store_true",
                    help="index only --include-path's tasks (skips lm-eval's own thousands: faster start)")
     g.add_argument("--gen-kwargs", help="generation kwargs for generate_until tasks, k=v,k=v")
     g = p.add_argument_group("output")
-    g.add_argument("--output", metavar="FILE", help="write lm-eval's results (JSON) here")
+    g.add_argument("--output", metavar="FILE", help="write lm-eval's results (JSON) here, after each few-shot group. "
+                   "Rerun the same command and it resumes an interrupted run, or prints a finished one without "
+                   "evaluating; results of another run there are moved to a timestamped name beside it first")
     g.add_argument("--log-samples", action="store_true", help="keep per-example outputs in --output")
-    g.add_argument("--dry-run", action="store_true", help="print the task plan and stop (loads nothing)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="check the flags, the task names (against lm-eval's index) and the --model and --adapter "
+                        "folders, print the plan and what the run would do with --output, and stop without loading "
+                        "a model; --model is optional here (without it, --output is not looked at)")
 
 
 def _mt_bench_parser(sub) -> None:
     p = sub.add_parser("mt-bench", help="MT-Bench: two-turn answers, judged by an LLM through the client pool",
                        description="Answer MT-Bench questions with a bezoar model and grade them with an LLM judge. "
-                                   "Rerunning with the same --out resumes: answered questions and judged turns are kept.")
+                                   "Rerunning with the same --out resumes: answered questions and judged turns are kept "
+                                   "(answers made with other settings, or by a model or adapter with other files, are "
+                                   "refused). The judge and its API key are checked before the model loads.")
     g = p.add_argument_group("model")
     g.add_argument("--model", metavar="DIR", help="checkpoint folder (not needed with --answers)")
     g.add_argument("--adapter", metavar="DIR", help="PEFT-format LoRA adapter folder")
@@ -84,29 +92,34 @@ def _mt_bench_parser(sub) -> None:
 
 
 def run_harness(args) -> int:
+    import math
+
     from bezoar.eval import harness
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     plan = harness.make_plan(tasks, args.preset, args.num_fewshot)
-    if args.dry_run:
-        print(harness.describe_plan(plan))
-        return 0
-    if not args.model:
+    if not args.model and not args.dry_run:
         raise ValueError("--model DIR is required (only --dry-run runs without one)")
-    if args.output:  # checked now: writing it fails only after every task has run
-        out = Path(args.output)
+    limit = args.limit
+    if limit is not None:  # checked now: lm-eval fails on a negative one only after the model has loaded
+        if not math.isfinite(limit) or limit <= 0:
+            raise ValueError(f"--limit {limit:g}: give a number of examples per task (1 or more) or a fraction "
+                             "of each task (between 0 and 1)")
+        if limit >= 1 and limit != int(limit):
+            raise ValueError(f"--limit {limit:g}: a number of examples is a whole number (a fraction is below 1)")
+        limit = int(limit) if limit >= 1 else limit
+    out = Path(args.output) if args.output else None
+    if out is not None:  # checked now: writing it fails only after every task has run
         if out.is_dir():
             raise ValueError(f"--output {out}: is a folder; give the results file's name (e.g. {out / 'results.json'})")
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"--output {out}: cannot create its folder {out.parent} ({e.strerror})") from None
-    manager = harness.task_manager(args.include_path, include_defaults=not args.no_builtin_tasks)
-    harness.check_tasks(plan, manager)  # a misspelt task fails here, not after the model has loaded
+        above = next((p for p in out.parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise ValueError(f"--output {out}: cannot create its folder {out.parent} ({above} is a file)")
     from lm_eval.utils import simple_parse_args_string
 
     if args.gen_kwargs:  # checked now: generation tasks run last, after hours of the others
-        harness.GenerationSettings.from_gen_kwargs(simple_parse_args_string(args.gen_kwargs), 256, None)
+        harness.GenerationSettings.from_gen_kwargs(simple_parse_args_string(args.gen_kwargs), 256, None,
+                                                   where="--gen-kwargs")
     extra = simple_parse_args_string(args.model_args)
     flags = {"pretrained": "--model", "adapter": "--adapter", "quant": "--quant", "dtype": "--dtype",
              "device": "--device", "batch_size": "--batch-size", "max_batch_tokens": "--max-batch-tokens",
@@ -115,24 +128,61 @@ def run_harness(args) -> int:
     if clash:  # passed twice, they would be a TypeError from the call below
         raise ValueError("; ".join(f"--model-args {key}={extra[key]}: set it with {flags[key]} instead"
                                    for key in clash))
+    run = harness.run_identity(args, plan) if args.model else None
+    state, earlier, why = harness.output_state(out, run) if out is not None and run is not None else ("none", None, "")
+    if state == "complete" and not args.dry_run:  # the same run finished: its results, nothing evaluated again
+        print(harness.results_table(earlier, plan if args.preset else None))
+        print(f"\n{out}: complete results of this same run (tasks, settings, model and adapter files): "
+              "nothing evaluated; move it away (or give another --output) to evaluate again")
+        return 0
+    manager = harness.task_manager(args.include_path, include_defaults=not args.no_builtin_tasks)
+    harness.check_tasks(plan, manager)  # a misspelt task fails here, not after the model has loaded
+    missing = [f"{flag} {value}: {'no such folder' if not Path(value).exists() else 'not a folder'}"
+               for flag, value in (("--model", args.model), ("--adapter", args.adapter))
+               if value and not Path(value).is_dir()]
+    if missing:
+        raise ValueError("; ".join(missing))
+    if args.dry_run:
+        print(harness.describe_plan(plan))
+        if out is not None and run is not None:
+            print(f"\n--output {out}: " + {
+                "none": "written as the run goes",
+                "complete": "complete results of this same run: a run prints them and evaluates nothing",
+                "partial": f"an interrupted run of this one: a run resumes after {', '.join(sorted(earlier['results']))}"
+                           if earlier and earlier.get("results") else "an interrupted run of this one: a run resumes",
+                "other": f"holds {why}: a run moves it to a timestamped name beside it, then writes"}[state])
+        return 0
+    if state == "other":
+        print(f"--output {out} holds {why}: it will be moved to a timestamped name beside it when this run writes",
+              file=sys.stderr)
+    if out is not None:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--output {out}: cannot create its folder {out.parent} ({e.strerror})") from None
     lm = harness.BezoarLM(pretrained=args.model, adapter=args.adapter, quant=args.quant, dtype=args.dtype,
                           device=args.device, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
                           max_length=args.max_length, **extra)
-    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-    run = harness.run_identity(args, plan)
-    earlier = harness.partial_results(Path(args.output), run) if args.output else None
-    if earlier is not None:
+    if state == "partial":
         print(f"resuming from {args.output}: {', '.join(sorted(earlier['results']))} done already")
+    else:
+        earlier = None
+    aside = {"pending": state == "other"}
 
     def save(results: dict, done: bool) -> None:  # each few-shot group's results kept as soon as it finishes
-        if args.output:
-            harness.write_results({**results, "bezoar_run": run}, Path(args.output), args.log_samples, complete=done)
+        if out is None:
+            return
+        if aside["pending"]:  # another run's results: kept under another name, never written over
+            aside["pending"] = False
+            moved = harness.move_aside(out)
+            print(f"--output {out}: the earlier results moved to {moved}", file=sys.stderr)
+        harness.write_results({**results, "bezoar_run": run}, out, args.log_samples, complete=done)
 
     results = harness.run_plan(lm, plan, limit=limit, log_samples=args.log_samples, gen_kwargs=args.gen_kwargs,
                                manager=manager, on_group=save, earlier=earlier)
     print(harness.results_table(results, plan if args.preset else None))
-    if args.output:
-        print(f"results written to {args.output}")
+    if out is not None:
+        print(f"results written to {out}")
     return 0
 
 
@@ -146,17 +196,26 @@ def run_mt_bench(args) -> int:
     if args.top_k < 0:
         raise ValueError(f"--top-k must be 0 (off) or more, got {args.top_k}")
     _check_mt_bench_inputs(args)
+    config = None
+    if not args.skip_judge:  # the judge checked now, not after an hour of answers
+        if not args.judge_model:
+            raise ValueError("--judge-model is required (or pass --skip-judge to only generate answers)")
+        config = mt.JudgeConfig(model=args.judge_model, provider=args.judge_provider, base_url=args.judge_base_url,
+                                api_key_env=args.judge_api_key_env, concurrency=args.concurrency, rpm=args.rpm,
+                                tpm=args.tpm)
+        mt.check_judge(config)
+        mt.load_judge_prompts(args.judge_prompts)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: not a folder")
     questions = mt.load_questions(args.questions, split=args.split)
     references = mt.load_reference_answers(args.reference) if args.reference else None
-    if not args.skip_judge and not args.judge_model:
-        raise ValueError("--judge-model is required (or pass --skip-judge to only generate answers)")
     if args.answers:
         answers = mt.read_answers(Path(args.answers))
         if not answers:
             raise ValueError(f"{args.answers}: no answers")
         model_id = args.model_id or next(iter(answers.values())).model_id
+        out.mkdir(parents=True, exist_ok=True)  # every check passed: nothing is left behind by a refused run
     else:
         if not args.model:
             raise ValueError("--model DIR is required unless --answers FILE is given")
@@ -167,22 +226,25 @@ def run_mt_bench(args) -> int:
         existing = mt.read_answers(answers_path)
         mt.check_answers_model(answers_path, existing, model_id)
         loaded = {"quant": args.quant, "dtype": args.dtype, "device": args.device}
-        mt.check_answer_settings(answers_path, mt.answer_settings(args.max_new_tokens, args.seed, args.top_k,
-                                                                  **loaded), existing)
+        made_by = mt.answer_model(args.model, args.adapter)
+        settings = mt.answer_settings(args.max_new_tokens, args.seed, args.top_k, **loaded)
+        if not mt.check_answer_settings(answers_path, settings, existing, made_by=made_by):
+            print(f"bezoar.eval mt-bench: warning: {answers_path}: which model made its {len(existing)} answers is "
+                  f"not recorded (they were written before bezoar recorded it), so they cannot be checked against "
+                  f"--model {args.model}{' --adapter ' + args.adapter if args.adapter else ''}; they are kept and "
+                  "reported as this model's", file=sys.stderr)
+        out.mkdir(parents=True, exist_ok=True)
         pending = [q for q in questions if q.question_id not in existing]
         if pending:
             model = load(args.model, quant=args.quant, adapter=args.adapter, device=args.device, dtype=args.dtype)
             tokenizer = Tokenizer(args.model)
             mt.generate_answers(model, tokenizer, questions, model_id, answers_path,
                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-                                top_k=args.top_k, loaded=loaded)
+                                top_k=args.top_k, loaded=loaded, made_by=made_by)
         answers = mt.read_answers(answers_path)
         print(f"answers: {answers_path} ({len(answers)} questions)")
     if args.skip_judge:
         return 0
-    config = mt.JudgeConfig(model=args.judge_model, provider=args.judge_provider, base_url=args.judge_base_url,
-                            api_key_env=args.judge_api_key_env, concurrency=args.concurrency, rpm=args.rpm,
-                            tpm=args.tpm)
     summary, _ = mt.run_judging(questions, answers, config, out, model_id, judge_prompts=args.judge_prompts,
                                 references=references, progress=sys.stderr.isatty())
     print(mt.summary_table(summary, model_id, config.model))

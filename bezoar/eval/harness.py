@@ -346,14 +346,17 @@ class GenerationSettings:
     max_length: int | None = None  # gen_kwargs max_length: prompt + new tokens, per prompt (replaces max_gen_toks)
 
     @classmethod
-    def from_gen_kwargs(cls, gen_kwargs: dict, default_max: int, eos_text: str | None) -> "GenerationSettings":
+    def from_gen_kwargs(cls, gen_kwargs: dict, default_max: int, eos_text: str | None,
+                        where: str = "generate_until: gen_kwargs") -> "GenerationSettings":
         """lm-eval's generation kwargs (``until``, ``max_gen_toks`` and its aliases, ``do_sample``,
         ``temperature``, ``top_k``, ``top_p``) as bezoar decoding settings. ``top_k`` is applied after the
         temperature and before ``top_p``, as lm-eval's HF model gets it from transformers' ``generate``;
         a sampling task that does not set it (or sets None) gets transformers' default, ``HF_TOP_K`` (50),
-        as it does there; 0 is off."""
+        as it does there; 0 is off. A bad value is a ValueError naming its key, after ``where`` (the command
+        line passes its flag)."""
         from bezoar.model.decode import check_top_k
 
+        _check_gen_kwargs_types(gen_kwargs, where)  # lm-eval's own conversions fail without naming the key
         kwargs = dict(normalize_gen_kwargs(gen_kwargs, default_max))
         stop = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
         max_gen_toks = int(kwargs.pop("max_gen_toks"))
@@ -362,15 +365,15 @@ class GenerationSettings:
         top_p = kwargs.pop("top_p", None)
         top_p = 1.0 if top_p is None else float(top_p)  # 0 keeps the most likely token alone, as in transformers
         if not 0.0 <= top_p <= 1.0:
-            raise ValueError(f"generate_until: gen_kwargs top_p={top_p}: must be between 0 and 1")
+            raise ValueError(f"{where} top_p={top_p}: must be between 0 and 1")
         max_length = kwargs.pop("max_length", None)
         if max_length is not None:
             try:
                 max_length = int(max_length)
             except (TypeError, ValueError):
-                raise ValueError(f"generate_until: gen_kwargs max_length={max_length!r}: expected an integer") from None
+                raise ValueError(f"{where} max_length={max_length!r}: expected an integer") from None
             if max_length < 1:
-                raise ValueError(f"generate_until: gen_kwargs max_length={max_length}: must be at least 1")
+                raise ValueError(f"{where} max_length={max_length}: must be at least 1")
             log.warning("generate_until: gen_kwargs max_length=%d counts each prompt's tokens too (transformers' "
                         "meaning, which lm-eval's HF model follows) and replaces max_gen_toks; lm-eval tasks "
                         "name max_gen_toks", max_length)
@@ -379,7 +382,7 @@ class GenerationSettings:
         try:
             check_top_k(top_k)
         except ValueError as e:
-            raise ValueError(f"generate_until: gen_kwargs {e}") from None
+            raise ValueError(f"{where} {e}") from None
         if do_sample and temperature <= 0:
             temperature = 1.0  # sampling without a temperature means the plain distribution
         if not do_sample:
@@ -389,6 +392,32 @@ class GenerationSettings:
             log.warning("generate_until: ignoring generation kwargs bezoar does not implement: %s", ", ".join(ignored))
         return cls(max_gen_toks=max_gen_toks, temperature=temperature, top_p=top_p, stop=[s for s in stop if s],
                    top_k=top_k, max_length=max_length)
+
+
+#: gen_kwargs keys and the type each must have (lm-eval's normalize_gen_kwargs converts the first ones bare)
+GEN_KWARGS_NUMBERS = {"temperature": float, "top_p": float, "max_gen_toks": int, "max_new_tokens": int,
+                      "max_tokens": int, "max_completion_tokens": int}
+
+
+def _check_gen_kwargs_types(gen_kwargs: dict, where: str) -> None:
+    """A ValueError naming the key for a number that is not one (``temperature=abc`` was "could not convert
+    string to float: 'abc'"), or a ``do_sample`` that is not true or false (``bool("no")`` is True: sampling)."""
+    for key, kind in GEN_KWARGS_NUMBERS.items():
+        value = gen_kwargs.get(key)
+        if value is None:
+            continue
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)
+            if not math.isfinite(number) or (kind is int and number != int(number)):
+                raise ValueError
+        except (TypeError, ValueError):
+            want = "an integer" if kind is int else "a number"
+            raise ValueError(f"{where} {key}={value!r}: expected {want}") from None
+    do_sample = gen_kwargs.get("do_sample")
+    if do_sample is not None and do_sample not in (True, False):  # 0 and 1 too
+        raise ValueError(f"{where} do_sample={do_sample!r}: expected true or false")
 
 
 # ---- task plans and the results table --------------------------------------------------------
@@ -566,7 +595,7 @@ def run_plan(lm, plan: list[TaskPlan], limit: float | None = None, include_path:
     (bezoar's model: its folder, adapter, quantization, dtype). ``include_defaults=False`` indexes only
     ``include_path``'s tasks; ``manager`` (from ``task_manager``) replaces both. ``on_group(merged, done)``
     is called after each group with the results so far and whether the plan is finished. ``earlier``: the
-    results of an interrupted run of the same plan (``partial_results``); its finished groups are kept, not
+    results of an interrupted run of the same plan (``output_state``); its finished groups are kept, not
     evaluated again."""
     import lm_eval
 
@@ -604,8 +633,12 @@ def run_plan(lm, plan: list[TaskPlan], limit: float | None = None, include_path:
 def run_identity(args, plan: list[TaskPlan]) -> dict:
     """What the results of ``python -m bezoar.eval harness`` depend on: the plan, the evaluation settings, the
     model and adapter folders as they are on disk (each file's name, size and modification time: a retrained
-    model is another model), and lm-eval's version. An interrupted run resumes only under the same identity."""
+    model is another model), the ``--include-path`` tasks' files (their content: an edited task YAML is another
+    task), and lm-eval's version. An interrupted run resumes, and a finished one is kept, only under the same
+    identity (``output_state``)."""
     import lm_eval
+
+    from bezoar.fingerprint import fingerprint
 
     def folder(path):
         if not path:
@@ -618,20 +651,72 @@ def run_identity(args, plan: list[TaskPlan]) -> dict:
     return {"plan": [[p.task, p.num_fewshot] for p in plan], "model": folder(args.model),
             "adapter": folder(args.adapter), "quant": args.quant, "dtype": args.dtype, "device": args.device,
             "max_length": args.max_length, "model_args": args.model_args, "limit": args.limit,
-            "gen_kwargs": args.gen_kwargs, "include_path": args.include_path, "log_samples": args.log_samples,
-            "lm_eval": getattr(lm_eval, "__version__", "")}
+            "gen_kwargs": args.gen_kwargs, "include_path": args.include_path,
+            "include_files": fingerprint(Path(args.include_path)) if args.include_path else None,
+            "log_samples": args.log_samples, "lm_eval": getattr(lm_eval, "__version__", "")}
 
 
-def partial_results(out: Path, run: dict) -> dict | None:
-    """The results at ``out`` of an interrupted run with this identity (``"complete": false``), to resume
-    from; None for anything else (no file, a finished run, another model or settings: evaluated anew)."""
+#: how ``identity_changes`` names each part of a run's identity
+IDENTITY_LABELS = {"plan": "other tasks or few-shot counts", "model": "another --model folder, or its files changed",
+                   "adapter": "another --adapter folder, or its files changed",
+                   "include_files": "the --include-path task files changed", "lm_eval": "another lm-eval version"}
+
+
+def identity_changes(recorded, run: dict) -> list[str]:
+    """What differs between the identity recorded in a results file (``bezoar_run``) and ``run``'s, in words:
+    settings as ``--flag: then -> now``, folders and plans by name."""
+    if not isinstance(recorded, dict):
+        return ["no record of the run"]
+    now = json.loads(json.dumps(run, default=str))
+    out = []
+    for key in sorted(set(now) | set(recorded)):
+        then, value = recorded.get(key), now.get(key)
+        if then == value:
+            continue
+        if key in IDENTITY_LABELS:
+            out.append(IDENTITY_LABELS[key])
+        else:
+            out.append(f"--{key.replace('_', '-')}: {then!r} -> {value!r}")
+    return out
+
+
+def output_state(out: Path, run: dict) -> tuple[str, dict | None, str]:
+    """What ``--output`` holds, for the run with identity ``run``: ``("none", None, "")`` (no file),
+    ``("complete", results, "")`` (this run finished: nothing to evaluate), ``("partial", results, "")`` (this run
+    was interrupted: resume from its finished groups), or ``("other", None, why)``: results of another run (other
+    tasks, settings or model files), or a file this command did not write; it is to be moved aside
+    (``move_aside``), not written over."""
+    out = Path(out)
+    if not out.exists():
+        return "none", None, ""
     try:
-        earlier = json.loads(out.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(earlier, dict) or earlier.get("complete") is not False:
-        return None
-    return earlier if json.loads(json.dumps(run, default=str)) == earlier.get("bezoar_run") else None
+        earlier = json.loads(out.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return "other", None, "not a results file of this command (unreadable or not JSON)"
+    if not isinstance(earlier, dict) or earlier.get("complete") not in (True, False):
+        return "other", None, "not a results file of this command"
+    changes = identity_changes(earlier.get("bezoar_run"), run)
+    if changes:
+        if earlier.get("bezoar_run") is None:
+            return "other", None, "results without a record of the run that wrote them"
+        return "other", None, f"results of another run ({'; '.join(changes)})"
+    return ("complete" if earlier["complete"] else "partial"), earlier, ""
+
+
+def move_aside(path: Path) -> Path:
+    """Rename ``path`` to a free timestamped name beside it (``results.json`` ->
+    ``results.20250101-120000.json``) and return the new name: earlier results are kept, never written over."""
+    import os
+    import time
+
+    path = Path(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest, n = path.with_name(f"{path.stem}.{stamp}{path.suffix}"), 1
+    while dest.exists():
+        n += 1
+        dest = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}")
+    os.rename(path, dest)
+    return dest
 
 
 def write_results(results: dict, out: Path, log_samples: bool, complete: bool = True) -> None:

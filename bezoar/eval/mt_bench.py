@@ -16,8 +16,9 @@ The steps, each resumable:
    (FastChat's settings); sampled answers draw from the 50 most likely tokens (``--top-k``; FastChat
    samples through transformers' ``generate``, whose top_k defaults to 50); at most 1024 new tokens. Written to
    ``answers.jsonl`` in FastChat's model-answer format, one line per finished question (the settings
-   they are made with in ``answers.jsonl.settings.json``: a run with other settings is refused); a rerun
-   keeps the questions already there.
+   they are made with, and the model and adapter folders with their content's fingerprint, in
+   ``answers.jsonl.settings.json``: a run with other settings, or with a model or adapter of other files, is
+   refused); a rerun keeps the questions already there.
 3. Judging: single-answer grading. Turn 1 is judged with ``single-v1`` (``single-math-v1`` with
    the reference answer for math, reasoning and coding), turn 2 with the ``-multi-turn`` prompts,
    which show the whole conversation. Prompts come from a FastChat ``judge_prompts.jsonl``
@@ -321,6 +322,45 @@ def answer_settings(max_new_tokens: int = MAX_NEW_TOKENS, seed: int = 0, top_k: 
             "temperature": {**CATEGORY_TEMPERATURE, "other": OTHER_TEMPERATURE}}
 
 
+#: keys of an answer settings file that record what made the answers (``answer_model``), not a setting: compared
+#: by ``check_answer_settings`` with its ``made_by``, left out of ``answer_settings_changes``
+MODEL_KEYS = ("model", "adapter")
+
+
+def answer_model(model: str | Path, adapter: str | Path | None = None) -> dict:
+    """What makes an answer file's answers besides the settings: the model folder and the adapter folder (None:
+    no adapter), each as its resolved path and its content fingerprint (``bezoar.fingerprint``: every file's
+    name, size and sha256). Recorded beside the answers; a model with other files (another model of the same
+    folder name, a retrained one, another adapter) is refused. Content, not place: a moved or copied model
+    resumes."""
+    from bezoar.fingerprint import fingerprint
+
+    def record(path):
+        if not path:
+            return None
+        path = Path(path).expanduser().resolve()
+        return {"path": str(path), **(fingerprint(path) or {})}
+
+    return {"model": record(model), "adapter": record(adapter)}
+
+
+def _same_files(then, now) -> bool:
+    if then is None or now is None:
+        return then is None and now is None
+    content = lambda r: {k: v for k, v in r.items() if k != "path"}  # noqa: E731
+    return content(then) == content(now)
+
+
+def _describe_folder(record) -> str:
+    if record is None:
+        return "none"
+    if not isinstance(record, dict):
+        return repr(record)
+    size = record.get("size", 0)
+    size = f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size} bytes"
+    return f"{record.get('path')} ({record.get('files', '?')} files, {size}, sha256 {str(record.get('sha256'))[:12]})"
+
+
 def answer_settings_path(answers_path: Path) -> Path:
     """``answers.jsonl`` -> ``answers.jsonl.settings.json``: the settings its answers were made with."""
     answers_path = Path(answers_path)
@@ -345,17 +385,21 @@ def answer_settings_changes(answers_path: Path, settings: dict, answers: dict | 
                                "made with: restore it, or move both files away to answer again") from None
         if not isinstance(recorded, dict):
             raise MTBenchError(f"{side}: expected a JSON object of settings")
-        recorded = {**ANSWERS_RECORDED_BEFORE, **recorded}  # settings added after the file was written
+        recorded = {**ANSWERS_RECORDED_BEFORE, **{k: v for k, v in recorded.items() if k not in MODEL_KEYS}}
     else:
         recorded = dict(ANSWERS_RECORDED_BEFORE)
     return [f"{key}: {recorded[key]!r} -> {settings.get(key)!r}" for key in sorted(recorded)
             if recorded[key] != settings.get(key)]
 
 
-def check_answer_settings(answers_path: Path, settings: dict, answers: dict | None = None) -> None:
-    """Refuse to add to, or judge, answers made with other settings: they would be reported as made with
-    these. Before the first answer the settings are recorded beside the file (answers from before bezoar
-    recorded them get no settings file: what else they were made with is not known)."""
+def check_answer_settings(answers_path: Path, settings: dict, answers: dict | None = None,
+                          made_by: dict | None = None) -> bool:
+    """Refuse to add to, or judge, answers made with other settings, or (``made_by``: ``answer_model``'s record of
+    the model and adapter) by a model with other files: they would be reported as made with these, by this
+    model. Before the first answer the settings (and ``made_by``) are recorded beside the file. False when there
+    are answers whose model is not recorded (written before bezoar recorded it, or without ``made_by``): they
+    cannot be checked; True otherwise. Answers from before bezoar recorded settings get no settings file: what
+    else they were made with is not known."""
     answers_path = Path(answers_path)
     if answers is None:
         answers = read_answers(answers_path)
@@ -369,8 +413,22 @@ def check_answer_settings(answers_path: Path, settings: dict, answers: dict | No
     if not answers:
         answers_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = side.with_name(side.name + ".tmp")
-        tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps({**settings, **(made_by or {})}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         os.replace(tmp, side)
+        return True
+    if made_by is None:
+        return True
+    recorded = json.loads(side.read_text(encoding="utf-8")) if side.exists() else {}  # readable: checked above
+    if "model" not in recorded:
+        return False
+    differ = [f"--{key} {_describe_folder(recorded.get(key))} -> {_describe_folder(made_by.get(key))}"
+              for key in MODEL_KEYS if not _same_files(recorded.get(key), made_by.get(key))]
+    if differ:
+        raise MTBenchError(f"{answers_path}: its {len(answers)} answers were made by another model than this run's "
+                           f"({'; '.join(differ)}; as {side.name} records): they would be judged as this model's. "
+                           f"Use another --out for this model, or move {answers_path.name} and {side.name} away to "
+                           "answer again (the model they were made by resumes or judges them)")
+    return True
 
 
 def _drop_torn_tail(path: Path) -> None:
@@ -400,11 +458,12 @@ def category_temperature(category: str) -> float:
 
 def generate_answers(model, tokenizer, questions: list[Question], model_id: str, answers_path: Path,
                      max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 8, seed: int = 0,
-                     top_k: int = TOP_K, loaded: dict | None = None) -> dict[Any, Answer]:
+                     top_k: int = TOP_K, loaded: dict | None = None, made_by: dict | None = None) -> dict[Any, Answer]:
     """Answer every question not yet in ``answers_path`` (both turns) and append the answers there.
     Sampled categories draw from the ``top_k`` most likely tokens (0: all); greedy ones ignore it. ``loaded``:
     how ``model`` was loaded (``quant``, ``dtype``, ``device`` as ``answer_settings`` takes them; default the
-    defaults), which the answers are recorded as made with."""
+    defaults), which the answers are recorded as made with; ``made_by``: ``answer_model``'s record of the folders
+    it was loaded from, recorded and checked too (``check_answer_settings``)."""
     from bezoar.eval.chat import CHAT_STOP, chat_prompt
     from bezoar.model import generate
     from bezoar.model.decode import Decoder, check_top_k
@@ -414,7 +473,7 @@ def generate_answers(model, tokenizer, questions: list[Question], model_id: str,
     done = read_answers(answers_path)
     check_answers_model(answers_path, done, model_id)
     check_answer_settings(answers_path, answer_settings(max_new_tokens, seed, top_k, **(loaded or {})),
-                          done)
+                          done, made_by=made_by)
     todo = [q for q in questions if q.question_id not in done]
     if not todo:
         return done
@@ -480,6 +539,34 @@ class JudgeConfig:
     tpm: float | None = None
     max_tokens: int = 2048
     temperature: float = 0.0
+
+
+def check_judge(config: JudgeConfig) -> None:
+    """What can be known about the judge before any answer is generated (an hour on a real model): the provider's
+    URL, the limits, and that its API key is set and can be sent. Errors name the flag or the environment
+    variable, never the key."""
+    from bezoar.generate.pool import Limits
+    from bezoar.generate.providers import DEFAULT_KEY_ENV, Endpoint, check_key_for_header, read_api_key
+    from bezoar.generate.request import GenerateError
+
+    if config.provider == "compat" and not config.base_url:
+        raise MTBenchError("--judge-provider compat needs --judge-base-url (the server's OpenAI-compatible API, "
+                           "e.g. http://host:8000/v1)")
+    try:
+        endpoint = Endpoint(config.provider, config.base_url, api_key_env=config.api_key_env)
+    except GenerateError as e:
+        raise MTBenchError(f"--judge-base-url: {e}") from None
+    try:
+        Limits(concurrency=config.concurrency, rpm=config.rpm, tpm=config.tpm)
+    except GenerateError as e:
+        flags = {"concurrency": "--concurrency", "rpm": "--rpm", "tpm": "--tpm"}
+        named = [f"{flags.get(f, f)} {getattr(config, f):g}" for f in getattr(e, "fields", [])]
+        raise MTBenchError(f"{', '.join(named) or e}: must be more than 0") from None
+    env = config.api_key_env or DEFAULT_KEY_ENV[config.provider]
+    if not os.environ.get(env, "").strip() and not (config.provider == "compat" and config.api_key_env is None):
+        how = "" if config.api_key_env else "; or name the variable that holds it with --judge-api-key-env"
+        raise MTBenchError(f"no API key for the judge ({endpoint.label}): environment variable {env} is not set{how}")
+    check_key_for_header(endpoint, read_api_key(endpoint))
 
 
 @dataclass

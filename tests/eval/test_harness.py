@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -660,3 +661,109 @@ def test_an_interrupted_harness_run_resumes_from_its_finished_groups(tiny_dir, t
     calls[:] = []
     assert main([*argv, "--limit", "3"]) == 0  # the last --limit counts
     assert calls == [["bezoar_mc"], ["bezoar_ppl"]]
+
+
+def test_a_finished_run_is_shown_again_and_another_runs_results_are_moved_aside(tiny_dir, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """--output held a complete result: rerunning the same command evaluated everything again, and a run with
+    other tasks wrote over it (the three-task result was gone). Now the same run's complete result is printed
+    without loading the model, and another run's (or a file this command did not write) is moved to a
+    timestamped name beside it, with a line on stderr, when the new run first writes; a run refused before that
+    leaves it where it is."""
+    import lm_eval
+
+    from bezoar.eval.__main__ import main
+
+    folder = tmp_path / "tasks"
+    write_tasks(folder)
+    out = tmp_path / "results.json"
+    real, calls = lm_eval.simple_evaluate, []
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda *a, **k: calls.append(k["tasks"]) or real(*a, **k))
+    argv = ["harness", "--model", str(tiny_dir), "--include-path", str(folder), "--no-builtin-tasks", "--limit", "2",
+            "--max-length", str(MAX_LENGTH), "--output", str(out)]
+    assert main([*argv, "--tasks", "bezoar_mc,bezoar_ppl"]) == 0
+    first = out.read_text()
+    assert json.loads(first)["complete"] is True and calls == [["bezoar_mc", "bezoar_ppl"]]
+    capsys.readouterr()
+
+    real_lm = harness.BezoarLM
+    monkeypatch.setattr(harness, "BezoarLM", lambda **kw: pytest.fail("the model loaded for a finished run"))
+    calls[:] = []
+    assert main([*argv, "--tasks", "bezoar_mc,bezoar_ppl"]) == 0
+    printed = capsys.readouterr().out
+    assert calls == [] and out.read_text() == first
+    assert "| bezoar_mc | 1 | acc |" in printed and "complete results of this same run" in printed
+
+    # Refused before anything is written (here: the model fails to load): the earlier results stay put.
+    def no_model(**kwargs):
+        raise ValueError("no model today")
+
+    monkeypatch.setattr(harness, "BezoarLM", no_model)
+    assert main([*argv, "--tasks", "bezoar_mc"]) == 2
+    assert out.read_text() == first and sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "tasks"]
+    capsys.readouterr()
+
+    monkeypatch.setattr(harness, "BezoarLM", real_lm)
+    assert main([*argv, "--tasks", "bezoar_mc"]) == 0  # another run: the earlier results are kept beside
+    err = capsys.readouterr().err
+    (moved,) = tmp_path.glob("results.*.json")
+    assert re.fullmatch(r"results\.\d{8}-\d{6}\.json", moved.name) and moved.read_text() == first
+    assert f"--output {out}: the earlier results moved to {moved}" in err
+    assert "results of another run (other tasks or few-shot counts)" in err
+    assert list(json.loads(out.read_text())["results"]) == ["bezoar_mc"]
+
+    out.write_text("notes, not results\n")  # a file this command did not write: kept too
+    assert main([*argv, "--tasks", "bezoar_mc"]) == 0
+    assert "not a results file of this command" in capsys.readouterr().err
+    assert sorted(p.read_text()[:5] for p in tmp_path.glob("results.*.json")) == sorted([first[:5], "notes"])
+    assert len(list(tmp_path.glob("results*.json"))) == 3
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--limit", "-3"], "--limit -3: give a number of examples per task (1 or more) or a fraction"),
+    (["--limit", "0"], "--limit 0: give a number of examples"),
+    (["--limit", "2.5"], "--limit 2.5: a number of examples is a whole number"),
+    (["--gen-kwargs", "temperature=abc"], "--gen-kwargs temperature='abc': expected a number"),
+    (["--gen-kwargs", "max_gen_toks=many"], "--gen-kwargs max_gen_toks='many': expected an integer"),
+    (["--gen-kwargs", "do_sample=maybe"], "--gen-kwargs do_sample='maybe': expected true or false"),
+    (["--gen-kwargs", "top_p=2"], "--gen-kwargs top_p=2.0: must be between 0 and 1"),
+])
+def test_bad_harness_flags_are_named_before_the_model_loads(tmp_path, capsys, monkeypatch, flags, message):
+    """--limit -3 failed after the model had loaded with an islice message; --gen-kwargs temperature=abc said
+    only "could not convert string to float: 'abc'"."""
+    from bezoar.eval.__main__ import main
+
+    folder = tmp_path / "tasks"
+    write_tasks(folder)
+    monkeypatch.setattr(harness, "BezoarLM", lambda **kw: pytest.fail("the model loaded before the check"))
+    code = main(["harness", "--model", str(tmp_path), "--tasks", "bezoar_mc", "--include-path", str(folder),
+                 "--no-builtin-tasks", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_dry_run_checks_tasks_and_folders_without_a_model(tiny_dir, tmp_path, capsys, monkeypatch):
+    """harness --dry-run accepted unknown tasks and a missing --model; it now checks them (and the flags) without
+    loading a model. --model stays optional for it; with --model and --output it says what a run would do."""
+    from bezoar.eval.__main__ import main
+
+    folder = tmp_path / "tasks"
+    write_tasks(folder)
+    monkeypatch.setattr(harness, "BezoarLM", lambda **kw: pytest.fail("a dry run loaded the model"))
+    base = ["harness", "--include-path", str(folder), "--no-builtin-tasks", "--dry-run"]
+    assert main([*base, "--tasks", "bezoar_mc,bezoar_nope"]) == 2
+    assert "unknown task(s) bezoar_nope" in capsys.readouterr().err
+    assert main([*base, "--tasks", "bezoar_mc", "--model", str(tmp_path / "no-model")]) == 2
+    assert f"--model {tmp_path / 'no-model'}: no such folder" in capsys.readouterr().err
+    assert main([*base, "--tasks", "bezoar_mc", "--adapter", str(folder / "bezoar_mc.yaml")]) == 2
+    assert f"--adapter {folder / 'bezoar_mc.yaml'}: not a folder" in capsys.readouterr().err
+    assert main([*base, "--tasks", "bezoar_mc", "--limit", "-1"]) == 2
+    assert "--limit -1" in capsys.readouterr().err
+    assert main([*base, "--tasks", "bezoar_mc"]) == 0  # no --model: the plan alone
+    assert "| bezoar_mc | task default | all |" in capsys.readouterr().out
+    out = tmp_path / "results.json"
+    out.write_text('{"complete": true, "results": {}}\n')
+    assert main([*base, "--tasks", "bezoar_mc", "--model", str(tiny_dir), "--output", str(out)]) == 0
+    assert (f"--output {out}: holds results without a record of the run that wrote them: a run moves it"
+            in capsys.readouterr().out)
+    assert out.read_text() == '{"complete": true, "results": {}}\n', "a dry run moves nothing"

@@ -529,3 +529,90 @@ def test_answer_temperatures_are_fastchats():
                                                           "math", "coding", "reasoning", "my-own-category")}
     assert got == {"writing": 0.7, "roleplay": 0.7, "stem": 0.1, "humanities": 0.1, "extraction": 0.0, "math": 0.0,
                    "coding": 0.0, "reasoning": 0.0, "my-own-category": 0.7}
+
+
+def test_answers_of_another_model_in_a_folder_of_the_same_name_are_refused(tiny_dir, tmp_path, capsys,
+                                                                           monkeypatch):
+    """--model A/merged then --model B/merged (other weights, the same folder name, so the same default model id),
+    or A with an --adapter, resumed from A's answers without a word: a judge run would have scored A's answers as
+    B's. The settings file now records the model and adapter folders and their content; a model with other files
+    is refused before it loads, answers untouched. A copy of A elsewhere resumes; answers from before the record
+    resume with a warning that they cannot be checked."""
+    import shutil
+
+    import bezoar.model
+    from bezoar.eval.__main__ import main
+
+    a, b = tmp_path / "A" / "merged", tmp_path / "B" / "merged"
+    shutil.copytree(tiny_dir, a)
+    shutil.copytree(tiny_dir, b)
+    weights = bytearray((b / "model.safetensors").read_bytes())
+    weights[-1] ^= 1  # other weights
+    (b / "model.safetensors").write_bytes(bytes(weights))
+    adapter = tmp_path / "D" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    out = tmp_path / "X"
+    base = ["mt-bench", "--questions", str(mt.SAMPLE_QUESTIONS), "--out", str(out), "--skip-judge",
+            "--max-new-tokens", "2"]
+    assert main([*base, "--model", str(a)]) == 0
+    answers = (out / "answers.jsonl").read_text()
+    side = mt.answer_settings_path(out / "answers.jsonl")
+    recorded = json.loads(side.read_text())
+    assert recorded["model"]["path"] == str(a.resolve()) and recorded["adapter"] is None
+    assert len(recorded["model"]["sha256"]) == 64
+    capsys.readouterr()
+
+    monkeypatch.setattr(bezoar.model, "load", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    assert main([*base, "--model", str(b)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'answers.jsonl'}: its 8 answers were made by another model than this run's (--model {a}" in err
+    assert f"-> {b} (" in err and "answers.jsonl.settings.json records" in err
+    assert "Use another --out for this model, or move answers.jsonl and answers.jsonl.settings.json away" in err
+    assert main([*base, "--model", str(a), "--adapter", str(adapter)]) == 2
+    assert f"(--adapter none -> {adapter} (1 files" in capsys.readouterr().err
+    assert (out / "answers.jsonl").read_text() == answers and json.loads(side.read_text()) == recorded
+
+    moved = tmp_path / "elsewhere" / "merged"  # the same files in another place: the same model
+    shutil.copytree(a, moved)
+    assert main([*base, "--model", str(moved)]) == 0
+    run = capsys.readouterr()
+    assert "(8 questions)" in run.out and "warning" not in run.err
+
+    side.write_text(json.dumps({k: v for k, v in recorded.items() if k not in ("model", "adapter")}))
+    assert main([*base, "--model", str(b)]) == 0  # written before the record: kept, and said to be unchecked
+    err = capsys.readouterr().err
+    assert "which model made its 8 answers is not recorded" in err and f"cannot be checked against --model {b}" in err
+    assert (out / "answers.jsonl").read_text() == answers
+
+
+@pytest.mark.parametrize("flags,env,message", [
+    (["--judge-provider", "compat"], {}, "--judge-provider compat needs --judge-base-url"),
+    (["--judge-api-key-env", "NOPE_KEY"], {}, "environment variable NOPE_KEY is not set"),
+    ([], {"OPENAI_API_KEY": ""}, "environment variable OPENAI_API_KEY is not set; or name the variable that holds "
+                                 "it with --judge-api-key-env"),
+    (["--judge-api-key-env", "JUDGE_KEY"], {"JUDGE_KEY": "sk-secret with space"},
+     "the API key in environment variable JUDGE_KEY cannot be sent"),
+    (["--judge-provider", "compat", "--judge-base-url", "ftp://host/v1"], {}, "--judge-base-url: base URL"),
+    (["--judge-api-key-env", "JUDGE_KEY", "--rpm", "0"], {"JUDGE_KEY": "sk-secret"}, "--rpm 0: must be more than 0"),
+    (["--judge-api-key-env", "JUDGE_KEY", "--judge-prompts", str(mt.SAMPLE_QUESTIONS)], {"JUDGE_KEY": "sk-secret"},
+     "sample_questions.jsonl:1: judge prompt without 'name'"),
+])
+def test_the_judge_is_checked_before_the_model_loads_and_nothing_is_created(tiny_dir, tmp_path, capsys,
+                                                                            monkeypatch, flags, env, message):
+    """A judge that could not be reached (compat without a URL, an unset key variable) failed only after every
+    answer had been generated (an hour on a real model), and a refused run had created --out. The key itself is
+    never shown."""
+    import bezoar.model
+    from bezoar.eval.__main__ import main
+
+    monkeypatch.delenv("NOPE_KEY", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(bezoar.model, "load", lambda *a, **k: pytest.fail("the model loaded before the judge check"))
+    out = tmp_path / "o"
+    assert main(["mt-bench", "--model", str(tiny_dir), "--questions", str(mt.SAMPLE_QUESTIONS), "--out", str(out),
+                 "--judge-model", "judge-1", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and "sk-secret" not in err, err
+    assert not out.exists()
