@@ -562,8 +562,8 @@ def check_judge(config: JudgeConfig) -> None:
         flags = {"concurrency": "--concurrency", "rpm": "--rpm", "tpm": "--tpm"}
         named = [f"{flags.get(f, f)} {getattr(config, f):g}" for f in getattr(e, "fields", [])]
         raise MTBenchError(f"{', '.join(named) or e}: must be more than 0") from None
-    env = config.api_key_env or DEFAULT_KEY_ENV[config.provider]
-    if not os.environ.get(env, "").strip() and not (config.provider == "compat" and config.api_key_env is None):
+    env = config.api_key_env or DEFAULT_KEY_ENV.get(config.provider)  # compat: a key only when one is named
+    if env is not None and not os.environ.get(env, "").strip():
         how = "" if config.api_key_env else "; or name the variable that holds it with --judge-api-key-env"
         raise MTBenchError(f"no API key for the judge ({endpoint.label}): environment variable {env} is not set{how}")
     check_key_for_header(endpoint, read_api_key(endpoint))
