@@ -752,8 +752,8 @@ def test_a_cut_sweep_gives_no_tiles_for_its_m_and_cut_tables_give_nothing(tmp_pa
     rows = _nf4_rows({("fwd", s, m): (1.0, 3.0, 2.0) for s in ("a", "b", "c") for m in (1, 4)})
     sweep = [row(s, 1, 0.5) for s in ("a", "b", "c")] + [row("a", 4, 0.5), row("b", 4, 0.5)]  # cut: no c at 4
     result = _result(bench="nf4-graph", rows=rows, sweep_gemv=sweep, sweep_gemv_complete=False)
-    assert tune.gemv_sweep_whole_ms(result) == [1]
     assert tune.derive(result)["nf4.gemv_tiles"][0] == {"1": {"block_n": 32, "blocks": 4, "num_warps": 4}}
+    assert tune.gemv_sweep_whole_ms(result) == [1]
     # every shape there, but the last row cut short
     cut = sweep + [row("c", 4, 0.5, complete=False)]
     assert tune.gemv_sweep_whole_ms(_result(bench="nf4", rows=rows, sweep_gemv=cut)) == [1]
