@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import functools
 import json
 import os
 import platform
@@ -80,6 +81,23 @@ def setup_smoke(args) -> None:
 
 
 def git_commit() -> str:
+    """The commit of the code that runs: ``BEZOAR_COMMIT`` where it is set, else git's HEAD here (``-dirty``
+    where tracked files differ from it). A lent GPU machine gets a copy of the working tree whose ``.git``
+    can be an earlier call's, so git there can name an older commit than the code it runs: the device call
+    passes the commit it sends (``scripts/gpu_short.sh``, bench/README.md)."""
+    given = os.environ.get("BEZOAR_COMMIT", "").strip()
+    return given or _git_head()
+
+
+def commit_source() -> str:
+    """Where ``git_commit`` took the commit from: "BEZOAR_COMMIT" or "git"."""
+    return "BEZOAR_COMMIT" if os.environ.get("BEZOAR_COMMIT", "").strip() else "git"
+
+
+@functools.lru_cache(maxsize=1)
+def _git_head() -> str:
+    """git's HEAD for this folder (asked once a process: a bench that rewrites its JSON after every case
+    would otherwise run git twice a case)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent, timeout=10)
@@ -344,7 +362,8 @@ def write_results(name: str, rows: list[dict], args, extra: dict | None = None) 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}-{device}-{date}.json"
     written = _dt.datetime.now(_dt.timezone.utc).strftime("%H:%M:%S")  # orders a day's runs (bench/tune.py)
-    payload = {"bench": name, "date": date, "time": written, "commit": git_commit(), "argv": sys.argv, **info,
+    payload = {"bench": name, "date": date, "time": written, "commit": git_commit(), "commit_source": commit_source(),
+               "argv": sys.argv, **info,
                **(extra or {}), "rows": rows}
     partial = path.with_name(path.name + ".part")  # a run killed mid-write leaves the last whole file
     partial.write_text(json.dumps(payload, indent=2) + "\n")

@@ -22,6 +22,14 @@ Measures, side by side in one run (bf16, CUDA):
 divided by the calls: GPU time only, the graph's launch latency spread as inside a decode step. Every
 case cycles through 8 copies of its weights, so the calls of one replay do not find them in L2.
 
+The JSON is rewritten after every case (``complete`` false until the last, ``cases_complete`` false until
+every case of the tables was timed), so a run cut short keeps what it measured; ``--budget SECONDS``
+(counted from the process's start) or a SIGINT, which ``timeout --signal=INT`` sends, stops starting
+cases and sweep configs, and the tables and the JSON then hold what was measured and list the rest as
+skipped. Each sweep says whether it ran to its end (``sweep_gemv_complete``, ``sweep_dequant_complete``,
+``sweep_complete``; a gemv sweep row cut short has ``complete`` false): bench/tune.py derives no tiles for
+an M whose sweep lacks a shape or was cut, and nothing from a file whose tables were cut.
+
 Then it checks the targets of issue 3 and prints which were met; where the thresholds bench/tune.py
 derives from the run differ from the ones it ran with, the NF4 matmul targets again for those
 (``tuned/cublas``: what ``auto`` would run with them). bitsandbytes columns are left
@@ -38,7 +46,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -54,6 +64,21 @@ COPY_BYTES = 1 << 30
 WEIGHT_COPIES = 8  # per shape, cycled through by every case, so back-to-back calls find no weight in L2
 GRAPH_CALLS = WEIGHT_COPIES  # calls per graph replay with --timing graph (M <= 256): each reads its own copy,
 # and do_bench clears L2 between replays
+
+STARTED = time.perf_counter()
+stop: list[str] = []  # a SIGINT (timeout --signal=INT) stops starting cases; the measured ones are still written
+
+
+def on_sigint(signum, frame):
+    stop.append("SIGINT")
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a second one interrupts at once
+
+
+def out_of_time(args) -> bool:
+    """Whether no new case or sweep config should start: a SIGINT came, or ``--budget`` (counted from the
+    process's start, as the time limit around it is) ran out."""
+    budget = getattr(args, "budget", 0) or 0
+    return bool(stop) or bool(budget and time.perf_counter() - STARTED > budget)
 
 
 def parse_args():
@@ -72,6 +97,9 @@ def parse_args():
                         "against cuBLAS on bf16 weights; M from --ms, default 4096,16384; writes nf4-cache-*")
     p.add_argument("--shapes", default=None, help="comma list NxK to restrict the shapes, e.g. 3200x8640")
     p.add_argument("--ms", default=None, help="comma list of M values to restrict the sweep")
+    p.add_argument("--budget", type=float, default=0.0,
+                   help="seconds after which no new case or sweep config starts (0: no limit); skipped cases are "
+                        "listed in the JSON, which is rewritten after every case")
     p.add_argument("--timing", choices=("eager", "graph"), default="eager",
                    help="eager: do_bench of each call, host launch gaps included; graph: each case captured in "
                         "a CUDA graph and its replay timed (GPU time only, as inside a graph-replayed decode step)")
@@ -80,6 +108,14 @@ def parse_args():
 
 def main() -> int:
     args = parse_args()
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return run(args)
+    finally:  # the measuring loop and the sweeps take SIGINT as "stop starting"; the caller's handling is back
+        signal.signal(signal.SIGINT, previous)
+
+
+def run(args) -> int:
     common.setup_smoke(args)
     import torch
 
@@ -141,6 +177,12 @@ def main() -> int:
         """A zero-argument callable returning the next of ``items``, round and round."""
         it = itertools.cycle(items)
         return lambda: next(it)
+
+    # the copy bandwidth the dequantize rows are measured against: timed first, so that the JSON written
+    # after every case has it
+    copy_src = torch.randint(0, 255, ((COPY_BYTES if cuda else 1 << 20),), dtype=torch.uint8, device=device)
+    copy_dst = torch.empty_like(copy_src)
+    add("copy/device_to_device", lambda: copy_dst.copy_(copy_src), kind="copy", bytes=2 * copy_src.numel())
 
     weights = {}
     copies = 1 if args.smoke else WEIGHT_COPIES
@@ -237,10 +279,6 @@ def main() -> int:
                     lambda dy=dy, nb=next_bq: torch.matmul(dy, bnbf.dequantize_4bit(*nb()).to(dtype)),
                     kind="bwd", peer="bnb", **key)
 
-    copy_src = torch.randint(0, 255, ((COPY_BYTES if cuda else 1 << 20),), dtype=torch.uint8, device=device)
-    copy_dst = torch.empty_like(copy_src)
-    add("copy/device_to_device", lambda: copy_dst.copy_(copy_src), kind="copy", bytes=2 * copy_src.numel())
-
     if args.only:
         if args.only not in cases:
             print(f"--only {args.only!r}: no such case; cases are:\n  " + "\n  ".join(cases), file=sys.stderr)
@@ -254,48 +292,74 @@ def main() -> int:
         return 0
 
     # ---- measure ---------------------------------------------------------------------------
-    times: dict[str, float] = {}
-    with backend("triton"), common.maybe_profile(args.profile):
-        for name, fn in cases.items():
-            try:
-                times[name] = bench(fn, meta[name].get("m"))
-            except Exception as exc:  # one failing peer must not hide the others' numbers
-                print(f"{name}: failed ({type(exc).__name__}: {exc})")
-
-    # ---- tables ----------------------------------------------------------------------------
-    copy_ms = times["copy/device_to_device"]
-    copy_gbs = meta["copy/device_to_device"]["bytes"] / copy_ms / 1e6
-    rows, dequant_rows = [], []
-    for n, k in shapes:
-        tag = f"{n}x{k}"
-        for impl in ("nf4_triton", "bnb"):
-            name = f"dequant/{impl}/{tag}"
-            if name in times:
-                gbs = meta[name]["bytes"] / times[name] / 1e6
-                same = f"copy/same_bytes/{tag}"
-                same_gbs = meta[same]["bytes"] / times[same] / 1e6 if same in times else None
-                dequant_rows.append({"shape": tag, "impl": impl, "ms": times[name], "GB/s": gbs,
-                                     "of_copy_bw": gbs / copy_gbs, "same_size_copy_GB/s": same_gbs,
-                                     "of_same_size_copy": gbs / same_gbs if same_gbs else None})
+    timing = "graph" if graph_timing else "eager"
+    name = "nf4" if timing == "eager" else "nf4-graph"
     peers = {"fwd": ["cublas", "nf4_gemv", "nf4_gemv_pdl", "nf4_fused", "nf4_fused_table", "nf4_fused_swap", "nf4_fused_xw",
                      "nf4_dequant", "nf4_tma", "nf4_auto", "bnb_dequant_linear", "bnb_matmul_4bit"],
              "bwd": ["cublas", "nf4_fused", "nf4_dequant", "nf4_tma", "nf4_auto", "bnb"]}
-    for kind in ("fwd", "bwd"):
+
+    def tables(times):
+        """(rows, dequant_rows, copy GB/s) of the cases timed so far (None where a case has no time yet)."""
+        copy_ms = times.get("copy/device_to_device")
+        copy_gbs = meta["copy/device_to_device"]["bytes"] / copy_ms / 1e6 if copy_ms else None
+        rows, dequant_rows = [], []
         for n, k in shapes:
             tag = f"{n}x{k}"
-            for m in ms:
-                row = {"dir": kind, "shape": tag, "M": m}
-                for peer in peers[kind]:
-                    row[peer] = times.get(f"{kind}/{peer}/{tag}/M={m}")
-                cub, auto = row["cublas"], row["nf4_auto"]
-                best_nf4 = min((v for v in (row.get("nf4_gemv"), row["nf4_fused"], row["nf4_dequant"], row["nf4_tma"])
-                                if v is not None), default=None)
-                row["auto/cublas"] = auto / cub if auto and cub else None
-                row["best_nf4/cublas"] = best_nf4 / cub if best_nf4 and cub else None
-                bnb_ms = _bnb_best(row)
-                row["bnb_best/auto"] = bnb_ms / auto if bnb_ms and auto else None
-                rows.append(row)
+            for impl in ("nf4_triton", "bnb"):
+                case = f"dequant/{impl}/{tag}"
+                if case in times:
+                    gbs = meta[case]["bytes"] / times[case] / 1e6
+                    same = f"copy/same_bytes/{tag}"
+                    same_gbs = meta[same]["bytes"] / times[same] / 1e6 if same in times else None
+                    dequant_rows.append({"shape": tag, "impl": impl, "ms": times[case], "GB/s": gbs,
+                                         "of_copy_bw": gbs / copy_gbs if copy_gbs else None,
+                                         "same_size_copy_GB/s": same_gbs,
+                                         "of_same_size_copy": gbs / same_gbs if same_gbs else None})
+        for kind in ("fwd", "bwd"):
+            for n, k in shapes:
+                tag = f"{n}x{k}"
+                for m in ms:
+                    row = {"dir": kind, "shape": tag, "M": m}
+                    for peer in peers[kind]:
+                        row[peer] = times.get(f"{kind}/{peer}/{tag}/M={m}")
+                    cub, auto = row["cublas"], row["nf4_auto"]
+                    best_nf4 = min((v for v in (row.get("nf4_gemv"), row["nf4_fused"], row["nf4_dequant"],
+                                                row["nf4_tma"]) if v is not None), default=None)
+                    row["auto/cublas"] = auto / cub if auto and cub else None
+                    row["best_nf4/cublas"] = best_nf4 / cub if best_nf4 and cub else None
+                    bnb_ms = _bnb_best(row)
+                    row["bnb_best/auto"] = bnb_ms / auto if bnb_ms and auto else None
+                    rows.append(row)
+        return rows, dequant_rows, copy_gbs
 
+    base_extra = {"dtype": str(dtype), "timing": timing, "graph_calls": GRAPH_CALLS if graph_timing else None,
+                  "weight_copies": copies, "bnb_note": bnb_note, "budget": args.budget or None}
+
+    times: dict[str, float] = {}
+    skipped: list[str] = []
+    # from here a SIGINT (the call's time limit) stops starting cases and sweep configs; before, it interrupts
+    signal.signal(signal.SIGINT, on_sigint)
+    with backend("triton"), common.maybe_profile(args.profile):
+        for case, fn in cases.items():
+            if out_of_time(args):
+                skipped.append(case)
+                continue
+            try:
+                times[case] = bench(fn, meta[case].get("m"))
+            except Exception as exc:  # one failing peer must not hide the others' numbers
+                print(f"{case}: failed ({type(exc).__name__}: {exc})")
+            # rewritten after every case: a run cut short (its time limit's KILL too) keeps what it timed
+            partial_rows, partial_dequant, partial_copy = tables(times)
+            common.write_results(name, partial_rows + partial_dequant, args, extra={
+                **base_extra, "copy_GBps": partial_copy, "complete": False, "cases_complete": False,
+                "cases_timed": len(times), "cases": len(cases)})
+    skip_note = None
+    if skipped:
+        why = "SIGINT (time limit)" if stop else f"--budget {args.budget:g}s reached"
+        skip_note = f"{why}: {len(skipped)} case(s) not measured: {', '.join(skipped)}"
+
+    # ---- tables ----------------------------------------------------------------------------
+    rows, dequant_rows, copy_gbs = tables(times)
     crossover = {}
     for kind in ("fwd", "bwd"):
         for n, k in shapes:
@@ -332,11 +396,10 @@ def main() -> int:
         bnb_ms = _bnb_best(row)
         row["bnb_best/tuned"] = bnb_ms / tuned if bnb_ms and tuned else None
 
-    timing = "graph" if graph_timing else "eager"
     print(f"\ntiming: {timing}" + (" (CUDA-graph replay: GPU time only)" if graph_timing else
                                  " (do_bench per call: host launch gaps included)")
           + (" (graph timing needs a GPU)" if args.timing == "graph" and not graph_timing else ""))
-    print(f"\ndevice-to-device copy: {copy_gbs:.1f} GB/s (read + written)\n")
+    print("\ndevice-to-device copy: " + (f"{copy_gbs:.1f} GB/s (read + written)\n" if copy_gbs else "not measured\n"))
     print(common.markdown_table(dequant_rows, ["shape", "impl", "ms", "GB/s", "of_copy_bw", "same_size_copy_GB/s",
                                                "of_same_size_copy"]))
     for kind in ("fwd", "bwd"):
@@ -375,37 +438,51 @@ def main() -> int:
         print(f"  [{t['status']}] {t['target']}: {t['detail']}")
     if bnb_note:
         print(f"\nnote: {bnb_note}")
+    if skip_note:
+        print(f"\nnote: {skip_note}")
 
+    sweeps = [flag for flag, asked in (("sweep", args.sweep), ("sweep_dequant", args.sweep_dequant),
+                                       ("sweep_gemv", args.sweep_gemv)) if asked]
     extra = {
-        "dtype": str(dtype), "timing": timing, "graph_calls": GRAPH_CALLS if graph_timing else None,
-        "weight_copies": copies, "copy_GBps": copy_gbs, "crossover_M": crossover, "fused_max_m": mm.fused_max_m(device),
+        **base_extra, "complete": not skipped and not sweeps, "cases_complete": not skipped, "skipped": skipped,
+        "skip_note": skip_note, "cases_timed": len(times), "cases": len(cases),
+        **{f"{flag}_complete": False for flag in sweeps},  # each set true where it runs to its end
+        "copy_GBps": copy_gbs, "crossover_M": crossover, "fused_max_m": mm.fused_max_m(device),
         "gemv_fastest_up_to_M": gemv_max, "gemv_max_m": mm.gemv_max_m(device), "tma_min_m": mm.tma_min_m(device),
         "tma_fastest_from_M": tune.tma_fastest_from(rows), "fused_swap": mm.fused_swap(device),
         "gemv_pdl": mm.gemv_pdl(device), "tuning": tuning.summary(device),
-        "targets": targets, "bnb_note": bnb_note,
+        "targets": targets,
     }
-    name = "nf4" if timing == "eager" else "nf4-graph"
     # The main tables are written before the sweeps start, so a run stopped by its time limit keeps them.
     common.write_results(name, rows + dequant_rows, args, extra=extra)
-    if not (args.sweep or args.sweep_gemv or args.sweep_dequant):
+    if not sweeps:
+        return 0
+    if skipped:  # the time is up: no sweep starts (each says it did not run to its end)
+        print("no sweep started: " + skip_note.split(":")[0])
         return 0
 
+    stopping = lambda: out_of_time(args)  # noqa: E731
     with backend("triton"):
-        if args.sweep:
-            extra["sweep"] = sweep_fused(args, shapes, ms, weights, randn, bench, mm)
+        if args.sweep and not stopping():
+            extra["sweep"] = sweep_fused(args, shapes, ms, weights, randn, bench, mm, stop=stopping)
+            extra["sweep_complete"] = all(r.get("complete", True) for r in extra["sweep"])
             print("\nfused config sweep (best per case vs the default heuristic)\n")
             print(common.markdown_table(extra["sweep"], ["dir", "shape", "M", "default_ms", "best_ms", "best_config"]))
-        if args.sweep_dequant:
-            extra["sweep_dequant"] = sweep_dequant(args, shapes, weights, bench, nf4, dtype)
+            common.write_results(name, rows + dequant_rows, args, extra=extra)
+        if args.sweep_dequant and not stopping():
+            extra["sweep_dequant"] = sweep_dequant(args, shapes, weights, bench, nf4, dtype, stop=stopping)
+            extra["sweep_dequant_complete"] = all(r.get("complete", True) for r in extra["sweep_dequant"])
             print("\ndequantize launch sweep (best per shape vs the default)\n")
             print(common.markdown_table(extra["sweep_dequant"], ["shape", "default_ms", "best_ms",
                                                                  "best_blocks_per_prog", "best_num_warps"]))
-        if args.sweep_gemv:
+            common.write_results(name, rows + dequant_rows, args, extra=extra)
+        if args.sweep_gemv and not stopping():
             def keep_gemv_rows(done):
                 extra["sweep_gemv"] = done
                 common.write_results(name, rows + dequant_rows, args, extra=extra)
 
-            extra["sweep_gemv"] = sweep_gemv(args, shapes, weights, randn, bench, mm, keep_gemv_rows)
+            extra["sweep_gemv"] = sweep_gemv(args, shapes, weights, randn, bench, mm, keep_gemv_rows, stop=stopping)
+            extra["sweep_gemv_complete"] = gemv_sweep_complete(extra["sweep_gemv"], shapes, args.smoke)
             print("\ngemv config sweep (best per case vs the default heuristic)\n")
             print(common.markdown_table(extra["sweep_gemv"], ["shape", "M", "default_ms", "best_ms", "best_config"]))
             # the thresholds above were derived before the sweep, from the tiles this run had; tune.py
@@ -414,6 +491,12 @@ def main() -> int:
                 {"bench": name, "rows": rows, "sweep_gemv": extra["sweep_gemv"]}).items()}
             extra["tune_derived"] = derived
             print(f"\nwith the swept tiles, bench/tune.py would write: {derived}")
+    unfinished = [flag for flag in sweeps if not extra.get(f"{flag}_complete")]
+    if unfinished:
+        why = "SIGINT (time limit)" if stop else f"--budget {args.budget:g}s reached"
+        extra["sweep_note"] = f"{why}: {', '.join(unfinished)} not run to the end"
+        print(f"\nnote: {extra['sweep_note']}")
+    extra["complete"] = not unfinished
     common.write_results(name, rows + dequant_rows, args, extra=extra)
     return 0
 
@@ -600,11 +683,14 @@ def _bnb_best(row: dict) -> float | None:
     return min(times) if times else None
 
 
-def fastest(time_config, grid, timed: list | None = None):
-    """(best milliseconds, its config) of ``time_config(cfg)`` over ``grid``; configs that fail to
-    compile or fit on the device are skipped. Every (config, ms) measured is appended to ``timed``."""
+def fastest(time_config, grid, timed: list | None = None, stop=None):
+    """(best milliseconds, its config, whether every config was tried) of ``time_config(cfg)`` over
+    ``grid``; configs that fail to compile or fit on the device are skipped. Every (config, ms) measured
+    is appended to ``timed``. ``stop()`` true before a config: that one and the rest are not tried."""
     best, best_cfg = float("inf"), None
     for cfg in grid:
+        if stop is not None and stop():
+            return best, best_cfg, False
         try:
             t = time_config(cfg)
         except Exception:  # e.g. more shared memory or registers than the device has
@@ -613,16 +699,21 @@ def fastest(time_config, grid, timed: list | None = None):
             timed.append((cfg, t))
         if t < best:
             best, best_cfg = t, cfg
-    return best, best_cfg
+    return best, best_cfg, True
 
 
-def sweep_fused(args, shapes, ms, weights, randn, bench, mm):
-    """Time a grid of fused-kernel configs at small M; report the best next to the default."""
+def sweep_fused(args, shapes, ms, weights, randn, bench, mm, stop=None):
+    """Time a grid of fused-kernel configs at small M; report the best next to the default. ``stop()`` true
+    stops it before the next config: the row it cuts (or a row for the case it would have started) has
+    ``complete`` false."""
     out = []
     small = [m for m in ms if m <= 64]
     if args.smoke:
         shapes, small = shapes[:1], small[:1]
     for (n, k), m in itertools.product(shapes, small):
+        if stop is not None and stop():
+            out.append({"shape": f"{n}x{k}", "M": m, "complete": False, "note": "not started: out of time"})
+            break
         next_q = weights[(n, k)]  # cycles through the copies: no L2 reuse between calls
         x, dy = randn(m, k), randn(m, n)
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
@@ -644,19 +735,26 @@ def sweep_fused(args, shapes, ms, weights, randn, bench, mm):
                 return mm.nf4_fused_forward(x, q, cfg) if kind == "fwd" else mm.nf4_fused_backward(dy, q, cfg)
 
             default = bench(lambda: run(None), m, quick=True)
-            best, best_cfg = fastest(lambda cfg: bench(lambda: run(cfg), m, quick=True), configs)
+            best, best_cfg, whole = fastest(lambda cfg: bench(lambda: run(cfg), m, quick=True), configs, stop=stop)
             out.append({"dir": kind, "shape": f"{n}x{k}", "M": m, "default_ms": default, "best_ms": best,
-                        "best_config": str(best_cfg)})
+                        "best_config": str(best_cfg), "complete": whole})
+            if not whole:
+                return out
     return out
 
 
-def sweep_dequant(args, shapes, weights, bench, nf4, dtype):
-    """Time the dequantize kernel with several launches per shape; report the best next to the default."""
+def sweep_dequant(args, shapes, weights, bench, nf4, dtype, stop=None):
+    """Time the dequantize kernel with several launches per shape; report the best next to the default.
+    ``stop()`` true stops it before the next config: the row it cuts (or a row for the shape it would have
+    started) has ``complete`` false, and bench/tune.py takes nothing from the sweep."""
     out = []
     grid = list(itertools.product((8, 16, 32, 64, 128, 256), (2, 4, 8)))
     if args.smoke:
         shapes, grid = shapes[:1], grid[:2]
     for n, k in shapes:
+        if stop is not None and stop():
+            out.append({"shape": f"{n}x{k}", "complete": False, "note": "not started: out of time"})
+            break
         next_q = weights[(n, k)]
         q = next_q()
         buf = q.packed.new_empty(q.numel, dtype=dtype)
@@ -664,26 +762,42 @@ def sweep_dequant(args, shapes, weights, bench, nf4, dtype):
         default = bench(lambda: nf4.dequantize_nf4_triton(next_q(), dtype, out=buf, blocks_per_prog=heuristic,
                                                           num_warps=4), quick=True)
         timed = []
-        best, best_cfg = fastest(lambda cfg: bench(lambda: nf4.dequantize_nf4_triton(
-            next_q(), dtype, out=buf, blocks_per_prog=cfg[0], num_warps=cfg[1]), quick=True), grid, timed)
+        best, best_cfg, whole = fastest(lambda cfg: bench(lambda: nf4.dequantize_nf4_triton(
+            next_q(), dtype, out=buf, blocks_per_prog=cfg[0], num_warps=cfg[1]), quick=True), grid, timed, stop)
         best_cfg = best_cfg or (None, None)
         # every config's time, as values per program (what bench/tune.py writes: blocksize-independent)
         out.append({"shape": f"{n}x{k}", "blocksize": q.blocksize, "default_ms": default, "best_ms": best,
                     "best_blocks_per_prog": best_cfg[0], "best_num_warps": best_cfg[1],
                     "grid": [{"config": {"values_per_prog": c[0] * q.blocksize, "num_warps": c[1]}, "ms": t}
-                             for c, t in timed]})
+                             for c, t in timed], "complete": whole})
+        if not whole:
+            break
     return out
 
 
-def sweep_gemv(args, shapes, weights, randn, bench, mm, progress=None):
+def gemv_sweep_ms(smoke: bool) -> list[int]:
+    """The M the gemv sweep times."""
+    return [1] if smoke else [1, 4, 8]
+
+
+def gemv_sweep_complete(rows: list[dict], shapes, smoke: bool = False) -> bool:
+    """Whether a gemv sweep ran to its end: a whole row (every config tried) at each swept M and shape."""
+    want = {(m, f"{n}x{k}") for m in gemv_sweep_ms(smoke) for n, k in (shapes[:1] if smoke else shapes)}
+    return want <= {(r["M"], r["shape"]) for r in rows if r.get("complete", True)}
+
+
+def sweep_gemv(args, shapes, weights, randn, bench, mm, progress=None, stop=None):
     """Time a grid of gemv configs at M = 1, 4, 8; report the best next to the default heuristic.
     ``progress(rows)`` after each (M, shape) row, M = 1 on every shape first: a run stopped by its time
-    limit keeps what it timed."""
+    limit keeps what it timed. ``stop()`` true stops it before the next config; the row it cuts keeps
+    the configs timed, with ``complete`` false (bench/tune.py then takes no tiles for that M)."""
     out = []
-    small = [1] if args.smoke else [1, 4, 8]
+    small = gemv_sweep_ms(args.smoke)
     if args.smoke:
         shapes = shapes[:1]
     for m, (n, k) in itertools.product(small, shapes):
+        if stop is not None and stop():
+            break
         next_q = weights[(n, k)]  # cycles through the copies: no L2 reuse between calls
         words = next_q().blocksize // 8
         # tiles up to twice the default's accumulator (beyond, the sm_90 build spills), with each code
@@ -719,14 +833,16 @@ def sweep_gemv(args, shapes, weights, randn, bench, mm, progress=None):
         x = randn(m, k)
         default = bench(lambda: mm.nf4_gemv_forward(x, next_q(), mm.GemvConfig()), m, quick=True)
         timed = []
-        best, best_cfg = fastest(lambda cfg: bench(lambda: mm.nf4_gemv_forward(x, next_q(), cfg), m, quick=True),
-                                 grid, timed)
+        best, best_cfg, whole = fastest(lambda cfg: bench(lambda: mm.nf4_gemv_forward(x, next_q(), cfg), m,
+                                                          quick=True), grid, timed, stop)
         out.append({"shape": f"{n}x{k}", "M": m, "default_ms": default, "best_ms": best, "best_config": str(best_cfg),
                     "grid": [{"config": {"block_n": c.block_n, "blocks": c.blocks, "num_warps": c.num_warps,
                                          "table": c.table, "steps": c.steps}, "ms": t}
-                             for c, t in timed]})
+                             for c, t in timed], "complete": whole})
         if progress is not None:
             progress(out)
+        if not whole:
+            break
     return out
 
 
@@ -741,7 +857,7 @@ def check_targets(rows, dequant_rows, ms, column: str = "auto") -> list[dict]:
         out.append({"target": name, "status": "not measured" if ok is None else ("met" if ok else "missed"),
                     "detail": detail})
 
-    nf4_dq = [r for r in dequant_rows if r["impl"] == "nf4_triton"]
+    nf4_dq = [r for r in dequant_rows if r["impl"] == "nf4_triton" and r.get("of_copy_bw") is not None]
     verdict("dequantize >= 85% of device-to-device copy bandwidth",
             all(r["of_copy_bw"] >= 0.85 for r in nf4_dq) if nf4_dq else None,
             ", ".join(f"{r['shape']}: {r['of_copy_bw']:.0%}" for r in nf4_dq))

@@ -35,7 +35,12 @@ tuning file (the shipped ``kernels/tuning.json`` by default). What each setting 
   heuristic's sum by more than ``--min-gain`` (default 3%); where none does, the setting (or that M's
   tiles) is removed, so the heuristic runs. A gemv config includes its code table (``"nibble"`` and
   ``"prmt"`` are written out; ``"byte"``, the default and what sweeps before the table existed ran, is
-  left out).
+  left out). An M whose gemv sweep lacks a shape the file measured, or has a row cut short (``complete``
+  false: the run's time limit stopped it), gives no tiles (those on record for that M stay); a dequantize
+  sweep marked incomplete (``sweep_dequant_complete`` false) gives nothing.
+* A ``bench/nf4.py`` file whose tables were cut short (``cases_complete`` false: its time limit, or a
+  run still going) gives no setting at all: a threshold summed over the shapes it reached would differ
+  from one over all of them.
 * ``lora.merge_launch``: from ``bench/lora.py --sweep-merge``, the merge kernel launch (layout, rows per
   program, warps) with the lowest time summed over the swept shapes and ranks, on the same terms
   (``--min-gain`` over ``lora.DEFAULT_MERGE``'s sum; where none beats it, the setting is removed).
@@ -336,11 +341,27 @@ def _best_config(sweep: list[dict], min_gain: float, keys: tuple[str, ...],
     return {k: v for k, v in zip(keys, best) if not (k in defaults and v == defaults[k])}, why
 
 
+def gemv_sweep_whole_ms(result: dict) -> list[int]:
+    """The M of a ``bench/nf4.py`` file's gemv sweep (``sweep_gemv``) that it swept whole: a row at every shape
+    the file measured (its table rows' and its sweep's), none of them cut short (``complete`` false). A
+    sweep stopped by its time limit leaves its last M with a shape missing or a row cut; tiles chosen from
+    the shapes it reached could lose on the others."""
+    sweep = [r for r in result.get("sweep_gemv") or [] if "M" in r]
+    shapes = {r["shape"] for r in result.get("rows", []) if r.get("dir") == "fwd" and "shape" in r}
+    shapes |= {r.get("shape") for r in sweep}
+    whole = []
+    for m in sorted({r["M"] for r in sweep}):
+        at_m = [r for r in sweep if r["M"] == m]
+        if {r.get("shape") for r in at_m} == shapes and all(r.get("complete") is not False for r in at_m):
+            whole.append(m)
+    return whole
+
+
 def derive(result: dict, min_gain: float = 0.03) -> dict[str, tuple[object, str]]:
     """{setting: (value, why)} that one results file supports."""
     out: dict[str, tuple[object, str]] = {}
     bench = result.get("bench", "")
-    if bench in ("nf4", "nf4-graph"):
+    if bench in ("nf4", "nf4-graph") and result.get("cases_complete") is not False:
         rows = result.get("rows", [])
         swap = fused_swap_pick(rows)
         if swap is not None:
@@ -350,9 +371,10 @@ def derive(result: dict, min_gain: float = 0.03) -> dict[str, tuple[object, str]
             out["nf4.gemv_pdl"] = pdl
         rows = with_fused_order(rows)  # the thresholds below with the fused order the entry will hold
         smallest = min((r["M"] for r in rows if "M" in r), default=None)
-        # tiles: a config per swept M, or None where the sweep found none better than the heuristic
+        # tiles: a config per swept M, or None where the sweep found none better than the heuristic; none
+        # for an M whose sweep was cut (a shape missing, or a row cut short)
         tiles = {}
-        for m in sorted({r["M"] for r in result.get("sweep_gemv") or [] if "M" in r}):
+        for m in gemv_sweep_whole_ms(result):
             best = _best_config([r for r in result["sweep_gemv"] if r.get("M") == m], min_gain,
                                 ("block_n", "blocks", "num_warps", "table", "steps"), {"table": "byte", "steps": 1})
             if best:
@@ -375,7 +397,10 @@ def derive(result: dict, min_gain: float = 0.03) -> dict[str, tuple[object, str]
         if fused is not None:
             out["nf4.fused_max_m"] = (fused, f"fused beats dequant + cuBLAS, summed over the shapes, up to M = {fused}" if fused
                                       else f"dequant + cuBLAS beats fused at M = {smallest}, summed over the shapes")
-        best = _best_config(result.get("sweep_dequant") or [], min_gain, ("values_per_prog", "num_warps"))
+        dequant_sweep = result.get("sweep_dequant") or []
+        if result.get("sweep_dequant_complete") is False or any(r.get("complete") is False for r in dequant_sweep):
+            dequant_sweep = []  # cut short: a shape it did not reach could want another launch
+        best = _best_config(dequant_sweep, min_gain, ("values_per_prog", "num_warps"))
         if best:
             out["nf4.dequant_launch"] = best
     elif bench == "lora-merge-sweep":

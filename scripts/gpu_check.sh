@@ -4,7 +4,10 @@
 #   2. everything else with CUDA visible: python -m pytest -m "not gpu", with TRITON_INTERPRET=1 so
 #      the kernel tests that run Triton on CPU tensors keep their interpreter,
 # leaving out test files that import packages this machine lacks (lm_eval, openai, anthropic).
-# The log goes to $OUT/gpu_check.log; the exit status is that of the first failing pass.
+# The log goes to $OUT/gpu_check.log; the exit status is that of the first failing pass. Run by
+# scripts/gpu_short.sh (BEZOAR_GPU_SETUP=done, exported there after its setup) it installs nothing and
+# writes no log of its own (the caller's has its output), and its time limits stay inside the caller's
+# (gpu_env.sh: limited, timeout_options), so the caller's limit stops its tests too.
 #
 #   scripts/gpu_check.sh                 # on the GPU machine (bench/README.md has the device call)
 #   scripts/gpu_check.sh --dry-run       # print what would run, run nothing (works anywhere)
@@ -30,7 +33,9 @@ while [ $# -gt 0 ]; do
 done
 
 OUT_DIR=${OUT:-/tmp/bezoar-gpu-out}  # $OUT is set on the device machine
-if [ "$DRY_RUN" = 0 ]; then
+SETUP_DONE=0
+[ "${BEZOAR_GPU_SETUP:-}" = done ] && SETUP_DONE=1
+if [ "$DRY_RUN" = 0 ] && [ "$SETUP_DONE" = 0 ]; then
   mkdir -p "$OUT_DIR"
   exec > >(tee -a "$OUT_DIR/gpu_check.log") 2>&1
   TEE_PID=$!
@@ -39,9 +44,13 @@ fi
 export PYTHONUNBUFFERED=1
 
 log "bezoar GPU tests in $ROOT"
-install_wheels
-install_project
-show_versions
+if [ "$SETUP_DONE" = 1 ]; then
+  log "setup: done by the caller (BEZOAR_GPU_SETUP=done; PYTHONPATH=${PYTHONPATH:-})"
+else
+  install_wheels
+  install_project
+  show_versions
+fi
 
 # Test files that import a package this machine does not have.
 ignores=()
@@ -61,15 +70,18 @@ if [ "$DRY_RUN" = 1 ] || "$PYTHON" -c "import xdist" >/dev/null 2>&1; then
   parallel=(-n 8)
 fi
 
+# inside a caller's limit (gpu_short.sh's part), these limits stay in its process group
+# shellcheck disable=SC2207  # one word or none
+within=($(timeout_options))
 status=0
 log "pass 1: GPU tests"
-run timeout --signal=INT --kill-after=15 "${GPU_TEST_LIMIT:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu \
+run timeout "${within[@]}" --signal=INT --kill-after=15 "${GPU_TEST_LIMIT:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu \
   "${parallel[@]}" -rfE --durations=10 "${ignores[@]}" \
   || status=$?
 if [ "$GPU_ONLY" = 0 ]; then
   log "pass 2: the rest of the suite with CUDA visible"
   pass2=0
-  run env TRITON_INTERPRET=1 timeout --signal=INT --kill-after=15 330 "$PYTHON" -m pytest -q -p no:cacheprovider \
+  run env TRITON_INTERPRET=1 timeout "${within[@]}" --signal=INT --kill-after=15 330 "$PYTHON" -m pytest -q -p no:cacheprovider \
     -m "not gpu" "${parallel[@]}" "${ignores[@]}" || pass2=$?
   if [ "$status" = 0 ]; then
     status=$pass2

@@ -7,7 +7,10 @@
 # - the project is installed editable without build isolation; if that fails (an old setuptools), a
 #   folder of links that maps the import names (bezoar, bezoar_kernels -> kernels/) goes on PYTHONPATH.
 #
-# The caller sets DRY_RUN=1 to print the commands instead of running them.
+# The caller sets DRY_RUN=1 to print the commands instead of running them. A script that did the setup
+# exports BEZOAR_GPU_SETUP=done: a script it runs (scripts/gpu_check.sh) then skips it (and its own log,
+# the caller keeps one). `limited` runs a command under a time limit that reaches all it started;
+# a limit inside it uses `timeout_options` to stay within its reach.
 
 PYTHON=${PYTHON:-python3}
 DRY_RUN=${DRY_RUN:-0}
@@ -104,4 +107,30 @@ seconds_left() {
   local now
   now=$(date +%s)
   echo $(($2 - (now - $1)))
+}
+
+# Run a command under a time limit that ends everything it started: at the limit a SIGINT (a bench then
+# writes what it measured), $2 seconds later a SIGKILL, both to the command's whole process group, which
+# timeout makes (a limit inside uses timeout_options, which keeps it in that group); whatever of the group
+# outlives the command (a process it left behind) is killed when it ends. The exit status is the
+# command's, or 124 where the limit stopped it.
+#   limited SECONDS GRACE COMMAND...
+limited() {
+  local limit=$1 grace=$2 pid rc=0
+  shift 2
+  BEZOAR_IN_LIMIT=1 timeout --signal=INT --kill-after="$grace" "$limit" "$@" &
+  pid=$!
+  wait "$pid" || rc=$?
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  return "$rc"
+}
+
+# The options of a time limit (timeout's) in a script that may run under `limited`: there it stays in the
+# outer limit's process group (--foreground), which a timeout of its own would leave, taking its command
+# out of the outer limit's reach (a GPU test run then went on into the next part's timings).
+#   timeout $(timeout_options) --signal=INT ... (word-split on purpose; prints nothing or --foreground)
+timeout_options() {
+  if [ -n "${BEZOAR_IN_LIMIT:-}" ]; then
+    echo --foreground
+  fi
 }

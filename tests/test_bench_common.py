@@ -135,3 +135,24 @@ def test_wall_ms_times_long_calls_few_times(monkeypatch):
     calls.clear()
     durations = iter([0.001, 0.002])
     assert common.wall_ms(fake_call, smoke=True) == pytest.approx(2.0) and len(calls) == 2
+
+
+def test_results_name_the_commit_the_call_passes(monkeypatch, tmp_path):
+    """On a lent GPU machine git reads the copy's .git, which can be an earlier call's (files said
+    764e428b5f1c-dirty for code of a later commit): BEZOAR_COMMIT, which the device call passes, wins, and
+    the JSON says where its commit came from; without it, git's HEAD as before."""
+    import json
+
+    class Args:
+        smoke = False
+        out = str(tmp_path)
+
+    monkeypatch.setattr(common, "device_info", lambda: {"device": "cpu"})
+    monkeypatch.setenv("BEZOAR_COMMIT", "0123456789ab")
+    path = common.write_results("nf4-graph", [{"M": 1}], Args, extra={"complete": True})
+    written = json.loads(path.read_text())
+    assert written["commit"] == "0123456789ab" and written["commit_source"] == "BEZOAR_COMMIT"
+    monkeypatch.delenv("BEZOAR_COMMIT")
+    written = json.loads(common.write_results("nf4-graph", [{"M": 1}], Args).read_text())
+    assert written["commit"] == common._git_head() and written["commit_source"] == "git"
+    assert written["commit"] != "0123456789ab"

@@ -92,7 +92,7 @@ def test_gpu_short_dry_run_fits_one_call_and_runs_the_parts_asked_for():
                   r"bench/lora.py --paths cublas\,concat\,tma --ranks 16\,64 --ms 16384\,4096 --no-groups",
                   r"bench/lora.py --dropout 0 --paths auto\,concat --ranks 16\,64 --ms 16384\,4096 --no-groups"):
         assert piece in text, piece
-    assert "would pack" in text and "more than 8 files" in text
+    assert "would keep /tmp/bezoar-gpu-out to at most 8 files after every part" in text
     # the waves part profiles each case with the splits fitted and rounded up, beside its baseline
     text = dry_run("gpu_short.sh", "--dry-run", "--parts", "waves").stdout
     for case in ("nf4_only/3200x3200/M=16384", "lora_concat/3200x3200/M=16384/r=16",
@@ -222,3 +222,226 @@ def test_shellcheck_clean():
     out = subprocess.run(["shellcheck", "-x", *(f"scripts/{s}" for s in SCRIPTS)], capture_output=True, text=True,
                          cwd=ROOT)
     assert out.returncode == 0, out.stdout
+
+
+# ----------------------------------------------------------------------------- gpu_short.sh run for real, here
+# with a stand-in for python3 (no GPU, no torch): what it runs, in what order, what it leaves in $OUT
+
+FAKE_PYTHON = r'''#!/usr/bin/env bash
+# python3 as scripts/gpu_short.sh calls it, without python: each call logged (with the settings it ran
+# under); pytest passes (FAKE_PYTEST=pass), hangs ignoring SIGINT (hang), or leaves a process behind
+# (leave); a bench writes a results file into --out; bench/tune.py writes a tuning file picking FAKE_ALIGN
+calls="$FAKE_DIR/calls"
+printf '%s\t%s\t%s\t%s\n' "${BEZOAR_TUNING:-}" "${BEZOAR_LORA_CONCAT_ALIGN:-}" "${BEZOAR_COMMIT:-}" "$*" >>"$calls"
+out=
+prev=
+for a in "$@"; do
+  [ "$prev" = --out ] && out=$a
+  prev=$a
+done
+case "$1" in
+  -c) exit 1 ;;  # no optional module here (xdist, lm_eval, ...)
+  -) cat >/dev/null; exit 0 ;;
+  -m)
+    [ "$2" = pytest ] || exit 0
+    case "${FAKE_PYTEST:-pass}" in
+      hang) trap '' INT TERM; echo $$ >>"$FAKE_DIR/pids"; sleep 300 & echo $! >>"$FAKE_DIR/pids"; wait ;;
+      leave) sleep 300 & echo $! >>"$FAKE_DIR/pids" ;;
+    esac
+    exit 0 ;;
+  bench/tune.py)
+    if [ -n "${FAKE_ALIGN:-}" ]; then
+      printf '{"format": 1, "devices": {"X": {"settings": {"lora.concat_align": %s}, "sources": {"lora.concat_align": "r.json (abc): 1 ms"}}}}\n' "$FAKE_ALIGN" >"$out"
+    fi
+    exit 0 ;;
+  bench/*.py)
+    n=$(wc -l <"$calls")
+    name=$(basename "$1" .py)-fake-$n.json
+    echo '{}' >"$out/$name.part" && mv "$out/$name.part" "$out/$name"
+    exit 0 ;;
+esac
+exit 0
+'''
+
+
+def short_call(tmp_path, *args, timeout=120, **env):
+    """scripts/gpu_short.sh run here with the stand-in python3: (process, $OUT, the calls it made as
+    (BEZOAR_TUNING, BEZOAR_LORA_CONCAT_ALIGN, BEZOAR_COMMIT, arguments))."""
+    import os
+
+    fake, fake_dir, out = tmp_path / "python3", tmp_path / "fake", tmp_path / "out"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    fake_dir.mkdir()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("BEZOAR_", "GPU_", "TRITON_"))}
+    environ.update(PYTHON=str(fake), OUT=str(out), FAKE_DIR=str(fake_dir), SITE_DIR=str(tmp_path / "site"),
+                   LINK_DIR=str(tmp_path / "links"), **{k: str(v) for k, v in env.items()})
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_short.sh"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=environ)
+    calls = (fake_dir / "calls").read_text().splitlines() if (fake_dir / "calls").exists() else []
+    return proc, out, [tuple(line.split("\t")) for line in calls]
+
+
+def concat_test_runs(calls):
+    """(BEZOAR_TUNING set, BEZOAR_LORA_CONCAT_ALIGN) of each run of the concat GPU tests."""
+    return [(bool(tuning), align) for tuning, align, _, argv in calls
+            if argv.startswith("-m pytest") and "tests/kernels/test_lora.py" in argv]
+
+
+@pytest.mark.parametrize("pick,expected", [
+    ("16", [(False, "64")]),             # the pick is what gpu_tests ran at: only the rerun at 64
+    ("", [(False, "64")]),               # no pick: the default, likewise
+    ("64", [(True, "")]),                # the pick is 64: under the tuning file, no second run at 64
+    ("128", [(True, ""), (False, "64")]),
+])
+def test_gpu_short_runs_the_concat_tests_only_at_aligns_not_tested_yet(tmp_path, pick, expected):
+    proc, out, calls = short_call(tmp_path, "--parts", "gpu_tests,concat_align", FAKE_ALIGN=pick)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert concat_test_runs(calls) == expected, (calls, proc.stdout)
+    suite = [argv for _, _, _, argv in calls if argv.startswith("-m pytest") and "--durations=10" in argv]
+    assert len(suite) == 1  # gpu_tests' own run, at the default align
+    for skipped in {"concat_align_tests", "concat_align_tests_64"} - {
+            "concat_align_tests" if tuning else "concat_align_tests_64" for tuning, _ in expected}:
+        assert f"part {skipped} skipped: the concat GPU tests ran at align" in proc.stdout
+
+
+def test_gpu_short_concat_tests_without_gpu_tests_run_at_the_pick(tmp_path):
+    """Without gpu_tests in the call nothing ran at 16 yet: a pick of 16 is tested, then 64."""
+    proc, out, calls = short_call(tmp_path, "--parts", "concat_align", FAKE_ALIGN="16")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert concat_test_runs(calls) == [(True, ""), (False, "64")]
+
+
+def test_gpu_short_sets_up_once_and_passes_the_commit(tmp_path):
+    """gpu_short installs the wheels and the project and prints the versions once: gpu_check.sh, which
+    its gpu_tests part runs, does not again (it used to, 15-25 s of the part), nor writes a log of its
+    own beside gpu_short.log. BEZOAR_COMMIT reaches every bench."""
+    proc, out, calls = short_call(tmp_path, "--parts", "gpu_tests,nf4_gemv", BEZOAR_COMMIT="0123456789ab")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    installs = [argv for _, _, _, argv in calls if argv.startswith("-m pip install")]
+    assert installs == ["-m pip install -q --no-deps --no-build-isolation -e ."], calls
+    assert sum(argv == "-" for _, _, _, argv in calls) == 1  # show_versions' module list
+    assert "setup: done by the caller" in (out / "gpu_short.log").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_short.log", [p.name for p in out.iterdir()
+                                                                       if p.name.startswith("nf4-")][0]]
+    benches = [commit for _, _, commit, argv in calls if argv.startswith("bench/")]
+    assert benches == ["0123456789ab"] and "commit 0123456789ab" in proc.stdout
+
+
+def _alive(pid):
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie waiting for its reaper is gone too
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("mode", ["hang", "leave"])
+def test_a_part_leaves_nothing_running(tmp_path, mode):
+    """hang: the GPU tests ignore the SIGINT at the part's limit (stuck in a kernel, say) under
+    gpu_check.sh's own limit of 140 s, which used to take them into a process group of their own, out of
+    the part's reach: they ran on into the next part. Now the part's SIGKILL reaches them at its limit
+    and the call goes on. leave: the tests end in time but leave a process behind; the part's end kills it."""
+    import os
+    import time
+
+    env = dict(FAKE_PYTEST=mode, GPU_SHORT_GRACE=1)
+    if mode == "hang":
+        env.update(GPU_SHORT_SECONDS=5, GPU_SHORT_MIN_PART=1)
+    pid_file = tmp_path / "fake" / "pids"
+
+    def pids():
+        return [int(p) for p in pid_file.read_text().split()] if pid_file.exists() else []
+
+    began = time.monotonic()
+    try:
+        # before the fix a process left behind also held gpu_check.sh's log pipe open: the call never ended
+        proc, out, calls = short_call(tmp_path, "--parts", "gpu_tests", timeout=60, **env)
+        took = time.monotonic() - began
+        assert proc.returncode == 0 and pids(), proc.stdout + proc.stderr
+        deadline = time.monotonic() + 3
+        while any(_alive(p) for p in pids()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in pids() if _alive(p)], (pids(), proc.stdout)
+        if mode == "hang":
+            # the SIGKILL, GPU_SHORT_GRACE after the SIGINT at the limit; the call goes on at once
+            assert "part gpu_tests: exit 137 (time limit, killed after the SIGINT)" in proc.stdout, proc.stdout
+            assert took < 20, took
+    finally:
+        for p in pids():  # only what this test's stand-in started
+            if _alive(p):
+                os.kill(p, 9)
+
+
+def test_gpu_short_keeps_out_to_a_few_files_at_every_moment(tmp_path):
+    """Every part, each bench writing a results file: at no moment does $OUT hold more than the 8 files a
+    call brings back (one log with a header per part, the tuning files, results.tar and a few results),
+    so a call cut anywhere brings back all it has; every results file is there, loose or in the archive."""
+    import tarfile
+    import threading
+
+    out = tmp_path / "out"
+    most, done = [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            try:
+                most[0] = max(most[0], sum(1 for e in out.iterdir() if e.is_file()))
+            except OSError:
+                pass
+            time.sleep(0.002)
+
+    import time
+
+    every = ["gpu_tests", "nf4_cache", "step_cache", "nf4_small", "decode", "generate", "lora", "lora_nodrop",
+             "lora_breakdown", "waves", "merge", "concat_align", "gemm_widths", "merged_check", "nf4_gemv",
+             "gemv_ladder", "nf4_tma_sweep", "lora_tma_sweep", "tma_tests", "small_tests"]
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        proc, out, calls = short_call(tmp_path, "--parts", ",".join(every), timeout=300)
+    finally:
+        done.set()
+        watcher.join()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert 0 < most[0] <= 8, most
+    written = {f"{Path(argv.split()[0]).stem}-fake-{n}.json" for n, (_, _, _, argv) in enumerate(calls, 1)
+               if argv.startswith("bench/") and not argv.startswith("bench/tune.py")}
+    assert len(written) > 8
+    with tarfile.open(out / "results.tar") as tar:
+        archived = set(tar.getnames())
+    loose = {p.name for p in out.iterdir()} - {"gpu_short.log", "results.tar", "merge-tuning.json",
+                                               "concat-tuning.json"}
+    assert archived | loose == written and len(loose) <= 2, (archived, loose)
+    log = (out / "gpu_short.log").read_text()
+    assert log.startswith("[") and "==== setup ====" in log
+    for part in ("gpu_tests", "merge_sweep", "merge_tests", "concat_align_tune", "nf4_gemv", "small_tests"):
+        assert f"==== part {part} (limit " in log and f"==== part {part}: exit 0 ====" in log, part
+
+
+def test_gpu_short_prints_the_call_with_this_checkouts_commit():
+    out = dry_run("gpu_short.sh", "--print-call", "--parts", "nf4_gemv")
+    assert out.returncode == 0, out.stderr
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    assert re.fullmatch(r'run\(command="BEZOAR_COMMIT=' + head.stdout.strip()
+                        + r'(-dirty)? bash scripts/gpu_short.sh --parts nf4_gemv", carry=\[".whl"\], timeout_s=590\)\n',
+                        out.stdout), out.stdout
+
+
+def test_gpu_check_under_gpu_short_neither_installs_nor_leaves_its_callers_limit():
+    import os
+
+    env = {**os.environ, "BEZOAR_GPU_SETUP": "done", "BEZOAR_IN_LIMIT": "1"}
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "pip install" not in out.stdout and "setup: done by the caller" in out.stdout
+    limits = re.findall(r"timeout (.*?) --signal=INT", out.stdout)
+    assert limits == ["--foreground", "--foreground"], out.stdout
+    alone = dry_run("gpu_check.sh", "--dry-run").stdout
+    assert "pip install -q --no-deps --no-build-isolation -e ." in alone and "--foreground" not in alone

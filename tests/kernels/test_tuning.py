@@ -740,6 +740,47 @@ def test_swept_tiles_need_a_real_gain():
     assert tune.derive(_result(bench="nf4", rows=[], sweep_gemv=rows))["nf4.gemv_tiles"][0]["4"]["block_n"] == 32
 
 
+def test_a_cut_sweep_gives_no_tiles_for_its_m_and_cut_tables_give_nothing(tmp_path):
+    """A gemv sweep stopped by its time limit: the M it did on every shape gives tiles; the M it left a shape
+    out of, or cut a row of (complete false), gives none, and the tiles on record for that M stay. A
+    dequantize sweep marked incomplete gives no launch; a file whose tables were cut gives nothing."""
+    def row(shape, m, best, default=2.0, **extra):
+        return {"shape": shape, "M": m, "default_ms": default, **extra,
+                "grid": [{"config": {"block_n": 16, "blocks": 4, "num_warps": 4}, "ms": 1.0},
+                         {"config": {"block_n": 32, "blocks": 4, "num_warps": 4}, "ms": best}]}
+
+    rows = _nf4_rows({("fwd", s, m): (1.0, 3.0, 2.0) for s in ("a", "b", "c") for m in (1, 4)})
+    sweep = [row(s, 1, 0.5) for s in ("a", "b", "c")] + [row("a", 4, 0.5), row("b", 4, 0.5)]  # cut: no c at 4
+    result = _result(bench="nf4-graph", rows=rows, sweep_gemv=sweep, sweep_gemv_complete=False)
+    assert tune.derive(result)["nf4.gemv_tiles"][0] == {"1": {"block_n": 32, "blocks": 4, "num_warps": 4}}
+    assert tune.gemv_sweep_whole_ms(result) == [1]
+    # every shape there, but the last row cut short
+    cut = sweep + [row("c", 4, 0.5, complete=False)]
+    assert tune.gemv_sweep_whole_ms(_result(bench="nf4", rows=rows, sweep_gemv=cut)) == [1]
+    assert tune.gemv_sweep_whole_ms(_result(bench="nf4", rows=rows, sweep_gemv=cut[:-1] + [row("c", 4, 0.5)])) == [1, 4]
+    # a shape the tables measured and the sweep never reached at any M: no tiles at all
+    assert tune.gemv_sweep_whole_ms(_result(bench="nf4", rows=rows, sweep_gemv=sweep[:2])) == []
+    # applied over tiles on record for M = 4: they stay, M = 1's are replaced
+    table = {"format": 1, "devices": {"NVIDIA H100 80GB HBM3": {"settings": {"nf4.gemv_tiles": {
+        "1": {"block_n": 64, "blocks": 2, "num_warps": 8}, "4": {"block_n": 64, "blocks": 2, "num_warps": 4}}},
+        "sources": {}, "triton": "3.6"}}}
+    path = tmp_path / "nf4-graph-cut.json"
+    path.write_text(json.dumps(result))
+    tune.apply([path], table, keys={"nf4.gemv_tiles"})
+    assert table["devices"]["NVIDIA H100 80GB HBM3"]["settings"]["nf4.gemv_tiles"] == {
+        "1": {"block_n": 32, "blocks": 4, "num_warps": 4}, "4": {"block_n": 64, "blocks": 2, "num_warps": 4}}
+    # a dequantize sweep cut short gives no launch (one whole gives it)
+    dq = [{"shape": "a", "default_ms": 2.0, "grid": [{"config": {"values_per_prog": 512, "num_warps": 4}, "ms": 1.0}]}]
+    assert "nf4.dequant_launch" in tune.derive(_result(bench="nf4", rows=[], sweep_dequant=dq))
+    assert "nf4.dequant_launch" not in tune.derive(_result(bench="nf4", rows=[], sweep_dequant=dq,
+                                                           sweep_dequant_complete=False))
+    assert "nf4.dequant_launch" not in tune.derive(_result(bench="nf4", rows=[], sweep_dequant=[
+        dq[0], {"shape": "b", "complete": False}]))
+    # tables cut short (or a run still writing them): nothing at all, the thresholds included
+    assert tune.derive(dict(result, cases_complete=True))["nf4.gemv_max_m"][0] == 4
+    assert tune.derive(dict(result, cases_complete=False)) == {}
+
+
 def test_swept_code_table_reaches_the_entry_and_the_launch(tmp_path, monkeypatch):
     """A gemv sweep times both code tables: a "nibble" winner is written with its table, a "byte" winner
     without (the default), and sweeps recorded before the table existed still derive (they ran "byte")."""
