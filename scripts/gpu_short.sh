@@ -133,18 +133,35 @@ say() {
 # Keep $OUT to a few files (a call brings back at most 8, and one cut short brings back what is there):
 # beside the log, the tuning files and the archive, at most MAX_LOOSE results; more go into the archive
 # (appended to a copy, which then replaces it: a call cut meanwhile leaves the last whole archive).
+# Results the running group of parts wrote (a sweep, and the tune step that reads it) stay where its later
+# parts look for them: with GROUP_ACTIVE=1, only the files named in BEFORE_GROUP (there when it began) move,
+# all of them (so $OUT holds the log, the tuning files, the archive and this group's results: 3 at most).
+GROUP_ACTIVE=0
+BEFORE_GROUP=" "
+loose_names() {
+  local f
+  for f in "$OUT_DIR"/*; do
+    [ -f "$f" ] && printf '%s ' "${f##*/}"
+  done
+}
 consolidate() {
   [ "$DRY_RUN" = 1 ] && return 0
   local loose=() f name
   for f in "$OUT_DIR"/*; do
     [ -f "$f" ] || continue
     name=${f##*/}
+    if [ "$GROUP_ACTIVE" = 1 ] && [[ "$BEFORE_GROUP" != *" $name "* ]]; then
+      continue
+    fi
     case "$name" in
       gpu_short.log|*-tuning.json|"$ARCHIVE"|"$ARCHIVE.tmp") ;;
       *) loose+=("$name") ;;
     esac
   done
-  [ "${#loose[@]}" -le "$MAX_LOOSE" ] && return 0
+  # inside a group every earlier result moves (the group's own stay loose); between groups a few may stay
+  local keep=$MAX_LOOSE
+  [ "$GROUP_ACTIVE" = 1 ] && keep=0
+  [ "${#loose[@]}" -le "$keep" ] && return 0
   rm -f "$OUT_DIR/$ARCHIVE.tmp"
   if [ -f "$OUT_DIR/$ARCHIVE" ]; then
     cp "$OUT_DIR/$ARCHIVE" "$OUT_DIR/$ARCHIVE.tmp" || return 0
@@ -277,8 +294,8 @@ run_part() {
     merge)
       part merge_sweep 100 "$PYTHON" bench/lora.py --sweep-merge --ranks 16,64 --budget 85 --out "$OUT_DIR"
       # shellcheck disable=SC2016  # $1 and $2 are the inner shell's arguments, expanded there
-      part merge_tune 20 bash -c '"$1" bench/tune.py "$2"/lora-merge-sweep-*.json --keys lora.merge_launch --out "$2/merge-tuning.json"
-        [ -f "$2/merge-tuning.json" ] || echo "{\"format\": 1, \"devices\": {}}" > "$2/merge-tuning.json"' _ "$PYTHON" "$OUT_DIR"
+      part merge_tune 20 bash -c '"$1" bench/tune.py "$2"/lora-merge-sweep-*.json --keys lora.merge_launch --out "$2/merge-tuning.json"; rc=$?
+        [ -f "$2/merge-tuning.json" ] || echo "{\"format\": 1, \"devices\": {}}" > "$2/merge-tuning.json"; exit $rc' _ "$PYTHON" "$OUT_DIR"
       part merge_breakdown 40 env BEZOAR_TUNING="$OUT_DIR/merge-tuning.json" "$PYTHON" bench/lora.py \
         --breakdown "$NO_DROPOUT_CASES" --dropout 0 --shapes 3200x3200 --ms 16384 --ranks 16 --paths concat --no-groups \
         --out "$OUT_DIR"
@@ -289,8 +306,8 @@ run_part() {
     concat_align)
       part concat_align_sweep 110 "$PYTHON" bench/lora.py --sweep-concat-align --budget 95 --out "$OUT_DIR"
       # shellcheck disable=SC2016  # $1 and $2 are the inner shell's arguments, expanded there
-      part concat_align_tune 20 bash -c '"$1" bench/tune.py "$2"/lora-concat-align-*.json --keys lora.concat_align --out "$2/concat-tuning.json"
-        [ -f "$2/concat-tuning.json" ] || echo "{\"format\": 1, \"devices\": {}}" > "$2/concat-tuning.json"' _ "$PYTHON" "$OUT_DIR"
+      part concat_align_tune 20 bash -c '"$1" bench/tune.py "$2"/lora-concat-align-*.json --keys lora.concat_align --out "$2/concat-tuning.json"; rc=$?
+        [ -f "$2/concat-tuning.json" ] || echo "{\"format\": 1, \"devices\": {}}" > "$2/concat-tuning.json"; exit $rc' _ "$PYTHON" "$OUT_DIR"
       # the concat GPU tests under the pick (the default where there is none), then at 64: each only at an
       # align not tested yet in this call (gpu_tests tested the default); a dry run cannot know the pick
       pick=$(concat_align_pick "$OUT_DIR/concat-tuning.json")
@@ -329,11 +346,15 @@ run_part() {
   esac
 }
 for name in "${WANTED[@]}"; do
+  BEFORE_GROUP=" $(loose_names)"
+  GROUP_ACTIVE=1
   run_part "$name"
 done
+GROUP_ACTIVE=0
+consolidate
 
 if [ "$DRY_RUN" = 1 ]; then
-  log "would keep $OUT_DIR to at most 8 files after every part: gpu_short.log, the tuning files, $ARCHIVE and at most $MAX_LOOSE results beside them"
+  log "would keep $OUT_DIR to at most 8 files after every part: gpu_short.log, the tuning files, $ARCHIVE and beside them the running group's results (the sweep its tune step reads stays), at most $MAX_LOOSE between groups"
 fi
 if [ "$DRY_RUN" = 1 ]; then
   log "done in $(( $(date +%s) - START ))s"

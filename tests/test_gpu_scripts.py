@@ -250,6 +250,11 @@ case "$1" in
     esac
     exit 0 ;;
   bench/tune.py)
+    shift
+    for a in "$@"; do  # its results files, as tune.py reads them: one missing is an error
+      case "$a" in --*) break ;; esac
+      [ -f "$a" ] || { echo "tune: $a: cannot read the results" >&2; exit 1; }
+    done
     if [ -n "${FAKE_ALIGN:-}" ]; then
       printf '{"format": 1, "devices": {"X": {"settings": {"lora.concat_align": %s}, "sources": {"lora.concat_align": "r.json (abc): 1 ms"}}}}\n' "$FAKE_ALIGN" >"$out"
     fi
@@ -257,6 +262,10 @@ case "$1" in
   bench/*.py)
     n=$(wc -l <"$calls")
     name=$(basename "$1" .py)-fake-$n.json
+    case " $* " in  # the sweeps' names, which the tune steps read
+      *" --sweep-merge "*) name=lora-merge-sweep-fake-$n.json ;;
+      *" --sweep-concat-align "*) name=lora-concat-align-fake-$n.json ;;
+    esac
     echo '{}' >"$out/$name.part" && mv "$out/$name.part" "$out/$name"
     exit 0 ;;
 esac
@@ -410,7 +419,13 @@ def test_gpu_short_keeps_out_to_a_few_files_at_every_moment(tmp_path):
         watcher.join()
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert 0 < most[0] <= 8, most
-    written = {f"{Path(argv.split()[0]).stem}-fake-{n}.json" for n, (_, _, _, argv) in enumerate(calls, 1)
+    def name(n, argv):
+        for flag, prefix in (("--sweep-merge", "lora-merge-sweep"), ("--sweep-concat-align", "lora-concat-align")):
+            if flag in argv.split():
+                return f"{prefix}-fake-{n}.json"
+        return f"{Path(argv.split()[0]).stem}-fake-{n}.json"
+
+    written = {name(n, argv) for n, (_, _, _, argv) in enumerate(calls, 1)
                if argv.startswith("bench/") and not argv.startswith("bench/tune.py")}
     assert len(written) > 8
     with tarfile.open(out / "results.tar") as tar:
@@ -419,6 +434,9 @@ def test_gpu_short_keeps_out_to_a_few_files_at_every_moment(tmp_path):
                                                "concat-tuning.json"}
     assert archived | loose == written and len(loose) <= 2, (archived, loose)
     log = (out / "gpu_short.log").read_text()
+    # A group's sweep stays loose until its tune step has read it (it was archived first: no pick, exit 0).
+    assert "part merge_tune: exit 0" in log and "part concat_align_tune: exit 0" in log, log
+    assert "cannot read the results" not in log
     assert log.startswith("[") and "==== setup ====" in log
     for part in ("gpu_tests", "merge_sweep", "merge_tests", "concat_align_tune", "nf4_gemv", "small_tests"):
         assert f"==== part {part} (limit " in log and f"==== part {part}: exit 0 ====" in log, part
