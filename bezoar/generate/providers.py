@@ -454,7 +454,13 @@ class CompatProvider:
                 parsed = json.loads(text)
             except ValueError:
                 parsed = None
-            raise status_error(status, parsed, text, headers, self.label, model)
+            error = status_error(status, parsed, text, headers, self.label, model)
+            if status == 401 and self._api_key is None:
+                # The server wants a key and none went: compat sends one only when its variable is named.
+                error = ProviderError(f"{self.label} requires an API key (HTTP 401) and none was sent: compat sends "
+                                      "one only when --api-key-env NAME (a recipe's api_key_env) names the variable "
+                                      "that holds it", FATAL, status=status)
+            raise error
         try:
             return _openai_reply(json.loads(raw), request.kind)
         except (ValueError, KeyError, IndexError, TypeError) as e:

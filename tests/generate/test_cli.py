@@ -145,8 +145,8 @@ def test_compat_sends_the_openai_key_nowhere_unless_named(fake_server, tmp_path)
     server = fake_server(api_key=SECRET)
     inp, out = write_input(tmp_path / "in.jsonl", 3), tmp_path / "out.jsonl"
     done = run_cli(cli_args(inp, out, server.openai_url), env={"OPENAI_API_KEY": SECRET})
-    assert done.returncode == 2 and "rejected the API key" in done.stderr, done.stderr
-    assert server.stats()["outcomes"].get("401") and not server.stats()["answered"]
+    assert done.returncode == 2 and "requires an API key (HTTP 401) and none was sent" in done.stderr, done.stderr
+    assert "--api-key-env NAME" in done.stderr and server.stats()["outcomes"].get("401") and not server.stats()["answered"]
     # Named, the key is sent (and the help says so).
     done = run_cli(cli_args(inp, out, server.openai_url, "--api-key-env", "BEZOAR_TEST_KEY"),
                    env={"BEZOAR_TEST_KEY": SECRET})

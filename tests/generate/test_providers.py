@@ -232,8 +232,12 @@ def test_compat_sends_no_key_unless_asked(fake_server, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "k")
     server = fake_server(api_key="k")
     assert read_api_key(Endpoint("compat", server.openai_url)) is None
-    with pytest.raises(ProviderError, match="401"):
-        send("compat", server, Request(messages=[{"role": "user", "content": "x"}]))
+    # A server that wants a key says so, and the error says how to send one (not "rejected the API key").
+    for transport in ("lean", "aiohttp"):
+        monkeypatch.setenv("BEZOAR_COMPAT_TRANSPORT", transport)
+        with pytest.raises(ProviderError, match=r"requires an API key \(HTTP 401\) and none was sent: .*--api-key-env"):
+            send("compat", server, Request(messages=[{"role": "user", "content": "x"}]))
+    monkeypatch.delenv("BEZOAR_COMPAT_TRANSPORT")
     monkeypatch.delenv("OPENAI_API_KEY")
     monkeypatch.setenv("LOCAL_KEY", "k")
     provider = make_provider(Endpoint("compat", server.openai_url, api_key_env="LOCAL_KEY"), connections=1)
