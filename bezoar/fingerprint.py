@@ -21,11 +21,19 @@ def _sha256(path: Path, st: os.stat_result) -> str:
     return _HASHES[key]
 
 
-def fingerprint(path: Path) -> dict | None:
+def fingerprint(path: Path, exclude=()) -> dict | None:
     """Size and sha256 of a file's content (of every file's relative name, size and sha256, for a folder, hidden
-    files and caches left out); None when it does not exist. Content only: a copy, a touch or a moved run root
-    keep it."""
+    files and caches left out, and the files or folders ``exclude`` names: a run's own output kept inside the
+    folder it reads); None when it does not exist. Content only: a copy, a touch or a moved run root keep it."""
     path = Path(path)
+    skip = [Path(e).expanduser().resolve() for e in exclude]
+
+    def excluded(item: Path) -> bool:
+        if not skip:
+            return False
+        real = item.resolve()
+        return any(real == e or e in real.parents for e in skip)
+
     try:
         if path.is_file():
             st = path.stat()
@@ -33,7 +41,8 @@ def fingerprint(path: Path) -> dict | None:
         if path.is_dir():
             digest, size, count = hashlib.sha256(), 0, 0
             for item in sorted(x for x in path.rglob("*") if x.is_file() and not any(
-                    part.startswith(".") or part == "__pycache__" for part in x.relative_to(path).parts)):
+                    part.startswith(".") or part == "__pycache__" for part in x.relative_to(path).parts)
+                    and not excluded(x)):
                 st = item.stat()
                 digest.update(f"{item.relative_to(path).as_posix()}\t{st.st_size}\t{_sha256(item, st)}\n".encode())
                 size, count = size + st.st_size, count + 1

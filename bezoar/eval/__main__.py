@@ -226,7 +226,7 @@ def run_mt_bench(args) -> int:
         existing = mt.read_answers(answers_path)
         mt.check_answers_model(answers_path, existing, model_id)
         loaded = {"quant": args.quant, "dtype": args.dtype, "device": args.device}
-        made_by = mt.answer_model(args.model, args.adapter)
+        made_by = mt.answer_model(args.model, args.adapter, out)
         settings = mt.answer_settings(args.max_new_tokens, args.seed, args.top_k, **loaded)
         if not mt.check_answer_settings(answers_path, settings, existing, made_by=made_by):
             print(f"bezoar.eval mt-bench: warning: {answers_path}: which model made its {len(existing)} answers is "

@@ -634,17 +634,29 @@ def run_identity(args, plan: list[TaskPlan]) -> dict:
     """What the results of ``python -m bezoar.eval harness`` depend on: the plan, the evaluation settings, the
     model and adapter folders as they are on disk (each file's name, size and modification time: a retrained
     model is another model), the ``--include-path`` tasks' files (their content: an edited task YAML is another
-    task), and lm-eval's version. An interrupted run resumes, and a finished one is kept, only under the same
+    task), and lm-eval's and bezoar's versions. An interrupted run resumes, and a finished one is kept, only under the same
     identity (``output_state``)."""
     import lm_eval
 
+    import bezoar
+
     from bezoar.fingerprint import fingerprint
+
+    output = Path(args.output).expanduser().resolve() if getattr(args, "output", None) else None
+
+    def own(p: Path) -> bool:
+        """The run's own results kept inside the model folder: --output, its .tmp and the earlier results moved
+        aside beside it (results.<time>.json); they are not the model."""
+        if output is None or p.resolve().parent != output.parent:
+            return False
+        return (p.name in (output.name, output.name + ".tmp")
+                or (p.name.startswith(output.stem + ".") and p.name.endswith(output.suffix)))
 
     def folder(path):
         if not path:
             return None
         root = Path(path).expanduser()
-        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+        files = sorted(p for p in root.rglob("*") if p.is_file() and not own(p)) if root.is_dir() else []
         return {"path": str(root.resolve()),
                 "files": [[str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
 
@@ -653,13 +665,15 @@ def run_identity(args, plan: list[TaskPlan]) -> dict:
             "max_length": args.max_length, "model_args": args.model_args, "limit": args.limit,
             "gen_kwargs": args.gen_kwargs, "include_path": args.include_path,
             "include_files": fingerprint(Path(args.include_path)) if args.include_path else None,
-            "log_samples": args.log_samples, "lm_eval": getattr(lm_eval, "__version__", "")}
+            "log_samples": args.log_samples, "lm_eval": getattr(lm_eval, "__version__", ""),
+            "bezoar": bezoar.__version__}
 
 
 #: how ``identity_changes`` names each part of a run's identity
 IDENTITY_LABELS = {"plan": "other tasks or few-shot counts", "model": "another --model folder, or its files changed",
                    "adapter": "another --adapter folder, or its files changed",
-                   "include_files": "the --include-path task files changed", "lm_eval": "another lm-eval version"}
+                   "include_files": "the --include-path task files changed", "lm_eval": "another lm-eval version",
+                   "bezoar": "another bezoar version"}
 
 
 def identity_changes(recorded, run: dict) -> list[str]:

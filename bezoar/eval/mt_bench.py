@@ -327,19 +327,19 @@ def answer_settings(max_new_tokens: int = MAX_NEW_TOKENS, seed: int = 0, top_k: 
 MODEL_KEYS = ("model", "adapter")
 
 
-def answer_model(model: str | Path, adapter: str | Path | None = None) -> dict:
+def answer_model(model: str | Path, adapter: str | Path | None = None, out: str | Path | None = None) -> dict:
     """What makes an answer file's answers besides the settings: the model folder and the adapter folder (None:
     no adapter), each as its resolved path and its content fingerprint (``bezoar.fingerprint``: every file's
     name, size and sha256). Recorded beside the answers; a model with other files (another model of the same
     folder name, a retrained one, another adapter) is refused. Content, not place: a moved or copied model
-    resumes."""
+    resumes. ``out``, the answers' folder, is left out of both (answers kept inside the model folder)."""
     from bezoar.fingerprint import fingerprint
 
     def record(path):
         if not path:
             return None
         path = Path(path).expanduser().resolve()
-        return {"path": str(path), **(fingerprint(path) or {})}
+        return {"path": str(path), **(fingerprint(path, exclude=[out] if out else ()) or {})}
 
     return {"model": record(model), "adapter": record(adapter)}
 

@@ -767,3 +767,32 @@ def test_dry_run_checks_tasks_and_folders_without_a_model(tiny_dir, tmp_path, ca
     assert (f"--output {out}: holds results without a record of the run that wrote them: a run moves it"
             in capsys.readouterr().out)
     assert out.read_text() == '{"complete": true, "results": {}}\n', "a dry run moves nothing"
+
+
+def test_results_kept_inside_the_model_folder_are_not_the_model(tiny_dir, tmp_path, capsys, monkeypatch):
+    """--output inside --model counted the run's own results (and the ones moved aside) as model files: a
+    finished run was moved aside and evaluated again, an interrupted one never resumed."""
+    import shutil
+
+    import lm_eval
+
+    from bezoar.eval.__main__ import main
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    folder = tmp_path / "tasks"
+    write_tasks(folder)
+    out = model / "eval" / "results.json"
+    real, calls = lm_eval.simple_evaluate, []
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda *a, **k: calls.append(k["tasks"]) or real(*a, **k))
+    argv = ["harness", "--model", str(model), "--include-path", str(folder), "--no-builtin-tasks", "--limit", "2",
+            "--max-length", str(MAX_LENGTH), "--output", str(out), "--tasks", "bezoar_mc"]
+    assert main(argv) == 0 and calls == [["bezoar_mc"]]
+    first = out.read_text()
+    capsys.readouterr()
+    assert main(argv) == 0 and calls == [["bezoar_mc"]]  # the same run, finished: nothing evaluated again
+    assert "complete results of this same run" in capsys.readouterr().out and out.read_text() == first
+    (model / "eval" / "results.20250101-000000.json").write_text("{}")  # one moved aside earlier
+    assert main(argv) == 0 and calls == [["bezoar_mc"]]
+    (model / "extra.safetensors").write_bytes(b"x")  # the model's own files still count
+    assert main(argv) == 0 and calls == [["bezoar_mc"], ["bezoar_mc"]]

@@ -616,3 +616,23 @@ def test_the_judge_is_checked_before_the_model_loads_and_nothing_is_created(tiny
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and "sk-secret" not in err, err
     assert not out.exists()
+
+
+def test_answers_kept_inside_the_model_folder_are_not_the_model(tiny_dir, tmp_path, capsys):
+    """--out inside --model counted the answers as model files: the rerun was refused as another model's."""
+    import shutil
+
+    from bezoar.eval.__main__ import main
+
+    model = tmp_path / "merged"
+    shutil.copytree(tiny_dir, model)
+    out = model / "mt-bench"
+    argv = ["mt-bench", "--model", str(model), "--questions", str(mt.SAMPLE_QUESTIONS), "--out", str(out),
+            "--skip-judge", "--max-new-tokens", "2"]
+    assert main(argv) == 0
+    answers = (out / "answers.jsonl").read_text()
+    capsys.readouterr()
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (out / "answers.jsonl").read_text() == answers
+    (model / "extra.safetensors").write_bytes(b"x")  # the model's own files still count
+    assert main(argv) == 2 and "made by another model" in capsys.readouterr().err
