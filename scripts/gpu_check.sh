@@ -34,7 +34,7 @@ done
 
 OUT_DIR=${OUT:-/tmp/bezoar-gpu-out}  # $OUT is set on the device machine
 SETUP_DONE=0
-[ "${BEZOAR_GPU_SETUP:-}" = done ] && SETUP_DONE=1
+[ "${BEZOAR_GPU_SETUP:-}" = "done" ] && SETUP_DONE=1
 if [ "$DRY_RUN" = 0 ] && [ "$SETUP_DONE" = 0 ]; then
   mkdir -p "$OUT_DIR"
   exec > >(tee -a "$OUT_DIR/gpu_check.log") 2>&1

@@ -195,10 +195,12 @@ part() {
     return 0
   fi
   began=$(date +%s)
-  printf '==== part %s (limit %ss) ====\n' "$name" "$limit" >>"$LOG"
-  printf '+' >>"$LOG"
-  printf ' %q' "$@" >>"$LOG"
-  printf '\n' >>"$LOG"
+  {
+    printf '==== part %s (limit %ss) ====\n' "$name" "$limit"
+    printf '+'
+    printf ' %q' "$@"
+    printf '\n'
+  } >>"$LOG"
   PART_RC=0
   limited "$limit" "$GRACE" "$@" >>"$LOG" 2>&1 || PART_RC=$?
   printf '==== part %s: exit %s ====\n' "$name" "$PART_RC" >>"$LOG"
@@ -223,7 +225,7 @@ else
   tail -n +"$((setup_from + 1))" "$LOG" | tail -n 12
 fi
 [ -d "$SITE_DIR" ] && prepend_pythonpath "$SITE_DIR"
-export BEZOAR_GPU_SETUP=done  # scripts/gpu_check.sh (gpu_tests) does not install again
+export BEZOAR_GPU_SETUP="done"  # scripts/gpu_check.sh (gpu_tests) does not install again
 # pytest-xdist where the machine has it (as scripts/gpu_check.sh decides)
 parallel=()
 if [ "$DRY_RUN" = 1 ] || "$PYTHON" -c "import xdist" >/dev/null 2>&1; then
@@ -359,5 +361,5 @@ fi
 if [ "$DRY_RUN" = 1 ]; then
   log "done in $(( $(date +%s) - START ))s"
 else
-  say "done in $(( $(date +%s) - START ))s; in $OUT_DIR: $(cd "$OUT_DIR" && ls | tr '\n' ' ')"
+  say "done in $(( $(date +%s) - START ))s; in $OUT_DIR: $(loose_names)"
 fi
