@@ -58,3 +58,16 @@ def bf16_sum_bound(*terms: torch.Tensor, roundings: int = 4, floor: float = 1e-2
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().double() - b.detach().double()).abs().max().item()
+
+
+def load_bench(name: str, tag: str, monkeypatch):
+    """bench/<name>.py imported as module ``bench_<name>_<tag>`` (bench/ on sys.path while the test runs)."""
+    import importlib.util
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}_{tag}", bench / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

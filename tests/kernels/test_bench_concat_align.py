@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import re
 import subprocess
@@ -14,17 +13,14 @@ from pathlib import Path
 import torch
 
 from bezoar_kernels import lora as L
+from tests.utils import load_bench
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
 
 
 def _load(name, monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}_concat_align", ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench(name, "concat_align", monkeypatch)
 
 
 def _bench(monkeypatch, tmp_path, **overrides):

@@ -4,24 +4,17 @@ on disk, and says what is missing; bench/tune.py takes no tiles from a gemv swee
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
+from tests.utils import load_bench
 
 def _load(name, monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}_stop", ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench(name, "stop", monkeypatch)
 
 
 def _run(monkeypatch, tmp_path, argv, trip):
