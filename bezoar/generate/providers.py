@@ -370,6 +370,7 @@ class CompatProvider:
             raise GenerateError(f"unknown compat transport {transport!r}; choose one of {', '.join(self.TRANSPORTS)}")
         self.endpoint, self.label = endpoint, endpoint.label
         self._api_key = api_key
+        self._sends_credentials = False  # a key, or Basic credentials from the URL or ~/.netrc (set by open)
         self._connections = connections
         self._transport = transport
         base = endpoint.base_url.rstrip("/")
@@ -393,6 +394,7 @@ class CompatProvider:
         # Basic credentials from the URL or ~/.netrc (aiohttp finds the same ones itself): read here
         # on either transport, so that an answer quoting them has them scrubbed.
         authorization = "Bearer " + self._api_key if self._api_key else _url_or_netrc_auth(url)
+        self._sends_credentials = authorization is not None
         use_aiohttp = self._transport == "aiohttp" or (self._transport == "auto" and proxy_for(url) is not None)
         if use_aiohttp:
             import aiohttp
@@ -455,11 +457,12 @@ class CompatProvider:
             except ValueError:
                 parsed = None
             error = status_error(status, parsed, text, headers, self.label, model)
-            if status == 401 and self._api_key is None:
+            if status == 401 and not self._sends_credentials:
                 # The server wants a key and none went: compat sends one only when its variable is named.
                 error = ProviderError(f"{self.label} requires an API key (HTTP 401) and none was sent: compat sends "
                                       "one only when --api-key-env NAME (a recipe's api_key_env) names the variable "
-                                      "that holds it", FATAL, status=status)
+                                      f"that holds it (the server said: {_error_fields(parsed)[0] or text.strip()[:300]})",
+                                      FATAL, status=status)
             raise error
         try:
             return _openai_reply(json.loads(raw), request.kind)
