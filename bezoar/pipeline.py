@@ -556,7 +556,7 @@ def plan(recipe: Recipe, root: Path, overrides: list[str], progress: bool = Fals
                             file_source(section.judge_prompts, root, producers)) if x]
             steps.append(step)
     from bezoar.train.loop import list_checkpoints
-    from bezoar.train.run import config_changes, describe_changes, is_complete
+    from bezoar.train.run import RESUME_FREE, config_changes, describe_changes, is_complete
 
     for step in steps:
         if step.kind == "train":
@@ -567,6 +567,9 @@ def plan(recipe: Recipe, root: Path, overrides: list[str], progress: bool = Fals
                 step.changed = [describe_changes({k: v}) for k, v in changed.items()]
             elif checkpoints := list_checkpoints(step.out):
                 step.status = f"resume from step {checkpoints[-1][0]}"
+                # its settings, but for its length (a resumed run may be lengthened): preflight stops on a change
+                changed = config_changes(step.out, step.config, RESUME_FREE, root=root)
+                step.changed = [describe_changes({k: v}) for k, v in changed.items()]
         else:
             _marker_status(step)
     _mark_stale(steps)
@@ -581,8 +584,8 @@ def _call(module_main, argv: list[str], step: str, failures_ok: str | None = Non
     command (requests that ended as recorded failures, their outputs written without them) when ``failures_ok``
     is given: the step completes and ``failures_ok`` is logged."""
     code = module_main(argv)
-    if code == 130:
-        raise PipelineError(f"{step}: interrupted; rerun the same command to continue")
+    if code == 130:  # the command said where it stopped; the pipeline stops as interrupted too (exit 130)
+        raise KeyboardInterrupt(step)
     if code == 1 and failures_ok is not None:
         log(f"[{step}] {failures_ok}")
         return
@@ -781,6 +784,12 @@ def preflight(recipe: Recipe, root: Path, steps: list[Step]) -> None:
                     "were made with still hold, and set aside where not)")
         raise PipelineError(f"step {s.name} is complete but the recipe's settings for it changed since "
                             f"({'; '.join(s.changed[:4])}). {redo}{AFTER_REDO}, or use another --out.")
+    started = [s for s in steps if s.kind == "train" and not s.done and s.changed]
+    if started:  # run_stage would refuse its --resume only once the stages before it have run
+        s = started[0]
+        raise PipelineError(f"step {s.name} has checkpoints ({s.status}) but the recipe's settings for it changed "
+                            f"since it started ({'; '.join(s.changed[:4])}). Put them back to continue it, or remove "
+                            f"the stage's folder {s.out} to train it from step 0{AFTER_REDO}, or use another --out.")
     stale = [s for s in steps if refused_stale(s)]  # generate and train: refused rather than redone
     if stale:
         s = stale[0]
@@ -992,7 +1001,7 @@ def parse(argv):
     g.add_argument("--report-only", action="store_true", help="rewrite RUN/report.md from what is on disk")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars of the generation commands (default: when stderr is a terminal)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # flags may sit between the overrides (scripts/openbezoar.sh puts its own first)
 
 
 def main(argv=None) -> int:
@@ -1015,6 +1024,10 @@ def main(argv=None) -> int:
             if args.report_only:
                 from bezoar.report import write_report
 
+                if not root.is_dir():  # a mistyped root: no folder made, no report of nothing
+                    raise PipelineError(f"--out {root}: no such run root (--report-only reports on a run that "
+                                        "exists)")
+
                 print(f"report: {write_report(recipe, root, steps)}")
                 return 0
             print(f"recipe {recipe.name}: {recipe.description}\nrun root: {root.resolve()}")
@@ -1027,6 +1040,10 @@ def main(argv=None) -> int:
     except expected as e:
         print(f"bezoar.pipeline: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a step that stops on its own says where it stopped; this is for the rest
+        print("bezoar.pipeline: interrupted; rerun the same command to continue from what is stored",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -308,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:  # bad path, option, file or key: one line, no traceback
         print(f"bezoar.eval {args.command}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # what is stored (answers, judgments, finished few-shot groups) is kept
+        print(f"bezoar.eval {args.command}: interrupted; rerun the same command to continue from what is stored",
+              file=sys.stderr)
+        return 130
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -82,9 +82,14 @@ def main(argv=None) -> int:
         if args.dry_run:
             recipe = load_recipe(name, args.overrides)  # generate.* / evaluate.* checked as a run does
             print(f"recipe {recipe.folder.name}: {recipe.description}\nrun root: {root.resolve()}")
-            for s in describe_plan(recipe, root, args.overrides):
+            plan = describe_plan(recipe, root, args.overrides)
+            for s in plan:
                 print(f"  {s['name']:<12} {s['stage']:<4} {s['status']:<22} model={s['model']}  data={s['data']}  "
                       f"out={s['out']}{'  (+merged)' if s['merge'] else ''}")
+            stops = [s["name"] for s in plan if s["stops"]]
+            if stops:  # as the pipeline's --dry-run: the plan is shown, and the status says a run would not go
+                print(f"bezoar.train: a run stops at stage {stops[0]} (its line above says why)", file=sys.stderr)
+                return 2
             return 0
         if args.resume:
             print("note: recipes always continue unfinished stages; --resume is implied")

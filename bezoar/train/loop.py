@@ -244,6 +244,8 @@ class Trainer:
         self.dist = dist  # bezoar.train.distributed.Dist or None
         self.log = log
         self.base_model_name = base_model_name
+        #: how a stopped run goes on, said when it stops (a recipe or the pipeline reruns the same command)
+        self.resume_hint = "continue with --resume"
         self.rank0 = dist is None or dist.rank == 0
         self.device = next(p.device for p in model.parameters())
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -635,7 +637,7 @@ class Trainer:
                         self._write_metrics({"step": self.step, **ev})
                 if self._stop_agreed if self.dist is not None else self._stop_signal is not None:
                     path = self.save_checkpoint()
-                    self.log(f"stopped at step {self.step}; checkpoint {path}; continue with --resume")
+                    self.log(f"stopped at step {self.step}; checkpoint {path}; {self.resume_hint}")
                     raise SystemExit(128 + int(self._stop_signal or signal.SIGTERM))
                 if self.loop.save_every and self.step % self.loop.save_every == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
@@ -652,7 +654,7 @@ class Trainer:
                 stop = self.dist.all_reduce_sum([float(stop)])[0] > 0
             if stop:  # a signal during that save: it is complete, and the run stops as the loop would
                 self.log(f"stopped at step {self.step}, before the final evaluation; checkpoint "
-                         f"{self.out / 'checkpoints' / f'step-{self.step}'}; continue with --resume")
+                         f"{self.out / 'checkpoints' / f'step-{self.step}'}; {self.resume_hint}")
                 raise SystemExit(128 + int(self._stop_signal or signal.SIGTERM))
         finally:
             dequant_cache.clear()  # its buffers (where it was on) back for the evaluation and what follows

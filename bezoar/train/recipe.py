@@ -40,7 +40,8 @@ from bezoar.config import ConfigError, load_config, parse_override
 
 from .config import StageConfig
 from .loop import list_checkpoints
-from .run import base_changed, check_base, check_complete, config_changes, describe_changes, is_complete
+from .run import (RESUME_FREE, base_changed, check_base, check_complete, check_started, config_changes,
+                  describe_changes, is_complete)
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 #: Top-level tables of recipe.toml that belong to the pipeline, not to the training stages.
@@ -431,12 +432,16 @@ def describe_plan(recipe: Recipe, root: Path, overrides: list[str]) -> list[dict
                 status = f"done on another base ({stale}): a run stops; remove {out} to redo"
         elif list_checkpoints(out):
             status = f"resume from step {list_checkpoints(out)[-1][0]}"
-            if stale:
+            changed = config_changes(out, cfg, RESUME_FREE, root=root)
+            if changed:  # run_recipe stops here (check_started)
+                status = (f"started with other settings ({describe_changes(changed, 3)}): a run stops; put them back "
+                          f"or remove {out} to redo")
+            elif stale:
                 status = f"checkpoints on another base ({stale}): a run stops; remove {out} to redo"
         else:
             status = "to run"
         plan.append({"name": stage.name, "stage": cfg.stage, "model": cfg.model.path, "data": cfg.data.path,
-                     "out": str(out), "merge": cfg.merge, "status": status})
+                     "out": str(out), "merge": cfg.merge, "status": status, "stops": "a run stops" in status})
     return plan
 
 
@@ -455,6 +460,7 @@ def run_recipe(name_or_dir: str, root, overrides: list[str], log=print, dist=Non
         if is_complete(out):
             check_complete(out, cfg, root)
         elif list_checkpoints(out):
+            check_started(out, cfg, root)
             check_base(out, cfg)
     if dist is not None:  # one process group serves every stage: their model.device must agree
         from .distributed import rank_device

@@ -253,6 +253,16 @@ def check_base(out: Path, cfg: StageConfig) -> None:
                       "base, or choose another out=")
 
 
+def check_started(out: Path, cfg: StageConfig, root: Path | None = None) -> None:
+    """A stage of a recipe with checkpoints goes on only with the settings it started with (its length and how it
+    is watched aside); otherwise stop before anything runs, naming them and the two ways on."""
+    changed = config_changes(out, cfg, RESUME_FREE, root=root)
+    if changed:
+        raise ConfigError(f"{out}: this stage was started (checkpoints up to step {list_checkpoints(out)[-1][0]}) "
+                          f"with other settings ({describe_changes(changed)}); put them back to continue it, or "
+                          f"remove the folder {out} to train it from step 0, or choose another --out")
+
+
 def check_run_dir(out: Path, cfg: StageConfig, resume: bool, root: Path | None = None) -> None:
     """Refuse to write over a finished or started run unless resuming it with the same config (``root``: the run
     root of a recipe's stage, see ``config_changes``)."""
@@ -397,6 +407,8 @@ def _run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None, roo
         trainer = Trainer(train_model, stage, DeviceBatches(loader, device), cfg.train, cfg.optim, out,
                           eval_batches=eval_loader, resume=resume, dist=dist, log=log,
                           base_model_name=cfg.model.name or str(base_path))
+        if root is not None:  # a stage of a recipe (train --recipe, the pipeline): it has no --resume of its own
+            trainer.resume_hint = "rerun the same command to continue from it"
         if hasattr(stage, "prepare"):
             stage.prepare(trainer)
         started = time.time()

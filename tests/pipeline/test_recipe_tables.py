@@ -467,3 +467,70 @@ def test_the_plan_is_made_under_the_lock(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="generate.teacher.model is not set"):
         pipeline.run_pipeline("openbezoar_tiny", fresh, ["generate.teacher.model="], log=lambda *a: None)
     assert planned == [1] and not (tmp_path / "runs").exists(), "refused by preflight: nothing written"
+
+
+def test_a_started_stage_with_changed_settings_stops_before_anything_runs(tmp_path, capsys):
+    """A half-trained stage rerun with another lr passed --dry-run as "resume from step 41", started, and stopped
+    in the stage with "--resume with a different config", an option neither the pipeline nor a recipe has. Now
+    the plan says so, and the run stops before its first step naming the two ways on; a longer max_steps (a
+    resumed run may be lengthened) is no change."""
+    from bezoar.pipeline import main as pipeline_main
+    from bezoar.train.__main__ import main as train_main
+
+    root = tmp_path / "run"
+    recipe = load_recipe("openbezoar_tiny")
+    _fake_trained(root, recipe, [], {"lamini"})
+    (root / "lamini" / "summary.json").unlink()  # started, not finished
+    (root / "lamini" / "checkpoints" / "step-4").mkdir(parents=True)
+    (root / "lamini" / "checkpoints" / "step-4" / "trainer_state.pt").write_bytes(b"state")
+    for s in plan(recipe, root, [])[:2]:
+        write_marker(s, 1.0)
+    for overrides in ([], ["lamini.train.max_steps=99", "train.log_every=3"]):
+        steps = {s.name: s for s in plan(load_recipe("openbezoar_tiny", overrides), root, overrides)}
+        assert steps["train:lamini"].status == "resume from step 4" and not steps["train:lamini"].changed
+    overrides = ["lamini.optim.lr=0.5"]
+    steps = plan(load_recipe("openbezoar_tiny", overrides), root, overrides)
+    with pytest.raises(PipelineError) as e:
+        preflight(recipe, root, steps)
+    assert str(e.value).startswith("step train:lamini has checkpoints (resume from step 4) but the recipe's settings "
+                                   "for it changed since it started (optim.lr: ")
+    assert f"Put them back to continue it, or remove the stage's folder {root / 'lamini'} to train it from step 0" \
+        in str(e.value)
+    assert pipeline_main(["--recipe", "openbezoar_tiny", "--out", str(root), "--dry-run", *overrides]) == 2
+    assert "settings changed since" in capsys.readouterr().out
+    # bezoar.train --recipe: the same, in its plan and before its first stage
+    assert train_main(["--recipe", "openbezoar_tiny", "--out", str(root), "--dry-run", *overrides]) == 2
+    out, err = capsys.readouterr()
+    assert re.search(r"lamini .*started with other settings \(optim\.lr: .*\): a run stops", out), out
+    assert "a run stops at stage lamini" in err
+    assert train_main(["--recipe", "openbezoar_tiny", "--out", str(root), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert "this stage was started (checkpoints up to step 4) with other settings (optim.lr: " in err, err
+    assert train_main(["--recipe", "openbezoar_tiny", "--out", str(root), "--dry-run"]) == 0
+
+
+def test_pipeline_command_line_flags_between_overrides_a_missing_root_and_ctrl_c(tmp_path, capsys, monkeypatch):
+    """scripts/openbezoar.sh puts its own overrides before the user's: `--out X k=v` after them stopped with
+    "unrecognized arguments"; --report-only on a mistyped root made the folder and a report of nothing, exit 0;
+    a Ctrl-C outside a step that stops on its own ended in a traceback."""
+    import bezoar.pipeline as pipeline
+    from bezoar.eval import __main__ as eval_main
+
+    args = pipeline.parse(["a=1", "--recipe", "openbezoar_tiny", "--out", "r", "b=2", "--dry-run", "c=3"])
+    assert (args.overrides, args.out, args.dry_run) == (["a=1", "b=2", "c=3"], "r", True)
+    missing = tmp_path / "nonexist"
+    assert pipeline.main(["--recipe", "openbezoar_tiny", "--out", str(missing), "--report-only"]) == 2
+    assert f"--out {missing}: no such run root" in capsys.readouterr().err and not missing.exists()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_pipeline", interrupted)
+    assert pipeline.main(["--recipe", "openbezoar_tiny", "--out", str(tmp_path / "r")]) == 130
+    assert capsys.readouterr().err == ("bezoar.pipeline: interrupted; rerun the same command to continue from what is "
+                                       "stored\n")
+    with pytest.raises(KeyboardInterrupt):  # a command's exit 130 inside the pipeline stops it as interrupted
+        pipeline._call(lambda argv: 130, [], "generate:lamini")
+    monkeypatch.setattr(eval_main, "run_harness", interrupted)
+    assert eval_main.main(["harness", "--tasks", "x", "--dry-run"]) == 130
+    assert "bezoar.eval harness: interrupted; rerun the same command" in capsys.readouterr().err

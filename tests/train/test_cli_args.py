@@ -158,9 +158,15 @@ def _record_started_on_sft(root: Path) -> None:
 
 
 def _dry_run_status(root: Path, capsys) -> dict[str, str]:
-    assert main(["--recipe", "demo", "--out", str(root), "--dry-run"]) == 0
-    lines = [line.split(None, 2) for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
-    return {words[0]: words[2] for words in lines}
+    code = main(["--recipe", "demo", "--out", str(root), "--dry-run"])
+    run = capsys.readouterr()
+    lines = [line.split(None, 2) for line in run.out.splitlines() if line.startswith("  ")]
+    status = {words[0]: words[2] for words in lines}
+    # exit 2 where a stage's line says a run stops (as the pipeline's dry run), naming the first such stage
+    stops = [name for name, text in status.items() if "a run stops" in text]
+    assert code == (2 if stops else 0), (code, status)
+    assert (f"a run stops at stage {stops[0]}" in run.err) if stops else run.err == ""
+    return status
 
 
 @pytest.mark.parametrize("complete", [True, False])
@@ -231,7 +237,7 @@ def test_recipe_overrides_of_the_keys_it_sets_itself_are_refused(tmp_path, capsy
 def test_recipe_dry_run_refuses_or_flags_what_the_run_would_refuse(tmp_path, capsys):
     root = _finished_demo_run(tmp_path / "run")
     # The run stops at the finished dpo stage trained with another lr: the plan must not just say "done".
-    assert main(["--recipe", "demo", "--out", str(root), "--dry-run", "dpo.optim.lr=0.5"]) == 0
+    assert main(["--recipe", "demo", "--out", str(root), "--dry-run", "dpo.optim.lr=0.5"]) == 2
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
     assert "optim.lr: 0.003 -> 0.5" in lines["dpo"] and "optim.lr" not in lines["sft"], lines
     # generate.* overrides are checked by the run (load_recipe), so by the dry run too.
@@ -245,7 +251,7 @@ def test_the_dpo_table_of_a_recipe_with_a_stage_named_dpo_is_set_on_the_command_
     # as stage dpo's key "beta", unknown). Every stage gets it; the finished SFT stage, which reads nothing of
     # [dpo], is not changed by it, the finished DPO stage is.
     root = _finished_demo_run(tmp_path / "run")
-    assert main(["--recipe", "demo", "--out", str(root), "--dry-run", "dpo.beta=0.2"]) == 0
+    assert main(["--recipe", "demo", "--out", str(root), "--dry-run", "dpo.beta=0.2"]) == 2  # dpo: a run stops
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
     assert lines["sft"].split()[2] == "done" and "dpo.beta: 0.5 -> 0.2" in lines["dpo"], lines
     code = main(["--recipe", "demo", "--out", str(root), "--dry-run", "dpo.betta=0.2"])
@@ -325,3 +331,26 @@ def test_a_device_the_machine_lacks_is_one_error_in_every_loader(tmp_path, capsy
     out = tmp_path / "q"
     assert quantize_main(["--model", str(folder), "--out", str(out), "--device", device]) == 2
     assert "device" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("root, hint", [(None, "continue with --resume"),
+                                        ("run", "rerun the same command to continue from it")])
+def test_a_stopped_stage_says_how_its_own_command_goes_on(tmp_path, monkeypatch, root, hint):
+    """A stage of a recipe or the pipeline, stopped by Ctrl-C, said "continue with --resume", an option neither has."""
+    import bezoar.train.run as run
+    from tests.train.helpers import tiny_sft_config
+
+    seen = []
+
+    class Stopped(Exception):
+        pass
+
+    def fit(self):
+        seen.append(self.resume_hint)
+        raise Stopped
+
+    monkeypatch.setattr(run.Trainer, "fit", fit)
+    cfg = tiny_sft_config(tmp_path / "out", "train.max_steps=1")
+    with pytest.raises(Stopped):
+        run.run_stage(cfg, log=lambda *a: None, root=tmp_path / root if root else None)
+    assert seen == [hint]
