@@ -37,6 +37,12 @@ What a call goes through (``submit``):
    that cannot be written) stop the whole pool: every ``submit``/``map``/``run`` raises
    :class:`PoolError` with one clear message. Answers already received are stored (as far as the
    store can still write); nothing is recorded for the requests cut short.
+6. Ctrl-C (asyncio.run cancels the main task, inside ``run`` / ``map`` or the ``async with``): nothing
+   more is sent (requests waiting for a slot, the rate or a retry are dropped), the requests already
+   at the provider are waited for, each for at most its own timeout (``Limits.timeout_s``), and
+   their answers stored as usual; then the cancellation goes on (KeyboardInterrupt, exit 130). A
+   second Ctrl-C abandons them at once. A caller of ``submit`` cancelled on its own still cancels
+   its call.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ import dataclasses
 import logging
 import os
 import random
+import sys
 import time
 from collections import Counter
 from collections.abc import Collection
@@ -298,6 +305,8 @@ class Pool:
         self._routes: dict[str, list[_EndpointState]] = {}
         self._inflight: dict[str, asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._sending: set[asyncio.Task] = set()  # tasks whose request is at the provider now
+        self._draining = False  # interrupted: send nothing more, finish what is at the provider
         self._slots: asyncio.Semaphore | None = None
         self._limiter: RateLimiter | None = None
         self._fatal: str | None = None
@@ -308,6 +317,7 @@ class Pool:
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> "Pool":
+        self._draining = False
         self._slots = asyncio.Semaphore(self.limits.concurrency)
         self._limiter = RateLimiter(self.limits.rpm, self.limits.tpm, self.limits.burst_s)
         self.store.open()
@@ -328,6 +338,8 @@ class Pool:
 
     async def __aexit__(self, exc_type, exc, tb) -> None:
         self._open = False
+        if exc_type is not None and issubclass(exc_type, asyncio.CancelledError) and _being_cancelled():
+            await self._drain(self._tasks)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -345,6 +357,32 @@ class Pool:
             if exc_type is None:
                 raise
             log.error("%s", e)  # the error that stopped the run is the one to raise
+
+    async def _drain(self, tasks: Collection[asyncio.Task]) -> None:
+        """Interrupted (Ctrl-C: asyncio.run cancels the main task): send nothing more, but wait for the
+        requests already at the provider, each for at most its own timeout, so that their answers,
+        paid for, are stored as usual. Tasks not sending now (waiting for a slot, the rate, a retry)
+        are cancelled. A second interrupt (a second cancel of this task; under asyncio.run, its
+        KeyboardInterrupt cancels every task) abandons them at once."""
+        tasks = list(tasks)
+        self._draining = True
+        sending = [t for t in tasks if t in self._sending and not t.done()]
+        for task in tasks:
+            if task not in self._sending:
+                task.cancel()
+        if not sending:
+            return
+        if self._progress is not None and self._progress.tty:
+            self._progress.stream.write("\r\x1b[K")
+        print(f"interrupted: waiting for {len(sending)} requests in flight to store their answers "
+              f"(at most {self.limits.timeout_s:g} s); Ctrl-C again abandons them", file=sys.stderr, flush=True)
+        try:
+            await asyncio.wait(sending, timeout=self.limits.timeout_s)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._tasks.difference_update(tasks)
 
     async def _close_providers(self) -> None:
         for state in self._states:
@@ -442,6 +480,10 @@ class Pool:
                 if result.cached and not include_cached:
                     continue
                 yield i, result
+        except asyncio.CancelledError:
+            if pending and _being_cancelled():
+                await self._drain(pending)
+            raise
         finally:
             for task in pending:
                 task.cancel()
@@ -574,6 +616,10 @@ class Pool:
                 if self._fatal is not None:
                     raise PoolError(self._fatal)
                 state = await self._pick_and_take_rate(model, estimate)
+                if self._draining:  # interrupted: nothing new goes out
+                    raise asyncio.CancelledError
+                task = asyncio.current_task()
+                self._sending.add(task)
                 state.outstanding += 1
                 stats.inflight += 1
                 stats.calls += 1
@@ -583,6 +629,7 @@ class Pool:
                 except ProviderError as e:
                     error = e
                 finally:
+                    self._sending.discard(task)
                     state.outstanding -= 1
                     stats.inflight -= 1
             if error is None:
@@ -608,6 +655,8 @@ class Pool:
                 return Result(key, request.id, error=f"gave up after {attempt} attempts; last: {error.message}",
                               error_type="retries", attempts=attempt, latency_s=time.monotonic() - started,
                               model=model, endpoint=state.label, meta=request.meta)
+            if self._draining:  # interrupted: no retry; nothing is recorded, so a rerun sends it again
+                raise asyncio.CancelledError
             delay = self._backoff_s(attempt, error.retry_after)
             if error.rate_limited:
                 delay = state.rate_limited(delay)
@@ -616,6 +665,16 @@ class Pool:
             stats.retries += 1
             log.debug("retry %d of %s in %.2f s: %s", attempt, key, delay, error.message)
             await asyncio.sleep(delay)
+
+
+def _being_cancelled() -> bool:
+    """Whether the running task itself was cancelled (as asyncio.run does to its main task on Ctrl-C),
+    as opposed to a CancelledError coming from some other task's result."""
+    task = asyncio.current_task()
+    if task is None:
+        return False
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    return cancelling() > 0 if cancelling is not None else True
 
 
 def run_sync(requests: Iterable[Request], endpoints: Endpoint | Sequence[Endpoint], limits: Limits | None = None,

@@ -7,7 +7,9 @@ import collections
 import contextlib
 import json
 import logging
+import os
 import random
+import signal
 import time
 
 import pytest
@@ -411,3 +413,93 @@ def test_a_cancelled_owner_hands_its_call_over(fake_server):
     owner, result = run(main())
     assert owner.cancelled() and result.ok and result.response == "echo: q0"
     assert server.stats()["requests"] == 2  # the owner's call was abandoned; the sharer made its own
+
+
+@pytest.fixture
+def sigint_default():
+    """SIGINT as asyncio.run expects to find it (it then installs its own: a first Ctrl-C cancels the main task)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def interrupted_run(server, requests, store, *, after_requests: int, interrupts: int, limits, use_map=False):
+    """Run the pool under asyncio.run and press Ctrl-C (SIGINT) ``interrupts`` times once the server has
+    seen ``after_requests`` requests. Returns the seconds from the first Ctrl-C to the KeyboardInterrupt."""
+    pressed, watchers = [], []
+
+    async def ctrl_c():
+        while server.stats()["requests"] < after_requests:
+            await asyncio.sleep(0.005)
+        for _ in range(interrupts):
+            pressed.append(time.monotonic())
+            os.kill(os.getpid(), signal.SIGINT)
+            await asyncio.sleep(0.2)
+
+    async def main():
+        watchers.append(asyncio.ensure_future(ctrl_c()))
+        async with Pool(Endpoint("compat", server.openai_url), limits, store, model="m") as pool:
+            if use_map:
+                async for _ in pool.map(requests, include_cached=False):
+                    pass
+            else:
+                await pool.run(requests)
+
+    with pytest.raises(KeyboardInterrupt):
+        asyncio.run(main())
+    if watchers[0].done() and not watchers[0].cancelled():
+        watchers[0].exception()  # a second Ctrl-C raises its KeyboardInterrupt in the watcher itself
+    return time.monotonic() - pressed[0]
+
+
+@pytest.mark.parametrize("use_map", [False, True])
+def test_ctrl_c_stores_the_answers_in_flight_and_a_rerun_sends_only_the_rest(fake_server, tmp_path, capsys,
+                                                                              sigint_default, use_map):
+    server = fake_server(latency=0.5)
+    out = tmp_path / "out.jsonl"
+    requests = chat_requests(16)
+    limits = fast_limits(concurrency=4, timeout_s=30)
+    interrupted_run(server, requests, out, after_requests=6, interrupts=1, limits=limits, use_map=use_map)
+    err = capsys.readouterr().err
+    stats = server.stats()
+    assert stats["requests"] == 8  # the second four were at the server; none was sent after the Ctrl-C
+    lines = records(out)
+    assert len(lines) == stats["answered"] == 8  # every answer the server sent is stored
+    assert all(r["ok"] and r["response"] == f"echo: q{r['id']}" for r in lines)
+    results, _ = run(run_pool(Endpoint("compat", server.openai_url), requests, out, limits=limits))
+    assert [r.response for r in results] == [f"echo: q{i}" for i in range(16)]
+    stats = server.stats()
+    assert stats["requests"] == 16 and stats["duplicates"] == 0  # the rerun sent only the 8 never answered
+    assert len(records(out)) == 16
+    assert "waiting for 4 requests in flight" in err and "Ctrl-C again abandons them" in err
+
+
+def test_a_second_ctrl_c_abandons_the_requests_in_flight(fake_server, tmp_path, capsys, sigint_default):
+    server = fake_server(latency=3.0)
+    out = tmp_path / "out.jsonl"
+    waited = interrupted_run(server, chat_requests(8), out, after_requests=4, interrupts=2,
+                             limits=fast_limits(concurrency=4, timeout_s=30))
+    assert "waiting for 4 requests in flight" in capsys.readouterr().err
+    assert waited < 2.0  # not the 3 s the answers take
+    assert server.stats()["requests"] == 4 and records(out) == []
+
+
+def test_cancelling_the_main_task_waits_for_calls_in_flight_but_not_for_retries(fake_server, tmp_path):
+    # q0 is refused with a 429 (its retry must not be sent once cancelled); the others are at the server.
+    server = fake_server(latency=0.3, reply=lambda call: Fault("429") if call.last_user_text == "q0"
+                         else f"echo: {call.last_user_text}", retry_after_s=5)
+    out = tmp_path / "out.jsonl"
+
+    async def main():
+        async with Pool(Endpoint("compat", server.openai_url), fast_limits(concurrency=4, timeout_s=30), out,
+                        model="m") as pool:
+            task = asyncio.ensure_future(pool.run(chat_requests(4)))
+            while server.stats()["requests"] < 4:
+                await asyncio.sleep(0.005)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    run(main())
+    assert sorted(r["id"] for r in records(out)) == [1, 2, 3]
+    assert server.stats()["requests"] == 4
