@@ -1040,9 +1040,10 @@ def main(argv=None) -> int:
     except expected as e:
         print(f"bezoar.pipeline: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # a step that stops on its own says where it stopped; this is for the rest
-        print("bezoar.pipeline: interrupted; rerun the same command to continue from what is stored",
-              file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if not e.args:  # a command that stopped on it (_call: its step's name) has said so itself
+            print("bezoar.pipeline: interrupted; rerun the same command to continue from what is stored",
+                  file=sys.stderr)
         return 130
 
 

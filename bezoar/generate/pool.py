@@ -366,23 +366,24 @@ class Pool:
         KeyboardInterrupt cancels every task) abandons them at once."""
         tasks = list(tasks)
         self._draining = True
-        sending = [t for t in tasks if t in self._sending and not t.done()]
-        for task in tasks:
-            if task not in self._sending:
-                task.cancel()
-        if not sending:
-            return
-        if self._progress is not None and self._progress.tty:
-            self._progress.stream.write("\r\x1b[K")
-        print(f"interrupted: waiting for {len(sending)} requests in flight to store their answers "
-              f"(at most {self.limits.timeout_s:g} s); Ctrl-C again abandons them", file=sys.stderr, flush=True)
         try:
-            await asyncio.wait(sending, timeout=self.limits.timeout_s)
+            sending = [t for t in tasks if t in self._sending and not t.done()]
+            for task in tasks:
+                if task not in self._sending:
+                    task.cancel()
+            if sending:
+                if self._progress is not None and self._progress.tty:
+                    self._progress.stream.write("\r\x1b[K")
+                print(f"interrupted: waiting for {len(sending)} requests in flight to store their answers "
+                      f"(at most {self.limits.timeout_s:g} s); Ctrl-C again abandons them", file=sys.stderr,
+                      flush=True)
+                await asyncio.wait(sending, timeout=self.limits.timeout_s)
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self._tasks.difference_update(tasks)
+            self._draining = False  # this drain is over: a later call of the same pool sends as usual
 
     async def _close_providers(self) -> None:
         for state in self._states:
@@ -485,11 +486,14 @@ class Pool:
                 await self._drain(pending)
             raise
         finally:
-            for task in pending:
+            # A drain under way (the pool's __aexit__, when the interrupt came in the caller's loop body and this
+            # generator is closed meanwhile) waits for the requests in flight itself: leave those to it.
+            drop = [t for t in pending if not (self._draining and t in self._sending)]
+            for task in drop:
                 task.cancel()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
-            self._tasks.difference_update(pending)
+            if drop:
+                await asyncio.gather(*drop, return_exceptions=True)
+            self._tasks.difference_update(drop)
 
     async def _submit(self, request: Request, key: str, model: str) -> Result:
         shared = self._inflight.get(key)
@@ -674,7 +678,9 @@ def _being_cancelled() -> bool:
     if task is None:
         return False
     cancelling = getattr(task, "cancelling", None)  # Python 3.11+
-    return cancelling() > 0 if cancelling is not None else True
+    # Before 3.11 asyncio.run has no SIGINT handler: a Ctrl-C cancels every task at once and there is nothing to
+    # wait for (the requests in flight are cancelled too), so no drain.
+    return cancelling() > 0 if cancelling is not None else False
 
 
 def run_sync(requests: Iterable[Request], endpoints: Endpoint | Sequence[Endpoint], limits: Limits | None = None,

@@ -461,7 +461,7 @@ class CompatProvider:
                 # The server wants a key and none went: compat sends one only when its variable is named.
                 error = ProviderError(f"{self.label} requires an API key (HTTP 401) and none was sent: compat sends "
                                       "one only when --api-key-env NAME (a recipe's api_key_env) names the variable "
-                                      f"that holds it (the server said: {_error_fields(parsed)[0] or text.strip()[:300]})",
+                                      f"that holds it (the server said: {_error_fields(parsed)[0] or text.strip()[:300] or 'HTTP 401'})",
                                       FATAL, status=status)
             raise error
         try:

@@ -441,7 +441,8 @@ def interrupted_run(server, requests, store, *, after_requests: int, interrupts:
         async with Pool(Endpoint("compat", server.openai_url), limits, store, model="m") as pool:
             if use_map:
                 async for _ in pool.map(requests, include_cached=False):
-                    pass
+                    if use_map == "awaits":  # the interrupt lands in the caller's loop body, not in the pool
+                        await asyncio.sleep(0.3)
             else:
                 await pool.run(requests)
 
@@ -452,7 +453,7 @@ def interrupted_run(server, requests, store, *, after_requests: int, interrupts:
     return time.monotonic() - pressed[0]
 
 
-@pytest.mark.parametrize("use_map", [False, True])
+@pytest.mark.parametrize("use_map", [False, True, "awaits"])
 def test_ctrl_c_stores_the_answers_in_flight_and_a_rerun_sends_only_the_rest(fake_server, tmp_path, capsys,
                                                                               sigint_default, use_map):
     server = fake_server(latency=0.5)
@@ -503,3 +504,21 @@ def test_cancelling_the_main_task_waits_for_calls_in_flight_but_not_for_retries(
     run(main())
     assert sorted(r["id"] for r in records(out)) == [1, 2, 3]
     assert server.stats()["requests"] == 4
+
+
+def test_a_pool_goes_on_after_a_cancelled_call(fake_server, tmp_path):
+    """A drain marked the pool as interrupted for good: a later call of the same pool (after a wait_for timed out
+    around an earlier one) raised CancelledError."""
+    server = fake_server(latency=0.3)
+    out = tmp_path / "out.jsonl"
+
+    async def main():
+        async with Pool(Endpoint("compat", server.openai_url), fast_limits(concurrency=4, timeout_s=30), out,
+                        model="m") as pool:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(pool.run(chat_requests(3)), timeout=0.1)
+            return await pool.run(chat_requests(5))
+
+    results = run(main())
+    assert [r.response for r in results] == [f"echo: q{i}" for i in range(5)]
+    assert server.stats()["duplicates"] == 0  # the first three, answered meanwhile, were stored once

@@ -531,6 +531,13 @@ def test_pipeline_command_line_flags_between_overrides_a_missing_root_and_ctrl_c
                                        "stored\n")
     with pytest.raises(KeyboardInterrupt):  # a command's exit 130 inside the pipeline stops it as interrupted
         pipeline._call(lambda argv: 130, [], "generate:lamini")
+
+    def command_interrupted(*a, **k):  # the command said so itself: no second line
+        raise KeyboardInterrupt("generate:lamini")
+
+    monkeypatch.setattr(pipeline, "run_pipeline", command_interrupted)
+    assert pipeline.main(["--recipe", "openbezoar_tiny", "--out", str(tmp_path / "r")]) == 130
+    assert capsys.readouterr().err == ""
     monkeypatch.setattr(eval_main, "run_harness", interrupted)
     assert eval_main.main(["harness", "--tasks", "x", "--dry-run"]) == 130
     assert "bezoar.eval harness: interrupted; rerun the same command" in capsys.readouterr().err
