@@ -41,8 +41,10 @@ What a call goes through (``submit``):
    more is sent (requests waiting for a slot, the rate or a retry are dropped), the requests already
    at the provider are waited for, each for at most its own timeout (``Limits.timeout_s``), and
    their answers stored as usual; then the cancellation goes on (KeyboardInterrupt, exit 130). A
-   second Ctrl-C abandons them at once. A caller of ``submit`` cancelled on its own still cancels
-   its call.
+   second Ctrl-C abandons them at once. Any cancellation of the task awaiting ``run`` / ``map`` does the
+   same (a ``wait_for`` around it returns only once those answers are in); the pool then serves later
+   calls as usual. A caller of ``submit`` cancelled on its own still cancels its call. Python 3.11 and
+   later: before, asyncio.run cancels every task at once on Ctrl-C, and nothing is waited for.
 """
 
 from __future__ import annotations
