@@ -133,8 +133,7 @@ if triton is not None:
 # ----------------------------------------------------------------------------- launcher
 
 
-def _check(hidden, weight, labels, reduction, name: str = "linear_cross_entropy",
-           chunk_tokens: int | None = None):
+def _check(hidden, weight, labels, reduction, name: str = "linear_cross_entropy"):
     if reduction not in REDUCTIONS:
         raise ValueError(f"{name}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
@@ -151,7 +150,6 @@ def _check(hidden, weight, labels, reduction, name: str = "linear_cross_entropy"
         )
     if labels.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name}: labels must be int32/int64, got {labels.dtype}")
-    _check_chunk(name, chunk_tokens)
 
 
 def _check_chunk(name: str, chunk_tokens) -> None:
@@ -318,7 +316,7 @@ def linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100, reduc
     hidden, weight, autocasting = _autocast_operands(hidden, weight)
     if not use_triton(hidden, weight, labels):  # the reference checks its inputs
         return linear_cross_entropy_reference(hidden, weight, labels, ignore_index, reduction)
-    _check(hidden, weight, labels, reduction, chunk_tokens=chunk_tokens)
+    _check(hidden, weight, labels, reduction)
     _check_label_range(labels, weight.shape[0], ignore_index)
     with torch.autocast(hidden.device.type, enabled=False) if autocasting else contextlib.nullcontext():
         return _linear_cross_entropy_triton(hidden, weight, labels, ignore_index, reduction, chunk_tokens)
@@ -347,7 +345,7 @@ def linear_token_logprobs(hidden, weight, labels, ignore_index: int = -100,
     hidden, weight, autocasting = _autocast_operands(hidden, weight)
     if not use_triton(hidden, weight, labels):  # the reference checks its inputs
         return linear_token_logprobs_reference(hidden, weight, labels, ignore_index)
-    _check(hidden, weight, labels, "sum", "linear_token_logprobs", chunk_tokens)
+    _check(hidden, weight, labels, "sum", "linear_token_logprobs")
     _check_label_range(labels, weight.shape[0], ignore_index, "linear_token_logprobs")
     with torch.autocast(hidden.device.type, enabled=False) if autocasting else contextlib.nullcontext():
         return _linear_token_logprobs_triton(hidden, weight, labels, ignore_index, chunk_tokens)
