@@ -790,6 +790,14 @@ def preflight(recipe: Recipe, root: Path, steps: list[Step]) -> None:
         raise PipelineError(f"step {s.name} has checkpoints ({s.status}) but the recipe's settings for it changed "
                             f"since it started ({'; '.join(s.changed[:4])}). Put them back to continue it, or remove "
                             f"the stage's folder {s.out} to train it from step 0{AFTER_REDO}, or use another --out.")
+    from bezoar.train.run import check_length
+
+    for s in steps:  # a started stage whose max_steps is now below its last checkpoint: run_stage would refuse it
+        if s.kind == "train" and not s.done and s.status.startswith("resume"):
+            try:
+                check_length(s.out, s.config)
+            except ConfigError as e:
+                raise PipelineError(f"step {s.name}: {e}") from None
     stale = [s for s in steps if refused_stale(s)]  # generate and train: refused rather than redone
     if stale:
         s = stale[0]

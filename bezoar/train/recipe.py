@@ -438,6 +438,9 @@ def describe_plan(recipe: Recipe, root: Path, overrides: list[str]) -> list[dict
                           f"or remove {out} to redo")
             elif stale:
                 status = f"checkpoints on another base ({stale}): a run stops; remove {out} to redo"
+            elif 0 < cfg.train.max_steps < list_checkpoints(out)[-1][0]:  # run_recipe stops here (check_length)
+                status = (f"checkpoints up to step {list_checkpoints(out)[-1][0]}, past train.max_steps="
+                          f"{cfg.train.max_steps}: a run stops; raise max_steps or remove {out} to redo")
         else:
             status = "to run"
         plan.append({"name": stage.name, "stage": cfg.stage, "model": cfg.model.path, "data": cfg.data.path,

@@ -261,6 +261,7 @@ def check_started(out: Path, cfg: StageConfig, root: Path | None = None) -> None
         raise ConfigError(f"{out}: this stage was started (checkpoints up to step {list_checkpoints(out)[-1][0]}) "
                           f"with other settings ({describe_changes(changed)}); put them back to continue it, or "
                           f"remove the folder {out} to train it from step 0, or choose another --out")
+    check_length(out, cfg)
 
 
 def check_run_dir(out: Path, cfg: StageConfig, resume: bool, root: Path | None = None) -> None:
@@ -278,8 +279,17 @@ def check_run_dir(out: Path, cfg: StageConfig, resume: bool, root: Path | None =
         raise ConfigError(f"{out / 'config.toml'}: --resume with a different config ({', '.join(list(changed)[:5])}); "
                           "resume with the config the run started with")
     check_base(out, cfg)
-    step, path = list_checkpoints(out)[-1]
-    if 0 < cfg.train.max_steps < step:  # (a length in epochs is checked by the trainer, which counts the batches)
+    check_length(out, cfg)
+
+
+def check_length(out: Path, cfg: StageConfig) -> None:
+    """A run resumes only toward a step past its last checkpoint (a length in epochs is checked by the trainer,
+    which counts the batches)."""
+    checkpoints = list_checkpoints(out)
+    if not checkpoints:
+        return
+    step, path = checkpoints[-1]
+    if 0 < cfg.train.max_steps < step:
         raise ConfigError(f"train.max_steps={cfg.train.max_steps}: {path} is at step {step} already; resume with at "
                           "least that many steps, or start a new run with another out=")
 

@@ -541,3 +541,33 @@ def test_pipeline_command_line_flags_between_overrides_a_missing_root_and_ctrl_c
     monkeypatch.setattr(eval_main, "run_harness", interrupted)
     assert eval_main.main(["harness", "--tasks", "x", "--dry-run"]) == 130
     assert "bezoar.eval harness: interrupted; rerun the same command" in capsys.readouterr().err
+
+
+def test_a_started_stage_shortened_below_its_last_checkpoint_stops_before_anything_runs(tmp_path, capsys):
+    """max_steps below a started stage's last checkpoint passed the plan and preflight (its length may change on a
+    resume), and the run stopped only at that stage's start. Now the plan, the pipeline's preflight and
+    bezoar.train --recipe say so before the first step; max_steps at the checkpoint's step or above still resumes."""
+    from bezoar.pipeline import main as pipeline_main
+    from bezoar.train.__main__ import main as train_main
+
+    root = tmp_path / "run"
+    recipe = load_recipe("openbezoar_tiny")
+    _fake_trained(root, recipe, [], {"lamini"})
+    (root / "lamini" / "summary.json").unlink()  # started, not finished
+    (root / "lamini" / "checkpoints" / "step-4").mkdir(parents=True)
+    (root / "lamini" / "checkpoints" / "step-4" / "trainer_state.pt").write_bytes(b"state")
+    for s in plan(recipe, root, [])[:2]:
+        write_marker(s, 1.0)
+    for overrides in (["lamini.train.max_steps=4"], ["lamini.train.max_steps=0"]):
+        preflight(recipe, root, plan(load_recipe("openbezoar_tiny", overrides), root, overrides))  # no error
+    overrides = ["lamini.train.max_steps=3"]
+    with pytest.raises(PipelineError) as e:
+        preflight(recipe, root, plan(load_recipe("openbezoar_tiny", overrides), root, overrides))
+    assert str(e.value).startswith("step train:lamini: train.max_steps=3: ") and "is at step 4 already" in str(e.value)
+    assert pipeline_main(["--recipe", "openbezoar_tiny", "--out", str(root), "--dry-run", *overrides]) == 2
+    assert "is at step 4 already" in capsys.readouterr().err
+    assert train_main(["--recipe", "openbezoar_tiny", "--out", str(root), "--dry-run", *overrides]) == 2
+    out, err = capsys.readouterr()
+    assert re.search(r"lamini .*checkpoints up to step 4, past train\.max_steps=3: a run stops", out), out
+    assert train_main(["--recipe", "openbezoar_tiny", "--out", str(root), *overrides]) == 2
+    assert "train.max_steps=3: " in capsys.readouterr().err
