@@ -4,7 +4,10 @@
 torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) here. NCCL on GPUs, gloo on CPU.
 The NF4 base is replicated and frozen (DDP syncs only parameters that require grad, and buffers are
 not broadcast); every rank takes its own share of each global batch (``BatchLoader(world_size, rank)``),
-so the global batch and the loss normalisation equal the single-process run. Rank 0 alone writes
+so the global batch and the loss normalisation equal the single-process run, and without LoRA dropout so do
+the results (to float rounding). With dropout they agree only in distribution: each rank draws its masks
+from its own seed (``train.seed + rank``), so no rank draws the masks that one process would for its rows.
+Rank 0 alone writes
 metrics, checkpoints and the final adapter.
 
 ``model.device`` under torchrun (``rank_device``): ``auto`` trains each rank on its own GPU, cuda:LOCAL_RANK,

@@ -89,7 +89,7 @@ class LoopConfig:
     seed: int = 0
     log_every: int = 1
     eval_every: int = 0  # optimizer steps between evals (0: only at the end when there is eval data)
-    eval_max_batches: int = 0  # 0: the whole eval set
+    eval_max_batches: int = 0  # 0: the whole eval set; N: N batches of one fixed shuffled order, the same each eval
     save_every: int = 0  # optimizer steps between checkpoints (0: only the end state's)
     keep_last: int = 2  # checkpoints kept (older ones are deleted)
     profile: bool = False  # trace a few steps with torch.profiler into <out>/profile
@@ -267,7 +267,7 @@ class Trainer:
         # other, so every batch of every epoch asked for is trained once and no batch of a later one is.
         self.steps_per_epoch = -(-micro_per_epoch // loop.grad_accum)
         self.total_steps = (loop.max_steps if loop.max_steps > 0
-                            else max(1, int(math.ceil(loop.epochs * self.steps_per_epoch))))
+                            else max(1, math.ceil(round(loop.epochs * self.steps_per_epoch, 6))))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim, self.total_steps))
         self.autocast_dtype, use_scaler = resolve_precision(loop.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None

@@ -379,8 +379,13 @@ def _run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None, roo
             from dataclasses import replace
 
             eval_docs, eval_stats = build_documents(replace(cfg.data, path=cfg.eval_path, limit=None), tokenizer)
-            eval_loader = DeviceBatches(_loader(cfg, cfg.eval_path, eval_docs, tokenizer, world, rank, shuffle=False),
-                                        device)
+            # A capped eval (eval_max_batches) takes its batches from one fixed shuffled order, the same at every
+            # eval; in file order its first batches are the longest documents' rows (packing fills rows
+            # longest first), which no eval over the whole set would be like. A whole eval keeps the order that
+            # pads least.
+            shuffled = cfg.train.eval_max_batches > 0
+            eval_loader = DeviceBatches(_loader(cfg, cfg.eval_path, eval_docs, tokenizer, world, rank,
+                                                shuffle=shuffled), device)
         if rank0:
             out.mkdir(parents=True, exist_ok=True)
             if dist is not None:

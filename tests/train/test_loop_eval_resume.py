@@ -27,6 +27,35 @@ def test_eval_max_batches_takes_the_same_batches_every_time(tmp_path):
     assert len(set(evals)) == 1, f"eval_max_batches=1 evaluated different batches: {evals}"
 
 
+def test_a_capped_eval_reads_a_fixed_shuffled_order_not_the_longest_rows(tmp_path, monkeypatch):
+    """eval_max_batches took the eval loader's first batches in file order, where packing puts the rows of the
+    longest documents first: a biased eval loss. A capped eval now reads one fixed shuffled order (the same each
+    eval); a whole eval keeps the order, which pads least."""
+    import numpy as np
+
+    import bezoar.train.run as run
+
+    made = {}
+    real = run._loader
+
+    def recording(cfg, path, docs, tokenizer, world, rank, shuffle=True):
+        loader = real(cfg, path, docs, tokenizer, world, rank, shuffle=shuffle)
+        made.setdefault(path, []).append((shuffle, loader, docs))
+        return loader
+
+    monkeypatch.setattr(run, "_loader", recording)
+    eval_path = "bezoar:assets/demo/sft_eval.jsonl"
+    for cap in (1, 0):
+        out = tmp_path / f"run{cap}"
+        run_stage(tiny_sft_config(out, "train.max_steps=1", f"train.eval_max_batches={cap}", f"eval_path={eval_path}",
+                                  "train.batch_size=2", "data.packed=false"), log=_quiet)
+    (capped, loader, docs), (whole, _, _) = next(v for k, v in made.items() if k.endswith("sft_eval.jsonl"))
+    assert capped and not whole
+    lengths = docs.doc_length
+    first = loader.batch(0, 0)["doc_table"][:, 2].numpy()
+    assert first.min() < np.sort(lengths)[-len(first)], f"a capped eval began with the longest rows: {first}"
+
+
 def test_resume_after_the_last_step_logs_the_final_eval_once(tmp_path):
     out = tmp_path / "run"
     args = ("train.max_steps=4", "train.save_every=2", "train.eval_every=2", "eval_path=bezoar:assets/demo/sft_eval.jsonl")
@@ -409,3 +438,29 @@ def _adapter_at(out, step):
     from safetensors.torch import load_file
 
     return load_file(str(out / "checkpoints" / f"step-{step}" / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("epochs, steps_per_epoch, total", [(1.1, 100, 110), (2.2, 100, 220), (0.5, 100, 50),
+                                                            (0.3, 10, 3), (1.01, 100, 101), (0.001, 10, 1)])
+def test_a_fractional_epoch_count_trains_its_steps_without_a_rounding_extra(epochs, steps_per_epoch, total):
+    """epochs = 1.1 over 100 steps an epoch ran 111 steps: 1.1 * 100 is 110.00000000000001 in floats."""
+    import torch
+
+    from bezoar.train.loop import LoopConfig, OptimConfig, Trainer
+
+    class Batches:
+        def __len__(self):
+            return steps_per_epoch
+
+        def __iter__(self):
+            return iter(range(steps_per_epoch))
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    trainer = Trainer(torch.nn.Linear(2, 2), None, Batches(), LoopConfig(epochs=epochs, progress=False), OptimConfig(),
+                      "unused")
+    assert trainer.total_steps == total
