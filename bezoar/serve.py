@@ -337,15 +337,17 @@ class Engine:
             return
         text = job.text
         if not final:
-            # Hold back a tail that may still turn into a stop string or complete a UTF-8 character.
+            # Hold back a UTF-8 character still being completed (trailing U+FFFD), and before it a tail that may
+            # still turn into a stop string: one that starts "Q" and goes on with a multibyte character shows as
+            # "Q\ufffd" until that character is whole, and the "Q" must wait too.
+            pending = len(text) - len(text.rstrip("\ufffd"))
+            text = text[: len(text) - pending]
             hold = 0
             for s in job.stop:
                 for k in range(min(len(s) - 1, len(text)), 0, -1):
                     if text.endswith(s[:k]):
                         hold = max(hold, k)
                         break
-            if text.endswith("\ufffd"):
-                hold = max(hold, len(text) - len(text.rstrip("\ufffd")))
             text = text[: len(text) - hold]
         delta = text[job.sent:] if len(text) > job.sent else ""
         if delta or final:
@@ -615,6 +617,18 @@ def token_bytes(tokenizer, token_id: int) -> list[int]:
 # gives one per maximal broken run.
 _BYTEWISE_REPLACE = "bezoar-bytewise-replace"
 codecs.register_error(_BYTEWISE_REPLACE, lambda e: ("\ufffd" * (e.end - e.start), e.end))
+
+
+def echo_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """The prompt's text as ``echo`` shows it before the completion's (``continuation``), so that the two join
+    to ``decode(prompt_ids + new_ids)``: all of ``decode(prompt_ids)``, unless the prompt ends inside a
+    character that ``new_ids`` complete, which then belongs to the completion (its bytes' replacement
+    characters are left out here)."""
+    before = tokenizer.decode(list(prompt_ids))
+    if not before.endswith("\ufffd"):  # no character left open at the prompt's end
+        return before
+    whole = tokenizer.decode(list(prompt_ids) + list(new_ids))
+    return before if whole.startswith(before) else os.path.commonprefix([before, whole])
 
 
 def token_pieces(tokenizer, ids: list[int], context: list[int] = ()) -> list[str]:
@@ -889,7 +903,7 @@ class Server:
         for job in jobs:
             text = job.text
             if echo:
-                text = self.tokenizer.decode(job.prompt_ids) + text
+                text = echo_text(self.tokenizer, job.prompt_ids, job.new_ids) + text
             choices.append({"index": job.index, "text": text, "finish_reason": job.finish_reason,
                             "logprobs": self._completion_logprobs(job) if logprobs is not None else None})
         return web.json_response({"id": rid, "object": "text_completion", "created": created, "model": self.name,
@@ -902,6 +916,13 @@ class Server:
         left out: clients such as lm-eval index ``token_logprobs`` by token position."""
         ids = (job.prompt_ids if job.echo else []) + job.new_ids
         tokens = token_pieces(self.tokenizer, job.prompt_ids) if job.echo else []
+        if tokens:  # a character the prompt leaves open and the completion closes is the completion's
+            extra = len("".join(tokens)) - len(echo_text(self.tokenizer, job.prompt_ids, job.new_ids))
+            for i in range(len(tokens) - 1, -1, -1):
+                if extra <= 0:
+                    break
+                cut = min(extra, len(tokens[i]))
+                tokens[i], extra = tokens[i][: len(tokens[i]) - cut], extra - cut
         new = token_pieces(self.tokenizer, job.new_ids, job.prompt_ids)
         if new and job.stop_hit:  # the last token may straddle the stop: only its returned part
             new[-1] = new[-1][: len(new[-1]) - (len("".join(new)) - len(job.text))]
@@ -1026,16 +1047,22 @@ class Server:
             await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
 
         queue = jobs[0].stream
+        echoed: dict[int, int] = {}  # echo: the length of the prompt's text sent so far, until the first delta
         runner = asyncio.create_task(self.engine.run(jobs))
         try:
             if chat:
                 await send([{"index": j.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                              "finish_reason": None} for j in jobs])
             else:
+                # The prompt's text goes first, but for a character it leaves open (trailing replacement
+                # characters): whether the completion closes it is known by the job's first delta, which then
+                # carries the rest of the echo (``echo_text``).
                 for job in jobs:
                     if job.echo:
-                        await send([{"index": job.index, "text": self.tokenizer.decode(job.prompt_ids),
-                                     "logprobs": None, "finish_reason": None}])
+                        first = self.tokenizer.decode(job.prompt_ids).rstrip("\ufffd")
+                        echoed[job.index] = len(first)
+                        await send([{"index": job.index, "text": first, "logprobs": None, "finish_reason": None}])
+            by_index = {job.index: job for job in jobs}
             open_jobs = len(jobs)
             while open_jobs:
                 index, delta, reason = await queue.get()
@@ -1043,6 +1070,9 @@ class Server:
                     break
                 if reason is not None:
                     open_jobs -= 1
+                if index in echoed and (delta or reason is not None):
+                    job = by_index[index]
+                    delta = echo_text(self.tokenizer, job.prompt_ids, list(job.new_ids))[echoed.pop(index):] + delta
                 if chat:
                     choice = {"index": index, "delta": {"content": delta} if delta else {}, "logprobs": None,
                               "finish_reason": reason}

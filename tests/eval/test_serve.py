@@ -210,6 +210,78 @@ def test_the_completion_keeps_the_space_its_first_token_adds_to_the_prompt(clien
     assert r.text == "" and r.finish_reason == "stop"
 
 
+def _scripted_generation(monkeypatch, script: list[int]) -> None:
+    """The server's decoding emits ``script`` (calling ``should_stop`` after each token, as ``generate_ids``
+    does) instead of the model's tokens."""
+    import bezoar.model as model_module
+
+    def scripted(model, ids, mask, max_new_tokens, temperature, top_p, top_k, eos_id, generator, should_stop,
+                 decoder):
+        outs, reasons = [], []
+        for row in range(ids.shape[0]):
+            new, reason = [], "length"
+            for t in script[:max_new_tokens]:
+                new.append(t)
+                if should_stop(row, new):
+                    reason = "stop"
+                    break
+            outs.append(new)
+            reasons.append(reason)
+        return outs, reasons
+
+    monkeypatch.setattr(model_module, "generate_ids", scripted)
+
+
+def _streamed(url: str, body: dict) -> str:
+    req = urllib.request.Request(url, json.dumps({**body, "stream": True}).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        events = r.read().decode().split("\n\n")
+    return "".join(json.loads(e[6:])["choices"][0]["text"] for e in events if e.startswith("data: {"))
+
+
+def test_a_stream_holds_back_a_stop_strings_start_while_a_character_after_it_is_incomplete(served, tiny_tokenizer,
+                                                                                          monkeypatch):
+    """A stop string "Q：" (its colon spelled in byte tokens) read "...\nQ\ufffd" while the colon was half
+    decoded: the stream held the replacement character back but sent the "Q", which the final text then cut."""
+    byte = tiny_tokenizer.sp.PieceToId
+    colon = [byte(f"<0x{b:02X}>") for b in "：".encode()]
+    assert len(set(colon)) == 3 and tiny_tokenizer.sp.unk_id() not in colon, "the test needs byte-fallback pieces"
+    _scripted_generation(monkeypatch, tiny_tokenizer.encode("The answer") + tiny_tokenizer.encode("\nQ")[1:] + colon
+                         + tiny_tokenizer.encode(" next"))
+    body = {"model": "tiny", "prompt": "Say", "max_tokens": 20, "stop": ["Q："]}
+    status, plain = post(served.url + "/v1/completions", body)
+    assert status == 200 and plain["choices"][0]["finish_reason"] == "stop"
+    assert plain["choices"][0]["text"] == " The answer\n"
+    assert _streamed(served.url + "/v1/completions", body) == " The answer\n"
+
+
+@pytest.mark.parametrize("closed", [True, False])
+def test_echo_of_a_prompt_ending_inside_a_character_reads_as_one_text(served, tiny_tokenizer, monkeypatch, closed):
+    """A token prompt that ends inside "€" echoed as decode(prompt) + the completion, and the completion begins
+    with the "€" its first token closes: "Price\ufffd\ufffd€ ok". The echo (plain, streamed and its logprobs'
+    tokens) is now decode(prompt + completion); a completion that does not close it keeps the prompt's
+    replacement characters."""
+    byte = tiny_tokenizer.sp.PieceToId
+    euro = [byte(f"<0x{b:02X}>") for b in "€".encode()]
+    prompt = tiny_tokenizer.encode("Price", bos=True) + euro[:2]
+    script = ([euro[2]] if closed else []) + tiny_tokenizer.encode("ok")  # "▁ok": " ok" after a character
+    _scripted_generation(monkeypatch, script)
+    whole = tiny_tokenizer.decode(prompt + script)
+    assert whole == ("Price€ ok" if closed else "Price\ufffd\ufffd ok"), whole
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": len(script), "echo": True}
+    status, r = post(served.url + "/v1/completions", {**body, "logprobs": 0})
+    assert status == 200, r
+    choice = r["choices"][0]
+    assert choice["text"] == whole
+    assert "".join(choice["logprobs"]["tokens"]) == whole
+    offsets, tokens = choice["logprobs"]["text_offset"], choice["logprobs"]["tokens"]
+    assert offsets == [len("".join(tokens[:i])) for i in range(len(tokens))]
+    assert _streamed(served.url + "/v1/completions", body) == whole
+    status, r = post(served.url + "/v1/completions", {**body, "echo": False})
+    assert r["choices"][0]["text"] == whole[len("Price" if closed else "Price\ufffd\ufffd"):]
+
+
 def test_stop_strings_read_the_first_new_token_after_the_prompt(tiny_tokenizer):
     """StopStrings with the prompt as context sees a stop string that starts with the first new token's
     space; without it (the lm-eval model's rule) the new tokens read as a text of their own."""

@@ -190,6 +190,23 @@ def test_top_k_must_be_a_non_negative_integer(bad, tiny_dir):
         generate_ids(model, ids, max_new_tokens=2, temperature=1.0, top_k=bad, decode="eager")
 
 
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_a_right_padded_batch_is_refused_and_a_left_padded_one_decodes_each_row_as_alone(tiny_dir, decode):
+    """A right-padded batch (Tokenizer.batch(padding_side="right")) decoded its short row on from its pad
+    tokens, without a word; transformers warns. It is now an error naming the row."""
+    from bezoar.model import Tokenizer
+
+    model, tok = load(tiny_dir), Tokenizer(tiny_dir)
+    prompts = ["What is 12 plus 7? The answer is", "Q:"]
+    ids, mask = tok.batch(prompts, bos=True, padding_side="right")
+    with pytest.raises(ValueError, match=r"row 1 of attention_mask has padding after its tokens.*left-padded"):
+        generate_ids(model, ids, mask, max_new_tokens=4, decode=decode)
+    ids, mask = tok.batch(prompts, bos=True, padding_side="left")
+    batch, _ = generate_ids(model, ids, mask, max_new_tokens=4, decode=decode)
+    alone, _ = generate_ids(model, torch.tensor([tok.encode(prompts[1], bos=True)]), max_new_tokens=4, decode=decode)
+    assert batch[1] == alone[0]
+
+
 def test_tokenizer_matches_transformers(tiny_dir):
     ours = Tokenizer(tiny_dir)
     theirs = transformers.AutoTokenizer.from_pretrained(tiny_dir)
