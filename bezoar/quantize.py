@@ -3,9 +3,10 @@
 Every linear layer of the decoder blocks (q/k/v/o, gate/up/down) becomes NF4 in transformers'
 bitsandbytes-4bit serialization (weight, weight.absmax, weight.quant_map, weight.nested_absmax,
 weight.nested_quant_map, weight.quant_state.bitsandbytes__nf4, and a ``quantization_config`` in
-config.json); embeddings, norms and lm_head stay dense in the checkpoint's dtype. The bytes are
-the ones bitsandbytes would write, so ``AutoModelForCausalLM.from_pretrained(out)`` (with
-bitsandbytes installed) and ``bezoar.model.load(out)`` both read it.
+config.json); embeddings, norms and lm_head stay dense in the checkpoint's dtype (config.json's, or
+where it names none, that of its stored tensors). The bytes are the ones bitsandbytes would write, so
+``AutoModelForCausalLM.from_pretrained(out)`` (with bitsandbytes installed) and
+``bezoar.model.load(out)`` both read it.
 
 Each layer is quantized as it streams in from the dense checkpoint (``load(quant="nf4")``), so peak
 memory stays near the size of the quantized model plus one layer.
@@ -24,14 +25,14 @@ def quantize(model_dir, out_dir, blocksize: int = 64, double_quant: bool = True,
              compute_dtype: str = "bfloat16", device: str | None = None, overwrite: bool = False) -> Path:
     """Quantize ``model_dir`` into ``out_dir``; returns the output folder."""
     from bezoar.model import CheckpointError, LlamaConfig, load, save
-    from bezoar.model.checkpoint import check_out_folder, is_prequantized
+    from bezoar.model.checkpoint import check_out_folder, is_prequantized, stored_float_dtype
 
     check_out_folder(out_dir, overwrite, model=model_dir)  # before the quantization, which takes minutes
     config = LlamaConfig.from_file(model_dir)
     if is_prequantized(config):
         raise CheckpointError(f"{Path(model_dir) / 'config.json'}: quantization_config says this checkpoint is "
                               "already bitsandbytes 4-bit")
-    model = load(model_dir, quant="nf4", device=device or "cpu", dtype=config.torch_dtype or "float32",
+    model = load(model_dir, quant="nf4", device=device or "cpu", dtype=config.torch_dtype or stored_float_dtype(model_dir) or "float32",
                  nf4_blocksize=blocksize, nf4_double_quant=double_quant, nf4_compute_dtype=compute_dtype)
     return save(model, out_dir, tokenizer_from=model_dir, overwrite=overwrite)
 

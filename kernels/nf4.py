@@ -281,6 +281,11 @@ def _check_quantize_args(weight: torch.Tensor, blocksize: int) -> None:
         raise ValueError(f"NF4 quantization takes float32/float16/bfloat16, got {weight.dtype}")
     if weight.numel() == 0:
         raise ValueError("NF4 quantization of an empty tensor")
+    # A NaN or inf has no NF4 code: the torch path would end in an index error (double quant) or a NaN
+    # absmax, and the Triton kernel's block maximum skips NaN and would store a finite value in its place.
+    low, high = torch.aminmax(weight.detach().reshape(-1))  # one read, no temporary; NaN propagates
+    if not bool(torch.isfinite(low) & torch.isfinite(high)):
+        raise ValueError("NF4 quantization: the weight holds values that are not finite (NaN or inf)")
 
 
 # ----------------------------------------------------------------------------- 8-bit absmax (torch, every device)

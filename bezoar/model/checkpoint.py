@@ -68,8 +68,8 @@ def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
             return sorted(p for p in pickles if p.suffix == ".bin")
         raise CheckpointError(
             f"{pickles[0]}: pickled PyTorch weights; bezoar reads safetensors only, because unpickling can run "
-            "code. Convert the folder to safetensors, or pass allow_pickle=True to read it with "
-            "torch.load(weights_only=True)."
+            "code. Convert the folder to safetensors (transformers' save_pretrained writes them), or, from "
+            "Python, pass allow_pickle=True to bezoar.model.load to read it with torch.load(weights_only=True)."
         )
     raise CheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} (no weights found)")
 
@@ -112,6 +112,25 @@ def _iter_tensors(path: Path):
     with handle as f:
         for key in f.keys():
             yield key, (lambda key=key: f.get_tensor(key))
+
+
+_SAFETENSORS_FLOATS = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def stored_float_dtype(folder: Path) -> str | None:
+    """The dtype of the first floating-point tensor in a checkpoint's first weight file, read from its safetensors
+    header alone (None for a pickled or unreadable file, or one without floating-point tensors)."""
+    try:
+        path = weight_files(Path(folder))[0]
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if 0 < size < 1 << 30 else {}
+    except (OSError, ValueError, CheckpointError):
+        return None
+    for key, entry in header.items():
+        if key != "__metadata__" and isinstance(entry, dict) and entry.get("dtype") in _SAFETENSORS_FLOATS:
+            return _SAFETENSORS_FLOATS[entry["dtype"]]
+    return None
 
 
 def _set_param(model: nn.Module, key: str, value: torch.Tensor) -> None:
@@ -230,9 +249,13 @@ def load(path, quant: str | None = None, adapter=None, device=None, dtype=None, 
                 from .nf4 import NF4Linear
 
                 w = tensor.to(device=device)
-                _replace_module(model, key[: -len(".weight")], NF4Linear.from_float(
-                    w, blocksize=nf4_blocksize, double_quant=nf4_double_quant, compute_dtype=compute_dtype))
-                del w
+                try:
+                    module = NF4Linear.from_float(w, blocksize=nf4_blocksize, double_quant=nf4_double_quant,
+                                                  compute_dtype=compute_dtype)
+                except ValueError as e:  # a weight NF4 cannot hold (NaN or inf): name it
+                    raise CheckpointError(f"{file}: tensor {key!r}: {e}") from None
+                _replace_module(model, key[: -len(".weight")], module)
+                del w, module
             else:
                 _set_param(model, key, tensor.to(device=device, dtype=dtype))
             del tensor

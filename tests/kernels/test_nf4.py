@@ -302,6 +302,19 @@ def test_bad_inputs_raise():
         nf4.NF4Weight(q.packed, q.absmax.float(), q.shape, q.dtype, 64, q.nested_absmax, q.nested_code, q.offset)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_weight_that_is_not_finite_is_refused_by_both_quantizers(bad, double_quant, dtype):
+    """A NaN or inf ended in an IndexError (torch, double quant), a NaN absmax (torch, no double quant) or, in the
+    Triton kernel, whose block maximum skips NaN, a finite value where the NaN was."""
+    w = torch.randn(5, 70).to(dtype)
+    w[3, 17] = bad
+    for quantize in (nf4.quantize_nf4_reference, nf4.quantize_nf4_triton):
+        with pytest.raises(ValueError, match=r"not finite \(NaN or inf\)"):
+            quantize(w, 64, double_quant)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape,blocksize", [((3200, 8640), 64), ((37, 61), 128), ((8640, 3200), 128)])

@@ -310,6 +310,49 @@ def test_quantize_options_and_errors(tiny_dir, tmp_path, capsys):
     assert "--no-double-quant" in capsys.readouterr().out
 
 
+def test_quantize_a_weight_that_is_not_finite_names_file_and_key_and_dense_parts_keep_the_stored_dtype(
+        tiny_dir, tmp_path, capsys):
+    """An inf in a linear weight crashed bezoar.quantize and quantize-on-load with an IndexError naming nothing
+    (double quant) or wrote a checkpoint that bezoar then refused (without). A config.json that names no dtype
+    wrote a bf16 model's embeddings and norms as fp32: they now keep the stored tensors' dtype."""
+    from safetensors.torch import load_file, save_file
+
+    from bezoar.model import CheckpointError, load
+    from bezoar.quantize import main
+
+    tensors = load_file(tiny_dir / "model.safetensors")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.model", "tokenizer_config.json"):
+        if (tiny_dir / name).exists():
+            (broken / name).write_bytes((tiny_dir / name).read_bytes())
+    key = "model.layers.1.mlp.up_proj.weight"
+    bad = dict(tensors)
+    bad[key] = bad[key].clone()
+    bad[key][2, 3] = float("inf")
+    save_file(bad, broken / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: tensor '{key}': .*not finite"):
+        load(broken, quant="nf4")
+    for extra in ([], ["--no-double-quant"]):
+        assert main(["--model", str(broken), "--out", str(tmp_path / "nf4-broken"), *extra]) == 2
+        assert f"tensor '{key}'" in capsys.readouterr().err and not (tmp_path / "nf4-broken").exists()
+
+    bf16 = tmp_path / "bf16"
+    bf16.mkdir()
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        if (tiny_dir / name).exists():
+            (bf16 / name).write_bytes((tiny_dir / name).read_bytes())
+    config = json.loads((tiny_dir / "config.json").read_text())
+    for name in ("dtype", "torch_dtype"):
+        config.pop(name, None)
+    (bf16 / "config.json").write_text(json.dumps(config))
+    save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, bf16 / "model.safetensors")
+    assert main(["--model", str(bf16), "--out", str(tmp_path / "nf4-bf16")]) == 0
+    written = load_file(tmp_path / "nf4-bf16" / "model.safetensors")
+    assert written["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert written["model.norm.weight"].dtype == torch.bfloat16
+
+
 def test_quantize_refuses_an_unusable_out_before_quantizing(tiny_dir, tmp_path, capsys, monkeypatch):
     """A file, a non-empty folder (without --overwrite) or the model's own folder as --out: one error,
     before the model is loaded and quantized (minutes for 3B), and nothing there is touched."""
