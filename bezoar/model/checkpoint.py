@@ -239,6 +239,11 @@ def load(path, quant: str | None = None, adapter=None, device=None, dtype=None, 
                 continue
             seen[key] = file
             tensor = read()
+            if prequant and not tensor.is_floating_point() and tensor.dim() == 2 and tensor.shape[1] == 1:
+                raise CheckpointError(f"{file}: tensor {key!r} is stored 4-bit (bitsandbytes, {tensor.dtype}); "
+                                      "bezoar reads only the decoder blocks' linear layers as 4-bit and needs "
+                                      "embeddings, norms and lm_head dense (transformers keeps lm_head dense "
+                                      "unless llm_int8_skip_modules leaves it out)")
             want = tuple(expected[key].shape)
             if tuple(tensor.shape) != want:
                 raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, the config "
@@ -265,6 +270,15 @@ def load(path, quant: str | None = None, adapter=None, device=None, dtype=None, 
 
         for module_name, tensors in pending_bnb.items():
             source = ", ".join(sorted({seen[k].name for k in tensors}))
+            key = f"{module_name}.weight"
+            if set(tensors) == {key} and tensors[key].is_floating_point():
+                # a linear layer saved dense in a 4-bit checkpoint (transformers' llm_int8_skip_modules): dense here too
+                tensor, want = tensors[key], tuple(expected[key].shape)
+                if tuple(tensor.shape) != want:
+                    raise CheckpointError(f"{folder / source}: tensor {key!r} has shape {tuple(tensor.shape)}, the "
+                                          f"config ({folder / 'config.json'}) implies {want}")
+                _set_param(model, key, tensor.to(device=device, dtype=dtype))
+                continue
             module = NF4Linear.from_bnb_tensors(tensors, module_name, source=source, compute_dtype=compute_dtype)
             got, want = (module.out_features, module.in_features), tuple(expected[f"{module_name}.weight"].shape)
             if got != want:

@@ -316,3 +316,30 @@ def test_attention_dropout_loads_for_inference_and_is_refused_for_training(tiny_
     with pytest.raises(StageConfigError, match="config.json key 'attention_dropout' is 0.1"):
         run_stage(cfg, log=lambda *a: None)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_4bit_checkpoints_with_skipped_modules_load_as_transformers_reads_them(tiny_dir, tmp_path):
+    """transformers + bitsandbytes keep the modules of llm_int8_skip_modules dense. A linear layer saved dense
+    beside 4-bit ones was refused as a 4-bit layer without its quant state; it now loads dense, with
+    transformers' logits. A 4-bit lm_head (skip list empty) is one error that says so, not a shape mismatch."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    ids = torch.randint(3, 200, (2, 9))
+    for skip in (["down_proj", "lm_head"], []):
+        quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32,
+                                                llm_int8_skip_modules=skip)
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=quant,
+                                                                   device_map="cpu", dtype=torch.float32)
+        folder = tmp_path / f"skip-{len(skip)}"
+        theirs.save_pretrained(folder)
+        if not skip:
+            with pytest.raises(CheckpointError, match=r"tensor 'lm_head.weight' is stored 4-bit .*lm_head dense"):
+                load(folder, device="cpu")
+            continue
+        assert load_file(folder / "model.safetensors")["model.layers.0.mlp.down_proj.weight"].dtype == torch.float32
+        ours = load(folder, device="cpu")
+        assert type(ours.model.layers[0].mlp.down_proj) is torch.nn.Linear
+        assert type(ours.model.layers[0].mlp.up_proj).__name__ == "NF4Linear"
+        with torch.no_grad():
+            torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=0)
