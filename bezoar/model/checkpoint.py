@@ -20,7 +20,7 @@ from bezoar.locking import clear_dead_writes
 
 from .config import DTYPE_NAMES, ConfigError, LlamaConfig
 from .llama import LlamaForCausalLM
-from .tokenizer import TOKENIZER_FILES
+from .tokenizer import TOKENIZER_FILES, TOKENIZER_FOLDERS
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -438,6 +438,9 @@ def save(model, path, tokenizer_from=None, max_shard_size="2GB", dtype=None, ove
         for name in TOKENIZER_FILES:
             if (Path(source) / name).exists():
                 shutil.copy2(Path(source) / name, tmp / name)
+        for name in TOKENIZER_FOLDERS:
+            if (Path(source) / name).is_dir():
+                shutil.copytree(Path(source) / name, tmp / name)
 
     if path.exists():
         old = path.with_name(path.name + f".old-{os.getpid()}")

@@ -448,6 +448,8 @@ def read_adapter_config(folder: Path, model: nn.Module) -> tuple[LoraConfig, set
     layers = cfg.get("layers_to_transform")
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
+    elif layers == []:  # PEFT reads an empty list as no layer filter, and writes one when asked
+        layers = None
     pattern = cfg.get("layers_pattern")
     if layers is not None and (not isinstance(layers, list) or pattern not in (None, "layers", ["layers"])):
         raise AdapterError(f"{path}: keys 'layers_to_transform' {cfg.get('layers_to_transform')!r} with "
@@ -461,6 +463,11 @@ def read_adapter_config(folder: Path, model: nn.Module) -> tuple[LoraConfig, set
                   and not (exclude and _peft_matches(exclude, n))]
     except (re.error, TypeError) as e:
         raise AdapterError(f"{path}: key 'target_modules' or 'exclude_modules' is malformed ({e})") from None
+    if not chosen and layers is not None and isinstance(spec, (str, list)) and any(
+            _peft_matches(spec, n) and not (exclude and _peft_matches(exclude, n)) for n in candidates):
+        raise AdapterError(f"{path}: key 'layers_to_transform' is {cfg.get('layers_to_transform')!r}, which leaves "
+                           f"none of the modules 'target_modules' selects (the model has layers 0 to "
+                           f"{model.config.num_hidden_layers - 1})")
     if not chosen or others:
         raise AdapterError(f"{path}: key 'target_modules' is {spec!r}"
                            + (f", which also takes {others[0]!r}" if others else ", which selects no module") +
@@ -512,7 +519,7 @@ def _copy_adapter_weights(modules: dict[str, LoRALinear], weights: Path, config:
     for name, m in modules.items():
         expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight
         expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight
-    seen = set()
+    seen: dict[str, str] = {}  # canonical key -> the file's key for it
     with safe_open(str(weights), framework="pt", device="cpu") as f:
         for key in f.keys():
             # PEFT writes adapter names out of the keys, but accept "...lora_A.default.weight" too.
@@ -520,6 +527,9 @@ def _copy_adapter_weights(modules: dict[str, LoRALinear], weights: Path, config:
             if canonical not in expected:
                 raise AdapterError(f"{weights}: key {key!r} does not fit this model (targets "
                                    f"{config.targets}; expected keys like {next(iter(expected))!r})")
+            if canonical in seen:  # two adapters' weights in one file: which one is meant cannot be told
+                raise AdapterError(f"{weights}: keys {seen[canonical]!r} and {key!r} are both the weight "
+                                   f"{canonical!r}; the file holds more than one adapter (save each on its own)")
             t = f.get_tensor(key)
             p = expected[canonical]
             if tuple(t.shape) != tuple(p.shape):
@@ -527,7 +537,7 @@ def _copy_adapter_weights(modules: dict[str, LoRALinear], weights: Path, config:
                                    f"{tuple(p.shape)} (r={config.r} in {folder / ADAPTER_CONFIG})")
             with torch.no_grad():
                 p.copy_(t.to(p.dtype))
-            seen.add(canonical)
+            seen[canonical] = key
     missing = [k for k in expected if k not in seen]
     if missing:
         raise AdapterError(f"{weights}: {len(missing)} adapter tensor(s) missing, e.g. {missing[0]!r}")

@@ -23,6 +23,8 @@ import torch
 # >= 4.47 saves the template as chat_template.jinja, not in tokenizer_config.json).
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json")
+# transformers 5 saves a tokenizer's named chat templates (beside the default one) as <name>.jinja in this folder.
+TOKENIZER_FOLDERS = ("additional_chat_templates",)
 
 
 class TokenizerError(ValueError):

@@ -71,7 +71,8 @@ def test_peft_adapter_in_bezoar(tiny_dir, tmp_path):
     dict(target_modules=r".*layers\.1\..*(q_proj|down_proj)"),
     dict(target_modules=["q_proj", "up_proj"], exclude_modules=["model.layers.0.self_attn.q_proj"]),
     dict(target_modules=["self_attn.v_proj"], layers_to_transform=0),
-], ids=["all-linear", "regex", "exclude", "layers_to_transform"])
+    dict(target_modules=["q_proj"], layers_to_transform=[]),  # PEFT: no layer filter (bezoar refused it)
+], ids=["all-linear", "regex", "exclude", "layers_to_transform", "layers_to_transform-empty"])
 def test_peft_module_selection_round_trips(tiny_dir, tmp_path, selection):
     """PEFT adapters that name modules by path, regex, exclusion or layer load onto the modules PEFT adapts,
     and ours saved from them adapt the same modules when PEFT or bezoar reads them back."""
@@ -98,6 +99,29 @@ def test_peft_module_selection_round_trips(tiny_dir, tmp_path, selection):
         back = peft.PeftModel.from_pretrained(hf(tiny_dir), resaved).eval()
         assert {n.removeprefix("base_model.model.") for n, m in back.named_modules() if hasattr(m, "lora_A")} == adapted
         assert_close(back(ids).logits, want, atol=1e-4, rtol=0, name="saved again, read by PEFT")
+
+
+def test_an_adapter_file_with_two_tensors_for_one_weight_or_no_layer_left_is_refused(tiny_dir, tmp_path):
+    """A file holding one LoRA weight twice (two adapter names, or a plain key beside a named one) loaded the
+    one safetensors listed last, where PEFT takes the plain one: now one error naming both keys. A
+    layers_to_transform that leaves none of the targeted modules is named, not target_modules."""
+    from safetensors.torch import load_file, save_file
+
+    model = load(tiny_dir)
+    apply_lora(model, LoraConfig(r=2, alpha=4, dropout=0.0, targets=["q_proj"]))
+    folder = save_adapter(model, tmp_path / "adapter")
+    tensors = load_file(folder / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("lora_A.weight"))
+    doubled = dict(tensors)
+    doubled[key.replace("lora_A.weight", "lora_A.other.weight")] = tensors[key] + 1
+    save_file(doubled, folder / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match=r"keys .*lora_A.* and .*lora_A.* are both the weight"):
+        load(tiny_dir, adapter=folder)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "layers_to_transform": [7]}))
+    with pytest.raises(AdapterError, match=r"key 'layers_to_transform' is \[7\], which leaves none"):
+        load(tiny_dir, adapter=folder)
 
 
 def test_merge_cli_equals_base_plus_adapter(tiny_dir, tmp_path):

@@ -109,6 +109,32 @@ def test_merged_checkpoint_keeps_the_base_chat_template(tiny_dir, adapter, tmp_p
         assert (out / name).exists() and (out / name).read_bytes() == data, name
 
 
+def test_merged_and_quantized_checkpoints_keep_the_base_named_chat_templates(tiny_dir, adapter, tmp_path):
+    """transformers 5 saves named chat templates (beside the default) as additional_chat_templates/<name>.jinja:
+    merge and quantize dropped the folder, and the merged tokenizer then read the name "tool_use" as a literal
+    template, rendering the text "tool_use"."""
+    import shutil
+
+    transformers = pytest.importorskip("transformers")
+    from bezoar.quantize import main as quantize_main
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_dir, base)
+    tok = transformers.AutoTokenizer.from_pretrained(str(base))
+    tok.chat_template = {"default": "{% for m in messages %}D:{{ m['content'] }}{% endfor %}",
+                         "tool_use": "{% for m in messages %}T:{{ m['content'] }}{% endfor %}"}
+    tok.save_pretrained(str(base))
+    assert (base / "additional_chat_templates" / "tool_use.jinja").exists(), "transformers saved them elsewhere"
+    merged, quantized = tmp_path / "merged", tmp_path / "nf4"
+    assert main(["--model", str(base), "--adapter", str(adapter), "--out", str(merged)]) == 0
+    assert quantize_main(["--model", str(base), "--out", str(quantized)]) == 0
+    messages = [{"role": "user", "content": "hi"}]
+    for out in (merged, quantized):
+        tok = transformers.AutoTokenizer.from_pretrained(str(out))
+        assert tok.apply_chat_template(messages, chat_template="tool_use", tokenize=False) == "T:hi", out
+        assert tok.apply_chat_template(messages, tokenize=False) == "D:hi", out
+
+
 def _gone_pid() -> int:
     """The pid of a process that has ended."""
     import subprocess
