@@ -31,6 +31,7 @@ import os
 import weakref
 
 import torch
+from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 
 from .dispatch import interpreting, use_triton
@@ -538,6 +539,7 @@ class FlashAttentionFunction(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable  # the backward runs Triton kernels: no graph for a second derivative
     def backward(ctx, do):
         q, k, v, o, lse, doc_ids, first, last = ctx.saved_tensors
         dq, dk, dv = _flash_backward(do, q, k, v, o, lse, doc_ids, first, last, ctx.scale)

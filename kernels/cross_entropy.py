@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 
 from .dispatch import use_triton
@@ -236,6 +237,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return loss.sum() * scale[0]
 
     @staticmethod
+    @once_differentiable  # the backward runs Triton kernels: no graph for a second derivative
     def backward(ctx, grad_loss):
         dh, dw = ctx.saved_tensors
         grad_hidden = grad_weight = None
@@ -265,6 +267,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         return (-loss).view(labels.shape)
 
     @staticmethod
+    @once_differentiable  # the backward runs Triton kernels: no graph for a second derivative
     def backward(ctx, grad_logp):
         g = grad_logp.reshape(-1).to(torch.float32)
         if ctx.recompute:

@@ -135,6 +135,7 @@ import os
 from collections.abc import Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 
 from bezoar_kernels import dequant_cache, dispatch, tuning
@@ -1923,6 +1924,7 @@ class LoRAFunction(torch.autograd.Function):
         return tuple(outputs)
 
     @staticmethod
+    @once_differentiable  # the backward runs Triton kernels: no graph for a second derivative
     def backward(ctx, *dys: torch.Tensor):
         plan = ctx.plan
         x2d, xa, a, b, block = ctx.saved_tensors

@@ -71,6 +71,7 @@ import dataclasses
 import os
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from bezoar_kernels import dequant_cache, dispatch, nf4_tma, tuning
 from bezoar_kernels.launch import cdiv, launch_fitting, next_power_of_2, sm_count, triton_version
@@ -1177,6 +1178,7 @@ class NF4MatmulFunction(torch.autograd.Function):
         return nf4_matmul_forward(x2d, weight, chosen).reshape(*lead, weight.shape[0])
 
     @staticmethod
+    @once_differentiable  # the backward runs Triton kernels: no graph for a second derivative
     def backward(ctx, dy: torch.Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None, None

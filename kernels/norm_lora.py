@@ -49,9 +49,10 @@ import os
 from collections.abc import Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from bezoar_kernels import dispatch, tuning
-from bezoar_kernels.launch import cdiv, sm_count
+from bezoar_kernels.launch import cdiv, sm_count, triton_version
 from bezoar_kernels.lora import (
     MAX_KERNEL_RANK,
     Adapter,
@@ -355,6 +356,16 @@ def _block_k(r_pad: int) -> int:
     return 128 if r_pad <= 32 else 64 if r_pad <= 64 else 32
 
 
+def _forward_block_k(r_pad: int, p: int) -> int:
+    """The forward's columns per step: ``_block_k``, but for three projections at r_pad 32 under triton < 3.9,
+    whose sm_90 build of the 128-column step spills (255 registers, a 40-byte stack) where the 64-column one
+    takes 116 registers and no stack; 3.9 builds the 128-column step without a stack
+    (``bench/sass.py norm_lora_fwd --meta P=3 --meta R_PAD=32 --meta BLOCK_K=128``)."""
+    if r_pad == 32 and p >= 3 and triton_version() < (3, 9):
+        return 64
+    return _block_k(r_pad)
+
+
 def _norm_lora_forward(x2d, res2d, norm_weight, eps, a, plan: _Plan):
     """(s, rstd, xa, wide): the norm and the masked down products in one pass (``_norm_lora_fwd_kernel``)."""
     m, k = x2d.shape
@@ -372,7 +383,8 @@ def _norm_lora_forward(x2d, res2d, norm_weight, eps, a, plan: _Plan):
         m, k, r, eps, *_three(plan.seeds, 0), threshold, keep_scale,
         x2d.stride(0), res2d.stride(0) if res2d is not None else 0, s.stride(0), wide.stride(0),
         P=p, HAS_RESIDUAL=res2d is not None, DROPOUT=plan.dropout, R_PAD=r_pad, BLOCK_M=_BLOCK_M,
-        BLOCK_K=_block_k(r_pad), WIDTH=width, DOT_PRECISION=_dot_precision(dtype), **_wide_pad(wide, k, p, r),
+        BLOCK_K=_forward_block_k(r_pad, p), WIDTH=width, DOT_PRECISION=_dot_precision(dtype),
+        **_wide_pad(wide, k, p, r),
         num_warps=4,
     )
     return s, rstd, xa, wide
@@ -431,6 +443,7 @@ class NormLoRAFunction(torch.autograd.Function):
         return (*outputs, s_out)
 
     @staticmethod
+    @once_differentiable  # the backward runs Triton kernels: no graph for a second derivative
     def backward(ctx, *grads):
         plan, k = ctx.plan, ctx.k
         s, rstd, nw, wide, xa, a, b, block = ctx.saved_tensors

@@ -24,6 +24,7 @@ Backward, with xhat = s * rstd and g = dy * weight (both fp32):
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .dispatch import use_triton
 from .launch import cdiv, next_power_of_2
@@ -218,6 +219,7 @@ class RMSNormFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
+    @once_differentiable  # the backward runs Triton kernels: no graph for a second derivative
     def backward(ctx, dy):
         s, weight, rstd = ctx.saved_tensors
         dx, dw = _backward(dy, None, s, weight, rstd, ctx.needs_input_grad[1], ctx.x_dtype)
@@ -234,6 +236,7 @@ class RMSNormAddFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1]), s.view(x.shape)
 
     @staticmethod
+    @once_differentiable  # the backward runs Triton kernels: no graph for a second derivative
     def backward(ctx, dy, ds):
         s, weight, rstd = ctx.saved_tensors
         dx, dw = _backward(dy, ds, s, weight, rstd, ctx.needs_input_grad[2], ctx.x_dtype)
@@ -256,6 +259,7 @@ class RMSNormKeepFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1]), x.view_as(x)
 
     @staticmethod
+    @once_differentiable  # the backward runs Triton kernels: no graph for a second derivative
     def backward(ctx, dy, ds):
         s, weight, rstd = ctx.saved_tensors  # (autograd passes zeros for an output that was not used)
         dx, dw = _backward(dy, ds, s, weight, rstd, ctx.needs_input_grad[1], ctx.x_dtype)

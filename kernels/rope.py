@@ -19,6 +19,7 @@ token, so those reads mostly hit the cache).
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .dispatch import use_triton
 from .launch import cdiv, next_power_of_2
@@ -217,6 +218,7 @@ class RoPEFunction(torch.autograd.Function):
         return _rope_launch(q, k, cos, sin, inverse=False)
 
     @staticmethod
+    @once_differentiable  # the backward runs Triton kernels: no graph for a second derivative
     def backward(ctx, dq_out, dk_out):
         cos, sin = ctx.saved_tensors
         dq, dk = _rope_launch(dq_out, dk_out, cos, sin, inverse=True)

@@ -14,6 +14,7 @@ projection can be passed as views.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 
 from .dispatch import use_triton
@@ -103,6 +104,7 @@ class SwiGLUFunction(torch.autograd.Function):
         return out.view(gate.shape)
 
     @staticmethod
+    @once_differentiable  # the backward runs Triton kernels: no graph for a second derivative
     def backward(ctx, dout):
         g2, u2 = ctx.saved_tensors
         n_cols = g2.shape[1]

@@ -27,6 +27,7 @@ Numerics are those of ``swiglu`` followed by ``lora_linear`` on the ``concat`` p
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from bezoar_kernels import dispatch
 from bezoar_kernels.launch import cdiv
@@ -214,6 +215,7 @@ class SwiGLULoRAFunction(torch.autograd.Function):
         return y.view(*lead, y.shape[-1])
 
     @staticmethod
+    @once_differentiable  # the backward runs Triton kernels: no graph for a second derivative
     def backward(ctx, dy):
         plan, f = ctx.plan, ctx.f
         g2, u2, wide, xa, a, b, block = ctx.saved_tensors

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The test suite on a GPU, in one device call: install the project and the carried wheels, then
 #   1. the GPU tests:        python -m pytest -m gpu           (compiled Triton kernels, bf16)
-#   2. everything else with CUDA visible: python -m pytest -m "not gpu", with TRITON_INTERPRET=1 so
-#      the kernel tests that run Triton on CPU tensors keep their interpreter,
+#   2. everything else:      python -m pytest -m "not gpu", the CPU suite under this machine's torch and
+#      triton (2.11 and 3.6 where CI has 2.13 and 3.9), with CUDA hidden (CUDA_VISIBLE_DEVICES=: tests
+#      that load a model with no device= would put it on the GPU and feed it CPU tensors) and
+#      TRITON_INTERPRET=1, as CI runs it,
 # leaving out test files that import packages this machine lacks (lm_eval, openai, anthropic).
 # The log goes to $OUT/gpu_check.log; the exit status is that of the first failing pass. Run by
 # scripts/gpu_short.sh (BEZOAR_GPU_SETUP=done, exported there after its setup) it installs nothing and
@@ -79,9 +81,9 @@ run timeout "${within[@]}" --signal=INT --kill-after=15 "${GPU_TEST_LIMIT:-240}"
   "${parallel[@]}" -rfE --durations=10 "${ignores[@]}" \
   || status=$?
 if [ "$GPU_ONLY" = 0 ]; then
-  log "pass 2: the rest of the suite with CUDA visible"
+  log "pass 2: the rest of the suite, CUDA hidden, under this machine's torch and triton"
   pass2=0
-  run env TRITON_INTERPRET=1 timeout "${within[@]}" --signal=INT --kill-after=15 330 "$PYTHON" -m pytest -q -p no:cacheprovider \
+  run env CUDA_VISIBLE_DEVICES= TRITON_INTERPRET=1 timeout "${within[@]}" --signal=INT --kill-after=15 330 "$PYTHON" -m pytest -q -p no:cacheprovider \
     -m "not gpu" "${parallel[@]}" "${ignores[@]}" || pass2=$?
   if [ "$status" = 0 ]; then
     status=$pass2

@@ -1465,3 +1465,27 @@ def test_row_splits_honour_the_plan_and_the_switch(monkeypatch):
     monkeypatch.setenv("BEZOAR_LORA_WAVES", "0")
     assert L._row_splits(16384, 32, 25, cpu, None, resident=528) == 22
     assert wanted == 8  # off CUDA the launchers aim at few programs (the interpreter)
+
+
+@pytest.mark.parametrize("path", ["dequant", "cublas", "concat", "merged"])
+def test_a_second_derivative_through_the_kernels_is_an_error_not_wrong_numbers(path):
+    """A double backward (create_graph=True) through LoRAFunction gave silently wrong second-order gradients on
+    the cublas and merged paths (torch matmuls in its backward carry a partial graph, the Triton kernels none)
+    and an unrelated error on the others. Every Triton Function's backward is once-differentiable now."""
+    from bezoar_kernels import (attention, cross_entropy, nf4_matmul, norm_lora, rmsnorm, rope, swiglu,
+                                swiglu_lora)
+
+    weight = _base(24, 64, "nf4", torch.float32)
+    adapter = _leaf_adapters([_adapter(24, 64, 4, seed=3)])[0]
+    x = torch.randn(5, 64, generator=_gen(1)).requires_grad_(True)
+    y = L.lora_linear_triton(x, weight, adapter.lora_a, adapter.lora_b, adapter.scaling, path=path)
+    (dx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        dx.pow(2).sum().backward()
+    functions = [c for module in (L, attention, cross_entropy, nf4_matmul, norm_lora, rmsnorm, rope, swiglu,
+                                  swiglu_lora)
+                 for c in vars(module).values()
+                 if isinstance(c, type) and issubclass(c, torch.autograd.Function) and c.__module__ == module.__name__]
+    assert len(functions) == 12
+    for fn in functions:  # once_differentiable wraps the backward (functools.wraps)
+        assert getattr(fn.backward, "__wrapped__", None) is not None, f"{fn.__name__}.backward is not wrapped"

@@ -231,9 +231,9 @@ def test_norm_lora_kernels_do_not_spill_and_meet_between_passes(kernel, p, r_pad
     first pass's stores (s in the forward, dh in the backward: the only stores marked evict_last) and the
     second pass's first global load of them (the forward's cp.async of s, the backward's evict_first load
     of dh): the second pass reads what other threads of the program stored."""
-    from bezoar_kernels.norm_lora import _block_k
+    from bezoar_kernels.norm_lora import _block_k, _forward_block_k
 
-    block_k = _block_k(r_pad)
+    block_k = _forward_block_k(r_pad, p) if kernel == "norm_lora_fwd" else _block_k(r_pad)
     dump = tmp_path / f"{kernel}.sass"
     width = ["--meta", f"WIDTH={r_pad}"] if kernel == "norm_lora_fwd" else []  # the wide blocks as launched
     info = json.loads(_sass(kernel, "--meta", f"P={p}", "--meta", f"R_PAD={r_pad}", "--meta", f"BLOCK_K={block_k}",
@@ -372,7 +372,7 @@ def test_nf4_tma_kernels_decode_into_the_mma_operand(kernel, bf16_pairs, blocksi
     """The NF4 tma kernels at their default tiles (``nf4_tma.DEFAULT_FWD`` / ``DEFAULT_BWD``): the weight
     by TMA as packed words and decoded in registers into the first operand of warpgroup MMAs (HGMMA with
     a register A), the MMA of one K step left in flight while the next is decoded (a wait for all but
-    one group, ``WARPGROUP.DEPBAR.LE gsb0, 0x1``), the bf16 scaling as one ``HMUL2`` per pair of weights,
+    one group, ``WARPGROUP.DEPBAR.LE gsb0, 0x1``; all but three under triton 3.6), the bf16 scaling as one ``HMUL2`` per pair of weights,
     no spills, and shared memory within the H100's 227 KB."""
     from bezoar_kernels import nf4_tma
 
@@ -393,7 +393,9 @@ def test_nf4_tma_kernels_decode_into_the_mma_operand(kernel, bf16_pairs, blocksi
             assert k_loop.get("HMUL2", 0) == weights // 2, k_loop
         else:
             assert k_loop.get("HMUL2", 0) == 0 and k_loop.get("FMUL", 0) >= weights, k_loop
-        assert re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x1", dump.read_text())
+        # the MMA left in flight: a wait for all but one group (triton 3.9) or all but three (3.6), never
+        # for all of them inside the loop
+        assert re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x[1-9a-f]", dump.read_text())
     finally:
         dump.unlink(missing_ok=True)
 

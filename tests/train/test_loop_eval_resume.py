@@ -464,3 +464,41 @@ def test_a_fractional_epoch_count_trains_its_steps_without_a_rounding_extra(epoc
     trainer = Trainer(torch.nn.Linear(2, 2), None, Batches(), LoopConfig(epochs=epochs, progress=False), OptimConfig(),
                       "unused")
     assert trainer.total_steps == total
+
+
+def test_the_lr_schedule_against_hand_values_and_transformers():
+    """Every other lr assertion is computed with lr_lambda itself: a schedule that never decayed passed them.
+    Here: hand-written values, and transformers' schedulers after the warmup (bezoar's warmup reaches full lr
+    at its last warmup step, (step + 1) / warmup, where transformers' reaches it one step later)."""
+    import math
+
+    import torch
+    from transformers import (get_cosine_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup,
+                              get_linear_schedule_with_warmup)
+
+    from bezoar.train.loop import OptimConfig, lr_lambda
+
+    f = lr_lambda(OptimConfig(schedule="cosine", warmup_steps=4), 14)
+    assert [round(f(s), 6) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0 and f(9) == pytest.approx(0.5) and f(14) == pytest.approx(0.0, abs=1e-12)
+    assert f(6) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.2)))
+    f = lr_lambda(OptimConfig(schedule="linear", warmup_steps=0), 10)
+    assert [f(s) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
+    f = lr_lambda(OptimConfig(schedule="cosine", warmup_steps=0, min_lr_ratio=0.1), 10)
+    assert f(0) == 1.0 and f(5) == pytest.approx(0.55) and f(10) == pytest.approx(0.1)
+    assert lr_lambda(OptimConfig(schedule="constant", warmup_steps=2), 10)(7) == 1.0
+    assert lr_lambda(OptimConfig(schedule="cosine", warmup_ratio=0.25), 40)(9) == 1.0  # 10 warmup steps
+
+    def theirs(make, **kwargs):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return make(opt, **kwargs).lr_lambdas[0]
+
+    total, warmup = 50, 5
+    for schedule, make, extra, floor in (
+            ("cosine", get_cosine_schedule_with_warmup, {}, 0.0),
+            ("linear", get_linear_schedule_with_warmup, {}, 0.0),
+            ("cosine", get_cosine_with_min_lr_schedule_with_warmup, {"min_lr_rate": 0.2}, 0.2)):
+        ours = lr_lambda(OptimConfig(schedule=schedule, warmup_steps=warmup, min_lr_ratio=floor), total)
+        hf = theirs(make, num_warmup_steps=warmup, num_training_steps=total, **extra)
+        for step in range(warmup, total + 1):
+            assert ours(step) == pytest.approx(hf(step), abs=1e-9), (schedule, floor, step)
