@@ -469,6 +469,20 @@ def test_the_plan_is_made_under_the_lock(tmp_path, monkeypatch):
     assert planned == [1] and not (tmp_path / "runs").exists(), "refused by preflight: nothing written"
 
 
+def _lamini_started_at_step_4(tmp_path):
+    """A run root whose generation steps are done and whose lamini stage has a checkpoint at step 4 and no
+    summary (started, not finished)."""
+    root = tmp_path / "run"
+    recipe = load_recipe("openbezoar_tiny")
+    _fake_trained(root, recipe, [], {"lamini"})
+    (root / "lamini" / "summary.json").unlink()
+    (root / "lamini" / "checkpoints" / "step-4").mkdir(parents=True)
+    (root / "lamini" / "checkpoints" / "step-4" / "trainer_state.pt").write_bytes(b"state")
+    for s in plan(recipe, root, [])[:2]:
+        write_marker(s, 1.0)
+    return root, recipe
+
+
 def test_a_started_stage_with_changed_settings_stops_before_anything_runs(tmp_path, capsys):
     """A half-trained stage rerun with another lr passed --dry-run as "resume from step 41", started, and stopped
     in the stage with "--resume with a different config", an option neither the pipeline nor a recipe has. Now
@@ -477,14 +491,7 @@ def test_a_started_stage_with_changed_settings_stops_before_anything_runs(tmp_pa
     from bezoar.pipeline import main as pipeline_main
     from bezoar.train.__main__ import main as train_main
 
-    root = tmp_path / "run"
-    recipe = load_recipe("openbezoar_tiny")
-    _fake_trained(root, recipe, [], {"lamini"})
-    (root / "lamini" / "summary.json").unlink()  # started, not finished
-    (root / "lamini" / "checkpoints" / "step-4").mkdir(parents=True)
-    (root / "lamini" / "checkpoints" / "step-4" / "trainer_state.pt").write_bytes(b"state")
-    for s in plan(recipe, root, [])[:2]:
-        write_marker(s, 1.0)
+    root, recipe = _lamini_started_at_step_4(tmp_path)
     for overrides in ([], ["lamini.train.max_steps=99", "train.log_every=3"]):
         steps = {s.name: s for s in plan(load_recipe("openbezoar_tiny", overrides), root, overrides)}
         assert steps["train:lamini"].status == "resume from step 4" and not steps["train:lamini"].changed
@@ -550,14 +557,7 @@ def test_a_started_stage_shortened_below_its_last_checkpoint_stops_before_anythi
     from bezoar.pipeline import main as pipeline_main
     from bezoar.train.__main__ import main as train_main
 
-    root = tmp_path / "run"
-    recipe = load_recipe("openbezoar_tiny")
-    _fake_trained(root, recipe, [], {"lamini"})
-    (root / "lamini" / "summary.json").unlink()  # started, not finished
-    (root / "lamini" / "checkpoints" / "step-4").mkdir(parents=True)
-    (root / "lamini" / "checkpoints" / "step-4" / "trainer_state.pt").write_bytes(b"state")
-    for s in plan(recipe, root, [])[:2]:
-        write_marker(s, 1.0)
+    root, recipe = _lamini_started_at_step_4(tmp_path)
     for overrides in (["lamini.train.max_steps=4"], ["lamini.train.max_steps=0"]):
         preflight(recipe, root, plan(load_recipe("openbezoar_tiny", overrides), root, overrides))  # no error
     overrides = ["lamini.train.max_steps=3"]
