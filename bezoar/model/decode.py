@@ -381,12 +381,13 @@ class Decoder:
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        attention_mask = attention_mask.to(model.device).long()
-        if T > 1:  # a row padded on the right (or with holes) would continue its pad tokens
-            late = (attention_mask[:, 1:] < attention_mask[:, :-1]).any(dim=1).nonzero()
+        elif T > 1:  # a row padded on the right (or with holes) would continue its pad tokens; checked where the
+            # mask was made (the tokenizer's masks are on the CPU: no wait for the device)
+            late = (attention_mask[:, 1:].long() < attention_mask[:, :-1].long()).any(dim=1).nonzero()
             if late.numel():
                 raise ValueError(f"generate_ids: row {int(late[0])} of attention_mask has padding after its tokens; "
                                  "the batch must be left-padded (Tokenizer.batch(..., padding_side='left'))")
+        attention_mask = attention_mask.to(model.device).long()
         rows = _Rows(B, max_new_tokens, eos_id, should_stop)
         if max_new_tokens <= 0 or B == 0:
             return rows.new_ids, rows.reasons
