@@ -89,7 +89,7 @@ from bezoar.config import ConfigError, to_dict
 from bezoar.fingerprint import fingerprint
 from bezoar.locking import Held, hold
 from bezoar.train.recipe import (EndpointSection, Recipe, load_recipe, split_overrides, stage_configs)
-from bezoar.train.run import INPUTS
+from bezoar.train.run import INPUTS, check_length
 
 if TYPE_CHECKING:
     from bezoar.train.config import StageConfig
@@ -790,8 +790,6 @@ def preflight(recipe: Recipe, root: Path, steps: list[Step]) -> None:
         raise PipelineError(f"step {s.name} has checkpoints ({s.status}) but the recipe's settings for it changed "
                             f"since it started ({'; '.join(s.changed[:4])}). Put them back to continue it, or remove "
                             f"the stage's folder {s.out} to train it from step 0{AFTER_REDO}, or use another --out.")
-    from bezoar.train.run import check_length
-
     for s in steps:  # a started stage whose max_steps is now below its last checkpoint: run_stage would refuse it
         if s.kind == "train" and not s.done and s.status.startswith("resume"):
             try:

@@ -32,8 +32,9 @@ def quantize(model_dir, out_dir, blocksize: int = 64, double_quant: bool = True,
     if is_prequantized(config):
         raise CheckpointError(f"{Path(model_dir) / 'config.json'}: quantization_config says this checkpoint is "
                               "already bitsandbytes 4-bit")
-    model = load(model_dir, quant="nf4", device=device or "cpu", dtype=config.torch_dtype or stored_float_dtype(model_dir) or "float32",
-                 nf4_blocksize=blocksize, nf4_double_quant=double_quant, nf4_compute_dtype=compute_dtype)
+    dtype = config.torch_dtype or stored_float_dtype(model_dir) or "float32"
+    model = load(model_dir, quant="nf4", device=device or "cpu", dtype=dtype, nf4_blocksize=blocksize,
+                 nf4_double_quant=double_quant, nf4_compute_dtype=compute_dtype)
     return save(model, out_dir, tokenizer_from=model_dir, overwrite=overwrite)
 
 

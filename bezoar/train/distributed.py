@@ -7,8 +7,7 @@ not broadcast); every rank takes its own share of each global batch (``BatchLoad
 so the global batch and the loss normalisation equal the single-process run, and without LoRA dropout so do
 the results (to float rounding). With dropout they agree only in distribution: each rank draws its masks
 from its own seed (``train.seed + rank``), so no rank draws the masks that one process would for its rows.
-Rank 0 alone writes
-metrics, checkpoints and the final adapter.
+Rank 0 alone writes metrics, checkpoints and the final adapter.
 
 ``model.device`` under torchrun (``rank_device``): ``auto`` trains each rank on its own GPU, cuda:LOCAL_RANK,
 when torch sees CUDA, and on the CPU otherwise; ``cuda`` is the same but requires CUDA; ``cpu`` trains every
