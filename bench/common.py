@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import datetime as _dt
 import functools
+import importlib
 import json
 import os
 import platform
@@ -130,12 +131,11 @@ def device_info() -> dict:
         info["tuning"] = tuning.summary(torch.device("cuda"))
     else:
         info["device"] = "cpu"
-    try:
-        import bitsandbytes
-
-        info["bitsandbytes"] = bitsandbytes.__version__
-    except Exception:
-        info["bitsandbytes"] = None
+    for name in ("bitsandbytes", "transformers", "peft"):  # the peers' versions (None where not installed)
+        try:
+            info[name] = importlib.import_module(name).__version__
+        except Exception:
+            info[name] = None
     return info
 
 

@@ -403,7 +403,7 @@ def derive(result: dict, min_gain: float = 0.03) -> dict[str, tuple[object, str]
         best = _best_config(dequant_sweep, min_gain, ("values_per_prog", "num_warps"))
         if best:
             out["nf4.dequant_launch"] = best
-    elif bench == "lora-merge-sweep":
+    elif bench == "lora-merge-sweep" and result.get("complete"):  # a cut sweep: a shape it missed may want another
         best = _best_config(result.get("rows", []), min_gain, ("layout", "block_n", "num_warps"))
         if best:
             out["lora.merge_launch"] = best

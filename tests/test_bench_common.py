@@ -156,3 +156,17 @@ def test_results_name_the_commit_the_call_passes(monkeypatch, tmp_path):
     written = json.loads(common.write_results("nf4-graph", [{"M": 1}], Args).read_text())
     assert written["commit"] == common._git_head() and written["commit_source"] == "git"
     assert written["commit"] != "0123456789ab"
+
+
+def test_results_name_the_peer_libraries_versions():
+    """The README's figures quote the transformers and peft versions the peers ran with: every results file
+    now records them beside torch, triton and bitsandbytes (None where one is not installed)."""
+    import importlib.metadata
+
+    info = common.device_info()
+    for name in ("bitsandbytes", "transformers", "peft"):
+        try:
+            want = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            want = None
+        assert info[name] == want, name

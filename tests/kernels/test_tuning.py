@@ -178,10 +178,13 @@ def test_merge_sweep_rows_give_the_merge_launch():
                 for layout, t in zip(("pairs", "two_dots", "joined"), times)]
         return {"shape": "3200x3200", "r": 16, "default_ms": default, "grid": grid}
 
-    out = tune.derive(_result(bench="lora-merge-sweep", rows=[row(0.1, [0.1, 0.05, 0.2]), row(0.2, [0.2, 0.1, 0.1])]))
+    rows = [row(0.1, [0.1, 0.05, 0.2]), row(0.2, [0.2, 0.1, 0.1])]
+    out = tune.derive(_result(bench="lora-merge-sweep", rows=rows, complete=True))
     assert out["lora.merge_launch"][0] == {"layout": "two_dots", "block_n": 64, "num_warps": 4}
     assert "0.1500 ms against the heuristic's 0.3000 ms over 2 shapes" in out["lora.merge_launch"][1]
-    same = tune.derive(_result(bench="lora-merge-sweep", rows=[row(0.1, [0.1, 0.099, 0.2])]))
+    # a sweep cut short (its budget, the call's limit) gives nothing: a shape it missed may want another launch
+    assert "lora.merge_launch" not in tune.derive(_result(bench="lora-merge-sweep", rows=rows[:1], complete=False))
+    same = tune.derive(_result(bench="lora-merge-sweep", rows=[row(0.1, [0.1, 0.099, 0.2])], complete=True))
     assert same["lora.merge_launch"][0] is None and "the heuristic stays" in same["lora.merge_launch"][1]
     table = {"format": 1, "devices": {"NVIDIA X": {"settings": {"lora.merge_launch": out["lora.merge_launch"][0]},
                                                    "triton": "3.6"}}}
