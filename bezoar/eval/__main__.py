@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -155,35 +156,53 @@ def run_harness(args) -> int:
     if state == "other":
         print(f"--output {out} holds {why}: it will be moved to a timestamped name beside it when this run writes",
               file=sys.stderr)
+    lock = None
     if out is not None:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ValueError(f"--output {out}: cannot create its folder {out.parent} ({e.strerror})") from None
-    lm = harness.BezoarLM(pretrained=args.model, adapter=args.adapter, quant=args.quant, dtype=args.dtype,
-                          device=args.device, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
-                          max_length=args.max_length, **extra)
-    if state == "partial":
-        print(f"resuming from {args.output}: {', '.join(sorted(earlier['results']))} done already")
-    else:
-        earlier = None
-    aside = {"pending": state == "other"}
+        lock = _hold(out.with_name(out.name + ".lock"), f"--output {out}", "bezoar.eval harness")
+    with lock or contextlib.nullcontext():  # held until the last group is written
+        lm = harness.BezoarLM(pretrained=args.model, adapter=args.adapter, quant=args.quant, dtype=args.dtype,
+                              device=args.device, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
+                              max_length=args.max_length, **extra)
+        if state == "partial":
+            print(f"resuming from {args.output}: {', '.join(sorted(earlier['results']))} done already")
+        else:
+            earlier = None
+        aside = {"pending": state == "other"}
 
-    def save(results: dict, done: bool) -> None:  # each few-shot group's results kept as soon as it finishes
-        if out is None:
-            return
-        if aside["pending"]:  # another run's results: kept under another name, never written over
-            aside["pending"] = False
-            moved = harness.move_aside(out)
-            print(f"--output {out}: the earlier results moved to {moved}", file=sys.stderr)
-        harness.write_results({**results, "bezoar_run": run}, out, args.log_samples, complete=done)
+        def save(results: dict, done: bool) -> None:  # each few-shot group's results kept as soon as it finishes
+            if out is None:
+                return
+            if aside["pending"]:  # another run's results: kept under another name, never written over
+                aside["pending"] = False
+                moved = harness.move_aside(out)
+                print(f"--output {out}: the earlier results moved to {moved}", file=sys.stderr)
+            harness.write_results({**results, "bezoar_run": run}, out, args.log_samples, complete=done)
 
-    results = harness.run_plan(lm, plan, limit=limit, log_samples=args.log_samples, gen_kwargs=args.gen_kwargs,
-                               manager=manager, on_group=save, earlier=earlier)
+        results = harness.run_plan(lm, plan, limit=limit, log_samples=args.log_samples,
+                                   gen_kwargs=args.gen_kwargs, manager=manager, on_group=save, earlier=earlier)
     print(harness.results_table(results, plan if args.preset else None))
     if out is not None:
         print(f"results written to {out}")
     return 0
+
+
+def _hold(path: Path, what: str, command: str):
+    """The lock at ``path`` (``bezoar.locking.hold``), or one error naming the process that holds it: two runs
+    writing one output would both pay for the work and write over each other."""
+    from bezoar.locking import Held, hold
+
+    try:
+        return hold(path)
+    except Held as e:
+        raise ValueError(f"{what}: another {command} (pid {e.pid}) is writing it; wait for it to finish or stop "
+                         "it, or choose another output") from None
+
+
+MT_BENCH_LOCK = "mt_bench.lock"  # held while a run writes answers into --out
 
 
 def run_mt_bench(args) -> int:
@@ -216,6 +235,7 @@ def run_mt_bench(args) -> int:
             raise ValueError(f"{args.answers}: no answers")
         model_id = args.model_id or next(iter(answers.values())).model_id
         out.mkdir(parents=True, exist_ok=True)  # every check passed: nothing is left behind by a refused run
+        lock = _hold(out / MT_BENCH_LOCK, f"--out {out}", "bezoar.eval mt-bench")
     else:
         if not args.model:
             raise ValueError("--model DIR is required unless --answers FILE is given")
@@ -234,6 +254,8 @@ def run_mt_bench(args) -> int:
                   f"--model {args.model}{' --adapter ' + args.adapter if args.adapter else ''}; they are kept and "
                   "reported as this model's", file=sys.stderr)
         out.mkdir(parents=True, exist_ok=True)
+        lock = _hold(out / MT_BENCH_LOCK, f"--out {out}", "bezoar.eval mt-bench")
+        existing = mt.read_answers(answers_path)  # read again under the lock: a run that just ended added some
         pending = [q for q in questions if q.question_id not in existing]
         if pending:
             model = load(args.model, quant=args.quant, adapter=args.adapter, device=args.device, dtype=args.dtype)
@@ -243,6 +265,8 @@ def run_mt_bench(args) -> int:
                                 top_k=args.top_k, loaded=loaded, made_by=made_by)
         answers = mt.read_answers(answers_path)
         print(f"answers: {answers_path} ({len(answers)} questions)")
+    if lock is not None:  # the answers are written; the judging has its own lock (its store's)
+        lock.close()
     if args.skip_judge:
         return 0
     summary, _ = mt.run_judging(questions, answers, config, out, model_id, judge_prompts=args.judge_prompts,

@@ -645,11 +645,12 @@ def run_identity(args, plan: list[TaskPlan]) -> dict:
     output = Path(args.output).expanduser().resolve() if getattr(args, "output", None) else None
 
     def own(p: Path) -> bool:
-        """The run's own results kept inside the model folder: --output, its .tmp and the earlier results moved
-        aside beside it (results.<time>.json); they are not the model."""
+        """The run's own results kept inside the model folder: --output, its temporary and lock files
+        (results.json.tmp-PID, results.json.lock) and the earlier results moved aside beside it
+        (results.<time>.json); they are not the model."""
         if output is None or p.resolve().parent != output.parent:
             return False
-        return (p.name in (output.name, output.name + ".tmp")
+        return (p.name == output.name or p.name.startswith(output.name + ".")
                 or (p.name.startswith(output.stem + ".") and p.name.endswith(output.suffix)))
 
     def folder(path):
@@ -740,7 +741,7 @@ def write_results(results: dict, out: Path, log_samples: bool, complete: bool = 
 
     record = {k: v for k, v in results.items() if log_samples or k != "samples"}
     record["complete"] = complete
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")  # its own: another writer's rename cannot take it
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(json.dumps(record, indent=2, default=str) + "\n")
         f.flush()

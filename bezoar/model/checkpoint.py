@@ -442,11 +442,21 @@ def save(model, path, tokenizer_from=None, max_shard_size="2GB", dtype=None, ove
             if (Path(source) / name).is_dir():
                 shutil.copytree(Path(source) / name, tmp / name)
 
-    if path.exists():
+    if overwrite and path.exists():
         old = path.with_name(path.name + f".old-{os.getpid()}")
         path.rename(old)
         tmp.rename(path)
         shutil.rmtree(old)
-    else:
+        return path
+    # Without overwrite the target is absent or an empty folder, as checked above; another writer (a second
+    # merge to the same --out) may have put a whole checkpoint there since. rename(2) replaces an empty folder
+    # but refuses a non-empty one, so that checkpoint is never replaced: this one is refused instead.
+    try:
         tmp.rename(path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if path.is_dir() and any(path.iterdir()):
+            raise FileExistsError(f"{path}: another process wrote a checkpoint there while this one was being "
+                                  "written; it is kept (pass overwrite=True to replace it)") from None
+        raise
     return path

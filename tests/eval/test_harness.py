@@ -619,7 +619,7 @@ def test_harness_keeps_each_few_shot_groups_results_and_checks_gen_kwargs_first(
                          on_group=lambda results, done: harness.write_results(results, out, False, complete=done))
     saved = json.loads(out.read_text())
     assert calls == [1, 0] and saved["complete"] is False and list(saved["results"]) == ["bezoar_mc"]
-    assert not out.with_name("results.json.tmp").exists()
+    assert not list(out.parent.glob("results.json.tmp*"))
 
 
 def test_an_interrupted_harness_run_resumes_from_its_finished_groups(tiny_dir, tmp_path, capsys, monkeypatch):
@@ -700,7 +700,8 @@ def test_a_finished_run_is_shown_again_and_another_runs_results_are_moved_aside(
 
     monkeypatch.setattr(harness, "BezoarLM", no_model)
     assert main([*argv, "--tasks", "bezoar_mc"]) == 2
-    assert out.read_text() == first and sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "tasks"]
+    assert out.read_text() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.json.lock", "tasks"]
     capsys.readouterr()
 
     monkeypatch.setattr(harness, "BezoarLM", real_lm)
@@ -796,3 +797,33 @@ def test_results_kept_inside_the_model_folder_are_not_the_model(tiny_dir, tmp_pa
     assert main(argv) == 0 and calls == [["bezoar_mc"]]
     (model / "extra.safetensors").write_bytes(b"x")  # the model's own files still count
     assert main(argv) == 0 and calls == [["bezoar_mc"], ["bezoar_mc"]]
+
+
+def test_a_second_run_on_the_same_output_is_refused_before_its_model_loads(tiny_dir, tmp_path, capsys, monkeypatch):
+    """Two harness runs on one --output both evaluated, and their writes shared one temporary name: the loser's
+    rename failed after a whole task group. The second is now refused, naming the first's pid, and each write
+    uses a temporary file of its own."""
+    import os
+
+    from bezoar.eval.__main__ import main
+    from bezoar.locking import hold
+
+    folder = tmp_path / "tasks"
+    write_tasks(folder)
+    out = tmp_path / "results.json"
+    loaded = []
+    monkeypatch.setattr(harness, "BezoarLM", lambda **kw: loaded.append(kw))
+    held = hold(out.with_name("results.json.lock"))
+    try:
+        assert main(["harness", "--model", str(tiny_dir), "--include-path", str(folder), "--no-builtin-tasks",
+                     "--tasks", "bezoar_mc", "--output", str(out)]) == 2
+    finally:
+        held.close()
+    err = capsys.readouterr().err
+    assert f"--output {out}: another bezoar.eval harness (pid {os.getpid()}) is writing it" in err, err
+    assert loaded == [] and not out.exists()
+    real_replace = os.replace
+    names = []
+    monkeypatch.setattr(os, "replace", lambda a, b: names.append(os.path.basename(a)) or real_replace(a, b))
+    harness.write_results({"results": {}}, out, False)
+    assert names == [f"results.json.tmp-{os.getpid()}"] and json.loads(out.read_text())["complete"] is True

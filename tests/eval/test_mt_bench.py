@@ -272,6 +272,30 @@ def test_mt_bench_cli_top_k(tiny_dir, tmp_path, capsys, monkeypatch):
     assert seen == [50, 0] and not (tmp_path / "c").exists(), "refused before the model loads"
 
 
+def test_a_second_mt_bench_run_on_the_same_out_is_refused(tiny_dir, tmp_path, capsys, monkeypatch):
+    """Two mt-bench runs on one --out both read "none answered", answered every question and appended them all
+    to answers.jsonl: each answer twice, the compute paid twice. The second is now refused, naming the pid."""
+    import os
+
+    from bezoar.eval.__main__ import main
+    from bezoar.locking import hold
+
+    seen = []
+    monkeypatch.setattr(mt, "generate_answers", lambda *a, **kw: seen.append(1))
+    out = tmp_path / "out"
+    out.mkdir()
+    held = hold(out / "mt_bench.lock")
+    argv = ["mt-bench", "--model", str(tiny_dir), "--questions", str(mt.SAMPLE_QUESTIONS), "--skip-judge",
+            "--out", str(out)]
+    try:
+        assert main(argv) == 2
+    finally:
+        held.close()
+    assert f"--out {out}: another bezoar.eval mt-bench (pid {os.getpid()}) is writing it" in capsys.readouterr().err
+    assert seen == []
+    assert main(argv) == 0 and seen == [1]  # the lock let go: it runs
+
+
 def test_answers_are_resumed_only_under_the_settings_they_were_made_with(tiny_model, tiny_tokenizer, tmp_path,
                                                                          monkeypatch):
     """answers.jsonl.settings.json records what the answers were made with; adding to (or judging) them under

@@ -239,3 +239,29 @@ def test_an_adapter_trained_on_another_local_base_is_merged_with_a_warning(tiny_
         assert main(["--model", str(other), "--adapter", str(adapter), "--out", str(tmp_path / f"m{named is None}"),
                      "--overwrite"]) == 0
         assert "warning" not in capsys.readouterr().err
+
+
+def test_a_checkpoint_another_process_finished_meanwhile_is_kept_not_replaced(tiny_dir, tmp_path, monkeypatch):
+    """Two merges to one --out: the second to finish moved the first's whole checkpoint aside and deleted it,
+    without --overwrite, and both said they had merged. The later one is now refused and the other kept."""
+    import safetensors.torch
+
+    from bezoar.model import save
+
+    out = tmp_path / "merged"
+    real = safetensors.torch.save_file
+
+    def slow_disk(tensors, filename, metadata=None):  # the other merge finishes while this one writes
+        if not out.exists():
+            out.mkdir()
+            (out / "model.safetensors").write_bytes(b"the other merge")
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", slow_disk)
+    with pytest.raises(FileExistsError, match="another process wrote a checkpoint there"):
+        save(load(tiny_dir), out)
+    assert (out / "model.safetensors").read_bytes() == b"the other merge"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no partial copy left beside it
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    (out / "model.safetensors").unlink()
+    assert save(load(tiny_dir), out) == out  # an empty folder is still taken
