@@ -441,13 +441,22 @@ class Trainer:
         remove_stale_temporaries(self.out)  # this one's too, should an earlier try have left it
         final = root / f"step-{self.step}"
         tmp = root / f".tmp-step-{self.step}-{os.getpid()}"
-        tmp.mkdir()
-        save_adapter(_unwrap(self.model), tmp / "adapter", self.base_model_name)
         state = self._state()
         if rng_per_rank is not None:
             state["rng_per_rank"] = rng_per_rank
-        torch.save(state, tmp / "trainer_state.pt")
-        _fsync_tree(tmp)
+        try:
+            tmp.mkdir()
+            save_adapter(_unwrap(self.model), tmp / "adapter", self.base_model_name)
+            torch.save(state, tmp / "trainer_state.pt")
+            _fsync_tree(tmp)
+        except (OSError, RuntimeError) as e:  # a full disk, a quota: torch.save says only "iostream error"
+            shutil.rmtree(tmp, ignore_errors=True)
+            free = shutil.disk_usage(root).free / 2**30
+            kept = list_checkpoints(self.out)
+            raise TrainingError(f"{final}: the checkpoint could not be written ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else 'no message'}; {free:.1f} GiB free in "
+                                f"{root}); " + (f"the last checkpoint, {kept[-1][1]}, is kept" if kept else
+                                                "no earlier checkpoint exists")) from None
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)

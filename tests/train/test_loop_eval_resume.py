@@ -502,3 +502,30 @@ def test_the_lr_schedule_against_hand_values_and_transformers():
         hf = theirs(make, num_warmup_steps=warmup, num_training_steps=total, **extra)
         for step in range(warmup, total + 1):
             assert ours(step) == pytest.approx(hf(step), abs=1e-9), (schedule, floor, step)
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_error_and_the_last_one_is_kept(tmp_path, monkeypatch):
+    """A full disk during a checkpoint came out as torch's "basic_ios::clear: iostream error", naming neither
+    the file nor the cause, and left the half-written folder behind."""
+    import torch
+
+    import bezoar.train.loop as loop
+    from bezoar.train.loop import TrainingError
+
+    real, calls = torch.save, []
+
+    def full_disk(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == 2:
+            raise RuntimeError("basic_ios::clear: iostream error")
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(loop.torch, "save", full_disk)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError) as e:
+        run_stage(tiny_sft_config(out, "train.max_steps=4", "train.save_every=2"), log=_quiet)
+    msg = str(e.value)
+    assert msg.startswith(f"{out / 'checkpoints' / 'step-4'}: the checkpoint could not be written (RuntimeError: "
+                          "basic_ios::clear: iostream error; ") and "GiB free in" in msg, msg
+    assert msg.endswith(f"the last checkpoint, {out / 'checkpoints' / 'step-2'}, is kept"), msg
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
