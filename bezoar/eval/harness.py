@@ -27,7 +27,8 @@ The three request types, all on bezoar's own forward pass and KV-cache decoding:
 model_args: ``pretrained`` (checkpoint folder), ``adapter`` (PEFT LoRA folder), ``quant``
 (``nf4``), ``dtype``, ``device``, ``batch_size`` (an integer, or ``auto``: rows up to
 ``max_batch_tokens`` padded tokens), ``max_length`` (default: the model's context),
-``max_gen_toks`` (default 256), ``add_bos_token`` (default true, as Llama was trained),
+``max_gen_toks`` (default 256), ``add_bos_token`` (default: the checkpoint's tokenizer_config.json
+``add_bos_token``, true where it says nothing, as lm-eval's hf model does),
 ``seed`` (for sampling), ``decode`` (``auto``, ``eager``, ``static`` or ``graph``: how decode steps
 run, see ``bezoar.model.decode``; ``auto`` replays CUDA graphs on a GPU).
 """
@@ -47,7 +48,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
-from bezoar.eval.decoding import StopStrings, cut_at_stop, left_pad
+from bezoar.eval.decoding import StopStrings, left_pad
 from bezoar.eval.scoring import iter_logprobs, target_logprobs
 
 log = logging.getLogger("bezoar.eval")
@@ -105,7 +106,7 @@ class BezoarLM(TemplateLM):
         max_batch_tokens: int | str = 16384,
         max_length: int | str | None = None,
         max_gen_toks: int | str = 256,
-        add_bos_token: bool | str = True,
+        add_bos_token: bool | str | None = None,
         seed: int | str = 1234,
         decode: str = "auto",
         model=None,
@@ -128,7 +129,7 @@ class BezoarLM(TemplateLM):
             self.batch_size = _as_int("max_batch_size", max_batch_size)
         self.max_batch_tokens = _as_int("max_batch_tokens", max_batch_tokens)
         self._max_gen_toks = _as_int("max_gen_toks", max_gen_toks)
-        self.add_bos_token = _as_bool("add_bos_token", add_bos_token)
+        self.add_bos_token = None if add_bos_token in (None, "") else _as_bool("add_bos_token", add_bos_token)
         self.seed = _as_int("seed", seed, minimum=0)
 
         if device:
@@ -162,6 +163,8 @@ class BezoarLM(TemplateLM):
             tokenizer = Tokenizer(source)
         self.model = model.eval()
         self.tokenizer = tokenizer
+        if self.add_bos_token is None:  # as lm-eval's hf model: the tokenizer's own setting
+            self.add_bos_token = getattr(tokenizer, "add_bos", True)
         from bezoar.model.decode import resolve_decode_mode
 
         resolve_decode_mode(decode, self.model)  # a bad value fails here, before any request runs
@@ -322,10 +325,21 @@ class BezoarLM(TemplateLM):
                         eos_id=self.eot_token_id, generator=generator,
                         should_stop=StopStrings(self.tokenizer, settings.stop), decoder=decoder)
                 for i, new in zip(batch, new_ids):  # a batch's rows share one budget (one length under max_length)
-                    text = cut_at_stop(self.tokenizer.decode(new), settings.stop)
+                    text = cut_in_list_order(self.tokenizer.decode(new), settings.stop)
                     out[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return out  # type: ignore[return-value]
+
+
+def cut_in_list_order(text: str, stop: list[str]) -> str:
+    """The text cut at each stop string in turn, in the task's order, as lm-eval's own models cut it
+    (``postprocess_generated_text``): with stop strings that overlap, ["e9", "9e9"] on "9e9e9", that is not
+    the cut at the earliest one (``cut_at_stop``, the server's and MT-Bench's rule), and task scores follow
+    lm-eval's."""
+    for s in stop:
+        if s:
+            text = text.split(s, 1)[0]
+    return text
 
 
 # ---- generation settings ----------------------------------------------------------------------

@@ -102,6 +102,8 @@ class Tokenizer:
         pad = self.sp.pad_id()
         self.pad_id = pad if pad >= 0 else None
         tok_cfg = _read_json(folder / "tokenizer_config.json")
+        # whether transformers' tokenizer of this folder prepends BOS (its default: yes, as Llama's does)
+        self.add_bos = tok_cfg.get("add_bos_token") if isinstance(tok_cfg.get("add_bos_token"), bool) else True
         self.added = _added_tokens(folder, tok_cfg, self.sp.GetPieceSize())  # id -> (text, special)
         by_text = {text: i for i, (text, _) in self.added.items()}
         cfg = _read_json(folder / "config.json")

@@ -827,3 +827,30 @@ def test_a_second_run_on_the_same_output_is_refused_before_its_model_loads(tiny_
     monkeypatch.setattr(os, "replace", lambda a, b: names.append(os.path.basename(a)) or real_replace(a, b))
     harness.write_results({"results": {}}, out, False)
     assert names == [f"results.json.tmp-{os.getpid()}"] and json.loads(out.read_text())["complete"] is True
+
+
+def test_stop_strings_cut_in_the_tasks_order_as_lm_eval_cuts_them():
+    """bezoar cut a generation at the earliest stop string; lm-eval's models split at each in list order, which
+    differs where stop strings overlap (HFLM: "9", bezoar: "" for ["e9", "9e9"])."""
+    from lm_eval.models.utils import postprocess_generated_text
+
+    cases = [("9e9e9e9e9e", ["e9", "9e9"]), ("Foo Question: bar", [":", "Question:"]), ("x Q:\nnext", [":\n", "Q:"]),
+             ("plain text", ["\n\n"]), ("a\n\nb", ["", "\n\n"]), ("", ["x"]), ("stop at start", ["stop"])]
+    for text, stop in cases:
+        assert harness.cut_in_list_order(text, stop) == postprocess_generated_text(text, stop, None), (text, stop)
+    assert harness.cut_in_list_order("9e9e9", ["e9", "9e9"]) == "9"
+
+
+def test_bos_follows_the_checkpoints_tokenizer_config_unless_given(tiny_dir, tmp_path):
+    """bezoar always prepended BOS; lm-eval's hf model follows tokenizer_config.json's add_bos_token, so a
+    checkpoint that says false scored other token sequences under the defaults of the two."""
+    import shutil
+
+    folder = tmp_path / "no-bos"
+    shutil.copytree(tiny_dir, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False}))
+    bos = harness.BezoarLM(pretrained=str(tiny_dir)).tok_encode("Hello")
+    assert bos[0] == 1
+    assert harness.BezoarLM(pretrained=str(folder)).tok_encode("Hello") == bos[1:]
+    assert harness.BezoarLM(pretrained=str(folder), add_bos_token="true").tok_encode("Hello") == bos
