@@ -865,10 +865,12 @@ def preflight(recipe: Recipe, root: Path, steps: list[Step]) -> None:
             if inside in path.parents and path not in made and not path.exists():
                 raise ConfigError(f"stage {s.target} reads {path}, which does not exist and which no generation "
                                   "step of this recipe writes (is its [generate.<scheme>] table missing or disabled?)")
-    missing = {var: who for var, who in needs_key.items() if not os.environ.get(var)}
+    # as the steps read it: stripped (a key of spaces, set by mistake, fails there after hours of other steps)
+    missing = {var: who for var, who in needs_key.items() if not os.environ.get(var, "").strip()}
     if missing:
         var, who = next(iter(missing.items()))
-        raise ConfigError(f"{who} needs an API key in the environment variable {var}, which is not set "
+        state = "is empty" if var in os.environ else "is not set"
+        raise ConfigError(f"{who} needs an API key in the environment variable {var}, which {state} "
                           f"(set it, or name another variable with {who}.api_key_env)")
 
 

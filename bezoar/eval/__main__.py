@@ -97,6 +97,8 @@ def run_harness(args) -> int:
 
     from bezoar.eval import harness
 
+    if args.num_fewshot is not None and args.num_fewshot < 0:  # lm-eval would run it 0-shot, reported as -1
+        raise ValueError(f"--num-fewshot must be 0 or more, got {args.num_fewshot}")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     plan = harness.make_plan(tasks, args.preset, args.num_fewshot)
     if not args.model and not args.dry_run:

@@ -349,6 +349,9 @@ def check_out_folder(out, overwrite: bool, **inputs) -> None:
     target = Path(out)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{out}: is a file; the checkpoint needs a folder")
+    above = next((p for p in target.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise FileExistsError(f"{out}: cannot be made, {above} is a file")
     if not overwrite and target.is_dir() and any(target.iterdir()):
         raise FileExistsError(f"{out}: exists and is not empty (--overwrite replaces it)")
     target = target.resolve()

@@ -520,7 +520,11 @@ def _copy_adapter_weights(modules: dict[str, LoRALinear], weights: Path, config:
         expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight
         expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight
     seen: dict[str, str] = {}  # canonical key -> the file's key for it
-    with safe_open(str(weights), framework="pt", device="cpu") as f:
+    try:
+        handle = safe_open(str(weights), framework="pt", device="cpu")
+    except Exception as e:  # torn or not safetensors: safetensors' own error names no file
+        raise AdapterError(f"{weights}: cannot be read as safetensors ({e})") from None
+    with handle as f:
         for key in f.keys():
             # PEFT writes adapter names out of the keys, but accept "...lora_A.default.weight" too.
             canonical = re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", key)

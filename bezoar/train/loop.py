@@ -101,8 +101,9 @@ class LoopConfig:
             raise ValueError(f"train.grad_accum must be at least 1, got {self.grad_accum}")
         if self.max_steps < 0:
             raise ValueError(f"train.max_steps must not be negative (0: run the epochs), got {self.max_steps}")
-        if self.max_steps == 0 and not self.epochs > 0:
-            raise ValueError(f"train.epochs must be positive when train.max_steps is 0, got {self.epochs}")
+        if self.max_steps == 0 and not 0 < self.epochs < math.inf:
+            raise ValueError(f"train.epochs must be a positive, finite number when train.max_steps is 0, got "
+                             f"{self.epochs}")
         for name in ("log_every", "eval_every", "eval_max_batches", "save_every", "keep_last"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must not be negative, got {getattr(self, name)}")

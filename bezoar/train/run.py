@@ -313,7 +313,11 @@ def hold_out(out: Path):
     so that two runs never write one stage folder: a second ``python -m bezoar.train`` (a resume started
     while the first still runs, or a torchrun whose killed launcher left its workers training) stops with an
     error naming the holder's pid. None where the file system or the platform has no flock."""
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a folder of the path should be, no permission, a read-only disk
+        raise ConfigError(f"out={out}: cannot make the folder ({e.strerror}"
+                          + (f": {e.filename}" if e.filename and str(e.filename) != str(out) else "") + ")") from None
     try:
         return hold(out / LOCK)
     except Held as e:

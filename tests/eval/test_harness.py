@@ -760,6 +760,8 @@ def test_dry_run_checks_tasks_and_folders_without_a_model(tiny_dir, tmp_path, ca
     assert f"--adapter {folder / 'bezoar_mc.yaml'}: not a folder" in capsys.readouterr().err
     assert main([*base, "--tasks", "bezoar_mc", "--limit", "-1"]) == 2
     assert "--limit -1" in capsys.readouterr().err
+    assert main([*base, "--tasks", "bezoar_mc", "--num-fewshot", "-1"]) == 2  # ran 0-shot, reported as -1
+    assert "--num-fewshot must be 0 or more, got -1" in capsys.readouterr().err
     assert main([*base, "--tasks", "bezoar_mc"]) == 0  # no --model: the plan alone
     assert "| bezoar_mc | task default | all |" in capsys.readouterr().out
     out = tmp_path / "results.json"

@@ -352,3 +352,15 @@ def test_an_adapter_write_cut_short_leaves_nothing_behind_once_written_again(tin
     saved = load_file(str(folder / "adapter_model.safetensors"))
     name, module = next(iter(lora_modules(model).items()))
     assert torch.equal(saved[f"base_model.model.{name}.lora_A.weight"], module.lora_A.weight)
+
+
+def test_a_damaged_adapter_file_is_one_error_naming_it(tiny_dir, tmp_path):
+    """A torn adapter_model.safetensors gave safetensors' own "invalid header length" traceback in merge, serve
+    and eval, naming no file."""
+    model = load(tiny_dir)
+    apply_lora(model, LoraConfig(r=2, alpha=4, dropout=0.0, targets=["q_proj"]))
+    folder = save_adapter(model, tmp_path / "adapter")
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5])
+    with pytest.raises(AdapterError, match=rf"{weights}: cannot be read as safetensors"):
+        load(tiny_dir, adapter=folder)

@@ -382,6 +382,10 @@ def test_preflight_names_missing_inputs_and_keys(tmp_path, monkeypatch):
     monkeypatch.delenv("ANTHROPIC_API_KEY")
     with pytest.raises(ConfigError, match=r"evaluate\.mt_bench\.judge needs an API key .*ANTHROPIC_API_KEY"):
         preflight(recipe, root, plan(recipe, root, []))
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "  ")  # set by mistake to spaces: the judge step would refuse it
+    with pytest.raises(ConfigError, match=r"evaluate\.mt_bench\.judge needs an API key .*ANTHROPIC_API_KEY, which "
+                                          r"is empty"):
+        preflight(recipe, root, plan(recipe, root, []))
     monkeypatch.setenv("ANTHROPIC_API_KEY", "set")
     preflight(recipe, root, plan(recipe, root, []))
 

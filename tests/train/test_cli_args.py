@@ -28,6 +28,7 @@ def test_recipe_only_flags_with_a_stage_config_are_refused(tmp_path, capsys, fla
     ("train.grad_accum=0", "train.grad_accum"),
     ("train.batch_size=0", "train.batch_size"),
     ("train.max_steps=0 train.epochs=-1", "train.epochs"),
+    ("train.max_steps=0 train.epochs=inf", "train.epochs"),  # passed the check, then an OverflowError
     ("train.save_every=-1", "train.save_every"),
     ("optim.lr=-1", "optim.lr"),
     ("optim.betas=[0.9]", "optim.betas"),
@@ -354,3 +355,18 @@ def test_a_stopped_stage_says_how_its_own_command_goes_on(tmp_path, monkeypatch,
     with pytest.raises(Stopped):
         run.run_stage(cfg, log=lambda *a: None, root=tmp_path / root if root else None)
     assert seen == [hint]
+
+
+def test_an_out_under_a_file_is_one_error_before_anything_loads(tmp_path, capsys):
+    """out= (or merge --out) below a file ended in a NotADirectoryError traceback; merge's only after the merge."""
+    from bezoar.merge import main as merge_main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("mine\n")
+    code = main([str(DEMO / "sft.toml"), f"out={blocker / 'sub'}", *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and f"out={blocker / 'sub'}: cannot make the folder (Not a directory" in err, err
+    code = merge_main(["--model", str(tmp_path), "--adapter", str(tmp_path), "--out", str(blocker / "sub")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{blocker / 'sub'}: cannot be made, {blocker} is a file" in err, err
+    assert blocker.read_text() == "mine\n"
