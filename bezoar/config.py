@@ -393,7 +393,7 @@ def load_config(cls, path: str | Path | None = None, overrides: Iterable[str] = 
         return _from_dict(cls, {}, _Sources(), overrides, shown)
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: " + ("is a folder, not a config file" if path.is_dir() else "config file not found"))
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

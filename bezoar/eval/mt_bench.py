@@ -188,7 +188,8 @@ def _question_from(row: dict, where: str) -> Question:
     if len(turns) > 2:
         raise MTBenchError(f"{where}: MT-Bench questions have one or two turns, this one has {len(turns)}")
     if not isinstance(category, str) or not category:
-        raise MTBenchError(f"{where}: no category")
+        raise MTBenchError(f"{where}: " + ("no category" if category in (None, "") else
+                                           f"'category' must be a string, got {_json_type(category)}"))
     reference = row.get("reference")
     if reference in (None, [], ""):
         reference = None
@@ -565,7 +566,8 @@ def check_judge(config: JudgeConfig) -> None:
     env = config.api_key_env or DEFAULT_KEY_ENV.get(config.provider)  # compat: a key only when one is named
     if env is not None and not os.environ.get(env, "").strip():
         how = "" if config.api_key_env else "; or name the variable that holds it with --judge-api-key-env"
-        raise MTBenchError(f"no API key for the judge ({endpoint.label}): environment variable {env} is not set{how}")
+        state = "is empty" if env in os.environ else "is not set"
+        raise MTBenchError(f"no API key for the judge ({endpoint.label}): environment variable {env} {state}{how}")
     check_key_for_header(endpoint, read_api_key(endpoint))
 
 

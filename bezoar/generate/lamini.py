@@ -97,7 +97,9 @@ def run_lamini(args) -> int:
     seeds = [text_field(record, origin, ("instruction",), required=True, what="seed").strip()
              for origin, record in read_records(args.seeds, what="seed file", split=args.split)]
     topics = read_topics(args.topics) if args.topics else []
-    dedupe = NearDuplicates(args.similarity)  # checks the threshold before anything is sent
+    if not 0.0 < args.similarity <= 1.0:  # before anything is sent
+        raise GenerateError(f"--similarity must be in (0, 1], got {args.similarity:g}")
+    dedupe = NearDuplicates(args.similarity)
     out = check_out_dir(args.out, [args.seeds, args.topics], OUTPUTS)
 
     # ---- step 1: instruction lists

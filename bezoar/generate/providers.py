@@ -164,7 +164,8 @@ def read_api_key(endpoint: Endpoint) -> str | None:
     env = endpoint.api_key_env or DEFAULT_KEY_ENV[endpoint.provider]
     key = os.environ.get(env, "").strip()
     if not key:
-        raise GenerateError(f"no API key for {endpoint.label}: environment variable {env} is not set"
+        state = "is empty" if env in os.environ else "is not set"
+        raise GenerateError(f"no API key for {endpoint.label}: environment variable {env} {state}"
                             + ("" if endpoint.api_key_env else " (or name another one with --api-key-env)"))
     _SECRETS.add(key)
     return key

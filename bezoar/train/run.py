@@ -64,7 +64,8 @@ def resolve_model_path(path: str) -> Path:
         return folder
     if path.count("/") == 1 and not path.startswith((".", "/", "~")):
         return download_model(path)
-    raise ConfigError(f"model.path {path!r}: no such folder (a Hugging Face model folder, a hub name, or tiny:<preset>)")
+    what = "is a file, not a folder" if folder.exists() else "no such folder"
+    raise ConfigError(f"model.path {path!r}: {what} (a Hugging Face model folder, a hub name, or tiny:<preset>)")
 
 
 def download_model(repo_id: str) -> Path:

@@ -200,6 +200,8 @@ def test_bad_toml_and_missing_file(tmp_path):
         load_config(Root, write(tmp_path, "seed = = 1\n"))
     with pytest.raises(ConfigError, match=r"config file not found"):
         load_config(Root, tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match=r"is a folder, not a config file"):
+        load_config(Root, tmp_path)
     # saved as UTF-16 (Notepad's "Unicode"), or Latin-1 past a first good line: one error naming the line
     utf16 = tmp_path / "utf16.toml"
     utf16.write_text("seed = 1\n", encoding="utf-16")

@@ -79,6 +79,9 @@ def test_bad_input_files_are_named(tmp_path):
                     + '{"question_id": 2, "category": "math", "turns": ["caf\u00e9"]}\n'.encode("latin-1"))
     with pytest.raises(mt.MTBenchError, match=r"q.jsonl:2: not valid UTF-8 \(byte 0xe9\)"):
         mt.load_questions(bad)
+    bad.write_text('{"question_id": 1, "category": 7, "turns": ["a"]}\n')  # said "no category"
+    with pytest.raises(mt.MTBenchError, match=r"q.jsonl:1: 'category' must be a string, got a number"):
+        mt.load_questions(bad)
     # a line separator inside a question's text is text, not the end of its line
     bad.write_text(json.dumps({"question_id": 1, "category": "math", "turns": ["a\u2028b"]}, ensure_ascii=False) + "\n")
     assert [q.turns for q in mt.load_questions(bad)] == [["a\u2028b"]]
@@ -613,7 +616,7 @@ def test_answers_of_another_model_in_a_folder_of_the_same_name_are_refused(tiny_
 @pytest.mark.parametrize("flags,env,message", [
     (["--judge-provider", "compat"], {}, "--judge-provider compat needs --judge-base-url"),
     (["--judge-api-key-env", "NOPE_KEY"], {}, "environment variable NOPE_KEY is not set"),
-    ([], {"OPENAI_API_KEY": ""}, "environment variable OPENAI_API_KEY is not set; or name the variable that holds "
+    ([], {"OPENAI_API_KEY": ""}, "environment variable OPENAI_API_KEY is empty; or name the variable that holds "
                                  "it with --judge-api-key-env"),
     (["--judge-api-key-env", "JUDGE_KEY"], {"JUDGE_KEY": "sk-secret with space"},
      "the API key in environment variable JUDGE_KEY cannot be sent"),

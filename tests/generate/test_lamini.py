@@ -228,7 +228,7 @@ def test_malformed_seed_file_names_file_and_line(tmp_path, capsys, lines, messag
 @pytest.mark.parametrize("extra,message", [
     (["--topic-guided", "2"], "--topic-guided needs --topics FILE"),
     (["--example-guided", "0"], "nothing to do"),
-    (["--similarity", "1.5"], "similarity threshold must be in (0, 1]"),
+    (["--similarity", "1.5"], "--similarity must be in (0, 1], got 1.5"),
     (["--template", "nope.txt"], "this command has several templates"),
 ])
 def test_bad_options(tmp_path, capsys, inputs, extra, message):

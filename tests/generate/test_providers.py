@@ -258,6 +258,9 @@ def test_missing_key_names_the_variable(monkeypatch):
         make_provider(Endpoint("openai"), connections=1)
     with pytest.raises(GenerateError, match="NOPE_KEY is not set"):
         make_provider(Endpoint("anthropic", api_key_env="NOPE_KEY"), connections=1)
+    monkeypatch.setenv("NOPE_KEY", " ")  # set, but to nothing: said so, not "not set"
+    with pytest.raises(GenerateError, match="NOPE_KEY is empty"):
+        make_provider(Endpoint("anthropic", api_key_env="NOPE_KEY"), connections=1)
 
 
 def test_endpoint_validation_and_label():

@@ -370,3 +370,12 @@ def test_an_out_under_a_file_is_one_error_before_anything_loads(tmp_path, capsys
     err = capsys.readouterr().err
     assert code == 2 and f"{blocker / 'sub'}: cannot be made, {blocker} is a file" in err, err
     assert blocker.read_text() == "mine\n"
+
+
+def test_a_file_as_model_path_is_named_as_a_file(tmp_path, capsys):
+    """model.path naming a file said "no such folder"."""
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    code = main([str(DEMO / "sft.toml"), f"out={tmp_path / 'run'}", *TINY, f"model.path={weights}"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"model.path {str(weights)!r}: is a file, not a folder" in err, err
