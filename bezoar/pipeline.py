@@ -379,7 +379,13 @@ def _model_args(section, model: dict) -> list[str]:
 
 
 def harness_argv(section, model: dict, out: Path, tasks_dir: Path | None) -> list[str]:
-    args = ["harness"] + _model_args(section, model)
+    return (["harness"] + _model_args(section, model) + harness_settings_argv(section, tasks_dir)
+            + ["--output", str(out / "results.json")])
+
+
+def harness_settings_argv(section, tasks_dir: Path | None) -> list[str]:
+    """The harness flags of ``section`` but for the model's and the output's."""
+    args = []
     if section.preset:
         args += ["--preset", section.preset]
     if section.tasks:
@@ -397,7 +403,7 @@ def harness_argv(section, model: dict, out: Path, tasks_dir: Path | None) -> lis
         args += ["--max-length", str(section.max_length)]
     if section.gen_kwargs:
         args += ["--gen-kwargs", section.gen_kwargs]
-    return args + ["--output", str(out / "results.json")]
+    return args
 
 
 def mt_bench_argv(section, model: dict, model_id: str, out: Path, root: Path) -> list[str]:
@@ -872,6 +878,37 @@ def preflight(recipe: Recipe, root: Path, steps: list[Step]) -> None:
         state = "is empty" if var in os.environ else "is not set"
         raise ConfigError(f"{who} needs an API key in the environment variable {var}, which {state} "
                           f"(set it, or name another variable with {who}.api_key_env)")
+    harness = recipe.evaluate.harness if recipe.evaluate is not None else None
+    if harness is not None and harness.enabled and any(s.kind == "harness" and not s.done for s in steps):
+        check_harness_tasks(harness, root)
+
+
+def check_harness_tasks(section, root: Path) -> None:
+    """The harness settings as its step would run them, tasks included (a misspelt task name otherwise stops the
+    run after every stage has trained): ``bezoar.eval harness --dry-run`` without a model, on the task files as
+    the step renders them. Indexing lm-eval's own tasks takes some seconds; without lm-eval installed, nothing
+    is checked here (its step then says so)."""
+    import contextlib
+    import importlib.util
+    import io
+    import tempfile
+
+    if importlib.util.find_spec("lm_eval") is None:
+        return
+    from bezoar.eval.__main__ import main as eval_main
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tasks = render_tasks(section.include_path, root, Path(tmp) / "tasks") if section.include_path else None
+        argv = ["harness"] + harness_settings_argv(section, tasks) + ["--dry-run"]
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            code = eval_main(argv)
+        if code:
+            why = err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else f"exit status {code}"
+            why = why.removeprefix("bezoar.eval harness: ").removeprefix("error: ")
+            if tasks is not None:  # the rendered copy is the recipe's include_path
+                why = why.replace(str(tasks), section.include_path)
+            raise ConfigError(f"evaluate.harness: {why}")
 
 
 def _scheme_files(scheme: str, table) -> list[tuple[str, str]]:

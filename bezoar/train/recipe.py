@@ -32,6 +32,7 @@ file inside the installed package.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -92,12 +93,26 @@ def _check_templates(templates: dict[str, str], module: str) -> None:
             raise ValueError(f"templates: unknown template {name!r}; this scheme uses {', '.join(names)}")
 
 
+def _at_least(table, names: tuple[str, ...], low) -> None:
+    """Each named field of ``table`` that is set must be at least ``low``: refused when the recipe loads, not when
+    its step runs (after the paid or hour-long steps before it)."""
+    for name in names:
+        value = getattr(table, name)
+        if value is not None and not value >= low:
+            raise ValueError(f"{name} must be at least {low}, got {value}")
+
+
 @dataclass
 class SchemeCommon:
     enabled: bool = True
     seed: int = 0  # seed of every random choice of the scheme
     temperature: float | None = None  # absent: the command's default
     max_tokens: int | None = None  # per teacher answer; absent: the command's default
+
+    def _check_sampling(self) -> None:
+        _at_least(self, ("max_tokens",), 1)
+        if self.temperature is not None and not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
 
 
 @dataclass
@@ -114,6 +129,11 @@ class LaminiSection(SchemeCommon):
     templates: dict[str, str] = field(default_factory=dict)  # lamini_examples / lamini_topics -> your own file
 
     def __post_init__(self):
+        self._check_sampling()
+        _at_least(self, ("example_guided", "topic_guided"), 0)
+        _at_least(self, ("examples", "topics_per_prompt", "per_request"), 1)
+        if not 0.0 < self.similarity <= 1.0:
+            raise ValueError(f"similarity must be in (0, 1], got {self.similarity}")
         _check_templates(self.templates, "bezoar.generate.lamini")
 
 
@@ -126,6 +146,8 @@ class EvolSection(SchemeCommon):
     templates: dict[str, str] = field(default_factory=dict)  # evol_depth / evol_breadth / evol_equal -> your file
 
     def __post_init__(self):
+        self._check_sampling()
+        _at_least(self, ("epochs", "limit"), 1)
         _check_templates(self.templates, "bezoar.generate.evol")
 
 
@@ -140,6 +162,7 @@ class OrcaSection(SchemeCommon):
     def __post_init__(self):
         from bezoar.generate.orca import SUB_ALIASES, SUB_COLLECTIONS
 
+        self._check_sampling()
         for sub, cap in self.caps.items():
             if sub.lower().replace("_", "").replace("-", "").replace(" ", "") not in SUB_ALIASES:
                 raise ValueError(f"caps: unknown sub-collection {sub!r}; use one of {', '.join(SUB_COLLECTIONS)}")
@@ -158,6 +181,7 @@ class FilterSection:
     def __post_init__(self):
         if not 1.0 <= self.threshold <= 10.0:
             raise ValueError(f"threshold must be between 1 and 10, got {self.threshold:g}")
+        _at_least(self, ("max_tokens",), 1)
 
 
 @dataclass
@@ -203,6 +227,13 @@ class HarnessSection(EvalModelSection):
     def __post_init__(self):
         if bool(self.preset) == bool(self.tasks) and self.enabled:
             raise ValueError("give either preset or tasks")
+        _at_least(self, ("num_fewshot",), 0)
+        _at_least(self, ("max_batch_tokens", "max_length"), 1)
+        if self.limit is not None and not 0 < self.limit < math.inf:
+            raise ValueError(f"limit must be a number of examples (1 or more) or a fraction (below 1), got "
+                             f"{self.limit}")
+        if not (self.batch_size == "auto" or isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise ValueError(f"batch_size must be at least 1, or \"auto\", got {self.batch_size!r}")
 
 
 @dataclass
@@ -221,6 +252,7 @@ class MTBenchSection(EvalModelSection):
     def __post_init__(self):
         if self.top_k < 0:
             raise ValueError(f"top_k must be 0 (off) or more, got {self.top_k}")
+        _at_least(self, ("max_new_tokens", "batch_size"), 1)
 
 
 @dataclass

@@ -337,7 +337,8 @@ def test_a_run_trained_with_bezoar_train_continues_under_the_pipeline(tmp_path, 
     real, calls = eval_cli.main, []
     monkeypatch.setattr(eval_cli, "main", lambda argv: calls.append(argv) or real(argv))
     assert pipeline_main(["--recipe", str(folder), "--out", str(root), *tiny]) == 0, capsys.readouterr().err
-    (argv,) = calls
+    checked, argv = calls  # the preflight's check of the harness settings (--dry-run, no model), then the step
+    assert "--dry-run" in checked and "--model" not in checked
     assert argv[argv.index("--adapter") + 1] == str(root / "sft" / "adapter")
     assert json.loads((root / "eval" / "sft" / "harness" / "results.json").read_text())["results"]["tiny_mc"]
     # In a run root moved since, the adapter is the one there (summary.json names it where it was written).
@@ -575,3 +576,25 @@ def test_a_started_stage_shortened_below_its_last_checkpoint_stops_before_anythi
     assert re.search(r"lamini .*checkpoints up to step 4, past train\.max_steps=3: a run stops", out), out
     assert train_main(["--recipe", "openbezoar_tiny", "--out", str(root), *overrides]) == 2
     assert "train.max_steps=3: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, says", [
+    ("generate.evol.epochs=0", "table 'generate.evol': epochs must be at least 1, got 0"),
+    ("generate.lamini.similarity=3", "table 'generate.lamini': similarity must be in (0, 1], got 3"),
+    ("generate.orca.temperature=5", "table 'generate.orca': temperature must be in [0, 2], got 5"),
+    ("evaluate.harness.limit=-1", "table 'evaluate.harness': limit must be a number of examples"),
+    ("evaluate.harness.num_fewshot=-1", "table 'evaluate.harness': num_fewshot must be at least 0"),
+    ("evaluate.mt_bench.max_new_tokens=0", "table 'evaluate.mt_bench': max_new_tokens must be at least 1"),
+    ('evaluate.harness.tasks=["tiny_mcc","tiny_gen"]', "evaluate.harness: unknown task(s) tiny_mcc"),
+    ("evaluate.harness.gen_kwargs=top_k=-1", "evaluate.harness: --gen-kwargs top_k must be an integer"),
+])
+def test_scheme_and_evaluation_settings_are_checked_before_the_first_step(tmp_path, capsys, override, says):
+    """Scheme and evaluation values were checked only when their step ran: evol's epochs=0 after lamini and
+    orca had been generated (and paid for), a misspelt harness task after every stage had trained."""
+    from bezoar.pipeline import main as pipeline_main
+
+    root = tmp_path / "run"
+    assert pipeline_main(["--recipe", "openbezoar_tiny", "--out", str(root), "--dry-run", override]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err, err
+    assert not root.exists()
