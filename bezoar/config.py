@@ -522,3 +522,15 @@ def dump_toml(obj, header: str | None = None) -> str:
     write_table(obj, [])
     return "\n".join(out).rstrip() + "\n"
 
+
+
+def environment_error() -> str | None:
+    """Why the kernels' ``BEZOAR_*`` environment settings cannot be used (the variable named), or None: each
+    ``python -m bezoar.*`` command that runs the model asks before it starts work."""
+    from bezoar_kernels.dispatch import check_environment
+
+    try:
+        check_environment()
+    except ValueError as e:
+        return str(e)
+    return None

@@ -1051,6 +1051,11 @@ def parse(argv):
 
 def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
+    from bezoar.config import environment_error
+
+    if (why := environment_error()) is not None:
+        print(f"bezoar.pipeline: error: {why}", file=sys.stderr)
+        return 2
     from bezoar.data import DataError
     from bezoar.generate.request import GenerateError
     from bezoar.model import CheckpointError, ConfigError as ModelConfigError, TokenizerError

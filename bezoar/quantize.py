@@ -50,7 +50,12 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="where quantization runs: cpu (default) or cuda (Triton kernels)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
+    from bezoar.config import environment_error
     from bezoar.model import CheckpointError, ConfigError
+
+    if (why := environment_error()) is not None:
+        print(f"bezoar.quantize: error: {why}", file=sys.stderr)
+        return 2
 
     try:
         out = quantize(args.model, args.out, args.blocksize, args.double_quant, args.compute_dtype, args.device,

@@ -1277,6 +1277,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"bezoar.serve: {e}", file=sys.stderr)
         return 2
+    from bezoar.config import environment_error
+
+    if (why := environment_error()) is not None:  # else every request would fail with a 500
+        print(f"bezoar.serve: {why}", file=sys.stderr)
+        return 2
     # The port is bound before the model loads (minutes for a large one): a port in use fails now.
     try:
         sockets = bind_sockets(args.host, args.port)

@@ -328,6 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("lm-eval", help="lm-eval's own command line with the 'bezoar' model registered",
                    add_help=False)
     args = parser.parse_args(argv)
+    from bezoar.config import environment_error
+
+    if (why := environment_error()) is not None:
+        print(f"bezoar.eval {args.command}: {why}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return run_harness(args) if args.command == "harness" else run_mt_bench(args)

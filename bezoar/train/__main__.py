@@ -45,7 +45,11 @@ def parse(argv):
 
 def main(argv=None) -> int:
     p, args = parse(sys.argv[1:] if argv is None else argv)
-    from bezoar.config import ConfigError
+    from bezoar.config import ConfigError, environment_error
+
+    if (why := environment_error()) is not None:
+        print(f"bezoar.train: error: {why}", file=sys.stderr)
+        return 2
     from bezoar.data import DataError
     from bezoar.model import CheckpointError, ConfigError as ModelConfigError, TokenizerError
     from bezoar.model.lora import AdapterError

@@ -379,3 +379,36 @@ def test_a_file_as_model_path_is_named_as_a_file(tmp_path, capsys):
     code = main([str(DEMO / "sft.toml"), f"out={tmp_path / 'run'}", *TINY, f"model.path={weights}"])
     err = capsys.readouterr().err
     assert code == 2 and f"model.path {str(weights)!r}: is a file, not a folder" in err, err
+
+
+@pytest.mark.parametrize("env, value, says", [
+    ("BEZOAR_KERNELS", "bogus", "BEZOAR_KERNELS='bogus': expected one of auto, triton, torch"),
+    ("BEZOAR_NF4_GEMV_MAX_M", "abc", "BEZOAR_NF4_GEMV_MAX_M='abc': expected an integer"),
+    ("BEZOAR_NF4_GEMV_PDL", "2", "BEZOAR_NF4_GEMV_PDL: expected 0 or 1"),
+    ("BEZOAR_NF4_DEQUANT_CACHE", "yes", "BEZOAR_NF4_DEQUANT_CACHE: expected 0 or 1"),
+    ("BEZOAR_PACKED_ATTENTION", "fast", "BEZOAR_PACKED_ATTENTION='fast'"),
+    ("BEZOAR_DECODE_ATTENTION", "fast", "BEZOAR_DECODE_ATTENTION='fast'"),
+    ("BEZOAR_NORM_LORA_PROGRAMS", "x", "BEZOAR_NORM_LORA_PROGRAMS='x'"),
+    ("BEZOAR_LORA_LARGE_M_PATH", "fast", "BEZOAR_LORA_LARGE_M_PATH='fast'"),
+    ("BEZOAR_LORA_CONCAT_ALIGN", "7", "BEZOAR_LORA_CONCAT_ALIGN='7'"),
+    ("BEZOAR_TUNING", "/no/such/tuning.json", "/no/such/tuning.json: no such tuning file"),
+])
+def test_a_bad_kernel_setting_in_the_environment_stops_every_command_at_its_start(tmp_path, capsys, monkeypatch,
+                                                                                   env, value, says):
+    """BEZOAR_KERNELS=bogus was ignored by train (its config sets the backend) and made every serve request a
+    500; a bad threshold failed inside the first training step, after the model and data had loaded."""
+    from bezoar.eval.__main__ import main as eval_main
+    from bezoar.pipeline import main as pipeline_main
+    from bezoar.quantize import main as quantize_main
+    from bezoar.serve import main as serve_main
+
+    monkeypatch.setenv(env, value)
+    out = tmp_path / "run"
+    assert main([str(DEMO / "sft.toml"), f"out={out}", *TINY]) == 2
+    assert says in capsys.readouterr().err and not out.exists()
+    for command in (lambda: serve_main(["--model", str(tmp_path), "--port", "0"]),
+                    lambda: eval_main(["harness", "--tasks", "x", "--dry-run"]),
+                    lambda: pipeline_main(["--recipe", "openbezoar_tiny", "--out", str(out), "--dry-run"]),
+                    lambda: quantize_main(["--model", str(tmp_path), "--out", str(out)])):
+        assert command() == 2
+        assert says in capsys.readouterr().err
