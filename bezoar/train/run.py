@@ -365,6 +365,11 @@ def _run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None, roo
     torch.manual_seed(cfg.train.seed)
     with backend(cfg.model.kernels):
         model, base_path = build_model(cfg, device, dist)
+        context = model.config.max_position_embeddings
+        if cfg.data.max_seq_len > context:  # RoPE runs past it, but no position there was ever trained
+            log(f"warning: data.max_seq_len = {cfg.data.max_seq_len} is above the context the model was trained "
+                f"with ({context}, max_position_embeddings in {base_path}/config.json): rows longer than that train "
+                "on positions it never saw (and take memory in proportion)")
         dropout = model.config.extra.get("attention_dropout")
         if dropout not in (None, 0, 0.0):  # transformers would train with it; bezoar's attention has none
             raise ConfigError(f"model.path {base_path}: config.json key 'attention_dropout' is {dropout!r}; bezoar "

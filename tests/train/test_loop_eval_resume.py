@@ -529,3 +529,18 @@ def test_a_checkpoint_that_cannot_be_written_is_one_error_and_the_last_one_is_ke
                           "basic_ios::clear: iostream error; ") and "GiB free in" in msg, msg
     assert msg.endswith(f"the last checkpoint, {out / 'checkpoints' / 'step-2'}, is kept"), msg
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
+
+
+def test_a_max_seq_len_above_the_models_context_is_warned_of(tmp_path):
+    """data.max_seq_len above max_position_embeddings trained without a word (a typo of 20480 for 2048 would go
+    unnoticed until the memory ran out)."""
+    lines = []
+    out = tmp_path / "run"
+    run_stage(tiny_sft_config(out, "train.max_steps=1", "data.max_seq_len=2048"),
+              log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    warned = [line for line in lines if line.startswith("warning: data.max_seq_len = 2048 is above the context")]
+    assert len(warned) == 1, lines
+    assert "max_position_embeddings in " in warned[0]
+    lines.clear()
+    run_stage(tiny_sft_config(tmp_path / "ok", "train.max_steps=1"), log=lambda *a, **k: lines.append(str(a)))
+    assert not any("max_position_embeddings" in line for line in lines)
