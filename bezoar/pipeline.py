@@ -884,31 +884,31 @@ def preflight(recipe: Recipe, root: Path, steps: list[Step]) -> None:
 
 
 def check_harness_tasks(section, root: Path) -> None:
-    """The harness settings as its step would run them, tasks included (a misspelt task name otherwise stops the
-    run after every stage has trained): ``bezoar.eval harness --dry-run`` without a model, on the task files as
-    the step renders them. Indexing lm-eval's own tasks takes some seconds; without lm-eval installed, nothing
-    is checked here (its step then says so)."""
-    import contextlib
+    """The harness step's own checks of its settings, task names included (a misspelt task otherwise stops the
+    run after every stage has trained), on the task files as the step renders them. Indexing lm-eval's own
+    tasks takes some seconds; without lm-eval installed nothing is checked here (its step then says so)."""
     import importlib.util
-    import io
     import tempfile
 
     if importlib.util.find_spec("lm_eval") is None:
         return
-    from bezoar.eval.__main__ import main as eval_main
+    from lm_eval.utils import simple_parse_args_string
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tasks = render_tasks(section.include_path, root, Path(tmp) / "tasks") if section.include_path else None
-        argv = ["harness"] + harness_settings_argv(section, tasks) + ["--dry-run"]
-        err = io.StringIO()
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-            code = eval_main(argv)
-        if code:
-            why = err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else f"exit status {code}"
-            why = why.removeprefix("bezoar.eval harness: ").removeprefix("error: ")
-            if tasks is not None:  # the rendered copy is the recipe's include_path
-                why = why.replace(str(tasks), section.include_path)
-            raise ConfigError(f"evaluate.harness: {why}")
+    from bezoar.eval import harness
+
+    tasks = None
+    try:
+        plan = harness.make_plan(section.tasks or None, section.preset or None, section.num_fewshot)
+        if section.gen_kwargs:
+            harness.GenerationSettings.from_gen_kwargs(simple_parse_args_string(section.gen_kwargs), 256, None,
+                                                       where="gen_kwargs")
+        with tempfile.TemporaryDirectory() as tmp:
+            tasks = render_tasks(section.include_path, root, Path(tmp) / "tasks") if section.include_path else None
+            manager = harness.task_manager(str(tasks) if tasks else None, include_defaults=section.builtin_tasks)
+            harness.check_tasks(plan, manager)
+    except ValueError as e:
+        why = str(e) if tasks is None else str(e).replace(str(tasks), section.include_path)
+        raise ConfigError(f"evaluate.harness: {why}") from None
 
 
 def _scheme_files(scheme: str, table) -> list[tuple[str, str]]:

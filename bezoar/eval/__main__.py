@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -245,19 +246,28 @@ def run_mt_bench(args) -> int:
 
         model_id = args.model_id or Path(args.model).resolve().name
         answers_path = out / "answers.jsonl"
-        existing = mt.read_answers(answers_path)
-        mt.check_answers_model(answers_path, existing, model_id)
-        loaded = {"quant": args.quant, "dtype": args.dtype, "device": args.device}
-        made_by = mt.answer_model(args.model, args.adapter, out)
-        settings = mt.answer_settings(args.max_new_tokens, args.seed, args.top_k, **loaded)
-        if not mt.check_answer_settings(answers_path, settings, existing, made_by=made_by):
-            print(f"bezoar.eval mt-bench: warning: {answers_path}: which model made its {len(existing)} answers is "
-                  f"not recorded (they were written before bezoar recorded it), so they cannot be checked against "
-                  f"--model {args.model}{' --adapter ' + args.adapter if args.adapter else ''}; they are kept and "
-                  "reported as this model's", file=sys.stderr)
+        # The lock first: the checks below read the answers and record the settings they are made with, which a
+        # second run must not do while the first one writes them.
+        made = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
-        lock = _hold(out / MT_BENCH_LOCK, f"--out {out}", "bezoar.eval mt-bench")
-        existing = mt.read_answers(answers_path)  # read again under the lock: a run that just ended added some
+        lock = _hold(out / MT_BENCH_LOCK, f"--out {out}", "bezoar.eval mt-bench")  # refused: the folder is theirs
+        try:
+            existing = mt.read_answers(answers_path)
+            mt.check_answers_model(answers_path, existing, model_id)
+            loaded = {"quant": args.quant, "dtype": args.dtype, "device": args.device}
+            made_by = mt.answer_model(args.model, args.adapter, out)
+            settings = mt.answer_settings(args.max_new_tokens, args.seed, args.top_k, **loaded)
+            if not mt.check_answer_settings(answers_path, settings, existing, made_by=made_by):
+                print(f"bezoar.eval mt-bench: warning: {answers_path}: which model made its {len(existing)} answers "
+                      f"is not recorded (they were written before bezoar recorded it), so they cannot be checked "
+                      f"against --model {args.model}{' --adapter ' + args.adapter if args.adapter else ''}; they "
+                      "are kept and reported as this model's", file=sys.stderr)
+        except BaseException:  # refused: a folder this run made is not left behind
+            if lock is not None:
+                lock.close()
+            if made and all(p.name == MT_BENCH_LOCK for p in out.iterdir()):
+                shutil.rmtree(out, ignore_errors=True)
+            raise
         pending = [q for q in questions if q.question_id not in existing]
         if pending:
             model = load(args.model, quant=args.quant, adapter=args.adapter, device=args.device, dtype=args.dtype)

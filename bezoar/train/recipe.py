@@ -229,10 +229,12 @@ class HarnessSection(EvalModelSection):
             raise ValueError("give either preset or tasks")
         _at_least(self, ("num_fewshot",), 0)
         _at_least(self, ("max_batch_tokens", "max_length"), 1)
-        if self.limit is not None and not 0 < self.limit < math.inf:
-            raise ValueError(f"limit must be a number of examples (1 or more) or a fraction (below 1), got "
+        if self.limit is not None and not (0 < self.limit < 1 or 1 <= self.limit < math.inf
+                                           and self.limit == int(self.limit)):
+            raise ValueError(f"limit must be a whole number of examples (1 or more) or a fraction (below 1), got "
                              f"{self.limit}")
-        if not (self.batch_size == "auto" or isinstance(self.batch_size, int) and self.batch_size >= 1):
+        size = str(self.batch_size).strip()  # as the harness reads it: a count, or lm-eval's auto / auto:N
+        if not (size.startswith("auto") or size.isdigit() and int(size) >= 1):
             raise ValueError(f"batch_size must be at least 1, or \"auto\", got {self.batch_size!r}")
 
 

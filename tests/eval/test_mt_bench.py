@@ -295,7 +295,8 @@ def test_a_second_mt_bench_run_on_the_same_out_is_refused(tiny_dir, tmp_path, ca
     finally:
         held.close()
     assert f"--out {out}: another bezoar.eval mt-bench (pid {os.getpid()}) is writing it" in capsys.readouterr().err
-    assert seen == []
+    # refused before it read or recorded anything: the settings file is the running one's to write
+    assert seen == [] and sorted(p.name for p in out.iterdir()) == ["mt_bench.lock"]
     assert main(argv) == 0 and seen == [1]  # the lock let go: it runs
 
 

@@ -337,8 +337,7 @@ def test_a_run_trained_with_bezoar_train_continues_under_the_pipeline(tmp_path, 
     real, calls = eval_cli.main, []
     monkeypatch.setattr(eval_cli, "main", lambda argv: calls.append(argv) or real(argv))
     assert pipeline_main(["--recipe", str(folder), "--out", str(root), *tiny]) == 0, capsys.readouterr().err
-    checked, argv = calls  # the preflight's check of the harness settings (--dry-run, no model), then the step
-    assert "--dry-run" in checked and "--model" not in checked
+    (argv,) = calls
     assert argv[argv.index("--adapter") + 1] == str(root / "sft" / "adapter")
     assert json.loads((root / "eval" / "sft" / "harness" / "results.json").read_text())["results"]["tiny_mc"]
     # In a run root moved since, the adapter is the one there (summary.json names it where it was written).
@@ -582,11 +581,13 @@ def test_a_started_stage_shortened_below_its_last_checkpoint_stops_before_anythi
     ("generate.evol.epochs=0", "table 'generate.evol': epochs must be at least 1, got 0"),
     ("generate.lamini.similarity=3", "table 'generate.lamini': similarity must be in (0, 1], got 3"),
     ("generate.orca.temperature=5", "table 'generate.orca': temperature must be in [0, 2], got 5"),
-    ("evaluate.harness.limit=-1", "table 'evaluate.harness': limit must be a number of examples"),
+    ("evaluate.harness.limit=-1", "table 'evaluate.harness': limit must be a whole number of examples"),
     ("evaluate.harness.num_fewshot=-1", "table 'evaluate.harness': num_fewshot must be at least 0"),
     ("evaluate.mt_bench.max_new_tokens=0", "table 'evaluate.mt_bench': max_new_tokens must be at least 1"),
     ('evaluate.harness.tasks=["tiny_mcc","tiny_gen"]', "evaluate.harness: unknown task(s) tiny_mcc"),
-    ("evaluate.harness.gen_kwargs=top_k=-1", "evaluate.harness: --gen-kwargs top_k must be an integer"),
+    ("evaluate.harness.gen_kwargs=top_k=-1", "evaluate.harness: gen_kwargs top_k must be an integer"),
+    ("evaluate.harness.batch_size=0", "table 'evaluate.harness': batch_size must be at least 1"),
+    ("evaluate.harness.limit=2.5", "table 'evaluate.harness': limit must be a whole number"),
 ])
 def test_scheme_and_evaluation_settings_are_checked_before_the_first_step(tmp_path, capsys, override, says):
     """Scheme and evaluation values were checked only when their step ran: evol's epochs=0 after lamini and
@@ -598,3 +599,28 @@ def test_scheme_and_evaluation_settings_are_checked_before_the_first_step(tmp_pa
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err, err
     assert not root.exists()
+
+
+def test_the_harness_settings_check_leaves_logging_alone_and_accepts_what_the_step_accepts(tmp_path, capsys):
+    """The preflight's harness check first ran the harness command with its output captured: its logging set-up
+    then sent every later warning of the run into that capture, and an argparse refusal (a preset typo) ended
+    the run with exit 2 and no message. It now runs the checks themselves. Batch sizes the harness takes
+    ("auto:4", "16") pass the recipe's own check."""
+    import logging
+
+    from bezoar.pipeline import check_harness_tasks, main as pipeline_main
+    from bezoar.train.recipe import HarnessSection
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    for size in ("auto:4", "16", 8, "auto"):
+        section = HarnessSection(tasks=["tiny_mc"], include_path="bezoar:recipes/openbezoar_tiny/tasks",
+                                 builtin_tasks=False, batch_size=size)
+        check_harness_tasks(section, tmp_path)
+    assert root.handlers == before
+    with pytest.raises(ConfigError, match="evaluate.harness: unknown preset 'OpenLLM'"):
+        check_harness_tasks(HarnessSection(preset="OpenLLM", builtin_tasks=False,
+                                           include_path="bezoar:recipes/openbezoar_tiny/tasks"), tmp_path)
+    assert pipeline_main(["--recipe", "openbezoar_tiny", "--out", str(tmp_path / "r"), "--dry-run",
+                          'evaluate.harness.batch_size="auto:4"']) == 0
+    assert root.handlers == before
