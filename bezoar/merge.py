@@ -28,7 +28,7 @@ def other_base(model_dir, adapter_dir) -> str | None:
 
 def merge(model_dir, adapter_dir, out_dir, dtype: str | None = None, device: str = "cpu", overwrite: bool = False) -> Path:
     from bezoar.model import load, save
-    from bezoar.model.checkpoint import check_out_folder
+    from bezoar.model.checkpoint import check_out_folder, stored_float_dtype
     from bezoar.model.lora import merge_adapters
 
     # Checked before the merge, which loads the whole base in fp32: a target that cannot be written should
@@ -37,7 +37,7 @@ def merge(model_dir, adapter_dir, out_dir, dtype: str | None = None, device: str
     check_out_folder(out, overwrite, model=model_dir, adapter=adapter_dir)
     model = load(model_dir, adapter=adapter_dir, device=device, dtype="float32")
     merge_adapters(model)
-    out_dtype = dtype or model.config.torch_dtype or "float32"
+    out_dtype = dtype or model.config.torch_dtype or stored_float_dtype(Path(model_dir)) or "float32"
     return save(model, out_dir, tokenizer_from=model_dir, dtype=out_dtype, overwrite=overwrite)
 
 
@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     p.add_argument("--adapter", required=True, help="PEFT-format LoRA adapter folder")
     p.add_argument("--out", required=True, help="folder for the merged checkpoint")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the written weights (default: the base config's dtype, or its torch_dtype)")
+                   help="dtype of the written weights (default: the base config's dtype, or where it names none, "
+                   "that of its stored tensors)")
     p.add_argument("--device", default="cpu", help="where the merge runs (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)

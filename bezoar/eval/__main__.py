@@ -327,7 +327,12 @@ def run_lm_eval(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from bezoar.config import environment_error
+
     if argv and argv[0] == "lm-eval":
+        if (why := environment_error()) is not None:
+            print(f"bezoar.eval lm-eval: {why}", file=sys.stderr)
+            return 2
         return run_lm_eval(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bezoar.eval", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
@@ -338,8 +343,6 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("lm-eval", help="lm-eval's own command line with the 'bezoar' model registered",
                    add_help=False)
     args = parser.parse_args(argv)
-    from bezoar.config import environment_error
-
     if (why := environment_error()) is not None:
         print(f"bezoar.eval {args.command}: {why}", file=sys.stderr)
         return 2

@@ -127,10 +127,11 @@ def stored_float_dtype(folder: Path) -> str | None:
             header = json.loads(f.read(size)) if 0 < size < 1 << 30 else {}
     except (OSError, ValueError, CheckpointError):
         return None
-    for key, entry in header.items():
-        if key != "__metadata__" and isinstance(entry, dict) and entry.get("dtype") in _SAFETENSORS_FLOATS:
-            return _SAFETENSORS_FLOATS[entry["dtype"]]
-    return None
+    floats = {key: _SAFETENSORS_FLOATS[entry["dtype"]] for key, entry in header.items()
+              if key != "__metadata__" and isinstance(entry, dict) and entry.get("dtype") in _SAFETENSORS_FLOATS}
+    if "model.embed_tokens.weight" in floats:  # a norm kept in fp32 beside bf16 weights does not decide it
+        return floats["model.embed_tokens.weight"]
+    return max(set(floats.values()), key=list(floats.values()).count) if floats else None
 
 
 def _set_param(model: nn.Module, key: str, value: torch.Tensor) -> None:
@@ -373,6 +374,8 @@ def save(model, path, tokenizer_from=None, max_shard_size="2GB", dtype=None, ove
     from safetensors.torch import save_file
 
     path = Path(path)
+    if path.is_symlink():  # written where it points: a rename onto the link itself would fail after the work
+        path = path.resolve()
     clear_dead_writes(path)  # what earlier writes of path that were killed left beside it
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path}: is a file, not a folder for a checkpoint")
@@ -424,6 +427,12 @@ def save(model, path, tokenizer_from=None, max_shard_size="2GB", dtype=None, ove
     nf4_modules = [m for m in model.modules() if hasattr(m, "bnb_tensors")]
     if nf4_modules:
         hf["quantization_config"] = nf4_modules[0].quantization_config()
+        # decoder linears kept dense beside the NF4 ones (a 4-bit checkpoint saved with some skipped): named,
+        # as transformers writes them, or it would build them 4-bit and find no quant state
+        dense = sorted({name.rpartition(".")[2] for name, m in model.named_modules()
+                        if type(m) is nn.Linear and name.rpartition(".")[2] in QUANTIZED_LINEARS})
+        if dense:
+            hf["quantization_config"]["llm_int8_skip_modules"] = dense + ["lm_head"]
     elif quant_cfg:
         hf["quantization_config"] = quant_cfg
     (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")

@@ -342,4 +342,11 @@ def test_4bit_checkpoints_with_skipped_modules_load_as_transformers_reads_them(t
         assert type(ours.model.layers[0].mlp.down_proj) is torch.nn.Linear
         assert type(ours.model.layers[0].mlp.up_proj).__name__ == "NF4Linear"
         with torch.no_grad():
-            torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=0)
+            want = theirs(ids).logits
+            torch.testing.assert_close(ours(ids), want, atol=1e-4, rtol=0)
+            # saved again by bezoar: its config names the dense layers, so transformers builds them dense too
+            resaved = save(ours, tmp_path / "resaved")
+            config = json.loads((resaved / "config.json").read_text())["quantization_config"]
+            assert config["llm_int8_skip_modules"] == ["down_proj", "lm_head"]
+            again = transformers.AutoModelForCausalLM.from_pretrained(resaved, device_map="cpu", dtype=torch.float32)
+            torch.testing.assert_close(again(ids).logits, want, atol=1e-4, rtol=0)

@@ -265,3 +265,37 @@ def test_a_checkpoint_another_process_finished_meanwhile_is_kept_not_replaced(ti
     monkeypatch.setattr(safetensors.torch, "save_file", real)
     (out / "model.safetensors").unlink()
     assert save(load(tiny_dir), out) == out  # an empty folder is still taken
+
+
+def test_merge_keeps_the_stored_dtype_and_writes_through_a_symlinked_out(tiny_dir, adapter, tmp_path):
+    """A bf16 base whose config.json names no dtype was merged into fp32 (quantize kept bf16); an fp32 norm beside
+    bf16 weights decided the dtype for the whole checkpoint; an --out that is a link to an empty folder failed
+    after the merge."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from bezoar.model.checkpoint import stored_float_dtype
+
+    base = tmp_path / "bf16"
+    base.mkdir()
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        if (tiny_dir / name).exists():
+            (base / name).write_bytes((tiny_dir / name).read_bytes())
+    config = json.loads((tiny_dir / "config.json").read_text())
+    for name in ("dtype", "torch_dtype"):
+        config.pop(name, None)
+    (base / "config.json").write_text(json.dumps(config))
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(tiny_dir / "model.safetensors").items()}
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].float()
+    save_file(tensors, base / "model.safetensors")
+    assert stored_float_dtype(base) == "bfloat16"
+    target = tmp_path / "target"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    assert main(["--model", str(base), "--adapter", str(adapter), "--out", str(link)]) == 0
+    merged = load_file(target / "model.safetensors")
+    assert merged["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert link.is_symlink() and link.resolve() == target

@@ -407,6 +407,7 @@ def test_a_bad_kernel_setting_in_the_environment_stops_every_command_at_its_star
     assert main([str(DEMO / "sft.toml"), f"out={out}", *TINY]) == 2
     assert says in capsys.readouterr().err and not out.exists()
     for command in (lambda: serve_main(["--model", str(tmp_path), "--port", "0"]),
+                    lambda: eval_main(["lm-eval", "--help"]),
                     lambda: eval_main(["harness", "--tasks", "x", "--dry-run"]),
                     lambda: pipeline_main(["--recipe", "openbezoar_tiny", "--out", str(out), "--dry-run"]),
                     lambda: quantize_main(["--model", str(tmp_path), "--out", str(out)])):
