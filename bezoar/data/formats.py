@@ -340,8 +340,10 @@ def pair_example(record: Record, fmt: str, template: PromptTemplate, system_fiel
             return PairExample(prompt, chosen, rejected, record.origin,
                                _raw_human_turn_empty(prompt[: len(prompt) - len(ASSISTANT)]))
         turns = parse_hh(prompt, record.origin)[:-1]  # the prompt ends with an empty Assistant turn
-        if not turns or turns[-1][0] != "human":
-            raise DataError(f"{record.origin}: HH-RLHF prompt does not end with a Human turn before the answer")
+        if not turns:
+            raise DataError(f"{record.origin}: HH-RLHF prompt has no turn before the answer")
+        # As hh_sft_example cuts the same transcript: an Assistant turn right before the answer (two in a row, in
+        # some HH-RLHF dialogues) stays in the history the instruction shows.
         return PairExample(template.render(hh_instruction(turns)), chosen.strip(), rejected.strip(), record.origin,
-                           not turns[-1][1])
+                           not turns[-1][1] if turns[-1][0] == "human" else False)
     raise DataError(f"data format {fmt!r} is not a preference format; use 'pairs' or 'hh_pairs'")

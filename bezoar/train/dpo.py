@@ -358,6 +358,9 @@ def reference_weights_digest(model) -> str:
     for module_name, module in model.named_modules():
         if "lora_" in module_name:
             continue
+        # named as in the checkpoint: a layer that carries an adapter holds its base as ``.base_layer``, and which
+        # layers carry one (lora.targets) does not change the reference, which runs with adapters off
+        module_name = module_name.replace(".base_layer", "")
         for attr in ("offset", "blocksize", "compute_dtype", "weight_dtype"):  # NF4Linear's settings beside its buffers
             value = getattr(module, attr, None)
             if isinstance(value, (int, float, torch.dtype)) and not isinstance(value, bool):

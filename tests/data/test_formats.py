@@ -453,3 +453,21 @@ def test_pair_rows_checked_with_the_config():
     assert DataConfig(format="hh_pairs", max_seq_len=128, packed=False).document_len == 128
     assert DataConfig(format="hh_pairs", max_seq_len=128).document_len == 64
     assert DataConfig(format="evol", max_seq_len=128).document_len == 128
+
+
+@pytest.mark.parametrize("style", ["openbezoar", "raw"])
+def test_hh_pairs_cut_a_transcript_as_the_hh_sft_format_does(style):
+    """Two Assistant turns in a row before the answer (or an empty one between): the hh SFT format took the
+    transcript, hh_pairs refused it ("does not end with a Human turn"), stopping the recipe's DPO stage on one
+    record of data its SFT stage had trained on. The pair's prompt is now the SFT example's."""
+    from bezoar.data.formats import PromptTemplate, hh_sft_example, pair_example
+    from bezoar.data.load import Record
+
+    human, assistant = "\n\nHuman:", "\n\nAssistant:"
+    template = PromptTemplate(style=style)
+    for history in (human + " hi" + assistant + " um", human + " hi" + assistant, human + " hi" + human + " more"):
+        chosen, rejected = history + assistant + " ok", history + assistant + " no"
+        pair = pair_example(Record({"chosen": chosen, "rejected": rejected}, "x:1"), "hh_pairs", template)
+        sft = hh_sft_example(chosen, template)
+        assert pair.prompt == sft.prompt, history
+        assert (pair.chosen.strip(), pair.rejected.strip()) == ("ok", "no")

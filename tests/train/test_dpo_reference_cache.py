@@ -178,6 +178,9 @@ def test_weights_digest_covers_the_nf4_base(tiny_dir):
     nf4_a, nf4_b = policy(tiny_dir, quant="nf4"), policy(tiny_dir, quant="nf4", seed=5)
     dense = policy(tiny_dir)
     assert reference_weights_digest(nf4_a) == reference_weights_digest(nf4_b)  # same base, other adapters
+    # other target modules: the same reference (it runs with adapters off), so no new pass over the data
+    assert reference_weights_digest(policy(tiny_dir, quant="nf4", targets=("q_proj", "k_proj"))) == \
+        reference_weights_digest(nf4_a)
     assert reference_weights_digest(nf4_a) != reference_weights_digest(dense)
     packed = next(b for n, b in nf4_a.named_buffers() if n.endswith("packed"))
     with torch.no_grad():
