@@ -437,8 +437,8 @@ class HTTPClient:
                 loop.create_connection(lambda: conn, self.host, self.port, ssl=self._ssl,
                                        server_hostname=self.host if self.tls else None),
                 max(deadline - loop.time(), 0.0))
-        except (asyncio.TimeoutError, TimeoutError):
-            raise HTTPTimeout() from None
+        except (asyncio.TimeoutError, TimeoutError):  # no connection at all: a host that drops the packets
+            raise HTTPConnectError("timed out while connecting") from None
         except (OSError, UnicodeError) as e:
             raise HTTPConnectError(connect_reason(e)) from None
         self._all.add(conn)

@@ -89,8 +89,9 @@ class Limits:
     max_attempts: per request, the first included
     backoff_base_s, backoff_max_s: exponential back-off when the provider gives no Retry-After
     default_output_tokens: what a request without max_tokens is charged in the tpm bucket up front
-    down_after: connection failures in a row after which an endpoint that has answered before is
-        taken out of rotation (one that never answered: after the first)
+    down_after: connection failures (a connection that never opens included) or timeouts in a row after
+        which an endpoint that has answered before is taken out of rotation (one that never answered: after
+        its first connection failure)
     outage_s: how long every endpoint may be down before the pool gives up (if none answered
         yet in this run, it gives up at once: that is a wrong URL, not an outage)
     """
@@ -201,6 +202,7 @@ class _EndpointState:
         self.down_since: float | None = None
         self.connect_failures = 0
         self.probe_s = 1.0
+        self.probe_from = 0.0  # a failure of a request sent before this is not a failed probe
         self.ever_answered = False
         self.last_error = ""
 
@@ -229,19 +231,24 @@ class _EndpointState:
         self.cooldown_until = max(self.cooldown_until, now + wait_s)
         return self.retry_slot - now
 
-    def connect_failed(self, message: str) -> None:
-        """A connection could not be made. An endpoint that has answered before is taken out of
-        rotation after ``down_after`` of these in a row; one that never answered, at the first
-        (that is most likely a wrong URL or a server not started)."""
+    def connect_failed(self, message: str, sent_at: float) -> None:
+        """A connection could not be made (or, to an endpoint that has answered before, no answer came in
+        time). An endpoint that has answered before is taken out of rotation after ``down_after`` of these
+        in a row; one that never answered, at the first (that is most likely a wrong URL or a server not
+        started). While it is out, only the failure of a request sent after its time out (a probe) doubles
+        the time to the next probe: the requests in flight when it went down fail together, and each of
+        them doubling it kept an endpoint back from a short outage for 30 s."""
         self.connect_failures += 1
         self.last_error = message
+        if self.down_since is not None and sent_at < self.probe_from:
+            return
         if self.connect_failures >= (self.limits.down_after if self.ever_answered else 1):
             now = time.monotonic()
             if self.down_since is None:
                 self.down_since = now
                 if self.ever_answered:
                     log.warning("%s taken out of rotation: %s", self.label, message)
-            self.down_until = now + self.probe_s
+            self.down_until = self.probe_from = now + self.probe_s
             self.probe_s = min(self.probe_s * 2.0, 30.0)
 
 
@@ -629,6 +636,7 @@ class Pool:
                 state.outstanding += 1
                 stats.inflight += 1
                 stats.calls += 1
+                sent_at = time.monotonic()
                 try:
                     reply = await state.provider.send(request, model, limits.timeout_s)
                     error = None
@@ -653,8 +661,11 @@ class Pool:
                 return Result(key, request.id, error=error.message, error_type="request", attempts=attempt,
                               latency_s=time.monotonic() - started, model=model, endpoint=state.label,
                               meta=request.meta)
-            if error.connect:
-                state.connect_failed(error.message)
+            if error.connect or error.reason == "timeout" and state.ever_answered:
+                # a hung endpoint (no answer in timeout_s) goes out of rotation as an unreachable one does,
+                # rather than keep its share of the slots waiting; one that never answered is left to its
+                # retries (a slow first answer is not a wrong URL)
+                state.connect_failed(error.message, sent_at)
             if error.rate_limited:
                 stats.rate_limited += 1
             if attempt >= limits.max_attempts:

@@ -480,6 +480,9 @@ class CompatProvider:
             async with self._session.post(self._urls[kind], data=data, timeout=client_timeout,
                                           allow_redirects=False) as response:
                 return response.status, response.headers, await response.read()
+        except getattr(aiohttp, "ConnectionTimeoutError", ()) as e:  # aiohttp >= 3.10: no connection at all
+            raise ProviderError(f"cannot connect: {_without_url_secrets(str(e) or 'timed out')}", RETRY,
+                                connect=True) from None
         except (asyncio.TimeoutError, TimeoutError):
             raise _timeout_error(self.label, timeout) from None
         except aiohttp.ClientConnectorError as e:

@@ -522,3 +522,71 @@ def test_a_pool_goes_on_after_a_cancelled_call(fake_server, tmp_path):
     results = run(main())
     assert [r.response for r in results] == [f"echo: q{i}" for i in range(5)]
     assert server.stats()["duplicates"] == 0  # the first three, answered meanwhile, were stored once
+
+
+def test_failures_in_flight_when_an_endpoint_went_down_do_not_lengthen_its_probe_wait():
+    """The requests in flight when an endpoint went down failed together, and each doubled the wait to the next
+    probe: one burst of 8 took it from 1 s to 30 s, keeping it out of rotation long after a short outage. Only
+    a failed probe (a request sent after its time out) doubles the wait now."""
+    from bezoar.generate.pool import Limits, _EndpointState
+
+    state = _EndpointState(Endpoint("compat", "http://a/v1"), provider=None, limits=Limits(down_after=3))
+    state.ever_answered = True
+    sent = time.monotonic()
+    for _ in range(8):  # a burst sent before it went down, failing together
+        state.connect_failed("Connection refused", sent)
+    assert state.down_since is not None and state.probe_s == 2.0
+    assert state.down_until - time.monotonic() <= 1.0  # the first probe after 1 s, not 30
+    state.connect_failed("Connection refused", state.probe_from + 0.001)  # the probe failed: wait longer
+    assert state.probe_s == 4.0
+    state.answered()
+    assert (state.down_since, state.probe_s, state.connect_failures) == (None, 1.0, 0)
+
+
+def test_a_hung_endpoint_goes_out_of_rotation_and_a_connect_timeout_is_a_connect_failure(tmp_path, monkeypatch):
+    """A timeout never took an endpoint out of rotation: a hung server kept half the slots waiting on it, and
+    a request could fail while the other endpoint was healthy. A connection that never opens (a host that
+    drops the packets) counts as a connection failure, and whole-request timeouts of an endpoint that has
+    answered before count toward down_after."""
+    from bezoar.generate.http import HTTPClient, HTTPConnectError
+    from bezoar.generate.providers import RETRY, ProviderError
+
+    from bezoar.generate.providers import Reply
+
+    class Provider(_Echo):
+        def __init__(self, endpoint):
+            self.endpoint, self.label, self.sent = endpoint, endpoint.label, 0
+
+        async def send(self, request, model, timeout):
+            self.sent += 1
+            if "hung" in self.label and self.sent > 2:  # answers twice, then hangs
+                await asyncio.sleep(timeout)
+                raise ProviderError(f"no answer from {self.label} within {timeout:g} s", RETRY, reason="timeout")
+            await asyncio.sleep(0.01)
+            return Reply("echo: " + request.messages[-1]["content"], 1, 1, "stop")
+
+    providers = {}
+
+    def factory(endpoint, connections):
+        providers[endpoint.label] = Provider(endpoint)
+        return providers[endpoint.label]
+
+    endpoints = [Endpoint("compat", "http://hung/v1"), Endpoint("compat", "http://good/v1")]
+    limits = fast_limits(concurrency=16, timeout_s=0.3, max_attempts=4, down_after=2)
+    results, stats = run(run_pool(endpoints, chat_requests(400), tmp_path / "o.jsonl", limits=limits,
+                                  provider_factory=factory))
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok][:3]
+    hung = providers["compat:http://hung/v1"].sent
+    assert hung < 40, hung  # out of rotation after two timeouts in a row, probed now and then
+
+    async def never_connects(*args, **kwargs):
+        await asyncio.sleep(10)
+
+    transport = HTTPClient("http://blackhole.invalid:81/v1", headers={})
+    loop = asyncio.new_event_loop()
+    try:
+        monkeypatch.setattr(loop, "create_connection", never_connects)
+        with pytest.raises(HTTPConnectError, match="timed out while connecting"):
+            loop.run_until_complete(transport._connect(loop, loop.time() + 0.1))
+    finally:
+        loop.close()
