@@ -29,9 +29,12 @@ What a call goes through (``submit``):
 4. The call. On a retryable error (429, 408, 409, 5xx, timeout, dropped connection, malformed
    body) it waits Retry-After / retry-after-ms when given, else an exponential back-off with
    jitter (base * 2**n, halved at random, at most ``backoff_max_s``), and tries again, up to
-   ``max_attempts``. A 429 also pauses the endpoint for everyone, and its retries queue up one
-   per Retry-After (at most 1 s apart), so a burst that was refused does not come back as a
-   burst. A request error (400, 422, ...) ends it at once. Either way the Result is appended to
+   ``max_attempts``. A 429 with a Retry-After also pauses the endpoint for everyone, and its retries
+   queue up one per Retry-After (at most 1 s apart), so a burst that was refused does not come back
+   as a burst. A 429 without one (a server over its own limit on requests at once) halves what is
+   sent to that endpoint at once, which its answers then grow back by one per window. An endpoint
+   that times out ``down_after`` times in a row goes out of rotation as an unreachable one does.
+   A request error (400, 422, ...) ends it at once. Either way the Result is appended to
    the store before ``submit`` returns.
 5. Fatal errors (bad key, unknown model, exhausted quota, every endpoint unreachable, a store
    that cannot be written) stop the whole pool: every ``submit``/``map``/``run`` raises
@@ -203,6 +206,10 @@ class _EndpointState:
         self.connect_failures = 0
         self.probe_s = 1.0
         self.probe_from = 0.0  # a failure of a request sent before this is not a failed probe
+        # Requests it may hold at once: cut by half on a 429 that names no wait (a server over its own limit on
+        # requests at once, as TGI's --max-concurrent-requests answers), grown by one per window of answers.
+        self.allowed = float(limits.concurrency)
+        self.last_cut = 0.0
         self.ever_answered = False
         self.last_error = ""
 
@@ -212,10 +219,19 @@ class _EndpointState:
 
     def answered(self) -> None:
         self.ever_answered = True
+        if self.allowed < self.limits.concurrency:
+            self.allowed = min(float(self.limits.concurrency), self.allowed + 1.0 / self.allowed)
         if self.connect_failures or self.down_since is not None:
             if self.down_since is not None:
                 log.info("%s is back", self.label)
             self.connect_failures, self.probe_s, self.down_until, self.down_since = 0, 1.0, 0.0, None
+
+    def overloaded(self, sent_at: float) -> None:
+        """A 429 without Retry-After: the server refuses what it holds beyond its own limit. Halve the requests
+        sent to it at once, once per window (the refusals of requests sent before the last cut are its echo)."""
+        if sent_at >= self.last_cut:
+            self.allowed = max(1.0, min(self.allowed, self.outstanding + 1.0) / 2.0)
+            self.last_cut = time.monotonic()
 
     def rate_limited(self, wait_s: float) -> float:
         """A 429 told us to wait ``wait_s``: pause the endpoint for everyone that long, and give this
@@ -328,6 +344,7 @@ class Pool:
     async def __aenter__(self) -> "Pool":
         self._draining = False
         self._slots = asyncio.Semaphore(self.limits.concurrency)
+        self._freed = asyncio.Event()  # set whenever a request to some endpoint ends (``_EndpointState.allowed``)
         self._limiter = RateLimiter(self.limits.rpm, self.limits.tpm, self.limits.burst_s)
         self.store.open()
         try:
@@ -571,7 +588,8 @@ class Pool:
         now = time.monotonic()
         best = None
         for state in self._routes[model]:
-            if state.ready_at <= now and (best is None or state.outstanding < best.outstanding):
+            if (state.ready_at <= now and state.outstanding < state.allowed
+                    and (best is None or state.outstanding < best.outstanding)):
                 best = state
         return best
 
@@ -591,7 +609,12 @@ class Pool:
                 if now - min(s.down_since for s in states) > self.limits.outage_s:
                     raise self._abort(f"every endpoint for model {model!r} has been unreachable for more than "
                                       f"{self.limits.outage_s:g} s ({reasons})")
-            await asyncio.sleep(max(0.001, min(s.ready_at for s in states) - now))
+            if any(s.ready_at <= now for s in states):  # ready, but holding all it is allowed: until one ends
+                self._freed.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._freed.wait(), 0.05)
+            else:
+                await asyncio.sleep(max(0.001, min(s.ready_at for s in states) - now))
             if self._fatal is not None:
                 raise PoolError(self._fatal)
 
@@ -646,6 +669,7 @@ class Pool:
                     self._sending.discard(task)
                     state.outstanding -= 1
                     stats.inflight -= 1
+                    self._freed.set()
             if error is None:
                 state.answered()
                 usage = Usage(reply.input_tokens or 0, reply.output_tokens or 0)
@@ -675,7 +699,11 @@ class Pool:
             if self._draining:  # interrupted: no retry; nothing is recorded, so a rerun sends it again
                 raise asyncio.CancelledError
             delay = self._backoff_s(attempt, error.retry_after)
-            if error.rate_limited:
+            if error.rate_limited and error.retry_after is None:
+                # no wait named: fewer at once to this endpoint rather than a pause for everyone (which, paced
+                # one retry per back-off, brought an overloaded server down to a request a second)
+                state.overloaded(sent_at)
+            elif error.rate_limited:
                 delay = state.rate_limited(delay)
             elif error.retry_after is not None:  # e.g. 503 with Retry-After: the server asked everyone
                 state.cooldown_until = max(state.cooldown_until, time.monotonic() + delay)

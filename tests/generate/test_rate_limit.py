@@ -87,3 +87,49 @@ def test_requests_held_by_a_pause_leave_at_the_rate_when_it_ends():
     assert sent[1] - sent[0] >= 0.5  # nothing was sent during the pause
     most_in_50ms = max(sum(1 for u in sent if t <= u < t + 0.05) for t in sent)
     assert most_in_50ms == 1, [round(t - sent[0], 3) for t in sent]
+
+
+class _AtMost:
+    """A server that holds ``most`` requests at once and refuses more with a 429 naming no wait (TGI's answer
+    past --max-concurrent-requests), each answer taking ``latency`` s."""
+
+    def __init__(self, most: int, latency: float):
+        self.most, self.latency, self.active, self.peak_refused = most, latency, 0, 0
+
+    async def open(self):
+        pass
+
+    async def close(self):
+        pass
+
+    async def send(self, request, model, timeout):
+        if self.active >= self.most:
+            raise ProviderError("rate limited (HTTP 429): Model is overloaded", RETRY, status=429,
+                                rate_limited=True)
+        self.active += 1
+        try:
+            await asyncio.sleep(self.latency)
+        finally:
+            self.active -= 1
+        return Reply("ok", 1, 1, "stop")
+
+
+def test_a_server_over_its_own_limit_on_requests_at_once_is_sent_fewer_not_paused():
+    """A 429 without Retry-After paused the endpoint for everyone and paced the refused requests one back-off
+    apart: a server holding 8 at once, asked for 16, answered 3 requests a second of its 40. The pool now
+    halves what it sends to that endpoint at once and grows it back with the answers."""
+    server = _AtMost(8, 0.05)
+    n = 320  # 2 s at the server's 160 a second
+
+    async def main():
+        limits = fast_limits(concurrency=32, backoff_base_s=0.5, backoff_max_s=2.0, max_attempts=20)
+        async with Pool(Endpoint("compat", "http://fake/v1"), limits, None, model="m",
+                        provider_factory=lambda e, connections: server) as pool:
+            t0 = time.monotonic()
+            results = await pool.run(chat_requests(n))
+            return results, pool.stats, time.monotonic() - t0
+
+    results, stats, elapsed = asyncio.run(main())
+    assert all(r.ok for r in results)
+    assert elapsed < 2.0 * 3, f"{n} answers in {elapsed:.1f} s, {n / elapsed:.0f} a second of the 160 possible"
+    assert stats.rate_limited < n, stats
