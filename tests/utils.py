@@ -71,3 +71,26 @@ def load_bench(name: str, tag: str, monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def bf16_copy_without_dtype(model_dir, folder, keep_fp32=()):
+    """``model_dir``'s checkpoint in ``folder`` with its tensors in bf16 (those named in ``keep_fp32`` in fp32)
+    and no dtype in config.json: a checkpoint whose dtype only its tensors tell. Returns ``folder``."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    model_dir, folder = Path(model_dir), Path(folder)
+    folder.mkdir(parents=True)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        if (model_dir / name).exists():
+            (folder / name).write_bytes((model_dir / name).read_bytes())
+    config = json.loads((model_dir / "config.json").read_text())
+    for name in ("dtype", "torch_dtype"):
+        config.pop(name, None)
+    (folder / "config.json").write_text(json.dumps(config))
+    tensors = {k: v.to(torch.float32 if k in keep_fp32 else torch.bfloat16)
+               for k, v in load_file(model_dir / "model.safetensors").items()}
+    save_file(tensors, folder / "model.safetensors")
+    return folder

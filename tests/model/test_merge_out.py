@@ -271,25 +271,13 @@ def test_merge_keeps_the_stored_dtype_and_writes_through_a_symlinked_out(tiny_di
     """A bf16 base whose config.json names no dtype was merged into fp32 (quantize kept bf16); an fp32 norm beside
     bf16 weights decided the dtype for the whole checkpoint; an --out that is a link to an empty folder failed
     after the merge."""
-    import json
-
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from bezoar.model.checkpoint import stored_float_dtype
+    from tests.utils import bf16_copy_without_dtype
 
-    base = tmp_path / "bf16"
-    base.mkdir()
-    for name in ("tokenizer.model", "tokenizer_config.json"):
-        if (tiny_dir / name).exists():
-            (base / name).write_bytes((tiny_dir / name).read_bytes())
-    config = json.loads((tiny_dir / "config.json").read_text())
-    for name in ("dtype", "torch_dtype"):
-        config.pop(name, None)
-    (base / "config.json").write_text(json.dumps(config))
-    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(tiny_dir / "model.safetensors").items()}
-    tensors["model.norm.weight"] = tensors["model.norm.weight"].float()
-    save_file(tensors, base / "model.safetensors")
+    base = bf16_copy_without_dtype(tiny_dir, tmp_path / "bf16", keep_fp32=("model.norm.weight",))
     assert stored_float_dtype(base) == "bfloat16"
     target = tmp_path / "target"
     target.mkdir()

@@ -337,16 +337,9 @@ def test_quantize_a_weight_that_is_not_finite_names_file_and_key_and_dense_parts
         assert main(["--model", str(broken), "--out", str(tmp_path / "nf4-broken"), *extra]) == 2
         assert f"tensor '{key}'" in capsys.readouterr().err and not (tmp_path / "nf4-broken").exists()
 
-    bf16 = tmp_path / "bf16"
-    bf16.mkdir()
-    for name in ("tokenizer.model", "tokenizer_config.json"):
-        if (tiny_dir / name).exists():
-            (bf16 / name).write_bytes((tiny_dir / name).read_bytes())
-    config = json.loads((tiny_dir / "config.json").read_text())
-    for name in ("dtype", "torch_dtype"):
-        config.pop(name, None)
-    (bf16 / "config.json").write_text(json.dumps(config))
-    save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, bf16 / "model.safetensors")
+    from tests.utils import bf16_copy_without_dtype
+
+    bf16 = bf16_copy_without_dtype(tiny_dir, tmp_path / "bf16")
     assert main(["--model", str(bf16), "--out", str(tmp_path / "nf4-bf16")]) == 0
     written = load_file(tmp_path / "nf4-bf16" / "model.safetensors")
     assert written["model.embed_tokens.weight"].dtype == torch.bfloat16
