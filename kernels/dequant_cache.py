@@ -52,12 +52,11 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import os
 import weakref
 
 import torch
 
-from bezoar_kernels import tuning
+from bezoar_kernels import dispatch, tuning
 from bezoar_kernels.nf4 import NF4Weight, dequantize_nf4_triton
 
 ENV = "BEZOAR_NF4_DEQUANT_CACHE"
@@ -75,11 +74,9 @@ SIDE_PRIORITY = 0
 def enabled(device) -> bool:
     """Whether the dequant path goes through the cache on ``device``: the environment variable, else the
     device's tuning entry, else off."""
-    raw = os.environ.get(ENV, "").strip()
-    if raw:
-        if raw not in ("0", "1"):
-            raise ValueError(f"{ENV}: expected 0 or 1, got {raw!r}")
-        return raw == "1"
+    forced = dispatch.env_switch(ENV)
+    if forced is not None:
+        return forced
     return bool(tuning.setting("nf4.dequant_cache", device))
 
 

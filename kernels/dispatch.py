@@ -41,10 +41,25 @@ def current_backend() -> str:
     forced = getattr(_local, "backend", None)
     if forced is not None:
         return forced
+    return env_backend()
+
+
+def env_backend() -> str:
+    """``BEZOAR_KERNELS`` (default ``auto``), checked."""
     name = os.environ.get("BEZOAR_KERNELS", "auto").strip().lower() or "auto"
     if name not in BACKENDS:
         raise ValueError(f"BEZOAR_KERNELS={name!r}: expected one of {', '.join(BACKENDS)}")
     return name
+
+
+def env_switch(name: str) -> bool | None:
+    """An on/off environment setting: ``0`` or ``1``, None where unset."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    if raw not in ("0", "1"):
+        raise ValueError(f"{name}: expected 0 or 1, got {raw!r}")
+    return raw == "1"
 
 
 @contextlib.contextmanager
@@ -82,26 +97,20 @@ def check_environment() -> None:
     """Parse now every ``BEZOAR_*`` setting the kernels read, so that a bad value is one error when a command
     starts rather than a failure inside its first step or request (or, for ``BEZOAR_KERNELS`` under a command
     that sets the backend itself, no word at all). Raises ValueError naming the variable."""
-    import os as _os
-
     from bezoar_kernels import attention, decode_attention, dequant_cache, lora, nf4_matmul, norm_lora, tuning
 
-    name = _os.environ.get("BEZOAR_KERNELS", "auto").strip().lower() or "auto"
-    if name not in BACKENDS:
-        raise ValueError(f"BEZOAR_KERNELS={name!r}: expected one of {', '.join(BACKENDS)}")
+    env_backend()
     attention.packed_backend()
     decode_attention.choice()
     for env in ("BEZOAR_NF4_FUSED_MAX_M", "BEZOAR_NF4_GEMV_MAX_M", "BEZOAR_NF4_TMA_MIN_M", "BEZOAR_LORA_FUSED_MAX_M"):
         nf4_matmul._env_int(env)
     for env in ("BEZOAR_NF4_FUSED_SWAP", "BEZOAR_NF4_GEMV_PDL", dequant_cache.ENV):
-        raw = _os.environ.get(env, "").strip()
-        if raw and raw not in ("0", "1"):
-            raise ValueError(f"{env}: expected 0 or 1, got {_os.environ[env]!r}")
+        env_switch(env)
     norm_lora._env_programs()
-    if _os.environ.get("BEZOAR_LORA_LARGE_M_PATH", "").strip():
+    if os.environ.get("BEZOAR_LORA_LARGE_M_PATH", "").strip():
         lora.large_m_path(None)
-    if _os.environ.get("BEZOAR_LORA_CONCAT_ALIGN", "").strip():
+    if os.environ.get("BEZOAR_LORA_CONCAT_ALIGN", "").strip():
         lora.concat_align(None)
-    user = _os.environ.get("BEZOAR_TUNING", "").strip()
+    user = os.environ.get("BEZOAR_TUNING", "").strip()
     if user:
         tuning._devices(user)  # read and checked once per process

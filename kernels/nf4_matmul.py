@@ -153,11 +153,9 @@ def _threshold(env: str, key: str, device, default: int) -> int:
 def _switch(env: str, key: str, device, default: bool) -> bool:
     """An on/off setting: the environment variable ``env`` (0 or 1), else the tuning entry ``key``, else
     ``default``."""
-    raw = os.environ.get(env, "").strip()
-    if raw:
-        if raw not in ("0", "1"):
-            raise ValueError(f"{env}: expected 0 or 1, got {os.environ[env]!r}")
-        return raw == "1"
+    forced = dispatch.env_switch(env)
+    if forced is not None:
+        return forced
     tuned = tuning.setting(key, device)
     return default if tuned is None else tuned
 
