@@ -104,7 +104,7 @@ def check_environment() -> None:
     decode_attention.choice()
     for env in ("BEZOAR_NF4_FUSED_MAX_M", "BEZOAR_NF4_GEMV_MAX_M", "BEZOAR_NF4_TMA_MIN_M", "BEZOAR_LORA_FUSED_MAX_M"):
         nf4_matmul._env_int(env)
-    for env in ("BEZOAR_NF4_FUSED_SWAP", "BEZOAR_NF4_GEMV_PDL", dequant_cache.ENV):
+    for env in ("BEZOAR_NF4_FUSED_SWAP", "BEZOAR_NF4_GEMV_PDL", "BEZOAR_LORA_WAVES", dequant_cache.ENV):
         env_switch(env)
     norm_lora._env_programs()
     if os.environ.get("BEZOAR_LORA_LARGE_M_PATH", "").strip():

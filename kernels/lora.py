@@ -1141,7 +1141,7 @@ def _row_block(m: int, r_pad: int, projections: int, device: torch.device) -> tu
 def _waves_on() -> bool:
     """BEZOAR_LORA_WAVES=0 gives back the row splits that fill ``_programs_wanted`` rounded up (what ran
     before the splits were fitted to waves), for bench/lora.py to time both."""
-    return os.environ.get("BEZOAR_LORA_WAVES", "1").strip() != "0"
+    return dispatch.env_switch("BEZOAR_LORA_WAVES") is not False
 
 
 def _row_splits(m: int, block_m: int, tiles: int, device: torch.device, splits: int | None,

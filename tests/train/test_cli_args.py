@@ -386,6 +386,7 @@ def test_a_file_as_model_path_is_named_as_a_file(tmp_path, capsys):
     ("BEZOAR_NF4_GEMV_MAX_M", "abc", "BEZOAR_NF4_GEMV_MAX_M='abc': expected an integer"),
     ("BEZOAR_NF4_GEMV_PDL", "2", "BEZOAR_NF4_GEMV_PDL: expected 0 or 1"),
     ("BEZOAR_NF4_DEQUANT_CACHE", "yes", "BEZOAR_NF4_DEQUANT_CACHE: expected 0 or 1"),
+    ("BEZOAR_LORA_WAVES", "false", "BEZOAR_LORA_WAVES: expected 0 or 1"),  # was read as "on", unchecked
     ("BEZOAR_PACKED_ATTENTION", "fast", "BEZOAR_PACKED_ATTENTION='fast'"),
     ("BEZOAR_DECODE_ATTENTION", "fast", "BEZOAR_DECODE_ATTENTION='fast'"),
     ("BEZOAR_NORM_LORA_PROGRAMS", "x", "BEZOAR_NORM_LORA_PROGRAMS='x'"),
