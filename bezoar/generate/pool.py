@@ -19,23 +19,27 @@ What a call goes through (``submit``):
    call. A key already in flight shares that call's Result. So one key costs at most one call.
 2. A concurrency slot (``Limits.concurrency``).
 3. An endpoint serving the model: the one with the fewest outstanding requests among those not
-   cooling down (after a 429 / Retry-After) and not down (after ``down_after`` connection
-   failures in a row; retried after 1, 2, 4 ... 30 s). Then the rate buckets: requests per
-   minute and tokens per minute (token buckets holding ``burst_s`` seconds of rate, full at
-   start), taken one request at a time and only while an endpoint is ready: requests held back
+   cooling down (after a 429 / Retry-After), not held by its learned rate (below) and not down
+   (after ``down_after`` connection failures in a row; retried after 1, 2, 4 ... 30 s). Then the
+   rate buckets: requests per minute and tokens per minute (token buckets holding ``burst_s``
+   seconds of rate, full at start), taken one request at a time and only while an endpoint is ready: requests held back
    by a pause do not hold tokens, so when the pause ends they leave at the rate, not together.
    Tokens are estimated before the call (prompt characters / 4 + max_tokens) and corrected by
    the usage the answer reports.
 4. The call. On a retryable error (429, 408, 409, 5xx, timeout, dropped connection, malformed
    body) it waits Retry-After / retry-after-ms when given, else an exponential back-off with
    jitter (base * 2**n, halved at random, at most ``backoff_max_s``), and tries again, up to
-   ``max_attempts``. A 429 with a Retry-After also pauses the endpoint for everyone, and its retries
-   queue up one per Retry-After (at most 1 s apart), so a burst that was refused does not come back
-   as a burst. A 429 without one (a server over its own limit on requests at once) halves what is
-   sent to that endpoint at once, which its answers then grow back by one per window. An endpoint
-   that times out ``down_after`` times in a row goes out of rotation as an unreachable one does.
-   A request error (400, 422, ...) ends it at once. Either way the Result is appended to
-   the store before ``submit`` returns.
+   ``max_attempts``. A 429 with a Retry-After (a provider's rate limit) also pauses the endpoint for
+   everyone for as much of the wait as the server surely meant (a whole-second value is rounded up,
+   so one second less), and cuts the rate the endpoint is sent to what the provider took over the
+   last 2 s; the rate grows back by a tenth a second. So a refused burst comes back at the
+   provider's rate, not as a burst, and a limit of 100 requests a second is not paced down to one a
+   second by ``retry-after: 1``. Such 429s do not use up a request's attempts while others are
+   answered (see ``Limits.max_attempts``). A 429 without a wait (a server over its own limit on
+   requests at once) halves what is sent to that endpoint at once, which its answers then grow back
+   by one per window. An endpoint that times out ``down_after`` times in a row goes out of rotation
+   as an unreachable one does. A request error (400, 422, ...) ends it at once. Either way the
+   Result is appended to the store before ``submit`` returns.
 5. Fatal errors (bad key, unknown model, exhausted quota, every endpoint unreachable, a store
    that cannot be written) stop the whole pool: every ``submit``/``map``/``run`` raises
    :class:`PoolError` with one clear message. Answers already received are stored (as far as the
@@ -56,11 +60,12 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import random
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import AsyncIterable, AsyncIterator, Iterable, Sequence
@@ -73,6 +78,19 @@ from bezoar.generate.store import JSONLStore, StoreError, open_store
 log = logging.getLogger("bezoar.generate")
 
 __all__ = ["Pool", "Limits", "Endpoint", "Request", "Result", "Usage", "PoolError", "PoolStats", "run_sync"]
+
+
+# The rate an endpoint learns from 429s that name a wait (see _EndpointState.rate_limited): measured over this
+# window, never cut below RATE_MIN requests a second, grown back by RATE_GROWTH a second, and dropped once past
+# RATE_UNBOUNDED (the provider has taken everything sent for long enough).
+RATE_WINDOW_S = 2.0
+RATE_MIN = 0.1
+RATE_GROWTH = 1.1
+RATE_GROWTH_GUESSED = 2.0
+RATE_UNBOUNDED = 1e6
+# A request refused by a rate limit while the endpoint answered others is sent at most this many times
+# max_attempts in all (see Limits.max_attempts).
+CONTENDED_CALLS = 4
 
 
 class PoolError(GenerateError):
@@ -89,7 +107,9 @@ class Limits:
     burst_s: seconds of rpm/tpm the buckets hold; kept below a second so that arrival jitter at
         the provider stays inside its own bucket
     timeout_s: per attempt
-    max_attempts: per request, the first included
+    max_attempts: per request, the first included; a 429 does not count where other requests were answered
+        since this one's last call (it lost a race for the provider's rate, and says nothing of itself), up
+        to ``CONTENDED_CALLS`` x ``max_attempts`` calls in all
     backoff_base_s, backoff_max_s: exponential back-off when the provider gives no Retry-After
     default_output_tokens: what a request without max_tokens is charged in the tpm bucket up front
     down_after: connection failures (a connection that never opens included) or timeouts in a row after
@@ -199,8 +219,14 @@ class _EndpointState:
         self.limits = limits
         self.outstanding = 0
         self.cooldown_until = 0.0  # after a 429 / Retry-After: nobody sends here before this
-        self.retry_slot = 0.0  # the last slot handed to a rate-limited retry
-        self.spacing = 0.0  # between retry slots, in the current episode of 429s
+        # Requests a second it is sent, learned from 429s that name a wait (a provider's rate limit): cut to what
+        # the provider took on each 429, grown back by RATE_GROWTH a second. Unbounded until the first such 429.
+        self.rate_base = math.inf
+        self.rate_cut_at = -math.inf
+        self.rate_growth = RATE_GROWTH
+        self.next_send = 0.0  # paced sends: none before this
+        self.sends: deque[float] = deque()  # send times within RATE_WINDOW_S
+        self.refused: deque[float] = deque()  # send times of those refused with a wait
         self.down_until = 0.0  # taken out of rotation after connection failures
         self.down_since: float | None = None
         self.connect_failures = 0
@@ -215,7 +241,25 @@ class _EndpointState:
 
     @property
     def ready_at(self) -> float:
-        return max(self.cooldown_until, self.down_until)
+        return max(self.cooldown_until, self.down_until, self.next_send)
+
+    def rate(self, now: float) -> float:
+        """Requests a second this endpoint may be sent now (inf: no limit learned, or grown past any use)."""
+        rate = self.rate_base * self.rate_growth ** max(0.0, now - self.rate_cut_at)
+        return rate if rate < RATE_UNBOUNDED else math.inf
+
+    def _forget(self, now: float) -> None:
+        for times in (self.sends, self.refused):
+            while times and times[0] < now - RATE_WINDOW_S:
+                times.popleft()
+
+    def sent(self, now: float) -> None:
+        """A request goes out now: note it for the rate estimate and pace the next one."""
+        self._forget(now)
+        self.sends.append(now)
+        rate = self.rate(now)
+        if rate != math.inf:
+            self.next_send = max(now, self.next_send) + 1.0 / rate
 
     def answered(self) -> None:
         self.ever_answered = True
@@ -233,19 +277,46 @@ class _EndpointState:
             self.allowed = max(1.0, min(self.allowed, self.outstanding + 1.0) / 2.0)
             self.last_cut = time.monotonic()
 
-    def rate_limited(self, wait_s: float) -> float:
-        """A 429 told us to wait ``wait_s``: pause the endpoint for everyone that long, and give this
-        request a retry slot. Slots are spaced by the longest wait asked for since the queue was
-        last empty (at most 1 s), so a burst of requests refused together comes back one by one at
-        about the rate the provider refills, not as one burst."""
+    def rate_limited(self, wait_s: float, rounded: bool, sent_at: float) -> None:
+        """A 429 told the request sent at ``sent_at`` to wait ``wait_s`` (that request waits it; the caller sleeps).
+
+        Everyone else pauses only for the part of the wait the server surely meant: all of it when given exactly
+        (retry-after-ms, a fraction of a second), one second less when given in whole seconds, which round
+        up. Anthropic answers ``retry-after: 1`` to a request over a bucket that refills every few milliseconds;
+        paused a second for each of those, a pool against a 100 request/s limit ran 3 a second.
+
+        The endpoint's rate is then cut to what the provider took over the last RATE_WINDOW_S, once per round
+        trip (a refusal of a request sent before the last cut is its echo, and cuts nothing). What it took: the
+        requests sent in that window that were not refused, counting only those sent at least one such refusal's
+        round trip ago, whose 429 would have come back by now. No cut where it took 95% or more (the 429s are
+        not about this rate: another client of the key, a stray one), and the rate then grows back by
+        RATE_GROWTH a second, so it keeps probing the provider's limit from just below. Within the first
+        tenth of the window nothing can be measured yet: a burst refused at the start halves the rate sent
+        so far (from the second refusal on) and grows it back by RATE_GROWTH_GUESSED a second."""
         now = time.monotonic()
-        if self.retry_slot < now:  # the queue has drained: a new episode of 429s
-            self.spacing = 0.0
-        # The longest wait asked for in an episode is the best guess of the refill interval.
-        self.spacing = max(self.spacing, min(wait_s, 1.0))
-        self.retry_slot = max(now + wait_s, self.retry_slot + self.spacing)
-        self.cooldown_until = max(self.cooldown_until, now + wait_s)
-        return self.retry_slot - now
+        self._forget(now)
+        self.refused.append(sent_at)
+        self.cooldown_until = max(self.cooldown_until, now + max(0.0, wait_s - (1.0 if rounded else 0.0)))
+        if sent_at < self.rate_cut_at:
+            return
+        start = self.sends[0] if self.sends else now  # the window, or the time since this endpoint was first sent
+        settled = sent_at - (now - sent_at)  # requests sent before this have had the time to be refused
+        span = settled - start
+        rate = self.rate(now)
+        if span >= 0.1 * RATE_WINDOW_S:  # measured: probed gently upwards from there
+            sent = sum(1 for t in self.sends if t <= settled)
+            refused = sum(1 for t in self.refused if start <= t <= settled)
+            if refused <= 0.05 * sent:  # the provider took nearly all it was sent: not a limit this rate is over
+                return
+            self.rate_base, self.rate_growth = min(rate, (sent - refused) / span), RATE_GROWTH
+        else:  # a first burst refused before anything could be measured: halve, and find the rate again quickly
+            if sum(1 for t in self.refused if t >= start) < 2:  # one refusal alone says little
+                return
+            sending = len(self.sends) / max(now - start, 0.1 * RATE_WINDOW_S)
+            self.rate_base, self.rate_growth = 0.5 * min(rate, sending), RATE_GROWTH_GUESSED
+        self.rate_base = max(RATE_MIN, self.rate_base)
+        self.rate_cut_at = now
+        self.next_send = min(self.next_send, now + 1.0 / self.rate_base)
 
     def connect_failed(self, message: str, sent_at: float) -> None:
         """A connection could not be made (or, to an endpoint that has answered before, no answer came in
@@ -335,6 +406,7 @@ class Pool:
         self._slots: asyncio.Semaphore | None = None
         self._limiter: RateLimiter | None = None
         self._fatal: str | None = None
+        self._answers = 0  # answers received, over all endpoints (see Limits.max_attempts)
         self._open = False
 
     def __repr__(self) -> str:
@@ -645,7 +717,8 @@ class Pool:
         if self._limiter.tokens is not None:
             estimate = estimate_tokens(request.prompt_text()) + (request.max_tokens or limits.default_output_tokens)
         started = time.monotonic()
-        attempt = 0
+        attempt = 0  # calls sent
+        counted = 0  # failures that count toward max_attempts
         while True:
             attempt += 1
             async with self._slots:
@@ -660,6 +733,9 @@ class Pool:
                 stats.inflight += 1
                 stats.calls += 1
                 sent_at = time.monotonic()
+                state.sent(sent_at)
+                if attempt == 1:
+                    answers_before = self._answers
                 try:
                     reply = await state.provider.send(request, model, limits.timeout_s)
                     error = None
@@ -672,6 +748,7 @@ class Pool:
                     self._freed.set()
             if error is None:
                 state.answered()
+                self._answers += 1
                 usage = Usage(reply.input_tokens or 0, reply.output_tokens or 0)
                 if reply.input_tokens is not None or reply.output_tokens is not None:
                     self._limiter.settle(estimate, usage.input_tokens + usage.output_tokens)
@@ -692,7 +769,12 @@ class Pool:
                 state.connect_failed(error.message, sent_at)
             if error.rate_limited:
                 stats.rate_limited += 1
-            if attempt >= limits.max_attempts:
+            # refused while the provider answered others since this request's last refusal (or first call)
+            contended = (error.rate_limited and self._answers > answers_before
+                         and attempt < CONTENDED_CALLS * limits.max_attempts)
+            counted += not contended
+            answers_before = self._answers
+            if counted >= limits.max_attempts:
                 return Result(key, request.id, error=f"gave up after {attempt} attempts; last: {error.message}",
                               error_type="retries", attempts=attempt, latency_s=time.monotonic() - started,
                               model=model, endpoint=state.label, meta=request.meta)
@@ -704,7 +786,7 @@ class Pool:
                 # one retry per back-off, brought an overloaded server down to a request a second)
                 state.overloaded(sent_at)
             elif error.rate_limited:
-                delay = state.rate_limited(delay)
+                state.rate_limited(delay, error.retry_after_rounded, sent_at)
             elif error.retry_after is not None:  # e.g. 503 with Retry-After: the server asked everyone
                 state.cooldown_until = max(state.cooldown_until, time.monotonic() + delay)
             stats.retries += 1

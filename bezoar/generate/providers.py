@@ -17,8 +17,9 @@ Retries are the pool's, never the SDK's. Every provider failure is raised as a
 
 - ``retry``: 429 (with Retry-After / retry-after-ms honoured), 408, 409, 5xx and 529, timeouts,
   dropped connections, malformed response bodies;
-- ``request``: a 4xx that says this request cannot succeed (400, 413, 422, ...): recorded as
-  this request's failure, with the provider's message;
+- ``request``: a 4xx that says this request cannot succeed (400, 413, 422, a 429 "Request too
+  large" for the whole tokens-per-minute limit, ...): recorded as this request's failure, with
+  the provider's message;
 - ``fatal``: nothing can succeed (401/403 bad key, 404 unknown model or wrong URL, 429 with
   ``insufficient_quota``): the pool stops with one message.
 
@@ -194,7 +195,8 @@ class ProviderError(Exception):
     """A failed call, classified for the pool (kind: "retry" | "request" | "fatal")."""
 
     def __init__(self, message: str, kind: str, *, status: int | None = None, retry_after: float | None = None,
-                 connect: bool = False, rate_limited: bool = False, reason: str | None = None):
+                 connect: bool = False, rate_limited: bool = False, reason: str | None = None,
+                 retry_after_rounded: bool = False):
         super().__init__(redact(message))
         self.message = redact(message)
         self.kind = kind
@@ -202,6 +204,9 @@ class ProviderError(Exception):
         self.reason = reason or (f"HTTP {status}" if status else "connect" if connect else "error")
         self.status = status
         self.retry_after = retry_after
+        # Retry-After in whole seconds (an integer or an HTTP date) is rounded up: the server's real wait is
+        # somewhere in the second before it. retry-after-ms and a fractional value are exact.
+        self.retry_after_rounded = retry_after_rounded
         self.connect = connect  # could not reach the endpoint at all
         self.rate_limited = rate_limited
 
@@ -236,6 +241,26 @@ def parse_retry_after(headers: Any) -> float | None:
     return None
 
 
+def retry_after_is_rounded(headers: Any) -> bool:
+    """True when the wait :func:`parse_retry_after` reads is given to the whole second: ``retry-after`` as an
+    integer (Anthropic sends ``1`` for a bucket that refills in milliseconds) or as an HTTP date, with no
+    usable ``retry-after-ms``."""
+    if headers is None or parse_retry_after(headers) is None:
+        return False
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            if not math.isnan(float(value)):
+                return False
+        except ValueError:
+            pass
+    value = (headers.get("retry-after") or "").strip()
+    try:
+        return float(value).is_integer()
+    except ValueError:
+        return True  # an HTTP date: one-second resolution
+
+
 def _error_fields(body: Any) -> tuple[str | None, str | None, str | None]:
     """(message, type, code) from an OpenAI- or Anthropic-style error body (outer or inner dict)."""
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
@@ -254,10 +279,15 @@ def status_error(status: int, body: Any, text: str, headers: Any, label: str, mo
     if status == 429:
         if "insufficient_quota" in (etype, code):
             return ProviderError(f"{label}: quota exhausted (HTTP 429): {detail}", FATAL, status=status)
+        if detail.lower().startswith("request too large"):
+            # OpenAI's answer to one request above the whole tokens-per-minute limit: no wait makes it fit
+            return ProviderError(f"request larger than the rate limit (HTTP 429): {detail}", REQUEST, status=status)
         return ProviderError(f"rate limited (HTTP 429): {detail}", RETRY, status=status,
-                             retry_after=parse_retry_after(headers), rate_limited=True)
+                             retry_after=parse_retry_after(headers), rate_limited=True,
+                             retry_after_rounded=retry_after_is_rounded(headers))
     if status in (408, 409, 425) or status >= 500:
-        return ProviderError(f"HTTP {status}: {detail}", RETRY, status=status, retry_after=parse_retry_after(headers))
+        return ProviderError(f"HTTP {status}: {detail}", RETRY, status=status, retry_after=parse_retry_after(headers),
+                             retry_after_rounded=retry_after_is_rounded(headers))
     if status == 401:
         return ProviderError(f"{label} rejected the API key (HTTP 401): {detail}", FATAL, status=status)
     if status == 403:

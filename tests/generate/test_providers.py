@@ -295,6 +295,10 @@ def test_endpoint_repr_shows_no_credentials_of_the_url():
 @pytest.mark.parametrize("status,body,kind", [
     (401, {"error": {"message": "bad key"}}, P.FATAL), (403, None, P.FATAL), (404, None, P.FATAL),
     (429, {"error": {"message": "You exceeded your quota", "type": "insufficient_quota"}}, P.FATAL),
+    # one request above the whole tokens-per-minute limit: no wait makes it fit (it was retried max_attempts times)
+    (429, {"error": {"message": "Request too large for gpt-4o in organization org-x on tokens per min (TPM): "
+                                "Limit 30000, Requested 52000.", "type": "tokens", "code": "rate_limit_exceeded"}},
+     P.REQUEST),
     (429, {"message": "slow down"}, P.RETRY), (408, None, P.RETRY), (409, None, P.RETRY), (503, None, P.RETRY),
     (400, {"type": "error", "error": {"type": "invalid_request_error", "message": "too long"}}, P.REQUEST),
     (413, None, P.REQUEST),
@@ -318,6 +322,21 @@ def test_parse_retry_after():
     import email.utils as eu
     gmt = eu.formatdate(time.time() + 30, usegmt=False, localtime=False).replace("+0000", "-0000")
     assert 25 < parse_retry_after({"retry-after": gmt}) <= 31
+
+
+def test_a_retry_after_in_whole_seconds_is_known_to_be_rounded():
+    """The pool pauses everyone only for what the server surely meant: a whole-second value is rounded up."""
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    for headers, rounded in (({"retry-after": "1"}, True), ({"retry-after": "2.0"}, True), ({"retry-after": when}, True),
+                             ({"retry-after": "0.5"}, False), ({"retry-after-ms": "1000"}, False),
+                             ({"retry-after-ms": "250", "retry-after": "1"}, False),
+                             ({"retry-after-ms": "NaN", "retry-after": "1"}, True), ({}, False),
+                             ({"retry-after": "soon"}, False)):
+        assert P.retry_after_is_rounded(headers) is rounded, headers
+    error = P.status_error(429, {"error": {"message": "slow down"}}, "", {"retry-after": "1"}, "ep", "m")
+    assert error.rate_limited and error.retry_after == 1.0 and error.retry_after_rounded
+    error = P.status_error(503, None, "busy", {"retry-after-ms": "1500"}, "ep", "m")
+    assert error.retry_after == 1.5 and not error.retry_after_rounded
 
 
 def test_redact_removes_keys_and_long_fragments(monkeypatch):
