@@ -22,14 +22,17 @@ Routes:
   (``bezoar.eval.chat``), the answer stops at EOS or at a new template section; the sampling
   settings of completions (``top_k`` included), ``logprobs`` / ``top_logprobs``, ``stream``. The
   answer's content is its tokens decoded as a text of their own (a leading word marker is no space),
-  as OpenAI's chat content starts at the answer's first character.
+  as OpenAI's chat content starts at the answer's first character; its ``logprobs.content`` bytes
+  join to that content (the first token's marker is left out there too).
 - ``GET /health``.
 
 Requests that arrive together are decoded together: a scheduler collects every request waiting
 when the model becomes free (after a short ``--batch-window-ms``), runs one-token scoring
 requests as one batch of forwards, and generation requests in left-padded batches (one batch per
 set of sampling settings; one of these parts that fails fails its own requests with a 500, not the
-others of the batch). A sampled request with a ``seed`` decodes each choice alone, from a
+others of the batch). A request whose row ends (EOS, a stop string, its ``max_tokens``) is answered
+at once, not when the longest row of its batch ends; one that asked for logprobs is scored with the
+batch when it ends. New requests wait for the next batch. A sampled request with a ``seed`` decodes each choice alone, from a
 generator seeded with ``seed`` plus the choice's index, so its text does not depend on which other
 requests arrive with it. The model runs in one worker thread and prompts are tokenized in two others
 (a text of megabytes takes seconds), so the event loop keeps serving.
@@ -211,6 +214,8 @@ def _common(body: dict, allowed: set[str]) -> None:
     if body.get("logit_bias"):
         raise ApiError("logit_bias is not supported by bezoar.serve", "logit_bias")
     options = body.get("stream_options")
+    if options is not None and body.get("stream") is not True:  # as OpenAI: not silently ignored
+        raise ApiError("stream_options is only allowed when stream is true", "stream_options")
     if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
         raise ApiError("stream_options may only hold include_usage", "stream_options")
     if options and not isinstance(options.get("include_usage", False), bool):
@@ -219,6 +224,12 @@ def _common(body: dict, allowed: set[str]) -> None:
 
 
 # ---- jobs and the scheduler ------------------------------------------------------------------
+
+
+def _answer(job) -> None:
+    """(On the event loop.) Answer a job that finished while the rest of its batch decodes on."""
+    if not job.future.done():
+        job.future.set_result(job)
 
 
 @dataclass
@@ -248,6 +259,7 @@ class Job:
     token_logprobs: list[float | None] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
     cancelled: bool = False
+    answered: bool = False  # finished and answered while the rest of its batch went on decoding
     error: BaseException | None = None  # what failed the job's part of the batch (the request gets a 500)
     future: Any = None
     sent: int = 0  # characters of text already streamed
@@ -320,7 +332,7 @@ class Engine:
                 for job in jobs:
                     job.error = job.error or e
             for job in jobs:
-                if job.future.done():
+                if job.future.done() or job.answered:
                     continue
                 if job.error is not None:
                     if job.stream is not None:
@@ -383,9 +395,10 @@ class Engine:
             except Exception as e:
                 log.exception("%d of the batch's %d jobs failed", len(args[0]), len(jobs))
                 for job in args[0]:
-                    job.error = e
+                    if not job.answered:
+                        job.error = e
         for job in jobs:
-            if job.error is None:
+            if job.error is None and not job.answered:
                 self._emit(job, final=True)
 
     def _sampler(self, job: Job):
@@ -462,25 +475,42 @@ class Engine:
                 self._emit(job, final=False)
             return len(new_ids) >= job.max_tokens
 
+        def on_done(row: int, new_ids: list[int], why: str) -> None:
+            # A row that ends before its batch is answered now, not when the batch's longest row ends (a 2-token
+            # answer batched with a 500-token one took 1.45 s instead of 0.02 s). Logprobs need a scoring pass of
+            # their own: those jobs are finished with the batch.
+            job = jobs[row]
+            if job.cancelled or job.logprobs is not None:
+                return
+            self._finish_generated(job, new_ids, "stop")
+            self._emit(job, final=True)
+            job.answered = True
+            self.loop.call_soon_threadsafe(_answer, job)
+
         ids, mask = left_pad([j.prompt_ids for j in jobs], self.tokenizer.pad_id)
         longest = max(j.max_tokens for j in jobs)
         new_ids, reasons = generate_ids(self.model, ids, mask, max_new_tokens=longest, temperature=temperature,
                                         top_p=top_p, top_k=top_k, eos_id=self.tokenizer.eos_id, generator=generator,
-                                        should_stop=on_token, decoder=self.decoder)
+                                        should_stop=on_token, decoder=self.decoder, on_done=on_done)
         for job, new, reason in zip(jobs, new_ids, reasons):
-            job.new_ids = list(new)
-            # generate_ids leaves out the EOS that ended a row: a row that stopped short of its max_tokens
-            # with no stop string (nor a client gone) drew one
-            eos = reason == "stop" and not job.stop_hit and not job.cancelled and len(new) < job.max_tokens
-            job.generated = len(new) + eos
-            self._finish_text(job)
-            if job.stop_hit or (reason == "stop" and len(new) < job.max_tokens):
-                job.finish_reason = "stop"
-            else:
-                job.finish_reason = "length"
+            if not job.answered:
+                self._finish_generated(job, new, reason)
         wanted = [j for j in jobs if j.logprobs is not None and not j.cancelled and (j.new_ids or j.echo)]
         if wanted:
             self._score(wanted)
+
+    def _finish_generated(self, job: Job, new: list[int], reason: str) -> None:
+        """The job's tokens, text, usage count and finish reason once its row has ended with ``reason``."""
+        job.new_ids = list(new)
+        # generate_ids leaves out the EOS that ended a row: a row that stopped short of its max_tokens
+        # with no stop string (nor a client gone) drew one
+        eos = reason == "stop" and not job.stop_hit and not job.cancelled and len(new) < job.max_tokens
+        job.generated = len(new) + eos
+        self._finish_text(job)
+        if job.stop_hit or (reason == "stop" and len(new) < job.max_tokens):
+            job.finish_reason = "stop"
+        else:
+            job.finish_reason = "length"
 
     def _score(self, jobs: list[Job]) -> None:
         """Logprobs of the prompt (echo) and new tokens: one teacher-forced forward per sequence."""
@@ -701,7 +731,7 @@ class Server:
         app = web.Application(middlewares=[self._errors], client_max_size=MAX_BODY_BYTES)
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/v1/models/{name}", self.model_info)
+        app.router.add_get("/v1/models/{name:.+}", self.model_info)  # names hold "/" (openlm-research/...)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.on_startup.append(self.engine.start)
@@ -1025,12 +1055,26 @@ class Server:
         return ids, max_tokens
 
     def _chat_logprobs(self, job: Job) -> list[dict]:
+        """OpenAI's ``logprobs.content``, whose ``bytes`` join to the message's content: an answer's text is decoded
+        on its own, so the word marker of its first token is no space there, and none in the first token either
+        (nor in the alternatives at that place, which would have started the answer the same way)."""
+        tok = self.tokenizer
+        pieces = token_pieces(tok, job.new_ids, [])
+        first = next((i for i, tid in enumerate(job.new_ids) if token_bytes(tok, tid)), None)
+        text = token_text(tok, job.new_ids[first]) if first is not None else ""
+        drop = text.startswith(" ") and pieces[first] == text[1:]  # the decoded answer left that space out
+
+        def entry(tid: int, value, at_start: bool) -> dict:
+            text, raw = token_text(tok, tid), token_bytes(tok, tid)
+            if at_start and text.startswith(" "):
+                text, raw = text[1:], raw[1:]
+            return {"token": text, "logprob": value, "bytes": raw}
+
         out = []
-        for tid, value, alternatives in zip(job.new_ids, job.token_logprobs, job.top_logprobs):
-            out.append({"token": token_text(self.tokenizer, tid), "logprob": value,
-                        "bytes": token_bytes(self.tokenizer, tid),
-                        "top_logprobs": [{"token": token_text(self.tokenizer, a), "logprob": v,
-                                          "bytes": token_bytes(self.tokenizer, a)} for a, v in alternatives or []]})
+        for i, (tid, value, alternatives) in enumerate(zip(job.new_ids, job.token_logprobs, job.top_logprobs)):
+            at_start = drop and i == first
+            out.append({**entry(tid, value, at_start),
+                        "top_logprobs": [entry(a, v, at_start) for a, v in alternatives or []]})
         return out
 
     # -- streaming (server-sent events) --

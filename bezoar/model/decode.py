@@ -195,13 +195,14 @@ def _round_up(n: int, multiple: int) -> int:
 class _Rows:
     """Per-row bookkeeping on the host: new tokens, finish reasons, which rows still run."""
 
-    def __init__(self, batch: int, max_new_tokens: int, eos_id, should_stop):
+    def __init__(self, batch: int, max_new_tokens: int, eos_id, should_stop, on_done=None):
         self.new_ids: list[list[int]] = [[] for _ in range(batch)]
         self.reasons = ["length"] * batch
         self.active = [True] * batch
         self.max_new_tokens = max_new_tokens
         self.eos_id = eos_id
         self.should_stop = should_stop
+        self.on_done = on_done
 
     def take(self, tokens: list[int]) -> bool:
         """Record one token per row; False once every row has stopped or the longest is full."""
@@ -211,11 +212,13 @@ class _Rows:
             if self.eos_id is not None and tok == self.eos_id:
                 self.active[row] = False
                 self.reasons[row] = "stop"
-                continue
-            self.new_ids[row].append(tok)
-            if self.should_stop is not None and self.should_stop(row, self.new_ids[row]):
-                self.active[row] = False
-                self.reasons[row] = "stop"
+            else:
+                self.new_ids[row].append(tok)
+                if self.should_stop is not None and self.should_stop(row, self.new_ids[row]):
+                    self.active[row] = False
+                    self.reasons[row] = "stop"
+            if not self.active[row] and self.on_done is not None:
+                self.on_done(row, self.new_ids[row], "eos" if tok == self.eos_id else "stop")
         return any(self.active) and max(map(len, self.new_ids)) < self.max_new_tokens
 
 
@@ -372,7 +375,7 @@ class Decoder:
     @torch.no_grad()
     def generate_ids(self, input_ids, attention_mask=None, max_new_tokens: int = 128, temperature: float = 0.0,
                      top_p: float = 1.0, eos_id: int | None = None, generator: torch.Generator | None = None,
-                     should_stop=None, top_k: int = 0) -> tuple[list[list[int]], list[str]]:
+                     should_stop=None, top_k: int = 0, on_done=None) -> tuple[list[list[int]], list[str]]:
         """As ``bezoar.model.generate_ids``."""
         check_top_k(top_k)  # before the prefill, not at the first draw
         model = self.model
@@ -388,7 +391,7 @@ class Decoder:
                 raise ValueError(f"generate_ids: row {int(late[0])} of attention_mask has padding after its tokens; "
                                  "the batch must be left-padded (Tokenizer.batch(..., padding_side='left'))")
         attention_mask = attention_mask.to(model.device).long()
-        rows = _Rows(B, max_new_tokens, eos_id, should_stop)
+        rows = _Rows(B, max_new_tokens, eos_id, should_stop, on_done)
         if max_new_tokens <= 0 or B == 0:
             return rows.new_ids, rows.reasons
         if mode == "eager":
@@ -545,12 +548,16 @@ def generate_ids(
     decode: str | None = "auto",
     decoder: Decoder | None = None,
     top_k: int = 0,
+    on_done=None,
 ) -> tuple[list[list[int]], list[str]]:
     """Generate for a left-padded batch (B, T). Returns new token ids per row and finish reasons.
 
     ``temperature`` 0 is greedy; above 0 tokens are sampled, filtered by ``top_k`` (0: off) and then
     ``top_p`` (1: off) as ``sample_next`` describes.
     ``should_stop(row, new_ids) -> bool`` lets the caller end a row early (stop strings).
+    ``on_done(row, new_ids, why)`` is called once for each row that ends before the batch does, the moment it
+    ends (``why``: ``"eos"``, or ``"stop"`` for ``should_stop``); ``new_ids`` is then final (a server answers that
+    request at once). Rows still running when the batch ends are not reported.
     ``decode`` picks how the steps run (module docstring); ``decoder`` reuses a ``Decoder``'s cache
     and graphs (its own ``decode`` setting then applies).
     """
@@ -559,7 +566,7 @@ def generate_ids(
     elif decoder.model is not model:
         raise ValueError("generate_ids: the decoder belongs to another model")
     return decoder.generate_ids(input_ids, attention_mask, max_new_tokens, temperature, top_p, eos_id, generator,
-                                should_stop, top_k)
+                                should_stop, top_k, on_done)
 
 
 def generate(

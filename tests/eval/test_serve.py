@@ -216,7 +216,7 @@ def _scripted_generation(monkeypatch, script: list[int]) -> None:
     import bezoar.model as model_module
 
     def scripted(model, ids, mask, max_new_tokens, temperature, top_p, top_k, eos_id, generator, should_stop,
-                 decoder):
+                 decoder, on_done=None):
         outs, reasons = [], []
         for row in range(ids.shape[0]):
             new, reason = [], "length"
@@ -224,6 +224,8 @@ def _scripted_generation(monkeypatch, script: list[int]) -> None:
                 new.append(t)
                 if should_stop(row, new):
                     reason = "stop"
+                    if on_done is not None:
+                        on_done(row, new, reason)
                     break
             outs.append(new)
             reasons.append(reason)
@@ -453,6 +455,64 @@ def test_chat_logprobs(client):
                 alt.logprob for alt in item.top_logprobs]
 
 
+def test_chat_logprobs_bytes_join_to_the_content(client):
+    """An answer's text is decoded on its own, so its first token's word marker is no space in the content; its
+    logprobs kept that space, and their bytes joined to " " + content (OpenAI's bytes join to the content).
+    The alternatives at that place lose it too: the chosen token is among them, and reads the same."""
+    for seed in range(6):
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Tell me a story"}],
+                                           max_tokens=6, temperature=1.5, seed=seed, logprobs=True, top_logprobs=3)
+        choice = r.choices[0]
+        items = choice.logprobs.content
+        assert b"".join(bytes(item.bytes) for item in items).decode("utf-8", "replace") == choice.message.content
+        first = items[0]
+        assert first.token in [alt.token for alt in first.top_logprobs] or first.logprob < min(
+            alt.logprob for alt in first.top_logprobs)
+
+
+def test_a_request_that_ends_early_is_answered_without_waiting_for_its_batch(served, tiny_model, tiny_tokenizer):
+    """A row that stopped (max_tokens, a stop string, EOS) waited for the longest row of its batch: a 2-token
+    answer batched with a 480-token one took as long as that one (1.45 s against 0.02 s alone)."""
+    engine = served.server.engine
+    want = generate(tiny_model, tiny_tokenizer, "The red fox", max_new_tokens=2)[0].text
+    release = hold_engine(engine)
+
+    async def ask():
+        async with openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0,
+                                      timeout=300) as c:
+            done: dict[str, float] = {}
+
+            async def timed(name, call):
+                result = await call
+                if name == "streamed":
+                    result = "".join([chunk.choices[0].text async for chunk in result if chunk.choices])
+                done[name] = time.monotonic()
+                return result
+
+            calls = [asyncio.ensure_future(timed("long", c.completions.create(
+                         model="tiny", prompt="Once upon a time", max_tokens=480, temperature=0))),
+                     asyncio.ensure_future(timed("short", c.completions.create(
+                         model="tiny", prompt="The red fox", max_tokens=2, temperature=0))),
+                     asyncio.ensure_future(timed("streamed", c.completions.create(
+                         model="tiny", prompt="The red fox", max_tokens=2, temperature=0, stream=True)))]
+            await asyncio.to_thread(release, 3)
+            return await asyncio.gather(*calls), done
+
+    (long, short, streamed), done = asyncio.run(ask())
+    assert short.choices[0].text == streamed == want and short.choices[0].finish_reason == "length"
+    assert long.usage.completion_tokens == 480
+    # the short answers came while the long one still decoded (it takes about a second here, more on a busy CI)
+    assert done["long"] - max(done["short"], done["streamed"]) > 0.2, done
+
+
+def test_a_model_name_with_a_slash_is_found_by_its_path(tiny_model, tiny_tokenizer):
+    from bezoar.serve import BackgroundServer, Server
+
+    with BackgroundServer(Server(tiny_model, tiny_tokenizer, "openlm-research/tiny")) as bg:
+        with urllib.request.urlopen(bg.url + "/v1/models/openlm-research/tiny", timeout=60) as r:
+            assert r.status == 200 and json.loads(r.read())["id"] == "openlm-research/tiny"
+
+
 def test_concurrent_clients_are_batched_and_answered_exactly(served, tiny_model, tiny_tokenizer):
     prompts = ["The bright eagle", "What is 74 plus 5?", "Q: Who finds the road? A:", "1. Emma reads",
                "Write a short poem about a brown dog.", "Health is a happy subject."]
@@ -646,6 +706,11 @@ BAD = [
     ("/v1/completions", {"prompt": "x"}, "model", "provide a model"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}},
      "stream_options", "include_usage must be a boolean"),
+    # OpenAI refuses it; it was silently ignored
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, "stream_options",
+     "only allowed when stream is true"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "a"}], "stream": False,
+                              "stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream"),
     ("/v1/chat/completions", {"model": "tiny", "messages": []}, "messages", "non-empty list"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "a"},
                                                             {"role": "assistant", "content": "b"}]},

@@ -120,14 +120,22 @@ def test_static_stops_rows_like_eager(tiny_dir):
             seen.append((row, list(new)))
             return row == 2 and len(new) == 3
 
-        out = generate_ids(model, ids, mask, max_new_tokens=10, eos_id=eos, should_stop=stop, decode=decode)
-        return out, seen
+        done = []  # on_done: each row that ends early, once, with its final tokens, as it ends
+        out = generate_ids(model, ids, mask, max_new_tokens=10, eos_id=eos, should_stop=stop, decode=decode,
+                           on_done=lambda row, new, why: done.append((row, list(new), why, len(seen))))
+        return out, seen, done
 
-    (want, want_reasons), want_seen = runs("eager")
-    (got, got_reasons), got_seen = runs("static")
-    assert got == want and got_reasons == want_reasons and got_seen == want_seen
+    (want, want_reasons), want_seen, want_done = runs("eager")
+    (got, got_reasons), got_seen, got_done = runs("static")
+    assert got == want and got_reasons == want_reasons and got_seen == want_seen and got_done == want_done
     assert got_reasons[0] == "stop" and len(got[0]) == free[0].index(eos)
     assert got_reasons[2] == "stop" and len(got[2]) == 3
+    ended = {row: (new, why) for row, new, why, _ in got_done}
+    assert len(ended) == len(got_done)  # once each
+    assert ended[0] == (got[0], "eos") and ended[2] == (got[2], "stop")
+    assert set(ended) == {r for r, reason in enumerate(got_reasons) if reason == "stop"}
+    # row 2 was reported at its third token, before the rows still running had drawn theirs
+    assert next(n for row, _, _, n in got_done if row == 2) < len(got_seen)
 
 
 def test_decode_step_logits_equal_the_forward(tiny_odd_dir):
