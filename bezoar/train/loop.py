@@ -320,6 +320,7 @@ class Trainer:
             raise TrainingError(f"step {self.step + 1}: the batch has nothing to learn from (no loss tokens)")
         total_loss = 0.0
         sums: dict[str, float] = {}
+        not_finite: int | None = None  # the first micro-batch whose loss was not finite (on this rank)
         for i, batch in enumerate(group):
             sync = self.dist.no_sync(self.model) if self.dist is not None and i < len(group) - 1 else contextlib.nullcontext()
             with sync:
@@ -329,7 +330,12 @@ class Trainer:
                 # into the sum, so the step equals one process on the whole global batch.
                 loss = loss_sum.float() / units * (self.dist.world_size if self.dist is not None else 1)
                 if not torch.isfinite(loss):
-                    raise TrainingError(self._nan_message(i))
+                    if self.dist is None:
+                        raise TrainingError(self._nan_message(i))
+                    # Under DDP every rank stops together after this step's all-reduce: a rank raising here alone
+                    # left the others in the backward's collective, to fail with gloo's "Connection closed by peer".
+                    # The backward still runs (its gradients are never used) so that the collectives match.
+                    not_finite = i if not_finite is None else not_finite
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
                 else:
@@ -340,11 +346,20 @@ class Trainer:
         if self.dist is not None:
             # A signal reaches the ranks at different moments: it rides in this all-reduce, so that every rank
             # stops after the same step (a rank stopping alone would wait in its checkpoint's collectives forever).
-            values = self.dist.all_reduce_sum([total_loss, float(self._stop_signal is not None)]
+            bad = [0.0] * self.dist.world_size
+            bad[self.dist.rank] = float(not_finite is not None)
+            values = self.dist.all_reduce_sum([total_loss, float(self._stop_signal is not None)] + bad
                                               + [sums[k] for k in sorted(sums)])
             total_loss = values[0]
             self._stop_agreed = values[1] > 0
-            sums = dict(zip(sorted(sums), values[2:]))
+            bad_ranks = [r for r, v in enumerate(values[2:2 + len(bad)]) if v > 0]
+            sums = dict(zip(sorted(sums), values[2 + len(bad):]))
+            if bad_ranks:
+                message = self._nan_message(not_finite)
+                if not_finite is None:
+                    message = message.replace(f"at step {self.step + 1}",
+                                              f"at step {self.step + 1} on rank(s) {', '.join(map(str, bad_ranks))}")
+                raise TrainingError(message)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.optim_cfg.max_grad_norm > 0:
@@ -587,6 +602,16 @@ class Trainer:
         seed_everything(self.loop.seed + (self.dist.rank if self.dist is not None else 0))
         if self.resume:
             ckpts = list_checkpoints(self.out)
+            if self.dist is not None:
+                # Only rank 0 writes checkpoints; every rank reads the last one. Ranks on machines that do not share
+                # `out` found different ones (rank 1 none) and went on from different steps: their collectives no
+                # longer matched, and the run hung until the process group's 30-minute timeout.
+                found = self.dist.gather_objects(ckpts[-1][0] if ckpts else None)
+                if len(set(found)) > 1:
+                    seen = ", ".join(f"rank {r}: {f'step {s}' if s is not None else 'none'}" for r, s in enumerate(found))
+                    raise TrainingError(f"{self.out / 'checkpoints'}: the ranks see different checkpoints ({seen}). "
+                                        "Only rank 0 writes them, so `out` must be on storage every machine sees "
+                                        "(a shared file system) to resume")
             if ckpts:
                 try:
                     self.load_checkpoint(ckpts[-1][1])

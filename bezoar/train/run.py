@@ -283,6 +283,20 @@ def check_run_dir(out: Path, cfg: StageConfig, resume: bool, root: Path | None =
     check_length(out, cfg)
 
 
+def check_ranks_agree(out: Path, dist) -> None:
+    """Every rank decides from ``out`` whether the stage is done and where it resumes, and only rank 0 writes there.
+    Ranks on machines that do not share it decided differently: rank 0 found the stage complete and ended while the
+    others waited for it in the process group for 30 minutes, or resumed from its checkpoint while they started at
+    step 0 and their collectives no longer matched. Raises on every rank where they do not agree."""
+    checkpoints = list_checkpoints(out)
+    view = "complete" if is_complete(out) else f"checkpoint step {checkpoints[-1][0]}" if checkpoints else "no checkpoint"
+    views = dist.gather_objects(view)
+    if len(set(views)) > 1:
+        seen = "; ".join(f"rank {rank}: {v}" for rank, v in enumerate(views))
+        raise TrainingError(f"{out}: the ranks see different runs in it ({seen}). Only rank 0 writes there, so `out` "
+                            "must be on storage every machine sees (a shared file system)")
+
+
 def check_length(out: Path, cfg: StageConfig) -> None:
     """A run resumes only toward a step past its last checkpoint (a length in epochs is checked by the trainer,
     which counts the batches)."""
@@ -352,6 +366,11 @@ def _run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None, roo
     rank0 = dist is None or dist.rank == 0
     cfg.data.path = package_path(cfg.data.path)
     cfg.eval_path = package_path(cfg.eval_path)
+    if dist is not None:
+        # under torchrun: the rank's device for model.device, where the process group starts (first stage); started
+        # before anything is decided from `out`, which every rank must see alike (check_ranks_agree)
+        dist.start(cfg.model.device)
+        check_ranks_agree(out, dist)
     if is_complete(out):
         check_complete(out, cfg, root)  # finished with other settings: say so rather than skip as if done
         log(f"{out}: complete already ({SUMMARY} present); nothing to do")
@@ -360,7 +379,6 @@ def _run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None, roo
     # what a stage starting at step 0 records of its base, read before the base is: a base stage retrained
     # while this one loads would otherwise be recorded as the one it trains on
     inputs = started_inputs(cfg) if rank0 and not list_checkpoints(out) else None
-    # under torchrun: the rank's device for model.device, where the process group starts (first stage)
     device = dist.start(cfg.model.device) if dist is not None else resolve_device(cfg.model.device)
     torch.manual_seed(cfg.train.seed)
     with backend(cfg.model.kernels):

@@ -109,6 +109,65 @@ def test_killed_two_process_run_resumes_equal(tmp_path):
     assert [m["loss"] for m in read_metrics(killed) if "loss" in m] == [m["loss"] for m in read_metrics(straight) if "loss" in m]
 
 
+def _rank_script(tmp_path, body: str) -> Path:
+    """A torchrun entry that runs ``body`` (with ``rank`` set) before ``python -m bezoar.train``."""
+    script = tmp_path / "rank_entry.py"
+    script.write_text("import os\nrank = int(os.environ['RANK'])\n" + body
+                      + "\nfrom bezoar.train.__main__ import run_as_script\nrun_as_script()\n")
+    return script
+
+
+def test_a_resume_whose_ranks_see_different_checkpoints_stops_every_rank_with_one_error(tmp_path):
+    """Two machines with disks of their own under `out`: only rank 0 writes checkpoints, so on --resume rank 1
+    found none and started from step 0 while rank 0 went on from its checkpoint. Their collectives no longer
+    matched, rank 0 wrote a checkpoint from the mismatched exchange, and the run hung for the process group's
+    30-minute timeout. It now stops at once on every rank, saying why."""
+    machines = [tmp_path / "machine0", tmp_path / "machine1"]
+    for folder in machines:
+        folder.mkdir()
+    script = _rank_script(tmp_path, f"os.chdir({[str(m) for m in machines]!r}[rank])")  # `out` relative: per machine
+    r = torchrun("run", "train.max_steps=4", "train.save_every=2", entry=(script,))
+    assert r.returncode == 0, r.stdout + r.stderr
+    run = machines[0] / "run"
+    assert [s for s, _ in list_checkpoints(run)] == [2, 4] and not (machines[1] / "run" / "checkpoints").exists()
+    # Complete on rank 0 only: rank 0 ended at once (status 0), rank 1 waited for it in the process group
+    r = torchrun("run", "train.max_steps=4", "train.save_every=2", "--resume", entry=(script,))
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out
+    assert "the ranks see different runs in it (rank 0: complete; rank 1: no checkpoint)" in out, out
+    for name in ("summary.json", "adapter", "checkpoints/step-4"):  # as if killed after step 2's checkpoint
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    r = torchrun("run", "train.max_steps=4", "train.save_every=2", "--resume", entry=(script,))
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out
+    assert "the ranks see different runs in it (rank 0: checkpoint step 2; rank 1: no checkpoint)" in out, out
+    assert "storage every machine sees" in out
+    assert [s for s, _ in list_checkpoints(run)] == [2]  # nothing written from the mismatch
+
+
+def test_a_loss_that_is_not_finite_on_one_rank_stops_every_rank_with_bezoars_message(tmp_path):
+    """Rank 1 raised alone before its backward; rank 0, waiting in the backward's all-reduce, printed gloo's
+    "Connection closed by peer" traceback instead of the reason."""
+    script = _rank_script(tmp_path, """
+import bezoar.train.sft as sft
+loss, calls = sft.SFTStage.loss, [0]
+def poisoned(self, model, batch):
+    calls[0] += 1
+    out = loss(self, model, batch)
+    return (out[0] * float("nan"), out[1]) if rank == 1 and calls[0] == 3 else out
+sft.SFTStage.loss = poisoned
+""")
+    out_dir = tmp_path / "run"
+    r = torchrun(out_dir, "train.max_steps=6", entry=(script,))
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out
+    assert "non-finite loss at step 3 in micro-batch 0" in out, out  # rank 1's own message
+    assert "non-finite loss at step 3 on rank(s) 1" in out, out  # rank 0's
+    assert "Connection closed" not in out, out
+    assert len(re.findall(r"bezoar.train: error \(rank \d\)", out)) == 2, out  # one line each, no traceback of ours
+    assert [m["step"] for m in read_metrics(out_dir) if "loss" in m] == [1, 2]
+
+
 def test_ranks_stop_with_a_checkpoint_when_torchrun_is_killed(tmp_path):
     """torchrun killed outright (SIGKILL: nothing forwarded) left its workers, each in a session of its own,
     training to the end; now each rank sees its parent gone, stops as on SIGTERM (the step finished, a
