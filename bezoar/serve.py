@@ -214,7 +214,7 @@ def _common(body: dict, allowed: set[str]) -> None:
     if body.get("logit_bias"):
         raise ApiError("logit_bias is not supported by bezoar.serve", "logit_bias")
     options = body.get("stream_options")
-    if options is not None and body.get("stream") is not True:  # as OpenAI: not silently ignored
+    if options is not None and (body.get("stream") is None or body.get("stream") is False):  # as OpenAI does
         raise ApiError("stream_options is only allowed when stream is true", "stream_options")
     if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
         raise ApiError("stream_options may only hold include_usage", "stream_options")
@@ -1056,25 +1056,23 @@ class Server:
 
     def _chat_logprobs(self, job: Job) -> list[dict]:
         """OpenAI's ``logprobs.content``, whose ``bytes`` join to the message's content: an answer's text is decoded
-        on its own, so the word marker of its first token is no space there, and none in the first token either
-        (nor in the alternatives at that place, which would have started the answer the same way)."""
+        on its own, so the word marker of its first token is no space there, and none in the first token either.
+        The alternatives at that place read as they would have started the answer: each word piece without its
+        marker (a byte-fallback space is text, and kept), whichever token was chosen."""
         tok = self.tokenizer
-        pieces = token_pieces(tok, job.new_ids, [])
+        sp = tok.sp
         first = next((i for i, tid in enumerate(job.new_ids) if token_bytes(tok, tid)), None)
-        text = token_text(tok, job.new_ids[first]) if first is not None else ""
-        drop = text.startswith(" ") and pieces[first] == text[1:]  # the decoded answer left that space out
 
         def entry(tid: int, value, at_start: bool) -> dict:
             text, raw = token_text(tok, tid), token_bytes(tok, tid)
-            if at_start and text.startswith(" "):
-                text, raw = text[1:], raw[1:]
+            if at_start and tid < sp.GetPieceSize() and not sp.IsByte(tid) and text.startswith(" "):
+                text, raw = text[1:], raw[1:]  # sentencepiece drops the text's leading word marker
             return {"token": text, "logprob": value, "bytes": raw}
 
         out = []
         for i, (tid, value, alternatives) in enumerate(zip(job.new_ids, job.token_logprobs, job.top_logprobs)):
-            at_start = drop and i == first
-            out.append({**entry(tid, value, at_start),
-                        "top_logprobs": [entry(a, v, at_start) for a, v in alternatives or []]})
+            out.append({**entry(tid, value, i == first),
+                        "top_logprobs": [entry(a, v, i == first) for a, v in alternatives or []]})
         return out
 
     # -- streaming (server-sent events) --

@@ -32,7 +32,8 @@ What a call goes through (``submit``):
    ``max_attempts``. A 429 with a Retry-After (a provider's rate limit) also pauses the endpoint for
    everyone for as much of the wait as the server surely meant (a whole-second value is rounded up,
    so one second less), and cuts the rate the endpoint is sent to what the provider took over the
-   last 2 s; the rate grows back by a tenth a second. So a refused burst comes back at the
+   last 2 s (at most by half, and not for a few stray 429s); the rate grows back quickly to the last
+   rate the provider took, then by a tenth a second. So a refused burst comes back at the
    provider's rate, not as a burst, and a limit of 100 requests a second is not paced down to one a
    second by ``retry-after: 1``. Such 429s do not use up a request's attempts while others are
    answered (see ``Limits.max_attempts``). A 429 without a wait (a server over its own limit on
@@ -81,12 +82,16 @@ __all__ = ["Pool", "Limits", "Endpoint", "Request", "Result", "Usage", "PoolErro
 
 
 # The rate an endpoint learns from 429s that name a wait (see _EndpointState.rate_limited): measured over this
-# window, never cut below RATE_MIN requests a second, grown back by RATE_GROWTH a second, and dropped once past
-# RATE_UNBOUNDED (the provider has taken everything sent for long enough).
+# window; cut only where more than RATE_REFUSED of what was sent there (and at least RATE_REFUSED_MIN requests) was
+# refused, by at most half, never below RATE_MIN requests a second; grown back by RATE_GROWTH_FAST a second up to
+# the last rate the provider was measured to take, by RATE_GROWTH beyond it; dropped once past RATE_UNBOUNDED.
 RATE_WINDOW_S = 2.0
+RATE_REFUSED = 0.1
+RATE_REFUSED_MIN = 3
 RATE_MIN = 0.1
 RATE_GROWTH = 1.1
-RATE_GROWTH_GUESSED = 2.0
+RATE_GROWTH_FAST = 4.0
+RATE_GOOD_HALF_LIFE_S = 30.0
 RATE_UNBOUNDED = 1e6
 # A request refused by a rate limit while the endpoint answered others is sent at most this many times
 # max_attempts in all (see Limits.max_attempts).
@@ -223,10 +228,11 @@ class _EndpointState:
         # the provider took on each 429, grown back by RATE_GROWTH a second. Unbounded until the first such 429.
         self.rate_base = math.inf
         self.rate_cut_at = -math.inf
-        self.rate_growth = RATE_GROWTH
+        self.rate_good = math.inf  # the rate the provider was last measured to take: regrown to quickly
+        self.rate_good_at = 0.0
         self.next_send = 0.0  # paced sends: none before this
         self.sends: deque[float] = deque()  # send times within RATE_WINDOW_S
-        self.refused: deque[float] = deque()  # send times of those refused with a wait
+        self.refused: deque[tuple[float, object]] = deque()  # (send time, request key) of those refused with a wait
         self.down_until = 0.0  # taken out of rotation after connection failures
         self.down_since: float | None = None
         self.connect_failures = 0
@@ -244,14 +250,22 @@ class _EndpointState:
         return max(self.cooldown_until, self.down_until, self.next_send)
 
     def rate(self, now: float) -> float:
-        """Requests a second this endpoint may be sent now (inf: no limit learned, or grown past any use)."""
-        rate = self.rate_base * self.rate_growth ** max(0.0, now - self.rate_cut_at)
-        return rate if rate < RATE_UNBOUNDED else math.inf
+        """Requests a second this endpoint may be sent now (inf: no limit learned, or grown past any use): the rate
+        of the last cut, grown by RATE_GROWTH_FAST a second up to ``rate_good`` and by RATE_GROWTH beyond."""
+        if self.rate_base == math.inf:
+            return math.inf
+        log_rate, left = math.log(self.rate_base), max(0.0, now - self.rate_cut_at)
+        if self.rate_base < self.rate_good:
+            fast = min(left, (math.log(self.rate_good) - log_rate) / math.log(RATE_GROWTH_FAST))
+            log_rate, left = log_rate + fast * math.log(RATE_GROWTH_FAST), left - fast
+        log_rate += left * math.log(RATE_GROWTH)
+        return math.exp(log_rate) if log_rate < math.log(RATE_UNBOUNDED) else math.inf
 
     def _forget(self, now: float) -> None:
-        for times in (self.sends, self.refused):
-            while times and times[0] < now - RATE_WINDOW_S:
-                times.popleft()
+        while self.sends and self.sends[0] < now - RATE_WINDOW_S:
+            self.sends.popleft()
+        while self.refused and self.refused[0][0] < now - RATE_WINDOW_S:
+            self.refused.popleft()
 
     def sent(self, now: float) -> None:
         """A request goes out now: note it for the rate estimate and pace the next one."""
@@ -277,25 +291,27 @@ class _EndpointState:
             self.allowed = max(1.0, min(self.allowed, self.outstanding + 1.0) / 2.0)
             self.last_cut = time.monotonic()
 
-    def rate_limited(self, wait_s: float, rounded: bool, sent_at: float) -> None:
-        """A 429 told the request sent at ``sent_at`` to wait ``wait_s`` (that request waits it; the caller sleeps).
+    def rate_limited(self, wait_s: float, rounded: bool, sent_at: float, key=None) -> None:
+        """A 429 told the request ``key`` sent at ``sent_at`` to wait ``wait_s`` (that request waits it; the caller
+        sleeps).
 
         Everyone else pauses only for the part of the wait the server surely meant: all of it when given exactly
         (retry-after-ms, a fraction of a second), one second less when given in whole seconds, which round
         up. Anthropic answers ``retry-after: 1`` to a request over a bucket that refills every few milliseconds;
         paused a second for each of those, a pool against a 100 request/s limit ran 3 a second.
 
-        The endpoint's rate is then cut to what the provider took over the last RATE_WINDOW_S, once per round
-        trip (a refusal of a request sent before the last cut is its echo, and cuts nothing). What it took: the
-        requests sent in that window that were not refused, counting only those sent at least one such refusal's
-        round trip ago, whose 429 would have come back by now. No cut where it took 95% or more (the 429s are
-        not about this rate: another client of the key, a stray one), and the rate then grows back by
-        RATE_GROWTH a second, so it keeps probing the provider's limit from just below. Within the first
-        tenth of the window nothing can be measured yet: a burst refused at the start halves the rate sent
-        so far (from the second refusal on) and grows it back by RATE_GROWTH_GUESSED a second."""
+        The endpoint's rate is then cut, once per round trip (a refusal of a request sent before the last cut is
+        its echo, and cuts nothing), to what the provider took over the last RATE_WINDOW_S: the requests sent
+        there that were not refused, counting only those sent at least one such refusal's round trip ago, whose
+        429 would have come back by now. A cut needs more than RATE_REFUSED of the requests sent there, and at
+        least RATE_REFUSED_MIN different ones, refused (a few stray 429s, another client of the key, one request
+        the provider keeps refusing: not a limit this rate is over), and halves the rate at most. Within the first
+        tenth of the window nothing can be measured: a first burst a quarter refused halves the rate sent so far.
+        The rate grows back quickly to the last rate measured taken (after an outage), then by a tenth a second,
+        so it keeps probing the provider's limit from just below."""
         now = time.monotonic()
         self._forget(now)
-        self.refused.append(sent_at)
+        self.refused.append((sent_at, key))
         self.cooldown_until = max(self.cooldown_until, now + max(0.0, wait_s - (1.0 if rounded else 0.0)))
         if sent_at < self.rate_cut_at:
             return
@@ -303,18 +319,25 @@ class _EndpointState:
         settled = sent_at - (now - sent_at)  # requests sent before this have had the time to be refused
         span = settled - start
         rate = self.rate(now)
-        if span >= 0.1 * RATE_WINDOW_S:  # measured: probed gently upwards from there
+        sending = len(self.sends) / max(now - start, 0.1 * RATE_WINDOW_S)
+        if span >= 0.1 * RATE_WINDOW_S:  # measured
             sent = sum(1 for t in self.sends if t <= settled)
-            refused = sum(1 for t in self.refused if start <= t <= settled)
-            if refused <= 0.05 * sent:  # the provider took nearly all it was sent: not a limit this rate is over
+            refusals = [k for t, k in self.refused if start <= t <= settled]
+            if len(refusals) <= RATE_REFUSED * sent or len(set(refusals)) < RATE_REFUSED_MIN:
                 return
-            self.rate_base, self.rate_growth = min(rate, (sent - refused) / span), RATE_GROWTH
-        else:  # a first burst refused before anything could be measured: halve, and find the rate again quickly
-            if sum(1 for t in self.refused if t >= start) < 2:  # one refusal alone says little
+            taken = (sent - len(refusals)) / span
+            if taken >= 0.8 * sending:  # a rate the provider keeps up (not an outage): regrown to quickly later
+                # kept against the lower rates measured as an outage begins, fading if the provider's limit fell
+                fading = 0.5 ** ((now - self.rate_good_at) / RATE_GOOD_HALF_LIFE_S)
+                self.rate_good = taken if self.rate_good == math.inf else max(taken, self.rate_good * fading)
+                self.rate_good_at = now
+            self.rate_base = max(taken, 0.5 * min(rate, sending))
+        else:
+            refusals = [k for t, k in self.refused if t >= start]
+            if len(set(refusals)) < 2 or len(refusals) < 0.25 * len(self.sends):
                 return
-            sending = len(self.sends) / max(now - start, 0.1 * RATE_WINDOW_S)
-            self.rate_base, self.rate_growth = 0.5 * min(rate, sending), RATE_GROWTH_GUESSED
-        self.rate_base = max(RATE_MIN, self.rate_base)
+            self.rate_base = 0.5 * min(rate, sending)
+        self.rate_base = max(RATE_MIN, min(rate, self.rate_base))
         self.rate_cut_at = now
         self.next_send = min(self.next_send, now + 1.0 / self.rate_base)
 
@@ -770,11 +793,10 @@ class Pool:
             if error.rate_limited:
                 stats.rate_limited += 1
             # refused while the provider answered others since this request's last refusal (or first call)
-            contended = (error.rate_limited and self._answers > answers_before
-                         and attempt < CONTENDED_CALLS * limits.max_attempts)
+            contended = error.rate_limited and self._answers > answers_before
             counted += not contended
             answers_before = self._answers
-            if counted >= limits.max_attempts:
+            if counted >= limits.max_attempts or attempt >= CONTENDED_CALLS * limits.max_attempts:
                 return Result(key, request.id, error=f"gave up after {attempt} attempts; last: {error.message}",
                               error_type="retries", attempts=attempt, latency_s=time.monotonic() - started,
                               model=model, endpoint=state.label, meta=request.meta)
@@ -786,7 +808,7 @@ class Pool:
                 # one retry per back-off, brought an overloaded server down to a request a second)
                 state.overloaded(sent_at)
             elif error.rate_limited:
-                state.rate_limited(delay, error.retry_after_rounded, sent_at)
+                state.rate_limited(delay, error.retry_after_rounded, sent_at, key)
             elif error.retry_after is not None:  # e.g. 503 with Retry-After: the server asked everyone
                 state.cooldown_until = max(state.cooldown_until, time.monotonic() + delay)
             stats.retries += 1

@@ -509,6 +509,13 @@ def run_recipe(name_or_dir: str, root, overrides: list[str], log=print, dist=Non
                 raise ConfigError(f'stage {name!r}: model.device = "{setting}" trains on {device}, but stage '
                                   f'{devices[0][0]!r} (model.device = "{devices[0][1]}") trains on {devices[0][2]}; '
                                   "under torchrun every stage of a run trains on the same device")
+        # Each rank skips the stages it finds complete: ranks on machines that do not share --out would train
+        # different stages against each other. They compare what they see first, stage by stage.
+        from .run import check_ranks_agree
+
+        dist.start(todo[0][1] if todo else configs[0][1].model.device)
+        for stage, cfg in configs:
+            check_ranks_agree(Path(cfg.out), dist)
     for stage, cfg in configs:
         if is_complete(Path(cfg.out)):
             log(f"[{stage.name}] done already: {cfg.out}")

@@ -470,6 +470,31 @@ def test_chat_logprobs_bytes_join_to_the_content(client):
             alt.logprob for alt in first.top_logprobs)
 
 
+def test_chat_logprobs_alternatives_at_the_start_read_as_they_would_have_started_the_answer(tiny_model,
+                                                                                           tiny_tokenizer):
+    """Whichever token was chosen: a word piece there loses its marker (it would have started the content without
+    it), a byte-fallback space keeps its byte (decode keeps it)."""
+    from bezoar.serve import Job, Server
+
+    sp = tiny_tokenizer.sp
+    server = Server(tiny_model, tiny_tokenizer, "tiny")
+    H, e, space, e2 = (sp.PieceToId(p) for p in ("\u2581H", "e", "<0x20>", "<0xE2>"))
+    for answer in ([H, e], [e, H], [e2, H], [space, e]):
+        alternatives = [H, e, space, e2]
+        job = Job(prompt_ids=[1], max_tokens=5, continues_prompt=False, logprobs=len(alternatives))
+        job.new_ids, job.token_logprobs = answer, [-1.0] * len(answer)
+        job.top_logprobs = [[(a, -1.0) for a in alternatives]] + [[] for _ in answer[1:]]
+        items = server._chat_logprobs(job)
+        assert bytes(b for item in items for b in item["bytes"]).decode("utf-8", "replace") \
+            == tiny_tokenizer.decode(answer), answer
+        for alt, a in zip(items[0]["top_logprobs"], alternatives):
+            if a == e2:  # a lone byte of a character: its byte, which decode shows as U+FFFD
+                assert alt["bytes"] == [0xE2], (answer, alt)
+                continue
+            began = tiny_tokenizer.decode([a] + answer[1:]).encode()  # the content had the answer started with it
+            assert began.startswith(bytes(alt["bytes"])) and (a != space or alt["bytes"] == [0x20]), (answer, alt)
+
+
 def test_a_request_that_ends_early_is_answered_without_waiting_for_its_batch(served, tiny_model, tiny_tokenizer):
     """A row that stopped (max_tokens, a stop string, EOS) waited for the longest row of its batch: a 2-token
     answer batched with a 480-token one took as long as that one (1.45 s against 0.02 s alone)."""
@@ -711,6 +736,8 @@ BAD = [
      "only allowed when stream is true"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "a"}], "stream": False,
                               "stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "stream": "true", "stream_options": {"include_usage": True}},
+     "stream", "stream must be true or false"),  # stream's own error, not stream_options'
     ("/v1/chat/completions", {"model": "tiny", "messages": []}, "messages", "non-empty list"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "a"},
                                                             {"role": "assistant", "content": "b"}]},

@@ -193,7 +193,8 @@ def test_a_whole_second_retry_after_does_not_pace_a_fast_provider_down_to_one_re
     results, stats, elapsed = _run_bucket(provider, n, concurrency=64, max_attempts=8, backoff_max_s=2.0)
     assert all(r.ok for r in results)
     ideal = (n - provider.burst) / provider.rate
-    assert elapsed < 2.5 * ideal, f"{n} answers in {elapsed:.1f} s, {n / elapsed:.0f} a second of the 200 allowed"
+    # 91-99% of the rate alone; 4 x leaves room for a busy CI machine (it was 30 x slower)
+    assert elapsed < 4 * ideal, f"{n} answers in {elapsed:.1f} s, {n / elapsed:.0f} a second of the 200 allowed"
     # The first burst of 64 meets a bucket of 10; after it, the rate is learned and few more are refused
     assert provider.refused < 64 + n // 4, provider.refused
 
@@ -212,24 +213,43 @@ def test_an_exact_retry_after_pauses_everyone_and_a_rounded_one_a_second_less():
         assert sent[1] - sent[0] < paused + 0.5, (wait, rounded, sent[1] - sent[0])
 
 
-def test_429s_while_the_provider_answers_others_do_not_use_up_a_requests_attempts(monkeypatch):
+def test_429s_while_the_provider_answers_others_do_not_use_up_a_requests_attempts():
     """A request that loses the race for the provider's rate again and again says nothing of itself: with those
     429s counted, it gave up after max_attempts (recorded as a failure) while the provider answered the rest."""
     provider = _Bucket(rate=1000, burst=1000, wait=0.01, rounded=False, never={"q0"})
     provider.never_times = 4  # q0 is refused its first 4 calls
     results, stats, _ = _run_bucket(provider, 30, concurrency=2, max_attempts=3)
     assert all(r.ok for r in results), [r.error for r in results if not r.ok]
-    assert results[0].attempts == 5
-    monkeypatch.setattr(pool_module, "CONTENDED_CALLS", 0)  # every 429 counted: the test sees the failure
-    provider = _Bucket(rate=1000, burst=1000, wait=0.01, rounded=False, never={"q0"})
-    provider.never_times = 4
-    results, stats, _ = _run_bucket(provider, 30, concurrency=2, max_attempts=3)
-    assert not results[0].ok and results[0].attempts == 3
+    assert results[0].attempts == 5  # 4 refusals, none counted: with them counted it gave up after 3
 
 
 def test_a_request_the_provider_always_refuses_gives_up_after_a_bounded_number_of_calls():
-    provider = _Bucket(rate=1000, burst=1000, wait=0.01, rounded=False, never={"q0"})
-    results, stats, _ = _run_bucket(provider, 40, concurrency=4, max_attempts=3)
+    """...while the others are answered all along (so none of its 429s counts), and without slowing them: its
+    refusals alone cut the endpoint's rate (a 5 s run took 16 s)."""
+    provider = _Bucket(rate=1e6, burst=1e6, wait=0.01, rounded=False, never={"q0"}, latency=0.01)
+    results, stats, elapsed = _run_bucket(provider, 600, concurrency=4, max_attempts=3)
     assert all(r.ok for r in results[1:])
     assert not results[0].ok and results[0].error_type == "retries"
-    assert results[0].attempts <= pool_module.CONTENDED_CALLS * 3, results[0].attempts
+    assert results[0].attempts == pool_module.CONTENDED_CALLS * 3, results[0].attempts
+    assert elapsed < 2 * 600 / 4 * 0.01 + 1.0, elapsed  # about 1.5 s at 4 at once, 10 ms each
+
+
+def test_a_few_stray_429s_do_not_cut_the_rate():
+    """Another client of the key takes a few percent of the provider's limit: 4% of the calls refused at random
+    halved the rate and then cut it window after window (4000 requests took 48 s instead of 6)."""
+    class Stray(_Bucket):
+        def __init__(self):
+            super().__init__(rate=1e6, burst=1e6, wait=0.02, rounded=False, latency=0.005)
+            self.count = 0
+
+        async def send(self, request, model, timeout):
+            self.count += 1
+            if self.count % 25 == 7:  # 4%
+                self.refused += 1
+                raise ProviderError("rate limited (HTTP 429)", RETRY, status=429, retry_after=0.02, rate_limited=True)
+            return await super().send(request, model, timeout)
+
+    provider = Stray()
+    results, stats, elapsed = _run_bucket(provider, 2000, concurrency=16)
+    assert all(r.ok for r in results)
+    assert elapsed < 2 * 2000 / 16 * 0.005 + 1.5, elapsed  # about 0.7 s unhindered

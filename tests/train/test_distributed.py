@@ -145,6 +145,30 @@ def test_a_resume_whose_ranks_see_different_checkpoints_stops_every_rank_with_on
     assert [s for s, _ in list_checkpoints(run)] == [2]  # nothing written from the mismatch
 
 
+def test_a_recipe_whose_ranks_see_different_stages_done_stops_every_rank_with_one_error(tmp_path):
+    """A recipe's ranks each skipped the stages they found complete: rank 0 went on to dpo while rank 1 (another
+    machine's disk) started sft, and the two trained different stages against each other until the process group's
+    30-minute timeout."""
+    machines = [tmp_path / "machine0", tmp_path / "machine1"]
+    for folder in machines:
+        folder.mkdir()
+    stages = ["sft.train.max_steps=2", "sft.train.epochs=0", "sft.eval_path=", "sft.train.progress=false",
+              "dpo.train.max_steps=2", "dpo.train.epochs=0", "dpo.train.progress=false"]
+    env = repo_env(OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "bezoar.train", "--recipe", "demo", "--out", "run", *stages],
+                       capture_output=True, text=True, env=env, cwd=machines[0], timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    shutil.rmtree(machines[0] / "run" / "dpo")  # sft complete on machine 0; nothing on machine 1
+    script = _rank_script(tmp_path, f"os.chdir({[str(m) for m in machines]!r}[rank])")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone", str(script),
+                        "--recipe", "demo", "--out", "run", *stages], capture_output=True, text=True, env=env,
+                       timeout=900)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out
+    assert "the ranks see different runs in it (rank 0: complete; rank 1: no checkpoint)" in out, out
+    assert not (machines[0] / "run" / "dpo").exists()
+
+
 def test_a_loss_that_is_not_finite_on_one_rank_stops_every_rank_with_bezoars_message(tmp_path):
     """Rank 1 raised alone before its backward; rank 0, waiting in the backward's all-reduce, printed gloo's
     "Connection closed by peer" traceback instead of the reason."""
