@@ -32,11 +32,11 @@ What a call goes through (``submit``):
    ``max_attempts``. A 429 with a Retry-After (a provider's rate limit) also pauses the endpoint for
    everyone for as much of the wait as the server surely meant (a whole-second value is rounded up,
    so one second less), and cuts the rate the endpoint is sent to what the provider took over the
-   last 2 s (to no less than half the rate it was sending, and not for a few requests refused
-   every time); the rate grows back quickly to the rate the provider last took, then by a tenth a
-   second. So a refused burst comes back at the
-   provider's rate, not as a burst, and a limit of 100 requests a second is not paced down to one a
-   second by ``retry-after: 1``. Such 429s do not use up a request's attempts while others are
+   last 2 s (to no less than half the rate it was sending, and not for a few stray 429s: a
+   request's n-th refusal weighs 1/n); the rate grows back quickly to the rate the provider last
+   took, then by a tenth a second. So a refused burst comes back at the provider's rate, not as a
+   burst, and a limit of 100 requests a second is not paced down to one a second by
+   ``retry-after: 1``. Such 429s do not use up a request's attempts while others are
    answered (see ``Limits.max_attempts``). A 429 without a wait (a server over its own limit on
    requests at once) halves what is sent to that endpoint at once, which its answers then grow back
    by one per window. An endpoint that times out ``down_after`` times in a row goes out of rotation
@@ -83,8 +83,8 @@ __all__ = ["Pool", "Limits", "Endpoint", "Request", "Result", "Usage", "PoolErro
 
 
 # The rate an endpoint learns from 429s that name a wait (see _EndpointState.rate_limited): measured over this
-# window; cut only where more than RATE_REFUSED of the requests sent there (and at least RATE_REFUSED_MIN) were
-# refused, to no less than half the rate being sent nor RATE_MIN requests a second; grown back by RATE_GROWTH_FAST
+# window; cut only where more than RATE_REFUSED of the calls sent there (and at least RATE_REFUSED_MIN) were
+# refused, a request's n-th refusal weighing 1/n, to no less than half the rate being sent nor RATE_MIN requests a second; grown back by RATE_GROWTH_FAST
 # a second up to the rate last measured taken, by RATE_GROWTH beyond it; dropped once past RATE_UNBOUNDED.
 RATE_WINDOW_S = 2.0
 RATE_REFUSED = 0.1
