@@ -310,8 +310,8 @@ class _EndpointState:
         429 would have come back by now. A cut needs more than RATE_REFUSED of the calls sent there, and at least
         RATE_REFUSED_MIN, refused, a request's n-th refusal weighing 1/n (a few stray 429s, another client of the
         key, a few requests the provider refuses every time: not a limit this rate is over), and goes no lower
-        than half the rate that was being sent. Within the first tenth of the window nothing can be measured: a first burst a quarter
-        refused halves the rate sent so far. The rate grows back quickly (RATE_GROWTH_FAST) to the rate last
+        than half the rate that was being sent. Within the first tenth of the window nothing can be measured: a
+        first burst a quarter refused halves the rate sent so far. The rate grows back quickly (RATE_GROWTH_FAST) to the rate last
         measured taken (after an outage), then by a tenth a second, so it keeps probing the provider's limit from
         just below. A rate counts as taken where the provider took at least 0.8 of what was sent; until one is,
         the rate grows back quickly all the way (against a low limit, refused more often: 42% of the calls at

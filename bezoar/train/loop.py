@@ -354,12 +354,8 @@ class Trainer:
             self._stop_agreed = values[1] > 0
             bad_ranks = [r for r, v in enumerate(values[2:2 + len(bad)]) if v > 0]
             sums = dict(zip(sorted(sums), values[2 + len(bad):]))
-            if bad_ranks:
-                message = self._nan_message(not_finite)
-                if not_finite is None:
-                    message = message.replace(f"at step {self.step + 1}",
-                                              f"at step {self.step + 1} on rank(s) {', '.join(map(str, bad_ranks))}")
-                raise TrainingError(message)
+            if bad_ranks:  # this rank's own micro-batch where it is one of them, else the ranks that were
+                raise TrainingError(self._nan_message(not_finite, ranks=None if not_finite is not None else bad_ranks))
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.optim_cfg.max_grad_norm > 0:
@@ -397,10 +393,12 @@ class Trainer:
         out.update({k: v / units for k, v in sums.items()})
         return out
 
-    def _nan_message(self, micro: int | None, what: str = "loss") -> str:
+    def _nan_message(self, micro: int | None, what: str = "loss", ranks: list[int] | None = None) -> str:
         ckpts = list_checkpoints(self.out)
         last = f"the last good checkpoint is {ckpts[-1][1]} (resume with --resume)" if ckpts else "no checkpoint was written yet"
         where = f" in micro-batch {micro}" if micro is not None else ""
+        if ranks:
+            where += f" on rank(s) {', '.join(map(str, ranks))}"
         return (f"non-finite {what} at step {self.step + 1}{where}; the run stops here and writes nothing more; "
                 f"{last}. Lower the learning rate, check the data, or use bf16/fp32.")
 
@@ -602,16 +600,6 @@ class Trainer:
         seed_everything(self.loop.seed + (self.dist.rank if self.dist is not None else 0))
         if self.resume:
             ckpts = list_checkpoints(self.out)
-            if self.dist is not None:
-                # Only rank 0 writes checkpoints; every rank reads the last one. Ranks on machines that do not share
-                # `out` found different ones (rank 1 none) and went on from different steps: their collectives no
-                # longer matched, and the run hung until the process group's 30-minute timeout.
-                found = self.dist.gather_objects(ckpts[-1][0] if ckpts else None)
-                if len(set(found)) > 1:
-                    seen = ", ".join(f"rank {r}: {f'step {s}' if s is not None else 'none'}" for r, s in enumerate(found))
-                    raise TrainingError(f"{self.out / 'checkpoints'}: the ranks see different checkpoints ({seen}). "
-                                        "Only rank 0 writes them, so `out` must be on storage every machine sees "
-                                        "(a shared file system) to resume")
             if ckpts:
                 try:
                     self.load_checkpoint(ckpts[-1][1])
