@@ -26,16 +26,21 @@ Routes:
   join to that content (the first token's marker is left out there too).
 - ``GET /health``.
 
-Requests that arrive together are decoded together: a scheduler collects every request waiting
-when the model becomes free (after a short ``--batch-window-ms``), runs one-token scoring
-requests as one batch of forwards, and generation requests in left-padded batches (one batch per
-set of sampling settings; one of these parts that fails fails its own requests with a 500, not the
-others of the batch). A request whose row ends (EOS, a stop string, its ``max_tokens``) is answered
-at once, not when the longest row of its batch ends; one that asked for logprobs is scored with the
-batch when it ends. New requests wait for the next batch. A sampled request with a ``seed`` decodes each choice alone, from a
-generator seeded with ``seed`` plus the choice's index, so its text does not depend on which other
-requests arrive with it. The model runs in one worker thread and prompts are tokenized in two others
-(a text of megabytes takes seconds), so the event loop keeps serving.
+Requests are decoded with continuous batching (``bezoar.model.decode.ContinuousBatch``): each choice
+of a generation request takes a row of one batch between two decode steps, whatever the rows beside
+it are doing, and leaves it the moment it ends (EOS, a stop string, its ``max_tokens``, a client gone),
+when it is answered. So a short answer never waits for a long one, and a request arriving mid-decode
+starts at the next step instead of after the batch. Requests waiting together (the worker was busy, or
+they came within ``--batch-window-ms`` of an idle server) are prefilled together; at most
+``--max-batch-size`` rows decode at once and the others wait their turn, first come first served.
+One-token scoring requests (``max_tokens`` <= 1, not streamed: lm-eval's loglikelihood) run as one
+batch of forwards between steps; a request that asked for logprobs is scored when its row ends. A
+failure fails only the requests it touched (a prefill its own, a step the rows decoding, a sampler
+its settings' rows), each with a 500. A sampled request with a ``seed`` draws from a generator of its
+own, seeded with ``seed`` plus the choice's index, so the random numbers it gets do not depend on
+the requests decoding beside it (its logits can, in the last bits, as in any batched server). The
+model runs in one worker thread and prompts are tokenized in two others (a text of megabytes takes
+seconds), so the event loop keeps serving.
 Bad requests get OpenAI-style errors: status 400 (404 for an unknown model or route) with
 ``{"error": {"message", "type", "param", "code"}}``.
 
@@ -73,6 +78,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import codecs
+import collections
 import concurrent.futures
 import errno
 import functools
@@ -93,7 +99,7 @@ import torch
 from aiohttp import web
 
 from bezoar.eval.chat import CHAT_STOP, ChatError, chat_prompt
-from bezoar.eval.decoding import StopStrings, context_tail, continuation, cut_at_stop, left_pad
+from bezoar.eval.decoding import StopStrings, context_tail, continuation, cut_at_stop
 from bezoar.eval.scoring import iter_logprobs
 
 log = logging.getLogger("bezoar.serve")
@@ -226,12 +232,6 @@ def _common(body: dict, allowed: set[str]) -> None:
 # ---- jobs and the scheduler ------------------------------------------------------------------
 
 
-def _answer(job) -> None:
-    """(On the event loop.) Answer a job that finished while the rest of its batch decodes on."""
-    if not job.future.done():
-        job.future.set_result(job)
-
-
 @dataclass
 class Job:
     """One sequence to complete (one choice of one request)."""
@@ -259,40 +259,50 @@ class Job:
     token_logprobs: list[float | None] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
     cancelled: bool = False
-    answered: bool = False  # finished and answered while the rest of its batch went on decoding
-    error: BaseException | None = None  # what failed the job's part of the batch (the request gets a 500)
+    error: BaseException | None = None  # what failed the job (the request gets a 500)
     future: Any = None
     sent: int = 0  # characters of text already streamed
     stop_hit: bool = False
 
 
 class Engine:
-    """Runs jobs on the model in one worker thread, batching the jobs that wait together."""
+    """Runs jobs on the model in one worker thread: one-token scoring jobs in batches of forwards, generation
+    jobs in a ``ContinuousBatch`` that they join between decode steps and leave when they end."""
 
     def __init__(self, model, tokenizer, max_batch_size: int = 32, batch_window_s: float = 0.005,
                  decode: str = "auto"):
-        from bezoar.model.decode import Decoder, resolve_decode_mode
+        from bezoar.model.decode import ContinuousBatch, resolve_decode_mode
 
         self.model = model.eval()  # LoRA dropout off, whatever mode the model came in
         resolve_decode_mode(decode, self.model)  # a bad setting fails at start-up
-        # cache and CUDA graphs kept between batches; batch sizes rounded up to powers of two (at most
-        # max_batch_size rows) so a few sizes' graphs serve every batch
-        self.decoder = Decoder(self.model, decode, pad_batch=max_batch_size)
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_s
         self.context = model.config.max_position_embeddings
-        self.queue: asyncio.Queue | None = None
+        self.generator = torch.Generator(device=model.device).manual_seed(0)
+        # the cache and CUDA graphs are kept between requests; steps run the first power of two of rows that
+        # covers the rows in use, so a few sizes' graphs serve every load
+        self.batch = ContinuousBatch(self.model, max_batch_size, decode, eos_id=tokenizer.eos_id,
+                                     pad_id=tokenizer.pad_id, generator=self.generator)
+        # jobs not yet taken by the worker: appended on the event loop, taken in the worker (deque's append and
+        # popleft are atomic)
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.wake: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="bezoar-model")
         self.task: asyncio.Task | None = None
-        self.generator = torch.Generator(device=model.device).manual_seed(0)
-        self.batches = 0  # how many model batches ran (for tests and logs)
-        self.largest_batch = 0
+        self.batches = 0  # groups of waiting jobs the worker took together (for tests and logs)
+        self.largest_batch = 0  # most jobs taken together
+        self._to_score: list[Job] = []  # ended jobs that wait for their logprobs (worker thread only)
+
+    @property
+    def steps(self) -> int:
+        """Decode steps run so far."""
+        return self.batch.steps
 
     async def start(self, app=None) -> None:
         self.loop = asyncio.get_running_loop()
-        self.queue = asyncio.Queue()
+        self.wake = asyncio.Event()
         self.task = asyncio.create_task(self._schedule())
 
     async def stop(self, app=None) -> None:
@@ -307,7 +317,8 @@ class Engine:
     async def run(self, jobs: list[Job]) -> list[Job]:
         for job in jobs:
             job.future = self.loop.create_future()
-            self.queue.put_nowait(job)
+            self.waiting.append(job)
+        self.wake.set()
         try:
             return list(await asyncio.gather(*(job.future for job in jobs)))
         except asyncio.CancelledError:  # the client went away: let the engine drop these rows
@@ -316,32 +327,142 @@ class Engine:
             raise
 
     async def _schedule(self) -> None:
+        """Start the worker when jobs wait and it is idle; it runs until no job waits and no row decodes."""
         while True:
-            jobs = [await self.queue.get()]
-            if self.batch_window_s > 0:
+            await self.wake.wait()
+            self.wake.clear()
+            if self.batch_window_s > 0:  # requests arriving together are prefilled together
                 await asyncio.sleep(self.batch_window_s)
-            while not self.queue.empty() and len(jobs) < self.max_batch_size:
-                jobs.append(self.queue.get_nowait())
-            jobs = [j for j in jobs if not j.cancelled]
-            if not jobs:
-                continue
             try:
-                await self.loop.run_in_executor(self.executor, self._run_batch, jobs)
-            except Exception as e:  # a model failure fails these requests, not the server
-                log.exception("batch of %d jobs failed", len(jobs))
-                for job in jobs:
-                    job.error = job.error or e
-            for job in jobs:
-                if job.future.done() or job.answered:
-                    continue
-                if job.error is not None:
-                    if job.stream is not None:
-                        job.stream.put_nowait((job.index, "", "error"))
-                    job.future.set_exception(job.error)
-                else:
-                    job.future.set_result(job)
+                await self.loop.run_in_executor(self.executor, self._work)
+            except Exception:  # _work answers its jobs' failures itself; this is a bug, not a request's error
+                log.exception("the model's worker failed")
+
+    def _resolve(self, job: Job) -> None:
+        """(On the event loop.) Answer a job: its result, or its error as a 500."""
+        if job.future.done():
+            return
+        if job.error is not None:
+            if job.stream is not None:
+                job.stream.put_nowait((job.index, "", "error"))
+            job.future.set_exception(job.error)
+        else:
+            job.future.set_result(job)
 
     # -- in the worker thread --
+
+    def _answer(self, job: Job) -> None:
+        if job.error is None:
+            self._emit(job, final=True)
+        self.loop.call_soon_threadsafe(self._resolve, job)
+
+    def _work(self) -> None:
+        """Take waiting jobs into free rows, decode a step, and again, until nothing waits or decodes."""
+        batch = self.batch
+        while True:
+            self._take_waiting()
+            if not batch.running:
+                if not self.waiting:
+                    return
+                continue
+            try:
+                batch.step()
+            except Exception as e:  # a model failure fails the requests decoding, not the server
+                log.exception("a decode step of %d rows failed", len(batch.running))
+                batch.fail(e)
+            self._finish_scored()
+
+    def _take_waiting(self) -> None:
+        """Start the waiting jobs that fit: every one-token scoring job (a batch of forwards), and generation
+        jobs in first-come order while rows are free."""
+        one_step, generate = [], []
+        free = self.batch.free
+        while self.waiting:
+            job = self.waiting[0]
+            if job.cancelled:
+                self.waiting.popleft()
+                continue
+            if job.max_tokens <= 1 and job.stream is None:
+                one_step.append(self.waiting.popleft())
+            elif len(generate) < free:
+                generate.append(self.waiting.popleft())
+            else:
+                break  # the jobs behind it wait their turn too
+        if not one_step and not generate:
+            return
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, len(one_step) + len(generate))
+        if one_step:
+            try:
+                self._run_one_step(one_step)
+            except Exception as e:
+                log.exception("a scoring batch of %d jobs failed", len(one_step))
+                for job in one_step:
+                    job.error = e
+            for job in one_step:
+                self._answer(job)
+        if generate:
+            self._admit(generate)
+
+    def _admit(self, jobs: list[Job]) -> None:
+        from bezoar.model.decode import Sequence
+
+        seqs = []
+        for job in jobs:
+            stops = StopStrings(self.tokenizer, job.stop, self._context(job))
+            seqs.append(Sequence(job.prompt_ids, job.max_tokens, job.temperature, job.top_p, job.top_k,
+                                 generator=self._sampler(job) if job.seed is not None else None,
+                                 should_stop=functools.partial(self._on_token, job, stops),
+                                 on_done=functools.partial(self._on_done, job), tag=job))
+        try:
+            self.batch.admit(seqs)
+        except Exception as e:  # their prefill failed: these requests fail, the rows decoding go on
+            log.exception("the prefill of %d jobs failed", len(jobs))
+            for job, seq in zip(jobs, seqs):
+                if seq.row is None:
+                    job.error = e
+                    self._answer(job)
+        self._finish_scored()
+
+    def _on_token(self, job: Job, stops, new_ids: list[int]) -> bool:
+        """After each token of ``job``'s row: True ends the row (a stop string, a client gone)."""
+        if job.cancelled:
+            return True
+        if stops(0, new_ids):
+            job.stop_hit = True
+            return True
+        if job.stream is not None:
+            job.new_ids = new_ids
+            job.text = continuation(self.tokenizer, self._context(job), new_ids)
+            self._emit(job, final=False)
+        return False
+
+    def _on_done(self, job: Job, seq) -> None:
+        """``job``'s row has ended: answer it now, or after the step's scoring pass when it asked for logprobs
+        (a 2-token answer decoding beside a 500-token one is answered when its own row ends)."""
+        if seq.finish == "error":
+            job.error = seq.error
+            self._answer(job)
+            return
+        self._finish_generated(job, seq.new_ids, seq.finish)
+        if job.logprobs is not None and not job.cancelled and (job.new_ids or job.echo):
+            self._to_score.append(job)
+        else:
+            self._answer(job)
+
+    def _finish_scored(self) -> None:
+        """Score the jobs that ended asking for logprobs (one batch of forwards), then answer them."""
+        jobs, self._to_score = self._to_score, []
+        if not jobs:
+            return
+        try:
+            self._score(jobs)
+        except Exception as e:
+            log.exception("scoring %d jobs failed", len(jobs))
+            for job in jobs:
+                job.error = e
+        for job in jobs:
+            self._answer(job)
 
     def _emit(self, job: Job, final: bool) -> None:
         """Push the text that is safe to show to a streaming client."""
@@ -366,40 +487,6 @@ class Engine:
             job.sent += len(delta)
             reason = job.finish_reason if final else None
             self.loop.call_soon_threadsafe(job.stream.put_nowait, (job.index, delta, reason))
-
-    def _run_batch(self, jobs: list[Job]) -> None:
-        self.batches += 1
-        self.largest_batch = max(self.largest_batch, len(jobs))
-        one_step = [j for j in jobs if j.max_tokens <= 1 and j.stream is None]
-        groups: dict[tuple, list[Job]] = {}
-        for job in jobs:
-            if job.max_tokens <= 1 and job.stream is None:
-                continue
-            if job.temperature <= 0:
-                key = (0.0, 1.0, 0, None)
-            elif job.seed is None:
-                key = (job.temperature, job.top_p, job.top_k, None)
-            else:
-                # A seeded choice draws from its own generator, alone: in a batch its draws would
-                # depend on which other rows happened to share the batch.
-                key = (job.temperature, job.top_p, job.top_k, id(job))
-            groups.setdefault(key, []).append(job)
-        # Each part runs on its own: one that fails (a model error) fails its own jobs, and the other
-        # requests of the batch are answered as if they had come alone.
-        parts = [(self._run_one_step, (one_step,))] if one_step else []
-        parts += [(self._run_generation, (members, temperature, top_p, top_k, self._sampler(members[0])))
-                  for (temperature, top_p, top_k, _), members in groups.items()]
-        for run, args in parts:
-            try:
-                run(*args)
-            except Exception as e:
-                log.exception("%d of the batch's %d jobs failed", len(args[0]), len(jobs))
-                for job in args[0]:
-                    if not job.answered:
-                        job.error = e
-        for job in jobs:
-            if job.error is None and not job.answered:
-                self._emit(job, final=True)
 
     def _sampler(self, job: Job):
         """The server's shared generator, or for a seeded job one of its own: ``seed`` offset by the
@@ -457,60 +544,13 @@ class Engine:
             self._finish_text(job)
             job.finish_reason = "stop" if job.stop_hit else "length"
 
-    def _run_generation(self, jobs: list[Job], temperature: float, top_p: float, top_k: int, generator) -> None:
-        from bezoar.model import generate_ids
-
-        stops = [StopStrings(self.tokenizer, j.stop, self._context(j)) for j in jobs]
-
-        def on_token(row: int, new_ids: list[int]) -> bool:
-            job = jobs[row]
-            if job.cancelled:
-                return True
-            if stops[row](row, new_ids):
-                job.stop_hit = True
-                return True
-            if job.stream is not None:
-                job.new_ids = new_ids
-                job.text = continuation(self.tokenizer, self._context(job), new_ids)
-                self._emit(job, final=False)
-            return len(new_ids) >= job.max_tokens
-
-        def on_done(row: int, new_ids: list[int], why: str) -> None:
-            # A row that ends before its batch is answered now, not when the batch's longest row ends (a 2-token
-            # answer batched with a 500-token one took 1.45 s instead of 0.02 s). Logprobs need a scoring pass of
-            # their own: those jobs are finished with the batch.
-            job = jobs[row]
-            if job.cancelled or job.logprobs is not None:
-                return
-            self._finish_generated(job, new_ids, "stop")
-            self._emit(job, final=True)
-            job.answered = True
-            self.loop.call_soon_threadsafe(_answer, job)
-
-        ids, mask = left_pad([j.prompt_ids for j in jobs], self.tokenizer.pad_id)
-        longest = max(j.max_tokens for j in jobs)
-        new_ids, reasons = generate_ids(self.model, ids, mask, max_new_tokens=longest, temperature=temperature,
-                                        top_p=top_p, top_k=top_k, eos_id=self.tokenizer.eos_id, generator=generator,
-                                        should_stop=on_token, decoder=self.decoder, on_done=on_done)
-        for job, new, reason in zip(jobs, new_ids, reasons):
-            if not job.answered:
-                self._finish_generated(job, new, reason)
-        wanted = [j for j in jobs if j.logprobs is not None and not j.cancelled and (j.new_ids or j.echo)]
-        if wanted:
-            self._score(wanted)
-
-    def _finish_generated(self, job: Job, new: list[int], reason: str) -> None:
-        """The job's tokens, text, usage count and finish reason once its row has ended with ``reason``."""
+    def _finish_generated(self, job: Job, new: list[int], finish: str) -> None:
+        """The job's tokens, text, usage count and finish reason once its row has ended (``finish``: ``eos``,
+        ``stop`` or ``length``, as ``Sequence.finish``)."""
         job.new_ids = list(new)
-        # generate_ids leaves out the EOS that ended a row: a row that stopped short of its max_tokens
-        # with no stop string (nor a client gone) drew one
-        eos = reason == "stop" and not job.stop_hit and not job.cancelled and len(new) < job.max_tokens
-        job.generated = len(new) + eos
+        job.generated = len(new) + (finish == "eos")  # the EOS is not among the new tokens, but was decoded
         self._finish_text(job)
-        if job.stop_hit or (reason == "stop" and len(new) < job.max_tokens):
-            job.finish_reason = "stop"
-        else:
-            job.finish_reason = "length"
+        job.finish_reason = "stop" if job.stop_hit or finish == "eos" else "length"
 
     def _score(self, jobs: list[Job]) -> None:
         """Logprobs of the prompt (echo) and new tokens: one teacher-forced forward per sequence."""
@@ -1305,7 +1345,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--batch-window-ms", type=float, default=5.0,
                    help="how long the scheduler waits for more requests before it starts a batch")
     g.add_argument("--decode", choices=["auto", "eager", "static", "graph"], default="auto",
-                   help="how decode steps run (default auto: CUDA graphs on a GPU, eager on the CPU)")
+                   help="how decode steps run (default auto: CUDA graphs on a GPU; eager and static: the same "
+                        "static-cache steps without graphs, which continuous batching needs)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.max_batch_size < 1:

@@ -25,7 +25,9 @@ import contextlib
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -67,11 +69,14 @@ class StaticKVCache(KVCache):
     """A ``KVCache`` whose decode steps are graph-safe.
 
     The prefill fills it like a ``KVCache`` (``stepping`` False). Decode steps (``stepping`` True)
-    write their keys and values at the device-side index ``slot`` and return the first ``num_keys``
-    slots. ``key_valid`` (B, max_len) marks the real tokens, and ``decode_step`` builds the mask from it.
+    write each row's keys and values at that row's device-side index ``slot`` (B,) and return the first
+    ``num_keys`` slots. ``key_valid`` (B, max_len) marks the real tokens, and ``decode_step`` builds the
+    mask from it. A batch decoded in step keeps every row's slot equal; ``ContinuousBatch`` gives each row
+    its own. ``slot`` and ``key_valid`` may be given (views of an owner's tensors, as ``storage``).
     """
 
-    def __init__(self, config: LlamaConfig, batch: int, max_len: int, dtype: torch.dtype, device, storage=None):
+    def __init__(self, config: LlamaConfig, batch: int, max_len: int, dtype: torch.dtype, device, storage=None,
+                 slot: torch.Tensor | None = None, key_valid: torch.Tensor | None = None):
         super().__init__(config, batch, max_len, dtype, device, storage)
         # Steps attend over slots not written yet (masked): they must hold finite numbers, since a masked
         # key still enters the softmax-times-values product with weight 0, and 0 * NaN is NaN. (Given
@@ -79,8 +84,12 @@ class StaticKVCache(KVCache):
         if storage is None:
             self.k.zero_()
             self.v.zero_()
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.slot = torch.zeros(batch, dtype=torch.long, device=device) if slot is None else slot
+        self.key_valid = (torch.zeros(batch, max_len, dtype=torch.bool, device=device) if key_valid is None
+                          else key_valid)
+        if tuple(self.slot.shape) != (batch,) or tuple(self.key_valid.shape) != (batch, max_len):
+            raise ValueError(f"StaticKVCache: slot {tuple(self.slot.shape)} and key_valid "
+                             f"{tuple(self.key_valid.shape)} must be ({batch},) and ({batch}, {max_len})")
         self.num_keys = max_len
         self.stepping = False
 
@@ -90,11 +99,17 @@ class StaticKVCache(KVCache):
         self.num_keys = self.max_len
         self.key_valid.zero_()
 
+    def mark_step(self) -> None:
+        """(Graph-safe.) Let each row's new token see itself: set ``key_valid`` at the row's slot."""
+        self.key_valid.scatter_(1, self.slot[:, None], True)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         if not self.stepping:
             return super().update(layer, k, v)
-        self.k[layer].index_copy_(1, self.slot, k)
-        self.v[layer].index_copy_(1, self.slot, v)
+        # row b's one new key goes to slot[b] (scatter: no host sync, so a CUDA graph can hold it)
+        index = self.slot[:, None, None, None].expand(k.shape)
+        self.k[layer].scatter_(1, index, k)
+        self.v[layer].scatter_(1, index, v)
         return self.k[layer, :, :self.num_keys], self.v[layer, :, :self.num_keys]
 
 
@@ -260,15 +275,24 @@ class _DecodeState:
     """What static decode steps of one batch size share: the cache (a view of the decoder's storage),
     the step's inputs, the graphs."""
 
-    def __init__(self, model, batch: int, storage: tuple[torch.Tensor, torch.Tensor]):
+    def __init__(self, model, batch: int, storage: tuple[torch.Tensor, torch.Tensor],
+                 rows: _RowTensors | None = None):
         from bezoar_kernels.rope import rope_inv_freq
 
         device = model.device
         capacity = storage[0].shape[2]
         view = (storage[0][:, :batch], storage[1][:, :batch])
-        self.cache = StaticKVCache(model.config, batch, capacity, model.dtype, device, storage=view)
-        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        if rows is None:  # a batch of its own
+            self.cache = StaticKVCache(model.config, batch, capacity, model.dtype, device, storage=view)
+            self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+            self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        else:  # the first rows of a ContinuousBatch's tensors: every size steps the same rows
+            self.cache = StaticKVCache(model.config, batch, capacity, model.dtype, device, storage=view,
+                                       slot=rows.slot[:batch], key_valid=rows.key_valid[:batch])
+            self.tokens = rows.tokens[:batch]
+            self.positions = rows.positions[:batch]
+        # a continuous batch's idle rows step too: their slot wraps around instead of running off the cache
+        self.wrap = rows is not None
         self.inv_freq = rope_inv_freq(model.config.head_dim, model.config.rope_theta, device)
         self.graphs: dict[tuple[int, bool], tuple] = {}  # (num_keys, greedy) -> (CUDAGraph, logits)
         self.pool = None
@@ -478,6 +502,8 @@ class Decoder:
     def _body(self, st: _DecodeState, greedy: bool) -> torch.Tensor:
         logits = self.model.decode_step(st.tokens, st.positions, st.cache, st.inv_freq)
         st.cache.slot.add_(1)
+        if st.wrap:
+            st.cache.slot.remainder_(st.cache.max_len)
         st.positions.add_(1)
         if greedy:
             st.tokens.copy_(logits.argmax(-1, keepdim=True))
@@ -517,6 +543,292 @@ class Decoder:
             warnings.warn(f"CUDA graph capture of the decode step failed ({type(exc).__name__}: {exc}); "
                           "this decoder runs without graphs from here on", RuntimeWarning, stacklevel=3)
         return logits
+
+
+@dataclass
+class _RowTensors:
+    """A ``ContinuousBatch``'s per-row device state, for all its rows; each step size uses the first rows."""
+
+    tokens: torch.Tensor  # (R, 1): the token each row feeds next
+    positions: torch.Tensor  # (R, 1): that token's rotary position
+    slot: torch.Tensor  # (R,): where that token's key and value go
+    key_valid: torch.Tensor  # (R, width): the row's real keys
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One prompt decoded in a ``ContinuousBatch``, and what it has produced so far.
+
+    ``should_stop(new_ids) -> bool`` is asked after each token kept (stop strings, a client gone);
+    ``on_done(sequence)`` is called once, when the sequence has ended. ``generator`` None draws from the
+    batch's generator; a sequence with a generator of its own draws alone, so its random numbers do not
+    depend on the rows beside it. ``tag`` is the caller's.
+    """
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    generator: torch.Generator | None = None
+    should_stop: Callable[[list[int]], bool] | None = None
+    on_done: Callable[["Sequence"], None] | None = None
+    tag: Any = None
+    new_ids: list[int] = field(default_factory=list)
+    # None while it runs; then "eos" (the EOS, not kept in new_ids), "stop" (should_stop), "length"
+    # (max_new_tokens) or "error" (``error`` says what failed)
+    finish: str | None = None
+    error: BaseException | None = None
+    row: int | None = None
+
+
+class ContinuousBatch:
+    """Continuous batching: sequences join free rows between decode steps and leave the moment they end.
+
+    ``admit`` prefills new sequences (together, left-padded), copies their keys and values into free rows
+    of one static KV cache and draws their first tokens; ``step`` decodes one token for every running row.
+    Each row has its own cache slot and rotary position, so a row that joins late decodes exactly as it
+    would in a batch of its own (up to the floating-point effects of sharing a matmul with other rows). A
+    row's tokens go to its ``Sequence``; ``should_stop``, the EOS and ``max_new_tokens`` end it, and its row
+    is free for the next ``admit``.
+
+    A step runs the first ``b`` rows, ``b`` the power of two (at most ``max_rows``) that covers the highest
+    row in use; new sequences take the lowest free rows. Steps are ``decode_step`` on the shared cache, as
+    ``Decoder``'s static mode, and under ``graph`` each (rows, keys) shape is captured once and replayed
+    (``decode`` ``eager`` runs the same steps without graphs). Greedy rows take the argmax inside the step;
+    sampled rows then draw, one ``sample_next`` per set of sampling settings. The host reads each step's
+    tokens before the next step (a new row can join at any step).
+
+    The cache grows (a copy, and the graphs are captured again) when a sequence needs more slots than it
+    has: prompt plus ``max_new_tokens``, rounded up to ``bucket``. The graphs are dropped, as ``Decoder``'s,
+    when the model or a kernel setting changes (``_fingerprint``), checked at an ``admit`` while no row runs.
+    """
+
+    def __init__(self, model, max_rows: int, decode: str | None = "auto", eos_id: int | None = None,
+                 pad_id: int = 0, generator: torch.Generator | None = None, bucket: int = KEY_BUCKET):
+        if max_rows < 1:
+            raise ValueError(f"ContinuousBatch needs max_rows >= 1, got {max_rows}")
+        self.model = model
+        self.decoder = Decoder(model, decode, bucket=bucket)  # its step and graph capture
+        self.max_rows = max_rows
+        self.bucket = bucket
+        self.eos_id = eos_id
+        self.pad_id = pad_id
+        self.generator = generator
+        self.rows: list[Sequence | None] = [None] * max_rows
+        self._ends = [0] * max_rows  # host copy of each running row's slot
+        self._storage: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._tensors: _RowTensors | None = None
+        self._states: dict[int, _DecodeState] = {}
+        self._fingerprint = None
+        self.steps = 0  # decode steps run (for tests and logs)
+        self.largest = 0  # most rows running in one step
+
+    @property
+    def running(self) -> list[Sequence]:
+        return [s for s in self.rows if s is not None]
+
+    @property
+    def free(self) -> int:
+        return sum(s is None for s in self.rows)
+
+    def release(self) -> None:
+        """Free the cache and the graphs (the next ``admit`` builds them again); only when no row runs."""
+        if self.running:
+            raise RuntimeError("ContinuousBatch.release: rows are still running")
+        self._states.clear()
+        self._storage = self._tensors = None
+
+    def _device(self):
+        model = self.model
+        return torch.cuda.device(model.device) if model.device.type == "cuda" else contextlib.nullcontext()
+
+    def _graphs(self) -> bool:
+        return self.decoder.resolve(1 << 30) == "graph"
+
+    def _reserve(self, needed: int) -> None:
+        """Make the cache at least ``needed`` slots wide, keeping the running rows' keys and values."""
+        old, old_rows = self._storage, self._tensors
+        if old is not None and old[0].shape[2] >= needed:
+            return
+        model, c, R = self.model, self.model.config, self.max_rows
+        width = _round_up(needed, self.bucket)
+        shape = (c.num_hidden_layers, R, width, c.num_key_value_heads, c.head_dim)
+        self._states.clear()  # drops the graphs that read the old storage
+        self._storage = self._tensors = None
+        dev = model.device
+        # zeros: steps attend over masked slots not written yet, which must hold finite numbers
+        storage = (torch.zeros(shape, dtype=model.dtype, device=dev), torch.zeros(shape, dtype=model.dtype, device=dev))
+        rows = _RowTensors(tokens=torch.zeros(R, 1, dtype=torch.long, device=dev),
+                           positions=torch.zeros(R, 1, dtype=torch.long, device=dev),
+                           slot=torch.zeros(R, dtype=torch.long, device=dev),
+                           key_valid=torch.zeros(R, width, dtype=torch.bool, device=dev))
+        if old is not None:
+            w = old[0].shape[2]
+            storage[0][:, :, :w] = old[0]
+            storage[1][:, :, :w] = old[1]
+            rows.key_valid[:, :w] = old_rows.key_valid
+            for name in ("tokens", "positions", "slot"):
+                getattr(rows, name).copy_(getattr(old_rows, name))
+        self._storage, self._tensors = storage, rows
+
+    def _state(self, b: int) -> _DecodeState:
+        st = self._states.get(b)
+        if st is None:
+            st = self._states[b] = _DecodeState(self.model, b, self._storage, rows=self._tensors)
+            st.cache.stepping = True  # prefills go to a cache of their own
+        return st
+
+    def _check_fingerprint(self) -> None:
+        """Drop every graph when the model or a kernel setting changed since they were captured."""
+        fingerprint = _fingerprint(self.model)
+        if fingerprint != self._fingerprint:
+            for st in self._states.values():
+                st.graphs.clear()
+                st.pool = None  # a fresh pool for the next capture (see Decoder._generate_static)
+            self._fingerprint = fingerprint
+
+    def _sample_into(self, out: torch.Tensor, logits: torch.Tensor, pairs: list[tuple[int, Sequence]]) -> None:
+        """Write into ``out[i]`` a draw from ``logits[i]`` for each sampled ``(i, sequence)``; greedy ones keep
+        what ``out`` holds (the argmax). A set of sampling settings whose draw fails ends its own sequences
+        with the error, not the others'."""
+        groups: dict[tuple, list[tuple[int, Sequence]]] = {}
+        for i, seq in pairs:
+            if seq.temperature > 0 and seq.finish is None:
+                gen = seq.generator if seq.generator is not None else self.generator
+                key = (seq.temperature, seq.top_p, seq.top_k, id(gen) if seq.generator is None else id(seq))
+                groups.setdefault(key, []).append((i, seq))
+        for (temperature, top_p, top_k, _), members in groups.items():
+            seq0 = members[0][1]
+            gen = seq0.generator if seq0.generator is not None else self.generator
+            index = torch.tensor([i for i, _ in members], dtype=torch.long, device=logits.device)
+            try:
+                out[index] = sample_next(logits[index], temperature, top_p, gen, top_k)
+            except Exception as e:  # noqa: BLE001 - the error is the sequences' answer
+                for _, seq in members:
+                    seq.finish, seq.error = "error", e
+
+    def admit(self, sequences: list[Sequence]) -> None:
+        """Prefill ``sequences`` together, put them in free rows and record their first tokens (a sequence may
+        end at once). More sequences than free rows is an error."""
+        if not sequences:
+            return
+        if len(sequences) > self.free:
+            raise ValueError(f"ContinuousBatch.admit: {len(sequences)} sequences for {self.free} free rows")
+        for seq in sequences:
+            if not seq.prompt_ids:
+                raise ValueError("ContinuousBatch.admit: a sequence has an empty prompt")
+            if seq.max_new_tokens < 1:
+                raise ValueError(f"ContinuousBatch.admit: max_new_tokens must be >= 1, got {seq.max_new_tokens}")
+            check_top_k(seq.top_k)
+            if seq.row is not None or seq.finish is not None:
+                raise ValueError("ContinuousBatch.admit: a sequence can be admitted once")
+        free = [r for r, s in enumerate(self.rows) if s is None][:len(sequences)]
+        tokens = self._prefill(sequences, free)
+        for seq, r in zip(sequences, free):
+            seq.row, self.rows[r], self._ends[r] = r, seq, len(seq.prompt_ids)
+        self._record(list(zip(sequences, tokens)))
+
+    def _prefill(self, sequences: list[Sequence], rows: list[int]) -> list[int]:
+        """The model's part of ``admit``: prefill, fill ``rows`` of the cache, draw; the first tokens."""
+        model = self.model
+        with self._device(), torch.no_grad():
+            self._reserve(max(len(s.prompt_ids) + s.max_new_tokens for s in sequences))
+            if self._graphs() and not self.running:
+                # (checked when no row decodes: the modules are walked, milliseconds on a 3B model, and a model
+                # changed under running rows would be wrong for them anyway)
+                self._check_fingerprint()
+            n, T = len(sequences), max(len(s.prompt_ids) for s in sequences)
+            ids = torch.full((n, T), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((n, T), dtype=torch.long)
+            for i, seq in enumerate(sequences):
+                ids[i, T - len(seq.prompt_ids):] = torch.as_tensor(seq.prompt_ids, dtype=torch.long)
+                mask[i, T - len(seq.prompt_ids):] = 1
+            dev = model.device
+            cache = KVCache(model.config, n, T, model.dtype, dev)
+            logits = model(ids.to(dev), attention_mask=mask.to(dev), cache=cache)[:, -1]
+            first = logits.argmax(-1)
+            self._sample_into(first, logits, list(enumerate(sequences)))
+            k, v = self._storage
+            t = self._tensors
+            lengths = [len(s.prompt_ids) for s in sequences]
+            for i, (r, L) in enumerate(zip(rows, lengths)):
+                k[:, r, :L] = cache.k[:, i, T - L:]
+                v[:, r, :L] = cache.v[:, i, T - L:]
+            index = torch.tensor(rows, dtype=torch.long, device=dev)
+            length = torch.tensor(lengths, dtype=torch.long, device=dev)
+            t.key_valid[index] = torch.arange(t.key_valid.shape[1], device=dev)[None, :] < length[:, None]
+            t.slot[index] = length
+            t.positions[index, 0] = length
+            t.tokens[index, 0] = first
+            return first.tolist()
+
+    def step(self) -> None:
+        """Decode one token for every running row (nothing when none runs)."""
+        running = [(r, s) for r, s in enumerate(self.rows) if s is not None]
+        if not running:
+            return
+        tokens = self._decode(running)
+        self.steps += 1
+        self.largest = max(self.largest, len(running))
+        for r, _ in running:
+            self._ends[r] += 1
+        self._record([(seq, tokens[r]) for r, seq in running])
+
+    def _decode(self, running: list[tuple[int, Sequence]]) -> list[int]:
+        """The model's part of ``step``: one decode step of the first rows; the tokens, by row."""
+        top = running[-1][0] + 1
+        b = min(self.max_rows, 1 << (top - 1).bit_length())
+        with self._device(), torch.no_grad():
+            st = self._state(b)
+            width = st.cache.max_len
+            st.cache.num_keys = min(width, _round_up(max(self._ends[r] for r, _ in running) + 1, self.bucket))
+            logits = self.decoder._step(st, True, self._graphs())
+            self._sample_into(st.tokens[:, 0], logits, running)
+            return st.tokens[:, 0].tolist()
+
+    def fail(self, error: BaseException) -> None:
+        """End every running sequence with ``error`` (a step that raised: the rows' state is unknown)."""
+        self._record([(seq, None) for seq in self.running], error)
+
+    def _record(self, taken: list[tuple[Sequence, int | None]], error: BaseException | None = None) -> None:
+        ended = []
+        for seq, tok in taken:
+            if error is not None:
+                seq.finish, seq.error = "error", error
+            if seq.finish is None:
+                if self.eos_id is not None and tok == self.eos_id:
+                    seq.finish = "eos"
+                else:
+                    seq.new_ids.append(tok)
+                    try:
+                        if seq.should_stop is not None and seq.should_stop(seq.new_ids):
+                            seq.finish = "stop"
+                    except Exception as e:  # noqa: BLE001 - the error is the sequence's answer
+                        seq.finish, seq.error = "error", e
+                    if seq.finish is None and len(seq.new_ids) >= seq.max_new_tokens:
+                        seq.finish = "length"
+            if seq.finish is not None:
+                ended.append(seq)
+        if ended:
+            index = [seq.row for seq in ended]
+            for seq in ended:
+                self.rows[seq.row] = None
+            if self._tensors is not None:  # an idle row steps from slot 0, seeing only what it writes itself
+                with self._device():
+                    t, at = self._tensors, torch.tensor(index, dtype=torch.long, device=self.model.device)
+                    t.slot[at] = 0
+                    t.positions[at] = 0
+                    t.key_valid[at] = False
+        failures = []
+        for seq in ended:
+            if seq.on_done is not None:
+                try:
+                    seq.on_done(seq)
+                except Exception as e:  # noqa: BLE001 - every ended sequence is told before it is raised
+                    failures.append(e)
+        if failures:
+            raise failures[0]
 
 
 def _generate_eager(model, input_ids, attention_mask, rows: _Rows, temperature, top_p, top_k, generator):

@@ -274,14 +274,14 @@ class LlamaForCausalLM(nn.Module):
     def decode_step(self, input_ids, position_ids, cache, inv_freq=None):
         """Logits (B, V) of one new token per row written into a ``StaticKVCache`` (bezoar.model.decode).
 
-        The token goes to the cache's device-side ``slot`` and attends over the cache's first
+        Each row's token goes to its device-side ``slot`` in the cache and attends over the cache's first
         ``num_keys`` slots where ``key_valid`` is set. Every shape is fixed by the cache and nothing is
         read back to the host, so the call can be captured in a CUDA graph; pass ``inv_freq``
         (``rope_inv_freq`` on the model's device) to keep host-to-device copies out of it too.
         ``slot`` is not advanced here: the caller owns the step's bookkeeping.
         """
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, inv_freq=inv_freq)
-        cache.key_valid.index_fill_(1, cache.slot, True)  # the new token sees itself
+        cache.mark_step()  # each new token sees itself
         mask = cache.key_valid[:, None, None, :cache.num_keys]  # (B, 1, 1, S)
         ctx = ForwardContext(mask, cache, causal=False)
         h = self._layers(self.model.embed_tokens(input_ids), cos, sin, ctx)

@@ -38,33 +38,34 @@ def post(url: str, body, raw: bytes | None = None, content_type: str = "applicat
 
 
 def hold_engine(engine):
-    """Keep the engine's scheduler busy with a batch of its own (one that runs nothing) until the returned
-    ``release()`` is called: requests sent meanwhile wait in its queue, and its next batch takes them together.
-    Otherwise whether concurrent clients' requests share a batch depends on their arriving within one batch
-    window of each other, which a loaded machine does not promise."""
+    """Keep the engine's worker busy (with a job of its own, held before it runs) until the returned
+    ``release(queued)`` is called: requests sent meanwhile wait, and the worker then takes them together.
+    Otherwise whether concurrent clients' requests share a prefill depends on their arriving within one
+    batch window of each other, which a loaded machine does not promise."""
     import threading
 
-    from bezoar.serve import Job
+    from bezoar.serve import Engine, Job
 
     entered, go = threading.Event(), threading.Event()
 
-    def held(jobs):
+    def held():
         entered.set()
         go.wait(120)
+        del engine._work  # the held job and those after it run as usual
+        Engine._work(engine)
 
-    engine._run_batch = held
-    try:
-        holding = asyncio.run_coroutine_threadsafe(engine.run([Job(prompt_ids=[1], max_tokens=1)]), engine.loop)
-        assert entered.wait(60), "the engine did not take the holding batch"
-    finally:
-        del engine._run_batch  # the batches after it run as usual
+    engine._work = held
+    # (a worker still finishing an earlier job may take this one itself; the next run of the worker is held)
+    job = Job(prompt_ids=[1], max_tokens=1)
+    holding = asyncio.run_coroutine_threadsafe(engine.run([job]), engine.loop)
+    assert entered.wait(60), "the engine's worker did not start"
 
     def release(queued: int) -> None:
-        """Wait until ``queued`` jobs are in the engine's queue, then let the engine go on."""
+        """Wait until ``queued`` jobs wait (the holding one aside), then let the worker go on."""
         try:
             deadline = time.time() + 60
-            while engine.queue.qsize() < queued:
-                assert time.time() < deadline, f"{engine.queue.qsize()} of {queued} jobs queued within 60 s"
+            while (waiting := sum(j is not job for j in list(engine.waiting))) < queued:
+                assert time.time() < deadline, f"{waiting} of {queued} jobs queued within 60 s"
                 time.sleep(0.01)
         finally:
             go.set()
@@ -211,27 +212,21 @@ def test_the_completion_keeps_the_space_its_first_token_adds_to_the_prompt(clien
 
 
 def _scripted_generation(monkeypatch, script: list[int]) -> None:
-    """The server's decoding emits ``script`` (calling ``should_stop`` after each token, as ``generate_ids``
-    does) instead of the model's tokens."""
-    import bezoar.model as model_module
+    """The server's continuous batch emits ``script`` to every row (its i-th token as a row's i-th) instead of
+    the model's tokens; its bookkeeping (stop checks, EOS, max_tokens, answers) runs as usual."""
+    from bezoar.model.decode import ContinuousBatch
 
-    def scripted(model, ids, mask, max_new_tokens, temperature, top_p, top_k, eos_id, generator, should_stop,
-                 decoder, on_done=None):
-        outs, reasons = [], []
-        for row in range(ids.shape[0]):
-            new, reason = [], "length"
-            for t in script[:max_new_tokens]:
-                new.append(t)
-                if should_stop(row, new):
-                    reason = "stop"
-                    if on_done is not None:
-                        on_done(row, new, reason)
-                    break
-            outs.append(new)
-            reasons.append(reason)
-        return outs, reasons
+    def prefill(self, sequences, rows):
+        return [script[0] for _ in sequences]
 
-    monkeypatch.setattr(model_module, "generate_ids", scripted)
+    def decode(self, running):
+        tokens = [0] * (running[-1][0] + 1)
+        for row, seq in running:
+            tokens[row] = script[len(seq.new_ids)]
+        return tokens
+
+    monkeypatch.setattr(ContinuousBatch, "_prefill", prefill)
+    monkeypatch.setattr(ContinuousBatch, "_decode", decode)
 
 
 def _streamed(url: str, body: dict) -> str:
@@ -530,6 +525,51 @@ def test_a_request_that_ends_early_is_answered_without_waiting_for_its_batch(ser
     assert done["long"] - max(done["short"], done["streamed"]) > 0.2, done
 
 
+def test_a_request_arriving_mid_decode_joins_the_running_rows(tiny_model, tiny_tokenizer):
+    """Continuous batching: a request sent while another decodes starts at the next step, beside it, and is
+    answered while the long one goes on (it used to wait for that whole batch to end)."""
+    from bezoar.serve import BackgroundServer, Server
+
+    want = generate(tiny_model, tiny_tokenizer, "The red fox", max_new_tokens=3)[0].text
+    with BackgroundServer(Server(tiny_model, tiny_tokenizer, "tiny", max_batch_size=4, batch_window_s=0)) as bg:
+        engine, url = bg.server.engine, bg.url + "/v1/completions"
+        steps_before = engine.steps
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            long = pool.submit(post, url, dict(model="tiny", prompt="Once upon a time", max_tokens=480, temperature=0))
+            deadline = time.time() + 60
+            while engine.steps - steps_before < 20 and time.time() < deadline:
+                time.sleep(0.002)
+            status, short = post(url, dict(model="tiny", prompt="The red fox", max_tokens=3, temperature=0))
+            long_running = not long.done()
+            status_long, long_reply = long.result()
+    assert status == status_long == 200
+    assert short["choices"][0]["text"] == want
+    assert long_running, "the short request was answered only after the long one"
+    assert long_reply["usage"]["completion_tokens"] == 480
+    # 479 steps after the prefill's first token: the short request's steps were the long one's steps
+    assert engine.steps - steps_before == 479 and engine.batch.largest == 2
+
+
+def test_more_requests_than_rows_wait_their_turn_and_get_their_own_answers(tiny_model, tiny_tokenizer):
+    """At most --max-batch-size rows decode at once; the others wait and take rows as they free up."""
+    from bezoar.serve import BackgroundServer, Server
+
+    prompts = ["The bright eagle", "What is 74 plus 5?", "Q: Who finds the road? A:", "1. Emma reads",
+               "Health is a happy subject."]
+    lengths = [9, 3, 14, 6, 11]
+    want = [generate(tiny_model, tiny_tokenizer, p, max_new_tokens=n)[0].text for p, n in zip(prompts, lengths)]
+    with BackgroundServer(Server(tiny_model, tiny_tokenizer, "tiny", max_batch_size=2)) as bg:
+        engine, url = bg.server.engine, bg.url + "/v1/completions"
+        release = hold_engine(engine)
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            calls = [pool.submit(post, url, dict(model="tiny", prompt=p, max_tokens=n, temperature=0))
+                     for p, n in zip(prompts, lengths)]
+            release(len(prompts))
+            replies = [c.result() for c in calls]
+    assert [r[1]["choices"][0]["text"] for r in replies] == want
+    assert engine.batch.largest == 2
+
+
 def test_a_model_name_with_a_slash_is_found_by_its_path(tiny_model, tiny_tokenizer):
     from bezoar.serve import BackgroundServer, Server
 
@@ -642,51 +682,109 @@ def test_a_tiny_temperature_decodes_greedily(client):
     assert tiny.choices[0].message.content == greedy.choices[0].message.content
 
 
-def test_a_failing_part_of_a_batch_fails_only_its_own_requests(tiny_model, tiny_tokenizer):
-    """Jobs of other sampling settings in the same batch are decoded apart; when one such part fails
-    (a model error), its requests get a 500 and the others their answers."""
+def test_a_failure_fails_only_the_requests_it_touched(tiny_model, tiny_tokenizer, monkeypatch):
+    """Requests decoding together: a sampler that fails for one set of settings fails those rows' requests
+    with a 500, and the rows beside them decode on to their answers; a prefill that fails fails the requests
+    it was starting, not the rows decoding; a decode step that fails fails the rows decoding, and the server
+    serves the next requests."""
+    import bezoar.model.decode as decode_module
+    from bezoar.model.decode import ContinuousBatch
     from bezoar.serve import BackgroundServer, Server
 
     server = Server(tiny_model, tiny_tokenizer, "tiny", batch_window_s=0.2)
     engine = server.engine
-    run_generation = engine._run_generation
+    sample_next = decode_module.sample_next
 
-    def failing(jobs, temperature, *args):
+    def failing_sampler(logits, temperature, *args, **kwargs):
         if temperature == 0.5:
-            raise RuntimeError("this part fails")
-        return run_generation(jobs, temperature, *args)
+            raise RuntimeError("this sampler fails")
+        return sample_next(logits, temperature, *args, **kwargs)
 
     bodies = [dict(model="tiny", prompt="Health is", max_tokens=4, temperature=0),
               dict(model="tiny", prompt="The cat", max_tokens=4, temperature=0.5),
-              dict(model="tiny", prompt="Health is", max_tokens=1, temperature=0)]
+              dict(model="tiny", prompt="Health is", max_tokens=1, temperature=0),
+              dict(model="tiny", prompt="Once", max_tokens=6, temperature=1.0, seed=3)]
     with BackgroundServer(server) as bg:
-        alone = [post(bg.url + "/v1/completions", bodies[i])[1]["choices"][0]["text"] for i in (0, 2)]
-        engine._run_generation = failing
+        url = bg.url + "/v1/completions"
+        alone = {i: post(url, bodies[i])[1]["choices"][0]["text"] for i in (0, 2, 3)}
+        monkeypatch.setattr(decode_module, "sample_next", failing_sampler)
         release = hold_engine(engine)
         with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
-            calls = [pool.submit(post, bg.url + "/v1/completions", b) for b in bodies]
+            calls = [pool.submit(post, url, b) for b in bodies]
             batches_before = engine.batches
             release(len(bodies))
-            (s0, r0), (s1, r1), (s2, r2) = [c.result() for c in calls]
-        assert engine.batches - batches_before == 1, "the three requests should reach the engine together"
-    assert s1 == 500 and r1["error"]["type"] == "server_error"
-    assert (s0, s2) == (200, 200) and [r0["choices"][0]["text"], r2["choices"][0]["text"]] == alone
+            replies = [c.result() for c in calls]
+        assert engine.batches - batches_before == 1, "the four requests should reach the engine together"
+        assert replies[1][0] == 500 and replies[1][1]["error"]["type"] == "server_error"
+        assert {i: (replies[i][0], replies[i][1]["choices"][0]["text"]) for i in (0, 2, 3)} == \
+            {i: (200, text) for i, text in alone.items()}
+        monkeypatch.setattr(decode_module, "sample_next", sample_next)
+
+        prefill, decode = ContinuousBatch._prefill, ContinuousBatch._decode
+        failing_length = len(tiny_tokenizer.encode("The cat", bos=True))
+
+        def failing_prefill(self, sequences, rows):
+            if any(len(s.prompt_ids) == failing_length for s in sequences):
+                raise RuntimeError("this prefill fails")
+            return prefill(self, sequences, rows)
+
+        monkeypatch.setattr(ContinuousBatch, "_prefill", failing_prefill)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            long = pool.submit(post, url, dict(model="tiny", prompt="Health is", max_tokens=60, temperature=0))
+            deadline = time.time() + 60
+            while not engine.batch.running and time.time() < deadline:
+                time.sleep(0.002)
+            assert engine.batch.running, "the long request did not start"
+            status, reply = post(url, dict(model="tiny", prompt="The cat", max_tokens=4, temperature=0))
+            assert status == 500 and reply["error"]["type"] == "server_error", reply
+            assert long.result()[0] == 200, "a failed prefill stopped the rows already decoding"
+        monkeypatch.setattr(ContinuousBatch, "_prefill", prefill)
+
+        def failing_decode(self, running):
+            raise RuntimeError("this step fails")
+
+        monkeypatch.setattr(ContinuousBatch, "_decode", failing_decode)
+        status, reply = post(url, dict(model="tiny", prompt="Health is", max_tokens=4, temperature=0))
+        assert status == 500 and not engine.batch.running
+        monkeypatch.setattr(ContinuousBatch, "_decode", decode)
+        status, reply = post(url, bodies[0])
+        assert status == 200 and reply["choices"][0]["text"] == alone[0]
 
 
-def test_jobs_batch_together_only_with_the_same_top_k(tiny_model, tiny_tokenizer):
-    from bezoar.serve import Engine, Job
+def test_rows_of_every_sampling_setting_decode_together_and_each_as_alone(tiny_model, tiny_tokenizer):
+    """One continuous batch holds greedy rows, top-k rows and seeded rows at once, joining at different steps:
+    each row's tokens are those it gets decoded alone (greedy, top_k 1 = greedy, and a seeded row draws from
+    its own generator the same numbers)."""
+    from bezoar.model import generate_ids
+    from bezoar.model.decode import ContinuousBatch, Sequence
 
-    engine = Engine(tiny_model, tiny_tokenizer, decode="eager")
-    runs = []
-    engine._run_generation = lambda jobs, temperature, top_p, top_k, generator: runs.append(
-        (temperature, top_p, top_k, sorted(j.index for j in jobs)))
-    ids = tiny_tokenizer.encode("Once", bos=True)
-    jobs = [Job(ids, 4, temperature=1.0, top_k=5, index=0), Job(ids, 4, temperature=1.0, top_k=5, index=1),
-            Job(ids, 4, temperature=1.0, index=2), Job(ids, 4, temperature=1.0, top_k=7, index=3),
-            Job(ids, 4, temperature=0.0, top_k=5, index=4), Job(ids, 4, temperature=0.0, index=5)]
-    engine._run_batch(jobs)
-    engine.executor.shutdown()
-    assert sorted(runs) == [(0.0, 1.0, 0, [4, 5]), (1.0, 1.0, 0, [2]), (1.0, 1.0, 5, [0, 1]), (1.0, 1.0, 7, [3])]
+    prompts = [tiny_tokenizer.encode(p, bos=True) for p in
+               ("The small cat", "Q: what is 2+2? A:", "Once upon a", "Health is a happy", "1. Emma")]
+
+    def alone(ids, n, temperature=0.0, top_k=0, seed=None):
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        return generate_ids(tiny_model, torch.tensor([ids]), max_new_tokens=n, temperature=temperature,
+                            top_k=top_k, generator=gen, decode="eager")[0][0]
+
+    specs = [dict(n=12), dict(n=9, temperature=1.5, top_k=1), dict(n=14, temperature=1.0, seed=5),
+             dict(n=7, temperature=0.8, top_k=20, seed=9), dict(n=10)]
+    want = [alone(p, **spec) for p, spec in zip(prompts, specs)]
+    batch = ContinuousBatch(tiny_model, 4, decode="static", bucket=8)  # 8 slots: the cache grows as rows join
+    seqs = [Sequence(p, spec["n"], spec.get("temperature", 0.0), top_k=spec.get("top_k", 0),
+                     generator=None if spec.get("seed") is None else torch.Generator().manual_seed(spec["seed"]))
+            for p, spec in zip(prompts, specs)]
+    batch.admit(seqs[:2])
+    batch.step()
+    batch.admit(seqs[2:4])
+    for _ in range(3):
+        batch.step()
+    while batch.running or seqs[4].row is None:
+        if batch.free and seqs[4].row is None:
+            batch.admit(seqs[4:])  # into the first row that ended
+        batch.step()
+    assert [s.new_ids for s in seqs] == want
+    assert [s.finish for s in seqs] == ["length"] * 5
+    assert batch.largest == 4 and seqs[4].row < 4
 
 
 def test_seeded_sampling_does_not_depend_on_concurrent_requests(tiny_model, tiny_tokenizer):
@@ -800,25 +898,30 @@ def test_api_key_is_checked_when_set(tiny_model, tiny_tokenizer):
             openai.OpenAI(base_url=bg.url + "/v1", api_key="wrong", max_retries=0).models.list()
 
 
-def test_static_decode_serves_the_eager_tokens(tiny_model, tiny_tokenizer):
-    """The server's Decoder (kept between batches, 3 prompts padded to 4 rows) gives the eager loop's
-    completions, greedy and seeded sampling alike."""
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_the_continuous_batch_serves_the_eager_loops_tokens(tiny_model, tiny_tokenizer, decode):
+    """Served completions (3 prompts in one request, and a seeded n=3 request) are the tokens of bezoar's
+    eager decode loop run on each prompt alone: greedy, and seeded sampling (choice i from seed + i)."""
+    from bezoar.model import generate_ids
     from bezoar.serve import BackgroundServer, Server
 
     prompts = ["The small cat", "Q: what is 2+2?", "Once upon a"]
-    texts = {}
-    for decode in ("eager", "static"):
-        with BackgroundServer(Server(tiny_model, tiny_tokenizer, "tiny", decode=decode)) as bg:
-            client = openai.OpenAI(base_url=bg.url + "/v1", api_key="x", max_retries=0)
-            greedy = client.completions.create(model="tiny", prompt=prompts, max_tokens=9, temperature=0)
-            sampled = client.completions.create(model="tiny", prompt=prompts[0], max_tokens=9, temperature=1.0,
-                                                n=3, seed=11)
-            single = client.completions.create(model="tiny", prompt=prompts[1], max_tokens=9, temperature=0)
-            texts[decode] = ([c.text for c in greedy.choices], [c.text for c in sampled.choices],
-                             single.choices[0].text)
-    assert texts["static"] == texts["eager"]
-    assert texts["eager"][2] == texts["eager"][0][1], "alone or in a batch, a prompt gets the same greedy text"
-    assert len(set(texts["eager"][1])) > 1, "three samples should not all agree"
+
+    def alone(prompt, temperature=0.0, seed=None):
+        ids = torch.tensor([tiny_tokenizer.encode(prompt, bos=True)])
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        new = generate_ids(tiny_model, ids, max_new_tokens=9, temperature=temperature, generator=gen,
+                           decode="eager", eos_id=tiny_tokenizer.eos_id)[0][0]
+        return tiny_tokenizer.decode(ids[0].tolist() + new)[len(tiny_tokenizer.decode(ids[0].tolist())):]
+
+    with BackgroundServer(Server(tiny_model, tiny_tokenizer, "tiny", decode=decode)) as bg:
+        client = openai.OpenAI(base_url=bg.url + "/v1", api_key="x", max_retries=0)
+        greedy = client.completions.create(model="tiny", prompt=prompts, max_tokens=9, temperature=0)
+        sampled = client.completions.create(model="tiny", prompt=prompts[0], max_tokens=9, temperature=1.0,
+                                            n=3, seed=11)
+    assert [c.text for c in greedy.choices] == [alone(p) for p in prompts]
+    assert [c.text for c in sampled.choices] == [alone(prompts[0], 1.0, 11 + i) for i in range(3)]
+    assert len({c.text for c in sampled.choices}) > 1, "three samples should not all agree"
     with pytest.raises(ValueError, match="decode='fast'"):
         Server(tiny_model, tiny_tokenizer, "tiny", decode="fast")
 
