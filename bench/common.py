@@ -15,7 +15,7 @@ import argparse
 import contextlib
 import datetime as _dt
 import functools
-import importlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -133,7 +133,9 @@ def device_info() -> dict:
         info["device"] = "cpu"
     for name in ("bitsandbytes", "transformers", "peft"):  # the peers' versions (None where not installed)
         try:
-            info[name] = importlib.import_module(name).__version__
+            # from the installed metadata, not an import: importing bitsandbytes here (bench/ first on sys.path)
+            # found bench/kernels.py for its optional `kernels` package and printed a failure
+            info[name] = importlib.metadata.version(name)
         except Exception:
             info[name] = None
     return info

@@ -1,0 +1,50 @@
+"""bench/serve.py serves one trace with continuous batching and with whole batches: in --smoke mode on
+CPU (fp32) both give every request the same tokens, continuous batching needs fewer steps, and nothing is
+written; the trace and its summary are what they say."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "bench" / "serve.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_serve_smoke(tmp_path, capsys):
+    bench = _bench()
+    assert bench.main(["--smoke", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for pattern in ("offline", "online"):
+        assert f"{pattern}: continuous / batched throughput" in out
+        assert f"{pattern}: continuous / batched" in out and "12 of 12 requests got the same tokens" in out
+    steps = {(line.split()[0], line.split()[1]): int(line.split()[-1]) for line in out.splitlines()
+             if line.split()[:1] in (["offline"], ["online"]) and "steps" in line}
+    assert steps[("offline", "continuous")] < steps[("offline", "batched")], steps
+    assert not list(tmp_path.glob("*.json")), "smoke mode must not write results"
+
+
+def test_trace_and_summary():
+    bench = _bench()
+    trace = bench.make_trace(200, 512, (4, 9), median_tokens=20, max_tokens=60, rate=10.0, seed=1)
+    assert trace == bench.make_trace(200, 512, (4, 9), median_tokens=20, max_tokens=60, rate=10.0, seed=1)
+    arrivals = [a for a, _, _ in trace]
+    assert arrivals == sorted(arrivals) and 10 < arrivals[-1] < 30  # 200 arrivals at 10 a second
+    assert all(4 <= len(p) <= 9 and p[0] == 1 and min(p[1:], default=3) >= 3 for _, p, _ in trace)
+    tokens = sorted(m for _, _, m in trace)
+    assert 1 <= tokens[0] and tokens[-1] <= 60 and 14 <= tokens[100] <= 28
+    assert all(a == 0 for a, _, _ in bench.make_trace(5, 512, (4, 9), 20, 60, rate=0.0, seed=1))
+    reqs = [bench.Request(0.0, [1], 2, first=0.5, done=1.0, tokens=[5, 6]),
+            bench.Request(1.0, [1], 3, first=1.5, done=4.0, tokens=[5, 6, 7])]
+    s = bench.summarize(reqs, steps=4)
+    assert s["makespan_s"] == 4.0 and s["tokens"] == 5 and math.isclose(s["tokens_per_s"], 1.25)
+    assert s["latency_s"]["mean"] == 2.0 and s["ttft_s"]["p50"] == 0.5 and s["steps"] == 4
