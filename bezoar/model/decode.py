@@ -599,8 +599,10 @@ class ContinuousBatch:
     sampled rows then draw, one ``sample_next`` per set of sampling settings. The host reads each step's
     tokens before the next step (a new row can join at any step).
 
-    The cache grows (a copy, and the graphs are captured again) when a sequence needs more slots than it
-    has: prompt plus ``max_new_tokens``, rounded up to ``bucket``. The graphs are dropped, as ``Decoder``'s,
+    The cache holds the rows in use (a power of two, at most ``max_rows``) and the slots the longest sequence
+    needs (prompt plus ``max_new_tokens``, rounded up to ``bucket``): one request does not allocate all
+    ``max_rows`` rows at the full context. It grows by a copy when a sequence needs a row or slots it lacks
+    (and the graphs are captured again); it does not shrink (``release`` frees it while no row runs). The graphs are dropped, as ``Decoder``'s,
     when the model or a kernel setting changes (``_fingerprint``), checked at an ``admit`` while no row runs.
     """
 
@@ -646,31 +648,33 @@ class ContinuousBatch:
     def _graphs(self) -> bool:
         return self.decoder.resolve(1 << 30) == "graph"
 
-    def _reserve(self, needed: int) -> None:
-        """Make the cache at least ``needed`` slots wide, keeping the running rows' keys and values."""
+    def _reserve(self, rows: int, needed: int) -> None:
+        """Make the cache hold at least ``rows`` rows (rounded up to a power of two, at most ``max_rows``) of at
+        least ``needed`` slots (rounded up to ``bucket``), keeping the running rows' keys and values."""
         old, old_rows = self._storage, self._tensors
-        if old is not None and old[0].shape[2] >= needed:
+        if old is not None and old[0].shape[1] >= rows and old[0].shape[2] >= needed:
             return
-        model, c, R = self.model, self.model.config, self.max_rows
-        width = _round_up(needed, self.bucket)
+        model, c = self.model, self.model.config
+        R = min(self.max_rows, 1 << (max(rows, old[0].shape[1] if old is not None else 1) - 1).bit_length())
+        width = max(_round_up(needed, self.bucket), old[0].shape[2] if old is not None else 0)
         shape = (c.num_hidden_layers, R, width, c.num_key_value_heads, c.head_dim)
         self._states.clear()  # drops the graphs that read the old storage
         self._storage = self._tensors = None
         dev = model.device
         # zeros: steps attend over masked slots not written yet, which must hold finite numbers
         storage = (torch.zeros(shape, dtype=model.dtype, device=dev), torch.zeros(shape, dtype=model.dtype, device=dev))
-        rows = _RowTensors(tokens=torch.zeros(R, 1, dtype=torch.long, device=dev),
-                           positions=torch.zeros(R, 1, dtype=torch.long, device=dev),
-                           slot=torch.zeros(R, dtype=torch.long, device=dev),
-                           key_valid=torch.zeros(R, width, dtype=torch.bool, device=dev))
+        tensors = _RowTensors(tokens=torch.zeros(R, 1, dtype=torch.long, device=dev),
+                              positions=torch.zeros(R, 1, dtype=torch.long, device=dev),
+                              slot=torch.zeros(R, dtype=torch.long, device=dev),
+                              key_valid=torch.zeros(R, width, dtype=torch.bool, device=dev))
         if old is not None:
-            w = old[0].shape[2]
-            storage[0][:, :, :w] = old[0]
-            storage[1][:, :, :w] = old[1]
-            rows.key_valid[:, :w] = old_rows.key_valid
+            r, w = old[0].shape[1], old[0].shape[2]
+            storage[0][:, :r, :w] = old[0]
+            storage[1][:, :r, :w] = old[1]
+            tensors.key_valid[:r, :w] = old_rows.key_valid
             for name in ("tokens", "positions", "slot"):
-                getattr(rows, name).copy_(getattr(old_rows, name))
-        self._storage, self._tensors = storage, rows
+                getattr(tensors, name)[:r] = getattr(old_rows, name)
+        self._storage, self._tensors = storage, tensors
 
     def _state(self, b: int) -> _DecodeState:
         st = self._states.get(b)
@@ -733,7 +737,7 @@ class ContinuousBatch:
         """The model's part of ``admit``: prefill, fill ``rows`` of the cache, draw; the first tokens."""
         model = self.model
         with self._device(), torch.no_grad():
-            self._reserve(max(len(s.prompt_ids) + s.max_new_tokens for s in sequences))
+            self._reserve(max(rows) + 1, max(len(s.prompt_ids) + s.max_new_tokens for s in sequences))
             if self._graphs() and not self.running:
                 # (checked when no row decodes: the modules are walked, milliseconds on a 3B model, and a model
                 # changed under running rows would be wrong for them anyway)

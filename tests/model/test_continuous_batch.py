@@ -52,6 +52,31 @@ def test_rows_joining_at_any_step_decode_as_alone(which, tiny_dir, tiny_odd_dir)
     assert batch._storage[0].shape[2] >= max(len(p) + n for p, n in zip(prompts, lengths))
 
 
+def test_the_cache_grows_with_the_rows_and_slots_in_use(tiny_dir):
+    """One short request on a 32-row batch allocates one row of one bucket, not 32 rows at the longest
+    context; rows and slots grow by a copy as more and longer sequences join, and every row decodes on."""
+    model, tok = load(tiny_dir).eval(), Tokenizer(tiny_dir)
+    prompts = [tok.encode(p, bos=True) for p in PROMPTS]
+    batch = ContinuousBatch(model, 32, decode="static", bucket=16)
+    seqs = [Sequence(prompts[0], 4), Sequence(prompts[1], 30), Sequence(prompts[2], 6), Sequence(prompts[3], 50),
+            Sequence(prompts[5], 9)]
+
+    def slots(upto):  # the longest need so far, in buckets of 16
+        return -(-max(len(s.prompt_ids) + s.max_new_tokens for s in seqs[:upto]) // 16) * 16
+
+    batch.admit(seqs[:1])
+    assert tuple(batch._storage[0].shape[1:3]) == (1, slots(1)) and slots(1) < slots(3) < slots(5)
+    batch.step()
+    batch.admit(seqs[1:3])
+    assert tuple(batch._storage[0].shape[1:3]) == (4, slots(3))
+    batch.step()
+    batch.admit(seqs[3:])
+    assert tuple(batch._storage[0].shape[1:3]) == (8, slots(5))
+    while batch.running:
+        batch.step()
+    assert [s.new_ids for s in seqs] == [_alone(model, s.prompt_ids, s.max_new_tokens) for s in seqs]
+
+
 def test_eos_stop_and_length_end_rows(tiny_dir):
     model, tok = load(tiny_dir).eval(), Tokenizer(tiny_dir)
     eos_next = [1, 282, 295]  # [BOS, "on", "###"]: the tiny model (seed 0) follows it with EOS
