@@ -294,6 +294,7 @@ class Engine:
         self.batches = 0  # groups of waiting jobs the worker took together (for tests and logs)
         self.largest_batch = 0  # most jobs taken together
         self._to_score: list[Job] = []  # ended jobs that wait for their logprobs (worker thread only)
+        self.closing = False
 
     @property
     def steps(self) -> int:
@@ -306,6 +307,7 @@ class Engine:
         self.task = asyncio.create_task(self._schedule())
 
     async def stop(self, app=None) -> None:
+        self.closing = True  # the worker stops after its current step instead of decoding every row to its end
         if self.task is not None:
             self.task.cancel()
             try:
@@ -360,6 +362,10 @@ class Engine:
         """Take waiting jobs into free rows, decode a step, and again, until nothing waits or decodes."""
         batch = self.batch
         while True:
+            if self.closing:
+                if batch.running:
+                    batch.fail(RuntimeError("the server is shutting down"))
+                return
             self._take_waiting()
             if not batch.running:
                 if not self.waiting:
@@ -384,6 +390,10 @@ class Engine:
                 continue
             if job.max_tokens <= 1 and job.stream is None:
                 one_step.append(self.waiting.popleft())
+            elif job.max_tokens == 0:  # streamed (so no logprobs): nothing to decode, the echo is all
+                self.waiting.popleft()
+                self._finish_generated(job, [], "length")
+                self._answer(job)
             elif len(generate) < free:
                 generate.append(self.waiting.popleft())
             else:

@@ -99,6 +99,18 @@ def test_stop_strings_n_and_token_prompts(client, tiny_model, tiny_tokenizer):
     assert by_ids.choices[0].text == r.choices[0].text
 
 
+def test_a_streamed_echo_of_zero_new_tokens_is_the_prompt(served):
+    """stream + echo + max_tokens 0 (nothing to decode) streams the prompt and ends with "length"; with
+    continuous batching it was a 500 (a row of zero tokens was refused)."""
+    body = {"model": "tiny", "prompt": "Hello there", "max_tokens": 0, "echo": True}
+    assert _streamed(served.url + "/v1/completions", body) == "Hello there"
+    req = urllib.request.Request(served.url + "/v1/completions", json.dumps({**body, "stream": True}).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        events = [json.loads(e[6:]) for e in r.read().decode().split("\n\n") if e.startswith("data: {")]
+    assert events[-1]["choices"][0]["finish_reason"] == "length" and "error" not in events[-1]
+
+
 def test_echo_logprobs_are_the_models_token_logprobs(client, tiny_model, tiny_tokenizer):
     prompt = "What is 7 plus 45? The answer is"
     ids = tiny_tokenizer.encode(prompt, bos=True)
@@ -640,6 +652,27 @@ def test_a_client_that_leaves_before_a_plain_answer_stops_its_decoding(tiny_mode
         engine.executor.submit(lambda: None).result(120)  # the model's worker is idle again
         assert seen and seen[0].cancelled
         assert len(seen[0].new_ids) < max_tokens, "the abandoned request was decoded to the end"
+
+
+def test_stopping_the_engine_ends_the_rows_decoding(tiny_model, tiny_tokenizer):
+    """Engine.stop (the server's cleanup) ends the rows still decoding after the current step, each request
+    failing with "shutting down", instead of decoding every row to its max_tokens first."""
+    from bezoar.serve import Engine, Job
+
+    async def main():
+        engine = Engine(tiny_model, tiny_tokenizer, batch_window_s=0)
+        await engine.start()
+        job = Job(tiny_tokenizer.encode("Once", bos=True), 480)
+        task = asyncio.ensure_future(engine.run([job]))
+        deadline = time.time() + 60
+        while engine.steps < 5 and time.time() < deadline:
+            await asyncio.sleep(0.002)
+        await engine.stop()
+        with pytest.raises(RuntimeError, match="shutting down"):
+            await task
+        assert engine.steps < 400 and not engine.batch.running
+
+    asyncio.run(main())
 
 
 def test_sampling_is_seeded(client):
