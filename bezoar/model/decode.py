@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import warnings
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -580,6 +581,7 @@ class Sequence:
     finish: str | None = None
     error: BaseException | None = None
     row: int | None = None
+    _in_flight: int = field(default=0, repr=False)  # its steps launched whose tokens the host has not read
 
 
 class ContinuousBatch:
@@ -596,8 +598,8 @@ class ContinuousBatch:
     row in use; new sequences take the lowest free rows. Steps are ``decode_step`` on the shared cache, as
     ``Decoder``'s static mode, and under ``graph`` each (rows, keys) shape is captured once and replayed
     (``decode`` ``eager`` runs the same steps without graphs). Greedy rows take the argmax inside the step;
-    sampled rows then draw, one ``sample_next`` per set of sampling settings. The host reads each step's
-    tokens before the next step (a new row can join at any step).
+    sampled rows then draw, one ``sample_next`` per set of sampling settings. While only greedy rows run, the
+    host reads a step's tokens while the next one runs (``step``); a new row can join at any step.
 
     The cache holds the rows in use (a power of two, at most ``max_rows``) and the slots the longest sequence
     needs (prompt plus ``max_new_tokens``, rounded up to ``bucket``): one request does not allocate all
@@ -623,6 +625,9 @@ class ContinuousBatch:
         self._tensors: _RowTensors | None = None
         self._states: dict[int, _DecodeState] = {}
         self._fingerprint = None
+        self._pending: deque = deque()  # steps launched, tokens not read: (host list | (buf, event, n), rows)
+        self._buffers: list | None = None  # two pinned (max_rows,) buffers and their events (CUDA)
+        self._turn = 0
         self.steps = 0  # decode steps run (for tests and logs)
         self.largest = 0  # most rows running in one step
 
@@ -638,6 +643,7 @@ class ContinuousBatch:
         """Free the cache and the graphs (the next ``admit`` builds them again); only when no row runs."""
         if self.running:
             raise RuntimeError("ContinuousBatch.release: rows are still running")
+        self._pending.clear()  # steps of rows that had all ended
         self._states.clear()
         self._storage = self._tensors = None
 
@@ -768,19 +774,57 @@ class ContinuousBatch:
             return first.tolist()
 
     def step(self) -> None:
-        """Decode one token for every running row (nothing when none runs)."""
-        running = [(r, s) for r, s in enumerate(self.rows) if s is not None]
-        if not running:
-            return
-        tokens = self._decode(running)
-        self.steps += 1
-        self.largest = max(self.largest, len(running))
-        for r, _ in running:
-            self._ends[r] += 1
-        self._record([(seq, tokens[r]) for r, seq in running])
+        """Decode one token for every running row, and record the tokens that are ready.
 
-    def _decode(self, running: list[tuple[int, Sequence]]) -> list[int]:
-        """The model's part of ``step``: one decode step of the first rows; the tokens, by row."""
+        While every running row is greedy, a step's tokens are read on the host while the next step runs
+        (one step behind, as ``Decoder``'s static mode): the host's work (stop strings, streaming) overlaps
+        the device's. A row that ended meanwhile has one more token decoded, which is dropped; a step whose
+        rows will all have reached ``max_new_tokens`` is not launched. With a sampled row running, each
+        step's tokens are read at once."""
+        running = [(r, s) for r, s in enumerate(self.rows) if s is not None]
+        launch = [(r, s) for r, s in running if len(s.new_ids) + s._in_flight < s.max_new_tokens]
+        if launch:
+            tokens = self._decode(running)
+            self.steps += 1
+            self.largest = max(self.largest, len(running))
+            for r, _ in running:
+                self._ends[r] += 1
+            self._push(tokens, running)
+        ahead = bool(launch) and all(s.temperature <= 0 for _, s in running)
+        while len(self._pending) > (1 if ahead else 0):
+            self._pop()
+
+    def _push(self, tokens: torch.Tensor, running: list[tuple[int, Sequence]]) -> None:
+        """Queue a step's tokens (b,) for the host, copied without waiting on CUDA (pinned buffers and events;
+        at most two in flight)."""
+        for _, seq in running:
+            seq._in_flight += 1
+        if tokens.device.type != "cuda":
+            self._pending.append((tokens.tolist(), running))
+            return
+        if self._buffers is None:
+            self._buffers = [(torch.empty(self.max_rows, dtype=torch.long, pin_memory=True), torch.cuda.Event())
+                             for _ in range(2)]
+        buf, event = self._buffers[self._turn]
+        self._turn ^= 1
+        buf[:tokens.numel()].copy_(tokens, non_blocking=True)
+        event.record()
+        self._pending.append(((buf, event, tokens.numel()), running))
+
+    def _pop(self) -> None:
+        """Record the oldest queued step's tokens for the sequences it decoded that have not ended since."""
+        item, running = self._pending.popleft()
+        if isinstance(item, tuple):
+            buf, event, n = item
+            event.synchronize()
+            item = buf[:n].tolist()
+        for _, seq in running:
+            seq._in_flight -= 1
+        self._record([(seq, item[r]) for r, seq in running if seq.finish is None])
+
+    def _decode(self, running: list[tuple[int, Sequence]]) -> torch.Tensor:
+        """The model's part of ``step``: launch one decode step of the first rows; their next tokens (b,), on
+        the device, not waited for."""
         top = running[-1][0] + 1
         b = min(self.max_rows, 1 << (top - 1).bit_length())
         with self._device(), torch.no_grad():
@@ -789,10 +833,14 @@ class ContinuousBatch:
             st.cache.num_keys = min(width, _round_up(max(self._ends[r] for r, _ in running) + 1, self.bucket))
             logits = self.decoder._step(st, True, self._graphs())
             self._sample_into(st.tokens[:, 0], logits, running)
-            return st.tokens[:, 0].tolist()
+            return st.tokens[:, 0]
 
     def fail(self, error: BaseException) -> None:
         """End every running sequence with ``error`` (a step that raised: the rows' state is unknown)."""
+        for _, running in self._pending:
+            for _, seq in running:
+                seq._in_flight -= 1
+        self._pending.clear()
         self._record([(seq, None) for seq in self.running], error)
 
     def _record(self, taken: list[tuple[Sequence, int | None]], error: BaseException | None = None) -> None:

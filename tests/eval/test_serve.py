@@ -233,9 +233,10 @@ def _scripted_generation(monkeypatch, script: list[int]) -> None:
 
     def decode(self, running):
         tokens = [0] * (running[-1][0] + 1)
-        for row, seq in running:
-            tokens[row] = script[len(seq.new_ids)]
-        return tokens
+        for row, seq in running:  # the row's next token: after those recorded and those still in flight
+            at = len(seq.new_ids) + seq._in_flight
+            tokens[row] = script[at] if at < len(script) else 0
+        return torch.tensor(tokens)
 
     monkeypatch.setattr(ContinuousBatch, "_prefill", prefill)
     monkeypatch.setattr(ContinuousBatch, "_decode", decode)
