@@ -403,14 +403,7 @@ class Engine:
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(one_step) + len(generate))
         if one_step:
-            try:
-                self._run_one_step(one_step)
-            except Exception as e:
-                log.exception("a scoring batch of %d jobs failed", len(one_step))
-                for job in one_step:
-                    job.error = e
-            for job in one_step:
-                self._answer(job)
+            self._run_and_answer(self._run_one_step, one_step, "a one-token batch")
         if generate:
             self._admit(generate)
 
@@ -463,12 +456,15 @@ class Engine:
     def _finish_scored(self) -> None:
         """Score the jobs that ended asking for logprobs (one batch of forwards), then answer them."""
         jobs, self._to_score = self._to_score, []
-        if not jobs:
-            return
+        if jobs:
+            self._run_and_answer(self._score, jobs, "scoring")
+
+    def _run_and_answer(self, run, jobs: list[Job], what: str) -> None:
+        """``run(jobs)``, then answer each job: with its result, or with the error that failed them all."""
         try:
-            self._score(jobs)
+            run(jobs)
         except Exception as e:
-            log.exception("scoring %d jobs failed", len(jobs))
+            log.exception("%s of %d jobs failed", what, len(jobs))
             for job in jobs:
                 job.error = e
         for job in jobs:
