@@ -364,7 +364,7 @@ class Engine:
         while True:
             if self.closing:
                 if batch.running:
-                    batch.fail(RuntimeError("the server is shutting down"))
+                    batch.fail(RuntimeError("the server is shutting down"))  # each job answered by its on_done
                 return
             self._take_waiting()
             if not batch.running:
@@ -372,10 +372,9 @@ class Engine:
                     return
                 continue
             try:
-                batch.step()
-            except Exception as e:  # a model failure fails the requests decoding, not the server
-                log.exception("a decode step of %d rows failed", len(batch.running))
-                batch.fail(e)
+                batch.step()  # a model failure ends the rows decoding with it (their on_done answers them)
+            except Exception:  # an on_done of ours raised: a bug, its job answered with it (_on_done)
+                log.exception("finishing a request failed")
             self._finish_scored()
 
     def _take_waiting(self) -> None:
@@ -442,13 +441,20 @@ class Engine:
 
     def _on_done(self, job: Job, seq) -> None:
         """``job``'s row has ended: answer it now, or after the step's scoring pass when it asked for logprobs
-        (a 2-token answer decoding beside a 500-token one is answered when its own row ends)."""
+        (a 2-token answer decoding beside a 500-token one is answered when its own row ends). A failure here
+        fails this job alone."""
         if seq.finish == "error":
+            log.error("a request failed while decoding (%d rows decoding)", len(self.batch.running),
+                      exc_info=seq.error)
             job.error = seq.error
             self._answer(job)
             return
-        self._finish_generated(job, seq.new_ids, seq.finish)
-        if job.logprobs is not None and not job.cancelled and (job.new_ids or job.echo):
+        try:
+            self._finish_generated(job, seq.new_ids, seq.finish)
+        except Exception as e:
+            log.exception("finishing a request failed")
+            job.error = e
+        if job.error is None and job.logprobs is not None and not job.cancelled and (job.new_ids or job.echo):
             self._to_score.append(job)
         else:
             self._answer(job)

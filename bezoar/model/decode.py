@@ -584,6 +584,14 @@ class Sequence:
     _in_flight: int = field(default=0, repr=False)  # its steps launched whose tokens the host has not read
 
 
+class _CallbackError(Exception):
+    """A ``Sequence.on_done`` raised (``error``): the caller's failure, not the batch's."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
 class ContinuousBatch:
     """Continuous batching: sequences join free rows between decode steps and leave the moment they end.
 
@@ -664,9 +672,9 @@ class ContinuousBatch:
         R = min(self.max_rows, 1 << (max(rows, old[0].shape[1] if old is not None else 1) - 1).bit_length())
         width = max(_round_up(needed, self.bucket), old[0].shape[2] if old is not None else 0)
         shape = (c.num_hidden_layers, R, width, c.num_key_value_heads, c.head_dim)
-        self._states.clear()  # drops the graphs that read the old storage
-        self._storage = self._tensors = None
         dev = model.device
+        # Allocated and filled before anything is dropped: a failure here (out of memory, most likely, with the
+        # old cache still held) fails the admit that asked, and the running rows decode on in the old cache.
         # zeros: steps attend over masked slots not written yet, which must hold finite numbers
         storage = (torch.zeros(shape, dtype=model.dtype, device=dev), torch.zeros(shape, dtype=model.dtype, device=dev))
         tensors = _RowTensors(tokens=torch.zeros(R, 1, dtype=torch.long, device=dev),
@@ -680,6 +688,7 @@ class ContinuousBatch:
             tensors.key_valid[:r, :w] = old_rows.key_valid
             for name in ("tokens", "positions", "slot"):
                 getattr(tensors, name)[:r] = getattr(old_rows, name)
+        self._states.clear()  # drops the graphs that read the old storage
         self._storage, self._tensors = storage, tensors
 
     def _state(self, b: int) -> _DecodeState:
@@ -737,7 +746,10 @@ class ContinuousBatch:
         tokens = self._prefill(sequences, free)
         for seq, r in zip(sequences, free):
             seq.row, self.rows[r], self._ends[r] = r, seq, len(seq.prompt_ids)
-        self._record(list(zip(sequences, tokens)))
+        try:
+            self._record(list(zip(sequences, tokens)))
+        except _CallbackError as e:
+            raise e.error from None
 
     def _prefill(self, sequences: list[Sequence], rows: list[int]) -> list[int]:
         """The model's part of ``admit``: prefill, fill ``rows`` of the cache, draw; the first tokens."""
@@ -780,19 +792,27 @@ class ContinuousBatch:
         (one step behind, as ``Decoder``'s static mode): the host's work (stop strings, streaming) overlaps
         the device's. A row that ended meanwhile has one more token decoded, which is dropped; a step whose
         rows will all have reached ``max_new_tokens`` is not launched. With a sampled row running, each
-        step's tokens are read at once."""
+        step's tokens are read at once.
+
+        A failure of the model or the device ends every running sequence with it (``fail``); the step does
+        not raise. An exception from an ``on_done`` is raised, once the step's bookkeeping is done."""
         running = [(r, s) for r, s in enumerate(self.rows) if s is not None]
         launch = [(r, s) for r, s in running if len(s.new_ids) + s._in_flight < s.max_new_tokens]
-        if launch:
-            tokens = self._decode(running)
-            self.steps += 1
-            self.largest = max(self.largest, len(running))
-            for r, _ in running:
-                self._ends[r] += 1
-            self._push(tokens, running)
-        ahead = bool(launch) and all(s.temperature <= 0 for _, s in running)
-        while len(self._pending) > (1 if ahead else 0):
-            self._pop()
+        try:
+            if launch:
+                tokens = self._decode(running)
+                self.steps += 1
+                self.largest = max(self.largest, len(running))
+                for r, _ in running:
+                    self._ends[r] += 1
+                self._push(tokens, running)
+            ahead = bool(launch) and all(s.temperature <= 0 for _, s in running)
+            while len(self._pending) > (1 if ahead else 0):
+                self._record(*self._pop())
+        except _CallbackError as e:  # the caller's on_done: the batch itself is fine
+            raise e.error from None
+        except Exception as e:  # the model or the device failed: the rows' state is unknown
+            self.fail(e)
 
     def _push(self, tokens: torch.Tensor, running: list[tuple[int, Sequence]]) -> None:
         """Queue a step's tokens (b,) for the host, copied without waiting on CUDA (pinned buffers and events;
@@ -811,16 +831,17 @@ class ContinuousBatch:
         event.record()
         self._pending.append(((buf, event, tokens.numel()), running))
 
-    def _pop(self) -> None:
-        """Record the oldest queued step's tokens for the sequences it decoded that have not ended since."""
+    def _pop(self) -> tuple[list[tuple[Sequence, int]]]:
+        """The oldest queued step's tokens, for the sequences it decoded that have not ended since (as
+        ``_record``'s argument)."""
         item, running = self._pending.popleft()
+        for _, seq in running:
+            seq._in_flight -= 1
         if isinstance(item, tuple):
             buf, event, n = item
             event.synchronize()
             item = buf[:n].tolist()
-        for _, seq in running:
-            seq._in_flight -= 1
-        self._record([(seq, item[r]) for r, seq in running if seq.finish is None])
+        return ([(seq, item[r]) for r, seq in running if seq.finish is None],)
 
     def _decode(self, running: list[tuple[int, Sequence]]) -> torch.Tensor:
         """The model's part of ``step``: launch one decode step of the first rows; their next tokens (b,), on
@@ -836,12 +857,15 @@ class ContinuousBatch:
             return st.tokens[:, 0]
 
     def fail(self, error: BaseException) -> None:
-        """End every running sequence with ``error`` (a step that raised: the rows' state is unknown)."""
+        """End every running sequence with ``error`` (finish ``"error"``, ``on_done`` called)."""
         for _, running in self._pending:
             for _, seq in running:
                 seq._in_flight -= 1
         self._pending.clear()
-        self._record([(seq, None) for seq in self.running], error)
+        try:
+            self._record([(seq, None) for seq in self.running], error)
+        except _CallbackError as e:
+            raise e.error from None
 
     def _record(self, taken: list[tuple[Sequence, int | None]], error: BaseException | None = None) -> None:
         ended = []
@@ -880,7 +904,7 @@ class ContinuousBatch:
                 except Exception as e:  # noqa: BLE001 - every ended sequence is told before it is raised
                     failures.append(e)
         if failures:
-            raise failures[0]
+            raise _CallbackError(failures[0])
 
 
 def _generate_eager(model, input_ids, attention_mask, rows: _Rows, temperature, top_p, top_k, generator):

@@ -785,6 +785,70 @@ def test_a_failure_fails_only_the_requests_it_touched(tiny_model, tiny_tokenizer
         assert status == 200 and reply["choices"][0]["text"] == alone[0]
 
 
+def _while_one_decodes(server, tiny_tokenizer, body):
+    """Send ``body`` while a 200-token request decodes (after its 10th step); both replies, the long one's last."""
+    url = server.url + "/v1/completions"
+    engine = server.server.engine
+    steps = engine.steps
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        long = pool.submit(post, url, dict(model="tiny", prompt="Once upon a time", max_tokens=200, temperature=0))
+        deadline = time.time() + 60
+        while engine.steps < steps + 10 and time.time() < deadline:
+            time.sleep(0.002)
+        assert engine.batch.running, "the long request should still decode"
+        return post(url, body), long.result()
+
+
+def test_a_request_failing_as_it_ends_fails_alone(tiny_model, tiny_tokenizer, monkeypatch):
+    """Finishing one request's answer raised: that request hung (its future never set) and the request decoding
+    beside it got a 500 (the failure was taken for a failed decode step)."""
+    from bezoar.serve import BackgroundServer, Engine, Server
+
+    finish_text = Engine._finish_text
+    failing_prompts = (tiny_tokenizer.encode("The red fox", bos=True), EOS_NEXT)
+
+    def failing(self, job):
+        if job.prompt_ids in failing_prompts:
+            raise RuntimeError("this answer fails")
+        return finish_text(self, job)
+
+    monkeypatch.setattr(Engine, "_finish_text", failing)
+    with BackgroundServer(Server(tiny_model, tiny_tokenizer, "tiny", max_batch_size=4, batch_window_s=0)) as bg:
+        # ending at a step, and at the prefill (EOS_NEXT's first token is the EOS)
+        for prompt in ("The red fox", EOS_NEXT):
+            (status, reply), (long_status, long_reply) = _while_one_decodes(
+                bg, tiny_tokenizer, dict(model="tiny", prompt=prompt, max_tokens=3, temperature=0))
+            assert status == 500 and reply["error"]["type"] == "server_error", (prompt, status, reply)
+            assert long_status == 200 and long_reply["usage"]["completion_tokens"] == 200
+
+
+def test_a_cache_that_cannot_grow_fails_only_the_request_that_needed_it(tiny_model, tiny_tokenizer, monkeypatch):
+    """Growing the cache for a longer request ran out of memory after the old cache was dropped: the rows
+    decoding in it failed too. Now the new cache is made before the old one goes."""
+    import bezoar.model.decode as decode_module
+    from bezoar.serve import BackgroundServer, Server
+
+    zeros = torch.zeros
+
+    class Torch:  # decode.py's torch, out of memory for a cache of more than 300 slots
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def zeros(*shape, **kw):
+            dims = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape
+            if len(dims) == 5 and dims[2] > 300:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return zeros(*shape, **kw)
+
+    monkeypatch.setattr(decode_module, "torch", Torch())
+    with BackgroundServer(Server(tiny_model, tiny_tokenizer, "tiny", max_batch_size=4, batch_window_s=0)) as bg:
+        (status, reply), (long_status, long_reply) = _while_one_decodes(
+            bg, tiny_tokenizer, dict(model="tiny", prompt="The red fox", max_tokens=400, temperature=0))
+        assert status == 500 and long_status == 200, (reply, long_reply)
+        assert long_reply["usage"]["completion_tokens"] == 200
+
+
 def test_rows_of_every_sampling_setting_decode_together_and_each_as_alone(tiny_model, tiny_tokenizer):
     """One continuous batch holds greedy rows, top-k rows and seeded rows at once, joining at different steps:
     each row's tokens are those it gets decoded alone (greedy, top_k 1 = greedy, and a seeded row draws from

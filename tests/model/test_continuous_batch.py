@@ -173,3 +173,36 @@ def test_graph_steps_give_the_static_steps_tokens_and_replay(tiny_odd_dir):
     assert not failed, failed
     greedy = [_alone(model, p, n) for i, (p, n) in enumerate(zip(prompts, lengths)) if i % 2 == 0]
     assert want[0::2] == greedy
+
+
+def test_a_failed_step_ends_the_rows_and_a_failing_on_done_is_raised_without_ending_others(tiny_dir, monkeypatch):
+    """A model failure in a step ends every running row with it (finish "error", on_done told) and the step
+    does not raise; an on_done that raises is raised from the step, its row ended, the other rows untouched."""
+    model, tok = load(tiny_dir).eval(), Tokenizer(tiny_dir)
+    prompt = tok.encode("Once upon a time", bos=True)
+    told = []
+    batch = ContinuousBatch(model, 2, decode="static")
+    seqs = [Sequence(prompt, 8, on_done=told.append), Sequence(prompt, 8, on_done=told.append)]
+    batch.admit(seqs)
+
+    def broken(self, running):
+        raise RuntimeError("device lost")
+
+    with monkeypatch.context() as m:
+        m.setattr(ContinuousBatch, "_decode", broken)
+        batch.step()
+    assert [s.finish for s in seqs] == ["error", "error"] and str(seqs[0].error) == "device lost"
+    assert told == seqs and not batch.running and batch.free == 2
+
+    def on_done(seq):
+        raise ValueError("caller's bug")
+
+    short, long = Sequence(prompt, 2, on_done=on_done), Sequence(prompt, 6)
+    batch.admit([short, long])
+    with pytest.raises(ValueError, match="caller's bug"):
+        while short.finish is None:
+            batch.step()
+    assert short.finish == "length" and long.finish is None and batch.running == [long]
+    while batch.running:
+        batch.step()
+    assert long.new_ids == _alone(model, prompt, 6)
