@@ -68,7 +68,7 @@ def _mt_bench_parser(sub) -> None:
     g.add_argument("--device", help="cuda, cpu ...")
     g.add_argument("--model-id", help="name in the answer and judgment files (default: the folder's name)")
     g.add_argument("--max-new-tokens", type=int, default=1024, help="per answer turn (default 1024)")
-    g.add_argument("--batch-size", type=int, default=8, help="questions answered together")
+    g.add_argument("--batch-size", type=int, default=8, help="answers decoded together (rows of the continuous batch)")
     g.add_argument("--seed", type=int, default=0, help="for the sampled categories")
     g.add_argument("--top-k", type=int, default=50, help="the sampled categories draw from this many most likely "
                    "tokens (default 50: transformers' default, which FastChat's answers get; 0: all)")

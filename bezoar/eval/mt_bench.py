@@ -14,7 +14,9 @@ The steps, each resumable:
    OpenBezoar chat template (``bezoar.eval.chat``). Temperature by category: writing and roleplay
    0.7, stem and humanities 0.1, extraction, math, coding and reasoning greedy, any other category 0.7
    (FastChat's settings); sampled answers draw from the 50 most likely tokens (``--top-k``; FastChat
-   samples through transformers' ``generate``, whose top_k defaults to 50); at most 1024 new tokens. Written to
+   samples through transformers' ``generate``, whose top_k defaults to 50), each answer from a generator seeded by
+   ``--seed``, the question and the turn; at most 1024 new tokens. Decoded with continuous batching
+   (``--batch-size`` rows): a turn takes a row as one frees, a second turn as soon as its first ends. Written to
    ``answers.jsonl`` in FastChat's model-answer format, one line per finished question (the settings
    they are made with, and the model and adapter folders with their content's fingerprint, in
    ``answers.jsonl.settings.json``: a run with other settings, or with a model or adapter of other files, is
@@ -35,12 +37,15 @@ The steps, each resumable:
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import os
 import re
 import time
 import uuid
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -315,9 +320,10 @@ def answer_settings(max_new_tokens: int = MAX_NEW_TOKENS, seed: int = 0, top_k: 
     it (``answer_settings_path``) and compared before a run adds to it. The model's loading counts as given:
     ``quant`` (``"none"`` or ``"nf4"``; None reads as ``"none"``), ``dtype`` and ``device`` (``""`` or None: by
     the machine, bf16 on a GPU and fp32 on a CPU): NF4 weights or another precision answer otherwise. The batch
-    size is left out on purpose: it only changes which draws of the seeded sampler a sampled answer gets (as
-    resuming does) and the padding, which moves a logit in its last bits, not the model; a resumed run may take
-    a smaller batch after running out of memory."""
+    size is left out on purpose: a sampled answer draws from a generator of its own (``answer_seed``), so the
+    rows decoding beside it move its logits in their last bits at most, not the model; a resumed run may take a
+    smaller batch after running out of memory. (Answers made before 2026-11-28 drew from one generator per
+    batch: they are kept on resume, sampled with the same settings.)"""
     return {"max_new_tokens": max_new_tokens, "seed": seed, "top_k": top_k,
             "quant": quant or "none", "dtype": dtype or "", "device": device or "",
             "temperature": {**CATEGORY_TEMPERATURE, "other": OTHER_TEMPERATURE}}
@@ -465,9 +471,11 @@ def generate_answers(model, tokenizer, questions: list[Question], model_id: str,
     how ``model`` was loaded (``quant``, ``dtype``, ``device`` as ``answer_settings`` takes them; default the
     defaults), which the answers are recorded as made with; ``made_by``: ``answer_model``'s record of the folders
     it was loaded from, recorded and checked too (``check_answer_settings``)."""
+    import torch
+
     from bezoar.eval.chat import CHAT_STOP, chat_prompt
-    from bezoar.model import generate
-    from bezoar.model.decode import Decoder, check_top_k
+    from bezoar.eval.decoding import StopStrings, cut_at_stop
+    from bezoar.model.decode import ContinuousBatch, Sequence, check_top_k
 
     check_top_k(top_k)
     _drop_torn_tail(answers_path)
@@ -480,48 +488,58 @@ def generate_answers(model, tokenizer, questions: list[Question], model_id: str,
         return done
     log.info("mt-bench: answering %d questions (%d already answered)", len(todo), len(done))
     model.eval()  # LoRA dropout off
-    decoder = Decoder(model)  # one KV cache, and CUDA graphs per batch size, for every batch below
+    # Continuous batching: every question's turn takes a row as one frees, a turn 2 the moment its turn 1 ends,
+    # so a short answer never waits for the longest of a batch (the cache and CUDA graphs serve every step).
+    batch = ContinuousBatch(model, batch_size, "auto", eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     context = model.config.max_position_embeddings
-    # Batches of one temperature; per batch, turn 1 for all, then turn 2 for all.
-    by_temperature: dict[float, list[Question]] = {}
-    for q in todo:
-        by_temperature.setdefault(category_temperature(q.category), []).append(q)
-    for temperature, group in sorted(by_temperature.items()):
-        for a in range(0, len(group), batch_size):
-            batch = group[a: a + batch_size]
-            conversations: list[list[dict]] = [[] for _ in batch]
-            answers: list[list[str]] = [[] for _ in batch]
-            for turn in range(max(len(q.turns) for q in batch)):
-                rows = [i for i, q in enumerate(batch) if turn < len(q.turns)]
-                prompts = []
-                for i in rows:
-                    conversations[i].append({"role": "user", "content": batch[i].turns[turn]})
-                    prompts.append(chat_prompt(conversations[i]))
-                # Each answer gets max_new_tokens, or what its own prompt leaves of the context: a long
-                # prompt in the batch must not cut the other answers short. Rows with a smaller budget
-                # decode on their own.
-                budgets = [min(max_new_tokens, context - len(tokenizer.encode(p, bos=True))) for p in prompts]
-                for i, budget in zip(rows, budgets):
-                    if budget < 1:
-                        raise MTBenchError(f"question {batch[i].question_id!r} turn {turn + 1}: the prompt fills "
-                                           f"the model's context of {context} tokens")
-                full = [k for k, b in enumerate(budgets) if b == max_new_tokens]
-                parts = ([full] if full else []) + [[k] for k, b in enumerate(budgets) if b < max_new_tokens]
-                texts: dict[int, str] = {}
-                for part in parts:
-                    outputs = generate(model, tokenizer, [prompts[k] for k in part], max_new_tokens=budgets[part[0]],
-                                       temperature=temperature, top_k=top_k if temperature > 0 else 0,
-                                       stop=list(CHAT_STOP), seed=None if temperature <= 0 else seed + turn + a,
-                                       decoder=decoder)
-                    texts.update((k, out.text) for k, out in zip(part, outputs))
-                for k, i in enumerate(rows):
-                    text = texts[k].strip()
-                    answers[i].append(text)
-                    conversations[i].append({"role": "assistant", "content": text})
-            new = [Answer(q.question_id, model_id, turns) for q, turns in zip(batch, answers)]
-            _append_jsonl(answers_path, [n.to_record() for n in new])
-            done.update((n.question_id, n) for n in new)
+    stop = list(CHAT_STOP)
+    conversations: dict[Any, list[dict]] = {q.question_id: [] for q in todo}
+    answers: dict[Any, list[str]] = {q.question_id: [] for q in todo}
+    ready: deque[tuple[Question, int]] = deque((q, 0) for q in todo)
+
+    def sequence(q: Question, turn: int) -> Sequence:
+        conversations[q.question_id].append({"role": "user", "content": q.turns[turn]})
+        ids = tokenizer.encode(chat_prompt(conversations[q.question_id]), bos=True)
+        # each answer gets max_new_tokens, or what its own prompt leaves of the context
+        budget = min(max_new_tokens, context - len(ids))
+        if budget < 1:
+            raise MTBenchError(f"question {q.question_id!r} turn {turn + 1}: the prompt fills the model's context "
+                               f"of {context} tokens")
+        temperature = category_temperature(q.category)
+        generator = None
+        if temperature > 0:
+            generator = torch.Generator(device=model.device).manual_seed(answer_seed(seed, q.question_id, turn))
+        return Sequence(ids, budget, temperature, top_k=top_k if temperature > 0 else 0, generator=generator,
+                        should_stop=functools.partial(stops, 0), on_done=finished, tag=(q, turn))
+
+    stops = StopStrings(tokenizer, stop)
+
+    def finished(seq: Sequence) -> None:
+        if seq.finish == "error":
+            raise seq.error
+        q, turn = seq.tag
+        text = cut_at_stop(tokenizer.decode(seq.new_ids), stop).strip()
+        answers[q.question_id].append(text)
+        conversations[q.question_id].append({"role": "assistant", "content": text})
+        if turn + 1 < len(q.turns):
+            ready.appendleft((q, turn + 1))  # before new questions: a finished question is written sooner
+            return
+        answer = Answer(q.question_id, model_id, answers[q.question_id])
+        _append_jsonl(answers_path, [answer.to_record()])  # each question as it is done: a crash loses little
+        done[q.question_id] = answer
+
+    while ready or batch.running:
+        if ready and batch.free:
+            batch.admit([sequence(*ready.popleft()) for _ in range(min(batch.free, len(ready)))])
+        batch.step()
     return done
+
+
+def answer_seed(seed: int, question_id, turn: int) -> int:
+    """The seed of one sampled answer: drawn from ``seed``, the question and the turn alone, so an answer does
+    not depend on which others decode beside it, their order or a resumed run."""
+    digest = hashlib.sha256(json.dumps([seed, question_id, turn]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 # ---- judging ---------------------------------------------------------------------------------

@@ -162,34 +162,44 @@ def test_judge_prompts_pick_references_and_turns(caplog):
     assert "no reference answer" in caplog.text
 
 
+def _record_admits(monkeypatch) -> list[tuple[tuple[int, ...], float, int]]:
+    """(prompt ids, temperature, top_k) of every sequence the answers' continuous batch admits, in order."""
+    from bezoar.model.decode import ContinuousBatch
+
+    calls = []
+    admit = ContinuousBatch.admit
+
+    def recording(self, sequences):
+        calls.extend((tuple(s.prompt_ids), s.temperature, s.top_k) for s in sequences)
+        return admit(self, sequences)
+
+    monkeypatch.setattr(ContinuousBatch, "admit", recording)
+    return calls
+
+
 def test_generate_answers_template_temperatures_and_resume(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
     import bezoar.model
 
     questions = mt.load_questions(mt.SAMPLE_QUESTIONS)
-    calls = []
+    calls = _record_admits(monkeypatch)
     real_generate = bezoar.model.generate
 
-    def recording_generate(model, tokenizer, prompts, **kwargs):
-        calls.append((list(prompts), kwargs["temperature"]))
-        return real_generate(model, tokenizer, prompts, **kwargs)
+    def ids(messages):
+        return tuple(tiny_tokenizer.encode(chat_prompt(messages), bos=True))
 
-    monkeypatch.setattr(bezoar.model, "generate", recording_generate)
     path = tmp_path / "answers.jsonl"
     answers = mt.generate_answers(tiny_model, tiny_tokenizer, questions, "tiny", path, max_new_tokens=6, batch_size=3)
     assert len(answers) == 8
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert {r["question_id"] for r in records} == {q.question_id for q in questions}
     assert all(r["model_id"] == "tiny" and len(r["choices"][0]["turns"]) == 2 for r in records)
-    temperature_of = {}
-    for prompts, temperature in calls:
-        for p in prompts:
-            temperature_of[p] = temperature
+    temperature_of = {prompt: temperature for prompt, temperature, _ in calls}
     for q in questions:
-        first = chat_prompt([{"role": "user", "content": q.turns[0]}])
+        first = ids([{"role": "user", "content": q.turns[0]}])
         assert temperature_of[first] == {"writing": 0.7, "roleplay": 0.7, "stem": 0.1, "humanities": 0.1}.get(q.category, 0.0)
-        second = chat_prompt([{"role": "user", "content": q.turns[0]},
-                              {"role": "assistant", "content": answers[q.question_id].turns[0]},
-                              {"role": "user", "content": q.turns[1]}])
+        second = ids([{"role": "user", "content": q.turns[0]},
+                      {"role": "assistant", "content": answers[q.question_id].turns[0]},
+                      {"role": "user", "content": q.turns[1]}])
         assert second in temperature_of, "turn 2 must see the turn-1 answer"
     # Greedy categories answer like a plain greedy generate of the same prompt.
     math_q = next(q for q in questions if q.category == "math")
@@ -207,7 +217,7 @@ def test_generate_answers_template_temperatures_and_resume(tiny_model, tiny_toke
     again = mt.generate_answers(tiny_model, tiny_tokenizer, questions, "tiny", path, max_new_tokens=6)
     assert len(again) == 8
     lost_q = next(q for q in questions if q.question_id == lost)
-    assert [p for prompts, _ in calls for p in prompts][0] == chat_prompt([{"role": "user", "content": lost_q.turns[0]}])
+    assert calls[0][0] == ids([{"role": "user", "content": lost_q.turns[0]}])
     assert len(calls) == 2  # the lost question's two turns, nothing else
     assert sorted(json.loads(line)["question_id"] for line in path.read_text().splitlines()) == list(range(1, 9))
 
@@ -240,25 +250,29 @@ def test_answers_files_are_read_as_utf8_lines(tmp_path, caplog):
 def test_sampled_categories_get_top_k_50_and_greedy_ones_none(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
     """FastChat samples through transformers' generate, whose top_k defaults to 50: the sampled categories
     (writing, roleplay, stem, humanities, any other) decode with top_k=50, the greedy ones without it."""
-    import bezoar.model
-    from bezoar.model.decode import Generation
-
-    calls = []
-
-    def recording_generate(model, tokenizer, prompts, **kwargs):
-        calls.append((kwargs["temperature"], kwargs.get("top_k", 0)))
-        return [Generation(text="an answer", token_ids=[5], finish_reason="stop", prompt_tokens=1) for _ in prompts]
-
-    monkeypatch.setattr(bezoar.model, "generate", recording_generate)
+    calls = _record_admits(monkeypatch)
     questions = mt.load_questions(mt.SAMPLE_QUESTIONS) + [mt.Question(99, "my-own-category", ["Hi."])]
     mt.generate_answers(tiny_model, tiny_tokenizer, questions, "tiny", tmp_path / "a.jsonl", max_new_tokens=4)
-    assert {t for t, _ in calls} == {0.0, 0.1, 0.7}, "greedy and both sampled temperatures were asked for"
-    assert all(k == (50 if t > 0 else 0) for t, k in calls), calls
+    assert {t for _, t, _ in calls} == {0.0, 0.1, 0.7}, "greedy and both sampled temperatures were asked for"
+    assert all(k == (50 if t > 0 else 0) for _, t, k in calls), calls
     calls.clear()
     mt.generate_answers(tiny_model, tiny_tokenizer, questions, "tiny", tmp_path / "b.jsonl", max_new_tokens=4, top_k=7)
-    assert all(k == (7 if t > 0 else 0) for t, k in calls) and any(t > 0 for t, _ in calls)
+    assert all(k == (7 if t > 0 else 0) for _, t, k in calls) and any(t > 0 for _, t, _ in calls)
     with pytest.raises(ValueError, match="top_k"):
         mt.generate_answers(tiny_model, tiny_tokenizer, questions, "tiny", tmp_path / "c.jsonl", top_k=-1)
+
+
+def test_an_answer_does_not_depend_on_the_batch_or_the_order(tiny_model, tiny_tokenizer, tmp_path):
+    """Every answer (sampled ones too: each draws from a generator seeded by the seed, the question and the
+    turn) is the same whatever the batch size and the order of the questions; another seed samples others."""
+    questions = mt.load_questions(mt.SAMPLE_QUESTIONS)
+    runs = [mt.generate_answers(tiny_model, tiny_tokenizer, qs, "tiny", tmp_path / f"{i}.jsonl", max_new_tokens=12,
+                                batch_size=size, seed=seed)
+            for i, (qs, size, seed) in enumerate([(questions, 1, 3), (questions[::-1], 5, 3), (questions, 3, 4)])]
+    assert {q: a.turns for q, a in runs[0].items()} == {q: a.turns for q, a in runs[1].items()}
+    sampled = [q.question_id for q in questions if mt.category_temperature(q.category) >= 0.7]
+    assert sampled and any(runs[0][q].turns != runs[2][q].turns for q in sampled), "the seed must matter"
+    assert mt.answer_seed(3, 81, 0) == mt.answer_seed(3, 81, 0) != mt.answer_seed(3, 81, 1) != mt.answer_seed(3, "81", 1)
 
 
 def test_mt_bench_cli_top_k(tiny_dir, tmp_path, capsys, monkeypatch):
