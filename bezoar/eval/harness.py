@@ -21,8 +21,9 @@ The three request types, all on bezoar's own forward pass and KV-cache decoding:
   once, the first from BOS); all windows of all texts are batched together.
 - ``generate_until(context, gen_kwargs)``: decoding until a stop string, EOS or ``max_gen_toks``,
   greedy unless the task asks for sampling (``temperature``, ``top_k``: 50 when it names none, as
-  transformers' ``generate`` samples for lm-eval's HF model, ``top_p``); requests are grouped by
-  their generation settings, sorted by length and decoded in left-padded batches.
+  transformers' ``generate`` samples for lm-eval's HF model, ``top_p``); requests, longest first, are
+  decoded with continuous batching (``bezoar.model.decode.ContinuousBatch``): each takes a row as one
+  frees, with its own settings and budget, so a short answer never waits for a long one.
 
 model_args: ``pretrained`` (checkpoint folder), ``adapter`` (PEFT LoRA folder), ``quant``
 (``nf4``), ``dtype``, ``device``, ``batch_size`` (an integer, or ``auto``: rows up to
@@ -35,6 +36,7 @@ run, see ``bezoar.model.decode``; ``auto`` replays CUDA graphs on a GPU).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -48,7 +50,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
-from bezoar.eval.decoding import StopStrings, left_pad
+from bezoar.eval.decoding import StopStrings
 from bezoar.eval.scoring import iter_logprobs, target_logprobs
 
 log = logging.getLogger("bezoar.eval")
@@ -285,50 +287,59 @@ class BezoarLM(TemplateLM):
     # ---- generation -------------------------------------------------------------------------
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from bezoar.model import generate_ids
-        from bezoar.model.decode import Decoder
+        from bezoar.model.decode import ContinuousBatch, Sequence
 
-        decoder = Decoder(self.model, self.decode)  # its cache and graphs serve every batch below
-
-        groups: dict[str, list[int]] = {}
-        for i, req in enumerate(requests):
-            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
         out: list[str | None] = [None] * len(requests)
         eos_text = self.tokenizer.piece(self.eot_token_id)
-        for members in groups.values():
-            settings = GenerationSettings.from_gen_kwargs(requests[members[0]].args[1], self.max_gen_toks, eos_text)
+        todo: list[tuple[int, list[int], int, GenerationSettings]] = []  # (request, prompt ids, budget, settings)
+        settings_of: dict[str, GenerationSettings] = {}
+        for i, req in enumerate(requests):
+            key = json.dumps(req.args[1], sort_keys=True, default=str)
+            if key not in settings_of:
+                settings_of[key] = GenerationSettings.from_gen_kwargs(req.args[1], self.max_gen_toks, eos_text)
+            settings = settings_of[key]
             room = self.max_length - settings.max_gen_toks  # the context's cut, as lm-eval's HF model makes it
             if room <= 0:
                 raise ValueError(f"generate_until: max_gen_toks={settings.max_gen_toks} leaves no room for a "
                                  f"context in max_length={self.max_length}")
-            encoded = {i: self.tok_encode(requests[i].args[0])[-room:] for i in members}
+            encoded = self.tok_encode(req.args[0])[-room:]
             # each prompt's own number of new tokens: max_gen_toks, or what gen_kwargs max_length leaves it
-            budget = {i: settings.max_gen_toks if settings.max_length is None else
-                      max(0, min(settings.max_length, self.max_length) - len(encoded[i])) for i in members}
-            members = sorted(members, key=lambda i: -len(encoded[i]))
-            step = self.batch_size or max(1, self.max_batch_tokens // max(
-                1, len(encoded[members[0]]) + max(budget.values())))
-            batches = [members[a: a + step] for a in range(0, len(members), step)]
-            if settings.max_length is not None:  # rows of one batch share one length, so each fits the context
-                batches = [[i for i in batch if len(encoded[i]) == n] for batch in batches
-                           for n in dict.fromkeys(len(encoded[i]) for i in batch)]
-            generator = torch.Generator(device=self.model.device).manual_seed(self.seed)
-            for batch in batches:
-                most = budget[batch[0]]  # the same for every row of the batch
-                if most == 0:  # max_length leaves these prompts nothing to add
-                    new_ids = [[] for _ in batch]
-                else:
-                    ids, mask = left_pad([encoded[i] for i in batch], self.tokenizer.pad_id)
-                    new_ids, _ = generate_ids(
-                        self.model, ids, mask, max_new_tokens=most,
-                        temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                        eos_id=self.eot_token_id, generator=generator,
-                        should_stop=StopStrings(self.tokenizer, settings.stop), decoder=decoder)
-                for i, new in zip(batch, new_ids):  # a batch's rows share one budget (one length under max_length)
-                    text = cut_in_list_order(self.tokenizer.decode(new), settings.stop)
-                    out[i] = text
-                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+            budget = settings.max_gen_toks if settings.max_length is None else \
+                max(0, min(settings.max_length, self.max_length) - len(encoded))
+            if budget == 0:  # max_length leaves this prompt nothing to add
+                self._generated(requests[i], out, i, "")
+            else:
+                todo.append((i, encoded, budget, settings))
+        if not todo:
+            return out  # type: ignore[return-value]
+        # Continuous batching: a request takes a row as one frees (each with its own budget and settings), the
+        # longest prompts first; rows: batch_size, or as many as max_batch_tokens holds at the longest need.
+        todo.sort(key=lambda t: -len(t[1]))
+        rows = self.batch_size or max(1, self.max_batch_tokens // max(len(e) + b for _, e, b, _ in todo))
+        batch = ContinuousBatch(self.model, rows, self.decode, eos_id=self.eot_token_id,
+                                pad_id=self.tokenizer.pad_id,
+                                generator=torch.Generator(device=self.model.device).manual_seed(self.seed))
+
+        def finished(seq: Sequence) -> None:
+            if seq.finish == "error":
+                raise seq.error
+            i, settings = seq.tag
+            self._generated(requests[i], out, i, cut_in_list_order(self.tokenizer.decode(seq.new_ids), settings.stop))
+
+        waiting = [Sequence(encoded, budget, settings.temperature, settings.top_p, settings.top_k,
+                            should_stop=functools.partial(StopStrings(self.tokenizer, settings.stop), 0),
+                            on_done=finished, tag=(i, settings))
+                   for i, encoded, budget, settings in todo]
+        waiting.reverse()  # popped from the end: longest first
+        while waiting or batch.running:
+            if waiting and batch.free:
+                batch.admit([waiting.pop() for _ in range(min(batch.free, len(waiting)))])
+            batch.step()
         return out  # type: ignore[return-value]
+
+    def _generated(self, request, out: list, i: int, text: str) -> None:
+        out[i] = text
+        self.cache_hook.add_partial("generate_until", request.args, text)
 
 
 def cut_in_list_order(text: str, stop: list[str]) -> str:

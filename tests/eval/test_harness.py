@@ -168,12 +168,12 @@ def test_generate_until_honours_top_k(tiny_model, tiny_tokenizer, monkeypatch, c
         instances("generate_until", [(p, sampled) for p in GEN_PROMPTS]))
     assert plain != greedy, "sampling without top_k (transformers' 50) leaves the greedy text"
 
-    import bezoar.model
+    from bezoar.model.decode import ContinuousBatch
 
     seen = []
-    real = bezoar.model.generate_ids
-    monkeypatch.setattr(bezoar.model, "generate_ids",
-                        lambda *a, **kw: seen.append((kw["temperature"], kw["top_k"])) or real(*a, **kw))
+    admit = ContinuousBatch.admit
+    monkeypatch.setattr(ContinuousBatch, "admit", lambda self, seqs: seen.extend(
+        (s.temperature, s.top_k) for s in seqs) or admit(self, seqs))
     make_lm(tiny_model, tiny_tokenizer).generate_until(instances("generate_until", [
         (GEN_PROMPTS[0], {**sampled, "top_k": 40}), (GEN_PROMPTS[0], sampled),
         (GEN_PROMPTS[0], {"until": ["\n"], "max_gen_toks": 8, "do_sample": False, "top_k": 40})]))
@@ -190,16 +190,24 @@ def test_a_bad_top_k_in_gen_kwargs_is_an_error(bad):
     assert harness.GenerationSettings.from_gen_kwargs({"do_sample": True, "top_k": 0}, 16, None).top_k == 0
 
 
-def test_generate_until_static_decode_equals_eager(tiny_model, tiny_tokenizer):
-    """decode=static shares every line with the GPU's graphs but capture: same texts as the eager loop,
-    greedy and sampled, over batches of mixed lengths."""
-    requests = [(p, {"until": ["\n\n"], "max_gen_toks": 9}) for p in GEN_PROMPTS]
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_generate_until_rows_decode_as_alone_whatever_the_batch(tiny_model, tiny_tokenizer, batch_size):
+    """Continuous batching over requests of mixed settings and budgets: each greedy answer is the eager loop's
+    for its prompt alone (bezoar.model.generate), at any number of rows; sampled ones are seeded."""
+    from bezoar.model import generate
+
+    requests = [(p, {"until": ["\n\n"], "max_gen_toks": 9 + 3 * i}) for i, p in enumerate(GEN_PROMPTS)]
     requests += [(p, {"until": ["\n"], "max_gen_toks": 7, "do_sample": True, "temperature": 1.0})
                  for p in GEN_PROMPTS[::-1]]
-    texts = {decode: make_lm(tiny_model, tiny_tokenizer, batch_size=2, seed=5, decode=decode).generate_until(
-        instances("generate_until", requests)) for decode in ("eager", "static")}
-    assert texts["static"] == texts["eager"]
-    assert any(texts["eager"])
+    lm = make_lm(tiny_model, tiny_tokenizer, batch_size=batch_size, seed=5)
+    got = lm.generate_until(instances("generate_until", requests))
+    for text, (prompt, kwargs) in zip(got, requests[:len(GEN_PROMPTS)]):
+        want = generate(tiny_model, tiny_tokenizer, prompt, max_new_tokens=kwargs["max_gen_toks"], stop=["\n\n"],
+                        decode="eager")[0].text
+        assert text == want
+    again = make_lm(tiny_model, tiny_tokenizer, batch_size=batch_size, seed=5).generate_until(
+        instances("generate_until", requests))
+    assert again == got and any(got[len(GEN_PROMPTS):])
 
 
 def test_model_args_errors(tiny_dir):
