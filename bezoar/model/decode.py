@@ -887,15 +887,15 @@ class ContinuousBatch:
             if seq.finish is not None:
                 ended.append(seq)
         if ended:
-            index = [seq.row for seq in ended]
             for seq in ended:
                 self.rows[seq.row] = None
             if self._tensors is not None:  # an idle row steps from slot 0, seeing only what it writes itself
                 with self._device():
-                    t, at = self._tensors, torch.tensor(index, dtype=torch.long, device=self.model.device)
-                    t.slot[at] = 0
-                    t.positions[at] = 0
-                    t.key_valid[at] = False
+                    t = self._tensors
+                    for seq in ended:  # fills by a host index: no copy of an index to the device, which would
+                        t.slot[seq.row] = 0  # wait for the step in flight
+                        t.positions[seq.row] = 0
+                        t.key_valid[seq.row] = False
         failures = []
         for seq in ended:
             if seq.on_done is not None:
