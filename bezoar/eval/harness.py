@@ -31,7 +31,10 @@ model_args: ``pretrained`` (checkpoint folder), ``adapter`` (PEFT LoRA folder), 
 ``max_gen_toks`` (default 256), ``add_bos_token`` (default: the checkpoint's tokenizer_config.json
 ``add_bos_token``, true where it says nothing, as lm-eval's hf model does),
 ``seed`` (for sampling), ``decode`` (``auto``, ``eager``, ``static`` or ``graph``: how decode steps
-run, see ``bezoar.model.decode``; ``auto`` replays CUDA graphs on a GPU).
+run; ``auto`` replays CUDA graphs on a GPU, and ``eager`` runs the same static-cache steps as
+``static``, without graphs, since continuous batching needs a cache slot per row).
+An empty context (``add_bos_token=False`` and an empty prompt) is decoded after BOS alone: a model
+cannot decode from no token at all.
 """
 
 from __future__ import annotations
@@ -302,7 +305,7 @@ class BezoarLM(TemplateLM):
             if room <= 0:
                 raise ValueError(f"generate_until: max_gen_toks={settings.max_gen_toks} leaves no room for a "
                                  f"context in max_length={self.max_length}")
-            encoded = self.tok_encode(req.args[0])[-room:]
+            encoded = self.tok_encode(req.args[0])[-room:] or [self.tokenizer.bos_id]  # nothing: BOS alone
             # each prompt's own number of new tokens: max_gen_toks, or what gen_kwargs max_length leaves it
             budget = settings.max_gen_toks if settings.max_length is None else \
                 max(0, min(settings.max_length, self.max_length) - len(encoded))

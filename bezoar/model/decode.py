@@ -795,20 +795,22 @@ class ContinuousBatch:
         step's tokens are read at once.
 
         A failure of the model or the device ends every running sequence with it (``fail``); the step does
-        not raise. An exception from an ``on_done`` is raised, once the step's bookkeeping is done."""
+        not raise, unless the device fails again while the ended rows are reset (raised once every sequence has
+        been told). An exception from an ``on_done`` is raised, once the step's bookkeeping is done."""
         running = [(r, s) for r, s in enumerate(self.rows) if s is not None]
         launch = [(r, s) for r, s in running if len(s.new_ids) + s._in_flight < s.max_new_tokens]
         try:
-            if launch:
-                tokens = self._decode(running)
-                self.steps += 1
-                self.largest = max(self.largest, len(running))
-                for r, _ in running:
-                    self._ends[r] += 1
-                self._push(tokens, running)
-            ahead = bool(launch) and all(s.temperature <= 0 for _, s in running)
-            while len(self._pending) > (1 if ahead else 0):
-                self._record(*self._pop())
+            with self._device():  # the events and pinned copies too: an event records the current device's stream
+                if launch:
+                    tokens = self._decode(running)
+                    self.steps += 1
+                    self.largest = max(self.largest, len(running))
+                    for r, _ in running:
+                        self._ends[r] += 1
+                    self._push(tokens, running)
+                ahead = bool(launch) and all(s.temperature <= 0 for _, s in running)
+                while len(self._pending) > (1 if ahead else 0):
+                    self._record(*self._pop())
         except _CallbackError as e:  # the caller's on_done: the batch itself is fine
             raise e.error from None
         except Exception as e:  # the model or the device failed: the rows' state is unknown
@@ -841,7 +843,9 @@ class ContinuousBatch:
             buf, event, n = item
             event.synchronize()
             item = buf[:n].tolist()
-        return ([(seq, item[r]) for r, seq in running if seq.finish is None],)
+        # every sequence that still holds its row: one whose draw failed in this step (finish "error") too, which
+        # _record then ends
+        return ([(seq, item[r]) for r, seq in running if self.rows[r] is seq],)
 
     def _decode(self, running: list[tuple[int, Sequence]]) -> torch.Tensor:
         """The model's part of ``step``: launch one decode step of the first rows; their next tokens (b,), on
@@ -886,16 +890,20 @@ class ContinuousBatch:
                         seq.finish = "length"
             if seq.finish is not None:
                 ended.append(seq)
+        reset_error = None
         if ended:
             for seq in ended:
                 self.rows[seq.row] = None
             if self._tensors is not None:  # an idle row steps from slot 0, seeing only what it writes itself
-                with self._device():
-                    t = self._tensors
-                    for seq in ended:  # fills by a host index: no copy of an index to the device, which would
-                        t.slot[seq.row] = 0  # wait for the step in flight
-                        t.positions[seq.row] = 0
-                        t.key_valid[seq.row] = False
+                try:
+                    with self._device():
+                        t = self._tensors
+                        for seq in ended:  # fills by a host index: no copy of an index to the device, which would
+                            t.slot[seq.row] = 0  # wait for the step in flight
+                            t.positions[seq.row] = 0
+                            t.key_valid[seq.row] = False
+                except Exception as e:  # noqa: BLE001 - a device that failed: raised once every sequence is told
+                    reset_error = e
         failures = []
         for seq in ended:
             if seq.on_done is not None:
@@ -903,6 +911,8 @@ class ContinuousBatch:
                     seq.on_done(seq)
                 except Exception as e:  # noqa: BLE001 - every ended sequence is told before it is raised
                     failures.append(e)
+        if reset_error is not None:
+            raise reset_error
         if failures:
             raise _CallbackError(failures[0])
 

@@ -864,3 +864,16 @@ def test_bos_follows_the_checkpoints_tokenizer_config_unless_given(tiny_dir, tmp
     assert bos[0] == 1
     assert harness.BezoarLM(pretrained=str(folder)).tok_encode("Hello") == bos[1:]
     assert harness.BezoarLM(pretrained=str(folder), add_bos_token="true").tok_encode("Hello") == bos
+
+
+def test_an_empty_context_is_decoded_after_bos(tiny_model, tiny_tokenizer):
+    """With add_bos_token=False an empty prompt encodes to no token at all: it is decoded after BOS alone (the
+    continuous batch refuses an empty prompt, and the old padded batches decoded a row of padding)."""
+    from bezoar.model import generate_ids
+
+    lm = make_lm(tiny_model, tiny_tokenizer, add_bos_token=False)
+    got = lm.generate_until(instances("generate_until", [("", {"until": [], "max_gen_toks": 5}),
+                                                         (GEN_PROMPTS[0], {"until": [], "max_gen_toks": 5})]))
+    want = generate_ids(tiny_model, torch.tensor([[tiny_tokenizer.bos_id]]), max_new_tokens=5, decode="eager",
+                        eos_id=tiny_tokenizer.eos_id)[0][0]
+    assert got[0] == tiny_tokenizer.decode(want)

@@ -206,3 +206,58 @@ def test_a_failed_step_ends_the_rows_and_a_failing_on_done_is_raised_without_end
     while batch.running:
         batch.step()
     assert long.new_ids == _alone(model, prompt, 6)
+
+
+def test_a_draw_that_fails_in_a_step_ends_its_row(tiny_dir, monkeypatch):
+    """A sampled row whose draw failed at a step kept its row and was launched again forever (it was left out
+    of the step's record): it now ends with the error, on_done told, and the greedy row beside it decodes on."""
+    import bezoar.model.decode as decode_module
+
+    model, tok = load(tiny_dir).eval(), Tokenizer(tiny_dir)
+    prompt = tok.encode("Once upon a time", bos=True)
+    sample_next, calls = decode_module.sample_next, []
+
+    def failing(logits, temperature, *args, **kwargs):
+        calls.append(temperature)
+        if len(calls) == 3:
+            raise RuntimeError("probability tensor contains nan")
+        return sample_next(logits, temperature, *args, **kwargs)
+
+    monkeypatch.setattr(decode_module, "sample_next", failing)
+    told = []
+    sampled = Sequence(prompt, 10, temperature=1.0, generator=torch.Generator().manual_seed(0), on_done=told.append)
+    greedy = Sequence(prompt, 10, on_done=told.append)
+    batch = ContinuousBatch(model, 2, decode="static")
+    batch.admit([sampled, greedy])
+    for _ in range(20):
+        if not batch.running:
+            break
+        batch.step()
+    assert sampled.finish == "error" and "nan" in str(sampled.error) and len(sampled.new_ids) == 2
+    assert greedy.finish == "length" and greedy.new_ids == _alone(model, prompt, 10)
+    assert told == [sampled, greedy] and not batch.running and batch.free == 2
+
+
+def test_a_device_that_fails_again_while_rows_are_reset_still_tells_every_row(tiny_dir, monkeypatch):
+    """After a failed step a broken device fails the rows' reset too: every running sequence is still told
+    (on_done with the step's error) before the reset's error is raised; none is left hanging."""
+    model, tok = load(tiny_dir).eval(), Tokenizer(tiny_dir)
+    prompt = tok.encode("Once upon a time", bos=True)
+    told = []
+    batch = ContinuousBatch(model, 4, decode="static")
+    seqs = [Sequence(prompt, 8, on_done=told.append) for _ in range(3)]
+    batch.admit(seqs)
+
+    class Broken:
+        def __setitem__(self, key, value):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def broken_step(self, running):
+        self._tensors.slot = Broken()  # every later write to the device fails
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (the step)")
+
+    monkeypatch.setattr(ContinuousBatch, "_decode", broken_step)
+    with pytest.raises(RuntimeError, match="illegal memory access was encountered$"):
+        batch.step()
+    assert told == seqs and all(s.finish == "error" and "(the step)" in str(s.error) for s in seqs)
+    assert not batch.running and batch.free == 4
