@@ -1399,3 +1399,39 @@ def test_a_text_prompt_too_long_by_its_bytes_alone_is_refused_untokenized(tiny_m
             assert status == 400 and reply["error"]["code"] == "context_length_exceeded", reply
             assert encoded == ([len(text)] if tokenized else []), reply
             assert ("at least" in reply["error"]["message"]) != tokenized
+
+
+@pytest.mark.gpu
+def test_the_server_on_a_gpu_replays_graphs_and_answers_as_alone(tiny_dir, tiny_tokenizer):
+    """On CUDA (decode auto: graphs) concurrent requests joining the running rows at different steps, with
+    stop strings, a seeded sampled one among them, are answered as each is decoded alone by the eager loop;
+    no graph capture fails, and the pinned-buffer token queue reads every step right."""
+    import warnings
+
+    from bezoar.model import generate, load
+    from bezoar.serve import BackgroundServer, Server
+
+    model = load(tiny_dir, device="cuda", dtype=torch.float32).eval()
+    prompts = ["The bright eagle", "What is 74 plus 5?", "Q: Who finds the road? A:", "1. Emma reads",
+               "Write a short poem about a brown dog.", "Health is a happy subject."]
+    lengths = [40, 3, 25, 60, 9, 17]
+    want = [generate(model, tiny_tokenizer, p, max_new_tokens=n, decode="eager")[0].text
+            for p, n in zip(prompts, lengths)]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with BackgroundServer(Server(model, tiny_tokenizer, "tiny", max_batch_size=4, batch_window_s=0)) as bg:
+            url = bg.url + "/v1/completions"
+            sampled = dict(model="tiny", prompt=prompts[0], max_tokens=12, temperature=1.0, seed=5)
+            alone = post(url, sampled)[1]["choices"][0]["text"]
+            with concurrent.futures.ThreadPoolExecutor(len(prompts) + 1) as pool:
+                calls = []
+                for p, n in zip(prompts, lengths):  # a little apart: they join rows already decoding
+                    calls.append(pool.submit(post, url, dict(model="tiny", prompt=p, max_tokens=n, temperature=0)))
+                    time.sleep(0.01)
+                calls.append(pool.submit(post, url, sampled))
+                replies = [c.result() for c in calls]
+            assert bg.server.engine.batch._states, "the steps ran on the static cache"
+    assert [r[1]["choices"][0]["text"] for r in replies[:-1]] == want
+    assert replies[-1][1]["choices"][0]["text"] == alone
+    failed = [str(w.message) for w in record if "CUDA graph capture" in str(w.message)]
+    assert not failed, failed
