@@ -372,3 +372,20 @@ def write_results(name: str, rows: list[dict], args, extra: dict | None = None) 
     partial.replace(path)
     print(f"results written to {path}")
     return path
+
+
+def random_llama(config, device, dtype, seed: int = 0):
+    """bezoar's dense Llama of ``config`` with random weights (normal, std 0.02; norms 1), in eval mode."""
+    import torch
+
+    from bezoar.model import LlamaForCausalLM
+
+    model = LlamaForCausalLM(config, dtype=dtype, device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    return model.eval()

@@ -174,17 +174,9 @@ def write_random_checkpoint(preset: str, folder: Path, device, dtype, seed: int 
     """Random Llama weights (normal, std 0.02; norms 1) saved as a Hugging Face folder."""
     import torch
 
-    from bezoar.model import LlamaForCausalLM, preset as model_preset, save
+    from bezoar.model import preset as model_preset, save
 
-    config = model_preset(preset, **overrides)
-    model = LlamaForCausalLM(config, dtype=dtype, device=device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=g)
+    model = common.random_llama(model_preset(preset, **overrides), device, dtype, seed)
     path = save(model, folder, dtype=dtype, overwrite=True)
     del model
     gc.collect()

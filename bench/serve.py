@@ -212,16 +212,7 @@ def main(argv=None) -> int:
 
         model = step_bench.build_bezoar(config, args.seed, device, dtype).eval()
     else:
-        from bezoar.model.llama import LlamaForCausalLM
-
-        model = LlamaForCausalLM(config, dtype=dtype, device=device).eval()
-        g = torch.Generator(device=device).manual_seed(args.seed)
-        with torch.no_grad():
-            for pname, param in model.named_parameters():
-                if pname.endswith("norm.weight"):
-                    param.fill_(1.0)
-                else:
-                    param.normal_(0.0, 0.02, generator=g)
+        model = common.random_llama(config, device, dtype, args.seed)
     print(f"built a random {name} model ({quant}, {dtype}) on {device} in {time.perf_counter() - t0:.1f}s",
           flush=True)
     sync = torch.cuda.synchronize if cuda else (lambda: None)

@@ -256,4 +256,5 @@ def test_a_few_stray_429s_do_not_cut_the_rate():
     provider = Stray()
     results, stats, elapsed = _run_bucket(provider, 2000, concurrency=16)
     assert all(r.ok for r in results)
-    assert elapsed < 2 * 2000 / 16 * 0.005 + 1.5, elapsed  # about 0.7 s unhindered
+    # about 0.7 s unhindered, 2.9 s seen on a loaded CI machine; the rate cut window after window took some 24 s
+    assert elapsed < 6.0, elapsed
