@@ -612,8 +612,13 @@ class ContinuousBatch:
     The cache holds the rows in use (a power of two, at most ``max_rows``) and the slots the longest sequence
     needs (prompt plus ``max_new_tokens``, rounded up to ``bucket``): one request does not allocate all
     ``max_rows`` rows at the full context. It grows by a copy when a sequence needs a row or slots it lacks
-    (and the graphs are captured again); it does not shrink (``release`` frees it while no row runs). The graphs are dropped, as ``Decoder``'s,
-    when the model or a kernel setting changes (``_fingerprint``), checked at an ``admit`` while no row runs.
+    (and the graphs are captured again); it does not shrink (``release`` frees it while no row runs). The
+    graphs are dropped, as ``Decoder``'s, when the model or a kernel setting changes (``_fingerprint``),
+    checked at an ``admit`` while no row runs.
+
+    Failures stay with the sequences they touch: a prefill that fails (out of memory growing the cache, say)
+    raises from ``admit`` with nothing placed and the running rows intact; a draw or a ``should_stop`` that
+    fails ends its own sequences (finish ``"error"``); a step that fails ends every running row (``fail``).
     """
 
     def __init__(self, model, max_rows: int, decode: str | None = "auto", eos_id: int | None = None,
