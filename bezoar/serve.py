@@ -12,7 +12,8 @@ Routes:
   ``stream``, ``echo`` and ``logprobs`` (0-20 alternatives, plus the token chosen where it is not one of
   them, as vLLM gives them) - what lm-eval's ``local-completions`` model needs for loglikelihood
   (``echo`` + ``logprobs`` + ``max_tokens=1``) and generation.
-  A text prompt gets BOS in front; a token prompt is used exactly as given. The completion's text
+  A text prompt gets BOS in front where the tokenizer's ``add_bos_token`` says so (the default, and
+  OpenLLaMA's; an empty text is BOS alone); a token prompt is used exactly as given. The completion's text
   is what its tokens add to the prompt's text, as OpenAI and vLLM return it: a first token "▁an" after
   "The answer is" reads " an" (sentencepiece, decoding the new tokens alone, would drop that space),
   so with ``echo`` the text is the prompt's text followed by the completion's. ``usage.completion_tokens``
@@ -877,17 +878,29 @@ class Server:
 
     # -- prompts --
 
+    def _encode_text(self, text: str) -> list[int]:
+        """A text prompt's tokens: BOS first where the tokenizer's ``add_bos_token`` says so (its default, and
+        OpenLLaMA's), as transformers' tokenizer and vLLM encode it; an empty text without BOS is BOS alone
+        (a model cannot decode from no token)."""
+        ids = self.tokenizer.encode(text, bos=self.tokenizer.add_bos)
+        if not ids:
+            bos = self.tokenizer.bos_id
+            if bos is None or bos < 0:
+                raise ApiError("the prompt is empty and the tokenizer has no BOS token to start from", "prompt")
+            ids = [bos]
+        return ids
+
     def _prompts(self, prompt, max_tokens: int) -> list[list[int]]:
-        """``prompt`` in any of its four OpenAI shapes as token-id lists (text gets BOS), each checked against
-        the context as it comes (a request stops at its first prompt too long, the rest untokenized).
-        Runs in the tokenizing threads (``_off_loop``)."""
+        """``prompt`` in any of its four OpenAI shapes as token-id lists (text by ``_encode_text``), each
+        checked against the context as it comes (a request stops at its first prompt too long, the rest
+        untokenized). Runs in the tokenizing threads (``_off_loop``)."""
         def fits(ids: list[int]) -> list[int]:
             self._check_length(ids, max_tokens, "max_tokens")
             return ids
 
         def encode(text: str) -> list[int]:
             self._check_text_length(text, max_tokens, "max_tokens")
-            return self.tokenizer.encode(text, bos=True)
+            return self._encode_text(text)
 
         if isinstance(prompt, str):
             return [fits(encode(prompt))]
@@ -1097,7 +1110,7 @@ class Server:
             self._check_text_length(prompt, 1, "messages")
         else:
             self._check_text_length(prompt, max_tokens, name)
-        ids = self.tokenizer.encode(prompt, bos=True)
+        ids = self._encode_text(prompt)
         room = self.engine.context - len(ids)
         if max_tokens is None:
             if room < 1:

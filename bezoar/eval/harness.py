@@ -305,7 +305,11 @@ class BezoarLM(TemplateLM):
             if room <= 0:
                 raise ValueError(f"generate_until: max_gen_toks={settings.max_gen_toks} leaves no room for a "
                                  f"context in max_length={self.max_length}")
-            encoded = self.tok_encode(req.args[0])[-room:] or [self.tokenizer.bos_id]  # nothing: BOS alone
+            encoded = self.tok_encode(req.args[0])[-room:]
+            if not encoded:  # an empty context without BOS: decoded after BOS alone
+                if self.tokenizer.bos_id is None or self.tokenizer.bos_id < 0:
+                    raise ValueError(f"generate_until: request {i} has an empty context and the tokenizer no BOS")
+                encoded = [self.tokenizer.bos_id]
             # each prompt's own number of new tokens: max_gen_toks, or what gen_kwargs max_length leaves it
             budget = settings.max_gen_toks if settings.max_length is None else \
                 max(0, min(settings.max_length, self.max_length) - len(encoded))

@@ -499,7 +499,8 @@ def generate_answers(model, tokenizer, questions: list[Question], model_id: str,
 
     def sequence(q: Question, turn: int) -> Sequence:
         conversations[q.question_id].append({"role": "user", "content": q.turns[turn]})
-        ids = tokenizer.encode(chat_prompt(conversations[q.question_id]), bos=True)
+        # BOS where the tokenizer's add_bos_token says so (OpenLLaMA's does), as FastChat's transformers tokenizer
+        ids = tokenizer.encode(chat_prompt(conversations[q.question_id]), bos=tokenizer.add_bos)
         # each answer gets max_new_tokens, or what its own prompt leaves of the context
         budget = min(max_new_tokens, context - len(ids))
         if budget < 1:

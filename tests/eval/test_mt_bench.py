@@ -678,3 +678,22 @@ def test_answers_kept_inside_the_model_folder_are_not_the_model(tiny_dir, tmp_pa
     assert (out / "answers.jsonl").read_text() == answers
     (model / "extra.safetensors").write_bytes(b"x")  # the model's own files still count
     assert main(argv) == 2 and "made by another model" in capsys.readouterr().err
+
+
+def test_answer_prompts_follow_the_tokenizers_add_bos_token(tiny_model, tiny_dir, tmp_path, monkeypatch):
+    """Answer prompts got BOS whatever tokenizer_config.json said; FastChat's transformers tokenizer follows its
+    add_bos_token, and so do they now (OpenLLaMA's says true)."""
+    import shutil
+
+    from bezoar.model import Tokenizer
+
+    folder = tmp_path / "no-bos"
+    shutil.copytree(tiny_dir, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False}))
+    tok = Tokenizer(folder)
+    calls = _record_admits(monkeypatch)
+    question = mt.Question(1, "math", ["What is 2 + 2?"])
+    mt.generate_answers(tiny_model, tok, [question], "tiny", tmp_path / "a.jsonl", max_new_tokens=3)
+    first = tok.encode(chat_prompt([{"role": "user", "content": question.turns[0]}]), bos=False)
+    assert calls[0][0] == tuple(first) and first[0] != tok.bos_id

@@ -1435,3 +1435,32 @@ def test_the_server_on_a_gpu_replays_graphs_and_answers_as_alone(tiny_dir, tiny_
     assert replies[-1][1]["choices"][0]["text"] == alone
     failed = [str(w.message) for w in record if "CUDA graph capture" in str(w.message)]
     assert not failed, failed
+
+
+def test_text_prompts_follow_the_tokenizers_add_bos_token(tiny_model, tiny_dir, tmp_path):
+    """Text prompts (completions and chat) got BOS whatever the checkpoint's tokenizer_config.json said; with
+    add_bos_token false they now get none, as transformers' tokenizer and vLLM encode them (an empty text is
+    BOS alone). OpenLLaMA's says true, which the default keeps."""
+    import shutil
+
+    from bezoar.eval.decoding import continuation
+    from bezoar.model import Tokenizer
+    from bezoar.serve import BackgroundServer, Server
+
+    folder = tmp_path / "no-bos"
+    shutil.copytree(tiny_dir, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False}))
+    tok = Tokenizer(folder)
+    assert tok.add_bos is False
+    prompt = "Health is a happy"
+    want = generate(tiny_model, tok, prompt, max_new_tokens=6, add_bos=False)[0]
+    messages = [{"role": "user", "content": "Name a red thing."}]
+    with BackgroundServer(Server(tiny_model, tok, "tiny")) as bg:
+        status, r = post(bg.url + "/v1/completions", dict(model="tiny", prompt=prompt, max_tokens=6, temperature=0))
+        assert status == 200 and r["choices"][0]["text"] == continuation(tok, tok.encode(prompt), want.token_ids)
+        assert r["usage"]["prompt_tokens"] == len(tok.encode(prompt, bos=False)) == want.prompt_tokens
+        status, r = post(bg.url + "/v1/completions", dict(model="tiny", prompt="", max_tokens=2, temperature=0))
+        assert status == 200 and r["usage"]["prompt_tokens"] == 1
+        status, r = post(bg.url + "/v1/chat/completions", dict(model="tiny", messages=messages, max_tokens=2))
+        assert status == 200 and r["usage"]["prompt_tokens"] == len(tok.encode(chat_prompt(messages), bos=False))
