@@ -493,6 +493,7 @@ def generate_answers(model, tokenizer, questions: list[Question], model_id: str,
     batch = ContinuousBatch(model, batch_size, "auto", eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     context = model.config.max_position_embeddings
     stop = list(CHAT_STOP)
+    stops = StopStrings(tokenizer, stop)
     conversations: dict[Any, list[dict]] = {q.question_id: [] for q in todo}
     answers: dict[Any, list[str]] = {q.question_id: [] for q in todo}
     ready: deque[tuple[Question, int]] = deque((q, 0) for q in todo)
@@ -512,8 +513,6 @@ def generate_answers(model, tokenizer, questions: list[Question], model_id: str,
             generator = torch.Generator(device=model.device).manual_seed(answer_seed(seed, q.question_id, turn))
         return Sequence(ids, budget, temperature, top_k=top_k if temperature > 0 else 0, generator=generator,
                         should_stop=functools.partial(stops, 0), on_done=finished, tag=(q, turn))
-
-    stops = StopStrings(tokenizer, stop)
 
     def finished(seq: Sequence) -> None:
         if seq.finish == "error":
