@@ -16,8 +16,8 @@ schedulers serve it in one thread, in process (no HTTP, which is the same for bo
 Per scheduler and pattern: the makespan, output tokens a second, latency (arrival to last token) and time
 to first token (mean, p50, p90, p99), steps, and how many requests got the same tokens from both (on a GPU
 a row's bf16 logits depend on which rows share its matmuls, so a near tie can go either way; on the CPU in
-fp32 all agree). Each scheduler serves the trace once untimed first (CUDA graphs captured, kernels tuned),
-unless ``--no-warmup``. Decode steps run as the server runs them (``--decode``, default ``auto``: CUDA
+fp32 all agree). Each scheduler is one object for the whole run and serves the trace once untimed first
+(its CUDA graphs captured, kernels tuned), unless ``--no-warmup``. Decode steps run as the server runs them (``--decode``, default ``auto``: CUDA
 graphs on a GPU; static steps on the CPU).
 
     python bench/serve.py                          # GPU: random OpenLLaMA 3B NF4 weights, writes results
@@ -80,10 +80,11 @@ def _wait_for(requests: list[Request], start: float, taken: int) -> None:
         time.sleep(max(0.0, requests[taken].arrival - (time.perf_counter() - start)))
 
 
-def serve_continuous(model, requests: list[Request], rows: int, decode: str, sync) -> int:
-    from bezoar.model.decode import ContinuousBatch, Sequence
+def serve_continuous(batch, requests: list[Request], sync) -> int:
+    """Serve ``requests`` through ``batch`` (a ``ContinuousBatch``); the decode steps it ran."""
+    from bezoar.model.decode import Sequence
 
-    batch = ContinuousBatch(model, rows, decode)
+    steps_before = batch.steps
     start = time.perf_counter()
     arrived = taken = 0
 
@@ -108,15 +109,15 @@ def serve_continuous(model, requests: list[Request], rows: int, decode: str, syn
         else:
             _wait_for(requests, start, taken)
     sync()
-    return batch.steps
+    return batch.steps - steps_before
 
 
-def serve_batched(model, requests: list[Request], rows: int, decode: str, sync) -> int:
+def serve_batched(decoder, requests: list[Request], sync) -> int:
+    """Serve ``requests`` in whole batches of at most ``decoder.pad_batch`` rows through ``decoder`` (a
+    ``Decoder``); the decode steps they ran."""
     import torch
 
-    from bezoar.model.decode import Decoder
-
-    decoder = Decoder(model, decode, pad_batch=rows)
+    rows = decoder.pad_batch
     start = time.perf_counter()
     arrived = taken = steps = 0
     while taken < len(requests):
@@ -216,17 +217,21 @@ def main(argv=None) -> int:
     print(f"built a random {name} model ({quant}, {dtype}) on {device} in {time.perf_counter() - t0:.1f}s",
           flush=True)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    schedulers = {"continuous": serve_continuous, "batched": serve_batched}
+    from bezoar.model.decode import ContinuousBatch, Decoder
+
+    # one of each for the whole run: the untimed pass captures the CUDA graphs the timed pass replays
+    schedulers = {"continuous": (serve_continuous, ContinuousBatch(model, rows, args.decode)),
+                  "batched": (serve_batched, Decoder(model, args.decode, pad_batch=rows))}
     rows_out = []
     for pattern in args.patterns.split(","):
         trace = make_trace(n, config.vocab_size, (lo, hi), median, longest, rate if pattern == "online" else 0.0,
                            args.seed)
         served = {}
-        for label, serve in schedulers.items():
+        for label, (serve, scheduler) in schedulers.items():
             if not args.no_warmup:
-                serve(model, _requests(trace), rows, args.decode, sync)
+                serve(scheduler, _requests(trace), sync)
             requests = _requests(trace)
-            steps = serve(model, requests, rows, args.decode, sync)
+            steps = serve(scheduler, requests, sync)
             served[label] = requests
             row = {"pattern": pattern, "scheduler": label, **summarize(requests, steps)}
             rows_out.append(row)

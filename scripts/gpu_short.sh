@@ -25,8 +25,8 @@
 #   nf4_small      bench/nf4.py in graph timing at M = 1, 4, 16: what auto runs with the committed tuning
 #   decode         bench/generate.py --breakdown 32: a 3B decode step at batch 1, GPU time per kernel
 #   generate       bench/generate.py --batches 1: decode tokens/s with CUDA graphs against transformers + bnb
-#   serve          bench/serve.py --requests 128: the server's continuous batching against whole batches on a
-#                  3B NF4 model (throughput offline, latency at 8 requests a second)
+#   serve          bench/serve.py --requests 128 --rate 12: the server's continuous batching against whole batches
+#                  on a 3B NF4 model (throughput offline, latency at 12 requests a second)
 #   lora           bench/lora.py, cuBLAS, concat and tma paths, M = 16384 and 4096, r = 16 and 64 (issue 4)
 #   lora_nodrop    bench/lora.py --dropout 0: auto (merged there, which is also timed as itself) and concat, M = 16384 and 4096, r = 16 and 64,
 #                  beside PEFT-style and bitsandbytes + PEFT (issue 4 without dropout)
@@ -284,7 +284,7 @@ run_part() {
     nf4_small) part nf4_small 70 "$PYTHON" bench/nf4.py --timing graph --ms 1,4,16 --out "$OUT_DIR" ;;
     decode) part decode 100 "$PYTHON" bench/generate.py --breakdown 32 --out "$OUT_DIR" ;;
     generate) part generate 130 "$PYTHON" bench/generate.py --batches 1 --out "$OUT_DIR" ;;
-    serve) part serve 170 "$PYTHON" bench/serve.py --requests 128 --out "$OUT_DIR" ;;
+    serve) part serve 170 "$PYTHON" bench/serve.py --requests 128 --rate 12 --out "$OUT_DIR" ;;
     lora) part lora 125 "$PYTHON" bench/lora.py --paths cublas,concat,tma --ranks 16,64 --ms 16384,4096 --no-groups \
       --budget 105 --out "$OUT_DIR" ;;
     lora_nodrop) part lora_nodrop 100 "$PYTHON" bench/lora.py --dropout 0 --paths auto,concat --ranks 16,64 --ms 16384,4096 \
