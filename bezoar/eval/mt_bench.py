@@ -527,6 +527,7 @@ def generate_answers(model, tokenizer, questions: list[Question], model_id: str,
         answer = Answer(q.question_id, model_id, answers[q.question_id])
         _append_jsonl(answers_path, [answer.to_record()])  # each question as it is done: a crash loses little
         done[q.question_id] = answer
+        log.info("mt-bench: question %r answered (%d of %d)", q.question_id, len(done), len(questions))
 
     while ready or batch.running:
         if ready and batch.free:

@@ -697,3 +697,15 @@ def test_answer_prompts_follow_the_tokenizers_add_bos_token(tiny_model, tiny_dir
     mt.generate_answers(tiny_model, tok, [question], "tiny", tmp_path / "a.jsonl", max_new_tokens=3)
     first = tok.encode(chat_prompt([{"role": "user", "content": question.turns[0]}]), bos=False)
     assert calls[0][0] == tuple(first) and first[0] != tok.bos_id
+
+
+def test_each_answered_question_is_logged_with_the_count(tiny_model, tiny_tokenizer, tmp_path, caplog):
+    """An hour of answering shows its progress: one line per question as it is written, counting the
+    questions a resumed run had already."""
+    questions = mt.load_questions(mt.SAMPLE_QUESTIONS)[:3]
+    path = tmp_path / "a.jsonl"
+    mt.generate_answers(tiny_model, tiny_tokenizer, questions[:1], "tiny", path, max_new_tokens=2)
+    with caplog.at_level(logging.INFO, logger="bezoar.eval"):
+        mt.generate_answers(tiny_model, tiny_tokenizer, questions, "tiny", path, max_new_tokens=2)
+    lines = [r.getMessage() for r in caplog.records if "answered (" in r.getMessage()]
+    assert len(lines) == 2 and lines[0].endswith("(2 of 3)") and lines[1].endswith("(3 of 3)"), lines
