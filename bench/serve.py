@@ -23,6 +23,7 @@ graphs on a GPU; static steps on the CPU).
     python bench/serve.py                          # GPU: random OpenLLaMA 3B NF4 weights, writes results
     python bench/serve.py --preset demo --requests 64 --rows 8   # CPU, dense fp32: writes serve-cpu-*.json
     python bench/serve.py --smoke                  # tiny model on CPU, checks the code path, writes nothing
+    python bench/serve.py --only offline/continuous --iters 2   # one case, untimed, for nsys / ncu
 """
 
 from __future__ import annotations
@@ -222,16 +223,32 @@ def main(argv=None) -> int:
     # one of each for the whole run: the untimed pass captures the CUDA graphs the timed pass replays
     schedulers = {"continuous": (serve_continuous, ContinuousBatch(model, rows, args.decode)),
                   "batched": (serve_batched, Decoder(model, args.decode, pad_batch=rows))}
+    patterns = args.patterns.split(",")
+    traces = {pattern: make_trace(n, config.vocab_size, (lo, hi), median, longest,
+                                  rate if pattern == "online" else 0.0, args.seed) for pattern in patterns}
+    if args.only:  # one case, for a profiler: PATTERN/SCHEDULER
+        pattern, _, label = args.only.partition("/")
+        if pattern not in traces or label not in schedulers:
+            names = ", ".join(f"{p}/{s}" for p in patterns for s in schedulers)
+            print(f"bench/serve.py: no such case {args.only!r} (cases: {names})", file=sys.stderr)
+            return 2
+        serve, scheduler = schedulers[label]
+        runs = max(1, args.iters)
+        with common.maybe_profile(args.profile):
+            for _ in range(runs):
+                steps = serve(scheduler, _requests(traces[pattern]), sync)
+        print(f"ran {args.only} {runs} times ({steps} steps each)")
+        return 0
     rows_out = []
-    for pattern in args.patterns.split(","):
-        trace = make_trace(n, config.vocab_size, (lo, hi), median, longest, rate if pattern == "online" else 0.0,
-                           args.seed)
+    for pattern in patterns:
+        trace = traces[pattern]
         served = {}
         for label, (serve, scheduler) in schedulers.items():
             if not args.no_warmup:
                 serve(scheduler, _requests(trace), sync)
             requests = _requests(trace)
-            steps = serve(scheduler, requests, sync)
+            with common.maybe_profile(args.profile and str(Path(args.profile) / f"{pattern}-{label}")):
+                steps = serve(scheduler, requests, sync)
             served[label] = requests
             row = {"pattern": pattern, "scheduler": label, **summarize(requests, steps)}
             rows_out.append(row)
@@ -252,7 +269,7 @@ def main(argv=None) -> int:
         common.write_results("serve", rows_out, args, {
             "model": name, "quant": quant, "dtype": str(dtype).replace("torch.", ""), "requests": n, "rows": rows,
             "prompt_len": [lo, hi], "median_tokens": median, "max_tokens": longest, "rate": rate,
-            "decode": args.decode, "warmup": not args.no_warmup, "complete": pattern == args.patterns.split(",")[-1]})
+            "decode": args.decode, "warmup": not args.no_warmup, "complete": pattern == patterns[-1]})
     return 0
 
 

@@ -48,3 +48,13 @@ def test_trace_and_summary():
     s = bench.summarize(reqs, steps=4)
     assert s["makespan_s"] == 4.0 and s["tokens"] == 5 and math.isclose(s["tokens_per_s"], 1.25)
     assert s["latency_s"]["mean"] == 2.0 and s["ttft_s"]["p50"] == 0.5 and s["steps"] == 4
+
+
+def test_bench_serve_only_iters_and_profile(tmp_path, capsys):
+    bench = _bench()
+    assert bench.main(["--smoke", "--only", "online/batched", "--iters", "2"]) == 0
+    assert "ran online/batched 2 times" in capsys.readouterr().out
+    assert bench.main(["--smoke", "--only", "offline/continuous", "--profile", str(tmp_path / "trace")]) == 0
+    assert list((tmp_path / "trace").iterdir()), "a profiler trace was written"
+    assert bench.main(["--smoke", "--only", "offline/nope"]) == 2
+    assert "no such case 'offline/nope'" in capsys.readouterr().err
