@@ -116,7 +116,7 @@ def serve_continuous(batch, requests: list[Request], sync) -> int:
 def serve_batched(decoder, requests: list[Request], sync) -> int:
     """Serve ``requests`` in whole batches of at most ``decoder.pad_batch`` rows through ``decoder`` (a
     ``Decoder``); the decode steps they ran."""
-    import torch
+    from bezoar.model.decode import left_pad
 
     rows = decoder.pad_batch
     start = time.perf_counter()
@@ -128,12 +128,7 @@ def serve_batched(decoder, requests: list[Request], sync) -> int:
             continue
         group = requests[taken:min(arrived, taken + rows)]
         taken += len(group)
-        width = max(len(r.prompt) for r in group)
-        ids = torch.zeros(len(group), width, dtype=torch.long)
-        mask = torch.zeros(len(group), width, dtype=torch.long)
-        for i, r in enumerate(group):
-            ids[i, width - len(r.prompt):] = torch.tensor(r.prompt)
-            mask[i, width - len(r.prompt):] = 1
+        ids, mask = left_pad([r.prompt for r in group], 0)
 
         def should_stop(row, new, group=group):
             if len(new) == 1:

@@ -1,11 +1,9 @@
-"""Small decoding helpers shared by the lm-eval model and the server: stop strings, left padding, and
-the text new tokens add after a prompt."""
+"""Small decoding helpers shared by the lm-eval model, MT-Bench and the server: stop strings and the text
+new tokens add after a prompt."""
 
 from __future__ import annotations
 
 import os
-
-import torch
 
 
 def context_tail(tokenizer, ids: list[int]) -> list[int]:
@@ -82,14 +80,3 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
     """The text before the earliest stop string (all of it when none occurs)."""
     cut = min((text.find(s) for s in stop if s and s in text), default=-1)
     return text if cut < 0 else text[:cut]
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = torch.as_tensor(r, dtype=torch.long)
-            mask[i, width - len(r):] = 1
-    return ids, mask

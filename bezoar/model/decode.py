@@ -204,6 +204,18 @@ def resolve_decode_mode(mode: str | None, model) -> str:
     return mode
 
 
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists as a left-padded batch: ids (B, T) and attention mask (B, T), on the CPU."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.as_tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -718,13 +730,11 @@ class ContinuousBatch:
         with the error, not the others'."""
         groups: dict[tuple, list[tuple[int, Sequence]]] = {}
         for i, seq in pairs:
-            if seq.temperature > 0 and seq.finish is None:
-                gen = seq.generator if seq.generator is not None else self.generator
-                key = (seq.temperature, seq.top_p, seq.top_k, id(gen) if seq.generator is None else id(seq))
+            if seq.temperature > 0 and seq.finish is None:  # a generator of its own: a group of its own
+                key = (seq.temperature, seq.top_p, seq.top_k, None if seq.generator is None else id(seq))
                 groups.setdefault(key, []).append((i, seq))
         for (temperature, top_p, top_k, _), members in groups.items():
-            seq0 = members[0][1]
-            gen = seq0.generator if seq0.generator is not None else self.generator
+            gen = members[0][1].generator or self.generator
             index = torch.tensor([i for i, _ in members], dtype=torch.long, device=logits.device)
             try:
                 out[index] = sample_next(logits[index], temperature, top_p, gen, top_k)
@@ -765,12 +775,8 @@ class ContinuousBatch:
                 # (checked when no row decodes: the modules are walked, milliseconds on a 3B model, and a model
                 # changed under running rows would be wrong for them anyway)
                 self._check_fingerprint()
-            n, T = len(sequences), max(len(s.prompt_ids) for s in sequences)
-            ids = torch.full((n, T), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((n, T), dtype=torch.long)
-            for i, seq in enumerate(sequences):
-                ids[i, T - len(seq.prompt_ids):] = torch.as_tensor(seq.prompt_ids, dtype=torch.long)
-                mask[i, T - len(seq.prompt_ids):] = 1
+            ids, mask = left_pad([s.prompt_ids for s in sequences], self.pad_id)
+            n, T = ids.shape
             dev = model.device
             cache = KVCache(model.config, n, T, model.dtype, dev)
             logits = model(ids.to(dev), attention_mask=mask.to(dev), cache=cache)[:, -1]
