@@ -38,6 +38,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+_BNB_OVERRIDE = None
+
+
 def _bitsandbytes_portable_cpu() -> None:
     """On an AVX-512 host, make bitsandbytes' CPU arithmetic the oracle the tests mean: its portable torch
     implementation. Found on such a host (bitsandbytes 0.50.2, torch 2.13, 2026-11-27; docs/notes.md):
@@ -60,9 +63,13 @@ def _bitsandbytes_portable_cpu() -> None:
         code = _get_4bit_code(quant_type, A.device)
         return portable._dequantize_4bit_compute(A.reshape(-1), absmax, code, blocksize, shape, dtype)
 
+    # bitsandbytes registers its CPU kernel from Python on such a host; torch 2.11 refuses to override that
+    # through torch.library.register_kernel (2.13 allows it), so the override is asked for by name
+    global _BNB_OVERRIDE
+    _BNB_OVERRIDE = torch.library.Library("bitsandbytes", "FRAGMENT")  # kept: the kernel lives as long as it
     with warnings.catch_warnings():  # torch warns that a kernel is overridden: that is the point
         warnings.simplefilter("ignore", UserWarning)
-        torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", dequantize_4bit)
+        _BNB_OVERRIDE.impl("dequantize_4bit", dequantize_4bit, "CPU", allow_override=True)
     bnb_modules.has_avx512bf16 = lambda: False  # read by each Linear4bit as it is built
 
 
