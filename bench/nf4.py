@@ -843,7 +843,7 @@ def sweep_gemv(args, shapes, weights, randn, bench, mm, progress=None, stop=None
         if args.smoke:
             grid = grid[:2]
         x = randn(m, k)
-        default = bench(lambda: mm.nf4_gemv_forward(x, next_q(), mm.GemvConfig()), m, quick=True)
+        default = bench(lambda: mm.nf4_gemv_forward(x, next_q(), mm.heuristic_gemv_config()), m, quick=True)
         timed = []
         best, best_cfg, whole = fastest(lambda cfg: bench(lambda: mm.nf4_gemv_forward(x, next_q(), cfg), m,
                                                           quick=True), grid, timed, stop)

@@ -96,10 +96,12 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
 
 # Largest M for the fused path by default. bench/nf4.py on an H100 (2026-11-26, torch 2.11, triton 3.6,
 # bench/results/nf4-NVIDIA_H100_80GB_HBM3-2026-11-26.json) found dequant + cuBLAS faster at every M it
-# measured, M = 1 included (3200x3200: 0.025 ms against 0.127 ms fused). With the register decode the
-# forward beat it up to M = 16 on an H100 (2026-11-27; the H100's tuning entry says so); without a
-# tuning entry auto does not take the fused kernel; BEZOAR_NF4_FUSED_MAX_M turns it on.
-FUSED_MAX_M = 0
+# measured, M = 1 included (3200x3200: 0.025 ms against 0.127 ms fused): that kernel's decode went through
+# shared memory. With the register decode the forward beat dequant + cuBLAS up to M = 16 on an H100
+# (2026-11-27) and on an H200 (2026-11-28, nf4-graph-NVIDIA_H200-2026-11-28.json: 14.4 / 20.7 / 21.7 us at
+# M = 16 against 19.8 / 43.5 / 43.9), and both devices' tuning entries say 16: a GPU without an entry
+# takes it there too (BEZOAR_NF4_FUSED_MAX_M=0 turns it off).
+FUSED_MAX_M = 16
 # The fused forward's default operand order with the register decode (FusedConfig.swap): W x^T per chunk.
 # Its sm_90 loop at M <= 16 (128 rows of W, 4 warps, 3 stages; bench/sass.py nf4_fused_fwd_prmt) takes 394
 # instructions per 64 weights a thread on triton 3.6 (6.2 per weight; 399 on 3.9) against 541 for x W^T
@@ -918,7 +920,8 @@ class GemvConfig:
     reduce_in_kernel: bool = True  # False: the fp32 partials are summed by a second launch
     # how codes are looked up: "byte" (2 KB, a byte's two values per load), "nibble" (64 bytes, a load per
     # value), "prmt" (byte permutes in registers, no loads; the codes rounded to bf16) or "gather" (the 16
-    # fp32 codes in shared memory, a shared load per value: tl.gather)
+    # fp32 codes in shared memory, a shared load per value: tl.gather). "byte" is what a config that names no
+    # table means; the heuristic's config (no tuned tiles) takes GEMV_TABLE
     table: str = "byte"
     # a programmatic dependent launch where the GPU has them (``pdl_supported``; a plain launch elsewhere):
     # the launch can be scheduled before the kernel ahead of it in the stream has finished, and its
@@ -955,15 +958,30 @@ def gemv_tile(block_m: int, blocksize: int, blocks_per_row: int) -> tuple[int, i
     return block_n, blocks
 
 
+# The code lookup of the heuristic's tiles (a device without tuned tiles). A stored config that names no
+# table means "byte" (GemvConfig's default, what every sweep ran before tables existed), but the byte table
+# lost everywhere it was timed: on an H200 (bench/results/nf4-graph-NVIDIA_H200-2026-11-28.json, graph
+# replay, the heuristic's 16 rows by 8 blocks at M = 1) "byte" took 22.1 / 48.2 / 45.6 us on the three 3B
+# shapes, "gather" 9.3 / 18.6 / 19.1 and "prmt" 9.9 / 18.6 / 17.8; at M = 4 and 8 (16 by 4, 16 by 2) "gather"
+# ran 1.5-2.1x faster than "byte", "prmt" a little faster again. "gather" keeps the fp32 codes, so the
+# heuristic's results do not depend on the dtype of x; "prmt" (bf16 codes) is for tuning entries to pick.
+GEMV_TABLE = "gather"
+
+
+def heuristic_gemv_config() -> GemvConfig:
+    """The gemv config where no tiles are tuned: ``gemv_tile``'s tiles on the GEMV_TABLE lookup."""
+    return GemvConfig(table=GEMV_TABLE)
+
+
 def _tuned_gemv_config(block_m: int, device, dtype: torch.dtype = torch.bfloat16) -> GemvConfig:
     """The tiles the tuning file gives for ``block_m`` rows of x on this device, else the heuristic's,
     launched as a programmatic dependent launch where ``gemv_pdl`` says so. The sweeps time 16-bit x: for
-    fp32 x a tuned "prmt" lookup (bf16 codes) gives way to the byte table's fp32 codes, so a setting
+    fp32 x a tuned "prmt" lookup (bf16 codes) gives way to the fp32 codes of GEMV_TABLE, so a setting
     picked for speed never lowers an fp32 caller's precision."""
     tiles = (tuning.setting("nf4.gemv_tiles", device) or {}).get(str(block_m))
-    cfg = GemvConfig(**tiles) if tiles else GemvConfig()
+    cfg = GemvConfig(**tiles) if tiles else heuristic_gemv_config()
     if cfg.table == "prmt" and dtype == torch.float32:
-        cfg = dataclasses.replace(cfg, table="byte")
+        cfg = dataclasses.replace(cfg, table=GEMV_TABLE)
     return dataclasses.replace(cfg, pdl=gemv_pdl(device))
 
 

@@ -687,7 +687,9 @@ def test_path_choice_and_threshold_override(monkeypatch):
     monkeypatch.delenv("BEZOAR_NF4_GEMV_MAX_M", raising=False)
     assert mm.resolve_path(None, max(mm.FUSED_MAX_M, mm.GEMV_MAX_M) + 1) == "dequant"
     assert mm.GEMV_MAX_M == 1  # measured on an H200: gemv is the fastest forward at M = 1 only
-    assert mm.resolve_path("auto", 1) == "gemv" and mm.resolve_path("auto", 2) == "dequant"
+    assert mm.FUSED_MAX_M == 16  # measured on an H100 and an H200: the fused forward up to M = 16
+    assert mm.resolve_path("auto", 1) == "gemv" and mm.resolve_path("auto", 2) == "fused"
+    assert mm.resolve_path("auto", 16) == "fused" and mm.resolve_path("auto", 17) == "dequant"
     assert mm.resolve_path("dequant", 1) == "dequant"
     monkeypatch.setenv("BEZOAR_NF4_FUSED_MAX_M", "4096")
     assert mm.resolve_path(None, 4096) == "fused"

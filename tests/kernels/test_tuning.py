@@ -68,7 +68,9 @@ def test_without_an_entry_the_module_constants_hold():
     assert tuning.setting("nf4.gemv_max_m", CPU) is None  # the shipped file has GPU entries only
     assert mm.gemv_max_m(CPU) == mm.GEMV_MAX_M and mm.fused_max_m(CPU) == mm.FUSED_MAX_M
     assert L.large_m_path(CPU) == L.LARGE_M_PATH
-    assert mm.resolve_path(None, mm.GEMV_MAX_M + 1, weight) == "dequant"
+    assert mm.resolve_path(None, mm.GEMV_MAX_M, weight) == "gemv"
+    assert mm.resolve_path(None, mm.GEMV_MAX_M + 1, weight) == "fused"  # both Hopper entries: fused to M = 16
+    assert mm.resolve_path(None, mm.FUSED_MAX_M + 1, weight) == "dequant"
 
 
 def test_a_device_entry_moves_the_thresholds_and_the_environment_wins(tmp_path, monkeypatch):
@@ -126,19 +128,23 @@ def test_tuned_gemv_tiles_and_dequant_launch_reach_the_launches(tmp_path, monkey
         "nf4.gemv_tiles": {"1": {"block_n": 16, "blocks": 2, "num_warps": 2}},
         "nf4.dequant_launch": {"values_per_prog": 1024, "num_warps": 2}}, triton=_release())
     assert mm._tuned_gemv_config(1, CPU) == mm.GemvConfig(block_n=16, blocks=2, num_warps=2)
-    assert mm._tuned_gemv_config(4, CPU) == mm.GemvConfig()  # no entry for 4 rows: the heuristic
+    assert mm._tuned_gemv_config(4, CPU) == mm.heuristic_gemv_config()  # no entry for 4 rows: the heuristic
+    assert mm.heuristic_gemv_config().table == "gather" == mm.GEMV_TABLE  # fp32 codes, not the byte table
     assert nf4._blocks_per_prog(100, 64, 1024) == 16 and nf4._blocks_per_prog(100, 128, 1024) == 8
     weight = nf4.quantize_nf4_reference(torch.randn(32, 512), 64)
     gemv = _LaunchSpy()
     monkeypatch.setattr(mm, "_nf4_gemv_kernel", gemv)
     mm.nf4_gemv_forward(torch.randn(1, 512), weight)
-    mm.nf4_gemv_forward(torch.randn(3, 512), weight)  # 4 rows of x: the heuristic's tiles
-    first, second = gemv.launches
+    mm.nf4_gemv_forward(torch.randn(3, 512), weight)  # 4 rows of x: the heuristic's tiles and table
+    mm.nf4_gemv_forward(torch.randn(3, 512), weight, mm.GemvConfig())  # a config naming no table: "byte"
+    first, second, third = gemv.launches
     assert (first["BLOCK_N"], first["BLOCKS"], first["num_warps"], first["grid"]) == (16, 2, 2, (2, 4))
-    # the byte table scales per block at one row of x, per word at more (gemv_block_scale)
-    assert (first["BLOCK_SCALE"], second["BLOCK_SCALE"]) == (True, False)
+    assert [launch["TABLE"] for launch in gemv.launches] == ["byte", "gather", "byte"]
+    # the byte table scales per block at one row of x, per word at more; "gather" per block (gemv_block_scale)
+    assert [launch["BLOCK_SCALE"] for launch in gemv.launches] == [True, True, False]
     heuristic = mm.gemv_tile(4, 64, 8)
     assert (second["BLOCK_N"], second["BLOCKS"], second["num_warps"]) == (*heuristic, 4)
+    assert (third["BLOCK_N"], third["BLOCKS"], third["num_warps"]) == (*heuristic, 4)
     dequant = _LaunchSpy()
     monkeypatch.setattr(nf4, "_nf4_dequantize_kernel", dequant)
     nf4.dequantize_nf4_triton(weight, torch.float32)
@@ -204,7 +210,7 @@ def test_tiles_of_another_triton_release_are_passed_over_with_one_warning(tmp_pa
                                               "nf4.gemv_max_m": 2}, triton="0.1")
     tuning.summary(CPU)  # what the benchmarks and the decode fingerprint call: no warning, and none used up
     with pytest.warns(UserWarning, match=r"timed with triton 0\.1\) not used .* using the built-in heuristic") as got:
-        assert mm._tuned_gemv_config(1, CPU) == mm.GemvConfig()
+        assert mm._tuned_gemv_config(1, CPU) == mm.heuristic_gemv_config()
     assert str(path) in str(got[0].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only, also after the memo is gone
@@ -372,9 +378,15 @@ def test_the_shipped_file_is_what_tune_derives_from_the_recorded_results():
     table = {"format": 1, "devices": {}}
     tune.apply(files, table)
     assert table["devices"] == shipped["devices"]  # settings, sources and triton releases
-    # and the measured H200 facts the module constants were set from
-    assert shipped["devices"]["NVIDIA H200"]["settings"] == {
-        "lora.large_m_path": L.LARGE_M_PATH, "nf4.gemv_max_m": mm.GEMV_MAX_M, "nf4.fused_max_m": mm.FUSED_MAX_M}
+    # and the measured H200 facts the module constants were set from (the defaults of a GPU with no entry)
+    h200 = shipped["devices"]["NVIDIA H200"]["settings"]
+    assert {key: h200[key] for key in ("lora.large_m_path", "nf4.gemv_max_m", "nf4.fused_max_m", "nf4.fused_swap",
+                                       "nf4.gemv_pdl")} == {
+        "lora.large_m_path": L.LARGE_M_PATH, "nf4.gemv_max_m": mm.GEMV_MAX_M, "nf4.fused_max_m": mm.FUSED_MAX_M,
+        "nf4.fused_swap": mm.FUSED_SWAP, "nf4.gemv_pdl": mm.GEMV_PDL}
+    # the H100's entry agrees on the thresholds
+    h100 = shipped["devices"]["NVIDIA H100 80GB HBM3"]["settings"]
+    assert (h100["nf4.gemv_max_m"], h100["nf4.fused_max_m"]) == (mm.GEMV_MAX_M, mm.FUSED_MAX_M)
 
 
 # ----------------------------------------------------------------------------- bench/tune.py derivations
@@ -845,19 +857,19 @@ def test_swept_steps_reach_the_entry_and_the_launch(tmp_path, monkeypatch):
 
 def test_tuned_register_decode_is_for_16_bit_x_only(tmp_path, monkeypatch):
     """The sweeps time bf16 x: a tuned "prmt" lookup (codes rounded to bf16) serves 16-bit x, and an fp32
-    caller gets the same tiles on the byte table's fp32 codes; asked for explicitly, it gets "prmt"."""
+    caller gets the same tiles on the heuristic's fp32 codes ("gather"); asked for explicitly, it gets "prmt"."""
     tiles = {"block_n": 16, "blocks": 2, "num_warps": 4, "table": "prmt"}
     _user_file(tmp_path, monkeypatch, {"nf4.gemv_tiles": {"1": tiles}}, triton=_release())
     assert mm._tuned_gemv_config(1, CPU, torch.bfloat16) == mm.GemvConfig(16, 2, table="prmt")
     assert mm._tuned_gemv_config(1, CPU, torch.float16).table == "prmt"
-    assert mm._tuned_gemv_config(1, CPU, torch.float32) == mm.GemvConfig(16, 2, table="byte")
+    assert mm._tuned_gemv_config(1, CPU, torch.float32) == mm.GemvConfig(16, 2, table="gather")
     gemv = _LaunchSpy()
     monkeypatch.setattr(mm, "_nf4_gemv_kernel", gemv)
     weight = nf4.quantize_nf4_reference(torch.randn(32, 512), 64)
     mm.nf4_gemv_forward(torch.randn(1, 512), weight)
     mm.nf4_gemv_forward(torch.randn(1, 512).half(), weight)
     mm.nf4_gemv_forward(torch.randn(1, 512), weight, mm.GemvConfig(table="prmt"))
-    assert [launch["TABLE"] for launch in gemv.launches] == ["byte", "prmt", "prmt"]
+    assert [launch["TABLE"] for launch in gemv.launches] == ["gather", "prmt", "prmt"]
     assert [launch["ASM"] for launch in gemv.launches] == [False, False, False]  # the interpreter's model
     mm.nf4_gemv_forward(torch.randn(3, 512).half(), weight, mm.GemvConfig(table="prmt"))
     # one scale per block with "prmt" at any rows of x (gemv_block_scale)
