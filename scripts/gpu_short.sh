@@ -51,9 +51,10 @@
 #                  ones, by the width of the extra block (issue 4)
 #   merged_check   the merged path after a change: its GPU tests, then the no-dropout breakdown (NF4 alone, merged,
 #                  concat at 3200x3200, M = 16384, r = 16)
-#   nf4_gemv       bench/nf4.py in graph timing at M = 1, 4, 16 (--budget 115) with the gemv sweep, the gemv as a dependent launch
-#                  (nf4_gemv_pdl) and the fused forward in both operand orders (nf4_fused_swap, nf4_fused_xw):
-#                  issue 3, M <= 16
+#   nf4_gemv       bench/nf4.py in graph timing at M = 1, 4, 16, 32, 64 (--budget 115) with the gemv sweep, the gemv as a
+#                  dependent launch (nf4_gemv_pdl) and the fused forward in both operand orders (nf4_fused_swap,
+#                  nf4_fused_xw): issue 3, M <= 16, and how far past 16 the fused forward beats dequant + cuBLAS
+#                  (batched decoding: the server's 32 rows)
 #   gemv_ladder    bench/gemv_ladder.py: where the NF4 gemv's time goes at M = 1 (issue 3), a ladder of kernels at
 #                  the gemv's grid and tiles (launch, the reads, the double-quant chain, the decode, the gemv
 #                  without and with its split sums) beside cuBLAS and a copy of the same bytes, graph replay
@@ -75,7 +76,7 @@ cd "$ROOT" || exit 1
 source "$HERE/gpu_env.sh"
 
 ALL_PARTS=(gpu_tests nf4_cache step_cache nf4_small decode generate serve lora lora_nodrop lora_breakdown waves merge concat_align gemm_widths merged_check nf4_gemv gemv_ladder nf4_tma_sweep lora_tma_sweep tma_tests small_tests)
-PARTS=gpu_tests,nf4_gemv,concat_align
+PARTS=gpu_tests,nf4_gemv,gemv_ladder,generate
 DRY_RUN=0
 PRINT_CALL=0
 PARTS_ASKED=()
@@ -241,8 +242,8 @@ WAVES_CASES+=,norm_qkv_nf4_only/M=16384,norm_qkv_lora_fused/M=16384/r=16,norm_qk
 CONCAT_TESTS=(tests/kernels/test_lora.py tests/kernels/test_norm_lora.py tests/kernels/test_swiglu_lora.py
   -k "concat or test_norm_lora.py or test_swiglu_lora.py")
 # The concat path's align that the GPU tests run at by default here: BEZOAR_LORA_CONCAT_ALIGN where set, else
-# 16 where no tuning file (the shipped one, BEZOAR_TUNING's) names one; empty where one does (it depends on
-# the device).
+# 16 where no tuning file (the shipped one, BEZOAR_TUNING's) names another for any device; empty where one
+# does (which one holds depends on the device).
 default_concat_align() {
   local file
   if [ -n "${BEZOAR_LORA_CONCAT_ALIGN:-}" ]; then
@@ -250,7 +251,7 @@ default_concat_align() {
     return 0
   fi
   for file in kernels/tuning.json ${BEZOAR_TUNING:+"$BEZOAR_TUNING"}; do
-    if [ -f "$file" ] && grep -q '"lora.concat_align"' "$file"; then
+    if [ -f "$file" ] && grep -oE '"lora\.concat_align": *[0-9]+' "$file" | grep -qvE '[^0-9]16$'; then
       return 0
     fi
   done
@@ -340,7 +341,8 @@ run_part() {
         "${parallel[@]}" tests/kernels/test_lora.py -k merge
       part merged_breakdown 40 "$PYTHON" bench/lora.py --breakdown "$NO_DROPOUT_CASES" --dropout 0 --shapes 3200x3200 \
         --ms 16384 --ranks 16 --paths concat --no-groups --out "$OUT_DIR" ;;
-    nf4_gemv) part nf4_gemv 130 "$PYTHON" bench/nf4.py --timing graph --ms 1,4,16 --budget 115 --sweep-gemv --out "$OUT_DIR" ;;
+    nf4_gemv) part nf4_gemv 130 "$PYTHON" bench/nf4.py --timing graph --ms 1,4,16,32,64 --budget 115 --sweep-gemv \
+      --out "$OUT_DIR" ;;
     gemv_ladder) part gemv_ladder 75 "$PYTHON" bench/gemv_ladder.py --budget 50 --out "$OUT_DIR" ;;
     nf4_tma_sweep) part nf4_tma_sweep 110 "$PYTHON" bench/nf4.py --sweep-tma --ms 4096 --out "$OUT_DIR" ;;
     lora_tma_sweep) part lora_tma_sweep 100 "$PYTHON" bench/lora.py --sweep-tma --ms 16384 --out "$OUT_DIR" ;;

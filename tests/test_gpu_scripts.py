@@ -76,13 +76,16 @@ def test_gpu_short_dry_run_fits_one_call_and_runs_the_parts_asked_for():
     text = out.stdout
     assert "pip install -q --no-deps --no-build-isolation -e ." in text
     parts = re.findall(r"part (\w+) \(limit (\d+)s\)", text)
-    assert [name for name, _ in parts] == ["gpu_tests", "nf4_gemv", "concat_align_sweep", "concat_align_tune",
-                                           "concat_align_tests", "concat_align_tests_64"], parts
+    assert [name for name, _ in parts] == ["gpu_tests", "nf4_gemv", "gemv_ladder", "generate"], parts
     # one device call of timeout_s=590 (bench/README.md): the parts' limits, kill grace included
     assert sum(int(limit) for _, limit in parts) + 10 * len(parts) <= 590, parts
     for piece in ("GPU_TEST_LIMIT=140 bash scripts/gpu_check.sh --gpu-only",
-                  "--sweep-gemv --out /tmp/bezoar-gpu-out",
-                  "bench/lora.py --sweep-concat-align --budget 95 --out /tmp/bezoar-gpu-out",
+                  r"--ms 1\,4\,16\,32\,64 --budget 115 --sweep-gemv --out /tmp/bezoar-gpu-out",
+                  "bench/gemv_ladder.py --budget 50 --out /tmp/bezoar-gpu-out",
+                  "bench/generate.py --batches 1 --out /tmp/bezoar-gpu-out"):
+        assert piece in text, piece
+    text = dry_run("gpu_short.sh", "--dry-run", "--parts", "concat_align").stdout
+    for piece in ("bench/lora.py --sweep-concat-align --budget 95 --out /tmp/bezoar-gpu-out",
                   "--keys lora.concat_align", "BEZOAR_TUNING=/tmp/bezoar-gpu-out/concat-tuning.json",
                   "BEZOAR_LORA_CONCAT_ALIGN=64"):
         assert piece in text, piece
@@ -194,8 +197,7 @@ def test_gpu_short_cuts_parts_to_its_total():
 
     text = parts(100)
     found = re.findall(r"part (\w+) \(limit (\d+)s\)", text)
-    expected = [("gpu_tests", 100), ("nf4_gemv", 100), ("concat_align_sweep", 100), ("concat_align_tune", 20),
-                ("concat_align_tests", 60), ("concat_align_tests_64", 50)]
+    expected = [("gpu_tests", 100), ("nf4_gemv", 100), ("gemv_ladder", 75), ("generate", 100)]
     assert [name for name, _ in found] == [name for name, _ in expected], text
     # a dry run spends a second or two (more on a loaded machine), which the total's cut counts
     for (name, limit), (_, most) in zip(found, expected):
@@ -203,7 +205,7 @@ def test_gpu_short_cuts_parts_to_its_total():
     text = parts(15)
     assert not re.findall(r"part \w+ \(limit", text)
     left = re.findall(r"skipped: (\d+)s left of 15s", text)  # a second or two may go by here too (a loaded machine)
-    assert len(left) == 6 and all(10 <= int(x) <= 15 for x in left), text
+    assert len(left) == 4 and all(10 <= int(x) <= 15 for x in left), text
 
 
 def test_fetch_wheels_dry_run_names_the_wheel_for_the_gpu_machine():
@@ -314,6 +316,17 @@ def test_gpu_short_runs_the_concat_tests_only_at_aligns_not_tested_yet(tmp_path,
         assert f"part {skipped} skipped: the concat GPU tests ran at align" in proc.stdout
 
 
+def test_gpu_short_does_not_assume_align_16_where_a_tuning_file_names_another(tmp_path):
+    """The shipped file's align is 16 for every device that names one, so gpu_tests counts as tested at 16;
+    a BEZOAR_TUNING file naming 64 for some device makes the default unknown: the pick is tested again."""
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"format": 1, "devices": {"x": {"settings": {"lora.concat_align": 64}, "triton": "3.6"}}}')
+    proc, out, calls = short_call(tmp_path, "--parts", "gpu_tests,concat_align", FAKE_ALIGN="16", BEZOAR_TUNING=mine)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # under the pick's file, then at 64 (the caller's BEZOAR_TUNING still set there)
+    assert concat_test_runs(calls) == [(True, ""), (True, "64")]
+
+
 def test_gpu_short_concat_tests_without_gpu_tests_run_at_the_pick(tmp_path):
     """Without gpu_tests in the call nothing ran at 16 yet: a pick of 16 is tested, then 64."""
     proc, out, calls = short_call(tmp_path, "--parts", "concat_align", FAKE_ALIGN="16")
@@ -328,7 +341,11 @@ def test_gpu_short_sets_up_once_and_passes_the_commit(tmp_path):
     proc, out, calls = short_call(tmp_path, "--parts", "gpu_tests,nf4_gemv", BEZOAR_COMMIT="0123456789ab")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     installs = [argv for _, _, _, argv in calls if argv.startswith("-m pip install")]
-    assert installs == ["-m pip install -q --no-deps --no-build-isolation -e ."], calls
+    project = [argv for argv in installs if argv.endswith(" -e .")]
+    assert project == ["-m pip install -q --no-deps --no-build-isolation -e ."], calls
+    wheels = [argv for argv in installs if ".whl/" in argv]  # the carried wheels, where this checkout has .whl/
+    assert len(wheels) == int((ROOT / ".whl").is_dir() and any((ROOT / ".whl").glob("*.whl"))), calls
+    assert len(installs) == len(project) + len(wheels), calls
     assert sum(argv == "-" for _, _, _, argv in calls) == 1  # show_versions' module list
     assert "setup: done by the caller" in (out / "gpu_short.log").read_text()
     assert sorted(p.name for p in out.iterdir()) == ["gpu_short.log", [p.name for p in out.iterdir()
