@@ -216,6 +216,15 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+def last_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache) -> torch.Tensor:
+    """A prefill's (or a step's) logits at each row's last position, (B, V): the model's hidden states, then
+    the LM head at that position alone. ``model(...)[:, -1]`` computed the head at every position first: for
+    32 prompts of 2,048 tokens on OpenLLaMA 3B that is a (32, 2048, 32000) tensor, 4.2 GB in bf16, and 13
+    TFLOP of which all but 1/2048 were dropped."""
+    hidden = model(input_ids, attention_mask=attention_mask, cache=cache, return_hidden=True)
+    return model.lm_head(hidden[:, -1])
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -475,7 +484,7 @@ class Decoder:
                 st.fingerprint = fingerprint
         cache = st.cache
         cache.reset()
-        logits = model(input_ids, attention_mask=attention_mask, cache=cache)[:, -1]
+        logits = last_logits(model, input_ids, attention_mask, cache)
         cache.key_valid[:, :T] = attention_mask.bool()
         cache.slot.fill_(T)
         st.positions.copy_(attention_mask.sum(1, keepdim=True))  # the next token's rotary position
@@ -779,7 +788,7 @@ class ContinuousBatch:
             n, T = ids.shape
             dev = model.device
             cache = KVCache(model.config, n, T, model.dtype, dev)
-            logits = model(ids.to(dev), attention_mask=mask.to(dev), cache=cache)[:, -1]
+            logits = last_logits(model, ids.to(dev), mask.to(dev), cache)
             first = logits.argmax(-1)
             self._sample_into(first, logits, list(enumerate(sequences)))
             k, v = self._storage
@@ -932,14 +941,14 @@ def _generate_eager(model, input_ids, attention_mask, rows: _Rows, temperature, 
     B, T = input_ids.shape
     device = input_ids.device
     cache = KVCache(model.config, B, T + rows.max_new_tokens, model.dtype, device)
-    logits = model(input_ids, attention_mask=attention_mask, cache=cache)[:, -1]
+    logits = last_logits(model, input_ids, attention_mask, cache)
     ones = torch.ones(B, 1, dtype=attention_mask.dtype, device=device)
     while True:
         nxt = sample_next(logits, temperature, top_p, generator, top_k)
         if not rows.take(nxt.tolist()):
             break
         attention_mask = torch.cat([attention_mask, ones], 1)
-        logits = model(nxt[:, None], attention_mask=attention_mask, cache=cache)[:, -1]
+        logits = last_logits(model, nxt[:, None], attention_mask, cache)
     return rows.new_ids, rows.reasons
 
 

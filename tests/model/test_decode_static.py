@@ -432,3 +432,30 @@ def test_a_failed_capture_falls_back_to_static_steps(tiny_dir, monkeypatch):
         assert dec.generate_ids(ids, mask, max_new_tokens=10) == want
     assert dec.resolve(10) == "static" and not any(st.graphs for st in dec._states.values())
     assert dec.generate_ids(ids, mask, max_new_tokens=10) == want
+
+
+def test_prefills_run_the_lm_head_at_the_last_position_only(tiny_dir):
+    """Every prefill (the eager loop's, the static decoder's, ContinuousBatch's) applies the LM head to
+    each row's last hidden state alone, (B, C), never to (B, T, C); its logits are the full forward's
+    last position's."""
+    from bezoar.model.decode import ContinuousBatch, KVCache, Sequence, last_logits
+
+    model = load(tiny_dir).eval()
+    ids, mask = _batch(tiny_dir)
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask)[:, -1]
+        cache = KVCache(model.config, ids.shape[0], ids.shape[1], model.dtype, ids.device)
+        got = last_logits(model, ids, mask, cache)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    shapes = []
+    hook = model.lm_head.register_forward_hook(lambda mod, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        _eager(model, ids, mask, max_new_tokens=3)
+        Decoder(model, "static").generate_ids(ids, mask, max_new_tokens=3)
+        batch = ContinuousBatch(model, 4, decode="static")
+        batch.admit([Sequence(row[m.bool()].tolist(), 3) for row, m in zip(ids, mask)])
+    finally:
+        hook.remove()
+    C = model.config.hidden_size
+    assert shapes and all(s in ((ids.shape[0], C), (ids.shape[0], 1, C)) for s in shapes), shapes
+    assert (ids.shape[0], C) in shapes  # the prefills
