@@ -7,7 +7,8 @@ the start: throughput) and ``online`` (a Poisson process at ``--rate`` requests 
 schedulers serve it in one thread, in process (no HTTP, which is the same for both):
 
 * ``continuous``: ``bezoar.model.decode.ContinuousBatch`` with ``--rows`` rows, as ``bezoar.serve`` runs
-  since 2026-11-28: arrivals take free rows at the next step, a row leaves when its request ends.
+  since 2026-11-28: arrivals take free rows at the next step (as many as fit ``--prefill-tokens``
+  left-padded tokens, the server's ``--max-prefill-tokens``), a row leaves when its request ends.
 * ``batched``: the server before it: the requests waiting when the model is free (at most ``--rows``)
   form a batch, ``Decoder.generate_ids`` (padded to a power of two of rows, as the server's decoder was)
   decodes it until its longest row ends, each row answered when it ends (``on_done``); requests arriving
@@ -28,6 +29,7 @@ graphs on a GPU; static steps on the CPU).
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import sys
@@ -38,6 +40,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+
+from bezoar.model.decode import MAX_PREFILL_TOKENS  # noqa: E402
 
 
 @dataclass
@@ -81,9 +85,10 @@ def _wait_for(requests: list[Request], start: float, taken: int) -> None:
         time.sleep(max(0.0, requests[taken].arrival - (time.perf_counter() - start)))
 
 
-def serve_continuous(batch, requests: list[Request], sync) -> int:
-    """Serve ``requests`` through ``batch`` (a ``ContinuousBatch``); the decode steps it ran."""
-    from bezoar.model.decode import Sequence
+def serve_continuous(batch, requests: list[Request], sync, prefill_tokens: int | None = None) -> int:
+    """Serve ``requests`` through ``batch`` (a ``ContinuousBatch``), each admit taking the arrivals that fit
+    ``prefill_tokens`` (``prefill_take``, as the server); the decode steps it ran."""
+    from bezoar.model.decode import Sequence, prefill_take
 
     steps_before = batch.steps
     start = time.perf_counter()
@@ -100,7 +105,8 @@ def serve_continuous(batch, requests: list[Request], sync) -> int:
 
     while taken < len(requests) or batch.running:
         arrived = _arrivals(requests, start, arrived)
-        new = requests[taken:min(arrived, taken + batch.free)]
+        new = requests[taken:taken + prefill_take([len(r.prompt) for r in requests[taken:arrived]], batch.free,
+                                                  prefill_tokens)]
         if new:
             batch.admit([Sequence(r.prompt, r.max_tokens, should_stop=lambda ids, r=r: first_token(r, ids),
                                   on_done=finished, tag=r) for r in new])
@@ -180,6 +186,9 @@ def parse_args(argv=None):
     p.add_argument("--rate", type=float, default=8.0, help="online arrivals a second (default 8)")
     p.add_argument("--patterns", default="offline,online", help="offline, online or both (default both)")
     p.add_argument("--decode", default="auto", help="decode mode, as bezoar.serve's --decode (default auto)")
+    p.add_argument("--prefill-tokens", type=int, default=MAX_PREFILL_TOKENS,
+                   help=f"left-padded prompt tokens one continuous admit takes, as bezoar.serve's "
+                   f"--max-prefill-tokens (default {MAX_PREFILL_TOKENS}; 0: no bound)")
     p.add_argument("--no-warmup", action="store_true", help="time the first pass (graph captures included)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -216,7 +225,9 @@ def main(argv=None) -> int:
     from bezoar.model.decode import ContinuousBatch, Decoder
 
     # one of each for the whole run: the untimed pass captures the CUDA graphs the timed pass replays
-    schedulers = {"continuous": (serve_continuous, ContinuousBatch(model, rows, args.decode)),
+    prefill_tokens = args.prefill_tokens or None
+    schedulers = {"continuous": (functools.partial(serve_continuous, prefill_tokens=prefill_tokens),
+                                 ContinuousBatch(model, rows, args.decode)),
                   "batched": (serve_batched, Decoder(model, args.decode, pad_batch=rows))}
     patterns = args.patterns.split(",")
     traces = {pattern: make_trace(n, config.vocab_size, (lo, hi), median, longest,
@@ -264,7 +275,8 @@ def main(argv=None) -> int:
         common.write_results("serve", rows_out, args, {
             "model": name, "quant": quant, "dtype": str(dtype).replace("torch.", ""), "requests": n, "rows": rows,
             "prompt_len": [lo, hi], "median_tokens": median, "max_tokens": longest, "rate": rate,
-            "decode": args.decode, "warmup": not args.no_warmup, "complete": pattern == patterns[-1]})
+            "decode": args.decode, "prefill_tokens": prefill_tokens, "warmup": not args.no_warmup,
+            "complete": pattern == patterns[-1]})
     return 0
 
 

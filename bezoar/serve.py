@@ -32,8 +32,10 @@ of a generation request takes a row of one batch between two decode steps, whate
 it are doing, and leaves it the moment it ends (EOS, a stop string, its ``max_tokens``, a client gone),
 when it is answered. So a short answer never waits for a long one, and a request arriving mid-decode
 starts at the next step instead of after the batch. Requests waiting together (the worker was busy, or
-they came within ``--batch-window-ms`` of an idle server) are prefilled together; at most
-``--max-batch-size`` rows decode at once and the others wait their turn, first come first served.
+they came within ``--batch-window-ms`` of an idle server) are prefilled together, as many as fit in
+``--max-prefill-tokens`` left-padded tokens (default 8192; the rest at the next step, so a wave of long
+prompts never stops the rows decoding for one long prefill); at most ``--max-batch-size`` rows decode at
+once and the others wait their turn, first come first served.
 One-token scoring requests (``max_tokens`` <= 1, not streamed: lm-eval's loglikelihood) run as one
 batch of forwards between steps; a request that asked for logprobs is scored when its row ends. A
 failure fails only the requests it touched (a prefill its own, a step the rows decoding, a sampler
@@ -102,6 +104,7 @@ from aiohttp import web
 from bezoar.eval.chat import CHAT_STOP, ChatError, chat_prompt
 from bezoar.eval.decoding import StopStrings, context_tail, continuation, cut_at_stop
 from bezoar.eval.scoring import iter_logprobs
+from bezoar.model import decode as _decode
 
 log = logging.getLogger("bezoar.serve")
 
@@ -110,6 +113,8 @@ MAX_LOGPROBS = 20
 MAX_N = 16
 MAX_STOP = 16
 MAX_REQUEST_SEQS = 128  # default --max-request-seqs: sequences (n x prompts) one request may ask for
+# default --max-prefill-tokens (bezoar.model.decode.MAX_PREFILL_TOKENS)
+MAX_PREFILL_TOKENS = _decode.MAX_PREFILL_TOKENS
 MAX_BODY_BYTES = 64 * 2**20
 # A temperature below this decodes greedily, as 0 does (vLLM's threshold): logits divided by 1e-40 are
 # infinite, and the softmax of infinities is NaN, which the sampler cannot draw from.
@@ -271,13 +276,16 @@ class Engine:
     jobs in a ``ContinuousBatch`` that they join between decode steps and leave when they end."""
 
     def __init__(self, model, tokenizer, max_batch_size: int = 32, batch_window_s: float = 0.005,
-                 decode: str = "auto"):
+                 decode: str = "auto", max_prefill_tokens: int | None = MAX_PREFILL_TOKENS):
         from bezoar.model.decode import ContinuousBatch, resolve_decode_mode
 
+        if max_prefill_tokens is not None and max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be at least 1 (None: no bound), got {max_prefill_tokens}")
         self.model = model.eval()  # LoRA dropout off, whatever mode the model came in
         resolve_decode_mode(decode, self.model)  # a bad setting fails at start-up
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens  # left-padded prompt tokens one admit prefills (prefill_take)
         self.batch_window_s = batch_window_s
         self.context = model.config.max_position_embeddings
         self.generator = torch.Generator(device=model.device).manual_seed(0)
@@ -380,7 +388,9 @@ class Engine:
 
     def _take_waiting(self) -> None:
         """Start the waiting jobs that fit: every one-token scoring job (a batch of forwards), and generation
-        jobs in first-come order while rows are free."""
+        jobs in first-come order while rows are free and their prefill fits ``max_prefill_tokens``."""
+        from bezoar.model.decode import prefill_take
+
         one_step, generate = [], []
         free = self.batch.free
         while self.waiting:
@@ -394,10 +404,11 @@ class Engine:
                 self.waiting.popleft()
                 self._finish_generated(job, [], "length")
                 self._answer(job)
-            elif len(generate) < free:
+            elif prefill_take([len(j.prompt_ids) for j in generate] + [len(job.prompt_ids)], free,
+                              self.max_prefill_tokens) > len(generate):
                 generate.append(self.waiting.popleft())
             else:
-                break  # the jobs behind it wait their turn too
+                break  # the jobs behind it wait their turn too (the next step's admit, or when rows free up)
         if not one_step and not generate:
             return
         self.batches += 1
@@ -762,7 +773,7 @@ class Server:
 
     def __init__(self, model, tokenizer, name: str, max_batch_size: int = 32, batch_window_s: float = 0.005,
                  api_key: str | None = None, template=None, decode: str = "auto",
-                 max_request_seqs: int = MAX_REQUEST_SEQS):
+                 max_request_seqs: int = MAX_REQUEST_SEQS, max_prefill_tokens: int | None = MAX_PREFILL_TOKENS):
         from bezoar.data.formats import PromptTemplate
 
         if max_request_seqs < 1:
@@ -772,7 +783,7 @@ class Server:
         self.tokenizer = tokenizer
         self.name = name
         self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, batch_window_s=batch_window_s,
-                             decode=decode)
+                             decode=decode, max_prefill_tokens=max_prefill_tokens)
         self.api_key = api_key
         self.created = int(time.time())
         self.vocab = getattr(tokenizer, "id_count", tokenizer.vocab_size)  # added tokens included
@@ -1211,7 +1222,8 @@ class Server:
 def build_server(model_dir: str, adapter: str | None = None, quant: str | None = None, dtype: str | None = None,
                  device: str | None = None, name: str | None = None, max_batch_size: int = 32,
                  batch_window_ms: float = 5.0, system: str | None = None, decode: str = "auto",
-                 max_request_seqs: int = MAX_REQUEST_SEQS) -> Server:
+                 max_request_seqs: int = MAX_REQUEST_SEQS, max_prefill_tokens: int | None = MAX_PREFILL_TOKENS
+                 ) -> Server:
     from bezoar.data.formats import PromptTemplate
     from bezoar.model import Tokenizer, load
 
@@ -1221,7 +1233,8 @@ def build_server(model_dir: str, adapter: str | None = None, quant: str | None =
     template = PromptTemplate() if system is None else PromptTemplate(system=system)
     return Server(model, tokenizer, name or Path(model_dir).resolve().name, max_batch_size=max_batch_size,
                   batch_window_s=batch_window_ms / 1000, api_key=api_key,
-                  template=template, decode=decode, max_request_seqs=max_request_seqs)
+                  template=template, decode=decode, max_request_seqs=max_request_seqs,
+                  max_prefill_tokens=max_prefill_tokens)
 
 
 def api_key_from_env() -> str | None:
@@ -1367,6 +1380,10 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"most sequences one request may ask for: n x the number of prompts (default "
                    f"{MAX_REQUEST_SEQS}); a request for more is refused with a 400 before any work; with the "
                    "context length, this bounds how long one request holds the model")
+    g.add_argument("--max-prefill-tokens", type=int, default=MAX_PREFILL_TOKENS, metavar="N",
+                   help=f"most left-padded prompt tokens one prefill takes (default {MAX_PREFILL_TOKENS}; 0: no "
+                   "bound): the prompts waiting beyond it start at the next decode step, so the rows decoding "
+                   "are never held up by one long prefill; a longer prompt is prefilled alone")
     g.add_argument("--batch-window-ms", type=float, default=5.0,
                    help="how long the scheduler waits for more requests before it starts a batch")
     g.add_argument("--decode", choices=["auto", "eager", "static", "graph"], default="auto",
@@ -1378,6 +1395,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--max-batch-size must be at least 1")
     if args.max_request_seqs < 1:
         p.error("--max-request-seqs must be at least 1")
+    if args.max_prefill_tokens < 0:
+        p.error("--max-prefill-tokens must be at least 1, or 0 for no bound")
     if not 0 <= args.port <= 65535:
         p.error(f"--port must be between 0 and 65535 (0: one the system picks), got {args.port}")
     try:
@@ -1399,7 +1418,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = build_server(args.model, args.adapter, args.quant, args.dtype, args.device, args.name,
                               args.max_batch_size, args.batch_window_ms, args.system, args.decode,
-                              args.max_request_seqs)
+                              args.max_request_seqs, args.max_prefill_tokens or None)
     except (ValueError, OSError) as e:
         for sock in sockets:
             sock.close()

@@ -216,6 +216,32 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+# The default bound on one admit's left-padded prompt tokens (bezoar.serve's --max-prefill-tokens, bench/serve.py's
+# --prefill-tokens): 32 rows of 256-token prompts, or a 2,048-token context's prompt alone; OpenLLaMA 3B's
+# activations for that many tokens are a few hundred MB.
+MAX_PREFILL_TOKENS = 8192
+
+
+def prefill_take(lengths, free: int, max_tokens: int | None) -> int:
+    """How many of the waiting prompts (their lengths, first come first) one ``ContinuousBatch.admit`` takes:
+    at most ``free``, and while the left-padded prefill (the prompts taken times the longest of them) stays
+    within ``max_tokens`` (None: no bound). The first is taken whatever its length (alone, a prompt longer
+    than the bound), so nothing waits forever; the others stay first in line for the next step's admit.
+
+    A bound keeps a wave of long prompts from stopping the running rows for one long prefill (and its
+    activations, which grow with the padded tokens, within reach), and keeps one long prompt from padding
+    many short ones to its length."""
+    taken = longest = 0
+    for n in lengths:
+        if taken >= free:
+            break
+        wider = max(longest, n)
+        if taken and max_tokens is not None and (taken + 1) * wider > max_tokens:
+            break
+        taken, longest = taken + 1, wider
+    return taken
+
+
 def last_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache) -> torch.Tensor:
     """A prefill's (or a step's) logits at each row's last position, (B, V): the model's hidden states, then
     the LM head at that position alone. ``model(...)[:, -1]`` computed the head at every position first: for

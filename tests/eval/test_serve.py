@@ -676,6 +676,55 @@ def test_stopping_the_engine_ends_the_rows_decoding(tiny_model, tiny_tokenizer):
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("bound", [24, 1])
+def test_a_prefill_takes_the_waiting_prompts_that_fit_its_token_bound(tiny_model, tiny_tokenizer, bound):
+    """With ``max_prefill_tokens`` each admit takes waiting jobs first come first while rows x longest prompt
+    fits (the first whatever its length, so a bound below every prompt admits one at a time); the rest join at
+    later steps, beside the rows decoding, and every job gets the tokens it gets with no bound."""
+    from bezoar.serve import Engine, Job
+
+    texts = ["Once upon a time there was a", "The red fox", "Q: what is two plus two? A:", "Hello", "The small cat",
+             "In the beginning the world was dark and"]
+    prompts = [tiny_tokenizer.encode(t, bos=True) for t in texts]
+
+    async def serve(limit):
+        engine = Engine(tiny_model, tiny_tokenizer, max_batch_size=8, batch_window_s=0, max_prefill_tokens=limit)
+        admits, admit = [], engine.batch.admit
+        engine.batch.admit = lambda seqs: (admits.append([len(q.prompt_ids) for q in seqs]), admit(seqs))[1]
+        await engine.start()
+        try:
+            jobs = await engine.run([Job(p, 6) for p in prompts])
+        finally:
+            await engine.stop()
+        return [j.new_ids for j in jobs], admits
+
+    want, admits = asyncio.run(serve(None))
+    assert admits == [[len(p) for p in prompts]]  # no bound: all six in one prefill
+    got, admits = asyncio.run(serve(bound))
+    assert got == want
+    assert [n for group in admits for n in group] == [len(p) for p in prompts]  # first come first served
+    assert len(admits) > 1
+    for group in admits:
+        assert len(group) == 1 or len(group) * max(group) <= bound, admits
+    if bound == 1:
+        assert all(len(group) == 1 for group in admits)
+    with pytest.raises(ValueError, match="max_prefill_tokens"):
+        Engine(tiny_model, tiny_tokenizer, max_prefill_tokens=0)
+
+
+def test_prefill_take_counts_padded_tokens_first_come_first():
+    from bezoar.model.decode import prefill_take
+
+    assert prefill_take([5, 5, 5, 5], free=8, max_tokens=12) == 2  # 3 x 5 = 15 > 12
+    assert prefill_take([3, 9, 2], free=8, max_tokens=18) == 2  # 2 x 9 = 18 fits; 3 x 9 does not
+    assert prefill_take([3, 9, 2], free=8, max_tokens=17) == 1  # the 9 would pad both rows to 18
+    assert prefill_take([40, 1, 1], free=8, max_tokens=16) == 1  # the first alone, whatever its length
+    assert prefill_take([1, 40], free=8, max_tokens=16) == 1  # the long one waits for the next admit
+    assert prefill_take([4] * 10, free=3, max_tokens=None) == 3  # rows bound it too
+    assert prefill_take([4] * 10, free=0, max_tokens=None) == 0
+    assert prefill_take([], free=4, max_tokens=8) == 0
+
+
 def test_sampling_is_seeded(client):
     kwargs = dict(model="tiny", prompt="The small cat", max_tokens=8, temperature=1.0, seed=11)
     a = client.completions.create(**kwargs).choices[0].text
@@ -1033,6 +1082,10 @@ def test_command_line_help_and_bad_folder(capsys):
     out = capsys.readouterr().out
     assert "--quant" in out and "127.0.0.1" in out
     assert "--max-request-seqs" in out and "(default 128)" in " ".join(out.split())
+    assert "--max-prefill-tokens" in out and "(default 8192; 0: no bound)" in " ".join(out.split())
+    with pytest.raises(SystemExit) as done:
+        main(["--model", "x", "--max-prefill-tokens", "-1"])
+    assert done.value.code == 2 and "--max-prefill-tokens must be at least 1" in capsys.readouterr().err
     assert main(["--model", "/no/such/folder"]) == 2
     err = capsys.readouterr().err
     assert "/no/such/folder" in err and "Traceback" not in err
@@ -1203,6 +1256,7 @@ def test_the_default_cap_on_sequences_per_request(served):
     from bezoar.serve import MAX_REQUEST_SEQS
 
     assert served.server.max_request_seqs == MAX_REQUEST_SEQS == 128
+    assert served.server.engine.max_prefill_tokens == 8192
     status, reply = post(served.url + "/v1/completions",
                          {"model": "tiny", "prompt": [[1]] * 129, "max_tokens": 1, "temperature": 0})
     assert status == 400 and reply["error"]["param"] == "prompt", reply
