@@ -168,6 +168,7 @@ def test_auto_takes_tma_from_the_threshold_and_falls_back(monkeypatch):
     monkeypatch.setattr(T, "nf4_tma_forward", lambda *a: calls.append("fwd") or real_fwd(*a))
     monkeypatch.setattr(T, "nf4_tma_backward", lambda *a: calls.append("bwd") or real_bwd(*a))
     monkeypatch.setenv("BEZOAR_NF4_TMA_MIN_M", "8")
+    monkeypatch.setenv("BEZOAR_NF4_FUSED_MAX_M", "0")  # the fused forward (to M = 16 by default) comes first
     assert mm.resolve_path("auto", 8, weight) == "tma" and mm.resolve_path("auto", 7, weight) != "tma"
     w = T.decoded_weight(weight, torch.float16).float()
     with backend("triton"):
