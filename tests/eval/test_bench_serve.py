@@ -58,3 +58,43 @@ def test_bench_serve_only_iters_and_profile(tmp_path, capsys):
     assert list((tmp_path / "trace").iterdir()), "a profiler trace was written"
     assert bench.main(["--smoke", "--only", "offline/nope"]) == 2
     assert "no such case 'offline/nope'" in capsys.readouterr().err
+
+
+def test_continuous_scheduler_admits_within_the_prefill_bound():
+    """bench/serve.py's continuous scheduler takes arrivals as the server does (``prefill_take``): first come
+    first, while rows are free and rows x longest prompt fits ``prefill_tokens``."""
+    bench = _bench()
+
+    class Batch:  # every admitted row decodes one token in the next step and ends
+        def __init__(self):
+            self.rows, self.admits, self.steps = [], [], 0
+
+        @property
+        def free(self):
+            return 3 - len(self.rows)
+
+        @property
+        def running(self):
+            return self.rows
+
+        def admit(self, seqs):
+            self.admits.append([len(s.prompt_ids) for s in seqs])
+            self.rows += seqs
+
+        def step(self):
+            self.steps += 1
+            for seq in self.rows:
+                seq.new_ids.append(7)
+                seq.should_stop(seq.new_ids)
+                seq.on_done(seq)
+            self.rows = []
+
+    lengths = [5, 5, 5, 2, 9, 2]
+    requests = [bench.Request(0.0, [1] * n, 1) for n in lengths]
+    batch = Batch()
+    assert bench.serve_continuous(batch, requests, lambda: None, prefill_tokens=12) == 4
+    assert batch.admits == [[5, 5], [5, 2], [9], [2]]
+    assert all(r.tokens == [7] and r.done is not None for r in requests)
+    batch = Batch()
+    assert bench.serve_continuous(batch, [bench.Request(0.0, [1] * n, 1) for n in lengths], lambda: None) == 2
+    assert batch.admits == [[5, 5, 5], [2, 9, 2]]  # no bound: as many as rows are free
