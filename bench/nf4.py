@@ -843,11 +843,18 @@ def sweep_gemv(args, shapes, weights, randn, bench, mm, progress=None, stop=None
         if args.smoke:
             grid = grid[:2]
         x = randn(m, k)
-        default = bench(lambda: mm.nf4_gemv_forward(x, next_q(), mm.heuristic_gemv_config()), m, quick=True)
+        heuristic = mm.heuristic_gemv_config()
+        default = bench(lambda: mm.nf4_gemv_forward(x, next_q(), heuristic), m, quick=True)
+        q = next_q()
+        block_n, blocks = mm.gemv_tile(mm.next_power_of_2(m), q.blocksize, k // q.blocksize)
+        # what default_ms ran (bench/tune.py names it): the heuristic's tiles on its code lookup
+        default_config = {"block_n": block_n, "blocks": blocks, "num_warps": heuristic.num_warps,
+                          "table": heuristic.table, "steps": heuristic.steps}
         timed = []
         best, best_cfg, whole = fastest(lambda cfg: bench(lambda: mm.nf4_gemv_forward(x, next_q(), cfg), m,
                                                           quick=True), grid, timed, stop)
-        out.append({"shape": f"{n}x{k}", "M": m, "default_ms": default, "best_ms": best, "best_config": str(best_cfg),
+        out.append({"shape": f"{n}x{k}", "M": m, "default_ms": default, "default_config": default_config,
+                    "best_ms": best, "best_config": str(best_cfg),
                     "grid": [{"config": {"block_n": c.block_n, "blocks": c.blocks, "num_warps": c.num_warps,
                                          "table": c.table, "steps": c.steps}, "ms": t}
                              for c, t in timed], "complete": whole})

@@ -203,8 +203,10 @@ def with_tuned_gemv(rows: list[dict], sweep: list[dict], tiles: dict) -> list[di
     """``rows`` with each forward row's ``nf4_gemv`` replaced by the gemv's time at the tiles the tuning
     entry will hold for its M: ``tiles`` maps M (a string, as ``nf4.gemv_tiles`` holds them) to the config
     the sweep chose, whose time the sweep measured at the row's shape and M, or to None where the sweep
-    kept the heuristic, whose time is the sweep's ``default_ms``. The rows' own gemv times ran whatever
-    tiles the run had (the device's tuning entry, or the heuristic); Ms the sweep did not cover keep them."""
+    kept the heuristic, whose time is the sweep's ``default_ms`` (in a file recorded before 2026-11-28, the
+    heuristic on the byte table, slower than the ``gather`` lookup that runs now: the threshold it gives
+    leans against the gemv). The rows' own gemv times ran whatever tiles the run had (the device's tuning
+    entry, or the heuristic); Ms the sweep did not cover keep them."""
     timed = {}
     for r in sweep:
         key = str(r.get("M"))
@@ -306,8 +308,16 @@ def norm_grid(rows: list[dict]) -> tuple[str, str] | None:
     return grid, f"fused norm + LoRA, persistent / one program per row block: {why}"
 
 
+def gemv_baseline_name(sweep: list[dict]) -> str:
+    """What a gemv sweep's ``default_ms`` timed, for the sources text: the heuristic on the lookup its rows
+    record (``default_config``, from 2026-11-28); rows without it timed the heuristic on the byte table,
+    the default of a GPU without tuned tiles until then (``gather`` since)."""
+    tables = {(r.get("default_config") or {}).get("table", "byte") for r in sweep}
+    return f"the heuristic's ({', '.join(sorted(tables))} table)"
+
+
 def _best_config(sweep: list[dict], min_gain: float, keys: tuple[str, ...],
-                 defaults: dict | None = None) -> tuple[dict | None, str] | None:
+                 defaults: dict | None = None, baseline: str = "the heuristic's") -> tuple[dict | None, str] | None:
     """(config, why): the config (a dict of ``keys``) with the lowest time summed over the sweep's rows, of
     those every row timed, if it beats the rows' summed heuristic by more than ``min_gain``; else (None,
     why): the heuristic stays. None when the sweep timed nothing. ``defaults`` (key -> value) are keys
@@ -335,7 +345,7 @@ def _best_config(sweep: list[dict], min_gain: float, keys: tuple[str, ...],
         return None
     best = min(totals, key=totals.get)
     default = sum(r["default_ms"] for r in rows)
-    why = f"{totals[best]:.4f} ms against the heuristic's {default:.4f} ms over {len(rows)} shapes"
+    why = f"{totals[best]:.4f} ms against {baseline} {default:.4f} ms over {len(rows)} shapes"
     if totals[best] >= default * (1 - min_gain):
         return None, f"best swept config {why}: the heuristic stays"
     return {k: v for k, v in zip(keys, best) if not (k in defaults and v == defaults[k])}, why
@@ -375,8 +385,9 @@ def derive(result: dict, min_gain: float = 0.03) -> dict[str, tuple[object, str]
         # for an M whose sweep was cut (a shape missing, or a row cut short)
         tiles = {}
         for m in gemv_sweep_whole_ms(result):
-            best = _best_config([r for r in result["sweep_gemv"] if r.get("M") == m], min_gain,
-                                ("block_n", "blocks", "num_warps", "table", "steps"), {"table": "byte", "steps": 1})
+            swept = [r for r in result["sweep_gemv"] if r.get("M") == m]
+            best = _best_config(swept, min_gain, ("block_n", "blocks", "num_warps", "table", "steps"),
+                                {"table": "byte", "steps": 1}, baseline=gemv_baseline_name(swept))
             if best:
                 tiles[str(m)] = best
         if tiles:

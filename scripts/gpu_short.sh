@@ -251,7 +251,12 @@ default_concat_align() {
     return 0
   fi
   for file in kernels/tuning.json ${BEZOAR_TUNING:+"$BEZOAR_TUNING"}; do
-    if [ -f "$file" ] && grep -oE '"lora\.concat_align": *[0-9]+' "$file" | grep -qvE '[^0-9]16$'; then
+    [ -f "$file" ] || continue
+    # the file's lora.concat_align values, read as JSON (any layout); one that does not read is unknown too
+    if ! python3 -c 'import json, sys
+devices = json.load(open(sys.argv[1])).get("devices", {})
+sys.exit(any(d.get("settings", {}).get("lora.concat_align", 16) != 16 for d in devices.values()))' "$file" \
+      >/dev/null 2>&1; then
       return 0
     fi
   done

@@ -320,7 +320,8 @@ def test_gpu_short_does_not_assume_align_16_where_a_tuning_file_names_another(tm
     """The shipped file's align is 16 for every device that names one, so gpu_tests counts as tested at 16;
     a BEZOAR_TUNING file naming 64 for some device makes the default unknown: the pick is tested again."""
     mine = tmp_path / "mine.json"
-    mine.write_text('{"format": 1, "devices": {"x": {"settings": {"lora.concat_align": 64}, "triton": "3.6"}}}')
+    # any JSON layout: a tab and a space before the colon, the value on the next line
+    mine.write_text('{"format": 1, "devices": {"x": {"settings": {"lora.concat_align" :\t\n 64}, "triton": "3.6"}}}')
     proc, out, calls = short_call(tmp_path, "--parts", "gpu_tests,concat_align", FAKE_ALIGN="16", BEZOAR_TUNING=mine)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # under the pick's file, then at 64 (the caller's BEZOAR_TUNING still set there)

@@ -90,7 +90,13 @@ def test_a_cut_gemv_sweep_is_marked_and_gives_no_tiles(monkeypatch, tmp_path):
     assert extra["sweep_gemv_complete"] is False and "sweep_gemv" in extra["sweep_note"]
     (row,) = extra["sweep_gemv"]
     assert row["M"] == 1 and row["complete"] is False and len(row["grid"]) == 1
+    # what its default_ms ran: the heuristic's tiles on its lookup (bench/tune.py names it)
+    assert row["default_config"]["table"] == "gather" and row["default_config"]["steps"] == 1
+    assert row["default_config"]["block_n"] >= 1 and row["default_config"]["blocks"] >= 1
     tune = _load("tune", monkeypatch)
+    assert tune.gemv_baseline_name([row]) == "the heuristic's (gather table)"
+    assert tune.gemv_baseline_name([{k: v for k, v in row.items() if k != "default_config"}]) == \
+        "the heuristic's (byte table)"  # a sweep recorded before 2026-11-28 timed the byte table
     derived = tune.derive({"bench": name, "rows": rows, **extra})
     assert "nf4.gemv_tiles" not in derived and "nf4.fused_max_m" in derived
     # the same file with the row whole gives the tiles
