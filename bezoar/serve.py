@@ -35,7 +35,8 @@ starts at the next step instead of after the batch. Requests waiting together (t
 they came within ``--batch-window-ms`` of an idle server) are prefilled together, as many as fit in
 ``--max-prefill-tokens`` left-padded tokens (default 8192; the rest at the next step, so a wave of long
 prompts never stops the rows decoding for one long prefill); at most ``--max-batch-size`` rows decode at
-once and the others wait their turn, first come first served.
+once and the others wait their turn, first come first served. Scoring forwards (below) take at most as
+many padded tokens each.
 One-token scoring requests (``max_tokens`` <= 1, not streamed: lm-eval's loglikelihood) run as one
 batch of forwards between steps; a request that asked for logprobs is scored when its row ends. A
 failure fails only the requests it touched (a prefill its own, a step the rows decoding, a sampler
@@ -549,7 +550,7 @@ class Engine:
         starts = [0 if j.echo else len(j.prompt_ids) - 1 for j in jobs]
         eos = self.tokenizer.eos_id
         for row in iter_logprobs(self.model, [j.prompt_ids for j in jobs], starts, self.tokenizer.pad_id,
-                                 batch_size=self.max_batch_size):
+                                 batch_size=self.max_batch_size, max_batch_tokens=self.max_prefill_tokens):
             job = jobs[row.index]
             lp = row.logprobs  # (positions, V)
             if job.logprobs is not None and job.echo:
@@ -588,7 +589,8 @@ class Engine:
                 keep.append(i)
             elif job.echo:
                 job.token_logprobs, job.top_logprobs = [None], [None]
-        for row in iter_logprobs(self.model, inputs, starts, self.tokenizer.pad_id, batch_size=self.max_batch_size):
+        for row in iter_logprobs(self.model, inputs, starts, self.tokenizer.pad_id, batch_size=self.max_batch_size,
+                                 max_batch_tokens=self.max_prefill_tokens):
             job, seq = jobs[keep[row.index]], seqs[keep[row.index]]
             self._record_logprobs(job, row.logprobs, seq[starts[row.index] + 1:], first_is_none=job.echo)
 

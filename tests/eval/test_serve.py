@@ -712,6 +712,42 @@ def test_a_prefill_takes_the_waiting_prompts_that_fit_its_token_bound(tiny_model
         Engine(tiny_model, tiny_tokenizer, max_prefill_tokens=0)
 
 
+def test_scoring_forwards_keep_to_the_prefill_bound(tiny_model, tiny_tokenizer):
+    """One-token scoring jobs (lm-eval's loglikelihood) and logprobs after decoding run forwards of at most
+    ``max_prefill_tokens`` padded tokens each (one row where a prompt alone is longer), with the results of
+    an unbounded engine."""
+    from bezoar.serve import Engine, Job
+
+    texts = ["Once upon a time there was a", "The red fox", "Q: what is two plus two? A:", "Hello", "The small cat"]
+    prompts = [tiny_tokenizer.encode(t, bos=True) for t in texts]
+
+    async def serve(limit):
+        engine = Engine(tiny_model, tiny_tokenizer, max_batch_size=8, batch_window_s=0, max_prefill_tokens=limit)
+        shapes, hidden = [], tiny_model.hidden_states
+
+        def spy(ids, *args, **kwargs):
+            shapes.append(tuple(ids.shape))
+            return hidden(ids, *args, **kwargs)
+
+        tiny_model.hidden_states = spy
+        await engine.start()
+        try:
+            scored = await engine.run([Job(p, 1, logprobs=2, echo=True) for p in prompts])
+            decoded = await engine.run([Job(p, 3, logprobs=1) for p in prompts])
+        finally:
+            await engine.stop()
+            del tiny_model.hidden_states
+        got = [(j.new_ids, j.token_logprobs) for j in scored + decoded]
+        return got, shapes
+
+    want, _ = asyncio.run(serve(None))
+    got, shapes = asyncio.run(serve(16))
+    assert [ids for ids, _ in got] == [ids for ids, _ in want]
+    for (_, a), (_, b) in zip(got, want):
+        assert len(a) == len(b) and all((x is None and y is None) or abs(x - y) < 1e-4 for x, y in zip(a, b))
+    assert len(shapes) > 2 and all(rows == 1 or rows * width <= 16 for rows, width in shapes), shapes
+
+
 def test_prefill_take_counts_padded_tokens_first_come_first():
     from bezoar.model.decode import prefill_take
 
