@@ -42,12 +42,13 @@ device (``tuning.py``) says otherwise; bench/nf4.py measures the crossover on a 
 writes it into the tuning file. On the H100 it was first measured on, the fused kernel lost at every M
 (5 to 11 times slower than dequant + cuBLAS at M <= 16). Its compiled loop explained it: the code-table
 gathers of every element went through cp.async into shared memory, with layout conversions for the
-tensor-core operands. So the fused default is 0, and the gemv kernel was written; its default is 1
+tensor-core operands. So the fused default was 0, and the gemv kernel was written; its default is 1
 (fastest at M = 1 on an H200). Since then the fused forward decodes bf16 codes in registers
 (``FusedConfig.decode = "prmt"``, its default where x is bf16 and K a multiple of the blocksize): on
 an H100 that halved its time at M <= 16 and beat dequant + cuBLAS up to M = 16 in time summed over the
-three 3B shapes (up to M = 4 on each), which the H100's tuning entry now says (``nf4.fused_max_m``,
-forward only: see Directions).
+three 3B shapes (up to M = 4 on each), and on an H200 (2026-11-28) it beat it up to M = 16 on each
+shape. Both tuning entries say 16 (``nf4.fused_max_m``, forward only: see Directions), and so does
+the default for a GPU without an entry.
 
 How the fused kernel decodes: K is processed in chunks. When K is a multiple of the NF4
 blocksize (the real model shapes), a chunk is one absmax block per row: the row's chunk is
