@@ -330,6 +330,7 @@ def test_merged_path_under_no_grad_is_plain(monkeypatch):
     the plain contiguous product."""
     extras = []
     monkeypatch.setattr(L, "merged_weights", lambda *a, _f=L.merged_weights: extras.append(a[4:]) or _f(*a))
+    monkeypatch.setenv("BEZOAR_NF4_FUSED_MAX_M", "0")  # at M = 9 the small-M inference path comes first
     weight = _base(40, 128, "nf4", torch.float32)
     (ad,) = _leaf_adapters([_adapter(40, 128, 8, seed=1)])
     x = torch.randn(9, 128, generator=_gen(2))
@@ -782,6 +783,59 @@ def test_gemv_path_for_inference(monkeypatch, projections, dtype):
             run(xg, training=False, path="gemv")
 
 
+@pytest.mark.parametrize("projections", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_small_m_inference_takes_the_nf4_fused_forward(monkeypatch, projections, dtype):
+    """Above the gemv threshold and up to the NF4 matmul's fused one, an inference call (no gradient, no
+    dropout, NF4 weights) runs the NF4 fused forward for each base product and adds the LoRA term in place
+    (path "small"): it equals the reference; with a gradient, dropout, or past the fused threshold it takes
+    the large-M paths (merged without dropout) as before, and an explicit path is kept."""
+    for var in ("BEZOAR_NF4_GEMV_MAX_M", "BEZOAR_NF4_FUSED_MAX_M", "BEZOAR_LORA_FUSED_MAX_M",
+                "BEZOAR_LORA_LARGE_M_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    from bezoar_kernels import nf4_matmul as mm
+
+    fused, paths = [], []
+    real = mm.nf4_matmul_forward
+    monkeypatch.setattr(L, "nf4_matmul_forward", lambda x, w, path=None: fused.append((x.shape[0], path))
+                        or real(x, w, path))
+    real_apply = L.LoRAFunction.apply
+    monkeypatch.setattr(L.LoRAFunction, "apply", lambda x, plan, *lora: paths.append(plan.path)
+                        or real_apply(x, plan, *lora))
+    k, ns = 192, (48, 24, 24)[:projections]
+    weights = [_base(n, k, "nf4", dtype, seed=j) for j, n in enumerate(ns)]
+    adapters = [_adapter(n, k, 8, seed=40 + j, scaling=0.5 + j) for j, n in enumerate(ns)]
+
+    def run(xx, training=False, p=0.1, path=None):
+        if projections == 3:
+            return L.lora_qkv(xx, weights, adapters, p, training, (4, 5, 6), path)
+        ad = adapters[0]
+        return (L.lora_linear(xx, weights[0], ad.lora_a, ad.lora_b, ad.scaling, p, training, 4, path),)
+
+    atol, rtol = TOLERANCES[dtype]
+    for m in (2, mm.FUSED_MAX_M):
+        x = torch.randn(m, k, generator=_gen(m)).to(dtype)
+        want = [L.lora_linear_reference(x, w, ad.lora_a, ad.lora_b, ad.scaling, 0.0, False, 0)
+                for w, ad in zip(weights, adapters)]
+        fused.clear(), paths.clear()
+        with backend("triton"), torch.no_grad():
+            got = run(x)
+        assert paths == ["small"] and fused == [(m, "fused")] * projections, (paths, fused)
+        for g, w in zip(got, want):
+            assert g.dtype == dtype and g.shape == w.shape
+            # the fused forward rounds nothing of W before its products: the reference's own rounding shows
+            assert_close(g, w, 2 * atol, 4 * rtol, name=f"small path M={m}")
+    x = torch.randn(mm.FUSED_MAX_M + 1, k, generator=_gen(1)).to(dtype)
+    paths.clear()
+    with backend("triton"):
+        with torch.no_grad():
+            run(x)  # past the fused threshold: merged (no dropout)
+            run(x[:4], training=True)  # dropout on: the mask needs a large-M path
+            run(x[:4], path="cublas")  # an explicit path is kept
+        run(x[:4].clone().requires_grad_(True))  # a gradient: the small path has no backward
+    assert paths == ["merged", L.LARGE_M_PATH, "cublas", "merged"], paths
+
+
 def test_dequantized_block_is_reused_and_stacked():
     ws = [_base(n, 64, "nf4", torch.float32, seed=n) for n in (8, 16, 8)]
     with backend("triton"):
@@ -1156,6 +1210,26 @@ def test_sweep_merge_graph_timing_alternates_the_weight_copies(monkeypatch, tmp_
         assert bench.sweep_merge(args, [(64, 128)], [8], torch.device("cpu"), torch.float32) == 0
     assert len(seen) == 3, seen  # the dequantize, dequantize + addmm, the one launch
     assert all(len(copies) == 2 for copies in seen), seen
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [2, 16])
+def test_bf16_small_m_inference_lora_on_gpu(m):
+    """The inference path above the gemv threshold (the NF4 fused forward + the LoRA term in place), as auto
+    takes it without gradients, against fp32."""
+    dev = "cuda"
+    k, ns, r = 3200, (3200, 1000, 1000), 16
+    weights = [_base(n, k, "nf4", torch.bfloat16, seed=j, device=dev) for j, n in enumerate(ns)]
+    adapters = [_adapter(n, k, r, seed=10 + j, device=dev) for j, n in enumerate(ns)]
+    x = torch.randn(m, k, generator=_gen(2)).to(dev, torch.bfloat16)
+    with backend("triton"), torch.no_grad():
+        got = L.lora_qkv(x, weights, adapters, 0.05, False, (1, 2, 3), None)
+    for y, w_j, ad in zip(got, weights, adapters):
+        w = nf4.dequantize_nf4_reference(w_j, torch.float32)
+        a, b = ad.lora_a.bfloat16().float(), ad.lora_b.bfloat16().float()
+        xa = (x.float() @ a.t()).bfloat16().float()
+        want = x.float() @ w.t() + ad.scaling * xa @ b.t()
+        assert_close(y.float(), want, 3e-2, 2e-2, name=f"fused + LoRA M={m}")
 
 
 @pytest.mark.gpu
