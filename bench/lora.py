@@ -99,6 +99,9 @@ RANKS = [16, 64]
 SMOKE_SHAPES = [(64, 128)]
 SMOKE_MS = [24]
 SMOKE_RANKS = [8]
+INFERENCE_MS = [1, 2, 4, 8, 16, 32]  # --inference: decoding and evaluation batches
+SMOKE_INFERENCE_MS = [1, 3]
+INFERENCE_IMPLS = ("nf4_only", "lora_auto", "lora_merged", "peft_style", "bnb_peft")
 CONCAT_ALIGNS_DEFAULT = (16, 64, 128)  # --sweep-concat-align's aligns: 16 (no columns added) is the reference
 LORA_PATHS = ("auto", "dequant", "cublas", "concat", "tma")  # the lora_<path> cases (with --dropout 0 also merged)
 LORA_PEERS = ["nf4_tma_gemm", "nf4_tma_decode", "lora_auto", "lora_dequant", "lora_cublas", "lora_concat", "lora_concat_rounded", "lora_tma",
@@ -149,6 +152,10 @@ def parse_args():
                    help="only time the concat path's forward + backward at each align of its LoRA columns "
                         "(BEZOAR_LORA_CONCAT_ALIGN), per shape, M and rank, single projections and q/k/v, and write "
                         "lora-concat-align-<device>-<date>.json")
+    p.add_argument("--inference", action="store_true",
+                   help="only time forwards without gradients at small M (default 1,2,4,8,16,32): NF4 alone, "
+                        "lora auto (gemv, the small-M inference path, or merged), lora merged, PEFT-style and "
+                        "bitsandbytes + PEFT, per shape and rank, and write lora-inference-<device>-<date>.json")
     p.add_argument("--aligns", default=",".join(map(str, CONCAT_ALIGNS_DEFAULT)), metavar="LIST",
                    help="with --sweep-concat-align: the aligns timed, of 16,32,64,128 (16 is always timed: the "
                         "reference; default %(default)s)")
@@ -337,6 +344,124 @@ def sweep_merge(args, shapes, ranks, device, dtype) -> int:
     common.write_results("lora-merge-sweep", rows, args,
                          extra={"dtype": str(dtype), "complete": not cut and len(rows) == len(shapes) * len(ranks)})
     return 0
+
+
+def inference(args, shapes, ms, ranks, device, dtype) -> int:
+    """--inference: forwards without gradients at small M (decoding and evaluation with an adapter), per rank,
+    shape and M: ``nf4_only`` (the NF4 matmul as auto picks it), ``lora_auto`` (``lora_linear`` as auto picks:
+    the gemv path, the small-M inference path, or merged past the NF4 fused threshold; its path is recorded),
+    ``lora_merged`` (the merged path asked for), ``peft_style`` (the NF4 matmul plus PEFT's two F.linear, scale
+    and add) and ``bnb_peft`` (bitsandbytes' matmul_4bit plus the same). Each is checked against ``lora_merged``
+    first; CUDA-graph replay over two copies of W (no L2 reuse between calls). Writes
+    lora-inference-<device>-<date>.json."""
+    import torch
+    import torch.nn.functional as F
+
+    from bezoar_kernels import lora as L
+    from bezoar_kernels import nf4
+    from bezoar_kernels import nf4_matmul as mm
+    from bezoar_kernels.dispatch import backend
+
+    bnbf, bnb_note = None, "no bnb_peft column: not on a CUDA device"
+    if device.type == "cuda":  # bitsandbytes' CPU backend is no peer here (nor the smoke run's business)
+        try:
+            import bitsandbytes.functional as bnbf
+            bnb_note = None
+        except Exception as exc:  # noqa: BLE001 - the GPU box may not have it
+            bnb_note = f"no bnb_peft column: bitsandbytes does not import ({type(exc).__name__}: {exc})"
+    copies_n = 2
+    timer = ((lambda fn: common.bench_ms(fn, smoke=True)) if args.smoke
+             else (lambda fn: common.graph_ms(fn, calls=copies_n)))
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows, cut = [], False
+    for r, (n, k), m in itertools.product(ranks, shapes, ms):
+        if stop or (args.budget and time.perf_counter() - STARTED > args.budget):
+            cut = True
+            break
+        with backend("triton"):
+            copies = [nf4.quantize_nf4(torch.randn(n, k, generator=gen, device=device) * 0.02, 64, True)
+                      for _ in range(copies_n)]
+        bnb_copies = []
+        if bnbf is not None and device.type == "cuda":
+            for q in copies:  # the same bytes as bitsandbytes' QuantState
+                w = nf4.dequantize_nf4_reference(q, dtype)
+                bnb_copies.append(bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
+        a = (torch.randn(r, k, generator=gen, device=device) * 0.02).to(dtype)
+        b = (torch.randn(n, r, generator=gen, device=device) * 0.02).to(dtype)
+        scaling = 16 / r
+        x = (torch.randn(m, k, generator=gen, device=device)).to(dtype)
+        at = [copies_n - 1]  # the copy of W the last call read: calls alternate, checks start from copy 0
+
+        def turn() -> int:
+            at[0] = (at[0] + 1) % copies_n
+            return at[0]
+
+        paths = []
+
+        def lora(path=None):
+            return L.lora_linear(x, copies[turn()], a, b, scaling, 0.0, False, 0, path)
+
+        impls = {
+            "nf4_only": lambda: mm.nf4_matmul(x, copies[turn()]),
+            "lora_auto": lora,
+            "lora_merged": lambda: lora("merged"),
+            "peft_style": lambda: mm.nf4_matmul(x, copies[turn()]) + F.linear(F.linear(x, a), b) * scaling,
+        }
+        if bnb_copies:
+            impls["bnb_peft"] = lambda: (bnbf_matmul(x, bnb_copies[turn()])
+                                         + F.linear(F.linear(x, a), b) * scaling)
+        row = {"shape": f"{n}x{k}", "M": m, "r": r}
+        real_apply = L.LoRAFunction.apply
+        with backend("triton"), torch.no_grad():
+            try:
+                L.LoRAFunction.apply = lambda xx, plan, *lo: paths.append(plan.path) or real_apply(xx, plan, *lo)
+                at[0] = copies_n - 1
+                want = lora("merged").float()
+                paths.clear()
+                at[0] = copies_n - 1
+                lora()
+            finally:
+                L.LoRAFunction.apply = real_apply
+            row["auto_path"] = paths[0] if paths else None
+            scale = want.abs().max().item()
+            for name, fn in impls.items():
+                if stop:
+                    cut = True
+                    break
+                try:
+                    at[0] = copies_n - 1  # checked on copy 0, as want
+                    err = (fn().float() - want).abs().max().item() / scale
+                    if name != "nf4_only" and not err < 0.05:
+                        raise ArithmeticError(f"differs from lora_merged by {err:.3g} of its largest value")
+                    row[name] = timer(fn)
+                except Exception as exc:  # noqa: BLE001 - reported in the row, the others still timed
+                    row[name] = None
+                    row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        base = row.get("nf4_only")
+        for name in INFERENCE_IMPLS[1:]:
+            if base and row.get(name):
+                row[f"{name}/nf4_only"] = row[name] / base
+        if row.get("lora_auto") and row.get("lora_merged"):
+            row["merged/auto"] = row["lora_merged"] / row["lora_auto"]
+        rows.append(row)
+        print(f"inference {row['shape']} M={m} r={r} auto={row['auto_path']}: "
+              + ", ".join(f"{name} {row[name] * 1e3:.1f} us" for name in INFERENCE_IMPLS if row.get(name)), flush=True)
+        common.write_results("lora-inference", rows, args, extra={"dtype": str(dtype), "complete": False})
+    print()
+    print(common.markdown_table(rows, ["shape", "M", "r", "auto_path", *INFERENCE_IMPLS, "lora_auto/nf4_only",
+                                       "merged/auto", "bnb_peft/nf4_only"]))
+    common.write_results("lora-inference", rows, args, extra={
+        "dtype": str(dtype), "complete": not cut and len(rows) == len(ranks) * len(shapes) * len(ms),
+        "bnb_note": bnb_note})
+    return 0
+
+
+def bnbf_matmul(x, state):
+    """bitsandbytes' 4-bit matmul as PEFT's Linear4bit calls it (its gemv at one row, dequantize + matmul above)."""
+    import bitsandbytes as bnb
+
+    packed, quant_state = state
+    return bnb.matmul_4bit(x, packed.t(), quant_state=quant_state)
 
 
 def concat_align_cases(shapes, ms, ranks, groups: bool) -> list[dict]:
@@ -723,6 +848,9 @@ def main() -> int:
         return sweep_merge(args, shapes, ranks, device, dtype)
     if args.sweep_concat_align:
         return sweep_concat_align(args, shapes, ms, ranks, device, dtype)
+    if args.inference:
+        return inference(args, shapes, ms if args.ms else (SMOKE_INFERENCE_MS if args.smoke else INFERENCE_MS),
+                         ranks, device, dtype)
     paths = tuple(args.paths.split(",")) if args.paths else LORA_PATHS
     unknown = [p for p in paths if p not in LORA_PATHS]
     if unknown:

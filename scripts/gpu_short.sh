@@ -30,6 +30,9 @@
 #   lora           bench/lora.py, cuBLAS, concat and tma paths, M = 16384 and 4096, r = 16 and 64 (issue 4)
 #   lora_nodrop    bench/lora.py --dropout 0: auto (merged there, which is also timed as itself) and concat, M = 16384 and 4096, r = 16 and 64,
 #                  beside PEFT-style and bitsandbytes + PEFT (issue 4 without dropout)
+#   lora_infer     bench/lora.py --inference: forwards without gradients at M = 1-32 (decoding and evaluation with an
+#                  adapter): NF4 alone, lora auto (gemv, the small-M inference path, merged), lora merged, PEFT-style
+#                  and bitsandbytes + PEFT, r = 16 and 64 (issue 4: the small-M inference path's first timing)
 #   lora_breakdown bench/lora.py --breakdown: GPU time per kernel and in passes over the input, NF4 alone
 #                  against the cuBLAS and concat paths and the fused norm + q/k/v, M = 16384, r = 16; then
 #                  with dropout 0, NF4 alone against merged and concat at 3200x3200 (issue 4)
@@ -75,8 +78,8 @@ cd "$ROOT" || exit 1
 # shellcheck source=SCRIPTDIR/gpu_env.sh
 source "$HERE/gpu_env.sh"
 
-ALL_PARTS=(gpu_tests nf4_cache step_cache nf4_small decode generate serve lora lora_nodrop lora_breakdown waves merge concat_align gemm_widths merged_check nf4_gemv gemv_ladder nf4_tma_sweep lora_tma_sweep tma_tests small_tests)
-PARTS=gpu_tests,nf4_gemv,gemv_ladder,generate
+ALL_PARTS=(gpu_tests nf4_cache step_cache nf4_small decode generate serve lora lora_nodrop lora_infer lora_breakdown waves merge concat_align gemm_widths merged_check nf4_gemv gemv_ladder nf4_tma_sweep lora_tma_sweep tma_tests small_tests)
+PARTS=gpu_tests,nf4_gemv,lora_infer,generate
 DRY_RUN=0
 PRINT_CALL=0
 PARTS_ASKED=()
@@ -295,6 +298,7 @@ run_part() {
       --budget 105 --out "$OUT_DIR" ;;
     lora_nodrop) part lora_nodrop 100 "$PYTHON" bench/lora.py --dropout 0 --paths auto,concat --ranks 16,64 --ms 16384,4096 \
       --no-groups --budget 85 --out "$OUT_DIR" ;;
+    lora_infer) part lora_infer 85 "$PYTHON" bench/lora.py --inference --ranks 16,64 --budget 70 --out "$OUT_DIR" ;;
     lora_breakdown)
       part lora_breakdown 75 "$PYTHON" bench/lora.py --breakdown default --shapes 3200x3200,8640x3200 --ms 16384 \
         --ranks 16 --paths cublas,concat --out "$OUT_DIR"

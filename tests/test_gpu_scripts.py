@@ -76,12 +76,12 @@ def test_gpu_short_dry_run_fits_one_call_and_runs_the_parts_asked_for():
     text = out.stdout
     assert "pip install -q --no-deps --no-build-isolation -e ." in text
     parts = re.findall(r"part (\w+) \(limit (\d+)s\)", text)
-    assert [name for name, _ in parts] == ["gpu_tests", "nf4_gemv", "gemv_ladder", "generate"], parts
+    assert [name for name, _ in parts] == ["gpu_tests", "nf4_gemv", "lora_infer", "generate"], parts
     # one device call of timeout_s=590 (bench/README.md): the parts' limits, kill grace included
     assert sum(int(limit) for _, limit in parts) + 10 * len(parts) <= 590, parts
     for piece in ("GPU_TEST_LIMIT=140 bash scripts/gpu_check.sh --gpu-only",
                   r"--ms 1\,4\,16\,32\,64 --budget 115 --sweep-gemv --out /tmp/bezoar-gpu-out",
-                  "bench/gemv_ladder.py --budget 50 --out /tmp/bezoar-gpu-out",
+                  r"bench/lora.py --inference --ranks 16\,64 --budget 70 --out /tmp/bezoar-gpu-out",
                   "bench/generate.py --batches 1 --out /tmp/bezoar-gpu-out"):
         assert piece in text, piece
     text = dry_run("gpu_short.sh", "--dry-run", "--parts", "concat_align").stdout
@@ -105,7 +105,7 @@ def test_gpu_short_dry_run_fits_one_call_and_runs_the_parts_asked_for():
     assert "part waves (limit 70s)" in text
     # every part by name, in the order asked; each part's limit stays under the call's total
     every = ["gpu_tests", "nf4_cache", "step_cache", "nf4_small", "decode", "generate", "lora", "lora_nodrop",
-             "lora_breakdown", "waves", "merge", "concat_align", "gemm_widths", "merged_check", "nf4_gemv", "gemv_ladder",
+             "lora_infer", "lora_breakdown", "waves", "merge", "concat_align", "gemm_widths", "merged_check", "nf4_gemv", "gemv_ladder",
              "nf4_tma_sweep", "lora_tma_sweep", "tma_tests", "small_tests"]
     out = dry_run("gpu_short.sh", "--dry-run", "--parts", ",".join(reversed(every)))
     assert out.returncode == 0, out.stderr
@@ -197,7 +197,7 @@ def test_gpu_short_cuts_parts_to_its_total():
 
     text = parts(100)
     found = re.findall(r"part (\w+) \(limit (\d+)s\)", text)
-    expected = [("gpu_tests", 100), ("nf4_gemv", 100), ("gemv_ladder", 75), ("generate", 100)]
+    expected = [("gpu_tests", 100), ("nf4_gemv", 100), ("lora_infer", 85), ("generate", 100)]
     assert [name for name, _ in found] == [name for name, _ in expected], text
     # a dry run spends a second or two (more on a loaded machine), which the total's cut counts
     for (name, limit), (_, most) in zip(found, expected):
