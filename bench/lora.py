@@ -386,8 +386,10 @@ def inference(args, shapes, ms, ranks, device, dtype) -> int:
             for q in copies:  # the same bytes as bitsandbytes' QuantState
                 w = nf4.dequantize_nf4_reference(q, dtype)
                 bnb_copies.append(bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
+        # B drawn at sqrt(r) / 16 (a trained adapter's size, not PEFT's zeros): the LoRA term is then about as
+        # large as x @ W.T, so the check below sees a missing or mis-scaled term (at 0.02 it was 4% of y at r = 64)
         a = (torch.randn(r, k, generator=gen, device=device) * 0.02).to(dtype)
-        b = (torch.randn(n, r, generator=gen, device=device) * 0.02).to(dtype)
+        b = (torch.randn(n, r, generator=gen, device=device) * (r ** 0.5 / 16)).to(dtype)
         scaling = 16 / r
         x = (torch.randn(m, k, generator=gen, device=device)).to(dtype)
         at = [copies_n - 1]  # the copy of W the last call read: calls alternate, checks start from copy 0
