@@ -1213,42 +1213,23 @@ def test_sweep_merge_graph_timing_alternates_the_weight_copies(monkeypatch, tmp_
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [2, 16])
-def test_bf16_small_m_inference_lora_on_gpu(m):
-    """The inference path above the gemv threshold (the NF4 fused forward + the LoRA term in place), as auto
-    takes it without gradients, against fp32."""
+@pytest.mark.parametrize("m,path", [(1, "gemv"), (8, "gemv"), (2, None), (16, None)])
+def test_bf16_inference_lora_on_gpu(m, path):
+    """The inference paths at small M against fp32: gemv base products (asked for), and above the gemv
+    threshold the NF4 fused forward's, as auto takes it without gradients; the LoRA term added in place."""
     dev = "cuda"
     k, ns, r = 3200, (3200, 1000, 1000), 16
     weights = [_base(n, k, "nf4", torch.bfloat16, seed=j, device=dev) for j, n in enumerate(ns)]
     adapters = [_adapter(n, k, r, seed=10 + j, device=dev) for j, n in enumerate(ns)]
     x = torch.randn(m, k, generator=_gen(2)).to(dev, torch.bfloat16)
     with backend("triton"), torch.no_grad():
-        got = L.lora_qkv(x, weights, adapters, 0.05, False, (1, 2, 3), None)
+        got = L.lora_qkv(x, weights, adapters, 0.05, False, (1, 2, 3), path)
     for y, w_j, ad in zip(got, weights, adapters):
         w = nf4.dequantize_nf4_reference(w_j, torch.float32)
         a, b = ad.lora_a.bfloat16().float(), ad.lora_b.bfloat16().float()
         xa = (x.float() @ a.t()).bfloat16().float()
         want = x.float() @ w.t() + ad.scaling * xa @ b.t()
-        assert_close(y.float(), want, 3e-2, 2e-2, name=f"fused + LoRA M={m}")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 8])
-def test_bf16_gemv_lora_on_gpu(m):
-    """The inference path at small M (gemv base products + the LoRA term in place) against fp32."""
-    dev = "cuda"
-    k, ns, r = 3200, (3200, 1000, 1000), 16
-    weights = [_base(n, k, "nf4", torch.bfloat16, seed=j, device=dev) for j, n in enumerate(ns)]
-    adapters = [_adapter(n, k, r, seed=10 + j, device=dev) for j, n in enumerate(ns)]
-    x = torch.randn(m, k, generator=_gen(2)).to(dev, torch.bfloat16)
-    with backend("triton"), torch.no_grad():
-        got = L.lora_qkv(x, weights, adapters, 0.05, False, (1, 2, 3), "gemv")
-    for y, w_j, ad in zip(got, weights, adapters):
-        w = nf4.dequantize_nf4_reference(w_j, torch.float32)
-        a, b = ad.lora_a.bfloat16().float(), ad.lora_b.bfloat16().float()
-        xa = (x.float() @ a.t()).bfloat16().float()
-        want = x.float() @ w.t() + ad.scaling * xa @ b.t()
-        assert_close(y.float(), want, 3e-2, 2e-2, name=f"gemv + LoRA M={m}")
+        assert_close(y.float(), want, 3e-2, 2e-2, name=f"{path or 'auto'} + LoRA M={m}")
 
 
 @pytest.mark.gpu
