@@ -390,8 +390,6 @@ class Engine:
     def _take_waiting(self) -> None:
         """Start the waiting jobs that fit: every one-token scoring job (a batch of forwards), and generation
         jobs in first-come order while rows are free and their prefill fits ``max_prefill_tokens``."""
-        from bezoar.model.decode import prefill_take
-
         one_step, generate = [], []
         free = self.batch.free
         while self.waiting:
@@ -405,8 +403,8 @@ class Engine:
                 self.waiting.popleft()
                 self._finish_generated(job, [], "length")
                 self._answer(job)
-            elif prefill_take([len(j.prompt_ids) for j in generate] + [len(job.prompt_ids)], free,
-                              self.max_prefill_tokens) > len(generate):
+            elif _decode.prefill_take([len(j.prompt_ids) for j in generate] + [len(job.prompt_ids)], free,
+                                      self.max_prefill_tokens) > len(generate):
                 generate.append(self.waiting.popleft())
             else:
                 break  # the jobs behind it wait their turn too (the next step's admit, or when rows free up)

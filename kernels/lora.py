@@ -2026,20 +2026,22 @@ def _kernel_rank_ok(adapters) -> bool:
     return adapters is None or adapters[0].lora_a.shape[0] <= MAX_KERNEL_RANK
 
 
+def _needs_grad(x, adapters) -> bool:
+    """Whether this call's autograd needs a backward: grad mode on and x or an adapter requiring grad."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(
+        t.requires_grad for ad in (adapters or ()) for t in (ad.lora_a, ad.lora_b)))
+
+
 def _gemv_ok(x, weights, adapters, dropout_p) -> bool:
     """The gemv path is forward-only and unmasked: NF4 weights it takes, no dropout, no gradient."""
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(
-        t.requires_grad for ad in (adapters or ()) for t in (ad.lora_a, ad.lora_b)))
-    return (not needs_grad and dropout_p == 0 and all(isinstance(w, NF4Weight) and gemv_supported(m, w)
-                                                         for w in weights))
+    return (not _needs_grad(x, adapters) and dropout_p == 0
+            and all(isinstance(w, NF4Weight) and gemv_supported(m, w) for w in weights))
 
 
 def _small_ok(x, weights, adapters, dropout_p) -> bool:
     """The ``small`` inference path: NF4 weights, no dropout, no gradient (its forward has no backward)."""
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(
-        t.requires_grad for ad in (adapters or ()) for t in (ad.lora_a, ad.lora_b)))
-    return not needs_grad and dropout_p == 0 and all(isinstance(w, NF4Weight) for w in weights)
+    return not _needs_grad(x, adapters) and dropout_p == 0 and all(isinstance(w, NF4Weight) for w in weights)
 
 
 def _apply(x, weights, adapters, dropout_p, training, seeds, path, fwd_config=None, bwd_config=None, splits=None):
