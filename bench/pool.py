@@ -18,6 +18,9 @@ has one of the machine's cores to itself. Cases:
                      most ~1,000 launches/s whatever the server does)
   ratelimit-6000rpm  server latency 200 ms and a 6,000 RPM bucket (1 s burst); the Pool told
                      rpm=6000: share of the allowed rate achieved (target >= 97%), 429s seen
+  refused-15pct      no limit, but 15% of the calls answered 429 naming 20 ms at random (a shared key,
+                     a flaky gateway): requests/s against pool-compat's; the pool must not take
+                     such refusals for a limit on its rate
 
 Share of the limit = requests answered / what the server's bucket allowed between the first and
 the last request it saw (burst + rate x window).
@@ -63,10 +66,12 @@ KEY = "sk-bench-not-a-real-key"
 class ServerProcess:
     """tests.generate.fake_server in a child process; stopped by its pid on exit."""
 
-    def __init__(self, latency: float = 0.0, rpm: float | None = None):
+    def __init__(self, latency: float = 0.0, rpm: float | None = None, refused: float = 0.0):
         cmd = [sys.executable, "-m", "tests.generate.fake_server", "--latency", str(latency)]
         if rpm:
             cmd += ["--rpm", str(rpm), "--rpm-burst-s", "1.0"]
+        if refused:  # that share of the calls answered 429 naming 20 ms, at random, whatever the rate
+            cmd += ["--fault-rate", str(refused), "--fault-kinds", "429ms", "--retry-after-s", "0.02"]
         env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
@@ -244,6 +249,13 @@ async def ratelimit_case(server: ServerProcess, n: int, rpm: float, concurrency:
     return row
 
 
+async def refused_case(server: ServerProcess, n: int, concurrency: int, store_dir: str, refused: float) -> dict:
+    row = await pool_case("compat", server, n, concurrency, store_dir, warmup=0)
+    s = server.stats()
+    row.update(refused_share=refused, server_429=s["outcomes"].get("fault_429ms", 0))
+    return row
+
+
 # ---------------------------------------------------------------------- driver
 def cases(smoke: bool) -> dict:
     big, sdk, loop_n = (100, 20, 50) if smoke else (20000, 2000, 5000)
@@ -257,6 +269,7 @@ def cases(smoke: bool) -> dict:
         "raw-aiohttp": dict(kind="raw", n=big, concurrency=128),
         "cookbook-loop": dict(kind="cookbook", n=loop_n, concurrency=128),
         "ratelimit-6000rpm": dict(kind="ratelimit", n=rate_n, rpm=6000, concurrency=64),
+        "refused-15pct": dict(kind="refused", n=100 if smoke else 5000, refused=0.15, concurrency=64),
     }
 
 
@@ -265,6 +278,10 @@ def run_case(name: str, spec: dict, store_dir: str, server: ServerProcess | None
     if spec["kind"] == "ratelimit":
         with ServerProcess(latency=0.2, rpm=spec["rpm"]) as limited:
             row = asyncio.run(ratelimit_case(limited, spec["n"], spec["rpm"], spec["concurrency"], store_dir))
+        return {"case": name, **row}
+    if spec["kind"] == "refused":
+        with ServerProcess(refused=spec["refused"]) as refusing:
+            row = asyncio.run(refused_case(refusing, spec["n"], spec["concurrency"], store_dir, spec["refused"]))
         return {"case": name, **row}
     if spec["kind"] == "null":
         return {"case": name, **asyncio.run(null_provider_case(spec["n"], spec["concurrency"], store_dir))}

@@ -428,10 +428,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rpm", type=float, default=None, help="requests per minute before answering 429")
     p.add_argument("--rpm-burst-s", type=float, default=1.0, help="seconds of burst the RPM bucket holds")
     p.add_argument("--fault-rate", type=float, default=0.0)
+    p.add_argument("--fault-kinds", default=",".join(FAULT_KINDS),
+                   help=f"comma-separated kinds the random faults are drawn from (of {', '.join(FAULT_KINDS)}, 529)")
+    p.add_argument("--retry-after-s", type=float, default=0.05, help="the wait an injected 429 names")
     p.add_argument("--api-key", default=None)
     args = p.parse_args(argv)
-    server = FakeLLMServer(latency=args.latency, rpm=args.rpm, rpm_burst_s=args.rpm_burst_s,
-                           fault_rate=args.fault_rate, api_key=args.api_key, port=args.port)
+    kinds = tuple(k.strip() for k in args.fault_kinds.split(",") if k.strip())
+    try:
+        server = FakeLLMServer(latency=args.latency, rpm=args.rpm, rpm_burst_s=args.rpm_burst_s,
+                               fault_rate=args.fault_rate, fault_kinds=kinds, retry_after_s=args.retry_after_s,
+                               api_key=args.api_key, port=args.port)
+    except ValueError as e:
+        p.error(f"--fault-kinds: {e}")
 
     async def serve() -> None:
         logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)

@@ -14,7 +14,7 @@ def test_bench_pool_smoke(tmp_path):
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     for case in ("pool-null-provider", "pool-compat", "pool-compat-aiohttp", "pool-openai-sdk", "pool-anthropic-sdk",
-                 "raw-aiohttp", "cookbook-loop", "ratelimit-6000rpm"):
+                 "raw-aiohttp", "cookbook-loop", "ratelimit-6000rpm", "refused-15pct"):
         assert f"| {case} |" in done.stdout, case
     assert list(tmp_path.iterdir()) == []  # smoke mode writes nothing
 
