@@ -367,15 +367,19 @@ class _EndpointState:
         if probe is not None:
             sends = probe["sends"]
             if sends and probe["at"] <= sent_at <= sends[-1]:
-                probe["refused"] += weight
-            if settled < self._probe_end(probe):
+                probe["refused"] += weight  # weighed as the cuts weigh them (a few requests refused every time)
+                probe["calls_refused"] += 1  # ... but what was answered is every call not refused
+            if len(sends) >= RATE_PROBE_MIN and probe["refused"] > (0.5 + background) * len(sends):
+                self.probe = None  # the cut did not go far enough: cut again, measured since it
+            elif settled < self._probe_end(probe):
                 return  # no new cut before the last one is judged
-            self._judge_probe(probe, now)
-            background = self.background_share(now)
+            else:
+                self._judge_probe(probe, now)
+                background = self.background_share(now)
         if sent_at < self.rate_cut_at:
             return
         # measured since the last cut (or the probes' verdict): calls before it went at another rate
-        since = max(start, self.rate_cut_at)
+        since = max(start, self.rate_cut_at) if background > 0.0 else start
         span = settled - since
         rate = self.rate(now)
         sending = sum(1 for t in self.sends if t >= since) / max(now - since, 0.1 * RATE_WINDOW_S)
@@ -388,17 +392,20 @@ class _EndpointState:
             # A request's n-th refusal weighs 1/n: a few requests the provider refuses every time (retried, the
             # others answered) grew to a share of the calls that cut the rate, and cut it again as it fell.
             refused = sum(refusals)
-            if refused >= 0.5 * self.background * sent:
-                self.background_at = now  # refusals as frequent as the background keep it up
             if refused <= threshold * sent or refused < RATE_REFUSED_MIN:
+                if refused >= 0.5 * self.background * sent:
+                    self.background_at = now  # refusals about as frequent as the background keep it up
                 return
             share = refused / max(1, sent)
             taken = (sent - len(refusals)) / span
-            if taken >= 0.8 * (1.0 - background) * sending:
+            # over the whole window (the cuts within it included), what the provider took against what was sent
+            whole = (sum(1 for t in self.sends if t <= settled)
+                     - sum(1 for t, _ in self.refused if start <= t <= settled)) / max(settled - start, 1e-3)
+            if whole >= 0.8 * (1.0 - background) * len(self.sends) / max(now - start, 0.1 * RATE_WINDOW_S):
                 # a rate the provider keeps up (not an outage), regrown to quickly later; kept against the lower
                 # rates measured as an outage begins, fading if the provider's limit fell
                 fading = 0.5 ** ((now - self.rate_good_at) / RATE_GOOD_HALF_LIFE_S)
-                self.rate_good = taken if self.rate_good == math.inf else max(taken, self.rate_good * fading)
+                self.rate_good = whole if self.rate_good == math.inf else max(whole, self.rate_good * fading)
                 self.rate_good_at = now
             self.rate_base = max(taken, 0.5 * min(rate, sending))
         else:
@@ -412,7 +419,9 @@ class _EndpointState:
         self.rate_base = max(RATE_MIN, min(rate, self.rate_base))
         self.rate_cut_at = now
         self.next_send = min(self.next_send, now + 1.0 / self.rate_base)
-        self.probe = {"at": now, "share": min(1.0, share), "sends": [], "refused": 0.0, "undo": undo}
+        if self.rate_base * RATE_PROBE_S >= RATE_PROBE_MIN:  # (slower, a probe would hold the rate for seconds)
+            self.probe = {"at": now, "share": min(1.0, share), "sends": [], "refused": 0.0, "calls_refused": 0,
+                          "undo": undo}
 
     def background_share(self, now: float) -> float:
         """The share of calls this endpoint refuses at any rate (see RATE_PROBE_SENDS), faded since last seen."""
@@ -431,10 +440,17 @@ class _EndpointState:
         The first is sent at the cut's rate. Where it still sees more than half of RATE_REFUSED refused, the
         second goes at 0.9 x the rate the provider answered in the first: below any limit on the rate (which
         answered that much), so only refusals that come at any rate remain. Where the second still sees at
-        least half of the first's share refused, that share is the endpoint's background; else (and where the
-        first saw few) the background is no more than what the last probe saw. The cuts are undone where the
-        second probe saw the share within RATE_REFUSED of the share that made the cut (they took what was not
-        the rate); else the last probe's rate stays and starts growing back. The share before the cut, with
+        least 0.75 of the first's share refused, that share is the endpoint's background, and the cuts are
+        undone where it is within RATE_REFUSED of the share that made the cut (they took what was not the
+        rate); else (and where the first saw few) the background is no more than what the last probe saw, and
+        the last probe's rate stays and starts growing back. The share a probe sees weighs a request's n-th
+        refusal 1/n, as the cuts do; the rate it saw answered counts every call (a limit refuses the same
+        requests again and again: estimated from the weighted share, a probe against a 10/s limit took 13.4/s
+        for answered, and the second, over the limit, learned a false background that no cut then
+        exceeded). A probe that sees more than half of its calls refused ends at once, and the
+        cut it followed is cut again. Below RATE_PROBE_MIN calls in RATE_PROBE_S, no probe is sent (held at 5/s
+        against a 2/s limit, probes doubled the 429s), and refusals there are taken for a limit. The share
+        before the cut, with
         a burst a provider's bucket let through at the start, says too little of the rate to compare with
         alone: a first probe against 20 requests a second (sent 38) saw 47% refused where 40% made the cut."""
         self.probe = None
@@ -442,32 +458,47 @@ class _EndpointState:
         if len(sends) < RATE_PROBE_MIN:
             self.rate_cut_at = now
             return  # too few calls to tell
-        rate = len(sends) / max(self._probe_end(probe) - probe["at"], 1e-3)
+        span = max(self._probe_end(probe) - probe["at"], 1e-3)
+        rate = len(sends) / span
+        answered = max(0, len(sends) - probe["calls_refused"]) / span
         seen = min(1.0, probe["refused"] / len(sends))
         if "first" not in probe:
             if seen > self.background_share(now) + 0.5 * RATE_REFUSED:
-                self.rate_base = max(RATE_MIN, 0.9 * (1.0 - seen) * rate)
+                # no lower than half the probe's rate, as a cut (a fixed window spent before the probe answered
+                # nothing: the second probe went at 0.1/s, and the rate took 10 s to grow back)
+                self.rate_base = max(RATE_MIN, 0.9 * answered, 0.5 * rate)
                 self.rate_cut_at = now
                 self.next_send = min(self.next_send, now + 1.0 / self.rate_base)
-                self.probe = {**probe, "at": now, "sends": [], "refused": 0.0, "first": seen,
-                              "answered": (1.0 - seen) * rate}
+                if self.rate_base * RATE_PROBE_S >= RATE_PROBE_MIN:
+                    self.probe = {**probe, "at": now, "sends": [], "refused": 0.0, "calls_refused": 0, "first": seen,
+                                  "answered": answered, "below": self.rate_base <= 0.9 * answered + 1e-9}
+                else:  # too slow to probe: taken for a limit
+                    self._taken(probe, answered, now)
                 return
             self.background, self.background_at = min(self.background_share(now), seen), now
             self.rate_cut_at = now
             return
-        if seen > 0.0 and seen >= 0.5 * probe["first"]:
+        if seen > 0.0 and seen >= 0.75 * probe["first"] and probe["below"]:  # (sent below what was answered)
             if self.background_share(now) < 0.5 * seen:
                 log.info("%s refuses about %.0f%% of calls at any rate: no rate cut for those", self.label,
                          100 * seen)
             self.background, self.background_at = seen, now
+            if seen >= probe["share"] - RATE_REFUSED:
+                self.rate_base, self.rate_good, self.rate_good_at = probe["undo"]
         else:
             self.background, self.background_at = min(self.background_share(now), seen), now
-        if seen >= probe["share"] - RATE_REFUSED:
-            self.rate_base, self.rate_good, self.rate_good_at = probe["undo"]
-        elif self.rate_good != math.inf:  # the rate answered in the first probe: taken, so regrown to quickly
-            fading = 0.5 ** ((now - self.rate_good_at) / RATE_GOOD_HALF_LIFE_S)
-            self.rate_good, self.rate_good_at = max(probe["answered"], self.rate_good * fading), now
+            self._taken(probe, probe["answered"], now)  # what the first probe had answered
         self.rate_cut_at = now
+
+    def _taken(self, probe: dict, answered: float, now: float) -> None:
+        """A probe at a held rate measured the provider taking ``answered`` a second: where a rate taken is
+        known (``rate_good``), it is at least this (faded as in ``rate_limited``). Not set where none is: a
+        few requests refused every time, taken for a limit at 13/s, held a pool 4 at once to 1.1 x a second
+        of growth from there (20 s for what takes 1.5 s)."""
+        if self.rate_good == math.inf:
+            return
+        fading = 0.5 ** ((now - self.rate_good_at) / RATE_GOOD_HALF_LIFE_S)
+        self.rate_good, self.rate_good_at = max(answered, self.rate_good * fading), now
 
     def connect_failed(self, message: str, sent_at: float) -> None:
         """A connection could not be made (or, to an endpoint that has answered before, no answer came in

@@ -413,3 +413,40 @@ def test_random_refusals_do_not_collapse_the_pools_rate():
     results, stats, elapsed = _run_bucket(provider, 1000, concurrency=16, max_attempts=10)
     assert all(r.ok for r in results)
     assert elapsed < 6.0, elapsed  # 16 s before
+
+
+def _fixed_window(n: int, period: float = 1.0):
+    """At most ``n`` calls answered in each ``period`` (a counter reset on the period), the rest refused."""
+    window = {"at": -1, "count": 0}
+
+    def refuse(now):
+        at = int(now // period)
+        if at != window["at"]:
+            window["at"], window["count"] = at, 0
+        if window["count"] >= n:
+            return True
+        window["count"] += 1
+        return False
+
+    return refuse
+
+
+@pytest.mark.parametrize("limit", ["fixed-window", "falling"])
+def test_a_pure_limit_is_never_learned_as_a_background(monkeypatch, limit):
+    """From a review: the probes once weighed a request's n-th refusal 1/n when they estimated the rate answered,
+    so against a 10/s fixed window the second probe went at 12/s, still over the limit, learned its refusals
+    as a background and undid the cut; no cut came again, and the pool sent 3,661 refused calls a second for 10
+    answered. A limit that falls from 200/s to 20/s did the same. Neither may leave a background, and the
+    refused calls stay within a few times the answered ones (the tracker before the background: 5 a second
+    against the window)."""
+    if limit == "fixed-window":
+        refuse, allowed = _fixed_window(10), 10
+    else:
+        high, low = _limit(200, 10), _limit(20, 2)
+        refuse, allowed = (lambda now: high(now) if now < 5.0 else low(now)), 20
+    state, calls = _simulate(monkeypatch, refuse, seconds=12.0, offered=60 if limit == "fixed-window" else 300)
+    answered = _sent_rate(calls, 8.0, 12.0, answered=True)
+    refused = _sent_rate(calls, 8.0, 12.0) - answered
+    assert state.background_share(12.0) < 0.05
+    assert 0.7 * allowed < answered <= allowed * 1.05
+    assert refused < 2.0 * allowed, (answered, refused)
