@@ -485,6 +485,9 @@ class _EndpointState:
             self.background, self.background_at = seen, now
             if seen >= probe["share"] - RATE_REFUSED:
                 self.rate_base, self.rate_good, self.rate_good_at = probe["undo"]
+                # and the rates measured taken while these refusals were taken for a limit say nothing of one
+                # (an earlier probe's noise kept 15% random refusals to 1.1 x a second of growth: 6.5 s, not 1.6)
+                self.rate_good = math.inf
         else:
             self.background, self.background_at = min(self.background_share(now), seen), now
             self._taken(probe, probe["answered"], now)  # what the first probe had answered
