@@ -348,10 +348,11 @@ class _EndpointState:
         the rate grows back quickly all the way (against a low limit, refused more often: 42% of the calls at
         5 requests a second with ``retry-after: 1``, in a review's measurement, 1.2 x the ideal time).
 
-        The share refused is measured from the last cut (calls before it went at another rate), and the share a
-        cut needs is RATE_REFUSED over the endpoint's background (see RATE_PROBE_SENDS); the probes that follow
-        a cut hold the rate, and no other cut comes before they are judged. The first-tenth halving happens
-        once, on a first burst (each round trip, 30% refused at any rate took it to 20 requests a second)."""
+        With a background known, the share refused is measured from the last cut (calls before it went at
+        another rate), and the share a cut needs is RATE_REFUSED over the background (see RATE_PROBE_SENDS); the
+        probes that follow a cut hold the rate, and no other cut comes before they are judged. The first-tenth
+        halving happens once, on a first burst (each round trip, 30% refused at any rate took it to 20 requests a
+        second)."""
         now = time.monotonic()
         self._forget(now)
         weight = 1.0 / nth
@@ -378,7 +379,8 @@ class _EndpointState:
                 background = self.background_share(now)
         if sent_at < self.rate_cut_at:
             return
-        # measured since the last cut (or the probes' verdict): calls before it went at another rate
+        # with a background, measured since the last cut (or the probes' verdict): calls before it went at another
+        # rate (without one, over the window: measured since each cut, a 2/s bucket was cut once a second)
         since = max(start, self.rate_cut_at) if background > 0.0 else start
         span = settled - since
         rate = self.rate(now)
@@ -399,8 +401,8 @@ class _EndpointState:
             share = refused / max(1, sent)
             taken = (sent - len(refusals)) / span
             # over the whole window (the cuts within it included), what the provider took against what was sent
-            whole = (sum(1 for t in self.sends if t <= settled)
-                     - sum(1 for t, _ in self.refused if start <= t <= settled)) / max(settled - start, 1e-3)
+            whole = taken if since == start else (sum(1 for t in self.sends if t <= settled) - sum(
+                1 for t, _ in self.refused if start <= t <= settled)) / max(settled - start, 1e-3)
             if whole >= 0.8 * (1.0 - background) * len(self.sends) / max(now - start, 0.1 * RATE_WINDOW_S):
                 # a rate the provider keeps up (not an outage), regrown to quickly later; kept against the lower
                 # rates measured as an outage begins, fading if the provider's limit fell
