@@ -73,6 +73,18 @@ def load_bench(name: str, tag: str, monkeypatch):
     return module
 
 
+def load_bench_capturing(name: str, tag: str, monkeypatch, tmp_path):
+    """``load_bench``, with its results captured instead of written: (module, smoke ``args`` with no budget,
+    the list each ``write_results`` call appends its (name, rows, extra) to)."""
+    import argparse
+
+    module = load_bench(name, tag, monkeypatch)
+    written = []
+    monkeypatch.setattr(module.common, "write_results",
+                        lambda bench, rows, args, extra=None: written.append((bench, rows, extra)))
+    return module, argparse.Namespace(smoke=True, budget=0.0, out=str(tmp_path)), written
+
+
 def bf16_copy_without_dtype(model_dir, folder, keep_fp32=()):
     """``model_dir``'s checkpoint in ``folder`` with its tensors in bf16 (those named in ``keep_fp32`` in fp32)
     and no dtype in config.json: a checkpoint whose dtype only its tensors tell. Returns ``folder``."""

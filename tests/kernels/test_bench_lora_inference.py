@@ -3,12 +3,10 @@ merged path on the same copy of W before it is timed, the path auto took recorde
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from bezoar_kernels import lora as L
-from tests.utils import load_bench
+from tests.utils import load_bench_capturing
 
 CPU = torch.device("cpu")
 
@@ -16,12 +14,7 @@ CPU = torch.device("cpu")
 def _bench(monkeypatch, tmp_path):
     for var in ("BEZOAR_NF4_GEMV_MAX_M", "BEZOAR_NF4_FUSED_MAX_M", "BEZOAR_LORA_FUSED_MAX_M"):
         monkeypatch.delenv(var, raising=False)
-    bench = load_bench("lora", "lora_inference", monkeypatch)
-    written = []
-    monkeypatch.setattr(bench.common, "write_results",
-                        lambda name, rows, args, extra=None: written.append((name, rows, extra)))
-    args = argparse.Namespace(smoke=True, budget=0.0, out=str(tmp_path))
-    return bench, args, written
+    return load_bench_capturing("lora", "lora_inference", monkeypatch, tmp_path)
 
 
 def test_inference_rows_name_auto_s_path_and_time_every_implementation(monkeypatch, tmp_path):

@@ -1125,18 +1125,9 @@ def test_bench_lora_sweep_merge_smoke():
 
 def _bench_lora(monkeypatch, tmp_path):
     """bench/lora.py loaded in this process, its results captured instead of written."""
-    import argparse
-    import importlib.util
+    from tests.utils import load_bench_capturing
 
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("bench_lora_sweep", ROOT / "bench" / "lora.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    written = []
-    monkeypatch.setattr(bench.common, "write_results",
-                        lambda name, rows, args, extra=None: written.append((name, rows, extra)))
-    args = argparse.Namespace(smoke=True, budget=0.0, out=str(tmp_path))
-    return bench, args, written
+    return load_bench_capturing("lora", "sweep", monkeypatch, tmp_path)
 
 
 def test_sweep_merge_complete_when_every_launch_was_timed(monkeypatch, tmp_path):
