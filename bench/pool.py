@@ -21,6 +21,9 @@ has one of the machine's cores to itself. Cases:
   refused-15pct      no limit, but 15% of the calls answered 429 naming 20 ms at random (a shared key,
                      a flaky gateway): requests/s against pool-compat's; the pool must not take
                      such refusals for a limit on its rate
+  overloaded-15pct   answers taking 50 ms, 15% of the calls answered 429 naming no wait (a server's answer
+                     past its limit on requests at once) at random: the pool must not take them for such a
+                     limit and send fewer at once (64 at once: 3,000 requests take 2.3 s at the least)
 
 Share of the limit = requests answered / what the server's bucket allowed between the first and
 the last request it saw (burst + rate x window).
@@ -66,12 +69,14 @@ KEY = "sk-bench-not-a-real-key"
 class ServerProcess:
     """tests.generate.fake_server in a child process; stopped by its pid on exit."""
 
-    def __init__(self, latency: float = 0.0, rpm: float | None = None, refused: float = 0.0):
+    def __init__(self, latency: float = 0.0, rpm: float | None = None, refused: float = 0.0,
+                 refusal: str = "429ms"):
+        self.latency = latency
         cmd = [sys.executable, "-m", "tests.generate.fake_server", "--latency", str(latency)]
         if rpm:
             cmd += ["--rpm", str(rpm), "--rpm-burst-s", "1.0"]
-        if refused:  # that share of the calls answered 429 naming 20 ms, at random, whatever the rate
-            cmd += ["--fault-rate", str(refused), "--fault-kinds", "429ms", "--retry-after-s", "0.02"]
+        if refused:  # that share of the calls answered 429 (naming 20 ms, or no wait), at random, whatever the rate
+            cmd += ["--fault-rate", str(refused), "--fault-kinds", refusal, "--retry-after-s", "0.02"]
         env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
@@ -249,10 +254,12 @@ async def ratelimit_case(server: ServerProcess, n: int, rpm: float, concurrency:
     return row
 
 
-async def refused_case(server: ServerProcess, n: int, concurrency: int, store_dir: str, refused: float) -> dict:
+async def refused_case(server: ServerProcess, n: int, concurrency: int, store_dir: str, refused: float,
+                       refusal: str) -> dict:
     row = await pool_case("compat", server, n, concurrency, store_dir, warmup=0)
     s = server.stats()
-    row.update(refused_share=refused, server_429=s["outcomes"].get("fault_429ms", 0))
+    row.update(latency_s=server.latency, refused_share=refused, refusal=refusal,
+               server_429=s["outcomes"].get("fault_" + refusal, 0))
     return row
 
 
@@ -270,6 +277,8 @@ def cases(smoke: bool) -> dict:
         "cookbook-loop": dict(kind="cookbook", n=loop_n, concurrency=128),
         "ratelimit-6000rpm": dict(kind="ratelimit", n=rate_n, rpm=6000, concurrency=64),
         "refused-15pct": dict(kind="refused", n=100 if smoke else 5000, refused=0.15, concurrency=64),
+        "overloaded-15pct": dict(kind="refused", n=100 if smoke else 3000, refused=0.15, concurrency=64,
+                                 refusal="429bare", latency=0.05),
     }
 
 
@@ -280,8 +289,10 @@ def run_case(name: str, spec: dict, store_dir: str, server: ServerProcess | None
             row = asyncio.run(ratelimit_case(limited, spec["n"], spec["rpm"], spec["concurrency"], store_dir))
         return {"case": name, **row}
     if spec["kind"] == "refused":
-        with ServerProcess(refused=spec["refused"]) as refusing:
-            row = asyncio.run(refused_case(refusing, spec["n"], spec["concurrency"], store_dir, spec["refused"]))
+        refusal = spec.get("refusal", "429ms")
+        with ServerProcess(latency=spec.get("latency", 0.0), refused=spec["refused"], refusal=refusal) as refusing:
+            row = asyncio.run(refused_case(refusing, spec["n"], spec["concurrency"], store_dir, spec["refused"],
+                                           refusal))
         return {"case": name, **row}
     if spec["kind"] == "null":
         return {"case": name, **asyncio.run(null_provider_case(spec["n"], spec["concurrency"], store_dir))}

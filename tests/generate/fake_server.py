@@ -17,11 +17,12 @@ at it through their base URL. What it answers is scripted:
 - by a queue: ``server.script("first answer", Fault("500"), ...)`` is consumed first-come.
 
 Faults (as a :class:`Fault` from the script, or at random with ``fault_rate`` over ``fault_kinds``):
-``429`` (Retry-After in seconds), ``429ms`` (retry-after-ms only), ``500``, ``529`` (Anthropic's
-overloaded), ``hang`` (never answers; the client must time out), ``drop`` (closes the connection
-without an answer) and ``malformed`` (200 with a body that is not JSON). ``latency`` delays every
-answer. ``rpm`` puts a token bucket in front (rate rpm/60 per second, ``rpm_burst_s`` seconds of
-burst) that answers 429 with both retry headers when exceeded. ``api_key`` makes it check the key
+``429`` (Retry-After in seconds), ``429ms`` (retry-after-ms only), ``429bare`` (no wait named, as TGI
+answers past its limit on requests at once), ``500``, ``529`` (Anthropic's overloaded), ``hang``
+(never answers; the client must time out), ``drop`` (closes the connection without an answer) and
+``malformed`` (200 with a body that is not JSON). ``latency`` delays every answer. ``rpm`` puts a
+token bucket in front (rate rpm/60 per second, ``rpm_burst_s`` seconds of burst) that answers 429
+with both retry headers when exceeded. ``api_key`` makes it check the key
 (401 otherwise) and ``models`` makes it answer 404 for any other model, as real providers do.
 
 Counters: ``received[content]`` counts every request the server read per request content
@@ -56,6 +57,7 @@ from typing import Any, Callable
 from aiohttp import web
 
 FAULT_KINDS = ("429", "429ms", "500", "hang", "drop", "malformed")
+OTHER_FAULT_KINDS = ("529", "429bare")  # drawn at random only where fault_kinds names them
 
 
 @dataclass(frozen=True)
@@ -152,9 +154,9 @@ class FakeLLMServer:
         host: str = "127.0.0.1",
         port: int = 0,
     ):
-        unknown = set(fault_kinds) - set(FAULT_KINDS) - {"529"}
+        unknown = set(fault_kinds) - set(FAULT_KINDS) - set(OTHER_FAULT_KINDS)
         if unknown:
-            raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {FAULT_KINDS + ('529',)}")
+            raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {FAULT_KINDS + OTHER_FAULT_KINDS}")
         self.latency = latency
         self.reply = reply or default_reply
         self.fault_rate = fault_rate
@@ -312,6 +314,8 @@ class FakeLLMServer:
         if fault.kind == "429ms":
             return self._error(anthropic, 429, "Rate limit reached (injected).", "rate_limit_error",
                                "rate_limit_exceeded", {"retry-after-ms": str(round(retry_after * 1000))})
+        if fault.kind == "429bare":
+            return self._error(anthropic, 429, "Model is overloaded (injected).", "rate_limit_error")
         if fault.kind == "500":
             return self._error(anthropic, 500, "The server had an error (injected).", "api_error")
         if fault.kind == "529":
@@ -429,7 +433,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rpm-burst-s", type=float, default=1.0, help="seconds of burst the RPM bucket holds")
     p.add_argument("--fault-rate", type=float, default=0.0)
     p.add_argument("--fault-kinds", default=",".join(FAULT_KINDS),
-                   help=f"comma-separated kinds the random faults are drawn from (of {', '.join(FAULT_KINDS)}, 529)")
+                   help="comma-separated kinds the random faults are drawn from "
+                        f"(of {', '.join(FAULT_KINDS + OTHER_FAULT_KINDS)})")
     p.add_argument("--retry-after-s", type=float, default=0.05, help="the wait an injected 429 names")
     p.add_argument("--api-key", default=None)
     args = p.parse_args(argv)

@@ -38,7 +38,8 @@ def outcome(transport: str, url: str, **kw) -> tuple:
 
 
 SCRIPTS = {
-    "ok": [], "429": [Fault("429")], "429ms": [Fault("429ms")], "500": [Fault("500")], "529": [Fault("529")],
+    "ok": [], "429": [Fault("429")], "429ms": [Fault("429ms")], "429bare": [Fault("429bare")], "500": [Fault("500")],
+    "529": [Fault("529")],
     "malformed": [Fault("malformed")], "drop": [Fault("drop")], "400": [Fault("400")], "422": [Fault("422")],
     "413": [Fault("413")], "hang": [Fault("hang")],
 }

@@ -18,7 +18,7 @@ from bezoar.generate.pool import Pool, PoolError, run_sync
 from bezoar.generate.providers import Endpoint
 from bezoar.generate.request import GenerateError, Request
 from tests.generate.conftest import chat_requests, closed_port_url, fast_limits
-from tests.generate.fake_server import FAULT_KINDS, Fault
+from tests.generate.fake_server import FAULT_KINDS, OTHER_FAULT_KINDS, Fault
 
 
 def records(path) -> list[dict]:
@@ -39,7 +39,7 @@ async def run_pool(endpoints, requests, store=None, **kw):
 
 
 def test_2000_requests_with_10pct_faults_of_every_kind(fake_server, tmp_path):
-    server = fake_server(fault_rate=0.10, fault_kinds=FAULT_KINDS + ("529",), retry_after_s=0.01, seed=1)
+    server = fake_server(fault_rate=0.10, fault_kinds=FAULT_KINDS + OTHER_FAULT_KINDS, retry_after_s=0.01, seed=1)
     out = tmp_path / "out.jsonl"
     requests = chat_requests(2000)
     t0 = time.monotonic()
@@ -48,7 +48,7 @@ def test_2000_requests_with_10pct_faults_of_every_kind(fake_server, tmp_path):
     elapsed = time.monotonic() - t0
     server_stats = server.stats()
     # every kind of fault was injected
-    for kind in FAULT_KINDS + ("529",):
+    for kind in FAULT_KINDS + OTHER_FAULT_KINDS:
         assert server_stats["outcomes"].get("fault_" + kind, 0) > 0, kind
     # every request ends exactly once, with its own answer
     lines = records(out)

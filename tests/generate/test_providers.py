@@ -123,6 +123,7 @@ def test_anthropic_has_no_completions(fake_server, api_keys):
 FAULTS = {
     "429": (P.RETRY, True, 0.25, False),
     "429ms": (P.RETRY, True, 0.25, False),
+    "429bare": (P.RETRY, True, None, False),  # no wait named: a server past its limit on requests at once
     "500": (P.RETRY, False, None, False),
     "529": (P.RETRY, False, None, False),
     "malformed": (P.RETRY, False, None, False),
