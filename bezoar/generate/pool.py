@@ -42,9 +42,12 @@ What a call goes through (``submit``):
    take the rate down to nothing. Such 429s do not use up a request's attempts while others are
    answered (see ``Limits.max_attempts``). A 429 without a wait (a server over its own limit on
    requests at once) halves what is sent to that endpoint at once, which its answers then grow back
-   by one per window. An endpoint that times out ``down_after`` times in a row goes out of rotation
-   as an unreachable one does. A request error (400, 422, ...) ends it at once. Either way the
-   Result is appended to the store before ``submit`` returns.
+   (by one an answer to just below where it was cut, then by one per window); not where such 429s come
+   as often with fewer requests in flight (a share refused at any load), and such a refusal waits a
+   tenth of the back-off where others were answered since its last call (several clients of one server:
+   most calls refused, a cut whatever the number in flight). An endpoint that times out ``down_after``
+   times in a row goes out of rotation as an unreachable one does. A request error (400, 422, ...) ends
+   it at once. Either way the Result is appended to the store before ``submit`` returns.
 5. Fatal errors (bad key, unknown model, exhausted quota, every endpoint unreachable, a store
    that cannot be written) stop the whole pool: every ``submit``/``map``/``run`` raises
    :class:`PoolError` with one clear message. Answers already received are stored (as far as the
@@ -113,12 +116,17 @@ RATE_PROBE_MIN = 10
 # 429s that name no wait (a server over its own limit on requests at once) halve what is sent at once, except
 # where they come about as often with fewer requests in flight (see _EndpointState.overloaded). Each endpoint keeps,
 # for each number in flight at a send, the answers and such refusals that followed (halved past LEVEL_MEMORY calls
-# at a number), and its last LEVEL_RECENT sends in the order sent. A refusal cuts where, among those sends with as
-# many in flight or more, so many were refused that a share RATE_REFUSED over the share refused with fewer in flight
-# gives that many with probability under LEVEL_ALPHA.
+# at a number), and its last sends in the order sent. A refusal cuts where, among the last LEVEL_RECENT of those
+# sends with as many in flight or more, so many were refused that a share RATE_REFUSED over the share refused with
+# fewer in flight gives that many with probability under LEVEL_ALPHA; or where more than LEVEL_REFUSED_MOST of all
+# the last LEVEL_RECENT sends were refused; or where the number in flight was refused more often than not before.
+# After a cut, what is sent at once grows back by one an answer up to LEVEL_FAST_MARGIN below the number in flight
+# that was cut for, then by one a window of answers.
 LEVEL_MEMORY = 64
 LEVEL_RECENT = 64
 LEVEL_ALPHA = 1e-3
+LEVEL_REFUSED_MOST = 0.5
+LEVEL_FAST_MARGIN = 2.0
 # A request refused by a rate limit while the endpoint answered others is sent at most this many times
 # max_attempts in all (see Limits.max_attempts).
 CONTENDED_CALLS = 4
@@ -143,7 +151,9 @@ class Limits:
     max_attempts: per request, the first included; a 429 does not count where other requests were answered
         since this one's last call (it lost a race for the provider's rate, and says nothing of itself), up
         to ``CONTENDED_CALLS`` x ``max_attempts`` calls in all
-    backoff_base_s, backoff_max_s: exponential back-off when the provider gives no Retry-After
+    backoff_base_s, backoff_max_s: exponential back-off when the provider gives no Retry-After (a tenth of
+        it after a 429 naming no wait that comes at any load while others are answered: see
+        ``_EndpointState.overloaded``)
     default_output_tokens: what a request without max_tokens is charged in the tpm bucket up front
     down_after: connection failures (a connection that never opens included) or timeouts in a row after
         which an endpoint that has answered before is taken out of rotation (one that never answered: after
@@ -280,7 +290,10 @@ class _EndpointState:
         # per number of requests in flight here at a send (this one included): answers and no-wait 429s since
         self.level_answered = [0.0] * (limits.concurrency + 1)
         self.level_refused = [0.0] * (limits.concurrency + 1)
-        self.level_recent: deque[list] = deque(maxlen=LEVEL_RECENT)  # [number in flight, refused] per send
+        # [number in flight, refused (None while in flight), send time] of the last sends; long enough to hold
+        # LEVEL_RECENT of them sent before those whose refusal may still be on its way (about one send per slot)
+        self.level_recent: deque[list] = deque(maxlen=LEVEL_RECENT + 2 * limits.concurrency)
+        self.cut_level = 0.0  # the number in flight the last cut was for
         self.ever_answered = False
         self.last_error = ""
 
@@ -313,7 +326,7 @@ class _EndpointState:
         one. A send woken late leaves a little credit (PACE_SLACK_S): asyncio's timers fire to the millisecond, and
         paced one send per wake a pool ran at most about 1,000 a second. Returns the send's record, for
         ``answered`` and ``overloaded``."""
-        record = [min(max(self.outstanding, 1), len(self.level_answered) - 1), False]
+        record = [min(max(self.outstanding, 1), len(self.level_answered) - 1), None, now]  # None: no outcome yet
         self.level_recent.append(record)
         self._forget(now)
         self.sends.append(now)
@@ -343,50 +356,99 @@ class _EndpointState:
         self._level_note(record, False)
         self.ever_answered = True
         if self.allowed < self.limits.concurrency:
-            self.allowed = min(float(self.limits.concurrency), self.allowed + 1.0 / self.allowed)
+            # quickly back to just below what was cut for (halved there, a limit of 24 at once ran at 77% of it;
+            # 94% now), then slowly, to find out whether the limit has risen
+            fast = self.allowed + 1.0 < self.cut_level - LEVEL_FAST_MARGIN
+            self.allowed = min(float(self.limits.concurrency), self.allowed + (1.0 if fast else 1.0 / self.allowed))
         if self.connect_failures or self.down_since is not None:
             if self.down_since is not None:
                 log.info("%s is back", self.label)
             self.connect_failures, self.probe_s, self.down_until, self.down_since = 0, 1.0, 0.0, None
 
-    def overloaded(self, sent_at: float, record: list | None = None) -> None:
+    def overloaded(self, sent_at: float, record: list | None = None) -> bool:
         """A 429 without Retry-After to a request sent at ``sent_at`` (``record``: what its send returned): the
         server refuses what it holds beyond its own limit. Halve the requests sent to it at once, once per window
-        (the refusals of requests sent before the last cut are its echo).
+        (the refusals of requests sent before the last cut are its echo). Returns whether the refusal was taken
+        for one that comes at any load (no cut, not an echo, and most of the last calls answered).
 
         Not where calls sent with fewer in flight were refused about as often: a server that refuses a share at
-        any load (a gateway shared with other clients, a flaky proxy), which fewer at once would not change. Cut
+        any load (a flaky proxy, a gateway that sheds calls at random), which fewer at once would not change. Cut
         on each such refusal, 5% of them held 16 at once to about 6, and 64 at once to about 20 (3.7 x and 10 x
         the time). A limit on requests at once refuses only above it, so its refusals where fewer went through
-        still cut; about four of them make a cut (one did before), and a refusal with nothing else in flight
-        makes none. See ``_refused_with_load``."""
+        still cut; about four of them make a cut (one did before), one where the number in flight was refused
+        more often than not before, and a refusal with nothing else in flight makes none. Several clients of one
+        server refuse by their sum, at any number in flight of each: there, most of the calls are refused, and
+        that cuts too. See ``_refused_with_load``."""
         self._level_note(record, True)
-        if sent_at < self.last_cut or (record is not None and not self._refused_with_load(record[0])):
-            return
-        self.allowed = max(1.0, min(self.allowed, self.outstanding + 1.0 if record is None else record[0]) / 2.0)
+        if record is not None:
+            self._not_held(record)
+        if sent_at < self.last_cut:
+            return False
+        if record is None:
+            level = min(self.allowed, self.outstanding + 1.0)
+        else:
+            if not self._refused_with_load(record[0], sent_at):
+                return True
+            # in flight at its send, less the refusals then on their way (see _not_held): what the server held of ours
+            # then, this one besides (uncorrected, a limit of 24 at once answering its 429s late was taken for 43)
+            level = min(self.allowed, record[0])
+        self.cut_level = level
+        self.allowed = max(1.0, level / 2.0)
         self.last_cut = time.monotonic()
+        return False
 
-    def _refused_with_load(self, level: int) -> bool:
-        """Whether no-wait 429s come more often with ``level`` or more requests in flight than with fewer: among
-        the last LEVEL_RECENT sends with ``level`` or more in flight, at least as many were refused as a share
-        RATE_REFUSED over the share refused with fewer would give with probability LEVEL_ALPHA. A test on the
-        count, not the share: with a margin on the share alone (two standard deviations), the simulator of
-        tests/generate/test_overloaded.py cut 64 at once to 32 on 8 refusals in 38 sends where 5% were refused,
-        and again on 3 in 8 just after growing back."""
-        if level == 1:
-            return False  # sent alone: fewer at once cannot be sent
+    def _not_held(self, record: list) -> None:
+        """``record``'s request was refused: the sends made while its refusal was on its way had one fewer in flight
+        at the server than counted. Without this, a server that answers its 429s as late as its answers showed
+        sends at 40 in flight answered under a limit of 24, and its refusals were taken for ones at any load."""
+        for other in reversed(self.level_recent):
+            if other[2] <= record[2]:
+                break
+            if other[0] > 1:
+                if other[1] is not None:  # already counted at its old number in flight: move it
+                    memory = self.level_refused if other[1] else self.level_answered
+                    memory[other[0]] -= 1.0
+                    memory[other[0] - 1] += 1.0
+                other[0] -= 1
+
+    def _refused_with_load(self, level: int, sent_at: float) -> bool:
+        """Whether no-wait 429s come more often with ``level`` or more requests in flight than with fewer (or
+        whether most calls are refused): see LEVEL_ALPHA. A test on the count, not the share: with a margin on
+        the share alone (two standard deviations), the simulator of tests/generate/test_overloaded.py cut 64 at
+        once to 32 on 8 refusals in 38 sends where 5% were refused, and again on 3 in 8 just after growing back.
+
+        Judged on the sends made no later than the refused one, whose refusal would have come back by now (a
+        server that answers its 429s as late as its answers: judged on the last sends, nearly all still in
+        flight and taken for answered, a limit of 24 at once was never found, 1.7 refusals an answer)."""
         low_refused = sum(self.level_refused[:level])
         low = low_refused + sum(self.level_answered[:level])
         # the last sends, in the order sent (an answer comes back later than a refusal: counted as they came, the
         # last outcomes held 4 refusals in 9 where 5% were refused), those not yet answered taken for answered.
         # Only recent sends: old answers at as many would hide a limit that has fallen (counted over all that is
         # remembered, a limit falling from 16 to 4 was refused 2,657 times in 2,000 requests and never cut).
-        high = high_refused = 0
-        for at, refused in self.level_recent:
+        high = high_refused = judged = judged_refused = 0
+        for at, refused, t in reversed(self.level_recent):
+            if t > sent_at:
+                continue
+            refused = refused is True
+            if judged < LEVEL_RECENT:
+                judged, judged_refused = judged + 1, judged_refused + refused
             if at >= level:
                 high, high_refused = high + 1, high_refused + refused
+                if high >= LEVEL_RECENT:
+                    break
+        if judged_refused > LEVEL_REFUSED_MOST * judged:
+            return True  # most calls refused: fewer at once, whatever the number in flight (several clients)
+        if level == 1:
+            return False  # sent alone: fewer at once cannot be sent
         # no calls with fewer in flight known: none taken as refused there (a limit's refusals, the safe guess)
         share = low_refused / low if low >= 1.0 else 0.0
+        # refused more often than not at this number in flight before (more than a share of a half over the share
+        # with fewer would give, as above): a limit's, known (with 4 calls there at least, and no test, 3 random
+        # refusals in 4 at one number in flight cut 64 at once to 28 where 15% were refused)
+        refused_here = int(self.level_refused[level])
+        if _tail(refused_here, int(refused_here + self.level_answered[level]), min(1.0, share + 0.5)) < LEVEL_ALPHA:
+            return True
         return _tail(high_refused, high, min(1.0, share + RATE_REFUSED)) < LEVEL_ALPHA
 
     def rate_limited(self, wait_s: float, rounded: bool, sent_at: float, nth: int = 1) -> None:
@@ -1035,11 +1097,11 @@ class Pool:
             if error.rate_limited and error.retry_after is None:
                 # no wait named: fewer at once to this endpoint rather than a pause for everyone (which, paced
                 # one retry per back-off, brought an overloaded server down to a request a second)
-                state.overloaded(sent_at, record)
-                if contended:
-                    # others were answered since its last call: the server is taking requests, and what it takes
-                    # at once is held by ``allowed``, not by this wait (at a share refused at random, the whole
-                    # back-off made the few requests refused three times the run's last 7 s)
+                if state.overloaded(sent_at, record) and contended:
+                    # a refusal that comes at any load, while others were answered since its last call: the
+                    # server is taking requests (at a share refused at random, the whole back-off made the few
+                    # requests refused three times the run's last 7 s). Not after a refusal taken for a limit:
+                    # several clients of one server, shortened so, were refused 14 times an answer.
                     delay *= CONTENDED_BACKOFF
             elif error.rate_limited:
                 refusals += 1
