@@ -118,14 +118,16 @@ RATE_PROBE_MIN = 10
 # for each number in flight at a send, the answers and such refusals that followed (halved past LEVEL_MEMORY calls
 # at a number), and its last sends in the order sent. A refusal cuts where, among the last LEVEL_RECENT of those
 # sends with as many in flight or more, so many were refused that a share RATE_REFUSED over the share refused with
-# fewer in flight gives that many with probability under LEVEL_ALPHA; or where more than LEVEL_REFUSED_MOST of all
-# the last LEVEL_RECENT sends were refused; or where the number in flight was refused more often than not before.
+# fewer in flight gives that many with probability under LEVEL_ALPHA; or where more of all the last LEVEL_RECENT
+# sends (LEVEL_RECENT_MIN at least) were refused than a share of LEVEL_REFUSED_MOST gives with that probability; or
+# where the number in flight was refused more often than not before.
 # After a cut, what is sent at once grows back by one an answer up to LEVEL_FAST_MARGIN below the number in flight
 # that was cut for, then by one a window of answers.
 LEVEL_MEMORY = 64
 LEVEL_RECENT = 64
 LEVEL_ALPHA = 1e-3
 LEVEL_REFUSED_MOST = 0.5
+LEVEL_RECENT_MIN = 16
 LEVEL_FAST_MARGIN = 2.0
 # A request refused by a rate limit while the endpoint answered others is sent at most this many times
 # max_attempts in all (see Limits.max_attempts).
@@ -294,6 +296,7 @@ class _EndpointState:
         # LEVEL_RECENT of them sent before those whose refusal may still be on its way (about one send per slot)
         self.level_recent: deque[list] = deque(maxlen=LEVEL_RECENT + 2 * limits.concurrency)
         self.cut_level = 0.0  # the number in flight the last cut was for
+        self.refused_since_cut = False  # a no-wait 429 came to a send made since
         self.ever_answered = False
         self.last_error = ""
 
@@ -357,8 +360,9 @@ class _EndpointState:
         self.ever_answered = True
         if self.allowed < self.limits.concurrency:
             # quickly back to just below what was cut for (halved there, a limit of 24 at once ran at 77% of it;
-            # 94% now), then slowly, to find out whether the limit has risen
-            fast = self.allowed + 1.0 < self.cut_level - LEVEL_FAST_MARGIN
+            # 94% now), then slowly, to find out whether the limit has risen; slowly at once after a refusal of a
+            # send since the cut (several clients of one limit, each growing fast, refused one another)
+            fast = self.allowed + 1.0 < self.cut_level - LEVEL_FAST_MARGIN and not self.refused_since_cut
             self.allowed = min(float(self.limits.concurrency), self.allowed + (1.0 if fast else 1.0 / self.allowed))
         if self.connect_failures or self.down_since is not None:
             if self.down_since is not None:
@@ -384,6 +388,7 @@ class _EndpointState:
             self._not_held(record)
         if sent_at < self.last_cut:
             return False
+        self.refused_since_cut = True
         if record is None:
             level = min(self.allowed, self.outstanding + 1.0)
         else:
@@ -392,7 +397,7 @@ class _EndpointState:
             # in flight at its send, less the refusals then on their way (see _not_held): what the server held of ours
             # then, this one besides (uncorrected, a limit of 24 at once answering its 429s late was taken for 43)
             level = min(self.allowed, record[0])
-        self.cut_level = level
+        self.cut_level, self.refused_since_cut = level, False
         self.allowed = max(1.0, level / 2.0)
         self.last_cut = time.monotonic()
         return False
@@ -405,10 +410,12 @@ class _EndpointState:
             if other[2] <= record[2]:
                 break
             if other[0] > 1:
-                if other[1] is not None:  # already counted at its old number in flight: move it
+                if other[1] is not None:  # already counted at its old number in flight: move it (no more than
+                    # is left there since LEVEL_MEMORY halved it; a whole one drove a count to -32.5)
                     memory = self.level_refused if other[1] else self.level_answered
-                    memory[other[0]] -= 1.0
-                    memory[other[0] - 1] += 1.0
+                    moved = min(1.0, memory[other[0]])
+                    memory[other[0]] -= moved
+                    memory[other[0] - 1] += moved
                 other[0] -= 1
 
     def _refused_with_load(self, level: int, sent_at: float) -> bool:
@@ -437,8 +444,11 @@ class _EndpointState:
                 high, high_refused = high + 1, high_refused + refused
                 if high >= LEVEL_RECENT:
                     break
-        if judged_refused > LEVEL_REFUSED_MOST * judged:
-            return True  # most calls refused: fewer at once, whatever the number in flight (several clients)
+        if judged >= LEVEL_RECENT_MIN and _tail(judged_refused, judged, LEVEL_REFUSED_MOST) < LEVEL_ALPHA:
+            # most calls refused (more than a half would give by chance): fewer at once, whatever the number in
+            # flight (several clients). Judged on fewer calls, the first of a burst refused cut 64 at once to 1;
+            # on the share alone, 40% refused at random ran at 15% of the speed.
+            return True
         if level == 1:
             return False  # sent alone: fewer at once cannot be sent
         # no calls with fewer in flight known: none taken as refused there (a limit's refusals, the safe guess)

@@ -104,7 +104,7 @@ def test_refusals_at_any_load_do_not_cut_what_is_sent_at_once(monkeypatch):
     """5% and 15% of the calls refused at random, whatever the load: each refusal halved what was sent at once,
     and 64 at once ran at about 20 (measured through the pool: 3,000 requests of 50 ms took 24 s and 41 s, not
     2.5). The refusals come as often with fewer in flight, so they cut nothing now."""
-    for share in (0.05, 0.15, 0.30):
+    for share in (0.05, 0.15, 0.30, 0.45):  # (a review: 40% and 45% once ran at 15% and 5% of the speed)
         state, answers, refusals, allowed = _simulate(monkeypatch, 4.0, share=share)
         ideal = 64 / 0.05  # answered a second at 64 in flight (a refusal holds no slot)
         answered = _per_s(answers, 1.0, 4.0)
@@ -127,13 +127,16 @@ def test_a_limit_on_requests_at_once_is_still_found(monkeypatch):
         assert over_limit <= 0.1 * answered, f"{share:.0%}: {over_limit:.0f} refused a second over the share"
 
 
-@pytest.mark.parametrize("clients,limit,most", [(4, 8, 3.0), (2, 24, 0.5)])
+@pytest.mark.parametrize("clients,limit,most", [(4, 8, 2.5), (2, 24, 0.45)])
 def test_several_clients_of_one_limit_cut_and_do_not_storm(monkeypatch, clients, limit, most):
     """From a review: pools sharing a server that holds ``limit`` at once. The server refuses by their sum, so
     each pool's refusals came at every number in flight of its own, were taken for refusals at any load, cut
     nothing, and went again after a tenth of the back-off: here 86 refusals an answer for 4 pools and 14 for 2
     (1.5 and 0.02 before d058150); through the pool, requests were given up. Most of the calls refused now
-    cuts, whatever the number in flight, and only a refusal taken for one at any load waits less."""
+    cuts, whatever the number in flight, and only a refusal taken for one at any load waits less. Where the
+    pools share the limit with fewer refused than that, a pool cannot tell their refusals from ones at any
+    load: 1.95 and 0.35 an answer here, more than before d058150, for 159 and 461 answered a second (161 and
+    424 before)."""
     state, answers, refusals, allowed = _simulate(monkeypatch, 4.0, clients=clients, limit=lambda now: limit)
     answered, refused = _per_s(answers, 1.0, 4.0), _per_s(refusals, 1.0, 4.0)
     assert answered >= 0.8 * limit / 0.05, f"{answered:.0f} answered a second of {limit / 0.05:.0f}"
@@ -165,6 +168,54 @@ def test_a_limit_that_falls_is_followed_within_a_few_refusals(monkeypatch):
     assert _per_s(answers, 1.5, 3.0) >= 0.6 * 4 / 0.05
 
 
+def test_one_refusal_at_the_start_of_a_burst_cuts_nothing(monkeypatch):
+    """From a review: the first call of a 64-at-once burst refused at random was judged alone (1 of 1 refused:
+    most calls refused) and cut 64 at once to 1, 1,150 answers from 48 again; 3 seeds in 20 of the end-to-end
+    test below ran at a third of the speed."""
+    clock = _Clock()
+    monkeypatch.setattr(pool_module, "time", clock)
+    state = pool_module._EndpointState(Endpoint("compat", "http://fake/v1"), None,
+                                       pool_module.Limits(concurrency=64))
+    records = []
+    for i in range(64):
+        clock.now = 0.001 * (i + 1)
+        state.outstanding += 1
+        records.append(state.sent(clock.now))
+    clock.now = 0.07
+    state.outstanding -= 1
+    assert state.overloaded(records[0][2], records[0])  # one at any load
+    assert state.allowed == 64
+
+
+def test_moving_a_halved_count_down_keeps_it_whole(monkeypatch):
+    """From a review: a late 429 moves the sends made while it was on its way one number in flight down. Each
+    moved a whole call out of a count the memory had halved since (65 answers at 3 in flight, kept as 32.5),
+    which went to -32.5, and the next single refusal there (2 in 67 calls) cut 8 at once to 1.5."""
+    clock = _Clock()
+    monkeypatch.setattr(pool_module, "time", clock)
+    state = pool_module._EndpointState(Endpoint("compat", "http://fake/v1"), None,
+                                       pool_module.Limits(concurrency=8))
+    for i in range(10):
+        clock.now = 0.0001 * (i + 1)
+        state.outstanding = 1
+        state.answered(state.sent(clock.now))
+    clock.now = 0.001
+    late = state.sent(clock.now)  # its 429 comes back after the next 65 answers
+    for i in range(65):
+        clock.now = 0.002 + i * 0.001
+        state.outstanding = 3
+        state.answered(state.sent(clock.now))
+    clock.now, state.outstanding = 0.1, 0
+    state.overloaded(late[2], late)
+    assert min(state.level_answered) >= 0 and min(state.level_refused) >= 0
+    assert sum(state.level_answered) == pytest.approx(10 + 32.5)  # moved, none lost or made up
+    clock.now, state.outstanding = 0.2, 3
+    record = state.sent(clock.now)
+    state.outstanding = 2
+    assert state.overloaded(record[2], record)  # 2 refused in 77 calls: at any load
+    assert state.allowed == 8
+
+
 def test_a_refusal_with_nothing_else_in_flight_cuts_nothing_unless_most_calls_are_refused(monkeypatch):
     clock = _Clock()
     monkeypatch.setattr(pool_module, "time", clock)
@@ -180,7 +231,7 @@ def test_a_refusal_with_nothing_else_in_flight_cuts_nothing_unless_most_calls_ar
         else:
             state.answered(record)
     assert state.allowed == 8  # fewer than one at once cannot be sent
-    for step in range(16, 40):  # then every call refused: most of the last ones
+    for step in range(16, 60):  # then every call refused: most of the last ones
         clock.now = step / 10
         state.outstanding = 1
         record = state.sent(clock.now)
