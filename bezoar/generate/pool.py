@@ -116,11 +116,12 @@ RATE_PROBE_MIN = 10
 # 429s that name no wait (a server over its own limit on requests at once) halve what is sent at once, except
 # where they come about as often with fewer requests in flight (see _EndpointState.overloaded). Each endpoint keeps,
 # for each number in flight at a send, the answers and such refusals that followed (halved past LEVEL_MEMORY calls
-# at a number), and its last sends in the order sent. A refusal cuts where, among the last LEVEL_RECENT of those
-# sends with as many in flight or more, so many were refused that a share RATE_REFUSED over the share refused with
-# fewer in flight gives that many with probability under LEVEL_ALPHA; or where more of all the last LEVEL_RECENT
-# sends (LEVEL_RECENT_MIN at least) were refused than a share of LEVEL_REFUSED_MOST gives with that probability; or
-# where the number in flight was refused more often than not before.
+# at a number), and its last sends in the order sent (judged: those made no later than the refused one, at no more
+# in flight than may be sent at once now). A refusal cuts where, among the last LEVEL_RECENT judged sends with as
+# many in flight or more, so many were refused that a share RATE_REFUSED over the share refused with fewer in flight
+# gives that many with probability under LEVEL_ALPHA; or where more of all the last LEVEL_RECENT judged sends
+# (LEVEL_RECENT_MIN at least) were refused than a share of LEVEL_REFUSED_MOST gives with that probability; or where
+# the number in flight was refused more often than not before.
 # After a cut, what is sent at once grows back by one an answer up to LEVEL_FAST_MARGIN below the number in flight
 # that was cut for, then by one a window of answers.
 LEVEL_MEMORY = 64
@@ -371,7 +372,7 @@ class _EndpointState:
         """A 429 without Retry-After to a request sent at ``sent_at`` (``record``: what its send returned): the
         server refuses what it holds beyond its own limit. Halve the requests sent to it at once, once per window
         (the refusals of requests sent before the last cut are its echo). Returns whether the refusal was taken
-        for one that comes at any load (no cut, not an echo, and most of the last calls answered).
+        for one that comes at any load (neither a cut nor an echo).
 
         Not where calls sent with fewer in flight were refused about as often: a server that refuses a share at
         any load (a flaky proxy, a gateway that sheds calls at random), which fewer at once would not change. Cut
