@@ -14,13 +14,7 @@ from bezoar.generate import pool as pool_module
 from bezoar.generate.pool import Pool
 from bezoar.generate.providers import RETRY, Endpoint, ProviderError, Reply
 from tests.generate.conftest import chat_requests, fast_limits
-
-
-class _Clock:
-    now = 0.0
-
-    def monotonic(self) -> float:
-        return self.now
+from tests.generate.test_rate_limit import _Clock
 
 
 def _simulate(monkeypatch, seconds: float, *, concurrency: int = 64, limit=None, share: float = 0.0,
