@@ -45,9 +45,9 @@ import re
 from collections import Counter
 
 from bezoar.generate.request import GenerateError, Request, Result
-from bezoar.generate.schemes import (add_scheme_arguments, chat, check_out_dir, check_sampling, excerpt, exit_status,
-                                     load_templates, normalized, only_stop_words, read_records, rng_for, run_step,
-                                     say, short_refusal, stored_keys, text_field, truncated, write_json, write_jsonl)
+from bezoar.generate.schemes import (add_scheme_arguments, chat, check_out_dir, check_sampling, cut_short, excerpt,
+                                     exit_status, load_templates, normalized, only_stop_words, read_records, rng_for,
+                                     run_step, say, short_refusal, stored_keys, text_field, write_json, write_jsonl)
 
 TEMPLATES = ("evol_depth", "evol_breadth", "evol_equal")
 OUTPUTS = ("raw.jsonl", "dropped.jsonl", "evol-summary.json")
@@ -70,20 +70,29 @@ LEAK_PHRASES = ("given prompt", "rewritten prompt", "created prompt", "given ins
                 "original instruction", "new instruction", "#rewritten", "#created", "#given", "#new", "#original")
 
 _SAME_WORDS = r"(?:same|equal|identical|equivalent)"
-_DIFFERENT_WORDS = r"(?:different|distinct|unequal)"
+_DIFFERENT_WORDS = r"(?:different|distinct|unequal|differ|differs)"
 # "not", "cannot" or a contraction ("aren't", "isn’t": the "n't" sits inside a word, so no \b before it).
 _NOT = r"(?:\bnot|\bcannot|n['\u2019]t)\s+(?:(?:the|quite|exactly|really|entirely|be)\s+){0,2}"
 _VERDICT = re.compile(rf"(?P<not_same>{_NOT}{_SAME_WORDS}\b)|(?P<not_different>{_NOT}{_DIFFERENT_WORDS}\b)"
                       rf"|\b(?P<same>{_SAME_WORDS})\b|\b(?P<different>{_DIFFERENT_WORDS})\b")
+# The template's two answers as it spells them, in capitals: "In the same domain, but DIFFERENT" answers DIFFERENT.
+_ANSWER_WORD = re.compile(r"(?<![\w'\u2019])(SAME|DIFFERENT)(?![\w'\u2019])")
 
 
 def equality_verdict(reply: str) -> str | None:
     """"different", "same", or None when the reply says neither clearly.
 
-    The first verdict word decides, negation included: "SAME. Nothing different is asked" is
-    the same, "NOT SAME", "not the same", "aren't equal" and "cannot be the same" are different,
-    "not different" is the same."""
-    m = _VERDICT.search(" ".join(reply.lower().split()))
+    The template's answer words in capitals decide when the reply has one of them and not the other
+    ("In the same domain, but DIFFERENT"), unless negated ("NOT SAME"). Otherwise the first verdict word
+    decides, negation included: "SAME. Nothing different is asked" is the same, "NOT SAME", "not the same",
+    "aren't equal", "they differ" and "cannot be the same" are different, "not different" is the same."""
+    spaced = " ".join(reply.split())
+    answers = {m.group(1) for m in _ANSWER_WORD.finditer(spaced)}
+    if len(answers) == 1:
+        m = _ANSWER_WORD.search(spaced)
+        if re.search(rf"{_NOT}$", spaced[:m.start()].lower()) is None:  # "NOT SAME": the rule below
+            return "same" if answers == {"SAME"} else "different"
+    m = _VERDICT.search(spaced.lower())
     if m is None:
         return None
     return "same" if m.lastgroup in ("same", "not_different") else "different"
@@ -108,6 +117,29 @@ def leaked_phrase(instruction: str, markers: list[str], previous: str = "") -> s
         if _has_phrase(text, phrase) and not _has_phrase(before, phrase):
             return name
     return None
+
+
+# A rewrite that opens as a refusal ("I'm sorry, but I can't rewrite that", "As an AI, I cannot"): the teacher
+# declined to evolve the instruction. WizardLM's rule on "sorry" is for responses; an instruction may well ask
+# for an apology, or speak as a user in the first person ("I can't decide between two jobs: ..."), so only an
+# apology, an AI speaking of itself or an inability to do the task counts, at the opening, and not where the
+# instruction it was evolved from opens the same way.
+_UNABLE = r"i\s+(?:cannot|can't|can\s+not|won't|will\s+not|am\s+unable|'m\s+unable|am\s+not\s+able|'m\s+not\s+able)"
+_REFUSAL_OPENING = re.compile(
+    r"(?:(?:i'm|i\s+am)\s+(?:(?:so|very|really|truly)\s+)?sorry|sorry\b|my\s+apologies|i\s+apologi[sz]e"
+    r"|as\s+an\s+ai\b|unfortunately,?\s+" + _UNABLE +
+    r"|" + _UNABLE + r"\s+(?:to\s+)?(?:assist|help\s+with|comply|fulfil|fulfill|provide|rewrite|create|generate"
+    r"|complete|proceed|do\s+(?:that|this|so)|engage|support|perform\s+(?:that|this)|evolve)\b)")
+
+
+def refused_rewrite(instruction: str, previous: str = "") -> bool:
+    """Whether an evolved instruction is the teacher's refusal to rewrite ``previous``: it opens with a first-person
+    apology or inability ("I'm sorry, but...", "I cannot...", "As an AI..."), past any quotes or markdown, and
+    ``previous`` does not."""
+    def opening(text: str) -> str:
+        return " ".join(text.lower().replace("\u2019", "'").split()).lstrip(" \"'`*#>-:")
+    return _REFUSAL_OPENING.match(opening(instruction)) is not None and \
+        _REFUSAL_OPENING.match(opening(previous)) is None
 
 
 def add_command(subparsers) -> None:
@@ -241,10 +273,12 @@ def run_evol(args) -> int:
                 drop(epoch, lineage, strategy, operation, "evolution request failed", error=result.error)
             elif not text:
                 drop(epoch, lineage, strategy, operation, "empty evolution")
-            elif truncated(result):
-                drop(epoch, lineage, strategy, operation, "evolution cut off at max_tokens", excerpt(text))
+            elif (short := cut_short(result)) is not None:
+                drop(epoch, lineage, strategy, operation, f"evolution {short}", excerpt(text))
             elif (leak := leaked_phrase(text, markers, current[lineage])) is not None:
                 drop(epoch, lineage, strategy, operation, "leaks the rewriting prompt", text, leaked=leak)
+            elif refused_rewrite(text, current[lineage]):
+                drop(epoch, lineage, strategy, operation, "evolution is a refusal", text)
             elif normalized(text) == normalized(current[lineage]):
                 drop(epoch, lineage, strategy, operation, "no information gain", text, verdict="unchanged")
             else:
@@ -283,8 +317,8 @@ def run_evol(args) -> int:
             if not result.ok:
                 failed.append((epoch, lineage, result.key))
                 reason = "response request failed"
-            elif truncated(result):
-                reason = "response cut off at max_tokens"
+            elif (short := cut_short(result)) is not None:
+                reason = f"response {short}"
             elif short_refusal(response):
                 reason = "response is a short refusal"
             elif only_stop_words(response):

@@ -41,9 +41,9 @@ import re
 from collections import Counter
 
 from bezoar.generate.request import GenerateError
-from bezoar.generate.schemes import (add_scheme_arguments, chat, check_out_dir, check_sampling, exit_status,
-                                     failed_keys, load_templates, read_records, run_step, say, text_field, truncated,
-                                     write_json, write_jsonl)
+from bezoar.generate.schemes import (TRUNCATED, add_scheme_arguments, chat, check_out_dir, check_sampling,
+                                     cut_short, exit_status, failed_keys, load_templates, read_records, run_step, say,
+                                     text_field, write_json, write_jsonl)
 
 TEMPLATES = ("judge",)
 OUTPUTS = ("judged.jsonl", "filtered.jsonl", "judge-failures.jsonl", "filter-summary.json")
@@ -68,6 +68,38 @@ _SCORE = re.compile(
 # A label followed by what starts like a number but is not one of the forms above ("Score: 7,5").
 _GARBLED = re.compile(_LABEL + r"(?P<value>[<\[]?[ \t]*-?\d\S*(?:[ \t]+\S+)?)", re.I)
 _NOTE_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+# A scale named after the score on its line in words the forms above do not read: "4 of 5", "4 out of five",
+# "4 on a 5-point scale", "(on a scale of 1 to 5)"; any but 10 is not the 1-10 scale.
+_NUMBER_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9,
+                 "ten": 10, "hundred": 100, "a hundred": 100, "one hundred": 100}
+_SCALE_NUMBER = r"(?P<n>\d+(?:\.\d+)?|(?:a |one )?hundred|one|two|three|four|five|six|seven|eight|nine|ten)\b"
+_SCALE_AFTER = [re.compile(r"^[ \t]*\(?[ \t]*(?:out[ \t]+of|of)[ \t]+" + _SCALE_NUMBER, re.I),
+                re.compile(r"\b" + _SCALE_NUMBER + r"[ \t]*[- ]?[ \t]*points?[ \t]+scale\b", re.I),
+                re.compile(r"\bscale[ \t]+(?:of|from)[ \t]+(?:0|1|one|zero)[ \t]*(?:-|\u2013|to)[ \t]*" + _SCALE_NUMBER,
+                           re.I)]
+# the words of a label before "Score" on its line ("Overall Score: 8"): not part of the reason
+_LABEL_WORDS = re.compile(r"(?:^|(?<=\n))[ \t#>*_-]*(?:(?:overall|final|total|my|the|judge'?s?|quality|response"
+                          r"|answer|helpfulness)[ \t]+){1,3}$", re.I)
+
+
+def _other_scale(text: str, m: re.Match) -> str | None:
+    """The scale other than 10 that the rest of a score's line names (see _SCALE_AFTER), or None."""
+    rest = text[m.end():].split("\n", 1)[0]
+    for pattern in _SCALE_AFTER:
+        found = pattern.search(rest)
+        if found is not None:
+            word = found.group("n").lower()
+            value = float(word) if word[0].isdigit() else _NUMBER_WORDS[" ".join(word.split())]
+            if value != 10:
+                return found.group("n")
+    return None
+
+
+def _label_start(text: str, start: int) -> int:
+    """Where the score's label begins: ``start`` (its "Score"), or the start of its line where only words of a
+    label stand before it there ("Overall Score: 8", "My final score: 8")."""
+    found = _LABEL_WORDS.search(text[:start])
+    return found.start() if found is not None else start
 _REASON = re.compile(r"\b(?:reason|reasoning|explanation|rationale)\s*:\s*", re.I)
 
 
@@ -93,6 +125,8 @@ def parse_judgement(reply: str) -> tuple[float | int, str]:
             raise JudgeParseError(f"score {m.group('score')}/{m.group('scale')} is not on the 1-10 scale")
         if m.group("upper") is not None:
             raise JudgeParseError(f"a range of scores ({m.group('score')}-{m.group('upper')}), not one score")
+        if (scale := _other_scale(text, m)) is not None:
+            raise JudgeParseError(f"score {m.group('score')} (of {scale}) is not on the 1-10 scale")
     scores = [float(m.group("score")) for m in matches]
     if len(set(scores)) > 1:
         raise JudgeParseError(f"several different scores in the reply: {', '.join(f'{s:g}' for s in scores)}")
@@ -103,9 +137,13 @@ def parse_judgement(reply: str) -> tuple[float | int, str]:
     if label is not None:
         following = text[label.end():]
         after = _SCORE.search(following)
-        reason = following if after is None else following[:after.start()]
+        reason = following if after is None else following[:_label_start(following, after.start())]
     else:
-        reason = _SCORE.sub("", text)
+        parts, at = [], 0
+        for m in matches:
+            parts.append(text[at:_label_start(text, m.start())])
+            at = m.end()
+        reason = "".join(parts) + text[at:]
     reason = " ".join(reason.split()).strip(" -:")
     if not reason:
         raise JudgeParseError("the reply gives a score but no reason")
@@ -156,8 +194,9 @@ def run_filter(args) -> int:
                              "judge_model": result.model or args.model, "input_origin": origin})
             continue
         try:
-            if truncated(result):
-                raise JudgeParseError("the reply was cut off at max_tokens (raise --max-tokens)")
+            if (short := cut_short(result)) is not None:
+                raise JudgeParseError(f"the reply was {short}"
+                                      + (" (raise --max-tokens)" if result.finish_reason in TRUNCATED else ""))
             score, reason = parse_judgement(result.response or "")
         except JudgeParseError as e:
             failures.append({**record, "judge_error": f"unparseable judge reply: {e}", "judge_reply": result.response,

@@ -34,10 +34,10 @@ from __future__ import annotations
 
 from collections import Counter
 from bezoar.generate.request import GenerateError, Request
-from bezoar.generate.schemes import (NearDuplicates, add_scheme_arguments, chat, check_out_dir, check_sampling, excerpt,
-                                     exit_status, failed_keys, load_templates, parse_list, read_records, read_topics,
-                                     rng_for, run_step, say, stored_keys, text_field, truncated, write_json,
-                                     write_jsonl)
+from bezoar.generate.schemes import (NearDuplicates, add_scheme_arguments, chat, check_out_dir, check_sampling,
+                                     cut_short, excerpt, exit_status, failed_keys, load_templates, parse_list,
+                                     read_records, read_topics, rng_for, run_step, say, stored_keys, text_field,
+                                     truncated, write_json, write_jsonl)
 
 TEMPLATES = ("lamini_examples", "lamini_topics")
 SOURCE_WITH_TOPIC = "self_instruct_with_topic"
@@ -166,8 +166,8 @@ def run_lamini(args) -> int:
             reason = "response request failed"
         elif not (result.response or "").strip():
             reason = "empty response"
-        elif truncated(result):
-            reason = "response cut off at max_tokens"
+        elif (short := cut_short(result)) is not None:
+            reason = f"response {short}"
         if reason is not None:
             counts["responses_dropped"] += 1
             dropped.append({"step": "responses", "reason": reason, "instruction": instruction,

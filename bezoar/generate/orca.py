@@ -43,9 +43,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from bezoar.generate.request import GenerateError
-from bezoar.generate.schemes import (PROMPTS, add_scheme_arguments, chat, check_out_dir, check_sampling, excerpt,
-                                     exit_status, failed_keys, read_records, rng_for, run_step, say, text_field,
-                                     truncated, write_json, write_jsonl)
+from bezoar.generate.schemes import (PROMPTS, add_scheme_arguments, chat, check_out_dir, check_sampling, cut_short,
+                                     excerpt, exit_status, failed_keys, read_records, rng_for, run_step, say,
+                                     text_field, write_json, write_jsonl)
 
 OUTPUTS = ("raw.jsonl", "dropped.jsonl", "orca-summary.json")
 SUB_COLLECTIONS = ("cot", "niv2", "t0", "flan2021")
@@ -221,8 +221,8 @@ def run_orca(args) -> int:
             reason = "response request failed"
         elif not response:
             reason = "empty response"
-        elif truncated(result):
-            reason = "response cut off at max_tokens"
+        elif (short := cut_short(result)) is not None:
+            reason = f"response {short}"
         if reason is not None:
             counts[f"dropped: {reason}"] += 1
             dropped.append({"reason": reason, "question": q["question"], "origin": q["origin"],

@@ -55,6 +55,9 @@ SAMPLES = ASSETS / "samples"
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".txt")
 TRUNCATED = ("length", "max_tokens")  # finish reasons that mean the reply was cut off
+# Finish reasons of a reply a provider's filter stopped: OpenAI's and Azure's "content_filter", Anthropic's
+# "refusal". The text is partial or empty, so like a cut-off reply it is no record.
+FILTERED = ("content_filter", "refusal")
 
 
 # ---------------------------------------------------------------------- templates
@@ -215,7 +218,9 @@ _MARK_END = r"(?=\s|\*\*|$)"
 _NUMBER_MARK = (rf"(?:\(\d{{1,3}}\)|<\d{{1,3}}>|\[\d{{1,3}}\]|\d{{1,3}}\s*[.):]{_MARK_END}"
                 rf"|(?:instruction|task|question|prompt)\s*#?\s*\d{{1,3}}\s*[.):-]{_MARK_END})")
 # A marker may be in bold ("**1.**", "**Task 1:**"); the ** after a plain "1." opens the item's own bold text.
-_NUMBERED = re.compile(rf"^\s*(?:\*\*{_NUMBER_MARK}\*\*|{_NUMBER_MARK})\s*", re.I)
+# A marker may open a bold line ("**1. Write a poem.**": group "bold", the item keeps the ** to close it) or a
+# heading ("### 1. Write a poem").
+_NUMBERED = re.compile(rf"^\s*(?:#{{1,6}}[ \t]+)?(?:\*\*{_NUMBER_MARK}\*\*|(?P<bold>\*\*)?{_NUMBER_MARK})\s*", re.I)
 _BULLET = re.compile(r"^\s*([-*\u2022+])\s+")
 # "Task:", also in bold as markdown-minded teachers write it ("**Task:**", "**Task**:").
 _LABEL = re.compile(r"^(?:\*\*)?(?:instruction|task|prompt|question)\s*(?:\*\*\s*:|:\s*\*\*|:)\s*", re.I)
@@ -266,7 +271,8 @@ def _indent(line: str) -> int:
 
 def parse_list(reply: str, *, truncated: bool = False) -> ParsedList:
     """The items of a numbered (``1.``, ``1)``, ``(1)``, ``<1>``, ``[1]``, ``Instruction 1:``) or
-    bulleted (``-``, ``*``, ``•``) list; a number marker may be in bold (``**1.**``).
+    bulleted (``-``, ``*``, ``•``) list; a number marker may be in bold (``**1.**``), open a bold line
+    (``**1. Write a poem.**``) or a heading (``### 1. Write a poem.``).
 
     The first marker decides the style; after that only markers of that style start items, so a
     numbered list may hold bullets inside its items. A marker indented 2 columns or more past the
@@ -306,7 +312,8 @@ def parse_list(reply: str, *, truncated: bool = False) -> ParsedList:
             if items and pending:
                 items[-1].extend(pending)
             pending = []
-            items.append([line[m.end():]])
+            opened = style is _NUMBERED and m.group("bold") is not None
+            items.append([("**" if opened else "") + line[m.end():]])
         elif not items:
             continue  # preamble
         elif not line.strip():
@@ -623,7 +630,18 @@ def exit_status(out: Path, failed: int) -> int:
 
 
 def truncated(result: Result) -> bool:
-    return result.finish_reason in TRUNCATED
+    """Whether the reply is not whole: cut off at max_tokens, or stopped by the provider's filter."""
+    return result.finish_reason in TRUNCATED or result.finish_reason in FILTERED
+
+
+def cut_short(result: Result) -> str | None:
+    """Why the reply is not whole, as a drop reason's ending ("cut off at max_tokens", "stopped by the
+    provider's filter (finish_reason content_filter)"), or None for a whole reply."""
+    if result.finish_reason in TRUNCATED:
+        return "cut off at max_tokens"
+    if result.finish_reason in FILTERED:
+        return f"stopped by the provider's filter (finish_reason {result.finish_reason})"
+    return None
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -675,6 +693,6 @@ __all__ = [
     "TEMPLATE_FIELDS", "Template", "load_template", "load_templates", "read_records", "text_field", "read_topics",
     "ParsedList", "parse_list", "word_tokens", "lcs_length", "rouge_l", "NearDuplicates", "DuplicateVerdict",
     "STOP_WORDS", "only_stop_words", "short_refusal", "normalized", "rng_for", "add_scheme_arguments", "stored_keys",
-    "check_sampling", "run_step", "chat", "failed_keys", "exit_status", "truncated", "write_jsonl", "write_json",
-    "check_out_dir", "say", "excerpt", "PROMPTS", "SAMPLES",
+    "check_sampling", "run_step", "chat", "failed_keys", "exit_status", "truncated", "cut_short", "write_jsonl",
+    "write_json", "check_out_dir", "say", "excerpt", "PROMPTS", "SAMPLES",
 ]

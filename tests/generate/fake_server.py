@@ -12,8 +12,8 @@ at it through their base URL. What it answers is scripted:
 
 - by default an echo, ``"echo: <last user text>"``, so a test can check each answer belongs to
   its request;
-- by a ``reply(call) -> str | Cut | Fault`` callable (``call`` is a :class:`Call` describing the
-  request; a :class:`Cut` answer is one cut off at max_tokens);
+- by a ``reply(call) -> str | Cut | Filtered | Fault`` callable (``call`` is a :class:`Call` describing the
+  request; a :class:`Cut` answer is one cut off at max_tokens, a :class:`Filtered` one stopped by a filter);
 - by a queue: ``server.script("first answer", Fault("500"), ...)`` is consumed first-come.
 
 Faults (as a :class:`Fault` from the script, or at random with ``fault_rate`` over ``fault_kinds``):
@@ -73,6 +73,13 @@ class Fault:
 @dataclass(frozen=True)
 class Cut:
     """An answer cut off at max_tokens: finish_reason ``length`` (Anthropic: stop_reason ``max_tokens``)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Filtered:
+    """An answer a provider's filter stopped: finish_reason ``content_filter`` (Anthropic: stop_reason ``refusal``)."""
 
     text: str
 
@@ -297,6 +304,8 @@ class FakeLLMServer:
             self.outcomes["ok"] += 1
         if isinstance(item, Cut):
             return self._answer(route, model, call, item.text, cut=True)
+        if isinstance(item, Filtered):
+            return self._answer(route, model, call, item.text, filtered=True)
         return self._answer(route, model, call, str(item))
 
     def _outcome(self, name: str, response: web.StreamResponse) -> web.StreamResponse:
@@ -347,26 +356,29 @@ class FakeLLMServer:
         return web.json_response(payload, status=status, headers=headers)
 
     @staticmethod
-    def _answer(route: str, model: str, call: Call, text: str, cut: bool = False) -> web.Response:
+    def _answer(route: str, model: str, call: Call, text: str, cut: bool = False,
+                filtered: bool = False) -> web.Response:
         prompt_text = call.prompt if call.prompt is not None else " ".join(
             _text_of(m.get("content")) for m in call.messages) + " " + _text_of(call.system)
         input_tokens, output_tokens = len(prompt_text.split()) + 1, len(text.split())
         if route == "messages":
             payload = {
                 "id": "msg_fake", "type": "message", "role": "assistant", "model": model,
-                "content": [{"type": "text", "text": text}], "stop_reason": "max_tokens" if cut else "end_turn",
+                "content": [{"type": "text", "text": text}],
+                "stop_reason": "max_tokens" if cut else "refusal" if filtered else "end_turn",
                 "stop_sequence": None,
                 "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
             }
         else:
+            finish = "length" if cut else "content_filter" if filtered else "stop"
             usage = {"prompt_tokens": input_tokens, "completion_tokens": output_tokens,
                      "total_tokens": input_tokens + output_tokens}
             if route == "chat":
                 choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                          "finish_reason": "length" if cut else "stop", "logprobs": None}
+                          "finish_reason": finish, "logprobs": None}
                 obj = "chat.completion"
             else:
-                choice = {"index": 0, "text": text, "finish_reason": "length" if cut else "stop", "logprobs": None}
+                choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
                 obj = "text_completion"
             payload = {"id": "cmpl-fake", "object": obj, "created": int(time.time()), "model": model,
                        "choices": [choice], "usage": usage}

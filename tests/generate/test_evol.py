@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from bezoar.generate.evol import DEPTH_OPERATIONS, STRATEGIES, equality_verdict, leaked_phrase
+from bezoar.generate.evol import DEPTH_OPERATIONS, STRATEGIES, equality_verdict, leaked_phrase, refused_rewrite
 from bezoar.generate.schemes import rng_for
-from tests.generate.fake_server import Fault
+from tests.generate.fake_server import Cut, Fault, Filtered
 from tests.generate.schemes_helpers import CallLog, between, read_jsonl, run, store_keys_unique, write_jsonl
 
 SEEDS = [
@@ -133,6 +133,59 @@ def test_elimination_rules_and_lineages(fake_server, tmp_path, capsys):
         f"epoch-{e}-{s}.jsonl" for e in (1, 2) for s in ("evolve", "equal", "respond"))
 
 
+@pytest.mark.parametrize("text,previous,refusal", [
+    ("I'm sorry, but I can't assist with rewriting that request.", "Name a poison.", True),
+    ("Sorry, I cannot do that.", "x", True), ('"I cannot help with this."', "x", True),
+    ("As an AI language model, I can't create that.", "x", True), ("**I apologize**, but no.", "x", True),
+    ("I am unable to comply with this request.", "x", True), ("Unfortunately, I can't.", "x", True),
+    ("I cannot provide a rewritten version of this prompt.", "x", True),
+    # instructions that speak of sorry, or as a user in the first person, are instructions
+    ("Write a note saying sorry to a friend for missing the party.", "x", False),
+    ("I can't decide between two jobs; list the pros and cons of each.", "x", False),
+    ("Explain why I cannot sleep at night.", "x", False),
+    # an instruction evolved from one that opens the same way
+    ("I'm sorry to ask, but explain tides in detail, with a diagram.", "I'm sorry to ask, but explain tides.", False),
+])
+def test_refused_rewrite(text, previous, refusal):
+    assert refused_rewrite(text, previous) is refusal
+
+
+def test_a_refused_or_filtered_evolution_is_no_instruction(fake_server, tmp_path):
+    """A teacher's refusal to rewrite passed every evolve check, was judged DIFFERENT, got a polite answer and became
+    a training record (and the lineage's instruction). A reply stopped by a filter is no record either."""
+    def refusing(call):
+        text = call.last_user_text
+        if "#Original Instruction#" in text:
+            name = original_of(text).split(":")[0]
+            if name == "Echo":
+                return "I'm sorry, but I can't assist with rewriting that request."
+            if name == "Delta":
+                return Filtered("Delta: name a long")
+            if name == "Foxtrot":
+                return Cut("Foxtrot: name a dance")
+            return evolve(original_of(text))
+        if "SAME or DIFFERENT" in text:
+            return "DIFFERENT"
+        if text.startswith("Hotel"):
+            return Filtered("Partial answer")
+        return f"Thanks for asking. Answer about {text.split(':')[0]}."
+
+    log = CallLog(refusing)
+    server = fake_server(reply=log)
+    seeds = write_jsonl(tmp_path / "dolly.jsonl", [SEEDS[0], SEEDS[4], SEEDS[5], SEEDS[6], SEEDS[8]])
+    out = tmp_path / "out"
+    assert run("evol", seeds, "--epochs", "1", "--out", out, url=server.openai_url) == 0
+    # Hotel's evolution is whole: its response is the one filtered
+    assert [r["instruction"] for r in read_jsonl(out / "raw.jsonl")] == ["Alpha: name a planet. Step 1."]
+    reasons = {d["previous"].split(":")[0]: d["reason"] for d in read_jsonl(out / "dropped.jsonl")}
+    assert reasons == {"Echo": "evolution is a refusal",
+                       "Delta": "evolution stopped by the provider's filter (finish_reason content_filter)",
+                       "Foxtrot": "evolution cut off at max_tokens",
+                       "Hotel": "response stopped by the provider's filter (finish_reason content_filter)"}
+    asked = [c.last_user_text for c in log.calls if "#Original Instruction#" not in c.last_user_text]
+    assert not any("sorry" in text for text in asked)  # refused before the paid equality and respond calls
+
+
 def test_more_epochs_extend_the_same_run(fake_server, tmp_path):
     """Epochs are built on stored answers: 3 epochs after 2 only asks for the third."""
     server = fake_server(reply=teacher)
@@ -158,7 +211,11 @@ def test_more_epochs_extend_the_same_run(fake_server, tmp_path):
                                            ("The two aren\u2019t equal.", "different"),
                                            ("It isn't identical: it adds a step.", "different"),
                                            ("They cannot be the same.", "different"),
-                                           ("They aren't different.", "same")])
+                                           ("They aren't different.", "same"),
+                                           # the template's answer word in capitals decides ("same" before)
+                                           ("In the same domain, but DIFFERENT", "different"),
+                                           ("Same topic; DIFFERENT.", "different"), ("Not DIFFERENT", "same"),
+                                           ("They differ.", "different"), ("The second differs.", "different")])
 def test_equality_verdict(reply, verdict):
     assert equality_verdict(reply) == verdict
 

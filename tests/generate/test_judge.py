@@ -8,7 +8,7 @@ import re
 import pytest
 
 from bezoar.generate.judge import JudgeParseError, parse_judgement
-from tests.generate.fake_server import Cut, Fault
+from tests.generate.fake_server import Cut, Fault, Filtered
 from tests.generate.schemes_helpers import CallLog, between, read_jsonl, run, write_jsonl
 
 #: response text -> what the judge answers about it
@@ -25,6 +25,7 @@ JUDGE_REPLIES = {
     "r-no-reason": "Score: 9",
     "r-fails": Fault("400", message="judge refused (injected)"),
     "r-cut": Cut("Reason: thorough, correct and on task, with every step of the derivation shown.\nScore: 1"),
+    "r-filtered": Filtered("Reason: good.\nScore: 8"),  # a filter stopped it: no judgement, whatever it reads
     "orca answer": "Reason: follows the system message.\nScore: 9",
 }
 
@@ -41,7 +42,8 @@ SCORES = {"r-seven": 7, "r-six": 6, "r-ten": 10, "r-eight": 8, "r-seven-half": 7
           "orca answer": 9}
 FAILURES = {"r-no-score": "no 'Score: N'", "r-eleven": "score 11 is outside 1-10",
             "r-two-scores": "several different scores", "r-no-reason": "no reason",
-            "r-fails": "judge request failed", "r-cut": "cut off at max_tokens"}
+            "r-fails": "judge request failed", "r-cut": "cut off at max_tokens",
+            "r-filtered": "stopped by the provider's filter (finish_reason content_filter)"}
 
 
 def judge(call):
@@ -86,7 +88,7 @@ def test_scores_reasons_and_failures(judged):
         assert r["judge_reply"] == (None if r["response"] == "r-fails" else getattr(reply, "text", reply))
     summary = json.loads((out / "filter-summary.json").read_text())
     assert (summary["records"], summary["scored"], summary["kept"], summary["below_threshold"], summary["failures"]) \
-        == (len(RECORDS), 9, 7, 2, 6)
+        == (len(RECORDS), 9, 7, 2, 7)
     assert summary["scores"] == {"6": 1, "6.9": 1, "7": 2, "7.5": 1, "8": 2, "9": 1, "10": 1}
 
     # The judge saw the rubric, the orca record's system message, and "(none)" for the others;
@@ -118,7 +120,7 @@ def test_threshold_is_exact_and_costs_nothing_to_change(judged, threshold, kept)
     assert server.stats()["requests"] == 0  # every judgement comes from the store (the failure too)
     assert {response_of(r) for r in read_jsonl(out / "filtered.jsonl")} == kept
     assert all(r["judge_score"] >= threshold for r in read_jsonl(out / "filtered.jsonl"))
-    assert len(read_jsonl(out / "judged.jsonl")) == 9 and len(read_jsonl(out / "judge-failures.jsonl")) == 6
+    assert len(read_jsonl(out / "judged.jsonl")) == 9 and len(read_jsonl(out / "judge-failures.jsonl")) == 7
 
 
 def test_retry_failed_asks_again_for_failed_requests_only(judged, fake_server):
@@ -140,13 +142,22 @@ def test_retry_failed_asks_again_for_failed_requests_only(judged, fake_server):
     ("Reason: ok\nScore: <8>", 8, "ok"), ("Reason: ok\nScore: [8]", 8, "ok"), ("Reason: ok\nScore: [8/10]", 8, "ok"),
     ("Score (out of 10): 8\nReason: ok", 8, "ok"), ("Score (overall): 6.5\nReason: ok", 6.5, "ok"),
     ("Reason: ok\nScore: 9 (out of 10)", 9, "ok"), ("Reason: ok.\nScore: 8.", 8, "ok."),
+    ("Score: 8 of 10\nReason: ok", 8, "ok"), ("Score: 8 out of ten\nReason: ok", 8, "ok"),
+    ("Score: 8 (on a scale of 1 to 10)\nReason: ok", 8, "ok"), ("Reason: ok\nScore: 7 on a 10-point scale", 7, "ok"),
+    # the words of the label before "Score" are not the reason ("Good. Overall" before)
+    ("Reason: Good.\nOverall Score: 8", 8, "Good."), ("Overall Score: 8\nThe answer is good.", 8, "The answer is good."),
+    ("Reason: fine\n## My Final Score: 7", 7, "fine"), ("Good answer overall Score: 9", 9, "Good answer overall"),
 ])
 def test_parse_judgement(reply, score, reason):
     assert parse_judgement(reply) == (score, reason)
 
 
 @pytest.mark.parametrize("reply", ["", "Score: none", "Score: 0\nReason: x", "Score: -2 Reason: x", "Score: 10.5",
-                                   "Score: 9 (out of 10)"])
+                                   "Score: 9 (out of 10)",
+                                   # other scales in words the number-only forms did not read (taken for 1-10 before)
+                                   "Reason: Good.\nScore: 4 of 5", "Reason: Good.\nScore: 4 out of five",
+                                   "Reason: Good.\nScore: 4 on a 5-point scale", "Score: 4 (scale of 1-5)\nReason: ok",
+                                   "Score: 4 out of a hundred\nReason: ok"])
 def test_parse_judgement_refuses(reply):
     with pytest.raises(JudgeParseError):
         parse_judgement(reply)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bezoar.generate.orca import read_system_messages, system_ids
-from tests.generate.fake_server import Fault
+from tests.generate.fake_server import Cut, Fault, Filtered
 from tests.generate.schemes_helpers import CallLog, read_jsonl, run, write_jsonl
 
 MESSAGES = read_system_messages(None)
@@ -199,3 +199,17 @@ def test_flan_export_field_names_with_underscores(fake_server, tmp_path):
     records = read_jsonl(out / "raw.jsonl")
     assert [(r["source"], r["task"], r["multiple_choice"]) for r in records] == [
         ("flan2021", "anli_r1", True), ("niv2", "task_en_fr", False)]
+
+
+def test_replies_cut_off_or_stopped_by_a_filter_are_no_records(fake_server, tmp_path):
+    """finish_reason content_filter was taken for a whole answer: "Step 1: First, gather the" became a record."""
+    replies = {"cut": Cut("Step 1: First, gather"), "filtered": Filtered("Step 1: First, gather the"),
+               "whole": "Step 1: gather. Step 2: done."}
+    server = fake_server(reply=lambda call: replies[call.last_user_text.split()[0]])
+    queries = write_jsonl(tmp_path / "flan.jsonl", [q(f"{name} question", "cot", "gsm") for name in replies])
+    out = tmp_path / "out"
+    assert run("orca", queries, "--out", out, url=server.openai_url) == 0
+    assert [r["question"] for r in read_jsonl(out / "raw.jsonl")] == ["whole question"]
+    assert sorted((d["question"], d["reason"]) for d in read_jsonl(out / "dropped.jsonl")) == [
+        ("cut question", "response cut off at max_tokens"),
+        ("filtered question", "response stopped by the provider's filter (finish_reason content_filter)")]

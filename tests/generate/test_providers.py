@@ -14,7 +14,7 @@ from bezoar.generate.providers import (Endpoint, ProviderError, make_provider, p
                                        status_error)
 from bezoar.generate.request import GenerateError, Request
 from tests.generate.conftest import closed_port_url
-from tests.generate.fake_server import Fault
+from tests.generate.fake_server import Fault, Filtered
 
 PROVIDER_NAMES = ("compat", "openai", "anthropic")
 
@@ -355,3 +355,16 @@ def test_redact_replaces_a_short_key_only_as_a_token_of_its_own(monkeypatch):
     assert redact("Authorization: Bearer k rejected") == "Authorization: Bearer *** rejected"
     assert redact("key=k; token 'k'") == "key=***; token '***'"
     assert redact("bookkeeping, nonexistent") == "bookkeeping, nonexistent"
+
+
+@pytest.mark.parametrize("name", PROVIDER_NAMES)
+def test_a_reply_stopped_by_a_filter_says_so(fake_server, api_keys, name):
+    """OpenAI's finish_reason content_filter and Anthropic's stop_reason refusal come through as the finish reason
+    that ``schemes.cut_short`` reads: the schemes drop such partial replies as they drop cut-off ones."""
+    from bezoar.generate.schemes import FILTERED
+
+    server = fake_server(reply=lambda call: Filtered("Step 1: First, gather the"))
+    reply = send(name, server, Request(messages=[{"role": "user", "content": "how?"}], max_tokens=50))
+    assert reply.text == "Step 1: First, gather the"
+    assert reply.finish_reason == ("refusal" if name == "anthropic" else "content_filter")
+    assert reply.finish_reason in FILTERED

@@ -45,6 +45,12 @@ def test_numbered_list_with_preamble_epilogue_and_continuations():
     ("1. **Task:** alpha\n2. **Instruction**: beta\n3. **Question:** Is **this** bold?",
      ["alpha", "beta", "Is **this** bold?"]),
     ("**1.** alpha\n**2.** beta", ["alpha", "beta"]), ("**Task 1:** alpha\n**Task 2:** beta", ["alpha", "beta"]),
+    # a marker opening a bold line, or a heading (both were "not a list": every item of the paid reply lost)
+    ("Here they are:\n**1. Write a poem about rain.**\n**2. Summarize the text below.**",
+     ["Write a poem about rain.", "Summarize the text below."]),
+    ("**1. Bold start** then plain\n**2. Other**", ["**Bold start** then plain", "Other"]),
+    ("### 1. Write a poem.\n### 2. Summarize **this** text.", ["Write a poem.", "Summarize **this** text."]),
+    ("## Tasks\n\n#### 1) alpha\n#### 2) beta", ["alpha", "beta"]),
 ])
 def test_list_styles(reply, items):
     assert parse_list(reply).items == items
@@ -70,6 +76,21 @@ def test_nested_list_of_the_same_style_stays_in_its_item():
     assert parse_list(aligned).items == [f"task {i}" for i in range(1, 12)]
     indented = "  1. alpha\n  2. beta"  # the whole list indented
     assert parse_list(indented).items == ["alpha", "beta"]
+
+
+@pytest.mark.parametrize("finish,why", [("stop", None), ("end_turn", None), (None, None),
+                                        ("length", "cut off at max_tokens"), ("max_tokens", "cut off at max_tokens"),
+                                        ("content_filter", "stopped by the provider's filter (finish_reason "
+                                                           "content_filter)"),
+                                        ("refusal", "stopped by the provider's filter (finish_reason refusal)")])
+def test_a_reply_is_whole_unless_cut_off_or_filtered(finish, why):
+    """A reply a filter stopped is partial (a list of instructions loses its last item, as a cut-off one does)."""
+    from bezoar.generate.request import Result
+    from bezoar.generate.schemes import cut_short, truncated
+
+    result = Result(key="k", response="1. alpha\n2. bet", finish_reason=finish)
+    assert cut_short(result) == why and truncated(result) is (why is not None)
+    assert parse_list(result.response, truncated=truncated(result)).items == (["alpha"] if why else ["alpha", "bet"])
 
 
 def test_malformed_and_truncated_lists():
