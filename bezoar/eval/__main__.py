@@ -236,6 +236,7 @@ def run_mt_bench(args) -> int:
         answers = mt.read_answers(Path(args.answers))
         if not answers:
             raise ValueError(f"{args.answers}: no answers")
+        mt.check_answered(questions, answers, f"--answers {args.answers}")  # before any folder or judge call
         model_id = args.model_id or next(iter(answers.values())).model_id
         out.mkdir(parents=True, exist_ok=True)  # every check passed: nothing is left behind by a refused run
         lock = _hold(out / MT_BENCH_LOCK, f"--out {out}", "bezoar.eval mt-bench")
@@ -282,7 +283,8 @@ def run_mt_bench(args) -> int:
     if args.skip_judge:
         return 0
     summary, _ = mt.run_judging(questions, answers, config, out, model_id, judge_prompts=args.judge_prompts,
-                                references=references, progress=sys.stderr.isatty())
+                                references=references, progress=sys.stderr.isatty(),
+                                answers_source=f"--answers {args.answers}" if args.answers else str(answers_path))
     print(mt.summary_table(summary, model_id, config.model))
     print(f"\njudgments, results.md, results.json and categories.png written to {out}")
     return 0

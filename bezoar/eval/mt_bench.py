@@ -602,16 +602,46 @@ class JudgeTask:
     user_prompt: str
 
 
-def judge_tasks(questions: list[Question], answers: dict[Any, Answer], prompts: dict[str, JudgePrompt],
-                references: dict[Any, list[str]] | None = None, source: str = "judge prompts") -> list[JudgeTask]:
-    """Build the judge prompts for every answered turn. Reference answers come from ``references``
-    (a reference-answer file) or else from the question's own ``reference`` field."""
-    references = references or {}
-    tasks, missing_ref = [], []
+def unanswered(questions: list[Question], answers: dict[Any, Answer]) -> list[str]:
+    """The questions ``answers`` does not answer in full: "question 81" (no answer), "question 81 turn 2" (an
+    answer with fewer turns than the question asks)."""
+    gaps = []
     for q in questions:
         answer = answers.get(q.question_id)
         if answer is None:
-            continue
+            gaps.append(f"question {q.question_id}")
+        elif len(answer.turns) < len(q.turns):
+            gaps.extend(f"question {q.question_id} turn {t}" for t in range(len(answer.turns) + 1, len(q.turns) + 1))
+    return gaps
+
+
+def check_answered(questions: list[Question], answers: dict[Any, Answer], source: str = "the answers") -> None:
+    """Refuse answers that leave turns of the questions unanswered (``unanswered``): a score over the rest would
+    read as the model's MT-Bench score (FastChat's gen_judgment refuses such answers too). ``source`` names
+    the answers in the message."""
+    gaps = unanswered(questions, answers)
+    if gaps:
+        turns = sum(len(q.turns) for q in questions)
+        missing = sum(len(q.turns) - (len(answers[q.question_id].turns) if q.question_id in answers else 0)
+                      for q in questions if q.question_id not in answers
+                      or len(answers[q.question_id].turns) < len(q.turns))
+        shown = ", ".join(gaps[:10]) + (f" and {len(gaps) - 10} more" if len(gaps) > 10 else "")
+        raise MTBenchError(f"{source}: {missing} of the {turns} turns of the {len(questions)} questions have no "
+                           f"answer ({shown}); MT-Bench is scored over every question: answer them (a run with "
+                           "--model completes an answers.jsonl it made), or give --questions only those answered")
+
+
+def judge_tasks(questions: list[Question], answers: dict[Any, Answer], prompts: dict[str, JudgePrompt],
+                references: dict[Any, list[str]] | None = None, source: str = "judge prompts",
+                answers_source: str = "the answers") -> list[JudgeTask]:
+    """Build the judge prompts for every turn. Reference answers come from ``references`` (a reference-answer
+    file) or else from the question's own ``reference`` field. Answers that leave a turn unanswered are refused
+    (``check_answered``; ``answers_source`` names them)."""
+    check_answered(questions, answers, answers_source)
+    references = references or {}
+    tasks, missing_ref = [], []
+    for q in questions:
+        answer = answers[q.question_id]
         ref = references.get(q.question_id) or q.reference
         math_like = q.category in NEED_REFERENCE
         if math_like and not ref:
@@ -802,12 +832,14 @@ def write_results(out_dir: Path, judgments: list[Judgment], model_id: str, judge
 
 def run_judging(questions: list[Question], answers: dict[Any, Answer], config: JudgeConfig, out_dir: Path,
                 model_id: str, judge_prompts: str | Path | None = None, references: dict | None = None,
-                progress: bool = False) -> tuple[Summary, list[Judgment]]:
-    """Judge every answered turn (through the pool, resumable) and write the result files."""
+                progress: bool = False, answers_source: str = "the answers") -> tuple[Summary, list[Judgment]]:
+    """Judge every turn (through the pool, resumable) and write the result files; answers that leave a turn
+    unanswered are refused (``check_answered``), before any judge call."""
     prompts = load_judge_prompts(judge_prompts)
-    tasks = judge_tasks(questions, answers, prompts, references, source=str(judge_prompts or DEFAULT_JUDGE_PROMPTS))
+    tasks = judge_tasks(questions, answers, prompts, references, source=str(judge_prompts or DEFAULT_JUDGE_PROMPTS),
+                        answers_source=answers_source)
     if not tasks:
-        raise MTBenchError("nothing to judge: no question has an answer")
+        raise MTBenchError("nothing to judge: no questions")
     results = call_judge(judge_requests(tasks, config), config, out_dir / "judge_store.jsonl", progress=progress)
     judgments = judgments_from(tasks, results, model_id, config.model)
     return write_results(out_dir, judgments, model_id, config.model), judgments

@@ -549,6 +549,32 @@ def test_failed_judge_calls_are_left_out_and_retried_on_rerun(tmp_path):
         assert (second["counted"], second["failed"]) == (16, 0)
 
 
+def test_answers_that_leave_turns_unanswered_are_refused_before_any_judge_call(tmp_path, capsys):
+    """An interrupted run's answers.jsonl given as --answers was judged over the turns it had and reported as the
+    model's MT-Bench score (4 of 16 turns: "overall 9.0"); FastChat's gen_judgment refuses such answers."""
+    fake_server = pytest.importorskip("tests.generate.fake_server")
+    from bezoar.eval.__main__ import main
+
+    questions = mt.load_questions(mt.SAMPLE_QUESTIONS)
+    answers = tmp_path / "partial.jsonl"
+    rows = [mt.Answer(questions[0].question_id, "m", ["one", "two"]), mt.Answer(questions[1].question_id, "m", ["one"])]
+    answers.write_text("".join(json.dumps(r.to_record()) + "\n" for r in rows))
+    out = tmp_path / "run"
+    with fake_server.FakeLLMServer(reply=lambda call: "[[9]]") as judge:
+        assert main(["mt-bench", "--answers", str(answers), "--questions", str(mt.SAMPLE_QUESTIONS), "--out", str(out),
+                     "--judge-model", "j", "--judge-provider", "compat", "--judge-base-url", judge.openai_url]) == 2
+        assert sum(judge.received.values()) == 0
+    err = capsys.readouterr().err
+    turns = sum(len(q.turns) for q in questions)
+    assert f"--answers {answers}: {turns - 3} of the {turns} turns of the {len(questions)} questions have no answer" \
+        in err
+    assert f"question {questions[1].question_id} turn 2, question {questions[2].question_id}," in err
+    assert not out.exists()  # refused before the folder was made
+    assert mt.unanswered(questions[:1], {r.question_id: r for r in rows}) == []
+    with pytest.raises(mt.MTBenchError, match=r"the answers: 1 of the 4 turns of the 2 questions"):
+        mt.judge_tasks(questions[:2], {r.question_id: r for r in rows}, mt.load_judge_prompts())
+
+
 def test_an_answer_file_mixing_models_is_refused(tmp_path):
     """Answers of two models to one question cannot both be judged from one file (the later would replace
     the earlier, and be reported under one model id): one error naming both lines."""
