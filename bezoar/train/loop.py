@@ -61,7 +61,9 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int | None = None  # None: warmup_ratio of the total steps
+    # None: warmup_ratio of the total steps, rounded up as transformers counts them (a ratio above 0 warms up for
+    # one step at least: rounded to nearest, 0.03 of a stage under 17 steps had none)
+    warmup_steps: int | None = None
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.0  # the schedule decays to lr * min_lr_ratio
     max_grad_norm: float = 1.0  # 0 turns clipping off
@@ -125,12 +127,15 @@ class Batches(Protocol):
 
 
 def lr_lambda(optim: OptimConfig, total_steps: int):
-    warmup = optim.warmup_steps if optim.warmup_steps is not None else int(round(optim.warmup_ratio * total_steps))
+    # the ratio's count as transformers takes it (TrainingArguments.get_warmup_steps); the product is rounded first,
+    # so that a ratio that is a whole number of steps (0.1 of 30) is not pushed one up by its binary error
+    warmup = optim.warmup_steps if optim.warmup_steps is not None else \
+        math.ceil(round(optim.warmup_ratio * total_steps, 9))
     floor = optim.min_lr_ratio
 
     def f(step: int) -> float:  # step = optimizer steps done so far
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
+        if warmup > 0 and step < warmup:  # transformers' ramp: 0 at the first step, full lr at step ``warmup``
+            return step / warmup
         if optim.schedule == "constant":
             return 1.0
         progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))

@@ -470,8 +470,9 @@ def test_a_fractional_epoch_count_trains_its_steps_without_a_rounding_extra(epoc
 
 def test_the_lr_schedule_against_hand_values_and_transformers():
     """Every other lr assertion is computed with lr_lambda itself: a schedule that never decayed passed them.
-    Here: hand-written values, and transformers' schedulers after the warmup (bezoar's warmup reaches full lr
-    at its last warmup step, (step + 1) / warmup, where transformers' reaches it one step later)."""
+    Here: hand-written values, and transformers' schedulers at every step, warmup included (bezoar's warmup
+    was (step + 1) / warmup, reaching full lr a step early and holding it for two steps, so that one warmup
+    step was none; and a ratio's count was rounded to nearest, so that 0.03 of a short stage was none)."""
     import math
 
     import torch
@@ -481,29 +482,36 @@ def test_the_lr_schedule_against_hand_values_and_transformers():
     from bezoar.train.loop import OptimConfig, lr_lambda
 
     f = lr_lambda(OptimConfig(schedule="cosine", warmup_steps=4), 14)
-    assert [round(f(s), 6) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert f(4) == 1.0 and f(9) == pytest.approx(0.5) and f(14) == pytest.approx(0.0, abs=1e-12)
+    assert [round(f(s), 6) for s in range(5)] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert f(5) < 1.0 and f(9) == pytest.approx(0.5) and f(14) == pytest.approx(0.0, abs=1e-12)
     assert f(6) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.2)))
     f = lr_lambda(OptimConfig(schedule="linear", warmup_steps=0), 10)
     assert [f(s) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
     f = lr_lambda(OptimConfig(schedule="cosine", warmup_steps=0, min_lr_ratio=0.1), 10)
     assert f(0) == 1.0 and f(5) == pytest.approx(0.55) and f(10) == pytest.approx(0.1)
     assert lr_lambda(OptimConfig(schedule="constant", warmup_steps=2), 10)(7) == 1.0
-    assert lr_lambda(OptimConfig(schedule="cosine", warmup_ratio=0.25), 40)(9) == 1.0  # 10 warmup steps
+    assert lr_lambda(OptimConfig(schedule="cosine", warmup_ratio=0.25), 40)(9) == 0.9  # 10 warmup steps
+    # a ratio's count is rounded up, as transformers counts it: 0.03 of 10 steps is 1 warmup step (none when it
+    # was rounded to nearest), 0.1 of 25 is 3, 0.1 of 30 exactly 3 (not 4 by 0.1's binary error)
+    assert [lr_lambda(OptimConfig(warmup_ratio=0.03), 10)(s) for s in (0, 1)] == [0.0, 1.0]
+    assert [round(lr_lambda(OptimConfig(warmup_ratio=0.1), 25)(s), 6) for s in range(4)] == [0, 0.333333, 0.666667, 1]
+    assert [round(lr_lambda(OptimConfig(warmup_ratio=0.1), 30)(s), 6) for s in range(4)] == [0, 0.333333, 0.666667, 1]
+    assert lr_lambda(OptimConfig(warmup_ratio=0.0), 10)(0) == 1.0
 
     def theirs(make, **kwargs):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         return make(opt, **kwargs).lr_lambdas[0]
 
-    total, warmup = 50, 5
-    for schedule, make, extra, floor in (
-            ("cosine", get_cosine_schedule_with_warmup, {}, 0.0),
-            ("linear", get_linear_schedule_with_warmup, {}, 0.0),
-            ("cosine", get_cosine_with_min_lr_schedule_with_warmup, {"min_lr_rate": 0.2}, 0.2)):
-        ours = lr_lambda(OptimConfig(schedule=schedule, warmup_steps=warmup, min_lr_ratio=floor), total)
-        hf = theirs(make, num_warmup_steps=warmup, num_training_steps=total, **extra)
-        for step in range(warmup, total + 1):
-            assert ours(step) == pytest.approx(hf(step), abs=1e-9), (schedule, floor, step)
+    for total, ratio in ((50, 0.1), (10, 0.03), (20, 0.1), (4, 0.1), (1000, 0.03)):
+        warmup = math.ceil(ratio * total)  # transformers' TrainingArguments.get_warmup_steps
+        for schedule, make, extra, floor in (
+                ("cosine", get_cosine_schedule_with_warmup, {}, 0.0),
+                ("linear", get_linear_schedule_with_warmup, {}, 0.0),
+                ("cosine", get_cosine_with_min_lr_schedule_with_warmup, {"min_lr_rate": 0.2}, 0.2)):
+            ours = lr_lambda(OptimConfig(schedule=schedule, warmup_ratio=ratio, min_lr_ratio=floor), total)
+            hf = theirs(make, num_warmup_steps=warmup, num_training_steps=total, **extra)
+            for step in range(total + 1):
+                assert ours(step) == pytest.approx(hf(step), abs=1e-9), (total, ratio, schedule, floor, step)
 
 
 def test_a_checkpoint_that_cannot_be_written_is_one_error_and_the_last_one_is_kept(tmp_path, monkeypatch):
