@@ -240,7 +240,9 @@ def load(path, quant: str | None = None, adapter=None, device=None, dtype=None, 
                 continue
             seen[key] = file
             tensor = read()
-            if prequant and not tensor.is_floating_point() and tensor.dim() == 2 and tensor.shape[1] == 1:
+            # packed 4-bit bytes are an (n, 1) column, of uint8 or of bnb_4bit_quant_storage's dtype (bf16 storage
+            # was reported as a shape that the config did not imply)
+            if prequant and tensor.dim() == 2 and tensor.shape[1] == 1 and expected[key].shape[1] != 1:
                 raise CheckpointError(f"{file}: tensor {key!r} is stored 4-bit (bitsandbytes, {tensor.dtype}); "
                                       "bezoar reads only the decoder blocks' linear layers as 4-bit and needs "
                                       "embeddings, norms and lm_head dense (transformers keeps lm_head dense "
@@ -254,7 +256,9 @@ def load(path, quant: str | None = None, adapter=None, device=None, dtype=None, 
             if key.endswith(".weight") and key[: -len(".weight")] in quantized_modules:
                 from .nf4 import NF4Linear
 
-                w = tensor.to(device=device)
+                # in the model's dtype, as transformers + bitsandbytes cast a weight before quantizing it (quantized
+                # as stored, an fp32 checkpoint whose config says bfloat16 gave other bytes in 21 of 2048)
+                w = tensor.to(device=device, dtype=dtype)
                 try:
                     module = NF4Linear.from_float(w, blocksize=nf4_blocksize, double_quant=nf4_double_quant,
                                                   compute_dtype=compute_dtype)
@@ -427,12 +431,22 @@ def save(model, path, tokenizer_from=None, max_shard_size="2GB", dtype=None, ove
     nf4_modules = [m for m in model.modules() if hasattr(m, "bnb_tensors")]
     if nf4_modules:
         hf["quantization_config"] = nf4_modules[0].quantization_config()
-        # decoder linears kept dense beside the NF4 ones (a 4-bit checkpoint saved with some skipped): named,
-        # as transformers writes them, or it would build them 4-bit and find no quant state
-        dense = sorted({name.rpartition(".")[2] for name, m in model.named_modules()
-                        if type(m) is nn.Linear and name.rpartition(".")[2] in QUANTIZED_LINEARS})
+        # decoder linears kept dense beside the NF4 ones (a 4-bit checkpoint saved with some skipped): named, or
+        # transformers would build them 4-bit and find no quant state. A kind dense in every layer by its short
+        # name ("down_proj"), others by their full names: a short name makes every layer's module of that kind
+        # dense in transformers, which then met the 4-bit tensors of the others ("MISMATCH ckpt [5632, 1]").
+        linears = [(name, type(m) is nn.Linear) for name, m in model.named_modules()
+                   if name.rpartition(".")[2] in QUANTIZED_LINEARS
+                   and (type(m) is nn.Linear or hasattr(m, "bnb_tensors"))]
+        dense = []
+        for kind in QUANTIZED_LINEARS:
+            of_kind = [(name, is_dense) for name, is_dense in linears if name.rpartition(".")[2] == kind]
+            if of_kind and all(is_dense for _, is_dense in of_kind):
+                dense.append(kind)
+            else:
+                dense.extend(name for name, is_dense in of_kind if is_dense)
         if dense:
-            hf["quantization_config"]["llm_int8_skip_modules"] = dense + ["lm_head"]
+            hf["quantization_config"]["llm_int8_skip_modules"] = sorted(dense) + ["lm_head"]
     elif quant_cfg:
         hf["quantization_config"] = quant_cfg
     (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")

@@ -416,7 +416,7 @@ def read_adapter_config(folder: Path, model: nn.Module) -> tuple[LoraConfig, set
     # PEFT features that change what the adapter computes (extra weights, other layers, another formula).
     for key in ("modules_to_save", "rank_pattern", "alpha_pattern", "lora_bias", "use_qalora", "layer_replication",
                 "alora_invocation_tokens", "trainable_token_indices", "target_parameters", "use_bdlora",
-                "arrow_config", "kasa_config"):
+                "arrow_config", "kasa_config", "velora_config", "monteclora_config"):
         if cfg.get(key):
             raise AdapterError(f"{path}: key {key!r} is set ({cfg[key]!r}); bezoar does not support it")
     init = cfg.get("init_lora_weights", True)
@@ -457,7 +457,9 @@ def read_adapter_config(folder: Path, model: nn.Module) -> tuple[LoraConfig, set
     try:
         candidates = target_linears(model)
         chosen = [n for n in candidates if _peft_matches(spec, n) and not (exclude and _peft_matches(exclude, n))
-                  and (layers is None or _layer_index(n) in layers)] if isinstance(spec, (str, list)) else []
+                  # PEFT's layer filter is for the suffixes of a list: a module it names in full is adapted anyway
+                  and (layers is None or _layer_index(n) in layers or isinstance(spec, list) and n in spec)
+                  ] if isinstance(spec, (str, list)) else []
         others = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding, NF4Linear))
                   and n not in candidates and isinstance(spec, (str, list)) and _peft_matches(spec, n)
                   and not (exclude and _peft_matches(exclude, n))]
@@ -528,6 +530,11 @@ def _copy_adapter_weights(modules: dict[str, LoRALinear], weights: Path, config:
         for key in f.keys():
             # PEFT writes adapter names out of the keys, but accept "...lora_A.default.weight" too.
             canonical = re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", key)
+            if canonical not in expected and not re.search(r"\.lora_[AB]\.weight$", canonical):
+                # PEFT's save_embedding_layers (or a variant's extra tensors): not LoRA's A and B
+                raise AdapterError(f"{weights}: key {key!r} is not a LoRA weight (lora_A / lora_B): the adapter "
+                                   "carries other weights, such as the embedding or lm_head PEFT saves with "
+                                   "save_embedding_layers, or a LoRA variant's; bezoar loads plain LoRA adapters only")
             if canonical not in expected:
                 raise AdapterError(f"{weights}: key {key!r} does not fit this model (targets "
                                    f"{config.targets}; expected keys like {next(iter(expected))!r})")

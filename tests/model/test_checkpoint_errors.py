@@ -325,13 +325,16 @@ def test_4bit_checkpoints_with_skipped_modules_load_as_transformers_reads_them(t
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("bitsandbytes")
     ids = torch.randint(3, 200, (2, 9))
-    for skip in (["down_proj", "lm_head"], []):
+    # one layer's down_proj dense: bezoar wrote the short name, and transformers built every down_proj dense
+    # a 4-bit lm_head in bf16 storage (an (n, 1) bf16 column) was a shape "the config implies" otherwise
+    for skip, storage in ((["down_proj", "lm_head"], torch.uint8), ([], torch.uint8), ([], torch.bfloat16),
+                          (["lm_head", "model.layers.0.mlp.down_proj"], torch.uint8)):
         quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                 bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32,
-                                                llm_int8_skip_modules=skip)
+                                                llm_int8_skip_modules=skip, bnb_4bit_quant_storage=storage)
         theirs = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=quant,
                                                                    device_map="cpu", dtype=torch.float32)
-        folder = tmp_path / f"skip-{len(skip)}"
+        folder = tmp_path / f"skip-{'-'.join(skip)}-{storage}"
         theirs.save_pretrained(folder)
         if not skip:
             with pytest.raises(CheckpointError, match=r"tensor 'lm_head.weight' is stored 4-bit .*lm_head dense"):
@@ -341,12 +344,14 @@ def test_4bit_checkpoints_with_skipped_modules_load_as_transformers_reads_them(t
         ours = load(folder, device="cpu")
         assert type(ours.model.layers[0].mlp.down_proj) is torch.nn.Linear
         assert type(ours.model.layers[0].mlp.up_proj).__name__ == "NF4Linear"
+        assert (type(ours.model.layers[1].mlp.down_proj) is torch.nn.Linear) is (skip[0] == "down_proj")
         with torch.no_grad():
             want = theirs(ids).logits
             torch.testing.assert_close(ours(ids), want, atol=1e-4, rtol=0)
             # saved again by bezoar: its config names the dense layers, so transformers builds them dense too
-            resaved = save(ours, tmp_path / "resaved")
+            resaved = save(ours, tmp_path / f"resaved-{'-'.join(skip)}")
             config = json.loads((resaved / "config.json").read_text())["quantization_config"]
-            assert config["llm_int8_skip_modules"] == ["down_proj", "lm_head"]
+            assert config["llm_int8_skip_modules"] == (["down_proj", "lm_head"] if skip[0] == "down_proj"
+                                                       else ["model.layers.0.mlp.down_proj", "lm_head"])
             again = transformers.AutoModelForCausalLM.from_pretrained(resaved, device_map="cpu", dtype=torch.float32)
             torch.testing.assert_close(again(ids).logits, want, atol=1e-4, rtol=0)

@@ -72,7 +72,9 @@ def test_peft_adapter_in_bezoar(tiny_dir, tmp_path):
     dict(target_modules=["q_proj", "up_proj"], exclude_modules=["model.layers.0.self_attn.q_proj"]),
     dict(target_modules=["self_attn.v_proj"], layers_to_transform=0),
     dict(target_modules=["q_proj"], layers_to_transform=[]),  # PEFT: no layer filter (bezoar refused it)
-], ids=["all-linear", "regex", "exclude", "layers_to_transform", "layers_to_transform-empty"])
+    # a module named in full is adapted whatever the layer filter says (bezoar filtered it out and refused its keys)
+    dict(target_modules=["q_proj", "model.layers.1.self_attn.v_proj"], layers_to_transform=[0]),
+], ids=["all-linear", "regex", "exclude", "layers_to_transform", "layers_to_transform-empty", "full-name-and-layers"])
 def test_peft_module_selection_round_trips(tiny_dir, tmp_path, selection):
     """PEFT adapters that name modules by path, regex, exclusion or layer load onto the modules PEFT adapts,
     and ours saved from them adapt the same modules when PEFT or bezoar reads them back."""
@@ -244,10 +246,25 @@ def test_loaded_adapter_is_deterministic(tiny_dir, tmp_path):
         assert torch.equal(again(ids), again(ids)), "a loaded adapter must not apply dropout"
 
 
+def test_an_adapter_saved_with_its_embedding_layers_is_refused_as_such(tiny_dir, tmp_path):
+    """PEFT's save_embedding_layers writes the embedding (and lm_head) beside LoRA's weights: refused as weights
+    that are not LoRA's, where the message read as a model that does not fit ("key ... does not fit this model")."""
+    theirs = peft.get_peft_model(hf(tiny_dir), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                              task_type="CAUSAL_LM"))
+    theirs.save_pretrained(tmp_path / "peft", save_embedding_layers=True)
+    from safetensors.torch import load_file
+
+    assert any("embed_tokens" in k or "lm_head" in k for k in load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match=r"is not a LoRA weight .*save_embedding_layers"):
+        load(tiny_dir, adapter=tmp_path / "peft")
+
+
 @pytest.mark.parametrize("key, value", [
     ("lora_dropout", 1.5), ("lora_dropout", "0.1"), ("use_rslora", "false"), ("use_qalora", True),
     ("layer_replication", [[0, 1], [0, 2]]), ("alora_invocation_tokens", [1, 2]), ("lora_bias", True),
     ("trainable_token_indices", [5, 6]), ("target_parameters", ["mlp.experts.down_proj"]),
+    # PEFT 0.21's other LoRA variants (refused only at their first extra tensor, as a model that did not fit)
+    ("velora_config", {"num_tokens": 2}), ("monteclora_config", {"n_experts": 2}),
 ])
 def test_adapter_config_values_bezoar_cannot_honor_are_named(tiny_dir, tmp_path, key, value):
     """A value that is malformed, or a PEFT feature that changes what the adapter computes and that bezoar

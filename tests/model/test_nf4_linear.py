@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -388,3 +389,27 @@ def test_save_with_dtype_keeps_nf4_scales(tiny_dir, tmp_path, double_quant):
     ids = torch.randint(3, 500, (1, 9))
     with torch.no_grad():
         assert_close(again(ids), model.to(torch.bfloat16).float()(ids), atol=1e-4, rtol=0, name="reloaded logits")
+
+
+def test_quantize_writes_the_bytes_transformers_writes_when_stored_and_config_dtypes_differ(tiny_dir, tmp_path):
+    """A checkpoint stored in fp32 whose config.json says bfloat16: transformers + bitsandbytes cast each weight to
+    bfloat16 and quantize that; bezoar quantized the stored fp32 values (21 of 2048 packed bytes of a q_proj and
+    the quant state's dtype differed from transformers' own quantization of the same folder)."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    from bezoar.quantize import main
+
+    source = tmp_path / "fp32-stored"
+    shutil.copytree(tiny_dir, source)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16", "torch_dtype": "bfloat16"}))
+    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(source, quantization_config=quant, device_map="cpu")
+    theirs.save_pretrained(tmp_path / "theirs")
+    assert main(["--model", str(source), "--out", str(tmp_path / "ours")]) == 0
+    want, got = load_file(tmp_path / "theirs" / "model.safetensors"), load_file(tmp_path / "ours" / "model.safetensors")
+    assert set(got) == set(want)
+    differ = [k for k in want if not (got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]))]
+    assert differ == []
