@@ -739,15 +739,19 @@ def token_pieces(tokenizer, ids: list[int], context: list[int] = ()) -> list[str
     ids = list(ids)
     text = continuation(tokenizer, context, ids)
     sp = tokenizer.sp
-    skipped = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}
+    size = sp.GetPieceSize()
+    skipped = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, getattr(tokenizer, "unk_id", None)}
+    added = getattr(tokenizer, "added", {})
     decoder = codecs.getincrementaldecoder("utf-8")(_BYTEWISE_REPLACE)
     pieces, started = [], False
     for t in context + ids:
-        if t in skipped or sp.IsControl(t):
+        # an added token (past sentencepiece's pieces, where IsControl raised IndexError) adds its text unless it is
+        # special, as decode has it
+        if t in skipped or (sp.IsControl(t) if t < size else added.get(t, ("", True))[1]):
             pieces.append("")
             continue
         raw = bytes(token_bytes(tokenizer, t))
-        if not started and raw.startswith(b" ") and not sp.IsByte(t):
+        if not started and raw.startswith(b" ") and not (t < size and sp.IsByte(t)):
             raw = raw[1:]
         started = True
         pieces.append(decoder.decode(raw))
@@ -1149,6 +1153,15 @@ class Server:
         for i, (tid, value, alternatives) in enumerate(zip(job.new_ids, job.token_logprobs, job.top_logprobs)):
             out.append({**entry(tid, value, i == first),
                         "top_logprobs": [entry(a, v, i == first) for a, v in alternatives or []]})
+        if job.stop_hit:  # the tokens that straddle the stop: only their returned part (as completions' tokens)
+            extra = sum(len(e["bytes"]) for e in out) - len(job.text.encode("utf-8"))
+            for e in reversed(out):
+                if extra <= 0:
+                    break
+                cut = min(extra, len(e["bytes"]))
+                e["bytes"] = e["bytes"][: len(e["bytes"]) - cut]
+                e["token"] = bytes(e["bytes"]).decode("utf-8", "ignore")
+                extra -= cut
         return out
 
     # -- streaming (server-sent events) --

@@ -77,12 +77,22 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
+def _adds_bos(tokenizer) -> bool:
+    """Whether a document starts with BOS: where the tokenizer's ``add_bos_token`` says so (its default, and
+    OpenLLaMA's), as the server, MT-Bench and the harness encode a prompt, so that training sees the tokens
+    generation sees (always BOS here, a tokenizer with add_bos_token false was trained on [BOS] + prompt and
+    served the prompt alone)."""
+    return getattr(tokenizer, "add_bos", True) and tokenizer.bos_id is not None and tokenizer.bos_id >= 0
+
+
 def encode_prompt_response(tokenizer, prompts: Sequence[str], responses: Sequence[str]
                            ) -> list[tuple[list[int], list[int], bool]]:
     """``(prompt_ids, response_ids, merged)`` per example, with ``prompt_ids + response_ids ==
-    [BOS] + encode(prompt + response)`` and ``merged`` True when the border fell inside a merge."""
-    prompt_ids = tokenizer.encode_many(list(prompts), bos=True)
-    full_ids = tokenizer.encode_many([p + r for p, r in zip(prompts, responses)], bos=True)
+    [BOS] + encode(prompt + response)`` (BOS where ``_adds_bos``) and ``merged`` True when the border fell
+    inside a merge."""
+    bos = _adds_bos(tokenizer)
+    prompt_ids = tokenizer.encode_many(list(prompts), bos=bos)
+    full_ids = tokenizer.encode_many([p + r for p, r in zip(prompts, responses)], bos=bos)
     out = []
     for p, f in zip(prompt_ids, full_ids):
         k = _common_prefix(p, f)
@@ -120,7 +130,7 @@ def encode_sft(examples: Sequence[SFTExample], tokenizer, max_len: int, max_prom
                eos: bool = True) -> tuple[DocumentSet, EncodeStats]:
     """One document per example; loss on the response tokens (and EOS when ``eos``)."""
     max_prompt_len = _check_budget(max_len, max_prompt_len)
-    has_bos = tokenizer.bos_id is not None and tokenizer.bos_id >= 0
+    has_bos = _adds_bos(tokenizer)
     eos_ids = [tokenizer.eos_id] if eos and tokenizer.eos_id is not None and tokenizer.eos_id >= 0 else []
     stats = EncodeStats(examples=len(examples))
     builder = DocumentSetBuilder()
@@ -157,7 +167,7 @@ def encode_pairs(examples: Sequence[PairExample], tokenizer, max_len: int, max_p
     in the worst case (or choose ``max_len`` as half the row).
     """
     max_prompt_len = _check_budget(max_len, max_prompt_len)
-    has_bos = tokenizer.bos_id is not None and tokenizer.bos_id >= 0
+    has_bos = _adds_bos(tokenizer)
     eos_ids = [tokenizer.eos_id] if eos and tokenizer.eos_id is not None and tokenizer.eos_id >= 0 else []
     stats = EncodeStats(examples=len(examples))
     builder = DocumentSetBuilder()

@@ -6,6 +6,17 @@ from __future__ import annotations
 import os
 
 
+def silent(tokenizer, token_id: int) -> bool:
+    """Whether ``tokenizer.decode`` drops the token: BOS, EOS, pad and unk (as transformers' skip_special_tokens),
+    sentencepiece's control tokens, and special added tokens (an id past every token too)."""
+    if token_id in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, getattr(tokenizer, "unk_id", None)):
+        return True
+    sp = tokenizer.sp
+    if token_id >= sp.GetPieceSize():
+        return getattr(tokenizer, "added", {}).get(token_id, ("", True))[1]
+    return sp.IsControl(token_id)
+
+
 def context_tail(tokenizer, ids: list[int]) -> list[int]:
     """The end of ``ids`` that decides how tokens decoded after them read: from the last token that is
     neither a control token nor a UTF-8 continuation byte (a byte-fallback piece 0x80-0xBF) to the end;
@@ -19,14 +30,10 @@ def context_tail(tokenizer, ids: list[int]) -> list[int]:
     sp = tokenizer.sp
     for i in range(len(ids) - 1, -1, -1):
         t = ids[i]
-        if t in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id):
+        if silent(tokenizer, t):
             continue
-        if t >= sp.GetPieceSize():  # an added token: its text stands alone, unless decode drops it
-            if getattr(tokenizer, "added", {}).get(t, ("", True))[1]:
-                continue
+        if t >= sp.GetPieceSize():  # an added token that decode keeps: its text stands alone
             return list(ids[i:])
-        if sp.IsControl(t):
-            continue
         if sp.IsByte(t) and 0x80 <= int(sp.IdToPiece(t)[3:5], 16) < 0xC0:
             continue
         return list(ids[i:])
@@ -52,7 +59,8 @@ def continuation(tokenizer, context: list[int], ids: list[int]) -> str:
 class StopStrings:
     """``should_stop(row, new_ids)`` for ``generate_ids``: true once the decoded tail of a row's
     new tokens contains a stop string. Only the last few tokens are decoded each step: enough to
-    hold the longest stop string even at one byte per token (byte-fallback pieces), plus a margin.
+    hold the longest stop string even at one byte per token (byte-fallback pieces), plus a margin, counting
+    only the tokens that produce text.
 
     With ``context`` (the row's prompt ids), the new tokens read as they do after the prompt
     (``continuation``): a first token " The" keeps its space, so a stop string " The" ends the text
@@ -67,7 +75,13 @@ class StopStrings:
     def __call__(self, row: int, new_ids: list[int]) -> bool:
         if not self.stop:
             return False
-        window = new_ids[-self.window:]
+        # the last ``self.window`` tokens that produce text, and the silent ones between them (counted in tokens,
+        # nine unk or control tokens inside a stop string hid it: it streamed, and only the final text was cut)
+        start, texts = len(new_ids), 0
+        while start > 0 and texts < self.window:
+            start -= 1
+            texts += not silent(self.tokenizer, new_ids[start])
+        window = new_ids[start:]
         if self.context is None:
             text = self.tokenizer.decode(window)
         else:

@@ -169,7 +169,8 @@ class Tokenizer:
     def decode(self, ids, skip_special: bool = True) -> str:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        special = {self.bos_id, self.eos_id, self.pad_id} if skip_special else set()
+        # unk too, as transformers' skip_special_tokens drops it (it decoded as " ⁇ " where pad was not unk)
+        special = {self.bos_id, self.eos_id, self.pad_id, self.unk_id} if skip_special else set()
         size = self.sp.GetPieceSize()
         parts, run = [], []
 
