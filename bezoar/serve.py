@@ -292,7 +292,8 @@ class Engine:
         self.generator = torch.Generator(device=model.device).manual_seed(0)
         # the cache and CUDA graphs are kept between requests; steps run the first power of two of rows that
         # covers the rows in use, so a few sizes' graphs serve every load
-        self.batch = ContinuousBatch(self.model, max_batch_size, decode, eos_id=tokenizer.eos_id,
+        self.batch = ContinuousBatch(self.model, max_batch_size, decode,
+                                     eos_id=getattr(tokenizer, "eos_ids", tokenizer.eos_id),
                                      pad_id=tokenizer.pad_id, generator=self.generator)
         # jobs not yet taken by the worker: appended on the event loop, taken in the worker (deque's append and
         # popleft are atomic)
@@ -546,7 +547,7 @@ class Engine:
         from bezoar.model.decode import sample_next
 
         starts = [0 if j.echo else len(j.prompt_ids) - 1 for j in jobs]
-        eos = self.tokenizer.eos_id
+        eos = set(getattr(self.tokenizer, "eos_ids", (self.tokenizer.eos_id,)))
         for row in iter_logprobs(self.model, [j.prompt_ids for j in jobs], starts, self.tokenizer.pad_id,
                                  batch_size=self.max_batch_size, max_batch_tokens=self.max_prefill_tokens):
             job = jobs[row.index]
@@ -558,7 +559,7 @@ class Engine:
                 continue
             nxt = int(sample_next(lp[-1:], job.temperature, job.top_p, self._sampler(job), job.top_k)[0])
             job.generated = 1  # the EOS too
-            if nxt == eos:
+            if nxt in eos:
                 job.finish_reason = "stop"
                 continue
             job.new_ids = [nxt]

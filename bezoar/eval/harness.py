@@ -323,7 +323,9 @@ class BezoarLM(TemplateLM):
         # longest prompts first; rows: batch_size, or as many as max_batch_tokens holds at the longest need.
         todo.sort(key=lambda t: -len(t[1]))
         rows = self.batch_size or max(1, self.max_batch_tokens // max(len(e) + b for _, e, b, _ in todo))
-        batch = ContinuousBatch(self.model, rows, self.decode, eos_id=self.eot_token_id,
+        # every EOS the checkpoint lists, as transformers' generate (lm-eval's hf model) stops at any of them
+        batch = ContinuousBatch(self.model, rows, self.decode,
+                                eos_id=getattr(self.tokenizer, "eos_ids", self.eot_token_id),
                                 pad_id=self.tokenizer.pad_id,
                                 generator=torch.Generator(device=self.model.device).manual_seed(self.seed))
 

@@ -490,7 +490,8 @@ def generate_answers(model, tokenizer, questions: list[Question], model_id: str,
     model.eval()  # LoRA dropout off
     # Continuous batching: every question's turn takes a row as one frees, a turn 2 the moment its turn 1 ends,
     # so a short answer never waits for the longest of a batch (the cache and CUDA graphs serve every step).
-    batch = ContinuousBatch(model, batch_size, "auto", eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    batch = ContinuousBatch(model, batch_size, "auto", eos_id=getattr(tokenizer, "eos_ids", tokenizer.eos_id),
+                            pad_id=tokenizer.pad_id)
     context = model.config.max_position_embeddings
     stop = list(CHAT_STOP)
     stops = StopStrings(tokenizer, stop)

@@ -9,6 +9,7 @@ the tokenizer files, into a temporary folder that is renamed into place when com
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -21,6 +22,8 @@ from bezoar.locking import clear_dead_writes
 from .config import DTYPE_NAMES, ConfigError, LlamaConfig
 from .llama import LlamaForCausalLM
 from .tokenizer import TOKENIZER_FILES, TOKENIZER_FOLDERS
+
+log = logging.getLogger("bezoar.model")
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -140,6 +143,28 @@ def _set_param(model: nn.Module, key: str, value: torch.Tensor) -> None:
     parent._parameters[name] = nn.Parameter(value, requires_grad=False)
 
 
+def _untie_a_distinct_head(model, config, file: Path, head: torch.Tensor, seen: dict, device, dtype,
+                           folder: Path) -> None:
+    """A checkpoint whose config ties the head to the embedding but that stores ``lm_head.weight`` too, read as
+    transformers reads it: the stored head is the embedding where the embedding is not stored, the model is
+    untied where the two differ (it was tied to the embedding without a word: logits 30.9 off transformers'),
+    and tied as the config says where they are equal."""
+    embed = "model.embed_tokens.weight"
+    want = tuple(model.model.embed_tokens.weight.shape)
+    if tuple(head.shape) != want or not head.is_floating_point():
+        raise CheckpointError(f"{file}: tensor 'lm_head.weight' has shape {tuple(head.shape)} ({head.dtype}), the "
+                              f"config ({folder / 'config.json'}) implies {want}")
+    if embed not in seen:
+        _set_param(model, embed, head.to(device=device, dtype=dtype))
+        seen[embed] = file
+    elif not torch.equal(head.to(device=device, dtype=dtype), model.model.embed_tokens.weight):
+        log.warning("%s: tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight; "
+                    "the model is untied and keeps both, as transformers loads it", folder)
+        config.tie_word_embeddings = False
+        model.config.tie_word_embeddings = False
+        _set_param(model, "lm_head.weight", head.to(device=device, dtype=dtype))
+
+
 def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, module)
@@ -219,6 +244,7 @@ def load(path, quant: str | None = None, adapter=None, device=None, dtype=None, 
         for name in names
     } if quant == "nf4" else set()
     pending_bnb: dict[str, dict[str, torch.Tensor]] = {}
+    tied_head: tuple[Path, torch.Tensor] | None = None
     seen: dict[str, Path] = {}
     unexpected: list[str] = []
 
@@ -235,7 +261,9 @@ def load(path, quant: str | None = None, adapter=None, device=None, dtype=None, 
                 continue
             if key not in expected:
                 if config.tie_word_embeddings and key == "lm_head.weight":
-                    continue  # a tied head saved anyway: the embedding is the one used
+                    # a tied head saved anyway: kept to compare with the embedding once both are read (below)
+                    tied_head = (file, read())
+                    continue
                 unexpected.append(key)
                 continue
             seen[key] = file
@@ -291,6 +319,8 @@ def load(path, quant: str | None = None, adapter=None, device=None, dtype=None, 
                                       f"(its quant state), the config ({folder / 'config.json'}) implies {want}")
             _replace_module(model, module_name, module.to(device))
             seen[f"{module_name}.weight"] = seen[next(iter(tensors))]
+    if tied_head is not None:
+        _untie_a_distinct_head(model, config, *tied_head, seen, device, dtype, folder)
     missing = [k for k in expected if k not in seen]
     if missing:
         index = folder / (INDEX_FILE if files[0].suffix == ".safetensors" else PICKLE_FILES[1])

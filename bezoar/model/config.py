@@ -91,8 +91,11 @@ class LlamaConfig:
                 raise ConfigError(f"{source}: key {key!r} is true; bezoar's Llama has no biases")
         theta = d.get("rope_theta")
         theta_key = "rope_theta"
-        # transformers 5 writes rope_parameters and still reads a rope_scaling beside it: every such table counts
-        for name in ("rope_parameters", "rope_scaling"):  # rope_scaling's theta wins, as in transformers 5
+        # transformers 5 writes rope_parameters and still reads a rope_scaling: a non-empty rope_scaling replaces
+        # rope_parameters whole (a theta only in rope_parameters then does not count: 10000 or the top-level
+        # rope_theta does; merged, such a config ran at rope_parameters' theta, 3.5e-3 off transformers' logits)
+        scaling = d.get("rope_scaling")
+        for name in ("rope_scaling",) if isinstance(scaling, dict) and scaling else ("rope_parameters",):
             rope = d.get(name)
             if not isinstance(rope, dict):
                 continue

@@ -281,13 +281,69 @@ def test_configs_bezoar_cannot_run_as_given_are_refused_naming_the_key(tiny_dir,
         load(_with_config(tiny_dir, tmp_path, **changes), device="cpu")
 
 
-def test_rope_theta_beside_both_tables_is_read_as_transformers_reads_it(tiny_dir, tmp_path):
+@pytest.mark.parametrize("changes, theta", [
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 7.0},
+          rope_scaling={"rope_type": "default", "rope_theta": 5.0}), 5.0),
+    # a non-empty rope_scaling replaces rope_parameters whole: its theta is 10000 or the top-level one (bezoar kept
+    # rope_parameters' 500000)
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, rope_scaling={"rope_type": "default"}),
+     10000.0),
+    (dict(rope_theta=20000.0, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+          rope_scaling={"type": "default"}), 20000.0),
+    (dict(rope_theta=500000.0, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), 10000.0),
+    (dict(rope_theta=500000.0, rope_parameters={"rope_type": "default"}), 500000.0),
+    (dict(rope_theta=500000.0, rope_parameters={}), 500000.0),
+])
+def test_rope_theta_beside_both_tables_is_read_as_transformers_reads_it(tiny_dir, tmp_path, changes, theta):
     import transformers
 
-    folder = _with_config(tiny_dir, tmp_path, rope_parameters={"rope_type": "default", "rope_theta": 7.0},
-                          rope_scaling={"rope_type": "default", "rope_theta": 5.0})
+    base = json.loads((tiny_dir / "config.json").read_text())
+    folder = _with_config(tiny_dir, tmp_path, **changes)
+    if "rope_parameters" not in changes:  # the tiny model's own table goes, so that only the case's count
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg.pop("rope_parameters", None)
+        (folder / "config.json").write_text(json.dumps(cfg))
+    if "rope_theta" not in changes and "rope_theta" in base:
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg.pop("rope_theta")
+        (folder / "config.json").write_text(json.dumps(cfg))
     theirs = transformers.AutoConfig.from_pretrained(folder)
-    assert load(folder, device="cpu").config.rope_theta == theirs.rope_parameters["rope_theta"] == 5.0
+    assert load(folder, device="cpu").config.rope_theta == theirs.rope_parameters["rope_theta"] == theta
+
+
+def test_a_tied_config_with_a_stored_head_loads_as_transformers_loads_it(tiny_dir, tmp_path):
+    """tie_word_embeddings true and a stored lm_head.weight: transformers unties where the two differ (bezoar tied
+    the head to the embedding without a word, logits 30.9 off), takes the head as the embedding where only the
+    head is stored (bezoar refused it as missing the embedding), and ties where they are equal."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    hf_config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    ids = torch.arange(10)[None]
+    for case in ("distinct", "head only", "equal"):
+        folder = tmp_path / case.replace(" ", "-")
+        transformers.LlamaForCausalLM(hf_config).save_pretrained(folder)
+        tensors = load_file(folder / "model.safetensors")
+        if case == "distinct":
+            tensors["lm_head.weight"] = torch.randn(128, 64)
+        elif case == "head only":
+            tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")
+        else:
+            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        theirs = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        ours = load(folder, device="cpu")
+        with torch.no_grad():
+            torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-5, rtol=0)
+        tied = ours.lm_head.weight is ours.model.embed_tokens.weight
+        assert tied is (case != "distinct") and ours.config.tie_word_embeddings is tied, case
+        if case == "distinct":  # saved again, both stay, untied, and transformers reads the same model
+            again = transformers.LlamaForCausalLM.from_pretrained(save(ours, tmp_path / "resaved"),
+                                                                  dtype=torch.float32).eval()
+            with torch.no_grad():
+                torch.testing.assert_close(again(ids).logits, theirs(ids).logits, atol=1e-5, rtol=0)
 
 
 def test_swish_is_silu_and_a_list_of_eos_ids_is_written_back_whole(tiny_dir, tmp_path):

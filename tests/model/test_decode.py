@@ -136,6 +136,23 @@ def test_sampling_probs_equal_transformers_warpers(temperature, top_k, top_p, lo
         assert ((got > 0).sum(-1) <= top_k).all()
 
 
+def test_top_p_keeps_the_tokens_transformers_keeps_at_the_cut():
+    """The kept set was decided on the mass above each token, summed from the top in float32: at top_p 0.99 over a
+    32,000-token vocabulary it kept one token more or less than transformers in 61 of 200 rows, and of tokens tied
+    across the cut (common in bf16) it kept the other ones (the lowest indices, transformers the highest)."""
+    g = torch.Generator().manual_seed(11)
+    distinct = torch.randn(200, 32000, generator=g) * 3
+    tied = (torch.randn(200, 32000, generator=g) * 3).bfloat16().float()  # runs of equal logits
+    for logits, temperature, top_k, top_p in ((distinct, 1.0, 0, 0.99), (distinct, 0.7, 0, 0.95),
+                                              (tied, 0.7, 50, 0.9), (tied, 1.0, 0, 0.5)):
+        want = _transformers_probs(logits, temperature, top_k, top_p)
+        got = sampling_probs(logits, temperature, top_p, top_k)
+        assert torch.equal(got > 0, want > 0), (temperature, top_k, top_p)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    quarter = torch.zeros(1, 4)
+    assert (sampling_probs(quarter, 1.0, 0.5) > 0).tolist() == (_transformers_probs(quarter, 1.0, 0, 0.5) > 0).tolist()
+
+
 def _weights_before(logits, temperature, top_k):
     """top-k sampling weights as bezoar (and transformers' warpers) computed them without the overflow rule."""
     scores = logits.float() / temperature
@@ -290,3 +307,34 @@ def test_tokenizer_settings_that_loaded_before_still_load(tiny_dir, tmp_path):
         assert tok.decode(ids + extra + ids) == theirs.decode(ids + extra + ids, skip_special_tokens=True), extra
     assert token_text(tok, 512) == "<tool>" and token_bytes(tok, 513) == list(b"<|im_end|>")
     assert tok.piece(513) == "<|im_end|>" and tok.piece(900) == ""
+
+
+def test_every_eos_the_checkpoint_lists_ends_a_generation(tiny_dir, tmp_path):
+    """config.json / generation_config.json listing [</s>, X] (a chat model's two ends): transformers' generate stops
+    at either, bezoar stopped only at the first and ran on to max_new_tokens. Here X is the 5th greedy token."""
+    import json
+
+    import bezoar.model as bm
+    from bezoar.model.decode import ContinuousBatch, Sequence
+
+    prompt = "The quick brown fox"
+    first = bm.generate(bm.load(tiny_dir, device="cpu"), Tokenizer(tiny_dir), prompt, max_new_tokens=12)[0]
+    x = first.token_ids[4]
+    assert x not in first.token_ids[:4] and x != 2
+    folder = _tokenizer_folder(tiny_dir, tmp_path, config={"eos_token_id": [2, x]})
+    generation = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [2, x]}))
+    tok, model = Tokenizer(folder), bm.load(folder, device="cpu")
+    assert tok.eos_id == 2 and tok.eos_ids == (2, x)
+    ours = bm.generate(model, tok, prompt, max_new_tokens=12)[0]
+    hf = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.tensor([tok.encode(prompt, bos=True)])
+    theirs = hf.generate(input_ids=ids, max_new_tokens=12, do_sample=False, top_k=None, top_p=None, temperature=None)
+    assert theirs[0, ids.shape[1]:].tolist() == first.token_ids[:5]  # transformers: stopped at x, kept
+    assert ours.token_ids == first.token_ids[:4] and ours.finish_reason == "stop"  # bezoar: ended, x not kept
+    batch = ContinuousBatch(model, 2, "eager", eos_id=tok.eos_ids, pad_id=tok.pad_id)
+    done = []
+    batch.admit([Sequence(prompt_ids=ids[0].tolist(), max_new_tokens=12, on_done=done.append)])
+    while batch.running:
+        batch.step()
+    assert done[0].new_ids == first.token_ids[:4] and done[0].finish == "eos"
