@@ -939,7 +939,9 @@ def _key_needed(endpoint: EndpointSection, where: str) -> dict[str, str]:
 # ---- the run -----------------------------------------------------------------------------------
 
 
-def describe(steps: list[Step], root: Path) -> str:
+def describe(steps: list[Step], root: Path, stops: bool = False) -> str:
+    """The dry run's table of steps. ``stops``: a run would stop before its first step (preflight's error, which the
+    caller prints), so the last line says that rather than what a run would do."""
     lines = []
     for s in steps:
         redo = "the stage's folder" if s.kind == "train" else "the marker"
@@ -951,7 +953,10 @@ def describe(steps: list[Step], root: Path) -> str:
         if refused_stale(s):
             lines.append(f"  {'':<20} stale: {'; '.join(s.stale)}")
     left = [s for s in steps if not s.done]
-    if left:
+    if stops:
+        lines.append("steps left: " + (", ".join(s.name for s in left) if left else "none")
+                     + "; but a run stops before its first step, on the error below")
+    elif left:
         lines.append("steps left: " + ", ".join(s.name + ("" if s.status == "to run" else f" ({s.status})")
                                                 for s in left) + "; then the report")
     else:
@@ -1081,10 +1086,17 @@ def main(argv=None) -> int:
                 print(f"report: {write_report(recipe, root, steps)}")
                 return 0
             print(f"recipe {recipe.name}: {recipe.description}\nrun root: {root.resolve()}")
+            try:
+                preflight(recipe, root, steps)  # what would stop a run before its first step stops this one too
+            except expected:
+                print(describe(steps, root, stops=True), flush=True)
+                raise
             print(describe(steps, root), flush=True)
-            preflight(recipe, root, steps)  # what would stop a run before its first step stops this one too
             return 0
-        run_pipeline(args.recipe, root, args.overrides, progress=args.progress)
+        from bezoar.signals import terminate_as_interrupt
+
+        with terminate_as_interrupt():  # a SIGTERM stores the answers in flight, as Ctrl-C does
+            run_pipeline(args.recipe, root, args.overrides, progress=args.progress)
         print(f"run root: {root.resolve()}\nreport: {(root / 'report.md').resolve()}")
         return 0
     except expected as e:

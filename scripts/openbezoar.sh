@@ -2,7 +2,8 @@
 # The whole OpenBezoar recipe end to end: synthetic instruction data from a teacher LLM (LaMini, Orca,
 # Evol-Instruct schemes), the LLM-judge filter, QLoRA SFT LaMini -> Orca -> Evol-Instruct -> HH-RLHF, DPO on
 # HH-RLHF, then the lm-eval harness and MT-Bench, and RUN/report.md. A thin wrapper around
-# `python -m bezoar.pipeline` (its --help has the details). Rerun the same command after a failure or a kill:
+# `python -m bezoar.pipeline` (its --help has the details), which a SIGTERM to this script reaches (it then stores
+# the answers in flight and stops, as on Ctrl-C). Rerun the same command after a failure or a kill:
 # finished steps are skipped and unfinished ones continue where they stopped (a finished step whose inputs
 # changed since runs again, or, for generation and training, stops the run and says what to remove).
 #
@@ -59,6 +60,18 @@ if [ "$tiny" = 1 ]; then
   pre+=("generate.teacher.base_url=$url" "generate.judge.base_url=$url" "evaluate.mt_bench.judge.base_url=$url")
 fi
 
+if [ "$tiny" = 0 ]; then
+  # the pipeline in this process: a SIGTERM or Ctrl-C reaches it, not a shell that would die and leave it running
+  exec "$python" -m bezoar.pipeline "${pre[@]}" ${args[@]+"${args[@]}"}
+fi
+# --tiny: the teacher must outlive the pipeline, which gets this script's SIGTERM and SIGINT (it stores the
+# answers in flight, then stops) before the exit trap stops the teacher
+"$python" -m bezoar.pipeline "${pre[@]}" ${args[@]+"${args[@]}"} &
+pipeline=$!
+trap 'kill -TERM "$pipeline" 2>/dev/null || true' TERM INT
 status=0
-"$python" -m bezoar.pipeline "${pre[@]}" ${args[@]+"${args[@]}"} || status=$?
+while :; do
+  wait "$pipeline" && status=0 || status=$?
+  kill -0 "$pipeline" 2>/dev/null || break  # a wait cut short by a signal: the pipeline still runs
+done
 exit "$status"

@@ -349,8 +349,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bezoar.eval {args.command}: {why}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from bezoar.signals import terminate_as_interrupt
+
     try:
-        return run_harness(args) if args.command == "harness" else run_mt_bench(args)
+        with terminate_as_interrupt():  # a SIGTERM stores the judgments in flight, as Ctrl-C does
+            return run_harness(args) if args.command == "harness" else run_mt_bench(args)
     except _user_errors() as e:  # bad path, option, file or key: one line, no traceback
         print(f"bezoar.eval {args.command}: {e}", file=sys.stderr)
         return 2

@@ -52,8 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         # per call would bury the progress line and the warnings.
         for name in HTTP_CLIENT_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
+    from bezoar.signals import terminate_as_interrupt
+
     try:
-        return int(args.func(args) or 0)
+        with terminate_as_interrupt():  # a SIGTERM stores the answers in flight, as Ctrl-C does
+            return int(args.func(args) or 0)
     except GenerateError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

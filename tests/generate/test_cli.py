@@ -103,6 +103,39 @@ def test_sigkill_midway_then_rerun(fake_server, tmp_path):
     assert len(list(tmp_path.glob("out.jsonl.torn-*"))) == 1
 
 
+@pytest.mark.parametrize("sigint_ignored", [False, True])
+def test_sigterm_stores_the_answers_in_flight_as_ctrl_c_does(fake_server, tmp_path, sigint_ignored):
+    """timeout, a scheduler and docker stop send SIGTERM: it killed the command on the spot, so the requests in
+    flight were paid for again on the rerun (6 of 172 in a pipeline run). It now takes Ctrl-C's path: the
+    answers in flight are stored, exit status 130. A command started with & by a script has SIGINT ignored;
+    SIGTERM still works there."""
+    server = fake_server(latency=0.5)
+    n, concurrency = 16, 4
+    inp, out = write_input(tmp_path / "in.jsonl", n), tmp_path / "out.jsonl"
+
+    def ignore_sigint():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    proc = subprocess.Popen([sys.executable, "-m", "bezoar.generate",
+                             *cli_args(inp, out, server.openai_url, "--concurrency", str(concurrency))],
+                            cwd=REPO, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ignore_sigint if sigint_ignored else None)
+    deadline = time.monotonic() + 60
+    while server.stats()["requests"] < 6 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, err
+    stats = server.stats()
+    assert stats["requests"] == 2 * concurrency  # the second four were at the server; none sent after SIGTERM
+    assert len(read_out(out)) == stats["answered"] == 2 * concurrency  # every answer sent is stored
+    assert "waiting for 4 requests in flight" in err
+    server.reset_counters()
+    rerun = run_cli(cli_args(inp, out, server.openai_url, "--concurrency", str(concurrency)))
+    assert rerun.returncode == 0 and server.stats()["requests"] == n - 2 * concurrency
+    assert sorted(r["id"] for r in read_out(out)) == sorted(f"r{i}" for i in range(n))
+
+
 SECRET = "sk-live-DO-NOT-LEAK-1234567890abcdef"
 
 

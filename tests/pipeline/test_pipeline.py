@@ -256,3 +256,35 @@ def test_script_wrapper_help_and_dry_run(tmp_path):
     done = subprocess.run([sys.executable, "-m", "bezoar.pipeline", "--help"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and "--dry-run" in done.stdout and "--report-only" in done.stdout
+
+
+@pytest.mark.parametrize("tiny", [False, True])
+def test_the_wrapper_passes_a_sigterm_to_the_pipeline(tmp_path, tiny):
+    """A SIGTERM to scripts/openbezoar.sh (timeout, a scheduler, docker stop) killed the shell alone: the pipeline
+    ran on without a parent, paying for calls, and held the run root's lock against the rerun. A stand-in for
+    Python records what the pipeline gets; with --tiny the teacher outlives it."""
+    mark = tmp_path / "mark"
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+if [ "${{1:-}}" = "-c" ]; then exec {sys.executable} "$@"; fi
+if [ "${{2:-}}" = "tests.pipeline.teacher" ]; then
+  echo '{{"openai_url": "http://127.0.0.1:9/v1"}}'
+  trap 'echo teacher-stopped >> {mark}; exit 0' TERM
+  for _ in $(seq 1200); do sleep 0.05; done  # at most a minute, left orphaned
+fi
+trap 'echo pipeline-got-term >> {mark}; exit 130' TERM
+echo pipeline-started >> {mark}
+for _ in $(seq 1200); do sleep 0.05; done  # at most a minute, left orphaned
+""")
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake)}
+    proc = subprocess.Popen(["bash", str(REPO / "scripts/openbezoar.sh"), *(["--tiny"] if tiny else []),
+                             "--out", str(tmp_path / "run")], env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while not (mark.exists() and "pipeline-started" in mark.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 130
+    lines = mark.read_text().split()
+    assert lines[:2] == ["pipeline-started", "pipeline-got-term"]
+    assert lines[2:] == (["teacher-stopped"] if tiny else [])  # the teacher stopped after the pipeline ended

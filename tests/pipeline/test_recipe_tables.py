@@ -417,6 +417,8 @@ def test_dry_run_stops_where_a_run_would(tmp_path, monkeypatch, capsys):
     assert main(argv) == 2
     out, err = capsys.readouterr()
     assert "steps left: generate:lamini" in out  # the plan is still shown
+    # and its last line says that a run stops first (a finished root's said "a run only rewrites the report")
+    assert out.rstrip().splitlines()[-1].endswith("; but a run stops before its first step, on the error below")
     assert "error:" in err and "generate.lamini.topics" in err and "inputs/topics.txt not found" in err
     (root / "inputs").mkdir(parents=True)
     (root / "inputs/topics.txt").write_text("gardening\n")
