@@ -313,14 +313,20 @@ def sft_example(record: Record, fmt: str, template: PromptTemplate, fields: Fiel
                       not rec.instruction.strip() and not (rec.input or "").strip())
 
 
-def pair_example(record: Record, fmt: str, template: PromptTemplate, system_field: str = "system") -> PairExample:
+PAIR_SYSTEM_FIELDS = ("system_prompt", "system")  # as the instruction presets read a system message
+
+
+def pair_example(record: Record, fmt: str, template: PromptTemplate,
+                 system_fields: tuple[str, ...] = PAIR_SYSTEM_FIELDS) -> PairExample:
     """One record -> a preference pair. ``pairs``: prompt/chosen/rejected fields (prompt is an
-    instruction rendered by the template, optional system message); ``hh_pairs``: HH-RLHF
+    instruction rendered by the template, optional system message: the first of ``system_fields`` the record
+    has, where only ``system`` was read and a ``system_prompt`` was dropped); ``hh_pairs``: HH-RLHF
     chosen/rejected transcripts split at the last Assistant turn."""
     if fmt == "pairs":
         prompt = _require_str(record, "prompt")
         chosen = _require_str(record, "chosen")
         rejected = _require_str(record, "rejected")
+        system_field = next((n for n in system_fields if record.data.get(n) is not None), system_fields[-1])
         system = record.data.get(system_field)
         if system is not None and not isinstance(system, str):
             raise DataError(f"{record.origin}: field {system_field!r} must be a string, got {type(system).__name__}")

@@ -26,6 +26,7 @@ import bz2
 import gzip
 import io
 import json
+import logging
 import lzma
 import os
 import re
@@ -42,6 +43,9 @@ COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # for .json
 # The words that name a split in a data file's name or folder, as datasets' default file patterns have them.
 SPLIT_WORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev"),
                "test": ("test", "testing", "eval", "evaluation")}
+
+
+log = logging.getLogger("bezoar.data")
 
 
 class DataError(ValueError):
@@ -253,6 +257,13 @@ def _read_datasets_folder(path: Path, split: str, limit: int | None, skipped: li
         raise DataError(f"{path}: folder holds no data files (.jsonl/.json/.parquet/.csv/.arrow, .jsonl or .json "
                         "compressed) and is not a saved `datasets` folder")
     chosen = None if _lists_configs(path) else _split_files(path, files, split)
+    kinds = _kinds(chosen if chosen is not None else files)
+    if chosen is not None and len(kinds) > 1:  # datasets reads the most common kind and drops the rest unsaid
+        listed = "; ".join(f"{kind}: {', '.join(str(f.relative_to(path)) for f in fs[:3])}"
+                           + (" ..." if len(fs) > 3 else "") for kind, fs in sorted(kinds.items()))
+        raise DataError(f"{path}: split {split!r} holds data files of {len(kinds)} kinds ({listed}); one kind is "
+                        "read, the others would be dropped: keep one kind per split (convert the others, or move "
+                        "them out)")
     if chosen is not None and all(_own_reader(p) for p in chosen):
         records: list[Record] = []
         for file in chosen:  # in order, each named by its own file and line
@@ -260,8 +271,11 @@ def _read_datasets_folder(path: Path, split: str, limit: int | None, skipped: li
             if limit is not None and len(records) >= limit:
                 break
         return records
+    # CSV cells are text: pandas' defaults read "N/A", "None", "null" and "" as missing and a column of digits as
+    # numbers ("N/A" vanished from a prompt; an answer "42" was "not a string")
+    text_csv = _csv_as_text(kinds["csv"]) if set(kinds) == {"csv"} else {}
     try:
-        dataset = datasets.load_dataset(str(path), split=split)
+        dataset = datasets.load_dataset(str(path), split=split, **text_csv)
     except Exception as e:
         causes, inner = [], e
         while inner is not None and len(causes) < 3:  # datasets wraps the reader's own error, which names the line
@@ -289,6 +303,17 @@ def _split_files(path: Path, files: list[Path], split: str) -> list[Path]:
         return None
 
     rel = {file: file.relative_to(path) for file in files}
+    # datasets' sharded pattern first (data/{split}-00000-of-00001.parquet, a hub repository's files): a file's split
+    # is its exact prefix there (by keywords, 'train' took train_sft, train_gen and train_prefs together)
+    sharded = {file: m.group(1) for file in files
+               if (m := re.fullmatch(r"data/(.+?)-\d{5}-of-\d{5}[^/]*", rel[file].as_posix()))}
+    if sharded:
+        chosen = sorted(file for file, name in sharded.items() if name == split)
+        if not chosen:
+            raise DataError(f"{path}: no data files for split {split!r}; its data/ shards name the split(s) "
+                            f"{', '.join(repr(x) for x in sorted(set(sharded.values())))}")
+        _note_left_out(path, [file for file in files if file not in sharded], split)
+        return chosen
     splits = {file: named(reversed(rel[file].parent.parts)) for file in files}  # folders first
     if not any(splits.values()):
         splits = {file: named([rel[file].name]) for file in files}
@@ -304,7 +329,44 @@ def _split_files(path: Path, files: list[Path], split: str) -> list[Path]:
         found = sorted({name for name in splits.values() if name})
         raise DataError(f"{path}: no data files for split {split!r}; its files name the split(s) "
                         f"{', '.join(repr(x) for x in found)}")
+    _note_left_out(path, [file for file in files if splits[file] is None], split)
     return chosen
+
+
+def _note_left_out(path: Path, files: list[Path], split: str) -> None:
+    """Say which data files of a folder no split reads (named for none beside files that are): ``datasets`` leaves
+    them out too, and their records were dropped without a word."""
+    if files:
+        shown = ", ".join(str(f.relative_to(path)) for f in files[:5]) + (" ..." if len(files) > 5 else "")
+        log.warning("%s: %d data file(s) name no split, so split %r leaves them out: %s", path, len(files), split,
+                    shown)
+
+
+def _csv_as_text(files: list[Path]) -> dict:
+    """``load_dataset`` settings that read every CSV column as the text it holds: no NA words, no type guessing
+    (the columns of the first file's header, as strings)."""
+    import csv
+
+    import datasets
+
+    try:
+        with open(files[0], newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return dict(keep_default_na=False, na_filter=False)  # the reader's own error says what is wrong
+    if not header or len(set(header)) != len(header):
+        return dict(keep_default_na=False, na_filter=False)
+    return dict(keep_default_na=False, na_filter=False,
+                features=datasets.Features({name: datasets.Value("string") for name in header}))
+
+
+def _kinds(files: list[Path]) -> dict[str, list[Path]]:
+    """The files by the reader they need: json (.jsonl, .json, compressed or not), parquet, csv, arrow."""
+    kinds: dict[str, list[Path]] = {}
+    for file in files:
+        suffix = _data_suffix(file)[0]
+        kinds.setdefault("json" if suffix in (".jsonl", ".json") else suffix[1:], []).append(file)
+    return kinds
 
 
 def _lists_configs(path: Path) -> bool:

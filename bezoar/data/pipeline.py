@@ -98,10 +98,11 @@ def read_examples(cfg: DataConfig, records: list[Record] | None = None
     return examples, skipped
 
 
-def build_documents(cfg: DataConfig, tokenizer, records: list[Record] | None = None
-                    ) -> tuple[DocumentSet, EncodeStats]:
-    """Read, template, tokenize and truncate the data of ``cfg``."""
-    examples, skipped = read_examples(cfg, records)
+def build_documents(cfg: DataConfig, tokenizer, records: list[Record] | None = None,
+                    read: tuple[list, list[str]] | None = None) -> tuple[DocumentSet, EncodeStats]:
+    """Read, template, tokenize and truncate the data of ``cfg`` (``read``: what ``read_examples`` returned for
+    it already, so that bad data stops a run before its model loads)."""
+    examples, skipped = read if read is not None else read_examples(cfg, records)
     encode = encode_pairs if cfg.is_pairs else encode_sft
     docs, stats = encode(examples, tokenizer, cfg.document_len, cfg.max_prompt_len, eos=cfg.eos)
     stats.skipped_records = len(skipped)

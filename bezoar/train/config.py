@@ -95,6 +95,9 @@ class StageConfig:
     stage: Literal["sft", "dpo"] = "sft"
     out: str = "runs/stage"
     eval_path: str = ""  # optional held-out data, read with the same [data] settings
+    # the split of eval_path to read (a hub dataset, a folder of splits); empty: data.split, which is refused where
+    # eval_path is data.path (the eval would be the training data)
+    eval_split: str = ""
     merge: bool = False  # after training, write <out>/merged: the base with the adapter folded in
     model: ModelSection = field(default_factory=ModelSection)
     lora: LoraConfig = field(default_factory=LoraConfig)

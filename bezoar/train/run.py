@@ -341,6 +341,46 @@ def hold_out(out: Path):
                           "running: stop them too), or choose another out=") from None
 
 
+def _same_source(a: str, b: str) -> bool:
+    """Whether two data sources name the same file, folder or hub dataset."""
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() or pb.exists():
+        return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+    return a.strip() == b.strip()
+
+
+def _example_key(example) -> tuple:
+    return tuple(getattr(example, name, None) for name in ("prompt", "response", "chosen", "rejected"))
+
+
+def read_stage_data(cfg: StageConfig, log=print):
+    """The stage's training examples and, with eval_path, its eval data config and examples (``read_examples``
+    results), read before the model loads. An eval that would read the training split of the training source is
+    refused (it read data.split whatever eval_path was: eval loss on a hub dataset's or a folder's training
+    split, or on data.path itself, was training loss); eval examples also in the training data are counted in a
+    warning."""
+    from dataclasses import replace
+
+    from bezoar.data import read_examples
+
+    train_read = read_examples(cfg.data)
+    if not cfg.eval_path:
+        return train_read, None, None
+    split = cfg.eval_split or cfg.data.split
+    if _same_source(cfg.eval_path, cfg.data.path) and split == cfg.data.split:
+        raise ConfigError(f"eval_path {cfg.eval_path} is data.path, read at the same split ({split!r}): the eval "
+                          "would be the training data; set eval_split to a held-out split (e.g. 'test') or point "
+                          "eval_path at held-out data")
+    eval_cfg = replace(cfg.data, path=cfg.eval_path, split=split, limit=None)
+    eval_read = read_examples(eval_cfg)
+    seen = {_example_key(e) for e in train_read[0]}
+    shared = sum(_example_key(e) in seen for e in eval_read[0])
+    if shared:
+        log(f"warning: {shared} of the {len(eval_read[0])} eval examples ({cfg.eval_path} [{split}]) are also in the "
+            f"training data ({cfg.data.path}): the eval loss is partly training loss")
+    return train_read, eval_cfg, eval_read
+
+
 def run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None, root: Path | None = None) -> Path:
     """Train one stage into ``cfg.out`` (see ``_run_stage``) while holding its folder's lock (``hold_out``:
     rank 0, the only writer under torchrun). A folder the run made and left with nothing but the lock (a
@@ -381,6 +421,8 @@ def _run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None, roo
     inputs = started_inputs(cfg) if rank0 and not list_checkpoints(out) else None
     device = dist.start(cfg.model.device) if dist is not None else resolve_device(cfg.model.device)
     torch.manual_seed(cfg.train.seed)
+    # the data read before the model loads (minutes for a 3B base): a bad record stops the run at once
+    train_read, eval_cfg, eval_read = read_stage_data(cfg, log)
     with backend(cfg.model.kernels):
         model, base_path = build_model(cfg, device, dist)
         context = model.config.max_position_embeddings
@@ -399,14 +441,12 @@ def _run_stage(cfg: StageConfig, resume: bool = False, log=print, dist=None, roo
                               "fold an adapter into; point model.path at the dense model (training still runs in "
                               "NF4), or set merge = false and run python -m bezoar.merge on the dense model later")
         tokenizer = Tokenizer(base_path)
-        docs, stats = build_documents(cfg.data, tokenizer)
+        docs, stats = build_documents(cfg.data, tokenizer, read=train_read)
         world, rank = (dist.world_size, dist.rank) if dist is not None else (1, 0)
         loader = _loader(cfg, cfg.data.path, docs, tokenizer, world, rank)
         eval_loader = eval_stats = None
         if cfg.eval_path:
-            from dataclasses import replace
-
-            eval_docs, eval_stats = build_documents(replace(cfg.data, path=cfg.eval_path, limit=None), tokenizer)
+            eval_docs, eval_stats = build_documents(eval_cfg, tokenizer, read=eval_read)
             # A capped eval (eval_max_batches) takes its batches from one fixed shuffled order, the same at every
             # eval; in file order its first batches are the longest documents' rows (packing fills rows
             # longest first), which no eval over the whole set would be like. A whole eval keeps the order that
