@@ -103,7 +103,7 @@ import torch
 from aiohttp import web
 
 from bezoar.eval.chat import CHAT_STOP, ChatError, chat_prompt
-from bezoar.eval.decoding import StopStrings, context_tail, continuation, cut_at_stop
+from bezoar.eval.decoding import StopStrings, context_tail, continuation, cut_at_stop, silent
 from bezoar.eval.scoring import iter_logprobs
 from bezoar.model import decode as _decode
 
@@ -1142,9 +1142,11 @@ class Server:
         marker (a byte-fallback space is text, and kept), whichever token was chosen."""
         tok = self.tokenizer
         sp = tok.sp
-        first = next((i for i, tid in enumerate(job.new_ids) if token_bytes(tok, tid)), None)
+        first = next((i for i, tid in enumerate(job.new_ids) if not silent(tok, tid) and token_bytes(tok, tid)), None)
 
-        def entry(tid: int, value, at_start: bool) -> dict:
+        def entry(tid: int, value, at_start: bool, chosen: bool = False) -> dict:
+            if chosen and silent(tok, tid):  # a token the content leaves out (unk, control, special added): no text
+                return {"token": "", "logprob": value, "bytes": []}
             text, raw = token_text(tok, tid), token_bytes(tok, tid)
             if at_start and tid < sp.GetPieceSize() and not sp.IsByte(tid) and text.startswith(" "):
                 text, raw = text[1:], raw[1:]  # sentencepiece drops the text's leading word marker
@@ -1152,7 +1154,7 @@ class Server:
 
         out = []
         for i, (tid, value, alternatives) in enumerate(zip(job.new_ids, job.token_logprobs, job.top_logprobs)):
-            out.append({**entry(tid, value, i == first),
+            out.append({**entry(tid, value, i == first, chosen=True),
                         "top_logprobs": [entry(a, v, i == first) for a, v in alternatives or []]})
         if job.stop_hit:  # the tokens that straddle the stop: only their returned part (as completions' tokens)
             extra = sum(len(e["bytes"]) for e in out) - len(job.text.encode("utf-8"))

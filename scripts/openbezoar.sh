@@ -65,10 +65,15 @@ if [ "$tiny" = 0 ]; then
   exec "$python" -m bezoar.pipeline "${pre[@]}" ${args[@]+"${args[@]}"}
 fi
 # --tiny: the teacher must outlive the pipeline, which gets this script's SIGTERM and SIGINT (it stores the
-# answers in flight, then stops) before the exit trap stops the teacher
+# answers in flight, then stops) before the exit trap stops the teacher. The pipeline runs in a process group of
+# its own (set -m), so that a terminal's Ctrl-C reaches it once, through the trap (in the script's group it got
+# the terminal's SIGINT and the trap's signal: two, and the second abandons the answers in flight).
+set -m
 "$python" -m bezoar.pipeline "${pre[@]}" ${args[@]+"${args[@]}"} &
 pipeline=$!
-trap 'kill -TERM "$pipeline" 2>/dev/null || true' TERM INT
+set +m
+trap 'kill -INT "$pipeline" 2>/dev/null || true' INT
+trap 'kill -TERM "$pipeline" 2>/dev/null || true' TERM
 status=0
 while :; do
   wait "$pipeline" && status=0 || status=$?

@@ -120,16 +120,22 @@ def leaked_phrase(instruction: str, markers: list[str], previous: str = "") -> s
 
 
 # A rewrite that opens as a refusal ("I'm sorry, but I can't rewrite that", "As an AI, I cannot"): the teacher
-# declined to evolve the instruction. WizardLM's rule on "sorry" is for responses; an instruction may well ask
-# for an apology, or speak as a user in the first person ("I can't decide between two jobs: ..."), so only an
-# apology, an AI speaking of itself or an inability to do the task counts, at the opening, and not where the
+# declined to evolve the instruction. WizardLM's rule on "sorry" is for responses; an instruction may well ask for
+# an apology, take a persona ("As an AI researcher, design ..."), or speak as a user in the first person ("I can't
+# decide between two jobs", "I'm sorry to bother you, but ...", "Unfortunately, I can't attend ..."). So it takes,
+# at the opening: an inability to do the task itself (to assist with, comply, provide that ...), or an apology
+# or "As an AI" followed by an inability to assist, help, provide, create, rewrite ... And not where the
 # instruction it was evolved from opens the same way.
-_UNABLE = r"i\s+(?:cannot|can't|can\s+not|won't|will\s+not|am\s+unable|'m\s+unable|am\s+not\s+able|'m\s+not\s+able)"
-_REFUSAL_OPENING = re.compile(
-    r"(?:(?:i'm|i\s+am)\s+(?:(?:so|very|really|truly)\s+)?sorry|sorry\b|my\s+apologies|i\s+apologi[sz]e"
-    r"|as\s+an\s+ai\b|unfortunately,?\s+" + _UNABLE +
-    r"|" + _UNABLE + r"\s+(?:to\s+)?(?:assist|help\s+with|comply|fulfil|fulfill|provide|rewrite|create|generate"
-    r"|complete|proceed|do\s+(?:that|this|so)|engage|support|perform\s+(?:that|this)|evolve)\b)")
+_UNABLE = (r"i\s+(?:cannot|can't|can\s+not|won't|will\s+not|am\s+unable\s+to|'m\s+unable\s+to|am\s+not\s+able\s+to"
+           r"|'m\s+not\s+able\s+to)")
+_REFUSED_TASK = (r"(?:(?:assist|help)(?:\s+you)?\s+with\s+(?:that|this|your|the|such|rewriting)|comply|fulfil+|proceed"
+                 r"|(?:provide|create|generate|complete|rewrite|evolve|do|perform|write)\s+(?:that|this|it|such|so"
+                 r"|(?:a|an|the)\s+(?:rewritten|evolved|new\s+(?:prompt|instruction)|more\s+complex|version)))\b")
+_REFUSAL_VERB = (r"(?:assist|help|comply|fulfil+|provide|create|generate|complete|rewrite|evolve|do|perform|proceed"
+                 r"|engage|support|write|answer)\b")
+_APOLOGY = (r"(?:(?:i'm|i\s+am)\s+(?:(?:so|very|really|truly)\s+)?sorry|sorry\b|my\s+apologies|i\s+apologi[sz]e"
+            r"|unfortunately\b|as\s+an\s+ai(?:\s+(?:language\s+model|assistant|model))?\s*,)")
+_REFUSAL_OPENING = re.compile(rf"{_UNABLE}\s+{_REFUSED_TASK}|{_APOLOGY}[^.!?\n]{{0,80}}?\b{_UNABLE}\s+{_REFUSAL_VERB}")
 
 
 def refused_rewrite(instruction: str, previous: str = "") -> bool:

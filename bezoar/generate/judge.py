@@ -73,17 +73,20 @@ _NOTE_NUMBER = re.compile(r"\d+(?:\.\d+)?")
 _NUMBER_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9,
                  "ten": 10, "hundred": 100, "a hundred": 100, "one hundred": 100}
 _SCALE_NUMBER = r"(?P<n>\d+(?:\.\d+)?|(?:a |one )?hundred|one|two|three|four|five|six|seven|eight|nine|ten)\b"
+# Only right after the number (maybe in a parenthesis, after "on a"): a reason on the same line about a survey's
+# "5-point scale" is no scale of the score.
+_SCALE_LEAD = r"^[ \t]*\(?[ \t]*(?:on[ \t]+)?(?:a[ \t]+|the[ \t]+)?"
 _SCALE_AFTER = [re.compile(r"^[ \t]*\(?[ \t]*(?:out[ \t]+of|of)[ \t]+" + _SCALE_NUMBER, re.I),
-                re.compile(r"\b" + _SCALE_NUMBER + r"[ \t]*[- ]?[ \t]*points?[ \t]+scale\b", re.I),
-                re.compile(r"\bscale[ \t]+(?:of|from)[ \t]+(?:0|1|one|zero)[ \t]*(?:-|\u2013|to)[ \t]*" + _SCALE_NUMBER,
-                           re.I)]
+                re.compile(_SCALE_LEAD + _SCALE_NUMBER + r"[ \t]*[- ]?[ \t]*points?[ \t]+scale\b", re.I),
+                re.compile(_SCALE_LEAD + r"scale[ \t]+(?:of|from)[ \t]+(?:0|1|one|zero)[ \t]*(?:-|\u2013|to)[ \t]*"
+                           + _SCALE_NUMBER, re.I)]
 # the words of a label before "Score" on its line ("Overall Score: 8"): not part of the reason
 _LABEL_WORDS = re.compile(r"(?:^|(?<=\n))[ \t#>*_-]*(?:(?:overall|final|total|my|the|judge'?s?|quality|response"
                           r"|answer|helpfulness)[ \t]+){1,3}$", re.I)
 
 
 def _other_scale(text: str, m: re.Match) -> str | None:
-    """The scale other than 10 that the rest of a score's line names (see _SCALE_AFTER), or None."""
+    """The scale other than 10 named right after a score (see _SCALE_AFTER), or None."""
     rest = text[m.end():].split("\n", 1)[0]
     for pattern in _SCALE_AFTER:
         found = pattern.search(rest)
@@ -144,7 +147,7 @@ def parse_judgement(reply: str) -> tuple[float | int, str]:
             parts.append(text[at:_label_start(text, m.start())])
             at = m.end()
         reason = "".join(parts) + text[at:]
-    reason = " ".join(reason.split()).strip(" -:")
+    reason = " ".join(reason.split()).strip(" -:").lstrip(".;, ")  # "Score: 9. The answer ..." -> "The answer ..."
     if not reason:
         raise JudgeParseError("the reply gives a score but no reason")
     return (int(score) if score.is_integer() else score), reason

@@ -104,3 +104,14 @@ def test_chat_logprobs_bytes_join_to_the_content_at_a_stop_string(tiny_tokenizer
         assert bytes(b for e in entries for b in e["bytes"]).decode() == job.text, stop
         assert "".join(e["token"] for e in entries) == job.text, stop
     assert job.text == "hello world again" and not job.stop_hit
+    # tokens the content leaves out (unk, BOS) add no bytes: the cut at the stop took real text instead ('hello<unk>
+    # w' for 'hello  world ')
+    for dropped in (tok.unk_id, tok.bos_id):
+        new = tok.encode("hello") + [dropped] + tok.encode(" world again")
+        for stop in (["again"], ["nothing"]):
+            job = serve.Job(prompt_ids=[tok.bos_id], max_tokens=20, stop=stop, continues_prompt=False, logprobs=0)
+            job.new_ids, job.token_logprobs, job.top_logprobs = list(new), [-1.0] * len(new), [[] for _ in new]
+            engine._finish_text(job)
+            entries = server._chat_logprobs(job)
+            assert bytes(b for e in entries for b in e["bytes"]).decode() == job.text, (dropped, stop)
+            assert entries[len(tok.encode("hello"))]["token"] == ""

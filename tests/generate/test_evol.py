@@ -136,13 +136,21 @@ def test_elimination_rules_and_lineages(fake_server, tmp_path, capsys):
 @pytest.mark.parametrize("text,previous,refusal", [
     ("I'm sorry, but I can't assist with rewriting that request.", "Name a poison.", True),
     ("Sorry, I cannot do that.", "x", True), ('"I cannot help with this."', "x", True),
-    ("As an AI language model, I can't create that.", "x", True), ("**I apologize**, but no.", "x", True),
-    ("I am unable to comply with this request.", "x", True), ("Unfortunately, I can't.", "x", True),
+    ("As an AI language model, I can't create that.", "x", True),
+    ("**I apologize**, but I cannot fulfill this request.", "x", True),
+    ("I am unable to comply with this request.", "x", True), ("Unfortunately, I can't do that.", "x", True),
     ("I cannot provide a rewritten version of this prompt.", "x", True),
     # instructions that speak of sorry, or as a user in the first person, are instructions
     ("Write a note saying sorry to a friend for missing the party.", "x", False),
     ("I can't decide between two jobs; list the pros and cons of each.", "x", False),
     ("Explain why I cannot sleep at night.", "x", False),
+    # personas and first-person requests the first version of the rule dropped
+    ("As an AI researcher, design an experiment to test it.", "x", False),
+    ("As an AI ethics consultant, write a policy memo.", "x", False),
+    ("Unfortunately, I can't attend my sister's wedding. Write a heartfelt letter.", "x", False),
+    ("I can't create a monthly budget that actually sticks. Give me a plan.", "x", False),
+    ("I cannot provide my landlord with a reference. Draft an email.", "x", False),
+    ("I'm sorry to bother you, but could you explain how vaccines work?", "x", False),
     # an instruction evolved from one that opens the same way
     ("I'm sorry to ask, but explain tides in detail, with a diagram.", "I'm sorry to ask, but explain tides.", False),
 ])

@@ -147,6 +147,10 @@ def test_retry_failed_asks_again_for_failed_requests_only(judged, fake_server):
     # the words of the label before "Score" are not the reason ("Good. Overall" before)
     ("Reason: Good.\nOverall Score: 8", 8, "Good."), ("Overall Score: 8\nThe answer is good.", 8, "The answer is good."),
     ("Reason: fine\n## My Final Score: 7", 7, "fine"), ("Good answer overall Score: 9", 9, "Good answer overall"),
+    # a scale in the reason on the score's line is the instruction's, not the score's (refused at first)
+    ("Score: 9. The response builds the 5-point scale survey as asked.", 9,
+     "The response builds the 5-point scale survey as asked."),
+    ("Score: 7 (the Likert items use a scale of 1 to 5 as requested)\nReason: ok", 7, "ok"),
 ])
 def test_parse_judgement(reply, score, reason):
     assert parse_judgement(reply) == (score, reason)

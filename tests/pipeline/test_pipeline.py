@@ -259,10 +259,12 @@ def test_script_wrapper_help_and_dry_run(tmp_path):
 
 
 @pytest.mark.parametrize("tiny", [False, True])
-def test_the_wrapper_passes_a_sigterm_to_the_pipeline(tmp_path, tiny):
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+def test_the_wrapper_passes_a_sigterm_to_the_pipeline(tmp_path, tiny, how):
     """A SIGTERM to scripts/openbezoar.sh (timeout, a scheduler, docker stop) killed the shell alone: the pipeline
     ran on without a parent, paying for calls, and held the run root's lock against the rerun. A stand-in for
-    Python records what the pipeline gets; with --tiny the teacher outlives it."""
+    Python records what the pipeline gets; with --tiny the teacher outlives it. A terminal's Ctrl-C (SIGINT to
+    the foreground process group) reaches the pipeline once: twice abandons the answers in flight."""
     mark = tmp_path / "mark"
     fake = tmp_path / "python"
     fake.write_text(f"""#!/usr/bin/env bash
@@ -273,18 +275,26 @@ if [ "${{2:-}}" = "tests.pipeline.teacher" ]; then
   for _ in $(seq 1200); do sleep 0.05; done  # at most a minute, left orphaned
 fi
 trap 'echo pipeline-got-term >> {mark}; exit 130' TERM
+got=0
+trap 'echo pipeline-got-int >> {mark}; got=1' INT
 echo pipeline-started >> {mark}
-for _ in $(seq 1200); do sleep 0.05; done  # at most a minute, left orphaned
+for _ in $(seq 1200); do  # at most a minute, left orphaned
+  sleep 0.05
+  if [ "$got" = 1 ]; then sleep 0.5; exit 130; fi  # time for a second interrupt to show
+done
 """)
     fake.chmod(0o755)
     env = {**os.environ, "PYTHON": str(fake)}
     proc = subprocess.Popen(["bash", str(REPO / "scripts/openbezoar.sh"), *(["--tiny"] if tiny else []),
-                             "--out", str(tmp_path / "run")], env=env, cwd=tmp_path)
+                             "--out", str(tmp_path / "run")], env=env, cwd=tmp_path, start_new_session=True)
     deadline = time.monotonic() + 60
     while not (mark.exists() and "pipeline-started" in mark.read_text()) and time.monotonic() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
+    if how == "sigterm":
+        proc.send_signal(signal.SIGTERM)
+    else:  # as a terminal sends it: to the foreground process group, the script's
+        os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=30) == 130
     lines = mark.read_text().split()
-    assert lines[:2] == ["pipeline-started", "pipeline-got-term"]
+    assert lines[:2] == ["pipeline-started", "pipeline-got-term" if how == "sigterm" else "pipeline-got-int"]
     assert lines[2:] == (["teacher-stopped"] if tiny else [])  # the teacher stopped after the pipeline ended
