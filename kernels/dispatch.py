@@ -16,6 +16,7 @@ import contextlib
 import functools
 import os
 import threading
+import warnings
 
 import torch
 
@@ -82,7 +83,8 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         return False
     on_cuda = all(t.is_cuda for t in tensors if t is not None)
     if name == "auto":
-        return on_cuda and triton_available()
+        device = next((t.device for t in tensors if t is not None), None)
+        return on_cuda and triton_available() and (device is None or triton_supported(device))
     # name == "triton": forced
     if not triton_available():
         raise RuntimeError("kernel backend 'triton' was asked for but triton does not import")
@@ -91,6 +93,27 @@ def use_triton(*tensors: torch.Tensor) -> bool:
             "kernel backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
         )
     return True
+
+
+_WARNED_OLD_GPU: set = set()
+
+
+def triton_supported(device) -> bool:
+    """Whether ``auto`` runs the Triton kernels on a CUDA device: sm_80 and later, what Triton supports and bezoar
+    was measured on. Below (a T4, a V100) the torch reference runs, with one warning: ``model.kernels =
+    "triton"`` (``BEZOAR_KERNELS=triton``) still forces the kernels there."""
+    from bezoar_kernels.launch import capability
+
+    major, minor = capability(device)
+    if (major, minor) >= (8, 0):
+        return True
+    key = (device.type, device.index)
+    if key not in _WARNED_OLD_GPU:
+        _WARNED_OLD_GPU.add(key)
+        warnings.warn(f"{device}: compute capability {major}.{minor} is below 8.0, where Triton's kernels are not "
+                      "supported: bezoar runs its torch reference ops there (slower); model.kernels = \"triton\" "
+                      "(BEZOAR_KERNELS=triton) forces the kernels", stacklevel=3)
+    return False
 
 
 def check_environment() -> None:

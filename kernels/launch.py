@@ -137,6 +137,45 @@ def sm_limits(device) -> SMLimits:
     return _sm_limits_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def _index(device) -> int:
+    import torch
+
+    device = torch.device(device)
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_of(index: int) -> tuple[int, int]:
+    import torch
+
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def capability(device) -> tuple[int, int]:
+    """A CUDA device's compute capability, looked up once."""
+    return _capability_of(_index(device))
+
+
+def native_bf16(device) -> bool:
+    """Whether a CUDA device computes in bf16 natively (sm_80 and later). ``torch.cuda.is_bf16_supported()`` says
+    yes on a T4 (sm_75), where bf16 is emulated without tensor cores: there fp16 is the half precision to use."""
+    return capability(device) >= (8, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_per_block_of(index: int) -> int:
+    import torch
+
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 49152)
+
+
+def shared_per_block(device) -> int:
+    """The most shared memory one block may use on a CUDA device (opted in): 64 KB on sm_75, 99 KB on sm_86 and
+    sm_89, 163 KB on sm_80, 227 KB on sm_90; looked up once."""
+    return _shared_per_block_of(_index(device))
+
+
 # (the caller's key for a kernel's build, device index) -> programs that run at once, None if unknown
 _RESIDENT: dict[tuple, int | None] = {}
 

@@ -145,7 +145,8 @@ from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 
 from bezoar_kernels import dequant_cache, dispatch, tuning
-from bezoar_kernels.launch import cdiv, launch_fitting, next_power_of_2, resident_programs, sm_count, wave_splits
+from bezoar_kernels.launch import (cdiv, launch_fitting, next_power_of_2, resident_programs, shared_per_block, sm_count,
+                                   wave_splits)
 from bezoar_kernels.nf4 import (
     NESTED_BLOCKSIZE,
     NF4Weight,
@@ -1668,6 +1669,19 @@ def _g_db_fused_ok(m: int, r: int) -> bool:
     return m >= _G_DB_MIN_M and _r_pad(r) <= _G_DB_MAX_R_PAD
 
 
+G_DB_WIDE_SHARED = 98304  # shared memory a block of the 256-row g + dB build may need (r_pad 32 on sm_75)
+
+
+def _g_db_block_m(m: int, device) -> int:
+    """The g + dB kernel's row block: 256 at M >= 8192 where a block may hold its shared memory (49-61 KB on sm_80
+    and later, 80-96 KB on sm_75, whose blocks hold 64 KB: launched there, it failed), else 128 (40 KB)."""
+    if m < 8192:
+        return 128
+    if device.type == "cuda" and shared_per_block(device) < G_DB_WIDE_SHARED:
+        return 128
+    return 256
+
+
 def _lora_g_db(dys: list[torch.Tensor], b: torch.Tensor, xa: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
     """(g (P, M, R) in dy's dtype, dB (Ncat, R) fp32) from one read of dy (``_lora_g_db_kernel``).
 
@@ -1680,7 +1694,7 @@ def _lora_g_db(dys: list[torch.Tensor], b: torch.Tensor, xa: torch.Tensor, plan:
     p = plan.projections
     ns = plan.out_features
     r_pad = _r_pad(r)
-    block_m = 256 if m >= 8192 else 128
+    block_m = _g_db_block_m(m, b.device)
     block_n = 64
     blocks = cdiv(m, block_m)
     widest = max(ns)

@@ -196,6 +196,22 @@ def _check_device(device) -> torch.device:
     return dev
 
 
+def default_dtype(quant: str | None, config: LlamaConfig, device: torch.device, source="") -> torch.dtype:
+    """``load``'s dtype where none is given: float32 off CUDA; on CUDA bfloat16 for NF4 and the config's dtype (or
+    bfloat16) for a dense model, float16 in place of bfloat16 on a GPU without native bf16 (compute capability
+    below 8.0: a T4, a V100), where torch's is_bf16_supported() says yes and bf16 runs emulated."""
+    if device.type != "cuda":
+        return torch.float32
+    from bezoar_kernels.launch import native_bf16
+
+    dtype = torch.bfloat16 if quant == "nf4" else (_dtype_from_name(config.torch_dtype) or torch.bfloat16)
+    if dtype == torch.bfloat16 and not native_bf16(device):
+        log.warning("%s: %s has no native bf16 (compute capability below 8.0); the model loads in float16 (pass "
+                    "dtype to choose)", source, device)
+        return torch.float16
+    return dtype
+
+
 def load(path, quant: str | None = None, adapter=None, device=None, dtype=None, allow_pickle: bool = False,
          nf4_blocksize: int = 64, nf4_double_quant: bool = True, nf4_compute_dtype=None):
     """Load a Hugging Face Llama checkpoint folder into bezoar's model.
@@ -205,7 +221,8 @@ def load(path, quant: str | None = None, adapter=None, device=None, dtype=None, 
       checkpoint loads as NF4 whatever ``quant`` says.
     - ``adapter``: a PEFT-format LoRA adapter folder to attach (trainable weights stay as saved).
     - ``device``: default CUDA when present, else CPU. ``dtype``: default the config's ``dtype`` (or ``torch_dtype``)
-      for CUDA (bfloat16 for NF4) and float32 on CPU.
+      for CUDA (bfloat16 for NF4; float16 for either on a GPU without native bf16) and float32 on CPU
+      (``default_dtype``).
     - ``nf4_blocksize`` (64 or 128), ``nf4_double_quant``, ``nf4_compute_dtype`` (default ``dtype``): how
       ``quant="nf4"`` quantizes a dense checkpoint.
     Every parameter comes back frozen (``requires_grad=False``); LoRA weights are the trainable part.
@@ -223,12 +240,7 @@ def load(path, quant: str | None = None, adapter=None, device=None, dtype=None, 
     if isinstance(dtype, str):
         dtype = _dtype_from_name(dtype)
     if dtype is None:
-        if quant == "nf4":
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        elif device.type == "cuda":
-            dtype = _dtype_from_name(config.torch_dtype) or torch.bfloat16
-        else:
-            dtype = torch.float32
+        dtype = default_dtype(quant, config, device, folder)
 
     compute_dtype = _dtype_from_name(nf4_compute_dtype) if isinstance(nf4_compute_dtype, str) else (nf4_compute_dtype or dtype)
     files = weight_files(folder, allow_pickle=allow_pickle)

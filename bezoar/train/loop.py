@@ -178,8 +178,10 @@ def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | No
         if name in ("bf16", "fp16"):
             return (torch.bfloat16 if name == "bf16" else torch.float16), False
         return None, False
-    if name == "auto":
-        name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if name == "auto":  # bf16 where the GPU computes in it (is_bf16_supported said yes on a T4, which emulates it)
+        from bezoar_kernels.launch import native_bf16
+
+        name = "bf16" if native_bf16(device) else "fp16"
     if name == "bf16":
         return torch.bfloat16, False
     if name == "fp16":

@@ -1,0 +1,70 @@
+"""GPUs below the H100/H200 bezoar was measured on (review of the GPU paths): on CPU, with torch.cuda's device
+queries answered as a T4 (sm_75), an A100 (sm_80) or an RTX 4090 (sm_89) answers them."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from bezoar_kernels import dispatch, launch, lora
+
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """Sets the device queries' answers: ``gpu(capability, shared_per_block)``."""
+    def set_gpu(capability, shared=166912):
+        launch._capability_of.cache_clear()
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+        monkeypatch.setattr(launch, "_shared_per_block_of", lambda index: shared)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        dispatch._WARNED_OLD_GPU.clear()
+
+    yield set_gpu
+    launch._capability_of.cache_clear()
+
+
+def test_half_precision_is_fp16_where_bf16_is_only_emulated(gpu):
+    """torch.cuda.is_bf16_supported() says yes on a T4 (bf16 emulated, no tensor cores): precision 'auto' took
+    bf16 and never fp16 with loss scaling, and models loaded in bf16."""
+    from bezoar.model.checkpoint import default_dtype
+    from bezoar.model.config import LlamaConfig
+    from bezoar.train.loop import resolve_precision
+
+    config = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1)
+    for capability, half, scaled in (((7, 5), torch.float16, True), ((7, 0), torch.float16, True),
+                                     ((8, 0), torch.bfloat16, False), ((8, 9), torch.bfloat16, False)):
+        gpu(capability)
+        assert resolve_precision("auto", CUDA) == (half, scaled), capability
+        assert default_dtype("nf4", config, CUDA) == half, capability
+        assert default_dtype(None, config, CUDA) == half, capability
+    gpu((7, 5))
+    assert resolve_precision("bf16", CUDA) == (torch.bfloat16, False)  # asked for: as asked
+    config.torch_dtype = "float32"
+    assert default_dtype(None, config, CUDA) == torch.float32
+    assert default_dtype("nf4", config, torch.device("cpu")) == torch.float32
+
+
+def test_the_g_db_kernel_takes_row_blocks_its_shared_memory_fits(gpu):
+    """The 256-row g + dB build needs 80-96 KB of shared memory on sm_75, whose blocks hold 64 KB: every SFT step
+    at 16K tokens with dropout would have failed there at the first backward."""
+    for shared, m, want in ((65536, 16384, 128), (101376, 16384, 256), (166912, 16384, 256), (65536, 4096, 128),
+                            (232448, 2048, 128)):
+        gpu((8, 6), shared)
+        assert lora._g_db_block_m(m, CUDA) == want, (shared, m)
+    assert lora._g_db_block_m(16384, torch.device("cpu")) == 256
+
+
+def test_auto_runs_the_torch_reference_below_sm_80_with_one_warning(gpu):
+    gpu((7, 5))
+    with pytest.warns(UserWarning, match=r"compute capability 7.5 is below 8.0.*BEZOAR_KERNELS=triton"):
+        assert dispatch.triton_supported(CUDA) is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dispatch.triton_supported(CUDA) is False  # said once
+    for capability in ((8, 0), (8, 9), (9, 0)):
+        gpu(capability)
+        assert dispatch.triton_supported(CUDA) is True
