@@ -318,11 +318,36 @@ def linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100, reduc
     _check_chunk("linear_cross_entropy", chunk_tokens)
     hidden, weight, autocasting = _autocast_operands(hidden, weight)
     if not use_triton(hidden, weight, labels):  # the reference checks its inputs
+        if hidden.is_cuda:  # a GPU the kernels do not run on (below sm_80): the reference, a chunk at a time
+            return _linear_cross_entropy_chunked_reference(hidden, weight, labels, ignore_index, reduction,
+                                                           chunk_tokens)
         return linear_cross_entropy_reference(hidden, weight, labels, ignore_index, reduction)
     _check(hidden, weight, labels, reduction)
     _check_label_range(labels, weight.shape[0], ignore_index)
     with torch.autocast(hidden.device.type, enabled=False) if autocasting else contextlib.nullcontext():
         return _linear_cross_entropy_triton(hidden, weight, labels, ignore_index, reduction, chunk_tokens)
+
+
+def _linear_cross_entropy_chunked_reference(hidden, weight, labels, ignore_index, reduction, chunk_tokens):
+    """``linear_cross_entropy_reference`` over chunks of rows, each recomputed in the backward (checkpointed): the
+    fp32 logits of one chunk exist at a time, where the reference builds the whole batch's (2 GB at 16K tokens and
+    a 32K vocabulary, more than a T4 spares beside a 3B model)."""
+    from torch.utils.checkpoint import checkpoint
+
+    _check(hidden, weight, labels, reduction)
+    _check_label_range(labels, weight.shape[0], ignore_index)
+    h2, flat = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).long()
+    step = chunk_tokens or 4096
+
+    def part(h, y):
+        return F.cross_entropy(F.linear(h, weight).float(), y, ignore_index=ignore_index, reduction="sum")
+
+    loss = sum(checkpoint(part, h2[i: i + step], flat[i: i + step], use_reentrant=False)
+               for i in range(0, h2.shape[0], step))
+    loss = loss if isinstance(loss, torch.Tensor) else h2.new_zeros((), dtype=torch.float32)
+    if reduction == "mean":
+        loss = loss / (flat != ignore_index).sum().clamp(min=1)
+    return loss
 
 
 def _linear_cross_entropy_triton(hidden, weight, labels, ignore_index, reduction, chunk_tokens):

@@ -145,8 +145,8 @@ from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 
 from bezoar_kernels import dequant_cache, dispatch, tuning
-from bezoar_kernels.launch import (cdiv, launch_fitting, next_power_of_2, resident_programs, shared_per_block, sm_count,
-                                   wave_splits)
+from bezoar_kernels.launch import (capability, cdiv, launch_fitting, next_power_of_2, resident_programs, shared_per_block,
+                                   sm_count, wave_splits)
 from bezoar_kernels.nf4 import (
     NESTED_BLOCKSIZE,
     NF4Weight,
@@ -1677,7 +1677,8 @@ def _g_db_block_m(m: int, device) -> int:
     and later, 80-96 KB on sm_75, whose blocks hold 64 KB: launched there, it failed), else 128 (40 KB)."""
     if m < 8192:
         return 128
-    if device.type == "cuda" and shared_per_block(device) < G_DB_WIDE_SHARED:
+    # below sm_80 (T4: 80-96 KB of 64; a V100's 96 KB is the build's own need at r_pad 32) and where a block holds less
+    if device.type == "cuda" and (capability(device) < (8, 0) or shared_per_block(device) < G_DB_WIDE_SHARED):
         return 128
     return 256
 

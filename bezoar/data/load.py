@@ -273,7 +273,8 @@ def _read_datasets_folder(path: Path, split: str, limit: int | None, skipped: li
         return records
     # CSV cells are text: pandas' defaults read "N/A", "None", "null" and "" as missing and a column of digits as
     # numbers ("N/A" vanished from a prompt; an answer "42" was "not a string")
-    text_csv = _csv_as_text(kinds["csv"]) if set(kinds) == {"csv"} else {}
+    # (files known only where bezoar chose them: a README's configs choose others)
+    text_csv = _csv_as_text(chosen) if set(kinds) == {"csv"} else {}
     try:
         dataset = datasets.load_dataset(str(path), split=split, **text_csv)
     except Exception as e:
@@ -282,6 +283,11 @@ def _read_datasets_folder(path: Path, split: str, limit: int | None, skipped: li
             causes.append(f"{type(inner).__name__}: {inner}")
             inner = inner.__cause__ or inner.__context__
         raise DataError(f"{path}: `datasets` could not read this folder ({'; caused by '.join(causes)})") from None
+    if set(kinds) == {"csv"} and "features" not in text_csv:  # the columns typed by guess: numbers back to text
+        numeric = {k: datasets.Value("string") for k, v in dataset.features.items()
+                   if isinstance(v, datasets.Value) and v.dtype.startswith(("int", "uint", "float", "bool"))}
+        if numeric:
+            dataset = dataset.cast(datasets.Features({**dataset.features, **numeric}))
     return _rows(dataset, name, limit)
 
 
@@ -312,7 +318,8 @@ def _split_files(path: Path, files: list[Path], split: str) -> list[Path]:
         if not chosen:
             raise DataError(f"{path}: no data files for split {split!r}; its data/ shards name the split(s) "
                             f"{', '.join(repr(x) for x in sorted(set(sharded.values())))}")
-        _note_left_out(path, [file for file in files if file not in sharded], split)
+        _note_left_out(path, [file for file in files if file not in sharded], split,
+                       "are no data/ shard, which decide the splits here")
         return chosen
     splits = {file: named(reversed(rel[file].parent.parts)) for file in files}  # folders first
     if not any(splits.values()):
@@ -329,35 +336,39 @@ def _split_files(path: Path, files: list[Path], split: str) -> list[Path]:
         found = sorted({name for name in splits.values() if name})
         raise DataError(f"{path}: no data files for split {split!r}; its files name the split(s) "
                         f"{', '.join(repr(x) for x in found)}")
-    _note_left_out(path, [file for file in files if splits[file] is None], split)
+    _note_left_out(path, [file for file in files if splits[file] is None], split, "name no split")
     return chosen
 
 
-def _note_left_out(path: Path, files: list[Path], split: str) -> None:
-    """Say which data files of a folder no split reads (named for none beside files that are): ``datasets`` leaves
-    them out too, and their records were dropped without a word."""
+def _note_left_out(path: Path, files: list[Path], split: str, why: str) -> None:
+    """Say which data files of a folder no split reads (``why``: named for none beside files that are, or not
+    data/ shards beside them): ``datasets`` leaves them out too, and their records were dropped without a word."""
     if files:
         shown = ", ".join(str(f.relative_to(path)) for f in files[:5]) + (" ..." if len(files) > 5 else "")
-        log.warning("%s: %d data file(s) name no split, so split %r leaves them out: %s", path, len(files), split,
-                    shown)
+        log.warning("%s: %d data file(s) %s, so split %r leaves them out: %s", path, len(files), why, split, shown)
 
 
-def _csv_as_text(files: list[Path]) -> dict:
-    """``load_dataset`` settings that read every CSV column as the text it holds: no NA words, no type guessing
-    (the columns of the first file's header, as strings)."""
-    import csv
-
+def _csv_as_text(files: list[Path] | None) -> dict:
+    """``load_dataset`` settings that read CSV cells as the text they hold: no NA words ("N/A", "None", "" stay
+    text) and, where the files to read are known (``files``) and share one header, every column a string (no
+    type guessing: "42" stays text). The header is read as pandas reads it, as ``datasets`` does (a blank
+    name is "Unnamed: 0", a repeated one "note.1", blank lines before it skipped)."""
+    settings = dict(keep_default_na=False, na_filter=False)
+    if not files:
+        return settings
     import datasets
+    import pandas as pd
 
-    try:
-        with open(files[0], newline="", encoding="utf-8-sig") as f:
-            header = next(csv.reader(f), [])
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return dict(keep_default_na=False, na_filter=False)  # the reader's own error says what is wrong
-    if not header or len(set(header)) != len(header):
-        return dict(keep_default_na=False, na_filter=False)
-    return dict(keep_default_na=False, na_filter=False,
-                features=datasets.Features({name: datasets.Value("string") for name in header}))
+    headers = []
+    for file in files:
+        try:
+            headers.append(tuple(pd.read_csv(file, nrows=0, skip_blank_lines=True).columns))
+        except Exception:  # noqa: BLE001 - unreadable here: datasets' own reader names the problem
+            return settings
+    if len({frozenset(h) for h in headers}) != 1:  # other columns in other files: datasets' reader says which
+        return settings
+    names = headers[0]  # the same columns in another order in other files are read by name
+    return {**settings, "features": datasets.Features({str(name): datasets.Value("string") for name in names})}
 
 
 def _kinds(files: list[Path]) -> dict[str, list[Path]]:

@@ -367,10 +367,15 @@ def read_stage_data(cfg: StageConfig, log=print):
     if not cfg.eval_path:
         return train_read, None, None
     split = cfg.eval_split or cfg.data.split
+    eval_file = Path(cfg.eval_path).expanduser().is_file()
+    if cfg.eval_split and eval_file:  # a file has no splits: any name was read as the whole file
+        raise ConfigError(f"eval_split = {cfg.eval_split!r}, but eval_path {cfg.eval_path} is a file, which has no "
+                          "splits (eval_split names a split of a folder or hub dataset); leave eval_split empty")
     if _same_source(cfg.eval_path, cfg.data.path) and split == cfg.data.split:
+        fix = ("point eval_path at held-out data" if eval_file else
+               "set eval_split to a held-out split (e.g. 'test') or point eval_path at held-out data")
         raise ConfigError(f"eval_path {cfg.eval_path} is data.path, read at the same split ({split!r}): the eval "
-                          "would be the training data; set eval_split to a held-out split (e.g. 'test') or point "
-                          "eval_path at held-out data")
+                          f"would be the training data; {fix}")
     eval_cfg = replace(cfg.data, path=cfg.eval_path, split=split, limit=None)
     eval_read = read_examples(eval_cfg)
     seen = {_example_key(e) for e in train_read[0]}

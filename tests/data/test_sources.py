@@ -98,6 +98,51 @@ def test_csv_cells_are_the_text_they_hold(tmp_path):
     assert "What does print(None) output?\n\n### Response:" in examples[1].prompt
 
 
+@pytest.mark.parametrize("case", ["pandas index", "repeated name", "blank first line", "other order",
+                                  "README configs"])
+def test_csv_headers_as_pandas_reads_them(tmp_path, case):
+    """The first version typed the columns from csv.reader's header: pandas' to_csv index (a blank name, which
+    pandas calls 'Unnamed: 0') and a README's configs (another config's file first) were refused where they had
+    loaded, and a repeated name or a blank first line left the digits as numbers."""
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    want = ["42"]
+    if case == "pandas index":
+        (folder / "train.csv").write_text(",instruction,response\n0,What is 6*7?,42\n")
+    elif case == "repeated name":
+        (folder / "train.csv").write_text("instruction,response,response\nWhat is 6*7?,42,43\n")
+    elif case == "blank first line":
+        (folder / "train.csv").write_text("\ninstruction,response\nWhat is 6*7?,42\n")
+    elif case == "other order":
+        (folder / "train-0.csv").write_text("instruction,response\nWhat is 6*7?,42\n")
+        (folder / "train-1.csv").write_text("response,instruction\n4,What is 2+2?\n")
+        want = ["42", "4"]
+    else:
+        (folder / "README.md").write_text("---\nconfigs:\n- config_name: sft\n  default: true\n  data_files:\n"
+                                          "  - split: train\n    path: sft/train.csv\n---\n")
+        (folder / "prefs").mkdir()
+        (folder / "prefs" / "train.csv").write_text("prompt,chosen,rejected\na,b,c\n")
+        (folder / "sft").mkdir()
+        (folder / "sft" / "train.csv").write_text("instruction,response\nWhat is 6*7?,42\n")
+    examples, _ = read_examples(DataConfig(path=str(folder), format="instruction"))
+    assert [e.response for e in examples] == want
+
+
+def test_an_eval_split_of_a_file_is_refused(tmp_path):
+    """A file has no splits: eval_split = 'test' on one was accepted and read the whole file (the training data,
+    where the refusal of eval_path = data.path had advised setting it)."""
+    from bezoar.train.run import read_stage_data
+    from tests.train.helpers import tiny_sft_config
+
+    data = _jsonl(tmp_path / "train.jsonl", _rows("t", 3))
+    base = [f"data.path={data}", "data.format=instruction"]
+    with pytest.raises(ConfigError, match=r"eval_split = 'test', but eval_path .* is a file, which has no splits"):
+        read_stage_data(tiny_sft_config(tmp_path / "a", *base, f"eval_path={data}", "eval_split=test"),
+                        log=lambda *a: None)
+    with pytest.raises(ConfigError, match=r"the eval would be the training data; point eval_path at held-out data$"):
+        read_stage_data(tiny_sft_config(tmp_path / "b", *base, f"eval_path={data}"), log=lambda *a: None)
+
+
 def test_bad_data_stops_a_stage_before_its_model_loads(tmp_path, monkeypatch):
     """Records were read after the base model had loaded (minutes for a 3B model, quantized): a missing field on
     line 10,000 was found only then."""

@@ -55,10 +55,50 @@ def test_the_g_db_kernel_takes_row_blocks_its_shared_memory_fits(gpu):
                             (232448, 2048, 128)):
         gpu((8, 6), shared)
         assert lora._g_db_block_m(m, CUDA) == want, (shared, m)
+    gpu((7, 0), 98304)  # a V100: its 96 KB is the 256-row build's own need at r_pad 32
+    assert lora._g_db_block_m(16384, CUDA) == 128
     assert lora._g_db_block_m(16384, torch.device("cpu")) == 256
 
 
-def test_auto_runs_the_torch_reference_below_sm_80_with_one_warning(gpu):
+def test_the_chunked_reference_cross_entropy_equals_the_reference():
+    """On a GPU below sm_80 the SFT loss runs the reference, which built the whole batch's fp32 logits (2 GB at 16K
+    tokens and a 32K vocabulary); there it takes chunks of rows, each recomputed in the backward."""
+    from bezoar_kernels.cross_entropy import _linear_cross_entropy_chunked_reference, linear_cross_entropy_reference
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 37, 16, generator=g)
+    weight = torch.randn(50, 16, generator=g)
+    labels = torch.randint(0, 50, (2, 37), generator=g)
+    labels[0, :5] = -100
+    for reduction in ("sum", "mean"):
+        grads = []
+        for fn, kwargs in ((linear_cross_entropy_reference, {}), (_linear_cross_entropy_chunked_reference,
+                                                                   {"chunk_tokens": 10})):
+            h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            args = (h, w, labels, -100, reduction) + tuple(kwargs.values())
+            loss = fn(*args)
+            loss.backward()
+            grads.append((loss.detach(), h.grad, w.grad))
+        for want, got in zip(grads[0], grads[1]):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+class _OnGPU:
+    """What use_triton reads of a tensor: on CUDA device 0."""
+
+    is_cuda = True
+    device = CUDA
+
+
+def test_auto_runs_the_torch_reference_below_sm_80_with_one_warning(gpu, monkeypatch):
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    gpu((7, 5))
+    with pytest.warns(UserWarning, match="below 8.0"):
+        assert dispatch.use_triton(_OnGPU(), None) is False
+    with dispatch.backend("triton"):
+        assert dispatch.use_triton(_OnGPU()) is True  # forced: as asked
+    gpu((8, 9))
+    assert dispatch.use_triton(_OnGPU()) is True
     gpu((7, 5))
     with pytest.warns(UserWarning, match=r"compute capability 7.5 is below 8.0.*BEZOAR_KERNELS=triton"):
         assert dispatch.triton_supported(CUDA) is False
