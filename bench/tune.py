@@ -161,12 +161,20 @@ def fused_fastest_up_to(rows: list[dict]) -> int | None:
     """The largest measured M up to which the fused forward beats dequantize + cuBLAS in time summed over
     the shapes (see ``_up_to``, ``_summed_win``), or None when no forward row has both times. Forward only: the backward of an ``auto``
     forward never runs the fused kernel (``nf4_matmul``'s Directions)."""
-    both = [r for r in rows if r.get("dir") == "fwd" and fused_fwd_time(r) is not None
-            and r.get("nf4_dequant") is not None]
+    fwd = [r for r in rows if r.get("dir") == "fwd"]
+    both = [r for r in fwd if fused_fwd_time(r) is not None and r.get("nf4_dequant") is not None]
     if not both:
         return None
-    return _up_to(sorted({r["M"] for r in both}),
-                  lambda m: _summed_win([(fused_fwd_time(r), r["nf4_dequant"]) for r in both if r["M"] == m]))
+
+    def wins(m):
+        # a shape the fused forward failed on at this M (nf4.py leaves it untimed) is a loss, as gemv's rule
+        # has it: judged on the shapes left, a kernel failing on two of three would be taken at that M
+        at_m = [r for r in fwd if r["M"] == m]
+        if any(fused_fwd_time(r) is None and r.get("nf4_dequant") is not None for r in at_m):
+            return False
+        return _summed_win([(fused_fwd_time(r), r["nf4_dequant"]) for r in at_m if fused_fwd_time(r) is not None])
+
+    return _up_to(sorted({r["M"] for r in both}), wins)
 
 
 def gemv_fastest_up_to(rows: list[dict]) -> int | None:

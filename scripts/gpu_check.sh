@@ -49,7 +49,7 @@ log "bezoar GPU tests in $ROOT"
 if [ "$SETUP_DONE" = 1 ]; then
   log "setup: done by the caller (BEZOAR_GPU_SETUP=done; PYTHONPATH=${PYTHONPATH:-})"
 else
-  install_wheels
+  install_wheels || true  # (it says what failed; the tests that need bitsandbytes skip)
   install_project
   show_versions
 fi

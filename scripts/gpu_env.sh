@@ -68,10 +68,14 @@ install_wheels() {
   fi
   if [ "${#wheels[@]}" -eq 0 ]; then
     log "no wheels in .whl/ (run scripts/fetch_gpu_wheels.sh here and carry .whl): the bitsandbytes peers will be skipped"
-    return 0
+    return 1
   fi
-  run "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$SITE_DIR" "${wheels[@]}"
+  # a failed install is a failure: the peers' columns (bitsandbytes, transformers + bnb) would be missing unsaid
+  if ! run "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$SITE_DIR" "${wheels[@]}"; then
+    log "ERROR: installing the carried wheels failed: the bitsandbytes peers will be skipped"
+    return 1
+  fi
   prepend_pythonpath "$SITE_DIR"
 }
 

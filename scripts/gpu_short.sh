@@ -111,10 +111,15 @@ for name in "${WANTED[@]}"; do
 done
 if [ "$PRINT_CALL" = 1 ]; then  # here, not on the GPU machine: the call to make, with the commit it sends
   commit=$(git rev-parse --short=12 HEAD) || exit 1
-  [ -n "$(git status --porcelain --untracked-files=no)" ] && commit+=-dirty
+  # untracked files travel too (the device copies what git does not ignore): they make the commit dirty as well
+  [ -n "$(git status --porcelain)" ] && commit+=-dirty
+  if ! compgen -G ".whl/*.whl" >/dev/null && [ "${GPU_SHORT_NO_PEERS:-0}" != 1 ]; then
+    echo "scripts/gpu_short.sh: no wheels in .whl/: run scripts/fetch_gpu_wheels.sh first (the bitsandbytes peers" \
+      "need them), or set GPU_SHORT_NO_PEERS=1 to make the call without them" >&2
+    exit 2
+  fi
   words=(bash scripts/gpu_short.sh "${PARTS_ASKED[@]}")
   printf 'run(command="BEZOAR_COMMIT=%s %s", carry=[".whl"], timeout_s=590)\n' "$commit" "${words[*]}"
-  [ -d .whl ] || echo "no .whl/ here: run scripts/fetch_gpu_wheels.sh first (the bitsandbytes peers need it)" >&2
   exit 0
 fi
 export PYTHONUNBUFFERED=1
@@ -213,6 +218,7 @@ part() {
   local why=
   case "$PART_RC" in 124) why=" (time limit)" ;; 137) why=" (time limit, killed after the SIGINT)" ;; esac
   say "part $name: exit $PART_RC$why after $(( $(date +%s) - began ))s"
+  [ "$PART_RC" = 0 ] || FAILED=1
   consolidate
 }
 
@@ -222,13 +228,21 @@ if [ -n "${BEZOAR_COMMIT:-}" ]; then
 else
   say "BEZOAR_COMMIT is not set: the results name this copy's git HEAD, which may be an earlier call's (scripts/gpu_short.sh --print-call gives the call with it)"
 fi
+FAILED=0  # the call's exit status: 1 where the peers' wheels or a part failed (what ran still comes back)
 if [ "$DRY_RUN" = 1 ]; then
-  install_wheels; install_project; show_versions
+  install_wheels || true; install_project; show_versions
 else
   printf '==== setup ====\n' >>"$LOG"
   setup_from=$(wc -l <"$LOG")
-  { install_wheels; install_project; show_versions; } >>"$LOG" 2>&1
+  wheels_rc=0
+  { install_wheels || wheels_rc=$?; install_project; show_versions; } >>"$LOG" 2>&1
   tail -n +"$((setup_from + 1))" "$LOG" | tail -n 12
+  if [ "${GPU_SHORT_NO_PEERS:-0}" != 1 ] && { [ "$wheels_rc" != 0 ] \
+      || ! "$PYTHON" -c "import sys; sys.path.insert(0, '$SITE_DIR'); import bitsandbytes" >/dev/null 2>&1; }; then
+    say "ERROR: bitsandbytes does not import (the carried wheels: see the setup above): the parts run without the" \
+      "bitsandbytes peers"
+    FAILED=1
+  fi
 fi
 [ -d "$SITE_DIR" ] && prepend_pythonpath "$SITE_DIR"
 export BEZOAR_GPU_SETUP="done"  # scripts/gpu_check.sh (gpu_tests) does not install again
@@ -283,7 +297,7 @@ tested_at() {
 run_part() {
   case "$1" in
     gpu_tests)
-      part gpu_tests 160 env GPU_TEST_LIMIT=140 bash scripts/gpu_check.sh --gpu-only
+      part gpu_tests 175 env GPU_TEST_LIMIT=155 bash scripts/gpu_check.sh --gpu-only
       case "$PART_RC" in
         0|1) default=$(default_concat_align); [ -n "$default" ] && CONCAT_TESTED+="$default " ;;
       esac ;;
@@ -376,4 +390,5 @@ if [ "$DRY_RUN" = 1 ]; then
   log "done in $(( $(date +%s) - START ))s"
 else
   say "done in $(( $(date +%s) - START ))s; in $OUT_DIR: $(loose_names)"
+  exit "$FAILED"
 fi

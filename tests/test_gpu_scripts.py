@@ -4,6 +4,7 @@ and print the commands they would run. shellcheck runs too where it is installed
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -79,7 +80,7 @@ def test_gpu_short_dry_run_fits_one_call_and_runs_the_parts_asked_for():
     assert [name for name, _ in parts] == ["gpu_tests", "nf4_gemv", "lora_infer", "generate"], parts
     # one device call of timeout_s=590 (bench/README.md): the parts' limits, kill grace included
     assert sum(int(limit) for _, limit in parts) + 10 * len(parts) <= 590, parts
-    for piece in ("GPU_TEST_LIMIT=140 bash scripts/gpu_check.sh --gpu-only",
+    for piece in ("GPU_TEST_LIMIT=155 bash scripts/gpu_check.sh --gpu-only",
                   r"--ms 1\,4\,16\,32\,64 --budget 115 --sweep-gemv --out /tmp/bezoar-gpu-out",
                   r"bench/lora.py --inference --ranks 16\,64 --budget 70 --out /tmp/bezoar-gpu-out",
                   "bench/generate.py --batches 1 --out /tmp/bezoar-gpu-out"):
@@ -242,7 +243,8 @@ for a in "$@"; do
   prev=$a
 done
 case "$1" in
-  -c) exit 1 ;;  # no optional module here (xdist, lm_eval, ...)
+  -c) case "$2" in *"import bitsandbytes"*) [ "${FAKE_BNB:-ok}" = ok ]; exit $? ;; esac
+      exit 1 ;;  # no optional module here (xdist, lm_eval, ...); bitsandbytes unless FAKE_BNB=missing
   -) cat >/dev/null; exit 0 ;;
   -m)
     [ "$2" = pytest ] || exit 0
@@ -390,7 +392,8 @@ def test_a_part_leaves_nothing_running(tmp_path, mode):
         # before the fix a process left behind also held gpu_check.sh's log pipe open: the call never ended
         proc, out, calls = short_call(tmp_path, "--parts", "gpu_tests", timeout=60, **env)
         took = time.monotonic() - began
-        assert proc.returncode == 0 and pids(), proc.stdout + proc.stderr
+        # the call ends in any case; its status says a part failed (the hung one, killed at its limit)
+        assert proc.returncode == (1 if mode == "hang" else 0) and pids(), proc.stdout + proc.stderr
         deadline = time.monotonic() + 3
         while any(_alive(p) for p in pids()) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -481,3 +484,34 @@ def test_gpu_check_under_gpu_short_neither_installs_nor_leaves_its_callers_limit
     assert limits == ["--foreground", "--foreground"], out.stdout
     alone = dry_run("gpu_check.sh", "--dry-run").stdout
     assert "pip install -q --no-deps --no-build-isolation -e ." in alone and "--foreground" not in alone
+
+
+def test_a_call_whose_peers_do_not_import_says_so_and_exits_1(tmp_path):
+    proc, out, calls = short_call(tmp_path, "--parts", "generate", FAKE_BNB="missing")
+    assert proc.returncode == 1 and "ERROR: bitsandbytes does not import" in proc.stdout, proc.stdout
+    assert any("bench/generate.py" in c[3] for c in calls)  # the parts still ran
+    (tmp_path / "again").mkdir()
+    proc, out, calls = short_call(tmp_path / "again", "--parts", "generate")
+    assert proc.returncode == 0 and "ERROR" not in proc.stdout, proc.stdout
+
+
+def test_the_device_call_is_not_made_or_run_without_its_peers_unsaid(tmp_path):
+    """The one device call: a failed wheel install was a note in the log and the call exited 0, so it ran without
+    bitsandbytes and transformers + bnb (the peers' columns missing); --print-call printed a call without wheels
+    to carry and a clean commit where untracked files (which the device copies) were there."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
+    (clone / "bench" / "new_untracked.py").write_text("# travels with the call\n")
+    out = subprocess.run(["bash", "scripts/gpu_short.sh", "--print-call"], capture_output=True, text=True,
+                         timeout=120, cwd=clone)
+    assert out.returncode == 2 and "no wheels in .whl/" in out.stderr and not out.stdout
+    out = subprocess.run(["bash", "scripts/gpu_short.sh", "--print-call"], capture_output=True, text=True,
+                         timeout=120, cwd=clone, env={**os.environ, "GPU_SHORT_NO_PEERS": "1"})
+    assert out.returncode == 0 and re.search(r'BEZOAR_COMMIT=[0-9a-f]{12}-dirty bash', out.stdout), out.stdout
+    # a wheel pip cannot install: install_wheels fails (it returned 0 and the call went on, quiet)
+    (clone / ".whl").mkdir()
+    (clone / ".whl" / "bitsandbytes-0-py3-none-any.whl").write_bytes(b"not a wheel")
+    script = ('source scripts/gpu_env.sh; SITE_DIR="$1"; install_wheels; echo "rc=$?"')
+    out = subprocess.run(["bash", "-c", script, "_", str(tmp_path / "site")], capture_output=True, text=True,
+                         timeout=300, cwd=clone, env={**os.environ, "PYTHON": sys.executable})
+    assert "rc=1" in out.stdout and "ERROR: installing the carried wheels failed" in out.stdout, out.stdout

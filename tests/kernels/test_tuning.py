@@ -422,6 +422,11 @@ def test_gemv_and_fused_thresholds():
     assert tune.fused_fastest_up_to(faster_fused) == 16
     assert tune.gemv_fastest_up_to(faster_fused) is None  # gemv never timed: no setting
     assert tune.fused_fastest_up_to([{"dir": "fwd", "M": 1, "nf4_fused": None, "nf4_dequant": 1.0}]) is None
+    # a shape the fused forward failed on at an M (untimed) is a loss there: judged on the shape left, a kernel
+    # failing on two of three shapes at M = 32 was taken there
+    failing = _nf4_rows({("fwd", s, m): (None, None if m == 32 and s != "a" else 1.5, 2.0)
+                         for s in ("a", "b", "c") for m in (1, 4, 16, 32)})
+    assert tune.fused_fastest_up_to(failing) == 16
     assert tune.fused_fastest_up_to([{"dir": "bwd", "M": 1, "nf4_fused": 1.0, "nf4_dequant": 2.0}]) is None
     # files from before the register decode was the default timed it as nf4_fused_prmt: that one counts
     old = [dict(r, nf4_fused=3.0, nf4_fused_prmt=1.0 if r["M"] <= 4 else 2.5) for r in faster_fused]
