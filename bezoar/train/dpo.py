@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -72,6 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from bezoar.config import ConfigError
 from bezoar.data.packing import (DOC_EXAMPLE, DOC_LENGTH, DOC_PART, IGNORE_INDEX, BatchLoader, DocumentSet,
                                  batch_to, next_token_labels)
 from bezoar.model.lora import adapters_disabled
@@ -79,6 +81,7 @@ from bezoar_kernels.cross_entropy import CHUNK_LOGITS_BYTES, linear_token_logpro
 from bezoar_kernels.dispatch import use_triton
 
 from .config import DPOSection
+from .loop import TrainingError
 
 __all__ = ["DPOStage", "ReferenceCache", "preference_loss", "response_logprobs", "sequence_logprobs",
            "METRICS", "LOSSES"]
@@ -193,8 +196,6 @@ class DPOStage:
         self.logits_chunk_tokens: int | None = None  # torch path: rows of logits per chunk (None: by bytes)
         self.cache: ReferenceCache | None = None
         if data_cfg is not None and not data_cfg.is_pairs:
-            from bezoar.config import ConfigError
-
             raise ConfigError(f"data.format {data_cfg.format!r}: a DPO stage needs preference pairs "
                               "(data.format = 'pairs' or 'hh_pairs')")
         if self.cfg.precompute_ref:
@@ -257,6 +258,13 @@ class DPOStage:
             return
         model = self.model if self.model is not None else getattr(trainer.model, "module", trainer.model)
         folder = Path(self.cfg.ref_cache_dir) if self.cfg.ref_cache_dir else self.out / "ref_cache"
+        where = "dpo.ref_cache_dir" if self.cfg.ref_cache_dir else "the stage's ref_cache folder"
+        try:  # before the pass, which takes hours on HH-RLHF: a folder it cannot write lost the pass after it
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"{where} {folder}: cannot be made a folder ({e.strerror or e})") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(f"{where} {folder}: this process cannot write there")
         self.cache = ReferenceCache(folder, self.docs, self.data_cfg, model, autocast_dtype=trainer.autocast_dtype,
                                     log=self.log)
         logps = self.cache.load()
@@ -284,7 +292,8 @@ class DPOStage:
                              shuffle=False, world_size=world, rank=rank)
         device = self.device or next(model.parameters()).device
         index = DocumentIndex(self.docs)
-        values = np.full(self.docs.num_docs, np.nan, dtype=np.float32)
+        values = np.zeros(self.docs.num_docs, dtype=np.float32)
+        done = np.zeros(self.docs.num_docs, dtype=bool)  # apart from the values: a NaN the model gives is no gap
         was_training = model.training
         model.eval()
         started = time.perf_counter()
@@ -296,17 +305,27 @@ class DPOStage:
                     logps = self.reference_logps(model, batch)
                 where = index.find(batch["doc_table"].cpu().numpy())
                 values[where] = logps.float().cpu().numpy()
+                done[where] = True
         finally:
             model.train(was_training)
         if self.dist is not None:
-            shares = self.dist.gather_objects(values)
+            shares = self.dist.gather_objects((values, done))
             if rank != 0:
                 return None
-            values = np.fmax.reduce(np.stack(shares), axis=0)  # each document was computed by one rank
-        missing = np.flatnonzero(np.isnan(values))
+            for share, share_done in shares:  # each document was computed by one rank
+                values[share_done] = share[share_done]
+                done |= share_done
+        missing = np.flatnonzero(~done)
         if len(missing):
             raise RuntimeError(f"reference pass left {len(missing)} documents without a log-prob "
                                f"(first: document {int(missing[0])})")
+        bad = np.flatnonzero(~np.isfinite(values))
+        if len(bad):  # cached, an -inf was trained on, then refused and recomputed by every later run
+            first = int(bad[0])
+            raise TrainingError(f"the reference model gave {len(bad)} documents a non-finite log-prob (first: document "
+                                f"{first}, example {int(self.docs.doc_example[first])}: {values[first]}): an overflow "
+                                f"in {autocast_dtype or next(model.parameters()).dtype}; a dtype with more range "
+                                "(train.precision = \"bf16\" or \"fp32\", model.dtype) avoids it")
         self.log(f"reference log-probs: {self.docs.num_docs} documents in {time.perf_counter() - started:.1f}s")
         return values
 
@@ -376,9 +395,29 @@ def reference_weights_digest(model) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=None)
+def code_digest() -> str:
+    """A hash of the source that computes the reference log-probs: bezoar's model, data and DPO code and its
+    kernels. bezoar's version never moved, so a fix to the forward pass (a RoPE scaling, a norm) kept serving
+    log-probs the code before it had made."""
+    import bezoar
+    import bezoar_kernels
+
+    h = hashlib.blake2b(digest_size=16)
+    roots = [(Path(bezoar.__file__).parent, ("model", "data")), (Path(bezoar_kernels.__file__).parent, (".",))]
+    files = [Path(bezoar.__file__).parent / "train" / "dpo.py"]
+    for root, parts in roots:
+        for part in parts:
+            files += sorted((root / part).rglob("*.py"))
+    for file in files:
+        h.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def _compute_versions() -> dict[str, str]:
-    """What else moves the reference log-probs in their last bits: bezoar's forward pass and kernels, torch and
-    Triton. (Not the GPU model: ranks on a node with two models must agree on one key, and rank 0 writes it.)"""
+    """What else moves the reference log-probs in their last bits: bezoar's forward pass and kernels (their source,
+    ``code_digest``), torch and Triton. (Not the GPU model: ranks on a node with two models must agree on one key,
+    and rank 0 writes it.)"""
     import bezoar
 
     try:
@@ -387,7 +426,8 @@ def _compute_versions() -> dict[str, str]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    return {"bezoar": bezoar.__version__, "torch": torch.__version__, "triton": triton_version}
+    return {"bezoar": bezoar.__version__, "code": code_digest(), "torch": torch.__version__,
+            "triton": triton_version}
 
 
 class ReferenceCache:
@@ -490,12 +530,22 @@ class ReferenceCache:
         tensors = {"logps": torch.from_numpy(np.ascontiguousarray(logps, dtype=np.float32)), **self._documents()}
         meta = {"format": CACHE_FORMAT, "key": self.key, "key_parts": json.dumps(self.key_parts, sort_keys=True),
                 "checksum": self._checksum(logps)}
+        self._clear_dead_temporaries()
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         save_file(tensors, str(tmp), metadata=meta)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
         self.log(f"reference log-probs cached in {self.path}")
+
+    def _clear_dead_temporaries(self) -> None:
+        """Remove the ``.ref-logps-*.tmp-PID`` files that saves killed before their rename left (of processes gone)."""
+        from bezoar.locking import writer_gone
+
+        for path in self.folder.glob(".ref-logps-*.safetensors.tmp-*"):
+            pid = path.name.rpartition("-")[2]
+            if pid.isdigit() and writer_gone(int(pid)):
+                path.unlink(missing_ok=True)
 
     def lookup(self, logps: np.ndarray, device) -> "ReferenceLookup":
         return ReferenceLookup(self.docs, logps, device)

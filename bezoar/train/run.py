@@ -118,7 +118,10 @@ def build_model(cfg: StageConfig, device: torch.device, dist=None):
 
 
 # Keys a run may change without changing what it trains: how it is watched and what it keeps on disk.
-WATCH_KEYS = ("train.progress", "train.log_every", "train.save_every", "train.keep_last", "train.eval_every")
+# Settings that change no number a run trains: how it reports and checkpoints, and where the DPO reference cache
+# lives (its key decides whether a file serves; moving it refused --resume and redid a finished DPO stage).
+WATCH_KEYS = ("train.progress", "train.log_every", "train.save_every", "train.keep_last", "train.eval_every",
+              "dpo.ref_cache_dir")
 # A resumed (unfinished) run may also be lengthened or shortened.
 RESUME_FREE = WATCH_KEYS + ("train.max_steps", "train.epochs")
 

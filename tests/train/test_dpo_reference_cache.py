@@ -204,3 +204,78 @@ def test_the_key_follows_the_nf4_compute_dtype_and_the_versions(tiny_dir, tokeni
     assert ReferenceCache("unused", docs, cfg, model).key == keys[torch.float32]
     monkeypatch.setattr(bezoar, "__version__", "9.9.9")  # another forward pass or kernels: rebuilt, not reused
     assert ReferenceCache("unused", docs, cfg, model).key != keys[torch.float32]
+
+
+def test_the_key_follows_the_code_of_the_forward_pass(tiny_dir, tokenizer, data, monkeypatch):
+    """bezoar's version never moved: after a fix to the forward pass (a RoPE scaling, a norm) a shared cache or a
+    resumed run served log-probs the code before it had made. The key holds a hash of that code's source."""
+    import bezoar.train.dpo as dpo
+
+    docs, cfg = data
+    model = policy(tiny_dir)
+    before = ReferenceCache("unused", docs, cfg, model)
+    assert before.key_parts["compute"]["code"] == dpo.code_digest()
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes",
+                        lambda self: real(self) + (b"# fixed\n" if self.name == "llama.py" else b""))
+    dpo.code_digest.cache_clear()
+    try:
+        assert ReferenceCache("unused", docs, cfg, model).key != before.key
+    finally:
+        monkeypatch.undo()
+        dpo.code_digest.cache_clear()
+    assert ReferenceCache("unused", docs, cfg, model).key == before.key
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+def test_a_non_finite_reference_log_prob_is_named_and_never_cached(tiny_dir, tokenizer, data, tmp_path, monkeypatch,
+                                                                   value):
+    """A NaN the model gave read as 'the pass left documents without a log-prob' (it marked gaps with NaN); an -inf
+    was cached and trained on, then refused and recomputed by every later run."""
+    from bezoar.train.loop import TrainingError
+
+    docs, cfg = data
+    real = DPOStage.reference_logps
+
+    def overflowing(self, model, batch):
+        out = real(self, model, batch).clone()
+        out[0] = value
+        return out
+
+    monkeypatch.setattr(DPOStage, "reference_logps", overflowing)
+    with pytest.raises(TrainingError, match=r"the reference model gave \d+ documents a non-finite log-prob .*overflow"):
+        prepared(policy(tiny_dir), docs, cfg, tokenizer, tmp_path / "cache", [])
+    assert not list((tmp_path / "cache").glob("ref-logps-*"))
+
+
+def test_a_cache_folder_that_cannot_be_written_stops_before_the_pass(tiny_dir, tokenizer, data, tmp_path, monkeypatch):
+    """ref_cache_dir naming a file was found after the whole reference pass (hours on HH-RLHF), which was lost."""
+    from bezoar.config import ConfigError
+
+    docs, cfg = data
+    (tmp_path / "a_file").write_text("x")
+
+    def no_pass(*a, **k):
+        raise AssertionError("the reference pass ran")
+
+    monkeypatch.setattr(DPOStage, "_compute_all", no_pass)
+    with pytest.raises(ConfigError, match=r"dpo.ref_cache_dir .*a_file: cannot be made a folder"):
+        prepared(policy(tiny_dir), docs, cfg, tokenizer, tmp_path / "a_file", [])
+
+
+def test_a_save_killed_before_its_rename_leaves_nothing_for_long(tiny_dir, tokenizer, data, tmp_path):
+    docs, cfg = data
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    dead = folder / ".ref-logps-0123.safetensors.tmp-999999999"  # no such process
+    dead.write_bytes(b"torn")
+    prepared(policy(tiny_dir), docs, cfg, tokenizer, folder, [])
+    assert not dead.exists() and len(list(folder.glob("ref-logps-*.safetensors"))) == 1
+
+
+def test_moving_the_cache_changes_no_setting_of_the_run():
+    """Where the cache lives cannot change what is trained (its key decides whether a file serves): a moved
+    ref_cache_dir refused --resume and redid a finished DPO stage of a recipe."""
+    from bezoar.train.run import RESUME_FREE, WATCH_KEYS
+
+    assert "dpo.ref_cache_dir" in WATCH_KEYS and "dpo.ref_cache_dir" in RESUME_FREE
