@@ -286,7 +286,10 @@ done
     fake.chmod(0o755)
     env = {**os.environ, "PYTHON": str(fake)}
     proc = subprocess.Popen(["bash", str(REPO / "scripts/openbezoar.sh"), *(["--tiny"] if tiny else []),
-                             "--out", str(tmp_path / "run")], env=env, cwd=tmp_path, start_new_session=True)
+                             "--out", str(tmp_path / "run")], env=env, cwd=tmp_path, start_new_session=True,
+                            # as from a terminal: SIGINT not ignored (pytest-xdist's workers ignore it, and a shell
+                            # started with it ignored cannot trap it)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not (mark.exists() and "pipeline-started" in mark.read_text()) and time.monotonic() < deadline:
         time.sleep(0.02)
