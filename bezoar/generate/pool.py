@@ -718,6 +718,7 @@ class Pool:
         self.store = open_store(store)
         self.model = model
         self.prices = dict(prices or {})
+        self._unpriced: set = set()  # models answered without a price, said once each
         self._provider_factory = provider_factory or make_provider
         self.stats = PoolStats()
         self._progress = Progress(self.stats) if progress else None
@@ -974,6 +975,10 @@ class Pool:
             price = self.prices.get(result.model)
             if price is not None:
                 stats.cost += (result.usage.input_tokens * price[0] + result.usage.output_tokens * price[1]) / 1e6
+            elif self.prices and result.model not in self._unpriced:  # the cost shown would leave these out unsaid
+                self._unpriced.add(result.model)
+                log.warning("no price for model %r (the prices given are for %s): its tokens are not in the cost",
+                            result.model, ", ".join(map(repr, self.prices)))
 
     def _abort(self, message: str) -> PoolError:
         if self._fatal is None:
@@ -1075,8 +1080,9 @@ class Pool:
             if error is None:
                 state.answered(record)
                 self._answers += 1
-                usage = Usage(reply.input_tokens or 0, reply.output_tokens or 0)
+                usage = None  # an answer that reports no usage: unknown, stored as null (it was stored as 0 tokens)
                 if reply.input_tokens is not None or reply.output_tokens is not None:
+                    usage = Usage(reply.input_tokens or 0, reply.output_tokens or 0)
                     self._limiter.settle(estimate, usage.input_tokens + usage.output_tokens)
                 return Result(key, request.id, response=reply.text, usage=usage, attempts=attempt,
                               latency_s=time.monotonic() - started, model=model, endpoint=state.label,

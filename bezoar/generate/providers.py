@@ -288,6 +288,10 @@ def status_error(status: int, body: Any, text: str, headers: Any, label: str, mo
     if status in (408, 409, 425) or status >= 500:
         return ProviderError(f"HTTP {status}: {detail}", RETRY, status=status, retry_after=parse_retry_after(headers),
                              retry_after_rounded=retry_after_is_rounded(headers))
+    if status == 400 and "credit balance is too low" in detail.lower():
+        # Anthropic's answer to an exhausted balance: every other request would fail the same way (OpenAI's
+        # insufficient_quota is fatal too); as a request error each input was sent and recorded as failed
+        return ProviderError(f"{label}: credit balance exhausted (HTTP 400): {detail}", FATAL, status=status)
     if status == 401:
         return ProviderError(f"{label} rejected the API key (HTTP 401): {detail}", FATAL, status=status)
     if status == 403:
@@ -317,10 +321,22 @@ def _openai_params(request: Request) -> dict:
     return params
 
 
+def _text_of_content(content: Any) -> Any:
+    """A chat answer's text: the content as sent, or the text parts of a list of parts joined (some compatible
+    servers send one: the openai provider stored the list, compat retried it as malformed until it gave up)."""
+    if isinstance(content, list):
+        parts = [p.get("text") if isinstance(p, dict) else getattr(p, "text", None) for p in content
+                 if (p.get("type") if isinstance(p, dict) else getattr(p, "type", None)) == "text"]
+        if not all(isinstance(p, str) for p in parts):
+            raise TypeError("a text part of the answer holds no text")
+        return "".join(parts)
+    return content
+
+
 def _openai_reply(payload: Any, kind: str) -> Reply:
     """Text and usage from an OpenAI chat / completion JSON body (raises KeyError etc. if malformed)."""
     choice = payload["choices"][0]
-    text = choice["message"]["content"] if kind == "chat" else choice["text"]
+    text = _text_of_content(choice["message"]["content"]) if kind == "chat" else choice["text"]
     if text is None:
         text = ""
     if not isinstance(text, str):
@@ -577,29 +593,47 @@ class OpenAISDKProvider:
     async def send(self, request: Request, model: str, timeout: float) -> Reply:
         openai = self._openai
         params = _openai_params(request)
+        if request.kind == "chat" and "max_tokens" in params and _official_openai(self.endpoint.base_url):
+            # OpenAI's chat API: max_tokens is deprecated and refused by its reasoning models (o-series, gpt-5:
+            # "Use 'max_completion_tokens' instead"); a compatible server behind base_url gets max_tokens
+            params["max_completion_tokens"] = params.pop("max_tokens")
         try:
             if request.kind == "chat":
                 response = await self._client.chat.completions.create(
                     model=model, messages=_chat_messages(request), timeout=timeout, **params)
                 choice = response.choices[0]
-                text = choice.message.content
+                text = _text_of_content(choice.message.content)
             else:
                 response = await self._client.completions.create(model=model, prompt=request.prompt,
                                                                  timeout=timeout, **params)
                 choice = response.choices[0]
                 text = choice.text
+            if text is not None and not isinstance(text, str):
+                raise TypeError(f"answer text is {type(text).__name__}, not a string")
+            usage = response.usage
+            reply = Reply(text or "", getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None),
+                          choice.finish_reason)
         except openai.APITimeoutError:
             raise _timeout_error(self.label, timeout) from None
         except openai.APIConnectionError as e:
             raise _sdk_connection_error(e, self.label) from None
         except openai.APIStatusError as e:
             raise status_error(e.status_code, e.body, "", e.response.headers, self.label, model) from None
-        except (ValueError, IndexError, AttributeError) as e:  # body not JSON / not the expected shape
+        except (ValueError, IndexError, AttributeError, TypeError, KeyError) as e:
+            # a body not JSON or not the expected shape (an error object or null choices in a 200): a TypeError got
+            # through, stopped the run and lost the answers in flight
             raise ProviderError(f"malformed answer from {self.label}: {type(e).__name__}: {e}", RETRY,
                                 reason="malformed") from None
-        usage = response.usage
-        return Reply(text or "", getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None),
-                     choice.finish_reason)
+        return reply
+
+
+def _official_openai(base_url: str | None) -> bool:
+    """Whether an ``openai`` endpoint is OpenAI's own API (no base_url, or api.openai.com)."""
+    if base_url is None:
+        return True
+    from urllib.parse import urlsplit
+
+    return (urlsplit(base_url).hostname or "").lower() == "api.openai.com"
 
 
 class AnthropicSDKProvider:
@@ -642,6 +676,10 @@ class AnthropicSDKProvider:
         if system:
             params["system"] = system
         if request.stop is not None:
+            blank = [stop for stop in request.stop if not stop.strip()]
+            if blank:  # the API answers 400 to each: refused here, before a paid attempt
+                raise ProviderError(f"stop sequences {blank!r}: Anthropic takes none that is only whitespace",
+                                    REQUEST, reason="unsupported")
             params["stop_sequences"] = request.stop
         # Sampling parameters go in extra_body: recent SDK releases dropped them from the
         # signature of messages.create, while the API still takes them.
@@ -657,13 +695,24 @@ class AnthropicSDKProvider:
             raise _sdk_connection_error(e, self.label) from None
         except anthropic.APIStatusError as e:
             raise status_error(e.status_code, e.body, "", e.response.headers, self.label, model) from None
-        except (ValueError, IndexError, AttributeError) as e:
+        except (ValueError, IndexError, AttributeError, TypeError, KeyError) as e:  # a body the SDK cannot parse
             raise ProviderError(f"malformed answer from {self.label}: {type(e).__name__}: {e}", RETRY,
                                 reason="malformed") from None
-        text = "".join(getattr(block, "text", "") for block in response.content if block.type == "text")
-        usage = response.usage
-        return Reply(text, getattr(usage, "input_tokens", None), getattr(usage, "output_tokens", None),
-                     response.stop_reason)
+        try:  # the reply's shape, checked as the OpenAI one is (a text or null 200 body raised out of the pool)
+            text = "".join(block.text for block in response.content if block.type == "text")
+            if not isinstance(text, str):
+                raise TypeError(f"answer text is {type(text).__name__}, not a string")
+            usage = response.usage
+            # prompt-cache tokens are counted apart from input_tokens (the tokens after the last breakpoint)
+            prompt = _token_count(getattr(usage, "input_tokens", None))
+            if prompt is not None:
+                prompt += sum(_token_count(getattr(usage, name, None)) or 0
+                              for name in ("cache_creation_input_tokens", "cache_read_input_tokens"))
+            reply = Reply(text, prompt, _token_count(getattr(usage, "output_tokens", None)), response.stop_reason)
+        except (ValueError, IndexError, AttributeError, TypeError, KeyError) as e:
+            raise ProviderError(f"malformed answer from {self.label}: {type(e).__name__}: {e}", RETRY,
+                                reason="malformed") from None
+        return reply
 
 
 def _anthropic_system(request: Request) -> tuple[str | list | None, list]:

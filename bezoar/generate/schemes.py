@@ -54,7 +54,8 @@ PROMPTS = ASSETS / "prompts"
 SAMPLES = ASSETS / "samples"
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".txt")
-TRUNCATED = ("length", "max_tokens")  # finish reasons that mean the reply was cut off
+# finish reasons that mean the reply was cut off (Anthropic's model_context_window_exceeded: by the context window)
+TRUNCATED = ("length", "max_tokens", "model_context_window_exceeded")
 # Finish reasons of a reply a provider's filter stopped: OpenAI's and Azure's "content_filter", Anthropic's
 # "refusal". The text is partial or empty, so like a cut-off reply it is no record.
 FILTERED = ("content_filter", "refusal")

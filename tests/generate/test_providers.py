@@ -42,16 +42,16 @@ def test_chat_round_trip(fake_server, api_keys, name):
     calls = []
     server = fake_server(reply=lambda call: (calls.append(call), "four")[1])
     request = Request(messages=[{"role": "user", "content": "two plus two?"}], system="answer in words",
-                      max_tokens=7, temperature=0.3, top_p=0.9, stop=["\n"])
+                      max_tokens=7, temperature=0.3, top_p=0.9, stop=["\nEND"])
     reply = send(name, server, request)
     assert reply.text == "four" and reply.output_tokens == 1 and reply.input_tokens > 0
     body = calls[0].body
     assert body["model"] == "m" and body["max_tokens"] == 7 and body["temperature"] == 0.3 and body["top_p"] == 0.9
     if name == "anthropic":
-        assert body["system"] == "answer in words" and body["stop_sequences"] == ["\n"]
+        assert body["system"] == "answer in words" and body["stop_sequences"] == ["\nEND"]
         assert body["messages"] == [{"role": "user", "content": "two plus two?"}]
     else:
-        assert body["stop"] == ["\n"]
+        assert body["stop"] == ["\nEND"]
         assert body["messages"] == [{"role": "system", "content": "answer in words"},
                                     {"role": "user", "content": "two plus two?"}]
 
