@@ -172,7 +172,9 @@ def fused_fastest_up_to(rows: list[dict]) -> int | None:
         at_m = [r for r in fwd if r["M"] == m]
         if any(fused_fwd_time(r) is None and r.get("nf4_dequant") is not None for r in at_m):
             return False
-        return _summed_win([(fused_fwd_time(r), r["nf4_dequant"]) for r in at_m if fused_fwd_time(r) is not None])
+        # (a run cut between a shape's fused and dequant timings leaves the pair half: not compared)
+        return _summed_win([(fused_fwd_time(r), r["nf4_dequant"]) for r in at_m
+                            if fused_fwd_time(r) is not None and r.get("nf4_dequant") is not None])
 
     return _up_to(sorted({r["M"] for r in both}), wins)
 

@@ -167,7 +167,15 @@ def _shared_per_block_of(index: int) -> int:
     import torch
 
     props = torch.cuda.get_device_properties(index)
-    return int(getattr(props, "shared_memory_per_block_optin", 0) or 49152)
+    value = int(getattr(props, "shared_memory_per_block_optin", 0) or 0)
+    if not value:  # a torch without the field: Triton's own query (the 48 KB default pinned an H100 to small builds)
+        try:
+            import triton
+
+            value = int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+        except Exception:  # noqa: BLE001 - no Triton driver here: the CUDA default
+            value = 49152
+    return value
 
 
 def shared_per_block(device) -> int:

@@ -15,6 +15,7 @@
 PYTHON=${PYTHON:-python3}
 DRY_RUN=${DRY_RUN:-0}
 SITE_DIR=${SITE_DIR:-/tmp/site}
+WHEEL_DIR=${WHEEL_DIR:-.whl}  # the wheels the call carries (scripts/fetch_gpu_wheels.sh)
 LINK_DIR=${LINK_DIR:-/tmp/bezoar-import-path}
 
 # Print a script's help: its comment block after the first line, up to the first line of code.
@@ -61,8 +62,8 @@ prepend_pythonpath() {
 
 install_wheels() {
   local wheels=()
-  if [ -d .whl ]; then
-    for w in .whl/*.whl; do
+  if [ -d "$WHEEL_DIR" ]; then
+    for w in "$WHEEL_DIR"/*.whl; do
       [ -e "$w" ] && wheels+=("$w")
     done
   fi

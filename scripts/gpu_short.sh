@@ -119,7 +119,11 @@ if [ "$PRINT_CALL" = 1 ]; then  # here, not on the GPU machine: the call to make
     exit 2
   fi
   words=(bash scripts/gpu_short.sh "${PARTS_ASKED[@]}")
-  printf 'run(command="BEZOAR_COMMIT=%s %s", carry=[".whl"], timeout_s=590)\n' "$commit" "${words[*]}"
+  if [ "${GPU_SHORT_NO_PEERS:-0}" = 1 ]; then  # the setting goes with the call, where the check reads it
+    printf 'run(command="BEZOAR_COMMIT=%s GPU_SHORT_NO_PEERS=1 %s", carry=[], timeout_s=590)\n' "$commit" "${words[*]}"
+  else
+    printf 'run(command="BEZOAR_COMMIT=%s %s", carry=[".whl"], timeout_s=590)\n' "$commit" "${words[*]}"
+  fi
   exit 0
 fi
 export PYTHONUNBUFFERED=1

@@ -287,8 +287,11 @@ def short_call(tmp_path, *args, timeout=120, **env):
     fake.chmod(0o755)
     fake_dir.mkdir()
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("BEZOAR_", "GPU_", "TRITON_"))}
+    wheels = tmp_path / "wheels"  # a wheel to carry, whatever this checkout's ignored .whl/ holds (a fresh clone: none)
+    wheels.mkdir()
+    (wheels / "bitsandbytes-0-py3-none-any.whl").write_bytes(b"")
     environ.update(PYTHON=str(fake), OUT=str(out), FAKE_DIR=str(fake_dir), SITE_DIR=str(tmp_path / "site"),
-                   LINK_DIR=str(tmp_path / "links"), **{k: str(v) for k, v in env.items()})
+                   LINK_DIR=str(tmp_path / "links"), WHEEL_DIR=str(wheels), **{k: str(v) for k, v in env.items()})
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_short.sh"), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=environ)
     calls = (fake_dir / "calls").read_text().splitlines() if (fake_dir / "calls").exists() else []
@@ -346,8 +349,8 @@ def test_gpu_short_sets_up_once_and_passes_the_commit(tmp_path):
     installs = [argv for _, _, _, argv in calls if argv.startswith("-m pip install")]
     project = [argv for argv in installs if argv.endswith(" -e .")]
     assert project == ["-m pip install -q --no-deps --no-build-isolation -e ."], calls
-    wheels = [argv for argv in installs if ".whl/" in argv]  # the carried wheels, where this checkout has .whl/
-    assert len(wheels) == int((ROOT / ".whl").is_dir() and any((ROOT / ".whl").glob("*.whl"))), calls
+    wheels = [argv for argv in installs if argv.endswith("/wheels/bitsandbytes-0-py3-none-any.whl")]  # WHEEL_DIR's
+    assert len(wheels) == 1, calls
     assert len(installs) == len(project) + len(wheels), calls
     assert sum(argv == "-" for _, _, _, argv in calls) == 1  # show_versions' module list
     assert "setup: done by the caller" in (out / "gpu_short.log").read_text()
@@ -507,7 +510,9 @@ def test_the_device_call_is_not_made_or_run_without_its_peers_unsaid(tmp_path):
     assert out.returncode == 2 and "no wheels in .whl/" in out.stderr and not out.stdout
     out = subprocess.run(["bash", "scripts/gpu_short.sh", "--print-call"], capture_output=True, text=True,
                          timeout=120, cwd=clone, env={**os.environ, "GPU_SHORT_NO_PEERS": "1"})
-    assert out.returncode == 0 and re.search(r'BEZOAR_COMMIT=[0-9a-f]{12}-dirty bash', out.stdout), out.stdout
+    # the setting goes with the call (the device reads it there), and no wheels are carried
+    assert out.returncode == 0 and re.search(r'BEZOAR_COMMIT=[0-9a-f]{12}-dirty GPU_SHORT_NO_PEERS=1 bash .*'
+                                             r'carry=\[\]', out.stdout), out.stdout
     # a wheel pip cannot install: install_wheels fails (it returned 0 and the call went on, quiet)
     (clone / ".whl").mkdir()
     (clone / ".whl" / "bitsandbytes-0-py3-none-any.whl").write_bytes(b"not a wheel")

@@ -273,8 +273,9 @@ def _read_datasets_folder(path: Path, split: str, limit: int | None, skipped: li
         return records
     # CSV cells are text: pandas' defaults read "N/A", "None", "null" and "" as missing and a column of digits as
     # numbers ("N/A" vanished from a prompt; an answer "42" was "not a string")
-    # (files known only where bezoar chose them: a README's configs choose others)
-    text_csv = _csv_as_text(chosen) if set(kinds) == {"csv"} else {}
+    # (a README's configs choose the files: the ones datasets resolves for this split)
+    text_csv = _csv_as_text(chosen if chosen is not None else _config_files(path, split)) if set(kinds) == {"csv"} \
+        else {}
     try:
         dataset = datasets.load_dataset(str(path), split=split, **text_csv)
     except Exception as e:
@@ -287,6 +288,9 @@ def _read_datasets_folder(path: Path, split: str, limit: int | None, skipped: li
         numeric = {k: datasets.Value("string") for k, v in dataset.features.items()
                    if isinstance(v, datasets.Value) and v.dtype.startswith(("int", "uint", "float", "bool"))}
         if numeric:
+            log.warning("%s: the CSV columns %s were read as numbers (their files' headers differ or could not be "
+                        "read first) and are turned back into text: leading zeros and trailing decimals are lost",
+                        path, ", ".join(sorted(numeric)))
             dataset = dataset.cast(datasets.Features({**dataset.features, **numeric}))
     return _rows(dataset, name, limit)
 
@@ -346,6 +350,18 @@ def _note_left_out(path: Path, files: list[Path], split: str, why: str) -> None:
     if files:
         shown = ", ".join(str(f.relative_to(path)) for f in files[:5]) + (" ..." if len(files) > 5 else "")
         log.warning("%s: %d data file(s) %s, so split %r leaves them out: %s", path, len(files), why, split, shown)
+
+
+def _config_files(path: Path, split: str) -> list[Path] | None:
+    """The files ``datasets`` reads for ``split`` of a folder whose README declares configs (the default config's),
+    or None where it cannot say."""
+    import datasets
+
+    try:
+        files = datasets.load_dataset_builder(str(path)).config.data_files.get(split)
+        return [Path(str(f)) for f in files] if files else None
+    except Exception:  # noqa: BLE001 - load_dataset says what is wrong
+        return None
 
 
 def _csv_as_text(files: list[Path] | None) -> dict:

@@ -123,7 +123,11 @@ def test_csv_headers_as_pandas_reads_them(tmp_path, case):
         (folder / "prefs").mkdir()
         (folder / "prefs" / "train.csv").write_text("prompt,chosen,rejected\na,b,c\n")
         (folder / "sft").mkdir()
-        (folder / "sft" / "train.csv").write_text("instruction,response\nWhat is 6*7?,42\n")
+        # a README's configs: the split's files as datasets resolves them (the cast of guessed numbers back to
+        # text lost "00501" -> "501" and "3.10" -> "3.1")
+        (folder / "sft" / "train.csv").write_text("instruction,response\nWhat is 6*7?,42\nA zip code?,00501\n"
+                                                  "Pi to two places?,3.10\n")
+        want = ["42", "00501", "3.10"]
     examples, _ = read_examples(DataConfig(path=str(folder), format="instruction"))
     assert [e.response for e in examples] == want
 

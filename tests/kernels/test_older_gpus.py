@@ -81,6 +81,11 @@ def test_the_chunked_reference_cross_entropy_equals_the_reference():
             grads.append((loss.detach(), h.grad, w.grad))
         for want, got in zip(grads[0], grads[1]):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # a rank with no rows (all padding): a loss of 0 whose backward runs (it had no graph: backward raised)
+    h, w = hidden[:0].clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = _linear_cross_entropy_chunked_reference(h, w, labels[:0], -100, "sum", 10)
+    loss.backward()
+    assert loss.item() == 0 and w.grad is not None and not w.grad.any()
 
 
 class _OnGPU:

@@ -427,6 +427,9 @@ def test_gemv_and_fused_thresholds():
     failing = _nf4_rows({("fwd", s, m): (None, None if m == 32 and s != "a" else 1.5, 2.0)
                          for s in ("a", "b", "c") for m in (1, 4, 16, 32)})
     assert tune.fused_fastest_up_to(failing) == 16
+    # a run cut between a shape's fused and dequant timings: that half pair is no comparison (it raised TypeError)
+    cut = failing[:-1] + [dict(failing[-1], nf4_dequant=None, nf4_fused=1.0)]
+    assert tune.fused_fastest_up_to(cut) == 16 and tune.gemv_fastest_up_to(cut) is None
     assert tune.fused_fastest_up_to([{"dir": "bwd", "M": 1, "nf4_fused": 1.0, "nf4_dequant": 2.0}]) is None
     # files from before the register decode was the default timed it as nf4_fused_prmt: that one counts
     old = [dict(r, nf4_fused=3.0, nf4_fused_prmt=1.0 if r["M"] <= 4 else 2.5) for r in faster_fused]
