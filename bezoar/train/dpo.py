@@ -78,7 +78,7 @@ from bezoar.data.packing import (DOC_EXAMPLE, DOC_LENGTH, DOC_PART, IGNORE_INDEX
                                  batch_to, next_token_labels)
 from bezoar.model.lora import adapters_disabled
 from bezoar_kernels.cross_entropy import CHUNK_LOGITS_BYTES, linear_token_logprobs
-from bezoar_kernels.dispatch import use_triton
+from bezoar_kernels.dispatch import backend, current_backend, use_triton
 
 from .config import DPOSection
 from .loop import TrainingError
@@ -141,13 +141,20 @@ def response_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     if n <= chunk_tokens:
         return linear_token_logprobs(hidden, weight, targets)
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    kernels = current_backend()  # thread-local: on CUDA the recompute runs on autograd's own thread, where 'auto'
+    # then took Triton where the forward had run the reference, and the checkpoint saw other tensors (it raised)
+
+    def chunk(h, w, y):
+        with backend(kernels):
+            return linear_token_logprobs(h, w, y)
+
     parts = []
     for start in range(0, n, chunk_tokens):
         h, y = hidden[start: start + chunk_tokens], targets[start: start + chunk_tokens]
         if grad:
-            parts.append(checkpoint(linear_token_logprobs, h, weight, y, use_reentrant=False))
+            parts.append(checkpoint(chunk, h, weight, y, use_reentrant=False))
         else:
-            parts.append(linear_token_logprobs(h, weight, y))
+            parts.append(chunk(h, weight, y))
     return torch.cat(parts)
 
 

@@ -121,7 +121,10 @@ def build_model(cfg: StageConfig, device: torch.device, dist=None):
 # Settings that change no number a run trains: how it reports and checkpoints, and where the DPO reference cache
 # lives (its key decides whether a file serves; moving it refused --resume and redid a finished DPO stage).
 WATCH_KEYS = ("train.progress", "train.log_every", "train.save_every", "train.keep_last", "train.eval_every",
-              "dpo.ref_cache_dir")
+              "dpo.ref_cache_dir",
+              # a memory switch: off, cheap and full give the same losses and adapters bit for bit (a run out of
+              # memory could not resume with it on, nor a recipe turn it on without redoing its finished stages)
+              "model.gradient_checkpointing")
 # A resumed (unfinished) run may also be lengthened or shortened.
 RESUME_FREE = WATCH_KEYS + ("train.max_steps", "train.epochs")
 

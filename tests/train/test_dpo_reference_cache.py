@@ -279,3 +279,42 @@ def test_moving_the_cache_changes_no_setting_of_the_run():
     from bezoar.train.run import RESUME_FREE, WATCH_KEYS
 
     assert "dpo.ref_cache_dir" in WATCH_KEYS and "dpo.ref_cache_dir" in RESUME_FREE
+
+
+def test_the_chunked_reference_keeps_the_kernels_choice_in_a_backward_on_another_thread(monkeypatch):
+    """On CUDA autograd runs the backward (and a checkpoint's recompute) on a thread of its own, where the
+    thread-local model.kernels = "torch" was unset: 'auto' took Triton there, the forward had run the reference,
+    and the checkpoint raised. Here BEZOAR_KERNELS=triton (under the interpreter) stands for 'auto' on a GPU."""
+    import threading
+
+    from bezoar.train.dpo import response_logprobs
+    from bezoar_kernels.dispatch import backend
+
+    monkeypatch.setenv("BEZOAR_KERNELS", "triton")
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(64, 32, generator=g, requires_grad=True)
+    weight = torch.randn(100, 32, generator=g)
+    targets = torch.randint(0, 100, (64,), generator=g)
+    with backend("torch"):  # what run_stage does for model.kernels = "torch"
+        logps = response_logprobs(hidden, weight, targets, chunk_tokens=16)
+    raised = []
+
+    def backward():
+        try:
+            logps.sum().backward()
+        except Exception as e:  # noqa: BLE001 - the test's verdict
+            raised.append(e)
+
+    thread = threading.Thread(target=backward)
+    thread.start()
+    thread.join()
+    assert raised == [] and hidden.grad is not None
+    want = torch.func.grad(lambda h: torch.log_softmax(h @ weight.T, -1).gather(1, targets[:, None]).sum())(
+        hidden.detach())
+    torch.testing.assert_close(hidden.grad, want, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_is_no_setting_of_the_run():
+    from bezoar.train.run import RESUME_FREE, WATCH_KEYS
+
+    assert "model.gradient_checkpointing" in WATCH_KEYS and "model.gradient_checkpointing" in RESUME_FREE
