@@ -343,7 +343,8 @@ def _linear_cross_entropy_chunked_reference(hidden, weight, labels, ignore_index
         return F.cross_entropy(F.linear(h, weight).float(), y, ignore_index=ignore_index, reduction="sum")
 
     # from a zero tied to both inputs: a rank with no rows (all padding) still gets a loss its backward can run
-    loss = (h2.sum() + weight.sum()).float() * 0
+    # (of empty slices: summing the values in fp16 overflowed to inf, and inf * 0 made the loss NaN)
+    loss = (h2[:0].sum() + weight[:0].sum()).float()
     for i in range(0, h2.shape[0], step):
         loss = loss + checkpoint(part, h2[i: i + step], flat[i: i + step], use_reentrant=False)
     if reduction == "mean":

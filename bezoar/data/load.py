@@ -277,7 +277,13 @@ def _read_datasets_folder(path: Path, split: str, limit: int | None, skipped: li
     text_csv = _csv_as_text(chosen if chosen is not None else _config_files(path, split)) if set(kinds) == {"csv"} \
         else {}
     try:
-        dataset = datasets.load_dataset(str(path), split=split, **text_csv)
+        try:
+            dataset = datasets.load_dataset(str(path), split=split, **text_csv)
+        except Exception:  # noqa: BLE001 - the columns as read here did not fit (a config's own sep, say)
+            if "features" not in text_csv:
+                raise
+            text_csv = {k: v for k, v in text_csv.items() if k != "features"}
+            dataset = datasets.load_dataset(str(path), split=split, **text_csv)
     except Exception as e:
         causes, inner = [], e
         while inner is not None and len(causes) < 3:  # datasets wraps the reader's own error, which names the line

@@ -593,7 +593,7 @@ class OpenAISDKProvider:
     async def send(self, request: Request, model: str, timeout: float) -> Reply:
         openai = self._openai
         params = _openai_params(request)
-        if request.kind == "chat" and "max_tokens" in params and _official_openai(self.endpoint.base_url):
+        if request.kind == "chat" and "max_tokens" in params and _official_openai(str(self._client.base_url)):
             # OpenAI's chat API: max_tokens is deprecated and refused by its reasoning models (o-series, gpt-5:
             # "Use 'max_completion_tokens' instead"); a compatible server behind base_url gets max_tokens
             params["max_completion_tokens"] = params.pop("max_tokens")
@@ -609,19 +609,25 @@ class OpenAISDKProvider:
                 choice = response.choices[0]
                 text = choice.text
             if text is not None and not isinstance(text, str):
-                raise TypeError(f"answer text is {type(text).__name__}, not a string")
+                raise ValueError(f"answer text is {type(text).__name__}, not a string")
             usage = response.usage
             reply = Reply(text or "", getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None),
                           choice.finish_reason)
+        except TypeError as e:
+            if "unexpected keyword argument" in str(e):  # the SDK, not the answer: every call would fail the same way
+                raise ProviderError(f"the installed openai SDK refused the call ({e}); upgrade it "
+                                    "(pip install -U openai)", FATAL) from None
+            raise ProviderError(f"malformed answer from {self.label}: TypeError: {e}", RETRY,
+                                reason="malformed") from None
         except openai.APITimeoutError:
             raise _timeout_error(self.label, timeout) from None
         except openai.APIConnectionError as e:
             raise _sdk_connection_error(e, self.label) from None
         except openai.APIStatusError as e:
             raise status_error(e.status_code, e.body, "", e.response.headers, self.label, model) from None
-        except (ValueError, IndexError, AttributeError, TypeError, KeyError) as e:
+        except (ValueError, IndexError, AttributeError, KeyError) as e:
             # a body not JSON or not the expected shape (an error object or null choices in a 200): a TypeError got
-            # through, stopped the run and lost the answers in flight
+            # through, stopped the run and lost the answers in flight (TypeError: above)
             raise ProviderError(f"malformed answer from {self.label}: {type(e).__name__}: {e}", RETRY,
                                 reason="malformed") from None
         return reply
@@ -703,11 +709,12 @@ class AnthropicSDKProvider:
             if not isinstance(text, str):
                 raise TypeError(f"answer text is {type(text).__name__}, not a string")
             usage = response.usage
-            # prompt-cache tokens are counted apart from input_tokens (the tokens after the last breakpoint)
+            # input_tokens counts the tokens after the last cache breakpoint; the tokens written to the cache are
+            # billed (1.25x) and limited as input too: added. Cache reads (0.1x, not in the input-token rate limit
+            # of current models) are left out: added at the full price, a cached prompt's cost read 10x the bill.
             prompt = _token_count(getattr(usage, "input_tokens", None))
             if prompt is not None:
-                prompt += sum(_token_count(getattr(usage, name, None)) or 0
-                              for name in ("cache_creation_input_tokens", "cache_read_input_tokens"))
+                prompt += _token_count(getattr(usage, "cache_creation_input_tokens", None)) or 0
             reply = Reply(text, prompt, _token_count(getattr(usage, "output_tokens", None)), response.stop_reason)
         except (ValueError, IndexError, AttributeError, TypeError, KeyError) as e:
             raise ProviderError(f"malformed answer from {self.label}: {type(e).__name__}: {e}", RETRY,

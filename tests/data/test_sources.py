@@ -99,7 +99,7 @@ def test_csv_cells_are_the_text_they_hold(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["pandas index", "repeated name", "blank first line", "other order",
-                                  "README configs"])
+                                  "README configs", "README configs with sep"])
 def test_csv_headers_as_pandas_reads_them(tmp_path, case):
     """The first version typed the columns from csv.reader's header: pandas' to_csv index (a blank name, which
     pandas calls 'Unnamed: 0') and a README's configs (another config's file first) were refused where they had
@@ -117,6 +117,10 @@ def test_csv_headers_as_pandas_reads_them(tmp_path, case):
         (folder / "train-0.csv").write_text("instruction,response\nWhat is 6*7?,42\n")
         (folder / "train-1.csv").write_text("response,instruction\n4,What is 2+2?\n")
         want = ["42", "4"]
+    elif case == "README configs with sep":  # a config's own CSV options: the header read with ',' did not fit
+        (folder / "README.md").write_text("---\nconfigs:\n- config_name: sft\n  default: true\n  sep: ';'\n"
+                                          "  data_files:\n  - split: train\n    path: train.csv\n---\n")
+        (folder / "train.csv").write_text("instruction;response\nWhat is 6*7?;42\n")
     else:
         (folder / "README.md").write_text("---\nconfigs:\n- config_name: sft\n  default: true\n  data_files:\n"
                                           "  - split: train\n    path: sft/train.csv\n---\n")

@@ -61,11 +61,15 @@ class Scripted:
         self.thread.join(10)
 
 
-def send(provider: str, answers, request: Request = CHAT):
+def send(provider: str, answers, request: Request = CHAT, env_url=None):
+    """The reply and the bodies the server got; ``env_url``: the monkeypatch that sets OPENAI_BASE_URL to the server
+    instead of the endpoint's base_url."""
     server = Scripted(answers)
+    if env_url is not None:
+        env_url.setenv("OPENAI_BASE_URL", server.url(provider))
 
     async def go():
-        p = make_provider(Endpoint(provider, server.url(provider)), connections=2)
+        p = make_provider(Endpoint(provider, None if env_url is not None else server.url(provider)), connections=2)
         await p.open()
         try:
             return await p.send(request, "m", 30)
@@ -128,11 +132,14 @@ def test_anthropics_credit_balance_answer_stops_the_run(api_keys):
 
 
 def test_anthropic_prompt_cache_tokens_count_as_input(api_keys):
-    """input_tokens counts the tokens after the last cache breakpoint only: 12 of 6,012 were counted."""
+    """input_tokens counts the tokens after the last cache breakpoint only: the 4,000 written to the cache were
+    not counted."""
     usage = {"input_tokens": 12, "output_tokens": 3, "cache_creation_input_tokens": 4000,
              "cache_read_input_tokens": 2000}
     reply, _ = send("anthropic", [(200, anthropic_body(usage=usage), "application/json")])
-    assert (reply.input_tokens, reply.output_tokens) == (6012, 3)
+    # the cache writes count (billed, and limited, as input); the reads (0.1x, outside the input-token limit) do not:
+    # added at the full price, a cached prompt's cost read 10x the bill
+    assert (reply.input_tokens, reply.output_tokens) == (4012, 3)
     reply, _ = send("anthropic", [(200, anthropic_body(stop_reason="model_context_window_exceeded"),
                                    "application/json")])
     from bezoar.generate.request import Result
@@ -155,9 +162,30 @@ def test_openais_own_api_gets_max_completion_tokens(api_keys, monkeypatch):
     assert not P._official_openai("http://gpu1:8000/v1")
     reply, sent = send("openai", [(200, openai_body("ok"), "application/json")])
     assert sent[0]["max_tokens"] == 9 and "max_completion_tokens" not in sent[0]
+    # a compatible server named by OPENAI_BASE_URL (no base_url): it was taken for OpenAI's API
+    reply, sent = send("openai", [(200, openai_body("ok"), "application/json")], env_url=monkeypatch)
+    assert sent[0]["max_tokens"] == 9 and "max_completion_tokens" not in sent[0]
+    monkeypatch.delenv("OPENAI_BASE_URL")
     monkeypatch.setattr(P, "_official_openai", lambda base_url: True)
     reply, sent = send("openai", [(200, openai_body("ok"), "application/json")])
     assert sent[0]["max_completion_tokens"] == 9 and "max_tokens" not in sent[0]
+
+
+def test_an_openai_sdk_that_refuses_the_arguments_stops_the_run(api_keys, monkeypatch):
+    """openai 1.40-1.44 have no max_completion_tokens: the TypeError was taken for a malformed answer and every
+    request retried max_attempts times, then recorded as failed."""
+    import openai
+
+    monkeypatch.setattr(P, "_official_openai", lambda base_url: True)
+
+    async def old_create(self, *, model, messages, max_tokens=None, temperature=None, top_p=None, stop=None,
+                         timeout=None):
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(openai.resources.chat.completions.AsyncCompletions, "create", old_create)
+    with pytest.raises(ProviderError) as info:
+        send("openai", [])
+    assert info.value.kind == FATAL and "upgrade it" in str(info.value)
 
 
 def test_a_price_for_one_model_says_which_models_it_leaves_out(fake_server, tmp_path, caplog):

@@ -86,6 +86,14 @@ def test_the_chunked_reference_cross_entropy_equals_the_reference():
     loss = _linear_cross_entropy_chunked_reference(h, w, labels[:0], -100, "sum", 10)
     loss.backward()
     assert loss.item() == 0 and w.grad is not None and not w.grad.any()
+    # fp16 inputs whose sum passes 65504: the zero was their sum times 0, inf * 0, a NaN loss
+    h = (torch.randn(512, 64, generator=g) + 3).half()
+    w = torch.randn(50, 64, generator=g).half() * 0.01
+    y = torch.randint(0, 50, (512,), generator=g)
+    want = linear_cross_entropy_reference(h.float(), w.float(), y)
+    got = _linear_cross_entropy_chunked_reference(h, w, y, -100, "sum", 100)
+    assert h.sum().isinf() and torch.isfinite(got)
+    torch.testing.assert_close(got, want, atol=1e-1, rtol=1e-3)
 
 
 class _OnGPU:
