@@ -741,14 +741,10 @@ def token_pieces(tokenizer, ids: list[int], context: list[int] = ()) -> list[str
     text = continuation(tokenizer, context, ids)
     sp = tokenizer.sp
     size = sp.GetPieceSize()
-    skipped = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, getattr(tokenizer, "unk_id", None)}
-    added = getattr(tokenizer, "added", {})
     decoder = codecs.getincrementaldecoder("utf-8")(_BYTEWISE_REPLACE)
     pieces, started = [], False
     for t in context + ids:
-        # an added token (past sentencepiece's pieces, where IsControl raised IndexError) adds its text unless it is
-        # special, as decode has it
-        if t in skipped or (sp.IsControl(t) if t < size else added.get(t, ("", True))[1]):
+        if silent(tokenizer, t):  # what decode drops (an added token that is not special adds its text)
             pieces.append("")
             continue
         raw = bytes(token_bytes(tokenizer, t))
