@@ -2,12 +2,13 @@
 
     stage = "sft"                 # or "dpo"
     out = "runs/my-stage"         # the run directory
+    eval_path = ""                # held-out data, read with the [data] settings at eval_split (default data.split)
     [model]  path, quant, dtype, device, kernels, gradient_checkpointing
     [lora]   r, alpha, dropout, targets, rslora
     [data]   see bezoar.data.DataConfig
     [optim]  lr, schedule, warmup, clipping (bezoar.train.loop.OptimConfig)
     [train]  batch_size, grad_accum, epochs / max_steps, precision, logging, eval, checkpoints
-    [dpo]    beta, loss, label_smoothing, precompute_ref, disable_dropout (DPO stages)
+    [dpo]    beta, loss, label_smoothing, precompute_ref, ref_cache_dir, disable_dropout (DPO stages)
 
 Loaded with ``bezoar.config.load_config(StageConfig, path, ["optim.lr=1e-4", ...])``: unknown keys
 and wrong types are errors that name the key.
