@@ -74,12 +74,18 @@ def _sm_count_of(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def sm_count(device) -> int:
-    """Streaming multiprocessors of a CUDA device (its index None: the current one); looked up once."""
+def _index(device) -> int:
+    """A CUDA device's index (the current one where it names none)."""
     import torch
 
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _sm_count_of(index)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device (its index None: the current one); looked up once."""
+    return _sm_count_of(_index(device))
 
 
 # ----------------------------------------------------------------------------- occupancy and waves
@@ -132,16 +138,7 @@ def _sm_limits_of(index: int) -> SMLimits:
 
 def sm_limits(device) -> SMLimits:
     """``SMLimits`` of a CUDA device, from torch's device properties; looked up once."""
-    import torch
-
-    return _sm_limits_of(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def _index(device) -> int:
-    import torch
-
-    device = torch.device(device)
-    return device.index if device.index is not None else torch.cuda.current_device()
+    return _sm_limits_of(_index(device))
 
 
 @functools.lru_cache(maxsize=None)

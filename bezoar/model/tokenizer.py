@@ -138,8 +138,8 @@ class Tokenizer:
         # Every id that ends a generation: the EOS, and the others config.json and generation_config.json list (a chat
         # model's [</s>, <|im_end|>]: transformers' generate stops at any of them; only the first stopped here).
         ends = [self.eos_id] if self.eos_id is not None and self.eos_id >= 0 else []
-        for source in ("config.json", "generation_config.json"):
-            value = _read_json(folder / source).get("eos_token_id")
+        for source in (cfg, _read_json(folder / "generation_config.json")):  # config.json read above
+            value = source.get("eos_token_id")
             for i in value if isinstance(value, list) else [value]:
                 if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.id_count and i not in ends:
                     ends.append(i)
